@@ -1,0 +1,3 @@
+from nanoqwen.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,178 @@
+"""Checkpoints are Hugging Face Qwen3 folders: config.json, model.safetensors, generation_config.json
+and the tokenizer files. Written atomically; any Qwen3 folder Transformers writes loads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
+from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import atomic_dir
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
+
+DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Key mapping as data: Transformers' names are ours, except that a tied head is stored once.
+TIED_HEAD_KEY, EMBEDDING_KEY = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def vocab_rows(tokenizer: Tokenizer) -> int:
+    """Embedding rows for a tokenizer: Qwen3's 151936 for the official one, else its ids rounded up to 64."""
+    if tokenizer.vocab_size > QWEN_FIRST_SPECIAL_ID:
+        return max(QWEN3_VOCAB_SIZE, tokenizer.vocab_size)
+    return -(-tokenizer.vocab_size // 64) * 64
+
+
+def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: bool = False) -> ModelConfig:
+    """Point bos/eos/pad at the tokenizer's own special ids and make sure the embedding holds them all.
+
+    `fit_vocab` sizes the embedding to the tokenizer (presets name a vocabulary size, the data decides).
+    """
+    endoftext = tokenizer.eot_id
+    eos = tokenizer.stop_ids[0]
+    vocab = vocab_rows(tokenizer) if fit_vocab else config.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise NanoQwenError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab} "
+                            f"rows; use --set vocab_size={vocab_rows(tokenizer)} or a smaller tokenizer")
+    return dataclasses.replace(config, vocab_size=vocab, bos_token_id=endoftext, eos_token_id=eos,
+                               pad_token_id=endoftext)
+
+
+def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:
+    stop = tokenizer.stop_ids if tokenizer is not None else [config.eos_token_id]
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": stop,
+            "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.bos_token_id,
+            "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
+            "transformers_version": "4.51.0"}
+
+
+def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | None,
+                    dtype: torch.dtype | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a Hugging Face Qwen3 folder, replacing `directory` whole."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    config = model.config
+    state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop(TIED_HEAD_KEY, None)
+    stored = DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+    hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
+    with atomic_dir(directory) as tmp:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+    return Path(directory)
+
+
+def read_config(directory: str | Path) -> ModelConfig:
+    directory = Path(directory)
+    path = directory / "config.json"
+    if not directory.is_dir():
+        raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
+                            "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
+    if not path.exists():
+        raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise NanoQwenError(f"{path} is not valid JSON ({e})") from e
+    return ModelConfig.from_hf_dict(raw, str(path))
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """model.safetensors, or the shards named in model.safetensors.index.json."""
+    index = directory / "model.safetensors.index.json"
+    if index.exists():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [directory / n for n in names]
+    single = directory / "model.safetensors"
+    if single.exists():
+        return [single]
+    raise NanoQwenError(f"{directory} has no model.safetensors (nor a sharded index); "
+                        "nanoqwen reads safetensors weights only")
+
+
+def load_model(directory: str | Path, device: torch.device | str = "cpu",
+               dtype: torch.dtype | None = torch.float32) -> Qwen3:
+    """Build a Qwen3 from a checkpoint folder, tied or untied, one file or sharded.
+
+    `dtype=None` keeps the stored dtype.
+    """
+    directory = Path(directory)
+    config = read_config(directory)
+    state: dict[str, torch.Tensor] = {}
+    for path in weight_files(directory):
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                state[key] = f.get_tensor(key)
+    if config.tie_word_embeddings:
+        state.pop(TIED_HEAD_KEY, None)
+    with torch.device("meta"):
+        model = Qwen3(config)
+    expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
+    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+    if missing or unexpected:
+        raise NanoQwenError(f"{directory} does not match its config.json: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; is it a complete Qwen3 checkpoint?")
+    target = dtype or state[EMBEDDING_KEY].dtype
+    for key, value in state.items():
+        expected_shape = model.get_parameter(key).shape
+        if value.shape != expected_shape:
+            raise NanoQwenError(f"{directory}: {key} has shape {tuple(value.shape)}, config.json implies "
+                                f"{tuple(expected_shape)}")
+        state[key] = value.to(device=device, dtype=target)
+    if config.tie_word_embeddings:
+        state[TIED_HEAD_KEY] = state[EMBEDDING_KEY]
+    model.load_state_dict(state, assign=True)
+    if config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.inv_freq = torch.empty(config.head_dim // 2, device=device)
+    with torch.no_grad():
+        model.inv_freq.copy_(1.0 / config.rope_theta ** (
+            torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim))
+    return model.eval()
+
+
+def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
+                    dtype: torch.dtype | None = torch.float32) -> tuple[Qwen3, Tokenizer]:
+    """A model and its tokenizer from one checkpoint folder."""
+    model = load_model(directory, device, dtype)
+    return model, load_tokenizer(directory)
+
+
+# -- `nanoqwen init` -----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="tiny", help="preset name or JSON file (default: tiny)")
+    p.add_argument("--out", required=True, help="folder to write the checkpoint into")
+    p.add_argument("--tokenizer", default="qwen3", help="qwen3 (default) or a tokenizer folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model field, e.g. --set num_hidden_layers=2")
+    add_device_arguments(p, dtype_help="dtype the weights are stored in (default float32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoqwen.config import apply_overrides
+
+    tokenizer = resolve_tokenizer(args.tokenizer)
+    config = apply_overrides(load_preset(args.preset).model, args.set)
+    fit = not any(item.startswith("vocab_size=") for item in args.set)
+    config = config_for_tokenizer(config, tokenizer, fit_vocab=fit)
+    torch.manual_seed(args.seed)
+    device = resolve_device(args.device)
+    with device:
+        model = Qwen3(config)
+    dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32
+    save_checkpoint(model, args.out, tokenizer, dtype=dtype)
+    print(f"wrote {args.out}: {model.num_params() / 1e6:.1f}M parameters, preset {args.preset}, seed {args.seed}")
+    return 0

@@ -1,0 +1,62 @@
+"""`nanoqwen <command>`: a thin dispatcher. Each command lives in its own module, which defines
+`add_arguments(parser)` and `run(args) -> int`; the module is imported only when its command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+
+from nanoqwen import __version__
+from nanoqwen.errors import NanoQwenError
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "prepare": ("nanoqwen.data.prepare", "corpus -> tokenizer -> train.bin/val.bin token shards"),
+    "train": ("nanoqwen.train", "train a model (no arguments: the default preset on the built-in corpus)"),
+    "sample": ("nanoqwen.generate", "generate text from a checkpoint"),
+    "eval": ("nanoqwen.evaluate", "loss, accuracy, perplexity and bits per byte on a text file or prepared data"),
+    "chat": ("nanoqwen.chat", "interactive chat in the terminal"),
+    "serve": ("nanoqwen.serve.app", "OpenAI-compatible HTTP server with a web page"),
+    "init": ("nanoqwen.checkpoint", "write a random-weight checkpoint folder for a preset"),
+    "tokenizer": ("nanoqwen.tokenizer_cli", "write the official Qwen3 tokenizer or train a BPE"),
+    "plot": ("nanoqwen.plot", "draw loss.png for a run folder"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nanoqwen", description="Train Qwen3-architecture models from scratch.")
+    parser.add_argument("--version", action="version", version=f"nanoqwen {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == command:  # only the chosen command's module is imported
+            importlib.import_module(module_name).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    args = build_parser(command).parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        return 0 if not argv else 2
+    try:
+        return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
+    except NanoQwenError as e:
+        print(f"nanoqwen {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"nanoqwen {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `nanoqwen sample ... | head`
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

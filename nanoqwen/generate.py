@@ -1,0 +1,272 @@
+"""Sampling over the model's KV cache: greedy or temperature/top-k/top-p, repetition penalty, stop
+tokens and stop strings, seeds, batched prompts, and text streaming that never splits a character.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import Tokenizer
+
+
+@dataclass
+class SamplingParams:
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    """0 means greedy (argmax)."""
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all."""
+    top_p: float = 1.0
+    """Keep the smallest set of tokens whose probability reaches p."""
+    repetition_penalty: float = 1.0
+    """> 1 discourages tokens already in the prompt or the output (CTRL-style, as Transformers does)."""
+    stop_token_ids: list[int] = field(default_factory=list)
+    stop_strings: list[str] = field(default_factory=list)
+    seed: int | None = None
+
+    def validate(self) -> SamplingParams:
+        if self.max_new_tokens < 0:
+            raise NanoQwenError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise NanoQwenError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty <= 0:
+            raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        return self
+
+
+def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
+                seen: torch.Tensor | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) fp32; seen (B, V) bool marks tokens to penalize."""
+    if seen is not None and params.repetition_penalty != 1.0:
+        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
+        logits = torch.where(seen, penalized, logits)
+    if params.temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # mass before this token already reaches p
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
+    """How many new tokens fit after the prompt; one clear line when the prompt itself does not fit."""
+    context = model.config.max_position_embeddings
+    if prompt_len == 0:
+        raise NanoQwenError("the prompt is empty; give at least one token of text")
+    if prompt_len >= context:
+        raise NanoQwenError(f"the prompt is {prompt_len} tokens but the model's context is {context}; "
+                            f"shorten it to at most {context - 1} tokens")
+    return min(max_new_tokens, context - prompt_len)
+
+
+@torch.inference_mode()
+def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+    """Yield, step by step, the new token of every row (None for rows that have finished).
+
+    Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
+    A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at the
+    token budget.
+    """
+    params.validate()
+    device = model.model.embed_tokens.weight.device
+    longest = max(len(p) for p in prompts)
+    budget = min(check_fits(model, len(p), params.max_new_tokens) for p in prompts)
+    if budget == 0:
+        return
+    generator = None
+    if params.temperature > 0:
+        generator = torch.Generator(device=device)
+        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+    B = len(prompts)
+    ids = torch.zeros(B, longest, dtype=torch.long)
+    real = torch.zeros(B, longest, dtype=torch.long)
+    for row, prompt in enumerate(prompts):
+        ids[row, longest - len(prompt):] = torch.tensor(prompt)
+        real[row, longest - len(prompt):] = 1
+    ids, real = ids.to(device), real.to(device)
+    seen = None
+    if params.repetition_penalty != 1.0:
+        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
+        seen.scatter_(1, ids, real.bool())
+    cache = model.new_cache(B, longest + budget)
+    logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
+    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for step in range(budget):
+        token = next_tokens(logits[:, -1].float(), params, generator, seen)
+        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
+        done |= torch.isin(token, stop_ids)
+        if bool(done.all()) or step == budget - 1:
+            return
+        if seen is not None:
+            seen.scatter_(1, token[:, None], True)
+        logits = model(token[:, None], cache=cache)
+
+
+class TextStream:
+    """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
+    that may be the start of a stop string, and ends the text at the first stop string."""
+
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str]) -> None:
+        self.tokenizer = tokenizer
+        self.stop_strings = [s for s in stop_strings if s]
+        self.ids: list[int] = []
+        self.emitted = 0  # characters of the text already handed out
+        self.stopped = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
+            return ""
+        return self._release(text, final=False)
+
+    def finish(self) -> str:
+        """Whatever is still held back once generation is over."""
+        return self._release(self.tokenizer.decode(self.ids), final=True) if not self.stopped else ""
+
+    def _release(self, text: str, final: bool) -> str:
+        for stop in self.stop_strings:
+            at = text.find(stop, max(0, self.emitted - len(stop)))
+            if at != -1:
+                text, self.stopped = text[:at], True
+        safe = len(text)
+        if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
+            for stop in self.stop_strings:
+                for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                    if text.endswith(stop[:n]):
+                        safe = min(safe, len(text) - n)
+                        break
+        delta = text[self.emitted:safe] if safe > self.emitted else ""
+        self.emitted = max(self.emitted, safe)
+        return delta
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (stop token or string) or "length"
+    prompt_tokens: int
+
+
+def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
+                 ) -> Iterator[tuple[int, str, Completion | None]]:
+    """Yield (row, new text, None) as text arrives and (row, "", Completion) once a row is finished."""
+    streams = [TextStream(tokenizer, params.stop_strings) for _ in prompts]
+    finished: list[Completion | None] = [None] * len(prompts)
+    for step_tokens in generate_ids(model, prompts, params):
+        for row, token in enumerate(step_tokens):
+            if token is None or finished[row] is not None:
+                continue
+            stream = streams[row]
+            if token in params.stop_token_ids:
+                finished[row] = Completion("", list(stream.ids), "stop", len(prompts[row]))
+                delta = stream.finish()
+            else:
+                delta = stream.push(token)
+                if stream.stopped:
+                    finished[row] = Completion("", list(stream.ids), "stop", len(prompts[row]))
+            if delta:
+                yield row, delta, None
+            if finished[row] is not None:
+                yield row, "", finished[row]
+        if all(f is not None for f in finished):
+            return
+    for row, stream in enumerate(streams):
+        if finished[row] is None:
+            delta = stream.finish()
+            if delta:
+                yield row, delta, None
+            yield row, "", Completion("", list(stream.ids), "length", len(prompts[row]))
+
+
+def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[Completion]:
+    """Complete every prompt (batched); each Completion holds the new text only."""
+    texts = [""] * len(prompts)
+    results: list[Completion | None] = [None] * len(prompts)
+    for row, delta, done in stream_batch(model, tokenizer, [tokenizer.encode(p) for p in prompts], params):
+        texts[row] += delta
+        if done is not None:
+            done.text = texts[row]
+            results[row] = done
+    return [r for r in results if r is not None]
+
+
+def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
+    """Text pieces of one completion as they are generated."""
+    for _, delta, _ in stream_batch(model, tokenizer, [tokenizer.encode(prompt)], params):
+        if delta:
+            yield delta
+
+
+# -- `nanoqwen sample` ---------------------------------------------------------------------------
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=50, help="0 keeps all tokens")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+
+
+def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          stop_token_ids=tokenizer.stop_ids, stop_strings=args.stop, seed=args.seed).validate()
+
+
+def load_for_inference(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer]:
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.distributed import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoqwen.distributed import add_device_arguments
+
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
+    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    add_sampling_arguments(p)
+    add_device_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer = load_for_inference(args)
+    params = sampling_params(args, tokenizer)
+    for i in range(args.num_samples):
+        if i:
+            params.seed = None if params.seed is None else params.seed + 1
+            print("\n---")
+        print(args.prompt, end="", flush=True)
+        if args.stream:
+            for piece in stream_text(model, tokenizer, args.prompt, params):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        else:
+            print(generate(model, tokenizer, [args.prompt], params)[0].text, end="")
+        print()
+    return 0

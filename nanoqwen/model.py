@@ -1,0 +1,223 @@
+"""Qwen3, the whole model in one file.
+
+Module names equal Hugging Face's (`model.layers.3.self_attn.q_proj`, ...), so `state_dict()` keys are
+the checkpoint keys. Shapes in comments: B batch, T new tokens, S keys (cached + new), H query heads,
+K kv heads, D head_dim, C hidden size.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from nanoqwen.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Normalize in fp32, cast back, *then* scale: the order Qwen3 (and Transformers) use.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin for the half-split layout, angles in fp32. positions (B, T) -> (B, 1, T, D)."""
+    freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class KVCache:
+    """Preallocated keys and values for every layer, written at the positions being decoded.
+
+    All rows advance together (prompts are left-padded); `key_valid` marks which slots hold real
+    tokens and `next_position` is each row's next RoPE position (padding takes none).
+    """
+
+    def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
+                 device: torch.device | str, dtype: torch.dtype) -> None:
+        shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
+        self.keys = torch.zeros(shape, device=device, dtype=dtype)
+        self.values = torch.zeros(shape, device=device, dtype=dtype)
+        self.key_valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
+        self.next_position = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.length = 0  # slots filled so far, the same for every row
+        self.padded = False  # some slot holds padding, so every step needs an explicit mask
+        self.max_len = max_len
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store this step's (B, K, T, D) keys/values; return all of them so far, (B, K, S, D)."""
+        end = self.length + k.shape[2]
+        self.keys[layer, :, :, self.length:end] = k
+        self.values[layer, :, :, self.length:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Keep only `rows` of the batch (e.g. drop finished sequences)."""
+        self.keys = self.keys[:, rows]
+        self.values = self.values[:, rows]
+        self.key_valid = self.key_valid[rows]
+        self.next_position = self.next_position[rows]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+        c = config.hidden_size
+        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
+        self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Qwen3Model(nn.Module):
+    """Embeddings, blocks and the final norm (Hugging Face's `model.` prefix)."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Qwen3(nn.Module):
+    """Qwen3ForCausalLM: ids in, next-token logits (or final hidden states) out."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config.validate()
+        self.model = Qwen3Model(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32)
+                                               / config.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.activation_checkpointing = False
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """All initialization lives here: normal(0, initializer_range) for matrices, ones for norms."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        self.inv_freq.copy_(1.0 / self.config.rope_theta ** (
+            torch.arange(0, self.config.head_dim, 2, dtype=torch.float32, device=self.inv_freq.device)
+            / self.config.head_dim))
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+        weight = self.model.embed_tokens.weight
+        return KVCache(self.config, batch_size, max_len, weight.device, dtype or weight.dtype)
+
+    def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
+                attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
+                return_hidden: bool = False) -> torch.Tensor:
+        """input_ids (B, T) -> logits (B, T, V), or (B, logits_to_keep, V) when it is > 0.
+
+        attention_mask (B, T), 1 for real tokens and 0 for left padding, is needed only for padded
+        batches. With `cache`, the T tokens are appended to it. `return_hidden` returns the final
+        normed hidden states (B, T, C) instead of logits, for losses that project in chunks.
+        """
+        B, T = input_ids.shape
+        device = input_ids.device
+        start = cache.length if cache is not None else 0
+        if cache is not None and start + T > cache.max_len:
+            raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} were asked for")
+        real = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
+                else attention_mask.to(device=device, dtype=torch.bool))
+        first = cache.next_position[:, None] if cache is not None else 0
+        positions = (first + real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); padding repeats a position
+        mask = None  # None means plain causal (or a single new token that sees everything)
+        if cache is not None:
+            cache.key_valid[:, start:start + T] = real
+            cache.next_position += real.long().sum(-1)
+            cache.padded |= attention_mask is not None
+            key_valid = cache.key_valid[:, :start + T]
+        else:
+            key_valid = real
+        padded = attention_mask is not None or (cache is not None and cache.padded)
+        if padded or (cache is not None and start > 0 and T > 1):
+            query_slot = torch.arange(start, start + T, device=device)
+            key_slot = torch.arange(start + T, device=device)
+            allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
+            allowed |= key_slot[None, None, :] == query_slot[None, :, None]  # a padding row still sees itself
+            mask = allowed[:, None]  # (B, 1, T, S)
+        x = self.model.embed_tokens(input_ids)  # (B, T, C)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        for layer in self.model.layers:
+            if self.activation_checkpointing and self.training and cache is None:
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask, cache)
+        if cache is not None:
+            cache.length = start + T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)

