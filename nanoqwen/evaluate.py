@@ -1,0 +1,127 @@
+"""Loss, accuracy, perplexity and bits per byte of a model on a token stream."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.model import Qwen3
+
+
+def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int = 8,
+                 max_windows: int | None = None) -> tuple[float, int, int]:
+    """Score a 1-D token stream in consecutive windows of `context` predictions.
+
+    Every token but the first is predicted once, from at most `context` tokens before it (the
+    window restarts, it does not slide). Returns (total nats, correct top-1 predictions, tokens scored).
+    """
+    if tokens.numel() < 2:
+        raise NanoQwenError(f"need at least 2 tokens to score, got {tokens.numel()}")
+    device = model.model.embed_tokens.weight.device
+    starts = list(range(0, tokens.numel() - 1, context))
+    if max_windows is not None:
+        starts = starts[:max_windows]
+    total_nats, correct, count = 0.0, 0, 0
+    was_training = model.training
+    model.eval()
+    with torch.inference_mode():
+        for i in range(0, len(starts), batch_size):
+            group = starts[i:i + batch_size]
+            lengths = [min(context, tokens.numel() - 1 - s) for s in group]
+            width = max(lengths)
+            inputs = torch.zeros(len(group), width, dtype=torch.long)
+            targets = torch.full((len(group), width), -100, dtype=torch.long)  # -100: padding, not scored
+            for row, (s, n) in enumerate(zip(group, lengths)):
+                inputs[row, :n] = tokens[s:s + n]
+                targets[row, :n] = tokens[s + 1:s + 1 + n]
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs).float()  # right padding never influences earlier positions (causal)
+            total_nats += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
+                                          reduction="sum").item()
+            scored = targets != -100
+            correct += int(((logits.argmax(-1) == targets) & scored).sum())
+            count += int(scored.sum())
+    model.train(was_training)
+    return total_nats, correct, count
+
+
+def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) -> dict[str, float]:
+    """The report: mean loss in nats, top-1 accuracy, perplexity, bits per UTF-8 byte, tokens scored."""
+    loss = total_nats / count
+    result = {"loss": loss, "accuracy": correct / count, "perplexity": math.exp(min(loss, 700.0)),
+              "bits_per_byte": total_nats / math.log(2) / num_bytes if num_bytes else float("nan"),
+              "tokens": count}
+    return result
+
+
+def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, context: int | None = None,
+                    batch_size: int = 8, max_windows: int | None = None) -> dict[str, float]:
+    """metrics() of a token stream; `num_bytes` is the UTF-8 size of the text the tokens came from.
+
+    With `max_windows`, only a prefix is scored, and bytes are prorated by the share of tokens scored.
+    """
+    context = context or model.config.max_position_embeddings
+    nats, correct, count = score_tokens(model, tokens, context, batch_size, max_windows)
+    if num_bytes and count < tokens.numel() - 1:
+        num_bytes = round(num_bytes * count / (tokens.numel() - 1))
+    return metrics(nats, correct, count, num_bytes)
+
+
+# -- `nanoqwen eval` -----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoqwen.distributed import add_device_arguments
+
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--text-file", help="a UTF-8 text file, scored as one document")
+    source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin is scored")
+    p.add_argument("--split", default="val", choices=["train", "val"], help="with --data: which split")
+    p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
+    p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
+    add_device_arguments(p)
+
+
+def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
+    """Tokens and UTF-8 bytes of one split of a prepared folder."""
+    meta_path, bin_path = folder / "meta.json", folder / f"{split}.bin"
+    if not meta_path.exists() or not bin_path.exists():
+        raise NanoQwenError(f"{folder} is not a prepared folder (no meta.json or {split}.bin); "
+                            "make one with `nanoqwen prepare`")
+    meta = json.loads(meta_path.read_text())
+    tokens = torch.from_numpy(np.fromfile(bin_path, dtype=np.dtype(meta.get("dtype", "uint32")).newbyteorder("<"))
+                              .astype(np.int64))
+    return tokens, int(meta["splits"][split]["bytes"])
+
+
+def run(args: argparse.Namespace) -> int:
+    from nanoqwen.generate import load_for_inference
+
+    model, tokenizer = load_for_inference(args)
+    if args.text_file:
+        path = Path(args.text_file)
+        if not path.is_file():
+            raise NanoQwenError(f"text file {path} does not exist")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8", errors="replace")
+        tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(raw)
+    else:
+        tokens, num_bytes = load_split(Path(args.data), args.split)
+    if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
+        raise NanoQwenError(f"token id {int(tokens.max())} is outside the model's {model.config.vocab_size} "
+                            "embedding rows; was the data prepared with another tokenizer?")
+    result = evaluate_tokens(model, tokens, num_bytes, args.context, args.batch_size, args.max_windows)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+    return 0
