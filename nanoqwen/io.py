@@ -14,8 +14,8 @@ from typing import Any
 
 def cache_dir() -> Path:
     """Where nanoqwen keeps what it builds or downloads once per machine ($NANOQWEN_CACHE overrides)."""
-    root = os.environ.get("NANOQWEN_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoqwen"
-    path = Path(root)
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoqwen"
+    path = Path(os.environ.get("NANOQWEN_CACHE") or default)
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -1,0 +1,153 @@
+"""Generation: greedy equals Transformers, seeds reproduce, streams never split a character."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import transformers
+
+from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.generate import SamplingParams, TextStream, generate, generate_ids, next_tokens, stream_text
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import qwen3_tokenizer
+from tests.test_model import scramble, tiny_config
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A small random model with the real Qwen3 tokenizer and vocabulary."""
+    tokenizer = qwen3_tokenizer()
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    model = Qwen3(config)
+    scramble(model, seed=11)
+    path = tmp_path_factory.mktemp("gen") / "ck"
+    save_checkpoint(model, path, tokenizer)
+    return path
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_greedy_equals_transformers_generate(checkpoint):
+    model, tokenizer = load_checkpoint(checkpoint)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    for prompt in ["Once upon a time", "The capital of France is", "日本語"]:
+        ids = tokenizer.encode(prompt)
+        ours = [step[0] for step in generate_ids(model, [ids], SamplingParams(max_new_tokens=24, temperature=0))]
+        expected = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                               do_sample=False, max_new_tokens=24, min_new_tokens=24, eos_token_id=None,
+                               pad_token_id=0)[0, len(ids):].tolist()
+        assert ours == expected
+
+
+def test_sample_command_greedy_equals_transformers(checkpoint):
+    prompt = "Hello there"
+    done = run_cli("sample", "--model", str(checkpoint), "--prompt", prompt, "--temperature", "0",
+                   "--max-new-tokens", "12", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    tokenizer = qwen3_tokenizer()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    ids = tokenizer.encode(prompt)
+    out = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long), do_sample=False,
+                      max_new_tokens=12, eos_token_id=tokenizer.stop_ids, pad_token_id=0)[0, len(ids):].tolist()
+    out = [t for t in out if t not in tokenizer.stop_ids]
+    assert done.stdout == prompt + tokenizer.decode(out) + "\n"
+
+
+def test_batched_prompts_equal_one_by_one(checkpoint):
+    model, tokenizer = load_checkpoint(checkpoint)
+    prompts = ["a", "The rain in Spain stays mainly", "1 2 3 4"]
+    params = SamplingParams(max_new_tokens=10, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    together = [c.text for c in generate(model, tokenizer, prompts, params)]
+    alone = [generate(model, tokenizer, [p], params)[0].text for p in prompts]
+    assert together == alone
+
+
+def test_same_seed_same_text(checkpoint):
+    model, tokenizer = load_checkpoint(checkpoint)
+    params = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
+    a = generate(model, tokenizer, ["Once"], SamplingParams(seed=5, **params))[0]
+    b = generate(model, tokenizer, ["Once"], SamplingParams(seed=5, **params))[0]
+    c = generate(model, tokenizer, ["Once"], SamplingParams(seed=6, **params))[0]
+    assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
+    streamed = "".join(stream_text(model, tokenizer, "Once", SamplingParams(seed=5, **params)))
+    assert streamed == a.text
+
+
+def test_top_k_top_p_and_penalty_restrict_choices():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
+    g = torch.Generator().manual_seed(0)
+    picks = {int(next_tokens(logits, SamplingParams(temperature=1.0, top_k=2), g)) for _ in range(200)}
+    assert picks == {0, 1}
+    # softmax: token 0 has ~0.71, so top_p 0.5 keeps it alone
+    picks = {int(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(50)}
+    assert picks == {0}
+    seen = torch.tensor([[True, False, False, False, False]])
+    assert int(next_tokens(logits, SamplingParams(temperature=0, repetition_penalty=2.0), None, seen)) == 1
+
+
+def test_stream_never_splits_characters_and_honours_stop_strings():
+    tokenizer = qwen3_tokenizer()
+    text = "naïve 🤖 日本 done. STOP here"
+    stream = TextStream(tokenizer, ["STOP"])
+    pieces = [stream.push(t) for t in tokenizer.encode(text)]
+    pieces.append(stream.finish())
+    assert all("\ufffd" not in p for p in pieces)
+    assert "".join(pieces) == "naïve 🤖 日本 done. "
+    assert stream.stopped
+
+
+def test_prompt_longer_than_context_is_one_clear_line(checkpoint):
+    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "context is 128" in lines[0]
+
+
+def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
+    text = "To be, or not to be, that is the question. " * 12
+    (tmp_path / "t.txt").write_text(text)
+    done = run_cli("eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--json",
+                   "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    model, tokenizer = load_checkpoint(checkpoint)
+    ids = torch.tensor([tokenizer.encode(text)])
+    context = model.config.max_position_embeddings
+    with torch.no_grad():  # the reference: each window scored on its own
+        nll, n = 0.0, 0
+        for s in range(0, ids.shape[1] - 1, context):
+            window = ids[:, s:s + context + 1]
+            logits = model(window[:, :-1])
+            nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
+            n += window.shape[1] - 1
+    assert result["tokens"] == n == len(tokenizer.encode(text)) - 1
+    assert result["loss"] == pytest.approx(nll / n, rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(nll / 0.6931471805599453 / len(text.encode()), rel=1e-5)
+    assert result["perplexity"] == pytest.approx(2.718281828459045 ** result["loss"], rel=1e-5)
+    assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_init_command_writes_a_loadable_folder(tmp_path):
+    done = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "3",
+                   "--set", "num_hidden_layers=1")
+    assert done.returncode == 0, done.stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["vocab_size"] == 151936 and config["num_hidden_layers"] == 1 and config["eos_token_id"] == 151645
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    model, _ = load_checkpoint(tmp_path / "m")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
+    bad = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "num_key_value_heads=3")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()

@@ -1,0 +1,78 @@
+"""The offline Qwen3 tokenizer equals a tiktoken encoding of the official ranks."""
+
+from __future__ import annotations
+
+import unicodedata
+
+import pytest
+import tiktoken
+import transformers
+
+from nanoqwen.tokenizer import (
+    QWEN_FIRST_SPECIAL_ID,
+    QWEN_PATTERN,
+    QWEN_SPECIAL_TOKENS,
+    find_qwen_tiktoken,
+    load_tiktoken_ranks,
+    load_tokenizer,
+    qwen3_tokenizer,
+)
+
+TEXTS = [
+    "Hello world! The quick brown fox jumps over the lazy dog.",
+    "Le cœur a ses raisons que la raison ne connaît point. Ça coûte 12,50 € à Zürich.",
+    "Привет, как дела? Ελληνικά κείμενα. עברית וערבית: مرحبا بالعالم",
+    "日本語の文章と中文文本，还有한국어 문장도 있습니다。",
+    "def fib(n: int) -> int:\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # O(2^n)\n",
+    "for (int i = 0; i < 10; ++i) { printf(\"%d\\n\", i); }\r\n\tif(x!=y)return;",
+    "emoji: 🤖🎉👨‍👩‍👧‍👦 🇫🇷 ❤️ and digits 1234567890 3.14159 1,000,000",
+    "whitespace   runs\t\t\tand\n\n\n\nnewlines     \n   trailing   ",
+    "e\u0301 (decomposed é) Å ﬁ contractions: I'M you'RE they'll we'd it's",
+]
+
+
+@pytest.fixture(scope="module")
+def official():
+    return qwen3_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    ranks = load_tiktoken_ranks(find_qwen_tiktoken())
+    specials = {t: QWEN_FIRST_SPECIAL_ID + i for i, t in enumerate(QWEN_SPECIAL_TOKENS)}
+    return tiktoken.Encoding("qwen", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens=specials)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_ids_equal_tiktoken(official, reference, text):
+    assert official.encode(text) == reference.encode(unicodedata.normalize("NFC", text), disallowed_special=())
+    assert official.decode(official.encode(text)) == unicodedata.normalize("NFC", text)
+
+
+def test_known_ids(official):
+    assert official.encode("Hello") == [9707]
+    assert official.encode(" world") == [1879]
+    assert official.encode(" Hello") == [21927]
+    assert official.vocab_size == 151669
+
+
+def test_added_tokens_round_trip(official):
+    assert len(QWEN_SPECIAL_TOKENS) == 26
+    for offset, token in enumerate(QWEN_SPECIAL_TOKENS):
+        assert official.encode(token) == [QWEN_FIRST_SPECIAL_ID + offset]
+        assert official.decode([QWEN_FIRST_SPECIAL_ID + offset]) == token
+    text = "<|im_start|>user\nhi<|im_end|>\n<think>x</think><|endoftext|>"
+    assert official.decode(official.encode(text)) == text
+    assert official.stop_ids == [151645, 151643] and official.eot_id == 151643
+
+
+def test_saved_folder_loads_in_transformers(official, tmp_path):
+    official.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for text in TEXTS + ["<|im_start|>system\nx<|im_end|>"]:
+        assert hf(text)["input_ids"] == official.encode(text)
+    assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>" and hf.bos_token is None
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == official.render_chat(messages)
+    assert load_tokenizer(tmp_path).encode(TEXTS[3]) == official.encode(TEXTS[3])
