@@ -15,7 +15,20 @@ from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 
 
-def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int = 8,
+def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
+                    ) -> tuple[float, int, int]:
+    """Sum of next-token NLL, correct argmax predictions and count, projecting `chunk` positions at a time
+    so the (tokens, vocab) logits never exist whole. hidden (N, C), targets (N,), -100 = skip."""
+    total_nats, correct = 0.0, 0
+    for start in range(0, hidden.shape[0], chunk):
+        t = targets[start:start + chunk]
+        logits = model.lm_head(hidden[start:start + chunk]).float()
+        total_nats += F.cross_entropy(logits, t, ignore_index=-100, reduction="sum").item()
+        correct += int(((logits.argmax(-1) == t) & (t != -100)).sum())
+    return total_nats, correct, int((targets != -100).sum())
+
+
+def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int | None = None,
                  max_windows: int | None = None) -> tuple[float, int, int]:
     """Score a 1-D token stream in consecutive windows of `context` predictions.
 
@@ -25,6 +38,7 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
     if tokens.numel() < 2:
         raise NanoQwenError(f"need at least 2 tokens to score, got {tokens.numel()}")
     device = model.model.embed_tokens.weight.device
+    batch_size = batch_size or max(1, 16384 // context)  # windows per forward: ~16k tokens
     starts = list(range(0, tokens.numel() - 1, context))
     if max_windows is not None:
         starts = starts[:max_windows]
@@ -41,13 +55,10 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
             for row, (s, n) in enumerate(zip(group, lengths)):
                 inputs[row, :n] = tokens[s:s + n]
                 targets[row, :n] = tokens[s + 1:s + 1 + n]
-            inputs, targets = inputs.to(device), targets.to(device)
-            logits = model(inputs).float()  # right padding never influences earlier positions (causal)
-            total_nats += F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100,
-                                          reduction="sum").item()
-            scored = targets != -100
-            correct += int(((logits.argmax(-1) == targets) & scored).sum())
-            count += int(scored.sum())
+            # right padding never influences earlier positions (causal), so one batch serves all lengths
+            hidden = model(inputs.to(device), return_hidden=True)
+            nats, right, n = score_positions(model, hidden.flatten(0, 1), targets.to(device).flatten())
+            total_nats, correct, count = total_nats + nats, correct + right, count + n
     model.train(was_training)
     return total_nats, correct, count
 
@@ -62,7 +73,7 @@ def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) 
 
 
 def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, context: int | None = None,
-                    batch_size: int = 8, max_windows: int | None = None) -> dict[str, float]:
+                    batch_size: int | None = None, max_windows: int | None = None) -> dict[str, float]:
     """metrics() of a token stream; `num_bytes` is the UTF-8 size of the text the tokens came from.
 
     With `max_windows`, only a prefix is scored, and bytes are prorated by the share of tokens scored.
@@ -84,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin is scored")
     p.add_argument("--split", default="val", choices=["train", "val"], help="with --data: which split")
     p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: ~16k tokens)")
     p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     add_device_arguments(p)
