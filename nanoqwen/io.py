@@ -12,6 +12,12 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def cache_dir() -> Path:
     """Where nanoqwen keeps what it builds or downloads once per machine ($NANOQWEN_CACHE overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoqwen"
@@ -29,6 +35,7 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         yield tmp
     except BaseException:
@@ -50,6 +57,7 @@ def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the finished file gets the usual mode
     try:
         with os.fdopen(fd, mode) as f:
             yield f

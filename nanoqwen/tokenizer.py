@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import json
 import os
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -236,3 +237,30 @@ def resolve_tokenizer(spec: str) -> Tokenizer:
     if Path(spec).is_dir():
         return load_tokenizer(spec)
     raise NanoQwenError(f"unknown tokenizer {spec!r}; use qwen3, bpe:N, or a folder with tokenizer.json")
+
+
+# -- BPE training ------------------------------------------------------------------------------------
+BPE_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
+    """A byte-level BPE of `vocab_size` ids trained on `texts`, built like the Qwen3 tokenizer.
+
+    Same NFC normalizer and pre-tokenizer regex, all 256 bytes in the vocabulary (so any text encodes),
+    and `<|endoftext|>`, `<|im_start|>`, `<|im_end|>` as the last three ids, as in Qwen3.
+    """
+    from tokenizers import trainers
+
+    n_regular = vocab_size - len(BPE_SPECIAL_TOKENS)
+    if n_regular < 256:
+        raise NanoQwenError(f"a byte-level BPE needs a vocabulary of at least {256 + len(BPE_SPECIAL_TOKENS)} "
+                            f"(256 bytes + {len(BPE_SPECIAL_TOKENS)} special tokens), got {vocab_size}")
+    blank = byte_level_tokenizer({}, [], [], 0)  # the Qwen3 pipeline around an empty model
+    trainer = trainers.BpeTrainer(vocab_size=n_regular, initial_alphabet=list(bytes_to_unicode().values()),
+                                  special_tokens=[], show_progress=show_progress)
+    blank.train_from_iterator(texts, trainer)
+    model = json.loads(blank.to_str())["model"]
+    # merges are "a b" strings in older `tokenizers` files and [a, b] pairs in newer ones
+    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+    vocab = model["vocab"]
+    return Tokenizer(byte_level_tokenizer(vocab, merges, BPE_SPECIAL_TOKENS, len(vocab)))

@@ -1,0 +1,122 @@
+"""Prepare throughput: nanoqwen's `prepare` against the seed design's `datasets.map` pipeline.
+
+Same corpus (Shakespeare's works repeated to about --mb MB, one .txt file per work), same machine, one run
+each, both with the Qwen3 tokenizer and every core, both timed from the text files to train.bin/val.bin:
+
+- nanoqwen: `nanoqwen.data.prepare.prepare(folder, "qwen3", out)`, which encodes `qwen3` with tiktoken when
+  it is installed; and again with `tokenizers` only (tiktoken hidden), the path every other tokenizer takes.
+- seed: read the files into `datasets.Dataset.from_dict`, `train_test_split`, `.map(batched=True,
+  num_proc=cores)` with the tokenizer loaded by `transformers.AutoTokenizer` from a folder nanoqwen saved,
+  then write each split with a numpy memmap, shard by shard (as nanoGPT's prepare scripts do).
+
+    python bench/prepare.py [--mb 20]
+
+Prints a markdown table: MB of text per second for each, and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import nanoqwen.data.prepare as prepare_module
+from nanoqwen.data.prepare import load_meta, prepare
+from nanoqwen.data.sources import open_corpus
+from nanoqwen.tokenizer import qwen3_tokenizer
+
+
+def make_corpus(folder: Path, megabytes: float) -> int:
+    """Shakespeare repeated into `folder` until it holds `megabytes` MB; returns its UTF-8 bytes."""
+    works = list(open_corpus("shakespeare").documents())
+    total, copy = 0, 0
+    while total < megabytes * 1e6:
+        for i, text in enumerate(works):
+            (folder / f"{copy:03d}-{i:02d}.txt").write_text(text, encoding="utf-8")
+            total += len(text.encode("utf-8"))
+        copy += 1
+    return total
+
+
+def seed_prepare(folder: Path, tokenizer_dir: Path, out: Path, cores: int) -> int:
+    """The seed design's pipeline; returns the number of tokens written."""
+    import datasets
+    from transformers import AutoTokenizer
+
+    datasets.disable_progress_bars()
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    eot = tok.convert_tokens_to_ids("<|endoftext|>")
+    texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))]
+    splits = datasets.Dataset.from_dict({"text": texts}).train_test_split(test_size=0.01, seed=0, shuffle=True)
+
+    def tokenize(batch: dict[str, list[str]]) -> dict[str, list]:
+        ids = [x + [eot] for x in tok(batch["text"], add_special_tokens=False)["input_ids"]]
+        return {"ids": ids, "len": [len(x) for x in ids]}
+
+    tokens = 0
+    for name, ds in (("train", splits["train"]), ("val", splits["test"])):
+        ds = ds.map(tokenize, batched=True, num_proc=min(cores, len(ds)), remove_columns=["text"])
+        n = int(np.sum(ds["len"], dtype=np.int64))
+        arr = np.memmap(out / f"{name}.bin", dtype=np.uint32, mode="w+", shape=(n,))
+        shards, i = min(64, len(ds)), 0
+        for k in range(shards):
+            batch = ds.shard(num_shards=shards, index=k, contiguous=True).with_format("numpy")
+            chunk = np.concatenate(batch["ids"])
+            arr[i:i + len(chunk)] = chunk
+            i += len(chunk)
+        arr.flush()
+        tokens += n
+    return tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mb", type=float, default=20, help="corpus size in MB (default: %(default)s)")
+    args = parser.parse_args()
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory(prefix="nanoqwen-bench-") as tmp:
+        root = Path(tmp)
+        corpus, tok_dir, seed_out = root / "corpus", root / "tokenizer", root / "seed"
+        for d in (corpus, tok_dir, seed_out):
+            d.mkdir()
+        nbytes = make_corpus(corpus, args.mb)
+        qwen3_tokenizer().save(tok_dir)
+
+        rows: dict[str, float] = {}
+        tokens: dict[str, int] = {}
+        for name, tiktoken in (("nanoqwen prepare (tokenizers only)", False), ("nanoqwen prepare", True)):
+            if not tiktoken:
+                original, prepare_module._qwen3_tiktoken = prepare_module._qwen3_tiktoken, lambda: None
+            elif prepare_module._qwen3_tiktoken() is None:
+                continue  # tiktoken is not installed: the row above is what prepare does
+            start = time.perf_counter()
+            try:
+                out = prepare(str(corpus), "qwen3", root / "nanoqwen", force=True, progress=False)
+            finally:
+                if not tiktoken:
+                    prepare_module._qwen3_tiktoken = original
+            rows[name] = time.perf_counter() - start
+            tokens[name] = sum(s["tokens"] for s in load_meta(out)["splits"].values())
+
+        seed_name = f"seed: datasets.map(num_proc={cores}) + AutoTokenizer + numpy memmap"
+        start = time.perf_counter()
+        tokens[seed_name] = seed_prepare(corpus, tok_dir, seed_out, cores)
+        rows = {seed_name: time.perf_counter() - start, **rows}
+
+    if len(set(tokens.values())) != 1:
+        print(f"warning: token counts differ: {tokens}")
+    mb = nbytes / 1e6
+    seed = rows[seed_name]
+    print(f"\nprepare: {mb:.1f} MB of text ({tokens[seed_name]:,} tokens), Qwen3 tokenizer, {cores} cores\n")
+    print("| pipeline | seconds | MB/s | vs seed |")
+    print("|---|---:|---:|---:|")
+    for name, seconds in rows.items():
+        print(f"| {name} | {seconds:.1f} | {mb / seconds:.2f} | {seed / seconds:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

