@@ -240,7 +240,8 @@ def load_for_inference(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer]:
     from nanoqwen.distributed import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    return load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
+    model, tokenizer = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
+    return model.prepare_for_decoding(), tokenizer
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,216 @@
+"""Generation speed: nanoqwen vs Transformers `generate`, and the server's throughput under load.
+
+    python bench/generate.py                      # two random `tiny`-preset models (see below)
+    python bench/generate.py --model runs/NAME/best --new-tokens 256
+
+Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
+`nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
+same preset at its own 8192-token vocabulary (7M; prompts are token ids, so no tokenizer is needed).
+
+Single stream: the same checkpoint, prompt and greedy length in both libraries, each loaded as its users
+load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`).
+Time to first token (prefill + first token) and decode tokens/s (the tokens after the first over their
+time), medians of --repeats runs that alternate between the libraries, after a warm-up. Server: `nanoqwen
+serve` in a subprocess; total tokens/s of one streamed greedy request vs --streams concurrent ones.
+Prints a markdown table on stdout (progress on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# As `nanoqwen serve` does: OpenMP workers that spin between parallel regions make every number here
+# swing 3-5x whenever anything else runs on the machine. Same setting for both libraries; export
+# OMP_WAIT_POLICY=ACTIVE to measure the spinning default.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing; tests/ holds the server fixture
+
+from nanoqwen.checkpoint import save_checkpoint  # noqa: E402
+from nanoqwen.config import load_preset  # noqa: E402
+from nanoqwen.generate import SamplingParams, generate_ids, load_for_inference  # noqa: E402
+from nanoqwen.model import Qwen3  # noqa: E402
+from nanoqwen.tokenizer import qwen3_tokenizer  # noqa: E402
+
+PROMPT = ("The history of the written word begins with marks pressed into clay, and over centuries those "
+          "marks became alphabets that")
+Timer = Callable[[list[int], int], list[float]]  # (prompt ids, new tokens) -> time of each new token
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def nanoqwen_timer(model_dir: Path) -> tuple[Timer, int]:
+    """The timer, and the model's parameter count."""
+    model, _ = load_for_inference(argparse.Namespace(model=str(model_dir), device="cpu", dtype=None))
+
+    def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
+        params = SamplingParams(max_new_tokens=new_tokens, temperature=0)  # no stop ids: always the full length
+        start, times = time.perf_counter(), []
+        for _ in generate_ids(model, [prompt_ids], params):
+            times.append(time.perf_counter() - start)
+        return times
+
+    return run, model.num_params()
+
+
+def transformers_timer(model_dir: Path) -> Timer:
+    import transformers
+    from transformers.generation.streamers import BaseStreamer
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+    class Clock(BaseStreamer):
+        """generate() calls put() with the prompt first, then with each new token."""
+
+        def __init__(self, start: float) -> None:
+            self.start, self.times, self.prompt_seen = start, [], False
+
+        def put(self, value: torch.Tensor) -> None:
+            if self.prompt_seen:
+                self.times.append(time.perf_counter() - self.start)
+            self.prompt_seen = True
+
+        def end(self) -> None:
+            pass
+
+    def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
+        input_ids = torch.tensor([prompt_ids])
+        clock = Clock(time.perf_counter())
+        with torch.inference_mode():
+            # eos_token_id=None: no early stop, exactly new_tokens, like the nanoqwen side.
+            model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                           do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=None,
+                           pad_token_id=0, streamer=clock)
+        return clock.times
+
+    return run
+
+
+def single_stream(timers: dict[str, Timer], prompt_ids: list[int], new_tokens: int, repeats: int
+                  ) -> dict[str, tuple[float, float]]:
+    """{library: (median time to first token in s, median decode tokens/s)}, runs alternating."""
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
+    for timer in timers.values():
+        timer(prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
+    for _ in range(repeats):
+        for name, timer in timers.items():
+            times = timer(prompt_ids, new_tokens)
+            assert len(times) == new_tokens, f"{name} made {len(times)} tokens"
+            samples[name].append((times[0], (len(times) - 1) / (times[-1] - times[0])))
+    result = {name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
+              for name, runs in samples.items()}
+    for name, (ttft, rate) in result.items():
+        log(f"  {name}: first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s")
+    return result
+
+
+# -- server -----------------------------------------------------------------------------------
+async def server_throughput(url: str, prompts: list[list[int]], new_tokens: int) -> float:
+    """Total completion tokens per second of one streamed greedy request per prompt, all at once."""
+    import httpx
+
+    async def one(client: httpx.AsyncClient, prompt: list[int]) -> int:
+        body = {"prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        tokens = 0
+        async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and (usage := json.loads(line[6:]).get("usage")):
+                    tokens = usage["completion_tokens"]
+        return tokens
+
+    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(max_connections=len(prompts) + 1)) as client:
+        await one(client, prompts[0])  # warm-up
+        start = time.perf_counter()
+        counts = await asyncio.gather(*(one(client, p) for p in prompts))
+        assert all(counts), "a request produced no tokens"
+        return sum(counts) / (time.perf_counter() - start)
+
+
+def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_tokens: int) -> tuple[float, float]:
+    from tests.serve_helpers import run_server
+
+    prompts = [prompt_ids[i % len(prompt_ids):] + prompt_ids[:i % len(prompt_ids)] for i in range(streams)]
+    with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log") as url:
+        one = asyncio.run(server_throughput(url, prompts[:1], new_tokens))
+        many = asyncio.run(server_throughput(url, prompts, new_tokens))
+    log(f"  server: 1 stream {one:.1f} tok/s, {streams} streams {many:.1f} tok/s")
+    return one, many
+
+
+def random_checkpoint(directory: Path, vocab: str) -> Path:
+    """The `tiny` preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or at its own size."""
+    if vocab == "qwen3":
+        subprocess.run([sys.executable, "-m", "nanoqwen", "init", "--preset", "tiny", "--out", str(directory)],
+                       check=True, stdout=subprocess.DEVNULL)
+        return directory
+    torch.manual_seed(0)
+    return save_checkpoint(Qwen3(load_preset("tiny").model), directory, qwen3_tokenizer())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the two random models)")
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--streams", type=int, default=16)
+    p.add_argument("--server-tokens", type=int, default=64, help="tokens per request in the server test")
+    p.add_argument("--no-server", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server subprocess
+    load_before = os.getloadavg()[0]
+
+    rows: list[str] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        models = ([("given", args.model)] if args.model else
+                  [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3")),
+                   ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192"))])
+        for kind, model_dir in models:
+            ours_timer, n_params = nanoqwen_timer(model_dir)
+            timers = {"nanoqwen": ours_timer, "transformers": transformers_timer(model_dir)}
+            vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+            prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read
+            label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
+            log(f"{label}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, {torch.get_num_threads()} threads")
+            result = single_stream(timers, prompt_ids, args.new_tokens, args.repeats)
+            (ttft, ours), (hf_ttft, theirs) = result["nanoqwen"], result["transformers"]
+            rows.append(f"| {label} | single-stream decode (tok/s) | {ours:.1f} | {theirs:.1f} | "
+                        f"{ours / theirs:.2f}x |")
+            rows.append(f"| {label} | time to first token (ms) | {ttft * 1e3:.1f} | {hf_ttft * 1e3:.1f} | "
+                        f"{hf_ttft / ttft:.2f}x |")
+            del timers, ours_timer
+            if not args.no_server and kind != "8192":
+                one, many = bench_server(model_dir, prompt_ids, args.streams, args.server_tokens)
+                rows.append(f"| {label} | server, 1 stream (total tok/s) | {one:.1f} | | |")
+                rows.append(f"| {label} | server, {args.streams} streams (total tok/s) | {many:.1f} | | "
+                            f"{many / one:.2f}x one stream |")
+
+    print(f"\nCPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ['OMP_WAIT_POLICY']}, "
+          f"greedy, {args.new_tokens} new tokens single-stream, "
+          f"{args.server_tokens} per server request; load average {load_before:.1f} before, "
+          f"{os.getloadavg()[0]:.1f} after\n")
+    print("| model | measure | nanoqwen | Transformers | ratio |")
+    print("|---|---|---:|---:|---:|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

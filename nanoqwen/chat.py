@@ -1,0 +1,143 @@
+"""`nanoqwen chat`: talk to a checkpoint in the terminal.
+
+Chat models get the conversation as ChatML (QWEN3.md); base models can be driven with `--raw`, where the
+whole transcript is plain text that the model continues. Replies stream in as they are generated.
+When the history no longer fits the context, the oldest turns are dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+
+from nanoqwen.generate import SamplingParams, add_sampling_arguments, sampling_params, stream_batch
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import Tokenizer
+
+PROMPT = "you> "
+HELP = "Type a message and press Enter. /reset clears the history, /exit quits (or Ctrl-D)."
+# Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
+# their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
+_VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
+
+
+def printable(text: str) -> str:
+    return text.translate(_VISIBLE)
+
+
+class Conversation:
+    """The history and how it becomes prompt ids that leave `reserve` tokens of the context for the reply."""
+
+    def __init__(self, tokenizer: Tokenizer, context: int, reserve: int, system: str | None = None,
+                 raw: bool = False) -> None:
+        self.tokenizer, self.context, self.reserve = tokenizer, context, reserve
+        self.system, self.raw = system, raw
+        self.messages: list[dict[str, str]] = []  # user/assistant turns (ChatML mode)
+        self.transcript = ""  # the text so far (raw mode)
+        self.dropped = 0  # turns (or, raw, tokens) dropped to fit, for the caller to mention
+
+    def reset(self) -> None:
+        self.messages, self.transcript = [], ""
+
+    def add_user(self, text: str) -> list[int] | None:
+        """Record the user's message; the prompt ids to generate from, or None if it cannot fit at all."""
+        self.dropped = 0
+        limit = self.context - self.reserve
+        if self.raw:
+            ids = self.tokenizer.encode(self.transcript + text)
+            if len(ids) > limit:  # keep the most recent text
+                self.dropped, ids = len(ids) - limit, ids[len(ids) - limit:]
+            self.transcript = self.tokenizer.decode(ids)
+            return ids
+        message = {"role": "user", "content": text}
+        if len(self._ids([message])) >= self.context:  # hopeless even alone: keep the history as it is
+            return None
+        self.messages.append(message)
+        while len(ids := self._ids(self.messages)) > limit and len(self.messages) > 1:
+            del self.messages[:2 if len(self.messages) > 2 else 1]  # the oldest user turn and its reply
+            self.dropped += 1
+        return ids
+
+    def add_reply(self, text: str) -> None:
+        if self.raw:
+            self.transcript += text
+        else:
+            self.messages.append({"role": "assistant", "content": text})
+
+    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return self.tokenizer.encode(self.tokenizer.render_chat(system + messages))
+
+
+def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> str:
+    """Stream one reply to stdout; Ctrl-C ends it early. Returns the text."""
+    text = ""
+    try:
+        for _, delta, _ in stream_batch(model, tokenizer, [ids], params):
+            if delta:
+                text += delta
+                sys.stdout.write(printable(delta))
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        sys.stdout.write(" [stopped]")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    return text
+
+
+# -- `nanoqwen chat` -----------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoqwen.distributed import add_device_arguments
+
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
+    p.add_argument("--system", default=None, help="system prompt (ChatML mode)")
+    p.add_argument("--raw", action="store_true",
+                   help="plain continuation for base models: the transcript is the prompt, no chat template")
+    add_sampling_arguments(p, max_new_tokens=256)
+    add_device_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from nanoqwen.generate import load_for_inference
+
+    model, tokenizer = load_for_inference(args)
+    params = sampling_params(args, tokenizer)
+    context = model.config.max_position_embeddings
+    # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
+    conversation = Conversation(tokenizer, context, min(params.max_new_tokens, context // 2), args.system, args.raw)
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 (line editing and history for input())
+    print(f"nanoqwen chat: {Path(args.model).resolve().name} · {model.num_params() / 1e6:.1f}M parameters · "
+          f"context {context} · {'raw continuation' if args.raw else 'ChatML'}")
+    print(HELP)
+    while True:
+        try:
+            line = input(PROMPT)
+        except EOFError:
+            print()
+            return 0
+        except KeyboardInterrupt:  # like a shell: Ctrl-C drops the line, Ctrl-D quits
+            print()
+            continue
+        command = line.strip()
+        if command in ("/exit", "/quit"):
+            return 0
+        if command == "/reset":
+            conversation.reset()
+            print("(history cleared)")
+            continue
+        if command.startswith("/") or not command:
+            if command:
+                print(HELP)
+            continue
+        ids = conversation.add_user(line)
+        if ids is None:
+            print(f"(that message alone is too long for the context of {context} tokens; shorten it)")
+            continue
+        if conversation.dropped:
+            unit = "tokens" if args.raw else "turns"
+            print(f"(dropped the oldest {conversation.dropped} {unit} to fit the context)")
+        conversation.add_reply(reply(model, tokenizer, ids, params))

@@ -1,0 +1,412 @@
+"""`nanoqwen serve`: an OpenAI-compatible HTTP API over a checkpoint, and a web page at `/`.
+
+Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
+`stream: true` as server-sent events). All model work runs on the engine's one worker thread
+(see engine.py); handlers here only validate, tokenize, and turn engine events into responses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hmac
+import json
+import os
+import socket
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.generate import SamplingParams, check_fits
+from nanoqwen.model import Qwen3
+from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job
+from nanoqwen.serve.protocol import (
+    APIError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    error_body,
+    new_id,
+    now,
+    usage,
+)
+from nanoqwen.tokenizer import Tokenizer
+
+STATIC_DIR = Path(__file__).parent / "static"
+DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context's worth of text
+COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to what fits
+
+
+# -- middleware (plain ASGI, so they run before any body parsing) --------------------------------
+async def send_error(scope: Scope, receive: Receive, send: Send, status: int, message: str,
+                     code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    await JSONResponse(error_body(message, code=code), status, headers=headers)(scope, receive, send)
+
+
+class BodyLimit:
+    """Refuse request bodies over `max_bytes` with 413, whether or not Content-Length is sent.
+
+    The body is read here (it is small by construction) and replayed to the app; later receives pass
+    through, so the app still sees the client disconnect.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = f"the request body is larger than this server's limit of {self.max_bytes} bytes"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            return await send_error(scope, receive, send, 413, too_large, "request_too_large")
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # the client left before sending the body
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await send_error(scope, receive, send, 413, too_large, "request_too_large")
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+class APIKeyAuth:
+    """With a key set, /v1/* needs `Authorization: Bearer KEY` (the page and /health stay open)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+                message = ("missing or wrong API key: send the header 'Authorization: Bearer KEY' "
+                           "(the key the server was started with)")
+                return await send_error(scope, receive, send, 401, message, "invalid_api_key",
+                                        headers={"WWW-Authenticate": "Bearer"})
+        await self.app(scope, receive, send)
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that run `on_close` however the stream ends, a client disconnect included,
+    so the engine stops generating for a client that is gone."""
+
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None]) -> None:
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.on_close()
+
+
+def sse(data: dict[str, Any] | str) -> str:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {payload}\n\n"
+
+
+def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
+    """One readable line (and the offending parameter) from pydantic's error list."""
+    first = exc.errors()[0]
+    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    if first.get("type") == "json_invalid":
+        detail = first.get("ctx", {}).get("error", first.get("msg"))
+        return f"the request body is not valid JSON: {detail}", None
+    if not loc:
+        return "the request body must be a JSON object (and sent with Content-Type: application/json)", None
+    # Union branches add their type name to the path ('prompt.str'); name the field the user wrote.
+    field = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int"})
+    return f"invalid '{field}': {first.get('msg')}", field
+
+
+# -- the application -----------------------------------------------------------------------------
+def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+    """The server for one model. The engine thread starts and stops with the app's lifespan."""
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
+    context = model.config.max_position_embeddings
+    card = {"id": model_name, "object": "model", "created": now(), "owned_by": "nanoqwen",
+            "parameters": model.num_params(), "context_length": context}
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
+
+    # No /docs: FastAPI's docs page loads its scripts from a CDN.
+    app = FastAPI(title="nanoqwen", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+
+    @app.exception_handler(APIError)
+    async def api_error(_: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), exc.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(exc)
+        return JSONResponse(error_body(message, param=param), 400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def server_error(_: Request, exc: Exception) -> JSONResponse:
+        return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
+
+    # -- request -> prompts and sampling parameters -----------------------------------------------
+    def check_model(name: str | None) -> None:
+        if name is not None and name != model_name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}' "
+                                "(see GET /v1/models)", "model", "model_not_found")
+
+    def check_prompt_fits(prompt: list[int], param: str) -> None:
+        try:
+            check_fits(model, len(prompt), 1)
+        except NanoQwenError as e:
+            raise APIError(400, str(e), param, "context_length_exceeded") from None
+
+    def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+        items: list[str | list[int]]
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            items = [prompt]  # type: ignore[list-item]
+        else:
+            items = list(prompt)  # type: ignore[arg-type]
+        if not items:
+            raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+        prompts = []
+        for item in items:
+            ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+            if not ids:  # an empty prompt starts a new document, as in pre-training data
+                ids = [tokenizer.eot_id]
+            bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+            if bad:
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})",
+                               "prompt")
+            check_prompt_fits(ids, "prompt")
+            prompts.append(ids)
+        return prompts
+
+    def sampling_params(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+        return SamplingParams(
+            max_new_tokens=max_tokens or context,  # each sequence is capped to what fits by the engine
+            temperature=1.0 if body.temperature is None else body.temperature,
+            top_k=top_k,
+            top_p=1.0 if body.top_p is None else body.top_p,
+            repetition_penalty=body.repetition_penalty or 1.0,
+            stop_token_ids=tokenizer.stop_ids,
+            stop_strings=body.stop_strings(),
+            seed=body.seed,
+        ).validate()
+
+    # -- engine events -> responses --------------------------------------------------------------
+    async def client_gone(request: Request) -> None:
+        """Returns when the client disconnects (what a non-streaming request has to watch for)."""
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    async def events(job: Job) -> AsyncIterator[Delta | Finished]:
+        left = job.choices
+        while left:
+            event = await job.events.get()
+            if isinstance(event, Failed):
+                raise APIError(500, event.message, type="server_error")
+            left -= isinstance(event, Finished)
+            yield event
+
+    async def collect(job: Job) -> tuple[list[str], list[str], int]:
+        """Whole texts, finish reasons and the completion token count of every choice."""
+        texts, reasons, completion_tokens = [""] * job.choices, [""] * job.choices, 0
+        async for event in events(job):
+            if isinstance(event, Delta):
+                texts[event.index] += event.text
+            else:
+                reasons[event.index] = event.finish_reason
+                completion_tokens += event.completion_tokens
+        return texts, reasons, completion_tokens
+
+    async def respond(request: Request, body: SamplingRequest, prompts: list[list[int]],
+                      params: SamplingParams, chat: bool) -> Response:
+        if body.n * len(prompts) > 64:
+            raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
+                                f"asks for {body.n * len(prompts)}", "n")
+        job = engine.submit(prompts, params, body.n)
+        ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
+                "model": model_name}
+        prompt_tokens = sum(len(p) for p in prompts)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return EventStream(stream(job, head, chat, prompt_tokens, include_usage), on_close=job.cancel)
+        collector = asyncio.create_task(collect(job))
+        watcher = asyncio.create_task(client_gone(request))
+        try:
+            done, _ = await asyncio.wait({collector, watcher}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # finished, client gone, or this handler cancelled: either way no more work for this job
+            job.cancel()
+            watcher.cancel()
+            if not collector.done():
+                collector.cancel()
+        if collector not in done:
+            return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
+        texts, reasons, completion_tokens = collector.result()
+        choices = [{"index": i, "message": {"role": "assistant", "content": text}} if chat else
+                   {"index": i, "text": text} for i, text in enumerate(texts)]
+        for choice, reason in zip(choices, reasons):
+            choice.update(logprobs=None, finish_reason=reason)
+        return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
+
+    async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
+                     include_usage: bool) -> AsyncIterator[str]:
+        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> str:
+            if chat:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+            else:
+                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+            return sse({**head, "choices": [choice], **extra})
+
+        completion_tokens = 0
+        try:
+            if chat:  # OpenAI opens each choice with a role-only delta
+                for i in range(job.choices):
+                    yield chunk(i, None, None, role=True)
+            async for event in events(job):
+                if isinstance(event, Delta):
+                    yield chunk(event.index, event.text, None)
+                else:
+                    completion_tokens += event.completion_tokens
+                    yield chunk(event.index, None, event.finish_reason)
+            if include_usage:
+                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+        except APIError as e:  # the status line is already sent: report the error in the stream
+            yield sse(e.body())
+        yield sse("[DONE]")
+
+    # -- routes ----------------------------------------------------------------------------------
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "model": model_name, **engine.stats()}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [card]}
+
+    @app.get("/v1/models/{name:path}")
+    async def get_model(name: str) -> dict[str, Any]:
+        check_model(name)
+        return card
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        prompts = completion_prompts(body.prompt)
+        params = sampling_params(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
+        return await respond(request, body, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        check_model(body.model)
+        prompt = tokenizer.encode(tokenizer.render_chat(body.chat_messages()))
+        check_prompt_fits(prompt, "messages")
+        params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
+        return await respond(request, body, [prompt], params, chat=True)
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    # Added last = runs first: a request without the key is refused before its body is even read.
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    app.add_middleware(APIKeyAuth, api_key=api_key)
+    return app
+
+
+# -- `nanoqwen serve` ----------------------------------------------------------------------------
+def default_model_name(directory: str) -> str:
+    """runs/NAME/best -> NAME/best (a bare `best` says little); any other folder -> its name."""
+    path = Path(directory).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name in {"best", "last"} else path.name
+
+
+def check_can_bind(host: str, port: int) -> None:
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        raise NanoQwenError(f"--host {host}: {e.strerror}; give an address such as 127.0.0.1 or 0.0.0.0") from None
+    try:
+        with socket.socket(infos[0][0], socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind(infos[0][4])
+    except OSError as e:
+        raise NanoQwenError(f"cannot listen on {host}:{port} ({e.strerror or e}); is another server running "
+                            "there? pick another with --port") from None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from nanoqwen.distributed import add_device_arguments
+
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOQWEN_API_KEY if set)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: from the folder)")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                   help="larger request bodies are refused with 413")
+    add_device_arguments(p)
+
+
+def run(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from nanoqwen.generate import load_for_inference
+
+    if args.max_batch_size < 1:
+        raise NanoQwenError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    check_can_bind(args.host, args.port)  # before the (slow) model load
+    api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
+    model, tokenizer = load_for_inference(args)
+    name = args.model_name or default_model_name(args.model)
+    app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
+                     max_body_bytes=args.max_request_bytes)
+    url = f"http://{args.host}:{args.port}"
+    print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
+          f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
+    if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
+        print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0

@@ -1,0 +1,288 @@
+"""The inference engine behind the server: one worker thread owns the model and decodes every request
+in flight together (continuous batching); results flow back to asyncio through per-job queues.
+
+Why one thread: the model and its KV cache are never touched by two threads at once, so requests
+cannot mix state. Why batching: on CPU and GPU alike one forward pass over B rows costs far less than
+B passes (the weights are read once), so total throughput grows with the number of streams.
+
+How rows share one cache: `KVCache` keeps all rows at the same slot count, so a row's tokens always
+end at the current slot. A new request is prefilled on its own (exactly as `generate` would), then the
+batch cache is rebuilt with every row right-aligned and the slots before a row marked invalid (the
+cache's `key_valid` mask, the same mechanism left-padded prompts use). RoPE positions are per row, so
+padding never shifts a row's positions. The cache is rebuilt (a copy) only when rows join or leave.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from nanoqwen.generate import SamplingParams, TextStream, check_fits, next_tokens
+from nanoqwen.model import KVCache, Qwen3
+from nanoqwen.tokenizer import Tokenizer
+
+log = logging.getLogger("nanoqwen.serve")
+
+
+@dataclass
+class Delta:
+    """New text of choice `index`."""
+    index: int
+    text: str
+
+
+@dataclass
+class Finished:
+    """Choice `index` is complete. completion_tokens counts every sampled token, a stop token included."""
+    index: int
+    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    """The engine hit an error while working on this job; no more events follow."""
+    message: str
+
+
+Event = Delta | Finished | Failed
+
+
+class Job:
+    """One HTTP request: its choices (sequences) and the asyncio queue their events are delivered to."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, choices: int) -> None:
+        self.loop = loop
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.choices = choices
+        self._cancelled = threading.Event()
+
+    def cancel(self) -> None:
+        """Stop generating for this job (client gone); the worker drops its rows at the next step."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def emit(self, event: Event) -> None:
+        """Called from the worker thread: hand the event to the job's event loop."""
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancel()
+
+
+@dataclass(eq=False)  # identity, not field-wise equality (fields hold tensors)
+class Sequence:
+    """One choice being generated: prompt, sampling state, and the text stream it feeds."""
+    job: Job
+    index: int
+    prompt: list[int]
+    params: SamplingParams
+    budget: int  # most new tokens it may sample (already capped to the context)
+    stream: TextStream
+    generator: torch.Generator | None = None
+    seen: torch.Tensor | None = None  # (1, V) tokens to penalize, for repetition_penalty != 1
+    generated: int = 0
+    pending: int = -1  # last sampled token, fed to the model at the next step
+    finished: bool = False
+    cache: KVCache | None = field(default=None, repr=False)  # own prefill cache until merged into the batch
+
+    @property
+    def in_cache(self) -> int:
+        """Tokens already in the KV cache: the prompt and every sampled token but the pending one."""
+        return len(self.prompt) + self.generated - 1
+
+    @property
+    def plain_greedy(self) -> bool:
+        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+
+
+class Engine:
+    """Runs all model work on one thread. `submit` is called from the event loop."""
+
+    def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+        self.device = model.model.embed_tokens.weight.device
+        self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
+        self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
+        self._active: list[Sequence] = []  # rows of the batch, in cache row order
+        self._cache: KVCache | None = None
+        self._thread = threading.Thread(target=self._run, name="nanoqwen-engine", daemon=True)
+        self._stopping = False
+        self.tokens_generated = 0  # since start, every sequence; cancelled work shows up as fewer tokens
+
+    # -- called from the event loop ------------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._inbox.put(None)
+        self._thread.join(timeout=10)
+
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> Job:
+        """Queue `n` choices for each prompt; choice i * n + j continues prompt i.
+
+        Seeded sampling gives choice k the seed `seed + k`, so each choice is reproducible on its own
+        whatever else runs beside it (the same convention as `nanoqwen sample --num-samples`).
+        """
+        job = Job(asyncio.get_running_loop(), len(prompts) * n)
+        sequences = []
+        for i, prompt in enumerate(prompts):
+            for j in range(n):
+                index = i * n + j
+                seed = None if params.seed is None else params.seed + index
+                sequences.append(self._new_sequence(job, index, prompt, params, seed))
+        self._inbox.put(sequences)
+        return job
+
+    def stats(self) -> dict[str, int]:
+        """Rows decoding now, choices waiting for a row, tokens generated (read without a lock: approximate)."""
+        return {"active": len(self._active), "waiting": len(self._waiting) + self._inbox.qsize(),
+                "tokens_generated": self.tokens_generated}
+
+    def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
+                      seed: int | None) -> Sequence:
+        budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
+        seq = Sequence(job, index, prompt, params, budget, TextStream(self.tokenizer, params.stop_strings))
+        if params.temperature > 0:
+            seq.generator = torch.Generator(device=self.device)
+            seq.generator.manual_seed(seed if seed is not None else torch.seed())
+        return seq
+
+    # -- the worker thread ---------------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while not self._stopping:
+                try:
+                    self._collect(block=not self._active and not self._waiting)
+                    self._step()
+                except Exception as e:  # never let one bad step kill the server: fail what was running
+                    log.exception("generation failed")
+                    for seq in self._active + self._waiting:
+                        seq.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
+                        seq.job.cancel()
+                    self._active, self._waiting, self._cache = [], [], None
+
+    def _collect(self, block: bool) -> None:
+        """Move newly submitted sequences into the waiting list; sleep here when there is no work."""
+        try:
+            item = self._inbox.get(block=block)
+            while True:
+                if item is None:
+                    return
+                self._waiting.extend(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _step(self) -> None:
+        """Drop finished and cancelled rows, admit what fits, then decode one token for every row."""
+        alive = [s for s in self._active if not (s.finished or s.job.cancelled)]
+        self._waiting = [s for s in self._waiting if not s.job.cancelled]
+        admitted: list[Sequence] = []
+        while self._waiting and len(alive) + len(admitted) < self.max_batch_size:
+            seq = self._waiting.pop(0)
+            if self._prefill(seq):
+                admitted.append(seq)
+        if admitted or len(alive) != len(self._active):
+            self._rebuild_cache(alive, admitted)
+        if self._active:
+            self._decode()
+
+    def _prefill(self, seq: Sequence) -> bool:
+        """Run the prompt through the model alone and sample the first token. False if already done."""
+        seq.cache = self.model.new_cache(1, len(seq.prompt))
+        ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
+        if seq.params.repetition_penalty != 1.0:
+            seq.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
+            seq.seen[0, ids[0]] = True
+        logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()  # (1, V)
+        token = int(next_tokens(logits, seq.params, seq.generator, seq.seen)[0])
+        return not self._accept(seq, token)
+
+    def _decode(self) -> None:
+        rows = self._active
+        tokens = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)  # (B, 1)
+        logits = self.model(tokens, cache=self._cache)[:, -1].float()  # (B, V)
+        greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in rows) else []
+        for row, seq in enumerate(rows):  # finished rows leave the batch at the next step
+            if seq.plain_greedy:
+                token = greedy[row]
+            else:
+                token = int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.seen)[0])
+            self._accept(seq, token)
+
+    def _accept(self, seq: Sequence, token: int) -> bool:
+        """Record a sampled token, send its text; True when the sequence is finished."""
+        seq.generated += 1
+        self.tokens_generated += 1
+        if seq.seen is not None:
+            seq.seen[0, token] = True
+        reason = None
+        if token in seq.params.stop_token_ids:
+            delta, reason = seq.stream.finish(), "stop"
+        else:
+            delta = seq.stream.push(token)
+            if seq.stream.stopped:
+                reason = "stop"
+            elif seq.generated >= seq.budget:
+                delta, reason = delta + seq.stream.finish(), "length"
+        if delta:
+            seq.job.emit(Delta(seq.index, delta))
+        if reason is None:
+            seq.pending = token
+            return False
+        seq.finished = True
+        seq.job.emit(Finished(seq.index, reason, seq.generated))
+        return True
+
+    def _rebuild_cache(self, survivors: list[Sequence], admitted: list[Sequence]) -> None:
+        """A fresh batch cache holding the surviving rows and the admitted ones, all right-aligned.
+
+        Every row's tokens sit in the last `in_cache` slots before the common write position, so the
+        survivors are one slice of the old cache; admitted rows come from their own prefill caches.
+        Capacity is exactly what the longest-running row still needs, so the cache never overflows.
+        """
+        old_row = {id(s): row for row, s in enumerate(self._active)}
+        rows = survivors + admitted
+        self._active = rows
+        if not rows:
+            self._cache = None
+            return
+        span = max(s.in_cache for s in rows)  # slots the aligned rows occupy
+        capacity = span + max(s.budget - s.generated for s in rows)
+        cache = self.model.new_cache(len(rows), capacity)
+        if survivors:
+            old = self._cache
+            assert old is not None
+            keep = torch.tensor([old_row[id(s)] for s in survivors], device=self.device)
+            width = min(old.length, span)
+            src, dst = slice(old.length - width, old.length), slice(span - width, span)
+            cache.keys[:, :len(survivors), :, dst] = old.keys[:, keep, :, src]
+            cache.values[:, :len(survivors), :, dst] = old.values[:, keep, :, src]
+            cache.key_valid[:len(survivors), dst] = old.key_valid[keep, src]
+            cache.next_position[:len(survivors)] = old.next_position[keep]
+        for row, seq in enumerate(admitted, start=len(survivors)):
+            own = seq.cache
+            assert own is not None
+            n = own.length
+            cache.keys[:, row, :, span - n:span] = own.keys[:, 0, :, :n]
+            cache.values[:, row, :, span - n:span] = own.values[:, 0, :, :n]
+            cache.key_valid[row, span - n:span] = True
+            cache.next_position[row] = own.next_position[0]
+            seq.cache = None
+        cache.length = span
+        # Only a batch with invalid slots needs a mask; a lone request decodes exactly as `generate` does.
+        cache.padded = not bool(cache.key_valid[:, :span].all())
+        self._cache = cache
+

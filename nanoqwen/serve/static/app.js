@@ -1,0 +1,277 @@
+// nanoqwen web page: chat and completion over the server's OpenAI-compatible endpoints.
+// Text is streamed with fetch + ReadableStream (server-sent events); Stop aborts the fetch, which the
+// server sees as a disconnect and stops generating.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const KEY_STORAGE = "nanoqwen-api-key";
+
+const state = {
+  model: null, // id from /v1/models
+  history: [], // chat messages so far: {role, content}
+  controller: null, // AbortController of the request in flight
+};
+
+// -- server info ---------------------------------------------------------------------------
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api-key").value.trim();
+  if (key) h.Authorization = `Bearer ${key}`;
+  return h;
+}
+
+function formatCount(n) {
+  if (n >= 1e9) return `${(n / 1e9).toFixed(1)}B`;
+  if (n >= 1e6) return `${(n / 1e6).toFixed(1)}M`;
+  if (n >= 1e3) return `${(n / 1e3).toFixed(1)}K`;
+  return String(n);
+}
+
+async function loadModel() {
+  const dot = $("status-dot");
+  try {
+    const res = await fetch("/v1/models", { headers: headers() });
+    if (res.status === 401) {
+      dot.className = "status-dot error";
+      $("model-name").textContent = "API key needed (see Server settings)";
+      $("model-size").hidden = $("model-context").hidden = true;
+      return;
+    }
+    const card = (await res.json()).data[0];
+    state.model = card.id;
+    dot.className = "status-dot ok";
+    $("model-name").textContent = card.id;
+    $("model-name").title = card.id;
+    if (card.parameters) {
+      $("model-size").textContent = `${formatCount(card.parameters)} parameters`;
+      $("model-size").title = `${card.parameters.toLocaleString()} parameters`;
+      $("model-size").hidden = false;
+    }
+    if (card.context_length) {
+      $("model-context").textContent = `context ${card.context_length.toLocaleString()}`;
+      $("model-context").hidden = false;
+    }
+    const max = $("max-tokens");
+    if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
+  } catch (err) {
+    dot.className = "status-dot error";
+    $("model-name").textContent = "server unreachable";
+  }
+}
+
+// -- settings ------------------------------------------------------------------------------
+function mode() {
+  return $("mode-chat").checked ? "chat" : "completion";
+}
+
+function samplingBody() {
+  const body = {
+    max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 1),
+    temperature: parseFloat($("temperature").value),
+    top_p: parseFloat($("top-p").value),
+    top_k: parseInt($("top-k").value, 10) || 0,
+    repetition_penalty: parseFloat($("repetition-penalty").value) || 1.0,
+  };
+  const seed = $("seed").value.trim();
+  if (seed !== "") body.seed = parseInt(seed, 10);
+  const stops = $("stop-strings").value.split("\n").filter((s) => s.length > 0);
+  if (stops.length) body.stop = stops.slice(0, 4);
+  if (state.model) body.model = state.model;
+  return body;
+}
+
+// -- streaming -----------------------------------------------------------------------------
+// POST with stream: true and call onText(text) for every piece; resolves to {finish, usage}.
+async function streamCompletion(path, body, onText, signal) {
+  const res = await fetch(path, {
+    method: "POST",
+    headers: headers(),
+    body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
+    signal,
+  });
+  if (!res.ok) {
+    let message = `${res.status} ${res.statusText}`;
+    try { message = (await res.json()).error.message || message; } catch (_) { /* not JSON */ }
+    throw new Error(message);
+  }
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  const result = { finish: null, usage: null };
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return result;
+    buffer += decoder.decode(value, { stream: true });
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const event = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      for (const line of event.split("\n")) {
+        if (!line.startsWith("data:")) continue;
+        const data = line.slice(5).trim();
+        if (data === "[DONE]") return result;
+        const chunk = JSON.parse(data);
+        if (chunk.error) throw new Error(chunk.error.message);
+        if (chunk.usage) result.usage = chunk.usage;
+        for (const choice of chunk.choices || []) {
+          const text = choice.delta ? choice.delta.content : choice.text;
+          if (text) onText(text);
+          if (choice.finish_reason) result.finish = choice.finish_reason;
+        }
+      }
+    }
+  }
+}
+
+// -- transcript ----------------------------------------------------------------------------
+function addMessage(kind, label) {
+  $("empty-hint").hidden = true;
+  const box = document.createElement("div");
+  box.className = `message ${kind}`;
+  const role = document.createElement("div");
+  role.className = "role";
+  role.textContent = label;
+  const content = document.createElement("div");
+  content.className = "content";
+  box.append(role, content);
+  $("transcript").append(box);
+  return box;
+}
+
+function scrollDown() {
+  const t = $("transcript");
+  t.scrollTop = t.scrollHeight;
+}
+
+function note(box, text, cls = "note") {
+  const el = document.createElement("div");
+  el.className = cls;
+  el.textContent = text;
+  box.append(el);
+}
+
+function setBusy(busy) {
+  document.body.dataset.busy = String(busy);
+  $("send").disabled = busy;
+  $("stop").disabled = !busy;
+  $("clear").disabled = busy;
+  for (const radio of document.querySelectorAll('input[name="mode"]')) radio.disabled = busy;
+}
+
+// -- send ----------------------------------------------------------------------------------
+async function send() {
+  const text = $("prompt").value;
+  if (state.controller) return;
+  if (mode() === "chat" && !text.trim()) return;
+  let path, body, out, box;
+  if (mode() === "chat") {
+    const system = $("system").value.trim();
+    const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history,
+      { role: "user", content: text }];
+    addMessage("user", "You").querySelector(".content").textContent = text;
+    box = addMessage("assistant", state.model || "model");
+    out = box.querySelector(".content");
+    path = "/v1/chat/completions";
+    body = { ...samplingBody(), messages };
+    state.history.push({ role: "user", content: text });
+  } else {
+    box = addMessage("completion", "Completion");
+    const content = box.querySelector(".content");
+    const prompt = document.createElement("span");
+    prompt.className = "prompt-text";
+    prompt.textContent = text;
+    out = document.createElement("span");
+    out.className = "generated";
+    content.append(prompt, out);
+    path = "/v1/completions";
+    body = { ...samplingBody(), prompt: text };
+  }
+  box.querySelector(".content").classList.add("streaming");
+  $("prompt").value = "";
+  state.controller = new AbortController();
+  setBusy(true);
+  scrollDown();
+
+  const started = performance.now();
+  let firstAt = null;
+  let pieces = 0;
+  let reply = "";
+  let status = "";
+  try {
+    const result = await streamCompletion(path, body, (piece) => {
+      if (firstAt === null) firstAt = performance.now();
+      pieces += 1;
+      reply += piece;
+      out.textContent = reply;
+      scrollDown();
+    }, state.controller.signal);
+    const tokens = result.usage ? result.usage.completion_tokens : pieces;
+    const seconds = (performance.now() - (firstAt ?? started)) / 1000;
+    const rate = tokens > 1 && seconds > 0 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tok/s` : "";
+    const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
+    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
+  } catch (err) {
+    if (err.name === "AbortError") {
+      status = `stopped · ${reply.length} characters`;
+      note(box, "stopped");
+    } else {
+      status = "error";
+      note(box, err.message, "error");
+      if (mode() === "chat" && !reply) state.history.pop(); // the turn never happened
+    }
+  } finally {
+    if (mode() === "chat" && state.history.length && state.history[state.history.length - 1].role === "user"
+        && (reply || status.startsWith("stopped"))) {
+      state.history.push({ role: "assistant", content: reply });
+    }
+    box.querySelector(".content").classList.remove("streaming");
+    state.controller = null;
+    setBusy(false);
+    $("stats").textContent = status;
+    $("prompt").focus();
+  }
+}
+
+function stop() {
+  if (state.controller) state.controller.abort();
+}
+
+function clearAll() {
+  state.history = [];
+  for (const el of [...$("transcript").querySelectorAll(".message")]) el.remove();
+  $("empty-hint").hidden = false;
+  $("stats").textContent = "";
+}
+
+// -- wiring --------------------------------------------------------------------------------
+function init() {
+  const key = localStorage.getItem(KEY_STORAGE);
+  if (key) $("api-key").value = key;
+  $("api-key").addEventListener("change", () => {
+    localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    loadModel();
+  });
+  for (const [input, output] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
+    const sync = () => { $(output).textContent = Number($(input).value).toFixed(2); };
+    $(input).addEventListener("input", sync);
+    sync();
+  }
+  for (const radio of document.querySelectorAll('input[name="mode"]')) {
+    radio.addEventListener("change", () => {
+      document.body.dataset.mode = mode();
+      clearAll();
+    });
+  }
+  $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("prompt").addEventListener("keydown", (e) => {
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+  });
+  $("stop").addEventListener("click", stop);
+  $("clear").addEventListener("click", clearAll);
+  document.body.dataset.mode = mode();
+  setBusy(false);
+  loadModel();
+  $("prompt").focus();
+}
+
+init();

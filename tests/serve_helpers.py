@@ -1,0 +1,95 @@
+"""Shared by the serving, web page and chat tests: a tiny random checkpoint and a real server process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.config import ModelConfig
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer
+
+CONTEXT = 256
+STARTUP_TIMEOUT_S = 90  # importing torch and loading on a busy 2-core machine
+
+
+def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
+    """A ~20M-parameter random Qwen3 with the official tokenizer (so ChatML tokens exist).
+
+    Untied embeddings make a random model's greedy text varied (a tied one mostly repeats its input),
+    so comparisons between code paths actually compare something.
+    """
+    tokenizer = qwen3_tokenizer()
+    config = config_for_tokenizer(ModelConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=context, max_window_layers=2, tie_word_embeddings=False,
+    ), tokenizer, fit_vocab=True)
+    torch.manual_seed(0)
+    return save_checkpoint(Qwen3(config), directory, tokenizer)
+
+
+def load_reference(directory: Path) -> tuple[Qwen3, Tokenizer]:
+    """The checkpoint as `nanoqwen sample/chat/serve` load it, for reference outputs in this process."""
+    model, tokenizer = load_checkpoint(directory)
+    return model.prepare_for_decoding(), tokenizer
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """`python -m nanoqwen serve` on a free local port; yields its base URL once /health answers."""
+    port = free_port()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nanoqwen", "serve", "--model", str(model_dir), "--port", str(port), *extra],
+            stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited with {proc.returncode}:\n{log_path.read_text()}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"server did not answer /health in {STARTUP_TIMEOUT_S}s:\n{log_path.read_text()}")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # a request handler or the engine hung: that is a bug
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"server did not shut down within 10s:\n{log_path.read_text()}") from None
+
+
+def wait_idle(url: str, timeout: float = 10.0) -> dict:
+    """Poll /health until the engine has no rows and nothing waiting (work of gone clients is freed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        health = httpx.get(f"{url}/health", timeout=5).json()
+        if health["active"] == 0 and health["waiting"] == 0:
+            return health
+        if time.monotonic() > deadline:
+            raise AssertionError(f"engine still busy after {timeout}s: {health}")
+        time.sleep(0.05)

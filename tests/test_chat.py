@@ -1,0 +1,107 @@
+"""`nanoqwen chat` in a real pseudo-terminal, and its history trimming."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pexpect
+import pytest
+
+from nanoqwen.chat import PROMPT, Conversation, printable
+from nanoqwen.generate import SamplingParams, generate
+from nanoqwen.tokenizer import qwen3_tokenizer
+from tests.serve_helpers import load_reference, make_checkpoint
+
+MAX_NEW = 24
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("chat") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint: Path):
+    return load_reference(checkpoint)
+
+
+def greedy(local, messages: list[dict[str, str]] | str) -> str:
+    """The reference reply: `generate` on the rendered ChatML prompt (or on raw text)."""
+    model, tokenizer = local
+    prompt = messages if isinstance(messages, str) else tokenizer.render_chat(messages)
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    return generate(model, tokenizer, [prompt], params)[0].text
+
+
+def spawn_chat(checkpoint: Path, *extra: str) -> pexpect.spawn:
+    child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", str(checkpoint), "--temperature", "0",
+                                           "--max-new-tokens", str(MAX_NEW), *extra],
+                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=90, dimensions=(50, 400))
+    child.expect_exact(PROMPT)
+    return child
+
+
+def say(child: pexpect.spawn, line: str) -> str:
+    """Send a line and return what the program printed before its next prompt (echo removed)."""
+    child.sendline(line)
+    child.expect_exact(PROMPT)
+    out = child.before.replace("\r\n", "\n")
+    assert out.startswith(line + "\n"), out  # the terminal's echo of the line
+    return out[len(line) + 1:]
+
+
+def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
+    child = spawn_chat(checkpoint, "--system", "Be brief.")
+    try:
+        assert "ChatML" in child.before
+        system = [{"role": "system", "content": "Be brief."}]
+        first = greedy(local, [*system, {"role": "user", "content": "Hello!"}])
+        assert say(child, "Hello!") == printable(first) + "\n"
+        # The second reply sees the first exchange.
+        second = greedy(local, [*system, {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first},
+                                {"role": "user", "content": "More, please."}])
+        assert say(child, "More, please.") == printable(second) + "\n"
+        assert "history cleared" in say(child, "/reset")
+        assert say(child, "Hello!") == printable(first) + "\n"  # a fresh start gives the first reply again
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_raw_continuation(checkpoint: Path, local) -> None:
+    child = spawn_chat(checkpoint, "--raw")
+    try:
+        first = greedy(local, "Once upon a time")
+        assert say(child, "Once upon a time") == printable(first) + "\n"
+        # The transcript so far is the next prompt.
+        assert say(child, " and then") == printable(greedy(local, "Once upon a time" + first + " and then")) + "\n"
+        child.sendeof()
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_history_drops_oldest_turns() -> None:
+    tokenizer = qwen3_tokenizer()
+    conversation = Conversation(tokenizer, context=120, reserve=40, system="sys")
+    for i in range(6):
+        ids = conversation.add_user(f"message {i} " + "word " * 10)
+        assert ids is not None and len(ids) <= 80
+        conversation.add_reply(f"reply {i} " + "word " * 10)
+    assert conversation.messages[0]["role"] == "user"
+    assert conversation.messages[-1]["content"].startswith("reply 5")
+    assert not any(m["content"].startswith("message 0") for m in conversation.messages)
+    assert conversation.add_user("word " * 200) is None  # alone longer than the context
+    assert conversation.messages[-1]["content"].startswith("reply 5")
+    raw = Conversation(tokenizer, context=50, reserve=10, raw=True)
+    ids = raw.add_user("word " * 100)
+    assert len(ids) == 40 and raw.dropped > 0
+
+
+def test_printable_defuses_control_characters() -> None:
+    assert printable("a\x1b[2Jb\r\n\tc\x7f") == "a\u241b[2Jb\u240d\n\tc\u2421"

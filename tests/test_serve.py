@@ -1,0 +1,284 @@
+"""`nanoqwen serve` end to end: the real server process, driven by the real `openai` client."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+
+from nanoqwen.generate import SamplingParams, generate
+from nanoqwen.serve.engine import Delta, Engine, Finished
+from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle
+
+WORDS = ["start", "end", "middle", "heart", "edge", "color", "sound", "shape", "weight", "voice", "rest", "spirit",
+         "center", "idea", "core", "tone"]
+PROMPTS = [f"Prompt number {i}: the {w} of the story" for i, w in enumerate(WORDS)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("serve") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def local(checkpoint: Path):
+    """The same checkpoint loaded in this process, for reference outputs."""
+    return load_reference(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    with run_server(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def greedy_reference(local, prompt: str, max_tokens: int) -> str:
+    model, tokenizer = local
+    params = SamplingParams(max_new_tokens=max_tokens, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    return generate(model, tokenizer, [prompt], params)[0].text
+
+
+def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny"]
+    card = models[0].model_dump()
+    assert card["parameters"] == local[0].num_params() and card["context_length"] == CONTEXT
+    assert client.models.retrieve("tiny").id == "tiny"
+    health = httpx.get(f"{url}/health").json()
+    assert health["status"] == "ok" and health["model"] == "tiny"
+
+
+def test_greedy_completion_equals_generate(client: openai.OpenAI, local) -> None:
+    prompt = "Once upon a time"
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
+    assert r.choices[0].text == greedy_reference(local, prompt, 20)
+    assert r.choices[0].finish_reason == "length"
+    tokenizer = local[1]
+    assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
+    assert r.usage.completion_tokens == 20 and r.usage.total_tokens == r.usage.prompt_tokens + 20
+
+
+def test_greedy_chat_equals_generate(client: openai.OpenAI, local) -> None:
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "Say hello."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=16, temperature=0)
+    tokenizer = local[1]
+    rendered = tokenizer.render_chat(messages)
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == greedy_reference(local, rendered, 16)
+    assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
+    assert r.usage.completion_tokens == 16
+
+
+def stream_text(stream) -> tuple[dict[int, str], dict[int, str], object]:
+    """Concatenated text and finish reason per choice, and the usage chunk, of a streamed response."""
+    texts: dict[int, str] = {}
+    reasons: dict[int, str] = {}
+    usage = None
+    for chunk in stream:
+        usage = chunk.usage or usage
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            texts[choice.index] = texts.get(choice.index, "") + (piece or "")
+            if choice.finish_reason:
+                reasons[choice.index] = choice.finish_reason
+    return texts, reasons, usage
+
+
+def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
+    sampling = dict(max_tokens=16, temperature=0.9, top_p=0.95, seed=1234, n=2,
+                    extra_body={"top_k": 40, "repetition_penalty": 1.2})
+    plain = client.completions.create(model="tiny", prompt="The river", **sampling)
+    texts, reasons, usage = stream_text(client.completions.create(
+        model="tiny", prompt="The river", stream=True, stream_options={"include_usage": True}, **sampling))
+    assert texts == {c.index: c.text for c in plain.choices}
+    assert reasons == {c.index: c.finish_reason for c in plain.choices}
+    assert usage.model_dump() == plain.usage.model_dump()
+    assert plain.choices[0].text != plain.choices[1].text  # choice k samples with seed + k
+
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    plain = client.chat.completions.create(model="tiny", messages=messages, **sampling)
+    texts, reasons, usage = stream_text(client.chat.completions.create(
+        model="tiny", messages=messages, stream=True, stream_options={"include_usage": True}, **sampling))
+    assert texts == {c.index: c.message.content for c in plain.choices}
+    assert reasons == {c.index: c.finish_reason for c in plain.choices}
+    assert usage.model_dump() == plain.usage.model_dump()
+
+
+def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
+    full = client.completions.create(model="tiny", prompt="A list:", max_tokens=30, temperature=0).choices[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 3]
+    cut = client.completions.create(model="tiny", prompt="A list:", max_tokens=30, temperature=0, stop=[stop])
+    assert cut.choices[0].text == full[:full.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    # A prompt 4 tokens short of the context gets at most 4 new tokens, however many were asked for.
+    long_ids = local[1].encode(" word" * (CONTEXT - 4))[:CONTEXT - 4]
+    capped = client.completions.create(model="tiny", prompt=long_ids, max_tokens=200, temperature=0)
+    assert capped.usage.prompt_tokens == CONTEXT - 4
+    assert capped.usage.completion_tokens <= 4
+
+
+def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, url: str) -> None:
+    def run(i: int) -> str:
+        if i % 4 == 3:  # a mix of chat and completions, streamed and not, of different prompt lengths
+            r = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": PROMPTS[i]}],
+                                               max_tokens=12 + i, temperature=0)
+            return r.choices[0].message.content
+        if i % 2:
+            texts, _, _ = stream_text(client.completions.create(
+                model="tiny", prompt=PROMPTS[i] * (1 + i % 3), max_tokens=12 + i, temperature=0, stream=True))
+            return texts[0]
+        return client.completions.create(model="tiny", prompt=PROMPTS[i] * (1 + i % 3), max_tokens=12 + i,
+                                         temperature=0).choices[0].text
+
+    one_by_one = [run(i) for i in range(16)]
+    before = httpx.get(f"{url}/health").json()["tokens_generated"]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(run, range(16)))
+    assert together == one_by_one
+    assert httpx.get(f"{url}/health").json()["tokens_generated"] - before == sum(12 + i for i in range(16))
+
+
+def test_engine_batches_requests_that_join_and_leave(local) -> None:
+    """In-process: more requests than rows, arriving while others decode, with mixed sampling settings,
+    give what each gives alone (greedy and seeded alike); no state leaks between rows."""
+    model, tokenizer = local
+    requests = []
+    for i, text in enumerate(PROMPTS[:10]):
+        prompt = tokenizer.encode(text * (1 + i % 4))  # 9 to 50 tokens: rows of every alignment
+        params = SamplingParams(max_new_tokens=6 + 3 * i, temperature=0 if i % 3 else 0.9, top_k=20 * (i % 2),
+                                repetition_penalty=1.3 if i % 4 == 1 else 1.0, seed=i,
+                                stop_token_ids=tokenizer.stop_ids)
+        requests.append((prompt, params))
+
+    async def run(engine: Engine, prompt: list[int], params: SamplingParams, delay: float) -> tuple[str, int]:
+        await asyncio.sleep(delay)
+        job, text = engine.submit([prompt], params, 1), ""
+        while True:
+            event = await job.events.get()
+            if isinstance(event, Delta):
+                text += event.text
+            else:
+                assert isinstance(event, Finished)
+                return text, event.completion_tokens
+
+    async def main() -> tuple[list, list]:
+        engine = Engine(model, tokenizer, max_batch_size=3)
+        rebuild = engine._rebuild_cache
+
+        def record(survivors: list, admitted: list) -> None:  # see that rows really join running batches
+            batches.append((len(survivors), len(admitted)))
+            rebuild(survivors, admitted)
+
+        engine._rebuild_cache = record  # type: ignore[method-assign]
+        engine.start()
+        try:
+            alone = [await run(engine, p, params, 0) for p, params in requests]
+            together = await asyncio.gather(*(run(engine, p, params, 0.01 * i)
+                                              for i, (p, params) in enumerate(requests)))
+            assert engine.stats()["waiting"] == 0
+            return alone, list(together)
+        finally:
+            engine.stop()
+
+    batches: list[tuple[int, int]] = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a tiny model: one thread is fastest, and immune to a busy machine
+    try:
+        alone, together = asyncio.run(main())
+    finally:
+        torch.set_num_threads(threads)
+    assert together == alone
+    assert max(s + a for s, a in batches) == 3 and any(s and a for s, a in batches)
+    assert [n for _, n in alone] == [params.max_new_tokens for _, params in requests]
+
+
+def test_disconnect_stops_generation(url: str) -> None:
+    wait_idle(url)
+    before = httpx.get(f"{url}/health").json()["tokens_generated"]
+    body = {"model": "tiny", "prompt": "Go on forever", "max_tokens": 240, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+        lines = r.iter_lines()
+        for _ in range(3):
+            assert next(line for line in lines if line.startswith("data: "))
+    wait_idle(url)
+    assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < 120
+    # The same for a non-streaming request whose client gives up: 8 choices, so the whole job is long.
+    before = httpx.get(f"{url}/health").json()["tokens_generated"]
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/completions", json={**body, "stream": False, "n": 8}, timeout=0.2)
+    wait_idle(url)
+    assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < 8 * 240 // 2
+
+
+BAD_REQUESTS = [
+    # (path, body, status, param)
+    ("/v1/completions", b"{not json", 400, None),
+    ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", {"max_tokens": 5}, 400, "prompt"),
+    ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
+    ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("/v1/nothing-here", {"prompt": "hi"}, 404, None),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), BAD_REQUESTS)
+def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, param: str | None) -> None:
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    r = httpx.post(f"{url}{path}", content=content, headers={"Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert error["param"] == param
+
+
+def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> None:
+    too_long = " word" * (CONTEXT + 10)
+    n_tokens = len(local[1].encode(too_long))
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny", prompt=too_long, max_tokens=5)
+    message = e.value.body["message"]
+    assert str(n_tokens) in message and str(CONTEXT) in message
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": too_long}])
+    r = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # Still healthy, still answering.
+    assert httpx.get(f"{url}/health").json()["status"] == "ok"
+    r = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
+    assert r.usage.completion_tokens == 3
+
+
+def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
+    with run_server(checkpoint, tmp_path / "serve.log", env={"NANOQWEN_API_KEY": "s3cret"}) as base:
+        assert httpx.get(f"{base}/health").status_code == 200  # health and the page stay open
+        assert httpx.get(f"{base}/").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
+        r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"})  # no Authorization header at all
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        good = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2

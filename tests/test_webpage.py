@@ -1,0 +1,127 @@
+"""The web page at `/`, driven in real headless Chromium against the real server."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from tests.serve_helpers import make_checkpoint, run_server, wait_idle
+
+CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CONTEXT = 1024  # room for a generation long enough to press Stop in the middle of
+
+
+@pytest.fixture(scope="module")
+def url(tmp_path_factory: pytest.TempPathFactory):
+    checkpoint = make_checkpoint(tmp_path_factory.mktemp("web") / "tiny-web", context=CONTEXT)
+    with run_server(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run", "--disable-quic"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(browser, url: str):
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    yield page
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def record_text_changes(page) -> None:
+    """Remember every distinct transcript text, to see that replies arrive in pieces."""
+    page.evaluate("""() => {
+        window.__seen = [];
+        new MutationObserver(() => window.__seen.push(document.getElementById('transcript').textContent))
+            .observe(document.getElementById('transcript'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def send_and_wait(page, prompt: str) -> None:
+    page.fill("#prompt", prompt)
+    page.click("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+
+
+def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
+    assert "parameters" in page.text_content("#model-size")
+    params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
+    assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "40")
+    record_text_changes(page)
+    send_and_wait(page, "Hello there, who are you?")
+
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    expected = client.chat.completions.create(
+        model="tiny-web", messages=[{"role": "user", "content": "Hello there, who are you?"}],
+        max_tokens=40, temperature=0).choices[0].message.content
+    reply = page.locator(".message.assistant .content").last.text_content()
+    assert reply == expected
+    assert len(set(page.evaluate("window.__seen"))) > 3  # the text grew piece by piece
+    assert "40 tokens" in page.text_content("#stats")
+
+    # A second turn carries the history: the page must send both turns, as ChatML.
+    send_and_wait(page, "And then?")
+    expected = client.chat.completions.create(
+        model="tiny-web", max_tokens=40, temperature=0, messages=[
+            {"role": "user", "content": "Hello there, who are you?"}, {"role": "assistant", "content": reply},
+            {"role": "user", "content": "And then?"}]).choices[0].message.content
+    assert page.locator(".message.assistant .content").last.text_content() == expected
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webpage.png"))
+
+    # Completion mode continues raw text.
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    expected = client.completions.create(model="tiny-web", prompt="Once upon a time", max_tokens=40,
+                                         temperature=0).choices[0].text
+    assert page.locator(".message.completion .generated").last.text_content() == expected
+
+
+def test_stop_button_stops_generation(page, url: str) -> None:
+    wait_idle(url)
+    before = httpx.get(f"{url}/health").json()["tokens_generated"]
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(CONTEXT - 20))
+    page.fill("#prompt", "Keep talking")
+    page.click("#send")
+    reply = page.locator(".message.assistant .content").last
+    page.wait_for_function(
+        "document.querySelectorAll('.message.assistant .content').length && "
+        "[...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > 20")
+    page.click("#stop")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
+    stopped = reply.text_content()
+    time.sleep(0.5)
+    assert reply.text_content() == stopped  # nothing more arrives
+    assert "stopped" in page.text_content("#stats")
+    assert page.is_disabled("#stop")
+    wait_idle(url)  # the server dropped the request
+    assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < CONTEXT - 20
+    # Ready again: the next message goes through.
+    page.fill("#max-tokens", "5")
+    send_and_wait(page, "Short one")
+    assert "5 tokens" in page.text_content("#stats")
