@@ -54,16 +54,17 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
+    candidates = None  # with top-k, sample among the k best only: no full-vocabulary sort or softmax
     if params.top_k > 0:
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1)  # sorted
     if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cumulative - sorted_logits.softmax(-1) >= params.top_p  # mass before this token already reaches p
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        if candidates is None:
+            logits, candidates = torch.sort(logits, descending=True, dim=-1)
+        probs = logits.softmax(-1)
+        drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
+        logits = logits.masked_fill(drop, float("-inf"))
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
 
 
 def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:

@@ -22,6 +22,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, one fused op
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32, cast back, *then* scale: the order Qwen3 (and Transformers) use.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -40,6 +42,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+    """One weight for several projections of the same input, for inference: the layers' weights become
+    row slices of it (same storage, so nothing is copied twice and in-place updates stay shared)."""
+    fused = torch.cat([linear.weight.detach() for linear in linears])
+    for linear, part in zip(linears, fused.split([lin.out_features for lin in linears])):
+        linear.weight.data = part
+    return fused
 
 
 class KVCache:
@@ -88,13 +99,19 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
+        self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
+        if self.qkv_weight is not None and not torch.is_grad_enabled():  # one matmul instead of three
+            q, k, v = F.linear(x, self.qkv_weight).split(
+                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = self.q_norm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
+        k = self.k_norm(k.view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
@@ -110,9 +127,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.gate_up_weight is not None and not torch.is_grad_enabled():  # one matmul instead of two
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -173,14 +195,20 @@ class Qwen3(nn.Module):
 
     @torch.no_grad()
     def prepare_for_decoding(self) -> Qwen3:
-        """Inference in float32 on CPU: keep lm_head's weight column-major in memory (same shape and values).
+        """Make inference faster without changing any weight's value or shape.
 
-        Decoding multiplies a few rows by the (V, C) head, a memory-bound matrix-vector product that MKL
-        streams about twice as fast from this layout (for fp32 only: bf16/fp16 get slower, so they are left
-        alone); with Qwen3's 151936-token vocabulary the head is most of a small model's decode step. Logits
-        agree to float32 rounding. A tied embedding shares the storage (lookups do not care), and
-        save_checkpoint writes contiguous tensors either way.
+        Decoding is a chain of small memory-bound matrix-vector products, where each call's overhead
+        counts: q/k/v and gate/up become one matmul each (their weights turn into slices of one fused
+        tensor, so nothing is stored twice). In float32 on CPU, lm_head's weight is also kept column-major
+        in memory, which MKL streams about twice as fast for a few rows against the (V, C) head (bf16/fp16
+        get slower that way, so they are left alone); with Qwen3's 151936-token vocabulary the head is most
+        of a small model's decode step. Logits agree to float32 rounding; save_checkpoint writes
+        contiguous tensors either way.
         """
+        for layer in self.model.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            attn.qkv_weight = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
+            mlp.gate_up_weight = fuse_linears(mlp.gate_proj, mlp.up_proj)
         weight = self.lm_head.weight
         if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous():
             weight.data = weight.data.t().contiguous().t()

@@ -152,3 +152,19 @@ def test_parameter_count_matches_official_sizes():
     assert 6e6 < counts["tiny"] < 8e6
     small = tiny_config()
     assert Qwen3(small).num_params() == small.num_params()
+
+
+def test_prepared_for_decoding_keeps_logits_and_saves_the_same(tmp_path):
+    model = Qwen3(tiny_config(num_key_value_heads=1)).eval()
+    scramble(model, seed=9)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        before = model(ids)
+        model.prepare_for_decoding()
+        cache = model.new_cache(2, 16)
+        after = torch.cat([model(ids[:, :5], cache=cache)] + [model(ids[:, t:t + 1], cache=cache)
+                                                               for t in range(5, 12)], dim=1)
+    assert (before - after).abs().max() <= 1e-4
+    save_checkpoint(model, tmp_path / "ck", tokenizer=None)
+    with torch.no_grad():
+        assert (load_model(tmp_path / "ck")(ids) - before).abs().max() <= 1e-5
