@@ -1,10 +1,15 @@
-"""Devices and dtypes: `--device auto` picks CUDA, then Apple MPS, then CPU; dtype follows the device."""
+"""Devices and dtypes (`--device auto` picks CUDA, then Apple MPS, then CPU; dtype follows the device),
+and torchrun: process group, rank helpers, printing on rank 0."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from nanoqwen.errors import NanoQwenError
 
@@ -46,3 +51,68 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+# -- torchrun ------------------------------------------------------------------------------------
+@dataclass
+class DistInfo:
+    """This process's place in the job; one process without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str = "auto") -> DistInfo:
+    """Join the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPU); pick this rank's device."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = resolve_device(device_name)
+    if world_size == 1:
+        return DistInfo(device=device)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, local_rank, world_size, device)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def print0(*args: Any, **kwargs: Any) -> None:
+    """print() on rank 0 only."""
+    if is_main_process():
+        print(*args, **kwargs)
+
+
+def all_reduce(value: float, op: str = "mean", device: torch.device | None = None) -> float:
+    """A Python number reduced over all processes ("mean", "sum" or "max"); itself without torchrun."""
+    if not dist.is_initialized():
+        return value
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    result = tensor.item()
+    return result / dist.get_world_size() if op == "mean" else result
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

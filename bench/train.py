@@ -1,0 +1,214 @@
+"""Training speed and memory: nanoqwen against `transformers.Qwen3ForCausalLM`, same everything.
+
+    python bench/train.py                  # CPU: throughput at the cpu preset, peak memory at the Qwen3 vocabulary
+    python bench/train.py --device cuda    # the same on a GPU (bf16, compile, fused AdamW), plus MFU of
+                                           # qwen3-0.6b at seq 2048 and time to a target val loss for demo
+
+Each contender runs in its own process (so peak memory is its own): the same config, weights, batches,
+sequence length, dtype and AdamW settings, in a plain loop of forward, backward, clip, step. nanoqwen
+uses its own pieces (CausalLMLoss with the chunked loss, build_optimizer, torch.compile on CUDA);
+Transformers uses `model(input_ids, labels=...).loss` and torch.optim.AdamW. Peak memory is the
+process's peak resident set on CPU (getrusage) and torch.cuda.max_memory_allocated on CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from nanoqwen.config import ModelConfig, load_preset  # noqa: E402
+
+
+# -- one contender, in its own process ------------------------------------------------------------
+def build(contender: str, config: ModelConfig, device: torch.device, compile_model: bool
+          ) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+    """(model, optimizer, step(inputs, targets) -> loss), both starting from the same weights."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM  # imported by both, so both pay its memory
+
+    from nanoqwen.loss import CausalLMLoss
+    from nanoqwen.model import Qwen3
+    from nanoqwen.optim import build_optimizer
+
+    torch.manual_seed(0)
+    ours = Qwen3(config)
+    if contender == "nanoqwen":
+        model = ours.to(device)
+        objective = CausalLMLoss(model)
+        if compile_model:
+            objective.compile()
+        optimizer = build_optimizer(model, "adamw", 1e-3, 0.1, device)
+        return model, optimizer, objective
+    model = Qwen3ForCausalLM(Qwen3Config.from_dict(config.to_hf_dict()))
+    model.load_state_dict(ours.state_dict())  # the same initial weights
+    del ours
+    model.to(device)
+    if compile_model:
+        model.compile()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+
+    def objective(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        # shift_labels: the targets are already shifted, so both predict the same T tokens per row
+        return model(input_ids=inputs, labels=targets, shift_labels=targets.contiguous()).loss
+
+    return model, optimizer, objective
+
+
+def worker(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    config = dataclasses.replace(load_preset(args.preset).model, **json.loads(args.model_overrides))
+    if config.bos_token_id >= config.vocab_size:  # a preset sized for a small BPE: special ids at its end
+        last = config.vocab_size - 1
+        config = dataclasses.replace(config, bos_token_id=last, eos_token_id=last, pad_token_id=last)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+    torch.backends.cuda.matmul.allow_tf32 = True
+    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    model, optimizer, objective = build(args.worker, config, device, args.compile)
+    model.train()
+    generator = torch.Generator().manual_seed(1)
+    steps = args.warmup + args.steps
+    data = torch.randint(0, config.vocab_size, (steps, args.batch, args.seq_len + 1), generator=generator)
+    losses, times = [], []
+    for i in range(steps):
+        batch = data[i].to(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            loss = objective(batch[:, :-1], batch[:, 1:])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())  # syncs the GPU
+        times.append(time.perf_counter() - t0)
+    timed = sorted(times[args.warmup:] or times)
+    result = {"contender": args.worker, "tokens_per_s": args.batch * args.seq_len / timed[len(timed) // 2],
+              "losses": losses, "params": sum(p.numel() for p in model.parameters())}
+    if device.type == "cuda":
+        result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
+    else:
+        result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["start_bytes"] = rss_start
+    return result
+
+
+def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
+               compile_model: bool, overrides: dict | None = None) -> dict:
+    command = [sys.executable, __file__, "--worker", contender, "--preset", preset, "--batch", str(batch),
+               "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--device", device,
+               "--model-overrides", json.dumps(overrides or {}), "--compile" if compile_model else "--no-compile"]
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{contender} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# -- the comparisons ------------------------------------------------------------------------------
+def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
+            rounds: int = 1, overrides: dict | None = None) -> list[str]:
+    """One table row. Contenders alternate for `rounds` processes each; a busy machine only slows a round,
+    so each side keeps its fastest round (median step) and its highest peak."""
+    from nanoqwen.train import default_compile
+
+    # nanoqwen as `nanoqwen train` runs it (compiled where a compiler is found); Transformers in a plain eager loop
+    ours_compiled = default_compile(torch.device(device))
+    results: dict[str, list[dict]] = {"transformers": [], "nanoqwen": []}
+    for _ in range(rounds):
+        for c in results:
+            results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device,
+                                         c == "nanoqwen" and ours_compiled, overrides))
+    speed = {c: max(r["tokens_per_s"] for r in rs) for c, rs in results.items()}
+    peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
+    gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
+    gib, ours, theirs = 1 << 30, "nanoqwen", "transformers"
+    return [f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
+            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |"]
+
+
+def mfu_row(device: str) -> str:
+    """Tokens/s and MFU of nanoqwen's qwen3-0.6b at seq 2048 (bf16, compile, fused AdamW)."""
+    from nanoqwen.train import flops_per_token, peak_flops
+
+    config = load_preset("qwen3-0.6b").model
+    result = run_worker("nanoqwen", "qwen3-0.6b", 8, 2048, 8, 3, device, True)
+    peak = peak_flops(torch.device(device))
+    mfu = result["tokens_per_s"] * flops_per_token(config, 2048) / peak if peak else float("nan")
+    name = torch.cuda.get_device_name()
+    return f"| qwen3-0.6b, 8 x 2048, {name} | {result['tokens_per_s']:,.0f} tok/s | MFU {mfu:.1%} |"
+
+
+def time_to_target(target: float, minutes: float) -> str:
+    """Train the demo preset on Shakespeare (Qwen3 tokenizer) until the val loss reaches `target`."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        command = [sys.executable, "-m", "nanoqwen", "train", "--preset", "demo", "--dataset", "shakespeare",
+                   "--tokenizer", "qwen3", "--out", str(out), "--max-minutes", str(minutes), "--eval-interval", "50",
+                   "--sample-interval", "0", "--device", "cuda"]
+        subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    hit = next((r for r in records if r.get("val_loss", float("inf")) <= target), None)
+    best = min(r["val_loss"] for r in records if "val_loss" in r)
+    if hit is None:
+        return f"| demo to val loss {target} | not reached in {minutes} min (best {best:.3f}) |"
+    return f"| demo to val loss {target} | {hit['elapsed_s']:.0f} s, step {hit['step']}, {hit['tokens']:,} tokens |"
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--steps", type=int, default=None, help="timed steps per contender")
+    p.add_argument("--target-loss", type=float, default=4.0, help="CUDA: val loss the demo run must reach")
+    p.add_argument("--target-minutes", type=float, default=10.0, help="CUDA: time allowed to reach it")
+    # worker mode (internal)
+    p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--preset", help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--seq-len", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
+    p.add_argument("--model-overrides", default="{}", help=argparse.SUPPRESS)
+    p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
+    cpu = args.device == "cpu"
+    where = "CPU, fp32" if cpu else f"{torch.cuda.get_device_name()}, bf16 autocast"
+    print(f"## Training step: nanoqwen vs transformers.Qwen3ForCausalLM ({where}, torch {torch.__version__})\n")
+    print("| setup | Transformers tok/s | nanoqwen tok/s | speed | Transformers peak GiB | nanoqwen peak GiB "
+          "| memory | first-loss gap |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    if cpu:
+        rows += compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu", rounds=3)
+        rows += compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
+    else:
+        rows += compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda", rounds=2)
+        rows += compare("qwen3-0.6b, 4 x 2048", "qwen3-0.6b", 4, 2048, args.steps or 10, 3, "cuda", rounds=2)
+    for row in rows:
+        print(row, flush=True)
+    print("\nspeed = nanoqwen / Transformers tokens per second (goal >= 1.3); memory = nanoqwen / Transformers peak "
+          "(goal <= 0.5 at the Qwen3 vocabulary); first-loss gap = |difference| of the first step's loss "
+          "(same weights and data).")
+    if not cpu:
+        print("\n| MFU | throughput | MFU |\n|---|---|---|")
+        print(mfu_row("cuda"), flush=True)
+        print("\n| time to target | result |\n|---|---|")
+        print(time_to_target(args.target_loss, args.target_minutes))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""`nanoqwen plot RUN`: loss.png (train and validation loss against the step) from metrics.jsonl."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from nanoqwen.errors import NanoQwenError
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise NanoQwenError(f"{path} does not exist; give a run folder written by `nanoqwen train`")
+    records = []
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            raise NanoQwenError(f"{path}:{number} is not JSON ({e})") from e
+    return records
+
+
+def smooth(values: list[float], beta: float = 0.9) -> list[float]:
+    """Bias-corrected exponential moving average (as TensorBoard's smoothing)."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values, 1):
+        avg = beta * avg + (1 - beta) * v
+        out.append(avg / (1 - beta ** i))
+    return out
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """Draw loss.png for a run folder (or `out`) and return its path."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(run_dir)
+    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    if train:
+        steps, losses = zip(*train)
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
+        ax.plot(steps, smooth(list(losses)), color="tab:blue", label="train (smoothed)")
+    if val:
+        steps, losses = zip(*val)
+        ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
+        best = min(val, key=lambda sv: sv[1])
+        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 10), ha="center")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(f"{Path(run_dir).resolve().name}")
+    ax.grid(alpha=0.3)
+    if train or val:
+        ax.legend()
+    path = Path(out) if out else Path(run_dir) / "loss.png"
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    tmp.replace(path)  # whole or absent
+    return path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", help="run folder (holds metrics.jsonl)")
+    p.add_argument("--out", help="image path (default: RUN/loss.png)")
+
+
+def run(args: argparse.Namespace) -> int:
+    print(f"wrote {plot_run(args.run, args.out)}")
+    return 0

@@ -1,0 +1,785 @@
+"""`nanoqwen train`: one loop for CPU, one GPU and torchrun (DDP, or FSDP2 with --fsdp).
+
+    nanoqwen train                                   # cpu preset (GPU: demo) on the built-in Shakespeare
+    nanoqwen train --dataset my_texts/ --max-minutes 30
+    torchrun --nproc_per_node 8 -m nanoqwen train --preset tinystories-283m --dataset tinystories
+    nanoqwen train --resume runs/NAME                # continues exactly where it stopped
+
+Settings come from, lowest first: TrainConfig's defaults, the preset's "train" section, the flags.
+A run folder holds config.json (the run), metrics.jsonl, samples.txt, loss.png, best/ and last/
+(Hugging Face checkpoints); last/ also holds train_state.json (loop state, plain JSON) and
+train_state.pt (optimizer, grad scaler, RNG), written in the same atomic step as its weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import threading
+import time
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from nanoqwen.checkpoint import config_for_tokenizer, load_model, save_checkpoint
+from nanoqwen.config import ModelConfig, Preset, apply_overrides, load_preset
+from nanoqwen.data.loader import BatchLoader, TokenSplit
+from nanoqwen.distributed import (
+    DistInfo,
+    add_device_arguments,
+    all_reduce,
+    barrier,
+    init_distributed,
+    resolve_dtype,
+    shutdown_distributed,
+)
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.evaluate import evaluate_tokens
+from nanoqwen.generate import SamplingParams, generate
+from nanoqwen.io import atomic_dir, atomic_file, write_json
+from nanoqwen.loss import CausalLMLoss
+from nanoqwen.model import Qwen3
+from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
+from nanoqwen.tokenizer import Tokenizer, load_tokenizer
+
+STATE_VERSION = 1
+STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
+# Dense bf16 peak FLOP/s per GPU, for MFU (matched against torch.cuda.get_device_name()).
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
+                   "L4": 121e12, "A10": 125e12}
+
+
+@dataclass
+class TrainConfig:
+    """How to train (everything but the model). Each field is also a flag: max_steps is --max-steps."""
+
+    dataset: str = "shakespeare"
+    """Corpus prepared when no --data is given (see `nanoqwen prepare`)."""
+    tokenizer: str = "bpe:2048"
+    """Tokenizer for --dataset: qwen3, bpe:N, or a tokenizer folder."""
+    max_steps: int = 1000
+    """Optimizer steps; the learning-rate schedule spans them."""
+    max_minutes: float | None = None
+    """Wall-clock cap on this invocation's training loop; the run then evaluates and saves."""
+    fit_to_time: bool = False
+    """With max_minutes and the wsd schedule: end the schedule at the step that fits in the time (at most
+    max_steps), re-estimated every step until the decay starts, so the decay always completes."""
+    batch_size: int = 32
+    """Sequences per optimizer step, over all processes."""
+    micro_batch: int | None = None
+    """Sequences per forward pass per process (None: the whole per-process batch); sets accumulation."""
+    seq_len: int | None = None
+    """Tokens per sequence (None: the model's context, max_position_embeddings)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float | None = None
+    """Learning rate at the last step (None: lr / 10)."""
+    warmup: int = 100
+    """Linear warmup steps."""
+    schedule: str = "cosine"
+    """cosine or wsd (warmup-stable-decay)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of the block matrices (never on norms, biases or embeddings)."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    optimizer: str = "adamw"
+    """adamw, or muon (Muon on the hidden matrices, AdamW on the rest)."""
+    eval_interval: int = 100
+    """Evaluate every this many steps (and at the end)."""
+    eval_windows: int = 32
+    """Size of the fixed validation subset, in windows of seq_len tokens."""
+    save_interval: int = 500
+    """Save last/ (weights + training state) every this many steps (and at the end)."""
+    sample_interval: int = 250
+    """Print and log a sample every this many steps (0: only at the end)."""
+    sample_tokens: int = 160
+    """New tokens per sample."""
+    sample_prompt: str = "\n"
+    """Text the samples continue."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better val loss (0: never)."""
+    seed: int = 0
+    """Seeds the weights, the data order and the samples."""
+    log_interval: int = 10
+    """Print a progress line every this many steps when stdout is not a terminal."""
+    compile: bool | None = None
+    """torch.compile the model (None: on CUDA, and on CPU when a C++ compiler is found)."""
+
+    def validate(self) -> TrainConfig:
+        positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
+                    "sample_tokens", "log_interval"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ["micro_batch", "seq_len"]:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise NanoQwenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.schedule not in SCHEDULES:
+            raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        if self.lr < 0 or (self.min_lr is not None and self.min_lr < 0) or self.warmup < 0:
+            raise NanoQwenError("--lr, --min-lr and --warmup must not be negative")
+        if self.fit_to_time and self.schedule != "wsd":
+            raise NanoQwenError("--fit-to-time needs --schedule wsd (whose rate does not depend on the run's "
+                                "length until its decay starts)")
+        return self
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved as plain JSON. The data position is `step` (see data/loader.py)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    """Training time of all invocations so far."""
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    fitted_steps: int | None = None
+    """The schedule's length as --fit-to-time set it (None: max_steps)."""
+
+
+# -- command line ---------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help="model preset by name (default: cpu, or demo on a GPU)")
+    model.add_argument("--config", help="a preset JSON file ({\"model\": {...}, \"train\": {...}})")
+    data = p.add_mutually_exclusive_group()
+    data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
+    data.add_argument("--dataset", help="a corpus to prepare first into data/NAME: shakespeare, tinystories, "
+                                        "hf:ORG/NAME, or a local file or folder")
+    p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
+    p.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
+    p.add_argument("--resume", nargs="?", const="", metavar="RUN",
+                   help="continue the run in RUN (or in --out) exactly where its last/ checkpoint left it")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                   help="override a model field, e.g. --set num_hidden_layers=4")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in ("dataset", "tokenizer"):
+            continue
+        flag, kind = f"--{f.name.replace('_', '-')}", re.sub(r" \| None", "", str(f.type))
+        if kind == "bool":
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_field_help(f.name))
+            continue
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
+        p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
+                       help=_field_help(f.name))
+    p.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each block in backward: less memory, about a third more compute")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
+                                                       "optimizer state (FSDP2) instead of replicating (DDP)")
+    add_device_arguments(p, dtype_help="autocast dtype (default: bfloat16 on CUDA, float16 where it lacks "
+                                       "bfloat16, float32 on CPU)")
+
+
+def _field_help(name: str) -> str:
+    """The docstring under a TrainConfig field, for --help (one source of truth for both)."""
+    found = re.search(rf"\n    {name}: [^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(TrainConfig), re.S)
+    default = getattr(TrainConfig, name)
+    return f"{found.group(1) if found else ''} (default: the preset's, else {default!r})"
+
+
+def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
+                         base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or a resumed run's config), then the preset's train section, then the flags."""
+    values = dataclasses.asdict(base or TrainConfig())
+    unknown = sorted(set(preset_train) - values.keys())
+    if unknown:
+        raise NanoQwenError(f"the preset's train section has unknown keys {unknown}; "
+                            f"known: {', '.join(values)}")
+    values.update(preset_train)
+    for name in values:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    return TrainConfig(**values).validate()
+
+
+def default_preset_name(device: torch.device) -> str:
+    return "demo" if device.type == "cuda" else "cpu"
+
+
+def slug(text: str) -> str:
+    name = Path(text).name if Path(text).exists() else text
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "data"
+
+
+def prepared_folder(dataset: str, tokenizer: str, info: DistInfo) -> Path:
+    """data/DATASET-TOKENIZER, prepared by rank 0 unless it already exists."""
+    folder = Path("data") / f"{slug(dataset)}-{slug(tokenizer)}"
+    if not (folder / "meta.json").exists():
+        if info.is_main:
+            from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
+
+            print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
+            prepare(dataset, tokenizer, folder)
+        barrier()
+    return folder
+
+
+# -- the run --------------------------------------------------------------------------------------
+class StopSignal:
+    """SIGINT/SIGTERM ask the loop to stop after the current step and save; a second one aborts."""
+
+    def __init__(self) -> None:
+        self.name: str | None = None
+        self.previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.name is not None:
+            raise KeyboardInterrupt
+        self.name = signal.Signals(signum).name
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM's count): 6 per weight used in a matmul, plus attention.
+
+    Every weight is a matmul weight except an untied embedding table (a lookup); a tied one is the head.
+    """
+    lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    matmul_params = config.num_params() - lookup
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Display:
+    """A live progress bar on a terminal; plain lines every `log_interval` steps otherwise."""
+
+    def __init__(self, enabled: bool, first: int, total: int, log_interval: int) -> None:
+        self.enabled, self.total, self.log_interval = enabled, total, log_interval
+        self.progress = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.progress = Progress(BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.progress.add_task("train", total=total, completed=first, info="")
+            self.progress.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, total=self.total, info=info)
+        elif step % self.log_interval == 0 or step in (1, self.total):
+            print(f"step {step}/{self.total} | {info}", flush=True)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            (self.progress.console.print if self.progress is not None else print)(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+@dataclass
+class Run:
+    """Everything the loop touches, set up by `setup()`."""
+
+    args: argparse.Namespace
+    info: DistInfo
+    cfg: TrainConfig
+    out: Path
+    data: Path
+    preset: str
+    model: Qwen3
+    train_module: torch.nn.Module
+    optimizer: Any
+    scaler: torch.amp.GradScaler
+    tokenizer: Tokenizer
+    loader: BatchLoader
+    val: TokenSplit
+    amp_dtype: torch.dtype
+    state: LoopState = field(default_factory=LoopState)
+
+    @property
+    def total_steps(self) -> int:
+        """Where the schedule ends: max_steps, or less to fit --max-minutes."""
+        return self.state.fitted_steps or self.cfg.max_steps
+
+    @property
+    def seq_len(self) -> int:
+        assert self.cfg.seq_len is not None
+        return self.cfg.seq_len
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        if self.amp_dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.info.device.type, dtype=self.amp_dtype)
+
+
+def setup(args: argparse.Namespace) -> Run:
+    info = init_distributed(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
+    torch.backends.cudnn.allow_tf32 = True
+    if args.resume is not None:
+        cfg, preset_name, data, out = resumed_run(args)
+        resume_dir: Path | None = out / "last"
+        model_config = load_model_config(out / "last")
+    else:
+        preset, cfg, data, out = new_run(args, info)
+        preset_name, resume_dir = preset.name, None
+        model_config = new_model_config(preset, args.set, load_tokenizer(data))
+    cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
+    if cfg.seq_len > model_config.max_position_embeddings:
+        raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
+                            f"({model_config.max_position_embeddings}); lower it or "
+                            f"--set max_position_embeddings={cfg.seq_len}")
+    cfg.micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size
+    device = info.device
+    cfg.compile = default_compile(device) if cfg.compile is None else cfg.compile  # saved: a resumed run alike
+    loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
+                         micro_batch=cfg.micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                         device=device)
+    torch.manual_seed(cfg.seed)
+    if resume_dir is not None:
+        model = load_model(resume_dir, device, torch.float32)
+    else:
+        with device:
+            model = Qwen3(model_config)
+    model.train()
+    model.activation_checkpointing = args.activation_checkpointing
+    if args.fsdp and cfg.optimizer == "muon":
+        raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
+    train_module = wrap_model(model, info, args, device, cfg.compile)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
+    amp_dtype = resolve_dtype(args.dtype, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
+              load_tokenizer(data), loader, TokenSplit.open(data, "val"), amp_dtype)
+    if resume_dir is not None:
+        load_train_state(run, resume_dir)
+        if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
+            run.state.fitted_steps = None
+    elif info.is_main:
+        write_json(out / "config.json", run_config(run))
+    return run
+
+
+def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
+    """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
+    preset = load_preset(args.config or args.preset or default_preset_name(info.device))
+    cfg = resolve_train_config(preset.train, args)
+    if args.tokenizer and args.data:
+        raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
+    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info)
+    out = Path(args.out) if args.out else default_out(preset.name, info)
+    if (out / "last").exists():
+        raise NanoQwenError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    return preset, cfg, data, out
+
+
+def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]:
+    """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume."""
+    out = Path(args.resume or args.out or "")
+    if out == Path("."):
+        raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
+    if args.set or args.preset or args.config or args.data or args.dataset or args.tokenizer:
+        raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, "
+                            "--config, --data, --dataset and --tokenizer cannot change them")
+    saved = read_run_config(out)
+    return resolve_train_config({}, args, TrainConfig(**saved["train"])), saved["preset"], Path(saved["data"]), out
+
+
+def new_model_config(preset: Preset, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
+    config = apply_overrides(preset.model, overrides)
+    fit = not any(item.startswith("vocab_size=") for item in overrides)
+    return config_for_tokenizer(config, tokenizer, fit_vocab=fit)
+
+
+def default_out(preset: str, info: DistInfo) -> Path:
+    name = [f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"]
+    if info.distributed:  # every rank must write to rank 0's folder
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: torch.device,
+               compile_model: bool) -> torch.nn.Module:
+    """The loss module, compiled, and wrapped in DDP or sharded with FSDP2 under torchrun."""
+    objective = CausalLMLoss(model)
+    if args.fsdp and not info.distributed:
+        raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
+    if args.fsdp:
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(model)  # the root: embeddings, final norm and head, used by the loss after forward
+    if compile_model:
+        objective.compile()  # the model part; the chunked loss runs eagerly
+    if info.distributed and not args.fsdp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None)
+    return objective
+
+
+def default_compile(device: torch.device) -> bool:
+    """torch.compile on CUDA, and on CPU where a C++ compiler is installed (inductor needs one there):
+    it fuses the many small elementwise ops of a small model, about 3x faster on a laptop-class CPU."""
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and any(shutil.which(c) for c in (os.environ.get("CXX", "g++"), "g++", "clang++"))
+
+
+# -- run folder -----------------------------------------------------------------------------------
+def run_config(run: Run) -> dict[str, Any]:
+    """config.json of the run folder: what was asked for and what it resolved to."""
+    return {"version": STATE_VERSION, "preset": run.preset, "data": str(run.data),
+            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
+            "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
+            "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise NanoQwenError(f"cannot resume: {run_dir} does not exist")
+    try:
+        saved = json.loads(path.read_text())
+        TrainConfig(**saved["train"])
+        saved["preset"], saved["data"]  # noqa: B018 (both must be there)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise NanoQwenError(f"cannot resume: {path} is missing or not a nanoqwen run config ({e})") from e
+    return saved
+
+
+def load_model_config(last: Path) -> ModelConfig:
+    from nanoqwen.checkpoint import read_config
+
+    if not last.is_dir():
+        raise NanoQwenError(f"cannot resume: {last} is missing; the run saved no checkpoint yet")
+    return read_config(last)
+
+
+def load_train_state(run: Run, last: Path) -> None:
+    """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
+    try:
+        state = json.loads((last / STATE_JSON).read_text())
+        if state.pop("version", None) != STATE_VERSION:
+            raise ValueError(f"unknown state version in {STATE_JSON}")
+        run.state = LoopState(**state)
+        blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
+        load_optimizer_state(run, blob["optimizer"])
+        if blob.get("scaler"):
+            run.scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing "
+                            f"or corrupt ({reason[:200]}); start a new run from its weights instead") from e
+
+
+def optimizer_state(run: Run) -> dict[str, Any]:
+    if run.args.fsdp:  # gather the sharded state (a collective: every rank calls it)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(run.model, run.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.optimizer.state_dict()
+
+
+def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(run.model, run.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(state)
+
+
+def full_model(run: Run) -> Qwen3 | None:
+    """The model with whole tensors on rank 0 (None elsewhere); a collective under FSDP."""
+    if not run.args.fsdp:
+        return run.model if run.info.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.info.is_main:
+        return None
+    copy = Qwen3(run.model.config)
+    copy.load_state_dict(state)
+    return copy
+
+
+def save_last(run: Run) -> None:
+    """last/: the weights and the training state, replaced together or not at all."""
+    model, optim_state = full_model(run), optimizer_state(run)
+    if not run.info.is_main:
+        return
+    assert model is not None
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
+    with atomic_dir(run.out / "last") as tmp:
+        save_checkpoint(model, tmp, run.tokenizer)  # fills tmp (itself atomically); the state joins it
+        torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
+        write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
+
+
+def save_best(run: Run) -> None:
+    model = full_model(run)
+    if model is not None:
+        save_checkpoint(model, run.out / "best", run.tokenizer)
+
+
+def append_line(path: Path, text: str) -> None:
+    with path.open("a") as f:
+        f.write(text)
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop the records a killed run wrote after its last save: resumed steps will write them again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+    with atomic_file(path) as f:
+        f.write("".join(line + "\n" for line in kept))
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def train_step(run: Run) -> tuple[float, float]:
+    """One optimizer step over the global batch; returns (mean train loss, learning rate)."""
+    cfg, state = run.cfg, run.state
+    lr = lr_at(state.step, max_lr=cfg.lr, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
+               warmup=cfg.warmup, total=run.total_steps, schedule=cfg.schedule)
+    set_lr(run.optimizer, lr)
+    batches = run.loader.micro_batches(state.step)
+    loss_sum = torch.zeros((), device=run.info.device)
+    for i, (inputs, targets) in enumerate(batches):
+        last = i == len(batches) - 1
+        with sync_gradients(run, last), run.autocast():
+            loss = run.train_module(inputs, targets) / len(batches)  # equal-size micro-batches: mean of means
+        run.scaler.scale(loss).backward()
+        loss_sum += loss.detach()
+    if cfg.grad_clip > 0:
+        run.scaler.unscale_(run.optimizer)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    state.step += 1
+    state.tokens += cfg.batch_size * run.seq_len
+    return all_reduce(loss_sum.item(), "mean", run.info.device), lr
+
+
+def sync_gradients(run: Run, sync: bool) -> AbstractContextManager[Any]:
+    """Gradient all-reduce only on the last micro-batch of a step."""
+    if run.args.fsdp:
+        run.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+    if run.info.distributed and not sync:
+        return run.train_module.no_sync()
+    return nullcontext()
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
+    windows = run.cfg.eval_windows
+    tokens, num_bytes = run.val.prefix(windows * run.seq_len + 1)
+    if tokens.numel() < 2:
+        raise NanoQwenError(f"{run.data} has no validation tokens; prepare it with a validation split")
+    # Evaluation materializes logits: keep a batch of them under ~1 GiB.
+    batch = max(1, min(run.cfg.micro_batch or 1, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
+    with run.autocast():
+        result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
+                                 max_windows=windows)
+    run.model.train()
+    return result
+
+
+def sample(run: Run) -> str:
+    params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
+                            stop_token_ids=run.tokenizer.stop_ids, seed=run.cfg.seed)
+    with run.autocast():
+        text = generate(run.model, run.tokenizer, [run.cfg.sample_prompt], params)[0].text
+    run.model.train()
+    return run.cfg.sample_prompt + text
+
+
+def train(run: Run) -> dict[str, Any]:
+    """The loop. Returns a summary: why it stopped, the last evaluation, the last sample."""
+    cfg, state, main = run.cfg, run.state, run.info.is_main
+    metrics_path, samples_path = run.out / "metrics.jsonl", run.out / "samples.txt"
+    if main:
+        run.out.mkdir(parents=True, exist_ok=True)
+        truncate_metrics(metrics_path, state.step)
+    tokens_per_step = cfg.batch_size * run.seq_len
+    flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device)
+    display = Display(main, state.step, run.total_steps, cfg.log_interval)
+    summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
+    start = tick = after_first = time.perf_counter()
+    first_step = state.step + 1
+    with StopSignal() as stop:
+        while state.step < run.total_steps:
+            t0 = time.perf_counter()
+            train_loss, lr = train_step(run)
+            now = time.perf_counter()
+            state.elapsed_s += now - tick  # wall time, evaluation and saving included
+            if state.step == first_step:  # it pays for compilation and warm-up: time the others
+                after_first = now
+            tick, tok_s = now, tokens_per_step / (now - t0)
+            if not math.isfinite(train_loss):
+                raise NanoQwenError(f"the train loss became {train_loss} at step {state.step}; "
+                                    "lower --lr or raise --warmup")
+            if cfg.fit_to_time and cfg.max_minutes and state.step >= first_step + 5:
+                # the mean wall time of a step so far (evaluations included): steady under bursty load
+                step_s = (now - after_first) / (state.step - first_step)
+                fit_schedule(run, step_s, cfg.max_minutes * 60 - (now - start), display)
+            record = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens": state.tokens,
+                      "tokens_per_s": round(tok_s, 1), "elapsed_s": round(state.elapsed_s, 3)}
+            if peak:
+                record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
+            # Every rank must agree to stop: the wall cap is rank 0's clock, a signal may reach one rank only.
+            time_up = cfg.max_minutes is not None and now - start >= cfg.max_minutes * 60
+            code = all_reduce(float(time_up) + 2 * float(stop.name is not None), "max", run.info.device)
+            if code:
+                summary["stopped"] = f"signal {stop.name or ''}".strip() if code >= 2 else "max_minutes"
+            interrupted = code >= 2  # a signal: save and leave, no final evaluation or sample
+            final = state.step >= run.total_steps or code > 0
+            if state.step % cfg.eval_interval == 0 or (final and not interrupted):
+                summary["eval"] = evaluate_and_track(run, record, display)
+                if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
+                    summary["stopped"], final = "early_stopping", True
+            if main:
+                append_line(metrics_path, json.dumps(record) + "\n")
+            if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
+                summary["sample"] = sample(run)
+                if main:
+                    append_line(samples_path, f"--- step {state.step}\n{summary['sample']}\n\n")
+                display.print(f"--- sample at step {state.step}:\n{summary['sample']}\n---")
+            if state.step % cfg.save_interval == 0 or final:
+                save_last(run)
+            eta = (run.total_steps - state.step) * state.elapsed_s / state.step
+            if cfg.max_minutes:
+                eta = min(eta, cfg.max_minutes * 60 - (now - start))
+            display.update(state.step, f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                           + (f" | MFU {record['mfu']:.1%}" if peak else "") + f" | ETA {duration(eta)}")
+            if final:
+                break
+    display.close()
+    return summary
+
+
+def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> dict[str, float]:
+    """Evaluate, add the val_* fields to this step's record, keep best/ and the early-stopping count."""
+    state = run.state
+    result = evaluate(run)
+    result["loss"] = all_reduce(result["loss"], "mean", run.info.device)  # so every rank decides alike
+    record.update(val_loss=result["loss"], val_accuracy=result["accuracy"], val_perplexity=result["perplexity"],
+                  val_bpb=result["bits_per_byte"])
+    improved = state.best_val_loss is None or result["loss"] < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_step, state.evals_since_best = result["loss"], state.step, 0
+        save_best(run)
+    else:
+        state.evals_since_best += 1
+    display.print(f"step {state.step}: val loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f} | "
+                  f"bits per byte {result['bits_per_byte']:.3f}" + (" (best)" if improved else ""))
+    return result
+
+
+def fit_schedule(run: Run, step_s: float, remaining_s: float, display: Display) -> None:
+    """End the schedule where the time runs out, at `step_s` per step (5% spare, at most max_steps).
+
+    Only before WSD's decay starts, where the rate does not depend on the length; never so short that
+    the decay would already have begun.
+    """
+    cfg, step, total = run.cfg, run.state.step, run.total_steps
+    if step >= wsd_decay_start(total, cfg.warmup):
+        return
+    fitted = min(cfg.max_steps, step + max(1, int(0.95 * remaining_s / step_s)))
+    while wsd_decay_start(fitted, cfg.warmup) < step:
+        fitted += 1
+    fitted = int(all_reduce(fitted, "max", run.info.device))  # one answer for all ranks
+    if run.state.fitted_steps is None:
+        display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fitted} steps at "
+                      f"{step_s:.2f} s each (re-estimated until the decay starts)")
+    run.state.fitted_steps = display.total = fitted
+    if step + 1 == wsd_decay_start(fitted, cfg.warmup):
+        display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
+
+
+def duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
+    """The closing lines: how it went and where every file is."""
+    state, out = run.state, run.out
+    print(f"\nstopped after step {state.step} ({summary['stopped']}) in {duration(wall_s)}, "
+          f"{state.tokens:,} tokens seen")
+    if summary.get("eval"):
+        e = summary["eval"]
+        print(f"val loss {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
+              f"bits per byte {e['bits_per_byte']:.3f} (best {state.best_val_loss:.4f} at step {state.best_step})")
+    if summary.get("sample"):
+        print(f"\nsample:\n{summary['sample']}\n")
+    files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
+             ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
+             ("run config", out / "config.json"), ("data", run.data)]
+    print("files:")
+    for label, path in files:
+        if path.exists():
+            print(f"  {label:<34} {path}")
+    model = out / "best" if (out / "best").exists() else out / "last"
+    longer = f" --max-steps {state.step * 2}" if summary["stopped"] in ("max_steps", "early_stopping") else ""
+    print(f"next: nanoqwen sample --model {model} --prompt 'Hello'  |  nanoqwen train --resume {out}{longer}")
+
+
+def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        run_ = setup(args)
+        if run_.info.is_main:
+            cfg, m = run_.cfg, run_.model
+            print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}: "
+                  f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
+                  f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
+                  f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
+                  f"(micro-batch {cfg.micro_batch}, accumulation {run_.loader.accumulation}), "
+                  f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
+        summary = train(run_)
+        if run_.info.is_main:
+            from nanoqwen.plot import plot_run
+
+            plot_run(run_.out)
+            report(run_, summary, time.perf_counter() - started)
+    finally:
+        shutdown_distributed()
+    return 0

@@ -1,0 +1,248 @@
+"""The training engine: loss falls, exact resume after SIGKILL, torchrun (DDP and FSDP2) follows the
+single-process curve, accumulation invariance, the chunked loss, Muon, early stopping, the wall cap,
+clear errors for a broken training state, and best/ loading in Transformers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from nanoqwen.cli import main
+from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
+from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
+from nanoqwen.optim import lr_at
+from tests.train_helpers import (
+    FAST,
+    make_data,
+    make_preset,
+    read_metrics,
+    run_train,
+    subprocess_env,
+    train_command,
+    train_in_process,
+    train_losses,
+)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_data(tmp_path_factory.mktemp("train-data"))
+
+
+@pytest.fixture(scope="module")
+def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_preset(tmp_path_factory.mktemp("preset"))
+
+
+@pytest.fixture(scope="module")
+def trained(data: Path, preset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One AdamW run of 40 steps, shared by the tests that only read its outputs."""
+    out = tmp_path_factory.mktemp("runs") / "adamw"
+    assert train_in_process("--config", str(preset), "--data", str(data), "--out", str(out), *FAST,
+                            "--max-steps", "40", "--sample-interval", "20") == 0
+    return out
+
+
+def common(data: Path, preset: Path, out: Path) -> list[str]:
+    return ["--config", str(preset), "--data", str(data), "--out", str(out), *FAST]
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def test_chunked_loss_equals_plain_loss_and_gradients() -> None:
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 37, 24, dtype=torch.float64, requires_grad=True)
+    weight = (0.3 * torch.randn(101, 24, dtype=torch.float64)).requires_grad_()
+    targets = torch.randint(0, 101, (3, 37))
+    targets[0, :5] = -100  # ignored positions count neither in the loss nor in the mean
+    expected = plain_cross_entropy(hidden, weight, targets)
+    expected.backward()
+    grads = hidden.grad.clone(), weight.grad.clone()
+    hidden.grad = weight.grad = None
+    for chunk in (7, 16, 1000):  # ragged last chunk, several chunks, one chunk
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk=chunk)
+        (2.0 * loss).backward()  # a non-unit upstream gradient
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(hidden.grad, 2.0 * grads[0])
+        torch.testing.assert_close(weight.grad, 2.0 * grads[1])
+        hidden.grad = weight.grad = None
+    with torch.no_grad():  # evaluation: no gradients kept
+        torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, chunk=7), expected)
+
+
+def test_schedules_are_functions_of_the_step() -> None:
+    kw = {"max_lr": 1.0, "min_lr": 0.1, "warmup": 10, "total": 100}
+    cosine = [lr_at(s, **kw) for s in range(100)]
+    assert cosine[0] == pytest.approx(0.1) and cosine[9] == pytest.approx(1.0)
+    assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
+    wsd = [lr_at(s, schedule="wsd", **kw) for s in range(100)]
+    assert wsd[10:82] == [1.0] * 72 and wsd[-1] == pytest.approx(0.1)
+
+
+def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
+    split = TokenSplit.open(data, "train")
+    one = BatchLoader(split, seq_len=16, batch_size=8, micro_batch=8, seed=3)
+    whole = torch.cat([x for x, _ in one.micro_batches(5)])
+    for world, micro in [(2, 2), (4, 1), (1, 4)]:
+        parts = [x for rank in range(world) for x, _ in BatchLoader(
+            split, seq_len=16, batch_size=8, micro_batch=micro, seed=3, rank=rank, world_size=world).micro_batches(5)]
+        assert torch.equal(torch.cat(parts), whole)
+    inputs, targets = one.micro_batches(5)[0]
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
+    assert not np.array_equal(batch_offsets(3, 5, 8, 16, len(split)), batch_offsets(3, 6, 8, 16, len(split)))
+
+
+# -- whole runs -----------------------------------------------------------------------------------
+def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
+    records = read_metrics(trained)
+    assert [r["step"] for r in records] == list(range(1, 41))
+    assert {"step", "train_loss", "lr", "tokens", "tokens_per_s", "elapsed_s"} <= records[0].keys()
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 20, 30, 40]
+    assert {"val_loss", "val_accuracy", "val_perplexity", "val_bpb"} <= evals[0].keys()
+    first, last = records[0]["train_loss"], np.mean([r["train_loss"] for r in records[-5:]])
+    assert last < first - 1.5, (first, last)
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
+    for name in ["config.json", "metrics.jsonl", "samples.txt", "loss.png", "best/model.safetensors",
+                 "last/model.safetensors", "last/train_state.json", "last/train_state.pt"]:
+        assert (trained / name).exists(), name
+    assert (trained / "samples.txt").read_text().count("--- step") == 2  # step 20 and the end
+    assert json.loads((trained / "last/train_state.json").read_text())["step"] == 40
+    (trained / "loss.png").unlink()
+    assert main(["plot", str(trained)]) == 0 and (trained / "loss.png").stat().st_size > 10_000
+
+
+def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fitted"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "100000", "--schedule", "wsd",
+                            "--fit-to-time", "--max-minutes", "0.1", "--eval-interval", "1000") == 0
+    records = read_metrics(out)
+    state = json.loads((out / "last/train_state.json").read_text())
+    assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
+    if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
+        assert records[-1]["lr"] == pytest.approx(1e-3)
+
+
+def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "muon"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--optimizer", "muon") == 0
+    losses = list(train_losses(out).values())
+    assert np.mean(losses[-5:]) < losses[0] - 1.5
+
+
+def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: Path, tmp_path: Path) -> None:
+    curves = []
+    for name, extra in [("whole", ["--micro-batch", "8"]), ("accumulated", ["--micro-batch", "2"]),
+                        ("checkpointed", ["--micro-batch", "4", "--activation-checkpointing"])]:
+        out = tmp_path / name
+        assert train_in_process(*common(data, preset, out), "--max-steps", "8", *extra) == 0
+        curves.append(list(train_losses(out).values()))
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+    np.testing.assert_allclose(curves[2], curves[0], rtol=1e-4)
+
+
+def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # lr 0: the val loss never improves, so patience 2 stops at the third evaluation (steps 2, 4, 6).
+    out = tmp_path / "patience"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "50", "--lr", "0", "--min-lr", "0",
+                            "--eval-interval", "2", "--early-stopping-patience", "2") == 0
+    assert read_metrics(out)[-1]["step"] == 6
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == 6
+    assert "early_stopping" in capsys.readouterr().out
+    out = tmp_path / "capped"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001") == 0
+    last = read_metrics(out)[-1]
+    assert last["step"] < 1000 and "val_loss" in last  # a final evaluation
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == last["step"]
+    assert (out / "best").is_dir() and "max_minutes" in capsys.readouterr().out
+
+
+def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path) -> None:
+    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40"]
+    reference = tmp_path / "reference"
+    done = run_train(*common(data, preset, reference), *args)
+    assert done.returncode == 0, done.stderr
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(train_command(*common(data, preset, killed), *args), env=subprocess_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:  # kill it mid-run, wherever it is (perhaps mid-save)
+        metrics = killed / "metrics.jsonl"
+        if metrics.exists() and metrics.read_text().count("\n") >= 35:
+            break
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    assert len(read_metrics(killed)) < 120
+    resumed = run_train("--resume", str(killed))
+    assert resumed.returncode == 0, resumed.stderr
+    expected, got = train_losses(reference), train_losses(killed)
+    assert list(got) == list(range(1, 121))
+    assert got == expected  # bit for bit
+
+
+def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "term"
+    process = subprocess.Popen(train_command(*common(data, preset, out), "--max-steps", "100000"),
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while not ((out / "metrics.jsonl").exists() and (out / "metrics.jsonl").read_text().count("\n") >= 3):
+        assert time.monotonic() < deadline and process.poll() is None
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 0, stderr
+    step = json.loads((out / "last/train_state.json").read_text())["step"]
+    assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool) -> None:
+    args = ["--max-steps", "8", "--eval-interval", "4"]
+    single = tmp_path / "single"
+    assert train_in_process(*common(data, preset, single), *args) == 0
+    multi = tmp_path / "multi"
+    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = train_losses(single), train_losses(multi)
+    assert list(one) == list(two)
+    np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
+    config = json.loads((multi / "config.json").read_text())
+    assert config["world_size"] == 2 and (multi / "best/model.safetensors").exists()
+    # the 2-process run's checkpoints resume on one process
+    resumed = run_train("--resume", str(multi), "--max-steps", "10")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert max(train_losses(multi)) == 10
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    if damage == "corrupt":
+        (run / "last/train_state.pt").write_bytes(b"not a checkpoint")
+    else:
+        (run / "last/train_state.json").unlink()
+    done = run_train("--resume", str(run), "--max-steps", "50")
+    assert done.returncode != 0
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "cannot resume" in lines[0] and "train_state" in lines[0], done.stderr
+
+
+def test_best_checkpoint_loads_in_transformers_with_equal_logits(trained: Path) -> None:
+    transformers = pytest.importorskip("transformers")
+    from nanoqwen.checkpoint import load_model
+
+    ours = load_model(trained / "best")
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(trained / "best", dtype=torch.float32).eval()
+    ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,79 @@
+"""Shared by the training tests: a small prepared corpus, a tiny preset, and ways to run `nanoqwen train`."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+from nanoqwen.cli import main
+
+TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64, "max_window_layers": 2,
+              "tie_word_embeddings": True, "rope_theta": 10000.0}
+# Small and fast: 8 sequences of 32 tokens per step, no periodic saves or samples unless a test asks.
+FAST = ["--batch-size", "8", "--seq-len", "32", "--lr", "1e-2", "--warmup", "5", "--eval-interval", "10",
+        "--eval-windows", "4", "--save-interval", "1000", "--sample-interval", "0", "--sample-tokens", "8",
+        "--device", "cpu", "--no-compile", "--log-interval", "1000"]
+
+
+def write_corpus(folder: Path, documents: int = 24, sentences: int = 60, seed: int = 0) -> Path:
+    """Documents of simple, repetitive English (so a tiny model learns quickly), one .txt file each."""
+    rng = random.Random(seed)
+    nouns = ["king", "queen", "sword", "crown", "night", "rose", "horse", "friend", "heart", "storm"]
+    verbs = ["loves", "fears", "takes", "sees", "keeps", "seeks", "holds", "hears"]
+    adjectives = ["old", "fair", "dark", "noble", "sweet", "proud"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for d in range(documents):
+        lines = [f"the {rng.choice(adjectives)} {rng.choice(nouns)} {rng.choice(verbs)} "
+                 f"the {rng.choice(adjectives)} {rng.choice(nouns)}." for _ in range(sentences)]
+        (folder / f"doc{d:02d}.txt").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def make_data(root: Path) -> Path:
+    """A prepared folder (train.bin, val.bin, meta.json, tokenizer) from the corpus above, 300-id BPE."""
+    from nanoqwen.data.prepare import prepare
+
+    corpus = write_corpus(root / "corpus")
+    return prepare(str(corpus), "bpe:300", root / "data", val_fraction=0.15, progress=False)
+
+
+def make_preset(root: Path, **train: object) -> Path:
+    path = root / "tiny.json"
+    path.write_text(json.dumps({"model": TINY_MODEL, "train": train}))
+    return path
+
+
+def train_in_process(*args: str) -> int:
+    """`nanoqwen train ARGS` in this process."""
+    return main(["train", *args])
+
+
+def train_command(*args: str, nproc: int = 1) -> list[str]:
+    if nproc == 1:
+        return [sys.executable, "-m", "nanoqwen", "train", *args]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            "-m", "nanoqwen", "train", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    # The same thread count in every process, so that runs compare bit for bit.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def run_train(*args: str, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc > 1)."""
+    return subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
+                          env=subprocess_env())
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def train_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["train_loss"] for r in read_metrics(run)}
