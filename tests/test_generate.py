@@ -151,3 +151,20 @@ def test_init_command_writes_a_loadable_folder(tmp_path):
     bad = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "num_key_value_heads=3")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path):
+    from nanoqwen.data.prepare import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"Document {i}: the quality of mercy is not strained. " * (i + 2))
+    folder = prepare(str(corpus), "qwen3", tmp_path / "prepared", progress=False)
+    done = run_cli("eval", "--model", str(checkpoint), "--data", str(folder), "--json", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    meta = json.loads((folder / "meta.json").read_text())
+    assert result["tokens"] == meta["splits"]["val"]["tokens"] - 1
+    assert result["bits_per_byte"] == pytest.approx(
+        result["loss"] * result["tokens"] / 0.6931471805599453 / meta["splits"]["val"]["bytes"], rel=1e-6)
