@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -103,14 +102,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
     """Tokens and UTF-8 bytes of one split of a prepared folder."""
-    meta_path, bin_path = folder / "meta.json", folder / f"{split}.bin"
-    if not meta_path.exists() or not bin_path.exists():
-        raise NanoQwenError(f"{folder} is not a prepared folder (no meta.json or {split}.bin); "
-                            "make one with `nanoqwen prepare`")
-    meta = json.loads(meta_path.read_text())
-    tokens = torch.from_numpy(np.fromfile(bin_path, dtype=np.dtype(meta.get("dtype", "uint32")).newbyteorder("<"))
-                              .astype(np.int64))
-    return tokens, int(meta["splits"][split]["bytes"])
+    from nanoqwen.data.loader import TokenSplit
+
+    tokens = TokenSplit.open(folder, split)
+    return tokens.prefix(len(tokens))
 
 
 def run(args: argparse.Namespace) -> int:

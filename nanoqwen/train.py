@@ -395,6 +395,10 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     cfg = resolve_train_config(preset.train, args)
     if args.tokenizer and args.data:
         raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
+    if args.data:
+        from nanoqwen.data.prepare import load_meta
+
+        load_meta(args.data)  # one clear line if it is not a complete prepared folder
     data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info)
     out = Path(args.out) if args.out else default_out(preset.name, info)
     if (out / "last").exists():
