@@ -27,10 +27,12 @@ def cache_dir() -> Path:
 
 
 @contextmanager
-def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> Iterator[Path]:
     """Yield an empty temporary folder beside `final`; on success it replaces `final` whole.
 
-    On an exception the temporary folder is removed and `final` is left as it was.
+    On an exception the temporary folder is removed and `final` is left as it was. With
+    `keep_existing` (caches that several processes may build at once), a `final` that appeared
+    meanwhile is kept and the new copy dropped, so readers never see it missing.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -41,6 +43,9 @@ def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if keep_existing and final.exists():
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
     old = None
     if final.exists():
         old = final.with_name(f".{final.name}.old-{os.getpid()}")

@@ -220,7 +220,7 @@ def _qwen3_cached_folder() -> Path:
     """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
     folder = cache_dir() / "qwen3-tokenizer"
     if not (folder / "tokenizer.json").exists():
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, keep_existing=True) as tmp:
             Tokenizer(build_qwen3_tokenizer()).save(tmp)
     return folder
 
