@@ -17,7 +17,7 @@ from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir
-from nanoqwen.model import Qwen3
+from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
@@ -136,10 +136,7 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     model.load_state_dict(state, assign=True)
     if config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = torch.empty(config.head_dim // 2, device=device)
-    with torch.no_grad():
-        model.inv_freq.copy_(1.0 / config.rope_theta ** (
-            torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim))
+    model.inv_freq = rope_inv_freq(config, device)  # non-persistent: not in the files, built on `device`
     return model.eval()
 
 

@@ -30,6 +30,12 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
+    """RoPE's inverse frequencies 1 / theta^(2i / D), i < D/2, in fp32."""
+    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
+    return 1.0 / config.rope_theta ** exponents
+
+
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin for the half-split layout, angles in fp32. positions (B, T) -> (B, 1, T, D)."""
@@ -171,9 +177,7 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32)
-                                               / config.head_dim)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.activation_checkpointing = False
         self.init_weights()
 
@@ -186,9 +190,7 @@ class Qwen3(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-        self.inv_freq.copy_(1.0 / self.config.rope_theta ** (
-            torch.arange(0, self.config.head_dim, 2, dtype=torch.float32, device=self.inv_freq.device)
-            / self.config.head_dim))
+        self.inv_freq.copy_(rope_inv_freq(self.config, self.inv_freq.device))
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
