@@ -50,15 +50,6 @@ def page(browser, url: str):
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
-def record_text_changes(page) -> None:
-    """Remember every distinct transcript text, to see that replies arrive in pieces."""
-    page.evaluate("""() => {
-        window.__seen = [];
-        new MutationObserver(() => window.__seen.push(document.getElementById('transcript').textContent))
-            .observe(document.getElementById('transcript'), {subtree: true, childList: true, characterData: true});
-    }""")
-
-
 def send_and_wait(page, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#send")
@@ -71,7 +62,6 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "40")
-    record_text_changes(page)
     send_and_wait(page, "Hello there, who are you?")
 
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -80,7 +70,6 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
         max_tokens=40, temperature=0).choices[0].message.content
     reply = page.locator(".message.assistant .content").last.text_content()
     assert reply == expected
-    assert len(set(page.evaluate("window.__seen"))) > 3  # the text grew piece by piece
     assert "40 tokens" in page.text_content("#stats")
 
     # A second turn carries the history: the page must send both turns, as ChatML.
@@ -112,6 +101,10 @@ def test_stop_button_stops_generation(page, url: str) -> None:
     page.wait_for_function(
         "document.querySelectorAll('.message.assistant .content').length && "
         "[...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > 20")
+    # Text is on the page while the reply is still being generated: it streams in. (A short reply can
+    # arrive in a single network read, so this is checked here, on a reply far too long for that.)
+    assert page.get_attribute("body", "data-busy") == "true"
+    assert len(reply.text_content()) > 20
     page.click("#stop")
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
     stopped = reply.text_content()
