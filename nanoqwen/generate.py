@@ -140,6 +140,13 @@ class TextStream:
             return ""
         return self._release(text, final=False)
 
+    def accept(self, token: int, stop_token_ids: list[int]) -> tuple[str, str | None]:
+        """New text for one generated token, and "stop" when the text ends here (stop token or string)."""
+        if token in stop_token_ids:
+            return self.finish(), "stop"
+        delta = self.push(token)
+        return delta, "stop" if self.stopped else None
+
     def finish(self) -> str:
         """Whatever is still held back once generation is over."""
         return self._release(self.tokenizer.decode(self.ids), final=True) if not self.stopped else ""
@@ -179,13 +186,9 @@ def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], p
             if token is None or finished[row] is not None:
                 continue
             stream = streams[row]
-            if token in params.stop_token_ids:
-                finished[row] = Completion("", list(stream.ids), "stop", len(prompts[row]))
-                delta = stream.finish()
-            else:
-                delta = stream.push(token)
-                if stream.stopped:
-                    finished[row] = Completion("", list(stream.ids), "stop", len(prompts[row]))
+            delta, reason = stream.accept(token, params.stop_token_ids)
+            if reason is not None:
+                finished[row] = Completion("", list(stream.ids), reason, len(prompts[row]))
             if delta:
                 yield row, delta, None
             if finished[row] is not None:

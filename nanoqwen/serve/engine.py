@@ -228,15 +228,9 @@ class Engine:
         self.tokens_generated += 1
         if seq.seen is not None:
             seq.seen[0, token] = True
-        reason = None
-        if token in seq.params.stop_token_ids:
-            delta, reason = seq.stream.finish(), "stop"
-        else:
-            delta = seq.stream.push(token)
-            if seq.stream.stopped:
-                reason = "stop"
-            elif seq.generated >= seq.budget:
-                delta, reason = delta + seq.stream.finish(), "length"
+        delta, reason = seq.stream.accept(token, seq.params.stop_token_ids)
+        if reason is None and seq.generated >= seq.budget:
+            delta, reason = delta + seq.stream.finish(), "length"
         if delta:
             seq.job.emit(Delta(seq.index, delta))
         if reason is None:
