@@ -20,14 +20,32 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
+        self.decode: DecodeNorm | None = None  # set by Qwen3.prepare_for_decoding (float32 only)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.decode is not None and not torch.is_grad_enabled():
+            return self.decode(x)
         if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, one fused op
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32, cast back, *then* scale: the order Qwen3 (and Transformers) use.
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(x.dtype)
+
+
+class DecodeNorm:
+    """RMSNorm in float32 for inference, in the fewest tensor ops: a decode step runs dozens of norms on
+    vectors so small that each op's fixed cost is the whole cost (F.rms_norm is eight ops on CPU).
+    rsqrt(mean(x^2) + eps) * w == rsqrt(sum(x^2) + n * eps) * (w * sqrt(n)), with both constants made once.
+    `weight` may hold one row per head, (heads, n)."""
+
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        n = weight.shape[-1]
+        self.weight = weight.detach().float() * n ** 0.5
+        self.eps = torch.tensor(n * eps, device=weight.device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return x * (x * x).sum(-1, keepdim=True).add_(self.eps).rsqrt_() * self.weight
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -38,25 +56,36 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin for the half-split layout, angles in fp32. positions (B, T) -> (B, 1, T, D)."""
+    """cos and signed sin for the half-split layout, angles in fp32. positions (B, T) -> (B, T, 1, D),
+    which broadcasts over the heads of (B, T, heads, D) projections. The first half of sin is negated
+    so that apply_rope can rotate with one roll (see there)."""
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
-    angles = torch.cat((freqs, freqs), dim=-1)[:, None]  # (B, 1, T, D)
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, D)
+    sin = angles.sin()
+    sin[..., :freqs.shape[-1]].neg_()
+    return angles.cos().to(dtype), sin.to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) == roll(x, D/2) * (-1, +1):
+    three ops instead of seven, same values."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
 
 
-def fuse_linears(*linears: nn.Linear) -> torch.Tensor:
+def fuse_linears(*linears: nn.Linear, column_major: bool = False) -> torch.Tensor:
     """One weight for several projections of the same input, for inference: the layers' weights become
     row slices of it (same storage, so nothing is copied twice and in-place updates stay shared)."""
     fused = torch.cat([linear.weight.detach() for linear in linears])
+    if column_major:
+        fused = to_column_major(fused)
     for linear, part in zip(linears, fused.split([lin.out_features for lin in linears])):
         linear.weight.data = part
     return fused
+
+
+def to_column_major(weight: torch.Tensor) -> torch.Tensor:
+    """The same (out, in) matrix stored transposed in memory: MKL streams it faster for a few input rows."""
+    return weight.t().contiguous().t()
 
 
 class KVCache:
@@ -106,25 +135,44 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
+        self.qk_norm: DecodeNorm | None = None  # both norms over a (B, T, H + K, D) block, set there too
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if self.qkv_weight is not None and not torch.is_grad_enabled():  # one matmul instead of three
-            q, k, v = F.linear(x, self.qkv_weight).split(
-                [self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim], -1)
+        H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
+        inference = self.qkv_weight is not None and not torch.is_grad_enabled()
+        if inference:  # one matmul instead of three
+            qkv = F.linear(x, self.qkv_weight).view(B, T, H + 2 * K, D)
+            q, k, v = qkv.split([H, K, K], dim=2)
         else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = self.q_norm(q.view(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # (B, H, T, D)
-        k = self.k_norm(k.view(B, T, self.n_kv_heads, self.head_dim)).transpose(1, 2)  # (B, K, T, D)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q, k, v = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D), self.v_proj(x).view(B, T, K, D)
+        if inference and self.qk_norm is not None:  # q and k normed and rotated as one block
+            q, k = apply_rope(self.qk_norm(qkv[:, :, :H + K]), cos, sin).split([H, K], dim=2)
+        else:  # RMSNorm per head, then RoPE
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
-        # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        if T == 1 and x.device.type == "cpu":
+            y = decode_attention(q, k, v, mask)
+        else:
+            # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               enable_gqa=H != K)  # (B, H, T, D)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+
+
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new query per row, as plain matmuls: on CPU, SDPA's kernel costs several times
+    the arithmetic at this size. q (B, H, 1, D), k/v (B, K, S, D), mask (B, 1, 1, S) -> (B, H, 1, D)."""
+    B, H, _, D = q.shape
+    K = k.shape[1]
+    q = q.reshape(B, K, H // K, D)  # the query heads that share each kv head, side by side
+    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D ** -0.5)  # (B, K, H/K, S)
+    if mask is not None:
+        scores.masked_fill_(~mask, float("-inf"))
+    return torch.matmul(scores.softmax(-1), v).view(B, H, 1, D)
 
 
 class MLP(nn.Module):
@@ -201,19 +249,30 @@ class Qwen3(nn.Module):
 
         Decoding is a chain of small memory-bound matrix-vector products, where each call's overhead
         counts: q/k/v and gate/up become one matmul each (their weights turn into slices of one fused
-        tensor, so nothing is stored twice). In float32 on CPU, lm_head's weight is also kept column-major
-        in memory, which MKL streams about twice as fast for a few rows against the (V, C) head (bf16/fp16
-        get slower that way, so they are left alone); with Qwen3's 151936-token vocabulary the head is most
-        of a small model's decode step. Logits agree to float32 rounding; save_checkpoint writes
-        contiguous tensors either way.
+        tensor, so nothing is stored twice). In float32 on CPU every projection weight, lm_head's too, is
+        also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows (bf16/fp16
+        get slower that way, so they are left alone). Logits agree to float32 rounding; save_checkpoint
+        writes contiguous tensors either way.
         """
+        weight = self.lm_head.weight
+        float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_weight = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj)
-            mlp.gate_up_weight = fuse_linears(mlp.gate_proj, mlp.up_proj)
-        weight = self.lm_head.weight
-        if weight.device.type == "cpu" and weight.dtype == torch.float32 and weight.is_contiguous():
-            weight.data = weight.data.t().contiguous().t()
+            attn.qkv_weight = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu)
+            mlp.gate_up_weight = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu)
+            if float32_cpu:
+                for linear in (attn.o_proj, mlp.down_proj):
+                    linear.weight.data = to_column_major(linear.weight.data)
+        if float32_cpu and weight.is_contiguous():
+            weight.data = to_column_major(weight.data)
+        if weight.dtype == torch.float32:
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.decode = DecodeNorm(module.weight, module.eps)
+                elif isinstance(module, Attention):
+                    module.qk_norm = DecodeNorm(torch.cat((module.q_norm.weight.expand(module.n_heads, -1),
+                                                           module.k_norm.weight.expand(module.n_kv_heads, -1))),
+                                                module.q_norm.eps)
         return self
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -234,15 +293,20 @@ class Qwen3(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} were asked for")
-        real = (torch.ones(B, T, dtype=torch.bool, device=device) if attention_mask is None
-                else attention_mask.to(device=device, dtype=torch.bool))
-        first = cache.next_position[:, None] if cache is not None else 0
-        positions = (first + real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); padding repeats a position
+        if attention_mask is None:
+            steps = torch.arange(T, device=device)
+            positions = steps.expand(B, T) if cache is None else cache.next_position[:, None] + steps
+            real, new_positions = None, T
+        else:
+            real = attention_mask.to(device=device, dtype=torch.bool)
+            first = cache.next_position[:, None] if cache is not None else 0
+            positions = (first + real.long().cumsum(-1) - 1).clamp(min=0)  # (B, T); padding repeats a position
+            new_positions = real.long().sum(-1)
         mask = None  # None means plain causal (or a single new token that sees everything)
         if cache is not None:
-            cache.key_valid[:, start:start + T] = real
-            cache.next_position += real.long().sum(-1)
-            cache.padded |= attention_mask is not None
+            cache.key_valid[:, start:start + T] = True if real is None else real
+            cache.next_position += new_positions
+            cache.padded |= real is not None
             key_valid = cache.key_valid[:, :start + T]
         else:
             key_valid = real
