@@ -10,8 +10,10 @@ same preset at its own 8192-token vocabulary (7M; prompts are token ids, so no t
 Single stream: the same checkpoint, prompt and greedy length in both libraries, each loaded as its users
 load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`).
 Time to first token (prefill + first token) and decode tokens/s (the tokens after the first over their
-time), medians of --repeats runs that alternate between the libraries, after a warm-up. Server: `nanoqwen
-serve` in a subprocess; total tokens/s of one streamed greedy request vs --streams concurrent ones.
+time): each library alone in its own process, --repeats processes per library alternating, --runs
+generations in each after a warm-up, medians over all of them. Both run in the default OpenMP settings, as
+`nanoqwen sample` and a Transformers script do. Server: `nanoqwen serve` in a subprocess; total tokens/s
+of one streamed greedy request vs --streams concurrent ones.
 Prints a markdown table on stdout (progress on stderr).
 """
 
@@ -96,22 +98,43 @@ def transformers_timer(model_dir: Path) -> Timer:
     return run
 
 
-def single_stream(timers: dict[str, Timer], prompt_ids: list[int], new_tokens: int, repeats: int
-                  ) -> dict[str, tuple[float, float]]:
-    """{library: (median time to first token in s, median decode tokens/s)}, runs alternating."""
-    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in timers}
-    for timer in timers.values():
-        timer(prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
+def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int, runs: int) -> None:
+    """One library alone in this process: a warm-up, then `runs` timed generations, as JSON on stdout."""
+    if library == "nanoqwen":
+        timer, n_params = nanoqwen_timer(model_dir)
+    else:
+        timer, n_params = transformers_timer(model_dir), 0
+    timer(prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
+    samples = []
+    for _ in range(runs):
+        times = timer(prompt_ids, new_tokens)
+        assert len(times) == new_tokens, f"{library} made {len(times)} tokens"
+        samples.append((times[0], (len(times) - 1) / (times[-1] - times[0])))
+    print(json.dumps({"samples": samples, "params": n_params}))
+
+
+def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int
+                  ) -> tuple[dict[str, tuple[float, float]], int]:
+    """{library: (median time to first token in s, median decode tokens/s)} and nanoqwen's parameter count.
+
+    Each library runs alone in its own processes (importing and running the other one in the same
+    process slows the next by 10-20%: more live Python objects, colder caches), `repeats` processes
+    each, alternating, `runs` generations per process."""
+    samples: dict[str, list[tuple[float, float]]] = {"nanoqwen": [], "transformers": []}
+    n_params = 0
     for _ in range(repeats):
-        for name, timer in timers.items():
-            times = timer(prompt_ids, new_tokens)
-            assert len(times) == new_tokens, f"{name} made {len(times)} tokens"
-            samples[name].append((times[0], (len(times) - 1) / (times[-1] - times[0])))
-    result = {name: (statistics.median(s[0] for s in runs), statistics.median(s[1] for s in runs))
-              for name, runs in samples.items()}
-    for name, (ttft, rate) in result.items():
+        for library in samples:
+            out = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
+                                  "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
+                                  "--runs", str(runs)], check=True, capture_output=True, text=True).stdout
+            result = json.loads(out.strip().splitlines()[-1])
+            samples[library] += [tuple(sample) for sample in result["samples"]]
+            n_params = max(n_params, result["params"])
+    medians = {name: (statistics.median(s[0] for s in runs_), statistics.median(s[1] for s in runs_))
+               for name, runs_ in samples.items()}
+    for name, (ttft, rate) in medians.items():
         log(f"  {name}: first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s")
-    return result
+    return medians, n_params
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -162,12 +185,17 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the two random models)")
     p.add_argument("--new-tokens", type=int, default=128)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="processes per library, alternating")
+    p.add_argument("--runs", type=int, default=3, help="timed generations per process")
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--server-tokens", type=int, default=64, help="tokens per request in the server test")
     p.add_argument("--no-server", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
+    p.add_argument("--prompt-ids", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.worker:
+        return worker(args.worker, args.model, args.prompt_ids, args.new_tokens, args.runs)
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server subprocess
@@ -179,19 +207,17 @@ def main() -> None:
                   [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3")),
                    ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192"))])
         for kind, model_dir in models:
-            ours_timer, n_params = nanoqwen_timer(model_dir)
-            timers = {"nanoqwen": ours_timer, "transformers": transformers_timer(model_dir)}
             vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read
-            label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
-            log(f"{label}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, {torch.get_num_threads()} threads")
-            result = single_stream(timers, prompt_ids, args.new_tokens, args.repeats)
+            log(f"{model_dir.name}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
+                f"{torch.get_num_threads()} threads")
+            result, n_params = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs)
             (ttft, ours), (hf_ttft, theirs) = result["nanoqwen"], result["transformers"]
+            label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
             rows.append(f"| {label} | single-stream decode (tok/s) | {ours:.1f} | {theirs:.1f} | "
                         f"{ours / theirs:.2f}x |")
             rows.append(f"| {label} | time to first token (ms) | {ttft * 1e3:.1f} | {hf_ttft * 1e3:.1f} | "
                         f"{hf_ttft / ttft:.2f}x |")
-            del timers, ours_timer
             if not args.no_server and kind != "8192":
                 one, many = bench_server(model_dir, prompt_ids, args.streams, args.server_tokens)
                 rows.append(f"| {label} | server, 1 stream (total tok/s) | {one:.1f} | | |")

@@ -137,8 +137,9 @@ class Attention(nn.Module):
         self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
         self.qk_norm: DecodeNorm | None = None  # both norms over a (B, T, H + K, D) block, set there too
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None, cache: KVCache | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None, residual: torch.Tensor) -> torch.Tensor:
+        """residual + attention(x)."""
         B, T, _ = x.shape
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         inference = self.qkv_weight is not None and not torch.is_grad_enabled()
@@ -160,7 +161,7 @@ class Attention(nn.Module):
             # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                                enable_gqa=H != K)  # (B, H, T, D)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, H * D))
+        return add_projection(residual, y.transpose(1, 2).reshape(B, T, H * D), self.o_proj, inference)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -183,12 +184,23 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
         self.gate_up_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None and not torch.is_grad_enabled():  # one matmul instead of two
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """residual + mlp(x)."""
+        inference = self.gate_up_weight is not None and not torch.is_grad_enabled()
+        if inference:  # one matmul instead of two
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(F.silu(gate) * up)
+        return add_projection(residual, F.silu(gate) * up, self.down_proj, inference)
+
+
+def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inference: bool) -> torch.Tensor:
+    """residual + linear(x): at inference one addmm, the add riding on the matmul (one op fewer, twice a
+    layer, in a decode step made of small ops). Training keeps the plain sum, whose dtype autocast leaves
+    alone."""
+    if inference:
+        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), linear.weight.t()).view(residual.shape)
+    return residual + linear(x)
 
 
 class DecoderLayer(nn.Module):
@@ -201,8 +213,8 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, residual=x)
+        return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
 class Qwen3Model(nn.Module):
