@@ -36,7 +36,8 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    remove_orphans(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         yield tmp
@@ -54,6 +55,21 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_orphans(final: Path) -> None:
+    """Remove temporary folders beside `final` left by processes that died mid-write (kill -9, power
+    loss): their names carry the writer's pid, and a pid with no process behind it will never finish."""
+    for orphan in final.parent.glob(f".{final.name}.tmp-*-*"):
+        pid = orphan.name[len(f".{final.name}.tmp-"):].split("-")[0]
+        if not pid.isdigit() or not orphan.is_dir():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(orphan, ignore_errors=True)
+        except (PermissionError, OverflowError):
+            pass  # alive under another user, or not a pid at all: leave it
 
 
 @contextmanager

@@ -300,9 +300,15 @@ def test_killed_prepare_leaves_previous_folder(tmp_path: Path) -> None:
         proc.wait()
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert load_meta(out)["splits"]["train"]["tokens"] + load_meta(out)["splits"]["val"]["tokens"] > 0
+    assert leftovers(tmp_path), "the killed run left nothing to clean up"
     for partial in leftovers(tmp_path):
         with pytest.raises(NanoQwenError):
             load_meta(partial)
+    # The next write beside `out` removes what the dead process left, and only that.
+    live = tmp_path / f".out.tmp-{os.getpid()}-inprogress"
+    live.mkdir()
+    prepare(str(tmp_path / "small.txt"), "qwen3", out, force=True, progress=False)
+    assert leftovers(tmp_path) == [live]
 
 
 def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
