@@ -264,7 +264,8 @@ class Qwen3(nn.Module):
         tensor, so nothing is stored twice). In float32 on CPU every projection weight, lm_head's too, is
         also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows (bf16/fp16
         get slower that way, so they are left alone). Logits agree to float32 rounding; save_checkpoint
-        writes contiguous tensors either way.
+        writes contiguous tensors either way. The float32 norms keep prescaled copies of their weights
+        (DecodeNorm), so call this again after changing any norm weight.
         """
         weight = self.lm_head.weight
         float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
