@@ -47,15 +47,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
                 h = hidden[start:start + chunk].to(dtype)
                 t, ok = targets[start:start + chunk], valid[start:start + chunk]
                 logits = (h @ w.T).float()  # (n, V): the only chunk of logits alive
-                lse = torch.logsumexp(logits, dim=-1)
                 safe_t = t.clamp(min=0)
-                total += ((lse - logits.gather(1, safe_t[:, None]).squeeze(1)) * ok).sum()
+                target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
                 if not needs_grad:
+                    total += ((torch.logsumexp(logits, dim=-1) - target_logits) * ok).sum()
                     continue
-                # d(sum of losses)/d logits = softmax - onehot (0 on ignored rows), built in place in `logits`
-                grad_logits = logits.sub_(lse[:, None]).exp_()
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= 1.0
-                grad_logits = grad_logits.mul_(ok[:, None]).to(dtype)
+                # The softmax built in place in `logits`, its exponentials computed once for both the loss
+                # and the gradient: five passes over the chunk instead of eight.
+                peak = logits.amax(dim=-1, keepdim=True)
+                exps = logits.sub_(peak).exp_()
+                sums = exps.sum(dim=-1)
+                total += ((peak.squeeze(1) + sums.log() - target_logits) * ok).sum()
+                # d(sum of losses)/d logits = softmax - onehot, 0 on ignored rows
+                grad_logits = exps.mul_((ok / sums)[:, None])
+                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= ok.float()
+                grad_logits = grad_logits.to(dtype)
                 grad_hidden[start:start + chunk] = grad_logits @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.T, h)
