@@ -6,7 +6,8 @@
 
 Each contender runs in its own process (so peak memory is its own): the same config, weights, batches,
 sequence length, dtype and AdamW settings, in a plain loop of forward, backward, clip, step. nanoqwen
-uses its own pieces (CausalLMLoss with the chunked loss, build_optimizer, torch.compile on CUDA);
+uses its own pieces (CausalLMLoss with the chunked loss, build_optimizer, torch.compile on CUDA, and
+the allocator setting `nanoqwen train` makes on CPU, reuse_freed_memory);
 Transformers uses `model(input_ids, labels=...).loss` and torch.optim.AdamW. Peak memory is the
 process's peak resident set on CPU (getrusage) and torch.cuda.max_memory_allocated on CUDA.
 """
@@ -29,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from nanoqwen.config import ModelConfig, load_preset  # noqa: E402
+from nanoqwen.distributed import reuse_freed_memory  # noqa: E402
 
 
 # -- one contender, in its own process ------------------------------------------------------------
@@ -73,6 +75,8 @@ def worker(args: argparse.Namespace) -> dict:
         config = dataclasses.replace(config, bos_token_id=last, eos_token_id=last, pad_token_id=last)
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.backends.cuda.matmul.allow_tf32 = True
+    if device.type == "cpu" and (args.worker == "nanoqwen" or args.reuse_freed_memory):
+        reuse_freed_memory()  # what `nanoqwen train` does on CPU
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model, optimizer, objective = build(args.worker, config, device, args.compile)
     model.train()
@@ -105,10 +109,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
-               compile_model: bool, overrides: dict | None = None) -> dict:
+               compile_model: bool, overrides: dict | None = None, reuse_memory: bool = False) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--preset", preset, "--batch", str(batch),
                "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--device", device,
-               "--model-overrides", json.dumps(overrides or {}), "--compile" if compile_model else "--no-compile"]
+               "--model-overrides", json.dumps(overrides or {}), "--compile" if compile_model else "--no-compile",
+               *(["--reuse-freed-memory"] if reuse_memory else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{contender} failed:\n{done.stderr[-3000:]}")
@@ -117,9 +122,10 @@ def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int
 
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
-            rounds: int = 1, overrides: dict | None = None) -> list[str]:
+            rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False) -> list[str]:
     """One table row. Contenders alternate for `rounds` processes each; a busy machine only slows a round,
-    so each side keeps its fastest round (median step) and its highest peak."""
+    so each side keeps its fastest round (median step) and its highest peak. `tuned_baseline` gives
+    Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show what is left without it."""
     from nanoqwen.train import default_compile
 
     # nanoqwen as `nanoqwen train` runs it (compiled where a compiler is found); Transformers in a plain eager loop
@@ -128,7 +134,7 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     for _ in range(rounds):
         for c in results:
             results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device,
-                                         c == "nanoqwen" and ours_compiled, overrides))
+                                         c == "nanoqwen" and ours_compiled, overrides, tuned_baseline))
     speed = {c: max(r["tokens_per_s"] for r in rs) for c, rs in results.items()}
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
@@ -171,6 +177,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=None, help="timed steps per contender")
     p.add_argument("--target-loss", type=float, default=4.0, help="CUDA: val loss the demo run must reach")
     p.add_argument("--target-minutes", type=float, default=10.0, help="CUDA: time allowed to reach it")
+    p.add_argument("--tuned-baseline", action="store_true",
+                   help="CPU: also time the cpu preset with Transformers given nanoqwen's allocator setting")
     # worker mode (internal)
     p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -179,6 +187,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--model-overrides", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
+    p.add_argument("--reuse-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
@@ -194,6 +203,9 @@ def main() -> None:
     rows = []
     if cpu:
         rows += compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu", rounds=3)
+        if args.tuned_baseline:
+            rows += compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256,
+                            args.steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)
         rows += compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
     else:
         rows += compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda", rounds=2)

@@ -4,7 +4,9 @@ and torchrun: process group, rank helpers, printing on rank 0."""
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -51,6 +53,27 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
+
+
+def reuse_freed_memory() -> None:
+    """Have glibc keep freed memory for reuse instead of handing it back to the kernel (Linux only).
+
+    PyTorch's CPU tensors come straight from malloc, which maps each large block fresh and unmaps it on
+    free. A training step makes the same big activations every time, so each of them page-faults anew
+    and the kernel zeroes every page: about 40,000 faults and 7% of a `cpu`-preset step on the 2-core
+    test machine. With mmap off and no trimming, freed blocks stay in the heap and are reused. Peak
+    memory is unchanged (the step reuses the same sizes); the process just keeps its peak until it exits.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
+    mallopt(m_mmap_max, 0)
+    mallopt(m_trim_threshold, 2**31 - 1)
 
 
 # -- torchrun ------------------------------------------------------------------------------------

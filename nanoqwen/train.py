@@ -42,6 +42,7 @@ from nanoqwen.distributed import (
     barrier,
     init_distributed,
     resolve_dtype,
+    reuse_freed_memory,
     shutdown_distributed,
 )
 from nanoqwen.errors import NanoQwenError
@@ -358,6 +359,8 @@ def setup(args: argparse.Namespace) -> Run:
                             f"--set max_position_embeddings={cfg.seq_len}")
     cfg.micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size
     device = info.device
+    if device.type == "cpu":
+        reuse_freed_memory()
     cfg.compile = default_compile(device) if cfg.compile is None else cfg.compile  # saved: a resumed run alike
     loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                          micro_batch=cfg.micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
