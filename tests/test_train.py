@@ -1,6 +1,6 @@
 """The training engine: loss falls, exact resume after SIGKILL, torchrun (DDP and FSDP2) follows the
 single-process curve, accumulation invariance, the chunked loss, Muon, early stopping, the wall cap,
-clear errors for a broken training state, and best/ loading in Transformers."""
+clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/ loading in Transformers."""
 
 from __future__ import annotations
 
@@ -135,6 +135,24 @@ def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--optimizer", "muon") == 0
     losses = list(train_losses(out).values())
     assert np.mean(losses[-5:]) < losses[0] - 1.5
+
+
+def test_low_precision_autocast_trains(data: Path, preset: Path, tmp_path: Path) -> None:
+    # The CUDA precision paths (bf16 autocast; fp16 with its GradScaler), run on CPU: the curve of fp32
+    # within autocast's rounding, and the scaler's state saved beside the weights for resume.
+    curves, scalers = {}, {}
+    for dtype in ["float32", "bfloat16", "float16"]:
+        out = tmp_path / dtype
+        assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--dtype", dtype) == 0
+        curves[dtype] = train_losses(out)
+        scalers[dtype] = torch.load(out / "last/train_state.pt", weights_only=True)["scaler"]
+    reference = curves["float32"]
+    for dtype in ["bfloat16", "float16"]:
+        losses = curves[dtype]
+        assert losses[1] == pytest.approx(reference[1], abs=0.02)
+        assert np.mean([losses[s] for s in range(26, 31)]) < losses[1] - 1.5
+        assert abs(losses[30] - reference[30]) < 0.15, (dtype, losses[30], reference[30])
+    assert scalers["float16"]["scale"] > 0 and not scalers["bfloat16"] and not scalers["float32"]
 
 
 def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: Path, tmp_path: Path) -> None:
