@@ -1,5 +1,6 @@
-"""Sampling over the model's KV cache: greedy or temperature/top-k/top-p, repetition penalty, stop
-tokens and stop strings, seeds, batched prompts, and text streaming that never splits a character.
+"""Sampling over the model's KV cache: greedy or temperature/top-k/top-p, repetition, presence and
+frequency penalties, stop tokens and stop strings, seeds, batched prompts, token log-probabilities, and
+text streaming that never splits a character.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ class SamplingParams:
     """Keep the smallest set of tokens whose probability reaches p."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the prompt or the output (CTRL-style, as Transformers does)."""
+    presence_penalty: float = 0.0
+    """In [-2, 2]: subtracted once from the logit of every token already generated (OpenAI's; the prompt
+    does not count). > 0 pushes towards new tokens."""
+    frequency_penalty: float = 0.0
+    """In [-2, 2]: subtracted from a token's logit once per time it was generated (OpenAI's; the prompt
+    does not count). > 0 discourages verbatim repetition."""
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
@@ -42,15 +49,64 @@ class SamplingParams:
             raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.repetition_penalty <= 0:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise NanoQwenError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
         return self
 
 
+class Penalties:
+    """What the penalties remember about a batch of rows: which tokens were seen (prompt and output, for
+    `repetition_penalty`) and how often each token was generated (output only, for the presence and
+    frequency penalties, as OpenAI and vLLM count). Built by `start`, which gives None when no penalty
+    is active, so unpenalized sampling keeps no (B, vocab) state at all.
+    """
+
+    def __init__(self, params: SamplingParams, seen: torch.Tensor | None, counts: torch.Tensor | None) -> None:
+        self.params = params
+        self.seen = seen  # (B, V) bool, or None when repetition_penalty is 1
+        self.counts = counts  # (B, V) fp32 generated-token counts, or None when both other penalties are 0
+
+    @classmethod
+    def start(cls, params: SamplingParams, prompts: torch.Tensor, vocab_size: int,
+              real: torch.Tensor | None = None) -> Penalties | None:
+        """State after the prompts: prompts (B, T) ids; real (B, T) is 0 at left padding, which is not seen."""
+        repeats = params.repetition_penalty != 1.0
+        counts_output = params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+        if not (repeats or counts_output):
+            return None
+        B, device = prompts.shape[0], prompts.device
+        seen = counts = None
+        if repeats:  # scatter_add, not scatter: a padding 0 must not clear a real token 0 of the same row
+            weight = torch.ones_like(prompts, dtype=torch.float32) if real is None else real.float()
+            seen = torch.zeros(B, vocab_size, device=device).scatter_add_(1, prompts, weight) > 0
+        if counts_output:
+            counts = torch.zeros(B, vocab_size, device=device)
+        return cls(params, seen, counts)
+
+    def record(self, tokens: torch.Tensor) -> None:
+        """Note one new token per row; tokens (B,)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens[:, None], True)
+        if self.counts is not None:
+            self.counts.scatter_add_(1, tokens[:, None], torch.ones(tokens.shape[0], 1, device=tokens.device))
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """Penalized logits (B, V), in vLLM's order: repetition first, then frequency and presence."""
+        p = self.params
+        if self.seen is not None:
+            r = p.repetition_penalty
+            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+        if self.counts is not None:
+            logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
+        return logits
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                seen: torch.Tensor | None = None) -> torch.Tensor:
-    """Pick one token per row. logits (B, V) fp32; seen (B, V) bool marks tokens to penalize."""
-    if seen is not None and params.repetition_penalty != 1.0:
-        penalized = torch.where(logits > 0, logits / params.repetition_penalty, logits * params.repetition_penalty)
-        logits = torch.where(seen, penalized, logits)
+                penalties: Penalties | None = None) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) fp32; penalties: the rows' history (None: no penalty active)."""
+    if penalties is not None:
+        logits = penalties.apply(logits)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
     logits = logits / params.temperature
@@ -65,6 +121,19 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits = logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Log-probabilities of the chosen `tokens` (B,), and the `top` most likely tokens per row (values,
+    ids; each (B, top), best first), from logits (B, V).
+
+    These are log_softmax of the model's raw logits at that step: before any penalty, temperature,
+    top-k or top-p (what vLLM returns by default), so they describe the model, not the sampler.
+    """
+    logprobs = logits.float().log_softmax(-1)
+    values, ids = logprobs.topk(top, dim=-1)
+    return logprobs.gather(-1, tokens[:, None]).squeeze(-1), values, ids
 
 
 def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
@@ -103,22 +172,19 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams)
         ids[row, longest - len(prompt):] = torch.tensor(prompt)
         real[row, longest - len(prompt):] = 1
     ids, real = ids.to(device), real.to(device)
-    seen = None
-    if params.repetition_penalty != 1.0:
-        seen = torch.zeros(B, model.config.vocab_size, dtype=torch.bool, device=device)
-        seen.scatter_(1, ids, real.bool())
+    penalties = Penalties.start(params, ids, model.config.vocab_size, real)
     cache = model.new_cache(B, longest + budget)
     logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     for step in range(budget):
-        token = next_tokens(logits[:, -1].float(), params, generator, seen)
+        token = next_tokens(logits[:, -1].float(), params, generator, penalties)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
         done |= torch.isin(token, stop_ids)
         if bool(done.all()) or step == budget - 1:
             return
-        if seen is not None:
-            seen.scatter_(1, token[:, None], True)
+        if penalties is not None:
+            penalties.record(token)
         logits = model(token[:, None], cache=cache)
 
 
@@ -131,6 +197,7 @@ class TextStream:
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
         self.emitted = 0  # characters of the text already handed out
+        self.decoded = 0  # characters decoded so far, up to the last complete one (where the next token starts)
         self.stopped = False
 
     def push(self, token: int) -> str:
@@ -138,6 +205,7 @@ class TextStream:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
             return ""
+        self.decoded = len(text)
         return self._release(text, final=False)
 
     def accept(self, token: int, stop_token_ids: list[int]) -> tuple[str, str | None]:
@@ -228,7 +296,11 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=50, help="0 keeps all tokens")
     p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages prompt and output tokens")
+    p.add_argument("--presence-penalty", type=float, default=0.0,
+                   help="-2..2, subtracted from the logit of every token generated so far")
+    p.add_argument("--frequency-penalty", type=float, default=0.0,
+                   help="-2..2, subtracted from a token's logit per time it was generated")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
@@ -236,6 +308,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
 def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                           top_p=args.top_p, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           stop_token_ids=tokenizer.stop_ids, stop_strings=args.stop, seed=args.seed).validate()
 
 

@@ -12,7 +12,7 @@ import importlib.util
 import json
 import os
 from collections.abc import Iterable
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ def bytes_to_unicode() -> dict[int, str]:
             chars.append(256 + extra)
             extra += 1
     return {b: chr(c) for b, c in zip(printable, chars)}
+
+
+@lru_cache(maxsize=1)
+def _byte_of_char() -> dict[str, int]:
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 def find_qwen_tiktoken() -> Path:
@@ -166,6 +171,25 @@ class Tokenizer:
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
+        decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes."""
+        piece = self.hf.id_to_token(token_id)
+        if piece is not None and token_id not in self._special_ids and self._byte_level:
+            byte_of = _byte_of_char()
+            if all(c in byte_of for c in piece):
+                return bytes(byte_of[c] for c in piece)
+        return self.decode([token_id]).encode()
+
+    @cached_property
+    def _byte_level(self) -> bool:
+        return isinstance(self.hf.decoder, decoders.ByteLevel)
+
+    @cached_property
+    def _special_ids(self) -> set[int]:
+        """Added tokens are stored as plain text, not in the byte-level alphabet."""
+        return set(self.hf.get_added_tokens_decoder())
 
     def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
         """ChatML text for a list of {"role", "content"} messages."""

@@ -11,7 +11,16 @@ import torch
 import transformers
 
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
-from nanoqwen.generate import SamplingParams, TextStream, generate, generate_ids, next_tokens, stream_text
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.generate import (
+    Penalties,
+    SamplingParams,
+    TextStream,
+    generate,
+    generate_ids,
+    next_tokens,
+    stream_text,
+)
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import qwen3_tokenizer
 from tests.test_model import scramble, tiny_config
@@ -91,8 +100,22 @@ def test_top_k_top_p_and_penalty_restrict_choices():
     # softmax: token 0 has ~0.71, so top_p 0.5 keeps it alone
     picks = {int(next_tokens(logits, SamplingParams(temperature=1.0, top_p=0.5), g)) for _ in range(50)}
     assert picks == {0}
-    seen = torch.tensor([[True, False, False, False, False]])
-    assert int(next_tokens(logits, SamplingParams(temperature=0, repetition_penalty=2.0), None, seen)) == 1
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    assert int(next_tokens(logits, params, None, Penalties.start(params, torch.tensor([[0]]), 5))) == 1
+
+
+def test_presence_and_frequency_penalties_count_generated_tokens_only():
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
+    assert Penalties.start(SamplingParams(), torch.tensor([[0]]), 5) is None  # nothing to remember
+    params = SamplingParams(temperature=0, frequency_penalty=1.0, presence_penalty=0.5)
+    penalties = Penalties.start(params, torch.tensor([[0, 0, 1]]), 5)
+    assert torch.equal(penalties.apply(logits), logits)  # the prompt does not count
+    for token in (0, 0, 1):
+        penalties.record(torch.tensor([token]))
+    # token 0: twice (2 * 1.0 + 0.5), token 1: once (1.0 + 0.5)
+    assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 2.5, 1.0, 0.5, -1.0]]))
+    with pytest.raises(NanoQwenError, match="presence_penalty"):
+        SamplingParams(presence_penalty=2.5).validate()
 
 
 def test_stream_never_splits_characters_and_honours_stop_strings():

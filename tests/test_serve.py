@@ -115,6 +115,133 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
     assert usage.model_dump() == plain.usage.model_dump()
 
 
+def greedy_ids(local, prompt: list[int], n: int, frequency: float = 0.0, presence: float = 0.0) -> list[int]:
+    """Greedy decoding by OpenAI's definition, the slow way (a whole forward per token): each step's logits
+    minus (frequency * count + presence * (count > 0)), counting only the tokens generated so far."""
+    model = local[0]
+    out: list[int] = []
+    counts = torch.zeros(model.config.vocab_size)
+    with torch.inference_mode():
+        for _ in range(n):
+            logits = model(torch.tensor([prompt + out]))[0, -1].float()
+            out.append(int((logits - frequency * counts - presence * (counts > 0).float()).argmax()))
+            counts[out[-1]] += 1
+    return out
+
+
+def test_presence_and_frequency_penalties(client: openai.OpenAI, local) -> None:
+    tokenizer = local[1]
+    prompt = tokenizer.encode("A list:")
+
+    def complete(ids: list[int], n: int = 12, **penalties: float) -> str:
+        r = client.completions.create(model="tiny", prompt=ids, max_tokens=n, temperature=0, **penalties)
+        return r.choices[0].text
+
+    plain = greedy_ids(local, prompt, 12)
+    assert len(set(plain)) < len(plain)  # the unpenalized text repeats a token: something to act on
+    assert complete(prompt) == complete(prompt, presence_penalty=0, frequency_penalty=0) == tokenizer.decode(plain)
+    for name in ("frequency", "presence"):
+        fewer, more = greedy_ids(local, prompt, 12, **{name: 2.0}), greedy_ids(local, prompt, 12, **{name: -2.0})
+        assert len(set(fewer)) == len(fewer) and len(set(more)) < len(set(plain))  # the expected directions
+        assert complete(prompt, **{f"{name}_penalty": 2.0}) == tokenizer.decode(fewer)
+        assert complete(prompt, **{f"{name}_penalty": -2.0}) == tokenizer.decode(more)
+    # Frequency grows with each repeat, presence does not (at -0.3 the two texts differ).
+    by_count, by_presence = greedy_ids(local, prompt, 12, frequency=-0.3), greedy_ids(local, prompt, 12, presence=-0.3)
+    assert by_count != by_presence
+    assert complete(prompt, frequency_penalty=-0.3, presence_penalty=0) == tokenizer.decode(by_count)
+    assert complete(prompt, presence_penalty=-0.3) == tokenizer.decode(by_presence)
+    # The prompt does not count: a prompt ending just before a repeat still gets the repeated token first.
+    k = next(i for i in range(1, len(plain)) if plain[i] in plain[:i])
+    # Logprobs describe the model, not the sampler: where the penalty changed the pick, the raw favourite
+    # (the repeat) still tops the alternatives, with its unpenalized logprob.
+    fewer = greedy_ids(local, prompt, k + 1, frequency=2.0)
+    r = client.completions.create(model="tiny", prompt=prompt, max_tokens=k + 1, temperature=0, logprobs=1,
+                                  frequency_penalty=2.0).choices[0]
+    raw = reference_logprobs(local, prompt, fewer)
+    assert r.text == tokenizer.decode(fewer) and fewer[k] != plain[k]
+    assert [max(top.values()) for top in r.logprobs.top_logprobs] == pytest.approx(raw.max(-1).values.tolist(),
+                                                                                   abs=1e-4)
+    assert list(r.logprobs.top_logprobs[k]) == [tokenizer.decode([plain[k]]), r.logprobs.tokens[k]]
+    repeat = greedy_ids(local, prompt + plain[:k], 3, presence=2.0)
+    assert repeat[0] == plain[k]
+    assert complete(prompt + plain[:k], 3, presence_penalty=2.0) == tokenizer.decode(repeat)
+    # Chat takes them too.
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    r = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                       frequency_penalty=2.0, presence_penalty=-1.0)
+    expected = greedy_ids(local, tokenizer.encode(tokenizer.render_chat(messages)), 12, frequency=2.0, presence=-1.0)
+    assert r.choices[0].message.content == tokenizer.decode(expected) and r.choices[0].logprobs is None
+
+
+def reference_logprobs(local, prompt: list[int], generated: list[int]) -> torch.Tensor:
+    """(len(generated), V): log_softmax of the checkpoint's logits at each generated position, in one forward."""
+    with torch.inference_mode():
+        logits = local[0](torch.tensor([prompt + generated[:-1]]))[0, len(prompt) - 1:].float()
+    return logits.log_softmax(-1)
+
+
+def test_completion_logprobs(client: openai.OpenAI, local) -> None:
+    tokenizer = local[1]
+    prompt, n, top = "Once upon a time", 8, 3
+    ids = tokenizer.encode(prompt)
+    generated = greedy_ids(local, ids, n)
+    expected = reference_logprobs(local, ids, generated)
+    sampling = dict(model="tiny", prompt=prompt, max_tokens=n, temperature=0, logprobs=top)
+    plain = client.completions.create(**sampling).choices[0]
+    streamed: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    text = ""
+    for chunk in client.completions.create(**sampling, stream=True):
+        for choice in chunk.choices:
+            text += choice.text
+            if choice.logprobs is not None:  # the logprobs of the tokens behind this chunk's text
+                for key, values in streamed.items():
+                    values += getattr(choice.logprobs, key)
+    assert text == plain.text == tokenizer.decode(generated)
+    assert streamed == plain.logprobs.model_dump(include=set(streamed))
+    logprobs = plain.logprobs
+    assert logprobs.token_logprobs == pytest.approx(expected[range(n), generated].tolist(), abs=1e-4)
+    assert "".join(logprobs.tokens) == plain.text
+    assert logprobs.text_offset == [len(tokenizer.decode(generated[:i])) for i in range(n)]
+    for i, alternatives in enumerate(logprobs.top_logprobs):
+        best = expected[i].topk(top)
+        assert list(alternatives.values()) == pytest.approx(best.values.tolist(), abs=1e-4)  # sorted, best first
+        assert list(alternatives)[0] == logprobs.tokens[i]  # greedy: the sampled token is the most likely
+    # Temperature and top-k change what is sampled, not the logprobs (the first step depends on the prompt only).
+    hot = client.completions.create(model="tiny", prompt=prompt, max_tokens=1, temperature=1.8, seed=3, logprobs=top,
+                                    extra_body={"top_k": 2}).choices[0].logprobs
+    assert list(hot.top_logprobs[0].values()) == pytest.approx(expected[0].topk(top).values.tolist(), abs=1e-4)
+    assert hot.token_logprobs[0] == hot.top_logprobs[0][hot.tokens[0]]
+
+
+def test_chat_logprobs(client: openai.OpenAI, local) -> None:
+    tokenizer = local[1]
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    n, top = 8, 4
+    ids = tokenizer.encode(tokenizer.render_chat(messages))
+    generated = greedy_ids(local, ids, n)
+    expected = reference_logprobs(local, ids, generated)
+    sampling = dict(model="tiny", messages=messages, max_tokens=n, temperature=0, logprobs=True, top_logprobs=top)
+    plain = client.chat.completions.create(**sampling).choices[0]
+    streamed, text = [], ""
+    for chunk in client.chat.completions.create(**sampling, stream=True):
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            streamed += choice.logprobs.content if choice.logprobs is not None else []
+    content = plain.logprobs.content
+    assert text == plain.message.content == tokenizer.decode(generated)
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in content]
+    assert [e.logprob for e in content] == pytest.approx(expected[range(n), generated].tolist(), abs=1e-4)
+    assert b"".join(bytes(e.bytes) for e in content) == plain.message.content.encode()
+    for i, entry in enumerate(content):
+        best = expected[i].topk(top)
+        assert [a.logprob for a in entry.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+        assert [bytes(a.bytes) for a in entry.top_logprobs] == [tokenizer.token_bytes(t) for t in best.indices.tolist()]
+        assert entry.top_logprobs[0].token == entry.token  # greedy: the sampled token is the most likely
+    # Without top_logprobs: each token's own logprob and no alternatives.
+    bare = client.chat.completions.create(model="tiny", messages=messages, max_tokens=2, temperature=0, logprobs=True)
+    assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[], []]
+
+
 def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     full = client.completions.create(model="tiny", prompt="A list:", max_tokens=30, temperature=0).choices[0].text
     stop = full[len(full) // 2:len(full) // 2 + 3]
@@ -150,27 +277,31 @@ def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, url: str) ->
 
 
 def test_engine_batches_requests_that_join_and_leave(local) -> None:
-    """In-process: more requests than rows, arriving while others decode, with mixed sampling settings,
-    give what each gives alone (greedy and seeded alike); no state leaks between rows."""
+    """In-process: more requests than rows, arriving while others decode, with mixed sampling settings
+    (penalties and logprobs for some rows only), give what each gives alone (greedy and seeded alike);
+    no state leaks between rows."""
     model, tokenizer = local
     requests = []
     for i, text in enumerate(PROMPTS[:10]):
         prompt = tokenizer.encode(text * (1 + i % 4))  # 9 to 50 tokens: rows of every alignment
         params = SamplingParams(max_new_tokens=6 + 3 * i, temperature=0 if i % 3 else 0.9, top_k=20 * (i % 2),
                                 repetition_penalty=1.3 if i % 4 == 1 else 1.0, seed=i,
-                                stop_token_ids=tokenizer.stop_ids)
+                                frequency_penalty=0.5 if i % 4 == 2 else 0.0,
+                                presence_penalty=-0.5 if i % 5 == 3 else 0.0, stop_token_ids=tokenizer.stop_ids)
         requests.append((prompt, params))
 
-    async def run(engine: Engine, prompt: list[int], params: SamplingParams, delay: float) -> tuple[str, int]:
+    async def run(engine: Engine, prompt: list[int], params: SamplingParams, delay: float) -> tuple[str, int, list]:
         await asyncio.sleep(delay)
-        job, text = engine.submit([prompt], params, 1), ""
+        top_logprobs = 2 if params.seed % 2 == 0 else None  # every other request asks for logprobs
+        job, text, logprobs = engine.submit([prompt], params, 1, top_logprobs), "", []
         while True:
             event = await job.events.get()
+            logprobs += [(e.token, [e.logprob] + [lp for _, lp in e.top]) for e in event.logprobs]
             if isinstance(event, Delta):
                 text += event.text
             else:
                 assert isinstance(event, Finished)
-                return text, event.completion_tokens
+                return text, event.completion_tokens, logprobs
 
     async def main() -> tuple[list, list]:
         engine = Engine(model, tokenizer, max_batch_size=3)
@@ -198,9 +329,14 @@ def test_engine_batches_requests_that_join_and_leave(local) -> None:
         alone, together = asyncio.run(main())
     finally:
         torch.set_num_threads(threads)
-    assert together == alone
+    assert [(text, n) for text, n, _ in together] == [(text, n) for text, n, _ in alone]
     assert max(s + a for s, a in batches) == 3 and any(s and a for s, a in batches)
-    assert [n for _, n in alone] == [params.max_new_tokens for _, params in requests]
+    assert [n for _, n, _ in alone] == [params.max_new_tokens for _, params in requests]
+    for i, ((_, n, logprobs), (_, _, batched)) in enumerate(zip(alone, together)):
+        assert len(logprobs) == (n if i % 2 == 0 else 0)  # one entry per sampled token, for rows that asked
+        assert [t for t, _ in batched] == [t for t, _ in logprobs]
+        assert [v for _, values in batched for v in values] == pytest.approx(
+            [v for _, values in logprobs for v in values], abs=1e-4)
 
 
 def test_disconnect_stops_generation(url: str) -> None:
@@ -235,6 +371,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -2.01}, 400,
+     "frequency_penalty"),
+    ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     400, "top_logprobs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),

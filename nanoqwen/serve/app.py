@@ -28,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, check_fits
 from nanoqwen.model import Qwen3
-from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job
+from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
 from nanoqwen.serve.protocol import (
     APIError,
     ChatRequest,
@@ -222,10 +222,39 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             top_k=top_k,
             top_p=1.0 if body.top_p is None else body.top_p,
             repetition_penalty=body.repetition_penalty or 1.0,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
             stop_token_ids=tokenizer.stop_ids,
             stop_strings=body.stop_strings(),
             seed=body.seed,
         ).validate()
+
+    # -- logprobs in OpenAI's two shapes ---------------------------------------------------------
+    def token_text(token: int) -> tuple[str, list[int]]:
+        """A token as OpenAI shows it: its text, or `bytes:\\xe6\\x97` when its bytes are not whole
+        UTF-8 on their own (part of a character); and the bytes themselves."""
+        raw = tokenizer.token_bytes(token)
+        try:
+            return raw.decode("utf-8"), list(raw)
+        except UnicodeDecodeError:
+            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+    def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+        def item(token: int, logprob: float) -> dict[str, Any]:
+            text, raw = token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": raw}
+
+        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                            for e in entries]}
+
+    def completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
+        return {
+            "tokens": [token_text(e.token)[0] for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            # As OpenAI: the N most likely, plus the sampled token when it is not among them.
+            "top_logprobs": [{token_text(t)[0]: lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries],
+            "text_offset": [e.text_offset for e in entries],
+        }
 
     # -- engine events -> responses --------------------------------------------------------------
     async def client_gone(request: Request) -> None:
@@ -242,30 +271,34 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             left -= isinstance(event, Finished)
             yield event
 
-    async def collect(job: Job) -> tuple[list[str], list[str], int]:
-        """Whole texts, finish reasons and the completion token count of every choice."""
+    async def collect(job: Job) -> tuple[list[str], list[str], int, list[list[TokenLogprob]]]:
+        """Whole texts, finish reasons, the completion token count, and the logprobs of every choice."""
         texts, reasons, completion_tokens = [""] * job.choices, [""] * job.choices, 0
+        logprobs: list[list[TokenLogprob]] = [[] for _ in range(job.choices)]
         async for event in events(job):
+            logprobs[event.index] += event.logprobs
             if isinstance(event, Delta):
                 texts[event.index] += event.text
             else:
                 reasons[event.index] = event.finish_reason
                 completion_tokens += event.completion_tokens
-        return texts, reasons, completion_tokens
+        return texts, reasons, completion_tokens, logprobs
 
     async def respond(request: Request, body: SamplingRequest, prompts: list[list[int]],
-                      params: SamplingParams, chat: bool) -> Response:
+                      params: SamplingParams, chat: bool, top_logprobs: int | None) -> Response:
         if body.n * len(prompts) > 64:
             raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n")
-        job = engine.submit(prompts, params, body.n)
+        job = engine.submit(prompts, params, body.n, top_logprobs)
+        # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
+        shape = None if top_logprobs is None else chat_logprobs if chat else completion_logprobs
         ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": model_name}
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(stream(job, head, chat, prompt_tokens, include_usage), on_close=job.cancel)
+            return EventStream(stream(job, head, chat, prompt_tokens, include_usage, shape), on_close=job.cancel)
         collector = asyncio.create_task(collect(job))
         watcher = asyncio.create_task(client_gone(request))
         try:
@@ -277,24 +310,26 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                 collector.cancel()
         if collector not in done:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
-        texts, reasons, completion_tokens = collector.result()
+        texts, reasons, completion_tokens, logprobs = collector.result()
         choices = [{"index": i, "message": {"role": "assistant", "content": text}} if chat else
                    {"index": i, "text": text} for i, text in enumerate(texts)]
-        for choice, reason in zip(choices, reasons):
-            choice.update(logprobs=None, finish_reason=reason)
+        for choice, reason, entries in zip(choices, reasons, logprobs):
+            choice.update(logprobs=shape(entries) if shape else None, finish_reason=reason)
         return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
-    async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
-                     include_usage: bool) -> AsyncIterator[str]:
+    async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
+                     shape: Callable[[list[TokenLogprob]], dict[str, Any]] | None) -> AsyncIterator[str]:
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
 
-        def chunk(index: int, text: str | None, reason: str | None, role: bool = False) -> str:
+        def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
+                  entries: list[TokenLogprob] | None = None) -> str:
+            logprobs = shape(entries) if shape and entries else None  # the tokens behind this chunk
             if chat:
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": reason}
+                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             else:
-                choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": reason}
+                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
             return sse({**head, "choices": [choice], **extra})
 
         completion_tokens = 0
@@ -304,10 +339,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                     yield chunk(i, None, None, role=True)
             async for event in events(job):
                 if isinstance(event, Delta):
-                    yield chunk(event.index, event.text, None)
+                    yield chunk(event.index, event.text, None, entries=event.logprobs)
                 else:
                     completion_tokens += event.completion_tokens
-                    yield chunk(event.index, None, event.finish_reason)
+                    yield chunk(event.index, None, event.finish_reason, entries=event.logprobs)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except APIError as e:  # the status line is already sent: report the error in the stream
@@ -332,16 +367,18 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
         prompts = completion_prompts(body.prompt)
+        top_logprobs = body.logprobs_count()
         params = sampling_params(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return await respond(request, body, prompts, params, chat=False)
+        return await respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
+        top_logprobs = body.logprobs_count()
         prompt = tokenizer.encode(tokenizer.render_chat(body.chat_messages()))
         check_prompt_fits(prompt, "messages")
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
-        return await respond(request, body, [prompt], params, chat=True)
+        return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoqwen.generate import SamplingParams, TextStream, check_fits, next_tokens
+from nanoqwen.generate import Penalties, SamplingParams, TextStream, check_fits, next_tokens, token_logprobs
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -30,18 +30,31 @@ log = logging.getLogger("nanoqwen.serve")
 
 
 @dataclass
+class TokenLogprob:
+    """One sampled token with its log-probability and the most likely alternatives (see `token_logprobs`)."""
+    token: int
+    logprob: float
+    top: list[tuple[int, float]]  # (token, logprob), best first
+    text_offset: int  # characters of the choice's text before this token
+
+
+@dataclass
 class Delta:
-    """New text of choice `index`."""
+    """New text of choice `index`, with the logprobs (when asked for) of the tokens sampled since the
+    choice's previous event: text held back (a partial character, a possible stop string) delays them."""
     index: int
     text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
 class Finished:
-    """Choice `index` is complete. completion_tokens counts every sampled token, a stop token included."""
+    """Choice `index` is complete. completion_tokens counts every sampled token, a stop token included;
+    logprobs holds those of tokens not yet sent with a Delta (such as the stop token)."""
     index: int
     finish_reason: str  # "stop" (stop token or stop string) or "length"
     completion_tokens: int
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Failed:
 
 
 Event = Delta | Finished | Failed
+Score = tuple[float, list[tuple[int, float]]]  # a sampled token's logprob and the top (token, logprob) pairs
 
 
 class Job:
@@ -87,8 +101,10 @@ class Sequence:
     params: SamplingParams
     budget: int  # most new tokens it may sample (already capped to the context)
     stream: TextStream
+    top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     generator: torch.Generator | None = None
-    seen: torch.Tensor | None = None  # (1, V) tokens to penalize, for repetition_penalty != 1
+    penalties: Penalties | None = None  # set at prefill when a penalty is active
+    unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs waiting for the next event
     generated: int = 0
     pending: int = -1  # last sampled token, fed to the model at the next step
     finished: bool = False
@@ -101,7 +117,7 @@ class Sequence:
 
     @property
     def plain_greedy(self) -> bool:
-        return self.params.temperature == 0 and self.params.repetition_penalty == 1.0
+        return self.params.temperature == 0 and self.penalties is None
 
 
 class Engine:
@@ -129,8 +145,10 @@ class Engine:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int) -> Job:
-        """Queue `n` choices for each prompt; choice i * n + j continues prompt i.
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, top_logprobs: int | None = None
+               ) -> Job:
+        """Queue `n` choices for each prompt; choice i * n + j continues prompt i. With `top_logprobs` set,
+        events carry every sampled token's logprob and those of the `top_logprobs` most likely tokens.
 
         Seeded sampling gives choice k the seed `seed + k`, so each choice is reproducible on its own
         whatever else runs beside it (the same convention as `nanoqwen sample --num-samples`).
@@ -141,7 +159,7 @@ class Engine:
             for j in range(n):
                 index = i * n + j
                 seed = None if params.seed is None else params.seed + index
-                sequences.append(self._new_sequence(job, index, prompt, params, seed))
+                sequences.append(self._new_sequence(job, index, prompt, params, seed, top_logprobs))
         self._inbox.put(sequences)
         return job
 
@@ -151,9 +169,10 @@ class Engine:
                 "tokens_generated": self.tokens_generated}
 
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
-                      seed: int | None) -> Sequence:
+                      seed: int | None, top_logprobs: int | None) -> Sequence:
         budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
-        seq = Sequence(job, index, prompt, params, budget, TextStream(self.tokenizer, params.stop_strings))
+        seq = Sequence(job, index, prompt, params, budget, TextStream(self.tokenizer, params.stop_strings),
+                       top_logprobs=top_logprobs)
         if params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
             seq.generator.manual_seed(seed if seed is not None else torch.seed())
@@ -203,41 +222,61 @@ class Engine:
         """Run the prompt through the model alone and sample the first token. False if already done."""
         seq.cache = self.model.new_cache(1, len(seq.prompt))
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
-        if seq.params.repetition_penalty != 1.0:
-            seq.seen = torch.zeros(1, self.model.config.vocab_size, dtype=torch.bool, device=self.device)
-            seq.seen[0, ids[0]] = True
+        seq.penalties = Penalties.start(seq.params, ids, self.model.config.vocab_size)
         logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()  # (1, V)
-        token = int(next_tokens(logits, seq.params, seq.generator, seq.seen)[0])
-        return not self._accept(seq, token)
+        token = int(next_tokens(logits, seq.params, seq.generator, seq.penalties)[0])
+        return not self._accept(seq, token, self._logprobs([seq], logits, [token])[0])
 
     def _decode(self) -> None:
         rows = self._active
         tokens = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)  # (B, 1)
         logits = self.model(tokens, cache=self._cache)[:, -1].float()  # (B, V)
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in rows) else []
-        for row, seq in enumerate(rows):  # finished rows leave the batch at the next step
-            if seq.plain_greedy:
-                token = greedy[row]
-            else:
-                token = int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.seen)[0])
-            self._accept(seq, token)
+        sampled = [greedy[row] if seq.plain_greedy else
+                   int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties)[0])
+                   for row, seq in enumerate(rows)]
+        scores = self._logprobs(rows, logits, sampled)
+        for seq, token, score in zip(rows, sampled, scores):  # finished rows leave the batch at the next step
+            self._accept(seq, token, score)
 
-    def _accept(self, seq: Sequence, token: int) -> bool:
-        """Record a sampled token, send its text; True when the sequence is finished."""
+    def _logprobs(self, rows: list[Sequence], logits: torch.Tensor, sampled: list[int]
+                  ) -> list[Score | None]:
+        """(logprob, top alternatives) of each row's sampled token; None for rows that did not ask.
+        Only the rows that asked go through log_softmax: other requests pay nothing."""
+        asked = [row for row, seq in enumerate(rows) if seq.top_logprobs is not None]
+        scores: list[Score | None] = [None] * len(rows)
+        if not asked:
+            return scores
+        index = torch.tensor(asked, device=self.device)
+        top = max(rows[row].top_logprobs or 0 for row in asked)
+        chosen, values, ids = token_logprobs(logits[index], torch.tensor([sampled[row] for row in asked],
+                                                                         device=self.device), top)
+        chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()  # one device sync
+        for i, row in enumerate(asked):
+            k = rows[row].top_logprobs or 0
+            scores[row] = (chosen_l[i], list(zip(ids_l[i][:k], values_l[i][:k])))
+        return scores
+
+    def _accept(self, seq: Sequence, token: int, score: Score | None) -> bool:
+        """Record a sampled token (and its logprobs), send its text; True when the sequence is finished."""
         seq.generated += 1
         self.tokens_generated += 1
-        if seq.seen is not None:
-            seq.seen[0, token] = True
+        if seq.penalties is not None:
+            seq.penalties.record(torch.tensor([token], device=self.device))
+        if score is not None:
+            seq.unsent.append(TokenLogprob(token, score[0], score[1], seq.stream.decoded))
         delta, reason = seq.stream.accept(token, seq.params.stop_token_ids)
         if reason is None and seq.generated >= seq.budget:
             delta, reason = delta + seq.stream.finish(), "length"
         if delta:
-            seq.job.emit(Delta(seq.index, delta))
+            seq.job.emit(Delta(seq.index, delta, seq.unsent))
+            seq.unsent = []
         if reason is None:
             seq.pending = token
             return False
         seq.finished = True
-        seq.job.emit(Finished(seq.index, reason, seq.generated))
+        seq.job.emit(Finished(seq.index, reason, seq.generated, seq.unsent))
+        seq.unsent = []
         return True
 
     def _rebuild_cache(self, survivors: list[Sequence], admitted: list[Sequence]) -> None:

@@ -1,7 +1,11 @@
 """The OpenAI wire format: request bodies (validated by pydantic), error bodies, response chunks.
 
-Field names and defaults follow OpenAI's API; `top_k` and `repetition_penalty` are extras (as vLLM
-names them). Unknown fields are ignored, as OpenAI-compatible servers commonly do.
+Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
+`max_completion_tokens`), `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `stop`,
+`seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
+`top_logprobs` 0..20; completions: `logprobs` 0..5; completions' `echo` is refused with a 400).
+`top_k` and `repetition_penalty` are extras (as vLLM names them). Other unknown fields are ignored,
+as OpenAI-compatible servers commonly do.
 """
 
 from __future__ import annotations
@@ -45,6 +49,8 @@ class SamplingRequest(BaseModel):
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 keeps all tokens")
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
+    presence_penalty: float | None = Field(default=None, ge=-2, le=2)
+    frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
     n: int = Field(default=1, ge=1, le=16)
@@ -61,6 +67,14 @@ class SamplingRequest(BaseModel):
 class CompletionRequest(SamplingRequest):
     # A string, a list of strings (one completion each), a list of token ids, or a list of such lists.
     prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(default=None, ge=0, le=5, description="the sampled token's and the N most likely")
+    echo: bool = False  # not supported: refused rather than ignored, so nobody reads a prompt-less text as echoed
+
+    def logprobs_count(self) -> int | None:
+        """None when no logprobs are asked for, else how many alternatives per token."""
+        if self.echo:
+            raise APIError(400, "'echo' is not supported by this server; prepend the prompt yourself", "echo")
+        return self.logprobs
 
 
 class TextPart(BaseModel):
@@ -83,6 +97,14 @@ class ChatMessage(BaseModel):
 class ChatRequest(SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprobs_count(self) -> int | None:
+        """None when no logprobs are asked for, else how many alternatives per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def chat_messages(self) -> list[dict[str, str]]:
         """{"role", "content"} dicts for ChatML; OpenAI's `developer` role is the system prompt."""
