@@ -56,13 +56,15 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
 
 
 def reuse_freed_memory() -> None:
-    """Have glibc keep freed memory for reuse instead of handing it back to the kernel (Linux only).
+    """Have glibc keep freed blocks of up to 32 MiB for reuse instead of handing them back to the kernel
+    (Linux only).
 
     PyTorch's CPU tensors come straight from malloc, which maps each large block fresh and unmaps it on
-    free. A training step makes the same big activations every time, so each of them page-faults anew
-    and the kernel zeroes every page: about 40,000 faults and 7% of a `cpu`-preset step on the 2-core
-    test machine. With mmap off and no trimming, freed blocks stay in the heap and are reused. Peak
-    memory is unchanged (the step reuses the same sizes); the process just keeps its peak until it exits.
+    free. A training step makes the same activations every time, so each of them page-faults anew and
+    the kernel zeroes every page: about 40,000 faults and 7-10% of a `cpu`-preset step on the 2-core
+    test machine. Blocks up to 32 MiB now come from the heap and are reused, and the heap is not trimmed.
+    Bigger ones (a chunk of logits at the Qwen3 vocabulary) are still mapped and returned, which keeps
+    peak memory where it was; with no mapping at all, fragmentation raised it by 15% there.
     """
     if not sys.platform.startswith("linux"):
         return
@@ -71,8 +73,8 @@ def reuse_freed_memory() -> None:
         mallopt = libc.mallopt
     except (OSError, AttributeError):  # not glibc (musl, ...): nothing to tune
         return
-    m_trim_threshold, m_mmap_max = -1, -4  # from glibc's malloc.h
-    mallopt(m_mmap_max, 0)
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
+    mallopt(m_mmap_threshold, 32 << 20)
     mallopt(m_trim_threshold, 2**31 - 1)
 
 
