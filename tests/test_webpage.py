@@ -89,6 +89,15 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
                                          temperature=0).choices[0].text
     assert page.locator(".message.completion .generated").last.text_content() == expected
 
+    # The penalty controls reach the server: the page's text equals the API's with the same penalties.
+    page.fill("#frequency-penalty", "1.5")
+    page.fill("#presence-penalty", "-0.5")
+    send_and_wait(page, "Once upon a time")
+    penalized = client.completions.create(model="tiny-web", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                          frequency_penalty=1.5, presence_penalty=-0.5).choices[0].text
+    assert penalized != expected
+    assert page.locator(".message.completion .generated").last.text_content() == penalized
+
 
 def test_stop_button_stops_generation(page, url: str) -> None:
     wait_idle(url)

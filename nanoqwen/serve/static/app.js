@@ -71,6 +71,8 @@ function samplingBody() {
     top_p: parseFloat($("top-p").value),
     top_k: parseInt($("top-k").value, 10) || 0,
     repetition_penalty: parseFloat($("repetition-penalty").value) || 1.0,
+    frequency_penalty: parseFloat($("frequency-penalty").value) || 0,
+    presence_penalty: parseFloat($("presence-penalty").value) || 0,
   };
   const seed = $("seed").value.trim();
   if (seed !== "") body.seed = parseInt(seed, 10);
