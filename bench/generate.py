@@ -171,6 +171,50 @@ def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_token
     return one, many
 
 
+async def longest_pause(url: str, stream_prompt: list[int], long_prompt: list[int]) -> float:
+    """The longest gap (s) between two pieces of a running greedy stream while a long prompt arrives."""
+    import httpx
+
+    async with httpx.AsyncClient(timeout=600) as client:
+        times: list[float] = []
+        arrived = asyncio.Event()
+
+        async def running() -> None:
+            body = {"prompt": stream_prompt, "max_tokens": 160, "temperature": 0, "stream": True}
+            async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        times.append(time.perf_counter())
+                        if len(times) == 20:
+                            arrived.set()
+
+        async def long_request() -> None:
+            await arrived.wait()
+            start = len(times)
+            await client.post(f"{url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 1})
+            marks.append((start, len(times)))
+
+        marks: list[tuple[int, int]] = []
+        await asyncio.gather(running(), long_request())
+        first, last = marks[0]
+        return max(b - a for a, b in zip(times[first - 1:last + 1], times[first:last + 2]))
+
+
+def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int, chunk: int) -> list[float]:
+    """Longest pause of a running stream while a `long_tokens` prompt is read: whole vs in chunks."""
+    from tests.serve_helpers import run_server
+
+    long_prompt = (prompt_ids * (long_tokens // len(prompt_ids) + 1))[:long_tokens]
+    pauses = []
+    for prefill_chunk in (long_tokens, chunk):
+        with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log",
+                                                                "--prefill-chunk", str(prefill_chunk)) as url:
+            asyncio.run(longest_pause(url, prompt_ids, long_prompt[:32]))  # warm-up
+            pauses.append(min(asyncio.run(longest_pause(url, prompt_ids, long_prompt)) for _ in range(3)))
+        log(f"  prefill chunk {prefill_chunk}: longest pause {pauses[-1] * 1e3:.0f} ms")
+    return pauses
+
+
 def random_checkpoint(directory: Path, vocab: str) -> Path:
     """The `tiny` preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or at its own size."""
     if vocab == "qwen3":
@@ -190,6 +234,9 @@ def main() -> None:
     p.add_argument("--streams", type=int, default=16)
     p.add_argument("--server-tokens", type=int, default=64, help="tokens per request in the server test")
     p.add_argument("--no-server", action="store_true")
+    p.add_argument("--long-prompt", type=int, default=448,
+                   help="tokens of the prompt that arrives while a stream runs (server pause test)")
+    p.add_argument("--prefill-chunk", type=int, default=64, help="the chunked setting in the pause test")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", type=json.loads, help=argparse.SUPPRESS)
@@ -223,6 +270,10 @@ def main() -> None:
                 rows.append(f"| {label} | server, 1 stream (total tok/s) | {one:.1f} | | |")
                 rows.append(f"| {label} | server, {args.streams} streams (total tok/s) | {many:.1f} | | "
                             f"{many / one:.2f}x one stream |")
+                whole, chunked = bench_prefill_pause(model_dir, prompt_ids, args.long_prompt, args.prefill_chunk)
+                rows.append(f"| {label} | server, longest pause of a stream while a {args.long_prompt}-token "
+                            f"prompt arrives (ms) | {chunked * 1e3:.0f} (chunks of {args.prefill_chunk}) | | "
+                            f"{whole * 1e3:.0f} in one pass |")
 
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     print(f"\nCPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={wait_policy}, "

@@ -12,7 +12,7 @@ import openai
 import pytest
 import torch
 
-from nanoqwen.generate import SamplingParams, generate
+from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.engine import Delta, Engine, Finished
 from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle
 
@@ -243,11 +243,25 @@ def test_chat_logprobs(client: openai.OpenAI, local) -> None:
 
 
 def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
-    full = client.completions.create(model="tiny", prompt="A list:", max_tokens=30, temperature=0).choices[0].text
-    stop = full[len(full) // 2:len(full) // 2 + 3]
-    cut = client.completions.create(model="tiny", prompt="A list:", max_tokens=30, temperature=0, stop=[stop])
-    assert cut.choices[0].text == full[:full.index(stop)]
-    assert cut.choices[0].finish_reason == "stop"
+    sampling = dict(model="tiny", prompt="A list:", max_tokens=30, temperature=0, logprobs=1)
+    full = client.completions.create(**sampling).choices[0]
+    # A stop string made of two whole tokens from the middle: the text ends where the first one starts.
+    pieces, offsets = full.logprobs.tokens, full.logprobs.text_offset
+    k = next(k for k in range(len(pieces) // 2, len(pieces) - 1)
+             if full.text.find(pieces[k] + pieces[k + 1]) == offsets[k] and pieces[k].strip())
+    stop = pieces[k] + pieces[k + 1]
+    cut = client.completions.create(**sampling, stop=[stop]).choices[0]
+    assert cut.text == full.text[:offsets[k]]
+    assert cut.finish_reason == "stop"
+    # Its logprobs, streamed or not: the tokens up to the stop string's end, offsets within the returned text.
+    text, streamed = "", {"tokens": [], "text_offset": []}
+    for chunk in client.completions.create(**sampling, stop=[stop], stream=True):
+        text += chunk.choices[0].text
+        for key, values in streamed.items():
+            values += getattr(chunk.choices[0].logprobs, key) if chunk.choices[0].logprobs else []
+    assert text == cut.text
+    assert streamed["tokens"] == cut.logprobs.tokens == pieces[:k + 2]
+    assert streamed["text_offset"] == cut.logprobs.text_offset == offsets[:k] + [len(text), len(text)]
     # A prompt 4 tokens short of the context gets at most 4 new tokens, however many were asked for.
     long_ids = local[1].encode(" word" * (CONTEXT - 4))[:CONTEXT - 4]
     capped = client.completions.create(model="tiny", prompt=long_ids, max_tokens=200, temperature=0)
@@ -337,6 +351,59 @@ def test_engine_batches_requests_that_join_and_leave(local) -> None:
         assert [t for t, _ in batched] == [t for t, _ in logprobs]
         assert [v for _, values in batched for v in values] == pytest.approx(
             [v for _, values in logprobs for v in values], abs=1e-4)
+
+
+def test_long_prompt_prefills_in_chunks_between_decode_steps(local) -> None:
+    """In-process: a long prompt arriving while another request decodes is read one chunk per engine
+    step, with a decode step of the running request after each chunk (its stream never stalls for the
+    whole prompt); the chunked prompt gives the tokens and logprobs of one forward over all of it."""
+    model, tokenizer = local
+    chunk, long_prompt = 16, tokenizer.encode(" ".join(PROMPTS))[:150]  # 10 chunks
+    short_params = SamplingParams(max_new_tokens=60, temperature=0)  # no stop ids: always 60 tokens
+    long_params = SamplingParams(max_new_tokens=5, temperature=0)
+    steps: list[str] = []
+
+    async def finish(job) -> tuple[list[int], list[float]]:
+        tokens, logprobs = [], []
+        while not isinstance(event := await job.events.get(), Finished):
+            tokens += [e.token for e in event.logprobs]
+            logprobs += [e.logprob for e in event.logprobs]
+        return tokens + [e.token for e in event.logprobs], logprobs + [e.logprob for e in event.logprobs]
+
+    async def main() -> tuple[list[int], list[float], int]:
+        engine = Engine(model, tokenizer, prefill_chunk=chunk)
+        prefill, decode = engine._prefill_chunk, engine._decode
+
+        def record_prefill(seq):
+            steps.append("long" if len(seq.prompt) == len(long_prompt) else "short")
+            return prefill(seq)
+
+        def record_decode() -> None:
+            steps.append(f"decode{len(engine._active)}")
+            decode()
+
+        engine._prefill_chunk, engine._decode = record_prefill, record_decode  # type: ignore[method-assign]
+        engine.start()
+        try:
+            short = engine.submit([tokenizer.encode(PROMPTS[0])], short_params, 1, top_logprobs=0)
+            await short.events.get()  # it is decoding now
+            long = engine.submit([long_prompt], long_params, 1, top_logprobs=0)
+            (tokens, logprobs), (short_tokens, _) = await asyncio.gather(finish(long), finish(short))
+            return tokens, logprobs, len(short_tokens) + 1
+        finally:
+            engine.stop()
+
+    tokens, logprobs, short_count = asyncio.run(main())
+    assert short_count == 60
+    long_steps = [i for i, step in enumerate(steps) if step == "long"]
+    assert len(long_steps) == 10
+    assert all(steps[i + 1] == "decode1" for i in long_steps[:-1])  # the short stream moved after each chunk
+    assert steps[long_steps[-1] + 1] == "decode2"  # then both decode together
+    reference = [t for (t,) in generate_ids(model, [long_prompt], long_params)]
+    assert tokens == reference
+    with torch.inference_mode():  # first token's logprob from one forward over the whole prompt
+        first = model(torch.tensor([long_prompt]))[0, -1].float().log_softmax(-1)[reference[0]]
+    assert logprobs[0] == pytest.approx(float(first), abs=1e-4)
 
 
 def test_disconnect_stops_generation(url: str) -> None:

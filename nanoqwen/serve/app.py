@@ -146,9 +146,10 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 # -- the application -----------------------------------------------------------------------------
 def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+               max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               prefill_chunk: int = 512) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan."""
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size)
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     context = model.config.max_position_embeddings
     card = {"id": model_name, "object": "model", "created": now(), "owned_by": "nanoqwen",
             "parameters": model.num_params(), "context_length": context}
@@ -422,6 +423,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOQWEN_API_KEY if set)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the folder)")
     p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="prompt tokens per forward pass; smaller keeps running streams smoother while "
+                        "a long prompt is read")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help="larger request bodies are refused with 413")
     add_device_arguments(p)
@@ -432,14 +436,15 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoqwen.generate import load_for_inference
 
-    if args.max_batch_size < 1:
-        raise NanoQwenError(f"--max-batch-size must be >= 1, got {args.max_batch_size}")
+    for flag in ("max_batch_size", "prefill_chunk"):
+        if getattr(args, flag) < 1:
+            raise NanoQwenError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     check_can_bind(args.host, args.port)  # before the (slow) model load
     api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
     model, tokenizer = load_for_inference(args)
     name = args.model_name or default_model_name(args.model)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
-                     max_body_bytes=args.max_request_bytes)
+                     max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk)
     url = f"http://{args.host}:{args.port}"
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)

@@ -10,6 +10,11 @@ end at the current slot. A new request is prefilled on its own (exactly as `gene
 batch cache is rebuilt with every row right-aligned and the slots before a row marked invalid (the
 cache's `key_valid` mask, the same mechanism left-padded prompts use). RoPE positions are per row, so
 padding never shifts a row's positions. The cache is rebuilt (a copy) only when rows join or leave.
+
+Long prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per step while other rows
+are decoding, so a long prompt arriving delays the running streams by one chunk's time per token
+instead of stalling them for its whole prefill. Chunk boundaries depend only on the prompt, so a
+request gives the same tokens whatever runs beside it.
 """
 
 from __future__ import annotations
@@ -35,13 +40,14 @@ class TokenLogprob:
     token: int
     logprob: float
     top: list[tuple[int, float]]  # (token, logprob), best first
-    text_offset: int  # characters of the choice's text before this token
+    text_offset: int  # characters of the choice's text before this token (at most the whole text's length)
 
 
 @dataclass
 class Delta:
-    """New text of choice `index`, with the logprobs (when asked for) of the tokens sampled since the
-    choice's previous event: text held back (a partial character, a possible stop string) delays them."""
+    """New text of choice `index`, with the logprobs (when asked for) of the tokens whose text starts
+    in the text sent so far and that no earlier event carried: text held back (a partial character, a
+    possible stop string) delays them."""
     index: int
     text: str
     logprobs: list[TokenLogprob] = field(default_factory=list)
@@ -109,6 +115,7 @@ class Sequence:
     pending: int = -1  # last sampled token, fed to the model at the next step
     finished: bool = False
     cache: KVCache | None = field(default=None, repr=False)  # own prefill cache until merged into the batch
+    prefilled: int = 0  # prompt tokens already in `cache`
 
     @property
     def in_cache(self) -> int:
@@ -123,10 +130,13 @@ class Sequence:
 class Engine:
     """Runs all model work on one thread. `submit` is called from the event loop."""
 
-    def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32) -> None:
+    def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32,
+                 prefill_chunk: int = 512) -> None:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.prefill_chunk = prefill_chunk
+        self.prefill_calls = 0  # forward passes spent on prompts (a prompt of n tokens takes ceil(n / chunk))
         self.device = model.model.embed_tokens.weight.device
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
@@ -205,27 +215,46 @@ class Engine:
             pass
 
     def _step(self) -> None:
-        """Drop finished and cancelled rows, admit what fits, then decode one token for every row."""
+        """Drop finished and cancelled rows, admit what fits, then decode one token for every row.
+
+        Prompts are prefilled first come, first served. While rows are decoding, a step runs at most
+        one prefill chunk, so their streams keep moving; with none decoding, prompts go at full speed.
+        """
         alive = [s for s in self._active if not (s.finished or s.job.cancelled)]
         self._waiting = [s for s in self._waiting if not s.job.cancelled]
         admitted: list[Sequence] = []
         while self._waiting and len(alive) + len(admitted) < self.max_batch_size:
-            seq = self._waiting.pop(0)
-            if self._prefill(seq):
-                admitted.append(seq)
+            seq = self._waiting[0]
+            logits = self._prefill_chunk(seq)
+            if logits is not None:
+                self._waiting.pop(0)
+                if not self._first_token(seq, logits):
+                    admitted.append(seq)
+            if alive or (admitted and logits is None):
+                break
         if admitted or len(alive) != len(self._active):
             self._rebuild_cache(alive, admitted)
         if self._active:
             self._decode()
 
-    def _prefill(self, seq: Sequence) -> bool:
-        """Run the prompt through the model alone and sample the first token. False if already done."""
-        seq.cache = self.model.new_cache(1, len(seq.prompt))
+    def _prefill_chunk(self, seq: Sequence) -> torch.Tensor | None:
+        """Run the next chunk of the prompt through the model, alone, into the sequence's own cache;
+        the last position's logits (1, V) once the whole prompt is in, else None."""
+        if seq.cache is None:
+            seq.cache = self.model.new_cache(1, len(seq.prompt))
+        end = min(len(seq.prompt), seq.prefilled + self.prefill_chunk)
+        ids = torch.tensor([seq.prompt[seq.prefilled:end]], dtype=torch.long, device=self.device)
+        logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()
+        self.prefill_calls += 1
+        seq.prefilled = end
+        return logits if end == len(seq.prompt) else None
+
+    def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
+        """Sample the first token from the prompt's last logits (1, V). True if that already finishes it."""
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         seq.penalties = Penalties.start(seq.params, ids, self.model.config.vocab_size)
-        logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()  # (1, V)
         token = int(next_tokens(logits, seq.params, seq.generator, seq.penalties)[0])
-        return not self._accept(seq, token, self._logprobs([seq], logits, [token])[0])
+        return self._accept(seq, token, self._logprobs([seq], logits, [token])[0])
 
     def _decode(self) -> None:
         rows = self._active
@@ -268,13 +297,16 @@ class Engine:
         delta, reason = seq.stream.accept(token, seq.params.stop_token_ids)
         if reason is None and seq.generated >= seq.budget:
             delta, reason = delta + seq.stream.finish(), "length"
-        if delta:
-            seq.job.emit(Delta(seq.index, delta, seq.unsent))
-            seq.unsent = []
+        if delta:  # with the logprobs of the tokens whose text starts in the text sent so far
+            shown = seq.stream.emitted
+            seq.job.emit(Delta(seq.index, delta, [e for e in seq.unsent if e.text_offset < shown]))
+            seq.unsent = [e for e in seq.unsent if e.text_offset >= shown]
         if reason is None:
             seq.pending = token
             return False
         seq.finished = True
+        for entry in seq.unsent:  # tokens of a stop string that was cut off start where the text ends
+            entry.text_offset = min(entry.text_offset, seq.stream.emitted)
         seq.job.emit(Finished(seq.index, reason, seq.generated, seq.unsent))
         seq.unsent = []
         return True
