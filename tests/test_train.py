@@ -155,6 +155,18 @@ def test_low_precision_autocast_trains(data: Path, preset: Path, tmp_path: Path)
     assert scalers["float16"]["scale"] > 0 and not scalers["bfloat16"] and not scalers["float32"]
 
 
+def test_compiled_model_follows_the_eager_curve(data: Path, preset: Path, tmp_path: Path) -> None:
+    # The torch.compile path `nanoqwen train` takes by default on CUDA, traced and run here on CPU:
+    # the model must compile (the chunked loss stays eager) and train to the eager curve.
+    curves = []
+    for name, flag in [("eager", "--no-compile"), ("compiled", "--compile")]:
+        out = tmp_path / name
+        assert train_in_process(*common(data, preset, out), "--max-steps", "6", flag) == 0
+        assert json.loads((out / "config.json").read_text())["train"]["compile"] == (name == "compiled")
+        curves.append(list(train_losses(out).values()))
+    np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
+
+
 def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: Path, tmp_path: Path) -> None:
     curves = []
     for name, extra in [("whole", ["--micro-batch", "8"]), ("accumulated", ["--micro-batch", "2"]),
