@@ -87,30 +87,30 @@ class DistInfo:
     local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    distributed: bool = False
+    """Launched by torchrun: a process group exists and DDP/FSDP2 wrap the model, one process included."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPU); pick this rank's device."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    """Join the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPU); pick this rank's device.
+
+    `torchrun --nproc_per_node 1` joins a job of one, so DDP and --fsdp run as they would on more."""
     device = resolve_device(device_name)
-    if world_size == 1:
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return DistInfo(device=device)
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, device)
+    return DistInfo(rank, local_rank, world_size, device, distributed=True)
 
 
 def is_main_process() -> bool:

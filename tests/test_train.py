@@ -234,20 +234,22 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
 
 
-@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
-def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool) -> None:
+@pytest.mark.parametrize(("fsdp", "nproc"), [(False, 2), (True, 2), (True, 1)], ids=["ddp", "fsdp", "fsdp-one"])
+def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool,
+                                                   nproc: int) -> None:
+    # nproc 1: a torchrun job of one process still shards with FSDP2 (what a one-GPU machine can check)
     args = ["--max-steps", "8", "--eval-interval", "4"]
     single = tmp_path / "single"
     assert train_in_process(*common(data, preset, single), *args) == 0
     multi = tmp_path / "multi"
-    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), nproc=2)
+    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
-    assert config["world_size"] == 2 and (multi / "best/model.safetensors").exists()
-    # the 2-process run's checkpoints resume on one process
+    assert config["world_size"] == nproc and (multi / "best/model.safetensors").exists()
+    # the torchrun job's checkpoints resume on one plain process
     resumed = run_train("--resume", str(multi), "--max-steps", "10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max(train_losses(multi)) == 10

@@ -53,8 +53,9 @@ def train_in_process(*args: str) -> int:
     return main(["train", *args])
 
 
-def train_command(*args: str, nproc: int = 1) -> list[str]:
-    if nproc == 1:
+def train_command(*args: str, nproc: int | None = None) -> list[str]:
+    """`nanoqwen train ARGS`: a plain process, or a torchrun job of `nproc` processes."""
+    if nproc is None:
         return [sys.executable, "-m", "nanoqwen", "train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "nanoqwen", "train", *args]
@@ -65,8 +66,8 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def run_train(*args: str, nproc: int = 1, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc > 1)."""
+def run_train(*args: str, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given)."""
     return subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
                           env=subprocess_env())
 
