@@ -2,6 +2,7 @@
 
     python bench/generate.py                      # two random `tiny`-preset models (see below)
     python bench/generate.py --model runs/NAME/best --new-tokens 256
+    python bench/generate.py --device cuda        # on a GPU, both libraries in bfloat16
 
 Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
 `nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
@@ -51,9 +52,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def nanoqwen_timer(model_dir: Path) -> tuple[Timer, int]:
+def nanoqwen_timer(model_dir: Path, device: str, dtype: str) -> tuple[Timer, int]:
     """The timer, and the model's parameter count."""
-    model, _ = load_for_inference(argparse.Namespace(model=str(model_dir), device="cpu", dtype=None))
+    model, _ = load_for_inference(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype))
 
     def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
         params = SamplingParams(max_new_tokens=new_tokens, temperature=0)  # no stop ids: always the full length
@@ -65,11 +66,12 @@ def nanoqwen_timer(model_dir: Path) -> tuple[Timer, int]:
     return run, model.num_params()
 
 
-def transformers_timer(model_dir: Path) -> Timer:
+def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    model = model.to(device).eval()
 
     class Clock(BaseStreamer):
         """generate() calls put() with the prompt first, then with each new token."""
@@ -86,7 +88,7 @@ def transformers_timer(model_dir: Path) -> Timer:
             pass
 
     def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
-        input_ids = torch.tensor([prompt_ids])
+        input_ids = torch.tensor([prompt_ids], device=device)
         clock = Clock(time.perf_counter())
         with torch.inference_mode():
             # eos_token_id=None: no early stop, exactly new_tokens, like the nanoqwen side.
@@ -98,12 +100,14 @@ def transformers_timer(model_dir: Path) -> Timer:
     return run
 
 
-def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int, runs: int) -> None:
-    """One library alone in this process: a warm-up, then `runs` timed generations, as JSON on stdout."""
+def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int, runs: int, device: str,
+           dtype: str) -> None:
+    """One library alone in this process: a warm-up, then `runs` timed generations, as JSON on stdout.
+    Both sides hand each token to the host as it is made (a device sync), so the clock reads real times."""
     if library == "nanoqwen":
-        timer, n_params = nanoqwen_timer(model_dir)
+        timer, n_params = nanoqwen_timer(model_dir, device, dtype)
     else:
-        timer, n_params = transformers_timer(model_dir), 0
+        timer, n_params = transformers_timer(model_dir, device, dtype), 0
     timer(prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
     samples = []
     for _ in range(runs):
@@ -113,8 +117,8 @@ def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int
     print(json.dumps({"samples": samples, "params": n_params}))
 
 
-def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int
-                  ) -> tuple[dict[str, tuple[float, float]], int]:
+def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int,
+                  device: str, dtype: str) -> tuple[dict[str, tuple[float, float]], int]:
     """{library: (median time to first token in s, median decode tokens/s)} and nanoqwen's parameter count.
 
     Each library runs alone in its own processes (importing and running the other one in the same
@@ -126,7 +130,8 @@ def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repea
         for library in samples:
             out = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
                                   "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
-                                  "--runs", str(runs)], check=True, capture_output=True, text=True).stdout
+                                  "--runs", str(runs), "--device", device, "--dtype", dtype],
+                                 check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             samples[library] += [tuple(sample) for sample in result["samples"]]
             n_params = max(n_params, result["params"])
@@ -160,11 +165,13 @@ async def server_throughput(url: str, prompts: list[list[int]], new_tokens: int)
         return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_tokens: int) -> tuple[float, float]:
+def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_tokens: int, device: str, dtype: str
+                 ) -> tuple[float, float]:
     from tests.serve_helpers import run_server
 
     prompts = [prompt_ids[i % len(prompt_ids):] + prompt_ids[:i % len(prompt_ids)] for i in range(streams)]
-    with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log") as url:
+    with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log", "--device", device,
+                                                            "--dtype", dtype) as url:
         one = asyncio.run(server_throughput(url, prompts[:1], new_tokens))
         many = asyncio.run(server_throughput(url, prompts, new_tokens))
     log(f"  server: 1 stream {one:.1f} tok/s, {streams} streams {many:.1f} tok/s")
@@ -200,7 +207,8 @@ async def longest_pause(url: str, stream_prompt: list[int], long_prompt: list[in
         return max(b - a for a, b in zip(times[first - 1:last + 1], times[first:last + 2]))
 
 
-def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int, chunk: int) -> list[float]:
+def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int, chunk: int, device: str,
+                        dtype: str) -> list[float]:
     """Longest pause of a running stream while a `long_tokens` prompt is read: whole vs in chunks."""
     from tests.serve_helpers import run_server
 
@@ -208,7 +216,8 @@ def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int
     pauses = []
     for prefill_chunk in (long_tokens, chunk):
         with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log",
-                                                                "--prefill-chunk", str(prefill_chunk)) as url:
+                                                                "--prefill-chunk", str(prefill_chunk),
+                                                                "--device", device, "--dtype", dtype) as url:
             asyncio.run(longest_pause(url, prompt_ids, long_prompt[:32]))  # warm-up
             pauses.append(min(asyncio.run(longest_pause(url, prompt_ids, long_prompt)) for _ in range(3)))
         log(f"  prefill chunk {prefill_chunk}: longest pause {pauses[-1] * 1e3:.0f} ms")
@@ -238,11 +247,17 @@ def main() -> None:
                    help="tokens of the prompt that arrives while a stream runs (server pause test)")
     p.add_argument("--prefill-chunk", type=int, default=64, help="the chunked setting in the pause test")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="both libraries' weights (default: float32 on CPU, bfloat16 on CUDA)")
     p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
     if args.worker:
-        return worker(args.worker, args.model, args.prompt_ids, args.new_tokens, args.runs)
+        return worker(args.worker, args.model, args.prompt_ids, args.new_tokens, args.runs, args.device, args.dtype)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible")
     if args.threads:
         torch.set_num_threads(args.threads)
         os.environ["OMP_NUM_THREADS"] = str(args.threads)  # for the server subprocess
@@ -258,7 +273,8 @@ def main() -> None:
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read
             log(f"{model_dir.name}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
                 f"{torch.get_num_threads()} threads")
-            result, n_params = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs)
+            result, n_params = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs,
+                                             args.device, args.dtype)
             (ttft, ours), (hf_ttft, theirs) = result["nanoqwen"], result["transformers"]
             label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
             rows.append(f"| {label} | single-stream decode (tok/s) | {ours:.1f} | {theirs:.1f} | "
@@ -266,18 +282,21 @@ def main() -> None:
             rows.append(f"| {label} | time to first token (ms) | {ttft * 1e3:.1f} | {hf_ttft * 1e3:.1f} | "
                         f"{hf_ttft / ttft:.2f}x |")
             if not args.no_server and kind != "8192":
-                one, many = bench_server(model_dir, prompt_ids, args.streams, args.server_tokens)
+                one, many = bench_server(model_dir, prompt_ids, args.streams, args.server_tokens, args.device,
+                                         args.dtype)
                 rows.append(f"| {label} | server, 1 stream (total tok/s) | {one:.1f} | | |")
                 rows.append(f"| {label} | server, {args.streams} streams (total tok/s) | {many:.1f} | | "
                             f"{many / one:.2f}x one stream |")
-                whole, chunked = bench_prefill_pause(model_dir, prompt_ids, args.long_prompt, args.prefill_chunk)
+                whole, chunked = bench_prefill_pause(model_dir, prompt_ids, args.long_prompt, args.prefill_chunk,
+                                                     args.device, args.dtype)
                 rows.append(f"| {label} | server, longest pause of a stream while a {args.long_prompt}-token "
                             f"prompt arrives (ms) | {chunked * 1e3:.0f} (chunks of {args.prefill_chunk}) | | "
                             f"{whole * 1e3:.0f} in one pass |")
 
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
-    print(f"\nCPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={wait_policy}, "
-          f"greedy, {args.new_tokens} new tokens single-stream, "
+    where = (f"CPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={wait_policy}" if args.device == "cpu"
+             else torch.cuda.get_device_name())
+    print(f"\n{where}, {args.dtype}, torch {torch.__version__}, greedy, {args.new_tokens} new tokens single-stream, "
           f"{args.server_tokens} per server request; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
     print("| model | measure | nanoqwen | Transformers | ratio |")

@@ -1,0 +1,99 @@
+"""The checks of `bash bench/gpu_run.sh check` that are more than one command, each failing with a reason.
+
+    python bench/gpu_checks.py loss-falls RUN     # bf16 autocast and torch.compile were used; the loss fell
+    python bench/gpu_checks.py resume DATA W [TRAIN ARGS]  # stopped by SIGTERM and resumed: follows the full run
+    python bench/gpu_checks.py logits CKPT        # logits equal Transformers' on the GPU (fp32)
+    python bench/gpu_checks.py serve CKPT         # `nanoqwen serve --device cuda` answers a completion
+
+$DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+DEVICE = os.environ.get("DEVICE", "cuda")
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> train loss, from whole lines only (the run may be writing the next one)."""
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {r["step"]: r["train_loss"] for r in (json.loads(line) for line in lines if line.endswith("}"))}
+
+
+def loss_falls(run: str) -> None:
+    config = json.loads((Path(run) / "config.json").read_text())
+    curve = list(losses(Path(run)).values())
+    print("dtype", config["dtype"], "compile", config["train"]["compile"], "loss", curve[0], "->", curve[-1])
+    if DEVICE == "cuda":
+        assert config["dtype"] == "torch.bfloat16" and config["train"]["compile"], "not the bf16 + compile path"
+    assert curve[-1] < curve[0] - 2, "the loss did not fall by 2 nats"
+
+
+def resume(data: str, work: str, *extra: str) -> None:
+    """The same 100-step run twice: once straight through, once stopped by SIGTERM after step 40 and resumed.
+    GPU kernels are not bit-exact from run to run (atomics in backward), so the steps after the stop are
+    compared within a tolerance; the CPU tests assert exact equality."""
+    args = [sys.executable, "-m", "nanoqwen", "train", "--preset", "tiny", "--data", data, "--device", DEVICE,
+            "--max-steps", "100", "--eval-interval", "1000", "--sample-interval", "0", "--save-interval", "1000",
+            *extra]
+    full, stopped = Path(work) / "full", Path(work) / "stopped"
+    subprocess.run([*args, "--out", str(full)], check=True, cwd=ROOT)
+    proc = subprocess.Popen([*args, "--out", str(stopped)], cwd=ROOT)
+    while proc.poll() is None and len(losses(stopped)) < 40:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait() == 0, "SIGTERM did not end the run cleanly"
+    stop = max(losses(stopped))
+    assert stop < 100, "the run ended before the signal arrived"
+    subprocess.run([sys.executable, "-m", "nanoqwen", "train", "--resume", str(stopped)], check=True, cwd=ROOT)
+    a, b = losses(full), losses(stopped)
+    assert sorted(b) == list(range(1, 101)), "resumed metrics do not cover steps 1-100 once each"
+    gap = max(abs(a[s] - b[s]) for s in range(stop + 1, 101))
+    print(f"stopped after step {stop}; largest train-loss gap after it: {gap:.2e}")
+    assert gap < 2e-2, gap
+
+
+def logits(checkpoint: str) -> None:
+    import transformers
+
+    from nanoqwen.checkpoint import load_checkpoint
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    ids = torch.randint(0, 1000, (2, 64), device=DEVICE)
+    ours, _ = load_checkpoint(checkpoint, torch.device(DEVICE), torch.float32)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(DEVICE).eval()
+    with torch.no_grad():
+        gap = (ours.eval()(ids) - theirs(ids).logits).abs().max().item()
+    print(f"largest logit gap, fp32 on {DEVICE}: {gap:.2e}")
+    assert gap < 1e-3, gap
+
+
+def serve(checkpoint: str) -> None:
+    import httpx
+
+    from tests.serve_helpers import run_server
+
+    with tempfile.TemporaryDirectory() as tmp, run_server(Path(checkpoint), Path(tmp) / "serve.log",
+                                                            "--device", DEVICE) as url:
+        body = {"prompt": "ROMEO:", "max_tokens": 16, "temperature": 0}
+        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
+        print(reply)
+        assert reply["usage"]["completion_tokens"] == 16, reply
+
+
+if __name__ == "__main__":
+    checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve}
+    checks[sys.argv[1]](*sys.argv[2:])

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Run on a lent GPU machine, from the repository root, after bench/gpu_pack.sh here:
+#   device tool: carry [".gpu"], command "bash bench/gpu_run.sh STAGE", timeout_s 600
+# Each stage fits one 10-minute call and writes STAGE.log (everything) and STAGE.md (the result) to $OUT.
+#   check1    the single-GPU paths, PASS/FAIL each: prepare; train (bf16 autocast, torch.compile, fused
+#             AdamW) and its loss falls; logits equal Transformers'; eval, sample, serve; fp16 + GradScaler; Muon
+#   check2    a run stopped by SIGTERM and resumed follows the uninterrupted one; DDP over NCCL and FSDP2
+#             under torchrun (one process: the code path, not the scaling)
+#   train     bench/train.py --device cuda --parts speed mfu (vs Transformers; MFU of qwen3-0.6b at 2048)
+#   target    bench/train.py --device cuda --parts target (time for `demo` to reach the target val loss)
+#   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server)
+# DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
+set -uo pipefail
+stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate}
+OUT=${OUT:-/tmp/nanoqwen-gpu}
+mkdir -p "$OUT"
+log="$OUT/$stage.log" result="$OUT/$stage.md"
+python3 -m pip install --quiet --no-index --no-deps .gpu/wheels/*.whl >>"$log" 2>&1
+export PYTHONPATH=$PWD NANOQWEN_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda}
+read -ra extra <<<"${EXTRA:-}"
+{ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$result"
+
+check() {  # check NAME COMMAND...: one PASS/FAIL line in the result, the output in the log
+    local name=$1 started=$SECONDS code
+    shift
+    echo "== $name: $*" >>"$log"
+    timeout 400 "$@" >>"$log" 2>&1
+    code=$?
+    if [ "$code" -eq 0 ]; then
+        echo "PASS $name ($((SECONDS - started)) s)" | tee -a "$result"
+    else
+        echo "FAIL $name (exit $code; see $stage.log)" | tee -a "$result"
+    fi
+}
+
+w=$(mktemp -d)
+train=(python3 -m nanoqwen train --preset tiny --data "$w/data" --device "$DEVICE" --sample-interval 0 "${extra[@]}")
+torchrun=(torchrun --standalone --nproc_per_node 1 -m "${train[@]:2}" --max-steps 20)
+prepare() { check prepare python3 -m nanoqwen prepare --dataset shakespeare --tokenizer qwen3 --out "$w/data"; }
+case $stage in
+check1)
+    prepare
+    check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
+    check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
+    check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
+    check eval python3 -m nanoqwen eval --model "$w/a/best" --data "$w/data" --device "$DEVICE" --max-windows 32
+    check sample python3 -m nanoqwen sample --model "$w/a/best" --prompt "ROMEO:" --max-new-tokens 40 \
+        --device "$DEVICE"
+    check serve python3 bench/gpu_checks.py serve "$w/a/best"
+    check fp16-gradscaler "${train[@]}" --max-steps 20 --dtype float16 --out "$w/c"
+    check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d" ;;
+check2)
+    prepare
+    check resume-follows-the-full-run python3 bench/gpu_checks.py resume "$w/data" "$w" "${extra[@]}"
+    check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
+    check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
+train) check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
+target) check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 7 ;;
+generate) check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3 ;;
+*) echo "unknown stage $stage: check1, check2, train, target or generate" >&2; exit 2 ;;
+esac
+case $stage in train | target | generate) grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result" ;; esac
