@@ -115,7 +115,6 @@ class Sequence:
     pending: int = -1  # last sampled token, fed to the model at the next step
     finished: bool = False
     cache: KVCache | None = field(default=None, repr=False)  # own prefill cache until merged into the batch
-    prefilled: int = 0  # prompt tokens already in `cache`
 
     @property
     def in_cache(self) -> int:
@@ -136,7 +135,6 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
-        self.prefill_calls = 0  # forward passes spent on prompts (a prompt of n tokens takes ceil(n / chunk))
         self.device = model.model.embed_tokens.weight.device
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
@@ -242,11 +240,10 @@ class Engine:
         the last position's logits (1, V) once the whole prompt is in, else None."""
         if seq.cache is None:
             seq.cache = self.model.new_cache(1, len(seq.prompt))
-        end = min(len(seq.prompt), seq.prefilled + self.prefill_chunk)
-        ids = torch.tensor([seq.prompt[seq.prefilled:end]], dtype=torch.long, device=self.device)
+        start = seq.cache.length  # prompt tokens already in
+        end = min(len(seq.prompt), start + self.prefill_chunk)
+        ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.device)
         logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()
-        self.prefill_calls += 1
-        seq.prefilled = end
         return logits if end == len(seq.prompt) else None
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
