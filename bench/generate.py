@@ -183,7 +183,8 @@ async def longest_pause(url: str, stream_prompt: list[int], long_prompt: list[in
     import httpx
 
     async with httpx.AsyncClient(timeout=600) as client:
-        times: list[float] = []
+        times: list[float] = []  # arrival of each piece of the running stream
+        marks: list[tuple[int, int]] = []  # pieces received when the long request was sent, and answered
         arrived = asyncio.Event()
 
         async def running() -> None:
@@ -201,7 +202,6 @@ async def longest_pause(url: str, stream_prompt: list[int], long_prompt: list[in
             await client.post(f"{url}/v1/completions", json={"prompt": long_prompt, "max_tokens": 1})
             marks.append((start, len(times)))
 
-        marks: list[tuple[int, int]] = []
         await asyncio.gather(running(), long_request())
         first, last = marks[0]
         return max(b - a for a, b in zip(times[first - 1:last + 1], times[first:last + 2]))
