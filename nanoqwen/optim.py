@@ -117,7 +117,12 @@ class HybridOptimizer:
 
     def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
         self.optimizers = optimizers
-        self.param_groups = [g for o in optimizers for g in o.param_groups]
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # Read through every time: load_state_dict gives each optimizer new group dicts, so a list kept
+        # from before would miss every later learning-rate change.
+        return [g for o in self.optimizers for g in o.param_groups]
 
     def step(self) -> None:
         for optimizer in self.optimizers:

@@ -195,8 +195,10 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert (out / "best").is_dir() and "max_minutes" in capsys.readouterr().out
 
 
-def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path) -> None:
-    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
+def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path,
+                                                                 optimizer: str) -> None:
+    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer]
     reference = tmp_path / "reference"
     done = run_train(*common(data, preset, reference), *args)
     assert done.returncode == 0, done.stderr
