@@ -21,11 +21,11 @@ read -ra extra <<<"${EXTRA:-}"
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$result"
 
-check() {  # check NAME COMMAND...: one PASS/FAIL line in the result, the output in the log
+check() {  # check NAME COMMAND...: one PASS/FAIL line in the result, the output in the log ($limit s at most)
     local name=$1 started=$SECONDS code
     shift
     echo "== $name: $*" >>"$log"
-    timeout 400 "$@" >>"$log" 2>&1
+    timeout "${limit:-400}" "$@" >>"$log" 2>&1
     code=$?
     if [ "$code" -eq 0 ]; then
         echo "PASS $name ($((SECONDS - started)) s)" | tee -a "$result"
@@ -55,9 +55,9 @@ check2)
     check resume-follows-the-full-run python3 bench/gpu_checks.py resume "$w/data" "$w" "${extra[@]}"
     check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
     check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
-train) check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
-target) check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 7 ;;
-generate) check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3 ;;
+train) limit=570 check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
+target) limit=570 check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 6 ;;
+generate) limit=570 check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3 ;;
 *) echo "unknown stage $stage: check1, check2, train, target or generate" >&2; exit 2 ;;
 esac
 case $stage in train | target | generate) grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result" ;; esac
