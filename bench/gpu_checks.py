@@ -4,6 +4,7 @@
     python bench/gpu_checks.py resume DATA W [TRAIN ARGS]  # stopped by SIGTERM and resumed: follows the full run
     python bench/gpu_checks.py logits CKPT        # logits equal Transformers' on the GPU (fp32)
     python bench/gpu_checks.py serve CKPT         # `nanoqwen serve --device cuda` answers a completion
+    python bench/gpu_checks.py flash              # training attention runs on SDPA's flash kernel (GQA, bf16)
 
 $DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU.
 """
@@ -94,6 +95,25 @@ def serve(checkpoint: str) -> None:
         assert reply["usage"]["completion_tokens"] == 16, reply
 
 
+def flash() -> None:
+    """Forward and backward of qwen3-0.6b-shaped layers (16 query heads over 8 kv heads, head_dim 128) with
+    only SDPA's flash backend allowed: an error here means training falls back to a slower kernel."""
+    import dataclasses
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from nanoqwen.config import load_preset
+    from nanoqwen.model import Qwen3
+
+    config = dataclasses.replace(load_preset("qwen3-0.6b").model, num_hidden_layers=2, vocab_size=1024)
+    model = Qwen3(config).to(DEVICE)
+    ids = torch.randint(0, 1024, (2, 512), device=DEVICE)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION), torch.autocast(DEVICE, dtype=torch.bfloat16):
+        model(ids).float().logsumexp(-1).mean().backward()
+    print("flash attention ran forward and backward for", config.num_attention_heads, "query heads over",
+          config.num_key_value_heads, "kv heads, head_dim", config.head_dim)
+
+
 if __name__ == "__main__":
-    checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve}
+    checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve, "flash": flash}
     checks[sys.argv[1]](*sys.argv[2:])
