@@ -29,7 +29,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -165,13 +166,20 @@ async def server_throughput(url: str, prompts: list[list[int]], new_tokens: int)
         return sum(counts) / (time.perf_counter() - start)
 
 
-def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_tokens: int, device: str, dtype: str
-                 ) -> tuple[float, float]:
+@contextmanager
+def serving(model_dir: Path, device: str, dtype: str, *flags: str) -> Iterator[str]:
+    """`nanoqwen serve` of the model in a subprocess (the tests' fixture); yields its base URL."""
     from tests.serve_helpers import run_server
 
-    prompts = [prompt_ids[i % len(prompt_ids):] + prompt_ids[:i % len(prompt_ids)] for i in range(streams)]
     with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log", "--device", device,
-                                                            "--dtype", dtype) as url:
+                                                            "--dtype", dtype, *flags) as url:
+        yield url
+
+
+def bench_server(model_dir: Path, prompt_ids: list[int], streams: int, new_tokens: int, device: str, dtype: str
+                 ) -> tuple[float, float]:
+    prompts = [prompt_ids[i % len(prompt_ids):] + prompt_ids[:i % len(prompt_ids)] for i in range(streams)]
+    with serving(model_dir, device, dtype) as url:
         one = asyncio.run(server_throughput(url, prompts[:1], new_tokens))
         many = asyncio.run(server_throughput(url, prompts, new_tokens))
     log(f"  server: 1 stream {one:.1f} tok/s, {streams} streams {many:.1f} tok/s")
@@ -210,14 +218,10 @@ async def longest_pause(url: str, stream_prompt: list[int], long_prompt: list[in
 def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int, chunk: int, device: str,
                         dtype: str) -> list[float]:
     """Longest pause of a running stream while a `long_tokens` prompt is read: whole vs in chunks."""
-    from tests.serve_helpers import run_server
-
     long_prompt = (prompt_ids * (long_tokens // len(prompt_ids) + 1))[:long_tokens]
     pauses = []
     for prefill_chunk in (long_tokens, chunk):
-        with tempfile.TemporaryDirectory() as tmp, run_server(model_dir, Path(tmp) / "serve.log",
-                                                                "--prefill-chunk", str(prefill_chunk),
-                                                                "--device", device, "--dtype", dtype) as url:
+        with serving(model_dir, device, dtype, "--prefill-chunk", str(prefill_chunk)) as url:
             asyncio.run(longest_pause(url, prompt_ids, long_prompt[:32]))  # warm-up
             pauses.append(min(asyncio.run(longest_pause(url, prompt_ids, long_prompt)) for _ in range(3)))
         log(f"  prefill chunk {prefill_chunk}: longest pause {pauses[-1] * 1e3:.0f} ms")

@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 
 from nanoqwen.config import ModelConfig, load_preset  # noqa: E402
 from nanoqwen.distributed import reuse_freed_memory  # noqa: E402
+from nanoqwen.plot import read_metrics  # noqa: E402
 
 
 # -- one contender, in its own process ------------------------------------------------------------
@@ -177,7 +178,7 @@ def time_to_target(target: float, minutes: float) -> str:
                 proc.wait()
         if proc.returncode not in (0, None):
             raise SystemExit(f"the demo run failed with exit code {proc.returncode}")
-        records = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+        records = read_metrics(out)
     hit = next((r for r in records if r.get("val_loss", float("inf")) <= target), None)
     evals = [r["val_loss"] for r in records if "val_loss" in r]
     if hit is None:
