@@ -53,6 +53,7 @@ from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer
+from nanoqwen.tracking import TensorBoardLog, summary_writer_class
 
 STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
@@ -116,6 +117,8 @@ class TrainConfig:
     """Print a progress line every this many steps when stdout is not a terminal."""
     compile: bool | None = None
     """torch.compile the model (None: on CUDA only)."""
+    tensorboard: bool = False
+    """Also log the metrics and samples as TensorBoard events in RUN/tensorboard (needs the tensorboard package)."""
 
     def validate(self) -> TrainConfig:
         positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
@@ -135,6 +138,8 @@ class TrainConfig:
         if self.fit_to_time and self.schedule != "wsd":
             raise NanoQwenError("--fit-to-time needs --schedule wsd (whose rate does not depend on the run's "
                                 "length until its decay starts)")
+        if self.tensorboard:
+            summary_writer_class()  # one clear line now if the package is missing, not after preparing data
         return self
 
 
@@ -649,7 +654,8 @@ def train(run: Run) -> dict[str, Any]:
     summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
     start = tick = after_first = time.perf_counter()
     first_step = state.step + 1
-    with StopSignal() as stop:
+    tensorboard = TensorBoardLog(run.out, state.step) if cfg.tensorboard and main else None
+    with StopSignal() as stop, tensorboard or nullcontext():
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             train_loss, lr = train_step(run)
@@ -682,10 +688,14 @@ def train(run: Run) -> dict[str, Any]:
                     summary["stopped"], final = "early_stopping", True
             if main:
                 append_line(metrics_path, json.dumps(record) + "\n")
+            if tensorboard:
+                tensorboard.record(record)
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
                 summary["sample"] = sample(run)
                 if main:
                     append_line(samples_path, f"--- step {state.step}\n{summary['sample']}\n\n")
+                if tensorboard:
+                    tensorboard.sample(state.step, summary["sample"])
                 display.print(f"--- sample at step {state.step}:\n{summary['sample']}\n---")
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
@@ -756,6 +766,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         print(f"\nsample:\n{summary['sample']}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
+             ("TensorBoard events", out / "tensorboard"),
              ("run config", out / "config.json"), ("data", run.data)]
     print("files:")
     for label, path in files:

@@ -8,6 +8,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,6 +27,8 @@ from tests.train_helpers import (
     read_metrics,
     run_train,
     subprocess_env,
+    tensorboard_events,
+    tensorboard_scalars,
     train_command,
     train_in_process,
     train_losses,
@@ -47,7 +50,7 @@ def trained(data: Path, preset: Path, tmp_path_factory: pytest.TempPathFactory) 
     """One AdamW run of 40 steps, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("runs") / "adamw"
     assert train_in_process("--config", str(preset), "--data", str(data), "--out", str(out), *FAST,
-                            "--max-steps", "40", "--sample-interval", "20") == 0
+                            "--max-steps", "40", "--sample-interval", "20", "--tensorboard") == 0
     return out
 
 
@@ -117,6 +120,37 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     assert json.loads((trained / "last/train_state.json").read_text())["step"] == 40
     (trained / "loss.png").unlink()
     assert main(["plot", str(trained)]) == 0 and (trained / "loss.png").stat().st_size > 10_000
+
+
+def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
+    records = read_metrics(trained)
+    events = tensorboard_events(trained)
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/tokens_per_s", "val/loss", "val/accuracy", "val/bpb"} <= tags
+    for key, tag in [("train_loss", "train/loss"), ("lr", "train/lr"), ("val_loss", "val/loss"),
+                     ("val_bpb", "val/bpb")]:
+        expected = {r["step"]: r[key] for r in records if key in r}
+        got = {e.step: e.value for e in events.Scalars(tag)}
+        assert list(got) == list(expected), tag
+        np.testing.assert_allclose(list(got.values()), list(expected.values()), rtol=1e-6)  # stored as float32
+    samples = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("sample/text_summary")}
+    with (trained / "samples.txt").open(newline="") as f:  # as written: a sample may hold a bare \r
+        written = f.read()
+    assert list(samples) == [20, 40]
+    for step, text in samples.items():  # the indented markdown of the sample samples.txt holds for that step
+        assert text.replace("\n    ", "\n").removeprefix("    ") in written.split(f"--- step {step}\n")[1]
+
+
+def test_tensorboard_without_the_package_is_one_clear_line(data: Path, preset: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    for module in ("tensorboard", "torch.utils.tensorboard"):
+        monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
+    out = tmp_path / "no-tensorboard"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--tensorboard") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install tensorboard" in err
+    assert not out.exists()
 
 
 def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -198,7 +232,8 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
 def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path,
                                                                  optimizer: str) -> None:
-    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer]
+    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
+            "--tensorboard"]
     reference = tmp_path / "reference"
     done = run_train(*common(data, preset, reference), *args)
     assert done.returncode == 0, done.stderr
@@ -219,6 +254,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
     expected, got = train_losses(reference), train_losses(killed)
     assert list(got) == list(range(1, 121))
     assert got == expected  # bit for bit
+    # TensorBoard drops what the killed process logged after its last save: each step once, as in metrics.jsonl
+    logged = tensorboard_scalars(killed, "train/loss")
+    assert list(logged) == list(range(1, 121))
+    np.testing.assert_allclose(list(logged.values()), list(expected.values()), rtol=1e-6)
 
 
 def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Path) -> None:

@@ -8,8 +8,12 @@ import random
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nanoqwen.cli import main
+
+if TYPE_CHECKING:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 TINY_MODEL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
               "num_key_value_heads": 1, "head_dim": 16, "max_position_embeddings": 64, "max_window_layers": 2,
@@ -78,3 +82,16 @@ def read_metrics(run: Path) -> list[dict]:
 
 def train_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["train_loss"] for r in read_metrics(run)}
+
+
+def tensorboard_events(run: Path) -> EventAccumulator:
+    """What TensorBoard itself reads from RUN/tensorboard (every event file, with its purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    return events
+
+
+def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
+    return {e.step: e.value for e in tensorboard_events(run).Scalars(tag)}
