@@ -139,8 +139,8 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, residual: torch.Tensor) -> torch.Tensor:
-        """residual + attention(x)."""
-        B, T, _ = x.shape
+        """residual + attention(x). x is (B, T, C), or (B * T, C) token rows at inference."""
+        B, T = cos.shape[:2]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         inference = self.qkv_weight is not None and not torch.is_grad_enabled()
         if inference:  # one matmul instead of three
@@ -152,28 +152,28 @@ class Attention(nn.Module):
             q, k = apply_rope(self.qk_norm(qkv[:, :, :H + K]), cos, sin).split([H, K], dim=2)
         else:  # RMSNorm per head, then RoPE
             q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         if T == 1 and x.device.type == "cpu":
             y = decode_attention(q, k, v, mask)
         else:
             # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                               enable_gqa=H != K)  # (B, H, T, D)
-        return add_projection(residual, y.transpose(1, 2).reshape(B, T, H * D), self.o_proj, inference)
+            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                               is_causal=mask is None and T > 1, enable_gqa=H != K).transpose(1, 2)
+        return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj, inference)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Attention of one new query per row, as plain matmuls: on CPU, SDPA's kernel costs several times
-    the arithmetic at this size. q (B, H, 1, D), k/v (B, K, S, D), mask (B, 1, 1, S) -> (B, H, 1, D)."""
-    B, H, _, D = q.shape
-    K = k.shape[1]
-    q = q.reshape(B, K, H // K, D)  # the query heads that share each kv head, side by side
-    scores = torch.matmul(q, k.transpose(-1, -2)).mul_(D ** -0.5)  # (B, K, H/K, S)
+    """Attention of one new query per row, as two batched matmuls: on CPU, SDPA's kernel costs several
+    times the arithmetic at this size. q (B, 1, H, D), k/v (B, K, S, D), mask (B, 1, 1, S) -> (B, H * D)."""
+    B, _, H, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    q = q.reshape(B * K, H // K, D)  # the query heads that share each kv head, side by side
+    scores = torch.bmm(q, k.flatten(0, 1).transpose(1, 2)).mul_(D ** -0.5)  # (B * K, H/K, S)
     if mask is not None:
-        scores.masked_fill_(~mask, float("-inf"))
-    return torch.matmul(scores.softmax(-1), v).view(B, H, 1, D)
+        scores.view(B, K, H // K, S).masked_fill_(~mask, float("-inf"))
+    return torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H * D)
 
 
 class MLP(nn.Module):
@@ -195,11 +195,11 @@ class MLP(nn.Module):
 
 
 def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inference: bool) -> torch.Tensor:
-    """residual + linear(x): at inference one addmm, the add riding on the matmul (one op fewer, twice a
-    layer, in a decode step made of small ops). Training keeps the plain sum, whose dtype autocast leaves
-    alone."""
+    """residual + linear(x): at inference, on token rows, one addmm, the add riding on the matmul (one op
+    fewer, twice a layer, in a decode step made of small ops). Training keeps the plain sum, whose dtype
+    autocast leaves alone."""
     if inference:
-        return torch.addmm(residual.flatten(0, -2), x.flatten(0, -2), linear.weight.t()).view(residual.shape)
+        return torch.addmm(residual, x, linear.weight.t())
     return residual + linear(x)
 
 
@@ -239,6 +239,7 @@ class Qwen3(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
         self.activation_checkpointing = False
+        self.prepared_for_decoding = False
         self.init_weights()
 
     @torch.no_grad()
@@ -286,6 +287,7 @@ class Qwen3(nn.Module):
                     module.qk_norm = DecodeNorm(torch.cat((module.q_norm.weight.expand(module.n_heads, -1),
                                                            module.k_norm.weight.expand(module.n_kv_heads, -1))),
                                                 module.q_norm.eps)
+        self.prepared_for_decoding = True
         return self
 
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
@@ -332,11 +334,14 @@ class Qwen3(nn.Module):
             mask = allowed[:, None]  # (B, 1, T, S)
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        if self.prepared_for_decoding and not torch.is_grad_enabled():
+            x = x.view(B * T, -1)  # token rows: no reshaping around each matmul of a decode step
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and cache is None:
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
+        x = x.view(B, T, -1)
         if cache is not None:
             cache.length = start + T
         if logits_to_keep > 0:
