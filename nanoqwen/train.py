@@ -398,6 +398,7 @@ def setup(args: argparse.Namespace) -> Run:
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
     preset = load_preset(args.config or args.preset or default_preset_name(info.device))
+    apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
     if args.tokenizer and args.data:
         raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")

@@ -32,6 +32,7 @@ from tests.train_helpers import (
     train_command,
     train_in_process,
     train_losses,
+    write_corpus,
 )
 
 
@@ -151,6 +152,16 @@ def test_tensorboard_without_the_package_is_one_clear_line(data: Path, preset: P
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pip install tensorboard" in err
     assert not out.exists()
+
+
+def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=2)
+    assert train_in_process("--dataset", "texts", "--set", "num_attention_heads=3", "--max-steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "multiple of num_key_value_heads" in err
+    assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
 def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path) -> None:
