@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import inspect
 import json
 import math
@@ -779,23 +780,31 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
     try:
-        run_ = setup(args)
-        if run_.info.is_main:
-            cfg, m = run_.cfg, run_.model
-            print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}: "
-                  f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
-                  f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
-                  f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
-                  f"(micro-batch {cfg.micro_batch}, accumulation {run_.loader.accumulation}), "
-                  f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
-        summary = train(run_)
-        if run_.info.is_main:
-            from nanoqwen.plot import plot_run
-
-            plot_run(run_.out)
-            report(run_, summary, time.perf_counter() - started)
+        train_and_report(args)
     finally:
+        # Free the model (and with it DDP's or FSDP's hold on the process group) while the interpreter is whole,
+        # then the group: a group last freed during interpreter shutdown could abort the process as it exits
+        # (seen with gloo: "terminate called without an active exception" after a finished FSDP run).
+        gc.collect()
         shutdown_distributed()
     return 0
+
+
+def train_and_report(args: argparse.Namespace) -> None:
+    started = time.perf_counter()
+    run_ = setup(args)
+    if run_.info.is_main:
+        cfg, m = run_.cfg, run_.model
+        print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}: "
+              f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
+              f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
+              f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
+              f"(micro-batch {cfg.micro_batch}, accumulation {run_.loader.accumulation}), "
+              f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
+    summary = train(run_)
+    if run_.info.is_main:
+        from nanoqwen.plot import plot_run
+
+        plot_run(run_.out)
+        report(run_, summary, time.perf_counter() - started)
