@@ -54,6 +54,7 @@ from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer
+from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
 from nanoqwen.tracking import TensorBoardLog, summary_writer_class
 
 STATE_VERSION = 1
@@ -768,7 +769,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         print(f"\nsample:\n{summary['sample']}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
-             ("TensorBoard events", out / "tensorboard"),
+             ("TensorBoard events", out / TENSORBOARD_FOLDER),
              ("run config", out / "config.json"), ("data", run.data)]
     print("files:")
     for label, path in files:
