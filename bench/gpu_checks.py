@@ -5,6 +5,7 @@
     python bench/gpu_checks.py logits CKPT        # logits equal Transformers' on the GPU (fp32)
     python bench/gpu_checks.py serve CKPT         # `nanoqwen serve --device cuda` answers a completion
     python bench/gpu_checks.py flash              # training attention runs on SDPA's flash kernel (GQA, bf16)
+    python bench/gpu_checks.py cuda-graph CKPT    # decoding through the CUDA graph: same tokens, tokens/s
 
 $DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU.
 """
@@ -114,6 +115,47 @@ def flash() -> None:
           config.num_key_value_heads, "kv heads, head_dim", config.head_dim)
 
 
+def cuda_graph(checkpoint: str) -> None:
+    """The decode step replayed from a CUDA graph gives the usual eager step's logits (fp32, a left-padded
+    batch of two, 63 steps fed the same tokens), and greedy generation gives the same tokens; prints the
+    single-stream tokens/s of each. A capture that fails only warns in nanoqwen; here it fails the check."""
+    import warnings
+
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.generate import DecodeStep, SamplingParams, generate_ids
+
+    warnings.simplefilter("error")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    model, tokenizer = load_checkpoint(checkpoint, torch.device(DEVICE), torch.float32)
+    model.prepare_for_decoding()
+    pair = [tokenizer.encode("ROMEO:"), tokenizer.encode("What light through yonder window breaks? It is")]
+    width = max(map(len, pair))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in pair], device=DEVICE)
+    real = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in pair], device=DEVICE)
+    gap = 0.0
+    with torch.inference_mode():
+        caches = [model.new_cache(2, width + 64) for _ in range(2)]
+        token = [model(ids, cache=c, attention_mask=real, logits_to_keep=1) for c in caches][0][:, -1].argmax(-1)
+        step = DecodeStep(model, caches[1], capture=DEVICE == "cuda")
+        for _ in range(63):
+            usual, replayed = model(token[:, None], cache=caches[0]), step(token)
+            gap = max(gap, (usual - replayed).abs().max().item())
+            token = usual[:, -1].argmax(-1)
+    print(f"largest logit gap, graph against eager, fp32 on {DEVICE}: {gap:.2e}; captured: {step.graph is not None}")
+    assert gap < 1e-3 and (step.graph is not None or DEVICE != "cuda"), gap
+    params = SamplingParams(max_new_tokens=64, temperature=0)
+    usual, graph = (list(generate_ids(model, pair, params, fixed_shapes=fixed)) for fixed in (False, True))
+    assert graph == usual, "greedy generation through the graph chose other tokens"
+    params.max_new_tokens = 256
+    for run, fixed in enumerate((False, True, False, True)):  # the first two warm up
+        started = time.perf_counter()
+        steps = sum(1 for _ in generate_ids(model, pair[:1], params, fixed_shapes=fixed))
+        seconds = time.perf_counter() - started
+        print(f"{'warm-up' if run < 2 else 'timed'}: single stream, {steps} tokens, {steps / seconds:.0f} tok/s "
+              f"{'with fixed shapes (a CUDA graph on CUDA)' if fixed else 'eager'}")
+
+
 if __name__ == "__main__":
-    checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve, "flash": flash}
+    checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve, "flash": flash,
+              "cuda-graph": cuda_graph}
     checks[sys.argv[1]](*sys.argv[2:])

@@ -4,7 +4,7 @@
 # Each stage fits one 10-minute call and writes STAGE.log (everything) and STAGE.md (the result) to $OUT.
 #   check1    the single-GPU paths, PASS/FAIL each: prepare; train (bf16 autocast, torch.compile, fused
 #             AdamW) and its loss falls; SDPA's flash kernel takes GQA; logits equal Transformers'; eval,
-#             sample, serve; fp16 + GradScaler; Muon
+#             decoding through a CUDA graph; sample, serve; fp16 + GradScaler; Muon
 #   check2    a run stopped by SIGTERM and resumed follows the uninterrupted one; DDP over NCCL and FSDP2
 #             under torchrun (one process: the code path, not the scaling)
 #   train     bench/train.py --device cuda --parts speed mfu (vs Transformers; MFU of qwen3-0.6b at 2048)
@@ -47,6 +47,7 @@ check1)
     check flash-attention-gqa python3 bench/gpu_checks.py flash
     check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
     check eval python3 -m nanoqwen eval --model "$w/a/best" --data "$w/data" --device "$DEVICE" --max-windows 32
+    check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
     check sample python3 -m nanoqwen sample --model "$w/a/best" --prompt "ROMEO:" --max-new-tokens 40 \
         --device "$DEVICE"
     check serve python3 bench/gpu_checks.py serve "$w/a/best"

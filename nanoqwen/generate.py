@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.model import Qwen3
+from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
 
@@ -147,13 +148,61 @@ def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
     return min(max_new_tokens, context - prompt_len)
 
 
+class DecodeStep:
+    """The one-token steps of a generation, over a cache with fixed shapes (KVCache.fix_shapes).
+
+    With `capture` (CUDA), the first step runs for real and is then captured as a CUDA graph, which every
+    later step replays: a small model's decode step is hundreds of kernel launches from Python, so on a
+    GPU it is launch-bound, and one replay launches them all at once. Without it the same step runs
+    eagerly, which is how the tests check it on CPU. If capturing fails, it warns and stays eager.
+    """
+
+    def __init__(self, model: Qwen3, cache: KVCache, capture: bool) -> None:
+        cache.fix_shapes()
+        self.model, self.cache, self.capture = model, cache, capture
+        self.token = torch.zeros(cache.key_valid.shape[0], 1, dtype=torch.long, device=cache.keys.device)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.logits = torch.empty(0)  # the graph's output, rewritten by each replay
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        """Logits (B, 1, V) after feeding one token (B,) per row. With a graph they live in one buffer
+        that the next call overwrites."""
+        self.token.copy_(token[:, None])
+        if self.graph is not None:
+            self.graph.replay()
+            self.cache.length += 1
+            return self.logits
+        if not self.capture:
+            return self.model(self.token, cache=self.cache)
+        self.capture = False
+        # Warm up on a side stream, as CUDA graphs require (lazy initializations must not be captured):
+        # the warm-up is this step, done for real.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self.model(self.token, cache=self.cache)
+        torch.cuda.current_stream().wait_stream(side)
+        length, graph = self.cache.length, torch.cuda.CUDAGraph()
+        try:  # capturing records the kernels without running them, so the cache does not move
+            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                self.logits = self.model(self.token, cache=self.cache)
+            self.graph = graph
+        except RuntimeError as error:
+            warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({error})", stacklevel=2)
+        finally:
+            self.cache.length = length  # the capture ran the Python side of a step that did not happen
+        return logits
+
+
 @torch.inference_mode()
-def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams) -> Iterator[list[int | None]]:
+def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
+                 fixed_shapes: bool | None = None) -> Iterator[list[int | None]]:
     """Yield, step by step, the new token of every row (None for rows that have finished).
 
     Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
     A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at the
-    token budget.
+    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None
+    (the default) means: on CUDA only.
     """
     params.validate()
     device = model.model.embed_tokens.weight.device
@@ -177,6 +226,9 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams)
     logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
+    if fixed_shapes is None:
+        fixed_shapes = device.type == "cuda"
+    decode_step = DecodeStep(model, cache, capture=device.type == "cuda") if fixed_shapes else None
     for step in range(budget):
         token = next_tokens(logits[:, -1].float(), params, generator, penalties)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
@@ -185,7 +237,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams)
             return
         if penalties is not None:
             penalties.record(token)
-        logits = model(token[:, None], cache=cache)
+        logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
 
 
 class TextStream:

@@ -105,16 +105,28 @@ class KVCache:
         self.length = 0  # slots filled so far, the same for every row
         self.padded = False  # some slot holds padding, so every step needs an explicit mask
         self.max_len = max_len
+        self.slot: torch.Tensor | None = None  # (1,) the next slot, kept on the device once shapes are fixed
+
+    def fix_shapes(self) -> None:
+        """From here on, each step takes one token per row, writes it at a slot held on the device and
+        attends the whole buffer under the `key_valid` mask: every step has the same shapes and reads
+        nothing back to the host, so one CUDA graph can replay them all (see generate.DecodeStep)."""
+        self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, K, T, D) keys/values; return all of them so far, (B, K, S, D)."""
+        """Store this step's (B, K, T, D) keys/values; return all of them so far, (B, K, S, D) (with fixed
+        shapes: the whole buffer, S = max_len)."""
+        if self.slot is not None:
+            self.keys[layer].index_copy_(2, self.slot, k)
+            self.values[layer].index_copy_(2, self.slot, v)
+            return self.keys[layer], self.values[layer]
         end = self.length + k.shape[2]
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
     def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` of the batch (e.g. drop finished sequences)."""
+        """Keep only `rows` of the batch (e.g. drop finished sequences). New tensors: not for fixed shapes."""
         self.keys = self.keys[:, rows]
         self.values = self.values[:, rows]
         self.key_valid = self.key_valid[rows]
@@ -308,6 +320,8 @@ class Qwen3(nn.Module):
         start = cache.length if cache is not None else 0
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} were asked for")
+        if cache is not None and cache.slot is not None:
+            return self._fixed_shape_step(input_ids, cache)
         if attention_mask is None:
             steps = torch.arange(T, device=device)
             positions = steps.expand(B, T) if cache is None else cache.next_position[:, None] + steps
@@ -332,6 +346,18 @@ class Qwen3(nn.Module):
             allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
             allowed |= key_slot[None, None, :] == query_slot[None, :, None]  # a padding row still sees itself
             mask = allowed[:, None]  # (B, 1, T, S)
+        x = self.blocks(input_ids, positions, mask, cache)
+        if cache is not None:
+            cache.length = start + T
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
+        x = self.model.norm(x)
+        return x if return_hidden else self.lm_head(x)
+
+    def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+               cache: KVCache | None) -> torch.Tensor:
+        """Embeddings and every decoder layer: (B, T) ids at (B, T) RoPE positions -> (B, T, C)."""
+        B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
         if self.prepared_for_decoding and not torch.is_grad_enabled():
@@ -341,10 +367,18 @@ class Qwen3(nn.Module):
                 x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask, cache)
-        x = x.view(B, T, -1)
-        if cache is not None:
-            cache.length = start + T
-        if logits_to_keep > 0:
-            x = x[:, -logits_to_keep:]
-        x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)
+        return x.view(B, T, -1)
+
+    def _fixed_shape_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """forward() of one token per row over a cache with fixed shapes (KVCache.fix_shapes): all the
+        bookkeeping happens in device tensors, so a CUDA graph of this step stays right on replay."""
+        if input_ids.shape[1] != 1:
+            raise ValueError(f"a fixed-shape cache takes one token per row, not {input_ids.shape[1]}")
+        positions = cache.next_position[:, None].clone()
+        cache.key_valid.index_fill_(1, cache.slot, True)
+        cache.next_position += 1
+        # Slots after this one are not valid yet, so the validity mask is the causal mask too.
+        x = self.blocks(input_ids, positions, cache.key_valid[:, None, None, :], cache)
+        cache.slot += 1
+        cache.length += 1
+        return self.lm_head(self.model.norm(x))

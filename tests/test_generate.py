@@ -81,6 +81,39 @@ def test_batched_prompts_equal_one_by_one(checkpoint):
     assert together == alone
 
 
+@pytest.mark.parametrize("prepared", [False, True])
+def test_fixed_shape_decoding_equals_the_usual_path(checkpoint, prepared):
+    """The decode step that CUDA graphs replay (whole cache under a mask, slots on the device), run eagerly:
+    padded prompts, greedy and sampled, give the same tokens, and its logits match the usual step's."""
+    model, tokenizer = load_checkpoint(checkpoint)
+    if prepared:
+        model.prepare_for_decoding()
+    prompts = [tokenizer.encode(p) for p in ["a", "The rain in Spain stays mainly", "1 2 3 4"]]
+    for params in (SamplingParams(max_new_tokens=16, temperature=0),
+                   SamplingParams(max_new_tokens=16, temperature=1.0, top_k=20, seed=3, repetition_penalty=1.3)):
+        usual = list(generate_ids(model, prompts, params, fixed_shapes=False))
+        fixed = list(generate_ids(model, prompts, params, fixed_shapes=True))
+        assert fixed == usual and len(usual) == 16
+    ids = torch.tensor([prompts[1]])
+    with torch.inference_mode():
+        caches = [model.new_cache(1, ids.shape[1] + 4) for _ in range(2)]
+        for cache in caches:
+            model(ids, cache=cache)
+        caches[1].fix_shapes()
+        for token in (5, 6, 7):
+            usual, fixed = (model(torch.tensor([[token]]), cache=cache) for cache in caches)
+            torch.testing.assert_close(fixed, usual, rtol=1e-5, atol=1e-5)
+        assert caches[1].length == caches[0].length == ids.shape[1] + 3
+        assert int(caches[1].slot) == caches[1].length and torch.equal(caches[1].next_position, caches[0].next_position)
+        model(torch.tensor([[8]]), cache=caches[1])  # the last slot
+        with pytest.raises(ValueError, match="KV cache holds"):
+            model(torch.tensor([[9]]), cache=caches[1])
+        fresh = model.new_cache(1, 4)
+        fresh.fix_shapes()
+        with pytest.raises(ValueError, match="one token per row"):
+            model(torch.tensor([[1, 2]]), cache=fresh)
+
+
 def test_same_seed_same_text(checkpoint):
     model, tokenizer = load_checkpoint(checkpoint)
     params = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
