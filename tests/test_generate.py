@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 import transformers
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
 
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
 from nanoqwen.errors import NanoQwenError
@@ -112,6 +114,67 @@ def test_fixed_shape_decoding_equals_the_usual_path(checkpoint, prepared):
         fresh.fix_shapes()
         with pytest.raises(ValueError, match="one token per row"):
             model(torch.tensor([[1, 2]]), cache=fresh)
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records every aten call made inside it, as a CUDA graph records kernels, so that the calls can be
+    replayed later with none of the Python that made them: tensors the block did not create (weights, the
+    cache, the input buffer) are used again as they are; those it created are made anew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.calls.append((func, args, kwargs or {}, out))
+        return out
+
+    def replay(self) -> dict[int, torch.Tensor]:
+        """Run the calls again; maps id(a tensor made while recording) -> the tensor made for it now."""
+        made: dict[int, torch.Tensor] = {}
+
+        def now(x):
+            return made.get(id(x), x) if isinstance(x, torch.Tensor) else x
+
+        for func, args, kwargs, out in self.calls:
+            again = func(*tree_map(now, args), **tree_map(now, kwargs))
+            made.update((id(old), new) for old, new in zip(tree_leaves(out), tree_leaves(again))
+                        if isinstance(old, torch.Tensor))
+        return made
+
+
+@pytest.mark.parametrize("prepared", [False, True])
+def test_fixed_shape_step_replays_without_its_python(checkpoint, prepared):
+    """A CUDA graph keeps only the ops of the step it captured. Replaying the ops recorded at one fixed-shape
+    step, over a left-padded batch, must go on giving the usual step's logits at every later position (no op
+    may depend on host-side state such as `cache.length`), and the step must read nothing back to the host."""
+    model, _ = load_checkpoint(checkpoint)
+    if prepared:
+        model.prepare_for_decoding()
+    ids = torch.tensor([[0, 0, 0, 5, 6], [1, 2, 3, 4, 5]])
+    real = torch.tensor([[0, 0, 0, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.inference_mode():
+        usual_cache, fixed_cache = model.new_cache(2, 12), model.new_cache(2, 12)
+        expected = model(ids, cache=usual_cache, attention_mask=real, logits_to_keep=1)
+        model(ids, cache=fixed_cache, attention_mask=real, logits_to_keep=1)
+        fixed_cache.fix_shapes()
+        token = torch.zeros(2, 1, dtype=torch.long)  # the step's input buffer
+        for step in range(7):
+            token.copy_(expected[:, -1].argmax(-1, keepdim=True))
+            if step == 0:
+                with OpRecorder() as recorder:
+                    output = model(token, cache=fixed_cache)
+                aten = torch.ops.aten
+                host_reads = {aten.item.default, aten._local_scalar_dense.default, aten.is_nonzero.default,
+                              aten.equal.default}
+                assert not host_reads & {call[0] for call in recorder.calls}
+                logits = output
+            else:
+                logits = recorder.replay()[id(output)]
+            expected = model(token.clone(), cache=usual_cache)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+    assert int(fixed_cache.slot) == usual_cache.length == 12
 
 
 def test_same_seed_same_text(checkpoint):
