@@ -201,8 +201,9 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
 
     Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
     A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at the
-    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None
-    (the default) means: on CUDA only.
+    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA. None (the
+    default) means: on CUDA, for a model prepared for decoding (`nanoqwen sample`, `chat`), outside
+    autocast; not for the samples taken during training, where the model may be sharded or autocast.
     """
     params.validate()
     device = model.model.embed_tokens.weight.device
@@ -227,7 +228,8 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     if fixed_shapes is None:
-        fixed_shapes = device.type == "cuda"
+        fixed_shapes = (device.type == "cuda" and model.prepared_for_decoding
+                        and not torch.is_autocast_enabled(device.type))
     decode_step = DecodeStep(model, cache, capture=device.type == "cuda") if fixed_shapes else None
     for step in range(budget):
         token = next_tokens(logits[:, -1].float(), params, generator, penalties)
