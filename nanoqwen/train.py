@@ -60,8 +60,9 @@ from nanoqwen.tracking import TensorBoardLog, summary_writer_class
 STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 # Dense bf16 peak FLOP/s per GPU, for MFU (matched against torch.cuda.get_device_name()).
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "GH200": 989e12, "A100": 312e12, "L40S": 362e12,
-                   "L4": 121e12, "A10": 125e12}
+# Dense bf16 peaks by device-name substring; the first match wins, so variants come before their family.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
 
 
 @dataclass
