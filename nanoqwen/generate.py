@@ -151,15 +151,17 @@ def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
 class DecodeStep:
     """The one-token steps of a generation, over a cache with fixed shapes (KVCache.fix_shapes).
 
-    With `capture` (CUDA), the first step runs for real and is then captured as a CUDA graph, which every
-    later step replays: a small model's decode step is hundreds of kernel launches from Python, so on a
-    GPU it is launch-bound, and one replay launches them all at once. Without it the same step runs
-    eagerly, which is how the tests check it on CPU. If capturing fails, it warns and stays eager.
+    With `capture` (CUDA), step number `capture_at` runs for real and is then captured as a CUDA graph,
+    which every later step replays: a small model's decode step is hundreds of kernel launches from
+    Python, so on a GPU it is launch-bound, and one replay launches them all at once. Steps before it,
+    and every step without `capture`, run eagerly (that is how the tests check it on CPU). If capturing
+    fails, it warns and stays eager.
     """
 
-    def __init__(self, model: Qwen3, cache: KVCache, capture: bool) -> None:
+    def __init__(self, model: Qwen3, cache: KVCache, capture: bool, capture_at: int = 1) -> None:
         cache.fix_shapes()
         self.model, self.cache, self.capture = model, cache, capture
+        self.eager_steps_left = capture_at - 1
         self.token = torch.zeros(cache.key_valid.shape[0], 1, dtype=torch.long, device=cache.keys.device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.logits = torch.empty(0)  # the graph's output, rewritten by each replay
@@ -172,7 +174,8 @@ class DecodeStep:
             self.graph.replay()
             self.cache.length += 1
             return self.logits
-        if not self.capture:
+        if not self.capture or self.eager_steps_left > 0:
+            self.eager_steps_left -= 1
             return self.model(self.token, cache=self.cache)
         self.capture = False
         # Warm up on a side stream, as CUDA graphs require (lazy initializations must not be captured):

@@ -290,10 +290,12 @@ def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, url: str) ->
     assert httpx.get(f"{url}/health").json()["tokens_generated"] - before == sum(12 + i for i in range(16))
 
 
-def test_engine_batches_requests_that_join_and_leave(local) -> None:
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_engine_batches_requests_that_join_and_leave(local, fixed_shapes: bool) -> None:
     """In-process: more requests than rows, arriving while others decode, with mixed sampling settings
     (penalties and logprobs for some rows only), give what each gives alone (greedy and seeded alike);
-    no state leaks between rows."""
+    no state leaks between rows. With fixed shapes, the batches decode through the step a GPU captures
+    as a CUDA graph (run eagerly here), and still give what the usual step gives alone."""
     model, tokenizer = local
     requests = []
     for i, text in enumerate(PROMPTS[:10]):
@@ -318,25 +320,30 @@ def test_engine_batches_requests_that_join_and_leave(local) -> None:
                 return text, event.completion_tokens, logprobs
 
     async def main() -> tuple[list, list]:
-        engine = Engine(model, tokenizer, max_batch_size=3)
+        usual = Engine(model, tokenizer, max_batch_size=3, fixed_shapes=False)
+        engine = Engine(model, tokenizer, max_batch_size=3, fixed_shapes=fixed_shapes)
         rebuild = engine._rebuild_cache
 
         def record(survivors: list, admitted: list) -> None:  # see that rows really join running batches
             batches.append((len(survivors), len(admitted)))
             rebuild(survivors, admitted)
+            steppers.append(engine._decode_step is not None)
 
         engine._rebuild_cache = record  # type: ignore[method-assign]
+        usual.start()
         engine.start()
         try:
-            alone = [await run(engine, p, params, 0) for p, params in requests]
+            alone = [await run(usual, p, params, 0) for p, params in requests]
             together = await asyncio.gather(*(run(engine, p, params, 0.01 * i)
                                               for i, (p, params) in enumerate(requests)))
             assert engine.stats()["waiting"] == 0
             return alone, list(together)
         finally:
+            usual.stop()
             engine.stop()
 
     batches: list[tuple[int, int]] = []
+    steppers: list[bool] = []  # after each rebuild: does the batch decode through a DecodeStep?
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: one thread is fastest, and immune to a busy machine
     try:
@@ -345,6 +352,7 @@ def test_engine_batches_requests_that_join_and_leave(local) -> None:
         torch.set_num_threads(threads)
     assert [(text, n) for text, n, _ in together] == [(text, n) for text, n, _ in alone]
     assert max(s + a for s, a in batches) == 3 and any(s and a for s, a in batches)
+    assert steppers == [fixed_shapes and bool(s + a) for s, a in batches]
     assert [n for _, n, _ in alone] == [params.max_new_tokens for _, params in requests]
     for i, ((_, n, logprobs), (_, _, batched)) in enumerate(zip(alone, together)):
         assert len(logprobs) == (n if i % 2 == 0 else 0)  # one entry per sampled token, for rows that asked

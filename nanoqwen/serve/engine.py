@@ -15,6 +15,9 @@ Long prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per st
 are decoding, so a long prompt arriving delays the running streams by one chunk's time per token
 instead of stalling them for its whole prefill. Chunk boundaries depend only on the prompt, so a
 request gives the same tokens whatever runs beside it.
+
+On CUDA, a batch that keeps its rows for a few steps is decoded through a captured CUDA graph
+(generate.DecodeStep over the batch cache with fixed shapes); each rebuilt cache gets its own.
 """
 
 from __future__ import annotations
@@ -27,11 +30,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from nanoqwen.generate import Penalties, SamplingParams, TextStream, check_fits, next_tokens, token_logprobs
+from nanoqwen.generate import (
+    DecodeStep,
+    Penalties,
+    SamplingParams,
+    TextStream,
+    check_fits,
+    next_tokens,
+    token_logprobs,
+)
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
 log = logging.getLogger("nanoqwen.serve")
+# A batch is captured as a CUDA graph at its 4th decode step: rows join and leave often while requests
+# arrive, and a capture costs about two eager steps, so only a batch that has settled is worth one.
+CAPTURE_AT = 4
 
 
 @dataclass
@@ -130,12 +144,18 @@ class Engine:
     """Runs all model work on one thread. `submit` is called from the event loop."""
 
     def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32,
-                 prefill_chunk: int = 512) -> None:
+                 prefill_chunk: int = 512, fixed_shapes: bool | None = None) -> None:
+        """`fixed_shapes`: decode each batch through a DecodeStep (a CUDA graph on CUDA, once the batch
+        has kept its rows for CAPTURE_AT steps). None means: on CUDA, for a model prepared for decoding."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self.device = model.model.embed_tokens.weight.device
+        if fixed_shapes is None:
+            fixed_shapes = self.device.type == "cuda" and model.prepared_for_decoding
+        self.fixed_shapes = fixed_shapes
+        self._decode_step: DecodeStep | None = None  # over self._cache, when fixed_shapes
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
         self._active: list[Sequence] = []  # rows of the batch, in cache row order
@@ -198,7 +218,7 @@ class Engine:
                     for seq in self._active + self._waiting:
                         seq.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                         seq.job.cancel()
-                    self._active, self._waiting, self._cache = [], [], None
+                    self._active, self._waiting, self._cache, self._decode_step = [], [], None, None
 
     def _collect(self, block: bool) -> None:
         """Move newly submitted sequences into the waiting list; sleep here when there is no work."""
@@ -255,8 +275,11 @@ class Engine:
 
     def _decode(self) -> None:
         rows = self._active
-        tokens = torch.tensor([[s.pending] for s in rows], dtype=torch.long, device=self.device)  # (B, 1)
-        logits = self.model(tokens, cache=self._cache)[:, -1].float()  # (B, V)
+        tokens = torch.tensor([s.pending for s in rows], dtype=torch.long, device=self.device)  # (B,)
+        if self._decode_step is not None:
+            logits = self._decode_step(tokens)[:, -1].float()  # (B, V), read before the next step
+        else:
+            logits = self.model(tokens[:, None], cache=self._cache)[:, -1].float()
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in rows) else []
         sampled = [greedy[row] if seq.plain_greedy else
                    int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties)[0])
@@ -318,6 +341,7 @@ class Engine:
         old_row = {id(s): row for row, s in enumerate(self._active)}
         rows = survivors + admitted
         self._active = rows
+        self._decode_step = None
         if not rows:
             self._cache = None
             return
@@ -347,4 +371,7 @@ class Engine:
         # Only a batch with invalid slots needs a mask; a lone request decodes exactly as `generate` does.
         cache.padded = not bool(cache.key_valid[:, :span].all())
         self._cache = cache
+        if self.fixed_shapes:
+            self._decode_step = DecodeStep(self.model, cache, capture=self.device.type == "cuda",
+                                           capture_at=CAPTURE_AT)
 
