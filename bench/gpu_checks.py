@@ -3,7 +3,7 @@
     python bench/gpu_checks.py loss-falls RUN     # bf16 autocast and torch.compile were used; the loss fell
     python bench/gpu_checks.py resume DATA W [TRAIN ARGS]  # stopped by SIGTERM and resumed: follows the full run
     python bench/gpu_checks.py logits CKPT        # logits equal Transformers' on the GPU (fp32)
-    python bench/gpu_checks.py serve CKPT         # `nanoqwen serve --device cuda` answers a completion
+    python bench/gpu_checks.py serve CKPT         # `nanoqwen serve` batches four greedy requests: eager text
     python bench/gpu_checks.py flash              # training attention runs on SDPA's flash kernel (GQA, bf16)
     python bench/gpu_checks.py cuda-graph CKPT    # decoding through the CUDA graph: same tokens, tokens/s
 
@@ -84,16 +84,33 @@ def logits(checkpoint: str) -> None:
 
 
 def serve(checkpoint: str) -> None:
+    """`nanoqwen serve` on the device (fp32) answers four greedy completions sent together, one batch that
+    its engine decodes through a CUDA graph after four steps, with the text of eager `generate` here."""
+    import asyncio
+
     import httpx
 
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.generate import SamplingParams, generate
     from tests.serve_helpers import run_server
 
+    prompts = ["ROMEO:", "JULIET:", "What light through yonder", "To be, or not"]
+    model, tokenizer = load_checkpoint(checkpoint, torch.device(DEVICE), torch.float32)
+    params = SamplingParams(max_new_tokens=24, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    expected = [generate(model.prepare_for_decoding(), tokenizer, [p], params)[0].text for p in prompts]
+
+    async def ask_together(url: str) -> list[dict]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            replies = await asyncio.gather(*(client.post(f"{url}/v1/completions", json={
+                "prompt": p, "max_tokens": 24, "temperature": 0, "stop": []}) for p in prompts))
+        return [r.json() for r in replies]
+
     with tempfile.TemporaryDirectory() as tmp, run_server(Path(checkpoint), Path(tmp) / "serve.log",
-                                                            "--device", DEVICE) as url:
-        body = {"prompt": "ROMEO:", "max_tokens": 16, "temperature": 0}
-        reply = httpx.post(f"{url}/v1/completions", json=body, timeout=120).json()
-        print(reply)
-        assert reply["usage"]["completion_tokens"] == 16, reply
+                                                            "--device", DEVICE, "--dtype", "float32") as url:
+        replies = asyncio.run(ask_together(url))
+    for reply, text in zip(replies, expected):
+        print(reply["choices"][0]["text"][:60].replace("\n", " | "), reply["usage"])
+        assert reply["choices"][0]["text"] == text, (reply, text)
 
 
 def flash() -> None:
