@@ -141,7 +141,7 @@ def cuda_graph(checkpoint: str) -> None:
     from nanoqwen.checkpoint import load_checkpoint
     from nanoqwen.generate import DecodeStep, SamplingParams, generate_ids
 
-    warnings.simplefilter("error")
+    warnings.filterwarnings("error", message="decoding without a CUDA graph")
     torch.backends.cuda.matmul.allow_tf32 = False
     model, tokenizer = load_checkpoint(checkpoint, torch.device(DEVICE), torch.float32)
     model.prepare_for_decoding()
