@@ -3,6 +3,7 @@
     python bench/generate.py                      # two random `tiny`-preset models (see below)
     python bench/generate.py --model runs/NAME/best --new-tokens 256
     python bench/generate.py --device cuda        # on a GPU, both libraries in bfloat16
+    python bench/generate.py --preset qwen3-0.6b  # one random model of that preset, Qwen3 vocabulary
 
 Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
 `nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
@@ -228,10 +229,10 @@ def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int
     return pauses
 
 
-def random_checkpoint(directory: Path, vocab: str) -> Path:
-    """The `tiny` preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or at its own size."""
+def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny") -> Path:
+    """A preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or `tiny` at its own size."""
     if vocab == "qwen3":
-        subprocess.run([sys.executable, "-m", "nanoqwen", "init", "--preset", "tiny", "--out", str(directory)],
+        subprocess.run([sys.executable, "-m", "nanoqwen", "init", "--preset", preset, "--out", str(directory)],
                        check=True, stdout=subprocess.DEVNULL)
         return directory
     torch.manual_seed(0)
@@ -241,6 +242,7 @@ def random_checkpoint(directory: Path, vocab: str) -> Path:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", type=Path, default=None, help="checkpoint folder (default: the two random models)")
+    p.add_argument("--preset", default=None, help="instead: one random model of this preset, Qwen3 vocabulary")
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3, help="processes per library, alternating")
     p.add_argument("--runs", type=int, default=3, help="timed generations per process")
@@ -269,9 +271,13 @@ def main() -> None:
 
     rows: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
-        models = ([("given", args.model)] if args.model else
-                  [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3")),
-                   ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192"))])
+        if args.model:
+            models = [("given", args.model)]
+        elif args.preset:
+            models = [("qwen3", random_checkpoint(Path(tmp) / args.preset, "qwen3", args.preset))]
+        else:
+            models = [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3")),
+                      ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192"))]
         for kind, model_dir in models:
             vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read

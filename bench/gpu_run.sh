@@ -9,7 +9,8 @@
 #             under torchrun (one process: the code path, not the scaling)
 #   train     bench/train.py --device cuda --parts speed mfu (vs Transformers; MFU of qwen3-0.6b at 2048)
 #   target    bench/train.py --device cuda --parts target (time for `demo` to reach the target val loss)
-#   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server)
+#   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server),
+#             then the same single-stream figures for a random qwen3-0.6b
 # DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
 set -uo pipefail
 stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate}
@@ -60,7 +61,10 @@ check2)
     check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
 train) limit=570 check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
 target) limit=570 check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 6 ;;
-generate) limit=570 check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3 ;;
+generate)
+    limit=380 check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3
+    limit=170 check bench-generate-0.6b python3 bench/generate.py --device cuda --preset qwen3-0.6b --no-server \
+        --repeats 2 --runs 2 ;;
 *) echo "unknown stage $stage: check1, check2, train, target or generate" >&2; exit 2 ;;
 esac
 case $stage in train | target | generate) grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result" ;; esac
