@@ -146,7 +146,7 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
 
 def mfu_row(device: str) -> str:
     """Tokens/s and MFU of nanoqwen's qwen3-0.6b at seq 2048 (bf16, compile, fused AdamW)."""
-    from nanoqwen.train import flops_per_token, peak_flops
+    from nanoqwen.tracking import flops_per_token, peak_flops
 
     config = load_preset("qwen3-0.6b").model
     result = run_worker("nanoqwen", "qwen3-0.6b", 8, 2048, 8, 3, device, True)

@@ -1,20 +1,79 @@
-"""TensorBoard, when asked for (`nanoqwen train --tensorboard`): every metrics.jsonl record as scalars and
-every sample as text, in RUN/tensorboard, so `tensorboard --logdir runs` compares runs live.
+"""What a run reports as it goes: the live progress display, MFU, and TensorBoard.
 
+TensorBoard, when asked for (`nanoqwen train --tensorboard`): every metrics.jsonl record as scalars and
+every sample as text, in RUN/tensorboard, so `tensorboard --logdir runs` compares runs live.
 metrics.jsonl stays the record of truth; this mirrors it. The `tensorboard` package is optional:
 asking for it without the package is one clear line before training starts.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from nanoqwen.config import ModelConfig
 from nanoqwen.errors import NanoQwenError
 
 FOLDER = "tensorboard"
+# Dense bf16 peak FLOP/s per GPU, for MFU, by device-name substring (torch.cuda.get_device_name()); the first
+# match wins, so variants come before their family.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
+                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
 
 
+# -- progress and MFU ------------------------------------------------------------------------------
+def flops_per_token(config: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (PaLM's count): 6 per weight used in a matmul, plus attention.
+
+    Every weight is a matmul weight except an untied embedding table (a lookup); a tied one is the head.
+    """
+    lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
+    matmul_params = config.num_params() - lookup
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6 * matmul_params + attention
+
+
+def peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+class Display:
+    """A live progress bar on a terminal; plain lines every `log_interval` steps otherwise."""
+
+    def __init__(self, enabled: bool, first: int, total: int, log_interval: int) -> None:
+        self.enabled, self.total, self.log_interval = enabled, total, log_interval
+        self.progress = None
+        if enabled and sys.stdout.isatty():
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+            self.progress = Progress(BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
+            self.task = self.progress.add_task("train", total=total, completed=first, info="")
+            self.progress.start()
+
+    def update(self, step: int, info: str) -> None:
+        if not self.enabled:
+            return
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, total=self.total, info=info)
+        elif step % self.log_interval == 0 or step in (1, self.total):
+            print(f"step {step}/{self.total} | {info}", flush=True)
+
+    def print(self, text: str) -> None:
+        if self.enabled:
+            (self.progress.console.print if self.progress is not None else print)(text)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+# -- TensorBoard ----------------------------------------------------------------------------------
 def summary_writer_class() -> type:
     """torch's SummaryWriter, or one clear line when the tensorboard package is missing."""
     try:

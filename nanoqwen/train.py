@@ -55,14 +55,11 @@ from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
-from nanoqwen.tracking import TensorBoardLog, summary_writer_class
+from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops, summary_writer_class
 
 STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
-# Dense bf16 peak FLOP/s per GPU, for MFU (matched against torch.cuda.get_device_name()).
-# Dense bf16 peaks by device-name substring; the first match wins, so variants come before their family.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
+
 
 
 @dataclass
@@ -262,54 +259,6 @@ class StopSignal:
     def __exit__(self, *exc: Any) -> None:
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def flops_per_token(config: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token (PaLM's count): 6 per weight used in a matmul, plus attention.
-
-    Every weight is a matmul weight except an untied embedding table (a lookup); a tied one is the head.
-    """
-    lookup = 0 if config.tie_word_embeddings else config.vocab_size * config.hidden_size
-    matmul_params = config.num_params() - lookup
-    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
-    return 6 * matmul_params + attention
-
-
-def peak_flops(device: torch.device) -> float | None:
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
-
-
-class Display:
-    """A live progress bar on a terminal; plain lines every `log_interval` steps otherwise."""
-
-    def __init__(self, enabled: bool, first: int, total: int, log_interval: int) -> None:
-        self.enabled, self.total, self.log_interval = enabled, total, log_interval
-        self.progress = None
-        if enabled and sys.stdout.isatty():
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
-
-            self.progress = Progress(BarColumn(bar_width=20), MofNCompleteColumn(), TextColumn("{task.fields[info]}"))
-            self.task = self.progress.add_task("train", total=total, completed=first, info="")
-            self.progress.start()
-
-    def update(self, step: int, info: str) -> None:
-        if not self.enabled:
-            return
-        if self.progress is not None:
-            self.progress.update(self.task, completed=step, total=self.total, info=info)
-        elif step % self.log_interval == 0 or step in (1, self.total):
-            print(f"step {step}/{self.total} | {info}", flush=True)
-
-    def print(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console.print if self.progress is not None else print)(text)
-
-    def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
 
 
 @dataclass
