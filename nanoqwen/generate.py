@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -151,11 +151,12 @@ def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
 class DecodeStep:
     """The one-token steps of a generation, over a cache with fixed shapes (KVCache.fix_shapes).
 
-    With `capture` (CUDA), step number `capture_at` runs for real and is then captured as a CUDA graph,
-    which every later step replays: a small model's decode step is hundreds of kernel launches from
-    Python, so on a GPU it is launch-bound, and one replay launches them all at once. Steps before it,
-    and every step without `capture`, run eagerly (that is how the tests check it on CPU). If capturing
-    fails, it warns and stays eager.
+    With `capture` (CUDA), step number `capture_at` runs for real, the next one is captured as a CUDA
+    graph, and later steps replay it: a small model's decode step is hundreds of kernel launches from
+    Python, so on a GPU it is launch-bound, and one replay launches them all at once. When the cache
+    outgrows the window of slots the graph attends, the step is captured again for the next window.
+    Steps before `capture_at`, and every step without `capture`, run eagerly (that is how the tests
+    check it on CPU). If capturing fails, it warns and stays eager.
     """
 
     def __init__(self, model: Qwen3, cache: KVCache, capture: bool, capture_at: int = 1) -> None:
@@ -163,38 +164,62 @@ class DecodeStep:
         self.model, self.cache, self.capture = model, cache, capture
         self.eager_steps_left = capture_at - 1
         self.token = torch.zeros(cache.key_valid.shape[0], 1, dtype=torch.long, device=cache.keys.device)
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits = torch.empty(0)  # the graph's output, rewritten by each replay
+        self.replay: Callable[[], torch.Tensor] | None = None  # runs the captured step, gives its logits
+        self.window = 0  # the attention window of the captured step
+        self.warmed_up = False
 
     def __call__(self, token: torch.Tensor) -> torch.Tensor:
-        """Logits (B, 1, V) after feeding one token (B,) per row. With a graph they live in one buffer
+        """Logits (B, 1, V) after feeding one token (B,) per row. From a graph they live in one buffer
         that the next call overwrites."""
         self.token.copy_(token[:, None])
-        if self.graph is not None:
-            self.graph.replay()
-            self.cache.length += 1
-            return self.logits
-        if not self.capture or self.eager_steps_left > 0:
+        if self.replay is not None and self.window != self.cache.attention_window():
+            self.replay = None  # the cache outgrew the graph's window: capture this step again
+        if self.replay is None and self.capture and self.eager_steps_left <= 0:
+            if not self.warmed_up:  # CUDA graphs want a warm-up first: this step, done for real
+                self.warmed_up = True
+                logits = self._warm_up()
+                self._capture_next()
+                return logits
+            self._capture_next()
+        if self.replay is None:
             self.eager_steps_left -= 1
             return self.model(self.token, cache=self.cache)
-        self.capture = False
-        # Warm up on a side stream, as CUDA graphs require (lazy initializations must not be captured):
-        # the warm-up is this step, done for real.
+        logits = self.replay()
+        self.cache.length += 1
+        return logits
+
+    def _capture_next(self) -> None:
+        """Capture the next step. Capturing records kernels without running them, so the cache's tensors
+        do not move; its Python side did run, so the length is put back."""
+        length, window = self.cache.length, self.cache.attention_window()
+        try:
+            self.replay, self.window = self._record(), window
+        except RuntimeError as error:
+            self.capture = False
+            warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({error})", stacklevel=3)
+        finally:
+            self.cache.length = length
+
+    def _warm_up(self) -> torch.Tensor:
+        """One real step on a side stream, so that lazy initializations happen before a capture."""
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             logits = self.model(self.token, cache=self.cache)
         torch.cuda.current_stream().wait_stream(side)
-        length, graph = self.cache.length, torch.cuda.CUDAGraph()
-        try:  # capturing records the kernels without running them, so the cache does not move
-            with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                self.logits = self.model(self.token, cache=self.cache)
-            self.graph = graph
-        except RuntimeError as error:
-            warnings.warn(f"decoding without a CUDA graph: capturing the decode step failed ({error})", stacklevel=2)
-        finally:
-            self.cache.length = length  # the capture ran the Python side of a step that did not happen
         return logits
+
+    def _record(self) -> Callable[[], torch.Tensor]:
+        """The step captured as a CUDA graph: a function that replays it and returns its logits."""
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+            logits = self.model(self.token, cache=self.cache)
+
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return logits
+
+        return replay
 
 
 @torch.inference_mode()

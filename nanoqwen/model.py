@@ -95,6 +95,8 @@ class KVCache:
     tokens and `next_position` is each row's next RoPE position (padding takes none).
     """
 
+    FIRST_WINDOW = 256  # slots a fixed-shape step attends at first; doubled as the cache fills
+
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
@@ -106,20 +108,31 @@ class KVCache:
         self.padded = False  # some slot holds padding, so every step needs an explicit mask
         self.max_len = max_len
         self.slot: torch.Tensor | None = None  # (1,) the next slot, kept on the device once shapes are fixed
+        self.window = 0  # slots the current fixed-shape step attends
 
     def fix_shapes(self) -> None:
         """From here on, each step takes one token per row, writes it at a slot held on the device and
-        attends the whole buffer under the `key_valid` mask: every step has the same shapes and reads
-        nothing back to the host, so one CUDA graph can replay them all (see generate.DecodeStep)."""
+        attends the first `attention_window()` slots under the `key_valid` mask. Steps within one window
+        have the same shapes and read nothing back to the host, so one CUDA graph replays them all
+        (see generate.DecodeStep)."""
         self.slot = torch.full((1,), self.length, dtype=torch.long, device=self.keys.device)
+
+    def attention_window(self) -> int:
+        """Slots the next fixed-shape step attends: the filled ones and the one it writes, rounded up to
+        FIRST_WINDOW times a power of two (at most max_len). A window serves many steps, and it never
+        attends more than twice the slots in use, however large the cache was made."""
+        window = self.FIRST_WINDOW
+        while window <= self.length:
+            window *= 2
+        return min(window, self.max_len)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store this step's (B, K, T, D) keys/values; return all of them so far, (B, K, S, D) (with fixed
-        shapes: the whole buffer, S = max_len)."""
+        shapes: the window's, S = window)."""
         if self.slot is not None:
             self.keys[layer].index_copy_(2, self.slot, k)
             self.values[layer].index_copy_(2, self.slot, v)
-            return self.keys[layer], self.values[layer]
+            return self.keys[layer, :, :, :self.window], self.values[layer, :, :, :self.window]
         end = self.length + k.shape[2]
         self.keys[layer, :, :, self.length:end] = k
         self.values[layer, :, :, self.length:end] = v
@@ -377,8 +390,9 @@ class Qwen3(nn.Module):
         positions = cache.next_position[:, None].clone()
         cache.key_valid.index_fill_(1, cache.slot, True)
         cache.next_position += 1
+        cache.window = cache.attention_window()  # a host value, but the same for every step a graph replays
         # Slots after this one are not valid yet, so the validity mask is the causal mask too.
-        x = self.blocks(input_ids, positions, cache.key_valid[:, None, None, :], cache)
+        x = self.blocks(input_ids, positions, cache.key_valid[:, None, None, :cache.window], cache)
         cache.slot += 1
         cache.length += 1
         return self.lm_head(self.model.norm(x))

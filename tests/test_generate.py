@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import (
+    DecodeStep,
     Penalties,
     SamplingParams,
     TextStream,
@@ -23,7 +25,7 @@ from nanoqwen.generate import (
     next_tokens,
     stream_text,
 )
-from nanoqwen.model import Qwen3
+from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import qwen3_tokenizer
 from tests.test_model import scramble, tiny_config
 
@@ -175,6 +177,63 @@ def test_fixed_shape_step_replays_without_its_python(checkpoint, prepared):
             expected = model(token.clone(), cache=usual_cache)
             torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
     assert int(fixed_cache.slot) == usual_cache.length == 12
+
+
+class EmulatedGraphStep(DecodeStep):
+    """DecodeStep with a CUDA graph's semantics emulated on CPU, so its own bookkeeping (warm-up, the length
+    put back after a capture, captures again as the window grows) runs here: recording runs the step's
+    ops under an OpRecorder, then puts every cache tensor back, as a capture that runs nothing would;
+    a replay reruns the recorded ops with none of the Python."""
+
+    records = 0
+
+    def _warm_up(self) -> torch.Tensor:
+        return self.model(self.token, cache=self.cache)
+
+    def _record(self):
+        cache = self.cache
+        state = (cache.keys, cache.values, cache.key_valid, cache.next_position, cache.slot)
+        saved = [tensor.clone() for tensor in state]
+        with OpRecorder() as recorder:
+            logits = self.model(self.token, cache=cache)
+        for tensor, before in zip(state, saved):
+            tensor.copy_(before)
+        self.records += 1
+        return lambda: recorder.replay()[id(logits)]
+
+
+class FailingCaptureStep(EmulatedGraphStep):
+    def _record(self):
+        raise RuntimeError("no graph here")
+
+
+@pytest.mark.parametrize("step_class", [EmulatedGraphStep, FailingCaptureStep])
+def test_decode_step_captures_again_as_the_cache_outgrows_its_window(checkpoint, monkeypatch, step_class):
+    """A padded batch decoded for 29 steps through DecodeStep, its first step eager, with windows of 4 slots
+    doubling (8, 16, 32, then the cache's 36): the logits equal the usual step's at every position, with
+    one capture per window; a capture that fails warns once and decoding goes on eagerly, still right."""
+    monkeypatch.setattr(KVCache, "FIRST_WINDOW", 4)
+    model, tokenizer = load_checkpoint(checkpoint)
+    model.prepare_for_decoding()
+    ids = torch.tensor([[0, 0, 0, 7, 8, 9], [1, 2, 3, 4, 5, 6]])
+    real = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.inference_mode(), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        usual_cache, fixed_cache = model.new_cache(2, 36), model.new_cache(2, 36)
+        expected = model(ids, cache=usual_cache, attention_mask=real, logits_to_keep=1)
+        model(ids, cache=fixed_cache, attention_mask=real, logits_to_keep=1)
+        step = step_class(model, fixed_cache, capture=True, capture_at=2)
+        for _ in range(29):
+            token = expected[:, -1].argmax(-1)
+            logits = step(token)
+            expected = model(token[:, None], cache=usual_cache)
+            torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+            assert fixed_cache.length == usual_cache.length
+    failed = [w for w in caught if "decoding without a CUDA graph" in str(w.message)]
+    if step_class is EmulatedGraphStep:
+        assert step.records == 3 and step.window == 36 and not failed
+    else:
+        assert step.replay is None and len(failed) == 1
 
 
 def test_same_seed_same_text(checkpoint):
