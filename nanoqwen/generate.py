@@ -191,6 +191,8 @@ class DecodeStep:
     def _capture_next(self) -> None:
         """Capture the next step. Capturing records kernels without running them, so the cache's tensors
         do not move; its Python side did run, so the length is put back."""
+        if self.cache.length >= self.cache.max_len:
+            return  # the warm-up filled the cache: no step is left to capture
         length, window = self.cache.length, self.cache.attention_window()
         try:
             self.replay, self.window = self._record(), window

@@ -236,6 +236,20 @@ def test_decode_step_captures_again_as_the_cache_outgrows_its_window(checkpoint,
         assert step.replay is None and len(failed) == 1
 
 
+def test_decode_step_whose_warm_up_fills_the_cache(checkpoint):
+    """The server's engine captures a batch at its 4th step, which may be the batch's last: the warm-up
+    then fills the cache, and nothing is captured (the step is not attempted past the cache's end)."""
+    model, _ = load_checkpoint(checkpoint)
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        usual_cache, fixed_cache = model.new_cache(1, 4), model.new_cache(1, 4)
+        token = model(ids, cache=usual_cache)[:, -1].argmax(-1)
+        model(ids, cache=fixed_cache)
+        step = EmulatedGraphStep(model, fixed_cache, capture=True)
+        torch.testing.assert_close(step(token), model(token[:, None], cache=usual_cache), rtol=1e-5, atol=1e-5)
+    assert step.records == 0 and fixed_cache.length == 4
+
+
 def test_same_seed_same_text(checkpoint):
     model, tokenizer = load_checkpoint(checkpoint)
     params = dict(max_new_tokens=20, temperature=1.0, top_k=50, top_p=0.9, repetition_penalty=1.2)
