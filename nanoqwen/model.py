@@ -334,6 +334,9 @@ class Qwen3(nn.Module):
         if cache is not None and start + T > cache.max_len:
             raise ValueError(f"KV cache holds {cache.max_len} positions; {start + T} were asked for")
         if cache is not None and cache.slot is not None:
+            if T != 1 or attention_mask is not None or return_hidden:
+                raise ValueError("a fixed-shape cache takes one token per row, with no attention_mask, "
+                                 "and gives logits")
             return self._fixed_shape_step(input_ids, cache)
         if attention_mask is None:
             steps = torch.arange(T, device=device)
@@ -385,8 +388,6 @@ class Qwen3(nn.Module):
     def _fixed_shape_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """forward() of one token per row over a cache with fixed shapes (KVCache.fix_shapes): all the
         bookkeeping happens in device tensors, so a CUDA graph of this step stays right on replay."""
-        if input_ids.shape[1] != 1:
-            raise ValueError(f"a fixed-shape cache takes one token per row, not {input_ids.shape[1]}")
         positions = cache.next_position[:, None].clone()
         cache.key_valid.index_fill_(1, cache.slot, True)
         cache.next_position += 1
