@@ -61,7 +61,6 @@ STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 
 
-
 @dataclass
 class TrainConfig:
     """How to train (everything but the model). Each field is also a flag: max_steps is --max-steps."""
