@@ -156,7 +156,7 @@ def cuda_graph(checkpoint: str) -> None:
     with torch.inference_mode():
         caches = [model.new_cache(2, width + 64) for _ in range(2)]
         token = [model(ids, cache=c, attention_mask=real, logits_to_keep=1) for c in caches][0][:, -1].argmax(-1)
-        step = DecodeStep(model, caches[1], capture=DEVICE == "cuda")
+        step = DecodeStep(model, caches[1])
         for _ in range(63):
             usual, replayed = model(token[:, None], cache=caches[0]), step(token)
             gap = max(gap, (usual - replayed).abs().max().item())

@@ -159,9 +159,11 @@ class DecodeStep:
     check it on CPU). If capturing fails, it warns and stays eager.
     """
 
-    def __init__(self, model: Qwen3, cache: KVCache, capture: bool, capture_at: int = 1) -> None:
+    def __init__(self, model: Qwen3, cache: KVCache, capture: bool | None = None, capture_at: int = 1) -> None:
+        """`capture` None means: where the cache is on CUDA."""
         cache.fix_shapes()
-        self.model, self.cache, self.capture = model, cache, capture
+        self.model, self.cache = model, cache
+        self.capture = cache.keys.device.type == "cuda" if capture is None else capture
         self.eager_steps_left = capture_at - 1
         self.token = torch.zeros(cache.key_valid.shape[0], 1, dtype=torch.long, device=cache.keys.device)
         self.replay: Callable[[], torch.Tensor] | None = None  # runs the captured step, gives its logits
@@ -224,6 +226,14 @@ class DecodeStep:
         return replay
 
 
+def graphs_by_default(model: Qwen3) -> bool:
+    """Whether decoding goes through DecodeStep unless told otherwise: on CUDA, for a model prepared for
+    decoding (`nanoqwen sample`, `chat`, `serve`), outside autocast; not for the samples taken during
+    training, where the model may be sharded or autocast."""
+    device = model.model.embed_tokens.weight.device
+    return device.type == "cuda" and model.prepared_for_decoding and not torch.is_autocast_enabled(device.type)
+
+
 @torch.inference_mode()
 def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
                  fixed_shapes: bool | None = None) -> Iterator[list[int | None]]:
@@ -231,9 +241,8 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
 
     Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
     A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at the
-    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA. None (the
-    default) means: on CUDA, for a model prepared for decoding (`nanoqwen sample`, `chat`), outside
-    autocast; not for the samples taken during training, where the model may be sharded or autocast.
+    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None (the
+    default) means `graphs_by_default(model)`.
     """
     params.validate()
     device = model.model.embed_tokens.weight.device
@@ -258,9 +267,8 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
     done = torch.zeros(B, dtype=torch.bool, device=device)
     if fixed_shapes is None:
-        fixed_shapes = (device.type == "cuda" and model.prepared_for_decoding
-                        and not torch.is_autocast_enabled(device.type))
-    decode_step = DecodeStep(model, cache, capture=device.type == "cuda") if fixed_shapes else None
+        fixed_shapes = graphs_by_default(model)
+    decode_step = DecodeStep(model, cache) if fixed_shapes else None
     for step in range(budget):
         token = next_tokens(logits[:, -1].float(), params, generator, penalties)
         yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]

@@ -36,6 +36,7 @@ from nanoqwen.generate import (
     SamplingParams,
     TextStream,
     check_fits,
+    graphs_by_default,
     next_tokens,
     token_logprobs,
 )
@@ -146,15 +147,13 @@ class Engine:
     def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32,
                  prefill_chunk: int = 512, fixed_shapes: bool | None = None) -> None:
         """`fixed_shapes`: decode each batch through a DecodeStep (a CUDA graph on CUDA, once the batch
-        has kept its rows for CAPTURE_AT steps). None means: on CUDA, for a model prepared for decoding."""
+        has kept its rows for CAPTURE_AT steps). None means `graphs_by_default(model)`."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
         self.device = model.model.embed_tokens.weight.device
-        if fixed_shapes is None:
-            fixed_shapes = self.device.type == "cuda" and model.prepared_for_decoding
-        self.fixed_shapes = fixed_shapes
+        self.fixed_shapes = graphs_by_default(model) if fixed_shapes is None else fixed_shapes
         self._decode_step: DecodeStep | None = None  # over self._cache, when fixed_shapes
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
@@ -372,6 +371,5 @@ class Engine:
         cache.padded = not bool(cache.key_valid[:, :span].all())
         self._cache = cache
         if self.fixed_shapes:
-            self._decode_step = DecodeStep(self.model, cache, capture=self.device.type == "cuda",
-                                           capture_at=CAPTURE_AT)
+            self._decode_step = DecodeStep(self.model, cache, capture_at=CAPTURE_AT)
 
