@@ -103,13 +103,15 @@ def weight_files(directory: Path) -> list[Path]:
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = torch.float32) -> Qwen3:
+               dtype: torch.dtype | None = torch.float32, config: ModelConfig | None = None) -> Qwen3:
     """Build a Qwen3 from a checkpoint folder, tied or untied, one file or sharded.
 
-    `dtype=None` keeps the stored dtype.
+    `dtype=None` keeps the stored dtype. `config` replaces the folder's config.json (its weights must fit it).
     """
     directory = Path(directory)
-    config = read_config(directory)
+    described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config is None else \
+        ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
+    config = config or read_config(directory)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         with safe_open(str(path), framework="pt", device="cpu") as f:
@@ -122,14 +124,14 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
     missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
     if missing or unexpected:
-        raise NanoQwenError(f"{directory} does not match its config.json: missing {missing[:3]}, "
-                            f"unexpected {unexpected[:3]}; is it a complete Qwen3 checkpoint?")
+        raise NanoQwenError(f"{directory} does not match {described}: missing {missing[:3]}, "
+                            f"unexpected {unexpected[:3]}; {hint}")
     target = dtype or state[EMBEDDING_KEY].dtype
     for key, value in state.items():
         expected_shape = model.get_parameter(key).shape
         if value.shape != expected_shape:
-            raise NanoQwenError(f"{directory}: {key} has shape {tuple(value.shape)}, config.json implies "
-                                f"{tuple(expected_shape)}")
+            raise NanoQwenError(f"{directory}: {key} has shape {tuple(value.shape)}, {described} implies "
+                                f"{tuple(expected_shape)}; {hint}")
         state[key] = value.to(device=device, dtype=target)
     if config.tie_word_embeddings:
         state[TIED_HEAD_KEY] = state[EMBEDDING_KEY]

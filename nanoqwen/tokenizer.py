@@ -162,6 +162,13 @@ class Tokenizer:
         """Ids that end generation: `<|im_end|>` and `<|endoftext|>` where they exist."""
         return [i for i in (self.token_id(IM_END), self.token_id(ENDOFTEXT)) if i is not None]
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A hash of the vocabulary (every token and its id, added ones included): equal for the same
+        tokenizer whoever wrote its files, different for any other."""
+        vocab = sorted(self.hf.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1])
+        return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
+
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         return self.hf.encode(text, add_special_tokens=False).ids

@@ -4,6 +4,7 @@
     nanoqwen train --dataset my_texts/ --max-minutes 30
     torchrun --nproc_per_node 8 -m nanoqwen train --preset tinystories-283m --dataset tinystories
     nanoqwen train --resume runs/NAME                # continues exactly where it stopped
+    nanoqwen train --init-from Qwen3-0.6B/ --dataset my_texts/   # a new run from a checkpoint's weights
 
 Settings come from, lowest first: TrainConfig's defaults, the preset's "train" section, the flags.
 A run folder holds config.json (the run), metrics.jsonl, samples.txt, loss.png, best/ and last/
@@ -59,6 +60,14 @@ from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flo
 
 STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
+# What a run started from a checkpoint's weights (--init-from) takes in place of a preset's train section:
+# a rate that continues a pretrained model without undoing what it knows (3e-5 suits the Qwen3 sizes; a
+# small model of your own takes ~10x more), AdamW (the optimizer such checkpoints were trained with), and a
+# short run that evaluates, samples and saves often. Sequences are 1,024 tokens, or the context if shorter.
+FINETUNE_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-5, "warmup": 20, "max_steps": 500,
+                                  "batch_size": 16, "eval_interval": 50, "save_interval": 250,
+                                  "sample_interval": 250}
+FINETUNE_SEQ_LEN = 1024
 
 
 @dataclass
@@ -163,6 +172,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help="model preset by name (default: cpu, or demo on a GPU)")
     model.add_argument("--config", help="a preset JSON file ({\"model\": {...}, \"train\": {...}})")
+    model.add_argument("--init-from", metavar="DIR",
+                       help="start from the weights of a Qwen3 checkpoint folder (a run's best/, official "
+                            "Qwen3 weights) instead of a preset's random ones; its tokenizer prepares "
+                            "--dataset, and the training defaults are fine-tuning ones (lr 3e-5, AdamW, "
+                            "500 steps of 16 x 1024 tokens)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
     data.add_argument("--dataset", help="a corpus to prepare first into data/NAME: shakespeare, tinystories, "
@@ -223,9 +237,17 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "data"
 
 
+def tokenizer_slug(tokenizer: str) -> str:
+    """A tokenizer's part of a data folder's name. A folder's name says little (every run's is `best`):
+    a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
+    if Path(tokenizer).is_dir():
+        return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    return slug(tokenizer)
+
+
 def prepared_folder(dataset: str, tokenizer: str, info: DistInfo) -> Path:
     """data/DATASET-TOKENIZER, prepared by rank 0 unless it already exists."""
-    folder = Path("data") / f"{slug(dataset)}-{slug(tokenizer)}"
+    folder = Path("data") / f"{slug(dataset)}-{tokenizer_slug(tokenizer)}"
     if not (folder / "meta.json").exists():
         if info.is_main:
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
@@ -307,7 +329,8 @@ def setup(args: argparse.Namespace) -> Run:
     else:
         preset, cfg, data, out = new_run(args, info)
         preset_name, resume_dir = preset.name, None
-        model_config = new_model_config(preset, args.set, load_tokenizer(data))
+        # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
+        model_config = preset.model if args.init_from else new_model_config(preset, args.set, load_tokenizer(data))
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     if cfg.seq_len > model_config.max_position_embeddings:
         raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
@@ -324,6 +347,8 @@ def setup(args: argparse.Namespace) -> Run:
     torch.manual_seed(cfg.seed)
     if resume_dir is not None:
         model = load_model(resume_dir, device, torch.float32)
+    elif args.init_from:
+        model = load_model(args.init_from, device, torch.float32, config=model_config)
     else:
         with device:
             model = Qwen3(model_config)
@@ -348,16 +373,24 @@ def setup(args: argparse.Namespace) -> Run:
 
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
-    preset = load_preset(args.config or args.preset or default_preset_name(info.device))
-    apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
+    if args.init_from:
+        preset = checkpoint_preset(Path(args.init_from), args.set)
+    else:
+        preset = load_preset(args.config or args.preset or default_preset_name(info.device))
+        apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
     if args.tokenizer and args.data:
         raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
+    if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
+        raise NanoQwenError(f"{args.init_from} has no tokenizer.json to prepare --dataset with; give --tokenizer "
+                            "(qwen3 for official Qwen3 weights) or a prepared --data folder")
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
     data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info)
+    if args.init_from:
+        check_data_tokenizer(Path(args.init_from), data, preset.model)
     out = Path(args.out) if args.out else default_out(preset.name, info)
     if (out / "last").exists():
         raise NanoQwenError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
@@ -369,11 +402,37 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
     out = Path(args.resume or args.out or "")
     if out == Path("."):
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
-    if args.set or args.preset or args.config or args.data or args.dataset or args.tokenizer:
-        raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, "
-                            "--config, --data, --dataset and --tokenizer cannot change them")
+    if args.set or args.preset or args.config or args.init_from or args.data or args.dataset or args.tokenizer:
+        raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
+                            "--init-from, --data, --dataset and --tokenizer cannot change them")
     saved = read_run_config(out)
     return resolve_train_config({}, args, TrainConfig(**saved["train"])), saved["preset"], Path(saved["data"]), out
+
+
+def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
+    """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
+    fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
+    from nanoqwen.checkpoint import read_config
+
+    config = apply_overrides(read_config(folder), overrides)
+    train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
+    if (folder / "tokenizer.json").is_file():
+        train["tokenizer"] = str(folder)
+    name = f"{folder.resolve().parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
+    return Preset(name=slug(name), model=config, train=train)
+
+
+def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:
+    """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one."""
+    tokenizer = load_tokenizer(data)
+    if (checkpoint / "tokenizer.json").is_file():
+        if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
+            raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
+                                f"mean other tokens to this model; train with --dataset SRC (which prepares it "
+                                f"with the checkpoint's tokenizer) or `nanoqwen prepare --tokenizer {checkpoint}`")
+    elif tokenizer.vocab_size > config.vocab_size:
+        raise NanoQwenError(f"{data}'s tokenizer has {tokenizer.vocab_size} ids but {checkpoint} only "
+                            f"{config.vocab_size} embedding rows; prepare the data with the model's own tokenizer")
 
 
 def new_model_config(preset: Preset, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
@@ -464,7 +523,7 @@ def load_train_state(run: Run, last: Path) -> None:
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing "
-                            f"or corrupt ({reason[:200]}); start a new run from its weights instead") from e
+                            f"or corrupt ({reason[:200]}); start a new run from its weights: --init-from {last}") from e
 
 
 def optimizer_state(run: Run) -> dict[str, Any]:
@@ -746,7 +805,8 @@ def train_and_report(args: argparse.Namespace) -> None:
     run_ = setup(args)
     if run_.info.is_main:
         cfg, m = run_.cfg, run_.model
-        print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}: "
+        origin = f" from {args.init_from}" if args.init_from else ""
+        print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
               f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
               f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "

@@ -4,6 +4,7 @@ clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import signal
@@ -330,3 +331,78 @@ def test_best_checkpoint_loads_in_transformers_with_equal_logits(trained: Path) 
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
+
+
+# -- starting from a checkpoint's weights ----------------------------------------------------------
+@pytest.mark.parametrize("source", ["run", "transformers-bf16"])
+def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, tmp_path: Path, source: str) -> None:
+    from safetensors.torch import load_file
+
+    from nanoqwen.checkpoint import read_config, weight_files
+
+    checkpoint = trained / "best"
+    if source == "transformers-bf16":  # as official weights come: written by Transformers, in bfloat16
+        transformers = pytest.importorskip("transformers")
+        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        checkpoint = tmp_path / "hf"
+        model.save_pretrained(checkpoint)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(trained / "best" / name, checkpoint / name)
+    out = tmp_path / "from-checkpoint"
+    # A learning rate of 0 leaves the weights as they were loaded, so last/ must hold the checkpoint's.
+    assert train_in_process("--init-from", str(checkpoint), "--data", str(data), "--out", str(out), *FAST,
+                            "--lr", "0", "--min-lr", "0", "--max-steps", "2") == 0
+    source_weights = {k: v for path in weight_files(checkpoint) for k, v in load_file(path).items()}
+    saved = load_file(out / "last/model.safetensors")
+    assert saved.keys() == source_weights.keys()
+    for key, value in saved.items():
+        assert torch.equal(value, source_weights[key].float()), key
+    assert dataclasses.replace(read_config(out / "last"), torch_dtype="float32") == \
+        dataclasses.replace(read_config(checkpoint), torch_dtype="float32")  # special ids included
+    first, fresh = train_losses(out)[1], train_losses(trained)[1]
+    assert first < fresh - 2, (first, fresh)  # the trained model's loss, not a random one's
+    if source == "run":  # the same weights on the same validation windows: the same val loss
+        best = json.loads((trained / "last/train_state.json").read_text())["best_val_loss"]
+        assert read_metrics(out)[-1]["val_loss"] == pytest.approx(best, rel=1e-6)
+
+
+def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: Path, tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from nanoqwen.tokenizer import load_tokenizer
+
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=6, seed=1)  # new text in the same words
+    assert train_in_process("--init-from", str(trained / "best"), "--dataset", "texts", "--out", "tuned", *FAST,
+                            "--lr", "3e-3", "--max-steps", "20") == 0
+    fingerprint = load_tokenizer(trained / "best").fingerprint
+    (prepared,) = (tmp_path / "data").iterdir()
+    # Named after the tokenizer's vocabulary, not only its folder (every run's is best/).
+    assert prepared.name == f"texts-best-{fingerprint[:8]}"
+    assert load_tokenizer(prepared).fingerprint == fingerprint
+    losses = train_losses(tmp_path / "tuned")
+    assert losses[1] < train_losses(trained)[1] - 2  # starts where the checkpoint is
+    assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.2  # and learns the new text
+
+
+@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer"])
+def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.data.prepare import prepare
+
+    monkeypatch.chdir(tmp_path)
+    corpus = write_corpus(tmp_path / "texts", documents=4)
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained / "best", checkpoint)
+    if problem == "other-tokenizer":
+        other = prepare(str(corpus), "bpe:280", tmp_path / "other", val_fraction=0.15, progress=False)
+        given = ["--data", str(other)]
+        expected = "different tokenizer"
+    else:
+        (checkpoint / "tokenizer.json").unlink()
+        given = ["--dataset", "texts"]
+        expected = "no tokenizer.json"
+    assert train_in_process("--init-from", str(checkpoint), *given, "--out", "run", *FAST) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and expected in err, err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
