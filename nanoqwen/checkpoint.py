@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
-from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_dir
+from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.io import atomic_dir, check_replaceable
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -84,8 +84,10 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder")
     try:
         raw = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise NanoQwenError(f"{path} is not valid JSON ({e})") from e
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanoQwenError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
+    if not isinstance(raw, dict):
+        raise NanoQwenError(f"{path} is not a config object; re-download or re-save the checkpoint")
     return ModelConfig.from_hf_dict(raw, str(path))
 
 
@@ -93,7 +95,14 @@ def weight_files(directory: Path) -> list[Path]:
     """model.safetensors, or the shards named in model.safetensors.index.json."""
     index = directory / "model.safetensors.index.json"
     if index.exists():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bytes, no weight_map
+            raise NanoQwenError(f"{index} is damaged ({type(e).__name__}: {e}); re-download the checkpoint") from e
+        missing = [n for n in names if not (directory / n).is_file()]
+        if missing:
+            raise NanoQwenError(f"{directory} lacks {', '.join(missing[:3])}, named in {index.name}; "
+                                "the download is incomplete")
         return [directory / n for n in names]
     single = directory / "model.safetensors"
     if single.exists():
@@ -114,9 +123,13 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     config = config or read_config(directory)
     state: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                state[key] = f.get_tensor(key)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    state[key] = f.get_tensor(key)
+        except (SafetensorError, OSError) as e:
+            raise NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the "
+                                "checkpoint") from e
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):
@@ -149,6 +162,19 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     return model, load_tokenizer(directory)
 
 
+def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:
+    """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one."""
+    tokenizer = load_tokenizer(data)
+    if (checkpoint / "tokenizer.json").is_file():
+        if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
+            raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
+                                f"mean other tokens to this model; prepare the text with "
+                                f"`nanoqwen prepare --tokenizer {checkpoint}` (train --dataset SRC does so itself)")
+    elif tokenizer.vocab_size > config.vocab_size:
+        raise NanoQwenError(f"{data}'s tokenizer has {tokenizer.vocab_size} ids but {checkpoint} only "
+                            f"{config.vocab_size} embedding rows; prepare the data with the model's own tokenizer")
+
+
 # -- `nanoqwen init` -----------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="preset name or JSON file (default: tiny)")
@@ -163,6 +189,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.config import apply_overrides
 
+    check_replaceable(args.out, "config.json", others=("meta.json", "train_state.json"))  # data, a run's last/
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = apply_overrides(load_preset(args.preset).model, args.set)
     fit = not any(item.startswith("vocab_size=") for item in args.set)

@@ -11,6 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from nanoqwen.errors import NanoQwenError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -55,6 +57,23 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def check_replaceable(out: str | os.PathLike[str], marker: str, others: tuple[str, ...] = ()) -> None:
+    """Refuse to let an --out that exists be replaced unless it is an earlier output of the same kind:
+    a folder holding `marker` and none of `others` (what another kind of output holds). Anything else
+    (a file, `--out .`, a checkpoint given to a command that writes a tokenizer) would be deleted."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise NanoQwenError(f"{out} is a file; give --out a folder name")
+    entries = {entry.name for entry in out.iterdir()}
+    foreign = [name for name in others if name in entries]
+    if foreign or (entries and marker not in entries):
+        raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
+                            f"({', '.join(foreign) or 'no ' + marker}), which replacing it would delete; "
+                            "choose another --out or remove it")
 
 
 def remove_orphans(final: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import atomic_dir, cache_dir
 
 QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
@@ -242,8 +242,15 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"
-    config = json.loads(config_path.read_text()) if config_path.exists() else {}
-    return Tokenizer(HFTokenizer.from_file(str(path)), config)
+    try:
+        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+        tokenizer = HFTokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
+        raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e)[:200]}); re-download it or "
+                            "write it again") from e
+    if not isinstance(config, dict):
+        raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
+    return Tokenizer(tokenizer, config)
 
 
 @lru_cache(maxsize=1)

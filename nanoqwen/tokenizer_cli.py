@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from nanoqwen.io import atomic_dir
+from nanoqwen.data.prepare import parse_size
+from nanoqwen.io import atomic_dir, check_replaceable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -17,13 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--out", required=True)
     train.add_argument("--text-column", default=None)
     train.add_argument("--split", default="train")
-    train.add_argument("--max-bytes", type=int, default=None)
+    train.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
+                       help="stop after this much text, e.g. 100MB")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "qwen3":
         from nanoqwen.tokenizer import qwen3_tokenizer
 
+        check_replaceable(args.out, "tokenizer.json", others=("meta.json", "config.json"))  # data, checkpoints
         tokenizer = qwen3_tokenizer()
         with atomic_dir(args.out) as tmp:
             tokenizer.save(tmp)

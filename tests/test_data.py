@@ -327,13 +327,30 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
         load_meta(out)
 
 
-def test_refuses_to_replace_foreign_folder(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("text\n")
+def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.cli import main
+
+    (tmp_path / "a.txt").write_text("some text for a tokenizer to learn from\n" * 20)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "precious.txt").write_text("keep me")
-    with pytest.raises(NanoQwenError, match="not a folder nanoqwen wrote"):
+    with pytest.raises(NanoQwenError, match="holds something other than"):
         prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "mine", progress=False)
-    assert (tmp_path / "mine" / "precious.txt").read_text() == "keep me"
+    data = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "data", progress=False)
+    assert main(["tokenizer", "qwen3", "--out", str(tmp_path / "tok")]) == 0
+    assert main(["tokenizer", "qwen3", "--out", str(tmp_path / "tok")]) == 0  # its own output: replaced
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("mine/*"), *data.iterdir(), tmp_path / "a.txt"]}
+    refused = [
+        ["tokenizer", "qwen3", "--out", str(tmp_path / "mine")],  # a folder of the user's files
+        ["tokenizer", "qwen3", "--out", str(tmp_path / "a.txt")],  # a file
+        ["tokenizer", "train", "--dataset", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out", str(data)],
+        ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(data)],  # prepared data
+        ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "tok")],
+    ]
+    for args in refused:
+        capsys.readouterr()
+        assert main(args) == 2, args
+        assert capsys.readouterr().err.count("\n") == 1, args
+    assert {p: p.read_bytes() for p in before} == before and leftovers(tmp_path) == []
 
 
 # -- tokenizer training ------------------------------------------------------------------------------
@@ -401,6 +418,35 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         stdout, stderr = run.communicate(timeout=120)
         one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), *words)
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
+
+
+def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_bytes("\ufeffA text file a Windows editor saved.\n".encode())
+    (tmp_path / "c" / "b.jsonl").write_bytes("\ufeff".encode() + b'{"text": "a record"}\n'
+                                             b'{"text": "an emoji cut in half: \\ud83d, then more"}\n')
+    (tmp_path / "c" / "c.json").write_text("")  # empty: skipped like an empty .txt
+    column = pa.array(["category one", "category two"]).dictionary_encode()  # pandas' category dtype
+    pq.write_table(pa.table({"text": column}), tmp_path / "c" / "d.parquet")
+    folder = prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", val_fraction=0.3, progress=False)
+    docs = read_back(folder)
+    assert sorted(docs["train"] + docs["val"]) == sorted([
+        "A text file a Windows editor saved.\n", "a record", "an emoji cut in half: \ufffd, then more",
+        "category one", "category two"])
+    meta = load_meta(folder)
+    assert meta["replacement_chars"] == 1 and [s["reason"] for s in meta["skipped"]] == ["empty"]
+
+
+def test_a_train_split_left_empty_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"document {i} with a few words\n")
+    with pytest.raises(NanoQwenError, match="all 3 documents went to validation"):
+        prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", val_fraction=0.95, progress=False)
+    assert not (tmp_path / "out").exists() and leftovers(tmp_path) == []
 
 
 def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:

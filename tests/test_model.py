@@ -142,6 +142,39 @@ def test_non_qwen3_folder_is_refused(tmp_path):
         load_model(tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["config-not-an-object", "config-not-utf8", "weights-cut-short",
+                                    "shard-missing", "index-broken", "tokenizer-broken"])
+def test_damaged_checkpoint_files_are_one_clear_line(tmp_path, damage):
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.tokenizer import train_bpe
+
+    model = Qwen3(tiny_config(tie_word_embeddings=False))
+    folder = tmp_path / "ck"
+    if damage.startswith(("shard", "index")):
+        hf_config = transformers.Qwen3Config(**{k: v for k, v in model.config.to_hf_dict().items()
+                                                if k != "architectures"})
+        transformers.Qwen3ForCausalLM(hf_config).save_pretrained(folder, max_shard_size="50KB")
+    else:
+        save_checkpoint(model, folder, tokenizer=None)
+    train_bpe(["some text to learn from"] * 5, 300).save(folder)
+    index = folder / "model.safetensors.index.json"
+    if damage == "config-not-an-object":
+        (folder / "config.json").write_text("[1]")
+    elif damage == "config-not-utf8":
+        (folder / "config.json").write_bytes(b"\xff\xfe{}")
+    elif damage == "weights-cut-short":
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
+    elif damage == "shard-missing":
+        sorted(folder.glob("model-*.safetensors"))[-1].unlink()
+    elif damage == "index-broken":
+        index.write_text("{bad")
+    else:
+        (folder / "tokenizer.json").write_text("{bad")
+    with pytest.raises(NanoQwenError) as caught:
+        load_checkpoint(folder)
+    assert str(folder) in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_parameter_count_matches_official_sizes():
     from nanoqwen.config import load_preset
 

