@@ -93,11 +93,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source.add_argument("--text-file", help="a UTF-8 text file, scored as one document")
     source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin is scored")
     p.add_argument("--split", default="val", choices=["train", "val"], help="with --data: which split")
-    p.add_argument("--context", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward (default: ~16k tokens)")
-    p.add_argument("--max-windows", type=int, default=None, help="score only this many windows")
+    p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward (default: ~16k tokens)")
+    p.add_argument("--max-windows", type=positive_int, default=None, help="score only this many windows")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     add_device_arguments(p)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
 
 
 def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
@@ -120,6 +127,9 @@ def run(args: argparse.Namespace) -> int:
         text = raw.decode("utf-8", errors="replace")
         tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(raw)
     else:
+        from nanoqwen.checkpoint import check_data_tokenizer
+
+        check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         tokens, num_bytes = load_split(Path(args.data), args.split)
     if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
         raise NanoQwenError(f"token id {int(tokens.max())} is outside the model's {model.config.vocab_size} "

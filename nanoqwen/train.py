@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanoqwen.checkpoint import config_for_tokenizer, load_model, save_checkpoint
+from nanoqwen.checkpoint import check_data_tokenizer, config_for_tokenizer, load_model, save_checkpoint
 from nanoqwen.config import ModelConfig, Preset, apply_overrides, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.distributed import (
@@ -47,7 +47,7 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.io import atomic_dir, atomic_file, write_json
@@ -96,7 +96,7 @@ class TrainConfig:
     min_lr: float | None = None
     """Learning rate at the last step (None: lr / 10)."""
     warmup: int = 100
-    """Linear warmup steps."""
+    """Linear warmup steps (at most half of the run: a longer one is cut to that)."""
     schedule: str = "cosine"
     """cosine or wsd (warmup-stable-decay)."""
     weight_decay: float = 0.1
@@ -143,9 +143,13 @@ class TrainConfig:
             raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.lr < 0 or (self.min_lr is not None and self.min_lr < 0) or self.warmup < 0:
             raise NanoQwenError("--lr, --min-lr and --warmup must not be negative")
+        if self.sample_interval < 0 or self.early_stopping_patience < 0:
+            raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
+        if self.max_minutes is not None and self.max_minutes <= 0:
+            raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":
-            raise NanoQwenError("--fit-to-time needs --schedule wsd (whose rate does not depend on the run's "
-                                "length until its decay starts)")
+            raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
+                                "rate does not depend on the run's length until its decay starts; add --no-fit-to-time")
         if self.tensorboard:
             summary_writer_class()  # one clear line now if the package is missing, not after preparing data
         return self
@@ -336,13 +340,13 @@ def setup(args: argparse.Namespace) -> Run:
         raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
                             f"({model_config.max_position_embeddings}); lower it or "
                             f"--set max_position_embeddings={cfg.seq_len}")
-    cfg.micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size
     device = info.device
     if device.type == "cpu":
         reuse_freed_memory()
     cfg.compile = default_compile(device) if cfg.compile is None else cfg.compile  # saved: a resumed run alike
     loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                         micro_batch=cfg.micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
+                         micro_batch=cfg.micro_batch or cfg.batch_size // info.world_size,  # None stays None: a
+                         seed=cfg.seed, rank=info.rank, world_size=info.world_size,  # resume may change processes
                          device=device)
     torch.manual_seed(cfg.seed)
     if resume_dir is not None:
@@ -362,13 +366,29 @@ def setup(args: argparse.Namespace) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               load_tokenizer(data), loader, TokenSplit.open(data, "val"), amp_dtype)
+    check_samples_and_eval(run)
     if resume_dir is not None:
         load_train_state(run, resume_dir)
         if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
             run.state.fitted_steps = None
+        if info.is_main:  # the flags given now hold for later resumes too
+            saved = read_run_config(out)
+            saved["train"] = dataclasses.asdict(cfg)
+            saved.setdefault("resumed_with", []).append(sys.argv)
+            write_json(out / "config.json", saved)
     elif info.is_main:
         write_json(out / "config.json", run_config(run))
     return run
+
+
+def check_samples_and_eval(run: Run) -> None:
+    """What the first evaluation or the last sample would fail on, refused before any step is trained."""
+    if len(run.val) < 2:
+        raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
+    prompt = len(run.tokenizer.encode(run.cfg.sample_prompt))
+    if not 0 < prompt < run.model.config.max_position_embeddings:
+        raise NanoQwenError(f"--sample-prompt is {prompt} tokens; give a prompt of at least one token that "
+                            f"leaves room in the {run.model.config.max_position_embeddings}-token context")
 
 
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
@@ -406,6 +426,9 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
                             "--init-from, --data, --dataset and --tokenizer cannot change them")
     saved = read_run_config(out)
+    if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
+        raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
+                            f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     return resolve_train_config({}, args, TrainConfig(**saved["train"])), saved["preset"], Path(saved["data"]), out
 
 
@@ -420,19 +443,6 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
         train["tokenizer"] = str(folder)
     name = f"{folder.resolve().parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
     return Preset(name=slug(name), model=config, train=train)
-
-
-def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:
-    """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one."""
-    tokenizer = load_tokenizer(data)
-    if (checkpoint / "tokenizer.json").is_file():
-        if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
-            raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
-                                f"mean other tokens to this model; train with --dataset SRC (which prepares it "
-                                f"with the checkpoint's tokenizer) or `nanoqwen prepare --tokenizer {checkpoint}`")
-    elif tokenizer.vocab_size > config.vocab_size:
-        raise NanoQwenError(f"{data}'s tokenizer has {tokenizer.vocab_size} ids but {checkpoint} only "
-                            f"{config.vocab_size} embedding rows; prepare the data with the model's own tokenizer")
 
 
 def new_model_config(preset: Preset, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
@@ -521,9 +531,9 @@ def load_train_state(run: Run, last: Path) -> None:
         if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing "
-                            f"or corrupt ({reason[:200]}); start a new run from its weights: --init-from {last}") from e
+        raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing or "
+                            f"corrupt ({first_line(e)[:200]}); start a new run from its weights: --init-from {last}"
+                            ) from e
 
 
 def optimizer_state(run: Run) -> dict[str, Any]:
@@ -635,7 +645,7 @@ def evaluate(run: Run) -> dict[str, float]:
     if tokens.numel() < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it with a validation split")
     # Evaluation materializes logits: keep a batch of them under ~1 GiB.
-    batch = max(1, min(run.cfg.micro_batch or 1, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
+    batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
     with run.autocast():
         result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
                                  max_windows=windows)
@@ -810,7 +820,7 @@ def train_and_report(args: argparse.Namespace) -> None:
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
               f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
               f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
-              f"(micro-batch {cfg.micro_batch}, accumulation {run_.loader.accumulation}), "
+              f"(micro-batch {run_.loader.micro_batch}, accumulation {run_.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
     summary = train(run_)
     if run_.info.is_main:

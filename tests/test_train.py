@@ -89,6 +89,10 @@ def test_schedules_are_functions_of_the_step() -> None:
     assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
     wsd = [lr_at(s, schedule="wsd", **kw) for s in range(100)]
     assert wsd[10:82] == [1.0] * 72 and wsd[-1] == pytest.approx(0.1)
+    # A warmup longer than the run (a preset's 50 in a 30-step trial) takes half of it; the run still ends at min_lr.
+    for schedule in ("cosine", "wsd"):
+        short = [lr_at(s, max_lr=1.0, min_lr=0.1, warmup=50, total=30, schedule=schedule) for s in range(30)]
+        assert short.index(max(short)) == 14 and short[-1] == pytest.approx(0.1), schedule
 
 
 def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
@@ -239,6 +243,47 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert last["step"] < 1000 and "val_loss" in last  # a final evaluation
     assert json.loads((out / "last/train_state.json").read_text())["step"] == last["step"]
     assert (out / "best").is_dir() and "max_minutes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("flags", "words"), [
+    (["--sample-prompt", ""], "--sample-prompt is 0 tokens"),
+    (["--max-minutes", "0"], "--max-minutes must be positive"),
+    (["--early-stopping-patience", "-1"], "must not be negative"),
+    (["--sample-interval", "-1"], "must not be negative"),
+    (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
+])
+def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Path, tmp_path: Path, flags: list[str],
+                                                          words: str, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "refused"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "3", *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and words in err, err
+    assert not (out / "metrics.jsonl").exists()
+
+
+def test_an_empty_validation_split_is_refused_before_training(data: Path, preset: Path, tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    (copy / "val.bin").write_bytes(b"")
+    meta = json.loads((copy / "meta.json").read_text())
+    meta["splits"]["val"] = {key: 0 for key in meta["splits"]["val"]}
+    (copy / "meta.json").write_text(json.dumps(meta))
+    out = tmp_path / "run"
+    assert train_in_process(*common(copy, preset, out), "--max-steps", "3") == 2
+    assert "no validation tokens" in capsys.readouterr().err and not (out / "metrics.jsonl").exists()
+
+
+def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "4") == 0
+    assert json.loads((out / "config.json").read_text())["train"]["micro_batch"] is None  # not the one it chose
+    # A new global batch (the saved micro-batch must not pin the old one) and a longer run, saved for later.
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--batch-size", "4") == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["max_steps"] == 6 and saved["train"]["batch_size"] == 4
+    assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
+    assert max(train_losses(out)) == 6
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
