@@ -46,8 +46,11 @@ class Conversation:
         limit = self.context - self.reserve
         if self.raw:
             ids = self.tokenizer.encode(self.transcript + text)
-            if len(ids) > limit:  # keep the most recent text
-                self.dropped, ids = len(ids) - limit, ids[len(ids) - limit:]
+            if len(ids) > limit:  # keep the most recent text, from a whole character on
+                cut = len(ids) - limit
+                while cut < len(ids) - 1 and self.tokenizer.decode(ids[cut:cut + 1]).startswith("\ufffd"):
+                    cut += 1  # a byte-level token that continues a character cut off before it
+                self.dropped, ids = cut, ids[cut:]
             self.transcript = self.tokenizer.decode(ids)
             return ids
         message = {"role": "user", "content": text}

@@ -97,7 +97,10 @@ class Penalties:
         p = self.params
         if self.seen is not None:
             r = p.repetition_penalty
-            logits = torch.where(self.seen, torch.where(logits > 0, logits / r, logits * r), logits)
+            penalized = torch.where(logits > 0, logits / r, logits * r)
+            if r < 1:  # a penalty below 1 favours seen tokens; a tiny one must not overflow them to inf
+                penalized = penalized.clamp(max=torch.finfo(logits.dtype).max)
+            logits = torch.where(self.seen, penalized, logits)
         if self.counts is not None:
             logits = logits - p.frequency_penalty * self.counts - p.presence_penalty * (self.counts > 0).float()
         return logits
@@ -110,7 +113,9 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits = penalties.apply(logits)
     if params.temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits / params.temperature
+    # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
+    # sends the others to -inf rather than overflowing them all to inf, whose softmax would be nan.
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     candidates = None  # with top-k, sample among the k best only: no full-vocabulary sort or softmax
     if params.top_k > 0:
         logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1)  # sorted
@@ -253,7 +258,10 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     generator = None
     if params.temperature > 0:
         generator = torch.Generator(device=device)
-        generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        if params.seed is None:
+            generator.seed()  # fresh randomness, without reseeding torch's global generator as torch.seed() does
+        else:
+            generator.manual_seed(params.seed)
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
     real = torch.zeros(B, longest, dtype=torch.long)
@@ -312,10 +320,10 @@ class TextStream:
         return self._release(self.tokenizer.decode(self.ids), final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
-        for stop in self.stop_strings:
-            at = text.find(stop, max(0, self.emitted - len(stop)))
-            if at != -1:
-                text, self.stopped = text[:at], True
+        found = [text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stop_strings]
+        found = [at for at in found if at != -1]
+        if found:  # the text ends where the earliest stop string begins, whatever order they were given in
+            text, self.stopped = text[:min(found)], True
         safe = len(text)
         if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
             for stop in self.stop_strings:
@@ -427,6 +435,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     params = sampling_params(args, tokenizer)
+    check_fits(model, len(tokenizer.encode(args.prompt)), params.max_new_tokens)  # before the prompt is echoed
     for i in range(args.num_samples):
         if i:
             params.seed = None if params.seed is None else params.seed + 1

@@ -41,6 +41,9 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     import matplotlib.pyplot as plt
 
     records = read_metrics(run_dir)
+    path = Path(out) if out else Path(run_dir) / "loss.png"
+    if path.is_dir() or not path.parent.is_dir():
+        raise NanoQwenError(f"cannot write the plot to {path}: give --out a file name in an existing folder")
     train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
     val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
     fig, ax = plt.subplots(figsize=(8, 5))
@@ -59,10 +62,13 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
-    path = Path(out) if out else Path(run_dir) / "loss.png"
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120, bbox_inches="tight")
-    plt.close(fig)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")  # the suffix picks the image format
+    try:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+    except ValueError as e:  # an image format matplotlib does not know
+        raise NanoQwenError(f"cannot write {path}: {e}; use .png, .pdf or .svg") from None
+    finally:
+        plt.close(fig)
     tmp.replace(path)  # whole or absent
     return path
 

@@ -298,9 +298,40 @@ def test_stream_never_splits_characters_and_honours_stop_strings():
     assert stream.stopped
 
 
+def test_the_earliest_stop_string_ends_the_text_whatever_their_order():
+    tokenizer = qwen3_tokenizer()
+    for stops in (["eou", "weou"], ["weou", "eou"]):
+        stream = TextStream(tokenizer, stops)
+        text = "".join(stream.push(t) for t in tokenizer.encode("you weou and more")) + stream.finish()
+        assert text == "you " and stream.stopped, stops
+
+
+def test_extreme_temperature_and_penalty_still_pick_a_token():
+    # Dividing by a temperature of 1e-40 overflows every logit; a repetition penalty of 1e-300 overflows the
+    # seen ones. Either must pick the best token(s), never raise on a nan distribution (one such request
+    # used to fail every request batched with it in the server).
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0], [0.0, 3.0, -2.0, 2.5, 1.0]])
+    generator = torch.Generator().manual_seed(0)
+    for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.9)]:
+        tiny = SamplingParams(temperature=1e-40, top_k=top_k, top_p=top_p)
+        assert next_tokens(logits, tiny, generator).tolist() == [0, 1]
+        fond = SamplingParams(temperature=1.0, repetition_penalty=1e-300, top_k=top_k, top_p=top_p)
+        penalties = Penalties.start(fond, torch.tensor([[2], [3]]), vocab_size=5)
+        assert next_tokens(logits, fond, generator, penalties).tolist() == [2, 3]
+
+
+def test_unseeded_sampling_leaves_the_global_generator_alone(checkpoint):
+    model, tokenizer = load_checkpoint(checkpoint)
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    generate(model, tokenizer, ["Once"], SamplingParams(max_new_tokens=3, temperature=1.0, seed=None))
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_prompt_longer_than_context_is_one_clear_line(checkpoint):
     done = run_cli("sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
-    assert done.returncode == 2
+    assert done.returncode == 2 and done.stdout == ""  # the prompt is not echoed before the error
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "context is 128" in lines[0]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanoqwen.generate import SamplingParams, generate, generate_ids
-from nanoqwen.serve.engine import Delta, Engine, Finished
+from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
 from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle
 
 WORDS = ["start", "end", "middle", "heart", "edge", "color", "sound", "shape", "weight", "voice", "rest", "spirit",
@@ -412,6 +412,56 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(local) -> None:
     with torch.inference_mode():  # first token's logprob from one forward over the whole prompt
         first = model(torch.tensor([long_prompt]))[0, -1].float().log_softmax(-1)[reference[0]]
     assert logprobs[0] == pytest.approx(float(first), abs=1e-4)
+
+
+def test_a_step_that_fails_answers_every_request_it_held(local) -> None:
+    """In-process: when a step raises while admitting a request (at its first token), the requests it held
+    (admitted beside it in that step, or already decoding) and the failing one itself each get a Failed
+    event, none is left waiting forever, and the engine then serves the next request as usual."""
+    model, tokenizer = local
+    doomed = tokenizer.encode("this request breaks at its first token")
+
+    async def outcome(job) -> type:
+        while isinstance(event := await asyncio.wait_for(job.events.get(), timeout=20), Delta):
+            pass
+        return type(event)
+
+    async def main() -> list[type]:
+        engine = Engine(model, tokenizer, max_batch_size=4)
+        first_token = engine._first_token
+
+        def failing(seq, logits) -> bool:
+            if seq.prompt == doomed:
+                raise RuntimeError("injected failure")
+            return first_token(seq, logits)
+
+        engine._first_token = failing  # type: ignore[method-assign]
+        engine.start()
+        try:
+            params = SamplingParams(max_new_tokens=200, temperature=0)
+            # Nothing decoding: both prompts are admitted in one step, the first one before the failure.
+            outcomes = [await outcome(engine.submit([tokenizer.encode(PROMPTS[1]), doomed], params, 1))]
+            running = engine.submit([tokenizer.encode(PROMPTS[0])], params, 1)
+            await running.events.get()  # decoding now
+            alone = engine.submit([doomed], params, 1)
+            outcomes += [await outcome(running), await outcome(alone)]
+            after = engine.submit([tokenizer.encode(PROMPTS[2])], SamplingParams(max_new_tokens=3, temperature=0), 1)
+            return [*outcomes, await outcome(after)]
+        finally:
+            engine.stop()
+
+    assert asyncio.run(main()) == [Failed, Failed, Failed, Finished]
+
+
+def test_extreme_sampling_values_are_served(client: openai.OpenAI, local) -> None:
+    # A temperature of 1e-40 is greedy in effect (it once overflowed to a nan distribution and failed the
+    # whole batch); a tiny repetition penalty likewise.
+    expected = greedy_reference(local, PROMPTS[3], 8)
+    r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1e-40, stop=None)
+    assert r.choices[0].text == expected
+    r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, seed=1,
+                                  extra_body={"repetition_penalty": 1e-300})
+    assert r.usage.completion_tokens >= 1
 
 
 def test_disconnect_stops_generation(url: str) -> None:

@@ -14,7 +14,9 @@ padding never shifts a row's positions. The cache is rebuilt (a copy) only when 
 Long prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per step while other rows
 are decoding, so a long prompt arriving delays the running streams by one chunk's time per token
 instead of stalling them for its whole prefill. Chunk boundaries depend only on the prompt, so a
-request gives the same tokens whatever runs beside it.
+greedy request gives the same tokens whatever runs beside it. (A seeded sampled one draws the same
+random numbers, but a batched matmul may round a logit differently in its last bits, which can tip a
+near-tie in top-p or sampling: the same text alone or batched is promised for greedy decoding only.)
 
 On CUDA, a batch that keeps its rows for a few steps is decoded through a captured CUDA graph
 (generate.DecodeStep over the batch cache with fixed shapes); each rebuilt cache gets its own.
@@ -158,6 +160,7 @@ class Engine:
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
         self._active: list[Sequence] = []  # rows of the batch, in cache row order
+        self._admitting: list[Sequence] = []  # prefilled this step, joining the batch at its rebuild
         self._cache: KVCache | None = None
         self._thread = threading.Thread(target=self._run, name="nanoqwen-engine", daemon=True)
         self._stopping = False
@@ -177,7 +180,7 @@ class Engine:
         """Queue `n` choices for each prompt; choice i * n + j continues prompt i. With `top_logprobs` set,
         events carry every sampled token's logprob and those of the `top_logprobs` most likely tokens.
 
-        Seeded sampling gives choice k the seed `seed + k`, so each choice is reproducible on its own
+        Seeded sampling gives choice k the seed `seed + k`, so each choice draws the same random numbers
         whatever else runs beside it (the same convention as `nanoqwen sample --num-samples`).
         """
         job = Job(asyncio.get_running_loop(), len(prompts) * n)
@@ -202,7 +205,10 @@ class Engine:
                        top_logprobs=top_logprobs)
         if params.temperature > 0:
             seq.generator = torch.Generator(device=self.device)
-            seq.generator.manual_seed(seed if seed is not None else torch.seed())
+            if seed is None:
+                seq.generator.seed()  # fresh randomness, without reseeding torch's global generator
+            else:
+                seq.generator.manual_seed(seed)
         return seq
 
     # -- the worker thread ---------------------------------------------------------------------
@@ -214,10 +220,11 @@ class Engine:
                     self._step()
                 except Exception as e:  # never let one bad step kill the server: fail what was running
                     log.exception("generation failed")
-                    for seq in self._active + self._waiting:
+                    for seq in self._active + self._admitting + self._waiting:
                         seq.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                         seq.job.cancel()
-                    self._active, self._waiting, self._cache, self._decode_step = [], [], None, None
+                    self._active, self._admitting, self._waiting = [], [], []
+                    self._cache, self._decode_step = None, None
 
     def _collect(self, block: bool) -> None:
         """Move newly submitted sequences into the waiting list; sleep here when there is no work."""
@@ -239,18 +246,19 @@ class Engine:
         """
         alive = [s for s in self._active if not (s.finished or s.job.cancelled)]
         self._waiting = [s for s in self._waiting if not s.job.cancelled]
-        admitted: list[Sequence] = []
+        self._admitting = admitted = []  # held where a failing step's handler finds them
         while self._waiting and len(alive) + len(admitted) < self.max_batch_size:
             seq = self._waiting[0]
             logits = self._prefill_chunk(seq)
             if logits is not None:
-                self._waiting.pop(0)
-                if not self._first_token(seq, logits):
-                    admitted.append(seq)
+                admitted.append(self._waiting.pop(0))
+                if self._first_token(seq, logits):  # finished at its first token: it never joins the batch
+                    admitted.pop()
             if alive or (admitted and logits is None):
                 break
         if admitted or len(alive) != len(self._active):
             self._rebuild_cache(alive, admitted)
+        self._admitting = []
         if self._active:
             self._decode()
 
