@@ -440,6 +440,17 @@ def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) 
     assert meta["replacement_chars"] == 1 and [s["reason"] for s in meta["skipped"]] == ["empty"]
 
 
+def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "deep" / "linked.txt").write_text("text that lives on another disk\n")
+    (tmp_path / "elsewhere" / "deep" / "up").symlink_to(tmp_path / "elsewhere")  # a loop
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "own.txt").write_text("text of the folder itself\n")
+    (tmp_path / "c" / "link").symlink_to(tmp_path / "elsewhere")
+    docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
+    assert sorted(docs["train"] + docs["val"]) == ["text of the folder itself\n", "text that lives on another disk\n"]
+
+
 def test_a_train_split_left_empty_is_refused(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     for i in range(3):

@@ -341,16 +341,31 @@ def local_files(root: Path) -> list[Path]:
             raise NanoQwenError(f"{root}: unsupported file type {root.suffix or '(none)'}; "
                                 f"use {', '.join(SUFFIXES)} or a folder of them")
         return [root]
-    prepared = {p.parent for p in root.rglob("train.bin")}
-    return sorted(p for p in root.rglob("*") if p.suffix.lower() in SUFFIXES and p.is_file()
-                  and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                  and not prepared.intersection(p.parents))
+    everything = all_files(root)
+    prepared = {p.parent for p in everything if p.name == "train.bin"}
+    return [p for p in everything if p.suffix.lower() in SUFFIXES
+            and not any(part.startswith(".") for part in p.relative_to(root).parts)
+            and not prepared.intersection(p.parents)]
+
+
+def all_files(root: Path) -> list[Path]:
+    """Every file under `root`, sorted, through symlinked folders too (data is often linked in from
+    another disk), each real folder once so that a link back up the tree cannot loop."""
+    found, seen = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in seen:
+            subfolders.clear()
+            continue
+        seen.add(real)
+        found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+    return sorted(found)
 
 
 def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
     """Name, size and modification time of `files` (default: all under `root`): any change shows."""
     if files is None:
-        files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+        files = [root] if root.is_file() else all_files(root)
     h = hashlib.sha256(str(root.resolve()).encode())
     for p in files:
         st = p.stat()
