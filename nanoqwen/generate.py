@@ -6,10 +6,12 @@ text streaming that never splits a character.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -391,12 +393,20 @@ def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: Samplin
 
 
 # -- `nanoqwen sample` ---------------------------------------------------------------------------
+# Used where the checkpoint's generation_config.json does not say (Transformers and vLLM read that file too).
+SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
+    def default(name: str) -> str:
+        return f"(default: the checkpoint's generation_config.json, else {SAMPLING_DEFAULTS[name]:g})"
+
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=50, help="0 keeps all tokens")
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages prompt and output tokens")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy {default('temperature')}")
+    p.add_argument("--top-k", type=int, default=None, help=f"0 keeps all tokens {default('top_k')}")
+    p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
+    p.add_argument("--repetition-penalty", type=float, default=None,
+                   help=f"> 1 discourages prompt and output tokens {default('repetition_penalty')}")
     p.add_argument("--presence-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from the logit of every token generated so far")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
@@ -405,11 +415,32 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--seed", type=int, default=None, help="same seed, same text")
 
 
+def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
+    """The sampling a checkpoint recommends in its generation_config.json (official Qwen3 folders carry
+    theirs), over SAMPLING_DEFAULTS; `do_sample: false` means greedy."""
+    chosen = dict(SAMPLING_DEFAULTS)
+    try:
+        saved = json.loads((Path(directory) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return chosen  # none, or unreadable: it only ever supplies defaults
+    if not isinstance(saved, dict):
+        return chosen
+    for name in chosen:
+        value = saved.get(name)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            chosen[name] = value
+    if saved.get("do_sample") is False:
+        chosen["temperature"] = 0.0
+    return chosen
+
+
 def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                          top_p=args.top_p, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          stop_token_ids=tokenizer.stop_ids, stop_strings=args.stop, seed=args.seed).validate()
+    """The flags, with those not given taken from the checkpoint (see `checkpoint_sampling`)."""
+    recommended = checkpoint_sampling(args.model)
+    chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
+    return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
+                          frequency_penalty=args.frequency_penalty, stop_token_ids=tokenizer.stop_ids,
+                          stop_strings=args.stop, seed=args.seed).validate()
 
 
 def load_for_inference(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer]:

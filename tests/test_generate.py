@@ -76,6 +76,32 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     assert done.stdout == prompt + tokenizer.decode(out) + "\n"
 
 
+def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path):
+    import argparse
+    import shutil
+
+    from nanoqwen.generate import SAMPLING_DEFAULTS, add_sampling_arguments, checkpoint_sampling, sampling_params
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint, folder)
+    config = folder / "generation_config.json"
+    config.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}))
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    given = parser.parse_args(["--top-k", "5"])
+    given.model = str(folder)
+    params = sampling_params(given, qwen3_tokenizer())
+    assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.6, 5, 0.95, 1.0)
+    config.write_text("{broken")
+    assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
+    # do_sample false: greedy, so `nanoqwen sample` with no sampling flags gives the greedy text.
+    config.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert checkpoint_sampling(folder)["temperature"] == 0
+    runs = [run_cli("sample", "--model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12",
+                    "--device", "cpu", *extra) for extra in ([], ["--temperature", "0"])]
+    assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
+
+
 def test_batched_prompts_equal_one_by_one(checkpoint):
     model, tokenizer = load_checkpoint(checkpoint)
     prompts = ["a", "The rain in Spain stays mainly", "1 2 3 4"]
