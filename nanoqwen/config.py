@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,24 @@ from nanoqwen.errors import NanoQwenError
 
 PRESET_DIR = Path(__file__).parent / "configs"
 QWEN3_VOCAB_SIZE = 151936
+
+
+# Transformers' Qwen3Config defaults, where they differ from ModelConfig's (which follow the official
+# models): what a config.json that leaves the field out means.
+TRANSFORMERS_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
+    "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
+}
+
+
+def rope_type(rope: Any) -> str:
+    """The kind of RoPE a rope_scaling / rope_parameters value asks for ("default": plain)."""
+    if rope is None:
+        return "default"
+    if not isinstance(rope, dict):
+        raise NanoQwenError(f"rope_scaling must be an object such as {{\"rope_type\": \"default\"}}, got {rope!r}")
+    kinds = {rope.get("rope_type", "default"), rope.get("type", "default")} - {"default"}
+    return kinds.pop() if kinds else "default"
 
 
 @dataclass
@@ -78,8 +97,15 @@ class ModelConfig:
             raise NanoQwenError("Qwen3 has no attention bias; set attention_bias to false")
         if self.use_sliding_window:
             raise NanoQwenError("sliding-window attention is not supported (no dense Qwen3 uses it)")
-        if self.rope_scaling not in (None, {}) and self.rope_scaling.get("rope_type", "default") != "default":
+        if rope_type(self.rope_scaling) != "default":
             raise NanoQwenError(f"rope_scaling {self.rope_scaling} is not supported; only plain RoPE is")
+        for name, low in [("rope_theta", 0.0), ("initializer_range", 0.0)]:
+            if not low < getattr(self, name) < math.inf:
+                raise NanoQwenError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
+        if not 0 <= self.rms_norm_eps < math.inf:
+            raise NanoQwenError(f"config field rms_norm_eps must be >= 0, got {self.rms_norm_eps!r}")
+        if not 0 <= self.attention_dropout < 1:
+            raise NanoQwenError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         return self
 
     def num_params(self) -> int:
@@ -107,15 +133,23 @@ class ModelConfig:
                 f"{source} is a {model_type!r} model, not Qwen3; nanoqwen loads only Qwen3 checkpoints "
                 "(model_type \"qwen3\")")
         known = {f.name for f in fields(cls)}
-        values = {k: v for k, v in d.items() if k in known}
-        if "rope_theta" not in values:  # Transformers >= 5 keeps it under rope_parameters
-            rope = d.get("rope_parameters") or {}
-            values["rope_theta"] = rope.get("rope_theta", 10000.0)
+        # A field the file leaves out means what Transformers' Qwen3Config makes of it, not nanoqwen's default.
+        values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
+        values.setdefault("num_key_value_heads", values["num_attention_heads"])
+        # RoPE as Transformers >= 5 writes it (rope_parameters) or as older versions did (rope_theta, rope_scaling).
+        for key in ("rope_scaling", "rope_parameters"):
+            part = d.get(key)
+            if part is not None and not isinstance(part, dict):
+                raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
+            if rope_type(part) != "default":
+                raise NanoQwenError(f"{source} asks for {rope_type(part)!r} RoPE scaling; nanoqwen implements only "
+                                    "plain RoPE, so it would compute different logits")
+        values["rope_theta"] = (d.get("rope_parameters") or {}).get("rope_theta", values["rope_theta"])
+        values["rope_scaling"] = None
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         if values.get("torch_dtype") is None:
             values["torch_dtype"] = d.get("dtype") or "float32"
-        values.setdefault("max_window_layers", values.get("num_hidden_layers", 28))
         return cls(**values).validate()
 
 

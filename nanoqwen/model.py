@@ -157,6 +157,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+        self.dropout = config.attention_dropout  # on the attention weights, in training only
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
@@ -185,6 +186,7 @@ class Attention(nn.Module):
         else:
             # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
             y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                               dropout_p=self.dropout if self.training else 0.0,
                                                is_causal=mask is None and T > 1, enable_gqa=H != K).transpose(1, 2)
         return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj, inference)
 

@@ -130,10 +130,56 @@ def test_left_padded_batch_equals_rows_alone():
     ({"num_attention_heads": 6, "num_key_value_heads": 4}, "multiple of num_key_value_heads"),
     ({"head_dim": 15}, "head_dim must be even"),
     ({"hidden_size": 0}, "positive integer"),
+    ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+    ({"rms_norm_eps": -1.0}, "rms_norm_eps must be >= 0"),
+    ({"attention_dropout": 1.0}, "attention_dropout must be in"),
+    ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
+    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "not supported"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
         tiny_config(**changes).validate()
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},  # Transformers 5
+    {"rope_scaling": {"type": "yarn", "factor": 4.0}},  # the older spelling
+])
+def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
+    model = Qwen3(tiny_config())
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, **rope}))
+    with pytest.raises(NanoQwenError, match="RoPE scaling"):
+        load_model(tmp_path)
+
+
+def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
+    # An untied checkpoint whose config.json omits tie_word_embeddings: Transformers reads it untied (and
+    # the rope_theta of rope_parameters over a stale top-level one); so must nanoqwen, or the logits differ.
+    config = tiny_config(tie_word_embeddings=False)
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    hf = transformers.Qwen3ForCausalLM(hf_config)
+    scramble(hf, seed=4)
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["tie_word_embeddings"]
+    saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
+    saved["rope_theta"] = 1e6
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model, reloaded = load_model(tmp_path), hf_eager(tmp_path)
+    assert not model.config.tie_word_embeddings and model.config.rope_theta == 500.0
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - reloaded(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_attention_dropout_applies_in_training_only():
+    model = Qwen3(tiny_config(attention_dropout=0.5))
+    ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(model.train()(ids), model(ids))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(ids), model(ids))
 
 
 def test_non_qwen3_folder_is_refused(tmp_path):
