@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.io import atomic_dir, check_replaceable
+from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -67,6 +67,7 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
     hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
     with atomic_dir(directory) as tmp:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        give_usual_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
         (tmp / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
         if tokenizer is not None:

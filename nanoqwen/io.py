@@ -20,6 +20,12 @@ def _umask() -> int:
     return mask
 
 
+def give_usual_mode(path: str | os.PathLike[str]) -> None:
+    """rw for the owner, r for others (per the umask), for a file a library wrote privately (safetensors
+    writes 0600) that other users and tools are meant to read."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def cache_dir() -> Path:
     """Where nanoqwen keeps what it builds or downloads once per machine ($NANOQWEN_CACHE overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoqwen"
@@ -97,7 +103,7 @@ def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the finished file gets the usual mode
+    give_usual_mode(tmp)  # mkstemp makes it private
     try:
         with os.fdopen(fd, mode) as f:
             yield f
