@@ -16,6 +16,7 @@ from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
 PROMPT = "you> "
+THINK_END = "</think>"
 HELP = "Type a message and press Enter. /reset clears the history, /exit quits (or Ctrl-D)."
 # Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
 # their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
@@ -65,8 +66,8 @@ class Conversation:
     def add_reply(self, text: str) -> None:
         if self.raw:
             self.transcript += text
-        else:
-            self.messages.append({"role": "assistant", "content": text})
+        else:  # a reasoning model's thinking is not kept in the history (as Qwen3's own chat template does)
+            self.messages.append({"role": "assistant", "content": text.split(THINK_END)[-1].lstrip("\n")})
 
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []

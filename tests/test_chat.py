@@ -101,6 +101,18 @@ def test_history_drops_oldest_turns() -> None:
     raw = Conversation(tokenizer, context=50, reserve=10, raw=True)
     ids = raw.add_user("word " * 100)
     assert len(ids) == 40 and raw.dropped > 0
+    # Cut inside a character (each of these is several byte-level tokens): the kept text starts whole.
+    raw = Conversation(tokenizer, context=512, reserve=20, raw=True)
+    raw.add_user("𝑓𝑔ℕ🙂 " * 200)
+    assert raw.transcript.startswith(("𝑓", "𝑔", "ℕ", "🙂", " ")) and "\ufffd" not in raw.transcript
+
+
+def test_history_keeps_replies_without_their_thinking() -> None:
+    conversation = Conversation(qwen3_tokenizer(), context=512, reserve=40)
+    conversation.add_user("What is 2 + 2?")
+    conversation.add_reply("<think>\nTwo and two make four.\n</think>\n\n4.")
+    conversation.add_user("And 3 + 3?")
+    assert conversation.messages[1] == {"role": "assistant", "content": "4."}
 
 
 def test_printable_defuses_control_characters() -> None:
