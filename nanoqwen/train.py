@@ -344,9 +344,9 @@ def setup(args: argparse.Namespace) -> Run:
     if device.type == "cpu":
         reuse_freed_memory()
     cfg.compile = default_compile(device) if cfg.compile is None else cfg.compile  # saved: a resumed run alike
+    micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size  # not saved: a resume may change processes
     loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
-                         micro_batch=cfg.micro_batch or cfg.batch_size // info.world_size,  # None stays None: a
-                         seed=cfg.seed, rank=info.rank, world_size=info.world_size,  # resume may change processes
+                         micro_batch=micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          device=device)
     torch.manual_seed(cfg.seed)
     if resume_dir is not None:
