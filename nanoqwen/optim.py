@@ -29,9 +29,8 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int, s
 
     cosine: linear warmup to max_lr, then a half cosine down to min_lr at the last step.
     wsd (warmup-stable-decay): linear warmup, flat at max_lr, then linear to min_lr over the last
-    `decay_fraction` of the steps. The warmup takes at most half of the steps (see `warmup_steps`).
+    `decay_fraction` of the steps.
     """
-    warmup = warmup_steps(warmup, total)
     if step < warmup:
         return max_lr * (step + 1) / warmup
     if schedule == "cosine":
@@ -47,13 +46,7 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int, s
 
 def wsd_decay_start(total: int, warmup: int, decay_fraction: float = 0.2) -> int:
     """First step of WSD's decay. Before it the rate does not depend on `total`, which may still change."""
-    return total - max(1, round(decay_fraction * (total - warmup_steps(warmup, total))))
-
-
-def warmup_steps(warmup: int, total: int) -> int:
-    """The warmup, cut to half the run where it is longer: a short trial run of a preset made for long
-    ones (`--max-steps 30` with a warmup of 50) would otherwise end still warming up, at its highest rate."""
-    return min(warmup, total // 2)
+    return total - max(1, round(decay_fraction * (total - warmup)))
 
 
 def set_lr(optimizer: torch.optim.Optimizer | HybridOptimizer, lr: float) -> None:

@@ -49,7 +49,7 @@ from nanoqwen.distributed import (
 )
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
-from nanoqwen.generate import SamplingParams, generate
+from nanoqwen.generate import SamplingParams, check_fits, generate
 from nanoqwen.io import atomic_dir, atomic_file, write_json
 from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
@@ -96,7 +96,7 @@ class TrainConfig:
     min_lr: float | None = None
     """Learning rate at the last step (None: lr / 10)."""
     warmup: int = 100
-    """Linear warmup steps (at most half of the run: a longer one is cut to that)."""
+    """Linear warmup steps (a new run cuts a longer one to half of max_steps)."""
     schedule: str = "cosine"
     """cosine or wsd (warmup-stable-decay)."""
     weight_decay: float = 0.1
@@ -385,10 +385,10 @@ def check_samples_and_eval(run: Run) -> None:
     """What the first evaluation or the last sample would fail on, refused before any step is trained."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
-    prompt = len(run.tokenizer.encode(run.cfg.sample_prompt))
-    if not 0 < prompt < run.model.config.max_position_embeddings:
-        raise NanoQwenError(f"--sample-prompt is {prompt} tokens; give a prompt of at least one token that "
-                            f"leaves room in the {run.model.config.max_position_embeddings}-token context")
+    try:
+        check_fits(run.model, len(run.tokenizer.encode(run.cfg.sample_prompt)), run.cfg.sample_tokens)
+    except NanoQwenError as e:
+        raise NanoQwenError(f"--sample-prompt: {e}") from None
 
 
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
@@ -399,6 +399,13 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
+    if cfg.warmup > cfg.max_steps // 2:
+        # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
+        # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
+        if info.is_main:
+            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: warming up over "
+                  f"{cfg.max_steps // 2}", flush=True)
+        cfg.warmup = cfg.max_steps // 2
     if args.tokenizer and args.data:
         raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
@@ -426,10 +433,13 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
                             "--init-from, --data, --dataset and --tokenizer cannot change them")
     saved = read_run_config(out)
+    train = saved["train"]
+    if train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):  # resolved, not asked for
+        train["micro_batch"] = None  # (runs before this version saved it so)
     if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
-    return resolve_train_config({}, args, TrainConfig(**saved["train"])), saved["preset"], Path(saved["data"]), out
+    return resolve_train_config({}, args, TrainConfig(**train)), saved["preset"], Path(saved["data"]), out
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
@@ -641,9 +651,7 @@ def sync_gradients(run: Run, sync: bool) -> AbstractContextManager[Any]:
 def evaluate(run: Run) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
     windows = run.cfg.eval_windows
-    tokens, num_bytes = run.val.prefix(windows * run.seq_len + 1)
-    if tokens.numel() < 2:
-        raise NanoQwenError(f"{run.data} has no validation tokens; prepare it with a validation split")
+    tokens, num_bytes = run.val.prefix(windows * run.seq_len + 1)  # setup saw that there are some
     # Evaluation materializes logits: keep a batch of them under ~1 GiB.
     batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
     with run.autocast():
