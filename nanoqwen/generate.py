@@ -402,7 +402,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
         return f"(default: the checkpoint's generation_config.json, else {SAMPLING_DEFAULTS[name]:g})"
 
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=None, help=f"0 = greedy {default('temperature')}")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
+                        "so --top-k and --top-p then need --temperature too")
     p.add_argument("--top-k", type=int, default=None, help=f"0 keeps all tokens {default('top_k')}")
     p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
     p.add_argument("--repetition-penalty", type=float, default=None,

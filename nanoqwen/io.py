@@ -65,10 +65,17 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
         shutil.rmtree(old, ignore_errors=True)
 
 
-def check_replaceable(out: str | os.PathLike[str], marker: str, others: tuple[str, ...] = ()) -> None:
+# What each kind of folder nanoqwen writes holds, for check_replaceable: a prepared data folder, a run
+# folder (its own config.json is not a checkpoint's), a checkpoint, a tokenizer.
+DATA_FILES, RUN_FILES = ("meta.json",), ("metrics.jsonl", "last", "best", "train_state.json")
+CHECKPOINT_FILES, TOKENIZER_FILES = ("config.json",), ("tokenizer.json",)
+
+
+def check_replaceable(out: str | os.PathLike[str], markers: tuple[str, ...], others: tuple[str, ...] = ()) -> None:
     """Refuse to let an --out that exists be replaced unless it is an earlier output of the same kind:
-    a folder holding `marker` and none of `others` (what another kind of output holds). Anything else
-    (a file, `--out .`, a checkpoint given to a command that writes a tokenizer) would be deleted."""
+    a folder holding one of `markers` and none of `others` (what other kinds of output hold). Anything
+    else (a file, `--out .`, a run or a checkpoint given to a command that writes a tokenizer) would be
+    deleted."""
     out = Path(out)
     if not out.exists():
         return
@@ -76,10 +83,10 @@ def check_replaceable(out: str | os.PathLike[str], marker: str, others: tuple[st
         raise NanoQwenError(f"{out} is a file; give --out a folder name")
     entries = {entry.name for entry in out.iterdir()}
     foreign = [name for name in others if name in entries]
-    if foreign or (entries and marker not in entries):
+    if foreign or (entries and not entries.intersection(markers)):
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
-                            f"({', '.join(foreign) or 'no ' + marker}), which replacing it would delete; "
-                            "choose another --out or remove it")
+                            f"({', '.join(foreign) or 'no ' + ' or '.join(markers)}), which replacing it would "
+                            "delete; choose another --out or remove it")
 
 
 def remove_orphans(final: Path) -> None:

@@ -338,19 +338,27 @@ def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.C
     data = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "data", progress=False)
     assert main(["tokenizer", "qwen3", "--out", str(tmp_path / "tok")]) == 0
     assert main(["tokenizer", "qwen3", "--out", str(tmp_path / "tok")]) == 0  # its own output: replaced
-    before = {p: p.read_bytes() for p in [*tmp_path.glob("mine/*"), *data.iterdir(), tmp_path / "a.txt"]}
+    (tmp_path / "run").mkdir()  # a run folder: its config.json is the run's, not a checkpoint's
+    (tmp_path / "run" / "config.json").write_text("{}")
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    before = {p: p.read_bytes() for p in [*tmp_path.glob("mine/*"), *tmp_path.glob("run/*"), *data.iterdir(),
+                                          tmp_path / "a.txt"]}
     refused = [
         ["tokenizer", "qwen3", "--out", str(tmp_path / "mine")],  # a folder of the user's files
         ["tokenizer", "qwen3", "--out", str(tmp_path / "a.txt")],  # a file
         ["tokenizer", "train", "--dataset", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out", str(data)],
         ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(data)],  # prepared data
-        ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "tok")],
+        ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "run")],
+        ["tokenizer", "qwen3", "--out", str(tmp_path / "run")],
     ]
     for args in refused:
         capsys.readouterr()
         assert main(args) == 2, args
         assert capsys.readouterr().err.count("\n") == 1, args
     assert {p: p.read_bytes() for p in before} == before and leftovers(tmp_path) == []
+    # A tokenizer folder may become a checkpoint (which holds the tokenizer too).
+    assert main(["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--tokenizer", str(tmp_path / "tok"),
+                 "--out", str(tmp_path / "tok")]) == 0
 
 
 # -- tokenizer training ------------------------------------------------------------------------------

@@ -349,8 +349,8 @@ def local_files(root: Path) -> list[Path]:
 
 
 def all_files(root: Path) -> list[Path]:
-    """Every file under `root`, sorted, through symlinked folders too (data is often linked in from
-    another disk), each real folder once so that a link back up the tree cannot loop."""
+    """Every file under `root` outside hidden folders, sorted, through symlinked folders too (data is often
+    linked in from another disk), each real folder once so that a link back up the tree cannot loop."""
     found, seen = [], set()
     for folder, subfolders, names in os.walk(root, followlinks=True):
         real = os.path.realpath(folder)
@@ -358,6 +358,7 @@ def all_files(root: Path) -> list[Path]:
             subfolders.clear()
             continue
         seen.add(real)
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # never read: not walked
         found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
     return sorted(found)
 

@@ -220,7 +220,7 @@ class Engine:
                     self._step()
                 except Exception as e:  # never let one bad step kill the server: fail what was running
                     log.exception("generation failed")
-                    for seq in self._active + self._admitting + self._waiting:
+                    for seq in dict.fromkeys(self._active + self._admitting + self._waiting):  # each once
                         seq.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
                         seq.job.cancel()
                     self._active, self._admitting, self._waiting = [], [], []
