@@ -25,7 +25,8 @@ import signal
 import sys
 import threading
 import time
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -687,7 +688,8 @@ def train(run: Run) -> dict[str, Any]:
     with StopSignal() as stop, tensorboard or nullcontext():
         while state.step < run.total_steps:
             t0 = time.perf_counter()
-            train_loss, lr = train_step(run)
+            with explain_out_of_memory(run):
+                train_loss, lr = train_step(run)
             now = time.perf_counter()
             state.elapsed_s += now - tick  # wall time, evaluation and saving included
             if state.step == first_step:  # it pays for compilation and warm-up: time the others
@@ -712,7 +714,8 @@ def train(run: Run) -> dict[str, Any]:
             interrupted = code >= 2  # a signal: save and leave, no final evaluation or sample
             final = state.step >= run.total_steps or code > 0
             if state.step % cfg.eval_interval == 0 or (final and not interrupted):
-                summary["eval"] = evaluate_and_track(run, record, display)
+                with explain_out_of_memory(run):
+                    summary["eval"] = evaluate_and_track(run, record, display)
                 if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                     summary["stopped"], final = "early_stopping", True
             if main:
@@ -737,6 +740,22 @@ def train(run: Run) -> dict[str, Any]:
                 break
     display.close()
     return summary
+
+
+@contextmanager
+def explain_out_of_memory(run: Run) -> Iterator[None]:
+    """Running out of memory (the usual first failure of a bigger model) is one line saying what to lower."""
+    try:
+        yield
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        text = str(e)
+        if not isinstance(e, torch.OutOfMemoryError) and not ("out of memory" in text.lower()
+                                                              or "can't allocate memory" in text):
+            raise
+        raise NanoQwenError(
+            f"out of {run.info.device.type} memory at step {run.state.step + 1} with {run.loader.micro_batch} "
+            f"sequences of {run.seq_len} tokens per forward pass; lower --micro-batch (--batch-size stays the "
+            "same, by gradient accumulation), add --activation-checkpointing, or shorten --seq-len") from None
 
 
 def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> dict[str, float]:

@@ -257,6 +257,21 @@ def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Pat
     assert not (out / "metrics.jsonl").exists()
 
 
+def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_path: Path) -> None:
+    import resource
+
+    def four_gib() -> None:  # a real allocation failure, without touching the machine's memory
+        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+
+    # 65536 x 32 tokens in one forward pass: far more than 4 GiB of activations, even for this tiny model.
+    command = train_command(*common(data, preset, tmp_path / "run"), "--max-steps", "2", "--batch-size", "65536")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(),
+                          preexec_fn=four_gib)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "out of cpu memory at step 1" in lines[0] and "--micro-batch" in lines[0], lines
+
+
 def test_an_empty_validation_split_is_refused_before_training(data: Path, preset: Path, tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     copy = tmp_path / "data"
