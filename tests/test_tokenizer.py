@@ -99,3 +99,16 @@ def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, 
     assert hf.eos_token == "<|endoftext|>"
     rendered = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert rendered == "<|im_start|>user\nHi<|im_end|>\nTHEIRS"
+
+
+def test_vocabulary_equals_transformers_tiktoken_conversion(official):
+    # The regular vocabulary, string for string and id for id, is what Transformers' own converter makes of
+    # the same ranks; the 26 specials sit at the official ids (test_added_tokens_round_trip). So an official
+    # tokenizer.json has the same fingerprint, and data prepared with `--tokenizer qwen3` suits official weights.
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    converted = TikTokenConverter(vocab_file=str(find_qwen_tiktoken()), pattern=QWEN_PATTERN,
+                                  additional_special_tokens=QWEN_SPECIAL_TOKENS).converted()
+    theirs = converted.get_vocab(with_added_tokens=False)
+    ours = {k: v for k, v in official.hf.get_vocab(with_added_tokens=True).items() if k not in QWEN_SPECIAL_TOKENS}
+    assert len(ours) == QWEN_FIRST_SPECIAL_ID and ours == theirs
