@@ -16,15 +16,7 @@ from safetensors.torch import save_file
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.io import (
-    CHECKPOINT_FILES,
-    DATA_FILES,
-    RUN_FILES,
-    TOKENIZER_FILES,
-    atomic_dir,
-    check_replaceable,
-    give_usual_mode,
-)
+from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -198,8 +190,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.config import apply_overrides
 
-    # An earlier checkpoint, or a tokenizer folder (the checkpoint holds the tokenizer too); never data or a run.
-    check_replaceable(args.out, CHECKPOINT_FILES + TOKENIZER_FILES, others=DATA_FILES + RUN_FILES)
+    check_replaceable(args.out, "checkpoint")
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = apply_overrides(load_preset(args.preset).model, args.set)
     fit = not any(item.startswith("vocab_size=") for item in args.set)

@@ -65,17 +65,22 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
         shutil.rmtree(old, ignore_errors=True)
 
 
-# What each kind of folder nanoqwen writes holds, for check_replaceable: a prepared data folder, a run
-# folder (its own config.json is not a checkpoint's), a checkpoint, a tokenizer.
-DATA_FILES, RUN_FILES = ("meta.json",), ("metrics.jsonl", "last", "best", "train_state.json")
-CHECKPOINT_FILES, TOKENIZER_FILES = ("config.json",), ("tokenizer.json",)
+# What an --out of each kind may replace: (files that mark an earlier output of that kind, files that
+# mark another kind's folder). A prepared data folder holds meta.json; a checkpoint, config.json; every
+# kind, tokenizer.json; a run folder, its metrics and checkpoints (its config.json is the run's).
+_RUN_FILES = ("metrics.jsonl", "last", "best", "train_state.json")
+REPLACEABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "data": (("meta.json",), ("config.json", *_RUN_FILES)),
+    "checkpoint": (("config.json", "tokenizer.json"), ("meta.json", *_RUN_FILES)),  # a tokenizer becomes one
+    "tokenizer": (("tokenizer.json",), ("meta.json", "config.json", *_RUN_FILES)),
+}
 
 
-def check_replaceable(out: str | os.PathLike[str], markers: tuple[str, ...], others: tuple[str, ...] = ()) -> None:
-    """Refuse to let an --out that exists be replaced unless it is an earlier output of the same kind:
-    a folder holding one of `markers` and none of `others` (what other kinds of output hold). Anything
-    else (a file, `--out .`, a run or a checkpoint given to a command that writes a tokenizer) would be
-    deleted."""
+def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
+    """Refuse to let an --out that exists be replaced unless it is an earlier output of the same `kind`
+    (see REPLACEABLE). Anything else (a file, `--out .`, a run or a checkpoint given to a command that
+    writes a tokenizer) would be deleted."""
+    markers, others = REPLACEABLE[kind]
     out = Path(out)
     if not out.exists():
         return

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nanoqwen.data.prepare import parse_size
-from nanoqwen.io import CHECKPOINT_FILES, DATA_FILES, RUN_FILES, TOKENIZER_FILES, atomic_dir, check_replaceable
+from nanoqwen.io import atomic_dir, check_replaceable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "qwen3":
         from nanoqwen.tokenizer import qwen3_tokenizer
 
-        check_replaceable(args.out, TOKENIZER_FILES, others=DATA_FILES + CHECKPOINT_FILES + RUN_FILES)
+        check_replaceable(args.out, "tokenizer")
         tokenizer = qwen3_tokenizer()
         with atomic_dir(args.out) as tmp:
             tokenizer.save(tmp)

@@ -32,15 +32,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import (
-    CHECKPOINT_FILES,
-    DATA_FILES,
-    RUN_FILES,
-    TOKENIZER_FILES,
-    atomic_dir,
-    check_replaceable,
-    write_json,
-)
+from nanoqwen.io import atomic_dir, check_replaceable, write_json
 from nanoqwen.tokenizer import (
     QWEN_PATTERN,
     QWEN_TIKTOKEN_MD5,
@@ -107,7 +99,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     """`nanoqwen tokenizer train --dataset SRC --vocab-size N --out DIR`."""
     corpus = open_corpus(args.dataset, text_column=args.text_column, split=args.split, max_bytes=args.max_bytes)
     out = Path(args.out)
-    check_replaceable(out, TOKENIZER_FILES, others=DATA_FILES + CHECKPOINT_FILES + RUN_FILES)
+    check_replaceable(out, "tokenizer")
     start = time.perf_counter()
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
     with atomic_dir(out) as tmp:
@@ -146,7 +138,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         if progress:
             print(f"{out} is up to date (same inputs and options); --force rebuilds it")
         return out
-    check_replaceable(out, DATA_FILES, others=CHECKPOINT_FILES + RUN_FILES)
+    check_replaceable(out, "data")
 
     start = time.perf_counter()
     documents = corpus.documents()
