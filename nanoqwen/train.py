@@ -69,6 +69,7 @@ FINETUNE_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-5, "warmup": 20
                                   "batch_size": 16, "eval_interval": 50, "save_interval": 250,
                                   "sample_interval": 250}
 FINETUNE_SEQ_LEN = 1024
+BEST_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass
@@ -128,6 +129,9 @@ class TrainConfig:
     """torch.compile the model (None: on CUDA only)."""
     tensorboard: bool = False
     """Also log the metrics and samples as TensorBoard events in RUN/tensorboard (needs the tensorboard package)."""
+    best_dtype: str = "float32"
+    """dtype best/ is written in (bfloat16 halves it; --init-from keeps its checkpoint's). last/ stays float32
+    for exact resume."""
 
     def validate(self) -> TrainConfig:
         positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
@@ -140,6 +144,8 @@ class TrainConfig:
                 raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
         if self.optimizer not in OPTIMIZERS:
             raise NanoQwenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.best_dtype not in BEST_DTYPES:
+            raise NanoQwenError(f"--best-dtype {self.best_dtype!r}: choose one of {', '.join(BEST_DTYPES)}")
         if self.schedule not in SCHEDULES:
             raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         if self.lr < 0 or (self.min_lr is not None and self.min_lr < 0) or self.warmup < 0:
@@ -199,7 +205,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_field_help(f.name))
             continue
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES}.get(f.name)
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "best_dtype": BEST_DTYPES}.get(f.name)
         p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
                        help=_field_help(f.name))
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -450,6 +456,8 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
 
     config = apply_overrides(read_config(folder), overrides)
     train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
+    if config.torch_dtype in BEST_DTYPES:  # official weights come in bfloat16: best/ the same size, not twice it
+        train["best_dtype"] = config.torch_dtype
     if (folder / "tokenizer.json").is_file():
         train["tokenizer"] = str(folder)
     name = f"{folder.resolve().parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
@@ -596,7 +604,7 @@ def save_last(run: Run) -> None:
 def save_best(run: Run) -> None:
     model = full_model(run)
     if model is not None:
-        save_checkpoint(model, run.out / "best", run.tokenizer)
+        save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype))
 
 
 def append_line(path: Path, text: str) -> None:

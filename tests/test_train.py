@@ -426,6 +426,10 @@ def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, t
     assert saved.keys() == source_weights.keys()
     for key, value in saved.items():
         assert torch.equal(value, source_weights[key].float()), key
+    # best/ keeps the source's dtype (bfloat16 for official weights: not twice their size); last/ is float32.
+    best = load_file(out / "best/model.safetensors")
+    assert {v.dtype for v in best.values()} == {next(iter(source_weights.values())).dtype}
+    assert all(torch.equal(best[key], source_weights[key]) for key in best)
     assert dataclasses.replace(read_config(out / "last"), torch_dtype="float32") == \
         dataclasses.replace(read_config(checkpoint), torch_dtype="float32")  # special ids included
     first, fresh = train_losses(out)[1], train_losses(trained)[1]
