@@ -154,10 +154,18 @@ def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
     out = prepare(str(tmp_path / "c"), "qwen3", tmp_path / "out", progress=False)
     found = segments(out, "train") + segments(out, "val")
     assert whole in found and tok.encode("short one") in found
+    tiktoken_encoding = prepare_module._qwen3_tiktoken
     monkeypatch.setattr(prepare_module, "_qwen3_tiktoken", lambda: None)  # the `tokenizers` path
     slow = prepare(str(tmp_path / "c"), "qwen3", tmp_path / "slow", progress=False)
+    # A folder holding the Qwen3 tokenizer (as official weights do) is recognized and encoded by tiktoken too.
+    (tmp_path / "official").mkdir()
+    qwen3_tokenizer().save(tmp_path / "official")
+    used = []
+    monkeypatch.setattr(prepare_module, "_qwen3_tiktoken", lambda: used.append(1) or tiktoken_encoding())
+    folder = prepare(str(tmp_path / "c"), str(tmp_path / "official"), tmp_path / "folder", progress=False)
+    assert used
     for split in ("train.bin", "val.bin"):
-        assert (slow / split).read_bytes() == (out / split).read_bytes()
+        assert (slow / split).read_bytes() == (out / split).read_bytes() == (folder / split).read_bytes()
 
 
 def test_single_document_is_split_inside(tmp_path: Path) -> None:

@@ -34,11 +34,14 @@ from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir, check_replaceable, write_json
 from nanoqwen.tokenizer import (
+    QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
+    QWEN_SPECIAL_TOKENS,
     QWEN_TIKTOKEN_MD5,
     Tokenizer,
     find_qwen_tiktoken,
     load_tiktoken_ranks,
+    qwen3_tokenizer,
     resolve_tokenizer,
     train_bpe,
 )
@@ -299,6 +302,17 @@ def _qwen3_tiktoken() -> Any | None:
     return tiktoken.Encoding("qwen3", pat_str=QWEN_PATTERN, mergeable_ranks=ranks, special_tokens={})
 
 
+def _is_qwen3(tokenizer: Tokenizer) -> bool:
+    """Whether a tokenizer folder (say, official Qwen3 weights') is the Qwen3 tokenizer: the same vocabulary
+    and pipeline, so tiktoken's ids for the ranks are its ids too."""
+    if tokenizer.vocab_size != QWEN_FIRST_SPECIAL_ID + len(QWEN_SPECIAL_TOKENS) or not _piece_safe(tokenizer.hf):
+        return False  # cheap checks first: most folders are BPEs of their own
+    try:
+        return tokenizer.fingerprint == qwen3_tokenizer().fingerprint
+    except NanoQwenError:  # the Qwen ranks are not installed: encode with the folder's own tokenizer
+        return False
+
+
 def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[list[str]], list[Encoded]]:
     """A function from a batch of documents to their ids, each ending with <|endoftext|>.
 
@@ -307,7 +321,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     pool over batches, without the pool's start-up and pickling, and leaves the reading thread free to
     read the next batch meanwhile.
     """
-    fast = _qwen3_tiktoken() if spec == "qwen3" else None
+    fast = _qwen3_tiktoken() if spec == "qwen3" or _is_qwen3(tokenizer) else None
     if fast is not None:
         threads = workers or os.cpu_count() or 1
 
