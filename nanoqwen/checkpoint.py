@@ -89,6 +89,9 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
     if not isinstance(raw, dict):
         raise NanoQwenError(f"{path} is not a config object; re-download or re-save the checkpoint")
+    if "model_type" not in raw and ((directory / "best").is_dir() or (directory / "last").is_dir()):
+        raise NanoQwenError(f"{directory} is a run folder; give one of its checkpoints: {directory / 'best'} "
+                            f"(lowest val loss) or {directory / 'last'}")
     return ModelConfig.from_hf_dict(raw, str(path))
 
 

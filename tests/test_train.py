@@ -19,6 +19,7 @@ import torch
 
 from nanoqwen.cli import main
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.optim import lr_at
 from tests.train_helpers import (
@@ -479,3 +480,10 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path) -> None:
+    from nanoqwen.checkpoint import load_model
+
+    with pytest.raises(NanoQwenError, match="is a run folder; give one of its checkpoints"):
+        load_model(trained)  # as `sample --model runs/NAME` or `train --init-from runs/NAME` would
