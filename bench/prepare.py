@@ -4,7 +4,9 @@ Same corpus (Shakespeare's works repeated to about --mb MB, one .txt file per wo
 each, both with the Qwen3 tokenizer and every core, both timed from the text files to train.bin/val.bin:
 
 - nanoqwen: `nanoqwen.data.prepare.prepare(folder, "qwen3", out)`, which encodes `qwen3` with tiktoken when
-  it is installed; and again with `tokenizers` only (tiktoken hidden), the path every other tokenizer takes.
+  it is installed; again with `tokenizers` only (tiktoken hidden), the path every other tokenizer takes;
+  and from a tokenizer folder holding the Qwen3 tokenizer (what `train --init-from` passes for official
+  weights), which prepare recognizes and encodes with tiktoken too.
 - seed: read the files into `datasets.Dataset.from_dict`, `train_test_split`, `.map(batched=True,
   num_proc=cores)` with the tokenizer loaded by `transformers.AutoTokenizer` from a folder nanoqwen saved,
   then write each split with a numpy memmap, shard by shard (as nanoGPT's prepare scripts do).
@@ -88,14 +90,16 @@ def main() -> None:
 
         rows: dict[str, float] = {}
         tokens: dict[str, int] = {}
-        for name, tiktoken in (("nanoqwen prepare (tokenizers only)", False), ("nanoqwen prepare", True)):
+        contenders = [("nanoqwen prepare (tokenizers only)", "qwen3", False), ("nanoqwen prepare", "qwen3", True),
+                      ("nanoqwen prepare, a tokenizer folder (as official weights bring)", str(tok_dir), True)]
+        for name, spec, tiktoken in contenders:
             if not tiktoken:
                 original, prepare_module._qwen3_tiktoken = prepare_module._qwen3_tiktoken, lambda: None
             elif prepare_module._qwen3_tiktoken() is None:
                 continue  # tiktoken is not installed: the row above is what prepare does
             start = time.perf_counter()
             try:
-                out = prepare(str(corpus), "qwen3", root / "nanoqwen", force=True, progress=False)
+                out = prepare(str(corpus), spec, root / "nanoqwen", force=True, progress=False)
             finally:
                 if not tiktoken:
                     prepare_module._qwen3_tiktoken = original
