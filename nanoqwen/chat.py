@@ -1,6 +1,7 @@
 """`nanoqwen chat`: talk to a checkpoint in the terminal.
 
-Chat models get the conversation as ChatML (QWEN3.md); base models can be driven with `--raw`, where the
+Chat models get the conversation through the checkpoint's chat template (ChatML as QWEN3.md writes it, or
+the folder's own, as official Qwen3 folders carry); base models can be driven with `--raw`, where the
 whole transcript is plain text that the model continues. Replies stream in as they are generated.
 When the history no longer fits the context, the oldest turns are dropped.
 """
@@ -11,6 +12,7 @@ import argparse
 import contextlib
 import sys
 
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, add_sampling_arguments, sampling_params, stream_batch
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -31,9 +33,11 @@ class Conversation:
     """The history and how it becomes prompt ids that leave `reserve` tokens of the context for the reply."""
 
     def __init__(self, tokenizer: Tokenizer, context: int, reserve: int, system: str | None = None,
-                 raw: bool = False) -> None:
+                 raw: bool = False, thinking: bool | None = None) -> None:
         self.tokenizer, self.context, self.reserve = tokenizer, context, reserve
         self.system, self.raw = system, raw
+        # The chat template's enable_thinking; None leaves it to the template (Qwen3's own thinks by default).
+        self.template_kwargs = {} if thinking is None else {"enable_thinking": thinking}
         self.messages: list[dict[str, str]] = []  # user/assistant turns (ChatML mode)
         self.transcript = ""  # the text so far (raw mode)
         self.dropped = 0  # turns (or, raw, tokens) dropped to fit, for the caller to mention
@@ -57,10 +61,15 @@ class Conversation:
         message = {"role": "user", "content": text}
         if len(self._ids([message])) >= self.context:  # hopeless even alone: keep the history as it is
             return None
+        kept = list(self.messages)
         self.messages.append(message)
-        while len(ids := self._ids(self.messages)) > limit and len(self.messages) > 1:
-            del self.messages[:2 if len(self.messages) > 2 else 1]  # the oldest user turn and its reply
-            self.dropped += 1
+        try:
+            while len(ids := self._ids(self.messages)) > limit and len(self.messages) > 1:
+                del self.messages[:2 if len(self.messages) > 2 else 1]  # the oldest user turn and its reply
+                self.dropped += 1
+        except NanoQwenError:  # the model's own template refused the conversation: keep it as it was
+            self.messages = kept
+            raise
         return ids
 
     def add_reply(self, text: str) -> None:
@@ -71,7 +80,7 @@ class Conversation:
 
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.encode(self.tokenizer.render_chat(system + messages))
+        return self.tokenizer.encode(self.tokenizer.render_chat(system + messages, **self.template_kwargs))
 
 
 def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> str:
@@ -98,6 +107,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--system", default=None, help="system prompt (ChatML mode)")
     p.add_argument("--raw", action="store_true",
                    help="plain continuation for base models: the transcript is the prompt, no chat template")
+    p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,
+                   help="for models that think before they answer (official Qwen3): --no-thinking asks for the "
+                        "answer alone (the chat template's enable_thinking=False); default: the template's own")
     add_sampling_arguments(p, max_new_tokens=256)
     add_device_arguments(p)
 
@@ -111,11 +123,19 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, tokenizer)
     context = model.config.max_position_embeddings
     # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
-    conversation = Conversation(tokenizer, context, min(params.max_new_tokens, context // 2), args.system, args.raw)
+    conversation = Conversation(tokenizer, context, min(params.max_new_tokens, context // 2), args.system, args.raw,
+                                args.thinking)
+    if args.thinking is not None:
+        if args.raw:
+            raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
+                                "no template, so give one or the other")
+        if not tokenizer.thinking_switch:
+            raise NanoQwenError("this model's chat template has no thinking switch (enable_thinking), as models "
+                                "trained here do not think before answering; leave --thinking/--no-thinking out")
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 (line editing and history for input())
     print(f"nanoqwen chat: {Path(args.model).resolve().name} · {model.num_params() / 1e6:.1f}M parameters · "
-          f"context {context} · {'raw continuation' if args.raw else 'ChatML'}")
+          f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
     while True:
         try:
@@ -137,7 +157,11 @@ def run(args: argparse.Namespace) -> int:
             if command:
                 print(HELP)
             continue
-        ids = conversation.add_user(line)
+        try:
+            ids = conversation.add_user(line)
+        except NanoQwenError as e:
+            print(f"({e})")
+            continue
         if ids is None:
             print(f"(that message alone is too long for the context of {context} tokens; shorten it)")
             continue

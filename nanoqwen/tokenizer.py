@@ -202,10 +202,75 @@ class Tokenizer:
         """Added tokens are stored as plain text, not in the byte-level alphabet."""
         return set(self.hf.get_added_tokens_decoder())
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
-        """ChatML text for a list of {"role", "content"} messages."""
-        text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
-        return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+                    **template_kwargs: Any) -> str:
+        """The prompt text for a list of {"role", "content"} messages: ChatML, or the folder's own chat
+        template where it has one (official Qwen3 folders: thinking, tool calls), rendered as Transformers'
+        apply_chat_template renders it. `template_kwargs` are the template's variables, such as
+        enable_thinking=False (Qwen3: answer without thinking first)."""
+        template = self._chat_template
+        if template is None:  # ChatML, written directly (it has no variables besides these two)
+            text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
+            return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
+        special = {name: token.get("content") if isinstance(token, dict) else token
+                   for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+                   if (token := self.config.get(name)) is not None}
+        try:
+            return template.render(**{**special, **template_kwargs, "messages": messages,
+                                      "add_generation_prompt": add_generation_prompt})
+        except Exception as e:  # noqa: BLE001 (a template may raise anything: its own raise_exception, a bad key)
+            raise NanoQwenError(f"the model's chat template refused these messages: {first_line(e)[:300]}") from e
+
+    @property
+    def chat_format(self) -> str:
+        return "ChatML" if self._chat_template is None else "the model's own chat template"
+
+    @property
+    def thinking_switch(self) -> bool:
+        """Whether the chat template can turn thinking off (enable_thinking), as official Qwen3 ones can."""
+        return self._chat_template is not None and "enable_thinking" in self._chat_template_source
+
+    @property
+    def _chat_template_source(self) -> str:
+        source = self.config.get("chat_template")
+        if isinstance(source, list):  # several named templates: the default one is for chat
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),
+                          None)
+        return source if isinstance(source, str) else ""
+
+    @cached_property
+    def _chat_template(self) -> Any:
+        """The folder's own chat template, compiled as Transformers compiles it (a jinja2 sandbox that trims
+        blocks, with loop controls, raise_exception and a tojson that keeps non-ASCII text); None when the
+        template is nanoqwen's ChatML (or absent), which render_chat writes directly."""
+        source = self._chat_template_source
+        if not source or source == CHAT_TEMPLATE:
+            return None
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
+                   separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        def strftime_now(format: str) -> str:  # noqa: A002 (the name templates call it with)
+            import datetime
+
+            return datetime.datetime.now().strftime(format)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
+        try:
+            return env.from_string(source)
+        except jinja2.TemplateError as e:
+            raise NanoQwenError(f"the tokenizer's chat template is not valid Jinja ({first_line(e)[:200]}); "
+                                "fix chat_template in tokenizer_config.json or chat_template.jinja") from e
 
     # -- files -------------------------------------------------------------------------------
     def save(self, directory: str | os.PathLike[str]) -> None:

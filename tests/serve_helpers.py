@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +18,7 @@ import torch
 
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
 from nanoqwen.config import ModelConfig
+from nanoqwen.io import write_json
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer
 
@@ -36,6 +39,42 @@ def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
     ), tokenizer, fit_vocab=True)
     torch.manual_seed(0)
     return save_checkpoint(Qwen3(config), directory, tokenizer)
+
+
+# A chat template in the manner of official Qwen3 folders (written for these tests): a system message only
+# first, earlier replies without their thinking, and a reply that may start after an empty thinking block.
+# Indented over lines, with loop controls and bare text between blocks, so rendering it exercises the jinja
+# settings Transformers uses (trimmed and left-stripped blocks).
+THINKING_TEMPLATE = """{%- for message in messages %}
+    {%- if message.role == 'system' and not loop.first %}
+        {{- raise_exception('the system message must come first') }}
+    {%- endif %}
+    {%- if message.role == 'tool' %}
+        {%- continue %}
+    {%- endif %}
+    {%- set content = message.content %}
+    {%- if message.role == 'assistant' and '</think>' in content %}
+        {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
+    {%- endif %}
+    {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+{%- endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+  {% if enable_thinking is defined and enable_thinking is false %}
+<think>
+
+</think>
+
+  {% endif %}
+{% endif %}"""
+
+
+def with_chat_template(checkpoint: Path, directory: Path, template: str = THINKING_TEMPLATE) -> Path:
+    """A copy of `checkpoint` whose tokenizer carries `template`, as an official folder carries its own."""
+    shutil.copytree(checkpoint, directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    write_json(directory / "tokenizer_config.json", {**config, "chat_template": template})
+    return directory
 
 
 def load_reference(directory: Path) -> tuple[Qwen3, Tokenizer]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -11,8 +12,8 @@ import pytest
 
 from nanoqwen.chat import PROMPT, Conversation, printable
 from nanoqwen.generate import SamplingParams, generate
-from nanoqwen.tokenizer import qwen3_tokenizer
-from tests.serve_helpers import load_reference, make_checkpoint
+from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
+from tests.serve_helpers import load_reference, make_checkpoint, with_chat_template
 
 MAX_NEW = 24
 
@@ -84,6 +85,32 @@ def test_raw_continuation(checkpoint: Path, local) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
+    # A folder with a Qwen3-style template: --no-thinking starts each reply after an empty thinking block.
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    tokenizer = load_tokenizer(thinker)
+    child = spawn_chat(thinker, "--no-thinking")
+    try:
+        assert "the model's own chat template" in child.before
+        messages = [{"role": "user", "content": "Hello!"}]
+        prompt = tokenizer.render_chat(messages, enable_thinking=False)
+        assert prompt.endswith("<think>\n\n</think>\n\n")
+        first = greedy(local, prompt)
+        assert say(child, "Hello!") == printable(first) + "\n"
+        messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "More"}]
+        second = greedy(local, tokenizer.render_chat(messages, enable_thinking=False))
+        assert say(child, "More") == printable(second) + "\n"
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    # A model trained here has no switch to turn: one line, not a chat that silently ignores the flag.
+    out = subprocess.run([sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--no-thinking"],
+                         capture_output=True, text=True, input="", timeout=120)
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert "has no thinking switch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_history_drops_oldest_turns() -> None:

@@ -14,7 +14,8 @@ import torch
 
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
-from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle
+from nanoqwen.tokenizer import load_tokenizer
+from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle, with_chat_template
 
 WORDS = ["start", "end", "middle", "heart", "edge", "color", "sound", "shape", "weight", "voice", "rest", "spirit",
          "center", "idea", "core", "tone"]
@@ -54,6 +55,7 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     assert [m.id for m in models] == ["tiny"]
     card = models[0].model_dump()
     assert card["parameters"] == local[0].num_params() and card["context_length"] == CONTEXT
+    assert card["thinking_switch"] is False  # ChatML: nothing for chat_template_kwargs to switch
     assert client.models.retrieve("tiny").id == "tiny"
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
@@ -508,6 +510,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "off"}, 400,
+     "chat_template_kwargs"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing-here", {"prompt": "hi"}, 404, None),
 ]
@@ -551,3 +557,26 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
+    # As official Qwen3 folders come: their own template, which can start the reply after an empty thinking
+    # block; the request's chat_template_kwargs reach it (vLLM's name for them, through the openai client).
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    tokenizer = load_tokenizer(thinker)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    with run_server(thinker, tmp_path / "serve.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        assert client.models.list().data[0].model_dump()["thinking_switch"] is True
+        for template_kwargs in ({}, {"enable_thinking": False}):
+            r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
+                                               extra_body={"chat_template_kwargs": template_kwargs})
+            rendered = tokenizer.render_chat(messages, **template_kwargs)
+            assert rendered.endswith("<think>\n\n</think>\n\n") == bool(template_kwargs)
+            assert r.choices[0].message.content == greedy_reference(local, rendered, 12)
+            assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
+        # What the template itself refuses is a 400 with its words, and the server serves on.
+        with pytest.raises(openai.BadRequestError, match="the system message must come first") as e:
+            client.chat.completions.create(model="thinker", messages=messages[::-1], max_tokens=2)
+        assert e.value.body["param"] == "messages"
+        assert client.chat.completions.create(model="thinker", messages=messages, max_tokens=2).usage.completion_tokens

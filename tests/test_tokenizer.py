@@ -9,6 +9,7 @@ import pytest
 import tiktoken
 import transformers
 
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.tokenizer import (
     QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
@@ -18,6 +19,7 @@ from nanoqwen.tokenizer import (
     load_tokenizer,
     qwen3_tokenizer,
 )
+from tests.serve_helpers import THINKING_TEMPLATE
 
 TEXTS = [
     "Hello world! The quick brown fox jumps over the lazy dog.",
@@ -112,3 +114,38 @@ def test_vocabulary_equals_transformers_tiktoken_conversion(official):
     theirs = converted.get_vocab(with_added_tokens=False)
     ours = {k: v for k, v in official.hf.get_vocab(with_added_tokens=True).items() if k not in QWEN_SPECIAL_TOKENS}
     assert len(ours) == QWEN_FIRST_SPECIAL_ID and ours == theirs
+
+
+CONVERSATION = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+                {"role": "assistant", "content": "<think>\nA greeting.\n</think>\n\nHello!"},
+                {"role": "tool", "content": "{}"}, {"role": "user", "content": "Again, ça va?"}]
+
+
+@pytest.mark.parametrize("template_kwargs", [{}, {"enable_thinking": False}, {"enable_thinking": True}])
+def test_a_folders_own_chat_template_renders_as_transformers(official, tmp_path, template_kwargs):
+    official.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    ours, hf = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for add_generation_prompt in (True, False):
+        expected = hf.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                          **template_kwargs)
+        assert ours.render_chat(CONVERSATION, add_generation_prompt, **template_kwargs) == expected
+    assert ours.thinking_switch and not official.thinking_switch
+    assert ("<think>\n\n</think>" in ours.render_chat(CONVERSATION, **template_kwargs)) == (
+        template_kwargs.get("enable_thinking") is False)
+    # The template's own refusal is one line, as Transformers raises it.
+    with pytest.raises(NanoQwenError, match="chat template refused these messages: the system message must come"):
+        ours.render_chat(CONVERSATION[1:2] + CONVERSATION[:1])
+
+
+def test_a_broken_chat_template_is_one_line(official, tmp_path):
+    official.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.encode("Hello") == [9707]  # the rest of the tokenizer still works (prepare, training)
+    with pytest.raises(NanoQwenError, match="chat template is not valid Jinja"):
+        tokenizer.render_chat(CONVERSATION)

@@ -11,7 +11,7 @@ import httpx
 import openai
 import pytest
 
-from tests.serve_helpers import make_checkpoint, run_server, wait_idle
+from tests.serve_helpers import make_checkpoint, run_server, wait_idle, with_chat_template
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -20,8 +20,12 @@ CONTEXT = 1024  # room for a generation long enough to press Stop in the middle 
 
 
 @pytest.fixture(scope="module")
-def url(tmp_path_factory: pytest.TempPathFactory):
-    checkpoint = make_checkpoint(tmp_path_factory.mktemp("web") / "tiny-web", context=CONTEXT)
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("web") / "tiny-web", context=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def url(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     with run_server(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log") as base:
         yield base
 
@@ -38,13 +42,19 @@ def browser():
         browser.close()
 
 
-@pytest.fixture
-def page(browser, url: str):
+def open_page(browser, url: str, model_name: str):
+    """A new tab on the page, once it shows the model; and the list its JavaScript errors go to."""
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     page.goto(url)
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
+    return page, errors
+
+
+@pytest.fixture
+def page(browser, url: str):
+    page, errors = open_page(browser, url, "tiny-web")
     yield page
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
@@ -58,6 +68,7 @@ def send_and_wait(page, prompt: str) -> None:
 
 def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
+    assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
     params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
     page.fill("#temperature", "0")
@@ -127,3 +138,28 @@ def test_stop_button_stops_generation(page, url: str) -> None:
     page.fill("#max-tokens", "5")
     send_and_wait(page, "Short one")
     assert "5 tokens" in page.text_content("#stats")
+
+
+def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tmp_path: Path) -> None:
+    # A folder whose own chat template can skip thinking (as official Qwen3 ones can) gets the switch.
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    with run_server(thinker, tmp_path / "serve.log") as base:
+        page, errors = open_page(browser, base, "thinker")
+        assert page.is_visible("#thinking") and page.is_checked("#thinking")  # on: the template's default
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+
+        def api_reply(**extra) -> str:
+            return client.chat.completions.create(model="thinker", messages=[{"role": "user", "content": "Hello"}],
+                                                  max_tokens=24, temperature=0, **extra).choices[0].message.content
+
+        without_thinking = api_reply(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+        assert without_thinking != api_reply()
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "24")
+        page.uncheck("#thinking")
+        send_and_wait(page, "Hello")
+        assert page.locator(".message.assistant .content").last.text_content() == without_thinking
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
+        page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -151,8 +151,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     """The server for one model. The engine thread starts and stops with the app's lifespan."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     context = model.config.max_position_embeddings
+    # Beyond OpenAI's fields: the size, the context, and whether chat_template_kwargs {"enable_thinking": false}
+    # means anything (official Qwen3 templates; this also compiles the template, so a broken one stops here).
     card = {"id": model_name, "object": "model", "created": now(), "owned_by": "nanoqwen",
-            "parameters": model.num_params(), "context_length": context}
+            "parameters": model.num_params(), "context_length": context, "thinking_switch": tokenizer.thinking_switch}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -376,7 +378,11 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         check_model(body.model)
         top_logprobs = body.logprobs_count()
-        prompt = tokenizer.encode(tokenizer.render_chat(body.chat_messages()))
+        try:
+            text = tokenizer.render_chat(body.chat_messages(), **body.template_kwargs())
+        except NanoQwenError as e:
+            raise APIError(400, str(e), "messages") from None
+        prompt = tokenizer.encode(text)
         check_prompt_fits(prompt, "messages")
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
         return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs)

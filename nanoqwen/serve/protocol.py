@@ -99,12 +99,22 @@ class ChatRequest(SamplingRequest):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # Variables for the model's chat template, as vLLM takes them: {"enable_thinking": false} asks a Qwen3
+    # model to answer without thinking first.
+    chat_template_kwargs: dict[str, Any] | None = None
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
         if self.top_logprobs is not None and not self.logprobs:
             raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
         return (self.top_logprobs or 0) if self.logprobs else None
+
+    def template_kwargs(self) -> dict[str, Any]:
+        given = self.chat_template_kwargs or {}
+        if taken := sorted(given.keys() & {"messages", "add_generation_prompt"}):
+            raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(taken)}; the request's own fields "
+                                "say that", "chat_template_kwargs")
+        return given
 
     def chat_messages(self) -> list[dict[str, str]]:
         """{"role", "content"} dicts for ChatML; OpenAI's `developer` role is the system prompt."""

@@ -51,6 +51,8 @@ async function loadModel() {
       $("model-context").textContent = `context ${card.context_length.toLocaleString()}`;
       $("model-context").hidden = false;
     }
+    // Models whose chat template can skip thinking (official Qwen3) get the switch.
+    $("thinking-field").hidden = !card.thinking_switch;
     const max = $("max-tokens");
     if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
   } catch (err) {
@@ -175,6 +177,9 @@ async function send() {
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
     body = { ...samplingBody(), messages };
+    if (!$("thinking-field").hidden && !$("thinking").checked) {
+      body.chat_template_kwargs = { enable_thinking: false };
+    }
     state.history.push({ role: "user", content: text });
   } else {
     box = addMessage("completion", "Completion");
