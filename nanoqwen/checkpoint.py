@@ -78,6 +78,8 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
 def read_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     path = directory / "config.json"
+    if directory.is_file():
+        raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
     if not directory.is_dir():
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
@@ -173,7 +175,7 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
         if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
                                 f"mean other tokens to this model; prepare the text with "
-                                f"`nanoqwen prepare --tokenizer {checkpoint}` (train --dataset SRC does so itself)")
+                                f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint}`")
     elif tokenizer.vocab_size > config.vocab_size:
         raise NanoQwenError(f"{data}'s tokenizer has {tokenizer.vocab_size} ids but {checkpoint} only "
                             f"{config.vocab_size} embedding rows; prepare the data with the model's own tokenizer")

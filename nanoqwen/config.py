@@ -173,6 +173,9 @@ def load_preset(name_or_path: str) -> Preset:
     if not (path.suffix == ".json" and path.exists()):
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.exists():
+        if Path(name_or_path).suffix == ".json":
+            raise NanoQwenError(f"preset file {name_or_path} does not exist; give a JSON file of model fields or "
+                                f"one of {', '.join(preset_names())}")
         raise NanoQwenError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
                             "or give a JSON file")
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -120,11 +121,18 @@ def run(args: argparse.Namespace) -> int:
 
     model, tokenizer = load_for_inference(args)
     if args.text_file:
+        from nanoqwen.data.sources import CorpusStats, decode
+
         path = Path(args.text_file)
         if not path.is_file():
-            raise NanoQwenError(f"text file {path} does not exist")
-        raw = path.read_bytes()
-        text = raw.decode("utf-8", errors="replace")
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
+                                "prepare it and pass --data)")
+        raw, stats = path.read_bytes(), CorpusStats()
+        text = decode(raw, stats)
+        if stats.replacement_chars:  # the figures are still computed, but the user should know why they are odd
+            print(f"nanoqwen: warning: {path} is not UTF-8 text: replaced {stats.replacement_chars:,} undecodable "
+                  "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
         tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(raw)
     else:
         from nanoqwen.checkpoint import check_data_tokenizer

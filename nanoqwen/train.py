@@ -376,6 +376,9 @@ def setup(args: argparse.Namespace) -> Run:
     check_samples_and_eval(run)
     if resume_dir is not None:
         load_train_state(run, resume_dir)
+        if args.max_steps is not None and args.max_steps <= run.state.step:
+            raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
+                                "steps to train it further (its last/ and best/ are usable as they are)")
         if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
             run.state.fitted_steps = None
         if info.is_main:  # the flags given now hold for later resumes too
@@ -406,13 +409,6 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
-    if cfg.warmup > cfg.max_steps // 2:
-        # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
-        # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
-        if info.is_main:
-            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: warming up over "
-                  f"{cfg.max_steps // 2}", flush=True)
-        cfg.warmup = cfg.max_steps // 2
     if args.tokenizer and args.data:
         raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
@@ -428,6 +424,13 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     out = Path(args.out) if args.out else default_out(preset.name, info)
     if (out / "last").exists():
         raise NanoQwenError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    if cfg.warmup > cfg.max_steps // 2:
+        # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
+        # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
+        if info.is_main:
+            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: warming up over "
+                  f"{cfg.max_steps // 2}", flush=True)
+        cfg.warmup = cfg.max_steps // 2
     return preset, cfg, data, out
 
 
@@ -736,7 +739,8 @@ def train(run: Run) -> dict[str, Any]:
                     append_line(samples_path, f"--- step {state.step}\n{summary['sample']}\n\n")
                 if tensorboard:
                     tensorboard.sample(state.step, summary["sample"])
-                display.print(f"--- sample at step {state.step}:\n{summary['sample']}\n---")
+                if not final:  # the last one closes the run's report
+                    display.print(f"--- sample at step {state.step}:\n{summary['sample']}\n---")
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
             eta = (run.total_steps - state.step) * state.elapsed_s / state.step
@@ -747,6 +751,8 @@ def train(run: Run) -> dict[str, Any]:
             if final:
                 break
     display.close()
+    if summary["stopped"] == "max_steps" and state.fitted_steps is not None:
+        summary["stopped"] = "max_minutes"  # the schedule was fitted to the time, and ended with it
     return summary
 
 

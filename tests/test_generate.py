@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import (
     DecodeStep,
@@ -384,6 +385,31 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
     assert result["bits_per_byte"] == pytest.approx(nll / 0.6931471805599453 / len(text.encode()), rel=1e-5)
     assert result["perplexity"] == pytest.approx(2.718281828459045 ** result["loss"], rel=1e-5)
     assert 0.0 <= result["accuracy"] <= 1.0
+
+
+def test_eval_of_a_file_that_is_not_utf8_warns(checkpoint, tmp_path, capsys):
+    raw = "Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 4  # Ç û à ü: one byte each
+    (tmp_path / "latin1.txt").write_bytes(raw)
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "latin1.txt"), "--json",
+                 "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "is not UTF-8 text: replaced 16 undecodable byte sequences" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["bits_per_byte"] > 0  # still measured
+
+
+def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
+    cases = [
+        (["eval", "--model", str(checkpoint), "--text-file", str(tmp_path)], "is a folder; give one UTF-8 text file"),
+        (["sample", "--model", str(checkpoint / "model.safetensors"), "--prompt", "x"],
+         f"is a file; give the checkpoint folder that holds it ({checkpoint})"),
+        (["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")],
+         "preset file " + str(tmp_path / "mine.json") + " does not exist"),
+    ]
+    for args, expected in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+    assert not (tmp_path / "m").exists()
 
 
 def test_init_command_writes_a_loadable_folder(tmp_path):

@@ -166,10 +166,14 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
-def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path) -> None:
+def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fitted"
     assert train_in_process(*common(data, preset, out), "--max-steps", "100000", "--schedule", "wsd",
                             "--fit-to-time", "--max-minutes", "0.1", "--eval-interval", "1000") == 0
+    printed = capsys.readouterr().out
+    assert "(max_minutes)" in printed  # the time ended it, through the fitted schedule
+    assert printed.count("\nsample:\n") == 1 and "--- sample at step" not in printed  # the last sample once
     records = read_metrics(out)
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
@@ -294,7 +298,8 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert rates[:5] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2]) and rates[-1] == pytest.approx(1e-3)
 
 
-def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path) -> None:
+def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
     assert train_in_process(*common(data, preset, out), "--max-steps", "4") == 0
     config = json.loads((out / "config.json").read_text())
@@ -309,6 +314,12 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 0  # no --lr: the saved 0 holds
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
+    # No more steps to take: one line, and the saved settings are not rewritten with the smaller number.
+    before = (out / "config.json").read_bytes()
+    assert train_in_process("--resume", str(out), "--max-steps", "6") == 2
+    err = capsys.readouterr().err.strip()
+    assert "already at step 6" in err and "\n" not in err
+    assert (out / "config.json").read_bytes() == before
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state

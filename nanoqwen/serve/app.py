@@ -424,16 +424,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOQWEN_API_KEY if set)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the folder)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most")
+    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most (default 32)")
     p.add_argument("--prefill-chunk", type=int, default=512,
                    help="prompt tokens per forward pass; smaller keeps running streams smoother while "
-                        "a long prompt is read")
+                        "a long prompt is read (default 512)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
-                   help="larger request bodies are refused with 413")
+                   help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
     add_device_arguments(p)
 
 
