@@ -298,28 +298,35 @@ class TextStream:
         self.tokenizer = tokenizer
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
+        self.text = ""  # the decoded text of all ids so far
         self.emitted = 0  # characters of the text already handed out
-        self.decoded = 0  # characters decoded so far, up to the last complete one (where the next token starts)
+        self.token_start = 0  # where the text of the last token begins (its logprob's text_offset)
         self.stopped = False
 
     def push(self, token: int) -> str:
         self.ids.append(token)
         text = self.tokenizer.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the rest
-            return ""
-        self.decoded = len(text)
-        return self._release(text, final=False)
+        # Only the last character can change as bytes arrive (a U+FFFD standing for a character whose bytes
+        # are still coming). A token that changes it, or adds nothing to it, continues that character.
+        before = self.text
+        joined = before.endswith("\ufffd") and (len(text) == len(before) or not text.startswith(before))
+        self.token_start = len(before) - 1 if joined else len(before)
+        self.text = text
+        # A last U+FFFD may still become a character: hold it back, but find stop strings in what precedes
+        # it (an undecodable byte is a U+FFFD for good, and must not keep stop strings from being seen).
+        return self._release(text[:-1] if text.endswith("\ufffd") else text, final=False)
 
     def accept(self, token: int, stop_token_ids: list[int]) -> tuple[str, str | None]:
         """New text for one generated token, and "stop" when the text ends here (stop token or string)."""
-        if token in stop_token_ids:
+        if token in stop_token_ids:  # its text is not added: it starts (and ends) where the text ends
+            self.token_start = len(self.text)
             return self.finish(), "stop"
         delta = self.push(token)
         return delta, "stop" if self.stopped else None
 
     def finish(self) -> str:
         """Whatever is still held back once generation is over."""
-        return self._release(self.tokenizer.decode(self.ids), final=True) if not self.stopped else ""
+        return self._release(self.text, final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
         found = [text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stop_strings]
@@ -370,7 +377,7 @@ def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], p
             delta = stream.finish()
             if delta:
                 yield row, delta, None
-            yield row, "", Completion("", list(stream.ids), "length", len(prompts[row]))
+            yield row, "", Completion("", list(stream.ids), "stop" if stream.stopped else "length", len(prompts[row]))
 
 
 def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[Completion]:

@@ -27,7 +27,7 @@ from nanoqwen.generate import (
     stream_text,
 )
 from nanoqwen.model import KVCache, Qwen3
-from nanoqwen.tokenizer import qwen3_tokenizer
+from nanoqwen.tokenizer import bytes_to_unicode, qwen3_tokenizer
 from tests.test_model import scramble, tiny_config
 
 
@@ -323,6 +323,26 @@ def test_stream_never_splits_characters_and_honours_stop_strings():
     assert all("\ufffd" not in p for p in pieces)
     assert "".join(pieces) == "naïve 🤖 日本 done. "
     assert stream.stopped
+
+
+def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():
+    tokenizer = qwen3_tokenizer()
+    assert tokenizer.token_bytes(1278) == b" \xd0"  # a space, then a lead byte whose character never comes
+    stream, starts, text = TextStream(tokenizer, ["X"]), [], ""
+    for token in [1278, 1278, 1278, *tokenizer.encode(" aX b")]:
+        delta, reason = stream.accept(token, [])
+        text, starts = text + delta, [*starts, stream.token_start]
+        if reason:
+            break
+    assert reason == "stop" and text == " \ufffd \ufffd \ufffd a" and starts == [0, 2, 4, 6, 8]
+    stream = TextStream(tokenizer, [" "])  # the stop string is there at once, before the undecodable byte
+    assert stream.accept(1278, []) == ("", "stop")
+    # A character whose bytes come one token at a time: held back, then starting where its first byte did.
+    byte_ids = [tokenizer.token_id(bytes_to_unicode()[b]) for b in "🤖".encode()]
+    stream, starts, text = TextStream(tokenizer, []), [], ""
+    for token in [*byte_ids, *tokenizer.encode(" ok")]:
+        text, starts = text + stream.accept(token, [])[0], [*starts, stream.token_start]
+    assert text == "🤖 ok" and starts == [0, 0, 0, 0, 1]
 
 
 def test_the_earliest_stop_string_ends_the_text_whatever_their_order():

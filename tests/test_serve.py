@@ -514,6 +514,11 @@ BAD_REQUESTS = [
      "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
+    ("/v1/completions", {"prompt": "hi\ud800"}, 400, "prompt"),  # a lone surrogate is not text
+    ("/v1/completions", {"prompt": ["ok", "a\udfff"]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "model": "\udc80"}, 400, "model"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi\ud800"}]}, 400, "messages"),
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing-here", {"prompt": "hi"}, 404, None),
 ]
@@ -527,6 +532,12 @@ def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, 
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+
+
+def test_wrong_methods_say_which_are_allowed(url: str) -> None:
+    r = httpx.get(f"{url}/v1/completions")
+    assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
+    assert httpx.head(f"{url}/health").status_code == 200 and httpx.head(f"{url}/").status_code == 200
 
 
 def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> None:

@@ -100,8 +100,8 @@ class APIKeyAuth:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
-            given = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {self.api_key}".encode()):
+            given = dict(scope["headers"]).get(b"authorization", b"")  # raw bytes: a UTF-8 key compares as sent
+            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
                 message = ("missing or wrong API key: send the header 'Authorization: Bearer KEY' "
                            "(the key the server was started with)")
                 return await send_error(scope, receive, send, 401, message, "invalid_api_key",
@@ -178,7 +178,8 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code,
+                            headers=exc.headers)  # a 405's Allow, for one
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
@@ -353,7 +354,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         yield sse("[DONE]")
 
     # -- routes ----------------------------------------------------------------------------------
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, **engine.stats()}
 
@@ -368,6 +369,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
+        body.check_text()
         check_model(body.model)
         prompts = completion_prompts(body.prompt)
         top_logprobs = body.logprobs_count()
@@ -376,6 +378,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
+        body.check_text()
         check_model(body.model)
         top_logprobs = body.logprobs_count()
         try:
@@ -387,7 +390,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
         return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs)
 
-    @app.get("/", include_in_schema=False)
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 

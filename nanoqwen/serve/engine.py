@@ -319,11 +319,12 @@ class Engine:
         self.tokens_generated += 1
         if seq.penalties is not None:
             seq.penalties.record(torch.tensor([token], device=self.device))
-        if score is not None:
-            seq.unsent.append(TokenLogprob(token, score[0], score[1], seq.stream.decoded))
         delta, reason = seq.stream.accept(token, seq.params.stop_token_ids)
-        if reason is None and seq.generated >= seq.budget:
-            delta, reason = delta + seq.stream.finish(), "length"
+        if score is not None:
+            seq.unsent.append(TokenLogprob(token, score[0], score[1], seq.stream.token_start))
+        if reason is None and seq.generated >= seq.budget:  # the held-back tail may still hold a stop string
+            delta += seq.stream.finish()
+            reason = "stop" if seq.stream.stopped else "length"
         if delta:  # with the logprobs of the tokens whose text starts in the text sent so far
             shown = seq.stream.emitted
             seq.job.emit(Delta(seq.index, delta, [e for e in seq.unsent if e.text_offset < shown]))

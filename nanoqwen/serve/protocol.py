@@ -57,6 +57,14 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    def check_text(self) -> None:
+        """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer encodes it,
+        and an error message quoting it could not be sent. Refused up front, naming the field."""
+        for name in type(self).model_fields:
+            if holds_lone_surrogate(getattr(self, name)):
+                raise APIError(400, f"'{name}' holds a lone UTF-16 surrogate (\\ud800-\\udfff outside a pair), "
+                                    "which is not text; send valid Unicode", name)
+
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
@@ -119,6 +127,22 @@ class ChatRequest(SamplingRequest):
     def chat_messages(self) -> list[dict[str, str]]:
         """{"role", "content"} dicts for ChatML; OpenAI's `developer` role is the system prompt."""
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+
+
+def holds_lone_surrogate(value: Any) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")  # at C speed; only a surrogate cannot be encoded
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, BaseModel):
+        return any(holds_lone_surrogate(getattr(value, name)) for name in type(value).model_fields)
+    if isinstance(value, dict):
+        return any(holds_lone_surrogate(k) or holds_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(holds_lone_surrogate(v) for v in value)
+    return False
 
 
 def new_id(prefix: str) -> str:
