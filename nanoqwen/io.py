@@ -73,6 +73,10 @@ REPLACEABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "data": (("meta.json",), ("config.json", *_RUN_FILES)),
     "checkpoint": (("config.json", "tokenizer.json"), ("meta.json", *_RUN_FILES)),  # a tokenizer becomes one
     "tokenizer": (("tokenizer.json",), ("meta.json", "config.json", *_RUN_FILES)),
+    # A new run writes into its folder: one that holds a run's files but no last/ (it stopped before its
+    # first save), or nothing. `train` refuses a folder with last/ itself (that is --resume's).
+    "run": (("config.json", "metrics.jsonl", "samples.txt", "best"), ("meta.json", "model.safetensors",
+                                                                       "tokenizer.json", "train.bin")),
 }
 
 
@@ -90,8 +94,8 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
     foreign = [name for name in others if name in entries]
     if foreign or (entries and not entries.intersection(markers)):
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
-                            f"({', '.join(foreign) or 'no ' + ' or '.join(markers)}), which replacing it would "
-                            "delete; choose another --out or remove it")
+                            f"({', '.join(foreign) or 'no ' + ' or '.join(markers)}), which writing there would "
+                            "overwrite or delete; choose another --out or remove it")
 
 
 def remove_orphans(final: Path) -> None:

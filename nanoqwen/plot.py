@@ -13,14 +13,18 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
         raise NanoQwenError(f"{path} does not exist; give a run folder written by `nanoqwen train`")
+    text = path.read_text(errors="replace")
+    lines = text.splitlines()
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), 1):
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             records.append(json.loads(line))
         except json.JSONDecodeError as e:
-            raise NanoQwenError(f"{path}:{number} is not JSON ({e})") from e
+            if number == len(lines) and not text.endswith("\n"):
+                break  # a record being written right now, or cut short when its run was killed
+            raise NanoQwenError(f"{path}:{number} is not JSON ({e}); delete that line") from e
     return records
 
 

@@ -354,6 +354,9 @@ def resolve_tokenizer(spec: str) -> Tokenizer:
 BPE_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 
 
+MAX_BPE_VOCAB = 1 << 20
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE of `vocab_size` ids trained on `texts`, built like the Qwen3 tokenizer.
 
@@ -363,6 +366,9 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = Fa
     from tokenizers import trainers
 
     n_regular = vocab_size - len(BPE_SPECIAL_TOKENS)
+    if vocab_size > MAX_BPE_VOCAB:  # the trainer would try to allocate for all of them at once, and abort
+        raise NanoQwenError(f"a BPE vocabulary of {vocab_size:,} is more than nanoqwen trains (at most "
+                            f"{MAX_BPE_VOCAB:,}; Qwen3's has 151,669 ids); choose a smaller N")
     if n_regular < 256:
         raise NanoQwenError(f"a byte-level BPE needs a vocabulary of at least {256 + len(BPE_SPECIAL_TOKENS)} "
                             f"(256 bytes + {len(BPE_SPECIAL_TOKENS)} special tokens), got {vocab_size}")

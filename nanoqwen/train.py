@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import gc
+import hashlib
 import inspect
 import json
 import math
@@ -51,7 +52,7 @@ from nanoqwen.distributed import (
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
-from nanoqwen.io import atomic_dir, atomic_file, write_json
+from nanoqwen.io import atomic_dir, atomic_file, check_replaceable, write_json
 from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
@@ -193,6 +194,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--dataset", help="a corpus to prepare first into data/NAME: shakespeare, tinystories, "
                                         "hf:ORG/NAME, or a local file or folder")
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
+    p.add_argument("--text-column", metavar="NAME",
+                   help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
+                        "(default: text)")
     p.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the run in RUN (or in --out) exactly where its last/ checkpoint left it")
@@ -248,6 +252,15 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "data"
 
 
+def dataset_slug(dataset: str) -> str:
+    """A corpus's part of a data folder's name: a local path's name and a hash of where it is, so that two
+    `corpus.txt` in different folders never share one prepared folder."""
+    path = Path(dataset)
+    if not path.exists():
+        return slug(dataset)
+    return f"{slug(dataset)}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]}"
+
+
 def tokenizer_slug(tokenizer: str) -> str:
     """A tokenizer's part of a data folder's name. A folder's name says little (every run's is `best`):
     a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
@@ -256,15 +269,18 @@ def tokenizer_slug(tokenizer: str) -> str:
     return slug(tokenizer)
 
 
-def prepared_folder(dataset: str, tokenizer: str, info: DistInfo) -> Path:
-    """data/DATASET-TOKENIZER, prepared by rank 0 unless it already exists."""
-    folder = Path("data") / f"{slug(dataset)}-{tokenizer_slug(tokenizer)}"
-    if not (folder / "meta.json").exists():
+def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: str | None = None) -> Path:
+    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
+    are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
+    local = Path(dataset).exists()
+    folder = Path("data") / f"{dataset_slug(dataset)}-{tokenizer_slug(tokenizer)}"
+    if local or text_column or not (folder / "meta.json").exists():
         if info.is_main:
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
 
-            print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
-            prepare(dataset, tokenizer, folder)
+            if not (folder / "meta.json").exists():
+                print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
+            prepare(dataset, tokenizer, folder, text_column=text_column)
         barrier()
     return folder
 
@@ -382,11 +398,13 @@ def setup(args: argparse.Namespace) -> Run:
         if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
             run.state.fitted_steps = None
         if info.is_main:  # the flags given now hold for later resumes too
+            truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
             saved = read_run_config(out)
             saved["train"] = dataclasses.asdict(cfg)
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
     elif info.is_main:
+        truncate_metrics(out, 0)  # a folder whose run stopped before its first save
         write_json(out / "config.json", run_config(run))
     return run
 
@@ -409,8 +427,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
-    if args.tokenizer and args.data:
-        raise NanoQwenError("--tokenizer goes with --dataset; a --data folder brings its own tokenizer")
+    if (args.tokenizer or args.text_column) and args.data:
+        raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
         raise NanoQwenError(f"{args.init_from} has no tokenizer.json to prepare --dataset with; give --tokenizer "
                             "(qwen3 for official Qwen3 weights) or a prepared --data folder")
@@ -418,12 +436,13 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         from nanoqwen.data.prepare import load_meta
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
-    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info)
+    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
     if args.init_from:
         check_data_tokenizer(Path(args.init_from), data, preset.model)
     out = Path(args.out) if args.out else default_out(preset.name, info)
     if (out / "last").exists():
         raise NanoQwenError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+    check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
     if cfg.warmup > cfg.max_steps // 2:
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
@@ -439,7 +458,8 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
     out = Path(args.resume or args.out or "")
     if out == Path("."):
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
-    if args.set or args.preset or args.config or args.init_from or args.data or args.dataset or args.tokenizer:
+    if (args.set or args.preset or args.config or args.init_from or args.data or args.dataset or args.tokenizer
+            or args.text_column):
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
                             "--init-from, --data, --dataset and --tokenizer cannot change them")
     saved = read_run_config(out)
@@ -615,13 +635,16 @@ def append_line(path: Path, text: str) -> None:
         f.write(text)
 
 
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop the records a killed run wrote after its last save: resumed steps will write them again."""
-    if not path.exists():
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records a killed run wrote after its last save (and a line it was cut off in): resumed
+    steps will write them again."""
+    from nanoqwen.plot import read_metrics
+
+    if not (run_dir / "metrics.jsonl").exists():
         return
-    kept = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
-    with atomic_file(path) as f:
-        f.write("".join(line + "\n" for line in kept))
+    kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= step]
+    with atomic_file(run_dir / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in kept))
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -688,7 +711,6 @@ def train(run: Run) -> dict[str, Any]:
     metrics_path, samples_path = run.out / "metrics.jsonl", run.out / "samples.txt"
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
-        truncate_metrics(metrics_path, state.step)
     tokens_per_step = cfg.batch_size * run.seq_len
     flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device)
     display = Display(main, state.step, run.total_steps, cfg.log_interval)
@@ -751,7 +773,7 @@ def train(run: Run) -> dict[str, Any]:
             if final:
                 break
     display.close()
-    if summary["stopped"] == "max_steps" and state.fitted_steps is not None:
+    if summary["stopped"] == "max_steps" and (state.fitted_steps or cfg.max_steps) < cfg.max_steps:
         summary["stopped"] = "max_minutes"  # the schedule was fitted to the time, and ended with it
     return summary
 
@@ -804,7 +826,8 @@ def fit_schedule(run: Run, step_s: float, remaining_s: float, display: Display) 
         fitted += 1
     fitted = int(all_reduce(fitted, "max", run.info.device))  # one answer for all ranks
     if run.state.fitted_steps is None:
-        display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fitted} steps at "
+        fits = "all of --max-steps fit" if fitted == cfg.max_steps else f"{fitted} steps"
+        display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fits} at "
                       f"{step_s:.2f} s each (re-estimated until the decay starts)")
     run.state.fitted_steps = display.total = fitted
     if step + 1 == wsd_decay_start(fitted, cfg.warmup):

@@ -22,6 +22,8 @@ from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.optim import lr_at
+from nanoqwen.plot import read_metrics as read_metrics_lenient
+from nanoqwen.tokenizer import load_tokenizer
 from tests.train_helpers import (
     FAST,
     make_data,
@@ -462,7 +464,7 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     fingerprint = load_tokenizer(trained / "best").fingerprint
     (prepared,) = (tmp_path / "data").iterdir()
     # Named after the tokenizer's vocabulary, not only its folder (every run's is best/).
-    assert prepared.name == f"texts-best-{fingerprint[:8]}"
+    assert prepared.name.startswith("texts-") and prepared.name.endswith(f"-best-{fingerprint[:8]}")
     assert load_tokenizer(prepared).fingerprint == fingerprint
     losses = train_losses(tmp_path / "tuned")
     assert losses[1] < train_losses(trained)[1] - 2  # starts where the checkpoint is
@@ -498,3 +500,64 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path)
 
     with pytest.raises(NanoQwenError, match="is a run folder; give one of its checkpoints"):
         load_model(trained)  # as `sample --model runs/NAME` or `train --init-from runs/NAME` would
+
+
+def test_a_new_run_never_writes_into_a_checkpoint_data_or_a_file(trained: Path, data: Path, preset: Path,
+                                                                 tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    for target, expected in [(trained / "best", "model.safetensors"), (data, "meta.json"),
+                             (tmp_path / "notes.txt", "is a file")]:
+        before = sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) \
+            if target.is_dir() else target.read_bytes()
+        assert train_in_process(*common(data, preset, target), "--max-steps", "1") == 2
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+        after = sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) \
+            if target.is_dir() else target.read_bytes()
+        assert after == before
+
+
+def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two corpora of the same name in different places, and a corpus edited between runs, each get data
+    # of their own text (the name alone once picked an earlier corpus's folder, silently).
+    monkeypatch.chdir(tmp_path)
+    for place, word in [("a", "apple"), ("b", "zebra")]:
+        (tmp_path / place).mkdir()
+        (tmp_path / place / "corpus.jsonl").write_text(
+            "".join(json.dumps({"body": f"the {word} {i} is here."}) + "\n" for i in range(40)))
+    args = [*FAST, "--config", str(preset), "--tokenizer", "bpe:300", "--text-column", "body", "--max-steps", "1"]
+    for place in ("a", "b"):
+        assert train_in_process(*args, "--dataset", f"{place}/corpus.jsonl", "--out", f"runs/{place}") == 0
+    folders = {place: Path(json.loads((tmp_path / f"runs/{place}/config.json").read_text())["data"])
+               for place in ("a", "b")}
+    assert folders["a"] != folders["b"]
+    for place, word in [("a", "apple"), ("b", "zebra")]:
+        assert json.loads((folders[place] / "meta.json").read_text())["source"] == f"{place}/corpus.jsonl"
+        tokenizer = load_tokenizer(folders[place])
+        assert word in tokenizer.decode(np.fromfile(folders[place] / "train.bin", dtype="<u4").tolist())
+    (tmp_path / "a" / "corpus.jsonl").write_text(
+        "".join(json.dumps({"body": f"the lemon {i} is here."}) + "\n" for i in range(40)))
+    assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a2") == 0
+    text = load_tokenizer(folders["a"]).decode(np.fromfile(folders["a"] / "train.bin", dtype="<u4").tolist())
+    assert "apple" not in text and "lemon" in text
+
+
+def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
+    # A run killed while writing a metrics line leaves half a line: resume and plot take the whole ones.
+    out = tmp_path / "cut"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "3", "--save-interval", "2") == 0
+    metrics = out / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"step": 4, "train_lo')
+    assert [r["step"] for r in read_metrics_lenient(out)] == [1, 2, 3]
+    assert train_in_process("--resume", str(out), "--max-steps", "5") == 0
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+
+
+def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Path, preset: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    assert train_in_process(*common(data, preset, tmp_path / "r"), "--max-steps", "8", "--schedule", "wsd",
+                            "--fit-to-time", "--max-minutes", "30") == 0
+    printed = capsys.readouterr().out
+    assert "(max_steps)" in printed and "all of --max-steps fit" in printed

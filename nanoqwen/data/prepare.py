@@ -34,6 +34,7 @@ from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir, check_replaceable, write_json
 from nanoqwen.tokenizer import (
+    MAX_BPE_VOCAB,
     QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
     QWEN_SPECIAL_TOKENS,
@@ -223,6 +224,9 @@ def _bpe_size(spec: str) -> int:
     size = spec[len("bpe:"):]
     if not size.isdigit():
         raise NanoQwenError(f"bad tokenizer {spec!r}; write bpe:N with N the vocabulary size, e.g. bpe:8192")
+    if int(size) > MAX_BPE_VOCAB:  # refused before the corpus is read (train_bpe checks it too)
+        raise NanoQwenError(f"{spec}: at most bpe:{MAX_BPE_VOCAB} (Qwen3's vocabulary has 151,669 ids); "
+                            "choose a smaller N")
     return int(size)
 
 
