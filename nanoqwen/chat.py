@@ -123,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
     params = sampling_params(args, tokenizer)
     context = model.config.max_position_embeddings
     # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
-    conversation = Conversation(tokenizer, context, min(params.max_new_tokens, context // 2), args.system, args.raw,
-                                args.thinking)
+    # At least one token is kept free: a prompt must leave room for the reply to start.
+    reserve = max(1, min(params.max_new_tokens, context // 2))
+    conversation = Conversation(tokenizer, context, reserve, args.system, args.raw, args.thinking)
     if args.thinking is not None:
         if args.raw:
             raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "

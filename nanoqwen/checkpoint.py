@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
-from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.errors import NanoQwenError, first_line, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
@@ -186,7 +186,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="preset name or JSON file (default: tiny)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint into")
     p.add_argument("--tokenizer", default="qwen3", help="qwen3 (default) or a tokenizer folder")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set num_hidden_layers=2")
     add_device_arguments(p, dtype_help="dtype the weights are stored in (default float32)")

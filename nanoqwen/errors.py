@@ -1,4 +1,7 @@
-"""The one exception type that the command line turns into a single clear line."""
+"""The one exception type that the command line turns into a single clear line, and argparse types that
+refuse bad numbers as argparse does (one line, exit 2)."""
+
+import argparse
 
 
 class NanoQwenError(Exception):
@@ -8,3 +11,17 @@ class NanoQwenError(Exception):
 def first_line(error: BaseException) -> str:
     """The first line of an error from a library, to quote inside one of ours."""
     return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**63:  # what torch's generators take
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
+    return value

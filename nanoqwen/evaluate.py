@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, positive_int
 from nanoqwen.model import Qwen3
 
 
@@ -101,13 +101,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
-    return value
-
-
 def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
     """Tokens and UTF-8 bytes of one split of a prepared folder."""
     from nanoqwen.data.loader import TokenSplit
@@ -120,12 +113,15 @@ def run(args: argparse.Namespace) -> int:
     from nanoqwen.generate import load_for_inference
 
     model, tokenizer = load_for_inference(args)
+    if args.context is not None and args.context > model.config.max_position_embeddings:
+        raise NanoQwenError(f"--context {args.context} is longer than the model's context "
+                            f"({model.config.max_position_embeddings} positions); give at most that")
     if args.text_file:
         from nanoqwen.data.sources import CorpusStats, decode
 
         path = Path(args.text_file)
         if not path.is_file():
-            what = "is a folder" if path.is_dir() else "does not exist"
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
             raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
                                 "prepare it and pass --data)")
         raw, stats = path.read_bytes(), CorpusStats()
@@ -136,7 +132,9 @@ def run(args: argparse.Namespace) -> int:
         tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(raw)
     else:
         from nanoqwen.checkpoint import check_data_tokenizer
+        from nanoqwen.data.prepare import load_meta
 
+        load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         tokens, num_bytes = load_split(Path(args.data), args.split)
     if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, positive_int, seed_int
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -44,14 +44,16 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 0:
             raise NanoQwenError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
+        if not self.temperature >= 0:  # written so that nan fails too
             raise NanoQwenError(f"temperature must be >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
+        if not self.repetition_penalty > 0:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.seed is not None and not 0 <= self.seed < 2**63:
+            raise NanoQwenError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise NanoQwenError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -421,7 +423,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
     p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
 def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
@@ -466,7 +468,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=positive_int, default=1)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     add_sampling_arguments(p)
     add_device_arguments(p)

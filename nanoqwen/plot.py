@@ -44,12 +44,16 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
+    records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and isinstance(r.get("step"), int)]
     path = Path(out) if out else Path(run_dir) / "loss.png"
     if path.is_dir() or not path.parent.is_dir():
         raise NanoQwenError(f"cannot write the plot to {path}: give --out a file name in an existing folder")
-    train = [(r["step"], r["train_loss"]) for r in records if "train_loss" in r]
-    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    train, val = ([(r["step"], r[key]) for r in records
+                   if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
+                  for key in ("train_loss", "val_loss"))
+    if not (train or val):
+        raise NanoQwenError(f"{Path(run_dir) / 'metrics.jsonl'} holds no losses yet; plot once the run has logged "
+                            "a step")
     fig, ax = plt.subplots(figsize=(8, 5))
     if train:
         steps, losses = zip(*train)

@@ -175,7 +175,11 @@ class Tokenizer:
 
     # -- text --------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
-        return self.hf.encode(text, add_special_tokens=False).ids
+        try:
+            return self.hf.encode(text, add_special_tokens=False).ids
+        except TypeError:  # lone surrogates: bytes a terminal or argv could not decode (surrogateescape)
+            readable = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # each becomes U+FFFD
+            return self.hf.encode(readable, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]

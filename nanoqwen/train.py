@@ -153,6 +153,8 @@ class TrainConfig:
             raise NanoQwenError("--lr, --min-lr and --warmup must not be negative")
         if self.sample_interval < 0 or self.early_stopping_patience < 0:
             raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
+        if not 0 <= self.seed < 2**63:  # what torch's generators take
+            raise NanoQwenError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":

@@ -113,6 +113,18 @@ def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
     assert "has no thinking switch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
+def test_raw_chat_with_no_reply_budget_survives_a_long_message(checkpoint: Path) -> None:
+    child = spawn_chat(checkpoint, "--raw", "--max-new-tokens", "0")  # the later flag wins
+    try:
+        # 300 digits, one token each, in a line the terminal shows whole; still chatting after it
+        assert "(dropped the oldest" in say(child, "7" * 300)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_history_drops_oldest_turns() -> None:
     tokenizer = qwen3_tokenizer()
     conversation = Conversation(tokenizer, context=120, reserve=40, system="sys")

@@ -457,6 +457,16 @@ def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) 
     assert meta["replacement_chars"] == 1 and [s["reason"] for s in meta["skipped"]] == ["empty"]
 
 
+def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path: Path) -> None:
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text("the text of the corpus\n")
+    (tmp_path / "c" / "b.txt").write_text("and some more of it\n")
+    (tmp_path / "c" / "tok").mkdir()
+    qwen3_tokenizer().save(tmp_path / "c" / "tok")  # what `nanoqwen tokenizer train --out c/tok` leaves
+    docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
+    assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
+
+
 def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
     (tmp_path / "elsewhere" / "deep").mkdir(parents=True)
     (tmp_path / "elsewhere" / "deep" / "linked.txt").write_text("text that lives on another disk\n")

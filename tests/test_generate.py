@@ -430,6 +430,29 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err, err
     assert not (tmp_path / "m").exists()
+    for args, expected in [
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"], "temperature must be >= 0"),
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
+         "repetition_penalty must be > 0"),
+        (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
+        (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],
+         "--context 129 is longer than the model's context (128 positions)"),
+        (["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata")], "nodata does not exist"),
+    ]:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert expected in err and "\n" not in err, err
+
+
+def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):
+    # A terminal in another encoding (or a Latin-1 argument) hands Python lone surrogates: they are read as
+    # U+FFFD, as undecodable bytes are everywhere else, instead of failing inside the tokenizer.
+    done = subprocess.run([sys.executable, "-m", "nanoqwen", "sample", "--model", str(checkpoint), "--prompt",
+                           b"caf\xe9", "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"],
+                          capture_output=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    tokenizer = qwen3_tokenizer()
+    assert tokenizer.encode("caf\udce9") == tokenizer.encode("caf\ufffd\ufffd\ufffd")
 
 
 def test_init_command_writes_a_loadable_folder(tmp_path):

@@ -254,6 +254,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
+    (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
 ])
 def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Path, tmp_path: Path, flags: list[str],
                                                           words: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -553,6 +554,13 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
     assert [r["step"] for r in read_metrics_lenient(out)] == [1, 2, 3]
     assert train_in_process("--resume", str(out), "--max-steps", "5") == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    # Records that are not a step's (odd lines written by hand) are left out of the plot; no losses at all is
+    # one line.
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('5\n{"train_loss": 3}\n{"step": 6, "train_loss": null}\n{"step": 7, "train_loss": "abc"}\n')
+    assert main(["plot", str(out)]) == 0
+    (out / "metrics.jsonl").write_text("")
+    assert main(["plot", str(out)]) == 2
 
 
 def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Path, preset: Path, tmp_path: Path,

@@ -333,8 +333,9 @@ def _read_saved_dataset(path: Path, column: str, split: str) -> Iterator[str]:
 def local_files(root: Path) -> list[Path]:
     """The corpus files under `root` in sorted order.
 
-    Hidden files and folders are left out, and so are folders that `nanoqwen prepare` wrote (they hold
-    train.bin), so `--dataset . --out data/x` never reads its own meta.json and tokenizer.json as text.
+    Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
+    (train.bin), tokenizers and checkpoints (tokenizer.json), so `--dataset . --out data/x` never reads its
+    own meta.json and tokenizer.json as text.
     """
     if root.is_file():
         if root.suffix.lower() not in SUFFIXES:
@@ -342,7 +343,7 @@ def local_files(root: Path) -> list[Path]:
                                 f"use {', '.join(SUFFIXES)} or a folder of them")
         return [root]
     everything = all_files(root)
-    prepared = {p.parent for p in everything if p.name == "train.bin"}
+    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")}
     return [p for p in everything if p.suffix.lower() in SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not prepared.intersection(p.parents)]
