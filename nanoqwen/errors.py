@@ -20,8 +20,11 @@ def positive_int(text: str) -> int:
     return value
 
 
+SEED_LIMIT = 2**63  # seeds are 0 .. SEED_LIMIT - 1: what torch's generators take
+
+
 def seed_int(text: str) -> int:
     value = int(text)
-    if not 0 <= value < 2**63:  # what torch's generators take
+    if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
     return value

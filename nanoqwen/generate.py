@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, NanoQwenError, positive_int, seed_int
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -52,7 +52,7 @@ class SamplingParams:
             raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.seed is not None and not 0 <= self.seed < 2**63:
+        if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:

@@ -49,7 +49,7 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.errors import SEED_LIMIT, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
 from nanoqwen.io import atomic_dir, atomic_file, check_replaceable, write_json
@@ -153,7 +153,7 @@ class TrainConfig:
             raise NanoQwenError("--lr, --min-lr and --warmup must not be negative")
         if self.sample_interval < 0 or self.early_stopping_patience < 0:
             raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
-        if not 0 <= self.seed < 2**63:  # what torch's generators take
+        if not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
         if self.max_minutes is not None and self.max_minutes <= 0:
             raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
