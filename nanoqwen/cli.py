@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tokenizer": ("nanoqwen.tokenizer_cli", "write the official Qwen3 tokenizer or train a BPE"),
     "plot": ("nanoqwen.plot", "draw loss.png for a run folder"),
 }
+# Flags that name files or folders. tokenizers and safetensors take paths as UTF-8 strings, so a name
+# whose bytes are not UTF-8 (read by Python as lone surrogates) is refused up front, not mid-write.
+PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "run")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -46,6 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         build_parser().print_help()
         return 0 if not argv else 2
     try:
+        check_path_names(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
         print(f"nanoqwen {args.command}: error: {e}", file=sys.stderr)
@@ -56,6 +60,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `nanoqwen sample ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def check_path_names(args: argparse.Namespace) -> None:
+    for name in PATH_FLAGS:
+        value = getattr(args, name, None)
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                flag = name if name == "run" else "--" + name.replace("_", "-")
+                raise NanoQwenError(f"{flag}: the name {value.encode('utf-8', 'replace').decode()!r} is not valid "
+                                    "UTF-8; rename it, or choose another") from None
 
 
 if __name__ == "__main__":

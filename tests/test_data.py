@@ -358,6 +358,8 @@ def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.C
         ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(data)],  # prepared data
         ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "run")],
         ["tokenizer", "qwen3", "--out", str(tmp_path / "run")],
+        ["tokenizer", "qwen3", "--out", str(tmp_path / "bad\udcff")],  # bytes that are not UTF-8 in a name
+        ["prepare", "--dataset", str(tmp_path / "a.txt"), "--tokenizer", "bpe:300", "--out", str(tmp_path / "\udce9")],
     ]
     for args in refused:
         capsys.readouterr()
