@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -130,6 +131,37 @@ def flash() -> None:
         model(ids).float().logsumexp(-1).mean().backward()
     print("flash attention ran forward and backward for", config.num_attention_heads, "query heads over",
           config.num_key_value_heads, "kv heads, head_dim", config.head_dim)
+    one_token_attention(config.num_attention_heads, config.num_key_value_heads, config.head_dim)
+
+
+def one_token_attention(heads: int, kv_heads: int, head_dim: int) -> None:
+    """A decode step's attention (one query per row, bf16, a masked window of cached keys) through SDPA,
+    as the model does on CUDA, and through decode_attention's two bmm calls, which the model uses on CPU:
+    SDPA's flash kernel takes no mask, so on CUDA the call may fall back to a kernel that copies K/V per
+    query head. Timed, for the choice; not asserted."""
+    from nanoqwen.model import decode_attention
+
+    for batch, window in ((1, 1024), (16, 1024), (1, 8192)):
+        q = torch.randn(batch, 1, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, kv_heads, window, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
+        mask = torch.ones(batch, 1, 1, window, dtype=torch.bool, device=DEVICE)
+        mask[:, :, :, window // 2:] = False  # half the window not filled yet
+        calls = {"sdpa": partial(sdpa_one_token, q, k, v, mask), "bmm": partial(decode_attention, q, k, v, mask)}
+        sdpa, bmm = (calls[name]().reshape(batch, -1).float() for name in ("sdpa", "bmm"))
+        times = {}
+        for name, call in calls.items():
+            for _ in range(3):
+                call()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            started = time.perf_counter()
+            for _ in range(50):
+                call()
+            if DEVICE == "cuda":
+                torch.cuda.synchronize()
+            times[name] = (time.perf_counter() - started) / 50 * 1e6
+        print(f"one-token attention, batch {batch}, window {window}: SDPA {times['sdpa']:.0f} us, "
+              f"bmm {times['bmm']:.0f} us; largest gap {(sdpa - bmm).abs().max().item():.1e}")
 
 
 def cuda_graph(checkpoint: str) -> None:
@@ -174,6 +206,12 @@ def cuda_graph(checkpoint: str) -> None:
         seconds = time.perf_counter() - started
         print(f"{'warm-up' if run < 2 else 'timed'}: single stream, {steps} tokens, {steps / seconds:.0f} tok/s "
               f"{'with fixed shapes (a CUDA graph on CUDA)' if fixed else 'eager'}")
+
+
+def sdpa_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The model's CUDA call for one query per row: q (B, 1, H, D), k/v (B, K, S, D) -> (B, 1, H, D)."""
+    return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
+                                                            enable_gqa=True).transpose(1, 2)
 
 
 if __name__ == "__main__":
