@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -26,6 +27,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Flags that name files or folders. tokenizers and safetensors take paths as UTF-8 strings, so a name
 # whose bytes are not UTF-8 (read by Python as lone surrogates) is refused up front, not mid-write.
 PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "run")
+# What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
+                      "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+                      errno.EROFS: "write elsewhere", errno.ENOTDIR: "", errno.EISDIR: "", errno.EEXIST: "",
+                      errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: ""}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -60,6 +66,13 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `nanoqwen sample ... | head`
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_ERRORS:
+            raise
+        where = f": {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
+        hint = FILE_SYSTEM_ERRORS[e.errno]
+        print(f"nanoqwen {args.command}: error: {e.strerror}{where}{'; ' + hint if hint else ''}", file=sys.stderr)
+        return 2
 
 
 def check_path_names(args: argparse.Namespace) -> None:

@@ -42,7 +42,7 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     `keep_existing` (caches that several processes may build at once), a `final` that appeared
     meanwhile is kept and the new copy dropped, so readers never see it missing.
     """
-    final = Path(final)
+    final = real_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(final)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
@@ -56,13 +56,26 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
         shutil.rmtree(tmp, ignore_errors=True)
         return
     old = None
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
+    try:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            final.rename(old)
+        tmp.rename(final)
+    except OSError as e:  # e.g. `final` is a mount point, which cannot be renamed away
+        shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not final.exists():
+            old.rename(final)
+        raise NanoQwenError(f"cannot replace {final} ({e.strerror}); write to a new folder inside it "
+                            "instead") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def real_path(path: str | os.PathLike[str]) -> Path:
+    """`path` made absolute, `.` and `..` resolved, and a symlink followed to its target: an output is
+    replaced where it really is (a link to another disk stays a link, and `--out .` has a name)."""
+    return Path(os.path.realpath(path))
 
 
 # What an --out of each kind may replace: (files that mark an earlier output of that kind, files that
@@ -78,23 +91,35 @@ REPLACEABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "run": (("config.json", "metrics.jsonl", "samples.txt", "best"), ("meta.json", "model.safetensors",
                                                                        "tokenizer.json", "train.bin")),
 }
+# Everything a folder replaced whole may hold: config.json or tokenizer.json alone do not make a folder
+# ours (a project's config.json, a downloaded model with its README and shards), and nothing else in it
+# may be deleted.
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+WRITTEN: dict[str, tuple[str, ...]] = {
+    "data": ("meta.json", "train.bin", "val.bin", *_TOKENIZER_FILES),
+    "checkpoint": ("config.json", "generation_config.json", "model.safetensors", *_TOKENIZER_FILES),
+    "tokenizer": _TOKENIZER_FILES,
+}
 
 
 def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
     """Refuse to let an --out that exists be replaced unless it is an earlier output of the same `kind`
-    (see REPLACEABLE). Anything else (a file, `--out .`, a run or a checkpoint given to a command that
-    writes a tokenizer) would be deleted."""
+    (see REPLACEABLE and WRITTEN). Anything else (a file, `--out .`, a run or a checkpoint given to a
+    command that writes a tokenizer, a folder of the user's files) would be deleted."""
     markers, others = REPLACEABLE[kind]
     out = Path(out)
     if not out.exists():
+        if any(parent.is_file() for parent in out.parents):
+            raise NanoQwenError(f"{out} is inside a file; give --out a folder name")
         return
     if not out.is_dir():
         raise NanoQwenError(f"{out} is a file; give --out a folder name")
     entries = {entry.name for entry in out.iterdir()}
-    foreign = [name for name in others if name in entries]
+    foreign = [name for name in others if name in entries] or sorted(entries - set(WRITTEN.get(kind, entries)))
     if foreign or (entries and not entries.intersection(markers)):
+        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
-                            f"({', '.join(foreign) or 'no ' + ' or '.join(markers)}), which writing there would "
+                            f"({listed or 'no ' + ' or '.join(markers)}), which writing there would "
                             "overwrite or delete; choose another --out or remove it")
 
 

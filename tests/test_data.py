@@ -503,6 +503,96 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
 
 
+def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in
+    # a file without any), with no block of a few bytes at the end; undecodable bytes are counted across blocks.
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    lines = "".join(f"line {i}: café 東京 \x01\n" for i in range(400))
+    words = " ".join(f"word{i}é" for i in range(1500))
+    for name, text, bad, sep in [("lines.txt", lines, b"", "\n"), ("words.txt", words, b"\xff", " "),
+                                 ("utf16.txt", lines, b"", "\n")]:
+        path = tmp_path / name
+        path.write_bytes(text.encode("utf-16") if name == "utf16.txt" else text.encode() + bad)
+        corpus = open_corpus(str(path))
+        blocks = list(corpus.documents())
+        assert "".join(blocks) == text + ("\ufffd" if bad else "") and len(blocks) > 3, name
+        assert all(b.endswith(sep) for b in blocks[:-1]) and len(blocks[-1].encode()) > 400, name
+        assert corpus.stats.replacement_chars == len(bad), name
+    capped = open_corpus(str(tmp_path / "lines.txt"), max_bytes=1500)
+    assert "".join(capped.documents()) == lines.encode()[:1500].decode("utf-8", errors="ignore")
+
+
+def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
+    (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
+    with pytest.raises(NanoQwenError, match="UTF-16 or UTF-32"):
+        list(open_corpus(str(tmp_path / "u16.jsonl")).documents())
+    (tmp_path / "lines.json").write_text('{"text": "cut \\ud83d emoji"}\n{"text": "more"}\n')  # JSON lines, .json
+    corpus = open_corpus(str(tmp_path / "lines.json"))
+    assert list(corpus.documents()) == ["cut \ufffd emoji", "more"] and corpus.stats.replacement_chars == 1
+
+
+def test_odd_names_damaged_parquet_and_symlinked_out(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / os.fsdecode(b"caf\xe9.txt")).write_text("a file named in Latin-1\n")  # not UTF-8
+    (tmp_path / "c" / "b.txt").write_text("and another file\n")
+    docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
+    assert sorted(docs["train"] + docs["val"]) == ["a file named in Latin-1\n", "and another file\n"]
+    # A damaged page is found only when read: one line, not pyarrow's traceback.
+    pq.write_table(pa.table({"text": [f"row {i} " * 20 for i in range(2000)]}), tmp_path / "t.parquet")
+    data = bytearray((tmp_path / "t.parquet").read_bytes())
+    data[len(data) // 3:len(data) // 3 + 64] = bytes(64)
+    (tmp_path / "t.parquet").write_bytes(data)
+    with pytest.raises(NanoQwenError, match="t.parquet"):
+        prepare(str(tmp_path / "t.parquet"), "bpe:300", tmp_path / "pq", progress=False)
+    # An --out that links to another disk: the data is replaced there, and the link stays a link.
+    (tmp_path / "disk").mkdir()
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "disk" / "data", progress=False)
+    (tmp_path / "data").symlink_to(tmp_path / "disk" / "data")
+    prepare(str(tmp_path / "c" / "b.txt"), "bpe:300", tmp_path / "data", progress=False)
+    assert (tmp_path / "data").is_symlink() and load_meta(tmp_path / "disk" / "data")["source"].endswith("b.txt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "data", "disk", "out", "t.parquet"]
+
+
+def test_an_up_to_date_folder_clears_what_a_killed_rebuild_left(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("some text to prepare\n" * 50)
+    prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "data", progress=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f".data.tmp-{dead.stdout.strip()}-x"  # a --force rebuild killed mid-write
+    orphan.mkdir()
+    (orphan / "train.bin").write_bytes(bytes(1000))
+    prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "data", progress=False)  # up to date
+    assert not orphan.exists()
+
+
+def test_replacing_an_output_never_deletes_other_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.cli import main
+
+    init = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out"]
+    (tmp_path / "proj").mkdir()  # a project with its own config.json
+    (tmp_path / "proj" / "config.json").write_text('{"app": 1}')
+    (tmp_path / "proj" / "notes.txt").write_text("mine")
+    (tmp_path / "download").mkdir()  # a downloaded model: a checkpoint's files and more
+    assert main([*init, str(tmp_path / "download")]) == 0
+    (tmp_path / "download" / "README.md").write_text("model card")
+    for folder in ("proj", "download"):
+        before = {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()}
+        capsys.readouterr()
+        assert main([*init, str(tmp_path / folder)]) == 2
+        assert "holds something other than" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()} == before
+    (tmp_path / "download" / "README.md").unlink()
+    monkeypatch.chdir(tmp_path / "download")
+    assert main([*init, "."]) == 0  # its own checkpoint, by the name `.`
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["download", "proj"]
+
+
 # -- the built-in corpus -----------------------------------------------------------------------------
 
 @pytest.mark.slow

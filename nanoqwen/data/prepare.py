@@ -32,7 +32,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_dir, check_replaceable, write_json
+from nanoqwen.io import atomic_dir, check_replaceable, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
     MAX_BPE_VOCAB,
     QWEN_FIRST_SPECIAL_ID,
@@ -66,7 +66,10 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)b?\s*", text, re.IGNORECASE)
     if not m:
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 500000, 100MB, 2G)")
-    return int(float(m[1]) * 1000 ** "_kmgt".index(m[2].lower() or "_"))
+    size = int(float(m[1]) * 1000 ** "_kmgt".index(m[2].lower() or "_"))
+    if size < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is less than one byte; give a size of at least 1")
+    return size
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,6 +142,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         {"format": META_VERSION, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
          "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
     if not force and _holds(out, fingerprint):
+        remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
             print(f"{out} is up to date (same inputs and options); --force rebuilds it")
         return out

