@@ -467,6 +467,10 @@ def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path:
     qwen3_tokenizer().save(tmp_path / "c" / "tok")  # what `nanoqwen tokenizer train --out c/tok` leaves
     docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
     assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
+    with pytest.raises(NanoQwenError, match="is a tokenizer or checkpoint, not a corpus"):
+        open_corpus(str(tmp_path / "c" / "tok"))
+    with pytest.raises(NanoQwenError, match=r"is prepared data \(train.bin\), not a corpus"):
+        open_corpus(str(tmp_path / "out"))
 
 
 def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:

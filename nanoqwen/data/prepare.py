@@ -1,8 +1,9 @@
 """`nanoqwen prepare`: a corpus -> token ids -> `train.bin` / `val.bin` + `meta.json` + the tokenizer files.
 
 Every document's ids are followed by `<|endoftext|>` (a text file over 4 MB is a document per ~2 MB block,
-see sources.LARGE_FILE_BYTES). Documents go to train or val whole, chosen by a seeded RNG. The folder is written under a temporary name and renamed into place at the end, so any folder
-that `load_meta` accepts is complete; running again with the same inputs and options reuses it.
+see sources.LARGE_FILE_BYTES). Documents go to train or val whole, chosen by a seeded RNG. The folder is
+written under a temporary name and renamed into place at the end, so any folder that `load_meta` accepts is
+complete; running again with the same inputs and options reuses it.
 """
 
 from __future__ import annotations

@@ -422,6 +422,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split), max_bytes)
     files = local_files(path)
+    if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
+        what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
+        raise NanoQwenError(f"{spec} is {what}, not a corpus; give a folder of text (prepared data trains "
+                            "with --data)")
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
