@@ -428,20 +428,32 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
 
 def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
     """The sampling a checkpoint recommends in its generation_config.json (official Qwen3 folders carry
-    theirs), over SAMPLING_DEFAULTS; `do_sample: false` means greedy."""
+    theirs), over SAMPLING_DEFAULTS; `do_sample: false` means greedy. A value of the wrong type or range
+    there is refused in one line that names the file (it would otherwise read as a bad flag, or fail
+    mid-generation)."""
     chosen = dict(SAMPLING_DEFAULTS)
+    path = Path(directory) / "generation_config.json"
     try:
-        saved = json.loads((Path(directory) / "generation_config.json").read_text())
+        saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return chosen  # none, or unreadable: it only ever supplies defaults
     if not isinstance(saved, dict):
         return chosen
     for name in chosen:
         value = saved.get(name)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            chosen[name] = value
+        if value is None:
+            continue
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not number or (name == "top_k" and value != int(value)):
+            raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
+                                "fix or remove it")
+        chosen[name] = int(value) if name == "top_k" else value
     if saved.get("do_sample") is False:
         chosen["temperature"] = 0.0
+    try:
+        SamplingParams(**chosen).validate()
+    except NanoQwenError as e:
+        raise NanoQwenError(f"{path}: {e}; fix or remove it") from None
     return chosen
 
 

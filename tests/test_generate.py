@@ -95,6 +95,11 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.6, 5, 0.95, 1.0)
     config.write_text("{broken")
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
+    for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 0}, "top_p must be in"),
+                       ({"temperature": "0.7"}, "temperature is '0.7'")]:
+        config.write_text(json.dumps(bad))
+        with pytest.raises(NanoQwenError, match="generation_config.json: " + words):
+            checkpoint_sampling(folder)
     # do_sample false: greedy, so `nanoqwen sample` with no sampling flags gives the greedy text.
     config.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
     assert checkpoint_sampling(folder)["temperature"] == 0
