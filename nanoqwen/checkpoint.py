@@ -7,13 +7,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-from pathlib import Path
+import pickle
+from pathlib import Path, PurePosixPath
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, load_preset
+from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, check_json_types, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode
@@ -23,6 +24,10 @@ from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer,
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Key mapping as data: Transformers' names are ours, except that a tied head is stored once.
 TIED_HEAD_KEY, EMBEDDING_KEY = "lm_head.weight", "model.embed_tokens.weight"
+# Where Transformers looks for the weights, in its order: the first present wins, so a folder re-saved in
+# another layout loads its new weights past the stale index (or file) the old save left behind.
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def vocab_rows(tokenizer: Tokenizer) -> int:
@@ -89,6 +94,8 @@ def read_config(directory: str | Path) -> ModelConfig:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
+    except OSError as e:  # a folder by that name, unreadable
+        raise NanoQwenError(f"{path} cannot be read ({first_line(e)}); re-download or re-save the checkpoint") from e
     if not isinstance(raw, dict):
         raise NanoQwenError(f"{path} is not a config object; re-download or re-save the checkpoint")
     if "model_type" not in raw and ((directory / "best").is_dir() or (directory / "last").is_dir()):
@@ -98,23 +105,53 @@ def read_config(directory: str | Path) -> ModelConfig:
 
 
 def weight_files(directory: Path) -> list[Path]:
-    """model.safetensors, or the shards named in model.safetensors.index.json."""
-    index = directory / "model.safetensors.index.json"
-    if index.exists():
-        try:
-            names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:  # bad JSON or bytes, no weight_map
-            raise NanoQwenError(f"{index} is damaged ({type(e).__name__}: {e}); re-download the checkpoint") from e
-        missing = [n for n in names if not (directory / n).is_file()]
-        if missing:
-            raise NanoQwenError(f"{directory} lacks {', '.join(missing[:3])}, named in {index.name}; "
-                                "the download is incomplete")
-        return [directory / n for n in names]
-    single = directory / "model.safetensors"
-    if single.exists():
-        return [single]
-    raise NanoQwenError(f"{directory} has no model.safetensors (nor a sharded index); "
-                        "nanoqwen reads safetensors weights only")
+    """The files holding the weights: the first of WEIGHT_FILES present, an index standing for its shards."""
+    for name in WEIGHT_FILES:
+        path = directory / name
+        if path.exists():
+            return shard_files(path) if name.endswith(".index.json") else [path]
+    raise NanoQwenError(f"{directory} has no model.safetensors or pytorch_model.bin (nor a sharded index of "
+                        "either); is it a complete checkpoint?")
+
+
+def shard_files(index: Path) -> list[Path]:
+    """The shards an index names, each a file inside its folder, all present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or bytes, no weight_map, a folder
+        raise NanoQwenError(f"{index} is damaged ({type(e).__name__}: {e}); re-download the checkpoint") from e
+    check_json_types({"weight_map": weight_map}, {"weight_map": dict[str, str]}, str(index))
+    names = sorted(set(weight_map.values()))
+    if not names:
+        raise NanoQwenError(f"{index} names no weight files; re-download the checkpoint")
+    for name in names:  # weights from elsewhere would load silently as this model's
+        if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+            raise NanoQwenError(f"{index} names {name}, which is outside {index.parent}; re-download the checkpoint")
+    missing = [n for n in names if not (index.parent / n).is_file()]
+    if missing:
+        raise NanoQwenError(f"{index.parent} lacks {', '.join(missing[:3])}, named in {index.name}; "
+                            "the download is incomplete")
+    return [index.parent / n for n in names]
+
+
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of one weight file: safetensors, or a pytorch_model.bin unpickled as tensors only."""
+    try:
+        if path.suffix == ".bin":
+            state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: runs no pickled code
+        else:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                state = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    except pickle.UnpicklingError:  # objects beyond tensors, which weights_only refuses, or no pickle at all
+        state = None
+    except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
+        raise NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the "
+                            "checkpoint") from e
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise NanoQwenError(f"{path} is damaged or holds more than named tensors, which nanoqwen does not "
+                            "unpickle; re-download it, or convert the folder to safetensors with Transformers: "
+                            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(NEW_DIR)")
+    return state
 
 
 def load_model(directory: str | Path, device: torch.device | str = "cpu",
@@ -124,18 +161,17 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     `dtype=None` keeps the stored dtype. `config` replaces the folder's config.json (its weights must fit it).
     """
     directory = Path(directory)
-    described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config is None else \
+    own = read_config(directory)
+    described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config in (None, own) else \
         ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
-    config = config or read_config(directory)
-    state: dict[str, torch.Tensor] = {}
-    for path in weight_files(directory):
-        try:
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
-                    state[key] = f.get_tensor(key)
-        except (SafetensorError, OSError) as e:
-            raise NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the "
-                                "checkpoint") from e
+    config = config or own
+    state = {key: value for path in weight_files(directory) for key, value in read_weights(path).items()}
+    if state and not any(key.startswith("model.") for key in state):  # saved from Qwen3Model: no prefix, no head
+        if not config.tie_word_embeddings:
+            raise NanoQwenError(f"{directory} is a headless base model (Qwen3Model: no 'model.' prefix, no lm_head) "
+                                "with untied embeddings, so it has no output layer; use its Qwen3ForCausalLM "
+                                "checkpoint")
+        state = {f"model.{key}": value for key, value in state.items()}  # as Transformers: the head is the embedding
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):
@@ -163,9 +199,19 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
                     dtype: torch.dtype | None = torch.float32) -> tuple[Qwen3, Tokenizer]:
-    """A model and its tokenizer from one checkpoint folder."""
-    model = load_model(directory, device, dtype)
-    return model, load_tokenizer(directory)
+    """A model and its tokenizer from one checkpoint folder; a tokenizer the model cannot read is refused first."""
+    config = read_config(directory)  # first: it says best what a folder that is no checkpoint is
+    tokenizer = load_tokenizer(directory)
+    check_vocab(tokenizer, config, Path(directory))
+    return load_model(directory, device, dtype), tokenizer
+
+
+def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path) -> None:
+    """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267)."""
+    if tokenizer.vocab_size > config.vocab_size:
+        raise NanoQwenError(f"{directory}: its tokenizer has {tokenizer.vocab_size} ids but its model only "
+                            f"{config.vocab_size} embedding rows (vocab_size), so ids {config.vocab_size} and up "
+                            "would fail; use the tokenizer the model was trained with")
 
 
 def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:

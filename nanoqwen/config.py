@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -21,6 +23,53 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
     "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
+# Types config.json may hold beyond the fields' own: Transformers' spellings of the same settings.
+FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,
+                              "dtype": str | None, "num_key_value_heads": int | None, "layer_types": list[str] | None}
+ROPE_TYPES: dict[str, Any] = {"rope_type": str, "type": str, "rope_theta": float, "factor": float}
+
+
+def json_is(value: Any, hint: Any) -> bool:
+    """Whether a JSON value fits a type hint: an int is a number too (JSON has one number type), a bool is not."""
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(json_is(value, h) for h in args)
+    if origin is list:
+        return isinstance(value, list) and all(json_is(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict) and all(json_is(v, args[1]) for v in value.values())
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, hint)
+
+
+def json_type_name(hint: Any) -> str:
+    """A type hint as the JSON a user would write: 'an integer or null'."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return " or ".join(json_type_name(h) for h in typing.get_args(hint))
+    if typing.get_origin(hint) in (list, dict) and typing.get_args(hint)[-1] is not Any:
+        outer = "a list" if typing.get_origin(hint) is list else "an object"
+        return f"{outer} of {json_type_name(typing.get_args(hint)[-1]).split(' ', 1)[1]}s"
+    names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "an object",
+             type(None): "null"}
+    return names.get(typing.get_origin(hint) or hint, str(hint))
+
+
+def check_json_types(values: dict[str, Any], hints: dict[str, Any], source: str) -> None:
+    """Refuse, in one line, a field whose JSON value is not of its type (a string "1e-6", a null, a `true`
+    where a count belongs) before code that would trip over it, or misread it, gets it."""
+    for name, value in values.items():
+        if name in hints and not json_is(value, hints[name]):
+            shown = json.dumps(value)
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
+            raise NanoQwenError(f"{source}: {name} must be {json_type_name(hints[name])}, got {shown}; "
+                                "correct it in the file")
 
 
 def rope_type(rope: Any) -> str:
@@ -67,8 +116,8 @@ class ModelConfig:
     """Dropout on attention probabilities (0 in every official model)."""
     hidden_act: str = "silu"
     """MLP activation (SwiGLU uses silu)."""
-    bos_token_id: int = 151643
-    eos_token_id: int = 151645
+    bos_token_id: int | None = 151643
+    eos_token_id: int | None = 151645
     pad_token_id: int | None = None
     use_sliding_window: bool = False
     sliding_window: int | None = None
@@ -95,10 +144,16 @@ class ModelConfig:
             raise NanoQwenError(f"Qwen3 uses hidden_act 'silu', got {self.hidden_act!r}")
         if self.attention_bias:
             raise NanoQwenError("Qwen3 has no attention bias; set attention_bias to false")
-        if self.use_sliding_window:
-            raise NanoQwenError("sliding-window attention is not supported (no dense Qwen3 uses it)")
+        # Transformers slides the window only in layers max_window_layers and up: with none such, all is full.
+        if (self.use_sliding_window and self.sliding_window is not None
+                and self.max_window_layers < self.num_hidden_layers):
+            raise NanoQwenError(
+                f"sliding-window attention (layers {self.max_window_layers} and up) is not supported; set "
+                f"use_sliding_window to false for full attention, the same on sequences up to {self.sliding_window} "
+                "tokens")
         if rope_type(self.rope_scaling) != "default":
-            raise NanoQwenError(f"rope_scaling {self.rope_scaling} is not supported; only plain RoPE is")
+            raise NanoQwenError(f"rope_scaling {self.rope_scaling} is not supported; only plain RoPE is, so leave "
+                                "rope_scaling unset")
         for name, low in [("rope_theta", 0.0), ("initializer_range", 0.0)]:
             if not low < getattr(self, name) < math.inf:
                 raise NanoQwenError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
@@ -129,28 +184,42 @@ class ModelConfig:
         """Read a Transformers Qwen3 config.json; refuse any other model type."""
         model_type = d.get("model_type")
         if model_type != "qwen3":
-            raise NanoQwenError(
-                f"{source} is a {model_type!r} model, not Qwen3; nanoqwen loads only Qwen3 checkpoints "
-                "(model_type \"qwen3\")")
+            raise NanoQwenError(f"{source} has model_type {json.dumps(model_type)}; nanoqwen loads only Qwen3 "
+                                "checkpoints, whose model_type is \"qwen3\"")
+        hints = {**typing.get_type_hints(cls), **FILE_TYPES}
+        check_json_types({k: v for k, v in d.items() if k not in ("rope_scaling", "rope_parameters")}, hints, source)
         known = {f.name for f in fields(cls)}
         # A field the file leaves out means what Transformers' Qwen3Config makes of it, not nanoqwen's default.
         values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
-        values.setdefault("num_key_value_heads", values["num_attention_heads"])
+        if values.get("num_key_value_heads") is None:  # left out or null: Transformers' plain multi-head attention
+            values["num_key_value_heads"] = values["num_attention_heads"]
         # RoPE as Transformers >= 5 writes it (rope_parameters) or as older versions did (rope_theta, rope_scaling).
         for key in ("rope_scaling", "rope_parameters"):
             part = d.get(key)
             if part is not None and not isinstance(part, dict):
                 raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
+            check_json_types({f"{key}.{k}": v for k, v in (part or {}).items()},
+                             {f"{key}.{k}": hint for k, hint in ROPE_TYPES.items()}, source)
             if rope_type(part) != "default":
+                fix = "delete rope_scaling" if key == "rope_scaling" else \
+                    "set rope_parameters' rope_type to \"default\""
                 raise NanoQwenError(f"{source} asks for {rope_type(part)!r} RoPE scaling; nanoqwen implements only "
-                                    "plain RoPE, so it would compute different logits")
+                                    f"plain RoPE, so it would compute different logits; {fix} in that file to run "
+                                    "it with plain RoPE, as official Qwen3 checkpoints ship")
         values["rope_theta"] = (d.get("rope_parameters") or {}).get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = None
-        if isinstance(values.get("eos_token_id"), list):
-            values["eos_token_id"] = values["eos_token_id"][0]
+        if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
+            values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:
             values["torch_dtype"] = d.get("dtype") or "float32"
-        return cls(**values).validate()
+        if values.get("use_sliding_window") and d.get("layer_types") is not None:
+            # Transformers takes the layers that slide from layer_types when given, not from max_window_layers.
+            sliding = [i for i, kind in enumerate(d["layer_types"]) if kind == "sliding_attention"]
+            values["max_window_layers"] = sliding[0] if sliding else values["num_hidden_layers"]
+        try:
+            return cls(**values).validate()
+        except NanoQwenError as e:
+            raise NanoQwenError(f"{source}: {e}") from None
 
 
 @dataclass
@@ -183,6 +252,7 @@ def load_preset(name_or_path: str) -> Preset:
     except json.JSONDecodeError as e:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
     try:
+        check_json_types(raw.get("model", {}), typing.get_type_hints(ModelConfig), str(path))
         model = ModelConfig(**raw.get("model", {}))
     except TypeError as e:
         raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e

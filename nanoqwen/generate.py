@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -444,7 +445,7 @@ def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
         if value is None:
             continue
         number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or (name == "top_k" and value != int(value)):
+        if not number or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
             raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
                                 "fix or remove it")
         chosen[name] = int(value) if name == "top_k" else value

@@ -477,13 +477,14 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
-    from nanoqwen.checkpoint import read_config
+    from nanoqwen.checkpoint import check_vocab, read_config
 
     config = apply_overrides(read_config(folder), overrides)
     train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
     if config.torch_dtype in BEST_DTYPES:  # official weights come in bfloat16: best/ the same size, not twice it
         train["best_dtype"] = config.torch_dtype
     if (folder / "tokenizer.json").is_file():
+        check_vocab(load_tokenizer(folder), config, folder)  # before any data is prepared or run written
         train["tokenizer"] = str(folder)
     name = f"{folder.resolve().parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
     return Preset(name=slug(name), model=config, train=train)

@@ -96,7 +96,8 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     config.write_text("{broken")
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
     for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 0}, "top_p must be in"),
-                       ({"temperature": "0.7"}, "temperature is '0.7'")]:
+                       ({"temperature": "0.7"}, "temperature is '0.7'"), ({"top_k": 1e400}, "top_k is inf"),
+                       ({"temperature": float("nan")}, "temperature must be >= 0")]:
         config.write_text(json.dumps(bad))
         with pytest.raises(NanoQwenError, match="generation_config.json: " + words):
             checkpoint_sampling(folder)

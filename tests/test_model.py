@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
-from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
 from nanoqwen.config import ModelConfig
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
@@ -150,8 +152,9 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
     save_checkpoint(model, tmp_path, tokenizer=None)
     config = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**config, **rope}))
-    with pytest.raises(NanoQwenError, match="RoPE scaling"):
+    with pytest.raises(NanoQwenError, match="RoPE scaling") as caught:
         load_model(tmp_path)
+    assert str(tmp_path / "config.json") in str(caught.value) and "to run it with plain RoPE" in str(caught.value)
 
 
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
@@ -182,16 +185,17 @@ def test_attention_dropout_applies_in_training_only():
         assert torch.equal(model.eval()(ids), model(ids))
 
 
-def test_non_qwen3_folder_is_refused(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
-    with pytest.raises(NanoQwenError, match="not Qwen3"):
+@pytest.mark.parametrize("model_type", ["llama", "Qwen3"])
+def test_non_qwen3_folder_is_refused(tmp_path, model_type):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
+    with pytest.raises(NanoQwenError, match=f'model_type "{model_type}".*whose model_type is "qwen3"'):
         load_model(tmp_path)
 
 
-@pytest.mark.parametrize("damage", ["config-not-an-object", "config-not-utf8", "weights-cut-short",
-                                    "shard-missing", "index-broken", "tokenizer-broken"])
+@pytest.mark.parametrize("damage", ["config-not-an-object", "config-not-utf8", "config-a-folder", "weights-cut-short",
+                                    "shard-missing", "index-broken", "index-number", "index-absolute",
+                                    "index-outside", "tokenizer-broken"])
 def test_damaged_checkpoint_files_are_one_clear_line(tmp_path, damage):
-    from nanoqwen.checkpoint import load_checkpoint
     from nanoqwen.tokenizer import train_bpe
 
     model = Qwen3(tiny_config(tie_word_embeddings=False))
@@ -208,12 +212,21 @@ def test_damaged_checkpoint_files_are_one_clear_line(tmp_path, damage):
         (folder / "config.json").write_text("[1]")
     elif damage == "config-not-utf8":
         (folder / "config.json").write_bytes(b"\xff\xfe{}")
+    elif damage == "config-a-folder":
+        (folder / "config.json").unlink()
+        (folder / "config.json").mkdir()
     elif damage == "weights-cut-short":
         (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:100])
     elif damage == "shard-missing":
         sorted(folder.glob("model-*.safetensors"))[-1].unlink()
     elif damage == "index-broken":
         index.write_text("{bad")
+    elif damage.startswith("index-"):  # a number, or a file outside the folder (which would load as this model)
+        shard = sorted(folder.glob("model-*.safetensors"))[0]
+        outside = {"index-number": 5, "index-absolute": str(shard.resolve()), "index-outside": f"../ck/{shard.name}"}
+        mapping = json.loads(index.read_text())
+        mapping["weight_map"]["model.norm.weight"] = outside[damage]
+        index.write_text(json.dumps(mapping))
     else:
         (folder / "tokenizer.json").write_text("{bad")
     with pytest.raises(NanoQwenError) as caught:
@@ -251,3 +264,166 @@ def test_prepared_for_decoding_keeps_logits_and_saves_the_same(tmp_path, dtype):
     save_checkpoint(model, tmp_path / "ck", tokenizer=None)
     with torch.no_grad():
         assert (load_model(tmp_path / "ck")(ids) - before).abs().max() <= 1e-5
+
+
+def hf_model(config: ModelConfig, seed: int = 0) -> transformers.Qwen3ForCausalLM:
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    torch.manual_seed(seed)
+    hf = transformers.Qwen3ForCausalLM(hf_config)
+    scramble(hf, seed=seed)
+    return hf
+
+
+def assert_same_weights(model: Qwen3, reference: torch.nn.Module) -> None:
+    expected = reference.state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.parametrize("stale", ["index", "single-file"])
+def test_weights_are_read_from_the_file_transformers_reads(tmp_path, stale):
+    # Re-saving a folder in the other layout leaves the old index (or file) behind. Transformers reads
+    # model.safetensors first, then the index: the same weights must load here.
+    old, new = hf_model(tiny_config(tie_word_embeddings=False), 1), hf_model(tiny_config(tie_word_embeddings=False), 2)
+    if stale == "index":  # Transformers' own re-save: it deletes the old shards but not their index
+        old.save_pretrained(tmp_path, max_shard_size="50KB")
+        new.save_pretrained(tmp_path)
+        assert (tmp_path / "model.safetensors.index.json").exists()
+    else:
+        new.save_pretrained(tmp_path, max_shard_size="50KB")
+        old.save_pretrained(tmp_path / "old")
+        shutil.copy(tmp_path / "old" / "model.safetensors", tmp_path)
+    model = load_model(tmp_path)
+    assert_same_weights(model, hf_eager(tmp_path))
+    assert_same_weights(model, new if stale == "index" else old)
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded"])
+def test_pytorch_model_bin_folders_load(tmp_path, layout):
+    hf = hf_model(tiny_config(tie_word_embeddings=False), 6)
+    hf.save_pretrained(tmp_path, **({"max_shard_size": "50KB"} if layout == "sharded" else {}))
+    for file in tmp_path.glob("model*.safetensors"):  # as Transformers < 4.35 wrote them
+        torch.save(load_file(file), file.with_name(file.name.replace("model", "pytorch_model").replace(
+            ".safetensors", ".bin")))
+        file.unlink()
+    if layout == "sharded":
+        index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+        index["weight_map"] = {k: v.replace("model", "pytorch_model").replace(".safetensors", ".bin")
+                               for k, v in index["weight_map"].items()}
+        (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        (tmp_path / "model.safetensors.index.json").unlink()
+    assert_same_weights(load_model(tmp_path), hf)
+
+
+class NotATensor:
+    pass
+
+
+def test_pytorch_model_bin_runs_no_pickled_code(tmp_path):
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save({"model.norm.weight": NotATensor()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(NanoQwenError, match="pytorch_model.bin is damaged") as caught:
+        load_model(tmp_path)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_headless_base_model_folder(tmp_path, tied):
+    # Saved from Qwen3Model (embedding-model exports): no `model.` prefix, no lm_head. Tied, Transformers'
+    # AutoModelForCausalLM reads the embedding as the head; untied there is no head to read.
+    config = tiny_config(tie_word_embeddings=tied)
+    hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
+    base = transformers.Qwen3Model(hf_config)
+    scramble(base, seed=11)
+    base.save_pretrained(tmp_path)
+    if not tied:
+        with pytest.raises(NanoQwenError, match="headless base model"):
+            load_model(tmp_path)
+        return
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        diff = (load_model(tmp_path)(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item()
+    assert diff <= 1e-4
+
+
+def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300):
+    from nanoqwen.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
+    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size)), folder, tokenizer=tokenizer)
+    return folder
+
+
+def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path, monkeypatch, capsys):
+    from nanoqwen.cli import main
+
+    model, tokenizer = load_checkpoint(checkpoint_with_tokenizer(tmp_path / "fits", 320))  # spare rows are fine
+    ids = tokenizer.vocab_size
+    assert 256 < ids < model.config.vocab_size
+    folder = checkpoint_with_tokenizer(tmp_path / "ck", 256)
+    with pytest.raises(NanoQwenError, match=f"tokenizer has {ids} ids but its model only 256 embedding rows"):
+        load_checkpoint(folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    assert main(["train", "--init-from", "ck", "--dataset", "texts.txt", "--out", "run", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{ids} ids" in err and "256 embedding rows" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "fits", "texts.txt"]  # no run, no data prepared
+
+
+@pytest.mark.parametrize("field, value", [
+    ("rms_norm_eps", "1e-6"), ("rms_norm_eps", None), ("rope_theta", None), ("initializer_range", "0.02"),
+    ("attention_dropout", None), ("tie_word_embeddings", "false"), ("num_hidden_layers", True),
+    ("eos_token_id", [None]), ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}),
+])
+def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, field: value}))
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    message = str(caught.value)
+    assert str(tmp_path / "config.json") in message and field in message and "\n" not in message, message
+
+
+def test_config_values_transformers_reads_load_alike(tmp_path):
+    # Transformers takes an empty eos list as no eos id and a null num_key_value_heads as one per head.
+    save_checkpoint(Qwen3(tiny_config(num_key_value_heads=4)), tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [], "num_key_value_heads": None}))
+    loaded = read_config(tmp_path)
+    assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
+
+
+@pytest.mark.parametrize("window, slides", [
+    ({"max_window_layers": 2}, False),  # no layer at or past max_window_layers: Transformers attends fully
+    ({"max_window_layers": 0, "layer_types": ["full_attention", "full_attention"]}, False),  # layer_types wins
+    ({"max_window_layers": 1}, True),
+    ({"max_window_layers": 2, "layer_types": ["full_attention", "sliding_attention"]}, True),
+])
+def test_sliding_window_is_refused_only_where_transformers_slides(tmp_path, window, slides):
+    hf_model(tiny_config(tie_word_embeddings=False), 12).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["layer_types"]  # Transformers >= 5 writes them; without, they follow max_window_layers
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "use_sliding_window": True, "sliding_window": 4,
+                                                      **window}))
+    if slides:
+        with pytest.raises(NanoQwenError, match="set use_sliding_window to false") as caught:
+            load_model(tmp_path)
+        assert str(tmp_path / "config.json") in str(caught.value)
+        return
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(6))  # longer than the window
+    with torch.no_grad():
+        assert (load_model(tmp_path)(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_the_set_hint_comes_only_with_a_changed_config(tmp_path):
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    weights = load_file(tmp_path / "model.safetensors")
+    del weights["model.norm.weight"]
+    save_file(weights, tmp_path / "model.safetensors")
+    with pytest.raises(NanoQwenError, match="complete Qwen3 checkpoint"):
+        load_model(tmp_path, config=read_config(tmp_path))  # what `train --init-from` passes without --set
+    with pytest.raises(NanoQwenError, match="a --set cannot change"):
+        load_model(tmp_path, config=dataclasses.replace(read_config(tmp_path), num_hidden_layers=3))
