@@ -203,7 +203,20 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     config = read_config(directory)  # first: it says best what a folder that is no checkpoint is
     tokenizer = load_tokenizer(directory)
     check_vocab(tokenizer, config, Path(directory))
+    tokenizer.extra_stop_ids = generation_end_ids(Path(directory))
     return load_model(directory, device, dtype), tokenizer
+
+
+def generation_end_ids(directory: Path) -> list[int]:
+    """The end ids a folder's generation_config.json names (eos_token_id, one or a list): Transformers stops
+    at them, so generation here does too, besides <|im_end|> and <|endoftext|>."""
+    try:
+        saved = json.loads((directory / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return []  # none, or unreadable: Transformers goes on without one too
+    end = saved.get("eos_token_id") if isinstance(saved, dict) else None
+    return [i for i in (end if isinstance(end, list) else [end]) if isinstance(i, int) and not isinstance(i, bool)
+            and i >= 0]
 
 
 def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path) -> None:

@@ -143,6 +143,7 @@ class Tokenizer:
     def __init__(self, tokenizer: HFTokenizer, config: dict[str, Any] | None = None) -> None:
         self.hf = tokenizer
         self.config = config or {}
+        self.extra_stop_ids: list[int] = []  # a checkpoint's own end ids (its generation_config.json)
 
     # -- ids ---------------------------------------------------------------------------------
     @property
@@ -163,8 +164,10 @@ class Tokenizer:
 
     @property
     def stop_ids(self) -> list[int]:
-        """Ids that end generation: `<|im_end|>` and `<|endoftext|>` where they exist."""
-        return [i for i in (self.token_id(IM_END), self.token_id(ENDOFTEXT)) if i is not None]
+        """Ids that end generation: `<|im_end|>` and `<|endoftext|>` where they exist, then any others the
+        checkpoint names (`extra_stop_ids`)."""
+        own = [i for i in (self.token_id(IM_END), self.token_id(ENDOFTEXT)) if i is not None]
+        return own + [i for i in dict.fromkeys(self.extra_stop_ids) if i not in own]
 
     @cached_property
     def fingerprint(self) -> str:

@@ -109,6 +109,24 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
 
 
+def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_path):
+    import shutil
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    free = generate(model, tokenizer, ["The rain in Spain"], params)[0].token_ids
+    assert len(free) == 12 and free[4] not in free[:4]
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint, folder)
+    saved = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**saved, "eos_token_id": [free[4]]}))
+    model, tokenizer = load_checkpoint(folder)  # as Transformers, which stops at generation_config's eos ids
+    assert tokenizer.stop_ids == [*qwen3_tokenizer().stop_ids, free[4]]
+    params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    done = generate(model, tokenizer, ["The rain in Spain"], params)[0]
+    assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
+
+
 def test_batched_prompts_equal_one_by_one(checkpoint):
     model, tokenizer = load_checkpoint(checkpoint)
     prompts = ["a", "The rain in Spain stays mainly", "1 2 3 4"]
