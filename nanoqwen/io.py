@@ -9,7 +9,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from nanoqwen.errors import NanoQwenError
 
@@ -49,8 +49,11 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         yield tmp
-    except BaseException:
+    except BaseException as e:
+        full = isinstance(e, Exception) and not isinstance(e, NanoQwenError) and disk_full(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        if full:  # libraries say it their own way (safetensors, torch.save's "unexpected pos"): say it plainly
+            raise NanoQwenError(f"no space left on the disk of {final}; free some space or write elsewhere") from e
         raise
     if keep_existing and final.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -77,6 +80,8 @@ def real_path(path: str | os.PathLike[str]) -> Path:
     replaced where it really is (a link to another disk stays a link, and `--out .` has a name)."""
     return Path(os.path.realpath(path))
 
+
+LOCK_FILE = ".lock"  # held by the process writing a run folder
 
 # What an --out of each kind may replace: (files that mark an earlier output of that kind, files that
 # mark another kind's folder). A prepared data folder holds meta.json; a checkpoint, config.json; every
@@ -114,8 +119,10 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
         return
     if not out.is_dir():
         raise NanoQwenError(f"{out} is a file; give --out a folder name")
-    entries = {entry.name for entry in out.iterdir()}
+    entries = {entry.name for entry in out.iterdir()} - {LOCK_FILE}
     foreign = [name for name in others if name in entries] or sorted(entries - set(WRITTEN.get(kind, entries)))
+    if kind == "run" and "config.json" in entries and not is_run_config(out / "config.json"):
+        foreign.append("a config.json that is not a run's")
     if foreign or (entries and not entries.intersection(markers)):
         listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
@@ -123,19 +130,68 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
                             "overwrite or delete; choose another --out or remove it")
 
 
+def disk_full(path: Path) -> bool:
+    """Whether the disk holding `path` has (next to) nothing left: what a failed write most likely met."""
+    try:
+        return shutil.disk_usage(path).free < 1 << 20
+    except OSError:
+        return False
+
+
+def is_run_config(path: Path) -> bool:
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(saved, dict) and {"train", "preset", "data"} <= saved.keys()
+
+
 def remove_orphans(final: Path) -> None:
-    """Remove temporary folders beside `final` left by processes that died mid-write (kill -9, power
-    loss): their names carry the writer's pid, and a pid with no process behind it will never finish."""
-    for orphan in final.parent.glob(f".{final.name}.tmp-*-*"):
-        pid = orphan.name[len(f".{final.name}.tmp-"):].split("-")[0]
-        if not pid.isdigit() or not orphan.is_dir():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(orphan, ignore_errors=True)
-        except (PermissionError, OverflowError):
-            pass  # alive under another user, or not a pid at all: leave it
+    """Clean up after processes that died mid-write (kill -9, power loss): remove their temporary folders
+    beside `final`, and put back the previous `final` that one moved aside just before it died (between
+    atomic_dir's two renames), if `final` is missing. Their names carry the writer's pid, and a pid with
+    no process behind it will never finish."""
+    for kind in ("old", "tmp"):
+        for orphan in sorted(final.parent.glob(f".{final.name}.{kind}-*")):
+            pid = orphan.name[len(f".{final.name}.{kind}-"):].split("-")[0]
+            if not pid.isdigit() or not orphan.is_dir() or writer_alive(int(pid)):
+                continue
+            try:
+                if kind == "old" and not final.exists():
+                    orphan.rename(final)
+                else:
+                    shutil.rmtree(orphan, ignore_errors=True)
+            except FileNotFoundError:
+                pass  # another process (a rank of the same job) got there first
+
+
+def writer_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # alive under another user, or not a pid at all: leave its files alone
+    return True
+
+
+def hold_lock(folder: Path) -> IO[str] | None:
+    """An exclusive lock on `folder`/.lock for as long as the returned file stays open (the process's
+    life): a second writer is refused in one line instead of interleaving its files with the first's.
+    None where the platform has no flock (Windows)."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish or choose "
+                            "another --out") from None
+    return handle
 
 
 @contextmanager

@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ import torch
 import torch.distributed as dist
 
 from nanoqwen.checkpoint import check_data_tokenizer, config_for_tokenizer, load_model, save_checkpoint
-from nanoqwen.config import ModelConfig, Preset, apply_overrides, load_preset
+from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.distributed import (
     DistInfo,
@@ -52,7 +53,7 @@ from nanoqwen.distributed import (
 from nanoqwen.errors import SEED_LIMIT, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
-from nanoqwen.io import atomic_dir, atomic_file, check_replaceable, write_json
+from nanoqwen.io import atomic_dir, atomic_file, check_replaceable, hold_lock, real_path, remove_orphans, write_json
 from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
@@ -330,6 +331,7 @@ class Run:
     val: TokenSplit
     amp_dtype: torch.dtype
     state: LoopState = field(default_factory=LoopState)
+    lock: Any = None  # the open lock file of the run folder (rank 0): no second process writes into it
 
     @property
     def total_steps(self) -> int:
@@ -348,15 +350,30 @@ class Run:
 
 
 def setup(args: argparse.Namespace) -> Run:
+    locks: list[Any] = []
+    try:
+        return build_run(args, locks)
+    except BaseException:
+        for lock in locks:  # a failed start leaves the folder free (to a retry in the same process too)
+            lock.close()
+        raise
+
+
+def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     info = init_distributed(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
         cfg, preset_name, data, out = resumed_run(args)
+        lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
+        locks += [lock] if lock else []
+        remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
         resume_dir: Path | None = out / "last"
         model_config = load_model_config(out / "last")
     else:
         preset, cfg, data, out = new_run(args, info)
+        lock = hold_lock(out) if info.is_main else None
+        locks += [lock] if lock else []
         preset_name, resume_dir = preset.name, None
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = preset.model if args.init_from else new_model_config(preset, args.set, load_tokenizer(data))
@@ -379,8 +396,7 @@ def setup(args: argparse.Namespace) -> Run:
     elif args.init_from:
         model = load_model(args.init_from, device, torch.float32, config=model_config)
     else:
-        with device:
-            model = Qwen3(model_config)
+        model = build_model(model_config, device)
     model.train()
     model.activation_checkpointing = args.activation_checkpointing
     if args.fsdp and cfg.optimizer == "muon":
@@ -390,7 +406,7 @@ def setup(args: argparse.Namespace) -> Run:
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
-              load_tokenizer(data), loader, TokenSplit.open(data, "val"), amp_dtype)
+              load_tokenizer(data), loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock)
     check_samples_and_eval(run)
     if resume_dir is not None:
         load_train_state(run, resume_dir)
@@ -401,6 +417,7 @@ def setup(args: argparse.Namespace) -> Run:
             run.state.fitted_steps = None
         if info.is_main:  # the flags given now hold for later resumes too
             truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
+            truncate_samples(out, run.state.step)
             saved = read_run_config(out)
             saved["train"] = dataclasses.asdict(cfg)
             saved.setdefault("resumed_with", []).append(sys.argv)
@@ -409,6 +426,19 @@ def setup(args: argparse.Namespace) -> Run:
         truncate_metrics(out, 0)  # a folder whose run stopped before its first save
         write_json(out / "config.json", run_config(run))
     return run
+
+
+def build_model(config: ModelConfig, device: torch.device) -> Qwen3:
+    """A new model with its initial weights; a model too large for the machine is one line."""
+    try:
+        with device:
+            return Qwen3(config)
+    except (torch.OutOfMemoryError, RuntimeError) as e:
+        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+            raise
+        raise NanoQwenError(f"not enough {device.type} memory for this model (vocab_size {config.vocab_size}, "
+                            f"hidden_size {config.hidden_size}, {config.num_hidden_layers} layers); choose a "
+                            "smaller preset or --set") from None
 
 
 def check_samples_and_eval(run: Run) -> None:
@@ -464,7 +494,14 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
             or args.text_column):
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
                             "--init-from, --data, --dataset and --tokenizer cannot change them")
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise NanoQwenError(f"--resume {args.resume} continues that run in its own folder; drop --out (to train "
+                            f"into {args.out} from its weights instead: --init-from {Path(args.resume) / 'last'})")
     saved = read_run_config(out)
+    # Flags that are not settings of the loop but change its numbers: the run's own unless given now.
+    asked = saved.get("args", {})
+    args.dtype = args.dtype or asked.get("dtype")
+    args.activation_checkpointing = args.activation_checkpointing or bool(asked.get("activation_checkpointing"))
     train = saved["train"]
     if train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):  # resolved, not asked for
         train["micro_batch"] = None  # (runs before this version saved it so)
@@ -544,6 +581,9 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not run_dir.is_dir():
         raise NanoQwenError(f"cannot resume: {run_dir} does not exist")
+    if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
+        raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
+                            f"--resume {run_dir.parent}")
     try:
         saved = json.loads(path.read_text())
         TrainConfig(**saved["train"])
@@ -567,7 +607,10 @@ def load_train_state(run: Run, last: Path) -> None:
         state = json.loads((last / STATE_JSON).read_text())
         if state.pop("version", None) != STATE_VERSION:
             raise ValueError(f"unknown state version in {STATE_JSON}")
+        check_json_types(state, typing.get_type_hints(LoopState), str(last / STATE_JSON))
         run.state = LoopState(**state)
+        if min(run.state.step, run.state.tokens, run.state.evals_since_best) < 0:
+            raise ValueError(f"negative counts in {STATE_JSON}")
         blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
         load_optimizer_state(run, blob["optimizer"])
         if blob.get("scaler"):
@@ -575,6 +618,8 @@ def load_train_state(run: Run, last: Path) -> None:
         torch.set_rng_state(blob["rng"]["torch"])
         if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    except NanoQwenError:
+        raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
         raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing or "
                             f"corrupt ({first_line(e)[:200]}); start a new run from its weights: --init-from {last}"
@@ -591,6 +636,11 @@ def optimizer_state(run: Run) -> dict[str, Any]:
 
 
 def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
+    by_position = any(isinstance(key, int) for part in state.get("optimizers", [state])
+                      for key in part.get("state", {}))
+    if run.args.fsdp and by_position:  # saved without --fsdp: keyed by position, FSDP's loader wants names
+        raise NanoQwenError(f"{run.out} was trained without --fsdp, and its optimizer state cannot be loaded "
+                            "sharded; resume it without --fsdp (a whole model per process)")
     if run.args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
@@ -648,6 +698,17 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
     kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= step]
     with atomic_file(run_dir / "metrics.jsonl") as f:
         f.write("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def truncate_samples(run_dir: Path, step: int) -> None:
+    """Drop the samples a killed run took after its last save: resumed steps will take them again."""
+    path = run_dir / "samples.txt"
+    if not path.exists():
+        return
+    entries = re.split(r"(?m)^(?=--- step \d+$)", path.read_text(encoding="utf-8", errors="replace"))
+    kept = [e for e in entries if not (m := re.match(r"--- step (\d+)\n", e)) or int(m[1]) <= step]
+    with atomic_file(path) as f:
+        f.write("".join(kept))
 
 
 # -- the loop -------------------------------------------------------------------------------------
@@ -861,7 +922,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         if path.exists():
             print(f"  {label:<34} {path}")
     model = out / "best" if (out / "best").exists() else out / "last"
-    longer = f" --max-steps {state.step * 2}" if summary["stopped"] in ("max_steps", "early_stopping") else ""
+    done = summary["stopped"] in ("max_steps", "early_stopping") or state.step >= run.total_steps  # fitted too
+    longer = f" --max-steps {state.step * 2}" if done else ""
     print(f"next: nanoqwen sample --model {model} --prompt 'Hello'  |  nanoqwen train --resume {out}{longer}")
 
 
@@ -889,9 +951,13 @@ def train_and_report(args: argparse.Namespace) -> None:
               f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
               f"(micro-batch {run_.loader.micro_batch}, accumulation {run_.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
-    summary = train(run_)
-    if run_.info.is_main:
-        from nanoqwen.plot import plot_run
+    try:
+        summary = train(run_)
+        if run_.info.is_main:
+            from nanoqwen.plot import plot_run
 
-        plot_run(run_.out)
-        report(run_, summary, time.perf_counter() - started)
+            plot_run(run_.out)
+            report(run_, summary, time.perf_counter() - started)
+    finally:
+        if run_.lock is not None:
+            run_.lock.close()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 import signal
 import subprocess
@@ -569,3 +570,76 @@ def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Pat
                             "--fit-to-time", "--max-minutes", "30") == 0
     printed = capsys.readouterr().out
     assert "(max_steps)" in printed and "all of --max-steps fit" in printed
+
+
+def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path: Path,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # A run stopped by SIGKILL keeps what it had: samples taken after its last save are dropped with the
+    # metrics; a last/ that a save moved aside just before dying comes back; bf16 autocast stays on.
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
+                            "--sample-interval", "1", "--dtype", "bfloat16") == 0
+    last = out / "last"
+    for step in (5, 6):  # what a run killed after step 6, saved at 4, would have left
+        with (out / "samples.txt").open("a") as f:
+            f.write(f"--- step {step}\nlost text\n\n")
+    last.rename(out / f".last.old-{dead_pid()}")  # killed between atomic_dir's two renames
+    assert train_in_process("--resume", str(out), "--max-steps", "6") == 0
+    assert "(bfloat16)" in capsys.readouterr().out  # the run's dtype, not the device's default
+    steps = re.findall(r"(?m)^--- step (\d+)$", (out / "samples.txt").read_text())
+    assert steps == ["1", "2", "3", "4", "5", "6"] and "lost text" not in (out / "samples.txt").read_text()
+    assert json.loads((last / "train_state.json").read_text())["step"] == 6
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".last")) == []
+
+
+def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.io import hold_lock
+
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2") == 0
+    held = [hold_lock(out), hold_lock(tmp_path / "busy")]  # other processes training into them
+    for args in [common(data, preset, tmp_path / "busy"), ["--resume", str(out), "--max-steps", "3"]]:
+        assert train_in_process(*args) == 2
+        err = capsys.readouterr().err.strip()
+        assert "in use by another nanoqwen process" in err and "\n" not in err
+    for lock in held:
+        lock.close()
+    # Whose config.json is not a run's; a checkpoint given to --resume; --out beside --resume.
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "proj" / "config.json").write_text('{"my": "settings"}')
+    state = out / "last" / "train_state.json"
+    saved = state.read_text()
+    state.write_text(saved.replace('"step": 2', '"step": "x"'))
+    for args, words in [(common(data, preset, tmp_path / "proj"), "a config.json that is not a run's"),
+                        (["--resume", str(out / "last")], f"--resume {out}"),
+                        (["--resume", str(out), "--out", str(tmp_path / "b")], "drop --out"),
+                        (["--resume", str(out), "--max-steps", "3"], 'step must be an integer, got "x"')]:
+        assert train_in_process(*args) == 2, args
+        err = capsys.readouterr().err.strip()
+        assert words in err and "\n" not in err, err
+    assert (tmp_path / "proj" / "config.json").read_text() == '{"my": "settings"}'
+    state.write_text(saved)
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 0
+
+
+def test_a_full_disk_while_saving_is_one_line(data: Path, preset: Path, tmp_path: Path,
+                                              monkeypatch: pytest.MonkeyPatch,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import nanoqwen.io as io_module
+    import nanoqwen.train as train_module
+
+    def torch_save_on_a_full_disk(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+    monkeypatch.setattr(train_module.torch, "save", torch_save_on_a_full_disk)
+    monkeypatch.setattr(io_module, "disk_full", lambda path: True)
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert "no space left on the disk" in err and "\n" not in err
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
