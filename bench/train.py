@@ -123,19 +123,22 @@ def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int
 
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
-            rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False) -> list[str]:
+            rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False,
+            both_compiled: bool = False) -> list[str]:
     """One table row. Contenders alternate for `rounds` processes each; a busy machine only slows a round,
     so each side keeps its fastest round (median step) and its highest peak. `tuned_baseline` gives
-    Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show what is left without it."""
+    Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show what is left without it;
+    `both_compiled` runs both under torch.compile (`nanoqwen train --compile` on CPU)."""
     from nanoqwen.train import default_compile
 
     # nanoqwen as `nanoqwen train` runs it (compiled where a compiler is found); Transformers in a plain eager loop
-    ours_compiled = default_compile(torch.device(device))
+    ours_compiled = default_compile(torch.device(device)) or both_compiled
     results: dict[str, list[dict]] = {"transformers": [], "nanoqwen": []}
     for _ in range(rounds):
         for c in results:
-            results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device,
-                                         c == "nanoqwen" and ours_compiled, overrides, tuned_baseline))
+            compiled = ours_compiled if c == "nanoqwen" else both_compiled
+            results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device, compiled, overrides,
+                                         tuned_baseline))
     speed = {c: max(r["tokens_per_s"] for r in rs) for c, rs in results.items()}
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
@@ -198,6 +201,8 @@ def main() -> None:
                         "--target-minutes)")
     p.add_argument("--tuned-baseline", action="store_true",
                    help="CPU: also time the cpu preset with Transformers given nanoqwen's allocator setting")
+    p.add_argument("--compiled", action="store_true",
+                   help="CPU: also time the cpu preset with both libraries under torch.compile")
     # worker mode (internal)
     p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--preset", help=argparse.SUPPRESS)
@@ -226,6 +231,9 @@ def main() -> None:
         if args.tuned_baseline:
             rows += compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256,
                             args.steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)
+        if args.compiled:  # the first step compiles: three warm-up steps
+            rows += compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu",
+                            rounds=2, both_compiled=True)
         rows += compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
     elif "speed" in args.parts:
         # One round each: a GPU of its own times steadily, and the stage must fit one 10-minute device call.
