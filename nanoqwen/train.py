@@ -415,6 +415,12 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
                                 "steps to train it further (its last/ and best/ are usable as they are)")
         if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
             run.state.fitted_steps = None
+        if run.state.step >= run.total_steps:
+            raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
+                                f"{run.state.step}) to train it further")
+        patience = cfg.early_stopping_patience
+        if patience and run.state.evals_since_best >= patience:  # it stopped early; more steps were asked for
+            run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
         if info.is_main:  # the flags given now hold for later resumes too
             truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
             truncate_samples(out, run.state.step)

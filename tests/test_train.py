@@ -241,6 +241,14 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert read_metrics(out)[-1]["step"] == 6
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 6
     assert "early_stopping" in capsys.readouterr().out
+    # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
+    assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
+    assert read_metrics(out)[-1]["step"] == 10
+    assert train_in_process("--resume", str(out), "--max-steps", "12", "--early-stopping-patience", "0") == 0
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out)) == 2  # all its steps done: one line, not a run of 0 steps
+    err = capsys.readouterr().err.strip()
+    assert "has done all 12 of its steps; give --max-steps" in err and "\n" not in err
     out = tmp_path / "capped"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001") == 0
     last = read_metrics(out)[-1]
