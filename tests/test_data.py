@@ -529,6 +529,19 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     assert "".join(capped.documents()) == lines.encode()[:1500].decode("utf-8", errors="ignore")
 
 
+def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:
+    (tmp_path / "docs").mkdir()  # a project's docs: text, and the JSON of its tooling
+    (tmp_path / "docs" / "guide.md").write_text("# Guide\n\nHow to use it.\n")
+    (tmp_path / "docs" / "package.json").write_text('{"name": "docs", "version": "1.0.0"}')
+    (tmp_path / "docs" / "tsconfig.json").write_text('{\n  // comments are not JSON\n}')
+    (tmp_path / "docs" / "rows.json").write_text('[{"text": "a record"}, {"text": "another"}]')
+    corpus = open_corpus(str(tmp_path / "docs"))
+    assert list(corpus.documents()) == ["# Guide\n\nHow to use it.\n", "a record", "another"]
+    assert [Path(s["path"]).name for s in corpus.stats.skipped] == ["package.json", "tsconfig.json"]
+    with pytest.raises(NanoQwenError, match="no 'text' field"):  # given alone, it is the user's data: an error
+        list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
+
+
 def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
     (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
     with pytest.raises(NanoQwenError, match="UTF-16 or UTF-32"):

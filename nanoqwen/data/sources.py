@@ -431,7 +431,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     def read(stats: CorpusStats) -> Iterator[str]:
         for file in files:
-            yield from read_file(file, column, stats)
+            if path.is_dir() and file.suffix.lower() == ".json":
+                yield from _records_or_skip(file, column, stats)
+            else:
+                yield from read_file(file, column, stats)
 
     return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
 
@@ -542,6 +545,21 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         value = _record_text(record, column, f"{path} record {number}", stats)
         if value:
             yield value
+
+
+def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    """The texts of a .json file in a corpus folder, or none if its first record is not one (a folder of
+    notes or docs holds package.json and the like): such a file is skipped and reported, while one that
+    breaks after good records stops the run as a damaged data file does."""
+    texts = _json_texts(path, column, stats)
+    try:
+        first = next(texts, None)
+    except NanoQwenError as e:
+        stats.skipped.append({"path": str(path), "reason": f"not JSON records with a {column!r} field ({e})"})
+        return
+    if first is not None:
+        yield first
+        yield from texts
 
 
 def _starts_with_a_record(path: Path) -> bool:
