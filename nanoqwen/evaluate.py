@@ -129,7 +129,8 @@ def run(args: argparse.Namespace) -> int:
         if stats.replacement_chars:  # the figures are still computed, but the user should know why they are odd
             print(f"nanoqwen: warning: {path} is not UTF-8 text: replaced {stats.replacement_chars:,} undecodable "
                   "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
-        tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(raw)
+        # Bits per byte of the text scored: its UTF-8 bytes, whatever the file's encoding (UTF-16, a BOM).
+        tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(text.encode("utf-8"))
     else:
         from nanoqwen.checkpoint import check_data_tokenizer
         from nanoqwen.data.prepare import load_meta

@@ -441,6 +441,17 @@ def test_eval_of_a_file_that_is_not_utf8_warns(checkpoint, tmp_path, capsys):
     assert json.loads(captured.out.strip().splitlines()[-1])["bits_per_byte"] > 0  # still measured
 
 
+def test_bits_per_byte_count_the_text_not_the_file(checkpoint, tmp_path, capsys):
+    text = "Bits per byte are per UTF-8 byte of the text, café, whatever the file's encoding. " * 3
+    results = []
+    for encoding in ("utf-8", "utf-8-sig", "utf-16", "utf-32"):
+        (tmp_path / f"{encoding}.txt").write_bytes(text.encode(encoding))
+        assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / f"{encoding}.txt"), "--json",
+                     "--device", "cpu"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert all(r == results[0] for r in results), results
+
+
 def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     cases = [
         (["eval", "--model", str(checkpoint), "--text-file", str(tmp_path)], "is a folder; give one UTF-8 text file"),
