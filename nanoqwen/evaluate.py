@@ -129,8 +129,13 @@ def run(args: argparse.Namespace) -> int:
         if stats.replacement_chars:  # the figures are still computed, but the user should know why they are odd
             print(f"nanoqwen: warning: {path} is not UTF-8 text: replaced {stats.replacement_chars:,} undecodable "
                   "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
-        # Bits per byte of the text scored: its UTF-8 bytes, whatever the file's encoding (UTF-16, a BOM).
-        tokens, num_bytes = torch.tensor(tokenizer.encode(text), dtype=torch.long), len(text.encode("utf-8"))
+        # Every token of the text is scored, the first after <|endoftext|> (how documents follow one another in
+        # training; Qwen3 has no start token), so bits per byte are over all of its UTF-8 bytes, whatever the
+        # file's encoding (UTF-16, a BOM).
+        if not text:
+            raise NanoQwenError(f"text file {path} is empty; give it some text to score")
+        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
+        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8"))
     else:
         from nanoqwen.checkpoint import check_data_tokenizer
         from nanoqwen.data.prepare import load_meta

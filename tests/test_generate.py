@@ -415,7 +415,7 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
     model, tokenizer = load_checkpoint(checkpoint)
-    ids = torch.tensor([tokenizer.encode(text)])
+    ids = torch.tensor([[tokenizer.eot_id, *tokenizer.encode(text)]])  # the first token too, after <|endoftext|>
     context = model.config.max_position_embeddings
     with torch.no_grad():  # the reference: each window scored on its own
         nll, n = 0.0, 0
@@ -424,7 +424,7 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
             logits = model(window[:, :-1])
             nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
             n += window.shape[1] - 1
-    assert result["tokens"] == n == len(tokenizer.encode(text)) - 1
+    assert result["tokens"] == n == len(tokenizer.encode(text))
     assert result["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(nll / 0.6931471805599453 / len(text.encode()), rel=1e-5)
     assert result["perplexity"] == pytest.approx(2.718281828459045 ** result["loss"], rel=1e-5)
@@ -465,11 +465,14 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err, err
     assert not (tmp_path / "m").exists()
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
     for args, expected in [
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"], "temperature must be >= 0"),
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
          "repetition_penalty must be > 0"),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
+        (["eval", "--model", str(checkpoint), "--text-file", str(empty)], "is empty; give it some text"),
         (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],
          "--context 129 is longer than the model's context (128 positions)"),
         (["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata")], "nodata does not exist"),
