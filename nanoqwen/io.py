@@ -83,18 +83,13 @@ def real_path(path: str | os.PathLike[str]) -> Path:
 
 LOCK_FILE = ".lock"  # held by the process writing a run folder
 
-# What an --out of each kind may replace: (files that mark an earlier output of that kind, files that
-# mark another kind's folder). A prepared data folder holds meta.json; a checkpoint, config.json; every
-# kind, tokenizer.json; a run folder, its metrics and checkpoints (its config.json is the run's).
-_RUN_FILES = ("metrics.jsonl", "last", "best", "train_state.json")
-REPLACEABLE: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
-    "data": (("meta.json",), ("config.json", *_RUN_FILES)),
-    "checkpoint": (("config.json", "tokenizer.json"), ("meta.json", *_RUN_FILES)),  # a tokenizer becomes one
-    "tokenizer": (("tokenizer.json",), ("meta.json", "config.json", *_RUN_FILES)),
-    # A new run writes into its folder: one that holds a run's files but no last/ (it stopped before its
-    # first save), or nothing. `train` refuses a folder with last/ itself (that is --resume's).
-    "run": (("config.json", "metrics.jsonl", "samples.txt", "best"), ("meta.json", "model.safetensors",
-                                                                       "tokenizer.json", "train.bin")),
+# Files that mark an earlier output of each kind: an --out holding one may be replaced (a prepared data
+# folder holds meta.json; a checkpoint, config.json; a tokenizer, tokenizer.json; a run, its own files).
+MARKERS: dict[str, tuple[str, ...]] = {
+    "data": ("meta.json",),
+    "checkpoint": ("config.json", "tokenizer.json"),  # a tokenizer folder becomes a checkpoint
+    "tokenizer": ("tokenizer.json",),
+    "run": ("config.json", "metrics.jsonl", "samples.txt", "best"),
 }
 # Everything a folder replaced whole may hold: config.json or tokenizer.json alone do not make a folder
 # ours (a project's config.json, a downloaded model with its README and shards), and nothing else in it
@@ -105,13 +100,17 @@ WRITTEN: dict[str, tuple[str, ...]] = {
     "checkpoint": ("config.json", "generation_config.json", "model.safetensors", *_TOKENIZER_FILES),
     "tokenizer": _TOKENIZER_FILES,
 }
+# A new run writes into its folder instead of replacing it: one that holds a run's files but no last/ (it
+# stopped before its first save), or nothing, but never another kind's output. `train` refuses a folder
+# with last/ itself (that is --resume's).
+RUN_FOREIGN = ("meta.json", "model.safetensors", "tokenizer.json", "train.bin")
 
 
 def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
     """Refuse to let an --out that exists be replaced unless it is an earlier output of the same `kind`
-    (see REPLACEABLE and WRITTEN). Anything else (a file, `--out .`, a run or a checkpoint given to a
-    command that writes a tokenizer, a folder of the user's files) would be deleted."""
-    markers, others = REPLACEABLE[kind]
+    (see MARKERS, WRITTEN and RUN_FOREIGN). Anything else (a file, `--out .`, a run or a checkpoint given to
+    a command that writes a tokenizer, a folder of the user's files) would be deleted."""
+    markers = MARKERS[kind]
     out = Path(out)
     if not out.exists():
         if any(parent.is_file() for parent in out.parents):
@@ -120,7 +119,10 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
     if not out.is_dir():
         raise NanoQwenError(f"{out} is a file; give --out a folder name")
     entries = {entry.name for entry in out.iterdir()} - {LOCK_FILE}
-    foreign = [name for name in others if name in entries] or sorted(entries - set(WRITTEN.get(kind, entries)))
+    if kind in WRITTEN:
+        foreign = sorted(entries - set(WRITTEN[kind]))
+    else:
+        foreign = [name for name in RUN_FOREIGN if name in entries]
     if kind == "run" and "config.json" in entries and not is_run_config(out / "config.json"):
         foreign.append("a config.json that is not a run's")
     if foreign or (entries and not entries.intersection(markers)):
