@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -194,6 +195,16 @@ def hold_lock(folder: Path) -> IO[str] | None:
         raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish or choose "
                             "another --out") from None
     return handle
+
+
+def release_lock(handle: IO[str]) -> None:
+    """Give up a hold_lock lock; a folder that holds nothing else (a run that failed to start) goes too."""
+    lock = Path(handle.name)
+    handle.close()
+    if [entry.name for entry in lock.parent.iterdir()] == [LOCK_FILE]:
+        lock.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # another process may have begun writing there meanwhile
+            lock.parent.rmdir()
 
 
 @contextmanager

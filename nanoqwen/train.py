@@ -53,7 +53,16 @@ from nanoqwen.distributed import (
 from nanoqwen.errors import SEED_LIMIT, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
-from nanoqwen.io import atomic_dir, atomic_file, check_replaceable, hold_lock, real_path, remove_orphans, write_json
+from nanoqwen.io import (
+    atomic_dir,
+    atomic_file,
+    check_replaceable,
+    hold_lock,
+    real_path,
+    release_lock,
+    remove_orphans,
+    write_json,
+)
 from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
@@ -355,7 +364,7 @@ def setup(args: argparse.Namespace) -> Run:
         return build_run(args, locks)
     except BaseException:
         for lock in locks:  # a failed start leaves the folder free (to a retry in the same process too)
-            lock.close()
+            release_lock(lock)
         raise
 
 
@@ -440,7 +449,7 @@ def build_model(config: ModelConfig, device: torch.device) -> Qwen3:
         with device:
             return Qwen3(config)
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        if not isinstance(e, torch.OutOfMemoryError) and "memory" not in str(e).lower():
+        if not is_out_of_memory(e):
             raise
         raise NanoQwenError(f"not enough {device.type} memory for this model (vocab_size {config.vocab_size}, "
                             f"hidden_size {config.hidden_size}, {config.num_hidden_layers} layers); choose a "
@@ -848,15 +857,20 @@ def train(run: Run) -> dict[str, Any]:
     return summary
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """CUDA's OutOfMemoryError, or the RuntimeError a CPU allocation (or an older torch) fails with."""
+    text = str(error)
+    return isinstance(error, torch.OutOfMemoryError) or "out of memory" in text.lower() \
+        or "can't allocate memory" in text
+
+
 @contextmanager
 def explain_out_of_memory(run: Run) -> Iterator[None]:
     """Running out of memory (the usual first failure of a bigger model) is one line saying what to lower."""
     try:
         yield
     except (torch.OutOfMemoryError, RuntimeError) as e:
-        text = str(e)
-        if not isinstance(e, torch.OutOfMemoryError) and not ("out of memory" in text.lower()
-                                                              or "can't allocate memory" in text):
+        if not is_out_of_memory(e):
             raise
         raise NanoQwenError(
             f"out of {run.info.device.type} memory at step {run.state.step + 1} with {run.loader.micro_batch} "
@@ -966,4 +980,4 @@ def train_and_report(args: argparse.Namespace) -> None:
             report(run_, summary, time.perf_counter() - started)
     finally:
         if run_.lock is not None:
-            run_.lock.close()
+            release_lock(run_.lock)
