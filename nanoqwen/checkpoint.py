@@ -207,14 +207,20 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     return load_model(directory, device, dtype), tokenizer
 
 
+def read_generation_config(directory: str | Path) -> dict:
+    """A folder's generation_config.json, or {} when there is none or it cannot be read: it only ever supplies
+    defaults, and Transformers goes on without one too."""
+    try:
+        saved = json.loads((Path(directory) / "generation_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
 def generation_end_ids(directory: Path) -> list[int]:
     """The end ids a folder's generation_config.json names (eos_token_id, one or a list): Transformers stops
     at them, so generation here does too, besides <|im_end|> and <|endoftext|>."""
-    try:
-        saved = json.loads((directory / "generation_config.json").read_text())
-    except (OSError, ValueError):
-        return []  # none, or unreadable: Transformers goes on without one too
-    end = saved.get("eos_token_id") if isinstance(saved, dict) else None
+    end = read_generation_config(directory).get("eos_token_id")
     return [i for i in (end if isinstance(end, list) else [end]) if isinstance(i, int) and not isinstance(i, bool)
             and i >= 0]
 

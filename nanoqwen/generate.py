@@ -6,7 +6,6 @@ text streaming that never splits a character.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 import warnings
@@ -432,14 +431,11 @@ def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
     theirs), over SAMPLING_DEFAULTS; `do_sample: false` means greedy. A value of the wrong type or range
     there is refused in one line that names the file (it would otherwise read as a bad flag, or fail
     mid-generation)."""
+    from nanoqwen.checkpoint import read_generation_config
+
     chosen = dict(SAMPLING_DEFAULTS)
     path = Path(directory) / "generation_config.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return chosen  # none, or unreadable: it only ever supplies defaults
-    if not isinstance(saved, dict):
-        return chosen
+    saved = read_generation_config(directory)
     for name in chosen:
         value = saved.get(name)
         if value is None:
