@@ -373,7 +373,10 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out = resumed_run(args)
+        cfg, preset_name, data, out, changed = resumed_run(args)
+        if changed and info.is_main:
+            print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
+                  "stopped", flush=True)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
@@ -500,8 +503,9 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     return preset, cfg, data, out
 
 
-def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]:
-    """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume."""
+def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path, list[str]]:
+    """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
+    and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run apart."""
     out = Path(args.resume or args.out or "")
     if out == Path("."):
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -523,7 +527,11 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path]
     if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
-    return resolve_train_config({}, args, TrainConfig(**train)), saved["preset"], Path(saved["data"]), out
+    before = TrainConfig(**train)
+    cfg = resolve_train_config({}, args, dataclasses.replace(before))
+    changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
+               if name not in ("max_steps", "max_minutes") and getattr(cfg, name) != getattr(before, name)]
+    return cfg, saved["preset"], Path(saved["data"]), out, changed
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:

@@ -321,10 +321,13 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later:
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--batch-size", "4", "--lr", "0",
                             "--min-lr", "0") == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
+    assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 0  # no --lr: the saved 0 holds
+    assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
     # No more steps to take: one line, and the saved settings are not rewritten with the smaller number.
     before = (out / "config.json").read_bytes()
