@@ -141,12 +141,15 @@ def disk_full(path: Path) -> bool:
         return False
 
 
+RUN_CONFIG_KEYS = ("train", "preset", "data")  # what a run's config.json holds that a model's does not
+
+
 def is_run_config(path: Path) -> bool:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(saved, dict) and {"train", "preset", "data"} <= saved.keys()
+    return isinstance(saved, dict) and set(RUN_CONFIG_KEYS) <= saved.keys()
 
 
 def remove_orphans(final: Path) -> None:

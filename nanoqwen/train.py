@@ -54,6 +54,7 @@ from nanoqwen.errors import SEED_LIMIT, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
 from nanoqwen.io import (
+    RUN_CONFIG_KEYS,
     atomic_dir,
     atomic_file,
     check_replaceable,
@@ -609,8 +610,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
                             f"--resume {run_dir.parent}")
     try:
         saved = json.loads(path.read_text())
+        missing = [key for key in RUN_CONFIG_KEYS if key not in saved]
+        if missing:
+            raise KeyError(", ".join(missing))
         TrainConfig(**saved["train"])
-        saved["preset"], saved["data"]  # noqa: B018 (both must be there)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise NanoQwenError(f"cannot resume: {path} is missing or not a nanoqwen run config ({e})") from e
     return saved
