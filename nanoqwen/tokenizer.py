@@ -209,7 +209,7 @@ class Tokenizer:
         """Added tokens are stored as plain text, not in the byte-level alphabet."""
         return set(self.hf.get_added_tokens_decoder())
 
-    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True,
+    def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
                     **template_kwargs: Any) -> str:
         """The prompt text for a list of {"role", "content"} messages: ChatML, or the folder's own chat
         template where it has one (official Qwen3 folders: thinking, tool calls), rendered as Transformers'

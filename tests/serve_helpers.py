@@ -41,11 +41,18 @@ def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
     return save_checkpoint(Qwen3(config), directory, tokenizer)
 
 
-# A chat template in the manner of official Qwen3 folders (written for these tests): a system message only
-# first, earlier replies without their thinking, and a reply that may start after an empty thinking block.
-# Indented over lines, with loop controls and bare text between blocks, so rendering it exercises the jinja
-# settings Transformers uses (trimmed and left-stripped blocks).
-THINKING_TEMPLATE = """{%- for message in messages %}
+# A chat template in the manner of official Qwen3 folders (written for these tests): the tools listed first,
+# a system message only first, earlier replies without their thinking and with their tool calls, and a reply
+# that may start after an empty thinking block. Indented over lines, with loop controls and bare text between
+# blocks, so rendering it exercises the jinja settings Transformers uses (trimmed and left-stripped blocks).
+THINKING_TEMPLATE = """{%- if tools %}
+    {{- '<|im_start|>system\\n# Tools' }}
+    {%- for tool in tools %}
+        {{- '\\n' + tool.function.name }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
+{%- endif %}
+{%- for message in messages %}
     {%- if message.role == 'system' and not loop.first %}
         {{- raise_exception('the system message must come first') }}
     {%- endif %}
@@ -56,7 +63,11 @@ THINKING_TEMPLATE = """{%- for message in messages %}
     {%- if message.role == 'assistant' and '</think>' in content %}
         {%- set content = content.split('</think>')[-1].lstrip('\\n') %}
     {%- endif %}
-    {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>\\n' }}
+    {{- '<|im_start|>' + message.role + '\\n' + content }}
+    {%- for call in message.tool_calls or [] %}
+        {{- '<tool_call>' + call.function.name + ' ' + call.function.arguments + '</tool_call>' }}
+    {%- endfor %}
+    {{- '<|im_end|>\\n' }}
 {%- endfor %}
 {% if add_generation_prompt %}
 <|im_start|>assistant

@@ -416,6 +416,43 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(local) -> None:
     assert logprobs[0] == pytest.approx(float(first), abs=1e-4)
 
 
+def test_batch_cache_grows_as_rows_need_it(local) -> None:
+    """In-process: the batch cache holds a few slots past the tokens in it, not every token the requests
+    may still sample (a request without max_tokens may run to the whole context), and grows when it fills:
+    the rows give the tokens they give alone all the same."""
+    model, tokenizer = local
+    prompts = [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1] * 3)]
+    params = SamplingParams(max_new_tokens=90, temperature=0)  # no stop ids: 90 tokens each
+    capacities: list[int] = []
+
+    async def tokens(job) -> list[int]:
+        out: list[int] = []
+        while not isinstance(event := await job.events.get(), Finished):
+            out += [e.token for e in event.logprobs]
+        return out + [e.token for e in event.logprobs]
+
+    async def main() -> list[list[int]]:
+        engine = Engine(model, tokenizer, cache_growth=16)
+        rebuild = engine._rebuild_cache
+
+        def record(survivors: list, admitted: list) -> None:
+            rebuild(survivors, admitted)
+            capacities.append(engine._cache.max_len if engine._cache is not None else 0)
+
+        engine._rebuild_cache = record  # type: ignore[method-assign]
+        engine.start()
+        try:
+            return list(await asyncio.gather(*(tokens(engine.submit([p], params, 1, top_logprobs=0))
+                                               for p in prompts)))
+        finally:
+            engine.stop()
+
+    together = asyncio.run(main())
+    assert together == [[t for (t,) in generate_ids(model, [p], params)] for p in prompts]
+    span = max(len(p) for p in prompts)  # both join at once, then grow by the slots in use: 60, then 119
+    assert capacities[:2] == [2 * span, span + 90 - 1] and all(c <= span + 90 for c in capacities)
+
+
 def test_a_step_that_fails_answers_every_request_it_held(local) -> None:
     """In-process: when a step raises while admitting a request (at its first token), the requests it held
     (admitted beside it in that step, or already decoding) and the failing one itself each get a Failed
@@ -519,6 +556,10 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "hi", "model": "\udc80"}, 400, "model"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi\ud800"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "assistant", "content": "", "tool_calls": [{"id": "\ud800"}]}]},
+     400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+     400, "tools"),  # a ChatML model has no place for them
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing-here", {"prompt": "hi"}, 404, None),
 ]
@@ -556,6 +597,13 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     r = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
+    # null is "not given" for every optional field, as in OpenAI's API (its client sends n=None so).
+    nulls = {"n": None, "stream": None, "stop": None, "seed": None, "max_tokens": 3, "temperature": 0}
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "echo": None, **nulls})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,
+                                          stream=None, max_tokens=2)
+    assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
 
 
 def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
@@ -586,6 +634,16 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
             assert rendered.endswith("<think>\n\n</think>\n\n") == bool(template_kwargs)
             assert r.choices[0].message.content == greedy_reference(local, rendered, 12)
             assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
+        # Tools, and an earlier reply's tool calls, reach the template (not ChatML's: a 400 in BAD_REQUESTS).
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+        calls = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+        r = client.chat.completions.create(model="thinker", messages=calls, tools=tools, max_tokens=1)
+        rendered = tokenizer.render_chat(calls, tools=tools)
+        assert "get_weather</tool_call>" not in tokenizer.render_chat(calls[:1])
+        assert "# Tools\nget_weather" in rendered and "<tool_call>get_weather {}</tool_call>" in rendered
+        assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
         # What the template itself refuses is a 400 with its words, and the server serves on.
         with pytest.raises(openai.BadRequestError, match="the system message must come first") as e:
             client.chat.completions.create(model="thinker", messages=messages[::-1], max_tokens=2)

@@ -134,6 +134,15 @@ def test_a_folders_own_chat_template_renders_as_transformers(official, tmp_path,
     assert ours.thinking_switch and not official.thinking_switch
     assert ("<think>\n\n</think>" in ours.render_chat(CONVERSATION, **template_kwargs)) == (
         template_kwargs.get("enable_thinking") is False)
+    # Tools and an earlier reply's tool calls reach the template as Transformers passes them.
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    expected = hf.apply_chat_template(calls, tools=tools, tokenize=False, add_generation_prompt=True,
+                                      **template_kwargs)
+    assert ours.render_chat(calls, tools=tools, **template_kwargs) == expected
+    assert '# Tools\nget_weather' in expected and '<tool_call>get_weather {"city": "Oslo"}</tool_call>' in expected
     # The template's own refusal is one line, as Transformers raises it.
     with pytest.raises(NanoQwenError, match="chat template refused these messages: the system message must come"):
         ours.render_chat(CONVERSATION[1:2] + CONVERSATION[:1])

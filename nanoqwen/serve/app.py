@@ -381,6 +381,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         body.check_text()
         check_model(body.model)
         top_logprobs = body.logprobs_count()
+        if body.uses_tools() and tokenizer.chat_format == "ChatML":
+            raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
+                                "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
         try:
             text = tokenizer.render_chat(body.chat_messages(), **body.template_kwargs())
         except NanoQwenError as e:

@@ -49,6 +49,10 @@ log = logging.getLogger("nanoqwen.serve")
 # A batch is captured as a CUDA graph at its 4th decode step: rows join and leave often while requests
 # arrive, and a capture costs about two eager steps, so only a batch that has settled is worth one.
 CAPTURE_AT = 4
+# Slots a rebuilt batch cache holds beyond the tokens in it (or as many as those tokens, if more): a request
+# that names no max_tokens may run to the model's context, and reserving all of that up front for every row
+# would hold gigabytes per request at Qwen3's 40,960 tokens. Growing by doubling keeps the copies few.
+CACHE_GROWTH = 256
 
 
 @dataclass
@@ -147,13 +151,15 @@ class Engine:
     """Runs all model work on one thread. `submit` is called from the event loop."""
 
     def __init__(self, model: Qwen3, tokenizer: Tokenizer, max_batch_size: int = 32,
-                 prefill_chunk: int = 512, fixed_shapes: bool | None = None) -> None:
+                 prefill_chunk: int = 512, fixed_shapes: bool | None = None,
+                 cache_growth: int = CACHE_GROWTH) -> None:
         """`fixed_shapes`: decode each batch through a DecodeStep (a CUDA graph on CUDA, once the batch
         has kept its rows for CAPTURE_AT steps). None means `graphs_by_default(model)`."""
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.prefill_chunk = prefill_chunk
+        self.cache_growth = cache_growth
         self.device = model.model.embed_tokens.weight.device
         self.fixed_shapes = graphs_by_default(model) if fixed_shapes is None else fixed_shapes
         self._decode_step: DecodeStep | None = None  # over self._cache, when fixed_shapes
@@ -256,7 +262,8 @@ class Engine:
                     admitted.pop()
             if alive or (admitted and logits is None):
                 break
-        if admitted or len(alive) != len(self._active):
+        full = self._cache is not None and self._cache.length == self._cache.max_len
+        if admitted or len(alive) != len(self._active) or full:
             self._rebuild_cache(alive, admitted)
         self._admitting = []
         if self._active:
@@ -344,7 +351,8 @@ class Engine:
 
         Every row's tokens sit in the last `in_cache` slots before the common write position, so the
         survivors are one slice of the old cache; admitted rows come from their own prefill caches.
-        Capacity is exactly what the longest-running row still needs, so the cache never overflows.
+        Capacity is what the longest-running row still needs, up to `cache_growth` slots (or the slots in
+        use, if more) past the tokens held; `_step` rebuilds a cache that fills up before its rows finish.
         """
         old_row = {id(s): row for row, s in enumerate(self._active)}
         rows = survivors + admitted
@@ -354,7 +362,8 @@ class Engine:
             self._cache = None
             return
         span = max(s.in_cache for s in rows)  # slots the aligned rows occupy
-        capacity = span + max(s.budget - s.generated for s in rows)
+        needed = max(s.budget - s.generated for s in rows)
+        capacity = span + min(needed, max(self.cache_growth, span))
         cache = self.model.new_cache(len(rows), capacity)
         if survivors:
             old = self._cache

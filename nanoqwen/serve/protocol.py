@@ -4,8 +4,10 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `stop`,
 `seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
 `top_logprobs` 0..20; completions: `logprobs` 0..5; completions' `echo` is refused with a 400).
-`top_k` and `repetition_penalty` are extras (as vLLM names them). Other unknown fields are ignored,
-as OpenAI-compatible servers commonly do.
+`top_k` and `repetition_penalty` are extras (as vLLM names them). `tools`, and the `tool_calls` and
+`tool_call_id` of messages, go to a chat template that uses them (official Qwen3 folders); replies come
+back as text (a `<tool_call>` block is not parsed into `tool_calls`). Other unknown fields are ignored, as
+OpenAI-compatible servers commonly do.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from nanoqwen.errors import SEED_LIMIT
 
@@ -59,6 +61,12 @@ class SamplingRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
 
+    @field_validator("n", "stream", "echo", mode="before", check_fields=False)
+    @classmethod
+    def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
+        """OpenAI's API takes null for these as "not given" (its client sends n=None so)."""
+        return cls.model_fields[info.field_name or ""].default if value is None else value
+
     def check_text(self) -> None:
         """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer encodes it,
         and an error message quoting it could not be sent. Refused up front, naming the field."""
@@ -93,7 +101,7 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, name...: passed on to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -112,6 +120,7 @@ class ChatRequest(SamplingRequest):
     # Variables for the model's chat template, as vLLM takes them: {"enable_thinking": false} asks a Qwen3
     # model to answer without thinking first.
     chat_template_kwargs: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None  # function definitions, for a template that lists them
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
@@ -124,11 +133,16 @@ class ChatRequest(SamplingRequest):
         if taken := sorted(given.keys() & {"messages", "add_generation_prompt"}):
             raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(taken)}; the request's own fields "
                                 "say that", "chat_template_kwargs")
-        return given
+        return {**given, "tools": self.tools} if self.tools else given
 
-    def chat_messages(self) -> list[dict[str, str]]:
-        """{"role", "content"} dicts for ChatML; OpenAI's `developer` role is the system prompt."""
-        return [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages]
+    def uses_tools(self) -> bool:
+        return bool(self.tools) or any((m.model_extra or {}).get("tool_calls") for m in self.messages)
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        """{"role", "content"} dicts (and any other fields a message has, such as tool_calls) for the chat
+        template; OpenAI's `developer` role is the system prompt."""
+        return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
+                 "content": m.text()} for m in self.messages]
 
 
 def holds_lone_surrogate(value: Any) -> bool:
@@ -139,7 +153,8 @@ def holds_lone_surrogate(value: Any) -> bool:
             return True
         return False
     if isinstance(value, BaseModel):
-        return any(holds_lone_surrogate(getattr(value, name)) for name in type(value).model_fields)
+        return (any(holds_lone_surrogate(getattr(value, name)) for name in type(value).model_fields)
+                or holds_lone_surrogate(value.model_extra or {}))
     if isinstance(value, dict):
         return any(holds_lone_surrogate(k) or holds_lone_surrogate(v) for k, v in value.items())
     if isinstance(value, (list, tuple)):
