@@ -606,6 +606,26 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
 
 
+def test_sigterm_cuts_a_long_generation(checkpoint: Path, tmp_path: Path) -> None:
+    # SIGTERM while 16 long streams run: the server gives them a short grace, then cuts them and exits
+    # (run_server fails the test if it takes over 10 s); the stream ends without its [DONE].
+    body = {"prompt": "Go on forever", "max_tokens": 240, "n": 16, "temperature": 0, "stream": True}
+    lines: list[str] = []
+    with run_server(checkpoint, tmp_path / "serve.log") as base:
+        stream = httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60)
+        response = stream.__enter__()
+        chunks = response.iter_lines()
+        lines += [next(line for line in chunks if line.startswith("data: ")) for _ in range(3)]
+    try:
+        lines += list(chunks)
+    except httpx.HTTPError:  # the connection closed mid-chunk
+        pass
+    finally:
+        stream.__exit__(None, None, None)
+    texts = [line for line in lines if line.startswith("data: {")]
+    assert "data: [DONE]" not in lines and 3 <= len(texts) < 16 * 240
+
+
 def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
     with run_server(checkpoint, tmp_path / "serve.log", env={"NANOQWEN_API_KEY": "s3cret"}) as base:
         assert httpx.get(f"{base}/health").status_code == 200  # health and the page stay open

@@ -405,6 +405,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
 
 
 # -- `nanoqwen serve` ----------------------------------------------------------------------------
+SHUTDOWN_GRACE_S = 3
+
+
 def default_model_name(directory: str) -> str:
     """runs/NAME/best -> NAME/best (a bare `best` says little); any other folder -> its name."""
     path = Path(directory).resolve()
@@ -462,5 +465,7 @@ def run(args: argparse.Namespace) -> int:
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    # Ctrl-C or SIGTERM: requests in flight get SHUTDOWN_GRACE_S to finish, then are cut (their jobs cancelled),
+    # so a long generation cannot hold the server up for minutes.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     return 0
