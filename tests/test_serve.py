@@ -61,6 +61,23 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     assert health["status"] == "ok" and health["model"] == "tiny"
 
 
+def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, local) -> None:
+    # vLLM's /tokenize: the web page asks it how much of a chat's history fits.
+    tokenizer = local[1]
+    r = httpx.post(f"{url}/tokenize", json={"prompt": "Hello there"}).json()
+    assert r == {"count": len(tokenizer.encode("Hello there")), "max_model_len": CONTEXT,
+                 "tokens": tokenizer.encode("Hello there")}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    counted = httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["count"]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1)
+    assert counted == chat.usage.prompt_tokens
+    bare = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
+    assert bare["tokens"] == tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=False))
+    for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []}):
+        r = httpx.post(f"{url}/tokenize", json=body)
+        assert r.status_code == 400 and r.json()["error"]["message"], body
+
+
 def test_greedy_completion_equals_generate(client: openai.OpenAI, local) -> None:
     prompt = "Once upon a time"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
@@ -636,6 +653,11 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
         good = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model="tiny", prompt="hi", max_tokens=2).usage.completion_tokens == 2
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}).status_code == 401
+        lowercase = {"Authorization": "bearer s3cret"}  # the scheme is case-insensitive (RFC 7235)
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=lowercase).status_code == 200
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": "s3cret"}
+                          ).status_code == 401
 
 
 def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:

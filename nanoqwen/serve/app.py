@@ -31,9 +31,11 @@ from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
 from nanoqwen.serve.protocol import (
     APIError,
+    ChatInput,
     ChatRequest,
     CompletionRequest,
     SamplingRequest,
+    TokenizeRequest,
     error_body,
     new_id,
     now,
@@ -93,15 +95,17 @@ class BodyLimit:
 
 
 class APIKeyAuth:
-    """With a key set, /v1/* needs `Authorization: Bearer KEY` (the page and /health stay open)."""
+    """With a key set, /v1/* and /tokenize need `Authorization: Bearer KEY` (the page and /health stay open)."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app, self.api_key = app, api_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.api_key and scope["type"] == "http" and scope["path"].startswith("/v1/"):
+        guarded = scope["type"] == "http" and (scope["path"].startswith("/v1/") or scope["path"] == "/tokenize")
+        if self.api_key and guarded:
             given = dict(scope["headers"]).get(b"authorization", b"")  # raw bytes: a UTF-8 key compares as sent
-            if not hmac.compare_digest(given, f"Bearer {self.api_key}".encode()):
+            scheme, _, key = given.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key, self.api_key.encode()):
                 message = ("missing or wrong API key: send the header 'Authorization: Bearer KEY' "
                            "(the key the server was started with)")
                 return await send_error(scope, receive, send, 401, message, "invalid_api_key",
@@ -196,6 +200,17 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             check_fits(model, len(prompt), 1)
         except NanoQwenError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from None
+
+    def chat_prompt(body: ChatInput, add_generation_prompt: bool = True) -> list[int]:
+        """The conversation's prompt ids, through the model's chat template."""
+        if body.uses_tools() and tokenizer.chat_format == "ChatML":
+            raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
+                                "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
+        try:
+            text = tokenizer.render_chat(body.chat_messages(), add_generation_prompt, **body.template_kwargs())
+        except NanoQwenError as e:
+            raise APIError(400, str(e), "messages") from None
+        return tokenizer.encode(text)
 
     def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         items: list[str | list[int]]
@@ -381,17 +396,24 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         body.check_text()
         check_model(body.model)
         top_logprobs = body.logprobs_count()
-        if body.uses_tools() and tokenizer.chat_format == "ChatML":
-            raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
-                                "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
-        try:
-            text = tokenizer.render_chat(body.chat_messages(), **body.template_kwargs())
-        except NanoQwenError as e:
-            raise APIError(400, str(e), "messages") from None
-        prompt = tokenizer.encode(text)
+        prompt = chat_prompt(body)
         check_prompt_fits(prompt, "messages")
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
         return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs)
+
+    @app.post("/tokenize")
+    async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
+        """Token ids of a prompt or a rendered conversation, and the context (vLLM's endpoint): the web page
+        asks it how much of a chat's history fits."""
+        body.check_text()
+        check_model(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either 'prompt' (text) or 'messages' (a conversation)", "prompt")
+        if body.prompt is not None:
+            ids = tokenizer.encode(body.prompt)
+        else:
+            ids = chat_prompt(body, body.add_generation_prompt)
+        return {"count": len(ids), "max_model_len": context, "tokens": ids}
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:

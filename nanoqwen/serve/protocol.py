@@ -42,12 +42,23 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class SamplingRequest(BaseModel):
-    """Fields shared by /v1/completions and /v1/chat/completions."""
-
+class RequestBody(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
+
+    def check_text(self) -> None:
+        """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer encodes it,
+        and an error message quoting it could not be sent. Refused up front, naming the field."""
+        for name in type(self).model_fields:
+            if holds_lone_surrogate(getattr(self, name)):
+                raise APIError(400, f"'{name}' holds a lone UTF-16 surrogate (\\ud800-\\udfff outside a pair), "
+                                    "which is not text; send valid Unicode", name)
+
+
+class SamplingRequest(RequestBody):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
@@ -66,14 +77,6 @@ class SamplingRequest(BaseModel):
     def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """OpenAI's API takes null for these as "not given" (its client sends n=None so)."""
         return cls.model_fields[info.field_name or ""].default if value is None else value
-
-    def check_text(self) -> None:
-        """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer encodes it,
-        and an error message quoting it could not be sent. Refused up front, naming the field."""
-        for name in type(self).model_fields:
-            if holds_lone_surrogate(getattr(self, name)):
-                raise APIError(400, f"'{name}' holds a lone UTF-16 surrogate (\\ud800-\\udfff outside a pair), "
-                                    "which is not text; send valid Unicode", name)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -112,21 +115,14 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
-class ChatRequest(SamplingRequest):
+class ChatInput(RequestBody):
+    """A conversation and what its chat template takes besides: shared by chat requests and /tokenize."""
+
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
     # Variables for the model's chat template, as vLLM takes them: {"enable_thinking": false} asks a Qwen3
     # model to answer without thinking first.
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None  # function definitions, for a template that lists them
-
-    def logprobs_count(self) -> int | None:
-        """None when no logprobs are asked for, else how many alternatives per token."""
-        if self.top_logprobs is not None and not self.logprobs:
-            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        return (self.top_logprobs or 0) if self.logprobs else None
 
     def template_kwargs(self) -> dict[str, Any]:
         given = self.chat_template_kwargs or {}
@@ -136,13 +132,33 @@ class ChatRequest(SamplingRequest):
         return {**given, "tools": self.tools} if self.tools else given
 
     def uses_tools(self) -> bool:
-        return bool(self.tools) or any((m.model_extra or {}).get("tool_calls") for m in self.messages)
+        return bool(self.tools) or any((m.model_extra or {}).get("tool_calls") for m in self.messages or [])
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """{"role", "content"} dicts (and any other fields a message has, such as tool_calls) for the chat
         template; OpenAI's `developer` role is the system prompt."""
         return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
-                 "content": m.text()} for m in self.messages]
+                 "content": m.text()} for m in self.messages or []]
+
+
+class ChatRequest(SamplingRequest, ChatInput):
+    max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    def logprobs_count(self) -> int | None:
+        """None when no logprobs are asked for, else how many alternatives per token."""
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class TokenizeRequest(ChatInput):
+    """POST /tokenize, as vLLM takes it: a `prompt`, or chat `messages` rendered by the chat template."""
+
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # type: ignore[assignment]
+    add_generation_prompt: bool = True
 
 
 def holds_lone_surrogate(value: Any) -> bool:
