@@ -110,6 +110,23 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.locator(".message.completion .generated").last.text_content() == penalized
 
 
+def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
+    # Two long messages with room kept for a 300-token reply do not fit 1024 tokens together: the page asks
+    # /tokenize, drops the first turn (saying so) and the reply is the one to the second message alone.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "300")
+    first, second = "one two three " * 90, "four five six " * 90
+    send_and_wait(page, first)
+    send_and_wait(page, second)
+    assert page.locator(".message .error").count() == 0
+    assert page.locator(".message.assistant").last.locator(".note").text_content() == (
+        "the oldest turn was dropped to fit the model's context")
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    expected = client.chat.completions.create(model="tiny-web", messages=[{"role": "user", "content": second}],
+                                              max_tokens=300, temperature=0).choices[0].message.content
+    assert page.locator(".message.assistant .content").last.text_content() == expected
+
+
 def test_stop_button_stops_generation(page, url: str) -> None:
     wait_idle(url)
     before = httpx.get(f"{url}/health").json()["tokens_generated"]

@@ -163,23 +163,54 @@ function setBusy(busy) {
 }
 
 // -- send ----------------------------------------------------------------------------------
+// Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
+// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped.
+async function fitHistory(lead, text, body) {
+  for (let dropped = 0; ; dropped += 1) {
+    const messages = [...lead, ...state.history, { role: "user", content: text }];
+    let fit;
+    try {
+      const res = await fetch("/tokenize", {
+        method: "POST",
+        headers: headers(),
+        body: JSON.stringify({ messages, chat_template_kwargs: body.chat_template_kwargs }),
+      });
+      if (!res.ok) return dropped; // the chat request itself will say what is wrong
+      fit = await res.json();
+    } catch (_) {
+      return dropped;
+    }
+    const reserve = Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
+    if (fit.count <= fit.max_model_len - reserve || state.history.length === 0) return dropped;
+    state.history.splice(0, state.history.length > 1 ? 2 : 1);
+  }
+}
+
 async function send() {
   const text = $("prompt").value;
   if (state.controller) return;
   if (mode() === "chat" && !text.trim()) return;
+  state.controller = new AbortController();
+  setBusy(true);
   let path, body, out, box;
   if (mode() === "chat") {
     const system = $("system").value.trim();
-    const messages = [...(system ? [{ role: "system", content: system }] : []), ...state.history,
-      { role: "user", content: text }];
+    const lead = system ? [{ role: "system", content: system }] : [];
     addMessage("user", "You").querySelector(".content").textContent = text;
     box = addMessage("assistant", state.model || "model");
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
-    body = { ...samplingBody(), messages };
+    body = samplingBody();
     if (!$("thinking-field").hidden && !$("thinking").checked) {
       body.chat_template_kwargs = { enable_thinking: false };
     }
+    $("prompt").value = "";
+    const dropped = await fitHistory(lead, text, body);
+    if (dropped) {
+      note(box, `${dropped === 1 ? "the oldest turn was" : `the ${dropped} oldest turns were`} dropped `
+        + "to fit the model's context");
+    }
+    body.messages = [...lead, ...state.history, { role: "user", content: text }];
     state.history.push({ role: "user", content: text });
   } else {
     box = addMessage("completion", "Completion");
@@ -195,8 +226,6 @@ async function send() {
   }
   box.querySelector(".content").classList.add("streaming");
   $("prompt").value = "";
-  state.controller = new AbortController();
-  setBusy(true);
   scrollDown();
 
   const started = performance.now();
