@@ -426,14 +426,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
-def checkpoint_sampling(directory: str | Path) -> dict[str, float]:
+def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
     """The sampling a checkpoint recommends in its generation_config.json (official Qwen3 folders carry
-    theirs), over SAMPLING_DEFAULTS; `do_sample: false` means greedy. A value of the wrong type or range
+    theirs), over `base`; `do_sample: false` means greedy. A value of the wrong type or range
     there is refused in one line that names the file (it would otherwise read as a bad flag, or fail
     mid-generation)."""
     from nanoqwen.checkpoint import read_generation_config
 
-    chosen = dict(SAMPLING_DEFAULTS)
+    chosen = dict(base)
     path = Path(directory) / "generation_config.json"
     saved = read_generation_config(directory)
     for name in chosen:

@@ -56,6 +56,11 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     card = models[0].model_dump()
     assert card["parameters"] == local[0].num_params() and card["context_length"] == CONTEXT
     assert card["thinking_switch"] is False  # ChatML: nothing for chat_template_kwargs to switch
+    # What requests leave out is sampled as the checkpoint's generation_config.json says (as vLLM reads it).
+    assert card["sampling_defaults"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0}
+    same = [client.completions.create(model="tiny", prompt="Once", max_tokens=8, seed=5, **given).choices[0].text
+            for given in ({}, {"temperature": 0.7, "top_p": 0.8, "extra_body": {"top_k": 20}})]
+    assert same[0] == same[1]
     assert client.models.retrieve("tiny").id == "tiny"
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"

@@ -149,16 +149,25 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 
 
 # -- the application -----------------------------------------------------------------------------
+# What a request leaves out is sampled as OpenAI's API does, unless the checkpoint's generation_config.json
+# says otherwise (as vLLM reads it): official Qwen3 folders recommend temperature 0.6-0.7, top-p, top-k.
+OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+
+
 def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefill_chunk: int = 512) -> FastAPI:
-    """The server for one model. The engine thread starts and stops with the app's lifespan."""
+               prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None) -> FastAPI:
+    """The server for one model. The engine thread starts and stops with the app's lifespan.
+    `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
+    (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values."""
+    defaults = sampling_defaults or OPENAI_SAMPLING
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     context = model.config.max_position_embeddings
     # Beyond OpenAI's fields: the size, the context, and whether chat_template_kwargs {"enable_thinking": false}
     # means anything (official Qwen3 templates; this also compiles the template, so a broken one stops here).
     card = {"id": model_name, "object": "model", "created": now(), "owned_by": "nanoqwen",
-            "parameters": model.num_params(), "context_length": context, "thinking_switch": tokenizer.thinking_switch}
+            "parameters": model.num_params(), "context_length": context, "thinking_switch": tokenizer.thinking_switch,
+            "sampling_defaults": defaults}
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -234,13 +243,14 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         return prompts
 
     def sampling_params(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
-        top_k = body.top_k if body.top_k is not None and body.top_k > 0 else 0
+        top_k = int(defaults["top_k"]) if body.top_k is None else max(body.top_k, 0)  # -1 and 0: all tokens
         return SamplingParams(
             max_new_tokens=max_tokens or context,  # each sequence is capped to what fits by the engine
-            temperature=1.0 if body.temperature is None else body.temperature,
+            temperature=defaults["temperature"] if body.temperature is None else body.temperature,
             top_k=top_k,
-            top_p=1.0 if body.top_p is None else body.top_p,
-            repetition_penalty=body.repetition_penalty or 1.0,
+            top_p=defaults["top_p"] if body.top_p is None else body.top_p,
+            repetition_penalty=defaults["repetition_penalty"] if body.repetition_penalty is None
+            else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
             stop_token_ids=tokenizer.stop_ids,
@@ -471,7 +481,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from nanoqwen.generate import load_for_inference
+    from nanoqwen.generate import checkpoint_sampling, load_for_inference
 
     for flag in ("max_batch_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
@@ -481,7 +491,8 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     name = args.model_name or default_model_name(args.model)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
-                     max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk)
+                     max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
+                     sampling_defaults=checkpoint_sampling(args.model, OPENAI_SAMPLING))
     url = f"http://{args.host}:{args.port}"
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)

@@ -10,6 +10,7 @@ const state = {
   model: null, // id from /v1/models
   history: [], // chat messages so far: {role, content}
   controller: null, // AbortController of the request in flight
+  defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -53,6 +54,15 @@ async function loadModel() {
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
     $("thinking-field").hidden = !card.thinking_switch;
+    const defaults = card.sampling_defaults;
+    if (defaults && !state.defaultsShown) { // the checkpoint's recommended sampling, once (then the user's)
+      state.defaultsShown = true;
+      $("temperature").value = defaults.temperature;
+      $("top-p").value = defaults.top_p;
+      $("top-k").value = defaults.top_k;
+      $("repetition-penalty").value = defaults.repetition_penalty;
+      for (const input of ["temperature", "top-p"]) $(input).dispatchEvent(new Event("input"));
+    }
     const max = $("max-tokens");
     if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
   } catch (err) {
