@@ -167,6 +167,6 @@ def run(args: argparse.Namespace) -> int:
             print(f"(that message alone is too long for the context of {context} tokens; shorten it)")
             continue
         if conversation.dropped:
-            unit = "tokens" if args.raw else "turns"
+            unit = ("token" if args.raw else "turn") + ("s" if conversation.dropped > 1 else "")
             print(f"(dropped the oldest {conversation.dropped} {unit} to fit the context)")
         conversation.add_reply(reply(model, tokenizer, ids, params))

@@ -562,6 +562,11 @@ BAD_REQUESTS = [
      "frequency_penalty"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
     ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
+    ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "response_format": {"type": "json_object"}}, 400, "response_format"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
@@ -620,7 +625,8 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     r = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
     assert r.usage.completion_tokens == 3
     # null is "not given" for every optional field, as in OpenAI's API (its client sends n=None so).
-    nulls = {"n": None, "stream": None, "stop": None, "seed": None, "max_tokens": 3, "temperature": 0}
+    nulls = {"n": None, "stream": None, "stop": None, "seed": None, "max_tokens": 3, "temperature": 0,
+             "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}}
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "echo": None, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,

@@ -243,6 +243,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         return prompts
 
     def sampling_params(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        body.check_unsupported()
         top_k = int(defaults["top_k"]) if body.top_k is None else max(body.top_k, 0)  # -1 and 0: all tokens
         return SamplingParams(
             max_new_tokens=max_tokens or context,  # each sequence is capped to what fits by the engine

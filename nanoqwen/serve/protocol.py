@@ -3,7 +3,9 @@
 Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `stop`,
 `seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
-`top_logprobs` 0..20; completions: `logprobs` 0..5; completions' `echo` is refused with a 400).
+`top_logprobs` 0..20; completions: `logprobs` 0..5). What would change the answer and is not implemented is
+refused with a 400: completions' `echo` and `suffix`, `logit_bias`, `best_of` > 1, a `response_format`
+other than text.
 `top_k` and `repetition_penalty` are extras (as vLLM names them). `tools`, and the `tool_calls` and
 `tool_call_id` of messages, go to a chat template that uses them (official Qwen3 folders); replies come
 back as text (a `<tool_call>` block is not parsed into `tool_calls`). Other unknown fields are ignored, as
@@ -77,6 +79,19 @@ class SamplingRequest(RequestBody):
     def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """OpenAI's API takes null for these as "not given" (its client sends n=None so)."""
         return cls.model_fields[info.field_name or ""].default if value is None else value
+
+    # OpenAI fields that would change the answer, which this server does not implement: refused, not ignored.
+    logit_bias: dict[str, float] | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+    response_format: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
+                 "response_format": (self.response_format or {}).get("type", "text") != "text"}
+        for name, used in given.items():
+            if used:
+                raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
