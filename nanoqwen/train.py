@@ -383,6 +383,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
         resume_dir: Path | None = out / "last"
         model_config = load_model_config(out / "last")
+        check_resumed_data(out, data)
     else:
         preset, cfg, data, out = new_run(args, info)
         lock = hold_lock(out) if info.is_main else None
@@ -533,6 +534,19 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in ("max_steps", "max_minutes") and getattr(cfg, name) != getattr(before, name)]
     return cfg, saved["preset"], Path(saved["data"]), out, changed
+
+
+def check_resumed_data(out: Path, data: Path) -> None:
+    """The run's data folder may have been prepared again since (a --dataset whose files changed, for
+    another run): ids from another tokenizer would mean other tokens to this model."""
+    from nanoqwen.data.prepare import load_meta
+
+    load_meta(data)  # one clear line if the folder is gone or incomplete
+    last = out / "last"
+    if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
+        raise NanoQwenError(f"cannot resume {out}: {data} was prepared again with another tokenizer since the run "
+                            "began, so its ids mean other tokens to this model; continue from the weights on text "
+                            f"in the run's tokenizer: nanoqwen train --init-from {last} --dataset SRC")
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:

@@ -603,6 +603,26 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".last")) == []
 
 
+def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, preset: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # `train --dataset DIR` prepares DIR's folder again when its files change (with a BPE trained anew): a
+    # run made from the old folder must not go on reading ids that now mean other tokens.
+    from nanoqwen.data.prepare import prepare
+
+    shared = tmp_path / "shared"
+    shutil.copytree(data, shared)
+    out = tmp_path / "run"
+    assert train_in_process(*common(shared, preset, out), "--max-steps", "2") == 0
+    before = (out / "config.json").read_bytes()
+    shutil.rmtree(shared)
+    prepare(str(write_corpus(tmp_path / "more", documents=30)), "bpe:290", shared, val_fraction=0.15, progress=False)
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 2
+    err = capsys.readouterr().err.strip()
+    assert "prepared again with another tokenizer" in err and f"--init-from {out / 'last'}" in err and "\n" not in err
+    assert (out / "config.json").read_bytes() == before
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
