@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, check_json_types, load_preset
 from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
-from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode
+from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -261,6 +261,10 @@ def run(args: argparse.Namespace) -> int:
     from nanoqwen.config import apply_overrides
 
     check_replaceable(args.out, "checkpoint")
+    out = Path(args.out)
+    if out.exists() and is_run_config(out.resolve().parent / "config.json"):  # a run's best/ or last/
+        raise NanoQwenError(f"{args.out} is a checkpoint of the run {out.resolve().parent}; init writes random "
+                            "weights, so pick another --out")
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = apply_overrides(load_preset(args.preset).model, args.set)
     fit = not any(item.startswith("vocab_size=") for item in args.set)

@@ -349,14 +349,18 @@ def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.C
     (tmp_path / "run").mkdir()  # a run folder: its config.json is the run's, not a checkpoint's
     (tmp_path / "run" / "config.json").write_text("{}")
     (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    # A run's best/ holds only checkpoint files, but init must not put random weights in place of a trained model.
+    assert main(["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "run2/best")]) == 0
+    (tmp_path / "run2" / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": "d"}))
     before = {p: p.read_bytes() for p in [*tmp_path.glob("mine/*"), *tmp_path.glob("run/*"), *data.iterdir(),
-                                          tmp_path / "a.txt"]}
+                                          *tmp_path.glob("run2/best/*"), tmp_path / "a.txt"]}
     refused = [
         ["tokenizer", "qwen3", "--out", str(tmp_path / "mine")],  # a folder of the user's files
         ["tokenizer", "qwen3", "--out", str(tmp_path / "a.txt")],  # a file
         ["tokenizer", "train", "--dataset", str(tmp_path / "a.txt"), "--vocab-size", "300", "--out", str(data)],
         ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(data)],  # prepared data
         ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "run")],
+        ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out", str(tmp_path / "run2" / "best")],
         ["tokenizer", "qwen3", "--out", str(tmp_path / "run")],
         ["tokenizer", "qwen3", "--out", str(tmp_path / "bad\udcff")],  # bytes that are not UTF-8 in a name
         ["prepare", "--dataset", str(tmp_path / "a.txt"), "--tokenizer", "bpe:300", "--out", str(tmp_path / "\udce9")],
