@@ -82,6 +82,7 @@ FINETUNE_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-5, "warmup": 20
                                   "sample_interval": 250}
 FINETUNE_SEQ_LEN = 1024
 BEST_DTYPES = ("float32", "bfloat16", "float16")
+MAX_LR = 10.0  # no optimizer here trains at a higher rate; beyond it, a typo
 
 
 @dataclass
@@ -160,13 +161,19 @@ class TrainConfig:
             raise NanoQwenError(f"--best-dtype {self.best_dtype!r}: choose one of {', '.join(BEST_DTYPES)}")
         if self.schedule not in SCHEDULES:
             raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        if self.lr < 0 or (self.min_lr is not None and self.min_lr < 0) or self.warmup < 0:
-            raise NanoQwenError("--lr, --min-lr and --warmup must not be negative")
+        # A rate above MAX_LR is a typo (and overflows float32 inside the optimizers); nan passes `< 0`.
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value, rate = getattr(self, name), name.endswith("lr")
+            if value is not None and not (0 <= value <= (MAX_LR if rate else math.inf) and math.isfinite(value)):
+                limit = f" and at most {MAX_LR:g}" if rate else ""
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be a number >= 0{limit}, got {value}")
+        if self.warmup < 0:
+            raise NanoQwenError("--warmup must not be negative")
         if self.sample_interval < 0 or self.early_stopping_patience < 0:
             raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
         if not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
-        if self.max_minutes is not None and self.max_minutes <= 0:
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":
             raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
@@ -910,6 +917,10 @@ def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> di
     result["loss"] = all_reduce(result["loss"], "mean", run.info.device)  # so every rank decides alike
     record.update(val_loss=result["loss"], val_accuracy=result["accuracy"], val_perplexity=result["perplexity"],
                   val_bpb=result["bits_per_byte"])
+    if not math.isfinite(result["loss"]):  # the last update diverged: keep such weights out of best/ and last/
+        kept = f"; best/ holds step {state.best_step}" if state.best_val_loss is not None else ""
+        raise NanoQwenError(f"the val loss became {result['loss']} at step {state.step} (the weights diverged); "
+                            f"lower --lr or raise --warmup{kept}")
     improved = state.best_val_loss is None or result["loss"] < state.best_val_loss
     if improved:
         state.best_val_loss, state.best_step, state.evals_since_best = result["loss"], state.step, 0

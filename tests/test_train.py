@@ -264,6 +264,12 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
+    (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
+    (["--lr", "1e38"], "--lr must be a number >= 0 and at most 10"),
+    (["--min-lr", "-1"], "--min-lr must be a number >= 0"),
+    (["--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
+    (["--grad-clip", "-1"], "--grad-clip must be a number >= 0"),
+    (["--max-minutes", "nan"], "--max-minutes must be positive"),
 ])
 def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Path, tmp_path: Path, flags: list[str],
                                                           words: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -272,6 +278,27 @@ def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and words in err, err
     assert not out.exists()  # not even the folder (nor the lock it held while starting)
+
+
+def test_a_diverged_run_keeps_its_nan_weights_out_of_best(data: Path, preset: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # When the last update diverges, only the final evaluation sees it (the train loss was read before the
+    # update): here its loss is made nan, as such weights give. One line, and no best/ or last/ of them.
+    import nanoqwen.train as train_module
+
+    real = train_module.evaluate
+
+    def diverged_at_step_2(run):
+        result = real(run)
+        return {**result, "loss": float("nan")} if run.state.step == 2 else result
+
+    monkeypatch.setattr(train_module, "evaluate", diverged_at_step_2)
+    out = tmp_path / "diverged"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert "the val loss became nan at step 2" in err and "\n" not in err, err
+    assert not (out / "best").exists() and not (out / "last").exists()
 
 
 def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_path: Path) -> None:
