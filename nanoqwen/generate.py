@@ -122,7 +122,11 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     candidates = None  # with top-k, sample among the k best only: no full-vocabulary sort or softmax
     if params.top_k > 0:
-        logits, candidates = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1)  # sorted
+        # Tokens tied with the k-th best stay in, as Transformers keeps them: take as many as the most ties
+        # need, then drop what falls below each row's k-th value.
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits, candidates = torch.topk(logits, int((logits >= kth).sum(-1).max()), dim=-1)  # sorted
+        logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         if candidates is None:
             logits, candidates = torch.sort(logits, descending=True, dim=-1)

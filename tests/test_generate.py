@@ -324,6 +324,21 @@ def test_top_k_top_p_and_penalty_restrict_choices():
     assert int(next_tokens(logits, params, None, Penalties.start(params, torch.tensor([[0]]), 5))) == 1
 
 
+def test_top_k_keeps_ties_as_transformers_does():
+    from transformers import TopKLogitsWarper
+
+    # Row 0: three tokens tie for the 3rd place; row 1: none do. Transformers keeps every tied token.
+    logits = torch.tensor([[5.0, 4.0, 3.0, 3.0, 3.0, -1.0, -2.0], [3.0, 2.9, 2.8, 0.0, -1.0, -1.5, -2.0]])
+    kept = TopKLogitsWarper(top_k=3)(torch.zeros(2, 1, dtype=torch.long), logits.clone()).isfinite()
+    g = torch.Generator().manual_seed(0)
+    params = SamplingParams(temperature=1.0, top_k=3)
+    for row in range(2):
+        picks = {int(next_tokens(logits[row:row + 1], params, g)) for _ in range(400)}
+        assert picks == set(kept[row].nonzero().flatten().tolist())
+    both = next_tokens(logits, params, g)  # one batch, rows with different numbers of ties
+    assert int(both[0]) in {0, 1, 2, 3, 4} and int(both[1]) in {0, 1, 2}
+
+
 def test_presence_and_frequency_penalties_count_generated_tokens_only():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
     assert Penalties.start(SamplingParams(), torch.tensor([[0]]), 5) is None  # nothing to remember
