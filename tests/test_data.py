@@ -324,8 +324,15 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
     out = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", progress=False)
     with pytest.raises(NanoQwenError, match="does not exist"):
         load_meta(tmp_path / "missing")
-    with pytest.raises(NanoQwenError, match="no meta.json"):
-        load_meta(tmp_path)
+    with pytest.raises(NanoQwenError, match=f"no meta.json.*nanoqwen prepare --dataset {tmp_path} --out DIR"):
+        load_meta(tmp_path)  # a folder of texts: the hint prepares them, not into the folder itself
+    (tmp_path / "run").mkdir()  # a run's or a checkpoint's folder, given to --data by mistake
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
+    with pytest.raises(NanoQwenError, match="is a run folder, not prepared data; its config.json names"):
+        load_meta(tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
+    with pytest.raises(NanoQwenError, match="is a checkpoint, not prepared data"):
+        load_meta(tmp_path / "run")
     data = (out / "train.bin").read_bytes()
     (out / "train.bin").write_bytes(data[:-4])
     with pytest.raises(NanoQwenError, match="train.bin is missing or not"):

@@ -33,7 +33,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_dir, check_replaceable, real_path, remove_orphans, write_json
+from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
     MAX_BPE_VOCAB,
     QWEN_FIRST_SPECIAL_ID,
@@ -199,8 +199,17 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     redo = f"run `nanoqwen prepare --dataset SRC --out {folder} --force`"
     path = folder / "meta.json"
     if not path.is_file():
-        what = "does not exist" if not folder.exists() else "is not a prepared data folder (no meta.json)"
-        raise NanoQwenError(f"{folder} {what}; run `nanoqwen prepare --dataset SRC --out {folder}`")
+        if not folder.exists():
+            raise NanoQwenError(f"{folder} does not exist; run `nanoqwen prepare --dataset SRC --out {folder}`")
+        # A run, a checkpoint or a folder of texts given by mistake: preparing into it would be refused.
+        if is_run_config(folder / "config.json"):
+            what = "a run folder, not prepared data; its config.json names the data folder it trained on"
+        elif (folder / "config.json").is_file():
+            what = "a checkpoint, not prepared data; give the folder `nanoqwen prepare --out DIR` wrote"
+        else:
+            what = (f"not a prepared data folder (no meta.json); to prepare the texts in it: `nanoqwen prepare "
+                    f"--dataset {folder} --out DIR`, or `nanoqwen train --dataset {folder}`")
+        raise NanoQwenError(f"{folder} is {what}")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
