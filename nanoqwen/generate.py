@@ -44,13 +44,13 @@ class SamplingParams:
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 0:
             raise NanoQwenError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if not self.temperature >= 0:  # written so that nan fails too
-            raise NanoQwenError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < math.inf:  # written so that nan fails too
+            raise NanoQwenError(f"temperature must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not self.repetition_penalty > 0:
+        if not 0 < self.repetition_penalty < math.inf:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
@@ -490,7 +490,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     params = sampling_params(args, tokenizer)
-    check_fits(model, len(tokenizer.encode(args.prompt)), params.max_new_tokens)  # before the prompt is echoed
+    fits = check_fits(model, len(tokenizer.encode(args.prompt)), params.max_new_tokens)  # before the prompt is echoed
+    if fits < params.max_new_tokens:
+        print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
+              "prompt)", file=sys.stderr)
     for i in range(args.num_samples):
         if i:
             params.seed = None if params.seed is None else params.seed + 1

@@ -354,7 +354,12 @@ def resolve_tokenizer(spec: str) -> Tokenizer:
         return qwen3_tokenizer()
     if Path(spec).is_dir():
         return load_tokenizer(spec)
-    raise NanoQwenError(f"unknown tokenizer {spec!r}; use qwen3, bpe:N, or a folder with tokenizer.json")
+    if spec.startswith("bpe:"):  # only commands that read a corpus can train one
+        raise NanoQwenError(f"{spec} trains a tokenizer on a corpus, which only prepare and train do; here give "
+                            "qwen3 or a tokenizer folder (`nanoqwen tokenizer train --dataset SRC --vocab-size N "
+                            "--out DIR` makes one)")
+    raise NanoQwenError(f"unknown tokenizer {spec!r}; use qwen3 or a folder with tokenizer.json (prepare and "
+                        "train also take bpe:N)")
 
 
 # -- BPE training ------------------------------------------------------------------------------------

@@ -77,6 +77,15 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     assert done.stdout == prompt + tokenizer.decode(out) + "\n"
 
 
+def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
+    from nanoqwen.cli import main
+
+    assert main(["sample", "--model", str(checkpoint), "--prompt", "Hello there", "--temperature", "0",
+                 "--max-new-tokens", "100000"]) == 0
+    context, prompt = 128, len(qwen3_tokenizer().encode("Hello there"))
+    assert f"(--max-new-tokens 100000: at most {context - prompt} fit" in capsys.readouterr().err
+
+
 def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path):
     import argparse
     import shutil
@@ -97,7 +106,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
     for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 0}, "top_p must be in"),
                        ({"temperature": "0.7"}, "temperature is '0.7'"), ({"top_k": 1e400}, "top_k is inf"),
-                       ({"temperature": float("nan")}, "temperature must be >= 0")]:
+                       ({"temperature": float("nan")}, "temperature must be a number >= 0")]:
         config.write_text(json.dumps(bad))
         with pytest.raises(NanoQwenError, match="generation_config.json: " + words):
             checkpoint_sampling(folder)
@@ -483,7 +492,11 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for args, expected in [
-        (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"], "temperature must be >= 0"),
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"],
+         "temperature must be a number >= 0"),
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "inf"],
+         "temperature must be a number >= 0"),
+        (["init", "--out", str(tmp_path / "m"), "--tokenizer", "bpe:300"], "only prepare and train do"),
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
          "repetition_penalty must be > 0"),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
