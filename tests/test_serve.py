@@ -438,10 +438,11 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(local) -> None:
     assert logprobs[0] == pytest.approx(float(first), abs=1e-4)
 
 
-def test_batch_cache_grows_as_rows_need_it(local) -> None:
+@pytest.mark.parametrize("fixed_shapes", [False, True])
+def test_batch_cache_grows_as_rows_need_it(local, fixed_shapes: bool) -> None:
     """In-process: the batch cache holds a few slots past the tokens in it, not every token the requests
     may still sample (a request without max_tokens may run to the whole context), and grows when it fills:
-    the rows give the tokens they give alone all the same."""
+    the rows give the tokens they give alone all the same (also through the step a GPU captures)."""
     model, tokenizer = local
     prompts = [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1] * 3)]
     params = SamplingParams(max_new_tokens=90, temperature=0)  # no stop ids: 90 tokens each
@@ -454,7 +455,7 @@ def test_batch_cache_grows_as_rows_need_it(local) -> None:
         return out + [e.token for e in event.logprobs]
 
     async def main() -> list[list[int]]:
-        engine = Engine(model, tokenizer, cache_growth=16)
+        engine = Engine(model, tokenizer, cache_growth=16, fixed_shapes=fixed_shapes)
         rebuild = engine._rebuild_cache
 
         def record(survivors: list, admitted: list) -> None:
