@@ -703,3 +703,50 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
             client.chat.completions.create(model="thinker", messages=messages[::-1], max_tokens=2)
         assert e.value.body["param"] == "messages"
         assert client.chat.completions.create(model="thinker", messages=messages, max_tokens=2).usage.completion_tokens
+
+
+TOOL_REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "°C"}}\n'
+              '</tool_call>\n<tool_call>\n{"name": "get_time", "arguments": "{}"}\n</tool_call>\n'
+              '<tool_call>not json</tool_call> done <tool_call>{"name": "cut off"')
+
+
+def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
+    # Qwen3 writes calls as Hermes-style <tool_call> JSON blocks; a block that is not a call stays text, as
+    # does one cut off by max_tokens. Streamed in any pieces, the text sent adds up to the whole reply's.
+    from nanoqwen.serve.protocol import ToolCallStream, split_tool_calls
+
+    content, calls = split_tool_calls(TOOL_REPLY)
+    assert content == 'Let me look.\n\n\n<tool_call>not json</tool_call> done <tool_call>{"name": "cut off"'
+    assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "°C"}'},
+                                              {"name": "get_time", "arguments": "{}"}]
+    assert all(c["type"] == "function" and c["id"].startswith("call-") for c in calls)
+    assert len({c["id"] for c in calls}) == 2
+    for size in (1, 2, 3, 5, 11, len(TOOL_REPLY)):
+        stream = ToolCallStream()
+        sent = "".join(stream.push(TOOL_REPLY[i:i + size]) for i in range(0, len(TOOL_REPLY), size))
+        assert "<tool" not in sent and "<" not in sent.removesuffix("<")  # nothing of a call went out early
+        rest, streamed_calls = stream.finish()
+        assert sent + rest == content
+        assert [c["function"] for c in streamed_calls] == [c["function"] for c in calls]
+    plain = ToolCallStream()  # a reply without calls goes out whole, a "<" held only while it may start one
+    assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
+
+
+def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
+    # The tiny model writes no <tool_call>: its reply to a request with tools is the plain text, streamed alike.
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    with run_server(thinker, tmp_path / "serve.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        whole = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
+                                               temperature=0)
+        pieces = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
+                                                temperature=0, stream=True)
+        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+        rendered = load_tokenizer(thinker).render_chat(messages, tools=tools)
+        assert whole.choices[0].message.content == streamed == greedy_reference(local, rendered, 12)
+        assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
+        with pytest.raises(openai.BadRequestError, match="tool_choice"):
+            client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=2,
+                                           tool_choice="required")

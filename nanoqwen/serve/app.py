@@ -36,9 +36,11 @@ from nanoqwen.serve.protocol import (
     CompletionRequest,
     SamplingRequest,
     TokenizeRequest,
+    ToolCallStream,
     error_body,
     new_id,
     now,
+    split_tool_calls,
     usage,
 )
 from nanoqwen.tokenizer import Tokenizer
@@ -314,8 +316,19 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                 completion_tokens += event.completion_tokens
         return texts, reasons, completion_tokens, logprobs
 
+    def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], str]:
+        """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out."""
+        if not tools:
+            return {"role": "assistant", "content": text}, reason
+        content, calls = split_tool_calls(text)
+        if not calls:
+            return {"role": "assistant", "content": text}, reason
+        message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+        return message, "tool_calls" if reason == "stop" else reason
+
     async def respond(request: Request, body: SamplingRequest, prompts: list[list[int]],
-                      params: SamplingParams, chat: bool, top_logprobs: int | None) -> Response:
+                      params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False
+                      ) -> Response:
         if body.n * len(prompts) > 64:
             raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n")
@@ -328,7 +341,8 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(stream(job, head, chat, prompt_tokens, include_usage, shape), on_close=job.cancel)
+            return EventStream(stream(job, head, chat, prompt_tokens, include_usage, shape, tools),
+                               on_close=job.cancel)
         collector = asyncio.create_task(collect(job))
         watcher = asyncio.create_task(client_gone(request))
         try:
@@ -341,16 +355,25 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         if collector not in done:
             return Response(status_code=499)  # nobody is listening; nginx's "client closed request"
         texts, reasons, completion_tokens, logprobs = collector.result()
-        choices = [{"index": i, "message": {"role": "assistant", "content": text}} if chat else
-                   {"index": i, "text": text} for i, text in enumerate(texts)]
-        for choice, reason, entries in zip(choices, reasons, logprobs):
-            choice.update(logprobs=shape(entries) if shape else None, finish_reason=reason)
+        choices: list[dict[str, Any]] = []
+        for i, (text, reason, entries) in enumerate(zip(texts, reasons, logprobs)):
+            if chat:
+                message, reason = chat_message(text, reason, tools)
+                choice: dict[str, Any] = {"index": i, "message": message}
+            else:
+                choice = {"index": i, "text": text}
+            choices.append({**choice, "logprobs": shape(entries) if shape else None, "finish_reason": reason})
         return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
     async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
-                     shape: Callable[[list[TokenLogprob]], dict[str, Any]] | None) -> AsyncIterator[str]:
+                     shape: Callable[[list[TokenLogprob]], dict[str, Any]] | None, tools: bool = False
+                     ) -> AsyncIterator[str]:
+        """Server-sent chunks. With `tools`, a choice's text from its first `<tool_call>` on is held back and
+        sent at its end as `tool_calls` (and whatever text lies outside the calls), so the streamed text
+        is the non-streamed message's."""
         head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
         extra = {"usage": None} if include_usage else {}
+        calls_out = [ToolCallStream() for _ in range(job.choices)] if tools else []
 
         def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
                   entries: list[TokenLogprob] | None = None) -> str:
@@ -368,11 +391,23 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                 for i in range(job.choices):
                     yield chunk(i, None, None, role=True)
             async for event in events(job):
+                i = event.index
                 if isinstance(event, Delta):
-                    yield chunk(event.index, event.text, None, entries=event.logprobs)
-                else:
-                    completion_tokens += event.completion_tokens
-                    yield chunk(event.index, None, event.finish_reason, entries=event.logprobs)
+                    yield chunk(i, calls_out[i].push(event.text) if tools else event.text, None,
+                                entries=event.logprobs)
+                    continue
+                completion_tokens += event.completion_tokens
+                reason = event.finish_reason
+                if tools:
+                    rest, calls = calls_out[i].finish()
+                    if rest:
+                        yield chunk(i, rest, None)
+                    if calls:
+                        calls = [{"index": k, **call} for k, call in enumerate(calls)]
+                        yield sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                                        "finish_reason": None}], **extra})
+                        reason = "tool_calls" if reason == "stop" else reason
+                yield chunk(i, None, reason, entries=event.logprobs)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
         except APIError as e:  # the status line is already sent: report the error in the stream
@@ -410,7 +445,8 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         prompt = chat_prompt(body)
         check_prompt_fits(prompt, "messages")
         params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
-        return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs)
+        return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
+                             tools=body.parses_tool_calls())
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:

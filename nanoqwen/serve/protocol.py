@@ -7,13 +7,15 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 refused with a 400: completions' `echo` and `suffix`, `logit_bias`, `best_of` > 1, a `response_format`
 other than text.
 `top_k` and `repetition_penalty` are extras (as vLLM names them). `tools`, and the `tool_calls` and
-`tool_call_id` of messages, go to a chat template that uses them (official Qwen3 folders); replies come
-back as text (a `<tool_call>` block is not parsed into `tool_calls`). Other unknown fields are ignored, as
-OpenAI-compatible servers commonly do.
+`tool_call_id` of messages, go to a chat template that uses them (official Qwen3 folders); the
+`<tool_call>` blocks of a reply to such a request come back as `tool_calls` (`tool_choice` "auto" or
+"none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
 """
 
 from __future__ import annotations
 
+import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -160,6 +162,11 @@ class ChatRequest(SamplingRequest, ChatInput):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    tool_choice: Literal["auto", "none"] | None = None  # forcing a call ("required", a named one) needs
+    # constrained decoding, which this server does not do
+
+    def parses_tool_calls(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
@@ -174,6 +181,61 @@ class TokenizeRequest(ChatInput):
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # type: ignore[assignment]
     add_generation_prompt: bool = True
+
+
+TOOL_CALL_OPEN = "<tool_call>"
+TOOL_CALL = re.compile(r"<tool_call>(.*?)</tool_call>", re.DOTALL)
+
+
+def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
+    """A reply's text without its tool calls, and the calls in OpenAI's shape. Qwen3 writes a call as
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format vLLM parses); a block
+    that does not hold such JSON stays in the text, as does an unclosed one (a reply cut at max_tokens)."""
+    calls: list[dict[str, Any]] = []
+
+    def take(match: re.Match[str]) -> str:
+        try:
+            call = json.loads(match[1])
+        except ValueError:
+            return match[0]
+        if not isinstance(call, dict) or not isinstance(call.get("name"), str):
+            return match[0]
+        arguments = call.get("arguments", {})
+        calls.append({"id": new_id("call"), "type": "function", "function": {
+            "name": call["name"],
+            "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
+        return ""
+
+    return TOOL_CALL.sub(take, text), calls
+
+
+class ToolCallStream:
+    """One streamed choice's text with its tool calls taken out: from the first `<tool_call>` on, the text
+    is held back until the end, where `finish` parses it, so that what `push` and `finish` give adds up
+    to the non-streamed message (`split_tool_calls` of the whole text)."""
+
+    def __init__(self) -> None:
+        self.held = ""
+        self.calling = False
+
+    def push(self, text: str) -> str:
+        """What of the text so far may be sent now: nothing of a call, nor what may start one."""
+        text = self.held + text
+        if not self.calling and (at := text.find(TOOL_CALL_OPEN)) >= 0:
+            self.calling = True
+            self.held = text[at:]
+            return text[:at]
+        if self.calling:
+            self.held = text
+            return ""
+        keep = next((n for n in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1)
+                     if TOOL_CALL_OPEN.startswith(text[-n:])), 0)  # a marker cut between two pieces
+        self.held = text[len(text) - keep:]
+        return text[:len(text) - keep]
+
+    def finish(self) -> tuple[str, list[dict[str, Any]]]:
+        """The text held back, less its calls; and the calls."""
+        return split_tool_calls(self.held)
 
 
 def holds_lone_surrogate(value: Any) -> bool:
