@@ -61,8 +61,9 @@ def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:
 
 
 def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | None,
-                    dtype: torch.dtype | None = None) -> Path:
-    """Write `model` (and its tokenizer) as a Hugging Face Qwen3 folder, replacing `directory` whole."""
+                    dtype: torch.dtype | None = None, generation: dict | None = None) -> Path:
+    """Write `model` (and its tokenizer) as a Hugging Face Qwen3 folder, replacing `directory` whole.
+    `generation`: the generation_config.json to write (default: nanoqwen's, see `generation_config`)."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     config = model.config
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
@@ -74,7 +75,8 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         give_usual_mode(tmp / "model.safetensors")
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(json.dumps(generation_config(config, tokenizer), indent=2) + "\n")
+        generation = generation or generation_config(config, tokenizer)
+        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save(tmp)
     return Path(directory)

@@ -37,7 +37,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from nanoqwen.checkpoint import check_data_tokenizer, config_for_tokenizer, load_model, save_checkpoint
+from nanoqwen.checkpoint import (
+    check_data_tokenizer,
+    config_for_tokenizer,
+    load_model,
+    read_generation_config,
+    save_checkpoint,
+)
 from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.distributed import (
@@ -349,6 +355,7 @@ class Run:
     amp_dtype: torch.dtype
     state: LoopState = field(default_factory=LoopState)
     lock: Any = None  # the open lock file of the run folder (rank 0): no second process writes into it
+    generation: dict | None = None  # the generation_config.json checkpoints carry (None: nanoqwen's defaults)
 
     @property
     def total_steps(self) -> int:
@@ -426,8 +433,10 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    source = resume_dir or (Path(args.init_from) if args.init_from else None)
+    tokenizer, generation = carried_files(data, source)
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
-              load_tokenizer(data), loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock)
+              tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
     if resume_dir is not None:
         load_train_state(run, resume_dir)
@@ -541,6 +550,18 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in ("max_steps", "max_minutes") and getattr(cfg, name) != getattr(before, name)]
     return cfg, saved["preset"], Path(saved["data"]), out, changed
+
+
+def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | None]:
+    """The tokenizer and generation_config.json the run's checkpoints carry: those of the checkpoint it
+    starts from or resumes, where that holds the data's tokenizer (an official folder's chat template, end
+    token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults."""
+    tokenizer = load_tokenizer(data)
+    if source is None:
+        return tokenizer, None
+    if (source / "tokenizer.json").is_file() and load_tokenizer(source).fingerprint == tokenizer.fingerprint:
+        tokenizer = load_tokenizer(source)
+    return tokenizer, read_generation_config(source) or None
 
 
 def check_resumed_data(out: Path, data: Path) -> None:
@@ -719,7 +740,8 @@ def save_last(run: Run) -> None:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
     with atomic_dir(run.out / "last") as tmp:
-        save_checkpoint(model, tmp, run.tokenizer)  # fills tmp (itself atomically); the state joins it
+        # fills tmp (itself atomically); the state joins it
+        save_checkpoint(model, tmp, run.tokenizer, generation=run.generation)
         torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
 
@@ -727,7 +749,8 @@ def save_last(run: Run) -> None:
 def save_best(run: Run) -> None:
     model = full_model(run)
     if model is not None:
-        save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype))
+        save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
+                        generation=run.generation)
 
 
 def append_line(path: Path, text: str) -> None:

@@ -469,8 +469,14 @@ def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, t
         model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
         checkpoint = tmp_path / "hf"
         model.save_pretrained(checkpoint)
-        for name in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(trained / "best" / name, checkpoint / name)
+        shutil.copy(trained / "best" / "tokenizer.json", checkpoint / "tokenizer.json")
+        # Its own chat template, end token and sampling (a Base model's: greedy), which every checkpoint of a
+        # run from it keeps, although the data folder's tokenizer (the same vocabulary) carries nanoqwen's.
+        config = json.loads((trained / "best" / "tokenizer_config.json").read_text())
+        config.update(chat_template="{{ messages[0]['content'] }}", eos_token="<|endoftext|>")
+        (checkpoint / "tokenizer_config.json").write_text(json.dumps(config))
+        (checkpoint / "generation_config.json").write_text(json.dumps(
+            {"do_sample": False, "eos_token_id": 0, "max_new_tokens": 2048}))
     out = tmp_path / "from-checkpoint"
     # A learning rate of 0 leaves the weights as they were loaded, so last/ must hold the checkpoint's.
     assert train_in_process("--init-from", str(checkpoint), "--data", str(data), "--out", str(out), *FAST,
@@ -486,6 +492,13 @@ def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, t
     assert all(torch.equal(best[key], source_weights[key]) for key in best)
     assert dataclasses.replace(read_config(out / "last"), torch_dtype="float32") == \
         dataclasses.replace(read_config(checkpoint), torch_dtype="float32")  # special ids included
+    for kept in ("best", "last"):
+        config = json.loads((out / kept / "tokenizer_config.json").read_text())
+        source_config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+        assert (config["chat_template"], config["eos_token"]) == (source_config["chat_template"],
+                                                                  source_config["eos_token"])
+        assert json.loads((out / kept / "generation_config.json").read_text()) == json.loads(
+            (checkpoint / "generation_config.json").read_text())
     first, fresh = train_losses(out)[1], train_losses(trained)[1]
     assert first < fresh - 2, (first, fresh)  # the trained model's loss, not a random one's
     if source == "run":  # the same weights on the same validation windows: the same val loss
