@@ -33,6 +33,9 @@ QWEN_SPECIAL_TOKENS = [
     "</tool_response>", "<think>", "</think>",
 ]
 QWEN_FIRST_SPECIAL_ID = 151643
+# Added tokens that official Qwen3 folders mark `special: false`: text a reply shows (thinking, tool calls,
+# code infilling), which decoding with skip_special_tokens (HF pipelines, vLLM) keeps.
+QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML, as QWEN3.md writes it; stored in tokenizer_config.json so Transformers' apply_chat_template agrees.
 CHAT_TEMPLATE = (
@@ -126,7 +129,10 @@ def byte_level_tokenizer(vocab: dict[str, int], merges: list[tuple[str, str]],
     ])
     tok.decoder = decoders.ByteLevel()
     for offset, text in enumerate(special_tokens):
-        tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
+        if text in QWEN_TEXT_TOKENS:
+            tok.add_tokens([AddedToken(text, special=False, normalized=False)])
+        else:
+            tok.add_special_tokens([AddedToken(text, special=True, normalized=False)])
         if tok.token_to_id(text) != first_special_id + offset:
             raise RuntimeError(f"special token {text} did not land at id {first_special_id + offset}")
     return tok
@@ -288,7 +294,7 @@ class Tokenizer:
 
     def hf_config(self) -> dict[str, Any]:
         added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
-                          "single_word": False, "special": True}
+                          "single_word": False, "special": t.special}
                  for i, t in sorted(self.hf.get_added_tokens_decoder().items())}
         has = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         config = {
@@ -336,7 +342,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
 @lru_cache(maxsize=1)
 def _qwen3_cached_folder() -> Path:
     """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
-    folder = cache_dir() / "qwen3-tokenizer"
+    folder = cache_dir() / "qwen3-tokenizer-2"  # -2: <think>, <tool_call>... no longer marked special
     if not (folder / "tokenizer.json").exists():
         with atomic_dir(folder, keep_existing=True) as tmp:
             Tokenizer(build_qwen3_tokenizer()).save(tmp)

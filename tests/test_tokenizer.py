@@ -79,6 +79,16 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert rendered == official.render_chat(messages)
     assert load_tokenizer(tmp_path).encode(TEXTS[3]) == official.encode(TEXTS[3])
+    # As in official folders, thinking, tool-call and code-infilling markers are text, not special tokens:
+    # decoding with skip_special_tokens (pipelines, vLLM) keeps them, in tokenizer.json and the config alike.
+    ids = official.encode("<think>I</think><tool_call><|fim_prefix|><|im_end|><|endoftext|>")
+    assert hf.decode(ids, skip_special_tokens=True) == "<think>I</think><tool_call><|fim_prefix|>"
+    flags = json.loads((tmp_path / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert [flags[str(QWEN_FIRST_SPECIAL_ID + i)]["special"] for i in range(26)] == [True] * 14 + [False] * 12
+    resaved = tmp_path / "resaved"  # and a save of a loaded folder keeps each token's own flag
+    resaved.mkdir()
+    load_tokenizer(tmp_path).save(resaved)
+    assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
