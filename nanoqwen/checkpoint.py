@@ -174,6 +174,10 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
                                 "with untied embeddings, so it has no output layer; use its Qwen3ForCausalLM "
                                 "checkpoint")
         state = {f"model.{key}": value for key, value in state.items()}  # as Transformers: the head is the embedding
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old saves' RoPE buffer
+    if config.tie_word_embeddings and not own.tie_word_embeddings and TIED_HEAD_KEY in state:
+        raise NanoQwenError(f"{directory} has its own lm_head (untied embeddings); tie_word_embeddings=true would "
+                            "throw it away and answer with the input embedding instead; leave it untied")
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):

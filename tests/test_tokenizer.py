@@ -91,7 +91,7 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
 
 
-@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja"])
+@pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "both"])
 def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, where):
     # As official Qwen3 Base folders come: their own template (thinking, tools) and <|endoftext|> as eos.
     template = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}THEIRS"
@@ -99,16 +99,16 @@ def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, 
     (tmp_path / "ours").mkdir()
     official.save(tmp_path / "theirs")
     config = json.loads((tmp_path / "theirs" / "tokenizer_config.json").read_text())
-    config["eos_token"] = "<|endoftext|>"
+    config["eos_token"], config["model_max_length"] = "<|endoftext|>", 262144
     if where == "tokenizer_config.json":
         config["chat_template"] = template
-    else:
-        del config["chat_template"]
+    else:  # with both, chat_template.jinja wins, as in Transformers
+        config["chat_template"] = "NOT THIS" if where == "both" else None
         (tmp_path / "theirs" / "chat_template.jinja").write_text(template)
     (tmp_path / "theirs" / "tokenizer_config.json").write_text(json.dumps(config))
     load_tokenizer(tmp_path / "theirs").save(tmp_path / "ours")  # what prepare and every checkpoint do
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "ours")
-    assert hf.eos_token == "<|endoftext|>"
+    assert hf.eos_token == "<|endoftext|>" and hf.model_max_length == 262144
     rendered = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert rendered == "<|im_start|>user\nHi<|im_end|>\nTHEIRS"
 
@@ -156,6 +156,18 @@ def test_a_folders_own_chat_template_renders_as_transformers(official, tmp_path,
     # The template's own refusal is one line, as Transformers raises it.
     with pytest.raises(NanoQwenError, match="chat template refused these messages: the system message must come"):
         ours.render_chat(CONVERSATION[1:2] + CONVERSATION[:1])
+
+
+def test_a_template_marking_generation_renders_as_transformers(official, tmp_path):
+    # {% generation %} marks the reply's tokens for assistant-only losses; Transformers renders its body.
+    official.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>"
+                               "{{ m.content }}</A>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    expected = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False)
+    assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == expected == "hi<A>yo</A>"
 
 
 def test_a_broken_chat_template_is_one_line(official, tmp_path):
