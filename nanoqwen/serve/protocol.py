@@ -47,7 +47,7 @@ class StreamOptions(BaseModel):
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN (which Python's JSON reads) is no number
 
     model: str | None = None
 
