@@ -217,7 +217,7 @@ class ModelConfig:
                 d["quantization_config"], dict) else "?"
             raise NanoQwenError(f"{source} is a quantized checkpoint ({method}); nanoqwen loads only full-precision "
                                 "weights (bf16, fp16 or fp32): use the unquantized release of the model")
-        if values.get("use_sliding_window") and d.get("sliding_window") is None:
+        if values.get("use_sliding_window") and "sliding_window" not in d:  # (an explicit null: no window)
             values["sliding_window"] = 4096  # what Transformers' Qwen3Config slides by when the file says nothing
         if values.get("use_sliding_window") and d.get("layer_types") is not None:
             # Transformers takes the layers that slide from layer_types when given, not from max_window_layers.

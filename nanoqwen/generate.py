@@ -448,7 +448,7 @@ def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING
         if not number or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
             raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
                                 "fix or remove it")
-        chosen[name] = int(value) if name == "top_k" else value
+        chosen[name] = max(int(value), 0) if name == "top_k" else value  # top_k -1 (vLLM's "all"): 0 here
     if saved.get("do_sample") is False:
         chosen["temperature"] = 0.0
     try:

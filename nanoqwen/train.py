@@ -389,9 +389,6 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
         cfg, preset_name, data, out, changed = resumed_run(args)
-        if changed and info.is_main:
-            print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
-                  "stopped", flush=True)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
@@ -402,7 +399,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         preset, cfg, data, out = new_run(args, info)
         lock = hold_lock(out) if info.is_main else None
         locks += [lock] if lock else []
-        preset_name, resume_dir = preset.name, None
+        preset_name, resume_dir, changed = preset.name, None, []
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = preset.model if args.init_from else new_model_config(preset, args.set, load_tokenizer(data))
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
@@ -458,6 +455,9 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             saved["train"] = dataclasses.asdict(cfg)
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
+        if changed and info.is_main:  # said once nothing refuses the resume any more
+            print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
+                  "stopped", flush=True)
     elif info.is_main:
         truncate_metrics(out, 0)  # a folder whose run stopped before its first save
         write_json(out / "config.json", run_config(run))
@@ -557,11 +557,12 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
     starts from or resumes, where that holds the data's tokenizer (an official folder's chat template, end
     token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults."""
     tokenizer = load_tokenizer(data)
-    if source is None:
+    if source is None or not (source / "tokenizer.json").is_file():
         return tokenizer, None
-    if (source / "tokenizer.json").is_file() and load_tokenizer(source).fingerprint == tokenizer.fingerprint:
-        tokenizer = load_tokenizer(source)
-    return tokenizer, read_generation_config(source) or None
+    own = load_tokenizer(source)
+    if own.fingerprint != tokenizer.fingerprint:  # its generation_config's end ids are for its own tokenizer
+        return tokenizer, None
+    return own, read_generation_config(source) or None
 
 
 def check_resumed_data(out: Path, data: Path) -> None:
@@ -737,6 +738,12 @@ def save_last(run: Run) -> None:
     if not run.info.is_main:
         return
     assert model is not None
+    # A save between evaluations, or on a signal, follows an update no loss has seen yet: never keep a
+    # diverged one in place of the last good save.
+    broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({broken}); last/ keeps "
+                            "the save before; lower --lr or raise --warmup")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
     with atomic_dir(run.out / "last") as tmp:

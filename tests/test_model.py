@@ -422,14 +422,19 @@ def test_folders_that_would_compute_other_logits_are_refused(tmp_path):
     hf_model(tiny_config(tie_word_embeddings=False), 12).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     del saved["layer_types"]
+    del saved["sliding_window"]
     for changes, words in [
         # Transformers slides by 4096 when the file names no window: layer 1 of 2 would slide.
-        ({"use_sliding_window": True, "sliding_window": None, "max_window_layers": 1}, "on sequences up to 4096"),
+        ({"use_sliding_window": True, "max_window_layers": 1}, "on sequences up to 4096"),
         ({"quantization_config": {"quant_method": "fp8"}}, "quantized checkpoint \\(fp8\\)"),
     ]:
         (tmp_path / "config.json").write_text(json.dumps({**saved, **changes}))
         with pytest.raises(NanoQwenError, match=words):
             load_model(tmp_path)
+    # An explicit null is no window at all, to Transformers too: full attention, loaded.
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "use_sliding_window": True, "sliding_window": None,
+                                                      "max_window_layers": 1}))
+    assert load_model(tmp_path).config.sliding_window is None
     (tmp_path / "config.json").write_text(json.dumps(saved))
     # Tying an untied folder's embeddings would silently drop its trained lm_head.
     with pytest.raises(NanoQwenError, match="has its own lm_head"):

@@ -669,6 +669,8 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}).status_code == 401
         lowercase = {"Authorization": "bearer s3cret"}  # the scheme is case-insensitive (RFC 7235)
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=lowercase).status_code == 200
+        spaced = {"Authorization": "Bearer  s3cret"}  # one or more spaces after the scheme
+        assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=spaced).status_code == 200
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": "s3cret"}
                           ).status_code == 401
 
@@ -729,6 +731,13 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
         rest, streamed_calls = stream.finish()
         assert sent + rest == content
         assert [c["function"] for c in streamed_calls] == [c["function"] for c in calls]
+    # "<tool_call>" mentioned before the call (in thinking, say) stays text and does not swallow the call.
+    mention = '<think>I might use <tool_call></think>\n<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+    content, calls = split_tool_calls(mention)
+    assert content == "<think>I might use <tool_call></think>\n" and [c["function"]["name"] for c in calls] == ["f"]
+    stream = ToolCallStream()
+    sent = "".join(stream.push(mention[i:i + 4]) for i in range(0, len(mention), 4))
+    assert sent + stream.finish()[0] == content
     plain = ToolCallStream()  # a reply without calls goes out whole, a "<" held only while it may start one
     assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
 

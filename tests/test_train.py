@@ -301,6 +301,33 @@ def test_a_diverged_run_keeps_its_nan_weights_out_of_best(data: Path, preset: Pa
     assert not (out / "best").exists() and not (out / "last").exists()
 
 
+def test_a_save_between_evaluations_keeps_diverged_weights_out_of_last(data: Path, preset: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    # A save at every step, and the weights made nan by the 2nd update (as an infinite gradient does): no loss
+    # has seen them yet, so the save itself must refuse them; last/ keeps step 1.
+    import nanoqwen.train as train_module
+
+    real = train_module.train_step
+
+    def diverging(run):
+        result = real(run)
+        if run.state.step == 2:
+            with torch.no_grad():
+                next(run.model.parameters()).fill_(float("nan"))
+        return result
+
+    monkeypatch.setattr(train_module, "train_step", diverging)
+    out = tmp_path / "diverged"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert "the weights became nan or infinite at step 2" in err and "\n" not in err, err
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == 1
+    from nanoqwen.checkpoint import load_model
+
+    assert all(torch.isfinite(p).all() for p in load_model(out / "last").parameters())
+
+
 def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_path: Path) -> None:
     import resource
 
@@ -504,6 +531,25 @@ def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, t
     if source == "run":  # the same weights on the same validation windows: the same val loss
         best = json.loads((trained / "last/train_state.json").read_text())["best_val_loss"]
         assert read_metrics(out)[-1]["val_loss"] == pytest.approx(best, rel=1e-6)
+
+
+def test_init_from_a_folder_without_tokenizer_writes_the_datas_generation_config(trained: Path, data: Path,
+                                                                                  tmp_path: Path) -> None:
+    # Weights only (no tokenizer files): the run's checkpoints carry the data's tokenizer, so the folder's
+    # generation_config.json, whose end ids belong to some other tokenizer, must not come along.
+    from nanoqwen.checkpoint import generation_config, read_config
+
+    source = tmp_path / "weights-only"
+    shutil.copytree(trained / "best", source)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (source / name).unlink()
+    (source / "generation_config.json").write_text(json.dumps({"eos_token_id": [500, 501]}))
+    out = tmp_path / "run"
+    assert train_in_process("--init-from", str(source), "--data", str(data), "--out", str(out), *FAST,
+                            "--max-steps", "1") == 0
+    written = json.loads((out / "best" / "generation_config.json").read_text())
+    assert written == generation_config(read_config(out / "best"), load_tokenizer(data))
+    assert written["eos_token_id"] == load_tokenizer(data).stop_ids
 
 
 def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: Path, tmp_path: Path,

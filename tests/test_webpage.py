@@ -128,6 +128,15 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     expected = client.chat.completions.create(model="tiny-web", messages=[{"role": "user", "content": second}],
                                               max_tokens=300, temperature=0).choices[0].message.content
     assert page.locator(".message.assistant .content").last.text_content() == expected
+    # A message too long even alone is refused, and the history it would have pushed out stays.
+    send_and_wait(page, "seven " * 1100)
+    assert "context" in page.locator(".message.assistant").last.locator(".error").text_content()
+    page.fill("#max-tokens", "20")
+    send_and_wait(page, "Short")
+    after = client.chat.completions.create(model="tiny-web", max_tokens=20, temperature=0, messages=[
+        {"role": "user", "content": second}, {"role": "assistant", "content": expected},
+        {"role": "user", "content": "Short"}]).choices[0].message.content
+    assert page.locator(".message.assistant .content").last.text_content() == after
 
 
 def test_stop_button_stops_generation(page, url: str) -> None:

@@ -107,7 +107,7 @@ class APIKeyAuth:
         if self.api_key and guarded:
             given = dict(scope["headers"]).get(b"authorization", b"")  # raw bytes: a UTF-8 key compares as sent
             scheme, _, key = given.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(key, self.api_key.encode()):
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.lstrip(b" "), self.api_key.encode()):
                 message = ("missing or wrong API key: send the header 'Authorization: Bearer KEY' "
                            "(the key the server was started with)")
                 return await send_error(scope, receive, send, 401, message, "invalid_api_key",
@@ -393,8 +393,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             async for event in events(job):
                 i = event.index
                 if isinstance(event, Delta):
-                    yield chunk(i, calls_out[i].push(event.text) if tools else event.text, None,
-                                entries=event.logprobs)
+                    text = calls_out[i].push(event.text) if tools else event.text
+                    if text or event.logprobs:  # a piece held back whole sends nothing
+                        yield chunk(i, text, None, entries=event.logprobs)
                     continue
                 completion_tokens += event.completion_tokens
                 reason = event.finish_reason
@@ -527,9 +528,15 @@ def run(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
     model, tokenizer = load_for_inference(args)
     name = args.model_name or default_model_name(args.model)
+    defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
+    for field, most in (("temperature", 2.0), ("repetition_penalty", 10.0)):  # what a request may ask for
+        if defaults[field] > most:
+            print(f"nanoqwen serve: note: {args.model}/generation_config.json's {field} {defaults[field]:g} is "
+                  f"above what a request may ask for; requests without one get {most:g}", flush=True)
+            defaults[field] = most
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
-                     sampling_defaults=checkpoint_sampling(args.model, OPENAI_SAMPLING))
+                     sampling_defaults=defaults)
     url = f"http://{args.host}:{args.port}"
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)

@@ -9,7 +9,8 @@ How rows share one cache: `KVCache` keeps all rows at the same slot count, so a 
 end at the current slot. A new request is prefilled on its own (exactly as `generate` would), then the
 batch cache is rebuilt with every row right-aligned and the slots before a row marked invalid (the
 cache's `key_valid` mask, the same mechanism left-padded prompts use). RoPE positions are per row, so
-padding never shifts a row's positions. The cache is rebuilt (a copy) only when rows join or leave.
+padding never shifts a row's positions. The cache is rebuilt (a copy) only when rows join or leave, or
+when it is full: it holds a little room to grow (CACHE_GROWTH), not every token its rows may still sample.
 
 Long prompts are prefilled in chunks of `prefill_chunk` tokens, one chunk per step while other rows
 are decoding, so a long prompt arriving delays the running streams by one chunk's time per token

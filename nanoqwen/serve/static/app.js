@@ -173,27 +173,38 @@ function setBusy(busy) {
 }
 
 // -- send ----------------------------------------------------------------------------------
-// Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
-// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped.
-async function fitHistory(lead, text, body) {
-  for (let dropped = 0; ; dropped += 1) {
-    const messages = [...lead, ...state.history, { role: "user", content: text }];
-    let fit;
-    try {
-      const res = await fetch("/tokenize", {
-        method: "POST",
-        headers: headers(),
-        body: JSON.stringify({ messages, chat_template_kwargs: body.chat_template_kwargs }),
-      });
-      if (!res.ok) return dropped; // the chat request itself will say what is wrong
-      fit = await res.json();
-    } catch (_) {
-      return dropped;
-    }
-    const reserve = Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
-    if (fit.count <= fit.max_model_len - reserve || state.history.length === 0) return dropped;
-    state.history.splice(0, state.history.length > 1 ? 2 : 1);
+// How many tokens `messages` take and the context, from the server (null if it cannot say).
+async function countTokens(messages, body) {
+  try {
+    const res = await fetch("/tokenize", {
+      method: "POST",
+      headers: headers(),
+      body: JSON.stringify({ messages, chat_template_kwargs: body.chat_template_kwargs }),
+    });
+    return res.ok ? await res.json() : null;
+  } catch (_) {
+    return null;
   }
+}
+
+// Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
+// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped. A message
+// too long even alone drops nothing: the server refuses it, and the history stays for the next one.
+async function fitHistory(lead, text, body) {
+  const user = { role: "user", content: text };
+  const fits = (fit) => fit.count <= fit.max_model_len
+    - Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
+  let fit = await countTokens([...lead, ...state.history, user], body);
+  if (!fit || fits(fit) || !state.history.length) return 0;
+  const alone = await countTokens([...lead, user], body);
+  if (!alone || alone.count >= alone.max_model_len) return 0;
+  let dropped = 0;
+  while (fit && !fits(fit) && state.history.length) {
+    state.history.splice(0, state.history.length > 1 ? 2 : 1);
+    dropped += 1;
+    fit = await countTokens([...lead, ...state.history, user], body);
+  }
+  return dropped;
 }
 
 async function send() {
