@@ -679,11 +679,16 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
     # As official Qwen3 folders come: their own template, which can start the reply after an empty thinking
     # block; the request's chat_template_kwargs reach it (vLLM's name for them, through the openai client).
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    # Sampling defaults a request could not ask for: all tokens as vLLM writes it, a temperature above 2.
+    (thinker / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 2.5}))
     tokenizer = load_tokenizer(thinker)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     with run_server(thinker, tmp_path / "serve.log") as base:
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        assert client.models.list().data[0].model_dump()["thinking_switch"] is True
+        card = client.models.list().data[0].model_dump()
+        assert card["thinking_switch"] is True
+        assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+        assert "temperature 2.5 is above what a request may ask for" in (tmp_path / "serve.log").read_text()
         for template_kwargs in ({}, {"enable_thinking": False}):
             r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
                                                extra_body={"chat_template_kwargs": template_kwargs})
