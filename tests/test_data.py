@@ -643,3 +643,18 @@ def test_an_unwritable_place_is_one_line(tmp_path: Path, capsys: pytest.CaptureF
                  "--out", "/proc/nanoqwen-test"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("nanoqwen prepare: error: ") and "/proc/" in err and "\n" not in err, err
+
+
+def test_one_dominant_file_does_not_become_the_whole_validation_set(tmp_path: Path) -> None:
+    # A folder of short notes and one long text, last in order: held back as the validation document, it
+    # would have been 90% of the corpus. It is cut instead: val gets about --val-fraction of all the text.
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(32):
+        (folder / f"note{i:02}.txt").write_text(f"Note {i}: a short line about the weather and the sea.\n")
+    (folder / "zz-book.txt").write_text("A long chapter about ships and harbours, told slowly. " * 400)
+    meta = load_meta(prepare(str(folder), "bpe:300", tmp_path / "data", val_fraction=0.05, progress=False))
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert 0 < val["bytes"] <= 0.25 * (train["bytes"] + val["bytes"])
+    assert train["tokens"] > 4 * val["tokens"]
+    assert train["bytes"] + val["bytes"] == sum(p.stat().st_size for p in folder.iterdir())

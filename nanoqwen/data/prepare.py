@@ -380,10 +380,16 @@ class _SplitWriter:
     Until the first validation document appears, the latest train document is held back, so that it can
     become the validation set if none ever does: a corpus of a few documents still gets a non-empty val.bin.
     A corpus of one document is cut in two at a character boundary instead.
+
+    Documents differ in size, and in a small folder one file can be most of the text: no document joins val
+    when that would make val more than `cap` of the text so far (25%, or twice --val-fraction), and a held
+    document that large is cut like a lone one, so that it cannot take the training text with it.
     """
 
     def __init__(self, folder: Path, val_fraction: float, seed: int) -> None:
         self.folder, self.val_fraction = folder, val_fraction
+        self.cap = max(0.25, 2 * val_fraction)
+        self.seen_bytes = 0
         self.rng = random.Random(seed)
         self.files: dict[str, BinaryIO] = {}
         self.counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in SPLITS}
@@ -400,7 +406,9 @@ class _SplitWriter:
 
     def add(self, doc: Encoded) -> None:
         self.documents += 1
-        if self.rng.random() < self.val_fraction:
+        self.seen_bytes += doc[1]
+        drawn = self.rng.random() < self.val_fraction  # drawn for every document: the same draws as before
+        if drawn and self.counts["val"]["bytes"] + doc[1] <= self.cap * self.seen_bytes:
             self._release()
             self._write("val", doc)
         elif self.counts["val"]["documents"]:
@@ -419,11 +427,13 @@ class _SplitWriter:
         if self.held is None:
             return
         doc, self.held = self.held, None
-        if self.documents > 1:
+        if self.documents > 1 and doc[1] <= self.cap * self.seen_bytes:
             self._write("val", doc)
             return
+        # One document, or one too large to hold out whole: val gets --val-fraction of the text, from its end.
+        share = min(0.5, self.val_fraction * self.seen_bytes / max(doc[1], 1))
         text = doc[0]
-        cut = min(max(round(len(text) * (1 - self.val_fraction)), 1), len(text) - 1)
+        cut = min(max(round(len(text) * (1 - share)), 1), len(text) - 1)
         while cut < len(text) and unicodedata.combining(text[cut]):
             cut += 1  # keep combining marks with their base character
         if not 0 < cut < len(text):
