@@ -382,13 +382,13 @@ class _SplitWriter:
     A corpus of one document is cut in two at a character boundary instead.
 
     Documents differ in size, and in a small folder one file can be most of the text: no document joins val
-    when that would make val more than `cap` of the text so far (25%, or twice --val-fraction), and a held
-    document that large is cut like a lone one, so that it cannot take the training text with it.
+    when that would make val more than `cap` of the text so far (two thirds, or twice --val-fraction), and a
+    held document that large is cut like a lone one, so that it cannot take the training text with it.
     """
 
     def __init__(self, folder: Path, val_fraction: float, seed: int) -> None:
         self.folder, self.val_fraction = folder, val_fraction
-        self.cap = max(0.25, 2 * val_fraction)
+        self.cap = max(2 / 3, 2 * val_fraction)
         self.seen_bytes = 0
         self.rng = random.Random(seed)
         self.files: dict[str, BinaryIO] = {}
