@@ -280,52 +280,46 @@ def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Pat
     assert not out.exists()  # not even the folder (nor the lock it held while starting)
 
 
-def test_a_diverged_run_keeps_its_nan_weights_out_of_best(data: Path, preset: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    # When the last update diverges, only the final evaluation sees it (the train loss was read before the
-    # update): here its loss is made nan, as such weights give. One line, and no best/ or last/ of them.
+@pytest.mark.parametrize("seen_by", ["evaluation", "save"])
+def test_diverged_weights_are_never_saved(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                          capsys: pytest.CaptureFixture[str], seen_by: str) -> None:
+    # An update that diverges is seen by no train loss (that was read before it). evaluation: the final
+    # evaluation sees it (its loss made nan here, as such weights give), so no best/ or last/ is written.
+    # save: a save at every step, the weights made nan by the 2nd update (as an infinite gradient does):
+    # the save itself refuses them, and last/ keeps step 1.
     import nanoqwen.train as train_module
-
-    real = train_module.evaluate
-
-    def diverged_at_step_2(run):
-        result = real(run)
-        return {**result, "loss": float("nan")} if run.state.step == 2 else result
-
-    monkeypatch.setattr(train_module, "evaluate", diverged_at_step_2)
-    out = tmp_path / "diverged"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "2") == 2
-    err = capsys.readouterr().err.strip()
-    assert "the val loss became nan at step 2" in err and "\n" not in err, err
-    assert not (out / "best").exists() and not (out / "last").exists()
-
-
-def test_a_save_between_evaluations_keeps_diverged_weights_out_of_last(data: Path, preset: Path, tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch,
-                                                                       capsys: pytest.CaptureFixture[str]) -> None:
-    # A save at every step, and the weights made nan by the 2nd update (as an infinite gradient does): no loss
-    # has seen them yet, so the save itself must refuse them; last/ keeps step 1.
-    import nanoqwen.train as train_module
-
-    real = train_module.train_step
-
-    def diverging(run):
-        result = real(run)
-        if run.state.step == 2:
-            with torch.no_grad():
-                next(run.model.parameters()).fill_(float("nan"))
-        return result
-
-    monkeypatch.setattr(train_module, "train_step", diverging)
-    out = tmp_path / "diverged"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "1") == 2
-    err = capsys.readouterr().err.strip()
-    assert "the weights became nan or infinite at step 2" in err and "\n" not in err, err
-    assert json.loads((out / "last/train_state.json").read_text())["step"] == 1
     from nanoqwen.checkpoint import load_model
 
-    assert all(torch.isfinite(p).all() for p in load_model(out / "last").parameters())
+    if seen_by == "evaluation":
+        real_evaluate = train_module.evaluate
+
+        def evaluate(run):
+            result = real_evaluate(run)
+            return {**result, "loss": float("nan")} if run.state.step == 2 else result
+
+        monkeypatch.setattr(train_module, "evaluate", evaluate)
+        flags, words = ["--max-steps", "2"], "the val loss became nan at step 2"
+    else:
+        real_step = train_module.train_step
+
+        def train_step(run):
+            result = real_step(run)
+            if run.state.step == 2:
+                with torch.no_grad():
+                    next(run.model.parameters()).fill_(float("nan"))
+            return result
+
+        monkeypatch.setattr(train_module, "train_step", train_step)
+        flags, words = ["--max-steps", "4", "--save-interval", "1"], "the weights became nan or infinite at step 2"
+    out = tmp_path / "diverged"
+    assert train_in_process(*common(data, preset, out), *flags) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and "\n" not in err, err
+    if seen_by == "evaluation":
+        assert not (out / "best").exists() and not (out / "last").exists()
+    else:
+        assert json.loads((out / "last/train_state.json").read_text())["step"] == 1
+        assert all(torch.isfinite(p).all() for p in load_model(out / "last").parameters())
 
 
 def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_path: Path) -> None:
