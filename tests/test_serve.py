@@ -576,6 +576,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
+    ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "off"}, 400,
      "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],

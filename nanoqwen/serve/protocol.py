@@ -20,7 +20,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationInfo, field_validator
 
 from nanoqwen.errors import SEED_LIMIT
 
@@ -104,7 +104,7 @@ class SamplingRequest(RequestBody):
 
 class CompletionRequest(SamplingRequest):
     # A string, a list of strings (one completion each), a list of token ids, or a list of such lists.
-    prompt: str | list[str] | list[int] | list[list[int]]
+    prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # strict: true and false are no token ids
     logprobs: int | None = Field(default=None, ge=0, le=5, description="the sampled token's and the N most likely")
     echo: bool = False  # not supported: refused rather than ignored, so nobody reads a prompt-less text as echoed
 
