@@ -741,6 +741,8 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     mention = '<think>I might use <tool_call></think>\n<tool_call>{"name": "f", "arguments": {}}</tool_call>'
     content, calls = split_tool_calls(mention)
     assert content == "<think>I might use <tool_call></think>\n" and [c["function"]["name"] for c in calls] == ["f"]
+    broken = '<tool_call>{"name": "a", "arguments": {"x": 1\n</tool_call>\n<tool_call>{"name": "b"}</tool_call>'
+    assert [c["function"]["name"] for c in split_tool_calls(broken)[1]] == ["b"]  # a broken block stays alone
     stream = ToolCallStream()
     sent = "".join(stream.push(mention[i:i + 4]) for i in range(0, len(mention), 4))
     assert sent + stream.finish()[0] == content

@@ -186,7 +186,7 @@ class TokenizeRequest(ChatInput):
 TOOL_CALL_OPEN = "<tool_call>"
 # Only a block holding a JSON object: a stray "<tool_call>" mentioned before the call (in thinking, say)
 # must not swallow it.
-TOOL_CALL = re.compile(r"<tool_call>\s*(\{.*?\})\s*</tool_call>", re.DOTALL)
+TOOL_CALL = re.compile(r"<tool_call>\s*(\{(?:(?!</?tool_call>).)*?\})\s*</tool_call>", re.DOTALL)  # within one block
 
 
 def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
