@@ -734,16 +734,19 @@ def full_model(run: Run) -> Qwen3 | None:
 
 def save_last(run: Run) -> None:
     """last/: the weights and the training state, replaced together or not at all."""
+    # A save between evaluations, or on a signal, follows an update no loss has seen yet: never keep a
+    # diverged one in place of the last good save. Each rank checks its own (FSDP: sharded) weights and all
+    # ranks learn the answer, so they stop together instead of waiting on rank 0.
+    broken = next((name for name, p in run.model.named_parameters()
+                   if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    if all_reduce(float(broken is not None), "max", run.info.device):
+        where = broken or "on another rank"
+        raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({where}); last/ keeps "
+                            "the save before; lower --lr or raise --warmup")
     model, optim_state = full_model(run), optimizer_state(run)
     if not run.info.is_main:
         return
     assert model is not None
-    # A save between evaluations, or on a signal, follows an update no loss has seen yet: never keep a
-    # diverged one in place of the last good save.
-    broken = next((name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
-    if broken is not None:
-        raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({broken}); last/ keeps "
-                            "the save before; lower --lr or raise --warmup")
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
     with atomic_dir(run.out / "last") as tmp:
