@@ -15,7 +15,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, check_json_types, load_preset
-from nanoqwen.distributed import add_device_arguments, resolve_device, resolve_dtype
+from nanoqwen.distributed import add_device_arguments, check_host_memory, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config
 from nanoqwen.model import Qwen3, rope_inv_freq
@@ -167,6 +167,11 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config in (None, own) else \
         ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
     config = config or own
+    if torch.device(device).type == "cpu":  # the weights in the dtype asked for (the stored one: at least 2 bytes)
+        size = dtype.itemsize if dtype else 2
+        check_host_memory(config.num_params(), size, f"loading {directory}",
+                          "load it with --dtype bfloat16, or on a machine with more memory" if size > 2 else
+                          "load it on a machine with more memory")
     state = {key: value for path in weight_files(directory) for key, value in read_weights(path).items()}
     if state and not any(key.startswith("model.") for key in state):  # saved from Qwen3Model: no prefix, no head
         if not config.tie_word_embeddings:
@@ -277,6 +282,9 @@ def run(args: argparse.Namespace) -> int:
     config = config_for_tokenizer(config, tokenizer, fit_vocab=fit)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
+    if device.type == "cpu":  # built in float32 before it is saved in --dtype
+        check_host_memory(config.num_params(), 4, f"preset {args.preset}",
+                          "choose a smaller preset, or --set fewer layers or a smaller hidden_size")
     with device:
         model = Qwen3(config)
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32

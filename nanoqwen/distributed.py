@@ -78,6 +78,42 @@ def reuse_freed_memory() -> None:
     mallopt(m_trim_threshold, 2**31 - 1)
 
 
+def free_host_memory() -> int | None:
+    """Bytes this process can still get from the machine: MemAvailable plus free swap, capped by a container's
+    cgroup limit; None where that cannot be read (not Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f if line.strip()}
+        free = fields["MemAvailable"] + fields.get("SwapFree", 0)
+    except (OSError, KeyError, ValueError, IndexError):
+        return None
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        with open("/sys/fs/cgroup/memory.current") as f:
+            used = int(f.read())
+        if limit != "max":
+            free = min(free, int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return free
+
+
+def check_host_memory(num_params: int, bytes_per_param: int, what: str, hint: str, processes: int = 1) -> None:
+    """Refuse up front a model that cannot fit in the machine's memory.
+
+    Linux overcommits, so a CPU model too large for the machine is no exception: the kernel kills the process
+    midway, with no message. `bytes_per_param` is a lower bound of what the job holds per parameter, so a
+    refusal is never wrong; a job that passes may still run short on activations."""
+    free = free_host_memory()
+    need = num_params * bytes_per_param * processes
+    if free is None or need <= free:
+        return
+    each = f" in each of {processes} processes" if processes > 1 else ""
+    raise NanoQwenError(f"{what} needs at least {need / 2**30:.1f} GiB of memory ({num_params / 1e9:.2f}B parameters "
+                        f"x {bytes_per_param} bytes{each}) and this machine has {free / 2**30:.1f} GiB free; {hint}")
+
+
 # -- torchrun ------------------------------------------------------------------------------------
 @dataclass
 class DistInfo:

@@ -21,6 +21,7 @@ import hashlib
 import inspect
 import json
 import math
+import os
 import re
 import signal
 import sys
@@ -51,6 +52,7 @@ from nanoqwen.distributed import (
     add_device_arguments,
     all_reduce,
     barrier,
+    check_host_memory,
     init_distributed,
     resolve_dtype,
     reuse_freed_memory,
@@ -416,6 +418,13 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
                          micro_batch=micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
                          device=device)
     torch.manual_seed(cfg.seed)
+    if device.type == "cpu":  # fp32 weights and gradients, and AdamW's two moments (Muon: one, on matrices)
+        per_param, held = (4, "its weights") if args.fsdp else \
+            ((12, "weights, gradients and Muon state") if cfg.optimizer == "muon" else
+             (16, "weights, gradients and AdamW state"))
+        check_host_memory(model_config.num_params(), per_param, f"training this model ({held})",
+                          "choose a smaller preset, or --set fewer layers or a smaller hidden_size",
+                          processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if resume_dir is not None:
         model = load_model(resume_dir, device, torch.float32)
     elif args.init_from:

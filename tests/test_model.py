@@ -462,3 +462,28 @@ def test_the_set_hint_comes_only_with_a_changed_config(tmp_path):
         load_model(tmp_path, config=read_config(tmp_path))  # what `train --init-from` passes without --set
     with pytest.raises(NanoQwenError, match="a --set cannot change"):
         load_model(tmp_path, config=dataclasses.replace(read_config(tmp_path), num_hidden_layers=3))
+
+
+def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_path, monkeypatch, capsys):
+    """Linux overcommits: without the check the kernel kills the process mid-build, with no message."""
+    from nanoqwen import distributed
+    from nanoqwen.cli import main
+
+    assert distributed.free_host_memory() > 2**20  # this machine's real figure reads
+    checkpoint = checkpoint_with_tokenizer(tmp_path / "ck", VOCAB)
+    monkeypatch.setattr(distributed, "free_host_memory", lambda: 8 * 2**30)
+    assert main(["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "qwen3-8b needs at least 30.5 GiB" in err and "8.0 GiB free" in err, err
+    assert not (tmp_path / "big").exists()
+    params = read_config(checkpoint).num_params()
+    monkeypatch.setattr(distributed, "free_host_memory", lambda: params * 3)  # bf16 fits, float32 does not
+    with pytest.raises(NanoQwenError, match="load it with --dtype bfloat16"):
+        load_model(checkpoint)
+    assert load_model(checkpoint, dtype=torch.bfloat16).lm_head.weight.dtype == torch.bfloat16
+    monkeypatch.chdir(tmp_path)  # training holds gradients and AdamW's moments too: four float32 copies
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    assert main(["train", "--init-from", "ck", "--dataset", "texts.txt", "--out", "run", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "weights, gradients and AdamW state" in err and "x 16 bytes" in err, err
+    assert not (tmp_path / "run").exists()
