@@ -110,12 +110,17 @@ class Penalties:
         return logits
 
 
+# As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
+# smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
+GREEDY_BELOW = 1e-5
+
+
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                 penalties: Penalties | None = None) -> torch.Tensor:
     """Pick one token per row. logits (B, V) fp32; penalties: the rows' history (None: no penalty active)."""
     if penalties is not None:
         logits = penalties.apply(logits)
-    if params.temperature == 0:
+    if params.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
     # sends the others to -inf rather than overflowing them all to inf, whose softmax would be nan.
@@ -132,6 +137,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
             logits, candidates = torch.sort(logits, descending=True, dim=-1)
         probs = logits.softmax(-1)
         drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
+        drop[:, 0] = False  # the best token always stays: a top_p that float32 rounds to 0 dropped it too
         logits = logits.masked_fill(drop, float("-inf"))
     choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
     return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)

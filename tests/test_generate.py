@@ -410,8 +410,11 @@ def test_extreme_temperature_and_penalty_still_pick_a_token():
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0], [0.0, 3.0, -2.0, 2.5, 1.0]])
     generator = torch.Generator().manual_seed(0)
     for top_k, top_p in [(0, 1.0), (3, 1.0), (0, 0.9)]:
-        tiny = SamplingParams(temperature=1e-40, top_k=top_k, top_p=top_p)
-        assert next_tokens(logits, tiny, generator).tolist() == [0, 1]
+        for temperature in (1e-40, 1e-50, 1e-4):  # 1e-50 is 0 in float32: 0/0 was nan
+            tiny = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+            assert next_tokens(logits, tiny, generator).tolist() == [0, 1]
+        narrow = SamplingParams(temperature=1.0, top_k=top_k, top_p=1e-300)  # 0 in float32: kept nothing
+        assert next_tokens(logits, narrow, generator).tolist() == [0, 1]
         fond = SamplingParams(temperature=1.0, repetition_penalty=1e-300, top_k=top_k, top_p=top_p)
         penalties = Penalties.start(fond, torch.tensor([[2], [3]]), vocab_size=5)
         assert next_tokens(logits, fond, generator, penalties).tolist() == [2, 3]
