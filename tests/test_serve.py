@@ -590,6 +590,8 @@ BAD_REQUESTS = [
      400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
      400, "tools"),  # a ChatML model has no place for them
+    pytest.param("/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi", "extra": '
+                 + b"[" * 600 + b"]" * 600 + b"}]}", 400, None, id="nested-600-deep"),  # a 400, not a 500
     ("/v1/completions", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("/v1/nothing-here", {"prompt": "hi"}, 404, None),
 ]

@@ -196,6 +196,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code,
                             headers=exc.headers)  # a 405's Allow, for one
 
+    @app.exception_handler(RecursionError)  # JSON nested a few hundred deep: too deep to walk, the client's fault
+    async def nested_too_deeply(_: Request, exc: RecursionError) -> JSONResponse:
+        return JSONResponse(error_body("the request's JSON is nested too deeply; flatten it"), 400)
+
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
