@@ -49,6 +49,7 @@ from nanoqwen.tokenizer import (
 )
 
 META_VERSION = 1
+SPLIT_RULE = 2  # in the fingerprint: folders split by an older rule (val could be 58% of a file) are redone
 META_KEYS = ("version", "nanoqwen_version", "created", "source", "tokenizer", "vocab_size", "eot_id", "dtype",
              "splits", "replacement_chars", "skipped", "fingerprint")
 SPLITS = ("train", "val")
@@ -140,7 +141,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     tokenizer_id = _tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
     fingerprint = hashlib.sha256(json.dumps(
-        {"format": META_VERSION, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
+        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
          "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
@@ -374,6 +375,9 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
 
 # -- writing -----------------------------------------------------------------------------------------
 
+MIN_CUT_VAL_BYTES = 4096  # below this, val gets the held document whole rather than a sliver of it
+
+
 class _SplitWriter:
     """Appends documents to train.bin / val.bin, choosing each one's split with a seeded RNG.
 
@@ -383,7 +387,8 @@ class _SplitWriter:
 
     Documents differ in size, and in a small folder one file can be most of the text: no document joins val
     when that would make val more than `cap` of the text so far (two thirds, or twice --val-fraction), and a
-    held document that large is cut like a lone one, so that it cannot take the training text with it.
+    held document over twice --val-fraction of the text is cut like a lone one (unless the text is so short that
+    its cut would leave val a sliver), so that val stays near the fraction asked for.
     """
 
     def __init__(self, folder: Path, val_fraction: float, seed: int) -> None:
@@ -408,7 +413,8 @@ class _SplitWriter:
         self.documents += 1
         self.seen_bytes += doc[1]
         drawn = self.rng.random() < self.val_fraction  # drawn for every document: the same draws as before
-        if drawn and self.counts["val"]["bytes"] + doc[1] <= self.cap * self.seen_bytes:
+        # Not the first document: were it the only one, val would hold it all (a --val-fraction of 0.5 or more).
+        if drawn and self.documents > 1 and self.counts["val"]["bytes"] + doc[1] <= self.cap * self.seen_bytes:
             self._release()
             self._write("val", doc)
         elif self.counts["val"]["documents"]:
@@ -418,16 +424,17 @@ class _SplitWriter:
             self.held = doc
 
     def finish(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
-        self._place_held(encode)
-        if not self.counts["train"]["documents"]:  # a few documents and a large --val-fraction
-            raise NanoQwenError(f"all {self.documents} documents went to validation (--val-fraction "
-                                f"{self.val_fraction:g}); lower --val-fraction or give more documents")
+        self._place_held(encode)  # train is never empty: the first document never goes to val whole
 
     def _place_held(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
         if self.held is None:
             return
         doc, self.held = self.held, None
-        if self.documents > 1 and doc[1] <= self.cap * self.seen_bytes:
+        # Whole, if that is near --val-fraction of the text, or the text is too short for a cut to leave val
+        # anything to measure with; else cut, as a file read in blocks of 2 MiB once gave val 58% of itself.
+        near = doc[1] <= 2 * self.val_fraction * self.seen_bytes or \
+            self.val_fraction * self.seen_bytes < MIN_CUT_VAL_BYTES
+        if self.documents > 1 and near and doc[1] <= self.cap * self.seen_bytes:
             self._write("val", doc)
             return
         # One document, or one too large to hold out whole: val gets --val-fraction of the text, from its end.
