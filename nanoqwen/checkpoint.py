@@ -53,8 +53,8 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
 
 
 def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:
-    stop = tokenizer.stop_ids if tokenizer is not None else [config.eos_token_id]
-    return {"bos_token_id": config.bos_token_id, "eos_token_id": stop,
+    stop = tokenizer.stop_ids if tokenizer is not None else [i for i in [config.eos_token_id] if i is not None]
+    return {"bos_token_id": config.bos_token_id, "eos_token_id": stop or None,
             "pad_token_id": config.pad_token_id if config.pad_token_id is not None else config.bos_token_id,
             "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20,
             "transformers_version": "4.51.0"}
@@ -183,6 +183,11 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     if config.tie_word_embeddings and not own.tie_word_embeddings and TIED_HEAD_KEY in state:
         raise NanoQwenError(f"{directory} has its own lm_head (untied embeddings); tie_word_embeddings=true would "
                             "throw it away and answer with the input embedding instead; leave it untied")
+    if config.tie_word_embeddings and own.tie_word_embeddings and TIED_HEAD_KEY in state and \
+            not torch.equal(state[TIED_HEAD_KEY], state.get(EMBEDDING_KEY, state[TIED_HEAD_KEY])):
+        raise NanoQwenError(f"{directory} says tie_word_embeddings true but holds an lm_head unlike its embedding "
+                            "(Transformers 4 drops that head, 5 keeps it); set \"tie_word_embeddings\": false in its "
+                            "config.json to use the head, or remove lm_head.weight to tie")
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):

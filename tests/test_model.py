@@ -439,6 +439,14 @@ def test_folders_that_would_compute_other_logits_are_refused(tmp_path):
     # Tying an untied folder's embeddings would silently drop its trained lm_head.
     with pytest.raises(NanoQwenError, match="has its own lm_head"):
         load_model(tmp_path, config=dataclasses.replace(read_config(tmp_path), tie_word_embeddings=True))
+    # A tied config over a file whose lm_head differs: Transformers 4 and 5 compute different logits from it.
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "tie_word_embeddings": True}))
+    with pytest.raises(NanoQwenError, match="holds an lm_head unlike its embedding"):
+        load_model(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()  # a tied save that kept both: fine
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    assert torch.equal(load_model(tmp_path).lm_head.weight, weights["model.embed_tokens.weight"])
 
 
 def test_a_stale_rope_buffer_in_the_weights_is_ignored(tmp_path):
@@ -487,3 +495,11 @@ def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_pat
     err = capsys.readouterr().err.strip()
     assert "weights, gradients and AdamW state" in err and "x 16 bytes" in err, err
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_without_eos_saves_a_generation_config_transformers_generates_with(tmp_path):
+    save_checkpoint(Qwen3(tiny_config(eos_token_id=None)), tmp_path, tokenizer=None)
+    assert json.loads((tmp_path / "generation_config.json").read_text())["eos_token_id"] is None  # was [null]
+    out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(torch.tensor([[1, 2, 3]]),
+                                                                                max_new_tokens=2, do_sample=False)
+    assert out.shape == (1, 5)
