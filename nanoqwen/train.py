@@ -33,6 +33,7 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from shlex import quote
 from typing import Any
 
 import torch
@@ -518,7 +519,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         check_data_tokenizer(Path(args.init_from), data, preset.model)
     out = Path(args.out) if args.out else default_out(preset.name, info)
     if (out / "last").exists():
-        raise NanoQwenError(f"{out} already holds a run; continue it with --resume {out} or pick another --out")
+        raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
+                            "another --out")
     check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
     if cfg.warmup > cfg.max_steps // 2:
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
@@ -584,7 +586,7 @@ def check_resumed_data(out: Path, data: Path) -> None:
     if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
         raise NanoQwenError(f"cannot resume {out}: {data} was prepared again with another tokenizer since the run "
                             "began, so its ids mean other tokens to this model; continue from the weights on text "
-                            f"in the run's tokenizer: nanoqwen train --init-from {last} --dataset SRC")
+                            f"in the run's tokenizer: nanoqwen train --init-from {quote(str(last))} --dataset SRC")
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
@@ -659,7 +661,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         raise NanoQwenError(f"cannot resume: {run_dir} does not exist")
     if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
         raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
-                            f"--resume {run_dir.parent}")
+                            f"--resume {quote(str(run_dir.parent))}")
     try:
         saved = json.loads(path.read_text())
         missing = [key for key in RUN_CONFIG_KEYS if key not in saved]
@@ -1022,7 +1024,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     model = out / "best" if (out / "best").exists() else out / "last"
     done = summary["stopped"] in ("max_steps", "early_stopping") or state.step >= run.total_steps  # fitted too
     longer = f" --max-steps {state.step * 2}" if done else ""
-    print(f"next: nanoqwen sample --model {model} --prompt 'Hello'  |  nanoqwen train --resume {out}{longer}")
+    print(f"next: nanoqwen sample --model {quote(str(model))} --prompt 'Hello'  |  "
+          f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
 
 
 def run(args: argparse.Namespace) -> int:

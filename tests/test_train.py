@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -235,12 +236,15 @@ def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: 
 def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     # lr 0: the val loss never improves, so patience 2 stops at the third evaluation (steps 2, 4, 6).
-    out = tmp_path / "patience"
+    out = tmp_path / "patience run"
     assert train_in_process(*common(data, preset, out), "--max-steps", "50", "--lr", "0", "--min-lr", "0",
                             "--eval-interval", "2", "--early-stopping-patience", "2") == 0
     assert read_metrics(out)[-1]["step"] == 6
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 6
-    assert "early_stopping" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "early_stopping" in printed
+    resume = shlex.split(printed.split("next: ")[1].splitlines()[0].split("|")[1])  # pasted as printed: one path
+    assert resume[:4] == ["nanoqwen", "train", "--resume", str(out)], resume
     # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
     assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
     assert read_metrics(out)[-1]["step"] == 10
