@@ -748,6 +748,16 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     stream = ToolCallStream()
     sent = "".join(stream.push(mention[i:i + 4]) for i in range(0, len(mention), 4))
     assert sent + stream.finish()[0] == content
+    # Parallel calls, as Qwen3 writes them, with blanks around: no content, streamed (no delta) or not (None).
+    parallel = '\n<tool_call>\n{"name": "a"}\n</tool_call>\n<tool_call>\n{"name": "b"}\n</tool_call>\n'
+    assert split_tool_calls(parallel)[0].strip() == ""
+    for size in (1, 3, len(parallel)):
+        stream = ToolCallStream()
+        sent = "".join(stream.push(parallel[i:i + size]) for i in range(0, len(parallel), size))
+        rest, streamed_calls = stream.finish()
+        assert sent + rest == "" and [c["function"]["name"] for c in streamed_calls] == ["a", "b"]
+    opening = ToolCallStream()  # blanks that open a reply of text go out with the text
+    assert opening.push("\n ") == "" and opening.push("Hi") == "\n Hi" and opening.finish() == ("", [])
     plain = ToolCallStream()  # a reply without calls goes out whole, a "<" held only while it may start one
     assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
 

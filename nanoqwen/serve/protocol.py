@@ -214,30 +214,36 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
 class ToolCallStream:
     """One streamed choice's text with its tool calls taken out: from the first `<tool_call>` on, the text
     is held back until the end, where `finish` parses it, so that what `push` and `finish` give adds up
-    to the non-streamed message (`split_tool_calls` of the whole text)."""
+    to the non-streamed message (`split_tool_calls` of the whole text, whose content is None when it is only
+    blanks besides the calls: so blanks that open the reply are held too, until text or the end shows which)."""
 
     def __init__(self) -> None:
         self.held = ""
         self.calling = False
+        self.blank = True  # nothing but blanks sent so far
 
     def push(self, text: str) -> str:
         """What of the text so far may be sent now: nothing of a call, nor what may start one."""
         text = self.held + text
-        if not self.calling and (at := text.find(TOOL_CALL_OPEN)) >= 0:
-            self.calling = True
-            self.held = text[at:]
-            return text[:at]
         if self.calling:
             self.held = text
             return ""
-        keep = next((n for n in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1)
-                     if TOOL_CALL_OPEN.startswith(text[-n:])), 0)  # a marker cut between two pieces
-        self.held = text[len(text) - keep:]
-        return text[:len(text) - keep]
+        if (at := text.find(TOOL_CALL_OPEN)) >= 0:
+            self.calling, cut = True, at
+        else:
+            cut = len(text) - next((n for n in range(min(len(text), len(TOOL_CALL_OPEN) - 1), 0, -1)
+                                    if TOOL_CALL_OPEN.startswith(text[-n:])), 0)  # a marker cut between two pieces
+        if self.blank and not text[:cut].strip():
+            cut = 0
+        self.blank = self.blank and not text[:cut].strip()
+        self.held = text[cut:]
+        return text[:cut]
 
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
-        """The text held back, less its calls; and the calls."""
-        return split_tool_calls(self.held)
+        """The text held back, less its calls (nothing, when that and all sent before are blanks besides the
+        calls); and the calls."""
+        rest, calls = split_tool_calls(self.held)
+        return ("" if calls and self.blank and not rest.strip() else rest), calls
 
 
 def holds_lone_surrogate(value: Any) -> bool:
