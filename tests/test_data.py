@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,6 +258,17 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert "beta document, edited\n" in sum(read_back(out).values(), [])
     prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", seed=1, progress=False)
     assert load_meta(out)["fingerprint"] != fingerprint
+    # A tokenizer folder's config (chat template, eos) goes into every checkpoint: an edit to it counts too.
+    (tmp_path / "tok").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(out / name, tmp_path / "tok" / name)
+    again = prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
+    fingerprint = load_meta(again)["fingerprint"]
+    config = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": "{{ 1 }}"}))
+    prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
+    assert load_meta(again)["fingerprint"] != fingerprint
+    assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
 
 
 def leftovers(parent: Path) -> list[Path]:

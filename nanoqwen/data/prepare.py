@@ -252,7 +252,12 @@ def _tokenizer_identity(spec: str) -> str:
     if spec.startswith("bpe:"):
         return f"bpe:{_bpe_size(spec)}"
     if Path(spec).is_dir() and (Path(spec) / "tokenizer.json").is_file():
-        return "sha256:" + hashlib.sha256((Path(spec) / "tokenizer.json").read_bytes()).hexdigest()
+        # Its config and chat template too: the data folder carries them into every checkpoint trained on it.
+        digest = hashlib.sha256()
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+            if (Path(spec) / name).is_file():
+                digest.update(name.encode() + b"\0" + (Path(spec) / name).read_bytes())
+        return "sha256:" + digest.hexdigest()
     resolve_tokenizer(spec)  # raises the error that names the problem
     raise AssertionError("unreachable")
 
