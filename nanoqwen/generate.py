@@ -314,10 +314,15 @@ class TextStream:
         self.emitted = 0  # characters of the text already handed out
         self.token_start = 0  # where the text of the last token begins (its logprob's text_offset)
         self.stopped = False
+        # With a byte-level tokenizer, text that ends in a whole character cannot change: the ids up to there
+        # are decoded once, not again with every token (which made a long generation quadratic).
+        self.settled_ids = self.settled_chars = 0
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.tokenizer.decode(self.ids)
+        text = self.text[:self.settled_chars] + self.tokenizer.decode(self.ids[self.settled_ids:])
+        if self.tokenizer.byte_level and not text.endswith("\ufffd"):
+            self.settled_ids, self.settled_chars = len(self.ids), len(text)
         # Only the last character can change as bytes arrive (a U+FFFD standing for a character whose bytes
         # are still coming). A token that changes it, or adds nothing to it, continues that character.
         before = self.text

@@ -200,14 +200,15 @@ class Tokenizer:
         """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
         decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes."""
         piece = self.hf.id_to_token(token_id)
-        if piece is not None and token_id not in self._special_ids and self._byte_level:
+        if piece is not None and token_id not in self._special_ids and self.byte_level:
             byte_of = _byte_of_char()
             if all(c in byte_of for c in piece):
                 return bytes(byte_of[c] for c in piece)
         return self.decode([token_id]).encode()
 
     @cached_property
-    def _byte_level(self) -> bool:
+    def byte_level(self) -> bool:
+        """Decoding is bytes joined, then read as UTF-8: a token's text depends on no token before it."""
         return isinstance(self.hf.decoder, decoders.ByteLevel)
 
     @cached_property

@@ -375,6 +375,22 @@ def test_stream_never_splits_characters_and_honours_stop_strings():
     assert stream.stopped
 
 
+def test_stream_decodes_each_token_once_and_equals_the_whole_decode(monkeypatch):
+    # Decoding all ids again at every token made a long generation quadratic (17 s of decoding at 8,000 tokens).
+    tokenizer = qwen3_tokenizer()
+    byte_ids = [tokenizer.token_id(bytes_to_unicode()[b]) for b in "🤖".encode()]
+    ids = [*tokenizer.encode("naïve 日本 \ufffd<|im_end|> done, ") * 30, *byte_ids, 1278, 1278,
+           *tokenizer.encode(" e\u0301 ok")]
+    windows: list[int] = []
+    decode = tokenizer.decode
+    monkeypatch.setattr(tokenizer, "decode", lambda part, **kw: (windows.append(len(part)), decode(part, **kw))[1])
+    stream = TextStream(tokenizer, [])
+    for k, token in enumerate(ids):
+        stream.push(token)
+        assert stream.text == decode(ids[:k + 1]), k
+    assert max(windows) <= 6  # the bytes of one character (and undecodable ones), never the whole text
+
+
 def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():
     tokenizer = qwen3_tokenizer()
     assert tokenizer.token_bytes(1278) == b" \xd0"  # a space, then a lead byte whose character never comes
