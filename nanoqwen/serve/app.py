@@ -40,6 +40,7 @@ from nanoqwen.serve.protocol import (
     error_body,
     new_id,
     now,
+    reason_with_calls,
     split_tool_calls,
     usage,
 )
@@ -328,7 +329,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         if not calls:
             return {"role": "assistant", "content": text}, reason
         message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
-        return message, "tool_calls" if reason == "stop" else reason
+        return message, reason_with_calls(reason)
 
     async def respond(request: Request, body: SamplingRequest, prompts: list[list[int]],
                       params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False
@@ -411,7 +412,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                         calls = [{"index": k, **call} for k, call in enumerate(calls)]
                         yield sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
                                                         "finish_reason": None}], **extra})
-                        reason = "tool_calls" if reason == "stop" else reason
+                        reason = reason_with_calls(reason)
                 yield chunk(i, None, reason, entries=event.logprobs)
             if include_usage:
                 yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})

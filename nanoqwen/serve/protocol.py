@@ -211,6 +211,11 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
     return TOOL_CALL.sub(take, text), calls
 
 
+def reason_with_calls(reason: str) -> str:
+    """A reply that ended on its own with tool calls in it finished to call them (one cut short did not)."""
+    return "tool_calls" if reason == "stop" else reason
+
+
 class ToolCallStream:
     """One streamed choice's text with its tool calls taken out: from the first `<tool_call>` on, the text
     is held back until the end, where `finish` parses it, so that what `push` and `finish` give adds up
