@@ -529,5 +529,7 @@ def _warn_about(stats: CorpusStats) -> None:
     for skipped in stats.skipped:
         print(f"nanoqwen: warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     if stats.replacement_chars:
+        where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "
-              "(counted in meta.json)", file=sys.stderr)
+              f"{'in ' + ', '.join(where) + ' ' if where else ''}(counted in meta.json; is the text in another "
+              "encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)

@@ -79,6 +79,7 @@ class CorpusStats:
     """What one pass over a corpus met besides documents."""
 
     replacement_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
+    replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
 
 
@@ -431,10 +432,13 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     def read(stats: CorpusStats) -> Iterator[str]:
         for file in files:
+            before = stats.replacement_chars
             if path.is_dir() and file.suffix.lower() == ".json":
                 yield from _records_or_skip(file, column, stats)
             else:
                 yield from read_file(file, column, stats)
+            if stats.replacement_chars > before:
+                stats.replaced_in.append(str(file))
 
     return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
 
