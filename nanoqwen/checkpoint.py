@@ -64,6 +64,14 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
                     dtype: torch.dtype | None = None, generation: dict | None = None) -> Path:
     """Write `model` (and its tokenizer) as a Hugging Face Qwen3 folder, replacing `directory` whole.
     `generation`: the generation_config.json to write (default: nanoqwen's, see `generation_config`)."""
+    with atomic_dir(directory) as tmp:
+        write_checkpoint_files(model, tmp, tokenizer, dtype, generation)
+    return Path(directory)
+
+
+def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | None, dtype: torch.dtype | None = None,
+                           generation: dict | None = None) -> None:
+    """The files of a checkpoint, into `folder`: a temporary one that its caller's atomic_dir puts in place."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     config = model.config
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
@@ -71,15 +79,13 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
         state.pop(TIED_HEAD_KEY, None)
     stored = DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
     hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
-    with atomic_dir(directory) as tmp:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        give_usual_mode(tmp / "model.safetensors")
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-        generation = generation or generation_config(config, tokenizer)
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer is not None:
-            tokenizer.save(tmp)
-    return Path(directory)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    give_usual_mode(folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    generation = generation or generation_config(config, tokenizer)
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    if tokenizer is not None:
+        tokenizer.save(folder)
 
 
 def read_config(directory: str | Path) -> ModelConfig:

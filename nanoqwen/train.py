@@ -45,6 +45,7 @@ from nanoqwen.checkpoint import (
     load_model,
     read_generation_config,
     save_checkpoint,
+    write_checkpoint_files,
 )
 from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
@@ -760,9 +761,8 @@ def save_last(run: Run) -> None:
     assert model is not None
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
-    with atomic_dir(run.out / "last") as tmp:
-        # fills tmp (itself atomically); the state joins it
-        save_checkpoint(model, tmp, run.tokenizer, generation=run.generation)
+    with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
+        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation)
         torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
 

@@ -668,12 +668,22 @@ def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Pat
 
 
 def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path: Path,
-                                             capsys: pytest.CaptureFixture[str]) -> None:
+                                             capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+                                             ) -> None:
     # A run stopped by SIGKILL keeps what it had: samples taken after its last save are dropped with the
     # metrics; a last/ that a save moved aside just before dying comes back; bf16 autocast stays on.
+    import nanoqwen.checkpoint
+
+    written: list[Path] = []  # where the weights go: a kill mid-save leaves that folder, which must be cleaned up
+    save_file = nanoqwen.checkpoint.save_file
+    monkeypatch.setattr(nanoqwen.checkpoint, "save_file",
+                        lambda tensors, path, **kw: (written.append(Path(path)), save_file(tensors, path, **kw)))
     out = tmp_path / "run"
     assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
                             "--sample-interval", "1", "--dtype", "bfloat16") == 0
+    assert written
+    for folder in (path.parent for path in written):  # one temporary folder beside last/ or best/, never nested
+        assert folder.parent == out and re.fullmatch(r"\.(last|best)\.tmp-\d+-[^.]+", folder.name), folder
     last = out / "last"
     for step in (5, 6):  # what a run killed after step 6, saved at 4, would have left
         with (out / "samples.txt").open("a") as f:
