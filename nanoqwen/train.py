@@ -23,6 +23,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import threading
@@ -469,8 +470,10 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         if changed and info.is_main:  # said once nothing refuses the resume any more
             print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
                   "stopped", flush=True)
-    elif info.is_main:
-        truncate_metrics(out, 0)  # a folder whose run stopped before its first save
+    elif info.is_main:  # a folder whose run stopped before its first save of last/: nothing of it stays
+        truncate_metrics(out, 0)
+        truncate_samples(out, 0)
+        shutil.rmtree(out / "best", ignore_errors=True)  # else `sample --model RUN/best` could load that model
         write_json(out / "config.json", run_config(run))
     return run
 
@@ -1022,7 +1025,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         if path.exists():
             print(f"  {label:<34} {path}")
     model = out / "best" if (out / "best").exists() else out / "last"
-    done = summary["stopped"] in ("max_steps", "early_stopping") or state.step >= run.total_steps  # fitted too
+    # All its steps done: more need a larger --max-steps. An early stop with steps left resumes as planned.
+    done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
     longer = f" --max-steps {state.step * 2}" if done else ""
     print(f"next: nanoqwen sample --model {quote(str(model))} --prompt 'Hello'  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works

@@ -244,7 +244,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     printed = capsys.readouterr().out
     assert "early_stopping" in printed
     resume = shlex.split(printed.split("next: ")[1].splitlines()[0].split("|")[1])  # pasted as printed: one path
-    assert resume[:4] == ["nanoqwen", "train", "--resume", str(out)], resume
+    assert resume == ["nanoqwen", "train", "--resume", str(out)], resume  # steps left: no shorter --max-steps
     # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
     assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
     assert read_metrics(out)[-1]["step"] == 10
@@ -695,6 +695,10 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
     assert steps == ["1", "2", "3", "4", "5", "6"] and "lost text" not in (out / "samples.txt").read_text()
     assert json.loads((last / "train_state.json").read_text())["step"] == 6
     assert sorted(p.name for p in out.iterdir() if p.name.startswith(".last")) == []
+    # A new run in a folder whose run died before its first save of last/ keeps none of that run's samples.
+    shutil.rmtree(last)
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--sample-interval", "1") == 0
+    assert re.findall(r"(?m)^--- step (\d+)$", (out / "samples.txt").read_text()) == ["1", "2"]
 
 
 def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, preset: Path, tmp_path: Path,
