@@ -410,8 +410,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     if cfg.seq_len > model_config.max_position_embeddings:
         raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
-                            f"({model_config.max_position_embeddings}); lower it or "
-                            f"--set max_position_embeddings={cfg.seq_len}")
+                            f"({model_config.max_position_embeddings}); lower it" + ("" if resume_dir else
+                            f" or --set max_position_embeddings={cfg.seq_len}"))  # a resume takes no --set
     device = info.device
     if device.type == "cpu":
         reuse_freed_memory()

@@ -250,6 +250,9 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert read_metrics(out)[-1]["step"] == 10
     assert train_in_process("--resume", str(out), "--max-steps", "12", "--early-stopping-patience", "0") == 0
     capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--seq-len", "100000") == 2
+    err = capsys.readouterr().err.strip()  # a resume takes no --set: the hint is only to lower it
+    assert "--seq-len 100000 exceeds the model's context" in err and "--set" not in err, err
     assert train_in_process("--resume", str(out)) == 2  # all its steps done: one line, not a run of 0 steps
     err = capsys.readouterr().err.strip()
     assert "has done all 12 of its steps; give --max-steps" in err and "\n" not in err
