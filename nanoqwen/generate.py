@@ -19,12 +19,16 @@ from nanoqwen.errors import SEED_LIMIT, NanoQwenError, positive_int, seed_int
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
+# As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
+# smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass
 class SamplingParams:
     max_new_tokens: int = 128
     temperature: float = 1.0
-    """0 means greedy (argmax)."""
+    """0 means greedy (argmax), and so does anything below GREEDY_BELOW."""
     top_k: int = 0
     """Keep the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
@@ -40,6 +44,10 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
         if self.max_new_tokens < 0:
@@ -110,17 +118,12 @@ class Penalties:
         return logits
 
 
-# As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
-# smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
-GREEDY_BELOW = 1e-5
-
-
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
                 penalties: Penalties | None = None) -> torch.Tensor:
     """Pick one token per row. logits (B, V) fp32; penalties: the rows' history (None: no penalty active)."""
     if penalties is not None:
         logits = penalties.apply(logits)
-    if params.temperature < GREEDY_BELOW:
+    if params.greedy:
         return logits.argmax(dim=-1)
     # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
     # sends the others to -inf rather than overflowing them all to inf, whose softmax would be nan.
@@ -270,7 +273,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     if budget == 0:
         return
     generator = None
-    if params.temperature > 0:
+    if not params.greedy:
         generator = torch.Generator(device=device)
         if params.seed is None:
             generator.seed()  # fresh randomness, without reseeding torch's global generator as torch.seed() does

@@ -145,7 +145,7 @@ class Sequence:
 
     @property
     def plain_greedy(self) -> bool:
-        return self.params.temperature == 0 and self.penalties is None
+        return self.params.greedy and self.penalties is None
 
 
 class Engine:
@@ -210,7 +210,7 @@ class Engine:
         budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
         seq = Sequence(job, index, prompt, params, budget, TextStream(self.tokenizer, params.stop_strings),
                        top_logprobs=top_logprobs)
-        if params.temperature > 0:
+        if not params.greedy:
             seq.generator = torch.Generator(device=self.device)
             if seed is None:
                 seq.generator.seed()  # fresh randomness, without reseeding torch's global generator
