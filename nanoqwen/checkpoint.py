@@ -294,8 +294,7 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     if device.type == "cpu":  # built in float32 before it is saved in --dtype
-        check_host_memory(config.num_params(), 4, f"preset {args.preset}",
-                          "choose a smaller preset, or --set fewer layers or a smaller hidden_size")
+        check_host_memory(config.num_params(), 4, f"preset {args.preset}")
     with device:
         model = Qwen3(config)
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32

@@ -99,7 +99,9 @@ def free_host_memory() -> int | None:
     return free
 
 
-def check_host_memory(num_params: int, bytes_per_param: int, what: str, hint: str, processes: int = 1) -> None:
+def check_host_memory(num_params: int, bytes_per_param: int, what: str,
+                      hint: str = "choose a smaller preset, or --set fewer layers or a smaller hidden_size",
+                      processes: int = 1) -> None:
     """Refuse up front a model that cannot fit in the machine's memory.
 
     Linux overcommits, so a CPU model too large for the machine is no exception: the kernel kills the process

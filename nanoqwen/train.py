@@ -426,7 +426,6 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             ((12, "weights, gradients and Muon state") if cfg.optimizer == "muon" else
              (16, "weights, gradients and AdamW state"))
         check_host_memory(model_config.num_params(), per_param, f"training this model ({held})",
-                          "choose a smaller preset, or --set fewer layers or a smaller hidden_size",
                           processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
     if resume_dir is not None:
         model = load_model(resume_dir, device, torch.float32)
