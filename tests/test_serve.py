@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -639,12 +641,14 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
 
 
-def test_sigterm_cuts_a_long_generation(checkpoint: Path, tmp_path: Path) -> None:
-    # SIGTERM while 16 long streams run: the server gives them a short grace, then cuts them and exits
-    # (run_server fails the test if it takes over 10 s); the stream ends without its [DONE].
-    body = {"prompt": "Go on forever", "max_tokens": 240, "n": 16, "temperature": 0, "stream": True}
+def test_sigterm_cuts_a_long_generation(tmp_path: Path) -> None:
+    # SIGTERM while 16 long streams run: the server gives them --shutdown-grace, then cuts them and exits
+    # (run_server fails the test if it takes over 10 s); the stream ends without its [DONE]. 16 x 4000 tokens
+    # are sequential steps no CPU runs in half a second (240 did finish in the default 3 s on a fast machine).
+    checkpoint = make_checkpoint(tmp_path / "long", context=4096)
+    body = {"prompt": "Go on forever", "max_tokens": 4000, "n": 16, "temperature": 0, "stream": True}
     lines: list[str] = []
-    with run_server(checkpoint, tmp_path / "serve.log") as base:
+    with run_server(checkpoint, tmp_path / "serve.log", "--shutdown-grace", "0.5") as base:
         stream = httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60)
         response = stream.__enter__()
         chunks = response.iter_lines()
@@ -656,7 +660,16 @@ def test_sigterm_cuts_a_long_generation(checkpoint: Path, tmp_path: Path) -> Non
     finally:
         stream.__exit__(None, None, None)
     texts = [line for line in lines if line.startswith("data: {")]
-    assert "data: [DONE]" not in lines and 3 <= len(texts) < 16 * 240
+    assert "data: [DONE]" not in lines and 3 <= len(texts) < 16 * 4000
+
+
+@pytest.mark.parametrize(("flag", "value"), [("--shutdown-grace", "-1"), ("--shutdown-grace", "nan"),
+                                           ("--max-batch-size", "0"), ("--prefill-chunk", "0")])
+def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
+    done = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--model", str(tmp_path), flag, value],
+                          capture_output=True, text=True, timeout=60)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode != 0 and len(lines) == 1 and flag in lines[0], done.stderr
 
 
 def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:

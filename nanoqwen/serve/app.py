@@ -518,6 +518,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a long prompt is read (default 512)")
     p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
+    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
+                   help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are cut "
+                        f"(default {SHUTDOWN_GRACE_S:g})")
     add_device_arguments(p)
 
 
@@ -529,6 +532,8 @@ def run(args: argparse.Namespace) -> int:
     for flag in ("max_batch_size", "prefill_chunk"):
         if getattr(args, flag) < 1:
             raise NanoQwenError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    if not 0 <= args.shutdown_grace < float("inf"):
+        raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     check_can_bind(args.host, args.port)  # before the (slow) model load
     api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
     model, tokenizer = load_for_inference(args)
@@ -547,7 +552,8 @@ def run(args: argparse.Namespace) -> int:
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
-    # Ctrl-C or SIGTERM: requests in flight get SHUTDOWN_GRACE_S to finish, then are cut (their jobs cancelled),
-    # so a long generation cannot hold the server up for minutes.
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    # Ctrl-C or SIGTERM: requests in flight get --shutdown-grace seconds to finish, then are cut (their jobs
+    # cancelled), so a long generation cannot hold the server up for minutes.
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
+                timeout_graceful_shutdown=args.shutdown_grace)
     return 0
