@@ -44,6 +44,9 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     stop_strings: list[str] = field(default_factory=list)
     seed: int | None = None
+    skip_special_tokens: bool = True
+    """Leave special tokens (<|im_start|>, <|endoftext|>...) out of the text, as HF pipelines and vLLM do;
+    tokens a reply shows (<think>, <tool_call>) are not special and stay."""
 
     @property
     def greedy(self) -> bool:
@@ -309,8 +312,9 @@ class TextStream:
     """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
     that may be the start of a stop string, and ends the text at the first stop string."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str]) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True) -> None:
         self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
         self.stop_strings = [s for s in stop_strings if s]
         self.ids: list[int] = []
         self.text = ""  # the decoded text of all ids so far
@@ -323,7 +327,8 @@ class TextStream:
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        text = self.text[:self.settled_chars] + self.tokenizer.decode(self.ids[self.settled_ids:])
+        fresh = self.tokenizer.decode(self.ids[self.settled_ids:], skip_special_tokens=self.skip_special_tokens)
+        text = self.text[:self.settled_chars] + fresh
         if self.tokenizer.byte_level and not text.endswith("\ufffd"):
             self.settled_ids, self.settled_chars = len(self.ids), len(text)
         # Only the last character can change as bytes arrive (a U+FFFD standing for a character whose bytes
@@ -376,7 +381,7 @@ class Completion:
 def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
                  ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, new text, None) as text arrives and (row, "", Completion) once a row is finished."""
-    streams = [TextStream(tokenizer, params.stop_strings) for _ in prompts]
+    streams = [TextStream(tokenizer, params.stop_strings, params.skip_special_tokens) for _ in prompts]
     finished: list[Completion | None] = [None] * len(prompts)
     for step_tokens in generate_ids(model, prompts, params):
         for row, token in enumerate(step_tokens):

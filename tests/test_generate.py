@@ -375,7 +375,8 @@ def test_stream_never_splits_characters_and_honours_stop_strings():
     assert stream.stopped
 
 
-def test_stream_decodes_each_token_once_and_equals_the_whole_decode(monkeypatch):
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_stream_decodes_each_token_once_and_equals_the_whole_decode(monkeypatch, skip_special_tokens: bool):
     # Decoding all ids again at every token made a long generation quadratic (17 s of decoding at 8,000 tokens).
     tokenizer = qwen3_tokenizer()
     byte_ids = [tokenizer.token_id(bytes_to_unicode()[b]) for b in "🤖".encode()]
@@ -384,11 +385,27 @@ def test_stream_decodes_each_token_once_and_equals_the_whole_decode(monkeypatch)
     windows: list[int] = []
     decode = tokenizer.decode
     monkeypatch.setattr(tokenizer, "decode", lambda part, **kw: (windows.append(len(part)), decode(part, **kw))[1])
-    stream = TextStream(tokenizer, [])
+    stream = TextStream(tokenizer, [], skip_special_tokens)
     for k, token in enumerate(ids):
         stream.push(token)
-        assert stream.text == decode(ids[:k + 1]), k
+        assert stream.text == decode(ids[:k + 1], skip_special_tokens=skip_special_tokens), k
+    assert ("<|im_end|>" in stream.text) != skip_special_tokens
     assert max(windows) <= 6  # the bytes of one character (and undecodable ones), never the whole text
+
+
+def test_special_tokens_are_left_out_of_the_text_unless_kept():
+    # As HF pipelines and vLLM decode: <|im_start|> and the like are not text; <think> and <tool_call> are.
+    tokenizer = qwen3_tokenizer()
+    ids = tokenizer.encode("a<|im_start|>b<think>c<|endoftext|><tool_call>d")
+    assert len(ids) == 8
+    kept = "a<|im_start|>b<think>c<|endoftext|><tool_call>d"
+    for skip, expected in ((True, "ab<think>c<tool_call>d"), (False, kept)):
+        stream, starts, text = TextStream(tokenizer, [], skip), [], ""
+        for token in ids:
+            text, starts = text + stream.accept(token, [])[0], [*starts, stream.token_start]
+        assert text + stream.finish() == expected
+        pieces = [tokenizer.decode([token], skip_special_tokens=skip) for token in ids]  # "" for a skipped one
+        assert starts == [len("".join(pieces[:k])) for k in range(len(ids))]  # where each token's text begins
 
 
 def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():

@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 
+from nanoqwen.checkpoint import load_checkpoint, save_checkpoint
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
 from nanoqwen.tokenizer import load_tokenizer
@@ -670,6 +671,33 @@ def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str) -> No
                           capture_output=True, text=True, timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and flag in lines[0], done.stderr
+
+
+def test_special_tokens_left_out_of_the_text_unless_asked(tmp_path: Path) -> None:
+    # A model rigged to answer " word" with <|im_start|> and <|im_start|> with " word": the blocks add nothing
+    # to the residual stream, so each next token depends only on the last one's embedding.
+    model, tokenizer = load_checkpoint(make_checkpoint(tmp_path / "rigged"))
+    special, word = tokenizer.token_id("<|im_start|>"), tokenizer.encode(" word")[0]
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[special] = model.model.embed_tokens.weight[word]
+        model.lm_head.weight[word] = model.model.embed_tokens.weight[special]
+    save_checkpoint(model, tmp_path / "rigged", tokenizer)
+    body = {"prompt": "a word", "max_tokens": 6, "temperature": 0}
+    with run_server(tmp_path / "rigged", tmp_path / "serve.log") as base:
+        kept = httpx.post(f"{base}/v1/completions", json={**body, "skip_special_tokens": False}).json()
+        plain = httpx.post(f"{base}/v1/completions", json=body).json()
+        with httpx.stream("POST", f"{base}/v1/completions", json={**body, "stream": True}) as response:
+            chunks = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+        chat = httpx.post(f"{base}/v1/chat/completions", json={
+            "messages": [{"role": "user", "content": "say word"}], "max_tokens": 6, "temperature": 0}).json()
+    assert kept["choices"][0]["text"] == "<|im_start|> word" * 3 and kept["usage"]["completion_tokens"] == 6
+    assert plain["choices"][0]["text"] == " word" * 3 and plain["usage"]["completion_tokens"] == 6
+    assert "".join(c["choices"][0]["text"] for c in chunks) == " word" * 3
+    assert "<|im_start|>" not in chat["choices"][0]["message"]["content"]
 
 
 def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:

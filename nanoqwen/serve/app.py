@@ -264,6 +264,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             stop_token_ids=tokenizer.stop_ids,
             stop_strings=body.stop_strings(),
             seed=body.seed,
+            skip_special_tokens=body.skip_special_tokens,
         ).validate()
 
     # -- logprobs in OpenAI's two shapes ---------------------------------------------------------

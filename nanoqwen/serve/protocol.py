@@ -6,10 +6,10 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `top_logprobs` 0..20; completions: `logprobs` 0..5). What would change the answer and is not implemented is
 refused with a 400: completions' `echo` and `suffix`, `logit_bias`, `best_of` > 1, a `response_format`
 other than text.
-`top_k` and `repetition_penalty` are extras (as vLLM names them). `tools`, and the `tool_calls` and
-`tool_call_id` of messages, go to a chat template that uses them (official Qwen3 folders); the
-`<tool_call>` blocks of a reply to such a request come back as `tool_calls` (`tool_choice` "auto" or
-"none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
+`top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
+`tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
+(official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
+(`tool_choice` "auto" or "none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
 """
 
 from __future__ import annotations
@@ -73,10 +73,11 @@ class SamplingRequest(RequestBody):
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     n: int = Field(default=1, ge=1, le=16)
+    skip_special_tokens: bool = True  # vLLM's extra: false keeps <|im_start|> and the like in the text
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("n", "stream", "echo", mode="before", check_fields=False)
+    @field_validator("n", "stream", "echo", "skip_special_tokens", mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """OpenAI's API takes null for these as "not given" (its client sends n=None so)."""
