@@ -106,7 +106,8 @@ def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str]
     port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nanoqwen", "serve", "--model", str(model_dir), "--port", str(port), *extra],
+            [sys.executable, "-m", "nanoqwen", "serve", "--model", str(model_dir), "--port", str(port),
+             "--device", "cpu", *extra],  # the references are computed on CPU in float32
             stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}"
     try:

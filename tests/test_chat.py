@@ -38,7 +38,7 @@ def greedy(local, messages: list[dict[str, str]] | str) -> str:
 
 def spawn_chat(checkpoint: Path, *extra: str) -> pexpect.spawn:
     child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", str(checkpoint), "--temperature", "0",
-                                           "--max-new-tokens", str(MAX_NEW), *extra],
+                                           "--max-new-tokens", str(MAX_NEW), "--device", "cpu", *extra],
                           env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=90, dimensions=(50, 400))
     child.expect_exact(PROMPT)
     return child

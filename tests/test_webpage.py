@@ -16,7 +16,8 @@ from tests.serve_helpers import make_checkpoint, run_server, wait_idle, with_cha
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
-CONTEXT = 1024  # room for a generation long enough to press Stop in the middle of
+CONTEXT = 1024
+STOP_CONTEXT = 16384  # a reply no machine finishes before Stop is pressed (1,000 tokens nearly was, on this one)
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,13 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def url(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     with run_server(checkpoint, tmp_path_factory.mktemp("logs") / "serve.log") as base:
+        yield base
+
+
+@pytest.fixture(scope="module")
+def long_url(tmp_path_factory: pytest.TempPathFactory):
+    folder = tmp_path_factory.mktemp("web-long")
+    with run_server(make_checkpoint(folder / "tiny-long", context=STOP_CONTEXT), folder / "serve.log") as base:
         yield base
 
 
@@ -139,34 +147,40 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     assert page.locator(".message.assistant .content").last.text_content() == after
 
 
-def test_stop_button_stops_generation(page, url: str) -> None:
-    wait_idle(url)
-    before = httpx.get(f"{url}/health").json()["tokens_generated"]
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", str(CONTEXT - 20))
-    page.fill("#prompt", "Keep talking")
-    page.click("#send")
-    reply = page.locator(".message.assistant .content").last
-    page.wait_for_function(
-        "document.querySelectorAll('.message.assistant .content').length && "
-        "[...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > 20")
-    # Text is on the page while the reply is still being generated: it streams in. (A short reply can
-    # arrive in a single network read, so this is checked here, on a reply far too long for that.)
-    assert page.get_attribute("body", "data-busy") == "true"
-    assert len(reply.text_content()) > 20
-    page.click("#stop")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
-    stopped = reply.text_content()
-    time.sleep(0.5)
-    assert reply.text_content() == stopped  # nothing more arrives
-    assert "stopped" in page.text_content("#stats")
-    assert page.is_disabled("#stop")
-    wait_idle(url)  # the server dropped the request
-    assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < CONTEXT - 20
-    # Ready again: the next message goes through.
-    page.fill("#max-tokens", "5")
-    send_and_wait(page, "Short one")
-    assert "5 tokens" in page.text_content("#stats")
+def test_stop_button_stops_generation(browser, long_url: str) -> None:
+    url = long_url
+    page, errors = open_page(browser, url, "tiny-long")
+    try:
+        wait_idle(url)
+        before = httpx.get(f"{url}/health").json()["tokens_generated"]
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", str(STOP_CONTEXT - 20))
+        page.fill("#prompt", "Keep talking")
+        page.click("#send")
+        reply = page.locator(".message.assistant .content").last
+        page.wait_for_function(
+            "document.querySelectorAll('.message.assistant .content').length && "
+            "[...document.querySelectorAll('.message.assistant .content')].pop().textContent.length > 20")
+        # Text is on the page while the reply is still being generated: it streams in. (A short reply can
+        # arrive in a single network read, so this is checked here, on a reply far too long for that.)
+        assert page.get_attribute("body", "data-busy") == "true"
+        assert len(reply.text_content()) > 20
+        page.click("#stop")
+        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
+        stopped = reply.text_content()
+        time.sleep(0.5)
+        assert reply.text_content() == stopped  # nothing more arrives
+        assert "stopped" in page.text_content("#stats")
+        assert page.is_disabled("#stop")
+        wait_idle(url)  # the server dropped the request
+        assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < STOP_CONTEXT - 20
+        # Ready again: the next message goes through.
+        page.fill("#max-tokens", "5")
+        send_and_wait(page, "Short one")
+        assert "5 tokens" in page.text_content("#stats")
+    finally:
+        page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
 
 
 def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tmp_path: Path) -> None:
