@@ -92,7 +92,9 @@ def read_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     path = directory / "config.json"
     if directory.is_file():
-        raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
+        if (directory.parent / "config.json").is_file():
+            raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
+        raise NanoQwenError(f"{directory} is a file, not a checkpoint folder; give one such as runs/NAME/best")
     if not directory.is_dir():
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")

@@ -243,24 +243,46 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+PRESET_SHAPE = '{"model": {Qwen3 config.json fields}, "train": {flag defaults}, "description": "..."}'
+
+
+def preset_problem(raw: Any) -> str | None:
+    """What keeps a parsed JSON file from being a preset, or None."""
+    if not isinstance(raw, dict):
+        return "is not a JSON object"
+    if unknown := sorted(set(raw) - {"model", "train", "description"}):
+        return f"has unknown top-level keys {', '.join(unknown)}"
+    if not isinstance(raw.get("model"), dict):
+        return 'has no "model" object'
+    if not isinstance(raw.get("train", {}), dict):
+        return 'has a "train" that is not an object'
+    return None
+
+
 def load_preset(name_or_path: str) -> Preset:
-    """A preset by name (`tiny`, `qwen3-0.6b`, ...) or a JSON file of the same shape."""
+    """A preset by name (`tiny`, `qwen3-0.6b`, ...), a JSON file of the same shape, or a checkpoint's
+    config.json (its architecture, no training defaults)."""
     path = Path(name_or_path)
     if not (path.suffix == ".json" and path.exists()):
         path = PRESET_DIR / f"{name_or_path}.json"
     if not path.exists():
         if Path(name_or_path).suffix == ".json":
-            raise NanoQwenError(f"preset file {name_or_path} does not exist; give a JSON file of model fields or "
-                                f"one of {', '.join(preset_names())}")
+            raise NanoQwenError(f"preset file {name_or_path} does not exist; give a JSON file shaped as "
+                                f"{PRESET_SHAPE} or one of {', '.join(preset_names())}")
         raise NanoQwenError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
                             "or give a JSON file")
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
+    if isinstance(raw, dict) and "model_type" in raw:  # a checkpoint's config.json: its architecture
+        return Preset(name=path.stem, model=ModelConfig.from_hf_dict(raw, str(path)).validate(), train={})
+    if problem := preset_problem(raw):  # a stray key would be dropped without a word, leaving the 0.6B default
+        raise NanoQwenError(f"{path} {problem}; a preset file is shaped as {PRESET_SHAPE} (or give a checkpoint's "
+                            "config.json)")
     try:
-        check_json_types(raw.get("model", {}), typing.get_type_hints(ModelConfig), str(path))
-        model = ModelConfig(**raw.get("model", {}))
+        check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
+        model = ModelConfig(**raw["model"])
     except TypeError as e:
         raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
     return Preset(name=path.stem, model=model.validate(), train=raw.get("train", {}),

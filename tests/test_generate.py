@@ -519,6 +519,7 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["eval", "--model", str(checkpoint), "--text-file", str(tmp_path)], "is a folder; give one UTF-8 text file"),
         (["sample", "--model", str(checkpoint / "model.safetensors"), "--prompt", "x"],
          f"is a file; give the checkpoint folder that holds it ({checkpoint})"),
+        (["sample", "--model", __file__, "--prompt", "x"], "is a file, not a checkpoint folder"),
         (["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")],
          "preset file " + str(tmp_path / "mine.json") + " does not exist"),
     ]

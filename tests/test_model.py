@@ -246,6 +246,28 @@ def test_parameter_count_matches_official_sizes():
     assert Qwen3(small).num_params() == small.num_params()
 
 
+def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
+    # A flat file of model fields, or a misspelt section, was dropped without a word: a 0.6B model instead.
+    from nanoqwen.config import load_preset
+
+    model = {"vocab_size": 300, "hidden_size": 64, "intermediate_size": 64, "num_hidden_layers": 1,
+             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 32}
+    for name, raw, words in [("flat", model, "unknown top-level keys head_dim, hidden_size"),
+                             ("typo", {"model": model, "trian": {}}, "unknown top-level keys trian"),
+                             ("nomodel", {"train": {"lr": 0.1}}, 'no "model" object'),
+                             ("list", [model], "not a JSON object"),
+                             ("train", {"model": model, "train": [1]}, '"train" that is not an object')]:
+        (tmp_path / f"{name}.json").write_text(json.dumps(raw))
+        with pytest.raises(NanoQwenError, match=words):
+            load_preset(str(tmp_path / f"{name}.json"))
+    (tmp_path / "good.json").write_text(json.dumps({"model": model, "train": {"lr": 0.1}}))
+    assert load_preset(str(tmp_path / "good.json")).model.hidden_size == 64
+    # A checkpoint's config.json gives its architecture.
+    folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "ck", None)
+    preset = load_preset(str(folder / "config.json"))
+    assert preset.model == read_config(folder) and preset.train == {}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the layout decoding keeps on GPUs
 def test_prepared_for_decoding_keeps_logits_and_saves_the_same(tmp_path, dtype):
     model = Qwen3(tiny_config(num_key_value_heads=1)).eval()
