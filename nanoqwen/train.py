@@ -208,6 +208,8 @@ class LoopState:
     evals_since_best: int = 0
     fitted_steps: int | None = None
     """The schedule's length as --fit-to-time set it (None: max_steps)."""
+    fitted_warmup: int | None = None
+    """The warmup, cut to half of the first fitted length when that was too short for it (None: cfg.warmup)."""
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -366,6 +368,10 @@ class Run:
     def total_steps(self) -> int:
         """Where the schedule ends: max_steps, or less to fit --max-minutes."""
         return self.state.fitted_steps or self.cfg.max_steps
+
+    @property
+    def warmup(self) -> int:
+        return self.cfg.warmup if self.state.fitted_warmup is None else self.state.fitted_warmup
 
     @property
     def seq_len(self) -> int:
@@ -809,7 +815,7 @@ def train_step(run: Run) -> tuple[float, float]:
     """One optimizer step over the global batch; returns (mean train loss, learning rate)."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, max_lr=cfg.lr, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
-               warmup=cfg.warmup, total=run.total_steps, schedule=cfg.schedule)
+               warmup=run.warmup, total=run.total_steps, schedule=cfg.schedule)
     set_lr(run.optimizer, lr)
     batches = run.loader.micro_batches(state.step)
     loss_sum = torch.zeros((), device=run.info.device)
@@ -982,21 +988,27 @@ def fit_schedule(run: Run, step_s: float, remaining_s: float, display: Display) 
     """End the schedule where the time runs out, at `step_s` per step (5% spare, at most max_steps).
 
     Only before WSD's decay starts, where the rate does not depend on the length; never so short that
-    the decay would already have begun.
+    the decay would already have begun. A first fit shorter than twice the warmup cuts the warmup to half
+    of it, once (as a short --max-steps does), or the run would end still warming up, never decaying.
     """
     cfg, step, total = run.cfg, run.state.step, run.total_steps
-    if step >= wsd_decay_start(total, cfg.warmup):
+    if step >= wsd_decay_start(total, run.warmup):
         return
     fitted = min(cfg.max_steps, step + max(1, int(0.95 * remaining_s / step_s)))
-    while wsd_decay_start(fitted, cfg.warmup) < step:
-        fitted += 1
     fitted = int(all_reduce(fitted, "max", run.info.device))  # one answer for all ranks
-    if run.state.fitted_steps is None:
+    first = run.state.fitted_steps is None
+    if first and run.warmup > fitted // 2:
+        display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: warming up over "
+                      f"{fitted // 2}")
+        run.state.fitted_warmup = fitted // 2
+    while wsd_decay_start(fitted, run.warmup) < step:
+        fitted += 1
+    if first:
         fits = "all of --max-steps fit" if fitted == cfg.max_steps else f"{fitted} steps"
         display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fits} at "
                       f"{step_s:.2f} s each (re-estimated until the decay starts)")
     run.state.fitted_steps = display.total = fitted
-    if step + 1 == wsd_decay_start(fitted, cfg.warmup):
+    if step + 1 == wsd_decay_start(fitted, run.warmup):
         display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
 
 

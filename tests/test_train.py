@@ -185,6 +185,27 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
         assert records[-1]["lr"] == pytest.approx(1e-3)
 
 
+def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> None:
+    # 8 steps fit in the time left, warmup 50: the run ended still warming up, at 16% of the peak rate.
+    from types import SimpleNamespace
+
+    from nanoqwen.tracking import Display
+    from nanoqwen.train import LoopState, Run, fit_schedule
+
+    class Fitted(SimpleNamespace):  # what fit_schedule reads of a run
+        total_steps, warmup = Run.total_steps, Run.warmup
+
+    run = Fitted(cfg=SimpleNamespace(max_steps=100_000, warmup=50, max_minutes=1.0), state=LoopState(step=6),
+                 info=SimpleNamespace(device=torch.device("cpu")))
+    fit_schedule(run, step_s=6.5, remaining_s=60 - 6 * 6.5, display=Display(False, 6, 100_000, 1))
+    assert run.total_steps == 9 and run.warmup == 4 and run.state.fitted_warmup == 4
+    rates = [lr_at(step, max_lr=1.0, min_lr=0.1, warmup=run.warmup, total=run.total_steps, schedule="wsd")
+             for step in range(6, 9)]
+    assert rates == pytest.approx([1.0, 1.0, 0.1])  # at the peak, then decayed to min_lr at the last step
+    fit_schedule(run, step_s=1.0, remaining_s=30, display=Display(False, 6, 100_000, 1))  # a faster machine
+    assert run.total_steps > 9 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
+
+
 def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "muon"
     assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--optimizer", "muon") == 0
