@@ -303,7 +303,8 @@ def _coerce(text: str, current: Any, name: str) -> Any:
         if isinstance(current, float):
             return float(text)
     except ValueError as e:
-        raise NanoQwenError(f"--set {name}={text}: expected a {type(current).__name__}") from e
+        expected = "an integer" if isinstance(current, int) else "a number"
+        raise NanoQwenError(f"--set {name}={text}: expected {expected}") from e
     if text.lower() in ("none", "null"):
         return None
     try:

@@ -195,8 +195,8 @@ def hold_lock(folder: Path) -> IO[str] | None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish or choose "
-                            "another --out") from None
+        raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish (new work can "
+                            "go elsewhere with --out)") from None
     return handle
 
 

@@ -46,6 +46,8 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
 
     records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and isinstance(r.get("step"), int)]
     path = Path(out) if out else Path(run_dir) / "loss.png"
+    if path.is_dir():  # a folder to put it in, as `cp` takes one
+        path = path / "loss.png"
     if path.is_dir() or not path.parent.is_dir():
         raise NanoQwenError(f"cannot write the plot to {path}: give --out a file name in an existing folder")
     train, val = ([(r["step"], r[key]) for r in records

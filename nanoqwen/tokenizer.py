@@ -375,6 +375,10 @@ def resolve_tokenizer(spec: str) -> Tokenizer:
         raise NanoQwenError(f"{spec} trains a tokenizer on a corpus, which only prepare and train do; here give "
                             "qwen3 or a tokenizer folder (`nanoqwen tokenizer train --dataset SRC --vocab-size N "
                             "--out DIR` makes one)")
+    if Path(spec).is_file():
+        raise NanoQwenError(f"tokenizer {spec} is a file; give the folder that holds tokenizer.json")
+    if os.sep in spec or "/" in spec:  # meant as a path
+        raise NanoQwenError(f"tokenizer folder {spec} does not exist; give a folder with tokenizer.json, or qwen3")
     raise NanoQwenError(f"unknown tokenizer {spec!r}; use qwen3 or a folder with tokenizer.json (prepare and "
                         "train also take bpe:N)")
 

@@ -447,6 +447,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
         (["--dataset", "nosuchcorpus"], ["unknown dataset 'nosuchcorpus'"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "tok/nope"], ["tokenizer folder tok/nope does not"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100000000000"], ["at most bpe:1048576"]),

@@ -127,6 +127,8 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     assert json.loads((trained / "last/train_state.json").read_text())["step"] == 40
     (trained / "loss.png").unlink()
     assert main(["plot", str(trained)]) == 0 and (trained / "loss.png").stat().st_size > 10_000
+    (trained / "plots").mkdir()  # --out a folder: the plot goes in it
+    assert main(["plot", str(trained), "--out", str(trained / "plots")]) == 0 and (trained / "plots/loss.png").exists()
 
 
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
