@@ -496,43 +496,67 @@ def test_batch_cache_grows_as_rows_need_it(local, fixed_shapes: bool) -> None:
     assert capacities[:2] == [2 * span, span + 90 - 1] and all(c <= span + 90 for c in capacities)
 
 
-def test_a_step_that_fails_answers_every_request_it_held(local) -> None:
-    """In-process: when a step raises while admitting a request (at its first token), the requests it held
-    (admitted beside it in that step, or already decoding) and the failing one itself each get a Failed
-    event, none is left waiting forever, and the engine then serves the next request as usual."""
+def test_a_request_that_fails_fails_alone_and_a_failing_step_answers_all(local) -> None:
+    """In-process: a request whose own work raises (its first token, or a later one) gets a Failed event, and
+    only it: the requests decoding beside it finish as they do alone. A step that fails as a whole (the
+    batch's forward pass) answers every request it held with Failed, none is left waiting forever, and the
+    engine then serves the next request as usual."""
     model, tokenizer = local
-    doomed = tokenizer.encode("this request breaks at its first token")
+    first_fails = tokenizer.encode("this request breaks at its first token")
+    third_fails = tokenizer.encode("this request breaks at its third token")
+    params = SamplingParams(max_new_tokens=30, temperature=0)
+    long_params = SamplingParams(max_new_tokens=200, temperature=0)  # still running when the others are done
+    prompts = [tokenizer.encode(text) for text in PROMPTS[:3]]
 
-    async def outcome(job) -> type:
+    async def outcome(job) -> tuple[type, str]:
+        text = ""
         while isinstance(event := await asyncio.wait_for(job.events.get(), timeout=20), Delta):
-            pass
-        return type(event)
+            text += event.text
+        return type(event), text
 
-    async def main() -> list[type]:
+    async def main() -> tuple[list, list]:
         engine = Engine(model, tokenizer, max_batch_size=4)
-        first_token = engine._first_token
+        first_token, accept, decode = engine._first_token, engine._accept, engine._decode
+        forward_fails = [False]
 
-        def failing(seq, logits) -> bool:
-            if seq.prompt == doomed:
+        def failing_first(seq, logits) -> bool:
+            if seq.prompt == first_fails:
                 raise RuntimeError("injected failure")
             return first_token(seq, logits)
 
-        engine._first_token = failing  # type: ignore[method-assign]
+        def failing_accept(seq, token, score) -> bool:
+            if seq.prompt == third_fails and seq.generated == 2:
+                raise RuntimeError("injected failure")
+            return accept(seq, token, score)
+
+        def failing_decode() -> None:
+            if forward_fails[0] and len(engine._active) == 2:
+                raise RuntimeError("injected failure")
+            decode()
+
+        engine._first_token, engine._accept, engine._decode = failing_first, failing_accept, failing_decode
         engine.start()
         try:
-            params = SamplingParams(max_new_tokens=200, temperature=0)
-            # Nothing decoding: both prompts are admitted in one step, the first one before the failure.
-            outcomes = [await outcome(engine.submit([tokenizer.encode(PROMPTS[1]), doomed], params, 1))]
-            running = engine.submit([tokenizer.encode(PROMPTS[0])], params, 1)
-            await running.events.get()  # decoding now
-            alone = engine.submit([doomed], params, 1)
-            outcomes += [await outcome(running), await outcome(alone)]
-            after = engine.submit([tokenizer.encode(PROMPTS[2])], SamplingParams(max_new_tokens=3, temperature=0), 1)
-            return [*outcomes, await outcome(after)]
+            running = engine.submit([prompts[0]], long_params, 1)
+            start = await running.events.get()  # decoding now, long enough for the others to join it
+            jobs = [engine.submit([prompt], params, 1) for prompt in (first_fails, third_fails, prompts[1])]
+            kind, rest = await outcome(running)
+            alone = [(kind, start.text + rest), *[await outcome(job) for job in jobs]]
+            forward_fails[0] = True  # once two rows decode together
+            held = [engine.submit([prompt], params, 1) for prompt in prompts[:2]]
+            failed = [await outcome(job) for job in held]
+            forward_fails[0] = False
+            after = await outcome(engine.submit([prompts[2]], params, 1))
+            return alone, [*failed, after]
         finally:
             engine.stop()
 
-    assert asyncio.run(main()) == [Failed, Failed, Failed, Finished]
+    alone, later = asyncio.run(main())
+    assert [kind for kind, _ in alone] == [Finished, Failed, Failed, Finished]
+    assert alone[0][1] == greedy_reference(local, PROMPTS[0], 200)  # as if the failing ones were never there
+    assert alone[3][1] == greedy_reference(local, PROMPTS[1], 30)
+    assert [kind for kind, _ in later] == [Failed, Failed, Finished]
+    assert later[2][1] == greedy_reference(local, PROMPTS[2], 30)
 
 
 def test_extreme_sampling_values_are_served(client: openai.OpenAI, local) -> None:

@@ -259,7 +259,12 @@ class Engine:
             logits = self._prefill_chunk(seq)
             if logits is not None:
                 admitted.append(self._waiting.pop(0))
-                if self._first_token(seq, logits):  # finished at its first token: it never joins the batch
+                try:
+                    done = self._first_token(seq, logits)
+                except Exception as e:  # noqa: BLE001 (this request's failure, not the batch's)
+                    self._fail(seq, e)
+                    done = True
+                if done:  # finished (or failed) at its first token: it never joins the batch
                     admitted.pop()
             if alive or (admitted and logits is None):
                 break
@@ -296,12 +301,29 @@ class Engine:
         else:
             logits = self.model(tokens[:, None], cache=self._cache)[:, -1].float()
         greedy = logits.argmax(-1).tolist() if any(s.plain_greedy for s in rows) else []
-        sampled = [greedy[row] if seq.plain_greedy else
-                   int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties)[0])
-                   for row, seq in enumerate(rows)]
+        sampled = []
+        for row, seq in enumerate(rows):
+            try:
+                sampled.append(greedy[row] if seq.plain_greedy else
+                               int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties)[0]))
+            except Exception as e:  # noqa: BLE001 (this request's failure, not the batch's)
+                self._fail(seq, e)
+                sampled.append(0)  # a placeholder: the row is dropped at the next step
         scores = self._logprobs(rows, logits, sampled)
         for seq, token, score in zip(rows, sampled, scores):  # finished rows leave the batch at the next step
-            self._accept(seq, token, score)
+            if seq.finished:
+                continue
+            try:
+                self._accept(seq, token, score)
+            except Exception as e:  # noqa: BLE001
+                self._fail(seq, e)
+
+    def _fail(self, seq: Sequence, error: Exception) -> None:
+        """One request failed in its own work (sampling, its text): answer it, and only it, with the error."""
+        log.exception("a request failed")
+        seq.job.emit(Failed(f"generation failed: {type(error).__name__}: {error}"))
+        seq.job.cancel()
+        seq.finished = True
 
     def _logprobs(self, rows: list[Sequence], logits: torch.Tensor, sampled: list[int]
                   ) -> list[Score | None]:
