@@ -277,6 +277,10 @@ def load_preset(name_or_path: str) -> Preset:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
     if isinstance(raw, dict) and "model_type" in raw:  # a checkpoint's config.json: its architecture
         return Preset(name=path.stem, model=ModelConfig.from_hf_dict(raw, str(path)).validate(), train={})
+    if isinstance(raw, dict) and {"model", "train", "command"} <= raw.keys():
+        raise NanoQwenError(f"{path} is a run's record of its settings, not a preset: continue that run with "
+                            "--resume, start from its weights with --init-from RUN/best, or train its architecture "
+                            "anew with --config RUN/best/config.json")
     if problem := preset_problem(raw):  # a stray key would be dropped without a word, leaving the 0.6B default
         raise NanoQwenError(f"{path} {problem}; a preset file is shaped as {PRESET_SHAPE} (or give a checkpoint's "
                             "config.json)")
