@@ -206,3 +206,54 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
         page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpoint: Path, tmp_path: Path) -> None:
+    # Behind an API key: settings made before the key is entered survive the checkpoint's defaults; a refused
+    # send keeps the message; number fields are read as typed ("1e1" is 10, parseInt read 1) or refused in one
+    # line; each mode keeps its transcript; a server gone is said so in words, and the header shows it.
+    with run_server(checkpoint, tmp_path / "serve.log", env={"NANOQWEN_API_KEY": "s3cret"}) as base:
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(base)
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('API key needed')")
+        page.fill("#temperature", "0")
+        page.fill("#top-k", "1")
+        page.fill("#max-tokens", "1e1")
+        send_and_wait(page, "Hello there")
+        assert "API key" in page.locator(".message.assistant .error").last.text_content()
+        assert page.input_value("#prompt") == "Hello there"  # back in the box, to send again
+        page.fill("#api-key", "s3cret")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+        values = [page.input_value(f"#{name}") for name in ("temperature", "top-k", "top-p")]
+        assert values == ["0", "1", "0.8"]  # the user's two settings kept; the untouched one at the default
+        page.click("#send")
+        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
+        expected = client.chat.completions.create(
+            model="tiny-web", messages=[{"role": "user", "content": "Hello there"}], max_tokens=10, temperature=0,
+            extra_body={"top_k": 1}).choices[0].message.content
+        assert page.locator(".message.assistant .content").last.text_content() == expected
+        assert "10 tokens" in page.text_content("#stats")
+        # A value a field cannot hold is refused before anything is sent, saying what it must be.
+        page.fill("#max-tokens", "0")
+        page.fill("#prompt", "Next")
+        page.click("#send")
+        assert page.text_content("#stats") == "Max tokens must be a whole number >= 1"
+        assert page.input_value("#prompt") == "Next" and page.locator(".message.user").count() == 2
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webpage-refused.png"))
+        # Completion mode shows its own (empty) transcript; back in chat, the conversation is still there.
+        page.click("label:has(#mode-completion)")
+        assert page.is_visible("#empty-hint") and not page.locator(".message.user").first.is_visible()
+        page.click("label:has(#mode-chat)")
+        assert page.locator(".message.user").last.is_visible() and not page.is_visible("#empty-hint")
+        page.fill("#max-tokens", "5")
+    page.click("#send")  # the server has exited
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
+    assert "lost the connection" in page.locator(".message.assistant .error").last.text_content()
+    page.wait_for_function("document.getElementById('model-name').textContent === 'server unreachable'")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

@@ -11,6 +11,7 @@ const state = {
   history: [], // chat messages so far: {role, content}
   controller: null, // AbortController of the request in flight
   defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
+  applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -57,11 +58,14 @@ async function loadModel() {
     const defaults = card.sampling_defaults;
     if (defaults && !state.defaultsShown) { // the checkpoint's recommended sampling, once (then the user's)
       state.defaultsShown = true;
-      $("temperature").value = defaults.temperature;
-      $("top-p").value = defaults.top_p;
-      $("top-k").value = defaults.top_k;
-      $("repetition-penalty").value = defaults.repetition_penalty;
-      for (const input of ["temperature", "top-p"]) $(input).dispatchEvent(new Event("input"));
+      for (const [id, value] of [["temperature", defaults.temperature], ["top-p", defaults.top_p],
+        ["top-k", defaults.top_k], ["repetition-penalty", defaults.repetition_penalty]]) {
+        if ($(id).dataset.touched) continue; // set by the user before the page could reach the server
+        $(id).value = value;
+        state.applyingDefaults = true;
+        $(id).dispatchEvent(new Event("input")); // the slider's number follows
+        state.applyingDefaults = false;
+      }
     }
     const max = $("max-tokens");
     if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
@@ -76,18 +80,40 @@ function mode() {
   return $("mode-chat").checked ? "chat" : "completion";
 }
 
+class FieldError extends Error {}
+
+// A number field's value as typed ("1e3" is 1000), or a FieldError saying what it must be: a value the
+// field cannot hold is never swapped for another one behind the user's back.
+function numberField(id, { integer = false, optional = false } = {}) {
+  const input = $(id);
+  const raw = input.value.trim(); // "" too when the browser could not read what was typed (badInput)
+  input.classList.remove("invalid");
+  if (raw === "" && optional && !input.validity.badInput) return undefined;
+  const value = Number(raw);
+  const { min, max } = input;
+  if (raw === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))
+      || (min !== "" && value < Number(min)) || (max !== "" && value > Number(max))) {
+    input.classList.add("invalid");
+    input.focus();
+    const label = input.closest("label").querySelector("span").firstChild.textContent.trim();
+    const range = [min !== "" ? `>= ${min}` : "", max !== "" ? `<= ${max}` : ""].filter(Boolean).join(" and ");
+    throw new FieldError(`${label} must be ${integer ? "a whole number" : "a number"}${range ? ` ${range}` : ""}`);
+  }
+  return value;
+}
+
 function samplingBody() {
   const body = {
-    max_tokens: Math.max(1, parseInt($("max-tokens").value, 10) || 1),
-    temperature: parseFloat($("temperature").value),
-    top_p: parseFloat($("top-p").value),
-    top_k: parseInt($("top-k").value, 10) || 0,
-    repetition_penalty: parseFloat($("repetition-penalty").value) || 1.0,
-    frequency_penalty: parseFloat($("frequency-penalty").value) || 0,
-    presence_penalty: parseFloat($("presence-penalty").value) || 0,
+    max_tokens: numberField("max-tokens", { integer: true }),
+    temperature: Number($("temperature").value),
+    top_p: Number($("top-p").value),
+    top_k: numberField("top-k", { integer: true }),
+    repetition_penalty: numberField("repetition-penalty"),
+    frequency_penalty: numberField("frequency-penalty"),
+    presence_penalty: numberField("presence-penalty"),
   };
-  const seed = $("seed").value.trim();
-  if (seed !== "") body.seed = parseInt(seed, 10);
+  const seed = numberField("seed", { integer: true, optional: true });
+  if (seed !== undefined) body.seed = seed;
   const stops = $("stop-strings").value.split("\n").filter((s) => s.length > 0);
   if (stops.length) body.stop = stops.slice(0, 4);
   if (state.model) body.model = state.model;
@@ -106,7 +132,7 @@ async function streamCompletion(path, body, onText, signal) {
   if (!res.ok) {
     let message = `${res.status} ${res.statusText}`;
     try { message = (await res.json()).error.message || message; } catch (_) { /* not JSON */ }
-    throw new Error(message);
+    throw Object.assign(new Error(message), { status: res.status });
   }
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -138,10 +164,11 @@ async function streamCompletion(path, body, onText, signal) {
 }
 
 // -- transcript ----------------------------------------------------------------------------
+// Each mode keeps its own transcript: switching shows the other one (CSS hides the other mode's messages).
 function addMessage(kind, label) {
   $("empty-hint").hidden = true;
   const box = document.createElement("div");
-  box.className = `message ${kind}`;
+  box.className = `message ${kind} ${mode()}-only`;
   const role = document.createElement("div");
   role.className = "role";
   role.textContent = label;
@@ -155,6 +182,21 @@ function addMessage(kind, label) {
 function scrollDown() {
   const t = $("transcript");
   t.scrollTop = t.scrollHeight;
+}
+
+// Streamed text keeps the view at the bottom only if it was there: a reader who scrolled up stays put.
+function atBottom() {
+  const t = $("transcript");
+  return t.scrollHeight - t.scrollTop - t.clientHeight < 48;
+}
+
+function showEmptyHint() {
+  $("empty-hint").hidden = Boolean($("transcript").querySelector(`.message.${mode()}-only`));
+}
+
+function showStatus(text, error = false) {
+  $("stats").textContent = text;
+  $("stats").classList.toggle("error", error);
 }
 
 function note(box, text, cls = "note") {
@@ -211,6 +253,14 @@ async function send() {
   const text = $("prompt").value;
   if (state.controller) return;
   if (mode() === "chat" && !text.trim()) return;
+  let sampling;
+  try {
+    sampling = samplingBody();
+  } catch (err) {
+    if (!(err instanceof FieldError)) throw err;
+    showStatus(err.message, true); // nothing is sent; the message stays in the box
+    return;
+  }
   state.controller = new AbortController();
   setBusy(true);
   let path, body, out, box;
@@ -221,7 +271,7 @@ async function send() {
     box = addMessage("assistant", state.model || "model");
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
-    body = samplingBody();
+    body = sampling;
     if (!$("thinking-field").hidden && !$("thinking").checked) {
       body.chat_template_kwargs = { enable_thinking: false };
     }
@@ -243,7 +293,7 @@ async function send() {
     out.className = "generated";
     content.append(prompt, out);
     path = "/v1/completions";
-    body = { ...samplingBody(), prompt: text };
+    body = { ...sampling, prompt: text };
   }
   box.querySelector(".content").classList.add("streaming");
   $("prompt").value = "";
@@ -259,12 +309,13 @@ async function send() {
       if (firstAt === null) firstAt = performance.now();
       pieces += 1;
       reply += piece;
+      const follow = atBottom();
       out.textContent = reply;
-      scrollDown();
+      if (follow) scrollDown();
     }, state.controller.signal);
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
     const seconds = (performance.now() - (firstAt ?? started)) / 1000;
-    const rate = tokens > 1 && seconds > 0 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tok/s` : "";
+    const rate = tokens >= 5 && seconds > 0 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tok/s` : "";
     const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
     status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
   } catch (err) {
@@ -273,8 +324,22 @@ async function send() {
       note(box, "stopped");
     } else {
       status = "error";
-      note(box, err.message, "error");
-      if (mode() === "chat" && !reply) state.history.pop(); // the turn never happened
+      let message = err.message;
+      if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
+        message = "lost the connection to the server (is `nanoqwen serve` still running?)";
+      } else if (err.status === 401) {
+        message = "this server needs an API key: enter it under Server, below the sampling settings";
+        $("api-key").focus();
+      }
+      note(box, message, "error");
+      if (!reply) {
+        if (mode() === "chat") {
+          state.history.pop(); // the turn never happened
+          out.hidden = true; // no empty reply bubble above the error
+        }
+        if (!$("prompt").value) $("prompt").value = text; // to send again, not to type again
+      }
+      loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
   } finally {
     if (mode() === "chat" && state.history.length && state.history[state.history.length - 1].role === "user"
@@ -284,8 +349,8 @@ async function send() {
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
     setBusy(false);
-    $("stats").textContent = status;
-    $("prompt").focus();
+    showStatus(status, status === "error");
+    if (document.activeElement !== $("api-key")) $("prompt").focus();
   }
 }
 
@@ -293,11 +358,11 @@ function stop() {
   if (state.controller) state.controller.abort();
 }
 
-function clearAll() {
-  state.history = [];
-  for (const el of [...$("transcript").querySelectorAll(".message")]) el.remove();
-  $("empty-hint").hidden = false;
-  $("stats").textContent = "";
+function clearAll() { // the transcript of the mode shown
+  if (mode() === "chat") state.history = [];
+  for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
+  showEmptyHint();
+  showStatus("");
 }
 
 // -- wiring --------------------------------------------------------------------------------
@@ -308,6 +373,9 @@ function init() {
     localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModel();
   });
+  for (const id of ["temperature", "top-p", "top-k", "repetition-penalty"]) { // see loadModel's defaults
+    $(id).addEventListener("input", () => { if (!state.applyingDefaults) $(id).dataset.touched = "true"; });
+  }
   for (const [input, output] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
     const sync = () => { $(output).textContent = Number($(input).value).toFixed(2); };
     $(input).addEventListener("input", sync);
@@ -316,7 +384,8 @@ function init() {
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => {
       document.body.dataset.mode = mode();
-      clearAll();
+      showEmptyHint();
+      showStatus("");
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
