@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import sys
 
 from nanoqwen.errors import NanoQwenError
@@ -75,8 +76,16 @@ class Conversation:
     def add_reply(self, text: str) -> None:
         if self.raw:
             self.transcript += text
-        else:  # a reasoning model's thinking is not kept in the history (as Qwen3's own chat template does)
-            self.messages.append({"role": "assistant", "content": text.split(THINK_END)[-1].lstrip("\n")})
+            return
+        # The reply as generated: the next prompt must render the conversation that really happened. Only a
+        # template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself.
+        if self.tokenizer.thinking_switch and THINK_END in text:
+            text = text.split(THINK_END)[-1].lstrip("\n")
+        self.messages.append({"role": "assistant", "content": text})
+
+    def fixed_ids(self) -> int:
+        """Tokens the conversation takes before any message: the system prompt, in the template."""
+        return len(self._ids([])) if self.system and not self.raw else 0
 
     def _ids(self, messages: list[dict[str, str]]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -119,6 +128,12 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoqwen.generate import load_for_inference
 
+    if args.raw and args.system is not None:
+        raise NanoQwenError("--system is a chat template's system message; --raw uses no template, so give one or "
+                            "the other (with --raw, start the text with it instead)")
+    # Typed text that is not UTF-8 reaches the tokenizer as stray characters instead of ending the chat.
+    with contextlib.suppress(AttributeError):
+        sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
     model, tokenizer = load_for_inference(args)
     params = sampling_params(args, tokenizer)
     context = model.config.max_position_embeddings
@@ -126,6 +141,9 @@ def run(args: argparse.Namespace) -> int:
     # At least one token is kept free: a prompt must leave room for the reply to start.
     reserve = max(1, min(params.max_new_tokens, context // 2))
     conversation = Conversation(tokenizer, context, reserve, args.system, args.raw, args.thinking)
+    if conversation.fixed_ids() + reserve >= context:
+        raise NanoQwenError(f"--system takes {conversation.fixed_ids()} tokens, which leaves no room in the context "
+                            f"of {context} for a message and a reply of up to {reserve} tokens; shorten it")
     if args.thinking is not None:
         if args.raw:
             raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
@@ -138,6 +156,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"nanoqwen chat: {Path(args.model).resolve().name} · {model.num_params() / 1e6:.1f}M parameters · "
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
+    turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
             line = input(PROMPT)
@@ -152,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
             return 0
         if command == "/reset":
             conversation.reset()
+            turn = 0
             print("(history cleared)")
             continue
         if command.startswith("/") or not command:
@@ -169,4 +189,6 @@ def run(args: argparse.Namespace) -> int:
         if conversation.dropped:
             unit = ("token" if args.raw else "turn") + ("s" if conversation.dropped > 1 else "")
             print(f"(dropped the oldest {conversation.dropped} {unit} to fit the context)")
-        conversation.add_reply(reply(model, tokenizer, ids, params))
+        seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
+        conversation.add_reply(reply(model, tokenizer, ids, seeded))
+        turn += 1

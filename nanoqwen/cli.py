@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
 import os
@@ -55,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         build_parser().print_help()
         return 0 if not argv else 2
+    with contextlib.suppress(AttributeError):  # a prompt with undecodable bytes is printed, never a traceback
+        sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
         check_path_names(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0

@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", help="a UTF-8 text file, scored as one document")
     source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin is scored")
-    p.add_argument("--split", default="val", choices=["train", "val"], help="with --data: which split")
+    p.add_argument("--split", default=None, choices=["train", "val"], help="with --data: which split (default val)")
     p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward (default: ~16k tokens)")
     p.add_argument("--max-windows", type=positive_int, default=None, help="score only this many windows")
@@ -112,6 +112,9 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.generate import load_for_inference
 
+    if args.split is not None and args.text_file:
+        raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
+                            "so leave --split out")
     model, tokenizer = load_for_inference(args)
     if args.context is not None and args.context > model.config.max_position_embeddings:
         raise NanoQwenError(f"--context {args.context} is longer than the model's context "
@@ -142,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
-        tokens, num_bytes = load_split(Path(args.data), args.split)
+        tokens, num_bytes = load_split(Path(args.data), args.split or "val")
     if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
         raise NanoQwenError(f"token id {int(tokens.max())} is outside the model's {model.config.vocab_size} "
                             "embedding rows; was the data prepared with another tokenizer?")

@@ -28,11 +28,12 @@ def local(checkpoint: Path):
     return load_reference(checkpoint)
 
 
-def greedy(local, messages: list[dict[str, str]] | str) -> str:
-    """The reference reply: `generate` on the rendered ChatML prompt (or on raw text)."""
+def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0.0, seed: int | None = None) -> str:
+    """The reference reply (greedy unless told): `generate` on the rendered ChatML prompt (or on raw text)."""
     model, tokenizer = local
     prompt = messages if isinstance(messages, str) else tokenizer.render_chat(messages)
-    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=0, stop_token_ids=tokenizer.stop_ids)
+    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=seed,
+                            stop_token_ids=tokenizer.stop_ids)
     return generate(model, tokenizer, [prompt], params)[0].text
 
 
@@ -58,11 +59,11 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     try:
         assert "ChatML" in child.before
         system = [{"role": "system", "content": "Be brief."}]
-        first = greedy(local, [*system, {"role": "user", "content": "Hello!"}])
+        first = reply_of(local, [*system, {"role": "user", "content": "Hello!"}])
         assert say(child, "Hello!") == printable(first) + "\n"
         # The second reply sees the first exchange.
-        second = greedy(local, [*system, {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first},
-                                {"role": "user", "content": "More, please."}])
+        history = [*system, {"role": "user", "content": "Hello!"}, {"role": "assistant", "content": first}]
+        second = reply_of(local, [*history, {"role": "user", "content": "More, please."}])
         assert say(child, "More, please.") == printable(second) + "\n"
         assert "history cleared" in say(child, "/reset")
         assert say(child, "Hello!") == printable(first) + "\n"  # a fresh start gives the first reply again
@@ -76,10 +77,10 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
 def test_raw_continuation(checkpoint: Path, local) -> None:
     child = spawn_chat(checkpoint, "--raw")
     try:
-        first = greedy(local, "Once upon a time")
+        first = reply_of(local, "Once upon a time")
         assert say(child, "Once upon a time") == printable(first) + "\n"
         # The transcript so far is the next prompt.
-        assert say(child, " and then") == printable(greedy(local, "Once upon a time" + first + " and then")) + "\n"
+        assert say(child, " and then") == printable(reply_of(local, "Once upon a time" + first + " and then")) + "\n"
         child.sendeof()
         child.expect(pexpect.EOF)
     finally:
@@ -97,10 +98,10 @@ def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
         messages = [{"role": "user", "content": "Hello!"}]
         prompt = tokenizer.render_chat(messages, enable_thinking=False)
         assert prompt.endswith("<think>\n\n</think>\n\n")
-        first = greedy(local, prompt)
+        first = reply_of(local, prompt)
         assert say(child, "Hello!") == printable(first) + "\n"
         messages += [{"role": "assistant", "content": first}, {"role": "user", "content": "More"}]
-        second = greedy(local, tokenizer.render_chat(messages, enable_thinking=False))
+        second = reply_of(local, tokenizer.render_chat(messages, enable_thinking=False))
         assert say(child, "More") == printable(second) + "\n"
         child.sendline("/exit")
         child.expect(pexpect.EOF)
@@ -146,12 +147,55 @@ def test_history_drops_oldest_turns() -> None:
     assert raw.transcript.startswith(("𝑓", "𝑔", "ℕ", "🙂", " ")) and "\ufffd" not in raw.transcript
 
 
-def test_history_keeps_replies_without_their_thinking() -> None:
+def test_history_keeps_replies_as_generated_but_a_thinking_templates_thinking(checkpoint: Path,
+                                                                              tmp_path: Path) -> None:
+    # A template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself;
+    # any other keeps the reply exactly (leading newlines were stripped, so the next prompt was not the
+    # conversation that happened and the replies drifted from Transformers').
+    thinker = load_tokenizer(with_chat_template(checkpoint, tmp_path / "thinker"))
+    for tokenizer, kept in ((thinker, "4."), (qwen3_tokenizer(), "<think>\nTwo and two.\n</think>\n\n4.")):
+        conversation = Conversation(tokenizer, context=512, reserve=40)
+        conversation.add_user("What is 2 + 2?")
+        conversation.add_reply("<think>\nTwo and two.\n</think>\n\n4.")
+        conversation.add_user("And 3 + 3?")
+        assert conversation.messages[1] == {"role": "assistant", "content": kept}
     conversation = Conversation(qwen3_tokenizer(), context=512, reserve=40)
-    conversation.add_user("What is 2 + 2?")
-    conversation.add_reply("<think>\nTwo and two make four.\n</think>\n\n4.")
-    conversation.add_user("And 3 + 3?")
-    assert conversation.messages[1] == {"role": "assistant", "content": "4."}
+    conversation.add_user("Hi")
+    conversation.add_reply("\n\nAnd so.")
+    assert conversation.messages[1]["content"] == "\n\nAnd so."
+
+
+def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:
+    # --seed S samples turn k with S + k: the same session again gives the same replies, and a message sent
+    # twice is not answered with the same draws (every turn reused S).
+    child = spawn_chat(checkpoint, "--temperature", "1", "--top-k", "0", "--top-p", "1", "--seed", "5")
+    try:
+        hello = [{"role": "user", "content": "Hello!"}]
+        first = reply_of(local, hello, temperature=1, seed=5)
+        assert say(child, "Hello!") == printable(first) + "\n"
+        again = [*hello, {"role": "assistant", "content": first}, *hello]
+        second = reply_of(local, again, temperature=1, seed=6)
+        assert second != reply_of(local, again, temperature=1, seed=5)
+        assert say(child, "Hello!") == printable(second) + "\n"
+        assert "history cleared" in say(child, "/reset")
+        assert say(child, "Hello!") == printable(first) + "\n"
+    finally:
+        child.close()
+
+
+def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path) -> None:
+    # Typed bytes that are not UTF-8, in a locale where Python reads input strictly, ended the chat with a
+    # traceback; a system prompt with no room left, or one --raw would drop, is refused up front.
+    chat = [sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--max-new-tokens", "4",
+            "--device", "cpu"]
+    done = subprocess.run(chat, input=b"caf\xe9 \xff bad\nok\n", capture_output=True, timeout=120,
+                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
+    assert done.stdout.count(PROMPT.encode()) == 3  # both messages answered, then the end of input
+    for extra, words in ((["--system", "word " * 300], "--system takes"), (["--raw", "--system", "Be brief."],
+                                                                           "--raw uses no template")):
+        out = subprocess.run(chat + extra, capture_output=True, text=True, input="", timeout=120)
+        assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_printable_defuses_control_characters() -> None:

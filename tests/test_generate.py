@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import warnings
@@ -517,6 +518,7 @@ def test_bits_per_byte_count_the_text_not_the_file(checkpoint, tmp_path, capsys)
 def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     cases = [
         (["eval", "--model", str(checkpoint), "--text-file", str(tmp_path)], "is a folder; give one UTF-8 text file"),
+        (["eval", "--model", str(checkpoint), "--text-file", __file__, "--split", "train"], "leave --split out"),
         (["sample", "--model", str(checkpoint / "model.safetensors"), "--prompt", "x"],
          f"is a file; give the checkpoint folder that holds it ({checkpoint})"),
         (["sample", "--model", __file__, "--prompt", "x"], "is a file, not a checkpoint folder"),
@@ -551,11 +553,13 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
 
 def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):
     # A terminal in another encoding (or a Latin-1 argument) hands Python lone surrogates: they are read as
-    # U+FFFD, as undecodable bytes are everywhere else, instead of failing inside the tokenizer.
-    done = subprocess.run([sys.executable, "-m", "nanoqwen", "sample", "--model", str(checkpoint), "--prompt",
-                           b"caf\xe9", "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"],
-                          capture_output=True, timeout=300)
-    assert done.returncode == 0, done.stderr
+    # U+FFFD, as undecodable bytes are everywhere else, instead of failing inside the tokenizer. Printed back
+    # where Python writes UTF-8 strictly (a UTF-8 locale other than C), it is replaced, not a traceback.
+    for env in ({}, {"PYTHONIOENCODING": "utf-8"}):
+        done = subprocess.run([sys.executable, "-m", "nanoqwen", "sample", "--model", str(checkpoint), "--prompt",
+                               b"caf\xe9", "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"],
+                              capture_output=True, timeout=300, env={**os.environ, **env})
+        assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
     tokenizer = qwen3_tokenizer()
     assert tokenizer.encode("caf\udce9") == tokenizer.encode("caf\ufffd\ufffd\ufffd")
 
