@@ -730,12 +730,17 @@ def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
     if run.args.fsdp and by_position:  # saved without --fsdp: keyed by position, FSDP's loader wants names
         raise NanoQwenError(f"{run.out} was trained without --fsdp, and its optimizer state cannot be loaded "
                             "sharded; resume it without --fsdp (a whole model per process)")
+    # Loading puts back the saved groups' settings; the weight decay is the run's as given now (--weight-decay
+    # with --resume), as the learning rate is (set at every step).
+    decays = [group["weight_decay"] for group in run.optimizer.param_groups]
     if run.args.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
         set_optimizer_state_dict(run.model, run.optimizer, state, options=StateDictOptions(full_state_dict=True))
     else:
         run.optimizer.load_state_dict(state)
+    for group, decay in zip(run.optimizer.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
 
 
 def full_model(run: Run) -> Qwen3 | None:

@@ -398,9 +398,13 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     (out / "config.json").write_text(json.dumps(config))
     # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later:
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--batch-size", "4", "--lr", "0",
-                            "--min-lr", "0") == 0
+                            "--min-lr", "0", "--weight-decay", "0.5") == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
     assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
+    # The weight decay given now is the one used (loading the optimizer's state put the saved one back).
+    blob = torch.load(out / "last/train_state.pt", weights_only=True)["optimizer"]
+    groups = [group for part in blob.get("optimizers", [blob]) for group in part["param_groups"]]
+    assert "weight_decay" in note and max(group["weight_decay"] for group in groups) == 0.5
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
