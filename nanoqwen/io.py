@@ -90,7 +90,8 @@ MARKERS: dict[str, tuple[str, ...]] = {
     "data": ("meta.json",),
     "checkpoint": ("config.json", "tokenizer.json"),  # a tokenizer folder becomes a checkpoint
     "tokenizer": ("tokenizer.json",),
-    "run": ("config.json", "metrics.jsonl", "samples.txt", "best"),
+    # A run writes its config.json first: without one, a folder is not a run (its best/ is not ours to replace).
+    "run": ("config.json",),
 }
 # Everything a folder replaced whole may hold: config.json or tokenizer.json alone do not make a folder
 # ours (a project's config.json, a downloaded model with its README and shards), and nothing else in it
