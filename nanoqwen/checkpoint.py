@@ -61,16 +61,30 @@ def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:
 
 
 def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | None,
-                    dtype: torch.dtype | None = None, generation: dict | None = None) -> Path:
+                    dtype: torch.dtype | None = None, generation: dict | None = None,
+                    step: int | None = None) -> Path:
     """Write `model` (and its tokenizer) as a Hugging Face Qwen3 folder, replacing `directory` whole.
-    `generation`: the generation_config.json to write (default: nanoqwen's, see `generation_config`)."""
+    `generation`: the generation_config.json to write (default: nanoqwen's, see `generation_config`).
+    `step`: the training step the weights are from, kept in the safetensors metadata (see `checkpoint_step`)."""
     with atomic_dir(directory) as tmp:
-        write_checkpoint_files(model, tmp, tokenizer, dtype, generation)
+        write_checkpoint_files(model, tmp, tokenizer, dtype, generation, step)
     return Path(directory)
 
 
+STEP_METADATA = "nanoqwen_step"
+
+
+def checkpoint_step(directory: Path) -> int | None:
+    """The training step a checkpoint's weights are from, when training wrote it (None otherwise)."""
+    try:
+        with safe_open(str(directory / "model.safetensors"), "pt") as f:
+            return int((f.metadata() or {})[STEP_METADATA])
+    except (OSError, SafetensorError, KeyError, ValueError):
+        return None
+
+
 def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | None, dtype: torch.dtype | None = None,
-                           generation: dict | None = None) -> None:
+                           generation: dict | None = None, step: int | None = None) -> None:
     """The files of a checkpoint, into `folder`: a temporary one that its caller's atomic_dir puts in place."""
     model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
     config = model.config
@@ -79,7 +93,8 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
         state.pop(TIED_HEAD_KEY, None)
     stored = DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
     hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
-    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    metadata = {"format": "pt"} if step is None else {"format": "pt", STEP_METADATA: str(step)}
+    save_file(state, str(folder / "model.safetensors"), metadata=metadata)
     give_usual_mode(folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     generation = generation or generation_config(config, tokenizer)

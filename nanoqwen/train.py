@@ -42,6 +42,7 @@ import torch.distributed as dist
 
 from nanoqwen.checkpoint import (
     check_data_tokenizer,
+    checkpoint_step,
     config_for_tokenizer,
     load_model,
     read_generation_config,
@@ -472,6 +473,13 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             saved["train"] = dataclasses.asdict(cfg)
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
+        best_from = checkpoint_step(out / "best")
+        if info.is_main and best_from is not None and best_from > run.state.step:
+            # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
+            shutil.rmtree(out / "best")
+            print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
+                  f"this resume goes on from; the next evaluation to beat the best so far writes it again",
+                  flush=True)
         if changed and info.is_main:  # said once nothing refuses the resume any more
             print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
                   "stopped", flush=True)
@@ -775,7 +783,7 @@ def save_last(run: Run) -> None:
     cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
     rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
     with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
-        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation)
+        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
         torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
         write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
 
@@ -784,7 +792,7 @@ def save_best(run: Run) -> None:
     model = full_model(run)
     if model is not None:
         save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
-                        generation=run.generation)
+                        generation=run.generation, step=run.state.step)
 
 
 def append_line(path: Path, text: str) -> None:

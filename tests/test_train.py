@@ -733,6 +733,27 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
     assert re.findall(r"(?m)^--- step (\d+)$", (out / "samples.txt").read_text()) == ["1", "2"]
 
 
+def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, preset: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # Killed after best/ took a step later than last/: the resume replays those steps (perhaps with other
+    # settings), so best/ held a model from outside the run's history while its state named an older best.
+    from nanoqwen.checkpoint import checkpoint_step
+
+    out = tmp_path / "run"
+    args = [*common(data, preset, out), "--eval-interval", "1"]
+    assert train_in_process(*args, "--max-steps", "2") == 0
+    shutil.copytree(out / "last", tmp_path / "last-at-2")
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
+    assert checkpoint_step(out / "best") == 4 and checkpoint_step(out / "last") == 4
+    shutil.rmtree(out / "last")
+    shutil.copytree(tmp_path / "last-at-2", out / "last")  # as if killed at step 4, after its eval, before its save
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "3", "--lr", "0") == 0
+    assert f"removed {out / 'best'}: it held step 4, after last/'s step 2" in capsys.readouterr().out
+    state = json.loads((out / "last/train_state.json").read_text())
+    assert not (out / "best").exists() or checkpoint_step(out / "best") == state["best_step"] <= 3
+
+
 def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, preset: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # `train --dataset DIR` prepares DIR's folder again when its files change (with a BPE trained anew): a
