@@ -233,3 +233,30 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     with atomic_file(path) as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+
+
+class ReaderMayLeave:
+    """stdout for a long job: once its reader is gone (`nanoqwen train ... | head`), what is printed is
+    dropped and the job goes on. Python raises BrokenPipeError at the next print, which ended a run unsaved."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except BrokenPipeError:
+            self._drop_output()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._drop_output()
+
+    def _drop_output(self) -> None:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what is still buffered goes there too
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)

@@ -67,6 +67,7 @@ from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SamplingParams, check_fits, generate
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
+    ReaderMayLeave,
     atomic_dir,
     atomic_file,
     check_replaceable,
@@ -1057,9 +1058,11 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
         train_and_report(args)
     finally:
+        sys.stdout = stdout
         # Free the model (and with it DDP's or FSDP's hold on the process group) while the interpreter is whole,
         # then the group: a group last freed during interpreter shutdown could abort the process as it exits
         # (seen with gloo: "terminate called without an active exception" after a finished FSDP run).

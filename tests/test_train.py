@@ -465,6 +465,18 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
 
 
+def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp_path: Path) -> None:
+    # `nanoqwen train ... | head -1`: the closed pipe raised at the next print, which ended the run unsaved.
+    out = tmp_path / "piped"
+    process = subprocess.Popen(train_command(*common(data, preset, out), "--max-steps", "12", "--log-interval", "1"),
+                               env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stdout.readline()
+    process.stdout.close()  # the reader leaves after one line
+    _, stderr = process.communicate(timeout=240)
+    assert process.returncode == 0, stderr
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
+
+
 @pytest.mark.parametrize(("fsdp", "nproc"), [(False, 2), (True, 2), (True, 1)], ids=["ddp", "fsdp", "fsdp-one"])
 def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool,
                                                    nproc: int) -> None:
