@@ -472,6 +472,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             truncate_samples(out, run.state.step)
             saved = read_run_config(out)
             saved["train"] = dataclasses.asdict(cfg)
+            saved["data"], saved["data_from_run"] = str(run.data), os.path.relpath(run.data, out.resolve())
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
         best_from = checkpoint_step(out / "best")
@@ -556,10 +557,10 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
     out = Path(args.resume or args.out or "")
     if out == Path("."):
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
-    if (args.set or args.preset or args.config or args.init_from or args.data or args.dataset or args.tokenizer
-            or args.text_column):
+    if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
-                            "--init-from, --data, --dataset and --tokenizer cannot change them")
+                            "--init-from, --dataset and --tokenizer cannot change them (--data may say where its "
+                            "data folder is now)")
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise NanoQwenError(f"--resume {args.resume} continues that run in its own folder; drop --out (to train "
                             f"into {args.out} from its weights instead: --init-from {Path(args.resume) / 'last'})")
@@ -578,7 +579,23 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
     cfg = resolve_train_config({}, args, dataclasses.replace(before))
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in ("max_steps", "max_minutes") and getattr(cfg, name) != getattr(before, name)]
-    return cfg, saved["preset"], Path(saved["data"]), out, changed
+    return cfg, saved["preset"], resumed_data(args, saved, out), out, changed
+
+
+def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path) -> Path:
+    """Where the run's data folder is now: --data, the saved path, or the same place relative to the run folder
+    (the project moved as a whole). Its contents are checked by `check_resumed_data`."""
+    if args.data:
+        return Path(args.data)
+    data = Path(saved["data"])
+    moved = out / saved["data_from_run"] if "data_from_run" in saved else None
+    if not data.exists() and moved is not None and moved.is_dir():
+        print(f"{data} is gone; resuming with {moved.resolve()}, where it sits beside the run as it did", flush=True)
+        return moved
+    if not data.exists():
+        raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; if it moved, give "
+                            "--resume with --data NEW_PLACE")
+    return data
 
 
 def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | None]:
@@ -596,15 +613,21 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
 
 def check_resumed_data(out: Path, data: Path) -> None:
     """The run's data folder may have been prepared again since (a --dataset whose files changed, for
-    another run): ids from another tokenizer would mean other tokens to this model."""
+    another run): ids from another tokenizer would mean other tokens to this model, and other text would
+    not continue the run (its data position, its best val loss)."""
     from nanoqwen.data.prepare import load_meta
 
-    load_meta(data)  # one clear line if the folder is gone or incomplete
+    meta = load_meta(data)  # one clear line if the folder is gone or incomplete
     last = out / "last"
     if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
         raise NanoQwenError(f"cannot resume {out}: {data} was prepared again with another tokenizer since the run "
                             "began, so its ids mean other tokens to this model; continue from the weights on text "
                             f"in the run's tokenizer: nanoqwen train --init-from {quote(str(last))} --dataset SRC")
+    recorded = read_run_config(out).get("data_fingerprint")  # runs before this version did not record it
+    if recorded is not None and meta["fingerprint"] != recorded:
+        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with (prepared again "
+                            "from other text or settings); train on it from the run's weights instead: nanoqwen "
+                            f"train --init-from {quote(str(last))} --data {quote(str(data))}")
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
@@ -667,7 +690,11 @@ def default_compile(device: torch.device) -> bool:
 # -- run folder -----------------------------------------------------------------------------------
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
+    from nanoqwen.data.prepare import load_meta
+
     return {"version": STATE_VERSION, "preset": run.preset, "data": str(run.data),
+            "data_from_run": os.path.relpath(run.data, run.out.resolve()),  # found again if both move together
+            "data_fingerprint": load_meta(run.data)["fingerprint"],
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}

@@ -786,6 +786,35 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, p
     assert (out / "config.json").read_bytes() == before
 
 
+def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path, preset: Path, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.data.prepare import prepare
+
+    project = tmp_path / "project"
+    shutil.copytree(data, project / "data")
+    out = project / "runs" / "a"
+    assert train_in_process(*common(project / "data", preset, out), "--max-steps", "2") == 0
+    # The project moved as a whole: the data is found where it sits relative to the run.
+    project.rename(tmp_path / "moved")
+    out = tmp_path / "moved" / "runs" / "a"
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 0
+    assert "resuming with" in capsys.readouterr().out
+    assert json.loads((out / "config.json").read_text())["data"] == str((tmp_path / "moved" / "data").resolve())
+    # The data folder moved alone: --data says where; the same data (its fingerprint) is all it takes.
+    (tmp_path / "moved" / "data").rename(tmp_path / "elsewhere")
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 2
+    assert "--data NEW_PLACE" in capsys.readouterr().err
+    assert train_in_process("--resume", str(out), "--max-steps", "4", "--data", str(tmp_path / "elsewhere")) == 0
+    # Other text in the same tokenizer: not a continuation of the run.
+    other = tmp_path / "other"
+    prepare(str(write_corpus(tmp_path / "more", documents=30)), str(tmp_path / "elsewhere"), other,
+            val_fraction=0.15, progress=False)
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds other data than the run began with" in err and "--init-from" in err and "\n" not in err
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
