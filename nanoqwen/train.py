@@ -529,6 +529,9 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
         raise NanoQwenError(f"{args.init_from} has no tokenizer.json to prepare --dataset with; give --tokenizer "
                             "(qwen3 for official Qwen3 weights) or a prepared --data folder")
+    if args.init_from and str(cfg.tokenizer).startswith("bpe:"):  # refused before a corpus is prepared for nothing
+        raise NanoQwenError(f"--tokenizer {cfg.tokenizer} would train a new tokenizer, whose ids mean nothing to "
+                            f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -577,8 +580,10 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     before = TrainConfig(**train)
     cfg = resolve_train_config({}, args, dataclasses.replace(before))
+    # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding).
+    unchanged = ("max_steps", "max_minutes", "micro_batch")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
-               if name not in ("max_steps", "max_minutes") and getattr(cfg, name) != getattr(before, name)]
+               if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
     return cfg, saved["preset"], resumed_data(args, saved, out), out, changed
 
 

@@ -610,7 +610,7 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.2  # and learns the new text
 
 
-@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer"])
+@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -624,10 +624,13 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
         other = prepare(str(corpus), "bpe:280", tmp_path / "other", val_fraction=0.15, progress=False)
         given = ["--data", str(other)]
         expected = "different tokenizer"
-    else:
+    elif problem == "no-tokenizer":
         (checkpoint / "tokenizer.json").unlink()
         given = ["--dataset", "texts"]
         expected = "no tokenizer.json"
+    else:  # refused before the corpus is prepared (it was prepared first, then refused)
+        given = ["--dataset", "texts", "--tokenizer", "bpe:280"]
+        expected = "would train a new tokenizer"
     assert train_in_process("--init-from", str(checkpoint), *given, "--out", "run", *FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
