@@ -957,7 +957,7 @@ def train(run: Run) -> dict[str, Any]:
             final = state.step >= run.total_steps or code > 0
             if state.step % cfg.eval_interval == 0 or (final and not interrupted):
                 with explain_out_of_memory(run):
-                    summary["eval"] = evaluate_and_track(run, record, display)
+                    summary["eval"] = {**evaluate_and_track(run, record, display), "step": state.step}
                 if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                     summary["stopped"], final = "early_stopping", True
             if main:
@@ -1069,7 +1069,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
           f"{state.tokens:,} tokens seen")
     if summary.get("eval"):
         e = summary["eval"]
-        print(f"val loss {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
+        at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation
+        print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
               f"bits per byte {e['bits_per_byte']:.3f} (best {state.best_val_loss:.4f} at step {state.best_step})")
     if summary.get("sample"):
         print(f"\nsample:\n{summary['sample']}\n")
