@@ -525,7 +525,7 @@ def test_a_request_that_fails_fails_alone_and_a_failing_step_answers_all(local) 
             return first_token(seq, logits)
 
         def failing_accept(seq, token, score) -> bool:
-            if seq.prompt == third_fails and seq.generated == 2:
+            if seq.prompt == third_fails and seq.generated == 2 and seq.index == 0:
                 raise RuntimeError("injected failure")
             return accept(seq, token, score)
 
@@ -542,6 +542,13 @@ def test_a_request_that_fails_fails_alone_and_a_failing_step_answers_all(local) 
             jobs = [engine.submit([prompt], params, 1) for prompt in (first_fails, third_fails, prompts[1])]
             kind, rest = await outcome(running)
             alone = [(kind, start.text + rest), *[await outcome(job) for job in jobs]]
+            # Two choices, the first failing: nothing of the second follows the job's Failed.
+            pair = engine.submit([third_fails], params, 2)
+            assert (await outcome(pair))[0] is Failed
+            while engine.stats()["active"] or engine.stats()["waiting"]:  # its rows are dropped at once
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.05)  # events handed over before then have landed
+            assert pair.events.empty()
             forward_fails[0] = True  # once two rows decode together
             held = [engine.submit([prompt], params, 1) for prompt in prompts[:2]]
             failed = [await outcome(job) for job in held]

@@ -256,6 +256,9 @@ class Engine:
         self._admitting = admitted = []  # held where a failing step's handler finds them
         while self._waiting and len(alive) + len(admitted) < self.max_batch_size:
             seq = self._waiting[0]
+            if seq.job.cancelled:  # a choice of a request that failed in this step: no more work for it
+                self._waiting.pop(0)
+                continue
             logits = self._prefill_chunk(seq)
             if logits is not None:
                 admitted.append(self._waiting.pop(0))
@@ -264,7 +267,7 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 (this request's failure, not the batch's)
                     self._fail(seq, e)
                     done = True
-                if done:  # finished (or failed) at its first token: it never joins the batch
+                if done or seq.job.cancelled:  # finished or failed at its first token: it never joins the batch
                     admitted.pop()
             if alive or (admitted and logits is None):
                 break
@@ -311,7 +314,7 @@ class Engine:
                 sampled.append(0)  # a placeholder: the row is dropped at the next step
         scores = self._logprobs(rows, logits, sampled)
         for seq, token, score in zip(rows, sampled, scores):  # finished rows leave the batch at the next step
-            if seq.finished:
+            if seq.finished or seq.job.cancelled:  # nothing follows a job's Failed (or its client leaving)
                 continue
             try:
                 self._accept(seq, token, score)
