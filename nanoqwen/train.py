@@ -476,12 +476,15 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
         best_from = checkpoint_step(out / "best")
-        if info.is_main and best_from is not None and best_from > run.state.step:
+        if best_from is not None and best_from > run.state.step:
             # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
-            shutil.rmtree(out / "best")
-            print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
-                  f"this resume goes on from; the next evaluation to beat the best so far writes it again",
-                  flush=True)
+            # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
+            run.state.best_val_loss = run.state.best_step = None
+            run.state.evals_since_best = 0
+            if info.is_main:
+                shutil.rmtree(out / "best")
+                print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
+                      "this resume goes on from; the next evaluation writes it again", flush=True)
         if changed and info.is_main:  # said once nothing refuses the resume any more
             print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
                   "stopped", flush=True)
@@ -529,8 +532,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
         raise NanoQwenError(f"{args.init_from} has no tokenizer.json to prepare --dataset with; give --tokenizer "
                             "(qwen3 for official Qwen3 weights) or a prepared --data folder")
-    if args.init_from and str(cfg.tokenizer).startswith("bpe:"):  # refused before a corpus is prepared for nothing
-        raise NanoQwenError(f"--tokenizer {cfg.tokenizer} would train a new tokenizer, whose ids mean nothing to "
+    if args.init_from and (args.tokenizer or "").startswith("bpe:"):  # refused before a corpus is prepared
+        raise NanoQwenError(f"--tokenizer {args.tokenizer} would train a new tokenizer, whose ids mean nothing to "
                             f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
     if args.data:
         from nanoqwen.data.prepare import load_meta
