@@ -401,13 +401,13 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out, changed = resumed_run(args)
+        cfg, preset_name, data, out, changed = resumed_run(args, info.is_main)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
         resume_dir: Path | None = out / "last"
         model_config = load_model_config(out / "last")
-        check_resumed_data(out, data)
+        check_resumed_data(out, data, info.is_main)
     else:
         preset, cfg, data, out = new_run(args, info)
         lock = hold_lock(out) if info.is_main else None
@@ -461,6 +461,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
                                 "steps to train it further (its last/ and best/ are usable as they are)")
         if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
             run.state.fitted_steps = None
+        if args.warmup is not None:  # likewise over a warmup cut to fit that length
+            run.state.fitted_warmup = None
         if run.state.step >= run.total_steps:
             raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
                                 f"{run.state.step}) to train it further")
@@ -473,6 +475,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             saved = read_run_config(out)
             saved["train"] = dataclasses.asdict(cfg)
             saved["data"], saved["data_from_run"] = str(run.data), os.path.relpath(run.data, out.resolve())
+            saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
         best_from = checkpoint_step(out / "best")
@@ -557,7 +560,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     return preset, cfg, data, out
 
 
-def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path, list[str]]:
+def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, str, Path, Path, list[str]]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
     and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run apart."""
     out = Path(args.resume or args.out or "")
@@ -587,10 +590,10 @@ def resumed_run(args: argparse.Namespace) -> tuple[TrainConfig, str, Path, Path,
     unchanged = ("max_steps", "max_minutes", "micro_batch")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
-    return cfg, saved["preset"], resumed_data(args, saved, out), out, changed
+    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed
 
 
-def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path) -> Path:
+def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, announce: bool) -> Path:
     """Where the run's data folder is now: --data, the saved path, or the same place relative to the run folder
     (the project moved as a whole). Its contents are checked by `check_resumed_data`."""
     if args.data:
@@ -598,7 +601,9 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path) -> 
     data = Path(saved["data"])
     moved = out / saved["data_from_run"] if "data_from_run" in saved else None
     if not data.exists() and moved is not None and moved.is_dir():
-        print(f"{data} is gone; resuming with {moved.resolve()}, where it sits beside the run as it did", flush=True)
+        if announce:
+            print(f"{data} is gone; resuming with {moved.resolve()}, where it sits beside the run as it did",
+                  flush=True)
         return moved
     if not data.exists():
         raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; if it moved, give "
@@ -619,7 +624,14 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
     return own, read_generation_config(source) or None
 
 
-def check_resumed_data(out: Path, data: Path) -> None:
+def data_splits(data: Path) -> dict[str, Any]:
+    """Documents, tokens and bytes of each split: what tells other data from the same, prepared alike."""
+    from nanoqwen.data.prepare import load_meta
+
+    return load_meta(data)["splits"]
+
+
+def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
     """The run's data folder may have been prepared again since (a --dataset whose files changed, for
     another run): ids from another tokenizer would mean other tokens to this model, and other text would
     not continue the run (its data position, its best val loss)."""
@@ -631,11 +643,15 @@ def check_resumed_data(out: Path, data: Path) -> None:
         raise NanoQwenError(f"cannot resume {out}: {data} was prepared again with another tokenizer since the run "
                             "began, so its ids mean other tokens to this model; continue from the weights on text "
                             f"in the run's tokenizer: nanoqwen train --init-from {quote(str(last))} --dataset SRC")
-    recorded = read_run_config(out).get("data_fingerprint")  # runs before this version did not record it
-    if recorded is not None and meta["fingerprint"] != recorded:
+    saved = read_run_config(out)
+    recorded = saved.get("data_splits")  # its documents, tokens and bytes: the same text prepared alike
+    if recorded is not None and meta["splits"] != recorded:
         raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with (prepared again "
                             "from other text or settings); train on it from the run's weights instead: nanoqwen "
                             f"train --init-from {quote(str(last))} --data {quote(str(data))}")
+    if recorded is None and Path(saved["data"]).resolve() != data.resolve() and announce:
+        print(f"note: {out} was made before runs recorded what their data holds, so nothing checks that {data} "
+              "is the data it began with", flush=True)
 
 
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
@@ -698,11 +714,9 @@ def default_compile(device: torch.device) -> bool:
 # -- run folder -----------------------------------------------------------------------------------
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
-    from nanoqwen.data.prepare import load_meta
-
     return {"version": STATE_VERSION, "preset": run.preset, "data": str(run.data),
             "data_from_run": os.path.relpath(run.data, run.out.resolve()),  # found again if both move together
-            "data_fingerprint": load_meta(run.data)["fingerprint"],
+            "data_splits": data_splits(run.data),  # tells other data from this on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}

@@ -208,6 +208,16 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     assert run.total_steps > 9 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
 
 
+def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cut"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "1000000", "--warmup", "100000",
+                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.03") == 0
+    state = json.loads((out / "last/train_state.json").read_text())
+    assert state["fitted_warmup"] is not None and state["fitted_warmup"] < 100000  # cut to the fitted length
+    assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(state["step"] + 2)) == 0
+    assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
+
+
 def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "muon"
     assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--optimizer", "muon") == 0
@@ -816,6 +826,13 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds other data than the run began with" in err and "--init-from" in err and "\n" not in err
+    # A run from before runs recorded what their data holds: not checked, and said so; recorded from then on.
+    config = json.loads((out / "config.json").read_text())
+    del config["data_splits"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 0
+    assert "nothing checks that" in capsys.readouterr().out
+    assert "data_splits" in json.loads((out / "config.json").read_text())
 
 
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
