@@ -194,7 +194,17 @@ class Tokenizer:
         return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.hf.decode(ids, skip_special_tokens=skip_special_tokens)
+        if skip_special_tokens:  # by the list below, not the file's flags (see there)
+            ids = [i for i in ids if i not in self.control_ids]
+        return self.hf.decode(ids, skip_special_tokens=False)
+
+    @cached_property
+    def control_ids(self) -> frozenset[int]:
+        """Special tokens that are not text, left out by skip_special_tokens. <think>, <tool_call> and the like
+        are text a reply shows, whatever the file says: folders written before nanoqwen marked them
+        `special: false`, as official Qwen3 folders do, still mark them special."""
+        return frozenset(i for i, token in self.hf.get_added_tokens_decoder().items()
+                         if token.special and token.content not in QWEN_TEXT_TOKENS)
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which

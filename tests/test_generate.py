@@ -28,7 +28,7 @@ from nanoqwen.generate import (
     stream_text,
 )
 from nanoqwen.model import KVCache, Qwen3
-from nanoqwen.tokenizer import bytes_to_unicode, qwen3_tokenizer
+from nanoqwen.tokenizer import bytes_to_unicode, load_tokenizer, qwen3_tokenizer
 from tests.test_model import scramble, tiny_config
 
 
@@ -394,8 +394,16 @@ def test_stream_decodes_each_token_once_and_equals_the_whole_decode(monkeypatch,
     assert max(windows) <= 6  # the bytes of one character (and undecodable ones), never the whole text
 
 
-def test_special_tokens_are_left_out_of_the_text_unless_kept():
-    # As HF pipelines and vLLM decode: <|im_start|> and the like are not text; <think> and <tool_call> are.
+def test_special_tokens_are_left_out_of_the_text_unless_kept(tmp_path):
+    # As HF pipelines and vLLM decode: <|im_start|> and the like are not text; <think> and <tool_call> are,
+    # also in folders written before nanoqwen marked them `special: false` (as official Qwen3 folders do).
+    qwen3_tokenizer().save(tmp_path)
+    raw = json.loads((tmp_path / "tokenizer.json").read_text())
+    for token in raw["added_tokens"]:
+        token["special"] = True
+    (tmp_path / "tokenizer.json").write_text(json.dumps(raw))
+    assert load_tokenizer(tmp_path).decode(qwen3_tokenizer().encode("<think>a<|im_end|>"),
+                                           skip_special_tokens=True) == "<think>a"
     tokenizer = qwen3_tokenizer()
     ids = tokenizer.encode("a<|im_start|>b<think>c<|endoftext|><tool_call>d")
     assert len(ids) == 8
