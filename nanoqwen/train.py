@@ -654,12 +654,23 @@ def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
               "is the data it began with", flush=True)
 
 
+# Model fields that decide the shapes of the weights: what --set may not change with --init-from.
+WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
     from nanoqwen.checkpoint import check_vocab, read_config
 
-    config = apply_overrides(read_config(folder), overrides)
+    original = read_config(folder)
+    config = apply_overrides(original, overrides)
+    reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
+    if reshaped:  # refused here, before any data is prepared for weights that could not load
+        raise NanoQwenError(f"--set {', '.join(reshaped)} would change the shapes of {folder}'s weights, which then "
+                            "cannot be loaded; --init-from keeps the architecture (to train another one, use --preset "
+                            "or --config without --init-from)")
     train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
     if config.torch_dtype in BEST_DTYPES:  # official weights come in bfloat16: best/ the same size, not twice it
         train["best_dtype"] = config.torch_dtype

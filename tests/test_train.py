@@ -620,7 +620,7 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.2  # and learns the new text
 
 
-@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe"])
+@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -638,9 +638,12 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
         (checkpoint / "tokenizer.json").unlink()
         given = ["--dataset", "texts"]
         expected = "no tokenizer.json"
-    else:  # refused before the corpus is prepared (it was prepared first, then refused)
+    elif problem == "bpe":  # refused before the corpus is prepared (it was prepared first, then refused)
         given = ["--dataset", "texts", "--tokenizer", "bpe:280"]
         expected = "would train a new tokenizer"
+    else:  # likewise weights that could not load into the model --set asks for
+        given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
+        expected = "--set num_hidden_layers would change the shapes"
     assert train_in_process("--init-from", str(checkpoint), *given, "--out", "run", *FAST) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
