@@ -8,11 +8,11 @@ import argparse
 import contextlib
 import errno
 import importlib
-import os
 import sys
 
 from nanoqwen import __version__
 from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import discard_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "prepare": ("nanoqwen.data.prepare", "corpus -> tokenizer -> train.bin/val.bin token shards"),
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nanoqwen {args.command}: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `nanoqwen sample ... | head`
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        discard_output(sys.stdout)
         return 0
     except OSError as e:
         if e.errno not in FILE_SYSTEM_ERRORS:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import is_run_record
 
 PRESET_DIR = Path(__file__).parent / "configs"
 QWEN3_VOCAB_SIZE = 151936
@@ -277,7 +278,7 @@ def load_preset(name_or_path: str) -> Preset:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
     if isinstance(raw, dict) and "model_type" in raw:  # a checkpoint's config.json: its architecture
         return Preset(name=path.stem, model=ModelConfig.from_hf_dict(raw, str(path)).validate(), train={})
-    if isinstance(raw, dict) and {"model", "train", "command"} <= raw.keys():
+    if is_run_record(raw):
         raise NanoQwenError(f"{path} is a run's record of its settings, not a preset: continue that run with "
                             "--resume, start from its weights with --init-from RUN/best, or train its architecture "
                             "anew with --config RUN/best/config.json")

@@ -150,6 +150,11 @@ def is_run_config(path: Path) -> bool:
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         return False
+    return is_run_record(saved)
+
+
+def is_run_record(saved: Any) -> bool:
+    """Whether parsed JSON is a run folder's config.json (not a model's, nor a preset)."""
     return isinstance(saved, dict) and set(RUN_CONFIG_KEYS) <= saved.keys()
 
 
@@ -235,6 +240,13 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
         f.write("\n")
 
 
+def discard_output(stream: IO[str]) -> None:
+    """Point `stream`'s file at /dev/null: its reader is gone, and later writes (or a flush at exit) must not fail."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, stream.fileno())
+    os.close(devnull)
+
+
 class ReaderMayLeave:
     """stdout for a long job: once its reader is gone (`nanoqwen train ... | head`), what is printed is
     dropped and the job goes on. Python raises BrokenPipeError at the next print, which ended a run unsaved."""
@@ -256,7 +268,7 @@ class ReaderMayLeave:
             self._drop_output()
 
     def _drop_output(self) -> None:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), self.stream.fileno())  # what is still buffered goes there too
+        discard_output(self.stream)  # what is still buffered goes there too
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)

@@ -148,6 +148,12 @@ class Sequence:
         return self.params.greedy and self.penalties is None
 
 
+def answer_failed(seq: Sequence, error: Exception) -> None:
+    """Tell the request `seq` belongs to that its generation failed, and stop its work."""
+    seq.job.emit(Failed(f"generation failed: {type(error).__name__}: {error}"))
+    seq.job.cancel()
+
+
 class Engine:
     """Runs all model work on one thread. `submit` is called from the event loop."""
 
@@ -228,8 +234,7 @@ class Engine:
                 except Exception as e:  # never let one bad step kill the server: fail what was running
                     log.exception("generation failed")
                     for seq in dict.fromkeys(self._active + self._admitting + self._waiting):  # each once
-                        seq.job.emit(Failed(f"generation failed: {type(e).__name__}: {e}"))
-                        seq.job.cancel()
+                        answer_failed(seq, e)
                     self._active, self._admitting, self._waiting = [], [], []
                     self._cache, self._decode_step = None, None
 
@@ -324,8 +329,7 @@ class Engine:
     def _fail(self, seq: Sequence, error: Exception) -> None:
         """One request failed in its own work (sampling, its text): answer it, and only it, with the error."""
         log.exception("a request failed")
-        seq.job.emit(Failed(f"generation failed: {type(error).__name__}: {error}"))
-        seq.job.cancel()
+        answer_failed(seq, error)
         seq.finished = True
 
     def _logprobs(self, rows: list[Sequence], logits: torch.Tensor, sampled: list[int]
