@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import dataclasses
 import sys
+from collections.abc import Callable
 
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, add_sampling_arguments, sampling_params, stream_batch
@@ -19,8 +20,11 @@ from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
 PROMPT = "you> "
+MORE = "...> "  # the prompt for the next line of a message of several lines
+BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
 THINK_END = "</think>"
-HELP = "Type a message and press Enter. /reset clears the history, /exit quits (or Ctrl-D)."
+HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
+        "message that starts with /. /reset clears the history, /exit quits (or Ctrl-D).")
 # Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
 # their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
 _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
@@ -28,6 +32,29 @@ _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421
 
 def printable(text: str) -> str:
     return text.translate(_VISIBLE)
+
+
+def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
+    """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
+
+    A line that starts with BLOCK goes on over the next lines up to one that ends with BLOCK; the text
+    between is the message, its newlines kept. A line that starts with // is a message starting with /.
+    EOFError and KeyboardInterrupt from `read_line` pass through (a block cut short is dropped with them).
+    """
+    line = read_line(PROMPT)
+    stripped = line.strip()
+    if stripped.startswith(BLOCK):
+        lines = [line.lstrip()[len(BLOCK):]]
+        while not lines[-1].rstrip().endswith(BLOCK):
+            lines.append(read_line(MORE))
+        lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
+        text = "\n".join(lines).strip("\n")  # the empty lines of a BLOCK that stands on its own line
+        return ("message", text) if text.strip() else ("empty", "")
+    if stripped.startswith("//"):
+        return "message", line.lstrip()[1:]
+    if stripped.startswith("/"):
+        return "command", stripped
+    return ("message", line) if stripped else ("empty", "")
 
 
 class Conversation:
@@ -159,23 +186,23 @@ def run(args: argparse.Namespace) -> int:
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
-            line = input(PROMPT)
+            kind, line = read_message(input)
         except EOFError:
             print()
             return 0
-        except KeyboardInterrupt:  # like a shell: Ctrl-C drops the line, Ctrl-D quits
+        except KeyboardInterrupt:  # like a shell: Ctrl-C drops the line (or the block), Ctrl-D quits
             print()
             continue
-        command = line.strip()
-        if command in ("/exit", "/quit"):
-            return 0
-        if command == "/reset":
-            conversation.reset()
-            turn = 0
-            print("(history cleared)")
+        if kind == "empty":
             continue
-        if command.startswith("/") or not command:
-            if command:
+        if kind == "command":
+            if line in ("/exit", "/quit"):
+                return 0
+            if line == "/reset":
+                conversation.reset()
+                turn = 0
+                print("(history cleared)")
+            else:
                 print(HELP)
             continue
         try:

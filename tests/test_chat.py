@@ -10,7 +10,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from nanoqwen.chat import PROMPT, Conversation, printable
+from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
 from tests.serve_helpers import load_reference, make_checkpoint, with_chat_template
@@ -72,6 +72,52 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) -> None:
+    child = spawn_chat(checkpoint)
+    try:
+        for line in ('"""', "Roses are red,"):
+            child.sendline(line)
+            child.expect_exact(MORE)
+        child.sendline('violets are blue."""')
+        child.expect_exact(PROMPT)
+        poem = [{"role": "user", "content": "Roses are red,\nviolets are blue."}]
+        expected = reply_of(local, poem)
+        assert expected != reply_of(local, [{"role": "user", "content": "violets are blue."}])  # the test can tell
+        assert child.before.replace("\r\n", "\n") == 'violets are blue."""\n' + printable(expected) + "\n"
+        # "//" sends a message that starts with "/" (here one that reads like a command), in the same history.
+        history = [*poem, {"role": "assistant", "content": expected}, {"role": "user", "content": "/reset"}]
+        assert say(child, "//reset") == printable(reply_of(local, history)) + "\n"
+        assert "/reset clears" in say(child, "/unknown")  # an unknown command shows the help
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
+def test_read_message_blocks_commands_and_blanks() -> None:
+    def read(*lines: str) -> tuple[str, str]:
+        typed = iter(lines)
+
+        def read_line(prompt: str) -> str:  # as input() does: EOFError when nothing more is typed
+            line = next(typed, None)
+            if line is None:
+                raise EOFError
+            return line
+        return read_message(read_line)
+
+    assert read('"""', "a", "  b", '"""') == ("message", "a\n  b")  # inner indentation kept
+    assert read(' """first', 'last"""  ') == ("message", "first\nlast")
+    assert read('"""one line"""') == ("message", "one line")
+    assert read('"""', "", '"""') == ("empty", "")
+    assert read(" /reset ") == ("command", "/reset")
+    assert read("//etc/hosts is a file") == ("message", "/etc/hosts is a file")
+    assert read("   ") == ("empty", "")
+    assert read(" hi ") == ("message", " hi ")  # a message is sent as typed
+    with pytest.raises(EOFError):  # Ctrl-D inside a block ends the chat, as at the prompt
+        read('"""', "unfinished")
 
 
 def test_raw_continuation(checkpoint: Path, local) -> None:
