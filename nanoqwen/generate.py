@@ -325,6 +325,11 @@ class TextStream:
         # are decoded once, not again with every token (which made a long generation quadratic).
         self.settled_ids = self.settled_chars = 0
 
+    @classmethod
+    def for_params(cls, tokenizer: Tokenizer, params: SamplingParams) -> TextStream:
+        """The stream one request's sampling settings ask for (its stop strings, special tokens kept or not)."""
+        return cls(tokenizer, params.stop_strings, params.skip_special_tokens)
+
     def push(self, token: int) -> str:
         self.ids.append(token)
         fresh = self.tokenizer.decode(self.ids[self.settled_ids:], skip_special_tokens=self.skip_special_tokens)
@@ -381,7 +386,7 @@ class Completion:
 def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
                  ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, new text, None) as text arrives and (row, "", Completion) once a row is finished."""
-    streams = [TextStream(tokenizer, params.stop_strings, params.skip_special_tokens) for _ in prompts]
+    streams = [TextStream.for_params(tokenizer, params) for _ in prompts]
     finished: list[Completion | None] = [None] * len(prompts)
     for step_tokens in generate_ids(model, prompts, params):
         for row, token in enumerate(step_tokens):
@@ -433,7 +438,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     def default(name: str) -> str:
         return f"(default: the checkpoint's generation_config.json, else {SAMPLING_DEFAULTS[name]:g})"
 
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                   help=f"most tokens to generate (default {max_new_tokens}; fewer where the context ends)")
     p.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
@@ -500,7 +506,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     p.add_argument("--prompt", required=True, help="text to continue")
-    p.add_argument("--num-samples", type=positive_int, default=1)
+    p.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
+                   help="samples from the same prompt, generated together (default 1; with --seed S, sample k "
+                        "uses seed S + k)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     add_sampling_arguments(p)
     add_device_arguments(p)

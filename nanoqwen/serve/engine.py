@@ -214,7 +214,7 @@ class Engine:
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
                       seed: int | None, top_logprobs: int | None) -> Sequence:
         budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
-        text = TextStream(self.tokenizer, params.stop_strings, params.skip_special_tokens)
+        text = TextStream.for_params(self.tokenizer, params)
         seq = Sequence(job, index, prompt, params, budget, text, top_logprobs=top_logprobs)
         if not params.greedy:
             seq.generator = torch.Generator(device=self.device)
