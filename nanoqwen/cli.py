@@ -9,6 +9,7 @@ import contextlib
 import errno
 import importlib
 import sys
+from typing import NoReturn
 
 from nanoqwen import __version__
 from nanoqwen.errors import NanoQwenError
@@ -36,8 +37,15 @@ FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.
                       errno.ENOENT: "check the path"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line, as every other bad input is (the usage block is --help's)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="nanoqwen", description="Train Qwen3-architecture models from scratch.")
+    parser = Parser(prog="nanoqwen", description="Train Qwen3-architecture models from scratch.")
     parser.add_argument("--version", action="version", version=f"nanoqwen {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():

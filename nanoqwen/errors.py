@@ -20,6 +20,13 @@ def positive_int(text: str) -> int:
     return value
 
 
+def port_number(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text}")
+    return value
+
+
 SEED_LIMIT = 2**63  # seeds are 0 .. SEED_LIMIT - 1: what torch's generators take
 
 

@@ -1,7 +1,8 @@
 """`nanoqwen serve`: an OpenAI-compatible HTTP API over a checkpoint, and a web page at `/`.
 
-Endpoints: GET /health, GET /v1/models, POST /v1/completions, POST /v1/chat/completions (both with
-`stream: true` as server-sent events). All model work runs on the engine's one worker thread
+Endpoints: GET /health, GET /v1/models and /v1/models/{name}, POST /v1/completions, POST
+/v1/chat/completions (both with `stream: true` as server-sent events), POST /tokenize (vLLM's), and the
+page's static files. All model work runs on the engine's one worker thread
 (see engine.py); handlers here only validate, tokenize, and turn engine events into responses.
 """
 
@@ -25,7 +26,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
@@ -509,15 +510,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* (default: $NANOQWEN_API_KEY if set)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (default: $NANOQWEN_API_KEY "
+                        "if set)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the folder)")
-    p.add_argument("--max-batch-size", type=int, default=32, help="requests decoded together at most (default 32)")
-    p.add_argument("--prefill-chunk", type=int, default=512,
+    p.add_argument("--max-batch-size", type=positive_int, default=32,
+                   help="requests decoded together at most (default 32)")
+    p.add_argument("--prefill-chunk", type=positive_int, default=512,
                    help="prompt tokens per forward pass; smaller keeps running streams smoother while "
                         "a long prompt is read (default 512)")
-    p.add_argument("--max-request-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+    p.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
                    help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are cut "
@@ -530,9 +533,6 @@ def run(args: argparse.Namespace) -> int:
 
     from nanoqwen.generate import checkpoint_sampling, load_for_inference
 
-    for flag in ("max_batch_size", "prefill_chunk"):
-        if getattr(args, flag) < 1:
-            raise NanoQwenError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if not 0 <= args.shutdown_grace < float("inf"):
         raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     check_can_bind(args.host, args.port)  # before the (slow) model load
