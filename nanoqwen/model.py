@@ -138,13 +138,6 @@ class KVCache:
         self.values[layer, :, :, self.length:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
 
-    def reorder(self, rows: torch.Tensor) -> None:
-        """Keep only `rows` of the batch (e.g. drop finished sequences). New tensors: not for fixed shapes."""
-        self.keys = self.keys[:, rows]
-        self.values = self.values[:, rows]
-        self.key_valid = self.key_valid[rows]
-        self.next_position = self.next_position[rows]
-
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -200,7 +193,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     scores = torch.bmm(q, k.flatten(0, 1).transpose(1, 2)).mul_(D ** -0.5)  # (B * K, H/K, S)
     if mask is not None:
         scores.view(B, K, H // K, S).masked_fill_(~mask, float("-inf"))
-    return torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H * D)
+    weights = scores.softmax(-1, dtype=torch.float32).to(v.dtype)  # in fp32 under bf16/fp16, as SDPA does
+    return torch.bmm(weights, v.flatten(0, 1)).view(B, H * D)
 
 
 class MLP(nn.Module):
