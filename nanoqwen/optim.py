@@ -51,7 +51,7 @@ def wsd_decay_start(total: int, warmup: int, decay_fraction: float = 0.2) -> int
 
 def set_lr(optimizer: torch.optim.Optimizer | HybridOptimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lr
 
 
 # -- parameter groups -----------------------------------------------------------------------------

@@ -51,6 +51,7 @@ from nanoqwen.checkpoint import (
 )
 from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
+from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.distributed import (
     DistInfo,
     add_device_arguments,
@@ -128,7 +129,9 @@ class TrainConfig:
     schedule: str = "cosine"
     """cosine or wsd (warmup-stable-decay)."""
     weight_decay: float = 0.1
-    """Decoupled weight decay of the block matrices (never on norms, biases or embeddings)."""
+    """Decoupled weight decay of the block matrices (never on norms or biases; on embeddings only if asked)."""
+    decay_embeddings: bool = False
+    """Decay the token embedding (and an untied lm_head) by weight_decay too; off, as is usual for them."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this (0: off)."""
     optimizer: str = "adamw"
@@ -190,7 +193,8 @@ class TrainConfig:
             raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":
             raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
-                                "rate does not depend on the run's length until its decay starts; add --no-fit-to-time")
+                                "rate does not depend on the run's length until its decay starts; add --schedule "
+                                "wsd (or --no-fit-to-time)")
         if self.tensorboard:
             summary_writer_class()  # one clear line now if the package is missing, not after preparing data
         return self
@@ -226,8 +230,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "500 steps of 16 x 1024 tokens)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
-    data.add_argument("--dataset", help="a corpus to prepare first into data/NAME: shakespeare, tinystories, "
-                                        "hf:ORG/NAME, or a local file or folder")
+    data.add_argument("--dataset", help=f"a corpus to prepare first into data/NAME-TOKENIZER: {SOURCES_HELP}")
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
@@ -446,7 +449,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     if args.fsdp and cfg.optimizer == "muon":
         raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
     train_module = wrap_model(model, info, args, device, cfg.compile)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings)
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
@@ -568,8 +571,8 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
     if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
-                            "--init-from, --dataset and --tokenizer cannot change them (--data may say where its "
-                            "data folder is now)")
+                            "--init-from, --dataset, --tokenizer and --text-column cannot change them (--data "
+                            "may say where its data folder is now)")
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise NanoQwenError(f"--resume {args.resume} continues that run in its own folder; drop --out (to train "
                             f"into {args.out} from its weights instead: --init-from {Path(args.resume) / 'last'})")
@@ -717,8 +720,9 @@ def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: t
 
 def default_compile(device: torch.device) -> bool:
     """torch.compile on CUDA only. On a CPU the step of a small model is mostly large matmuls that
-    inductor leaves to MKL: on the 2-core test machine the compiled `cpu` preset trained 0-6% slower
-    and spent about 20 s compiling first, for about 15% less peak memory (`--compile` asks for it)."""
+    inductor leaves to MKL: on the 2-core test machines the compiled `cpu` preset trained between 6% slower
+    and 8% faster (bench/README.md), after about 20 s of compiling and with a C++ compiler it needs, for
+    8-15% less peak memory. Not worth it by default there; `--compile` asks for it."""
     return device.type == "cuda"
 
 

@@ -20,10 +20,12 @@ import pytest
 import torch
 
 from nanoqwen.cli import main
+from nanoqwen.config import ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
-from nanoqwen.optim import lr_at
+from nanoqwen.model import Qwen3
+from nanoqwen.optim import build_optimizer, lr_at
 from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.tokenizer import load_tokenizer
 from tests.train_helpers import (
@@ -223,6 +225,26 @@ def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     assert train_in_process(*common(data, preset, out), "--max-steps", "30", "--optimizer", "muon") == 0
     losses = list(train_losses(out).values())
     assert np.mean(losses[-5:]) < losses[0] - 1.5
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_weight_decay_falls_on_block_matrices_and_on_embeddings_only_if_asked(optimizer: str, tied: bool) -> None:
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
+    model = Qwen3(config)
+    names = {id(p): name for name, p in model.named_parameters()}
+    for decay_embeddings in (False, True):
+        built = build_optimizer(model, optimizer, 1e-3, 0.1, torch.device("cpu"), decay_embeddings)
+        decays = {names[id(p)]: group["weight_decay"] for group in built.param_groups for p in group["params"]}
+        assert sorted(decays) == sorted(names.values())  # every parameter once (a tied head is the embedding)
+        for name, decay in decays.items():
+            if "embed_tokens" in name or "lm_head" in name:
+                assert decay == (0.1 if decay_embeddings else 0.0), name
+            elif name.endswith("norm.weight"):
+                assert decay == 0.0, name
+            else:
+                assert decay == 0.1 and "proj" in name, name
 
 
 def test_low_precision_autocast_trains(data: Path, preset: Path, tmp_path: Path) -> None:
