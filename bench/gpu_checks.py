@@ -1,4 +1,5 @@
-"""The checks of `bash bench/gpu_run.sh check` that are more than one command, each failing with a reason.
+"""The checks of `bash bench/gpu_run.sh check1` and `check2` that are more than one command, each failing
+with a reason.
 
     python bench/gpu_checks.py loss-falls RUN     # bf16 autocast and torch.compile were used; the loss fell
     python bench/gpu_checks.py resume DATA W [TRAIN ARGS]  # stopped by SIGTERM and resumed: follows the full run

@@ -1,7 +1,7 @@
 """`nanoqwen chat`: talk to a checkpoint in the terminal.
 
-Chat models get the conversation through the checkpoint's chat template (ChatML as QWEN3.md writes it, or
-the folder's own, as official Qwen3 folders carry); base models can be driven with `--raw`, where the
+Chat models get the conversation through the checkpoint's chat template (ChatML, the turns of Qwen3's own
+template, or the folder's own, as official Qwen3 folders carry); base models can be driven with `--raw`, where the
 whole transcript is plain text that the model continues. Replies stream in as they are generated.
 When the history no longer fits the context, the oldest turns are dropped.
 """

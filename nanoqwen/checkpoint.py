@@ -290,7 +290,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny", help="preset name or JSON file (default: tiny)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint into")
     p.add_argument("--tokenizer", default="qwen3", help="qwen3 (default) or a tokenizer folder")
-    p.add_argument("--seed", type=seed_int, default=0)
+    p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set num_hidden_layers=2")
     add_device_arguments(p, dtype_help="dtype the weights are stored in (default float32)")

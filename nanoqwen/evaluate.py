@@ -91,8 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", help="a UTF-8 text file, scored as one document")
-    source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin is scored")
+    source.add_argument("--text-file", help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as "
+                                            "one document")
+    source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin (or --split) is "
+                                       "scored")
     p.add_argument("--split", default=None, choices=["train", "val"], help="with --data: which split (default val)")
     p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward (default: ~16k tokens)")

