@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, check_json_types, load_preset
+from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, apply_overrides, check_json_types, load_preset
 from nanoqwen.distributed import add_device_arguments, check_host_memory, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config
@@ -50,6 +50,13 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
                             f"rows; use --set vocab_size={vocab_rows(tokenizer)} or a smaller tokenizer")
     return dataclasses.replace(config, vocab_size=vocab, bos_token_id=endoftext, eos_token_id=eos,
                                pad_token_id=endoftext)
+
+
+def new_model_config(model: ModelConfig, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
+    """A preset's model with `--set` overrides, sized to the tokenizer unless vocab_size was set by hand."""
+    config = apply_overrides(model, overrides)
+    fit = not any(item.startswith("vocab_size=") for item in overrides)
+    return config_for_tokenizer(config, tokenizer, fit_vocab=fit)
 
 
 def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:
@@ -297,17 +304,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoqwen.config import apply_overrides
-
     check_replaceable(args.out, "checkpoint")
     out = Path(args.out)
     if out.exists() and is_run_config(out.resolve().parent / "config.json"):  # a run's best/ or last/
         raise NanoQwenError(f"{args.out} is a checkpoint of the run {out.resolve().parent}; init writes random "
                             "weights, so pick another --out")
     tokenizer = resolve_tokenizer(args.tokenizer)
-    config = apply_overrides(load_preset(args.preset).model, args.set)
-    fit = not any(item.startswith("vocab_size=") for item in args.set)
-    config = config_for_tokenizer(config, tokenizer, fit_vocab=fit)
+    config = new_model_config(load_preset(args.preset).model, args.set, tokenizer)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
     if device.type == "cpu":  # built in float32 before it is saved in --dtype

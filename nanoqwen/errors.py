@@ -28,10 +28,11 @@ def port_number(text: str) -> int:
 
 
 SEED_LIMIT = 2**63  # seeds are 0 .. SEED_LIMIT - 1: what torch's generators take
+SEED_RANGE = "between 0 and 2**63 - 1"
 
 
 def seed_int(text: str) -> int:
     value = int(text)
     if not 0 <= value < SEED_LIMIT:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {text}")
+        raise argparse.ArgumentTypeError(f"must be {SEED_RANGE}, got {text}")
     return value

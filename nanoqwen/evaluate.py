@@ -12,20 +12,21 @@ import torch
 import torch.nn.functional as F
 
 from nanoqwen.errors import NanoQwenError, positive_int
+from nanoqwen.loss import IGNORE_INDEX
 from nanoqwen.model import Qwen3
 
 
 def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
                     ) -> tuple[float, int, int]:
     """Sum of next-token NLL, correct argmax predictions and count, projecting `chunk` positions at a time
-    so the (tokens, vocab) logits never exist whole. hidden (N, C), targets (N,), -100 = skip."""
+    so the (tokens, vocab) logits never exist whole. hidden (N, C), targets (N,), IGNORE_INDEX = skip."""
     total_nats, correct = 0.0, 0
     for start in range(0, hidden.shape[0], chunk):
         t = targets[start:start + chunk]
         logits = model.lm_head(hidden[start:start + chunk]).float()
-        total_nats += F.cross_entropy(logits, t, ignore_index=-100, reduction="sum").item()
-        correct += int(((logits.argmax(-1) == t) & (t != -100)).sum())
-    return total_nats, correct, int((targets != -100).sum())
+        total_nats += F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="sum").item()
+        correct += int(((logits.argmax(-1) == t) & (t != IGNORE_INDEX)).sum())
+    return total_nats, correct, int((targets != IGNORE_INDEX).sum())
 
 
 def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int | None = None,
@@ -51,7 +52,7 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
             lengths = [min(context, tokens.numel() - 1 - s) for s in group]
             width = max(lengths)
             inputs = torch.zeros(len(group), width, dtype=torch.long)
-            targets = torch.full((len(group), width), -100, dtype=torch.long)  # -100: padding, not scored
+            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)  # padding, not scored
             for row, (s, n) in enumerate(zip(group, lengths)):
                 inputs[row, :n] = tokens[s:s + n]
                 targets[row, :n] = tokens[s + 1:s + 1 + n]

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -64,7 +64,7 @@ class SamplingParams:
         if not 0 < self.repetition_penalty < math.inf:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
-            raise NanoQwenError(f"seed must be between 0 and 2**63 - 1, got {self.seed}")
+            raise NanoQwenError(f"seed must be {SEED_RANGE}, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise NanoQwenError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
@@ -275,13 +275,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     budget = min(check_fits(model, len(p), params.max_new_tokens) for p in prompts)
     if budget == 0:
         return
-    generator = None
-    if not params.greedy:
-        generator = torch.Generator(device=device)
-        if params.seed is None:
-            generator.seed()  # fresh randomness, without reseeding torch's global generator as torch.seed() does
-        else:
-            generator.manual_seed(params.seed)
+    generator = None if params.greedy else sampling_generator(device, params.seed)
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
     real = torch.zeros(B, longest, dtype=torch.long)
@@ -306,6 +300,17 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         if penalties is not None:
             penalties.record(token)
         logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
+
+
+def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator of its own for one generation: seeded, or fresh randomness (without reseeding torch's
+    global generator, as torch.seed() would)."""
+    generator = torch.Generator(device=device)
+    if seed is None:
+        generator.seed()
+    else:
+        generator.manual_seed(seed)
+    return generator
 
 
 class TextStream:
@@ -434,6 +439,14 @@ def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: Samplin
 SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
 
 
+def top_k_int(text: str) -> int:
+    """--top-k: a whole number >= 0; -1 (vLLM's and the server's "all") is 0 here, as in generation_config.json."""
+    value = int(text)
+    if value < -1:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (0 or -1: all tokens), got {text}")
+    return max(value, 0)
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
     def default(name: str) -> str:
         return f"(default: the checkpoint's generation_config.json, else {SAMPLING_DEFAULTS[name]:g})"
@@ -443,7 +456,7 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--temperature", type=float, default=None,
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
-    p.add_argument("--top-k", type=int, default=None, help=f"0 keeps all tokens {default('top_k')}")
+    p.add_argument("--top-k", type=top_k_int, default=None, help=f"0 (or -1) keeps all tokens {default('top_k')}")
     p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help=f"> 1 discourages prompt and output tokens {default('repetition_penalty')}")

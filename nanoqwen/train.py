@@ -43,8 +43,8 @@ import torch.distributed as dist
 from nanoqwen.checkpoint import (
     check_data_tokenizer,
     checkpoint_step,
-    config_for_tokenizer,
     load_model,
+    new_model_config,
     read_generation_config,
     save_checkpoint,
     write_checkpoint_files,
@@ -63,9 +63,9 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import SEED_LIMIT, NanoQwenError, first_line
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
-from nanoqwen.generate import SamplingParams, check_fits, generate
+from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
     ReaderMayLeave,
@@ -188,7 +188,7 @@ class TrainConfig:
         if self.sample_interval < 0 or self.early_stopping_patience < 0:
             raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
         if not 0 <= self.seed < SEED_LIMIT:
-            raise NanoQwenError(f"--seed must be between 0 and 2**63 - 1, got {self.seed}")
+            raise NanoQwenError(f"--seed must be {SEED_RANGE}, got {self.seed}")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
             raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":
@@ -417,7 +417,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         locks += [lock] if lock else []
         preset_name, resume_dir, changed = preset.name, None, []
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
-        model_config = preset.model if args.init_from else new_model_config(preset, args.set, load_tokenizer(data))
+        model_config = (preset.model if args.init_from
+                        else new_model_config(preset.model, args.set, load_tokenizer(data)))
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     if cfg.seq_len > model_config.max_position_embeddings:
         raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
@@ -684,12 +685,6 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     return Preset(name=slug(name), model=config, train=train)
 
 
-def new_model_config(preset: Preset, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
-    config = apply_overrides(preset.model, overrides)
-    fit = not any(item.startswith("vocab_size=") for item in overrides)
-    return config_for_tokenizer(config, tokenizer, fit_vocab=fit)
-
-
 def default_out(preset: str, info: DistInfo) -> Path:
     name = [f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"]
     if info.distributed:  # every rank must write to rank 0's folder
@@ -938,7 +933,7 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def sample(run: Run) -> str:
-    params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, temperature=0.8, top_k=50, top_p=0.95,
+    params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, **SAMPLING_DEFAULTS,  # sample's defaults
                             stop_token_ids=run.tokenizer.stop_ids, seed=run.cfg.seed)
     with run.autocast():
         text = generate(run.model, run.tokenizer, [run.cfg.sample_prompt], params)[0].text
@@ -982,11 +977,12 @@ def train(run: Run) -> dict[str, Any]:
                 record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
             # Every rank must agree to stop: the wall cap is rank 0's clock, a signal may reach one rank only.
             time_up = cfg.max_minutes is not None and now - start >= cfg.max_minutes * 60
-            code = all_reduce(float(time_up) + 2 * float(stop.name is not None), "max", run.info.device)
-            if code:
-                summary["stopped"] = f"signal {stop.name or ''}".strip() if code >= 2 else "max_minutes"
-            interrupted = code >= 2  # a signal: save and leave, no final evaluation or sample
-            final = state.step >= run.total_steps or code > 0
+            # 0: go on, 1: the wall cap, 2 or 3: a signal (with or without the cap); the highest rank's wins.
+            stop_level = all_reduce(float(time_up) + 2 * float(stop.name is not None), "max", run.info.device)
+            if stop_level:
+                summary["stopped"] = f"signal {stop.name or ''}".strip() if stop_level >= 2 else "max_minutes"
+            interrupted = stop_level >= 2  # a signal: save and leave, no final evaluation or sample
+            final = state.step >= run.total_steps or stop_level > 0
             if state.step % cfg.eval_interval == 0 or (final and not interrupted):
                 with explain_out_of_memory(run):
                     summary["eval"] = {**evaluate_and_track(run, record, display), "step": state.step}
@@ -1138,23 +1134,23 @@ def run(args: argparse.Namespace) -> int:
 
 def train_and_report(args: argparse.Namespace) -> None:
     started = time.perf_counter()
-    run_ = setup(args)
-    if run_.info.is_main:
-        cfg, m = run_.cfg, run_.model
+    this_run = setup(args)
+    if this_run.info.is_main:
+        cfg, m = this_run.cfg, this_run.model
         origin = f" from {args.init_from}" if args.init_from else ""
-        print(f"{'resuming' if args.resume is not None else 'training'} {run_.preset}{origin}: "
-              f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {run_.info.device} "
-              f"x{run_.info.world_size} ({str(run_.amp_dtype).removeprefix('torch.')}), "
-              f"{run_.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
-              f"(micro-batch {run_.loader.micro_batch}, accumulation {run_.loader.accumulation}), "
-              f"{cfg.optimizer}, lr {cfg.lr:g}, data {run_.data}, out {run_.out}", flush=True)
+        print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
+              f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
+              f"x{this_run.info.world_size} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
+              f"{this_run.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
+              f"(micro-batch {this_run.loader.micro_batch}, accumulation {this_run.loader.accumulation}), "
+              f"{cfg.optimizer}, lr {cfg.lr:g}, data {this_run.data}, out {this_run.out}", flush=True)
     try:
-        summary = train(run_)
-        if run_.info.is_main:
+        summary = train(this_run)
+        if this_run.info.is_main:
             from nanoqwen.plot import plot_run
 
-            plot_run(run_.out)
-            report(run_, summary, time.perf_counter() - started)
+            plot_run(this_run.out)
+            report(this_run, summary, time.perf_counter() - started)
     finally:
-        if run_.lock is not None:
-            release_lock(run_.lock)
+        if this_run.lock is not None:
+            release_lock(this_run.lock)

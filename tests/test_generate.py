@@ -103,6 +103,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     given.model = str(folder)
     params = sampling_params(given, qwen3_tokenizer())
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.6, 5, 0.95, 1.0)
+    assert parser.parse_args(["--top-k", "-1"]).top_k == 0  # vLLM's "all", as the server and the file take it
     config.write_text("{broken")
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
     config.write_text(json.dumps({"top_k": -1}))  # vLLM's "all tokens", as some folders write it

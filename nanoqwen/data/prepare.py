@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -58,7 +58,14 @@ DEFAULT_VAL_FRACTION = 0.01  # and at least one document (or part of the only on
 BATCH_CHARS = 1 << 21  # text per encode call: enough to keep every core busy, small enough to bound memory
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size, so one big file uses every core
 
-Encoded = tuple[str, int, np.ndarray]  # (text, UTF-8 bytes, ids ending with <|endoftext|>)
+class Encoded(NamedTuple):
+    """One document, encoded."""
+
+    text: str
+    nbytes: int
+    """Its UTF-8 length."""
+    ids: np.ndarray
+    """Its token ids, ending with <|endoftext|>."""
 
 
 # -- command line ------------------------------------------------------------------------------------
@@ -264,21 +271,21 @@ def _tokenizer_identity(spec: str) -> str:
 
 def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenizer, int, int]:
     """A BPE trained on every document of `corpus`, the number of documents and their UTF-8 bytes."""
-    seen = [0, 0]
+    seen = {"documents": 0, "bytes": 0}  # counted as the trainer reads the corpus
 
     def texts() -> Iterator[str]:
         for text in corpus.documents():
-            seen[0] += 1
-            seen[1] += len(text.encode("utf-8"))
+            seen["documents"] += 1
+            seen["bytes"] += len(text.encode("utf-8"))
             yield text
 
     tokenizer = train_bpe(texts(), vocab_size, show_progress=progress and sys.stderr.isatty())
-    if seen[0] == 0:
+    if seen["documents"] == 0:
         raise corpus.empty_error()
     if tokenizer.vocab_size < vocab_size and progress:
         print(f"nanoqwen: note: the corpus has too little text for {vocab_size} BPE ids; the tokenizer has "
               f"{tokenizer.vocab_size} (no pair of tokens left to merge)", file=sys.stderr)
-    return tokenizer, seen[0], seen[1]
+    return tokenizer, seen["documents"], seen["bytes"]
 
 
 def _piece_safe(hf: HFTokenizer) -> bool:
@@ -371,7 +378,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
         out, k = [], 0
         for text, n in zip(texts, counts):
             doc = np.concatenate([np.asarray(x, dtype=DTYPE) for x in ids[k:k + n]] + [eot])
-            out.append((text, len(text.encode("utf-8")), doc))
+            out.append(Encoded(text, len(text.encode("utf-8")), doc))
             k += n
         return out
 
@@ -416,10 +423,10 @@ class _SplitWriter:
 
     def add(self, doc: Encoded) -> None:
         self.documents += 1
-        self.seen_bytes += doc[1]
+        self.seen_bytes += doc.nbytes
         drawn = self.rng.random() < self.val_fraction  # drawn for every document: the same draws as before
         # Not the first document: were it the only one, val would hold it all (a --val-fraction of 0.5 or more).
-        if drawn and self.documents > 1 and self.counts["val"]["bytes"] + doc[1] <= self.cap * self.seen_bytes:
+        if drawn and self.documents > 1 and self.counts["val"]["bytes"] + doc.nbytes <= self.cap * self.seen_bytes:
             self._release()
             self._write("val", doc)
         elif self.counts["val"]["documents"]:
@@ -429,22 +436,21 @@ class _SplitWriter:
             self.held = doc
 
     def finish(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
-        self._place_held(encode)  # train is never empty: the first document never goes to val whole
-
-    def _place_held(self, encode: Callable[[list[str]], list[Encoded]]) -> None:
+        """Place the document held back: to val (whole or cut) if val has none. Train is never left empty:
+        the first document never goes to val whole."""
         if self.held is None:
             return
         doc, self.held = self.held, None
         # Whole, if that is near --val-fraction of the text, or the text is too short for a cut to leave val
         # anything to measure with; else cut, as a file read in blocks of 2 MiB once gave val 58% of itself.
-        near = doc[1] <= 2 * self.val_fraction * self.seen_bytes or \
+        near = doc.nbytes <= 2 * self.val_fraction * self.seen_bytes or \
             self.val_fraction * self.seen_bytes < MIN_CUT_VAL_BYTES
-        if self.documents > 1 and near and doc[1] <= self.cap * self.seen_bytes:
+        if self.documents > 1 and near and doc.nbytes <= self.cap * self.seen_bytes:
             self._write("val", doc)
             return
         # One document, or one too large to hold out whole: val gets --val-fraction of the text, from its end.
-        share = min(0.5, self.val_fraction * self.seen_bytes / max(doc[1], 1))
-        text = doc[0]
+        share = min(0.5, self.val_fraction * self.seen_bytes / max(doc.nbytes, 1))
+        text = doc.text
         cut = min(max(round(len(text) * (1 - share)), 1), len(text) - 1)
         while cut < len(text) and unicodedata.combining(text[cut]):
             cut += 1  # keep combining marks with their base character
@@ -500,9 +506,9 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
                 done = inflight.popleft().result()
                 for doc in done:
                     writer.add(doc)
-                    tokens += len(doc[2])
+                    tokens += len(doc.ids)
                 bar.set_postfix_str(f"{writer.documents:,} docs, {tokens:,} tokens", refresh=False)
-                bar.update(sum(doc[1] for doc in done))
+                bar.update(sum(doc.nbytes for doc in done))
 
             for batch in _batches(documents):
                 inflight.append(pool.submit(encode, batch))

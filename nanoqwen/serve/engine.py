@@ -41,6 +41,7 @@ from nanoqwen.generate import (
     check_fits,
     graphs_by_default,
     next_tokens,
+    sampling_generator,
     token_logprobs,
 )
 from nanoqwen.model import KVCache, Qwen3
@@ -217,11 +218,7 @@ class Engine:
         text = TextStream.for_params(self.tokenizer, params)
         seq = Sequence(job, index, prompt, params, budget, text, top_logprobs=top_logprobs)
         if not params.greedy:
-            seq.generator = torch.Generator(device=self.device)
-            if seed is None:
-                seq.generator.seed()  # fresh randomness, without reseeding torch's global generator
-            else:
-                seq.generator.manual_seed(seed)
+            seq.generator = sampling_generator(self.device, seed)
         return seq
 
     # -- the worker thread ---------------------------------------------------------------------
