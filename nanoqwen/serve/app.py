@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import hmac
 import json
 import os
@@ -156,32 +157,11 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # What a request leaves out is sampled as OpenAI's API does, unless the checkpoint's generation_config.json
 # says otherwise (as vLLM reads it): official Qwen3 folders recommend temperature 0.6-0.7, top-p, top-k.
 OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+LogprobShape = Callable[[list[TokenLogprob]], dict[str, Any]]
 
 
-def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
-               max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None) -> FastAPI:
-    """The server for one model. The engine thread starts and stops with the app's lifespan.
-    `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
-    (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values."""
-    defaults = sampling_defaults or OPENAI_SAMPLING
-    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
-    context = model.config.max_position_embeddings
-    # Beyond OpenAI's fields: the size, the context, and whether chat_template_kwargs {"enable_thinking": false}
-    # means anything (official Qwen3 templates; this also compiles the template, so a broken one stops here).
-    card = {"id": model_name, "object": "model", "created": now(), "owned_by": "nanoqwen",
-            "parameters": model.num_params(), "context_length": context, "thinking_switch": tokenizer.thinking_switch,
-            "sampling_defaults": defaults}
-
-    @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        engine.start()
-        yield
-        engine.stop()
-
-    # No /docs: FastAPI's docs page loads its scripts from a CDN.
-    app = FastAPI(title="nanoqwen", lifespan=lifespan, docs_url=None, redoc_url=None)
-    app.state.engine = engine
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's error body, with the status it deserves."""
 
     @app.exception_handler(APIError)
     async def api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -206,30 +186,170 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
         return JSONResponse(error_body(f"internal error: {type(exc).__name__}: {exc}", "server_error"), 500)
 
+
+# -- logprobs in OpenAI's two shapes ---------------------------------------------------------------
+def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text, or `bytes:\\xe6\\x97` when its bytes are not whole UTF-8 on
+    their own (part of a character); and the bytes themselves."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8"), list(raw)
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
+
+
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    def item(token: int, logprob: float) -> dict[str, Any]:
+        text, raw = token_text(tokenizer, token)
+        return {"token": text, "logprob": logprob, "bytes": raw}
+
+    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+                        for e in entries]}
+
+
+def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    return {
+        "tokens": [token_text(tokenizer, e.token)[0] for e in entries],
+        "token_logprobs": [e.logprob for e in entries],
+        # As OpenAI: the N most likely, plus the sampled token when it is not among them.
+        "top_logprobs": [{token_text(tokenizer, t)[0]: lp for t, lp in [*e.top, (e.token, e.logprob)]}
+                         for e in entries],
+        "text_offset": [e.text_offset for e in entries],
+    }
+
+
+# -- engine events -> responses --------------------------------------------------------------------
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (what a non-streaming request has to watch for)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def events(job: Job) -> AsyncIterator[Delta | Finished]:
+    left = job.choices
+    while left:
+        event = await job.events.get()
+        if isinstance(event, Failed):
+            raise APIError(500, event.message, type="server_error")
+        left -= isinstance(event, Finished)
+        yield event
+
+
+async def collect(job: Job) -> tuple[list[str], list[str], int, list[list[TokenLogprob]]]:
+    """Whole texts, finish reasons, the completion token count, and the logprobs of every choice."""
+    texts, reasons, completion_tokens = [""] * job.choices, [""] * job.choices, 0
+    logprobs: list[list[TokenLogprob]] = [[] for _ in range(job.choices)]
+    async for event in events(job):
+        logprobs[event.index] += event.logprobs
+        if isinstance(event, Delta):
+            texts[event.index] += event.text
+        else:
+            reasons[event.index] = event.finish_reason
+            completion_tokens += event.completion_tokens
+    return texts, reasons, completion_tokens, logprobs
+
+
+def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], str]:
+    """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out."""
+    if not tools:
+        return {"role": "assistant", "content": text}, reason
+    content, calls = split_tool_calls(text)
+    if not calls:
+        return {"role": "assistant", "content": text}, reason
+    message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
+    return message, reason_with_calls(reason)
+
+
+async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
+                 shape: LogprobShape | None, tools: bool = False) -> AsyncIterator[str]:
+    """Server-sent chunks. With `tools`, a choice's text from its first `<tool_call>` on is held back and
+    sent at its end as `tool_calls` (and whatever text lies outside the calls), so the streamed text
+    is the non-streamed message's."""
+    head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
+    extra = {"usage": None} if include_usage else {}
+    calls_out = [ToolCallStream() for _ in range(job.choices)] if tools else []
+
+    def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
+              entries: list[TokenLogprob] | None = None) -> str:
+        logprobs = shape(entries) if shape and entries else None  # the tokens behind this chunk
+        if chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
+        else:
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
+        return sse({**head, "choices": [choice], **extra})
+
+    completion_tokens = 0
+    try:
+        if chat:  # OpenAI opens each choice with a role-only delta
+            for i in range(job.choices):
+                yield chunk(i, None, None, role=True)
+        async for event in events(job):
+            i = event.index
+            if isinstance(event, Delta):
+                text = calls_out[i].push(event.text) if tools else event.text
+                if text or event.logprobs:  # a piece held back whole sends nothing
+                    yield chunk(i, text, None, entries=event.logprobs)
+                continue
+            completion_tokens += event.completion_tokens
+            reason = event.finish_reason
+            if tools:
+                rest, calls = calls_out[i].finish()
+                if rest:
+                    yield chunk(i, rest, None)
+                if calls:
+                    calls = [{"index": k, **call} for k, call in enumerate(calls)]
+                    yield sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
+                                                    "finish_reason": None}], **extra})
+                    reason = reason_with_calls(reason)
+            yield chunk(i, None, reason, entries=event.logprobs)
+        if include_usage:
+            yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
+    except APIError as e:  # the status line is already sent: report the error in the stream
+        yield sse(e.body())
+    yield sse("[DONE]")
+
+
+class Service:
+    """One model behind the API: turns requests into prompts and sampling settings, hands them to the
+    engine, and turns its events into OpenAI's responses."""
+
+    def __init__(self, model: Qwen3, tokenizer: Tokenizer, name: str, engine: Engine,
+                 sampling_defaults: dict[str, float]) -> None:
+        self.model, self.tokenizer, self.name, self.engine = model, tokenizer, name, engine
+        self.defaults = sampling_defaults
+        self.context = model.config.max_position_embeddings
+        # Beyond OpenAI's fields: the size, the context, and whether chat_template_kwargs {"enable_thinking":
+        # false} means anything (official Qwen3 templates; this also compiles the template, so a broken one
+        # stops here).
+        self.card = {"id": name, "object": "model", "created": now(), "owned_by": "nanoqwen",
+                     "parameters": model.num_params(), "context_length": self.context,
+                     "thinking_switch": tokenizer.thinking_switch, "sampling_defaults": sampling_defaults}
+
     # -- request -> prompts and sampling parameters -----------------------------------------------
-    def check_model(name: str | None) -> None:
-        if name is not None and name != model_name:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{model_name}' "
+    def check_model(self, name: str | None) -> None:
+        if name is not None and name != self.name:
+            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.name}' "
                                 "(see GET /v1/models)", "model", "model_not_found")
 
-    def check_prompt_fits(prompt: list[int], param: str) -> None:
+    def check_prompt_fits(self, prompt: list[int], param: str) -> None:
         try:
-            check_fits(model, len(prompt), 1)
+            check_fits(self.model, len(prompt), 1)
         except NanoQwenError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from None
 
-    def chat_prompt(body: ChatInput, add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, body: ChatInput, add_generation_prompt: bool = True) -> list[int]:
         """The conversation's prompt ids, through the model's chat template."""
-        if body.uses_tools() and tokenizer.chat_format == "ChatML":
+        if body.uses_tools() and self.tokenizer.chat_format == "ChatML":
             raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
                                 "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
         try:
-            text = tokenizer.render_chat(body.chat_messages(), add_generation_prompt, **body.template_kwargs())
+            text = self.tokenizer.render_chat(body.chat_messages(), add_generation_prompt, **body.template_kwargs())
         except NanoQwenError as e:
             raise APIError(400, str(e), "messages") from None
-        return tokenizer.encode(text)
+        return self.tokenizer.encode(text)
 
-    def completion_prompts(prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         items: list[str | list[int]]
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             items = [prompt]  # type: ignore[list-item]
@@ -237,24 +357,26 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             items = list(prompt)  # type: ignore[arg-type]
         if not items:
             raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+        vocab = self.model.config.vocab_size
         prompts = []
         for item in items:
-            ids = tokenizer.encode(item) if isinstance(item, str) else list(item)
+            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
             if not ids:  # an empty prompt starts a new document, as in pre-training data
-                ids = [tokenizer.eot_id]
-            bad = [t for t in ids if not 0 <= t < model.config.vocab_size]
+                ids = [self.tokenizer.eot_id]
+            bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
-                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {model.config.vocab_size})",
-                               "prompt")
-            check_prompt_fits(ids, "prompt")
+                raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
+            self.check_prompt_fits(ids, "prompt")
             prompts.append(ids)
         return prompts
 
-    def sampling_params(body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+    def request_sampling(self, body: SamplingRequest, max_tokens: int | None) -> SamplingParams:
+        """The request's sampling settings, the server's defaults where it gives none."""
         body.check_unsupported()
+        defaults = self.defaults
         top_k = int(defaults["top_k"]) if body.top_k is None else max(body.top_k, 0)  # -1 and 0: all tokens
         return SamplingParams(
-            max_new_tokens=max_tokens or context,  # each sequence is capped to what fits by the engine
+            max_new_tokens=max_tokens or self.context,  # each sequence is capped to what fits by the engine
             temperature=defaults["temperature"] if body.temperature is None else body.temperature,
             top_k=top_k,
             top_p=defaults["top_p"] if body.top_p is None else body.top_p,
@@ -262,89 +384,27 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            stop_token_ids=tokenizer.stop_ids,
+            stop_token_ids=self.tokenizer.stop_ids,
             stop_strings=body.stop_strings(),
             seed=body.seed,
             skip_special_tokens=body.skip_special_tokens,
         ).validate()
 
-    # -- logprobs in OpenAI's two shapes ---------------------------------------------------------
-    def token_text(token: int) -> tuple[str, list[int]]:
-        """A token as OpenAI shows it: its text, or `bytes:\\xe6\\x97` when its bytes are not whole
-        UTF-8 on their own (part of a character); and the bytes themselves."""
-        raw = tokenizer.token_bytes(token)
-        try:
-            return raw.decode("utf-8"), list(raw)
-        except UnicodeDecodeError:
-            return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
-
-    def chat_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-        def item(token: int, logprob: float) -> dict[str, Any]:
-            text, raw = token_text(token)
-            return {"token": text, "logprob": logprob, "bytes": raw}
-
-        return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                            for e in entries]}
-
-    def completion_logprobs(entries: list[TokenLogprob]) -> dict[str, Any]:
-        return {
-            "tokens": [token_text(e.token)[0] for e in entries],
-            "token_logprobs": [e.logprob for e in entries],
-            # As OpenAI: the N most likely, plus the sampled token when it is not among them.
-            "top_logprobs": [{token_text(t)[0]: lp for t, lp in [*e.top, (e.token, e.logprob)]} for e in entries],
-            "text_offset": [e.text_offset for e in entries],
-        }
-
-    # -- engine events -> responses --------------------------------------------------------------
-    async def client_gone(request: Request) -> None:
-        """Returns when the client disconnects (what a non-streaming request has to watch for)."""
-        while (await request.receive())["type"] != "http.disconnect":
-            pass
-
-    async def events(job: Job) -> AsyncIterator[Delta | Finished]:
-        left = job.choices
-        while left:
-            event = await job.events.get()
-            if isinstance(event, Failed):
-                raise APIError(500, event.message, type="server_error")
-            left -= isinstance(event, Finished)
-            yield event
-
-    async def collect(job: Job) -> tuple[list[str], list[str], int, list[list[TokenLogprob]]]:
-        """Whole texts, finish reasons, the completion token count, and the logprobs of every choice."""
-        texts, reasons, completion_tokens = [""] * job.choices, [""] * job.choices, 0
-        logprobs: list[list[TokenLogprob]] = [[] for _ in range(job.choices)]
-        async for event in events(job):
-            logprobs[event.index] += event.logprobs
-            if isinstance(event, Delta):
-                texts[event.index] += event.text
-            else:
-                reasons[event.index] = event.finish_reason
-                completion_tokens += event.completion_tokens
-        return texts, reasons, completion_tokens, logprobs
-
-    def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], str]:
-        """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out."""
-        if not tools:
-            return {"role": "assistant", "content": text}, reason
-        content, calls = split_tool_calls(text)
-        if not calls:
-            return {"role": "assistant", "content": text}, reason
-        message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
-        return message, reason_with_calls(reason)
-
-    async def respond(request: Request, body: SamplingRequest, prompts: list[list[int]],
+    # -- the answer ------------------------------------------------------------------------------
+    async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
                       params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False
                       ) -> Response:
         if body.n * len(prompts) > 64:
             raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n")
-        job = engine.submit(prompts, params, body.n, top_logprobs)
+        job = self.engine.submit(prompts, params, body.n, top_logprobs)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
-        shape = None if top_logprobs is None else chat_logprobs if chat else completion_logprobs
+        shape: LogprobShape | None = None
+        if top_logprobs is not None:
+            shape = functools.partial(chat_logprobs if chat else completion_logprobs, self.tokenizer)
         ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
-                "model": model_name}
+                "model": self.name}
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -372,103 +432,73 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
             choices.append({**choice, "logprobs": shape(entries) if shape else None, "finish_reason": reason})
         return JSONResponse({**head, "choices": choices, "usage": usage(prompt_tokens, completion_tokens)})
 
-    async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
-                     shape: Callable[[list[TokenLogprob]], dict[str, Any]] | None, tools: bool = False
-                     ) -> AsyncIterator[str]:
-        """Server-sent chunks. With `tools`, a choice's text from its first `<tool_call>` on is held back and
-        sent at its end as `tool_calls` (and whatever text lies outside the calls), so the streamed text
-        is the non-streamed message's."""
-        head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
-        extra = {"usage": None} if include_usage else {}
-        calls_out = [ToolCallStream() for _ in range(job.choices)] if tools else []
 
-        def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
-                  entries: list[TokenLogprob] | None = None) -> str:
-            logprobs = shape(entries) if shape and entries else None  # the tokens behind this chunk
-            if chat:
-                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-                choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
-            else:
-                choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": reason}
-            return sse({**head, "choices": [choice], **extra})
+def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
+               max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None) -> FastAPI:
+    """The server for one model. The engine thread starts and stops with the app's lifespan.
+    `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
+    (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values."""
+    engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
+    service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING)
 
-        completion_tokens = 0
-        try:
-            if chat:  # OpenAI opens each choice with a role-only delta
-                for i in range(job.choices):
-                    yield chunk(i, None, None, role=True)
-            async for event in events(job):
-                i = event.index
-                if isinstance(event, Delta):
-                    text = calls_out[i].push(event.text) if tools else event.text
-                    if text or event.logprobs:  # a piece held back whole sends nothing
-                        yield chunk(i, text, None, entries=event.logprobs)
-                    continue
-                completion_tokens += event.completion_tokens
-                reason = event.finish_reason
-                if tools:
-                    rest, calls = calls_out[i].finish()
-                    if rest:
-                        yield chunk(i, rest, None)
-                    if calls:
-                        calls = [{"index": k, **call} for k, call in enumerate(calls)]
-                        yield sse({**head, "choices": [{"index": i, "delta": {"tool_calls": calls}, "logprobs": None,
-                                                        "finish_reason": None}], **extra})
-                        reason = reason_with_calls(reason)
-                yield chunk(i, None, reason, entries=event.logprobs)
-            if include_usage:
-                yield sse({**head, "choices": [], "usage": usage(prompt_tokens, completion_tokens)})
-        except APIError as e:  # the status line is already sent: report the error in the stream
-            yield sse(e.body())
-        yield sse("[DONE]")
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        yield
+        engine.stop()
 
-    # -- routes ----------------------------------------------------------------------------------
+    # No /docs: FastAPI's docs page loads its scripts from a CDN.
+    app = FastAPI(title="nanoqwen", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.engine = engine
+    add_error_handlers(app)
+
     @app.api_route("/health", methods=["GET", "HEAD"])
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, **engine.stats()}
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [service.card]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str) -> dict[str, Any]:
-        check_model(name)
-        return card
+        service.check_model(name)
+        return service.card
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_text()
-        check_model(body.model)
-        prompts = completion_prompts(body.prompt)
+        service.check_model(body.model)
+        prompts = service.completion_prompts(body.prompt)
         top_logprobs = body.logprobs_count()
-        params = sampling_params(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return await respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs)
+        params = service.request_sampling(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
+        return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:
         body.check_text()
-        check_model(body.model)
+        service.check_model(body.model)
         top_logprobs = body.logprobs_count()
-        prompt = chat_prompt(body)
-        check_prompt_fits(prompt, "messages")
-        params = sampling_params(body, body.max_completion_tokens or body.max_tokens)
-        return await respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
-                             tools=body.parses_tool_calls())
+        prompt = service.chat_prompt(body)
+        service.check_prompt_fits(prompt, "messages")
+        params = service.request_sampling(body, body.max_completion_tokens or body.max_tokens)
+        return await service.respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
+                                     tools=body.parses_tool_calls())
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
         """Token ids of a prompt or a rendered conversation, and the context (vLLM's endpoint): the web page
         asks it how much of a chat's history fits."""
         body.check_text()
-        check_model(body.model)
+        service.check_model(body.model)
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either 'prompt' (text) or 'messages' (a conversation)", "prompt")
         if body.prompt is not None:
             ids = tokenizer.encode(body.prompt)
         else:
-            ids = chat_prompt(body, body.add_generation_prompt)
-        return {"count": len(ids), "max_model_len": context, "tokens": ids}
+            ids = service.chat_prompt(body, body.add_generation_prompt)
+        return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
     async def index() -> FileResponse:
