@@ -1,5 +1,5 @@
 """Devices and dtypes (`--device auto` picks CUDA, then Apple MPS, then CPU; dtype follows the device),
-and torchrun: process group, rank helpers, printing on rank 0."""
+and torchrun: process group, reductions and rank 0's word for all; the host's memory and allocator."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ import ctypes
 import os
 import sys
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from nanoqwen.errors import NanoQwenError
+
+T = TypeVar("T")
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -160,6 +163,16 @@ def all_reduce(value: float, op: str = "mean", device: torch.device | None = Non
     dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     result = tensor.item()
     return result / dist.get_world_size() if op == "mean" else result
+
+
+def from_rank0(value: T) -> T:
+    """Rank 0's `value` on every process (what it read from disk or chose); itself without torchrun. Where
+    each rank would read for itself, a rank that reads after rank 0 changed the disk would decide otherwise."""
+    if not dist.is_initialized():
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
 
 
 def barrier() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from nanoqwen.data.loader import check_token_ids
 from nanoqwen.errors import NanoQwenError, positive_int
 from nanoqwen.loss import IGNORE_INDEX
 from nanoqwen.model import Qwen3
@@ -149,9 +150,7 @@ def run(args: argparse.Namespace) -> int:
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         tokens, num_bytes = load_split(Path(args.data), args.split or "val")
-    if tokens.numel() and int(tokens.max()) >= model.config.vocab_size:
-        raise NanoQwenError(f"token id {int(tokens.max())} is outside the model's {model.config.vocab_size} "
-                            "embedding rows; was the data prepared with another tokenizer?")
+    check_token_ids(tokens, model.config.vocab_size, args.text_file or f"{args.data}/{args.split or 'val'}.bin")
     result = evaluate_tokens(model, tokens, num_bytes, args.context, args.batch_size, args.max_windows)
     if args.json:
         print(json.dumps(result))

@@ -38,7 +38,6 @@ from shlex import quote
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from nanoqwen.checkpoint import (
     check_data_tokenizer,
@@ -50,7 +49,7 @@ from nanoqwen.checkpoint import (
     write_checkpoint_files,
 )
 from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
-from nanoqwen.data.loader import BatchLoader, TokenSplit
+from nanoqwen.data.loader import BatchLoader, TokenSplit, check_token_ids
 from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.distributed import (
     DistInfo,
@@ -58,6 +57,7 @@ from nanoqwen.distributed import (
     all_reduce,
     barrier,
     check_host_memory,
+    from_rank0,
     init_distributed,
     resolve_dtype,
     reuse_freed_memory,
@@ -431,7 +431,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size  # not saved: a resume may change processes
     loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                          micro_batch=micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                         device=device)
+                         device=device, vocab_size=model_config.vocab_size, where=f"{data}/train.bin")
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":  # fp32 weights and gradients, and AdamW's two moments (Muon: one, on matrices)
         per_param, held = (4, "its weights") if args.fsdp else \
@@ -482,7 +482,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
             saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
             saved.setdefault("resumed_with", []).append(sys.argv)
             write_json(out / "config.json", saved)
-        best_from = checkpoint_step(out / "best")
+        best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next
         if best_from is not None and best_from > run.state.step:
             # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
             # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
@@ -520,6 +520,8 @@ def check_samples_and_eval(run: Run) -> None:
     """What the first evaluation or the last sample would fail on, refused before any step is trained."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
+    check_token_ids(run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)[0], run.model.config.vocab_size,
+                    f"{run.data}/val.bin")
     try:
         check_fits(run.model, len(run.tokenizer.encode(run.cfg.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
@@ -549,7 +551,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
     if args.init_from:
         check_data_tokenizer(Path(args.init_from), data, preset.model)
-    out = Path(args.out) if args.out else default_out(preset.name, info)
+    out = Path(args.out) if args.out else default_out(preset.name)
     if (out / "last").exists():
         raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
                             "another --out")
@@ -685,11 +687,8 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     return Preset(name=slug(name), model=config, train=train)
 
 
-def default_out(preset: str, info: DistInfo) -> Path:
-    name = [f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"]
-    if info.distributed:  # every rank must write to rank 0's folder
-        dist.broadcast_object_list(name, src=0)
-    return Path(name[0])
+def default_out(preset: str) -> Path:
+    return Path(from_rank0(f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"))  # every rank writes to rank 0's
 
 
 def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: torch.device,
@@ -980,7 +979,8 @@ def train(run: Run) -> dict[str, Any]:
             # 0: go on, 1: the wall cap, 2 or 3: a signal (with or without the cap); the highest rank's wins.
             stop_level = all_reduce(float(time_up) + 2 * float(stop.name is not None), "max", run.info.device)
             if stop_level:
-                summary["stopped"] = f"signal {stop.name or ''}".strip() if stop_level >= 2 else "max_minutes"
+                summary["stopped"] = (f"signal {stop.name or 'to another process'}" if stop_level >= 2
+                                      else "max_minutes")
             interrupted = stop_level >= 2  # a signal: save and leave, no final evaluation or sample
             final = state.step >= run.total_steps or stop_level > 0
             if state.step % cfg.eval_interval == 0 or (final and not interrupted):
@@ -1051,7 +1051,9 @@ def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> di
     if improved:
         state.best_val_loss, state.best_step, state.evals_since_best = result["loss"], state.step, 0
         save_best(run)
-    else:
+    elif state.step % run.cfg.eval_interval == 0:
+        # Patience counts the evaluations of --eval-interval only: the extra one that ends a run cut short (by
+        # --max-minutes) must not make a chain of such runs stop earlier than one run that never stopped.
         state.evals_since_best += 1
     display.print(f"step {state.step}: val loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f} | "
                   f"bits per byte {result['bits_per_byte']:.3f}" + (" (best)" if improved else ""))

@@ -288,6 +288,19 @@ def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: 
     np.testing.assert_allclose(curves[2], curves[0], rtol=1e-4)
 
 
+def test_the_evaluation_that_ends_a_cut_run_does_not_count_toward_patience(data: Path, preset: Path,
+                                                                            tmp_path: Path) -> None:
+    # lr 0, evaluations at 2 (the best), 4, 6: patience 2 stops an unbroken run at step 6. A run cut at
+    # step 5 (as --max-minutes cuts one) evaluates there too; resumed, it must still stop at 6, not at 5.
+    out = tmp_path / "cut"
+    flags = ["--lr", "0", "--min-lr", "0", "--eval-interval", "2", "--early-stopping-patience", "2"]
+    assert train_in_process(*common(data, preset, out), "--max-steps", "5", *flags) == 0
+    assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [2, 4, 5]
+    assert json.loads((out / "last/train_state.json").read_text())["evals_since_best"] == 1
+    assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
+    assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [2, 4, 5, 6]
+
+
 def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     # lr 0: the val loss never improves, so patience 2 stops at the third evaluation (steps 2, 4, 6).
@@ -410,6 +423,22 @@ def test_an_empty_validation_split_is_refused_before_training(data: Path, preset
     out = tmp_path / "run"
     assert train_in_process(*common(copy, preset, out), "--max-steps", "3") == 2
     assert "no validation tokens" in capsys.readouterr().err and not (out / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize("split", ["train", "val"])
+def test_data_with_ids_beyond_the_vocabulary_is_one_line(data: Path, preset: Path, tmp_path: Path, split: str,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    # Ids written by a larger tokenizer into a folder of the right size: torch.embedding's IndexError before.
+    copy = tmp_path / "data"
+    shutil.copytree(data, copy)
+    ids = np.fromfile(copy / f"{split}.bin", dtype="<u4")
+    ids[:] = 150_000
+    ids.tofile(copy / f"{split}.bin")
+    out = tmp_path / "run"
+    assert train_in_process(*common(copy, preset, out), "--max-steps", "3") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{split}.bin holds token id 150000, outside the model's" in err[0], err
+    assert not (out / "last").exists()
 
 
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: Path, tmp_path: Path) -> None:

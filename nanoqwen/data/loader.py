@@ -17,6 +17,16 @@ import torch
 
 from nanoqwen.errors import NanoQwenError
 
+
+def check_token_ids(ids: np.ndarray | torch.Tensor, vocab_size: int, where: str) -> None:
+    """One clear line if `ids` hold an id the model has no embedding row for (data from another tokenizer)."""
+    count = ids.size if isinstance(ids, np.ndarray) else ids.numel()
+    largest = int(ids.max()) if count else -1
+    if largest >= vocab_size:
+        raise NanoQwenError(f"{where} holds token id {largest}, outside the model's {vocab_size} embedding rows; "
+                            "was it prepared with another tokenizer? prepare it again with the model's")
+
+
 @dataclass
 class TokenSplit:
     """One split (train.bin or val.bin) of a prepared folder, memory-mapped."""
@@ -56,7 +66,8 @@ class BatchLoader:
     """This process's micro-batches of a step: (inputs, targets) pairs of shape (micro_batch, seq_len)."""
 
     def __init__(self, split: TokenSplit, *, seq_len: int, batch_size: int, micro_batch: int, seed: int,
-                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu") -> None:
+                 rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
+                 vocab_size: int | None = None, where: str = "the training data") -> None:
         if batch_size % world_size:
             raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
         self.per_rank = batch_size // world_size
@@ -69,6 +80,7 @@ class BatchLoader:
         self.split, self.seq_len, self.batch_size, self.micro_batch = split, seq_len, batch_size, micro_batch
         self.seed, self.rank = seed, rank
         self.device = torch.device(device)
+        self.vocab_size, self.where = vocab_size, where  # ids are checked batch by batch: no scan of the file
 
     @property
     def accumulation(self) -> int:
@@ -79,6 +91,8 @@ class BatchLoader:
         offsets = batch_offsets(self.seed, step, self.batch_size, self.seq_len, len(self.split))
         mine = offsets[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
         windows = np.stack([self.split.tokens[o:o + self.seq_len + 1] for o in mine]).astype(np.int64)
+        if self.vocab_size is not None:
+            check_token_ids(windows, self.vocab_size, self.where)
         batch = torch.from_numpy(windows)  # (per_rank, T + 1)
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # lets the copy below overlap with compute
