@@ -128,6 +128,15 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         logits = penalties.apply(logits)
     if params.greedy:
         return logits.argmax(dim=-1)
+    logits, candidates = sampled_logits(logits, params)
+    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
+    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+
+
+def sampled_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What a token is drawn from, as Transformers' warpers do it: temperature, then top-k, then top-p.
+    The logits of the tokens left (-inf where dropped), and the token id of each column (None: column j is
+    token j; with top-k only the best columns are kept, sorted)."""
     # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
     # sends the others to -inf rather than overflowing them all to inf, whose softmax would be nan.
     logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
@@ -145,8 +154,7 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
         drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
         drop[:, 0] = False  # the best token always stays: a top_p that float32 rounds to 0 dropped it too
         logits = logits.masked_fill(drop, float("-inf"))
-    choice = torch.multinomial(logits.softmax(-1), 1, generator=generator)
-    return (choice if candidates is None else candidates.gather(-1, choice)).squeeze(-1)
+    return logits, candidates
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int

@@ -22,9 +22,11 @@ from nanoqwen.generate import (
     Penalties,
     SamplingParams,
     TextStream,
+    check_fits,
     generate,
     generate_ids,
     next_tokens,
+    sampled_logits,
     stream_text,
 )
 from nanoqwen.model import KVCache, Qwen3
@@ -147,6 +149,78 @@ def test_batched_prompts_equal_one_by_one(checkpoint):
     together = [c.text for c in generate(model, tokenizer, prompts, params)]
     alone = [generate(model, tokenizer, [p], params)[0].text for p in prompts]
     assert together == alone
+
+
+def test_penalties_follow_a_step_by_step_reference_batched_or_alone(checkpoint):
+    # Repetition penalty on the prompt and the output (Transformers' rule), presence and frequency on the
+    # output only (OpenAI's), recomputed here from scratch at every step with a full forward pass.
+    model, tokenizer = load_checkpoint(checkpoint)
+    params = SamplingParams(max_new_tokens=12, temperature=0, repetition_penalty=1.5, presence_penalty=0.4,
+                            frequency_penalty=0.8)
+    prompts = [tokenizer.encode(p) for p in ["a", "The rain in Spain stays mainly", "1 2 3 4"]]
+
+    def reference(prompt: list[int]) -> list[int]:
+        ids, out = list(prompt), []
+        with torch.no_grad():
+            for _ in range(params.max_new_tokens):
+                logits = model(torch.tensor([ids]))[0, -1].float()
+                for t in set(ids):
+                    logits[t] = logits[t] / 1.5 if logits[t] > 0 else logits[t] * 1.5
+                for t in set(out):
+                    logits[t] -= 0.4 + 0.8 * out.count(t)
+                out.append(int(logits.argmax()))
+                ids.append(out[-1])
+        return out
+
+    expected = [reference(p) for p in prompts]
+    together = [[int(t) for t in row] for row in zip(*generate_ids(model, prompts, params))]
+    assert together == expected  # left padding of the shorter rows is not a repeated token 0
+    assert [[step[0] for step in generate_ids(model, [p], params)] for p in prompts] == expected
+    # The left padding (id 0) of a short row is no token of its prompt, while a real 0 of another row is.
+    padded, real = torch.tensor([[0, 0, 5], [0, 4, 5]]), torch.tensor([[0, 0, 1], [1, 1, 1]])
+    seen = Penalties.start(params, padded, 8, real).seen
+    assert seen[0].nonzero().flatten().tolist() == [5] and seen[1].nonzero().flatten().tolist() == [0, 4, 5]
+
+
+def test_sampling_keeps_the_distribution_transformers_warpers_keep():
+    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 64) * 3
+    logits[1, :4] = torch.tensor([1.0, 1.0, 1.0, 1.0]) * 20  # four equal leaders: top_p 0.5 keeps two of them
+    for temperature, top_k, top_p in [(1.0, 0, 0.5), (2.0, 0, 0.6), (0.5, 10, 0.9), (1.7, 5, 1.0), (0.8, 20, 0.3)]:
+        ours, columns = sampled_logits(logits.clone(), SamplingParams(temperature=temperature, top_k=top_k,
+                                                                      top_p=top_p))
+        probs = ours.softmax(-1)
+        if columns is not None:  # back to one column per token
+            probs = torch.zeros_like(logits).scatter(-1, columns, probs)
+        warped, ids = logits.clone(), torch.zeros(4, 1, dtype=torch.long)
+        for warper in [TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k else []),
+                       *([TopPLogitsWarper(top_p)] if top_p < 1 else [])]:  # Transformers' order
+            warped = warper(ids, warped)
+        torch.testing.assert_close(probs, warped.softmax(-1), atol=1e-6, rtol=1e-5)
+
+
+def test_a_prompt_that_fills_the_context_leaves_no_room(checkpoint):
+    model, _ = load_checkpoint(checkpoint)
+    context = model.config.max_position_embeddings
+    assert check_fits(model, context - 1, 50) == 1
+    with pytest.raises(NanoQwenError, match=f"the prompt is {context} tokens"):
+        check_fits(model, context, 50)
+
+
+def test_num_samples_are_seed_plus_k(checkpoint, capsys):
+    common = ["sample", "--model", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "12",
+              "--temperature", "1.0", "--device", "cpu"]
+    assert main([*common, "--seed", "7", "--num-samples", "3"]) == 0
+    together = capsys.readouterr().out
+    alone = []
+    for k in range(3):
+        assert main([*common, "--seed", str(7 + k)]) == 0
+        alone.append(capsys.readouterr().out.strip())
+    assert len(set(alone)) == 3  # three different draws
+    for text in alone:
+        assert text in together
 
 
 @pytest.mark.parametrize("prepared", [False, True])
@@ -438,6 +512,15 @@ def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():
     assert text == "🤖 ok" and starts == [0, 0, 0, 0, 1]
 
 
+def test_a_stop_string_split_over_tokens_never_shows_its_start():
+    tokenizer = qwen3_tokenizer()
+    stream, shown = TextStream(tokenizer, ["END"]), ""
+    for piece in ["abc", " E", "ND", " more"]:
+        for token in tokenizer.encode(piece):
+            shown += stream.push(token)
+    assert shown == "abc " and stream.stopped
+
+
 def test_the_earliest_stop_string_ends_the_text_whatever_their_order():
     tokenizer = qwen3_tokenizer()
     for stops in (["eou", "weou"], ["weou", "eou"]):
@@ -490,17 +573,18 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
     ids = torch.tensor([[tokenizer.eot_id, *tokenizer.encode(text)]])  # the first token too, after <|endoftext|>
     context = model.config.max_position_embeddings
     with torch.no_grad():  # the reference: each window scored on its own
-        nll, n = 0.0, 0
+        nll, n, right = 0.0, 0, 0
         for s in range(0, ids.shape[1] - 1, context):
             window = ids[:, s:s + context + 1]
             logits = model(window[:, :-1])
             nll += torch.nn.functional.cross_entropy(logits[0], window[0, 1:], reduction="sum").item()
             n += window.shape[1] - 1
+            right += int((logits[0].argmax(-1) == window[0, 1:]).sum())
     assert result["tokens"] == n == len(tokenizer.encode(text))
     assert result["loss"] == pytest.approx(nll / n, rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(nll / 0.6931471805599453 / len(text.encode()), rel=1e-5)
     assert result["perplexity"] == pytest.approx(2.718281828459045 ** result["loss"], rel=1e-5)
-    assert 0.0 <= result["accuracy"] <= 1.0
+    assert result["accuracy"] == pytest.approx(right / n)
 
 
 def test_eval_of_a_file_that_is_not_utf8_warns(checkpoint, tmp_path, capsys):
