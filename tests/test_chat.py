@@ -184,6 +184,14 @@ def test_history_drops_oldest_turns() -> None:
     assert not any(m["content"].startswith("message 0") for m in conversation.messages)
     assert conversation.add_user("word " * 200) is None  # alone longer than the context
     assert conversation.messages[-1]["content"].startswith("reply 5")
+    # A long message with short replies: dropping the user turn alone would leave its reply first.
+    conversation = Conversation(tokenizer, context=120, reserve=40)
+    for i in range(5):
+        assert conversation.add_user(f"message {i} " + "word " * 25) is not None
+        roles = [m["role"] for m in conversation.messages]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], roles  # whole exchanges dropped
+        conversation.add_reply(f"ok {i}")
+    assert conversation.dropped == 1
     raw = Conversation(tokenizer, context=50, reserve=10, raw=True)
     ids = raw.add_user("word " * 100)
     assert len(ids) == 40 and raw.dropped > 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 import shlex
 import shutil
@@ -13,7 +14,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -439,6 +442,40 @@ def test_data_with_ids_beyond_the_vocabulary_is_one_line(data: Path, preset: Pat
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"{split}.bin holds token id 150000, outside the model's" in err[0], err
     assert not (out / "last").exists()
+
+
+def test_val_bits_per_byte_count_the_bytes_of_the_scored_tokens(trained: Path, data: Path) -> None:
+    # The fixed val subset is eval_windows x seq_len tokens (FAST: 4 x 32) of val.bin; its bytes are the
+    # split's, prorated by the share of tokens scored.
+    val_bytes = json.loads((data / "meta.json").read_text())["splits"]["val"]["bytes"]
+    val_tokens = (data / "val.bin").stat().st_size // 4
+    taken = min(4 * 32 + 1, val_tokens)
+    scored_bytes = round(val_bytes * taken / val_tokens)
+    evals = [r for r in read_metrics(trained) if "val_loss" in r]
+    for record in evals:
+        expected = record["val_loss"] * (taken - 1) / math.log(2) / scored_bytes
+        assert record["val_bpb"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_grad_clip_bounds_the_gradient_each_step_and_zero_turns_it_off(data: Path, preset: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    norms: list[tuple[float, float]] = []  # (before, after) of every clipping
+    clip = torch.nn.utils.clip_grad_norm_
+
+    def measured(parameters: Iterable[torch.Tensor], max_norm: float, *args: Any, **kwargs: Any) -> torch.Tensor:
+        parameters = list(parameters)
+        before = clip(parameters, max_norm, *args, **kwargs)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in parameters if p.grad is not None]))
+        norms.append((float(before), float(after)))
+        return before
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", measured)
+    assert train_in_process(*common(data, preset, tmp_path / "a"), "--max-steps", "3", "--grad-clip", "0.05") == 0
+    assert len(norms) == 3
+    for before, after in norms:
+        assert before > 0.05 and after == pytest.approx(0.05, rel=1e-3)
+    assert train_in_process(*common(data, preset, tmp_path / "b"), "--max-steps", "3", "--grad-clip", "0") == 0
+    assert len(norms) == 3  # off: never called
 
 
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: Path, tmp_path: Path) -> None:
