@@ -459,48 +459,60 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
     if resume_dir is not None:
-        load_train_state(run, resume_dir)
-        if args.max_steps is not None and args.max_steps <= run.state.step:
-            raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
-                                "steps to train it further (its last/ and best/ are usable as they are)")
-        if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
-            run.state.fitted_steps = None
-        if args.warmup is not None:  # likewise over a warmup cut to fit that length
-            run.state.fitted_warmup = None
-        if run.state.step >= run.total_steps:
-            raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
-                                f"{run.state.step}) to train it further")
-        patience = cfg.early_stopping_patience
-        if patience and run.state.evals_since_best >= patience:  # it stopped early; more steps were asked for
-            run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
-        if info.is_main:  # the flags given now hold for later resumes too
-            truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
-            truncate_samples(out, run.state.step)
-            saved = read_run_config(out)
-            saved["train"] = dataclasses.asdict(cfg)
-            saved["data"], saved["data_from_run"] = str(run.data), os.path.relpath(run.data, out.resolve())
-            saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
-            saved.setdefault("resumed_with", []).append(sys.argv)
-            write_json(out / "config.json", saved)
-        best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next
-        if best_from is not None and best_from > run.state.step:
-            # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
-            # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
-            run.state.best_val_loss = run.state.best_step = None
-            run.state.evals_since_best = 0
-            if info.is_main:
-                shutil.rmtree(out / "best")
-                print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
-                      "this resume goes on from; the next evaluation writes it again", flush=True)
-        if changed and info.is_main:  # said once nothing refuses the resume any more
-            print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
-                  "stopped", flush=True)
-    elif info.is_main:  # a folder whose run stopped before its first save of last/: nothing of it stays
-        truncate_metrics(out, 0)
-        truncate_samples(out, 0)
-        shutil.rmtree(out / "best", ignore_errors=True)  # else `sample --model RUN/best` could load that model
-        write_json(out / "config.json", run_config(run))
+        continue_run(run, resume_dir, changed)
+    elif info.is_main:
+        start_fresh(run)
     return run
+
+
+def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
+    """Put a resumed run's training state back, check that it has steps left, and bring its folder to where
+    its last/ stands (metrics, samples, a best/ from replayed steps); `changed`: the settings given anew."""
+    args, cfg, info, out = run.args, run.cfg, run.info, run.out
+    load_train_state(run, resume_dir)
+    if args.max_steps is not None and args.max_steps <= run.state.step:
+        raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
+                            "steps to train it further (its last/ and best/ are usable as they are)")
+    if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
+        run.state.fitted_steps = None
+    if args.warmup is not None:  # likewise over a warmup cut to fit that length
+        run.state.fitted_warmup = None
+    if run.state.step >= run.total_steps:
+        raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
+                            f"{run.state.step}) to train it further")
+    patience = cfg.early_stopping_patience
+    if patience and run.state.evals_since_best >= patience:  # it stopped early; more steps were asked for
+        run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
+    if info.is_main:  # the flags given now hold for later resumes too
+        truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
+        truncate_samples(out, run.state.step)
+        saved = read_run_config(out)
+        saved["train"] = dataclasses.asdict(cfg)
+        saved["data"], saved["data_from_run"] = str(run.data), os.path.relpath(run.data, out.resolve())
+        saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
+        saved.setdefault("resumed_with", []).append(sys.argv)
+        write_json(out / "config.json", saved)
+    best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next
+    if best_from is not None and best_from > run.state.step:
+        # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
+        # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
+        run.state.best_val_loss = run.state.best_step = None
+        run.state.evals_since_best = 0
+        if info.is_main:
+            shutil.rmtree(out / "best")
+            print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
+                  "this resume goes on from; the next evaluation writes it again", flush=True)
+    if changed and info.is_main:  # said once nothing refuses the resume any more
+        print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
+              "stopped", flush=True)
+
+
+def start_fresh(run: Run) -> None:
+    """A new run's folder (rank 0): whatever a run into it left before its first save of last/ goes."""
+    truncate_metrics(run.out, 0)
+    truncate_samples(run.out, 0)
+    shutil.rmtree(run.out / "best", ignore_errors=True)  # else `sample --model RUN/best` could load that model
+    write_json(run.out / "config.json", run_config(run))
 
 
 def build_model(config: ModelConfig, device: torch.device) -> Qwen3:
