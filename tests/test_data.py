@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import nanoqwen.data.prepare as prepare_module
+from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.data.prepare import load_meta, prepare
 from nanoqwen.data.sources import first_paragraph, open_corpus
 from nanoqwen.errors import NanoQwenError
@@ -697,3 +699,44 @@ def test_one_dominant_file_does_not_become_the_whole_validation_set(tmp_path: Pa
     assert 0 < val["bytes"] <= 0.1 * (train["bytes"] + val["bytes"])
     assert train["tokens"] > 4 * val["tokens"]
     assert train["bytes"] + val["bytes"] == sum(p.stat().st_size for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("book", ["note05b-book.txt", "note15b-book.txt", "zz-book.txt"])  # where it is read
+def test_no_seed_puts_more_than_the_cap_of_the_text_in_validation(tmp_path: Path, book: str) -> None:
+    # Each document joins val with chance --val-fraction; on the seeds whose draw picks the long text, only the cap
+    # (two thirds of the text so far) keeps val from taking over 90% of the corpus. One seed rarely shows it; without
+    # the cap, 3 to 7 of these 100 seeds did in each order.
+    folder = tmp_path / "notes"
+    folder.mkdir()
+    for i in range(30):
+        (folder / f"note{i:02}.txt").write_text(f"Note {i}: a short line about the weather and the sea.\n")
+    (folder / book).write_text("A long chapter about ships and harbours, told slowly. " * 400)
+    total = sum(p.stat().st_size for p in folder.iterdir())
+    shares = []
+    for seed in range(100):
+        meta = load_meta(prepare(str(folder), "bpe:300", tmp_path / f"data{seed}", val_fraction=0.05, seed=seed,
+                                 progress=False))
+        train, val = meta["splits"]["train"], meta["splits"]["val"]
+        assert train["bytes"] + val["bytes"] == total
+        shares.append(val["bytes"] / total)
+    assert min(shares) > 0 and max(shares) <= 2 / 3, shares
+    assert len(set(shares)) > 3  # the seeds did draw different splits
+
+
+@pytest.mark.parametrize("num_tokens, seq_len", [(24, 8), (9, 8)])  # 9: a split one window long
+def test_every_window_is_whole_and_every_start_is_drawn(num_tokens: int, seq_len: int) -> None:
+    # A window is seq_len + 1 tokens (inputs and their shifted targets), so the last start is N - seq_len - 1:
+    # one more and the final window comes up a token short; one fewer and the last token is never a target.
+    split = TokenSplit(np.arange(num_tokens, dtype=np.uint32), num_tokens)  # each token is its own position
+    last = num_tokens - seq_len - 1
+    starts: set[int] = set()
+    for seed in range(20):
+        offsets = np.concatenate([batch_offsets(seed, step, 8, seq_len, num_tokens) for step in range(20)])
+        assert offsets.min() >= 0 and offsets.max() <= last
+        starts.update(offsets.tolist())
+        for inputs, targets in BatchLoader(split, seq_len=seq_len, batch_size=8, micro_batch=4,
+                                           seed=seed).micro_batches(seed):
+            assert inputs.shape == targets.shape == (4, seq_len)
+            assert torch.equal(targets, inputs + 1) and int(targets.max()) <= num_tokens - 1
+            assert torch.equal(inputs, inputs[:, :1] + torch.arange(seq_len))
+    assert starts == set(range(last + 1))

@@ -290,6 +290,86 @@ def test_prepared_for_decoding_keeps_logits_and_saves_the_same(tmp_path, dtype):
         assert (load_model(tmp_path / "ck")(ids) - before).abs().max() <= 1e-5
 
 
+def hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    norm = Qwen3RMSNorm(weight.shape[-1], eps).to(weight.dtype)
+    with torch.no_grad():
+        norm.weight.copy_(weight)
+    return norm
+
+
+def test_bf16_norms_equal_transformers_bit_for_bit() -> None:
+    # Transformers normalizes in fp32, casts to bf16, *then* scales: scaling before the cast rounds
+    # differently, by less than the 5% logit tolerance of the bf16 model test, so check the norm exactly.
+    model = Qwen3(tiny_config()).eval()
+    scramble(model, seed=13)
+    model.to(torch.bfloat16)
+    g = torch.Generator().manual_seed(14)
+    hidden = (3 * torch.randn(2, 7, 64, generator=g)).to(torch.bfloat16)
+    heads = (3 * torch.randn(2, 7, 4, 16, generator=g)).to(torch.bfloat16)
+    norms = [(model.model.norm, hidden), (model.model.layers[1].post_attention_layernorm, hidden),
+             (model.model.layers[0].self_attn.q_norm, heads), (model.model.layers[1].self_attn.k_norm, heads)]
+    for prepared in (False, True):  # training's RMSNorm, then whatever decoding left in its place
+        if prepared:
+            model.prepare_for_decoding()
+        with torch.no_grad():
+            for norm, x in norms:
+                expected = hf_norm(norm.weight, norm.eps)(x)
+                assert expected.dtype == torch.bfloat16 and not torch.equal(norm.weight, torch.ones_like(norm.weight))
+                got = norm(x)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, expected), (prepared, norm)
+    # The whole model's decode path in bf16 keeps the per-head norms (no fp32 DecodeNorm block).
+    assert all(layer.self_attn.qk_norm is None for layer in model.model.layers)
+    # Training under autocast: float32 weights, bf16 activations; Transformers' answer is then float32.
+    trained = Qwen3(tiny_config()).model.norm
+    with torch.no_grad():
+        trained.weight.copy_(model.model.norm.weight.float() + 1e-3)  # bits past bf16's precision
+    expected = hf_norm(trained.weight, trained.eps)(hidden)
+    got = trained(hidden)
+    assert expected.dtype == torch.float32 and got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_decode_norm_equals_transformers_in_float32() -> None:
+    # DecodeNorm rewrites the math (sum and n * eps, weights prescaled by sqrt(n)), one weight row per head.
+    model = Qwen3(tiny_config()).eval()
+    scramble(model, seed=15)
+    model.prepare_for_decoding()
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(16)
+    x, qk = 3 * torch.randn(2, 5, 64, generator=g), 3 * torch.randn(2, 5, 6, 16, generator=g)  # 4 q + 2 k heads
+    with torch.no_grad():
+        norm = model.model.norm
+        assert norm.decode is not None
+        assert torch.allclose(norm(x), hf_norm(norm.weight, norm.eps)(x), rtol=1e-5, atol=1e-5)
+        expected = torch.cat((hf_norm(attn.q_norm.weight, attn.q_norm.eps)(qk[:, :, :4]),
+                              hf_norm(attn.k_norm.weight, attn.k_norm.eps)(qk[:, :, 4:])), dim=2)
+        assert torch.allclose(attn.qk_norm(qk), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, name", [(None, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")])
+def test_config_names_the_dtype_the_weights_are_saved_in(tmp_path, dtype: torch.dtype | None, name: str) -> None:
+    # Transformers' dtype="auto" loads what config.json names: a bf16 file called float32 doubles its memory.
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None, dtype=dtype)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == name
+    assert {t.dtype for t in load_file(tmp_path / "model.safetensors").values()} == {dtype or torch.float32}
+    assert load_model(tmp_path, dtype=None).lm_head.weight.dtype == (dtype or torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_tied_checkpoint_loads_with_one_shared_embedding(tmp_path, dtype: torch.dtype) -> None:
+    # Two copies would train apart (the head no longer the embedding) and count the embedding twice.
+    from nanoqwen.tokenizer import train_bpe
+
+    model = Qwen3(tiny_config())
+    scramble(model, seed=17)
+    save_checkpoint(model, tmp_path, tokenizer=train_bpe(["the cat sat on the mat"] * 20, 300))
+    for loaded in (load_model(tmp_path, dtype=dtype), load_checkpoint(tmp_path, dtype=dtype)[0]):
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+        assert loaded.num_params() == model.num_params() == model.config.num_params()
+        assert torch.equal(loaded.lm_head.weight, model.model.embed_tokens.weight.to(dtype))
+
+
 def hf_model(config: ModelConfig, seed: int = 0) -> transformers.Qwen3ForCausalLM:
     hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
     torch.manual_seed(seed)

@@ -102,6 +102,18 @@ def test_greedy_completion_equals_generate(client: openai.OpenAI, local) -> None
     tokenizer = local[1]
     assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert r.usage.completion_tokens == 20 and r.usage.total_tokens == r.usage.prompt_tokens + 20
+    # n choices of each prompt: each prompt counted once (as OpenAI counts it), the choices' tokens summed.
+    for prompts in ([prompt], [prompt, "The river"]):
+        sampling = dict(model="tiny", prompt=prompts, max_tokens=5, temperature=0, n=2)
+        plain = client.completions.create(**sampling)
+        _, reasons, streamed = stream_text(client.completions.create(
+            **sampling, stream=True, stream_options={"include_usage": True}))
+        assert [c.finish_reason for c in plain.choices] == list(reasons.values()) == ["length"] * 2 * len(prompts)
+        expected = {"prompt_tokens": sum(len(tokenizer.encode(p)) for p in prompts),
+                    "completion_tokens": 5 * 2 * len(prompts)}
+        for counted in (plain.usage, streamed):
+            assert counted.model_dump(include=set(expected)) == expected
+            assert counted.total_tokens == sum(expected.values())
 
 
 def test_greedy_chat_equals_generate(client: openai.OpenAI, local) -> None:
@@ -113,6 +125,15 @@ def test_greedy_chat_equals_generate(client: openai.OpenAI, local) -> None:
     assert r.choices[0].message.content == greedy_reference(local, rendered, 16)
     assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
     assert r.usage.completion_tokens == 16
+    # n=2: the conversation counted once, both replies' tokens summed, streamed or not.
+    sampling = dict(model="tiny", messages=messages, max_tokens=5, temperature=0, n=2)
+    plain = client.chat.completions.create(**sampling)
+    _, reasons, streamed = stream_text(client.chat.completions.create(
+        **sampling, stream=True, stream_options={"include_usage": True}))
+    assert [c.finish_reason for c in plain.choices] == list(reasons.values()) == ["length", "length"]
+    for counted in (plain.usage, streamed):
+        assert (counted.prompt_tokens, counted.completion_tokens) == (r.usage.prompt_tokens, 10)
+        assert counted.total_tokens == r.usage.prompt_tokens + 10
 
 
 def stream_text(stream) -> tuple[dict[int, str], dict[int, str], object]:
@@ -615,6 +636,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 16}, 400, "n"),  # 80 completions, over 64
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
@@ -695,6 +718,9 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,
                                           stream=None, max_tokens=2)
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
+    # 64 completions in one request is the limit, not past it (5 prompts x 16 is a 400 in BAD_REQUESTS).
+    r = client.completions.create(model="tiny", prompt=["a", "b", "c", "d"], n=16, max_tokens=1, temperature=0)
+    assert [c.index for c in r.choices] == list(range(64)) and r.usage.completion_tokens == 64
 
 
 def test_sigterm_cuts_a_long_generation(long_checkpoint: Path, tmp_path: Path) -> None:
