@@ -121,6 +121,28 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.locator(".message.completion .generated").last.text_content() == penalized
 
 
+def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> None:
+    page, errors = open_page(browser, url, "tiny-web")
+    page.fill("#temperature", "0.3")
+    page.fill("#max-tokens", "12")
+    page.fill("#system", "Be terse.")
+    page.click("label:has(#mode-completion)")
+    page.reload()
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    # The changed ones as left; the others at the page's and the checkpoint's defaults (top-p 0.8, top-k 20).
+    fields = ("temperature", "max-tokens", "system", "top-p", "top-k")
+    assert [page.input_value(f"#{name}") for name in fields] == ["0.3", "12", "Be terse.", "0.8", "20"]
+    assert page.text_content("#temperature-value") == "0.30"
+    assert page.is_checked("#mode-completion") and page.is_visible("#empty-hint .completion-only")
+    with page.expect_navigation():  # the page reloads itself
+        page.click("#reset-settings")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
+    assert page.is_checked("#mode-chat")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     # Two long messages with room kept for a 300-token reply do not fit 1024 tokens together: the page asks
     # /tokenize, drops the first turn (saying so) and the reply is the one to the second message alone.

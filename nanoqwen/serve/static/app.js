@@ -5,6 +5,10 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "nanoqwen-api-key";
+const SETTINGS_STORAGE = "nanoqwen-settings";
+// The settings kept across reloads (in this browser, for this server's address): those the user changed.
+const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition-penalty", "frequency-penalty",
+  "presence-penalty", "seed", "stop-strings", "system", "thinking"];
 
 const state = {
   model: null, // id from /v1/models
@@ -76,6 +80,39 @@ async function loadModel() {
 }
 
 // -- settings ------------------------------------------------------------------------------
+function savedSettings() {
+  try {
+    const saved = JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || "{}");
+    return saved && typeof saved === "object" ? saved : {};
+  } catch (err) { // unreadable (edited by hand): start from the defaults
+    return {};
+  }
+}
+
+function saveSetting(name, value) {
+  const saved = savedSettings();
+  saved[name] = value;
+  try {
+    localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(saved));
+  } catch (err) { /* storage full or turned off: the page works as before, without memory */ }
+}
+
+function restoreSettings() { // before the checkpoint's defaults arrive: what was changed here stays changed
+  const saved = savedSettings();
+  for (const id of SAVED_FIELDS) {
+    if (!(id in saved)) continue;
+    if ($(id).type === "checkbox") $(id).checked = Boolean(saved[id]);
+    else $(id).value = String(saved[id]);
+    $(id).dataset.touched = "true";
+  }
+  if (saved.mode === "completion") $("mode-completion").checked = true;
+}
+
+function resetSettings() {
+  localStorage.removeItem(SETTINGS_STORAGE);
+  location.reload(); // every field back to the page's and the checkpoint's defaults
+}
+
 function mode() {
   return $("mode-chat").checked ? "chat" : "completion";
 }
@@ -373,9 +410,15 @@ function init() {
     localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModel();
   });
-  for (const id of ["temperature", "top-p", "top-k", "repetition-penalty"]) { // see loadModel's defaults
-    $(id).addEventListener("input", () => { if (!state.applyingDefaults) $(id).dataset.touched = "true"; });
+  restoreSettings();
+  for (const id of SAVED_FIELDS) { // touched: see loadModel's defaults
+    $(id).addEventListener($(id).type === "checkbox" ? "change" : "input", () => {
+      if (state.applyingDefaults) return;
+      $(id).dataset.touched = "true";
+      saveSetting(id, $(id).type === "checkbox" ? $(id).checked : $(id).value);
+    });
   }
+  $("reset-settings").addEventListener("click", resetSettings);
   for (const [input, output] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
     const sync = () => { $(output).textContent = Number($(input).value).toFixed(2); };
     $(input).addEventListener("input", sync);
@@ -384,6 +427,7 @@ function init() {
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => {
       document.body.dataset.mode = mode();
+      saveSetting("mode", mode());
       showEmptyHint();
       showStatus("");
     });
