@@ -423,11 +423,17 @@ def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], p
             yield row, "", Completion("", list(stream.ids), "stop" if stream.stopped else "length", len(prompts[row]))
 
 
+def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
+    """A prompt's ids. An empty prompt starts a new document (<|endoftext|>, as documents start in the
+    training data): an unconditional sample."""
+    return tokenizer.encode(text) or [tokenizer.eot_id]
+
+
 def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[Completion]:
     """Complete every prompt (batched); each Completion holds the new text only."""
     texts = [""] * len(prompts)
     results: list[Completion | None] = [None] * len(prompts)
-    for row, delta, done in stream_batch(model, tokenizer, [tokenizer.encode(p) for p in prompts], params):
+    for row, delta, done in stream_batch(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], params):
         texts[row] += delta
         if done is not None:
             done.text = texts[row]
@@ -437,7 +443,7 @@ def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: Sam
 
 def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: SamplingParams) -> Iterator[str]:
     """Text pieces of one completion as they are generated."""
-    for _, delta, _ in stream_batch(model, tokenizer, [tokenizer.encode(prompt)], params):
+    for _, delta, _ in stream_batch(model, tokenizer, [prompt_ids(tokenizer, prompt)], params):
         if delta:
             yield delta
 
@@ -526,9 +532,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
-    p.add_argument("--prompt", required=True, help="text to continue")
+    p.add_argument("--prompt", required=True, help='text to continue ("": a new document, unconditioned)')
     p.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
-                   help="samples from the same prompt, generated together (default 1; with --seed S, sample k "
+                   help="samples from the same prompt, one after another (default 1; with --seed S, sample k "
                         "uses seed S + k)")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     add_sampling_arguments(p)
@@ -538,7 +544,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_inference(args)
     params = sampling_params(args, tokenizer)
-    fits = check_fits(model, len(tokenizer.encode(args.prompt)), params.max_new_tokens)  # before the prompt is echoed
+    fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
               "prompt)", file=sys.stderr)

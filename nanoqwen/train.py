@@ -65,7 +65,7 @@ from nanoqwen.distributed import (
 )
 from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
-from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate
+from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
     ReaderMayLeave,
@@ -535,7 +535,7 @@ def check_samples_and_eval(run: Run) -> None:
     check_token_ids(run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)[0], run.model.config.vocab_size,
                     f"{run.data}/val.bin")
     try:
-        check_fits(run.model, len(run.tokenizer.encode(run.cfg.sample_prompt)), run.cfg.sample_tokens)
+        check_fits(run.model, len(prompt_ids(run.tokenizer, run.cfg.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
 

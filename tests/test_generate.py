@@ -78,6 +78,14 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
                       max_new_tokens=12, eos_token_id=tokenizer.stop_ids, pad_token_id=0)[0, len(ids):].tolist()
     out = [t for t in out if t not in tokenizer.stop_ids]
     assert done.stdout == prompt + tokenizer.decode(out) + "\n"
+    # An empty prompt: a new document, as Transformers continues <|endoftext|> (the server does the same).
+    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "", "--temperature", "0",
+                   "--max-new-tokens", "12", "--device", "cpu")
+    assert done.returncode == 0, done.stderr
+    start = torch.tensor([[tokenizer.eot_id]])
+    out = hf.generate(start, attention_mask=torch.ones(1, 1, dtype=torch.long), do_sample=False, max_new_tokens=12,
+                      eos_token_id=tokenizer.stop_ids, pad_token_id=0)[0, 1:].tolist()
+    assert done.stdout == tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]) + "\n"
 
 
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):

@@ -336,7 +336,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
 
 
 @pytest.mark.parametrize(("flags", "words"), [
-    (["--sample-prompt", ""], "--sample-prompt: the prompt is empty"),
+    (["--sample-prompt", "word " * 1000], "--sample-prompt: the prompt is"),
     (["--max-minutes", "0"], "--max-minutes must be positive"),
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),

@@ -28,7 +28,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoqwen.errors import NanoQwenError, port_number, positive_int
-from nanoqwen.generate import SamplingParams, check_fits
+from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
 from nanoqwen.serve.protocol import (
@@ -360,9 +360,8 @@ class Service:
         vocab = self.model.config.vocab_size
         prompts = []
         for item in items:
-            ids = self.tokenizer.encode(item) if isinstance(item, str) else list(item)
-            if not ids:  # an empty prompt starts a new document, as in pre-training data
-                ids = [self.tokenizer.eot_id]
+            # An empty prompt starts a new document (as `nanoqwen sample --prompt ""` does).
+            ids = prompt_ids(self.tokenizer, item) if isinstance(item, str) else list(item) or [self.tokenizer.eot_id]
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
