@@ -1,5 +1,6 @@
 """Checkpoints are Hugging Face Qwen3 folders: config.json, model.safetensors, generation_config.json
-and the tokenizer files. Written atomically; any Qwen3 folder Transformers writes loads back.
+and the tokenizer files. Written atomically; any Qwen3 folder Transformers writes loads back. A run's last/
+also holds its training state (optimizer, grad scaler, RNG, loop state), written in the same atomic step.
 """
 
 from __future__ import annotations
@@ -8,18 +9,23 @@ import argparse
 import dataclasses
 import json
 import pickle
+import typing
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoqwen.config import QWEN3_VOCAB_SIZE, ModelConfig, apply_overrides, check_json_types, load_preset
-from nanoqwen.distributed import add_device_arguments, check_host_memory, resolve_device, resolve_dtype
+from nanoqwen.config import QWEN3_VOCAB_SIZE, LoopState, ModelConfig, apply_overrides, check_json_types, load_preset
+from nanoqwen.distributed import add_device_arguments, all_reduce, check_host_memory, resolve_device, resolve_dtype
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
-from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config
+from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config, write_json
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
+
+if TYPE_CHECKING:  # the training state's functions take the run being trained
+    from nanoqwen.train import Run
 
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Key mapping as data: Transformers' names are ours, except that a tied head is stored once.
@@ -321,3 +327,105 @@ def run(args: argparse.Namespace) -> int:
     save_checkpoint(model, args.out, tokenizer, dtype=dtype)
     print(f"wrote {args.out}: {model.num_params() / 1e6:.1f}M parameters, preset {args.preset}, seed {args.seed}")
     return 0
+
+
+# -- the training state beside a run's last/ ---------------------------------------------------------
+STATE_VERSION = 1
+STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
+
+
+def load_train_state(run: Run, last: Path) -> None:
+    """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
+    try:
+        state = json.loads((last / STATE_JSON).read_text())
+        if state.pop("version", None) != STATE_VERSION:
+            raise ValueError(f"unknown state version in {STATE_JSON}")
+        check_json_types(state, typing.get_type_hints(LoopState), str(last / STATE_JSON))
+        run.state = LoopState(**state)
+        if min(run.state.step, run.state.tokens, run.state.evals_since_best) < 0:
+            raise ValueError(f"negative counts in {STATE_JSON}")
+        blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
+        load_optimizer_state(run, blob["optimizer"])
+        if blob.get("scaler"):
+            run.scaler.load_state_dict(blob["scaler"])
+        torch.set_rng_state(blob["rng"]["torch"])
+        if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+    except NanoQwenError:
+        raise
+    except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
+        raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing or "
+                            f"corrupt ({first_line(e)[:200]}); start a new run from its weights: --init-from {last}"
+                            ) from e
+
+
+def optimizer_state(run: Run) -> dict[str, Any]:
+    if run.args.fsdp:  # gather the sharded state (a collective: every rank calls it)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(run.model, run.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return run.optimizer.state_dict()
+
+
+def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
+    by_position = any(isinstance(key, int) for part in state.get("optimizers", [state])
+                      for key in part.get("state", {}))
+    if run.args.fsdp and by_position:  # saved without --fsdp: keyed by position, FSDP's loader wants names
+        raise NanoQwenError(f"{run.out} was trained without --fsdp, and its optimizer state cannot be loaded "
+                            "sharded; resume it without --fsdp (a whole model per process)")
+    # Loading puts back the saved groups' settings; the weight decay is the run's as given now (--weight-decay
+    # with --resume), as the learning rate is (set at every step).
+    decays = [group["weight_decay"] for group in run.optimizer.param_groups]
+    if run.args.fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(run.model, run.optimizer, state, options=StateDictOptions(full_state_dict=True))
+    else:
+        run.optimizer.load_state_dict(state)
+    for group, decay in zip(run.optimizer.param_groups, decays, strict=True):
+        group["weight_decay"] = decay
+
+
+def full_model(run: Run) -> Qwen3 | None:
+    """The model with whole tensors on rank 0 (None elsewhere); a collective under FSDP."""
+    if not run.args.fsdp:
+        return run.model if run.info.is_main else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not run.info.is_main:
+        return None
+    copy = Qwen3(run.model.config)
+    copy.load_state_dict(state)
+    return copy
+
+
+def save_last(run: Run) -> None:
+    """last/: the weights and the training state, replaced together or not at all."""
+    # A save between evaluations, or on a signal, follows an update no loss has seen yet: never keep a
+    # diverged one in place of the last good save. Each rank checks its own (FSDP: sharded) weights and all
+    # ranks learn the answer, so they stop together instead of waiting on rank 0.
+    broken = next((name for name, p in run.model.named_parameters()
+                   if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
+    if all_reduce(float(broken is not None), "max", run.info.device):
+        where = broken or "on another rank"
+        raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({where}); last/ keeps "
+                            "the save before; lower --lr or raise --warmup")
+    model, optim_state = full_model(run), optimizer_state(run)
+    if not run.info.is_main:
+        return
+    assert model is not None
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
+    with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
+        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
+        torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
+        write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
+
+
+def save_best(run: Run) -> None:
+    model = full_model(run)
+    if model is not None:
+        save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
+                        generation=run.generation, step=run.state.step)

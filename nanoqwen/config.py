@@ -1,4 +1,5 @@
-"""Model configuration: every Qwen3 field, validation, presets by name, and overrides."""
+"""Configuration: every Qwen3 model field, presets by name, overrides; and how to train (TrainConfig) and
+where a run stands (LoopState)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError
 from nanoqwen.io import is_run_record
+from nanoqwen.optim import OPTIMIZERS, SCHEDULES
 
 PRESET_DIR = Path(__file__).parent / "configs"
 QWEN3_VOCAB_SIZE = 151936
@@ -330,3 +332,125 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
                                 f"({', '.join(sorted(names))})")
         changes[key] = _coerce(value.strip(), getattr(config, key), key)
     return dataclasses.replace(config, **changes).validate()
+
+
+# -- training ---------------------------------------------------------------------------------------
+BEST_DTYPES = ("float32", "bfloat16", "float16")
+MAX_LR = 10.0  # no optimizer here trains at a higher rate; beyond it, a typo
+
+
+@dataclass
+class TrainConfig:
+    """How to train (everything but the model). Each field is also a flag: max_steps is --max-steps."""
+
+    dataset: str = "shakespeare"
+    """Corpus prepared when no --data is given (see `nanoqwen prepare`)."""
+    tokenizer: str = "bpe:2048"
+    """Tokenizer for --dataset: qwen3, bpe:N, or a tokenizer folder."""
+    max_steps: int = 1000
+    """Optimizer steps; the learning-rate schedule spans them."""
+    max_minutes: float | None = None
+    """Wall-clock cap on this invocation's training loop; the run then evaluates and saves."""
+    fit_to_time: bool = False
+    """With max_minutes and the wsd schedule: end the schedule at the step that fits in the time (at most
+    max_steps), re-estimated every step until the decay starts, so the decay always completes."""
+    batch_size: int = 32
+    """Sequences per optimizer step, over all processes."""
+    micro_batch: int | None = None
+    """Sequences per forward pass per process (None: the whole per-process batch); sets accumulation."""
+    seq_len: int | None = None
+    """Tokens per sequence (None: the model's context, max_position_embeddings)."""
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr: float | None = None
+    """Learning rate at the last step (None: lr / 10)."""
+    warmup: int = 100
+    """Linear warmup steps (a new run cuts a longer one to half of max_steps)."""
+    schedule: str = "cosine"
+    """cosine or wsd (warmup-stable-decay)."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay of the block matrices (never on norms or biases; on embeddings only if asked)."""
+    decay_embeddings: bool = False
+    """Decay the token embedding (and an untied lm_head) by weight_decay too; off, as is usual for them."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    optimizer: str = "adamw"
+    """adamw, or muon (Muon on the hidden matrices, AdamW on the rest)."""
+    eval_interval: int = 100
+    """Evaluate every this many steps (and at the end)."""
+    eval_windows: int = 32
+    """Size of the fixed validation subset, in windows of seq_len tokens."""
+    save_interval: int = 500
+    """Save last/ (weights + training state) every this many steps (and at the end)."""
+    sample_interval: int = 250
+    """Print and log a sample every this many steps (0: only at the end)."""
+    sample_tokens: int = 160
+    """New tokens per sample."""
+    sample_prompt: str = "\n"
+    """Text the samples continue."""
+    early_stopping_patience: int = 0
+    """Stop after this many evaluations without a better val loss (0: never)."""
+    seed: int = 0
+    """Seeds the weights, the data order and the samples."""
+    log_interval: int = 10
+    """Print a progress line every this many steps when stdout is not a terminal."""
+    compile: bool | None = None
+    """torch.compile the model (None: on CUDA only)."""
+    tensorboard: bool = False
+    """Also log the metrics and samples as TensorBoard events in RUN/tensorboard (needs the tensorboard package)."""
+    best_dtype: str = "float32"
+    """dtype best/ is written in (bfloat16 halves it; --init-from keeps its checkpoint's). last/ stays float32
+    for exact resume."""
+
+    def validate(self) -> TrainConfig:
+        positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
+                    "sample_tokens", "log_interval"]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        for name in ["micro_batch", "seq_len"]:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise NanoQwenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
+        if self.best_dtype not in BEST_DTYPES:
+            raise NanoQwenError(f"--best-dtype {self.best_dtype!r}: choose one of {', '.join(BEST_DTYPES)}")
+        if self.schedule not in SCHEDULES:
+            raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
+        # A rate above MAX_LR is a typo (and overflows float32 inside the optimizers); nan passes `< 0`.
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            value, rate = getattr(self, name), name.endswith("lr")
+            if value is not None and not (0 <= value <= (MAX_LR if rate else math.inf) and math.isfinite(value)):
+                limit = f" and at most {MAX_LR:g}" if rate else ""
+                raise NanoQwenError(f"--{name.replace('_', '-')} must be a number >= 0{limit}, got {value}")
+        if self.warmup < 0:
+            raise NanoQwenError("--warmup must not be negative")
+        if self.sample_interval < 0 or self.early_stopping_patience < 0:
+            raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
+        if not 0 <= self.seed < SEED_LIMIT:
+            raise NanoQwenError(f"--seed must be {SEED_RANGE}, got {self.seed}")
+        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
+            raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
+        if self.fit_to_time and self.schedule != "wsd":
+            raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
+                                "rate does not depend on the run's length until its decay starts; add --schedule "
+                                "wsd (or --no-fit-to-time)")
+        return self
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved as plain JSON. The data position is `step` (see data/loader.py)."""
+
+    step: int = 0
+    """Optimizer steps done."""
+    tokens: int = 0
+    elapsed_s: float = 0.0
+    """Training time of all invocations so far."""
+    best_val_loss: float | None = None
+    best_step: int | None = None
+    evals_since_best: int = 0
+    fitted_steps: int | None = None
+    """The schedule's length as --fit-to-time set it (None: max_steps)."""
+    fitted_warmup: int | None = None
+    """The warmup, cut to half of the first fitted length when that was too short for it (None: cfg.warmup)."""

@@ -28,7 +28,6 @@ import signal
 import sys
 import threading
 import time
-import typing
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -40,15 +39,26 @@ from typing import Any
 import torch
 
 from nanoqwen.checkpoint import (
+    STATE_PT,
+    STATE_VERSION,
     check_data_tokenizer,
     checkpoint_step,
     load_model,
+    load_train_state,
     new_model_config,
     read_generation_config,
-    save_checkpoint,
-    write_checkpoint_files,
+    save_best,
+    save_last,
 )
-from nanoqwen.config import ModelConfig, Preset, apply_overrides, check_json_types, load_preset
+from nanoqwen.config import (
+    BEST_DTYPES,
+    LoopState,
+    ModelConfig,
+    Preset,
+    TrainConfig,
+    apply_overrides,
+    load_preset,
+)
 from nanoqwen.data.loader import BatchLoader, TokenSplit, check_token_ids
 from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.distributed import (
@@ -63,13 +73,12 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, first_line
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
     ReaderMayLeave,
-    atomic_dir,
     atomic_file,
     check_replaceable,
     hold_lock,
@@ -85,8 +94,6 @@ from nanoqwen.tokenizer import Tokenizer, load_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
 from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops, summary_writer_class
 
-STATE_VERSION = 1
-STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 # What a run started from a checkpoint's weights (--init-from) takes in place of a preset's train section:
 # a rate that continues a pretrained model without undoing what it knows (3e-5 suits the Qwen3 sizes; a
 # small model of your own takes ~10x more), AdamW (the optimizer such checkpoints were trained with), and a
@@ -95,127 +102,6 @@ FINETUNE_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-5, "warmup": 20
                                   "batch_size": 16, "eval_interval": 50, "save_interval": 250,
                                   "sample_interval": 250}
 FINETUNE_SEQ_LEN = 1024
-BEST_DTYPES = ("float32", "bfloat16", "float16")
-MAX_LR = 10.0  # no optimizer here trains at a higher rate; beyond it, a typo
-
-
-@dataclass
-class TrainConfig:
-    """How to train (everything but the model). Each field is also a flag: max_steps is --max-steps."""
-
-    dataset: str = "shakespeare"
-    """Corpus prepared when no --data is given (see `nanoqwen prepare`)."""
-    tokenizer: str = "bpe:2048"
-    """Tokenizer for --dataset: qwen3, bpe:N, or a tokenizer folder."""
-    max_steps: int = 1000
-    """Optimizer steps; the learning-rate schedule spans them."""
-    max_minutes: float | None = None
-    """Wall-clock cap on this invocation's training loop; the run then evaluates and saves."""
-    fit_to_time: bool = False
-    """With max_minutes and the wsd schedule: end the schedule at the step that fits in the time (at most
-    max_steps), re-estimated every step until the decay starts, so the decay always completes."""
-    batch_size: int = 32
-    """Sequences per optimizer step, over all processes."""
-    micro_batch: int | None = None
-    """Sequences per forward pass per process (None: the whole per-process batch); sets accumulation."""
-    seq_len: int | None = None
-    """Tokens per sequence (None: the model's context, max_position_embeddings)."""
-    lr: float = 3e-3
-    """Peak learning rate."""
-    min_lr: float | None = None
-    """Learning rate at the last step (None: lr / 10)."""
-    warmup: int = 100
-    """Linear warmup steps (a new run cuts a longer one to half of max_steps)."""
-    schedule: str = "cosine"
-    """cosine or wsd (warmup-stable-decay)."""
-    weight_decay: float = 0.1
-    """Decoupled weight decay of the block matrices (never on norms or biases; on embeddings only if asked)."""
-    decay_embeddings: bool = False
-    """Decay the token embedding (and an untied lm_head) by weight_decay too; off, as is usual for them."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this (0: off)."""
-    optimizer: str = "adamw"
-    """adamw, or muon (Muon on the hidden matrices, AdamW on the rest)."""
-    eval_interval: int = 100
-    """Evaluate every this many steps (and at the end)."""
-    eval_windows: int = 32
-    """Size of the fixed validation subset, in windows of seq_len tokens."""
-    save_interval: int = 500
-    """Save last/ (weights + training state) every this many steps (and at the end)."""
-    sample_interval: int = 250
-    """Print and log a sample every this many steps (0: only at the end)."""
-    sample_tokens: int = 160
-    """New tokens per sample."""
-    sample_prompt: str = "\n"
-    """Text the samples continue."""
-    early_stopping_patience: int = 0
-    """Stop after this many evaluations without a better val loss (0: never)."""
-    seed: int = 0
-    """Seeds the weights, the data order and the samples."""
-    log_interval: int = 10
-    """Print a progress line every this many steps when stdout is not a terminal."""
-    compile: bool | None = None
-    """torch.compile the model (None: on CUDA only)."""
-    tensorboard: bool = False
-    """Also log the metrics and samples as TensorBoard events in RUN/tensorboard (needs the tensorboard package)."""
-    best_dtype: str = "float32"
-    """dtype best/ is written in (bfloat16 halves it; --init-from keeps its checkpoint's). last/ stays float32
-    for exact resume."""
-
-    def validate(self) -> TrainConfig:
-        positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
-                    "sample_tokens", "log_interval"]
-        for name in positive:
-            if getattr(self, name) <= 0:
-                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        for name in ["micro_batch", "seq_len"]:
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise NanoQwenError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}")
-        if self.optimizer not in OPTIMIZERS:
-            raise NanoQwenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
-        if self.best_dtype not in BEST_DTYPES:
-            raise NanoQwenError(f"--best-dtype {self.best_dtype!r}: choose one of {', '.join(BEST_DTYPES)}")
-        if self.schedule not in SCHEDULES:
-            raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
-        # A rate above MAX_LR is a typo (and overflows float32 inside the optimizers); nan passes `< 0`.
-        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            value, rate = getattr(self, name), name.endswith("lr")
-            if value is not None and not (0 <= value <= (MAX_LR if rate else math.inf) and math.isfinite(value)):
-                limit = f" and at most {MAX_LR:g}" if rate else ""
-                raise NanoQwenError(f"--{name.replace('_', '-')} must be a number >= 0{limit}, got {value}")
-        if self.warmup < 0:
-            raise NanoQwenError("--warmup must not be negative")
-        if self.sample_interval < 0 or self.early_stopping_patience < 0:
-            raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
-        if not 0 <= self.seed < SEED_LIMIT:
-            raise NanoQwenError(f"--seed must be {SEED_RANGE}, got {self.seed}")
-        if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
-            raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
-        if self.fit_to_time and self.schedule != "wsd":
-            raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
-                                "rate does not depend on the run's length until its decay starts; add --schedule "
-                                "wsd (or --no-fit-to-time)")
-        if self.tensorboard:
-            summary_writer_class()  # one clear line now if the package is missing, not after preparing data
-        return self
-
-
-@dataclass
-class LoopState:
-    """Where the loop is; saved as plain JSON. The data position is `step` (see data/loader.py)."""
-
-    step: int = 0
-    """Optimizer steps done."""
-    tokens: int = 0
-    elapsed_s: float = 0.0
-    """Training time of all invocations so far."""
-    best_val_loss: float | None = None
-    best_step: int | None = None
-    evals_since_best: int = 0
-    fitted_steps: int | None = None
-    """The schedule's length as --fit-to-time set it (None: max_steps)."""
-    fitted_warmup: int | None = None
-    """The warmup, cut to half of the first fitted length when that was too short for it (None: cfg.warmup)."""
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -278,7 +164,10 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
-    return TrainConfig(**values).validate()
+    cfg = TrainConfig(**values).validate()
+    if cfg.tensorboard:
+        summary_writer_class()  # one clear line now if the package is missing, not after preparing data
+    return cfg
 
 
 def default_preset_name(device: torch.device) -> str:
@@ -767,103 +656,6 @@ def load_model_config(last: Path) -> ModelConfig:
     if not last.is_dir():
         raise NanoQwenError(f"cannot resume: {last} is missing; the run saved no checkpoint yet")
     return read_config(last)
-
-
-def load_train_state(run: Run, last: Path) -> None:
-    """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
-    try:
-        state = json.loads((last / STATE_JSON).read_text())
-        if state.pop("version", None) != STATE_VERSION:
-            raise ValueError(f"unknown state version in {STATE_JSON}")
-        check_json_types(state, typing.get_type_hints(LoopState), str(last / STATE_JSON))
-        run.state = LoopState(**state)
-        if min(run.state.step, run.state.tokens, run.state.evals_since_best) < 0:
-            raise ValueError(f"negative counts in {STATE_JSON}")
-        blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
-        load_optimizer_state(run, blob["optimizer"])
-        if blob.get("scaler"):
-            run.scaler.load_state_dict(blob["scaler"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
-    except NanoQwenError:
-        raise
-    except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
-        raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing or "
-                            f"corrupt ({first_line(e)[:200]}); start a new run from its weights: --init-from {last}"
-                            ) from e
-
-
-def optimizer_state(run: Run) -> dict[str, Any]:
-    if run.args.fsdp:  # gather the sharded state (a collective: every rank calls it)
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-        return get_optimizer_state_dict(run.model, run.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return run.optimizer.state_dict()
-
-
-def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
-    by_position = any(isinstance(key, int) for part in state.get("optimizers", [state])
-                      for key in part.get("state", {}))
-    if run.args.fsdp and by_position:  # saved without --fsdp: keyed by position, FSDP's loader wants names
-        raise NanoQwenError(f"{run.out} was trained without --fsdp, and its optimizer state cannot be loaded "
-                            "sharded; resume it without --fsdp (a whole model per process)")
-    # Loading puts back the saved groups' settings; the weight decay is the run's as given now (--weight-decay
-    # with --resume), as the learning rate is (set at every step).
-    decays = [group["weight_decay"] for group in run.optimizer.param_groups]
-    if run.args.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-        set_optimizer_state_dict(run.model, run.optimizer, state, options=StateDictOptions(full_state_dict=True))
-    else:
-        run.optimizer.load_state_dict(state)
-    for group, decay in zip(run.optimizer.param_groups, decays, strict=True):
-        group["weight_decay"] = decay
-
-
-def full_model(run: Run) -> Qwen3 | None:
-    """The model with whole tensors on rank 0 (None elsewhere); a collective under FSDP."""
-    if not run.args.fsdp:
-        return run.model if run.info.is_main else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not run.info.is_main:
-        return None
-    copy = Qwen3(run.model.config)
-    copy.load_state_dict(state)
-    return copy
-
-
-def save_last(run: Run) -> None:
-    """last/: the weights and the training state, replaced together or not at all."""
-    # A save between evaluations, or on a signal, follows an update no loss has seen yet: never keep a
-    # diverged one in place of the last good save. Each rank checks its own (FSDP: sharded) weights and all
-    # ranks learn the answer, so they stop together instead of waiting on rank 0.
-    broken = next((name for name, p in run.model.named_parameters()
-                   if not bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())), None)
-    if all_reduce(float(broken is not None), "max", run.info.device):
-        where = broken or "on another rank"
-        raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({where}); last/ keeps "
-                            "the save before; lower --lr or raise --warmup")
-    model, optim_state = full_model(run), optimizer_state(run)
-    if not run.info.is_main:
-        return
-    assert model is not None
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
-    with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
-        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
-        torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
-        write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
-
-
-def save_best(run: Run) -> None:
-    model = full_model(run)
-    if model is not None:
-        save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
-                        generation=run.generation, step=run.state.step)
 
 
 def append_line(path: Path, text: str) -> None:

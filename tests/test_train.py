@@ -196,8 +196,9 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     # 8 steps fit in the time left, warmup 50: the run ended still warming up, at 16% of the peak rate.
     from types import SimpleNamespace
 
+    from nanoqwen.config import LoopState
     from nanoqwen.tracking import Display
-    from nanoqwen.train import LoopState, Run, fit_schedule
+    from nanoqwen.train import Run, fit_schedule
 
     class Fitted(SimpleNamespace):  # what fit_schedule reads of a run
         total_steps, warmup = Run.total_steps, Run.warmup
