@@ -37,13 +37,14 @@ def printable(text: str) -> str:
 def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
     """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
 
-    A line that starts with BLOCK goes on over the next lines up to one that ends with BLOCK; the text
-    between is the message, its newlines kept. A line that starts with // is a message starting with /.
+    A line that starts with BLOCK, with no other BLOCK in it, goes on over the next lines up to one that ends
+    with BLOCK; the text between is the message, its newlines kept (a line like BLOCK + text + BLOCK is sent
+    as typed, as code would have it). A line that starts with // is a message starting with /.
     EOFError and KeyboardInterrupt from `read_line` pass through (a block cut short is dropped with them).
     """
     line = read_line(PROMPT)
     stripped = line.strip()
-    if stripped.startswith(BLOCK):
+    if stripped.startswith(BLOCK) and BLOCK not in stripped[len(BLOCK):]:
         lines = [line.lstrip()[len(BLOCK):]]
         while not lines[-1].rstrip().endswith(BLOCK):
             lines.append(read_line(MORE))

@@ -60,7 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    args = build_parser(command).parse_args(argv)
+    parser = build_parser(command)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
+        where = f"nanoqwen {command}" if command else "nanoqwen"
+        parser.exit(2, f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)\n")
     if args.command is None:
         build_parser().print_help()
         return 0 if not argv else 2

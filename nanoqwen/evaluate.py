@@ -150,7 +150,8 @@ def run(args: argparse.Namespace) -> int:
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         tokens, num_bytes = load_split(Path(args.data), args.split or "val")
-    check_token_ids(tokens, model.config.vocab_size, args.text_file or f"{args.data}/{args.split or 'val'}.bin")
+    if args.data:  # a text file is encoded with the checkpoint's own tokenizer, which loading checked
+        check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{args.split or 'val'}.bin")
     result = evaluate_tokens(model, tokens, num_bytes, args.context, args.batch_size, args.max_windows)
     if args.json:
         print(json.dumps(result))

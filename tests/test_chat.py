@@ -110,7 +110,8 @@ def test_read_message_blocks_commands_and_blanks() -> None:
 
     assert read('"""', "a", "  b", '"""') == ("message", "a\n  b")  # inner indentation kept
     assert read(' """first', 'last"""  ') == ("message", "first\nlast")
-    assert read('"""one line"""') == ("message", "one line")
+    assert read('"""Docstring.""" more') == ("message", '"""Docstring.""" more')  # opens nothing: as typed
+    assert read('"""Docstring."""') == ("message", '"""Docstring."""')
     assert read('"""', "", '"""') == ("empty", "")
     assert read(" /reset ") == ("command", "/reset")
     assert read("//etc/hosts is a file") == ("message", "/etc/hosts is a file")

@@ -650,6 +650,14 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
         assert expected in err and "\n" not in err, err
+    # argparse's own refusals are one line too, pointing at the help of the command they were meant for.
+    for args, expected in [(["sample", "--model", "m", "--prompt", "x", "--bogus"], "(see nanoqwen sample --help)"),
+                           (["sample", "--model", "m"], "required: --prompt (see nanoqwen sample --help)"),
+                           (["serve", "--model", "m", "--port", "70000"], "must be a TCP port from 1 to 65535")]:
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and expected in err and "\n" not in err, err
 
 
 def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):

@@ -134,8 +134,15 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     assert [page.input_value(f"#{name}") for name in fields] == ["0.3", "12", "Be terse.", "0.8", "20"]
     assert page.text_content("#temperature-value") == "0.30"
     assert page.is_checked("#mode-completion") and page.is_visible("#empty-hint .completion-only")
-    with page.expect_navigation():  # the page reloads itself
-        page.click("#reset-settings")
+    # Another model served at the same address keeps its own settings (here: none yet).
+    stored = page.evaluate("Object.keys(localStorage).filter(k => k.startsWith('nanoqwen-settings'))")
+    assert stored == ["nanoqwen-settings:tiny-web"]
+    # Reset, in place: what was typed in the prompt box stays, the settings go back to the defaults.
+    page.fill("#prompt", "kept")
+    page.click("#reset-settings")
+    assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
+    assert page.text_content("#temperature-value") == "0.70" and page.input_value("#prompt") == "kept"
+    page.reload()
     page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
     assert page.is_checked("#mode-chat")

@@ -5,8 +5,8 @@
 
 const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "nanoqwen-api-key";
-const SETTINGS_STORAGE = "nanoqwen-settings";
-// The settings kept across reloads (in this browser, for this server's address): those the user changed.
+const SETTINGS_STORAGE = "nanoqwen-settings"; // + ":" + the model's id: each model keeps its own
+// The settings kept across reloads (in this browser, for this server's address and model): those the user changed.
 const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition-penalty", "frequency-penalty",
   "presence-penalty", "seed", "stop-strings", "system", "thinking"];
 
@@ -15,6 +15,7 @@ const state = {
   history: [], // chat messages so far: {role, content}
   controller: null, // AbortController of the request in flight
   defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
+  samplingDefaults: null, // those defaults, for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
 };
 
@@ -59,17 +60,11 @@ async function loadModel() {
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
     $("thinking-field").hidden = !card.thinking_switch;
-    const defaults = card.sampling_defaults;
-    if (defaults && !state.defaultsShown) { // the checkpoint's recommended sampling, once (then the user's)
+    if (!state.defaultsShown) { // once: what this model's settings were left at, else its recommended sampling
       state.defaultsShown = true;
-      for (const [id, value] of [["temperature", defaults.temperature], ["top-p", defaults.top_p],
-        ["top-k", defaults.top_k], ["repetition-penalty", defaults.repetition_penalty]]) {
-        if ($(id).dataset.touched) continue; // set by the user before the page could reach the server
-        $(id).value = value;
-        state.applyingDefaults = true;
-        $(id).dispatchEvent(new Event("input")); // the slider's number follows
-        state.applyingDefaults = false;
-      }
+      state.samplingDefaults = card.sampling_defaults || null;
+      restoreSettings();
+      applySamplingDefaults();
     }
     const max = $("max-tokens");
     if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
@@ -80,37 +75,69 @@ async function loadModel() {
 }
 
 // -- settings ------------------------------------------------------------------------------
+function settingsKey() {
+  return `${SETTINGS_STORAGE}:${state.model}`;
+}
+
 function savedSettings() {
   try {
-    const saved = JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || "{}");
+    const saved = JSON.parse(localStorage.getItem(settingsKey()) || "{}");
     return saved && typeof saved === "object" ? saved : {};
   } catch (err) { // unreadable (edited by hand): start from the defaults
     return {};
   }
 }
 
-function saveSetting(name, value) {
+function saveSetting(name, value) { // before the model is known, the field is only marked (see restoreSettings)
+  if (!state.model) return;
   const saved = savedSettings();
   saved[name] = value;
   try {
-    localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(saved));
+    localStorage.setItem(settingsKey(), JSON.stringify(saved));
   } catch (err) { /* storage full or turned off: the page works as before, without memory */ }
 }
 
-function restoreSettings() { // before the checkpoint's defaults arrive: what was changed here stays changed
-  const saved = savedSettings();
-  for (const id of SAVED_FIELDS) {
-    if (!(id in saved)) continue;
-    if ($(id).type === "checkbox") $(id).checked = Boolean(saved[id]);
-    else $(id).value = String(saved[id]);
-    $(id).dataset.touched = "true";
-  }
-  if (saved.mode === "completion") $("mode-completion").checked = true;
+function fieldValue(id) {
+  return $(id).type === "checkbox" ? $(id).checked : $(id).value;
 }
 
-function resetSettings() {
-  localStorage.removeItem(SETTINGS_STORAGE);
-  location.reload(); // every field back to the page's and the checkpoint's defaults
+function setField(id, value) { // as the page sets it: not a change of the user's, not saved
+  if ($(id).type === "checkbox") $(id).checked = Boolean(value);
+  else $(id).value = String(value);
+  state.applyingDefaults = true;
+  $(id).dispatchEvent(new Event("input")); // a slider's number follows
+  state.applyingDefaults = false;
+}
+
+function restoreSettings() { // once the model is known; a field changed before then wins, and is saved now
+  const saved = savedSettings();
+  for (const id of SAVED_FIELDS) {
+    if ($(id).dataset.touched) saveSetting(id, fieldValue(id));
+    else if (id in saved) {
+      setField(id, saved[id]);
+      $(id).dataset.touched = "true";
+    }
+  }
+  if (saved.mode === "completion" && mode() === "chat") $("mode-completion").click();
+}
+
+function applySamplingDefaults() { // the checkpoint's recommended sampling, where the user set none
+  const defaults = state.samplingDefaults;
+  if (!defaults) return;
+  for (const [id, value] of [["temperature", defaults.temperature], ["top-p", defaults.top_p],
+    ["top-k", defaults.top_k], ["repetition-penalty", defaults.repetition_penalty]]) {
+    if (!$(id).dataset.touched) setField(id, value);
+  }
+}
+
+function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
+  localStorage.removeItem(settingsKey());
+  for (const id of SAVED_FIELDS) {
+    delete $(id).dataset.touched;
+    setField(id, $(id).type === "checkbox" ? $(id).defaultChecked : $(id).defaultValue);
+  }
+  applySamplingDefaults();
+  showStatus("");
 }
 
 function mode() {
@@ -410,12 +437,11 @@ function init() {
     localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModel();
   });
-  restoreSettings();
   for (const id of SAVED_FIELDS) { // touched: see loadModel's defaults
     $(id).addEventListener($(id).type === "checkbox" ? "change" : "input", () => {
       if (state.applyingDefaults) return;
       $(id).dataset.touched = "true";
-      saveSetting(id, $(id).type === "checkbox" ? $(id).checked : $(id).value);
+      saveSetting(id, fieldValue(id));
     });
   }
   $("reset-settings").addEventListener("click", resetSettings);
