@@ -747,7 +747,7 @@ def sample(run: Run) -> str:
 def train(run: Run) -> dict[str, Any]:
     """The loop. Returns a summary: why it stopped, the last evaluation, the last sample."""
     cfg, state, main = run.cfg, run.state, run.info.is_main
-    metrics_path, samples_path = run.out / "metrics.jsonl", run.out / "samples.txt"
+    metrics_path = run.out / "metrics.jsonl"
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch_size * run.seq_len
@@ -778,15 +778,11 @@ def train(run: Run) -> dict[str, Any]:
                       "tokens_per_s": round(tok_s, 1), "elapsed_s": round(state.elapsed_s, 3)}
             if peak:
                 record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
-            # Every rank must agree to stop: the wall cap is rank 0's clock, a signal may reach one rank only.
             time_up = cfg.max_minutes is not None and now - start >= cfg.max_minutes * 60
-            # 0: go on, 1: the wall cap, 2 or 3: a signal (with or without the cap); the highest rank's wins.
-            stop_level = all_reduce(float(time_up) + 2 * float(stop.name is not None), "max", run.info.device)
-            if stop_level:
-                summary["stopped"] = (f"signal {stop.name or 'to another process'}" if stop_level >= 2
-                                      else "max_minutes")
-            interrupted = stop_level >= 2  # a signal: save and leave, no final evaluation or sample
-            final = state.step >= run.total_steps or stop_level > 0
+            stopped = agreed_stop(run, time_up, stop.name)
+            summary["stopped"] = stopped or summary["stopped"]
+            interrupted = stopped is not None and stopped.startswith("signal")  # save and leave, no final eval
+            final = state.step >= run.total_steps or stopped is not None
             if state.step % cfg.eval_interval == 0 or (final and not interrupted):
                 with explain_out_of_memory(run):
                     summary["eval"] = {**evaluate_and_track(run, record, display), "step": state.step}
@@ -797,13 +793,7 @@ def train(run: Run) -> dict[str, Any]:
             if tensorboard:
                 tensorboard.record(record)
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
-                summary["sample"] = sample(run)
-                if main:
-                    append_line(samples_path, f"--- step {state.step}\n{summary['sample']}\n\n")
-                if tensorboard:
-                    tensorboard.sample(state.step, summary["sample"])
-                if not final:  # the last one closes the run's report
-                    display.print(f"--- sample at step {state.step}:\n{summary['sample']}\n---")
+                summary["sample"] = sample_and_log(run, display, tensorboard, show=not final)
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
             eta = (run.total_steps - state.step) * state.elapsed_s / state.step
@@ -817,6 +807,28 @@ def train(run: Run) -> dict[str, Any]:
     if summary["stopped"] == "max_steps" and (state.fitted_steps or cfg.max_steps) < cfg.max_steps:
         summary["stopped"] = "max_minutes"  # the schedule was fitted to the time, and ended with it
     return summary
+
+
+def agreed_stop(run: Run, time_up: bool, signal_name: str | None) -> str | None:
+    """Why every process stops after this step ("max_minutes", "signal SIGTERM"), or None to go on. The wall
+    cap is rank 0's clock and a signal may reach one rank only, so the ranks take the strongest reason any has."""
+    level = all_reduce(float(time_up) + 2 * float(signal_name is not None), "max", run.info.device)  # 0, 1, 2-3
+    if level >= 2:
+        return f"signal {signal_name or 'to another process'}"
+    return "max_minutes" if level else None
+
+
+def sample_and_log(run: Run, display: Display, tensorboard: TensorBoardLog | None, show: bool) -> str:
+    """A sample, appended to samples.txt (and TensorBoard); printed when `show` (the last one closes the
+    run's report instead)."""
+    text = sample(run)
+    if run.info.is_main:
+        append_line(run.out / "samples.txt", f"--- step {run.state.step}\n{text}\n\n")
+    if tensorboard:
+        tensorboard.sample(run.state.step, text)
+    if show:
+        display.print(f"--- sample at step {run.state.step}:\n{text}\n---")
+    return text
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -857,7 +869,8 @@ def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> di
         save_best(run)
     elif state.step % run.cfg.eval_interval == 0:
         # Patience counts the evaluations of --eval-interval only: the extra one that ends a run cut short (by
-        # --max-minutes) must not make a chain of such runs stop earlier than one run that never stopped.
+        # --max-minutes) must not make a chain of such runs stop earlier than one run that never stopped. (One
+        # that improves still resets it and writes best/: such a chain may then stop later, never earlier.)
         state.evals_since_best += 1
     display.print(f"step {state.step}: val loss {result['loss']:.4f} | accuracy {result['accuracy']:.3f} | "
                   f"bits per byte {result['bits_per_byte']:.3f}" + (" (best)" if improved else ""))
