@@ -151,6 +151,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
+def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: int, max_new_tokens: int
+                     ) -> Conversation:
+    """The empty conversation the flags ask for; one clear line where they cannot work with this model."""
+    # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
+    # At least one token is kept free: a prompt must leave room for the reply to start.
+    reserve = max(1, min(max_new_tokens, context // 2))
+    conversation = Conversation(tokenizer, context, reserve, args.system, args.raw, args.thinking)
+    if conversation.fixed_ids() + reserve >= context:
+        raise NanoQwenError(f"--system takes {conversation.fixed_ids()} tokens, which leaves no room in the context "
+                            f"of {context} for a message and a reply of up to {reserve} tokens; shorten it")
+    if args.thinking is not None and not tokenizer.thinking_switch:
+        raise NanoQwenError("this model's chat template has no thinking switch (enable_thinking), as models "
+                            "trained here do not think before answering; leave --thinking/--no-thinking out")
+    return conversation
+
+
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -162,23 +178,13 @@ def run(args: argparse.Namespace) -> int:
     # Typed text that is not UTF-8 reaches the tokenizer as stray characters instead of ending the chat.
     with contextlib.suppress(AttributeError):
         sys.stdin.reconfigure(errors="surrogateescape")  # type: ignore[union-attr]
+    if args.thinking is not None and args.raw:
+        raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
+                            "no template, so give one or the other")
     model, tokenizer = load_for_inference(args)
     params = sampling_params(args, tokenizer)
     context = model.config.max_position_embeddings
-    # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
-    # At least one token is kept free: a prompt must leave room for the reply to start.
-    reserve = max(1, min(params.max_new_tokens, context // 2))
-    conversation = Conversation(tokenizer, context, reserve, args.system, args.raw, args.thinking)
-    if conversation.fixed_ids() + reserve >= context:
-        raise NanoQwenError(f"--system takes {conversation.fixed_ids()} tokens, which leaves no room in the context "
-                            f"of {context} for a message and a reply of up to {reserve} tokens; shorten it")
-    if args.thinking is not None:
-        if args.raw:
-            raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
-                                "no template, so give one or the other")
-        if not tokenizer.thinking_switch:
-            raise NanoQwenError("this model's chat template has no thinking switch (enable_thinking), as models "
-                                "trained here do not think before answering; leave --thinking/--no-thinking out")
+    conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 (line editing and history for input())
     print(f"nanoqwen chat: {Path(args.model).resolve().name} · {model.num_params() / 1e6:.1f}M parameters · "
