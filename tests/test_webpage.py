@@ -231,6 +231,22 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         page.uncheck("#thinking")
         send_and_wait(page, "Hello")
         assert page.locator(".message.assistant .content").last.text_content() == without_thinking
+        # A reply that thinks first (official Qwen3 replies open with <think>) shows that part apart, folded once
+        # the answer begins; completions (and chat replies without it) stay plain text.
+        shown = page.evaluate("""() => {
+            const out = document.querySelector(".message.assistant:last-child .content"), seen = [];
+            for (const reply of ["<think>\\nLet me", "<think>\\nLet me see.\\n</think>\\n\\nPar",
+                                 "<think>\\nLet me see.\\n</think>\\n\\nParis."]) {
+                showReply(out, reply, true);
+                seen.push([out.querySelector(".thinking-text").textContent, out.querySelector(".answer").textContent,
+                           out.querySelector("details.thinking").open]);
+            }
+            const plain = document.createElement("div");
+            showReply(plain, "<think>x</think>y", false);
+            return {seen, plain: plain.innerHTML};
+        }""")
+        assert shown["seen"] == [["Let me", "", True], ["Let me see.", "Par", False], ["Let me see.", "Paris.", False]]
+        assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
         page.close()

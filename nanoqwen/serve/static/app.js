@@ -243,6 +243,37 @@ function addMessage(kind, label) {
   return box;
 }
 
+// A thinking model's reply (official Qwen3) opens with <think>...</think>: that part is shown apart, dimmed,
+// and folded once the answer begins (a click opens it again); the answer streams below it. Other replies,
+// and completions, are plain text.
+function showReply(out, reply, chat) {
+  const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(reply) : null;
+  if (!parts) {
+    out.textContent = reply;
+    return;
+  }
+  let thinking = out.querySelector("details.thinking");
+  if (!thinking) {
+    thinking = document.createElement("details");
+    thinking.className = "thinking";
+    thinking.open = true;
+    const summary = document.createElement("summary");
+    summary.textContent = "Thinking";
+    const text = document.createElement("div");
+    text.className = "thinking-text";
+    thinking.append(summary, text);
+    const answer = document.createElement("div");
+    answer.className = "answer";
+    out.replaceChildren(thinking, answer);
+  }
+  thinking.querySelector(".thinking-text").textContent = parts[1].trim();
+  if (parts[2] && !thinking.dataset.folded) { // once: a reader who opens it again keeps it open
+    thinking.open = false;
+    thinking.dataset.folded = "true";
+  }
+  out.querySelector(".answer").textContent = parts[3].replace(/^\s+/, "");
+}
+
 function scrollDown() {
   const t = $("transcript");
   t.scrollTop = t.scrollHeight;
@@ -328,7 +359,8 @@ async function send() {
   state.controller = new AbortController();
   setBusy(true);
   let path, body, out, box;
-  if (mode() === "chat") {
+  const chat = mode() === "chat"; // the mode this message was sent in, whatever is shown while it streams
+  if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
     addMessage("user", "You").querySelector(".content").textContent = text;
@@ -374,7 +406,7 @@ async function send() {
       pieces += 1;
       reply += piece;
       const follow = atBottom();
-      out.textContent = reply;
+      showReply(out, reply, chat);
       if (follow) scrollDown();
     }, state.controller.signal);
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
@@ -397,7 +429,7 @@ async function send() {
       }
       note(box, message, "error");
       if (!reply) {
-        if (mode() === "chat") {
+        if (chat) {
           state.history.pop(); // the turn never happened
           out.hidden = true; // no empty reply bubble above the error
         }
@@ -406,7 +438,7 @@ async function send() {
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
   } finally {
-    if (mode() === "chat" && state.history.length && state.history[state.history.length - 1].role === "user"
+    if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
         && (reply || status.startsWith("stopped"))) {
       state.history.push({ role: "assistant", content: reply });
     }
