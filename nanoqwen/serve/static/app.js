@@ -359,7 +359,7 @@ async function send() {
   state.controller = new AbortController();
   setBusy(true);
   let path, body, out, box;
-  const chat = mode() === "chat"; // the mode this message was sent in, whatever is shown while it streams
+  const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
