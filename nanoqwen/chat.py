@@ -210,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
                 turn = 0
                 print("(history cleared)")
             else:
-                print(HELP)
+                print(f"(unknown command {line}) {HELP}")
             continue
         try:
             ids = conversation.add_user(line)

@@ -89,7 +89,7 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
         # "//" sends a message that starts with "/" (here one that reads like a command), in the same history.
         history = [*poem, {"role": "assistant", "content": expected}, {"role": "user", "content": "/reset"}]
         assert say(child, "//reset") == printable(reply_of(local, history)) + "\n"
-        assert "/reset clears" in say(child, "/unknown")  # an unknown command shows the help
+        assert "(unknown command /unknown) Type a message" in say(child, "/unknown")  # named, then the help
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

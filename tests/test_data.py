@@ -447,7 +447,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
         (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3", "'text'"]),
         (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
-        (["--dataset", "nosuchcorpus"], ["unknown dataset 'nosuchcorpus'"]),
+        (["--dataset", "nosuchcorpus"], ["'nosuchcorpus' is neither a file or folder here nor a dataset"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "tok/nope"], ["tokenizer folder tok/nope does not"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),
