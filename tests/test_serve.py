@@ -125,6 +125,9 @@ def test_greedy_chat_equals_generate(client: openai.OpenAI, local) -> None:
     assert r.choices[0].message.content == greedy_reference(local, rendered, 16)
     assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
     assert r.usage.completion_tokens == 16
+    # OpenAI's newer name for the limit (the one its client sends for chat) is read too.
+    short = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=3, temperature=0)
+    assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
     # n=2: the conversation counted once, both replies' tokens summed, streamed or not.
     sampling = dict(model="tiny", messages=messages, max_tokens=5, temperature=0, n=2)
     plain = client.chat.completions.create(**sampling)
@@ -161,6 +164,12 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
     assert reasons == {c.index: c.finish_reason for c in plain.choices}
     assert usage.model_dump() == plain.usage.model_dump()
     assert plain.choices[0].text != plain.choices[1].text  # choice k samples with seed + k
+    # Over several prompts too: choice k of the request (prompt k // n) is a lone request with seed + k.
+    several = client.completions.create(model="tiny", prompt=["The river", "The river"], **sampling)
+    for k, choice in enumerate(several.choices):
+        alone = client.completions.create(model="tiny", prompt="The river", **{**sampling, "n": 1, "seed": 1234 + k})
+        assert choice.text == alone.choices[0].text
+    assert len({c.text for c in several.choices}) == 4
 
     messages = [{"role": "user", "content": "Tell me about rivers."}]
     plain = client.chat.completions.create(model="tiny", messages=messages, **sampling)
@@ -846,8 +855,10 @@ TOOL_REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {
 def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     # Qwen3 writes calls as Hermes-style <tool_call> JSON blocks; a block that is not a call stays text, as
     # does one cut off by max_tokens. Streamed in any pieces, the text sent adds up to the whole reply's.
-    from nanoqwen.serve.protocol import ToolCallStream, split_tool_calls
+    from nanoqwen.serve.protocol import ToolCallStream, reason_with_calls, split_tool_calls
 
+    # A reply that ended on its own with calls in it finished to call them; one cut short was cut short.
+    assert (reason_with_calls("stop"), reason_with_calls("length")) == ("tool_calls", "length")
     content, calls = split_tool_calls(TOOL_REPLY)
     assert content == 'Let me look.\n\n\n<tool_call>not json</tool_call> done <tool_call>{"name": "cut off"'
     assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "°C"}'},

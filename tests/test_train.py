@@ -28,7 +28,7 @@ from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
-from nanoqwen.optim import build_optimizer, lr_at
+from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.tokenizer import load_tokenizer
 from tests.train_helpers import (
@@ -210,8 +210,43 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     rates = [lr_at(step, max_lr=1.0, min_lr=0.1, warmup=run.warmup, total=run.total_steps, schedule="wsd")
              for step in range(6, 9)]
     assert rates == pytest.approx([1.0, 1.0, 0.1])  # at the peak, then decayed to min_lr at the last step
-    fit_schedule(run, step_s=1.0, remaining_s=30, display=Display(False, 6, 100_000, 1))  # a faster machine
-    assert run.total_steps > 9 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
+    fit_schedule(run, step_s=100.0, remaining_s=1.0, display=Display(False, 6, 100_000, 1))  # a slower one
+    assert run.total_steps == 7 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
+    # No time left at step 11: the schedule still ends after a decay that starts no earlier than this step.
+    late = Fitted(cfg=SimpleNamespace(max_steps=100_000, warmup=4, max_minutes=1.0), state=LoopState(step=11),
+                  info=SimpleNamespace(device=torch.device("cpu")))
+    fit_schedule(late, step_s=100.0, remaining_s=1.0, display=Display(False, 11, 100_000, 1))
+    assert late.total_steps == 13 and wsd_decay_start(late.total_steps, late.warmup) == 11
+
+
+def test_muon_on_cpu_follows_torchs_muon() -> None:
+    # MuonFp32 is torch.optim.Muon with the Newton-Schulz iteration in fp32: the same momentum (Nesterov),
+    # weight decay (scaled by the rate) and update, up to torch's bf16 iteration.
+    torch.manual_seed(0)
+    start, grads = torch.randn(32, 48), [torch.randn(32, 48) for _ in range(3)]
+
+    def trained(optimizer_class: type[torch.optim.Optimizer], **options: Any) -> torch.Tensor:
+        weight = torch.nn.Parameter(start.clone())
+        optimizer = optimizer_class([weight], lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw", **options)
+        for grad in grads:
+            weight.grad = grad.clone()
+            optimizer.step()
+        return weight.detach()
+
+    ours, torchs = trained(MuonFp32), trained(torch.optim.Muon)
+    assert (ours - start).abs().max() > 0.02 and (ours - torchs).abs().max() < 2e-3
+    assert (trained(MuonFp32, nesterov=False) - torchs).abs().max() > 5e-3  # the test tells the two apart
+
+
+def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
+    from nanoqwen.tracking import flops_per_token
+
+    for tied in (True, False):
+        config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=tied)
+        lookup = 0 if tied else 64 * 16  # an untied embedding is a lookup, not a matmul
+        attention = 12 * 2 * 2 * 8 * 128  # QK^T and AV, forward and backward, over 128 positions
+        assert flops_per_token(config, 128) == 6 * (Qwen3(config).num_params() - lookup) + attention
 
 
 def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path) -> None:
