@@ -170,6 +170,20 @@ def test_a_template_marking_generation_renders_as_transformers(official, tmp_pat
     assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == expected == "hi<A>yo</A>"
 
 
+def test_named_templates_chat_with_the_default_and_the_switch_needs_enable_thinking(official, tmp_path):
+    official.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    loop = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS" + loop}, {"name": "default", "template": loop}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tokenizer = load_tokenizer(tmp_path)
+    assert tokenizer.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "<hi>"
+    assert not tokenizer.thinking_switch  # a template of its own, but nothing that turns thinking off
+    config["chat_template"][1]["template"] += "{% if enable_thinking is defined %}{% endif %}"
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert load_tokenizer(tmp_path).thinking_switch
+
+
 def test_a_broken_chat_template_is_one_line(official, tmp_path):
     official.save(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
