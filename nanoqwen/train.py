@@ -915,6 +915,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     state, out = run.state, run.out
     print(f"\nstopped after step {state.step} ({summary['stopped']}) in {duration(wall_s)}, "
           f"{state.tokens:,} tokens seen")
+    if summary["stopped"] == "max_minutes" and state.step < run.cfg.max_steps / 2:  # a poor model may be why
+        print(f"(the time allowed {state.step} of the {run.cfg.max_steps} steps planned; give more --max-minutes, "
+              "or --resume it, for a better model)")
     if summary.get("eval"):
         e = summary["eval"]
         at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation

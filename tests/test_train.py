@@ -368,7 +368,9 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     last = read_metrics(out)[-1]
     assert last["step"] < 1000 and "val_loss" in last  # a final evaluation
     assert json.loads((out / "last/train_state.json").read_text())["step"] == last["step"]
-    assert (out / "best").is_dir() and "max_minutes" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (out / "best").is_dir() and "max_minutes" in printed
+    assert f"the time allowed {last['step']} of the 1000 steps planned" in printed
 
 
 @pytest.mark.parametrize(("flags", "words"), [
