@@ -376,7 +376,8 @@ def test_engine_batches_requests_that_join_and_leave(local, fixed_shapes: bool) 
     async def run(engine: Engine, prompt: list[int], params: SamplingParams, arrival: int) -> tuple[str, int, list]:
         while steps_run[0] < arrival:  # submitted once the batched engine has run `arrival` steps
             await asyncio.sleep(0)
-        top_logprobs = 2 if params.seed % 2 == 0 else None  # every other request asks for logprobs
+        # Every other request asks for logprobs, of 1 to 3 alternatives: a row gets its own number, not its batch's.
+        top_logprobs = 1 + params.seed % 3 if params.seed % 2 == 0 else None
         job, text, logprobs = engine.submit([prompt], params, 1, top_logprobs), "", []
         while True:
             event = await job.events.get()
