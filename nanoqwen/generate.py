@@ -423,10 +423,10 @@ def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], p
             yield row, "", Completion("", list(stream.ids), "stop" if stream.stopped else "length", len(prompts[row]))
 
 
-def prompt_ids(tokenizer: Tokenizer, text: str) -> list[int]:
-    """A prompt's ids. An empty prompt starts a new document (<|endoftext|>, as documents start in the
-    training data): an unconditional sample."""
-    return tokenizer.encode(text) or [tokenizer.eot_id]
+def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
+    """A prompt's ids (text, or ids already). An empty prompt starts a new document (<|endoftext|>, as
+    documents start in the training data): an unconditional sample."""
+    return (tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)) or [tokenizer.eot_id]
 
 
 def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[Completion]:

@@ -360,8 +360,7 @@ class Service:
         vocab = self.model.config.vocab_size
         prompts = []
         for item in items:
-            # An empty prompt starts a new document (as `nanoqwen sample --prompt ""` does).
-            ids = prompt_ids(self.tokenizer, item) if isinstance(item, str) else list(item) or [self.tokenizer.eot_id]
+            ids = prompt_ids(self.tokenizer, item)  # an empty one starts a new document, as in `nanoqwen sample`
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
