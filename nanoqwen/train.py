@@ -377,7 +377,7 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
         truncate_samples(out, run.state.step)
         saved = read_run_config(out)
         saved["train"] = dataclasses.asdict(cfg)
-        saved["data"], saved["data_from_run"] = str(run.data), os.path.relpath(run.data, out.resolve())
+        saved.update(data_place(run))
         saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
         saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
@@ -421,8 +421,7 @@ def check_samples_and_eval(run: Run) -> None:
     """What the first evaluation or the last sample would fail on, refused before any step is trained."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
-    check_token_ids(run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)[0], run.model.config.vocab_size,
-                    f"{run.data}/val.bin")
+    check_token_ids(val_subset(run)[0], run.model.config.vocab_size, f"{run.data}/val.bin")
     try:
         check_fits(run.model, len(prompt_ids(run.tokenizer, run.cfg.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
@@ -622,10 +621,15 @@ def default_compile(device: torch.device) -> bool:
 
 
 # -- run folder -----------------------------------------------------------------------------------
+def data_place(run: Run) -> dict[str, str]:
+    """Where the run's data folder is, for its config.json: as given, and relative to the run folder (found
+    again there if both moved together)."""
+    return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+
+
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
-    return {"version": STATE_VERSION, "preset": run.preset, "data": str(run.data),
-            "data_from_run": os.path.relpath(run.data, run.out.resolve()),  # found again if both move together
+    return {"version": STATE_VERSION, "preset": run.preset, **data_place(run),
             "data_splits": data_splits(run.data),  # tells other data from this on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
@@ -723,15 +727,20 @@ def sync_gradients(run: Run, sync: bool) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
+def val_subset(run: Run) -> tuple[torch.Tensor, int]:
+    """The fixed validation subset every evaluation scores: eval_windows windows of seq_len tokens (and the
+    bytes of text they stand for)."""
+    return run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)
+
+
 def evaluate(run: Run) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
-    windows = run.cfg.eval_windows
-    tokens, num_bytes = run.val.prefix(windows * run.seq_len + 1)  # setup saw that there are some
+    tokens, num_bytes = val_subset(run)  # setup saw that there are some, with ids the model has
     # Evaluation materializes logits: keep a batch of them under ~1 GiB.
     batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
     with run.autocast():
         result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
-                                 max_windows=windows)
+                                 max_windows=run.cfg.eval_windows)
     run.model.train()
     return result
 
