@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from nanoqwen.data.prepare import parse_size
+from nanoqwen.data.prepare import add_reading_arguments
 from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.io import atomic_dir, check_replaceable
 
@@ -19,12 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="ids in the tokenizer, its special tokens included (e.g. 2048)")
     train.add_argument("--out", required=True, metavar="DIR",
                        help="folder for tokenizer.json and tokenizer_config.json")
-    train.add_argument("--text-column", default=None, metavar="NAME",
-                       help="field or column holding the text (default: text)")
-    train.add_argument("--split", default="train", metavar="NAME",
-                       help="split of a Hugging Face dataset (default: %(default)s)")
-    train.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
-                       help="stop after this much text, e.g. 100MB")
+    add_reading_arguments(train)
 
 
 def run(args: argparse.Namespace) -> int:

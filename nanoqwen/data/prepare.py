@@ -81,6 +81,16 @@ def parse_size(text: str) -> int:
     return size
 
 
+def add_reading_arguments(p: argparse.ArgumentParser) -> None:
+    """How a corpus is read (`open_corpus`): for prepare and for `tokenizer train`."""
+    p.add_argument("--text-column", default=None, metavar="NAME",
+                   help="field or column holding the text (default: text)")
+    p.add_argument("--split", default="train", metavar="NAME",
+                   help="split of a Hugging Face dataset (default: %(default)s)")
+    p.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
+                   help="stop after this much text, e.g. 100MB (wikipedia-intros: 100MB unless given)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="shakespeare", metavar="SRC",
                    help=f"corpus: {SOURCES_HELP} (default: %(default)s)")
@@ -94,12 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "at least one document either way)")
     p.add_argument("--seed", type=int, default=0, metavar="N",
                    help="seed of the train/val split (default: %(default)s)")
-    p.add_argument("--text-column", default=None, metavar="NAME",
-                   help="field or column holding the text (default: text)")
-    p.add_argument("--split", default="train", metavar="NAME",
-                   help="split of a Hugging Face dataset (default: %(default)s)")
-    p.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
-                   help="stop after this much text, e.g. 100MB (wikipedia-intros: 100MB unless given)")
+    add_reading_arguments(p)
     p.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the same result")
     p.add_argument("--workers", type=int, default=None, metavar="N", help="tokenizer threads (default: every core)")
 
