@@ -149,9 +149,9 @@ def run(args: argparse.Namespace) -> int:
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
-        tokens, num_bytes = load_split(Path(args.data), args.split or "val")
-    if args.data:  # a text file is encoded with the checkpoint's own tokenizer, which loading checked
-        check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{args.split or 'val'}.bin")
+        split = args.split or "val"
+        tokens, num_bytes = load_split(Path(args.data), split)
+        check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
     result = evaluate_tokens(model, tokens, num_bytes, args.context, args.batch_size, args.max_windows)
     if args.json:
         print(json.dumps(result))

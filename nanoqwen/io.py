@@ -258,17 +258,14 @@ class ReaderMayLeave:
         try:
             return self.stream.write(text)
         except BrokenPipeError:
-            self._drop_output()
+            discard_output(self.stream)  # what is still buffered goes there too
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
         except BrokenPipeError:
-            self._drop_output()
-
-    def _drop_output(self) -> None:
-        discard_output(self.stream)  # what is still buffered goes there too
+            discard_output(self.stream)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.stream, name)

@@ -251,9 +251,7 @@ async def collect(job: Job) -> tuple[list[str], list[str], int, list[list[TokenL
 
 def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], str]:
     """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out."""
-    if not tools:
-        return {"role": "assistant", "content": text}, reason
-    content, calls = split_tool_calls(text)
+    content, calls = split_tool_calls(text) if tools else (text, [])
     if not calls:
         return {"role": "assistant", "content": text}, reason
     message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
