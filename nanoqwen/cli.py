@@ -37,11 +37,17 @@ FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.
                       errno.ENOENT: "check the path"}
 
 
+def refuse(prog: str, message: str) -> NoReturn:
+    """A bad command line in one line, as every other bad input is (the usage block is --help's); exit 2."""
+    sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
+    sys.exit(2)
+
+
 class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is one line, as every other bad input is (the usage block is --help's)."""
+    """argparse, but its refusals are `refuse`'s one line."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        refuse(self.prog, message)
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -63,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
-        where = f"nanoqwen {command}" if command else "nanoqwen"
-        parser.exit(2, f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)\n")
+        refuse(f"nanoqwen {command}" if command else "nanoqwen", f"unrecognized arguments: {' '.join(unknown)}")
     if args.command is None:
         build_parser().print_help()
         return 0 if not argv else 2
