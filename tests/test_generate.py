@@ -88,6 +88,27 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     assert done.stdout == tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]) + "\n"
 
 
+def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoint):
+    # Nothing passed but the prompts: the folder's tokenizer pads on the left with the id its
+    # generation_config.json names, so each padded row generates what the prompt alone does.
+    tokenizer = qwen3_tokenizer()
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    assert hf.generation_config.pad_token_id == hf_tokenizer.pad_token_id == tokenizer.eot_id
+    assert hf.generation_config.eos_token_id == tokenizer.stop_ids
+    prompts = ["Once upon a time there was", "Hi", "The capital of France is"]
+    batch = hf_tokenizer(prompts, return_tensors="pt", padding=True)
+    assert (batch["input_ids"][1, :2] == tokenizer.eot_id).all()  # the short prompt was padded
+    rows = hf.generate(**batch, do_sample=False, max_new_tokens=16)[:, batch["input_ids"].shape[1]:].tolist()
+    model, _ = load_checkpoint(checkpoint)
+    for prompt, row in zip(prompts, rows):
+        ours = [step[0] for step in generate_ids(model, [tokenizer.encode(prompt)],
+                                                 SamplingParams(max_new_tokens=16, temperature=0))]
+        assert row[:len(ours)] == ours
+        assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
+
+
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
     from nanoqwen.cli import main
 

@@ -318,6 +318,15 @@ def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     cut = client.completions.create(**sampling, stop=[stop]).choices[0]
     assert cut.text == full.text[:offsets[k]]
     assert cut.finish_reason == "stop"
+    # The stop string completed by the budget's last token: the stop string ended it, not the length.
+    exact = dict(sampling, max_tokens=k + 2, stop=[stop])
+    at_budget = client.completions.create(**exact).choices[0]
+    assert (at_budget.text, at_budget.finish_reason) == (cut.text, "stop")
+    chunks = list(client.completions.create(**exact, stream=True))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    # One token less and the stop string is never completed: the length ended it, with all the text made.
+    short = client.completions.create(**dict(exact, max_tokens=k + 1)).choices[0]
+    assert (short.text, short.finish_reason) == (full.text[:offsets[k + 1]], "length")
     # Its logprobs, streamed or not: the tokens up to the stop string's end, offsets within the returned text.
     text, streamed = "", {"tokens": [], "text_offset": []}
     for chunk in client.completions.create(**sampling, stop=[stop], stream=True):
