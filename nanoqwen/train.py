@@ -179,13 +179,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "data"
 
 
-def dataset_slug(dataset: str) -> str:
-    """A corpus's part of a data folder's name: a local path's name and a hash of where it is, so that two
-    `corpus.txt` in different folders never share one prepared folder."""
-    path = Path(dataset)
-    if not path.exists():
+def dataset_slug(dataset: str, fingerprint: str) -> str:
+    """A corpus's part of a data folder's name: for local files, their name and a hash of the corpus's
+    fingerprint (where the files are, their names, sizes and times). Two `corpus.txt` in different folders
+    never share one prepared folder, and text changed after a run was made from it is prepared into a new
+    folder instead of over the one that run still resumes on."""
+    if not Path(dataset).expanduser().exists():
         return slug(dataset)
-    return f"{slug(dataset)}-{hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:6]}"
+    return f"{slug(dataset)}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:6]}"
 
 
 def tokenizer_slug(tokenizer: str) -> str:
@@ -199,8 +200,11 @@ def tokenizer_slug(tokenizer: str) -> str:
 def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: str | None = None) -> Path:
     """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
     are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
-    local = Path(dataset).exists()
-    folder = Path("data") / f"{dataset_slug(dataset)}-{tokenizer_slug(tokenizer)}"
+    from nanoqwen.data.sources import open_corpus
+
+    corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    local = Path(dataset).expanduser().exists()
+    folder = Path("data") / f"{dataset_slug(dataset, corpus.fingerprint)}-{tokenizer_slug(tokenizer)}"
     if local or text_column or not (folder / "meta.json").exists():
         if info.is_main:
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
@@ -538,24 +542,30 @@ def data_splits(data: Path) -> dict[str, Any]:
 
 
 def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
-    """The run's data folder may have been prepared again since (a --dataset whose files changed, for
-    another run): ids from another tokenizer would mean other tokens to this model, and other text would
+    """The run's data folder may have been prepared again since (`nanoqwen prepare --out` over it), or --data
+    may name another: ids from another tokenizer would mean other tokens to this model, and other text would
     not continue the run (its data position, its best val loss)."""
     from nanoqwen.data.prepare import load_meta
 
     meta = load_meta(data)  # one clear line if the folder is gone or incomplete
-    last = out / "last"
-    if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
-        raise NanoQwenError(f"cannot resume {out}: {data} was prepared again with another tokenizer since the run "
-                            "began, so its ids mean other tokens to this model; continue from the weights on text "
-                            f"in the run's tokenizer: nanoqwen train --init-from {quote(str(last))} --dataset SRC")
     saved = read_run_config(out)
+    own_folder = Path(saved["data"]).resolve() == data.resolve()
+    last = out / "last"
+    given = saved.get("args", {})  # a run from --dataset (or the default corpus) names its source; --data does not
+    source = quote(saved["train"]["dataset"]) if given.get("data") is None and saved["train"].get("dataset") else "SRC"
+    if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
+        what = "was prepared again with another tokenizer since the run began" if own_folder else \
+            "holds ids of another tokenizer than the run's"
+        raise NanoQwenError(f"cannot resume {out}: {data} {what}, so its ids mean other tokens to this model; "
+                            "continue from the weights on text in the run's tokenizer: nanoqwen train --init-from "
+                            f"{quote(str(last))} --dataset {source}")
     recorded = saved.get("data_splits")  # its documents, tokens and bytes: the same text prepared alike
     if recorded is not None and meta["splits"] != recorded:
-        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with (prepared again "
-                            "from other text or settings); train on it from the run's weights instead: nanoqwen "
-                            f"train --init-from {quote(str(last))} --data {quote(str(data))}")
-    if recorded is None and Path(saved["data"]).resolve() != data.resolve() and announce:
+        how = " (prepared again from other text or settings)" if own_folder else ""
+        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; train on "
+                            f"it from the run's weights instead: nanoqwen train --init-from {quote(str(last))} "
+                            f"--data {quote(str(data))}")
+    if recorded is None and not own_folder and announce:
         print(f"note: {out} was made before runs recorded what their data holds, so nothing checks that {data} "
               "is the data it began with", flush=True)
 

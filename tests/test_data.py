@@ -239,6 +239,18 @@ def test_hf_datasets_offline(tmp_path: Path) -> None:
     assert leftovers(tmp_path) == []
 
 
+def test_a_damaged_shard_names_the_command_that_makes_it_again(tmp_path: Path) -> None:
+    (tmp_path / "my texts").mkdir()
+    (tmp_path / "my texts" / "a.txt").write_text("alpha document\n" * 50)
+    out = prepare(str(tmp_path / "my texts"), "bpe:300", tmp_path / "out", progress=False)
+    with (out / "train.bin").open("r+b") as f:
+        f.truncate(8)
+    with pytest.raises(NanoQwenError) as refused:
+        load_meta(out)
+    assert str(refused.value).endswith(f"run `nanoqwen prepare --dataset '{tmp_path}/my texts' --tokenizer bpe:300 "
+                                       f"--out {tmp_path}/out --force`")
+
+
 # -- reuse and atomicity -----------------------------------------------------------------------------
 
 def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -447,7 +459,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
         (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3", "'text'"]),
         (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
-        (["--dataset", "nosuchcorpus"], ["'nosuchcorpus' is neither a file or folder here nor a dataset"]),
+        (["--dataset", "nosuchcorpus"], ["'nosuchcorpus' is not a file or folder here, nor a dataset"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "tok/nope"], ["tokenizer folder tok/nope does not"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),

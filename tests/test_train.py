@@ -822,9 +822,17 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
         assert word in tokenizer.decode(np.fromfile(folders[place] / "train.bin", dtype="<u4").tolist())
     (tmp_path / "a" / "corpus.jsonl").write_text(
         "".join(json.dumps({"body": f"the lemon {i} is here."}) + "\n" for i in range(40)))
+    before = {p.name: p.read_bytes() for p in folders["a"].iterdir()}
     assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a2") == 0
-    text = load_tokenizer(folders["a"]).decode(np.fromfile(folders["a"] / "train.bin", dtype="<u4").tolist())
+    edited = Path(json.loads((tmp_path / "runs/a2/config.json").read_text())["data"])
+    text = load_tokenizer(edited).decode(np.fromfile(edited / "train.bin", dtype="<u4").tolist())
     assert "apple" not in text and "lemon" in text
+    # The edited text went to a folder of its own: runs/a's data is as it was, so runs/a still resumes.
+    assert edited != folders["a"] and {p.name: p.read_bytes() for p in folders["a"].iterdir()} == before
+    assert train_in_process("--resume", "runs/a", "--max-steps", "2") == 0
+    # Unchanged files: the same folder again, not prepared anew.
+    assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a3") == 0
+    assert Path(json.loads((tmp_path / "runs/a3/config.json").read_text())["data"]) == edited
 
 
 def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -961,7 +969,7 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     capsys.readouterr()
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
-    assert "holds other data than the run began with" in err and "--init-from" in err and "\n" not in err
+    assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
     # A run from before runs recorded what their data holds: not checked, and said so; recorded from then on.
     config = json.loads((out / "config.json").read_text())
     del config["data_splits"]

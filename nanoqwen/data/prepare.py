@@ -24,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
 from functools import lru_cache
 from pathlib import Path
+from shlex import quote
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
@@ -229,6 +230,9 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise NanoQwenError(f"{path} is damaged; {redo}") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise NanoQwenError(f"{path} is not a version-{META_VERSION} nanoqwen meta.json; {redo}")
+    if isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str):  # what made it, to make again
+        redo = (f"run `nanoqwen prepare --dataset {quote(meta['source'])} --tokenizer {quote(meta['tokenizer'])} "
+                f"--out {quote(str(folder))} --force`")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise NanoQwenError(f"{path} lacks {', '.join(missing)}; {redo}")

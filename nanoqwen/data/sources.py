@@ -147,7 +147,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
         looks_like_hub = spec.count("/") == 1 and not Path(spec).suffix
         hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
         raise NanoQwenError(f"no such file or folder: {spec}{hint}")
-    raise NanoQwenError(f"{spec!r} is neither a file or folder here nor a dataset nanoqwen knows; use {SOURCES_HELP}")
+    raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
 
 
 # -- decoding ---------------------------------------------------------------------------------------
