@@ -392,7 +392,7 @@ class Service:
                       ) -> Response:
         if body.n * len(prompts) > 64:
             raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
-                                f"asks for {body.n * len(prompts)}", "n")
+                                f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
         job = self.engine.submit(prompts, params, body.n, top_logprobs)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None

@@ -10,6 +10,7 @@ other than text.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
 (`tool_choice` "auto" or "none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
+Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
 
 from __future__ import annotations
@@ -42,12 +43,19 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+# Strict, as OpenAI's API is: "5" is no max_tokens and true no n (pydantic would convert them); ints are floats.
+STRICT = ConfigDict(strict=True)
+
+
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class RequestBody(BaseModel):
-    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # NaN (which Python's JSON reads) is no number
+    # NaN, which Python's JSON reads, is no number either
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
 
     model: str | None = None
 
@@ -85,7 +93,7 @@ class SamplingRequest(RequestBody):
 
     # OpenAI fields that would change the answer, which this server does not implement: refused, not ignored.
     logit_bias: dict[str, float] | None = None
-    best_of: int | None = None
+    best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
 
@@ -95,6 +103,8 @@ class SamplingRequest(RequestBody):
         for name, used in given.items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
+        if self.stream_options is not None and not self.stream:
+            raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -117,12 +127,14 @@ class CompletionRequest(SamplingRequest):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # tool_calls, tool_call_id, name...: passed on to the template
+    model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, tool_call_id, name...: go to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
@@ -154,7 +166,11 @@ class ChatInput(RequestBody):
 
     def chat_messages(self) -> list[dict[str, Any]]:
         """{"role", "content"} dicts (and any other fields a message has, such as tool_calls) for the chat
-        template; OpenAI's `developer` role is the system prompt."""
+        template; OpenAI's `developer` role is the system prompt. Only an assistant's may be null (its tool calls
+        say it all)."""
+        for i, m in enumerate(self.messages or []):
+            if m.content is None and m.role != "assistant":
+                raise APIError(400, f"messages[{i}] ({m.role}) has no content; give its text", "messages")
         return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.text()} for m in self.messages or []]
 
