@@ -99,6 +99,7 @@ def test_greedy_completion_equals_generate(client: openai.OpenAI, local) -> None
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
     assert r.choices[0].text == greedy_reference(local, prompt, 20)
     assert r.choices[0].finish_reason == "length"
+    assert r.id.startswith("cmpl-") and r.object == "text_completion"
     tokenizer = local[1]
     assert r.usage.prompt_tokens == len(tokenizer.encode(prompt))
     assert r.usage.completion_tokens == 20 and r.usage.total_tokens == r.usage.prompt_tokens + 20
@@ -125,6 +126,7 @@ def test_greedy_chat_equals_generate(client: openai.OpenAI, local) -> None:
     assert r.choices[0].message.content == greedy_reference(local, rendered, 16)
     assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
     assert r.usage.completion_tokens == 16
+    assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     # OpenAI's newer name for the limit (the one its client sends for chat) is read too.
     short = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=3, temperature=0)
     assert short.usage.completion_tokens == 3 and short.choices[0].finish_reason == "length"
@@ -886,7 +888,7 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     assert content == 'Let me look.\n\n\n<tool_call>not json</tool_call> done <tool_call>{"name": "cut off"'
     assert [c["function"] for c in calls] == [{"name": "get_weather", "arguments": '{"city": "Oslo", "unit": "°C"}'},
                                               {"name": "get_time", "arguments": "{}"}]
-    assert all(c["type"] == "function" and c["id"].startswith("call-") for c in calls)
+    assert all(c["type"] == "function" and c["id"].startswith("call_") for c in calls)
     assert len({c["id"] for c in calls}) == 2
     for size in (1, 2, 3, 5, 11, len(TOOL_REPLY)):
         stream = ToolCallStream()

@@ -398,7 +398,7 @@ class Service:
         shape: LogprobShape | None = None
         if top_logprobs is not None:
             shape = functools.partial(chat_logprobs if chat else completion_logprobs, self.tokenizer)
-        ident, created = new_id("chatcmpl" if chat else "cmpl"), now()
+        ident, created = new_id("chatcmpl-" if chat else "cmpl-"), now()
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.name}
         prompt_tokens = sum(len(p) for p in prompts)

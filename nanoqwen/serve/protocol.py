@@ -220,7 +220,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
         if not isinstance(call, dict) or not isinstance(call.get("name"), str):
             return match[0]
         arguments = call.get("arguments", {})
-        calls.append({"id": new_id("call"), "type": "function", "function": {
+        calls.append({"id": new_id("call_"), "type": "function", "function": {
             "name": call["name"],
             "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
         return ""
@@ -286,7 +286,8 @@ def holds_lone_surrogate(value: Any) -> bool:
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex}"
+    """An id shaped as OpenAI's: "chatcmpl-...", "cmpl-...", "call_..." (the prefix holds its separator)."""
+    return f"{prefix}{uuid.uuid4().hex}"
 
 
 def now() -> int:
