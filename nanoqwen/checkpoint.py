@@ -113,7 +113,7 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
     generation = generation or generation_config(config, tokenizer)
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
-        tokenizer.save(folder)
+        tokenizer.save(folder, context=config.max_position_embeddings)
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -325,7 +325,9 @@ def run(args: argparse.Namespace) -> int:
         model = Qwen3(config)
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32
     save_checkpoint(model, args.out, tokenizer, dtype=dtype)
-    print(f"wrote {args.out}: {model.num_params() / 1e6:.1f}M parameters, preset {args.preset}, seed {args.seed}")
+    # The tokenizer's vocabulary sizes the embeddings (Qwen3's 151,936 rows are most of a small preset's weights).
+    print(f"wrote {args.out}: {model.num_params() / 1e6:.1f}M parameters, preset {args.preset} with the "
+          f"{args.tokenizer} tokenizer (vocab_size {config.vocab_size:,}), seed {args.seed}")
     return 0
 
 

@@ -309,13 +309,14 @@ class Tokenizer:
                                 "fix chat_template in tokenizer_config.json or chat_template.jinja") from e
 
     # -- files -------------------------------------------------------------------------------
-    def save(self, directory: str | os.PathLike[str]) -> None:
-        """Write tokenizer.json and tokenizer_config.json into `directory` (which must exist)."""
+    def save(self, directory: str | os.PathLike[str], context: int | None = None) -> None:
+        """Write tokenizer.json and tokenizer_config.json into `directory` (which must exist); `context`: the
+        model's, when it goes into a checkpoint (Transformers truncates to model_max_length)."""
         directory = Path(directory)
         self.hf.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(), indent=2) + "\n")
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(context), indent=2) + "\n")
 
-    def hf_config(self) -> dict[str, Any]:
+    def hf_config(self, context: int | None = None) -> dict[str, Any]:
         added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
                           "single_word": False, "special": t.special}
                  for i, t in sorted(self.hf.get_added_tokens_decoder().items())}
@@ -337,7 +338,11 @@ class Tokenizer:
             "chat_template": CHAT_TEMPLATE,
         }
         own = {k: self.config[k] for k in KEPT_ON_SAVE if self.config.get(k)}
-        return {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
+        saved = {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
+        longest = saved["model_max_length"]
+        if context is not None and not (isinstance(longest, int) and longest <= context):  # what the model reads
+            saved["model_max_length"] = context
+        return saved
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:

@@ -96,6 +96,7 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
                                                           dtype=torch.float32).eval()
     assert hf.generation_config.pad_token_id == hf_tokenizer.pad_token_id == tokenizer.eot_id
+    assert hf_tokenizer.model_max_length == hf.config.max_position_embeddings == 128  # truncates to the context
     assert hf.generation_config.eos_token_id == tokenizer.stop_ids
     prompts = ["Once upon a time there was", "Hi", "The capital of France is"]
     batch = hf_tokenizer(prompts, return_tensors="pt", padding=True)
