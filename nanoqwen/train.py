@@ -432,6 +432,10 @@ def check_samples_and_eval(run: Run) -> None:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
 
 
+def warming_up(steps: int) -> str:
+    return f"warming up over {steps}" if steps else "no warmup"
+
+
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
     if args.init_from:
@@ -464,8 +468,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
         if info.is_main:
-            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: warming up over "
-                  f"{cfg.max_steps // 2}", flush=True)
+            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: "
+                  f"{warming_up(cfg.max_steps // 2)}", flush=True)
         cfg.warmup = cfg.max_steps // 2
     return preset, cfg, data, out
 
@@ -911,8 +915,8 @@ def fit_schedule(run: Run, step_s: float, remaining_s: float, display: Display) 
     fitted = int(all_reduce(fitted, "max", run.info.device))  # one answer for all ranks
     first = run.state.fitted_steps is None
     if first and run.warmup > fitted // 2:
-        display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: warming up over "
-                      f"{fitted // 2}")
+        display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: "
+                      f"{warming_up(fitted // 2)}")
         run.state.fitted_warmup = fitted // 2
     while wsd_decay_start(fitted, run.warmup) < step:
         fitted += 1
