@@ -346,7 +346,12 @@ def load_train_state(run: Run, last: Path) -> None:
         run.state = LoopState(**state)
         if min(run.state.step, run.state.tokens, run.state.evals_since_best) < 0:
             raise ValueError(f"negative counts in {STATE_JSON}")
-        blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
+        try:
+            blob = torch.load(last / STATE_PT, map_location="cpu", weights_only=True)
+        except (FileNotFoundError, PermissionError):
+            raise
+        except Exception as e:  # noqa: BLE001 (torch's words for a cut-off file are long and say no more)
+            raise ValueError(f"{STATE_PT} is cut short or damaged") from e
         load_optimizer_state(run, blob["optimizer"])
         if blob.get("scaler"):
             run.scaler.load_state_dict(blob["scaler"])
@@ -357,7 +362,7 @@ def load_train_state(run: Run, last: Path) -> None:
         raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
         raise NanoQwenError(f"cannot resume from {last}: its training state ({STATE_JSON}, {STATE_PT}) is missing or "
-                            f"corrupt ({first_line(e)[:200]}); start a new run from its weights: --init-from {last}"
+                            f"corrupt ({first_line(e, 200)}); start a new run from its weights: --init-from {last}"
                             ) from e
 
 

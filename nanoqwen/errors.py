@@ -8,9 +8,11 @@ class NanoQwenError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
-def first_line(error: BaseException) -> str:
-    """The first line of an error from a library, to quote inside one of ours."""
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first line of an error from a library, to quote inside one of ours (at most `limit` characters,
+    the cut marked)."""
+    line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    return line if limit is None or len(line) <= limit else line[:limit - 1].rstrip() + "…"
 
 
 def positive_int(text: str) -> int:

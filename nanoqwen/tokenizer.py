@@ -245,7 +245,7 @@ class Tokenizer:
             return template.render(**{**special, **template_kwargs, "messages": messages,
                                       "add_generation_prompt": add_generation_prompt})
         except Exception as e:  # noqa: BLE001 (a template may raise anything: its own raise_exception, a bad key)
-            raise NanoQwenError(f"the model's chat template refused these messages: {first_line(e)[:300]}") from e
+            raise NanoQwenError(f"the model's chat template refused these messages: {first_line(e, 300)}") from e
 
     @property
     def chat_format(self) -> str:
@@ -305,7 +305,7 @@ class Tokenizer:
         try:
             return env.from_string(source)
         except jinja2.TemplateError as e:
-            raise NanoQwenError(f"the tokenizer's chat template is not valid Jinja ({first_line(e)[:200]}); "
+            raise NanoQwenError(f"the tokenizer's chat template is not valid Jinja ({first_line(e, 200)}); "
                                 "fix chat_template in tokenizer_config.json or chat_template.jinja") from e
 
     # -- files -------------------------------------------------------------------------------
@@ -357,7 +357,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         config = json.loads(config_path.read_text()) if config_path.exists() else {}
         tokenizer = HFTokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
-        raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e)[:200]}); re-download it or "
+        raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e, 200)}); re-download it or "
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")

@@ -73,7 +73,7 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.evaluate import evaluate_tokens
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -665,7 +665,11 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
             raise KeyError(", ".join(missing))
         TrainConfig(**saved["train"])
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise NanoQwenError(f"cannot resume: {path} is missing or not a nanoqwen run config ({e})") from e
+        weights = run_dir / "last"
+        what = f"start a new run from its weights: --init-from {quote(str(weights))}" if weights.is_dir() else \
+            "give the folder a run wrote (runs/NAME, the one a run's closing lines name)"
+        cause = "missing" if isinstance(e, FileNotFoundError) else f"not a nanoqwen run config ({first_line(e, 200)})"
+        raise NanoQwenError(f"cannot resume: {path} is {cause}; {what}") from e
     return saved
 
 

@@ -634,18 +634,28 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     assert max(train_losses(multi)) == 10
 
 
-@pytest.mark.parametrize("damage", ["corrupt", "missing"])
-def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str) -> None:
+@pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
+                                              ("truncated", "train_state.pt is cut short or damaged"),
+                                              ("missing", "train_state.json"), ("no run config", "config.json is missing")])
+def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str, said: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
+    state = run / "last/train_state.pt"
     if damage == "corrupt":
-        (run / "last/train_state.pt").write_bytes(b"not a checkpoint")
-    else:
+        state.write_bytes(b"not a checkpoint")
+    elif damage == "truncated":
+        state.write_bytes(state.read_bytes()[:100])
+    elif damage == "missing":
         (run / "last/train_state.json").unlink()
+    else:
+        (run / "config.json").unlink()
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
     done = run_train("--resume", str(run), "--max-steps", "50")
     assert done.returncode != 0
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and "cannot resume" in lines[0] and "train_state" in lines[0], done.stderr
+    assert len(lines) == 1 and "cannot resume" in lines[0] and said in lines[0], done.stderr
+    assert f"--init-from {run / 'last'}" in lines[0]  # what to do: the weights are fine
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
 
 def test_best_checkpoint_loads_in_transformers_with_equal_logits(trained: Path) -> None:

@@ -341,7 +341,7 @@ def read_checked(batches: Iterator[Any], errors: tuple[type[Exception], ...], wh
         except StopIteration:
             return
         except errors as e:
-            raise NanoQwenError(f"{what} ({first_line(e)[:200]}); fix the data, re-download it or remove it") from None
+            raise NanoQwenError(f"{what} ({first_line(e, 200)}); fix the data, re-download it or remove it") from None
         yield batch
 
 
