@@ -636,7 +636,8 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),
-                                              ("missing", "train_state.json"), ("no run config", "config.json is missing")])
+                                              ("missing", "train_state.json"),
+                                              ("no run config", "config.json is missing")])
 def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str, said: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
