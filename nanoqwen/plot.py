@@ -37,12 +37,19 @@ def smooth(values: list[float], beta: float = 0.9) -> list[float]:
     return out
 
 
+def smoothing_for(points: int) -> float:
+    """The moving average's beta for a curve of `points` train records: a window of about a twentieth of
+    the run (0.9, ten records, at 200 and over), so a short run's curve does not lag behind its falling loss."""
+    return min(0.9, max(0.0, 1 - 20 / max(points, 1)))
+
+
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     """Draw loss.png for a run folder (or `out`) and return its path."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and isinstance(r.get("step"), int)]
     path = Path(out) if out else Path(run_dir) / "loss.png"
@@ -60,13 +67,14 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if train:
         steps, losses = zip(*train)
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(steps, smooth(list(losses)), color="tab:blue", label="train (smoothed)")
+        ax.plot(steps, smooth(list(losses), smoothing_for(len(losses))), color="tab:blue", label="train (smoothed)")
     if val:
         steps, losses = zip(*val)
         ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
         best = min(val, key=lambda sv: sv[1])
         ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 10), ha="center")
     ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on a short run's axis
     ax.set_ylabel("loss (nats per token)")
     ax.set_title(f"{Path(run_dir).resolve().name}")
     ax.grid(alpha=0.3)

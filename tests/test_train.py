@@ -846,6 +846,16 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     assert Path(json.loads((tmp_path / "runs/a3/config.json").read_text())["data"]) == edited
 
 
+def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
+    from nanoqwen.plot import smooth, smoothing_for
+
+    falling = [10.0 - i for i in range(10)]
+    assert smooth(falling, smoothing_for(len(falling))) == falling  # ten records: nothing to average over
+    noisy = [5.0 + (-1) ** i for i in range(400)]
+    smoothed = smooth(noisy, smoothing_for(len(noisy)))
+    assert smoothing_for(400) == 0.9 and max(abs(v - 5.0) for v in smoothed[100:]) < 0.06
+
+
 def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
     # A run killed while writing a metrics line leaves half a line: resume and plot take the whole ones.
     out = tmp_path / "cut"
