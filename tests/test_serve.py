@@ -776,6 +776,8 @@ def test_sigterm_cuts_a_long_generation(long_checkpoint: Path, tmp_path: Path) -
         stream.__exit__(None, None, None)
     texts = [line for line in lines if line.startswith("data: {")]
     assert "data: [DONE]" not in lines and 3 <= len(texts) < 16 * 4000
+    said = (tmp_path / "serve.log").read_text().splitlines()[-1]
+    assert said.startswith("nanoqwen serve: stopped after generating ") and said.endswith(" tokens")
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--shutdown-grace", "-1"), ("--shutdown-grace", "nan"),

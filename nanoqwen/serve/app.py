@@ -442,7 +442,8 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         engine.start()
         yield
-        engine.stop()
+        engine.stop()  # after uvicorn's grace: Ctrl-C and SIGTERM end here (it then re-raises the signal)
+        print(f"nanoqwen serve: stopped after generating {engine.tokens_generated:,} tokens", flush=True)
 
     # No /docs: FastAPI's docs page loads its scripts from a CDN.
     app = FastAPI(title="nanoqwen", lifespan=lifespan, docs_url=None, redoc_url=None)
