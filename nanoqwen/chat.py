@@ -14,6 +14,7 @@ import dataclasses
 import sys
 from collections.abc import Callable
 
+from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, add_sampling_arguments, sampling_params, stream_batch
 from nanoqwen.model import Qwen3
@@ -168,7 +169,6 @@ def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
 
     from nanoqwen.generate import load_for_inference
 
@@ -187,7 +187,7 @@ def run(args: argparse.Namespace) -> int:
     conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)
     with contextlib.suppress(ImportError):
         import readline  # noqa: F401 (line editing and history for input())
-    print(f"nanoqwen chat: {Path(args.model).resolve().name} · {model.num_params() / 1e6:.1f}M parameters · "
+    print(f"nanoqwen chat: {display_name(args.model)} · {model.num_params() / 1e6:.1f}M parameters · "
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws

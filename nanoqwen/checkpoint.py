@@ -84,6 +84,13 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
     return Path(directory)
 
 
+def display_name(directory: str | Path) -> str:
+    """What a checkpoint folder is called on screen and in the API: runs/NAME/best -> NAME/best (a bare
+    `best` says little); any other folder -> its name."""
+    path = Path(directory).resolve()
+    return f"{path.parent.name}/{path.name}" if path.name in {"best", "last"} else path.name
+
+
 STEP_METADATA = "nanoqwen_step"
 
 

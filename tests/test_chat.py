@@ -57,7 +57,7 @@ def say(child: pexpect.spawn, line: str) -> str:
 def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     child = spawn_chat(checkpoint, "--system", "Be brief.")
     try:
-        assert "ChatML" in child.before
+        assert "ChatML" in child.before and f"nanoqwen chat: {checkpoint.name} · " in child.before
         system = [{"role": "system", "content": "Be brief."}]
         first = reply_of(local, [*system, {"role": "user", "content": "Hello!"}])
         assert say(child, "Hello!") == printable(first) + "\n"
@@ -255,3 +255,11 @@ def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path)
 
 def test_printable_defuses_control_characters() -> None:
     assert printable("a\x1b[2Jb\r\n\tc\x7f") == "a\u241b[2Jb\u240d\n\tc\u2421"
+
+
+def test_a_runs_checkpoint_is_named_with_its_run(tmp_path: Path) -> None:
+    # As the server names it in /v1/models: a bare "best" says little.
+    from nanoqwen.checkpoint import display_name
+
+    assert display_name(tmp_path / "runs" / "shakes" / "best") == "shakes/best"
+    assert display_name(tmp_path / "models" / "tiny") == "tiny"

@@ -27,6 +27,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
 from nanoqwen.model import Qwen3
@@ -512,12 +513,6 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
 SHUTDOWN_GRACE_S = 3
 
 
-def default_model_name(directory: str) -> str:
-    """runs/NAME/best -> NAME/best (a bare `best` says little); any other folder -> its name."""
-    path = Path(directory).resolve()
-    return f"{path.parent.name}/{path.name}" if path.name in {"best", "last"} else path.name
-
-
 def check_can_bind(host: str, port: int) -> None:
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -565,7 +560,7 @@ def run(args: argparse.Namespace) -> int:
     check_can_bind(args.host, args.port)  # before the (slow) model load
     api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
     model, tokenizer = load_for_inference(args)
-    name = args.model_name or default_model_name(args.model)
+    name = args.model_name or display_name(args.model)
     defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
     for field, most in (("temperature", 2.0), ("repetition_penalty", 10.0)):  # what a request may ask for
         if defaults[field] > most:
