@@ -267,8 +267,10 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert (out / "meta.json").stat().st_mtime_ns != stamp["meta.json"]
     fingerprint = load_meta(out)["fingerprint"]
     (tmp_path / "c" / "b.txt").write_text("beta document, edited\n")
-    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False)
+    capsys.readouterr()
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out")
     assert load_meta(out)["fingerprint"] != fingerprint
+    assert "was prepared from other inputs or options; preparing it again" in capsys.readouterr().out
     assert "beta document, edited\n" in sum(read_back(out).values(), [])
     prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", seed=1, progress=False)
     assert load_meta(out)["fingerprint"] != fingerprint

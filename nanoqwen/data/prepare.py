@@ -162,6 +162,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             print(f"{out} is up to date (same inputs and options); --force rebuilds it")
         return out
     check_replaceable(out, "data")
+    if progress and not force and (out / "meta.json").is_file():  # whole or not: a run may have trained on it
+        print(f"{out} was prepared from other inputs or options; preparing it again (runs trained on it will not "
+              "resume on the new data: prepare into another --out to keep it)", flush=True)
 
     start = time.perf_counter()
     documents = corpus.documents()
