@@ -339,8 +339,7 @@ class Tokenizer:
         }
         own = {k: self.config[k] for k in KEPT_ON_SAVE if self.config.get(k)}
         saved = {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
-        longest = saved["model_max_length"]
-        if context is not None and not (isinstance(longest, int) and longest <= context):  # what the model reads
+        if context is not None:  # in a checkpoint: what its model reads (a tokenizer's own may be another model's)
             saved["model_max_length"] = context
         return saved
 

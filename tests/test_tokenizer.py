@@ -111,12 +111,12 @@ def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, 
     assert hf.eos_token == "<|endoftext|>" and hf.model_max_length == 262144
     rendered = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert rendered == "<|im_start|>user\nHi<|im_end|>\nTHEIRS"
-    # Into a checkpoint: no longer than the model's context, so Transformers truncates where the model must.
-    (tmp_path / "checkpoint").mkdir()
-    load_tokenizer(tmp_path / "theirs").save(tmp_path / "checkpoint", context=4096)
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "checkpoint").model_max_length == 4096
-    load_tokenizer(tmp_path / "theirs").save(tmp_path / "checkpoint", context=10**6)
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "checkpoint").model_max_length == 262144
+    # Into a checkpoint: the model's context, so Transformers truncates where the model must (and a longer
+    # context set for a model trained on from this checkpoint is not held to this one's).
+    for context in (4096, 10**6):
+        (tmp_path / "checkpoint").mkdir(exist_ok=True)
+        load_tokenizer(tmp_path / "theirs").save(tmp_path / "checkpoint", context=context)
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path / "checkpoint").model_max_length == context
 
 
 def test_vocabulary_equals_transformers_tiktoken_conversion(official):
