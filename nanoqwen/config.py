@@ -331,6 +331,9 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
         changes[key] = _coerce(value.strip(), getattr(config, key), key)
+    if "max_window_layers" not in changes and config.max_window_layers == config.num_hidden_layers:
+        # The presets' "no layer slides" follows a new layer count, as Qwen3's own configs write it.
+        changes["max_window_layers"] = changes.get("num_hidden_layers", config.num_hidden_layers)
     return dataclasses.replace(config, **changes).validate()
 
 

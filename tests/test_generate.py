@@ -701,6 +701,7 @@ def test_init_command_writes_a_loadable_folder(tmp_path):
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["num_hidden_layers"] == 1 and config["eos_token_id"] == 151645
+    assert config["max_window_layers"] == 1  # as the preset's, every layer (no sliding window anyway)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     model, _ = load_checkpoint(tmp_path / "m")
     ids = torch.tensor([[1, 2, 3, 4]])
