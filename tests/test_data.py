@@ -562,11 +562,13 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "latin1.txt").write_bytes(b"caf\xe9 and na\xefve " + "\ufffd".encode())  # a real U+FFFD too
     write_pdf(tmp_path / "c" / "scan.pdf", [])
+    (tmp_path / "c" / "noise.txt").write_bytes(random.Random(0).randbytes(4000))  # a binary file named .txt
     done = cli("prepare", "--dataset", str(tmp_path / "c"), "--tokenizer", "bpe:300", "--out", str(tmp_path / "out"))
     assert done.returncode == 0, done.stderr
     meta = load_meta(tmp_path / "out")
-    assert meta["replacement_chars"] == 2
-    assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / "scan.pdf")]
+    assert meta["replacement_chars"] == 2  # the noise's are not counted: it was left out whole
+    assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / name) for name in ("noise.txt", "scan.pdf")]
+    assert "characters are not UTF-8 (a binary file, or text in another encoding" in meta["skipped"][0]["reason"]
     assert "scan.pdf" in done.stderr
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
     docs = read_back(tmp_path / "out")  # one document: cut into train and val

@@ -443,14 +443,24 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
 
 
+# A text file whose bytes are this much undecodable is skipped (a few bad bytes in real text are replaced).
+MOSTLY_UNDECODABLE = 0.25
+
+
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES and path.stat().st_size > LARGE_FILE_BYTES:
         yield from _text_blocks(path, stats)
     elif suffix in TEXT_SUFFIXES:
+        before = stats.replacement_chars
         text = decode(path.read_bytes(), stats)
-        if text.strip():
+        replaced = stats.replacement_chars - before
+        if replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text):  # noise would be learned as text
+            stats.replacement_chars = before
+            stats.skipped.append({"path": str(path), "reason": f"{replaced:,} of its {len(text):,} characters are "
+                                  "not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)"})
+        elif text.strip():
             yield text
         else:
             stats.skipped.append({"path": str(path), "reason": "empty"})
