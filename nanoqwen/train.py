@@ -175,8 +175,9 @@ def default_preset_name(device: torch.device) -> str:
 
 
 def slug(text: str) -> str:
-    name = Path(text).name if Path(text).exists() else text
-    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-") or "data"
+    path = Path(text).expanduser()
+    name = path.resolve().name if path.exists() else text
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "data"  # no hidden folder from a leading dot
 
 
 def dataset_slug(dataset: str, fingerprint: str) -> str:
@@ -664,6 +665,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         if missing:
             raise KeyError(", ".join(missing))
         TrainConfig(**saved["train"])
+        if not isinstance(saved["data"], str):
+            raise TypeError(f"its data is {saved['data']!r}, not a folder")
     except (OSError, ValueError, KeyError, TypeError) as e:
         weights = run_dir / "last"
         what = f"start a new run from its weights: --init-from {quote(str(weights))}" if weights.is_dir() else \

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import random
+import shlex
 import shutil
 import signal
 import subprocess
@@ -242,13 +243,17 @@ def test_hf_datasets_offline(tmp_path: Path) -> None:
 def test_a_damaged_shard_names_the_command_that_makes_it_again(tmp_path: Path) -> None:
     (tmp_path / "my texts").mkdir()
     (tmp_path / "my texts" / "a.txt").write_text("alpha document\n" * 50)
-    out = prepare(str(tmp_path / "my texts"), "bpe:300", tmp_path / "out", progress=False)
+    out = prepare(str(tmp_path / "my texts"), "bpe:300", tmp_path / "out", progress=False, seed=3)
     with (out / "train.bin").open("r+b") as f:
         f.truncate(8)
     with pytest.raises(NanoQwenError) as refused:
         load_meta(out)
-    assert str(refused.value).endswith(f"run `nanoqwen prepare --dataset '{tmp_path}/my texts' --tokenizer bpe:300 "
-                                       f"--out {tmp_path}/out --force`")
+    redo = f"nanoqwen prepare --dataset '{tmp_path}/my texts' --tokenizer bpe:300 --seed 3 --out {tmp_path}/out --force"
+    assert str(refused.value).endswith(f"run `{redo}`")
+    # Run as said, it makes the same folder again.
+    before = json.loads((out / "meta.json").read_text())
+    assert cli(*shlex.split(redo)[1:]).returncode == 0
+    assert load_meta(out)["fingerprint"] == before["fingerprint"]
 
 
 # -- reuse and atomicity -----------------------------------------------------------------------------
@@ -595,6 +600,10 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
         assert corpus.stats.replacement_chars == len(bad), name
     capped = open_corpus(str(tmp_path / "lines.txt"), max_bytes=1500)
     assert "".join(capped.documents()) == lines.encode()[:1500].decode("utf-8", errors="ignore")
+    # A large binary file is judged by its first block, and left out as a small one is.
+    (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(9000))
+    noise = open_corpus(str(tmp_path / "noise.txt"))
+    assert list(noise.documents()) == [] and "are not UTF-8" in noise.stats.skipped[0]["reason"]
 
 
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:

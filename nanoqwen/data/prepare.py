@@ -56,6 +56,8 @@ META_KEYS = ("version", "nanoqwen_version", "created", "source", "tokenizer", "v
 SPLITS = ("train", "val")
 DTYPE = np.dtype("<u4")  # little-endian uint32: Qwen ids do not fit in uint16
 DEFAULT_VAL_FRACTION = 0.01  # and at least one document (or part of the only one) is always held out
+# prepare's defaults, left out of the command load_meta names to make a folder again
+PREPARE_DEFAULTS: dict[str, object] = {"split": "train", "val_fraction": DEFAULT_VAL_FRACTION, "seed": 0}
 BATCH_CHARS = 1 << 21  # text per encode call: enough to keep every core busy, small enough to bound memory
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size, so one big file uses every core
 
@@ -197,6 +199,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "replacement_chars": corpus.stats.replacement_chars,
             "skipped": corpus.stats.skipped,
             "fingerprint": fingerprint,
+            # How it was made besides source and tokenizer: what `load_meta` names to make it again.
+            "options": {"text_column": text_column, "split": split, "max_bytes": max_bytes,
+                        "val_fraction": val_fraction, "seed": seed},
         }
         write_json(tmp / "meta.json", meta)  # written last: its presence marks a complete folder
     _warn_about(corpus.stats)
@@ -233,9 +238,12 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise NanoQwenError(f"{path} is damaged; {redo}") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise NanoQwenError(f"{path} is not a version-{META_VERSION} nanoqwen meta.json; {redo}")
-    if isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str):  # what made it, to make again
-        redo = (f"run `nanoqwen prepare --dataset {quote(meta['source'])} --tokenizer {quote(meta['tokenizer'])} "
-                f"--out {quote(str(folder))} --force`")
+    if isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str) and \
+            isinstance(meta.get("options"), dict):  # what made it, to make it again (older folders do not say)
+        options = "".join(f" --{name.replace('_', '-')} {quote(str(value))}" for name, value in meta["options"].items()
+                          if value is not None and value != PREPARE_DEFAULTS.get(name))
+        redo = (f"run `nanoqwen prepare --dataset {quote(meta['source'])} --tokenizer {quote(meta['tokenizer'])}"
+                f"{options} --out {quote(str(folder))} --force`")
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise NanoQwenError(f"{path} lacks {', '.join(missing)}; {redo}")

@@ -450,17 +450,22 @@ MOSTLY_UNDECODABLE = 0.25
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
+    if suffix in TEXT_SUFFIXES:
+        with path.open("rb") as f:  # a large file is judged by its first block
+            sample = f.read(BLOCK_BYTES)
+        seen = CorpusStats()
+        sampled = decode(sample, seen)
+        if seen.replacement_chars > 64 and seen.replacement_chars > MOSTLY_UNDECODABLE * len(sampled):
+            # Noise would be learned as text.
+            stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
+                                  f"{len(sampled):,} characters are not UTF-8 (a binary file, or text in another "
+                                  "encoding: convert it to UTF-8)"})
+            return
     if suffix in TEXT_SUFFIXES and path.stat().st_size > LARGE_FILE_BYTES:
         yield from _text_blocks(path, stats)
     elif suffix in TEXT_SUFFIXES:
-        before = stats.replacement_chars
         text = decode(path.read_bytes(), stats)
-        replaced = stats.replacement_chars - before
-        if replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text):  # noise would be learned as text
-            stats.replacement_chars = before
-            stats.skipped.append({"path": str(path), "reason": f"{replaced:,} of its {len(text):,} characters are "
-                                  "not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)"})
-        elif text.strip():
+        if text.strip():
             yield text
         else:
             stats.skipped.append({"path": str(path), "reason": "empty"})
