@@ -400,14 +400,21 @@ async function send() {
   let pieces = 0;
   let reply = "";
   let status = "";
+  // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
+  // starves the page as it grows (the Stop button with it, on a busy machine).
+  let frame = null;
+  const draw = () => {
+    frame = null;
+    const follow = atBottom();
+    showReply(out, reply, chat);
+    if (follow) scrollDown();
+  };
   try {
     const result = await streamCompletion(path, body, (piece) => {
       if (firstAt === null) firstAt = performance.now();
       pieces += 1;
       reply += piece;
-      const follow = atBottom();
-      showReply(out, reply, chat);
-      if (follow) scrollDown();
+      if (frame === null) frame = requestAnimationFrame(draw);
     }, state.controller.signal);
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
     const seconds = (performance.now() - (firstAt ?? started)) / 1000;
@@ -438,6 +445,10 @@ async function send() {
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
   } finally {
+    if (frame !== null) { // what arrived since the last frame is on the page before the status line
+      cancelAnimationFrame(frame);
+      draw();
+    }
     if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
         && (reply || status.startsWith("stopped"))) {
       state.history.push({ role: "assistant", content: reply });
