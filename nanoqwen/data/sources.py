@@ -451,21 +451,20 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
-        with path.open("rb") as f:  # a large file is judged by its first block
-            sample = f.read(BLOCK_BYTES)
+        large = path.stat().st_size > LARGE_FILE_BYTES
+        with path.open("rb") as f:  # a small file read whole, once; a large one judged by its first block
+            raw = f.read(BLOCK_BYTES if large else -1)
         seen = CorpusStats()
-        sampled = decode(sample, seen)
-        if seen.replacement_chars > 64 and seen.replacement_chars > MOSTLY_UNDECODABLE * len(sampled):
+        text = decode(raw, seen)
+        if seen.replacement_chars > 64 and seen.replacement_chars > MOSTLY_UNDECODABLE * len(text):
             # Noise would be learned as text.
             stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
-                                  f"{len(sampled):,} characters are not UTF-8 (a binary file, or text in another "
+                                  f"{len(text):,} characters are not UTF-8 (a binary file, or text in another "
                                   "encoding: convert it to UTF-8)"})
-            return
-    if suffix in TEXT_SUFFIXES and path.stat().st_size > LARGE_FILE_BYTES:
-        yield from _text_blocks(path, stats)
-    elif suffix in TEXT_SUFFIXES:
-        text = decode(path.read_bytes(), stats)
-        if text.strip():
+        elif large:
+            yield from _text_blocks(path, stats)
+        elif text.strip():
+            stats.replacement_chars += seen.replacement_chars
             yield text
         else:
             stats.skipped.append({"path": str(path), "reason": "empty"})
