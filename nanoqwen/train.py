@@ -180,12 +180,12 @@ def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "data"  # no hidden folder from a leading dot
 
 
-def dataset_slug(dataset: str, fingerprint: str) -> str:
+def dataset_slug(dataset: str, fingerprint: str | None) -> str:
     """A corpus's part of a data folder's name: for local files, their name and a hash of the corpus's
-    fingerprint (where the files are, their names, sizes and times). Two `corpus.txt` in different folders
-    never share one prepared folder, and text changed after a run was made from it is prepared into a new
-    folder instead of over the one that run still resumes on."""
-    if not Path(dataset).expanduser().exists():
+    `fingerprint` (where the files are, their names, sizes and times; None for a named corpus). Two
+    `corpus.txt` in different folders never share one prepared folder, and text changed after a run was made
+    from it is prepared into a new folder instead of over the one that run still resumes on."""
+    if fingerprint is None:
         return slug(dataset)
     return f"{slug(dataset)}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:6]}"
 
@@ -205,7 +205,8 @@ def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: s
 
     corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
     local = Path(dataset).expanduser().exists()
-    folder = Path("data") / f"{dataset_slug(dataset, corpus.fingerprint)}-{tokenizer_slug(tokenizer)}"
+    name = dataset_slug(dataset, corpus.fingerprint if local else None)
+    folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
     if local or text_column or not (folder / "meta.json").exists():
         if info.is_main:
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
