@@ -28,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -263,6 +264,7 @@ class Run:
     state: LoopState = field(default_factory=LoopState)
     lock: Any = None  # the open lock file of the run folder (rank 0): no second process writes into it
     generation: dict | None = None  # the generation_config.json checkpoints carry (None: nanoqwen's defaults)
+    decay_compressed: bool = False  # --fit-to-time shortened the decay (said once)
 
     @property
     def total_steps(self) -> int:
@@ -787,6 +789,7 @@ def train(run: Run) -> dict[str, Any]:
     display = Display(main, state.step, run.total_steps, cfg.log_interval)
     summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
     start = tick = after_first = time.perf_counter()
+    recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
     first_step = state.step + 1
     tensorboard = TensorBoardLog(run.out, state.step) if cfg.tensorboard and main else None
     with StopSignal() as stop, tensorboard or nullcontext():
@@ -798,6 +801,8 @@ def train(run: Run) -> dict[str, Any]:
             state.elapsed_s += now - tick  # wall time, evaluation and saving included
             if state.step == first_step:  # it pays for compilation and warm-up: time the others
                 after_first = now
+            else:
+                recent_steps_s.append(now - tick)
             tick, tok_s = now, tokens_per_step / (now - t0)
             if not math.isfinite(train_loss):
                 raise NanoQwenError(f"the train loss became {train_loss} at step {state.step}; "
@@ -805,7 +810,8 @@ def train(run: Run) -> dict[str, Any]:
             if cfg.fit_to_time and cfg.max_minutes and state.step >= first_step + 5:
                 # the mean wall time of a step so far (evaluations included): steady under bursty load
                 step_s = (now - after_first) / (state.step - first_step)
-                fit_schedule(run, step_s, cfg.max_minutes * 60 - (now - start), display)
+                fit_schedule(run, step_s, sum(recent_steps_s) / len(recent_steps_s),
+                             cfg.max_minutes * 60 - (now - start), display)
             record = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens": state.tokens,
                       "tokens_per_s": round(tok_s, 1), "elapsed_s": round(state.elapsed_s, 3)}
             if peak:
@@ -909,18 +915,29 @@ def evaluate_and_track(run: Run, record: dict[str, Any], display: Display) -> di
     return result
 
 
-def fit_schedule(run: Run, step_s: float, remaining_s: float, display: Display) -> None:
+def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: float, display: Display) -> None:
     """End the schedule where the time runs out, at `step_s` per step (5% spare, at most max_steps).
 
-    Only before WSD's decay starts, where the rate does not depend on the length; never so short that
-    the decay would already have begun. A first fit shorter than twice the warmup cuts the warmup to half
-    of it, once (as a short --max-steps does), or the run would end still warming up, never decaying.
+    Before WSD's decay starts, where the rate does not depend on the length, the length follows the mean
+    step time (steady under bursty load); never so short that the decay would already have begun. A first
+    fit shorter than twice the warmup cuts the warmup to half of it, once (as a short --max-steps does), or
+    the run would end still warming up, never decaying. In the decay the length only shrinks, by the slower
+    of the mean and the last steps (`recent_step_s`): a machine that slows down there compresses the rest of
+    the decay (the rate drops to where the shorter schedule has it) so the run still ends at min_lr.
     """
     cfg, step, total = run.cfg, run.state.step, run.total_steps
-    if step >= wsd_decay_start(total, run.warmup):
-        return
-    fitted = min(cfg.max_steps, step + max(1, int(0.95 * remaining_s / step_s)))
+    decaying = step >= wsd_decay_start(total, run.warmup)
+    per_step = max(step_s, recent_step_s) if decaying else step_s
+    fitted = min(cfg.max_steps, step + max(1, int(0.95 * remaining_s / per_step)))
     fitted = int(all_reduce(fitted, "max", run.info.device))  # one answer for all ranks
+    if decaying:
+        if fitted < total:
+            if not run.decay_compressed:
+                display.print(f"step {step}: the time left fits {fitted - step} of the decay's {total - step} "
+                              f"remaining steps: it is compressed to end at step {fitted}")
+                run.decay_compressed = True
+            run.state.fitted_steps = display.total = fitted
+        return
     first = run.state.fitted_steps is None
     if first and run.warmup > fitted // 2:
         display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: "

@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -23,7 +24,7 @@ import pytest
 import torch
 
 from nanoqwen.cli import main
-from nanoqwen.config import ModelConfig
+from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
@@ -31,6 +32,8 @@ from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.tokenizer import load_tokenizer
+from nanoqwen.tracking import Display
+from nanoqwen.train import Run, fit_schedule
 from tests.train_helpers import (
     FAST,
     make_data,
@@ -192,31 +195,51 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
         assert records[-1]["lr"] == pytest.approx(1e-3)
 
 
+class FittedRun(SimpleNamespace):
+    """What fit_schedule reads and writes of a run."""
+    total_steps, warmup = Run.total_steps, Run.warmup
+
+    def __init__(self, step: int, warmup: int, fitted_steps: int | None = None) -> None:
+        super().__init__(cfg=SimpleNamespace(max_steps=100_000, warmup=warmup, max_minutes=10.0),
+                         state=LoopState(step=step, fitted_steps=fitted_steps),
+                         info=SimpleNamespace(device=torch.device("cpu")), decay_compressed=False)
+
+    def fit(self, step_s: float, remaining_s: float, recent_step_s: float | None = None) -> None:
+        fit_schedule(self, step_s, recent_step_s or step_s, remaining_s,  # type: ignore[arg-type]
+                     Display(False, self.state.step, self.total_steps, 1))
+
+    def rate(self, step: int) -> float:
+        return lr_at(step, max_lr=1.0, min_lr=0.1, warmup=self.warmup, total=self.total_steps, schedule="wsd")
+
+
 def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> None:
     # 8 steps fit in the time left, warmup 50: the run ended still warming up, at 16% of the peak rate.
-    from types import SimpleNamespace
-
-    from nanoqwen.config import LoopState
-    from nanoqwen.tracking import Display
-    from nanoqwen.train import Run, fit_schedule
-
-    class Fitted(SimpleNamespace):  # what fit_schedule reads of a run
-        total_steps, warmup = Run.total_steps, Run.warmup
-
-    run = Fitted(cfg=SimpleNamespace(max_steps=100_000, warmup=50, max_minutes=1.0), state=LoopState(step=6),
-                 info=SimpleNamespace(device=torch.device("cpu")))
-    fit_schedule(run, step_s=6.5, remaining_s=60 - 6 * 6.5, display=Display(False, 6, 100_000, 1))
+    run = FittedRun(step=6, warmup=50)
+    run.fit(step_s=6.5, remaining_s=60 - 6 * 6.5)
     assert run.total_steps == 9 and run.warmup == 4 and run.state.fitted_warmup == 4
-    rates = [lr_at(step, max_lr=1.0, min_lr=0.1, warmup=run.warmup, total=run.total_steps, schedule="wsd")
-             for step in range(6, 9)]
-    assert rates == pytest.approx([1.0, 1.0, 0.1])  # at the peak, then decayed to min_lr at the last step
-    fit_schedule(run, step_s=100.0, remaining_s=1.0, display=Display(False, 6, 100_000, 1))  # a slower one
+    # at the peak, then decayed to min_lr at the last step
+    assert [run.rate(step) for step in range(6, 9)] == pytest.approx([1.0, 1.0, 0.1])
+    run.fit(step_s=100.0, remaining_s=1.0)  # a slower machine
     assert run.total_steps == 7 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
     # No time left at step 11: the schedule still ends after a decay that starts no earlier than this step.
-    late = Fitted(cfg=SimpleNamespace(max_steps=100_000, warmup=4, max_minutes=1.0), state=LoopState(step=11),
-                  info=SimpleNamespace(device=torch.device("cpu")))
-    fit_schedule(late, step_s=100.0, remaining_s=1.0, display=Display(False, 11, 100_000, 1))
+    late = FittedRun(step=11, warmup=4)
+    late.fit(step_s=100.0, remaining_s=1.0)
     assert late.total_steps == 13 and wsd_decay_start(late.total_steps, late.warmup) == 11
+
+
+def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> None:
+    # A default run whose machine got 25x slower two minutes before the end stopped at its time cap
+    # still near the peak rate (the decay planned for a speed it no longer had): val loss 4.69, not ~4.4.
+    run = FittedRun(step=95, warmup=10, fitted_steps=110)
+    assert wsd_decay_start(110, 10) == 90  # step 95 is in the decay
+    before = run.rate(95)
+    run.fit(step_s=1.0, remaining_s=600.0)
+    assert run.total_steps == 110 and not run.decay_compressed  # time to spare: the decay never grows back
+    run.fit(step_s=1.0, recent_step_s=5.0, remaining_s=21.0)
+    assert run.total_steps == 98 and run.decay_compressed  # 3 steps of 5 s fit (5% spare), by the last steps
+    rates = [run.rate(step) for step in range(95, 98)]
+    assert rates[0] < before and rates[-1] == pytest.approx(0.1)  # a lower rate now, min_lr at the last step
+    assert rates == sorted(rates, reverse=True)
 
 
 def test_muon_on_cpu_follows_torchs_muon() -> None:
@@ -252,7 +275,7 @@ def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
 def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cut"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000000", "--warmup", "100000",
-                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.03") == 0
+                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.1") == 0
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_warmup"] is not None and state["fitted_warmup"] < 100000  # cut to the fitted length
     assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(state["step"] + 2)) == 0
