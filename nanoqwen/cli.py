@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "init": ("nanoqwen.checkpoint", "write a random-weight checkpoint folder for a preset"),
     "tokenizer": ("nanoqwen.tokenizer_cli", "write the official Qwen3 tokenizer or train a BPE"),
     "plot": ("nanoqwen.plot", "draw loss.png for a run folder"),
+    "gguf": ("nanoqwen.gguf", "write a checkpoint as one GGUF file for llama.cpp, Ollama, LM Studio"),
 }
 # Flags that name files or folders. tokenizers and safetensors take paths as UTF-8 strings, so a name
 # whose bytes are not UTF-8 (read by Python as lone surrogates) is refused up front, not mid-write.

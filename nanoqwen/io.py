@@ -217,21 +217,28 @@ def release_lock(handle: IO[str]) -> None:
 
 
 @contextmanager
-def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside `final` for writing; it is renamed over `final` on success."""
+def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside `final` for a writer that opens files by name; renamed over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    os.close(fd)
     give_usual_mode(tmp)  # mkstemp makes it private
     try:
-        with os.fdopen(fd, mode) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        yield Path(tmp)
         os.replace(tmp, final)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+@contextmanager
+def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
+    """Open a temporary file beside `final` for writing; it is renamed over `final` on success."""
+    with atomic_path(final) as tmp, open(tmp, mode) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -1,0 +1,186 @@
+"""`nanoqwen gguf`: a checkpoint folder -> one GGUF file for llama.cpp (and the tools built on it: Ollama,
+LM Studio, llama-cpp-python), written with llama.cpp's own `gguf` package.
+
+llama.cpp's `convert_hf_to_gguf.py` converts a checkpoint with the official Qwen3 tokenizer as it is, but
+refuses one with a BPE trained here: it recognizes a tokenizer's pre-tokenizer by a hash of the ids it
+gives for a fixed text, and a new vocabulary gives a new hash. nanoqwen's BPEs split text exactly as
+Qwen's does (same normalizer, regex and byte-level mapping: llama.cpp's `qwen2` pre-tokenizer), so this
+command writes what the converter would for an official Qwen3 folder: the same keys, token types and
+tensor names.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_config
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import atomic_path
+from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
+
+# Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
+TENSOR_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{i}.input_layernorm.weight": "blk.{i}.attn_norm.weight",
+    "model.layers.{i}.self_attn.q_proj.weight": "blk.{i}.attn_q.weight",
+    "model.layers.{i}.self_attn.k_proj.weight": "blk.{i}.attn_k.weight",
+    "model.layers.{i}.self_attn.v_proj.weight": "blk.{i}.attn_v.weight",
+    "model.layers.{i}.self_attn.o_proj.weight": "blk.{i}.attn_output.weight",
+    "model.layers.{i}.self_attn.q_norm.weight": "blk.{i}.attn_q_norm.weight",
+    "model.layers.{i}.self_attn.k_norm.weight": "blk.{i}.attn_k_norm.weight",
+    "model.layers.{i}.post_attention_layernorm.weight": "blk.{i}.ffn_norm.weight",
+    "model.layers.{i}.mlp.gate_proj.weight": "blk.{i}.ffn_gate.weight",
+    "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
+    "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
+}
+OUTTYPES = ("auto", "f32", "f16", "bf16")
+
+
+def gguf_tensor_name(key: str) -> str:
+    parts = key.split(".")
+    layer = next((p for p in parts if p.isdigit()), None)
+    pattern = key if layer is None else key.replace(f".{layer}.", ".{i}.", 1)
+    if pattern not in TENSOR_NAMES:
+        raise NanoQwenError(f"no GGUF name for the weight {key}")
+    return TENSOR_NAMES[pattern].format(i=layer)
+
+
+def check_pre_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
+    """llama.cpp's `qwen2` pre-tokenizer is right only for a tokenizer that splits text as Qwen's does."""
+    qwen = json.loads(byte_level_tokenizer({}, [], [], 0).to_str())
+    own = json.loads(tokenizer.hf.to_str())
+    for part in ("normalizer", "pre_tokenizer", "decoder"):
+        if own.get(part) != qwen[part] or own.get("model", {}).get("type") != "BPE":
+            raise NanoQwenError(f"{directory}: its tokenizer's {part} is not Qwen's, so llama.cpp's qwen2 "
+                                "pre-tokenizer would split text differently; convert it with llama.cpp's "
+                                "convert_hf_to_gguf.py instead")
+
+
+def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
+    """Tokens, their GGUF types and the BPE merges, as llama.cpp's converter lists a Qwen tokenizer:
+    every embedding row has a token (rows past the tokenizer's are unused placeholders); added tokens that
+    are special or look it (`<|...|>`) are control tokens, other added ones (`<think>`) user-defined."""
+    from gguf import TokenType
+
+    by_id = {i: text for text, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
+    added = tokenizer.hf.get_added_tokens_decoder()
+    tokens, types = [], []
+    for i in range(rows):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(TokenType.UNUSED)
+            continue
+        text = by_id[i]
+        tokens.append(text)
+        if i not in added:
+            types.append(TokenType.NORMAL)
+        elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
+            types.append(TokenType.CONTROL)
+        else:
+            types.append(TokenType.USER_DEFINED)
+    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
+    return tokens, [int(t) for t in types], [m if isinstance(m, str) else " ".join(m) for m in merges]
+
+
+def tensor_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object | None]:
+    """A weight as numpy, with the GGUF type to record when numpy has none (bf16). Norms stay float32,
+    as llama.cpp keeps 1-D tensors."""
+    from gguf import GGMLQuantizationType
+
+    if tensor.ndim == 1 or outtype == "f32":
+        return tensor.float().numpy(), None
+    if outtype == "f16":
+        return tensor.to(torch.float16).numpy(), None
+    return tensor.to(torch.bfloat16).view(torch.int16).numpy(), GGMLQuantizationType.BF16
+
+
+def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
+    """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
+    import gguf
+
+    directory = Path(directory)
+    model, tokenizer = load_checkpoint(directory, dtype=None)
+    check_pre_tokenizer(tokenizer, directory)
+    config = model.config
+    if outtype == "auto":  # as the converter: bf16 weights stay bf16, others become f16
+        outtype = "bf16" if model.model.embed_tokens.weight.dtype == torch.bfloat16 else "f16"
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.QWEN3])
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(display_name(directory))
+    writer.add_size_label(gguf.size_label(model.num_params(), 0, 0, 0))
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    sampling = read_generation_config(directory)
+    for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
+                     ("temperature", writer.add_sampling_temp)):
+        if isinstance(sampling.get(key), (int, float)) and not isinstance(sampling[key], bool):
+            add(sampling[key])
+
+    tokens, types, merges = vocabulary(tokenizer, config.vocab_size)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("qwen2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    special = {"eos": tokenizer.config.get("eos_token"), "pad": tokenizer.config.get("pad_token")}
+    ids = {name: tokenizer.token_id(text) for name, text in special.items() if isinstance(text, str)}
+    if config.bos_token_id is not None:
+        writer.add_bos_token_id(config.bos_token_id)
+    if ids.get("eos") is not None:
+        writer.add_eos_token_id(ids["eos"])
+    if ids.get("pad") is not None:
+        writer.add_pad_token_id(ids["pad"])
+    writer.add_add_bos_token(False)  # Qwen never starts a prompt with a BOS token
+    if isinstance(template := tokenizer.config.get("chat_template"), str):
+        writer.add_chat_template(template)
+
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight")  # llama.cpp reads the embedding as the head when output.weight is absent
+    for key, value in state.items():
+        data, raw_dtype = tensor_data(value.detach().cpu(), outtype)
+        writer.add_tensor(gguf_tensor_name(key), data, raw_dtype=raw_dtype)
+    with atomic_path(out) as tmp:  # a cut-off write never replaces a whole file
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+    return {"tensors": len(state), "outtype": outtype, "tokens": len(tokens)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint folder (a run's best/ or last/, or any Qwen3 folder)")
+    p.add_argument("--out", help="GGUF file to write (default: MODEL.gguf beside the folder, e.g. best.gguf)")
+    p.add_argument("--outtype", choices=OUTTYPES, default="auto",
+                   help="weight type: f32, f16, bf16, or auto (bf16 for bf16 weights, else f16; norms stay f32)")
+
+
+def run(args: argparse.Namespace) -> int:
+    directory = Path(args.model)
+    out = Path(args.out) if args.out else directory.resolve().parent / f"{directory.resolve().name}.gguf"
+    if out.is_dir():
+        raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
+    written = write_gguf(directory, out, args.outtype)
+    size = out.stat().st_size
+    print(f"wrote {out}: {written['tensors']} tensors ({written['outtype']}), {written['tokens']:,} tokens, "
+          f"{size / 2**20:.1f} MiB")
+    print(f"next: llama-cli -m {out}   (or llama-server -m {out}; Ollama: FROM {out} in a Modelfile)")
+    return 0

@@ -1,0 +1,127 @@
+"""`nanoqwen gguf` writes what llama.cpp reads: its tensor names (from llama.cpp's own gguf package), the
+model's hyperparameters, and the tokenizer as its converter lists a Qwen tokenizer.
+
+Checked by hand beyond these tests (bench/README.md has no figures for it; README.md says so): for a trained
+BPE checkpoint and a Qwen3-tokenizer one, every tensor and metadata value equal to what llama.cpp's
+convert_hf_to_gguf.py writes, and llama-cpp-python's logits and greedy tokens equal to Transformers'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from nanoqwen.checkpoint import save_checkpoint
+from nanoqwen.cli import main
+from nanoqwen.config import ModelConfig
+from nanoqwen.gguf import vocabulary, write_gguf
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer, train_bpe
+
+CONFIG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
+                     rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=1,
+                     max_window_layers=2)
+
+
+def checkpoint(folder: Path, tokenizer: Tokenizer, **changes: object) -> tuple[Path, Qwen3]:
+    torch.manual_seed(0)
+    model = Qwen3(dataclasses.replace(CONFIG, **changes))
+    with torch.no_grad():
+        for p in model.parameters():  # norms far from ones: a norm written as another tensor shows
+            p.copy_(torch.randn(p.shape))
+    save_checkpoint(model, folder, tokenizer)
+    return folder, model
+
+
+@pytest.fixture(scope="module")
+def bpe() -> Tokenizer:
+    return train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, 300)
+
+
+def fields(reader: gguf.GGUFReader) -> dict[str, object]:
+    return {key: field.contents() for key, field in reader.fields.items()}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe: Tokenizer, tied: bool) -> None:
+    folder, model = checkpoint(tmp_path / "ck", bpe, tie_word_embeddings=tied)
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, CONFIG.num_hidden_layers)  # llama.cpp's table
+    stored = {t.name: t for t in reader.tensors}
+    weights = {k: v for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")}
+    assert len(stored) == len(weights) and ("output.weight" in stored) == (not tied)
+    for key, value in weights.items():
+        tensor = stored[names.get_name(key, try_suffixes=(".weight",))]
+        assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        assert np.array_equal(np.asarray(tensor.data).reshape(value.shape), value.numpy()), key
+
+    meta, arch = fields(reader), "qwen3"
+    assert meta["general.architecture"] == arch
+    assert {k.removeprefix(arch + "."): meta[k] for k in meta if k.startswith(arch + ".")} == pytest.approx({
+        "block_count": 2, "context_length": 128, "embedding_length": 64, "feed_forward_length": 112,
+        "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 24,
+        "attention.value_length": 24, "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5})
+    tokenizer_json = json.loads(bpe.hf.to_str())
+    by_id = {i: text for text, i in bpe.hf.get_vocab(with_added_tokens=True).items()}
+    assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen2"
+    assert meta["tokenizer.ggml.tokens"] == [by_id.get(i, f"[PAD{i}]") for i in range(320)]  # 320 rows, 300 ids
+    assert meta["tokenizer.ggml.merges"] == [" ".join(m) if isinstance(m, list) else m
+                                             for m in tokenizer_json["model"]["merges"]]
+    assert meta["tokenizer.ggml.eos_token_id"] == bpe.token_id("<|im_end|>")
+    assert meta["tokenizer.ggml.padding_token_id"] == bpe.token_id("<|endoftext|>")
+    assert "tokenizer.ggml.bos_token_id" not in meta and meta["tokenizer.ggml.add_bos_token"] is False
+    template = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    assert meta["tokenizer.chat_template"] == template
+
+
+def test_qwen3_tokens_are_typed_as_llama_cpp_types_them() -> None:
+    tok = qwen3_tokenizer()
+    tokens, types, merges = vocabulary(tok, 151936)
+    assert len(tokens) == len(types) == 151936 and len(merges) == 294166  # as llama.cpp's converter lists them
+    expected = {"Ġthe": gguf.TokenType.NORMAL, "<|im_start|>": gguf.TokenType.CONTROL,
+                "<|endoftext|>": gguf.TokenType.CONTROL, "<think>": gguf.TokenType.USER_DEFINED}
+    for text, kind in expected.items():
+        assert types[tok.token_id(text)] == kind and tokens[tok.token_id(text)] == text
+    assert (tokens[151700], types[151700]) == ("[PAD151700]", gguf.TokenType.UNUSED)  # a row no token uses
+
+
+def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bpe: Tokenizer) -> None:
+    folder, model = checkpoint(tmp_path / "ck", bpe, bos_token_id=0)
+    write_gguf(folder, tmp_path / "auto.gguf")  # float32 weights: f16, as llama.cpp's converter does
+    reader = gguf.GGUFReader(tmp_path / "auto.gguf")
+    meta = fields(reader)
+    assert meta["tokenizer.ggml.bos_token_id"] == 0 and meta["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
+    kinds = {t.name: t.tensor_type for t in reader.tensors}
+    assert kinds["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.F16
+    assert kinds["blk.0.attn_q_norm.weight"] == gguf.GGMLQuantizationType.F32  # norms stay float32
+
+    write_gguf(folder, tmp_path / "bf16.gguf", "bf16")
+    stored = {t.name: t for t in gguf.GGUFReader(tmp_path / "bf16.gguf").tensors}["blk.1.ffn_down.weight"]
+    weight = model.model.layers[1].mlp.down_proj.weight.detach()
+    assert stored.tensor_type == gguf.GGMLQuantizationType.BF16
+    as_bf16 = torch.from_numpy(np.asarray(stored.data).view(np.int16).copy()).view(torch.bfloat16)
+    assert torch.equal(as_bf16.reshape(weight.shape), weight.to(torch.bfloat16))
+
+
+def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
+        tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
+    folder, _ = checkpoint(tmp_path / "best", bpe)
+    assert main(["gguf", "--model", str(folder)]) == 0
+    assert gguf.GGUFReader(tmp_path / "best.gguf").fields["general.architecture"].contents() == "qwen3"
+    assert f"wrote {tmp_path / 'best.gguf'}" in capsys.readouterr().out
+
+    other = json.loads((folder / "tokenizer.json").read_text())
+    other["pre_tokenizer"] = {"type": "Whitespace"}  # splits text unlike llama.cpp's qwen2 pre-tokenizer
+    (folder / "tokenizer.json").write_text(json.dumps(other))
+    assert main(["gguf", "--model", str(folder), "--out", str(tmp_path / "other.gguf")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pre_tokenizer is not Qwen's" in err and "convert_hf_to_gguf.py" in err
+    assert not (tmp_path / "other.gguf").exists() and not list(tmp_path.glob(".other.gguf*"))
