@@ -836,7 +836,7 @@ def train(run: Run) -> dict[str, Any]:
                 save_last(run)
             eta = (run.total_steps - state.step) * state.elapsed_s / state.step
             if cfg.max_minutes:
-                eta = min(eta, cfg.max_minutes * 60 - (now - start))
+                eta = max(0.0, min(eta, cfg.max_minutes * 60 - (now - start)))  # the cap may pass mid-step
             display.update(state.step, f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
                            + (f" | MFU {record['mfu']:.1%}" if peak else "") + f" | ETA {duration(eta)}")
             if final:

@@ -387,13 +387,15 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     err = capsys.readouterr().err.strip()
     assert "has done all 12 of its steps; give --max-steps" in err and "\n" not in err
     out = tmp_path / "capped"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001") == 0
+    assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001",
+                            "--log-interval", "1") == 0
     last = read_metrics(out)[-1]
     assert last["step"] < 1000 and "val_loss" in last  # a final evaluation
     assert json.loads((out / "last/train_state.json").read_text())["step"] == last["step"]
     printed = capsys.readouterr().out
     assert (out / "best").is_dir() and "max_minutes" in printed
     assert f"the time allowed {last['step']} of the 1000 steps planned" in printed
+    assert "| ETA 0 s" in printed and "ETA -" not in printed  # the cap passed mid-step: no time left, not less
 
 
 @pytest.mark.parametrize(("flags", "words"), [
