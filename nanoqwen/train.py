@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import statistics
 import sys
 import threading
 import time
@@ -810,7 +811,8 @@ def train(run: Run) -> dict[str, Any]:
             if cfg.fit_to_time and cfg.max_minutes and state.step >= first_step + 5:
                 # the mean wall time of a step so far (evaluations included): steady under bursty load
                 step_s = (now - after_first) / (state.step - first_step)
-                fit_schedule(run, step_s, sum(recent_steps_s) / len(recent_steps_s),
+                # the median: one step that evaluated or saved is no slowdown of the machine
+                fit_schedule(run, step_s, statistics.median(recent_steps_s),
                              cfg.max_minutes * 60 - (now - start), display)
             record = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens": state.tokens,
                       "tokens_per_s": round(tok_s, 1), "elapsed_s": round(state.elapsed_s, 3)}
@@ -922,8 +924,8 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
     step time (steady under bursty load); never so short that the decay would already have begun. A first
     fit shorter than twice the warmup cuts the warmup to half of it, once (as a short --max-steps does), or
     the run would end still warming up, never decaying. In the decay the length only shrinks, by the slower
-    of the mean and the last steps (`recent_step_s`): a machine that slows down there compresses the rest of
-    the decay (the rate drops to where the shorter schedule has it) so the run still ends at min_lr.
+    of the mean and the last steps (`recent_step_s`, their median): a machine that slows down there compresses
+    the rest of the decay (the rate drops to where the shorter schedule has it) so the run still ends at min_lr.
     """
     cfg, step, total = run.cfg, run.state.step, run.total_steps
     decaying = step >= wsd_decay_start(total, run.warmup)
