@@ -56,8 +56,9 @@ def check_pre_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     """llama.cpp's `qwen2` pre-tokenizer is right only for a tokenizer that splits text as Qwen's does."""
     qwen = json.loads(byte_level_tokenizer({}, [], [], 0).to_str())
     own = json.loads(tokenizer.hf.to_str())
-    for part in ("normalizer", "pre_tokenizer", "decoder"):
-        if own.get(part) != qwen[part] or own.get("model", {}).get("type") != "BPE":
+    qwen["model"], own["model"] = "BPE", own["model"].get("type")  # the kind of model, not its vocabulary
+    for part in ("model", "normalizer", "pre_tokenizer", "decoder"):
+        if own.get(part) != qwen[part]:
             raise NanoQwenError(f"{directory}: its tokenizer's {part} is not Qwen's, so llama.cpp's qwen2 "
                                 "pre-tokenizer would split text differently; convert it with llama.cpp's "
                                 "convert_hf_to_gguf.py instead")
