@@ -52,20 +52,33 @@ def gguf_tensor_name(key: str) -> str:
     return TENSOR_NAMES[pattern].format(i=layer)
 
 
+def how_it_splits(tokenizer_json: dict) -> dict:
+    """The parts of a tokenizer.json that decide how text becomes tokens, without settings that do not
+    (ByteLevel's trim_offsets, which only moves offsets; the decoder's options): Qwen's own file and the one
+    written here differ in those alone."""
+    def strip(node: object) -> object:
+        if isinstance(node, dict):
+            return {k: strip(v) for k, v in node.items() if k != "trim_offsets"}
+        return [strip(v) for v in node] if isinstance(node, list) else node
+
+    return {"model": tokenizer_json["model"].get("type"), "normalizer": strip(tokenizer_json.get("normalizer")),
+            "pre_tokenizer": strip(tokenizer_json.get("pre_tokenizer")),
+            "decoder": (tokenizer_json.get("decoder") or {}).get("type")}
+
+
 def check_pre_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
     """llama.cpp's `qwen2` pre-tokenizer is right only for a tokenizer that splits text as Qwen's does."""
-    qwen = json.loads(byte_level_tokenizer({}, [], [], 0).to_str())
-    own = json.loads(tokenizer.hf.to_str())
-    qwen["model"], own["model"] = "BPE", own["model"].get("type")  # the kind of model, not its vocabulary
-    for part in ("model", "normalizer", "pre_tokenizer", "decoder"):
-        if own.get(part) != qwen[part]:
+    qwen = how_it_splits(json.loads(byte_level_tokenizer({}, [], [], 0).to_str()))
+    own = how_it_splits(json.loads(tokenizer.hf.to_str()))
+    for part, value in own.items():
+        if value != qwen[part]:
             raise NanoQwenError(f"{directory}: its tokenizer's {part} is not Qwen's, so llama.cpp's qwen2 "
                                 "pre-tokenizer would split text differently; convert it with llama.cpp's "
                                 "convert_hf_to_gguf.py instead")
 
 
-def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int], list[str]]:
-    """Tokens, their GGUF types and the BPE merges, as llama.cpp's converter lists a Qwen tokenizer:
+def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
+    """Tokens and their GGUF types, as llama.cpp's converter lists a Qwen tokenizer:
     every embedding row has a token (rows past the tokenizer's are unused placeholders); added tokens that
     are special or look it (`<|...|>`) are control tokens, other added ones (`<think>`) user-defined."""
     from gguf import TokenType
@@ -86,8 +99,7 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int], l
             types.append(TokenType.CONTROL)
         else:
             types.append(TokenType.USER_DEFINED)
-    merges = json.loads(tokenizer.hf.to_str())["model"]["merges"]
-    return tokens, [int(t) for t in types], [m if isinstance(m, str) else " ".join(m) for m in merges]
+    return tokens, [int(t) for t in types]
 
 
 def tensor_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object | None]:
@@ -135,23 +147,14 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
         if isinstance(sampling.get(key), (int, float)) and not isinstance(sampling[key], bool):
             add(sampling[key])
 
-    tokens, types, merges = vocabulary(tokenizer, config.vocab_size)
+    tokens, types = vocabulary(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("qwen2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    special = {"eos": tokenizer.config.get("eos_token"), "pad": tokenizer.config.get("pad_token")}
-    ids = {name: tokenizer.token_id(text) for name, text in special.items() if isinstance(text, str)}
-    if config.bos_token_id is not None:
-        writer.add_bos_token_id(config.bos_token_id)
-    if ids.get("eos") is not None:
-        writer.add_eos_token_id(ids["eos"])
-    if ids.get("pad") is not None:
-        writer.add_pad_token_id(ids["pad"])
-    writer.add_add_bos_token(False)  # Qwen never starts a prompt with a BOS token
-    if isinstance(template := tokenizer.config.get("chat_template"), str):
-        writer.add_chat_template(template)
+    # Merges, special ids (from tokenizer_config.json in any form it takes, else config.json), whether to add
+    # a BOS, the chat template: read by llama.cpp's own SpecialVocab, as its converter reads them.
+    gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
 
     state = model.state_dict()
     if config.tie_word_embeddings:
@@ -179,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else directory.resolve().parent / f"{directory.resolve().name}.gguf"
     if out.is_dir():
         raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
+    if any(parent.is_file() for parent in out.parents):
+        raise NanoQwenError(f"--out {out} is inside a file; give a path in a folder")
     written = write_gguf(directory, out, args.outtype)
     size = out.stat().st_size
     print(f"wrote {out}: {written['tensors']} tensors ({written['outtype']}), {written['tokens']:,} tokens, "

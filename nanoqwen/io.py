@@ -51,10 +51,10 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     try:
         yield tmp
     except BaseException as e:
-        full = isinstance(e, Exception) and not isinstance(e, NanoQwenError) and disk_full(tmp)
+        full = no_space_left(e, tmp, final)
         shutil.rmtree(tmp, ignore_errors=True)
-        if full:  # libraries say it their own way (safetensors, torch.save's "unexpected pos"): say it plainly
-            raise NanoQwenError(f"no space left on the disk of {final}; free some space or write elsewhere") from e
+        if full:
+            raise full from e
         raise
     if keep_existing and final.exists():
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,6 +132,14 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
                             f"({listed or 'no ' + ' or '.join(markers)}), which writing there would "
                             "overwrite or delete; choose another --out or remove it")
+
+
+def no_space_left(error: BaseException, written: Path, final: Path) -> NanoQwenError | None:
+    """The plain error for a write into `written` that failed on a full disk (libraries say it their own way:
+    safetensors, torch.save's "unexpected pos", numpy's "N requested and M written"); None for other errors."""
+    if isinstance(error, Exception) and not isinstance(error, NanoQwenError) and disk_full(written):
+        return NanoQwenError(f"no space left on the disk of {final}; free some space or write elsewhere")
+    return None
 
 
 def disk_full(path: Path) -> bool:
@@ -218,7 +226,8 @@ def release_lock(handle: IO[str]) -> None:
 
 @contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """A temporary path beside `final` for a writer that opens files by name; renamed over `final` on success."""
+    """A temporary path beside `final` for a writer that opens files by name; synced to the disk and renamed
+    over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
@@ -226,9 +235,14 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     give_usual_mode(tmp)  # mkstemp makes it private
     try:
         yield Path(tmp)
+        with open(tmp, "rb") as written:  # on the disk before the name points at it
+            os.fsync(written.fileno())
         os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
+        full = no_space_left(e, Path(tmp), final)
         Path(tmp).unlink(missing_ok=True)
+        if full:
+            raise full from e
         raise
 
 
@@ -237,8 +251,6 @@ def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]
     """Open a temporary file beside `final` for writing; it is renamed over `final` on success."""
     with atomic_path(final) as tmp, open(tmp, mode) as f:
         yield f
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> None:

@@ -84,8 +84,8 @@ def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe
 
 def test_qwen3_tokens_are_typed_as_llama_cpp_types_them() -> None:
     tok = qwen3_tokenizer()
-    tokens, types, merges = vocabulary(tok, 151936)
-    assert len(tokens) == len(types) == 151936 and len(merges) == 294166  # as llama.cpp's converter lists them
+    tokens, types = vocabulary(tok, 151936)
+    assert len(tokens) == len(types) == 151936
     expected = {"Ġthe": gguf.TokenType.NORMAL, "<|im_start|>": gguf.TokenType.CONTROL,
                 "<|endoftext|>": gguf.TokenType.CONTROL, "<think>": gguf.TokenType.USER_DEFINED}
     for text, kind in expected.items():
@@ -125,3 +125,52 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pre_tokenizer is not Qwen's" in err and "convert_hf_to_gguf.py" in err
     assert not (tmp_path / "other.gguf").exists() and not list(tmp_path.glob(".other.gguf*"))
+
+
+def test_special_ids_come_as_the_converter_finds_them(tmp_path: Path, bpe: Tokenizer) -> None:
+    # An eos written as Transformers' AddedToken object, or left out (then config.json's id): without these,
+    # llama.cpp took id 11 (",") as the end of text, and generation stopped at the first comma.
+    folder, _ = checkpoint(tmp_path / "ck", bpe, eos_token_id=bpe.token_id("<|im_end|>"))
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    for eos in ({"__type": "AddedToken", "content": "<|im_end|>", "special": True}, None):
+        if eos is None:
+            del settings["eos_token"]
+        else:
+            settings["eos_token"] = eos
+        (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+        write_gguf(folder, tmp_path / "m.gguf", "f32")
+        meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+        assert meta["tokenizer.ggml.eos_token_id"] == bpe.token_id("<|im_end|>"), eos
+
+
+def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> None:
+    # The official Qwen3 tokenizer.json differs from the one written here only in settings that do not
+    # change how text is split (trim_offsets, the decoder's options): it is not refused for them.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    spec = json.loads((folder / "tokenizer.json").read_text())
+    for part in spec["pre_tokenizer"]["pretokenizers"]:
+        if part["type"] == "ByteLevel":
+            part["trim_offsets"] = False
+    spec["decoder"] = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    (folder / "tokenizer.json").write_text(json.dumps(spec))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "qwen2"
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: Tokenizer,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    import nanoqwen.io as io_module
+
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    (tmp_path / "m.gguf").write_text("an earlier file")
+
+    def write_on_a_full_disk(*args: object, **kwargs: object) -> None:
+        raise OSError("196608 requested and 94416 written")  # numpy's tofile, with no errno
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_on_a_full_disk)
+    monkeypatch.setattr(io_module, "disk_full", lambda path: True)
+    assert main(["gguf", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) != 0
+    err = capsys.readouterr().err.strip()
+    assert "no space left on the disk" in err and "\n" not in err
+    assert (tmp_path / "m.gguf").read_text() == "an earlier file" and not list(tmp_path.glob(".m.gguf*"))
