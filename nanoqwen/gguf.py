@@ -15,6 +15,7 @@ import argparse
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import torch
 
@@ -81,43 +82,37 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
     """Tokens and their GGUF types, as llama.cpp's converter lists a Qwen tokenizer:
     every embedding row has a token (rows past the tokenizer's are unused placeholders); added tokens that
     are special or look it (`<|...|>`) are control tokens, other added ones (`<think>`) user-defined."""
-    from gguf import TokenType
-
     by_id = {i: text for text, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
     added = tokenizer.hf.get_added_tokens_decoder()
     tokens, types = [], []
     for i in range(rows):
         if i not in by_id:
             tokens.append(f"[PAD{i}]")
-            types.append(TokenType.UNUSED)
+            types.append(gguf.TokenType.UNUSED)
             continue
         text = by_id[i]
         tokens.append(text)
         if i not in added:
-            types.append(TokenType.NORMAL)
+            types.append(gguf.TokenType.NORMAL)
         elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
-            types.append(TokenType.CONTROL)
+            types.append(gguf.TokenType.CONTROL)
         else:
-            types.append(TokenType.USER_DEFINED)
+            types.append(gguf.TokenType.USER_DEFINED)
     return tokens, [int(t) for t in types]
 
 
 def tensor_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object | None]:
     """A weight as numpy, with the GGUF type to record when numpy has none (bf16). Norms stay float32,
     as llama.cpp keeps 1-D tensors."""
-    from gguf import GGMLQuantizationType
-
     if tensor.ndim == 1 or outtype == "f32":
         return tensor.float().numpy(), None
     if outtype == "f16":
         return tensor.to(torch.float16).numpy(), None
-    return tensor.to(torch.bfloat16).view(torch.int16).numpy(), GGMLQuantizationType.BF16
+    return tensor.to(torch.bfloat16).view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
 
 
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
     """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
-    import gguf
-
     directory = Path(directory)
     model, tokenizer = load_checkpoint(directory, dtype=None)
     check_pre_tokenizer(tokenizer, directory)

@@ -19,23 +19,17 @@ import torch
 
 from nanoqwen.checkpoint import save_checkpoint
 from nanoqwen.cli import main
-from nanoqwen.config import ModelConfig
 from nanoqwen.gguf import vocabulary, write_gguf
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer, train_bpe
+from tests.test_model import scramble, tiny_config
 
-CONFIG = ModelConfig(vocab_size=320, hidden_size=64, intermediate_size=112, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=24, max_position_embeddings=128,
-                     rope_theta=10000.0, rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=1,
-                     max_window_layers=2)
+CONFIG = tiny_config(head_dim=24, rms_norm_eps=1e-5, bos_token_id=None)  # head_dim apart from hidden / heads
 
 
 def checkpoint(folder: Path, tokenizer: Tokenizer, **changes: object) -> tuple[Path, Qwen3]:
-    torch.manual_seed(0)
     model = Qwen3(dataclasses.replace(CONFIG, **changes))
-    with torch.no_grad():
-        for p in model.parameters():  # norms far from ones: a norm written as another tensor shows
-            p.copy_(torch.randn(p.shape))
+    scramble(model)  # norms far from ones: a norm written as another tensor shows
     save_checkpoint(model, folder, tokenizer)
     return folder, model
 
