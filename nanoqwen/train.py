@@ -550,6 +550,16 @@ def data_splits(data: Path) -> dict[str, Any]:
     return load_meta(data)["splits"]
 
 
+def holds_conversations(data: Path) -> bool:
+    """Whether the data was prepared from chat records (its model is for `nanoqwen chat`)."""
+    from nanoqwen.data.prepare import load_meta
+
+    try:
+        return bool(load_meta(data).get("conversations"))
+    except NanoQwenError:  # the folder went away while the run trained: the closing lines go on without it
+        return False
+
+
 def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
     """The run's data folder may have been prepared again since (`nanoqwen prepare --out` over it), or --data
     may name another: ids from another tokenizer would mean other tokens to this model, and other text would
@@ -987,7 +997,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     # All its steps done: more need a larger --max-steps. An early stop with steps left resumes as planned.
     done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
     longer = f" --max-steps {state.step * 2}" if done else ""
-    print(f"next: nanoqwen sample --model {quote(str(model))} --prompt 'Hello'  |  "
+    use = "chat --model {}" if holds_conversations(run.data) else "sample --model {} --prompt 'Hello'"
+    print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
 
 

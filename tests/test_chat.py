@@ -263,3 +263,35 @@ def test_a_runs_checkpoint_is_named_with_its_run(tmp_path: Path) -> None:
 
     assert display_name(tmp_path / "runs" / "shakes" / "best") == "shakes/best"
     assert display_name(tmp_path / "models" / "tiny") == "tiny"
+
+
+def test_a_model_trained_on_conversations_answers_in_the_chat(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chat records in, `nanoqwen chat` out: prepare renders them as the chat renders its prompts, so a tiny
+    model trained on a few question-answer pairs gives each answer, and stops where its turn ends."""
+    import json
+
+    from tests.train_helpers import FAST, make_preset, train_in_process
+
+    answers = {"what colour is the sky?": "blue", "what do cows drink?": "water", "who wrote hamlet?": "shakespeare",
+               "how many legs has a cat?": "four", "where is paris?": "in france", "what is ice?": "frozen water"}
+    (tmp_path / "chats.jsonl").write_text("".join(
+        json.dumps({"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for _ in range(40) for q, a in answers.items()))
+    monkeypatch.chdir(tmp_path)  # --dataset prepares into data/ here
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1] = "64"  # a whole conversation in a window
+    assert train_in_process("--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:400",
+                            "--config", str(make_preset(tmp_path)), "--out", str(tmp_path / "run"),
+                            "--max-steps", "150", *fast) == 0
+    assert f"next: nanoqwen chat --model {tmp_path / 'run' / 'best'}" in capsys.readouterr().out
+    assert (tmp_path / "data").is_dir()
+    child = spawn_chat(tmp_path / "run" / "best")
+    try:
+        for question, answer in answers.items():
+            assert say(child, question) == answer + "\n"
+            say(child, "/reset")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()

@@ -10,6 +10,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -141,6 +142,96 @@ def test_every_format_round_trips(tmp_path: Path, corpus: tuple[Path, list[str]]
     else:
         assert meta["vocab_size"] <= 400
         assert tok.token_id("<|im_start|>") is not None and tok.token_id("<|im_end|>") is not None
+
+
+# -- conversations ------------------------------------------------------------------------------------
+
+CHATS = [  # as OpenAI's messages: a system turn, control tokens typed into a turn, text parts, a turn with none
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Cafe\u0301? <|im_end|> typed"},
+     {"role": "assistant", "content": "Oui, un café."}],
+    [{"role": "user", "content": [{"type": "text", "text": "part one, "}, {"type": "image_url"},
+                                  {"type": "text", "text": "part two"}]},
+     {"role": "assistant", "content": None}, {"role": "user", "content": "again"}],
+]
+SHAREGPT = [{"from": "human", "value": "hi there"}, {"from": "gpt", "value": "hello!"}]
+PARQUET_CHAT = [{"role": "user", "content": "a parquet question"}, {"role": "assistant", "content": "its answer"}]
+
+
+def write_chats(folder: Path) -> list[list[dict[str, str]]]:
+    """A folder of chat records in every form read, and a text file; returns the conversations as read."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir()
+    (folder / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in CHATS))
+    (folder / "sharegpt.json").write_text(json.dumps([{"id": 1, "conversations": SHAREGPT}]))
+    pq.write_table(pa.table({"messages": [PARQUET_CHAT]}), folder / "table.parquet")
+    (folder / "notes.txt").write_text("Plain text with <|im_start|> written in it stays text.")
+    return [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Café? <|im_end|> typed"},
+             {"role": "assistant", "content": "Oui, un café."}],
+            [{"role": "user", "content": "part one, part two"}, {"role": "assistant", "content": ""},
+             {"role": "user", "content": "again"}],
+            [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": "hello!"}],
+            PARQUET_CHAT]
+
+
+@pytest.mark.parametrize("tokenizer", ["qwen3", "bpe:400"])
+def test_conversations_are_encoded_as_transformers_encodes_their_chat_template(tmp_path: Path,
+                                                                               tokenizer: str) -> None:
+    from transformers import AutoTokenizer
+
+    chats = write_chats(tmp_path / "corpus")
+    out = prepare(str(tmp_path / "corpus"), tokenizer, tmp_path / "out", val_fraction=0.3, progress=False)
+    hf = AutoTokenizer.from_pretrained(out)
+    rendered = [hf.apply_chat_template(chat, tokenize=False) for chat in chats]
+    want = Counter(tuple(hf.encode(text, add_special_tokens=False)) for text in rendered)
+    got = segments(out, "train") + segments(out, "val")
+    note = [seg for seg in got if tuple(seg) not in want]
+    assert Counter(tuple(seg) for seg in got if seg not in note) == want and len(got) == 5
+    # Control tokens are ids only where the template wrote them: in a text file they stay text.
+    assert len(note) == 1 and hf.decode(note[0]) == "Plain text with <|im_start|> written in it stays text."
+    assert not set(note[0]) & set(hf.added_tokens_decoder)
+    # A chat's bytes are its text's, the template's control tokens left out (as <|endoftext|> is).
+    control = re.compile("|".join(re.escape(t.content) for t in hf.added_tokens_decoder.values()))
+    meta = load_meta(out)
+    assert meta["conversations"] == 4
+    assert sum(s["bytes"] for s in meta["splits"].values()) == \
+        sum(len(control.sub("", text).encode()) for text in rendered) + len(b"Plain text with <|im_start|> written "
+                                                                            b"in it stays text.")
+
+
+def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
+    from nanoqwen.data.sources import Conversation
+
+    chats = write_chats(tmp_path / "corpus")
+    assert list(open_corpus(str(tmp_path / "corpus" / "sharegpt.json")).documents()) == [Conversation(tuple(chats[2]))]
+    # Past --max-bytes a chat is left out whole (a text is cut); an empty chat is no document.
+    (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
+        {"messages": [{"role": "user", "content": " "}]}, {"messages": SHAREGPT}, {"messages": PARQUET_CHAT}]))
+    size = len(Conversation(tuple(chats[2])).text.encode())
+    assert list(open_corpus(str(tmp_path / "more.jsonl"), max_bytes=size + 5).documents()) == \
+        [Conversation(tuple(chats[2]))]
+    # --text-column still names the field to read when a record has both.
+    (tmp_path / "both.jsonl").write_text(json.dumps({"messages": SHAREGPT, "body": "the body"}) + "\n")
+    assert list(open_corpus(str(tmp_path / "both.jsonl"), text_column="body").documents()) == ["the body"]
+
+    # One conversation: val gets its last turns, cut where a turn starts.
+    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn number {i} " * 20} for i in range(8)]
+    (tmp_path / "one.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+    out = prepare(str(tmp_path / "one.jsonl"), "bpe:300", tmp_path / "one", progress=False)
+    tok = load_tokenizer(out)
+    whole = tok.encode(tok.render_chat(turns, add_generation_prompt=False))
+    (train,), (val,) = segments(out, "train"), segments(out, "val")
+    assert train + val == whole and val[0] == tok.token_id("<|im_start|>") and 0 < len(val) < len(train)
+
+    for record, words in [({"messages": ["hi"]}, "line 1: field 'messages': turn 1 is str, not an object"),
+                          ({"messages": [{"role": "user", "content": 5}]}, "turn 1 needs a role and text content"),
+                          ({"messages": [{"content": "no role"}]}, "turn 1 needs a role"),
+                          ({"conversations": 5}, "field 'conversations' holds int, not text or a list of chat turns")]:
+        (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
+        one_line_error(cli("prepare", "--dataset", str(tmp_path / "bad.jsonl"), "--tokenizer", "bpe:300",
+                           "--out", str(tmp_path / "never")), words)
+    assert not (tmp_path / "never").exists()
 
 
 def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

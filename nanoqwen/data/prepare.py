@@ -32,10 +32,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from nanoqwen import __version__
-from nanoqwen.data.sources import SOURCES_HELP, Corpus, CorpusStats, open_corpus
+from nanoqwen.data.sources import SOURCES_HELP, Conversation, Corpus, CorpusStats, Document, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
+    IM_START,
     MAX_BPE_VOCAB,
     QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
@@ -61,12 +62,17 @@ PREPARE_DEFAULTS: dict[str, object] = {"split": "train", "val_fraction": DEFAULT
 BATCH_CHARS = 1 << 21  # text per encode call: enough to keep every core busy, small enough to bound memory
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size, so one big file uses every core
 
+class RenderedChat(str):
+    """A conversation as its chat template writes it: the tokenizer's control tokens in it (<|im_start|>...)
+    are encoded as their ids, as Transformers encodes apply_chat_template's text; in a plain text they are text."""
+
+
 class Encoded(NamedTuple):
     """One document, encoded."""
 
     text: str
     nbytes: int
-    """Its UTF-8 length."""
+    """Its UTF-8 length (of a chat: of its text, without the control tokens)."""
     ids: np.ndarray
     """Its token ids, ending with <|endoftext|>."""
 
@@ -87,7 +93,8 @@ def parse_size(text: str) -> int:
 def add_reading_arguments(p: argparse.ArgumentParser) -> None:
     """How a corpus is read (`open_corpus`): for prepare and for `tokenizer train`."""
     p.add_argument("--text-column", default=None, metavar="NAME",
-                   help="field or column holding the text (default: text)")
+                   help="field or column holding the text (default: text; records without one are read as chats "
+                        "from messages or conversations)")
     p.add_argument("--split", default="train", metavar="NAME",
                    help="split of a Hugging Face dataset (default: %(default)s)")
     p.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
@@ -181,8 +188,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         else:
             tok = resolve_tokenizer(tokenizer)
             documents = itertools.chain([first], documents)
+        chats = [0]  # conversations among the documents, counted as they are rendered
         with _SplitWriter(tmp, val_fraction, seed) as writer:
-            _encode_corpus(documents, tok, tokenizer, writer, workers, progress)
+            _encode_corpus(_rendered(documents, tok, chats), tok, tokenizer, writer, workers, progress)
         if writer.documents == 0:
             raise corpus.empty_error()
         tok.save(tmp)
@@ -196,6 +204,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "eot_id": tok.eot_id,
             "dtype": "uint32",
             "splits": writer.counts,
+            "conversations": chats[0],
             "replacement_chars": corpus.stats.replacement_chars,
             "skipped": corpus.stats.skipped,
             "fingerprint": fingerprint,
@@ -294,7 +303,8 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
     seen = {"documents": 0, "bytes": 0}  # counted as the trainer reads the corpus
 
     def texts() -> Iterator[str]:
-        for text in corpus.documents():
+        for document in corpus.documents():
+            text = document.text if isinstance(document, Conversation) else document
             seen["documents"] += 1
             seen["bytes"] += len(text.encode("utf-8"))
             yield text
@@ -364,6 +374,17 @@ def _is_qwen3(tokenizer: Tokenizer) -> bool:
         return False
 
 
+def _rendered(documents: Iterator[Document], tokenizer: Tokenizer, chats: list[int]) -> Iterator[str]:
+    """Texts as they are; conversations written by the tokenizer's chat template, as `chat` and `serve` write
+    them (the end of a conversation is the <|endoftext|> that follows every document), counted in `chats`."""
+    for document in documents:
+        if isinstance(document, Conversation):
+            chats[0] += 1
+            yield RenderedChat(tokenizer.render_chat(list(document.messages), add_generation_prompt=False))
+        else:
+            yield document
+
+
 def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[list[str]], list[Encoded]]:
     """A function from a batch of documents to their ids, each ending with <|endoftext|>.
 
@@ -386,23 +407,47 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
             return [e.ids for e in hf.encode_batch_fast(pieces, add_special_tokens=False)]
         cut = _piece_safe(hf)
     eot = np.array([tokenizer.eot_id], dtype=DTYPE)
+    control = _control_tokens(tokenizer)
 
     def encode(texts: list[str]) -> list[Encoded]:
         pieces: list[str] = []
-        counts: list[int] = []
+        layouts: list[list[int | None]] = []  # per document: a control token's id, or None for the next piece
+        nbytes: list[int] = []
         for text in texts:
-            parts = _pieces(text) if cut else [text]
-            pieces += parts
-            counts.append(len(parts))
-        ids = encode_pieces(pieces)
-        out, k = [], 0
-        for text, n in zip(texts, counts):
-            doc = np.concatenate([np.asarray(x, dtype=DTYPE) for x in ids[k:k + n]] + [eot])
-            out.append(Encoded(text, len(text.encode("utf-8")), doc))
-            k += n
-        return out
+            layout: list[int | None] = []
+            size = 0
+            chat = isinstance(text, RenderedChat)
+            for segment in control.split(text) if chat else [text]:
+                if chat and segment in control.ids:
+                    layout.append(control.ids[segment])
+                elif segment:
+                    parts = _pieces(segment) if cut else [segment]
+                    pieces += parts
+                    layout += [None] * len(parts)
+                    size += len(segment.encode("utf-8"))
+            layouts.append(layout)
+            nbytes.append(size)
+        ids = iter(encode_pieces(pieces))
+        return [Encoded(text, size, np.concatenate(
+            [np.asarray([at] if at is not None else next(ids), dtype=DTYPE) for at in layout] + [eot]))
+            for text, size, layout in zip(texts, nbytes, layouts)]
 
     return encode
+
+
+class _ControlTokens(NamedTuple):
+    split: Callable[[str], list[str]]
+    """A text cut around its control tokens (kept as segments of their own)."""
+    ids: dict[str, int]
+
+
+def _control_tokens(tokenizer: Tokenizer) -> _ControlTokens:
+    """The tokenizer's added tokens (<|im_start|>, <think>...), which a rendered chat holds as ids."""
+    ids = {token.content: i for i, token in tokenizer.hf.get_added_tokens_decoder().items()}
+    if not ids:
+        return _ControlTokens(lambda text: [text], ids)
+    pattern = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
+    return _ControlTokens(pattern.split, ids)
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -474,10 +519,13 @@ class _SplitWriter:
         cut = min(max(round(len(text) * (1 - share)), 1), len(text) - 1)
         while cut < len(text) and unicodedata.combining(text[cut]):
             cut += 1  # keep combining marks with their base character
+        if isinstance(text, RenderedChat):  # a chat is cut where a turn starts, its control tokens whole
+            turn = text.rfind(IM_START, 0, cut + 1)
+            cut = turn if turn > 0 else text.find(IM_START, cut)
         if not 0 < cut < len(text):
             raise NanoQwenError("the corpus is one document too short to split into train and val; "
                                 "give it more text")
-        train, val = encode([text[:cut], text[cut:]])
+        train, val = encode([type(text)(text[:cut]), type(text)(text[cut:])])
         self._write("train", train)
         self._write("val", val)
 

