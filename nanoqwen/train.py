@@ -551,11 +551,12 @@ def data_splits(data: Path) -> dict[str, Any]:
 
 
 def holds_conversations(data: Path) -> bool:
-    """Whether the data was prepared from chat records (its model is for `nanoqwen chat`)."""
+    """Whether the data was prepared mostly from chat records (its model is for `nanoqwen chat`)."""
     from nanoqwen.data.prepare import load_meta
 
     try:
-        return bool(load_meta(data).get("conversations"))
+        meta = load_meta(data)
+        return 2 * meta.get("conversations", 0) >= sum(split["documents"] for split in meta["splits"].values())
     except NanoQwenError:  # the folder went away while the run trained: the closing lines go on without it
         return False
 

@@ -201,37 +201,90 @@ def test_conversations_are_encoded_as_transformers_encodes_their_chat_template(t
 
 
 def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
-    from nanoqwen.data.sources import Conversation
+    from nanoqwen.data.sources import ChatRecord, as_document
 
     chats = write_chats(tmp_path / "corpus")
-    assert list(open_corpus(str(tmp_path / "corpus" / "sharegpt.json")).documents()) == [Conversation(tuple(chats[2]))]
-    # Past --max-bytes a chat is left out whole (a text is cut); an empty chat is no document.
+    assert list(open_corpus(str(tmp_path / "corpus" / "sharegpt.json")).documents()) == [ChatRecord(tuple(chats[2]))]
+    # Tables give every turn every key, the unused ones null; parts may be plain strings.
+    assert as_document([{"from": "human", "value": "hi", "role": None, "content": None},
+                        {"role": "assistant", "content": ["plain ", {"type": "text", "text": "parts"}]}], "", None) == \
+        ChatRecord(({"role": "user", "content": "hi"}, {"role": "assistant", "content": "plain parts"}))
+    # --max-bytes keeps a chat whole or leaves it out (a text is cut); an empty chat is no document.
     (tmp_path / "more.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [
         {"messages": [{"role": "user", "content": " "}]}, {"messages": SHAREGPT}, {"messages": PARQUET_CHAT}]))
-    size = len(Conversation(tuple(chats[2])).text.encode())
-    assert list(open_corpus(str(tmp_path / "more.jsonl"), max_bytes=size + 5).documents()) == \
-        [Conversation(tuple(chats[2]))]
+    size = len(ChatRecord(tuple(chats[2])).text.encode())
+    for cap in (size, size + 5):
+        assert list(open_corpus(str(tmp_path / "more.jsonl"), max_bytes=cap).documents()) == \
+            [ChatRecord(tuple(chats[2]))]
+    one_line_error(cli("prepare", "--dataset", str(tmp_path / "more.jsonl"), "--max-bytes", str(size - 1),
+                       "--out", str(tmp_path / "never")), f"--max-bytes {size - 1} is smaller than the first chat")
+    import datasets  # a `datasets` folder's column of turns
+
+    datasets.Dataset.from_dict({"messages": [PARQUET_CHAT]}).save_to_disk(str(tmp_path / "saved"))
+    assert list(open_corpus(str(tmp_path / "saved")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
     # --text-column still names the field to read when a record has both.
     (tmp_path / "both.jsonl").write_text(json.dumps({"messages": SHAREGPT, "body": "the body"}) + "\n")
     assert list(open_corpus(str(tmp_path / "both.jsonl"), text_column="body").documents()) == ["the body"]
 
-    # One conversation: val gets its last turns, cut where a turn starts.
-    turns = [{"role": "user" if i % 2 == 0 else "assistant", "content": f"turn number {i} " * 20} for i in range(8)]
-    (tmp_path / "one.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
-    out = prepare(str(tmp_path / "one.jsonl"), "bpe:300", tmp_path / "one", progress=False)
-    tok = load_tokenizer(out)
-    whole = tok.encode(tok.render_chat(turns, add_generation_prompt=False))
-    (train,), (val,) = segments(out, "train"), segments(out, "val")
-    assert train + val == whole and val[0] == tok.token_id("<|im_start|>") and 0 < len(val) < len(train)
+    # One conversation, even of one long turn: val gets about --val-fraction of it, cut outside control tokens.
+    for turns in ([{"role": "user", "content": "Tell me a story."},
+                   {"role": "assistant", "content": "Once upon a time there was a story. " * 400}],
+                  [{"role": "user", "content": "<think>" * 3000}]):
+        (tmp_path / "one.jsonl").write_text(json.dumps({"messages": turns}) + "\n")
+        out = prepare(str(tmp_path / "one.jsonl"), "qwen3", tmp_path / "one", val_fraction=0.1, force=True,
+                      progress=False)
+        tok = load_tokenizer(out)
+        text = tok.render_chat(turns, add_generation_prompt=False)
+        (train,), (val,) = segments(out, "train"), segments(out, "val")
+        assert tok.decode(train) + tok.decode(val) == text and 0.07 < len(val) / (len(train) + len(val)) < 0.13
+        controls = [i for i in tok.encode(text) if i >= 151643]  # as ids, none cut into text
+        assert [i for i in train + val if i >= 151643] == controls
 
     for record, words in [({"messages": ["hi"]}, "line 1: field 'messages': turn 1 is str, not an object"),
                           ({"messages": [{"role": "user", "content": 5}]}, "turn 1 needs a role and text content"),
                           ({"messages": [{"content": "no role"}]}, "turn 1 needs a role"),
+                          ({"conversations": [{"from": ["human"], "value": "hi"}]}, "turn 1 needs a role"),
+                          ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                           "turn 1 needs a role and text content"),
                           ({"conversations": 5}, "field 'conversations' holds int, not text or a list of chat turns")]:
         (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
         one_line_error(cli("prepare", "--dataset", str(tmp_path / "bad.jsonl"), "--tokenizer", "bpe:300",
                            "--out", str(tmp_path / "never")), words)
     assert not (tmp_path / "never").exists()
+
+
+def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path) -> None:
+    """A tokenizer folder's own template gets every key of a turn (tool calls here), and its refusal names
+    the record."""
+    from transformers import AutoTokenizer
+
+    from tests.serve_helpers import THINKING_TEMPLATE
+
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    train_bpe(["the weather in paris is sunny today"] * 50, 300).save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "paris"}'}}
+    chat = [{"role": "user", "content": "weather in paris?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "it is sunny"}]
+    hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps({"messages": hello}))
+    out = prepare(str(tmp_path / "chats.jsonl"), str(folder), tmp_path / "out", progress=False)
+    hf = AutoTokenizer.from_pretrained(out)
+    texts = [hf.apply_chat_template([{**turn, "content": turn["content"] or ""} for turn in turns], tokenize=False)
+             for turns in (chat, hello)]
+    assert "<tool_call>weather" in texts[0]
+    assert sorted(hf.encode(text, add_special_tokens=False) for text in texts) == \
+        sorted(segments(out, "train") + segments(out, "val"))
+
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": chat}) + "\n" + json.dumps(
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "system", "content": "late"}]}) + "\n")
+    one_line_error(cli("prepare", "--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", str(folder),
+                       "--out", str(tmp_path / "never")),
+                   "chats.jsonl line 2: field 'messages': the model's chat template refused these messages: "
+                   "the system message must come first")
 
 
 def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

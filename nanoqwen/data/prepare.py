@@ -32,10 +32,11 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from nanoqwen import __version__
-from nanoqwen.data.sources import SOURCES_HELP, Conversation, Corpus, CorpusStats, Document, open_corpus
+from nanoqwen.data.sources import SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
+    IM_END,
     IM_START,
     MAX_BPE_VOCAB,
     QWEN_FIRST_SPECIAL_ID,
@@ -52,6 +53,7 @@ from nanoqwen.tokenizer import (
 
 META_VERSION = 1
 SPLIT_RULE = 2  # in the fingerprint: folders split by an older rule (val could be 58% of a file) are redone
+READ_RULE = 2  # in the fingerprint too: folders read before chat records were (skipped or refused) are redone
 META_KEYS = ("version", "nanoqwen_version", "created", "source", "tokenizer", "vocab_size", "eot_id", "dtype",
              "splits", "replacement_chars", "skipped", "fingerprint")
 SPLITS = ("train", "val")
@@ -163,8 +165,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     tokenizer_id = _tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
     fingerprint = hashlib.sha256(json.dumps(
-        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
-         "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
+        {"format": META_VERSION, "split_rule": SPLIT_RULE, "read_rule": READ_RULE, "corpus": corpus.fingerprint,
+         "max_bytes": corpus.max_bytes, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
@@ -188,9 +190,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         else:
             tok = resolve_tokenizer(tokenizer)
             documents = itertools.chain([first], documents)
-        chats = [0]  # conversations among the documents, counted as they are rendered
         with _SplitWriter(tmp, val_fraction, seed) as writer:
-            _encode_corpus(_rendered(documents, tok, chats), tok, tokenizer, writer, workers, progress)
+            _encode_corpus(_rendered(documents, tok), tok, tokenizer, writer, workers, progress)
         if writer.documents == 0:
             raise corpus.empty_error()
         tok.save(tmp)
@@ -204,7 +205,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "eot_id": tok.eot_id,
             "dtype": "uint32",
             "splits": writer.counts,
-            "conversations": chats[0],
+            "conversations": writer.conversations,
             "replacement_chars": corpus.stats.replacement_chars,
             "skipped": corpus.stats.skipped,
             "fingerprint": fingerprint,
@@ -304,7 +305,7 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
 
     def texts() -> Iterator[str]:
         for document in corpus.documents():
-            text = document.text if isinstance(document, Conversation) else document
+            text = document.text if isinstance(document, ChatRecord) else document
             seen["documents"] += 1
             seen["bytes"] += len(text.encode("utf-8"))
             yield text
@@ -374,15 +375,20 @@ def _is_qwen3(tokenizer: Tokenizer) -> bool:
         return False
 
 
-def _rendered(documents: Iterator[Document], tokenizer: Tokenizer, chats: list[int]) -> Iterator[str]:
-    """Texts as they are; conversations written by the tokenizer's chat template, as `chat` and `serve` write
-    them (the end of a conversation is the <|endoftext|> that follows every document), counted in `chats`."""
+def _rendered(documents: Iterator[Document], tokenizer: Tokenizer) -> Iterator[str]:
+    """Texts as they are; chat records written by the tokenizer's chat template, as `chat` and `serve` write
+    them (the end of a conversation is the <|endoftext|> that follows every document)."""
     for document in documents:
-        if isinstance(document, Conversation):
-            chats[0] += 1
-            yield RenderedChat(tokenizer.render_chat(list(document.messages), add_generation_prompt=False))
-        else:
+        if not isinstance(document, ChatRecord):
             yield document
+            continue
+        if tokenizer.chat_format == "ChatML" and None in (tokenizer.token_id(IM_START), tokenizer.token_id(IM_END)):
+            raise NanoQwenError(f"{document.where} is a chat, and the tokenizer has no {IM_START} and {IM_END} "
+                                "tokens to write it with; use qwen3, bpe:N, or a tokenizer folder that has them")
+        try:
+            yield RenderedChat(tokenizer.render_chat(list(document.messages), add_generation_prompt=False))
+        except NanoQwenError as e:
+            raise NanoQwenError(f"{document.where}: {e}") from None
 
 
 def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[list[str]], list[Encoded]]:
@@ -409,28 +415,26 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     eot = np.array([tokenizer.eot_id], dtype=DTYPE)
     control = _control_tokens(tokenizer)
 
+    def items(text: str) -> list[str | int]:
+        """A document as pieces of text to encode and, in a rendered chat, the ids of its control tokens."""
+        segments = control.split(text) if isinstance(text, RenderedChat) else [text]
+        found: list[str | int] = []
+        for i, segment in enumerate(segments):
+            if i % 2:  # re.split puts each control token at an odd index
+                found.append(control.ids[segment])
+            elif segment:
+                found += _pieces(segment) if cut else [segment]
+        return found
+
     def encode(texts: list[str]) -> list[Encoded]:
-        pieces: list[str] = []
-        layouts: list[list[int | None]] = []  # per document: a control token's id, or None for the next piece
-        nbytes: list[int] = []
-        for text in texts:
-            layout: list[int | None] = []
-            size = 0
-            chat = isinstance(text, RenderedChat)
-            for segment in control.split(text) if chat else [text]:
-                if chat and segment in control.ids:
-                    layout.append(control.ids[segment])
-                elif segment:
-                    parts = _pieces(segment) if cut else [segment]
-                    pieces += parts
-                    layout += [None] * len(parts)
-                    size += len(segment.encode("utf-8"))
-            layouts.append(layout)
-            nbytes.append(size)
-        ids = iter(encode_pieces(pieces))
-        return [Encoded(text, size, np.concatenate(
-            [np.asarray([at] if at is not None else next(ids), dtype=DTYPE) for at in layout] + [eot]))
-            for text, size, layout in zip(texts, nbytes, layouts)]
+        documents = [items(text) for text in texts]
+        ids = iter(encode_pieces([item for doc in documents for item in doc if isinstance(item, str)]))
+        encoded = []
+        for text, doc in zip(texts, documents):
+            parts = [np.asarray([item] if isinstance(item, int) else next(ids), dtype=DTYPE) for item in doc]
+            nbytes = sum(len(item.encode("utf-8")) for item in doc if isinstance(item, str))
+            encoded.append(Encoded(text, nbytes, np.concatenate([*parts, eot])))
+        return encoded
 
     return encode
 
@@ -453,6 +457,7 @@ def _control_tokens(tokenizer: Tokenizer) -> _ControlTokens:
 # -- writing -----------------------------------------------------------------------------------------
 
 MIN_CUT_VAL_BYTES = 4096  # below this, val gets the held document whole rather than a sliver of it
+CONTROL_LIKE = re.compile(r"<[^\s<>]{1,60}>")  # <|im_start|>, <think>: where a chat is not cut
 
 
 class _SplitWriter:
@@ -477,6 +482,7 @@ class _SplitWriter:
         self.counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in SPLITS}
         self.held: Encoded | None = None
         self.documents = 0
+        self.conversations = 0
 
     def __enter__(self) -> _SplitWriter:
         self.files = {name: open(self.folder / f"{name}.bin", "wb") for name in SPLITS}  # noqa: SIM115
@@ -488,6 +494,7 @@ class _SplitWriter:
 
     def add(self, doc: Encoded) -> None:
         self.documents += 1
+        self.conversations += isinstance(doc.text, RenderedChat)
         self.seen_bytes += doc.nbytes
         drawn = self.rng.random() < self.val_fraction  # drawn for every document: the same draws as before
         # Not the first document: were it the only one, val would hold it all (a --val-fraction of 0.5 or more).
@@ -519,9 +526,9 @@ class _SplitWriter:
         cut = min(max(round(len(text) * (1 - share)), 1), len(text) - 1)
         while cut < len(text) and unicodedata.combining(text[cut]):
             cut += 1  # keep combining marks with their base character
-        if isinstance(text, RenderedChat):  # a chat is cut where a turn starts, its control tokens whole
-            turn = text.rfind(IM_START, 0, cut + 1)
-            cut = turn if turn > 0 else text.find(IM_START, cut)
+        if isinstance(text, RenderedChat):  # a chat's control tokens stay whole
+            cut = next((m.start() for m in CONTROL_LIKE.finditer(text, max(0, cut - 64), cut + 64)
+                        if m.start() < cut < m.end()), cut)
         if not 0 < cut < len(text):
             raise NanoQwenError("the corpus is one document too short to split into train and val; "
                                 "give it more text")

@@ -8,7 +8,7 @@
                                  or a folder written by `datasets`' save_to_disk
 
 Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
-(OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `Conversation`, which prepare
+(OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
 renders with the tokenizer's chat template. Every document comes out NFC-normalized and non-empty. A `Corpus`
 can be read more than once (BPE training reads it, then encoding does), and never holds more than one document
 or record batch in memory.
@@ -84,6 +84,7 @@ class CorpusStats:
     replacement_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
     replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
+    capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -92,23 +93,25 @@ SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
 
 
 @dataclass(frozen=True)
-class Conversation:
-    """A chat record's turns, each {"role", "content"}. prepare renders it with the tokenizer's chat template
+class ChatRecord:
+    """A chat record's turns, each {"role", "content", ...}. prepare renders it with the tokenizer's chat template
     (ChatML, or the folder's own), so a model trained on it answers in the format `chat` and `serve` write."""
 
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[dict[str, Any], ...]
+    where: str = field(default="", compare=False)  # the file and record, for the template's refusals
 
     @property
     def text(self) -> str:
         """What its turns say, without the template's control tokens: what a BPE trains on, and its size."""
         return "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages)
 
-    def normalized(self) -> Conversation:
-        return Conversation(tuple({"role": unicodedata.normalize("NFC", m["role"]),
-                                   "content": unicodedata.normalize("NFC", m["content"])} for m in self.messages))
+    def normalized(self) -> ChatRecord:
+        return ChatRecord(tuple({**m, "role": unicodedata.normalize("NFC", m["role"]),
+                                 "content": unicodedata.normalize("NFC", m["content"])} for m in self.messages),
+                          self.where)
 
 
-Document = str | Conversation
+Document = str | ChatRecord
 Reader = Callable[[CorpusStats], Iterator[Document]]
 
 
@@ -128,7 +131,7 @@ class Corpus:
         reader = self._read(stats)
         try:
             for document in reader:
-                if isinstance(document, Conversation):
+                if isinstance(document, ChatRecord):
                     document = document.normalized()
                     if not any(m["content"].strip() for m in document.messages):
                         continue
@@ -139,9 +142,13 @@ class Corpus:
                         continue
                 if room is not None:
                     data = text.encode("utf-8")
-                    if len(data) >= room:  # the cap is reached: a text is cut at a character boundary, a chat left out
+                    if isinstance(document, ChatRecord):
+                        if len(data) > room:  # a chat is kept whole or left out
+                            stats.capped = True
+                            return
+                    elif len(data) >= room:  # the cap is reached: cut this text at a character boundary
                         text = data[:room].decode("utf-8", errors="ignore")
-                        if isinstance(document, str) and text and not text.isspace():
+                        if text and not text.isspace():
                             yield text
                         return
                     room -= len(data)
@@ -151,6 +158,9 @@ class Corpus:
 
     def empty_error(self) -> NanoQwenError:
         """The error for a pass that produced no documents."""
+        if self.stats.capped:
+            return NanoQwenError(f"--max-bytes {self.max_bytes} is smaller than the first chat record of {self.spec} "
+                                 "(a chat is kept whole or left out); give a larger --max-bytes")
         skipped = "; ".join(f"{s['path']}: {s['reason']}" for s in self.stats.skipped[:3])
         more = f" (skipped {skipped}{'...' if len(self.stats.skipped) > 3 else ''})" if skipped else ""
         return NanoQwenError(f"{self.spec} has no text{more}; give a corpus with at least one non-empty document")
@@ -347,15 +357,15 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
               transform: Callable[[str], str] | None = None) -> Iterator[Document]:
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
-    names = ds.column_names
+    names = ds.column_names  # None for some streamed datasets: their batches name them
     if names is not None:
         column = text_column_of(names, column)
-    if names is not None and column not in names:
-        raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
-    if names is not None:
+        if column not in names:
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
         ds = ds.select_columns([column])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
+        column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
         for value in batch[column]:
@@ -548,26 +558,39 @@ def text_column_of(names: Iterable[str], column: str) -> str:
 
 
 def as_document(value: Any, where: str, stats: CorpusStats) -> Document | None:
-    """A field's value as a document: text, or a list of chat turns as a Conversation (None: nothing)."""
+    """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing)."""
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
         raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; "
                             "pass --text-column")
-    messages = []
-    for number, turn in enumerate(value, 1):
-        if not isinstance(turn, dict):
-            raise NanoQwenError(f"{where}: turn {number} is {type(turn).__name__}, not an object; chat turns "
-                                'are {"role": ..., "content": ...} or {"from": ..., "value": ...}')
-        role = turn.get("role") or SHAREGPT_ROLES.get(turn.get("from"), turn.get("from"))
-        content = turn["content"] if "content" in turn else turn.get("value")
-        if isinstance(content, list):  # OpenAI's content parts: their text
-            content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
-        if not isinstance(role, str) or not role or not isinstance(content, (str, type(None))):
-            raise NanoQwenError(f"{where}: turn {number} needs a role and text content; chat turns are "
-                                '{"role": ..., "content": ...} or {"from": ..., "value": ...}')
-        messages.append({"role": role, "content": _without_lone_surrogates(content or "", stats)})
-    return Conversation(tuple(messages)) if messages else None
+    turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
+    return ChatRecord(turns, where) if turns else None
+
+
+TURN_SHAPES = 'chat turns are {"role": ..., "content": ...} or {"from": ..., "value": ...}'
+
+
+def _chat_turn(turn: Any, where: str, stats: CorpusStats) -> dict[str, Any]:
+    if not isinstance(turn, dict):
+        raise NanoQwenError(f"{where} is {type(turn).__name__}, not an object; {TURN_SHAPES}")
+    role = turn.get("role")
+    if role is None:  # ShareGPT's names
+        role = turn.get("from")
+        role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+    content = turn.get("content")
+    if content is None:  # (tables give every turn every key, the unused ones null)
+        content = turn.get("value")
+    if isinstance(content, list):  # OpenAI's content parts: their text (an image part has none)
+        parts = [part.get("text") if isinstance(part, dict) else part for part in content]
+        if all(part is None or isinstance(part, str) for part in parts):
+            content = "".join(part for part in parts if part)
+    if not isinstance(role, str) or not role or not isinstance(content, (str, type(None))):
+        raise NanoQwenError(f"{where} needs a role and text content; {TURN_SHAPES}")
+    # Its other keys (tool_calls, reasoning_content, name...) go to the chat template, which may write them.
+    others = {key: value for key, value in turn.items()
+              if key not in ("role", "content", "from", "value") and value is not None}
+    return {**others, "role": role, "content": _without_lone_surrogates(content or "", stats)}
 
 
 def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
