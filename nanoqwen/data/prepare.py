@@ -407,7 +407,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
             return fast.encode_ordinary_batch(pieces, num_threads=threads)  # ordinary: specials are text
         cut = True
     else:
-        hf = tokenizer.hf
+        hf = _ordinary(tokenizer.hf)
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
             return [e.ids for e in hf.encode_batch_fast(pieces, add_special_tokens=False)]
@@ -437,6 +437,14 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
         return encoded
 
     return encode
+
+
+def _ordinary(hf: HFTokenizer) -> HFTokenizer:
+    """`hf` without its added tokens, as tiktoken's encode_ordinary: "<|endoftext|>" or "<think>" written in a
+    text are text (a chat's control tokens are found apart, by _control_tokens)."""
+    spec = json.loads(hf.to_str())
+    spec["added_tokens"] = []
+    return HFTokenizer.from_str(json.dumps(spec))
 
 
 class _ControlTokens(NamedTuple):
@@ -567,33 +575,28 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
                    workers: int | None, progress: bool) -> None:
     """Read, encode and write with one batch in flight: reading the next batch overlaps encoding this one."""
     encode = _encoder(tokenizer, spec, workers)
-    special = tokenizer.hf.encode_special_tokens
-    tokenizer.hf.encode_special_tokens = True  # "<|endoftext|>" written inside a document is text, not a separator
     tokens = 0
-    try:
-        with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
-                desc="prepare", unit="B", unit_scale=True, disable=None if progress else True, leave=False,
-                file=sys.stderr) as bar:
-            inflight: deque[Future[list[Encoded]]] = deque()
+    with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
+            desc="prepare", unit="B", unit_scale=True, disable=None if progress else True, leave=False,
+            file=sys.stderr) as bar:
+        inflight: deque[Future[list[Encoded]]] = deque()
 
-            def write_oldest() -> None:
-                nonlocal tokens
-                done = inflight.popleft().result()
-                for doc in done:
-                    writer.add(doc)
-                    tokens += len(doc.ids)
-                bar.set_postfix_str(f"{writer.documents:,} docs, {tokens:,} tokens", refresh=False)
-                bar.update(sum(doc.nbytes for doc in done))
+        def write_oldest() -> None:
+            nonlocal tokens
+            done = inflight.popleft().result()
+            for doc in done:
+                writer.add(doc)
+                tokens += len(doc.ids)
+            bar.set_postfix_str(f"{writer.documents:,} docs, {tokens:,} tokens", refresh=False)
+            bar.update(sum(doc.nbytes for doc in done))
 
-            for batch in _batches(documents):
-                inflight.append(pool.submit(encode, batch))
-                if len(inflight) > 1:
-                    write_oldest()
-            while inflight:
+        for batch in _batches(documents):
+            inflight.append(pool.submit(encode, batch))
+            if len(inflight) > 1:
                 write_oldest()
-        writer.finish(encode)
-    finally:
-        tokenizer.hf.encode_special_tokens = special
+        while inflight:
+            write_oldest()
+    writer.finish(encode)
 
 
 # -- checks and messages -----------------------------------------------------------------------------
