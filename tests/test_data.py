@@ -222,6 +222,17 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
 
     datasets.Dataset.from_dict({"messages": [PARQUET_CHAT]}).save_to_disk(str(tmp_path / "saved"))
     assert list(open_corpus(str(tmp_path / "saved")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
+    # A folder prepared before chats were read skipped their .json files: it is prepared again, not reused.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("some notes")
+    (tmp_path / "notes" / "chats.json").write_text(json.dumps([{"messages": SHAREGPT}]))
+    out = prepare(str(tmp_path / "notes"), "bpe:300", tmp_path / "notes-data", progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta.pop("conversations") == 1
+    (out / "meta.json").write_text(json.dumps({**meta, "skipped": [
+        {"path": str(tmp_path / "notes" / "chats.json"), "reason": "not JSON records with a 'text' field (...)"}]}))
+    prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False)
+    assert load_meta(out)["conversations"] == 1 and load_meta(out)["skipped"] == []
     # --text-column still names the field to read when a record has both.
     (tmp_path / "both.jsonl").write_text(json.dumps({"messages": SHAREGPT, "body": "the body"}) + "\n")
     assert list(open_corpus(str(tmp_path / "both.jsonl"), text_column="body").documents()) == ["the body"]

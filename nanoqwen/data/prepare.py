@@ -53,7 +53,6 @@ from nanoqwen.tokenizer import (
 
 META_VERSION = 1
 SPLIT_RULE = 2  # in the fingerprint: folders split by an older rule (val could be 58% of a file) are redone
-READ_RULE = 2  # in the fingerprint too: folders read before chat records were (skipped or refused) are redone
 META_KEYS = ("version", "nanoqwen_version", "created", "source", "tokenizer", "vocab_size", "eot_id", "dtype",
              "splits", "replacement_chars", "skipped", "fingerprint")
 SPLITS = ("train", "val")
@@ -165,7 +164,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     tokenizer_id = _tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
     fingerprint = hashlib.sha256(json.dumps(
-        {"format": META_VERSION, "split_rule": SPLIT_RULE, "read_rule": READ_RULE, "corpus": corpus.fingerprint,
+        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint,
          "max_bytes": corpus.max_bytes, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
@@ -604,9 +603,12 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
 def _holds(out: Path, fingerprint: str) -> bool:
     """Whether `out` is a complete folder made from the same inputs and options."""
     try:
-        return load_meta(out)["fingerprint"] == fingerprint
+        meta = load_meta(out)
     except NanoQwenError:
         return False
+    # Made before chat records were read, a folder skipped .json files of them (as not text records).
+    unread_chats = "conversations" not in meta and any("not JSON records" in s["reason"] for s in meta["skipped"])
+    return meta["fingerprint"] == fingerprint and not unread_chats
 
 
 def _warn_about(stats: CorpusStats) -> None:
