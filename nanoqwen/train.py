@@ -34,6 +34,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from pathlib import Path
 from shlex import quote
 from typing import Any
@@ -280,6 +281,11 @@ class Run:
     def seq_len(self) -> int:
         assert self.cfg.seq_len is not None
         return self.cfg.seq_len
+
+    @cached_property
+    def chat_data(self) -> bool:
+        """Whether it trains on conversations (samples write one; the closing lines point to `chat`)."""
+        return holds_conversations(self.data)
 
     def autocast(self) -> AbstractContextManager[Any]:
         if self.amp_dtype == torch.float32:
@@ -782,12 +788,18 @@ def evaluate(run: Run) -> dict[str, float]:
 
 
 def sample(run: Run) -> str:
+    """A sample of `sample_tokens`. A model of conversations writes one from its start, its turns' control
+    tokens shown (a sample that stopped at the end of one turn showed a reply to no question)."""
+    chats, prompt = run.chat_data, run.cfg.sample_prompt
+    if chats and prompt == TrainConfig.sample_prompt:
+        prompt = ""  # a new document: <|endoftext|>
     params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, **SAMPLING_DEFAULTS,  # sample's defaults
-                            stop_token_ids=run.tokenizer.stop_ids, seed=run.cfg.seed)
+                            stop_token_ids=[run.tokenizer.eot_id] if chats else run.tokenizer.stop_ids,
+                            skip_special_tokens=not chats, seed=run.cfg.seed)
     with run.autocast():
-        text = generate(run.model, run.tokenizer, [run.cfg.sample_prompt], params)[0].text
+        text = generate(run.model, run.tokenizer, [prompt], params)[0].text
     run.model.train()
-    return run.cfg.sample_prompt + text
+    return prompt + text
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -998,7 +1010,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     # All its steps done: more need a larger --max-steps. An early stop with steps left resumes as planned.
     done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
     longer = f" --max-steps {state.step * 2}" if done else ""
-    use = "chat --model {}" if holds_conversations(run.data) else "sample --model {} --prompt 'Hello'"
+    use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
 

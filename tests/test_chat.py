@@ -284,7 +284,9 @@ def test_a_model_trained_on_conversations_answers_in_the_chat(tmp_path: Path, ca
     assert train_in_process("--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:400",
                             "--config", str(make_preset(tmp_path)), "--out", str(tmp_path / "run"),
                             "--max-steps", "150", *fast) == 0
-    assert f"next: nanoqwen chat --model {tmp_path / 'run' / 'best'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"next: nanoqwen chat --model {tmp_path / 'run' / 'best'}" in out
+    assert "\nsample:\n<|im_start|>user\n" in out  # a conversation from its start, its control tokens shown
     assert (tmp_path / "data").is_dir()
     child = spawn_chat(tmp_path / "run" / "best")
     try:
