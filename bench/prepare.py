@@ -11,14 +11,19 @@ each, both with the Qwen3 tokenizer and every core, both timed from the text fil
   num_proc=cores)` with the tokenizer loaded by `transformers.AutoTokenizer` from a folder nanoqwen saved,
   then write each split with a numpy memmap, shard by shard (as nanoGPT's prepare scripts do).
 
-    python bench/prepare.py [--mb 20]
+With --chats the corpus is one JSON-lines file of chat records (`{"messages": [...]}`, four turns each, made
+of Shakespeare's lines): nanoqwen renders them with the chat template inside prepare; the seed design loads
+the file with `datasets.load_dataset("json")` and maps `apply_chat_template` + the tokenizer over it.
 
-Prints a markdown table: MB of text per second for each, and the ratio.
+    python bench/prepare.py [--mb 20] [--chats]
+
+Prints a markdown table: MB of input per second for each, and the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -44,24 +49,44 @@ def make_corpus(folder: Path, megabytes: float) -> int:
     return total
 
 
-def seed_prepare(folder: Path, tokenizer_dir: Path, out: Path, cores: int) -> int:
-    """The seed design's pipeline; returns the number of tokens written."""
+def make_chats(path: Path, megabytes: float) -> int:
+    """A JSON-lines file of chat records, four turns of Shakespeare's lines each, of `megabytes` MB."""
+    lines = [line.strip() for work in open_corpus("shakespeare").documents() for line in work.splitlines()
+             if line.strip()]
+    total, i = 0, 0
+    with path.open("w", encoding="utf-8") as f:
+        while total < megabytes * 1e6:
+            turns = [{"role": ("user", "assistant")[k % 2], "content": lines[(i + k) % len(lines)]} for k in range(4)]
+            row = json.dumps({"messages": turns}) + "\n"
+            f.write(row)
+            total += len(row.encode("utf-8"))
+            i += 4
+    return total
+
+
+def seed_prepare(corpus: Path, tokenizer_dir: Path, out: Path, cores: int) -> int:
+    """The seed design's pipeline (a folder of .txt files, or a chats .jsonl); returns the tokens written."""
     import datasets
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
     tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
     eot = tok.convert_tokens_to_ids("<|endoftext|>")
-    texts = [p.read_text(encoding="utf-8") for p in sorted(folder.glob("*.txt"))]
-    splits = datasets.Dataset.from_dict({"text": texts}).train_test_split(test_size=0.01, seed=0, shuffle=True)
+    if corpus.is_dir():
+        texts = [p.read_text(encoding="utf-8") for p in sorted(corpus.glob("*.txt"))]
+        dataset, column = datasets.Dataset.from_dict({"text": texts}), "text"
+    else:
+        dataset, column = datasets.load_dataset("json", data_files=str(corpus), split="train"), "messages"
+    splits = dataset.train_test_split(test_size=0.01, seed=0, shuffle=True)
 
-    def tokenize(batch: dict[str, list[str]]) -> dict[str, list]:
-        ids = [x + [eot] for x in tok(batch["text"], add_special_tokens=False)["input_ids"]]
+    def tokenize(batch: dict[str, list]) -> dict[str, list]:
+        texts = batch[column] if column == "text" else tok.apply_chat_template(batch[column], tokenize=False)
+        ids = [x + [eot] for x in tok(texts, add_special_tokens=False)["input_ids"]]
         return {"ids": ids, "len": [len(x) for x in ids]}
 
     tokens = 0
     for name, ds in (("train", splits["train"]), ("val", splits["test"])):
-        ds = ds.map(tokenize, batched=True, num_proc=min(cores, len(ds)), remove_columns=["text"])
+        ds = ds.map(tokenize, batched=True, num_proc=min(cores, len(ds)), remove_columns=[column])
         n = int(np.sum(ds["len"], dtype=np.int64))
         arr = np.memmap(out / f"{name}.bin", dtype=np.uint32, mode="w+", shape=(n,))
         shards, i = min(64, len(ds)), 0
@@ -78,6 +103,7 @@ def seed_prepare(folder: Path, tokenizer_dir: Path, out: Path, cores: int) -> in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mb", type=float, default=20, help="corpus size in MB (default: %(default)s)")
+    parser.add_argument("--chats", action="store_true", help="a JSON-lines file of chat records instead of text")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory(prefix="nanoqwen-bench-") as tmp:
@@ -85,7 +111,11 @@ def main() -> None:
         corpus, tok_dir, seed_out = root / "corpus", root / "tokenizer", root / "seed"
         for d in (corpus, tok_dir, seed_out):
             d.mkdir()
-        nbytes = make_corpus(corpus, args.mb)
+        if args.chats:
+            corpus = corpus / "chats.jsonl"
+            nbytes = make_chats(corpus, args.mb)
+        else:
+            nbytes = make_corpus(corpus, args.mb)
         qwen3_tokenizer().save(tok_dir)
 
         rows: dict[str, float] = {}
@@ -115,7 +145,8 @@ def main() -> None:
         print(f"warning: token counts differ: {tokens}")
     mb = nbytes / 1e6
     seed = rows[seed_name]
-    print(f"\nprepare: {mb:.1f} MB of text ({tokens[seed_name]:,} tokens), Qwen3 tokenizer, {cores} cores\n")
+    what = "chat records (JSON lines)" if args.chats else "text"
+    print(f"\nprepare: {mb:.1f} MB of {what} ({tokens[seed_name]:,} tokens), Qwen3 tokenizer, {cores} cores\n")
     print("| pipeline | seconds | MB/s | vs seed |")
     print("|---|---:|---:|---:|")
     for name, seconds in rows.items():
