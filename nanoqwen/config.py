@@ -389,8 +389,8 @@ class TrainConfig:
     """Print and log a sample every this many steps (0: only at the end)."""
     sample_tokens: int = 160
     """New tokens per sample."""
-    sample_prompt: str = "\n"
-    """Text the samples continue."""
+    sample_prompt: str | None = None
+    """Text the samples continue (unset: a new line; on data of conversations, a new conversation)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better val loss (0: never)."""
     seed: int = 0

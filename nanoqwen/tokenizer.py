@@ -317,8 +317,9 @@ class Tokenizer:
         (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(context), indent=2) + "\n")
 
     def hf_config(self, context: int | None = None) -> dict[str, Any]:
-        added = {str(i): {"content": t.content, "lstrip": False, "normalized": False, "rstrip": False,
-                          "single_word": False, "special": t.special}
+        # Each added token as tokenizer.json has it: Transformers takes these flags over that file's.
+        added = {str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
+                          "single_word": t.single_word, "special": t.special}
                  for i, t in sorted(self.hf.get_added_tokens_decoder().items())}
         has = {t.content for t in self.hf.get_added_tokens_decoder().values()}
         config = {

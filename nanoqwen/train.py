@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
-                        "(default: text)")
+                        "(default: text; records without one are read as chats from messages or conversations)")
     p.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the run in RUN (or in --out) exactly where its last/ checkpoint left it")
@@ -287,6 +287,14 @@ class Run:
         """Whether it trains on conversations (samples write one; the closing lines point to `chat`)."""
         return holds_conversations(self.data)
 
+    @property
+    def sample_prompt(self) -> str:
+        """--sample-prompt, or where the data's documents start: a new line, or a new conversation (the empty
+        prompt: <|endoftext|>)."""
+        if self.cfg.sample_prompt is not None:
+            return self.cfg.sample_prompt
+        return "" if self.chat_data else "\n"
+
     def autocast(self) -> AbstractContextManager[Any]:
         if self.amp_dtype == torch.float32:
             return nullcontext()
@@ -438,7 +446,7 @@ def check_samples_and_eval(run: Run) -> None:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
     check_token_ids(val_subset(run)[0], run.model.config.vocab_size, f"{run.data}/val.bin")
     try:
-        check_fits(run.model, len(prompt_ids(run.tokenizer, run.cfg.sample_prompt)), run.cfg.sample_tokens)
+        check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
 
@@ -790,9 +798,7 @@ def evaluate(run: Run) -> dict[str, float]:
 def sample(run: Run) -> str:
     """A sample of `sample_tokens`. A model of conversations writes one from its start, its turns' control
     tokens shown (a sample that stopped at the end of one turn showed a reply to no question)."""
-    chats, prompt = run.chat_data, run.cfg.sample_prompt
-    if chats and prompt == TrainConfig.sample_prompt:
-        prompt = ""  # a new document: <|endoftext|>
+    chats, prompt = run.chat_data, run.sample_prompt
     params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, **SAMPLING_DEFAULTS,  # sample's defaults
                             stop_token_ids=[run.tokenizer.eot_id] if chats else run.tokenizer.stop_ids,
                             skip_special_tokens=not chats, seed=run.cfg.seed)

@@ -230,7 +230,8 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     meta = json.loads((out / "meta.json").read_text())
     assert meta.pop("conversations") == 1
     (out / "meta.json").write_text(json.dumps({**meta, "skipped": [
-        {"path": str(tmp_path / "notes" / "chats.json"), "reason": "not JSON records with a 'text' field (...)"}]}))
+        {"path": str(tmp_path / "notes" / "chats.json"),
+         "reason": "not JSON records with a 'text' field (chats.json record 1: no 'text' field (fields: messages))"}]}))
     prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False)
     assert load_meta(out)["conversations"] == 1 and load_meta(out)["skipped"] == []
     # --text-column still names the field to read when a record has both.
@@ -298,9 +299,37 @@ def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path) -> No
                    "the system message must come first")
 
 
+def test_a_folders_added_tokens_keep_their_meaning(tmp_path: Path) -> None:
+    """In a text, special tokens are text and a folder's own added words keep their ids; in a chat, added tokens
+    are found as Transformers finds them (an lstrip token takes the space before it)."""
+    from tokenizers import AddedToken
+    from transformers import AutoTokenizer
+
+    from nanoqwen.data.prepare import ControlTokens
+
+    tok = train_bpe(["the weather in paris is sunny today"] * 50, 300)
+    tok.hf.add_tokens(["foo_bar"])
+    tok.hf.add_special_tokens([AddedToken("<mask>", lstrip=True, special=True), "[/INST]"])
+    (tmp_path / "tokenizer").mkdir()
+    tok.save(tmp_path / "tokenizer")
+    text = "sunny foo_bar <|im_start|> [/INST] today"
+    chat = [{"role": "user", "content": "the weather <mask> foo_bar"}, {"role": "assistant", "content": "sunny"}]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text(text)
+    (tmp_path / "corpus" / "b.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    out = prepare(str(tmp_path / "corpus"), str(tmp_path / "tokenizer"), tmp_path / "out", progress=False)
+    hf = AutoTokenizer.from_pretrained(out)
+    got = segments(out, "train") + segments(out, "val")
+    text_ids = next(seg for seg in got if tok.token_id("foo_bar") in seg and tok.token_id("<|im_end|>") not in seg)
+    assert hf.decode(text_ids) == text and tok.token_id("<|im_start|>") not in text_ids
+    assert hf.encode(hf.apply_chat_template(chat, tokenize=False), add_special_tokens=False) in got
+    # A chat is cut for val outside its control tokens, whatever they look like.
+    assert ControlTokens(tok).cut_outside("ab[/INST]cd", 5) == 2 and ControlTokens(tok).cut_outside("ab[/INST]", 9) == 9
+
+
 def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Long documents are encoded in pieces, and `qwen3` by tiktoken when it is installed: the ids must
-    equal the `tokenizers` encoding of the whole document."""
+    """Long documents are encoded in pieces, and `qwen3` by tiktoken when it is installed: the ids must equal
+    tiktoken's ordinary encoding of the whole document, whichever engine encodes it."""
     text = LONG + "\n\n  indented\n" + LONG[:70_000] + "\u00a0\n\t\nword<|im_end|> tail <think>x</think>"
     pieces = prepare_module._pieces(text)
     assert len(pieces) > 2 and "".join(pieces) == text

@@ -28,11 +28,12 @@ from shlex import quote
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+from tokenizers import AddedToken
 from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from nanoqwen import __version__
-from nanoqwen.data.sources import SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
+from nanoqwen.data.sources import CHAT_COLUMNS, SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
@@ -42,6 +43,7 @@ from nanoqwen.tokenizer import (
     QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
     QWEN_SPECIAL_TOKENS,
+    QWEN_TEXT_TOKENS,
     QWEN_TIKTOKEN_MD5,
     Tokenizer,
     find_qwen_tiktoken,
@@ -165,8 +167,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     tokenizer_id = _tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
     fingerprint = hashlib.sha256(json.dumps(
-        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint,
-         "max_bytes": corpus.max_bytes, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
+        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
+         "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
@@ -190,7 +192,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         else:
             tok = resolve_tokenizer(tokenizer)
             documents = itertools.chain([first], documents)
-        with _SplitWriter(tmp, val_fraction, seed) as writer:
+        with _SplitWriter(tmp, val_fraction, seed, ControlTokens(tok)) as writer:
             _encode_corpus(_rendered(documents, tok), tok, tokenizer, writer, workers, progress)
         if writer.documents == 0:
             raise corpus.empty_error()
@@ -397,35 +399,39 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     Both engines spread a batch over every core in native threads that release the GIL (`tokenizers`'
     encode_batch_fast skips offsets; tiktoken encodes `qwen3`). On 2 cores this matched a multiprocessing
     pool over batches, without the pool's start-up and pickling, and leaves the reading thread free to
-    read the next batch meanwhile.
+    read the next batch meanwhile. A text's added tokens are text ("<|endoftext|>" written in it); a rendered
+    chat's are ids, as Transformers encodes apply_chat_template's text.
     """
+    control = ControlTokens(tokenizer)
     fast = _qwen3_tiktoken() if spec == "qwen3" or _is_qwen3(tokenizer) else None
     if fast is not None:
         threads = workers or os.cpu_count() or 1
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
-            # ordinary: specials are text. The batch call spends a thread task on each piece, which costs more
-            # than encoding a short one (a chat's turns): those are encoded here, one after another.
-            ids = {i: fast.encode_ordinary(p) for i, p in enumerate(pieces) if len(p) < SHORT_PIECE}
-            long = [i for i in range(len(pieces)) if i not in ids]
-            ids.update(zip(long, fast.encode_ordinary_batch([pieces[i] for i in long], num_threads=threads)))
-            return [ids[i] for i in range(len(pieces))]
+            # The batch call spends a thread task on each piece, which costs more than encoding a short one (a
+            # chat's turns): those are encoded here, one after another.
+            return _encode_apart(pieces, lambda piece: len(piece) < SHORT_PIECE,
+                                 lambda short: [fast.encode_ordinary(piece) for piece in short],
+                                 lambda long: fast.encode_ordinary_batch(long, num_threads=threads))
         cut = True
     else:
-        hf = _ordinary(tokenizer.hf)
+        plain, native = _ordinary(tokenizer.hf), _untruncated(tokenizer.hf)
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
-            return [e.ids for e in hf.encode_batch_fast(pieces, add_special_tokens=False)]
-        cut = _piece_safe(hf)
+            # A chat whole, its added tokens found as Transformers finds them (their lstrip, rstrip, normalized).
+            return _encode_apart(pieces, lambda piece: isinstance(piece, RenderedChat),
+                                 lambda chats: _ids(native, chats), lambda texts: _ids(plain, texts))
+        cut = _piece_safe(plain)
     eot = np.array([tokenizer.eot_id], dtype=DTYPE)
-    control = _control_tokens(tokenizer)
 
     def items(text: str) -> list[str | int]:
-        """A document as pieces of text to encode and, in a rendered chat, the ids of its control tokens."""
-        segments = control.split(text) if isinstance(text, RenderedChat) else [text]
+        """A document as pieces of text to encode and, in a chat tiktoken encodes, its control tokens' ids (Qwen's
+        carry no lstrip or rstrip: the text between them is all there is to encode)."""
+        if isinstance(text, RenderedChat) and fast is None:
+            return [text]
         found: list[str | int] = []
-        for i, segment in enumerate(segments):
-            if i % 2:  # re.split puts each control token at an odd index
+        for i, segment in enumerate(control.split(text) if isinstance(text, RenderedChat) else [text]):
+            if i % 2:  # a control token
                 found.append(control.ids[segment])
             elif segment:
                 found += _pieces(segment) if cut else [segment]
@@ -437,42 +443,92 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
         encoded = []
         for text, doc in zip(texts, documents):
             parts = [np.asarray([item] if isinstance(item, int) else next(ids), dtype=DTYPE) for item in doc]
-            nbytes = sum(len(item.encode("utf-8")) for item in doc if isinstance(item, str))
+            nbytes = control.text_bytes(text) if isinstance(text, RenderedChat) else len(text.encode("utf-8"))
             encoded.append(Encoded(text, nbytes, np.concatenate([*parts, eot])))
         return encoded
 
     return encode
 
 
+def _ids(hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
+    return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
+
+
+def _encode_apart(pieces: list[str], first: Callable[[str], bool], encode_first: Callable[[list[str]], list],
+                  encode_rest: Callable[[list[str]], list]) -> list[list[int]]:
+    """The ids of `pieces`, in order: those `first` picks encoded by `encode_first`, the rest by `encode_rest`."""
+    picked = [i for i, piece in enumerate(pieces) if first(piece)]
+    rest = sorted(set(range(len(pieces))) - set(picked))
+    ids = dict(zip(picked, encode_first([pieces[i] for i in picked])))
+    ids.update(zip(rest, encode_rest([pieces[i] for i in rest])))
+    return [ids[i] for i in range(len(pieces))]
+
+
 def _ordinary(hf: HFTokenizer) -> HFTokenizer:
-    """`hf` without its added tokens, as tiktoken's encode_ordinary: "<|endoftext|>" or "<think>" written in a
-    text are text (a chat's control tokens are found apart, by _control_tokens)."""
-    plain = HFTokenizer(hf.model)  # the same vocabulary and merges (shared, not copied)
+    """A copy of `hf` for texts: its special tokens and Qwen's text tokens (<think>...) are text there, as
+    tiktoken's encode_ordinary writes them; a folder's other added tokens (words of its own) keep their ids."""
+    def as_text(token: AddedToken) -> bool:
+        return token.special or token.content in QWEN_TEXT_TOKENS
+
+    plain = HFTokenizer(hf.model)  # the same vocabulary and merges, shared: nothing to copy
     for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         if getattr(hf, part) is not None:
             setattr(plain, part, getattr(hf, part))
+    added = sorted(hf.get_added_tokens_decoder().items())
+    for _, token in added:
+        same = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
+                          normalized=token.normalized, special=as_text(token))
+        (plain.add_special_tokens if as_text(token) else plain.add_tokens)([same])
+    if any(plain.token_to_id(token.content) != i for i, token in added):  # ids with gaps: copy it whole
+        spec = json.loads(hf.to_str())
+        for token in spec["added_tokens"]:
+            token["special"] = token["special"] or token["content"] in QWEN_TEXT_TOKENS
+        plain = HFTokenizer.from_str(json.dumps(spec))
+        plain.no_truncation()
+        plain.no_padding()
+    plain.encode_special_tokens = True  # special tokens written in a text are text
     return plain
 
 
-class _ControlTokens(NamedTuple):
-    split: Callable[[str], list[str]]
-    """A text cut around its control tokens (kept as segments of their own)."""
-    ids: dict[str, int]
+def _untruncated(hf: HFTokenizer) -> HFTokenizer:
+    """`hf`, or a copy that neither truncates nor pads (a tokenizer.json may be saved doing either)."""
+    if not hf.truncation and not hf.padding:
+        return hf
+    copy = HFTokenizer.from_str(hf.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    return copy
 
 
-def _control_tokens(tokenizer: Tokenizer) -> _ControlTokens:
-    """The tokenizer's added tokens (<|im_start|>, <think>...), which a rendered chat holds as ids."""
-    ids = {token.content: i for i, token in tokenizer.hf.get_added_tokens_decoder().items()}
-    if not ids:
-        return _ControlTokens(lambda text: [text], ids)
-    pattern = re.compile("(" + "|".join(map(re.escape, sorted(ids, key=len, reverse=True))) + ")")
-    return _ControlTokens(pattern.split, ids)
+class ControlTokens:
+    """A tokenizer's added tokens (<|im_start|>, <think>...), which a rendered chat holds as ids."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.ids = {token.content: i for i, token in tokenizer.hf.get_added_tokens_decoder().items()}
+        longest_first = sorted(self.ids, key=len, reverse=True)
+        self.pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.ids else None
+
+    def split(self, text: str) -> list[str]:
+        """`text` as text segments (even places) and the control tokens between them (odd places)."""
+        return self.pattern.split(text) if self.pattern else [text]
+
+    def text_bytes(self, text: str) -> int:
+        """UTF-8 bytes of a chat's text, its control tokens left out (as <|endoftext|> is)."""
+        return sum(len(segment.encode("utf-8")) for segment in self.split(text)[::2])
+
+    def cut_outside(self, text: str, cut: int) -> int:
+        """`cut`, or the start of the control token it falls inside."""
+        for match in self.pattern.finditer(text) if self.pattern else ():
+            if match.start() >= cut:
+                break
+            if cut < match.end():
+                return match.start()
+        return cut
 
 
 # -- writing -----------------------------------------------------------------------------------------
 
 MIN_CUT_VAL_BYTES = 4096  # below this, val gets the held document whole rather than a sliver of it
-CONTROL_LIKE = re.compile(r"<[^\s<>]{1,60}>")  # <|im_start|>, <think>: where a chat is not cut
 
 
 class _SplitWriter:
@@ -488,8 +544,8 @@ class _SplitWriter:
     its cut would leave val a sliver), so that val stays near the fraction asked for.
     """
 
-    def __init__(self, folder: Path, val_fraction: float, seed: int) -> None:
-        self.folder, self.val_fraction = folder, val_fraction
+    def __init__(self, folder: Path, val_fraction: float, seed: int, control: ControlTokens) -> None:
+        self.folder, self.val_fraction, self.control = folder, val_fraction, control
         self.cap = max(2 / 3, 2 * val_fraction)
         self.seen_bytes = 0
         self.rng = random.Random(seed)
@@ -542,8 +598,7 @@ class _SplitWriter:
         while cut < len(text) and unicodedata.combining(text[cut]):
             cut += 1  # keep combining marks with their base character
         if isinstance(text, RenderedChat):  # a chat's control tokens stay whole
-            cut = next((m.start() for m in CONTROL_LIKE.finditer(text, max(0, cut - 64), cut + 64)
-                        if m.start() < cut < m.end()), cut)
+            cut = self.control.cut_outside(text, cut)
         if not 0 < cut < len(text):
             raise NanoQwenError("the corpus is one document too short to split into train and val; "
                                 "give it more text")
@@ -614,8 +669,10 @@ def _holds(out: Path, fingerprint: str) -> bool:
         meta = load_meta(out)
     except NanoQwenError:
         return False
-    # Made before chat records were read, a folder skipped .json files of them (as not text records).
-    unread_chats = "conversations" not in meta and any("not JSON records" in s["reason"] for s in meta["skipped"])
+    # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields.
+    unread_chats = "conversations" not in meta and any(
+        "not JSON records" in skip["reason"] and any(name in skip["reason"] for name in CHAT_COLUMNS)
+        for skip in meta["skipped"])
     return meta["fingerprint"] == fingerprint and not unread_chats
 
 

@@ -663,7 +663,8 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
     try:
         first = next(texts, None)
     except NanoQwenError as e:
-        stats.skipped.append({"path": str(path), "reason": f"not JSON records with a {column!r} field or chat turns ({e})"})
+        reason = f"not JSON records with a {column!r} field or chat turns ({e})"
+        stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
         yield first
