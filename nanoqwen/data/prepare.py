@@ -66,6 +66,7 @@ BATCH_CHARS = 1 << 21  # text per encode call: enough to keep every core busy, s
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size, so one big file uses every core
 SHORT_PIECE = 1024  # characters: below this tiktoken encodes faster in one thread than in its batch call
 
+
 class RenderedChat(str):
     """A conversation as its chat template writes it: the tokenizer's control tokens in it (<|im_start|>...)
     are encoded as their ids, as Transformers encodes apply_chat_template's text; in a plain text they are text."""
