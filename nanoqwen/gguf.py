@@ -101,14 +101,22 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
     return tokens, [int(t) for t in types]
 
 
-def tensor_data(tensor: torch.Tensor, outtype: str) -> tuple[np.ndarray, object | None]:
-    """A weight as numpy, with the GGUF type to record when numpy has none (bf16). Norms stay float32,
-    as llama.cpp keeps 1-D tensors."""
+def stored_type(tensor: torch.Tensor, outtype: str) -> tuple[np.dtype, gguf.GGMLQuantizationType | None]:
+    """The numpy type a weight is written as, and the GGUF type to record when numpy has none (bf16, written as
+    its bits in int16). Norms stay float32, as llama.cpp keeps 1-D tensors."""
     if tensor.ndim == 1 or outtype == "f32":
-        return tensor.float().numpy(), None
+        return np.dtype(np.float32), None
     if outtype == "f16":
-        return tensor.to(torch.float16).numpy(), None
-    return tensor.to(torch.bfloat16).view(torch.int16).numpy(), gguf.GGMLQuantizationType.BF16
+        return np.dtype(np.float16), None
+    return np.dtype(np.int16), gguf.GGMLQuantizationType.BF16
+
+
+def tensor_data(tensor: torch.Tensor, outtype: str) -> np.ndarray:
+    """A weight as the numpy array written for it."""
+    kind, raw_dtype = stored_type(tensor, outtype)
+    if raw_dtype is not None:
+        return tensor.to(torch.bfloat16).view(torch.int16).numpy()
+    return tensor.to(torch.float16 if kind == np.float16 else torch.float32).numpy()
 
 
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
@@ -154,13 +162,18 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     state = model.state_dict()
     if config.tie_word_embeddings:
         state.pop("lm_head.weight")  # llama.cpp reads the embedding as the head when output.weight is absent
+    # Each weight is converted as it is written, so only one converted copy is alive at a time (the index
+    # of names, shapes and sizes comes first in the file, from the types alone).
     for key, value in state.items():
-        data, raw_dtype = tensor_data(value.detach().cpu(), outtype)
-        writer.add_tensor(gguf_tensor_name(key), data, raw_dtype=raw_dtype)
+        kind, raw_dtype = stored_type(value, outtype)
+        writer.add_tensor_info(gguf_tensor_name(key), tuple(value.shape), kind, value.numel() * kind.itemsize,
+                               raw_dtype=raw_dtype)
     with atomic_path(out) as tmp:  # a cut-off write never replaces a whole file
         writer.write_header_to_file(tmp)
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        for value in state.values():
+            writer.write_tensor_data(tensor_data(value.detach().cpu(), outtype))
         writer.close()
     return {"tensors": len(state), "outtype": outtype, "tokens": len(tokens)}
 

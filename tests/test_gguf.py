@@ -151,6 +151,31 @@ def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> No
     assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "qwen2"
 
 
+def test_one_converted_weight_at_a_time(tmp_path: Path, bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Weights are converted as they are written: the f16 copy of a float32 model never exists whole."""
+    import gc
+    import weakref
+
+    import nanoqwen.gguf as gguf_module
+
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    converted: list[weakref.ref] = []
+    alive_at_once = []
+    convert = gguf_module.tensor_data
+
+    def tracked(tensor: torch.Tensor, outtype: str) -> np.ndarray:
+        gc.collect()
+        alive_at_once.append(sum(ref() is not None for ref in converted))
+        data = convert(tensor, outtype)
+        converted.append(weakref.ref(data))
+        return data
+
+    monkeypatch.setattr(gguf_module, "tensor_data", tracked)
+    write_gguf(folder, tmp_path / "m.gguf")
+    assert len(alive_at_once) == len(gguf.GGUFReader(tmp_path / "m.gguf").tensors) > 10
+    assert max(alive_at_once) == 0
+
+
 def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: Tokenizer,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
@@ -162,7 +187,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: T
     def write_on_a_full_disk(*args: object, **kwargs: object) -> None:
         raise OSError("196608 requested and 94416 written")  # numpy's tofile, with no errno
 
-    monkeypatch.setattr(gguf.GGUFWriter, "write_tensors_to_file", write_on_a_full_disk)
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_on_a_full_disk)
     monkeypatch.setattr(io_module, "disk_full", lambda path: True)
     assert main(["gguf", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) != 0
     err = capsys.readouterr().err.strip()
