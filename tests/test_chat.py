@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -269,8 +270,6 @@ def test_a_model_trained_on_conversations_answers_in_the_chat(tmp_path: Path, ca
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     """Chat records in, `nanoqwen chat` out: prepare renders them as the chat renders its prompts, so a tiny
     model trained on a few question-answer pairs gives each answer, and stops where its turn ends."""
-    import json
-
     from tests.train_helpers import FAST, make_preset, train_in_process
 
     answers = {"what colour is the sky?": "blue", "what do cows drink?": "water", "who wrote hamlet?": "shakespeare",

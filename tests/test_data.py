@@ -201,6 +201,8 @@ def test_conversations_are_encoded_as_transformers_encodes_their_chat_template(t
 
 
 def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
+    import datasets
+
     from nanoqwen.data.sources import ChatRecord, as_document
 
     chats = write_chats(tmp_path / "corpus")
@@ -218,8 +220,7 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
             [ChatRecord(tuple(chats[2]))]
     one_line_error(cli("prepare", "--dataset", str(tmp_path / "more.jsonl"), "--max-bytes", str(size - 1),
                        "--out", str(tmp_path / "never")), f"--max-bytes {size - 1} is smaller than the first chat")
-    import datasets  # a `datasets` folder's column of turns
-
+    # A `datasets` folder's column of turns.
     datasets.Dataset.from_dict({"messages": [PARQUET_CHAT]}).save_to_disk(str(tmp_path / "saved"))
     assert list(open_corpus(str(tmp_path / "saved")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
     # A folder prepared before chats were read skipped their .json files: it is prepared again, not reused.
