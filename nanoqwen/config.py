@@ -339,6 +339,7 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
 
 # -- training ---------------------------------------------------------------------------------------
 BEST_DTYPES = ("float32", "bfloat16", "float16")
+LOSS_TARGETS = ("all", "assistant")
 MAX_LR = 10.0  # no optimizer here trains at a higher rate; beyond it, a typo
 
 
@@ -404,6 +405,9 @@ class TrainConfig:
     best_dtype: str = "float32"
     """dtype best/ is written in (bfloat16 halves it; --init-from keeps its checkpoint's). last/ stays float32
     for exact resume."""
+    loss_on: str = "all"
+    """The targets the loss (and the val loss) covers: all tokens, or on data of conversations only the
+    assistant's turns (assistant: the user's words are context, not taught)."""
 
     def validate(self) -> TrainConfig:
         positive = ["max_steps", "batch_size", "eval_interval", "eval_windows", "save_interval",
@@ -418,6 +422,8 @@ class TrainConfig:
             raise NanoQwenError(f"--optimizer {self.optimizer!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.best_dtype not in BEST_DTYPES:
             raise NanoQwenError(f"--best-dtype {self.best_dtype!r}: choose one of {', '.join(BEST_DTYPES)}")
+        if self.loss_on not in LOSS_TARGETS:
+            raise NanoQwenError(f"--loss-on {self.loss_on!r}: choose one of {', '.join(LOSS_TARGETS)}")
         if self.schedule not in SCHEDULES:
             raise NanoQwenError(f"--schedule {self.schedule!r}: choose one of {', '.join(SCHEDULES)}")
         # A rate above MAX_LR is a typo (and overflows float32 inside the optimizers); nan passes `< 0`.

@@ -31,11 +31,12 @@ def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int | None = None,
-                 max_windows: int | None = None) -> tuple[float, int, int]:
+                 max_windows: int | None = None, scored: torch.Tensor | None = None) -> tuple[float, int, int]:
     """Score a 1-D token stream in consecutive windows of `context` predictions.
 
     Every token but the first is predicted once, from at most `context` tokens before it (the
-    window restarts, it does not slide). Returns (total nats, correct top-1 predictions, tokens scored).
+    window restarts, it does not slide); with `scored` (one bool per token but the first), only those
+    predictions count. Returns (total nats, correct top-1 predictions, tokens scored).
     """
     if tokens.numel() < 2:
         raise NanoQwenError(f"need at least 2 tokens to score, got {tokens.numel()}")
@@ -57,6 +58,8 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
             for row, (s, n) in enumerate(zip(group, lengths)):
                 inputs[row, :n] = tokens[s:s + n]
                 targets[row, :n] = tokens[s + 1:s + 1 + n]
+                if scored is not None:
+                    targets[row, :n][~scored[s:s + n]] = IGNORE_INDEX
             # right padding never influences earlier positions (causal), so one batch serves all lengths
             hidden = model(inputs.to(device), return_hidden=True)
             nats, right, n = score_positions(model, hidden.flatten(0, 1), targets.to(device).flatten())
@@ -75,13 +78,15 @@ def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) 
 
 
 def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, context: int | None = None,
-                    batch_size: int | None = None, max_windows: int | None = None) -> dict[str, float]:
+                    batch_size: int | None = None, max_windows: int | None = None,
+                    scored: torch.Tensor | None = None) -> dict[str, float]:
     """metrics() of a token stream; `num_bytes` is the UTF-8 size of the text the tokens came from.
 
-    With `max_windows`, only a prefix is scored, and bytes are prorated by the share of tokens scored.
+    With `max_windows` (or `scored`: see score_tokens), only some tokens are scored, and bytes are prorated by
+    the share of tokens scored.
     """
     context = context or model.config.max_position_embeddings
-    nats, correct, count = score_tokens(model, tokens, context, batch_size, max_windows)
+    nats, correct, count = score_tokens(model, tokens, context, batch_size, max_windows, scored)
     if num_bytes and count < tokens.numel() - 1:
         num_bytes = round(num_bytes * count / (tokens.numel() - 1))
     return metrics(nats, correct, count, num_bytes)

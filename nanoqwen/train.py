@@ -55,6 +55,7 @@ from nanoqwen.checkpoint import (
 )
 from nanoqwen.config import (
     BEST_DTYPES,
+    LOSS_TARGETS,
     LoopState,
     ModelConfig,
     Preset,
@@ -62,7 +63,7 @@ from nanoqwen.config import (
     apply_overrides,
     load_preset,
 )
-from nanoqwen.data.loader import BatchLoader, TokenSplit, check_token_ids
+from nanoqwen.data.loader import BatchLoader, ChatMarks, TokenSplit, assistant_targets, check_token_ids
 from nanoqwen.data.sources import SOURCES_HELP
 from nanoqwen.distributed import (
     DistInfo,
@@ -90,10 +91,10 @@ from nanoqwen.io import (
     remove_orphans,
     write_json,
 )
-from nanoqwen.loss import CausalLMLoss
+from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
-from nanoqwen.tokenizer import Tokenizer, load_tokenizer
+from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
 from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops, summary_writer_class
 
@@ -136,7 +137,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         if kind == "bool":
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=_field_help(f.name))
             continue
-        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "best_dtype": BEST_DTYPES}.get(f.name)
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "best_dtype": BEST_DTYPES,
+                   "loss_on": LOSS_TARGETS}.get(f.name)
         p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
                        help=_field_help(f.name))
     p.add_argument("--activation-checkpointing", action="store_true",
@@ -343,7 +345,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     micro_batch = cfg.micro_batch or cfg.batch_size // info.world_size  # not saved: a resume may change processes
     loader = BatchLoader(TokenSplit.open(data, "train"), seq_len=cfg.seq_len, batch_size=cfg.batch_size,
                          micro_batch=micro_batch, seed=cfg.seed, rank=info.rank, world_size=info.world_size,
-                         device=device, vocab_size=model_config.vocab_size, where=f"{data}/train.bin")
+                         device=device, vocab_size=model_config.vocab_size, where=f"{data}/train.bin",
+                         assistant=chat_marks(data) if cfg.loss_on == "assistant" else None)
     torch.manual_seed(cfg.seed)
     if device.type == "cpu":  # fp32 weights and gradients, and AdamW's two moments (Muon: one, on matrices)
         per_param, held = (4, "its weights") if args.fsdp else \
@@ -445,6 +448,10 @@ def check_samples_and_eval(run: Run) -> None:
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
     check_token_ids(val_subset(run)[0], run.model.config.vocab_size, f"{run.data}/val.bin")
+    scored = val_scored(run)
+    if scored is not None and not scored.any():
+        raise NanoQwenError(f"--loss-on assistant: the validation subset of {run.data} holds no assistant turn to "
+                            "score; give more --eval-windows or prepare more conversations")
     try:
         check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
@@ -562,6 +569,18 @@ def data_splits(data: Path) -> dict[str, Any]:
     from nanoqwen.data.prepare import load_meta
 
     return load_meta(data)["splits"]
+
+
+def chat_marks(data: Path) -> ChatMarks:
+    """The ids that frame an assistant's turn in `data`, for --loss-on assistant; one line if it has none."""
+    from nanoqwen.data.prepare import load_meta
+
+    tokenizer = load_tokenizer(data)
+    ids = [tokenizer.token_id(IM_START), tokenizer.token_id(IM_END)]
+    if not load_meta(data).get("conversations") or None in ids:
+        raise NanoQwenError(f"--loss-on assistant needs conversations, and {data} holds none; prepare chat records "
+                            "(see the README's recipe) or leave --loss-on out")
+    return ChatMarks(ids[0], ids[1], tokenizer.eot_id, tuple(tokenizer.encode("assistant")))
 
 
 def holds_conversations(data: Path) -> bool:
@@ -749,11 +768,18 @@ def train_step(run: Run) -> tuple[float, float]:
                warmup=run.warmup, total=run.total_steps, schedule=cfg.schedule)
     set_lr(run.optimizer, lr)
     batches = run.loader.micro_batches(state.step)
+    # Assistant-only targets differ in number between micro-batches: each one's mean is weighted by its share of
+    # the step's targets (over every process: DDP averages), so the step's loss is the mean over all of them.
+    in_step = run.loader.targets_in_step(state.step) if run.loader.assistant else None
     loss_sum = torch.zeros((), device=run.info.device)
     for i, (inputs, targets) in enumerate(batches):
         last = i == len(batches) - 1
         with sync_gradients(run, last), run.autocast():
-            loss = run.train_module(inputs, targets) / len(batches)  # equal-size micro-batches: mean of means
+            loss = run.train_module(inputs, targets)
+            if in_step is None:
+                loss = loss / len(batches)  # equal-size micro-batches: mean of means
+            else:
+                loss = loss * ((targets != IGNORE_INDEX).sum() * run.info.world_size / max(in_step, 1))
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if cfg.grad_clip > 0:
@@ -783,6 +809,15 @@ def val_subset(run: Run) -> tuple[torch.Tensor, int]:
     return run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)
 
 
+def val_scored(run: Run) -> torch.Tensor | None:
+    """Which predictions of the validation subset count: all (None), or under --loss-on assistant the
+    assistant's, as in training."""
+    if run.loader.assistant is None:
+        return None
+    tokens = val_subset(run)[0]
+    return torch.from_numpy(assistant_targets(run.val.tokens, 1, tokens.numel() - 1, run.loader.assistant))
+
+
 def evaluate(run: Run) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
     tokens, num_bytes = val_subset(run)  # setup saw that there are some, with ids the model has
@@ -790,7 +825,7 @@ def evaluate(run: Run) -> dict[str, float]:
     batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
     with run.autocast():
         result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
-                                 max_windows=run.cfg.eval_windows)
+                                 max_windows=run.cfg.eval_windows, scored=val_scored(run))
     run.model.train()
     return result
 

@@ -118,6 +118,79 @@ def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
 
 
 # -- whole runs -----------------------------------------------------------------------------------
+CONVERSATIONS = [  # several turns, so windows start inside the user's turns and the assistant's
+    [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "the colour of the sky?"},
+     {"role": "assistant", "content": "blue"}, {"role": "user", "content": "and of grass?"},
+     {"role": "assistant", "content": "green, mostly"}],
+    [{"role": "user", "content": "what do cows drink?"}, {"role": "assistant", "content": "\nwater\n"}],
+    [{"role": "user", "content": "who wrote hamlet?"}, {"role": "assistant", "content": "shakespeare"},
+     {"role": "user", "content": "when?"}, {"role": "assistant", "content": "around 1600"}],
+]
+
+
+@pytest.fixture(scope="module")
+def chat_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from nanoqwen.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("chat-data")
+    (root / "corpus").mkdir()
+    (root / "corpus" / "chats.jsonl").write_text("".join(
+        json.dumps({"messages": chat}) + "\n" for _ in range(30) for chat in CONVERSATIONS))
+    (root / "corpus" / "notes.txt").write_text("plain notes, not a chat, " * 40)
+    return prepare(str(root / "corpus"), "bpe:400", root / "data", val_fraction=0.1, progress=False)
+
+
+def test_assistant_targets_are_what_each_turn_adds_to_its_prompt(chat_data: Path) -> None:
+    """The tokens an assistant wrote are those its turn adds to the prompt `chat` and `serve` would write for it
+    (the generation prompt), through its <|im_end|>: found in any window, however far into a turn it starts."""
+    from nanoqwen.data.loader import assistant_targets
+    from nanoqwen.train import chat_marks
+
+    tok = load_tokenizer(chat_data)
+    stream, wrote = [], []
+    for chat in [*CONVERSATIONS, "plain notes between chats", *CONVERSATIONS[::-1]]:
+        if isinstance(chat, str):
+            ids, mask = tok.encode(chat), [False] * len(tok.encode(chat))
+        else:
+            ids = tok.encode(tok.render_chat(chat, add_generation_prompt=False))
+            mask = [False] * len(ids)
+            for i, turn in enumerate(chat):
+                if turn["role"] == "assistant":
+                    prompt = tok.encode(tok.render_chat(chat[:i]))  # ends with <|im_start|>assistant\n
+                    through = tok.encode(tok.render_chat(chat[:i + 1], add_generation_prompt=False))
+                    mask[len(prompt):len(through) - 1] = [True] * (len(through) - 1 - len(prompt))  # not the \n
+        stream += [*ids, tok.eot_id]
+        wrote += [*mask, False]
+    tokens, wrote = np.array(stream, dtype=np.uint32), np.array(wrote)
+    assert wrote.sum() > 20 and not wrote[-1]
+    marks = chat_marks(chat_data)
+    for start in range(len(tokens)):
+        for length in (1, 7, len(tokens) - start):
+            length = min(length, len(tokens) - start)
+            assert (assistant_targets(tokens, start, length, marks) == wrote[start:start + length]).all(), start
+
+
+def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path,
+                                                                   tmp_path: Path) -> None:
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1] = "64"
+    curves = []
+    for micro in ("8", "2"):
+        out = tmp_path / f"micro-{micro}"
+        assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(out), *fast,
+                                "--max-steps", "30", "--loss-on", "assistant", "--micro-batch", micro) == 0
+        curves.append(list(train_losses(out).values()))
+    assert np.allclose(curves[0], curves[1], rtol=0, atol=1e-4)  # each micro-batch weighted by its targets
+    assert curves[0][-1] < curves[0][0] - 2
+    evals = [r for r in read_metrics(tmp_path / "micro-8") if "val_loss" in r]  # the assistant's tokens alone
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1 and evals[-1]["val_accuracy"] > 0.6
+    # Data without conversations has nothing to take the loss on: one line.
+    with pytest.raises(NanoQwenError, match="--loss-on assistant needs conversations"):
+        from nanoqwen.train import chat_marks
+
+        chat_marks(make_data(tmp_path / "plain"))
+
+
 def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))

@@ -16,6 +16,9 @@ import numpy as np
 import torch
 
 from nanoqwen.errors import NanoQwenError
+from nanoqwen.loss import IGNORE_INDEX
+
+LOOK_BACK = 1 << 16  # tokens searched before a window for the turn it starts in
 
 
 def check_token_ids(ids: np.ndarray | torch.Tensor, vocab_size: int, where: str) -> None:
@@ -56,6 +59,41 @@ class TokenSplit:
         return tokens, round(self.num_bytes * n / max(1, len(self.tokens)))
 
 
+@dataclass(frozen=True)
+class ChatMarks:
+    """The ids that frame a ChatML turn, `<|im_start|>ROLE\n ... <|im_end|>`, and those of the assistant's role."""
+
+    im_start: int
+    im_end: int
+    eot: int
+    assistant: tuple[int, ...]
+
+
+def assistant_targets(tokens: np.ndarray, start: int, length: int, marks: ChatMarks) -> np.ndarray:
+    """Which of tokens[start:start + length] an assistant wrote: the tokens of its turns after the
+    `<|im_start|>assistant` line's newline, through the turn's <|im_end|> (so the model learns to end it)."""
+    end = start + length
+    # The turn `start` falls in began at the last mark before it, if that is an <|im_start|>.
+    begin = start
+    for lo in range(start, max(0, start - LOOK_BACK), -4096):
+        chunk = tokens[max(0, lo - 4096):lo]
+        found = np.flatnonzero(np.isin(chunk, (marks.im_start, marks.im_end, marks.eot)))
+        if found.size:
+            at = max(0, lo - 4096) + int(found[-1])
+            begin = at if tokens[at] == marks.im_start else start
+            break
+    wrote = np.zeros(length, dtype=bool)
+    role = len(marks.assistant)
+    for turn in np.flatnonzero(tokens[begin:end] == marks.im_start) + begin:
+        if tuple(int(i) for i in tokens[turn + 1:turn + 1 + role]) != marks.assistant:
+            continue
+        first = turn + 2 + role  # after the role and its newline
+        ends = np.flatnonzero(np.isin(tokens[first:end], (marks.im_end, marks.eot)))
+        last = first + int(ends[0]) + 1 if ends.size else end  # the <|im_end|> included
+        wrote[max(first, start) - start:max(min(last, end), start) - start] = True
+    return wrote
+
+
 def batch_offsets(seed: int, step: int, batch_size: int, seq_len: int, num_tokens: int) -> np.ndarray:
     """Start offsets of the `batch_size` windows of step `step`: a pure function of (seed, step)."""
     rng = np.random.default_rng([seed, step])
@@ -67,7 +105,8 @@ class BatchLoader:
 
     def __init__(self, split: TokenSplit, *, seq_len: int, batch_size: int, micro_batch: int, seed: int,
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
-                 vocab_size: int | None = None, where: str = "the training data") -> None:
+                 vocab_size: int | None = None, where: str = "the training data",
+                 assistant: ChatMarks | None = None) -> None:
         if batch_size % world_size:
             raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
         self.per_rank = batch_size // world_size
@@ -81,6 +120,8 @@ class BatchLoader:
         self.seed, self.rank = seed, rank
         self.device = torch.device(device)
         self.vocab_size, self.where = vocab_size, where  # ids are checked batch by batch: no scan of the file
+        self.assistant = assistant  # given: only what an assistant wrote is a target
+        self._trained_step: tuple[int, np.ndarray] = (-1, np.zeros((0, seq_len), dtype=bool))
 
     @property
     def accumulation(self) -> int:
@@ -93,9 +134,28 @@ class BatchLoader:
         windows = np.stack([self.split.tokens[o:o + self.seq_len + 1] for o in mine]).astype(np.int64)
         if self.vocab_size is not None:
             check_token_ids(windows, self.vocab_size, self.where)
-        batch = torch.from_numpy(windows)  # (per_rank, T + 1)
+        targets = windows[:, 1:].copy()
+        if self.assistant is not None:
+            targets[~self._trained(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]] = IGNORE_INDEX
+        batch = torch.from_numpy(np.concatenate([windows[:, :-1], targets], axis=1))  # (per_rank, 2T)
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # lets the copy below overlap with compute
         batch = batch.to(self.device, non_blocking=True)
-        return [(batch[i:i + self.micro_batch, :-1], batch[i:i + self.micro_batch, 1:])
+        t = self.seq_len
+        return [(batch[i:i + self.micro_batch, :t], batch[i:i + self.micro_batch, t:])
                 for i in range(0, self.per_rank, self.micro_batch)]
+
+    def targets_in_step(self, step: int) -> int:
+        """The targets the loss covers in the whole global batch of `step` (every process's)."""
+        if self.assistant is None:
+            return self.batch_size * self.seq_len
+        return int(self._trained(step).sum())
+
+    def _trained(self, step: int) -> np.ndarray:
+        """(batch_size, T): which targets of the step's global batch an assistant wrote (kept for the step)."""
+        assert self.assistant is not None
+        if self._trained_step[0] != step:
+            offsets = batch_offsets(self.seed, step, self.batch_size, self.seq_len, len(self.split))
+            self._trained_step = (step, np.stack([
+                assistant_targets(self.split.tokens, int(o) + 1, self.seq_len, self.assistant) for o in offsets]))
+        return self._trained_step[1]
