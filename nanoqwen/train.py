@@ -580,7 +580,9 @@ def chat_marks(data: Path) -> ChatMarks:
     if not load_meta(data).get("conversations") or None in ids:
         raise NanoQwenError(f"--loss-on assistant needs conversations, and {data} holds none; prepare chat records "
                             "(see the README's recipe) or leave --loss-on out")
-    return ChatMarks(ids[0], ids[1], tokenizer.eot_id, tuple(tokenizer.encode("assistant")))
+    texts = tokenizer.hf.decode_batch([[i] for i in range(tokenizer.vocab_size)])
+    newline = frozenset(i for i, text in enumerate(texts) if text.startswith("\n"))
+    return ChatMarks(ids[0], ids[1], tokenizer.eot_id, tuple(tokenizer.encode("assistant")), newline)
 
 
 def holds_conversations(data: Path) -> bool:
@@ -767,10 +769,20 @@ def train_step(run: Run) -> tuple[float, float]:
     lr = lr_at(state.step, max_lr=cfg.lr, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
                warmup=run.warmup, total=run.total_steps, schedule=cfg.schedule)
     set_lr(run.optimizer, lr)
-    batches = run.loader.micro_batches(state.step)
     # Assistant-only targets differ in number between micro-batches: each one's mean is weighted by its share of
-    # the step's targets (over every process: DDP averages), so the step's loss is the mean over all of them.
+    # the step's targets (over every process: DDP averages), so the step's loss is the mean over all of them. A
+    # batch with none has nothing to teach: no step (momentum and decay would still move the weights), loss 0.
     in_step = run.loader.targets_in_step(state.step) if run.loader.assistant else None
+    loss = 0.0
+    if in_step != 0:
+        loss = optimizer_step(run, run.loader.micro_batches(state.step), in_step)
+    state.step += 1
+    state.tokens += cfg.batch_size * run.seq_len
+    return loss, lr
+
+
+def optimizer_step(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]], in_step: int | None) -> float:
+    """Forward, backward and update over this process's micro-batches; returns the mean loss (every process's)."""
     loss_sum = torch.zeros((), device=run.info.device)
     for i, (inputs, targets) in enumerate(batches):
         last = i == len(batches) - 1
@@ -779,18 +791,16 @@ def train_step(run: Run) -> tuple[float, float]:
             if in_step is None:
                 loss = loss / len(batches)  # equal-size micro-batches: mean of means
             else:
-                loss = loss * ((targets != IGNORE_INDEX).sum() * run.info.world_size / max(in_step, 1))
+                loss = loss * ((targets != IGNORE_INDEX).sum() * run.info.world_size / in_step)
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
-    if cfg.grad_clip > 0:
+    if run.cfg.grad_clip > 0:
         run.scaler.unscale_(run.optimizer)
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), cfg.grad_clip)
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    state.step += 1
-    state.tokens += cfg.batch_size * run.seq_len
-    return all_reduce(loss_sum.item(), "mean", run.info.device), lr
+    return all_reduce(loss_sum.item(), "mean", run.info.device)
 
 
 def sync_gradients(run: Run, sync: bool) -> AbstractContextManager[Any]:

@@ -125,6 +125,8 @@ CONVERSATIONS = [  # several turns, so windows start inside the user's turns and
     [{"role": "user", "content": "what do cows drink?"}, {"role": "assistant", "content": "\nwater\n"}],
     [{"role": "user", "content": "who wrote hamlet?"}, {"role": "assistant", "content": "shakespeare"},
      {"role": "user", "content": "when?"}, {"role": "assistant", "content": "around 1600"}],
+    [{"role": "user", "content": "and you?"}, {"role": "assistant2", "content": "not the assistant"},
+     {"role": "Assistant", "content": "nor this one"}, {"role": "assistants", "content": "nor these"}],
 ]
 
 

@@ -18,7 +18,8 @@ import torch
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import IGNORE_INDEX
 
-LOOK_BACK = 1 << 16  # tokens searched before a window for the turn it starts in
+LOOK_BACK = 1 << 16  # tokens searched before a window for the turn it starts in (a longer turn's inside trains nothing)
+LOOK_BACK_CHUNK = 4096
 
 
 def check_token_ids(ids: np.ndarray | torch.Tensor, vocab_size: int, where: str) -> None:
@@ -61,37 +62,46 @@ class TokenSplit:
 
 @dataclass(frozen=True)
 class ChatMarks:
-    """The ids that frame a ChatML turn, `<|im_start|>ROLE\n ... <|im_end|>`, and those of the assistant's role."""
+    """The ids that frame a ChatML turn, `<|im_start|>ROLE\n ... <|im_end|>`: the marks, the assistant role's
+    ids, and the ids of every token that starts with a newline (the one that must end the role's line)."""
 
     im_start: int
     im_end: int
     eot: int
     assistant: tuple[int, ...]
+    newline: frozenset[int]
 
 
 def assistant_targets(tokens: np.ndarray, start: int, length: int, marks: ChatMarks) -> np.ndarray:
     """Which of tokens[start:start + length] an assistant wrote: the tokens of its turns after the
-    `<|im_start|>assistant` line's newline, through the turn's <|im_end|> (so the model learns to end it)."""
+    `<|im_start|>assistant` line, through the turn's <|im_end|> (so the model learns to end it)."""
     end = start + length
-    # The turn `start` falls in began at the last mark before it, if that is an <|im_start|>.
-    begin = start
-    for lo in range(start, max(0, start - LOOK_BACK), -4096):
-        chunk = tokens[max(0, lo - 4096):lo]
-        found = np.flatnonzero(np.isin(chunk, (marks.im_start, marks.im_end, marks.eot)))
-        if found.size:
-            at = max(0, lo - 4096) + int(found[-1])
-            begin = at if tokens[at] == marks.im_start else start
-            break
+    begin = _turn_start(tokens, start, marks)
+    span = np.asarray(tokens[begin:end])
+    at = np.flatnonzero(np.isin(span, (marks.im_start, marks.im_end, marks.eot)))
+    opens, closes = at[span[at] == marks.im_start] + begin, at[span[at] != marks.im_start] + begin
     wrote = np.zeros(length, dtype=bool)
     role = len(marks.assistant)
-    for turn in np.flatnonzero(tokens[begin:end] == marks.im_start) + begin:
-        if tuple(int(i) for i in tokens[turn + 1:turn + 1 + role]) != marks.assistant:
+    for turn in opens:
+        line_end = turn + 1 + role  # the token that ends the role's line
+        if line_end >= len(tokens) or int(tokens[line_end]) not in marks.newline or \
+                tuple(int(i) for i in tokens[turn + 1:line_end]) != marks.assistant:
             continue
-        first = turn + 2 + role  # after the role and its newline
-        ends = np.flatnonzero(np.isin(tokens[first:end], (marks.im_end, marks.eot)))
-        last = first + int(ends[0]) + 1 if ends.size else end  # the <|im_end|> included
-        wrote[max(first, start) - start:max(min(last, end), start) - start] = True
+        k = int(np.searchsorted(closes, line_end + 1))
+        last = int(closes[k]) + 1 if k < len(closes) else end  # its <|im_end|> included
+        wrote[max(line_end + 1, start) - start:max(min(last, end), start) - start] = True
     return wrote
+
+
+def _turn_start(tokens: np.ndarray, start: int, marks: ChatMarks) -> int:
+    """The <|im_start|> of the turn `start` falls in (searched up to LOOK_BACK tokens back), else `start`."""
+    for stop in range(start, max(0, start - LOOK_BACK), -LOOK_BACK_CHUNK):
+        low = max(0, stop - LOOK_BACK_CHUNK)
+        found = np.flatnonzero(np.isin(tokens[low:stop], (marks.im_start, marks.im_end, marks.eot)))
+        if found.size:
+            at = low + int(found[-1])
+            return at if tokens[at] == marks.im_start else start
+    return start
 
 
 def batch_offsets(seed: int, step: int, batch_size: int, seq_len: int, num_tokens: int) -> np.ndarray:
