@@ -82,12 +82,12 @@ def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, c
                     scored: torch.Tensor | None = None) -> dict[str, float]:
     """metrics() of a token stream; `num_bytes` is the UTF-8 size of the text the tokens came from.
 
-    With `max_windows` (or `scored`: see score_tokens), only some tokens are scored, and bytes are prorated by
-    the share of tokens scored.
+    With `max_windows`, only a prefix is scored, and bytes are prorated by the share of tokens scored. With
+    `scored` (see score_tokens), `num_bytes` is the size of the scored tokens' text alone.
     """
     context = context or model.config.max_position_embeddings
     nats, correct, count = score_tokens(model, tokens, context, batch_size, max_windows, scored)
-    if num_bytes and count < tokens.numel() - 1:
+    if num_bytes and scored is None and count < tokens.numel() - 1:
         num_bytes = round(num_bytes * count / (tokens.numel() - 1))
     return metrics(nats, correct, count, num_bytes)
 

@@ -289,6 +289,19 @@ class Run:
         """Whether it trains on conversations (samples write one; the closing lines point to `chat`)."""
         return holds_conversations(self.data)
 
+    @cached_property
+    def val_scoring(self) -> tuple[torch.Tensor, int] | None:
+        """Under --loss-on assistant, which predictions of the validation subset count (as in training) and
+        the bytes of text they stand for (an added token's none, as prepare counts them); else None: all."""
+        if self.loader.assistant is None:
+            return None
+        tokens = val_subset(self)[0]
+        scored = assistant_targets(self.val.tokens, 1, tokens.numel() - 1, self.loader.assistant)
+        added = self.tokenizer.hf.get_added_tokens_decoder()
+        num_bytes = sum(len(self.tokenizer.token_bytes(t)) for t in tokens[1:].numpy()[scored].tolist()
+                        if t not in added)
+        return torch.from_numpy(scored), num_bytes
+
     @property
     def sample_prompt(self) -> str:
         """--sample-prompt, or where the data's documents start: a new line, or a new conversation (the empty
@@ -448,8 +461,7 @@ def check_samples_and_eval(run: Run) -> None:
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
     check_token_ids(val_subset(run)[0], run.model.config.vocab_size, f"{run.data}/val.bin")
-    scored = val_scored(run)
-    if scored is not None and not scored.any():
+    if run.val_scoring is not None and not run.val_scoring[0].any():
         raise NanoQwenError(f"--loss-on assistant: the validation subset of {run.data} holds no assistant turn to "
                             "score; give more --eval-windows or prepare more conversations")
     try:
@@ -819,23 +831,17 @@ def val_subset(run: Run) -> tuple[torch.Tensor, int]:
     return run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)
 
 
-def val_scored(run: Run) -> torch.Tensor | None:
-    """Which predictions of the validation subset count: all (None), or under --loss-on assistant the
-    assistant's, as in training."""
-    if run.loader.assistant is None:
-        return None
-    tokens = val_subset(run)[0]
-    return torch.from_numpy(assistant_targets(run.val.tokens, 1, tokens.numel() - 1, run.loader.assistant))
-
-
 def evaluate(run: Run) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
     tokens, num_bytes = val_subset(run)  # setup saw that there are some, with ids the model has
     # Evaluation materializes logits: keep a batch of them under ~1 GiB.
     batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
+    scored = None
+    if run.val_scoring is not None:
+        scored, num_bytes = run.val_scoring
     with run.autocast():
         result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
-                                 max_windows=run.cfg.eval_windows, scored=val_scored(run))
+                                 max_windows=run.cfg.eval_windows, scored=scored)
     run.model.train()
     return result
 

@@ -186,6 +186,15 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
     assert curves[0][-1] < curves[0][0] - 2
     evals = [r for r in read_metrics(tmp_path / "micro-8") if "val_loss" in r]  # the assistant's tokens alone
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1 and evals[-1]["val_accuracy"] > 0.6
+    # Bits per byte over the scored tokens' own bytes (an added token has none, as prepare counts them).
+    from nanoqwen.data.loader import assistant_targets
+    from nanoqwen.train import chat_marks
+
+    tok, windows = load_tokenizer(chat_data), json.loads((tmp_path / "micro-8" / "config.json").read_text())
+    val = TokenSplit.open(chat_data, "val").tokens[:windows["train"]["eval_windows"] * 64 + 1]
+    scored = val[1:][assistant_targets(val, 1, len(val) - 1, chat_marks(chat_data))].tolist()
+    text_bytes = sum(len(tok.token_bytes(t)) for t in scored if t < tok.token_id("<|endoftext|>"))
+    assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * len(scored) / math.log(2) / text_bytes)
     # Data without conversations has nothing to take the loss on: one line.
     with pytest.raises(NanoQwenError, match="--loss-on assistant needs conversations"):
         from nanoqwen.train import chat_marks
