@@ -269,6 +269,7 @@ class Run:
     lock: Any = None  # the open lock file of the run folder (rank 0): no second process writes into it
     generation: dict | None = None  # the generation_config.json checkpoints carry (None: nanoqwen's defaults)
     decay_compressed: bool = False  # --fit-to-time shortened the decay (said once)
+    empty_steps: int = 0  # --loss-on assistant: steps whose whole batch held no assistant token (this session)
 
     @property
     def total_steps(self) -> int:
@@ -788,6 +789,8 @@ def train_step(run: Run) -> tuple[float, float]:
     loss = 0.0
     if in_step != 0:
         loss = optimizer_step(run, run.loader.micro_batches(state.step), in_step)
+    else:
+        run.empty_steps += 1
     state.step += 1
     state.tokens += cfg.batch_size * run.seq_len
     return loss, lr
@@ -1045,6 +1048,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     state, out = run.state, run.out
     print(f"\nstopped after step {state.step} ({summary['stopped']}) in {duration(wall_s)}, "
           f"{state.tokens:,} tokens seen")
+    if run.empty_steps:
+        print(f"({run.empty_steps} steps drew no assistant token in their whole batch and trained nothing: give "
+              "more conversations or a larger --batch-size)")
     if summary["stopped"] == "max_minutes" and state.step < run.cfg.max_steps / 2:  # a poor model may be why
         print(f"(the time allowed {state.step} of the {run.cfg.max_steps} steps planned; give more --max-minutes, "
               "or --resume it, for a better model)")

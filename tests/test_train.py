@@ -172,8 +172,8 @@ def test_assistant_targets_are_what_each_turn_adds_to_its_prompt(chat_data: Path
             assert (assistant_targets(tokens, start, length, marks) == wrote[start:start + length]).all(), start
 
 
-def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path,
-                                                                   tmp_path: Path) -> None:
+def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     fast = [*FAST]
     fast[fast.index("--seq-len") + 1] = "64"
     curves = []
@@ -195,6 +195,20 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
     scored = val[1:][assistant_targets(val, 1, len(val) - 1, chat_marks(chat_data))].tolist()
     text_bytes = sum(len(tok.token_bytes(t)) for t in scored if t < tok.token_id("<|endoftext|>"))
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * len(scored) / math.log(2) / text_bytes)
+    # A batch with no assistant token trains nothing (no step: the weights stay), and the report says how often.
+    sparse = tmp_path / "sparse"
+    (sparse / "corpus").mkdir(parents=True)
+    (sparse / "corpus" / "a-notes.txt").write_text("plain notes, not a chat, " * 2000)  # read first: train
+    (sparse / "corpus" / "chats.jsonl").write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    from nanoqwen.data.prepare import prepare
+
+    prepare(str(sparse / "corpus"), "bpe:300", sparse / "data", val_fraction=0.5, progress=False)
+    fast[fast.index("--batch-size") + 1] = "1"
+    assert train_in_process("--config", str(preset), "--data", str(sparse / "data"), "--out", str(sparse / "run"),
+                            *fast, "--max-steps", "4", "--loss-on", "assistant", "--eval-windows", "400",
+                            "--micro-batch", "1") == 0
+    assert set(train_losses(sparse / "run").values()) == {0.0}
+    assert "4 steps drew no assistant token in their whole batch" in capsys.readouterr().out
     # Data without conversations has nothing to take the loss on: one line.
     with pytest.raises(NanoQwenError, match="--loss-on assistant needs conversations"):
         from nanoqwen.train import chat_marks
