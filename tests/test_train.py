@@ -182,7 +182,13 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
         assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(out), *fast,
                                 "--max-steps", "30", "--loss-on", "assistant", "--micro-batch", micro) == 0
         curves.append(list(train_losses(out).values()))
-    assert np.allclose(curves[0], curves[1], rtol=0, atol=1e-4)  # each micro-batch weighted by its targets
+    # Two processes under torchrun (DDP averages their gradients) too.
+    done = run_train("--config", str(preset), "--data", str(chat_data), "--out", str(tmp_path / "torchrun"), *fast,
+                     "--max-steps", "30", "--loss-on", "assistant", "--micro-batch", "2", nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    curves.append(list(train_losses(tmp_path / "torchrun").values()))
+    for other in curves[1:]:  # each micro-batch weighted by its share of the step's targets
+        assert np.allclose(curves[0], other, rtol=0, atol=1e-4)
     assert curves[0][-1] < curves[0][0] - 2
     evals = [r for r in read_metrics(tmp_path / "micro-8") if "val_loss" in r]  # the assistant's tokens alone
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1 and evals[-1]["val_accuracy"] > 0.6
