@@ -21,7 +21,7 @@ import torch
 
 from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_config
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_path
+from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
@@ -190,8 +190,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else directory.resolve().parent / f"{directory.resolve().name}.gguf"
     if out.is_dir():
         raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
-    if any(parent.is_file() for parent in out.parents):
-        raise NanoQwenError(f"--out {out} is inside a file; give a path in a folder")
+    refuse_inside_a_file(out, "a path in a folder")
     written = write_gguf(directory, out, args.outtype)
     size = out.stat().st_size
     print(f"wrote {out}: {written['tensors']} tensors ({written['outtype']}), {written['tokens']:,} tokens, "

@@ -115,8 +115,7 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
     markers = MARKERS[kind]
     out = Path(out)
     if not out.exists():
-        if any(parent.is_file() for parent in out.parents):
-            raise NanoQwenError(f"{out} is inside a file; give --out a folder name")
+        refuse_inside_a_file(out, "a folder name")
         return
     if not out.is_dir():
         raise NanoQwenError(f"{out} is a file; give --out a folder name")
@@ -132,6 +131,12 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
                             f"({listed or 'no ' + ' or '.join(markers)}), which writing there would "
                             "overwrite or delete; choose another --out or remove it")
+
+
+def refuse_inside_a_file(out: Path, give: str) -> None:
+    """One line for an --out under a file, which no write can make (mkdir would fail with a traceback)."""
+    if any(parent.is_file() for parent in out.parents):
+        raise NanoQwenError(f"{out} is inside a file; give --out {give}")
 
 
 def no_space_left(error: BaseException, written: Path, final: Path) -> NanoQwenError | None:

@@ -111,6 +111,12 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
     assert main(["gguf", "--model", str(folder)]) == 0
     assert gguf.GGUFReader(tmp_path / "best.gguf").fields["general.architecture"].contents() == "qwen3"
     assert f"wrote {tmp_path / 'best.gguf'}" in capsys.readouterr().out
+    # An --out that is a folder, or under a file, is one line.
+    for out, said in ((tmp_path, "is a folder; give a file name"), (tmp_path / "best.gguf" / "m.gguf",
+                                                                    "is inside a file; give --out a path")):
+        assert main(["gguf", "--model", str(folder), "--out", str(out)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and said in err
 
     other = json.loads((folder / "tokenizer.json").read_text())
     other["pre_tokenizer"] = {"type": "Whitespace"}  # splits text unlike llama.cpp's qwen2 pre-tokenizer
