@@ -425,26 +425,27 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
         cut = _piece_safe(plain)
     eot = np.array([tokenizer.eot_id], dtype=DTYPE)
 
-    def items(text: str) -> list[str | int]:
+    def items(text: str) -> tuple[list[str | int], int]:
         """A document as pieces of text to encode and, in a chat tiktoken encodes, its control tokens' ids (Qwen's
-        carry no lstrip or rstrip: the text between them is all there is to encode)."""
+        carry no lstrip or rstrip: the text between them is all there is to encode); and its text's bytes."""
         if isinstance(text, RenderedChat) and fast is None:
-            return [text]
+            return [text], control.text_bytes(text)
         found: list[str | int] = []
+        nbytes = 0
         for i, segment in enumerate(control.split(text) if isinstance(text, RenderedChat) else [text]):
             if i % 2:  # a control token
                 found.append(control.ids[segment])
             elif segment:
                 found += _pieces(segment) if cut else [segment]
-        return found
+                nbytes += len(segment.encode("utf-8"))
+        return found, nbytes
 
     def encode(texts: list[str]) -> list[Encoded]:
         documents = [items(text) for text in texts]
-        ids = iter(encode_pieces([item for doc in documents for item in doc if isinstance(item, str)]))
+        ids = iter(encode_pieces([item for doc, _ in documents for item in doc if isinstance(item, str)]))
         encoded = []
-        for text, doc in zip(texts, documents):
+        for text, (doc, nbytes) in zip(texts, documents):
             parts = [np.asarray([item] if isinstance(item, int) else next(ids), dtype=DTYPE) for item in doc]
-            nbytes = control.text_bytes(text) if isinstance(text, RenderedChat) else len(text.encode("utf-8"))
             encoded.append(Encoded(text, nbytes, np.concatenate([*parts, eot])))
         return encoded
 
