@@ -378,8 +378,10 @@ class TextStream:
             text, self.stopped = text[:min(found)], True
         safe = len(text)
         if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
+            # Such a tail starts after what was handed out (that text was already checked), so the search
+            # covers only the held-back text: per token it costs the held-back text's length, not the reply's.
             for stop in self.stop_strings:
-                for n in range(min(len(stop) - 1, len(text)), 0, -1):
+                for n in range(min(len(stop) - 1, len(text) - self.emitted), 0, -1):
                     if text.endswith(stop[:n]):
                         safe = min(safe, len(text) - n)
                         break

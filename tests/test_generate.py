@@ -551,6 +551,30 @@ def test_a_stop_string_split_over_tokens_never_shows_its_start():
     assert shown == "abc " and stream.stopped
 
 
+def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
+    # The held-back search tried every prefix of each stop string at every token: a 5,000-character stop
+    # made 3,000 tokens take 16 s of the server's one engine thread. Now it tries only the text not yet sent.
+    class CountedStop(str):
+        slices = 0
+
+        def __getitem__(self, key):  # type: ignore[override]
+            CountedStop.slices += 1
+            return str.__getitem__(self, key)
+
+    tokenizer = qwen3_tokenizer()
+    long_stop = CountedStop("q" * 4999 + "!")
+    stream = TextStream(tokenizer, [long_stop, CountedStop("the end")])
+    ids = tokenizer.encode("a plain reply that goes on and on, " * 40 + "until the en")
+    per_token = []
+    for token in ids:
+        before = CountedStop.slices
+        stream.push(token)
+        per_token.append(CountedStop.slices - before)
+    assert max(per_token) <= 2 * 12  # at most the held text plus one token's few characters, per stop
+    assert stream.text.endswith("the en") and stream.emitted == len(stream.text) - len("the en")
+    assert stream.push(tokenizer.encode("d")[0]) == "" and stream.stopped  # the held start did become the stop
+
+
 def test_the_earliest_stop_string_ends_the_text_whatever_their_order():
     tokenizer = qwen3_tokenizer()
     for stops in (["eou", "weou"], ["weou", "eou"]):
