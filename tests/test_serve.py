@@ -7,6 +7,7 @@ import json
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -940,3 +941,38 @@ def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp
         with pytest.raises(openai.BadRequestError, match="tool_choice"):
             client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=2,
                                            tool_choice="required")
+
+
+def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch) -> None:
+    # A 360 KB prompt took 0.5 s to tokenize on the event loop, and every stream and /health waited for it.
+    # Here tokenizing waits until /health has answered: on the event loop, it never could have.
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    entered, health_answered, waits = threading.Event(), threading.Event(), []
+
+    def held(encode):  # type: ignore[no-untyped-def]
+        def held_encode(text):  # type: ignore[no-untyped-def]
+            entered.set()
+            waits.append(health_answered.wait(timeout=10))
+            return encode(text)
+        return held_encode
+
+    for name in ("encode", "encode_batch"):
+        monkeypatch.setattr(tokenizer, name, held(getattr(tokenizer, name)))
+    app = create_app(model, tokenizer, "tiny")
+    requests = [("/v1/completions", {"prompt": "Once", "max_tokens": 2, "temperature": 0}),
+                ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+                ("/tokenize", {"prompt": "Once"})]
+    with TestClient(app) as client, ThreadPoolExecutor(1) as pool:
+        for path, body in requests:
+            entered.clear()
+            health_answered.clear()
+            answer = pool.submit(client.post, path, json=body)
+            assert entered.wait(timeout=30)
+            assert client.get("/health").status_code == 200
+            health_answered.set()
+            assert answer.result(timeout=60).status_code == 200, path
+    assert waits == [True] * 3

@@ -24,6 +24,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -346,7 +347,12 @@ class Service:
             text = self.tokenizer.render_chat(body.chat_messages(), add_generation_prompt, **body.template_kwargs())
         except NanoQwenError as e:
             raise APIError(400, str(e), "messages") from None
-        return self.tokenizer.encode(text)
+        return self.encode([text])[0]
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        """Token ids of each text. Called in a worker thread, never on the event loop, so a long prompt does not
+        hold up every other request and stream; `tokenizers` lets go of Python's lock in its batch call only."""
+        return self.tokenizer.encode_batch(texts)
 
     def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
         items: list[str | list[int]]
@@ -357,9 +363,11 @@ class Service:
         if not items:
             raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
         vocab = self.model.config.vocab_size
+        encoded = iter(self.encode([item for item in items if isinstance(item, str)]))
         prompts = []
         for item in items:
-            ids = prompt_ids(self.tokenizer, item)  # an empty one starts a new document, as in `nanoqwen sample`
+            # an empty one starts a new document, as in `nanoqwen sample`
+            ids = prompt_ids(self.tokenizer, next(encoded) if isinstance(item, str) else item)
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
@@ -468,7 +476,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_text()
         service.check_model(body.model)
-        prompts = service.completion_prompts(body.prompt)
+        prompts = await run_in_threadpool(service.completion_prompts, body.prompt)
         top_logprobs = body.logprobs_count()
         params = service.request_sampling(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
         return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs)
@@ -478,7 +486,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         body.check_text()
         service.check_model(body.model)
         top_logprobs = body.logprobs_count()
-        prompt = service.chat_prompt(body)
+        prompt = await run_in_threadpool(service.chat_prompt, body)
         service.check_prompt_fits(prompt, "messages")
         params = service.request_sampling(body, body.max_completion_tokens or body.max_tokens)
         return await service.respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
@@ -493,9 +501,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         if (body.prompt is None) == (body.messages is None):
             raise APIError(400, "give either 'prompt' (text) or 'messages' (a conversation)", "prompt")
         if body.prompt is not None:
-            ids = tokenizer.encode(body.prompt)
+            ids = (await run_in_threadpool(service.encode, [body.prompt]))[0]
         else:
-            ids = service.chat_prompt(body, body.add_generation_prompt)
+            ids = await run_in_threadpool(service.chat_prompt, body, body.add_generation_prompt)
         return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
