@@ -231,6 +231,8 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
         raise NanoQwenError(f"{directory} says tie_word_embeddings true but holds an lm_head unlike its embedding "
                             "(Transformers 4 drops that head, 5 keeps it); set \"tie_word_embeddings\": false in its "
                             "config.json to use the head, or remove lm_head.weight to tie")
+    if config.tie_word_embeddings and EMBEDDING_KEY not in state and TIED_HEAD_KEY in state:
+        state[EMBEDDING_KEY] = state[TIED_HEAD_KEY]  # safetensors' save_model keeps a tied pair's head name only
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):
@@ -266,11 +268,11 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     return load_model(directory, device, dtype), tokenizer
 
 
-def read_generation_config(directory: str | Path) -> dict:
+def read_generation_config(directory: str | Path, name: str = "generation_config.json") -> dict:
     """A folder's generation_config.json, or {} when there is none or it cannot be read: it only ever supplies
     defaults, and Transformers goes on without one too."""
     try:
-        saved = json.loads((Path(directory) / "generation_config.json").read_text())
+        saved = json.loads((Path(directory) / name).read_text())
     except (OSError, ValueError):
         return {}
     return saved if isinstance(saved, dict) else {}
@@ -278,8 +280,10 @@ def read_generation_config(directory: str | Path) -> dict:
 
 def generation_end_ids(directory: Path) -> list[int]:
     """The end ids a folder's generation_config.json names (eos_token_id, one or a list): Transformers stops
-    at them, so generation here does too, besides <|im_end|> and <|endoftext|>."""
-    end = read_generation_config(directory).get("eos_token_id")
+    at them, so generation here does too, besides <|im_end|> and <|endoftext|>. A folder without that file
+    gets them from config.json, where Transformers then takes its generation settings from."""
+    has_own = (Path(directory) / "generation_config.json").is_file()
+    end = read_generation_config(directory, "generation_config.json" if has_own else "config.json").get("eos_token_id")
     return [i for i in (end if isinstance(end, list) else [end]) if isinstance(i, int) and not isinstance(i, bool)
             and i >= 0]
 

@@ -146,7 +146,8 @@ class ModelConfig:
         if self.hidden_act != "silu":
             raise NanoQwenError(f"Qwen3 uses hidden_act 'silu', got {self.hidden_act!r}")
         if self.attention_bias:
-            raise NanoQwenError("Qwen3 has no attention bias; set attention_bias to false")
+            raise NanoQwenError("attention_bias true is not supported: nanoqwen implements Qwen3 as released, with no "
+                                "q/k/v/o projection biases; use a model without them")
         # Transformers slides the window only in layers max_window_layers and up: with none such, all is full.
         if (self.use_sliding_window and self.sliding_window is not None
                 and self.max_window_layers < self.num_hidden_layers):
@@ -209,7 +210,10 @@ class ModelConfig:
                 raise NanoQwenError(f"{source} asks for {rope_type(part)!r} RoPE scaling; nanoqwen implements only "
                                     f"plain RoPE, so it would compute different logits; {fix} in that file to run "
                                     "it with plain RoPE, as official Qwen3 checkpoints ship")
-        values["rope_theta"] = (d.get("rope_parameters") or {}).get("rope_theta", values["rope_theta"])
+        # Transformers >= 5 reads rope_scaling as another name for rope_parameters, and it wins where both are set
+        # (a config written from its `config.rope_scaling` carries the theta there); else the top-level rope_theta.
+        rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
+        values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = None
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None

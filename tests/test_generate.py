@@ -170,6 +170,12 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
     done = generate(model, tokenizer, ["The rain in Spain"], params)[0]
     assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
+    # Without a generation_config.json Transformers takes its settings from config.json, its eos ids too.
+    (folder / "generation_config.json").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    for eos, extra in ((free[4], [free[4]]), ([free[4], free[5]], [free[4], free[5]]), (None, [])):
+        (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+        assert load_checkpoint(folder)[1].stop_ids == [*qwen3_tokenizer().stop_ids, *extra], eos
 
 
 def test_batched_prompts_equal_one_by_one(checkpoint):

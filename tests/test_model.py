@@ -177,6 +177,42 @@ def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path
         assert (model(ids) - reloaded(ids).logits).abs().max().item() <= 1e-4
 
 
+@pytest.mark.parametrize("rope", [
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 50.0}, "rope_theta": 1e6},  # config.rope_scaling saved
+    {"rope_scaling": {"rope_type": "default", "rope_theta": 50.0}},  # no top-level theta at all
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 70.0},
+     "rope_scaling": {"rope_type": "default", "rope_theta": 50.0}},  # both: Transformers 5 takes rope_scaling's
+])
+def test_a_rope_theta_inside_rope_scaling_is_the_one_used(tmp_path, rope):
+    # Transformers 5 reads rope_scaling as another name for rope_parameters: a config.json written from its
+    # `config.rope_scaling` holds the theta there, and 1e6 (or 10,000) in its place gave logits off by ~10.
+    hf_model(tiny_config(tie_word_embeddings=False), 8).save_pretrained(tmp_path)
+    saved = {k: v for k, v in json.loads((tmp_path / "config.json").read_text()).items()
+             if k not in ("rope_parameters", "rope_theta")}
+    (tmp_path / "config.json").write_text(json.dumps({**saved, **rope}))
+    model, reference = load_model(tmp_path), hf_eager(tmp_path)
+    assert model.config.rope_theta == 50.0
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_tied_folder_that_kept_only_the_heads_name_loads(tmp_path):
+    # safetensors' save_model keeps one name of a tied pair, lm_head.weight; Transformers loads such a file.
+    from safetensors.torch import save_model
+
+    hf = hf_model(tiny_config(), 9)
+    hf.save_pretrained(tmp_path)
+    save_model(hf, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    assert set(load_file(tmp_path / "model.safetensors")) & {"lm_head.weight", "model.embed_tokens.weight"} == \
+        {"lm_head.weight"}
+    model = load_model(tmp_path)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (model(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_attention_dropout_applies_in_training_only():
     model = Qwen3(tiny_config(attention_dropout=0.5))
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
