@@ -59,8 +59,8 @@ class SamplingParams:
             raise NanoQwenError(f"temperature must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
             raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise NanoQwenError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone
+            raise NanoQwenError(f"top_p must be in [0, 1], got {self.top_p}")
         if not 0 < self.repetition_penalty < math.inf:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:

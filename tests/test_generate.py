@@ -140,7 +140,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
     config.write_text(json.dumps({"top_k": -1}))  # vLLM's "all tokens", as some folders write it
     assert checkpoint_sampling(folder)["top_k"] == 0
-    for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 0}, "top_p must be in"),
+    for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 1.5}, "top_p must be in"),
                        ({"temperature": "0.7"}, "temperature is '0.7'"), ({"top_k": 1e400}, "top_k is inf"),
                        ({"temperature": float("nan")}, "temperature must be a number >= 0")]:
         config.write_text(json.dumps(bad))

@@ -615,6 +615,8 @@ def test_extreme_sampling_values_are_served(client: openai.OpenAI, local) -> Non
     expected = greedy_reference(local, PROMPTS[3], 8)
     r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1e-40, stop=None)
     assert r.choices[0].text == expected
+    r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, top_p=0, seed=5)
+    assert r.choices[0].text == expected  # top_p 0 (OpenAI's range is [0, 1]): the most likely token alone
     r = client.completions.create(model="tiny", prompt=PROMPTS[3], max_tokens=8, temperature=1.0, seed=1,
                                   extra_body={"repetition_penalty": 1e-300})
     assert r.usage.completion_tokens >= 1
@@ -655,11 +657,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
-    ("/v1/completions", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("/v1/completions", {"prompt": "hi", "top_p": 1.01}, 400, "top_p"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
-    ("/v1/completions", {"prompt": "hi", "n": 17}, 400, "n"),
-    ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 16}, 400, "n"),  # 80 completions, over 64
+    ("/v1/completions", {"prompt": "hi", "n": 129}, 400, "n"),
+    ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 26}, 400, "n"),  # 130 completions, over 128
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
@@ -688,9 +690,15 @@ BAD_REQUESTS = [
      "stream_options.include_usage"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "best_of": 0}, 400, "best_of"),
-    ("/v1/completions", {"prompt": ["hi"] * 65}, 400, "prompt"),
+    ("/v1/completions", {"prompt": ["hi"] * 129}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [  # images: refused by name, not as "no string"
+        {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
+     400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                              "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "off"}, 400,

@@ -52,6 +52,7 @@ from nanoqwen.tokenizer import Tokenizer
 
 STATIC_DIR = Path(__file__).parent / "static"
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: far more than any context's worth of text
+MAX_CHOICES = 128  # completions one request may ask for (prompts x n), as OpenAI caps n
 COMPLETION_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions; chat defaults to what fits
 
 
@@ -399,8 +400,8 @@ class Service:
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
                       params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False
                       ) -> Response:
-        if body.n * len(prompts) > 64:
-            raise APIError(400, f"at most 64 completions per request; n={body.n} for {len(prompts)} prompts "
+        if body.n * len(prompts) > MAX_CHOICES:
+            raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
         job = self.engine.submit(prompts, params, body.n, top_logprobs)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.

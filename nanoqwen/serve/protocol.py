@@ -5,7 +5,7 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
 `top_logprobs` 0..20; completions: `logprobs` 0..5). What would change the answer and is not implemented is
 refused with a 400: completions' `echo` and `suffix`, `logit_bias`, `best_of` > 1, a `response_format`
-other than text.
+other than text, chat's older `functions` and `function_call`, content parts other than text.
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
@@ -73,14 +73,14 @@ class SamplingRequest(RequestBody):
 
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    top_p: float | None = Field(default=None, ge=0, le=1)  # 0: only the most likely token
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 keeps all tokens")
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = Field(default=None)
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1, le=128)
     skip_special_tokens: bool = True  # vLLM's extra: false keeps <|im_start|> and the like in the text
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -126,22 +126,28 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
 
-class TextPart(BaseModel):
-    model_config = STRICT
+class ContentPart(BaseModel):
+    """One part of a message's content: text, or another kind (an image...), refused by name when read."""
+    model_config = ConfigDict(strict=True, extra="allow")
 
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str | None = None
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(strict=True, extra="allow")  # tool_calls, tool_call_id, name...: go to the template
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
 
-    def text(self) -> str:
+    def text(self, index: int) -> str:
         if isinstance(self.content, list):
-            return "".join(part.text for part in self.content)
+            for part in self.content:
+                if part.type != "text" or part.text is None:
+                    what = f"a part of type '{part.type}'" if part.type != "text" else "a text part without 'text'"
+                    raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
+                                        "its content as a string or text parts", "messages")
+            return "".join(part.text or "" for part in self.content)
         return self.content or ""
 
 
@@ -172,7 +178,7 @@ class ChatInput(RequestBody):
             if m.content is None and m.role != "assistant":
                 raise APIError(400, f"messages[{i}] ({m.role}) has no content; give its text", "messages")
         return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
-                 "content": m.text()} for m in self.messages or []]
+                 "content": m.text(i)} for i, m in enumerate(self.messages or [])]
 
 
 class ChatRequest(SamplingRequest, ChatInput):
@@ -181,6 +187,15 @@ class ChatRequest(SamplingRequest, ChatInput):
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     tool_choice: Literal["auto", "none"] | None = None  # forcing a call ("required", a named one) needs
     # constrained decoding, which this server does not do
+    functions: list[Any] | None = None  # OpenAI's older spelling of tools: refused with the way to send them
+    function_call: Any = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        for name in ("functions", "function_call"):
+            if getattr(self, name) is not None:
+                raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
+                                    "as 'tools': [{\"type\": \"function\", \"function\": {...}}]", name)
 
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
