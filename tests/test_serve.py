@@ -984,3 +984,31 @@ def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch)
             health_answered.set()
             assert answer.result(timeout=60).status_code == 200, path
     assert waits == [True] * 3
+
+
+def test_cross_origin_pages_are_let_in_only_when_named(checkpoint: Path) -> None:
+    # Browser-based OpenAI clients on another origin send a preflight OPTIONS without the key; without
+    # --allow-origin the browser gets no CORS headers and keeps its page out, as before.
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    model, tokenizer = load_checkpoint(checkpoint)
+    page = "http://localhost:3000"
+    preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"prompt": "Once", "max_tokens": 2, "temperature": 0}
+    with TestClient(create_app(model, tokenizer, "tiny", api_key="k", allow_origins=[page])) as client:
+        answer = client.options("/v1/completions", headers=preflight)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        answer = client.post("/v1/completions", json=body, headers={"Origin": page, "Authorization": "Bearer k"})
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
+        refused = client.post("/v1/completions", json=body, headers={"Origin": page})  # the page sees why
+        assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == page
+        other = client.options("/v1/completions", headers={**preflight, "Origin": "http://elsewhere.example"})
+        assert "access-control-allow-origin" not in other.headers
+    with TestClient(create_app(model, tokenizer, "tiny")) as client:
+        assert "access-control-allow-origin" not in client.options("/v1/completions", headers=preflight).headers
+        answer = client.post("/v1/completions", json=body, headers={"Origin": page})
+        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers

@@ -22,6 +22,7 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
@@ -441,10 +442,12 @@ class Service:
 
 def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None) -> FastAPI:
+               prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None,
+               allow_origins: list[str] | None = None) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan.
     `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
-    (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values."""
+    (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values.
+    `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS)."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING)
 
@@ -515,6 +518,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     # Added last = runs first: a request without the key is refused before its body is even read.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
+    if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
+        app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
     return app
 
 
@@ -545,6 +551,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (default: $NANOQWEN_API_KEY "
                         "if set)")
+    p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
+                   help="let scripts of the web page at ORIGIN (such as http://localhost:3000, or * for any) call "
+                        "the API from a browser (CORS); repeat for more (default: none, only this server's page)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: from the folder)")
     p.add_argument("--max-batch-size", type=positive_int, default=32,
                    help="requests decoded together at most (default 32)")
@@ -578,7 +587,7 @@ def run(args: argparse.Namespace) -> int:
             defaults[field] = most
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
-                     sampling_defaults=defaults)
+                     sampling_defaults=defaults, allow_origins=args.allow_origin)
     url = f"http://{args.host}:{args.port}"
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
