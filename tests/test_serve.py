@@ -281,6 +281,98 @@ def test_completion_logprobs(client: openai.OpenAI, local) -> None:
     assert hot.token_logprobs[0] == hot.top_logprobs[0][hot.tokens[0]]
 
 
+def prompt_reference(local, ids: list[int]) -> torch.Tensor:
+    """(len(ids) - 1, V): log_softmax at each prompt position that predicts the next prompt token, one forward."""
+    with torch.inference_mode():
+        return local[0](torch.tensor([ids]))[0, :-1].float().log_softmax(-1)
+
+
+def assert_scores_prompt(logprobs, local, ids: list[int], top: int) -> None:
+    """An echoed prompt's logprobs: the first token's null, each later one's as one forward scores it."""
+    from nanoqwen.serve.app import token_text
+
+    tokenizer, expected = local[1], prompt_reference(local, ids)
+    assert logprobs.tokens[:len(ids)] == [token_text(tokenizer, t)[0] for t in ids]
+    assert logprobs.token_logprobs[0] is None and logprobs.top_logprobs[0] is None
+    assert logprobs.token_logprobs[1:len(ids)] == pytest.approx(expected[range(len(ids) - 1), ids[1:]].tolist(),
+                                                                abs=1e-4)
+    for k in range(1, len(ids)):
+        assert list(logprobs.top_logprobs[k].values())[:top] == pytest.approx(expected[k - 1].topk(top).values.tolist(),
+                                                                               abs=1e-4)
+    assert logprobs.text_offset[:len(ids)] == [len(tokenizer.decode(ids[:k])) for k in range(len(ids))]
+
+
+def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(client: openai.OpenAI, local) -> None:
+    # lm-evaluation-harness's loglikelihood tasks send token ids with echo, logprobs and max_tokens 0 (or 1).
+    tokenizer = local[1]
+    texts = ["Once upon a time, in a land far away", "The rain in Spain"]
+    batch = [tokenizer.encode(text) for text in texts]
+    scored = client.completions.create(model="tiny", prompt=batch, echo=True, max_tokens=0, logprobs=2, temperature=0)
+    assert scored.usage.completion_tokens == 0 and scored.usage.prompt_tokens == sum(map(len, batch))
+    for choice, ids, text in zip(scored.choices, batch, texts):
+        assert (choice.text, choice.finish_reason, len(choice.logprobs.tokens)) == (text, "length", len(ids))
+        assert_scores_prompt(choice.logprobs, local, ids, 2)
+    alone = client.completions.create(model="tiny", prompt=texts[1], echo=True, max_tokens=0, logprobs=2)
+    assert alone.choices[0].logprobs == scored.choices[1].logprobs  # text or ids, batched or alone
+    # The harness's own request (max_tokens 1, logprobs 1) and reading: a continuation's summed logprob and
+    # whether each of its tokens was the most likely one.
+    context, continuation = tokenizer.encode("The rain in"), tokenizer.encode(" Spain stays")
+    ids = context + continuation
+    harness = client.completions.create(model="tiny", prompt=[ids], echo=True, max_tokens=1, logprobs=1,
+                                        temperature=0, seed=1234).choices[0].logprobs
+    expected = prompt_reference(local, ids)[range(len(context) - 1, len(ids) - 1), continuation]
+    assert sum(harness.token_logprobs[len(context):-1]) == pytest.approx(float(expected.sum()), abs=1e-4)
+    assert [lp == max(top.values()) for lp, top in zip(harness.token_logprobs[len(context):-1],
+                                                        harness.top_logprobs[len(context):-1])] == \
+        [bool(prompt_reference(local, ids)[k].argmax() == ids[k + 1]) for k in range(len(context) - 1, len(ids) - 1)]
+    # With a completion: the prompt's text and logprobs, then the completion's, offsets counting on.
+    sampling = dict(model="tiny", prompt=texts[0], max_tokens=5, temperature=0, logprobs=1)
+    plain = client.completions.create(**sampling).choices[0]
+    echoed = client.completions.create(**sampling, echo=True).choices[0]
+    assert echoed.text == texts[0] + plain.text == texts[0] + greedy_reference(local, texts[0], 5)
+    assert_scores_prompt(echoed.logprobs, local, batch[0], 1)
+    for key in ("tokens", "token_logprobs", "top_logprobs"):
+        assert getattr(echoed.logprobs, key)[len(batch[0]):] == getattr(plain.logprobs, key)
+    assert echoed.logprobs.text_offset[len(batch[0]):] == [len(texts[0]) + k for k in plain.logprobs.text_offset]
+    streamed = {"text": "", "tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(**sampling, echo=True, stream=True):
+        for choice in chunk.choices:
+            streamed["text"] += choice.text
+            if choice.logprobs is not None:
+                for key in ("tokens", "token_logprobs", "top_logprobs", "text_offset"):
+                    streamed[key] += getattr(choice.logprobs, key)
+    assert streamed == {"text": echoed.text, **echoed.logprobs.model_dump(include=set(streamed))}
+    # Echo without logprobs: the prompt's text only; max_tokens 0 without echo: nothing at all.
+    assert client.completions.create(model="tiny", prompt=texts[1], echo=True, max_tokens=0).choices[0].text == texts[1]
+    empty = client.completions.create(model="tiny", prompt=texts[1], max_tokens=0).choices[0]
+    assert (empty.text, empty.logprobs, empty.finish_reason) == ("", None, "length")
+
+
+def test_an_echoed_prompt_is_scored_across_its_prefill_chunks(local) -> None:
+    """In-process: a prompt read in chunks of 7 scores each token as one forward over all of it does."""
+    model, tokenizer = local
+    prompt = tokenizer.encode(" ".join(PROMPTS))[:40]
+
+    async def main() -> list:
+        engine = Engine(model, tokenizer, prefill_chunk=7)
+        engine.start()
+        try:
+            job = engine.submit([prompt], SamplingParams(max_new_tokens=0), 1, top_logprobs=3, echo=True)
+            events = [await job.events.get(), await job.events.get()]
+            return events
+        finally:
+            engine.stop()
+
+    echoed, finished = asyncio.run(main())
+    assert isinstance(echoed, Delta) and isinstance(finished, Finished) and finished.completion_tokens == 0
+    expected = prompt_reference(local, prompt)
+    assert [e.token for e in echoed.logprobs] == prompt and echoed.text == tokenizer.decode(prompt)
+    assert [e.logprob for e in echoed.logprobs[1:]] == pytest.approx(
+        expected[range(len(prompt) - 1), prompt[1:]].tolist(), abs=1e-4)
+    for k, entry in enumerate(echoed.logprobs[1:]):
+        assert [t for t, _ in entry.top] == expected[k].topk(3).indices.tolist()
+
+
 def test_chat_logprobs(client: openai.OpenAI, local) -> None:
     tokenizer = local[1]
     messages = [{"role": "user", "content": "Tell me about rivers."}]
@@ -658,7 +750,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.01}, 400, "top_p"),
-    ("/v1/completions", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": -1}, 400, "max_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 0}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "n": 0}, 400, "n"),
     ("/v1/completions", {"prompt": "hi", "n": 129}, 400, "n"),
     ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 26}, 400, "n"),  # 130 completions, over 128
@@ -668,7 +761,7 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -2.01}, 400,
      "frequency_penalty"),
     ("/v1/completions", {"prompt": "hi", "logprobs": 6}, 400, "logprobs"),
-    ("/v1/completions", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("/v1/completions", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
     ("/v1/completions", {"prompt": "hi", "logit_bias": {"50": -100}}, 400, "logit_bias"),
     ("/v1/completions", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),

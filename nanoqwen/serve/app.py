@@ -215,8 +215,10 @@ def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> di
     return {
         "tokens": [token_text(tokenizer, e.token)[0] for e in entries],
         "token_logprobs": [e.logprob for e in entries],
-        # As OpenAI: the N most likely, plus the sampled token when it is not among them.
-        "top_logprobs": [{token_text(tokenizer, t)[0]: lp for t, lp in [*e.top, (e.token, e.logprob)]}
+        # As OpenAI: the N most likely, plus the sampled token when it is not among them (null for an echoed
+        # prompt's first token, which nothing predicts).
+        "top_logprobs": [None if e.logprob is None else
+                         {token_text(tokenizer, t)[0]: lp for t, lp in [*e.top, (e.token, e.logprob)]}
                          for e in entries],
         "text_offset": [e.text_offset for e in entries],
     }
@@ -383,7 +385,7 @@ class Service:
         defaults = self.defaults
         top_k = int(defaults["top_k"]) if body.top_k is None else max(body.top_k, 0)  # -1 and 0: all tokens
         return SamplingParams(
-            max_new_tokens=max_tokens or self.context,  # each sequence is capped to what fits by the engine
+            max_new_tokens=self.context if max_tokens is None else max_tokens,  # the engine caps it to what fits
             temperature=defaults["temperature"] if body.temperature is None else body.temperature,
             top_k=top_k,
             top_p=defaults["top_p"] if body.top_p is None else body.top_p,
@@ -399,12 +401,13 @@ class Service:
 
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
-                      params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False
+                      params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False,
+                      echo: bool = False
                       ) -> Response:
         if body.n * len(prompts) > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
-        job = self.engine.submit(prompts, params, body.n, top_logprobs)
+        job = self.engine.submit(prompts, params, body.n, top_logprobs, echo)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None
         if top_logprobs is not None:
@@ -482,8 +485,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         service.check_model(body.model)
         prompts = await run_in_threadpool(service.completion_prompts, body.prompt)
         top_logprobs = body.logprobs_count()
-        params = service.request_sampling(body, body.max_tokens or COMPLETION_DEFAULT_MAX_TOKENS)
-        return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs)
+        max_tokens = COMPLETION_DEFAULT_MAX_TOKENS if body.max_tokens is None else body.max_tokens
+        params = service.request_sampling(body, max_tokens)
+        return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs,
+                                     echo=body.echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

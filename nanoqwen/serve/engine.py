@@ -61,7 +61,7 @@ CACHE_GROWTH = 256
 class TokenLogprob:
     """One sampled token with its log-probability and the most likely alternatives (see `token_logprobs`)."""
     token: int
-    logprob: float
+    logprob: float | None  # None: the first token of an echoed prompt, which nothing came before
     top: list[tuple[int, float]]  # (token, logprob), best first
     text_offset: int  # characters of the choice's text before this token (at most the whole text's length)
 
@@ -131,6 +131,9 @@ class Sequence:
     budget: int  # most new tokens it may sample (already capped to the context)
     stream: TextStream
     top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
+    echo: bool = False  # the prompt's text (and, with top_logprobs, its tokens' logprobs) goes out first
+    echoed: int = 0  # characters of echoed prompt text before the generated text (where its offsets start)
+    prompt_scores: list[Score] = field(default_factory=list)  # of prompt tokens 1.. (when echoed with logprobs)
     generator: torch.Generator | None = None
     penalties: Penalties | None = None  # set at prefill when a penalty is active
     unsent: list[TokenLogprob] = field(default_factory=list)  # logprobs waiting for the next event
@@ -189,10 +192,12 @@ class Engine:
         self._inbox.put(None)
         self._thread.join(timeout=10)
 
-    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, top_logprobs: int | None = None
-               ) -> Job:
+    def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, top_logprobs: int | None = None,
+               echo: bool = False) -> Job:
         """Queue `n` choices for each prompt; choice i * n + j continues prompt i. With `top_logprobs` set,
         events carry every sampled token's logprob and those of the `top_logprobs` most likely tokens.
+        With `echo`, a choice's first Delta is its prompt (and its tokens' logprobs, the first's None), as
+        OpenAI's completions echo it; the generated text's offsets then count from the prompt's start.
 
         Seeded sampling gives choice k the seed `seed + k`, so each choice draws the same random numbers
         whatever else runs beside it (the same convention as `nanoqwen sample --num-samples`).
@@ -203,7 +208,7 @@ class Engine:
             for j in range(n):
                 index = i * n + j
                 seed = None if params.seed is None else params.seed + index
-                sequences.append(self._new_sequence(job, index, prompt, params, seed, top_logprobs))
+                sequences.append(self._new_sequence(job, index, prompt, params, seed, top_logprobs, echo))
         self._inbox.put(sequences)
         return job
 
@@ -213,10 +218,10 @@ class Engine:
                 "tokens_generated": self.tokens_generated}
 
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
-                      seed: int | None, top_logprobs: int | None) -> Sequence:
+                      seed: int | None, top_logprobs: int | None, echo: bool = False) -> Sequence:
         budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
         text = TextStream.for_params(self.tokenizer, params)
-        seq = Sequence(job, index, prompt, params, budget, text, top_logprobs=top_logprobs)
+        seq = Sequence(job, index, prompt, params, budget, text, top_logprobs=top_logprobs, echo=echo)
         if not params.greedy:
             seq.generator = sampling_generator(self.device, seed)
         return seq
@@ -288,11 +293,38 @@ class Engine:
         start = seq.cache.length  # prompt tokens already in
         end = min(len(seq.prompt), start + self.prefill_chunk)
         ids = torch.tensor([seq.prompt[start:end]], dtype=torch.long, device=self.device)
-        logits = self.model(ids, cache=seq.cache, logits_to_keep=1)[:, -1].float()
-        return logits if end == len(seq.prompt) else None
+        scored = seq.echo and seq.top_logprobs is not None
+        logits = self.model(ids, cache=seq.cache, logits_to_keep=end - start if scored else 1)[0]
+        if scored:  # position k predicts prompt token k + 1: every chunk's logits, a chunk at a time
+            following = seq.prompt[start + 1:end + 1]
+            seq.prompt_scores += self._scores(logits[:len(following)], following, seq.top_logprobs or 0)
+        return logits[-1:].float() if end == len(seq.prompt) else None
+
+    def _scores(self, logits: torch.Tensor, tokens: list[int], top: int) -> list[Score]:
+        """(logprob, the `top` most likely) of each row's token, from its logits (rows, V)."""
+        chosen, values, ids = token_logprobs(logits, torch.tensor(tokens, device=self.device), top)
+        return [(c, list(zip(i, v))) for c, v, i in zip(chosen.tolist(), values.tolist(), ids.tolist())]
+
+    def _echo(self, seq: Sequence) -> None:
+        """Send the prompt's text as the choice's first Delta, with its tokens' logprobs when asked for."""
+        stream, pieces, entries = TextStream(self.tokenizer, [], seq.params.skip_special_tokens), [], []
+        for k, token in enumerate(seq.prompt):
+            pieces.append(stream.push(token))
+            if seq.top_logprobs is not None:
+                logprob, top = seq.prompt_scores[k - 1] if k else (None, [])
+                entries.append(TokenLogprob(token, logprob, top, stream.token_start))
+        text = "".join(pieces) + stream.finish()
+        seq.echoed = len(text)
+        seq.job.emit(Delta(seq.index, text, entries))
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Sample the first token from the prompt's last logits (1, V). True if that already finishes it."""
+        if seq.echo:
+            self._echo(seq)
+        if seq.budget == 0:  # max_tokens 0: the prompt (echoed, scored) is the whole answer
+            seq.finished = True
+            seq.job.emit(Finished(seq.index, "length", 0))
+            return True
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         seq.penalties = Penalties.start(seq.params, ids, self.model.config.vocab_size)
         token = int(next_tokens(logits, seq.params, seq.generator, seq.penalties)[0])
@@ -355,12 +387,12 @@ class Engine:
             seq.penalties.record(torch.tensor([token], device=self.device))
         delta, reason = seq.stream.accept(token, seq.params.stop_token_ids)
         if score is not None:
-            seq.unsent.append(TokenLogprob(token, score[0], score[1], seq.stream.token_start))
+            seq.unsent.append(TokenLogprob(token, score[0], score[1], seq.echoed + seq.stream.token_start))
         if reason is None and seq.generated >= seq.budget:  # the held-back tail may still hold a stop string
             delta += seq.stream.finish()
             reason = "stop" if seq.stream.stopped else "length"
         if delta:  # with the logprobs of the tokens whose text starts in the text sent so far
-            shown = seq.stream.emitted
+            shown = seq.echoed + seq.stream.emitted
             seq.job.emit(Delta(seq.index, delta, [e for e in seq.unsent if e.text_offset < shown]))
             seq.unsent = [e for e in seq.unsent if e.text_offset >= shown]
         if reason is None:
@@ -368,7 +400,7 @@ class Engine:
             return False
         seq.finished = True
         for entry in seq.unsent:  # tokens of a stop string that was cut off start where the text ends
-            entry.text_offset = min(entry.text_offset, seq.stream.emitted)
+            entry.text_offset = min(entry.text_offset, seq.echoed + seq.stream.emitted)
         seq.job.emit(Finished(seq.index, reason, seq.generated, seq.unsent))
         seq.unsent = []
         return True

@@ -3,9 +3,11 @@
 Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `stop`,
 `seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
-`top_logprobs` 0..20; completions: `logprobs` 0..5). What would change the answer and is not implemented is
-refused with a 400: completions' `echo` and `suffix`, `logit_bias`, `best_of` > 1, a `response_format`
-other than text, chat's older `functions` and `function_call`, content parts other than text.
+`top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt first, with its
+tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
+change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
+`best_of` > 1, a `response_format` other than text, chat's older `functions` and `function_call`, content
+parts other than text.
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
@@ -117,12 +119,13 @@ class CompletionRequest(SamplingRequest):
     # A string, a list of strings (one completion each), a list of token ids, or a list of such lists.
     prompt: str | list[str] | list[StrictInt] | list[list[StrictInt]]  # strict: true and false are no token ids
     logprobs: int | None = Field(default=None, ge=0, le=5, description="the sampled token's and the N most likely")
-    echo: bool = False  # not supported: refused rather than ignored, so nobody reads a prompt-less text as echoed
+    # The prompt before the completion, with its tokens' logprobs when asked for: with max_tokens 0, how
+    # evaluation harnesses (lm-evaluation-harness's loglikelihood tasks) score text through this API.
+    echo: bool = False
+    max_tokens: int | None = Field(default=None, ge=0)
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
-        if self.echo:
-            raise APIError(400, "'echo' is not supported by this server; prepend the prompt yourself", "echo")
         return self.logprobs
 
 
