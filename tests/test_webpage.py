@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -302,3 +303,36 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
     page.wait_for_function("document.getElementById('model-name').textContent === 'server unreachable'")
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str) -> None:
+    # A newline could not be a stop string (empty lines were dropped); a fifth line was cut off silently; a seed
+    # past 2**53 went out rounded to another one.
+    page.click("label:has(#mode-completion)")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "40")
+    page.fill("#stop-strings", "\\n\nsea\\tbreeze\nback\\\\slash")
+    page.fill("#prompt", "Once upon a time")
+    with page.expect_request("**/v1/completions") as sent:
+        page.click("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    stops = ["\n", "sea\tbreeze", "back\\slash"]
+    assert json.loads(sent.value.post_data)["stop"] == stops
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    expected = client.completions.create(model="tiny-web", prompt="Once upon a time", max_tokens=40, temperature=0,
+                                         stop=stops).choices[0].text
+    assert page.locator(".message.completion .generated").last.text_content() == expected
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url))
+    for field, value, message in [
+        ("#stop-strings", "a\nb\nc\nd\ne", "Stop strings: at most 4, one per line (5 given)"),
+        ("#seed", "9007199254740993", "Seed must be a whole number >= 0 and <= 9007199254740991"),
+    ]:
+        page.fill("#stop-strings", "")
+        page.fill(field, value)
+        page.fill("#prompt", "Next")
+        requests.clear()
+        page.click("#send")
+        assert page.text_content("#stats") == message
+        assert page.input_value("#prompt") == "Next" and not [u for u in requests if "/v1/" in u]
+        page.fill(field, "")

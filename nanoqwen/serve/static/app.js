@@ -166,6 +166,21 @@ function numberField(id, { integer = false, optional = false } = {}) {
   return value;
 }
 
+// The stop strings box: one per line, where \n, \t and \\ stand for a newline, a tab and a backslash (so a
+// stop can be the end of a line); more than the API's 4 is an error, not a silent cut.
+function stopStrings() {
+  const box = $("stop-strings");
+  box.classList.remove("invalid");
+  const unescape = (line) => line.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
+  const stops = box.value.split("\n").filter((line) => line.length > 0).map(unescape);
+  if (stops.length > 4) {
+    box.classList.add("invalid");
+    box.focus();
+    throw new FieldError(`Stop strings: at most 4, one per line (${stops.length} given)`);
+  }
+  return stops;
+}
+
 function samplingBody() {
   const body = {
     max_tokens: numberField("max-tokens", { integer: true }),
@@ -178,8 +193,8 @@ function samplingBody() {
   };
   const seed = numberField("seed", { integer: true, optional: true });
   if (seed !== undefined) body.seed = seed;
-  const stops = $("stop-strings").value.split("\n").filter((s) => s.length > 0);
-  if (stops.length) body.stop = stops.slice(0, 4);
+  const stops = stopStrings();
+  if (stops.length) body.stop = stops;
   if (state.model) body.model = state.model;
   return body;
 }
