@@ -119,6 +119,12 @@ def tensor_data(tensor: torch.Tensor, outtype: str) -> np.ndarray:
     return tensor.to(torch.float16 if kind == np.float16 else torch.float32).numpy()
 
 
+def is_gguf(path: Path) -> bool:
+    """Whether the file starts as every GGUF file does (its magic)."""
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
     """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
     directory = Path(directory)
@@ -191,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
     if out.is_dir():
         raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
     refuse_inside_a_file(out, "a path in a folder")
+    if out.exists() and not is_gguf(out):  # another GGUF (an earlier export) is replaced; anything else is kept
+        raise NanoQwenError(f"{out} exists and is not a GGUF file, which writing there would overwrite; choose "
+                            "another --out (a name ending in .gguf) or remove it")
     written = write_gguf(directory, out, args.outtype)
     size = out.stat().st_size
     print(f"wrote {out}: {written['tensors']} tensors ({written['outtype']}), {written['tokens']:,} tokens, "

@@ -117,6 +117,17 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
         assert main(["gguf", "--model", str(folder), "--out", str(out)]) != 0
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and said in err
+    # An --out that holds anything but a GGUF file is kept (it overwrote the checkpoint's own weights);
+    # an earlier export is replaced.
+    weights = (folder / "model.safetensors").read_bytes()
+    for kept in (folder / "model.safetensors", tmp_path / "notes.txt"):
+        kept.write_bytes(weights if kept.name == "model.safetensors" else b"mine")
+        assert main(["gguf", "--model", str(folder), "--out", str(kept)]) != 0
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "exists and is not a GGUF file" in err
+    assert (folder / "model.safetensors").read_bytes() == weights and (tmp_path / "notes.txt").read_bytes() == b"mine"
+    assert main(["gguf", "--model", str(folder), "--out", str(tmp_path / "best.gguf"), "--outtype", "f32"]) == 0
+    assert gguf.GGUFReader(tmp_path / "best.gguf").tensors[0].tensor_type == gguf.GGMLQuantizationType.F32
 
     other = json.loads((folder / "tokenizer.json").read_text())
     other["pre_tokenizer"] = {"type": "Whitespace"}  # splits text unlike llama.cpp's qwen2 pre-tokenizer
