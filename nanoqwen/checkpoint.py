@@ -317,6 +317,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (default 0)")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                    help="override a model field, e.g. --set num_hidden_layers=2")
+    p.add_argument("--force", action="store_true", help="replace the weights of a checkpoint already in --out")
     add_device_arguments(p, dtype_help="dtype the weights are stored in (default float32)")
 
 
@@ -326,6 +327,9 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and is_run_config(out.resolve().parent / "config.json"):  # a run's best/ or last/
         raise NanoQwenError(f"{args.out} is a checkpoint of the run {out.resolve().parent}; init writes random "
                             "weights, so pick another --out")
+    if any((out / name).exists() for name in WEIGHT_FILES) and not args.force:  # trained or downloaded weights
+        raise NanoQwenError(f"{args.out} already holds a checkpoint's weights, which init would replace with random "
+                            "ones; pick another --out, or give --force to replace them")
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = new_model_config(load_preset(args.preset).model, args.set, tokenizer)
     torch.manual_seed(args.seed)

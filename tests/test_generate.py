@@ -740,6 +740,16 @@ def test_init_command_writes_a_loadable_folder(tmp_path):
     bad = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "num_key_value_heads=3")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
+    # A folder with weights (trained, downloaded, or an earlier init) keeps them unless --force.
+    weights = (tmp_path / "m" / "model.safetensors").read_bytes()
+    again = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "4",
+                    "--set", "num_hidden_layers=1")
+    assert again.returncode == 2 and "already holds a checkpoint's weights" in again.stderr
+    assert len(again.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
+    forced = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "4",
+                     "--set", "num_hidden_layers=1", "--force")
+    assert forced.returncode == 0 and (tmp_path / "m" / "model.safetensors").read_bytes() != weights
 
 
 def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path):
