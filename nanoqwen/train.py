@@ -1081,7 +1081,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
 def run(args: argparse.Namespace) -> int:
     stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
-        train_and_report(args)
+        stopped = train_and_report(args)
     finally:
         sys.stdout = stdout
         # Free the model (and with it DDP's or FSDP's hold on the process group) while the interpreter is whole,
@@ -1089,10 +1089,13 @@ def run(args: argparse.Namespace) -> int:
         # (seen with gloo: "terminate called without an active exception" after a finished FSDP run).
         gc.collect()
         shutdown_distributed()
+    if stopped.startswith("signal "):  # saved, but not done: `train ... && next-step` must not go on
+        return 128 + getattr(signal.Signals, stopped.split()[1], signal.SIGTERM).value  # 130 Ctrl-C, 143 SIGTERM
     return 0
 
 
-def train_and_report(args: argparse.Namespace) -> None:
+def train_and_report(args: argparse.Namespace) -> str:
+    """Train and print the closing report; returns why the run stopped (summary["stopped"])."""
     started = time.perf_counter()
     this_run = setup(args)
     if this_run.info.is_main:
@@ -1114,3 +1117,4 @@ def train_and_report(args: argparse.Namespace) -> None:
     finally:
         if this_run.lock is not None:
             release_lock(this_run.lock)
+    return str(summary["stopped"])

@@ -725,7 +725,7 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
         time.sleep(0.01)
     process.send_signal(signal.SIGTERM)
     stdout, stderr = process.communicate(timeout=120)
-    assert process.returncode == 0, stderr
+    assert process.returncode == 128 + signal.SIGTERM, stderr  # saved, yet stopped short: `train && ...` stops
     step = json.loads((out / "last/train_state.json").read_text())["step"]
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
 
