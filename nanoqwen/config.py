@@ -436,6 +436,9 @@ class TrainConfig:
             if value is not None and not (0 <= value <= (MAX_LR if rate else math.inf) and math.isfinite(value)):
                 limit = f" and at most {MAX_LR:g}" if rate else ""
                 raise NanoQwenError(f"--{name.replace('_', '-')} must be a number >= 0{limit}, got {value}")
+        if self.min_lr is not None and self.min_lr > self.lr:  # the schedule would climb, wrecking the run's end
+            raise NanoQwenError(f"--min-lr {self.min_lr:g} is above --lr {self.lr:g}; the rate decays from --lr down "
+                                "to --min-lr, so give a smaller --min-lr (default: --lr / 10)")
         if self.warmup < 0:
             raise NanoQwenError("--warmup must not be negative")
         if self.sample_interval < 0 or self.early_stopping_patience < 0:

@@ -512,6 +512,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
     (["--lr", "1e38"], "--lr must be a number >= 0 and at most 10"),
     (["--min-lr", "-1"], "--min-lr must be a number >= 0"),
+    (["--lr", "1e-3", "--min-lr", "1"], "--min-lr 1 is above --lr 0.001"),  # the rate would climb to 1 at the end
     (["--weight-decay", "-1"], "--weight-decay must be a number >= 0"),
     (["--grad-clip", "-1"], "--grad-clip must be a number >= 0"),
     (["--max-minutes", "nan"], "--max-minutes must be positive"),
