@@ -498,11 +498,14 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
     if args.init_from:
         check_data_tokenizer(Path(args.init_from), data, preset.model)
-    out = Path(args.out) if args.out else default_out(preset.name)
-    if (out / "last").exists():
-        raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
-                            "another --out")
-    check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
+    if args.out == "":
+        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:
+        if (out / "last").exists():
+            raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
+                                "another --out")
+        check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
     if cfg.warmup > cfg.max_steps // 2:
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
@@ -510,7 +513,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
             print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: "
                   f"{warming_up(cfg.max_steps // 2)}", flush=True)
         cfg.warmup = cfg.max_steps // 2
-    return preset, cfg, data, out
+    # Claimed last: nothing after it fails before the caller locks it (a lock released empty removes the folder).
+    return preset, cfg, data, out or default_out(preset.name, info.is_main)
 
 
 def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, str, Path, Path, list[str]]:
@@ -665,8 +669,18 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     return Preset(name=slug(name), model=config, train=train)
 
 
-def default_out(preset: str) -> Path:
-    return Path(from_rank0(f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"))  # every rank writes to rank 0's
+def default_out(preset: str, claim: bool) -> Path:
+    """runs/PRESET-TIME, made here (with `claim`: rank 0) so that runs started in the same second, such as a
+    sweep started in the background, each get their own: the second is runs/PRESET-TIME-2."""
+    base, name = f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}", ""
+    for k in range(1, 1000 if claim else 1):
+        name = base if k == 1 else f"{base}-{k}"
+        try:
+            Path(name).mkdir(parents=True)  # atomic: only one process makes it
+            break
+        except FileExistsError:
+            continue
+    return Path(from_rank0(name))  # every rank writes to rank 0's
 
 
 def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: torch.device,

@@ -284,6 +284,33 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
+def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, preset: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # A sweep started in the background (`for lr in ...; do nanoqwen train --lr $lr & done`) lost all runs but
+    # one: each named runs/PRESET-TIME, the others found it locked.
+    import datetime as real
+
+    import nanoqwen.train as train_module
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz=None):  # type: ignore[no-untyped-def, override]
+            return real.datetime(2026, 12, 4, 23, 0, 0)
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train_module, "datetime", Frozen)
+    flags = ["--config", str(preset), "--data", str(data), *FAST, "--max-steps", "2"]
+    assert train_in_process(*flags) == 0 and train_in_process(*flags, "--lr", "2e-2") == 0
+    runs = sorted(path.name for path in (tmp_path / "runs").iterdir())
+    assert len(runs) == 2 and runs[0].endswith("-20261204-230000") and runs[1] == f"{runs[0]}-2"
+    assert [json.loads((tmp_path / "runs" / run / "config.json").read_text())["train"]["lr"] for run in runs] == \
+        [1e-2, 2e-2]
+    capsys.readouterr()
+    assert train_in_process(*flags, "--out", "") == 2  # not the default folder, silently
+    assert "--out is empty" in capsys.readouterr().err and len(list((tmp_path / "runs").iterdir())) == 2
+
+
 def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, preset: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "fitted"
