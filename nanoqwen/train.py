@@ -400,8 +400,9 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
     args, cfg, info, out = run.args, run.cfg, run.info, run.out
     load_train_state(run, resume_dir)
     if args.max_steps is not None and args.max_steps <= run.state.step:
+        usable = "last/ and best/ are usable as they are" if (out / "best").is_dir() else "last/ is usable as it is"
         raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
-                            "steps to train it further (its last/ and best/ are usable as they are)")
+                            f"steps to train it further (its {usable})")  # no best/: stopped before its first eval
     if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
         run.state.fitted_steps = None
     if args.warmup is not None:  # likewise over a warmup cut to fit that length

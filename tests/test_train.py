@@ -708,8 +708,11 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     before = (out / "config.json").read_bytes()
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 2
     err = capsys.readouterr().err.strip()
-    assert "already at step 6" in err and "\n" not in err
+    assert "already at step 6" in err and "\n" not in err and "its last/ and best/ are usable" in err
     assert (out / "config.json").read_bytes() == before
+    shutil.rmtree(out / "best")  # as a run stopped before its first evaluation has none
+    assert train_in_process("--resume", str(out), "--max-steps", "6") == 2
+    assert "(its last/ is usable as it is)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
