@@ -334,6 +334,9 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
         if not sep or key not in names:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
+        if key == "torch_dtype":  # written from the weights when saved: a value here would be silently dropped
+            raise NanoQwenError("--set torch_dtype: the dtype a checkpoint is saved in follows its weights; give "
+                                "--dtype (init, sample, serve) or --best-dtype (train) instead")
         changes[key] = _coerce(value.strip(), getattr(config, key), key)
     if "max_window_layers" not in changes and config.max_window_layers == config.num_hidden_layers:
         # The presets' "no layer slides" follows a new layer count, as Qwen3's own configs write it.

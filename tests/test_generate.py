@@ -691,6 +691,7 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "inf"],
          "temperature must be a number >= 0"),
         (["init", "--out", str(tmp_path / "m"), "--tokenizer", "bpe:300"], "only prepare and train do"),
+        (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
          "repetition_penalty must be > 0"),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
