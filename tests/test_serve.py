@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import subprocess
@@ -314,6 +315,8 @@ def test_echo_scores_the_prompt_as_evaluation_harnesses_ask(client: openai.OpenA
         assert_scores_prompt(choice.logprobs, local, ids, 2)
     alone = client.completions.create(model="tiny", prompt=texts[1], echo=True, max_tokens=0, logprobs=2)
     assert alone.choices[0].logprobs == scored.choices[1].logprobs  # text or ids, batched or alone
+    two = client.completions.create(model="tiny", prompt=texts[1], echo=True, max_tokens=0, logprobs=2, n=2)
+    assert two.choices[0].logprobs == two.choices[1].logprobs == alone.choices[0].logprobs  # one shared prefill
     # The harness's own request (max_tokens 1, logprobs 1) and reading: a continuation's summed logprob and
     # whether each of its tokens was the most likely one.
     context, continuation = tokenizer.encode("The rain in"), tokenizer.encode(" Spain stays")
@@ -591,6 +594,52 @@ def test_long_prompt_prefills_in_chunks_between_decode_steps(local) -> None:
     with torch.inference_mode():  # first token's logprob from one forward over the whole prompt
         first = model(torch.tensor([long_prompt]))[0, -1].float().log_softmax(-1)[reference[0]]
     assert logprobs[0] == pytest.approx(float(first), abs=1e-4)
+
+
+def test_the_choices_of_a_prompt_read_it_once(local) -> None:
+    """In-process: n choices of one prompt share one prefill (it was read n times: a 3,000-token prompt with
+    n=16 took 10x as long), and each choice samples what it samples alone with its seed."""
+    model, tokenizer = local
+    prompts = [tokenizer.encode(PROMPTS[0] * 3), tokenizer.encode(PROMPTS[1])]
+    params = SamplingParams(max_new_tokens=6, temperature=1.0, seed=11)
+    prefills: list[int] = []
+
+    async def texts(engine: Engine, job) -> list[str]:
+        out = [""] * job.choices
+        done = 0
+        while done < job.choices:
+            event = await job.events.get()
+            assert not isinstance(event, Failed)
+            if isinstance(event, Delta):
+                out[event.index] += event.text
+            done += isinstance(event, Finished)
+        return out
+
+    async def main() -> tuple[list[str], list[str]]:
+        engine = Engine(model, tokenizer, prefill_chunk=8)
+        forward = engine.model.forward
+
+        def counted(ids, *args, **kwargs):  # type: ignore[no-untyped-def]
+            prefills.append(ids.shape[1]) if ids.shape[1] > 1 else None
+            return forward(ids, *args, **kwargs)
+
+        engine.model.forward = counted  # type: ignore[method-assign]
+        engine.start()
+        try:
+            together = await texts(engine, engine.submit(prompts, params, 4, top_logprobs=None))
+            alone = []
+            for index in range(8):
+                seeded = dataclasses.replace(params, seed=11 + index)
+                alone += await texts(engine, engine.submit([prompts[index // 4]], seeded, 1))
+            return together, alone
+        finally:
+            del engine.model.forward
+            engine.stop()
+
+    together, alone = asyncio.run(main())
+    assert together == alone
+    chunks = -(-len(prompts[0]) // 8) + -(-len(prompts[1]) // 8)
+    assert len(prefills) == chunks + 4 * chunks  # each prompt read once for its 4 choices, then 4 times alone
 
 
 @pytest.mark.parametrize("fixed_shapes", [False, True])

@@ -141,6 +141,11 @@ class Sequence:
     pending: int = -1  # last sampled token, fed to the model at the next step
     finished: bool = False
     cache: KVCache | None = field(default=None, repr=False)  # own prefill cache until merged into the batch
+    # Choices of one prompt share its prefill: the first reads the prompt, the others take its cache (only
+    # read from then on: copied into the batch) and last logits, instead of reading the prompt n times.
+    leader: Sequence | None = field(default=None, repr=False)  # set on the others: the first choice
+    prefilled: tuple[KVCache, torch.Tensor] | None = field(default=None, repr=False)  # on the first, for them
+    followers: int = 0  # on the first: choices still to take `prefilled`
 
     @property
     def in_cache(self) -> int:
@@ -208,7 +213,10 @@ class Engine:
             for j in range(n):
                 index = i * n + j
                 seed = None if params.seed is None else params.seed + index
-                sequences.append(self._new_sequence(job, index, prompt, params, seed, top_logprobs, echo))
+                sequences.append(seq := self._new_sequence(job, index, prompt, params, seed, top_logprobs, echo))
+                if j:  # queued after the first choice, so admitted once it has read the prompt
+                    seq.leader = sequences[-1 - j]
+                    seq.leader.followers += 1
         self._inbox.put(sequences)
         return job
 
@@ -288,6 +296,15 @@ class Engine:
     def _prefill_chunk(self, seq: Sequence) -> torch.Tensor | None:
         """Run the next chunk of the prompt through the model, alone, into the sequence's own cache;
         the last position's logits (1, V) once the whole prompt is in, else None."""
+        if seq.leader is not None:
+            leader, seq.leader = seq.leader, None
+            if leader.prefilled is not None:  # (None only if the first choice failed before it was read)
+                seq.cache, logits = leader.prefilled
+                seq.prompt_scores = leader.prompt_scores
+                leader.followers -= 1
+                if not leader.followers:
+                    leader.prefilled = None
+                return logits
         if seq.cache is None:
             seq.cache = self.model.new_cache(1, len(seq.prompt))
         start = seq.cache.length  # prompt tokens already in
@@ -298,7 +315,12 @@ class Engine:
         if scored:  # position k predicts prompt token k + 1: every chunk's logits, a chunk at a time
             following = seq.prompt[start + 1:end + 1]
             seq.prompt_scores += self._scores(logits[:len(following)], following, seq.top_logprobs or 0)
-        return logits[-1:].float() if end == len(seq.prompt) else None
+        if end < len(seq.prompt):
+            return None
+        last = logits[-1:].float()
+        if seq.followers:
+            seq.prefilled = (seq.cache, last)
+        return last
 
     def _scores(self, logits: torch.Tensor, tokens: list[int], top: int) -> list[Score]:
         """(logprob, the `top` most likely) of each row's token, from its logits (rows, V)."""
