@@ -477,6 +477,37 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
 
 
+def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # A run trained on a folder resumes only from its data: `prepare --out` over it, from other inputs or
+    # options, is refused (it was replaced after a note); the same inputs reuse it as before.
+    from nanoqwen.cli import main
+
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    (tmp_path / "b.txt").write_text("beta document\n" * 20)
+    out = tmp_path / "data"
+    prepare_args = ["prepare", "--tokenizer", "bpe:300", "--out", str(out), "--dataset"]
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for other in ([str(tmp_path / "b.txt")], [str(tmp_path / "a.txt"), "--seed", "1"]):
+        assert main([*prepare_args, *other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"nanoqwen prepare: error: {out} holds data prepared from other inputs or options (runs "
+                       "trained on it resume only from it); give --force to replace it, or another --out"), err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A folder of the same inputs left incomplete is made again: it holds nothing a run could resume from.
+    (out / "val.bin").write_bytes(b"")
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "meta.json"} == \
+        {name: data for name, data in before.items() if name != "meta.json"}
+    assert main([*prepare_args, str(tmp_path / "b.txt"), "--force"]) == 0
+    assert load_meta(out)["source"] == str(tmp_path / "b.txt") and leftovers(tmp_path) == []
+
+
 def leftovers(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if p.name.startswith(".")]
 
@@ -516,7 +547,8 @@ def test_killed_prepare_leaves_previous_folder(tmp_path: Path) -> None:
     for i in range(8):
         (tmp_path / "big" / f"{i}.txt").write_text(LONG)
     proc = subprocess.Popen([sys.executable, "-m", "nanoqwen", "prepare", "--dataset", str(tmp_path / "big"),
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--out", str(out), "--force"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not any((d / "train.bin").exists() for d in leftovers(tmp_path)):  # it is writing shards now
