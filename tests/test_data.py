@@ -678,6 +678,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "ok.txt").write_text("good text\n")
     out = str(tmp_path / "out")
     cases = [
+        (["--dataset", "hf:"], ["hf: needs a dataset name, such as hf:roneneldan/TinyStories"]),
         (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
         (["--dataset", str(tmp_path / "empty")], ["has no text"]),
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),

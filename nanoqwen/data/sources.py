@@ -273,6 +273,9 @@ def _clean_gutenberg(text: str) -> str:
 
 def _parse_hf_spec(spec: str) -> HubDataset:
     rest = spec[len("hf:"):]
+    if not rest.strip():  # Path("") is the current folder, which `datasets` then tries to load
+        raise NanoQwenError("hf: needs a dataset name, such as hf:roneneldan/TinyStories "
+                            "(write hf:ORG/NAME or hf:ORG/NAME:CONFIG)")
     if Path(rest).expanduser().exists():
         return HubDataset(str(Path(rest).expanduser()), local=True)
     name, _, config = rest.partition(":")
