@@ -676,9 +676,14 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "scans").mkdir()
     write_pdf(tmp_path / "scans" / "scan.pdf", [])
     (tmp_path / "ok.txt").write_text("good text\n")
+    (tmp_path / "run").mkdir()  # what `nanoqwen train --out run` leaves before its first checkpoint
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     out = str(tmp_path / "out")
     cases = [
         (["--dataset", "hf:"], ["hf: needs a dataset name, such as hf:roneneldan/TinyStories"]),
+        (["--dataset", str(tmp_path / "run")], [f"{tmp_path / 'run'} is a run folder (a training run's output), "
+                                                "not a corpus"]),
         (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
         (["--dataset", str(tmp_path / "empty")], ["has no text"]),
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
@@ -729,6 +734,10 @@ def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path:
     (tmp_path / "c" / "b.txt").write_text("and some more of it\n")
     (tmp_path / "c" / "tok").mkdir()
     qwen3_tokenizer().save(tmp_path / "c" / "tok")  # what `nanoqwen tokenizer train --out c/tok` leaves
+    (tmp_path / "c" / "runs" / "r1").mkdir(parents=True)  # a run's records are not text either
+    (tmp_path / "c" / "runs" / "r1" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
+    (tmp_path / "c" / "runs" / "r1" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    (tmp_path / "c" / "runs" / "r1" / "samples.txt").write_text("step 1: a sample\n")
     docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
     assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
     with pytest.raises(NanoQwenError, match="is a tokenizer or checkpoint, not a corpus"):

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.io import cache_dir
+from nanoqwen.io import cache_dir, is_run_config
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
@@ -418,8 +418,8 @@ def local_files(root: Path) -> list[Path]:
     """The corpus files under `root` in sorted order.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
-    (train.bin), tokenizers and checkpoints (tokenizer.json), so `--dataset . --out data/x` never reads its
-    own meta.json and tokenizer.json as text.
+    (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
+    --out data/x` never reads its own meta.json and tokenizer.json, nor a run's metrics.jsonl, as text.
     """
     if root.is_file():
         if root.suffix.lower() not in SUFFIXES:
@@ -427,7 +427,8 @@ def local_files(root: Path) -> list[Path]:
                                 f"use {', '.join(SUFFIXES)} or a folder of them")
         return [root]
     everything = all_files(root)
-    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")}
+    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
+                or (p.name == "config.json" and is_run_config(p))}
     return [p for p in everything if p.suffix.lower() in SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not prepared.intersection(p.parents)]
@@ -470,6 +471,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
     files = local_files(path)
+    if not files and is_run_config(path / "config.json"):
+        raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
+                            "text (its config.json names the data folder it trained on)")
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
         what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
         raise NanoQwenError(f"{spec} is {what}, not a corpus; give a folder of text (prepared data trains "
