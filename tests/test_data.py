@@ -220,6 +220,17 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
             [ChatRecord(tuple(chats[2]))]
     one_line_error(cli("prepare", "--dataset", str(tmp_path / "more.jsonl"), "--max-bytes", str(size - 1),
                        "--out", str(tmp_path / "never")), f"--max-bytes {size - 1} is smaller than the first chat")
+    # So do a table's and a `datasets` folder's chat column, unless --text-column names it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"messages": ["nope"]}), tmp_path / "strings.parquet")
+    datasets.Dataset.from_dict({"conversations": ["nope"]}).save_to_disk(str(tmp_path / "strings"))
+    for source, words in [("strings.parquet", "strings.parquet: column 'messages' is str, not a list of chat turns"),
+                          ("strings", "strings: column 'conversations' is str, not a list of chat turns")]:
+        with pytest.raises(NanoQwenError, match=re.escape(words)):
+            list(open_corpus(str(tmp_path / source)).documents())
+    assert list(open_corpus(str(tmp_path / "strings.parquet"), text_column="messages").documents()) == ["nope"]
     # A `datasets` folder's column of turns.
     datasets.Dataset.from_dict({"messages": [PARQUET_CHAT]}).save_to_disk(str(tmp_path / "saved"))
     assert list(open_corpus(str(tmp_path / "saved")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
@@ -259,7 +270,9 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
                           ({"conversations": [{"from": ["human"], "value": "hi"}]}, "turn 1 needs a role"),
                           ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
                            "turn 1 needs a role and text content"),
-                          ({"conversations": 5}, "field 'conversations' holds int, not text or a list of chat turns")]:
+                          ({"conversations": 5}, "field 'conversations' is int, not a list of chat turns"),
+                          # A chat field read for want of a text field holds turns: a string there is no text.
+                          ({"messages": "nope"}, "line 1: field 'messages' is str, not a list of chat turns")]:
         (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
         one_line_error(cli("prepare", "--dataset", str(tmp_path / "bad.jsonl"), "--tokenizer", "bpe:300",
                            "--out", str(tmp_path / "never")), words)

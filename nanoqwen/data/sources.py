@@ -360,6 +360,7 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
               transform: Callable[[str], str] | None = None) -> Iterator[Document]:
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
+    asked = column
     names = ds.column_names  # None for some streamed datasets: their batches name them
     if names is not None:
         column = text_column_of(names, column)
@@ -372,7 +373,7 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
         for value in batch[column]:
-            document = as_document(value, f"{where}: column {column!r}", stats)
+            document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
             if isinstance(document, str) and transform:
                 document = transform(document)
             if document:
@@ -564,8 +565,11 @@ def text_column_of(names: Iterable[str], column: str) -> str:
     return column
 
 
-def as_document(value: Any, where: str, stats: CorpusStats) -> Document | None:
-    """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing)."""
+def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False) -> Document | None:
+    """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing). With `chat`
+    (a chat field read for want of a text field) only turns: a string there is no text the user named."""
+    if chat and value is not None and not isinstance(value, list):
+        raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
@@ -610,11 +614,11 @@ def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
 def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -> Document | None:
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
-    column = text_column_of(record, column)
-    if column not in record:
+    field_name = text_column_of(record, column)
+    if field_name not in record:
         fields = ", ".join(record) or "none"
-        raise NanoQwenError(f"{where}: no {column!r} field (fields: {fields}); pass --text-column")
-    return as_document(record[column], f"{where}: field {column!r}", stats)
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); pass --text-column")
+    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -697,7 +701,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     except (pa.ArrowException, OSError) as e:
         raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
-    column = text_column_of(schema.names, column)
+    chosen = text_column_of(schema.names, column)
+    chat, column = chosen != column, chosen  # chat: a chat column, read for want of a text column
     if column not in schema.names:
         raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
     kind = schema.field(column).type
@@ -712,8 +717,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
         for value in batch.column(0).to_pylist():
-            if value and turns:
-                document = as_document(value, f"{path}: column {column!r}", stats)
+            if value and (turns or chat):
+                document = as_document(value, f"{path}: column {column!r}", stats, chat)
                 if document:
                     yield document
             elif value:
