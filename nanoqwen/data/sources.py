@@ -497,6 +497,13 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
 # A text file whose bytes are this much undecodable is skipped (a few bad bytes in real text are replaced).
 MOSTLY_UNDECODABLE = 0.25
+NOT_UTF8 = "a binary file, or text in another encoding: convert it to UTF-8"
+
+
+def mostly_undecodable(replaced: int, text: str) -> bool:
+    """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
+    as text, not text with a few bad bytes."""
+    return replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -508,11 +515,9 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
             raw = f.read(BLOCK_BYTES if large else -1)
         seen = CorpusStats()
         text = decode(raw, seen)
-        if seen.replacement_chars > 64 and seen.replacement_chars > MOSTLY_UNDECODABLE * len(text):
-            # Noise would be learned as text.
+        if mostly_undecodable(seen.replacement_chars, text):
             stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
-                                  f"{len(text):,} characters are not UTF-8 (a binary file, or text in another "
-                                  "encoding: convert it to UTF-8)"})
+                                  f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
         elif large:
             yield from _text_blocks(path, stats)
         elif text.strip():
