@@ -7,6 +7,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from shlex import quote
 
 import torch
 import torch.nn.functional as F
@@ -118,34 +119,48 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
     return tokens.prefix(len(tokens))
 
 
+def read_text_file(path: Path, model: str) -> tuple[str, int]:
+    """The text of eval's --text-file and its count of undecodable bytes replaced, or one line saying why it is
+    not a text to score (checked before the model loads: a mistake costs no wait)."""
+    from nanoqwen.data.sources import NOT_UTF8, SUFFIXES, TEXT_SUFFIXES, CorpusStats, decode, mostly_undecodable
+
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
+        raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
+                            "prepare it and pass --data)")
+    if path.suffix.lower() in SUFFIXES and path.suffix.lower() not in TEXT_SUFFIXES:
+        # Records or a PDF: prepare reads their text; scored as bytes they would measure JSON syntax or noise.
+        raise NanoQwenError(f"{path} is a {path.suffix.lower()} file, which eval does not read as text; prepare "
+                            f"it, then score that: `nanoqwen prepare --dataset {quote(str(path))} --tokenizer "
+                            f"{quote(model)} --out DIR`, then `nanoqwen eval --model {quote(model)} --data DIR`")
+    raw, stats = path.read_bytes(), CorpusStats()
+    text = decode(raw, stats)
+    if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
+        raise NanoQwenError(f"text file {path} is not text: {stats.replacement_chars:,} of its {len(text):,} "
+                            f"characters are not UTF-8 ({NOT_UTF8})")
+    if not text:
+        raise NanoQwenError(f"text file {path} is empty; give it some text to score")
+    return text, stats.replacement_chars
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.generate import load_for_inference
 
     if args.split is not None and args.text_file:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
+    text, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
     model, tokenizer = load_for_inference(args)
     if args.context is not None and args.context > model.config.max_position_embeddings:
         raise NanoQwenError(f"--context {args.context} is longer than the model's context "
                             f"({model.config.max_position_embeddings} positions); give at most that")
-    if args.text_file:
-        from nanoqwen.data.sources import CorpusStats, decode
-
-        path = Path(args.text_file)
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
-            raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
-                                "prepare it and pass --data)")
-        raw, stats = path.read_bytes(), CorpusStats()
-        text = decode(raw, stats)
-        if stats.replacement_chars:  # the figures are still computed, but the user should know why they are odd
-            print(f"nanoqwen: warning: {path} is not UTF-8 text: replaced {stats.replacement_chars:,} undecodable "
-                  "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
+    if replaced:  # the figures are still computed, but the user should know why they are odd
+        print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
+              "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
+    if text is not None:
         # Every token of the text is scored, the first after <|endoftext|> (how documents follow one another in
         # training; Qwen3 has no start token), so bits per byte are over all of its UTF-8 bytes, whatever the
         # file's encoding (UTF-16, a BOM).
-        if not text:
-            raise NanoQwenError(f"text file {path} is empty; give it some text to score")
         ids = [tokenizer.eot_id, *tokenizer.encode(text)]
         tokens, num_bytes = torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8"))
     else:

@@ -220,6 +220,17 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
             [ChatRecord(tuple(chats[2]))]
     one_line_error(cli("prepare", "--dataset", str(tmp_path / "more.jsonl"), "--max-bytes", str(size - 1),
                        "--out", str(tmp_path / "never")), f"--max-bytes {size - 1} is smaller than the first chat")
+    # So do a table's and a `datasets` folder's chat column, unless --text-column names it.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"messages": ["nope"]}), tmp_path / "strings.parquet")
+    datasets.Dataset.from_dict({"conversations": ["nope"]}).save_to_disk(str(tmp_path / "strings"))
+    for source, words in [("strings.parquet", "strings.parquet: column 'messages' is str, not a list of chat turns"),
+                          ("strings", "strings: column 'conversations' is str, not a list of chat turns")]:
+        with pytest.raises(NanoQwenError, match=re.escape(words)):
+            list(open_corpus(str(tmp_path / source)).documents())
+    assert list(open_corpus(str(tmp_path / "strings.parquet"), text_column="messages").documents()) == ["nope"]
     # A `datasets` folder's column of turns.
     datasets.Dataset.from_dict({"messages": [PARQUET_CHAT]}).save_to_disk(str(tmp_path / "saved"))
     assert list(open_corpus(str(tmp_path / "saved")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
@@ -259,7 +270,9 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
                           ({"conversations": [{"from": ["human"], "value": "hi"}]}, "turn 1 needs a role"),
                           ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
                            "turn 1 needs a role and text content"),
-                          ({"conversations": 5}, "field 'conversations' holds int, not text or a list of chat turns")]:
+                          ({"conversations": 5}, "field 'conversations' is int, not a list of chat turns"),
+                          # A chat field read for want of a text field holds turns: a string there is no text.
+                          ({"messages": "nope"}, "line 1: field 'messages' is str, not a list of chat turns")]:
         (tmp_path / "bad.jsonl").write_text(json.dumps(record) + "\n")
         one_line_error(cli("prepare", "--dataset", str(tmp_path / "bad.jsonl"), "--tokenizer", "bpe:300",
                            "--out", str(tmp_path / "never")), words)
@@ -477,6 +490,37 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
 
 
+def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # A run trained on a folder resumes only from its data: `prepare --out` over it, from other inputs or
+    # options, is refused (it was replaced after a note); the same inputs reuse it as before.
+    from nanoqwen.cli import main
+
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    (tmp_path / "b.txt").write_text("beta document\n" * 20)
+    out = tmp_path / "data"
+    prepare_args = ["prepare", "--tokenizer", "bpe:300", "--out", str(out), "--dataset"]
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    for other in ([str(tmp_path / "b.txt")], [str(tmp_path / "a.txt"), "--seed", "1"]):
+        assert main([*prepare_args, *other]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err == (f"nanoqwen prepare: error: {out} holds data prepared from other inputs or options (runs "
+                       "trained on it resume only from it); give --force to replace it, or another --out"), err
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A folder of the same inputs left incomplete is made again: it holds nothing a run could resume from.
+    (out / "val.bin").write_bytes(b"")
+    assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name != "meta.json"} == \
+        {name: data for name, data in before.items() if name != "meta.json"}
+    assert main([*prepare_args, str(tmp_path / "b.txt"), "--force"]) == 0
+    assert load_meta(out)["source"] == str(tmp_path / "b.txt") and leftovers(tmp_path) == []
+
+
 def leftovers(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if p.name.startswith(".")]
 
@@ -516,7 +560,8 @@ def test_killed_prepare_leaves_previous_folder(tmp_path: Path) -> None:
     for i in range(8):
         (tmp_path / "big" / f"{i}.txt").write_text(LONG)
     proc = subprocess.Popen([sys.executable, "-m", "nanoqwen", "prepare", "--dataset", str(tmp_path / "big"),
-                             "--out", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--out", str(out), "--force"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 60
         while not any((d / "train.bin").exists() for d in leftovers(tmp_path)):  # it is writing shards now
@@ -644,8 +689,14 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "scans").mkdir()
     write_pdf(tmp_path / "scans" / "scan.pdf", [])
     (tmp_path / "ok.txt").write_text("good text\n")
+    (tmp_path / "run").mkdir()  # what `nanoqwen train --out run` leaves before its first checkpoint
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
+    (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
     out = str(tmp_path / "out")
     cases = [
+        (["--dataset", "hf:"], ["hf: needs a dataset name, such as hf:roneneldan/TinyStories"]),
+        (["--dataset", str(tmp_path / "run")], [f"{tmp_path / 'run'} is a run folder (a training run's output), "
+                                                "not a corpus"]),
         (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
         (["--dataset", str(tmp_path / "empty")], ["has no text"]),
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
@@ -696,6 +747,10 @@ def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path:
     (tmp_path / "c" / "b.txt").write_text("and some more of it\n")
     (tmp_path / "c" / "tok").mkdir()
     qwen3_tokenizer().save(tmp_path / "c" / "tok")  # what `nanoqwen tokenizer train --out c/tok` leaves
+    (tmp_path / "c" / "runs" / "r1").mkdir(parents=True)  # a run's records are not text either
+    (tmp_path / "c" / "runs" / "r1" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
+    (tmp_path / "c" / "runs" / "r1" / "metrics.jsonl").write_text(json.dumps({"step": 1}) + "\n")
+    (tmp_path / "c" / "runs" / "r1" / "samples.txt").write_text("step 1: a sample\n")
     docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
     assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
     with pytest.raises(NanoQwenError, match="is a tokenizer or checkpoint, not a corpus"):

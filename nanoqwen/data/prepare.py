@@ -127,7 +127,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     prepare(args.dataset, args.tokenizer, args.out, val_fraction=args.val_fraction, seed=args.seed,
             text_column=args.text_column, split=args.split, max_bytes=args.max_bytes, force=args.force,
-            workers=args.workers)
+            workers=args.workers, replace_other=False)
     return 0
 
 
@@ -150,11 +150,13 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
 
 def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fraction: float | None = None,
             seed: int = 0, text_column: str | None = None, split: str = "train", max_bytes: int | None = None,
-            force: bool = False, workers: int | None = None, progress: bool = True) -> Path:
+            force: bool = False, workers: int | None = None, progress: bool = True,
+            replace_other: bool = True) -> Path:
     """Tokenize `dataset` with `tokenizer` into the folder `out` (see the module docstring); returns `out`.
 
     `tokenizer` is `qwen3`, `bpe:N` or a tokenizer folder. If `out` already holds the result of the same
-    inputs and options it is reused, unless `force`.
+    inputs and options it is reused, unless `force`. One prepared from other inputs or options is replaced,
+    unless `replace_other` is false (the `prepare` command's way): then only `force` replaces it.
     """
     out = Path(out)
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
@@ -176,7 +178,12 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             print(f"{out} is up to date (same inputs and options); --force rebuilds it")
         return out
     check_replaceable(out, "data")
-    if progress and not force and (out / "meta.json").is_file():  # whole or not: a run may have trained on it
+    # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
+    other = not force and (out / "meta.json").is_file() and _fingerprint_in(out) != fingerprint
+    if other and not replace_other:
+        raise NanoQwenError(f"{out} holds data prepared from other inputs or options (runs trained on it resume "
+                            "only from it); give --force to replace it, or another --out")
+    if other and progress:
         print(f"{out} was prepared from other inputs or options; preparing it again (runs trained on it will not "
               "resume on the new data: prepare into another --out to keep it)", flush=True)
 
@@ -664,6 +671,15 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
 
 
 # -- checks and messages -----------------------------------------------------------------------------
+
+def _fingerprint_in(out: Path) -> str | None:
+    """The fingerprint `out`/meta.json records, complete folder or not (None: unreadable, or none)."""
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return meta.get("fingerprint") if isinstance(meta, dict) else None
+
 
 def _holds(out: Path, fingerprint: str) -> bool:
     """Whether `out` is a complete folder made from the same inputs and options."""

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.io import cache_dir
+from nanoqwen.io import cache_dir, is_run_config
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
@@ -273,6 +273,9 @@ def _clean_gutenberg(text: str) -> str:
 
 def _parse_hf_spec(spec: str) -> HubDataset:
     rest = spec[len("hf:"):]
+    if not rest.strip():  # Path("") is the current folder, which `datasets` then tries to load
+        raise NanoQwenError("hf: needs a dataset name, such as hf:roneneldan/TinyStories "
+                            "(write hf:ORG/NAME or hf:ORG/NAME:CONFIG)")
     if Path(rest).expanduser().exists():
         return HubDataset(str(Path(rest).expanduser()), local=True)
     name, _, config = rest.partition(":")
@@ -357,6 +360,7 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
               transform: Callable[[str], str] | None = None) -> Iterator[Document]:
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
+    asked = column
     names = ds.column_names  # None for some streamed datasets: their batches name them
     if names is not None:
         column = text_column_of(names, column)
@@ -369,7 +373,7 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
         for value in batch[column]:
-            document = as_document(value, f"{where}: column {column!r}", stats)
+            document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
             if isinstance(document, str) and transform:
                 document = transform(document)
             if document:
@@ -415,8 +419,8 @@ def local_files(root: Path) -> list[Path]:
     """The corpus files under `root` in sorted order.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
-    (train.bin), tokenizers and checkpoints (tokenizer.json), so `--dataset . --out data/x` never reads its
-    own meta.json and tokenizer.json as text.
+    (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
+    --out data/x` never reads its own meta.json and tokenizer.json, nor a run's metrics.jsonl, as text.
     """
     if root.is_file():
         if root.suffix.lower() not in SUFFIXES:
@@ -424,7 +428,8 @@ def local_files(root: Path) -> list[Path]:
                                 f"use {', '.join(SUFFIXES)} or a folder of them")
         return [root]
     everything = all_files(root)
-    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")}
+    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
+                or (p.name == "config.json" and is_run_config(p))}
     return [p for p in everything if p.suffix.lower() in SUFFIXES
             and not any(part.startswith(".") for part in p.relative_to(root).parts)
             and not prepared.intersection(p.parents)]
@@ -467,6 +472,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
     files = local_files(path)
+    if not files and is_run_config(path / "config.json"):
+        raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
+                            "text (its config.json names the data folder it trained on)")
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
         what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
         raise NanoQwenError(f"{spec} is {what}, not a corpus; give a folder of text (prepared data trains "
@@ -489,6 +497,13 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
 # A text file whose bytes are this much undecodable is skipped (a few bad bytes in real text are replaced).
 MOSTLY_UNDECODABLE = 0.25
+NOT_UTF8 = "a binary file, or text in another encoding: convert it to UTF-8"
+
+
+def mostly_undecodable(replaced: int, text: str) -> bool:
+    """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
+    as text, not text with a few bad bytes."""
+    return replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -500,11 +515,9 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
             raw = f.read(BLOCK_BYTES if large else -1)
         seen = CorpusStats()
         text = decode(raw, seen)
-        if seen.replacement_chars > 64 and seen.replacement_chars > MOSTLY_UNDECODABLE * len(text):
-            # Noise would be learned as text.
+        if mostly_undecodable(seen.replacement_chars, text):
             stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
-                                  f"{len(text):,} characters are not UTF-8 (a binary file, or text in another "
-                                  "encoding: convert it to UTF-8)"})
+                                  f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
         elif large:
             yield from _text_blocks(path, stats)
         elif text.strip():
@@ -557,8 +570,11 @@ def text_column_of(names: Iterable[str], column: str) -> str:
     return column
 
 
-def as_document(value: Any, where: str, stats: CorpusStats) -> Document | None:
-    """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing)."""
+def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False) -> Document | None:
+    """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing). With `chat`
+    (a chat field read for want of a text field) only turns: a string there is no text the user named."""
+    if chat and value is not None and not isinstance(value, list):
+        raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
@@ -603,11 +619,11 @@ def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
 def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -> Document | None:
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
-    column = text_column_of(record, column)
-    if column not in record:
+    field_name = text_column_of(record, column)
+    if field_name not in record:
         fields = ", ".join(record) or "none"
-        raise NanoQwenError(f"{where}: no {column!r} field (fields: {fields}); pass --text-column")
-    return as_document(record[column], f"{where}: field {column!r}", stats)
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); pass --text-column")
+    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -690,7 +706,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     except (pa.ArrowException, OSError) as e:
         raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
-    column = text_column_of(schema.names, column)
+    chosen = text_column_of(schema.names, column)
+    chat, column = chosen != column, chosen  # chat: a chat column, read for want of a text column
     if column not in schema.names:
         raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
     kind = schema.field(column).type
@@ -705,8 +722,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
         for value in batch.column(0).to_pylist():
-            if value and turns:
-                document = as_document(value, f"{path}: column {column!r}", stats)
+            if value and (turns or chat):
+                document = as_document(value, f"{path}: column {column!r}", stats, chat)
                 if document:
                     yield document
             elif value:

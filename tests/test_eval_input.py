@@ -1,0 +1,79 @@
+"""What `nanoqwen eval --text-file` refuses to score: data files prepare reads, and files that are not text."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint
+from nanoqwen.cli import main
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import train_bpe
+from tests.test_model import tiny_config
+
+TEXT = "the cat sat on the mat and the dog sat on the log. "
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small random model with a small BPE (a Qwen3 vocabulary would only make it slower)."""
+    tokenizer = train_bpe([TEXT] * 20, 300)
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("eval") / "ck"
+    save_checkpoint(Qwen3(config), path, tokenizer)
+    return path
+
+
+def one_line(capsys: pytest.CaptureFixture[str]) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err, err
+    return err
+
+
+def test_data_files_are_pointed_at_prepare(checkpoint: Path, tmp_path: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    # Scored as bytes, a table or JSON records measured their syntax (a table warned of undecodable bytes and
+    # still exited 0): their text is what prepare reads.
+    pq.write_table(pa.table({"text": [TEXT] * 8}), tmp_path / "t.parquet")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": TEXT}) + "\n" for _ in range(8)))
+    (tmp_path / "t.json").write_text(json.dumps([{"text": TEXT}] * 8))
+    (tmp_path / "t.pdf").write_bytes(b"%PDF-1.4\n" + bytes(range(256)) * 4)
+    for name in ("t.parquet", "t.jsonl", "t.json", "t.pdf"):
+        path = tmp_path / name
+        assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--device", "cpu"]) == 2
+        assert one_line(capsys) == (
+            f"nanoqwen eval: error: {path} is a {path.suffix} file, which eval does not read as text; prepare it, "
+            f"then score that: `nanoqwen prepare --dataset {path} --tokenizer {checkpoint} --out DIR`, then "
+            f"`nanoqwen eval --model {checkpoint} --data DIR`")
+    # Done as said, it scores the records' text.
+    data = tmp_path / "data"
+    assert main(["prepare", "--dataset", str(tmp_path / "t.jsonl"), "--tokenizer", str(checkpoint),
+                 "--out", str(data)]) == 0
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--device", "cpu", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
+
+
+def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # Prepare skips such a file as noise; eval scored it and exited 0.
+    noise = tmp_path / "noise.bin"
+    noise.write_bytes(random.Random(0).randbytes(4000))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(noise), "--device", "cpu"]) == 2
+    err = one_line(capsys)
+    assert err.startswith(f"nanoqwen eval: error: text file {noise} is not text: ") and err.endswith(
+        "characters are not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)"), err
+    # A few bad bytes in real text are still scored, with a warning (and a text file of any name is read).
+    mostly = tmp_path / "notes.log"
+    mostly.write_bytes(TEXT.encode() * 10 + b"\xff" * 65)
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(mostly), "--device", "cpu", "--json"]) == 0
+    captured = capsys.readouterr()
+    assert "replaced 65 undecodable byte sequences" in captured.err
+    assert json.loads(captured.out.strip().splitlines()[-1])["tokens"] > 0
