@@ -923,7 +923,8 @@ def test_replacing_an_output_never_deletes_other_files(tmp_path: Path, monkeypat
         assert {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()} == before
     (tmp_path / "download" / "README.md").unlink()
     monkeypatch.chdir(tmp_path / "download")
-    assert main([*init, "."]) == 0  # its own checkpoint, by the name `.`
+    assert main([*init, "."]) == 2  # its own checkpoint, by the name `.`: its weights kept, unless --force
+    assert main([*init, ".", "--force"]) == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["download", "proj"]
 
 
