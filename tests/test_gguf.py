@@ -199,7 +199,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: T
     import nanoqwen.io as io_module
 
     folder, _ = checkpoint(tmp_path / "ck", bpe)
-    (tmp_path / "m.gguf").write_text("an earlier file")
+    (tmp_path / "m.gguf").write_text("GGUF an earlier export")  # a GGUF's magic: replaceable, unlike other files
 
     def write_on_a_full_disk(*args: object, **kwargs: object) -> None:
         raise OSError("196608 requested and 94416 written")  # numpy's tofile, with no errno
@@ -209,4 +209,4 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: T
     assert main(["gguf", "--model", str(folder), "--out", str(tmp_path / "m.gguf")]) != 0
     err = capsys.readouterr().err.strip()
     assert "no space left on the disk" in err and "\n" not in err
-    assert (tmp_path / "m.gguf").read_text() == "an earlier file" and not list(tmp_path.glob(".m.gguf*"))
+    assert (tmp_path / "m.gguf").read_text() == "GGUF an earlier export" and not list(tmp_path.glob(".m.gguf*"))
