@@ -411,8 +411,16 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
         raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
                             f"{run.state.step}) to train it further")
     patience = cfg.early_stopping_patience
-    if patience and run.state.evals_since_best >= patience:  # it stopped early; more steps were asked for
+    if patience and run.state.evals_since_best >= patience:  # it stopped early
+        if args.max_steps is None and args.early_stopping_patience is None:  # as a run that never stopped ends
+            raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({patience} evaluations without a "
+                                "better val loss); give --max-steps or --early-stopping-patience to train it further")
         run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
+    # A val loss over other targets or windows is no longer comparable with the best so far: best/ starts afresh.
+    rescored = [c for c in changed if c.split()[0] in ("loss_on", "seq_len", "eval_windows")]
+    rescored_from = run.state.best_step if rescored and run.state.best_val_loss is not None else None
+    if rescored_from is not None:
+        run.state.best_val_loss, run.state.evals_since_best = None, 0
     if info.is_main:  # the flags given now hold for later resumes too
         truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
         truncate_samples(out, run.state.step)
@@ -435,6 +443,9 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
     if changed and info.is_main:  # said once nothing refuses the resume any more
         print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
               "stopped", flush=True)
+        if rescored_from is not None:
+            print(f"the val loss is measured otherwise from here ({', '.join(rescored)}), so the next evaluation "
+                  f"writes best/ afresh (it holds step {rescored_from})", flush=True)
 
 
 def start_fresh(run: Run) -> None:
@@ -1085,9 +1096,11 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         if path.exists():
             print(f"  {label:<34} {path}")
     model = out / "best" if (out / "best").exists() else out / "last"
-    # All its steps done: more need a larger --max-steps. An early stop with steps left resumes as planned.
+    # All its steps done: more need a larger --max-steps. An early stop with steps left goes on as planned
+    # once asked to (a plain resume of it is refused, as a run that never stopped would have ended there too).
     done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
-    longer = f" --max-steps {state.step * 2}" if done else ""
+    longer = f" --max-steps {state.step * 2}" if done else \
+        f" --max-steps {run.total_steps}" if summary["stopped"] == "early_stopping" else ""
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works

@@ -494,6 +494,20 @@ def test_the_evaluation_that_ends_a_cut_run_does_not_count_toward_patience(data:
     assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [2, 4, 5, 6]
 
 
+def test_a_val_loss_measured_otherwise_starts_best_afresh(data: Path, preset: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # lr 0: the weights never change. Over other val windows the loss is another number, which was compared
+    # with the old best (a better model could stop early; a worse one replaced best/).
+    out = tmp_path / "rescored"
+    flags = ["--lr", "0", "--min-lr", "0", "--eval-interval", "2"]
+    assert train_in_process(*common(data, preset, out), "--max-steps", "4", *flags) == 0
+    assert json.loads((out / "last/train_state.json").read_text())["best_step"] == 2  # step 4 was no better
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--eval-windows", "8") == 0
+    assert "writes best/ afresh (it holds step 2)" in capsys.readouterr().out
+    assert json.loads((out / "last/train_state.json").read_text())["best_step"] == 6
+
+
 def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     # lr 0: the val loss never improves, so patience 2 stops at the third evaluation (steps 2, 4, 6).
@@ -505,7 +519,10 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     printed = capsys.readouterr().out
     assert "early_stopping" in printed
     resume = shlex.split(printed.split("next: ")[1].splitlines()[0].split("|")[1])  # pasted as printed: one path
-    assert resume == ["nanoqwen", "train", "--resume", str(out)], resume  # steps left: no shorter --max-steps
+    assert resume == ["nanoqwen", "train", "--resume", str(out), "--max-steps", "50"], resume  # as planned
+    # A plain resume ends where the run ended (it went on, so a run killed after its stop ended otherwise).
+    assert train_in_process("--resume", str(out)) == 2
+    assert "stopped early at step 6 (2 evaluations without a better val loss)" in capsys.readouterr().err
     # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
     assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
     assert read_metrics(out)[-1]["step"] == 10
