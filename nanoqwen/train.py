@@ -120,7 +120,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "500 steps of 16 x 1024 tokens)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
-    data.add_argument("--dataset", help=f"a corpus to prepare first into data/NAME-TOKENIZER: {SOURCES_HELP}")
+    data.add_argument("--dataset", help=f"a corpus to prepare first into data/NAME-HASH-TOKENIZER: {SOURCES_HELP}")
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
