@@ -393,12 +393,8 @@ class Engine:
             return scores
         index = torch.tensor(asked, device=self.device)
         top = max(rows[row].top_logprobs or 0 for row in asked)
-        chosen, values, ids = token_logprobs(logits[index], torch.tensor([sampled[row] for row in asked],
-                                                                         device=self.device), top)
-        chosen_l, values_l, ids_l = chosen.tolist(), values.tolist(), ids.tolist()  # one device sync
-        for i, row in enumerate(asked):
-            k = rows[row].top_logprobs or 0
-            scores[row] = (chosen_l[i], list(zip(ids_l[i][:k], values_l[i][:k])))
+        for row, (chosen, best) in zip(asked, self._scores(logits[index], [sampled[row] for row in asked], top)):
+            scores[row] = (chosen, best[:rows[row].top_logprobs or 0])
         return scores
 
     def _accept(self, seq: Sequence, token: int, score: Score | None) -> bool:
