@@ -4,11 +4,14 @@ With the Qwen3 vocabulary (151,936 ids) the logits of one 8 x 2048 batch are 10 
 the model. `chunked_cross_entropy` projects the final hidden states through the head a chunk of tokens
 at a time and, when gradients are needed, computes the gradients of that chunk right away (as Liger's
 fused linear cross-entropy does): one matmul for the logits and two for the gradients, no recompute,
-and only one chunk of logits alive at a time. backward() then only scales the stored gradients.
+and only one chunk of logits alive at a time. backward() then only scales the stored gradients. Under
+`train --compile` each chunk's softmax and gradient is one compiled reduction and one fused pass.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -19,18 +22,71 @@ from nanoqwen.model import Qwen3
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
+# On a GPU every chunk also reads and writes the whole (V, C) fp32 weight gradient once (1.2 GB at
+# qwen3-0.6b): fewer, larger chunks (1,766 tokens at the Qwen3 vocabulary, 512 MiB of bf16 logits).
+CUDA_CHUNK_ELEMENTS = 1 << 28
 MIN_CHUNK_ROWS = 256  # fewer rows make the (V, C) weight-gradient update memory-bound
 
 
-def chunk_rows(vocab_size: int, budget: int = CHUNK_ELEMENTS) -> int:
-    """Tokens per chunk so that one chunk of logits holds about `budget` numbers."""
+def chunk_rows(vocab_size: int, device_type: str = "cpu") -> int:
+    """Tokens per chunk so that one chunk of logits holds about CHUNK_ELEMENTS numbers (on CUDA, more)."""
+    budget = CUDA_CHUNK_ELEMENTS if device_type == "cuda" else CHUNK_ELEMENTS
     return max(MIN_CHUNK_ROWS, budget // vocab_size)
+
+
+def loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """One chunk's summed loss (fp32); `logits` (n, V) are overwritten with its gradient d(sum of losses) /
+    d(logits) = softmax - onehot (0 on rows not `valid`), in their own dtype.
+
+    The softmax is built in place, its exponentials computed once for both the loss and the gradient: five
+    passes over the chunk instead of eight (bf16 logits take two more, to float32 and back).
+    """
+    grads = logits.float()  # the same tensor when it already is float32
+    safe_targets = targets.clamp(min=0)
+    target_logits = grads.gather(1, safe_targets[:, None]).squeeze(1)
+    peak = grads.amax(dim=-1, keepdim=True)
+    sums = grads.sub_(peak).exp_().sum(dim=-1)
+    loss = ((peak.squeeze(1) + sums.log() - target_logits) * valid).sum()
+    grads.mul_((valid / sums)[:, None])
+    grads[torch.arange(len(targets), device=targets.device), safe_targets] -= valid.float()
+    if grads is not logits:
+        logits.copy_(grads)
+    return loss
+
+
+def fusable_loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`loss_and_logit_grads` written for torch.compile, which fuses it into one reduction over the chunk
+    and one pass that writes the gradient over the logits (bf16 stays bf16: no float32 chunk between).
+    In-place steps and the indexed write of the one-hot would each cut the fusion (about 4x slower,
+    measured on CPU); eager, this form is the slow one."""
+    x = logits.float()
+    safe_targets = targets.clamp(min=0)
+    target_logits = x.gather(1, safe_targets[:, None]).squeeze(1)
+    peak = x.amax(dim=-1, keepdim=True)
+    sums = (x - peak).exp().sum(dim=-1)
+    loss = ((peak.squeeze(1) + sums.log() - target_logits) * valid).sum()
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_targets[:, None]
+    logits.copy_((x - peak).exp() * (valid / sums)[:, None] - onehot * valid[:, None].float())
+    return loss
+
+
+SoftmaxStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+_compiled_step: SoftmaxStep | None = None
+
+
+def compiled_softmax_step() -> SoftmaxStep:
+    """`fusable_loss_and_logit_grads` under torch.compile, made once (shapes are static: a run compiles it
+    for its chunk and its last, shorter one)."""
+    global _compiled_step
+    if _compiled_step is None:
+        _compiled_step = torch.compile(fusable_loss_and_logit_grads, dynamic=False)
+    return _compiled_step
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
-                chunk: int) -> torch.Tensor:
+                chunk: int, softmax_step: SoftmaxStep) -> torch.Tensor:
         # hidden (N, C), weight (V, C), targets (N,). Matmuls in the autocast (else the activations') dtype,
         # softmax and the loss in fp32, the weight gradient accumulated in fp32.
         device = hidden.device.type
@@ -46,22 +102,14 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
             for start in range(0, hidden.shape[0], chunk):
                 h = hidden[start:start + chunk].to(dtype)
                 t, ok = targets[start:start + chunk], valid[start:start + chunk]
-                logits = (h @ w.T).float()  # (n, V): the only chunk of logits alive
-                safe_t = t.clamp(min=0)
-                target_logits = logits.gather(1, safe_t[:, None]).squeeze(1)
+                logits = h @ w.T  # (n, V): the only chunk of logits alive
                 if not needs_grad:
+                    logits = logits.float()
+                    target_logits = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
                     total += ((torch.logsumexp(logits, dim=-1) - target_logits) * ok).sum()
                     continue
-                # The softmax built in place in `logits`, its exponentials computed once for both the loss
-                # and the gradient: five passes over the chunk instead of eight.
-                peak = logits.amax(dim=-1, keepdim=True)
-                exps = logits.sub_(peak).exp_()
-                sums = exps.sum(dim=-1)
-                total += ((peak.squeeze(1) + sums.log() - target_logits) * ok).sum()
-                # d(sum of losses)/d logits = softmax - onehot, 0 on ignored rows
-                grad_logits = exps.mul_((ok / sums)[:, None])
-                grad_logits[torch.arange(len(t), device=t.device), safe_t] -= ok.float()
-                grad_logits = grad_logits.to(dtype)
+                total += softmax_step(logits, t, ok)
+                grad_logits = logits  # overwritten with the gradient
                 grad_hidden[start:start + chunk] = grad_logits @ w
                 if dtype == torch.float32:
                     grad_weight.addmm_(grad_logits.T, h)
@@ -77,19 +125,22 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         scale = grad_output / count
         gh = (grad_hidden * scale.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None
         gw = (grad_weight * scale).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return gh, gw, None, None
+        return gh, gw, None, None, None
 
 
 def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                          chunk: int | None = None) -> torch.Tensor:
+                          chunk: int | None = None, compiled: bool = False) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX = skip).
 
     hidden (..., C), weight (V, C), targets (...). Equal, values and gradients, to
-    `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten())`.
+    `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten())`. `compiled`: each
+    chunk's softmax and gradient run as compiled kernels (the matmuls are the same either way).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
-    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk or chunk_rows(weight.shape[0]))
+    step = compiled_softmax_step() if compiled else loss_and_logit_grads
+    chunk = chunk or chunk_rows(weight.shape[0], hidden.device.type)
+    return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, step)
 
 
 def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -110,8 +161,9 @@ class CausalLMLoss(nn.Module):
         self.loss_fn = chunked_cross_entropy
 
     def compile(self, *args: Any, **kwargs: Any) -> None:
-        """torch.compile the model; the loss (a Python loop over chunks) stays eager."""
-        self.loss_fn = torch.compiler.disable(chunked_cross_entropy)
+        """torch.compile the model; the loss's loop over chunks stays eager and compiles each chunk's
+        softmax and gradient on its own."""
+        self.loss_fn = torch.compiler.disable(partial(chunked_cross_entropy, compiled=True))
         super().compile(*args, **kwargs)
 
     def forward(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -93,6 +94,33 @@ def test_chunked_loss_equals_plain_loss_and_gradients() -> None:
         hidden.grad = weight.grad = None
     with torch.no_grad():  # evaluation: no gradients kept
         torch.testing.assert_close(chunked_cross_entropy(hidden, weight, targets, chunk=7), expected)
+    # The compiled softmax step (`train --compile`): the same loss and gradients
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk=16, compiled=True)
+    (2.0 * loss).backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(hidden.grad, 2.0 * grads[0])
+    torch.testing.assert_close(weight.grad, 2.0 * grads[1])
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_under_bf16_autocast_equals_the_plain_one(compiled: bool) -> None:
+    # The CUDA training path's dtypes: bf16 matmuls and logits, the softmax in fp32, the gradient in bf16
+    torch.manual_seed(0)
+    hidden = torch.randn(2, 45, 32, requires_grad=True)
+    weight = (0.3 * torch.randn(211, 32)).requires_grad_()
+    targets = torch.randint(0, 211, (2, 45))
+    targets[1, 3:9] = -100
+    results = []
+    for loss_fn in (plain_cross_entropy, partial(chunked_cross_entropy, chunk=32, compiled=compiled)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = loss_fn(hidden, weight, targets)
+        loss.backward()
+        results.append((loss.detach(), hidden.grad, weight.grad))
+        hidden.grad = weight.grad = None
+    (loss, grad_hidden, grad_weight), (plain_loss, plain_hidden, plain_weight) = results[1], results[0]
+    torch.testing.assert_close(loss, plain_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad_hidden, plain_hidden.to(grad_hidden.dtype), rtol=0.02, atol=2e-4)
+    torch.testing.assert_close(grad_weight, plain_weight, rtol=0.02, atol=2e-4)
 
 
 def test_schedules_are_functions_of_the_step() -> None:
