@@ -7,6 +7,7 @@ with a reason.
     python bench/gpu_checks.py serve CKPT         # `nanoqwen serve` batches four greedy requests: eager text
     python bench/gpu_checks.py flash              # training attention runs on SDPA's flash kernel (GQA, bf16)
     python bench/gpu_checks.py cuda-graph CKPT    # decoding through the CUDA graph: same tokens, tokens/s
+    python bench/gpu_checks.py loss               # chunked loss, eager and compiled, equals the plain one; timed
 
 $DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU.
 """
@@ -209,6 +210,50 @@ def cuda_graph(checkpoint: str) -> None:
               f"{'with fixed shapes (a CUDA graph on CUDA)' if fixed else 'eager'}")
 
 
+def loss() -> None:
+    """The training loss at qwen3-0.6b's head (C 1024, the Qwen3 vocabulary, 8,192 tokens, bf16 autocast):
+    chunked eager and chunked compiled (`train --compile`) against full logits, values and gradients; then
+    the time of a forward and backward of each, and the peak memory it adds."""
+    from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
+
+    torch.manual_seed(0)
+    tokens = 8192 if DEVICE == "cuda" else 512  # (a CPU only tries the check)
+    hidden = torch.randn(tokens, 1024, device=DEVICE, requires_grad=True)
+    weight = (0.02 * torch.randn(151936, 1024, device=DEVICE)).requires_grad_()
+    targets = torch.randint(0, 151936, (tokens,), device=DEVICE)
+    targets[:100] = -100
+    ways = {"plain": plain_cross_entropy, "chunked": chunked_cross_entropy,
+            "chunked-compiled": partial(chunked_cross_entropy, compiled=True)}
+
+    def run(way: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        hidden.grad = weight.grad = None
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            value = ways[way](hidden, weight, targets)
+        value.backward()
+        return value.detach(), hidden.grad, weight.grad
+
+    reference = run("plain")
+    for way in ways:
+        for _ in range(2):  # the first compiles
+            got = run(way)
+        for name, a, b in zip(("loss", "hidden grad", "weight grad"), got, reference):
+            scale = b.abs().max().item()
+            gap = (a.float() - b.float()).abs().max().item()
+            assert gap <= 1e-3 * max(1.0, scale) + 2e-2 * scale, (way, name, gap, scale)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        started = time.perf_counter()
+        for _ in range(5):
+            run(way)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        extra = (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else float("nan")
+        print(f"loss {way}: {(time.perf_counter() - started) / 5 * 1e3:.1f} ms forward + backward, "
+              f"{extra:.2f} GiB above the inputs at peak; loss {got[0].item():.4f}")
+
+
 def sdpa_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """The model's CUDA call for one query per row: q (B, 1, H, D), k/v (B, K, S, D) -> (B, 1, H, D)."""
     return torch.nn.functional.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
@@ -217,5 +262,5 @@ def sdpa_one_token(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
 
 if __name__ == "__main__":
     checks = {"loss-falls": loss_falls, "resume": resume, "logits": logits, "serve": serve, "flash": flash,
-              "cuda-graph": cuda_graph}
+              "cuda-graph": cuda_graph, "loss": loss}
     checks[sys.argv[1]](*sys.argv[2:])

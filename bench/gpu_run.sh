@@ -3,7 +3,8 @@
 #   device tool: carry [".gpu"], command "bash bench/gpu_run.sh STAGE", timeout_s 600
 # Each stage fits one 10-minute call and writes STAGE.log (everything) and STAGE.md (the result) to $OUT.
 #   check1    the single-GPU paths, PASS/FAIL each: prepare; train (bf16 autocast, torch.compile, fused
-#             AdamW) and its loss falls; SDPA's flash kernel takes GQA; logits equal Transformers'; eval,
+#             AdamW) and its loss falls; SDPA's flash kernel takes GQA; the chunked loss, eager and compiled,
+#             equals the plain one (and its times); logits equal Transformers'; eval,
 #             decoding through a CUDA graph; sample, serve; fp16 + GradScaler; Muon
 #   check2    a run stopped by SIGTERM and resumed follows the uninterrupted one; DDP over NCCL and FSDP2
 #             under torchrun (one process: the code path, not the scaling)
@@ -46,6 +47,7 @@ check1)
     check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
     check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
     check flash-attention-gqa python3 bench/gpu_checks.py flash
+    check loss-compiled python3 bench/gpu_checks.py loss
     check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
     check eval python3 -m nanoqwen eval --model "$w/a/best" --data "$w/data" --device "$DEVICE" --max-windows 32
     check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
