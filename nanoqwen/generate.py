@@ -239,17 +239,25 @@ class DecodeStep:
 
     def _warm_up(self) -> torch.Tensor:
         """One real step on a side stream, so that lazy initializations happen before a capture."""
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = self.model(self.token, cache=self.cache)
-        torch.cuda.current_stream().wait_stream(side)
+        device = self.cache.keys.device  # not necessarily the current one (--device cuda:1)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                logits = self.model(self.token, cache=self.cache)
+            torch.cuda.current_stream(device).wait_stream(side)
         return logits
 
     def _record(self) -> Callable[[], torch.Tensor]:
-        """The step captured as a CUDA graph: a function that replays it and returns its logits."""
+        """The step captured as a CUDA graph: a function that replays it and returns its logits.
+
+        The capture stream is made on the cache's device: torch.cuda.graph's own is made once, on whichever
+        device was current then, and the kernels of a model on another device would not be captured on it
+        (they would run once, for real, and the graph would replay nothing)."""
+        device = self.cache.keys.device
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+        with torch.cuda.device(device), torch.cuda.graph(graph, stream=torch.cuda.Stream(device),
+                                                         capture_error_mode="thread_local"):
             logits = self.model(self.token, cache=self.cache)
 
         def replay() -> torch.Tensor:

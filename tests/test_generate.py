@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -422,6 +423,77 @@ def test_decode_step_whose_warm_up_fills_the_cache(checkpoint):
         step = EmulatedGraphStep(model, fixed_cache, capture=True)
         torch.testing.assert_close(step(token), model(token[:, None], cache=usual_cache), rtol=1e-5, atol=1e-5)
     assert step.records == 0 and fixed_cache.length == 4
+
+
+class FakeCuda:
+    """torch.cuda's streams, device guard and graph capture, stood in for on CPU: it notes on which device each
+    stream is made and which device is current while the warm-up and the capture run the model."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.current: torch.device | None = None  # None: the process's current device, cuda:0
+        self.streams: list[torch.device | None] = []  # the device of each stream made
+        self.ran_on: list[torch.device | None] = []  # the current device, as the model ran in a warm-up or capture
+        fake = self
+
+        class Stream:
+            def __init__(self, device=None):
+                self.device = None if device is None else torch.device(device)
+                fake.streams.append(self.device)
+
+            def wait_stream(self, other):
+                pass
+
+        @contextlib.contextmanager
+        def device(where):
+            before, fake.current = fake.current, torch.device(where)
+            yield
+            fake.current = before
+
+        @contextlib.contextmanager
+        def stream(s):
+            before, fake.current = fake.current, s.device  # as torch.cuda.stream makes the stream's device current
+            yield
+            fake.current = before
+
+        class CUDAGraph:
+            def replay(self):
+                pass
+
+        @contextlib.contextmanager
+        def graph(cuda_graph, pool=None, stream=None, capture_error_mode="global"):
+            # torch.cuda.graph makes its own stream, once, on the device current then, unless given one
+            with fake_stream_context(stream or Stream()):
+                yield
+
+        fake_stream_context = stream
+        original = Qwen3.forward
+
+        def forward(model, *args, **kwargs):
+            fake.ran_on.append(fake.current)
+            return original(model, *args, **kwargs)
+
+        for name, value in [("Stream", Stream), ("device", device), ("stream", stream), ("graph", graph),
+                            ("CUDAGraph", CUDAGraph), ("current_stream", Stream)]:
+            monkeypatch.setattr(torch.cuda, name, value)
+        monkeypatch.setattr(Qwen3, "forward", forward)
+
+
+def test_decode_step_captures_on_the_device_of_its_cache(checkpoint, monkeypatch):
+    """`--device cuda:1`: the warm-up and the capture must run with the cache's device current and on streams of
+    that device. torch.cuda.graph's own stream is made on the device current at the time (cuda:0), where the
+    model's kernels, launched on cuda:1, would not be captured: they would run once and the graph replay nothing."""
+    model, _ = load_checkpoint(checkpoint)
+    model.prepare_for_decoding()
+    ids = torch.tensor([[5, 6, 7]])
+    with torch.inference_mode():
+        cache = model.new_cache(1, 8)
+        token = model(ids, cache=cache)[:, -1].argmax(-1)
+        fake = FakeCuda(monkeypatch)
+        step = DecodeStep(model, cache, capture=True)
+        step(token)  # the warm-up, then the capture of the next step
+    device = cache.keys.device
+    assert step.replay is not None and len(fake.ran_on) == 2
+    assert fake.ran_on == [device, device] and fake.streams and all(s == device for s in fake.streams)
 
 
 def test_same_seed_same_text(checkpoint):
