@@ -39,7 +39,7 @@ check() {  # check NAME COMMAND...: one PASS/FAIL line in the result, the output
 
 w=$(mktemp -d)
 train=(python3 -m nanoqwen train --preset tiny --data "$w/data" --device "$DEVICE" --sample-interval 0 "${extra[@]}")
-torchrun=(torchrun --standalone --nproc_per_node 1 -m "${train[@]:2}" --max-steps 20)
+torchrun=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m "${train[@]:2}" --max-steps 20)
 prepare() { check prepare python3 -m nanoqwen prepare --dataset shakespeare --tokenizer qwen3 --out "$w/data"; }
 case $stage in
 check1)

@@ -351,6 +351,15 @@ STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 
 
+def restore_cuda_rng(states: list[torch.Tensor] | None) -> None:
+    """Put back the saved CUDA generators, as many as this machine has GPUs (a run saved on more GPUs than
+    it resumes on still resumes; its sampled numbers on the missing ones are simply not needed)."""
+    if states is None or not torch.cuda.is_available():
+        return
+    for index, state in enumerate(states[:torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(state, index)
+
+
 def load_train_state(run: Run, last: Path) -> None:
     """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
     try:
@@ -371,8 +380,7 @@ def load_train_state(run: Run, last: Path) -> None:
         if blob.get("scaler"):
             run.scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["rng"]["torch"])
-        if torch.cuda.is_available() and blob["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state_all(blob["rng"]["cuda"])
+        restore_cuda_rng(blob["rng"].get("cuda"))
     except NanoQwenError:
         raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)

@@ -1256,3 +1256,18 @@ def dead_pid() -> int:
     """The pid of a process that has ended."""
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     return int(done.stdout)
+
+
+def test_cuda_generators_saved_on_more_gpus_are_restored_on_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run saved on an 8-GPU machine resumed on one: set_rng_state_all would index past the GPUs there
+    # (an IndexError, reported as a corrupt training state). Stood in for on CPU: one GPU, the calls recorded.
+    from nanoqwen.checkpoint import restore_cuda_rng
+
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
+    restore_cuda_rng([torch.full((4,), i, dtype=torch.uint8) for i in range(8)])
+    assert restored == [(0, 0)]
+    restore_cuda_rng(None)  # saved on a CPU machine
+    assert restored == [(0, 0)]
