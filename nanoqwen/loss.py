@@ -11,7 +11,7 @@ and only one chunk of logits alive at a time. backward() then only scales the st
 from __future__ import annotations
 
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -71,16 +71,13 @@ def fusable_loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, va
 
 
 SoftmaxStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-_compiled_step: SoftmaxStep | None = None
 
 
+@cache
 def compiled_softmax_step() -> SoftmaxStep:
     """`fusable_loss_and_logit_grads` under torch.compile, made once (shapes are static: a run compiles it
     for its chunk and its last, shorter one)."""
-    global _compiled_step
-    if _compiled_step is None:
-        _compiled_step = torch.compile(fusable_loss_and_logit_grads, dynamic=False)
-    return _compiled_step
+    return torch.compile(fusable_loss_and_logit_grads, dynamic=False)
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
