@@ -347,6 +347,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
+        if info.is_main and not args.init_from:
+            note_vocab_change(preset, model_config, data)
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     if cfg.seq_len > model_config.max_position_embeddings:
         raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
@@ -403,8 +405,8 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
         usable = "last/ and best/ are usable as they are" if (out / "best").is_dir() else "last/ is usable as it is"
         raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
                             f"steps to train it further (its {usable})")  # no best/: stopped before its first eval
-    if args.max_steps is not None:  # asked for now: wins over a length fitted to the time before
-        run.state.fitted_steps = None
+    if args.max_steps is not None or args.max_minutes is not None:  # asked for now: wins over a length fitted
+        run.state.fitted_steps = None                                 # to the time before
     if args.warmup is not None:  # likewise over a warmup cut to fit that length
         run.state.fitted_warmup = None
     if run.state.step >= run.total_steps:
@@ -440,6 +442,9 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
             shutil.rmtree(out / "best")
             print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
                   "this resume goes on from; the next evaluation writes it again", flush=True)
+    if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds
+        print(f"--max-minutes {cfg.max_minutes:g} (the run's own) caps this invocation too; give --max-minutes "
+              "to change it", flush=True)
     if changed and info.is_main:  # said once nothing refuses the resume any more
         print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
               "stopped", flush=True)
@@ -483,6 +488,19 @@ def check_samples_and_eval(run: Run) -> None:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
 
 
+def note_vocab_change(preset: Preset, config: ModelConfig, data: Path) -> None:
+    """A preset sized for a small vocabulary trained on data of a large one (a plain `prepare` uses the Qwen3
+    tokenizer) is a model many times the size: say so, and what keeps the preset's size."""
+    planned, actual = preset.model.num_params(), config.num_params()
+    if max(planned, actual) < 2 * min(planned, actual):
+        return
+    tokenizer = preset.train.get("tokenizer")
+    keep = f"; `--dataset SRC` prepares with the preset's tokenizer, {tokenizer}, for its size" if tokenizer else ""
+    print(f"the {preset.name} preset names a vocabulary of {preset.model.vocab_size:,}; {data}'s tokenizer makes it "
+          f"{config.vocab_size:,}, so the model has {actual / 1e6:.3g}M parameters, not {planned / 1e6:.3g}M"
+          f"{keep}", flush=True)
+
+
 def warming_up(steps: int) -> str:
     return f"warming up over {steps}" if steps else "no warmup"
 
@@ -503,6 +521,14 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if args.init_from and (args.tokenizer or "").startswith("bpe:"):  # refused before a corpus is prepared
         raise NanoQwenError(f"--tokenizer {args.tokenizer} would train a new tokenizer, whose ids mean nothing to "
                             f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
+    if args.out == "":
+        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:  # refused before a corpus is prepared
+        if (out / "last").exists():
+            raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
+                                "another --out")
+        check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -510,14 +536,6 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
     if args.init_from:
         check_data_tokenizer(Path(args.init_from), data, preset.model)
-    if args.out == "":
-        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
-    out = Path(args.out) if args.out is not None else None
-    if out is not None:
-        if (out / "last").exists():
-            raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
-                                "another --out")
-        check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
     if cfg.warmup > cfg.max_steps // 2:
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
@@ -1030,7 +1048,8 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
     """End the schedule where the time runs out, at `step_s` per step (5% spare, at most max_steps).
 
     Before WSD's decay starts, where the rate does not depend on the length, the length follows the mean
-    step time (steady under bursty load); never so short that the decay would already have begun. A first
+    step time (steady under bursty load); where it is so short that the decay would already have begun, the
+    decay starts at once, compressed (ending at the time cap still at the peak rate would be worse). A first
     fit shorter than twice the warmup cuts the warmup to half of it, once (as a short --max-steps does), or
     the run would end still warming up, never decaying. In the decay the length only shrinks, by the slower
     of the mean and the last steps (`recent_step_s`, their median): a machine that slows down there compresses
@@ -1054,13 +1073,16 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
         display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: "
                       f"{warming_up(fitted // 2)}")
         run.state.fitted_warmup = fitted // 2
-    while wsd_decay_start(fitted, run.warmup) < step:
-        fitted += 1
     if first:
         fits = "all of --max-steps fit" if fitted == cfg.max_steps else f"{fitted} steps"
         display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fits} at "
                       f"{step_s:.2f} s each (re-estimated until the decay starts)")
     run.state.fitted_steps = display.total = fitted
+    if wsd_decay_start(fitted, run.warmup) < step:  # too little time left for a whole decay (a resume, a slow
+        # machine): the rate drops to where the shorter schedule has it, so the run still ends at min_lr
+        display.print(f"step {step}: the time left fits {fitted - step} more steps, fewer than a decay takes: "
+                      f"the learning rate decays from here to the last step, {fitted}")
+        run.decay_compressed = True
     if step + 1 == wsd_decay_start(fitted, run.warmup):
         display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
 
@@ -1128,7 +1150,8 @@ def train_and_report(args: argparse.Namespace) -> str:
     this_run = setup(args)
     if this_run.info.is_main:
         cfg, m = this_run.cfg, this_run.model
-        origin = f" from {args.init_from}" if args.init_from else ""
+        origin = f" from {args.init_from}" if args.init_from else \
+            f" from step {this_run.state.step}" if args.resume is not None else ""
         print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
               f"x{this_run.info.world_size} ({str(this_run.amp_dtype).removeprefix('torch.')}), "

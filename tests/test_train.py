@@ -37,6 +37,7 @@ from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_schedule
 from tests.train_helpers import (
     FAST,
+    TINY_MODEL,
     make_data,
     make_preset,
     read_metrics,
@@ -310,6 +311,22 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "multiple of num_key_value_heads" in err
     assert not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    (tmp_path / "runs/old/last").mkdir(parents=True)  # and an --out that already holds a run
+    assert train_in_process("--dataset", "texts", "--out", "runs/old", "--max-steps", "1") == 2
+    assert "already holds a run" in capsys.readouterr().err and not (tmp_path / "data").exists()
+
+
+def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
+        data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `prepare` defaults to the Qwen3 tokenizer: the cpu preset trained on such data silently grew 11x.
+    # Here the other way round, which is cheaper: a preset made for 30,000 ids, data of a 300-id BPE.
+    big = tmp_path / "big.json"
+    big.write_text(json.dumps({"model": {**TINY_MODEL, "vocab_size": 30000}, "train": {"tokenizer": "bpe:30000"}}))
+    assert train_in_process("--config", str(big), "--data", str(data), "--out", str(tmp_path / "run"), *FAST,
+                            "--max-steps", "1") == 0
+    note = next(line for line in capsys.readouterr().out.splitlines() if "names a vocabulary" in line)
+    assert "of 30,000;" in note and "makes it 320, so the model has 0.0289M parameters, not 0.979M" in note
+    assert "the preset's tokenizer, bpe:30000, for its size" in note
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, preset: Path, tmp_path: Path,
@@ -380,10 +397,17 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     assert [run.rate(step) for step in range(6, 9)] == pytest.approx([1.0, 1.0, 0.1])
     run.fit(step_s=100.0, remaining_s=1.0)  # a slower machine
     assert run.total_steps == 7 and run.warmup == 4  # the length is re-estimated; the warmup was cut once
-    # No time left at step 11: the schedule still ends after a decay that starts no earlier than this step.
+    # No time left at step 11 (a resume with a saved --max-minutes ended at the cap still at the peak rate,
+    # its decay pushed past the time): the decay starts at once, compressed to the one step that fits.
     late = FittedRun(step=11, warmup=4)
     late.fit(step_s=100.0, remaining_s=1.0)
-    assert late.total_steps == 13 and wsd_decay_start(late.total_steps, late.warmup) == 11
+    assert late.total_steps == 12 and late.decay_compressed and late.rate(11) == pytest.approx(0.1)
+    # Two steps fit at step 30 of a run warmed up over 10: the rate drops into the decay, min_lr at the last.
+    resumed = FittedRun(step=30, warmup=10)
+    resumed.fit(step_s=1.0, remaining_s=2.2)
+    assert resumed.total_steps == 32 and [resumed.rate(step) for step in (30, 31)] == pytest.approx([0.325, 0.1])
+    resumed.fit(step_s=1.0, remaining_s=600.0)  # then a faster machine: the decay never grows back
+    assert resumed.total_steps == 32
 
 
 def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> None:
@@ -431,14 +455,24 @@ def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
         assert flops_per_token(config, 128) == 6 * (Qwen3(config).num_params() - lookup) + attention
 
 
-def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path) -> None:
+def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cut"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000000", "--warmup", "100000",
                             "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.1") == 0
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_warmup"] is not None and state["fitted_warmup"] < 100000  # cut to the fitted length
-    assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(state["step"] + 2)) == 0
+    # a time given now wins over the length fitted to the time before, as --max-steps does: the run trains on
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-minutes", "0.05") == 0
+    step = json.loads((out / "last/train_state.json").read_text())["step"]
+    assert step > state["step"] and "caps this invocation too" not in capsys.readouterr().out
+    assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(step + 2)) == 0
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
+    # the saved time cap still holds, and the resume says so (it once rode along silently)
+    printed = capsys.readouterr().out
+    assert "--max-minutes 0.05 (the run's own) caps this invocation too" in printed
+    assert f" from step {step}: " in printed  # where it goes on from
 
 
 def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
