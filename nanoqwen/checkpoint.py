@@ -249,13 +249,19 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
             raise NanoQwenError(f"{directory}: {key} has shape {tuple(value.shape)}, {described} implies "
                                 f"{tuple(expected_shape)}; {hint}")
         state[key] = value.to(device=device, dtype=target)
-    if config.tie_word_embeddings:
-        state[TIED_HEAD_KEY] = state[EMBEDDING_KEY]
+    return assign_weights(model, state, device).eval()
+
+
+def assign_weights(model: Qwen3, state: dict[str, torch.Tensor], device: torch.device | str) -> Qwen3:
+    """Make a Qwen3 built on the meta device hold the tensors of `state` (no copies, no random weights drawn
+    first); a tied head shares the embedding's tensor; RoPE's buffer is built on `device`."""
+    if model.config.tie_word_embeddings:
+        state = {**state, TIED_HEAD_KEY: state[EMBEDDING_KEY]}
     model.load_state_dict(state, assign=True)
-    if config.tie_word_embeddings:
+    if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.inv_freq = rope_inv_freq(config, device)  # non-persistent: not in the files, built on `device`
-    return model.eval()
+    model.inv_freq = rope_inv_freq(model.config, device)  # non-persistent: not in the files
+    return model
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
@@ -426,9 +432,9 @@ def full_model(run: Run) -> Qwen3 | None:
     state = get_model_state_dict(run.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not run.info.is_main:
         return None
-    copy = Qwen3(run.model.config)
-    copy.load_state_dict(state)
-    return copy
+    with torch.device("meta"):  # the gathered tensors become its weights: no second model's worth drawn first
+        copy = Qwen3(run.model.config)
+    return assign_weights(copy, state, "cpu")
 
 
 def save_last(run: Run) -> None:

@@ -130,9 +130,11 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
                             "prepare it and pass --data)")
     if path.suffix.lower() in SUFFIXES and path.suffix.lower() not in TEXT_SUFFIXES:
         # Records or a PDF: prepare reads their text; scored as bytes they would measure JSON syntax or noise.
+        column = "" if path.suffix.lower() == ".pdf" else " (with --text-column NAME if the text is not in 'text')"
         raise NanoQwenError(f"{path} is a {path.suffix.lower()} file, which eval does not read as text; prepare "
                             f"it, then score that: `nanoqwen prepare --dataset {quote(str(path))} --tokenizer "
-                            f"{quote(model)} --out DIR`, then `nanoqwen eval --model {quote(model)} --data DIR`")
+                            f"{quote(model)} --out DIR`{column}, then `nanoqwen eval --model {quote(model)} "
+                            "--data DIR`")
     raw, stats = path.read_bytes(), CorpusStats()
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file

@@ -12,7 +12,8 @@ from nanoqwen.errors import NanoQwenError
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.is_file():
-        raise NanoQwenError(f"{path} does not exist; give a run folder written by `nanoqwen train`")
+        what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
+        raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")
     text = path.read_text(errors="replace")
     lines = text.splitlines()
     records = []

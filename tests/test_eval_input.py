@@ -51,8 +51,9 @@ def test_data_files_are_pointed_at_prepare(checkpoint: Path, tmp_path: Path,
         assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--device", "cpu"]) == 2
         assert one_line(capsys) == (
             f"nanoqwen eval: error: {path} is a {path.suffix} file, which eval does not read as text; prepare it, "
-            f"then score that: `nanoqwen prepare --dataset {path} --tokenizer {checkpoint} --out DIR`, then "
-            f"`nanoqwen eval --model {checkpoint} --data DIR`")
+            f"then score that: `nanoqwen prepare --dataset {path} --tokenizer {checkpoint} --out DIR`"
+            + ("" if name == "t.pdf" else " (with --text-column NAME if the text is not in 'text')")
+            + f", then `nanoqwen eval --model {checkpoint} --data DIR`")
     # Done as said, it scores the records' text.
     data = tmp_path / "data"
     assert main(["prepare", "--dataset", str(tmp_path / "t.jsonl"), "--tokenizer", str(checkpoint),

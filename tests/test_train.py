@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from nanoqwen.checkpoint import load_model
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
@@ -640,7 +641,6 @@ def test_diverged_weights_are_never_saved(data: Path, preset: Path, tmp_path: Pa
     # save: a save at every step, the weights made nan by the 2nd update (as an infinite gradient does):
     # the save itself refuses them, and last/ keeps step 1.
     import nanoqwen.train as train_module
-    from nanoqwen.checkpoint import load_model
 
     if seen_by == "evaluation":
         real_evaluate = train_module.evaluate
@@ -867,6 +867,10 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
     assert config["world_size"] == nproc and (multi / "best/model.safetensors").exists()
+    # the checkpoint holds the trained weights (FSDP: gathered from the shards on rank 0)
+    for mine, theirs in zip(load_model(multi / "last").parameters(), load_model(single / "last").parameters(),
+                            strict=True):
+        torch.testing.assert_close(mine, theirs, atol=5e-3, rtol=0)
     # the torchrun job's checkpoints resume on one plain process
     resumed = run_train("--resume", str(multi), "--max-steps", "10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -1083,6 +1087,14 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     # Unchanged files: the same folder again, not prepared anew.
     assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a3") == 0
     assert Path(json.loads((tmp_path / "runs/a3/config.json").read_text())["data"]) == edited
+
+
+def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plot", str(tmp_path / "nope")]) == 2
+    assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'nope'} does not exist; give a "
+                                               "run folder written by `nanoqwen train`")
+    assert main(["plot", str(tmp_path)]) == 2  # a folder, but no run's
+    assert f"{tmp_path / 'metrics.jsonl'} does not exist" in capsys.readouterr().err
 
 
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:

@@ -141,8 +141,8 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         tokenizer.save(tmp)
     _warn_about(corpus.stats)
-    print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {documents} documents "
-          f"({nbytes / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s -> {out}")
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {count(documents, 'document')} "
+          f"({data_size(nbytes)}) in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
 
 
@@ -228,11 +228,21 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if progress:
         seconds = time.perf_counter() - start
         total = sum(s["bytes"] for s in writer.counts.values())
-        parts = "; ".join(f"{name} {s['documents']:,} documents, {s['tokens']:,} tokens"
+        parts = "; ".join(f"{name} {count(s['documents'], 'document')}, {count(s['tokens'], 'token')}"
                           for name, s in writer.counts.items())
-        print(f"prepared {out}: {parts} ({total / 1e6:.1f} MB of text in {seconds:.1f} s, "
-              f"{total / 1e6 / seconds:.2f} MB/s)")
+        print(f"prepared {out}: {parts} ({data_size(total)} of text in {seconds:.1f} s, "
+              f"{data_size(total / seconds)}/s)")
     return out
+
+
+def count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}{'' if n == 1 else 's'}"
+
+
+def data_size(nbytes: float) -> str:
+    """A size on screen in MB, kB or bytes (a small corpus is not "0.0 MB")."""
+    return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB" if nbytes >= 1e3 else \
+        f"{nbytes:.0f} bytes"
 
 
 def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
