@@ -79,18 +79,11 @@ def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) 
 
 
 def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, context: int | None = None,
-                    batch_size: int | None = None, max_windows: int | None = None,
-                    scored: torch.Tensor | None = None) -> dict[str, float]:
-    """metrics() of a token stream; `num_bytes` is the UTF-8 size of the text the tokens came from.
-
-    With `max_windows`, only a prefix is scored, and bytes are prorated by the share of tokens scored. With
-    `scored` (see score_tokens), `num_bytes` is the size of the scored tokens' text alone.
-    """
+                    batch_size: int | None = None, scored: torch.Tensor | None = None) -> dict[str, float]:
+    """metrics() of a token stream, every token but the first predicted; `num_bytes` is the UTF-8 size of the
+    text the predicted tokens stand for (with `scored`, see score_tokens: of the scored ones alone)."""
     context = context or model.config.max_position_embeddings
-    nats, correct, count = score_tokens(model, tokens, context, batch_size, max_windows, scored)
-    if num_bytes and scored is None and count < tokens.numel() - 1:
-        num_bytes = round(num_bytes * count / (tokens.numel() - 1))
-    return metrics(nats, correct, count, num_bytes)
+    return metrics(*score_tokens(model, tokens, context, batch_size, scored=scored), num_bytes)
 
 
 # -- `nanoqwen eval` -----------------------------------------------------------------------------
@@ -116,7 +109,7 @@ def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
     from nanoqwen.data.loader import TokenSplit
 
     tokens = TokenSplit.open(folder, split)
-    return tokens.prefix(len(tokens))
+    return tokens.prefix(len(tokens)), tokens.num_bytes
 
 
 def read_text_file(path: Path, model: str) -> tuple[str, int]:
@@ -156,6 +149,7 @@ def run(args: argparse.Namespace) -> int:
     if args.context is not None and args.context > model.config.max_position_embeddings:
         raise NanoQwenError(f"--context {args.context} is longer than the model's context "
                             f"({model.config.max_position_embeddings} positions); give at most that")
+    context = args.context or model.config.max_position_embeddings
     if replaced:  # the figures are still computed, but the user should know why they are odd
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
@@ -174,7 +168,11 @@ def run(args: argparse.Namespace) -> int:
         split = args.split or "val"
         tokens, num_bytes = load_split(Path(args.data), split)
         check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
-    result = evaluate_tokens(model, tokens, num_bytes, args.context, args.batch_size, args.max_windows)
+    if args.max_windows is not None and tokens.numel() > args.max_windows * context + 1:
+        # the windows scored are a prefix: bits per byte divide by the bytes of its text, counted
+        tokens = tokens[:args.max_windows * context + 1]
+        num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
+    result = evaluate_tokens(model, tokens, num_bytes, context, args.batch_size)
     if args.json:
         print(json.dumps(result))
     else:

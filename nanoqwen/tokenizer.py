@@ -208,6 +208,14 @@ class Tokenizer:
         return frozenset(i for i, token in self.hf.get_added_tokens_decoder().items()
                          if token.special and token.content not in QWEN_TEXT_TOKENS)
 
+    def text_bytes(self, ids: list[int]) -> int:
+        """UTF-8 bytes of the text `ids` stand for, an added token's (<|endoftext|>, chat marks) none, as prepare
+        counts a split's: the bits per byte of part of a split divide by these."""
+        kept = [i for i in ids if i not in self._special_ids]
+        if self.byte_level:  # exact, a character cut at either end included
+            return sum(len(self.token_bytes(i)) for i in kept)
+        return len(self.decode(kept).encode("utf-8"))
+
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
         decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes."""

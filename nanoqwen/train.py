@@ -296,12 +296,14 @@ class Run:
         the bytes of text they stand for (an added token's none, as prepare counts them); else None: all."""
         if self.loader.assistant is None:
             return None
-        tokens = val_subset(self)[0]
+        tokens = val_subset(self)
         scored = assistant_targets(self.val.tokens, 1, tokens.numel() - 1, self.loader.assistant)
-        added = self.tokenizer.hf.get_added_tokens_decoder()
-        num_bytes = sum(len(self.tokenizer.token_bytes(t)) for t in tokens[1:].numpy()[scored].tolist()
-                        if t not in added)
-        return torch.from_numpy(scored), num_bytes
+        return torch.from_numpy(scored), self.tokenizer.text_bytes(tokens[1:].numpy()[scored].tolist())
+
+    @cached_property
+    def val_bytes(self) -> int:
+        """UTF-8 bytes of the text the validation subset's predicted tokens stand for (bits per byte)."""
+        return self.tokenizer.text_bytes(val_subset(self)[1:].tolist())
 
     @property
     def sample_prompt(self) -> str:
@@ -478,7 +480,7 @@ def check_samples_and_eval(run: Run) -> None:
     """What the first evaluation or the last sample would fail on, refused before any step is trained."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
-    check_token_ids(val_subset(run)[0], run.model.config.vocab_size, f"{run.data}/val.bin")
+    check_token_ids(val_subset(run), run.model.config.vocab_size, f"{run.data}/val.bin")
     if run.val_scoring is not None and not run.val_scoring[0].any():
         raise NanoQwenError(f"--loss-on assistant: the validation subset of {run.data} holds no assistant turn to "
                             "score; give more --eval-windows or prepare more conversations")
@@ -872,23 +874,19 @@ def sync_gradients(run: Run, sync: bool) -> AbstractContextManager[Any]:
     return nullcontext()
 
 
-def val_subset(run: Run) -> tuple[torch.Tensor, int]:
-    """The fixed validation subset every evaluation scores: eval_windows windows of seq_len tokens (and the
-    bytes of text they stand for)."""
+def val_subset(run: Run) -> torch.Tensor:
+    """The fixed validation subset every evaluation scores: eval_windows windows of seq_len tokens."""
     return run.val.prefix(run.cfg.eval_windows * run.seq_len + 1)
 
 
 def evaluate(run: Run) -> dict[str, float]:
     """Loss, accuracy, perplexity and bits per byte on the fixed validation subset (every rank the same)."""
-    tokens, num_bytes = val_subset(run)  # setup saw that there are some, with ids the model has
+    tokens = val_subset(run)  # setup saw that there are some, with ids the model has
     # Evaluation materializes logits: keep a batch of them under ~1 GiB.
     batch = max(1, min(run.loader.micro_batch, (1 << 28) // (run.seq_len * run.model.config.vocab_size)))
-    scored = None
-    if run.val_scoring is not None:
-        scored, num_bytes = run.val_scoring
+    scored, num_bytes = run.val_scoring or (None, run.val_bytes)
     with run.autocast():
-        result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch,
-                                 max_windows=run.cfg.eval_windows, scored=scored)
+        result = evaluate_tokens(run.model, tokens, num_bytes, context=run.seq_len, batch_size=batch, scored=scored)
     run.model.train()
     return result
 

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -840,3 +841,13 @@ def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path):
     assert result["tokens"] == meta["splits"]["val"]["tokens"] - 1
     assert result["bits_per_byte"] == pytest.approx(
         result["loss"] * result["tokens"] / 0.6931471805599453 / meta["splits"]["val"]["bytes"], rel=1e-6)
+    # The bytes the tokens stand for, counted from the tokens, are the bytes prepare counted from the text...
+    tokenizer = load_tokenizer(folder)
+    val = np.fromfile(folder / "val.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tolist()
+    assert tokenizer.text_bytes(val) == meta["splits"]["val"]["bytes"]
+    # ... so a prefix of windows divides by its own text's bytes (they were prorated by tokens)
+    done = run_cli("eval", "--model", str(checkpoint), "--data", str(folder), "--json", "--device", "cpu",
+                   "--max-windows", "1", "--context", "5")
+    prefix = json.loads(done.stdout.strip().splitlines()[-1])
+    assert prefix["tokens"] == 5 and prefix["bits_per_byte"] == pytest.approx(
+        prefix["loss"] * 5 / 0.6931471805599453 / tokenizer.text_bytes(val[1:6]), rel=1e-6)

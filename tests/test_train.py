@@ -719,15 +719,15 @@ def test_data_with_ids_beyond_the_vocabulary_is_one_line(data: Path, preset: Pat
 
 
 def test_val_bits_per_byte_count_the_bytes_of_the_scored_tokens(trained: Path, data: Path) -> None:
-    # The fixed val subset is eval_windows x seq_len tokens (FAST: 4 x 32) of val.bin; its bytes are the
-    # split's, prorated by the share of tokens scored.
-    val_bytes = json.loads((data / "meta.json").read_text())["splits"]["val"]["bytes"]
-    val_tokens = (data / "val.bin").stat().st_size // 4
-    taken = min(4 * 32 + 1, val_tokens)
-    scored_bytes = round(val_bytes * taken / val_tokens)
+    # The fixed val subset is eval_windows x seq_len tokens (FAST: 4 x 32) of val.bin; its bytes are those of
+    # the text its predicted tokens stand for (prorated from the split's by tokens they were 2% off here).
+    tokens = TokenSplit.open(data, "val").prefix(4 * 32 + 1)
+    scored_bytes = load_tokenizer(data).text_bytes(tokens[1:].tolist())
+    val = json.loads((data / "meta.json").read_text())["splits"]["val"]
+    assert scored_bytes != round(val["bytes"] * len(tokens) / val["tokens"])  # the test tells the two apart
     evals = [r for r in read_metrics(trained) if "val_loss" in r]
     for record in evals:
-        expected = record["val_loss"] * (taken - 1) / math.log(2) / scored_bytes
+        expected = record["val_loss"] * (len(tokens) - 1) / math.log(2) / scored_bytes
         assert record["val_bpb"] == pytest.approx(expected, rel=1e-6)
 
 
@@ -1087,6 +1087,18 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     # Unchanged files: the same folder again, not prepared anew.
     assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a3") == 0
     assert Path(json.loads((tmp_path / "runs/a3/config.json").read_text())["data"]) == edited
+
+
+def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # The run scores a fixed prefix of val.bin (--eval-windows of --seq-len); eval scores the same prefix with
+    # --max-windows, and both divide by the bytes of that prefix's text (once prorated from the whole split).
+    last = read_metrics(trained)[-1]
+    assert main(["eval", "--model", str(trained / "last"), "--data", str(data), "--max-windows", "4",
+                 "--context", "32", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(last["val_bpb"], rel=1e-5)
 
 
 def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

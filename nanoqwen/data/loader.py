@@ -53,11 +53,9 @@ class TokenSplit:
     def __len__(self) -> int:
         return len(self.tokens)
 
-    def prefix(self, num_tokens: int) -> tuple[torch.Tensor, int]:
-        """The first `num_tokens` tokens (int64) and the bytes of text they stand for (prorated)."""
-        n = min(num_tokens, len(self.tokens))
-        tokens = torch.from_numpy(np.asarray(self.tokens[:n], dtype=np.int64))
-        return tokens, round(self.num_bytes * n / max(1, len(self.tokens)))
+    def prefix(self, num_tokens: int) -> torch.Tensor:
+        """The first `num_tokens` tokens (int64)."""
+        return torch.from_numpy(np.asarray(self.tokens[:min(num_tokens, len(self.tokens))], dtype=np.int64))
 
 
 @dataclass(frozen=True)
