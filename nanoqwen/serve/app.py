@@ -581,7 +581,14 @@ def run(args: argparse.Namespace) -> int:
     if not 0 <= args.shutdown_grace < float("inf"):
         raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
     check_can_bind(args.host, args.port)  # before the (slow) model load
+    # An empty --api-key (a shell variable that was never set) must not quietly serve the API to anyone.
+    if args.api_key is not None and not args.api_key.strip():
+        raise NanoQwenError("--api-key is empty, which would leave the API open to anyone; give the key clients "
+                            "must send, or leave the flag out")
     api_key = args.api_key or os.environ.get("NANOQWEN_API_KEY") or None
+    if api_key is not None and api_key != api_key.strip():  # no Bearer header can carry it: nobody could get in
+        raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) starts or ends with a blank, which no "
+                            "'Authorization: Bearer' header carries; remove it")
     model, tokenizer = load_for_inference(args)
     name = args.model_name or display_name(args.model)
     defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
