@@ -252,6 +252,25 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
         chat_marks(make_data(tmp_path / "plain"))
 
 
+def test_loss_on_assistant_samples_answer_a_validation_question(chat_data: Path, preset: Path,
+                                                               tmp_path: Path) -> None:
+    """Under --loss-on assistant the model never learns the user's turns: its samples answer the first validation
+    question that fits in half a window (as `chat` prompts) and end at <|im_end|>, not start a conversation."""
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1] = "64"
+    out = tmp_path / "run"
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(out), *fast,
+                            "--max-steps", "10", "--loss-on", "assistant") == 0
+    tok, val = load_tokenizer(chat_data), TokenSplit.open(chat_data, "val").tokens.tolist()
+    header = "<|im_start|>assistant\n"
+    documents = tok.hf.decode(val, skip_special_tokens=False).split("<|endoftext|>")
+    prompt = next(d[:d.index(header) + len(header)] for d in documents
+                  if header in d and len(tok.encode(d[:d.index(header) + len(header)])) <= 32)
+    sample = (out / "samples.txt").read_text().split("--- step 10\n", 1)[1]
+    assert sample.startswith(prompt), sample
+    assert "<|im_start|>" not in sample[len(prompt):] and "<|im_end|>" not in sample[len(prompt):], sample
+
+
 def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))
