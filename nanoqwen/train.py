@@ -79,7 +79,7 @@ from nanoqwen.distributed import (
     shutdown_distributed,
 )
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.evaluate import evaluate_tokens
+from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
@@ -297,12 +297,7 @@ class Run:
         the bytes of text they stand for (an added token's none, as prepare counts them); else None: all."""
         if self.loader.assistant is None:
             return None
-        tokens = val_subset(self)[0]
-        scored = assistant_targets(self.val.tokens, 1, tokens.numel() - 1, self.loader.assistant)
-        added = self.tokenizer.hf.get_added_tokens_decoder()
-        num_bytes = sum(len(self.tokenizer.token_bytes(t)) for t in tokens[1:].numpy()[scored].tolist()
-                        if t not in added)
-        return torch.from_numpy(scored), num_bytes
+        return assistant_scoring(val_subset(self)[0], self.loader.assistant, self.tokenizer)
 
     @cached_property
     def sample_prompt(self) -> str:
