@@ -221,8 +221,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"(that message alone is too long for the context of {context} tokens; shorten it)")
             continue
         if conversation.dropped:
-            unit = ("token" if args.raw else "turn") + ("s" if conversation.dropped > 1 else "")
-            print(f"(dropped the oldest {conversation.dropped} {unit} to fit the context)")
+            unit = "token" if args.raw else "turn"
+            oldest = f"{conversation.dropped} {unit}s" if conversation.dropped > 1 else unit
+            print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
         conversation.add_reply(reply(model, tokenizer, ids, seeded))
         turn += 1

@@ -398,7 +398,8 @@ class TrainConfig:
     sample_tokens: int = 160
     """New tokens per sample."""
     sample_prompt: str | None = None
-    """Text the samples continue (unset: a new line; on data of conversations, a new conversation)."""
+    """Text the samples continue (unset: a new line; on data of conversations, a new conversation, or under
+    --loss-on assistant the first validation question)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better val loss (0: never)."""
     seed: int = 0

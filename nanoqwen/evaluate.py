@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 from shlex import quote
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +17,10 @@ from nanoqwen.data.loader import check_token_ids
 from nanoqwen.errors import NanoQwenError, positive_int
 from nanoqwen.loss import IGNORE_INDEX
 from nanoqwen.model import Qwen3
+
+if TYPE_CHECKING:
+    from nanoqwen.data.loader import ChatMarks
+    from nanoqwen.tokenizer import Tokenizer
 
 
 def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, chunk: int = 1024
@@ -86,6 +91,15 @@ def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, c
     return metrics(*score_tokens(model, tokens, context, batch_size, scored=scored), num_bytes)
 
 
+def assistant_scoring(tokens: torch.Tensor, marks: ChatMarks, tokenizer: Tokenizer) -> tuple[torch.Tensor, int]:
+    """Under --loss-on assistant, which predictions of `tokens` count (those of an assistant's turns) and the
+    bytes of text they stand for (an added token's none, as prepare counts them)."""
+    from nanoqwen.data.loader import assistant_targets
+
+    scored = assistant_targets(tokens.numpy(), 1, tokens.numel() - 1, marks)
+    return torch.from_numpy(scored), tokenizer.text_bytes(tokens[1:].numpy()[scored].tolist())
+
+
 # -- `nanoqwen eval` -----------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
@@ -100,6 +114,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
     p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward (default: ~16k tokens)")
     p.add_argument("--max-windows", type=positive_int, default=None, help="score only this many windows")
+    p.add_argument("--loss-on", choices=["all", "assistant"], default="all",
+                   help="with --data of conversations: 'assistant' scores the assistant's turns alone, as a run "
+                        "trained with --loss-on assistant evaluates (default all)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object on the last line")
     add_device_arguments(p)
 
@@ -141,6 +158,9 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.generate import load_for_inference
 
+    if args.loss_on == "assistant" and args.text_file:
+        raise NanoQwenError("--loss-on assistant scores the assistant's turns of prepared conversations; give "
+                            "--data DIR (from `nanoqwen prepare` of chat records), not --text-file")
     if args.split is not None and args.text_file:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
@@ -172,7 +192,15 @@ def run(args: argparse.Namespace) -> int:
         # the windows scored are a prefix: bits per byte divide by the bytes of its text, counted
         tokens = tokens[:args.max_windows * context + 1]
         num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
-    result = evaluate_tokens(model, tokens, num_bytes, context, args.batch_size)
+    scored = None
+    if args.loss_on == "assistant":
+        from nanoqwen.train import chat_marks
+
+        scored, num_bytes = assistant_scoring(tokens, chat_marks(Path(args.data)), tokenizer)
+        if not scored.any():
+            raise NanoQwenError(f"{args.data}/{split}.bin holds no assistant turn to score (in the windows given); "
+                                "leave --loss-on out, or give more --max-windows")
+    result = evaluate_tokens(model, tokens, num_bytes, context, args.batch_size, scored)
     if args.json:
         print(json.dumps(result))
     else:

@@ -39,6 +39,7 @@ from pathlib import Path
 from shlex import quote
 from typing import Any
 
+import numpy as np
 import torch
 
 from nanoqwen.checkpoint import (
@@ -78,7 +79,7 @@ from nanoqwen.distributed import (
     shutdown_distributed,
 )
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.evaluate import evaluate_tokens
+from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     RUN_CONFIG_KEYS,
@@ -296,21 +297,25 @@ class Run:
         the bytes of text they stand for (an added token's none, as prepare counts them); else None: all."""
         if self.loader.assistant is None:
             return None
-        tokens = val_subset(self)
-        scored = assistant_targets(self.val.tokens, 1, tokens.numel() - 1, self.loader.assistant)
-        return torch.from_numpy(scored), self.tokenizer.text_bytes(tokens[1:].numpy()[scored].tolist())
+        return assistant_scoring(val_subset(self), self.loader.assistant, self.tokenizer)
 
     @cached_property
     def val_bytes(self) -> int:
         """UTF-8 bytes of the text the validation subset's predicted tokens stand for (bits per byte)."""
         return self.tokenizer.text_bytes(val_subset(self)[1:].tolist())
 
-    @property
+    @cached_property
     def sample_prompt(self) -> str:
         """--sample-prompt, or where the data's documents start: a new line, or a new conversation (the empty
-        prompt: <|endoftext|>)."""
+        prompt: <|endoftext|>). Under --loss-on assistant, the first validation conversation up to its first
+        `<|im_start|>assistant` line: such a model never learns to write the user's turns, so a sample from a
+        conversation's start was noise (a stray answer, then <|im_end|> over and over)."""
         if self.cfg.sample_prompt is not None:
             return self.cfg.sample_prompt
+        if self.loader.assistant is not None:
+            question = first_question(self.val.tokens, self.loader.assistant, self.seq_len // 2)
+            if question:
+                return self.tokenizer.decode(question)
         return "" if self.chat_data else "\n"
 
     def autocast(self) -> AbstractContextManager[Any]:
@@ -634,6 +639,19 @@ def chat_marks(data: Path) -> ChatMarks:
     return ChatMarks(ids[0], ids[1], tokenizer.eot_id, tuple(tokenizer.encode("assistant")), newline)
 
 
+def first_question(tokens: np.ndarray, marks: ChatMarks, limit: int) -> list[int]:
+    """The ids of the first conversation in `tokens` that reaches an assistant's turn within `limit` tokens of
+    its start, through its `<|im_start|>assistant` line (what `chat` prompts with); [] if none does."""
+    head = np.asarray(tokens[:1 << 14])  # the first conversations are enough
+    wrote = assistant_targets(head, 0, len(head), marks)
+    for at in np.flatnonzero(wrote[1:] & ~wrote[:-1]) + 1:  # where each answer begins
+        ends = np.flatnonzero(head[:at] == marks.eot)
+        start = int(ends[-1]) + 1 if ends.size else 0
+        if at - start <= limit:
+            return head[start:at].tolist()
+    return []
+
+
 def holds_conversations(data: Path) -> bool:
     """Whether the data was prepared mostly from chat records (its model is for `nanoqwen chat`)."""
     from nanoqwen.data.prepare import load_meta
@@ -895,8 +913,9 @@ def sample(run: Run) -> str:
     """A sample of `sample_tokens`. A model of conversations writes one from its start, its turns' control
     tokens shown (a sample that stopped at the end of one turn showed a reply to no question)."""
     chats, prompt = run.chat_data, run.sample_prompt
+    whole = chats and run.loader.assistant is None  # --loss-on assistant: one answer, ended by <|im_end|>
     params = SamplingParams(max_new_tokens=run.cfg.sample_tokens, **SAMPLING_DEFAULTS,  # sample's defaults
-                            stop_token_ids=[run.tokenizer.eot_id] if chats else run.tokenizer.stop_ids,
+                            stop_token_ids=[run.tokenizer.eot_id] if whole else run.tokenizer.stop_ids,
                             skip_special_tokens=not chats, seed=run.cfg.seed)
     with run.autocast():
         text = generate(run.model, run.tokenizer, [prompt], params)[0].text

@@ -252,6 +252,46 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
         chat_marks(make_data(tmp_path / "plain"))
 
 
+def test_loss_on_assistant_samples_answer_a_validation_question(chat_data: Path, preset: Path,
+                                                               tmp_path: Path) -> None:
+    """Under --loss-on assistant the model never learns the user's turns: its samples answer the first validation
+    question that fits in half a window (as `chat` prompts) and end at <|im_end|>, not start a conversation."""
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1] = "64"
+    out = tmp_path / "run"
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(out), *fast,
+                            "--max-steps", "10", "--loss-on", "assistant") == 0
+    tok, val = load_tokenizer(chat_data), TokenSplit.open(chat_data, "val").tokens.tolist()
+    header = "<|im_start|>assistant\n"
+    documents = tok.hf.decode(val, skip_special_tokens=False).split("<|endoftext|>")
+    prompt = next(d[:d.index(header) + len(header)] for d in documents
+                  if header in d and len(tok.encode(d[:d.index(header) + len(header)])) <= 32)
+    sample = (out / "samples.txt").read_text().split("--- step 10\n", 1)[1]
+    assert sample.startswith(prompt), sample
+    assert "<|im_start|>" not in sample[len(prompt):] and "<|im_end|>" not in sample[len(prompt):], sample
+
+
+def test_eval_loss_on_assistant_gives_the_runs_val_loss(chat_data: Path, preset: Path, tmp_path: Path,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """`eval --loss-on assistant` scores what such a run's evaluations score: the same numbers, from its windows."""
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1] = "64"
+    out = tmp_path / "run"
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(out), *fast,
+                            "--max-steps", "10", "--loss-on", "assistant") == 0
+    last = [r for r in read_metrics(out) if "val_loss" in r][-1]
+    capsys.readouterr()
+    assert main(["eval", "--model", str(out / "best"), "--data", str(chat_data), "--loss-on", "assistant",
+                 "--context", "64", "--max-windows", "4", "--json", "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert result["loss"] == pytest.approx(last["val_loss"], abs=1e-5)
+    assert result["bits_per_byte"] == pytest.approx(last["val_bpb"], abs=1e-5)
+    assert result["accuracy"] == pytest.approx(last["val_accuracy"])
+    assert main(["eval", "--model", str(out / "best"), "--text-file", str(tmp_path / "x.txt"),
+                 "--loss-on", "assistant"]) == 2
+    assert "--loss-on assistant scores the assistant's turns" in capsys.readouterr().err
+
+
 def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))

@@ -432,8 +432,12 @@ async function send() {
       if (frame === null) frame = requestAnimationFrame(draw);
     }, state.controller.signal);
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
-    const seconds = (performance.now() - (firstAt ?? started)) / 1000;
-    const rate = tokens >= 5 && seconds > 0 ? ` · ${((tokens - 1) / seconds).toFixed(1)} tok/s` : "";
+    const ended = performance.now();
+    const seconds = (ended - (firstAt ?? started)) / 1000;
+    // A busy browser may take in a fast model's whole stream in one read: timed from that read, the rate
+    // was absurd (70,000 tok/s). Under 0.1 s, the whole request is timed instead, first token included.
+    const perSecond = seconds >= 0.1 ? (tokens - 1) / seconds : tokens / ((ended - started) / 1000);
+    const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
     status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
   } catch (err) {
