@@ -405,6 +405,36 @@ def test_chat_logprobs(client: openai.OpenAI, local) -> None:
     assert [e.top_logprobs for e in bare.choices[0].logprobs.content] == [[], []]
 
 
+def test_chat_logprobs_leave_out_the_stop_token(checkpoint: Path, local, tmp_path: Path) -> None:
+    # The reply's content logprobs end with its content, as OpenAI's: the end token that stopped it is no text.
+    # The random model never picks <|im_end|>, so a copy of it ends at one of its greedy tokens instead.
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    tokenizer = local[1]
+    messages = [{"role": "user", "content": "Tell me about rivers."}]
+    generated = greedy_ids(local, tokenizer.encode(tokenizer.render_chat(messages)), 8)
+    k = next(k for k in range(2, 8) if generated[k] not in generated[:k])
+    folder = tmp_path / "stops"
+    shutil.copytree(checkpoint, folder)
+    saved = json.loads((folder / "generation_config.json").read_text())
+    (folder / "generation_config.json").write_text(json.dumps({**saved, "eos_token_id": [generated[k]]}))
+    model, stopping = load_checkpoint(folder)
+    sampling = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, logprobs=True, top_logprobs=2)
+    with TestClient(create_app(model, stopping, "tiny")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+        plain = client.chat.completions.create(**sampling).choices[0]
+        chunks = list(client.chat.completions.create(**sampling, stream=True))
+    streamed = [e for c in chunks for choice in c.choices if choice.logprobs for e in choice.logprobs.content]
+    assert plain.finish_reason == "stop" and plain.message.content == tokenizer.decode(generated[:k])
+    assert [bytes(e.bytes) for e in plain.logprobs.content] == [tokenizer.token_bytes(t) for t in generated[:k]]
+    assert [e.model_dump() for e in streamed] == [e.model_dump() for e in plain.logprobs.content]
+    assert chunks[-1].choices[0].finish_reason == "stop" and chunks[-1].choices[0].logprobs is None
+
+
 def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     sampling = dict(model="tiny", prompt="A list:", max_tokens=30, temperature=0, logprobs=1)
     full = client.completions.create(**sampling).choices[0]

@@ -203,12 +203,15 @@ def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
 
 
 def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
+    """The logprobs of a reply's content tokens: as OpenAI, not of the stop token that ended it."""
     def item(token: int, logprob: float) -> dict[str, Any]:
         text, raw = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": raw}
 
-    return {"content": [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
-                        for e in entries]}
+    stops = set(tokenizer.stop_ids)
+    content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
+               for e in entries if e.token not in stops]
+    return {"content": content}
 
 
 def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
@@ -276,6 +279,8 @@ async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int,
     def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
               entries: list[TokenLogprob] | None = None) -> str:
         logprobs = shape(entries) if shape and entries else None  # the tokens behind this chunk
+        if chat and logprobs is not None and not logprobs["content"]:
+            logprobs = None  # a last chunk's stop token, which is not content
         if chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
