@@ -672,6 +672,21 @@ def test_the_choices_of_a_prompt_read_it_once(local) -> None:
     assert len(prefills) == chunks + 4 * chunks  # each prompt read once for its 4 choices, then 4 times alone
 
 
+def test_health_counts_waiting_choices_not_requests(local) -> None:
+    model, tokenizer = local
+    prompts = [tokenizer.encode(PROMPTS[0]), tokenizer.encode(PROMPTS[1])]
+
+    async def main() -> list[int]:
+        engine = Engine(model, tokenizer)  # not started: what is submitted waits
+        engine.submit(prompts, SamplingParams(max_new_tokens=2, temperature=0), 3)
+        engine.submit(prompts[:1], SamplingParams(max_new_tokens=2, temperature=0), 1)
+        submitted = engine.stats()["waiting"]
+        engine._collect(block=False)  # from the inbox to the waiting list
+        return [submitted, engine.stats()["waiting"]]
+
+    assert asyncio.run(main()) == [7, 7]
+
+
 @pytest.mark.parametrize("fixed_shapes", [False, True])
 def test_batch_cache_grows_as_rows_need_it(local, fixed_shapes: bool) -> None:
     """In-process: the batch cache holds a few slots past the tokens in it, not every token the requests
@@ -869,6 +884,9 @@ BAD_REQUESTS = [
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
      400, "messages"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
+     "messages.0.content.0.text"),  # the part's text named, not "content should be a string"
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
@@ -906,7 +924,12 @@ def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, 
 def test_wrong_methods_say_which_are_allowed(url: str) -> None:
     r = httpx.get(f"{url}/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
-    assert httpx.head(f"{url}/health").status_code == 200 and httpx.head(f"{url}/").status_code == 200
+    for path in ("/health", "/", "/v1/models", "/v1/models/tiny"):  # HEAD wherever GET is (load balancers probe)
+        assert httpx.head(f"{url}{path}").status_code == 200, path
+    # A value that is none of a field's forms says which it may take.
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": [True, False]})
+    assert r.json()["error"]["message"] == \
+        "invalid 'prompt': should be one of: str, list[str], list[int], list[list[int]]"
 
 
 def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> None:

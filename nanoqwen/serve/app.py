@@ -143,18 +143,35 @@ def sse(data: dict[str, Any] | str) -> str:
     return f"data: {payload}\n\n"
 
 
+def is_union_branch(part: int | str) -> bool:
+    """pydantic names the branch of a union a value was tried as by its type ('str', 'list[int]')."""
+    return isinstance(part, str) and (part in {"str", "int"} or "[" in part)
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line (and the offending parameter) from pydantic's error list."""
-    first = exc.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+    errors = [{**e, "loc": tuple(p for p in e.get("loc", ()) if p != "body")} for e in exc.errors()]
+
+    def named_depth(error: dict[str, Any]) -> int:  # field names in its path, not indices or union branches
+        return sum(isinstance(p, str) and not is_union_branch(p) for p in error["loc"])
+
+    # A value that fits no branch of a union gets an error per branch. One that reaches into a field names
+    # the part that is wrong (a content part's 'text'); otherwise the value is none of the forms it may take.
+    first = max(errors, key=named_depth)
+    loc = first["loc"]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))
         return f"the request body is not valid JSON: {detail}", None
     if not loc:
         return "the request body must be a JSON object (and sent with Content-Type: application/json)", None
-    # Union branches add their type name to the path ('prompt.str'); name the field the user wrote.
-    field = ".".join(p for p in loc if not any(c in p for c in "[]") and p not in {"str", "int"})
-    return f"invalid '{field}': {first.get('msg')}", field
+    message = first.get("msg")
+    branch = next((i for i, p in enumerate(loc) if is_union_branch(p)), None)
+    if branch is not None and named_depth(first) == named_depth({"loc": loc[:branch]}):
+        forms = dict.fromkeys(e["loc"][branch] for e in errors if e["loc"][:branch] == loc[:branch]
+                              and len(e["loc"]) > branch)
+        loc, message = loc[:branch], "should be one of: " + ", ".join(map(str, forms))
+    field = ".".join(str(p) for p in loc if not is_union_branch(p))
+    return f"invalid '{field}': {message}", field
 
 
 # -- the application -----------------------------------------------------------------------------
@@ -475,11 +492,11 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def health() -> dict[str, Any]:
         return {"status": "ok", "model": model_name, **engine.stats()}
 
-    @app.get("/v1/models")
+    @app.api_route("/v1/models", methods=["GET", "HEAD"])
     async def list_models() -> dict[str, Any]:
         return {"object": "list", "data": [service.card]}
 
-    @app.get("/v1/models/{name:path}")
+    @app.api_route("/v1/models/{name:path}", methods=["GET", "HEAD"])
     async def get_model(name: str) -> dict[str, Any]:
         service.check_model(name)
         return service.card

@@ -180,6 +180,8 @@ class Engine:
         self.fixed_shapes = graphs_by_default(model) if fixed_shapes is None else fixed_shapes
         self._decode_step: DecodeStep | None = None  # over self._cache, when fixed_shapes
         self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
+        self._in_inbox = 0  # choices submitted and not yet collected (for stats; under _inbox_lock)
+        self._inbox_lock = threading.Lock()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
         self._active: list[Sequence] = []  # rows of the batch, in cache row order
         self._admitting: list[Sequence] = []  # prefilled this step, joining the batch at its rebuild
@@ -217,12 +219,14 @@ class Engine:
                 if j:  # queued after the first choice, so admitted once it has read the prompt
                     seq.leader = sequences[-1 - j]
                     seq.leader.followers += 1
+        with self._inbox_lock:
+            self._in_inbox += len(sequences)
         self._inbox.put(sequences)
         return job
 
     def stats(self) -> dict[str, int]:
         """Rows decoding now, choices waiting for a row, tokens generated (read without a lock: approximate)."""
-        return {"active": len(self._active), "waiting": len(self._waiting) + self._inbox.qsize(),
+        return {"active": len(self._active), "waiting": len(self._waiting) + self._in_inbox,
                 "tokens_generated": self.tokens_generated}
 
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
@@ -256,6 +260,8 @@ class Engine:
                 if item is None:
                     return
                 self._waiting.extend(item)
+                with self._inbox_lock:
+                    self._in_inbox -= len(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
