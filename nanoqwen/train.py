@@ -573,8 +573,9 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
     args.dtype = args.dtype or asked.get("dtype")
     args.activation_checkpointing = args.activation_checkpointing or bool(asked.get("activation_checkpointing"))
     train = saved["train"]
-    if train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):  # resolved, not asked for
-        train["micro_batch"] = None  # (runs before this version saved it so)
+    if saved.get("format", 1) < RUN_CONFIG_FORMAT and \
+            train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):
+        train["micro_batch"] = None  # resolved, not asked for: runs of format 1 saved it so
     if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
@@ -769,9 +770,12 @@ def data_place(run: Run) -> dict[str, str]:
     return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
 
 
+RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not), never the one chosen
+
+
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
-    return {"version": STATE_VERSION, "preset": run.preset, **data_place(run),
+    return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
             "data_splits": data_splits(run.data),  # tells other data from this on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),

@@ -806,7 +806,8 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     assert train_in_process(*common(data, preset, out), "--max-steps", "4") == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["micro_batch"] is None  # not the one it chose
-    config["train"]["micro_batch"] = 8  # as runs of earlier versions saved it: read back as "not given"
+    config["train"]["micro_batch"] = 8  # as runs of format 1 saved it: read back as "not given"
+    del config["format"]
     (out / "config.json").write_text(json.dumps(config))
     # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later:
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--batch-size", "4", "--lr", "0",
@@ -832,6 +833,12 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     shutil.rmtree(out / "best")  # as a run stopped before its first evaluation has none
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 2
     assert "(its last/ is usable as it is)" in capsys.readouterr().err
+    # A micro-batch asked for is kept, even one equal to what the run would choose (another process count
+    # on resume would choose another).
+    asked = tmp_path / "asked"
+    assert train_in_process(*common(data, preset, asked), "--max-steps", "1", "--micro-batch", "8") == 0
+    assert train_in_process("--resume", str(asked), "--max-steps", "2") == 0
+    assert json.loads((asked / "config.json").read_text())["train"]["micro_batch"] == 8
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
