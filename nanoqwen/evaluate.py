@@ -121,12 +121,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def load_split(folder: Path, split: str) -> tuple[torch.Tensor, int]:
-    """Tokens and UTF-8 bytes of one split of a prepared folder."""
+def load_split(folder: Path, split: str, tokenizer: Tokenizer) -> tuple[torch.Tensor, int]:
+    """Tokens of one split of a prepared folder, and the UTF-8 bytes of those scored (all but the first, which
+    nothing predicts: a split starts inside a document)."""
     from nanoqwen.data.loader import TokenSplit
 
-    tokens = TokenSplit.open(folder, split)
-    return tokens.prefix(len(tokens)), tokens.num_bytes
+    split_tokens = TokenSplit.open(folder, split)
+    tokens = split_tokens.prefix(len(split_tokens))
+    return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].tolist())
 
 
 def read_text_file(path: Path, model: str) -> tuple[str, int]:
@@ -186,7 +188,7 @@ def run(args: argparse.Namespace) -> int:
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         split = args.split or "val"
-        tokens, num_bytes = load_split(Path(args.data), split)
+        tokens, num_bytes = load_split(Path(args.data), split, tokenizer)
         check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
     if args.max_windows is not None and tokens.numel() > args.max_windows * context + 1:
         # the windows scored are a prefix: bits per byte divide by the bytes of its text, counted
