@@ -79,7 +79,8 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
     assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
     # The controls start at the checkpoint's recommended sampling (its generation_config.json).
-    assert [page.input_value(f"#{name}") for name in ("temperature", "top-p", "top-k")] == ["0.7", "0.8", "20"]
+    fields = ("temperature", "top-p", "top-k", "repetition-penalty")
+    assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "0.8", "20", "1.0"]  # not "1"
     assert page.text_content("#temperature-value") == "0.70"
     params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"

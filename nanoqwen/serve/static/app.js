@@ -103,6 +103,8 @@ function fieldValue(id) {
 
 function setField(id, value) { // as the page sets it: not a change of the user's, not saved
   if ($(id).type === "checkbox") $(id).checked = Boolean(value);
+  // A whole number in a fractional field keeps its point ("1.0", as the page's own defaults show it).
+  else if (Number.isInteger(value) && $(id).step.includes(".")) $(id).value = value.toFixed(1);
   else $(id).value = String(value);
   state.applyingDefaults = true;
   $(id).dispatchEvent(new Event("input")); // a slider's number follows
