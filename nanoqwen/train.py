@@ -357,10 +357,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         if info.is_main and not args.init_from:
             note_vocab_change(preset, model_config, data)
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
-    if cfg.seq_len > model_config.max_position_embeddings:
-        raise NanoQwenError(f"--seq-len {cfg.seq_len} exceeds the model's context "
-                            f"({model_config.max_position_embeddings}); lower it" + ("" if resume_dir else
-                            f" or --set max_position_embeddings={cfg.seq_len}"))  # a resume takes no --set
+    check_seq_len(cfg.seq_len, model_config, can_set=resume_dir is None)  # a resume takes no --set
     device = info.device
     if device.type == "cpu":
         reuse_freed_memory()
@@ -508,6 +505,12 @@ def note_vocab_change(preset: Preset, config: ModelConfig, data: Path) -> None:
           f"{keep}", flush=True)
 
 
+def check_seq_len(seq_len: int, config: ModelConfig, can_set: bool) -> None:
+    if seq_len > config.max_position_embeddings:
+        raise NanoQwenError(f"--seq-len {seq_len} exceeds the model's context ({config.max_position_embeddings}); "
+                            "lower it" + (f" or --set max_position_embeddings={seq_len}" if can_set else ""))
+
+
 def warming_up(steps: int) -> str:
     return f"warming up over {steps}" if steps else "no warmup"
 
@@ -520,6 +523,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
+    if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
+        check_seq_len(cfg.seq_len, preset.model, can_set=True)
     if (args.tokenizer or args.text_column) and args.data:
         raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):

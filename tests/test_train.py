@@ -355,6 +355,11 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     (tmp_path / "runs/old/last").mkdir(parents=True)  # and an --out that already holds a run
     assert train_in_process("--dataset", "texts", "--out", "runs/old", "--max-steps", "1") == 2
     assert "already holds a run" in capsys.readouterr().err and not (tmp_path / "data").exists()
+    # A sequence longer than the preset's context: one line, before any data is prepared or a note printed.
+    assert train_in_process("--dataset", "texts", "--seq-len", "100000", "--max-steps", "1") == 2
+    said = capsys.readouterr()
+    assert "--seq-len 100000 exceeds the model's context" in said.err and "--set max_position" in said.err
+    assert said.out == "" and not (tmp_path / "data").exists()
 
 
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
