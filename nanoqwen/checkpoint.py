@@ -11,6 +11,7 @@ import json
 import pickle
 import typing
 from pathlib import Path, PurePosixPath
+from shlex import quote
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -134,6 +135,9 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():
+        if (directory / "meta.json").is_file() and (directory / "train.bin").is_file():
+            raise NanoQwenError(f"{directory} is a prepared data folder, not a model; train one on it (nanoqwen "
+                                f"train --data {quote(str(directory))}) and give its checkpoint, runs/NAME/best")
         raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder")
     try:
         raw = json.loads(path.read_text())

@@ -1089,6 +1089,13 @@ def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path)
         load_model(trained)  # as `sample --model runs/NAME` or `train --init-from runs/NAME` would
 
 
+def test_a_data_folder_given_as_a_checkpoint_says_how_to_train_on_it(data: Path) -> None:
+    from nanoqwen.checkpoint import load_model
+
+    with pytest.raises(NanoQwenError, match=f"is a prepared data folder, not a model; .* --data {data}"):
+        load_model(data)  # as `chat --model data/NAME` would
+
+
 def test_a_new_run_never_writes_into_a_checkpoint_data_or_a_file(trained: Path, data: Path, preset: Path,
                                                                  tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
