@@ -337,3 +337,17 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
         assert page.text_content("#stats") == message
         assert page.input_value("#prompt") == "Next" and not [u for u in requests if "/v1/" in u]
         page.fill(field, "")
+
+
+def test_header_recovers_when_the_server_answers_again(page) -> None:
+    # A send that finds no server marks the header unreachable; the next one that goes through must clear
+    # that (it stayed "server unreachable", red, over a working conversation once the server was back).
+    page.fill("#max-tokens", "3")
+    page.route("**/v1/**", lambda route: route.abort())
+    send_and_wait(page, "Hello")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'server unreachable'")
+    page.unroute("**/v1/**")
+    page.click("#send")  # the message went back to the box
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    assert "3 tokens" in page.text_content("#stats")
+    assert page.get_attribute("#status-dot", "class") == "status-dot ok"

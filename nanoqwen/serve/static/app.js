@@ -442,6 +442,7 @@ async function send() {
     const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
     status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
+    if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
       status = `stopped · ${reply.length} characters`;
