@@ -271,6 +271,12 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         send_and_wait(page, "Hello there")
         assert "API key" in page.locator(".message.assistant .error").last.text_content()
         assert page.input_value("#prompt") == "Hello there"  # back in the box, to send again
+        # A wrong key is said to be wrong, not missing (the user has entered one).
+        page.fill("#api-key", "wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('API key refused')")
+        send_and_wait(page, "Hello there")
+        assert "refused this API key" in page.locator(".message.assistant .error").last.text_content()
         page.fill("#api-key", "s3cret")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
@@ -289,7 +295,7 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         page.fill("#prompt", "Next")
         page.click("#send")
         assert page.text_content("#stats") == "Max tokens must be a whole number >= 1"
-        assert page.input_value("#prompt") == "Next" and page.locator(".message.user").count() == 2
+        assert page.input_value("#prompt") == "Next" and page.locator(".message.user").count() == 3
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-refused.png"))
         # Completion mode shows its own (empty) transcript; back in chat, the conversation is still there.

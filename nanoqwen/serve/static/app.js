@@ -40,7 +40,8 @@ async function loadModel() {
     const res = await fetch("/v1/models", { headers: headers() });
     if (res.status === 401) {
       dot.className = "status-dot error";
-      $("model-name").textContent = "API key needed (see Server settings)";
+      $("model-name").textContent = $("api-key").value.trim()
+        ? "API key refused (see Server settings)" : "API key needed (see Server settings)";
       $("model-size").hidden = $("model-context").hidden = true;
       return;
     }
@@ -453,7 +454,9 @@ async function send() {
       if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
         message = "lost the connection to the server (is `nanoqwen serve` still running?)";
       } else if (err.status === 401) {
-        message = "this server needs an API key: enter it under Server, below the sampling settings";
+        message = $("api-key").value.trim()
+          ? "the server refused this API key: check it under Server, below the sampling settings"
+          : "this server needs an API key: enter it under Server, below the sampling settings";
         $("api-key").focus();
       }
       note(box, message, "error");
