@@ -12,6 +12,7 @@ const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition
 
 const state = {
   model: null, // id from /v1/models
+  context: null, // its context length, in tokens
   history: [], // chat messages so far: {role, content}
   controller: null, // AbortController of the request in flight
   defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
@@ -47,6 +48,7 @@ async function loadModel() {
     }
     const card = (await res.json()).data[0];
     state.model = card.id;
+    state.context = card.context_length || null;
     dot.className = "status-dot ok";
     $("model-name").textContent = card.id;
     $("model-name").title = card.id;
@@ -442,7 +444,11 @@ async function send() {
     const perSecond = seconds >= 0.1 ? (tokens - 1) / seconds : tokens / ((ended - started) / 1000);
     const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
-    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
+    // A reply that filled the context ends as "length" too, short of max tokens: say which limit it was.
+    const full = result.finish === "length" && result.usage && state.context
+      && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
+    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`
+      + (full ? " (the model's context is full)" : "");
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
