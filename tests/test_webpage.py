@@ -196,8 +196,13 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
         # arrive in a single network read, so this is checked here, on a reply far too long for that.)
         assert page.get_attribute("body", "data-busy") == "true"
         assert len(reply.text_content()) > 20
+        # Screen readers hold the live transcript's news until the reply is whole (not a token at a time), and
+        # hear the status line (the stats, or why nothing was sent).
+        assert page.get_attribute("#transcript", "aria-busy") == "true"
+        assert page.get_attribute("#stats", "role") == "status"
         page.click("#stop")
         page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
+        assert page.get_attribute("#transcript", "aria-busy") == "false"
         stopped = reply.text_content()
         time.sleep(0.5)
         assert reply.text_content() == stopped  # nothing more arrives

@@ -323,6 +323,7 @@ function note(box, text, cls = "note") {
 
 function setBusy(busy) {
   document.body.dataset.busy = String(busy);
+  $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("clear").disabled = busy;
