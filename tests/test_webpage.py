@@ -377,3 +377,12 @@ def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
     page.fill("#max-tokens", "5")
     send_and_wait(page, "Once upon a time")  # max tokens reached: the plain reason
     assert page.text_content("#stats").endswith("finish: length")
+
+
+def test_keyboard_focus_shows_on_the_sliders(page) -> None:
+    # A slider's focus ring was the pale accent on white: a keyboard user could not see which one had focus.
+    page.focus("#max-tokens")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "temperature"
+    accent = page.evaluate("getComputedStyle(document.querySelector('button.primary')).backgroundColor")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineColor") == accent
