@@ -386,3 +386,14 @@ def test_keyboard_focus_shows_on_the_sliders(page) -> None:
     assert page.evaluate("document.activeElement.id") == "temperature"
     accent = page.evaluate("getComputedStyle(document.querySelector('button.primary')).backgroundColor")
     assert page.evaluate("getComputedStyle(document.activeElement).outlineColor") == accent
+
+
+def test_setting_names_stay_on_one_line(page) -> None:
+    # "Stop strings" broke over two lines beside its long hint in the 270-pixel sidebar; the hint wraps instead.
+    lines = page.evaluate("""Object.fromEntries([...document.querySelectorAll('.settings .field > span')]
+        .filter((span) => span.offsetParent !== null).map((span) => {
+            const range = document.createRange();
+            range.selectNodeContents(span.firstChild);
+            return [span.firstChild.textContent.trim(), range.getClientRects().length];
+        }))""")
+    assert lines["Stop strings"] == 1 and set(lines.values()) == {1}, lines
