@@ -163,6 +163,9 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     assert page.locator(".message .error").count() == 0
     assert page.locator(".message.assistant").last.locator(".note").text_content() == (
         "the oldest turn was dropped to fit the model's context")
+    # The dropped turn stays on the page, marked as out of the model's view; the turns it sees are not.
+    marked = page.eval_on_selector_all(".message", "boxes => boxes.map((box) => box.classList.contains('dropped'))")
+    assert marked == [True, True, False, False]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     expected = client.chat.completions.create(model="tiny-web", messages=[{"role": "user", "content": second}],
                                               max_tokens=300, temperature=0).choices[0].message.content

@@ -13,7 +13,7 @@ const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition
 const state = {
   model: null, // id from /v1/models
   context: null, // its context length, in tokens
-  history: [], // chat messages so far: {role, content}
+  history: [], // chat messages so far: {role, content, box}, box the message on the page
   controller: null, // AbortController of the request in flight
   defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
   samplingDefaults: null, // those defaults, for Reset settings
@@ -337,12 +337,17 @@ async function countTokens(messages, body) {
     const res = await fetch("/tokenize", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify({ messages, chat_template_kwargs: body.chat_template_kwargs }),
+      body: JSON.stringify({ messages: wire(messages), chat_template_kwargs: body.chat_template_kwargs }),
     });
     return res.ok ? await res.json() : null;
   } catch (_) {
     return null;
   }
+}
+
+// Messages as the API takes them (the history's also name their place on the page).
+function wire(messages) {
+  return messages.map(({ role, content }) => ({ role, content }));
 }
 
 // Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
@@ -358,7 +363,10 @@ async function fitHistory(lead, text, body) {
   if (!alone || alone.count >= alone.max_model_len) return 0;
   let dropped = 0;
   while (fit && !fits(fit) && state.history.length) {
-    state.history.splice(0, state.history.length > 1 ? 2 : 1);
+    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) {
+      message.box.classList.add("dropped"); // still shown, no longer seen by the model
+      message.box.title = "dropped from the conversation to fit the model's context";
+    }
     dropped += 1;
     fit = await countTokens([...lead, ...state.history, user], body);
   }
@@ -384,7 +392,8 @@ async function send() {
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
-    addMessage("user", "You").querySelector(".content").textContent = text;
+    const userBox = addMessage("user", "You");
+    userBox.querySelector(".content").textContent = text;
     box = addMessage("assistant", state.model || "model");
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
@@ -398,8 +407,8 @@ async function send() {
       note(box, `${dropped === 1 ? "the oldest turn was" : `the ${dropped} oldest turns were`} dropped `
         + "to fit the model's context");
     }
-    body.messages = [...lead, ...state.history, { role: "user", content: text }];
-    state.history.push({ role: "user", content: text });
+    body.messages = wire([...lead, ...state.history, { role: "user", content: text }]);
+    state.history.push({ role: "user", content: text, box: userBox });
   } else {
     box = addMessage("completion", "Completion");
     const content = box.querySelector(".content");
@@ -483,7 +492,7 @@ async function send() {
     }
     if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
         && (reply || status.startsWith("stopped"))) {
-      state.history.push({ role: "assistant", content: reply });
+      state.history.push({ role: "assistant", content: reply, box });
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
