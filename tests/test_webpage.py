@@ -400,3 +400,15 @@ def test_setting_names_stay_on_one_line(page) -> None:
             return [span.firstChild.textContent.trim(), range.getClientRects().length];
         }))""")
     assert lines["Stop strings"] == 1 and set(lines.values()) == {1}, lines
+
+
+def test_phone_text_boxes_are_large_enough_not_to_zoom(browser, url: str) -> None:
+    # iPhones zoom the page into a focused text box whose font is under 16px (the page's is 15px), and leave
+    # it zoomed: the phone layout's boxes use 16px.
+    page, errors = open_page(browser, url, "tiny-web")
+    page.set_viewport_size({"width": 390, "height": 844})
+    sizes = page.eval_on_selector_all("textarea, input[type='number'], input[type='password']",
+                                      "boxes => boxes.map((box) => parseFloat(getComputedStyle(box).fontSize))")
+    assert min(sizes) >= 16, sizes
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
