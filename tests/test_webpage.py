@@ -412,3 +412,23 @@ def test_phone_text_boxes_are_large_enough_not_to_zoom(browser, url: str) -> Non
     assert min(sizes) >= 16, sizes
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
+    # A phone's keyboard has no Shift+Enter: Enter sent, so no message there could have two lines. There Enter
+    # starts a new line and the Send button sends (and the box's hint says so).
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.fill("#max-tokens", "3")
+    page.fill("#prompt", "line one")
+    page.press("#prompt", "End")
+    page.press("#prompt", "Enter")
+    page.type("#prompt", "line two")
+    assert page.input_value("#prompt") == "line one\nline two" and page.locator(".message").count() == 0
+    assert "Shift" not in page.get_attribute("#prompt", "placeholder")
+    page.tap("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert page.locator(".message.user .content").text_content() == "line one\nline two"
+    context.close()

@@ -543,8 +543,11 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
+  const touch = matchMedia("(pointer: coarse)").matches;
+  if (touch) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
   $("clear").addEventListener("click", clearAll);
