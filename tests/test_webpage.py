@@ -432,3 +432,24 @@ def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
     assert page.locator(".message.user .content").text_content() == "line one\nline two"
     context.close()
+
+
+def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> None:
+    # With site data blocked, reading localStorage throws: the page stopped at "connecting…", dead. It works,
+    # without memory: settings changed and Reset settings included.
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script("Object.defineProperty(window, 'localStorage', {get() {"
+                         " throw new DOMException('The operation is insecure.', 'SecurityError'); }})")
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.fill("#max-tokens", "3")
+    page.fill("#api-key", "any")
+    page.dispatch_event("#api-key", "change")
+    send_and_wait(page, "Hello")
+    assert "3 tokens" in page.text_content("#stats")
+    page.click("#reset-settings")
+    assert page.input_value("#max-tokens") == "200"
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"

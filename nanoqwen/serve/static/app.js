@@ -78,6 +78,16 @@ async function loadModel() {
 }
 
 // -- settings ------------------------------------------------------------------------------
+// The browser's localStorage, or null where site data is blocked (reading it throws then): the page works
+// as before, without memory.
+function storage() {
+  try {
+    return window.localStorage;
+  } catch (err) {
+    return null;
+  }
+}
+
 function settingsKey() {
   return `${SETTINGS_STORAGE}:${state.model}`;
 }
@@ -136,7 +146,7 @@ function applySamplingDefaults() { // the checkpoint's recommended sampling, whe
 }
 
 function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
-  localStorage.removeItem(settingsKey());
+  storage()?.removeItem(settingsKey());
   for (const id of SAVED_FIELDS) {
     delete $(id).dataset.touched;
     setField(id, $(id).type === "checkbox" ? $(id).defaultChecked : $(id).defaultValue);
@@ -515,10 +525,10 @@ function clearAll() { // the transcript of the mode shown
 
 // -- wiring --------------------------------------------------------------------------------
 function init() {
-  const key = localStorage.getItem(KEY_STORAGE);
+  const key = storage()?.getItem(KEY_STORAGE);
   if (key) $("api-key").value = key;
   $("api-key").addEventListener("change", () => {
-    localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    storage()?.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModel();
   });
   for (const id of SAVED_FIELDS) { // touched: see loadModel's defaults
