@@ -453,3 +453,12 @@ def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> N
     assert page.input_value("#max-tokens") == "200"
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
+    # On a narrow screen a name wider than the row wrapped below the dot, leaving the dot alone on a row.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("document.getElementById('model-name').textContent = 'runs/tinystories-283m-20261205-1200/best-x'")
+    dot, name = (page.locator(selector).bounding_box() for selector in ("#status-dot", "#model-name"))
+    assert name["y"] <= dot["y"] + dot["height"] / 2 <= name["y"] + name["height"]  # side by side
+    assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
