@@ -462,3 +462,12 @@ def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
     dot, name = (page.locator(selector).bounding_box() for selector in ("#status-dot", "#model-name"))
     assert name["y"] <= dot["y"] + dot["height"] / 2 <= name["y"] + name["height"]  # side by side
     assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
+
+
+def test_the_sliders_are_named_for_screen_readers(page) -> None:
+    # A label holding an <output> labels the output (the first labelable element in it), so the sliders had no
+    # name: a screen reader said "slider, 0.7".
+    page.get_by_role("slider", name="Temperature").focus()
+    assert page.evaluate("document.activeElement.id") == "temperature"
+    page.get_by_role("slider", name="Top-p").focus()
+    assert page.evaluate("document.activeElement.id") == "top-p"
