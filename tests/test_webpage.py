@@ -471,3 +471,16 @@ def test_the_sliders_are_named_for_screen_readers(page) -> None:
     assert page.evaluate("document.activeElement.id") == "temperature"
     page.get_by_role("slider", name="Top-p").focus()
     assert page.evaluate("document.activeElement.id") == "top-p"
+
+
+def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
+    # 667 x 375 (a phone in landscape) took the stacked narrow layout: header, settings and the message box
+    # left the transcript 20 pixels. Side by side, as on a desktop, it gets the height.
+    page.set_viewport_size({"width": 667, "height": 375})
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "Hello")
+    transcript = page.locator("#transcript").bounding_box()
+    assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone upright keeps the stacked layout
+    assert page.locator(".settings").bounding_box()["width"] == 390
