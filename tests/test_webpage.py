@@ -482,5 +482,8 @@ def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     transcript = page.locator("#transcript").bounding_box()
     assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways
+    sizes = page.eval_on_selector_all("textarea, input[type='number']", "boxes => boxes.map((box) => "
+                                      "parseFloat(getComputedStyle(box).fontSize))")
+    assert min(sizes) >= 16  # as upright: no zoom into a box on focus
     page.set_viewport_size({"width": 390, "height": 844})  # a phone upright keeps the stacked layout
     assert page.locator(".settings").bounding_box()["width"] == 390
