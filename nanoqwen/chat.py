@@ -125,11 +125,15 @@ def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingPa
     """Stream one reply to stdout; Ctrl-C ends it early. Returns the text."""
     text = ""
     try:
-        for _, delta, _ in stream_batch(model, tokenizer, [ids], params):
+        for _, delta, done in stream_batch(model, tokenizer, [ids], params):
             if delta:
                 text += delta
                 sys.stdout.write(printable(delta))
                 sys.stdout.flush()
+            # Cut short by the end of the context, not by --max-new-tokens: say so, as it may end mid-word.
+            if (done is not None and done.finish_reason == "length" and len(done.token_ids) < params.max_new_tokens
+                    and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings):
+                sys.stdout.write(" [context full]")
     except KeyboardInterrupt:
         sys.stdout.write(" [stopped]")
     sys.stdout.write("\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -101,8 +102,10 @@ def free_port() -> int:
 
 
 @contextmanager
-def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """`python -m nanoqwen serve` on a free local port; yields its base URL once /health answers."""
+def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str] | None = None,
+               stop_signal: int = signal.SIGTERM) -> Iterator[str]:
+    """`python -m nanoqwen serve` on a free local port; yields its base URL once /health answers, and stops it
+    with `stop_signal` (SIGINT: Ctrl-C in its terminal)."""
     port = free_port()
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
@@ -125,7 +128,7 @@ def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str]
             time.sleep(0.2)
         yield url
     finally:
-        proc.terminate()
+        proc.send_signal(stop_signal)
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # a request handler or the engine hung: that is a bug

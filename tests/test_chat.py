@@ -174,6 +174,25 @@ def test_raw_chat_with_no_reply_budget_survives_a_long_message(checkpoint: Path)
     assert child.exitstatus == 0
 
 
+def test_a_reply_cut_short_by_the_full_context_says_so(checkpoint: Path, local) -> None:
+    # 200 new tokens keep room for 128 (half the context of 256): a 200-token message leaves the reply 56,
+    # and it ended mid-word with no word of why.
+    child = spawn_chat(checkpoint, "--max-new-tokens", "200")
+    try:
+        message = "7" * 200  # one token a digit
+        _, tokenizer = local
+        prompt = tokenizer.render_chat([{"role": "user", "content": message}])
+        cut = reply_of(local, [{"role": "user", "content": message}])  # MAX_NEW tokens of the same greedy text
+        out = say(child, message)
+        assert out.startswith(printable(cut)) and out.endswith(" [context full]\n")
+        assert len(tokenizer.encode(prompt)) < 256 - MAX_NEW
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_history_drops_oldest_turns() -> None:
     tokenizer = qwen3_tokenizer()
     conversation = Conversation(tokenizer, context=120, reserve=40, system="sys")

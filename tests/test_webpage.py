@@ -163,6 +163,9 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     assert page.locator(".message .error").count() == 0
     assert page.locator(".message.assistant").last.locator(".note").text_content() == (
         "the oldest turn was dropped to fit the model's context")
+    # The dropped turn stays on the page, marked as out of the model's view; the turns it sees are not.
+    marked = page.eval_on_selector_all(".message", "boxes => boxes.map((box) => box.classList.contains('dropped'))")
+    assert marked == [True, True, False, False]
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     expected = client.chat.completions.create(model="tiny-web", messages=[{"role": "user", "content": second}],
                                               max_tokens=300, temperature=0).choices[0].message.content
@@ -196,8 +199,13 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
         # arrive in a single network read, so this is checked here, on a reply far too long for that.)
         assert page.get_attribute("body", "data-busy") == "true"
         assert len(reply.text_content()) > 20
+        # Screen readers hold the live transcript's news until the reply is whole (not a token at a time), and
+        # hear the status line (the stats, or why nothing was sent).
+        assert page.get_attribute("#transcript", "aria-busy") == "true"
+        assert page.get_attribute("#stats", "role") == "status"
         page.click("#stop")
         page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
+        assert page.get_attribute("#transcript", "aria-busy") == "false"
         stopped = reply.text_content()
         time.sleep(0.5)
         assert reply.text_content() == stopped  # nothing more arrives
@@ -271,6 +279,12 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         send_and_wait(page, "Hello there")
         assert "API key" in page.locator(".message.assistant .error").last.text_content()
         assert page.input_value("#prompt") == "Hello there"  # back in the box, to send again
+        # A wrong key is said to be wrong, not missing (the user has entered one).
+        page.fill("#api-key", "wrong")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('API key refused')")
+        send_and_wait(page, "Hello there")
+        assert "refused this API key" in page.locator(".message.assistant .error").last.text_content()
         page.fill("#api-key", "s3cret")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
@@ -289,7 +303,7 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         page.fill("#prompt", "Next")
         page.click("#send")
         assert page.text_content("#stats") == "Max tokens must be a whole number >= 1"
-        assert page.input_value("#prompt") == "Next" and page.locator(".message.user").count() == 2
+        assert page.input_value("#prompt") == "Next" and page.locator(".message.user").count() == 3
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-refused.png"))
         # Completion mode shows its own (empty) transcript; back in chat, the conversation is still there.
@@ -337,3 +351,139 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
         assert page.text_content("#stats") == message
         assert page.input_value("#prompt") == "Next" and not [u for u in requests if "/v1/" in u]
         page.fill(field, "")
+
+
+def test_header_recovers_when_the_server_answers_again(page) -> None:
+    # A send that finds no server marks the header unreachable; the next one that goes through must clear
+    # that (it stayed "server unreachable", red, over a working conversation once the server was back).
+    page.fill("#max-tokens", "3")
+    page.route("**/v1/**", lambda route: route.abort())
+    send_and_wait(page, "Hello")
+    page.wait_for_function("document.getElementById('model-name').textContent === 'server unreachable'")
+    page.unroute("**/v1/**")
+    page.click("#send")  # the message went back to the box
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    assert "3 tokens" in page.text_content("#stats")
+    assert page.get_attribute("#status-dot", "class") == "status-dot ok"
+
+
+def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
+    # A completion whose prompt leaves 10 tokens of the context ends after 10 of the 100 asked for: "finish:
+    # length" alone read as if max tokens had been reached.
+    prompt = ("one two three " * 338).rstrip()  # 1,014 tokens of the 1,024
+    assert httpx.post(f"{url}/tokenize", json={"prompt": prompt}).json()["count"] == CONTEXT - 10
+    page.click("label:has(#mode-completion)")
+    page.fill("#max-tokens", "100")
+    send_and_wait(page, prompt)
+    assert page.text_content("#stats").startswith("10 tokens")
+    assert page.text_content("#stats").endswith("finish: length (the model's context is full)")
+    page.fill("#max-tokens", "5")
+    send_and_wait(page, "Once upon a time")  # max tokens reached: the plain reason
+    assert page.text_content("#stats").endswith("finish: length")
+
+
+def test_keyboard_focus_shows_on_the_sliders(page) -> None:
+    # A slider's focus ring was the pale accent on white: a keyboard user could not see which one had focus.
+    page.focus("#max-tokens")
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "temperature"
+    accent = page.evaluate("getComputedStyle(document.querySelector('button.primary')).backgroundColor")
+    assert page.evaluate("getComputedStyle(document.activeElement).outlineColor") == accent
+
+
+def test_setting_names_stay_on_one_line(page) -> None:
+    # "Stop strings" broke over two lines beside its long hint in the 270-pixel sidebar; the hint wraps instead.
+    lines = page.evaluate("""Object.fromEntries([...document.querySelectorAll('.settings .field > span')]
+        .filter((span) => span.offsetParent !== null).map((span) => {
+            const range = document.createRange();
+            range.selectNodeContents(span.firstChild);
+            return [span.firstChild.textContent.trim(), range.getClientRects().length];
+        }))""")
+    assert lines["Stop strings"] == 1 and set(lines.values()) == {1}, lines
+
+
+def test_phone_text_boxes_are_large_enough_not_to_zoom(browser, url: str) -> None:
+    # iPhones zoom the page into a focused text box whose font is under 16px (the page's is 15px), and leave
+    # it zoomed: the phone layout's boxes use 16px.
+    page, errors = open_page(browser, url, "tiny-web")
+    page.set_viewport_size({"width": 390, "height": 844})
+    sizes = page.eval_on_selector_all("textarea, input[type='number'], input[type='password']",
+                                      "boxes => boxes.map((box) => parseFloat(getComputedStyle(box).fontSize))")
+    assert min(sizes) >= 16, sizes
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
+    # A phone's keyboard has no Shift+Enter: Enter sent, so no message there could have two lines. There Enter
+    # starts a new line and the Send button sends (and the box's hint says so).
+    context = browser.new_context(viewport={"width": 390, "height": 844}, has_touch=True, is_mobile=True)
+    page = context.new_page()
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.fill("#max-tokens", "3")
+    page.fill("#prompt", "line one")
+    page.press("#prompt", "End")
+    page.press("#prompt", "Enter")
+    page.type("#prompt", "line two")
+    assert page.input_value("#prompt") == "line one\nline two" and page.locator(".message").count() == 0
+    assert "Shift" not in page.get_attribute("#prompt", "placeholder")
+    page.tap("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert page.locator(".message.user .content").text_content() == "line one\nline two"
+    context.close()
+
+
+def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> None:
+    # With site data blocked, reading localStorage throws: the page stopped at "connecting…", dead. It works,
+    # without memory: settings changed and Reset settings included.
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.add_init_script("Object.defineProperty(window, 'localStorage', {get() {"
+                         " throw new DOMException('The operation is insecure.', 'SecurityError'); }})")
+    page.goto(url)
+    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.fill("#max-tokens", "3")
+    page.fill("#api-key", "any")
+    page.dispatch_event("#api-key", "change")
+    send_and_wait(page, "Hello")
+    assert "3 tokens" in page.text_content("#stats")
+    page.click("#reset-settings")
+    assert page.input_value("#max-tokens") == "200"
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
+    # On a narrow screen a name wider than the row wrapped below the dot, leaving the dot alone on a row.
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("document.getElementById('model-name').textContent = 'runs/tinystories-283m-20261205-1200/best-x'")
+    dot, name = (page.locator(selector).bounding_box() for selector in ("#status-dot", "#model-name"))
+    assert name["y"] <= dot["y"] + dot["height"] / 2 <= name["y"] + name["height"]  # side by side
+    assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
+
+
+def test_the_sliders_are_named_for_screen_readers(page) -> None:
+    # A label holding an <output> labels the output (the first labelable element in it), so the sliders had no
+    # name: a screen reader said "slider, 0.7".
+    page.get_by_role("slider", name="Temperature").focus()
+    assert page.evaluate("document.activeElement.id") == "temperature"
+    page.get_by_role("slider", name="Top-p").focus()
+    assert page.evaluate("document.activeElement.id") == "top-p"
+
+
+def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
+    # 667 x 375 (a phone in landscape) took the stacked narrow layout: header, settings and the message box
+    # left the transcript 20 pixels. Side by side, as on a desktop, it gets the height.
+    page.set_viewport_size({"width": 667, "height": 375})
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "Hello")
+    transcript = page.locator("#transcript").bounding_box()
+    assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
+    assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways
+    sizes = page.eval_on_selector_all("textarea, input[type='number']", "boxes => boxes.map((box) => "
+                                      "parseFloat(getComputedStyle(box).fontSize))")
+    assert min(sizes) >= 16  # as upright: no zoom into a box on focus
+    page.set_viewport_size({"width": 390, "height": 844})  # a phone upright keeps the stacked layout
+    assert page.locator(".settings").bounding_box()["width"] == 390

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import hmac
 import json
+import logging
 import os
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -101,6 +102,14 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class QuietCancelledRequests(logging.Filter):
+    """Drops uvicorn's traceback of a request cut at shutdown (after --shutdown-grace): on Ctrl-C the cut streams
+    end in CancelledError, each logged as an "Exception in ASGI application", after the server said it stopped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], asyncio.CancelledError))
 
 
 class APIKeyAuth:
@@ -629,6 +638,7 @@ def run(args: argparse.Namespace) -> int:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
     # Ctrl-C or SIGTERM: requests in flight get --shutdown-grace seconds to finish, then are cut (their jobs
     # cancelled), so a long generation cannot hold the server up for minutes.
+    logging.getLogger("uvicorn.error").addFilter(QuietCancelledRequests())
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
                 timeout_graceful_shutdown=args.shutdown_grace)
     return 0

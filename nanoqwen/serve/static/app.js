@@ -12,7 +12,8 @@ const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition
 
 const state = {
   model: null, // id from /v1/models
-  history: [], // chat messages so far: {role, content}
+  context: null, // its context length, in tokens
+  history: [], // chat messages so far: {role, content, box}, box the message on the page
   controller: null, // AbortController of the request in flight
   defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
   samplingDefaults: null, // those defaults, for Reset settings
@@ -40,12 +41,14 @@ async function loadModel() {
     const res = await fetch("/v1/models", { headers: headers() });
     if (res.status === 401) {
       dot.className = "status-dot error";
-      $("model-name").textContent = "API key needed (see Server settings)";
+      $("model-name").textContent = $("api-key").value.trim()
+        ? "API key refused (see Server settings)" : "API key needed (see Server settings)";
       $("model-size").hidden = $("model-context").hidden = true;
       return;
     }
     const card = (await res.json()).data[0];
     state.model = card.id;
+    state.context = card.context_length || null;
     dot.className = "status-dot ok";
     $("model-name").textContent = card.id;
     $("model-name").title = card.id;
@@ -75,6 +78,16 @@ async function loadModel() {
 }
 
 // -- settings ------------------------------------------------------------------------------
+// The browser's localStorage, or null where site data is blocked (reading it throws then): the page works
+// as before, without memory.
+function storage() {
+  try {
+    return window.localStorage;
+  } catch (err) {
+    return null;
+  }
+}
+
 function settingsKey() {
   return `${SETTINGS_STORAGE}:${state.model}`;
 }
@@ -133,7 +146,7 @@ function applySamplingDefaults() { // the checkpoint's recommended sampling, whe
 }
 
 function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
-  localStorage.removeItem(settingsKey());
+  storage()?.removeItem(settingsKey());
   for (const id of SAVED_FIELDS) {
     delete $(id).dataset.touched;
     setField(id, $(id).type === "checkbox" ? $(id).defaultChecked : $(id).defaultValue);
@@ -320,6 +333,7 @@ function note(box, text, cls = "note") {
 
 function setBusy(busy) {
   document.body.dataset.busy = String(busy);
+  $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("clear").disabled = busy;
@@ -333,12 +347,17 @@ async function countTokens(messages, body) {
     const res = await fetch("/tokenize", {
       method: "POST",
       headers: headers(),
-      body: JSON.stringify({ messages, chat_template_kwargs: body.chat_template_kwargs }),
+      body: JSON.stringify({ messages: wire(messages), chat_template_kwargs: body.chat_template_kwargs }),
     });
     return res.ok ? await res.json() : null;
   } catch (_) {
     return null;
   }
+}
+
+// Messages as the API takes them (the history's also name their place on the page).
+function wire(messages) {
+  return messages.map(({ role, content }) => ({ role, content }));
 }
 
 // Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
@@ -354,7 +373,10 @@ async function fitHistory(lead, text, body) {
   if (!alone || alone.count >= alone.max_model_len) return 0;
   let dropped = 0;
   while (fit && !fits(fit) && state.history.length) {
-    state.history.splice(0, state.history.length > 1 ? 2 : 1);
+    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) {
+      message.box.classList.add("dropped"); // still shown, no longer seen by the model
+      message.box.title = "dropped from the conversation to fit the model's context";
+    }
     dropped += 1;
     fit = await countTokens([...lead, ...state.history, user], body);
   }
@@ -380,7 +402,8 @@ async function send() {
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
-    addMessage("user", "You").querySelector(".content").textContent = text;
+    const userBox = addMessage("user", "You");
+    userBox.querySelector(".content").textContent = text;
     box = addMessage("assistant", state.model || "model");
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
@@ -394,8 +417,8 @@ async function send() {
       note(box, `${dropped === 1 ? "the oldest turn was" : `the ${dropped} oldest turns were`} dropped `
         + "to fit the model's context");
     }
-    body.messages = [...lead, ...state.history, { role: "user", content: text }];
-    state.history.push({ role: "user", content: text });
+    body.messages = wire([...lead, ...state.history, { role: "user", content: text }]);
+    state.history.push({ role: "user", content: text, box: userBox });
   } else {
     box = addMessage("completion", "Completion");
     const content = box.querySelector(".content");
@@ -441,7 +464,12 @@ async function send() {
     const perSecond = seconds >= 0.1 ? (tokens - 1) / seconds : tokens / ((ended - started) / 1000);
     const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
-    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`;
+    // A reply that filled the context ends as "length" too, short of max tokens: say which limit it was.
+    const full = result.finish === "length" && result.usage && state.context
+      && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
+    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`
+      + (full ? " (the model's context is full)" : "");
+    if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
       status = `stopped · ${reply.length} characters`;
@@ -452,7 +480,9 @@ async function send() {
       if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
         message = "lost the connection to the server (is `nanoqwen serve` still running?)";
       } else if (err.status === 401) {
-        message = "this server needs an API key: enter it under Server, below the sampling settings";
+        message = $("api-key").value.trim()
+          ? "the server refused this API key: check it under Server, below the sampling settings"
+          : "this server needs an API key: enter it under Server, below the sampling settings";
         $("api-key").focus();
       }
       note(box, message, "error");
@@ -472,7 +502,7 @@ async function send() {
     }
     if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
         && (reply || status.startsWith("stopped"))) {
-      state.history.push({ role: "assistant", content: reply });
+      state.history.push({ role: "assistant", content: reply, box });
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
@@ -495,10 +525,10 @@ function clearAll() { // the transcript of the mode shown
 
 // -- wiring --------------------------------------------------------------------------------
 function init() {
-  const key = localStorage.getItem(KEY_STORAGE);
+  const key = storage()?.getItem(KEY_STORAGE);
   if (key) $("api-key").value = key;
   $("api-key").addEventListener("change", () => {
-    localStorage.setItem(KEY_STORAGE, $("api-key").value.trim());
+    storage()?.setItem(KEY_STORAGE, $("api-key").value.trim());
     loadModel();
   });
   for (const id of SAVED_FIELDS) { // touched: see loadModel's defaults
@@ -523,8 +553,11 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
+  const touch = matchMedia("(pointer: coarse)").matches;
+  if (touch) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing) { e.preventDefault(); send(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
   $("clear").addEventListener("click", clearAll);
