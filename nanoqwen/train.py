@@ -95,7 +95,7 @@ from nanoqwen.io import (
 from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
-from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
+from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
 from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops, summary_writer_class
 
@@ -528,6 +528,11 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if args.init_from and (args.tokenizer or "").startswith("bpe:"):  # refused before a corpus is prepared
         raise NanoQwenError(f"--tokenizer {args.tokenizer} would train a new tokenizer, whose ids mean nothing to "
                             f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
+    if args.init_from and args.tokenizer and "tokenizer" in preset.train and \
+            resolve_tokenizer(args.tokenizer).fingerprint != load_tokenizer(args.init_from).fingerprint:
+        raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
+                            "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
+                            "own")
     if args.out == "":
         raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
     out = Path(args.out) if args.out is not None else None
@@ -700,9 +705,10 @@ WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
-    from nanoqwen.checkpoint import check_vocab, read_config
+    from nanoqwen.checkpoint import check_vocab, read_config, weight_files
 
     original = read_config(folder)
+    weight_files(folder)  # a missing file (an interrupted download) is said before any data is prepared
     config = apply_overrides(original, overrides)
     reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
     if reshaped:  # refused here, before any data is prepared for weights that could not load

@@ -1040,7 +1040,8 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.2  # and learns the new text
 
 
-@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape"])
+@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape", "tokenizer-folder",
+                                     "missing-shard"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -1061,6 +1062,16 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
     elif problem == "bpe":  # refused before the corpus is prepared (it was prepared first, then refused)
         given = ["--dataset", "texts", "--tokenizer", "bpe:280"]
         expected = "would train a new tokenizer"
+    elif problem == "tokenizer-folder":  # another tokenizer's folder: refused before the corpus is prepared too
+        other = prepare(str(corpus), "bpe:280", tmp_path / "other", val_fraction=0.15, progress=False)
+        given = ["--dataset", "texts", "--tokenizer", str(other)]
+        expected = "leave --tokenizer out"
+    elif problem == "missing-shard":  # an interrupted download: said before the corpus is prepared
+        (checkpoint / "model.safetensors").unlink()
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+        given = ["--dataset", "texts"]
+        expected = "lacks model-00001-of-00002.safetensors"
     else:  # likewise weights that could not load into the model --set asks for
         given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
         expected = "--set num_hidden_layers would change the shapes"
