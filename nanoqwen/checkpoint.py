@@ -295,11 +295,17 @@ def generation_end_ids(directory: Path) -> list[int]:
 
 
 def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path) -> None:
-    """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267)."""
+    """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267), and the
+    model's end token must be one of the tokenizer's (fewer ids, such as another model's tokenizer copied in, would
+    otherwise decode its rows as nothing)."""
     if tokenizer.vocab_size > config.vocab_size:
         raise NanoQwenError(f"{directory}: its tokenizer has {tokenizer.vocab_size} ids but its model only "
                             f"{config.vocab_size} embedding rows (vocab_size), so ids {config.vocab_size} and up "
                             "would fail; use the tokenizer the model was trained with")
+    if config.eos_token_id is not None and config.eos_token_id >= tokenizer.vocab_size:
+        raise NanoQwenError(f"{directory}: its model ends text with eos_token_id {config.eos_token_id}, which its "
+                            f"tokenizer of {tokenizer.vocab_size} ids does not have, so the tokenizer is another "
+                            "model's; use the tokenizer the model was trained with")
 
 
 def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:

@@ -487,11 +487,11 @@ def test_headless_base_model_folder(tmp_path, tied):
     assert diff <= 1e-4
 
 
-def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300):
+def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300, **changes):
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
-    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size)), folder, tokenizer=tokenizer)
+    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size, **changes)), folder, tokenizer=tokenizer)
     return folder
 
 
@@ -510,6 +510,22 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{ids} ids" in err and "256 embedding rows" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "fits", "texts.txt"]  # no run, no data prepared
+
+
+def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch, capsys):
+    # Official weights (151,936 rows, <|im_end|> at 151645) with another model's tokenizer copied in: fewer ids
+    # than rows is fine in itself (spare rows), but the model's own end token must be one of the tokenizer's.
+    from nanoqwen.cli import main
+
+    folder = checkpoint_with_tokenizer(tmp_path / "ck", 4096, eos_token_id=4000)
+    with pytest.raises(NanoQwenError, match="eos_token_id 4000, which its tokenizer of [0-9]+ ids does not have"):
+        load_checkpoint(folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    assert main(["train", "--init-from", "ck", "--dataset", "texts.txt", "--out", "run", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the tokenizer the model was trained with" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
 
 
 @pytest.mark.parametrize("field, value", [
