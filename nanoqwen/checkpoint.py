@@ -131,6 +131,12 @@ def read_config(directory: str | Path) -> ModelConfig:
             raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
         raise NanoQwenError(f"{directory} is a file, not a checkpoint folder; give one such as runs/NAME/best")
     if not directory.is_dir():
+        if len(directory.parts) == 2 and not directory.is_absolute() and not directory.parent.exists():
+            # ORG/NAME where no ORG folder is: a Hugging Face model's name, as Transformers would take it
+            raise NanoQwenError(f"model folder {directory} does not exist; nanoqwen reads checkpoint folders and "
+                                f"downloads no models; if {directory} is a Hugging Face model, download it first "
+                                f"(`huggingface-cli download {directory} --local-dir models/{directory.name}`) and "
+                                f"give that folder (models/{directory.name})")
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():

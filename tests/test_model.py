@@ -659,3 +659,13 @@ def test_a_config_without_eos_saves_a_generation_config_transformers_generates_w
     out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(torch.tensor([[1, 2, 3]]),
                                                                                 max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
+
+
+def test_a_hugging_face_model_name_says_that_nanoqwen_downloads_nothing(tmp_path, monkeypatch):
+    # `--init-from Qwen/Qwen3-0.6B`, as Transformers takes it: pointing to `nanoqwen init` (random weights) misled.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanoQwenError, match=r"downloads no models; .*huggingface-cli download Qwen/Qwen3-0\.6B"):
+        read_config("Qwen/Qwen3-0.6B")
+    (tmp_path / "runs").mkdir()  # a folder of yours, mistyped: no hub name
+    with pytest.raises(NanoQwenError, match="model folder runs/typo does not exist; give a checkpoint folder"):
+        read_config("runs/typo")
