@@ -393,6 +393,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     tokenizer, generation = carried_files(data, source)
+    if info.is_main and args.init_from:
+        note_chat_template(tokenizer, data, Path(args.init_from))
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
@@ -621,6 +623,15 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
     if own.fingerprint != tokenizer.fingerprint:  # its generation_config's end ids are for its own tokenizer
         return tokenizer, None
     return own, read_generation_config(source) or None
+
+
+def note_chat_template(tokenizer: Tokenizer, data: Path, checkpoint: Path) -> None:
+    """Say so when the data's conversations were rendered with another chat template than the one the run's
+    checkpoints carry (ChatML records for official weights): chat and serve prompt in a format never trained."""
+    if holds_conversations(data) and tokenizer.chat_template != load_tokenizer(data).chat_template:
+        print(f"note: {data} holds conversations rendered with another chat template than the one {checkpoint} "
+              "carries, which its checkpoints keep and chat and serve prompt with; to train in that format, prepare "
+              f"the records with --tokenizer {checkpoint} (or train with --dataset)", flush=True)
 
 
 def data_splits(data: Path) -> dict[str, Any]:

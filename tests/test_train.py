@@ -292,6 +292,30 @@ def test_eval_loss_on_assistant_gives_the_runs_val_loss(chat_data: Path, preset:
     assert "--loss-on assistant scores the assistant's turns" in capsys.readouterr().err
 
 
+def test_init_from_notes_conversations_rendered_with_another_chat_template(chat_data: Path, preset: Path,
+                                                                           tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Records prepared with ChatML (prepare's default) for weights whose folder carries its own template (official
+    Qwen3's: replies open with <think>) teach a format that chat and serve, prompting with that template, never use."""
+    from nanoqwen.data.prepare import prepare
+    from tests.serve_helpers import THINKING_TEMPLATE
+
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(tmp_path / "run"),
+                            *FAST, "--max-steps", "1") == 0
+    official = tmp_path / "official"
+    shutil.copytree(tmp_path / "run" / "best", official)
+    config = json.loads((official / "tokenizer_config.json").read_text())
+    (official / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    own = prepare(str(chat_data.parent / "corpus"), str(official), tmp_path / "own", val_fraction=0.1, progress=False)
+    for given, noted in ((chat_data, True), (own, False)):
+        capsys.readouterr()
+        assert train_in_process("--init-from", str(official), "--data", str(given),
+                                "--out", str(tmp_path / f"run-{noted}"), *FAST, "--max-steps", "1") == 0
+        out = capsys.readouterr().out
+        assert ("another chat template than" in out) == noted, out
+        assert not noted or f"--tokenizer {official}" in out
+
+
 def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))
