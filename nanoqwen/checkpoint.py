@@ -140,7 +140,15 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():
-        raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder")
+        # A folder of models, or Hugging Face's cache entry for one (models--ORG--NAME/snapshots/REVISION/)
+        found = (*directory.glob("*/config.json"), *directory.glob("snapshots/*/config.json"))
+        inside = sorted(p.parent for p in found if not is_run_config(p))  # runs/: its runs' records, not models
+        if inside:
+            which = f"{inside[0]} has; give that folder" if len(inside) == 1 else \
+                f"{', '.join(map(str, inside[:3]))} have; give one of them"
+            raise NanoQwenError(f"{directory} has no config.json, but {which}")
+        raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder; give the "
+                            "folder that holds a model's config.json and weights (re-download one that lacks it)")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

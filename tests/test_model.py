@@ -669,3 +669,15 @@ def test_a_hugging_face_model_name_says_that_nanoqwen_downloads_nothing(tmp_path
     (tmp_path / "runs").mkdir()  # a folder of yours, mistyped: no hub name
     with pytest.raises(NanoQwenError, match="model folder runs/typo does not exist; give a checkpoint folder"):
         read_config("runs/typo")
+
+
+def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
+    folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "hub" / "snapshots" / "abc123", tokenizer=None)
+    # Hugging Face's cache entry (models--ORG--NAME) or a folder of models: the checkpoint inside is named.
+    for given in (tmp_path / "hub", folder.parent):
+        with pytest.raises(NanoQwenError, match=f"has no config.json, but {folder} has; give that folder"):
+            read_config(given)
+    (folder / "config.json").unlink()  # config.json itself missing: what to do, too
+    with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
+                                            "give the folder that holds"):
+        read_config(folder)
