@@ -193,6 +193,22 @@ def shard_files(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
+def check_weight_files(directory: Path) -> None:
+    """The weight files are all there and each safetensors header fits its file's size (so a file cut short is
+    found), without reading the weights: for a long job (preparing a corpus) to refuse up front, not at loading."""
+    for path in weight_files(directory):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise damaged(path, e) from e
+
+
+def damaged(path: Path, e: BaseException) -> NanoQwenError:
+    return NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the checkpoint")
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one weight file: safetensors, or a pytorch_model.bin unpickled as tensors only."""
     try:
@@ -204,8 +220,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:  # objects beyond tensors, which weights_only refuses, or no pickle at all
         state = None
     except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
-        raise NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the "
-                            "checkpoint") from e
+        raise damaged(path, e) from e
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise NanoQwenError(f"{path} is damaged or holds more than named tensors, which nanoqwen does not "
                             "unpickle; re-download it, or convert the folder to safetensors with Transformers: "

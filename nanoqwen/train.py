@@ -716,10 +716,10 @@ WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
-    from nanoqwen.checkpoint import check_vocab, read_config, weight_files
+    from nanoqwen.checkpoint import check_vocab, check_weight_files, read_config
 
     original = read_config(folder)
-    weight_files(folder)  # a missing file (an interrupted download) is said before any data is prepared
+    check_weight_files(folder)  # a missing or cut-off file (a failed download) is said before data is prepared
     config = apply_overrides(original, overrides)
     reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
     if reshaped:  # refused here, before any data is prepared for weights that could not load

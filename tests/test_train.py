@@ -1065,7 +1065,7 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
 
 
 @pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape", "tokenizer-folder",
-                                     "missing-shard"])
+                                     "missing-shard", "cut-short"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -1096,6 +1096,11 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
             {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
         given = ["--dataset", "texts"]
         expected = "lacks model-00001-of-00002.safetensors"
+    elif problem == "cut-short":  # a weights file cut off (a disk filled up): its header says so, at once
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        given = ["--dataset", "texts"]
+        expected = "is damaged or cut short"
     else:  # likewise weights that could not load into the model --set asks for
         given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
         expected = "--set num_hidden_layers would change the shapes"
