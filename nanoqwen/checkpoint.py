@@ -132,13 +132,27 @@ def read_config(directory: str | Path) -> ModelConfig:
             raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
         raise NanoQwenError(f"{directory} is a file, not a checkpoint folder; give one such as runs/NAME/best")
     if not directory.is_dir():
+        if len(directory.parts) == 2 and not directory.is_absolute() and not directory.parent.exists():
+            # ORG/NAME where no ORG folder is: a Hugging Face model's name, as Transformers would take it
+            raise NanoQwenError(f"model folder {directory} does not exist; nanoqwen reads checkpoint folders and "
+                                f"downloads no models; if {directory} is a Hugging Face model, download it first "
+                                f"(`huggingface-cli download {directory} --local-dir models/{directory.name}`) and "
+                                f"give that folder (models/{directory.name})")
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():
         if (directory / "meta.json").is_file() and (directory / "train.bin").is_file():
             raise NanoQwenError(f"{directory} is a prepared data folder, not a model; train one on it (nanoqwen "
                                 f"train --data {quote(str(directory))}) and give its checkpoint, runs/NAME/best")
-        raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder")
+        # A folder of models, or Hugging Face's cache entry for one (models--ORG--NAME/snapshots/REVISION/)
+        found = (*directory.glob("*/config.json"), *directory.glob("snapshots/*/config.json"))
+        inside = sorted(p.parent for p in found if not is_run_config(p))  # runs/: its runs' records, not models
+        if inside:
+            which = f"{inside[0]} has; give that folder" if len(inside) == 1 else \
+                f"{', '.join(map(str, inside[:3]))} have; give one of them"
+            raise NanoQwenError(f"{directory} has no config.json, but {which}")
+        raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder; give the "
+                            "folder that holds a model's config.json and weights (re-download one that lacks it)")
     try:
         raw = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -183,6 +197,22 @@ def shard_files(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
+def check_weight_files(directory: Path) -> None:
+    """The weight files are all there and each safetensors header fits its file's size (so a file cut short is
+    found), without reading the weights: for a long job (preparing a corpus) to refuse up front, not at loading."""
+    for path in weight_files(directory):
+        if path.suffix == ".safetensors":
+            try:
+                with safe_open(str(path), framework="pt"):
+                    pass
+            except (SafetensorError, OSError) as e:
+                raise damaged(path, e) from e
+
+
+def damaged(path: Path, e: BaseException) -> NanoQwenError:
+    return NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the checkpoint")
+
+
 def read_weights(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of one weight file: safetensors, or a pytorch_model.bin unpickled as tensors only."""
     try:
@@ -194,8 +224,7 @@ def read_weights(path: Path) -> dict[str, torch.Tensor]:
     except pickle.UnpicklingError:  # objects beyond tensors, which weights_only refuses, or no pickle at all
         state = None
     except (SafetensorError, OSError, RuntimeError, EOFError, KeyError, ValueError) as e:
-        raise NanoQwenError(f"{path} is damaged or cut short ({first_line(e)}); re-download or re-save the "
-                            "checkpoint") from e
+        raise damaged(path, e) from e
     if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
         raise NanoQwenError(f"{path} is damaged or holds more than named tensors, which nanoqwen does not "
                             "unpickle; re-download it, or convert the folder to safetensors with Transformers: "
@@ -299,11 +328,17 @@ def generation_end_ids(directory: Path) -> list[int]:
 
 
 def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path) -> None:
-    """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267)."""
+    """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267), and the
+    model's end token must be one of the tokenizer's (fewer ids, such as another model's tokenizer copied in, would
+    otherwise decode its rows as nothing)."""
     if tokenizer.vocab_size > config.vocab_size:
         raise NanoQwenError(f"{directory}: its tokenizer has {tokenizer.vocab_size} ids but its model only "
                             f"{config.vocab_size} embedding rows (vocab_size), so ids {config.vocab_size} and up "
                             "would fail; use the tokenizer the model was trained with")
+    if config.eos_token_id is not None and config.eos_token_id >= tokenizer.vocab_size:
+        raise NanoQwenError(f"{directory}: its model ends text with eos_token_id {config.eos_token_id}, which its "
+                            f"tokenizer of {tokenizer.vocab_size} ids does not have, so the tokenizer is another "
+                            "model's; use the tokenizer the model was trained with")
 
 
 def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:

@@ -265,6 +265,12 @@ class Tokenizer:
         return self._chat_template is not None and "enable_thinking" in self._chat_template_source
 
     @property
+    def chat_template(self) -> str:
+        """The source of the folder's own chat template; "" for ChatML, which render_chat writes directly."""
+        source = self._chat_template_source
+        return "" if source == CHAT_TEMPLATE else source
+
+    @property
     def _chat_template_source(self) -> str:
         source = self.config.get("chat_template")
         if isinstance(source, list):  # several named templates: the default one is for chat

@@ -95,7 +95,7 @@ from nanoqwen.io import (
 from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
-from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
+from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
 from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops, summary_writer_class
 
@@ -390,6 +390,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     tokenizer, generation = carried_files(data, source)
+    if info.is_main and args.init_from:
+        note_chat_template(tokenizer, data, Path(args.init_from))
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
@@ -533,6 +535,11 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if args.init_from and (args.tokenizer or "").startswith("bpe:"):  # refused before a corpus is prepared
         raise NanoQwenError(f"--tokenizer {args.tokenizer} would train a new tokenizer, whose ids mean nothing to "
                             f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
+    if args.init_from and args.tokenizer and "tokenizer" in preset.train and \
+            resolve_tokenizer(args.tokenizer).fingerprint != load_tokenizer(args.init_from).fingerprint:
+        raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
+                            "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
+                            "own")
     if args.out == "":
         raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
     out = Path(args.out) if args.out is not None else None
@@ -624,6 +631,15 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
     return own, read_generation_config(source) or None
 
 
+def note_chat_template(tokenizer: Tokenizer, data: Path, checkpoint: Path) -> None:
+    """Say so when the data's conversations were rendered with another chat template than the one the run's
+    checkpoints carry (ChatML records for official weights): chat and serve prompt in a format never trained."""
+    if holds_conversations(data) and tokenizer.chat_template != load_tokenizer(data).chat_template:
+        print(f"note: {data} holds conversations rendered with another chat template than the one {checkpoint} "
+              "carries, which its checkpoints keep and chat and serve prompt with; to train in that format, prepare "
+              f"the records with --tokenizer {checkpoint} (or train with --dataset)", flush=True)
+
+
 def data_splits(data: Path) -> dict[str, Any]:
     """Documents, tokens and bytes of each split: what tells other data from the same, prepared alike."""
     from nanoqwen.data.prepare import load_meta
@@ -706,9 +722,10 @@ WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
-    from nanoqwen.checkpoint import check_vocab, read_config
+    from nanoqwen.checkpoint import check_vocab, check_weight_files, read_config
 
     original = read_config(folder)
+    check_weight_files(folder)  # a missing or cut-off file (a failed download) is said before data is prepared
     config = apply_overrides(original, overrides)
     reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
     if reshaped:  # refused here, before any data is prepared for weights that could not load

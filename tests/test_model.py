@@ -487,11 +487,11 @@ def test_headless_base_model_folder(tmp_path, tied):
     assert diff <= 1e-4
 
 
-def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300):
+def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300, **changes):
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
-    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size)), folder, tokenizer=tokenizer)
+    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size, **changes)), folder, tokenizer=tokenizer)
     return folder
 
 
@@ -510,6 +510,22 @@ def test_a_tokenizer_with_more_ids_than_the_model_is_refused(tmp_path, monkeypat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and f"{ids} ids" in err and "256 embedding rows" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "fits", "texts.txt"]  # no run, no data prepared
+
+
+def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch, capsys):
+    # Official weights (151,936 rows, <|im_end|> at 151645) with another model's tokenizer copied in: fewer ids
+    # than rows is fine in itself (spare rows), but the model's own end token must be one of the tokenizer's.
+    from nanoqwen.cli import main
+
+    folder = checkpoint_with_tokenizer(tmp_path / "ck", 4096, eos_token_id=4000)
+    with pytest.raises(NanoQwenError, match="eos_token_id 4000, which its tokenizer of [0-9]+ ids does not have"):
+        load_checkpoint(folder)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    assert main(["train", "--init-from", "ck", "--dataset", "texts.txt", "--out", "run", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "the tokenizer the model was trained with" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
 
 
 @pytest.mark.parametrize("field, value", [
@@ -643,3 +659,25 @@ def test_a_config_without_eos_saves_a_generation_config_transformers_generates_w
     out = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).generate(torch.tensor([[1, 2, 3]]),
                                                                                 max_new_tokens=2, do_sample=False)
     assert out.shape == (1, 5)
+
+
+def test_a_hugging_face_model_name_says_that_nanoqwen_downloads_nothing(tmp_path, monkeypatch):
+    # `--init-from Qwen/Qwen3-0.6B`, as Transformers takes it: pointing to `nanoqwen init` (random weights) misled.
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanoQwenError, match=r"downloads no models; .*huggingface-cli download Qwen/Qwen3-0\.6B"):
+        read_config("Qwen/Qwen3-0.6B")
+    (tmp_path / "runs").mkdir()  # a folder of yours, mistyped: no hub name
+    with pytest.raises(NanoQwenError, match="model folder runs/typo does not exist; give a checkpoint folder"):
+        read_config("runs/typo")
+
+
+def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
+    folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "hub" / "snapshots" / "abc123", tokenizer=None)
+    # Hugging Face's cache entry (models--ORG--NAME) or a folder of models: the checkpoint inside is named.
+    for given in (tmp_path / "hub", folder.parent):
+        with pytest.raises(NanoQwenError, match=f"has no config.json, but {folder} has; give that folder"):
+            read_config(given)
+    (folder / "config.json").unlink()  # config.json itself missing: what to do, too
+    with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
+                                            "give the folder that holds"):
+        read_config(folder)

@@ -292,6 +292,30 @@ def test_eval_loss_on_assistant_gives_the_runs_val_loss(chat_data: Path, preset:
     assert "--loss-on assistant scores the assistant's turns" in capsys.readouterr().err
 
 
+def test_init_from_notes_conversations_rendered_with_another_chat_template(chat_data: Path, preset: Path,
+                                                                           tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Records prepared with ChatML (prepare's default) for weights whose folder carries its own template (official
+    Qwen3's: replies open with <think>) teach a format that chat and serve, prompting with that template, never use."""
+    from nanoqwen.data.prepare import prepare
+    from tests.serve_helpers import THINKING_TEMPLATE
+
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(tmp_path / "run"),
+                            *FAST, "--max-steps", "1") == 0
+    official = tmp_path / "official"
+    shutil.copytree(tmp_path / "run" / "best", official)
+    config = json.loads((official / "tokenizer_config.json").read_text())
+    (official / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    own = prepare(str(chat_data.parent / "corpus"), str(official), tmp_path / "own", val_fraction=0.1, progress=False)
+    for given, noted in ((chat_data, True), (own, False)):
+        capsys.readouterr()
+        assert train_in_process("--init-from", str(official), "--data", str(given),
+                                "--out", str(tmp_path / f"run-{noted}"), *FAST, "--max-steps", "1") == 0
+        out = capsys.readouterr().out
+        assert ("another chat template than" in out) == noted, out
+        assert not noted or f"--tokenizer {official}" in out
+
+
 def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))
@@ -1052,7 +1076,8 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     assert np.mean([losses[s] for s in range(16, 21)]) < losses[1] - 0.2  # and learns the new text
 
 
-@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape"])
+@pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape", "tokenizer-folder",
+                                     "missing-shard", "cut-short"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -1073,6 +1098,21 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
     elif problem == "bpe":  # refused before the corpus is prepared (it was prepared first, then refused)
         given = ["--dataset", "texts", "--tokenizer", "bpe:280"]
         expected = "would train a new tokenizer"
+    elif problem == "tokenizer-folder":  # another tokenizer's folder: refused before the corpus is prepared too
+        other = prepare(str(corpus), "bpe:280", tmp_path / "other", val_fraction=0.15, progress=False)
+        given = ["--dataset", "texts", "--tokenizer", str(other)]
+        expected = "leave --tokenizer out"
+    elif problem == "missing-shard":  # an interrupted download: said before the corpus is prepared
+        (checkpoint / "model.safetensors").unlink()
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"model.embed_tokens.weight": "model-00001-of-00002.safetensors"}}))
+        given = ["--dataset", "texts"]
+        expected = "lacks model-00001-of-00002.safetensors"
+    elif problem == "cut-short":  # a weights file cut off (a disk filled up): its header says so, at once
+        weights = checkpoint / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100])
+        given = ["--dataset", "texts"]
+        expected = "is damaged or cut short"
     else:  # likewise weights that could not load into the model --set asks for
         given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
         expected = "--set num_hidden_layers would change the shapes"
