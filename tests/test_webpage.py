@@ -51,13 +51,17 @@ def browser():
         browser.close()
 
 
-def open_page(browser, url: str, model_name: str):
-    """A new tab on the page, once it shows the model; and the list its JavaScript errors go to."""
+def open_page(browser, url: str, model_name: str, *, exact: bool = True, init_script: str | None = None):
+    """A new tab on the page, once its header shows the model (or, not `exact`, holds `model_name`); and the
+    list its JavaScript errors go to. `init_script` runs in the page before its own scripts."""
     page = browser.new_page(viewport={"width": 1280, "height": 800})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
+    if init_script:
+        page.add_init_script(init_script)
     page.goto(url)
-    page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
+    shown = f"=== '{model_name}'" if exact else f".includes('{model_name}')"
+    page.wait_for_function(f"document.getElementById('model-name').textContent {shown}")
     return page, errors
 
 
@@ -268,11 +272,7 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
     # send keeps the message; number fields are read as typed ("1e1" is 10, parseInt read 1) or refused in one
     # line; each mode keeps its transcript; a server gone is said so in words, and the header shows it.
     with run_server(checkpoint, tmp_path / "serve.log", env={"NANOQWEN_API_KEY": "s3cret"}) as base:
-        page = browser.new_page(viewport={"width": 1280, "height": 800})
-        errors: list[str] = []
-        page.on("pageerror", lambda e: errors.append(str(e)))
-        page.goto(base)
-        page.wait_for_function("document.getElementById('model-name').textContent.includes('API key needed')")
+        page, errors = open_page(browser, base, "API key needed", exact=False)
         page.fill("#temperature", "0")
         page.fill("#top-k", "1")
         page.fill("#max-tokens", "1e1")
@@ -437,13 +437,9 @@ def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
 def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> None:
     # With site data blocked, reading localStorage throws: the page stopped at "connecting…", dead. It works,
     # without memory: settings changed and Reset settings included.
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
-    errors: list[str] = []
-    page.on("pageerror", lambda e: errors.append(str(e)))
-    page.add_init_script("Object.defineProperty(window, 'localStorage', {get() {"
-                         " throw new DOMException('The operation is insecure.', 'SecurityError'); }})")
-    page.goto(url)
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page, errors = open_page(browser, url, "tiny-web", init_script=(
+        "Object.defineProperty(window, 'localStorage', {get() {"
+        " throw new DOMException('The operation is insecure.', 'SecurityError'); }})"))
     page.fill("#max-tokens", "3")
     page.fill("#api-key", "any")
     page.dispatch_event("#api-key", "change")

@@ -161,12 +161,12 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line (and the offending parameter) from pydantic's error list."""
     errors = [{**e, "loc": tuple(p for p in e.get("loc", ()) if p != "body")} for e in exc.errors()]
 
-    def named_depth(error: dict[str, Any]) -> int:  # field names in its path, not indices or union branches
-        return sum(isinstance(p, str) and not is_union_branch(p) for p in error["loc"])
+    def named_depth(loc: tuple[int | str, ...]) -> int:  # field names in a path, not indices or union branches
+        return sum(isinstance(p, str) and not is_union_branch(p) for p in loc)
 
     # A value that fits no branch of a union gets an error per branch. One that reaches into a field names
     # the part that is wrong (a content part's 'text'); otherwise the value is none of the forms it may take.
-    first = max(errors, key=named_depth)
+    first = max(errors, key=lambda e: named_depth(e["loc"]))
     loc = first["loc"]
     if first.get("type") == "json_invalid":
         detail = first.get("ctx", {}).get("error", first.get("msg"))
@@ -175,7 +175,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         return "the request body must be a JSON object (and sent with Content-Type: application/json)", None
     message = first.get("msg")
     branch = next((i for i, p in enumerate(loc) if is_union_branch(p)), None)
-    if branch is not None and named_depth(first) == named_depth({"loc": loc[:branch]}):
+    if branch is not None and named_depth(loc) == named_depth(loc[:branch]):
         forms = dict.fromkeys(e["loc"][branch] for e in errors if e["loc"][:branch] == loc[:branch]
                               and len(e["loc"]) > branch)
         loc, message = loc[:branch], "should be one of: " + ", ".join(map(str, forms))

@@ -179,9 +179,8 @@ class Engine:
         self.device = model.model.embed_tokens.weight.device
         self.fixed_shapes = graphs_by_default(model) if fixed_shapes is None else fixed_shapes
         self._decode_step: DecodeStep | None = None  # over self._cache, when fixed_shapes
-        self._inbox: queue.SimpleQueue[list[Sequence] | None] = queue.SimpleQueue()
-        self._in_inbox = 0  # choices submitted and not yet collected (for stats; under _inbox_lock)
-        self._inbox_lock = threading.Lock()
+        # A Queue, not a SimpleQueue: stats() counts the choices in it (a request may hold many).
+        self._inbox: queue.Queue[list[Sequence] | None] = queue.Queue()
         self._waiting: list[Sequence] = []  # submitted, not yet admitted (the batch was full)
         self._active: list[Sequence] = []  # rows of the batch, in cache row order
         self._admitting: list[Sequence] = []  # prefilled this step, joining the batch at its rebuild
@@ -219,14 +218,14 @@ class Engine:
                 if j:  # queued after the first choice, so admitted once it has read the prompt
                     seq.leader = sequences[-1 - j]
                     seq.leader.followers += 1
-        with self._inbox_lock:
-            self._in_inbox += len(sequences)
         self._inbox.put(sequences)
         return job
 
     def stats(self) -> dict[str, int]:
         """Rows decoding now, choices waiting for a row, tokens generated (read without a lock: approximate)."""
-        return {"active": len(self._active), "waiting": len(self._waiting) + self._in_inbox,
+        with self._inbox.mutex:
+            submitted = sum(len(item) for item in self._inbox.queue if item)
+        return {"active": len(self._active), "waiting": len(self._waiting) + submitted,
                 "tokens_generated": self.tokens_generated}
 
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
@@ -260,8 +259,6 @@ class Engine:
                 if item is None:
                     return
                 self._waiting.extend(item)
-                with self._inbox_lock:
-                    self._in_inbox -= len(item)
                 item = self._inbox.get_nowait()
         except queue.Empty:
             pass
