@@ -94,7 +94,7 @@ function settingsKey() {
 
 function savedSettings() {
   try {
-    const saved = JSON.parse(localStorage.getItem(settingsKey()) || "{}");
+    const saved = JSON.parse(storage()?.getItem(settingsKey()) || "{}");
     return saved && typeof saved === "object" ? saved : {};
   } catch (err) { // unreadable (edited by hand): start from the defaults
     return {};
@@ -106,8 +106,8 @@ function saveSetting(name, value) { // before the model is known, the field is o
   const saved = savedSettings();
   saved[name] = value;
   try {
-    localStorage.setItem(settingsKey(), JSON.stringify(saved));
-  } catch (err) { /* storage full or turned off: the page works as before, without memory */ }
+    storage()?.setItem(settingsKey(), JSON.stringify(saved));
+  } catch (err) { /* storage full: the page works as before, without memory */ }
 }
 
 function fieldValue(id) {
