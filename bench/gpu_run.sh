@@ -12,9 +12,11 @@
 #   target    bench/train.py --device cuda --parts target (time for `demo` to reach the target val loss)
 #   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server),
 #             then the same single-stream figures for a random qwen3-0.6b
+#   lease1    for a lease of 15 minutes in all: the main check1 paths, then the train and generate
+#   lease2    benchmarks (lease1, BUDGET s, default 570), then the rest of check1 and check2 (lease2)
 # DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate}
+stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate|lease1|lease2}
 OUT=${OUT:-/tmp/nanoqwen-gpu}
 mkdir -p "$OUT"
 log="$OUT/$stage.log" result="$OUT/$stage.md"
@@ -24,11 +26,13 @@ read -ra extra <<<"${EXTRA:-}"
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$result"
 
+deadline=$((SECONDS + ${BUDGET:-100000}))  # the stage ends itself by then, so that its files come back
 check() {  # check NAME COMMAND...: one PASS/FAIL line in the result, the output in the log ($limit s at most)
-    local name=$1 started=$SECONDS code
+    local name=$1 started=$SECONDS code left=$((deadline - SECONDS - 5))
     shift
+    if [ "$left" -lt 15 ]; then echo "SKIP $name (out of time)" | tee -a "$result"; return; fi
     echo "== $name: $*" >>"$log"
-    timeout "${limit:-400}" "$@" >>"$log" 2>&1
+    timeout "$((${limit:-400} < left ? ${limit:-400} : left))" "$@" >>"$log" 2>&1
     code=$?
     if [ "$code" -eq 0 ]; then
         echo "PASS $name ($((SECONDS - started)) s)" | tee -a "$result"
@@ -41,6 +45,7 @@ w=$(mktemp -d)
 train=(python3 -m nanoqwen train --preset tiny --data "$w/data" --device "$DEVICE" --sample-interval 0 "${extra[@]}")
 torchrun=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m "${train[@]:2}" --max-steps 20)
 prepare() { check prepare python3 -m nanoqwen prepare --dataset shakespeare --tokenizer qwen3 --out "$w/data"; }
+tables() { grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result"; }  # the benchmarks' markdown, into the result
 case $stage in
 check1)
     prepare
@@ -67,6 +72,24 @@ generate)
     limit=380 check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3
     limit=170 check bench-generate-0.6b python3 bench/generate.py --device cuda --preset qwen3-0.6b --no-server \
         --repeats 2 --runs 2 ;;
-*) echo "unknown stage $stage: check1, check2, train, target or generate" >&2; exit 2 ;;
+lease1)
+    prepare
+    limit=200 check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
+    check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
+    limit=60 check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
+    limit=90 check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
+    limit=90 check serve python3 bench/gpu_checks.py serve "$w/a/best"
+    limit=260 check bench-train python3 bench/train.py --device cuda --parts speed mfu
+    check bench-generate python3 bench/generate.py --device cuda --repeats 1 --runs 3
+    tables ;;
+lease2)
+    prepare
+    limit=60 check flash-attention-gqa python3 bench/gpu_checks.py flash
+    limit=90 check loss-compiled python3 bench/gpu_checks.py loss
+    limit=120 check fp16-gradscaler "${train[@]}" --max-steps 20 --dtype float16 --out "$w/c"
+    limit=120 check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d"
+    limit=150 check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
+    limit=150 check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
+*) echo "unknown stage $stage: check1, check2, train, target, generate, lease1 or lease2" >&2; exit 2 ;;
 esac
-case $stage in train | target | generate) grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result" ;; esac
+case $stage in train | target | generate) tables ;; esac

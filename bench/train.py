@@ -124,10 +124,11 @@ def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
             rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False,
-            both_compiled: bool = False) -> list[str]:
-    """One table row. Contenders alternate for `rounds` processes each; a busy machine only slows a round,
-    so each side keeps its fastest round (median step) and its highest peak. `tuned_baseline` gives
-    Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show what is left without it;
+            both_compiled: bool = False) -> tuple[str, float]:
+    """One table row, and nanoqwen's tokens/s. Contenders alternate for `rounds` processes each; a busy
+    machine only slows a round, so each side keeps its fastest round (median step) and its highest peak.
+    `tuned_baseline` gives Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show
+    what is left without it;
     `both_compiled` runs both under torch.compile (`nanoqwen train --compile` on CPU)."""
     from nanoqwen.train import default_compile
 
@@ -143,20 +144,26 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
     gib, ours, theirs = 1 << 30, "nanoqwen", "transformers"
-    return [f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
-            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |"]
+    return (f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
+            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
+            speed[ours])
 
 
-def mfu_row(device: str) -> str:
-    """Tokens/s and MFU of nanoqwen's qwen3-0.6b at seq 2048 (bf16, compile, fused AdamW)."""
+MFU_BATCH = 4  # qwen3-0.6b at seq 2048: the speed row's setup, so its nanoqwen run gives the MFU too
+
+
+def mfu_row(device: str, tokens_per_s: float | None = None) -> str:
+    """Tokens/s and MFU of nanoqwen's qwen3-0.6b at seq 2048 (bf16, compile, fused AdamW); `tokens_per_s`
+    from the speed row when it ran (one compile of the 0.6b model less in the device call)."""
     from nanoqwen.tracking import flops_per_token, peak_flops
 
     config = load_preset("qwen3-0.6b").model
-    result = run_worker("nanoqwen", "qwen3-0.6b", 8, 2048, 8, 3, device, True)
+    if tokens_per_s is None:
+        tokens_per_s = run_worker("nanoqwen", "qwen3-0.6b", MFU_BATCH, 2048, 10, 3, device, True)["tokens_per_s"]
     peak = peak_flops(torch.device(device))
-    mfu = result["tokens_per_s"] * flops_per_token(config, 2048) / peak if peak else float("nan")
+    mfu = tokens_per_s * flops_per_token(config, 2048) / peak if peak else float("nan")
     name = torch.cuda.get_device_name()
-    return f"| qwen3-0.6b, 8 x 2048, {name} | {result['tokens_per_s']:,.0f} tok/s | MFU {mfu:.1%} |"
+    return f"| qwen3-0.6b, {MFU_BATCH} x 2048, {name} | {tokens_per_s:,.0f} tok/s | MFU {mfu:.1%} |"
 
 
 def time_to_target(target: float, minutes: float) -> str:
@@ -225,20 +232,24 @@ def main() -> None:
         print("| setup | Transformers tok/s | nanoqwen tok/s | speed | Transformers peak GiB | nanoqwen peak GiB "
               "| memory | first-loss gap |")
         print("|---|---|---|---|---|---|---|---|")
-    rows = []
+    rows: list[str] = []
+    mfu_speed = None
     if cpu:
-        rows += compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu", rounds=3)
+        rows.append(compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu",
+                            rounds=3)[0])
         if args.tuned_baseline:
-            rows += compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256,
-                            args.steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)
+            rows.append(compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256,
+                                args.steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)[0])
         if args.compiled:  # the first step compiles: three warm-up steps
-            rows += compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu",
-                            rounds=2, both_compiled=True)
-        rows += compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
+            rows.append(compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu",
+                                rounds=2, both_compiled=True)[0])
+        rows.append(compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")[0])
     elif "speed" in args.parts:
         # One round each: a GPU of its own times steadily, and the stage must fit one 10-minute device call.
-        rows += compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda")
-        rows += compare("qwen3-0.6b, 4 x 2048", "qwen3-0.6b", 4, 2048, args.steps or 10, 3, "cuda")
+        rows.append(compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda")[0])
+        row, mfu_speed = compare(f"qwen3-0.6b, {MFU_BATCH} x 2048", "qwen3-0.6b", MFU_BATCH, 2048, args.steps or 10,
+                                 3, "cuda")
+        rows.append(row)
     for row in rows:
         print(row, flush=True)
     if rows:
@@ -247,7 +258,7 @@ def main() -> None:
               "the first step's loss (same weights and data).")
     if not cpu and "mfu" in args.parts:
         print("\n| MFU | throughput | MFU |\n|---|---|---|")
-        print(mfu_row("cuda"), flush=True)
+        print(mfu_row("cuda", mfu_speed), flush=True)
     if not cpu and "target" in args.parts:
         print("\n| time to target | result |\n|---|---|")
         print(time_to_target(args.target_loss, args.target_minutes))
