@@ -12,11 +12,14 @@
 #   target    bench/train.py --device cuda --parts target (time for `demo` to reach the target val loss)
 #   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server),
 #             then the same single-stream figures for a random qwen3-0.6b
-#   lease1    for a lease of 15 minutes in all: the main check1 paths, then the train and generate
-#   lease2    benchmarks (lease1, BUDGET s, default 570), then the rest of check1 and check2 (lease2)
+#   paths     for a lease of 15 minutes in all (start included), four calls back to back, each BUDGET=200 s
+#   paths2    or less: paths (prepare, train with bf16 + compile + fused AdamW, logits, CUDA-graph decoding,
+#             serve), then train, generate, paths2 (flash, compiled loss, fp16, Muon, DDP and FSDP2 under
+#             torchrun). A machine that stops answering returns nothing of its call: short calls lose less
+#             (2026-12-05: a single 10-minute call was lost so, and with it the whole lease).
 # DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
 set -uo pipefail
-stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate|lease1|lease2}
+stage=${1:?usage: bash bench/gpu_run.sh check1|check2|train|target|generate|paths|paths2}
 OUT=${OUT:-/tmp/nanoqwen-gpu}
 mkdir -p "$OUT"
 log="$OUT/$stage.log" result="$OUT/$stage.md"
@@ -69,20 +72,17 @@ check2)
 train) limit=570 check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
 target) limit=570 check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 6 ;;
 generate)
-    limit=380 check bench-generate python3 bench/generate.py --device cuda --repeats 2 --runs 3
+    limit=380 check bench-generate python3 bench/generate.py --device cuda --repeats "${REPEATS:-2}" --runs 3
     limit=170 check bench-generate-0.6b python3 bench/generate.py --device cuda --preset qwen3-0.6b --no-server \
         --repeats 2 --runs 2 ;;
-lease1)
+paths)
     prepare
-    limit=200 check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
+    limit=120 check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
     check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
-    limit=60 check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
-    limit=90 check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
-    limit=90 check serve python3 bench/gpu_checks.py serve "$w/a/best"
-    limit=260 check bench-train python3 bench/train.py --device cuda --parts speed mfu
-    check bench-generate python3 bench/generate.py --device cuda --repeats 1 --runs 3
-    tables ;;
-lease2)
+    limit=40 check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
+    limit=60 check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
+    limit=60 check serve python3 bench/gpu_checks.py serve "$w/a/best" ;;
+paths2)
     prepare
     limit=60 check flash-attention-gqa python3 bench/gpu_checks.py flash
     limit=90 check loss-compiled python3 bench/gpu_checks.py loss
@@ -90,6 +90,6 @@ lease2)
     limit=120 check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d"
     limit=150 check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
     limit=150 check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
-*) echo "unknown stage $stage: check1, check2, train, target, generate, lease1 or lease2" >&2; exit 2 ;;
+*) echo "unknown stage $stage: check1, check2, train, target, generate, paths or paths2" >&2; exit 2 ;;
 esac
 case $stage in train | target | generate) tables ;; esac

@@ -124,12 +124,12 @@ def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
             rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False,
-            both_compiled: bool = False) -> tuple[str, float]:
-    """One table row, and nanoqwen's tokens/s. Contenders alternate for `rounds` processes each; a busy
-    machine only slows a round, so each side keeps its fastest round (median step) and its highest peak.
-    `tuned_baseline` gives Transformers nanoqwen's CPU allocator setting too (reuse_freed_memory), to show
-    what is left without it;
-    `both_compiled` runs both under torch.compile (`nanoqwen train --compile` on CPU)."""
+            both_compiled: bool = False) -> float:
+    """Prints one table row as soon as it is measured; returns nanoqwen's tokens/s. Contenders alternate
+    for `rounds` processes each; a busy machine only slows a round, so each side keeps its fastest round
+    (median step) and its highest peak. `tuned_baseline` gives Transformers nanoqwen's CPU allocator
+    setting too (reuse_freed_memory), to show what is left without it; `both_compiled` runs both under
+    torch.compile (`nanoqwen train --compile` on CPU)."""
     from nanoqwen.train import default_compile
 
     # nanoqwen as `nanoqwen train` runs it (compiled where a compiler is found); Transformers in a plain eager loop
@@ -144,9 +144,10 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
     gib, ours, theirs = 1 << 30, "nanoqwen", "transformers"
-    return (f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
-            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
-            speed[ours])
+    print(f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
+          f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
+          flush=True)
+    return speed[ours]
 
 
 MFU_BATCH = 4  # qwen3-0.6b at seq 2048: the speed row's setup, so its nanoqwen run gives the MFU too
@@ -232,27 +233,22 @@ def main() -> None:
         print("| setup | Transformers tok/s | nanoqwen tok/s | speed | Transformers peak GiB | nanoqwen peak GiB "
               "| memory | first-loss gap |")
         print("|---|---|---|---|---|---|---|---|")
-    rows: list[str] = []
     mfu_speed = None
     if cpu:
-        rows.append(compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu",
-                            rounds=3)[0])
+        compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu", rounds=3)
         if args.tuned_baseline:
-            rows.append(compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256,
-                                args.steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)[0])
+            compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256, args.steps or 5, 2,
+                    "cpu", rounds=3, tuned_baseline=True)
         if args.compiled:  # the first step compiles: three warm-up steps
-            rows.append(compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu",
-                                rounds=2, both_compiled=True)[0])
-        rows.append(compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")[0])
+            compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu", rounds=2,
+                    both_compiled=True)
+        compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
     elif "speed" in args.parts:
-        # One round each: a GPU of its own times steadily, and the stage must fit one 10-minute device call.
-        rows.append(compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda")[0])
-        row, mfu_speed = compare(f"qwen3-0.6b, {MFU_BATCH} x 2048", "qwen3-0.6b", MFU_BATCH, 2048, args.steps or 10,
-                                 3, "cuda")
-        rows.append(row)
-    for row in rows:
-        print(row, flush=True)
-    if rows:
+        # One round each: a GPU of its own times steadily, and the stage must fit a short device call.
+        compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda")
+        mfu_speed = compare(f"qwen3-0.6b, {MFU_BATCH} x 2048", "qwen3-0.6b", MFU_BATCH, 2048, args.steps or 10, 3,
+                            "cuda")
+    if cpu or "speed" in args.parts:
         print("\nspeed = nanoqwen / Transformers tokens per second (goal >= 1.3 on CPU, >= 1.5 on GPU); memory = "
               "nanoqwen / Transformers peak (goal <= 0.5 at the Qwen3 vocabulary); first-loss gap = |difference| of "
               "the first step's loss (same weights and data).")
