@@ -197,16 +197,21 @@ def shard_files(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
-def check_weight_files(directory: Path) -> None:
-    """The weight files are all there and each safetensors header fits its file's size (so a file cut short is
-    found), without reading the weights: for a long job (preparing a corpus) to refuse up front, not at loading."""
+def check_weight_files(directory: Path, config: ModelConfig) -> None:
+    """The weight files are all there, each safetensors header fits its file's size (so a file cut short is
+    found) and names the tensors `config` describes, in their shapes, without reading the weights: for a long
+    job (preparing a corpus) to refuse up front, not at loading."""
+    headers: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
-        if path.suffix == ".safetensors":
-            try:
-                with safe_open(str(path), framework="pt"):
-                    pass
-            except (SafetensorError, OSError) as e:
-                raise damaged(path, e) from e
+        if path.suffix != ".safetensors":
+            return  # a pickled .bin has no header to read without loading it: checked when loaded
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                headers.update({key: torch.empty(f.get_slice(key).get_shape(), device="meta")
+                                for key in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+        except (SafetensorError, OSError) as e:
+            raise damaged(path, e) from e
+    match_weights(headers, directory, config)
 
 
 def damaged(path: Path, e: BaseException) -> NanoQwenError:
@@ -240,8 +245,6 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     """
     directory = Path(directory)
     own = read_config(directory)
-    described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config in (None, own) else \
-        ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
     config = config or own
     if torch.device(device).type == "cpu":  # the weights in the dtype asked for (the stored one: at least 2 bytes)
         size = dtype.itemsize if dtype else 2
@@ -249,6 +252,23 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
                           "load it with --dtype bfloat16, or on a machine with more memory" if size > 2 else
                           "load it on a machine with more memory")
     state = {key: value for path in weight_files(directory) for key, value in read_weights(path).items()}
+    state = match_weights(state, directory, config, own)
+    target = dtype or state[EMBEDDING_KEY].dtype
+    for key, value in state.items():  # one tensor at a time: the old copy is freed as the new one is made
+        state[key] = value.to(device=device, dtype=target)
+    with torch.device("meta"):
+        model = Qwen3(config)
+    return assign_weights(model, state, device).eval()
+
+
+def match_weights(state: dict[str, torch.Tensor], directory: Path, config: ModelConfig,
+                  own: ModelConfig | None = None) -> dict[str, torch.Tensor]:
+    """A checkpoint's tensors (or, from headers alone, meta tensors of their shapes) under the names and in the
+    shapes a Qwen3 of `config` has: old and headless saves renamed, a tied head dropped; anything missing, left
+    over or of another shape refused. `own` is the folder's config.json, when `config` replaces it."""
+    own = own or config
+    described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config == own else \
+        ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
     if state and not any(key.startswith("model.") for key in state):  # saved from Qwen3Model: no prefix, no head
         if not config.tie_word_embeddings:
             raise NanoQwenError(f"{directory} is a headless base model (Qwen3Model: no 'model.' prefix, no lm_head) "
@@ -259,30 +279,28 @@ def load_model(directory: str | Path, device: torch.device | str = "cpu",
     if config.tie_word_embeddings and not own.tie_word_embeddings and TIED_HEAD_KEY in state:
         raise NanoQwenError(f"{directory} has its own lm_head (untied embeddings); tie_word_embeddings=true would "
                             "throw it away and answer with the input embedding instead; leave it untied")
-    if config.tie_word_embeddings and own.tie_word_embeddings and TIED_HEAD_KEY in state and \
-            not torch.equal(state[TIED_HEAD_KEY], state.get(EMBEDDING_KEY, state[TIED_HEAD_KEY])):
+    head, embedding = state.get(TIED_HEAD_KEY), state.get(EMBEDDING_KEY)
+    if config.tie_word_embeddings and own.tie_word_embeddings and head is not None and embedding is not None and \
+            not head.is_meta and not torch.equal(head, embedding):
         raise NanoQwenError(f"{directory} says tie_word_embeddings true but holds an lm_head unlike its embedding "
                             "(Transformers 4 drops that head, 5 keeps it); set \"tie_word_embeddings\": false in its "
                             "config.json to use the head, or remove lm_head.weight to tie")
-    if config.tie_word_embeddings and EMBEDDING_KEY not in state and TIED_HEAD_KEY in state:
-        state[EMBEDDING_KEY] = state[TIED_HEAD_KEY]  # safetensors' save_model keeps a tied pair's head name only
+    if config.tie_word_embeddings and embedding is None and head is not None:
+        state[EMBEDDING_KEY] = head  # safetensors' save_model keeps a tied pair's head name only
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
     with torch.device("meta"):
-        model = Qwen3(config)
-    expected = {k for k in model.state_dict() if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
-    missing, unexpected = sorted(expected - state.keys()), sorted(state.keys() - expected)
+        expected = {k: v.shape for k, v in Qwen3(config).state_dict().items()
+                    if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
+    missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
         raise NanoQwenError(f"{directory} does not match {described}: missing {missing[:3]}, "
                             f"unexpected {unexpected[:3]}; {hint}")
-    target = dtype or state[EMBEDDING_KEY].dtype
     for key, value in state.items():
-        expected_shape = model.get_parameter(key).shape
-        if value.shape != expected_shape:
+        if value.shape != expected[key]:
             raise NanoQwenError(f"{directory}: {key} has shape {tuple(value.shape)}, {described} implies "
-                                f"{tuple(expected_shape)}; {hint}")
-        state[key] = value.to(device=device, dtype=target)
-    return assign_weights(model, state, device).eval()
+                                f"{tuple(expected[key])}; {hint}")
+    return state
 
 
 def assign_weights(model: Qwen3, state: dict[str, torch.Tensor], device: torch.device | str) -> Qwen3:

@@ -725,7 +725,8 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     from nanoqwen.checkpoint import check_vocab, check_weight_files, read_config
 
     original = read_config(folder)
-    check_weight_files(folder)  # a missing or cut-off file (a failed download) is said before data is prepared
+    # a missing or cut-off file (a failed download), or weights unlike config.json, said before data is prepared
+    check_weight_files(folder, original)
     config = apply_overrides(original, overrides)
     reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
     if reshaped:  # refused here, before any data is prepared for weights that could not load

@@ -1077,7 +1077,7 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
 
 
 @pytest.mark.parametrize("problem", ["other-tokenizer", "no-tokenizer", "bpe", "reshape", "tokenizer-folder",
-                                     "missing-shard", "cut-short"])
+                                     "missing-shard", "cut-short", "fewer-layers", "other-width"])
 def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_path: Path, problem: str,
                                                            monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
@@ -1113,6 +1113,13 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
         weights.write_bytes(weights.read_bytes()[:-100])
         given = ["--dataset", "texts"]
         expected = "is damaged or cut short"
+    elif problem in ("fewer-layers", "other-width"):  # config.json of another model size: read from the headers
+        config = json.loads((checkpoint / "config.json").read_text())
+        field, value = ("num_hidden_layers", 1) if problem == "fewer-layers" else ("intermediate_size", 96)
+        (checkpoint / "config.json").write_text(json.dumps({**config, field: value}))
+        given = ["--dataset", "texts"]
+        expected = "does not match its config.json: missing [], unexpected ['model.layers.1." \
+            if problem == "fewer-layers" else "has shape"
     else:  # likewise weights that could not load into the model --set asks for
         given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
         expected = "--set num_hidden_layers would change the shapes"
