@@ -406,7 +406,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, prese
     # one: each named runs/PRESET-TIME, the others found it locked.
     import datetime as real
 
-    import nanoqwen.train as train_module
+    import nanoqwen.runs as runs_module
 
     class Frozen(real.datetime):
         @classmethod
@@ -414,7 +414,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, prese
             return real.datetime(2026, 12, 4, 23, 0, 0)
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train_module, "datetime", Frozen)
+    monkeypatch.setattr(runs_module, "datetime", Frozen)
     flags = ["--config", str(preset), "--data", str(data), *FAST, "--max-steps", "2"]
     assert train_in_process(*flags) == 0 and train_in_process(*flags, "--lr", "2e-2") == 0
     runs = sorted(path.name for path in (tmp_path / "runs").iterdir())

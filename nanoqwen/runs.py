@@ -1,0 +1,422 @@
+"""Where a run comes from and what its folder records: the settings, data and folder of a new run (from a
+preset, or from a checkpoint's weights with --init-from), the same for a run resumed from its folder (with
+the checks that its data is still the data it began with), and the run's config.json and logs as a resume
+reads and trims them. `nanoqwen train` (train.py) builds the run from these and trains it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+from shlex import quote
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from nanoqwen.checkpoint import STATE_PT, STATE_VERSION, check_data_tokenizer, read_generation_config
+from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
+from nanoqwen.distributed import DistInfo, barrier, from_rank0
+from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
+from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
+from nanoqwen.tracking import summary_writer_class
+
+if TYPE_CHECKING:
+    from nanoqwen.train import Run
+
+# What a run started from a checkpoint's weights (--init-from) takes in place of a preset's train section:
+# a rate that continues a pretrained model without undoing what it knows (3e-5 suits the Qwen3 sizes; a
+# small model of your own takes ~10x more), AdamW (the optimizer such checkpoints were trained with), and a
+# short run that evaluates, samples and saves often. Sequences are 1,024 tokens, or the context if shorter.
+FINETUNE_TRAIN: dict[str, Any] = {"optimizer": "adamw", "lr": 3e-5, "warmup": 20, "max_steps": 500,
+                                  "batch_size": 16, "eval_interval": 50, "save_interval": 250,
+                                  "sample_interval": 250}
+FINETUNE_SEQ_LEN = 1024
+
+
+# -- a new run: its settings, data and folder -----------------------------------------------------
+def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
+                         base: TrainConfig | None = None) -> TrainConfig:
+    """Defaults (or a resumed run's config), then the preset's train section, then the flags."""
+    values = dataclasses.asdict(base or TrainConfig())
+    unknown = sorted(set(preset_train) - values.keys())
+    if unknown:
+        raise NanoQwenError(f"the preset's train section has unknown keys {unknown}; "
+                            f"known: {', '.join(values)}")
+    values.update(preset_train)
+    for name in values:
+        given = getattr(args, name, None)
+        if given is not None:
+            values[name] = given
+    cfg = TrainConfig(**values).validate()
+    if cfg.tensorboard:
+        summary_writer_class()  # one clear line now if the package is missing, not after preparing data
+    return cfg
+
+
+def default_preset_name(device: torch.device) -> str:
+    return "demo" if device.type == "cuda" else "cpu"
+
+
+def slug(text: str) -> str:
+    path = Path(text).expanduser()
+    name = path.resolve().name if path.exists() else text
+    return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "data"  # no hidden folder from a leading dot
+
+
+def dataset_slug(dataset: str, fingerprint: str | None) -> str:
+    """A corpus's part of a data folder's name: for local files, their name and a hash of the corpus's
+    `fingerprint` (where the files are, their names, sizes and times; None for a named corpus). Two
+    `corpus.txt` in different folders never share one prepared folder, and text changed after a run was made
+    from it is prepared into a new folder instead of over the one that run still resumes on."""
+    if fingerprint is None:
+        return slug(dataset)
+    return f"{slug(dataset)}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:6]}"
+
+
+def tokenizer_slug(tokenizer: str) -> str:
+    """A tokenizer's part of a data folder's name. A folder's name says little (every run's is `best`):
+    a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
+    if Path(tokenizer).is_dir():
+        return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    return slug(tokenizer)
+
+
+def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: str | None = None) -> Path:
+    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
+    are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
+    from nanoqwen.data.sources import open_corpus
+
+    corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    local = Path(dataset).expanduser().exists()
+    name = dataset_slug(dataset, corpus.fingerprint if local else None)
+    folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
+    if local or text_column or not (folder / "meta.json").exists():
+        if info.is_main:
+            from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
+
+            if not (folder / "meta.json").exists():
+                print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
+            prepare(dataset, tokenizer, folder, text_column=text_column)
+        barrier()
+    return folder
+
+
+def note_vocab_change(preset: Preset, config: ModelConfig, data: Path) -> None:
+    """A preset sized for a small vocabulary trained on data of a large one (a plain `prepare` uses the Qwen3
+    tokenizer) is a model many times the size: say so, and what keeps the preset's size."""
+    planned, actual = preset.model.num_params(), config.num_params()
+    if max(planned, actual) < 2 * min(planned, actual):
+        return
+    tokenizer = preset.train.get("tokenizer")
+    keep = f"; `--dataset SRC` prepares with the preset's tokenizer, {tokenizer}, for its size" if tokenizer else ""
+    print(f"the {preset.name} preset names a vocabulary of {preset.model.vocab_size:,}; {data}'s tokenizer makes it "
+          f"{config.vocab_size:,}, so the model has {actual / 1e6:.3g}M parameters, not {planned / 1e6:.3g}M"
+          f"{keep}", flush=True)
+
+
+def check_seq_len(seq_len: int, config: ModelConfig, can_set: bool) -> None:
+    if seq_len > config.max_position_embeddings:
+        raise NanoQwenError(f"--seq-len {seq_len} exceeds the model's context ({config.max_position_embeddings}); "
+                            "lower it" + (f" or --set max_position_embeddings={seq_len}" if can_set else ""))
+
+
+def warming_up(steps: int) -> str:
+    return f"warming up over {steps}" if steps else "no warmup"
+
+
+def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
+    """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
+    if args.init_from:
+        preset = checkpoint_preset(Path(args.init_from), args.set)
+    else:
+        preset = load_preset(args.config or args.preset or default_preset_name(info.device))
+        apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
+    cfg = resolve_train_config(preset.train, args)
+    if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
+        check_seq_len(cfg.seq_len, preset.model, can_set=True)
+    if (args.tokenizer or args.text_column) and args.data:
+        raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
+    if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
+        raise NanoQwenError(f"{args.init_from} has no tokenizer.json to prepare --dataset with; give --tokenizer "
+                            "(qwen3 for official Qwen3 weights) or a prepared --data folder")
+    if args.init_from and (args.tokenizer or "").startswith("bpe:"):  # refused before a corpus is prepared
+        raise NanoQwenError(f"--tokenizer {args.tokenizer} would train a new tokenizer, whose ids mean nothing to "
+                            f"the weights of {args.init_from}; leave --tokenizer out to use the checkpoint's own")
+    if args.init_from and args.tokenizer and "tokenizer" in preset.train and \
+            resolve_tokenizer(args.tokenizer).fingerprint != load_tokenizer(args.init_from).fingerprint:
+        raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
+                            "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
+                            "own")
+    if args.out == "":
+        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
+    out = Path(args.out) if args.out is not None else None
+    if out is not None:  # refused before a corpus is prepared
+        if (out / "last").exists():
+            raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
+                                "another --out")
+        check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
+    if args.data:
+        from nanoqwen.data.prepare import load_meta
+
+        load_meta(args.data)  # one clear line if it is not a complete prepared folder
+    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
+    if args.init_from:
+        check_data_tokenizer(Path(args.init_from), data, preset.model)
+    if cfg.warmup > cfg.max_steps // 2:
+        # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
+        # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
+        if info.is_main:
+            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: "
+                  f"{warming_up(cfg.max_steps // 2)}", flush=True)
+        cfg.warmup = cfg.max_steps // 2
+    # Claimed last: nothing after it fails before the caller locks it (a lock released empty removes the folder).
+    return preset, cfg, data, out or default_out(preset.name, info.is_main)
+
+
+# -- a resumed run: its saved settings, and the data it began with --------------------------------
+def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, str, Path, Path, list[str]]:
+    """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
+    and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run apart."""
+    out = Path(args.resume or args.out or "")
+    if out == Path("."):
+        raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
+    if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
+        raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
+                            "--init-from, --dataset, --tokenizer and --text-column cannot change them (--data "
+                            "may say where its data folder is now)")
+    if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
+        raise NanoQwenError(f"--resume {args.resume} continues that run in its own folder; drop --out (to train "
+                            f"into {args.out} from its weights instead: --init-from {Path(args.resume) / 'last'})")
+    saved = read_run_config(out)
+    # Flags that are not settings of the loop but change its numbers: the run's own unless given now.
+    asked = saved.get("args", {})
+    args.dtype = args.dtype or asked.get("dtype")
+    args.activation_checkpointing = args.activation_checkpointing or bool(asked.get("activation_checkpointing"))
+    train = saved["train"]
+    if saved.get("format", 1) < RUN_CONFIG_FORMAT and \
+            train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):
+        train["micro_batch"] = None  # resolved, not asked for: runs of format 1 saved it so
+    if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
+        raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
+                            f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
+    before = TrainConfig(**train)
+    cfg = resolve_train_config({}, args, dataclasses.replace(before))
+    # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding).
+    unchanged = ("max_steps", "max_minutes", "micro_batch")
+    changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
+               if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
+    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed
+
+
+def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, announce: bool) -> Path:
+    """Where the run's data folder is now: --data, the saved path, or the same place relative to the run folder
+    (the project moved as a whole). Its contents are checked by `check_resumed_data`."""
+    if args.data:
+        return Path(args.data)
+    data = Path(saved["data"])
+    moved = out / saved["data_from_run"] if "data_from_run" in saved else None
+    if not data.exists() and moved is not None and moved.is_dir():
+        if announce:
+            print(f"{data} is gone; resuming with {moved.resolve()}, where it sits beside the run as it did",
+                  flush=True)
+        return moved
+    if not data.exists():
+        raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; if it moved, give "
+                            "--resume with --data NEW_PLACE")
+    return data
+
+
+def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | None]:
+    """The tokenizer and generation_config.json the run's checkpoints carry: those of the checkpoint it
+    starts from or resumes, where that holds the data's tokenizer (an official folder's chat template, end
+    token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults."""
+    tokenizer = load_tokenizer(data)
+    if source is None or not (source / "tokenizer.json").is_file():
+        return tokenizer, None
+    own = load_tokenizer(source)
+    if own.fingerprint != tokenizer.fingerprint:  # its generation_config's end ids are for its own tokenizer
+        return tokenizer, None
+    return own, read_generation_config(source) or None
+
+
+def note_chat_template(tokenizer: Tokenizer, data: Path, checkpoint: Path) -> None:
+    """Say so when the data's conversations were rendered with another chat template than the one the run's
+    checkpoints carry (ChatML records for official weights): chat and serve prompt in a format never trained."""
+    if holds_conversations(data) and tokenizer.chat_template != load_tokenizer(data).chat_template:
+        print(f"note: {data} holds conversations rendered with another chat template than the one {checkpoint} "
+              "carries, which its checkpoints keep and chat and serve prompt with; to train in that format, prepare "
+              f"the records with --tokenizer {checkpoint} (or train with --dataset)", flush=True)
+
+
+def data_splits(data: Path) -> dict[str, Any]:
+    """Documents, tokens and bytes of each split: what tells other data from the same, prepared alike."""
+    from nanoqwen.data.prepare import load_meta
+
+    return load_meta(data)["splits"]
+
+
+def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
+    """The run's data folder may have been prepared again since (`nanoqwen prepare --out` over it), or --data
+    may name another: ids from another tokenizer would mean other tokens to this model, and other text would
+    not continue the run (its data position, its best val loss)."""
+    from nanoqwen.data.prepare import load_meta
+
+    meta = load_meta(data)  # one clear line if the folder is gone or incomplete
+    saved = read_run_config(out)
+    own_folder = Path(saved["data"]).resolve() == data.resolve()
+    last = out / "last"
+    given = saved.get("args", {})  # a run from --dataset (or the default corpus) names its source; --data does not
+    source = quote(saved["train"]["dataset"]) if given.get("data") is None and saved["train"].get("dataset") else "SRC"
+    if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
+        what = "was prepared again with another tokenizer since the run began" if own_folder else \
+            "holds ids of another tokenizer than the run's"
+        raise NanoQwenError(f"cannot resume {out}: {data} {what}, so its ids mean other tokens to this model; "
+                            "continue from the weights on text in the run's tokenizer: nanoqwen train --init-from "
+                            f"{quote(str(last))} --dataset {source}")
+    recorded = saved.get("data_splits")  # its documents, tokens and bytes: the same text prepared alike
+    if recorded is not None and meta["splits"] != recorded:
+        how = " (prepared again from other text or settings)" if own_folder else ""
+        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; train on "
+                            f"it from the run's weights instead: nanoqwen train --init-from {quote(str(last))} "
+                            f"--data {quote(str(data))}")
+    if recorded is None and not own_folder and announce:
+        print(f"note: {out} was made before runs recorded what their data holds, so nothing checks that {data} "
+              "is the data it began with", flush=True)
+
+
+# -- a run from a checkpoint's weights (--init-from) ----------------------------------------------
+# Model fields that decide the shapes of the weights: what --set may not change with --init-from.
+WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
+    """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
+    fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
+    from nanoqwen.checkpoint import check_vocab, check_weight_files, read_config
+
+    original = read_config(folder)
+    # a missing or cut-off file (a failed download), or weights unlike config.json, said before data is prepared
+    check_weight_files(folder, original)
+    config = apply_overrides(original, overrides)
+    reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
+    if reshaped:  # refused here, before any data is prepared for weights that could not load
+        raise NanoQwenError(f"--set {', '.join(reshaped)} would change the shapes of {folder}'s weights, which then "
+                            "cannot be loaded; --init-from keeps the architecture (to train another one, use --preset "
+                            "or --config without --init-from)")
+    train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
+    if config.torch_dtype in BEST_DTYPES:  # official weights come in bfloat16: best/ the same size, not twice it
+        train["best_dtype"] = config.torch_dtype
+    if (folder / "tokenizer.json").is_file():
+        check_vocab(load_tokenizer(folder), config, folder)  # before any data is prepared or run written
+        train["tokenizer"] = str(folder)
+    name = f"{folder.resolve().parent.name}-{folder.name}" if folder.name in ("best", "last") else folder.name
+    return Preset(name=slug(name), model=config, train=train)
+
+
+def default_out(preset: str, claim: bool) -> Path:
+    """runs/PRESET-TIME, made here (with `claim`: rank 0) so that runs started in the same second, such as a
+    sweep started in the background, each get their own: the second is runs/PRESET-TIME-2."""
+    base, name = f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}", ""
+    for k in range(1, 1000 if claim else 1):
+        name = base if k == 1 else f"{base}-{k}"
+        try:
+            Path(name).mkdir(parents=True)  # atomic: only one process makes it
+            break
+        except FileExistsError:
+            continue
+    return Path(from_rank0(name))  # every rank writes to rank 0's
+
+
+# -- the run folder's records ---------------------------------------------------------------------
+def data_place(run: Run) -> dict[str, str]:
+    """Where the run's data folder is, for its config.json: as given, and relative to the run folder (found
+    again there if both moved together)."""
+    return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+
+
+RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not), never the one chosen
+
+
+def run_config(run: Run) -> dict[str, Any]:
+    """config.json of the run folder: what was asked for and what it resolved to."""
+    return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
+            "data_splits": data_splits(run.data),  # tells other data from this on resume
+            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
+            "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
+            "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
+
+
+def read_run_config(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "config.json"
+    if not run_dir.is_dir():
+        raise NanoQwenError(f"cannot resume: {run_dir} does not exist; give a run folder (runs/NAME, the one a run's "
+                            "closing lines name)")
+    if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
+        raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
+                            f"--resume {quote(str(run_dir.parent))}")
+    try:
+        saved = json.loads(path.read_text())
+        missing = [key for key in RUN_CONFIG_KEYS if key not in saved]
+        if missing:
+            raise KeyError(", ".join(missing))
+        TrainConfig(**saved["train"])
+        if not isinstance(saved["data"], str):
+            raise TypeError(f"its data is {saved['data']!r}, not a folder")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        weights = run_dir / "last"
+        what = f"start a new run from its weights: --init-from {quote(str(weights))}" if weights.is_dir() else \
+            "give the folder a run wrote (runs/NAME, the one a run's closing lines name)"
+        cause = "missing" if isinstance(e, FileNotFoundError) else f"not a nanoqwen run config ({first_line(e, 200)})"
+        raise NanoQwenError(f"cannot resume: {path} is {cause}; {what}") from e
+    return saved
+
+
+def load_model_config(last: Path) -> ModelConfig:
+    from nanoqwen.checkpoint import read_config
+
+    if not last.is_dir():
+        raise NanoQwenError(f"cannot resume: {last} is missing; the run saved no checkpoint yet")
+    return read_config(last)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop the records a killed run wrote after its last save (and a line it was cut off in): resumed
+    steps will write them again."""
+    from nanoqwen.plot import read_metrics
+
+    if not (run_dir / "metrics.jsonl").exists():
+        return
+    kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= step]
+    with atomic_file(run_dir / "metrics.jsonl") as f:
+        f.write("".join(json.dumps(record) + "\n" for record in kept))
+
+
+def truncate_samples(run_dir: Path, step: int) -> None:
+    """Drop the samples a killed run took after its last save: resumed steps will take them again."""
+    path = run_dir / "samples.txt"
+    if not path.exists():
+        return
+    entries = re.split(r"(?m)^(?=--- step \d+$)", path.read_text(encoding="utf-8", errors="replace"))
+    kept = [e for e in entries if not (m := re.match(r"--- step (\d+)\n", e)) or int(m[1]) <= step]
+    with atomic_file(path) as f:
+        f.write("".join(kept))
+
+
+def holds_conversations(data: Path) -> bool:
+    """Whether the data was prepared mostly from chat records (its model is for `nanoqwen chat`)."""
+    from nanoqwen.data.prepare import load_meta
+
+    try:
+        meta = load_meta(data)
+        return 2 * meta.get("conversations", 0) >= sum(split["documents"] for split in meta["splits"].values())
+    except NanoQwenError:  # the folder went away while the run trained: the closing lines go on without it
+        return False
