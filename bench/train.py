@@ -121,11 +121,18 @@ def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+SPEED_HEADER = ("| setup | Transformers tok/s | nanoqwen tok/s | speed | Transformers peak GiB | nanoqwen peak GiB "
+                "| memory | first-loss gap |\n|---|---|---|---|---|---|---|---|")
+SPEED_LEGEND = ("\nspeed = nanoqwen / Transformers tokens per second (goal >= 1.3 on CPU, >= 1.5 on GPU); memory = "
+                "nanoqwen / Transformers peak (goal <= 0.5 at the Qwen3 vocabulary); first-loss gap = |difference| "
+                "of the first step's loss (same weights and data).")
+
+
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
             rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False,
-            both_compiled: bool = False) -> float:
-    """Prints one table row as soon as it is measured; returns nanoqwen's tokens/s. Contenders alternate
+            both_compiled: bool = False) -> tuple[str, float]:
+    """One table row, and nanoqwen's tokens/s. Contenders alternate
     for `rounds` processes each; a busy machine only slows a round, so each side keeps its fastest round
     (median step) and its highest peak. `tuned_baseline` gives Transformers nanoqwen's CPU allocator
     setting too (reuse_freed_memory), to show what is left without it; `both_compiled` runs both under
@@ -144,10 +151,9 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
     gib, ours, theirs = 1 << 30, "nanoqwen", "transformers"
-    print(f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
-          f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
-          flush=True)
-    return speed[ours]
+    return (f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
+            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
+            speed[ours])
 
 
 MFU_BATCH = 4  # qwen3-0.6b at seq 2048: the speed row's setup, so its nanoqwen run gives the MFU too
@@ -229,32 +235,30 @@ def main() -> None:
     cpu = args.device == "cpu"
     where = "CPU, fp32" if cpu else f"{torch.cuda.get_device_name()}, bf16 autocast"
     print(f"## Training step: nanoqwen vs transformers.Qwen3ForCausalLM ({where}, torch {torch.__version__})\n")
-    if cpu or "speed" in args.parts:
-        print("| setup | Transformers tok/s | nanoqwen tok/s | speed | Transformers peak GiB | nanoqwen peak GiB "
-              "| memory | first-loss gap |")
-        print("|---|---|---|---|---|---|---|---|")
-    mfu_speed = None
+    steps = args.steps
     if cpu:
-        compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, args.steps or 5, 2, "cpu", rounds=3)
+        print(SPEED_HEADER, flush=True)
+        print(compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, steps or 5, 2, "cpu", rounds=3)[0],
+              flush=True)
         if args.tuned_baseline:
-            compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256, args.steps or 5, 2,
-                    "cpu", rounds=3, tuned_baseline=True)
+            print(compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256, steps or 5, 2,
+                          "cpu", rounds=3, tuned_baseline=True)[0], flush=True)
         if args.compiled:  # the first step compiles: three warm-up steps
-            compare("the same, both under torch.compile", "cpu", 16, 256, args.steps or 5, 3, "cpu", rounds=2,
-                    both_compiled=True)
-        compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, args.steps or 1, 1, "cpu")
-    elif "speed" in args.parts:
-        # One round each: a GPU of its own times steadily, and the stage must fit a short device call.
-        compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, args.steps or 20, 5, "cuda")
-        mfu_speed = compare(f"qwen3-0.6b, {MFU_BATCH} x 2048", "qwen3-0.6b", MFU_BATCH, 2048, args.steps or 10, 3,
-                            "cuda")
-    if cpu or "speed" in args.parts:
-        print("\nspeed = nanoqwen / Transformers tokens per second (goal >= 1.3 on CPU, >= 1.5 on GPU); memory = "
-              "nanoqwen / Transformers peak (goal <= 0.5 at the Qwen3 vocabulary); first-loss gap = |difference| of "
-              "the first step's loss (same weights and data).")
-    if not cpu and "mfu" in args.parts:
-        print("\n| MFU | throughput | MFU |\n|---|---|---|")
-        print(mfu_row("cuda", mfu_speed), flush=True)
+            print(compare("the same, both under torch.compile", "cpu", 16, 256, steps or 5, 3, "cpu", rounds=2,
+                          both_compiled=True)[0], flush=True)
+        print(compare("demo preset (Qwen3 vocab 151936), 8 x 256", "demo", 8, 256, steps or 1, 1, "cpu")[0])
+        print(SPEED_LEGEND)
+    else:
+        # One round each: a GPU of its own times steadily, and the stage must fit a short device call. The
+        # qwen3-0.6b row, measured first, also gives the MFU, printed at once: a call cut short keeps it.
+        first_row, mfu_speed = compare(f"qwen3-0.6b, {MFU_BATCH} x 2048", "qwen3-0.6b", MFU_BATCH, 2048,
+                                       steps or 10, 3, "cuda") if "speed" in args.parts else ("", None)
+        if "mfu" in args.parts:
+            print(f"| MFU | throughput | MFU |\n|---|---|---|\n{mfu_row('cuda', mfu_speed)}\n", flush=True)
+        if "speed" in args.parts:
+            print(f"{SPEED_HEADER}\n{first_row}", flush=True)
+            print(compare("demo preset (Qwen3 vocab), 32 x 512", "demo", 32, 512, steps or 20, 5, "cuda")[0])
+            print(SPEED_LEGEND)
     if not cpu and "target" in args.parts:
         print("\n| time to target | result |\n|---|---|")
         print(time_to_target(args.target_loss, args.target_minutes))
