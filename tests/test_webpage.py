@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -51,10 +52,12 @@ def browser():
         browser.close()
 
 
-def open_page(browser, url: str, model_name: str, *, exact: bool = True, init_script: str | None = None):
+def open_page(browser, url: str, model_name: str, *, exact: bool = True, init_script: str | None = None,
+              **options):
     """A new tab on the page, once its header shows the model (or, not `exact`, holds `model_name`); and the
-    list its JavaScript errors go to. `init_script` runs in the page before its own scripts."""
-    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    list its JavaScript errors go to. `init_script` runs in the page before its own scripts; `options` go to
+    `browser.new_page` (a viewport other than 1280 x 800, a color_scheme)."""
+    page = browser.new_page(**{"viewport": {"width": 1280, "height": 800}, **options})
     errors: list[str] = []
     page.on("pageerror", lambda e: errors.append(str(e)))
     if init_script:
@@ -483,3 +486,30 @@ def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     assert min(sizes) >= 16  # as upright: no zoom into a box on focus
     page.set_viewport_size({"width": 390, "height": 844})  # a phone upright keeps the stacked layout
     assert page.locator(".settings").bounding_box()["width"] == 390
+
+
+def contrast_ratio(color: str, background: str) -> float:
+    """WCAG's contrast ratio of two opaque colors as getComputedStyle gives them ("rgb(r, g, b)")."""
+    def luminance(css: str) -> float:
+        channels = [int(v) / 255 for v in re.findall(r"\d+", css)[:3]]
+        r, g, b = (c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4 for c in channels)
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+    darker, lighter = sorted((luminance(color), luminance(background)))
+    return (lighter + 0.05) / (darker + 0.05)
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_text_on_the_accent_color_is_readable(browser, url: str, scheme: str) -> None:
+    # In dark mode, white on the lighter accent was 3.2:1 (Send, the selected mode): WCAG AA asks 4.5:1 of text.
+    page, errors = open_page(browser, url, "tiny-web", color_scheme=scheme)
+    assert page.evaluate(f"matchMedia('(prefers-color-scheme: {scheme})').matches")
+    for selector in ("#send", ".modes input:checked + span"):
+        color, background = page.eval_on_selector(
+            selector, "el => [getComputedStyle(el).color, getComputedStyle(el).backgroundColor]")
+        assert contrast_ratio(color, background) >= 4.5, (selector, color, background)
+    if scheme == "dark":
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "webpage-dark.png"))
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
