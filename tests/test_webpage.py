@@ -12,6 +12,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from playwright.sync_api import expect
 
 from tests.serve_helpers import make_checkpoint, run_server, wait_idle, with_chat_template
 
@@ -424,6 +425,7 @@ def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
     page = context.new_page()
     page.goto(url)
     page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    page.tap("#settings-toggle")  # folded on a phone
     page.fill("#max-tokens", "3")
     page.fill("#prompt", "line one")
     page.press("#prompt", "End")
@@ -511,5 +513,33 @@ def test_text_on_the_accent_color_is_readable(browser, url: str, scheme: str) ->
     if scheme == "dark":
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-dark.png"))
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_small_phone_leaves_the_conversation_its_height(browser, url: str) -> None:
+    # At 320 x 568 the header wrapped to three rows and the settings took 30% of the height: the transcript was
+    # 59 pixels. The header keeps to two rows, and the settings fold behind a button until opened.
+    page, errors = open_page(browser, url, "tiny-web", viewport={"width": 320, "height": 568})
+    rows, bottom = 0, float("-inf")  # rows of the header's parts: a part starts one below all before it
+    for top, end in sorted(page.eval_on_selector_all(".topbar > *", "parts => parts.map((part) => {"
+                                                     " const box = part.getBoundingClientRect();"
+                                                     " return [box.top, box.bottom]; })")):
+        rows, bottom = (rows + 1, end) if top >= bottom else (rows, max(bottom, end))
+    assert rows == 2
+    assert page.locator("#transcript").bounding_box()["height"] >= 0.4 * 568
+    assert page.evaluate("document.documentElement.scrollWidth") <= 320  # nothing sticks out sideways
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webpage-320.png"))
+    page.click("#settings-toggle")
+    expect(page.locator("#max-tokens")).to_be_visible()
+    page.click("#settings-toggle")
+    expect(page.locator("#max-tokens")).to_be_hidden()
+    # A setting that refuses the send opens them, so the user sees (and is in) the field to correct.
+    page.evaluate("document.getElementById('max-tokens').value = '0'")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    expect(page.locator("#stats")).to_have_text("Max tokens must be a whole number >= 1")
+    expect(page.locator("#max-tokens")).to_be_focused()
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"

@@ -159,6 +159,13 @@ function mode() {
   return $("mode-chat").checked ? "chat" : "completion";
 }
 
+// A setting the user must see to, given focus: on a narrow screen the folded settings open first (a field
+// hidden in them could not take focus).
+function focusSetting(input) {
+  $("settings-toggle").setAttribute("aria-expanded", "true");
+  input.focus();
+}
+
 class FieldError extends Error {}
 
 // A number field's value as typed ("1e3" is 1000), or a FieldError saying what it must be: a value the
@@ -173,7 +180,7 @@ function numberField(id, { integer = false, optional = false } = {}) {
   if (raw === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))
       || (min !== "" && value < Number(min)) || (max !== "" && value > Number(max))) {
     input.classList.add("invalid");
-    input.focus();
+    focusSetting(input);
     const label = input.closest("label").querySelector("span").firstChild.textContent.trim();
     const range = [min !== "" ? `>= ${min}` : "", max !== "" ? `<= ${max}` : ""].filter(Boolean).join(" and ");
     throw new FieldError(`${label} must be ${integer ? "a whole number" : "a number"}${range ? ` ${range}` : ""}`);
@@ -190,7 +197,7 @@ function stopStrings() {
   const stops = box.value.split("\n").filter((line) => line.length > 0).map(unescape);
   if (stops.length > 4) {
     box.classList.add("invalid");
-    box.focus();
+    focusSetting(box);
     throw new FieldError(`Stop strings: at most 4, one per line (${stops.length} given)`);
   }
   return stops;
@@ -483,7 +490,7 @@ async function send() {
         message = $("api-key").value.trim()
           ? "the server refused this API key: check it under Server, below the sampling settings"
           : "this server needs an API key: enter it under Server, below the sampling settings";
-        $("api-key").focus();
+        focusSetting($("api-key"));
       }
       note(box, message, "error");
       if (!reply) {
@@ -539,6 +546,10 @@ function init() {
     });
   }
   $("reset-settings").addEventListener("click", resetSettings);
+  $("settings-toggle").addEventListener("click", () => {
+    const toggle = $("settings-toggle");
+    toggle.setAttribute("aria-expanded", String(toggle.getAttribute("aria-expanded") !== "true"));
+  });
   for (const [input, output] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
     const sync = () => { $(output).textContent = Number($(input).value).toFixed(2); };
     $(input).addEventListener("input", sync);
