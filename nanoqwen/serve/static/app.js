@@ -405,6 +405,7 @@ async function send() {
   state.controller = new AbortController();
   setBusy(true);
   let path, body, out, box;
+  const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
@@ -412,6 +413,7 @@ async function send() {
     const userBox = addMessage("user", "You");
     userBox.querySelector(".content").textContent = text;
     box = addMessage("assistant", state.model || "model");
+    turn.push(userBox, box);
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
     body = sampling;
@@ -428,6 +430,7 @@ async function send() {
     state.history.push({ role: "user", content: text, box: userBox });
   } else {
     box = addMessage("completion", "Completion");
+    turn.push(box);
     const content = box.querySelector(".content");
     const prompt = document.createElement("span");
     prompt.className = "prompt-text";
@@ -447,6 +450,7 @@ async function send() {
   let pieces = 0;
   let reply = "";
   let status = "";
+  let failed = false;
   // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
   // starves the page as it grows (the Stop button with it, on a busy machine).
   let frame = null;
@@ -482,7 +486,7 @@ async function send() {
       status = `stopped · ${reply.length} characters`;
       note(box, "stopped");
     } else {
-      status = "error";
+      failed = true;
       let message = err.message;
       if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
         message = "lost the connection to the server (is `nanoqwen serve` still running?)";
@@ -492,13 +496,18 @@ async function send() {
           : "this server needs an API key: enter it under Server, below the sampling settings";
         focusSetting($("api-key"));
       }
-      note(box, message, "error");
-      if (!reply) {
-        if (chat) {
-          state.history.pop(); // the turn never happened
-          out.hidden = true; // no empty reply bubble above the error
-        }
-        if (!$("prompt").value) $("prompt").value = text; // to send again, not to type again
+      if (reply) { // what arrived stays, with why it ended
+        status = "error";
+        note(box, message, "error");
+      } else {
+        // Nothing came back: the turn never happened. Its text goes back to the box, to send again rather than
+        // type again, so the turn leaves the transcript (kept, a resend showed the message twice) and why it
+        // failed is said in the status line, as for a setting that stops a send.
+        status = message;
+        if (chat) state.history.pop();
+        for (const el of turn) el.remove();
+        showEmptyHint();
+        if (!$("prompt").value) $("prompt").value = text;
       }
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
@@ -507,14 +516,13 @@ async function send() {
       cancelAnimationFrame(frame);
       draw();
     }
-    if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
-        && (reply || status.startsWith("stopped"))) {
+    if (chat && (reply || !failed)) { // a turn that happened (finished, stopped or cut) keeps its reply
       state.history.push({ role: "assistant", content: reply, box });
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
     setBusy(false);
-    showStatus(status, status === "error");
+    showStatus(status, failed);
     if (document.activeElement !== $("api-key")) $("prompt").focus();
   }
 }
