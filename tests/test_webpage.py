@@ -382,6 +382,27 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     assert [(m["role"], m["content"]) for m in messages][::2] == [("user", "Before"), ("user", "Hello")]
 
 
+def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> None:
+    # Restarted with another model, the server refused the first send: the page still asked for the old name.
+    # (The page is made to hold an old name here: /v1/models answers it once.)
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
+        {"id": "old-name", "object": "model", "owned_by": "nanoqwen"}]}))
+    page.evaluate("loadModel()")
+    expect(page.locator("#model-name")).to_have_text("old-name")
+    page.unroute("**/v1/models")
+    asked: list[str] = []
+    page.on("request", lambda request: asked.append(json.loads(request.post_data)["model"])
+            if request.url.endswith("/v1/chat/completions") else None)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "Hello")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    assert asked == ["old-name", "tiny-web"]  # refused, then sent again once, to the model served now
+    expect(page.locator(".message.user .content")).to_have_text(["Hello"])  # not added twice
+    expect(page.locator(".message.assistant .role")).to_have_text(["tiny-web"])
+    expect(page.locator("#stats")).to_contain_text("3 tokens")
+    assert page.locator(".message .error").count() == 0
+
+
 def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
     # A completion whose prompt leaves 10 tokens of the context ends after 10 of the 100 asked for: "finish:
     # length" alone read as if max tokens had been reached.

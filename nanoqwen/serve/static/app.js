@@ -230,10 +230,11 @@ async function streamCompletion(path, body, onText, signal) {
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
     signal,
   });
-  if (!res.ok) {
-    let message = `${res.status} ${res.statusText}`;
-    try { message = (await res.json()).error.message || message; } catch (_) { /* not JSON */ }
-    throw Object.assign(new Error(message), { status: res.status });
+  if (!res.ok) { // an Error with the API's message, and the status and error code to act on
+    let error = {};
+    try { error = (await res.json()).error || {}; } catch (_) { /* not JSON */ }
+    throw Object.assign(new Error(error.message || `${res.status} ${res.statusText}`),
+      { status: res.status, code: error.code });
   }
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -460,13 +461,26 @@ async function send() {
     showReply(out, reply, chat);
     if (follow) scrollDown();
   };
+  const request = () => streamCompletion(path, body, (piece) => {
+    if (firstAt === null) firstAt = performance.now();
+    pieces += 1;
+    reply += piece;
+    if (frame === null) frame = requestAnimationFrame(draw);
+  }, state.controller.signal);
   try {
-    const result = await streamCompletion(path, body, (piece) => {
-      if (firstAt === null) firstAt = performance.now();
-      pieces += 1;
-      reply += piece;
-      if (frame === null) frame = requestAnimationFrame(draw);
-    }, state.controller.signal);
+    let result;
+    try {
+      result = await request();
+    } catch (err) {
+      // Restarted with another model, the server refuses the name the page still asks for (before any text):
+      // the page reads the new one (the header shows it) and sends again, once.
+      if (err.code !== "model_not_found") throw err;
+      await loadModel();
+      if (!state.model || state.model === body.model) throw err;
+      body.model = state.model;
+      if (chat) box.querySelector(".role").textContent = state.model;
+      result = await request();
+    }
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
     const ended = performance.now();
     const seconds = (ended - (firstAt ?? started)) / 1000;
