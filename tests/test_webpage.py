@@ -382,6 +382,36 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     assert [(m["role"], m["content"]) for m in messages][::2] == [("user", "Before"), ("user", "Hello")]
 
 
+def test_header_follows_the_server_between_sends(browser, url: str) -> None:
+    # The header noticed a stopped server only at the next send. It reads the server every 12 s while the tab is
+    # in view, and at once when the window gets focus or the tab comes back into view.
+    page, errors = open_page(browser, url, "tiny-web")
+    page.route("**/v1/models", lambda route: route.abort())  # as a stopped server does
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("server unreachable")  # well before 12 s
+    expect(page.locator("#status-dot")).to_have_class("status-dot error")
+    page.unroute("**/v1/models")
+    page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    expect(page.locator("#status-dot")).to_have_class("status-dot ok")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+    # Every few seconds (shortened here) with no event at all; and a read the server is slow to answer is not
+    # joined by another one.
+    page, errors = open_page(browser, url, "tiny-web", init_script="window.nanoqwenWatchMs = 100")
+    held = []
+    page.route("**/v1/models", lambda route: held.append(route))  # not answered until let go
+    page.wait_for_timeout(600)  # six periods
+    assert len(held) == 1
+    page.route("**/v1/models", lambda route: route.abort())
+    held[0].abort()
+    expect(page.locator("#model-name")).to_have_text("server unreachable")
+    page.unroute("**/v1/models")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> None:
     # Restarted with another model, the server refused the first send: the page still asked for the old name.
     # (The page is made to hold an old name here: /v1/models answers it once.)

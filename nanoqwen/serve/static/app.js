@@ -35,10 +35,12 @@ function formatCount(n) {
   return String(n);
 }
 
-async function loadModel() {
+// The header from /v1/models: the model and its size, or why there is none (no key, no server). `signal` may
+// abort the request (a watch that waited too long).
+async function loadModel(signal) {
   const dot = $("status-dot");
   try {
-    const res = await fetch("/v1/models", { headers: headers() });
+    const res = await fetch("/v1/models", { headers: headers(), signal });
     if (res.status === 401) {
       dot.className = "status-dot error";
       $("model-name").textContent = $("api-key").value.trim()
@@ -47,6 +49,7 @@ async function loadModel() {
       return;
     }
     const card = (await res.json()).data[0];
+    const newContext = (card.context_length || null) !== state.context;
     state.model = card.id;
     state.context = card.context_length || null;
     dot.className = "status-dot ok";
@@ -69,11 +72,31 @@ async function loadModel() {
       restoreSettings();
       applySamplingDefaults();
     }
-    const max = $("max-tokens");
-    if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
+    const max = $("max-tokens"); // fitted to a new context only: a watch must not undo what the user typed
+    if (newContext && card.context_length && Number(max.value) > card.context_length) {
+      max.value = card.context_length;
+    }
   } catch (err) {
     dot.className = "status-dot error";
     $("model-name").textContent = "server unreachable";
+  }
+}
+
+// The header follows the server between sends too (stopped, back, or serving another model): it is read every
+// WATCH_MS while the tab is in view, and at once when the tab comes back into view or the window gets focus.
+// One read at a time, none while a reply streams (the stream tells); a server that takes WATCH_TIMEOUT_MS to
+// answer counts as unreachable. Tests set window.nanoqwenWatchMs before the page loads, to shorten the wait.
+const WATCH_MS = window.nanoqwenWatchMs || 12_000;
+const WATCH_TIMEOUT_MS = 10_000;
+let watching = false;
+
+async function watchServer() {
+  if (watching || state.controller || document.visibilityState !== "visible") return;
+  watching = true;
+  try {
+    await loadModel(AbortSignal.timeout(WATCH_TIMEOUT_MS));
+  } finally {
+    watching = false;
   }
 }
 
@@ -597,6 +620,9 @@ function init() {
   document.body.dataset.mode = mode();
   setBusy(false);
   loadModel();
+  setInterval(watchServer, WATCH_MS);
+  document.addEventListener("visibilitychange", watchServer);
+  window.addEventListener("focus", watchServer);
   $("prompt").focus();
 }
 
