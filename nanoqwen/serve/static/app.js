@@ -35,10 +35,12 @@ function formatCount(n) {
   return String(n);
 }
 
-async function loadModel() {
+// The header from /v1/models: the model and its size, or why there is none (no key, no server). `signal` may
+// abort the request (a watch that waited too long).
+async function loadModel(signal) {
   const dot = $("status-dot");
   try {
-    const res = await fetch("/v1/models", { headers: headers() });
+    const res = await fetch("/v1/models", { headers: headers(), signal });
     if (res.status === 401) {
       dot.className = "status-dot error";
       $("model-name").textContent = $("api-key").value.trim()
@@ -47,6 +49,7 @@ async function loadModel() {
       return;
     }
     const card = (await res.json()).data[0];
+    const newContext = (card.context_length || null) !== state.context;
     state.model = card.id;
     state.context = card.context_length || null;
     dot.className = "status-dot ok";
@@ -69,11 +72,31 @@ async function loadModel() {
       restoreSettings();
       applySamplingDefaults();
     }
-    const max = $("max-tokens");
-    if (card.context_length && Number(max.value) > card.context_length) max.value = card.context_length;
+    const max = $("max-tokens"); // fitted to a new context only: a watch must not undo what the user typed
+    if (newContext && card.context_length && Number(max.value) > card.context_length) {
+      max.value = card.context_length;
+    }
   } catch (err) {
     dot.className = "status-dot error";
     $("model-name").textContent = "server unreachable";
+  }
+}
+
+// The header follows the server between sends too (stopped, back, or serving another model): it is read every
+// WATCH_MS while the tab is in view, and at once when the tab comes back into view or the window gets focus.
+// One read at a time, none while a reply streams (the stream tells); a server that takes WATCH_TIMEOUT_MS to
+// answer counts as unreachable. Tests set window.nanoqwenWatchMs before the page loads, to shorten the wait.
+const WATCH_MS = window.nanoqwenWatchMs || 12_000;
+const WATCH_TIMEOUT_MS = 10_000;
+let watching = false;
+
+async function watchServer() {
+  if (watching || state.controller || document.visibilityState !== "visible") return;
+  watching = true;
+  try {
+    await loadModel(AbortSignal.timeout(WATCH_TIMEOUT_MS));
+  } finally {
+    watching = false;
   }
 }
 
@@ -159,6 +182,13 @@ function mode() {
   return $("mode-chat").checked ? "chat" : "completion";
 }
 
+// A setting the user must see to, given focus: on a narrow screen the folded settings open first (a field
+// hidden in them could not take focus).
+function focusSetting(input) {
+  $("settings-toggle").setAttribute("aria-expanded", "true");
+  input.focus();
+}
+
 class FieldError extends Error {}
 
 // A number field's value as typed ("1e3" is 1000), or a FieldError saying what it must be: a value the
@@ -173,7 +203,7 @@ function numberField(id, { integer = false, optional = false } = {}) {
   if (raw === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))
       || (min !== "" && value < Number(min)) || (max !== "" && value > Number(max))) {
     input.classList.add("invalid");
-    input.focus();
+    focusSetting(input);
     const label = input.closest("label").querySelector("span").firstChild.textContent.trim();
     const range = [min !== "" ? `>= ${min}` : "", max !== "" ? `<= ${max}` : ""].filter(Boolean).join(" and ");
     throw new FieldError(`${label} must be ${integer ? "a whole number" : "a number"}${range ? ` ${range}` : ""}`);
@@ -190,7 +220,7 @@ function stopStrings() {
   const stops = box.value.split("\n").filter((line) => line.length > 0).map(unescape);
   if (stops.length > 4) {
     box.classList.add("invalid");
-    box.focus();
+    focusSetting(box);
     throw new FieldError(`Stop strings: at most 4, one per line (${stops.length} given)`);
   }
   return stops;
@@ -223,10 +253,11 @@ async function streamCompletion(path, body, onText, signal) {
     body: JSON.stringify({ ...body, stream: true, stream_options: { include_usage: true } }),
     signal,
   });
-  if (!res.ok) {
-    let message = `${res.status} ${res.statusText}`;
-    try { message = (await res.json()).error.message || message; } catch (_) { /* not JSON */ }
-    throw Object.assign(new Error(message), { status: res.status });
+  if (!res.ok) { // an Error with the API's message, and the status and error code to act on
+    let error = {};
+    try { error = (await res.json()).error || {}; } catch (_) { /* not JSON */ }
+    throw Object.assign(new Error(error.message || `${res.status} ${res.statusText}`),
+      { status: res.status, code: error.code });
   }
   const reader = res.body.getReader();
   const decoder = new TextDecoder();
@@ -398,6 +429,7 @@ async function send() {
   state.controller = new AbortController();
   setBusy(true);
   let path, body, out, box;
+  const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
@@ -405,6 +437,7 @@ async function send() {
     const userBox = addMessage("user", "You");
     userBox.querySelector(".content").textContent = text;
     box = addMessage("assistant", state.model || "model");
+    turn.push(userBox, box);
     out = box.querySelector(".content");
     path = "/v1/chat/completions";
     body = sampling;
@@ -421,6 +454,7 @@ async function send() {
     state.history.push({ role: "user", content: text, box: userBox });
   } else {
     box = addMessage("completion", "Completion");
+    turn.push(box);
     const content = box.querySelector(".content");
     const prompt = document.createElement("span");
     prompt.className = "prompt-text";
@@ -440,6 +474,7 @@ async function send() {
   let pieces = 0;
   let reply = "";
   let status = "";
+  let failed = false;
   // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
   // starves the page as it grows (the Stop button with it, on a busy machine).
   let frame = null;
@@ -449,13 +484,26 @@ async function send() {
     showReply(out, reply, chat);
     if (follow) scrollDown();
   };
+  const request = () => streamCompletion(path, body, (piece) => {
+    if (firstAt === null) firstAt = performance.now();
+    pieces += 1;
+    reply += piece;
+    if (frame === null) frame = requestAnimationFrame(draw);
+  }, state.controller.signal);
   try {
-    const result = await streamCompletion(path, body, (piece) => {
-      if (firstAt === null) firstAt = performance.now();
-      pieces += 1;
-      reply += piece;
-      if (frame === null) frame = requestAnimationFrame(draw);
-    }, state.controller.signal);
+    let result;
+    try {
+      result = await request();
+    } catch (err) {
+      // Restarted with another model, the server refuses the name the page still asks for (before any text):
+      // the page reads the new one (the header shows it) and sends again, once.
+      if (err.code !== "model_not_found") throw err;
+      await loadModel();
+      if (!state.model || state.model === body.model) throw err;
+      body.model = state.model;
+      if (chat) box.querySelector(".role").textContent = state.model;
+      result = await request();
+    }
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
     const ended = performance.now();
     const seconds = (ended - (firstAt ?? started)) / 1000;
@@ -475,7 +523,7 @@ async function send() {
       status = `stopped · ${reply.length} characters`;
       note(box, "stopped");
     } else {
-      status = "error";
+      failed = true;
       let message = err.message;
       if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
         message = "lost the connection to the server (is `nanoqwen serve` still running?)";
@@ -483,15 +531,20 @@ async function send() {
         message = $("api-key").value.trim()
           ? "the server refused this API key: check it under Server, below the sampling settings"
           : "this server needs an API key: enter it under Server, below the sampling settings";
-        $("api-key").focus();
+        focusSetting($("api-key"));
       }
-      note(box, message, "error");
-      if (!reply) {
-        if (chat) {
-          state.history.pop(); // the turn never happened
-          out.hidden = true; // no empty reply bubble above the error
-        }
-        if (!$("prompt").value) $("prompt").value = text; // to send again, not to type again
+      if (reply) { // what arrived stays, with why it ended
+        status = "error";
+        note(box, message, "error");
+      } else {
+        // Nothing came back: the turn never happened. Its text goes back to the box, to send again rather than
+        // type again, so the turn leaves the transcript (kept, a resend showed the message twice) and why it
+        // failed is said in the status line, as for a setting that stops a send.
+        status = message;
+        if (chat) state.history.pop();
+        for (const el of turn) el.remove();
+        showEmptyHint();
+        if (!$("prompt").value) $("prompt").value = text;
       }
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
@@ -500,14 +553,13 @@ async function send() {
       cancelAnimationFrame(frame);
       draw();
     }
-    if (chat && state.history.length && state.history[state.history.length - 1].role === "user"
-        && (reply || status.startsWith("stopped"))) {
+    if (chat && (reply || !failed)) { // a turn that happened (finished, stopped or cut) keeps its reply
       state.history.push({ role: "assistant", content: reply, box });
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
     setBusy(false);
-    showStatus(status, status === "error");
+    showStatus(status, failed);
     if (document.activeElement !== $("api-key")) $("prompt").focus();
   }
 }
@@ -539,6 +591,10 @@ function init() {
     });
   }
   $("reset-settings").addEventListener("click", resetSettings);
+  $("settings-toggle").addEventListener("click", () => {
+    const toggle = $("settings-toggle");
+    toggle.setAttribute("aria-expanded", String(toggle.getAttribute("aria-expanded") !== "true"));
+  });
   for (const [input, output] of [["temperature", "temperature-value"], ["top-p", "top-p-value"]]) {
     const sync = () => { $(output).textContent = Number($(input).value).toFixed(2); };
     $(input).addEventListener("input", sync);
@@ -564,6 +620,9 @@ function init() {
   document.body.dataset.mode = mode();
   setBusy(false);
   loadModel();
+  setInterval(watchServer, WATCH_MS);
+  document.addEventListener("visibilitychange", watchServer);
+  window.addEventListener("focus", watchServer);
   $("prompt").focus();
 }
 
