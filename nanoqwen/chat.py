@@ -11,8 +11,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
+import select
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
@@ -24,6 +27,7 @@ PROMPT = "you> "
 MORE = "...> "  # the prompt for the next line of a message of several lines
 BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
 THINK_END = "</think>"
+PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
         "message that starts with /. /reset clears the history, /exit quits (or Ctrl-D).")
 # Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
@@ -35,12 +39,15 @@ def printable(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
-def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
+def read_message(read_line: Callable[[str], str], pasted: Callable[[], bool] = lambda: False) -> tuple[str, str]:
     """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
 
     A line that starts with BLOCK, with no other BLOCK in it, goes on over the next lines up to one that ends
     with BLOCK; the text between is the message, its newlines kept (a line like BLOCK + text + BLOCK is sent
     as typed, as code would have it). A line that starts with // is a message starting with /.
+    Lines that come while `pasted()` says more input is already waiting are one message too, as typed, its
+    first line a message even if it starts with /: a terminal with no bracketed paste (TERM=dumb, libedit)
+    hands pasted text over a line at a time.
     EOFError and KeyboardInterrupt from `read_line` pass through (a block cut short is dropped with them).
     """
     line = read_line(PROMPT)
@@ -50,13 +57,41 @@ def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
         while not lines[-1].rstrip().endswith(BLOCK):
             lines.append(read_line(MORE))
         lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
-        text = "\n".join(lines).strip("\n")  # the empty lines of a BLOCK that stands on its own line
-        return ("message", text) if text.strip() else ("empty", "")
+        return several_lines(lines)
+    lines = [line]
+    while pasted():
+        lines.append(read_line(MORE))
+    if len(lines) > 1:
+        return several_lines(lines)
     if stripped.startswith("//"):
         return "message", line.lstrip()[1:]
     if stripped.startswith("/"):
         return "command", stripped
     return ("message", line) if stripped else ("empty", "")
+
+
+def several_lines(lines: list[str]) -> tuple[str, str]:
+    """A message of several lines, less the empty lines around it (a BLOCK on its own line leaves one)."""
+    text = "\n".join(lines).strip("\n")
+    return ("message", text) if text.strip() else ("empty", "")
+
+
+class Terminal:
+    """What the user has typed or pasted that the chat has not read yet. Only a terminal is asked: piped input
+    is one message a line, read to its end."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.fd = stdin.fileno() if os.name == "posix" and stdin.isatty() else None
+
+    def waiting(self, timeout: float = 0.0) -> bool:
+        return self.fd is not None and bool(select.select([self.fd], [], [], timeout)[0])
+
+    def pasted(self) -> bool:
+        """More input already waiting, or about to be (a long paste comes in chunks).
+
+        GNU readline reads a byte at a time, so what follows the line input() returned is still the terminal's.
+        """
+        return self.waiting(PASTE_GAP_S)
 
 
 class Conversation:
@@ -194,10 +229,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"nanoqwen chat: {display_name(args.model)} · {model.num_params() / 1e6:.1f}M parameters · "
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
+    terminal = Terminal(sys.stdin)
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
-            kind, line = read_message(input)
+            kind, line = read_message(input, terminal.pasted)
         except EOFError:
             print()
             return 0

@@ -38,10 +38,12 @@ def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0
     return generate(model, tokenizer, [prompt], params)[0].text
 
 
-def spawn_chat(checkpoint: Path, *extra: str) -> pexpect.spawn:
+def spawn_chat(checkpoint: Path, *extra: str, **env: str) -> pexpect.spawn:
+    """The chat in a pseudo-terminal (TERM=dumb unless `env` says otherwise), at its first prompt."""
     child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", str(checkpoint), "--temperature", "0",
                                            "--max-new-tokens", str(MAX_NEW), "--device", "cpu", *extra],
-                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=90, dimensions=(50, 400))
+                          env={**os.environ, "TERM": "dumb", **env}, encoding="utf-8", timeout=90,
+                          dimensions=(50, 400))
     child.expect_exact(PROMPT)
     return child
 
@@ -98,16 +100,43 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
     assert child.exitstatus == 0
 
 
+@pytest.mark.parametrize("term", ["dumb", "xterm", "no readline"])
+def test_a_pasted_text_of_several_lines_is_one_message(checkpoint: Path, local, tmp_path: Path, term: str) -> None:
+    # Python's readline turns bracketed paste off, so a paste reaches the chat a line at a time, whatever the
+    # terminal: each line was answered on its own. Lines that come together are one message.
+    env = {"TERM": term}
+    if term == "no readline":  # a Python without it: input() reads the terminal in its line mode
+        (tmp_path / "readline.py").write_text("raise ImportError\n")
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    child = spawn_chat(checkpoint, **env)
+    try:
+        child.send("Roses are red,\nviolets are blue.\n")
+        child.expect_exact(PROMPT)
+        poem = [{"role": "user", "content": "Roses are red,\nviolets are blue."}]
+        first = reply_of(local, poem)
+        out = child.before.replace("\r\n", "\n")
+        # Echoed (by readline, or by the terminal itself as the lines come), then one reply.
+        assert out.startswith("Roses are red,\n") and "violets are blue.\n" in out, out
+        assert out.endswith(printable(first) + "\n") and out.count(printable(first)) == 1, out
+        # A line typed after it is sent at Enter, a message of its own in the same history.
+        history = [*poem, {"role": "assistant", "content": first}, {"role": "user", "content": "Hm."}]
+        assert say(child, "Hm.") == printable(reply_of(local, history)) + "\n"
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_read_message_blocks_commands_and_blanks() -> None:
-    def read(*lines: str) -> tuple[str, str]:
-        typed = iter(lines)
+    def read(*lines: str, pasted: bool = False) -> tuple[str, str]:
+        typed = list(lines)
 
         def read_line(prompt: str) -> str:  # as input() does: EOFError when nothing more is typed
-            line = next(typed, None)
-            if line is None:
+            if not typed:
                 raise EOFError
-            return line
-        return read_message(read_line)
+            return typed.pop(0)
+        return read_message(read_line, lambda: pasted and bool(typed))
 
     assert read('"""', "a", "  b", '"""') == ("message", "a\n  b")  # inner indentation kept
     assert read(' """first', 'last"""  ') == ("message", "first\nlast")
@@ -120,6 +149,10 @@ def test_read_message_blocks_commands_and_blanks() -> None:
     assert read(" hi ") == ("message", " hi ")  # a message is sent as typed
     with pytest.raises(EOFError):  # Ctrl-D inside a block ends the chat, as at the prompt
         read('"""', "unfinished")
+    # Lines that arrive together (a paste) are one message as pasted, less the empty lines around it.
+    assert read("", "/etc/hosts", "  //x", "", pasted=True) == ("message", "/etc/hosts\n  //x")
+    assert read("", " ", pasted=True) == ("empty", "")
+    assert read('"""', "a", '"""', "next", pasted=True) == ("message", "a")  # a block ends where it says
 
 
 def test_raw_continuation(checkpoint: Path, local) -> None:
