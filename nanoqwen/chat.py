@@ -13,6 +13,7 @@ import contextlib
 import dataclasses
 import os
 import select
+import struct
 import sys
 from collections.abc import Callable
 from typing import TextIO
@@ -29,7 +30,7 @@ BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
 THINK_END = "</think>"
 PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
-        "message that starts with /. /reset clears the history, /exit quits (or Ctrl-D).")
+        "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
 # Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
 # their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
 _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
@@ -92,6 +93,27 @@ class Terminal:
         GNU readline reads a byte at a time, so what follows the line input() returned is still the terminal's.
         """
         return self.waiting(PASTE_GAP_S)
+
+    def end_of_input(self) -> bool:
+        """Whether Ctrl-D was pressed on an empty line while no prompt was up (during a reply).
+
+        The terminal, in its line mode then, holds an end of input: readable, with no bytes to read. Reading
+        takes it, or it would reach the next prompt as a stray key (readline's raw mode reads a NUL) and be lost.
+        """
+        if not self.waiting():
+            return False
+        import fcntl  # POSIX only, as self.fd is
+        import termios
+
+        if struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, bytes(4)))[0]:
+            return False  # a line typed ahead: the next prompt's
+        return os.read(self.fd, 1) == b""
+
+    def input(self, prompt: str) -> str:
+        """input(), or EOFError at once for a Ctrl-D pressed since the last prompt (as a reply ended)."""
+        if self.end_of_input():
+            raise EOFError
+        return input(prompt)
 
 
 class Conversation:
@@ -156,9 +178,13 @@ class Conversation:
         return self.tokenizer.encode(self.tokenizer.render_chat(system + messages, **self.template_kwargs))
 
 
-def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> str:
-    """Stream one reply to stdout; Ctrl-C ends it early. Returns the text."""
-    text = ""
+def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+          quitting: Callable[[], bool] = lambda: False) -> str:
+    """Stream one reply to stdout and return its text; Ctrl-C stops it there (the text so far is returned, for
+    the history). `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so
+    that the chat ends as Ctrl-D at the prompt ends it.
+    """
+    text, stopped, ended = "", False, False
     try:
         for _, delta, done in stream_batch(model, tokenizer, [ids], params):
             if delta:
@@ -169,10 +195,15 @@ def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingPa
             if (done is not None and done.finish_reason == "length" and len(done.token_ids) < params.max_new_tokens
                     and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings):
                 sys.stdout.write(" [context full]")
+            if done is None and quitting():
+                stopped = ended = True
+                break
     except KeyboardInterrupt:
-        sys.stdout.write(" [stopped]")
-    sys.stdout.write("\n")
+        stopped = True
+    sys.stdout.write(" [stopped]\n" if stopped else "\n")
     sys.stdout.flush()
+    if ended:
+        raise EOFError
     return text
 
 
@@ -233,7 +264,7 @@ def run(args: argparse.Namespace) -> int:
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
-            kind, line = read_message(input, terminal.pasted)
+            kind, line = read_message(terminal.input, terminal.pasted)
         except EOFError:
             print()
             return 0
@@ -265,5 +296,8 @@ def run(args: argparse.Namespace) -> int:
             oldest = f"{conversation.dropped} {unit}s" if conversation.dropped > 1 else unit
             print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
-        conversation.add_reply(reply(model, tokenizer, ids, seeded))
+        try:
+            conversation.add_reply(reply(model, tokenizer, ids, seeded, terminal.end_of_input))
+        except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends
+            return 0
         turn += 1

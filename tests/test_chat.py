@@ -29,11 +29,12 @@ def local(checkpoint: Path):
     return load_reference(checkpoint)
 
 
-def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0.0, seed: int | None = None) -> str:
+def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0.0, seed: int | None = None,
+             max_new_tokens: int = MAX_NEW) -> str:
     """The reference reply (greedy unless told): `generate` on the rendered ChatML prompt (or on raw text)."""
     model, tokenizer = local
     prompt = messages if isinstance(messages, str) else tokenizer.render_chat(messages)
-    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=seed,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             stop_token_ids=tokenizer.stop_ids)
     return generate(model, tokenizer, [prompt], params)[0].text
 
@@ -153,6 +154,47 @@ def test_read_message_blocks_commands_and_blanks() -> None:
     assert read("", "/etc/hosts", "  //x", "", pasted=True) == ("message", "/etc/hosts\n  //x")
     assert read("", " ", pasted=True) == ("empty", "")
     assert read('"""', "a", '"""', "next", pasted=True) == ("message", "a")  # a block ends where it says
+
+
+def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a_reply(checkpoint: Path,
+                                                                                       local) -> None:
+    # Replies of up to 200 tokens take the tiny model seconds: each key lands while one streams. Ctrl-D in a
+    # reply was read by the next prompt as a stray key (the chat went on); now it stops the reply and ends.
+    child = spawn_chat(checkpoint, "--max-new-tokens", "200")
+    try:
+        hello = [{"role": "user", "content": "Hello!"}]
+        longer = reply_of(local, hello, max_new_tokens=32)
+        child.sendline("Hello!")
+        child.expect_exact("Hello!\r\n" + printable(longer)[:3])
+        child.sendintr()  # Ctrl-C in a reply stops it there, and the chat goes on
+        child.expect_exact(" [stopped]\r\n" + PROMPT)
+        # The terminal echoes ^C where the key landed; the reply may have gone on a token or two after it.
+        shown = (printable(longer)[:3] + child.before).replace("^C", "", 1).replace("\r\n", "\n")
+        assert printable(longer).startswith(shown) and len(shown) < len(longer)
+        partial = longer[:len(shown)]  # printable keeps each character's place
+        # At the prompt, Ctrl-C drops what was typed: the line, or a block.
+        child.send("typed, then dropped")
+        child.expect_exact("dropped")
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        for line in ('"""', "a block"):
+            child.sendline(line)
+            child.expect_exact(MORE)
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        # The reply cut short stays in the history, as far as it went.
+        history = [*hello, {"role": "assistant", "content": partial}, {"role": "user", "content": "More."}]
+        expected = printable(reply_of(local, history, max_new_tokens=12))
+        assert not expected.startswith(printable(reply_of(local, [*hello, history[-1]], max_new_tokens=4)))
+        child.sendline("More.")
+        child.expect_exact(("More.\n" + expected).replace("\n", "\r\n"))  # 12 of up to 200 tokens
+        child.sendeof()  # Ctrl-D in a reply stops it and ends the chat, the terminal as it was
+        child.expect(pexpect.EOF)
+        assert child.before.endswith(" [stopped]\r\n") and "Traceback" not in child.before, child.before
+        assert child.getecho()
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_raw_continuation(checkpoint: Path, local) -> None:
