@@ -47,8 +47,8 @@ def read_message(read_line: Callable[[str], str], pasted: Callable[[], bool] = l
     with BLOCK; the text between is the message, its newlines kept (a line like BLOCK + text + BLOCK is sent
     as typed, as code would have it). A line that starts with // is a message starting with /.
     Lines that come while `pasted()` says more input is already waiting are one message too, as typed, its
-    first line a message even if it starts with /: a terminal with no bracketed paste (TERM=dumb, libedit)
-    hands pasted text over a line at a time.
+    first line a message even if it starts with /: Python's readline turns bracketed paste off (and libedit or
+    TERM=dumb have none), so a paste comes in a line at a time.
     EOFError and KeyboardInterrupt from `read_line` pass through (a block cut short is dropped with them).
     """
     line = read_line(PROMPT)
@@ -97,8 +97,9 @@ class Terminal:
     def end_of_input(self) -> bool:
         """Whether Ctrl-D was pressed on an empty line while no prompt was up (during a reply).
 
-        The terminal, in its line mode then, holds an end of input: readable, with no bytes to read. Reading
-        takes it, or it would reach the next prompt as a stray key (readline's raw mode reads a NUL) and be lost.
+        The terminal, in its line mode then, holds an end of input: readable, with no bytes to read (as Linux
+        counts them). Reading takes it; left there, the next prompt read it as a stray key (readline's raw mode
+        sees a NUL) and the chat went on.
         """
         if not self.waiting():
             return False
