@@ -11,8 +11,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
+import select
+import struct
 import sys
 from collections.abc import Callable
+from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
@@ -24,8 +28,9 @@ PROMPT = "you> "
 MORE = "...> "  # the prompt for the next line of a message of several lines
 BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
 THINK_END = "</think>"
+PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
-        "message that starts with /. /reset clears the history, /exit quits (or Ctrl-D).")
+        "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
 # Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
 # their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
 _VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
@@ -35,12 +40,15 @@ def printable(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
-def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
+def read_message(read_line: Callable[[str], str], pasted: Callable[[], bool] = lambda: False) -> tuple[str, str]:
     """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
 
     A line that starts with BLOCK, with no other BLOCK in it, goes on over the next lines up to one that ends
     with BLOCK; the text between is the message, its newlines kept (a line like BLOCK + text + BLOCK is sent
     as typed, as code would have it). A line that starts with // is a message starting with /.
+    Lines that come while `pasted()` says more input is already waiting are one message too, as typed, its
+    first line a message even if it starts with /: Python's readline turns bracketed paste off (and libedit or
+    TERM=dumb have none), so a paste comes in a line at a time.
     EOFError and KeyboardInterrupt from `read_line` pass through (a block cut short is dropped with them).
     """
     line = read_line(PROMPT)
@@ -50,13 +58,63 @@ def read_message(read_line: Callable[[str], str]) -> tuple[str, str]:
         while not lines[-1].rstrip().endswith(BLOCK):
             lines.append(read_line(MORE))
         lines[-1] = lines[-1].rstrip()[:-len(BLOCK)]
-        text = "\n".join(lines).strip("\n")  # the empty lines of a BLOCK that stands on its own line
-        return ("message", text) if text.strip() else ("empty", "")
+        return several_lines(lines)
+    lines = [line]
+    while pasted():
+        lines.append(read_line(MORE))
+    if len(lines) > 1:
+        return several_lines(lines)
     if stripped.startswith("//"):
         return "message", line.lstrip()[1:]
     if stripped.startswith("/"):
         return "command", stripped
     return ("message", line) if stripped else ("empty", "")
+
+
+def several_lines(lines: list[str]) -> tuple[str, str]:
+    """A message of several lines, less the empty lines around it (a BLOCK on its own line leaves one)."""
+    text = "\n".join(lines).strip("\n")
+    return ("message", text) if text.strip() else ("empty", "")
+
+
+class Terminal:
+    """What the user has typed or pasted that the chat has not read yet. Only a terminal is asked: piped input
+    is one message a line, read to its end."""
+
+    def __init__(self, stdin: TextIO) -> None:
+        self.fd = stdin.fileno() if os.name == "posix" and stdin.isatty() else None
+
+    def waiting(self, timeout: float = 0.0) -> bool:
+        return self.fd is not None and bool(select.select([self.fd], [], [], timeout)[0])
+
+    def pasted(self) -> bool:
+        """More input already waiting, or about to be (a long paste comes in chunks).
+
+        GNU readline reads a byte at a time, so what follows the line input() returned is still the terminal's.
+        """
+        return self.waiting(PASTE_GAP_S)
+
+    def end_of_input(self) -> bool:
+        """Whether Ctrl-D was pressed on an empty line while no prompt was up (during a reply).
+
+        The terminal, in its line mode then, holds an end of input: readable, with no bytes to read (as Linux
+        counts them). Reading takes it; left there, the next prompt read it as a stray key (readline's raw mode
+        sees a NUL) and the chat went on.
+        """
+        if not self.waiting():
+            return False
+        import fcntl  # POSIX only, as self.fd is
+        import termios
+
+        if struct.unpack("i", fcntl.ioctl(self.fd, termios.FIONREAD, bytes(4)))[0]:
+            return False  # a line typed ahead: the next prompt's
+        return os.read(self.fd, 1) == b""
+
+    def input(self, prompt: str) -> str:
+        """input(), or EOFError at once for a Ctrl-D pressed since the last prompt (as a reply ended)."""
+        if self.end_of_input():
+            raise EOFError
+        return input(prompt)
 
 
 class Conversation:
@@ -121,9 +179,13 @@ class Conversation:
         return self.tokenizer.encode(self.tokenizer.render_chat(system + messages, **self.template_kwargs))
 
 
-def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams) -> str:
-    """Stream one reply to stdout; Ctrl-C ends it early. Returns the text."""
-    text = ""
+def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
+          quitting: Callable[[], bool] = lambda: False) -> str:
+    """Stream one reply to stdout and return its text; Ctrl-C stops it there (the text so far is returned, for
+    the history). `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so
+    that the chat ends as Ctrl-D at the prompt ends it.
+    """
+    text, stopped, ended = "", False, False
     try:
         for _, delta, done in stream_batch(model, tokenizer, [ids], params):
             if delta:
@@ -134,10 +196,15 @@ def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingPa
             if (done is not None and done.finish_reason == "length" and len(done.token_ids) < params.max_new_tokens
                     and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings):
                 sys.stdout.write(" [context full]")
+            if done is None and quitting():
+                stopped = ended = True
+                break
     except KeyboardInterrupt:
-        sys.stdout.write(" [stopped]")
-    sys.stdout.write("\n")
+        stopped = True
+    sys.stdout.write(" [stopped]\n" if stopped else "\n")
     sys.stdout.flush()
+    if ended:
+        raise EOFError
     return text
 
 
@@ -194,10 +261,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"nanoqwen chat: {display_name(args.model)} · {model.num_params() / 1e6:.1f}M parameters · "
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
+    terminal = Terminal(sys.stdin)
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
-            kind, line = read_message(input)
+            kind, line = read_message(terminal.input, terminal.pasted)
         except EOFError:
             print()
             return 0
@@ -229,5 +297,8 @@ def run(args: argparse.Namespace) -> int:
             oldest = f"{conversation.dropped} {unit}s" if conversation.dropped > 1 else unit
             print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
-        conversation.add_reply(reply(model, tokenizer, ids, seeded))
+        try:
+            conversation.add_reply(reply(model, tokenizer, ids, seeded, terminal.end_of_input))
+        except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends
+            return 0
         turn += 1

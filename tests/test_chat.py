@@ -29,19 +29,22 @@ def local(checkpoint: Path):
     return load_reference(checkpoint)
 
 
-def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0.0, seed: int | None = None) -> str:
+def reply_of(local, messages: list[dict[str, str]] | str, temperature: float = 0.0, seed: int | None = None,
+             max_new_tokens: int = MAX_NEW) -> str:
     """The reference reply (greedy unless told): `generate` on the rendered ChatML prompt (or on raw text)."""
     model, tokenizer = local
     prompt = messages if isinstance(messages, str) else tokenizer.render_chat(messages)
-    params = SamplingParams(max_new_tokens=MAX_NEW, temperature=temperature, seed=seed,
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, seed=seed,
                             stop_token_ids=tokenizer.stop_ids)
     return generate(model, tokenizer, [prompt], params)[0].text
 
 
-def spawn_chat(checkpoint: Path, *extra: str) -> pexpect.spawn:
+def spawn_chat(checkpoint: Path, *extra: str, **env: str) -> pexpect.spawn:
+    """The chat in a pseudo-terminal (TERM=dumb unless `env` says otherwise), at its first prompt."""
     child = pexpect.spawn(sys.executable, ["-m", "nanoqwen", "chat", "--model", str(checkpoint), "--temperature", "0",
                                            "--max-new-tokens", str(MAX_NEW), "--device", "cpu", *extra],
-                          env={**os.environ, "TERM": "dumb"}, encoding="utf-8", timeout=90, dimensions=(50, 400))
+                          env={**os.environ, "TERM": "dumb", **env}, encoding="utf-8", timeout=90,
+                          dimensions=(50, 400))
     child.expect_exact(PROMPT)
     return child
 
@@ -98,16 +101,43 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
     assert child.exitstatus == 0
 
 
+@pytest.mark.parametrize("term", ["dumb", "xterm", "no readline"])
+def test_a_pasted_text_of_several_lines_is_one_message(checkpoint: Path, local, tmp_path: Path, term: str) -> None:
+    # Python's readline turns bracketed paste off, so a paste reaches the chat a line at a time, whatever the
+    # terminal: each line was answered on its own. Lines that come together are one message.
+    env = {"TERM": term}
+    if term == "no readline":  # a Python without it: input() reads the terminal in its line mode
+        (tmp_path / "readline.py").write_text("raise ImportError\n")
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    child = spawn_chat(checkpoint, **env)
+    try:
+        child.send("Roses are red,\nviolets are blue.\n")
+        child.expect_exact(PROMPT)
+        poem = [{"role": "user", "content": "Roses are red,\nviolets are blue."}]
+        first = reply_of(local, poem)
+        out = child.before.replace("\r\n", "\n")
+        # Echoed (by readline, or by the terminal itself as the lines come), then one reply.
+        assert out.startswith("Roses are red,\n") and "violets are blue.\n" in out, out
+        assert out.endswith(printable(first) + "\n") and out.count(printable(first)) == 1, out
+        # A line typed after it is sent at Enter, a message of its own in the same history.
+        history = [*poem, {"role": "assistant", "content": first}, {"role": "user", "content": "Hm."}]
+        assert say(child, "Hm.") == printable(reply_of(local, history)) + "\n"
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    assert child.exitstatus == 0
+
+
 def test_read_message_blocks_commands_and_blanks() -> None:
-    def read(*lines: str) -> tuple[str, str]:
-        typed = iter(lines)
+    def read(*lines: str, pasted: bool = False) -> tuple[str, str]:
+        typed = list(lines)
 
         def read_line(prompt: str) -> str:  # as input() does: EOFError when nothing more is typed
-            line = next(typed, None)
-            if line is None:
+            if not typed:
                 raise EOFError
-            return line
-        return read_message(read_line)
+            return typed.pop(0)
+        return read_message(read_line, lambda: pasted and bool(typed))
 
     assert read('"""', "a", "  b", '"""') == ("message", "a\n  b")  # inner indentation kept
     assert read(' """first', 'last"""  ') == ("message", "first\nlast")
@@ -120,6 +150,51 @@ def test_read_message_blocks_commands_and_blanks() -> None:
     assert read(" hi ") == ("message", " hi ")  # a message is sent as typed
     with pytest.raises(EOFError):  # Ctrl-D inside a block ends the chat, as at the prompt
         read('"""', "unfinished")
+    # Lines that arrive together (a paste) are one message as pasted, less the empty lines around it.
+    assert read("", "/etc/hosts", "  //x", "", pasted=True) == ("message", "/etc/hosts\n  //x")
+    assert read("", " ", pasted=True) == ("empty", "")
+    assert read('"""', "a", '"""', "next", pasted=True) == ("message", "a")  # a block ends where it says
+
+
+def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a_reply(checkpoint: Path,
+                                                                                       local) -> None:
+    # Replies of up to 200 tokens take the tiny model seconds: each key lands while one streams. Ctrl-D in a
+    # reply was read by the next prompt as a stray key (the chat went on); now it stops the reply and ends.
+    child = spawn_chat(checkpoint, "--max-new-tokens", "200")
+    try:
+        hello = [{"role": "user", "content": "Hello!"}]
+        longer = reply_of(local, hello, max_new_tokens=32)
+        child.sendline("Hello!")
+        child.expect_exact("Hello!\r\n" + printable(longer)[:3])
+        child.sendintr()  # Ctrl-C in a reply stops it there, and the chat goes on
+        child.expect_exact(" [stopped]\r\n" + PROMPT)
+        # The terminal echoes ^C where the key landed; the reply may have gone on a token or two after it.
+        shown = (printable(longer)[:3] + child.before).replace("^C", "", 1).replace("\r\n", "\n")
+        assert printable(longer).startswith(shown) and len(shown) < len(longer)
+        partial = longer[:len(shown)]  # printable keeps each character's place
+        # At the prompt, Ctrl-C drops what was typed: the line, or a block.
+        child.send("typed, then dropped")
+        child.expect_exact("dropped")
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        for line in ('"""', "a block"):
+            child.sendline(line)
+            child.expect_exact(MORE)
+        child.sendintr()
+        child.expect_exact(PROMPT)
+        # The reply cut short stays in the history, as far as it went.
+        history = [*hello, {"role": "assistant", "content": partial}, {"role": "user", "content": "More."}]
+        expected = printable(reply_of(local, history, max_new_tokens=12))
+        assert not expected.startswith(printable(reply_of(local, [*hello, history[-1]], max_new_tokens=4)))
+        child.sendline("More.")
+        child.expect_exact(("More.\n" + expected).replace("\n", "\r\n"))  # 12 of up to 200 tokens
+        child.sendeof()  # Ctrl-D in a reply stops it and ends the chat, the terminal as it was
+        child.expect(pexpect.EOF)
+        assert child.before.endswith(" [stopped]\r\n") and "Traceback" not in child.before, child.before
+        assert child.getecho()
+    finally:
+        child.close()
+    assert child.exitstatus == 0
 
 
 def test_raw_continuation(checkpoint: Path, local) -> None:
