@@ -7,7 +7,8 @@
 
 Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
 `nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
-same preset at its own 8192-token vocabulary (7M; prompts are token ids, so no tokenizer is needed).
+same preset at its own 8192-token vocabulary (7M; with the BPE of that size `nanoqwen tokenizer train` makes
+on Shakespeare, which a `tiny` run trains too).
 
 Single stream: the same checkpoint, prompt and greedy length in both libraries, each loaded as its users
 load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`).
@@ -39,11 +40,11 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing; tests/ holds the server fixture
 
-from nanoqwen.checkpoint import save_checkpoint  # noqa: E402
+from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint  # noqa: E402
 from nanoqwen.config import load_preset  # noqa: E402
 from nanoqwen.generate import SamplingParams, generate_ids, load_for_inference  # noqa: E402
 from nanoqwen.model import Qwen3  # noqa: E402
-from nanoqwen.tokenizer import qwen3_tokenizer  # noqa: E402
+from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer  # noqa: E402
 
 PROMPT = ("The history of the written word begins with marks pressed into clay, and over centuries those "
           "marks became alphabets that")
@@ -230,13 +231,21 @@ def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int
 
 
 def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny") -> Path:
-    """A preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or `tiny` at its own size."""
+    """A preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or `tiny` at its own size with the
+    8,192-id BPE its runs train (a checkpoint's tokenizer must fit its embedding: nanoqwen refuses one that
+    does not, as a model with the Qwen3 tokenizer and 8,192 rows was)."""
+    nanoqwen = [sys.executable, "-m", "nanoqwen"]
     if vocab == "qwen3":
-        subprocess.run([sys.executable, "-m", "nanoqwen", "init", "--preset", preset, "--out", str(directory)],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([*nanoqwen, "init", "--preset", preset, "--out", str(directory)], check=True,
+                       stdout=subprocess.DEVNULL)
         return directory
+    bpe = directory.with_name(f"{directory.name}-tokenizer")
+    subprocess.run([*nanoqwen, "tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", vocab, "--out",
+                    str(bpe)], check=True, stdout=subprocess.DEVNULL)
+    tokenizer = load_tokenizer(bpe)
     torch.manual_seed(0)
-    return save_checkpoint(Qwen3(load_preset("tiny").model), directory, qwen3_tokenizer())
+    return save_checkpoint(Qwen3(config_for_tokenizer(load_preset(preset).model, tokenizer, fit_vocab=True)),
+                           directory, tokenizer)
 
 
 def main() -> None:
