@@ -1,0 +1,43 @@
+"""The benchmark scripts still run (at toy sizes, on the CPU): a GPU is lent rarely and briefly, and a bench
+that broke since its last run would waste it. Nothing here is timed: speed lives in bench/README.md."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench_module(name: str):  # noqa: ANN201 (a module loaded from a path)
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_training_bench_gives_both_contenders_the_same_weights_and_data() -> None:
+    bench = bench_module("train")
+    results = {contender: bench.run_worker(contender, "cpu", 2, 32, 2, 1, "cpu", False, {"num_hidden_layers": 1})
+               for contender in ("nanoqwen", "transformers")}
+    ours, theirs = results["nanoqwen"], results["transformers"]
+    assert ours["params"] == theirs["params"] and len(ours["losses"]) == len(theirs["losses"]) == 3
+    assert abs(ours["losses"][0] - theirs["losses"][0]) < 1e-4  # same weights, same first batch
+    assert all(r["tokens_per_s"] > 0 and r["peak_bytes"] > 0 for r in results.values())
+
+
+def test_the_generation_bench_prints_its_table() -> None:
+    done = subprocess.run([sys.executable, str(ROOT / "bench" / "generate.py"), "--new-tokens", "4", "--repeats", "1",
+                           "--runs", "1", "--no-server"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| tiny-")]
+    assert [re.sub(r" \(.*?\)", "", row.split(" | ")[0]) + " | " + row.split(" | ")[1] for row in rows] == [
+        "| tiny-qwen3-vocab | single-stream decode (tok/s)", "| tiny-qwen3-vocab | time to first token (ms)",
+        "| tiny-8k-vocab | single-stream decode (tok/s)", "| tiny-8k-vocab | time to first token (ms)"]
+    assert "vocab 8192" in rows[2] and "vocab 151936" in rows[0]
+    for row in rows:  # nanoqwen's figure, Transformers', and their ratio, all measured
+        ours, theirs, ratio = (float(cell.strip("x ").split()[0]) for cell in row.strip("| ").split(" | ")[2:5])
+        assert ours > 0 and theirs > 0 and ratio > 0
