@@ -433,6 +433,32 @@ def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> Non
     assert page.locator(".message .error").count() == 0
 
 
+def test_another_model_served_brings_its_own_settings(page) -> None:
+    # Settings are kept per model, but only the first model's were loaded: after a restart with another model the
+    # page went on showing the first one's. The header noticing the change loads the new model's, and back.
+    page.evaluate("localStorage.setItem('nanoqwen-settings:other', JSON.stringify({'max-tokens': '7', system: 'Hi'}))")
+    page.fill("#temperature", "0.3")
+    page.fill("#prompt", "half typed")
+    other = {"id": "other", "object": "model", "owned_by": "nanoqwen", "context_length": 512,
+             "sampling_defaults": {"temperature": 0.5, "top_p": 0.9, "top_k": 5, "repetition_penalty": 1.1}}
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [other]}))
+    page.evaluate("window.dispatchEvent(new Event('focus'))")  # the header reads the server again
+    expect(page.locator("#model-name")).to_have_text("other")
+    names = ("max-tokens", "system", "temperature", "top-k", "repetition-penalty")
+    fields = [page.locator(f"#{name}") for name in names]
+    for field, value in zip(fields, ["7", "Hi", "0.5", "5", "1.1"]):  # its saved settings, else its defaults
+        expect(field).to_have_value(value)
+    expect(page.locator("#temperature-value")).to_have_text("0.50")
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    for field, value in zip(fields, ["200", "", "0.3", "20", "1.0"]):
+        expect(field).to_have_value(value)
+    expect(page.locator("#prompt")).to_have_value("half typed")  # what the user is typing is theirs
+    assert page.evaluate("JSON.parse(localStorage.getItem('nanoqwen-settings:other'))") == {
+        "max-tokens": "7", "system": "Hi"}  # nothing of tiny-web's saved under the other model
+
+
 def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
     # A completion whose prompt leaves 10 tokens of the context ends after 10 of the 100 asked for: "finish:
     # length" alone read as if max tokens had been reached.

@@ -15,8 +15,7 @@ const state = {
   context: null, // its context length, in tokens
   history: [], // chat messages so far: {role, content, box}, box the message on the page
   controller: null, // AbortController of the request in flight
-  defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
-  samplingDefaults: null, // those defaults, for Reset settings
+  samplingDefaults: null, // the model's recommended sampling (the controls start there), for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
 };
 
@@ -50,6 +49,7 @@ async function loadModel(signal) {
     }
     const card = (await res.json()).data[0];
     const newContext = (card.context_length || null) !== state.context;
+    const previous = state.model;
     state.model = card.id;
     state.context = card.context_length || null;
     dot.className = "status-dot ok";
@@ -66,9 +66,11 @@ async function loadModel(signal) {
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
     $("thinking-field").hidden = !card.thinking_switch;
-    if (!state.defaultsShown) { // once: what this model's settings were left at, else its recommended sampling
-      state.defaultsShown = true;
+    // The settings this model's were left at, else its recommended sampling: once the model is known, and again
+    // when the server serves another (restarted), whose settings are its own.
+    if (card.id !== previous) {
       state.samplingDefaults = card.sampling_defaults || null;
+      if (previous !== null) showPageDefaults();
       restoreSettings();
       applySamplingDefaults();
     }
@@ -156,7 +158,7 @@ function restoreSettings() { // once the model is known; a field changed before 
       $(id).dataset.touched = "true";
     }
   }
-  if (saved.mode === "completion" && mode() === "chat") $("mode-completion").click();
+  if (["chat", "completion"].includes(saved.mode) && saved.mode !== mode()) $(`mode-${saved.mode}`).click();
 }
 
 function applySamplingDefaults() { // the checkpoint's recommended sampling, where the user set none
@@ -168,12 +170,16 @@ function applySamplingDefaults() { // the checkpoint's recommended sampling, whe
   }
 }
 
-function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
-  storage()?.removeItem(settingsKey());
+function showPageDefaults() { // every setting as the page starts, none changed by the user
   for (const id of SAVED_FIELDS) {
     delete $(id).dataset.touched;
     setField(id, $(id).type === "checkbox" ? $(id).defaultChecked : $(id).defaultValue);
   }
+}
+
+function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
+  storage()?.removeItem(settingsKey());
+  showPageDefaults();
   applySamplingDefaults();
   showStatus("");
 }
