@@ -160,6 +160,101 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
+def reload(page, model_name: str = "tiny-web") -> None:
+    page.reload()
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
+
+
+def transcript(page) -> list[list[str]]:
+    """Every message on the page, either mode's, as [classes, title, text] (role, content and notes)."""
+    return page.eval_on_selector_all(".message", "boxes => boxes.map((box) => [box.className, box.title, "
+                                     "box.textContent])")
+
+
+def fake_tokenize(route) -> None:
+    """/tokenize counting 600 tokens a user message: two do not fit the context and leave room for a reply."""
+    users = sum(message["role"] == "user" for message in json.loads(route.request.post_data)["messages"])
+    route.fulfill(json={"count": 600 * users, "max_model_len": CONTEXT})
+
+
+def test_the_conversation_survives_a_reload_until_cleared(browser, url: str) -> None:
+    # A reload lost the transcript. Both modes' are kept (in the tab's sessionStorage): messages, the model named on
+    # each reply, the turns dropped from the context, notes; and the model is sent the history as before.
+    page, errors = open_page(browser, url, "tiny-web")
+    page.route("**/tokenize", fake_tokenize)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")  # drops the first turn
+    page.unroute("**/tokenize")
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    page.click("label:has(#mode-chat)")
+    shown = transcript(page)
+    assert [box[0] for box in shown] == ["message user chat-only dropped", "message assistant chat-only dropped",
+                                         "message user chat-only", "message assistant chat-only",
+                                         "message completion completion-only"]
+    reload(page)
+    assert transcript(page) == shown
+    expect(page.locator(".message.assistant .role")).to_have_text(["tiny-web", "tiny-web"])
+    expect(page.locator(".message.assistant .note")).to_have_text(
+        ["the oldest turn was dropped to fit the model's context"])
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webpage-restored.png"))
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.screenshot(path=str(ARTIFACTS / "webpage-restored-390.png"))
+    reply = page.locator(".message.assistant .content").last.text_content()
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Third")
+    assert [(m["role"], m["content"]) for m in json.loads(sent.value.post_data)["messages"]] == [
+        ("user", "Second"), ("assistant", reply), ("user", "Third")]
+    # Clear empties the transcript shown, as saved too; the other mode's stays.
+    page.click("#clear")
+    reload(page)
+    expect(page.locator(".message.chat-only")).to_have_count(0)
+    expect(page.locator("#empty-hint .chat-only")).to_be_visible()
+    expect(page.locator(".message.completion .prompt-text")).to_have_text("Once upon a time")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str) -> None:
+    page, errors = open_page(browser, long_url, "tiny-long")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(STOP_CONTEXT - 20))
+    page.fill("#prompt", "Keep talking")
+    page.click("#send")
+    reply = page.locator(".message.assistant .content")
+    expect(reply).to_have_text(re.compile(r"[\s\S]{20}"))  # streaming
+    before = reply.text_content()
+    reload(page, "tiny-long")
+    wait_idle(long_url)  # the server let the request go
+    expect(page.locator(".message.user .content")).to_have_text(["Keep talking"])
+    assert reply.text_content().startswith(before)  # as far as it got, at least as far as seen before
+    expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
+    expect(page.locator("#send")).to_be_enabled()
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_conversation_too_large_to_save_never_breaks_the_page(browser, url: str) -> None:
+    # The saved conversation is capped (the oldest turns go first; the cap is made small here), and a storage that
+    # refuses it (full) keeps none, rather than an older one, while the page goes on.
+    page, errors = open_page(browser, url, "tiny-web", init_script="window.nanoqwenSavedChars = 700")
+    page.fill("#max-tokens", "3")
+    for text in ("a", "b", "c"):  # a turn saves as 250 to 300 characters
+        send_and_wait(page, text * 100)
+    reload(page)
+    expect(page.locator(".message.user .content")).to_have_text(["b" * 100, "c" * 100])
+    page.evaluate("() => { Storage.prototype.setItem = () => {"
+                  " throw new DOMException('The quota has been exceeded.', 'QuotaExceededError'); }; }")
+    send_and_wait(page, "d")
+    expect(page.locator("#stats")).to_contain_text("3 tokens")
+    reload(page)
+    expect(page.locator(".message")).to_have_count(0)
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     # Two long messages with room kept for a 300-token reply do not fit 1024 tokens together: the page asks
     # /tokenize, drops the first turn (saying so) and the reply is the one to the second message alone.
@@ -529,10 +624,11 @@ def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
 
 def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> None:
     # With site data blocked, reading localStorage throws: the page stopped at "connecting…", dead. It works,
-    # without memory: settings changed and Reset settings included.
-    page, errors = open_page(browser, url, "tiny-web", init_script=(
-        "Object.defineProperty(window, 'localStorage', {get() {"
-        " throw new DOMException('The operation is insecure.', 'SecurityError'); }})"))
+    # without memory: settings changed, Reset settings and the conversation (sessionStorage) included.
+    page, errors = open_page(browser, url, "tiny-web", init_script="".join(
+        f"Object.defineProperty(window, '{kind}', {{get() {{"
+        " throw new DOMException('The operation is insecure.', 'SecurityError'); }})\n"
+        for kind in ("localStorage", "sessionStorage")))
     page.fill("#max-tokens", "3")
     page.fill("#api-key", "any")
     page.dispatch_event("#api-key", "change")
