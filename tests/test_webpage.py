@@ -83,6 +83,11 @@ def send_and_wait(page, prompt: str) -> None:
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
 
 
+def reload(page, model_name: str = "tiny-web") -> None:
+    page.reload()
+    page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
+
+
 def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
     assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
@@ -137,8 +142,7 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     page.fill("#max-tokens", "12")
     page.fill("#system", "Be terse.")
     page.click("label:has(#mode-completion)")
-    page.reload()
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    reload(page)
     # The changed ones as left; the others at the page's and the checkpoint's defaults (top-p 0.8, top-k 20).
     fields = ("temperature", "max-tokens", "system", "top-p", "top-k")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.3", "12", "Be terse.", "0.8", "20"]
@@ -152,17 +156,11 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     page.click("#reset-settings")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
     assert page.text_content("#temperature-value") == "0.70" and page.input_value("#prompt") == "kept"
-    page.reload()
-    page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")
+    reload(page)
     assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
     assert page.is_checked("#mode-chat")
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
-
-
-def reload(page, model_name: str = "tiny-web") -> None:
-    page.reload()
-    page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
 
 
 def transcript(page) -> list[list[str]]:
