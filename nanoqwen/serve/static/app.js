@@ -9,14 +9,19 @@ const SETTINGS_STORAGE = "nanoqwen-settings"; // + ":" + the model's id: each mo
 // The settings kept across reloads (in this browser, for this server's address and model): those the user changed.
 const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition-penalty", "frequency-penalty",
   "presence-penalty", "seed", "stop-strings", "system", "thinking"];
+// The conversation, kept across reloads in sessionStorage rather than localStorage: it belongs to the tab (two
+// tabs hold two conversations, each its own) and ends with it, where the settings are the browser's.
+const CONVERSATION_STORAGE = "nanoqwen-conversation";
+// At most this many characters of it (about 1 MB as UTF-16, of the 5 MB or so a site gets): the oldest messages
+// go first. Tests set window.nanoqwenSavedChars before the page loads, to make it small.
+const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
 
 const state = {
   model: null, // id from /v1/models
   context: null, // its context length, in tokens
   history: [], // chat messages so far: {role, content, box}, box the message on the page
   controller: null, // AbortController of the request in flight
-  defaultsShown: false, // the controls start at the checkpoint's sampling defaults, set once
-  samplingDefaults: null, // those defaults, for Reset settings
+  samplingDefaults: null, // the model's recommended sampling (the controls start there), for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
 };
 
@@ -50,6 +55,7 @@ async function loadModel(signal) {
     }
     const card = (await res.json()).data[0];
     const newContext = (card.context_length || null) !== state.context;
+    const previous = state.model;
     state.model = card.id;
     state.context = card.context_length || null;
     dot.className = "status-dot ok";
@@ -66,9 +72,11 @@ async function loadModel(signal) {
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
     $("thinking-field").hidden = !card.thinking_switch;
-    if (!state.defaultsShown) { // once: what this model's settings were left at, else its recommended sampling
-      state.defaultsShown = true;
+    // The settings this model's were left at, else its recommended sampling: once the model is known, and again
+    // when the server serves another (restarted), whose settings are its own.
+    if (card.id !== previous) {
       state.samplingDefaults = card.sampling_defaults || null;
+      if (previous !== null) showPageDefaults();
       restoreSettings();
       applySamplingDefaults();
     }
@@ -101,11 +109,11 @@ async function watchServer() {
 }
 
 // -- settings ------------------------------------------------------------------------------
-// The browser's localStorage, or null where site data is blocked (reading it throws then): the page works
-// as before, without memory.
-function storage() {
+// The browser's localStorage (or sessionStorage), or null where site data is blocked (reading it throws then):
+// the page works as before, without memory.
+function storage(kind = "localStorage") {
   try {
-    return window.localStorage;
+    return window[kind];
   } catch (err) {
     return null;
   }
@@ -156,7 +164,7 @@ function restoreSettings() { // once the model is known; a field changed before 
       $(id).dataset.touched = "true";
     }
   }
-  if (saved.mode === "completion" && mode() === "chat") $("mode-completion").click();
+  if (["chat", "completion"].includes(saved.mode) && saved.mode !== mode()) $(`mode-${saved.mode}`).click();
 }
 
 function applySamplingDefaults() { // the checkpoint's recommended sampling, where the user set none
@@ -168,12 +176,16 @@ function applySamplingDefaults() { // the checkpoint's recommended sampling, whe
   }
 }
 
-function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
-  storage()?.removeItem(settingsKey());
+function showPageDefaults() { // every setting as the page starts, none changed by the user
   for (const id of SAVED_FIELDS) {
     delete $(id).dataset.touched;
     setField(id, $(id).type === "checkbox" ? $(id).defaultChecked : $(id).defaultValue);
   }
+}
+
+function resetSettings() { // every setting back to the page's and the checkpoint's defaults; transcripts stay
+  storage()?.removeItem(settingsKey());
+  showPageDefaults();
   applySamplingDefaults();
   showStatus("");
 }
@@ -289,19 +301,42 @@ async function streamCompletion(path, body, onText, signal) {
 }
 
 // -- transcript ----------------------------------------------------------------------------
-// Each mode keeps its own transcript: switching shows the other one (CSS hides the other mode's messages).
-function addMessage(kind, label) {
+// What each message on the page is made of, to save the conversation: its box -> {kind, label, text, prompt,
+// notes}, the text as it came (a reply's <think> part is shown apart).
+const records = new WeakMap();
+
+// A message: kind "user" or "assistant" (chat), or "completion" (its prompt, then the text generated). Each mode
+// keeps its own transcript: switching shows the other one (CSS hides the other mode's messages).
+function addMessage(kind, label, text = "", prompt = "") {
   $("empty-hint").hidden = true;
   const box = document.createElement("div");
-  box.className = `message ${kind} ${mode()}-only`;
+  box.className = `message ${kind} ${kind === "completion" ? "completion" : "chat"}-only`;
   const role = document.createElement("div");
   role.className = "role";
   role.textContent = label;
   const content = document.createElement("div");
   content.className = "content";
+  if (kind === "completion") {
+    const promptText = document.createElement("span");
+    promptText.className = "prompt-text";
+    promptText.textContent = prompt;
+    const generated = document.createElement("span");
+    generated.className = "generated";
+    content.append(promptText, generated);
+  }
   box.append(role, content);
   $("transcript").append(box);
+  records.set(box, { kind, label, text, prompt, notes: [] });
+  showText(box, text);
   return box;
+}
+
+// A message's text so far (a reply streams in), on the page and in what is saved.
+function showText(box, text) {
+  const record = records.get(box);
+  record.text = text;
+  if (record.kind === "completion") box.querySelector(".generated").textContent = text;
+  else showReply(box.querySelector(".content"), text, record.kind === "assistant");
 }
 
 // A thinking model's reply (official Qwen3) opens with <think>...</think>: that part is shown apart, dimmed,
@@ -360,6 +395,48 @@ function note(box, text, cls = "note") {
   el.className = cls;
   el.textContent = text;
   box.append(el);
+  records.get(box).notes.push([text, cls]);
+}
+
+function markDropped(box) { // still shown, no longer seen by the model
+  box.classList.add("dropped");
+  box.title = "dropped from the conversation to fit the model's context";
+}
+
+// Saved when a turn ends (stopped too: see beforeunload) or a transcript is cleared, not for every token. A
+// conversation over SAVED_CHARS loses its oldest messages (a message with its reply) first.
+function saveConversation() {
+  const saved = [...$("transcript").querySelectorAll(".message")].map((box) => {
+    const { kind, label, text, prompt, notes } = records.get(box);
+    return { kind, label, text, prompt, notes, dropped: box.classList.contains("dropped") };
+  });
+  let size = JSON.stringify(saved).length;
+  while (size > SAVED_CHARS && saved.length) {
+    for (const message of saved.splice(0, saved[0].kind === "user" ? 2 : 1)) {
+      size -= JSON.stringify(message).length + 1; // and its comma
+    }
+  }
+  try {
+    storage("sessionStorage")?.setItem(CONVERSATION_STORAGE, JSON.stringify(saved));
+  } catch (err) { // full: no conversation kept, rather than an older one
+    storage("sessionStorage")?.removeItem(CONVERSATION_STORAGE);
+  }
+}
+
+function restoreConversation() {
+  try {
+    const saved = JSON.parse(storage("sessionStorage")?.getItem(CONVERSATION_STORAGE) || "[]");
+    for (const { kind, label, text, prompt, dropped, notes } of saved) {
+      const box = addMessage(kind, label, text, prompt);
+      for (const [noteText, cls] of notes) note(box, noteText, cls);
+      if (dropped) markDropped(box);
+      else if (kind !== "completion") state.history.push({ role: kind, content: text, box });
+    }
+  } catch (err) { // unreadable (edited by hand): start afresh
+    for (const box of $("transcript").querySelectorAll(".message")) box.remove();
+    state.history = [];
+  }
+  showEmptyHint();
 }
 
 function setBusy(busy) {
@@ -404,10 +481,7 @@ async function fitHistory(lead, text, body) {
   if (!alone || alone.count >= alone.max_model_len) return 0;
   let dropped = 0;
   while (fit && !fits(fit) && state.history.length) {
-    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) {
-      message.box.classList.add("dropped"); // still shown, no longer seen by the model
-      message.box.title = "dropped from the conversation to fit the model's context";
-    }
+    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) markDropped(message.box);
     dropped += 1;
     fit = await countTokens([...lead, ...state.history, user], body);
   }
@@ -428,17 +502,15 @@ async function send() {
   }
   state.controller = new AbortController();
   setBusy(true);
-  let path, body, out, box;
+  let path, body, box;
   const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
-    const userBox = addMessage("user", "You");
-    userBox.querySelector(".content").textContent = text;
+    const userBox = addMessage("user", "You", text);
     box = addMessage("assistant", state.model || "model");
     turn.push(userBox, box);
-    out = box.querySelector(".content");
     path = "/v1/chat/completions";
     body = sampling;
     if (!$("thinking-field").hidden && !$("thinking").checked) {
@@ -453,15 +525,8 @@ async function send() {
     body.messages = wire([...lead, ...state.history, { role: "user", content: text }]);
     state.history.push({ role: "user", content: text, box: userBox });
   } else {
-    box = addMessage("completion", "Completion");
+    box = addMessage("completion", "Completion", "", text);
     turn.push(box);
-    const content = box.querySelector(".content");
-    const prompt = document.createElement("span");
-    prompt.className = "prompt-text";
-    prompt.textContent = text;
-    out = document.createElement("span");
-    out.className = "generated";
-    content.append(prompt, out);
     path = "/v1/completions";
     body = { ...sampling, prompt: text };
   }
@@ -481,7 +546,7 @@ async function send() {
   const draw = () => {
     frame = null;
     const follow = atBottom();
-    showReply(out, reply, chat);
+    showText(box, reply);
     if (follow) scrollDown();
   };
   const request = () => streamCompletion(path, body, (piece) => {
@@ -501,7 +566,7 @@ async function send() {
       await loadModel();
       if (!state.model || state.model === body.model) throw err;
       body.model = state.model;
-      if (chat) box.querySelector(".role").textContent = state.model;
+      if (chat) box.querySelector(".role").textContent = records.get(box).label = state.model;
       result = await request();
     }
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
@@ -558,6 +623,7 @@ async function send() {
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
+    saveConversation();
     setBusy(false);
     showStatus(status, failed);
     if (document.activeElement !== $("api-key")) $("prompt").focus();
@@ -568,9 +634,10 @@ function stop() {
   if (state.controller) state.controller.abort();
 }
 
-function clearAll() { // the transcript of the mode shown
+function clearAll() { // the transcript of the mode shown, here and as saved
   if (mode() === "chat") state.history = [];
   for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
+  saveConversation();
   showEmptyHint();
   showStatus("");
 }
@@ -619,6 +686,10 @@ function init() {
   $("clear").addEventListener("click", clearAll);
   document.body.dataset.mode = mode();
   setBusy(false);
+  restoreConversation();
+  // Leaving the page (a reload) ends a reply streaming: it is stopped here, and so saved as stopped. Not later, at
+  // pagehide: by then the browser has dropped the fetch, which read as a lost connection.
+  window.addEventListener("beforeunload", stop);
   loadModel();
   setInterval(watchServer, WATCH_MS);
   document.addEventListener("visibilitychange", watchServer);
