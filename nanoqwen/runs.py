@@ -136,12 +136,13 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
     if args.init_from:
         preset = checkpoint_preset(Path(args.init_from), args.set)
+        model = preset.model  # --set applied
     else:
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
-        apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
+        model = apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
-        check_seq_len(cfg.seq_len, preset.model, can_set=True)
+        check_seq_len(cfg.seq_len, model, can_set=True)
     if (args.tokenizer or args.text_column) and args.data:
         raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):

@@ -386,6 +386,16 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     assert said.out == "" and not (tmp_path / "data").exists()
 
 
+def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
+    # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
+    # refused by the same check, made against the preset's model before --set.
+    out = tmp_path / "long"
+    assert train_in_process(*common(data, preset, out), "--seq-len", "128", "--set", "max_position_embeddings=128",
+                            "--max-steps", "1") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["seq_len"] == 128 and config["model"]["max_position_embeddings"] == 128
+
+
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `prepare` defaults to the Qwen3 tokenizer: the cpu preset trained on such data silently grew 11x.
