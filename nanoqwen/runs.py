@@ -22,6 +22,7 @@ import torch
 
 from nanoqwen.checkpoint import STATE_PT, STATE_VERSION, check_data_tokenizer, read_generation_config
 from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
+from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
@@ -143,6 +144,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     cfg = resolve_train_config(preset.train, args)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
         check_seq_len(cfg.seq_len, model, can_set=True)
+    check_batch(cfg.batch_size, cfg.micro_batch, info.world_size)  # likewise
     if (args.tokenizer or args.text_column) and args.data:
         raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):

@@ -396,6 +396,16 @@ def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tm
     assert config["train"]["seq_len"] == 128 and config["model"]["max_position_embeddings"] == 128
 
 
+def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=2)
+    assert train_in_process("--dataset", "texts", "--batch-size", "10", "--micro-batch", "4", "--max-steps", "1") == 2
+    said = capsys.readouterr()
+    assert said.err.strip().count("\n") == 0 and "--micro-batch 4 must divide the 10 sequences" in said.err
+    assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `prepare` defaults to the Qwen3 tokenizer: the cpu preset trained on such data silently grew 11x.
