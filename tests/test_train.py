@@ -406,6 +406,20 @@ def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
     assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
+def test_a_sample_of_nothing_says_so(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The default prompt is a new line: a model that ended the document at once printed blank lines.
+    import nanoqwen.train as train_module
+
+    monkeypatch.setattr(train_module, "sample", lambda run: run.sample_prompt)
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
+    printed = capsys.readouterr().out
+    assert "\nsample:\n(nothing after it: the model ended the document at once)\n" in printed
+    assert train_in_process(*common(data, preset, tmp_path / "prompted"), "--max-steps", "1",
+                            "--sample-prompt", "the king") == 0
+    assert "\nsample:\nthe king (nothing after it: the model ended the document at once)\n" in capsys.readouterr().out
+
+
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `prepare` defaults to the Qwen3 tokenizer: the cpu preset trained on such data silently grew 11x.
