@@ -1184,7 +1184,7 @@ def test_a_new_run_never_writes_into_a_checkpoint_data_or_a_file(trained: Path, 
     (tmp_path / "exp" / "best").mkdir(parents=True)  # a folder of the user's that has a best/: not a run
     (tmp_path / "exp" / "best" / "pytorch_model.bin").write_text("precious")
     for target, expected in [(trained / "best", "model.safetensors"), (data, "meta.json"),
-                             (tmp_path / "notes.txt", "is a file"), (tmp_path / "exp", "no config.json")]:
+                             (tmp_path / "notes.txt", "is a file"), (tmp_path / "exp", "(best; no config.json)")]:
         before = sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) \
             if target.is_dir() else target.read_bytes()
         assert train_in_process(*common(data, preset, target), "--max-steps", "1") == 2
