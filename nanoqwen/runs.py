@@ -87,6 +87,9 @@ def tokenizer_slug(tokenizer: str) -> str:
     a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
     if Path(tokenizer).is_dir():
         return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    from nanoqwen.data.prepare import tokenizer_identity
+
+    tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
     return slug(tokenizer)
 
 

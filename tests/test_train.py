@@ -386,6 +386,17 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     assert said.out == "" and not (tmp_path / "data").exists()
 
 
+def test_a_bad_tokenizer_is_refused_before_preparing_is_announced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=2)
+    for tokenizer, words in [("bpe:x", "bad tokenizer 'bpe:x'; write bpe:N"), ("qwen4", "unknown tokenizer 'qwen4'")]:
+        assert train_in_process("--dataset", "texts", "--tokenizer", tokenizer, "--max-steps", "1") == 2
+        said = capsys.readouterr()
+        assert said.err.strip().count("\n") == 0 and words in said.err, said.err
+        assert said.out == "" and not (tmp_path / "data").exists()  # no "preparing texts ..." first
+
+
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
     # refused by the same check, made against the preset's model before --set.
