@@ -364,8 +364,9 @@ def run_config(run: Run) -> dict[str, Any]:
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not run_dir.is_dir():
-        raise NanoQwenError(f"cannot resume: {run_dir} does not exist; give a run folder (runs/NAME, the one a run's "
-                            "closing lines name)")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise NanoQwenError(f"cannot resume: {run_dir} {what}; give a run folder (runs/NAME, the one a run's closing "
+                            "lines name)")
     if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
         raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
                             f"--resume {quote(str(run_dir.parent))}")

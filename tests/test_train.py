@@ -397,6 +397,15 @@ def test_a_bad_tokenizer_is_refused_before_preparing_is_announced(
         assert said.out == "" and not (tmp_path / "data").exists()  # no "preparing texts ..." first
 
 
+def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    for target, words in [(tmp_path / "nope", "does not exist"), (tmp_path / "notes.txt", "is a file")]:
+        assert train_in_process("--resume", str(target)) == 2
+        assert capsys.readouterr().err.strip() == (f"nanoqwen train: error: cannot resume: {target} {words}; give a "
+                                                   "run folder (runs/NAME, the one a run's closing lines name)")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
     # refused by the same check, made against the preset's model before --set.
