@@ -249,6 +249,10 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     # --text-column still names the field to read when a record has both.
     (tmp_path / "both.jsonl").write_text(json.dumps({"messages": SHAREGPT, "body": "the body"}) + "\n")
     assert list(open_corpus(str(tmp_path / "both.jsonl"), text_column="body").documents()) == ["the body"]
+    # A --text-column given wrong: the fields there, and what to give (not "pass --text-column" to one who had).
+    with pytest.raises(NanoQwenError, match=r"line 1: no 'bdy' field \(fields: messages, body\); give --text-column "
+                                            "the name of the field that holds the text$"):
+        list(open_corpus(str(tmp_path / "both.jsonl"), text_column="bdy").documents())
 
     # One conversation, even of one long turn: val gets about --val-fraction of it, cut outside control tokens.
     for turns in ([{"role": "user", "content": "Tell me a story."},
