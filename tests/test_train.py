@@ -1267,6 +1267,10 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
                                                "run folder written by `nanoqwen train`")
     assert main(["plot", str(tmp_path)]) == 2  # a folder, but no run's
     assert f"{tmp_path / 'metrics.jsonl'} does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')  # the file, not its run folder
+    assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
+                                               f"the run folder that holds it ({tmp_path})")
 
 
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
