@@ -175,7 +175,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
-            print(f"{out} is up to date (same inputs and options); --force rebuilds it")
+            rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
+            print(f"{out} is up to date (same inputs and options){rebuild}")
         return out
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
