@@ -269,11 +269,13 @@ def preset_problem(raw: Any) -> str | None:
 def load_preset(name_or_path: str) -> Preset:
     """A preset by name (`tiny`, `qwen3-0.6b`, ...), a JSON file of the same shape, or a checkpoint's
     config.json (its architecture, no training defaults)."""
-    path = Path(name_or_path)
-    if not (path.suffix == ".json" and path.exists()):
-        path = PRESET_DIR / f"{name_or_path}.json"
+    given = Path(name_or_path)
+    path = given if given.suffix == ".json" and given.exists() else PRESET_DIR / f"{name_or_path}.json"
     if not path.exists():
-        if Path(name_or_path).suffix == ".json":
+        if given.is_file():  # not "unknown preset": the file is there, but presets are read from .json files
+            raise NanoQwenError(f"preset file {name_or_path} is not a .json file; give a JSON file shaped as "
+                                f"{PRESET_SHAPE} or one of {', '.join(preset_names())}")
+        if given.suffix == ".json":
             raise NanoQwenError(f"preset file {name_or_path} does not exist; give a JSON file shaped as "
                                 f"{PRESET_SHAPE} or one of {', '.join(preset_names())}")
         raise NanoQwenError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "

@@ -126,11 +126,14 @@ def check_replaceable(out: str | os.PathLike[str], kind: str) -> None:
         foreign = [name for name in RUN_FOREIGN if name in entries]
     if kind == "run" and "config.json" in entries and not is_run_config(out / "config.json"):
         foreign.append("a config.json that is not a run's")
-    if foreign or (entries and not entries.intersection(markers)):
-        listed = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+    unmarked = bool(entries) and not entries.intersection(markers)
+    if foreign or unmarked:
+        shown = foreign or sorted(entries)  # a folder of the user's own files: name some of them
+        listed = ", ".join(shown[:3]) + (", ..." if len(shown) > 3 else "")
+        missing = f"; no {' or '.join(markers)}" if unmarked else ""
         raise NanoQwenError(f"{out} exists and holds something other than what this command writes "
-                            f"({listed or 'no ' + ' or '.join(markers)}), which writing there would "
-                            "overwrite or delete; choose another --out or remove it")
+                            f"({listed}{missing}), which writing there would overwrite or delete; choose another "
+                            "--out or remove it")
 
 
 def refuse_inside_a_file(out: Path, give: str) -> None:

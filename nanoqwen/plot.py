@@ -11,6 +11,8 @@ from nanoqwen.errors import NanoQwenError
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
+    if Path(run_dir).is_file():  # metrics.jsonl itself, say: the folder that holds it is the run
+        raise NanoQwenError(f"{run_dir} is a file; give the run folder that holds it ({Path(run_dir).parent})")
     if not path.is_file():
         what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
         raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")

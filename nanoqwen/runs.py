@@ -22,6 +22,7 @@ import torch
 
 from nanoqwen.checkpoint import STATE_PT, STATE_VERSION, check_data_tokenizer, read_generation_config
 from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
+from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
@@ -86,6 +87,9 @@ def tokenizer_slug(tokenizer: str) -> str:
     a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
     if Path(tokenizer).is_dir():
         return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    from nanoqwen.data.prepare import tokenizer_identity
+
+    tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
     return slug(tokenizer)
 
 
@@ -136,12 +140,14 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
     if args.init_from:
         preset = checkpoint_preset(Path(args.init_from), args.set)
+        model = preset.model  # --set applied
     else:
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
-        apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
+        model = apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
     cfg = resolve_train_config(preset.train, args)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
-        check_seq_len(cfg.seq_len, preset.model, can_set=True)
+        check_seq_len(cfg.seq_len, model, can_set=True)
+    check_batch(cfg.batch_size, cfg.micro_batch, info.world_size)  # likewise
     if (args.tokenizer or args.text_column) and args.data:
         raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
@@ -358,8 +364,9 @@ def run_config(run: Run) -> dict[str, Any]:
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "config.json"
     if not run_dir.is_dir():
-        raise NanoQwenError(f"cannot resume: {run_dir} does not exist; give a run folder (runs/NAME, the one a run's "
-                            "closing lines name)")
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise NanoQwenError(f"cannot resume: {run_dir} {what}; give a run folder (runs/NAME, the one a run's closing "
+                            "lines name)")
     if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
         raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
                             f"--resume {quote(str(run_dir.parent))}")

@@ -770,8 +770,11 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation
         print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
               f"bits per byte {e['bits_per_byte']:.3f} (best {state.best_val_loss:.4f} at step {state.best_step})")
-    if summary.get("sample") is not None:  # an empty one says so: the model ended its document at once
-        print(f"\nsample:\n{summary['sample'] or '(empty: the model ended the document at once)'}\n")
+    if summary.get("sample") is not None:
+        text = summary["sample"]
+        if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so
+            text = " ".join(filter(None, [text.strip(), "(nothing after it: the model ended the document at once)"]))
+        print(f"\nsample:\n{text}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
              ("TensorBoard events", out / TENSORBOARD_FOLDER),

@@ -249,6 +249,10 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     # --text-column still names the field to read when a record has both.
     (tmp_path / "both.jsonl").write_text(json.dumps({"messages": SHAREGPT, "body": "the body"}) + "\n")
     assert list(open_corpus(str(tmp_path / "both.jsonl"), text_column="body").documents()) == ["the body"]
+    # A --text-column given wrong: the fields there, and what to give (not "pass --text-column" to one who had).
+    with pytest.raises(NanoQwenError, match=r"line 1: no 'bdy' field \(fields: messages, body\); give --text-column "
+                                            "the name of the field that holds the text$"):
+        list(open_corpus(str(tmp_path / "both.jsonl"), text_column="bdy").documents())
 
     # One conversation, even of one long turn: val gets about --val-fraction of it, cut outside control tokens.
     for turns in ([{"role": "user", "content": "Tell me a story."},
@@ -464,7 +468,8 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
     time.sleep(0.01)
     assert prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out") == out
-    assert "up to date" in capsys.readouterr().out
+    said = capsys.readouterr().out  # as `train --dataset` reuses a folder: it has no --force to point to
+    assert said.endswith(f"\n{tmp_path / 'out'} is up to date (same inputs and options)\n"), said
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
     prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", force=True, progress=False)
     assert (out / "meta.json").stat().st_mtime_ns != stamp["meta.json"]
@@ -510,7 +515,7 @@ def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Pa
                        "trained on it resume only from it); give --force to replace it, or another --out"), err
         assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert main([*prepare_args, str(tmp_path / "a.txt")]) == 0
-    assert "up to date" in capsys.readouterr().out
+    assert "is up to date (same inputs and options); --force rebuilds it" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     # A folder of the same inputs left incomplete is made again: it holds nothing a run could resume from.
     (out / "val.bin").write_bytes(b"")

@@ -750,6 +750,7 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["sample", "--model", __file__, "--prompt", "x"], "is a file, not a checkpoint folder"),
         (["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")],
          "preset file " + str(tmp_path / "mine.json") + " does not exist"),
+        (["init", "--preset", __file__, "--out", str(tmp_path / "m")], f"preset file {__file__} is not a .json file"),
     ]
     for args, expected in cases:
         assert main(args) == 2, args

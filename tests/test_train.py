@@ -386,6 +386,60 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     assert said.out == "" and not (tmp_path / "data").exists()
 
 
+def test_a_bad_tokenizer_is_refused_before_preparing_is_announced(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=2)
+    for tokenizer, words in [("bpe:x", "bad tokenizer 'bpe:x'; write bpe:N"), ("qwen4", "unknown tokenizer 'qwen4'")]:
+        assert train_in_process("--dataset", "texts", "--tokenizer", tokenizer, "--max-steps", "1") == 2
+        said = capsys.readouterr()
+        assert said.err.strip().count("\n") == 0 and words in said.err, said.err
+        assert said.out == "" and not (tmp_path / "data").exists()  # no "preparing texts ..." first
+
+
+def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "notes.txt").write_text("mine")
+    for target, words in [(tmp_path / "nope", "does not exist"), (tmp_path / "notes.txt", "is a file")]:
+        assert train_in_process("--resume", str(target)) == 2
+        assert capsys.readouterr().err.strip() == (f"nanoqwen train: error: cannot resume: {target} {words}; give a "
+                                                   "run folder (runs/NAME, the one a run's closing lines name)")
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
+    # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
+    # refused by the same check, made against the preset's model before --set.
+    out = tmp_path / "long"
+    assert train_in_process(*common(data, preset, out), "--seq-len", "128", "--set", "max_position_embeddings=128",
+                            "--max-steps", "1") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["train"]["seq_len"] == 128 and config["model"]["max_position_embeddings"] == 128
+
+
+def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_corpus(tmp_path / "texts", documents=2)
+    assert train_in_process("--dataset", "texts", "--batch-size", "10", "--micro-batch", "4", "--max-steps", "1") == 2
+    said = capsys.readouterr()
+    assert said.err.strip().count("\n") == 0 and "--micro-batch 4 must divide the 10 sequences" in said.err
+    assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+
+
+def test_a_sample_of_nothing_says_so(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The default prompt is a new line: a model that ended the document at once printed blank lines.
+    import nanoqwen.train as train_module
+
+    monkeypatch.setattr(train_module, "sample", lambda run: run.sample_prompt)
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
+    printed = capsys.readouterr().out
+    assert "\nsample:\n(nothing after it: the model ended the document at once)\n" in printed
+    assert train_in_process(*common(data, preset, tmp_path / "prompted"), "--max-steps", "1",
+                            "--sample-prompt", "the king") == 0
+    assert "\nsample:\nthe king (nothing after it: the model ended the document at once)\n" in capsys.readouterr().out
+
+
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
         data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `prepare` defaults to the Qwen3 tokenizer: the cpu preset trained on such data silently grew 11x.
@@ -1150,7 +1204,7 @@ def test_a_new_run_never_writes_into_a_checkpoint_data_or_a_file(trained: Path, 
     (tmp_path / "exp" / "best").mkdir(parents=True)  # a folder of the user's that has a best/: not a run
     (tmp_path / "exp" / "best" / "pytorch_model.bin").write_text("precious")
     for target, expected in [(trained / "best", "model.safetensors"), (data, "meta.json"),
-                             (tmp_path / "notes.txt", "is a file"), (tmp_path / "exp", "no config.json")]:
+                             (tmp_path / "notes.txt", "is a file"), (tmp_path / "exp", "(best; no config.json)")]:
         before = sorted((p.relative_to(target), p.read_bytes()) for p in target.rglob("*") if p.is_file()) \
             if target.is_dir() else target.read_bytes()
         assert train_in_process(*common(data, preset, target), "--max-steps", "1") == 2
@@ -1213,6 +1267,10 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
                                                "run folder written by `nanoqwen train`")
     assert main(["plot", str(tmp_path)]) == 2  # a folder, but no run's
     assert f"{tmp_path / 'metrics.jsonl'} does not exist" in capsys.readouterr().err
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')  # the file, not its run folder
+    assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
+    assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
+                                               f"the run folder that holds it ({tmp_path})")
 
 
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:

@@ -108,6 +108,18 @@ def batch_offsets(seed: int, step: int, batch_size: int, seq_len: int, num_token
     return rng.integers(0, num_tokens - seq_len, size=batch_size)  # window = seq_len + 1 tokens
 
 
+def check_batch(batch_size: int, micro_batch: int | None, world_size: int) -> int:
+    """The sequences each process gets per step, once --batch-size splits evenly over the processes and
+    --micro-batch (None: the whole per-process batch) divides that share; else one line saying which does not."""
+    if batch_size % world_size:
+        raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
+    per_rank = batch_size // world_size
+    if micro_batch is not None and (micro_batch <= 0 or per_rank % micro_batch):
+        raise NanoQwenError(f"--micro-batch {micro_batch} must divide the {per_rank} sequences each process gets "
+                            f"per step (--batch-size {batch_size} / {world_size} processes)")
+    return per_rank
+
+
 class BatchLoader:
     """This process's micro-batches of a step: (inputs, targets) pairs of shape (micro_batch, seq_len)."""
 
@@ -115,12 +127,7 @@ class BatchLoader:
                  rank: int = 0, world_size: int = 1, device: torch.device | str = "cpu",
                  vocab_size: int | None = None, where: str = "the training data",
                  assistant: ChatMarks | None = None) -> None:
-        if batch_size % world_size:
-            raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
-        self.per_rank = batch_size // world_size
-        if micro_batch <= 0 or self.per_rank % micro_batch:
-            raise NanoQwenError(f"--micro-batch {micro_batch} must divide the {self.per_rank} sequences each "
-                                f"process gets per step (--batch-size {batch_size} / {world_size} processes)")
+        self.per_rank = check_batch(batch_size, micro_batch, world_size)
         if len(split) <= seq_len:
             raise NanoQwenError(f"the training split has {len(split)} tokens, not more than --seq-len {seq_len}; "
                                 "use a smaller --seq-len or more data")

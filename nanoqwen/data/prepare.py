@@ -167,7 +167,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             raise NanoQwenError(f"--workers must be at least 1, got {workers}")
         # tokenizers' thread pool reads this when it first starts: it takes effect in a fresh process (the CLI)
         os.environ["RAYON_NUM_THREADS"] = str(workers)
-    tokenizer_id = _tokenizer_identity(tokenizer)  # bad specs fail before any reading
+    tokenizer_id = tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
     fingerprint = hashlib.sha256(json.dumps(
         {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
@@ -175,7 +175,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
-            print(f"{out} is up to date (same inputs and options); --force rebuilds it")
+            rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
+            print(f"{out} is up to date (same inputs and options){rebuild}")
         return out
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
@@ -302,7 +303,7 @@ def _bpe_size(spec: str) -> int:
     return int(size)
 
 
-def _tokenizer_identity(spec: str) -> str:
+def tokenizer_identity(spec: str) -> str:
     """What the result depends on, for the fingerprint; raises for a spec that names no tokenizer."""
     if spec == "qwen3":
         return f"qwen3 md5:{QWEN_TIKTOKEN_MD5}"

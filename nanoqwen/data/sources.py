@@ -359,6 +359,11 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
         yield from _hf_texts(ds, column, hub.name, stats, hub.transform)
 
 
+# What to do about records whose text is not where it was looked for: the default field, or a --text-column
+# given wrong (a bare "pass --text-column" read as a contradiction to one who had).
+NAME_THE_TEXT = "give --text-column the name of the field that holds the text"
+
+
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
               transform: Callable[[str], str] | None = None) -> Iterator[Document]:
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
@@ -367,13 +372,13 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     if names is not None:
         column = text_column_of(names, column)
         if column not in names:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); pass --text-column")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
         ds = ds.select_columns([column])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); pass --text-column")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
         for value in batch[column]:
             document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
             if isinstance(document, str) and transform:
@@ -581,7 +586,7 @@ def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False) 
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
         raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; "
-                            "pass --text-column")
+                            f"{NAME_THE_TEXT}")
     turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
     return ChatRecord(turns, where) if turns else None
 
@@ -624,7 +629,7 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -
     field_name = text_column_of(record, column)
     if field_name not in record:
         fields = ", ".join(record) or "none"
-        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); pass --text-column")
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {NAME_THE_TEXT}")
     return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column)
 
 
@@ -711,7 +716,7 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     chosen = text_column_of(schema.names, column)
     chat, column = chosen != column, chosen  # chat: a chat column, read for want of a text column
     if column not in schema.names:
-        raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); pass --text-column")
+        raise NanoQwenError(f"{path} has no {column!r} column (it has: {', '.join(schema.names)}); {NAME_THE_TEXT}")
     kind = schema.field(column).type
     if pa.types.is_dictionary(kind):  # pandas' category columns: the values are what counts
         kind = kind.value_type
@@ -720,7 +725,7 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     turns = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # chat turns: a list of structs
     if not (binary or text or turns):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
-                            "pass --text-column")
+                            f"{NAME_THE_TEXT}")
     for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
         for value in batch.column(0).to_pylist():
