@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import json
 import os
+import select
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pexpect
@@ -156,18 +160,50 @@ def test_read_message_blocks_commands_and_blanks() -> None:
     assert read('"""', "a", '"""', "next", pasted=True) == ("message", "a")  # a block ends where it says
 
 
+def press_in_reply(child: pexpect.spawn, press: Callable[[], object], landed: Callable[[], bool]) -> None:
+    """Press a key while a reply surely streams: the chat is paused (SIGSTOP) until the terminal has turned the key
+    into what the chat will see (`landed`), then resumed, so a fast machine cannot end the reply first."""
+    os.kill(child.pid, signal.SIGSTOP)
+    try:
+        press()
+        deadline = time.monotonic() + 30
+        while not landed():
+            assert time.monotonic() < deadline, "the key never reached the chat"
+            time.sleep(0.01)
+    finally:
+        os.kill(child.pid, signal.SIGCONT)
+
+
+def interrupt_pending(pid: int) -> bool:
+    """SIGINT waits for the process (Ctrl-C became the signal)."""
+    pending = [line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+               if line.startswith(("SigPnd:", "ShdPnd:"))]
+    return any(int(mask, 16) & (1 << (signal.SIGINT - 1)) for mask in pending)
+
+
+def end_of_input_queued(pid: int) -> bool:
+    """The chat's terminal holds a line or an end of input to read (Ctrl-D reached it): select says so without
+    reading it."""
+    fd = os.open(os.readlink(f"/proc/{pid}/fd/0"), os.O_RDONLY | os.O_NOCTTY | os.O_NONBLOCK)
+    try:
+        return bool(select.select([fd], [], [], 0)[0])
+    finally:
+        os.close(fd)
+
+
 def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a_reply(checkpoint: Path,
                                                                                        local) -> None:
-    # Replies of up to 200 tokens take the tiny model seconds: each key lands while one streams. Ctrl-D in a
-    # reply was read by the next prompt as a stray key (the chat went on); now it stops the reply and ends.
+    # Each key lands while a reply of up to 200 tokens streams (press_in_reply: a fast machine once finished the
+    # reply first). Ctrl-D in a reply was read by the next prompt as a stray key (the chat went on); now it stops
+    # the reply and ends.
     child = spawn_chat(checkpoint, "--max-new-tokens", "200")
     try:
         hello = [{"role": "user", "content": "Hello!"}]
         longer = reply_of(local, hello, max_new_tokens=32)
         child.sendline("Hello!")
         child.expect_exact("Hello!\r\n" + printable(longer)[:3])
-        child.sendintr()  # Ctrl-C in a reply stops it there, and the chat goes on
-        child.expect_exact(" [stopped]\r\n" + PROMPT)
+        press_in_reply(child, child.sendintr, lambda: interrupt_pending(child.pid))  # Ctrl-C: stops it there,
+        child.expect_exact(" [stopped]\r\n" + PROMPT)  # and the chat goes on
         # The terminal echoes ^C where the key landed; the reply may have gone on a token or two after it.
         shown = (printable(longer)[:3] + child.before).replace("^C", "", 1).replace("\r\n", "\n")
         assert printable(longer).startswith(shown) and len(shown) < len(longer)
@@ -188,7 +224,8 @@ def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a
         assert not expected.startswith(printable(reply_of(local, [*hello, history[-1]], max_new_tokens=4)))
         child.sendline("More.")
         child.expect_exact(("More.\n" + expected).replace("\n", "\r\n"))  # 12 of up to 200 tokens
-        child.sendeof()  # Ctrl-D in a reply stops it and ends the chat, the terminal as it was
+        # Ctrl-D in a reply stops it and ends the chat, the terminal as it was
+        press_in_reply(child, child.sendeof, lambda: end_of_input_queued(child.pid))
         child.expect(pexpect.EOF)
         assert child.before.endswith(" [stopped]\r\n") and "Traceback" not in child.before, child.before
         assert child.getecho()
