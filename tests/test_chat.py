@@ -165,13 +165,23 @@ def press_in_reply(child: pexpect.spawn, press: Callable[[], object], landed: Ca
     into what the chat will see (`landed`), then resumed, so a fast machine cannot end the reply first."""
     os.kill(child.pid, signal.SIGSTOP)
     try:
+        wait_for(lambda: stopped(child.pid), "the chat did not stop")  # else it could take the key in between
         press()
-        deadline = time.monotonic() + 30
-        while not landed():
-            assert time.monotonic() < deadline, "the key never reached the chat"
-            time.sleep(0.01)
+        wait_for(landed, "the key never reached the chat")
     finally:
         os.kill(child.pid, signal.SIGCONT)
+
+
+def wait_for(condition: Callable[[], bool], failure: str) -> None:
+    deadline = time.monotonic() + 30
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
+
+
+def stopped(pid: int) -> bool:
+    """The process is stopped (state T in /proc/PID/stat, after the command name in parentheses)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def interrupt_pending(pid: int) -> bool:
@@ -191,12 +201,12 @@ def end_of_input_queued(pid: int) -> bool:
         os.close(fd)
 
 
-def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a_reply(checkpoint: Path,
-                                                                                       local) -> None:
-    # Each key lands while a reply of up to 200 tokens streams (press_in_reply: a fast machine once finished the
-    # reply first). Ctrl-D in a reply was read by the next prompt as a stray key (the chat went on); now it stops
-    # the reply and ends.
-    child = spawn_chat(checkpoint, "--max-new-tokens", "200")
+def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a_reply(local, tmp_path: Path
+                                                                                       ) -> None:
+    # Each key lands while a reply streams: one of up to 16,000 tokens (the same weights with a long context; 200
+    # tokens were once all out before Ctrl-C), the chat paused while the key lands (press_in_reply). Ctrl-D in a
+    # reply was read by the next prompt as a stray key (the chat went on); now it stops the reply and ends.
+    child = spawn_chat(make_checkpoint(tmp_path / "long", context=16384), "--max-new-tokens", "16000")
     try:
         hello = [{"role": "user", "content": "Hello!"}]
         longer = reply_of(local, hello, max_new_tokens=32)
@@ -223,7 +233,7 @@ def test_ctrl_c_stops_a_reply_or_drops_a_line_and_ctrl_d_ends_the_chat_even_in_a
         expected = printable(reply_of(local, history, max_new_tokens=12))
         assert not expected.startswith(printable(reply_of(local, [*hello, history[-1]], max_new_tokens=4)))
         child.sendline("More.")
-        child.expect_exact(("More.\n" + expected).replace("\n", "\r\n"))  # 12 of up to 200 tokens
+        child.expect_exact(("More.\n" + expected).replace("\n", "\r\n"))  # 12 of up to 16,000 tokens
         # Ctrl-D in a reply stops it and ends the chat, the terminal as it was
         press_in_reply(child, child.sendeof, lambda: end_of_input_queued(child.pid))
         child.expect(pexpect.EOF)
