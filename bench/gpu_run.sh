@@ -14,7 +14,7 @@
 #             then the same single-stream figures for a random qwen3-0.6b
 #   paths     for a lease of 15 minutes in all (start included), four calls back to back, each BUDGET=200 s
 #   paths2    or less: paths (prepare, train with bf16 + compile + fused AdamW, logits, CUDA-graph decoding,
-#             serve), then train, generate, paths2 (flash, compiled loss, fp16, Muon, DDP and FSDP2 under
+#             serve, eval, sample), then train, generate, paths2 (flash, compiled loss, fp16, Muon, DDP and FSDP2 under
 #             torchrun). A machine that stops answering returns nothing of its call: short calls lose less
 #             (2026-12-05: a single 10-minute call was lost so, and with it the whole lease).
 # DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
@@ -49,47 +49,42 @@ train=(python3 -m nanoqwen train --preset tiny --data "$w/data" --device "$DEVIC
 torchrun=(python3 -m torch.distributed.run --standalone --nproc_per_node 1 -m "${train[@]:2}" --max-steps 20)
 prepare() { check prepare python3 -m nanoqwen prepare --dataset shakespeare --tokenizer qwen3 --out "$w/data"; }
 tables() { grep -E '^\||^(CPU|NVIDIA|##)' "$log" >>"$result"; }  # the benchmarks' markdown, into the result
-case $stage in
-check1)
-    prepare
-    check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
+# The checks, in groups that both the long (check1, check2) and the short (paths, paths2) stages call; each
+# limit is a ceiling for a GPU, the stage's BUDGET the deadline.
+trained_run() {  # a compiled bf16 run, then what its checkpoint must do
+    limit=120 check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
     check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
-    check flash-attention-gqa python3 bench/gpu_checks.py flash
-    check loss-compiled python3 bench/gpu_checks.py loss
-    check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
-    check eval python3 -m nanoqwen eval --model "$w/a/best" --data "$w/data" --device "$DEVICE" --max-windows 32
-    check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
-    check sample python3 -m nanoqwen sample --model "$w/a/best" --prompt "ROMEO:" --max-new-tokens 40 \
+    limit=40 check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
+    limit=60 check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
+    limit=60 check serve python3 bench/gpu_checks.py serve "$w/a/best"
+    limit=60 check eval python3 -m nanoqwen eval --model "$w/a/best" --data "$w/data" --device "$DEVICE" \
+        --max-windows 32
+    limit=60 check sample python3 -m nanoqwen sample --model "$w/a/best" --prompt "ROMEO:" --max-new-tokens 40 \
         --device "$DEVICE"
-    check serve python3 bench/gpu_checks.py serve "$w/a/best"
-    check fp16-gradscaler "${train[@]}" --max-steps 20 --dtype float16 --out "$w/c"
-    check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d" ;;
-check2)
-    prepare
-    check resume-follows-the-full-run python3 bench/gpu_checks.py resume "$w/data" "$w" "${extra[@]}"
-    check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
-    check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
+}
+kernels_and_precisions() {
+    limit=60 check flash-attention-gqa python3 bench/gpu_checks.py flash
+    limit=90 check loss-compiled python3 bench/gpu_checks.py loss
+    limit=120 check fp16-gradscaler "${train[@]}" --max-steps 20 --dtype float16 --out "$w/c"
+    limit=120 check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d"
+}
+torchrun_runs() {
+    limit=150 check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
+    limit=150 check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f"
+}
+resume() { limit=300 check resume-follows-the-full-run python3 bench/gpu_checks.py resume "$w/data" "$w" "${extra[@]}"; }
+
+case $stage in
+check1) prepare; trained_run; kernels_and_precisions ;;
+check2) prepare; resume; torchrun_runs ;;
+paths) prepare; trained_run ;;
+paths2) prepare; kernels_and_precisions; torchrun_runs ;;
 train) limit=570 check bench-train python3 bench/train.py --device cuda --parts speed mfu ;;
 target) limit=570 check bench-target python3 bench/train.py --device cuda --parts target --target-minutes 6 ;;
 generate)
     limit=380 check bench-generate python3 bench/generate.py --device cuda --repeats "${REPEATS:-2}" --runs 3
     limit=170 check bench-generate-0.6b python3 bench/generate.py --device cuda --preset qwen3-0.6b --no-server \
         --repeats 2 --runs 2 ;;
-paths)
-    prepare
-    limit=120 check train-bf16-compile-fused "${train[@]}" --max-steps 100 --eval-interval 50 --out "$w/a"
-    check loss-falls python3 bench/gpu_checks.py loss-falls "$w/a"
-    limit=40 check logits-equal-transformers python3 bench/gpu_checks.py logits "$w/a/best"
-    limit=60 check decode-cuda-graph python3 bench/gpu_checks.py cuda-graph "$w/a/best"
-    limit=60 check serve python3 bench/gpu_checks.py serve "$w/a/best" ;;
-paths2)
-    prepare
-    limit=60 check flash-attention-gqa python3 bench/gpu_checks.py flash
-    limit=90 check loss-compiled python3 bench/gpu_checks.py loss
-    limit=120 check fp16-gradscaler "${train[@]}" --max-steps 20 --dtype float16 --out "$w/c"
-    limit=120 check muon "${train[@]}" --max-steps 20 --optimizer muon --out "$w/d"
-    limit=150 check ddp-nccl-torchrun "${torchrun[@]}" --out "$w/e"
-    limit=150 check fsdp2-torchrun "${torchrun[@]}" --fsdp --out "$w/f" ;;
 *) echo "unknown stage $stage: check1, check2, train, target, generate, paths or paths2" >&2; exit 2 ;;
 esac
 case $stage in train | target | generate) tables ;; esac
