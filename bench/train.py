@@ -8,7 +8,8 @@ Each contender runs in its own process (so peak memory is its own): the same con
 sequence length, dtype and AdamW settings, in a plain loop of forward, backward, clip, step. nanoqwen
 uses its own pieces (CausalLMLoss with the chunked loss, build_optimizer, torch.compile on CUDA, and
 the allocator setting `nanoqwen train` makes on CPU, reuse_freed_memory);
-Transformers uses `model(input_ids, labels=...).loss` and torch.optim.AdamW. Peak memory is the
+Transformers uses `model(input_ids, labels=...).loss` and torch.optim.AdamW (fused on CUDA, as its Trainer
+does; foreach on CPU, as a plain loop gets it, unless --tuned-baseline). Peak memory is the
 process's peak resident set on CPU (getrusage) and torch.cuda.max_memory_allocated on CUDA.
 """
 
@@ -35,9 +36,10 @@ from nanoqwen.plot import read_metrics  # noqa: E402
 
 
 # -- one contender, in its own process ------------------------------------------------------------
-def build(contender: str, config: ModelConfig, device: torch.device, compile_model: bool
+def build(contender: str, config: ModelConfig, device: torch.device, compile_model: bool, tuned: bool = False
           ) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
-    """(model, optimizer, step(inputs, targets) -> loss), both starting from the same weights."""
+    """(model, optimizer, step(inputs, targets) -> loss), both starting from the same weights. `tuned` gives
+    Transformers fused AdamW, as its Trainer uses by default (torch >= 2.8), where a plain loop gets foreach."""
     from transformers import Qwen3Config, Qwen3ForCausalLM  # imported by both, so both pay its memory
 
     from nanoqwen.loss import CausalLMLoss
@@ -59,7 +61,8 @@ def build(contender: str, config: ModelConfig, device: torch.device, compile_mod
     model.to(device)
     if compile_model:
         model.compile()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1,
+                                  fused=True if tuned or device.type == "cuda" else None)
 
     def objective(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         # shift_labels: the targets are already shifted, so both predict the same T tokens per row
@@ -79,7 +82,7 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cpu" and (args.worker == "nanoqwen" or args.reuse_freed_memory):
         reuse_freed_memory()  # what `nanoqwen train` does on CPU
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model, optimizer, objective = build(args.worker, config, device, args.compile)
+    model, optimizer, objective = build(args.worker, config, device, args.compile, args.reuse_freed_memory)
     model.train()
     generator = torch.Generator().manual_seed(1)
     steps = args.warmup + args.steps
@@ -135,8 +138,8 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     """One table row, and nanoqwen's tokens/s. Contenders alternate
     for `rounds` processes each; a busy machine only slows a round, so each side keeps its fastest round
     (median step) and its highest peak. `tuned_baseline` gives Transformers nanoqwen's CPU allocator
-    setting too (reuse_freed_memory), to show what is left without it; `both_compiled` runs both under
-    torch.compile (`nanoqwen train --compile` on CPU)."""
+    setting (reuse_freed_memory) and fused AdamW too, to show what is left without them; `both_compiled`
+    runs both under torch.compile (`nanoqwen train --compile` on CPU)."""
     from nanoqwen.train import default_compile
 
     # nanoqwen as `nanoqwen train` runs it (compiled where a compiler is found); Transformers in a plain eager loop
@@ -214,7 +217,8 @@ def main() -> None:
                    help="CUDA: which measurements (each fits one 10-minute device call; target takes "
                         "--target-minutes)")
     p.add_argument("--tuned-baseline", action="store_true",
-                   help="CPU: also time the cpu preset with Transformers given nanoqwen's allocator setting")
+                   help="CPU: also time the cpu preset with Transformers given nanoqwen's allocator setting "
+                        "and fused AdamW")
     p.add_argument("--compiled", action="store_true",
                    help="CPU: also time the cpu preset with both libraries under torch.compile")
     # worker mode (internal)
@@ -241,8 +245,8 @@ def main() -> None:
         print(compare("cpu preset (3.7M, vocab 2048), 16 x 256", "cpu", 16, 256, steps or 5, 2, "cpu", rounds=3)[0],
               flush=True)
         if args.tuned_baseline:
-            print(compare("the same, Transformers with nanoqwen's allocator setting", "cpu", 16, 256, steps or 5, 2,
-                          "cpu", rounds=3, tuned_baseline=True)[0], flush=True)
+            print(compare("the same, Transformers with nanoqwen's allocator setting and fused AdamW", "cpu", 16,
+                          256, steps or 5, 2, "cpu", rounds=3, tuned_baseline=True)[0], flush=True)
         if args.compiled:  # the first step compiles: three warm-up steps
             print(compare("the same, both under torch.compile", "cpu", 16, 256, steps or 5, 3, "cpu", rounds=2,
                           both_compiled=True)[0], flush=True)

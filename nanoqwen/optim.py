@@ -148,13 +148,13 @@ Optimizer = torch.optim.Optimizer | HybridOptimizer
 
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, device: torch.device,
                     decay_embeddings: bool = False) -> Optimizer:
-    """AdamW (fused on CUDA) or the Muon + AdamW hybrid, with decay only where it belongs."""
+    """AdamW (fused on CUDA and CPU) or the Muon + AdamW hybrid, with decay only where it belongs."""
     if name not in OPTIMIZERS:
         raise NanoQwenError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     parts = split_parameters(model)
     embedding_decay = weight_decay if decay_embeddings else 0.0
     adam_kwargs: dict[str, Any] = {"lr": lr, "betas": ADAM_BETAS, "eps": 1e-8}
-    if device.type == "cuda":
+    if device.type in ("cuda", "cpu"):  # one kernel over all tensors: on CPU 7x faster than foreach (3.7M params)
         adam_kwargs["fused"] = True
     groups = [{"params": parts["embedding"], "weight_decay": embedding_decay},
               {"params": parts["other"], "weight_decay": 0.0}]
