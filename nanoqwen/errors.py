@@ -1,5 +1,5 @@
-"""The one exception type that the command line turns into a single clear line, and argparse types that
-refuse bad numbers as argparse does (one line, exit 2)."""
+"""The one exception type that the command line turns into a single clear line, argparse types that
+refuse bad numbers as argparse does (one line, exit 2), and the wording messages share."""
 
 import argparse
 
@@ -13,6 +13,11 @@ def first_line(error: BaseException, limit: int | None = None) -> str:
     the cut marked)."""
     line = (str(error).strip().splitlines() or [type(error).__name__])[0]
     return line if limit is None or len(line) <= limit else line[:limit - 1].rstrip() + "…"
+
+
+def counted(count: int, noun: str) -> str:
+    """"1 step", "2 steps": a count with its noun (nouns that take an s)."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
 def positive_int(text: str) -> int:

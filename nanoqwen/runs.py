@@ -24,7 +24,7 @@ from nanoqwen.checkpoint import STATE_PT, STATE_VERSION, check_data_tokenizer, r
 from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
-from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import summary_writer_class
@@ -180,7 +180,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
         if info.is_main:
-            print(f"warmup {cfg.warmup} is longer than half of the {cfg.max_steps} steps: "
+            print(f"warmup {cfg.warmup} is longer than half of the {counted(cfg.max_steps, 'step')}: "
                   f"{warming_up(cfg.max_steps // 2)}", flush=True)
         cfg.warmup = cfg.max_steps // 2
     # Claimed last: nothing after it fails before the caller locks it (a lock released empty removes the folder).

@@ -69,7 +69,7 @@ from nanoqwen.distributed import (
     reuse_freed_memory,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, counted
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -733,18 +733,18 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
         return
     first = run.state.fitted_steps is None
     if first and run.warmup > fitted // 2:
-        display.print(f"warmup {run.warmup} is longer than half of the {fitted} steps that fit: "
+        display.print(f"warmup {run.warmup} is longer than half of the {counted(fitted, 'step')} that fit: "
                       f"{warming_up(fitted // 2)}")
         run.state.fitted_warmup = fitted // 2
     if first:
-        fits = "all of --max-steps fit" if fitted == cfg.max_steps else f"{fitted} steps"
+        fits = "all of --max-steps fit" if fitted == cfg.max_steps else counted(fitted, "step")
         display.print(f"fitting the schedule to --max-minutes {cfg.max_minutes:g}: {fits} at "
                       f"{step_s:.2f} s each (re-estimated until the decay starts)")
     run.state.fitted_steps = display.total = fitted
     if wsd_decay_start(fitted, run.warmup) < step:  # too little time left for a whole decay (a resume, a slow
         # machine): the rate drops to where the shorter schedule has it, so the run still ends at min_lr
-        display.print(f"step {step}: the time left fits {fitted - step} more steps, fewer than a decay takes: "
-                      f"the learning rate decays from here to the last step, {fitted}")
+        display.print(f"step {step}: the time left fits {counted(fitted - step, 'more step')}, fewer than a decay "
+                      f"takes: the learning rate decays from here to the last step, {fitted}")
         run.decay_compressed = True
     if step + 1 == wsd_decay_start(fitted, run.warmup):
         display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
@@ -760,11 +760,11 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     print(f"\nstopped after step {state.step} ({summary['stopped']}) in {duration(wall_s)}, "
           f"{state.tokens:,} tokens seen")
     if run.empty_steps:
-        print(f"({run.empty_steps} steps drew no assistant token in their whole batch and trained nothing: give "
-              "more conversations or a larger --batch-size)")
+        print(f"({counted(run.empty_steps, 'step')} drew no assistant token in the whole batch and trained nothing: "
+              "give more conversations or a larger --batch-size)")
     if summary["stopped"] == "max_minutes" and state.step < run.cfg.max_steps / 2:  # a poor model may be why
-        print(f"(the time allowed {state.step} of the {run.cfg.max_steps} steps planned; give more --max-minutes, "
-              "or --resume it, for a better model)")
+        print(f"(the time allowed {state.step} of the {counted(run.cfg.max_steps, 'step')} planned; give more "
+              "--max-minutes, or --resume it, for a better model)")
     if summary.get("eval"):
         e = summary["eval"]
         at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation
@@ -821,7 +821,7 @@ def train_and_report(args: argparse.Namespace) -> str:
         print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
               f"x{this_run.info.world_size} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
-              f"{this_run.total_steps} steps of {cfg.batch_size} x {cfg.seq_len} tokens "
+              f"{counted(this_run.total_steps, 'step')} of {cfg.batch_size} x {cfg.seq_len} tokens "
               f"(micro-batch {this_run.loader.micro_batch}, accumulation {this_run.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {this_run.data}, out {this_run.out}", flush=True)
     try:

@@ -244,7 +244,7 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
                             *fast, "--max-steps", "4", "--loss-on", "assistant", "--eval-windows", "400",
                             "--micro-batch", "1") == 0
     assert set(train_losses(sparse / "run").values()) == {0.0}
-    assert "4 steps drew no assistant token in their whole batch" in capsys.readouterr().out
+    assert "4 steps drew no assistant token in the whole batch" in capsys.readouterr().out
     # Data without conversations has nothing to take the loss on: one line.
     with pytest.raises(NanoQwenError, match="--loss-on assistant needs conversations"):
         from nanoqwen.train import chat_marks
@@ -313,6 +313,7 @@ def test_init_from_notes_conversations_rendered_with_another_chat_template(chat_
                                 "--out", str(tmp_path / f"run-{noted}"), *FAST, "--max-steps", "1") == 0
         out = capsys.readouterr().out
         assert ("another chat template than" in out) == noted, out
+        assert " 1 step of " in out and "1 steps" not in out  # counts take their noun's number
         assert not noted or f"--tokenizer {official}" in out
 
 
@@ -728,7 +729,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert json.loads((out / "last/train_state.json").read_text())["step"] == last["step"]
     printed = capsys.readouterr().out
     assert (out / "best").is_dir() and "max_minutes" in printed
-    assert f"the time allowed {last['step']} of the 1000 steps planned" in printed
+    assert f"the time allowed {last['step']} of the 1,000 steps planned" in printed
     assert "| ETA 0 s" in printed and "ETA -" not in printed  # the cap passed mid-step: no time left, not less
 
 
