@@ -335,7 +335,7 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
     if seen["documents"] == 0:
         raise corpus.empty_error()
     if tokenizer.vocab_size < vocab_size and progress:
-        print(f"nanoqwen: note: the corpus has too little text for {vocab_size} BPE ids; the tokenizer has "
+        print(f"note: the corpus has too little text for {vocab_size} BPE ids; the tokenizer has "
               f"{tokenizer.vocab_size} (no pair of tokens left to merge)", file=sys.stderr)
     return tokenizer, seen["documents"], seen["bytes"]
 
