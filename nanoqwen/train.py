@@ -773,7 +773,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     if summary.get("sample") is not None:
         text = summary["sample"]
         if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so
-            text = " ".join(filter(None, [text.strip(), "(nothing after it: the model ended the document at once)"]))
+            ended = "its reply" if run.loader.assistant is not None else "the document"  # --loss-on assistant
+            text = " ".join(filter(None, [text.strip(), f"(nothing after it: the model ended {ended} at once)"]))
         print(f"\nsample:\n{text}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),

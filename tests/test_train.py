@@ -427,8 +427,8 @@ def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
     assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
 
 
-def test_a_sample_of_nothing_says_so(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                     capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
+                                     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # The default prompt is a new line: a model that ended the document at once printed blank lines.
     import nanoqwen.train as train_module
 
@@ -439,6 +439,10 @@ def test_a_sample_of_nothing_says_so(data: Path, preset: Path, tmp_path: Path, m
     assert train_in_process(*common(data, preset, tmp_path / "prompted"), "--max-steps", "1",
                             "--sample-prompt", "the king") == 0
     assert "\nsample:\nthe king (nothing after it: the model ended the document at once)\n" in capsys.readouterr().out
+    # Under --loss-on assistant the prompt is a validation question: the model ended its reply, not a document.
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(tmp_path / "chat"),
+                            *FAST, "--max-steps", "1", "--loss-on", "assistant") == 0
+    assert "(nothing after it: the model ended its reply at once)\n" in capsys.readouterr().out
 
 
 def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
