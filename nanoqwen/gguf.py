@@ -193,7 +193,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.model)
-    out = Path(args.out) if args.out else directory.resolve().parent / f"{directory.resolve().name}.gguf"
+    named = directory if directory.name not in ("", "..") else directory.resolve()  # "." or "..": name it
+    out = Path(args.out) if args.out else named.with_name(f"{named.name}.gguf")  # shown as the user gave it
     if out.is_dir():
         raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
     refuse_inside_a_file(out, "a path in a folder")

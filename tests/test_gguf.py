@@ -106,11 +106,18 @@ def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bp
 
 
 def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
-        tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = checkpoint(tmp_path / "best", bpe)
     assert main(["gguf", "--model", str(folder)]) == 0
     assert gguf.GGUFReader(tmp_path / "best.gguf").fields["general.architecture"].contents() == "qwen3"
     assert f"wrote {tmp_path / 'best.gguf'}" in capsys.readouterr().out
+    # The path is shown as given (relative stays relative); a folder given as "." is named by its own name.
+    monkeypatch.chdir(tmp_path)
+    assert main(["gguf", "--model", "best"]) == 0
+    assert capsys.readouterr().out.startswith("wrote best.gguf: ")
+    monkeypatch.chdir(folder)
+    assert main(["gguf", "--model", "."]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'best.gguf'}: ")
     # An --out that is a folder, or under a file, is one line.
     for out, said in ((tmp_path, "is a folder; give a file name"), (tmp_path / "best.gguf" / "m.gguf",
                                                                     "is inside a file; give --out a path")):
