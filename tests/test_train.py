@@ -1007,6 +1007,26 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     assert max(train_losses(multi)) == 10
 
 
+def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # fully_shard's default mesh is the machine's accelerator: on a GPU machine a `--device cpu` job (these tests
+    # there) had its shards moved to cuda:0 under a gloo group. The machine is made to claim CUDA here.
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import DistInfo
+    from nanoqwen.train import wrap_model
+
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = Qwen3(ModelConfig(**TINY_MODEL, vocab_size=64))
+        info = DistInfo(device=torch.device("cpu"), distributed=True)
+        wrap_model(model, info, SimpleNamespace(fsdp=True), info.device, compile_model=False)
+        assert {(p.device_mesh.device_type, p.device.type) for p in model.parameters()} == {("cpu", "cpu")}
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),
                                               ("missing", "train_state.json"),
