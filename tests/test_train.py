@@ -579,6 +579,19 @@ def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
         assert flops_per_token(config, 128) == 6 * (Qwen3(config).num_params() - lookup) + attention
 
 
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                            ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                            ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                                            ("NVIDIA L4", 121e12), ("Tesla V100-SXM2-16GB", None)])
+def test_mfu_peak_follows_the_gpus_name(name: str, peak: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The names torch.cuda.get_device_name() gives; a variant (H200 NVL: 835 TFLOPS) is not its family's (989).
+    from nanoqwen.tracking import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cpu")) is None
+
+
 def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cut"
