@@ -1514,15 +1514,33 @@ def dead_pid() -> int:
 
 
 def test_cuda_generators_saved_on_more_gpus_are_restored_on_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A run saved on an 8-GPU machine resumed on one: set_rng_state_all would index past the GPUs there
-    # (an IndexError, reported as a corrupt training state). Stood in for on CPU: one GPU, the calls recorded.
+    # A run saved (before saves kept only the training device's generator) on an 8-GPU machine resumed on one:
+    # set_rng_state_all would index past the GPUs there (an IndexError, reported as a corrupt training state).
+    # Stood in for on CPU: one GPU, the calls recorded.
     from nanoqwen.checkpoint import restore_cuda_rng
 
     restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
-    restore_cuda_rng([torch.full((4,), i, dtype=torch.uint8) for i in range(8)])
+    restore_cuda_rng([torch.full((4,), i, dtype=torch.uint8) for i in range(8)], torch.device("cuda", 0))
     assert restored == [(0, 0)]
-    restore_cuda_rng(None)  # saved on a CPU machine
+    restore_cuda_rng(None, torch.device("cuda", 0))  # saved on a CPU machine
     assert restored == [(0, 0)]
+
+
+def test_each_rank_resumes_its_own_cuda_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 0 saves the generator of the device it trains on, and every rank puts it back on its own device (all are
+    # seeded alike and draw alike). Saving every GPU rank 0's process could see gave rank 3 of a torchrun job the
+    # untouched generator of cuda:3 in rank 0's process: not the one its dropout had drawn from. A run on CPU
+    # saves and restores no CUDA generator (nor initializes CUDA). Stood in for on CPU, the calls recorded.
+    from nanoqwen.checkpoint import cuda_rng_state, restore_cuda_rng
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device)))
+    saved = cuda_rng_state(torch.device("cuda", 0))
+    restore_cuda_rng(saved, torch.device("cuda", 3))
+    assert calls == [("get", torch.device("cuda", 0)), ("set", torch.device("cuda", 3))]
+    assert cuda_rng_state(torch.device("cpu")) is None
+    restore_cuda_rng(saved, torch.device("cpu"))
+    assert len(calls) == 2
