@@ -414,12 +414,22 @@ STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 
 
-def restore_cuda_rng(states: list[torch.Tensor] | None) -> None:
-    """Put back the saved CUDA generators, as many as this machine has GPUs (a run saved on more GPUs than
-    it resumes on still resumes; its sampled numbers on the missing ones are simply not needed)."""
-    if states is None or not torch.cuda.is_available():
+def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
+    """The CUDA generator of the device the run trains on (None off CUDA: a CPU run initializes no GPU)."""
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
+    """Put back the CUDA generator of the training device. Rank 0 saves its own, which is every rank's: all are
+    seeded alike and draw alike (a rank's own device was never in rank 0's view of the others). Saves from before
+    held a list, one per GPU that process saw, put back as they were then (a run saved on more GPUs than it
+    resumes on still resumes)."""
+    if saved is None or device.type != "cuda":
         return
-    for index, state in enumerate(states[:torch.cuda.device_count()]):
+    if isinstance(saved, torch.Tensor):
+        torch.cuda.set_rng_state(saved, device)
+        return
+    for index, state in enumerate(saved[:torch.cuda.device_count()]):
         torch.cuda.set_rng_state(state, index)
 
 
@@ -443,7 +453,7 @@ def load_train_state(run: Run, last: Path) -> None:
         if blob.get("scaler"):
             run.scaler.load_state_dict(blob["scaler"])
         torch.set_rng_state(blob["rng"]["torch"])
-        restore_cuda_rng(blob["rng"].get("cuda"))
+        restore_cuda_rng(blob["rng"].get("cuda"), run.info.device)
     except NanoQwenError:
         raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
@@ -509,8 +519,7 @@ def save_last(run: Run) -> None:
     if not run.info.is_main:
         return
     assert model is not None
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
-    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng}
+    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(run.info.device)}
     with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
         write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
         torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)

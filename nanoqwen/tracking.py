@@ -20,8 +20,8 @@ from nanoqwen.errors import NanoQwenError
 FOLDER = "tensorboard"
 # Dense bf16 peak FLOP/s per GPU, for MFU, by device-name substring (torch.cuda.get_device_name()); the first
 # match wins, so variants come before their family.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
-                   "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
+PEAK_BF16_FLOPS = {"H200 NVL": 835e12, "H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12,
+                   "A100": 312e12, "L40S": 362e12, "L40": 181e12, "L4": 121e12, "A10": 125e12}
 
 
 # -- progress and MFU ------------------------------------------------------------------------------

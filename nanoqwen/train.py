@@ -458,11 +458,15 @@ def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: t
     if args.fsdp and not info.distributed:
         raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
     if args.fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # The mesh of the run's device: fully_shard's default takes the machine's accelerator, so a --device cpu
+        # job on a GPU machine would have its shards moved to cuda:0 (every rank's) under a gloo group.
+        mesh = init_device_mesh(device.type, (info.world_size,))
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)  # the root: embeddings, final norm and head, used by the loss after forward
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: embeddings, final norm and head, used by the loss after forward
     if compile_model:
         objective.compile()  # the model part; the chunked loss runs eagerly
     if info.distributed and not args.fsdp:

@@ -584,6 +584,19 @@ def test_flops_per_token_counts_matmul_weights_and_attention() -> None:
         assert flops_per_token(config, 128) == 6 * (Qwen3(config).num_params() - lookup) + attention
 
 
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                            ("NVIDIA H200", 989e12), ("NVIDIA H200 NVL", 835e12),
+                                            ("NVIDIA A100-SXM4-80GB", 312e12), ("NVIDIA L40S", 362e12),
+                                            ("NVIDIA L4", 121e12), ("Tesla V100-SXM2-16GB", None)])
+def test_mfu_peak_follows_the_gpus_name(name: str, peak: float | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The names torch.cuda.get_device_name() gives; a variant (H200 NVL: 835 TFLOPS) is not its family's (989).
+    from nanoqwen.tracking import peak_flops
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cpu")) is None
+
+
 def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: Path, tmp_path: Path,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cut"
@@ -1010,6 +1023,26 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     resumed = run_train("--resume", str(multi), "--max-steps", "10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert max(train_losses(multi)) == 10
+
+
+def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # fully_shard's default mesh is the machine's accelerator: on a GPU machine a `--device cpu` job (these tests
+    # there) had its shards moved to cuda:0 under a gloo group. The machine is made to claim CUDA here.
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import DistInfo
+    from nanoqwen.train import wrap_model
+
+    monkeypatch.setattr(torch._C, "_get_accelerator", lambda: torch.device("cuda"))
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        model = Qwen3(ModelConfig(**TINY_MODEL, vocab_size=64))
+        info = DistInfo(device=torch.device("cpu"), distributed=True)
+        wrap_model(model, info, SimpleNamespace(fsdp=True), info.device, compile_model=False)
+        assert {(p.device_mesh.device_type, p.device.type) for p in model.parameters()} == {("cpu", "cpu")}
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
@@ -1486,15 +1519,33 @@ def dead_pid() -> int:
 
 
 def test_cuda_generators_saved_on_more_gpus_are_restored_on_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:
-    # A run saved on an 8-GPU machine resumed on one: set_rng_state_all would index past the GPUs there
-    # (an IndexError, reported as a corrupt training state). Stood in for on CPU: one GPU, the calls recorded.
+    # A run saved (before saves kept only the training device's generator) on an 8-GPU machine resumed on one:
+    # set_rng_state_all would index past the GPUs there (an IndexError, reported as a corrupt training state).
+    # Stood in for on CPU: one GPU, the calls recorded.
     from nanoqwen.checkpoint import restore_cuda_rng
 
     restored = []
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: restored.append((int(state[0]), device)))
-    restore_cuda_rng([torch.full((4,), i, dtype=torch.uint8) for i in range(8)])
+    restore_cuda_rng([torch.full((4,), i, dtype=torch.uint8) for i in range(8)], torch.device("cuda", 0))
     assert restored == [(0, 0)]
-    restore_cuda_rng(None)  # saved on a CPU machine
+    restore_cuda_rng(None, torch.device("cuda", 0))  # saved on a CPU machine
     assert restored == [(0, 0)]
+
+
+def test_each_rank_resumes_its_own_cuda_generator(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rank 0 saves the generator of the device it trains on, and every rank puts it back on its own device (all are
+    # seeded alike and draw alike). Saving every GPU rank 0's process could see gave rank 3 of a torchrun job the
+    # untouched generator of cuda:3 in rank 0's process: not the one its dropout had drawn from. A run on CPU
+    # saves and restores no CUDA generator (nor initializes CUDA). Stood in for on CPU, the calls recorded.
+    from nanoqwen.checkpoint import cuda_rng_state, restore_cuda_rng
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device)))
+    saved = cuda_rng_state(torch.device("cuda", 0))
+    restore_cuda_rng(saved, torch.device("cuda", 3))
+    assert calls == [("get", torch.device("cuda", 0)), ("set", torch.device("cuda", 3))]
+    assert cuda_rng_state(torch.device("cpu")) is None
+    restore_cuda_rng(saved, torch.device("cpu"))
+    assert len(calls) == 2
