@@ -123,7 +123,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
                         "(default: text; records without one are read as chats from messages or conversations)")
-    p.add_argument("--out", help="run folder (default: runs/PRESET-TIME)")
+    p.add_argument("--out", help="run folder (default: runs/PRESET-TIME, or runs/NAME-TIME after --init-from NAME)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the run in RUN (or in --out) exactly where its last/ checkpoint left it")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
@@ -823,9 +823,10 @@ def train_and_report(args: argparse.Namespace) -> str:
         cfg, m = this_run.cfg, this_run.model
         origin = f" from {args.init_from}" if args.init_from else \
             f" from step {this_run.state.step}" if args.resume is not None else ""
+        parallel = " FSDP" if args.fsdp else " DDP" if this_run.info.distributed else ""  # torchrun: how it splits
         print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
-              f"x{this_run.info.world_size} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
+              f"x{this_run.info.world_size}{parallel} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
               f"{counted(this_run.total_steps, 'step')} of {cfg.batch_size} x {cfg.seq_len} tokens "
               f"(micro-batch {this_run.loader.micro_batch}, accumulation {this_run.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {this_run.data}, out {this_run.out}", flush=True)

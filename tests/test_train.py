@@ -1010,6 +1010,7 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     multi = tmp_path / "multi"
     done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32)" in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
