@@ -234,6 +234,30 @@ def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str
     assert not errors, f"JavaScript errors on the page: {errors}"
 
 
+def test_stop_or_a_reload_while_the_message_is_being_counted(page) -> None:
+    # A send first asks /tokenize whether the conversation fits. Stop pressed before it answered did nothing until
+    # it did (a slow or stalled server: the page stayed busy); the count now ends with the send, as stopped.
+    held: list = []
+    page.route("**/tokenize", lambda route: held.append(route))  # never answered
+    page.fill("#prompt", "Counted but never answered")
+    page.click("#send")
+    page.wait_for_function("document.body.dataset.busy === 'true'")
+    page.wait_for_function("document.getElementById('prompt').value === ''")
+    assert held  # the count is out
+    page.click("#stop")
+    expect(page.locator("#send")).to_be_enabled(timeout=5_000)
+    expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
+    # A reload while a count is out keeps that turn as stopped too.
+    page.fill("#prompt", "Reloaded while counted")
+    page.click("#send")
+    page.wait_for_function("document.body.dataset.busy === 'true'")
+    reload(page)
+    expect(page.locator(".message.user .content")).to_have_text(["Counted but never answered",
+                                                                  "Reloaded while counted"])
+    expect(page.locator(".message.assistant .note")).to_have_text(["stopped", "stopped"])
+    expect(page.locator("#send")).to_be_enabled()
+
+
 def test_a_conversation_too_large_to_save_never_breaks_the_page(browser, url: str) -> None:
     # The saved conversation is capped (the oldest turns go first; the cap is made small here), and a storage that
     # refuses it (full) keeps none, rather than an older one, while the page goes on.

@@ -449,13 +449,16 @@ function setBusy(busy) {
 }
 
 // -- send ----------------------------------------------------------------------------------
-// How many tokens `messages` take and the context, from the server (null if it cannot say).
+// How many tokens `messages` take and the context, from the server (null if it cannot say). Under the send's
+// signal: Stop, or a reload (beforeunload stops), ends the count at once and the send ends as stopped, its
+// turn saved; a reload while the count was out lost the turn.
 async function countTokens(messages, body) {
   try {
     const res = await fetch("/tokenize", {
       method: "POST",
       headers: headers(),
       body: JSON.stringify({ messages: wire(messages), chat_template_kwargs: body.chat_template_kwargs }),
+      signal: state.controller?.signal,
     });
     return res.ok ? await res.json() : null;
   } catch (_) {
