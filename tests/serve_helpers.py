@@ -10,7 +10,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -135,6 +135,14 @@ def run_server(model_dir: Path, log_path: Path, *extra: str, env: dict[str, str]
             proc.kill()
             proc.wait()
             raise AssertionError(f"server did not shut down within 10s:\n{log_path.read_text()}") from None
+
+
+def wait_for(condition: Callable[[], bool], failure: str, timeout: float = 30.0) -> None:
+    """Poll `condition` until it holds; fail with `failure` after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, failure
+        time.sleep(0.01)
 
 
 def wait_idle(url: str, timeout: float = 10.0) -> dict:

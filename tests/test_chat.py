@@ -8,7 +8,6 @@ import select
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,7 +17,7 @@ import pytest
 from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
-from tests.serve_helpers import load_reference, make_checkpoint, with_chat_template
+from tests.serve_helpers import load_reference, make_checkpoint, wait_for, with_chat_template
 
 MAX_NEW = 24
 
@@ -176,13 +175,6 @@ def press_in_reply(child: pexpect.spawn, press: Callable[[], object], landed: Ca
         wait_for(landed, "the key never reached the chat")
     finally:
         os.kill(child.pid, signal.SIGCONT)
-
-
-def wait_for(condition: Callable[[], bool], failure: str) -> None:
-    deadline = time.monotonic() + 30
-    while not condition():
-        assert time.monotonic() < deadline, failure
-        time.sleep(0.01)
 
 
 def stopped(pid: int) -> bool:

@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -23,7 +22,15 @@ from nanoqwen.checkpoint import load_checkpoint, save_checkpoint
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
 from nanoqwen.tokenizer import load_tokenizer
-from tests.serve_helpers import CONTEXT, load_reference, make_checkpoint, run_server, wait_idle, with_chat_template
+from tests.serve_helpers import (
+    CONTEXT,
+    load_reference,
+    make_checkpoint,
+    run_server,
+    wait_for,
+    wait_idle,
+    with_chat_template,
+)
 
 WORDS = ["start", "end", "middle", "heart", "edge", "color", "sound", "shape", "weight", "voice", "rest", "spirit",
          "center", "idea", "core", "tone"]
@@ -826,10 +833,8 @@ def test_disconnect_stops_generation(long_checkpoint: Path, tmp_path: Path) -> N
         with socket.create_connection((host, int(port))) as conn:
             conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
-            deadline = time.monotonic() + 60
-            while httpx.get(f"{url}/health").json()["tokens_generated"] == streamed:
-                assert time.monotonic() < deadline, "the request never started generating"
-                time.sleep(0.01)
+            wait_for(lambda: httpx.get(f"{url}/health").json()["tokens_generated"] != streamed,
+                     "the request never started generating", timeout=60)
         wait_idle(url)
         assert httpx.get(f"{url}/health").json()["tokens_generated"] - streamed < 8 * 4000 // 2
 
