@@ -79,10 +79,10 @@ def worker(args: argparse.Namespace) -> dict:
         config = dataclasses.replace(config, bos_token_id=last, eos_token_id=last, pad_token_id=last)
     amp = torch.bfloat16 if device.type == "cuda" else None
     torch.backends.cuda.matmul.allow_tf32 = True
-    if device.type == "cpu" and (args.worker == "nanoqwen" or args.reuse_freed_memory):
+    if device.type == "cpu" and (args.worker == "nanoqwen" or args.tuned_baseline):
         reuse_freed_memory()  # what `nanoqwen train` does on CPU
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    model, optimizer, objective = build(args.worker, config, device, args.compile, args.reuse_freed_memory)
+    model, optimizer, objective = build(args.worker, config, device, args.compile, args.tuned_baseline)
     model.train()
     generator = torch.Generator().manual_seed(1)
     steps = args.warmup + args.steps
@@ -113,11 +113,11 @@ def worker(args: argparse.Namespace) -> dict:
 
 
 def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
-               compile_model: bool, overrides: dict | None = None, reuse_memory: bool = False) -> dict:
+               compile_model: bool, overrides: dict | None = None, tuned_baseline: bool = False) -> dict:
     command = [sys.executable, __file__, "--worker", contender, "--preset", preset, "--batch", str(batch),
                "--seq-len", str(seq_len), "--steps", str(steps), "--warmup", str(warmup), "--device", device,
                "--model-overrides", json.dumps(overrides or {}), "--compile" if compile_model else "--no-compile",
-               *(["--reuse-freed-memory"] if reuse_memory else [])]
+               *(["--tuned-baseline"] if tuned_baseline else [])]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{contender} failed:\n{done.stderr[-3000:]}")
@@ -229,7 +229,6 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--model-overrides", default="{}", help=argparse.SUPPRESS)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help=argparse.SUPPRESS)
-    p.add_argument("--reuse-freed-memory", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         print(json.dumps(worker(args)))
