@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nanoqwen import __version__
 from nanoqwen.data.sources import CHAT_COLUMNS, SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, counted
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
     IM_END,
@@ -141,7 +141,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     with atomic_dir(out) as tmp:
         tokenizer.save(tmp)
     _warn_about(corpus.stats)
-    print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {count(documents, 'document')} "
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {counted(documents, 'document')} "
           f"({data_size(nbytes)}) in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
 
@@ -229,15 +229,11 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if progress:
         seconds = time.perf_counter() - start
         total = sum(s["bytes"] for s in writer.counts.values())
-        parts = "; ".join(f"{name} {count(s['documents'], 'document')}, {count(s['tokens'], 'token')}"
+        parts = "; ".join(f"{name} {counted(s['documents'], 'document')}, {counted(s['tokens'], 'token')}"
                           for name, s in writer.counts.items())
         print(f"prepared {out}: {parts} ({data_size(total)} of text in {seconds:.1f} s, "
               f"{data_size(total / seconds)}/s)")
     return out
-
-
-def count(n: int, noun: str) -> str:
-    return f"{n:,} {noun}{'' if n == 1 else 's'}"
 
 
 def data_size(nbytes: float) -> str:
