@@ -412,6 +412,11 @@ class TrainConfig:
     """torch.compile the model (None: on CUDA only)."""
     tensorboard: bool = False
     """Also log the metrics and samples as TensorBoard events in RUN/tensorboard (needs the tensorboard package)."""
+    wandb: bool = False
+    """Also log the metrics, samples and run config to Weights & Biases (needs the wandb package and `wandb login`;
+    with WANDB_MODE=offline it keeps them in RUN/wandb for `wandb sync`)."""
+    wandb_project: str = "nanoqwen"
+    """The W&B project --wandb logs into."""
     best_dtype: str = "float32"
     """dtype best/ is written in (bfloat16 halves it; --init-from keeps its checkpoint's). last/ stays float32
     for exact resume."""
@@ -476,3 +481,5 @@ class LoopState:
     """The schedule's length as --fit-to-time set it (None: max_steps)."""
     fitted_warmup: int | None = None
     """The warmup, cut to half of the first fitted length when that was too short for it (None: cfg.warmup)."""
+    wandb_id: str | None = None
+    """The W&B run --wandb logs to, so that a resumed run goes on in the same one."""

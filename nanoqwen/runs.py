@@ -27,7 +27,7 @@ from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
-from nanoqwen.tracking import summary_writer_class
+from nanoqwen.tracking import summary_writer_class, wandb_module
 
 if TYPE_CHECKING:
     from nanoqwen.train import Run
@@ -57,8 +57,10 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         if given is not None:
             values[name] = given
     cfg = TrainConfig(**values).validate()
-    if cfg.tensorboard:
-        summary_writer_class()  # one clear line now if the package is missing, not after preparing data
+    if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
+        summary_writer_class()
+    if cfg.wandb:
+        wandb_module()
     return cfg
 
 
@@ -190,7 +192,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
 def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, str, Path, Path, list[str]]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
-    and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run apart."""
+    and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run and reporting apart."""
     out = Path(args.resume or args.out or "")
     if out == Path("."):
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -215,8 +217,9 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     before = TrainConfig(**train)
     cfg = resolve_train_config({}, args, dataclasses.replace(before))
-    # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding).
-    unchanged = ("max_steps", "max_minutes", "micro_batch")
+    # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
+    # nor what reports on it.
+    unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
     return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed

@@ -1,15 +1,18 @@
-"""What a run reports as it goes: the live progress display, MFU, and TensorBoard.
+"""What a run reports as it goes: the live progress display, MFU, and the trackers (TensorBoard, W&B).
 
-TensorBoard, when asked for (`nanoqwen train --tensorboard`): every metrics.jsonl record as scalars and
-every sample as text, in RUN/tensorboard, so `tensorboard --logdir runs` compares runs live.
-metrics.jsonl stays the record of truth; this mirrors it. The `tensorboard` package is optional:
-asking for it without the package is one clear line before training starts.
+The trackers, when asked for, mirror every metrics.jsonl record and every sample as it is written:
+`nanoqwen train --tensorboard` into RUN/tensorboard (so `tensorboard --logdir runs` compares runs live),
+`--wandb` into a Weights & Biases run named after the run folder, with its config.json as the W&B config.
+metrics.jsonl stays the record of truth. Both packages are optional: asking for one that is missing is one
+clear line before training starts.
 """
 
 from __future__ import annotations
 
+import html
 import sys
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -73,7 +76,27 @@ class Display:
             self.progress.stop()
 
 
-# -- TensorBoard ----------------------------------------------------------------------------------
+# -- trackers -------------------------------------------------------------------------------------
+class Tracker:
+    """A live mirror of the run's metrics.jsonl records and samples in another tool (rank 0 only)."""
+
+    def record(self, record: dict[str, Any]) -> None:
+        """One metrics.jsonl record (its `step` and numbers)."""
+        raise NotImplementedError
+
+    def sample(self, step: int, text: str) -> None:
+        raise NotImplementedError
+
+    def close(self, failed: bool) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
+        self.close(failed=exc_type is not None)  # flushes: the last steps before an error are the ones worth seeing
+
+
 def summary_writer_class() -> type:
     """torch's SummaryWriter, or one clear line when the tensorboard package is missing."""
     try:
@@ -94,7 +117,7 @@ def scalar_tag(key: str) -> str:
     return f"train/{key}"
 
 
-class TensorBoardLog:
+class TensorBoardLog(Tracker):
     def __init__(self, run_dir: Path, last_saved_step: int) -> None:
         # A resumed run writes again every step after its last save; purge_step tells TensorBoard to drop
         # what the interrupted process had logged from there on, so each step shows once, as metrics.jsonl has it.
@@ -102,7 +125,6 @@ class TensorBoardLog:
                                              purge_step=last_saved_step + 1 if last_saved_step else None)
 
     def record(self, record: dict[str, Any]) -> None:
-        """One metrics.jsonl record (its `step` and numbers)."""
         for key, value in record.items():
             if key != "step":
                 self.writer.add_scalar(scalar_tag(key), value, record["step"])
@@ -111,8 +133,47 @@ class TensorBoardLog:
         # TensorBoard renders text as markdown: indented, the sample keeps its lines and spacing
         self.writer.add_text("sample", "    " + text.replace("\n", "\n    "), step)
 
-    def __enter__(self) -> TensorBoardLog:
-        return self
+    def close(self, failed: bool) -> None:
+        self.writer.close()
 
-    def __exit__(self, *exc: object) -> None:
-        self.writer.close()  # flushes: the last steps before an error are the ones worth seeing
+
+def wandb_module() -> ModuleType:
+    """The wandb package, or one clear line when it is missing."""
+    try:
+        import wandb
+    except ImportError as e:
+        raise NanoQwenError("--wandb needs the wandb package: pip install wandb (or train without --wandb; "
+                            "metrics.jsonl and loss.png are written either way)") from e
+    return wandb
+
+
+class WandbLog(Tracker):
+    """A W&B run named after the run folder, its files in RUN/wandb. `run_id` (kept in the training state)
+    continues the W&B run of a resumed one. Each record is logged with its `step` as a value, W&B's x-axis
+    here: W&B's own step may only grow, and a resumed run logs again the steps after its last save (they show
+    twice there, with the same values on CPU; TensorBoard and metrics.jsonl drop the first ones)."""
+
+    def __init__(self, run_dir: Path, project: str, run_id: str | None, config: dict[str, Any]) -> None:
+        self.wandb = wandb_module()
+        try:
+            self.run = self.wandb.init(project=project, name=run_dir.name, dir=str(run_dir), id=run_id,
+                                       resume="allow", config=config,
+                                       settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
+        except self.wandb.errors.Error as e:  # no login, no network
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise NanoQwenError(f"--wandb could not start a W&B run ({reason}); log in with `wandb login`, or set "
+                                "WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
+        self.run.define_metric("*", step_metric="step")
+        self.id: str = self.run.id
+
+    def record(self, record: dict[str, Any]) -> None:
+        self.run.log(record)
+
+    def sample(self, step: int, text: str) -> None:
+        self.run.log({"step": step, "sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")})
+
+    def close(self, failed: bool) -> None:
+        self.run.finish(exit_code=1 if failed else 0)
+        # W&B's service process (and its address in os.environ) outlives a run: a later run in this process (a
+        # notebook, the tests) would reuse its settings, and processes started from here would attach to it.
+        self.wandb.teardown()

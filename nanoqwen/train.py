@@ -31,7 +31,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -103,7 +103,7 @@ from nanoqwen.runs import (
 )
 from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
-from nanoqwen.tracking import Display, TensorBoardLog, flops_per_token, peak_flops
+from nanoqwen.tracking import Display, TensorBoardLog, Tracker, WandbLog, flops_per_token, peak_flops
 
 
 # -- command line ---------------------------------------------------------------------------------
@@ -586,8 +586,8 @@ def train(run: Run) -> dict[str, Any]:
     start = tick = after_first = time.perf_counter()
     recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
     first_step = state.step + 1
-    tensorboard = TensorBoardLog(run.out, state.step) if cfg.tensorboard and main else None
-    with StopSignal() as stop, tensorboard or nullcontext():
+    with StopSignal() as stop, ExitStack() as opened:
+        trackers = open_trackers(run, opened)
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             with explain_out_of_memory(run):
@@ -624,10 +624,10 @@ def train(run: Run) -> dict[str, Any]:
                     summary["stopped"], final = "early_stopping", True
             if main:
                 append_line(metrics_path, json.dumps(record) + "\n")
-            if tensorboard:
-                tensorboard.record(record)
+            for tracker in trackers:
+                tracker.record(record)
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
-                summary["sample"] = sample_and_log(run, display, tensorboard, show=not final)
+                summary["sample"] = sample_and_log(run, display, trackers, show=not final)
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
             eta = (run.total_steps - state.step) * state.elapsed_s / state.step
@@ -652,14 +652,29 @@ def agreed_stop(run: Run, time_up: bool, signal_name: str | None) -> str | None:
     return "max_minutes" if level else None
 
 
-def sample_and_log(run: Run, display: Display, tensorboard: TensorBoardLog | None, show: bool) -> str:
-    """A sample, appended to samples.txt (and TensorBoard); printed when `show` (the last one closes the
+def open_trackers(run: Run, opened: ExitStack) -> list[Tracker]:
+    """The trackers asked for (rank 0), each closed by `opened`. A new W&B run's id goes into the training
+    state, so that a resume continues that W&B run."""
+    if not run.info.is_main:
+        return []
+    trackers: list[Tracker] = []
+    if run.cfg.tensorboard:
+        trackers.append(opened.enter_context(TensorBoardLog(run.out, run.state.step)))
+    if run.cfg.wandb:
+        wandb = opened.enter_context(WandbLog(run.out, run.cfg.wandb_project, run.state.wandb_id, run_config(run)))
+        run.state.wandb_id = wandb.id
+        trackers.append(wandb)
+    return trackers
+
+
+def sample_and_log(run: Run, display: Display, trackers: list[Tracker], show: bool) -> str:
+    """A sample, appended to samples.txt (and the trackers); printed when `show` (the last one closes the
     run's report instead)."""
     text = sample(run)
     if run.info.is_main:
         append_line(run.out / "samples.txt", f"--- step {run.state.step}\n{text}\n\n")
-    if tensorboard:
-        tensorboard.sample(run.state.step, text)
+    for tracker in trackers:
+        tracker.sample(run.state.step, text)
     if show:
         display.print(f"--- sample at step {run.state.step}:\n{text}\n---")
     return text
@@ -782,7 +797,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         print(f"\nsample:\n{text}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
-             ("TensorBoard events", out / TENSORBOARD_FOLDER),
+             ("TensorBoard events", out / TENSORBOARD_FOLDER), ("W&B files", out / "wandb"),
              ("run config", out / "config.json"), ("data", run.data)]
     print("files:")
     for label, path in files:

@@ -5,6 +5,7 @@ clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import math
 import re
@@ -49,6 +50,7 @@ from tests.train_helpers import (
     train_command,
     train_in_process,
     train_losses,
+    wandb_runs,
     write_corpus,
 )
 
@@ -67,8 +69,10 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(data: Path, preset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One AdamW run of 40 steps, shared by the tests that only read its outputs."""
     out = tmp_path_factory.mktemp("runs") / "adamw"
-    assert train_in_process("--config", str(preset), "--data", str(data), "--out", str(out), *FAST,
-                            "--max-steps", "40", "--sample-interval", "20", "--tensorboard") == 0
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "offline")  # --wandb keeps its log in RUN/wandb
+        assert train_in_process("--config", str(preset), "--data", str(data), "--out", str(out), *FAST,
+                                "--max-steps", "40", "--sample-interval", "20", "--tensorboard", "--wandb") == 0
     return out
 
 
@@ -357,16 +361,49 @@ def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
         assert text.replace("\n    ", "\n").removeprefix("    ") in written.split(f"--- step {step}\n")[1]
 
 
-def test_tensorboard_without_the_package_is_one_clear_line(data: Path, preset: Path, tmp_path: Path,
-                                                           monkeypatch: pytest.MonkeyPatch,
-                                                           capsys: pytest.CaptureFixture[str]) -> None:
-    for module in ("tensorboard", "torch.utils.tensorboard"):
+def test_wandb_mirrors_metrics_samples_and_config(trained: Path) -> None:
+    (logged,) = wandb_runs(trained)
+    assert logged.id == json.loads((trained / "last/train_state.json").read_text())["wandb_id"]
+    assert [row for row in logged.rows if "sample" not in row] == read_metrics(trained)  # every value, in order
+    samples = {row["step"]: html.unescape(re.search(r"<pre>(.*)</pre>", row["sample"], re.S).group(1))
+               for row in logged.rows if "sample" in row}
+    with (trained / "samples.txt").open(newline="") as f:  # as written: a sample may hold a bare \r
+        written = f.read()
+    assert list(samples) == [20, 40]
+    for step, text in samples.items():
+        assert written.split(f"--- step {step}\n")[1].startswith(text + "\n\n")
+    config = json.loads((trained / "config.json").read_text())
+    assert logged.config["train"] == config["train"] and logged.config["model"] == config["model"]
+
+
+@pytest.mark.parametrize("flag, modules", [("--tensorboard", ("tensorboard", "torch.utils.tensorboard")),
+                                           ("--wandb", ("wandb",))])
+def test_a_tracker_without_its_package_is_one_clear_line(data: Path, preset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str], flag: str,
+                                                          modules: tuple[str, ...]) -> None:
+    for module in modules:
         monkeypatch.setitem(sys.modules, module, None)  # import fails as if it were not installed
-    out = tmp_path / "no-tensorboard"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--tensorboard") == 2
+    out = tmp_path / "no-tracker"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", flag) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "pip install tensorboard" in err
+    assert err.count("\n") == 0 and f"pip install {modules[0]}" in err
     assert not out.exists()
+
+
+def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process, after the offline run of `trained`: W&B keeps no settings from one run to the next
+    for name in ("WANDB_MODE", "WANDB_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved W&B settings
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    out = tmp_path / "no-login"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "--wandb could not start a W&B run" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert not (out / "last").exists()
 
 
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -922,7 +959,8 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
-    assert train_in_process("--resume", str(out), "--max-steps", "6") == 0  # no --lr: the saved 0 holds
+    # No --lr: the saved 0 holds. What reports on the run is no change of it.
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard") == 0
     assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
     # No more steps to take: one line, and the saved settings are not rewritten with the smaller number.
@@ -946,7 +984,7 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path,
                                                                  optimizer: str) -> None:
     args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
-            "--tensorboard"]
+            "--tensorboard", "--wandb"]
     reference = tmp_path / "reference"
     done = run_train(*common(data, preset, reference), *args)
     assert done.returncode == 0, done.stderr
@@ -971,6 +1009,13 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
     logged = tensorboard_scalars(killed, "train/loss")
     assert list(logged) == list(range(1, 121))
     np.testing.assert_allclose(list(logged.values()), list(expected.values()), rtol=1e-6)
+    # W&B: the resume goes on in the killed process's W&B run, from the step after its last save
+    killed_log, resumed_log = wandb_runs(killed)
+    assert killed_log.id == resumed_log.id
+    resumed_losses = {row["step"]: row["train_loss"] for row in resumed_log.rows if "train_loss" in row}
+    saved_step = min(resumed_losses) - 1
+    assert saved_step % 10 == 0 and list(resumed_losses) == list(range(saved_step + 1, 121))
+    assert resumed_losses == {step: expected[step] for step in resumed_losses}
 
 
 def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Path) -> None:

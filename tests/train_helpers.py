@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 from nanoqwen.cli import main
 
@@ -67,7 +68,8 @@ def train_command(*args: str, nproc: int | None = None) -> list[str]:
 
 def subprocess_env() -> dict[str, str]:
     # The same thread count in every process, so that runs compare bit for bit.
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # W&B offline: a --wandb run keeps its log in RUN/wandb (tests never reach the network)
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
 
 
 def run_train(*args: str, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -95,3 +97,49 @@ def tensorboard_events(run: Path) -> EventAccumulator:
 
 def tensorboard_scalars(run: Path, tag: str) -> dict[int, float]:
     return {e.step: e.value for e in tensorboard_events(run).Scalars(tag)}
+
+
+class WandbRun(NamedTuple):
+    id: str
+    rows: list[dict]
+    """The history rows: the logged keys, values as W&B stored them (a sample is its HTML file's text)."""
+    config: dict
+
+
+def wandb_runs(run: Path) -> list[WandbRun]:
+    """What each process logged to W&B offline (WANDB_MODE=offline) in RUN/wandb, oldest first.
+
+    A run's log (run-ID.wandb) is records in LevelDB's log format, after a 7-byte header: 32 KiB blocks of
+    chunks, each a 7-byte header (crc32, length, kind: 1 whole, 2 first, 3 middle, 4 last part of a record)
+    and a piece of a wandb_internal Record protobuf. A log cut off by a kill ends with a partial chunk.
+    """
+    from wandb.proto import wandb_internal_pb2
+
+    found: list[WandbRun] = []
+    for folder in sorted((run / "wandb").glob("offline-run-*")):  # named by start time
+        (log,) = folder.glob("run-*.wandb")
+        data, pos, pending, rows, config = log.read_bytes(), 7, b"", [], {}
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if (block_left := 32768 - pos % 32768) < 7:  # a block's tail too short for a chunk header: padding
+                pos += block_left
+                continue
+            _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+            piece, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+            if kind == 0 or len(piece) < length:  # padding, or the cut-off end
+                continue
+            pending += piece
+            if kind in (1, 4):
+                record = wandb_internal_pb2.Record.FromString(pending)
+                pending = b""
+                kind_of = record.WhichOneof("record_type")
+                if kind_of == "run":  # the run's start, its config with it
+                    config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+                elif kind_of == "history":
+                    row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                           for item in record.history.item}
+                    if "sample/path" in row:  # a media file's fields
+                        row["sample"] = (folder / "files" / row["sample/path"]).read_bytes().decode()  # a bare \r kept
+                    rows.append({k: v for k, v in row.items() if not k.startswith("_") and "/" not in k})
+        found.append(WandbRun(log.stem.removeprefix("run-"), rows, config))
+    return found
