@@ -291,6 +291,14 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     # The dropped turn stays on the page, marked as out of the model's view; the turns it sees are not.
     marked = page.eval_on_selector_all(".message", "boxes => boxes.map((box) => box.classList.contains('dropped'))")
     assert marked == [True, True, False, False]
+    # Set apart without fading: muted text (4.6:1 or more on its background) and a role line that says why
+    looks = page.eval_on_selector(".message.dropped", """box => {
+        const content = getComputedStyle(box.querySelector('.content'));
+        return [getComputedStyle(box).opacity, content.color, content.borderStyle,
+                getComputedStyle(box.querySelector('.role'), '::after').content]; }""")
+    assert looks == ["1", "rgb(101, 109, 127)", "dashed", '" · out of the model\'s context"']
+    page.locator(".message.dropped").first.scroll_into_view_if_needed()
+    page.screenshot(path=str(ARTIFACTS / "webpage-dropped.png"))
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     expected = client.chat.completions.create(model="tiny-web", messages=[{"role": "user", "content": second}],
                                               max_tokens=300, temperature=0).choices[0].message.content
