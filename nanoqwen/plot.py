@@ -1,12 +1,18 @@
-"""`nanoqwen plot RUN`: loss.png (train and validation loss against the step) from metrics.jsonl."""
+"""`nanoqwen plot RUN [RUN ...]`: loss.png (train and validation loss) from metrics.jsonl, or several runs'
+curves in one figure to compare them, against the step, the tokens seen or the training time."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from nanoqwen.errors import NanoQwenError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
@@ -46,43 +52,56 @@ def smoothing_for(points: int) -> float:
     return min(0.9, max(0.0, 1 - 20 / max(points, 1)))
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Draw loss.png for a run folder (or `out`) and return its path."""
-    import matplotlib
+Curves = tuple[list[tuple[float, float]], list[tuple[float, float]]]  # train and val (x, loss) points
+# The x-axes a run's curves can be drawn against: (metrics.jsonl key, scale, axis label). Runs of other batch
+# sizes compare by tokens; optimizers or setups of other speeds (Muon's slower steps) by time.
+X_AXES = {"step": ("step", 1.0, "step"), "tokens": ("tokens", 1.0, "tokens seen"),
+          "minutes": ("elapsed_s", 1 / 60, "training time (minutes)")}
 
-    matplotlib.use("Agg")  # files only, no display needed
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
 
-    records = [r for r in read_metrics(run_dir) if isinstance(r, dict) and isinstance(r.get("step"), int)]
-    path = Path(out) if out else Path(run_dir) / "loss.png"
+def is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def loss_curves(records: list[dict], x: str = "step") -> Curves:
+    """The (x, loss) points of the train and the val loss in `records`, x as X_AXES names it."""
+    key, scale, _ = X_AXES[x]
+
+    def points(loss: str) -> list[tuple[float, float]]:
+        return [(r[key] * scale, r[loss]) for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+                and is_number(r.get(key)) and is_number(r.get(loss))]
+
+    return points("train_loss"), points("val_loss")
+
+
+def common_folder(dirs: list[Path]) -> Path:
+    """The folder that holds all of `dirs`, as they were given where it can (runs/a and runs/b: runs)."""
+    try:
+        return Path(os.path.commonpath(dirs))
+    except ValueError:  # relative and absolute paths mixed
+        return Path(os.path.commonpath([d.resolve() for d in dirs]))
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str = "step") -> Path:
+    """Draw the loss curves of one run (RUN/loss.png by default) or of several in one figure (compare.png in
+    the folder that holds them all, by default) and return the image's path."""
+    dirs = [Path(d) for d in run_dirs]
+    curves = [loss_curves(read_metrics(d), x) for d in dirs]
+    for d, (train, val) in zip(dirs, curves):
+        if not (train or val):
+            raise NanoQwenError(f"{d / 'metrics.jsonl'} holds no losses yet; plot once the run has logged a step")
+    default = dirs[0] / "loss.png" if len(dirs) == 1 else common_folder(dirs) / "compare.png"
+    path = Path(out) if out else default
     if path.is_dir():  # a folder to put it in, as `cp` takes one
-        path = path / "loss.png"
+        path = path / default.name
     if path.is_dir() or not path.parent.is_dir():
         raise NanoQwenError(f"cannot write the plot to {path}: give --out a file name in an existing folder")
-    train, val = ([(r["step"], r[key]) for r in records
-                   if isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool)]
-                  for key in ("train_loss", "val_loss"))
-    if not (train or val):
-        raise NanoQwenError(f"{Path(run_dir) / 'metrics.jsonl'} holds no losses yet; plot once the run has logged "
-                            "a step")
-    fig, ax = plt.subplots(figsize=(8, 5))
-    if train:
-        steps, losses = zip(*train)
-        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.8)
-        ax.plot(steps, smooth(list(losses), smoothing_for(len(losses))), color="tab:blue", label="train (smoothed)")
-    if val:
-        steps, losses = zip(*val)
-        ax.plot(steps, losses, "o-", color="tab:orange", label="validation")
-        best = min(val, key=lambda sv: sv[1])
-        ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 10), ha="center")
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on a short run's axis
-    ax.set_ylabel("loss (nats per token)")
-    ax.set_title(f"{Path(run_dir).resolve().name}")
-    ax.grid(alpha=0.3)
-    if train or val:
-        ax.legend()
+    names = [d.resolve().name for d in dirs]
+    if len(set(names)) < len(names):  # runs/a/x and runs/b/x: the paths as given tell them apart
+        names = [str(d) for d in dirs]
+    import matplotlib.pyplot as plt
+
+    fig = loss_figure(names, curves, x)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")  # the suffix picks the image format
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -94,11 +113,57 @@ def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
     return path
 
 
+def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
+    """One run: its raw and smoothed train loss in blue, val in orange, the best val marked. Several: a
+    color per run, its smoothed train loss and its val loss (dashed, the best in the legend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    one = len(names) == 1
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, (name, (train, val)) in enumerate(zip(names, curves)):
+        train_color, val_color = ("tab:blue", "tab:orange") if one else (f"C{i % 10}", f"C{i % 10}")
+        if train:
+            xs, losses = zip(*train)
+            if one:  # the raw curve behind the smoothed one (several runs' would hide each other)
+                ax.plot(xs, losses, color=train_color, alpha=0.25, linewidth=0.8)
+            ax.plot(xs, smooth(list(losses), smoothing_for(len(losses))), color=train_color,
+                    label="train (smoothed)" if one else f"{name} train")
+        if val:
+            xs, losses = zip(*val)
+            best = min(val, key=lambda point: point[1])
+            ax.plot(xs, losses, "o-" if one else "o--", color=val_color, markersize=6 if one else 4,
+                    label="validation" if one else f"{name} val (best {best[1]:.3f})")
+            if one:
+                ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 10), ha="center")
+    ax.set_xlabel(X_AXES[x][2])
+    if x == "step":
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no step 2.5 on a short run's axis
+    ax.set_ylabel("loss (nats per token)")
+    ax.set_title(names[0] if one else "train and val loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=None if len(names) <= 2 else "small")
+    return fig
+
+
+def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+    """loss.png of one run against the step (what `nanoqwen train` draws as it ends)."""
+    return plot_runs([run_dir], out)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", help="run folder (holds metrics.jsonl)")
-    p.add_argument("--out", help="image path (default: RUN/loss.png)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folder (holds metrics.jsonl); several: their curves "
+                                                        "in one figure")
+    p.add_argument("--x", default="step", choices=list(X_AXES),
+                   help="what the curves are drawn against (default: step; tokens compares runs of other batch "
+                        "sizes, minutes those of other speeds)")
+    p.add_argument("--out", help="image path or folder (default: RUN/loss.png; several runs: compare.png in the "
+                                 "folder holding them)")
 
 
 def run(args: argparse.Namespace) -> int:
-    print(f"wrote {plot_run(args.run, args.out)}")
+    print(f"wrote {plot_runs(args.runs, args.out, args.x)}")
     return 0

@@ -1357,6 +1357,42 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
                                                f"the run folder that holds it ({tmp_path})")
 
 
+def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    from nanoqwen.plot import loss_curves, loss_figure, smooth, smoothing_for
+
+    records = read_metrics(trained)
+    runs = tmp_path / "runs"
+    # b: as if twice the batch (tokens) on a machine three times slower, its losses 0.5 lower
+    b_records = [{**r, "tokens": 2 * r["tokens"], "elapsed_s": 3 * r["elapsed_s"],
+                  **{k: r[k] - 0.5 for k in ("train_loss", "val_loss") if k in r}} for r in records]
+    for name, run_records in [("a", records), ("b", b_records)]:
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in run_records))
+    assert main(["plot", str(runs / "a"), str(runs / "b"), "--x", "tokens"]) == 0
+    assert capsys.readouterr().out.strip() == f"wrote {runs / 'compare.png'}"  # beside the runs it compares
+    assert (runs / "compare.png").stat().st_size > 10_000
+    val = [r for r in records if "val_loss" in r]
+    b_train, b_val = loss_curves(b_records, "tokens")
+    assert b_train == [(2 * r["tokens"], r["train_loss"] - 0.5) for r in records]
+    np.testing.assert_allclose(loss_curves(b_records, "minutes")[1],
+                               [(3 * r["elapsed_s"] / 60, r["val_loss"] - 0.5) for r in val])
+    a_train, a_val = loss_curves(records, "tokens")
+    fig = loss_figure(["a", "b"], [(a_train, a_val), (b_train, b_val)], "tokens")
+    lines = fig.axes[0].get_lines()
+    best = min(r["val_loss"] for r in val)
+    assert [line.get_label() for line in lines] == ["a train", f"a val (best {best:.3f})", "b train",
+                                                    f"b val (best {best - 0.5:.3f})"]
+    np.testing.assert_allclose(lines[2].get_ydata(), smooth([y for _, y in b_train], smoothing_for(len(b_train))))
+    np.testing.assert_allclose(lines[3].get_xydata(), b_val)
+    assert fig.axes[0].get_xlabel() == "tokens seen"
+    plt.close(fig)
+    assert main(["plot", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "by-step.svg")]) == 0
+    assert (tmp_path / "by-step.svg").read_text().startswith("<?xml")
+
+
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     from nanoqwen.plot import smooth, smoothing_for
 
