@@ -1045,15 +1045,23 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
-@pytest.mark.parametrize(("fsdp", "nproc"), [(False, 2), (True, 2), (True, 1)], ids=["ddp", "fsdp", "fsdp-one"])
+COMPILED_ACCUMULATING = ["--compile", "--micro-batch", "2"]  # what a multi-GPU run does by default, traced on CPU
+
+
+@pytest.mark.parametrize(("fsdp", "nproc", "extra"),
+                         [(False, 2, []), (True, 2, []), (True, 1, []), (False, 2, COMPILED_ACCUMULATING),
+                          (True, 2, COMPILED_ACCUMULATING)],
+                         ids=["ddp", "fsdp", "fsdp-one", "ddp-compiled-accumulating", "fsdp-compiled-accumulating"])
 def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool,
-                                                   nproc: int) -> None:
-    # nproc 1: a torchrun job of one process still shards with FSDP2 (what a one-GPU machine can check)
+                                                   nproc: int, extra: list[str]) -> None:
+    # nproc 1: a torchrun job of one process still shards with FSDP2 (what a one-GPU machine can check).
+    # Compiled, with two micro-batches a step: the model is compiled inside DDP (gradients synced on the last
+    # micro-batch only) or under FSDP2, as on GPUs by default; the single process stays eager.
     args = ["--max-steps", "8", "--eval-interval", "4"]
     single = tmp_path / "single"
     assert train_in_process(*common(data, preset, single), *args) == 0
     multi = tmp_path / "multi"
-    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), nproc=nproc)
+    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), *extra, nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32)" in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
@@ -1061,10 +1069,13 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
     assert config["world_size"] == nproc and (multi / "best/model.safetensors").exists()
+    assert config["train"]["compile"] is bool(extra)
     # the checkpoint holds the trained weights (FSDP: gathered from the shards on rank 0)
     for mine, theirs in zip(load_model(multi / "last").parameters(), load_model(single / "last").parameters(),
                             strict=True):
         torch.testing.assert_close(mine, theirs, atol=5e-3, rtol=0)
+    if extra:  # the plain jobs resume below: compiling once more would only add time
+        return
     # the torchrun job's checkpoints resume on one plain process
     resumed = run_train("--resume", str(multi), "--max-steps", "10")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
