@@ -99,9 +99,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str 
     names = [d.resolve().name for d in dirs]
     if len(set(names)) < len(names):  # runs/a/x and runs/b/x: the paths as given tell them apart
         names = [str(d) for d in dirs]
-    import matplotlib.pyplot as plt
-
     fig = loss_figure(names, curves, x)
+    import matplotlib.pyplot as plt  # after loss_figure chose the file-only backend
+
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")  # the suffix picks the image format
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from nanoqwen.config import ModelConfig
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, first_line
 
 FOLDER = "tensorboard"
 # Dense bf16 peak FLOP/s per GPU, for MFU, by device-name substring (torch.cuda.get_device_name()); the first
@@ -160,9 +160,8 @@ class WandbLog(Tracker):
                                        resume="allow", config=config,
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
         except self.wandb.errors.Error as e:  # no login, no network
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise NanoQwenError(f"--wandb could not start a W&B run ({reason}); log in with `wandb login`, or set "
-                                "WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
+            raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, "
+                                "or set WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
 
