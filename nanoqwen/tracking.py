@@ -160,6 +160,7 @@ class WandbLog(Tracker):
                                        resume="allow", config=config,
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
         except self.wandb.errors.Error as e:  # no login, no network
+            self.wandb.teardown()  # W&B keeps the settings it failed with for the next try in this process
             raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, "
                                 "or set WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
         self.run.define_metric("*", step_metric="step")

@@ -394,7 +394,8 @@ def test_a_tracker_without_its_package_is_one_clear_line(data: Path, preset: Pat
 def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    # In this process, after the offline run of `trained`: W&B keeps no settings from one run to the next
+    # In this process, after the offline run of `trained` (or before it): W&B keeps no settings from one run
+    # to the next
     for name in ("WANDB_MODE", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no saved W&B settings
@@ -404,6 +405,11 @@ def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--wandb could not start a W&B run" in err and "wandb login" in err and "WANDB_MODE=offline" in err
     assert not (out / "last").exists()
+    # Offline, the next try in this process starts (W&B let go of the settings it had failed with)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
+    (logged,) = wandb_runs(out)
+    assert [row["step"] for row in logged.rows if "train_loss" in row] == [1, 2]
 
 
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
