@@ -39,11 +39,14 @@ def flops_per_token(config: ModelConfig, seq_len: int) -> float:
     return 6 * matmul_params + attention
 
 
-def peak_flops(device: torch.device) -> float | None:
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> float | None:
+    """The GPU's dense peak for training in `dtype`, None where unknown. float32 runs its matmuls on the TF32
+    tensor cores (train turns TF32 on): half the bf16 (and fp16) rate on every GPU listed."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    return peak / 2 if peak is not None and dtype == torch.float32 else peak
 
 
 class Display:

@@ -580,7 +580,7 @@ def train(run: Run) -> dict[str, Any]:
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch_size * run.seq_len
-    flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device)
+    flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device, run.amp_dtype)
     display = Display(main, state.step, run.total_steps, cfg.log_interval)
     summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
     start = tick = after_first = time.perf_counter()

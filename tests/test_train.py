@@ -636,7 +636,8 @@ def test_mfu_peak_follows_the_gpus_name(name: str, peak: float | None, monkeypat
     from nanoqwen.tracking import peak_flops
 
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
-    assert peak_flops(torch.device("cuda")) == peak
+    assert peak_flops(torch.device("cuda")) == peak == peak_flops(torch.device("cuda"), torch.float16)
+    assert peak_flops(torch.device("cuda"), torch.float32) == (peak and peak / 2)  # on TF32 tensor cores
     assert peak_flops(torch.device("cpu")) is None
 
 
