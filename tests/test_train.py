@@ -412,6 +412,20 @@ def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_p
     assert [row["step"] for row in logged.rows if "train_loss" in row] == [1, 2]
 
 
+def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Path, preset: Path,
+                                                                        tmp_path: Path) -> None:
+    # Rank 0 alone starts W&B: the other rank stopped with its line, not with a traceback from its next collective
+    env = {k: v for k, v in subprocess_env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))  # no login
+    out = tmp_path / "no-login"
+    done = subprocess.run(train_command(*common(data, preset, out), "--max-steps", "2", "--wandb", nproc=2),
+                          capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "nanoqwen train: error:" in line]
+    assert len(lines) == 2 and "--wandb could not start a W&B run" in lines[0], done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and not (out / "last").exists()
+
+
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
