@@ -147,6 +147,15 @@ def wandb_module() -> ModuleType:
     return wandb
 
 
+def check_wandb_project(project: str) -> None:
+    """One clear line now for a project name W&B refuses, not after building the model with a hint to log in."""
+    wandb = wandb_module()
+    try:
+        wandb.Settings(project=project)
+    except wandb.errors.Error as e:
+        raise NanoQwenError(f"--wandb-project: {first_line(e)}") from None
+
+
 class WandbLog(Tracker):
     """A W&B run named after the run folder, its files in RUN/wandb. `run_id` (kept in the training state)
     continues the W&B run of a resumed one. Each record is logged with its `step` as a value, W&B's x-axis

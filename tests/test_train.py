@@ -426,6 +426,17 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
     assert "[rank1]" not in done.stderr and not (out / "last").exists()
 
 
+def test_wandb_project_w_and_b_refuses_is_one_line_before_the_run_starts(data: Path, preset: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")  # not a login's fault: no hint to log in
+    out = tmp_path / "bad-project"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb", "--wandb-project", "me/p") == 2
+    said = capsys.readouterr()
+    assert said.err.strip().startswith("nanoqwen train: error: --wandb-project: Invalid project name 'me/p'")
+    assert said.err.strip().count("\n") == 0 and said.out == "" and not out.exists()
+
+
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
