@@ -165,7 +165,7 @@ class WandbLog(Tracker):
     def __init__(self, run_dir: Path, project: str, run_id: str | None, config: dict[str, Any]) -> None:
         self.wandb = wandb_module()
         try:
-            self.run = self.wandb.init(project=project, name=run_dir.name, dir=str(run_dir), id=run_id,
+            self.run = self.wandb.init(project=project, name=run_dir.resolve().name, dir=str(run_dir), id=run_id,
                                        resume="allow", config=config,
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
         except self.wandb.errors.Error as e:  # no login, no network

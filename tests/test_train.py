@@ -437,6 +437,16 @@ def test_wandb_project_w_and_b_refuses_is_one_line_before_the_run_starts(data: P
     assert said.err.strip().count("\n") == 0 and said.out == "" and not out.exists()
 
 
+def test_wandb_run_in_the_folder_itself_is_named_after_it(data: Path, preset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "here"
+    out.mkdir()
+    monkeypatch.chdir(out)  # --out . : Path(".").name is "", and W&B made up a name
+    assert train_in_process(*common(data, preset, Path(".")), "--max-steps", "2", "--wandb") == 0
+    assert [logged.name for logged in wandb_runs(out)] == ["here"]
+
+
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
