@@ -1445,6 +1445,18 @@ def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path
     assert (tmp_path / "by-step.svg").read_text().startswith("<?xml")
 
 
+def test_plot_refuses_a_run_without_the_x_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "runs/old", tmp_path / "runs/new"
+    for run, extra in [(old, {}), (new, {"tokens": 4096, "elapsed_s": 1.5})]:  # an older run: no tokens, no time
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 5.0, "val_loss": 5.1, **extra}) + "\n")
+    for x, key in [("tokens", "tokens"), ("minutes", "elapsed_s")]:
+        assert main(["plot", str(new), str(old), "--x", x]) == 2
+        assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {old / 'metrics.jsonl'} has no {key} "
+                                                   "(written by an older nanoqwen); plot it against the step: --x step")
+    assert main(["plot", str(new), str(old)]) == 0 and (tmp_path / "runs/compare.png").exists()  # by step it can
+
+
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     from nanoqwen.plot import smooth, smoothing_for
 
