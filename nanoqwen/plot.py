@@ -86,6 +86,9 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str 
     """Draw the loss curves of one run (RUN/loss.png by default) or of several in one figure (compare.png in
     the folder that holds them all, by default) and return the image's path."""
     dirs = [Path(d) for d in run_dirs]
+    for i, d in enumerate(dirs):  # its curves drawn twice, in two colors, the figure written into it
+        if any(d.resolve() == other.resolve() for other in dirs[:i]):
+            raise NanoQwenError(f"{d} is given twice; give each run once")
     records = [read_metrics(d) for d in dirs]
     curves = [loss_curves(r, x) for r in records]
     for d, run_records, (train, val) in zip(dirs, records, curves):

@@ -1445,7 +1445,8 @@ def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path
     assert (tmp_path / "by-step.svg").read_text().startswith("<?xml")
 
 
-def test_plot_refuses_a_run_without_the_x_asked_for(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_plot_refuses_a_run_given_twice_or_without_the_x_asked_for(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     old, new = tmp_path / "runs/old", tmp_path / "runs/new"
     for run, extra in [(old, {}), (new, {"tokens": 4096, "elapsed_s": 1.5})]:  # an older run: no tokens, no time
         run.mkdir(parents=True)
@@ -1455,6 +1456,10 @@ def test_plot_refuses_a_run_without_the_x_asked_for(tmp_path: Path, capsys: pyte
         assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {old / 'metrics.jsonl'} has no {key} "
                                                    "(written by an older nanoqwen); plot it against the step: --x step")
     assert main(["plot", str(new), str(old)]) == 0 and (tmp_path / "runs/compare.png").exists()  # by step it can
+    capsys.readouterr()
+    assert main(["plot", str(new), f"{tmp_path}/runs/./new/"]) == 2  # the same run, spelled otherwise
+    assert capsys.readouterr().err.strip() == f"nanoqwen plot: error: {new} is given twice; give each run once"
+    assert not (new / "compare.png").exists()
 
 
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
