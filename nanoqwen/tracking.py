@@ -142,7 +142,8 @@ def wandb_module() -> ModuleType:
     try:
         import wandb
     except ImportError as e:
-        raise NanoQwenError("--wandb needs the wandb package: pip install wandb (or train without --wandb; "
+        # --no-wandb: a resume of a --wandb run keeps it without the flag being given
+        raise NanoQwenError("--wandb needs the wandb package: pip install wandb (or train with --no-wandb; "
                             "metrics.jsonl and loss.png are written either way)") from e
     return wandb
 
@@ -171,7 +172,8 @@ class WandbLog(Tracker):
         except self.wandb.errors.Error as e:  # no login, no network
             self.wandb.teardown()  # W&B keeps the settings it failed with for the next try in this process
             raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, "
-                                "or set WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
+                                "set WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with "
+                                "--no-wandb") from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
 

@@ -404,12 +404,28 @@ def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_p
     assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--wandb could not start a W&B run" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert err.endswith("or train with --no-wandb")
     assert not (out / "last").exists()
     # Offline, the next try in this process starts (W&B let go of the settings it had failed with)
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
     (logged,) = wandb_runs(out)
     assert [row["step"] for row in logged.rows if "train_loss" in row] == [1, 2]
+
+
+def test_a_wandb_run_resumed_without_the_package_points_to_no_wandb(data: Path, preset: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The resume was not given --wandb (the run keeps it): "train without --wandb" told it nothing to do
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "tracked"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
+    monkeypatch.setitem(sys.modules, "wandb", None)  # resumed where wandb is not installed
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 2
+    assert "pip install wandb (or train with --no-wandb;" in capsys.readouterr().err
+    assert train_in_process("--resume", str(out), "--max-steps", "3", "--no-wandb") == 0
+    assert max(train_losses(out)) == 3
 
 
 def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Path, preset: Path,
