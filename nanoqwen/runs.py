@@ -194,7 +194,7 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
     and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run and reporting apart."""
     out = Path(args.resume or args.out or "")
-    if out == Path("."):
+    if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
     if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "

@@ -463,6 +463,16 @@ def test_wandb_run_in_the_folder_itself_is_named_after_it(data: Path, preset: Pa
     assert [logged.name for logged in wandb_runs(out)] == ["here"]
 
 
+def test_a_run_in_the_current_folder_resumes_as_its_report_says(data: Path, preset: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert train_in_process(*common(data, preset, Path(".")), "--max-steps", "2") == 0
+    assert "nanoqwen train --resume . --max-steps 4" in capsys.readouterr().out  # was refused: "needs the run folder"
+    assert train_in_process("--resume", ".", "--max-steps", "3") == 0
+    assert max(train_losses(tmp_path)) == 3
+
+
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
