@@ -86,9 +86,16 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str 
     """Draw the loss curves of one run (RUN/loss.png by default) or of several in one figure (compare.png in
     the folder that holds them all, by default) and return the image's path."""
     dirs = [Path(d) for d in run_dirs]
-    curves = [loss_curves(read_metrics(d), x) for d in dirs]
-    for d, (train, val) in zip(dirs, curves):
+    for i, d in enumerate(dirs):  # its curves drawn twice, in two colors, the figure written into it
+        if any(d.resolve() == other.resolve() for other in dirs[:i]):
+            raise NanoQwenError(f"{d} is given twice; give each run once")
+    records = [read_metrics(d) for d in dirs]
+    curves = [loss_curves(r, x) for r in records]
+    for d, run_records, (train, val) in zip(dirs, records, curves):
         if not (train or val):
+            if x != "step" and any(loss_curves(run_records)):  # losses, but not the x: a run from before it was kept
+                raise NanoQwenError(f"{d / 'metrics.jsonl'} has no {X_AXES[x][0]} (written by an older nanoqwen); "
+                                    "plot it against the step: --x step")
             raise NanoQwenError(f"{d / 'metrics.jsonl'} holds no losses yet; plot once the run has logged a step")
     default = dirs[0] / "loss.png" if len(dirs) == 1 else common_folder(dirs) / "compare.png"
     path = Path(out) if out else default

@@ -27,7 +27,7 @@ from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
-from nanoqwen.tracking import summary_writer_class, wandb_module
+from nanoqwen.tracking import check_wandb_project, summary_writer_class
 
 if TYPE_CHECKING:
     from nanoqwen.train import Run
@@ -60,7 +60,7 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:
-        wandb_module()
+        check_wandb_project(cfg.wandb_project)
     return cfg
 
 
@@ -194,7 +194,7 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
     and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run and reporting apart."""
     out = Path(args.resume or args.out or "")
-    if out == Path("."):
+    if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
     if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
         raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "

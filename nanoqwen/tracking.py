@@ -145,9 +145,19 @@ def wandb_module() -> ModuleType:
     try:
         import wandb
     except ImportError as e:
-        raise NanoQwenError("--wandb needs the wandb package: pip install wandb (or train without --wandb; "
+        # --no-wandb: a resume of a --wandb run keeps it without the flag being given
+        raise NanoQwenError("--wandb needs the wandb package: pip install wandb (or train with --no-wandb; "
                             "metrics.jsonl and loss.png are written either way)") from e
     return wandb
+
+
+def check_wandb_project(project: str) -> None:
+    """One clear line now for a project name W&B refuses, not after building the model with a hint to log in."""
+    wandb = wandb_module()
+    try:
+        wandb.Settings(project=project)
+    except wandb.errors.Error as e:
+        raise NanoQwenError(f"--wandb-project: {first_line(e)}") from None
 
 
 class WandbLog(Tracker):
@@ -159,13 +169,14 @@ class WandbLog(Tracker):
     def __init__(self, run_dir: Path, project: str, run_id: str | None, config: dict[str, Any]) -> None:
         self.wandb = wandb_module()
         try:
-            self.run = self.wandb.init(project=project, name=run_dir.name, dir=str(run_dir), id=run_id,
+            self.run = self.wandb.init(project=project, name=run_dir.resolve().name, dir=str(run_dir), id=run_id,
                                        resume="allow", config=config,
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
         except self.wandb.errors.Error as e:  # no login, no network
             self.wandb.teardown()  # W&B keeps the settings it failed with for the next try in this process
             raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, "
-                                "or set WANDB_MODE=offline to keep it in the run folder for `wandb sync`") from None
+                                "set WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with "
+                                "--no-wandb") from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
 

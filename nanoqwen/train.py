@@ -654,16 +654,23 @@ def agreed_stop(run: Run, time_up: bool, signal_name: str | None) -> str | None:
 
 def open_trackers(run: Run, opened: ExitStack) -> list[Tracker]:
     """The trackers asked for (rank 0), each closed by `opened`. A new W&B run's id goes into the training
-    state, so that a resume continues that W&B run."""
-    if not run.info.is_main:
-        return []
+    state, so that a resume continues that W&B run. A tracker that fails to start stops every rank with rank 0's
+    line (the others would crash in their next collective, with a traceback each)."""
     trackers: list[Tracker] = []
-    if run.cfg.tensorboard:
-        trackers.append(opened.enter_context(TensorBoardLog(run.out, run.state.step)))
-    if run.cfg.wandb:
-        wandb = opened.enter_context(WandbLog(run.out, run.cfg.wandb_project, run.state.wandb_id, run_config(run)))
-        run.state.wandb_id = wandb.id
-        trackers.append(wandb)
+    failed: str | None = None
+    try:
+        if run.info.is_main and run.cfg.tensorboard:
+            trackers.append(opened.enter_context(TensorBoardLog(run.out, run.state.step)))
+        if run.info.is_main and run.cfg.wandb:
+            wandb = opened.enter_context(WandbLog(run.out, run.cfg.wandb_project, run.state.wandb_id,
+                                                  run_config(run)))
+            run.state.wandb_id = wandb.id
+            trackers.append(wandb)
+    except NanoQwenError as e:
+        failed = str(e)
+    failed = from_rank0(failed)
+    if failed is not None:
+        raise NanoQwenError(failed)
     return trackers
 
 

@@ -404,12 +404,73 @@ def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_p
     assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--wandb could not start a W&B run" in err and "wandb login" in err and "WANDB_MODE=offline" in err
+    assert err.endswith("or train with --no-wandb")
     assert not (out / "last").exists()
     # Offline, the next try in this process starts (W&B let go of the settings it had failed with)
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
     (logged,) = wandb_runs(out)
     assert [row["step"] for row in logged.rows if "train_loss" in row] == [1, 2]
+
+
+def test_a_wandb_run_resumed_without_the_package_points_to_no_wandb(data: Path, preset: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    # The resume was not given --wandb (the run keeps it): "train without --wandb" told it nothing to do
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "tracked"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
+    monkeypatch.setitem(sys.modules, "wandb", None)  # resumed where wandb is not installed
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 2
+    assert "pip install wandb (or train with --no-wandb;" in capsys.readouterr().err
+    assert train_in_process("--resume", str(out), "--max-steps", "3", "--no-wandb") == 0
+    assert max(train_losses(out)) == 3
+
+
+def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Path, preset: Path,
+                                                                        tmp_path: Path) -> None:
+    # Rank 0 alone starts W&B: the other rank stopped with its line, not with a traceback from its next collective
+    env = {k: v for k, v in subprocess_env().items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update(HOME=str(tmp_path), WANDB_CONFIG_DIR=str(tmp_path / "wandb-config"))  # no login
+    out = tmp_path / "no-login"
+    done = subprocess.run(train_command(*common(data, preset, out), "--max-steps", "2", "--wandb", nproc=2),
+                          capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "nanoqwen train: error:" in line]
+    assert len(lines) == 2 and "--wandb could not start a W&B run" in lines[0], done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and not (out / "last").exists()
+
+
+def test_wandb_project_w_and_b_refuses_is_one_line_before_the_run_starts(data: Path, preset: Path, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")  # not a login's fault: no hint to log in
+    out = tmp_path / "bad-project"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb", "--wandb-project", "me/p") == 2
+    said = capsys.readouterr()
+    assert said.err.strip().startswith("nanoqwen train: error: --wandb-project: Invalid project name 'me/p'")
+    assert said.err.strip().count("\n") == 0 and said.out == "" and not out.exists()
+
+
+def test_wandb_run_in_the_folder_itself_is_named_after_it(data: Path, preset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "here"
+    out.mkdir()
+    monkeypatch.chdir(out)  # --out . : Path(".").name is "", and W&B made up a name
+    assert train_in_process(*common(data, preset, Path(".")), "--max-steps", "2", "--wandb") == 0
+    assert [logged.name for logged in wandb_runs(out)] == ["here"]
+
+
+def test_a_run_in_the_current_folder_resumes_as_its_report_says(data: Path, preset: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert train_in_process(*common(data, preset, Path(".")), "--max-steps", "2") == 0
+    assert "nanoqwen train --resume . --max-steps 4" in capsys.readouterr().out  # was refused: "needs the run folder"
+    assert train_in_process("--resume", ".", "--max-steps", "3") == 0
+    assert max(train_losses(tmp_path)) == 3
 
 
 def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -1409,6 +1470,23 @@ def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path
     plt.close(fig)
     assert main(["plot", str(runs / "a"), str(runs / "b"), "--out", str(tmp_path / "by-step.svg")]) == 0
     assert (tmp_path / "by-step.svg").read_text().startswith("<?xml")
+
+
+def test_plot_refuses_a_run_given_twice_or_without_the_x_asked_for(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    old, new = tmp_path / "runs/old", tmp_path / "runs/new"
+    for run, extra in [(old, {}), (new, {"tokens": 4096, "elapsed_s": 1.5})]:  # an older run: no tokens, no time
+        run.mkdir(parents=True)
+        (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train_loss": 5.0, "val_loss": 5.1, **extra}) + "\n")
+    for x, key in [("tokens", "tokens"), ("minutes", "elapsed_s")]:
+        assert main(["plot", str(new), str(old), "--x", x]) == 2
+        assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {old / 'metrics.jsonl'} has no {key} "
+                                                   "(written by an older nanoqwen); plot it against the step: --x step")
+    assert main(["plot", str(new), str(old)]) == 0 and (tmp_path / "runs/compare.png").exists()  # by step it can
+    capsys.readouterr()
+    assert main(["plot", str(new), f"{tmp_path}/runs/./new/"]) == 2  # the same run, spelled otherwise
+    assert capsys.readouterr().err.strip() == f"nanoqwen plot: error: {new} is given twice; give each run once"
+    assert not (new / "compare.png").exists()
 
 
 def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:

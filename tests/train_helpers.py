@@ -104,6 +104,7 @@ class WandbRun(NamedTuple):
     rows: list[dict]
     """The history rows: the logged keys, values as W&B stored them (a sample is its HTML file's text)."""
     config: dict
+    name: str
 
 
 def wandb_runs(run: Path) -> list[WandbRun]:
@@ -118,7 +119,7 @@ def wandb_runs(run: Path) -> list[WandbRun]:
     found: list[WandbRun] = []
     for folder in sorted((run / "wandb").glob("offline-run-*")):  # named by start time
         (log,) = folder.glob("run-*.wandb")
-        data, pos, pending, rows, config = log.read_bytes(), 7, b"", [], {}
+        data, pos, pending, rows, config, name = log.read_bytes(), 7, b"", [], {}, ""
         assert data[:4] == b":W&B"
         while pos + 7 <= len(data):
             if (block_left := 32768 - pos % 32768) < 7:  # a block's tail too short for a chunk header: padding
@@ -133,13 +134,14 @@ def wandb_runs(run: Path) -> list[WandbRun]:
                 record = wandb_internal_pb2.Record.FromString(pending)
                 pending = b""
                 kind_of = record.WhichOneof("record_type")
-                if kind_of == "run":  # the run's start, its config with it
+                if kind_of == "run":  # the run's start, its config and name with it
                     config = {item.key: json.loads(item.value_json) for item in record.run.config.update}
+                    name = record.run.display_name
                 elif kind_of == "history":
                     row = {item.key or "/".join(item.nested_key): json.loads(item.value_json)
                            for item in record.history.item}
                     if "sample/path" in row:  # a media file's fields
                         row["sample"] = (folder / "files" / row["sample/path"]).read_bytes().decode()  # a bare \r kept
                     rows.append({k: v for k, v in row.items() if not k.startswith("_") and "/" not in k})
-        found.append(WandbRun(log.stem.removeprefix("run-"), rows, config))
+        found.append(WandbRun(log.stem.removeprefix("run-"), rows, config, name))
     return found
