@@ -101,8 +101,11 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str 
     path = Path(out) if out else default
     if path.is_dir():  # a folder to put it in, as `cp` takes one
         path = path / default.name
-    if path.is_dir() or not path.parent.is_dir():
-        raise NanoQwenError(f"cannot write the plot to {path}: give --out a file name in an existing folder")
+    # "plots/" names a folder even where there is none (Path drops the slash: it would be written as a file "plots")
+    missing_folder = out is not None and str(out).endswith(("/", os.sep)) and not Path(out).is_dir()
+    if path.is_dir() or not path.parent.is_dir() or missing_folder:
+        raise NanoQwenError(f"cannot write the plot to {out if missing_folder else path}: give --out a file name in "
+                            "an existing folder")
     names = [d.resolve().name for d in dirs]
     if len(set(names)) < len(names):  # runs/a/x and runs/b/x: the paths as given tell them apart
         names = [str(d) for d in dirs]

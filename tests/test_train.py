@@ -340,6 +340,9 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     assert main(["plot", str(trained)]) == 0 and (trained / "loss.png").stat().st_size > 10_000
     (trained / "plots").mkdir()  # --out a folder: the plot goes in it
     assert main(["plot", str(trained), "--out", str(trained / "plots")]) == 0 and (trained / "plots/loss.png").exists()
+    assert main(["plot", str(trained), "--out", f"{trained / 'plots'}/"]) == 0  # named as a folder
+    assert main(["plot", str(trained), "--out", f"{trained / 'no-such-folder'}/"]) == 2  # not a file of that name
+    assert not (trained / "no-such-folder").exists()
 
 
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
