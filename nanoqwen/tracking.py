@@ -12,6 +12,7 @@ from __future__ import annotations
 import html
 import sys
 from pathlib import Path
+from shlex import quote
 from types import ModuleType
 from typing import Any
 
@@ -179,6 +180,10 @@ class WandbLog(Tracker):
                                 "--no-wandb") from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
+        # For the closing report: the run's page, or offline the command that uploads it (W&B's own lines about
+        # either scroll away with the progress)
+        self.where = f"`wandb sync {quote(str(Path(self.run.dir).parent))}` uploads it" if self.run.offline \
+            else self.run.url
 
     def record(self, record: dict[str, Any]) -> None:
         self.run.log(record)

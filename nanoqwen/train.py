@@ -588,6 +588,7 @@ def train(run: Run) -> dict[str, Any]:
     first_step = state.step + 1
     with StopSignal() as stop, ExitStack() as opened:
         trackers = open_trackers(run, opened)
+        summary["wandb"] = next((t.where for t in trackers if isinstance(t, WandbLog)), None)
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             with explain_out_of_memory(run):
@@ -804,12 +805,14 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         print(f"\nsample:\n{text}\n")
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
-             ("TensorBoard events", out / TENSORBOARD_FOLDER), ("W&B files", out / "wandb"),
+             ("TensorBoard events", out / TENSORBOARD_FOLDER),
              ("run config", out / "config.json"), ("data", run.data)]
     print("files:")
     for label, path in files:
         if path.exists():
             print(f"  {label:<34} {path}")
+    if summary.get("wandb"):
+        print(f"  {'W&B run':<34} {summary['wandb']}")
     model = out / "best" if (out / "best").exists() else out / "last"
     # All its steps done: more need a larger --max-steps. An early stop with steps left goes on as planned
     # once asked to (a plain resume of it is refused, as a run that never stopped would have ended there too).

@@ -414,6 +414,9 @@ def test_wandb_without_a_login_is_one_clear_line(data: Path, preset: Path, tmp_p
     assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
     (logged,) = wandb_runs(out)
     assert [row["step"] for row in logged.rows if "train_loss" in row] == [1, 2]
+    # The report ends with how to upload it (W&B's own lines about that scroll away with the progress)
+    (folder,) = (out / "wandb").glob("offline-run-*")
+    assert f"W&B run{' ' * 27} `wandb sync {folder}` uploads it\n" in capsys.readouterr().out
 
 
 def test_a_wandb_run_resumed_without_the_package_points_to_no_wandb(data: Path, preset: Path, tmp_path: Path,
