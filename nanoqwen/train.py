@@ -581,14 +581,14 @@ def train(run: Run) -> dict[str, Any]:
         run.out.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch_size * run.seq_len
     flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device, run.amp_dtype)
-    display = Display(main, state.step, run.total_steps, cfg.log_interval)
     summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
-    start = tick = after_first = time.perf_counter()
-    recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
-    first_step = state.step + 1
     with StopSignal() as stop, ExitStack() as opened:
-        trackers = open_trackers(run, opened)
+        trackers = open_trackers(run, opened)  # before the progress bar: one that fails to start is one clean line
         summary["wandb"] = next((t.where for t in trackers if isinstance(t, WandbLog)), None)
+        display = Display(main, state.step, run.total_steps, cfg.log_interval)
+        start = tick = after_first = time.perf_counter()
+        recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
+        first_step = state.step + 1
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             with explain_out_of_memory(run):
