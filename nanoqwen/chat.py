@@ -116,6 +116,23 @@ class Terminal:
             raise EOFError
         return input(prompt)
 
+    @staticmethod
+    def history_length() -> int:
+        readline = sys.modules.get("readline")
+        return readline.get_current_history_length() if readline else 0
+
+    @staticmethod
+    def keep_whole(first: int, message: str) -> None:
+        """Make the lines of a message read since history entry `first` one entry: Up brings the message back
+        whole (readline returns its newlines with it, one message again), not its last line alone."""
+        readline = sys.modules.get("readline")
+        if readline is None:
+            return
+        with contextlib.suppress(ValueError, AttributeError):  # libedit's numbering may differ: leave it be
+            while readline.get_current_history_length() > first:
+                readline.remove_history_item(readline.get_current_history_length() - 1)
+            readline.add_history("/" + message if message.lstrip().startswith("/") else message)  # "//": no command
+
 
 class Conversation:
     """The history and how it becomes prompt ids that leave `reserve` tokens of the context for the reply."""
@@ -265,7 +282,10 @@ def run(args: argparse.Namespace) -> int:
     turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
     while True:
         try:
+            first = terminal.history_length()
             kind, line = read_message(terminal.input, terminal.pasted)
+            if kind == "message" and "\n" in line:
+                terminal.keep_whole(first, line)
         except EOFError:
             print()
             return 0

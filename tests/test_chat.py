@@ -101,8 +101,12 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
         assert child.before.replace("\r\n", "\n") == 'violets are blue."""\n' + printable(expected) + "\n"
         # "//" sends a message that starts with "/" (here one that reads like a command), in the same history.
         history = [*poem, {"role": "assistant", "content": expected}, {"role": "user", "content": "/reset"}]
-        assert say(child, "//reset") == printable(reply_of(local, history)) + "\n"
+        answer = reply_of(local, history)
+        assert say(child, "//reset") == printable(answer) + "\n"
         assert "(unknown command /unknown) Type a message" in say(child, "/unknown")  # named, then the help
+        child.send("\x10\x10\x10\r")  # Ctrl-P (Up) three times: the block, whole, without its quotes
+        child.expect_exact(printable(reply_of(local, [*history, {"role": "assistant", "content": answer}, *poem])))
+        child.expect_exact(PROMPT)  # (readline redraws the prompt as it shows a message of several lines)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
@@ -130,7 +134,12 @@ def test_a_pasted_text_of_several_lines_is_one_message(checkpoint: Path, local, 
         assert out.endswith(printable(first) + "\n") and out.count(printable(first)) == 1, out
         # A line typed after it is sent at Enter, a message of its own in the same history.
         history = [*poem, {"role": "assistant", "content": first}, {"role": "user", "content": "Hm."}]
-        assert say(child, "Hm.") == printable(reply_of(local, history)) + "\n"
+        second = reply_of(local, history)
+        assert say(child, "Hm.") == printable(second) + "\n"
+        if term != "no readline":  # Ctrl-P twice (Up): the pasted message comes back whole, and is sent as one
+            child.send("\x10\x10\r")
+            child.expect_exact(printable(reply_of(local, [*history, {"role": "assistant", "content": second}, *poem])))
+            child.expect_exact(PROMPT)  # (readline redraws the prompt as it shows a message of several lines)
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:
