@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError
-from nanoqwen.io import is_run_record
+from nanoqwen.io import is_json_number, is_run_record
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES
 
 PRESET_DIR = Path(__file__).parent / "configs"
@@ -46,7 +46,7 @@ def json_is(value: Any, hint: Any) -> bool:
     if origin is dict:
         return isinstance(value, dict) and all(json_is(v, args[1]) for v in value.values())
     if hint is float:
-        return isinstance(value, int | float) and not isinstance(value, bool)
+        return is_json_number(value)
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool)
     return isinstance(value, hint)

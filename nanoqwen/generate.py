@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int
+from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -506,8 +507,7 @@ def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING
         value = saved.get(name)
         if value is None:
             continue
-        number = isinstance(value, int | float) and not isinstance(value, bool)
-        if not number or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
+        if not is_json_number(value) or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
             raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
                                 "fix or remove it")
         chosen[name] = max(int(value), 0) if name == "top_k" else value  # top_k -1 (vLLM's "all"): 0 here

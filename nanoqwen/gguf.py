@@ -21,7 +21,7 @@ import torch
 
 from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_config
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_path, refuse_inside_a_file
+from nanoqwen.io import atomic_path, is_json_number, refuse_inside_a_file
 from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
@@ -153,7 +153,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     sampling = read_generation_config(directory)
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("temperature", writer.add_sampling_temp)):
-        if isinstance(sampling.get(key), (int, float)) and not isinstance(sampling[key], bool):
+        if is_json_number(sampling.get(key)):
             add(sampling[key])
 
     tokens, types = vocabulary(tokenizer, config.vocab_size)

@@ -169,6 +169,11 @@ def is_run_config(path: Path) -> bool:
     return is_run_record(saved)
 
 
+def is_json_number(value: Any) -> bool:
+    """Whether a parsed JSON value is a number: an int or a float, not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def is_run_record(saved: Any) -> bool:
     """Whether parsed JSON is a run folder's config.json (not a model's, nor a preset)."""
     return isinstance(saved, dict) and set(RUN_CONFIG_KEYS) <= saved.keys()

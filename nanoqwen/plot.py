@@ -7,9 +7,10 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import is_json_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -59,17 +60,13 @@ X_AXES = {"step": ("step", 1.0, "step"), "tokens": ("tokens", 1.0, "tokens seen"
           "minutes": ("elapsed_s", 1 / 60, "training time (minutes)")}
 
 
-def is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def loss_curves(records: list[dict], x: str = "step") -> Curves:
     """The (x, loss) points of the train and the val loss in `records`, x as X_AXES names it."""
     key, scale, _ = X_AXES[x]
 
     def points(loss: str) -> list[tuple[float, float]]:
         return [(r[key] * scale, r[loss]) for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
-                and is_number(r.get(key)) and is_number(r.get(loss))]
+                and is_json_number(r.get(key)) and is_json_number(r.get(loss))]
 
     return points("train_loss"), points("val_loss")
 
