@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import is_json_number
+from nanoqwen.io import atomic_file, is_json_number
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -109,14 +109,13 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str 
     fig = loss_figure(names, curves, x)
     import matplotlib.pyplot as plt  # after loss_figure chose the file-only backend
 
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix or '.png'}")  # the suffix picks the image format
     try:
-        fig.savefig(tmp, dpi=120, bbox_inches="tight")
+        with atomic_file(path, "wb") as f:  # whole or absent
+            fig.savefig(f, format=path.suffix[1:] or "png", dpi=120, bbox_inches="tight")  # the suffix: the format
     except ValueError as e:  # an image format matplotlib does not know
         raise NanoQwenError(f"cannot write {path}: {e}; use .png, .pdf or .svg") from None
     finally:
         plt.close(fig)
-    tmp.replace(path)  # whole or absent
     return path
 
 
