@@ -27,7 +27,7 @@ from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
-from nanoqwen.tracking import check_wandb_project, summary_writer_class
+from nanoqwen.tracking import check_wandb, summary_writer_class
 
 if TYPE_CHECKING:
     from nanoqwen.train import Run
@@ -43,7 +43,7 @@ FINETUNE_SEQ_LEN = 1024
 
 
 # -- a new run: its settings, data and folder -----------------------------------------------------
-def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
+def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace, is_main: bool,
                          base: TrainConfig | None = None) -> TrainConfig:
     """Defaults (or a resumed run's config), then the preset's train section, then the flags."""
     values = dataclasses.asdict(base or TrainConfig())
@@ -60,7 +60,7 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:
-        check_wandb_project(cfg.wandb_project)
+        check_wandb(cfg.wandb_project, is_main)
     return cfg
 
 
@@ -146,7 +146,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     else:
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         model = apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
-    cfg = resolve_train_config(preset.train, args)
+    cfg = resolve_train_config(preset.train, args, info.is_main)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
         check_seq_len(cfg.seq_len, model, can_set=True)
     check_batch(cfg.batch_size, cfg.micro_batch, info.world_size)  # likewise
@@ -216,7 +216,7 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     before = TrainConfig(**train)
-    cfg = resolve_train_config({}, args, dataclasses.replace(before))
+    cfg = resolve_train_config({}, args, announce, dataclasses.replace(before))
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
     # nor what reports on it.
     unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")

@@ -10,6 +10,7 @@ clear line before training starts.
 from __future__ import annotations
 
 import html
+import os
 import sys
 from pathlib import Path
 from shlex import quote
@@ -19,6 +20,7 @@ from typing import Any
 import torch
 
 from nanoqwen.config import ModelConfig
+from nanoqwen.distributed import from_rank0
 from nanoqwen.errors import NanoQwenError, first_line
 
 FOLDER = "tensorboard"
@@ -152,13 +154,31 @@ def wandb_module() -> ModuleType:
     return wandb
 
 
-def check_wandb_project(project: str) -> None:
-    """One clear line now for a project name W&B refuses, not after building the model with a hint to log in."""
+def check_wandb(project: str, is_main: bool) -> None:
+    """One clear line now, before data is prepared and the model built, for a project name W&B refuses or
+    (online) a missing login; on a terminal, W&B asks for the key now. Rank 0 alone logs in, as it alone
+    starts the W&B run; every rank stops with its line."""
     wandb = wandb_module()
     try:
         wandb.Settings(project=project)
     except wandb.errors.Error as e:
         raise NanoQwenError(f"--wandb-project: {first_line(e)}") from None
+    failed: str | None = None
+    # Offline and disabled need no key (W&B's login would only warn that it cannot verify one)
+    if is_main and os.environ.get("WANDB_MODE", "online").lower() not in ("offline", "dryrun", "disabled"):
+        try:
+            wandb.login(verify=False)  # the key from the environment, ~/.netrc or W&B's settings; no network
+        except wandb.errors.Error as e:
+            wandb.teardown()  # as after a failed start: W&B would keep these settings for a retry in this process
+            failed = first_line(e)
+    failed = from_rank0(failed)
+    if failed is not None:
+        raise wandb_start_error(failed)
+
+
+def wandb_start_error(reason: str) -> NanoQwenError:
+    return NanoQwenError(f"--wandb could not start a W&B run ({reason}); log in with `wandb login`, set "
+                         "WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with --no-wandb")
 
 
 class WandbLog(Tracker):
@@ -175,9 +195,7 @@ class WandbLog(Tracker):
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
         except self.wandb.errors.Error as e:  # no login, no network
             self.wandb.teardown()  # W&B keeps the settings it failed with for the next try in this process
-            raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, "
-                                "set WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with "
-                                "--no-wandb") from None
+            raise wandb_start_error(first_line(e)) from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
         # For the closing report: the run's page, or offline the command that uploads it (W&B's own lines about
