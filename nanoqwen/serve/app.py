@@ -578,6 +578,12 @@ def check_can_bind(host: str, port: int) -> None:
                             "there? pick another with --port") from None
 
 
+def base_url(host: str, port: int) -> str:
+    """The server's address as clients write it: an IPv6 host in brackets (RFC 3986), since in
+    `http://::1:8000` no client can tell the address from the port."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
@@ -631,7 +637,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin)
-    url = f"http://{args.host}:{args.port}"
+    url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
