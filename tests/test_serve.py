@@ -999,7 +999,8 @@ def test_sigterm_cuts_a_long_generation(long_checkpoint: Path, tmp_path: Path, s
 @pytest.mark.parametrize(("flag", "value"), [("--shutdown-grace", "-1"), ("--shutdown-grace", "nan"),
                                            ("--max-batch-size", "0"), ("--prefill-chunk", "0"),
                                            ("--port", "99999"), ("--port", "-1"), ("--max-request-bytes", "-1"),
-                                           ("--api-key", ""), ("--api-key", " s3cret")])  # no open or unusable key
+                                           ("--api-key", ""), ("--api-key", " s3cret"),  # no open or unusable key
+                                           ("--api-key", "pässwort")])  # the openai client cannot send it
 def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
     done = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--model", str(tmp_path), flag, value],
                           capture_output=True, text=True, timeout=60)

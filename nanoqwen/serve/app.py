@@ -626,6 +626,11 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and api_key != api_key.strip():  # no Bearer header can carry it: nobody could get in
         raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) starts or ends with a blank, which no "
                             "'Authorization: Bearer' header carries; remove it")
+    # httpx (so the openai client) sends ASCII headers only, and a browser Latin-1 at most, not UTF-8: with any
+    # other character in the key, only curl could get in.
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) holds a character other than printable ASCII, "
+                            "which the openai client and browsers cannot send; use letters, digits and punctuation")
     model, tokenizer = load_for_inference(args)
     name = args.model_name or display_name(args.model)
     defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
