@@ -591,8 +591,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (default: $NANOQWEN_API_KEY "
-                        "if set)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize; KEY is printable ASCII (default: "
+                        "$NANOQWEN_API_KEY if set)")
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let scripts of the web page at ORIGIN (such as http://localhost:3000, or * for any) call "
                         "the API from a browser (CORS); repeat for more (default: none, only this server's page)")
