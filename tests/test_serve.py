@@ -20,6 +20,7 @@ import torch
 
 from nanoqwen.checkpoint import load_checkpoint, save_checkpoint
 from nanoqwen.generate import SamplingParams, generate, generate_ids
+from nanoqwen.serve.app import base_url
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
 from nanoqwen.tokenizer import load_tokenizer
 from tests.serve_helpers import (
@@ -998,12 +999,21 @@ def test_sigterm_cuts_a_long_generation(long_checkpoint: Path, tmp_path: Path, s
 @pytest.mark.parametrize(("flag", "value"), [("--shutdown-grace", "-1"), ("--shutdown-grace", "nan"),
                                            ("--max-batch-size", "0"), ("--prefill-chunk", "0"),
                                            ("--port", "99999"), ("--port", "-1"), ("--max-request-bytes", "-1"),
-                                           ("--api-key", ""), ("--api-key", " s3cret")])  # no open or unusable key
+                                           ("--api-key", ""), ("--api-key", " s3cret"),  # no open or unusable key
+                                           ("--api-key", "pässwort")])  # the openai client cannot send it
 def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
     done = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--model", str(tmp_path), flag, value],
                           capture_output=True, text=True, timeout=60)
     lines = done.stderr.strip().splitlines()
     assert done.returncode != 0 and len(lines) == 1 and flag in lines[0], done.stderr
+
+
+def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
+    # `--host ::1` printed http://::1:8000/v1, which no client or browser parses as a host and a port.
+    assert base_url("::1", 8000) == "http://[::1]:8000"
+    assert base_url("::", 8000) == "http://[::]:8000"
+    assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert httpx.URL(base_url("::1", 8000) + "/v1").port == 8000
 
 
 def test_special_tokens_left_out_of_the_text_unless_asked(tmp_path: Path) -> None:

@@ -415,6 +415,12 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         page.wait_for_function("document.getElementById('model-name').textContent.includes('API key refused')")
         send_and_wait(page, "Hello there")
         assert "refused this API key" in page.text_content("#stats")
+        # So is a key no header can carry (fetch throws on it): it was "server unreachable", a lost connection.
+        page.fill("#api-key", "ключ")
+        page.dispatch_event("#api-key", "change")
+        page.wait_for_function("document.getElementById('model-name').textContent.includes('API key refused')")
+        send_and_wait(page, "Hello there")
+        assert "refused this API key" in page.text_content("#stats")
         page.fill("#api-key", "s3cret")
         page.dispatch_event("#api-key", "change")
         page.wait_for_function("document.getElementById('model-name').textContent === 'tiny-web'")

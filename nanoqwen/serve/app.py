@@ -578,6 +578,12 @@ def check_can_bind(host: str, port: int) -> None:
                             "there? pick another with --port") from None
 
 
+def base_url(host: str, port: int) -> str:
+    """The server's address as clients write it: an IPv6 host in brackets (RFC 3986), since in
+    `http://::1:8000` no client can tell the address from the port."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
@@ -585,8 +591,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=port_number, default=8000, help="port to listen on (default 8000)")
     p.add_argument("--api-key", default=None,
-                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize (default: $NANOQWEN_API_KEY "
-                        "if set)")
+                   help="require 'Authorization: Bearer KEY' on /v1/* and /tokenize; KEY is printable ASCII (default: "
+                        "$NANOQWEN_API_KEY if set)")
     p.add_argument("--allow-origin", action="append", default=None, metavar="ORIGIN",
                    help="let scripts of the web page at ORIGIN (such as http://localhost:3000, or * for any) call "
                         "the API from a browser (CORS); repeat for more (default: none, only this server's page)")
@@ -620,6 +626,11 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and api_key != api_key.strip():  # no Bearer header can carry it: nobody could get in
         raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) starts or ends with a blank, which no "
                             "'Authorization: Bearer' header carries; remove it")
+    # httpx (so the openai client) sends ASCII headers only, and a browser Latin-1 at most, not UTF-8: with any
+    # other character in the key, only curl could get in.
+    if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+        raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) holds a character other than printable ASCII, "
+                            "which the openai client and browsers cannot send; use letters, digits and punctuation")
     model, tokenizer = load_for_inference(args)
     name = args.model_name or display_name(args.model)
     defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
@@ -631,7 +642,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin)
-    url = f"http://{args.host}:{args.port}"
+    url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:

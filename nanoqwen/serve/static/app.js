@@ -29,7 +29,9 @@ const state = {
 function headers() {
   const h = { "Content-Type": "application/json" };
   const key = $("api-key").value.trim();
-  if (key) h.Authorization = `Bearer ${key}`;
+  // fetch throws on a header character past U+00FF, which read as a server gone; the server's key is printable
+  // ASCII (it refuses others), so such a key is wrong: sent percent-encoded, the server says so.
+  if (key) h.Authorization = `Bearer ${/^[\x20-\x7e]*$/.test(key) ? key : encodeURIComponent(key)}`;
   return h;
 }
 
