@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
-from nanoqwen.config import ModelConfig
+from nanoqwen.config import ModelConfig, apply_overrides
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 
@@ -681,3 +681,15 @@ def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
     with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
                                             "give the folder that holds"):
         read_config(folder)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("sliding_window=abc", "sliding_window must be an integer or null"),  # a field whose preset value is null
+    ("pad_token_id=1.5", "pad_token_id must be an integer or null"),
+    ("rope_scaling={\"rope_type\": \"default\", \"factor\": \"x\"}", "rope_scaling.factor must be a number"),
+])
+def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(tmp_path, item, words):
+    # It was taken as it came (a string, a float) and saved into config.json, which loading then refused.
+    with pytest.raises(NanoQwenError, match=words) as caught:
+        apply_overrides(tiny_config(), [item])
+    assert str(caught.value).startswith(f"--set {item}") and "\n" not in str(caught.value)
