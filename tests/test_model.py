@@ -693,3 +693,16 @@ def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(t
     with pytest.raises(NanoQwenError, match=words) as caught:
         apply_overrides(tiny_config(), [item])
     assert str(caught.value).startswith(f"--set {item}") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
+def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped(item):
+    # The new model's bos/eos/pad follow its tokenizer: a --set of one was replaced without a word.
+    from nanoqwen.checkpoint import new_model_config
+    from nanoqwen.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["some text to learn from"] * 3, 300)
+    assert new_model_config(tiny_config(), [], tokenizer).eos_token_id == tokenizer.token_id("<|im_end|>")
+    with pytest.raises(NanoQwenError, match=f"--set {item.split('=')[0]}: .*tokenizer") as caught:
+        new_model_config(tiny_config(), ["num_hidden_layers=1", item], tokenizer)
+    assert "\n" not in str(caught.value)
