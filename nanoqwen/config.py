@@ -24,7 +24,7 @@ QWEN3_VOCAB_SIZE = 151936
 # models): what a config.json that leaves the field out means.
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "num_key_value_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
 # Types config.json may hold beyond the fields' own: Transformers' spellings of the same settings.
 FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,
@@ -202,7 +202,7 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         # A field the file leaves out means what Transformers' Qwen3Config makes of it, not nanoqwen's default.
         values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
-        if values.get("num_key_value_heads") is None:  # left out or null: Transformers' plain multi-head attention
+        if values["num_key_value_heads"] is None:  # null (left out is 32): Transformers' plain multi-head attention
             values["num_key_value_heads"] = values["num_attention_heads"]
         # RoPE as Transformers >= 5 writes it (rope_parameters) or as older versions did (rope_theta, rope_scaling).
         for key in ("rope_scaling", "rope_parameters"):

@@ -706,3 +706,17 @@ def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped
     with pytest.raises(NanoQwenError, match=f"--set {item.split('=')[0]}: .*tokenizer") as caught:
         new_model_config(tiny_config(), ["num_hidden_layers=1", item], tokenizer)
     assert "\n" not in str(caught.value)
+
+
+def test_a_config_without_num_key_value_heads_has_transformers_32(tmp_path):
+    # Qwen3Config's default is 32 kv heads (only an explicit null means one per query head): nanoqwen took one
+    # per head, so a folder Transformers loads (64 heads, 32 kv) was refused as having the wrong shapes.
+    hf_model(tiny_config(num_attention_heads=64, num_key_value_heads=32, head_dim=2), 5).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model, reference = load_model(tmp_path), hf_eager(tmp_path)
+    assert model.config.num_key_value_heads == reference.config.num_key_value_heads == 32
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
