@@ -1025,3 +1025,18 @@ def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Pa
     assert "gone.py" not in str(caught.value) and "\n" not in str(caught.value)
     (tmp_path / "c" / "away.txt").unlink()
     assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
+
+
+def test_bpe_training_on_one_huge_word_ends(tmp_path: Path) -> None:
+    # The BPE trainer's time grows with the square of a word's length: a corpus of one 3 MB line of letters
+    # (a DNA sequence, a blob) ran for hours. Long runs are cut for training; the result still encodes it.
+    rng = random.Random(0)
+    (tmp_path / "dna.txt").write_text("".join(rng.choice("ACGT") for _ in range(1_000_000)) + "\n")
+    code = ("import sys; from nanoqwen.data.prepare import prepare; "
+            "prepare(sys.argv[1], 'bpe:300', sys.argv[2], progress=False)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dna.txt"), str(tmp_path / "out")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    docs = read_back(tmp_path / "out")
+    assert "".join(docs["train"] + docs["val"]) == (tmp_path / "dna.txt").read_text()
+    assert load_meta(tmp_path / "out")["vocab_size"] == 300
