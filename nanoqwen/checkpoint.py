@@ -59,8 +59,21 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
                                pad_token_id=endoftext)
 
 
+TOKENIZER_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a new model's: its tokenizer's special ids
+
+
+def refuse_tokenizer_id_overrides(overrides: list[str]) -> None:
+    """One line for a --set of a special id on a new model, which `config_for_tokenizer` would replace unsaid."""
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key in TOKENIZER_IDS:
+            raise NanoQwenError(f"--set {key}: a new model's bos, eos and pad ids are its tokenizer's (<|endoftext|>, "
+                                "<|im_end|>), set from the tokenizer; leave it out")
+
+
 def new_model_config(model: ModelConfig, overrides: list[str], tokenizer: Tokenizer) -> ModelConfig:
     """A preset's model with `--set` overrides, sized to the tokenizer unless vocab_size was set by hand."""
+    refuse_tokenizer_id_overrides(overrides)
     config = apply_overrides(model, overrides)
     fit = not any(item.startswith("vocab_size=") for item in overrides)
     return config_for_tokenizer(config, tokenizer, fit_vocab=fit)

@@ -24,7 +24,7 @@ QWEN3_VOCAB_SIZE = 151936
 # models): what a config.json that leaves the field out means.
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
-    "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "num_key_value_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
 }
 # Types config.json may hold beyond the fields' own: Transformers' spellings of the same settings.
 FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,
@@ -64,15 +64,22 @@ def json_type_name(hint: Any) -> str:
     return names.get(typing.get_origin(hint) or hint, str(hint))
 
 
-def check_json_types(values: dict[str, Any], hints: dict[str, Any], source: str) -> None:
+def check_json_types(values: dict[str, Any], hints: dict[str, Any], source: str,
+                     fix: str = "correct it in the file") -> None:
     """Refuse, in one line, a field whose JSON value is not of its type (a string "1e-6", a null, a `true`
     where a count belongs) before code that would trip over it, or misread it, gets it."""
     for name, value in values.items():
         if name in hints and not json_is(value, hints[name]):
             shown = json.dumps(value)
             shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            raise NanoQwenError(f"{source}: {name} must be {json_type_name(hints[name])}, got {shown}; "
-                                "correct it in the file")
+            raise NanoQwenError(f"{source}: {name} must be {json_type_name(hints[name])}, got {shown}; {fix}")
+
+
+def check_rope_types(key: str, part: Any, source: str, fix: str = "correct it in the file") -> None:
+    """The settings of a rope_scaling / rope_parameters object that loading reads, each of its type."""
+    if isinstance(part, dict):
+        check_json_types({f"{key}.{k}": v for k, v in part.items()},
+                         {f"{key}.{k}": hint for k, hint in ROPE_TYPES.items()}, source, fix)
 
 
 def rope_type(rope: Any) -> str:
@@ -195,15 +202,14 @@ class ModelConfig:
         known = {f.name for f in fields(cls)}
         # A field the file leaves out means what Transformers' Qwen3Config makes of it, not nanoqwen's default.
         values = {**TRANSFORMERS_DEFAULTS, **{k: v for k, v in d.items() if k in known}}
-        if values.get("num_key_value_heads") is None:  # left out or null: Transformers' plain multi-head attention
+        if values["num_key_value_heads"] is None:  # null (left out is 32): Transformers' plain multi-head attention
             values["num_key_value_heads"] = values["num_attention_heads"]
         # RoPE as Transformers >= 5 writes it (rope_parameters) or as older versions did (rope_theta, rope_scaling).
         for key in ("rope_scaling", "rope_parameters"):
             part = d.get(key)
             if part is not None and not isinstance(part, dict):
                 raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
-            check_json_types({f"{key}.{k}": v for k, v in (part or {}).items()},
-                             {f"{key}.{k}": hint for k, hint in ROPE_TYPES.items()}, source)
+            check_rope_types(key, part, source)
             if rope_type(part) != "default":
                 fix = "delete rope_scaling" if key == "rope_scaling" else \
                     "set rope_parameters' rope_type to \"default\""
@@ -295,6 +301,7 @@ def load_preset(name_or_path: str) -> Preset:
                             "config.json)")
     try:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
+        check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))
         model = ModelConfig(**raw["model"])
     except TypeError as e:
         raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
@@ -329,6 +336,7 @@ def _coerce(text: str, current: Any, name: str) -> Any:
 def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
     """Apply `key=value` strings (from `--set`) to a model config and re-validate it."""
     names = {f.name for f in fields(ModelConfig)}
+    hints = typing.get_type_hints(ModelConfig)
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
@@ -340,6 +348,11 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             raise NanoQwenError("--set torch_dtype: the dtype a checkpoint is saved in follows its weights; give "
                                 "--dtype (init, sample, serve) or --best-dtype (train) instead")
         changes[key] = _coerce(value.strip(), getattr(config, key), key)
+        # A field whose value is null takes any JSON: one of the wrong type would be saved into config.json,
+        # which loading then refuses (after a whole training run).
+        check_json_types({key: changes[key]}, hints, f"--set {item}", fix="give a value of that type")
+        if key == "rope_scaling":
+            check_rope_types(key, changes[key], f"--set {item}", fix="give a value of that type")
     if "max_window_layers" not in changes and config.max_window_layers == config.num_hidden_layers:
         # The presets' "no layer slides" follows a new layer count, as Qwen3's own configs write it.
         changes["max_window_layers"] = changes.get("num_hidden_layers", config.num_hidden_layers)

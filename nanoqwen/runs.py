@@ -20,7 +20,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nanoqwen.checkpoint import STATE_PT, STATE_VERSION, check_data_tokenizer, read_generation_config
+from nanoqwen.checkpoint import (
+    STATE_PT,
+    STATE_VERSION,
+    check_data_tokenizer,
+    read_generation_config,
+    refuse_tokenizer_id_overrides,
+)
 from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
@@ -145,7 +151,8 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         model = preset.model  # --set applied
     else:
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
-        model = apply_overrides(preset.model, args.set)  # a bad --set is one line before any data is prepared
+        refuse_tokenizer_id_overrides(args.set)  # a bad --set is one line before any data is prepared
+        model = apply_overrides(preset.model, args.set)
     cfg = resolve_train_config(preset.train, args, info.is_main)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
         check_seq_len(cfg.seq_len, model, can_set=True)

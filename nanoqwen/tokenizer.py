@@ -11,7 +11,8 @@ import hashlib
 import importlib.util
 import json
 import os
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
@@ -419,6 +420,28 @@ BPE_SPECIAL_TOKENS = [ENDOFTEXT, IM_START, IM_END]
 
 
 MAX_BPE_VOCAB = 1 << 20
+# The BPE trainer's time grows with the square of a word's length (a 3 MB line of DNA letters ran for hours), so
+# for training a run longer than this (of letters, of punctuation or of whitespace: what one pre-token spans) is
+# cut into pieces this long. Text has no such runs; from one, no token that long is worth learning.
+TRAIN_RUN_CHARS = 256
+_LONG_RUN = re.compile(rf"[^\W\d_]{{{TRAIN_RUN_CHARS},}}|(?:[^\w\s]|_){{{TRAIN_RUN_CHARS},}}|\s{{{TRAIN_RUN_CHARS},}}")
+_LONG_SPACE = re.compile(rf"\s{{{TRAIN_RUN_CHARS}}}")
+
+
+def _short_runs(texts: Iterable[str]) -> Iterator[str]:
+    """`texts`, each cut inside runs over TRAIN_RUN_CHARS into separate texts (the trainer splits no word across
+    texts); a text without such runs is passed whole."""
+    for text in texts:
+        # _LONG_RUN reads ~5 MB/s; this check, ~100 MB/s: runs of letters or punctuation are inside words
+        if max(map(len, text.split()), default=0) < TRAIN_RUN_CHARS and not _LONG_SPACE.search(text):
+            yield text
+            continue
+        start = 0
+        for run in _LONG_RUN.finditer(text):
+            for cut in range(run.start() + TRAIN_RUN_CHARS, run.end(), TRAIN_RUN_CHARS):
+                yield text[start:cut]
+                start = cut
+        yield text[start:]
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
@@ -439,7 +462,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = Fa
     blank = byte_level_tokenizer({}, [], [], 0)  # the Qwen3 pipeline around an empty model
     trainer = trainers.BpeTrainer(vocab_size=n_regular, initial_alphabet=list(bytes_to_unicode().values()),
                                   special_tokens=[], show_progress=show_progress)
-    blank.train_from_iterator(texts, trainer)
+    blank.train_from_iterator(_short_runs(texts), trainer)
     model = json.loads(blank.to_str())["model"]
     # merges are "a b" strings in older `tokenizers` files and [a, b] pairs in newer ones
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

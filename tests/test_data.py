@@ -1011,3 +1011,32 @@ def test_every_window_is_whole_and_every_start_is_drawn(num_tokens: int, seq_len
             assert torch.equal(targets, inputs + 1) and int(targets.max()) <= num_tokens - 1
             assert torch.equal(inputs, inputs[:, :1] + torch.arange(seq_len))
     assert starts == set(range(last + 1))
+
+
+def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Path) -> None:
+    # A file linked in from a disk that is not mounted was left out in silence: a corpus short of what was meant.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "own.txt").write_text("text of the folder itself\n")
+    (tmp_path / "c" / "away.txt").symlink_to(tmp_path / "unmounted" / "away.txt")
+    (tmp_path / "c" / ".#own.txt").symlink_to("user@host.123")  # an editor's lock file: hidden, not the corpus
+    (tmp_path / "c" / "gone.py").symlink_to(tmp_path / "unmounted" / "gone.py")  # not a corpus file either
+    with pytest.raises(NanoQwenError, match=r"away.txt is a broken symbolic link") as caught:
+        open_corpus(str(tmp_path / "c"))
+    assert "gone.py" not in str(caught.value) and "\n" not in str(caught.value)
+    (tmp_path / "c" / "away.txt").unlink()
+    assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
+
+
+def test_bpe_training_on_one_huge_word_ends(tmp_path: Path) -> None:
+    # The BPE trainer's time grows with the square of a word's length: a corpus of one 3 MB line of letters
+    # (a DNA sequence, a blob) ran for hours. Long runs are cut for training; the result still encodes it.
+    rng = random.Random(0)
+    (tmp_path / "dna.txt").write_text("".join(rng.choice("ACGT") for _ in range(1_000_000)) + "\n")
+    code = ("import sys; from nanoqwen.data.prepare import prepare; "
+            "prepare(sys.argv[1], 'bpe:300', sys.argv[2], progress=False)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "dna.txt"), str(tmp_path / "out")],
+                          cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=60, capture_output=True)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    docs = read_back(tmp_path / "out")
+    assert "".join(docs["train"] + docs["val"]) == (tmp_path / "dna.txt").read_text()
+    assert load_meta(tmp_path / "out")["vocab_size"] == 300

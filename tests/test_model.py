@@ -12,7 +12,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
-from nanoqwen.config import ModelConfig
+from nanoqwen.config import ModelConfig, apply_overrides
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 
@@ -681,3 +681,42 @@ def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
     with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
                                             "give the folder that holds"):
         read_config(folder)
+
+
+@pytest.mark.parametrize("item, words", [
+    ("sliding_window=abc", "sliding_window must be an integer or null"),  # a field whose preset value is null
+    ("pad_token_id=1.5", "pad_token_id must be an integer or null"),
+    ("rope_scaling={\"rope_type\": \"default\", \"factor\": \"x\"}", "rope_scaling.factor must be a number"),
+])
+def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(tmp_path, item, words):
+    # It was taken as it came (a string, a float) and saved into config.json, which loading then refused.
+    with pytest.raises(NanoQwenError, match=words) as caught:
+        apply_overrides(tiny_config(), [item])
+    assert str(caught.value).startswith(f"--set {item}") and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
+def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped(item):
+    # The new model's bos/eos/pad follow its tokenizer: a --set of one was replaced without a word.
+    from nanoqwen.checkpoint import new_model_config
+    from nanoqwen.tokenizer import train_bpe
+
+    tokenizer = train_bpe(["some text to learn from"] * 3, 300)
+    assert new_model_config(tiny_config(), [], tokenizer).eos_token_id == tokenizer.token_id("<|im_end|>")
+    with pytest.raises(NanoQwenError, match=f"--set {item.split('=')[0]}: .*tokenizer") as caught:
+        new_model_config(tiny_config(), ["num_hidden_layers=1", item], tokenizer)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_config_without_num_key_value_heads_has_transformers_32(tmp_path):
+    # Qwen3Config's default is 32 kv heads (only an explicit null means one per query head): nanoqwen took one
+    # per head, so a folder Transformers loads (64 heads, 32 kv) was refused as having the wrong shapes.
+    hf_model(tiny_config(num_attention_heads=64, num_key_value_heads=32, head_dim=2), 5).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["num_key_value_heads"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    model, reference = load_model(tmp_path), hf_eager(tmp_path)
+    assert model.config.num_key_value_heads == reference.config.num_key_value_heads == 32
+    ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4

@@ -434,17 +434,26 @@ def local_files(root: Path) -> list[Path]:
             raise NanoQwenError(f"{root}: unsupported file type {root.suffix or '(none)'}; "
                                 f"use {', '.join(SUFFIXES)} or a folder of them")
         return [root]
-    everything = all_files(root)
+    broken: list[Path] = []
+    everything = all_files(root, broken)
     prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
                 or (p.name == "config.json" and is_run_config(p))}
-    return [p for p in everything if p.suffix.lower() in SUFFIXES
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)
-            and not prepared.intersection(p.parents)]
+
+    def in_corpus(p: Path) -> bool:
+        return p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+            and not prepared.intersection(p.parents)
+
+    link = next(filter(in_corpus, sorted(broken)), None)
+    if link is not None:  # its text would be left out in silence (a disk not mounted)
+        raise NanoQwenError(f"{link} is a broken symbolic link (to {os.readlink(link)}); make its target "
+                            "reachable, or remove the link")
+    return list(filter(in_corpus, everything))
 
 
-def all_files(root: Path) -> list[Path]:
+def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
     """Every file under `root` outside hidden folders, sorted, through symlinked folders too (data is often
-    linked in from another disk), each real folder once so that a link back up the tree cannot loop."""
+    linked in from another disk), each real folder once so that a link back up the tree cannot loop. Links
+    whose target is missing are added to `broken`, when given."""
     found, seen = [], set()
 
     def unreadable(error: OSError) -> None:  # a folder left out in silence would be data lost in silence
@@ -459,6 +468,9 @@ def all_files(root: Path) -> list[Path]:
         seen.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # never read: not walked
         found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+        if broken is not None:
+            broken += [Path(folder) / name for name in names if not (Path(folder) / name).exists()
+                       and (Path(folder) / name).is_symlink()]
     return sorted(found)
 
 
