@@ -136,6 +136,14 @@ def test_schedules_are_functions_of_the_step() -> None:
     assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
     wsd = [lr_at(s, schedule="wsd", **kw) for s in range(100)]
     assert wsd[10:82] == [1.0] * 72 and wsd[-1] == pytest.approx(0.1)
+    # Short runs (a warmup cut to half of them): the warmup still peaks, and the last step is at min_lr.
+    for schedule in ("cosine", "wsd"):
+        for total in range(1, 7):
+            for warmup in range(total // 2 + 1):
+                lrs = [lr_at(s, max_lr=1.0, min_lr=0.1, warmup=warmup, total=total, schedule=schedule)
+                       for s in range(total)]
+                assert lrs[-1] == pytest.approx(0.1), (schedule, total, warmup, lrs)
+                assert warmup == 0 or lrs[warmup - 1] == pytest.approx(1.0), (schedule, total, warmup, lrs)
 
 
 def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
