@@ -272,7 +272,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         cfg, preset_name, data, out, changed = resumed_run(args, info.is_main)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
-        remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
+        for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
+            remove_orphans(real_path(out / folder))  # continue_run compares its step with last/'s)
         resume_dir: Path | None = out / "last"
         model_config = load_model_config(out / "last")
         check_resumed_data(out, data, info.is_main)

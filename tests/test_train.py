@@ -1585,13 +1585,16 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
     shutil.copytree(out / "last", tmp_path / "last-at-2")
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
     assert checkpoint_step(out / "best") == 4 and checkpoint_step(out / "last") == 4
-    # A best/ of the same step as last/ is the run's own: a resume keeps it, and the loss it is best by.
+    # A best/ of the same step as last/ is the run's own: a resume keeps it, and the loss it is best by; even
+    # one that a save of best/ had moved aside when it was killed (between atomic_dir's two renames).
     kept = tmp_path / "kept"
     shutil.copytree(out, kept)
+    (kept / "best").rename(kept / f".best.old-{dead_pid()}")
     capsys.readouterr()
     assert train_in_process("--resume", str(kept), "--max-steps", "5", "--lr", "0") == 0
     assert "removed" not in capsys.readouterr().out
     assert json.loads((kept / "last/train_state.json").read_text())["best_step"] == checkpoint_step(kept / "best") == 4
+    assert not [p.name for p in kept.iterdir() if p.name.startswith(".best")]
     shutil.rmtree(out / "last")
     shutil.copytree(tmp_path / "last-at-2", out / "last")  # as if killed at step 4, after its eval, before its save
     capsys.readouterr()
