@@ -1018,6 +1018,11 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert json.loads((out / "config.json").read_text())["train"]["warmup"] == 5
     rates = [r["lr"] for r in read_metrics(out)]
     assert rates[:5] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2]) and rates[-1] == pytest.approx(1e-3)
+    # A resume that sets a length or warmup anew is cut alike: it ended still warming up (here at 3e-3).
+    assert train_in_process("--resume", str(out), "--max-steps", "12", "--warmup", "40") == 0
+    assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] == 6
+    cosine = 1e-2 * (0.1 + 0.45 * (1 + math.cos(math.pi * (10 - 6) / (12 - 1 - 6))))  # step 10 of 12, warmup 6
+    assert [r["lr"] for r in read_metrics(out)][10:] == pytest.approx([cosine, 1e-3])
 
 
 def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
