@@ -391,7 +391,8 @@ class TrainConfig:
     min_lr: float | None = None
     """Learning rate at the last step (None: lr / 10)."""
     warmup: int = 100
-    """Linear warmup steps (a new run cuts a longer one to half of max_steps)."""
+    """Linear warmup steps (one longer than half of max_steps is cut to half of it, by a new run or by a resume that
+    gives --max-steps or --warmup)."""
     schedule: str = "cosine"
     """cosine or wsd (warmup-stable-decay)."""
     weight_decay: float = 0.1

@@ -34,7 +34,9 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int, s
     if step < warmup:
         return max_lr * (step + 1) / warmup
     if schedule == "cosine":
-        progress = (step - warmup) / max(1, total - 1 - warmup)
+        # A warmup that ends on the step before the last leaves no span to decay over: that step is the last.
+        span = total - 1 - warmup
+        progress = (step - warmup) / span if span > 0 else 1.0
         return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
     if schedule == "wsd":
         decay_start = wsd_decay_start(total, warmup, decay_fraction)

@@ -144,6 +144,11 @@ def warming_up(steps: int) -> str:
     return f"warming up over {steps}" if steps else "no warmup"
 
 
+def warmup_cut(warmup: int, steps: int) -> str:
+    """What is said when a warmup longer than half of a run of `steps` is cut to half of it."""
+    return f"warmup {warmup} is longer than half of the {counted(steps, 'step')}: {warming_up(steps // 2)}"
+
+
 def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConfig, Path, Path]:
     """Preset, settings, data folder (prepared if need be) and run folder of a new run."""
     if args.init_from:
@@ -189,8 +194,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         # A short trial of a preset made for long runs (--max-steps 30, warmup 50) would end still warming
         # up, at its highest rate. Cut once, here, and saved: the rate must not depend on a fitted length.
         if info.is_main:
-            print(f"warmup {cfg.warmup} is longer than half of the {counted(cfg.max_steps, 'step')}: "
-                  f"{warming_up(cfg.max_steps // 2)}", flush=True)
+            print(warmup_cut(cfg.warmup, cfg.max_steps), flush=True)
         cfg.warmup = cfg.max_steps // 2
     # Claimed last: nothing after it fails before the caller locks it (a lock released empty removes the folder).
     return preset, cfg, data, out or default_out(preset.name, info.is_main)

@@ -100,6 +100,7 @@ from nanoqwen.runs import (
     truncate_metrics,
     truncate_samples,
     warming_up,
+    warmup_cut,
 )
 from nanoqwen.tokenizer import IM_END, IM_START, Tokenizer, load_tokenizer
 from nanoqwen.tracking import FOLDER as TENSORBOARD_FOLDER
@@ -272,7 +273,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         cfg, preset_name, data, out, changed = resumed_run(args, info.is_main)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
-        remove_orphans(real_path(out / "last"))  # a last/ moved aside by a save that was killed comes back
+        for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
+            remove_orphans(real_path(out / folder))  # continue_run compares its step with last/'s)
         resume_dir: Path | None = out / "last"
         model_config = load_model_config(out / "last")
         check_resumed_data(out, data, info.is_main)
@@ -345,6 +347,9 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
         run.state.fitted_steps = None                                 # to the time before
     if args.warmup is not None:  # likewise over a warmup cut to fit that length
         run.state.fitted_warmup = None
+    cut = (args.max_steps is not None or args.warmup is not None) and run.warmup > run.total_steps // 2
+    if cut:  # as a new run's is: a length (or warmup) set now that ends within the warmup never decayed to min_lr
+        cut_note, run.state.fitted_warmup = warmup_cut(run.warmup, run.total_steps), run.total_steps // 2
     if run.state.step >= run.total_steps:
         raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
                             f"{run.state.step}) to train it further")
@@ -378,6 +383,8 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
             shutil.rmtree(out / "best")
             print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
                   "this resume goes on from; the next evaluation writes it again", flush=True)
+    if cut and info.is_main:
+        print(cut_note, flush=True)
     if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds
         print(f"--max-minutes {cfg.max_minutes:g} (the run's own) caps this invocation too; give --max-minutes "
               "to change it", flush=True)

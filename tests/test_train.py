@@ -136,6 +136,14 @@ def test_schedules_are_functions_of_the_step() -> None:
     assert cosine[-1] == pytest.approx(0.1) and all(a >= b for a, b in zip(cosine[9:], cosine[10:]))
     wsd = [lr_at(s, schedule="wsd", **kw) for s in range(100)]
     assert wsd[10:82] == [1.0] * 72 and wsd[-1] == pytest.approx(0.1)
+    # Short runs (a warmup cut to half of them): the warmup still peaks, and the last step is at min_lr.
+    for schedule in ("cosine", "wsd"):
+        for total in range(1, 7):
+            for warmup in range(total // 2 + 1):
+                lrs = [lr_at(s, max_lr=1.0, min_lr=0.1, warmup=warmup, total=total, schedule=schedule)
+                       for s in range(total)]
+                assert lrs[-1] == pytest.approx(0.1), (schedule, total, warmup, lrs)
+                assert warmup == 0 or lrs[warmup - 1] == pytest.approx(1.0), (schedule, total, warmup, lrs)
 
 
 def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
@@ -1010,6 +1018,11 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert json.loads((out / "config.json").read_text())["train"]["warmup"] == 5
     rates = [r["lr"] for r in read_metrics(out)]
     assert rates[:5] == pytest.approx([2e-3, 4e-3, 6e-3, 8e-3, 1e-2]) and rates[-1] == pytest.approx(1e-3)
+    # A resume that sets a length or warmup anew is cut alike: it ended still warming up (here at 3e-3).
+    assert train_in_process("--resume", str(out), "--max-steps", "12", "--warmup", "40") == 0
+    assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] == 6
+    cosine = 1e-2 * (0.1 + 0.45 * (1 + math.cos(math.pi * (10 - 6) / (12 - 1 - 6))))  # step 10 of 12, warmup 6
+    assert [r["lr"] for r in read_metrics(out)][10:] == pytest.approx([cosine, 1e-3])
 
 
 def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
@@ -1577,13 +1590,16 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
     shutil.copytree(out / "last", tmp_path / "last-at-2")
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
     assert checkpoint_step(out / "best") == 4 and checkpoint_step(out / "last") == 4
-    # A best/ of the same step as last/ is the run's own: a resume keeps it, and the loss it is best by.
+    # A best/ of the same step as last/ is the run's own: a resume keeps it, and the loss it is best by; even
+    # one that a save of best/ had moved aside when it was killed (between atomic_dir's two renames).
     kept = tmp_path / "kept"
     shutil.copytree(out, kept)
+    (kept / "best").rename(kept / f".best.old-{dead_pid()}")
     capsys.readouterr()
     assert train_in_process("--resume", str(kept), "--max-steps", "5", "--lr", "0") == 0
     assert "removed" not in capsys.readouterr().out
     assert json.loads((kept / "last/train_state.json").read_text())["best_step"] == checkpoint_step(kept / "best") == 4
+    assert not [p.name for p in kept.iterdir() if p.name.startswith(".best")]
     shutil.rmtree(out / "last")
     shutil.copytree(tmp_path / "last-at-2", out / "last")  # as if killed at step 4, after its eval, before its save
     capsys.readouterr()
