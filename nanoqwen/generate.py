@@ -319,6 +319,12 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
 
 
+def nth_seed(seed: int | None, k: int) -> int | None:
+    """The seed of the k-th sample (or chat turn) of a run seeded with `seed`: seed + k, wrapped into the range
+    seeds take, so that any valid --seed works however many samples follow it (2**63 - 1 + 1 was refused)."""
+    return None if seed is None else (seed + k) % SEED_LIMIT
+
+
 def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
     """A generator of its own for one generation: seeded, or fresh randomness (without reseeding torch's
     global generator, as torch.seed() would)."""
@@ -560,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
               "prompt)", file=sys.stderr)
     for i in range(args.num_samples):
         if i:
-            params.seed = None if params.seed is None else params.seed + 1
+            params.seed = nth_seed(args.seed, i)
             print("\n---")
         print(args.prompt, end="", flush=True)
         if args.stream:

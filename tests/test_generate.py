@@ -261,6 +261,16 @@ def test_num_samples_are_seed_plus_k(checkpoint, capsys):
         assert text in together
 
 
+
+def test_num_samples_from_the_last_seed_wrap_to_seed_zero(checkpoint, capsys):
+    # --seed 2**63 - 1 is a valid seed, but sample 2 asked for seed 2**63 and ended the command with an error.
+    common = ["sample", "--model", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "6",
+              "--temperature", "1.0", "--device", "cpu"]
+    assert main([*common, "--seed", str(2**63 - 1), "--num-samples", "2"]) == 0
+    together = capsys.readouterr().out
+    assert main([*common, "--seed", "0"]) == 0
+    assert together.endswith("---\n" + capsys.readouterr().out)
+
 @pytest.mark.parametrize("prepared", [False, True])
 def test_fixed_shape_decoding_equals_the_usual_path(checkpoint, prepared):
     """The decode step that CUDA graphs replay (whole cache under a mask, slots on the device), run eagerly:
