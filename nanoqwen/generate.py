@@ -302,21 +302,27 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     ids, real = ids.to(device), real.to(device)
     penalties = Penalties.start(params, ids, model.config.vocab_size, real)
     cache = model.new_cache(B, longest + budget)
-    logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
-    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    if fixed_shapes is None:
-        fixed_shapes = graphs_by_default(model)
-    decode_step = DecodeStep(model, cache) if fixed_shapes else None
-    for step in range(budget):
-        token = next_tokens(logits[:, -1].float(), params, generator, penalties)
-        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
-        done |= torch.isin(token, stop_ids)
-        if bool(done.all()) or step == budget - 1:
-            return
-        if penalties is not None:
-            penalties.record(token)
-        logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
+    # Dropout is for training alone: training samples from a model in train mode, which is given back as it was.
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        if fixed_shapes is None:
+            fixed_shapes = graphs_by_default(model)
+        decode_step = DecodeStep(model, cache) if fixed_shapes else None
+        for step in range(budget):
+            token = next_tokens(logits[:, -1].float(), params, generator, penalties)
+            yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
+            done |= torch.isin(token, stop_ids)
+            if bool(done.all()) or step == budget - 1:
+                return
+            if penalties is not None:
+                penalties.record(token)
+            logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
+    finally:
+        model.train(was_training)
 
 
 def nth_seed(seed: int | None, k: int) -> int | None:
