@@ -505,30 +505,38 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
-def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
-    """The sampling a checkpoint recommends in its generation_config.json (official Qwen3 folders carry
-    theirs), over `base`; `do_sample: false` means greedy. A value of the wrong type or range
-    there is refused in one line that names the file (it would otherwise read as a bad flag, or fail
-    mid-generation)."""
+def saved_sampling(directory: str | Path) -> dict[str, float]:
+    """The sampling values (of SAMPLING_DEFAULTS' names) that a checkpoint's generation_config.json gives, checked:
+    top_k a whole number (-1, vLLM's "all", is 0 here). A value of the wrong type or range is refused in one
+    line that names the file (it would otherwise read as a bad flag, or fail mid-generation or mid-export)."""
     from nanoqwen.checkpoint import read_generation_config
 
-    chosen = dict(base)
     path = Path(directory) / "generation_config.json"
     saved = read_generation_config(directory)
-    for name in chosen:
+    found: dict[str, float] = {}
+    for name in SAMPLING_DEFAULTS:
         value = saved.get(name)
         if value is None:
             continue
         if not is_json_number(value) or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
             raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
                                 "fix or remove it")
-        chosen[name] = max(int(value), 0) if name == "top_k" else value  # top_k -1 (vLLM's "all"): 0 here
-    if saved.get("do_sample") is False:
-        chosen["temperature"] = 0.0
+        found[name] = max(int(value), 0) if name == "top_k" else value
     try:
-        SamplingParams(**chosen).validate()
+        SamplingParams(**found).validate()
     except NanoQwenError as e:
         raise NanoQwenError(f"{path}: {e}; fix or remove it") from None
+    return found
+
+
+def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
+    """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
+    `do_sample: false` there means greedy."""
+    from nanoqwen.checkpoint import read_generation_config
+
+    chosen = {**base, **saved_sampling(directory)}
+    if read_generation_config(directory).get("do_sample") is False:
+        chosen["temperature"] = 0.0
     return chosen
 
 
