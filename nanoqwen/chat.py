@@ -20,7 +20,7 @@ from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.generate import SamplingParams, add_sampling_arguments, sampling_params, stream_batch
+from nanoqwen.generate import SamplingParams, add_sampling_arguments, nth_seed, sampling_params, stream_batch
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -279,7 +279,7 @@ def run(args: argparse.Namespace) -> int:
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
     print(HELP)
     terminal = Terminal(sys.stdin)
-    turn = 0  # with --seed, turn k samples with seed + k: a session replays, and turns do not repeat draws
+    turn = 0  # with --seed, turn k samples with seed + k (nth_seed): a session replays, and turns do not repeat draws
     while True:
         try:
             first = terminal.history_length()
@@ -316,7 +316,7 @@ def run(args: argparse.Namespace) -> int:
             unit = "token" if args.raw else "turn"
             oldest = f"{conversation.dropped} {unit}s" if conversation.dropped > 1 else unit
             print(f"(dropped the oldest {oldest} to fit the context)")
-        seeded = params if params.seed is None else dataclasses.replace(params, seed=params.seed + turn)
+        seeded = dataclasses.replace(params, seed=nth_seed(params.seed, turn))
         try:
             conversation.add_reply(reply(model, tokenizer, ids, seeded, terminal.end_of_input))
         except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends

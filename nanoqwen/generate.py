@@ -302,21 +302,33 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     ids, real = ids.to(device), real.to(device)
     penalties = Penalties.start(params, ids, model.config.vocab_size, real)
     cache = model.new_cache(B, longest + budget)
-    logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
-    stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-    done = torch.zeros(B, dtype=torch.bool, device=device)
-    if fixed_shapes is None:
-        fixed_shapes = graphs_by_default(model)
-    decode_step = DecodeStep(model, cache) if fixed_shapes else None
-    for step in range(budget):
-        token = next_tokens(logits[:, -1].float(), params, generator, penalties)
-        yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
-        done |= torch.isin(token, stop_ids)
-        if bool(done.all()) or step == budget - 1:
-            return
-        if penalties is not None:
-            penalties.record(token)
-        logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
+    # Dropout is for training alone: training samples from a model in train mode, which is given back as it was.
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
+        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        if fixed_shapes is None:
+            fixed_shapes = graphs_by_default(model)
+        decode_step = DecodeStep(model, cache) if fixed_shapes else None
+        for step in range(budget):
+            token = next_tokens(logits[:, -1].float(), params, generator, penalties)
+            yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
+            done |= torch.isin(token, stop_ids)
+            if bool(done.all()) or step == budget - 1:
+                return
+            if penalties is not None:
+                penalties.record(token)
+            logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
+    finally:
+        model.train(was_training)
+
+
+def nth_seed(seed: int | None, k: int) -> int | None:
+    """The seed of the k-th sample (or chat turn) of a run seeded with `seed`: seed + k, wrapped into the range
+    seeds take, so that any valid --seed works however many samples follow it (2**63 - 1 + 1 was refused)."""
+    return None if seed is None else (seed + k) % SEED_LIMIT
 
 
 def sampling_generator(device: torch.device, seed: int | None) -> torch.Generator:
@@ -493,30 +505,38 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
-def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
-    """The sampling a checkpoint recommends in its generation_config.json (official Qwen3 folders carry
-    theirs), over `base`; `do_sample: false` means greedy. A value of the wrong type or range
-    there is refused in one line that names the file (it would otherwise read as a bad flag, or fail
-    mid-generation)."""
+def saved_sampling(directory: str | Path) -> dict[str, float]:
+    """The sampling values (of SAMPLING_DEFAULTS' names) that a checkpoint's generation_config.json gives, checked:
+    top_k a whole number (-1, vLLM's "all", is 0 here). A value of the wrong type or range is refused in one
+    line that names the file (it would otherwise read as a bad flag, or fail mid-generation or mid-export)."""
     from nanoqwen.checkpoint import read_generation_config
 
-    chosen = dict(base)
     path = Path(directory) / "generation_config.json"
     saved = read_generation_config(directory)
-    for name in chosen:
+    found: dict[str, float] = {}
+    for name in SAMPLING_DEFAULTS:
         value = saved.get(name)
         if value is None:
             continue
         if not is_json_number(value) or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
             raise NanoQwenError(f"{path}: {name} is {value!r}, not a {'whole ' if name == 'top_k' else ''}number; "
                                 "fix or remove it")
-        chosen[name] = max(int(value), 0) if name == "top_k" else value  # top_k -1 (vLLM's "all"): 0 here
-    if saved.get("do_sample") is False:
-        chosen["temperature"] = 0.0
+        found[name] = max(int(value), 0) if name == "top_k" else value
     try:
-        SamplingParams(**chosen).validate()
+        SamplingParams(**found).validate()
     except NanoQwenError as e:
         raise NanoQwenError(f"{path}: {e}; fix or remove it") from None
+    return found
+
+
+def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
+    """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
+    `do_sample: false` there means greedy."""
+    from nanoqwen.checkpoint import read_generation_config
+
+    chosen = {**base, **saved_sampling(directory)}
+    if read_generation_config(directory).get("do_sample") is False:
+        chosen["temperature"] = 0.0
     return chosen
 
 
@@ -560,7 +580,7 @@ def run(args: argparse.Namespace) -> int:
               "prompt)", file=sys.stderr)
     for i in range(args.num_samples):
         if i:
-            params.seed = None if params.seed is None else params.seed + 1
+            params.seed = nth_seed(args.seed, i)
             print("\n---")
         print(args.prompt, end="", flush=True)
         if args.stream:

@@ -19,9 +19,10 @@ import gguf
 import numpy as np
 import torch
 
-from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_config
+from nanoqwen.checkpoint import display_name, load_checkpoint
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_path, is_json_number, refuse_inside_a_file
+from nanoqwen.generate import saved_sampling
+from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
@@ -150,11 +151,12 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    sampling = read_generation_config(directory)
+    # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
+    sampling = saved_sampling(directory)
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("temperature", writer.add_sampling_temp)):
-        if is_json_number(sampling.get(key)):
-            add(sampling[key])
+        if key in sampling:
+            add(min(sampling[key], 2**31 - 1) if key == "top_k" else sampling[key])  # an int32: any more is all
 
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")

@@ -391,6 +391,16 @@ def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local)
         child.close()
 
 
+def test_a_chat_seeded_with_the_last_seed_goes_on(checkpoint: Path) -> None:
+    # Turn k samples with seed S + k: from --seed 2**63 - 1, the second turn's seed was out of range and the
+    # chat ended with an error instead of answering.
+    chat = [sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--max-new-tokens", "2",
+            "--temperature", "1", "--seed", str(2**63 - 1), "--device", "cpu"]
+    done = subprocess.run(chat, input="Hi\nHo\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert done.stdout.count(PROMPT) == 3  # both messages answered, then the end of input
+
+
 def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path) -> None:
     # Typed bytes that are not UTF-8, in a locale where Python reads input strictly, ended the chat with a
     # traceback; a system prompt with no room left, or one --raw would drop, is refused up front.

@@ -189,6 +189,21 @@ def test_batched_prompts_equal_one_by_one(checkpoint):
     assert together == alone
 
 
+def test_a_model_in_training_mode_generates_without_dropout(checkpoint):
+    # Training samples from the model as it trains (train mode): with attention_dropout set, the prompt's
+    # attention was dropped out at random, so a greedy sample was noise, unlike the same checkpoint's.
+    model, tokenizer = load_checkpoint(checkpoint)
+    for layer in model.model.layers:
+        layer.self_attn.dropout = 0.5
+    ids = tokenizer.encode("The rain in Spain stays mainly")
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    expected = [step[0] for step in generate_ids(model, [ids], params)]
+    model.train()
+    for _ in range(3):
+        assert [step[0] for step in generate_ids(model, [ids], params)] == expected
+        assert model.training  # given back as it came
+
+
 def test_penalties_follow_a_step_by_step_reference_batched_or_alone(checkpoint):
     # Repetition penalty on the prompt and the output (Transformers' rule), presence and frequency on the
     # output only (OpenAI's), recomputed here from scratch at every step with a full forward pass.
@@ -260,6 +275,16 @@ def test_num_samples_are_seed_plus_k(checkpoint, capsys):
     for text in alone:
         assert text in together
 
+
+
+def test_num_samples_from_the_last_seed_wrap_to_seed_zero(checkpoint, capsys):
+    # --seed 2**63 - 1 is a valid seed, but sample 2 asked for seed 2**63 and ended the command with an error.
+    common = ["sample", "--model", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "6",
+              "--temperature", "1.0", "--device", "cpu"]
+    assert main([*common, "--seed", str(2**63 - 1), "--num-samples", "2"]) == 0
+    together = capsys.readouterr().out
+    assert main([*common, "--seed", "0"]) == 0
+    assert together.endswith("---\n" + capsys.readouterr().out)
 
 @pytest.mark.parametrize("prepared", [False, True])
 def test_fixed_shape_decoding_equals_the_usual_path(checkpoint, prepared):

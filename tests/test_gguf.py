@@ -19,6 +19,7 @@ import torch
 
 from nanoqwen.checkpoint import save_checkpoint
 from nanoqwen.cli import main
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.gguf import vocabulary, write_gguf
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer, train_bpe
@@ -143,6 +144,22 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "pre_tokenizer is not Qwen's" in err and "convert_hf_to_gguf.py" in err
     assert not (tmp_path / "other.gguf").exists() and not list(tmp_path.glob(".other.gguf*"))
+
+
+def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe: Tokenizer) -> None:
+    # A top_k written as 20.0 (JSON has one number type), which `nanoqwen sample` takes, ended the export with a
+    # struct.error traceback; a value sample refuses is one line here too, naming the file.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    config = folder / "generation_config.json"
+    config.write_text(json.dumps({"do_sample": True, "top_k": 20.0, "top_p": 0.5, "temperature": 1}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.temp"]) == (
+        20, 0.5, 1.0)
+    config.write_text(json.dumps({"top_k": 20.5}))
+    with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
+        write_gguf(folder, tmp_path / "bad.gguf", "f32")
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_special_ids_come_as_the_converter_finds_them(tmp_path: Path, bpe: Tokenizer) -> None:
