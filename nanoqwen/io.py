@@ -59,6 +59,7 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     if keep_existing and final.exists():
         shutil.rmtree(tmp, ignore_errors=True)
         return
+    sync_tree(tmp)  # on the disk before the name points at it: after a power cut, the old folder or the whole new one
     old = None
     try:
         if final.exists():
@@ -72,8 +73,26 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
             old.rename(final)
         raise NanoQwenError(f"cannot replace {final} ({e.strerror}); write to a new folder inside it "
                             "instead") from None
+    sync_file(final.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file or a folder (its entries) by name."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under `folder` and the folders that hold them."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            sync_file(os.path.join(parent, name))
+        sync_file(parent)
 
 
 def real_path(path: str | os.PathLike[str]) -> Path:
@@ -248,8 +267,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     give_usual_mode(tmp)  # mkstemp makes it private
     try:
         yield Path(tmp)
-        with open(tmp, "rb") as written:  # on the disk before the name points at it
-            os.fsync(written.fileno())
+        sync_file(tmp)  # on the disk before the name points at it
         os.replace(tmp, final)
     except BaseException as e:
         full = no_space_left(e, Path(tmp), final)

@@ -720,3 +720,25 @@ def test_a_config_without_num_key_value_heads_has_transformers_32(tmp_path):
     ids = torch.randint(0, VOCAB, (2, 20), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_a_checkpoint_is_on_the_disk_before_its_name_points_at_it(tmp_path, monkeypatch):
+    # A power cut after the rename must find the whole new folder or the old one: every file and the folder
+    # itself are synced before the rename, and the parent (the rename) after it. Recorded, as a power cut is
+    # not something a test can make.
+    import os
+
+    synced: list[tuple[str, bool]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        path = os.readlink(f"/proc/self/fd/{fd}")
+        synced.append((path, (tmp_path / "ck").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "ck", None)
+    before_rename = {os.path.basename(path) for path, renamed in synced if not renamed}
+    assert {p.name for p in folder.iterdir()} <= before_rename and any(
+        name.startswith(".ck.tmp-") for name in before_rename)
+    assert (str(tmp_path), True) in synced  # the folder that holds the new name
