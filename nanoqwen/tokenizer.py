@@ -368,17 +368,18 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"
-    try:
-        config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template; it wins over
+    try:                                            # tokenizer_config.json's, as in Transformers
+        config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
         tokenizer = HFTokenizer.from_file(str(path))
+        jinja = template.read_text(encoding="utf-8") if template.is_file() else None
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
         raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e, 200)}); re-download it or "
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
-    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template; it wins over
-    if template.is_file():  # tokenizer_config.json's, as in Transformers
-        config["chat_template"] = template.read_text()
+    if jinja is not None:
+        config["chat_template"] = jinja
     return Tokenizer(tokenizer, config)
 
 

@@ -200,3 +200,7 @@ def test_a_broken_chat_template_is_one_line(official, tmp_path):
     assert tokenizer.encode("Hello") == [9707]  # the rest of the tokenizer still works (prepare, training)
     with pytest.raises(NanoQwenError, match="chat template is not valid Jinja"):
         tokenizer.render_chat(CONVERSATION)
+    # A template file that is not UTF-8 text: the folder is damaged, said in one line (it was a traceback)
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages[0].content }}\xff\xfe")
+    with pytest.raises(NanoQwenError, match=r"the tokenizer in .* is damaged \(.*utf-8"):
+        load_tokenizer(tmp_path)
