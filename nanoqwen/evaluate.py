@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch.nn.functional as F
 
 from nanoqwen.data.loader import check_token_ids
 from nanoqwen.errors import NanoQwenError, positive_int
+from nanoqwen.io import json_line
 from nanoqwen.loss import IGNORE_INDEX
 from nanoqwen.model import Qwen3
 
@@ -204,7 +204,7 @@ def run(args: argparse.Namespace) -> int:
                                 "leave --loss-on out, or give more --max-windows")
     result = evaluate_tokens(model, tokens, num_bytes, context, args.batch_size, scored)
     if args.json:
-        print(json.dumps(result))
+        print(json_line(result))
     else:
         for key, value in result.items():
             print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -167,6 +168,13 @@ def no_space_left(error: BaseException, written: Path, final: Path) -> NanoQwenE
     if isinstance(error, Exception) and not isinstance(error, NanoQwenError) and disk_full(written):
         return NanoQwenError(f"no space left on the disk of {final}; free some space or write elsewhere")
     return None
+
+
+def json_line(record: dict[str, Any]) -> str:
+    """One JSON object on one line, a NaN or infinity written as null: Python writes them as NaN and Infinity,
+    which strict JSON readers (jq, JavaScript, most JSON libraries) refuse."""
+    return json.dumps({key: None if isinstance(value, float) and not math.isfinite(value) else value
+                       for key, value in record.items()})
 
 
 def disk_full(path: Path) -> bool:

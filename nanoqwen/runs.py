@@ -31,7 +31,7 @@ from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable
+from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, json_line
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import check_wandb, summary_writer_class
 
@@ -418,7 +418,7 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         return
     kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= step]
     with atomic_file(run_dir / "metrics.jsonl") as f:
-        f.write("".join(json.dumps(record) + "\n" for record in kept))
+        f.write("".join(json_line(record) + "\n" for record in kept))
 
 
 def truncate_samples(run_dir: Path, step: int) -> None:

@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import gc
 import inspect
-import json
 import math
 import os
 import re
@@ -75,6 +74,7 @@ from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, gen
 from nanoqwen.io import (
     ReaderMayLeave,
     hold_lock,
+    json_line,
     real_path,
     release_lock,
     remove_orphans,
@@ -631,7 +631,7 @@ def train(run: Run) -> dict[str, Any]:
                 if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                     summary["stopped"], final = "early_stopping", True
             if main:
-                append_line(metrics_path, json.dumps(record) + "\n")
+                append_line(metrics_path, json_line(record) + "\n")
             for tracker in trackers:
                 tracker.record(record)
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):

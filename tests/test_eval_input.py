@@ -78,3 +78,17 @@ def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: P
     captured = capsys.readouterr()
     assert "replaced 65 undecodable byte sequences" in captured.err
     assert json.loads(captured.out.strip().splitlines()[-1])["tokens"] > 0
+
+
+def test_figures_with_no_value_are_null_in_json_lines() -> None:
+    # Scored tokens with no text bytes (special tokens only) have no bits per byte: Python's json wrote NaN,
+    # which jq, JavaScript and strict JSON libraries refuse (eval --json's last line, metrics.jsonl's records).
+    from nanoqwen.evaluate import metrics
+    from nanoqwen.io import json_line
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    line = json_line({**metrics(2.0, 1, 4, num_bytes=0), "val_loss": float("inf")})
+    parsed = json.loads(line, parse_constant=strict)
+    assert parsed["bits_per_byte"] is None and parsed["val_loss"] is None and parsed["loss"] == 0.5
