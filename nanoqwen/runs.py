@@ -218,7 +218,8 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
     # Flags that are not settings of the loop but change its numbers: the run's own unless given now.
     asked = saved.get("args", {})
     args.dtype = args.dtype or asked.get("dtype")
-    args.activation_checkpointing = args.activation_checkpointing or bool(asked.get("activation_checkpointing"))
+    if args.activation_checkpointing is None:  # --no-activation-checkpointing turns it off
+        args.activation_checkpointing = bool(asked.get("activation_checkpointing"))
     train = saved["train"]
     if saved.get("format", 1) < RUN_CONFIG_FORMAT and \
             train.get("micro_batch") == train["batch_size"] // saved.get("world_size", 1):

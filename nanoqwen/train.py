@@ -140,8 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "loss_on": LOSS_TARGETS}.get(f.name)
         p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
                        help=_field_help(f.name))
-    p.add_argument("--activation-checkpointing", action="store_true",
-                   help="recompute each block in backward: less memory, about a third more compute")
+    p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each block in backward: less memory, about a third more compute (a resume keeps "
+                        "the run's unless given)")
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
                                                        "optimizer state (FSDP2) instead of replicating (DDP)")
     add_device_arguments(p, dtype_help="autocast dtype (default: bfloat16 on CUDA, float16 where it lacks "
@@ -313,7 +314,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     else:
         model = build_model(model_config, device)
     model.train()
-    model.activation_checkpointing = args.activation_checkpointing
+    model.activation_checkpointing = bool(args.activation_checkpointing)
     if args.fsdp and cfg.optimizer == "muon":
         raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
     train_module = wrap_model(model, info, args, device, cfg.compile)
@@ -369,6 +370,7 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
         truncate_samples(out, run.state.step)
         saved = read_run_config(out)
         saved["train"] = dataclasses.asdict(cfg)
+        saved.setdefault("args", {}).update(dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
         saved.update(data_place(run))
         saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
         saved.setdefault("resumed_with", []).append(sys.argv)

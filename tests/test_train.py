@@ -803,6 +803,14 @@ def test_micro_batches_and_accumulation_give_the_same_curve(data: Path, preset: 
     np.testing.assert_allclose(curves[1], curves[0], rtol=1e-4)
     np.testing.assert_allclose(curves[2], curves[0], rtol=1e-4)
 
+    # Memory only: --no-activation-checkpointing turns it off, for later resumes too (a plain one kept it on)
+    def checkpointing(run: Path) -> bool:
+        return json.loads((run / "config.json").read_text())["args"]["activation_checkpointing"]
+
+    assert checkpointing(out)
+    assert train_in_process("--resume", str(out), "--max-steps", "9", "--no-activation-checkpointing") == 0
+    assert train_in_process("--resume", str(out), "--max-steps", "10") == 0 and not checkpointing(out)
+
 
 def test_the_evaluation_that_ends_a_cut_run_does_not_count_toward_patience(data: Path, preset: Path,
                                                                             tmp_path: Path) -> None:
