@@ -771,6 +771,9 @@ def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "own.txt").write_text("text of the folder itself\n")
     (tmp_path / "c" / "link").symlink_to(tmp_path / "elsewhere")
+    # and files: a link beside the file it names is the same document (read twice, it could be in both splits)
+    (tmp_path / "c" / "same.txt").symlink_to(tmp_path / "c" / "own.txt")
+    (tmp_path / "c" / "also.txt").symlink_to(tmp_path / "elsewhere" / "deep" / "linked.txt")
     docs = read_back(prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", progress=False))
     assert sorted(docs["train"] + docs["val"]) == ["text of the folder itself\n", "text that lives on another disk\n"]
 

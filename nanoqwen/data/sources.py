@@ -447,7 +447,11 @@ def local_files(root: Path) -> list[Path]:
     if link is not None:  # its text would be left out in silence (a disk not mounted)
         raise NanoQwenError(f"{link} is a broken symbolic link (to {os.readlink(link)}); make its target "
                             "reachable, or remove the link")
-    return list(filter(in_corpus, everything))
+    # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
+    first: dict[str, Path] = {}
+    for p in filter(in_corpus, everything):
+        first.setdefault(os.path.realpath(p), p)
+    return list(first.values())
 
 
 def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
