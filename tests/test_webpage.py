@@ -792,3 +792,16 @@ def test_error_text_stop_button_and_placeholders_meet_wcag_contrast(browser, url
     page.evaluate("setBusy(false)")
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_the_message_box_shows_when_it_has_focus(page) -> None:
+    # The prompt box took away its outline and the composer around it did not change: Tab into it (from the API key)
+    # and nothing on the page moved but a one-pixel caret. The composer's border turns the accent, as the other
+    # boxes' do.
+    accent = page.evaluate("getComputedStyle(document.querySelector('button.primary')).backgroundColor")
+    border = "getComputedStyle(document.getElementById('composer')).borderColor"
+    page.focus("#api-key")
+    assert page.evaluate(border) != accent
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.evaluate(border) == accent
