@@ -805,3 +805,19 @@ def test_the_message_box_shows_when_it_has_focus(page) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     assert page.evaluate(border) == accent
+
+
+def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:
+    # Send is disabled while a reply streams: pressed from the keyboard, it dropped the focus to the page's body
+    # (a screen reader starts again from the top). The focus moves to Stop, the button that now acts, and
+    # back to the message box once the reply ends.
+    held: list = []
+    page.route("**/v1/chat/completions", lambda route: held.append(route))  # never answered
+    page.fill("#prompt", "Hello")
+    page.focus("#send")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.body.dataset.busy === 'true'")
+    assert page.evaluate("document.activeElement.id") == "stop"
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.body.dataset.busy === 'false'")
+    assert page.evaluate("document.activeElement.id") == "prompt"

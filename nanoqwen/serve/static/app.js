@@ -442,12 +442,16 @@ function restoreConversation() {
 }
 
 function setBusy(busy) {
+  const sending = busy && document.activeElement === $("send"); // pressed, and about to be disabled
   document.body.dataset.busy = String(busy);
   $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("clear").disabled = busy;
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.disabled = busy;
+  // A disabled Send dropped the focus to the body (a screen reader starts again from the top): it goes to Stop,
+  // the button that acts now. (Once the reply ends, send() gives it to the message box.)
+  if (sending) $("stop").focus();
 }
 
 // -- send ----------------------------------------------------------------------------------
