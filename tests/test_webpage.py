@@ -821,3 +821,14 @@ def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:
     page.keyboard.press("Enter")
     page.wait_for_function("document.body.dataset.busy === 'false'")
     assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_the_settings_button_is_named_without_its_arrow(page) -> None:
+    # On a phone the settings fold behind a button whose arrow is drawn in CSS content: a screen reader named it
+    # "Settings ▾", reading out a "black down-pointing small triangle" beside the state aria-expanded already gives.
+    page.set_viewport_size({"width": 375, "height": 740})
+    toggle = page.get_by_role("button", name="Settings", exact=True)
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    toggle.click()
+    expect(page.get_by_role("button", name="Settings", exact=True)).to_have_attribute("aria-expanded", "true")
+    assert "▴" in page.eval_on_selector("#settings-toggle", "el => getComputedStyle(el, '::after').content")
