@@ -832,3 +832,19 @@ def test_the_settings_button_is_named_without_its_arrow(page) -> None:
     toggle.click()
     expect(page.get_by_role("button", name="Settings", exact=True)).to_have_attribute("aria-expanded", "true")
     assert "▴" in page.eval_on_selector("#settings-toggle", "el => getComputedStyle(el, '::after').content")
+
+
+def test_an_unreachable_server_shows_no_model_size(page) -> None:
+    # "server unreachable" kept the last model's size and context beside it (and its name as the tooltip), as if
+    # the unreachable thing had 19.5M parameters; a refused key already hid them. They come back with the server.
+    page.route("**/v1/models", lambda route: route.abort())
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("server unreachable")
+    expect(page.locator("#model-size")).to_be_hidden()
+    expect(page.locator("#model-context")).to_be_hidden()
+    assert not page.get_attribute("#model-name", "title")
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    expect(page.locator("#model-size")).to_be_visible()
+    expect(page.locator("#model-context")).to_be_visible()

@@ -46,13 +46,18 @@ function formatCount(n) {
 // abort the request (a watch that waited too long).
 async function loadModel(signal) {
   const dot = $("status-dot");
+  // No model to show: why, in its place, without the last one's name (as tooltip), size or context beside it.
+  const problem = (text) => {
+    dot.className = "status-dot error";
+    $("model-name").textContent = text;
+    $("model-name").title = "";
+    $("model-size").hidden = $("model-context").hidden = true;
+  };
   try {
     const res = await fetch("/v1/models", { headers: headers(), signal });
     if (res.status === 401) {
-      dot.className = "status-dot error";
-      $("model-name").textContent = $("api-key").value.trim()
-        ? "API key refused (see Server settings)" : "API key needed (see Server settings)";
-      $("model-size").hidden = $("model-context").hidden = true;
+      problem($("api-key").value.trim()
+        ? "API key refused (see Server settings)" : "API key needed (see Server settings)");
       return;
     }
     const card = (await res.json()).data[0];
@@ -87,8 +92,7 @@ async function loadModel(signal) {
       max.value = card.context_length;
     }
   } catch (err) {
-    dot.className = "status-dot error";
-    $("model-name").textContent = "server unreachable";
+    problem("server unreachable");
   }
 }
 
