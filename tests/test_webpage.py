@@ -848,3 +848,24 @@ def test_an_unreachable_server_shows_no_model_size(page) -> None:
     expect(page.locator("#model-name")).to_have_text("tiny-web")
     expect(page.locator("#model-size")).to_be_visible()
     expect(page.locator("#model-context")).to_be_visible()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_keyboard_focus_shows_on_the_mode_switch(browser, url: str, scheme: str) -> None:
+    # The focused mode's ring was the accent drawn inside its own button, whose background is the accent once
+    # selected, and the radio that takes the focus is always the selected one: a keyboard user on Chat/Completion
+    # saw no focus at all. The switch as a whole gets a ring, at 3:1 or more against the bar (WCAG's for focus).
+    page, errors = open_page(browser, url, "tiny-web", color_scheme=scheme)
+    page.focus("#max-tokens")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "mode-chat"
+    for key in ("ArrowRight", "ArrowLeft"):  # either mode selected
+        style, color, bar = page.evaluate("""() => { const modes = getComputedStyle(document.querySelector('.modes'));
+            return [modes.outlineStyle, modes.outlineColor,
+                    getComputedStyle(document.querySelector('.topbar')).backgroundColor]; }""")
+        assert style == "solid" and contrast_ratio(color, bar) >= 3, (style, color, bar)
+        page.keyboard.press(key)
+    page.focus("#prompt")
+    assert page.evaluate("getComputedStyle(document.querySelector('.modes')).outlineStyle") == "none"
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
