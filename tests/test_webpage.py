@@ -869,3 +869,13 @@ def test_keyboard_focus_shows_on_the_mode_switch(browser, url: str, scheme: str)
     assert page.evaluate("getComputedStyle(document.querySelector('.modes')).outlineStyle") == "none"
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_long_unbroken_status_line_wraps_on_a_phone(page) -> None:
+    # An error the server sends back may hold a long unbroken string (a path, a stop string, a URL): the status
+    # line ran off the side of a phone's screen, the page scrolled sideways and the message was cut off.
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.evaluate("showStatus(`the server said: /very/long/path/${'z'.repeat(150)}`, true)")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    box = page.locator("#stats").bounding_box()
+    assert box["x"] + box["width"] <= 375
