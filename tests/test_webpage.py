@@ -769,3 +769,113 @@ def test_a_small_phone_leaves_the_conversation_its_height(browser, url: str) -> 
     expect(page.locator("#max-tokens")).to_be_focused()
     page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_error_text_stop_button_and_placeholders_meet_wcag_contrast(browser, url: str, scheme: str) -> None:
+    # In dark mode the red of an error (the status line, a reply's error note) and of the Stop button while a reply
+    # streams was the light theme's #c62f3b: 3.0 to 3.3:1 on the dark panels. The boxes' placeholders were
+    # Chromium's grey (#757575): 3.6:1 in dark mode, 4.3:1 on the light settings fields; the prompt's says how
+    # Enter and Shift+Enter work.
+    page, errors = open_page(browser, url, "tiny-web", color_scheme=scheme)
+    page.evaluate("""() => { document.getElementById('stats').classList.add('error');
+        document.getElementById('stats').textContent = 'lost the connection to the server';
+        setBusy(true); }""")  # as during a stream: Stop enabled
+    for selector, pseudo in (("#stats", None), ("#stop", None), ("#prompt", "::placeholder"),
+                             ("#seed", "::placeholder"), ("#system", "::placeholder")):
+        color, background = page.eval_on_selector(selector, """(el, pseudo) => {
+            let under = el;
+            while (getComputedStyle(under).backgroundColor === 'rgba(0, 0, 0, 0)') under = under.parentElement;
+            return [getComputedStyle(el, pseudo).color, getComputedStyle(under).backgroundColor];
+        }""", pseudo)
+        assert contrast_ratio(color, background) >= 4.5, (selector, pseudo, color, background)
+    page.evaluate("setBusy(false)")
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_the_message_box_shows_when_it_has_focus(page) -> None:
+    # The prompt box took away its outline and the composer around it did not change: Tab into it (from the API key)
+    # and nothing on the page moved but a one-pixel caret. The composer's border turns the accent, as the other
+    # boxes' do.
+    accent = page.evaluate("getComputedStyle(document.querySelector('button.primary')).backgroundColor")
+    border = "getComputedStyle(document.getElementById('composer')).borderColor"
+    page.focus("#api-key")
+    assert page.evaluate(border) != accent
+    page.keyboard.press("Tab")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+    assert page.evaluate(border) == accent
+
+
+def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:
+    # Send is disabled while a reply streams: pressed from the keyboard, it dropped the focus to the page's body
+    # (a screen reader starts again from the top). The focus moves to Stop, the button that now acts, and
+    # back to the message box once the reply ends.
+    held: list = []
+    page.route("**/v1/chat/completions", lambda route: held.append(route))  # never answered
+    page.fill("#prompt", "Hello")
+    page.focus("#send")
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.body.dataset.busy === 'true'")
+    assert page.evaluate("document.activeElement.id") == "stop"
+    page.keyboard.press("Enter")
+    page.wait_for_function("document.body.dataset.busy === 'false'")
+    assert page.evaluate("document.activeElement.id") == "prompt"
+
+
+def test_the_settings_button_is_named_without_its_arrow(page) -> None:
+    # On a phone the settings fold behind a button whose arrow is drawn in CSS content: a screen reader named it
+    # "Settings ▾", reading out a "black down-pointing small triangle" beside the state aria-expanded already gives.
+    page.set_viewport_size({"width": 375, "height": 740})
+    toggle = page.get_by_role("button", name="Settings", exact=True)
+    expect(toggle).to_have_attribute("aria-expanded", "false")
+    toggle.click()
+    expect(page.get_by_role("button", name="Settings", exact=True)).to_have_attribute("aria-expanded", "true")
+    assert "▴" in page.eval_on_selector("#settings-toggle", "el => getComputedStyle(el, '::after').content")
+
+
+def test_an_unreachable_server_shows_no_model_size(page) -> None:
+    # "server unreachable" kept the last model's size and context beside it (and its name as the tooltip), as if
+    # the unreachable thing had 19.5M parameters; a refused key already hid them. They come back with the server.
+    page.route("**/v1/models", lambda route: route.abort())
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("server unreachable")
+    expect(page.locator("#model-size")).to_be_hidden()
+    expect(page.locator("#model-context")).to_be_hidden()
+    assert not page.get_attribute("#model-name", "title")
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    expect(page.locator("#model-size")).to_be_visible()
+    expect(page.locator("#model-context")).to_be_visible()
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+def test_keyboard_focus_shows_on_the_mode_switch(browser, url: str, scheme: str) -> None:
+    # The focused mode's ring was the accent drawn inside its own button, whose background is the accent once
+    # selected, and the radio that takes the focus is always the selected one: a keyboard user on Chat/Completion
+    # saw no focus at all. The switch as a whole gets a ring, at 3:1 or more against the bar (WCAG's for focus).
+    page, errors = open_page(browser, url, "tiny-web", color_scheme=scheme)
+    page.focus("#max-tokens")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate("document.activeElement.id") == "mode-chat"
+    for key in ("ArrowRight", "ArrowLeft"):  # either mode selected
+        style, color, bar = page.evaluate("""() => { const modes = getComputedStyle(document.querySelector('.modes'));
+            return [modes.outlineStyle, modes.outlineColor,
+                    getComputedStyle(document.querySelector('.topbar')).backgroundColor]; }""")
+        assert style == "solid" and contrast_ratio(color, bar) >= 3, (style, color, bar)
+        page.keyboard.press(key)
+    page.focus("#prompt")
+    assert page.evaluate("getComputedStyle(document.querySelector('.modes')).outlineStyle") == "none"
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
+def test_a_long_unbroken_status_line_wraps_on_a_phone(page) -> None:
+    # An error the server sends back may hold a long unbroken string (a path, a stop string, a URL): the status
+    # line ran off the side of a phone's screen, the page scrolled sideways and the message was cut off.
+    page.set_viewport_size({"width": 375, "height": 740})
+    page.evaluate("showStatus(`the server said: /very/long/path/${'z'.repeat(150)}`, true)")
+    assert page.evaluate("document.documentElement.scrollWidth") <= 375
+    box = page.locator("#stats").bounding_box()
+    assert box["x"] + box["width"] <= 375

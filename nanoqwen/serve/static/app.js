@@ -46,13 +46,18 @@ function formatCount(n) {
 // abort the request (a watch that waited too long).
 async function loadModel(signal) {
   const dot = $("status-dot");
+  // No model to show: why, in its place, without the last one's name (as tooltip), size or context beside it.
+  const problem = (text) => {
+    dot.className = "status-dot error";
+    $("model-name").textContent = text;
+    $("model-name").title = "";
+    $("model-size").hidden = $("model-context").hidden = true;
+  };
   try {
     const res = await fetch("/v1/models", { headers: headers(), signal });
     if (res.status === 401) {
-      dot.className = "status-dot error";
-      $("model-name").textContent = $("api-key").value.trim()
-        ? "API key refused (see Server settings)" : "API key needed (see Server settings)";
-      $("model-size").hidden = $("model-context").hidden = true;
+      problem($("api-key").value.trim()
+        ? "API key refused (see Server settings)" : "API key needed (see Server settings)");
       return;
     }
     const card = (await res.json()).data[0];
@@ -87,8 +92,7 @@ async function loadModel(signal) {
       max.value = card.context_length;
     }
   } catch (err) {
-    dot.className = "status-dot error";
-    $("model-name").textContent = "server unreachable";
+    problem("server unreachable");
   }
 }
 
@@ -442,12 +446,16 @@ function restoreConversation() {
 }
 
 function setBusy(busy) {
+  const sending = busy && document.activeElement === $("send"); // pressed, and about to be disabled
   document.body.dataset.busy = String(busy);
   $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
   $("stop").disabled = !busy;
   $("clear").disabled = busy;
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.disabled = busy;
+  // A disabled Send dropped the focus to the body (a screen reader starts again from the top): it goes to Stop,
+  // the button that acts now. (Once the reply ends, send() gives it to the message box.)
+  if (sending) $("stop").focus();
 }
 
 // -- send ----------------------------------------------------------------------------------
