@@ -175,8 +175,6 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
                             "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
                             "own")
-    if args.out == "":
-        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
     out = Path(args.out) if args.out is not None else None
     if out is not None:  # refused before a corpus is prepared
         if (out / "last").exists():

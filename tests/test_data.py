@@ -726,6 +726,27 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "ck", "--text-file", ""],  # a traceback
+    ["train", "--data", ""],  # trained on the default corpus instead, silently, as --config "" and --init-from ""
+    ["train", "--init-from", ""],
+    ["prepare", "--dataset", "", "--out", "data"],  # read every file of the current folder
+    ["gguf", "--model", "ck", "--out", ""],  # wrote the default MODEL.gguf
+    ["plot", ""],
+])
+def test_an_empty_path_is_one_line(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("the user's own file, not a corpus\n")
+    assert main(argv) == 2
+    flag = argv[argv.index("") - 1]
+    flag = flag if flag.startswith("--") else "RUN"  # plot's positional
+    assert capsys.readouterr().err == f"nanoqwen {argv[0]}: error: {flag} is empty; give a file or folder name\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
 def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
