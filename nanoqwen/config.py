@@ -302,6 +302,8 @@ def load_preset(name_or_path: str) -> Preset:
     try:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
         check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))
+        # the train section too: TrainConfig.validate compares its numbers, and a string there is a TypeError
+        check_json_types(raw.get("train", {}), typing.get_type_hints(TrainConfig), str(path))
         model = ModelConfig(**raw["model"])
     except TypeError as e:
         raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
