@@ -747,6 +747,17 @@ def test_an_empty_path_is_one_line(argv: list[str], tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_more_workers_than_cores_are_as_many_as_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The tokenizer's thread pool tried to start --workers threads: 99999999999 hung prepare.
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)  # prepare sets it for this process; put back after
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", workers=99999999999, progress=False)
+    assert os.environ["RAYON_NUM_THREADS"] == "2"
+    assert "note: --workers 99999999999 is more than the 2 cores here; using 2" in capsys.readouterr().out
+
+
 def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq

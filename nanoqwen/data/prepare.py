@@ -165,6 +165,10 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if workers is not None:
         if workers < 1:
             raise NanoQwenError(f"--workers must be at least 1, got {workers}")
+        cores = os.cpu_count() or 1
+        if workers > cores:  # the thread pool starts them all: a huge number hung prepare
+            print(f"note: --workers {workers} is more than the {cores} cores here; using {cores}")
+            workers = cores
         # tokenizers' thread pool reads this when it first starts: it takes effect in a fresh process (the CLI)
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     tokenizer_id = tokenizer_identity(tokenizer)  # bad specs fail before any reading
