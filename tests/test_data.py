@@ -714,6 +714,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100000000000"], ["at most bpe:1048576"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--val-fraction", "1.5"], ["--val-fraction"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--seed", "-1"], ["--seed: must be between 0 and 2**63 - 1"]),
         (["--dataset", "tinystories"], ["unreachable", "local path"]),
     ]
     hub_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # empty cache, no network
