@@ -27,9 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("nanoqwen.plot", "draw loss.png for a run folder"),
     "gguf": ("nanoqwen.gguf", "write a checkpoint as one GGUF file for llama.cpp, Ollama, LM Studio"),
 }
-# Flags that name files or folders. tokenizers and safetensors take paths as UTF-8 strings, so a name
-# whose bytes are not UTF-8 (read by Python as lone surrogates) is refused up front, not mid-write.
-PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "run")
+# Flags that name files or folders. An empty one is refused up front. tokenizers and safetensors take paths
+# as UTF-8 strings, so a name whose bytes are not UTF-8 (read by Python as lone surrogates) is too, not mid-write.
+PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "runs")
 # What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
 FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
                       "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
@@ -100,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
 def check_path_names(args: argparse.Namespace) -> None:
     for name in PATH_FLAGS:
         value = getattr(args, name, None)
-        if isinstance(value, str):
+        flag = "RUN" if name == "runs" else "--" + name.replace("_", "-")
+        for path in value if isinstance(value, list) else [value]:
+            if not isinstance(path, str):
+                continue
+            if not path:  # read as "not given" (the default corpus trained on, MODEL.gguf written) or as "."
+                raise NanoQwenError(f"{flag} is empty; give a file or folder name")
             try:
-                value.encode("utf-8")
+                path.encode("utf-8")
             except UnicodeEncodeError:
-                flag = name if name == "run" else "--" + name.replace("_", "-")
-                raise NanoQwenError(f"{flag}: the name {value.encode('utf-8', 'replace').decode()!r} is not valid "
+                raise NanoQwenError(f"{flag}: the name {path.encode('utf-8', 'replace').decode()!r} is not valid "
                                     "UTF-8; rename it, or choose another") from None
+
 
 
 if __name__ == "__main__":

@@ -302,6 +302,7 @@ def load_preset(name_or_path: str) -> Preset:
     try:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
         check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))
+        check_train_types(raw.get("train", {}), str(path))
         model = ModelConfig(**raw["model"])
     except TypeError as e:
         raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
@@ -477,6 +478,12 @@ class TrainConfig:
                                 "rate does not depend on the run's length until its decay starts; add --schedule "
                                 "wsd (or --no-fit-to-time)")
         return self
+
+
+def check_train_types(values: dict[str, Any], source: str) -> None:
+    """TrainConfig fields read from JSON (a preset's train section, a run's saved settings), each of its type:
+    validate compares their numbers, and a string where a number belongs was a TypeError traceback there."""
+    check_json_types(values, typing.get_type_hints(TrainConfig), source)
 
 
 @dataclass

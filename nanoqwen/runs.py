@@ -27,7 +27,15 @@ from nanoqwen.checkpoint import (
     read_generation_config,
     refuse_tokenizer_id_overrides,
 )
-from nanoqwen.config import BEST_DTYPES, ModelConfig, Preset, TrainConfig, apply_overrides, load_preset
+from nanoqwen.config import (
+    BEST_DTYPES,
+    ModelConfig,
+    Preset,
+    TrainConfig,
+    apply_overrides,
+    check_train_types,
+    load_preset,
+)
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, barrier, from_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
@@ -175,8 +183,6 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
                             "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
                             "own")
-    if args.out == "":
-        raise NanoQwenError("--out is empty; give a run folder, or leave --out out for runs/PRESET-TIME")
     out = Path(args.out) if args.out is not None else None
     if out is not None:  # refused before a corpus is prepared
         if (out / "last").exists():
@@ -391,9 +397,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
         if missing:
             raise KeyError(", ".join(missing))
         TrainConfig(**saved["train"])
+        check_train_types(saved["train"], "its train section")  # a hand edit
         if not isinstance(saved["data"], str):
             raise TypeError(f"its data is {saved['data']!r}, not a folder")
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, NanoQwenError) as e:
         weights = run_dir / "last"
         what = f"start a new run from its weights: --init-from {quote(str(weights))}" if weights.is_dir() else \
             "give the folder a run wrote (runs/NAME, the one a run's closing lines name)"

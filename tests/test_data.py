@@ -714,6 +714,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100000000000"], ["at most bpe:1048576"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--val-fraction", "1.5"], ["--val-fraction"]),
+        (["--dataset", str(tmp_path / "ok.txt"), "--seed", "-1"], ["--seed: must be between 0 and 2**63 - 1"]),
         (["--dataset", "tinystories"], ["unreachable", "local path"]),
     ]
     hub_env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1"}  # empty cache, no network
@@ -724,6 +725,38 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         stdout, stderr = run.communicate(timeout=120)
         one_line_error(subprocess.CompletedProcess(run.args, run.returncode, stdout, stderr), *words)
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--model", "ck", "--text-file", ""],  # a traceback
+    ["train", "--data", ""],  # trained on the default corpus instead, silently, as --config "" and --init-from ""
+    ["train", "--init-from", ""],
+    ["prepare", "--dataset", "", "--out", "data"],  # read every file of the current folder
+    ["gguf", "--model", "ck", "--out", ""],  # wrote the default MODEL.gguf
+    ["plot", ""],
+])
+def test_an_empty_path_is_one_line(argv: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from nanoqwen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("the user's own file, not a corpus\n")
+    assert main(argv) == 2
+    flag = argv[argv.index("") - 1]
+    flag = flag if flag.startswith("--") else "RUN"  # plot's positional
+    assert capsys.readouterr().err == f"nanoqwen {argv[0]}: error: {flag} is empty; give a file or folder name\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
+
+
+def test_more_workers_than_cores_are_as_many_as_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The tokenizer's thread pool tried to start --workers threads: 99999999999 hung prepare.
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)  # prepare sets it for this process; put back after
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", workers=99999999999, progress=False)
+    assert os.environ["RAYON_NUM_THREADS"] == "2"
+    assert "note: --workers 99999999999 is more than the 2 cores here; using 2" in capsys.readouterr().out
 
 
 def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) -> None:

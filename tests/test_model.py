@@ -293,6 +293,7 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
                              ("nomodel", {"train": {"lr": 0.1}}, 'no "model" object'),
                              ("list", [model], "not a JSON object"),
                              ("train", {"model": model, "train": [1]}, '"train" that is not an object'),
+                             ("lr", {"model": model, "train": {"lr": "fast"}}, 'lr must be a number, got "fast"'),
                              ("run", {"model": model, "train": {}, "preset": "tiny", "data": "data/x",
                                       "command": ["nanoqwen"]}, "--resume")]:
         (tmp_path / f"{name}.json").write_text(json.dumps(raw))

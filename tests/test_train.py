@@ -1200,7 +1200,8 @@ def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: P
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),
                                               ("missing", "train_state.json"),
-                                              ("no run config", "config.json is missing")])
+                                              ("no run config", "config.json is missing"),
+                                              ("hand-edited run config", 'lr must be a number, got "fast"')])
 def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str, said: str) -> None:
     run = tmp_path / "run"
     shutil.copytree(trained, run)
@@ -1211,6 +1212,9 @@ def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Pat
         state.write_bytes(state.read_bytes()[:100])
     elif damage == "missing":
         (run / "last/train_state.json").unlink()
+    elif damage == "hand-edited run config":  # a string where a number belongs was a TypeError traceback
+        saved = json.loads((run / "config.json").read_text())
+        (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "lr": "fast"}}))
     else:
         (run / "config.json").unlink()
     before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file() and p.name != ".lock"}

@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from nanoqwen import __version__
 from nanoqwen.data.sources import CHAT_COLUMNS, SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
-from nanoqwen.errors import NanoQwenError, counted
+from nanoqwen.errors import NanoQwenError, counted, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
     IM_END,
@@ -117,7 +117,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}; "
                         "at least one document either way)")
-    p.add_argument("--seed", type=int, default=0, metavar="N",
+    p.add_argument("--seed", type=seed_int, default=0, metavar="N",
                    help="seed of the train/val split (default: %(default)s)")
     add_reading_arguments(p)
     p.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the same result")
@@ -165,6 +165,10 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if workers is not None:
         if workers < 1:
             raise NanoQwenError(f"--workers must be at least 1, got {workers}")
+        cores = os.cpu_count() or 1
+        if workers > cores:  # the thread pool starts them all: a huge number hung prepare
+            print(f"note: --workers {workers} is more than the {cores} cores here; using {cores}")
+            workers = cores
         # tokenizers' thread pool reads this when it first starts: it takes effect in a fresh process (the CLI)
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     tokenizer_id = tokenizer_identity(tokenizer)  # bad specs fail before any reading
