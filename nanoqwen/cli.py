@@ -113,6 +113,5 @@ def check_path_names(args: argparse.Namespace) -> None:
                                     "UTF-8; rename it, or choose another") from None
 
 
-
 if __name__ == "__main__":
     raise SystemExit(main())
