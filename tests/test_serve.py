@@ -183,6 +183,10 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
         alone = client.completions.create(model="tiny", prompt="The river", **{**sampling, "n": 1, "seed": 1234 + k})
         assert choice.text == alone.choices[0].text
     assert len({c.text for c in several.choices}) == 4
+    # From the last seed, choice 1 wraps to seed 0, as `nanoqwen sample --num-samples` and chat turns do
+    last = client.completions.create(model="tiny", prompt="The river", **{**sampling, "seed": 2**63 - 1})
+    zero = client.completions.create(model="tiny", prompt="The river", **{**sampling, "n": 1, "seed": 0})
+    assert last.choices[1].text == zero.choices[0].text
 
     messages = [{"role": "user", "content": "Tell me about rivers."}]
     plain = client.chat.completions.create(model="tiny", messages=messages, **sampling)

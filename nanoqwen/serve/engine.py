@@ -41,6 +41,7 @@ from nanoqwen.generate import (
     check_fits,
     graphs_by_default,
     next_tokens,
+    nth_seed,
     sampling_generator,
     token_logprobs,
 )
@@ -205,16 +206,16 @@ class Engine:
         With `echo`, a choice's first Delta is its prompt (and its tokens' logprobs, the first's None), as
         OpenAI's completions echo it; the generated text's offsets then count from the prompt's start.
 
-        Seeded sampling gives choice k the seed `seed + k`, so each choice draws the same random numbers
-        whatever else runs beside it (the same convention as `nanoqwen sample --num-samples`).
+        Seeded sampling gives choice k the seed `seed + k` (`nth_seed`: wrapped into the seed range), so each
+        choice draws the same random numbers whatever else runs beside it, as `nanoqwen sample --num-samples` does.
         """
         job = Job(asyncio.get_running_loop(), len(prompts) * n)
         sequences = []
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
-                seed = None if params.seed is None else params.seed + index
-                sequences.append(seq := self._new_sequence(job, index, prompt, params, seed, top_logprobs, echo))
+                sequences.append(seq := self._new_sequence(job, index, prompt, params, nth_seed(params.seed, index),
+                                                           top_logprobs, echo))
                 if j:  # queued after the first choice, so admitted once it has read the prompt
                     seq.leader = sequences[-1 - j]
                     seq.leader.followers += 1
