@@ -158,10 +158,17 @@ def _field_help(name: str) -> str:
 
 # -- the run --------------------------------------------------------------------------------------
 class StopSignal:
-    """SIGINT/SIGTERM ask the loop to stop after the current step and save; a second one aborts."""
+    """SIGINT/SIGTERM ask the loop to stop after the current step and save; a second one aborts.
 
-    def __init__(self) -> None:
+    Under torchrun (`patient`) a second one is noted like the first, and the handlers stay until the process
+    exits: torchrun passes on each signal it gets to every worker, so a worker that got the signal itself (a job
+    scheduler such as SLURM signals every process of the job) hears it twice, and it signals the workers still
+    running when one of them has stopped, in the middle of rank 0's save or closing report. A worker that does
+    not end is still ended: torchrun kills it after its --shutdown_timeout (30 s)."""
+
+    def __init__(self, patient: bool = False) -> None:
         self.name: str | None = None
+        self.patient = patient
         self.previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopSignal:
@@ -171,11 +178,13 @@ class StopSignal:
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
-        if self.name is not None:
+        if self.name is not None and not self.patient:
             raise KeyboardInterrupt
-        self.name = signal.Signals(signum).name
+        self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
+        if self.patient:
+            return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
 
@@ -591,7 +600,7 @@ def train(run: Run) -> dict[str, Any]:
     tokens_per_step = cfg.batch_size * run.seq_len
     flops, peak = flops_per_token(run.model.config, run.seq_len), peak_flops(run.info.device, run.amp_dtype)
     summary: dict[str, Any] = {"stopped": "max_steps", "sample": None, "eval": None}
-    with StopSignal() as stop, ExitStack() as opened:
+    with StopSignal(patient=run.info.distributed) as stop, ExitStack() as opened:
         trackers = open_trackers(run, opened)  # before the progress bar: one that fails to start is one clean line
         summary["wandb"] = next((t.where for t in trackers if isinstance(t, WandbLog)), None)
         display = Display(main, state.step, run.total_steps, cfg.log_interval)

@@ -1128,6 +1128,31 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
 
 
+def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
+    # A job scheduler (SLURM) signals every process of a job: each worker got SIGTERM, then torchrun passed its own
+    # on, and the second aborted the save. Under torchrun a worker notes both, and keeps noting them until it
+    # exits (torchrun signals the others when one stops, mid-way through rank 0's save or report).
+    from nanoqwen.train import StopSignal
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with StopSignal(patient=True) as stop:
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGINT)
+        signal.raise_signal(signal.SIGTERM)  # after the loop: noted, not the default death
+        assert stop.name == "SIGTERM"
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+        with pytest.raises(KeyboardInterrupt), StopSignal():  # one process: a second signal aborts
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp_path: Path) -> None:
     # `nanoqwen train ... | head -1`: the closed pipe raised at the next print, which ended the run unsaved.
     out = tmp_path / "piped"
