@@ -19,7 +19,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanoqwen.config import QWEN3_VOCAB_SIZE, LoopState, ModelConfig, apply_overrides, check_json_types, load_preset
-from nanoqwen.distributed import add_device_arguments, all_reduce, check_host_memory, resolve_device, resolve_dtype
+from nanoqwen.distributed import (
+    add_device_arguments,
+    all_reduce,
+    check_host_memory,
+    on_rank0,
+    resolve_device,
+    resolve_dtype,
+)
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config, write_json
 from nanoqwen.model import Qwen3, rope_inv_freq
@@ -529,18 +536,24 @@ def save_last(run: Run) -> None:
         raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({where}); last/ keeps "
                             "the save before; lower --lr or raise --warmup")
     model, optim_state = full_model(run), optimizer_state(run)
-    if not run.info.is_main:
-        return
-    assert model is not None
-    rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(run.info.device)}
-    with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
-        write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
-        torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
-        write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
+
+    def write() -> None:  # rank 0
+        assert model is not None
+        rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(run.info.device)}
+        with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
+            write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
+            torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
+            write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
+
+    on_rank0(write, run.info.device)
 
 
 def save_best(run: Run) -> None:
     model = full_model(run)
-    if model is not None:
+
+    def write() -> None:  # rank 0
+        assert model is not None
         save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
                         generation=run.generation, step=run.state.step)
+
+    on_rank0(write, run.info.device)

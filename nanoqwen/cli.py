@@ -6,13 +6,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib
 import sys
 from typing import NoReturn
 
 from nanoqwen import __version__
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, user_error_line
 from nanoqwen.io import discard_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -30,12 +29,6 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # Flags that name files or folders. An empty one is refused up front. tokenizers and safetensors take paths
 # as UTF-8 strings, so a name whose bytes are not UTF-8 (read by Python as lone surrogates) is too, not mid-write.
 PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "runs")
-# What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
-FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
-                      "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
-                      errno.EROFS: "write elsewhere", errno.ENOTDIR: "", errno.EISDIR: "", errno.EEXIST: "",
-                      errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: "",
-                      errno.ENOENT: "check the path"}
 
 
 def refuse(prog: str, message: str) -> NoReturn:
@@ -89,11 +82,10 @@ def main(argv: list[str] | None = None) -> int:
         discard_output(sys.stdout)
         return 0
     except OSError as e:
-        if e.errno not in FILE_SYSTEM_ERRORS:
+        line = user_error_line(e)
+        if line is None:
             raise
-        where = f": {e.filename}" + (f" -> {e.filename2}" if e.filename2 else "") if e.filename else ""
-        hint = FILE_SYSTEM_ERRORS[e.errno]
-        print(f"nanoqwen {args.command}: error: {e.strerror}{where}{'; ' + hint if hint else ''}", file=sys.stderr)
+        print(f"nanoqwen {args.command}: error: {line}", file=sys.stderr)
         return 2
 
 

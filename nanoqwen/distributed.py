@@ -7,13 +7,14 @@ import argparse
 import ctypes
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
-from nanoqwen.errors import NanoQwenError
+from nanoqwen.errors import NanoQwenError, user_error_line
 
 T = TypeVar("T")
 
@@ -173,6 +174,25 @@ def from_rank0(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def on_rank0(work: Callable[[], None], device: torch.device | None = None) -> None:
+    """`work` on rank 0 alone (what it alone writes: a checkpoint, a line of metrics), with its outcome told to
+    every rank. Where it fails (a full disk), every process stops with rank 0's line; the others would crash in
+    their next collective with a traceback each (gloo) or wait in it (NCCL) until torchrun ends them. Just
+    `work()` without torchrun; under it, one scalar all-reduce (on `device`, the run's: NCCL's are on the GPU)."""
+    error: Exception | None = None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            work()
+        except Exception as e:  # noqa: BLE001 (told to the others, then raised here as it was)
+            error = e
+    if dist.is_initialized() and all_reduce(float(error is not None), "max", device):
+        line = from_rank0(None if error is None else user_error_line(error))
+        if error is None:
+            raise NanoQwenError(line or "process 0 failed (its traceback is above); every process stops with it")
+    if error is not None:
+        raise error
 
 
 def barrier() -> None:

@@ -2,10 +2,31 @@
 refuse bad numbers as argparse does (one line, exit 2), and the wording messages share."""
 
 import argparse
+import errno
 
 
 class NanoQwenError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
+
+
+# What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
+FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
+                      "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",
+                      errno.EROFS: "write elsewhere", errno.ENOTDIR: "", errno.EISDIR: "", errno.EEXIST: "",
+                      errno.ENAMETOOLONG: "choose a shorter name", errno.ELOOP: "",
+                      errno.ENOENT: "check the path"}
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """What the command line says of an error that is the user's problem (ours, or what the file system
+    refused: a full disk), after "nanoqwen CMD: error: "; None for any other (a bug: its traceback)."""
+    if isinstance(error, NanoQwenError):
+        return str(error)
+    if not isinstance(error, OSError) or error.errno not in FILE_SYSTEM_ERRORS:
+        return None
+    where = f": {error.filename}" + (f" -> {error.filename2}" if error.filename2 else "") if error.filename else ""
+    hint = FILE_SYSTEM_ERRORS[error.errno]
+    return f"{error.strerror}{where}{'; ' + hint if hint else ''}"
 
 
 def first_line(error: BaseException, limit: int | None = None) -> str:

@@ -32,7 +32,7 @@ from collections import deque
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from pathlib import Path
 from shlex import quote
 from typing import Any
@@ -64,6 +64,7 @@ from nanoqwen.distributed import (
     check_host_memory,
     from_rank0,
     init_distributed,
+    on_rank0,
     resolve_dtype,
     reuse_freed_memory,
     shutdown_distributed,
@@ -594,7 +595,6 @@ def sample(run: Run) -> str:
 def train(run: Run) -> dict[str, Any]:
     """The loop. Returns a summary: why it stopped, the last evaluation, the last sample."""
     cfg, state, main = run.cfg, run.state, run.info.is_main
-    metrics_path = run.out / "metrics.jsonl"
     if main:
         run.out.mkdir(parents=True, exist_ok=True)
     tokens_per_step = cfg.batch_size * run.seq_len
@@ -641,12 +641,12 @@ def train(run: Run) -> dict[str, Any]:
                     summary["eval"] = {**evaluate_and_track(run, record, display), "step": state.step}
                 if cfg.early_stopping_patience and state.evals_since_best >= cfg.early_stopping_patience:
                     summary["stopped"], final = "early_stopping", True
-            if main:
-                append_line(metrics_path, json_line(record) + "\n")
-            for tracker in trackers:
-                tracker.record(record)
+            text: str | None = None
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
-                summary["sample"] = sample_and_log(run, display, trackers, show=not final)
+                text = summary["sample"] = sample(run)  # every rank: a collective under FSDP
+            on_rank0(partial(log_step, run, record, text, trackers), run.info.device)
+            if text is not None and not final:  # the last one closes the run's report instead
+                display.print(f"--- sample at step {state.step}:\n{text}\n---")
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
             eta = (run.total_steps - state.step) * state.elapsed_s / state.step
@@ -676,34 +676,30 @@ def open_trackers(run: Run, opened: ExitStack) -> list[Tracker]:
     state, so that a resume continues that W&B run. A tracker that fails to start stops every rank with rank 0's
     line (the others would crash in their next collective, with a traceback each)."""
     trackers: list[Tracker] = []
-    failed: str | None = None
-    try:
-        if run.info.is_main and run.cfg.tensorboard:
+
+    def start() -> None:  # rank 0
+        if run.cfg.tensorboard:
             trackers.append(opened.enter_context(TensorBoardLog(run.out, run.state.step)))
-        if run.info.is_main and run.cfg.wandb:
+        if run.cfg.wandb:
             wandb = opened.enter_context(WandbLog(run.out, run.cfg.wandb_project, run.state.wandb_id,
                                                   run_config(run)))
             run.state.wandb_id = wandb.id
             trackers.append(wandb)
-    except NanoQwenError as e:
-        failed = str(e)
-    failed = from_rank0(failed)
-    if failed is not None:
-        raise NanoQwenError(failed)
+
+    on_rank0(start, run.info.device)
     return trackers
 
 
-def sample_and_log(run: Run, display: Display, trackers: list[Tracker], show: bool) -> str:
-    """A sample, appended to samples.txt (and the trackers); printed when `show` (the last one closes the
-    run's report instead)."""
-    text = sample(run)
-    if run.info.is_main:
-        append_line(run.out / "samples.txt", f"--- step {run.state.step}\n{text}\n\n")
+def log_step(run: Run, record: dict[str, Any], text: str | None, trackers: list[Tracker]) -> None:
+    """What rank 0 writes of a step: its line of metrics.jsonl and its sample (if one was taken) in samples.txt,
+    and the same to the trackers."""
+    append_line(run.out / "metrics.jsonl", json_line(record) + "\n")
     for tracker in trackers:
-        tracker.sample(run.state.step, text)
-    if show:
-        display.print(f"--- sample at step {run.state.step}:\n{text}\n---")
-    return text
+        tracker.record(record)
+    if text is not None:
+        append_line(run.out / "samples.txt", f"--- step {run.state.step}\n{text}\n\n")
+        for tracker in trackers:
+            tracker.sample(run.state.step, text)
 
 
 def is_out_of_memory(error: BaseException) -> bool:

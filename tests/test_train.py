@@ -1749,6 +1749,22 @@ def test_a_full_disk_while_saving_is_one_line(data: Path, preset: Path, tmp_path
     assert "no space left on the disk" in err and "\n" not in err
 
 
+def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+    # A full disk while rank 0 saved last/ (or wrote metrics.jsonl) ended rank 0 with its line, and the others in
+    # their next collective: a traceback each under gloo, a wait under NCCL. Now every rank raises rank 0's line.
+    import torch.multiprocessing as mp
+
+    from tests.train_helpers import on_rank0_worker
+
+    mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
+    zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
+    full = f"No space left on device: {tmp_path}/last; free some space or write elsewhere"  # what cli says of it
+    assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]
+    assert zero["bug"] == ["ValueError", "a bug"] and one["bug"][0] == "NanoQwenError" and \
+        "process 0 failed (its traceback is above)" in one["bug"][1]
+
+
 def dead_pid() -> int:
     """The pid of a process that has ended."""
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)

@@ -8,6 +8,7 @@ import random
 import struct
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -145,3 +146,33 @@ def wandb_runs(run: Path) -> list[WandbRun]:
                     rows.append({k: v for k, v in row.items() if not k.startswith("_") and "/" not in k})
         found.append(WandbRun(log.stem.removeprefix("run-"), rows, config, name))
     return found
+
+
+def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
+    """One process of a gloo job (torch.multiprocessing) that has `on_rank0` do work that succeeds, then
+    work that fails on rank 0 as a full disk and as a bug would; what each process met goes to folder/RANK.json."""
+    import errno
+
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import on_rank0
+    from nanoqwen.errors import NanoQwenError
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world_size), rank=rank,
+                            world_size=world_size)
+    met: dict[str, object] = {}
+    try:
+        on_rank0(lambda: met.setdefault("ran", rank))
+        for name, error in [("full", OSError(errno.ENOSPC, "No space left on device", f"{folder}/last")),
+                            ("bug", ValueError("a bug"))]:
+            try:
+                on_rank0(partial(_raise, error))
+            except (NanoQwenError, OSError, ValueError) as e:
+                met[name] = [type(e).__name__, str(e)]
+    finally:
+        dist.destroy_process_group()
+    Path(folder, f"{rank}.json").write_text(json.dumps(met))
+
+
+def _raise(error: Exception) -> None:
+    raise error
