@@ -195,11 +195,6 @@ def on_rank0(work: Callable[[], None], device: torch.device | None = None) -> No
         raise error
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -37,7 +37,7 @@ from nanoqwen.config import (
     load_preset,
 )
 from nanoqwen.data.loader import check_batch
-from nanoqwen.distributed import DistInfo, barrier, from_rank0
+from nanoqwen.distributed import DistInfo, from_rank0, on_rank0
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, json_line
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -119,13 +119,14 @@ def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: s
     name = dataset_slug(dataset, corpus.fingerprint if local else None)
     folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
     if local or text_column or not (folder / "meta.json").exists():
-        if info.is_main:
+        def prepare_it() -> None:  # rank 0; the others wait, and stop with its line if the corpus is refused
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
 
             if not (folder / "meta.json").exists():
                 print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
             prepare(dataset, tokenizer, folder, text_column=text_column)
-        barrier()
+
+        on_rank0(prepare_it, info.device)
     return folder
 
 

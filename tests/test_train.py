@@ -1750,12 +1750,15 @@ def test_a_full_disk_while_saving_is_one_line(data: Path, preset: Path, tmp_path
 
 
 def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(tmp_path: Path) -> None:
-    # A full disk while rank 0 saved last/ (or wrote metrics.jsonl) ended rank 0 with its line, and the others in
-    # their next collective: a traceback each under gloo, a wait under NCCL. Now every rank raises rank 0's line.
+    # A full disk while rank 0 saved last/ (or wrote metrics.jsonl), or a corpus it alone prepared and refused,
+    # ended rank 0 with its line, and the others in their next collective: a traceback each under gloo, a wait under
+    # NCCL. Now every rank raises rank 0's line.
     import torch.multiprocessing as mp
 
     from tests.train_helpers import on_rank0_worker
 
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
     mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
     zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
@@ -1763,6 +1766,7 @@ def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(tm
     assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]
     assert zero["bug"] == ["ValueError", "a bug"] and one["bug"][0] == "NanoQwenError" and \
         "process 0 failed (its traceback is above)" in one["bug"][1]
+    assert zero["prepare"] == one["prepare"] and "has no text" in one["prepare"]  # bad data: its line on every rank
 
 
 def dead_pid() -> int:

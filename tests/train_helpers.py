@@ -8,6 +8,7 @@ import random
 import struct
 import subprocess
 import sys
+from datetime import timedelta
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -150,16 +151,18 @@ def wandb_runs(run: Path) -> list[WandbRun]:
 
 def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
     """One process of a gloo job (torch.multiprocessing) that has `on_rank0` do work that succeeds, then
-    work that fails on rank 0 as a full disk and as a bug would; what each process met goes to folder/RANK.json."""
+    work that fails on rank 0 as a full disk and as a bug would, then prepares folder/empty (an empty .txt), which
+    rank 0 refuses; what each process met goes to folder/RANK.json."""
     import errno
 
     import torch.distributed as dist
 
-    from nanoqwen.distributed import on_rank0
+    from nanoqwen.distributed import DistInfo, on_rank0
     from nanoqwen.errors import NanoQwenError
+    from nanoqwen.runs import prepared_folder
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world_size), rank=rank,
-                            world_size=world_size)
+                            world_size=world_size, timeout=timedelta(seconds=30))  # a rank left waiting fails
     met: dict[str, object] = {}
     try:
         on_rank0(lambda: met.setdefault("ran", rank))
@@ -169,6 +172,12 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
                 on_rank0(partial(_raise, error))
             except (NanoQwenError, OSError, ValueError) as e:
                 met[name] = [type(e).__name__, str(e)]
+        # a corpus that rank 0 alone prepares, and refuses
+        os.chdir(folder)
+        try:
+            prepared_folder(f"{folder}/empty", "bpe:300", DistInfo(rank, rank, world_size, distributed=True))
+        except NanoQwenError as e:
+            met["prepare"] = str(e)
     finally:
         dist.destroy_process_group()
     Path(folder, f"{rank}.json").write_text(json.dumps(met))
