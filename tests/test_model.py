@@ -160,18 +160,23 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
     # An untied checkpoint whose config.json omits tie_word_embeddings: Transformers reads it untied (and
     # the rope_theta of rope_parameters over a stale top-level one); so must nanoqwen, or the logits differ.
+    # Special ids left out (Transformers 4 writes no null) are none, not official Qwen3's: 151645 as the end
+    # of a 320-id model refused its own tokenizer as "another model's".
     config = tiny_config(tie_word_embeddings=False)
     hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
     hf = transformers.Qwen3ForCausalLM(hf_config)
     scramble(hf, seed=4)
     hf.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["tie_word_embeddings"]
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        del saved[key]
     saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
     saved["rope_theta"] = 1e6
     (tmp_path / "config.json").write_text(json.dumps(saved))
     model, reloaded = load_model(tmp_path), hf_eager(tmp_path)
     assert not model.config.tie_word_embeddings and model.config.rope_theta == 500.0
+    ids_read = [getattr(c, f"{k}_token_id") for c in (model.config, reloaded.config) for k in ("bos", "eos", "pad")]
+    assert ids_read == [None] * 6
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(ids) - reloaded(ids).logits).abs().max().item() <= 1e-4
