@@ -534,6 +534,25 @@ def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
 
 
+def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp_path, monkeypatch, capsys):
+    # Weights alone (official ones: <|im_end|> at 151645) trained on text of a small tokenizer: the run wrote a
+    # best/ that nanoqwen itself then refused ("the tokenizer is another model's"). Refused up front instead.
+    from nanoqwen.cli import main
+    from nanoqwen.data.prepare import prepare
+
+    checkpoint_with_tokenizer(tmp_path / "tok", 320)  # a tokenizer (and a model) of ~300 ids
+    save_checkpoint(Qwen3(tiny_config(vocab_size=4096, eos_token_id=4000)), tmp_path / "ck", tokenizer=None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    data = prepare("texts.txt", "tok", tmp_path / "data", progress=False)
+    for given in (["--dataset", "texts.txt", "--tokenizer", "tok"], ["--data", str(data)]):
+        assert main(["train", "--init-from", "ck", *given, "--out", "run", "--device", "cpu", "--max-steps", "1",
+                     "--seq-len", "16", "--batch-size", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "eos_token_id 4000" in err and "--tokenizer qwen3" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data", "texts.txt", "tok"]  # nothing prepared
+
+
 @pytest.mark.parametrize("field, value", [
     ("rms_norm_eps", "1e-6"), ("rms_norm_eps", None), ("rope_theta", None), ("initializer_range", "0.02"),
     ("attention_dropout", None), ("tie_word_embeddings", "false"), ("num_hidden_layers", True),
