@@ -194,6 +194,10 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
             raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
                                 "another --out")
         check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
+        if args.init_from and out.resolve() in Path(args.init_from).resolve().parents:  # its best/, say: deleted
+            raise NanoQwenError(f"--init-from {args.init_from} is inside --out {out}, whose best/ a new run deletes "
+                                "before it saves anything: the weights it starts from could be lost; pick another "
+                                "--out, or copy the checkpoint elsewhere first")
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
