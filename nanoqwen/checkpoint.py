@@ -365,31 +365,36 @@ def generation_end_ids(directory: Path) -> list[int]:
             and i >= 0]
 
 
-def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path) -> None:
+# What to do about text in another tokenizer than the model's (a folder of weights alone says nothing of it).
+OWN_TOKENIZER_FIX = "prepare the text with the tokenizer the model was trained with (--tokenizer qwen3 for official " \
+    "Qwen3 weights)"
+
+
+def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path, whose: str = "its tokenizer",
+                fix: str = "use the tokenizer the model was trained with") -> None:
     """Every id the tokenizer gives needs an embedding row (spare rows are fine: official Qwen3 has 267), and the
     model's end token must be one of the tokenizer's (fewer ids, such as another model's tokenizer copied in, would
-    otherwise decode its rows as nothing)."""
+    otherwise decode its rows as nothing). `whose` names the tokenizer when it is not the folder's own."""
     if tokenizer.vocab_size > config.vocab_size:
-        raise NanoQwenError(f"{directory}: its tokenizer has {tokenizer.vocab_size} ids but its model only "
+        raise NanoQwenError(f"{directory}: {whose} has {tokenizer.vocab_size} ids but its model only "
                             f"{config.vocab_size} embedding rows (vocab_size), so ids {config.vocab_size} and up "
-                            "would fail; use the tokenizer the model was trained with")
+                            f"would fail; {fix}")
     if config.eos_token_id is not None and config.eos_token_id >= tokenizer.vocab_size:
-        raise NanoQwenError(f"{directory}: its model ends text with eos_token_id {config.eos_token_id}, which its "
-                            f"tokenizer of {tokenizer.vocab_size} ids does not have, so the tokenizer is another "
-                            "model's; use the tokenizer the model was trained with")
+        raise NanoQwenError(f"{directory}: its model ends text with eos_token_id {config.eos_token_id}, which {whose} "
+                            f"of {tokenizer.vocab_size} ids does not have, so the tokenizer is another model's; {fix}")
 
 
 def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:
-    """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one."""
+    """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one, else one
+    its model can read (its checkpoints, which carry that tokenizer, would not load otherwise)."""
     tokenizer = load_tokenizer(data)
     if (checkpoint / "tokenizer.json").is_file():
         if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
                                 f"mean other tokens to this model; prepare the text with "
                                 f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint}`")
-    elif tokenizer.vocab_size > config.vocab_size:
-        raise NanoQwenError(f"{data}'s tokenizer has {tokenizer.vocab_size} ids but {checkpoint} only "
-                            f"{config.vocab_size} embedding rows; prepare the data with the model's own tokenizer")
+    else:
+        check_vocab(tokenizer, config, checkpoint, f"{data}'s tokenizer", OWN_TOKENIZER_FIX)
 
 
 # -- `nanoqwen init` -----------------------------------------------------------------------------

@@ -25,6 +25,7 @@ QWEN3_VOCAB_SIZE = 151936
 TRANSFORMERS_DEFAULTS: dict[str, Any] = {
     "hidden_size": 4096, "intermediate_size": 22016, "num_hidden_layers": 32, "num_attention_heads": 32,
     "num_key_value_heads": 32, "max_position_embeddings": 32768, "rope_theta": 10000.0, "tie_word_embeddings": False,
+    "bos_token_id": None, "eos_token_id": None,  # no special ids (official Qwen3's would be another vocabulary's)
 }
 # Types config.json may hold beyond the fields' own: Transformers' spellings of the same settings.
 FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,

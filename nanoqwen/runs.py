@@ -21,9 +21,11 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanoqwen.checkpoint import (
+    OWN_TOKENIZER_FIX,
     STATE_PT,
     STATE_VERSION,
     check_data_tokenizer,
+    check_vocab,
     read_generation_config,
     refuse_tokenizer_id_overrides,
 )
@@ -184,12 +186,19 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         raise NanoQwenError(f"--tokenizer {args.tokenizer} is a different tokenizer than {args.init_from}'s, whose "
                             "weights would read its ids as other tokens; leave --tokenizer out to use the checkpoint's "
                             "own")
+    if args.init_from and args.tokenizer and "tokenizer" not in preset.train:  # weights alone: one they can read
+        check_vocab(resolve_tokenizer(args.tokenizer), model, Path(args.init_from), f"--tokenizer {args.tokenizer}",
+                    OWN_TOKENIZER_FIX)
     out = Path(args.out) if args.out is not None else None
     if out is not None:  # refused before a corpus is prepared
         if (out / "last").exists():
             raise NanoQwenError(f"{out} already holds a run; continue it with --resume {quote(str(out))} or pick "
                                 "another --out")
         check_replaceable(out, "run")  # a checkpoint, a data folder or a folder of the user's files is not a run
+        if args.init_from and out.resolve() in Path(args.init_from).resolve().parents:  # its best/, say: deleted
+            raise NanoQwenError(f"--init-from {args.init_from} is inside --out {out}, whose best/ a new run deletes "
+                                "before it saves anything: the weights it starts from could be lost; pick another "
+                                "--out, or copy the checkpoint elsewhere first")
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -329,7 +338,7 @@ WEIGHT_SHAPE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hi
 def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     """What --init-from stands in for a preset with: the checkpoint's model (with --set applied), the
     fine-tuning defaults, and the checkpoint's own tokenizer for --dataset."""
-    from nanoqwen.checkpoint import check_vocab, check_weight_files, read_config
+    from nanoqwen.checkpoint import check_weight_files, read_config
 
     original = read_config(folder)
     # a missing or cut-off file (a failed download), or weights unlike config.json, said before data is prepared

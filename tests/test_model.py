@@ -160,18 +160,23 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
     # An untied checkpoint whose config.json omits tie_word_embeddings: Transformers reads it untied (and
     # the rope_theta of rope_parameters over a stale top-level one); so must nanoqwen, or the logits differ.
+    # Special ids left out (Transformers 4 writes no null) are none, not official Qwen3's: 151645 as the end
+    # of a 320-id model refused its own tokenizer as "another model's".
     config = tiny_config(tie_word_embeddings=False)
     hf_config = transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items() if k != "architectures"})
     hf = transformers.Qwen3ForCausalLM(hf_config)
     scramble(hf, seed=4)
     hf.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
-    del saved["tie_word_embeddings"]
+    for key in ("tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        del saved[key]
     saved["rope_parameters"] = {"rope_type": "default", "rope_theta": 500.0}
     saved["rope_theta"] = 1e6
     (tmp_path / "config.json").write_text(json.dumps(saved))
     model, reloaded = load_model(tmp_path), hf_eager(tmp_path)
     assert not model.config.tie_word_embeddings and model.config.rope_theta == 500.0
+    ids_read = [getattr(c, f"{k}_token_id") for c in (model.config, reloaded.config) for k in ("bos", "eos", "pad")]
+    assert ids_read == [None] * 6
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         assert (model(ids) - reloaded(ids).logits).abs().max().item() <= 1e-4
@@ -527,6 +532,25 @@ def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the tokenizer the model was trained with" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
+
+
+def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp_path, monkeypatch, capsys):
+    # Weights alone (official ones: <|im_end|> at 151645) trained on text of a small tokenizer: the run wrote a
+    # best/ that nanoqwen itself then refused ("the tokenizer is another model's"). Refused up front instead.
+    from nanoqwen.cli import main
+    from nanoqwen.data.prepare import prepare
+
+    checkpoint_with_tokenizer(tmp_path / "tok", 320)  # a tokenizer (and a model) of ~300 ids
+    save_checkpoint(Qwen3(tiny_config(vocab_size=4096, eos_token_id=4000)), tmp_path / "ck", tokenizer=None)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts.txt").write_text("the cat sat on the mat\n" * 50)
+    data = prepare("texts.txt", "tok", tmp_path / "data", progress=False)
+    for given in (["--dataset", "texts.txt", "--tokenizer", "tok"], ["--data", str(data)]):
+        assert main(["train", "--init-from", "ck", *given, "--out", "run", "--device", "cpu", "--max-steps", "1",
+                     "--seq-len", "16", "--batch-size", "2"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and "eos_token_id 4000" in err and "--tokenizer qwen3" in err, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "data", "texts.txt", "tok"]  # nothing prepared
 
 
 @pytest.mark.parametrize("field, value", [

@@ -1402,6 +1402,23 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
 
 
+def test_init_from_a_checkpoint_inside_out_is_refused_before_the_run_deletes_it(trained: Path, data: Path,
+                                                                                 tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]
+                                                                                 ) -> None:
+    # A run stopped before its first save of last/ keeps a best/; a new run into that folder starts by deleting
+    # best/, which here was the weights it starts from: they were gone for good if it, too, stopped early.
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "last")
+    before = (run / "best" / "model.safetensors").read_bytes()
+    assert train_in_process("--init-from", str(run / "best"), "--data", str(data), "--out", str(run), *FAST,
+                            "--max-steps", "1") == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"--init-from {run / 'best'} is inside --out {run}" in err, err
+    assert (run / "best" / "model.safetensors").read_bytes() == before and not (run / "last").exists()
+
+
 def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path) -> None:
     from nanoqwen.checkpoint import load_model
 
