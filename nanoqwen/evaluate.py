@@ -172,6 +172,10 @@ def run(args: argparse.Namespace) -> int:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
     text, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
+    if args.data:
+        from nanoqwen.data.prepare import load_meta
+
+        load_meta(args.data)  # one clear line if it is not a complete prepared folder, before the model's wait
     model, tokenizer = load_for_inference(args)
     if args.context is not None and args.context > model.config.max_position_embeddings:
         raise NanoQwenError(f"--context {args.context} is longer than the model's context "
@@ -192,9 +196,7 @@ def run(args: argparse.Namespace) -> int:
             num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
     else:
         from nanoqwen.checkpoint import check_data_tokenizer
-        from nanoqwen.data.prepare import load_meta
 
-        load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         split = args.split or "val"
         tokens, num_bytes = load_split(Path(args.data), split, tokenizer, max_tokens)

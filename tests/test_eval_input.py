@@ -114,3 +114,17 @@ def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path
     assert read == [17] and len(train) > 17 and result["tokens"] == 16
     assert result["bits_per_byte"] == pytest.approx(  # the bytes of the prefix's text, as before
         result["loss"] * 16 / 0.6931471805599453 / load_tokenizer(checkpoint).text_bytes(train[1:17].tolist()))
+
+
+def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpoint: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a --text-file is: a mistyped --data cost the wait for the model's weights (minutes for a large one).
+    import nanoqwen.generate
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(nanoqwen.generate, "load_for_inference", no_load)
+    assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata"), "--device", "cpu"]) == 2
+    assert "nodata does not exist" in one_line(capsys)
