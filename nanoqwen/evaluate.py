@@ -121,12 +121,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def load_split(folder: Path, split: str, tokenizer: Tokenizer) -> tuple[torch.Tensor, int]:
-    """Tokens of one split of a prepared folder, and the UTF-8 bytes of those scored (all but the first, which
-    nothing predicts: a split starts inside a document)."""
+def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int | None = None
+               ) -> tuple[torch.Tensor, int]:
+    """Tokens of one split of a prepared folder (its first `max_tokens` alone, where given: the rest of a large
+    split is never read), and the UTF-8 bytes of those scored (all but the first, which nothing predicts: a
+    split starts inside a document)."""
     from nanoqwen.data.loader import TokenSplit
 
     split_tokens = TokenSplit.open(folder, split)
+    if max_tokens is not None and max_tokens < len(split_tokens):  # a prefix: its bytes counted, not prorated
+        tokens = split_tokens.prefix(max_tokens)
+        return tokens, tokenizer.text_bytes(tokens[1:].tolist())
     tokens = split_tokens.prefix(len(split_tokens))
     return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].tolist())
 
@@ -167,11 +172,16 @@ def run(args: argparse.Namespace) -> int:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
     text, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
+    if args.data:
+        from nanoqwen.data.prepare import load_meta
+
+        load_meta(args.data)  # one clear line if it is not a complete prepared folder, before the model's wait
     model, tokenizer = load_for_inference(args)
     if args.context is not None and args.context > model.config.max_position_embeddings:
         raise NanoQwenError(f"--context {args.context} is longer than the model's context "
                             f"({model.config.max_position_embeddings} positions); give at most that")
     context = args.context or model.config.max_position_embeddings
+    max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if replaced:  # the figures are still computed, but the user should know why they are odd
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
@@ -181,19 +191,16 @@ def run(args: argparse.Namespace) -> int:
         # file's encoding (UTF-16, a BOM).
         ids = [tokenizer.eot_id, *tokenizer.encode(text)]
         tokens, num_bytes = torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8"))
+        if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
+            tokens = tokens[:max_tokens]
+            num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
     else:
         from nanoqwen.checkpoint import check_data_tokenizer
-        from nanoqwen.data.prepare import load_meta
 
-        load_meta(args.data)  # one clear line if it is not a complete prepared folder
         check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         split = args.split or "val"
-        tokens, num_bytes = load_split(Path(args.data), split, tokenizer)
+        tokens, num_bytes = load_split(Path(args.data), split, tokenizer, max_tokens)
         check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
-    if args.max_windows is not None and tokens.numel() > args.max_windows * context + 1:
-        # the windows scored are a prefix: bits per byte divide by the bytes of its text, counted
-        tokens = tokens[:args.max_windows * context + 1]
-        num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
     scored = None
     if args.loss_on == "assistant":
         from nanoqwen.train import chat_marks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -64,9 +65,12 @@ def loss_curves(records: list[dict], x: str = "step") -> Curves:
     """The (x, loss) points of the train and the val loss in `records`, x as X_AXES names it."""
     key, scale, _ = X_AXES[x]
 
+    def finite(value: object) -> bool:  # NaN and Infinity parse as floats (older files, other writers): no point
+        return is_json_number(value) and math.isfinite(value)  # type: ignore[arg-type]
+
     def points(loss: str) -> list[tuple[float, float]]:
         return [(r[key] * scale, r[loss]) for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
-                and is_json_number(r.get(key)) and is_json_number(r.get(loss))]
+                and finite(r.get(key)) and finite(r.get(loss))]
 
     return points("train_loss"), points("val_loss")
 

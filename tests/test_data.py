@@ -676,6 +676,18 @@ def test_tokenizer_train_command(tmp_path: Path, corpus: tuple[Path, list[str]])
     assert hf("Café 🙂", add_special_tokens=False)["input_ids"] == tok.encode("Café 🙂")
 
 
+def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # prepare's warning said they were "counted in meta.json", which tokenizer train does not write.
+    from nanoqwen.cli import main
+
+    (tmp_path / "latin1.txt").write_bytes("Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 20)
+    assert main(["tokenizer", "train", "--dataset", str(tmp_path / "latin1.txt"), "--vocab-size", "270",
+                 "--out", str(tmp_path / "tok")]) == 0
+    err = capsys.readouterr().err
+    assert "replaced 80 undecodable byte sequences with U+FFFD" in err and "meta.json" not in err, err
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 def one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:

@@ -92,3 +92,39 @@ def test_figures_with_no_value_are_null_in_json_lines() -> None:
     line = json_line({**metrics(2.0, 1, 4, num_bytes=0), "val_loss": float("inf")})
     parsed = json.loads(line, parse_constant=strict)
     assert parsed["bits_per_byte"] is None and parsed["val_loss"] is None and parsed["loss"] == 0.5
+
+
+def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --split train --max-windows 4` read the whole split into memory (8 bytes a token) and checked every id
+    # of it, to score a few windows: minutes and gigabytes on a large corpus.
+    from nanoqwen.data.loader import TokenSplit
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.tokenizer import load_tokenizer
+
+    (tmp_path / "c.txt").write_text(TEXT * 40)
+    data = prepare(str(tmp_path / "c.txt"), str(checkpoint), tmp_path / "data", progress=False)
+    read, prefix = [], TokenSplit.prefix
+    monkeypatch.setattr(TokenSplit, "prefix", lambda self, n: read.append(n) or prefix(self, n))
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--split", "train", "--max-windows", "2",
+                 "--context", "8", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    train = prefix(TokenSplit.open(data, "train"), 1 << 30)
+    assert read == [17] and len(train) > 17 and result["tokens"] == 16
+    assert result["bits_per_byte"] == pytest.approx(  # the bytes of the prefix's text, as before
+        result["loss"] * 16 / 0.6931471805599453 / load_tokenizer(checkpoint).text_bytes(train[1:17].tolist()))
+
+
+def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpoint: Path, tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # As a --text-file is: a mistyped --data cost the wait for the model's weights (minutes for a large one).
+    import nanoqwen.generate
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the model was loaded before --data was checked")
+
+    monkeypatch.setattr(nanoqwen.generate, "load_for_inference", no_load)
+    assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata"), "--device", "cpu"]) == 2
+    assert "nodata does not exist" in one_line(capsys)

@@ -1572,6 +1572,27 @@ def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     assert smoothing_for(400) == 0.9 and max(abs(v - 5.0) for v in smoothed[100:]) < 0.06
 
 
+def test_plot_leaves_out_losses_that_are_not_finite() -> None:
+    # metrics.jsonl from before json_line wrote null (or from another tool) holds NaN and Infinity, which
+    # json.loads reads as floats: one NaN made the rest of the smoothed train curve NaN (drawn as nothing) and
+    # could be marked "best nan".
+    import matplotlib.pyplot as plt
+
+    from nanoqwen.plot import loss_curves, loss_figure
+
+    lines = ['{"step": 1, "train_loss": 5.0, "val_loss": NaN, "tokens": 8}',
+             '{"step": 2, "train_loss": NaN, "tokens": 16}', '{"step": 3, "train_loss": Infinity, "tokens": NaN}',
+             '{"step": 4, "train_loss": 4.0, "val_loss": 4.5, "tokens": 32}']
+    records = [json.loads(line) for line in lines]
+    train, val = loss_curves(records)
+    assert train == [(1, 5.0), (4, 4.0)] and val == [(4, 4.5)]
+    assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5)])
+    fig = loss_figure(["r"], [(train, val)], "step")
+    assert all(np.isfinite(line.get_ydata()).all() for line in fig.axes[0].get_lines())
+    assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
+    plt.close(fig)
+
+
 def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
     # A run killed while writing a metrics line leaves half a line: resume and plot take the whole ones.
     out = tmp_path / "cut"

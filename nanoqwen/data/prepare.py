@@ -140,7 +140,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
     with atomic_dir(out) as tmp:
         tokenizer.save(tmp)
-    _warn_about(corpus.stats)
+    _warn_about(corpus.stats, counted=False)  # no meta.json here
     print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {counted(documents, 'document')} "
           f"({data_size(nbytes)}) in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
@@ -705,11 +705,12 @@ def _holds(out: Path, fingerprint: str) -> bool:
     return meta["fingerprint"] == fingerprint and not unread_chats
 
 
-def _warn_about(stats: CorpusStats) -> None:
+def _warn_about(stats: CorpusStats, counted: bool = True) -> None:
+    """Say what was skipped or replaced; `counted`: the replacements are in the meta.json written (prepare)."""
     for skipped in stats.skipped:
         print(f"nanoqwen: warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "
-              f"{'in ' + ', '.join(where) + ' ' if where else ''}(counted in meta.json; is the text in another "
-              "encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)
+              f"{'in ' + ', '.join(where) + ' ' if where else ''}({'counted in meta.json; ' if counted else ''}"
+              "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)
