@@ -550,7 +550,7 @@ def save_last(run: Run) -> None:
             torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
             write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state)})
 
-    on_rank0(write, run.info.device)
+    on_rank0(write)
 
 
 def save_best(run: Run) -> None:
@@ -561,4 +561,4 @@ def save_best(run: Run) -> None:
         save_checkpoint(model, run.out / "best", run.tokenizer, dtype=getattr(torch, run.cfg.best_dtype),
                         generation=run.generation, step=run.state.step)
 
-    on_rank0(write, run.info.device)
+    on_rank0(write)

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import TypeVar
 
 import torch
@@ -156,14 +157,31 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     return DistInfo(rank, local_rank, world_size, device, distributed=True)
 
 
-def all_reduce(value: float, op: str = "mean", device: torch.device | None = None) -> float:
-    """A Python number reduced over all processes ("mean", "sum" or "max"); itself without torchrun."""
+def all_reduce(value: float, op: str = "mean", device: torch.device | None = None,
+               group: dist.ProcessGroup | None = None) -> float:
+    """A Python number reduced over all processes ("mean", "sum" or "max"); itself without torchrun. `device`
+    is where the group's backend reduces (the GPU for NCCL's; a gloo group's on the CPU)."""
     if not dist.is_initialized():
         return value
     tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM, group=group)
     result = tensor.item()
     return result / dist.get_world_size() if op == "mean" else result
+
+
+# How long the other processes wait for rank 0's own work: a corpus downloaded and prepared, or a large checkpoint
+# written, can take longer than the job's collectives wait (10 minutes under NCCL, 30 under gloo) before they fail.
+RANK0_WORK_TIMEOUT = timedelta(days=1)
+_patient: dist.ProcessGroup | None = None
+
+
+def patient_group() -> dist.ProcessGroup:
+    """A gloo group of every process (CPU tensors, whatever the job's backend) whose collectives wait
+    RANK0_WORK_TIMEOUT. Made on first use, which every process reaches at the same point, as new_group needs."""
+    global _patient
+    if _patient is None:
+        _patient = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)
+    return _patient
 
 
 def from_rank0(value: T) -> T:
@@ -176,18 +194,19 @@ def from_rank0(value: T) -> T:
     return box[0]
 
 
-def on_rank0(work: Callable[[], None], device: torch.device | None = None) -> None:
+def on_rank0(work: Callable[[], None]) -> None:
     """`work` on rank 0 alone (what it alone writes: a checkpoint, a line of metrics), with its outcome told to
     every rank. Where it fails (a full disk), every process stops with rank 0's line; the others would crash in
     their next collective with a traceback each (gloo) or wait in it (NCCL) until torchrun ends them. Just
-    `work()` without torchrun; under it, one scalar all-reduce (on `device`, the run's: NCCL's are on the GPU)."""
+    `work()` without torchrun; under it, one scalar all-reduce in `patient_group`: the work may take longer
+    than the job's collectives may wait (preparing a corpus, saving a large checkpoint)."""
     error: Exception | None = None
     if not dist.is_initialized() or dist.get_rank() == 0:
         try:
             work()
         except Exception as e:  # noqa: BLE001 (told to the others, then raised here as it was)
             error = e
-    if dist.is_initialized() and all_reduce(float(error is not None), "max", device):
+    if dist.is_initialized() and all_reduce(float(error is not None), "max", group=patient_group()):
         line = from_rank0(None if error is None else user_error_line(error))
         if error is None:
             raise NanoQwenError(line or "process 0 failed (its traceback is above); every process stops with it")
@@ -196,5 +215,7 @@ def on_rank0(work: Callable[[], None], device: torch.device | None = None) -> No
 
 
 def shutdown_distributed() -> None:
+    global _patient
     if dist.is_initialized():
-        dist.destroy_process_group()
+        dist.destroy_process_group()  # every group, the patient one too
+    _patient = None

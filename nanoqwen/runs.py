@@ -120,7 +120,8 @@ def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: s
     local = Path(dataset).expanduser().exists()
     name = dataset_slug(dataset, corpus.fingerprint if local else None)
     folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
-    if local or text_column or not (folder / "meta.json").exists():
+    # rank 0's answer: a rank that looked after rank 0 had prepared the folder would skip the wait rank 0 is in
+    if from_rank0(local or text_column or not (folder / "meta.json").exists()):
         def prepare_it() -> None:  # rank 0; the others wait, and stop with its line if the corpus is refused
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
 
@@ -128,7 +129,7 @@ def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: s
                 print(f"preparing {dataset} with tokenizer {tokenizer} into {folder}", flush=True)
             prepare(dataset, tokenizer, folder, text_column=text_column)
 
-        on_rank0(prepare_it, info.device)
+        on_rank0(prepare_it)
     return folder
 
 

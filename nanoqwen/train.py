@@ -644,7 +644,7 @@ def train(run: Run) -> dict[str, Any]:
             text: str | None = None
             if (cfg.sample_interval and state.step % cfg.sample_interval == 0) or (final and not interrupted):
                 text = summary["sample"] = sample(run)  # every rank: a collective under FSDP
-            on_rank0(partial(log_step, run, record, text, trackers), run.info.device)
+            on_rank0(partial(log_step, run, record, text, trackers))
             if text is not None and not final:  # the last one closes the run's report instead
                 display.print(f"--- sample at step {state.step}:\n{text}\n---")
             if state.step % cfg.save_interval == 0 or final:
@@ -686,7 +686,7 @@ def open_trackers(run: Run, opened: ExitStack) -> list[Tracker]:
             run.state.wandb_id = wandb.id
             trackers.append(wandb)
 
-    on_rank0(start, run.info.device)
+    on_rank0(start)
     return trackers
 
 

@@ -8,6 +8,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -162,10 +163,11 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
     from nanoqwen.runs import prepared_folder
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world_size), rank=rank,
-                            world_size=world_size, timeout=timedelta(seconds=30))  # a rank left waiting fails
+                            world_size=world_size, timeout=timedelta(seconds=4))  # a rank left waiting fails
     met: dict[str, object] = {}
     try:
         on_rank0(lambda: met.setdefault("ran", rank))
+        on_rank0(partial(time.sleep, 5))  # longer than the job's collectives wait (a corpus prepared)
         for name, error in [("full", OSError(errno.ENOSPC, "No space left on device", f"{folder}/last")),
                             ("bug", ValueError("a bug"))]:
             try:
