@@ -435,9 +435,11 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
 
     if not (run_dir / "metrics.jsonl").exists():
         return
-    kept = [record for record in read_metrics(run_dir) if record.get("step", 0) <= step]
+    # Lines that are not a step's record (written by hand: `5`, a step that is no number) are kept as they are.
+    kept = [record for record in read_metrics(run_dir)
+            if not (isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] > step)]
     with atomic_file(run_dir / "metrics.jsonl") as f:
-        f.write("".join(json_line(record) + "\n" for record in kept))
+        f.write("".join((json_line(r) if isinstance(r, dict) else json.dumps(r)) + "\n" for r in kept))
 
 
 def truncate_samples(run_dir: Path, step: int) -> None:

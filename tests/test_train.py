@@ -34,6 +34,7 @@ from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
+from nanoqwen.runs import truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_schedule
@@ -1605,8 +1606,11 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
     # Records that are not a step's (odd lines written by hand) are left out of the plot; no losses at all is
     # one line.
     with (out / "metrics.jsonl").open("a") as f:
-        f.write('5\n{"train_loss": 3}\n{"step": 6, "train_loss": null}\n{"step": 7, "train_loss": "abc"}\n')
+        f.write('5\n{"train_loss": 3}\n{"step": 6, "train_loss": null}\n{"step": 7, "train_loss": "abc"}\n'
+                '{"step": "abc"}\n')
     assert main(["plot", str(out)]) == 0
+    truncate_metrics(out, 6)  # as a resume from step 6 does: they stay, but for step 7's (a TypeError before)
+    assert read_metrics_lenient(out)[-4:] == [5, {"train_loss": 3}, {"step": 6, "train_loss": None}, {"step": "abc"}]
     (out / "metrics.jsonl").write_text("")
     assert main(["plot", str(out)]) == 2
 
