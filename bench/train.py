@@ -133,7 +133,7 @@ SPEED_LEGEND = ("\nspeed = nanoqwen / Transformers tokens per second (goal >= 1.
 
 # -- the comparisons ------------------------------------------------------------------------------
 def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
-            rounds: int = 1, overrides: dict | None = None, tuned_baseline: bool = False,
+            rounds: int = 1, tuned_baseline: bool = False,
             both_compiled: bool = False) -> tuple[str, float]:
     """One table row, and nanoqwen's tokens/s. Contenders alternate
     for `rounds` processes each; a busy machine only slows a round, so each side keeps its fastest round
@@ -148,8 +148,8 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
     for _ in range(rounds):
         for c in results:
             compiled = ours_compiled if c == "nanoqwen" else both_compiled
-            results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device, compiled, overrides,
-                                         tuned_baseline))
+            results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device, compiled,
+                                         tuned_baseline=tuned_baseline))
     speed = {c: max(r["tokens_per_s"] for r in rs) for c, rs in results.items()}
     peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])

@@ -128,7 +128,6 @@ class DistInfo:
     """This process's place in the job; one process without torchrun."""
 
     rank: int = 0
-    local_rank: int = 0
     world_size: int = 1
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     distributed: bool = False
@@ -154,7 +153,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
-    return DistInfo(rank, local_rank, world_size, device, distributed=True)
+    return DistInfo(rank, world_size, device, distributed=True)
 
 
 def all_reduce(value: float, op: str = "mean", device: torch.device | None = None,

@@ -37,7 +37,7 @@ def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, c
 
 
 def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int | None = None,
-                 max_windows: int | None = None, scored: torch.Tensor | None = None) -> tuple[float, int, int]:
+                 scored: torch.Tensor | None = None) -> tuple[float, int, int]:
     """Score a 1-D token stream in consecutive windows of `context` predictions.
 
     Every token but the first is predicted once, from at most `context` tokens before it (the
@@ -49,8 +49,6 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
     device = model.model.embed_tokens.weight.device
     batch_size = batch_size or max(1, 16384 // context)  # windows per forward: ~16k tokens
     starts = list(range(0, tokens.numel() - 1, context))
-    if max_windows is not None:
-        starts = starts[:max_windows]
     total_nats, correct, count = 0.0, 0, 0
     was_training = model.training
     model.eval()

@@ -82,7 +82,7 @@ def compiled_softmax_step() -> SoftmaxStep:
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
                 chunk: int, softmax_step: SoftmaxStep) -> torch.Tensor:
         # hidden (N, C), weight (V, C), targets (N,). Matmuls in the autocast (else the activations') dtype,
         # softmax and the loss in fp32, the weight gradient accumulated in fp32.
@@ -117,7 +117,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return total / count
 
     @staticmethod
-    def backward(ctx, grad_output: torch.Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad_output: torch.Tensor  # type: ignore[override]
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_output / count
         gh = (grad_hidden * scale.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None

@@ -310,9 +310,9 @@ class Qwen3(nn.Module):
         self.prepared_for_decoding = True
         return self
 
-    def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype | None = None) -> KVCache:
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, weight.device, dtype or weight.dtype)
+        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,

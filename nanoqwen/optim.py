@@ -1,6 +1,7 @@
 """Optimizers and learning-rate schedules.
 
-- AdamW: weight decay on the 2-D matrices of the blocks only (not on norms, biases or embeddings).
+- AdamW: weight decay on the 2-D matrices of the blocks (never on norms or biases; on the embeddings
+  only with `decay_embeddings`).
 - Muon: `torch.optim.Muon` on the 2-D hidden matrices (attention and MLP projections), AdamW on the
   embeddings, the head and the norms. Muon uses Moonshot's `match_rms_adamw` step size, so one `--lr`
   suits both halves.

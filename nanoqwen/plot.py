@@ -159,9 +159,9 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
     return fig
 
 
-def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
+def plot_run(run_dir: str | Path) -> Path:
     """loss.png of one run against the step (what `nanoqwen train` draws as it ends)."""
-    return plot_runs([run_dir], out)
+    return plot_runs([run_dir])
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -111,7 +111,7 @@ def tokenizer_slug(tokenizer: str) -> str:
     return slug(tokenizer)
 
 
-def prepared_folder(dataset: str, tokenizer: str, info: DistInfo, text_column: str | None = None) -> Path:
+def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None) -> Path:
     """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
     are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
     from nanoqwen.data.sources import open_corpus
@@ -204,7 +204,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         from nanoqwen.data.prepare import load_meta
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder
-    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, info, args.text_column)
+    data = Path(args.data) if args.data else prepared_folder(cfg.dataset, cfg.tokenizer, args.text_column)
     if args.init_from:
         check_data_tokenizer(Path(args.init_from), data, preset.model)
     if cfg.warmup > cfg.max_steps // 2:

@@ -158,7 +158,7 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
 
     import torch.distributed as dist
 
-    from nanoqwen.distributed import DistInfo, on_rank0
+    from nanoqwen.distributed import on_rank0
     from nanoqwen.errors import NanoQwenError
     from nanoqwen.runs import prepared_folder
 
@@ -177,7 +177,7 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
         # a corpus that rank 0 alone prepares, and refuses
         os.chdir(folder)
         try:
-            prepared_folder(f"{folder}/empty", "bpe:300", DistInfo(rank, rank, world_size, distributed=True))
+            prepared_folder(f"{folder}/empty", "bpe:300")
         except NanoQwenError as e:
             met["prepare"] = str(e)
     finally:
