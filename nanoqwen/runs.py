@@ -59,7 +59,7 @@ FINETUNE_SEQ_LEN = 1024
 
 
 # -- a new run: its settings, data and folder -----------------------------------------------------
-def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace, is_main: bool,
+def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
                          base: TrainConfig | None = None) -> TrainConfig:
     """Defaults (or a resumed run's config), then the preset's train section, then the flags."""
     values = dataclasses.asdict(base or TrainConfig())
@@ -76,7 +76,7 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:
-        check_wandb(cfg.wandb_project, is_main)
+        check_wandb(cfg.wandb_project)
     return cfg
 
 
@@ -170,7 +170,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
         preset = load_preset(args.config or args.preset or default_preset_name(info.device))
         refuse_tokenizer_id_overrides(args.set)  # a bad --set is one line before any data is prepared
         model = apply_overrides(preset.model, args.set)
-    cfg = resolve_train_config(preset.train, args, info.is_main)
+    cfg = resolve_train_config(preset.train, args)
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
         check_seq_len(cfg.seq_len, model, can_set=True)
     check_batch(cfg.batch_size, cfg.micro_batch, info.world_size)  # likewise
@@ -245,7 +245,7 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     before = TrainConfig(**train)
-    cfg = resolve_train_config({}, args, announce, dataclasses.replace(before))
+    cfg = resolve_train_config({}, args, dataclasses.replace(before))
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
     # nor what reports on it.
     unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")

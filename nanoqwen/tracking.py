@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from shlex import quote
 from types import ModuleType
@@ -20,7 +22,7 @@ from typing import Any
 import torch
 
 from nanoqwen.config import ModelConfig
-from nanoqwen.distributed import from_rank0
+from nanoqwen.distributed import on_rank0
 from nanoqwen.errors import NanoQwenError, first_line
 
 FOLDER = "tensorboard"
@@ -154,7 +156,7 @@ def wandb_module() -> ModuleType:
     return wandb
 
 
-def check_wandb(project: str, is_main: bool) -> None:
+def check_wandb(project: str) -> None:
     """One clear line now, before data is prepared and the model built, for a project name W&B refuses or
     (online) a missing login; on a terminal, W&B asks for the key now. Rank 0 alone logs in, as it alone
     starts the W&B run; every rank stops with its line."""
@@ -163,22 +165,28 @@ def check_wandb(project: str, is_main: bool) -> None:
         wandb.Settings(project=project)
     except wandb.errors.Error as e:
         raise NanoQwenError(f"--wandb-project: {first_line(e)}") from None
-    failed: str | None = None
     # Offline and disabled need no key (W&B's login would only warn that it cannot verify one)
-    if is_main and os.environ.get("WANDB_MODE", "online").lower() not in ("offline", "dryrun", "disabled"):
-        try:
-            wandb.login(verify=False)  # the key from the environment, ~/.netrc or W&B's settings; no network
-        except wandb.errors.Error as e:
-            wandb.teardown()  # as after a failed start: W&B would keep these settings for a retry in this process
-            failed = first_line(e)
-    failed = from_rank0(failed)
-    if failed is not None:
-        raise wandb_start_error(failed)
+    if os.environ.get("WANDB_MODE", "online").lower() in ("offline", "dryrun", "disabled"):
+        return
+
+    def login() -> None:  # the key from the environment, ~/.netrc or W&B's settings; no network
+        with starting_wandb(wandb):
+            wandb.login(verify=False)
+
+    on_rank0(login)
 
 
-def wandb_start_error(reason: str) -> NanoQwenError:
-    return NanoQwenError(f"--wandb could not start a W&B run ({reason}); log in with `wandb login`, set "
-                         "WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with --no-wandb")
+@contextmanager
+def starting_wandb(wandb: ModuleType) -> Iterator[None]:
+    """W&B's refusal to log in or start a run (no key, no network) as one line. W&B keeps the settings it failed
+    with for a retry in this process: they are torn down first."""
+    try:
+        yield
+    except wandb.errors.Error as e:
+        wandb.teardown()
+        raise NanoQwenError(f"--wandb could not start a W&B run ({first_line(e)}); log in with `wandb login`, set "
+                            "WANDB_MODE=offline to keep it in the run folder for `wandb sync`, or train with "
+                            "--no-wandb") from None
 
 
 class WandbLog(Tracker):
@@ -189,13 +197,10 @@ class WandbLog(Tracker):
 
     def __init__(self, run_dir: Path, project: str, run_id: str | None, config: dict[str, Any]) -> None:
         self.wandb = wandb_module()
-        try:
+        with starting_wandb(self.wandb):
             self.run = self.wandb.init(project=project, name=run_dir.resolve().name, dir=str(run_dir), id=run_id,
                                        resume="allow", config=config,
                                        settings=self.wandb.Settings(console="off", quiet=True))  # no terminal capture
-        except self.wandb.errors.Error as e:  # no login, no network
-            self.wandb.teardown()  # W&B keeps the settings it failed with for the next try in this process
-            raise wandb_start_error(first_line(e)) from None
         self.run.define_metric("*", step_metric="step")
         self.id: str = self.run.id
         # For the closing report: the run's page, or offline the command that uploads it (W&B's own lines about
