@@ -1332,6 +1332,23 @@ def test_init_from_a_folder_without_tokenizer_writes_the_datas_generation_config
     assert written["eos_token_id"] == load_tokenizer(data).stop_ids
 
 
+def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
+    # `--init-from ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/HASH` named the run and its data
+    # folder after the 40-character hash.
+    from nanoqwen.checkpoint import save_checkpoint
+    from nanoqwen.runs import checkpoint_preset, slug
+
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / ("0123abcd" * 5)
+    snapshot.mkdir(parents=True)
+    assert slug(str(snapshot)) == "Qwen3-0.6B"
+    tiny = ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    save_checkpoint(Qwen3(tiny), snapshot, None)  # weights alone, as downloaded
+    assert checkpoint_preset(snapshot, []).name == "Qwen3-0.6B"  # the run's name: runs/Qwen3-0.6B-TIME
+    (tmp_path / "snapshots" / "v1").mkdir(parents=True)  # a folder of the user's that is no cache
+    assert slug(str(tmp_path / "snapshots" / "v1")) == "v1" and slug("hf:ORG/NAME") == "hf-ORG-NAME"
+
+
 def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: Path, tmp_path: Path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     from nanoqwen.tokenizer import load_tokenizer
