@@ -107,9 +107,18 @@ def save_checkpoint(model: Qwen3, directory: str | Path, tokenizer: Tokenizer | 
 
 def display_name(directory: str | Path) -> str:
     """What a checkpoint folder is called on screen and in the API: runs/NAME/best -> NAME/best (a bare
-    `best` says little); any other folder -> its name."""
+    `best` says little); any other folder -> its name (see folder_name)."""
     path = Path(directory).resolve()
-    return f"{path.parent.name}/{path.name}" if path.name in {"best", "last"} else path.name
+    return f"{path.parent.name}/{path.name}" if path.name in {"best", "last"} else folder_name(path)
+
+
+def folder_name(path: Path) -> str:
+    """The name a folder goes by: a Hugging Face cache snapshot's (`models--Qwen--Qwen3-0.6B/snapshots/HASH`,
+    where `huggingface-cli download` leaves official weights) is the model's, `Qwen3-0.6B`, not the hash."""
+    hub_folder = path.parent.parent.name
+    if path.parent.name == "snapshots" and hub_folder.startswith(("models--", "datasets--")):
+        return hub_folder.split("--")[-1]
+    return path.name
 
 
 STEP_METADATA = "nanoqwen_step"

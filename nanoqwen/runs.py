@@ -26,6 +26,8 @@ from nanoqwen.checkpoint import (
     STATE_VERSION,
     check_data_tokenizer,
     check_vocab,
+    display_name,
+    folder_name,
     read_generation_config,
     refuse_tokenizer_id_overrides,
 )
@@ -87,17 +89,11 @@ def default_preset_name(device: torch.device) -> str:
 def slug(text: str) -> str:
     """A path's (or a name's) part of a run or data folder's name."""
     path = Path(text).expanduser()
-    name = folder_name(path.resolve()) if path.exists() else text
+    return file_name_part(folder_name(path.resolve()) if path.exists() else text)
+
+
+def file_name_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._]+", "-", name).strip("-.") or "data"  # no hidden folder from a leading dot
-
-
-def folder_name(path: Path) -> str:
-    """The name a folder goes by: a Hugging Face cache snapshot's (`models--Qwen--Qwen3-0.6B/snapshots/HASH`,
-    where `huggingface-cli download` leaves official weights) is the model's, `Qwen3-0.6B`, not the hash."""
-    hub_folder = path.parent.parent.name
-    if path.parent.name == "snapshots" and hub_folder.startswith(("models--", "datasets--")):
-        return hub_folder.split("--")[-1]
-    return path.name
 
 
 def dataset_slug(dataset: str, fingerprint: str | None) -> str:
@@ -366,9 +362,7 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     if (folder / "tokenizer.json").is_file():
         check_vocab(load_tokenizer(folder), config, folder)  # before any data is prepared or run written
         train["tokenizer"] = str(folder)
-    where = folder.resolve()
-    name = f"{where.parent.name}-{where.name}" if where.name in ("best", "last") else folder_name(where)
-    return Preset(name=slug(name), model=config, train=train)
+    return Preset(name=file_name_part(display_name(folder)), model=config, train=train)  # runs/NAME-best-TIME
 
 
 def default_out(preset: str, claim: bool) -> Path:

@@ -1335,7 +1335,7 @@ def test_init_from_a_folder_without_tokenizer_writes_the_datas_generation_config
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
     # `--init-from ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/HASH` named the run and its data
     # folder after the 40-character hash.
-    from nanoqwen.checkpoint import save_checkpoint
+    from nanoqwen.checkpoint import display_name, save_checkpoint
     from nanoqwen.runs import checkpoint_preset, slug
 
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen3-0.6B" / "snapshots" / ("0123abcd" * 5)
@@ -1345,6 +1345,7 @@ def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) 
                        num_attention_heads=2, num_key_value_heads=1, head_dim=8)
     save_checkpoint(Qwen3(tiny), snapshot, None)  # weights alone, as downloaded
     assert checkpoint_preset(snapshot, []).name == "Qwen3-0.6B"  # the run's name: runs/Qwen3-0.6B-TIME
+    assert display_name(snapshot) == "Qwen3-0.6B"  # sample, chat and serve's name for it (the API's model id)
     (tmp_path / "snapshots" / "v1").mkdir(parents=True)  # a folder of the user's that is no cache
     assert slug(str(tmp_path / "snapshots" / "v1")) == "v1" and slug("hf:ORG/NAME") == "hf-ORG-NAME"
 
