@@ -583,11 +583,13 @@ def run(args: argparse.Namespace) -> int:
             params.seed = nth_seed(args.seed, i)
             print("\n---")
         print(args.prompt, end="", flush=True)
-        if args.stream:
-            for piece in stream_text(model, tokenizer, args.prompt, params):
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        else:
-            print(generate(model, tokenizer, [args.prompt], params)[0].text, end="")
-        print()
+        try:
+            if args.stream:
+                for piece in stream_text(model, tokenizer, args.prompt, params):
+                    sys.stdout.write(piece)
+                    sys.stdout.flush()
+            else:
+                print(generate(model, tokenizer, [args.prompt], params)[0].text, end="")
+        finally:
+            print(flush=True)  # the text's line ends, Ctrl-C or not: "interrupted" goes below it, not after it
     return 0
