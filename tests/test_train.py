@@ -1080,6 +1080,8 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
                                                                  optimizer: str) -> None:
     args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
             "--tensorboard", "--wandb"]
+    if optimizer == "adamw":  # dropout draws from torch's generator: the curve holds only if the resume restores it
+        args += ["--set", "attention_dropout=0.1"]
     reference = tmp_path / "reference"
     done = run_train(*common(data, preset, reference), *args)
     assert done.returncode == 0, done.stderr
