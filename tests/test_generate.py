@@ -558,6 +558,11 @@ def test_top_k_keeps_ties_as_transformers_does():
         assert picks == set(kept[row].nonzero().flatten().tolist())
     both = next_tokens(logits, params, g)  # one batch, rows with different numbers of ties
     assert int(both[0]) in {0, 1, 2, 3, 4} and int(both[1]) in {0, 1, 2}
+    # Exactly: the batch takes as many columns as row 0's ties need, and row 1 must drop its extra two
+    # (one draw above hits them ~2% of the time, so check what it draws from).
+    batched, columns = sampled_logits(logits, params)
+    kept_batched = torch.zeros_like(kept).scatter(-1, columns, batched.isfinite())
+    assert torch.equal(kept_batched, kept)
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens_only():
