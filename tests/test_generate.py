@@ -172,6 +172,8 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
     done = generate(model, tokenizer, ["The rain in Spain"], params)[0]
     assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
+    # generate_ids itself ends a row at its stop token (the text layer above would hide a row that went on).
+    assert [t for (t,) in generate_ids(model, [tokenizer.encode("The rain in Spain")], params)] == free[:5]
     # Without a generation_config.json Transformers takes its settings from config.json, its eos ids too.
     (folder / "generation_config.json").unlink()
     config = json.loads((folder / "config.json").read_text())
