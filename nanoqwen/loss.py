@@ -136,6 +136,10 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
+    if not torch.is_grad_enabled():
+        # A Function's needs_input_grad follows requires_grad, not the grad mode: under no_grad the head (a
+        # parameter) still asked for the gradient matmuls and a (V, C) fp32 buffer that nothing would read.
+        hidden, weight = hidden.detach(), weight.detach()
     step = compiled_softmax_step() if compiled else loss_and_logit_grads
     chunk = chunk or chunk_rows(weight.shape[0], hidden.device.type)
     return _ChunkedLinearCrossEntropy.apply(hidden, weight, targets, chunk, step)

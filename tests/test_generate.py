@@ -172,6 +172,8 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
     done = generate(model, tokenizer, ["The rain in Spain"], params)[0]
     assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
+    # generate_ids itself ends a row at its stop token (the text layer above would hide a row that went on).
+    assert [t for (t,) in generate_ids(model, [tokenizer.encode("The rain in Spain")], params)] == free[:5]
     # Without a generation_config.json Transformers takes its settings from config.json, its eos ids too.
     (folder / "generation_config.json").unlink()
     config = json.loads((folder / "config.json").read_text())
@@ -558,6 +560,11 @@ def test_top_k_keeps_ties_as_transformers_does():
         assert picks == set(kept[row].nonzero().flatten().tolist())
     both = next_tokens(logits, params, g)  # one batch, rows with different numbers of ties
     assert int(both[0]) in {0, 1, 2, 3, 4} and int(both[1]) in {0, 1, 2}
+    # Exactly: the batch takes as many columns as row 0's ties need, and row 1 must drop its extra two
+    # (one draw above hits them ~2% of the time, so check what it draws from).
+    batched, columns = sampled_logits(logits, params)
+    kept_batched = torch.zeros_like(kept).scatter(-1, columns, batched.isfinite())
+    assert torch.equal(kept_batched, kept)
 
 
 def test_presence_and_frequency_penalties_count_generated_tokens_only():

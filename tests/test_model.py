@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shutil
 
@@ -356,11 +357,12 @@ def test_bf16_norms_equal_transformers_bit_for_bit() -> None:
         if prepared:
             model.prepare_for_decoding()
         with torch.no_grad():
-            for norm, x in norms:
+            for (norm, x), scale in itertools.product(norms, (1.0, 1e-3)):
+                x = x * scale  # 1e-3: a mean square near eps, where only eps inside the rsqrt gives their numbers
                 expected = hf_norm(norm.weight, norm.eps)(x)
                 assert expected.dtype == torch.bfloat16 and not torch.equal(norm.weight, torch.ones_like(norm.weight))
                 got = norm(x)
-                assert got.dtype == torch.bfloat16 and torch.equal(got, expected), (prepared, norm)
+                assert got.dtype == torch.bfloat16 and torch.equal(got, expected), (prepared, norm, scale)
     # The whole model's decode path in bf16 keeps the per-head norms (no fp32 DecodeNorm block).
     assert all(layer.self_attn.qk_norm is None for layer in model.model.layers)
     # Training under autocast: float32 weights, bf16 activations; Transformers' answer is then float32.
@@ -374,14 +376,19 @@ def test_bf16_norms_equal_transformers_bit_for_bit() -> None:
 
 def test_decode_norm_equals_transformers_in_float32() -> None:
     # DecodeNorm rewrites the math (sum and n * eps, weights prescaled by sqrt(n)), one weight row per head.
+    # Training's fused float32 norm is checked first, then the one decoding puts in its place.
     model = Qwen3(tiny_config()).eval()
     scramble(model, seed=15)
-    model.prepare_for_decoding()
     attn = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(16)
     x, qk = 3 * torch.randn(2, 5, 64, generator=g), 3 * torch.randn(2, 5, 6, 16, generator=g)  # 4 q + 2 k heads
+    # The last position is small (mean square near eps): only there does eps (its value, n * eps) show.
+    x[:, -1] *= 1e-3
+    qk[:, -1] *= 1e-3
+    norm = model.model.norm
     with torch.no_grad():
-        norm = model.model.norm
+        assert torch.allclose(norm(x), hf_norm(norm.weight, norm.eps)(x), rtol=1e-5, atol=1e-5)
+        model.prepare_for_decoding()
         assert norm.decode is not None
         assert torch.allclose(norm(x), hf_norm(norm.weight, norm.eps)(x), rtol=1e-5, atol=1e-5)
         expected = torch.cat((hf_norm(attn.q_norm.weight, attn.q_norm.eps)(qk[:, :, :4]),
