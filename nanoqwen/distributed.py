@@ -49,15 +49,24 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` is a GPU whose tensor cores compute in bfloat16 (Ampere and later, ROCm). Older ones (T4,
+    V100) only emulate it, which torch.cuda.is_bf16_supported() counts by default, at a fraction of fp16's speed."""
+    if device.type != "cuda":
+        return False
+    with torch.cuda.device(device):  # the run's GPU, not whichever is current (--device cuda:1)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """The named dtype, or the device's natural one: bf16 on CUDA (fp16 where bf16 is missing), else fp32."""
+    """The named dtype, or the device's natural one: bf16 on CUDA (fp16 where bf16 is not native), else fp32."""
     if name is not None:
         dtype = DTYPES[name]
         if dtype == torch.bfloat16 and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise NanoQwenError("this GPU has no bfloat16; use --dtype float16 or float32")
         return dtype
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if native_bf16(device) else torch.float16
     return torch.float32
 
 

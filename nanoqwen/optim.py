@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from nanoqwen.distributed import native_bf16
 from nanoqwen.errors import NanoQwenError
 
 OPTIMIZERS = ("adamw", "muon")
@@ -80,7 +81,7 @@ class MuonFp32(torch.optim.Muon):
     """torch.optim.Muon with the Newton-Schulz iteration in fp32 instead of bf16.
 
     Same state ("momentum_buffer"), hyperparameters and update; for CPUs, where a bf16 matmul can be
-    a hundred times slower than an fp32 one.
+    a hundred times slower than an fp32 one, and GPUs that only emulate bf16 (T4, V100).
     """
 
     @torch.no_grad()
@@ -164,7 +165,8 @@ def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     if name == "adamw":
         groups.insert(0, {"params": parts["hidden"], "weight_decay": weight_decay})
         return torch.optim.AdamW([g for g in groups if g["params"]], **adam_kwargs)
-    muon_class = torch.optim.Muon if device.type == "cuda" else MuonFp32
+    # torch's Muon runs Newton-Schulz in bf16: right where the hardware has it, slow where it is emulated
+    muon_class = torch.optim.Muon if native_bf16(device) else MuonFp32
     muon = muon_class(parts["hidden"], lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
     adam = torch.optim.AdamW([g for g in groups if g["params"]], **adam_kwargs)
     return HybridOptimizer([muon, adam])

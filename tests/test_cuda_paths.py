@@ -1,0 +1,42 @@
+"""Code paths that run only on a CUDA GPU, checked on CPU by making torch claim what a GPU would say."""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+from nanoqwen.config import ModelConfig
+from nanoqwen.distributed import resolve_dtype
+from nanoqwen.model import Qwen3
+from nanoqwen.optim import MuonFp32, build_optimizer
+
+CUDA = torch.device("cuda")
+
+
+def claim_gpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
+    """A GPU with bf16 tensor cores (Ampere and later), or one that only emulates bf16 (T4, V100), for which
+    torch.cuda.is_bf16_supported() still says True unless asked without emulation."""
+    monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
+def test_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    # Emulated bf16 made the default on a T4 or V100, so the fp16 + GradScaler path never ran there.
+    claim_gpu(monkeypatch, native)
+    assert resolve_dtype(None, CUDA) == (torch.bfloat16 if native else torch.float16)
+    assert resolve_dtype("bfloat16", CUDA) == torch.bfloat16  # asked for: emulation still runs it
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
+def test_muon_newton_schulz_in_fp32_where_bf16_is_only_emulated(monkeypatch: pytest.MonkeyPatch,
+                                                                native: bool) -> None:
+    claim_gpu(monkeypatch, native)
+    model = Qwen3(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    muon = build_optimizer(model, "muon", 1e-3, 0.1, CUDA).optimizers[0]  # type: ignore[union-attr]
+    assert isinstance(muon, torch.optim.Muon) and isinstance(muon, MuonFp32) != native
