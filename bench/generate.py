@@ -74,7 +74,7 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     from transformers.generation.streamers import BaseStreamer
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
-    model = model.to(device).eval()
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
 
     class Clock(BaseStreamer):
         """generate() calls put() with the prompt first, then with each new token."""
