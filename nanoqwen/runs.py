@@ -22,6 +22,7 @@ import torch
 
 from nanoqwen.checkpoint import (
     OWN_TOKENIZER_FIX,
+    STATE_JSON,
     STATE_PT,
     STATE_VERSION,
     check_data_tokenizer,
@@ -224,9 +225,11 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
 
 
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
-def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, str, Path, Path, list[str]]:
+def resumed_run(args: argparse.Namespace, announce: bool
+                ) -> tuple[TrainConfig, str, Path, Path, list[str], set[str]]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
-    and the settings the flags changed ("batch_size 16 -> 32"), lengths of the run and reporting apart."""
+    the settings that differ from those last/ was trained with ("batch_size 16 -> 32"; lengths of the run and
+    reporting apart), and the names of the settings given anew (now, or by a resume that never saved)."""
     out = Path(args.resume or args.out or "")
     if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -250,14 +253,30 @@ def resumed_run(args: argparse.Namespace, announce: bool) -> tuple[TrainConfig, 
     if args.optimizer and args.optimizer != saved["train"]["optimizer"]:
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
-    before = TrainConfig(**train)
-    cfg = resolve_train_config({}, args, dataclasses.replace(before))
+    cfg = resolve_train_config({}, args, TrainConfig(**train))
+    # Compared with what last/ was trained with, not with config.json: a resume that failed or was killed before
+    # its first save has already written its flags there, and they are still changes of the run (a val loss
+    # measured otherwise, a new length).
+    before = trained_settings(out / "last") or TrainConfig(**train)
+    given = {name for name in before.__dataclass_fields__
+             if getattr(args, name, None) is not None or getattr(cfg, name) != getattr(before, name)}
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
     # nor what reports on it.
     unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
-    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed
+    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed, given
+
+
+def trained_settings(last: Path) -> TrainConfig | None:
+    """The settings last/ was saved with (its train_state.json), or None where it does not say (a save from
+    before they were recorded; a damaged state, which loading it reports)."""
+    try:
+        recorded = json.loads((last / STATE_JSON).read_text())["train"]
+        check_train_types(recorded, str(last / STATE_JSON))
+        return TrainConfig(**recorded)
+    except (OSError, ValueError, KeyError, TypeError, NanoQwenError):
+        return None
 
 
 def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, announce: bool) -> Path:

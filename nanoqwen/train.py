@@ -281,7 +281,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out, changed = resumed_run(args, info.is_main)
+        cfg, preset_name, data, out, changed, given = resumed_run(args, info.is_main)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
@@ -293,7 +293,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         preset, cfg, data, out = new_run(args, info)
         lock = hold_lock(out) if info.is_main else None
         locks += [lock] if lock else []
-        preset_name, resume_dir, changed = preset.name, None, []
+        preset_name, resume_dir, changed, given = preset.name, None, [], set()
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
@@ -339,26 +339,27 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
     if resume_dir is not None:
-        continue_run(run, resume_dir, changed)
+        continue_run(run, resume_dir, changed, given)
     elif info.is_main:
         start_fresh(run)
     return run
 
 
-def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
+def continue_run(run: Run, resume_dir: Path, changed: list[str], given: set[str]) -> None:
     """Put a resumed run's training state back, check that it has steps left, and bring its folder to where
-    its last/ stands (metrics, samples, a best/ from replayed steps); `changed`: the settings given anew."""
+    its last/ stands (metrics, samples, a best/ from replayed steps); `changed`: the settings that differ from
+    last/'s, and `given`: the names of those given anew (now, or by a resume killed before it saved)."""
     args, cfg, info, out = run.args, run.cfg, run.info, run.out
     load_train_state(run, resume_dir)
     if args.max_steps is not None and args.max_steps <= run.state.step:
         usable = "last/ and best/ are usable as they are" if (out / "best").is_dir() else "last/ is usable as it is"
         raise NanoQwenError(f"--max-steps {args.max_steps}: {out} is already at step {run.state.step}; give more "
                             f"steps to train it further (its {usable})")  # no best/: stopped before its first eval
-    if args.max_steps is not None or args.max_minutes is not None:  # asked for now: wins over a length fitted
-        run.state.fitted_steps = None                                 # to the time before
-    if args.warmup is not None:  # likewise over a warmup cut to fit that length
+    if given & {"max_steps", "max_minutes"}:  # asked for anew: wins over a length fitted to the time before
+        run.state.fitted_steps = None
+    if "warmup" in given:  # likewise over a warmup cut to fit that length
         run.state.fitted_warmup = None
-    cut = (args.max_steps is not None or args.warmup is not None) and run.warmup > run.total_steps // 2
+    cut = bool(given & {"max_steps", "warmup"}) and run.warmup > run.total_steps // 2
     if cut:  # as a new run's is: a length (or warmup) set now that ends within the warmup never decayed to min_lr
         cut_note, run.state.fitted_warmup = warmup_cut(run.warmup, run.total_steps), run.total_steps // 2
     if run.state.step >= run.total_steps:
@@ -366,7 +367,7 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str]) -> None:
                             f"{run.state.step}) to train it further")
     patience = cfg.early_stopping_patience
     if patience and run.state.evals_since_best >= patience:  # it stopped early
-        if args.max_steps is None and args.early_stopping_patience is None:  # as a run that never stopped ends
+        if not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
             raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({patience} evaluations without a "
                                 "better val loss); give --max-steps or --early-stopping-patience to train it further")
         run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation

@@ -838,10 +838,19 @@ def test_a_val_loss_measured_otherwise_starts_best_afresh(data: Path, preset: Pa
     flags = ["--lr", "0", "--min-lr", "0", "--eval-interval", "2"]
     assert train_in_process(*common(data, preset, out), "--max-steps", "4", *flags) == 0
     assert json.loads((out / "last/train_state.json").read_text())["best_step"] == 2  # step 4 was no better
+    shutil.copytree(out, tmp_path / "at-4")
     capsys.readouterr()
     assert train_in_process("--resume", str(out), "--max-steps", "6", "--eval-windows", "8") == 0
     assert "writes best/ afresh (it holds step 2)" in capsys.readouterr().out
     assert json.loads((out / "last/train_state.json").read_text())["best_step"] == 6
+    # That resume killed before its first evaluation and save: config.json already holds its flags, last/ and
+    # best/ do not. The next resume compares with what last/ was trained with, so it still starts best/ afresh.
+    for folder in ("last", "best"):
+        shutil.rmtree(out / folder)
+        shutil.copytree(tmp_path / "at-4" / folder, out / folder)
+    assert train_in_process("--resume", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "eval_windows 4 -> 8" in printed and "writes best/ afresh (it holds step 2)" in printed, printed
 
 
 def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Path, tmp_path: Path,
