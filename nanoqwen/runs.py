@@ -292,7 +292,16 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
                   flush=True)
         return moved
     if not data.exists():
-        raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; if it moved, give "
+        given = saved.get("args", {})
+        train = saved["train"]
+        again = ""
+        if given.get("data") is None and train.get("dataset") and train.get("tokenizer"):
+            # prepared by the run itself (--dataset): deleted, not moved, most likely; the same text prepared
+            # alike passes check_resumed_data
+            column = f" --text-column {quote(given['text_column'])}" if given.get("text_column") else ""
+            again = (f"prepare it again: nanoqwen prepare --dataset {quote(train['dataset'])} --tokenizer "
+                     f"{quote(train['tokenizer'])}{column} --out {quote(str(data))}; or, ")
+        raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; {again}if it moved, give "
                             "--resume with --data NEW_PLACE")
     return data
 

@@ -1486,7 +1486,8 @@ def test_a_new_run_never_writes_into_a_checkpoint_data_or_a_file(trained: Path, 
 
 
 def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
     # Two corpora of the same name in different places, and a corpus edited between runs, each get data
     # of their own text (the name alone once picked an earlier corpus's folder, silently).
     monkeypatch.chdir(tmp_path)
@@ -1517,6 +1518,15 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     # Unchanged files: the same folder again, not prepared anew.
     assert train_in_process(*args, "--dataset", "a/corpus.jsonl", "--out", "runs/a3") == 0
     assert Path(json.loads((tmp_path / "runs/a3/config.json").read_text())["data"]) == edited
+    # A run's data folder deleted (only a --data folder can have moved): the line says how to prepare it again,
+    # and the same text prepared alike resumes.
+    shutil.rmtree(folders["b"])
+    capsys.readouterr()
+    assert train_in_process("--resume", "runs/b", "--max-steps", "2") == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "prepare it again: nanoqwen prepare " in err, err
+    assert main(shlex.split(err.split("prepare it again: ")[1].split(";")[0])[1:]) == 0
+    assert train_in_process("--resume", "runs/b", "--max-steps", "2") == 0
 
 
 def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path,
