@@ -245,6 +245,10 @@ class Tokenizer:
         enable_thinking=False (Qwen3: answer without thinking first)."""
         template = self._chat_template
         if template is None:  # ChatML, written directly (it has no variables besides these two)
+            for i, m in enumerate(messages):  # as its template refuses them in Transformers (str + list)
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise NanoQwenError(f"messages[{i}] has no text content (or role) for ChatML to write; give "
+                                        "each message's content as a string (join the text of its parts)")
             text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
         special = {name: token.get("content") if isinstance(token, dict) else token
