@@ -245,13 +245,20 @@ class Tokenizer:
         enable_thinking=False (Qwen3: answer without thinking first)."""
         template = self._chat_template
         if template is None:  # ChatML, written directly (it has no variables besides these two)
+            for i, m in enumerate(messages):  # as its template refuses them in Transformers (str + list)
+                if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                    raise NanoQwenError(f"messages[{i}] has no text content (or role) for ChatML to write; give "
+                                        "each message's content as a string (join the text of its parts)")
             text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
         special = {name: token.get("content") if isinstance(token, dict) else token
                    for name in ("bos_token", "eos_token", "pad_token", "unk_token")
                    if (token := self.config.get(name)) is not None}
+        # As Transformers passes them: tools and documents none unless given (`is none` tests them), and a reply's
+        # thinking under each name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
+        given = {"tools": None, "documents": None, **template_kwargs}
         try:
-            return template.render(**{**special, **template_kwargs, "messages": messages,
+            return template.render(**{**special, **given, "messages": _reasoning_aliased(messages),
                                       "add_generation_prompt": add_generation_prompt})
         except Exception as e:  # noqa: BLE001 (a template may raise anything: its own raise_exception, a bad key)
             raise NanoQwenError(f"the model's chat template refused these messages: {first_line(e, 300)}") from e
@@ -358,6 +365,21 @@ class Tokenizer:
         if context is not None:  # in a checkpoint: what its model reads (a tokenizer's own may be another model's)
             saved["model_max_length"] = context
         return saved
+
+
+REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _reasoning_aliased(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each message's thinking, the first of REASONING_FIELDS it has, also as reasoning_content (what Qwen3's
+    template reads) and as thinking where it has no thinking of its own (gpt-oss's), as Transformers 5 does."""
+    aliased = []
+    for message in messages:
+        reasoning = next((message[key] for key in REASONING_FIELDS
+                          if isinstance(message, dict) and message.get(key) is not None), None)
+        aliased.append(message if reasoning is None else {"thinking": reasoning, **message,
+                                                            "reasoning_content": reasoning})
+    return aliased
 
 
 def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:

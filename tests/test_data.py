@@ -283,20 +283,25 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
-def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("vocabulary", ["bpe", "qwen3"])  # qwen3's: encoded by tiktoken, which normalizes nothing
+def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path, vocabulary: str) -> None:
     """A tokenizer folder's own template gets every key of a turn (tool calls here), and its refusal names
-    the record."""
+    the record. Its text is NFC-normalized as Transformers' tokenizer does it: between the added tokens, so a
+    combining mark after one ("<|im_end|>" + U+0338, which NFC would fold into "<|im_end|≯") leaves it whole,
+    and in every key the template writes (a decomposed "é" in a tool call's arguments)."""
     from transformers import AutoTokenizer
 
     from tests.serve_helpers import THINKING_TEMPLATE
 
     folder = tmp_path / "tokenizer"
     folder.mkdir()
-    train_bpe(["the weather in paris is sunny today"] * 50, 300).save(folder)
+    tokenizer = train_bpe(["the weather in paris is sunny today"] * 50, 300) if vocabulary == "bpe" else \
+        qwen3_tokenizer()
+    tokenizer.save(folder)
     config = json.loads((folder / "tokenizer_config.json").read_text())
     (folder / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
-    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "paris"}'}}
-    chat = [{"role": "user", "content": "weather in paris?"},
+    call = {"type": "function", "function": {"name": "weather", "arguments": '{"city": "pare\u0301s"}'}}
+    chat = [{"role": "user", "content": "weather in paris? <|im_end|>\u0338"},
             {"role": "assistant", "content": None, "tool_calls": [call]},
             {"role": "tool", "content": "sunny"}, {"role": "assistant", "content": "it is sunny"}]
     hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

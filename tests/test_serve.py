@@ -100,6 +100,10 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
     assert counted == chat.usage.prompt_tokens
     bare = httpx.post(f"{url}/tokenize", json={"messages": messages, "add_generation_prompt": False}).json()
     assert bare["tokens"] == tokenizer.encode(tokenizer.render_chat(messages, add_generation_prompt=False))
+    # A chat request takes add_generation_prompt too (vLLM's field): it was ignored, prompting a reply regardless.
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
+                                          extra_body={"add_generation_prompt": False})
+    assert chat.usage.prompt_tokens == bare["count"] < counted
     for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []}):
         r = httpx.post(f"{url}/tokenize", json=body)
         assert r.status_code == 400 and r.json()["error"]["message"], body
@@ -906,6 +910,9 @@ BAD_REQUESTS = [
      "chat_template_kwargs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "chat_template_kwargs": {"add_generation_prompt": False}}, 400, "chat_template_kwargs"),
+    # vLLM's continue_final_message (prefill the reply) is not implemented: refused, not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Su"}],
+                              "continue_final_message": True}, 400, "continue_final_message"),
     ("/v1/completions", {"prompt": "hi\ud800"}, 400, "prompt"),  # a lone surrogate is not text
     ("/v1/completions", {"prompt": ["ok", "a\udfff"]}, 400, "prompt"),
     ("/v1/completions", {"prompt": "hi", "stop": ["\ud800"]}, 400, "stop"),

@@ -176,6 +176,36 @@ def test_a_template_marking_generation_renders_as_transformers(official, tmp_pat
     assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == expected == "hi<A>yo</A>"
 
 
+@pytest.mark.parametrize("content", [[{"type": "text", "text": "Hi"}], None, 5])
+def test_chatml_refuses_content_that_is_not_text_as_transformers_does(official, tmp_path, content):
+    # Callers join text parts first (prepare, the server); written as it came, a list was its Python repr.
+    official.save(tmp_path)
+    messages = [{"role": "user", "content": content}]
+    with pytest.raises(Exception):  # noqa: B017 (a TypeError or jinja's UndefinedError)
+        transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False)
+    with pytest.raises(NanoQwenError, match="messages\\[0\\] has no text content"):
+        official.render_chat(messages)
+
+
+def test_a_template_sees_what_transformers_passes_it(official, tmp_path):
+    # tools and documents are none when not given (not undefined), and a reply's thinking under any name clients
+    # send it (vLLM's newer `reasoning`) is reasoning_content and thinking too, as Transformers 5 renders them.
+    official.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{{ tools is none }} {{ documents is none }}{% for m in messages %} {{ m.content }}:"
+                               "{{ m.reasoning_content }}/{{ m.thinking }}{% endfor %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning": "why"},
+                {"role": "assistant", "content": "ok", "thinking": "hm", "reasoning_content": "hmm"}]
+    rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
+    assert rendered == "True True hi:/ yo:why/why ok:hmm/hm"
+    from transformers.utils import chat_template_utils
+
+    if hasattr(chat_template_utils, "_alias_reasoning_fields"):  # older versions pass the names as given
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+            == rendered
+
+
 def test_named_templates_chat_with_the_default_and_the_switch_needs_enable_thinking(official, tmp_path):
     official.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())

@@ -399,6 +399,7 @@ def _is_qwen3(tokenizer: Tokenizer) -> bool:
 def _rendered(documents: Iterator[Document], tokenizer: Tokenizer) -> Iterator[str]:
     """Texts as they are; chat records written by the tokenizer's chat template, as `chat` and `serve` write
     them (the end of a conversation is the <|endoftext|> that follows every document)."""
+    control = ControlTokens(tokenizer)
     for document in documents:
         if not isinstance(document, ChatRecord):
             yield document
@@ -407,7 +408,8 @@ def _rendered(documents: Iterator[Document], tokenizer: Tokenizer) -> Iterator[s
             raise NanoQwenError(f"{document.where} is a chat, and the tokenizer has no {IM_START} and {IM_END} "
                                 "tokens to write it with; use qwen3, bpe:N, or a tokenizer folder that has them")
         try:
-            yield RenderedChat(tokenizer.render_chat(list(document.messages), add_generation_prompt=False))
+            yield RenderedChat(control.normalized(tokenizer.render_chat(list(document.messages),
+                                                                        add_generation_prompt=False)))
         except NanoQwenError as e:
             raise NanoQwenError(f"{document.where}: {e}") from None
 
@@ -531,6 +533,13 @@ class ControlTokens:
     def split(self, text: str) -> list[str]:
         """`text` as text segments (even places) and the control tokens between them (odd places)."""
         return self.pattern.split(text) if self.pattern else [text]
+
+    def normalized(self, text: str) -> str:
+        """A rendered chat NFC-normalized between its control tokens, as Transformers' tokenizer does it (added
+        tokens found first, then the rest normalized): NFC over the whole would fold a combining mark that
+        follows one into it ("<|im_end|>" + U+0338 is "<|im_end|≯"), and tiktoken normalizes nothing itself
+        (every key the template writes, tool calls and thinking too, must be normalized here)."""
+        return "".join(unicodedata.normalize("NFC", s) if i % 2 == 0 else s for i, s in enumerate(self.split(text)))
 
     def text_bytes(self, text: str) -> int:
         """UTF-8 bytes of a chat's text, its control tokens left out (as <|endoftext|> is)."""

@@ -9,7 +9,8 @@
 
 Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
 (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
-renders with the tokenizer's chat template. Every document comes out NFC-normalized and non-empty. A `Corpus`
+renders with the tokenizer's chat template. Every document comes out non-empty, a text NFC-normalized (a chat
+record once rendered, between the tokenizer's added tokens: see prepare). A `Corpus`
 can be read more than once (BPE training reads it, then encoding does), and never holds more than one document
 or record batch in memory.
 """
@@ -102,13 +103,9 @@ class ChatRecord:
 
     @property
     def text(self) -> str:
-        """What its turns say, without the template's control tokens: what a BPE trains on, and its size."""
-        return "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages)
-
-    def normalized(self) -> ChatRecord:
-        return ChatRecord(tuple({**m, "role": unicodedata.normalize("NFC", m["role"]),
-                                 "content": unicodedata.normalize("NFC", m["content"])} for m in self.messages),
-                          self.where)
+        """What its turns say, NFC-normalized, without the template's control tokens: what a BPE trains on, and
+        its size."""
+        return unicodedata.normalize("NFC", "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages))
 
 
 Document = str | ChatRecord
@@ -131,8 +128,7 @@ class Corpus:
         reader = self._read(stats)
         try:
             for document in reader:
-                if isinstance(document, ChatRecord):
-                    document = document.normalized()
+                if isinstance(document, ChatRecord):  # normalized once rendered (see prepare)
                     if not any(m["content"].strip() for m in document.messages):
                         continue
                     text = document.text

@@ -373,13 +373,14 @@ class Service:
         except NanoQwenError as e:
             raise APIError(400, str(e), param, "context_length_exceeded") from None
 
-    def chat_prompt(self, body: ChatInput, add_generation_prompt: bool = True) -> list[int]:
+    def chat_prompt(self, body: ChatInput) -> list[int]:
         """The conversation's prompt ids, through the model's chat template."""
         if body.uses_tools() and self.tokenizer.chat_format == "ChatML":
             raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
                                 "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
         try:
-            text = self.tokenizer.render_chat(body.chat_messages(), add_generation_prompt, **body.template_kwargs())
+            text = self.tokenizer.render_chat(body.chat_messages(), body.add_generation_prompt,
+                                              **body.template_kwargs())
         except NanoQwenError as e:
             raise APIError(400, str(e), "messages") from None
         return self.encode([text])[0]
@@ -543,7 +544,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         if body.prompt is not None:
             ids = (await run_in_threadpool(service.encode, [body.prompt]))[0]
         else:
-            ids = await run_in_threadpool(service.chat_prompt, body, body.add_generation_prompt)
+            ids = await run_in_threadpool(service.chat_prompt, body)
         return {"count": len(ids), "max_model_len": service.context, "tokens": ids}
 
     @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)

@@ -9,6 +9,7 @@ change the answer and is not implemented is refused with a 400: completions' `su
 `best_of` > 1, a `response_format` other than text, chat's older `functions` and `function_call`, content
 parts other than text.
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
+Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
 (`tool_choice` "auto" or "none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
@@ -162,8 +163,14 @@ class ChatInput(RequestBody):
     # model to answer without thinking first.
     chat_template_kwargs: dict[str, Any] | None = None
     tools: list[dict[str, Any]] | None = None  # function definitions, for a template that lists them
+    add_generation_prompt: bool = True  # vLLM's: false renders the conversation without opening a reply
+    # vLLM's: the reply continues the final message (a prefill); not implemented, so refused rather than ignored
+    continue_final_message: bool = False
 
     def template_kwargs(self) -> dict[str, Any]:
+        if self.continue_final_message:
+            raise APIError(400, "'continue_final_message' is not supported by this server; leave it out (the "
+                                "reply starts a new assistant turn)", "continue_final_message")
         given = self.chat_template_kwargs or {}
         if taken := sorted(given.keys() & {"messages", "add_generation_prompt"}):
             raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(taken)}; the request's own fields "
@@ -215,7 +222,6 @@ class TokenizeRequest(ChatInput):
 
     prompt: str | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)  # type: ignore[assignment]
-    add_generation_prompt: bool = True
 
 
 TOOL_CALL_OPEN = "<tool_call>"
