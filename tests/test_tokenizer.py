@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
+from pathlib import Path
 
 import pytest
 import tiktoken
@@ -14,6 +15,7 @@ from nanoqwen.tokenizer import (
     QWEN_FIRST_SPECIAL_ID,
     QWEN_PATTERN,
     QWEN_SPECIAL_TOKENS,
+    Tokenizer,
     find_qwen_tiktoken,
     load_tiktoken_ranks,
     load_tokenizer,
@@ -164,13 +166,19 @@ def test_a_folders_own_chat_template_renders_as_transformers(official, tmp_path,
         ours.render_chat(CONVERSATION[1:2] + CONVERSATION[:1])
 
 
+def save_with_template(tokenizer: Tokenizer, folder: Path, template: str | list[dict[str, str]]) -> Path:
+    """`tokenizer` saved to `folder` with `template` as its chat template, for both libraries to load."""
+    tokenizer.save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    config["chat_template"] = template
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return folder
+
+
 def test_a_template_marking_generation_renders_as_transformers(official, tmp_path):
     # {% generation %} marks the reply's tokens for assistant-only losses; Transformers renders its body.
-    official.save(tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>"
-                               "{{ m.content }}</A>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_with_template(official, tmp_path, "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>"
+                       "{{ m.content }}</A>{% endgeneration %}{% else %}{{ m.content }}{% endif %}{% endfor %}")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
     expected = transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False)
     assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == expected == "hi<A>yo</A>"
@@ -190,11 +198,8 @@ def test_chatml_refuses_content_that_is_not_text_as_transformers_does(official, 
 def test_a_template_sees_what_transformers_passes_it(official, tmp_path):
     # tools and documents are none when not given (not undefined), and a reply's thinking under any name clients
     # send it (vLLM's newer `reasoning`) is reasoning_content and thinking too, as Transformers 5 renders them.
-    official.save(tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["chat_template"] = ("{{ tools is none }} {{ documents is none }}{% for m in messages %} {{ m.content }}:"
-                               "{{ m.reasoning_content }}/{{ m.thinking }}{% endfor %}")
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_with_template(official, tmp_path, "{{ tools is none }} {{ documents is none }}{% for m in messages %} "
+                       "{{ m.content }}:{{ m.reasoning_content }}/{{ m.thinking }}{% endfor %}")
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo", "reasoning": "why"},
                 {"role": "assistant", "content": "ok", "thinking": "hm", "reasoning_content": "hmm"}]
     rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
@@ -207,16 +212,15 @@ def test_a_template_sees_what_transformers_passes_it(official, tmp_path):
 
 
 def test_named_templates_chat_with_the_default_and_the_switch_needs_enable_thinking(official, tmp_path):
-    official.save(tmp_path)
-    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     loop = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
-    config["chat_template"] = [{"name": "tool_use", "template": "TOOLS" + loop}, {"name": "default", "template": loop}]
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_with_template(official, tmp_path, [{"name": "tool_use", "template": "TOOLS" + loop},
+                                            {"name": "default", "template": loop}])
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.render_chat([{"role": "user", "content": "hi"}], add_generation_prompt=False) == "<hi>"
     assert not tokenizer.thinking_switch  # a template of its own, but nothing that turns thinking off
-    config["chat_template"][1]["template"] += "{% if enable_thinking is defined %}{% endif %}"
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    save_with_template(official, tmp_path, [{"name": "tool_use", "template": "TOOLS" + loop},
+                                            {"name": "default", "template": loop + "{% if enable_thinking is defined %}"
+                                             "{% endif %}"}])
     assert load_tokenizer(tmp_path).thinking_switch
 
 
