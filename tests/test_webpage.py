@@ -69,12 +69,17 @@ def open_page(browser, url: str, model_name: str, *, exact: bool = True, init_sc
     return page, errors
 
 
+def close_page(page, errors: list[str]) -> None:
+    """Close a tab from open_page; the test fails if its JavaScript raised anything meanwhile."""
+    page.close()
+    assert not errors, f"JavaScript errors on the page: {errors}"
+
+
 @pytest.fixture
 def page(browser, url: str):
     page, errors = open_page(browser, url, "tiny-web")
     yield page
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def send_and_wait(page, prompt: str) -> None:
@@ -159,8 +164,7 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     reload(page)
     assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "200", "", "0.8", "20"]
     assert page.is_checked("#mode-chat")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def transcript(page) -> list[list[str]]:
@@ -211,8 +215,7 @@ def test_the_conversation_survives_a_reload_until_cleared(browser, url: str) -> 
     expect(page.locator(".message.chat-only")).to_have_count(0)
     expect(page.locator("#empty-hint .chat-only")).to_be_visible()
     expect(page.locator(".message.completion .prompt-text")).to_have_text("Once upon a time")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str) -> None:
@@ -230,8 +233,7 @@ def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str
     assert reply.text_content().startswith(before)  # as far as it got, at least as far as seen before
     expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
     expect(page.locator("#send")).to_be_enabled()
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_stop_or_a_reload_while_the_message_is_being_counted(page) -> None:
@@ -273,8 +275,7 @@ def test_a_conversation_too_large_to_save_never_breaks_the_page(browser, url: st
     expect(page.locator("#stats")).to_contain_text("3 tokens")
     reload(page)
     expect(page.locator(".message")).to_have_count(0)
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
@@ -452,8 +453,7 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
     assert "lost the connection" in page.text_content("#stats")
     page.wait_for_function("document.getElementById('model-name').textContent === 'server unreachable'")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str) -> None:
@@ -525,8 +525,7 @@ def test_header_follows_the_server_between_sends(browser, url: str) -> None:
     page.evaluate("document.dispatchEvent(new Event('visibilitychange'))")
     expect(page.locator("#model-name")).to_have_text("tiny-web")
     expect(page.locator("#status-dot")).to_have_class("status-dot ok")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
     # Every few seconds (shortened here) with no event at all; and a read the server is slow to answer is not
     # joined by another one.
     page, errors = open_page(browser, url, "tiny-web", init_script="window.nanoqwenWatchMs = 100")
@@ -539,8 +538,7 @@ def test_header_follows_the_server_between_sends(browser, url: str) -> None:
     expect(page.locator("#model-name")).to_have_text("server unreachable")
     page.unroute("**/v1/models")
     expect(page.locator("#model-name")).to_have_text("tiny-web")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> None:
@@ -633,8 +631,7 @@ def test_phone_text_boxes_are_large_enough_not_to_zoom(browser, url: str) -> Non
     sizes = page.eval_on_selector_all("textarea, input[type='number'], input[type='password']",
                                       "boxes => boxes.map((box) => parseFloat(getComputedStyle(box).fontSize))")
     assert min(sizes) >= 16, sizes
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
@@ -672,8 +669,7 @@ def test_the_page_works_where_the_browser_blocks_storage(browser, url: str) -> N
     assert "3 tokens" in page.text_content("#stats")
     page.click("#reset-settings")
     assert page.input_value("#max-tokens") == "200"
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
@@ -739,8 +735,7 @@ def test_text_meets_wcag_contrast(browser, url: str, scheme: str) -> None:
     if scheme == "dark":
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-dark.png"))
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_a_small_phone_leaves_the_conversation_its_height(browser, url: str) -> None:
@@ -767,8 +762,7 @@ def test_a_small_phone_leaves_the_conversation_its_height(browser, url: str) -> 
     page.click("#send")
     expect(page.locator("#stats")).to_have_text("Max tokens must be a whole number >= 1")
     expect(page.locator("#max-tokens")).to_be_focused()
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 @pytest.mark.parametrize("scheme", ["light", "dark"])
@@ -790,8 +784,7 @@ def test_error_text_stop_button_and_placeholders_meet_wcag_contrast(browser, url
         }""", pseudo)
         assert contrast_ratio(color, background) >= 4.5, (selector, pseudo, color, background)
     page.evaluate("setBusy(false)")
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_the_message_box_shows_when_it_has_focus(page) -> None:
@@ -867,8 +860,7 @@ def test_keyboard_focus_shows_on_the_mode_switch(browser, url: str, scheme: str)
         page.keyboard.press(key)
     page.focus("#prompt")
     assert page.evaluate("getComputedStyle(document.querySelector('.modes')).outlineStyle") == "none"
-    page.close()
-    assert not errors, f"JavaScript errors on the page: {errors}"
+    close_page(page, errors)
 
 
 def test_a_long_unbroken_status_line_wraps_on_a_phone(page) -> None:
