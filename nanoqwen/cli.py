@@ -73,10 +73,10 @@ def main(argv: list[str] | None = None) -> int:
         check_path_names(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
-        print(f"nanoqwen {args.command}: error: {e}", file=sys.stderr)
+        say(f"nanoqwen {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        print(f"nanoqwen {args.command}: interrupted", file=sys.stderr)
+        say(f"nanoqwen {args.command}: interrupted")
         return 130
     except BrokenPipeError:  # `nanoqwen sample ... | head`
         discard_output(sys.stdout)
@@ -85,8 +85,15 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error_line(e)
         if line is None:
             raise
-        print(f"nanoqwen {args.command}: error: {line}", file=sys.stderr)
+        say(f"nanoqwen {args.command}: error: {line}")
         return 2
+
+
+def say(line: str) -> None:
+    """A line to stderr in one write: under torchrun every rank says its error at once, and print's two writes (the
+    text, then its newline) interleaved in an unbuffered stream, two ranks' lines run together on one."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def check_path_names(args: argparse.Namespace) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import subprocess
@@ -771,6 +772,25 @@ def test_bits_per_byte_count_the_text_not_the_file(checkpoint, tmp_path, capsys)
                      "--device", "cpu"]) == 0
         results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert all(r == results[0] for r in results), results
+
+
+def test_an_error_line_is_one_write(tmp_path, monkeypatch):
+    # Under torchrun every rank says its error at once; print's two writes (text, then newline) interleaved in an
+    # unbuffered stream, and two ranks' lines ran together on one.
+    class Writes(io.StringIO):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def write(self, text: str) -> int:
+            self.calls.append(text)
+            return super().write(text)
+
+    stderr = Writes()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    assert main(["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")]) == 2
+    (line,) = stderr.calls
+    assert line.startswith("nanoqwen init: error: preset file") and line.endswith("\n") and line.count("\n") == 1
 
 
 def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
