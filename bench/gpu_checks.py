@@ -139,28 +139,25 @@ def flash() -> None:
 
 
 def gqa_fallbacks(heads: int, kv_heads: int, head_dim: int) -> None:
-    """Which fused SDPA kernels take GQA (enable_gqa) where flash cannot: float32 training (`--dtype float32`),
-    and a mask (padded batches, every fixed-shape decode step). Where none does, SDPA falls back to the math
-    kernel, which keeps the (B, H, T, T) attention weights for backward: O(T^2) memory per layer. Printed, not
-    asserted: it decides whether the model should expand K/V itself there."""
+    """The model's attention where flash cannot run it (float32 training, `--dtype float32`; a mask, as padded
+    prefill has) runs forward and backward with SDPA's math kernel ruled out: that kernel keeps the (B, H, T, T)
+    attention weights, O(T^2) memory a layer. The model expands K/V there (model.sdpa_takes_gqa) so the
+    memory-efficient kernel takes it; an error here means it did not."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    cases = {"float32 causal, backward": (torch.float32, False), "bf16 masked, backward": (torch.bfloat16, True)}
-    for name, (dtype, masked) in cases.items():
-        q = torch.randn(2, heads, 256, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-        k, v = (torch.randn(2, kv_heads, 256, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
-                for _ in "kv")
-        mask = torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril() if masked else None
-        taken = []
-        for backend in (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION):
-            try:
-                with sdpa_kernel(backend):
-                    torch.nn.functional.scaled_dot_product_attention(
-                        q, k, v, attn_mask=mask, is_causal=not masked, enable_gqa=True).sum().backward()
-                taken.append(backend.name)
-            except RuntimeError:
-                pass
-        print(f"GQA {name}: fused kernels that take it: {', '.join(taken) or 'none (math: O(T^2) memory)'}")
+    from nanoqwen.model import sdpa_attention
+
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    for dtype in (torch.bfloat16, torch.float32):
+        for masked in (False, True):
+            q = torch.randn(2, heads, 256, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+            k, v = (torch.randn(2, kv_heads, 256, head_dim, device=DEVICE, dtype=dtype, requires_grad=True)
+                    for _ in "kv")
+            mask = torch.ones(256, 256, dtype=torch.bool, device=DEVICE).tril() if masked else None
+            with sdpa_kernel(fused):
+                sdpa_attention(q, k, v, mask, 0.0).sum().backward()
+            print(f"GQA attention, {str(dtype)[6:]}, {'masked' if masked else 'causal'}: a fused kernel, "
+                  "forward and backward")
 
 
 def one_token_attention(heads: int, kv_heads: int, head_dim: int) -> None:

@@ -177,11 +177,39 @@ class Attention(nn.Module):
         if T == 1 and x.device.type == "cpu":
             y = decode_attention(q, k, v, mask)
         else:
-            # GQA without copying K/V: SDPA maps query head h to kv head h // (H / K).
-            y = F.scaled_dot_product_attention(q.transpose(1, 2), k, v, attn_mask=mask,
-                                               dropout_p=self.dropout if self.training else 0.0,
-                                               is_causal=mask is None and T > 1, enable_gqa=H != K).transpose(1, 2)
+            y = sdpa_attention(q.transpose(1, 2), k, v, mask, self.dropout if self.training else 0.0).transpose(1, 2)
         return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj, inference)
+
+
+def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                   dropout: float) -> torch.Tensor:
+    """SDPA of (B, H, T, D) queries over (B, K, S, D) keys/values, causal unless a mask is given."""
+    T, H, K = q.shape[2], q.shape[1], k.shape[1]
+    gqa = H != K
+    if gqa and not sdpa_takes_gqa(q.device.type, sdpa_dtype(q), mask is not None, T):
+        k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
+        gqa = False
+    # With enable_gqa, SDPA maps query head h to kv head h // (H / K) without copying K/V.
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout,
+                                          is_causal=mask is None and T > 1, enable_gqa=gqa)
+
+
+def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype SDPA computes in: autocast's where it is on (SDPA is on its half-precision list)."""
+    device = q.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
+
+
+def sdpa_takes_gqa(device: str, dtype: torch.dtype, masked: bool, tokens: int) -> bool:
+    """Whether to hand SDPA grouped K/V (enable_gqa) rather than K/V expanded to every query head. On CUDA
+    only the flash kernel takes GQA among the fused ones, and flash takes no float32 and no mask: there SDPA
+    would fall back to its math kernel, which keeps (B, H, T, S) attention weights (O(T^2) memory a layer),
+    so the model expands K/V for the memory-efficient kernel instead. One-token steps attend one row, where
+    the math kernel costs little and an expansion would copy the whole cache each token. CPU's kernels take
+    GQA in every case."""
+    if device != "cuda" or tokens == 1:
+        return True
+    return not masked and dtype in (torch.float16, torch.bfloat16)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

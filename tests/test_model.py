@@ -219,6 +219,36 @@ def test_a_tied_folder_that_kept_only_the_heads_name_loads(tmp_path):
         assert (model(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
 
 
+def test_kv_expanded_for_cudas_kernels_gives_the_same_logits_and_gradients(monkeypatch):
+    """On CUDA, float32 and masked attention expand K/V to every query head (see sdpa_takes_gqa); CPU runs
+    the same path when made to, causal and left-padded, forward and backward."""
+    from nanoqwen import model as model_module
+    assert model_module.sdpa_takes_gqa("cpu", torch.float32, True, 64)
+    assert model_module.sdpa_takes_gqa("cuda", torch.bfloat16, False, 64)
+    assert not model_module.sdpa_takes_gqa("cuda", torch.float32, False, 64)
+    assert not model_module.sdpa_takes_gqa("cuda", torch.bfloat16, True, 64)
+    assert model_module.sdpa_takes_gqa("cuda", torch.float32, True, 1)  # one-token steps: no cache copy
+    model = Qwen3(tiny_config())  # two kv heads: a wrong head order would show
+    scramble(model, seed=9)
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
+    padding = torch.ones(2, 12, dtype=torch.long)
+    padding[0, :5] = 0
+
+    def logits_and_grads(attention_mask):
+        model.zero_grad()
+        logits = model(ids, attention_mask=attention_mask)
+        logits.square().mean().backward()
+        return [logits.detach()] + [p.grad.clone() for p in model.parameters()]
+
+    for attention_mask in (None, padding):
+        grouped = logits_and_grads(attention_mask)
+        with monkeypatch.context() as m:
+            m.setattr(model_module, "sdpa_takes_gqa", lambda *_: False)
+            expanded = logits_and_grads(attention_mask)
+        for a, b in zip(grouped, expanded):
+            assert (a - b).abs().max().item() <= 1e-5 * (1 + a.abs().max().item())
+
+
 def test_attention_dropout_applies_in_training_only():
     model = Qwen3(tiny_config(attention_dropout=0.5))
     ids = torch.randint(0, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
