@@ -77,6 +77,30 @@ def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe
     assert meta["tokenizer.chat_template"] == template
 
 
+@pytest.mark.parametrize("tied, outtype", [(True, "f32"), (False, "bf16")])
+def test_transformers_reads_the_file_back_to_the_same_logits_and_ids(tmp_path: Path, bpe: Tokenizer, tied: bool,
+                                                                    outtype: str) -> None:
+    """A reader written apart from nanoqwen, to llama.cpp's conventions: Transformers' GGUF loader rebuilds the
+    model and tokenizer from the file alone. (It reads no head_dim for qwen3 and takes 128, so this model has it.)"""
+    import transformers
+
+    folder, model = checkpoint(tmp_path / "ck", bpe, head_dim=128, tie_word_embeddings=tied)
+    write_gguf(folder, tmp_path / "m.gguf", outtype)
+    if outtype == "bf16":  # what the file holds: matrices in bf16, norms in float32
+        with torch.no_grad():
+            for weight in model.parameters():
+                if weight.ndim == 2:
+                    weight.copy_(weight.to(torch.bfloat16))
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected, logits = model.eval()(ids), loaded.eval()(ids).logits
+    assert (logits - expected).abs().max().item() <= 1e-4 * expected.abs().max().item()
+    text = "the cat sat on the mat<|im_end|> dogs ran<|endoftext|>"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path, gguf_file="m.gguf")
+    assert tokenizer(text)["input_ids"] == bpe.encode(text)
+
+
 def test_qwen3_tokens_are_typed_as_llama_cpp_types_them() -> None:
     tok = qwen3_tokenizer()
     tokens, types = vocabulary(tok, 151936)
