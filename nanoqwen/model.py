@@ -73,7 +73,8 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None)
     if rope.get("truncate", True):
         low, high = math.floor(low), math.ceil(high)
     low, high = max(low, 0), min(high, D - 1)
-    high += 0.001 if low == high else 0
+    if low == high:  # a one-step ramp, not a division by zero
+        high += 0.001
     ramp = ((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)  # 1: slow
     kept = 1 - ramp  # the share of each frequency left as it was
     return 1.0 / (rope["factor"] * powers) * (1 - kept) + inv_freq * kept
