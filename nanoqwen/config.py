@@ -30,7 +30,12 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = {
 # Types config.json may hold beyond the fields' own: Transformers' spellings of the same settings.
 FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,
                               "dtype": str | None, "num_key_value_heads": int | None, "layer_types": list[str] | None}
-ROPE_TYPES: dict[str, Any] = {"rope_type": str, "type": str, "rope_theta": float, "factor": float}
+ROPE_TYPES: dict[str, Any] = {
+    "rope_type": str, "type": str, "rope_theta": float, "factor": float, "original_max_position_embeddings": int,
+    "attention_factor": float | None, "beta_fast": float | None, "beta_slow": float | None, "mscale": float | None,
+    "mscale_all_dim": float | None, "truncate": bool | None, "partial_rotary_factor": float | None}
+# The RoPE scalings nanoqwen computes as Transformers does; both are static (the same tables at every length).
+ROPE_SCALINGS = ("linear", "yarn")
 
 
 def json_is(value: Any, hint: Any) -> bool:
@@ -89,8 +94,24 @@ def rope_type(rope: Any) -> str:
         return "default"
     if not isinstance(rope, dict):
         raise NanoQwenError(f"rope_scaling must be an object such as {{\"rope_type\": \"default\"}}, got {rope!r}")
-    kinds = {rope.get("rope_type", "default"), rope.get("type", "default")} - {"default"}
+    kinds = {rope[key] for key in ("rope_type", "type") if key in rope}
+    if len(kinds) > 1:  # Transformers 4 takes type's, 5 rope_type's
+        raise NanoQwenError(f"rope_scaling {rope} names two kinds of RoPE, type {rope['type']!r} and rope_type "
+                            f"{rope['rope_type']!r}, which Transformers versions read differently; keep only rope_type")
     return kinds.pop() if kinds else "default"
+
+
+def rope_scaling_of(rope: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A rope_scaling / rope_parameters object as ModelConfig.rope_scaling holds it: None for plain RoPE, else its
+    kind as rope_type and its settings, without rope_theta (a field of its own)."""
+    kind = rope_type(rope)
+    if kind == "default":
+        return None
+    return {"rope_type": kind, **{k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}}
+
+
+UNSUPPORTED_ROPE = ("nanoqwen implements plain RoPE and the static scalings \"linear\" and \"yarn\" (not dynamic, "
+                    "longrope, llama3 or others)")
 
 
 @dataclass
@@ -134,6 +155,9 @@ class ModelConfig:
     sliding_window: int | None = None
     max_window_layers: int = 28
     rope_scaling: dict[str, Any] | None = None
+    """RoPE scaling, as Transformers reads it: None (plain RoPE), {"rope_type": "linear", "factor": F} (positions
+    divided by F), or {"rope_type": "yarn", "factor": F, "original_max_position_embeddings": N} (YaRN, with its
+    optional attention_factor, beta_fast, beta_slow, mscale, mscale_all_dim, truncate)."""
     torch_dtype: str = "bfloat16"
     """dtype the weights are stored in when written as a checkpoint."""
 
@@ -163,9 +187,7 @@ class ModelConfig:
                 f"sliding-window attention (layers {self.max_window_layers} and up) is not supported; set "
                 f"use_sliding_window to false for full attention, the same on sequences up to {self.sliding_window} "
                 "tokens")
-        if rope_type(self.rope_scaling) != "default":
-            raise NanoQwenError(f"rope_scaling {self.rope_scaling} is not supported; only plain RoPE is, so leave "
-                                "rope_scaling unset")
+        self.check_rope_scaling()
         for name, low in [("rope_theta", 0.0), ("initializer_range", 0.0)]:
             if not low < getattr(self, name) < math.inf:
                 raise NanoQwenError(f"config field {name} must be a positive number, got {getattr(self, name)!r}")
@@ -174,6 +196,28 @@ class ModelConfig:
         if not 0 <= self.attention_dropout < 1:
             raise NanoQwenError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
         return self
+
+    def check_rope_scaling(self) -> None:
+        """Refuse a rope_scaling that nanoqwen would compute otherwise than Transformers, or Transformers not at all."""
+        rope, kind = self.rope_scaling, rope_type(self.rope_scaling)
+        if kind == "default":
+            return
+        if kind not in ROPE_SCALINGS:
+            raise NanoQwenError(f"rope_scaling {rope} is not supported; {UNSUPPORTED_ROPE}; use one of those or leave "
+                                "rope_scaling unset")
+        check_rope_types("rope_scaling", rope, "model config", fix="give a value of that type")
+        factor, original = rope.get("factor"), rope.get("original_max_position_embeddings", 1)
+        if factor is None or not 0 < factor < math.inf:
+            raise NanoQwenError(f"rope_scaling {rope} needs a positive \"factor\": how many times the context it was "
+                                "trained on it stretches to (4.0 takes Qwen3's 32,768 tokens to 131,072)")
+        if original <= 0:
+            raise NanoQwenError(f"rope_scaling's original_max_position_embeddings must be positive, got {original}")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise NanoQwenError(f"rope_scaling's partial_rotary_factor {rope['partial_rotary_factor']} is not "
+                                "supported: Qwen3 rotates the whole head (1.0); remove it")
+        if rope.get("rope_theta", self.rope_theta) != self.rope_theta:
+            raise NanoQwenError(f"rope_scaling's rope_theta {rope['rope_theta']} differs from rope_theta "
+                                f"{self.rope_theta}; give the base frequency once, as rope_theta")
 
     def num_params(self) -> int:
         """Parameter count (the tied head counted once)."""
@@ -187,7 +231,10 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as Transformers writes it for Qwen3, every field explicit."""
         d = dataclasses.asdict(self)
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        # Transformers 4 reads rope_theta and rope_scaling; 5 reads rope_parameters, or rope_scaling where set (and
+        # rope_theta beside it). A scaling is written to both, the same.
+        d["rope_scaling"] = rope_scaling_of(self.rope_scaling)
+        d["rope_parameters"] = {**(d["rope_scaling"] or {"rope_type": "default"}), "rope_theta": self.rope_theta}
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **d,
                 "use_cache": True, "transformers_version": "4.51.0"}
 
@@ -211,17 +258,21 @@ class ModelConfig:
             if part is not None and not isinstance(part, dict):
                 raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
             check_rope_types(key, part, source)
-            if rope_type(part) != "default":
+            try:
+                kind = rope_type(part)
+            except NanoQwenError as e:
+                raise NanoQwenError(f"{source}: {e}") from None
+            if kind not in ("default", *ROPE_SCALINGS):
                 fix = "delete rope_scaling" if key == "rope_scaling" else \
                     "set rope_parameters' rope_type to \"default\""
-                raise NanoQwenError(f"{source} asks for {rope_type(part)!r} RoPE scaling; nanoqwen implements only "
-                                    f"plain RoPE, so it would compute different logits; {fix} in that file to run "
-                                    "it with plain RoPE, as official Qwen3 checkpoints ship")
+                raise NanoQwenError(f"{source} asks for {kind!r} RoPE scaling; {UNSUPPORTED_ROPE}, so it would "
+                                    f"compute different logits; {fix} in that file to run it with plain RoPE, as "
+                                    "official Qwen3 checkpoints ship")
         # Transformers >= 5 reads rope_scaling as another name for rope_parameters, and it wins where both are set
         # (a config written from its `config.rope_scaling` carries the theta there); else the top-level rope_theta.
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
-        values["rope_scaling"] = None
+        values["rope_scaling"] = rope_scaling_of(rope)
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:

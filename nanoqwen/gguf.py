@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 
 import gguf
@@ -20,9 +21,11 @@ import numpy as np
 import torch
 
 from nanoqwen.checkpoint import display_name, load_checkpoint
+from nanoqwen.config import ModelConfig, rope_type
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import saved_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
+from nanoqwen.model import rope_attention_factor
 from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
@@ -126,6 +129,36 @@ def is_gguf(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
+def add_rope_scaling(writer: gguf.GGUFWriter, config: ModelConfig, directory: Path) -> None:
+    """A linear or YaRN RoPE scaling as llama.cpp's converter writes it: rope.scaling.type and .factor, and for
+    YaRN .original_context_length and the betas it is given. llama.cpp has no key for the rest of what
+    Transformers reads: it takes YaRN's cos/sin factor to be 1 + 0.1 ln(factor) and always rounds the ramp's
+    ends outward, so a scaling that says otherwise is refused rather than written to give other logits."""
+    rope, kind = config.rope_scaling or {}, rope_type(config.rope_scaling)
+    if kind == "default":
+        return
+    factor = rope["factor"]
+    if kind == "yarn":
+        if rope_attention_factor(config) != 0.1 * math.log(factor) + 1.0 or not rope.get("truncate", True):
+            settings = {k: rope[k] for k in ("attention_factor", "mscale", "mscale_all_dim", "truncate") if k in rope}
+            raise NanoQwenError(
+                f"{directory}: YaRN with {json.dumps(settings or {'factor': factor})} cannot be written as GGUF: "
+                "llama.cpp scales cos/sin by 1 + 0.1 ln(factor) and rounds the ramp's ends (truncate), and has no "
+                "key to say otherwise, so it would compute other logits; only YaRN of a factor >= 1, "
+                "original_max_position_embeddings and beta_fast/beta_slow exports")
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(factor)
+        writer.add_rope_scaling_orig_ctx_len(rope.get("original_max_position_embeddings",
+                                                      config.max_position_embeddings))
+        if rope.get("beta_fast") is not None:  # Transformers reads a 0 as its default, 32 (and beta_slow's as 1)
+            writer.add_rope_scaling_yarn_beta_fast(rope["beta_fast"] or 32)
+        if rope.get("beta_slow") is not None:
+            writer.add_rope_scaling_yarn_beta_slow(rope["beta_slow"] or 1)
+    else:
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(factor)
+
+
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
     """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
     directory = Path(directory)
@@ -147,6 +180,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_key_length(config.head_dim)
     writer.add_value_length(config.head_dim)
     writer.add_rope_freq_base(config.rope_theta)
+    add_rope_scaling(writer, config, directory)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])

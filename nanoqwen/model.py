@@ -7,12 +7,14 @@ K kv heads, D head_dim, C hidden size.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from nanoqwen.config import ModelConfig
+from nanoqwen.config import ModelConfig, rope_type
 
 
 class RMSNorm(nn.Module):
@@ -49,21 +51,66 @@ class DecodeNorm:
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """RoPE's inverse frequencies 1 / theta^(2i / D), i < D/2, in fp32."""
-    exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32, device=device) / config.head_dim
-    return 1.0 / config.rope_theta ** exponents
+    """RoPE's inverse frequencies 1 / theta^(2i / D), i < D/2, in fp32, as config.rope_scaling stretches them
+    (computed as Transformers computes them). "linear" divides them all by its factor (positions p -> p / factor).
+    "yarn" divides only the slow ones, whose wavelength fits fewer than beta_slow (1) times into the original
+    context, keeps the fast ones that turn more than beta_fast (32) times there, and blends those between
+    along a linear ramp over i."""
+    D, theta = config.head_dim, config.rope_theta
+    powers = theta ** (torch.arange(0, D, 2, dtype=torch.float32, device=device) / D)  # theta^(2i / D), (D/2,)
+    inv_freq = 1.0 / powers
+    rope, kind = config.rope_scaling or {}, rope_type(config.rope_scaling)
+    if kind == "linear":
+        return inv_freq / rope["factor"]
+    if kind != "yarn":
+        return inv_freq
+    original = rope.get("original_max_position_embeddings", config.max_position_embeddings)
+
+    def index_turning(turns: float) -> float:  # the i whose wavelength 2 pi theta^(2i / D) fits `turns` times
+        return D * math.log(original / (turns * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = index_turning(rope.get("beta_fast") or 32), index_turning(rope.get("beta_slow") or 1)
+    if rope.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, D - 1)
+    if low == high:  # a one-step ramp, not a division by zero
+        high += 0.001
+    ramp = ((torch.arange(D // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1).to(device)  # 1: slow
+    kept = 1 - ramp  # the share of each frequency left as it was
+    return 1.0 / (rope["factor"] * powers) * (1 - kept) + inv_freq * kept
 
 
-def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype
+def rope_attention_factor(config: ModelConfig) -> float:
+    """What cos and sin are multiplied by, so every q.k logit by its square: 1 but for YaRN, whose default is
+    0.1 ln(factor) + 1 (sharper attention over the longer context), or as attention_factor, mscale and
+    mscale_all_dim set it."""
+    rope = config.rope_scaling or {}
+    if rope_type(config.rope_scaling) != "yarn":
+        return 1.0
+    if rope.get("attention_factor") is not None:
+        return rope["attention_factor"]
+    factor = rope["factor"]
+
+    def mscale(m: float) -> float:
+        return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+    if rope.get("mscale") and rope.get("mscale_all_dim"):
+        return mscale(rope["mscale"]) / mscale(rope["mscale_all_dim"])
+    return mscale(1.0)
+
+
+def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype, scale: float = 1.0
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and signed sin for the half-split layout, angles in fp32. positions (B, T) -> (B, T, 1, D),
-    which broadcasts over the heads of (B, T, heads, D) projections. The first half of sin is negated
-    so that apply_rope can rotate with one roll (see there)."""
+    """cos and signed sin for the half-split layout, angles in fp32, each times `scale` (rope_attention_factor).
+    positions (B, T) -> (B, T, 1, D), which broadcasts over the heads of (B, T, heads, D) projections. The first
+    half of sin is negated so that apply_rope can rotate with one roll (see there)."""
     freqs = positions.float()[..., None] * inv_freq  # (B, T, D/2)
     angles = torch.cat((freqs, freqs), dim=-1)[:, :, None]  # (B, T, 1, D)
-    sin = angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    if scale != 1.0:  # in fp32, before the cast, as Transformers scales them
+        cos, sin = cos * scale, sin * scale
     sin[..., :freqs.shape[-1]].neg_()
-    return angles.cos().to(dtype), sin.to(dtype)
+    return cos.to(dtype), sin.to(dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -286,6 +333,7 @@ class Qwen3(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.rope_scale = rope_attention_factor(config)  # what cos and sin are multiplied by (YaRN's 1 + 0.1 ln s)
         self.activation_checkpointing = False
         self.prepared_for_decoding = False
         self.init_weights()
@@ -398,7 +446,7 @@ class Qwen3(nn.Module):
         """Embeddings and every decoder layer: (B, T) ids at (B, T) RoPE positions -> (B, T, C)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype)
+        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
         if self.prepared_for_decoding and not torch.is_grad_enabled():
             x = x.view(B * T, -1)  # token rows: no reshaping around each matmul of a decode step
         for layer in self.model.layers:

@@ -258,3 +258,31 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: T
     err = capsys.readouterr().err.strip()
     assert "no space left on the disk" in err and "\n" not in err
     assert (tmp_path / "m.gguf").read_text() == "GGUF an earlier export" and not list(tmp_path.glob(".m.gguf*"))
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+
+
+@pytest.mark.parametrize("rope, written", [
+    (YARN, {"type": "yarn", "factor": 4.0, "original_context_length": 32}),
+    ({"type": "yarn", "factor": 2.0, "beta_fast": 16.0, "beta_slow": 0},  # beta_slow 0: Transformers' default, 1
+     {"type": "yarn", "factor": 2.0, "original_context_length": 128, "yarn_beta_fast": 16.0, "yarn_beta_slow": 1.0}),
+    ({"rope_type": "linear", "factor": 2.5}, {"type": "linear", "factor": 2.5}),
+    (None, {}),
+], ids=["yarn", "yarn-betas", "linear", "plain"])
+def test_rope_scaling_is_written_as_the_converter_writes_it(tmp_path: Path, bpe: Tokenizer, rope: dict | None,
+                                                            written: dict) -> None:
+    folder, _ = checkpoint(tmp_path / "ck", bpe, rope_scaling=rope)
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert {k.removeprefix("qwen3.rope.scaling."): v for k, v in meta.items()
+            if k.startswith("qwen3.rope.scaling.")} == pytest.approx(written)
+
+
+@pytest.mark.parametrize("extra", [{"attention_factor": 1.3}, {"mscale": 1.2, "mscale_all_dim": 0.8},
+                                   {"truncate": False}])
+def test_yarn_that_llama_cpp_cannot_compute_is_refused(tmp_path: Path, bpe: Tokenizer, extra: dict) -> None:
+    folder, _ = checkpoint(tmp_path / "ck", bpe, rope_scaling={**YARN, **extra})
+    with pytest.raises(NanoQwenError, match=f"YaRN with .*{next(iter(extra))}.* cannot be written as GGUF: llama.cpp"):
+        write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert not (tmp_path / "m.gguf").exists()

@@ -13,7 +13,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
-from nanoqwen.config import ModelConfig, apply_overrides
+from nanoqwen.config import ModelConfig, apply_overrides, rope_scaling_of
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 
@@ -50,7 +50,19 @@ CASES = {
     "mha-kv1ratio": {"num_key_value_heads": 4},          # kv ratio 1
     "kv-ratio4": {"num_key_value_heads": 1},             # kv ratio 4
     "head_dim-not-hidden/heads": {"head_dim": 24},       # 4 x 24 = 96 != 64
+    # Scaled RoPE over a tiny original context (32 of 128): the tests' 100 tokens reach well past it.
+    "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}},
+    "yarn-optional-keys": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32,
+                                            "beta_fast": 16.0, "beta_slow": 2, "mscale": 1.2, "mscale_all_dim": 0.8,
+                                            "truncate": False}, "rope_theta": 500.0},
+    "yarn-attention-factor": {"rope_scaling": {"type": "yarn", "factor": 2.5, "attention_factor": 1.3}},  # original:
+    "linear": {"rope_scaling": {"rope_type": "linear", "factor": 4.0}},                           # the 128 positions
 }
+
+
+def rope_fields(config: ModelConfig) -> dict:
+    """RoPE as a config.json of the config says it (its rope_scaling in one spelling)."""
+    return {k: v for k, v in config.to_hf_dict().items() if k.startswith("rope_")}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -60,8 +72,9 @@ def test_nanoqwen_saves_transformers_loads(case, tmp_path):
     save_checkpoint(model, tmp_path / "ck", tokenizer=None)
     config = json.loads((tmp_path / "ck" / "config.json").read_text())
     assert config["model_type"] == "qwen3" and config["architectures"] == ["Qwen3ForCausalLM"]
+    assert rope_fields(read_config(tmp_path / "ck")) == rope_fields(model.config)
     hf = hf_eager(tmp_path / "ck")
-    ids = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         diff = (model.eval()(ids) - hf(ids).logits).abs().max().item()
     assert diff <= 1e-4
@@ -78,7 +91,8 @@ def test_transformers_saves_nanoqwen_loads(case, tmp_path):
     reloaded = hf_eager(tmp_path / "hf")  # the eager reference, as read back from disk
     model = load_model(tmp_path / "hf")
     assert model.config.tie_word_embeddings == config.tie_word_embeddings
-    ids = torch.randint(0, VOCAB, (3, 40), generator=torch.Generator().manual_seed(2))
+    assert model.config.rope_scaling == rope_scaling_of(reloaded.config.rope_parameters)  # as Transformers reads it
+    ids = torch.randint(0, VOCAB, (3, 100), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         diff = (model(ids) - reloaded(ids).logits).abs().max().item()
     assert diff <= 1e-4
@@ -98,17 +112,22 @@ def test_sharded_and_bf16_checkpoints_load(tmp_path):
         assert torch.equal(value, expected[key]), key
 
 
-def test_cached_decoding_equals_full_forward():
-    model = Qwen3(tiny_config(num_key_value_heads=1)).eval()
+@pytest.mark.parametrize("case", ["tied-kv2", "yarn", "linear"])
+def test_cached_decoding_equals_full_forward(case):
+    model = Qwen3(tiny_config(num_key_value_heads=1, **CASES[case])).eval()
     scramble(model, seed=7)
-    ids = torch.randint(0, VOCAB, (2, 30), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, VOCAB, (2, 100), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids)
-        cache = model.new_cache(2, 40)
-        pieces = [model(ids[:, :11], cache=cache), model(ids[:, 11:17], cache=cache)]
-        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(17, 30)]
-    assert cache.length == 30
+        cache, fixed = model.new_cache(2, 110), model.new_cache(2, 110)
+        pieces = [model(ids[:, :11], cache=cache), model(ids[:, 11:80], cache=cache)]
+        pieces += [model(ids[:, t:t + 1], cache=cache) for t in range(80, 100)]
+        steps = [model(ids[:, :80], cache=fixed)]
+        fixed.fix_shapes()  # the steps a CUDA graph replays
+        steps += [model(ids[:, t:t + 1], cache=fixed) for t in range(80, 100)]
+    assert cache.length == 100
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-4
+    assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
 def test_left_padded_batch_equals_rows_alone():
@@ -137,7 +156,13 @@ def test_left_padded_batch_equals_rows_alone():
     ({"rms_norm_eps": -1.0}, "rms_norm_eps must be >= 0"),
     ({"attention_dropout": 1.0}, "attention_dropout must be in"),
     ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
-    ({"rope_scaling": {"type": "linear", "factor": 4.0}}, "not supported"),
+    ({"rope_scaling": {"type": "dynamic", "factor": 4.0}}, "not supported; .* \"linear\" and \"yarn\""),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "not supported"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, "needs a positive \"factor\""),
+    ({"rope_scaling": {"rope_type": "linear", "factor": 0.0}}, "needs a positive \"factor\""),
+    ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "keep only rope_type"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "32"}}, "beta_fast must be a number"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}}, "rotates the whole head"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
@@ -145,8 +170,8 @@ def test_bad_configs_say_what_is_wrong(changes, words):
 
 
 @pytest.mark.parametrize("rope", [
-    {"rope_parameters": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}},  # Transformers 5
-    {"rope_scaling": {"type": "yarn", "factor": 4.0}},  # the older spelling
+    {"rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 10000.0}},  # Transformers 5
+    {"rope_scaling": {"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [4.0] * 8}},  # older spelling
 ])
 def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
     model = Qwen3(tiny_config())
