@@ -9,10 +9,10 @@
 
 Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
 (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
-renders with the tokenizer's chat template. Every document comes out non-empty, a text NFC-normalized (a chat
-record once rendered, between the tokenizer's added tokens: see prepare). A `Corpus`
-can be read more than once (BPE training reads it, then encoding does), and never holds more than one document
-or record batch in memory.
+renders with the tokenizer's chat template. Every document comes out non-empty (a chat record: some turn with
+content, tool calls or thinking), a text NFC-normalized (a chat record once rendered, between the tokenizer's
+added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it, then encoding does),
+and never holds more than one document or record batch in memory.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Any
 
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import cache_dir, is_run_config
+from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
@@ -91,6 +92,13 @@ class CorpusStats:
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
 CHAT_COLUMNS = ("messages", "conversations")
 SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# Keys of a turn besides its content that a chat template may write (Qwen3's writes both).
+WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
+
+
+def _says(value: Any) -> bool:
+    """Whether a turn's value holds something to write: text that is not blank, or a non-empty list."""
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,17 @@ class ChatRecord:
         """What its turns say, NFC-normalized, without the template's control tokens: what a BPE trains on, and
         its size."""
         return unicodedata.normalize("NFC", "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages))
+
+    @property
+    def silent(self) -> bool:
+        """Whether every turn's content is blank: then only its tool calls or thinking can be worth training on,
+        where the template writes them (see prepare)."""
+        return not any(_says(m["content"]) for m in self.messages)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no turn holds anything a template could write: such a record is no document."""
+        return self.silent and not any(_says(m.get(key)) for m in self.messages for key in WRITTEN_BESIDES_CONTENT)
 
 
 Document = str | ChatRecord
@@ -129,7 +148,7 @@ class Corpus:
         try:
             for document in reader:
                 if isinstance(document, ChatRecord):  # normalized once rendered (see prepare)
-                    if not any(m["content"].strip() for m in document.messages):
+                    if document.empty:
                         continue
                     text = document.text
                 else:
