@@ -283,6 +283,21 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_sharegpt_roles_become_the_templates_and_an_unknown_one_is_named() -> None:
+    from nanoqwen.data.sources import CorpusStats, as_document
+
+    # As ShareGPT datasets name them, tool use too (LLaMA-Factory's function_call and observation).
+    names = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+             "function_call": "assistant", "observation": "tool", "tool": "tool"}
+    record = as_document([{"from": name, "value": name} for name in names], "c.json record 1", CorpusStats())
+    assert record.messages == tuple({"role": role, "content": name} for name, role in names.items())
+    with pytest.raises(NanoQwenError, match=re.escape(
+            "c.json record 2: turn 2 is from 'bing', which is no ShareGPT role nanoqwen knows; give each turn's "
+            "'from' as one of: system, human, user, gpt, assistant, function_call, observation, tool")):
+        as_document([{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}], "c.json record 2",
+                    CorpusStats())
+
+
 @pytest.mark.parametrize("vocabulary", ["bpe", "qwen3"])  # qwen3's: encoded by tiktoken, which normalizes nothing
 def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path, vocabulary: str) -> None:
     """A tokenizer folder's own template gets every key of a turn (tool calls here), and its refusal names

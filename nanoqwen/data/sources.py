@@ -91,7 +91,11 @@ class CorpusStats:
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
 CHAT_COLUMNS = ("messages", "conversations")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# ShareGPT's `from` names, as its datasets use them (tool use as LLaMA-Factory's: a function_call turn is the
+# assistant's call, an observation its result), to the roles chat templates know: ChatML writes any role as
+# given, so an unknown name would become a turn no chat or template ever writes.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 # Keys of a turn besides its content that a chat template may write (Qwen3's writes both).
 WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
 
@@ -631,7 +635,11 @@ def _chat_turn(turn: Any, where: str, stats: CorpusStats) -> dict[str, Any]:
     role = turn.get("role")
     if role is None:  # ShareGPT's names
         role = turn.get("from")
-        role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+        if isinstance(role, str) and role:
+            if role not in SHAREGPT_ROLES:
+                raise NanoQwenError(f"{where} is from {role!r}, which is no ShareGPT role nanoqwen knows; give each "
+                                    f"turn's 'from' as one of: {', '.join(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
     content = turn.get("content")
     if content is None:  # (tables give every turn every key, the unused ones null)
         content = turn.get("value")
