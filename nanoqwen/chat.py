@@ -164,7 +164,9 @@ class Conversation:
             self.transcript = self.tokenizer.decode(ids)
             return ids
         message = {"role": "user", "content": text}
-        if len(self._ids([message])) >= self.context:  # hopeless even alone: keep the history as it is
+        # Hopeless even alone: keep the history as it is. (One as long as the context still gets a token of reply,
+        # which is predicted, not read: see check_fits.)
+        if len(self._ids([message])) > self.context:
             return None
         kept = list(self.messages)
         self.messages.append(message)

@@ -172,14 +172,18 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int
 
 
 def check_fits(model: Qwen3, prompt_len: int, max_new_tokens: int) -> int:
-    """How many new tokens fit after the prompt; one clear line when the prompt itself does not fit."""
+    """How many new tokens fit after the prompt; one clear line when the prompt itself does not fit.
+
+    The model reads the prompt and every new token but the last (which is only predicted), so all of them fit
+    while those it reads fit the context: a prompt as long as the context still gets one new token.
+    """
     context = model.config.max_position_embeddings
     if prompt_len == 0:
         raise NanoQwenError("the prompt is empty; give at least one token of text")
-    if prompt_len >= context:
+    if prompt_len > context:
         raise NanoQwenError(f"the prompt is {prompt_len} tokens but the model's context is {context}; "
-                            f"shorten it to at most {context - 1} tokens")
-    return min(max_new_tokens, context - prompt_len)
+                            f"shorten it to at most {context} tokens")
+    return min(max_new_tokens, context - prompt_len + 1)
 
 
 class DecodeStep:

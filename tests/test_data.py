@@ -30,7 +30,7 @@ from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.data.prepare import load_meta, prepare
 from nanoqwen.data.sources import first_paragraph, open_corpus
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer, train_bpe
+from nanoqwen.tokenizer import Tokenizer, load_tokenizer, qwen3_tokenizer, train_bpe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -283,6 +283,21 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_sharegpt_roles_become_the_templates_and_an_unknown_one_is_named() -> None:
+    from nanoqwen.data.sources import CorpusStats, as_document
+
+    # As ShareGPT datasets name them, tool use too (LLaMA-Factory's function_call and observation).
+    names = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+             "function_call": "assistant", "observation": "tool", "tool": "tool"}
+    record = as_document([{"from": name, "value": name} for name in names], "c.json record 1", CorpusStats())
+    assert record.messages == tuple({"role": role, "content": name} for name, role in names.items())
+    with pytest.raises(NanoQwenError, match=re.escape(
+            "c.json record 2: turn 2 is from 'bing', which is no ShareGPT role nanoqwen knows; give each turn's "
+            "'from' as one of: system, human, user, gpt, assistant, function_call, observation, tool")):
+        as_document([{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}], "c.json record 2",
+                    CorpusStats())
+
+
 @pytest.mark.parametrize("vocabulary", ["bpe", "qwen3"])  # qwen3's: encoded by tiktoken, which normalizes nothing
 def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path, vocabulary: str) -> None:
     """A tokenizer folder's own template gets every key of a turn (tool calls here), and its refusal names
@@ -320,6 +335,38 @@ def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path, vocab
                        "--out", str(tmp_path / "never")),
                    "chats.jsonl line 2: field 'messages': the model's chat template refused these messages: "
                    "the system message must come first")
+
+
+CALL = {"type": "function", "function": {"name": "weather", "arguments": "{}"}}
+BLANK_TURNS = {  # chats whose turns all have blank content, and what else they carry
+    "calls": [{"role": "user", "content": " "}, {"role": "assistant", "content": None, "tool_calls": [CALL]}],
+    "thinking": [{"role": "user", "content": ""}, {"role": "assistant", "content": "", "thinking": "hmm"}],
+    "nothing": [{"role": "user", "content": " "}, {"role": "assistant", "content": "\n", "name": "bot"}],
+}
+WRITES_THINKING = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{% if m.reasoning_content %}<think>"
+                   "{{ m.reasoning_content }}</think>{% endif %}{{ m.content }}<|im_end|>\n{% endfor %}")
+
+
+@pytest.fixture(scope="module")
+def qwen3() -> Tokenizer:
+    return qwen3_tokenizer()  # over a second to load: once for the tests that only render with it
+
+
+@pytest.mark.parametrize("template, kept", [(None, []), ("tools", ["calls"]), ("thinking", ["thinking"])])
+def test_a_chat_of_blank_turns_is_kept_when_its_template_writes_what_it_carries(tmp_path: Path, qwen3: Tokenizer,
+                                                                                 template: str | None,
+                                                                                 kept: list[str]) -> None:
+    """A chat whose turns say nothing but carry tool calls or thinking is skipped only where the template writes
+    none of it (ChatML writes role and content alone): it is a document wherever it renders to more than that."""
+    from nanoqwen.data.prepare import _rendered
+    from tests.serve_helpers import THINKING_TEMPLATE
+
+    source = {None: None, "tools": THINKING_TEMPLATE, "thinking": WRITES_THINKING}[template]
+    tokenizer = Tokenizer(qwen3.hf, {**qwen3.config, "chat_template": source})
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": t}) + "\n" for t in BLANK_TURNS.values()))
+    rendered = list(_rendered(open_corpus(str(tmp_path / "chats.jsonl")).documents(), tokenizer))
+    as_read = [[{**turn, "content": turn["content"] or ""} for turn in BLANK_TURNS[name]] for name in kept]
+    assert rendered == [tokenizer.render_chat(turns, add_generation_prompt=False) for turns in as_read]
 
 
 def test_a_folders_added_tokens_keep_their_meaning(tmp_path: Path) -> None:

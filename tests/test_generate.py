@@ -17,6 +17,7 @@ import transformers
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
+from nanoqwen.chat import Conversation
 from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
@@ -257,12 +258,32 @@ def test_sampling_keeps_the_distribution_transformers_warpers_keep():
         torch.testing.assert_close(probs, warped.softmax(-1), atol=1e-6, rtol=1e-5)
 
 
-def test_a_prompt_that_fills_the_context_leaves_no_room(checkpoint):
-    model, _ = load_checkpoint(checkpoint)
+def test_a_prompt_as_long_as_the_context_still_predicts_one_token(checkpoint, capsys, monkeypatch):
+    # The model reads every prompt token inside its context; the token it predicts after the last is never read.
+    model, tokenizer = load_checkpoint(checkpoint)
+    model.prepare_for_decoding()
     context = model.config.max_position_embeddings
-    assert check_fits(model, context - 1, 50) == 1
-    with pytest.raises(NanoQwenError, match=f"the prompt is {context} tokens"):
-        check_fits(model, context, 50)
+    assert check_fits(model, context, 50) == 1 and check_fits(model, context - 1, 50) == 2
+    prompt = "7" * context  # one token a digit
+    ids = tokenizer.encode(prompt)
+    assert len(ids) == context
+    with torch.no_grad():
+        expected = int(model(torch.tensor([ids]))[0, -1].argmax())
+    monkeypatch.setattr("nanoqwen.generate.load_for_inference", lambda args: (model, tokenizer))  # loaded above
+    assert main(["sample", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "5", "--temperature",
+                 "0", "--device", "cpu"]) == 0
+    out, err = capsys.readouterr()
+    assert out == prompt + tokenizer.decode([expected]) + "\n"
+    assert err == "(--max-new-tokens 5: at most 1 fit in the model's context after the prompt)\n"
+    # One token more is a prompt longer than the context: one line (which sample says before echoing it).
+    with pytest.raises(NanoQwenError, match=f"^the prompt is {context + 1} tokens but the model's context is "
+                                            f"{context}; shorten it to at most {context} tokens$"):
+        check_fits(model, context + 1, 50)
+    # So does a chat message that alone, in its template, is as long as the context.
+    one = len(tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": "7"}])))
+    conversation = Conversation(tokenizer, context, reserve=8)
+    assert len(conversation.add_user("7" * (context - one + 1))) == context
+    assert conversation.add_user("7" * (context - one + 2)) is None
 
 
 def test_num_samples_are_seed_plus_k(checkpoint, capsys):

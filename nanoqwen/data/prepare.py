@@ -408,10 +408,22 @@ def _rendered(documents: Iterator[Document], tokenizer: Tokenizer) -> Iterator[s
             raise NanoQwenError(f"{document.where} is a chat, and the tokenizer has no {IM_START} and {IM_END} "
                                 "tokens to write it with; use qwen3, bpe:N, or a tokenizer folder that has them")
         try:
-            yield RenderedChat(control.normalized(tokenizer.render_chat(list(document.messages),
-                                                                        add_generation_prompt=False)))
+            text = tokenizer.render_chat(list(document.messages), add_generation_prompt=False)
         except NanoQwenError as e:
             raise NanoQwenError(f"{document.where}: {e}") from None
+        if document.silent and _as_if_blank(text, document, tokenizer):
+            continue
+        yield RenderedChat(control.normalized(text))
+
+
+def _as_if_blank(text: str, chat: ChatRecord, tokenizer: Tokenizer) -> bool:
+    """Whether `text`, a chat of blank turns as rendered, is what its turns render to without their tool calls and
+    thinking: then the template wrote none of them (ChatML writes neither), and it holds nothing to train on."""
+    try:
+        return text == tokenizer.render_chat([{"role": m["role"], "content": m["content"]} for m in chat.messages],
+                                             add_generation_prompt=False)
+    except NanoQwenError:  # refused without them: the template needs what they carry, so it writes something
+        return False
 
 
 def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[list[str]], list[Encoded]]:

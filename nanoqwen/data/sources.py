@@ -9,10 +9,10 @@
 
 Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
 (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
-renders with the tokenizer's chat template. Every document comes out non-empty, a text NFC-normalized (a chat
-record once rendered, between the tokenizer's added tokens: see prepare). A `Corpus`
-can be read more than once (BPE training reads it, then encoding does), and never holds more than one document
-or record batch in memory.
+renders with the tokenizer's chat template. Every document comes out non-empty (a chat record: some turn with
+content, tool calls or thinking), a text NFC-normalized (a chat record once rendered, between the tokenizer's
+added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it, then encoding does),
+and never holds more than one document or record batch in memory.
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from typing import Any
 
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.io import cache_dir, is_run_config
+from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
@@ -90,7 +91,18 @@ class CorpusStats:
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
 CHAT_COLUMNS = ("messages", "conversations")
-SHAREGPT_ROLES = {"human": "user", "gpt": "assistant"}
+# ShareGPT's `from` names, as its datasets use them (tool use as LLaMA-Factory's: a function_call turn is the
+# assistant's call, an observation its result), to the roles chat templates know: ChatML writes any role as
+# given, so an unknown name would become a turn no chat or template ever writes.
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+# Keys of a turn besides its content that a chat template may write (Qwen3's writes both).
+WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
+
+
+def _says(value: Any) -> bool:
+    """Whether a turn's value holds something to write: text that is not blank, or a non-empty list."""
+    return bool(value.strip()) if isinstance(value, str) else bool(value)
 
 
 @dataclass(frozen=True)
@@ -106,6 +118,17 @@ class ChatRecord:
         """What its turns say, NFC-normalized, without the template's control tokens: what a BPE trains on, and
         its size."""
         return unicodedata.normalize("NFC", "\n".join(f"{m['role']}\n{m['content']}" for m in self.messages))
+
+    @property
+    def silent(self) -> bool:
+        """Whether every turn's content is blank: then only its tool calls or thinking can be worth training on,
+        where the template writes them (see prepare)."""
+        return not any(_says(m["content"]) for m in self.messages)
+
+    @property
+    def empty(self) -> bool:
+        """Whether no turn holds anything a template could write: such a record is no document."""
+        return self.silent and not any(_says(m.get(key)) for m in self.messages for key in WRITTEN_BESIDES_CONTENT)
 
 
 Document = str | ChatRecord
@@ -129,7 +152,7 @@ class Corpus:
         try:
             for document in reader:
                 if isinstance(document, ChatRecord):  # normalized once rendered (see prepare)
-                    if not any(m["content"].strip() for m in document.messages):
+                    if document.empty:
                         continue
                     text = document.text
                 else:
@@ -612,7 +635,11 @@ def _chat_turn(turn: Any, where: str, stats: CorpusStats) -> dict[str, Any]:
     role = turn.get("role")
     if role is None:  # ShareGPT's names
         role = turn.get("from")
-        role = SHAREGPT_ROLES.get(role, role) if isinstance(role, str) else role
+        if isinstance(role, str) and role:
+            if role not in SHAREGPT_ROLES:
+                raise NanoQwenError(f"{where} is from {role!r}, which is no ShareGPT role nanoqwen knows; give each "
+                                    f"turn's 'from' as one of: {', '.join(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
     content = turn.get("content")
     if content is None:  # (tables give every turn every key, the unused ones null)
         content = turn.get("value")
