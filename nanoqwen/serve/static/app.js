@@ -491,7 +491,7 @@ async function fitHistory(lead, text, body) {
   let fit = await countTokens([...lead, ...state.history, user], body);
   if (!fit || fits(fit) || !state.history.length) return 0;
   const alone = await countTokens([...lead, user], body);
-  if (!alone || alone.count >= alone.max_model_len) return 0;
+  if (!alone || alone.count > alone.max_model_len) return 0;
   let dropped = 0;
   while (fit && !fits(fit) && state.history.length) {
     for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) markDropped(message.box);
