@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from nanoqwen.checkpoint import (
+    DTYPE_NAMES,
     OWN_TOKENIZER_FIX,
     STATE_JSON,
     STATE_PT,
@@ -42,7 +43,7 @@ from nanoqwen.config import (
     load_preset,
 )
 from nanoqwen.data.loader import check_batch
-from nanoqwen.distributed import DistInfo, from_rank0, on_rank0
+from nanoqwen.distributed import DistInfo, from_rank0, on_rank0, resolve_dtype
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, json_line
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -225,11 +226,12 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
 
 
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
-def resumed_run(args: argparse.Namespace, announce: bool
+def resumed_run(args: argparse.Namespace, info: DistInfo
                 ) -> tuple[TrainConfig, str, Path, Path, list[str], set[str]]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
     the settings that differ from those last/ was trained with ("batch_size 16 -> 32"; lengths of the run and
-    reporting apart), and the names of the settings given anew (now, or by a resume that never saved)."""
+    reporting apart; the autocast dtype too), and the names of the settings given anew (now, or by a resume that
+    never saved)."""
     out = Path(args.resume or args.out or "")
     if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -257,7 +259,7 @@ def resumed_run(args: argparse.Namespace, announce: bool
     # Compared with what last/ was trained with, not with config.json: a resume that failed or was killed before
     # its first save has already written its flags there, and they are still changes of the run (a val loss
     # measured otherwise, a new length).
-    before = trained_settings(out / "last") or TrainConfig(**train)
+    before, trained_dtype = trained_settings(out / "last") or (TrainConfig(**train), None)
     given = {name for name in before.__dataclass_fields__
              if getattr(args, name, None) is not None or getattr(cfg, name) != getattr(before, name)}
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
@@ -265,16 +267,25 @@ def resumed_run(args: argparse.Namespace, announce: bool
     unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
-    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed, given
+    # The autocast dtype is a flag, not a setting, but it changes the numbers as much: --dtype given now, or the
+    # device's own where the run never asked for one and resumes on another kind of device. A save from before
+    # last/ recorded it is compared with the dtype the run began in.
+    dtype = DTYPE_NAMES[resolve_dtype(args.dtype, info.device)]
+    trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
+    if trained_dtype and trained_dtype != dtype:
+        changed.append(f"dtype {trained_dtype} -> {dtype}")
+    return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, changed, given
 
 
-def trained_settings(last: Path) -> TrainConfig | None:
-    """The settings last/ was saved with (its train_state.json), or None where it does not say (a save from
-    before they were recorded; a damaged state, which loading it reports)."""
+def trained_settings(last: Path) -> tuple[TrainConfig, str | None] | None:
+    """The settings last/ was saved with and the autocast dtype it trained in (its train_state.json; the dtype
+    None in a save from before it was recorded), or None where it does not say (a save from before they were
+    recorded; a damaged state, which loading it reports)."""
     try:
-        recorded = json.loads((last / STATE_JSON).read_text())["train"]
-        check_train_types(recorded, str(last / STATE_JSON))
-        return TrainConfig(**recorded)
+        recorded = json.loads((last / STATE_JSON).read_text())
+        check_train_types(recorded["train"], str(last / STATE_JSON))
+        dtype = recorded.get("dtype")
+        return TrainConfig(**recorded["train"]), dtype if isinstance(dtype, str) else None
     except (OSError, ValueError, KeyError, TypeError, NanoQwenError):
         return None
 

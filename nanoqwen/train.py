@@ -281,7 +281,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out, changed, given = resumed_run(args, info.is_main)
+        cfg, preset_name, data, out, changed, given = resumed_run(args, info)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before

@@ -1056,11 +1056,13 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     config["train"]["micro_batch"] = 8  # as runs of format 1 saved it: read back as "not given"
     del config["format"]
     (out / "config.json").write_text(json.dumps(config))
-    # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later:
+    # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later; and
+    # another autocast dtype (a flag, not a setting of the loop, but it changes the numbers as much):
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--batch-size", "4", "--lr", "0",
-                            "--min-lr", "0", "--weight-decay", "0.5") == 0
+                            "--min-lr", "0", "--weight-decay", "0.5", "--dtype", "bf16") == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
     assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
+    assert "dtype float32 -> bfloat16" in note
     # The weight decay given now is the one used (loading the optimizer's state put the saved one back).
     blob = torch.load(out / "last/train_state.pt", weights_only=True)["optimizer"]
     groups = [group for part in blob.get("optimizers", [blob]) for group in part["param_groups"]]
@@ -1068,7 +1070,8 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
-    # No --lr: the saved 0 holds. What reports on the run is no change of it.
+    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run is no
+    # change of it.
     assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard") == 0
     assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
