@@ -16,7 +16,7 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from shlex import quote
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
@@ -226,12 +226,21 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
 
 
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
-def resumed_run(args: argparse.Namespace, info: DistInfo
-                ) -> tuple[TrainConfig, str, Path, Path, list[str], set[str]]:
+class Changes(NamedTuple):
+    """How a resume differs from what last/ was trained with."""
+
+    listed: list[str]
+    """The settings that differ ("batch_size 16 -> 32"; lengths of the run and reporting apart; the autocast
+    dtype too)."""
+    given: set[str]
+    """The names of the settings given anew (now, or by a resume that never saved)."""
+    trained: TrainConfig
+    """The settings last/ was trained with."""
+
+
+def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, str, Path, Path, Changes]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
-    the settings that differ from those last/ was trained with ("batch_size 16 -> 32"; lengths of the run and
-    reporting apart; the autocast dtype too), and the names of the settings given anew (now, or by a resume that
-    never saved)."""
+    and how they differ from those last/ was trained with."""
     out = Path(args.resume or args.out or "")
     if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -274,7 +283,7 @@ def resumed_run(args: argparse.Namespace, info: DistInfo
     trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
     if trained_dtype and trained_dtype != dtype:
         changed.append(f"dtype {trained_dtype} -> {dtype}")
-    return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, changed, given
+    return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, Changes(changed, given, before)
 
 
 def trained_settings(last: Path) -> tuple[TrainConfig, str | None] | None:

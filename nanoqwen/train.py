@@ -85,6 +85,7 @@ from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.runs import (
+    Changes,
     carried_files,
     check_resumed_data,
     check_seq_len,
@@ -281,7 +282,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out, changed, given = resumed_run(args, info)
+        cfg, preset_name, data, out, changes = resumed_run(args, info)
         lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
         locks += [lock] if lock else []
         for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
@@ -293,7 +294,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         preset, cfg, data, out = new_run(args, info)
         lock = hold_lock(out) if info.is_main else None
         locks += [lock] if lock else []
-        preset_name, resume_dir, changed, given = preset.name, None, [], set()
+        preset_name, resume_dir, changes = preset.name, None, None
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
@@ -338,18 +339,19 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
-    if resume_dir is not None:
-        continue_run(run, resume_dir, changed, given)
+    if resume_dir is not None and changes is not None:
+        continue_run(run, resume_dir, changes)
     elif info.is_main:
         start_fresh(run)
     return run
 
 
-def continue_run(run: Run, resume_dir: Path, changed: list[str], given: set[str]) -> None:
+def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
     """Put a resumed run's training state back, check that it has steps left, and bring its folder to where
-    its last/ stands (metrics, samples, a best/ from replayed steps); `changed`: the settings that differ from
-    last/'s, and `given`: the names of those given anew (now, or by a resume killed before it saved)."""
+    its last/ stands (metrics, samples, a best/ from replayed steps); `changes`: how the resume differs from
+    what last/ was trained with."""
     args, cfg, info, out = run.args, run.cfg, run.info, run.out
+    changed, given = changes.listed, changes.given
     load_train_state(run, resume_dir)
     if args.max_steps is not None and args.max_steps <= run.state.step:
         usable = "last/ and best/ are usable as they are" if (out / "best").is_dir() else "last/ is usable as it is"
@@ -365,12 +367,17 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str], given: set[str]
     if run.state.step >= run.total_steps:
         raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
                             f"{run.state.step}) to train it further")
-    patience = cfg.early_stopping_patience
-    if patience and run.state.evals_since_best >= patience:  # it stopped early
-        if not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
-            raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({patience} evaluations without a "
-                                "better val loss); give --max-steps or --early-stopping-patience to train it further")
-        run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
+    trained_patience, patience = changes.trained.early_stopping_patience, cfg.early_stopping_patience
+    stopped_early = bool(trained_patience) and run.state.evals_since_best >= trained_patience
+    if stopped_early and not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
+        raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({trained_patience} evaluations without "
+                            "a better val loss); give --max-steps or --early-stopping-patience to train it further")
+    # The count of evaluations without a better val loss goes on: a patience given now counts them as if the run
+    # had had it all along (3 -> 5 after a stop at 3 allows 2 more; one turned on, or lowered, below the count
+    # stops it at its next evaluation without a better val loss). Only a run that stopped early and goes on with
+    # a patience its count already reaches (more --max-steps alone) starts afresh, or it would stop at once.
+    if stopped_early and patience and run.state.evals_since_best >= patience:
+        run.state.evals_since_best = 0
     # A val loss over other targets or windows is no longer comparable with the best so far: best/ starts afresh.
     rescored = [c for c in changed if c.split()[0] in ("loss_on", "seq_len", "eval_windows")]
     rescored_from = run.state.best_step if rescored and run.state.best_val_loss is not None else None

@@ -871,14 +871,22 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
     assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
     assert read_metrics(out)[-1]["step"] == 10
-    assert train_in_process("--resume", str(out), "--max-steps", "12", "--early-stopping-patience", "0") == 0
+    # A patience given now counts the evaluations already without a better val loss, as if the run had had it all
+    # along: 2 -> 3 allows one more, not 3; one turned on (or lowered) below that count stops it at the next one.
+    assert train_in_process("--resume", str(out), "--early-stopping-patience", "3") == 0
+    assert read_metrics(out)[-1]["step"] == 12
+    assert train_in_process("--resume", str(out), "--max-steps", "14", "--early-stopping-patience", "0") == 0
+    assert json.loads((out / "last/train_state.json").read_text())["evals_since_best"] == 4
+    assert train_in_process("--resume", str(out), "--max-steps", "18", "--early-stopping-patience", "2") == 0
+    assert read_metrics(out)[-1]["step"] == 16
+    assert train_in_process("--resume", str(out), "--max-steps", "18", "--early-stopping-patience", "0") == 0
     capsys.readouterr()
     assert train_in_process("--resume", str(out), "--seq-len", "100000") == 2
     err = capsys.readouterr().err.strip()  # a resume takes no --set: the hint is only to lower it
     assert "--seq-len 100000 exceeds the model's context" in err and "--set" not in err, err
     assert train_in_process("--resume", str(out)) == 2  # all its steps done: one line, not a run of 0 steps
     err = capsys.readouterr().err.strip()
-    assert "has done all 12 of its steps; give --max-steps" in err and "\n" not in err
+    assert "has done all 18 of its steps; give --max-steps" in err and "\n" not in err
     out = tmp_path / "capped"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001",
                             "--log-interval", "1") == 0
