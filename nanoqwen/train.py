@@ -221,6 +221,12 @@ class Run:
         return self.state.fitted_steps or self.cfg.max_steps
 
     @property
+    def fitted_short(self) -> bool:
+        """Whether --fit-to-time ended the schedule short of max_steps: more time trains such a run further (a
+        --max-minutes given to a resume fits the schedule anew, up to max_steps), as more steps do."""
+        return self.state.fitted_steps is not None and self.state.fitted_steps < self.cfg.max_steps
+
+    @property
     def warmup(self) -> int:
         return self.cfg.warmup if self.state.fitted_warmup is None else self.state.fitted_warmup
 
@@ -365,8 +371,12 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
     if cut:  # as a new run's is: a length (or warmup) set now that ends within the warmup never decayed to min_lr
         cut_note, run.state.fitted_warmup = warmup_cut(run.warmup, run.total_steps), run.total_steps // 2
     if run.state.step >= run.total_steps:
-        raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
-                            f"{run.state.step}) to train it further")
+        steps = f"--max-steps (more than {run.state.step})"
+        if run.fitted_short:
+            raise NanoQwenError(f"{out} has done all {run.state.step} of its steps that fit in --max-minutes "
+                                f"{cfg.max_minutes:g} (of its {cfg.max_steps}); give --max-minutes M to train it M "
+                                f"minutes more (its schedule fitted anew to them), or {steps}")
+        raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give {steps} to train it further")
     trained_patience, patience = changes.trained.early_stopping_patience, cfg.early_stopping_patience
     stopped_early = bool(trained_patience) and run.state.evals_since_best >= trained_patience
     if stopped_early and not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
@@ -839,7 +849,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     # All its steps done: more need a larger --max-steps. An early stop with steps left goes on as planned
     # once asked to (a plain resume of it is refused, as a run that never stopped would have ended there too).
     done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
-    longer = f" --max-steps {state.step * 2}" if done else \
+    longer = f" --max-minutes {run.cfg.max_minutes:g}" if done and run.fitted_short else \
+        f" --max-steps {state.step * 2}" if done else \
         f" --max-steps {run.total_steps}" if summary["stopped"] == "early_stopping" else ""
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "

@@ -621,6 +621,7 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
+        assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
 
 
 class FittedRun(SimpleNamespace):
@@ -1671,10 +1672,23 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
 
 def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Path, preset: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert train_in_process(*common(data, preset, tmp_path / "r"), "--max-steps", "8", "--schedule", "wsd",
+    out = tmp_path / "r"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "8", "--schedule", "wsd",
                             "--fit-to-time", "--max-minutes", "30") == 0
     printed = capsys.readouterr().out
     assert "(max_steps)" in printed and "all of --max-steps fit" in printed
+    # As a run whose time fitted 8 of its 10 steps: what trains it further is more time, its schedule fitted anew
+    # (a plain resume, which keeps the fitted length, has no step left).
+    for path in (out / "config.json", out / "last/train_state.json"):
+        saved = json.loads(path.read_text())
+        saved["train"]["max_steps"] = 10
+        path.write_text(json.dumps(saved))
+    assert train_in_process("--resume", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has done all 8 of its steps that fit in --max-minutes 30" in err and "give --max-minutes" in err, err
+    assert "\n" not in err
+    assert train_in_process("--resume", str(out), "--max-minutes", "30") == 0
+    assert read_metrics(out)[-1]["step"] == 10
 
 
 def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path: Path,
