@@ -355,6 +355,31 @@ def data_splits(data: Path) -> dict[str, Any]:
     return load_meta(data)["splits"]
 
 
+# A digest of the data reads this many slices of each split, at fixed places (the whole of a smaller file).
+DIGEST_SLICES, DIGEST_SLICE_BYTES = 16, 1 << 16
+
+
+def data_digest(data: Path) -> str:
+    """sha256 of the sizes of train.bin and val.bin and of DIGEST_SLICES slices of each, spread evenly from start
+    to end: other tokens in the same numbers (which the counts of `data_splits` miss) are told apart by 2 MiB read,
+    however many GB the data holds. Not meta.json's fingerprint: that hashes what the folder was made from (where
+    the files were, their times), so the same text prepared again elsewhere would not match it."""
+    from nanoqwen.data.prepare import SPLITS
+
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        with (data / f"{name}.bin").open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f"{name} {size}\n".encode())
+            if size <= DIGEST_SLICES * DIGEST_SLICE_BYTES:
+                digest.update(f.read())
+                continue
+            for k in range(DIGEST_SLICES):
+                f.seek(k * (size - DIGEST_SLICE_BYTES) // (DIGEST_SLICES - 1))
+                digest.update(f.read(DIGEST_SLICE_BYTES))
+    return digest.hexdigest()
+
+
 def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
     """The run's data folder may have been prepared again since (`nanoqwen prepare --out` over it), or --data
     may name another: ids from another tokenizer would mean other tokens to this model, and other text would
@@ -374,11 +399,13 @@ def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
                             "continue from the weights on text in the run's tokenizer: nanoqwen train --init-from "
                             f"{quote(str(last))} --dataset {source}")
     recorded = saved.get("data_splits")  # its documents, tokens and bytes: the same text prepared alike
-    if recorded is not None and meta["splits"] != recorded:
+    digest = saved.get("data_digest")  # and its tokens (runs from before it was recorded: the counts alone)
+    if (recorded is not None and meta["splits"] != recorded) or (digest is not None and data_digest(data) != digest):
         how = " (prepared again from other text or settings)" if own_folder else ""
-        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; train on "
-                            f"it from the run's weights instead: nanoqwen train --init-from {quote(str(last))} "
-                            f"--data {quote(str(data))}")
+        elsewhere = "" if own_folder else "give --data the folder it began with, or "
+        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; "
+                            f"{elsewhere}train on it from the run's weights instead: nanoqwen train --init-from "
+                            f"{quote(str(last))} --data {quote(str(data))}")
     if recorded is None and not own_folder and announce:
         print(f"note: {out} was made before runs recorded what their data holds, so nothing checks that {data} "
               "is the data it began with", flush=True)
@@ -440,7 +467,7 @@ RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not)
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
     return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
-            "data_splits": data_splits(run.data),  # tells other data from this on resume
+            "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}

@@ -89,6 +89,7 @@ from nanoqwen.runs import (
     carried_files,
     check_resumed_data,
     check_seq_len,
+    data_digest,
     data_place,
     data_splits,
     holds_conversations,
@@ -400,7 +401,8 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         saved["train"] = dataclasses.asdict(cfg)
         saved.setdefault("args", {}).update(dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
         saved.update(data_place(run))
-        saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
+        saved.setdefault("data_splits", data_splits(run.data))  # a run from before they were recorded
+        saved.setdefault("data_digest", data_digest(run.data))
         saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
     best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next

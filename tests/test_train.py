@@ -34,7 +34,7 @@ from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
-from nanoqwen.runs import truncate_metrics
+from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_schedule
@@ -1756,6 +1756,24 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
     assert checkpoint_step(out / "best") == state["best_step"] == 3  # the next evaluation wrote it again
 
 
+def test_the_data_digest_reads_fixed_slices_of_a_large_split(tmp_path: Path) -> None:
+    # GBs of data are told apart by a few slices: a change in one (the first, one in the middle, the last) or in
+    # the size shows; the rest of the file is not read.
+    size = 4 * DIGEST_SLICES * DIGEST_SLICE_BYTES
+    (tmp_path / "train.bin").write_bytes(bytes(size))
+    (tmp_path / "val.bin").write_bytes(bytes(8))
+    digests = {data_digest(tmp_path)}
+    step = (size - DIGEST_SLICE_BYTES) // (DIGEST_SLICES - 1)
+    for where in (0, 7 * step + 5, size - 1):
+        with (tmp_path / "train.bin").open("r+b") as f:
+            f.seek(where)
+            f.write(b"\1")
+        digests.add(data_digest(tmp_path))
+    (tmp_path / "val.bin").write_bytes(bytes(12))
+    digests.add(data_digest(tmp_path))
+    assert len(digests) == 5
+
+
 def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, preset: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # `train --dataset DIR` prepares DIR's folder again when its files change (with a BPE trained anew): a
@@ -1795,6 +1813,15 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 2
     assert "--data NEW_PLACE" in capsys.readouterr().err
     assert train_in_process("--resume", str(out), "--max-steps", "4", "--data", str(tmp_path / "elsewhere")) == 0
+    # Other tokens in the same numbers (counts alone told them from the run's own): not a continuation of the run.
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(tmp_path / "elsewhere", shuffled)
+    ids = np.fromfile(shuffled / "train.bin", dtype="<u4")
+    ids[::-1].tofile(shuffled / "train.bin")
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(shuffled)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
     # Other text in the same tokenizer: not a continuation of the run.
     other = tmp_path / "other"
     prepare(str(write_corpus(tmp_path / "more", documents=30)), str(tmp_path / "elsewhere"), other,
@@ -1803,13 +1830,20 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
+    # A run from before runs recorded a digest of their data: checked by its counts alone (the shuffled tokens
+    # pass), and the digest recorded from then on.
+    config = json.loads((out / "config.json").read_text())
+    del config["data_digest"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(shuffled)) == 0
+    assert "data_digest" in json.loads((out / "config.json").read_text())
     # A run from before runs recorded what their data holds: not checked, and said so; recorded from then on.
     config = json.loads((out / "config.json").read_text())
-    del config["data_splits"]
+    del config["data_splits"], config["data_digest"]
     (out / "config.json").write_text(json.dumps(config))
-    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 0
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--data", str(other)) == 0
     assert "nothing checks that" in capsys.readouterr().out
-    assert "data_splits" in json.loads((out / "config.json").read_text())
+    assert {"data_splits", "data_digest"} <= json.loads((out / "config.json").read_text()).keys()
 
 
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
