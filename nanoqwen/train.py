@@ -290,7 +290,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
         cfg, preset_name, data, out, changes = resumed_run(args, info)
-        lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
+        lock = claim(out)  # before anything is read that a writer may change
         locks += [lock] if lock else []
         for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
             remove_orphans(real_path(out / folder))  # continue_run compares its step with last/'s)
@@ -299,7 +299,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         check_resumed_data(out, data, info.is_main)
     else:
         preset, cfg, data, out = new_run(args, info)
-        lock = hold_lock(out) if info.is_main else None
+        lock = claim(out)
         locks += [lock] if lock else []
         preset_name, resume_dir, changes = preset.name, None, None
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
@@ -348,9 +348,17 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     check_samples_and_eval(run)
     if resume_dir is not None and changes is not None:
         continue_run(run, resume_dir, changes)
-    elif info.is_main:
-        start_fresh(run)
+    else:
+        on_rank0(partial(start_fresh, run))
     return run
+
+
+def claim(out: Path) -> Any:
+    """Rank 0's lock on the run folder (None on the others). A folder in use stops every rank with rank 0's line:
+    the others would go on alone and crash in their next collective."""
+    held: list[Any] = []
+    on_rank0(lambda: held.append(hold_lock(out)))
+    return held[0] if held else None
 
 
 def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
@@ -394,8 +402,8 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
     rescored_from = run.state.best_step if rescored and run.state.best_val_loss is not None else None
     if rescored_from is not None:
         run.state.best_val_loss, run.state.evals_since_best = None, 0
-    if info.is_main:  # the flags given now hold for later resumes too
-        truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
+    def record_resume() -> None:  # rank 0: the flags given now hold for later resumes too
+        truncate_metrics(out, run.state.step)  # a damaged file stops us here (every rank), with the run unchanged
         truncate_samples(out, run.state.step)
         saved = read_run_config(out)
         saved["train"] = dataclasses.asdict(cfg)
@@ -405,16 +413,21 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         saved.setdefault("data_digest", data_digest(run.data))
         saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
+
+    on_rank0(record_resume)
     best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next
     if best_from is not None and best_from > run.state.step:
         # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
         # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
         run.state.best_val_loss = run.state.best_step = None
         run.state.evals_since_best = 0
-        if info.is_main:
+
+        def remove_best() -> None:  # rank 0
             shutil.rmtree(out / "best")
             print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
                   "this resume goes on from; the next evaluation writes it again", flush=True)
+
+        on_rank0(remove_best)
     if cut and info.is_main:
         print(cut_note, flush=True)
     if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds

@@ -1893,18 +1893,28 @@ def test_a_full_disk_while_saving_is_one_line(data: Path, preset: Path, tmp_path
     assert "no space left on the disk" in err and "\n" not in err
 
 
-def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(data: Path, preset: Path,
+                                                                               tmp_path: Path) -> None:
     # A full disk while rank 0 saved last/ (or wrote metrics.jsonl), or a corpus it alone prepared and refused,
-    # ended rank 0 with its line, and the others in their next collective: a traceback each under gloo, a wait under
-    # NCCL. Now every rank raises rank 0's line.
+    # or a run folder in use that rank 0 alone locks, ended rank 0 with its line, and the others in their next
+    # collective: a traceback each under gloo, a wait under NCCL. Now every rank raises rank 0's line.
     import torch.multiprocessing as mp
 
+    from nanoqwen.io import hold_lock
     from tests.train_helpers import on_rank0_worker
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
+    held = hold_lock(tmp_path / "run")  # another process trains into it
+    try:
+        mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
+    finally:
+        assert held is not None
+        held.close()
     zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert zero["locked"] == one["locked"] and one["locked"][0] == "NanoQwenError" and \
+        "in use by another nanoqwen process" in one["locked"][1]
     assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
     full = f"No space left on device: {tmp_path}/last; free some space or write elsewhere"  # what cli says of it
     assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]
