@@ -471,7 +471,8 @@ def load_train_state(run: Run, last: Path) -> None:
     """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
     try:
         state = json.loads((last / STATE_JSON).read_text())
-        state.pop("train", None)  # the settings it was saved with, read by runs.resumed_run
+        state.pop("train", None)  # the settings and autocast dtype it was saved with, read by runs.resumed_run
+        state.pop("dtype", None)
         if state.pop("version", None) != STATE_VERSION:
             raise ValueError(f"unknown state version in {STATE_JSON}")
         check_json_types(state, typing.get_type_hints(LoopState), str(last / STATE_JSON))
@@ -558,9 +559,9 @@ def save_last(run: Run) -> None:
         with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
             write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
             torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
-            # the settings it was trained with: what a resume compares the flags given to it with
+            # the settings (and autocast dtype) it was trained with: what a resume compares the flags given to it with
             write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state),
-                                          "train": dataclasses.asdict(run.cfg)})
+                                          "train": dataclasses.asdict(run.cfg), "dtype": DTYPE_NAMES[run.amp_dtype]})
 
     on_rank0(write)
 

@@ -16,11 +16,12 @@ import sys
 from datetime import datetime
 from pathlib import Path
 from shlex import quote
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from nanoqwen.checkpoint import (
+    DTYPE_NAMES,
     OWN_TOKENIZER_FIX,
     STATE_JSON,
     STATE_PT,
@@ -42,7 +43,7 @@ from nanoqwen.config import (
     load_preset,
 )
 from nanoqwen.data.loader import check_batch
-from nanoqwen.distributed import DistInfo, from_rank0, on_rank0
+from nanoqwen.distributed import DistInfo, from_rank0, on_rank0, resolve_dtype
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, json_line
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -225,11 +226,21 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
 
 
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
-def resumed_run(args: argparse.Namespace, announce: bool
-                ) -> tuple[TrainConfig, str, Path, Path, list[str], set[str]]:
+class Changes(NamedTuple):
+    """How a resume differs from what last/ was trained with."""
+
+    listed: list[str]
+    """The settings that differ ("batch_size 16 -> 32"; lengths of the run and reporting apart; the autocast
+    dtype too)."""
+    given: set[str]
+    """The names of the settings given anew (now, or by a resume that never saved)."""
+    trained: TrainConfig
+    """The settings last/ was trained with."""
+
+
+def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, str, Path, Path, Changes]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
-    the settings that differ from those last/ was trained with ("batch_size 16 -> 32"; lengths of the run and
-    reporting apart), and the names of the settings given anew (now, or by a resume that never saved)."""
+    and how they differ from those last/ was trained with."""
     out = Path(args.resume or args.out or "")
     if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
@@ -257,7 +268,7 @@ def resumed_run(args: argparse.Namespace, announce: bool
     # Compared with what last/ was trained with, not with config.json: a resume that failed or was killed before
     # its first save has already written its flags there, and they are still changes of the run (a val loss
     # measured otherwise, a new length).
-    before = trained_settings(out / "last") or TrainConfig(**train)
+    before, trained_dtype = trained_settings(out / "last") or (TrainConfig(**train), None)
     given = {name for name in before.__dataclass_fields__
              if getattr(args, name, None) is not None or getattr(cfg, name) != getattr(before, name)}
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
@@ -265,16 +276,25 @@ def resumed_run(args: argparse.Namespace, announce: bool
     unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
-    return cfg, saved["preset"], resumed_data(args, saved, out, announce), out, changed, given
+    # The autocast dtype is a flag, not a setting, but it changes the numbers as much: --dtype given now, or the
+    # device's own where the run never asked for one and resumes on another kind of device. A save from before
+    # last/ recorded it is compared with the dtype the run began in.
+    dtype = DTYPE_NAMES[resolve_dtype(args.dtype, info.device)]
+    trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
+    if trained_dtype and trained_dtype != dtype:
+        changed.append(f"dtype {trained_dtype} -> {dtype}")
+    return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, Changes(changed, given, before)
 
 
-def trained_settings(last: Path) -> TrainConfig | None:
-    """The settings last/ was saved with (its train_state.json), or None where it does not say (a save from
-    before they were recorded; a damaged state, which loading it reports)."""
+def trained_settings(last: Path) -> tuple[TrainConfig, str | None] | None:
+    """The settings last/ was saved with and the autocast dtype it trained in (its train_state.json; the dtype
+    None in a save from before it was recorded), or None where it does not say (a save from before they were
+    recorded; a damaged state, which loading it reports)."""
     try:
-        recorded = json.loads((last / STATE_JSON).read_text())["train"]
-        check_train_types(recorded, str(last / STATE_JSON))
-        return TrainConfig(**recorded)
+        recorded = json.loads((last / STATE_JSON).read_text())
+        check_train_types(recorded["train"], str(last / STATE_JSON))
+        dtype = recorded.get("dtype")
+        return TrainConfig(**recorded["train"]), dtype if isinstance(dtype, str) else None
     except (OSError, ValueError, KeyError, TypeError, NanoQwenError):
         return None
 
@@ -335,6 +355,31 @@ def data_splits(data: Path) -> dict[str, Any]:
     return load_meta(data)["splits"]
 
 
+# A digest of the data reads this many slices of each split, at fixed places (the whole of a smaller file).
+DIGEST_SLICES, DIGEST_SLICE_BYTES = 16, 1 << 16
+
+
+def data_digest(data: Path) -> str:
+    """sha256 of the sizes of train.bin and val.bin and of DIGEST_SLICES slices of each, spread evenly from start
+    to end: other tokens in the same numbers (which the counts of `data_splits` miss) are told apart by 2 MiB read,
+    however many GB the data holds. Not meta.json's fingerprint: that hashes what the folder was made from (where
+    the files were, their times), so the same text prepared again elsewhere would not match it."""
+    from nanoqwen.data.prepare import SPLITS
+
+    digest = hashlib.sha256()
+    for name in SPLITS:
+        with (data / f"{name}.bin").open("rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            digest.update(f"{name} {size}\n".encode())
+            if size <= DIGEST_SLICES * DIGEST_SLICE_BYTES:
+                digest.update(f.read())
+                continue
+            for k in range(DIGEST_SLICES):
+                f.seek(k * (size - DIGEST_SLICE_BYTES) // (DIGEST_SLICES - 1))
+                digest.update(f.read(DIGEST_SLICE_BYTES))
+    return digest.hexdigest()
+
+
 def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
     """The run's data folder may have been prepared again since (`nanoqwen prepare --out` over it), or --data
     may name another: ids from another tokenizer would mean other tokens to this model, and other text would
@@ -354,11 +399,13 @@ def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
                             "continue from the weights on text in the run's tokenizer: nanoqwen train --init-from "
                             f"{quote(str(last))} --dataset {source}")
     recorded = saved.get("data_splits")  # its documents, tokens and bytes: the same text prepared alike
-    if recorded is not None and meta["splits"] != recorded:
+    digest = saved.get("data_digest")  # and its tokens (runs from before it was recorded: the counts alone)
+    if (recorded is not None and meta["splits"] != recorded) or (digest is not None and data_digest(data) != digest):
         how = " (prepared again from other text or settings)" if own_folder else ""
-        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; train on "
-                            f"it from the run's weights instead: nanoqwen train --init-from {quote(str(last))} "
-                            f"--data {quote(str(data))}")
+        elsewhere = "" if own_folder else "give --data the folder it began with, or "
+        raise NanoQwenError(f"cannot resume {out}: {data} holds other data than the run began with{how}; "
+                            f"{elsewhere}train on it from the run's weights instead: nanoqwen train --init-from "
+                            f"{quote(str(last))} --data {quote(str(data))}")
     if recorded is None and not own_folder and announce:
         print(f"note: {out} was made before runs recorded what their data holds, so nothing checks that {data} "
               "is the data it began with", flush=True)
@@ -420,7 +467,7 @@ RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not)
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
     return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
-            "data_splits": data_splits(run.data),  # tells other data from this on resume
+            "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}

@@ -85,9 +85,11 @@ from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.runs import (
+    Changes,
     carried_files,
     check_resumed_data,
     check_seq_len,
+    data_digest,
     data_place,
     data_splits,
     holds_conversations,
@@ -220,6 +222,12 @@ class Run:
         return self.state.fitted_steps or self.cfg.max_steps
 
     @property
+    def fitted_short(self) -> bool:
+        """Whether --fit-to-time ended the schedule short of max_steps: more time trains such a run further (a
+        --max-minutes given to a resume fits the schedule anew, up to max_steps), as more steps do."""
+        return self.state.fitted_steps is not None and self.state.fitted_steps < self.cfg.max_steps
+
+    @property
     def warmup(self) -> int:
         return self.cfg.warmup if self.state.fitted_warmup is None else self.state.fitted_warmup
 
@@ -281,8 +289,8 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
     torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
-        cfg, preset_name, data, out, changed, given = resumed_run(args, info.is_main)
-        lock = hold_lock(out) if info.is_main else None  # before anything is read that a writer may change
+        cfg, preset_name, data, out, changes = resumed_run(args, info)
+        lock = claim(out)  # before anything is read that a writer may change
         locks += [lock] if lock else []
         for folder in ("last", "best"):  # one moved aside by a save that was killed comes back (best/: before
             remove_orphans(real_path(out / folder))  # continue_run compares its step with last/'s)
@@ -291,9 +299,9 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         check_resumed_data(out, data, info.is_main)
     else:
         preset, cfg, data, out = new_run(args, info)
-        lock = hold_lock(out) if info.is_main else None
+        lock = claim(out)
         locks += [lock] if lock else []
-        preset_name, resume_dir, changed, given = preset.name, None, [], set()
+        preset_name, resume_dir, changes = preset.name, None, None
         # A checkpoint's config is whole (its special ids included); a preset's takes the tokenizer's.
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
@@ -338,18 +346,27 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)
-    if resume_dir is not None:
-        continue_run(run, resume_dir, changed, given)
-    elif info.is_main:
-        start_fresh(run)
+    if resume_dir is not None and changes is not None:
+        continue_run(run, resume_dir, changes)
+    else:
+        on_rank0(partial(start_fresh, run))
     return run
 
 
-def continue_run(run: Run, resume_dir: Path, changed: list[str], given: set[str]) -> None:
+def claim(out: Path) -> Any:
+    """Rank 0's lock on the run folder (None on the others). A folder in use stops every rank with rank 0's line:
+    the others would go on alone and crash in their next collective."""
+    held: list[Any] = []
+    on_rank0(lambda: held.append(hold_lock(out)))
+    return held[0] if held else None
+
+
+def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
     """Put a resumed run's training state back, check that it has steps left, and bring its folder to where
-    its last/ stands (metrics, samples, a best/ from replayed steps); `changed`: the settings that differ from
-    last/'s, and `given`: the names of those given anew (now, or by a resume killed before it saved)."""
+    its last/ stands (metrics, samples, a best/ from replayed steps); `changes`: how the resume differs from
+    what last/ was trained with."""
     args, cfg, info, out = run.args, run.cfg, run.info, run.out
+    changed, given = changes.listed, changes.given
     load_train_state(run, resume_dir)
     if args.max_steps is not None and args.max_steps <= run.state.step:
         usable = "last/ and best/ are usable as they are" if (out / "best").is_dir() else "last/ is usable as it is"
@@ -363,39 +380,54 @@ def continue_run(run: Run, resume_dir: Path, changed: list[str], given: set[str]
     if cut:  # as a new run's is: a length (or warmup) set now that ends within the warmup never decayed to min_lr
         cut_note, run.state.fitted_warmup = warmup_cut(run.warmup, run.total_steps), run.total_steps // 2
     if run.state.step >= run.total_steps:
-        raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give --max-steps (more than "
-                            f"{run.state.step}) to train it further")
-    patience = cfg.early_stopping_patience
-    if patience and run.state.evals_since_best >= patience:  # it stopped early
-        if not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
-            raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({patience} evaluations without a "
-                                "better val loss); give --max-steps or --early-stopping-patience to train it further")
-        run.state.evals_since_best = 0  # a fresh patience, or it would stop again at the next evaluation
+        steps = f"--max-steps (more than {run.state.step})"
+        if run.fitted_short:
+            raise NanoQwenError(f"{out} has done all {run.state.step} of its steps that fit in --max-minutes "
+                                f"{cfg.max_minutes:g} (of its {cfg.max_steps}); give --max-minutes M to train it M "
+                                f"minutes more (its schedule fitted anew to them), or {steps}")
+        raise NanoQwenError(f"{out} has done all {run.state.step} of its steps; give {steps} to train it further")
+    trained_patience, patience = changes.trained.early_stopping_patience, cfg.early_stopping_patience
+    stopped_early = bool(trained_patience) and run.state.evals_since_best >= trained_patience
+    if stopped_early and not given & {"max_steps", "early_stopping_patience"}:  # as a run that never stopped ends
+        raise NanoQwenError(f"{out} stopped early at step {run.state.step} ({trained_patience} evaluations without "
+                            "a better val loss); give --max-steps or --early-stopping-patience to train it further")
+    # The count of evaluations without a better val loss goes on: a patience given now counts them as if the run
+    # had had it all along (3 -> 5 after a stop at 3 allows 2 more; one turned on, or lowered, below the count
+    # stops it at its next evaluation without a better val loss). Only a run that stopped early and goes on with
+    # a patience its count already reaches (more --max-steps alone) starts afresh, or it would stop at once.
+    if stopped_early and patience and run.state.evals_since_best >= patience:
+        run.state.evals_since_best = 0
     # A val loss over other targets or windows is no longer comparable with the best so far: best/ starts afresh.
     rescored = [c for c in changed if c.split()[0] in ("loss_on", "seq_len", "eval_windows")]
     rescored_from = run.state.best_step if rescored and run.state.best_val_loss is not None else None
     if rescored_from is not None:
         run.state.best_val_loss, run.state.evals_since_best = None, 0
-    if info.is_main:  # the flags given now hold for later resumes too
-        truncate_metrics(out, run.state.step)  # a damaged file stops us here, with the run unchanged
+    def record_resume() -> None:  # rank 0: the flags given now hold for later resumes too
+        truncate_metrics(out, run.state.step)  # a damaged file stops us here (every rank), with the run unchanged
         truncate_samples(out, run.state.step)
         saved = read_run_config(out)
         saved["train"] = dataclasses.asdict(cfg)
         saved.setdefault("args", {}).update(dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
         saved.update(data_place(run))
-        saved.setdefault("data_splits", data_splits(run.data))  # a run from before it was recorded
+        saved.setdefault("data_splits", data_splits(run.data))  # a run from before they were recorded
+        saved.setdefault("data_digest", data_digest(run.data))
         saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
+
+    on_rank0(record_resume)
     best_from = from_rank0(checkpoint_step(out / "best") if info.is_main else None)  # rank 0 deletes it next
     if best_from is not None and best_from > run.state.step:
         # Written after last/ by a run that was killed: from steps this resume replays (perhaps otherwise).
         # The best recorded before it was overwritten by it, so the next evaluation writes best/ again.
         run.state.best_val_loss = run.state.best_step = None
         run.state.evals_since_best = 0
-        if info.is_main:
+
+        def remove_best() -> None:  # rank 0
             shutil.rmtree(out / "best")
             print(f"removed {out / 'best'}: it held step {best_from}, after last/'s step {run.state.step} that "
                   "this resume goes on from; the next evaluation writes it again", flush=True)
+
+        on_rank0(remove_best)
     if cut and info.is_main:
         print(cut_note, flush=True)
     if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds
@@ -832,7 +864,8 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     # All its steps done: more need a larger --max-steps. An early stop with steps left goes on as planned
     # once asked to (a plain resume of it is refused, as a run that never stopped would have ended there too).
     done = summary["stopped"] == "max_steps" or state.step >= run.total_steps  # a schedule fitted to time too
-    longer = f" --max-steps {state.step * 2}" if done else \
+    longer = f" --max-minutes {run.cfg.max_minutes:g}" if done and run.fitted_short else \
+        f" --max-steps {state.step * 2}" if done else \
         f" --max-steps {run.total_steps}" if summary["stopped"] == "early_stopping" else ""
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "

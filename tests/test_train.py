@@ -34,7 +34,7 @@ from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
-from nanoqwen.runs import truncate_metrics
+from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_schedule
@@ -621,6 +621,7 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
+        assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
 
 
 class FittedRun(SimpleNamespace):
@@ -871,14 +872,22 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     # More steps asked of it: a fresh patience (two more evaluations), not a stop at the next one.
     assert train_in_process("--resume", str(out), "--max-steps", "50") == 0
     assert read_metrics(out)[-1]["step"] == 10
-    assert train_in_process("--resume", str(out), "--max-steps", "12", "--early-stopping-patience", "0") == 0
+    # A patience given now counts the evaluations already without a better val loss, as if the run had had it all
+    # along: 2 -> 3 allows one more, not 3; one turned on (or lowered) below that count stops it at the next one.
+    assert train_in_process("--resume", str(out), "--early-stopping-patience", "3") == 0
+    assert read_metrics(out)[-1]["step"] == 12
+    assert train_in_process("--resume", str(out), "--max-steps", "14", "--early-stopping-patience", "0") == 0
+    assert json.loads((out / "last/train_state.json").read_text())["evals_since_best"] == 4
+    assert train_in_process("--resume", str(out), "--max-steps", "18", "--early-stopping-patience", "2") == 0
+    assert read_metrics(out)[-1]["step"] == 16
+    assert train_in_process("--resume", str(out), "--max-steps", "18", "--early-stopping-patience", "0") == 0
     capsys.readouterr()
     assert train_in_process("--resume", str(out), "--seq-len", "100000") == 2
     err = capsys.readouterr().err.strip()  # a resume takes no --set: the hint is only to lower it
     assert "--seq-len 100000 exceeds the model's context" in err and "--set" not in err, err
     assert train_in_process("--resume", str(out)) == 2  # all its steps done: one line, not a run of 0 steps
     err = capsys.readouterr().err.strip()
-    assert "has done all 12 of its steps; give --max-steps" in err and "\n" not in err
+    assert "has done all 18 of its steps; give --max-steps" in err and "\n" not in err
     out = tmp_path / "capped"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000", "--max-minutes", "0.0001",
                             "--log-interval", "1") == 0
@@ -1056,11 +1065,13 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     config["train"]["micro_batch"] = 8  # as runs of format 1 saved it: read back as "not given"
     del config["format"]
     (out / "config.json").write_text(json.dumps(config))
-    # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later:
+    # A new global batch (the saved micro-batch must not pin the old one) and a rate of 0, saved for later; and
+    # another autocast dtype (a flag, not a setting of the loop, but it changes the numbers as much):
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--batch-size", "4", "--lr", "0",
-                            "--min-lr", "0", "--weight-decay", "0.5") == 0
+                            "--min-lr", "0", "--weight-decay", "0.5", "--dtype", "bf16") == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
     assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
+    assert "dtype float32 -> bfloat16" in note
     # The weight decay given now is the one used (loading the optimizer's state put the saved one back).
     blob = torch.load(out / "last/train_state.pt", weights_only=True)["optimizer"]
     groups = [group for part in blob.get("optimizers", [blob]) for group in part["param_groups"]]
@@ -1068,7 +1079,8 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
-    # No --lr: the saved 0 holds. What reports on the run is no change of it.
+    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run is no
+    # change of it.
     assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard") == 0
     assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
@@ -1660,10 +1672,23 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
 
 def test_a_schedule_fitted_to_time_that_never_binds_stops_at_max_steps(data: Path, preset: Path, tmp_path: Path,
                                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    assert train_in_process(*common(data, preset, tmp_path / "r"), "--max-steps", "8", "--schedule", "wsd",
+    out = tmp_path / "r"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "8", "--schedule", "wsd",
                             "--fit-to-time", "--max-minutes", "30") == 0
     printed = capsys.readouterr().out
     assert "(max_steps)" in printed and "all of --max-steps fit" in printed
+    # As a run whose time fitted 8 of its 10 steps: what trains it further is more time, its schedule fitted anew
+    # (a plain resume, which keeps the fitted length, has no step left).
+    for path in (out / "config.json", out / "last/train_state.json"):
+        saved = json.loads(path.read_text())
+        saved["train"]["max_steps"] = 10
+        path.write_text(json.dumps(saved))
+    assert train_in_process("--resume", str(out)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has done all 8 of its steps that fit in --max-minutes 30" in err and "give --max-minutes" in err, err
+    assert "\n" not in err
+    assert train_in_process("--resume", str(out), "--max-minutes", "30") == 0
+    assert read_metrics(out)[-1]["step"] == 10
 
 
 def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path: Path,
@@ -1731,6 +1756,24 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
     assert checkpoint_step(out / "best") == state["best_step"] == 3  # the next evaluation wrote it again
 
 
+def test_the_data_digest_reads_fixed_slices_of_a_large_split(tmp_path: Path) -> None:
+    # GBs of data are told apart by a few slices: a change in one (the first, one in the middle, the last) or in
+    # the size shows; the rest of the file is not read.
+    size = 4 * DIGEST_SLICES * DIGEST_SLICE_BYTES
+    (tmp_path / "train.bin").write_bytes(bytes(size))
+    (tmp_path / "val.bin").write_bytes(bytes(8))
+    digests = {data_digest(tmp_path)}
+    step = (size - DIGEST_SLICE_BYTES) // (DIGEST_SLICES - 1)
+    for where in (0, 7 * step + 5, size - 1):
+        with (tmp_path / "train.bin").open("r+b") as f:
+            f.seek(where)
+            f.write(b"\1")
+        digests.add(data_digest(tmp_path))
+    (tmp_path / "val.bin").write_bytes(bytes(12))
+    digests.add(data_digest(tmp_path))
+    assert len(digests) == 5
+
+
 def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, preset: Path, tmp_path: Path,
                                                                     capsys: pytest.CaptureFixture[str]) -> None:
     # `train --dataset DIR` prepares DIR's folder again when its files change (with a BPE trained anew): a
@@ -1770,6 +1813,15 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 2
     assert "--data NEW_PLACE" in capsys.readouterr().err
     assert train_in_process("--resume", str(out), "--max-steps", "4", "--data", str(tmp_path / "elsewhere")) == 0
+    # Other tokens in the same numbers (counts alone told them from the run's own): not a continuation of the run.
+    shuffled = tmp_path / "shuffled"
+    shutil.copytree(tmp_path / "elsewhere", shuffled)
+    ids = np.fromfile(shuffled / "train.bin", dtype="<u4")
+    ids[::-1].tofile(shuffled / "train.bin")
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(shuffled)) == 2
+    err = capsys.readouterr().err.strip()
+    assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
     # Other text in the same tokenizer: not a continuation of the run.
     other = tmp_path / "other"
     prepare(str(write_corpus(tmp_path / "more", documents=30)), str(tmp_path / "elsewhere"), other,
@@ -1778,13 +1830,20 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
+    # A run from before runs recorded a digest of their data: checked by its counts alone (the shuffled tokens
+    # pass), and the digest recorded from then on.
+    config = json.loads((out / "config.json").read_text())
+    del config["data_digest"]
+    (out / "config.json").write_text(json.dumps(config))
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(shuffled)) == 0
+    assert "data_digest" in json.loads((out / "config.json").read_text())
     # A run from before runs recorded what their data holds: not checked, and said so; recorded from then on.
     config = json.loads((out / "config.json").read_text())
-    del config["data_splits"]
+    del config["data_splits"], config["data_digest"]
     (out / "config.json").write_text(json.dumps(config))
-    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 0
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--data", str(other)) == 0
     assert "nothing checks that" in capsys.readouterr().out
-    assert "data_splits" in json.loads((out / "config.json").read_text())
+    assert {"data_splits", "data_digest"} <= json.loads((out / "config.json").read_text()).keys()
 
 
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
@@ -1834,18 +1893,28 @@ def test_a_full_disk_while_saving_is_one_line(data: Path, preset: Path, tmp_path
     assert "no space left on the disk" in err and "\n" not in err
 
 
-def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(tmp_path: Path) -> None:
+def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(data: Path, preset: Path,
+                                                                               tmp_path: Path) -> None:
     # A full disk while rank 0 saved last/ (or wrote metrics.jsonl), or a corpus it alone prepared and refused,
-    # ended rank 0 with its line, and the others in their next collective: a traceback each under gloo, a wait under
-    # NCCL. Now every rank raises rank 0's line.
+    # or a run folder in use that rank 0 alone locks, ended rank 0 with its line, and the others in their next
+    # collective: a traceback each under gloo, a wait under NCCL. Now every rank raises rank 0's line.
     import torch.multiprocessing as mp
 
+    from nanoqwen.io import hold_lock
     from tests.train_helpers import on_rank0_worker
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("")
-    mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
+    held = hold_lock(tmp_path / "run")  # another process trains into it
+    try:
+        mp.start_processes(on_rank0_worker, args=(2, str(tmp_path)), nprocs=2, start_method="fork")  # no re-import
+    finally:
+        assert held is not None
+        held.close()
     zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
+    assert zero["locked"] == one["locked"] and one["locked"][0] == "NanoQwenError" and \
+        "in use by another nanoqwen process" in one["locked"][1]
     assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
     full = f"No space left on device: {tmp_path}/last; free some space or write elsewhere"  # what cli says of it
     assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]

@@ -152,15 +152,18 @@ def wandb_runs(run: Path) -> list[WandbRun]:
 
 def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
     """One process of a gloo job (torch.multiprocessing) that has `on_rank0` do work that succeeds, then
-    work that fails on rank 0 as a full disk and as a bug would, then prepares folder/empty (an empty .txt), which
-    rank 0 refuses; what each process met goes to folder/RANK.json."""
+    work that fails on rank 0 as a full disk and as a bug would, then resumes folder/run, which another process
+    holds (rank 0 alone takes its lock), then prepares folder/empty (an empty .txt), which rank 0 refuses; what each
+    process met goes to folder/RANK.json."""
     import errno
 
     import torch.distributed as dist
 
+    from nanoqwen.cli import build_parser
     from nanoqwen.distributed import on_rank0
     from nanoqwen.errors import NanoQwenError
     from nanoqwen.runs import prepared_folder
+    from nanoqwen.train import setup
 
     dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", world_size), rank=rank,
                             world_size=world_size, timeout=timedelta(seconds=4))  # a rank left waiting fails
@@ -174,6 +177,12 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
                 on_rank0(partial(_raise, error))
             except (NanoQwenError, OSError, ValueError) as e:
                 met[name] = [type(e).__name__, str(e)]
+        # a run folder in use, which rank 0 alone finds when it takes the lock (as torchrun's processes see it)
+        os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size))
+        try:
+            setup(build_parser("train").parse_args(["train", "--resume", f"{folder}/run", "--device", "cpu"]))
+        except Exception as e:  # noqa: BLE001 (what each process met, whatever it was)
+            met["locked"] = [type(e).__name__, str(e)]
         # a corpus that rank 0 alone prepares, and refuses
         os.chdir(folder)
         try:
