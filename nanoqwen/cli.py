@@ -23,7 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("nanoqwen.serve.app", "OpenAI-compatible HTTP server with a web page"),
     "init": ("nanoqwen.checkpoint", "write a random-weight checkpoint folder for a preset"),
     "tokenizer": ("nanoqwen.tokenizer_cli", "write the official Qwen3 tokenizer or train a BPE"),
-    "plot": ("nanoqwen.plot", "draw loss.png for a run folder"),
+    "plot": ("nanoqwen.plot", "draw loss.png for a run folder, or several runs' curves in one figure"),
     "gguf": ("nanoqwen.gguf", "write a checkpoint as one GGUF file for llama.cpp, Ollama, LM Studio"),
 }
 # Flags that name files or folders. An empty one is refused up front. tokenizers and safetensors take paths
