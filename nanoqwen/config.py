@@ -273,6 +273,12 @@ class ModelConfig:
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = rope_scaling_of(rope)
+        if values["rope_scaling"] is not None and values["rope_scaling"]["rope_type"] == "yarn" \
+                and d.get("original_max_position_embeddings") is not None:
+            # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3 keeps it there) as YaRN's,
+            # over the one inside rope_scaling.
+            check_json_types(d, {"original_max_position_embeddings": int}, source)
+            values["rope_scaling"]["original_max_position_embeddings"] = d["original_max_position_embeddings"]
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:

@@ -183,6 +183,25 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
     assert str(tmp_path / "config.json") in str(caught.value) and "to run it with plain RoPE" in str(caught.value)
 
 
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path, rope):
+    # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3's place for it) as YaRN's, over
+    # the one in rope_scaling; read as the full 128 positions instead, the ramp and the logits differ.
+    model = Qwen3(tiny_config())
+    scramble(model, seed=5)
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope,
+                                                      "original_max_position_embeddings": 32}))
+    loaded = load_model(tmp_path)
+    assert loaded.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (loaded.eval()(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
+
+
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
     # An untied checkpoint whose config.json omits tie_word_embeddings: Transformers reads it untied (and
     # the rope_theta of rope_parameters over a stale top-level one); so must nanoqwen, or the logits differ.
