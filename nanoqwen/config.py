@@ -215,6 +215,14 @@ class ModelConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise NanoQwenError(f"rope_scaling's partial_rotary_factor {rope['partial_rotary_factor']} is not "
                                 "supported: Qwen3 rotates the whole head (1.0); remove it")
+        if kind == "yarn":  # its ramp takes the logarithms of the betas' ratios and of rope_theta
+            for beta in ("beta_fast", "beta_slow"):
+                if (rope.get(beta) or 1) < 0:  # (0 or null: Transformers' default)
+                    raise NanoQwenError(f"rope_scaling's {beta} must be positive (how many turns a frequency "
+                                        f"makes over the original context), got {rope[beta]}")
+            if self.rope_theta == 1:
+                raise NanoQwenError("YaRN needs a rope_theta other than 1 (its ramp divides by log(rope_theta)); "
+                                    "Qwen3 uses 1000000")
         if rope.get("rope_theta", self.rope_theta) != self.rope_theta:
             raise NanoQwenError(f"rope_scaling's rope_theta {rope['rope_theta']} differs from rope_theta "
                                 f"{self.rope_theta}; give the base frequency once, as rope_theta")

@@ -163,6 +163,10 @@ def test_left_padded_batch_equals_rows_alone():
     ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "keep only rope_type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "32"}}, "beta_fast must be a number"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}}, "rotates the whole head"),
+    # YaRN's ramp takes logarithms of the betas and of rope_theta: one line, not a math domain error
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": -1.0}}, "beta_fast must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_slow": -0.5}}, "beta_slow must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_theta": 1.0}, "YaRN needs a rope_theta other than 1"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
