@@ -215,6 +215,14 @@ class ModelConfig:
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise NanoQwenError(f"rope_scaling's partial_rotary_factor {rope['partial_rotary_factor']} is not "
                                 "supported: Qwen3 rotates the whole head (1.0); remove it")
+        if kind == "yarn":  # its ramp takes the logarithms of the betas' ratios and of rope_theta
+            for beta in ("beta_fast", "beta_slow"):
+                if (rope.get(beta) or 1) < 0:  # (0 or null: Transformers' default)
+                    raise NanoQwenError(f"rope_scaling's {beta} must be positive (how many turns a frequency "
+                                        f"makes over the original context), got {rope[beta]}")
+            if self.rope_theta == 1:
+                raise NanoQwenError("YaRN needs a rope_theta other than 1 (its ramp divides by log(rope_theta)); "
+                                    "Qwen3 uses 1000000")
         if rope.get("rope_theta", self.rope_theta) != self.rope_theta:
             raise NanoQwenError(f"rope_scaling's rope_theta {rope['rope_theta']} differs from rope_theta "
                                 f"{self.rope_theta}; give the base frequency once, as rope_theta")
@@ -273,6 +281,12 @@ class ModelConfig:
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = rope_scaling_of(rope)
+        if values["rope_scaling"] is not None and values["rope_scaling"]["rope_type"] == "yarn" \
+                and d.get("original_max_position_embeddings") is not None:
+            # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3 keeps it there) as YaRN's,
+            # over the one inside rope_scaling.
+            check_json_types(d, {"original_max_position_embeddings": int}, source)
+            values["rope_scaling"]["original_max_position_embeddings"] = d["original_max_position_embeddings"]
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:

@@ -163,6 +163,10 @@ def test_left_padded_batch_equals_rows_alone():
     ({"rope_scaling": {"rope_type": "yarn", "type": "linear", "factor": 2.0}}, "keep only rope_type"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": "32"}}, "beta_fast must be a number"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "partial_rotary_factor": 0.5}}, "rotates the whole head"),
+    # YaRN's ramp takes logarithms of the betas and of rope_theta: one line, not a math domain error
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": -1.0}}, "beta_fast must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_slow": -0.5}}, "beta_slow must be positive"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_theta": 1.0}, "YaRN needs a rope_theta other than 1"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
@@ -181,6 +185,25 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
     with pytest.raises(NanoQwenError, match="RoPE scaling") as caught:
         load_model(tmp_path)
     assert str(tmp_path / "config.json") in str(caught.value) and "to run it with plain RoPE" in str(caught.value)
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
+                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path, rope):
+    # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3's place for it) as YaRN's, over
+    # the one in rope_scaling; read as the full 128 positions instead, the ramp and the logits differ.
+    model = Qwen3(tiny_config())
+    scramble(model, seed=5)
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["rope_parameters"]
+    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope,
+                                                      "original_max_position_embeddings": 32}))
+    loaded = load_model(tmp_path)
+    assert loaded.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (loaded.eval()(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
 
 
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
