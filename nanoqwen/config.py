@@ -485,7 +485,8 @@ class TrainConfig:
     --loss-on assistant the first validation question)."""
     early_stopping_patience: int = 0
     """Stop after this many evaluations without a better val loss (0: never). Given to a resume, it counts those the
-    run has had since its best; a run that stopped early and goes on with more steps starts a fresh count."""
+    run has had since its best; a run that stopped early and goes on with a patience its count already reaches
+    (more --max-steps alone) starts a fresh count."""
     seed: int = 0
     """Seeds the weights, the data order and the samples."""
     log_interval: int = 10

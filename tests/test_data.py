@@ -288,13 +288,15 @@ def test_sharegpt_roles_become_the_templates_and_an_unknown_one_is_named() -> No
 
     # As ShareGPT datasets name them, tool use too (LLaMA-Factory's function_call and observation).
     names = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+             "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",  # raw ShareGPT dumps
              "function_call": "assistant", "observation": "tool", "tool": "tool"}
     record = as_document([{"from": name, "value": name} for name in names], "c.json record 1", CorpusStats())
     assert record.messages == tuple({"role": role, "content": name} for name, role in names.items())
     with pytest.raises(NanoQwenError, match=re.escape(
-            "c.json record 2: turn 2 is from 'bing', which is no ShareGPT role nanoqwen knows; give each turn's "
-            "'from' as one of: system, human, user, gpt, assistant, function_call, observation, tool")):
-        as_document([{"from": "human", "value": "hi"}, {"from": "bing", "value": "hello"}], "c.json record 2",
+            "c.json record 2: turn 2 is from 'function', which is no ShareGPT role nanoqwen knows; give each turn's "
+            "'from' as one of: system, human, user, gpt, assistant, chatgpt, bing, bard, function_call, observation, "
+            "tool")):
+        as_document([{"from": "human", "value": "hi"}, {"from": "function", "value": "hello"}], "c.json record 2",
                     CorpusStats())
 
 

@@ -92,9 +92,11 @@ class CorpusStats:
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
 CHAT_COLUMNS = ("messages", "conversations")
 # ShareGPT's `from` names, as its datasets use them (tool use as LLaMA-Factory's: a function_call turn is the
-# assistant's call, an observation its result), to the roles chat templates know: ChatML writes any role as
-# given, so an unknown name would become a turn no chat or template ever writes.
+# assistant's call, an observation its result; raw ShareGPT dumps name the assistant after the chatbot that
+# answered), to the roles chat templates know: ChatML writes any role as given, so an unknown name would become
+# a turn no chat or template ever writes.
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bing": "assistant", "bard": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 # Keys of a turn besides its content that a chat template may write (Qwen3's writes both).
 WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
