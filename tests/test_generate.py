@@ -120,7 +120,8 @@ def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
     assert main(["sample", "--model", str(checkpoint), "--prompt", "Hello there", "--temperature", "0",
                  "--max-new-tokens", "100000"]) == 0
     context, prompt = 128, len(qwen3_tokenizer().encode("Hello there"))
-    assert f"(--max-new-tokens 100000: at most {context - prompt} fit" in capsys.readouterr().err
+    # The last new token is predicted, never read: context - prompt + 1 fit (see check_fits).
+    assert f"(--max-new-tokens 100000: at most {context - prompt + 1} fit" in capsys.readouterr().err
 
 
 def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path):
