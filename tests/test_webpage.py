@@ -589,14 +589,14 @@ def test_another_model_served_brings_its_own_settings(page) -> None:
 
 
 def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
-    # A completion whose prompt leaves 10 tokens of the context ends after 10 of the 100 asked for: "finish:
-    # length" alone read as if max tokens had been reached.
+    # A completion whose prompt leaves 10 tokens of the context ends after 11 of the 100 asked for (the last is
+    # predicted, never read: see check_fits): "finish: length" alone read as if max tokens had been reached.
     prompt = ("one two three " * 338).rstrip()  # 1,014 tokens of the 1,024
     assert httpx.post(f"{url}/tokenize", json={"prompt": prompt}).json()["count"] == CONTEXT - 10
     page.click("label:has(#mode-completion)")
     page.fill("#max-tokens", "100")
     send_and_wait(page, prompt)
-    assert page.text_content("#stats").startswith("10 tokens")
+    assert page.text_content("#stats").startswith("11 tokens")
     assert page.text_content("#stats").endswith("finish: length (the model's context is full)")
     page.fill("#max-tokens", "5")
     send_and_wait(page, "Once upon a time")  # max tokens reached: the plain reason
