@@ -757,16 +757,27 @@ def test_weight_decay_falls_on_block_matrices_and_on_embeddings_only_if_asked(op
     model = Qwen3(config)
     names = {id(p): name for name, p in model.named_parameters()}
     for decay_embeddings in (False, True):
-        built = build_optimizer(model, optimizer, 1e-3, 0.1, torch.device("cpu"), decay_embeddings)
+        # 0.05: neither torch's AdamW default (0.01) nor its Muon's (0.1), so a value not passed on shows
+        built = build_optimizer(model, optimizer, 1e-3, 0.05, torch.device("cpu"), decay_embeddings)
         decays = {names[id(p)]: group["weight_decay"] for group in built.param_groups for p in group["params"]}
         assert sorted(decays) == sorted(names.values())  # every parameter once (a tied head is the embedding)
         for name, decay in decays.items():
             if "embed_tokens" in name or "lm_head" in name:
-                assert decay == (0.1 if decay_embeddings else 0.0), name
+                assert decay == (0.05 if decay_embeddings else 0.0), name
             elif name.endswith("norm.weight"):
                 assert decay == 0.0, name
             else:
-                assert decay == 0.1 and "proj" in name, name
+                assert decay == 0.05 and "proj" in name, name
+    if optimizer == "muon":  # Moonshot's step size, so one --lr suits the Muon and the AdamW halves
+        assert {g.get("adjust_lr_fn") for g in built.optimizers[0].param_groups} == {"match_rms_adamw"}
+    # One step moves every parameter, and zero_grad clears every gradient (of both optimizers, with Muon).
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    built.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    built.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_low_precision_autocast_trains(data: Path, preset: Path, tmp_path: Path) -> None:
