@@ -164,6 +164,67 @@ def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
     assert not np.array_equal(batch_offsets(3, 5, 8, 16, len(split)), batch_offsets(3, 6, 8, 16, len(split)))
 
 
+# ids of a made-up ChatML vocabulary: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, user 3, assistant 4, "\n" 5
+EOT, IM_START, IM_END, USER, ASSISTANT, NL = range(6)
+CHAT_TURNS = [IM_START, USER, NL, 6, IM_END, NL, IM_START, ASSISTANT, NL, 7, 8, IM_END, NL, EOT]  # 7 8: the reply
+
+
+def made_up_marks() -> Any:
+    from nanoqwen.data.loader import ChatMarks
+
+    return ChatMarks(im_start=IM_START, im_end=IM_END, eot=EOT, assistant=(ASSISTANT,), newline=frozenset({NL}))
+
+
+def test_assistant_targets_do_not_depend_on_processes_or_micro_batch() -> None:
+    # Each process masks its own slice of the step's windows (rank 1 with rank 0's mask trained the user's turns).
+    tokens = np.array(CHAT_TURNS * 40, dtype=np.uint32)
+    split, marks = TokenSplit(tokens, len(tokens)), made_up_marks()
+
+    def targets(world: int, micro: int) -> torch.Tensor:
+        return torch.cat([t for rank in range(world) for _, t in BatchLoader(
+            split, seq_len=6, batch_size=8, micro_batch=micro, seed=1, rank=rank, world_size=world,
+            assistant=marks).micro_batches(4)])
+
+    whole = targets(1, 8)
+    assert 0 < int((whole != -100).sum()) < whole.numel()  # some targets are the assistant's, some not
+    assert set(whole[whole != -100].tolist()) <= {7, 8, IM_END}
+    for world, micro in [(2, 2), (4, 1), (2, 4)]:
+        assert torch.equal(targets(world, micro), whole), (world, micro)
+
+
+def test_a_window_deep_inside_a_long_reply_is_the_assistants() -> None:
+    # The turn a window starts in is searched for up to LOOK_BACK tokens back, over several chunks.
+    from nanoqwen.data.loader import LOOK_BACK_CHUNK, assistant_targets
+
+    reply = [7] * (3 * LOOK_BACK_CHUNK)
+    tokens = np.array([EOT, IM_START, ASSISTANT, NL, *reply, IM_END, NL, EOT], dtype=np.uint32)
+    marks = made_up_marks()
+    assert assistant_targets(tokens, 2 * LOOK_BACK_CHUNK + 100, 7, marks).all()
+    assert assistant_targets(tokens, len(tokens) - 4, 4, marks).tolist() == [True, True, False, False]
+
+
+def test_eval_loss_on_assistant_scores_the_predictions_of_the_assistants_tokens() -> None:
+    from nanoqwen.evaluate import assistant_scoring
+
+    tokens = torch.tensor([EOT, *CHAT_TURNS])  # predictions of tokens[1:]: the reply's 7, 8 and <|im_end|> count
+    bytes_of = SimpleNamespace(text_bytes=lambda ids: 10 * len(ids))
+    scored, num_bytes = assistant_scoring(tokens, made_up_marks(), bytes_of)  # type: ignore[arg-type]
+    assert tokens[1:][scored].tolist() == [7, 8, IM_END] and num_bytes == 30
+
+
+def test_token_ids_from_the_embeddings_size_up_are_refused_and_a_split_needs_a_whole_window() -> None:
+    from nanoqwen.data.loader import check_token_ids
+
+    check_token_ids(np.array([0, 63]), 64, "train.bin")
+    check_token_ids(torch.tensor([], dtype=torch.long), 64, "train.bin")
+    for ids in (np.array([3, 64]), torch.tensor([64])):
+        with pytest.raises(NanoQwenError, match="train.bin holds token id 64, outside the model's 64 embedding rows"):
+            check_token_ids(ids, 64, "train.bin")
+    # a window is seq_len + 1 tokens: a split of seq_len tokens has none
+    with pytest.raises(NanoQwenError, match="has 8 tokens, not more than --seq-len 8"):
+        BatchLoader(TokenSplit(np.arange(8, dtype=np.uint32), 8), seq_len=8, batch_size=2, micro_batch=2, seed=0)
+
+
 # -- whole runs -----------------------------------------------------------------------------------
 CONVERSATIONS = [  # several turns, so windows start inside the user's turns and the assistant's
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "the colour of the sky?"},
