@@ -1635,6 +1635,12 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
     assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
                                                f"the run folder that holds it ({tmp_path})")
+    # A last record cut short (being written, or its run killed) is left out; a whole line that is not JSON is not.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra')
+    assert read_metrics_lenient(tmp_path) == [{"step": 1, "train_loss": 5.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra\n')
+    with pytest.raises(NanoQwenError, match=r"metrics.jsonl:2 is not JSON"):
+        read_metrics_lenient(tmp_path)
 
 
 def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path,
@@ -1698,6 +1704,8 @@ def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     noisy = [5.0 + (-1) ** i for i in range(400)]
     smoothed = smooth(noisy, smoothing_for(len(noisy)))
     assert smoothing_for(400) == 0.9 and max(abs(v - 5.0) for v in smoothed[100:]) < 0.06
+    assert smoothing_for(100) == pytest.approx(0.8)  # a window of a twentieth of the run: 5 records
+    assert smooth([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # bias-corrected: no climb from 0 at the start
 
 
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
@@ -1710,11 +1718,12 @@ def test_plot_leaves_out_losses_that_are_not_finite() -> None:
 
     lines = ['{"step": 1, "train_loss": 5.0, "val_loss": NaN, "tokens": 8}',
              '{"step": 2, "train_loss": NaN, "tokens": 16}', '{"step": 3, "train_loss": Infinity, "tokens": NaN}',
-             '{"step": 4, "train_loss": 4.0, "val_loss": 4.5, "tokens": 32}']
+             '{"step": 4, "train_loss": 4.0, "val_loss": 4.5, "tokens": 32}',
+             '{"step": 5, "val_loss": 4.7, "tokens": 40}']  # not the best: that is step 4's
     records = [json.loads(line) for line in lines]
     train, val = loss_curves(records)
-    assert train == [(1, 5.0), (4, 4.0)] and val == [(4, 4.5)]
-    assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5)])
+    assert train == [(1, 5.0), (4, 4.0)] and val == [(4, 4.5), (5, 4.7)]
+    assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5), (40, 4.7)])
     fig = loss_figure(["r"], [(train, val)], "step")
     assert all(np.isfinite(line.get_ydata()).all() for line in fig.axes[0].get_lines())
     assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
