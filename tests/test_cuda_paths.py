@@ -30,6 +30,9 @@ def test_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch: pytest.M
     assert resolve_dtype(None, CUDA) == (torch.bfloat16 if native else torch.float16)
     assert resolve_dtype("bfloat16", CUDA) == torch.bfloat16  # asked for: emulation still runs it
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    for names, dtype in [(("float32", "fp32"), torch.float32), (("bfloat16", "bf16"), torch.bfloat16),
+                         (("float16", "fp16"), torch.float16)]:  # --dtype's short names are the long ones'
+        assert [resolve_dtype(name, torch.device("cpu")) for name in names] == [dtype, dtype]
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
