@@ -32,7 +32,7 @@ from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
-from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
+from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
@@ -417,6 +417,19 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     assert main(["plot", str(trained), "--out", f"{trained / 'plots'}/"]) == 0  # named as a folder
     assert main(["plot", str(trained), "--out", f"{trained / 'no-such-folder'}/"]) == 2  # not a file of that name
     assert not (trained / "no-such-folder").exists()
+
+
+def test_a_resumed_runs_tensorboard_shows_each_step_once_as_the_resume_logged_it(tmp_path: Path) -> None:
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:  # killed at step 4, its last save at step 2
+        for step in range(1, 5):
+            log.record({"step": step, "train_loss": float(step)})
+    with TensorBoardLog(tmp_path, 2) as log:  # the resume trains steps 3 and 4 again
+        for step in (3, 4):
+            log.record({"step": step, "train_loss": 10.0 + step})
+    got = [(e.step, e.value) for e in tensorboard_events(tmp_path).Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
 
 
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
@@ -829,6 +842,8 @@ def test_weight_decay_falls_on_block_matrices_and_on_embeddings_only_if_asked(op
                 assert decay == 0.0, name
             else:
                 assert decay == 0.05 and "proj" in name, name
+    set_lr(built, 0.123)  # the schedule's rate reaches every group (the embeddings' and the norms' too)
+    assert {group["lr"] for group in built.param_groups} == {0.123}
     if optimizer == "muon":  # Moonshot's step size, so one --lr suits the Muon and the AdamW halves
         assert {g.get("adjust_lr_fn") for g in built.optimizers[0].param_groups} == {"match_rms_adamw"}
     # One step moves every parameter, and zero_grad clears every gradient (of both optimizers, with Muon).
@@ -1690,6 +1705,7 @@ def test_plot_refuses_a_run_given_twice_or_without_the_x_asked_for(tmp_path: Pat
         assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {old / 'metrics.jsonl'} has no {key} "
                                                    "(written by an older nanoqwen); plot it against the step: --x step")
     assert main(["plot", str(new), str(old)]) == 0 and (tmp_path / "runs/compare.png").exists()  # by step it can
+    assert main(["plot", str(new), "--out", str(tmp_path)]) == 0 and (tmp_path / "loss.png").exists()  # into a folder
     capsys.readouterr()
     assert main(["plot", str(new), f"{tmp_path}/runs/./new/"]) == 2  # the same run, spelled otherwise
     assert capsys.readouterr().err.strip() == f"nanoqwen plot: error: {new} is given twice; give each run once"
