@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanoqwen.config import ModelConfig
-from nanoqwen.distributed import resolve_dtype
+from nanoqwen.distributed import resolve_device, resolve_dtype
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer
 
@@ -21,6 +22,19 @@ def claim_gpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
     monkeypatch.setattr(torch.cuda, "device", lambda device: nullcontext())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported",
                         lambda including_emulation=True: native_bf16 or including_emulation)
+
+
+def test_a_device_that_is_not_there_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(NanoQwenError, match="--device cuda was asked for but no CUDA GPU is visible"):
+            resolve_device(name)
+    with pytest.raises(NanoQwenError, match="--device mps was asked for but Apple MPS is not available"):
+        resolve_device("mps")
+    with pytest.raises(NanoQwenError, match="unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("gpu")
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
