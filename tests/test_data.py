@@ -748,6 +748,10 @@ def test_train_bpe_has_every_byte() -> None:
         tok.vocab_size - 3, tok.vocab_size - 2, tok.vocab_size - 1]
     text = "".join(chr(c) for c in range(1, 0x250)) + " 🙂 中文 \x00"
     assert tok.decode(tok.encode(text)) == nfc(text)
+    # bits per byte divide by these: a token holding part of a character counts its own bytes, an added token none
+    ids = tok.encode(text)
+    assert tok.text_bytes([tok.eot_id, *ids, tok.token_id("<|im_end|>")]) == len(nfc(text).encode())
+    assert sum(len(tok.token_bytes(i)) for i in ids) == len(nfc(text).encode())
     with pytest.raises(NanoQwenError, match="at least 259"):
         train_bpe(["x"], 258)
     assert train_bpe(["x"], 259).vocab_size == 259  # the least it names is taken
