@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from nanoqwen.config import ModelConfig
-from nanoqwen.distributed import resolve_dtype
+from nanoqwen.distributed import resolve_device, resolve_dtype
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer
 
@@ -23,6 +24,19 @@ def claim_gpu(monkeypatch: pytest.MonkeyPatch, native_bf16: bool) -> None:
                         lambda including_emulation=True: native_bf16 or including_emulation)
 
 
+def test_a_device_that_is_not_there_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name in ("cuda", "cuda:1"):
+        with pytest.raises(NanoQwenError, match="--device cuda was asked for but no CUDA GPU is visible"):
+            resolve_device(name)
+    with pytest.raises(NanoQwenError, match="--device mps was asked for but Apple MPS is not available"):
+        resolve_device("mps")
+    with pytest.raises(NanoQwenError, match="unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps"):
+        resolve_device("gpu")
+    assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
 def test_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     # Emulated bf16 made the default on a T4 or V100, so the fp16 + GradScaler path never ran there.
@@ -30,6 +44,9 @@ def test_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch: pytest.M
     assert resolve_dtype(None, CUDA) == (torch.bfloat16 if native else torch.float16)
     assert resolve_dtype("bfloat16", CUDA) == torch.bfloat16  # asked for: emulation still runs it
     assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    for names, dtype in [(("float32", "fp32"), torch.float32), (("bfloat16", "bf16"), torch.bfloat16),
+                         (("float16", "fp16"), torch.float16)]:  # --dtype's short names are the long ones'
+        assert [resolve_dtype(name, torch.device("cpu")) for name in names] == [dtype, dtype]
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])

@@ -580,6 +580,42 @@ def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Pa
     assert load_meta(out)["source"] == str(tmp_path / "b.txt") and leftovers(tmp_path) == []
 
 
+def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_path: Path) -> None:
+    from nanoqwen.io import atomic_dir, atomic_file, remove_orphans
+
+    umask = os.umask(0o002)  # group-writable: tells the umask's mode from a fixed 0o644
+    try:
+        with atomic_file(tmp_path / "f.json") as f:
+            f.write("{}")
+        with atomic_dir(tmp_path / "d") as d:
+            (d / "x").write_text("1")
+    finally:
+        os.umask(umask)
+    # mkstemp and mkdtemp make them private (0600, 0700); others must read a checkpoint or a dataset
+    assert (tmp_path / "f.json").stat().st_mode & 0o777 == 0o664
+    assert (tmp_path / "d").stat().st_mode & 0o777 == 0o775
+    with pytest.raises(RuntimeError), atomic_file(tmp_path / "f.json") as f:
+        f.write("half")
+        raise RuntimeError
+    assert (tmp_path / "f.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["d", "f.json"]
+    # keep_existing (a cache): built when missing, kept when there
+    for value in ("1", "2"):
+        with atomic_dir(tmp_path / "cache", keep_existing=True) as d:
+            (d / "v").write_text(value)
+    assert (tmp_path / "cache" / "v").read_text() == "1" and sorted(os.listdir(tmp_path)) == ["cache", "d", "f.json"]
+    # What a killed writer moved aside comes back only where nothing replaced it; else it is removed.
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    for final_there in (True, False):
+        old = tmp_path / f".d.old-{dead}"
+        old.mkdir()
+        (old / "x").write_text("old")
+        if not final_there:
+            shutil.rmtree(tmp_path / "d")
+        remove_orphans(tmp_path / "d")
+        assert (tmp_path / "d" / "x").read_text() == ("1" if final_there else "old") and not old.exists()
+
+
 def leftovers(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if p.name.startswith(".")]
 
@@ -714,8 +750,23 @@ def test_train_bpe_has_every_byte() -> None:
         tok.vocab_size - 3, tok.vocab_size - 2, tok.vocab_size - 1]
     text = "".join(chr(c) for c in range(1, 0x250)) + " 🙂 中文 \x00"
     assert tok.decode(tok.encode(text)) == nfc(text)
+    # bits per byte divide by these: a token holding part of a character counts its own bytes, an added token none
+    ids = tok.encode(text)
+    assert tok.text_bytes([tok.eot_id, *ids, tok.token_id("<|im_end|>")]) == len(nfc(text).encode())
+    assert sum(len(tok.token_bytes(i)) for i in ids) == len(nfc(text).encode())
     with pytest.raises(NanoQwenError, match="at least 259"):
         train_bpe(["x"], 258)
+    assert train_bpe(["x"], 259).vocab_size == 259  # the least it names is taken
+    assert tok.hf_config()["eos_token"] == "<|im_end|>"  # what ends a chat reply in Transformers and vLLM
+
+
+def test_long_runs_are_cut_for_bpe_training_and_none_of_the_text_is_lost() -> None:
+    from nanoqwen.tokenizer import TRAIN_RUN_CHARS, _short_runs
+
+    text = "A" * (2 * TRAIN_RUN_CHARS + 100) + " and the words after it"
+    pieces = list(_short_runs([text, "a short text"]))
+    assert pieces[-1] == "a short text" and "".join(pieces[:-1]) == text
+    assert len(pieces) == 4 and max(len(p) for p in pieces) <= TRAIN_RUN_CHARS + len(" and the words after it")
 
 
 def test_tokenizer_train_command(tmp_path: Path, corpus: tuple[Path, list[str]]) -> None:

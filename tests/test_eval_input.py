@@ -116,6 +116,17 @@ def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path
         result["loss"] * 16 / 0.6931471805599453 / load_tokenizer(checkpoint).text_bytes(train[1:17].tolist()))
 
 
+def test_a_context_up_to_the_models_own_is_taken(checkpoint: Path, tmp_path: Path,
+                                                capsys: pytest.CaptureFixture[str]) -> None:
+    context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
+    (tmp_path / "t.txt").write_text(TEXT * 3)
+    command = ["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--device", "cpu", "--json"]
+    assert main([*command, "--context", str(context)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
+    assert main([*command, "--context", str(context + 1)]) == 2
+    assert f"--context {context + 1} is longer than the model's context ({context} positions)" in one_line(capsys)
+
+
 def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpoint: Path, tmp_path: Path,
                                                                          capsys: pytest.CaptureFixture[str],
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:

@@ -746,6 +746,9 @@ def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_pat
     assert distributed.free_host_memory() > 2**20  # this machine's real figure reads
     checkpoint = checkpoint_with_tokenizer(tmp_path / "ck", VOCAB)
     monkeypatch.setattr(distributed, "free_host_memory", lambda: 8 * 2**30)
+    distributed.check_host_memory(2**30, 4, "a 1B model", processes=2)  # 8 GiB: fits in two processes, not three
+    with pytest.raises(NanoQwenError, match=r"needs at least 12.0 GiB .* bytes in each of 3 processes\)"):
+        distributed.check_host_memory(2**30, 4, "a 1B model", processes=3)
     assert main(["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "qwen3-8b needs at least 30.5 GiB" in err and "8.0 GiB free" in err, err

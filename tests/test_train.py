@@ -32,7 +32,7 @@ from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
-from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, wsd_decay_start
+from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
@@ -162,6 +162,67 @@ def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
     inputs, targets = one.micro_batches(5)[0]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # targets are the inputs shifted by one
     assert not np.array_equal(batch_offsets(3, 5, 8, 16, len(split)), batch_offsets(3, 6, 8, 16, len(split)))
+
+
+# ids of a made-up ChatML vocabulary: <|endoftext|> 0, <|im_start|> 1, <|im_end|> 2, user 3, assistant 4, "\n" 5
+EOT, IM_START, IM_END, USER, ASSISTANT, NL = range(6)
+CHAT_TURNS = [IM_START, USER, NL, 6, IM_END, NL, IM_START, ASSISTANT, NL, 7, 8, IM_END, NL, EOT]  # 7 8: the reply
+
+
+def made_up_marks() -> Any:
+    from nanoqwen.data.loader import ChatMarks
+
+    return ChatMarks(im_start=IM_START, im_end=IM_END, eot=EOT, assistant=(ASSISTANT,), newline=frozenset({NL}))
+
+
+def test_assistant_targets_do_not_depend_on_processes_or_micro_batch() -> None:
+    # Each process masks its own slice of the step's windows (rank 1 with rank 0's mask trained the user's turns).
+    tokens = np.array(CHAT_TURNS * 40, dtype=np.uint32)
+    split, marks = TokenSplit(tokens, len(tokens)), made_up_marks()
+
+    def targets(world: int, micro: int) -> torch.Tensor:
+        return torch.cat([t for rank in range(world) for _, t in BatchLoader(
+            split, seq_len=6, batch_size=8, micro_batch=micro, seed=1, rank=rank, world_size=world,
+            assistant=marks).micro_batches(4)])
+
+    whole = targets(1, 8)
+    assert 0 < int((whole != -100).sum()) < whole.numel()  # some targets are the assistant's, some not
+    assert set(whole[whole != -100].tolist()) <= {7, 8, IM_END}
+    for world, micro in [(2, 2), (4, 1), (2, 4)]:
+        assert torch.equal(targets(world, micro), whole), (world, micro)
+
+
+def test_a_window_deep_inside_a_long_reply_is_the_assistants() -> None:
+    # The turn a window starts in is searched for up to LOOK_BACK tokens back, over several chunks.
+    from nanoqwen.data.loader import LOOK_BACK_CHUNK, assistant_targets
+
+    reply = [7] * (3 * LOOK_BACK_CHUNK)
+    tokens = np.array([EOT, IM_START, ASSISTANT, NL, *reply, IM_END, NL, EOT], dtype=np.uint32)
+    marks = made_up_marks()
+    assert assistant_targets(tokens, 2 * LOOK_BACK_CHUNK + 100, 7, marks).all()
+    assert assistant_targets(tokens, len(tokens) - 4, 4, marks).tolist() == [True, True, False, False]
+
+
+def test_eval_loss_on_assistant_scores_the_predictions_of_the_assistants_tokens() -> None:
+    from nanoqwen.evaluate import assistant_scoring
+
+    tokens = torch.tensor([EOT, *CHAT_TURNS])  # predictions of tokens[1:]: the reply's 7, 8 and <|im_end|> count
+    bytes_of = SimpleNamespace(text_bytes=lambda ids: 10 * len(ids))
+    scored, num_bytes = assistant_scoring(tokens, made_up_marks(), bytes_of)  # type: ignore[arg-type]
+    assert tokens[1:][scored].tolist() == [7, 8, IM_END] and num_bytes == 30
+
+
+def test_token_ids_from_the_embeddings_size_up_are_refused_and_a_split_needs_a_whole_window() -> None:
+    from nanoqwen.data.loader import check_token_ids
+
+    check_token_ids(np.array([0, 63]), 64, "train.bin")
+    check_token_ids(torch.tensor([], dtype=torch.long), 64, "train.bin")
+    for ids in (np.array([3, 64]), torch.tensor([64])):
+        with pytest.raises(NanoQwenError, match="train.bin holds token id 64, outside the model's 64 embedding rows"):
+            check_token_ids(ids, 64, "train.bin")
+    # a window is seq_len + 1 tokens: a split of seq_len tokens has none
+    with pytest.raises(NanoQwenError, match="has 8 tokens, not more than --seq-len 8"):
+        BatchLoader(TokenSplit(np.arange(8, dtype=np.uint32), 8), seq_len=8, batch_size=2, micro_batch=2, seed=0)
 
 
 # -- whole runs -----------------------------------------------------------------------------------
@@ -356,6 +417,19 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     assert main(["plot", str(trained), "--out", f"{trained / 'plots'}/"]) == 0  # named as a folder
     assert main(["plot", str(trained), "--out", f"{trained / 'no-such-folder'}/"]) == 2  # not a file of that name
     assert not (trained / "no-such-folder").exists()
+
+
+def test_a_resumed_runs_tensorboard_shows_each_step_once_as_the_resume_logged_it(tmp_path: Path) -> None:
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:  # killed at step 4, its last save at step 2
+        for step in range(1, 5):
+            log.record({"step": step, "train_loss": float(step)})
+    with TensorBoardLog(tmp_path, 2) as log:  # the resume trains steps 3 and 4 again
+        for step in (3, 4):
+            log.record({"step": step, "train_loss": 10.0 + step})
+    got = [(e.step, e.value) for e in tensorboard_events(tmp_path).Scalars("train/loss")]
+    assert got == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
 
 
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
@@ -757,16 +831,29 @@ def test_weight_decay_falls_on_block_matrices_and_on_embeddings_only_if_asked(op
     model = Qwen3(config)
     names = {id(p): name for name, p in model.named_parameters()}
     for decay_embeddings in (False, True):
-        built = build_optimizer(model, optimizer, 1e-3, 0.1, torch.device("cpu"), decay_embeddings)
+        # 0.05: neither torch's AdamW default (0.01) nor its Muon's (0.1), so a value not passed on shows
+        built = build_optimizer(model, optimizer, 1e-3, 0.05, torch.device("cpu"), decay_embeddings)
         decays = {names[id(p)]: group["weight_decay"] for group in built.param_groups for p in group["params"]}
         assert sorted(decays) == sorted(names.values())  # every parameter once (a tied head is the embedding)
         for name, decay in decays.items():
             if "embed_tokens" in name or "lm_head" in name:
-                assert decay == (0.1 if decay_embeddings else 0.0), name
+                assert decay == (0.05 if decay_embeddings else 0.0), name
             elif name.endswith("norm.weight"):
                 assert decay == 0.0, name
             else:
-                assert decay == 0.1 and "proj" in name, name
+                assert decay == 0.05 and "proj" in name, name
+    set_lr(built, 0.123)  # the schedule's rate reaches every group (the embeddings' and the norms' too)
+    assert {group["lr"] for group in built.param_groups} == {0.123}
+    if optimizer == "muon":  # Moonshot's step size, so one --lr suits the Muon and the AdamW halves
+        assert {g.get("adjust_lr_fn") for g in built.optimizers[0].param_groups} == {"match_rms_adamw"}
+    # One step moves every parameter, and zero_grad clears every gradient (of both optimizers, with Muon).
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    built.step()
+    assert all(not torch.equal(a, p) for a, p in zip(before, model.parameters()))
+    built.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
 
 
 def test_low_precision_autocast_trains(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -1563,6 +1650,12 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
     assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
                                                f"the run folder that holds it ({tmp_path})")
+    # A last record cut short (being written, or its run killed) is left out; a whole line that is not JSON is not.
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra')
+    assert read_metrics_lenient(tmp_path) == [{"step": 1, "train_loss": 5.0}]
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra\n')
+    with pytest.raises(NanoQwenError, match=r"metrics.jsonl:2 is not JSON"):
+        read_metrics_lenient(tmp_path)
 
 
 def test_plot_compares_runs_by_step_tokens_or_time(trained: Path, tmp_path: Path,
@@ -1612,6 +1705,7 @@ def test_plot_refuses_a_run_given_twice_or_without_the_x_asked_for(tmp_path: Pat
         assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {old / 'metrics.jsonl'} has no {key} "
                                                    "(written by an older nanoqwen); plot it against the step: --x step")
     assert main(["plot", str(new), str(old)]) == 0 and (tmp_path / "runs/compare.png").exists()  # by step it can
+    assert main(["plot", str(new), "--out", str(tmp_path)]) == 0 and (tmp_path / "loss.png").exists()  # into a folder
     capsys.readouterr()
     assert main(["plot", str(new), f"{tmp_path}/runs/./new/"]) == 2  # the same run, spelled otherwise
     assert capsys.readouterr().err.strip() == f"nanoqwen plot: error: {new} is given twice; give each run once"
@@ -1626,6 +1720,8 @@ def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     noisy = [5.0 + (-1) ** i for i in range(400)]
     smoothed = smooth(noisy, smoothing_for(len(noisy)))
     assert smoothing_for(400) == 0.9 and max(abs(v - 5.0) for v in smoothed[100:]) < 0.06
+    assert smoothing_for(100) == pytest.approx(0.8)  # a window of a twentieth of the run: 5 records
+    assert smooth([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # bias-corrected: no climb from 0 at the start
 
 
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
@@ -1638,11 +1734,12 @@ def test_plot_leaves_out_losses_that_are_not_finite() -> None:
 
     lines = ['{"step": 1, "train_loss": 5.0, "val_loss": NaN, "tokens": 8}',
              '{"step": 2, "train_loss": NaN, "tokens": 16}', '{"step": 3, "train_loss": Infinity, "tokens": NaN}',
-             '{"step": 4, "train_loss": 4.0, "val_loss": 4.5, "tokens": 32}']
+             '{"step": 4, "train_loss": 4.0, "val_loss": 4.5, "tokens": 32}',
+             '{"step": 5, "val_loss": 4.7, "tokens": 40}']  # not the best: that is step 4's
     records = [json.loads(line) for line in lines]
     train, val = loss_curves(records)
-    assert train == [(1, 5.0), (4, 4.0)] and val == [(4, 4.5)]
-    assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5)])
+    assert train == [(1, 5.0), (4, 4.0)] and val == [(4, 4.5), (5, 4.7)]
+    assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5), (40, 4.7)])
     fig = loss_figure(["r"], [(train, val)], "step")
     assert all(np.isfinite(line.get_ydata()).all() for line in fig.axes[0].get_lines())
     assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
