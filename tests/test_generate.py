@@ -874,9 +874,11 @@ def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):
     assert tokenizer.encode("caf\udce9") == tokenizer.encode("caf\ufffd\ufffd\ufffd")
 
 
-def test_init_command_writes_a_loadable_folder(tmp_path):
+def test_init_command_writes_a_loadable_folder(tmp_path, capsys):
+    from nanoqwen.cli import main
+
     done = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "3",
-                   "--set", "num_hidden_layers=1")
+                   "--set", "num_hidden_layers=1")  # once as users run it; the refusals below in this process
     assert done.returncode == 0, done.stderr
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["num_hidden_layers"] == 1 and config["eos_token_id"] == 151645
@@ -886,22 +888,22 @@ def test_init_command_writes_a_loadable_folder(tmp_path):
     ids = torch.tensor([[1, 2, 3, 4]])
     with torch.no_grad():
         assert (model(ids) - hf(ids).logits).abs().max() <= 1e-4
-    bad = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "num_key_value_heads=3")
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+    capsys.readouterr()
+    assert main(["init", "--preset", "tiny", "--out", str(tmp_path / "x"), "--set", "num_key_value_heads=3"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
     assert not (tmp_path / "x").exists()
     # A folder with weights (trained, downloaded, or an earlier init) keeps them unless --force.
     weights = (tmp_path / "m" / "model.safetensors").read_bytes()
-    again = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "4",
-                    "--set", "num_hidden_layers=1")
-    assert again.returncode == 2 and "already holds a checkpoint's weights" in again.stderr
-    assert len(again.stderr.strip().splitlines()) == 1
+    again = ["init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "4", "--set", "num_hidden_layers=1"]
+    assert main(again) == 2
+    err = capsys.readouterr().err
+    assert "already holds a checkpoint's weights" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
-    forced = run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", "4",
-                     "--set", "num_hidden_layers=1", "--force")
-    assert forced.returncode == 0 and (tmp_path / "m" / "model.safetensors").read_bytes() != weights
+    assert main([*again, "--force"]) == 0 and (tmp_path / "m" / "model.safetensors").read_bytes() != weights
 
 
-def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path):
+def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path, capsys):
+    from nanoqwen.cli import main
     from nanoqwen.data.prepare import prepare
 
     corpus = tmp_path / "corpus"
@@ -922,8 +924,9 @@ def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path):
     assert result["bits_per_byte"] == pytest.approx(
         result["loss"] * result["tokens"] / 0.6931471805599453 / tokenizer.text_bytes(val[1:]), rel=1e-6)
     # ... so a prefix of windows divides by its own text's bytes (they were prorated by tokens)
-    done = run_cli("eval", "--model", str(checkpoint), "--data", str(folder), "--json", "--device", "cpu",
-                   "--max-windows", "1", "--context", "5")
-    prefix = json.loads(done.stdout.strip().splitlines()[-1])
+    capsys.readouterr()
+    assert main(["eval", "--model", str(checkpoint), "--data", str(folder), "--json", "--device", "cpu",
+                 "--max-windows", "1", "--context", "5"]) == 0  # in this process: the command above ran as users run it
+    prefix = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert prefix["tokens"] == 5 and prefix["bits_per_byte"] == pytest.approx(
         prefix["loss"] * 5 / 0.6931471805599453 / tokenizer.text_bytes(val[1:6]), rel=1e-6)

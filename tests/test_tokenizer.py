@@ -113,6 +113,8 @@ def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, 
     assert hf.eos_token == "<|endoftext|>" and hf.model_max_length == 262144
     rendered = hf.apply_chat_template([{"role": "user", "content": "Hi"}], tokenize=False)
     assert rendered == "<|im_start|>user\nHi<|im_end|>\nTHEIRS"
+    if where != "both":  # the rest does not depend on where the template is: checked once
+        return
     # Into a checkpoint: the model's context, so Transformers truncates where the model must (and a longer
     # context set for a model trained on from this checkpoint is not held to this one's).
     for context in (4096, 10**6):

@@ -1058,8 +1058,8 @@ def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_
     def four_gib() -> None:  # a real allocation failure, without touching the machine's memory
         resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
 
-    # 65536 x 32 tokens in one forward pass: far more than 4 GiB of activations, even for this tiny model.
-    command = train_command(*common(data, preset, tmp_path / "run"), "--max-steps", "2", "--batch-size", "65536")
+    # 32768 x 32 tokens in one forward pass: far more than 4 GiB of activations, even for this tiny model.
+    command = train_command(*common(data, preset, tmp_path / "run"), "--max-steps", "2", "--batch-size", "32768")
     done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(),
                           preexec_fn=four_gib)
     assert done.returncode == 2, done.stderr[-2000:]
@@ -1281,22 +1281,30 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
 
 
 COMPILED_ACCUMULATING = ["--compile", "--micro-batch", "2"]  # what a multi-GPU run does by default, traced on CPU
+TORCHRUN_ARGS = ["--max-steps", "8", "--eval-interval", "4"]
+
+
+@pytest.fixture(scope="module")
+def single_process_run(data: Path, preset: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The one-process run every torchrun job is compared with (the same for all of them: trained once)."""
+    single = tmp_path_factory.mktemp("single") / "run"
+    assert train_in_process(*common(data, preset, single), *TORCHRUN_ARGS) == 0
+    return single
 
 
 @pytest.mark.parametrize(("fsdp", "nproc", "extra"),
                          [(False, 2, []), (True, 2, []), (True, 1, []), (False, 2, COMPILED_ACCUMULATING),
                           (True, 2, COMPILED_ACCUMULATING)],
                          ids=["ddp", "fsdp", "fsdp-one", "ddp-compiled-accumulating", "fsdp-compiled-accumulating"])
-def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, tmp_path: Path, fsdp: bool,
-                                                   nproc: int, extra: list[str]) -> None:
+def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, single_process_run: Path,
+                                                   tmp_path: Path, fsdp: bool, nproc: int, extra: list[str]) -> None:
     # nproc 1: a torchrun job of one process still shards with FSDP2 (what a one-GPU machine can check).
     # Compiled, with two micro-batches a step: the model is compiled inside DDP (gradients synced on the last
     # micro-batch only) or under FSDP2, as on GPUs by default; the single process stays eager.
-    args = ["--max-steps", "8", "--eval-interval", "4"]
-    single = tmp_path / "single"
-    assert train_in_process(*common(data, preset, single), *args) == 0
+    single = single_process_run
     multi = tmp_path / "multi"
-    done = run_train(*common(data, preset, multi), *args, *(["--fsdp"] if fsdp else []), *extra, nproc=nproc)
+    done = run_train(*common(data, preset, multi), *TORCHRUN_ARGS, *(["--fsdp"] if fsdp else []), *extra,
+                     nproc=nproc)
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32)" in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
