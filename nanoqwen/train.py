@@ -402,6 +402,7 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
     rescored_from = run.state.best_step if rescored and run.state.best_val_loss is not None else None
     if rescored_from is not None:
         run.state.best_val_loss, run.state.evals_since_best = None, 0
+
     def record_resume() -> None:  # rank 0: the flags given now hold for later resumes too
         truncate_metrics(out, run.state.step)  # a damaged file stops us here (every rank), with the run unchanged
         truncate_samples(out, run.state.step)
@@ -409,8 +410,9 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         saved["train"] = dataclasses.asdict(cfg)
         saved.setdefault("args", {}).update(dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
         saved.update(data_place(run))
-        saved.setdefault("data_splits", data_splits(run.data))  # a run from before they were recorded
-        saved.setdefault("data_digest", data_digest(run.data))
+        if "data_digest" not in saved:  # a run from before they were recorded (else check_resumed_data read it)
+            saved.setdefault("data_splits", data_splits(run.data))
+            saved["data_digest"] = data_digest(run.data)
         saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
 
