@@ -31,7 +31,7 @@ TRANSFORMERS_DEFAULTS: dict[str, Any] = {
 FILE_TYPES: dict[str, Any] = {"eos_token_id": int | list[int] | None, "torch_dtype": str | None,
                               "dtype": str | None, "num_key_value_heads": int | None, "layer_types": list[str] | None}
 ROPE_TYPES: dict[str, Any] = {
-    "rope_type": str, "type": str, "rope_theta": float, "factor": float, "original_max_position_embeddings": int,
+    "rope_type": str, "type": str, "rope_theta": float, "factor": float, "original_max_position_embeddings": float,
     "attention_factor": float | None, "beta_fast": float | None, "beta_slow": float | None, "mscale": float | None,
     "mscale_all_dim": float | None, "truncate": bool | None, "partial_rotary_factor": float | None}
 # The RoPE scalings nanoqwen computes as Transformers does; both are static (the same tables at every length).
@@ -107,7 +107,11 @@ def rope_scaling_of(rope: dict[str, Any] | None) -> dict[str, Any] | None:
     kind = rope_type(rope)
     if kind == "default":
         return None
-    return {"rope_type": kind, **{k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}}
+    settings = {k: v for k, v in rope.items() if k not in ("rope_type", "type", "rope_theta")}
+    original = settings.get("original_max_position_embeddings")
+    if isinstance(original, float) and original.is_integer():  # 32768.0, as some exporters write it
+        settings["original_max_position_embeddings"] = int(original)
+    return {"rope_type": kind, **settings}
 
 
 UNSUPPORTED_ROPE = ("nanoqwen implements plain RoPE and the static scalings \"linear\" and \"yarn\" (not dynamic, "
@@ -210,8 +214,9 @@ class ModelConfig:
         if factor is None or not 0 < factor < math.inf:
             raise NanoQwenError(f"rope_scaling {rope} needs a positive \"factor\": how many times the context it was "
                                 "trained on it stretches to (4.0 takes Qwen3's 32,768 tokens to 131,072)")
-        if original <= 0:
-            raise NanoQwenError(f"rope_scaling's original_max_position_embeddings must be positive, got {original}")
+        if original <= 0 or not float(original).is_integer():
+            raise NanoQwenError(f"rope_scaling's original_max_position_embeddings must be a positive whole number "
+                                f"of positions, got {original}")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise NanoQwenError(f"rope_scaling's partial_rotary_factor {rope['partial_rotary_factor']} is not "
                                 "supported: Qwen3 rotates the whole head (1.0); remove it")
@@ -281,12 +286,12 @@ class ModelConfig:
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = rope_scaling_of(rope)
-        if values["rope_scaling"] is not None and values["rope_scaling"]["rope_type"] == "yarn" \
-                and d.get("original_max_position_embeddings") is not None:
-            # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3 keeps it there) as YaRN's,
-            # over the one inside rope_scaling.
-            check_json_types(d, {"original_max_position_embeddings": int}, source)
-            values["rope_scaling"]["original_max_position_embeddings"] = d["original_max_position_embeddings"]
+        if values["rope_scaling"] is not None and values["rope_scaling"]["rope_type"] == "yarn":
+            # Transformers 5 moves these top-level settings (Phi-3 keeps them there) into YaRN's, over its own.
+            for name in ("original_max_position_embeddings", "partial_rotary_factor"):
+                if d.get(name) is not None:
+                    check_json_types(d, {name: float}, source)
+                    values["rope_scaling"] = rope_scaling_of({**values["rope_scaling"], name: d[name]})
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
         if values.get("torch_dtype") is None:

@@ -187,9 +187,13 @@ def test_scaled_rope_is_refused_not_loaded_as_plain_rope(tmp_path, rope):
     assert str(tmp_path / "config.json") in str(caught.value) and "to run it with plain RoPE" in str(caught.value)
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 4.0},
-                                  {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
-def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path, rope):
+@pytest.mark.parametrize("rope, top_level", [
+    ({"rope_type": "yarn", "factor": 4.0}, 32),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 32),
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}, 32.0),  # as some exporters write it
+    ({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32.0}, None),
+])
+def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path, rope, top_level):
     # Transformers 5 takes a top-level original_max_position_embeddings (Phi-3's place for it) as YaRN's, over
     # the one in rope_scaling; read as the full 128 positions instead, the ramp and the logits differ.
     model = Qwen3(tiny_config())
@@ -197,13 +201,27 @@ def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path
     save_checkpoint(model, tmp_path, tokenizer=None)
     config = json.loads((tmp_path / "config.json").read_text())
     del config["rope_parameters"]
-    (tmp_path / "config.json").write_text(json.dumps({**config, "rope_scaling": rope,
-                                                      "original_max_position_embeddings": 32}))
+    config["rope_scaling"] = rope
+    if top_level is not None:
+        config["original_max_position_embeddings"] = top_level
+    (tmp_path / "config.json").write_text(json.dumps(config))
     loaded = load_model(tmp_path)
     assert loaded.config.rope_scaling == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
     ids = torch.randint(0, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (loaded.eval()(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("top_level, words", [
+    ({"original_max_position_embeddings": 32.5}, "must be a positive whole number of positions, got 32.5"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported: Qwen3 rotates the whole head"),
+])
+def test_a_top_level_yarn_setting_nanoqwen_cannot_compute_is_refused(top_level, words):
+    # Transformers moves both into YaRN's settings: a half-rotated head would be other logits (or none at all).
+    config = {**tiny_config().to_hf_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}, **top_level}
+    del config["rope_parameters"]
+    with pytest.raises(NanoQwenError, match=words):
+        ModelConfig.from_hf_dict(config).validate()
 
 
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):
