@@ -222,7 +222,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
             print(warmup_cut(cfg.warmup, cfg.max_steps), flush=True)
         cfg.warmup = cfg.max_steps // 2
     # Claimed last: nothing after it fails before the caller locks it (a lock released empty removes the folder).
-    return preset, cfg, data, out or default_out(preset.name, info.is_main)
+    return preset, cfg, data, out or default_out(preset.name)
 
 
 # -- a resumed run: its saved settings, and the data it began with --------------------------------
@@ -440,18 +440,23 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
     return Preset(name=file_name_part(display_name(folder)), model=config, train=train)  # runs/NAME-best-TIME
 
 
-def default_out(preset: str, claim: bool) -> Path:
-    """runs/PRESET-TIME, made here (with `claim`: rank 0) so that runs started in the same second, such as a
+def default_out(preset: str) -> Path:
+    """runs/PRESET-TIME, made here (by rank 0 under torchrun) so that runs started in the same second, such as a
     sweep started in the background, each get their own: the second is runs/PRESET-TIME-2."""
-    base, name = f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}", ""
-    for k in range(1, 1000 if claim else 1):
-        name = base if k == 1 else f"{base}-{k}"
-        try:
-            Path(name).mkdir(parents=True)  # atomic: only one process makes it
-            break
-        except FileExistsError:
-            continue
-    return Path(from_rank0(name))  # every rank writes to rank 0's
+    base = f"runs/{preset}-{datetime.now():%Y%m%d-%H%M%S}"
+    made = [base]
+
+    def make() -> None:
+        for k in range(1, 1000):
+            made[0] = base if k == 1 else f"{base}-{k}"
+            try:
+                Path(made[0]).mkdir(parents=True)  # atomic: only one process makes it
+                return
+            except FileExistsError:
+                continue
+
+    on_rank0(make)  # a failure (no permission to write here) stops every rank with its line, not rank 0 alone
+    return Path(from_rank0(made[0]))  # every rank writes to rank 0's
 
 
 # -- the run folder's records ---------------------------------------------------------------------

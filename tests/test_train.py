@@ -535,6 +535,20 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
     assert "[rank1]" not in done.stderr and not out.exists()
 
 
+def test_a_default_run_folder_rank0_cannot_make_stops_every_rank_with_its_line(data: Path, preset: Path,
+                                                                              tmp_path: Path) -> None:
+    # No --out: rank 0 makes runs/PRESET-TIME. Where it cannot (a file named runs), the other rank waited for the
+    # name in a broadcast and died with a traceback when torchrun ended the job.
+    (tmp_path / "runs").write_text("not a folder")
+    command = train_command("--config", str(preset), "--data", str(data), *FAST, "--max-steps", "1", nproc=2)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=240, env=subprocess_env(), cwd=tmp_path,
+                          stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "nanoqwen train: error:" in line]
+    assert len(lines) == 2 and "Not a directory: runs/" in lines[0], done.stderr[-3000:]
+    assert "[rank1]" not in done.stderr and (tmp_path / "runs").read_text() == "not a folder"
+
+
 def test_wandb_project_w_and_b_refuses_is_one_line_before_the_run_starts(data: Path, preset: Path, tmp_path: Path,
                                                                          monkeypatch: pytest.MonkeyPatch,
                                                                          capsys: pytest.CaptureFixture[str]) -> None:
