@@ -233,7 +233,7 @@ def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torc
     """SDPA of (B, H, T, D) queries over (B, K, S, D) keys/values, causal unless a mask is given."""
     T, H, K = q.shape[2], q.shape[1], k.shape[1]
     gqa = H != K
-    if gqa and not sdpa_takes_gqa(q.device.type, sdpa_dtype(q), mask is not None, T):
+    if gqa and not sdpa_takes_gqa(q.device, sdpa_dtype(q), mask is not None, T):
         k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)
         gqa = False
     # With enable_gqa, SDPA maps query head h to kv head h // (H / K) without copying K/V.
@@ -247,16 +247,18 @@ def sdpa_dtype(q: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
 
 
-def sdpa_takes_gqa(device: str, dtype: torch.dtype, masked: bool, tokens: int) -> bool:
+def sdpa_takes_gqa(device: torch.device, dtype: torch.dtype, masked: bool, tokens: int) -> bool:
     """Whether to hand SDPA grouped K/V (enable_gqa) rather than K/V expanded to every query head. On CUDA
-    only the flash kernel takes GQA among the fused ones, and flash takes no float32 and no mask: there SDPA
-    would fall back to its math kernel, which keeps (B, H, T, S) attention weights (O(T^2) memory a layer),
-    so the model expands K/V for the memory-efficient kernel instead. One-token steps attend one row, where
-    the math kernel costs little and an expansion would copy the whole cache each token. CPU's kernels take
-    GQA in every case."""
-    if device != "cuda" or tokens == 1:
+    only the flash kernel takes GQA among the fused ones, and flash takes no float32, no mask, and no GPU older
+    than sm80 (A100; a T4 or V100 has none): there SDPA would fall back to its math kernel, which keeps
+    (B, H, T, S) attention weights (O(T^2) memory a layer), so the model expands K/V for the memory-efficient
+    kernel instead. One-token steps attend one row, where the math kernel costs little and an expansion would
+    copy the whole cache each token. CPU's kernels take GQA in every case."""
+    if device.type != "cuda" or tokens == 1:
         return True
-    return not masked and dtype in (torch.float16, torch.bfloat16)
+    if masked or dtype not in (torch.float16, torch.bfloat16):
+        return False
+    return torch.cuda.get_device_properties(device).major >= 8  # a constant to torch.compile (folded, guarded)
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import dataclasses
 import itertools
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -289,11 +290,18 @@ def test_kv_expanded_for_cudas_kernels_gives_the_same_logits_and_gradients(monke
     """On CUDA, float32 and masked attention expand K/V to every query head (see sdpa_takes_gqa); CPU runs
     the same path when made to, causal and left-padded, forward and backward."""
     from nanoqwen import model as model_module
-    assert model_module.sdpa_takes_gqa("cpu", torch.float32, True, 64)
-    assert model_module.sdpa_takes_gqa("cuda", torch.bfloat16, False, 64)
-    assert not model_module.sdpa_takes_gqa("cuda", torch.float32, False, 64)
-    assert not model_module.sdpa_takes_gqa("cuda", torch.bfloat16, True, 64)
-    assert model_module.sdpa_takes_gqa("cuda", torch.float32, True, 1)  # one-token steps: no cache copy
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert model_module.sdpa_takes_gqa(cpu, torch.float32, True, 64)
+    for major, flash in ((9, True), (8, True), (7, False)):  # H100, A100: flash; V100 and T4 (7.x): none
+        # No GPU here: the device's capability is all the choice reads of it.
+        properties = SimpleNamespace(major=major)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, properties=properties: properties)
+        assert model_module.sdpa_takes_gqa(cuda, torch.bfloat16, False, 64) == flash
+        assert model_module.sdpa_takes_gqa(cuda, torch.float16, False, 64) == flash
+        assert not model_module.sdpa_takes_gqa(cuda, torch.float32, False, 64)
+        assert not model_module.sdpa_takes_gqa(cuda, torch.bfloat16, True, 64)
+        assert model_module.sdpa_takes_gqa(cuda, torch.float32, True, 1)  # one-token steps: no cache copy
+    monkeypatch.undo()
     model = Qwen3(tiny_config())  # two kv heads: a wrong head order would show
     scramble(model, seed=9)
     ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(4))
