@@ -1224,13 +1224,17 @@ def test_cross_origin_pages_are_let_in_only_when_named(checkpoint: Path) -> None
 
     model, tokenizer = load_checkpoint(checkpoint)
     page = "http://localhost:3000"
+    # The headers OpenAI's JavaScript client sends from a browser (dangerouslyAllowBrowser): the preflight
+    # names them all, and one left out of the allowed list blocks every request.
     preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,x-stainless-os,"
+                                                   "x-stainless-retry-count,x-stainless-runtime,x-stainless-timeout"}
     body = {"prompt": "Once", "max_tokens": 2, "temperature": 0}
     with TestClient(create_app(model, tokenizer, "tiny", api_key="k", allow_origins=[page])) as client:
         answer = client.options("/v1/completions", headers=preflight)
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
-        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        allowed = answer.headers["access-control-allow-headers"].lower()
+        assert "authorization" in allowed and "x-stainless-retry-count" in allowed
         answer = client.post("/v1/completions", json=body, headers={"Origin": page, "Authorization": "Bearer k"})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
         refused = client.post("/v1/completions", json=body, headers={"Origin": page})  # the page sees why

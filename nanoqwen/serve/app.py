@@ -556,8 +556,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
     if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
+        # Any request header: OpenAI's JavaScript client sends its own (X-Stainless-*), and a preflight that names
+        # one not allowed blocks the request; which pages may call is what allow_origins decides.
         app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     return app
 
 
