@@ -104,7 +104,15 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
                                           extra_body={"add_generation_prompt": False})
     assert chat.usage.prompt_tokens == bare["count"] < counted
-    for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []}):
+    # Content parts read as their text: a user's text parts, and an assistant's refusal part (OpenAI's client
+    # sends a replayed refusal so), which was refused as "not text".
+    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}]
+    parts = [*messages, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Wh"}, {"type": "text", "text": "y?"}]}]
+    assert httpx.post(f"{url}/tokenize", json={"messages": parts}).json() == \
+        httpx.post(f"{url}/tokenize", json={"messages": plain}).json()
+    for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []},
+                 {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}):
         r = httpx.post(f"{url}/tokenize", json=body)
         assert r.status_code == 400 and r.json()["error"]["message"], body
 

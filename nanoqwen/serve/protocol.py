@@ -7,7 +7,7 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
 `best_of` > 1, a `response_format` other than text, chat's older `functions` and `function_call`, content
-parts other than text.
+parts other than text (an assistant's refusal parts are text: what it said).
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
@@ -136,6 +136,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant's refusal part (OpenAI's): text the model said
 
 
 class ChatMessage(BaseModel):
@@ -145,14 +146,19 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
-        if isinstance(self.content, list):
-            for part in self.content:
-                if part.type != "text" or part.text is None:
-                    what = f"a part of type '{part.type}'" if part.type != "text" else "a text part without 'text'"
-                    raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
-                                        "its content as a string or text parts", "messages")
-            return "".join(part.text or "" for part in self.content)
-        return self.content or ""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            # OpenAI's assistant messages may hold refusal parts besides text ones: what it said, so text too
+            kind = "refusal" if part.type == "refusal" and self.role == "assistant" else "text"
+            said = part.refusal if kind == "refusal" else part.text
+            if part.type != kind or said is None:
+                what = f"a part of type '{part.type}'" if part.type != kind else f"a {kind} part without '{kind}'"
+                raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
+                                    "its content as a string or text parts", "messages")
+            texts.append(said)
+        return "".join(texts)
 
 
 class ChatInput(RequestBody):
