@@ -885,6 +885,12 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
+    # vLLM's spellings of constrained decoding, response_format's kin: refused as it is, not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {"type": "object"}},
+     400, "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "a+"}},
+     400, "structured_outputs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),

@@ -6,8 +6,8 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt first, with its
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
-`best_of` > 1, a `response_format` other than text, chat's older `functions` and `function_call`, content
-parts other than text (an assistant's refusal parts are text: what it said).
+`best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
+`functions` and `function_call`, content parts other than text (an assistant's refusal parts are text: what it said).
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
@@ -71,6 +71,9 @@ class RequestBody(BaseModel):
                                     "which is not text; send valid Unicode", name)
 
 
+GUIDED_DECODING = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
 class SamplingRequest(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -99,10 +102,17 @@ class SamplingRequest(RequestBody):
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's spellings of constrained decoding (response_format's kin): refused as it is, not ignored
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def check_unsupported(self) -> None:
         given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
-                 "response_format": (self.response_format or {}).get("type", "text") != "text"}
+                 "response_format": (self.response_format or {}).get("type", "text") != "text",
+                 **{name: getattr(self, name) is not None for name in GUIDED_DECODING}}
         for name, used in given.items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
