@@ -963,6 +963,11 @@ def test_wrong_methods_say_which_are_allowed(url: str) -> None:
     r = httpx.post(f"{url}/v1/completions", json={"prompt": [True, False]})
     assert r.json()["error"]["message"] == \
         "invalid 'prompt': should be one of: str, list[str], list[int], list[list[int]]"
+    # Bytes that are not UTF-8 say so (FastAPI's own line was "There was an error parsing the body").
+    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "caf\xe9"}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert "UTF-8" in r.json()["error"]["message"]
 
 
 def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> None:

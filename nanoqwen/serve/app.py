@@ -205,7 +205,11 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code,
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+            message = (f"the request body is not valid JSON: it is not UTF-8 text ({exc.__cause__.reason} at byte "
+                       f"{exc.__cause__.start}); send it as UTF-8")
+        return JSONResponse(error_body(message, param=None, code=code), exc.status_code,
                             headers=exc.headers)  # a 405's Allow, for one
 
     @app.exception_handler(RecursionError)  # JSON nested a few hundred deep: too deep to walk, the client's fault
