@@ -885,6 +885,11 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
+    # Audio replies (OpenAI's modalities and audio): this model writes text only
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
+                              "audio": {"voice": "alloy", "format": "wav"}}, 400, "modalities"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "audio": {"voice": "alloy"}}, 400,
+     "audio"),
     # vLLM's spellings of constrained decoding, response_format's kin: refused as it is, not ignored
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {"type": "object"}},
      400, "guided_json"),
@@ -992,7 +997,7 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "echo": None, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,
-                                          stream=None, max_tokens=2)
+                                          stream=None, max_tokens=2, modalities=["text"], audio=None)
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
     # 64 completions in one request is the limit, not past it (5 prompts x 16 is a 400 in BAD_REQUESTS).
     r = client.completions.create(model="tiny", prompt=["a", "b", "c", "d"], n=16, max_tokens=1, temperature=0)

@@ -7,7 +7,8 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
 `best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
-`functions` and `function_call`, content parts other than text (an assistant's refusal parts are text: what it said).
+`functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
+(an assistant's refusal parts are text: what it said).
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
@@ -215,9 +216,16 @@ class ChatRequest(SamplingRequest, ChatInput):
     # constrained decoding, which this server does not do
     functions: list[Any] | None = None  # OpenAI's older spelling of tools: refused with the way to send them
     function_call: Any = None
+    modalities: list[str] | None = None  # OpenAI's ["text", "audio"] asks for a spoken reply too
+    audio: dict[str, Any] | None = None  # the spoken reply's voice and format
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        beyond_text = set(self.modalities or ["text"]) != {"text"}
+        if beyond_text or self.audio is not None:
+            raise APIError(400, "this model writes text only: audio replies are not supported; leave out 'audio' "
+                                "and give 'modalities' as [\"text\"] or not at all",
+                           "modalities" if beyond_text else "audio")
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
