@@ -1184,6 +1184,31 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
 
 
+def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
+    # OpenAI's parallel_tool_calls: false promises one call at most: the later ones are dropped, as vLLM drops
+    # them, streamed or not (it was ignored: every call came back).
+    from nanoqwen.serve.app import chat_message, stream
+    from nanoqwen.serve.engine import Job
+    from nanoqwen.serve.protocol import ChatRequest
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}
+    assert ChatRequest(**body, parallel_tool_calls=False).most_tool_calls() == 1
+    assert ChatRequest(**body, parallel_tool_calls=None).most_tool_calls() is None
+    message, reason = chat_message(TOOL_REPLY, "stop", tools=True, most_calls=1)
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] and reason == "tool_calls"
+
+    async def streamed() -> list[dict]:
+        job = Job(asyncio.get_running_loop(), 1)
+        for event in (Delta(0, TOOL_REPLY[:30]), Delta(0, TOOL_REPLY[30:]), Finished(0, "stop", 9)):
+            job.events.put_nowait(event)
+        chunks = [c async for c in stream(job, {"id": "chatcmpl-x", "created": 0, "model": "m"}, True, 5, False,
+                                          None, tools=True, most_calls=1)]
+        return [json.loads(c.removeprefix("data: ")) for c in chunks[:-1]]
+
+    calls = [call for chunk in asyncio.run(streamed()) for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+
+
 def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
     # The tiny model writes no <tool_call>: its reply to a request with tools is the plain text, streamed alike.
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")

@@ -13,7 +13,8 @@ change the answer and is not implemented is refused with a 400: completions' `su
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
-(`tool_choice` "auto" or "none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
+(`tool_choice` "auto" or "none"; `parallel_tool_calls: false` keeps the first). Other unknown fields are ignored,
+as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
 
@@ -231,8 +232,15 @@ class ChatRequest(SamplingRequest, ChatInput):
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
                                     "as 'tools': [{\"type\": \"function\", \"function\": {...}}]", name)
 
+    parallel_tool_calls: bool | None = None  # false: one call at most
+
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def most_tool_calls(self) -> int | None:
+        """How many of a reply's tool calls it answers (None: all). The model may still write more; the later
+        ones are dropped, as vLLM drops them."""
+        return 1 if self.parallel_tool_calls is False else None
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
@@ -254,10 +262,10 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{(?:(?!</?tool_call>).)*?\})\s*</tool_call>", re.DOTALL)  # within one block
 
 
-def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """A reply's text without its tool calls, and the calls in OpenAI's shape. Qwen3 writes a call as
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format vLLM parses); a block
-    that does not hold such JSON stays in the text, as does an unclosed one (a reply cut at max_tokens)."""
+def split_tool_calls(text: str, most: int | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """A reply's text without its tool calls, and the first `most` calls (None: all) in OpenAI's shape. Qwen3
+    writes a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format vLLM parses);
+    a block that does not hold such JSON stays in the text, as does an unclosed one (a reply cut at max_tokens)."""
     calls: list[dict[str, Any]] = []
 
     def take(match: re.Match[str]) -> str:
@@ -273,7 +281,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
             "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
         return ""
 
-    return TOOL_CALL.sub(take, text), calls
+    return TOOL_CALL.sub(take, text), calls[:most]
 
 
 def reason_with_calls(reason: str) -> str:
@@ -287,7 +295,8 @@ class ToolCallStream:
     to the non-streamed message (`split_tool_calls` of the whole text, whose content is None when it is only
     blanks besides the calls: so blanks that open the reply are held too, until text or the end shows which)."""
 
-    def __init__(self) -> None:
+    def __init__(self, most_calls: int | None = None) -> None:
+        self.most_calls = most_calls  # the calls `finish` gives at most (None: all)
         self.held = ""
         self.calling = False
         self.blank = True  # nothing but blanks sent so far
@@ -312,7 +321,7 @@ class ToolCallStream:
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The text held back, less its calls (nothing, when that and all sent before are blanks besides the
         calls); and the calls."""
-        rest, calls = split_tool_calls(self.held)
+        rest, calls = split_tool_calls(self.held, self.most_calls)
         return ("" if calls and self.blank and not rest.strip() else rest), calls
 
 
