@@ -104,7 +104,15 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
                                           extra_body={"add_generation_prompt": False})
     assert chat.usage.prompt_tokens == bare["count"] < counted
-    for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []}):
+    # Content parts read as their text: a user's text parts, and an assistant's refusal part (OpenAI's client
+    # sends a replayed refusal so), which was refused as "not text".
+    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}]
+    parts = [*messages, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+             {"role": "user", "content": [{"type": "text", "text": "Wh"}, {"type": "text", "text": "y?"}]}]
+    assert httpx.post(f"{url}/tokenize", json={"messages": parts}).json() == \
+        httpx.post(f"{url}/tokenize", json={"messages": plain}).json()
+    for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []},
+                 {"messages": [{"role": "user", "content": [{"type": "refusal", "refusal": "no"}]}]}):
         r = httpx.post(f"{url}/tokenize", json=body)
         assert r.status_code == 400 and r.json()["error"]["message"], body
 
@@ -877,6 +885,17 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "suffix": "end"}, 400, "suffix"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "response_format": {"type": "json_object"}}, 400, "response_format"),
+    # Audio replies (OpenAI's modalities and audio): this model writes text only
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "modalities": ["text", "audio"],
+                              "audio": {"voice": "alloy", "format": "wav"}}, 400, "modalities"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "audio": {"voice": "alloy"}}, 400,
+     "audio"),
+    # vLLM's spellings of constrained decoding, response_format's kin: refused as it is, not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "guided_json": {"type": "object"}},
+     400, "guided_json"),
+    ("/v1/completions", {"prompt": "hi", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "a+"}},
+     400, "structured_outputs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
@@ -949,6 +968,11 @@ def test_wrong_methods_say_which_are_allowed(url: str) -> None:
     r = httpx.post(f"{url}/v1/completions", json={"prompt": [True, False]})
     assert r.json()["error"]["message"] == \
         "invalid 'prompt': should be one of: str, list[str], list[int], list[list[int]]"
+    # Bytes that are not UTF-8 say so (FastAPI's own line was "There was an error parsing the body").
+    r = httpx.post(f"{url}/v1/completions", content=b'{"prompt": "caf\xe9"}',
+                   headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert "UTF-8" in r.json()["error"]["message"]
 
 
 def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> None:
@@ -973,7 +997,7 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "echo": None, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,
-                                          stream=None, max_tokens=2)
+                                          stream=None, max_tokens=2, modalities=["text"], audio=None)
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
     # 64 completions in one request is the limit, not past it (5 prompts x 16 is a 400 in BAD_REQUESTS).
     r = client.completions.create(model="tiny", prompt=["a", "b", "c", "d"], n=16, max_tokens=1, temperature=0)
@@ -1160,6 +1184,31 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
 
 
+def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
+    # OpenAI's parallel_tool_calls: false promises one call at most: the later ones are dropped, as vLLM drops
+    # them, streamed or not (it was ignored: every call came back).
+    from nanoqwen.serve.app import chat_message, stream
+    from nanoqwen.serve.engine import Job
+    from nanoqwen.serve.protocol import ChatRequest
+
+    body = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}
+    assert ChatRequest(**body, parallel_tool_calls=False).most_tool_calls() == 1
+    assert ChatRequest(**body, parallel_tool_calls=None).most_tool_calls() is None
+    message, reason = chat_message(TOOL_REPLY, "stop", tools=True, most_calls=1)
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] and reason == "tool_calls"
+
+    async def streamed() -> list[dict]:
+        job = Job(asyncio.get_running_loop(), 1)
+        for event in (Delta(0, TOOL_REPLY[:30]), Delta(0, TOOL_REPLY[30:]), Finished(0, "stop", 9)):
+            job.events.put_nowait(event)
+        chunks = [c async for c in stream(job, {"id": "chatcmpl-x", "created": 0, "model": "m"}, True, 5, False,
+                                          None, tools=True, most_calls=1)]
+        return [json.loads(c.removeprefix("data: ")) for c in chunks[:-1]]
+
+    calls = [call for chunk in asyncio.run(streamed()) for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
+    assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+
+
 def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
     # The tiny model writes no <tool_call>: its reply to a request with tools is the plain text, streamed alike.
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")
@@ -1224,13 +1273,17 @@ def test_cross_origin_pages_are_let_in_only_when_named(checkpoint: Path) -> None
 
     model, tokenizer = load_checkpoint(checkpoint)
     page = "http://localhost:3000"
+    # The headers OpenAI's JavaScript client sends from a browser (dangerouslyAllowBrowser): the preflight
+    # names them all, and one left out of the allowed list blocks every request.
     preflight = {"Origin": page, "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "authorization,content-type"}
+                 "Access-Control-Request-Headers": "authorization,content-type,x-stainless-lang,x-stainless-os,"
+                                                   "x-stainless-retry-count,x-stainless-runtime,x-stainless-timeout"}
     body = {"prompt": "Once", "max_tokens": 2, "temperature": 0}
     with TestClient(create_app(model, tokenizer, "tiny", api_key="k", allow_origins=[page])) as client:
         answer = client.options("/v1/completions", headers=preflight)
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
-        assert "authorization" in answer.headers["access-control-allow-headers"].lower()
+        allowed = answer.headers["access-control-allow-headers"].lower()
+        assert "authorization" in allowed and "x-stainless-retry-count" in allowed
         answer = client.post("/v1/completions", json=body, headers={"Origin": page, "Authorization": "Bearer k"})
         assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == page
         refused = client.post("/v1/completions", json=body, headers={"Origin": page})  # the page sees why

@@ -205,7 +205,11 @@ def add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return JSONResponse(error_body(str(exc.detail), param=None, code=code), exc.status_code,
+        message = str(exc.detail)
+        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+            message = (f"the request body is not valid JSON: it is not UTF-8 text ({exc.__cause__.reason} at byte "
+                       f"{exc.__cause__.start}); send it as UTF-8")
+        return JSONResponse(error_body(message, param=None, code=code), exc.status_code,
                             headers=exc.headers)  # a 405's Allow, for one
 
     @app.exception_handler(RecursionError)  # JSON nested a few hundred deep: too deep to walk, the client's fault
@@ -284,9 +288,10 @@ async def collect(job: Job) -> tuple[list[str], list[str], int, list[list[TokenL
     return texts, reasons, completion_tokens, logprobs
 
 
-def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], str]:
-    """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out."""
-    content, calls = split_tool_calls(text) if tools else (text, [])
+def chat_message(text: str, reason: str, tools: bool, most_calls: int | None = None) -> tuple[dict[str, Any], str]:
+    """A whole reply as OpenAI's message, and its finish reason; with `tools`, its tool calls parsed out (the
+    first `most_calls` of them, None: all)."""
+    content, calls = split_tool_calls(text, most_calls) if tools else (text, [])
     if not calls:
         return {"role": "assistant", "content": text}, reason
     message = {"role": "assistant", "content": content if content.strip() else None, "tool_calls": calls}
@@ -294,13 +299,13 @@ def chat_message(text: str, reason: str, tools: bool) -> tuple[dict[str, Any], s
 
 
 async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_tokens: int, include_usage: bool,
-                 shape: LogprobShape | None, tools: bool = False) -> AsyncIterator[str]:
+                 shape: LogprobShape | None, tools: bool = False, most_calls: int | None = None) -> AsyncIterator[str]:
     """Server-sent chunks. With `tools`, a choice's text from its first `<tool_call>` on is held back and
-    sent at its end as `tool_calls` (and whatever text lies outside the calls), so the streamed text
-    is the non-streamed message's."""
+    sent at its end as `tool_calls` (the first `most_calls`; and whatever text lies outside the calls), so the
+    streamed text is the non-streamed message's."""
     head = {**head, "object": "chat.completion.chunk" if chat else "text_completion"}
     extra = {"usage": None} if include_usage else {}
-    calls_out = [ToolCallStream() for _ in range(job.choices)] if tools else []
+    calls_out = [ToolCallStream(most_calls) for _ in range(job.choices)] if tools else []
 
     def chunk(index: int, text: str | None, reason: str | None, role: bool = False,
               entries: list[TokenLogprob] | None = None) -> str:
@@ -434,7 +439,7 @@ class Service:
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
                       params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False,
-                      echo: bool = False
+                      echo: bool = False, most_calls: int | None = None
                       ) -> Response:
         if body.n * len(prompts) > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
@@ -450,7 +455,7 @@ class Service:
         prompt_tokens = sum(len(p) for p in prompts)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return EventStream(stream(job, head, chat, prompt_tokens, include_usage, shape, tools),
+            return EventStream(stream(job, head, chat, prompt_tokens, include_usage, shape, tools, most_calls),
                                on_close=job.cancel)
         collector = asyncio.create_task(collect(job))
         watcher = asyncio.create_task(client_gone(request))
@@ -467,7 +472,7 @@ class Service:
         choices: list[dict[str, Any]] = []
         for i, (text, reason, entries) in enumerate(zip(texts, reasons, logprobs)):
             if chat:
-                message, reason = chat_message(text, reason, tools)
+                message, reason = chat_message(text, reason, tools, most_calls)
                 choice: dict[str, Any] = {"index": i, "message": message}
             else:
                 choice = {"index": i, "text": text}
@@ -531,7 +536,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         service.check_prompt_fits(prompt, "messages")
         params = service.request_sampling(body, body.max_completion_tokens or body.max_tokens)
         return await service.respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
-                                     tools=body.parses_tool_calls())
+                                     tools=body.parses_tool_calls(), most_calls=body.most_tool_calls())
 
     @app.post("/tokenize")
     async def tokenize(body: TokenizeRequest) -> dict[str, Any]:
@@ -556,8 +561,10 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
     if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
+        # Any request header: OpenAI's JavaScript client sends its own (X-Stainless-*), and a preflight that names
+        # one not allowed blocks the request; which pages may call is what allow_origins decides.
         app.add_middleware(CORSMiddleware, allow_origins=allow_origins, allow_methods=["GET", "POST"],
-                           allow_headers=["Authorization", "Content-Type"])
+                           allow_headers=["*"])
     return app
 
 

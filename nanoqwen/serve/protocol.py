@@ -6,13 +6,15 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt first, with its
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
-`best_of` > 1, a `response_format` other than text, chat's older `functions` and `function_call`, content
-parts other than text.
+`best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
+`functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
+(an assistant's refusal parts are text: what it said).
 `top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
-(`tool_choice` "auto" or "none"). Other unknown fields are ignored, as OpenAI-compatible servers commonly do.
+(`tool_choice` "auto" or "none"; `parallel_tool_calls: false` keeps the first). Other unknown fields are ignored,
+as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
 
@@ -71,6 +73,9 @@ class RequestBody(BaseModel):
                                     "which is not text; send valid Unicode", name)
 
 
+GUIDED_DECODING = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+
+
 class SamplingRequest(RequestBody):
     """Fields shared by /v1/completions and /v1/chat/completions."""
 
@@ -99,10 +104,17 @@ class SamplingRequest(RequestBody):
     best_of: int | None = Field(default=None, ge=1)
     suffix: str | None = None
     response_format: dict[str, Any] | None = None
+    # vLLM's spellings of constrained decoding (response_format's kin): refused as it is, not ignored
+    guided_json: Any = None
+    guided_regex: Any = None
+    guided_choice: Any = None
+    guided_grammar: Any = None
+    structured_outputs: Any = None
 
     def check_unsupported(self) -> None:
         given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
-                 "response_format": (self.response_format or {}).get("type", "text") != "text"}
+                 "response_format": (self.response_format or {}).get("type", "text") != "text",
+                 **{name: getattr(self, name) is not None for name in GUIDED_DECODING}}
         for name, used in given.items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
@@ -136,6 +148,7 @@ class ContentPart(BaseModel):
 
     type: str
     text: str | None = None
+    refusal: str | None = None  # an assistant's refusal part (OpenAI's): text the model said
 
 
 class ChatMessage(BaseModel):
@@ -145,14 +158,19 @@ class ChatMessage(BaseModel):
     content: str | list[ContentPart] | None = None
 
     def text(self, index: int) -> str:
-        if isinstance(self.content, list):
-            for part in self.content:
-                if part.type != "text" or part.text is None:
-                    what = f"a part of type '{part.type}'" if part.type != "text" else "a text part without 'text'"
-                    raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
-                                        "its content as a string or text parts", "messages")
-            return "".join(part.text or "" for part in self.content)
-        return self.content or ""
+        if not isinstance(self.content, list):
+            return self.content or ""
+        texts = []
+        for part in self.content:
+            # OpenAI's assistant messages may hold refusal parts besides text ones: what it said, so text too
+            kind = "refusal" if part.type == "refusal" and self.role == "assistant" else "text"
+            said = part.refusal if kind == "refusal" else part.text
+            if part.type != kind or said is None:
+                what = f"a part of type '{part.type}'" if part.type != kind else f"a {kind} part without '{kind}'"
+                raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
+                                    "its content as a string or text parts", "messages")
+            texts.append(said)
+        return "".join(texts)
 
 
 class ChatInput(RequestBody):
@@ -199,16 +217,30 @@ class ChatRequest(SamplingRequest, ChatInput):
     # constrained decoding, which this server does not do
     functions: list[Any] | None = None  # OpenAI's older spelling of tools: refused with the way to send them
     function_call: Any = None
+    modalities: list[str] | None = None  # OpenAI's ["text", "audio"] asks for a spoken reply too
+    audio: dict[str, Any] | None = None  # the spoken reply's voice and format
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
+        beyond_text = set(self.modalities or ["text"]) != {"text"}
+        if beyond_text or self.audio is not None:
+            raise APIError(400, "this model writes text only: audio replies are not supported; leave out 'audio' "
+                                "and give 'modalities' as [\"text\"] or not at all",
+                           "modalities" if beyond_text else "audio")
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
                                     "as 'tools': [{\"type\": \"function\", \"function\": {...}}]", name)
 
+    parallel_tool_calls: bool | None = None  # false: one call at most
+
     def parses_tool_calls(self) -> bool:
         return bool(self.tools) and self.tool_choice != "none"
+
+    def most_tool_calls(self) -> int | None:
+        """How many of a reply's tool calls it answers (None: all). The model may still write more; the later
+        ones are dropped, as vLLM drops them."""
+        return 1 if self.parallel_tool_calls is False else None
 
     def logprobs_count(self) -> int | None:
         """None when no logprobs are asked for, else how many alternatives per token."""
@@ -230,10 +262,10 @@ TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL = re.compile(r"<tool_call>\s*(\{(?:(?!</?tool_call>).)*?\})\s*</tool_call>", re.DOTALL)  # within one block
 
 
-def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
-    """A reply's text without its tool calls, and the calls in OpenAI's shape. Qwen3 writes a call as
-    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format vLLM parses); a block
-    that does not hold such JSON stays in the text, as does an unclosed one (a reply cut at max_tokens)."""
+def split_tool_calls(text: str, most: int | None = None) -> tuple[str, list[dict[str, Any]]]:
+    """A reply's text without its tool calls, and the first `most` calls (None: all) in OpenAI's shape. Qwen3
+    writes a call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` (the Hermes format vLLM parses);
+    a block that does not hold such JSON stays in the text, as does an unclosed one (a reply cut at max_tokens)."""
     calls: list[dict[str, Any]] = []
 
     def take(match: re.Match[str]) -> str:
@@ -249,7 +281,7 @@ def split_tool_calls(text: str) -> tuple[str, list[dict[str, Any]]]:
             "arguments": arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)}})
         return ""
 
-    return TOOL_CALL.sub(take, text), calls
+    return TOOL_CALL.sub(take, text), calls[:most]
 
 
 def reason_with_calls(reason: str) -> str:
@@ -263,7 +295,8 @@ class ToolCallStream:
     to the non-streamed message (`split_tool_calls` of the whole text, whose content is None when it is only
     blanks besides the calls: so blanks that open the reply are held too, until text or the end shows which)."""
 
-    def __init__(self) -> None:
+    def __init__(self, most_calls: int | None = None) -> None:
+        self.most_calls = most_calls  # the calls `finish` gives at most (None: all)
         self.held = ""
         self.calling = False
         self.blank = True  # nothing but blanks sent so far
@@ -288,7 +321,7 @@ class ToolCallStream:
     def finish(self) -> tuple[str, list[dict[str, Any]]]:
         """The text held back, less its calls (nothing, when that and all sent before are blanks besides the
         calls); and the calls."""
-        rest, calls = split_tool_calls(self.held)
+        rest, calls = split_tool_calls(self.held, self.most_calls)
         return ("" if calls and self.blank and not rest.strip() else rest), calls
 
 
