@@ -42,6 +42,10 @@ TIED_HEAD_KEY, EMBEDDING_KEY = "lm_head.weight", "model.embed_tokens.weight"
 # another layout loads its new weights past the stale index (or file) the old save left behind.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# What a state_dict saved through a wrapper, not from the model itself, starts every name with.
+WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel"}
+# The top-level parts of Qwen3Model (a base model without the head), whose names lack the `model.` prefix.
+HEADLESS_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")  # (an old save's RoPE buffer)
 
 
 def vocab_rows(tokenizer: Tokenizer) -> int:
@@ -298,7 +302,12 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
     own = own or config
     described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config == own else \
         ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
-    if state and not any(key.startswith("model.") for key in state):  # saved from Qwen3Model: no prefix, no head
+    for prefix, wrapper in WRAPPER_PREFIXES.items():  # Transformers reads none of such names: random weights
+        if state and all(key.startswith(prefix) for key in state):
+            raise NanoQwenError(f"{directory}: every weight's name starts with {prefix!r}, as {wrapper} names them, "
+                                "which Transformers does not read; save the unwrapped model's weights (model."
+                                f"{prefix[:-1]}.state_dict()), or remove {prefix!r} from the names")
+    if state and all(key.split(".")[0] in HEADLESS_PARTS for key in state):  # saved from Qwen3Model: no head
         if not config.tie_word_embeddings:
             raise NanoQwenError(f"{directory} is a headless base model (Qwen3Model: no 'model.' prefix, no lm_head) "
                                 "with untied embeddings, so it has no output layer; use its Qwen3ForCausalLM "

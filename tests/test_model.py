@@ -596,6 +596,22 @@ def test_headless_base_model_folder(tmp_path, tied):
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("prefix, wrapper", [("_orig_mod.", "torch.compile"), ("module.", "DistributedDataParallel")])
+def test_weights_saved_through_a_wrapper_are_named_as_they_are(tmp_path, tied, prefix, wrapper):
+    # A wrapped model's state_dict saved as is: Transformers reads none of those names (random weights), so it is
+    # refused, by the names the file holds (not taken for a headless base model and given a `model.` prefix).
+    model = Qwen3(tiny_config(tie_word_embeddings=tied))
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({prefix + k: v for k, v in weights.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    message = str(caught.value)
+    assert f"'{prefix}" in message and wrapper in message and "headless" not in message and "'model." + prefix \
+        not in message and "\n" not in message, message
+
+
 def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300, **changes):
     from nanoqwen.tokenizer import train_bpe
 
