@@ -153,6 +153,7 @@ def test_left_padded_batch_equals_rows_alone():
     ({"head_dim": 15}, "head_dim must be even"),
     ({"hidden_size": 0}, "positive integer"),
     ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not Qwen3's; .*give hidden_act \"silu\""),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps must be >= 0"),
     ({"attention_dropout": 1.0}, "attention_dropout must be in"),
     ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
@@ -688,10 +689,12 @@ def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
 
 
 def test_config_values_transformers_reads_load_alike(tmp_path):
-    # Transformers takes an empty eos list as no eos id and a null num_key_value_heads as one per head.
+    # Transformers takes an empty eos list as no eos id, a null num_key_value_heads as one per head, and "swish"
+    # as another name of silu.
     save_checkpoint(Qwen3(tiny_config(num_key_value_heads=4)), tmp_path, tokenizer=None)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [], "num_key_value_heads": None}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [], "num_key_value_heads": None,
+                                                      "hidden_act": "swish"}))
     loaded = read_config(tmp_path)
     assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
 
