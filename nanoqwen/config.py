@@ -273,6 +273,10 @@ class ModelConfig:
             part = d.get(key)
             if part is not None and not isinstance(part, dict):
                 raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
+            if part and not {"rope_type", "type"} & part.keys() and any(isinstance(v, dict) for v in part.values()):
+                raise NanoQwenError(f"{source}: {key} gives a RoPE per layer type ({', '.join(part)}), which Qwen3 "
+                                    "does not have (one for every layer; Transformers' Qwen3 fails on it too); give "
+                                    "one object, such as {\"rope_type\": \"default\", \"rope_theta\": 1000000.0}")
             check_rope_types(key, part, source)
             try:
                 kind = rope_type(part)

@@ -677,6 +677,8 @@ def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp
     ("rms_norm_eps", "1e-6"), ("rms_norm_eps", None), ("rope_theta", None), ("initializer_range", "0.02"),
     ("attention_dropout", None), ("tie_word_embeddings", "false"), ("num_hidden_layers", True),
     ("eos_token_id", [None]), ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}),
+    # RoPE per layer type (Transformers 5's nested form): Qwen3 has one; read as plain RoPE it was dropped unsaid.
+    ("rope_parameters", {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}),
 ])
 def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
     save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
