@@ -174,6 +174,8 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():
+        if (directory / "adapter_config.json").is_file():  # peft's save of a LoRA (or other) fine-tune
+            raise adapter_folder(directory)
         if (directory / "meta.json").is_file() and (directory / "train.bin").is_file():
             raise NanoQwenError(f"{directory} is a prepared data folder, not a model; train one on it (nanoqwen "
                                 f"train --data {quote(str(directory))}) and give its checkpoint, runs/NAME/best")
@@ -200,12 +202,28 @@ def read_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(raw, str(path))
 
 
+def adapter_folder(directory: Path) -> NanoQwenError:
+    """The refusal of a PEFT adapter folder: only the changes to a base model, which Transformers (with peft
+    installed) merges into that model as it loads; nanoqwen reads whole models."""
+    try:
+        adapter = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter = {}
+    adapter = adapter if isinstance(adapter, dict) else {}
+    kind, base = adapter.get("peft_type", "?"), adapter.get("base_model_name_or_path") or "its base model"
+    return NanoQwenError(f"{directory} is a PEFT adapter ({kind}) of {base}, not a whole model; merge it into that "
+                         "model with peft (PeftModel.from_pretrained(BASE, ADAPTER).merge_and_unload()"
+                         ".save_pretrained(NEW_DIR)) and give NEW_DIR")
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The files holding the weights: the first of WEIGHT_FILES present, an index standing for its shards."""
     for name in WEIGHT_FILES:
         path = directory / name
         if path.exists():
             return shard_files(path) if name.endswith(".index.json") else [path]
+    if (directory / "adapter_config.json").is_file():  # an adapter saved beside its base model's config.json
+        raise adapter_folder(directory)
     raise NanoQwenError(f"{directory} has no model.safetensors or pytorch_model.bin (nor a sharded index of "
                         "either); is it a complete checkpoint?")
 

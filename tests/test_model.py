@@ -833,6 +833,17 @@ def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
     with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
                                             "give the folder that holds"):
         read_config(folder)
+    # A LoRA fine-tune's adapter (what peft saves): the weights it changes, not a model; say how to make one.
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
+                                                            "Qwen/Qwen3-0.6B"}))
+    with pytest.raises(NanoQwenError, match="is a PEFT adapter .LORA. of Qwen/Qwen3-0.6B, not a whole model; merge "
+                                            "it into that model") as caught:
+        read_config(folder)
+    assert "merge_and_unload()" in str(caught.value) and "\n" not in str(caught.value)
+    (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")  # some saves add the base's config
+    (folder / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
+    with pytest.raises(NanoQwenError, match="is a PEFT adapter .LORA. of Qwen/Qwen3-0.6B"):
+        load_model(folder)
 
 
 @pytest.mark.parametrize("item, words", [
