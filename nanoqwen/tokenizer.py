@@ -400,9 +400,23 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
+    check_added_tokens(tokenizer, config, directory)
     if jinja is not None:
         config["chat_template"] = jinja
     return Tokenizer(tokenizer, config)
+
+
+def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory: Path) -> None:
+    """Every token tokenizer_config.json's added_tokens_decoder names must be in tokenizer.json: Transformers adds
+    the ones that are not (a hand-edited config) as it loads, so here their text would split into other ids."""
+    added = config.get("added_tokens_decoder")
+    for token_id, token in (added.items() if isinstance(added, dict) else ()):
+        content = token.get("content") if isinstance(token, dict) else None
+        if isinstance(content, str) and tokenizer.token_to_id(content) is None:
+            raise NanoQwenError(f"{directory}: tokenizer_config.json adds {content} (id {token_id}), which "
+                                "tokenizer.json lacks; Transformers adds it as it loads, nanoqwen reads "
+                                "tokenizer.json: write both alike with "
+                                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
 
 
 @lru_cache(maxsize=1)

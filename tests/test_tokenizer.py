@@ -93,6 +93,20 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
 
 
+def test_a_token_only_tokenizer_config_adds_is_refused_not_split(official, tmp_path):
+    # Transformers adds the tokens of added_tokens_decoder that tokenizer.json lacks (a hand-edited config); read
+    # without them, their text would be split into other ids. One line, saying how to write the two files alike.
+    official.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["added_tokens_decoder"]["151669"] = {"content": "<|my_tok|>", "special": True}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(NanoQwenError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    assert "tokenizer_config.json adds <|my_tok|> (id 151669), which tokenizer.json lacks" in message, message
+    assert "save_pretrained" in message and "\n" not in message
+
+
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "both"])
 def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, where):
     # As official Qwen3 Base folders come: their own template (thinking, tools) and <|endoftext|> as eos.
