@@ -406,17 +406,32 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     return Tokenizer(tokenizer, config)
 
 
+# An added token's flags that change how text around it is split (`special` only changes what decoding skips).
+SPLITTING_FLAGS = ("lstrip", "rstrip", "normalized", "single_word")
+
+
 def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory: Path) -> None:
-    """Every token tokenizer_config.json's added_tokens_decoder names must be in tokenizer.json: Transformers adds
-    the ones that are not (a hand-edited config) as it loads, so here their text would split into other ids."""
+    """tokenizer_config.json's added_tokens_decoder must say what tokenizer.json says: Transformers takes the config's
+    word, adding the tokens tokenizer.json lacks (a hand-edited config) and splitting around them as its flags say,
+    so here the same text would give other ids."""
     added = config.get("added_tokens_decoder")
+    fix = "write both alike with AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+    own = tokenizer.get_added_tokens_decoder()
     for token_id, token in (added.items() if isinstance(added, dict) else ()):
         content = token.get("content") if isinstance(token, dict) else None
-        if isinstance(content, str) and tokenizer.token_to_id(content) is None:
+        if not isinstance(content, str):
+            continue
+        found = tokenizer.token_to_id(content)
+        if found is None:
             raise NanoQwenError(f"{directory}: tokenizer_config.json adds {content} (id {token_id}), which "
                                 "tokenizer.json lacks; Transformers adds it as it loads, nanoqwen reads "
-                                "tokenizer.json: write both alike with "
-                                "AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)")
+                                f"tokenizer.json: {fix}")
+        for flag in SPLITTING_FLAGS if found in own else ():
+            given, kept = token.get(flag), getattr(own[found], flag)
+            if isinstance(given, bool) and given != kept:
+                raise NanoQwenError(f"{directory}: tokenizer_config.json gives {content} {flag} {json.dumps(given)}, "
+                                    f"tokenizer.json {json.dumps(kept)}; Transformers splits text by the first, "
+                                    f"nanoqwen by the second: {fix}")
 
 
 @lru_cache(maxsize=1)

@@ -93,18 +93,24 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
 
 
-def test_a_token_only_tokenizer_config_adds_is_refused_not_split(official, tmp_path):
-    # Transformers adds the tokens of added_tokens_decoder that tokenizer.json lacks (a hand-edited config); read
-    # without them, their text would be split into other ids. One line, saying how to write the two files alike.
+@pytest.mark.parametrize("token_id, entry, words", [
+    ("151669", {"content": "<|my_tok|>", "special": True}, "adds <|my_tok|> (id 151669), which tokenizer.json lacks"),
+    ("151644", {"content": "<|im_start|>", "lstrip": True, "rstrip": False, "special": True},
+     "gives <|im_start|> lstrip true, tokenizer.json false"),
+])
+def test_added_tokens_tokenizer_config_gives_otherwise_are_refused(official, tmp_path, token_id, entry, words):
+    # Transformers takes tokenizer_config.json's added_tokens_decoder over tokenizer.json: it adds the tokens that
+    # file lacks (a hand-edited config) and strips around them as the config says. Read otherwise, the same text
+    # would give other ids: one line, saying how to write the two files alike.
     official.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"]["151669"] = {"content": "<|my_tok|>", "special": True}
+    config["added_tokens_decoder"][token_id] = entry
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     with pytest.raises(NanoQwenError) as caught:
         load_tokenizer(tmp_path)
     message = str(caught.value)
-    assert "tokenizer_config.json adds <|my_tok|> (id 151669), which tokenizer.json lacks" in message, message
-    assert "save_pretrained" in message and "\n" not in message
+    assert f"tokenizer_config.json {words}" in message and "save_pretrained" in message and "\n" not in message, \
+        message
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "both"])
