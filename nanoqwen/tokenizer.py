@@ -411,9 +411,14 @@ SPLITTING_FLAGS = ("lstrip", "rstrip", "normalized", "single_word")
 
 
 def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory: Path) -> None:
-    """tokenizer_config.json's added_tokens_decoder must say what tokenizer.json says: Transformers takes the config's
-    word, adding the tokens tokenizer.json lacks (a hand-edited config) and splitting around them as its flags say,
-    so here the same text would give other ids."""
+    """tokenizer_config.json must split text as tokenizer.json does: Transformers takes the config's word, adding the
+    tokens of its added_tokens_decoder that tokenizer.json lacks (a hand-edited config), splitting around them as
+    its flags say, and with split_special_tokens reading special tokens as text; here the text would give other
+    ids."""
+    if config.get("split_special_tokens") is True:  # Transformers then encodes <|im_start|> as the text it spells
+        raise NanoQwenError(f"{directory}: tokenizer_config.json sets split_special_tokens true, so Transformers reads "
+                            "<|im_start|> and the other special tokens in text as plain characters, where nanoqwen "
+                            "reads them as tokens; set it to false (as Qwen3 ships it) in that file")
     added = config.get("added_tokens_decoder")
     fix = "write both alike with AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
     own = tokenizer.get_added_tokens_decoder()

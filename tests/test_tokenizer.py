@@ -93,24 +93,26 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
 
 
-@pytest.mark.parametrize("token_id, entry, words", [
-    ("151669", {"content": "<|my_tok|>", "special": True}, "adds <|my_tok|> (id 151669), which tokenizer.json lacks"),
-    ("151644", {"content": "<|im_start|>", "lstrip": True, "rstrip": False, "special": True},
-     "gives <|im_start|> lstrip true, tokenizer.json false"),
+@pytest.mark.parametrize("added, settings, words", [
+    ({"151669": {"content": "<|my_tok|>", "special": True}}, {}, "adds <|my_tok|> (id 151669), which tokenizer.json "
+                                                                 "lacks; ... save_pretrained"),
+    ({"151644": {"content": "<|im_start|>", "lstrip": True, "rstrip": False, "special": True}}, {},
+     "gives <|im_start|> lstrip true, tokenizer.json false; ... save_pretrained"),
+    ({}, {"split_special_tokens": True}, "sets split_special_tokens true, ... set it to false"),
 ])
-def test_added_tokens_tokenizer_config_gives_otherwise_are_refused(official, tmp_path, token_id, entry, words):
-    # Transformers takes tokenizer_config.json's added_tokens_decoder over tokenizer.json: it adds the tokens that
-    # file lacks (a hand-edited config) and strips around them as the config says. Read otherwise, the same text
-    # would give other ids: one line, saying how to write the two files alike.
+def test_a_tokenizer_config_that_splits_text_otherwise_is_refused(official, tmp_path, added, settings, words):
+    # Transformers takes tokenizer_config.json's word over tokenizer.json's: it adds the tokens that file lacks (a
+    # hand-edited config), strips around them as the config says, and may read special tokens as plain text. Read
+    # otherwise, the same text would give other ids: one line, saying what to do.
     official.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    config["added_tokens_decoder"][token_id] = entry
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    config["added_tokens_decoder"].update(added)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
     with pytest.raises(NanoQwenError) as caught:
         load_tokenizer(tmp_path)
     message = str(caught.value)
-    assert f"tokenizer_config.json {words}" in message and "save_pretrained" in message and "\n" not in message, \
-        message
+    first, fix = words.split(" ... ")
+    assert f"tokenizer_config.json {first}" in message and fix in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "both"])
