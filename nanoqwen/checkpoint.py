@@ -42,6 +42,10 @@ TIED_HEAD_KEY, EMBEDDING_KEY = "lm_head.weight", "model.embed_tokens.weight"
 # another layout loads its new weights past the stale index (or file) the old save left behind.
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# What a state_dict saved through a wrapper, not from the model itself, starts every name with.
+WRAPPER_PREFIXES = {"_orig_mod.": "torch.compile", "module.": "DistributedDataParallel"}
+# The top-level parts of Qwen3Model (a base model without the head), whose names lack the `model.` prefix.
+HEADLESS_PARTS = ("embed_tokens", "layers", "norm", "rotary_emb")  # (an old save's RoPE buffer)
 
 
 def vocab_rows(tokenizer: Tokenizer) -> int:
@@ -170,6 +174,8 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"model folder {directory} does not exist; give a checkpoint folder "
                             "(e.g. runs/NAME/best) or make one with `nanoqwen init`")
     if not path.exists():
+        if (directory / "adapter_config.json").is_file():  # peft's save of a LoRA (or other) fine-tune
+            raise adapter_folder(directory)
         if (directory / "meta.json").is_file() and (directory / "train.bin").is_file():
             raise NanoQwenError(f"{directory} is a prepared data folder, not a model; train one on it (nanoqwen "
                                 f"train --data {quote(str(directory))}) and give its checkpoint, runs/NAME/best")
@@ -196,12 +202,28 @@ def read_config(directory: str | Path) -> ModelConfig:
     return ModelConfig.from_hf_dict(raw, str(path))
 
 
+def adapter_folder(directory: Path) -> NanoQwenError:
+    """The refusal of a PEFT adapter folder: only the changes to a base model, which Transformers (with peft
+    installed) merges into that model as it loads; nanoqwen reads whole models."""
+    try:
+        adapter = json.loads((directory / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        adapter = {}
+    adapter = adapter if isinstance(adapter, dict) else {}
+    kind, base = adapter.get("peft_type", "?"), adapter.get("base_model_name_or_path") or "its base model"
+    return NanoQwenError(f"{directory} is a PEFT adapter ({kind}) of {base}, not a whole model; merge it into that "
+                         "model with peft (PeftModel.from_pretrained(BASE, ADAPTER).merge_and_unload()"
+                         ".save_pretrained(NEW_DIR)) and give NEW_DIR")
+
+
 def weight_files(directory: Path) -> list[Path]:
     """The files holding the weights: the first of WEIGHT_FILES present, an index standing for its shards."""
     for name in WEIGHT_FILES:
         path = directory / name
         if path.exists():
             return shard_files(path) if name.endswith(".index.json") else [path]
+    if (directory / "adapter_config.json").is_file():  # an adapter saved beside its base model's config.json
+        raise adapter_folder(directory)
     raise NanoQwenError(f"{directory} has no model.safetensors or pytorch_model.bin (nor a sharded index of "
                         "either); is it a complete checkpoint?")
 
@@ -298,7 +320,12 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
     own = own or config
     described, hint = ("its config.json", "is it a complete Qwen3 checkpoint?") if config == own else \
         ("the model config asked for", "a --set cannot change the shape of a checkpoint's weights")
-    if state and not any(key.startswith("model.") for key in state):  # saved from Qwen3Model: no prefix, no head
+    for prefix, wrapper in WRAPPER_PREFIXES.items():  # Transformers reads none of such names: random weights
+        if state and all(key.startswith(prefix) for key in state):
+            raise NanoQwenError(f"{directory}: every weight's name starts with {prefix!r}, as {wrapper} names them, "
+                                "which Transformers does not read; save the unwrapped model's weights (model."
+                                f"{prefix[:-1]}.state_dict()), or remove {prefix!r} from the names")
+    if state and all(key.split(".")[0] in HEADLESS_PARTS for key in state):  # saved from Qwen3Model: no head
         if not config.tie_word_embeddings:
             raise NanoQwenError(f"{directory} is a headless base model (Qwen3Model: no 'model.' prefix, no lm_head) "
                                 "with untied embeddings, so it has no output layer; use its Qwen3ForCausalLM "

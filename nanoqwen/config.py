@@ -34,6 +34,8 @@ ROPE_TYPES: dict[str, Any] = {
     "rope_type": str, "type": str, "rope_theta": float, "factor": float, "original_max_position_embeddings": float,
     "attention_factor": float | None, "beta_fast": float | None, "beta_slow": float | None, "mscale": float | None,
     "mscale_all_dim": float | None, "truncate": bool | None, "partial_rotary_factor": float | None}
+# Names of the activation Qwen3's MLP gates with: Transformers computes "swish" as silu too.
+SILU_NAMES = ("silu", "swish")
 # The RoPE scalings nanoqwen computes as Transformers does; both are static (the same tables at every length).
 ROPE_SCALINGS = ("linear", "yarn")
 
@@ -179,8 +181,9 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_key_value_heads}); pick kv heads that divide the heads")
         if self.head_dim % 2:
             raise NanoQwenError(f"head_dim must be even for RoPE, got {self.head_dim}")
-        if self.hidden_act != "silu":
-            raise NanoQwenError(f"Qwen3 uses hidden_act 'silu', got {self.hidden_act!r}")
+        if self.hidden_act not in SILU_NAMES:
+            raise NanoQwenError(f"hidden_act {self.hidden_act!r} is not Qwen3's; nanoqwen's MLP is SwiGLU, so give "
+                                "hidden_act \"silu\" (a model trained with another activation cannot run here)")
         if self.attention_bias:
             raise NanoQwenError("attention_bias true is not supported: nanoqwen implements Qwen3 as released, with no "
                                 "q/k/v/o projection biases; use a model without them")
@@ -270,6 +273,10 @@ class ModelConfig:
             part = d.get(key)
             if part is not None and not isinstance(part, dict):
                 raise NanoQwenError(f"{source}: {key} must be an object, got {part!r}")
+            if part and not {"rope_type", "type"} & part.keys() and any(isinstance(v, dict) for v in part.values()):
+                raise NanoQwenError(f"{source}: {key} gives a RoPE per layer type ({', '.join(part)}), which Qwen3 "
+                                    "does not have (one for every layer; Transformers' Qwen3 fails on it too); give "
+                                    "one object, such as {\"rope_type\": \"default\", \"rope_theta\": 1000000.0}")
             check_rope_types(key, part, source)
             try:
                 kind = rope_type(part)

@@ -478,6 +478,9 @@ def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: Samplin
 # -- `nanoqwen sample` ---------------------------------------------------------------------------
 # Used where the checkpoint's generation_config.json does not say (Transformers and vLLM read that file too).
 SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
+# What a generation_config.json that asks to sample (do_sample true) means by a setting it leaves out: Transformers'
+# GenerationConfig defaults, which generate() fills in (and which that file leaves out unless set).
+TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
 
 def top_k_int(text: str) -> int:
@@ -533,13 +536,17 @@ def saved_sampling(directory: str | Path) -> dict[str, float]:
     return found
 
 
-def checkpoint_sampling(directory: str | Path, base: dict[str, float] = SAMPLING_DEFAULTS) -> dict[str, float]:
+def checkpoint_sampling(directory: str | Path, base: dict[str, float] | None = None) -> dict[str, float]:
     """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
-    `do_sample: false` there means greedy."""
+    `do_sample: false` there means greedy. With no `base`, as Transformers' generate() reads the file: where it
+    asks to sample, what it leaves out is Transformers' default; where it does not, nanoqwen's (SAMPLING_DEFAULTS)."""
     from nanoqwen.checkpoint import read_generation_config
 
+    do_sample = read_generation_config(directory).get("do_sample")
+    if base is None:
+        base = TRANSFORMERS_SAMPLING if do_sample is True else SAMPLING_DEFAULTS
     chosen = {**base, **saved_sampling(directory)}
-    if read_generation_config(directory).get("do_sample") is False:
+    if do_sample is False:
         chosen["temperature"] = 0.0
     return chosen
 

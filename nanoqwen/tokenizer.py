@@ -400,9 +400,43 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
+    check_added_tokens(tokenizer, config, directory)
     if jinja is not None:
         config["chat_template"] = jinja
     return Tokenizer(tokenizer, config)
+
+
+# An added token's flags that change how text around it is split (`special` only changes what decoding skips).
+SPLITTING_FLAGS = ("lstrip", "rstrip", "normalized", "single_word")
+
+
+def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory: Path) -> None:
+    """tokenizer_config.json must split text as tokenizer.json does: Transformers takes the config's word, adding the
+    tokens of its added_tokens_decoder that tokenizer.json lacks (a hand-edited config), splitting around them as
+    its flags say, and with split_special_tokens reading special tokens as text; here the text would give other
+    ids."""
+    if config.get("split_special_tokens") is True:  # Transformers then encodes <|im_start|> as the text it spells
+        raise NanoQwenError(f"{directory}: tokenizer_config.json sets split_special_tokens true, so Transformers reads "
+                            "<|im_start|> and the other special tokens in text as plain characters, where nanoqwen "
+                            "reads them as tokens; set it to false (as Qwen3 ships it) in that file")
+    added = config.get("added_tokens_decoder")
+    fix = "write both alike with AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)"
+    own = tokenizer.get_added_tokens_decoder()
+    for token_id, token in (added.items() if isinstance(added, dict) else ()):
+        content = token.get("content") if isinstance(token, dict) else None
+        if not isinstance(content, str):
+            continue
+        found = tokenizer.token_to_id(content)
+        if found is None:
+            raise NanoQwenError(f"{directory}: tokenizer_config.json adds {content} (id {token_id}), which "
+                                "tokenizer.json lacks; Transformers adds it as it loads, nanoqwen reads "
+                                f"tokenizer.json: {fix}")
+        for flag in SPLITTING_FLAGS if found in own else ():
+            given, kept = token.get(flag), getattr(own[found], flag)
+            if isinstance(given, bool) and given != kept:
+                raise NanoQwenError(f"{directory}: tokenizer_config.json gives {content} {flag} {json.dumps(given)}, "
+                                    f"tokenizer.json {json.dumps(kept)}; Transformers splits text by the first, "
+                                    f"nanoqwen by the second: {fix}")
 
 
 @lru_cache(maxsize=1)

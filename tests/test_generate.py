@@ -140,6 +140,12 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     given.model = str(folder)
     params = sampling_params(given, qwen3_tokenizer())
     assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.6, 5, 0.95, 1.0)
+    # A file that asks to sample but leaves a setting out (GenerationConfig writes only those set) means
+    # Transformers' default there, as generate() reads it: temperature 1, top-k 50, top-p 1.
+    config.write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
+    assert checkpoint_sampling(folder) == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+    config.write_text(json.dumps({"do_sample": True, "top_p": 0.9}))
+    assert checkpoint_sampling(folder)["temperature"] == 1.0
     assert parser.parse_args(["--top-k", "-1"]).top_k == 0  # vLLM's "all", as the server and the file take it
     config.write_text("{broken")
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS

@@ -154,6 +154,7 @@ def test_left_padded_batch_equals_rows_alone():
     ({"head_dim": 15}, "head_dim must be even"),
     ({"hidden_size": 0}, "positive integer"),
     ({"rope_theta": 0.0}, "rope_theta must be a positive number"),
+    ({"hidden_act": "gelu"}, "hidden_act 'gelu' is not Qwen3's; .*give hidden_act \"silu\""),
     ({"rms_norm_eps": -1.0}, "rms_norm_eps must be >= 0"),
     ({"attention_dropout": 1.0}, "attention_dropout must be in"),
     ({"rope_scaling": "yarn"}, "rope_scaling must be an object"),
@@ -604,6 +605,22 @@ def test_headless_base_model_folder(tmp_path, tied):
     assert diff <= 1e-4
 
 
+@pytest.mark.parametrize("tied", [True, False])
+@pytest.mark.parametrize("prefix, wrapper", [("_orig_mod.", "torch.compile"), ("module.", "DistributedDataParallel")])
+def test_weights_saved_through_a_wrapper_are_named_as_they_are(tmp_path, tied, prefix, wrapper):
+    # A wrapped model's state_dict saved as is: Transformers reads none of those names (random weights), so it is
+    # refused, by the names the file holds (not taken for a headless base model and given a `model.` prefix).
+    model = Qwen3(tiny_config(tie_word_embeddings=tied))
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({prefix + k: v for k, v in weights.items()}, tmp_path / "model.safetensors")
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    message = str(caught.value)
+    assert f"'{prefix}" in message and wrapper in message and "headless" not in message and "'model." + prefix \
+        not in message and "\n" not in message, message
+
+
 def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300, **changes):
     from nanoqwen.tokenizer import train_bpe
 
@@ -668,6 +685,8 @@ def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp
     ("rms_norm_eps", "1e-6"), ("rms_norm_eps", None), ("rope_theta", None), ("initializer_range", "0.02"),
     ("attention_dropout", None), ("tie_word_embeddings", "false"), ("num_hidden_layers", True),
     ("eos_token_id", [None]), ("rope_parameters", {"rope_type": "default", "rope_theta": "1e4"}),
+    # RoPE per layer type (Transformers 5's nested form): Qwen3 has one; read as plain RoPE it was dropped unsaid.
+    ("rope_parameters", {"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e4}}),
 ])
 def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
     save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
@@ -680,10 +699,12 @@ def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
 
 
 def test_config_values_transformers_reads_load_alike(tmp_path):
-    # Transformers takes an empty eos list as no eos id and a null num_key_value_heads as one per head.
+    # Transformers takes an empty eos list as no eos id, a null num_key_value_heads as one per head, and "swish"
+    # as another name of silu.
     save_checkpoint(Qwen3(tiny_config(num_key_value_heads=4)), tmp_path, tokenizer=None)
     config = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [], "num_key_value_heads": None}))
+    (tmp_path / "config.json").write_text(json.dumps({**config, "eos_token_id": [], "num_key_value_heads": None,
+                                                      "hidden_act": "swish"}))
     loaded = read_config(tmp_path)
     assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
 
@@ -820,6 +841,17 @@ def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
     with pytest.raises(NanoQwenError, match="has no config.json, so it is not a Hugging Face checkpoint folder; "
                                             "give the folder that holds"):
         read_config(folder)
+    # A LoRA fine-tune's adapter (what peft saves): the weights it changes, not a model; say how to make one.
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path":
+                                                            "Qwen/Qwen3-0.6B"}))
+    with pytest.raises(NanoQwenError, match="is a PEFT adapter .LORA. of Qwen/Qwen3-0.6B, not a whole model; merge "
+                                            "it into that model") as caught:
+        read_config(folder)
+    assert "merge_and_unload()" in str(caught.value) and "\n" not in str(caught.value)
+    (folder / "model.safetensors").rename(folder / "adapter_model.safetensors")  # some saves add the base's config
+    (folder / "config.json").write_text(json.dumps(tiny_config().to_hf_dict()))
+    with pytest.raises(NanoQwenError, match="is a PEFT adapter .LORA. of Qwen/Qwen3-0.6B"):
+        load_model(folder)
 
 
 @pytest.mark.parametrize("item, words", [

@@ -20,6 +20,7 @@ from nanoqwen.tokenizer import (
     load_tiktoken_ranks,
     load_tokenizer,
     qwen3_tokenizer,
+    train_bpe,
 )
 from tests.serve_helpers import THINKING_TEMPLATE
 
@@ -91,6 +92,31 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
     resaved.mkdir()
     load_tokenizer(tmp_path).save(resaved)
     assert json.loads((resaved / "tokenizer_config.json").read_text())["added_tokens_decoder"] == flags
+
+
+@pytest.mark.parametrize("added, settings, words", [
+    ({"<|my_tok|>": {"special": True}}, {},
+     "adds <|my_tok|> (id ... which tokenizer.json lacks; Transformers adds it as it loads"),
+    ({"<|im_start|>": {"lstrip": True, "rstrip": False, "special": True}}, {},
+     "gives <|im_start|> lstrip true, tokenizer.json false; ... save_pretrained"),
+    ({}, {"split_special_tokens": True}, "sets split_special_tokens true, ... set it to false"),
+])
+def test_a_tokenizer_config_that_splits_text_otherwise_is_refused(tmp_path, added, settings, words):
+    # Transformers takes tokenizer_config.json's word over tokenizer.json's: it adds the tokens that file lacks (a
+    # hand-edited config), strips around them as the config says, and may read special tokens as plain text. Read
+    # otherwise, the same text would give other ids: one line, saying what to do.
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for content, flags in added.items():
+        config["added_tokens_decoder"][str(tokenizer.token_id(content) or tokenizer.vocab_size)] = {
+            "content": content, **flags}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **settings}))
+    with pytest.raises(NanoQwenError) as caught:
+        load_tokenizer(tmp_path)
+    message = str(caught.value)
+    first, fix = words.split(" ... ")
+    assert f"tokenizer_config.json {first}" in message and fix in message and "\n" not in message, message
 
 
 @pytest.mark.parametrize("where", ["tokenizer_config.json", "chat_template.jinja", "both"])
