@@ -137,7 +137,15 @@ def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int |
 def read_text_file(path: Path, model: str) -> tuple[str, int]:
     """The text of eval's --text-file and its count of undecodable bytes replaced, or one line saying why it is
     not a text to score (checked before the model loads: a mistake costs no wait)."""
-    from nanoqwen.data.sources import NOT_UTF8, SUFFIXES, TEXT_SUFFIXES, CorpusStats, decode, mostly_undecodable
+    from nanoqwen.data.sources import (
+        NOT_UTF8,
+        SUFFIXES,
+        TEXT_SUFFIXES,
+        CorpusStats,
+        decode,
+        mostly_undecodable,
+        not_text,
+    )
 
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
@@ -153,8 +161,8 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
     raw, stats = path.read_bytes(), CorpusStats()
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
-        raise NanoQwenError(f"text file {path} is not text: {stats.replacement_chars:,} of its {len(text):,} "
-                            f"characters are not UTF-8 ({NOT_UTF8})")
+        raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "
+                            f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})")
     if not text:
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
     return text, stats.replacement_chars

@@ -978,6 +978,18 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
 
 
+def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    # Such a file decodes as UTF-8 with a NUL after every ASCII letter: it was trained on as text, in silence.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "u16.txt").write_bytes(("Hello there. " * 20).encode("utf-16-le"))
+    (tmp_path / "c" / "good.txt").write_text("plain text\x00 with a NUL or two\x00")  # a few are kept
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text\x00 with a NUL or two\x00"]
+    assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "260 of the first 520 "
+                                     "characters are not UTF-8 (a binary file, or text in another encoding: convert "
+                                     "it to UTF-8)"}]
+
+
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in
     # a file without any), with no block of a few bytes at the end; undecodable bytes are counted across blocks.

@@ -544,10 +544,17 @@ MOSTLY_UNDECODABLE = 0.25
 NOT_UTF8 = "a binary file, or text in another encoding: convert it to UTF-8"
 
 
+def not_text(replaced: int, text: str) -> int:
+    """Characters of `text`, decoded with `replaced` U+FFFD replacements, that are no text: those, and NULs (UTF-16
+    without a byte-order mark decodes as UTF-8 with a NUL after every ASCII letter, as much of a binary file does)."""
+    return replaced + text.count("\0")
+
+
 def mostly_undecodable(replaced: int, text: str) -> bool:
     """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
     as text, not text with a few bad bytes."""
-    return replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text)
+    noise = not_text(replaced, text)
+    return noise > 64 and noise > MOSTLY_UNDECODABLE * len(text)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -560,8 +567,8 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         seen = CorpusStats()
         text = decode(raw, seen)
         if mostly_undecodable(seen.replacement_chars, text):
-            stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
-                                  f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
+            stats.skipped.append({"path": str(path), "reason": f"{not_text(seen.replacement_chars, text):,} of the "
+                                  f"first {len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
         elif large:
             yield from _text_blocks(path, stats)
         elif text.strip():
