@@ -192,11 +192,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
     if text is not None:
+        from nanoqwen.data.prepare import encode_text
+
         # Every token of the text is scored, the first after <|endoftext|> (how documents follow one another in
         # training; Qwen3 has no start token), so bits per byte are over all of its UTF-8 bytes, whatever the
-        # file's encoding (UTF-16, a BOM).
-        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
-        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8"))
+        # file's encoding (UTF-16, a BOM). It is encoded as prepare encodes a document ("<|endoftext|>" written in
+        # it is text), so the figures are those of the tokens a run trains and validates on.
+        document = encode_text(tokenizer, text)
+        ids = [tokenizer.eot_id, *document.ids[:-1].tolist()]
+        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), document.nbytes
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
             tokens = tokens[:max_tokens]
             num_bytes = tokenizer.text_bytes(tokens[1:].tolist())

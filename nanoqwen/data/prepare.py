@@ -484,6 +484,13 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     return encode
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> Encoded:
+    """One plain text as prepare writes a document of it: NFC-normalized, its ids ending with <|endoftext|> (an added
+    token written in it is text), and its UTF-8 bytes. eval --text-file scores a file so, to measure what training
+    measured."""
+    return _encoder(tokenizer, "", None)([unicodedata.normalize("NFC", text)])[0]
+
+
 def _ids(hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
 
