@@ -1029,6 +1029,40 @@ def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path)
         list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
 
 
+def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Records whose text is all null or empty, and files of other types, were left out in silence: a folder of
+    # .csv or .html beside one README.md trained on the README alone, and said nothing of the rest.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import nanoqwen.data.sources as sources
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "good.txt").write_text("some text")
+    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n')
+    (folder / "none.jsonl").write_text("")
+    (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
+    pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")
+    for name in ("a.csv", "b.csv", "page.html", "README"):
+        (folder / name).write_text("text of another type")
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == ["some text"]
+    assert corpus.stats.skipped == [{"path": str(folder / "blank.txt"), "reason": "empty"}] + [
+        {"path": str(folder / name), "reason": "no record with any text"}
+        for name in ("none.jsonl", "nulls.jsonl", "nulls.parquet")]
+    prepare_module._warn_about(corpus.stats)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 5 and err.endswith(
+        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .parquet or .pdf (2 .csv, 1 "
+        f"without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of those\n"), err
+    alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
+    assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
+
+
 def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
     (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
     with pytest.raises(NanoQwenError, match="UTF-16 or UTF-32"):

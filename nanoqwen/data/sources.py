@@ -87,6 +87,7 @@ class CorpusStats:
     replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
     capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
+    left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -443,8 +444,8 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats)
 
 # -- local files ------------------------------------------------------------------------------------
 
-def local_files(root: Path) -> list[Path]:
-    """The corpus files under `root` in sorted order.
+def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
+    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
     (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
@@ -460,9 +461,15 @@ def local_files(root: Path) -> list[Path]:
     prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
                 or (p.name == "config.json" and is_run_config(p))}
 
-    def in_corpus(p: Path) -> bool:
-        return p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+    def in_folder(p: Path) -> bool:
+        return not any(part.startswith(".") for part in p.relative_to(root).parts) \
             and not prepared.intersection(p.parents)
+
+    def in_corpus(p: Path) -> bool:
+        return p.suffix.lower() in SUFFIXES and in_folder(p)
+
+    if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
+        left_out += [p for p in everything if p.suffix.lower() not in SUFFIXES and in_folder(p)]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -515,7 +522,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
-    files = local_files(path)
+    left_out: list[Path] = []
+    files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
@@ -527,12 +535,18 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
     def read(stats: CorpusStats) -> Iterator[Document]:
+        stats.left_out = [str(p) for p in left_out]
         for file in files:
-            before = stats.replacement_chars
-            if path.is_dir() and file.suffix.lower() == ".json":
-                yield from _records_or_skip(file, column, stats)
-            else:
-                yield from read_file(file, column, stats)
+            before, skipped, found = stats.replacement_chars, len(stats.skipped), False
+            documents = _records_or_skip(file, column, stats) if path.is_dir() and file.suffix.lower() == ".json" \
+                else read_file(file, column, stats)
+            with contextlib.closing(documents):  # its file closed at once when the pass stops early
+                for document in documents:
+                    found = True
+                    yield document
+            if not found and len(stats.skipped) == skipped:  # records whose text is all null or "": say so
+                text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
+                stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
