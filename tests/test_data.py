@@ -808,6 +808,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (tmp_path / "nofield.jsonl").write_text('{"text": "fine"}\n\n{"body": "x"}\n')
+    (tmp_path / "badtype.json").write_text('[{"text": null}, {"text": 5}]')
     (tmp_path / "scans").mkdir()
     write_pdf(tmp_path / "scans" / "scan.pdf", [])
     (tmp_path / "ok.txt").write_text("good text\n")
@@ -822,7 +823,11 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
         (["--dataset", str(tmp_path / "empty")], ["has no text"]),
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
-        (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3", "'text'"]),
+        # (not "give --text-column the name of the field that holds the text": the lines before hold it there)
+        (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3: no 'text' field (fields: body); fix "
+                                                         "or remove that record (the ones before it have their text)"]),
+        (["--dataset", str(tmp_path / "badtype.json")], ["badtype.json record 2: field 'text' holds int, not text or "
+                                                        "a list of chat turns; fix or remove that record"]),
         (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
         (["--dataset", "nosuchcorpus"], ["'nosuchcorpus' is not a file or folder here, nor a dataset"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),

@@ -384,6 +384,8 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
 # What to do about records whose text is not where it was looked for: the default field, or a --text-column
 # given wrong (a bare "pass --text-column" read as a contradiction to one who had).
 NAME_THE_TEXT = "give --text-column the name of the field that holds the text"
+# ... unless the records before it were read: then that one record is what is wrong.
+FIX_THE_RECORD = "fix or remove that record (the ones before it have their text)"
 
 
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
@@ -635,16 +637,17 @@ def text_column_of(names: Iterable[str], column: str) -> str:
     return column
 
 
-def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False) -> Document | None:
+def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False,
+                remedy: str = NAME_THE_TEXT) -> Document | None:
     """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing). With `chat`
-    (a chat field read for want of a text field) only turns: a string there is no text the user named."""
+    (a chat field read for want of a text field) only turns: a string there is no text the user named. `remedy`:
+    what to do about a value of another type."""
     if chat and value is not None and not isinstance(value, list):
         raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
-        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; "
-                            f"{NAME_THE_TEXT}")
+        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; {remedy}")
     turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
     return ChatRecord(turns, where) if turns else None
 
@@ -685,14 +688,18 @@ def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
     return text
 
 
-def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -> Document | None:
+def _record_document(record: Any, column: str, where: str, stats: CorpusStats, first: bool) -> Document | None:
+    """The document of one JSON record; `first`: no record before it was read (else a record without its text
+    where the others have theirs is what is wrong, not --text-column)."""
+    remedy = NAME_THE_TEXT if first else FIX_THE_RECORD
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     field_name = text_column_of(record, column)
     if field_name not in record:
         fields = ", ".join(record) or "none"
-        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {NAME_THE_TEXT}")
-    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column)
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
+    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
+                       remedy=remedy)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -705,6 +712,7 @@ def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docume
 
 
 def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
+    first = True
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -713,7 +721,8 @@ def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStat
         except json.JSONDecodeError as e:
             raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
                                 "fix or remove that line") from None
-        document = _record_document(record, column, f"{path} line {number}", stats)
+        document = _record_document(record, column, f"{path} line {number}", stats, first)
+        first = False
         if document:
             yield document
 
@@ -735,7 +744,7 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
     records: Iterable[Any] = data if isinstance(data, list) else [data]
     for number, record in enumerate(records, 1):
-        document = _record_document(record, column, f"{path} record {number}", stats)
+        document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
         if document:
             yield document
 
