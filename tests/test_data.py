@@ -1071,6 +1071,19 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
 
 
+def test_many_skipped_files_are_a_few_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    # A scraped corpus with thousands of empty pages printed a line for each.
+    from nanoqwen.data.sources import CorpusStats
+
+    stats = CorpusStats(skipped=[{"path": f"c/{i}.txt", "reason": "empty"} for i in range(25)])
+    prepare_module._warn_about(stats)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:10] == [f"nanoqwen: warning: skipped c/{i}.txt: empty" for i in range(10)]
+    assert lines[10:] == ["nanoqwen: warning: skipped 15 more files (each is in meta.json's skipped)"]
+    prepare_module._warn_about(stats, in_meta=False)  # `tokenizer train` writes no meta.json
+    assert capsys.readouterr().err.splitlines()[10:] == ["nanoqwen: warning: skipped 15 more files"]
+
+
 def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
     (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
     with pytest.raises(NanoQwenError, match="UTF-16 or UTF-32"):

@@ -742,11 +742,18 @@ def _holds(out: Path, fingerprint: str) -> bool:
     return meta["fingerprint"] == fingerprint and not unread_chats
 
 
+SHOWN_SKIPS = 10  # skipped files named on screen: a scraped corpus may have thousands of empty pages
+
+
 def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
     """Say what was skipped, left out or replaced; `in_meta`: the replacements are in the meta.json written
     (prepare)."""
-    for skipped in stats.skipped:
+    for skipped in stats.skipped[:SHOWN_SKIPS]:
         print(f"nanoqwen: warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
+    unnamed = len(stats.skipped) - SHOWN_SKIPS
+    if unnamed > 0:
+        where = " (each is in meta.json's skipped)" if in_meta else ""
+        print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
     if stats.left_out:
         suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
         kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
