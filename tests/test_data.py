@@ -283,6 +283,27 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_a_table_of_texts_and_chats_gives_both(tmp_path: Path) -> None:
+    # pandas and `datasets` write every column for every row: a chat row's text is null, and it was left out in
+    # silence (the text column was read, and only it).
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoqwen.data.sources import ChatRecord
+
+    rows = [{"text": "a plain text", "messages": None}, {"text": None, "messages": PARQUET_CHAT}]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mix.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for source in ("mix.jsonl", "mix.parquet", "saved"):
+        documents = list(open_corpus(str(tmp_path / source)).documents())
+        assert documents == ["a plain text", ChatRecord(tuple(PARQUET_CHAT))], source
+    # Another --text-column is read alone.
+    assert list(open_corpus(str(tmp_path / "mix.parquet"), text_column="messages").documents()) == \
+        [ChatRecord(tuple(PARQUET_CHAT))]
+
+
 def test_sharegpt_roles_become_the_templates_and_an_unknown_one_is_named() -> None:
     from nanoqwen.data.sources import CorpusStats, as_document
 

@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -397,14 +398,19 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         column = text_column_of(names, column)
         if column not in names:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
-        ds = ds.select_columns([column])
+        beside = chat_beside(names, column)
+        ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
-        for value in batch[column]:
-            document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
+        beside = chat_beside(batch, column)
+        for value, turns in zip(batch[column], batch[beside] if beside else itertools.repeat(None)):
+            if value is None and turns:  # a chat row of a table of texts and chats
+                document = as_document(turns, f"{where}: column {beside!r}", stats, chat=True)
+            else:
+                document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
             if isinstance(document, str) and transform:
                 document = transform(document)
             if document:
@@ -637,6 +643,16 @@ def text_column_of(names: Iterable[str], column: str) -> str:
     return column
 
 
+def chat_beside(names: Iterable[str], column: str) -> str | None:
+    """The chat column of a table that has the default text column too, read in a row whose text is null: pandas and
+    `datasets` give every row of a mix of texts and chats every column (None: `column` is not the default one, or
+    there is no such column)."""
+    names = list(names)
+    if column != DEFAULT_TEXT_COLUMN or column not in names:
+        return None
+    return next((name for name in CHAT_COLUMNS if name in names), None)
+
+
 def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False,
                 remedy: str = NAME_THE_TEXT) -> Document | None:
     """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing). With `chat`
@@ -695,6 +711,9 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     field_name = text_column_of(record, column)
+    beside = chat_beside(record, field_name)
+    if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
+        field_name = beside
     if field_name not in record:
         fields = ", ".join(record) or "none"
         raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
@@ -797,10 +816,17 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     if not (binary or text or turns):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
                             f"{NAME_THE_TEXT}")
-    for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
+    beside = None if chat else chat_beside(schema.names, column)
+    columns = [column] if beside is None else [column, beside]
+    for batch in read_checked(pf.iter_batches(columns=columns, batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
-        for value in batch.column(0).to_pylist():
-            if value and (turns or chat):
+        chats = batch.column(1).to_pylist() if beside else itertools.repeat(None)
+        for value, turns_beside in zip(batch.column(0).to_pylist(), chats):
+            if value is None and turns_beside:  # a chat row of a table of texts and chats
+                document = as_document(turns_beside, f"{path}: column {beside!r}", stats, chat=True)
+                if document:
+                    yield document
+            elif value and (turns or chat):
                 document = as_document(value, f"{path}: column {column!r}", stats, chat)
                 if document:
                     yield document
