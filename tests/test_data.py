@@ -1056,6 +1056,22 @@ def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path)
     assert [Path(s["path"]).name for s in corpus.stats.skipped] == ["package.json", "tsconfig.json"]
     with pytest.raises(NanoQwenError, match="no 'text' field"):  # given alone, it is the user's data: an error
         list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
+    # pandas' to_json writes a table by columns (or by rows, keyed by index) unless told records: said so, where the
+    # text field was said to hold a dict, or a record to have fields "0, 1".
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["one", "two"], "id": [1, 2]})
+    for orient in ("columns", "index"):
+        frame.to_json(tmp_path / f"{orient}.json", orient=orient)
+        with pytest.raises(NanoQwenError) as refused:
+            list(open_corpus(str(tmp_path / f"{orient}.json")).documents())
+        assert str(refused.value) == (f"{tmp_path / f'{orient}.json'} is a table by columns or by index, as pandas' "
+                                      "to_json writes one, not records; save it with df.to_json(PATH, "
+                                      "orient='records', lines=True)")
+    # A record of many fields names a few (the error was one line of every field).
+    (tmp_path / "wide.json").write_text(json.dumps({f"field{i}": i for i in range(1000)}))
+    with pytest.raises(NanoQwenError, match=r"\(fields: field0, field1, .*, field9 and 990 more\)"):
+        list(open_corpus(str(tmp_path / "wide.json")).documents())
 
 
 def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],

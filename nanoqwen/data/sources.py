@@ -715,7 +715,8 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
         field_name = beside
     if field_name not in record:
-        fields = ", ".join(record) or "none"
+        names = list(record)  # a few: a record may have thousands
+        fields = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "") or "none"
         raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
     return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
                        remedy=remedy)
@@ -761,11 +762,23 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
             yield from _json_lines(text.split("\n"), path, column, stats)
             return
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if _pandas_table(data, column):  # read as one record, it said its text field held a dict, or had fields 0, 1...
+        raise NanoQwenError(f"{path} is a table by columns or by index, as pandas' to_json writes one, not records; "
+                            "save it with df.to_json(PATH, orient='records', lines=True)")
     records: Iterable[Any] = data if isinstance(data, list) else [data]
     for number, record in enumerate(records, 1):
         document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
         if document:
             yield document
+
+
+def _pandas_table(data: Any, column: str) -> bool:
+    """Whether JSON `data` is a table as pandas' to_json writes one by default ({"text": {"0": ...}, ...}) or by
+    index ({"0": {"text": ...}, ...}): rows keyed by their index, where records are a list or JSON lines."""
+    if not isinstance(data, dict) or not data or not all(isinstance(value, dict) for value in data.values()):
+        return False
+    fields = {column, *CHAT_COLUMNS} if column == DEFAULT_TEXT_COLUMN else {column}
+    return bool(fields & data.keys() or fields & next(iter(data.values())).keys())
 
 
 def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
