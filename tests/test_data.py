@@ -487,7 +487,7 @@ def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
     assert first_paragraph("\nThe lead paragraph.\nHistory\nMore.") == "The lead paragraph."
 
 
-def test_hf_datasets_offline(tmp_path: Path) -> None:
+def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
     import datasets
     import pyarrow as pa
@@ -506,7 +506,10 @@ def test_hf_datasets_offline(tmp_path: Path) -> None:
 
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"text": texts}), tmp_path / "pq" / "train.parquet")
+    (tmp_path / "pq" / "README.md").write_text("# a dataset card without its metadata block\n")
+    capfd.readouterr()
     out = prepare(f"hf:{tmp_path / 'pq'}", "bpe:300", tmp_path / "o3", progress=False)
+    assert capfd.readouterr().err == ""  # huggingface_hub logged "Repo card metadata block was not found..."
     docs = read_back(out)
     assert sorted(docs["train"] + docs["val"]) == sorted(texts)
     check_counts(out, docs)

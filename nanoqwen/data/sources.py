@@ -337,17 +337,22 @@ def _go_offline() -> None:
 
 @contextlib.contextmanager
 def _quiet_hf() -> Iterator[None]:
-    """`datasets` logs warnings and draws progress bars on stderr; nanoqwen reports for itself."""
+    """`datasets` logs warnings and draws progress bars on stderr, and so does huggingface_hub, which it calls (a
+    folder's README.md without a metadata block: "Repo card metadata block was not found"); nanoqwen reports for
+    itself."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
-    verbosity = datasets.logging.get_verbosity()
+    verbosity, hub_verbosity = datasets.logging.get_verbosity(), hub_logging.get_verbosity()
     bars = datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
         yield
     finally:
         datasets.logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
         if bars:
             datasets.enable_progress_bars()
 
