@@ -1111,6 +1111,30 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
 
 
+def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # A dataset downloaded with its splits (the unreachable-hub error says to pass such files) trained on its
+    # validation and test rows too, in silence: hf:FOLDER reads its train split alone.
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "validation-00000-of-00001.jsonl",
+                 "test-00000-of-00001.jsonl"):
+        (tmp_path / "snap" / "data" / name).write_text(json.dumps({"text": name}) + "\n")
+    corpus = open_corpus(str(tmp_path / "snap"))
+    assert len(list(corpus.documents())) == 4
+    prepare_module._warn_about(corpus.stats)
+    test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"
+    assert capsys.readouterr().err == (
+        f"nanoqwen: note: 2 files named as a split other than train (such as {test}) are read as training text "
+        f"with the rest (prepare holds out its own val); to read the train split alone, give --dataset "
+        f"hf:{tmp_path / 'snap'}\n")
+    # A folder of notes, one named test, has no train split to read apart.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "test.txt").write_text("a test")
+    (tmp_path / "notes" / "ideas.txt").write_text("ideas")
+    notes = open_corpus(str(tmp_path / "notes"))
+    assert len(list(notes.documents())) == 2 and notes.stats.notes == []
+
+
 def test_many_skipped_files_are_a_few_lines(capsys: pytest.CaptureFixture[str]) -> None:
     # A scraped corpus with thousands of empty pages printed a line for each.
     from nanoqwen.data.sources import CorpusStats

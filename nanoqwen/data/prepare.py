@@ -754,6 +754,8 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
     if unnamed > 0:
         where = " (each is in meta.json's skipped)" if in_meta else ""
         print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
+    for note in stats.notes:
+        print(f"nanoqwen: note: {note}", file=sys.stderr)
     if stats.left_out:
         suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
         kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first

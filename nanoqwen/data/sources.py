@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
 
@@ -89,6 +89,7 @@ class CorpusStats:
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
     capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
     left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
+    notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -547,8 +548,15 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
+    held_out = other_splits(path, files) if path.is_dir() else []
+
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
+        if held_out:  # test rows trained on would make the test's figures meaningless, in silence
+            stats.notes = [f"{counted(len(held_out), 'file')} named as a split other than train (such as "
+                           f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
+                           f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
+                           f"hf:{spec}"]
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             documents = _records_or_skip(file, column, stats) if path.is_dir() and file.suffix.lower() == ".json" \
@@ -564,6 +572,20 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                 stats.replaced_in.append(str(file))
 
     return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
+
+
+# Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
+# validation/, test.jsonl): a folder of a downloaded dataset holds every split, which `hf:FOLDER --split` reads apart.
+TRAIN_WORDS = {"train", "training"}
+HELD_OUT_WORDS = {"validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation"}
+
+
+def other_splits(root: Path, files: list[Path]) -> list[Path]:
+    """The files under `root` named as a split other than train, where others are named train."""
+    words = {p: set(re.split(r"[^a-z]+", str(p.relative_to(root)).lower())) for p in files}
+    if not any(TRAIN_WORDS & named for named in words.values()):  # a test.txt among notes is no split
+        return []
+    return [p for p, named in words.items() if HELD_OUT_WORDS & named and not TRAIN_WORDS & named]
 
 
 # A text file whose bytes are this much undecodable is skipped (a few bad bytes in real text are replaced).
