@@ -1127,6 +1127,11 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
         f"nanoqwen: note: 2 files named as a split other than train (such as {test}) are read as training text "
         f"with the rest (prepare holds out its own val); to read the train split alone, give --dataset "
         f"hf:{tmp_path / 'snap'}\n")
+    # --split given for such a folder was left unread: every file was read.
+    with pytest.raises(NanoQwenError, match=re.escape(f"--split validation chooses a split of a Hugging Face dataset; "
+                                                      f"{tmp_path / 'snap'} is read whole, as files: give --dataset "
+                                                      f"hf:{tmp_path / 'snap'} to read that split of them")):
+        open_corpus(str(tmp_path / "snap"), split="validation")
     # A folder of notes, one named test, has no train split to read apart.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "test.txt").write_text("a test")

@@ -536,6 +536,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
+    if split != "train":  # else left unread, every file read
+        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole, as "
+                            f"files: give --dataset hf:{spec} to read that split of them")
     left_out: list[Path] = []
     files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
