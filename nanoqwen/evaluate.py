@@ -137,7 +137,15 @@ def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int |
 def read_text_file(path: Path, model: str) -> tuple[str, int]:
     """The text of eval's --text-file and its count of undecodable bytes replaced, or one line saying why it is
     not a text to score (checked before the model loads: a mistake costs no wait)."""
-    from nanoqwen.data.sources import NOT_UTF8, SUFFIXES, TEXT_SUFFIXES, CorpusStats, decode, mostly_undecodable
+    from nanoqwen.data.sources import (
+        NOT_UTF8,
+        SUFFIXES,
+        TEXT_SUFFIXES,
+        CorpusStats,
+        decode,
+        mostly_undecodable,
+        not_text,
+    )
 
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
@@ -153,8 +161,8 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
     raw, stats = path.read_bytes(), CorpusStats()
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
-        raise NanoQwenError(f"text file {path} is not text: {stats.replacement_chars:,} of its {len(text):,} "
-                            f"characters are not UTF-8 ({NOT_UTF8})")
+        raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "
+                            f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})")
     if not text:
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
     return text, stats.replacement_chars
@@ -184,11 +192,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
     if text is not None:
+        from nanoqwen.data.prepare import encode_text
+
         # Every token of the text is scored, the first after <|endoftext|> (how documents follow one another in
         # training; Qwen3 has no start token), so bits per byte are over all of its UTF-8 bytes, whatever the
-        # file's encoding (UTF-16, a BOM).
-        ids = [tokenizer.eot_id, *tokenizer.encode(text)]
-        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), len(text.encode("utf-8"))
+        # file's encoding (UTF-16, a BOM). It is encoded as prepare encodes a document ("<|endoftext|>" written in
+        # it is text), so the figures are those of the tokens a run trains and validates on.
+        document = encode_text(tokenizer, text)
+        ids = [tokenizer.eot_id, *document.ids[:-1].tolist()]
+        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), document.nbytes
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
             tokens = tokens[:max_tokens]
             num_bytes = tokenizer.text_bytes(tokens[1:].tolist())

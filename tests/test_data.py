@@ -283,6 +283,27 @@ def test_chat_records_read_cut_and_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "never").exists()
 
 
+def test_a_table_of_texts_and_chats_gives_both(tmp_path: Path) -> None:
+    # pandas and `datasets` write every column for every row: a chat row's text is null, and it was left out in
+    # silence (the text column was read, and only it).
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoqwen.data.sources import ChatRecord
+
+    rows = [{"text": "a plain text", "messages": None}, {"text": None, "messages": PARQUET_CHAT}]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "mix.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for source in ("mix.jsonl", "mix.parquet", "saved"):
+        documents = list(open_corpus(str(tmp_path / source)).documents())
+        assert documents == ["a plain text", ChatRecord(tuple(PARQUET_CHAT))], source
+    # Another --text-column is read alone.
+    assert list(open_corpus(str(tmp_path / "mix.parquet"), text_column="messages").documents()) == \
+        [ChatRecord(tuple(PARQUET_CHAT))]
+
+
 def test_sharegpt_roles_become_the_templates_and_an_unknown_one_is_named() -> None:
     from nanoqwen.data.sources import CorpusStats, as_document
 
@@ -466,7 +487,7 @@ def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
     assert first_paragraph("\nThe lead paragraph.\nHistory\nMore.") == "The lead paragraph."
 
 
-def test_hf_datasets_offline(tmp_path: Path) -> None:
+def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
     import datasets
     import pyarrow as pa
@@ -485,7 +506,10 @@ def test_hf_datasets_offline(tmp_path: Path) -> None:
 
     (tmp_path / "pq").mkdir()
     pq.write_table(pa.table({"text": texts}), tmp_path / "pq" / "train.parquet")
+    (tmp_path / "pq" / "README.md").write_text("# a dataset card without its metadata block\n")
+    capfd.readouterr()
     out = prepare(f"hf:{tmp_path / 'pq'}", "bpe:300", tmp_path / "o3", progress=False)
+    assert capfd.readouterr().err == ""  # huggingface_hub logged "Repo card metadata block was not found..."
     docs = read_back(out)
     assert sorted(docs["train"] + docs["val"]) == sorted(texts)
     check_counts(out, docs)
@@ -808,6 +832,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "empty" / "blank.txt").write_text("  \n\n")
     (tmp_path / "bad.jsonl").write_text('{"text": "fine"}\n{"text": broken\n')
     (tmp_path / "nofield.jsonl").write_text('{"text": "fine"}\n\n{"body": "x"}\n')
+    (tmp_path / "badtype.json").write_text('[{"text": null}, {"text": 5}]')
     (tmp_path / "scans").mkdir()
     write_pdf(tmp_path / "scans" / "scan.pdf", [])
     (tmp_path / "ok.txt").write_text("good text\n")
@@ -822,11 +847,18 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "missing.txt")], ["no such file", "missing.txt"]),
         (["--dataset", str(tmp_path / "empty")], ["has no text"]),
         (["--dataset", str(tmp_path / "bad.jsonl")], ["bad.jsonl line 2", "not valid JSON"]),
-        (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3", "'text'"]),
+        # (not "give --text-column the name of the field that holds the text": the lines before hold it there)
+        (["--dataset", str(tmp_path / "nofield.jsonl")], ["nofield.jsonl line 3: no 'text' field (fields: body); fix "
+                                                         "or remove that record (the ones before it have their text)"]),
+        (["--dataset", str(tmp_path / "badtype.json")], ["badtype.json record 2: field 'text' holds int, not text or "
+                                                        "a list of chat turns; fix or remove that record"]),
         (["--dataset", str(tmp_path / "scans")], ["has no text", "no text layer"]),
         (["--dataset", "nosuchcorpus"], ["'nosuchcorpus' is not a file or folder here, nor a dataset"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "nosuchtok"], ["unknown tokenizer 'nosuchtok'"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "tok/nope"], ["tokenizer folder tok/nope does not"]),
+        # (it said "no tokenizer.json; give a folder written by nanoqwen", which a run folder is)
+        (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", str(tmp_path / "run")],
+         [f"{tmp_path / 'run'} is a run folder; give one of its checkpoints: {tmp_path / 'run' / 'best'}"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100000000000"], ["at most bpe:1048576"]),
@@ -978,6 +1010,18 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
 
 
+def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
+    # Such a file decodes as UTF-8 with a NUL after every ASCII letter: it was trained on as text, in silence.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "u16.txt").write_bytes(("Hello there. " * 20).encode("utf-16-le"))
+    (tmp_path / "c" / "good.txt").write_text("plain text\x00 with a NUL or two\x00")  # a few are kept
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text\x00 with a NUL or two\x00"]
+    assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "260 of the first 520 "
+                                     "characters are not UTF-8 (a binary file, or text in another encoding: convert "
+                                     "it to UTF-8)"}]
+
+
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in
     # a file without any), with no block of a few bytes at the end; undecodable bytes are counted across blocks.
@@ -1015,6 +1059,98 @@ def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path)
     assert [Path(s["path"]).name for s in corpus.stats.skipped] == ["package.json", "tsconfig.json"]
     with pytest.raises(NanoQwenError, match="no 'text' field"):  # given alone, it is the user's data: an error
         list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
+    # pandas' to_json writes a table by columns (or by rows, keyed by index) unless told records: said so, where the
+    # text field was said to hold a dict, or a record to have fields "0, 1".
+    import pandas as pd
+
+    frame = pd.DataFrame({"text": ["one", "two"], "id": [1, 2]})
+    for orient in ("columns", "index"):
+        frame.to_json(tmp_path / f"{orient}.json", orient=orient)
+        with pytest.raises(NanoQwenError) as refused:
+            list(open_corpus(str(tmp_path / f"{orient}.json")).documents())
+        assert str(refused.value) == (f"{tmp_path / f'{orient}.json'} is a table by columns or by index, as pandas' "
+                                      "to_json writes one, not records; save it with df.to_json(PATH, "
+                                      "orient='records', lines=True)")
+    # A record of many fields names a few (the error was one line of every field).
+    (tmp_path / "wide.json").write_text(json.dumps({f"field{i}": i for i in range(1000)}))
+    with pytest.raises(NanoQwenError, match=r"\(fields: field0, field1, .*, field9 and 990 more\)"):
+        list(open_corpus(str(tmp_path / "wide.json")).documents())
+
+
+def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # Records whose text is all null or empty, and files of other types, were left out in silence: a folder of
+    # .csv or .html beside one README.md trained on the README alone, and said nothing of the rest.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    import nanoqwen.data.sources as sources
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "good.txt").write_text("some text")
+    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n')
+    (folder / "none.jsonl").write_text("")
+    (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
+    pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")
+    for name in ("a.csv", "b.csv", "page.html", "README"):
+        (folder / name).write_text("text of another type")
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == ["some text"]
+    assert corpus.stats.skipped == [{"path": str(folder / "blank.txt"), "reason": "empty"}] + [
+        {"path": str(folder / name), "reason": "no record with any text"}
+        for name in ("none.jsonl", "nulls.jsonl", "nulls.parquet")]
+    prepare_module._warn_about(corpus.stats)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 5 and err.endswith(
+        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .parquet or .pdf (2 .csv, 1 "
+        f"without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of those\n"), err
+    alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
+    assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
+
+
+def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # A dataset downloaded with its splits (the unreachable-hub error says to pass such files) trained on its
+    # validation and test rows too, in silence: hf:FOLDER reads its train split alone.
+    (tmp_path / "snap" / "data").mkdir(parents=True)
+    for name in ("train-00000-of-00002.jsonl", "train-00001-of-00002.jsonl", "validation-00000-of-00001.jsonl",
+                 "test-00000-of-00001.jsonl"):
+        (tmp_path / "snap" / "data" / name).write_text(json.dumps({"text": name}) + "\n")
+    corpus = open_corpus(str(tmp_path / "snap"))
+    assert len(list(corpus.documents())) == 4
+    prepare_module._warn_about(corpus.stats)
+    test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"
+    assert capsys.readouterr().err == (
+        f"nanoqwen: note: 2 files named as a split other than train (such as {test}) are read as training text "
+        f"with the rest (prepare holds out its own val); to read the train split alone, give --dataset "
+        f"hf:{tmp_path / 'snap'}\n")
+    # --split given for such a folder was left unread: every file was read.
+    with pytest.raises(NanoQwenError, match=re.escape(f"--split validation chooses a split of a Hugging Face dataset; "
+                                                      f"{tmp_path / 'snap'} is read whole, as files: give --dataset "
+                                                      f"hf:{tmp_path / 'snap'} to read that split of them")):
+        open_corpus(str(tmp_path / "snap"), split="validation")
+    # A folder of notes, one named test, has no train split to read apart.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "test.txt").write_text("a test")
+    (tmp_path / "notes" / "ideas.txt").write_text("ideas")
+    notes = open_corpus(str(tmp_path / "notes"))
+    assert len(list(notes.documents())) == 2 and notes.stats.notes == []
+
+
+def test_many_skipped_files_are_a_few_lines(capsys: pytest.CaptureFixture[str]) -> None:
+    # A scraped corpus with thousands of empty pages printed a line for each.
+    from nanoqwen.data.sources import CorpusStats
+
+    stats = CorpusStats(skipped=[{"path": f"c/{i}.txt", "reason": "empty"} for i in range(25)])
+    prepare_module._warn_about(stats)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[:10] == [f"nanoqwen: warning: skipped c/{i}.txt: empty" for i in range(10)]
+    assert lines[10:] == ["nanoqwen: warning: skipped 15 more files (each is in meta.json's skipped)"]
+    prepare_module._warn_about(stats, in_meta=False)  # `tokenizer train` writes no meta.json
+    assert capsys.readouterr().err.splitlines()[10:] == ["nanoqwen: warning: skipped 15 more files"]
 
 
 def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import random
+import unicodedata
 from pathlib import Path
 
 import pyarrow as pa
@@ -71,6 +73,12 @@ def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: P
     err = one_line(capsys)
     assert err.startswith(f"nanoqwen eval: error: text file {noise} is not text: ") and err.endswith(
         "characters are not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)"), err
+    # UTF-16 without a byte-order mark decodes as UTF-8, a NUL after every ASCII letter: scored, it measured noise.
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes((TEXT * 4).encode("utf-16-le"))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(utf16), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: text file {utf16} is not text: 204 of its 408 characters "
+                                "are not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)")
     # A few bad bytes in real text are still scored, with a warning (and a text file of any name is read).
     mostly = tmp_path / "notes.log"
     mostly.write_bytes(TEXT.encode() * 10 + b"\xff" * 65)
@@ -139,3 +147,24 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     monkeypatch.setattr(nanoqwen.generate, "load_for_inference", no_load)
     assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata"), "--device", "cpu"]) == 2
     assert "nodata does not exist" in one_line(capsys)
+
+
+def test_a_text_file_is_encoded_as_prepare_encodes_a_document(checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # "<|endoftext|>" written in a text (TinyStories' .txt files part their stories with it) is text to prepare; eval
+    # scored it as the one id, so its figures were of other tokens than those a run trains and validates on. Its
+    # text is NFC-normalized as prepare's is, and bits per byte are over the bytes prepare counts.
+    from nanoqwen.data.prepare import load_meta, prepare
+
+    text = "the cat sat<|endoftext|>the dog sat <|im_start|> on the cafe\u0301 mat. " * 3
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "a.txt").write_text(text)
+    (tmp_path / "c" / "b.txt").write_text("the log")  # held out as val: a.txt is train, whole
+    data = prepare(str(tmp_path / "c"), str(checkpoint), tmp_path / "data", progress=False)
+    train = load_meta(data)["splits"]["train"]
+    assert train["documents"] == 1 and train["bytes"] == len(unicodedata.normalize("NFC", text).encode())
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "c" / "a.txt"), "--device", "cpu",
+                 "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["tokens"] == train["tokens"] - 1  # the text's ids, each after those before it (train's end in one)
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / train["bytes"])

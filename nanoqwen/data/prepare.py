@@ -18,7 +18,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -33,7 +33,16 @@ from tokenizers import Tokenizer as HFTokenizer
 from tqdm import tqdm
 
 from nanoqwen import __version__
-from nanoqwen.data.sources import CHAT_COLUMNS, SOURCES_HELP, ChatRecord, Corpus, CorpusStats, Document, open_corpus
+from nanoqwen.data.sources import (
+    CHAT_COLUMNS,
+    SOURCES_HELP,
+    SUFFIXES,
+    ChatRecord,
+    Corpus,
+    CorpusStats,
+    Document,
+    open_corpus,
+)
 from nanoqwen.errors import NanoQwenError, counted, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
@@ -140,7 +149,7 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
     with atomic_dir(out) as tmp:
         tokenizer.save(tmp)
-    _warn_about(corpus.stats, counted=False)  # no meta.json here
+    _warn_about(corpus.stats, in_meta=False)  # no meta.json here
     print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {counted(documents, 'document')} "
           f"({data_size(nbytes)}) in {time.perf_counter() - start:.1f} s -> {out}")
     return 0
@@ -484,6 +493,13 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     return encode
 
 
+def encode_text(tokenizer: Tokenizer, text: str) -> Encoded:
+    """One plain text as prepare writes a document of it: NFC-normalized, its ids ending with <|endoftext|> (an added
+    token written in it is text), and its UTF-8 bytes. eval --text-file scores a file so, to measure what training
+    measured."""
+    return _encoder(tokenizer, "", None)([unicodedata.normalize("NFC", text)])[0]
+
+
 def _ids(hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in hf.encode_batch_fast(texts, add_special_tokens=False)]
 
@@ -726,12 +742,30 @@ def _holds(out: Path, fingerprint: str) -> bool:
     return meta["fingerprint"] == fingerprint and not unread_chats
 
 
-def _warn_about(stats: CorpusStats, counted: bool = True) -> None:
-    """Say what was skipped or replaced; `counted`: the replacements are in the meta.json written (prepare)."""
-    for skipped in stats.skipped:
+SHOWN_SKIPS = 10  # skipped files named on screen: a scraped corpus may have thousands of empty pages
+
+
+def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
+    """Say what was skipped, left out or replaced; `in_meta`: the replacements are in the meta.json written
+    (prepare)."""
+    for skipped in stats.skipped[:SHOWN_SKIPS]:
         print(f"nanoqwen: warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
+    unnamed = len(stats.skipped) - SHOWN_SKIPS
+    if unnamed > 0:
+        where = " (each is in meta.json's skipped)" if in_meta else ""
+        print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
+    for note in stats.notes:
+        print(f"nanoqwen: note: {note}", file=sys.stderr)
+    if stats.left_out:
+        suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
+        kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
+        said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
+        more = f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else ""
+        print(f"nanoqwen: note: left out {counted(len(stats.left_out), 'file')} that are not "
+              f"{', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} ({said}{more}; such as {stats.left_out[0]}); convert "
+              "any that hold text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "
-              f"{'in ' + ', '.join(where) + ' ' if where else ''}({'counted in meta.json; ' if counted else ''}"
+              f"{'in ' + ', '.join(where) + ' ' if where else ''}({'counted in meta.json; ' if in_meta else ''}"
               "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)

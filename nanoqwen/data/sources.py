@@ -21,6 +21,7 @@ import codecs
 import contextlib
 import fnmatch
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -39,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
 
@@ -87,6 +88,8 @@ class CorpusStats:
     replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
     capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
+    left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
+    notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -335,17 +338,22 @@ def _go_offline() -> None:
 
 @contextlib.contextmanager
 def _quiet_hf() -> Iterator[None]:
-    """`datasets` logs warnings and draws progress bars on stderr; nanoqwen reports for itself."""
+    """`datasets` logs warnings and draws progress bars on stderr, and so does huggingface_hub, which it calls (a
+    folder's README.md without a metadata block: "Repo card metadata block was not found"); nanoqwen reports for
+    itself."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
-    verbosity = datasets.logging.get_verbosity()
+    verbosity, hub_verbosity = datasets.logging.get_verbosity(), hub_logging.get_verbosity()
     bars = datasets.is_progress_bar_enabled()
     datasets.logging.set_verbosity_error()
+    hub_logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:
         yield
     finally:
         datasets.logging.set_verbosity(verbosity)
+        hub_logging.set_verbosity(hub_verbosity)
         if bars:
             datasets.enable_progress_bars()
 
@@ -383,6 +391,8 @@ def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> It
 # What to do about records whose text is not where it was looked for: the default field, or a --text-column
 # given wrong (a bare "pass --text-column" read as a contradiction to one who had).
 NAME_THE_TEXT = "give --text-column the name of the field that holds the text"
+# ... unless the records before it were read: then that one record is what is wrong.
+FIX_THE_RECORD = "fix or remove that record (the ones before it have their text)"
 
 
 def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
@@ -394,14 +404,19 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         column = text_column_of(names, column)
         if column not in names:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
-        ds = ds.select_columns([column])
+        beside = chat_beside(names, column)
+        ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
-        for value in batch[column]:
-            document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
+        beside = chat_beside(batch, column)
+        for value, turns in zip(batch[column], batch[beside] if beside else itertools.repeat(None)):
+            if value is None and turns:  # a chat row of a table of texts and chats
+                document = as_document(turns, f"{where}: column {beside!r}", stats, chat=True)
+            else:
+                document = as_document(value, f"{where}: column {column!r}", stats, chat=column != asked)
             if isinstance(document, str) and transform:
                 document = transform(document)
             if document:
@@ -443,8 +458,8 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats)
 
 # -- local files ------------------------------------------------------------------------------------
 
-def local_files(root: Path) -> list[Path]:
-    """The corpus files under `root` in sorted order.
+def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
+    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
     (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
@@ -460,9 +475,15 @@ def local_files(root: Path) -> list[Path]:
     prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
                 or (p.name == "config.json" and is_run_config(p))}
 
-    def in_corpus(p: Path) -> bool:
-        return p.suffix.lower() in SUFFIXES and not any(part.startswith(".") for part in p.relative_to(root).parts) \
+    def in_folder(p: Path) -> bool:
+        return not any(part.startswith(".") for part in p.relative_to(root).parts) \
             and not prepared.intersection(p.parents)
+
+    def in_corpus(p: Path) -> bool:
+        return p.suffix.lower() in SUFFIXES and in_folder(p)
+
+    if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
+        left_out += [p for p in everything if p.suffix.lower() not in SUFFIXES and in_folder(p)]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -515,7 +536,11 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
-    files = local_files(path)
+    if split != "train":  # else left unread, every file read
+        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole, as "
+                            f"files: give --dataset hf:{spec} to read that split of them")
+    left_out: list[Path] = []
+    files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
@@ -526,17 +551,44 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
+    held_out = other_splits(path, files) if path.is_dir() else []
+
     def read(stats: CorpusStats) -> Iterator[Document]:
+        stats.left_out = [str(p) for p in left_out]
+        if held_out:  # test rows trained on would make the test's figures meaningless, in silence
+            stats.notes = [f"{counted(len(held_out), 'file')} named as a split other than train (such as "
+                           f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
+                           f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
+                           f"hf:{spec}"]
         for file in files:
-            before = stats.replacement_chars
-            if path.is_dir() and file.suffix.lower() == ".json":
-                yield from _records_or_skip(file, column, stats)
-            else:
-                yield from read_file(file, column, stats)
+            before, skipped, found = stats.replacement_chars, len(stats.skipped), False
+            documents = _records_or_skip(file, column, stats) if path.is_dir() and file.suffix.lower() == ".json" \
+                else read_file(file, column, stats)
+            with contextlib.closing(documents):  # its file closed at once when the pass stops early
+                for document in documents:
+                    found = True
+                    yield document
+            if not found and len(stats.skipped) == skipped:  # records whose text is all null or "": say so
+                text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
+                stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
     return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
+
+
+# Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
+# validation/, test.jsonl): a folder of a downloaded dataset holds every split, which `hf:FOLDER --split` reads apart.
+TRAIN_WORDS = {"train", "training"}
+HELD_OUT_WORDS = {"validation", "valid", "val", "dev", "test", "testing", "eval", "evaluation"}
+
+
+def other_splits(root: Path, files: list[Path]) -> list[Path]:
+    """The files under `root` named as a split other than train, where others are named train."""
+    words = {p: set(re.split(r"[^a-z]+", str(p.relative_to(root)).lower())) for p in files}
+    if not any(TRAIN_WORDS & named for named in words.values()):  # a test.txt among notes is no split
+        return []
+    return [p for p, named in words.items() if HELD_OUT_WORDS & named and not TRAIN_WORDS & named]
 
 
 # A text file whose bytes are this much undecodable is skipped (a few bad bytes in real text are replaced).
@@ -544,10 +596,17 @@ MOSTLY_UNDECODABLE = 0.25
 NOT_UTF8 = "a binary file, or text in another encoding: convert it to UTF-8"
 
 
+def not_text(replaced: int, text: str) -> int:
+    """Characters of `text`, decoded with `replaced` U+FFFD replacements, that are no text: those, and NULs (UTF-16
+    without a byte-order mark decodes as UTF-8 with a NUL after every ASCII letter, as much of a binary file does)."""
+    return replaced + text.count("\0")
+
+
 def mostly_undecodable(replaced: int, text: str) -> bool:
     """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
     as text, not text with a few bad bytes."""
-    return replaced > 64 and replaced > MOSTLY_UNDECODABLE * len(text)
+    noise = not_text(replaced, text)
+    return noise > 64 and noise > MOSTLY_UNDECODABLE * len(text)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -560,8 +619,8 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         seen = CorpusStats()
         text = decode(raw, seen)
         if mostly_undecodable(seen.replacement_chars, text):
-            stats.skipped.append({"path": str(path), "reason": f"{seen.replacement_chars:,} of the first "
-                                  f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
+            stats.skipped.append({"path": str(path), "reason": f"{not_text(seen.replacement_chars, text):,} of the "
+                                  f"first {len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
         elif large:
             yield from _text_blocks(path, stats)
         elif text.strip():
@@ -614,16 +673,27 @@ def text_column_of(names: Iterable[str], column: str) -> str:
     return column
 
 
-def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False) -> Document | None:
+def chat_beside(names: Iterable[str], column: str) -> str | None:
+    """The chat column of a table that has the default text column too, read in a row whose text is null: pandas and
+    `datasets` give every row of a mix of texts and chats every column (None: `column` is not the default one, or
+    there is no such column)."""
+    names = list(names)
+    if column != DEFAULT_TEXT_COLUMN or column not in names:
+        return None
+    return next((name for name in CHAT_COLUMNS if name in names), None)
+
+
+def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False,
+                remedy: str = NAME_THE_TEXT) -> Document | None:
     """A field's value as a document: text, or a list of chat turns as a ChatRecord (None: nothing). With `chat`
-    (a chat field read for want of a text field) only turns: a string there is no text the user named."""
+    (a chat field read for want of a text field) only turns: a string there is no text the user named. `remedy`:
+    what to do about a value of another type."""
     if chat and value is not None and not isinstance(value, list):
         raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
-        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; "
-                            f"{NAME_THE_TEXT}")
+        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; {remedy}")
     turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
     return ChatRecord(turns, where) if turns else None
 
@@ -664,14 +734,22 @@ def _without_lone_surrogates(text: str, stats: CorpusStats) -> str:
     return text
 
 
-def _record_document(record: Any, column: str, where: str, stats: CorpusStats) -> Document | None:
+def _record_document(record: Any, column: str, where: str, stats: CorpusStats, first: bool) -> Document | None:
+    """The document of one JSON record; `first`: no record before it was read (else a record without its text
+    where the others have theirs is what is wrong, not --text-column)."""
+    remedy = NAME_THE_TEXT if first else FIX_THE_RECORD
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     field_name = text_column_of(record, column)
+    beside = chat_beside(record, field_name)
+    if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
+        field_name = beside
     if field_name not in record:
-        fields = ", ".join(record) or "none"
-        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {NAME_THE_TEXT}")
-    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column)
+        names = list(record)  # a few: a record may have thousands
+        fields = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "") or "none"
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
+    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
+                       remedy=remedy)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -684,6 +762,7 @@ def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docume
 
 
 def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
+    first = True
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -692,7 +771,8 @@ def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStat
         except json.JSONDecodeError as e:
             raise NanoQwenError(f"{path} line {number}: not valid JSON ({e.msg}); "
                                 "fix or remove that line") from None
-        document = _record_document(record, column, f"{path} line {number}", stats)
+        document = _record_document(record, column, f"{path} line {number}", stats, first)
+        first = False
         if document:
             yield document
 
@@ -712,11 +792,23 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
             yield from _json_lines(text.split("\n"), path, column, stats)
             return
         raise NanoQwenError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+    if _pandas_table(data, column):  # read as one record, it said its text field held a dict, or had fields 0, 1...
+        raise NanoQwenError(f"{path} is a table by columns or by index, as pandas' to_json writes one, not records; "
+                            "save it with df.to_json(PATH, orient='records', lines=True)")
     records: Iterable[Any] = data if isinstance(data, list) else [data]
     for number, record in enumerate(records, 1):
-        document = _record_document(record, column, f"{path} record {number}", stats)
+        document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
         if document:
             yield document
+
+
+def _pandas_table(data: Any, column: str) -> bool:
+    """Whether JSON `data` is a table as pandas' to_json writes one by default ({"text": {"0": ...}, ...}) or by
+    index ({"0": {"text": ...}, ...}): rows keyed by their index, where records are a list or JSON lines."""
+    if not isinstance(data, dict) or not data or not all(isinstance(value, dict) for value in data.values()):
+        return False
+    fields = {column, *CHAT_COLUMNS} if column == DEFAULT_TEXT_COLUMN else {column}
+    return bool(fields & data.keys() or fields & next(iter(data.values())).keys())
 
 
 def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -767,10 +859,17 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     if not (binary or text or turns):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
                             f"{NAME_THE_TEXT}")
-    for batch in read_checked(pf.iter_batches(columns=[column], batch_size=1024), (pa.ArrowException, OSError),
+    beside = None if chat else chat_beside(schema.names, column)
+    columns = [column] if beside is None else [column, beside]
+    for batch in read_checked(pf.iter_batches(columns=columns, batch_size=1024), (pa.ArrowException, OSError),
                               f"{path}: damaged parquet data"):
-        for value in batch.column(0).to_pylist():
-            if value and (turns or chat):
+        chats = batch.column(1).to_pylist() if beside else itertools.repeat(None)
+        for value, turns_beside in zip(batch.column(0).to_pylist(), chats):
+            if value is None and turns_beside:  # a chat row of a table of texts and chats
+                document = as_document(turns_beside, f"{path}: column {beside!r}", stats, chat=True)
+                if document:
+                    yield document
+            elif value and (turns or chat):
                 document = as_document(value, f"{path}: column {column!r}", stats, chat)
                 if document:
                     yield document
