@@ -1,6 +1,6 @@
-"""Sampling over the model's KV cache: greedy or temperature/top-k/top-p, repetition, presence and
-frequency penalties, stop tokens and stop strings, seeds, batched prompts, token log-probabilities, and
-text streaming that never splits a character.
+"""Sampling over the model's KV cache: greedy or temperature/top-k/top-p/min-p, repetition, presence and
+frequency penalties, stop tokens and stop strings (held off for a first `min_tokens`, kept in the text or not),
+seeds, batched prompts, token log-probabilities, and text streaming that never splits a character.
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ class SamplingParams:
     """Keep the k most likely tokens; 0 keeps all."""
     top_p: float = 1.0
     """Keep the smallest set of tokens whose probability reaches p."""
+    min_p: float = 0.0
+    """Keep the tokens whose probability is at least min_p times the best one's; 0 keeps all."""
     repetition_penalty: float = 1.0
     """> 1 discourages tokens already in the prompt or the output (CTRL-style, as Transformers does)."""
     presence_penalty: float = 0.0
@@ -43,7 +45,12 @@ class SamplingParams:
     """In [-2, 2]: subtracted from a token's logit once per time it was generated (OpenAI's; the prompt
     does not count). > 0 discourages verbatim repetition."""
     stop_token_ids: list[int] = field(default_factory=list)
+    """Tokens that end the text (not part of it): the model's end tokens, and any others asked for."""
     stop_strings: list[str] = field(default_factory=list)
+    min_tokens: int = 0
+    """No stop token is sampled, and no stop string ends the text, before this many tokens (vLLM's)."""
+    include_stop_str_in_output: bool = False
+    """The stop string or stop token that ended the text stays in it (vLLM's); by default it is cut off."""
     seed: int | None = None
     skip_special_tokens: bool = True
     """Leave special tokens (<|im_start|>, <|endoftext|>...) out of the text, as HF pipelines and vLLM do;
@@ -62,6 +69,11 @@ class SamplingParams:
             raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone
             raise NanoQwenError(f"top_p must be in [0, 1], got {self.top_p}")
+        if not 0 <= self.min_p <= 1:  # 1 keeps the most likely token (and its ties) alone
+            raise NanoQwenError(f"min_p must be in [0, 1], got {self.min_p}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise NanoQwenError(f"min_tokens must be >= 0 and at most the tokens asked for ({self.max_new_tokens}), "
+                                f"got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
@@ -123,10 +135,14 @@ class Penalties:
 
 
 def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None,
-                penalties: Penalties | None = None) -> torch.Tensor:
-    """Pick one token per row. logits (B, V) fp32; penalties: the rows' history (None: no penalty active)."""
+                penalties: Penalties | None = None, generated: int = 0) -> torch.Tensor:
+    """Pick one token per row. logits (B, V) fp32; penalties: the rows' history (None: no penalty active);
+    generated: tokens the rows have sampled so far (below `min_tokens`, no stop token can be picked)."""
     if penalties is not None:
         logits = penalties.apply(logits)
+    if generated < params.min_tokens and params.stop_token_ids:  # as vLLM: the stop tokens are masked out
+        stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=logits.device)
+        logits = logits.index_fill(-1, stops, float("-inf"))
     if params.greedy:
         return logits.argmax(dim=-1)
     logits, candidates = sampled_logits(logits, params)
@@ -135,7 +151,8 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
 
 
 def sampled_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """What a token is drawn from, as Transformers' warpers do it: temperature, then top-k, then top-p.
+    """What a token is drawn from, as Transformers' warpers do it: temperature, then top-k, then top-p, then
+    min-p (vLLM applies min-p before top-k/top-p; the two orders differ only where top-p and min-p both cut).
     The logits of the tokens left (-inf where dropped), and the token id of each column (None: column j is
     token j; with top-k only the best columns are kept, sorted)."""
     # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
@@ -155,6 +172,9 @@ def sampled_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.
         drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
         drop[:, 0] = False  # the best token always stays: a top_p that float32 rounds to 0 dropped it too
         logits = logits.masked_fill(drop, float("-inf"))
+    if params.min_p > 0:
+        # probability >= min_p * the best's, in logits: the best is 0 here (shifted above; top-k and top-p keep it)
+        logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     return logits, candidates
 
 
@@ -317,7 +337,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             fixed_shapes = graphs_by_default(model)
         decode_step = DecodeStep(model, cache) if fixed_shapes else None
         for step in range(budget):
-            token = next_tokens(logits[:, -1].float(), params, generator, penalties)
+            token = next_tokens(logits[:, -1].float(), params, generator, penalties, generated=step)
             yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
             done |= torch.isin(token, stop_ids)
             if bool(done.all()) or step == budget - 1:
@@ -348,12 +368,16 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
 
 class TextStream:
     """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
-    that may be the start of a stop string, and ends the text at the first stop string."""
+    that may be the start of a stop string, and ends the text at the first stop string (once `min_tokens`
+    tokens are in; before, a stop string is text), before it or, with `include_stop`, after it."""
 
-    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True,
+                 min_tokens: int = 0, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         self.stop_strings = [s for s in stop_strings if s]
+        self.min_tokens, self.include_stop = min_tokens, include_stop
+        self.accepted = 0  # tokens taken by `accept`, a stop token included
         self.ids: list[int] = []
         self.text = ""  # the decoded text of all ids so far
         self.emitted = 0  # characters of the text already handed out
@@ -366,7 +390,8 @@ class TextStream:
     @classmethod
     def for_params(cls, tokenizer: Tokenizer, params: SamplingParams) -> TextStream:
         """The stream one request's sampling settings ask for (its stop strings, special tokens kept or not)."""
-        return cls(tokenizer, params.stop_strings, params.skip_special_tokens)
+        return cls(tokenizer, params.stop_strings, params.skip_special_tokens, params.min_tokens,
+                   params.include_stop_str_in_output)
 
     def push(self, token: int) -> str:
         self.ids.append(token)
@@ -386,9 +411,13 @@ class TextStream:
 
     def accept(self, token: int, stop_token_ids: list[int]) -> tuple[str, str | None]:
         """New text for one generated token, and "stop" when the text ends here (stop token or string)."""
-        if token in stop_token_ids:  # its text is not added: it starts (and ends) where the text ends
-            self.token_start = len(self.text)
-            return self.finish(), "stop"
+        self.accepted += 1
+        if token in stop_token_ids:
+            if self.include_stop:
+                delta = self.push(token)
+            else:  # its text is not added: it starts (and ends) where the text ends
+                delta, self.token_start = "", len(self.text)
+            return delta + self.finish(), "stop"
         delta = self.push(token)
         return delta, "stop" if self.stopped else None
 
@@ -397,10 +426,13 @@ class TextStream:
         return self._release(self.text, final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
-        found = [text.find(stop, max(0, self.emitted - len(stop))) for stop in self.stop_strings]
-        found = [at for at in found if at != -1]
-        if found:  # the text ends where the earliest stop string begins, whatever order they were given in
-            text, self.stopped = text[:min(found)], True
+        found = []  # (start, end) of each stop string in the text: none before min_tokens tokens are in
+        for stop in self.stop_strings if self.accepted >= self.min_tokens else []:
+            if (at := text.find(stop, max(0, self.emitted - len(stop)))) != -1:
+                found.append((at, at + len(stop)))
+        if found:  # the text ends at the earliest stop string (the shortest of those there), whatever their order
+            start, end = min(found)
+            text, self.stopped = text[:end if self.include_stop else start], True
         safe = len(text)
         if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
             # Such a tail starts after what was handed out (that text was already checked), so the search
@@ -477,10 +509,12 @@ def stream_text(model: Qwen3, tokenizer: Tokenizer, prompt: str, params: Samplin
 
 # -- `nanoqwen sample` ---------------------------------------------------------------------------
 # Used where the checkpoint's generation_config.json does not say (Transformers and vLLM read that file too).
-SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "repetition_penalty": 1.0}
+SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p": 0.95, "min_p": 0.0,
+                                       "repetition_penalty": 1.0}
 # What a generation_config.json that asks to sample (do_sample true) means by a setting it leaves out: Transformers'
 # GenerationConfig defaults, which generate() fills in (and which that file leaves out unless set).
-TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                                           "repetition_penalty": 1.0}
 
 
 def top_k_int(text: str) -> int:
@@ -502,6 +536,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                         "so --top-k and --top-p then need --temperature too")
     p.add_argument("--top-k", type=top_k_int, default=None, help=f"0 (or -1) keeps all tokens {default('top_k')}")
     p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
+    p.add_argument("--min-p", type=float, default=None,
+                   help=f"keep tokens at least this times as likely as the best one; 0 keeps all {default('min_p')}")
     p.add_argument("--repetition-penalty", type=float, default=None,
                    help=f"> 1 discourages prompt and output tokens {default('repetition_penalty')}")
     p.add_argument("--presence-penalty", type=float, default=0.0,

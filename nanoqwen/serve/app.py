@@ -186,7 +186,8 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 # -- the application -----------------------------------------------------------------------------
 # What a request leaves out is sampled as OpenAI's API does, unless the checkpoint's generation_config.json
 # says otherwise (as vLLM reads it): official Qwen3 folders recommend temperature 0.6-0.7, top-p, top-k.
-OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                     "repetition_penalty": 1.0}
 LogprobShape = Callable[[list[TokenLogprob]], dict[str, Any]]
 
 
@@ -232,13 +233,14 @@ def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
         return "bytes:" + "".join(f"\\x{b:02x}" for b in raw), list(raw)
 
 
-def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
-    """The logprobs of a reply's content tokens: as OpenAI, not of the stop token that ended it."""
+def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], stops: frozenset[int] = frozenset()
+                  ) -> dict[str, Any]:
+    """The logprobs of a reply's content tokens: as OpenAI, not of the stop token that ended it (`stops`: the
+    tokens that stop it and are not text)."""
     def item(token: int, logprob: float) -> dict[str, Any]:
         text, raw = token_text(tokenizer, token)
         return {"token": text, "logprob": logprob, "bytes": raw}
 
-    stops = set(tokenizer.stop_ids)
     content = [{**item(e.token, e.logprob), "top_logprobs": [item(t, lp) for t, lp in e.top]}
                for e in entries if e.token not in stops]
     return {"content": content}
@@ -421,20 +423,32 @@ class Service:
         body.check_unsupported()
         defaults = self.defaults
         top_k = int(defaults["top_k"]) if body.top_k is None else max(body.top_k, 0)  # -1 and 0: all tokens
-        return SamplingParams(
+        vocab = self.model.config.vocab_size
+        if bad := [t for t in body.stop_token_ids or [] if not 0 <= t < vocab]:
+            raise APIError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})", "stop_token_ids")
+        # ignore_eos: the model's end tokens are tokens like any other; the request's own stop tokens still stop
+        stops = [*([] if body.ignore_eos else self.tokenizer.stop_ids), *(body.stop_token_ids or [])]
+        params = SamplingParams(
             max_new_tokens=self.context if max_tokens is None else max_tokens,  # the engine caps it to what fits
             temperature=defaults["temperature"] if body.temperature is None else body.temperature,
             top_k=top_k,
             top_p=defaults["top_p"] if body.top_p is None else body.top_p,
+            min_p=defaults.get("min_p", 0.0) if body.min_p is None else body.min_p,
             repetition_penalty=defaults["repetition_penalty"] if body.repetition_penalty is None
             else body.repetition_penalty,
             presence_penalty=body.presence_penalty or 0.0,
             frequency_penalty=body.frequency_penalty or 0.0,
-            stop_token_ids=self.tokenizer.stop_ids,
+            stop_token_ids=list(dict.fromkeys(stops)),
             stop_strings=body.stop_strings(),
+            min_tokens=body.min_tokens,
+            include_stop_str_in_output=body.include_stop_str_in_output,
             seed=body.seed,
             skip_special_tokens=body.skip_special_tokens,
-        ).validate()
+        )
+        try:
+            return params.validate()
+        except NanoQwenError as e:  # what no one field's range says (min_tokens beyond max_tokens)
+            raise APIError(400, str(e), str(e).split()[0]) from None
 
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
@@ -448,7 +462,10 @@ class Service:
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None
         if top_logprobs is not None:
-            shape = functools.partial(chat_logprobs if chat else completion_logprobs, self.tokenizer)
+            shape = functools.partial(completion_logprobs, self.tokenizer)
+            if chat:
+                shape = functools.partial(chat_logprobs, self.tokenizer, stops=frozenset(
+                    [] if params.include_stop_str_in_output else params.stop_token_ids))
         ident, created = new_id("chatcmpl-" if chat else "cmpl-"), now()
         head = {"id": ident, "object": "chat.completion" if chat else "text_completion", "created": created,
                 "model": self.name}

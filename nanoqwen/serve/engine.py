@@ -155,7 +155,8 @@ class Sequence:
 
     @property
     def plain_greedy(self) -> bool:
-        return self.params.greedy and self.penalties is None
+        """The next token is the raw argmax: greedy, no penalty, and no stop token held off by min_tokens."""
+        return self.params.greedy and self.penalties is None and self.generated >= self.params.min_tokens
 
 
 def answer_failed(seq: Sequence, error: Exception) -> None:
@@ -353,7 +354,7 @@ class Engine:
             return True
         ids = torch.tensor([seq.prompt], dtype=torch.long, device=self.device)
         seq.penalties = Penalties.start(seq.params, ids, self.model.config.vocab_size)
-        token = int(next_tokens(logits, seq.params, seq.generator, seq.penalties)[0])
+        token = int(next_tokens(logits, seq.params, seq.generator, seq.penalties, seq.generated)[0])
         return self._accept(seq, token, self._logprobs([seq], logits, [token])[0])
 
     def _decode(self) -> None:
@@ -368,7 +369,8 @@ class Engine:
         for row, seq in enumerate(rows):
             try:
                 sampled.append(greedy[row] if seq.plain_greedy else
-                               int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties)[0]))
+                               int(next_tokens(logits[row:row + 1], seq.params, seq.generator, seq.penalties,
+                                               seq.generated)[0]))
             except Exception as e:  # noqa: BLE001 (this request's failure, not the batch's)
                 self._fail(seq, e)
                 sampled.append(0)  # a placeholder: the row is dropped at the next step

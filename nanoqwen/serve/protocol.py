@@ -9,7 +9,8 @@ change the answer and is not implemented is refused with a 400: completions' `su
 `best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
 `functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
 (an assistant's refusal parts are text: what it said).
-`top_k`, `repetition_penalty` and `skip_special_tokens` (default true) are extras (as vLLM names them).
+`top_k`, `min_p`, `repetition_penalty`, `skip_special_tokens` (default true), `min_tokens`, `ignore_eos`,
+`stop_token_ids` and `include_stop_str_in_output` are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
@@ -83,6 +84,7 @@ class SamplingRequest(RequestBody):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)  # 0: only the most likely token
     top_k: int | None = Field(default=None, ge=-1, description="-1 or 0 keeps all tokens")
+    min_p: float | None = Field(default=None, ge=0, le=1)  # vLLM's: 0 keeps all tokens
     repetition_penalty: float | None = Field(default=None, gt=0, le=10)
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
@@ -90,10 +92,17 @@ class SamplingRequest(RequestBody):
     seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
     n: int = Field(default=1, ge=1, le=128)
     skip_special_tokens: bool = True  # vLLM's extra: false keeps <|im_start|> and the like in the text
+    # vLLM's extras on stopping: tokens before a stop may end the reply; the model's end tokens do not stop it;
+    # more tokens that do; the stop string (or token) that ended the reply stays in its text.
+    min_tokens: int = Field(default=0, ge=0)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
 
-    @field_validator("n", "stream", "echo", "skip_special_tokens", mode="before", check_fields=False)
+    @field_validator("n", "stream", "echo", "skip_special_tokens", "min_tokens", "ignore_eos",
+                     "include_stop_str_in_output", mode="before", check_fields=False)
     @classmethod
     def null_is_default(cls, value: Any, info: ValidationInfo) -> Any:
         """OpenAI's API takes null for these as "not given" (its client sends n=None so)."""
