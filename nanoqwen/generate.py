@@ -426,9 +426,11 @@ class TextStream:
         return self._release(self.text, final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
-        found = []  # (start, end) of each stop string in the text: none before min_tokens tokens are in
+        # (start, end) of each stop string that ends in text not yet handed out (what was, was searched already;
+        # before min_tokens tokens are in, a stop string is text that stays text): none before min_tokens
+        found = []
         for stop in self.stop_strings if self.accepted >= self.min_tokens else []:
-            if (at := text.find(stop, max(0, self.emitted - len(stop)))) != -1:
+            if (at := text.find(stop, max(0, self.emitted - len(stop) + 1))) != -1:
                 found.append((at, at + len(stop)))
         if found:  # the text ends at the earliest stop string (the shortest of those there), whatever their order
             start, end = min(found)

@@ -138,12 +138,20 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     add_sampling_arguments(parser)
     given = parser.parse_args(["--top-k", "5"])
     given.model = str(folder)
-    params = sampling_params(given, qwen3_tokenizer())
-    assert (params.temperature, params.top_k, params.top_p, params.repetition_penalty) == (0.6, 5, 0.95, 1.0)
+    tokenizer = qwen3_tokenizer()
+    params = sampling_params(given, tokenizer)
+    assert (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty) == (
+        0.6, 5, 0.95, 0.0, 1.0)
+    config.write_text(json.dumps({"do_sample": True, "min_p": 0.05}))  # Transformers' min_p, read as it reads it
+    assert sampling_params(given, tokenizer).min_p == 0.05
+    given.min_p = 0.1  # --min-p
+    assert sampling_params(given, tokenizer).min_p == 0.1
+    given.min_p = None
     # A file that asks to sample but leaves a setting out (GenerationConfig writes only those set) means
     # Transformers' default there, as generate() reads it: temperature 1, top-k 50, top-p 1.
     config.write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
-    assert checkpoint_sampling(folder) == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
+    assert checkpoint_sampling(folder) == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
+                                           "repetition_penalty": 1.0}
     config.write_text(json.dumps({"do_sample": True, "top_p": 0.9}))
     assert checkpoint_sampling(folder)["temperature"] == 1.0
     assert parser.parse_args(["--top-k", "-1"]).top_k == 0  # vLLM's "all", as the server and the file take it
@@ -152,6 +160,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     config.write_text(json.dumps({"top_k": -1}))  # vLLM's "all tokens", as some folders write it
     assert checkpoint_sampling(folder)["top_k"] == 0
     for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 1.5}, "top_p must be in"),
+                       ({"min_p": -0.1}, "min_p must be in"),
                        ({"temperature": "0.7"}, "temperature is '0.7'"), ({"top_k": 1e400}, "top_k is inf"),
                        ({"temperature": float("nan")}, "temperature must be a number >= 0")]:
         config.write_text(json.dumps(bad))
@@ -183,6 +192,10 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
     # generate_ids itself ends a row at its stop token (the text layer above would hide a row that went on).
     assert [t for (t,) in generate_ids(model, [tokenizer.encode("The rain in Spain")], params)] == free[:5]
+    # min_tokens: the end id cannot be drawn before 6 tokens are in; the row goes on past it.
+    held = SamplingParams(**{**vars(params), "min_tokens": 6})
+    got = [t for (t,) in generate_ids(model, [tokenizer.encode("The rain in Spain")], held)]
+    assert got[:4] == free[:4] and free[4] not in got[:6] and (len(got) == 12 or got[-1] == free[4])
     # Without a generation_config.json Transformers takes its settings from config.json, its eos ids too.
     (folder / "generation_config.json").unlink()
     config = json.loads((folder / "config.json").read_text())
@@ -247,22 +260,65 @@ def test_penalties_follow_a_step_by_step_reference_batched_or_alone(checkpoint):
 
 
 def test_sampling_keeps_the_distribution_transformers_warpers_keep():
-    from transformers import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
     torch.manual_seed(0)
     logits = torch.randn(4, 64) * 3
     logits[1, :4] = torch.tensor([1.0, 1.0, 1.0, 1.0]) * 20  # four equal leaders: top_p 0.5 keeps two of them
-    for temperature, top_k, top_p in [(1.0, 0, 0.5), (2.0, 0, 0.6), (0.5, 10, 0.9), (1.7, 5, 1.0), (0.8, 20, 0.3)]:
+    for temperature, top_k, top_p, min_p in [
+            (1.0, 0, 0.5, 0.0), (2.0, 0, 0.6, 0.0), (0.5, 10, 0.9, 0.0), (1.7, 5, 1.0, 0.0), (0.8, 20, 0.3, 0.0),
+            (1.0, 0, 1.0, 0.1), (2.0, 0, 1.0, 0.05), (0.7, 0, 0.9, 0.2), (1.3, 30, 0.95, 0.02), (1.0, 0, 1.0, 1.0)]:
         ours, columns = sampled_logits(logits.clone(), SamplingParams(temperature=temperature, top_k=top_k,
-                                                                      top_p=top_p))
+                                                                      top_p=top_p, min_p=min_p))
         probs = ours.softmax(-1)
         if columns is not None:  # back to one column per token
             probs = torch.zeros_like(logits).scatter(-1, columns, probs)
         warped, ids = logits.clone(), torch.zeros(4, 1, dtype=torch.long)
         for warper in [TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k else []),
-                       *([TopPLogitsWarper(top_p)] if top_p < 1 else [])]:  # Transformers' order
+                       *([TopPLogitsWarper(top_p)] if top_p < 1 else []),
+                       *([MinPLogitsWarper(min_p)] if min_p else [])]:  # Transformers' order (its generate's)
             warped = warper(ids, warped)
         torch.testing.assert_close(probs, warped.softmax(-1), atol=1e-6, rtol=1e-5)
+        if min_p:  # it cut something: the kept sets are compared, not only tokens of tiny probability
+            assert bool((warped.isinf() & ~logits.isinf()).any())
+
+
+def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
+    # Stop tokens cannot be drawn before min_tokens tokens are in (vLLM masks them), greedy or sampled.
+    logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
+    greedy = SamplingParams(temperature=0, stop_token_ids=[0, 3], min_tokens=2)
+    assert [int(next_tokens(logits, greedy, None, generated=n)) for n in range(3)] == [1, 1, 0]
+    g = torch.Generator().manual_seed(0)
+    sampled = SamplingParams(temperature=1.0, top_k=2, stop_token_ids=[0], min_tokens=1)
+    assert {int(next_tokens(logits, sampled, g, generated=0)) for _ in range(50)} == {1, 2}  # masked before top-k
+    assert {int(next_tokens(logits, sampled, g, generated=1)) for _ in range(50)} == {0, 1}
+    # Stop strings end the text only once min_tokens tokens are in (the token completing one counts); the stop
+    # string or token stays in the text with include_stop_str_in_output.
+    tokenizer = qwen3_tokenizer()
+    ids = tokenizer.encode(" one two three four")
+    assert [tokenizer.decode([t]) for t in ids] == [" one", " two", " three", " four"]
+
+    def text(**settings) -> tuple[str, str | None]:
+        params = SamplingParams(**settings)
+        stream, out = TextStream.for_params(tokenizer, params), ""
+        for token in ids:
+            delta, reason = stream.accept(token, params.stop_token_ids)
+            out += delta
+            if reason:
+                return out, reason
+        return out + stream.finish(), None
+
+    assert text(stop_strings=[" two"]) == text(stop_strings=[" two"], min_tokens=2) == (" one", "stop")
+    assert text(stop_strings=[" two"], min_tokens=3) == (" one two three four", None)
+    assert text(stop_strings=["two th"], min_tokens=3) == (" one ", "stop")  # completed by the 3rd token
+    assert text(stop_strings=[" two"], include_stop_str_in_output=True) == (" one two", "stop")
+    assert text(stop_strings=[" t"], include_stop_str_in_output=True) == (" one t", "stop")
+    assert text(stop_token_ids=[ids[2]]) == (" one two", "stop")
+    assert text(stop_token_ids=[ids[2]], include_stop_str_in_output=True) == (" one two three", "stop")
+    with pytest.raises(NanoQwenError, match="min_tokens must be"):
+        SamplingParams(max_new_tokens=4, min_tokens=5).validate()
+    with pytest.raises(NanoQwenError, match="min_p must be in"):
+        SamplingParams(min_p=1.5).validate()
 
 
 def test_a_prompt_as_long_as_the_context_still_predicts_one_token(checkpoint, capsys, monkeypatch):
