@@ -79,7 +79,8 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     assert card["parameters"] == local[0].num_params() and card["context_length"] == CONTEXT
     assert card["thinking_switch"] is False  # ChatML: nothing for chat_template_kwargs to switch
     # What requests leave out is sampled as the checkpoint's generation_config.json says (as vLLM reads it).
-    assert card["sampling_defaults"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "repetition_penalty": 1.0}
+    assert card["sampling_defaults"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.0,
+                                         "repetition_penalty": 1.0}
     same = [client.completions.create(model="tiny", prompt="Once", max_tokens=8, seed=5, **given).choices[0].text
             for given in ({}, {"temperature": 0.7, "top_p": 0.8, "extra_body": {"top_k": 20}})]
     assert same[0] == same[1]
@@ -497,6 +498,69 @@ def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     assert capped.usage.completion_tokens <= 5
 
 
+def test_vllms_stop_token_ids_min_tokens_and_include_stop_str_in_output(client: openai.OpenAI, local) -> None:
+    model, tokenizer = local
+    prompt = "A list:"
+    ids = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=12, temperature=0))[0].token_ids
+    k = next(k for k in range(3, 12) if ids[k] not in ids[:k])
+    sampling = dict(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+
+    def ask(**extra):
+        return client.completions.create(**sampling, extra_body=extra)
+
+    stopped = ask(stop_token_ids=[ids[k]])
+    assert (stopped.choices[0].text, stopped.choices[0].finish_reason) == (tokenizer.decode(ids[:k]), "stop")
+    assert stopped.usage.completion_tokens == k + 1  # the stop token is counted, not shown
+    kept = ask(stop_token_ids=[ids[k]], include_stop_str_in_output=True).choices[0]
+    assert (kept.text, kept.finish_reason) == (tokenizer.decode(ids[:k + 1]), "stop")
+    # min_tokens: the stop token cannot be drawn before k + 1 tokens are in, so the reply goes on past it.
+    held = ask(stop_token_ids=[ids[k]], min_tokens=k + 1)
+    reference = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=12, temperature=0,
+                                                                    stop_token_ids=[ids[k]], min_tokens=k + 1))[0]
+    assert held.choices[0].text == reference.text and held.usage.completion_tokens == len(reference.token_ids) + (
+        reference.finish_reason == "stop")
+    assert held.usage.completion_tokens > k + 1 and reference.token_ids[:k] == ids[:k]
+    # A stop string: the text ends before it, or after it when asked, and not before min_tokens tokens are in.
+    word = tokenizer.decode(ids[k:k + 1])
+    assert word.strip() and stopped.choices[0].text.find(word) == -1
+    assert ask(stop=[word]).choices[0].text == tokenizer.decode(ids[:k])
+    assert ask(stop=[word], include_stop_str_in_output=True).choices[0].text == tokenizer.decode(ids[:k + 1])
+    late = ask(stop=[word], min_tokens=k + 2).choices[0]
+    assert late.text.startswith(tokenizer.decode(ids[:k + 1])) and late.text != tokenizer.decode(ids[:k])
+
+
+def test_ignore_eos_runs_to_max_tokens(local) -> None:
+    # vLLM's ignore_eos (benchmarks send it to measure a fixed length): the model's end tokens do not stop it, a
+    # request's own stop_token_ids still do. The random model never writes an end token, so a copy of its
+    # tokenizer takes one of its greedy tokens as its end, as a checkpoint's generation_config.json may name one.
+    import copy
+
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    model, tokenizer = local
+    prompt = "Once upon"
+    ids = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=10, temperature=0))[0].token_ids
+    k = next(k for k in range(2, 10) if ids[k] not in ids[:k])
+    ending = copy.copy(tokenizer)
+    ending.extra_stop_ids = [ids[k]]
+    with TestClient(create_app(model, ending, "tiny")) as http:
+        client = openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+
+        def ask(**extra):
+            return client.completions.create(model="tiny", prompt=prompt, max_tokens=10, temperature=0,
+                                             extra_body=extra).choices[0]
+
+        ended, going = ask(), ask(ignore_eos=True)
+        assert (ended.text, ended.finish_reason) == (tokenizer.decode(ids[:k]), "stop")
+        assert (going.text, going.finish_reason) == (tokenizer.decode(ids), "length")
+        assert ask(ignore_eos=True, stop_token_ids=[ids[k]]).text == tokenizer.decode(ids[:k])
+        chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
+                                              max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
+        assert chat.usage.completion_tokens == 10 and chat.choices[0].finish_reason == "length"
+
+
 def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, url: str) -> None:
     def run(i: int) -> str:
         if i % 4 == 3:  # a mix of chat and completions, streamed and not, of different prompt lengths
@@ -874,6 +938,14 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "n": 129}, 400, "n"),
     ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"], "n": 26}, 400, "n"),  # 130 completions, over 128
     ("/v1/completions", {"prompt": "hi", "top_k": -5}, 400, "top_k"),
+    # vLLM's extras: min_p in [0, 1]; min_tokens a count no more than max_tokens; stop token ids in the vocabulary
+    ("/v1/completions", {"prompt": "hi", "min_p": 1.5}, 400, "min_p"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "min_p": -0.1}, 400, "min_p"),
+    ("/v1/completions", {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "max_tokens": 5, "min_tokens": 6}, 400, "min_tokens"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": [10**9]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "stop_token_ids": 5}, 400, "stop_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "ignore_eos": "yes"}, 400, "ignore_eos"),
     ("/v1/completions", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
     ("/v1/completions", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "frequency_penalty": -2.01}, 400,
@@ -1110,7 +1182,8 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
         card = client.models.list().data[0].model_dump()
         assert card["thinking_switch"] is True
-        assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0}
+        assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                             "repetition_penalty": 1.0}
         assert "temperature 2.5 is above what a request may ask for" in (tmp_path / "serve.log").read_text()
         for template_kwargs in ({}, {"enable_thinking": False}):
             r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
