@@ -188,7 +188,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
     sampling = saved_sampling(directory)
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
-                     ("temperature", writer.add_sampling_temp)):
+                     ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp)):
         if key in sampling:
             add(min(sampling[key], 2**31 - 1) if key == "top_k" else sampling[key])  # an int32: any more is all
 

@@ -175,11 +175,11 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     # struct.error traceback; a value sample refuses is one line here too, naming the file.
     folder, _ = checkpoint(tmp_path / "ck", bpe)
     config = folder / "generation_config.json"
-    config.write_text(json.dumps({"do_sample": True, "top_k": 20.0, "top_p": 0.5, "temperature": 1}))
+    config.write_text(json.dumps({"do_sample": True, "top_k": 20.0, "top_p": 0.5, "min_p": 0.25, "temperature": 1}))
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
-    assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.temp"]) == (
-        20, 0.5, 1.0)
+    assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.min_p"],
+            meta["general.sampling.temp"]) == (20, 0.5, 0.25, 1.0)
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
