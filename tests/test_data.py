@@ -299,6 +299,10 @@ def test_a_table_of_texts_and_chats_gives_both(tmp_path: Path) -> None:
     for source in ("mix.jsonl", "mix.parquet", "saved"):
         documents = list(open_corpus(str(tmp_path / source)).documents())
         assert documents == ["a plain text", ChatRecord(tuple(PARQUET_CHAT))], source
+    # A file of the table's chat rows alone (one shard of it): pandas and pyarrow write its text column of nulls as
+    # type null, which was refused as "not text".
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "chats.parquet")
+    assert list(open_corpus(str(tmp_path / "chats.parquet")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
     # Another --text-column is read alone.
     assert list(open_corpus(str(tmp_path / "mix.parquet"), text_column="messages").documents()) == \
         [ChatRecord(tuple(PARQUET_CHAT))]

@@ -856,7 +856,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
     turns = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # chat turns: a list of structs
-    if not (binary or text or turns):
+    nulls = pa.types.is_null(kind)  # all null (pandas' type for them): a table's chat rows alone, or no text
+    if not (binary or text or turns or nulls):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
                             f"{NAME_THE_TEXT}")
     beside = None if chat else chat_beside(schema.names, column)
