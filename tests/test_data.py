@@ -1093,7 +1093,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     folder = tmp_path / "c"
     folder.mkdir()
     (folder / "good.txt").write_text("some text")
-    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n')
+    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n{"text": " \\n"}\n{"messages": []}\n')
     (folder / "none.jsonl").write_text("")
     (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
     pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")

@@ -140,6 +140,11 @@ Document = str | ChatRecord
 Reader = Callable[[CorpusStats], Iterator[Document]]
 
 
+def blank(document: Document) -> bool:
+    """Whether a corpus pass leaves `document` out (`Corpus.documents`): a text of blanks, a chat of nothing."""
+    return document.empty if isinstance(document, ChatRecord) else not document.strip()
+
+
 class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
@@ -566,9 +571,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                 else read_file(file, column, stats)
             with contextlib.closing(documents):  # its file closed at once when the pass stops early
                 for document in documents:
-                    found = True
+                    found = found or not blank(document)
                     yield document
-            if not found and len(stats.skipped) == skipped:  # records whose text is all null or "": say so
+            if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
                 text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
                 stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
