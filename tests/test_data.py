@@ -1139,6 +1139,9 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
     with pytest.raises(NanoQwenError, match="--split test chooses a split of a Hugging Face dataset; shakespeare is "
                                             "read whole: leave --split out"):  # (every work was read)
         open_corpus("shakespeare", split="test")
+    test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"  # a file holds no splits (hf:FILE is no dataset)
+    with pytest.raises(NanoQwenError, match=re.escape(f"{test} is read whole: a file holds no splits; leave --split")):
+        open_corpus(str(test), split="test")
     # A folder of notes, one named test, has no train split to read apart.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "test.txt").write_text("a test")

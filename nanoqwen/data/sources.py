@@ -548,7 +548,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
-    refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them")
+    refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
+                 else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
     files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
