@@ -293,10 +293,14 @@ class ModelConfig:
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
         values["rope_scaling"] = rope_scaling_of(rope)
-        if values["rope_scaling"] is not None and values["rope_scaling"]["rope_type"] == "yarn":
-            # Transformers 5 moves these top-level settings (Phi-3 keeps them there) into YaRN's, over its own.
-            for name in ("original_max_position_embeddings", "partial_rotary_factor"):
-                if d.get(name) is not None:
+        scaling = values["rope_scaling"]
+        if scaling is not None:
+            # Transformers 5 moves these top-level settings (Phi-3 keeps them there) into the scaling's: YaRN's
+            # original context over its own; any scaling's partial_rotary_factor where it has none (Qwen3's plain
+            # RoPE ignores it).
+            for name, moved in (("original_max_position_embeddings", scaling["rope_type"] == "yarn"),
+                                ("partial_rotary_factor", "partial_rotary_factor" not in scaling)):
+                if moved and d.get(name) is not None:
                     check_json_types(d, {name: float}, source)
                     values["rope_scaling"] = rope_scaling_of({**values["rope_scaling"], name: d[name]})
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own

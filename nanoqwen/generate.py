@@ -529,7 +529,9 @@ def top_k_int(text: str) -> int:
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
     def default(name: str) -> str:
-        return f"(default: the checkpoint's generation_config.json, else {SAMPLING_DEFAULTS[name]:g})"
+        ours, transformers = SAMPLING_DEFAULTS[name], TRANSFORMERS_SAMPLING[name]
+        sampled = "" if ours == transformers else f", or {transformers:g} where it sets do_sample true"
+        return f"(default: the checkpoint's generation_config.json, else {ours:g}{sampled})"
 
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; fewer where the context ends)")

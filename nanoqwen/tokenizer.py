@@ -430,11 +430,12 @@ def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory
         if not isinstance(content, str):
             continue
         found = tokenizer.token_to_id(content)
-        if found is None:
+        if found not in own:  # (a vocabulary entry alone is no token of its own: text is not split around it)
+            has = "lacks" if found is None else "has as a vocabulary entry, not an added token"
             raise NanoQwenError(f"{directory}: tokenizer_config.json adds {content} (id {token_id}), which "
-                                "tokenizer.json lacks; Transformers adds it as it loads, nanoqwen reads "
+                                f"tokenizer.json {has}; Transformers adds it as it loads, nanoqwen reads "
                                 f"tokenizer.json: {fix}")
-        for flag in SPLITTING_FLAGS if found in own else ():
+        for flag in SPLITTING_FLAGS:
             given, kept = token.get(flag), getattr(own[found], flag)
             if isinstance(given, bool) and given != kept:
                 raise NanoQwenError(f"{directory}: tokenizer_config.json gives {content} {flag} {json.dumps(given)}, "

@@ -299,6 +299,10 @@ def test_a_table_of_texts_and_chats_gives_both(tmp_path: Path) -> None:
     for source in ("mix.jsonl", "mix.parquet", "saved"):
         documents = list(open_corpus(str(tmp_path / source)).documents())
         assert documents == ["a plain text", ChatRecord(tuple(PARQUET_CHAT))], source
+    # A file of the table's chat rows alone (one shard of it): pandas and pyarrow write its text column of nulls as
+    # type null, which was refused as "not text".
+    pq.write_table(pa.Table.from_pylist(rows[1:]), tmp_path / "chats.parquet")
+    assert list(open_corpus(str(tmp_path / "chats.parquet")).documents()) == [ChatRecord(tuple(PARQUET_CHAT))]
     # Another --text-column is read alone.
     assert list(open_corpus(str(tmp_path / "mix.parquet"), text_column="messages").documents()) == \
         [ChatRecord(tuple(PARQUET_CHAT))]
@@ -1089,7 +1093,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     folder = tmp_path / "c"
     folder.mkdir()
     (folder / "good.txt").write_text("some text")
-    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n')
+    (folder / "nulls.jsonl").write_text('{"text": null}\n{"text": ""}\n{"text": " \\n"}\n{"messages": []}\n')
     (folder / "none.jsonl").write_text("")
     (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
     pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")
@@ -1132,6 +1136,12 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
                                                       f"{tmp_path / 'snap'} is read whole, as files: give --dataset "
                                                       f"hf:{tmp_path / 'snap'} to read that split of them")):
         open_corpus(str(tmp_path / "snap"), split="validation")
+    with pytest.raises(NanoQwenError, match="--split test chooses a split of a Hugging Face dataset; shakespeare is "
+                                            "read whole: leave --split out"):  # (every work was read)
+        open_corpus("shakespeare", split="test")
+    test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"  # a file holds no splits (hf:FILE is no dataset)
+    with pytest.raises(NanoQwenError, match=re.escape(f"{test} is read whole: a file holds no splits; leave --split")):
+        open_corpus(str(test), split="test")
     # A folder of notes, one named test, has no train split to read apart.
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "test.txt").write_text("a test")

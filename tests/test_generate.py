@@ -154,6 +154,8 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
                                            "repetition_penalty": 1.0}
     config.write_text(json.dumps({"do_sample": True, "top_p": 0.9}))
     assert checkpoint_sampling(folder)["temperature"] == 1.0
+    shown = " ".join(parser.format_help().split())  # and --help says so, not "else 0.95" alone
+    assert "json, else 0.95, or 1 where it sets do_sample true)" in shown and "json, else 50)" in shown, shown
     assert parser.parse_args(["--top-k", "-1"]).top_k == 0  # vLLM's "all", as the server and the file take it
     config.write_text("{broken")
     assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS

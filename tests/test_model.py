@@ -214,16 +214,31 @@ def test_a_top_level_original_context_is_yarns_as_transformers_reads_it(tmp_path
         assert (loaded.eval()(ids) - hf_eager(tmp_path)(ids).logits).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("top_level, words", [
-    ({"original_max_position_embeddings": 32.5}, "must be a positive whole number of positions, got 32.5"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported: Qwen3 rotates the whole head"),
+YARN = {"rope_type": "yarn", "factor": 2.0}
+
+
+@pytest.mark.parametrize("rope, top_level, words", [
+    (YARN, {"original_max_position_embeddings": 32.5}, "must be a positive whole number of positions, got 32.5"),
+    (YARN, {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not supported: Qwen3 rotates the whole head"),
+    # Transformers moves a top-level partial_rotary_factor into any scaling's settings (Qwen3's plain RoPE ignores
+    # it), where they have none of their own: both failed in Transformers and loaded here as a whole-head rotation.
+    ({"rope_type": "linear", "factor": 2.0}, {"partial_rotary_factor": 0.5}, "partial_rotary_factor 0.5 is not"),
+    ({**YARN, "partial_rotary_factor": 0.5}, {"partial_rotary_factor": 1.0}, "partial_rotary_factor 0.5 is not"),
 ])
-def test_a_top_level_yarn_setting_nanoqwen_cannot_compute_is_refused(top_level, words):
+def test_a_top_level_yarn_setting_nanoqwen_cannot_compute_is_refused(rope, top_level, words):
     # Transformers moves both into YaRN's settings: a half-rotated head would be other logits (or none at all).
-    config = {**tiny_config().to_hf_dict(), "rope_scaling": {"rope_type": "yarn", "factor": 2.0}, **top_level}
+    config = {**tiny_config().to_hf_dict(), "rope_scaling": rope, **top_level}
     del config["rope_parameters"]
     with pytest.raises(NanoQwenError, match=words):
         ModelConfig.from_hf_dict(config).validate()
+
+
+def test_a_top_level_partial_rotary_factor_yields_to_the_scalings_own():
+    # (Transformers sets it only where the scaling has none, so this one rotates the whole head there too.)
+    config = {**tiny_config().to_hf_dict(), "rope_scaling": {**YARN, "partial_rotary_factor": 1.0},
+              "partial_rotary_factor": 0.5}
+    del config["rope_parameters"]
+    assert ModelConfig.from_hf_dict(config).validate().rope_scaling["partial_rotary_factor"] == 1.0
 
 
 def test_fields_a_config_leaves_out_mean_what_they_mean_to_transformers(tmp_path):

