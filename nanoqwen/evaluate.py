@@ -162,7 +162,7 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
         raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "
-                            f"{len(text):,} characters are not UTF-8 ({NOT_UTF8})")
+                            f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
     if not text:
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
     return text, stats.replacement_chars

@@ -1007,7 +1007,7 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     meta = load_meta(tmp_path / "out")
     assert meta["replacement_chars"] == 2  # the noise's are not counted: it was left out whole
     assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / name) for name in ("noise.txt", "scan.pdf")]
-    assert "characters are not UTF-8 (a binary file, or text in another encoding" in meta["skipped"][0]["reason"]
+    assert "characters are undecodable or NUL (a binary file, or text in another" in meta["skipped"][0]["reason"]
     assert "scan.pdf" in done.stderr
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
     docs = read_back(tmp_path / "out")  # one document: cut into train and val
@@ -1022,8 +1022,8 @@ def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
     corpus = open_corpus(str(tmp_path / "c"))
     assert list(corpus.documents()) == ["plain text\x00 with a NUL or two\x00"]
     assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "260 of the first 520 "
-                                     "characters are not UTF-8 (a binary file, or text in another encoding: convert "
-                                     "it to UTF-8)"}]
+                                     "characters are undecodable or NUL (a binary file, or text in another encoding: "
+                                     "convert it to UTF-8)"}]
 
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1049,7 +1049,7 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     # A large binary file is judged by its first block, and left out as a small one is.
     (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(9000))
     noise = open_corpus(str(tmp_path / "noise.txt"))
-    assert list(noise.documents()) == [] and "are not UTF-8" in noise.stats.skipped[0]["reason"]
+    assert list(noise.documents()) == [] and "are undecodable or NUL" in noise.stats.skipped[0]["reason"]
 
 
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:

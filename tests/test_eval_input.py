@@ -72,13 +72,14 @@ def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: P
     assert main(["eval", "--model", str(checkpoint), "--text-file", str(noise), "--device", "cpu"]) == 2
     err = one_line(capsys)
     assert err.startswith(f"nanoqwen eval: error: text file {noise} is not text: ") and err.endswith(
-        "characters are not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)"), err
+        "characters are undecodable or NUL (a binary file, or text in another encoding: convert it to UTF-8)"), err
     # UTF-16 without a byte-order mark decodes as UTF-8, a NUL after every ASCII letter: scored, it measured noise.
     utf16 = tmp_path / "utf16.txt"
     utf16.write_bytes((TEXT * 4).encode("utf-16-le"))
     assert main(["eval", "--model", str(checkpoint), "--text-file", str(utf16), "--device", "cpu"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: text file {utf16} is not text: 204 of its 408 characters "
-                                "are not UTF-8 (a binary file, or text in another encoding: convert it to UTF-8)")
+                                "are undecodable or NUL (a binary file, or text in another encoding: convert it to "
+                                "UTF-8)")
     # A few bad bytes in real text are still scored, with a warning (and a text file of any name is read).
     mostly = tmp_path / "notes.log"
     mostly.write_bytes(TEXT.encode() * 10 + b"\xff" * 65)

@@ -631,7 +631,7 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         text = decode(raw, seen)
         if mostly_undecodable(seen.replacement_chars, text):
             stats.skipped.append({"path": str(path), "reason": f"{not_text(seen.replacement_chars, text):,} of the "
-                                  f"first {len(text):,} characters are not UTF-8 ({NOT_UTF8})"})
+                                  f"first {len(text):,} characters are undecodable or NUL ({NOT_UTF8})"})
         elif large:
             yield from _text_blocks(path, stats)
         elif text.strip():
