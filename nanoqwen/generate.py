@@ -378,6 +378,7 @@ class TextStream:
         self.stop_strings = [s for s in stop_strings if s]
         self.min_tokens, self.include_stop = min_tokens, include_stop
         self.accepted = 0  # tokens taken by `accept`, a stop token included
+        self.unchecked = 0  # characters in before min_tokens tokens were: no stop string ends there, sent or not
         self.ids: list[int] = []
         self.text = ""  # the decoded text of all ids so far
         self.emitted = 0  # characters of the text already handed out
@@ -426,12 +427,16 @@ class TextStream:
         return self._release(self.text, final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
-        # (start, end) of each stop string that ends in text not yet handed out (what was, was searched already;
-        # before min_tokens tokens are in, a stop string is text that stays text): none before min_tokens
+        # (start, end) of each stop string that ends in text not yet searched: what was handed out was searched
+        # already, and before min_tokens tokens are in a stop string is text that stays text, even one held back
         found = []
-        for stop in self.stop_strings if self.accepted >= self.min_tokens else []:
-            if (at := text.find(stop, max(0, self.emitted - len(stop) + 1))) != -1:
-                found.append((at, at + len(stop)))
+        if self.accepted < self.min_tokens:
+            self.unchecked = len(text)
+        else:
+            searched = max(self.emitted, self.unchecked)
+            for stop in self.stop_strings:
+                if (at := text.find(stop, max(0, searched - len(stop) + 1))) != -1:
+                    found.append((at, at + len(stop)))
         if found:  # the text ends at the earliest stop string (the shortest of those there), whatever their order
             start, end = min(found)
             text, self.stopped = text[:end if self.include_stop else start], True

@@ -323,6 +323,23 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
         SamplingParams(min_p=1.5).validate()
 
 
+def test_a_stop_string_written_before_min_tokens_never_ends_the_text_later():
+    # "\n\n" came whole in the 2nd token; its last "\n" was held back (it may start another "\n\n"), and the
+    # 3rd token's search, from what was sent, found the old one: the text ended as "Hi\n", half a stop string.
+    tokenizer = qwen3_tokenizer()
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("Hi\n\nThere")] == ["Hi", "\n\n", "There"]
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("ab x b y")] == ["ab", " x", " b", " y"]
+    for text, stops, min_tokens, expected in [("Hi\n\nThere is more", ["\n\n"], 3, ("Hi\n\nThere is more", False)),
+                                              ("ab x b y", ["b", "abc"], 2, ("ab x ", True))]:  # the later "b"
+        stream, out = TextStream(tokenizer, stops, min_tokens=min_tokens), ""
+        for token in tokenizer.encode(text):
+            delta, reason = stream.accept(token, [])
+            out += delta
+            if reason:
+                break
+        assert (out + stream.finish(), stream.stopped) == expected, stops
+
+
 def test_a_prompt_as_long_as_the_context_still_predicts_one_token(checkpoint, capsys, monkeypatch):
     # The model reads every prompt token inside its context; the token it predicts after the last is never read.
     model, tokenizer = load_checkpoint(checkpoint)
