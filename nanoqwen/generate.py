@@ -72,8 +72,8 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:  # 1 keeps the most likely token (and its ties) alone
             raise NanoQwenError(f"min_p must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise NanoQwenError(f"min_tokens must be >= 0 and at most the tokens asked for ({self.max_new_tokens}), "
-                                f"got {self.min_tokens}")
+            raise NanoQwenError(f"min_tokens must be >= 0 and no more than the new tokens allowed (max_tokens or its "
+                                f"default, {self.max_new_tokens}), got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
             raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
