@@ -9,6 +9,7 @@ from pathlib import Path
 from shlex import quote
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -105,7 +106,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as "
-                                            "one document")
+                                            "prepare reads it: one document, or the parts an <|endoftext|> written "
+                                            "in it separates")
     source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin (or --split) is "
                                        "scored")
     p.add_argument("--split", default=None, choices=["train", "val"], help="with --data: which split (default val)")
@@ -134,10 +136,12 @@ def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int |
     return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].tolist())
 
 
-def read_text_file(path: Path, model: str) -> tuple[str, int]:
-    """The text of eval's --text-file and its count of undecodable bytes replaced, or one line saying why it is
-    not a text to score (checked before the model loads: a mistake costs no wait)."""
+def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
+    """The documents of eval's --text-file, as prepare reads them from it (its text, or the parts <|endoftext|>
+    separates), and its count of undecodable bytes replaced; or one line saying why it is not a text to score
+    (checked before the model loads: a mistake costs no wait)."""
     from nanoqwen.data.sources import (
+        DOCUMENT_SEPARATOR,
         NOT_UTF8,
         SUFFIXES,
         TEXT_SUFFIXES,
@@ -145,6 +149,7 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
         decode,
         mostly_undecodable,
         not_text,
+        separated_documents,
     )
 
     if not path.is_file():
@@ -165,7 +170,11 @@ def read_text_file(path: Path, model: str) -> tuple[str, int]:
                             f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
     if not text:
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
-    return text, stats.replacement_chars
+    documents = separated_documents(text)
+    if not documents:
+        raise NanoQwenError(f"text file {path} holds nothing but {DOCUMENT_SEPARATOR} separators and blanks; give it "
+                            "some text to score")
+    return documents, stats.replacement_chars
 
 
 def run(args: argparse.Namespace) -> int:
@@ -177,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     if args.split is not None and args.text_file:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
-    text, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
+    texts, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -191,16 +200,17 @@ def run(args: argparse.Namespace) -> int:
     if replaced:  # the figures are still computed, but the user should know why they are odd
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
-    if text is not None:
-        from nanoqwen.data.prepare import encode_text
+    if texts is not None:
+        from nanoqwen.data.prepare import encode_texts
 
-        # Every token of the text is scored, the first after <|endoftext|> (how documents follow one another in
-        # training; Qwen3 has no start token), so bits per byte are over all of its UTF-8 bytes, whatever the
-        # file's encoding (UTF-16, a BOM). It is encoded as prepare encodes a document ("<|endoftext|>" written in
-        # it is text), so the figures are those of the tokens a run trains and validates on.
-        document = encode_text(tokenizer, text)
-        ids = [tokenizer.eot_id, *document.ids[:-1].tolist()]
-        tokens, num_bytes = torch.tensor(ids, dtype=torch.long), document.nbytes
+        # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another
+        # in training; Qwen3 has no start token), so bits per byte are over all of their UTF-8 bytes, whatever the
+        # file's encoding (UTF-16, a BOM). They are encoded as prepare encodes them (each ended by <|endoftext|>,
+        # but the last; another added token written in one is text), so the figures are those of the tokens a run
+        # trains and validates on.
+        documents = encode_texts(tokenizer, texts)
+        ids = np.concatenate([[tokenizer.eot_id], *(document.ids for document in documents)])[:-1]
+        tokens, num_bytes = torch.from_numpy(ids.astype(np.int64)), sum(document.nbytes for document in documents)
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
             tokens = tokens[:max_tokens]
             num_bytes = tokenizer.text_bytes(tokens[1:].tolist())

@@ -1052,6 +1052,102 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     assert list(noise.documents()) == [] and "are undecodable or NUL" in noise.stats.skipped[0]["reason"]
 
 
+# -- text files parted at <|endoftext|> ----------------------------------------------------------------
+
+STORIES = ["Once upon a time, a cat sat.\n\nThe end.", "Tom ran to the park <|im_start|> fast.",
+           "Lily said: \"café 🙂\""]
+
+
+def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # TinyStories' .txt files part their stories with a literal <|endoftext|>, on its own line: it was encoded as
+    # text (the model learned to spell it out, not to end a story with the id) and a file was one document.
+    from nanoqwen.data.sources import local_fingerprint
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    # As TinyStories writes it; inline, doubled (an empty part), with spaces and CRLF around it, and at both ends.
+    (folder / "stories.txt").write_bytes(f"<|endoftext|>\n{STORIES[0]}\n<|endoftext|>\n{STORIES[1]}<|endoftext|>\n\n"
+                                         f"<|endoftext|> \t\r\n{STORIES[2]} \r\n<|endoftext|>\n".encode())
+    (folder / "utf16.md").write_bytes("first of UTF-16\n<|endoftext|>\nsecond of UTF-16".encode("utf-16"))
+    plain = "  A file without the separator is one document, whitespace and all.\n\n"
+    (folder / "plain.txt").write_text(plain)
+    (folder / "rows.jsonl").write_text(json.dumps({"text": "a record <|endoftext|> stays text"}) + "\n")
+    out = prepare(str(folder), "bpe:300", tmp_path / "out", val_fraction=0.3, progress=False)
+    docs = read_back(out)
+    parted = [*STORIES, "first of UTF-16", "second of UTF-16"]
+    assert Counter(docs["train"] + docs["val"]) == Counter([*parted, plain, "a record <|endoftext|> stays text"])
+    meta = check_counts(out, docs)
+    assert meta["parted_documents"] == 5
+    assert capsys.readouterr().err == ("nanoqwen: note: read 5 documents from 2 text files parted by the "
+                                       "<|endoftext|> written between them (each document ends with the "
+                                       "<|endoftext|> id; the separators are not in its text)\n")
+    tok = load_tokenizer(out)
+    found = segments(out, "train") + segments(out, "val")
+    # Each encoded as a document of its own, followed by the id; another added token written in one stays text.
+    assert Counter(map(tuple, found)) == Counter(tuple(encoded.ids[:-1]) for encoded in prepare_module.encode_texts(
+        tok, [*parted, plain, "a record <|endoftext|> stays text"]))
+    assert not any(tok.token_id("<|im_start|>") in ids for ids in found)
+    # Only a corpus whose text files hold the separator has a new fingerprint: the folders of others stay up to date.
+    corpus, alone = open_corpus(str(folder)), open_corpus(str(folder / "plain.txt"))
+    assert corpus.fingerprint == f"{corpus.former_fingerprint} parted"
+    assert alone.fingerprint == f"local {local_fingerprint(folder / 'plain.txt')} text"
+    assert alone.former_fingerprint is None
+
+
+def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Prepared from the same file before it was parted, a folder would be reused as up to date; the prepare command
+    # refuses to replace it (runs trained on it resume only from it), naming the cause, not "other inputs".
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+
+    (tmp_path / "stories.txt").write_text("one story\n<|endoftext|>\nanother story\n")
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(tmp_path / "stories.txt"), "--tokenizer", "bpe:300", "--out", str(out)]
+    with monkeypatch.context() as before_parting:  # its fingerprint as it was then
+        before_parting.setattr(sources, "holds_separator", lambda path: False)
+        assert main(command) == 0
+    made = {p.name: p.read_bytes() for p in out.iterdir()}
+    capsys.readouterr()
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared from these inputs before nanoqwen parted text files at "
+        "<|endoftext|> (runs trained on it resume only from it); give --force to replace it, or another --out")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == made
+    prepare(str(tmp_path / "stories.txt"), "bpe:300", out)  # as `train --dataset` does, saying so
+    assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
+        "again (runs" in capsys.readouterr().out
+    assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file over 4 MB was read in blocks of 2 MB cut at line breaks: a story went on in the next document. The
+    # text after a block's last separator is carried into the next; a story longer than a block is still cut.
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    rng = random.Random(3)
+    stories = [" ".join(rng.choices(["cat", "dog", "café", "ran", "sat.\n"], k=rng.randint(5, 100))).strip()
+               for _ in range(40)]
+    long = "".join(f"a long story, line {i}\n" for i in range(150))
+    text = "".join(f"{story}\n<|endoftext|>\n" for story in [*stories[:20], long, *stories[20:]])
+    for raw, separator in [(text.encode(), b"<|endoftext|>"),
+                           (text.encode("utf-16"), "<|endoftext|>".encode("utf-16-le"))]:
+        starts = [m.start() for m in re.finditer(re.escape(separator), raw)]  # one is cut by a block's read
+        assert any(start // 1000 != (start + len(separator) - 1) // 1000 for start in starts)
+        (tmp_path / "stories.txt").write_bytes(raw)
+        corpus = open_corpus(str(tmp_path / "stories.txt"))
+        documents = list(corpus.documents())
+        assert documents[:20] + documents[-20:] == stories
+        cut = documents[20:-20]  # the long story, in pieces ending at line breaks
+        assert "".join(cut) == long.strip() and len(cut) > 2 and all(piece.endswith("\n") for piece in cut[:-1])
+        assert max(map(len, documents)) <= 2000  # memory holds a block or two
+        assert (corpus.stats.parted_files, corpus.stats.parted_documents) == (1, len(documents))
+
+
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:
     (tmp_path / "docs").mkdir()  # a project's docs: text, and the JSON of its tooling
     (tmp_path / "docs" / "guide.md").write_text("# Guide\n\nHow to use it.\n")

