@@ -212,7 +212,8 @@ class Corpus:
 
 def open_corpus(spec: str, *, text_column: str | None = None, split: str = "train",
                 max_bytes: int | None = None) -> Corpus:
-    """The corpus for a `--dataset` spec. Cheap: nothing is read until `documents()` is iterated."""
+    """The corpus for a `--dataset` spec. Cheap: nothing is read until `documents()` is iterated (but local text
+    files, searched for DOCUMENT_SEPARATOR for the fingerprint: see holds_separator)."""
     if max_bytes is not None and max_bytes <= 0:
         raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
     if spec == "shakespeare":
