@@ -996,6 +996,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
+    # tool_choice only with tools, as OpenAI's ("none" too); a named function would need constrained decoding
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none"}, 400,
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [],
+                              "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "off"}, 400,
@@ -1297,9 +1302,17 @@ def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp
         rendered = load_tokenizer(thinker).render_chat(messages, tools=tools)
         assert whole.choices[0].message.content == streamed == greedy_reference(local, rendered, 12)
         assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
-            client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=2,
-                                           tool_choice="required")
+        # Forcing a call needs constrained decoding: refused by name; and tool_choice without tools, as OpenAI does
+        refusals = {"required": (tools, "'tool_choice' \"required\" is not supported: this server cannot force a "
+                                 "tool call (that needs constrained decoding); give \"auto\" (the model decides) or "
+                                 "\"none\""),
+                    "auto": (openai.NOT_GIVEN, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                             "'tools' are specified.")}
+        for choice, (given, message) in refusals.items():
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,
+                                               tool_choice=choice)
+            assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
 
 
 def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch) -> None:
