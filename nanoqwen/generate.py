@@ -49,6 +49,9 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)
     min_tokens: int = 0
     """No stop token is sampled, and no stop string ends the text, before this many tokens (vLLM's)."""
+    ignored_end_ids: list[int] = field(default_factory=list)
+    """The model's end tokens where vLLM's ignore_eos made them tokens like any other: they end nothing, but before
+    `min_tokens` they are not sampled either, as vLLM masks the model's EOS then whatever ignore_eos says."""
     include_stop_str_in_output: bool = False
     """The stop string or stop token that ended the text stays in it (vLLM's); by default it is cut off."""
     seed: int | None = None
@@ -140,9 +143,9 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     generated: tokens the rows have sampled so far (below `min_tokens`, no stop token can be picked)."""
     if penalties is not None:
         logits = penalties.apply(logits)
-    if generated < params.min_tokens and params.stop_token_ids:  # as vLLM: the stop tokens are masked out
-        stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=logits.device)
-        logits = logits.index_fill(-1, stops, float("-inf"))
+    if generated < params.min_tokens and (held := params.stop_token_ids + params.ignored_end_ids):
+        # as vLLM: the stop tokens (and the model's end tokens, ignored or not) are masked out
+        logits = logits.index_fill(-1, torch.tensor(held, dtype=torch.long, device=logits.device), float("-inf"))
     if params.greedy:
         return logits.argmax(dim=-1)
     logits, candidates = sampled_logits(logits, params)

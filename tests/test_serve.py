@@ -556,6 +556,13 @@ def test_ignore_eos_runs_to_max_tokens(local) -> None:
         assert (ended.text, ended.finish_reason) == (tokenizer.decode(ids[:k]), "stop")
         assert (going.text, going.finish_reason) == (tokenizer.decode(ids), "length")
         assert ask(ignore_eos=True, stop_token_ids=[ids[k]]).text == tokenizer.decode(ids[:k])
+        # min_tokens holds the ignored end token off too, as vLLM masks EOS until then: the reply parts from the
+        # one that drew it at k, and is the greedy one with that token masked up to k + 1 tokens
+        masked = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=k + 1, temperature=0,
+                                                                     stop_token_ids=[ids[k]], min_tokens=k + 1))[0]
+        held = ask(ignore_eos=True, min_tokens=k + 1)
+        assert masked.token_ids[:k] == ids[:k] and len(masked.token_ids) == k + 1
+        assert held.text.startswith(masked.text) and held.text != going.text and held.finish_reason == "length"
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
         assert chat.usage.completion_tokens == 10 and chat.choices[0].finish_reason == "length"

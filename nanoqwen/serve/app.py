@@ -426,7 +426,8 @@ class Service:
         vocab = self.model.config.vocab_size
         if bad := [t for t in body.stop_token_ids or [] if not 0 <= t < vocab]:
             raise APIError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})", "stop_token_ids")
-        # ignore_eos: the model's end tokens are tokens like any other; the request's own stop tokens still stop
+        # ignore_eos: the model's end tokens are tokens like any other (but for min_tokens, which holds them off
+        # as vLLM does); the request's own stop tokens still stop
         stops = [*([] if body.ignore_eos else self.tokenizer.stop_ids), *(body.stop_token_ids or [])]
         params = SamplingParams(
             max_new_tokens=self.context if max_tokens is None else max_tokens,  # the engine caps it to what fits
@@ -441,6 +442,7 @@ class Service:
             stop_token_ids=list(dict.fromkeys(stops)),
             stop_strings=body.stop_strings(),
             min_tokens=body.min_tokens,
+            ignored_end_ids=self.tokenizer.stop_ids if body.ignore_eos else [],
             include_stop_str_in_output=body.include_stop_str_in_output,
             seed=body.seed,
             skip_special_tokens=body.skip_special_tokens,
