@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenError, positive_int, seed_int
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -64,26 +64,27 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
+        """Self, or InvalidSetting naming the field that is out of its range."""
         if self.max_new_tokens < 0:
-            raise NanoQwenError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InvalidSetting("max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:  # written so that nan fails too
-            raise NanoQwenError(f"temperature must be a number >= 0, got {self.temperature}")
+            raise InvalidSetting("temperature", f"must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidSetting("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone
-            raise NanoQwenError(f"top_p must be in [0, 1], got {self.top_p}")
+            raise InvalidSetting("top_p", f"must be in [0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:  # 1 keeps the most likely token (and its ties) alone
-            raise NanoQwenError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidSetting("min_p", f"must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise NanoQwenError(f"min_tokens must be >= 0 and no more than the new tokens allowed (max_tokens or its "
-                                f"default, {self.max_new_tokens}), got {self.min_tokens}")
+            raise InvalidSetting("min_tokens", f"must be >= 0 and no more than the new tokens allowed (max_tokens or "
+                                               f"its default, {self.max_new_tokens}), got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
-            raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidSetting("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
-            raise NanoQwenError(f"seed must be {SEED_RANGE}, got {self.seed}")
+            raise InvalidSetting("seed", f"must be {SEED_RANGE}, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise NanoQwenError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise InvalidSetting(name, f"must be in [-2, 2], got {getattr(self, name)}")
         return self
 
 

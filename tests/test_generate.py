@@ -317,10 +317,14 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
     assert text(stop_strings=[" t"], include_stop_str_in_output=True) == (" one t", "stop")
     assert text(stop_token_ids=[ids[2]]) == (" one two", "stop")
     assert text(stop_token_ids=[ids[2]], include_stop_str_in_output=True) == (" one two three", "stop")
-    with pytest.raises(NanoQwenError, match="min_tokens must be"):
-        SamplingParams(max_new_tokens=4, min_tokens=5).validate()
-    with pytest.raises(NanoQwenError, match="min_p must be in"):
-        SamplingParams(min_p=1.5).validate()
+    # The refused field is carried by the error (the server's `param`), not read off its message
+    for bad, line in [({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens must be >= 0 and no more than the new "
+                       "tokens allowed (max_tokens or its default, 4), got 5"),
+                      ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
+                      ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3")]:
+        with pytest.raises(NanoQwenError) as e:
+            SamplingParams(**bad).validate()
+        assert (str(e.value), getattr(e.value, "name", None)) == (line, [*bad][-1])
 
 
 def test_a_stop_string_written_before_min_tokens_never_ends_the_text_later():

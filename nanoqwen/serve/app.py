@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoqwen.checkpoint import display_name
-from nanoqwen.errors import NanoQwenError, port_number, positive_int
+from nanoqwen.errors import InvalidSetting, NanoQwenError, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
@@ -449,8 +449,8 @@ class Service:
         )
         try:
             return params.validate()
-        except NanoQwenError as e:  # what no one field's range says (min_tokens beyond max_tokens)
-            raise APIError(400, str(e), str(e).split()[0]) from None
+        except InvalidSetting as e:  # what no one field's range says (min_tokens beyond max_tokens)
+            raise APIError(400, str(e), "max_tokens" if e.name == "max_new_tokens" else e.name) from None
 
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
