@@ -530,6 +530,33 @@ TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top
                                            "repetition_penalty": 1.0}
 
 
+# What else Transformers' generate() takes from a generation_config.json (its other logits processors, beam search,
+# stop strings), which nanoqwen does not do: each setting with the values that leave it off (None and an empty list
+# or object always do), as Transformers' defaults. A checkpoint that sets one is told so once at load, rather than
+# sampled unlike Transformers in silence. (forced_bos_token_id acts at a first token only, which follows a prompt
+# here; max_length and max_new_tokens give way to --max-new-tokens and max_tokens, which say the length.)
+UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "no_repeat_ngram_size": (0,),
+    "encoder_repetition_penalty": (1.0,), "bad_words_ids": (), "sequence_bias": (), "suppress_tokens": (),
+    "begin_suppress_tokens": (), "min_length": (0,), "min_new_tokens": (0,), "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "watermarking_config": (), "num_beams": (1,),
+    "stop_strings": (),
+}
+
+
+def unapplied_generation(directory: str | Path) -> str | None:
+    """One line naming what a checkpoint's generation_config.json sets that Transformers applies and nanoqwen does
+    not (UNAPPLIED_GENERATION); None where it sets none of it."""
+    from nanoqwen.checkpoint import read_generation_config
+
+    saved = read_generation_config(directory)
+    names = [name for name, off in UNAPPLIED_GENERATION.items() if saved.get(name) not in (None, [], {}, *off)]
+    if not names:
+        return None
+    return (f"{Path(directory) / 'generation_config.json'} sets {', '.join(names)}, which Transformers' generate() "
+            f"applies and nanoqwen does not: its text can differ from Transformers'")
+
+
 def top_k_int(text: str) -> int:
     """--top-k: a whole number >= 0; -1 (vLLM's and the server's "all") is 0 here, as in generation_config.json."""
     value = int(text)
@@ -605,6 +632,8 @@ def checkpoint_sampling(directory: str | Path, base: dict[str, float] | None = N
 def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
     """The flags, with those not given taken from the checkpoint (see `checkpoint_sampling`)."""
     recommended = checkpoint_sampling(args.model)
+    if (unapplied := unapplied_generation(args.model)) is not None:
+        print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
     return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, stop_token_ids=tokenizer.stop_ids,

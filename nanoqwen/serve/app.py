@@ -640,7 +640,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from nanoqwen.generate import checkpoint_sampling, load_for_inference
+    from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
 
     if not 0 <= args.shutdown_grace < float("inf"):
         raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
@@ -666,6 +666,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"nanoqwen serve: note: {args.model}/generation_config.json's {field} {defaults[field]:g} is "
                   f"above what a request may ask for; requests without one get {most:g}", flush=True)
             defaults[field] = most
+    if (unapplied := unapplied_generation(args.model)) is not None:
+        print(f"nanoqwen serve: warning: {unapplied}", flush=True)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin)
