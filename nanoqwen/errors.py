@@ -9,6 +9,15 @@ class NanoQwenError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+class InvalidSetting(NanoQwenError):
+    """A setting out of its range, its name carried apart (`name`), so that a caller can point at the setting
+    without reading the message (the server's error body names it in `param`). The message starts with the name."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"{name} {problem}")
+        self.name = name
+
+
 # What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
 FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
                       "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenError, positive_int, seed_int
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -49,6 +49,9 @@ class SamplingParams:
     stop_strings: list[str] = field(default_factory=list)
     min_tokens: int = 0
     """No stop token is sampled, and no stop string ends the text, before this many tokens (vLLM's)."""
+    ignored_end_ids: list[int] = field(default_factory=list)
+    """The model's end tokens where vLLM's ignore_eos made them tokens like any other: they end nothing, but before
+    `min_tokens` they are not sampled either, as vLLM masks the model's EOS then whatever ignore_eos says."""
     include_stop_str_in_output: bool = False
     """The stop string or stop token that ended the text stays in it (vLLM's); by default it is cut off."""
     seed: int | None = None
@@ -61,26 +64,27 @@ class SamplingParams:
         return self.temperature < GREEDY_BELOW
 
     def validate(self) -> SamplingParams:
+        """Self, or InvalidSetting naming the field that is out of its range."""
         if self.max_new_tokens < 0:
-            raise NanoQwenError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
+            raise InvalidSetting("max_new_tokens", f"must be >= 0, got {self.max_new_tokens}")
         if not 0 <= self.temperature < math.inf:  # written so that nan fails too
-            raise NanoQwenError(f"temperature must be a number >= 0, got {self.temperature}")
+            raise InvalidSetting("temperature", f"must be a number >= 0, got {self.temperature}")
         if self.top_k < 0:
-            raise NanoQwenError(f"top_k must be >= 0, got {self.top_k}")
+            raise InvalidSetting("top_k", f"must be >= 0, got {self.top_k}")
         if not 0 <= self.top_p <= 1:  # 0 keeps the most likely token alone
-            raise NanoQwenError(f"top_p must be in [0, 1], got {self.top_p}")
+            raise InvalidSetting("top_p", f"must be in [0, 1], got {self.top_p}")
         if not 0 <= self.min_p <= 1:  # 1 keeps the most likely token (and its ties) alone
-            raise NanoQwenError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise InvalidSetting("min_p", f"must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise NanoQwenError(f"min_tokens must be >= 0 and no more than the new tokens allowed (max_tokens or its "
-                                f"default, {self.max_new_tokens}), got {self.min_tokens}")
+            raise InvalidSetting("min_tokens", f"must be >= 0 and no more than the new tokens allowed (max_tokens or "
+                                               f"its default, {self.max_new_tokens}), got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
-            raise NanoQwenError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise InvalidSetting("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
-            raise NanoQwenError(f"seed must be {SEED_RANGE}, got {self.seed}")
+            raise InvalidSetting("seed", f"must be {SEED_RANGE}, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
-                raise NanoQwenError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise InvalidSetting(name, f"must be in [-2, 2], got {getattr(self, name)}")
         return self
 
 
@@ -140,9 +144,9 @@ def next_tokens(logits: torch.Tensor, params: SamplingParams, generator: torch.G
     generated: tokens the rows have sampled so far (below `min_tokens`, no stop token can be picked)."""
     if penalties is not None:
         logits = penalties.apply(logits)
-    if generated < params.min_tokens and params.stop_token_ids:  # as vLLM: the stop tokens are masked out
-        stops = torch.tensor(params.stop_token_ids, dtype=torch.long, device=logits.device)
-        logits = logits.index_fill(-1, stops, float("-inf"))
+    if generated < params.min_tokens and (held := params.stop_token_ids + params.ignored_end_ids):
+        # as vLLM: the stop tokens (and the model's end tokens, ignored or not) are masked out
+        logits = logits.index_fill(-1, torch.tensor(held, dtype=torch.long, device=logits.device), float("-inf"))
     if params.greedy:
         return logits.argmax(dim=-1)
     logits, candidates = sampled_logits(logits, params)
@@ -458,6 +462,8 @@ class TextStream:
 class Completion:
     text: str
     token_ids: list[int]
+    """The ids of `text`'s tokens: a stop token that ended it is left out, unless include_stop_str_in_output put its
+    text in (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's)."""
     finish_reason: str  # "stop" (stop token or string) or "length"
     prompt_tokens: int
 
@@ -522,6 +528,33 @@ SAMPLING_DEFAULTS: dict[str, float] = {"temperature": 0.8, "top_k": 50, "top_p":
 # GenerationConfig defaults, which generate() fills in (and which that file leaves out unless set).
 TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
                                            "repetition_penalty": 1.0}
+
+
+# What else Transformers' generate() takes from a generation_config.json (its other logits processors, beam search,
+# stop strings), which nanoqwen does not do: each setting with the values that leave it off (None and an empty list
+# or object always do), as Transformers' defaults. A checkpoint that sets one is told so once at load, rather than
+# sampled unlike Transformers in silence. (forced_bos_token_id acts at a first token only, which follows a prompt
+# here; max_length and max_new_tokens give way to --max-new-tokens and max_tokens, which say the length.)
+UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
+    "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "no_repeat_ngram_size": (0,),
+    "encoder_repetition_penalty": (1.0,), "bad_words_ids": (), "sequence_bias": (), "suppress_tokens": (),
+    "begin_suppress_tokens": (), "min_length": (0,), "min_new_tokens": (0,), "forced_eos_token_id": (),
+    "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "watermarking_config": (), "num_beams": (1,),
+    "stop_strings": (),
+}
+
+
+def unapplied_generation(directory: str | Path) -> str | None:
+    """One line naming what a checkpoint's generation_config.json sets that Transformers applies and nanoqwen does
+    not (UNAPPLIED_GENERATION); None where it sets none of it."""
+    from nanoqwen.checkpoint import read_generation_config
+
+    saved = read_generation_config(directory)
+    names = [name for name, off in UNAPPLIED_GENERATION.items() if saved.get(name) not in (None, [], {}, *off)]
+    if not names:
+        return None
+    return (f"{Path(directory) / 'generation_config.json'} sets {', '.join(names)}, which Transformers' generate() "
+            f"applies and nanoqwen does not: its text can differ from Transformers'")
 
 
 def top_k_int(text: str) -> int:
@@ -599,6 +632,8 @@ def checkpoint_sampling(directory: str | Path, base: dict[str, float] | None = N
 def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
     """The flags, with those not given taken from the checkpoint (see `checkpoint_sampling`)."""
     recommended = checkpoint_sampling(args.model)
+    if (unapplied := unapplied_generation(args.model)) is not None:
+        print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
     return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
                           frequency_penalty=args.frequency_penalty, stop_token_ids=tokenizer.stop_ids,

@@ -168,12 +168,30 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
         config.write_text(json.dumps(bad))
         with pytest.raises(NanoQwenError, match="generation_config.json: " + words):
             checkpoint_sampling(folder)
-    # do_sample false: greedy, so `nanoqwen sample` with no sampling flags gives the greedy text.
-    config.write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    # do_sample false: greedy, so `nanoqwen sample` with no sampling flags gives the greedy text. What Transformers
+    # would apply besides and nanoqwen does not (typical_p, no_repeat_ngram_size) is said once at load; settings
+    # left at what means "off" are not.
+    config.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "typical_p": 0.9, "no_repeat_ngram_size": 3,
+                                  "num_beams": 1, "suppress_tokens": [], "min_length": 0, "bad_words_ids": None}))
     assert checkpoint_sampling(folder)["temperature"] == 0
     runs = [run_cli("sample", "--model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12",
                     "--device", "cpu", *extra) for extra in ([], ["--temperature", "0"])]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
+    warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, which Transformers' generate() "
+               "applies and nanoqwen does not: its text can differ from Transformers'")
+    assert runs[0].stderr.splitlines().count(warning) == 1, runs[0].stderr
+
+
+def test_unapplied_generation_settings_are_transformers_own_with_their_off_values():
+    # Each name is a GenerationConfig field, and Transformers' default for it is one nanoqwen takes for "off".
+    from transformers import GenerationConfig
+
+    from nanoqwen.generate import UNAPPLIED_GENERATION
+
+    # Transformers 5 fills what a file leaves out from these at generate(); 4.x held them on GenerationConfig()
+    defaults = getattr(GenerationConfig, "_get_default_generation_params", lambda: GenerationConfig().to_dict())()
+    for name, off in UNAPPLIED_GENERATION.items():
+        assert hasattr(GenerationConfig(), name) and defaults.get(name) in (None, *off), name
 
 
 def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_path):
@@ -317,10 +335,14 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
     assert text(stop_strings=[" t"], include_stop_str_in_output=True) == (" one t", "stop")
     assert text(stop_token_ids=[ids[2]]) == (" one two", "stop")
     assert text(stop_token_ids=[ids[2]], include_stop_str_in_output=True) == (" one two three", "stop")
-    with pytest.raises(NanoQwenError, match="min_tokens must be"):
-        SamplingParams(max_new_tokens=4, min_tokens=5).validate()
-    with pytest.raises(NanoQwenError, match="min_p must be in"):
-        SamplingParams(min_p=1.5).validate()
+    # The refused field is carried by the error (the server's `param`), not read off its message
+    for bad, line in [({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens must be >= 0 and no more than the new "
+                       "tokens allowed (max_tokens or its default, 4), got 5"),
+                      ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
+                      ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3")]:
+        with pytest.raises(NanoQwenError) as e:
+            SamplingParams(**bad).validate()
+        assert (str(e.value), getattr(e.value, "name", None)) == (line, [*bad][-1])
 
 
 def test_a_stop_string_written_before_min_tokens_never_ends_the_text_later():

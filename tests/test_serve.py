@@ -556,6 +556,13 @@ def test_ignore_eos_runs_to_max_tokens(local) -> None:
         assert (ended.text, ended.finish_reason) == (tokenizer.decode(ids[:k]), "stop")
         assert (going.text, going.finish_reason) == (tokenizer.decode(ids), "length")
         assert ask(ignore_eos=True, stop_token_ids=[ids[k]]).text == tokenizer.decode(ids[:k])
+        # min_tokens holds the ignored end token off too, as vLLM masks EOS until then: the reply parts from the
+        # one that drew it at k, and is the greedy one with that token masked up to k + 1 tokens
+        masked = generate(model, tokenizer, [prompt], SamplingParams(max_new_tokens=k + 1, temperature=0,
+                                                                     stop_token_ids=[ids[k]], min_tokens=k + 1))[0]
+        held = ask(ignore_eos=True, min_tokens=k + 1)
+        assert masked.token_ids[:k] == ids[:k] and len(masked.token_ids) == k + 1
+        assert held.text.startswith(masked.text) and held.text != going.text and held.finish_reason == "length"
         chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "Hi"}],
                                               max_tokens=10, temperature=0, extra_body={"ignore_eos": True})
         assert chat.usage.completion_tokens == 10 and chat.choices[0].finish_reason == "length"
@@ -996,6 +1003,11 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
+    # tool_choice only with tools, as OpenAI's ("none" too); a named function would need constrained decoding
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none"}, 400,
+     "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [],
+                              "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
     ("/v1/completions", {"prompt": [True, False]}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": "off"}, 400,
@@ -1297,9 +1309,17 @@ def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp
         rendered = load_tokenizer(thinker).render_chat(messages, tools=tools)
         assert whole.choices[0].message.content == streamed == greedy_reference(local, rendered, 12)
         assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
-        with pytest.raises(openai.BadRequestError, match="tool_choice"):
-            client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=2,
-                                           tool_choice="required")
+        # Forcing a call needs constrained decoding: refused by name; and tool_choice without tools, as OpenAI does
+        refusals = {"required": (tools, "'tool_choice' \"required\" is not supported: this server cannot force a "
+                                 "tool call (that needs constrained decoding); give \"auto\" (the model decides) or "
+                                 "\"none\""),
+                    "auto": (openai.NOT_GIVEN, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                             "'tools' are specified.")}
+        for choice, (given, message) in refusals.items():
+            with pytest.raises(openai.BadRequestError) as e:
+                client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,
+                                               tool_choice=choice)
+            assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
 
 
 def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch) -> None:

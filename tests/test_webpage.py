@@ -97,8 +97,8 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
     assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
     # The controls start at the checkpoint's recommended sampling (its generation_config.json).
-    fields = ("temperature", "top-p", "top-k", "repetition-penalty")
-    assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "0.8", "20", "1.0"]  # not "1"
+    fields = ("temperature", "top-p", "top-k", "min-p", "repetition-penalty")
+    assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "0.8", "20", "0.0", "1.0"]  # not "1"
     assert page.text_content("#temperature-value") == "0.70"
     params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
@@ -463,12 +463,13 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "40")
     page.fill("#stop-strings", "\\n\nsea\\tbreeze\nback\\\\slash")
+    page.fill("#min-p", "0.05")  # min-p goes out as vLLM's min_p (greedy here: the same text)
     page.fill("#prompt", "Once upon a time")
     with page.expect_request("**/v1/completions") as sent:
         page.click("#send")
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
     stops = ["\n", "sea\tbreeze", "back\\slash"]
-    assert json.loads(sent.value.post_data)["stop"] == stops
+    assert json.loads(sent.value.post_data)["stop"] == stops and json.loads(sent.value.post_data)["min_p"] == 0.05
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     expected = client.completions.create(model="tiny-web", prompt="Once upon a time", max_tokens=40, temperature=0,
                                          stop=stops).choices[0].text
@@ -478,6 +479,7 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
     for field, value, message in [
         ("#stop-strings", "a\nb\nc\nd\ne", "Stop strings: at most 4, one per line (5 given)"),
         ("#seed", "9007199254740993", "Seed must be a whole number >= 0 and <= 9007199254740991"),
+        ("#min-p", "1.5", "Min-p must be a number >= 0 and <= 1"),
     ]:
         page.fill("#stop-strings", "")
         page.fill(field, value)

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoqwen.checkpoint import display_name
-from nanoqwen.errors import NanoQwenError, port_number, positive_int
+from nanoqwen.errors import InvalidSetting, NanoQwenError, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
@@ -426,7 +426,8 @@ class Service:
         vocab = self.model.config.vocab_size
         if bad := [t for t in body.stop_token_ids or [] if not 0 <= t < vocab]:
             raise APIError(400, f"stop token id {bad[0]} is outside the vocabulary [0, {vocab})", "stop_token_ids")
-        # ignore_eos: the model's end tokens are tokens like any other; the request's own stop tokens still stop
+        # ignore_eos: the model's end tokens are tokens like any other (but for min_tokens, which holds them off
+        # as vLLM does); the request's own stop tokens still stop
         stops = [*([] if body.ignore_eos else self.tokenizer.stop_ids), *(body.stop_token_ids or [])]
         params = SamplingParams(
             max_new_tokens=self.context if max_tokens is None else max_tokens,  # the engine caps it to what fits
@@ -441,14 +442,15 @@ class Service:
             stop_token_ids=list(dict.fromkeys(stops)),
             stop_strings=body.stop_strings(),
             min_tokens=body.min_tokens,
+            ignored_end_ids=self.tokenizer.stop_ids if body.ignore_eos else [],
             include_stop_str_in_output=body.include_stop_str_in_output,
             seed=body.seed,
             skip_special_tokens=body.skip_special_tokens,
         )
         try:
             return params.validate()
-        except NanoQwenError as e:  # what no one field's range says (min_tokens beyond max_tokens)
-            raise APIError(400, str(e), str(e).split()[0]) from None
+        except InvalidSetting as e:  # what no one field's range says (min_tokens beyond max_tokens)
+            raise APIError(400, str(e), "max_tokens" if e.name == "max_new_tokens" else e.name) from None
 
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
@@ -638,7 +640,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from nanoqwen.generate import checkpoint_sampling, load_for_inference
+    from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
 
     if not 0 <= args.shutdown_grace < float("inf"):
         raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
@@ -664,6 +666,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"nanoqwen serve: note: {args.model}/generation_config.json's {field} {defaults[field]:g} is "
                   f"above what a request may ask for; requests without one get {most:g}", flush=True)
             defaults[field] = most
+    if (unapplied := unapplied_generation(args.model)) is not None:
+        print(f"nanoqwen serve: warning: {unapplied}", flush=True)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin)

@@ -14,7 +14,8 @@ change the answer and is not implemented is refused with a 400: completions' `su
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
-(`tool_choice` "auto" or "none"; `parallel_tool_calls: false` keeps the first). Other unknown fields are ignored,
+(`tool_choice` "auto" or "none", and only with `tools`, as OpenAI's; forcing a call, "required" or a named one,
+is refused; `parallel_tool_calls: false` keeps the first). Other unknown fields are ignored,
 as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
@@ -222,8 +223,9 @@ class ChatRequest(SamplingRequest, ChatInput):
     max_completion_tokens: int | None = Field(default=None, ge=1)  # OpenAI's newer name for max_tokens
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    tool_choice: Literal["auto", "none"] | None = None  # forcing a call ("required", a named one) needs
-    # constrained decoding, which this server does not do
+    # "auto" or "none"; forcing a call ("required", or a named function) needs constrained decoding, which this
+    # server does not do: refused by name in check_unsupported, not with pydantic's wording
+    tool_choice: str | dict[str, Any] | None = None
     functions: list[Any] | None = None  # OpenAI's older spelling of tools: refused with the way to send them
     function_call: Any = None
     modalities: list[str] | None = None  # OpenAI's ["text", "audio"] asks for a spoken reply too
@@ -240,6 +242,14 @@ class ChatRequest(SamplingRequest, ChatInput):
             if getattr(self, name) is not None:
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
                                     "as 'tools': [{\"type\": \"function\", \"function\": {...}}]", name)
+        if self.tool_choice is not None and not self.tools:  # OpenAI's 400, in its words ("none" included)
+            raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
+                                "specified.", "tool_choice")
+        if self.tool_choice not in (None, "auto", "none"):
+            given = json.dumps(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a function"
+            raise APIError(400, f"'tool_choice' {given} is not supported: this server cannot "
+                                "force a tool call (that needs constrained decoding); give \"auto\" (the model "
+                                "decides) or \"none\"", "tool_choice")
 
     parallel_tool_calls: bool | None = None  # false: one call at most
 

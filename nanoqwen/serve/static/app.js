@@ -7,8 +7,8 @@ const $ = (id) => document.getElementById(id);
 const KEY_STORAGE = "nanoqwen-api-key";
 const SETTINGS_STORAGE = "nanoqwen-settings"; // + ":" + the model's id: each model keeps its own
 // The settings kept across reloads (in this browser, for this server's address and model): those the user changed.
-const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "repetition-penalty", "frequency-penalty",
-  "presence-penalty", "seed", "stop-strings", "system", "thinking"];
+const SAVED_FIELDS = ["max-tokens", "temperature", "top-p", "top-k", "min-p", "repetition-penalty",
+  "frequency-penalty", "presence-penalty", "seed", "stop-strings", "system", "thinking"];
 // The conversation, kept across reloads in sessionStorage rather than localStorage: it belongs to the tab (two
 // tabs hold two conversations, each its own) and ends with it, where the settings are the browser's.
 const CONVERSATION_STORAGE = "nanoqwen-conversation";
@@ -176,8 +176,9 @@ function restoreSettings() { // once the model is known; a field changed before 
 function applySamplingDefaults() { // the checkpoint's recommended sampling, where the user set none
   const defaults = state.samplingDefaults;
   if (!defaults) return;
+  // min_p: a server whose card names none samples without it (0), as OpenAI's API and vLLM do
   for (const [id, value] of [["temperature", defaults.temperature], ["top-p", defaults.top_p],
-    ["top-k", defaults.top_k], ["repetition-penalty", defaults.repetition_penalty]]) {
+    ["top-k", defaults.top_k], ["min-p", defaults.min_p ?? 0], ["repetition-penalty", defaults.repetition_penalty]]) {
     if (!$(id).dataset.touched) setField(id, value);
   }
 }
@@ -250,6 +251,7 @@ function samplingBody() {
     temperature: Number($("temperature").value),
     top_p: Number($("top-p").value),
     top_k: numberField("top-k", { integer: true }),
+    min_p: numberField("min-p"),
     repetition_penalty: numberField("repetition-penalty"),
     frequency_penalty: numberField("frequency-penalty"),
     presence_penalty: numberField("presence-penalty"),
