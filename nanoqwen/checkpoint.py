@@ -28,7 +28,15 @@ from nanoqwen.distributed import (
     resolve_dtype,
 )
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
-from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config, write_json
+from nanoqwen.io import (
+    atomic_dir,
+    check_replaceable,
+    give_usual_mode,
+    is_run_config,
+    is_run_record,
+    run_folder_refusal,
+    write_json,
+)
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -196,9 +204,10 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"{path} cannot be read ({first_line(e)}); re-download or re-save the checkpoint") from e
     if not isinstance(raw, dict):
         raise NanoQwenError(f"{path} is not a config object; re-download or re-save the checkpoint")
-    if "model_type" not in raw and ((directory / "best").is_dir() or (directory / "last").is_dir()):
-        raise NanoQwenError(f"{directory} is a run folder; give one of its checkpoints: {directory / 'best'} "
-                            f"(lowest val loss) or {directory / 'last'}")
+    # A run's own record, checkpoints or not yet (training, or stopped before its first save): not a bad model_type
+    has_checkpoints = (directory / "best").is_dir() or (directory / "last").is_dir()
+    if "model_type" not in raw and (is_run_record(raw) or has_checkpoints):
+        raise run_folder_refusal(directory)
     return ModelConfig.from_hf_dict(raw, str(path))
 
 

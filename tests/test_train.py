@@ -1574,11 +1574,26 @@ def test_init_from_a_checkpoint_inside_out_is_refused_before_the_run_deletes_it(
     assert (run / "best" / "model.safetensors").read_bytes() == before and not (run / "last").exists()
 
 
-def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path) -> None:
-    from nanoqwen.checkpoint import load_model
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path, tmp_path: Path) -> None:
+    from nanoqwen.checkpoint import load_checkpoint, load_model
 
     with pytest.raises(NanoQwenError, match="is a run folder; give one of its checkpoints"):
         load_model(trained)  # as `sample --model runs/NAME` or `train --init-from runs/NAME` would
+    # A run still before its first evaluation, or killed there, has its config.json alone: it was refused as a model
+    # of "model_type null", as if it were another architecture's.
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(trained / "config.json", early / "config.json")
+    with pytest.raises(NanoQwenError) as refused:
+        load_checkpoint(early)
+    assert str(refused.value) == (f"{early} is a run folder with no checkpoint yet: a run writes {early / 'best'} at "
+                                  f"its first evaluation and {early / 'last'} at its first save; give one of them "
+                                  "once it has (a run stopped before then saved none)")
+    shutil.copytree(trained / "last", early / "last")  # killed after its first save of last/, before any best/
+    with pytest.raises(NanoQwenError) as refused:
+        load_checkpoint(early)
+    assert str(refused.value) == f"{early} is a run folder; give its checkpoint {early / 'last'} (its only one, " \
+                                 "the latest)"
 
 
 def test_a_data_folder_given_as_a_checkpoint_says_how_to_train_on_it(data: Path) -> None:
