@@ -133,6 +133,9 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
     one = len(names) == 1
+    # One smoothing for all the runs, the longest one's: the same losses draw the same curve, however long each
+    # run went on (a run stopped early, smoothed over its own shorter window, ran ahead of its longer twin).
+    beta = smoothing_for(max(len(train) for train, _ in curves))
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, (train, val)) in enumerate(zip(names, curves)):
         train_color, val_color = ("tab:blue", "tab:orange") if one else (f"C{i % 10}", f"C{i % 10}")
@@ -140,7 +143,7 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
             xs, losses = zip(*train)
             if one:  # the raw curve behind the smoothed one (several runs' would hide each other)
                 ax.plot(xs, losses, color=train_color, alpha=0.25, linewidth=0.8)
-            ax.plot(xs, smooth(list(losses), smoothing_for(len(losses))), color=train_color,
+            ax.plot(xs, smooth(list(losses), beta), color=train_color,
                     label="train (smoothed)" if one else f"{name} train")
         if val:
             xs, losses = zip(*val)

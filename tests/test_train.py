@@ -1761,6 +1761,20 @@ def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     assert smooth([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # bias-corrected: no climb from 0 at the start
 
 
+def test_compared_runs_are_smoothed_alike() -> None:
+    # Each run's curve was smoothed over a twentieth of its own length: a run stopped early, drawn beside a longer
+    # one with the very same first steps, ran ahead of it, as if it had learned faster.
+    import matplotlib.pyplot as plt
+
+    from nanoqwen.plot import loss_figure
+
+    long = [(step, 8.0 - step / 100 + 0.3 * (-1) ** step) for step in range(1, 401)]
+    fig = loss_figure(["long", "short"], [(long, []), (long[:40], [])], "step")
+    long_line, short_line = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(short_line.get_ydata(), long_line.get_ydata()[:40])
+    plt.close(fig)
+
+
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     # metrics.jsonl from before json_line wrote null (or from another tool) holds NaN and Infinity, which
     # json.loads reads as floats: one NaN made the rest of the smoothed train curve NaN (drawn as nothing) and
