@@ -22,6 +22,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if Path(run_dir).is_file():  # metrics.jsonl itself, say: the folder that holds it is the run
         raise NanoQwenError(f"{run_dir} is a file; give the run folder that holds it ({Path(run_dir).parent})")
     if not path.is_file():
+        if (Path(run_dir).parent / "metrics.jsonl").is_file():  # its best/ or last/, as sample and chat take
+            raise NanoQwenError(f"{run_dir} is inside a run folder; give the run folder ({Path(run_dir).parent}), "
+                                "which holds metrics.jsonl")
         what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
         raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")
     text = path.read_text(errors="replace")

@@ -1687,6 +1687,10 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
     assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
                                                f"the run folder that holds it ({tmp_path})")
+    (tmp_path / "best").mkdir()  # a checkpoint of the run, as sample and chat take: the run is the folder above
+    assert main(["plot", str(tmp_path / "best")]) == 2
+    assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'best'} is inside a run folder; "
+                                               f"give the run folder ({tmp_path}), which holds metrics.jsonl")
     # A last record cut short (being written, or its run killed) is left out; a whole line that is not JSON is not.
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra')
     assert read_metrics_lenient(tmp_path) == [{"step": 1, "train_loss": 5.0}]
