@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, NanoQwenError, positive_int, seed_int, whole_number
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -526,7 +526,7 @@ TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top
 
 def top_k_int(text: str) -> int:
     """--top-k: a whole number >= 0; -1 (vLLM's and the server's "all") is 0 here, as in generation_config.json."""
-    value = int(text)
+    value = whole_number(text)
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be 0 or more (0 or -1: all tokens), got {text}")
     return max(value, 0)

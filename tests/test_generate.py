@@ -935,7 +935,15 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     # argparse's own refusals are one line too, pointing at the help of the command they were meant for.
     for args, expected in [(["sample", "--model", "m", "--prompt", "x", "--bogus"], "(see nanoqwen sample --help)"),
                            (["sample", "--model", "m"], "required: --prompt (see nanoqwen sample --help)"),
-                           (["serve", "--model", "m", "--port", "70000"], "must be a TCP port from 1 to 65535")]:
+                           (["serve", "--model", "m", "--port", "70000"], "must be a TCP port from 1 to 65535"),
+                           # not argparse's "invalid seed_int value: 'x'", which names a function of ours
+                           (["sample", "--model", "m", "--prompt", "x", "--seed", "x"],
+                            "argument --seed: must be a whole number, got x (see nanoqwen sample --help)"),
+                           (["sample", "--model", "m", "--prompt", "x", "--top-k", "1.5"],
+                            "argument --top-k: must be a whole number, got 1.5"),
+                           (["serve", "--model", "m", "--port", "http"], "argument --port: must be a whole number"),
+                           (["eval", "--model", "m", "--data", "d", "--context", "1k"],
+                            "argument --context: must be a whole number, got 1k")]:
         with pytest.raises(SystemExit) as exit_:
             main(args)
         err = capsys.readouterr().err.strip()
