@@ -463,6 +463,10 @@ def run(args: argparse.Namespace) -> int:
     if any((out / name).exists() for name in WEIGHT_FILES) and not args.force:  # trained or downloaded weights
         raise NanoQwenError(f"{args.out} already holds a checkpoint's weights, which init would replace with random "
                             "ones; pick another --out, or give --force to replace them")
+    preset = Path(args.preset)
+    if preset.suffix == ".json" and is_run_config(preset):  # (load_preset's refusal names train's flags)
+        raise NanoQwenError(f"{preset} is a run's record of its settings, not a preset; for the run's architecture "
+                            f"give its checkpoint's: --preset {preset.parent / 'best' / 'config.json'}")
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = new_model_config(load_preset(args.preset).model, args.set, tokenizer)
     torch.manual_seed(args.seed)

@@ -906,7 +906,13 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")],
          "preset file " + str(tmp_path / "mine.json") + " does not exist"),
         (["init", "--preset", __file__, "--out", str(tmp_path / "m")], f"preset file {__file__} is not a .json file"),
+        # (it named train's ways: --resume, --init-from, --config, none of them init's)
+        (["init", "--preset", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "m")],
+         f"{tmp_path / 'run' / 'config.json'} is a run's record of its settings, not a preset; for the run's "
+         f"architecture give its checkpoint's: --preset {tmp_path / 'run' / 'best' / 'config.json'}"),
     ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "cpu", "data": "d"}))
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
