@@ -544,7 +544,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
     p.add_argument("--top-k", type=top_k_int, default=None, help=f"0 (or -1) keeps all tokens {default('top_k')}")
-    p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"keep the most likely tokens whose probabilities add up to this; 1 keeps all "
+                        f"{default('top_p')}")
     p.add_argument("--min-p", type=float, default=None,
                    help=f"keep tokens at least this times as likely as the best one; 0 keeps all {default('min_p')}")
     p.add_argument("--repetition-penalty", type=float, default=None,
