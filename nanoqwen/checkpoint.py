@@ -18,7 +18,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from nanoqwen.config import QWEN3_VOCAB_SIZE, LoopState, ModelConfig, apply_overrides, check_json_types, load_preset
+from nanoqwen.config import (
+    QWEN3_VOCAB_SIZE,
+    LoopState,
+    ModelConfig,
+    apply_overrides,
+    check_json_types,
+    load_preset,
+    preset_names,
+)
 from nanoqwen.distributed import (
     add_device_arguments,
     all_reduce,
@@ -28,7 +36,15 @@ from nanoqwen.distributed import (
     resolve_dtype,
 )
 from nanoqwen.errors import NanoQwenError, first_line, seed_int
-from nanoqwen.io import atomic_dir, check_replaceable, give_usual_mode, is_run_config, write_json
+from nanoqwen.io import (
+    atomic_dir,
+    check_replaceable,
+    give_usual_mode,
+    is_run_config,
+    is_run_record,
+    run_folder_refusal,
+    write_json,
+)
 from nanoqwen.model import Qwen3, rope_inv_freq
 from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
@@ -196,9 +212,10 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"{path} cannot be read ({first_line(e)}); re-download or re-save the checkpoint") from e
     if not isinstance(raw, dict):
         raise NanoQwenError(f"{path} is not a config object; re-download or re-save the checkpoint")
-    if "model_type" not in raw and ((directory / "best").is_dir() or (directory / "last").is_dir()):
-        raise NanoQwenError(f"{directory} is a run folder; give one of its checkpoints: {directory / 'best'} "
-                            f"(lowest val loss) or {directory / 'last'}")
+    # A run's own record, checkpoints or not yet (training, or stopped before its first save): not a bad model_type
+    has_checkpoints = (directory / "best").is_dir() or (directory / "last").is_dir()
+    if "model_type" not in raw and (is_run_record(raw) or has_checkpoints):
+        raise run_folder_refusal(directory)
     return ModelConfig.from_hf_dict(raw, str(path))
 
 
@@ -435,7 +452,8 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
 
 # -- `nanoqwen init` -----------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny", help="preset name or JSON file (default: tiny)")
+    p.add_argument("--preset", default="tiny",
+                   help=f"preset name ({', '.join(preset_names())}) or JSON file (default: tiny)")
     p.add_argument("--out", required=True, help="folder to write the checkpoint into")
     p.add_argument("--tokenizer", default="qwen3", help="qwen3 (default) or a tokenizer folder")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (default 0)")
@@ -454,6 +472,10 @@ def run(args: argparse.Namespace) -> int:
     if any((out / name).exists() for name in WEIGHT_FILES) and not args.force:  # trained or downloaded weights
         raise NanoQwenError(f"{args.out} already holds a checkpoint's weights, which init would replace with random "
                             "ones; pick another --out, or give --force to replace them")
+    preset = Path(args.preset)
+    if preset.suffix == ".json" and is_run_config(preset):  # (load_preset's refusal names train's flags)
+        raise NanoQwenError(f"{preset} is a run's record of its settings, not a preset; for the run's architecture "
+                            f"give its checkpoint's: --preset {preset.parent / 'best' / 'config.json'}")
     tokenizer = resolve_tokenizer(args.tokenizer)
     config = new_model_config(load_preset(args.preset).model, args.set, tokenizer)
     torch.manual_seed(args.seed)

@@ -50,15 +50,23 @@ def counted(count: int, noun: str) -> str:
     return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"
 
 
+def whole_number(text: str) -> int:
+    """A flag's whole number; argparse's own refusal of one named the type function ("invalid seed_int value")."""
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be a positive whole number, got {text}")
     return value
 
 
 def port_number(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if not 1 <= value <= 65535:
         raise argparse.ArgumentTypeError(f"must be a TCP port from 1 to 65535, got {text}")
     return value
@@ -69,7 +77,7 @@ SEED_RANGE = "between 0 and 2**63 - 1"
 
 
 def seed_int(text: str) -> int:
-    value = int(text)
+    value = whole_number(text)
     if not 0 <= value < SEED_LIMIT:
         raise argparse.ArgumentTypeError(f"must be {SEED_RANGE}, got {text}")
     return value

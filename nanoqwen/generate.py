@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenError, positive_int, seed_int
+from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenError, positive_int, seed_int, whole_number
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -559,7 +559,7 @@ def unapplied_generation(directory: str | Path) -> str | None:
 
 def top_k_int(text: str) -> int:
     """--top-k: a whole number >= 0; -1 (vLLM's and the server's "all") is 0 here, as in generation_config.json."""
-    value = int(text)
+    value = whole_number(text)
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be 0 or more (0 or -1: all tokens), got {text}")
     return max(value, 0)
@@ -577,7 +577,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
     p.add_argument("--top-k", type=top_k_int, default=None, help=f"0 (or -1) keeps all tokens {default('top_k')}")
-    p.add_argument("--top-p", type=float, default=None, help=default("top_p"))
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"keep the most likely tokens whose probabilities add up to this; 1 keeps all "
+                        f"{default('top_p')}")
     p.add_argument("--min-p", type=float, default=None,
                    help=f"keep tokens at least this times as likely as the best one; 0 keeps all {default('min_p')}")
     p.add_argument("--repetition-penalty", type=float, default=None,

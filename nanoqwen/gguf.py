@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 
 import gguf
@@ -231,8 +232,9 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.model)
     named = directory if directory.name not in ("", "..") else directory.resolve()  # "." or "..": name it
     out = Path(args.out) if args.out else named.with_name(f"{named.name}.gguf")  # shown as the user gave it
-    if out.is_dir():
-        raise NanoQwenError(f"--out {out} is a folder; give a file name such as {out / 'model.gguf'}")
+    # "dir/" names a folder even where there is none yet (Path drops the slash: it was written as a file "dir")
+    if out.is_dir() or (args.out and args.out.endswith(("/", os.sep))):
+        raise NanoQwenError(f"--out {args.out} is a folder; give a file name such as {out / named.name}.gguf")
     refuse_inside_a_file(out, "a path in a folder")
     if out.exists() and not is_gguf(out):  # another GGUF (an earlier export) is replaced; anything else is kept
         raise NanoQwenError(f"{out} exists and is not a GGUF file, which writing there would overwrite; choose "

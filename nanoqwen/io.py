@@ -196,6 +196,22 @@ def is_run_config(path: Path) -> bool:
     return is_run_record(saved)
 
 
+def run_folder_refusal(folder: Path) -> NanoQwenError:
+    """The line for a run folder given where a checkpoint is read: the checkpoints it has, or that it has none yet
+    (a run still before its first evaluation, or one stopped there), not a complaint about its config.json."""
+    saved = {name: folder / name for name in ("best", "last") if (folder / name / "config.json").is_file()}
+    if len(saved) == 2:
+        return NanoQwenError(f"{folder} is a run folder; give one of its checkpoints: {saved['best']} (lowest val "
+                             f"loss) or {saved['last']}")
+    if saved:
+        name, checkpoint = next(iter(saved.items()))
+        return NanoQwenError(f"{folder} is a run folder; give its checkpoint {checkpoint} (its only one, "
+                             f"{'lowest val loss' if name == 'best' else 'the latest'})")
+    return NanoQwenError(f"{folder} is a run folder with no checkpoint yet: a run writes {folder / 'best'} at its "
+                         f"first evaluation and {folder / 'last'} at its first save; give one of them once it has "
+                         "(a run stopped before then saved none)")
+
+
 def is_json_number(value: Any) -> bool:
     """Whether a parsed JSON value is a number: an int or a float, not a bool (which Python counts as an int)."""
     return isinstance(value, int | float) and not isinstance(value, bool)

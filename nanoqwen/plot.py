@@ -22,6 +22,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     if Path(run_dir).is_file():  # metrics.jsonl itself, say: the folder that holds it is the run
         raise NanoQwenError(f"{run_dir} is a file; give the run folder that holds it ({Path(run_dir).parent})")
     if not path.is_file():
+        if (Path(run_dir).parent / "metrics.jsonl").is_file():  # its best/ or last/, as sample and chat take
+            raise NanoQwenError(f"{run_dir} is inside a run folder; give the run folder ({Path(run_dir).parent}), "
+                                "which holds metrics.jsonl")
         what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
         raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")
     text = path.read_text(errors="replace")
@@ -133,6 +136,9 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
     from matplotlib.ticker import MaxNLocator
 
     one = len(names) == 1
+    # One smoothing for all the runs, the longest one's: the same losses draw the same curve, however long each
+    # run went on (a run stopped early, smoothed over its own shorter window, ran ahead of its longer twin).
+    beta = smoothing_for(max(len(train) for train, _ in curves))
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, (train, val)) in enumerate(zip(names, curves)):
         train_color, val_color = ("tab:blue", "tab:orange") if one else (f"C{i % 10}", f"C{i % 10}")
@@ -140,7 +146,7 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
             xs, losses = zip(*train)
             if one:  # the raw curve behind the smoothed one (several runs' would hide each other)
                 ax.plot(xs, losses, color=train_color, alpha=0.25, linewidth=0.8)
-            ax.plot(xs, smooth(list(losses), smoothing_for(len(losses))), color=train_color,
+            ax.plot(xs, smooth(list(losses), beta), color=train_color,
                     label="train (smoothed)" if one else f"{name} train")
         if val:
             xs, losses = zip(*val)

@@ -21,7 +21,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from nanoqwen.errors import NanoQwenError, first_line
-from nanoqwen.io import atomic_dir, cache_dir, is_run_config
+from nanoqwen.io import atomic_dir, cache_dir, is_run_config, run_folder_refusal
 
 QWEN_TIKTOKEN_MD5 = "f0bffbad8c413a41d51fe6da4a7e99d7"
 QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
@@ -388,8 +388,7 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     path = directory / "tokenizer.json"
     if not path.exists():
         if is_run_config(directory / "config.json"):  # a run writes its tokenizer into each checkpoint, not beside
-            raise NanoQwenError(f"{directory} is a run folder; give one of its checkpoints: {directory / 'best'} "
-                                f"(lowest val loss) or {directory / 'last'}")
+            raise run_folder_refusal(directory)
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"

@@ -54,6 +54,7 @@ from nanoqwen.config import (
     LoopState,
     ModelConfig,
     TrainConfig,
+    preset_names,
 )
 from nanoqwen.data.loader import BatchLoader, ChatMarks, TokenSplit, assistant_targets, check_token_ids
 from nanoqwen.data.sources import SOURCES_HELP
@@ -113,7 +114,8 @@ from nanoqwen.tracking import Display, TensorBoardLog, Tracker, WandbLog, flops_
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--preset", help="model preset by name (default: cpu, or demo on a GPU)")
+    model.add_argument("--preset", help=f"model preset by name ({', '.join(preset_names())}; default: cpu, or "
+                                        "demo on a GPU)")
     model.add_argument("--config", help="a preset JSON file ({\"model\": {...}, \"train\": {...}})")
     model.add_argument("--init-from", metavar="DIR",
                        help="start from the weights of a Qwen3 checkpoint folder (a run's best/, official "

@@ -862,7 +862,7 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "tok/nope"], ["tokenizer folder tok/nope does not"]),
         # (it said "no tokenizer.json; give a folder written by nanoqwen", which a run folder is)
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", str(tmp_path / "run")],
-         [f"{tmp_path / 'run'} is a run folder; give one of its checkpoints: {tmp_path / 'run' / 'best'}"]),
+         [f"{tmp_path / 'run'} is a run folder with no checkpoint yet: a run writes {tmp_path / 'run' / 'best'}"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:many"], ["bpe:N"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100"], ["at least 259"]),
         (["--dataset", str(tmp_path / "ok.txt"), "--tokenizer", "bpe:100000000000"], ["at most bpe:1048576"]),

@@ -148,6 +148,14 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     monkeypatch.setattr(nanoqwen.generate, "load_for_inference", no_load)
     assert main(["eval", "--model", str(checkpoint), "--data", str(tmp_path / "nodata"), "--device", "cpu"]) == 2
     assert "nodata does not exist" in one_line(capsys)
+    # A shard of a prepared folder, given for the folder: it was told to prepare that binary file as a corpus.
+    data = tmp_path / "data"
+    data.mkdir()
+    for name in ("meta.json", "val.bin"):
+        (data / name).write_bytes(b"{}")
+    assert main(["eval", "--model", str(checkpoint), "--data", str(data / "val.bin"), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: {data / 'val.bin'} is a file of the prepared folder {data}; "
+                                "give that folder")
 
 
 def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Path, tmp_path: Path,

@@ -928,7 +928,13 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["init", "--preset", str(tmp_path / "mine.json"), "--out", str(tmp_path / "m")],
          "preset file " + str(tmp_path / "mine.json") + " does not exist"),
         (["init", "--preset", __file__, "--out", str(tmp_path / "m")], f"preset file {__file__} is not a .json file"),
+        # (it named train's ways: --resume, --init-from, --config, none of them init's)
+        (["init", "--preset", str(tmp_path / "run" / "config.json"), "--out", str(tmp_path / "m")],
+         f"{tmp_path / 'run' / 'config.json'} is a run's record of its settings, not a preset; for the run's "
+         f"architecture give its checkpoint's: --preset {tmp_path / 'run' / 'best' / 'config.json'}"),
     ]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "cpu", "data": "d"}))
     for args, expected in cases:
         assert main(args) == 2, args
         err = capsys.readouterr().err.strip()
@@ -957,7 +963,15 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     # argparse's own refusals are one line too, pointing at the help of the command they were meant for.
     for args, expected in [(["sample", "--model", "m", "--prompt", "x", "--bogus"], "(see nanoqwen sample --help)"),
                            (["sample", "--model", "m"], "required: --prompt (see nanoqwen sample --help)"),
-                           (["serve", "--model", "m", "--port", "70000"], "must be a TCP port from 1 to 65535")]:
+                           (["serve", "--model", "m", "--port", "70000"], "must be a TCP port from 1 to 65535"),
+                           # not argparse's "invalid seed_int value: 'x'", which names a function of ours
+                           (["sample", "--model", "m", "--prompt", "x", "--seed", "x"],
+                            "argument --seed: must be a whole number, got x (see nanoqwen sample --help)"),
+                           (["sample", "--model", "m", "--prompt", "x", "--top-k", "1.5"],
+                            "argument --top-k: must be a whole number, got 1.5"),
+                           (["serve", "--model", "m", "--port", "http"], "argument --port: must be a whole number"),
+                           (["eval", "--model", "m", "--data", "d", "--context", "1k"],
+                            "argument --context: must be a whole number, got 1k")]:
         with pytest.raises(SystemExit) as exit_:
             main(args)
         err = capsys.readouterr().err.strip()
@@ -1003,6 +1017,14 @@ def test_init_command_writes_a_loadable_folder(tmp_path, capsys):
     assert "already holds a checkpoint's weights" in err and len(err.strip().splitlines()) == 1
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == weights
     assert main([*again, "--force"]) == 0 and (tmp_path / "m" / "model.safetensors").read_bytes() != weights
+    # --help names the presets (a name was found only by giving a wrong one); train's too.
+    from nanoqwen.config import preset_names
+
+    for command in ("init", "train"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        shown = " ".join(capsys.readouterr().out.split())
+        assert f"({', '.join(preset_names())}" in shown, shown
 
 
 def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path, capsys):

@@ -143,12 +143,17 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
     monkeypatch.chdir(folder)
     assert main(["gguf", "--model", "."]) == 0
     assert capsys.readouterr().out.startswith(f"wrote {tmp_path / 'best.gguf'}: ")
-    # An --out that is a folder, or under a file, is one line.
-    for out, said in ((tmp_path, "is a folder; give a file name"), (tmp_path / "best.gguf" / "m.gguf",
-                                                                    "is inside a file; give --out a path")):
-        assert main(["gguf", "--model", str(folder), "--out", str(out)]) != 0
+    # An --out that is a folder, or under a file, is one line; so is a folder that is not there yet, written with
+    # its slash (it was written as a file of that name, "new", with no .gguf to tell what it is).
+    for out, said in ((str(tmp_path), f"--out {tmp_path} is a folder; give a file name such as "
+                                      f"{tmp_path / 'best.gguf'}"),
+                      (f"{tmp_path / 'new'}/", f"--out {tmp_path / 'new'}/ is a folder; give a file name such as "
+                                               f"{tmp_path / 'new' / 'best.gguf'}"),
+                      (str(tmp_path / "best.gguf" / "m.gguf"), "is inside a file; give --out a path")):
+        assert main(["gguf", "--model", str(folder), "--out", out]) != 0
         err = capsys.readouterr().err.strip()
-        assert err.count("\n") == 0 and said in err
+        assert err.count("\n") == 0 and said in err, err
+    assert not (tmp_path / "new").exists()
     # An --out that holds anything but a GGUF file is kept (it overwrote the checkpoint's own weights);
     # an earlier export is replaced.
     weights = (folder / "model.safetensors").read_bytes()

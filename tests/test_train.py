@@ -1574,11 +1574,26 @@ def test_init_from_a_checkpoint_inside_out_is_refused_before_the_run_deletes_it(
     assert (run / "best" / "model.safetensors").read_bytes() == before and not (run / "last").exists()
 
 
-def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path) -> None:
-    from nanoqwen.checkpoint import load_model
+def test_a_run_folder_given_as_a_checkpoint_names_its_checkpoints(trained: Path, tmp_path: Path) -> None:
+    from nanoqwen.checkpoint import load_checkpoint, load_model
 
     with pytest.raises(NanoQwenError, match="is a run folder; give one of its checkpoints"):
         load_model(trained)  # as `sample --model runs/NAME` or `train --init-from runs/NAME` would
+    # A run still before its first evaluation, or killed there, has its config.json alone: it was refused as a model
+    # of "model_type null", as if it were another architecture's.
+    early = tmp_path / "early"
+    early.mkdir()
+    shutil.copy(trained / "config.json", early / "config.json")
+    with pytest.raises(NanoQwenError) as refused:
+        load_checkpoint(early)
+    assert str(refused.value) == (f"{early} is a run folder with no checkpoint yet: a run writes {early / 'best'} at "
+                                  f"its first evaluation and {early / 'last'} at its first save; give one of them "
+                                  "once it has (a run stopped before then saved none)")
+    shutil.copytree(trained / "last", early / "last")  # killed after its first save of last/, before any best/
+    with pytest.raises(NanoQwenError) as refused:
+        load_checkpoint(early)
+    assert str(refused.value) == f"{early} is a run folder; give its checkpoint {early / 'last'} (its only one, " \
+                                 "the latest)"
 
 
 def test_a_data_folder_given_as_a_checkpoint_says_how_to_train_on_it(data: Path) -> None:
@@ -1672,6 +1687,10 @@ def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pyt
     assert main(["plot", str(tmp_path / "metrics.jsonl")]) == 2
     assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'metrics.jsonl'} is a file; give "
                                                f"the run folder that holds it ({tmp_path})")
+    (tmp_path / "best").mkdir()  # a checkpoint of the run, as sample and chat take: the run is the folder above
+    assert main(["plot", str(tmp_path / "best")]) == 2
+    assert capsys.readouterr().err.strip() == (f"nanoqwen plot: error: {tmp_path / 'best'} is inside a run folder; "
+                                               f"give the run folder ({tmp_path}), which holds metrics.jsonl")
     # A last record cut short (being written, or its run killed) is left out; a whole line that is not JSON is not.
     (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n{"step": 2, "tra')
     assert read_metrics_lenient(tmp_path) == [{"step": 1, "train_loss": 5.0}]
@@ -1744,6 +1763,20 @@ def test_the_plotted_train_curve_follows_a_short_runs_falling_loss() -> None:
     assert smoothing_for(400) == 0.9 and max(abs(v - 5.0) for v in smoothed[100:]) < 0.06
     assert smoothing_for(100) == pytest.approx(0.8)  # a window of a twentieth of the run: 5 records
     assert smooth([4.0] * 5, 0.9) == pytest.approx([4.0] * 5)  # bias-corrected: no climb from 0 at the start
+
+
+def test_compared_runs_are_smoothed_alike() -> None:
+    # Each run's curve was smoothed over a twentieth of its own length: a run stopped early, drawn beside a longer
+    # one with the very same first steps, ran ahead of it, as if it had learned faster.
+    import matplotlib.pyplot as plt
+
+    from nanoqwen.plot import loss_figure
+
+    long = [(step, 8.0 - step / 100 + 0.3 * (-1) ** step) for step in range(1, 401)]
+    fig = loss_figure(["long", "short"], [(long, []), (long[:40], [])], "step")
+    long_line, short_line = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(short_line.get_ydata(), long_line.get_ydata()[:40])
+    plt.close(fig)
 
 
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:

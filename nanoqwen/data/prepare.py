@@ -278,7 +278,9 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         if not folder.exists():
             raise NanoQwenError(f"{folder} does not exist; run `nanoqwen prepare --dataset SRC --out {folder}`")
         # A run, a checkpoint or a folder of texts given by mistake: preparing into it would be refused.
-        if is_run_config(folder / "config.json"):
+        if folder.is_file() and (folder.parent / "meta.json").is_file():  # its val.bin, say: not a corpus to prepare
+            what = f"a file of the prepared folder {folder.parent}; give that folder"
+        elif is_run_config(folder / "config.json"):
             what = "a run folder, not prepared data; its config.json names the data folder it trained on"
         elif (folder / "config.json").is_file():
             what = "a checkpoint, not prepared data; give the folder `nanoqwen prepare --out DIR` wrote"
