@@ -814,11 +814,15 @@ def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
     # prepare's warning said they were "counted in meta.json", which tokenizer train does not write.
     from nanoqwen.cli import main
 
-    (tmp_path / "latin1.txt").write_bytes("Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 20)
+    # Nor does it write the <|endoftext|> ids of prepare's documents, of which its note on parted files spoke.
+    half = "Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 10
+    (tmp_path / "latin1.txt").write_bytes(half + b"\n<|endoftext|>\n" + half)
     assert main(["tokenizer", "train", "--dataset", str(tmp_path / "latin1.txt"), "--vocab-size", "270",
                  "--out", str(tmp_path / "tok")]) == 0
     err = capsys.readouterr().err
     assert "replaced 80 undecodable byte sequences with U+FFFD" in err and "meta.json" not in err, err
+    assert "nanoqwen: note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
+        "separators are not in their text)\n" in err, err
 
 
 # -- bad input ---------------------------------------------------------------------------------------
