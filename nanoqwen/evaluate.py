@@ -141,8 +141,8 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     separates), and its count of undecodable bytes replaced; or one line saying why it is not a text to score
     (checked before the model loads: a mistake costs no wait)."""
     from nanoqwen.data.sources import (
-        DOCUMENT_SEPARATOR,
         NOT_UTF8,
+        ONLY_SEPARATORS,
         SUFFIXES,
         TEXT_SUFFIXES,
         CorpusStats,
@@ -168,12 +168,11 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
         raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "
                             f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
-    if not text:
+    if not text.strip():  # blank: as prepare skips it
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
     documents = separated_documents(text)
     if not documents:
-        raise NanoQwenError(f"text file {path} holds nothing but {DOCUMENT_SEPARATOR} separators and blanks; give it "
-                            "some text to score")
+        raise NanoQwenError(f"text file {path} {ONLY_SEPARATORS}; give it some text to score")
     return documents, stats.replacement_chars
 
 

@@ -531,16 +531,17 @@ TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top
 
 
 # What else Transformers' generate() takes from a generation_config.json (its other logits processors, beam search,
-# stop strings), which nanoqwen does not do: each setting with the values that leave it off (None and an empty list
-# or object always do), as Transformers' defaults. A checkpoint that sets one is told so once at load, rather than
-# sampled unlike Transformers in silence. (forced_bos_token_id acts at a first token only, which follows a prompt
-# here; max_length and max_new_tokens give way to --max-new-tokens and max_tokens, which say the length.)
+# contrastive search (penalty_alpha with top_k > 1), DoLa, forced words, stop strings), which nanoqwen does not do:
+# each setting with the values that leave it off (None and an empty list or object always do), as Transformers'
+# defaults. A checkpoint that sets one is told so once at load, rather than sampled unlike Transformers in silence.
+# (forced_bos_token_id acts at a first token only, which follows a prompt here; max_length and max_new_tokens give
+# way to --max-new-tokens and max_tokens, which say the length.)
 UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
     "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "no_repeat_ngram_size": (0,),
     "encoder_repetition_penalty": (1.0,), "bad_words_ids": (), "sequence_bias": (), "suppress_tokens": (),
     "begin_suppress_tokens": (), "min_length": (0,), "min_new_tokens": (0,), "forced_eos_token_id": (),
     "exponential_decay_length_penalty": (), "guidance_scale": (1.0,), "watermarking_config": (), "num_beams": (1,),
-    "stop_strings": (),
+    "stop_strings": (), "penalty_alpha": (0.0,), "dola_layers": (), "force_words_ids": (),
 }
 
 

@@ -814,11 +814,15 @@ def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
     # prepare's warning said they were "counted in meta.json", which tokenizer train does not write.
     from nanoqwen.cli import main
 
-    (tmp_path / "latin1.txt").write_bytes("Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 20)
+    # Nor does it write the <|endoftext|> ids of prepare's documents, of which its note on parted files spoke.
+    half = "Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 10
+    (tmp_path / "latin1.txt").write_bytes(half + b"\n<|endoftext|>\n" + half)
     assert main(["tokenizer", "train", "--dataset", str(tmp_path / "latin1.txt"), "--vocab-size", "270",
                  "--out", str(tmp_path / "tok")]) == 0
     err = capsys.readouterr().err
     assert "replaced 80 undecodable byte sequences with U+FFFD" in err and "meta.json" not in err, err
+    assert "nanoqwen: note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
+        "separators are not in their text)\n" in err, err
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -1073,13 +1077,16 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     plain = "  A file without the separator is one document, whitespace and all.\n\n"
     (folder / "plain.txt").write_text(plain)
     (folder / "rows.jsonl").write_text(json.dumps({"text": "a record <|endoftext|> stays text"}) + "\n")
+    (folder / "only.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")  # no document: skipped, said why
     out = prepare(str(folder), "bpe:300", tmp_path / "out", val_fraction=0.3, progress=False)
     docs = read_back(out)
     parted = [*STORIES, "first of UTF-16", "second of UTF-16"]
     assert Counter(docs["train"] + docs["val"]) == Counter([*parted, plain, "a record <|endoftext|> stays text"])
     meta = check_counts(out, docs)
     assert meta["parted_documents"] == 5
-    assert capsys.readouterr().err == ("nanoqwen: note: read 5 documents from 2 text files parted by the "
+    assert capsys.readouterr().err == (f"nanoqwen: warning: skipped {folder / 'only.txt'}: holds nothing but "
+                                       "<|endoftext|> separators and blanks\n"
+                                       "nanoqwen: note: read 5 documents from 2 text files parted by the "
                                        "<|endoftext|> written between them (each document ends with the "
                                        "<|endoftext|> id; the separators are not in its text)\n")
     tok = load_tokenizer(out)
@@ -1088,6 +1095,9 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert Counter(map(tuple, found)) == Counter(tuple(encoded.ids[:-1]) for encoded in prepare_module.encode_texts(
         tok, [*parted, plain, "a record <|endoftext|> stays text"]))
     assert not any(tok.token_id("<|im_start|>") in ids for ids in found)
+    # --max-bytes ending the pass within a parted file: the documents counted are those read
+    capped = open_corpus(str(folder / "stories.txt"), max_bytes=len(STORIES[0].encode()) + 1)
+    assert list(capped.documents()) == [STORIES[0], STORIES[1][:1]] and capped.stats.parted_documents == 2
     # Only a corpus whose text files hold the separator has a new fingerprint: the folders of others stay up to date.
     corpus, alone = open_corpus(str(folder)), open_corpus(str(folder / "plain.txt"))
     assert corpus.fingerprint == f"{corpus.former_fingerprint} parted"
@@ -1146,6 +1156,13 @@ def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Pat
         assert "".join(cut) == long.strip() and len(cut) > 2 and all(piece.endswith("\n") for piece in cut[:-1])
         assert max(map(len, documents)) <= 2000  # memory holds a block or two
         assert (corpus.stats.parted_files, corpus.stats.parted_documents) == (1, len(documents))
+    # A first story without whitespace to cut it at, its separator across that cut: held back whole. The blocks
+    # before the first separator are the file's documents too, and counted so.
+    unbroken = "x" * 1999 + "<|endoftext|>" + "".join(f"{story}\n<|endoftext|>\n" for story in stories)
+    (tmp_path / "stories.txt").write_text(unbroken)
+    corpus = open_corpus(str(tmp_path / "stories.txt"))
+    assert list(corpus.documents()) == ["x" * 1000, "x" * 999, *stories]
+    assert (corpus.stats.parted_files, corpus.stats.parted_documents) == (1, 42)
 
 
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:

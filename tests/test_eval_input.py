@@ -180,7 +180,9 @@ def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Pat
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["tokens"] == train["tokens"] - 1  # the documents' ids, each after those before (train's end in one)
     assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / math.log(2) / train["bytes"])
-    (tmp_path / "none.txt").write_text("<|endoftext|>\n\n<|endoftext|>\n")
-    assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "none.txt"), "--device", "cpu"]) == 2
-    assert one_line(capsys) == (f"nanoqwen eval: error: text file {tmp_path / 'none.txt'} holds nothing but "
-                                "<|endoftext|> separators and blanks; give it some text to score")
+    for name, text, problem in [("none.txt", "<|endoftext|>\n\n<|endoftext|>\n", "holds nothing but <|endoftext|> "
+                                 "separators and blanks"), ("blank.txt", " \n\n", "is empty")]:
+        (tmp_path / name).write_text(text)
+        assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / name), "--device", "cpu"]) == 2
+        assert one_line(capsys) == f"nanoqwen eval: error: text file {tmp_path / name} {problem}; give it some " \
+            "text to score"

@@ -172,13 +172,14 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     # would apply besides and nanoqwen does not (typical_p, no_repeat_ngram_size) is said once at load; settings
     # left at what means "off" are not.
     config.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "typical_p": 0.9, "no_repeat_ngram_size": 3,
-                                  "num_beams": 1, "suppress_tokens": [], "min_length": 0, "bad_words_ids": None}))
+                                  "num_beams": 1, "suppress_tokens": [], "min_length": 0, "bad_words_ids": None,
+                                  "penalty_alpha": 0.6, "top_k": 4, "dola_layers": None}))  # contrastive search
     assert checkpoint_sampling(folder)["temperature"] == 0
     runs = [run_cli("sample", "--model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12",
                     "--device", "cpu", *extra) for extra in ([], ["--temperature", "0"])]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
-    warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, which Transformers' generate() "
-               "applies and nanoqwen does not: its text can differ from Transformers'")
+    warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, penalty_alpha, which "
+               "Transformers' generate() applies and nanoqwen does not: its text can differ from Transformers'")
     assert runs[0].stderr.splitlines().count(warning) == 1, runs[0].stderr
 
 

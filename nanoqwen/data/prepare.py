@@ -762,8 +762,8 @@ SHOWN_SKIPS = 10  # skipped files named on screen: a scraped corpus may have tho
 
 
 def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
-    """Say what was skipped, left out or replaced; `in_meta`: the replacements are in the meta.json written
-    (prepare)."""
+    """Say what was skipped, left out, replaced or parted; `in_meta`: the replacements are in the meta.json written,
+    and the documents end with <|endoftext|> ids (prepare)."""
     for skipped in stats.skipped[:SHOWN_SKIPS]:
         print(f"nanoqwen: warning: skipped {skipped['path']}: {skipped['reason']}", file=sys.stderr)
     unnamed = len(stats.skipped) - SHOWN_SKIPS
@@ -773,10 +773,11 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
     for note in stats.notes:
         print(f"nanoqwen: note: {note}", file=sys.stderr)
     if stats.parted_files:
+        ended = f"each document ends with the {DOCUMENT_SEPARATOR} id; the separators are not in its text" if in_meta \
+            else "the separators are not in their text"  # tokenizer train writes no ids
         print(f"nanoqwen: note: read {counted(stats.parted_documents, 'document')} from "
               f"{counted(stats.parted_files, 'text file')} parted by the {DOCUMENT_SEPARATOR} written between them "
-              f"(each document ends with the {DOCUMENT_SEPARATOR} id; the separators are not in its text)",
-              file=sys.stderr)
+              f"({ended})", file=sys.stderr)
     if stats.left_out:
         suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
         kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first

