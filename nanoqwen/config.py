@@ -208,6 +208,16 @@ class ModelConfig:
         """Refuse a rope_scaling that nanoqwen would compute otherwise than Transformers, or Transformers not at all."""
         rope, kind = self.rope_scaling, rope_type(self.rope_scaling)
         if kind == "default":
+            # A --set or preset that left out the rope_type: plain RoPE, which Transformers also builds (with only
+            # a warning), so the factor asked for was dropped without a word and the model trained unscaled.
+            ignored = sorted(set(rope or {}) - {"rope_type", "type", "rope_theta"})
+            if (rope or {}).get("rope_theta", self.rope_theta) != self.rope_theta:
+                ignored.append("rope_theta")
+            if ignored:
+                raise NanoQwenError(f"rope_scaling {json.dumps(rope)} is plain RoPE (no rope_type, or \"default\"), "
+                                    f"which ignores its {', '.join(ignored)}; add \"rope_type\": \"linear\" or "
+                                    "\"yarn\" to scale, give the base frequency as rope_theta, or leave rope_scaling "
+                                    "unset")
             return
         if kind not in ROPE_SCALINGS:
             raise NanoQwenError(f"rope_scaling {rope} is not supported; {UNSUPPORTED_ROPE}; use one of those or leave "

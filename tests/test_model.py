@@ -169,6 +169,10 @@ def test_left_padded_batch_equals_rows_alone():
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": -1.0}}, "beta_fast must be positive"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_slow": -0.5}}, "beta_slow must be positive"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_theta": 1.0}, "YaRN needs a rope_theta other than 1"),
+    # --set rope_scaling='{"factor": 4}' (no rope_type) trained plain RoPE, its factor dropped without a word
+    ({"rope_scaling": {"factor": 4.0}}, "is plain RoPE .* which ignores its factor; add \"rope_type\": \"linear\""),
+    ({"rope_scaling": {"rope_type": "default", "factor": 4.0}}, "ignores its factor;"),
+    ({"rope_scaling": {"rope_theta": 50.0}}, "ignores its rope_theta; .*give the base frequency as rope_theta"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
