@@ -32,6 +32,7 @@ from nanoqwen.checkpoint import (
     folder_name,
     read_generation_config,
     refuse_tokenizer_id_overrides,
+    set_fields,
 )
 from nanoqwen.config import (
     BEST_DTYPES,
@@ -141,10 +142,14 @@ def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None
     return folder
 
 
-def note_vocab_change(preset: Preset, config: ModelConfig, data: Path) -> None:
+def note_vocab_change(preset: Preset, config: ModelConfig, data: Path, overrides: list[str]) -> None:
     """A preset sized for a small vocabulary trained on data of a large one (a plain `prepare` uses the Qwen3
-    tokenizer) is a model many times the size: say so, and what keeps the preset's size."""
-    planned, actual = preset.model.num_params(), config.num_params()
+    tokenizer) is a model many times the size: say so, and what keeps the preset's size. Only the tokenizer's
+    part: a size the --set flags give (fewer layers, a vocab_size of their own) is the user's, not the data's."""
+    if "vocab_size" in set_fields(overrides):
+        return
+    planned = dataclasses.replace(config, vocab_size=preset.model.vocab_size).num_params()
+    actual = config.num_params()
     if max(planned, actual) < 2 * min(planned, actual):
         return
     tokenizer = preset.train.get("tokenizer")

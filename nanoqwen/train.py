@@ -308,7 +308,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
         if info.is_main and not args.init_from:
-            note_vocab_change(preset, model_config, data)
+            note_vocab_change(preset, model_config, data, args.set)
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     check_seq_len(cfg.seq_len, model_config, can_set=resume_dir is None)  # a resume takes no --set
     device = info.device

@@ -893,6 +893,8 @@ def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped
 
     tokenizer = train_bpe(["some text to learn from"] * 3, 300)
     assert new_model_config(tiny_config(), [], tokenizer).eos_token_id == tokenizer.token_id("<|im_end|>")
+    # a vocab_size of one's own stays, however spaced (it was resized to the tokenizer's without a word)
+    assert new_model_config(tiny_config(), [" vocab_size = 600"], tokenizer).vocab_size == 600
     with pytest.raises(NanoQwenError, match=f"--set {item.split('=')[0]}: .*tokenizer") as caught:
         new_model_config(tiny_config(), ["num_hidden_layers=1", item], tokenizer)
     assert "\n" not in str(caught.value)
