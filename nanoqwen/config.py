@@ -391,6 +391,10 @@ def load_preset(name_or_path: str) -> Preset:
     if problem := preset_problem(raw):  # a stray key would be dropped without a word, leaving the 0.6B default
         raise NanoQwenError(f"{path} {problem}; a preset file is shaped as {PRESET_SHAPE} (or give a checkpoint's "
                             "config.json)")
+    # Named here, in the file's words: a misspelt key ("max-steps") was refused later without the file's name.
+    if unknown := sorted(set(raw.get("train", {})) - {f.name for f in fields(TrainConfig)}):
+        raise NanoQwenError(f"{path}: its \"train\" section has unknown keys {', '.join(unknown)}; its keys are the "
+                            "train flags' names with _ (\"max_steps\" for --max-steps; see nanoqwen train --help)")
     try:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
         check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))

@@ -424,6 +424,8 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
                              ("list", [model], "not a JSON object"),
                              ("train", {"model": model, "train": [1]}, '"train" that is not an object'),
                              ("lr", {"model": model, "train": {"lr": "fast"}}, 'lr must be a number, got "fast"'),
+                             ("flag", {"model": model, "train": {"max-steps": 5, "lr": 0.1}},
+                              'flag.json: its "train" section has unknown keys max-steps; .*"max_steps" for --max'),
                              ("run", {"model": model, "train": {}, "preset": "tiny", "data": "data/x",
                                       "command": ["nanoqwen"]}, "--resume")]:
         (tmp_path / f"{name}.json").write_text(json.dumps(raw))
