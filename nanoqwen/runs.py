@@ -78,6 +78,13 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         if given is not None:
             values[name] = given
     cfg = TrainConfig(**values).validate()
+    # A flag that only tunes another one that is off did nothing, without a word (no W&B run, no fitted schedule).
+    if getattr(args, "wandb_project", None) is not None and not cfg.wandb:
+        raise NanoQwenError(f"--wandb-project {args.wandb_project} names the W&B project --wandb logs into, and "
+                            "--wandb is off; add --wandb (or leave --wandb-project out)")
+    if getattr(args, "fit_to_time", None) and cfg.max_minutes is None:
+        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and no --max-minutes is "
+                            "set; add --max-minutes M (or leave --fit-to-time out)")
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:

@@ -1026,6 +1026,10 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
+    # flags that tune one that is off did nothing without a word: no fitted schedule, no W&B run
+    (["--schedule", "wsd", "--fit-to-time"], "--fit-to-time ends the schedule where --max-minutes runs out, and no "
+                                             "--max-minutes is set; add --max-minutes M"),
+    (["--wandb-project", "mine"], "--wandb-project mine names the W&B project --wandb logs into, and --wandb is off"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
     (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
     (["--lr", "1e38"], "--lr must be a number >= 0 and at most 10"),
