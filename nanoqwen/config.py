@@ -491,7 +491,8 @@ class TrainConfig:
     """Linear warmup steps (one longer than half of max_steps is cut to half of it, by a new run or by a resume that
     gives --max-steps or --warmup)."""
     schedule: str = "cosine"
-    """cosine or wsd (warmup-stable-decay)."""
+    """cosine (from the end of the warmup down to min_lr at the last step) or wsd (warmup-stable-decay: flat at lr,
+    then linear down to min_lr over the last fifth of the steps after the warmup)."""
     weight_decay: float = 0.1
     """Decoupled weight decay of the block matrices (never on norms or biases; on embeddings only if asked)."""
     decay_embeddings: bool = False
