@@ -395,13 +395,17 @@ def load_preset(name_or_path: str) -> Preset:
     if unknown := sorted(set(raw.get("train", {})) - {f.name for f in fields(TrainConfig)}):
         raise NanoQwenError(f"{path}: its \"train\" section has unknown keys {', '.join(unknown)}; its keys are the "
                             "train flags' names with _ (\"max_steps\" for --max-steps; see nanoqwen train --help)")
-    try:
+    check_train_types(raw.get("train", {}), str(path))
+    if "model_type" in raw["model"]:  # a checkpoint's config.json pasted in whole: read as loading reads one
+        model = ModelConfig.from_hf_dict(raw["model"], f"{path}'s \"model\"")
+    else:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
         check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))
-        check_train_types(raw.get("train", {}), str(path))
+        known = sorted(f.name for f in fields(ModelConfig))
+        if unknown := sorted(set(raw["model"]) - set(known)):  # was a TypeError's words: "__init__() got ..."
+            raise NanoQwenError(f"{path}: its \"model\" section has unknown keys {', '.join(unknown)}; it takes "
+                                f"{', '.join(known)} (or a whole config.json, with its model_type)")
         model = ModelConfig(**raw["model"])
-    except TypeError as e:
-        raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
     return Preset(name=path.stem, model=model.validate(), train=raw.get("train", {}),
                   description=raw.get("description", ""))
 

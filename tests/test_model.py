@@ -424,6 +424,8 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
                              ("list", [model], "not a JSON object"),
                              ("train", {"model": model, "train": [1]}, '"train" that is not an object'),
                              ("lr", {"model": model, "train": {"lr": "fast"}}, 'lr must be a number, got "fast"'),
+                             ("sise", {"model": {**model, "hidden_sise": 64}}, 'sise.json: its "model" section has '
+                              "unknown keys hidden_sise; it takes attention_bias, attention_dropout, bos_token_id"),
                              ("flag", {"model": model, "train": {"max-steps": 5, "lr": 0.1}},
                               'flag.json: its "train" section has unknown keys max-steps; .*"max_steps" for --max'),
                              ("run", {"model": model, "train": {}, "preset": "tiny", "data": "data/x",
@@ -437,6 +439,10 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
     folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "ck", None)
     preset = load_preset(str(folder / "config.json"))
     assert preset.model == read_config(folder) and preset.train == {}
+    # ... and so does one pasted in whole as the model section (its "architectures" was an unexpected keyword).
+    (tmp_path / "pasted.json").write_text(json.dumps({"model": json.loads((folder / "config.json").read_text()),
+                                                      "train": {"lr": 0.1}}))
+    assert load_preset(str(tmp_path / "pasted.json")).model == preset.model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the layout decoding keeps on GPUs
