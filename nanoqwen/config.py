@@ -442,6 +442,9 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()
+        if sep and key in {f.name for f in fields(TrainConfig)}:  # the flag is what sets it
+            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; give "
+                                f"--{key.replace('_', '-')} {value.strip()}")
         if not sep or key not in names:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")

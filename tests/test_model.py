@@ -893,6 +893,14 @@ def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(t
     assert str(caught.value).startswith(f"--set {item}") and "\n" not in str(caught.value)
 
 
+def test_a_set_of_a_training_setting_names_its_flag():
+    # It was refused with the list of the model's fields alone, which does not say where max_steps goes.
+    with pytest.raises(NanoQwenError) as caught:
+        apply_overrides(tiny_config(), ["num_hidden_layers=1", "max_steps=5"])
+    assert str(caught.value) == "--set 'max_steps=5': max_steps is a training setting, not a model field; give " \
+                                "--max-steps 5"
+
+
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
 def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped(item):
     # The new model's bos/eos/pad follow its tokenizer: a --set of one was replaced without a word.
