@@ -437,14 +437,16 @@ def _coerce(text: str, current: Any, name: str) -> Any:
 def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
     """Apply `key=value` strings (from `--set`) to a model config and re-validate it."""
     names = {f.name for f in fields(ModelConfig)}
-    hints = typing.get_type_hints(ModelConfig)
+    hints, train_hints = typing.get_type_hints(ModelConfig), typing.get_type_hints(TrainConfig)
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()
-        if sep and key in {f.name for f in fields(TrainConfig)}:  # the flag is what sets it
-            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; give "
-                                f"--{key.replace('_', '-')} {value.strip()}")
+        if sep and key in train_hints:  # the flag is what sets it
+            flag = f"--{key.replace('_', '-')}"
+            switch = json_is(True, train_hints[key])  # --compile / --no-compile
+            given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
+            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; give {given}")
         if not sep or key not in names:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")

@@ -899,6 +899,8 @@ def test_a_set_of_a_training_setting_names_its_flag():
         apply_overrides(tiny_config(), ["num_hidden_layers=1", "max_steps=5"])
     assert str(caught.value) == "--set 'max_steps=5': max_steps is a training setting, not a model field; give " \
                                 "--max-steps 5"
+    with pytest.raises(NanoQwenError, match="give --fit-to-time or --no-fit-to-time$"):
+        apply_overrides(tiny_config(), ["fit_to_time=true"])
 
 
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
