@@ -446,7 +446,8 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             flag = f"--{key.replace('_', '-')}"
             switch = json_is(True, train_hints[key])  # --compile / --no-compile
             given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
-            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; give {given}")
+            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; `nanoqwen train` "
+                                f"takes it as {given}")
         if not sep or key not in names:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")

@@ -897,9 +897,9 @@ def test_a_set_of_a_training_setting_names_its_flag():
     # It was refused with the list of the model's fields alone, which does not say where max_steps goes.
     with pytest.raises(NanoQwenError) as caught:
         apply_overrides(tiny_config(), ["num_hidden_layers=1", "max_steps=5"])
-    assert str(caught.value) == "--set 'max_steps=5': max_steps is a training setting, not a model field; give " \
-                                "--max-steps 5"
-    with pytest.raises(NanoQwenError, match="give --fit-to-time or --no-fit-to-time$"):
+    assert str(caught.value) == "--set 'max_steps=5': max_steps is a training setting, not a model field; " \
+                                "`nanoqwen train` takes it as --max-steps 5"
+    with pytest.raises(NanoQwenError, match="takes it as --fit-to-time or --no-fit-to-time$"):
         apply_overrides(tiny_config(), ["fit_to_time=true"])
 
 
