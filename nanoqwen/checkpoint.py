@@ -89,10 +89,14 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
 TOKENIZER_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a new model's: its tokenizer's special ids
 
 
+def set_fields(overrides: list[str]) -> list[str]:
+    """The model fields `--set FIELD=VALUE` items name (as apply_overrides reads them: ` vocab_size =600` too)."""
+    return [item.partition("=")[0].strip() for item in overrides]
+
+
 def refuse_tokenizer_id_overrides(overrides: list[str]) -> None:
     """One line for a --set of a special id on a new model, which `config_for_tokenizer` would replace unsaid."""
-    for item in overrides:
-        key = item.partition("=")[0].strip()
+    for key in set_fields(overrides):
         if key in TOKENIZER_IDS:
             raise NanoQwenError(f"--set {key}: a new model's bos, eos and pad ids are its tokenizer's (<|endoftext|>, "
                                 "<|im_end|>), set from the tokenizer; leave it out")
@@ -102,8 +106,7 @@ def new_model_config(model: ModelConfig, overrides: list[str], tokenizer: Tokeni
     """A preset's model with `--set` overrides, sized to the tokenizer unless vocab_size was set by hand."""
     refuse_tokenizer_id_overrides(overrides)
     config = apply_overrides(model, overrides)
-    fit = not any(item.startswith("vocab_size=") for item in overrides)
-    return config_for_tokenizer(config, tokenizer, fit_vocab=fit)
+    return config_for_tokenizer(config, tokenizer, fit_vocab="vocab_size" not in set_fields(overrides))
 
 
 def generation_config(config: ModelConfig, tokenizer: Tokenizer | None) -> dict:

@@ -208,6 +208,16 @@ class ModelConfig:
         """Refuse a rope_scaling that nanoqwen would compute otherwise than Transformers, or Transformers not at all."""
         rope, kind = self.rope_scaling, rope_type(self.rope_scaling)
         if kind == "default":
+            # A --set or preset that left out the rope_type: plain RoPE, which Transformers also builds (with only
+            # a warning), so the factor asked for was dropped without a word and the model trained unscaled.
+            ignored = sorted(set(rope or {}) - {"rope_type", "type", "rope_theta"})
+            if (rope or {}).get("rope_theta", self.rope_theta) != self.rope_theta:
+                ignored.append("rope_theta")
+            if ignored:
+                raise NanoQwenError(f"rope_scaling {json.dumps(rope)} is plain RoPE (no rope_type, or \"default\"), "
+                                    f"which ignores its {', '.join(ignored)}; add \"rope_type\": \"linear\" or "
+                                    "\"yarn\" to scale, give the base frequency as rope_theta, or leave rope_scaling "
+                                    "unset")
             return
         if kind not in ROPE_SCALINGS:
             raise NanoQwenError(f"rope_scaling {rope} is not supported; {UNSUPPORTED_ROPE}; use one of those or leave "
@@ -381,13 +391,21 @@ def load_preset(name_or_path: str) -> Preset:
     if problem := preset_problem(raw):  # a stray key would be dropped without a word, leaving the 0.6B default
         raise NanoQwenError(f"{path} {problem}; a preset file is shaped as {PRESET_SHAPE} (or give a checkpoint's "
                             "config.json)")
-    try:
+    # Named here, in the file's words: a misspelt key ("max-steps") was refused later without the file's name.
+    if unknown := sorted(set(raw.get("train", {})) - {f.name for f in fields(TrainConfig)}):
+        raise NanoQwenError(f"{path}: its \"train\" section has unknown keys {', '.join(unknown)}; its keys are the "
+                            "train flags' names with _ (\"max_steps\" for --max-steps; see nanoqwen train --help)")
+    check_train_types(raw.get("train", {}), str(path))
+    if "model_type" in raw["model"]:  # a checkpoint's config.json pasted in whole: read as loading reads one
+        model = ModelConfig.from_hf_dict(raw["model"], f"{path}'s \"model\"")
+    else:
         check_json_types(raw["model"], typing.get_type_hints(ModelConfig), str(path))
         check_rope_types("rope_scaling", raw["model"].get("rope_scaling"), str(path))
-        check_train_types(raw.get("train", {}), str(path))
+        known = sorted(f.name for f in fields(ModelConfig))
+        if unknown := sorted(set(raw["model"]) - set(known)):  # was a TypeError's words: "__init__() got ..."
+            raise NanoQwenError(f"{path}: its \"model\" section has unknown keys {', '.join(unknown)}; it takes "
+                                f"{', '.join(known)} (or a whole config.json, with its model_type)")
         model = ModelConfig(**raw["model"])
-    except TypeError as e:
-        raise NanoQwenError(f"{path}: {e}; the model section takes Qwen3 config.json field names") from e
     return Preset(name=path.stem, model=model.validate(), train=raw.get("train", {}),
                   description=raw.get("description", ""))
 
@@ -419,11 +437,17 @@ def _coerce(text: str, current: Any, name: str) -> Any:
 def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
     """Apply `key=value` strings (from `--set`) to a model config and re-validate it."""
     names = {f.name for f in fields(ModelConfig)}
-    hints = typing.get_type_hints(ModelConfig)
+    hints, train_hints = typing.get_type_hints(ModelConfig), typing.get_type_hints(TrainConfig)
     changes: dict[str, Any] = {}
     for item in assignments:
         key, sep, value = item.partition("=")
         key = key.strip()
+        if sep and key in train_hints:  # the flag is what sets it
+            flag = f"--{key.replace('_', '-')}"
+            switch = json_is(True, train_hints[key])  # --compile / --no-compile
+            given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
+            raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; `nanoqwen train` "
+                                f"takes it as {given}")
         if not sep or key not in names:
             raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
@@ -477,7 +501,8 @@ class TrainConfig:
     """Linear warmup steps (one longer than half of max_steps is cut to half of it, by a new run or by a resume that
     gives --max-steps or --warmup)."""
     schedule: str = "cosine"
-    """cosine or wsd (warmup-stable-decay)."""
+    """cosine (from the end of the warmup down to min_lr at the last step) or wsd (warmup-stable-decay: flat at lr,
+    then linear down to min_lr over the last fifth of the steps after the warmup)."""
     weight_decay: float = 0.1
     """Decoupled weight decay of the block matrices (never on norms or biases; on embeddings only if asked)."""
     decay_embeddings: bool = False

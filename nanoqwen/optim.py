@@ -31,7 +31,7 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int, s
 
     cosine: linear warmup to max_lr, then a half cosine down to min_lr at the last step.
     wsd (warmup-stable-decay): linear warmup, flat at max_lr, then linear to min_lr over the last
-    `decay_fraction` of the steps.
+    `decay_fraction` of the steps after the warmup (at least one).
     """
     if step < warmup:
         return max_lr * (step + 1) / warmup

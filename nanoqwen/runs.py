@@ -32,6 +32,7 @@ from nanoqwen.checkpoint import (
     folder_name,
     read_generation_config,
     refuse_tokenizer_id_overrides,
+    set_fields,
 )
 from nanoqwen.config import (
     BEST_DTYPES,
@@ -77,6 +78,13 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         if given is not None:
             values[name] = given
     cfg = TrainConfig(**values).validate()
+    # A flag that only tunes another one that is off did nothing, without a word (no W&B run, no fitted schedule).
+    if getattr(args, "wandb_project", None) is not None and not cfg.wandb:
+        raise NanoQwenError(f"--wandb-project {args.wandb_project} names the W&B project --wandb logs into, and "
+                            "--wandb is off; add --wandb (or leave --wandb-project out)")
+    if getattr(args, "fit_to_time", None) and cfg.max_minutes is None:
+        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and no --max-minutes is "
+                            "set; add --max-minutes M (or leave --fit-to-time out)")
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:
@@ -141,10 +149,14 @@ def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None
     return folder
 
 
-def note_vocab_change(preset: Preset, config: ModelConfig, data: Path) -> None:
+def note_vocab_change(preset: Preset, config: ModelConfig, data: Path, overrides: list[str]) -> None:
     """A preset sized for a small vocabulary trained on data of a large one (a plain `prepare` uses the Qwen3
-    tokenizer) is a model many times the size: say so, and what keeps the preset's size."""
-    planned, actual = preset.model.num_params(), config.num_params()
+    tokenizer) is a model many times the size: say so, and what keeps the preset's size. Only the tokenizer's
+    part: a size the --set flags give (fewer layers, a vocab_size of their own) is the user's, not the data's."""
+    if "vocab_size" in set_fields(overrides):
+        return
+    planned = dataclasses.replace(config, vocab_size=preset.model.vocab_size).num_params()
+    actual = config.num_params()
     if max(planned, actual) < 2 * min(planned, actual):
         return
     tokenizer = preset.train.get("tokenizer")

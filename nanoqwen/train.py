@@ -116,7 +116,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help=f"model preset by name ({', '.join(preset_names())}; default: cpu, or "
                                         "demo on a GPU)")
-    model.add_argument("--config", help="a preset JSON file ({\"model\": {...}, \"train\": {...}})")
+    model.add_argument("--config", help="a preset JSON file ({\"model\": {config.json fields}, \"train\": {flag "
+                                        "defaults, max_steps for --max-steps}}), or a checkpoint's config.json (its "
+                                        "architecture, new weights)")
     model.add_argument("--init-from", metavar="DIR",
                        help="start from the weights of a Qwen3 checkpoint folder (a run's best/, official "
                             "Qwen3 weights) instead of a preset's random ones; its tokenizer prepares "
@@ -308,7 +310,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         model_config = (preset.model if args.init_from
                         else new_model_config(preset.model, args.set, load_tokenizer(data)))
         if info.is_main and not args.init_from:
-            note_vocab_change(preset, model_config, data)
+            note_vocab_change(preset, model_config, data, args.set)
     cfg.seq_len = cfg.seq_len or model_config.max_position_embeddings
     check_seq_len(cfg.seq_len, model_config, can_set=resume_dir is None)  # a resume takes no --set
     device = info.device

@@ -169,6 +169,10 @@ def test_left_padded_batch_equals_rows_alone():
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_fast": -1.0}}, "beta_fast must be positive"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0, "beta_slow": -0.5}}, "beta_slow must be positive"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 2.0}, "rope_theta": 1.0}, "YaRN needs a rope_theta other than 1"),
+    # --set rope_scaling='{"factor": 4}' (no rope_type) trained plain RoPE, its factor dropped without a word
+    ({"rope_scaling": {"factor": 4.0}}, "is plain RoPE .* which ignores its factor; add \"rope_type\": \"linear\""),
+    ({"rope_scaling": {"rope_type": "default", "factor": 4.0}}, "ignores its factor;"),
+    ({"rope_scaling": {"rope_theta": 50.0}}, "ignores its rope_theta; .*give the base frequency as rope_theta"),
 ])
 def test_bad_configs_say_what_is_wrong(changes, words):
     with pytest.raises(NanoQwenError, match=words):
@@ -420,6 +424,10 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
                              ("list", [model], "not a JSON object"),
                              ("train", {"model": model, "train": [1]}, '"train" that is not an object'),
                              ("lr", {"model": model, "train": {"lr": "fast"}}, 'lr must be a number, got "fast"'),
+                             ("sise", {"model": {**model, "hidden_sise": 64}}, 'sise.json: its "model" section has '
+                              "unknown keys hidden_sise; it takes attention_bias, attention_dropout, bos_token_id"),
+                             ("flag", {"model": model, "train": {"max-steps": 5, "lr": 0.1}},
+                              'flag.json: its "train" section has unknown keys max-steps; .*"max_steps" for --max'),
                              ("run", {"model": model, "train": {}, "preset": "tiny", "data": "data/x",
                                       "command": ["nanoqwen"]}, "--resume")]:
         (tmp_path / f"{name}.json").write_text(json.dumps(raw))
@@ -431,6 +439,10 @@ def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
     folder = save_checkpoint(Qwen3(tiny_config()), tmp_path / "ck", None)
     preset = load_preset(str(folder / "config.json"))
     assert preset.model == read_config(folder) and preset.train == {}
+    # ... and so does one pasted in whole as the model section (its "architectures" was an unexpected keyword).
+    (tmp_path / "pasted.json").write_text(json.dumps({"model": json.loads((folder / "config.json").read_text()),
+                                                      "train": {"lr": 0.1}}))
+    assert load_preset(str(tmp_path / "pasted.json")).model == preset.model
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: the layout decoding keeps on GPUs
@@ -881,6 +893,16 @@ def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(t
     assert str(caught.value).startswith(f"--set {item}") and "\n" not in str(caught.value)
 
 
+def test_a_set_of_a_training_setting_names_its_flag():
+    # It was refused with the list of the model's fields alone, which does not say where max_steps goes.
+    with pytest.raises(NanoQwenError) as caught:
+        apply_overrides(tiny_config(), ["num_hidden_layers=1", "max_steps=5"])
+    assert str(caught.value) == "--set 'max_steps=5': max_steps is a training setting, not a model field; " \
+                                "`nanoqwen train` takes it as --max-steps 5"
+    with pytest.raises(NanoQwenError, match="takes it as --fit-to-time or --no-fit-to-time$"):
+        apply_overrides(tiny_config(), ["fit_to_time=true"])
+
+
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
 def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped(item):
     # The new model's bos/eos/pad follow its tokenizer: a --set of one was replaced without a word.
@@ -889,6 +911,8 @@ def test_a_set_of_a_special_id_that_the_tokenizer_decides_is_refused_not_dropped
 
     tokenizer = train_bpe(["some text to learn from"] * 3, 300)
     assert new_model_config(tiny_config(), [], tokenizer).eos_token_id == tokenizer.token_id("<|im_end|>")
+    # a vocab_size of one's own stays, however spaced (it was resized to the tokenizer's without a word)
+    assert new_model_config(tiny_config(), [" vocab_size = 600"], tokenizer).vocab_size == 600
     with pytest.raises(NanoQwenError, match=f"--set {item.split('=')[0]}: .*tokenizer") as caught:
         new_model_config(tiny_config(), ["num_hidden_layers=1", item], tokenizer)
     assert "\n" not in str(caught.value)

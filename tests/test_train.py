@@ -669,6 +669,25 @@ def test_a_preset_sized_for_another_vocabulary_says_what_the_data_makes_of_it(
     assert "the preset's tokenizer, bpe:30000, for its size" in note
 
 
+def test_the_vocabulary_note_is_about_the_tokenizer_not_the_sets(capsys: pytest.CaptureFixture[str]) -> None:
+    # `--preset cpu --set num_hidden_layers=1` on data of the preset's 2,048 ids was put down to the tokenizer
+    # ("names a vocabulary of 2,048; data's tokenizer makes it 2,048, so the model has 1.31M parameters, not
+    # 3.67M"), and so was a vocab_size the user set (600, "the tokenizer makes it 600").
+    from nanoqwen.config import apply_overrides, load_preset
+    from nanoqwen.runs import note_vocab_change
+
+    preset = load_preset("cpu")
+    one_layer = apply_overrides(preset.model, ["num_hidden_layers=1"])
+    note_vocab_change(preset, one_layer, Path("data"), ["num_hidden_layers=1"])
+    note_vocab_change(preset, apply_overrides(preset.model, ["vocab_size=60000"]), Path("data"), [" vocab_size =60000"])
+    assert capsys.readouterr().out == ""
+    # The tokenizer's own part is still said, of the model the flags ask for: 1 layer at 151,936 ids, not at 2,048.
+    note_vocab_change(preset, dataclasses.replace(one_layer, vocab_size=151936), Path("data"), ["num_hidden_layers=1"])
+    assert capsys.readouterr().out == (
+        "the cpu preset names a vocabulary of 2,048; data's tokenizer makes it 151,936, so the model has 39.7M "
+        "parameters, not 1.31M; `--dataset SRC` prepares with the preset's tokenizer, bpe:2048, for its size\n")
+
+
 def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, preset: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch,
                                                               capsys: pytest.CaptureFixture[str]) -> None:
@@ -1007,6 +1026,10 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
+    # flags that tune one that is off did nothing without a word: no fitted schedule, no W&B run
+    (["--schedule", "wsd", "--fit-to-time"], "--fit-to-time ends the schedule where --max-minutes runs out, and no "
+                                             "--max-minutes is set; add --max-minutes M"),
+    (["--wandb-project", "mine"], "--wandb-project mine names the W&B project --wandb logs into, and --wandb is off"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
     (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
     (["--lr", "1e38"], "--lr must be a number >= 0 and at most 10"),
