@@ -43,6 +43,7 @@ from tests.train_helpers import (
     TINY_MODEL,
     make_data,
     make_preset,
+    one_thread,
     read_metrics,
     run_train,
     subprocess_env,
@@ -1204,41 +1205,44 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
 def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path,
-                                                                 optimizer: str) -> None:
-    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
+                                                                 optimizer: str, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    args = ["--max-steps", "60", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
             "--tensorboard", "--wandb"]
     if optimizer == "adamw":  # dropout draws from torch's generator: the curve holds only if the resume restores it
         args += ["--set", "attention_dropout=0.1"]
+    # The uninterrupted run and the resume in this process (no interpreter to start), as the killed process runs
+    monkeypatch.setenv("WANDB_MODE", "offline")
     reference = tmp_path / "reference"
-    done = run_train(*common(data, preset, reference), *args)
-    assert done.returncode == 0, done.stderr
+    with one_thread():
+        assert train_in_process(*common(data, preset, reference), *args) == 0
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(*common(data, preset, killed), *args), env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # kill it mid-run, wherever it is (perhaps mid-save)
         metrics = killed / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count("\n") >= 35:
+        if metrics.exists() and metrics.read_text().count("\n") >= 25:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert len(read_metrics(killed)) < 120
-    resumed = run_train("--resume", str(killed))
-    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_metrics(killed)) < 60
+    with one_thread():
+        assert train_in_process("--resume", str(killed)) == 0
     expected, got = train_losses(reference), train_losses(killed)
-    assert list(got) == list(range(1, 121))
+    assert list(got) == list(range(1, 61))
     assert got == expected  # bit for bit
     # TensorBoard drops what the killed process logged after its last save: each step once, as in metrics.jsonl
     logged = tensorboard_scalars(killed, "train/loss")
-    assert list(logged) == list(range(1, 121))
+    assert list(logged) == list(range(1, 61))
     np.testing.assert_allclose(list(logged.values()), list(expected.values()), rtol=1e-6)
     # W&B: the resume goes on in the killed process's W&B run, from the step after its last save
     killed_log, resumed_log = wandb_runs(killed)
     assert killed_log.id == resumed_log.id
     resumed_losses = {row["step"]: row["train_loss"] for row in resumed_log.rows if "train_loss" in row}
     saved_step = min(resumed_losses) - 1
-    assert saved_step % 10 == 0 and list(resumed_losses) == list(range(saved_step + 1, 121))
+    assert saved_step % 10 == 0 and list(resumed_losses) == list(range(saved_step + 1, 61))
     assert resumed_losses == {step: expected[step] for step in resumed_losses}
 
 
@@ -1333,9 +1337,8 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
         torch.testing.assert_close(mine, theirs, atol=5e-3, rtol=0)
     if extra:  # the plain jobs resume below: compiling once more would only add time
         return
-    # the torchrun job's checkpoints resume on one plain process
-    resumed = run_train("--resume", str(multi), "--max-steps", "10")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the torchrun job's checkpoints resume on one plain process (this one)
+    assert train_in_process("--resume", str(multi), "--max-steps", "10") == 0
     assert max(train_losses(multi)) == 10
 
 

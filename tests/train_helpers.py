@@ -9,6 +9,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -67,6 +69,20 @@ def train_command(*args: str, nproc: int | None = None) -> list[str]:
         return [sys.executable, "-m", "nanoqwen", "train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "nanoqwen", "train", *args]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread in this process, as in `run_train`'s processes: a run in here and one there compare
+    bit for bit."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict[str, str]:
