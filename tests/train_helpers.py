@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -59,8 +60,17 @@ def make_preset(root: Path, **train: object) -> Path:
 
 
 def train_in_process(*args: str) -> int:
-    """`nanoqwen train ARGS` in this process."""
-    return main(["train", *args])
+    """`nanoqwen train ARGS` in this process.
+
+    What this process held before is frozen out of the garbage collector's sight meanwhile: the collection
+    that ends a run (and any the run sets off) scans what the run made, the model it frees among them, not all
+    that the suite has imported by then (torch, Transformers, the compiler...: about a second a run, late in a
+    whole suite)."""
+    gc.freeze()
+    try:
+        return main(["train", *args])
+    finally:
+        gc.unfreeze()
 
 
 def train_command(*args: str, nproc: int | None = None) -> list[str]:
