@@ -815,19 +815,19 @@ def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: P
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cut"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000000", "--warmup", "100000",
-                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.1") == 0
+                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.05") == 0
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_warmup"] is not None and state["fitted_warmup"] < 100000  # cut to the fitted length
     # a time given now wins over the length fitted to the time before, as --max-steps does: the run trains on
     capsys.readouterr()
-    assert train_in_process("--resume", str(out), "--max-minutes", "0.05") == 0
+    assert train_in_process("--resume", str(out), "--max-minutes", "0.025") == 0
     step = json.loads((out / "last/train_state.json").read_text())["step"]
     assert step > state["step"] and "caps this invocation too" not in capsys.readouterr().out
     assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(step + 2)) == 0
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
     # the saved time cap still holds, and the resume says so (it once rode along silently)
     printed = capsys.readouterr().out
-    assert "--max-minutes 0.05 (the run's own) caps this invocation too" in printed
+    assert "--max-minutes 0.025 (the run's own) caps this invocation too" in printed
     assert f" from step {step}: " in printed  # where it goes on from
 
 
