@@ -43,7 +43,6 @@ from tests.train_helpers import (
     TINY_MODEL,
     make_data,
     make_preset,
-    one_thread,
     read_metrics,
     run_train,
     subprocess_env,
@@ -1211,11 +1210,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
             "--tensorboard", "--wandb"]
     if optimizer == "adamw":  # dropout draws from torch's generator: the curve holds only if the resume restores it
         args += ["--set", "attention_dropout=0.1"]
-    # The uninterrupted run and the resume in this process (no interpreter to start), as the killed process runs
+    # The uninterrupted run and the resume in this process (no interpreter to start; one thread, as the killed one)
     monkeypatch.setenv("WANDB_MODE", "offline")
     reference = tmp_path / "reference"
-    with one_thread():
-        assert train_in_process(*common(data, preset, reference), *args) == 0
+    assert train_in_process(*common(data, preset, reference), *args) == 0
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(*common(data, preset, killed), *args), env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -1228,8 +1226,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert len(read_metrics(killed)) < 60
-    with one_thread():
-        assert train_in_process("--resume", str(killed)) == 0
+    assert train_in_process("--resume", str(killed)) == 0
     expected, got = train_losses(reference), train_losses(killed)
     assert list(got) == list(range(1, 61))
     assert got == expected  # bit for bit

@@ -60,7 +60,8 @@ def make_preset(root: Path, **train: object) -> Path:
 
 
 def train_in_process(*args: str) -> int:
-    """`nanoqwen train ARGS` in this process.
+    """`nanoqwen train ARGS` in this process, on one thread as `run_train`'s processes are (runs here and there
+    compare bit for bit, and these tiny models run as fast on one; two stall whenever other jobs load the cores).
 
     What this process held before is frozen out of the garbage collector's sight meanwhile: the collection
     that ends a run (and any the run sets off) scans what the run made, the model it frees among them, not all
@@ -68,7 +69,8 @@ def train_in_process(*args: str) -> int:
     whole suite)."""
     gc.freeze()
     try:
-        return main(["train", *args])
+        with one_thread():
+            return main(["train", *args])
     finally:
         gc.unfreeze()
 
@@ -83,8 +85,7 @@ def train_command(*args: str, nproc: int | None = None) -> list[str]:
 
 @contextmanager
 def one_thread() -> Iterator[None]:
-    """Torch on one thread in this process, as in `run_train`'s processes: a run in here and one there compare
-    bit for bit."""
+    """Torch on one thread in this process, as in `run_train`'s processes."""
     import torch
 
     threads = torch.get_num_threads()
