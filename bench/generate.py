@@ -4,6 +4,7 @@
     python bench/generate.py --model runs/NAME/best --new-tokens 256
     python bench/generate.py --device cuda        # on a GPU, both libraries in bfloat16
     python bench/generate.py --preset qwen3-0.6b  # one random model of that preset, Qwen3 vocabulary
+    python bench/generate.py --toy                # the two models at a toy size: does it run (the tests)
 
 Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
 `nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import statistics
@@ -49,6 +51,11 @@ from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer  # noqa: E402
 PROMPT = ("The history of the written word begins with marks pressed into clay, and over centuries those "
           "marks became alphabets that")
 Timer = Callable[[list[int], int], list[float]]  # (prompt ids, new tokens) -> time of each new token
+# --toy (tests/test_bench.py): the same two vocabularies around a one-layer model of width 64, the BPE trained on
+# Shakespeare's first 200KB (enough for all 8192 ids): every row of the table, in a fraction of the time
+TOY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "num_key_value_heads": 1, "head_dim": 32, "max_window_layers": 1}
+TOY_BPE_BYTES = "200KB"
 
 
 def log(message: str) -> None:
@@ -230,22 +237,24 @@ def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int
     return pauses
 
 
-def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny") -> Path:
+def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny", toy: bool = False) -> Path:
     """A preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or `tiny` at its own size with the
     8,192-id BPE its runs train (a checkpoint's tokenizer must fit its embedding: nanoqwen refuses one that
-    does not, as a model with the Qwen3 tokenizer and 8,192 rows was)."""
+    does not, as a model with the Qwen3 tokenizer and 8,192 rows was). `toy`: TOY_MODEL's sizes instead."""
     nanoqwen = [sys.executable, "-m", "nanoqwen"]
+    changes = TOY_MODEL if toy else {}
     if vocab == "qwen3":
-        subprocess.run([*nanoqwen, "init", "--preset", preset, "--out", str(directory)], check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run([*nanoqwen, "init", "--preset", preset, "--out", str(directory),
+                        *(f"--set={field}={value}" for field, value in changes.items())],
+                       check=True, stdout=subprocess.DEVNULL)
         return directory
     bpe = directory.with_name(f"{directory.name}-tokenizer")
     subprocess.run([*nanoqwen, "tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", vocab, "--out",
-                    str(bpe)], check=True, stdout=subprocess.DEVNULL)
+                    str(bpe), *(["--max-bytes", TOY_BPE_BYTES] if toy else [])], check=True, stdout=subprocess.DEVNULL)
     tokenizer = load_tokenizer(bpe)
     torch.manual_seed(0)
-    return save_checkpoint(Qwen3(config_for_tokenizer(load_preset(preset).model, tokenizer, fit_vocab=True)),
-                           directory, tokenizer)
+    config = dataclasses.replace(load_preset(preset).model, **changes)
+    return save_checkpoint(Qwen3(config_for_tokenizer(config, tokenizer, fit_vocab=True)), directory, tokenizer)
 
 
 def main() -> None:
@@ -265,6 +274,8 @@ def main() -> None:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="both libraries' weights (default: float32 on CPU, bfloat16 on CUDA)")
+    p.add_argument("--toy", action="store_true",
+                   help="the two random models at a toy size (the tests' quick run; its speeds mean nothing)")
     p.add_argument("--worker", choices=["nanoqwen", "transformers"], help=argparse.SUPPRESS)
     p.add_argument("--prompt-ids", type=json.loads, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -285,8 +296,8 @@ def main() -> None:
         elif args.preset:
             models = [("qwen3", random_checkpoint(Path(tmp) / args.preset, "qwen3", args.preset))]
         else:
-            models = [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3")),
-                      ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192"))]
+            models = [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3", toy=args.toy)),
+                      ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192", toy=args.toy))]
         for kind, model_dir in models:
             vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read

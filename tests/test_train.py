@@ -833,19 +833,19 @@ def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: P
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cut"
     assert train_in_process(*common(data, preset, out), "--max-steps", "1000000", "--warmup", "100000",
-                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.1") == 0
+                            "--schedule", "wsd", "--fit-to-time", "--max-minutes", "0.05") == 0
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_warmup"] is not None and state["fitted_warmup"] < 100000  # cut to the fitted length
     # a time given now wins over the length fitted to the time before, as --max-steps does: the run trains on
     capsys.readouterr()
-    assert train_in_process("--resume", str(out), "--max-minutes", "0.05") == 0
+    assert train_in_process("--resume", str(out), "--max-minutes", "0.025") == 0
     step = json.loads((out / "last/train_state.json").read_text())["step"]
     assert step > state["step"] and "caps this invocation too" not in capsys.readouterr().out
     assert train_in_process("--resume", str(out), "--warmup", "2", "--max-steps", str(step + 2)) == 0
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
     # the saved time cap still holds, and the resume says so (it once rode along silently)
     printed = capsys.readouterr().out
-    assert "--max-minutes 0.05 (the run's own) caps this invocation too" in printed
+    assert "--max-minutes 0.025 (the run's own) caps this invocation too" in printed
     assert f" from step {step}: " in printed  # where it goes on from
 
 
@@ -1227,41 +1227,42 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])  # muon: the default run's, with two optimizers' state
 def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, preset: Path, tmp_path: Path,
-                                                                 optimizer: str) -> None:
-    args = ["--max-steps", "120", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
+                                                                 optimizer: str, monkeypatch: pytest.MonkeyPatch
+                                                                 ) -> None:
+    args = ["--max-steps", "60", "--save-interval", "10", "--sample-interval", "40", "--optimizer", optimizer,
             "--tensorboard", "--wandb"]
     if optimizer == "adamw":  # dropout draws from torch's generator: the curve holds only if the resume restores it
         args += ["--set", "attention_dropout=0.1"]
+    # The uninterrupted run and the resume in this process (no interpreter to start; one thread, as the killed one)
+    monkeypatch.setenv("WANDB_MODE", "offline")
     reference = tmp_path / "reference"
-    done = run_train(*common(data, preset, reference), *args)
-    assert done.returncode == 0, done.stderr
+    assert train_in_process(*common(data, preset, reference), *args) == 0
     killed = tmp_path / "killed"
     process = subprocess.Popen(train_command(*common(data, preset, killed), *args), env=subprocess_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:  # kill it mid-run, wherever it is (perhaps mid-save)
         metrics = killed / "metrics.jsonl"
-        if metrics.exists() and metrics.read_text().count("\n") >= 35:
+        if metrics.exists() and metrics.read_text().count("\n") >= 25:
             break
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
-    assert len(read_metrics(killed)) < 120
-    resumed = run_train("--resume", str(killed))
-    assert resumed.returncode == 0, resumed.stderr
+    assert len(read_metrics(killed)) < 60
+    assert train_in_process("--resume", str(killed)) == 0
     expected, got = train_losses(reference), train_losses(killed)
-    assert list(got) == list(range(1, 121))
+    assert list(got) == list(range(1, 61))
     assert got == expected  # bit for bit
     # TensorBoard drops what the killed process logged after its last save: each step once, as in metrics.jsonl
     logged = tensorboard_scalars(killed, "train/loss")
-    assert list(logged) == list(range(1, 121))
+    assert list(logged) == list(range(1, 61))
     np.testing.assert_allclose(list(logged.values()), list(expected.values()), rtol=1e-6)
     # W&B: the resume goes on in the killed process's W&B run, from the step after its last save
     killed_log, resumed_log = wandb_runs(killed)
     assert killed_log.id == resumed_log.id
     resumed_losses = {row["step"]: row["train_loss"] for row in resumed_log.rows if "train_loss" in row}
     saved_step = min(resumed_losses) - 1
-    assert saved_step % 10 == 0 and list(resumed_losses) == list(range(saved_step + 1, 121))
+    assert saved_step % 10 == 0 and list(resumed_losses) == list(range(saved_step + 1, 61))
     assert resumed_losses == {step: expected[step] for step in resumed_losses}
 
 
@@ -1356,9 +1357,8 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
         torch.testing.assert_close(mine, theirs, atol=5e-3, rtol=0)
     if extra:  # the plain jobs resume below: compiling once more would only add time
         return
-    # the torchrun job's checkpoints resume on one plain process
-    resumed = run_train("--resume", str(multi), "--max-steps", "10")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    # the torchrun job's checkpoints resume on one plain process (this one)
+    assert train_in_process("--resume", str(multi), "--max-steps", "10") == 0
     assert max(train_losses(multi)) == 10
 
 

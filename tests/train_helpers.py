@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -9,6 +10,8 @@ import struct
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from functools import partial
 from pathlib import Path
@@ -57,8 +60,19 @@ def make_preset(root: Path, **train: object) -> Path:
 
 
 def train_in_process(*args: str) -> int:
-    """`nanoqwen train ARGS` in this process."""
-    return main(["train", *args])
+    """`nanoqwen train ARGS` in this process, on one thread as `run_train`'s processes are (runs here and there
+    compare bit for bit, and these tiny models run as fast on one; two stall whenever other jobs load the cores).
+
+    What this process held before is frozen out of the garbage collector's sight meanwhile: the collection
+    that ends a run (and any the run sets off) scans what the run made, the model it frees among them, not all
+    that the suite has imported by then (torch, Transformers, the compiler...: about a second a run, late in a
+    whole suite)."""
+    gc.freeze()
+    try:
+        with one_thread():
+            return main(["train", *args])
+    finally:
+        gc.unfreeze()
 
 
 def train_command(*args: str, nproc: int | None = None) -> list[str]:
@@ -67,6 +81,19 @@ def train_command(*args: str, nproc: int | None = None) -> list[str]:
         return [sys.executable, "-m", "nanoqwen", "train", *args]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
             "-m", "nanoqwen", "train", *args]
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Torch on one thread in this process, as in `run_train`'s processes."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def subprocess_env() -> dict[str, str]:
