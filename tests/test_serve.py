@@ -1187,7 +1187,8 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
     # block; the request's chat_template_kwargs reach it (vLLM's name for them, through the openai client).
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")
     # Sampling defaults a request could not ask for: all tokens as vLLM writes it, a temperature above 2.
-    (thinker / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 2.5}))
+    # And one Transformers applies and nanoqwen does not: named in one warning line at start.
+    (thinker / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 2.5, "typical_p": 0.9}))
     tokenizer = load_tokenizer(thinker)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
     with run_server(thinker, tmp_path / "serve.log") as base:
@@ -1196,7 +1197,11 @@ def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local
         assert card["thinking_switch"] is True
         assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                                              "repetition_penalty": 1.0}
-        assert "temperature 2.5 is above what a request may ask for" in (tmp_path / "serve.log").read_text()
+        log = (tmp_path / "serve.log").read_text()
+        assert "temperature 2.5 is above what a request may ask for" in log
+        assert log.splitlines().count(f"nanoqwen serve: warning: {thinker / 'generation_config.json'} sets typical_p, "
+                                      "which Transformers' generate() applies and nanoqwen does not: its text can "
+                                      "differ from Transformers'") == 1
         for template_kwargs in ({}, {"enable_thinking": False}):
             r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
                                                extra_body={"chat_template_kwargs": template_kwargs})
