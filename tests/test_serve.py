@@ -1319,7 +1319,9 @@ def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp
                                  "tool call (that needs constrained decoding); give \"auto\" (the model decides) or "
                                  "\"none\""),
                     "auto": (openai.NOT_GIVEN, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
-                             "'tools' are specified.")}
+                             "'tools' are specified."),
+                    "AUTO": (tools, "Invalid value for 'tool_choice': \"AUTO\"; give \"auto\" (the model decides) or "
+                             "\"none\"")}
         for choice, (given, message) in refusals.items():
             with pytest.raises(openai.BadRequestError) as e:
                 client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,

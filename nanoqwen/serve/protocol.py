@@ -245,6 +245,9 @@ class ChatRequest(SamplingRequest, ChatInput):
         if self.tool_choice is not None and not self.tools:  # OpenAI's 400, in its words ("none" included)
             raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
                                 "specified.", "tool_choice")
+        if isinstance(self.tool_choice, str) and self.tool_choice not in ("auto", "none", "required"):
+            raise APIError(400, f"Invalid value for 'tool_choice': {json.dumps(self.tool_choice)}; give \"auto\" (the "
+                                "model decides) or \"none\"", "tool_choice")
         if self.tool_choice not in (None, "auto", "none"):
             given = json.dumps(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a function"
             raise APIError(400, f"'tool_choice' {given} is not supported: this server cannot "
