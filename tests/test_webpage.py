@@ -816,6 +816,15 @@ def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:
     page.keyboard.press("Enter")
     page.wait_for_function("document.body.dataset.busy === 'false'")
     assert page.evaluate("document.activeElement.id") == "prompt"
+    # A reply that ends while the user types in another box (the system prompt) leaves the focus there: it went
+    # to the message box, and the rest of what was being typed with it.
+    page.unroute("**/v1/chat/completions")
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="data: [DONE]\n\n"))
+    page.fill("#prompt", "Again")
+    page.focus("#system")
+    page.evaluate("send()")  # sent (as Enter in the box would), the reply streams with the focus in the system prompt
+    assert page.evaluate("document.activeElement.id") == "system"
 
 
 def test_the_settings_button_is_named_without_its_arrow(page) -> None:

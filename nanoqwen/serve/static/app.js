@@ -641,7 +641,10 @@ async function send() {
     saveConversation();
     setBusy(false);
     showStatus(status, failed);
-    if (document.activeElement !== $("api-key")) $("prompt").focus();
+    // The next message is typed in the box: the focus goes back there from Stop (now disabled) or from nowhere,
+    // but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the system
+    // prompt, say, went into the message box.
+    if ([document.body, $("stop"), $("send"), null].includes(document.activeElement)) $("prompt").focus();
   }
 }
 
