@@ -387,9 +387,22 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
             }
             const plain = document.createElement("div");
             showReply(plain, "<think>x</think>y", false);
-            return {seen, plain: plain.innerHTML};
+            // Qwen3's 2507 thinking models: the template opens the <think> in the prompt, the reply only closes it.
+            const opened = document.createElement("div"), openedSeen = [];
+            for (const reply of ["Let me", "Let me see.\\n</think>\\n\\nParis."]) {
+                showReply(opened, reply, true);
+                openedSeen.push([opened.querySelector(".thinking-text")?.textContent ?? null,
+                                 opened.querySelector(".answer")?.textContent ?? opened.textContent]);
+            }
+            // "/no_think" in a message: an empty thinking block, with nothing to unfold.
+            const empty = document.createElement("div");
+            showReply(empty, "<think>\\n\\n</think>\\n\\nParis.", true);
+            return {seen, plain: plain.innerHTML, opened: openedSeen, empty: [
+                empty.querySelector("details.thinking").hidden, empty.querySelector(".answer").textContent]};
         }""")
         assert shown["seen"] == [["Let me", "", True], ["Let me see.", "Par", False], ["Let me see.", "Paris.", False]]
+        assert shown["opened"] == [[None, "Let me"], ["Let me see.", "Paris."]]
+        assert shown["empty"] == [True, "Paris."]
         assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))

@@ -348,10 +348,13 @@ function showText(box, text) {
 }
 
 // A thinking model's reply (official Qwen3) opens with <think>...</think>: that part is shown apart, dimmed,
-// and folded once the answer begins (a click opens it again); the answer streams below it. Other replies,
-// and completions, are plain text.
+// and folded once the answer begins (a click opens it again); the answer streams below it. The 2507 thinking
+// models' template opens the <think> in the prompt, so their reply only closes it: what comes before the
+// </think> is the thinking (as their template reads it back), shown apart once that arrives. An empty thinking
+// ("/no_think" in a message) is not shown. Other replies, and completions, are plain text.
 function showReply(out, reply, chat) {
-  const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(reply) : null;
+  const opened = chat && !/^\s*<think>/.test(reply) && reply.includes("</think>") ? `<think>${reply}` : reply;
+  const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened) : null;
   if (!parts) {
     out.textContent = reply;
     return;
@@ -371,6 +374,7 @@ function showReply(out, reply, chat) {
     out.replaceChildren(thinking, answer);
   }
   thinking.querySelector(".thinking-text").textContent = parts[1].trim();
+  thinking.hidden = Boolean(parts[2]) && !parts[1].trim();
   if (parts[2] && !thinking.dataset.folded) { // once: a reader who opens it again keeps it open
     thinking.open = false;
     thinking.dataset.folded = "true";
