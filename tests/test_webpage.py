@@ -709,8 +709,9 @@ def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     # 667 x 375 (a phone in landscape) took the stacked narrow layout: header, settings and the message box
     # left the transcript 20 pixels. Side by side, as on a desktop, it gets the height.
     page.set_viewport_size({"width": 667, "height": 375})
-    page.fill("#max-tokens", "3")
+    page.fill("#max-tokens", "1")
     send_and_wait(page, "Hello")
+    assert page.text_content("#stats").startswith("1 token · first token ")  # not "1 tokens"
     transcript = page.locator("#transcript").bounding_box()
     assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways

@@ -599,7 +599,7 @@ async function send() {
     // A reply that filled the context ends as "length" too, short of max tokens: say which limit it was.
     const full = result.finish === "length" && result.usage && state.context
       && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
-    status = `${tokens} tokens${rate}${ttft} · finish: ${result.finish ?? "?"}`
+    status = `${tokens} token${tokens === 1 ? "" : "s"}${rate}${ttft} · finish: ${result.finish ?? "?"}`
       + (full ? " (the model's context is full)" : "");
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
