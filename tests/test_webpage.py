@@ -95,6 +95,9 @@ def reload(page, model_name: str = "tiny-web") -> None:
 
 def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
+    # The tab names the model (two servers' tabs read "nanoqwen" alike) and has an icon (it was blank).
+    assert page.title() == "tiny-web · nanoqwen"
+    assert page.get_attribute("link[rel='icon']", "href").startswith("data:image/svg+xml,")
     assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
     # The controls start at the checkpoint's recommended sampling (its generation_config.json).
     fields = ("temperature", "top-p", "top-k", "min-p", "repetition-penalty")
@@ -858,6 +861,7 @@ def test_an_unreachable_server_shows_no_model_size(page) -> None:
     page.route("**/v1/models", lambda route: route.abort())
     page.evaluate("window.dispatchEvent(new Event('focus'))")
     expect(page.locator("#model-name")).to_have_text("server unreachable")
+    expect(page).to_have_title("nanoqwen")  # no model to name
     expect(page.locator("#model-size")).to_be_hidden()
     expect(page.locator("#model-context")).to_be_hidden()
     assert not page.get_attribute("#model-name", "title")

@@ -15,6 +15,7 @@ const CONVERSATION_STORAGE = "nanoqwen-conversation";
 // At most this many characters of it (about 1 MB as UTF-16, of the 5 MB or so a site gets): the oldest messages
 // go first. Tests set window.nanoqwenSavedChars before the page loads, to make it small.
 const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
+const PAGE_TITLE = document.title;
 
 const state = {
   model: null, // id from /v1/models
@@ -49,6 +50,7 @@ async function loadModel(signal) {
   // No model to show: why, in its place, without the last one's name (as tooltip), size or context beside it.
   const problem = (text) => {
     dot.className = "status-dot error";
+    document.title = PAGE_TITLE;
     $("model-name").textContent = text;
     $("model-name").title = "";
     $("model-size").hidden = $("model-context").hidden = true;
@@ -66,6 +68,7 @@ async function loadModel(signal) {
     state.model = card.id;
     state.context = card.context_length || null;
     dot.className = "status-dot ok";
+    document.title = `${card.id} · ${PAGE_TITLE}`; // the tab says which server's model it talks to
     $("model-name").textContent = card.id;
     $("model-name").title = card.id;
     if (card.parameters) {
