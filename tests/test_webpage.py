@@ -406,6 +406,20 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         assert shown["seen"] == [["Let me", "", True], ["Let me see.", "Par", False], ["Let me see.", "Paris.", False]]
         assert shown["opened"] == [[None, "Let me"], ["Let me see.", "Paris."]]
         assert shown["empty"] == [True, "Paris."]
+        # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
+        # transcript shrank and jumped to the answer, their place lost.
+        page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls
+        thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\nParis."
+
+        def answer_once_scrolled_up(route) -> None:
+            page.evaluate("document.getElementById('transcript').scrollTop = 0")
+            route.fulfill(status=200, content_type="text/event-stream", body="data: " + json.dumps(
+                {"choices": [{"index": 0, "delta": {"content": thought}, "finish_reason": "stop"}]}) + "\n\n")
+
+        page.route("**/v1/chat/completions", answer_once_scrolled_up)
+        send_and_wait(page, "Think")
+        assert page.evaluate("""[document.querySelector('.message.assistant:last-child details.thinking').open,
+                                 document.getElementById('transcript').scrollTop]""") == [True, 0]
         assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))

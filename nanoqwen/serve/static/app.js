@@ -342,20 +342,22 @@ function addMessage(kind, label, text = "", prompt = "") {
   return box;
 }
 
-// A message's text so far (a reply streams in), on the page and in what is saved.
-function showText(box, text) {
+// A message's text so far (a reply streams in), on the page and in what is saved. `reading`: the reader has
+// scrolled up from the end of the transcript (see showReply).
+function showText(box, text, reading = false) {
   const record = records.get(box);
   record.text = text;
   if (record.kind === "completion") box.querySelector(".generated").textContent = text;
-  else showReply(box.querySelector(".content"), text, record.kind === "assistant");
+  else showReply(box.querySelector(".content"), text, record.kind === "assistant", reading);
 }
 
 // A thinking model's reply (official Qwen3) opens with <think>...</think>: that part is shown apart, dimmed,
-// and folded once the answer begins (a click opens it again); the answer streams below it. The 2507 thinking
+// and folded once the answer begins (a click opens it again), unless the reader is `reading` up the transcript
+// then (folded under them, it took their place away); the answer streams below it. The 2507 thinking
 // models' template opens the <think> in the prompt, so their reply only closes it: what comes before the
 // </think> is the thinking (as their template reads it back), shown apart once that arrives. An empty thinking
 // ("/no_think" in a message) is not shown. Other replies, and completions, are plain text.
-function showReply(out, reply, chat) {
+function showReply(out, reply, chat, reading = false) {
   const opened = chat && !/^\s*<think>/.test(reply) && reply.includes("</think>") ? `<think>${reply}` : reply;
   const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened) : null;
   if (!parts) {
@@ -379,7 +381,7 @@ function showReply(out, reply, chat) {
   thinking.querySelector(".thinking-text").textContent = parts[1].trim();
   thinking.hidden = Boolean(parts[2]) && !parts[1].trim();
   if (parts[2] && !thinking.dataset.folded) { // once: a reader who opens it again keeps it open
-    thinking.open = false;
+    thinking.open = reading;
     thinking.dataset.folded = "true";
   }
   out.querySelector(".answer").textContent = parts[3].replace(/^\s+/, "");
@@ -568,7 +570,7 @@ async function send() {
   const draw = () => {
     frame = null;
     const follow = atBottom();
-    showText(box, reply);
+    showText(box, reply, !follow);
     if (follow) scrollDown();
   };
   const request = () => streamCompletion(path, body, (piece) => {
