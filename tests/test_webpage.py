@@ -856,6 +856,14 @@ def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:
     page.focus("#system")
     page.evaluate("send()")  # sent (as Enter in the box would), the reply streams with the focus in the system prompt
     assert page.evaluate("document.activeElement.id") == "system"
+    # Nor does it take away text picked out (to copy) meanwhile: moving the focus to the message box did.
+    assert page.evaluate("""async () => {
+        document.activeElement.blur();
+        getSelection().selectAllChildren(document.querySelector('.message.user .content'));
+        document.getElementById('prompt').value = 'Once more';
+        await send();
+        return String(getSelection());
+    }""") == "Hello"
 
 
 def test_the_settings_button_is_named_without_its_arrow(page) -> None:

@@ -650,10 +650,12 @@ async function send() {
     saveConversation();
     setBusy(false);
     showStatus(status, failed);
-    // The next message is typed in the box: the focus goes back there from Stop (now disabled) or from nowhere,
-    // but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the system
-    // prompt, say, went into the message box.
-    if ([document.body, $("stop"), $("send"), null].includes(document.activeElement)) $("prompt").focus();
+    // The next message is typed in the box: the focus goes back there from Stop or Send (now disabled), or from
+    // nowhere, but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the
+    // system prompt, say, went into the message box. Text picked out meanwhile (to copy) stays picked out.
+    const focused = document.activeElement;
+    if ([$("stop"), $("send")].includes(focused)
+        || ([document.body, null].includes(focused) && getSelection().isCollapsed)) $("prompt").focus();
   }
 }
 
