@@ -347,11 +347,14 @@ def test_attention_dropout_applies_in_training_only():
         assert torch.equal(model.eval()(ids), model(ids))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "Qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "Qwen3", "qwen3_moe"])
 def test_non_qwen3_folder_is_refused(tmp_path, model_type):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
-    with pytest.raises(NanoQwenError, match=f'model_type "{model_type}".*whose model_type is "qwen3"'):
+    with pytest.raises(NanoQwenError, match=f'model_type "{model_type}".*whose model_type is "qwen3"') as caught:
         load_model(tmp_path)
+    # Qwen3-30B-A3B's: "only Qwen3 checkpoints" alone left its owner wondering why a Qwen3 was not one.
+    assert ("a relative of Qwen3 with another architecture (mixture-of-experts" in str(caught.value)) == \
+        (model_type == "qwen3_moe")
 
 
 @pytest.mark.parametrize("damage", ["config-not-an-object", "config-not-utf8", "config-a-folder", "weights-cut-short",
