@@ -269,8 +269,13 @@ class ModelConfig:
         """Read a Transformers Qwen3 config.json; refuse any other model type."""
         model_type = d.get("model_type")
         if model_type != "qwen3":
-            raise NanoQwenError(f"{source} has model_type {json.dumps(model_type)}; nanoqwen loads only Qwen3 "
-                                "checkpoints, whose model_type is \"qwen3\"")
+            # Qwen3's relatives (qwen3_moe: Qwen3-30B-A3B, 235B-A22B; qwen3_next, qwen3_vl) are other architectures.
+            relative = isinstance(model_type, str) and model_type.startswith("qwen3_")
+            what = ", a relative of Qwen3 with another architecture (mixture-of-experts, vision or hybrid attention)" \
+                if relative else ""
+            raise NanoQwenError(f"{source} has model_type {json.dumps(model_type)}{what}; nanoqwen loads only dense "
+                                "Qwen3 checkpoints (Qwen3-0.6B to 32B and models of their shape), whose model_type is "
+                                "\"qwen3\"")
         hints = {**typing.get_type_hints(cls), **FILE_TYPES}
         check_json_types({k: v for k, v in d.items() if k not in ("rope_scaling", "rope_parameters")}, hints, source)
         known = {f.name for f in fields(cls)}

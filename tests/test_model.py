@@ -351,11 +351,49 @@ def test_attention_dropout_applies_in_training_only():
         assert torch.equal(model.eval()(ids), model(ids))
 
 
-@pytest.mark.parametrize("model_type", ["llama", "Qwen3"])
+@pytest.mark.parametrize("model_type", ["llama", "Qwen3", "qwen3_moe"])
 def test_non_qwen3_folder_is_refused(tmp_path, model_type):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, "hidden_size": 8}))
-    with pytest.raises(NanoQwenError, match=f'model_type "{model_type}".*whose model_type is "qwen3"'):
+    with pytest.raises(NanoQwenError, match=f'model_type "{model_type}".*whose model_type is "qwen3"') as caught:
         load_model(tmp_path)
+    # Qwen3-30B-A3B's: "only Qwen3 checkpoints" alone left its owner wondering why a Qwen3 was not one.
+    assert ("a relative of Qwen3 with another architecture (mixture-of-experts" in str(caught.value)) == \
+        (model_type == "qwen3_moe")
+
+
+# Official config.json files as published (Transformers 4.51's format: rope_scaling null, an integer rope_theta,
+# sliding_window null, torch_dtype, max_window_layers over the layers kept), sizes shrunk; head_dim stays unlike
+# hidden / heads, as in every official size.
+QWEN3_0_6B_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "attention_bias": False, "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "hidden_size": 1024, "initializer_range": 0.02,
+    "intermediate_size": 3072, "max_position_embeddings": 40960, "max_window_layers": 28, "model_type": "qwen3",
+    "num_attention_heads": 16, "num_hidden_layers": 28, "num_key_value_heads": 8, "rms_norm_eps": 1e-06,
+    "rope_scaling": None, "rope_theta": 1000000, "sliding_window": None, "tie_word_embeddings": True,
+    "torch_dtype": "bfloat16", "transformers_version": "4.51.0", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 151936}
+SHRUNK = {"vocab_size": VOCAB, "bos_token_id": 0, "eos_token_id": 1, "hidden_size": 32, "intermediate_size": 48,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16}
+
+
+@pytest.mark.parametrize("release", [
+    {},  # Qwen3-0.6B (1.7B and 4B alike but for their sizes)
+    {"tie_word_embeddings": False, "max_window_layers": 36},  # Qwen3-8B
+    # the model card's YaRN, added to config.json as it says
+    {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}},
+])
+def test_official_config_files_load_as_transformers_reads_them(tmp_path, release):
+    official = {**QWEN3_0_6B_CONFIG, **release, **SHRUNK}
+    (tmp_path / "config.json").write_text(json.dumps(official))
+    hf = transformers.Qwen3ForCausalLM(transformers.AutoConfig.from_pretrained(tmp_path))
+    scramble(hf, seed=6)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(official))  # the release's text, not Transformers' rewrite
+    model, reference = load_model(tmp_path), hf_eager(tmp_path)
+    assert load_model(tmp_path, dtype=None).lm_head.weight.dtype == torch.bfloat16
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert (model(ids) - reference(ids).logits).abs().max().item() <= 1e-4
 
 
 @pytest.mark.parametrize("damage", ["config-not-an-object", "config-not-utf8", "config-a-folder", "weights-cut-short",
