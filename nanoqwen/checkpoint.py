@@ -370,9 +370,9 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
                     if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        found = [f"lacks {len(missing)} of its weights ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
+        found = [f"lacks {len(missing)} weights ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
                  ] if missing else []
-        found += [f"holds {len(unexpected)} it has no place for ({', '.join(unexpected[:3])}"
+        found += [f"holds {len(unexpected)} that fit nowhere in it ({', '.join(unexpected[:3])}"
                   f"{', ...' * (len(unexpected) > 3)})"] if unexpected else []
         raise NanoQwenError(f"{directory} does not match {described}: it {' and '.join(found)}; {hint}")
     for key, value in state.items():
