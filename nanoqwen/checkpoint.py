@@ -372,7 +372,7 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
     if missing or unexpected:
         found = [f"lacks {len(missing)} weights ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
                  ] if missing else []
-        found += [f"holds {len(unexpected)} that fit nowhere in it ({', '.join(unexpected[:3])}"
+        found += [f"holds {len(unexpected)} weights that fit nowhere in it ({', '.join(unexpected[:3])}"
                   f"{', ...' * (len(unexpected) > 3)})"] if unexpected else []
         raise NanoQwenError(f"{directory} does not match {described}: it {' and '.join(found)}; {hint}")
     for key, value in state.items():

@@ -1569,7 +1569,7 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
         field, value = ("num_hidden_layers", 1) if problem == "fewer-layers" else ("intermediate_size", 96)
         (checkpoint / "config.json").write_text(json.dumps({**config, field: value}))
         given = ["--dataset", "texts"]
-        expected = "does not match its config.json: it holds 11 that fit nowhere in it (model.layers.1." \
+        expected = "does not match its config.json: it holds 11 weights that fit nowhere in it (model.layers.1." \
             if problem == "fewer-layers" else "has shape"
     else:  # likewise weights that could not load into the model --set asks for
         given = ["--dataset", "texts", "--set", "num_hidden_layers=3", "--set", "rope_theta=5e5"]
