@@ -11,7 +11,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +19,9 @@ from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenErro
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # checkpoint.py is imported where a model is loaded
+    from nanoqwen.checkpoint import GenerationFile
 
 # As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
 # smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
@@ -545,17 +548,14 @@ UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
 }
 
 
-def unapplied_generation(directory: str | Path) -> str | None:
+def unapplied_generation(generation: GenerationFile) -> str | None:
     """One line naming what a checkpoint's generation_config.json sets that Transformers applies and nanoqwen does
     not (UNAPPLIED_GENERATION); None where it sets none of it."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    saved = read_generation_config(directory)
-    names = [name for name, off in UNAPPLIED_GENERATION.items() if saved.get(name) not in (None, [], {}, *off)]
+    names = [name for name, off in UNAPPLIED_GENERATION.items() if generation.get(name) not in (None, [], {}, *off)]
     if not names:
         return None
-    return (f"{Path(directory) / 'generation_config.json'} sets {', '.join(names)}, which Transformers' generate() "
-            f"applies and nanoqwen does not: its text can differ from Transformers'")
+    return (f"{generation.path} sets {', '.join(names)}, which Transformers' generate() applies and nanoqwen does "
+            "not: its text can differ from Transformers'")
 
 
 def top_k_int(text: str) -> int:
@@ -593,17 +593,14 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
-def saved_sampling(directory: str | Path) -> dict[str, float]:
+def saved_sampling(generation: GenerationFile) -> dict[str, float]:
     """The sampling values (of SAMPLING_DEFAULTS' names) that a checkpoint's generation_config.json gives, checked:
     top_k a whole number (-1, vLLM's "all", is 0 here). A value of the wrong type or range is refused in one
     line that names the file (it would otherwise read as a bad flag, or fail mid-generation or mid-export)."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    path = Path(directory) / "generation_config.json"
-    saved = read_generation_config(directory)
+    path = generation.path
     found: dict[str, float] = {}
     for name in SAMPLING_DEFAULTS:
-        value = saved.get(name)
+        value = generation.get(name)
         if value is None:
             continue
         if not is_json_number(value) or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
@@ -617,25 +614,23 @@ def saved_sampling(directory: str | Path) -> dict[str, float]:
     return found
 
 
-def checkpoint_sampling(directory: str | Path, base: dict[str, float] | None = None) -> dict[str, float]:
+def checkpoint_sampling(generation: GenerationFile, base: dict[str, float] | None = None) -> dict[str, float]:
     """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
     `do_sample: false` there means greedy. With no `base`, as Transformers' generate() reads the file: where it
     asks to sample, what it leaves out is Transformers' default; where it does not, nanoqwen's (SAMPLING_DEFAULTS)."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    do_sample = read_generation_config(directory).get("do_sample")
+    do_sample = generation.get("do_sample")
     if base is None:
         base = TRANSFORMERS_SAMPLING if do_sample is True else SAMPLING_DEFAULTS
-    chosen = {**base, **saved_sampling(directory)}
+    chosen = {**base, **saved_sampling(generation)}
     if do_sample is False:
         chosen["temperature"] = 0.0
     return chosen
 
 
-def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
-    """The flags, with those not given taken from the checkpoint (see `checkpoint_sampling`)."""
-    recommended = checkpoint_sampling(args.model)
-    if (unapplied := unapplied_generation(args.model)) is not None:
+def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer, generation: GenerationFile) -> SamplingParams:
+    """The flags, with those not given taken from the checkpoint's generation_config.json (`checkpoint_sampling`)."""
+    recommended = checkpoint_sampling(generation)
+    if (unapplied := unapplied_generation(generation)) is not None:
         print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
     return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
@@ -643,12 +638,14 @@ def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingP
                           stop_strings=args.stop, seed=args.seed).validate()
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer]:
+def load_for_inference(args: argparse.Namespace, generation: GenerationFile | None = None) -> tuple[Qwen3, Tokenizer]:
+    """The model and tokenizer of --model on --device; `generation`: its generation_config.json, where the caller
+    read it already for its sampling settings (None: read here, for the end ids alone)."""
     from nanoqwen.checkpoint import load_checkpoint
     from nanoqwen.distributed import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    model, tokenizer = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
+    model, tokenizer = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device), generation)
     return model.prepare_for_decoding(), tokenizer
 
 
@@ -666,8 +663,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args)
-    params = sampling_params(args, tokenizer)
+    from nanoqwen.checkpoint import read_generation_file
+
+    generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    model, tokenizer = load_for_inference(args, generation)
+    params = sampling_params(args, tokenizer, generation)
     fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
