@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
@@ -566,6 +567,16 @@ def top_k_int(text: str) -> int:
     return max(value, 0)
 
 
+# A shell passes "\n" on as a backslash and an n, and a stop string is most often the end of a line: as llama.cpp's CLI
+# reads its stop strings (reverse prompts), these escapes stand for the characters; any other backslash stays.
+STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_text(text: str) -> str:
+    """--stop: the text with \\n, \\t, \\r and \\\\ read as a newline, a tab, a carriage return and one backslash."""
+    return re.sub(r"\\(.)", lambda m: STOP_ESCAPES.get(m[1], m[0]), text, flags=re.DOTALL)
+
+
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
     def default(name: str) -> str:
         ours, transformers = SAMPLING_DEFAULTS[name], TRANSFORMERS_SAMPLING[name]
@@ -589,7 +600,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                    help="-2..2, subtracted from the logit of every token generated so far")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
+                   help=r"stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
+                        r"return and a backslash")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 

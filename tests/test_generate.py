@@ -114,6 +114,23 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
         assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
 
 
+def test_stop_flags_read_a_shells_backslash_escapes():
+    # `--stop "\n"` reaches the program as a backslash and an n: it stood for those two characters, which a model
+    # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike.
+    import argparse
+
+    from nanoqwen import chat
+    from nanoqwen import generate as sample
+
+    typed = ["--stop", r"\n", "--stop", r"a\tb\r", "--stop", r"C:\dir\\", "--stop", r"\\n"]
+    for command, required in ((sample, ["--model", "m", "--prompt", "p"]), (chat, ["--model", "m"])):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        assert parser.parse_args([*required, *typed]).stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
+        assert (r"--stop TEXT stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
+                "return and a backslash") in " ".join(parser.format_help().split())
+
+
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
     from nanoqwen.cli import main
 
@@ -397,7 +414,7 @@ def test_a_prompt_as_long_as_the_context_still_predicts_one_token(checkpoint, ca
     assert len(ids) == context
     with torch.no_grad():
         expected = int(model(torch.tensor([ids]))[0, -1].argmax())
-    monkeypatch.setattr("nanoqwen.generate.load_for_inference", lambda args: (model, tokenizer))  # loaded above
+    monkeypatch.setattr("nanoqwen.generate.load_for_inference", lambda *args: (model, tokenizer))  # loaded above
     assert main(["sample", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "5", "--temperature",
                  "0", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
