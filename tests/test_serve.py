@@ -105,11 +105,12 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
                                           extra_body={"add_generation_prompt": False})
     assert chat.usage.prompt_tokens == bare["count"] < counted
-    # Content parts read as their text: a user's text parts, and an assistant's refusal part (OpenAI's client
-    # sends a replayed refusal so), which was refused as "not text".
-    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}]
+    # Content parts read as their text: a user's text parts, one a line as vLLM and llama.cpp join them (they ran
+    # together: "Why?Tell me."), and an assistant's refusal part (OpenAI's client sends a replayed refusal so),
+    # which was refused as "not text".
+    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?\nTell me."}]
     parts = [*messages, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
-             {"role": "user", "content": [{"type": "text", "text": "Wh"}, {"type": "text", "text": "y?"}]}]
+             {"role": "user", "content": [{"type": "text", "text": "Why?"}, {"type": "text", "text": "Tell me."}]}]
     assert httpx.post(f"{url}/tokenize", json={"messages": parts}).json() == \
         httpx.post(f"{url}/tokenize", json={"messages": plain}).json()
     for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []},

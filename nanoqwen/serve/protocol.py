@@ -8,7 +8,7 @@ tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
 `best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
 `functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
-(an assistant's refusal parts are text: what it said).
+(an assistant's refusal parts are text: what it said). A message's text parts are joined with newlines, as vLLM's.
 `top_k`, `min_p`, `repetition_penalty`, `skip_special_tokens` (default true), `min_tokens`, `ignore_eos`,
 `stop_token_ids` and `include_stop_str_in_output` are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
@@ -180,7 +180,7 @@ class ChatMessage(BaseModel):
                 raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
                                     "its content as a string or text parts", "messages")
             texts.append(said)
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM and llama.cpp's server join the parts for a template that reads text
 
 
 class ChatInput(RequestBody):
