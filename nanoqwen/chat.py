@@ -272,8 +272,9 @@ def run(args: argparse.Namespace) -> int:
         raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
                             "no template, so give one or the other")
     generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    params = sampling_params(args, generation)
     model, tokenizer = load_for_inference(args, generation)
-    params = sampling_params(args, tokenizer, generation)
+    params.stop_token_ids = tokenizer.stop_ids
     context = model.config.max_position_embeddings
     conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)
     with contextlib.suppress(ImportError):

@@ -640,15 +640,20 @@ def checkpoint_sampling(generation: GenerationFile, base: dict[str, float] | Non
     return chosen
 
 
-def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer, generation: GenerationFile) -> SamplingParams:
-    """The flags, with those not given taken from the checkpoint's generation_config.json (`checkpoint_sampling`)."""
+def sampling_params(args: argparse.Namespace, generation: GenerationFile) -> SamplingParams:
+    """The flags, with those not given taken from the checkpoint's generation_config.json (`checkpoint_sampling`).
+    A flag out of its range is one line naming it, given before the model loads (minutes, for a large one): the
+    caller adds the tokenizer's end ids (`stop_token_ids`) once it has loaded."""
     recommended = checkpoint_sampling(generation)
     if (unapplied := unapplied_generation(generation)) is not None:
         print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
-    return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, stop_token_ids=tokenizer.stop_ids,
-                          stop_strings=args.stop, seed=args.seed).validate()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, stop_strings=args.stop, seed=args.seed)
+    try:
+        return params.validate()
+    except InvalidSetting as e:  # a flag's value (saved_sampling checked the file's): named as it was typed
+        raise NanoQwenError(f"--{e.name.replace('_', '-')} {e.problem}") from None
 
 
 def load_for_inference(args: argparse.Namespace, generation: GenerationFile | None = None) -> tuple[Qwen3, Tokenizer]:
@@ -679,8 +684,9 @@ def run(args: argparse.Namespace) -> int:
     from nanoqwen.checkpoint import read_generation_file
 
     generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    params = sampling_params(args, generation)
     model, tokenizer = load_for_inference(args, generation)
-    params = sampling_params(args, tokenizer, generation)
+    params.stop_token_ids = tokenizer.stop_ids
     fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "

@@ -160,15 +160,25 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     add_sampling_arguments(parser)
     given = parser.parse_args(["--top-k", "5"])
     given.model = str(folder)
-    tokenizer = qwen3_tokenizer()
-    params = sampling_params(given, tokenizer, read_generation_file(folder))
+    params = sampling_params(given, read_generation_file(folder))
     assert (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty) == (
         0.6, 5, 0.95, 0.0, 1.0)
     config.write_text(json.dumps({"do_sample": True, "min_p": 0.05}))  # Transformers' min_p, read as it reads it
-    assert sampling_params(given, tokenizer, read_generation_file(folder)).min_p == 0.05
+    assert sampling_params(given, read_generation_file(folder)).min_p == 0.05
     given.min_p = 0.1  # --min-p
-    assert sampling_params(given, tokenizer, read_generation_file(folder)).min_p == 0.1
+    assert sampling_params(given, read_generation_file(folder)).min_p == 0.1
     given.min_p = None
+    # A flag out of its range is named as typed (it was "min_p must be..."), before the model's wait: a folder
+    # without its weights, which would fail to load, still gets the flag's line. Sample and chat alike.
+    unloadable = tmp_path / "no-weights"
+    shutil.copytree(folder, unloadable, ignore=shutil.ignore_patterns("*.safetensors"))
+    for command, flag, value, problem in (("sample", "--min-p", "1.5", "must be in [0, 1], got 1.5"),
+                                          ("sample", "--max-new-tokens", "-1", "must be >= 0, got -1"),
+                                          ("chat", "--temperature", "nan", "must be a number >= 0, got nan")):
+        capsys.readouterr()
+        assert main([command, "--model", str(unloadable), *(["--prompt", "Hi"] if command == "sample" else []), flag,
+                     value]) == 2
+        assert capsys.readouterr().err == f"nanoqwen {command}: error: {flag} {problem}\n"
     # A file that asks to sample but leaves a setting out (GenerationConfig writes only those set) means
     # Transformers' default there, as generate() reads it: temperature 1, top-k 50, top-p 1.
     config.write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
@@ -985,13 +995,13 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     empty.write_text("")
     for args, expected in [
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"],
-         "temperature must be a number >= 0"),
+         "--temperature must be a number >= 0"),
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "inf"],
-         "temperature must be a number >= 0"),
+         "--temperature must be a number >= 0"),
         (["init", "--out", str(tmp_path / "m"), "--tokenizer", "bpe:300"], "only prepare and train do"),
         (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
-         "repetition_penalty must be > 0"),
+         "--repetition-penalty must be > 0"),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
         (["eval", "--model", str(checkpoint), "--text-file", str(empty)], "is empty; give it some text"),
         (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],
