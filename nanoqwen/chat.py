@@ -259,7 +259,7 @@ def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: in
 
 
 def run(args: argparse.Namespace) -> int:
-
+    from nanoqwen.checkpoint import read_generation_file
     from nanoqwen.generate import load_for_inference
 
     if args.raw and args.system is not None:
@@ -271,8 +271,10 @@ def run(args: argparse.Namespace) -> int:
     if args.thinking is not None and args.raw:
         raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
                             "no template, so give one or the other")
-    model, tokenizer = load_for_inference(args)
-    params = sampling_params(args, tokenizer)
+    generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    params = sampling_params(args, generation)
+    model, tokenizer = load_for_inference(args, generation)
+    params.stop_token_ids = tokenizer.stop_ids
     context = model.config.max_position_embeddings
     conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)
     with contextlib.suppress(ImportError):

@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import json
 import pickle
+import sys
 import typing
 from pathlib import Path, PurePosixPath
 from shlex import quote
@@ -395,31 +396,64 @@ def assign_weights(model: Qwen3, state: dict[str, torch.Tensor], device: torch.d
 
 
 def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
-                    dtype: torch.dtype | None = torch.float32) -> tuple[Qwen3, Tokenizer]:
-    """A model and its tokenizer from one checkpoint folder; a tokenizer the model cannot read is refused first."""
+                    dtype: torch.dtype | None = torch.float32, generation: GenerationFile | None = None
+                    ) -> tuple[Qwen3, Tokenizer]:
+    """A model and its tokenizer from one checkpoint folder; a tokenizer the model cannot read is refused first.
+    `generation`: the folder's generation_config.json where the caller read it already (None: read here)."""
     config = read_config(directory)  # first: it says best what a folder that is no checkpoint is
     tokenizer = load_tokenizer(directory)
     check_vocab(tokenizer, config, Path(directory))
-    tokenizer.extra_stop_ids = generation_end_ids(Path(directory))
+    tokenizer.extra_stop_ids = generation_end_ids(generation or read_generation_file(directory))
     return load_model(directory, device, dtype), tokenizer
 
 
-def read_generation_config(directory: str | Path, name: str = "generation_config.json") -> dict:
-    """A folder's generation_config.json, or {} when there is none or it cannot be read: it only ever supplies
-    defaults, and Transformers goes on without one too."""
+@dataclasses.dataclass(frozen=True)
+class GenerationFile:
+    """A checkpoint folder's generation_config.json as read once where the model is loaded to generate: its end
+    ids, its recommended sampling and the settings nanoqwen does not apply all come from this one reading."""
+
+    path: Path
+    settings: dict[str, Any] | None
+    """The file's JSON object; None where the folder has none, or where it is no JSON object (warned about)."""
+
+    def get(self, name: str) -> Any:
+        return (self.settings or {}).get(name)
+
+
+def read_generation_file(directory: str | Path) -> GenerationFile:
+    """A folder's generation_config.json. One that is not a JSON object (not JSON, cut short, an array...) is named
+    in one warning line and read as missing: the model still loads, as Transformers loads it when that file is no
+    JSON (then taking its end ids from config.json), since the file only ever supplies defaults."""
+    path = Path(directory) / "generation_config.json"
+    if not path.is_file():
+        return GenerationFile(path, None)
     try:
-        saved = json.loads((Path(directory) / name).read_text())
-    except (OSError, ValueError):
-        return {}
-    return saved if isinstance(saved, dict) else {}
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        problem = f"cannot be read ({e.strerror or e})"
+    except ValueError as e:  # not JSON, or not UTF-8
+        problem = f"is not valid JSON ({e})"
+    else:
+        if isinstance(saved, dict):
+            return GenerationFile(path, saved)
+        problem = "is not a JSON object"
+    print(f"nanoqwen: warning: {path} {problem}; ignored (end ids from config.json, default sampling settings): "
+          "fix or remove it", file=sys.stderr, flush=True)
+    return GenerationFile(path, None)
 
 
-def generation_end_ids(directory: Path) -> list[int]:
+def generation_end_ids(generation: GenerationFile) -> list[int]:
     """The end ids a folder's generation_config.json names (eos_token_id, one or a list): Transformers stops
     at them, so generation here does too, besides <|im_end|> and <|endoftext|>. A folder without that file
-    gets them from config.json, where Transformers then takes its generation settings from."""
-    has_own = (Path(directory) / "generation_config.json").is_file()
-    end = read_generation_config(directory, "generation_config.json" if has_own else "config.json").get("eos_token_id")
+    (or with one that is no JSON object) gets them from config.json, where Transformers then takes its
+    generation settings from."""
+    saved = generation.settings
+    if saved is None:
+        try:  # read_config took it already: only its raw eos_token_id, which may be a list, is wanted here
+            saved = json.loads(generation.path.with_name("config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            saved = {}
+    end = saved.get("eos_token_id") if isinstance(saved, dict) else None
     return [i for i in (end if isinstance(end, list) else [end]) if isinstance(i, int) and not isinstance(i, bool)
             and i >= 0]
 

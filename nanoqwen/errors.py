@@ -15,7 +15,7 @@ class InvalidSetting(NanoQwenError):
 
     def __init__(self, name: str, problem: str) -> None:
         super().__init__(f"{name} {problem}")
-        self.name = name
+        self.name, self.problem = name, problem
 
 
 # What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,9 @@ from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenErro
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # checkpoint.py is imported where a model is loaded
+    from nanoqwen.checkpoint import GenerationFile
 
 # As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
 # smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
@@ -545,17 +549,14 @@ UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
 }
 
 
-def unapplied_generation(directory: str | Path) -> str | None:
+def unapplied_generation(generation: GenerationFile) -> str | None:
     """One line naming what a checkpoint's generation_config.json sets that Transformers applies and nanoqwen does
     not (UNAPPLIED_GENERATION); None where it sets none of it."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    saved = read_generation_config(directory)
-    names = [name for name, off in UNAPPLIED_GENERATION.items() if saved.get(name) not in (None, [], {}, *off)]
+    names = [name for name, off in UNAPPLIED_GENERATION.items() if generation.get(name) not in (None, [], {}, *off)]
     if not names:
         return None
-    return (f"{Path(directory) / 'generation_config.json'} sets {', '.join(names)}, which Transformers' generate() "
-            f"applies and nanoqwen does not: its text can differ from Transformers'")
+    return (f"{generation.path} sets {', '.join(names)}, which Transformers' generate() applies and nanoqwen does "
+            "not: its text can differ from Transformers'")
 
 
 def top_k_int(text: str) -> int:
@@ -564,6 +565,16 @@ def top_k_int(text: str) -> int:
     if value < -1:
         raise argparse.ArgumentTypeError(f"must be 0 or more (0 or -1: all tokens), got {text}")
     return max(value, 0)
+
+
+# A shell passes "\n" on as a backslash and an n, and a stop string is most often the end of a line: as llama.cpp's CLI
+# reads its stop strings (reverse prompts), these escapes stand for the characters; any other backslash stays.
+STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+
+
+def stop_text(text: str) -> str:
+    """--stop: the text with \\n, \\t, \\r and \\\\ read as a newline, a tab, a carriage return and one backslash."""
+    return re.sub(r"\\(.)", lambda m: STOP_ESCAPES.get(m[1], m[0]), text, flags=re.DOTALL)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -589,21 +600,20 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                    help="-2..2, subtracted from the logit of every token generated so far")
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
-    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
+                   help=r"stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
+                        r"return and a backslash")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
-def saved_sampling(directory: str | Path) -> dict[str, float]:
+def saved_sampling(generation: GenerationFile) -> dict[str, float]:
     """The sampling values (of SAMPLING_DEFAULTS' names) that a checkpoint's generation_config.json gives, checked:
     top_k a whole number (-1, vLLM's "all", is 0 here). A value of the wrong type or range is refused in one
     line that names the file (it would otherwise read as a bad flag, or fail mid-generation or mid-export)."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    path = Path(directory) / "generation_config.json"
-    saved = read_generation_config(directory)
+    path = generation.path
     found: dict[str, float] = {}
     for name in SAMPLING_DEFAULTS:
-        value = saved.get(name)
+        value = generation.get(name)
         if value is None:
             continue
         if not is_json_number(value) or (name == "top_k" and not (math.isfinite(value) and value == int(value))):
@@ -617,38 +627,43 @@ def saved_sampling(directory: str | Path) -> dict[str, float]:
     return found
 
 
-def checkpoint_sampling(directory: str | Path, base: dict[str, float] | None = None) -> dict[str, float]:
+def checkpoint_sampling(generation: GenerationFile, base: dict[str, float] | None = None) -> dict[str, float]:
     """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
     `do_sample: false` there means greedy. With no `base`, as Transformers' generate() reads the file: where it
     asks to sample, what it leaves out is Transformers' default; where it does not, nanoqwen's (SAMPLING_DEFAULTS)."""
-    from nanoqwen.checkpoint import read_generation_config
-
-    do_sample = read_generation_config(directory).get("do_sample")
+    do_sample = generation.get("do_sample")
     if base is None:
         base = TRANSFORMERS_SAMPLING if do_sample is True else SAMPLING_DEFAULTS
-    chosen = {**base, **saved_sampling(directory)}
+    chosen = {**base, **saved_sampling(generation)}
     if do_sample is False:
         chosen["temperature"] = 0.0
     return chosen
 
 
-def sampling_params(args: argparse.Namespace, tokenizer: Tokenizer) -> SamplingParams:
-    """The flags, with those not given taken from the checkpoint (see `checkpoint_sampling`)."""
-    recommended = checkpoint_sampling(args.model)
-    if (unapplied := unapplied_generation(args.model)) is not None:
+def sampling_params(args: argparse.Namespace, generation: GenerationFile) -> SamplingParams:
+    """The flags, with those not given taken from the checkpoint's generation_config.json (`checkpoint_sampling`).
+    A flag out of its range is one line naming it, given before the model loads (minutes, for a large one): the
+    caller adds the tokenizer's end ids (`stop_token_ids`) once it has loaded."""
+    recommended = checkpoint_sampling(generation)
+    if (unapplied := unapplied_generation(generation)) is not None:
         print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
-    return SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
-                          frequency_penalty=args.frequency_penalty, stop_token_ids=tokenizer.stop_ids,
-                          stop_strings=args.stop, seed=args.seed).validate()
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
+                            frequency_penalty=args.frequency_penalty, stop_strings=args.stop, seed=args.seed)
+    try:
+        return params.validate()
+    except InvalidSetting as e:  # a flag's value (saved_sampling checked the file's): named as it was typed
+        raise NanoQwenError(f"--{e.name.replace('_', '-')} {e.problem}") from None
 
 
-def load_for_inference(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer]:
+def load_for_inference(args: argparse.Namespace, generation: GenerationFile | None = None) -> tuple[Qwen3, Tokenizer]:
+    """The model and tokenizer of --model on --device; `generation`: its generation_config.json, where the caller
+    read it already for its sampling settings (None: read here, for the end ids alone)."""
     from nanoqwen.checkpoint import load_checkpoint
     from nanoqwen.distributed import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    model, tokenizer = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device))
+    model, tokenizer = load_checkpoint(args.model, device, resolve_dtype(args.dtype, device), generation)
     return model.prepare_for_decoding(), tokenizer
 
 
@@ -666,8 +681,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    model, tokenizer = load_for_inference(args)
-    params = sampling_params(args, tokenizer)
+    from nanoqwen.checkpoint import read_generation_file
+
+    generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    params = sampling_params(args, generation)
+    model, tokenizer = load_for_inference(args, generation)
+    params.stop_token_ids = tokenizer.stop_ids
     fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "

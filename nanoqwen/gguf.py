@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from nanoqwen.checkpoint import display_name, load_checkpoint
+from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_file
 from nanoqwen.config import ModelConfig, rope_type
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import saved_sampling
@@ -163,7 +163,8 @@ def add_rope_scaling(writer: gguf.GGUFWriter, config: ModelConfig, directory: Pa
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
     """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
     directory = Path(directory)
-    model, tokenizer = load_checkpoint(directory, dtype=None)
+    generation = read_generation_file(directory)
+    model, tokenizer = load_checkpoint(directory, dtype=None, generation=generation)
     check_pre_tokenizer(tokenizer, directory)
     config = model.config
     if outtype == "auto":  # as the converter: bf16 weights stay bf16, others become f16
@@ -187,7 +188,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
-    sampling = saved_sampling(directory)
+    sampling = saved_sampling(generation)
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp)):
         if key in sampling:

@@ -30,7 +30,7 @@ from nanoqwen.checkpoint import (
     check_vocab,
     display_name,
     folder_name,
-    read_generation_config,
+    read_generation_file,
     refuse_tokenizer_id_overrides,
     set_fields,
 )
@@ -348,7 +348,7 @@ def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | No
     own = load_tokenizer(source)
     if own.fingerprint != tokenizer.fingerprint:  # its generation_config's end ids are for its own tokenizer
         return tokenizer, None
-    return own, read_generation_config(source) or None
+    return own, read_generation_file(source).settings or None
 
 
 def note_chat_template(tokenizer: Tokenizer, data: Path, checkpoint: Path) -> None:

@@ -114,6 +114,23 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
         assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
 
 
+def test_stop_flags_read_a_shells_backslash_escapes():
+    # `--stop "\n"` reaches the program as a backslash and an n: it stood for those two characters, which a model
+    # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike.
+    import argparse
+
+    from nanoqwen import chat
+    from nanoqwen import generate as sample
+
+    typed = ["--stop", r"\n", "--stop", r"a\tb\r", "--stop", r"C:\dir\\", "--stop", r"\\n"]
+    for command, required in ((sample, ["--model", "m", "--prompt", "p"]), (chat, ["--model", "m"])):
+        parser = argparse.ArgumentParser()
+        command.add_arguments(parser)
+        assert parser.parse_args([*required, *typed]).stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
+        assert (r"--stop TEXT stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
+                "return and a backslash") in " ".join(parser.format_help().split())
+
+
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
     from nanoqwen.cli import main
 
@@ -124,63 +141,92 @@ def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
     assert f"(--max-new-tokens 100000: at most {context - prompt + 1} fit" in capsys.readouterr().err
 
 
-def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path):
+def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):
     import argparse
     import shutil
 
+    from nanoqwen.checkpoint import read_generation_file
     from nanoqwen.generate import SAMPLING_DEFAULTS, add_sampling_arguments, checkpoint_sampling, sampling_params
 
     folder = tmp_path / "ck"
     shutil.copytree(checkpoint, folder)
     config = folder / "generation_config.json"
+
+    def sampling() -> dict[str, float]:  # as a command reads the folder's file: once, at load
+        return checkpoint_sampling(read_generation_file(folder))
+
     config.write_text(json.dumps({"do_sample": True, "temperature": 0.6, "top_k": 20, "top_p": 0.95}))
     parser = argparse.ArgumentParser()
     add_sampling_arguments(parser)
     given = parser.parse_args(["--top-k", "5"])
     given.model = str(folder)
-    tokenizer = qwen3_tokenizer()
-    params = sampling_params(given, tokenizer)
+    params = sampling_params(given, read_generation_file(folder))
     assert (params.temperature, params.top_k, params.top_p, params.min_p, params.repetition_penalty) == (
         0.6, 5, 0.95, 0.0, 1.0)
     config.write_text(json.dumps({"do_sample": True, "min_p": 0.05}))  # Transformers' min_p, read as it reads it
-    assert sampling_params(given, tokenizer).min_p == 0.05
+    assert sampling_params(given, read_generation_file(folder)).min_p == 0.05
     given.min_p = 0.1  # --min-p
-    assert sampling_params(given, tokenizer).min_p == 0.1
+    assert sampling_params(given, read_generation_file(folder)).min_p == 0.1
     given.min_p = None
+    # A flag out of its range is named as typed (it was "min_p must be..."), before the model's wait: a folder
+    # without its weights, which would fail to load, still gets the flag's line. Sample and chat alike.
+    unloadable = tmp_path / "no-weights"
+    shutil.copytree(folder, unloadable, ignore=shutil.ignore_patterns("*.safetensors"))
+    for command, flag, value, problem in (("sample", "--min-p", "1.5", "must be in [0, 1], got 1.5"),
+                                          ("sample", "--max-new-tokens", "-1", "must be >= 0, got -1"),
+                                          ("chat", "--temperature", "nan", "must be a number >= 0, got nan")):
+        capsys.readouterr()
+        assert main([command, "--model", str(unloadable), *(["--prompt", "Hi"] if command == "sample" else []), flag,
+                     value]) == 2
+        assert capsys.readouterr().err == f"nanoqwen {command}: error: {flag} {problem}\n"
     # A file that asks to sample but leaves a setting out (GenerationConfig writes only those set) means
     # Transformers' default there, as generate() reads it: temperature 1, top-k 50, top-p 1.
     config.write_text(json.dumps({"do_sample": True, "temperature": 0.7}))
-    assert checkpoint_sampling(folder) == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "min_p": 0.0,
-                                           "repetition_penalty": 1.0}
+    assert sampling() == {"temperature": 0.7, "top_k": 50, "top_p": 1.0, "min_p": 0.0, "repetition_penalty": 1.0}
     config.write_text(json.dumps({"do_sample": True, "top_p": 0.9}))
-    assert checkpoint_sampling(folder)["temperature"] == 1.0
+    assert sampling()["temperature"] == 1.0
     shown = " ".join(parser.format_help().split())  # and --help says so, not "else 0.95" alone
     assert "json, else 0.95, or 1 where it sets do_sample true)" in shown and "json, else 50)" in shown, shown
     assert parser.parse_args(["--top-k", "-1"]).top_k == 0  # vLLM's "all", as the server and the file take it
-    config.write_text("{broken")
-    assert checkpoint_sampling(folder) == SAMPLING_DEFAULTS
+    # A file that is not a JSON object gives the defaults, as Transformers loads a model whose file is not JSON;
+    # but it is named in one line (it was ignored in silence), the model still loading.
+    capsys.readouterr()
+    for broken, problem in (("{broken", "is not valid JSON (Expecting property name enclosed in double quotes: "
+                                         "line 1 column 2 (char 1))"), ("[0.7]", "is not a JSON object")):
+        config.write_text(broken)
+        assert sampling() == SAMPLING_DEFAULTS
+        assert capsys.readouterr().err == (f"nanoqwen: warning: {config} {problem}; ignored (end ids from config.json, "
+                                           "default sampling settings): fix or remove it\n")
     config.write_text(json.dumps({"top_k": -1}))  # vLLM's "all tokens", as some folders write it
-    assert checkpoint_sampling(folder)["top_k"] == 0
+    assert sampling()["top_k"] == 0
     for bad, words in [({"top_k": 20.5}, "top_k is 20.5, not a whole number"), ({"top_p": 1.5}, "top_p must be in"),
                        ({"min_p": -0.1}, "min_p must be in"),
                        ({"temperature": "0.7"}, "temperature is '0.7'"), ({"top_k": 1e400}, "top_k is inf"),
                        ({"temperature": float("nan")}, "temperature must be a number >= 0")]:
         config.write_text(json.dumps(bad))
         with pytest.raises(NanoQwenError, match="generation_config.json: " + words):
-            checkpoint_sampling(folder)
+            sampling()
     # do_sample false: greedy, so `nanoqwen sample` with no sampling flags gives the greedy text. What Transformers
     # would apply besides and nanoqwen does not (typical_p, no_repeat_ngram_size) is said once at load; settings
     # left at what means "off" are not.
     config.write_text(json.dumps({"do_sample": False, "temperature": 0.6, "typical_p": 0.9, "no_repeat_ngram_size": 3,
                                   "num_beams": 1, "suppress_tokens": [], "min_length": 0, "bad_words_ids": None,
                                   "penalty_alpha": 0.6, "top_k": 4, "dola_layers": None}))  # contrastive search
-    assert checkpoint_sampling(folder)["temperature"] == 0
-    runs = [run_cli("sample", "--model", str(folder), "--prompt", "Hello there", "--max-new-tokens", "12",
-                    "--device", "cpu", *extra) for extra in ([], ["--temperature", "0"])]
+    assert sampling()["temperature"] == 0
+    # The greedy reference: the same weights with a file that is no JSON, said once (not once per reading of it).
+    broken = tmp_path / "broken"
+    shutil.copytree(folder, broken)
+    (broken / "generation_config.json").write_text("{broken")
+    runs = [run_cli("sample", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "12",
+                    "--device", "cpu", *extra) for path, extra in ((folder, []), (broken, ["--temperature", "0"]))]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
     warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, penalty_alpha, which "
                "Transformers' generate() applies and nanoqwen does not: its text can differ from Transformers'")
     assert runs[0].stderr.splitlines().count(warning) == 1, runs[0].stderr
+    assert runs[1].stderr.splitlines() == [
+        f"nanoqwen: warning: {broken / 'generation_config.json'} is not valid JSON (Expecting property name enclosed "
+        "in double quotes: line 1 column 2 (char 1)); ignored (end ids from config.json, default sampling settings): "
+        "fix or remove it"], runs[1].stderr
 
 
 def test_unapplied_generation_settings_are_transformers_own_with_their_off_values():
@@ -223,6 +269,10 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     for eos, extra in ((free[4], [free[4]]), ([free[4], free[5]], [free[4], free[5]]), (None, [])):
         (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
         assert load_checkpoint(folder)[1].stop_ids == [*qwen3_tokenizer().stop_ids, *extra], eos
+    # So does a file that is no JSON (Transformers reads it as missing): its end ids were none at all.
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": free[4]}))
+    (folder / "generation_config.json").write_text('{"eos_token_id": [1, 2]')
+    assert load_checkpoint(folder)[1].stop_ids == [*qwen3_tokenizer().stop_ids, free[4]]
 
 
 def test_batched_prompts_equal_one_by_one(checkpoint):
@@ -374,7 +424,7 @@ def test_a_prompt_as_long_as_the_context_still_predicts_one_token(checkpoint, ca
     assert len(ids) == context
     with torch.no_grad():
         expected = int(model(torch.tensor([ids]))[0, -1].argmax())
-    monkeypatch.setattr("nanoqwen.generate.load_for_inference", lambda args: (model, tokenizer))  # loaded above
+    monkeypatch.setattr("nanoqwen.generate.load_for_inference", lambda *args: (model, tokenizer))  # loaded above
     assert main(["sample", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "5", "--temperature",
                  "0", "--device", "cpu"]) == 0
     out, err = capsys.readouterr()
@@ -945,13 +995,13 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     empty.write_text("")
     for args, expected in [
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"],
-         "temperature must be a number >= 0"),
+         "--temperature must be a number >= 0"),
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "inf"],
-         "temperature must be a number >= 0"),
+         "--temperature must be a number >= 0"),
         (["init", "--out", str(tmp_path / "m"), "--tokenizer", "bpe:300"], "only prepare and train do"),
         (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
-         "repetition_penalty must be > 0"),
+         "--repetition-penalty must be > 0"),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
         (["eval", "--model", str(checkpoint), "--text-file", str(empty)], "is empty; give it some text"),
         (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],

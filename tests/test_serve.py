@@ -105,11 +105,12 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
     chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=1,
                                           extra_body={"add_generation_prompt": False})
     assert chat.usage.prompt_tokens == bare["count"] < counted
-    # Content parts read as their text: a user's text parts, and an assistant's refusal part (OpenAI's client
-    # sends a replayed refusal so), which was refused as "not text".
-    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?"}]
+    # Content parts read as their text: a user's text parts, one a line as vLLM and llama.cpp join them (they ran
+    # together: "Why?Tell me."), and an assistant's refusal part (OpenAI's client sends a replayed refusal so),
+    # which was refused as "not text".
+    plain = [*messages, {"role": "assistant", "content": "I cannot."}, {"role": "user", "content": "Why?\nTell me."}]
     parts = [*messages, {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
-             {"role": "user", "content": [{"type": "text", "text": "Wh"}, {"type": "text", "text": "y?"}]}]
+             {"role": "user", "content": [{"type": "text", "text": "Why?"}, {"type": "text", "text": "Tell me."}]}]
     assert httpx.post(f"{url}/tokenize", json={"messages": parts}).json() == \
         httpx.post(f"{url}/tokenize", json={"messages": plain}).json()
     for body in ({}, {"prompt": "a", "messages": messages}, {"messages": []},
@@ -1003,9 +1004,12 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages.0.content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
-    # tool_choice only with tools, as OpenAI's ("none" too); a named function would need constrained decoding
+    # tool_choice and parallel_tool_calls only with tools, as OpenAI's ("none" and false too); a named function
+    # would need constrained decoding
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tool_choice": "none"}, 400,
      "tool_choice"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "parallel_tool_calls": False}, 400,
+     "parallel_tool_calls"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "tools": [],
                               "tool_choice": {"type": "function", "function": {"name": "f"}}}, 400, "tool_choice"),
     ("/v1/completions", {"prompt": [1, 10**9]}, 400, "prompt"),
@@ -1279,11 +1283,18 @@ def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
     # them, streamed or not (it was ignored: every call came back).
     from nanoqwen.serve.app import chat_message, stream
     from nanoqwen.serve.engine import Job
-    from nanoqwen.serve.protocol import ChatRequest
+    from nanoqwen.serve.protocol import APIError, ChatRequest
 
     body = {"messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]}
     assert ChatRequest(**body, parallel_tool_calls=False).most_tool_calls() == 1
     assert ChatRequest(**body, parallel_tool_calls=None).most_tool_calls() is None
+    # Without tools it is refused, as OpenAI refuses it (true too), in its words: clients send it with tools alone.
+    for given in (True, False):
+        with pytest.raises(APIError) as refused:
+            ChatRequest(messages=body["messages"], parallel_tool_calls=given).check_unsupported()
+        assert (refused.value.status, refused.value.message, refused.value.param) == (
+            400, "Invalid value for 'parallel_tool_calls': 'parallel_tool_calls' is only allowed when 'tools' are "
+                 "specified.", "parallel_tool_calls")
     message, reason = chat_message(TOOL_REPLY, "stop", tools=True, most_calls=1)
     assert [c["function"]["name"] for c in message["tool_calls"]] == ["get_weather"] and reason == "tool_calls"
 

@@ -640,6 +640,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from nanoqwen.checkpoint import read_generation_file
     from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
 
     if not 0 <= args.shutdown_grace < float("inf"):
@@ -658,16 +659,17 @@ def run(args: argparse.Namespace) -> int:
     if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
         raise NanoQwenError("--api-key (or $NANOQWEN_API_KEY) holds a character other than printable ASCII, "
                             "which the openai client and browsers cannot send; use letters, digits and punctuation")
-    model, tokenizer = load_for_inference(args)
-    name = args.model_name or display_name(args.model)
-    defaults = checkpoint_sampling(args.model, OPENAI_SAMPLING)
+    generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
+    defaults = checkpoint_sampling(generation, OPENAI_SAMPLING)  # a bad value there: one line before the model's wait
     for field, most in (("temperature", 2.0), ("repetition_penalty", 10.0)):  # what a request may ask for
         if defaults[field] > most:
-            print(f"nanoqwen serve: note: {args.model}/generation_config.json's {field} {defaults[field]:g} is "
+            print(f"nanoqwen serve: note: {generation.path}'s {field} {defaults[field]:g} is "
                   f"above what a request may ask for; requests without one get {most:g}", flush=True)
             defaults[field] = most
-    if (unapplied := unapplied_generation(args.model)) is not None:
+    if (unapplied := unapplied_generation(generation)) is not None:
         print(f"nanoqwen serve: warning: {unapplied}", flush=True)
+    model, tokenizer = load_for_inference(args, generation)
+    name = args.model_name or display_name(args.model)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin)

@@ -8,14 +8,14 @@ tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
 `best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
 `functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
-(an assistant's refusal parts are text: what it said).
+(an assistant's refusal parts are text: what it said). A message's text parts are joined with newlines, as vLLM's.
 `top_k`, `min_p`, `repetition_penalty`, `skip_special_tokens` (default true), `min_tokens`, `ignore_eos`,
 `stop_token_ids` and `include_stop_str_in_output` are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
 (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
-(`tool_choice` "auto" or "none", and only with `tools`, as OpenAI's; forcing a call, "required" or a named one,
-is refused; `parallel_tool_calls: false` keeps the first). Other unknown fields are ignored,
+(`tool_choice` "auto" or "none"; forcing a call, "required" or a named one, is refused; `parallel_tool_calls: false`
+keeps the first; both only with `tools`, as OpenAI's). Other unknown fields are ignored,
 as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
@@ -180,7 +180,7 @@ class ChatMessage(BaseModel):
                 raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
                                     "its content as a string or text parts", "messages")
             texts.append(said)
-        return "".join(texts)
+        return "\n".join(texts)  # as vLLM and llama.cpp's server join the parts for a template that reads text
 
 
 class ChatInput(RequestBody):
@@ -242,9 +242,10 @@ class ChatRequest(SamplingRequest, ChatInput):
             if getattr(self, name) is not None:
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
                                     "as 'tools': [{\"type\": \"function\", \"function\": {...}}]", name)
-        if self.tool_choice is not None and not self.tools:  # OpenAI's 400, in its words ("none" included)
-            raise APIError(400, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are "
-                                "specified.", "tool_choice")
+        for name in ("tool_choice", "parallel_tool_calls"):  # OpenAI's 400s, in its words ("none" and false too)
+            if getattr(self, name) is not None and not self.tools:
+                raise APIError(400, f"Invalid value for '{name}': '{name}' is only allowed when 'tools' are "
+                                    "specified.", name)
         if isinstance(self.tool_choice, str) and self.tool_choice not in ("auto", "none", "required"):
             raise APIError(400, f"Invalid value for 'tool_choice': {json.dumps(self.tool_choice)}; give \"auto\" (the "
                                 "model decides) or \"none\"", "tool_choice")
