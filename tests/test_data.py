@@ -884,6 +884,31 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(("spec", "said"), [
+    # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
+    ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),
+    ("./notes", "no such file or folder: ./notes"),
+    ("org/name", "no such file or folder: org/name (for a Hugging Face dataset write hf:org/name)"),
+    # (it said "no such file or folder": nanoqwen reads no wildcards, the shell's or datasets' own)
+    ("texts/*.txt", "no such file or folder: texts/*.txt (a wildcard is not expanded here: give the folder that "
+                    "holds the files, texts)"),
+    ("data/train-*.parquet", "no such file or folder: data/train-*.parquet (a wildcard is not expanded here: give "
+                             "the folder that holds the files, data)"),
+])
+def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(spec)
+    assert str(e.value) == said
+
+
+@pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
+def test_a_bpe_size_of_other_digits_is_one_line(spec: str) -> None:
+    with pytest.raises(NanoQwenError, match=f"bad tokenizer '{spec}'; write bpe:N"):
+        prepare_module.tokenizer_identity(spec)
+
+
 @pytest.mark.parametrize("argv", [
     ["eval", "--model", "ck", "--text-file", ""],  # a traceback
     ["train", "--data", ""],  # trained on the default corpus instead, silently, as --config "" and --init-from ""

@@ -320,7 +320,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _bpe_size(spec: str) -> int:
     size = spec[len("bpe:"):]
-    if not size.isdigit():
+    if not re.fullmatch("[0-9]+", size):  # (str.isdigit takes a superscript 2, which int() refuses)
         raise NanoQwenError(f"bad tokenizer {spec!r}; write bpe:N with N the vocabulary size, e.g. bpe:8192")
     if int(size) > MAX_BPE_VOCAB:  # refused before the corpus is read (train_bpe checks it too)
         raise NanoQwenError(f"{spec}: at most bpe:{MAX_BPE_VOCAB} (Qwen3's vocabulary has 151,669 ids); "

@@ -233,10 +233,20 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
     if "/" in spec or os.sep in spec or Path(spec).suffix.lower() in SUFFIXES:
-        looks_like_hub = spec.count("/") == 1 and not Path(spec).suffix
-        hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
-        raise NanoQwenError(f"no such file or folder: {spec}{hint}")
+        raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
+
+
+def _missing_path_hint(spec: str) -> str:
+    """What a --dataset path that does not exist may have meant: a wildcard (`datasets`' data_files take them, a
+    quoted one reaches nanoqwen unexpanded), or ORG/NAME of a hub dataset."""
+    parts = Path(spec).parts
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if wild is not None:
+        return f" (a wildcard is not expanded here: give the folder that holds the files, {Path(*parts[:wild])})"
+    if spec.count("/") == 1 and not Path(spec).suffix and not spec.startswith(("~", ".", "/")):
+        return f" (for a Hugging Face dataset write hf:{spec})"
+    return ""
 
 
 def refuse_split(spec: str, split: str, fix: str) -> None:
