@@ -1081,6 +1081,42 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     assert list(noise.documents()) == [] and "are undecodable or NUL" in noise.stats.skipped[0]["reason"]
 
 
+def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # notes.txt.gz, rows.jsonl.bz2, list.json.xz were refused (a file) or left out (in a folder) as "unsupported
+    # file type .gz"; they are read as their uncompressed selves are, a large one in the same blocks.
+    import bz2
+    import gzip
+    import lzma
+
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    lines = "".join(f"line {i}: café 東京\n" for i in range(400))
+    (tmp_path / "big.txt").write_text(lines)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "big.txt.gz").write_bytes(gzip.compress(lines.encode()))
+    (folder / "notes.md.xz").write_bytes(lzma.compress(b"one <|endoftext|> two"))
+    (folder / "rows.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "row one"}\n{"text": "row two"}\n'))
+    (folder / "list.json.gz").write_bytes(gzip.compress(b'[{"text": "listed"}]'))
+    (folder / "notes.tar.gz").write_bytes(gzip.compress(b"an archive: not read"))
+    blocks = list(open_corpus(str(tmp_path / "big.txt")).documents())
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == [*blocks, "listed", "one", "two", "row one", "row two"] and len(blocks) > 3
+    assert corpus.stats.left_out == [str(folder / "notes.tar.gz")] and corpus.fingerprint.endswith(" parted")
+    assert list(open_corpus(str(folder / "rows.jsonl.bz2")).documents()) == ["row one", "row two"]
+    # Damaged data is one line naming the file; an archive given alone is no file type nanoqwen reads.
+    (folder / "cut.txt.gz").write_bytes(gzip.compress(lines.encode())[:300])
+    with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
+                                                      "ended before the end-of-stream marker was reached)")):
+        list(open_corpus(str(folder)).documents())
+    with pytest.raises(NanoQwenError, match="unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, .parquet, "
+                                            r".pdf \(the first four also .gz/.bz2/.xz compressed\)"):
+        open_corpus(str(folder / "notes.tar.gz"))
+
+
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------
 
 STORIES = ["Once upon a time, a cat sat.\n\nThe end.", "Tom ran to the park <|im_start|> fast.",

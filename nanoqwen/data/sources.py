@@ -20,13 +20,16 @@ and never holds more than one document or record batch in memory.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
 import fnmatch
+import gzip
 import hashlib
 import itertools
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -38,10 +41,12 @@ import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import IO, Any
 
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
@@ -49,6 +54,12 @@ from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
+# Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
+# decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
+COMPRESSIONS: dict[str, ModuleType] = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # each module's open() reads its kind
+COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json")
+# What reading damaged compressed data raises (a cut gzip: EOFError; a bad one: BadGzipFile, an OSError)
+DAMAGED_DATA = (OSError, EOFError, lzma.LZMAError, zlib.error)
 DEFAULT_TEXT_COLUMN = "text"
 # A text file larger than LARGE_FILE_BYTES is read in blocks of about BLOCK_BYTES, each one document: encoding
 # holds ~100-200 bytes per byte of a document at once (the tokenizers' intermediate strings and offsets), so
@@ -232,7 +243,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
-    if "/" in spec or os.sep in spec or Path(spec).suffix.lower() in SUFFIXES:
+    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES:
         raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
 
@@ -247,6 +258,23 @@ def _missing_path_hint(spec: str) -> str:
     if spec.count("/") == 1 and not Path(spec).suffix and not spec.startswith(("~", ".", "/")):
         return f" (for a Hugging Face dataset write hf:{spec})"
     return ""
+
+
+def file_type(path: Path) -> str:
+    """The suffix that says how a corpus file is read: its own, or for a compressed file (COMPRESSIONS) the one
+    before it (".jsonl" for rows.jsonl.gz; ".tar.gz" for an archive, which nanoqwen does not read)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2] if suffixes[-2] in COMPRESSIBLE else "".join(suffixes[-2:])
+    return path.suffix.lower()
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """A corpus file's bytes, decompressed where its name says it is compressed."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS and file_type(path) in COMPRESSIBLE:
+        return COMPRESSIONS[suffix].open(path, "rb")
+    return path.open("rb")
 
 
 def refuse_split(spec: str, split: str, fix: str) -> None:
@@ -505,9 +533,10 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     --out data/x` never reads its own meta.json and tokenizer.json, nor a run's metrics.jsonl, as text.
     """
     if root.is_file():
-        if root.suffix.lower() not in SUFFIXES:
-            raise NanoQwenError(f"{root}: unsupported file type {root.suffix or '(none)'}; "
-                                f"use {', '.join(SUFFIXES)} or a folder of them")
+        if file_type(root) not in SUFFIXES:
+            raise NanoQwenError(f"{root}: unsupported file type {file_type(root) or '(none)'}; use "
+                                f"{', '.join(SUFFIXES)} (the first four also {'/'.join(COMPRESSIONS)} compressed) "
+                                "or a folder of them")
         return [root]
     broken: list[Path] = []
     everything = all_files(root, broken)
@@ -519,10 +548,10 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
             and not prepared.intersection(p.parents)
 
     def in_corpus(p: Path) -> bool:
-        return p.suffix.lower() in SUFFIXES and in_folder(p)
+        return file_type(p) in SUFFIXES and in_folder(p)
 
     if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
-        left_out += [p for p in everything if p.suffix.lower() not in SUFFIXES and in_folder(p)]
+        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p)]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -600,24 +629,37 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"hf:{spec}"]
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if path.is_dir() and file.suffix.lower() == ".json" \
+            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) == ".json" \
                 else read_file(file, column, stats)
             with contextlib.closing(documents):  # its file closed at once when the pass stops early
-                for document in documents:
+                for document in decompressed(documents, file):
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
-                text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
+                text = file_type(file) in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
                 stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
     fingerprint = f"local {local_fingerprint(path, files)} {column}"
-    if any(holds_separator(p) for p in files if p.suffix.lower() in TEXT_SUFFIXES):
+    if any(holds_separator(p) for p in files if file_type(p) in TEXT_SUFFIXES):
         # Its documents are not those a folder prepared before text files were parted at the separator holds: a
         # fingerprint of its own. Other corpora keep theirs, and with it their prepared folders and runs.
         return Corpus(spec, f"{fingerprint} parted", read, max_bytes, former_fingerprint=fingerprint)
     return Corpus(spec, fingerprint, read, max_bytes)
+
+
+def decompressed(documents: Iterator[Document], path: Path) -> Iterator[Document]:
+    """`documents` of the file `path`, where damaged compressed data stops the pass with one line (a plain file's
+    read errors are left as they are)."""
+    if path.suffix.lower() not in COMPRESSIONS:
+        yield from documents
+        return
+    try:
+        yield from documents
+    except DAMAGED_DATA as e:
+        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); decompress it "
+                            "again from its source, or remove it") from None
 
 
 def holds_separator(path: Path) -> bool:
@@ -626,9 +668,9 @@ def holds_separator(path: Path) -> bool:
     or an article apart); one whose first separator comes later keeps the fingerprint it had, and a folder
     prepared from it before parting would be reused (`--force` redoes it)."""
     try:
-        with path.open("rb") as f:
+        with open_binary(path) as f:
             head = f.read(SEPARATOR_SEARCH_BYTES)
-    except OSError:  # reading the corpus says what is wrong with the file
+    except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return False
     encoding = text_encoding(head[:4])
     # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
@@ -672,11 +714,12 @@ def mostly_undecodable(replaced: int, text: str) -> bool:
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     """The documents of one file: the whole text (.txt/.md, or its parts between separators; .pdf) or one per
     record (.jsonl/.json/.parquet)."""
-    suffix = path.suffix.lower()
+    suffix = file_type(path)
     if suffix in TEXT_SUFFIXES:
-        large = path.stat().st_size > LARGE_FILE_BYTES
-        with path.open("rb") as f:  # a small file read whole, once; a large one judged by its first block
-            raw = f.read(BLOCK_BYTES if large else -1)
+        with open_binary(path) as f:  # a small file read whole, once; a large one judged by its first block
+            raw = f.read(LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
+        large = len(raw) > LARGE_FILE_BYTES
+        raw = raw[:BLOCK_BYTES] if large else raw
         seen = CorpusStats()
         text = decode(raw, seen)
         if mostly_undecodable(seen.replacement_chars, text):
@@ -750,17 +793,19 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     A file parted by DOCUMENT_SEPARATOR gives its parts instead: the text after the last separator of a block is
     carried into the next, so no document is cut at a block's end, unless it is longer than a block: then it is
     cut as a file without separators is, so that memory stays bounded."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         raw = f.read(BLOCK_BYTES)
         encoding = text_encoding(raw[:4])
         decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
         rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
         parted, given = False, 0  # whether a separator was met yet; the documents given so far
         while True:
-            last = not raw or size - f.tell() < BLOCK_BYTES // 2
+            # the next half block, read ahead (a compressed file's size on disk is not its text's): less than that
+            # left, and this block is the last
+            ahead = f.read(BLOCK_BYTES // 2) if raw else b""
+            last = len(ahead) < BLOCK_BYTES // 2
             if last:
-                raw += f.read()  # a short tail joins this block: no document of a few bytes at the end
+                raw += ahead  # a short tail joins this block: no document of a few bytes at the end
             text = rest + decoder.decode(raw, final=last)
             stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
             end = text.rfind(DOCUMENT_SEPARATOR)
@@ -789,7 +834,7 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
                 if parted and not given:
                     stats.skipped.append({"path": str(path), "reason": ONLY_SEPARATORS})
                 return
-            raw = f.read(BLOCK_BYTES)
+            raw = ahead + f.read(BLOCK_BYTES - len(ahead))
 
 
 def text_column_of(names: Iterable[str], column: str) -> str:
@@ -880,7 +925,7 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    with path.open("rb") as f:  # line by line: a JSON-lines file may be larger than memory
+    with open_binary(path) as f:  # line by line: a JSON-lines file may be larger than memory
         if text_encoding(f.read(4)) != "utf-8-sig":
             raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); JSON lines "
                                 "are read line by line as UTF-8: save it as UTF-8")
@@ -908,7 +953,8 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
     if path.stat().st_size > LARGE_FILE_BYTES and _starts_with_a_record(path):
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
-    text = decode(path.read_bytes(), stats)
+    with open_binary(path) as f:
+        text = decode(f.read(), stats)
     if not text.strip():
         stats.skipped.append({"path": str(path), "reason": "empty"})
         return
@@ -956,7 +1002,7 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
 
 def _starts_with_a_record(path: Path) -> bool:
     """Whether the first line of a .json file is a whole JSON object: JSON lines, readable line by line."""
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         first = f.readline(LARGE_FILE_BYTES)
     try:
         return isinstance(json.loads(first), dict)
