@@ -903,6 +903,22 @@ def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
     assert str(e.value) == said
 
 
+@pytest.mark.parametrize(("name", "said"), [
+    # (each said only "unsupported file type ...; use .txt, .md, ...": nothing of how to make one of those)
+    ("rows.tsv", "(a table: save it as JSON lines, e.g. pandas.read_csv('{path}', sep='\\t').to_json('rows.jsonl', "
+                 "orient='records', lines=True), and give --text-column if its text column is not 'text')"),
+    ("rows.csv.gz", "(a table: save it as JSON lines, e.g. pandas.read_csv('{path}').to_json("),
+    ("data-00000-of-00001.arrow", "(a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"),
+    ("rows.jsonl.zst", "(zstd-compressed: decompress it first, `zstd -d {path}`)"),
+])
+def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"a\tb\n")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(path))
+    assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
+
+
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
 def test_a_bpe_size_of_other_digits_is_one_line(spec: str) -> None:
     with pytest.raises(NanoQwenError, match=f"bad tokenizer '{spec}'; write bpe:N"):

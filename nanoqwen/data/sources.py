@@ -536,7 +536,7 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
         if file_type(root) not in SUFFIXES:
             raise NanoQwenError(f"{root}: unsupported file type {file_type(root) or '(none)'}; use "
                                 f"{', '.join(SUFFIXES)} (the first four also {'/'.join(COMPRESSIONS)} compressed) "
-                                "or a folder of them")
+                                f"or a folder of them{_conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
     everything = all_files(root, broken)
@@ -562,6 +562,20 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     for p in filter(in_corpus, everything):
         first.setdefault(os.path.realpath(p), p)
     return list(first.values())
+
+
+def _conversion_hint(path: Path) -> str:
+    """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
+    kind = file_type(path).removesuffix(path.suffix.lower()) or file_type(path)  # (rows.csv.gz: a .csv)
+    if kind in (".csv", ".tsv"):  # a spreadsheet's export: the text column as JSON records
+        sep = ", sep='\\t'" if kind == ".tsv" else ""
+        return (f" (a table: save it as JSON lines, e.g. pandas.read_csv({str(path)!r}{sep}).to_json('rows.jsonl', "
+                "orient='records', lines=True), and give --text-column if its text column is not 'text')")
+    if kind == ".arrow":  # a file of a `datasets` folder
+        return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
+    if path.suffix.lower() in (".zst", ".zstd"):
+        return f" (zstd-compressed: decompress it first, `zstd -d {path}`)"
+    return ""
 
 
 def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
