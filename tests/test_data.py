@@ -83,7 +83,7 @@ def make_corpus(folder: Path) -> list[str]:
     (folder / "rows.json").write_text(json.dumps([{"text": t} for t in RECORDS["rows.json"]]))
     pq.write_table(pa.table({"text": RECORDS["table.parquet"], "n": [1, 2]}), folder / "table.parquet")
     write_pdf(folder / "doc.pdf", PDF_TEXT)
-    (folder / "ignored.csv").write_text("not,a,corpus\n")
+    (folder / "ignored.html").write_text("<p>not a corpus</p>\n")
     (folder / ".hidden.txt").write_text("hidden files are not read")
     return [nfc(t) for t in DOCS.values()] + [t for ts in RECORDS.values() for t in ts] + [" ".join(PDF_TEXT)]
 
@@ -905,9 +905,6 @@ def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
 
 @pytest.mark.parametrize(("name", "said"), [
     # (each said only "unsupported file type ...; use .txt, .md, ...": nothing of how to make one of those)
-    ("rows.tsv", "(a table: save it as JSON lines, e.g. pandas.read_csv('{path}', sep='\\t').to_json('rows.jsonl', "
-                 "orient='records', lines=True), and give --text-column if its text column is not 'text')"),
-    ("rows.csv.gz", "(a table: save it as JSON lines, e.g. pandas.read_csv('{path}').to_json("),
     ("data-00000-of-00001.arrow", "(a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"),
     ("rows.jsonl.zst", "(zstd-compressed: decompress it first, `zstd -d {path}`)"),
 ])
@@ -1128,9 +1125,40 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
                                                       "ended before the end-of-stream marker was reached)")):
         list(open_corpus(str(folder)).documents())
-    with pytest.raises(NanoQwenError, match="unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, .parquet, "
-                                            r".pdf \(the first four also .gz/.bz2/.xz compressed\)"):
+    with pytest.raises(NanoQwenError, match="unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, .csv, .tsv, "
+                                            r".parquet, .pdf \(any but .parquet and .pdf also .gz/.bz2/.xz "
+                                            r"compressed\)"):
         open_corpus(str(folder / "notes.tar.gz"))
+
+
+def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> None:
+    # A .csv or .tsv (a spreadsheet's export, pandas' to_csv) was refused alone, and left out of a folder.
+    import gzip
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a quoted cell holds the delimiter, quotes and line breaks.
+    (folder / "a.csv").write_bytes('\ufeffid,text\r\n1,"one, with ""quotes""\r\nand a line"\r\n2,\r\n3\r\n'
+                                   '4,café\r\n'.encode())
+    (folder / "b.csv").write_text("id;text\n1;semicolons, as Excel writes them where 0,5 is a half\n")
+    (folder / "c.tsv.gz").write_bytes(gzip.compress(b"text\tn\ntabbed\t1\n"))
+    (folder / "figures.csv").write_text("x,y\n1,2\n")  # a spreadsheet of figures beside the texts: skipped
+    (folder / "empty.tsv").write_text("")
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == ['one, with "quotes"\r\nand a line', "café",
+                                        "semicolons, as Excel writes them where 0,5 is a half", "tabbed"]
+    assert [skip["path"] for skip in corpus.stats.skipped] == [str(folder / name) for name in ("empty.tsv",
+                                                                                               "figures.csv")]
+    assert corpus.stats.skipped[1]["reason"].startswith("not a table with a 'text' column")
+    # Alone, a table without the column, or with a broken row, stops with one line; --text-column names another.
+    with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'figures.csv'} has no 'text' column (its first row "
+                                                      "names: x, y); give --text-column the name of the field")):
+        list(open_corpus(str(folder / "figures.csv")).documents())
+    assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
+    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'broken.csv'} line 3: not a valid table row "
+                                                      "(unexpected end of data); fix or remove that line")):
+        list(open_corpus(str(tmp_path / "broken.csv")).documents())
 
 
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------
@@ -1287,7 +1315,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     (folder / "none.jsonl").write_text("")
     (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
     pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")
-    for name in ("a.csv", "b.csv", "page.html", "README"):
+    for name in ("a.xlsx", "b.xlsx", "page.html", "README"):
         (folder / name).write_text("text of another type")
     monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
     monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
@@ -1299,8 +1327,9 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     prepare_module._warn_about(corpus.stats)
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and err.endswith(
-        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .parquet or .pdf (2 .csv, 1 "
-        f"without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of those\n"), err
+        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
+        f".xlsx, 1 without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of "
+        "those\n"), err
     alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
     assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
 

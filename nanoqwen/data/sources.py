@@ -4,7 +4,7 @@
     tinystories                  roneneldan/TinyStories via Hugging Face `datasets`
     wikipedia-intros             wikimedia/wikipedia 20231101.en, the first paragraph of each article
     hf:ORG/NAME[:CONFIG]         any Hugging Face dataset (from the hub or the local cache)
-    PATH                         a file or a folder of .txt/.md, .jsonl/.json, .parquet, .pdf,
+    PATH                         a file or a folder of .txt/.md, .jsonl/.json, .csv/.tsv, .parquet, .pdf,
                                  or a folder written by `datasets`' save_to_disk
 
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
@@ -23,6 +23,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import contextlib
+import csv
 import fnmatch
 import gzip
 import hashlib
@@ -53,11 +54,13 @@ from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
+# Tables as spreadsheets and pandas write them, their first row naming the columns
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
 # decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
 COMPRESSIONS: dict[str, ModuleType] = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # each module's open() reads its kind
-COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json")
+COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS)
 # What reading damaged compressed data raises (a cut gzip: EOFError; a bad one: BadGzipFile, an OSError)
 DAMAGED_DATA = (OSError, EOFError, lzma.LZMAError, zlib.error)
 DEFAULT_TEXT_COLUMN = "text"
@@ -534,8 +537,9 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     """
     if root.is_file():
         if file_type(root) not in SUFFIXES:
+            whole = " and ".join(suffix for suffix in SUFFIXES if suffix not in COMPRESSIBLE)
             raise NanoQwenError(f"{root}: unsupported file type {file_type(root) or '(none)'}; use "
-                                f"{', '.join(SUFFIXES)} (the first four also {'/'.join(COMPRESSIONS)} compressed) "
+                                f"{', '.join(SUFFIXES)} (any but {whole} also {'/'.join(COMPRESSIONS)} compressed) "
                                 f"or a folder of them{_conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
@@ -566,12 +570,7 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
 
 def _conversion_hint(path: Path) -> str:
     """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
-    kind = file_type(path).removesuffix(path.suffix.lower()) or file_type(path)  # (rows.csv.gz: a .csv)
-    if kind in (".csv", ".tsv"):  # a spreadsheet's export: the text column as JSON records
-        sep = ", sep='\\t'" if kind == ".tsv" else ""
-        return (f" (a table: save it as JSON lines, e.g. pandas.read_csv({str(path)!r}{sep}).to_json('rows.jsonl', "
-                "orient='records', lines=True), and give --text-column if its text column is not 'text')")
-    if kind == ".arrow":  # a file of a `datasets` folder
+    if file_type(path) == ".arrow":  # a file of a `datasets` folder
         return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
     if path.suffix.lower() in (".zst", ".zstd"):
         return f" (zstd-compressed: decompress it first, `zstd -d {path}`)"
@@ -643,8 +642,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"hf:{spec}"]
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) == ".json" \
-                else read_file(file, column, stats)
+            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
+                (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
             with contextlib.closing(documents):  # its file closed at once when the pass stops early
                 for document in decompressed(documents, file):
                     found = found or not blank(document)
@@ -756,6 +755,8 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         yield from _jsonl_texts(path, column, stats)
     elif suffix == ".json":
         yield from _json_texts(path, column, stats)
+    elif suffix in TABLE_DELIMITERS:
+        yield from _table_texts(path, column, stats)
     elif suffix == ".parquet":
         yield from _parquet_texts(path, column, stats)
     elif suffix == ".pdf":
@@ -989,6 +990,37 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
             yield document
 
 
+def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
+    memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
+    with open_binary(path) as f:
+        if text_encoding(f.read(4)) != "utf-8-sig":
+            raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); tables are read "
+                                "line by line as UTF-8: save it as UTF-8 (in Excel: CSV UTF-8)")
+        f.seek(0)
+        lines = (decode(raw, stats) for raw in f)
+        header = next(lines, "")
+        delimiter = TABLE_DELIMITERS[file_type(path)]
+        if delimiter == "," and "," not in header and ";" in header:
+            delimiter = ";"  # Excel's CSV where a comma is the decimal mark
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
+        rows = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
+        try:
+            names = next(rows, None)
+            if names is None:  # an empty file: no record with any text
+                return
+            if column not in names:
+                raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
+                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
+            index = names.index(column)
+            for row in rows:
+                if index < len(row) and row[index].strip():
+                    yield row[index]
+        except csv.Error as e:
+            raise NanoQwenError(f"{path} line {rows.line_num}: not a valid table row ({e}); fix or remove that "
+                                "line") from None
+
+
 def _pandas_table(data: Any, column: str) -> bool:
     """Whether JSON `data` is a table as pandas' to_json writes one by default ({"text": {"0": ...}, ...}) or by
     index ({"0": {"text": ...}, ...}): rows keyed by their index, where records are a list or JSON lines."""
@@ -999,14 +1031,16 @@ def _pandas_table(data: Any, column: str) -> bool:
 
 
 def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    """The texts of a .json file in a corpus folder, or none if its first record is not one (a folder of
-    notes or docs holds package.json and the like): such a file is skipped and reported, while one that
-    breaks after good records stops the run as a damaged data file does."""
-    texts = _json_texts(path, column, stats)
+    """The texts of a .json or .csv/.tsv file in a corpus folder, or none if its first record is not one (a
+    folder of notes or docs holds package.json, a spreadsheet of figures and the like): such a file is skipped
+    and reported, while one that breaks after good records stops the run as a damaged data file does."""
+    table = file_type(path) in TABLE_DELIMITERS
+    texts = _table_texts(path, column, stats) if table else _json_texts(path, column, stats)
     try:
         first = next(texts, None)
     except NanoQwenError as e:
-        reason = f"not JSON records with a {column!r} field or chat turns ({e})"
+        reason = f"not a table with a {column!r} column ({e})" if table else \
+            f"not JSON records with a {column!r} field or chat turns ({e})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
