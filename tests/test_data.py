@@ -1131,6 +1131,17 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
         open_corpus(str(folder / "notes.tar.gz"))
 
 
+def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
+    # ["one", "two"] (and JSON lines of strings) stopped with "record 1: expected a JSON object with a 'text'
+    # field, got str": the texts are all there is.
+    (tmp_path / "texts.json").write_text(json.dumps(["first text", "", "second, café"]))
+    (tmp_path / "texts.jsonl").write_text('"a line of text"\n{"text": "a record beside it"}\n')
+    assert list(open_corpus(str(tmp_path / "texts.json")).documents()) == ["first text", "second, café"]
+    assert list(open_corpus(str(tmp_path / "texts.jsonl")).documents()) == ["a line of text", "a record beside it"]
+    with pytest.raises(NanoQwenError, match="texts.json record 1: expected a JSON object with a 'body' field, got str"):
+        list(open_corpus(str(tmp_path / "texts.json"), text_column="body").documents())  # not the field named
+
+
 def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> None:
     # A .csv or .tsv (a spreadsheet's export, pandas' to_csv) was refused alone, and left out of a folder.
     import gzip

@@ -925,6 +925,8 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     """The document of one JSON record; `first`: no record before it was read (else a record without its text
     where the others have theirs is what is wrong, not --text-column)."""
     remedy = NAME_THE_TEXT if first else FIX_THE_RECORD
+    if isinstance(record, str) and column == DEFAULT_TEXT_COLUMN:  # a list of texts (["one", "two"]): each is one
+        return as_document(record, where, stats)
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     field_name = text_column_of(record, column)
