@@ -1131,6 +1131,23 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
         open_corpus(str(folder / "notes.tar.gz"))
 
 
+def test_a_tokenizer_without_endoftext_is_named(tmp_path: Path) -> None:
+    # It said "this tokenizer has no <|endoftext|> token; nanoqwen needs one between documents": which one, and
+    # what to give instead?
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    (tmp_path / "tok").mkdir()
+    HFTokenizer(models.WordLevel({"[UNK]": 0, "text": 1}, unk_token="[UNK]")).save(str(tmp_path / "tok" /
+                                                                                       "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(NanoQwenError) as e:
+        prepare(str(tmp_path / "a.txt"), str(tmp_path / "tok"), tmp_path / "out", progress=False)
+    assert str(e.value) == (f"tokenizer {tmp_path / 'tok'} has no <|endoftext|> token, which prepare writes after "
+                            "each document; use qwen3, bpe:N, or a tokenizer folder that has it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "tok"]
+
+
 def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
     # ["one", "two"] (and JSON lines of strings) stopped with "record 1: expected a JSON object with a 'text'
     # field, got str": the texts are all there is.

@@ -48,6 +48,7 @@ from nanoqwen.data.sources import (
 from nanoqwen.errors import NanoQwenError, counted, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
+    ENDOFTEXT,
     IM_END,
     IM_START,
     MAX_BPE_VOCAB,
@@ -226,6 +227,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             documents = corpus.documents()  # a second pass, now to encode
         else:
             tok = resolve_tokenizer(tokenizer)
+            if tok.token_id(ENDOFTEXT) is None:  # (a BERT-style folder) the id every document ends with
+                raise NanoQwenError(f"tokenizer {tokenizer} has no {ENDOFTEXT} token, which prepare writes after each "
+                                    "document; use qwen3, bpe:N, or a tokenizer folder that has it")
             documents = itertools.chain([first], documents)
         with _SplitWriter(tmp, val_fraction, seed, ControlTokens(tok)) as writer:
             _encode_corpus(_rendered(documents, tok), tok, tokenizer, writer, workers, progress)
