@@ -671,6 +671,8 @@ def decompressed(documents: Iterator[Document], path: Path) -> Iterator[Document
     try:
         yield from documents
     except DAMAGED_DATA as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the disk's or the file's (permissions), not its data's
+            raise
         raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); decompress it "
                             "again from its source, or remove it") from None
 
