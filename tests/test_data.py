@@ -1131,6 +1131,18 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
         open_corpus(str(folder / "notes.tar.gz"))
 
 
+def test_a_tokenizer_folder_from_home_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --tokenizer=~/tok (the shell expands no ~ after "=") said "tokenizer folder ~/tok does not exist", where
+    # --dataset=~/notes is read.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok").mkdir()
+    train_bpe(["some text to learn from"], 270).save(tmp_path / "tok")
+    (tmp_path / "notes.txt").write_text("some text")
+    assert prepare_module.tokenizer_identity("~/tok") == prepare_module.tokenizer_identity(str(tmp_path / "tok"))
+    out = prepare("~/notes.txt", "~/tok", tmp_path / "out", progress=False)
+    assert load_tokenizer(out).fingerprint == load_tokenizer(tmp_path / "tok").fingerprint
+
+
 def test_a_tokenizer_without_endoftext_is_named(tmp_path: Path) -> None:
     # It said "this tokenizer has no <|endoftext|> token; nanoqwen needs one between documents": which one, and
     # what to give instead?

@@ -338,12 +338,13 @@ def tokenizer_identity(spec: str) -> str:
         return f"qwen3 md5:{QWEN_TIKTOKEN_MD5}"
     if spec.startswith("bpe:"):
         return f"bpe:{_bpe_size(spec)}"
-    if Path(spec).is_dir() and (Path(spec) / "tokenizer.json").is_file():
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and (folder / "tokenizer.json").is_file():
         # Its config and chat template too: the data folder carries them into every checkpoint trained on it.
         digest = hashlib.sha256()
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (Path(spec) / name).is_file():
-                digest.update(name.encode() + b"\0" + (Path(spec) / name).read_bytes())
+            if (folder / name).is_file():
+                digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
         return "sha256:" + digest.hexdigest()
     resolve_tokenizer(spec)  # raises the error that names the problem
     raise AssertionError("unreachable")
