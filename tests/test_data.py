@@ -1143,6 +1143,19 @@ def test_a_tokenizer_folder_from_home_is_found(tmp_path: Path, monkeypatch: pyte
     assert load_tokenizer(out).fingerprint == load_tokenizer(tmp_path / "tok").fingerprint
 
 
+def test_an_out_from_home_is_written_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --out=~/data (the shell expands no ~ after "=") wrote a folder named "~" in the current folder.
+    from nanoqwen.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("some text to learn from")
+    prepare("notes.txt", "bpe:270", "~/data", progress=False)
+    assert main(["tokenizer", "train", "--dataset", "notes.txt", "--vocab-size", "270", "--out=~/tok"]) == 0
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["data", "tok"] and not (tmp_path / "~").exists()
+    load_meta(tmp_path / "home" / "data")
+
+
 def test_a_tokenizer_without_endoftext_is_named(tmp_path: Path) -> None:
     # It said "this tokenizer has no <|endoftext|> token; nanoqwen needs one between documents": which one, and
     # what to give instead?
