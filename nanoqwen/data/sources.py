@@ -644,8 +644,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
                 (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
-            with contextlib.closing(documents):  # its file closed at once when the pass stops early
-                for document in decompressed(documents, file):
+            with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
+                for document in documents:
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
@@ -662,14 +662,15 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     return Corpus(spec, fingerprint, read, max_bytes)
 
 
-def decompressed(documents: Iterator[Document], path: Path) -> Iterator[Document]:
-    """`documents` of the file `path`, where damaged compressed data stops the pass with one line (a plain file's
-    read errors are left as they are)."""
+@contextlib.contextmanager
+def said_if_damaged(path: Path) -> Iterator[None]:
+    """Damaged compressed data read from the file `path` in this block said in one line (a plain file's read errors
+    are left as they are)."""
     if path.suffix.lower() not in COMPRESSIONS:
-        yield from documents
+        yield
         return
     try:
-        yield from documents
+        yield
     except DAMAGED_DATA as e:
         if isinstance(e, OSError) and e.errno is not None:  # the disk's or the file's (permissions), not its data's
             raise
