@@ -147,8 +147,11 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
         TEXT_SUFFIXES,
         CorpusStats,
         decode,
+        file_type,
         mostly_undecodable,
         not_text,
+        open_binary,
+        said_if_damaged,
         separated_documents,
     )
 
@@ -156,14 +159,16 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
                             "prepare it and pass --data)")
-    if path.suffix.lower() in SUFFIXES and path.suffix.lower() not in TEXT_SUFFIXES:
+    kind = file_type(path)  # (rows.jsonl.gz: a .jsonl; notes.txt.gz is read as its text, as prepare reads it)
+    if kind in SUFFIXES and kind not in TEXT_SUFFIXES:
         # Records or a PDF: prepare reads their text; scored as bytes they would measure JSON syntax or noise.
-        column = "" if path.suffix.lower() == ".pdf" else " (with --text-column NAME if the text is not in 'text')"
-        raise NanoQwenError(f"{path} is a {path.suffix.lower()} file, which eval does not read as text; prepare "
+        column = "" if kind == ".pdf" else " (with --text-column NAME if the text is not in 'text')"
+        raise NanoQwenError(f"{path} is a {kind} file, which eval does not read as text; prepare "
                             f"it, then score that: `nanoqwen prepare --dataset {quote(str(path))} --tokenizer "
                             f"{quote(model)} --out DIR`{column}, then `nanoqwen eval --model {quote(model)} "
                             "--data DIR`")
-    raw, stats = path.read_bytes(), CorpusStats()
+    with said_if_damaged(path), open_binary(path) as f:
+        raw, stats = f.read(), CorpusStats()
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
         raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "

@@ -83,7 +83,7 @@ def make_corpus(folder: Path) -> list[str]:
     (folder / "rows.json").write_text(json.dumps([{"text": t} for t in RECORDS["rows.json"]]))
     pq.write_table(pa.table({"text": RECORDS["table.parquet"], "n": [1, 2]}), folder / "table.parquet")
     write_pdf(folder / "doc.pdf", PDF_TEXT)
-    (folder / "ignored.csv").write_text("not,a,corpus\n")
+    (folder / "ignored.html").write_text("<p>not a corpus</p>\n")
     (folder / ".hidden.txt").write_text("hidden files are not read")
     return [nfc(t) for t in DOCS.values()] + [t for ts in RECORDS.values() for t in ts] + [" ".join(PDF_TEXT)]
 
@@ -884,6 +884,44 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize(("spec", "said"), [
+    # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
+    ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),
+    ("./notes", "no such file or folder: ./notes"),
+    ("org/name", "no such file or folder: org/name (for a Hugging Face dataset write hf:org/name)"),
+    # (it said "no such file or folder": nanoqwen reads no wildcards, the shell's or datasets' own)
+    ("texts/*.txt", "no such file or folder: texts/*.txt (a wildcard is not expanded here: give the folder that "
+                    "holds the files, texts)"),
+    ("data/train-*.parquet", "no such file or folder: data/train-*.parquet (a wildcard is not expanded here: give "
+                             "the folder that holds the files, data)"),
+])
+def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(spec)
+    assert str(e.value) == said
+
+
+@pytest.mark.parametrize(("name", "said"), [
+    # (each said only "unsupported file type ...; use .txt, .md, ...": nothing of how to make one of those)
+    ("data-00000-of-00001.arrow", "(a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"),
+    ("rows.jsonl.zst", "(zstd-compressed: decompress it first, `zstd -d {path}`)"),
+])
+def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp_path: Path) -> None:
+    path = tmp_path / name
+    path.write_bytes(b"a\tb\n")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(path))
+    assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
+
+
+@pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
+def test_a_bpe_size_of_other_digits_is_one_line(spec: str) -> None:
+    with pytest.raises(NanoQwenError, match=f"bad tokenizer '{spec}'; write bpe:N"):
+        prepare_module.tokenizer_identity(spec)
+
+
 @pytest.mark.parametrize("argv", [
     ["eval", "--model", "ck", "--text-file", ""],  # a traceback
     ["train", "--data", ""],  # trained on the default corpus instead, silently, as --config "" and --init-from ""
@@ -1056,6 +1094,126 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     assert list(noise.documents()) == [] and "are undecodable or NUL" in noise.stats.skipped[0]["reason"]
 
 
+def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # notes.txt.gz, rows.jsonl.bz2, list.json.xz were refused (a file) or left out (in a folder) as "unsupported
+    # file type .gz"; they are read as their uncompressed selves are, a large one in the same blocks.
+    import bz2
+    import gzip
+    import lzma
+
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    lines = "".join(f"line {i}: café 東京\n" for i in range(400))
+    (tmp_path / "big.txt").write_text(lines)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "big.txt.gz").write_bytes(gzip.compress(lines.encode()))
+    (folder / "notes.md.xz").write_bytes(lzma.compress(b"one <|endoftext|> two"))
+    (folder / "rows.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "row one"}\n{"text": "row two"}\n'))
+    (folder / "list.json.gz").write_bytes(gzip.compress(b'[{"text": "listed"}]'))
+    (folder / "notes.tar.gz").write_bytes(gzip.compress(b"an archive: not read"))
+    blocks = list(open_corpus(str(tmp_path / "big.txt")).documents())
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == [*blocks, "listed", "one", "two", "row one", "row two"] and len(blocks) > 3
+    assert corpus.stats.left_out == [str(folder / "notes.tar.gz")] and corpus.fingerprint.endswith(" parted")
+    assert list(open_corpus(str(folder / "rows.jsonl.bz2")).documents()) == ["row one", "row two"]
+    # Damaged data is one line naming the file; an archive given alone is no file type nanoqwen reads.
+    (folder / "cut.txt.gz").write_bytes(gzip.compress(lines.encode())[:300])
+    with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
+                                                      "ended before the end-of-stream marker was reached)")):
+        list(open_corpus(str(folder)).documents())
+    with pytest.raises(NanoQwenError, match="unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, .csv, .tsv, "
+                                            r".parquet, .pdf \(any but .parquet and .pdf also .gz/.bz2/.xz "
+                                            r"compressed\)"):
+        open_corpus(str(folder / "notes.tar.gz"))
+
+
+def test_a_tokenizer_folder_from_home_is_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --tokenizer=~/tok (the shell expands no ~ after "=") said "tokenizer folder ~/tok does not exist", where
+    # --dataset=~/notes is read.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "tok").mkdir()
+    train_bpe(["some text to learn from"], 270).save(tmp_path / "tok")
+    (tmp_path / "notes.txt").write_text("some text")
+    assert prepare_module.tokenizer_identity("~/tok") == prepare_module.tokenizer_identity(str(tmp_path / "tok"))
+    out = prepare("~/notes.txt", "~/tok", tmp_path / "out", progress=False)
+    assert load_tokenizer(out).fingerprint == load_tokenizer(tmp_path / "tok").fingerprint
+
+
+def test_an_out_from_home_is_written_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # --out=~/data (the shell expands no ~ after "=") wrote a folder named "~" in the current folder.
+    from nanoqwen.cli import main
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("some text to learn from")
+    prepare("notes.txt", "bpe:270", "~/data", progress=False)
+    assert main(["tokenizer", "train", "--dataset", "notes.txt", "--vocab-size", "270", "--out=~/tok"]) == 0
+    assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["data", "tok"] and not (tmp_path / "~").exists()
+    load_meta(tmp_path / "home" / "data")
+
+
+def test_a_tokenizer_without_endoftext_is_named(tmp_path: Path) -> None:
+    # It said "this tokenizer has no <|endoftext|> token; nanoqwen needs one between documents": which one, and
+    # what to give instead?
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import models
+
+    (tmp_path / "tok").mkdir()
+    HFTokenizer(models.WordLevel({"[UNK]": 0, "text": 1}, unk_token="[UNK]")).save(str(tmp_path / "tok" /
+                                                                                       "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("text")
+    with pytest.raises(NanoQwenError) as e:
+        prepare(str(tmp_path / "a.txt"), str(tmp_path / "tok"), tmp_path / "out", progress=False)
+    assert str(e.value) == (f"tokenizer {tmp_path / 'tok'} has no <|endoftext|> token, which prepare writes after "
+                            "each document; use qwen3, bpe:N, or a tokenizer folder that has it")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "tok"]
+
+
+def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
+    # ["one", "two"] (and JSON lines of strings) stopped with "record 1: expected a JSON object with a 'text'
+    # field, got str": the texts are all there is.
+    (tmp_path / "texts.json").write_text(json.dumps(["first text", "", "second, café"]))
+    (tmp_path / "texts.jsonl").write_text('"a line of text"\n{"text": "a record beside it"}\n')
+    assert list(open_corpus(str(tmp_path / "texts.json")).documents()) == ["first text", "second, café"]
+    assert list(open_corpus(str(tmp_path / "texts.jsonl")).documents()) == ["a line of text", "a record beside it"]
+    with pytest.raises(NanoQwenError, match="texts.json record 1: expected a JSON object with a 'body' field, got str"):
+        list(open_corpus(str(tmp_path / "texts.json"), text_column="body").documents())  # not the field named
+
+
+def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> None:
+    # A .csv or .tsv (a spreadsheet's export, pandas' to_csv) was refused alone, and left out of a folder.
+    import gzip
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    # Excel's "CSV UTF-8" starts with a byte-order mark; a quoted cell holds the delimiter, quotes and line breaks.
+    (folder / "a.csv").write_bytes('\ufeffid,text\r\n1,"one, with ""quotes""\r\nand a line"\r\n2,\r\n3\r\n'
+                                   '4,café\r\n'.encode())
+    (folder / "b.csv").write_text("id;text\n1;semicolons, as Excel writes them where 0,5 is a half\n")
+    (folder / "c.tsv.gz").write_bytes(gzip.compress(b"text\tn\ntabbed\t1\n"))
+    (folder / "figures.csv").write_text("x,y\n1,2\n")  # a spreadsheet of figures beside the texts: skipped
+    (folder / "empty.tsv").write_text("")
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == ['one, with "quotes"\r\nand a line', "café",
+                                        "semicolons, as Excel writes them where 0,5 is a half", "tabbed"]
+    assert [skip["path"] for skip in corpus.stats.skipped] == [str(folder / name) for name in ("empty.tsv",
+                                                                                               "figures.csv")]
+    assert corpus.stats.skipped[1]["reason"].startswith("not a table with a 'text' column")
+    # Alone, a table without the column, or with a broken row, stops with one line; --text-column names another.
+    with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'figures.csv'} has no 'text' column (its first row "
+                                                      "names: x, y); give --text-column the name of the field")):
+        list(open_corpus(str(folder / "figures.csv")).documents())
+    assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
+    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'broken.csv'} line 3: not a valid table row "
+                                                      "(unexpected end of data); fix or remove that line")):
+        list(open_corpus(str(tmp_path / "broken.csv")).documents())
+
+
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------
 
 STORIES = ["Once upon a time, a cat sat.\n\nThe end.", "Tom ran to the park <|im_start|> fast.",
@@ -1210,7 +1368,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     (folder / "none.jsonl").write_text("")
     (folder / "blank.txt").write_text(" \n" * 3000)  # read in blocks (below), none of them text
     pq.write_table(pa.table({"text": pa.array([None, None], pa.string())}), folder / "nulls.parquet")
-    for name in ("a.csv", "b.csv", "page.html", "README"):
+    for name in ("a.xlsx", "b.xlsx", "page.html", "README"):
         (folder / name).write_text("text of another type")
     monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
     monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
@@ -1222,8 +1380,9 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     prepare_module._warn_about(corpus.stats)
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and err.endswith(
-        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .parquet or .pdf (2 .csv, 1 "
-        f"without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of those\n"), err
+        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
+        f".xlsx, 1 without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of "
+        "those\n"), err
     alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
     assert list(alone.documents()) == [] and "nulls.jsonl: no record with any text" in str(alone.empty_error())
 

@@ -64,6 +64,28 @@ def test_data_files_are_pointed_at_prepare(checkpoint: Path, tmp_path: Path,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
 
 
+def test_a_compressed_text_file_is_scored_as_its_text(tmp_path: Path) -> None:
+    # A .txt.gz was scored as its compressed bytes (a small one passed as text with a warning): prepare reads its
+    # text. Compressed records are pointed at prepare, as uncompressed ones are.
+    import gzip
+
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import read_text_file
+
+    text = "the cat sat\n<|endoftext|>\nthe dog sat. " * 40
+    (tmp_path / "a.txt").write_text(text)
+    (tmp_path / "a.txt.gz").write_bytes(gzip.compress(text.encode()))
+    documents = read_text_file(tmp_path / "a.txt", "ck")
+    assert read_text_file(tmp_path / "a.txt.gz", "ck") == documents and documents[1] == 0 and len(documents[0]) == 41
+    (tmp_path / "cut.txt.gz").write_bytes((tmp_path / "a.txt.gz").read_bytes()[:40])
+    with pytest.raises(NanoQwenError, match="cut.txt.gz: damaged .gz data"):
+        read_text_file(tmp_path / "cut.txt.gz", "ck")
+    rows = tmp_path / "t.jsonl.gz"
+    rows.write_bytes(gzip.compress(json.dumps({"text": TEXT}).encode()))
+    with pytest.raises(NanoQwenError, match=f"^{rows} is a .jsonl file, which eval does not read as text; prepare it"):
+        read_text_file(rows, "ck")
+
+
 def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: Path,
                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # Prepare skips such a file as noise; eval scored it and exited 0.

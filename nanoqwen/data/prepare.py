@@ -48,6 +48,7 @@ from nanoqwen.data.sources import (
 from nanoqwen.errors import NanoQwenError, counted, seed_int
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
+    ENDOFTEXT,
     IM_END,
     IM_START,
     MAX_BPE_VOCAB,
@@ -145,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 def train_tokenizer_command(args: argparse.Namespace) -> int:
     """`nanoqwen tokenizer train --dataset SRC --vocab-size N --out DIR`."""
     corpus = open_corpus(args.dataset, text_column=args.text_column, split=args.split, max_bytes=args.max_bytes)
-    out = Path(args.out)
+    out = Path(args.out).expanduser()  # (--out=~/tok: the shell expands no ~ after "=")
     check_replaceable(out, "tokenizer")
     start = time.perf_counter()
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
@@ -169,7 +170,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     inputs and options it is reused, unless `force`. One prepared from other inputs or options is replaced,
     unless `replace_other` is false (the `prepare` command's way): then only `force` replaces it.
     """
-    out = Path(out)
+    out = Path(out).expanduser()  # (--out=~/data: the shell expands no ~ after "=")
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if not 0 < val_fraction < 1:
         raise NanoQwenError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -226,6 +227,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             documents = corpus.documents()  # a second pass, now to encode
         else:
             tok = resolve_tokenizer(tokenizer)
+            if tok.token_id(ENDOFTEXT) is None:  # (a BERT-style folder) the id every document ends with
+                raise NanoQwenError(f"tokenizer {tokenizer} has no {ENDOFTEXT} token, which prepare writes after each "
+                                    "document; use qwen3, bpe:N, or a tokenizer folder that has it")
             documents = itertools.chain([first], documents)
         with _SplitWriter(tmp, val_fraction, seed, ControlTokens(tok)) as writer:
             _encode_corpus(_rendered(documents, tok), tok, tokenizer, writer, workers, progress)
@@ -320,7 +324,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def _bpe_size(spec: str) -> int:
     size = spec[len("bpe:"):]
-    if not size.isdigit():
+    if not re.fullmatch("[0-9]+", size):  # (str.isdigit takes a superscript 2, which int() refuses)
         raise NanoQwenError(f"bad tokenizer {spec!r}; write bpe:N with N the vocabulary size, e.g. bpe:8192")
     if int(size) > MAX_BPE_VOCAB:  # refused before the corpus is read (train_bpe checks it too)
         raise NanoQwenError(f"{spec}: at most bpe:{MAX_BPE_VOCAB} (Qwen3's vocabulary has 151,669 ids); "
@@ -334,12 +338,13 @@ def tokenizer_identity(spec: str) -> str:
         return f"qwen3 md5:{QWEN_TIKTOKEN_MD5}"
     if spec.startswith("bpe:"):
         return f"bpe:{_bpe_size(spec)}"
-    if Path(spec).is_dir() and (Path(spec) / "tokenizer.json").is_file():
+    folder = Path(spec).expanduser()
+    if folder.is_dir() and (folder / "tokenizer.json").is_file():
         # Its config and chat template too: the data folder carries them into every checkpoint trained on it.
         digest = hashlib.sha256()
         for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
-            if (Path(spec) / name).is_file():
-                digest.update(name.encode() + b"\0" + (Path(spec) / name).read_bytes())
+            if (folder / name).is_file():
+                digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
         return "sha256:" + digest.hexdigest()
     resolve_tokenizer(spec)  # raises the error that names the problem
     raise AssertionError("unreachable")

@@ -4,7 +4,7 @@
     tinystories                  roneneldan/TinyStories via Hugging Face `datasets`
     wikipedia-intros             wikimedia/wikipedia 20231101.en, the first paragraph of each article
     hf:ORG/NAME[:CONFIG]         any Hugging Face dataset (from the hub or the local cache)
-    PATH                         a file or a folder of .txt/.md, .jsonl/.json, .parquet, .pdf,
+    PATH                         a file or a folder of .txt/.md, .jsonl/.json, .csv/.tsv, .parquet, .pdf,
                                  or a folder written by `datasets`' save_to_disk
 
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
@@ -20,13 +20,17 @@ and never holds more than one document or record batch in memory.
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import contextlib
+import csv
 import fnmatch
+import gzip
 import hashlib
 import itertools
 import json
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -38,17 +42,27 @@ import unicodedata
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import ModuleType
+from typing import IO, Any
 
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
-SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", ".parquet", ".pdf")
+# Tables as spreadsheets and pandas write them, their first row naming the columns
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
+# Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
+# decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
+COMPRESSIONS: dict[str, ModuleType] = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # each module's open() reads its kind
+COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS)
+# What reading damaged compressed data raises (a cut gzip: EOFError; a bad one: BadGzipFile, an OSError)
+DAMAGED_DATA = (OSError, EOFError, lzma.LZMAError, zlib.error)
 DEFAULT_TEXT_COLUMN = "text"
 # A text file larger than LARGE_FILE_BYTES is read in blocks of about BLOCK_BYTES, each one document: encoding
 # holds ~100-200 bytes per byte of a document at once (the tokenizers' intermediate strings and offsets), so
@@ -232,11 +246,38 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
-    if "/" in spec or os.sep in spec or Path(spec).suffix.lower() in SUFFIXES:
-        looks_like_hub = spec.count("/") == 1 and not Path(spec).suffix
-        hint = f" (for a Hugging Face dataset write hf:{spec})" if looks_like_hub else ""
-        raise NanoQwenError(f"no such file or folder: {spec}{hint}")
+    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES:
+        raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
+
+
+def _missing_path_hint(spec: str) -> str:
+    """What a --dataset path that does not exist may have meant: a wildcard (`datasets`' data_files take them, a
+    quoted one reaches nanoqwen unexpanded), or ORG/NAME of a hub dataset."""
+    parts = Path(spec).parts
+    wild = next((i for i, part in enumerate(parts) if any(c in part for c in "*?[")), None)
+    if wild is not None:
+        return f" (a wildcard is not expanded here: give the folder that holds the files, {Path(*parts[:wild])})"
+    if spec.count("/") == 1 and not Path(spec).suffix and not spec.startswith(("~", ".", "/")):
+        return f" (for a Hugging Face dataset write hf:{spec})"
+    return ""
+
+
+def file_type(path: Path) -> str:
+    """The suffix that says how a corpus file is read: its own, or for a compressed file (COMPRESSIONS) the one
+    before it (".jsonl" for rows.jsonl.gz; ".tar.gz" for an archive, which nanoqwen does not read)."""
+    suffixes = [suffix.lower() for suffix in path.suffixes]
+    if len(suffixes) > 1 and suffixes[-1] in COMPRESSIONS:
+        return suffixes[-2] if suffixes[-2] in COMPRESSIBLE else "".join(suffixes[-2:])
+    return path.suffix.lower()
+
+
+def open_binary(path: Path) -> IO[bytes]:
+    """A corpus file's bytes, decompressed where its name says it is compressed."""
+    suffix = path.suffix.lower()
+    if suffix in COMPRESSIONS and file_type(path) in COMPRESSIBLE:
+        return COMPRESSIONS[suffix].open(path, "rb")
+    return path.open("rb")
 
 
 def refuse_split(spec: str, split: str, fix: str) -> None:
@@ -495,9 +536,11 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     --out data/x` never reads its own meta.json and tokenizer.json, nor a run's metrics.jsonl, as text.
     """
     if root.is_file():
-        if root.suffix.lower() not in SUFFIXES:
-            raise NanoQwenError(f"{root}: unsupported file type {root.suffix or '(none)'}; "
-                                f"use {', '.join(SUFFIXES)} or a folder of them")
+        if file_type(root) not in SUFFIXES:
+            whole = " and ".join(suffix for suffix in SUFFIXES if suffix not in COMPRESSIBLE)
+            raise NanoQwenError(f"{root}: unsupported file type {file_type(root) or '(none)'}; use "
+                                f"{', '.join(SUFFIXES)} (any but {whole} also {'/'.join(COMPRESSIONS)} compressed) "
+                                f"or a folder of them{_conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
     everything = all_files(root, broken)
@@ -509,10 +552,10 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
             and not prepared.intersection(p.parents)
 
     def in_corpus(p: Path) -> bool:
-        return p.suffix.lower() in SUFFIXES and in_folder(p)
+        return file_type(p) in SUFFIXES and in_folder(p)
 
     if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
-        left_out += [p for p in everything if p.suffix.lower() not in SUFFIXES and in_folder(p)]
+        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p)]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -523,6 +566,15 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     for p in filter(in_corpus, everything):
         first.setdefault(os.path.realpath(p), p)
     return list(first.values())
+
+
+def _conversion_hint(path: Path) -> str:
+    """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
+    if file_type(path) == ".arrow":  # a file of a `datasets` folder
+        return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
+    if path.suffix.lower() in (".zst", ".zstd"):
+        return f" (zstd-compressed: decompress it first, `zstd -d {path}`)"
+    return ""
 
 
 def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
@@ -590,24 +642,40 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"hf:{spec}"]
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if path.is_dir() and file.suffix.lower() == ".json" \
-                else read_file(file, column, stats)
-            with contextlib.closing(documents):  # its file closed at once when the pass stops early
+            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
+                (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
+            with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
                 for document in documents:
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
-                text = file.suffix.lower() in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
+                text = file_type(file) in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
                 stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
     fingerprint = f"local {local_fingerprint(path, files)} {column}"
-    if any(holds_separator(p) for p in files if p.suffix.lower() in TEXT_SUFFIXES):
+    if any(holds_separator(p) for p in files if file_type(p) in TEXT_SUFFIXES):
         # Its documents are not those a folder prepared before text files were parted at the separator holds: a
         # fingerprint of its own. Other corpora keep theirs, and with it their prepared folders and runs.
         return Corpus(spec, f"{fingerprint} parted", read, max_bytes, former_fingerprint=fingerprint)
     return Corpus(spec, fingerprint, read, max_bytes)
+
+
+@contextlib.contextmanager
+def said_if_damaged(path: Path) -> Iterator[None]:
+    """Damaged compressed data read from the file `path` in this block said in one line (a plain file's read errors
+    are left as they are)."""
+    if path.suffix.lower() not in COMPRESSIONS:
+        yield
+        return
+    try:
+        yield
+    except DAMAGED_DATA as e:
+        if isinstance(e, OSError) and e.errno is not None:  # the disk's or the file's (permissions), not its data's
+            raise
+        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); decompress it "
+                            "again from its source, or remove it") from None
 
 
 def holds_separator(path: Path) -> bool:
@@ -616,9 +684,9 @@ def holds_separator(path: Path) -> bool:
     or an article apart); one whose first separator comes later keeps the fingerprint it had, and a folder
     prepared from it before parting would be reused (`--force` redoes it)."""
     try:
-        with path.open("rb") as f:
+        with open_binary(path) as f:
             head = f.read(SEPARATOR_SEARCH_BYTES)
-    except OSError:  # reading the corpus says what is wrong with the file
+    except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return False
     encoding = text_encoding(head[:4])
     # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
@@ -662,11 +730,12 @@ def mostly_undecodable(replaced: int, text: str) -> bool:
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     """The documents of one file: the whole text (.txt/.md, or its parts between separators; .pdf) or one per
     record (.jsonl/.json/.parquet)."""
-    suffix = path.suffix.lower()
+    suffix = file_type(path)
     if suffix in TEXT_SUFFIXES:
-        large = path.stat().st_size > LARGE_FILE_BYTES
-        with path.open("rb") as f:  # a small file read whole, once; a large one judged by its first block
-            raw = f.read(BLOCK_BYTES if large else -1)
+        with open_binary(path) as f:  # a small file read whole, once; a large one judged by its first block
+            raw = f.read(LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
+        large = len(raw) > LARGE_FILE_BYTES
+        raw = raw[:BLOCK_BYTES] if large else raw
         seen = CorpusStats()
         text = decode(raw, seen)
         if mostly_undecodable(seen.replacement_chars, text):
@@ -689,6 +758,8 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
         yield from _jsonl_texts(path, column, stats)
     elif suffix == ".json":
         yield from _json_texts(path, column, stats)
+    elif suffix in TABLE_DELIMITERS:
+        yield from _table_texts(path, column, stats)
     elif suffix == ".parquet":
         yield from _parquet_texts(path, column, stats)
     elif suffix == ".pdf":
@@ -740,17 +811,19 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     A file parted by DOCUMENT_SEPARATOR gives its parts instead: the text after the last separator of a block is
     carried into the next, so no document is cut at a block's end, unless it is longer than a block: then it is
     cut as a file without separators is, so that memory stays bounded."""
-    size = path.stat().st_size
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         raw = f.read(BLOCK_BYTES)
         encoding = text_encoding(raw[:4])
         decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
         rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
         parted, given = False, 0  # whether a separator was met yet; the documents given so far
         while True:
-            last = not raw or size - f.tell() < BLOCK_BYTES // 2
+            # the next half block, read ahead (a compressed file's size on disk is not its text's): less than that
+            # left, and this block is the last
+            ahead = f.read(BLOCK_BYTES // 2) if raw else b""
+            last = len(ahead) < BLOCK_BYTES // 2
             if last:
-                raw += f.read()  # a short tail joins this block: no document of a few bytes at the end
+                raw += ahead  # a short tail joins this block: no document of a few bytes at the end
             text = rest + decoder.decode(raw, final=last)
             stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
             end = text.rfind(DOCUMENT_SEPARATOR)
@@ -779,7 +852,7 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
                 if parted and not given:
                     stats.skipped.append({"path": str(path), "reason": ONLY_SEPARATORS})
                 return
-            raw = f.read(BLOCK_BYTES)
+            raw = ahead + f.read(BLOCK_BYTES - len(ahead))
 
 
 def text_column_of(names: Iterable[str], column: str) -> str:
@@ -855,6 +928,8 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     """The document of one JSON record; `first`: no record before it was read (else a record without its text
     where the others have theirs is what is wrong, not --text-column)."""
     remedy = NAME_THE_TEXT if first else FIX_THE_RECORD
+    if isinstance(record, str) and column == DEFAULT_TEXT_COLUMN:  # a list of texts (["one", "two"]): each is one
+        return as_document(record, where, stats)
     if not isinstance(record, dict):
         raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
     field_name = text_column_of(record, column)
@@ -870,7 +945,7 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    with path.open("rb") as f:  # line by line: a JSON-lines file may be larger than memory
+    with open_binary(path) as f:  # line by line: a JSON-lines file may be larger than memory
         if text_encoding(f.read(4)) != "utf-8-sig":
             raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); JSON lines "
                                 "are read line by line as UTF-8: save it as UTF-8")
@@ -898,7 +973,8 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
     if path.stat().st_size > LARGE_FILE_BYTES and _starts_with_a_record(path):
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
-    text = decode(path.read_bytes(), stats)
+    with open_binary(path) as f:
+        text = decode(f.read(), stats)
     if not text.strip():
         stats.skipped.append({"path": str(path), "reason": "empty"})
         return
@@ -919,6 +995,37 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
             yield document
 
 
+def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
+    """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
+    memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
+    with open_binary(path) as f:
+        if text_encoding(f.read(4)) != "utf-8-sig":
+            raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); tables are read "
+                                "line by line as UTF-8: save it as UTF-8 (in Excel: CSV UTF-8)")
+        f.seek(0)
+        lines = (decode(raw, stats) for raw in f)
+        header = next(lines, "")
+        delimiter = TABLE_DELIMITERS[file_type(path)]
+        if delimiter == "," and "," not in header and ";" in header:
+            delimiter = ";"  # Excel's CSV where a comma is the decimal mark
+        csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
+        rows = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
+        try:
+            names = next(rows, None)
+            if names is None:  # an empty file: no record with any text
+                return
+            if column not in names:
+                raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
+                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
+            index = names.index(column)
+            for row in rows:
+                if index < len(row) and row[index].strip():
+                    yield row[index]
+        except csv.Error as e:
+            raise NanoQwenError(f"{path} line {rows.line_num}: not a valid table row ({e}); fix or remove that "
+                                "line") from None
+
+
 def _pandas_table(data: Any, column: str) -> bool:
     """Whether JSON `data` is a table as pandas' to_json writes one by default ({"text": {"0": ...}, ...}) or by
     index ({"0": {"text": ...}, ...}): rows keyed by their index, where records are a list or JSON lines."""
@@ -929,14 +1036,16 @@ def _pandas_table(data: Any, column: str) -> bool:
 
 
 def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    """The texts of a .json file in a corpus folder, or none if its first record is not one (a folder of
-    notes or docs holds package.json and the like): such a file is skipped and reported, while one that
-    breaks after good records stops the run as a damaged data file does."""
-    texts = _json_texts(path, column, stats)
+    """The texts of a .json or .csv/.tsv file in a corpus folder, or none if its first record is not one (a
+    folder of notes or docs holds package.json, a spreadsheet of figures and the like): such a file is skipped
+    and reported, while one that breaks after good records stops the run as a damaged data file does."""
+    table = file_type(path) in TABLE_DELIMITERS
+    texts = _table_texts(path, column, stats) if table else _json_texts(path, column, stats)
     try:
         first = next(texts, None)
     except NanoQwenError as e:
-        reason = f"not JSON records with a {column!r} field or chat turns ({e})"
+        reason = f"not a table with a {column!r} column ({e})" if table else \
+            f"not JSON records with a {column!r} field or chat turns ({e})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
@@ -946,7 +1055,7 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
 
 def _starts_with_a_record(path: Path) -> bool:
     """Whether the first line of a .json file is a whole JSON object: JSON lines, readable line by line."""
-    with path.open("rb") as f:
+    with open_binary(path) as f:
         first = f.readline(LARGE_FILE_BYTES)
     try:
         return isinstance(json.loads(first), dict)
