@@ -38,13 +38,16 @@ from nanoqwen.tokenizer import qwen3_tokenizer
 
 
 def make_corpus(folder: Path, megabytes: float) -> int:
-    """Shakespeare repeated into `folder` until it holds `megabytes` MB; returns its UTF-8 bytes."""
+    """Shakespeare's works, repeated, into `folder` up to the one that brings it to `megabytes` MB (less than
+    one copy too: a small --mb for a quick run); returns its UTF-8 bytes."""
     works = list(open_corpus("shakespeare").documents())
     total, copy = 0, 0
     while total < megabytes * 1e6:
         for i, text in enumerate(works):
             (folder / f"{copy:03d}-{i:02d}.txt").write_text(text, encoding="utf-8")
             total += len(text.encode("utf-8"))
+            if total >= megabytes * 1e6:
+                break
         copy += 1
     return total
 

@@ -42,3 +42,10 @@ def test_the_generation_bench_prints_its_table() -> None:
     for row in rows:  # nanoqwen's figure, Transformers', and their ratio, all measured
         ours, theirs, ratio = (float(cell.strip("x ").split()[0]) for cell in row.strip("| ").split(" | ")[2:5])
         assert ours > 0 and theirs > 0 and ratio > 0
+
+
+def test_the_prepare_bench_corpus_stops_at_the_size_asked_for(tmp_path: Path) -> None:
+    # --mb below one copy of Shakespeare (5.1 MB) wrote the whole copy: `--mb 0.3` timed 5.1 MB.
+    nbytes = bench_module("prepare").make_corpus(tmp_path, 0.3)
+    sizes = [len(p.read_bytes()) for p in sorted(tmp_path.iterdir())]
+    assert sum(sizes) == nbytes and sum(sizes[:-1]) < 0.3e6 <= nbytes  # the works up to the one that reaches it

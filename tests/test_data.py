@@ -1037,6 +1037,12 @@ def test_a_large_file_read_in_blocks_gives_val_its_fraction(tmp_path: Path, monk
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     assert train["documents"] >= 2  # read in blocks
     assert 0.04 < val["bytes"] / (train["bytes"] + val["bytes"]) < 0.06
+    # At the default 1% (1 KB, under 4 KB) val got the last block whole: a quarter of the book (a folder of three
+    # 20 KB notes gave val a third). Only a document of under 8 KB goes whole there; this one is cut to the 1%.
+    meta = load_meta(prepare(str(tmp_path / "book.txt"), "bpe:300", tmp_path / "data1", progress=False))
+    train, val = meta["splits"]["train"], meta["splits"]["val"]
+    assert val["documents"] == 1 and val["bytes"] == round(0.01 * (tmp_path / "book.txt").stat().st_size)
+    assert train["bytes"] + val["bytes"] == (tmp_path / "book.txt").stat().st_size
 
 
 def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:

@@ -606,7 +606,7 @@ class ControlTokens:
 
 # -- writing -----------------------------------------------------------------------------------------
 
-MIN_CUT_VAL_BYTES = 4096  # below this, val gets the held document whole rather than a sliver of it
+MIN_CUT_VAL_BYTES = 4096  # a held document up to twice this goes to val whole, rather than a sliver of it
 
 
 class _SplitWriter:
@@ -662,15 +662,16 @@ class _SplitWriter:
         if self.held is None:
             return
         doc, self.held = self.held, None
-        # Whole, if that is near --val-fraction of the text, or the text is too short for a cut to leave val
-        # anything to measure with; else cut, as a file read in blocks of 2 MiB once gave val 58% of itself.
-        near = doc.nbytes <= 2 * self.val_fraction * self.seen_bytes or \
-            self.val_fraction * self.seen_bytes < MIN_CUT_VAL_BYTES
+        val_bytes = self.val_fraction * self.seen_bytes
+        # Whole, if that is near --val-fraction of the text, or, where the text is so short that its fraction is
+        # a sliver, if the document is small too; else cut, as a file read in blocks of 2 MiB once gave val 58%
+        # of itself, and a folder of three 20 KB notes a third of their text.
+        near = doc.nbytes <= 2 * max(val_bytes, MIN_CUT_VAL_BYTES)
         if self.documents > 1 and near and doc.nbytes <= self.cap * self.seen_bytes:
             self._write("val", doc)
             return
         # One document, or one too large to hold out whole: val gets --val-fraction of the text, from its end.
-        share = min(0.5, self.val_fraction * self.seen_bytes / max(doc.nbytes, 1))
+        share = min(0.5, val_bytes / max(doc.nbytes, 1))
         text = doc.text
         cut = min(max(round(len(text) * (1 - share)), 1), len(text) - 1)
         while cut < len(text) and unicodedata.combining(text[cut]):
