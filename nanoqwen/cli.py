@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import os
 import sys
 from typing import NoReturn
 
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     with contextlib.suppress(AttributeError):  # a prompt with undecodable bytes is printed, never a traceback
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:
-        check_path_names(args)
+        check_path_flags(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
         say(f"nanoqwen {args.command}: error: {e}")
@@ -96,7 +97,9 @@ def say(line: str) -> None:
     sys.stderr.flush()
 
 
-def check_path_names(args: argparse.Namespace) -> None:
+def check_path_flags(args: argparse.Namespace) -> None:
+    """Refuse empty and non-UTF-8 path flags; expand a leading ~ (the shell expands none in `--out=~/data`, which
+    would make a folder named "~" here)."""
     for name in PATH_FLAGS:
         value = getattr(args, name, None)
         flag = "RUN" if name == "runs" else "--" + name.replace("_", "-")
@@ -110,6 +113,10 @@ def check_path_names(args: argparse.Namespace) -> None:
             except UnicodeEncodeError:
                 raise NanoQwenError(f"{flag}: the name {path.encode('utf-8', 'replace').decode()!r} is not valid "
                                     "UTF-8; rename it, or choose another") from None
+        if isinstance(value, list):
+            setattr(args, name, [os.path.expanduser(path) if isinstance(path, str) else path for path in value])
+        elif isinstance(value, str):
+            setattr(args, name, os.path.expanduser(value))
 
 
 if __name__ == "__main__":

@@ -1149,7 +1149,8 @@ def test_a_tokenizer_folder_from_home_is_found(tmp_path: Path, monkeypatch: pyte
     assert load_tokenizer(out).fingerprint == load_tokenizer(tmp_path / "tok").fingerprint
 
 
-def test_an_out_from_home_is_written_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_out_from_home_is_written_there(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
     # --out=~/data (the shell expands no ~ after "=") wrote a folder named "~" in the current folder.
     from nanoqwen.cli import main
 
@@ -1160,6 +1161,10 @@ def test_an_out_from_home_is_written_there(tmp_path: Path, monkeypatch: pytest.M
     assert main(["tokenizer", "train", "--dataset", "notes.txt", "--vocab-size", "270", "--out=~/tok"]) == 0
     assert sorted(p.name for p in (tmp_path / "home").iterdir()) == ["data", "tok"] and not (tmp_path / "~").exists()
     load_meta(tmp_path / "home" / "data")
+    # every command's path flags alike (init --out=~/m wrote a folder "~" too): the line names the expanded path
+    capsys.readouterr()
+    assert main(["eval", "--model=~/tok", "--text-file=~/missing.txt"]) == 2
+    assert f"text file {tmp_path / 'home' / 'missing.txt'} does not exist" in capsys.readouterr().err
 
 
 def test_a_tokenizer_without_endoftext_is_named(tmp_path: Path) -> None:
