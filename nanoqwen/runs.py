@@ -77,6 +77,8 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    if values["max_minutes"] == 0:  # no cap: the only way to lift a preset's (or a resumed run's own)
+        values["max_minutes"] = None
     cfg = TrainConfig(**values).validate()
     # A flag that only tunes another one that is off did nothing, without a word (no W&B run, no fitted schedule).
     if getattr(args, "wandb_project", None) is not None and not cfg.wandb:

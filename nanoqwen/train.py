@@ -438,7 +438,7 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         print(cut_note, flush=True)
     if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds
         print(f"--max-minutes {cfg.max_minutes:g} (the run's own) caps this invocation too; give --max-minutes "
-              "to change it", flush=True)
+              "to change it (0: no cap)", flush=True)
     if changed and info.is_main:  # said once nothing refuses the resume any more
         print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
               "stopped", flush=True)

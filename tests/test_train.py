@@ -845,8 +845,16 @@ def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: P
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
     # the saved time cap still holds, and the resume says so (it once rode along silently)
     printed = capsys.readouterr().out
-    assert "--max-minutes 0.025 (the run's own) caps this invocation too" in printed
+    assert "--max-minutes 0.025 (the run's own) caps this invocation too; give --max-minutes to change it (0: no " \
+        "cap)" in printed
     assert f" from step {step}: " in printed  # where it goes on from
+    # --max-minutes 0 lifts the cap (a preset's, or the run's own as here), for this resume and those after it
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0: none (lifts a preset's cap" in " ".join(capsys.readouterr().out.split())
+    assert train_in_process("--resume", str(out), "--max-minutes", "0", "--max-steps", str(step + 4)) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] is None
+    assert read_metrics(out)[-1]["step"] == step + 4 and "caps this invocation" not in capsys.readouterr().out
 
 
 def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -1022,7 +1030,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
 
 @pytest.mark.parametrize(("flags", "words"), [
     (["--sample-prompt", "word " * 1000], "--sample-prompt: the prompt is"),
-    (["--max-minutes", "0"], "--max-minutes must be positive"),
+    (["--max-minutes", "-1"], "--max-minutes must be positive (or 0 for no cap), got -1"),
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
