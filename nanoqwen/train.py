@@ -469,7 +469,8 @@ def build_model(config: ModelConfig, device: torch.device) -> Qwen3:
 
 
 def check_samples_and_eval(run: Run) -> None:
-    """What the first evaluation or the last sample would fail on, refused before any step is trained."""
+    """What the first evaluation or the last sample would fail on, refused before any step is trained; what they
+    would cut short, said once."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
     check_token_ids(val_subset(run), run.model.config.vocab_size, f"{run.data}/val.bin")
@@ -477,9 +478,20 @@ def check_samples_and_eval(run: Run) -> None:
         raise NanoQwenError(f"--loss-on assistant: the validation subset of {run.data} holds no assistant turn to "
                             "score; give more --eval-windows or prepare more conversations")
     try:
-        check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
+        fits = check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
+    if not run.info.is_main:
+        return
+    # What the run does with more than it has, said once here rather than cut silently (as `sample` says it too)
+    if fits < run.cfg.sample_tokens:
+        print(f"note: --sample-tokens {run.cfg.sample_tokens}: at most {fits} fit in the model's context "
+              f"({run.model.config.max_position_embeddings} tokens) after the sample prompt; samples stop there",
+              flush=True)
+    windows = run.cfg.eval_windows
+    if windows * run.seq_len + 1 > len(run.val):
+        print(f"note: --eval-windows {windows}: {run.data}/val.bin holds {len(run.val):,} tokens, fewer than "
+              f"{windows} windows of {run.seq_len}; every evaluation scores all of it", flush=True)
 
 
 def chat_marks(data: Path) -> ChatMarks:

@@ -618,14 +618,24 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
+def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
     # refused by the same check, made against the preset's model before --set.
     out = tmp_path / "long"
     assert train_in_process(*common(data, preset, out), "--seq-len", "128", "--set", "max_position_embeddings=128",
-                            "--max-steps", "1") == 0
+                            "--max-steps", "1", "--sample-tokens", "1000", "--eval-windows", "1000",
+                            "--sample-prompt", prompt := "the king " * 24) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["seq_len"] == 128 and config["model"]["max_position_embeddings"] == 128
+    # More sample tokens than fit, more windows than val.bin holds: each said once, not cut silently
+    printed, val_tokens = capsys.readouterr().out, len(TokenSplit.open(data, "val"))
+    fits = 128 - len(load_tokenizer(data).encode(prompt)) + 1
+    assert printed.count(f"note: --sample-tokens 1000: at most {fits} fit in the model's context (128 tokens) after "
+                         "the sample prompt; samples stop there\n") == 1
+    assert printed.count(f"note: --eval-windows 1000: {data.resolve()}/val.bin holds {val_tokens:,} tokens, fewer "
+                         "than 1000 windows of 128; every evaluation scores all of it\n") == 1
+    assert val_tokens < 1000 * 128 and read_metrics(out)[-1]["val_loss"] > 0
 
 
 def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
