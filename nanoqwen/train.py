@@ -71,7 +71,7 @@ from nanoqwen.distributed import (
     shutdown_distributed,
 )
 from nanoqwen.errors import NanoQwenError, counted
-from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
+from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     ReaderMayLeave,
@@ -860,8 +860,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     if summary.get("eval"):
         e = summary["eval"]
         at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation
-        print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
-              f"bits per byte {e['bits_per_byte']:.3f} (best {state.best_val_loss:.4f} at step {state.best_step})")
+        print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity "
+              f"{readable(e['perplexity'], 2)} | bits per byte {e['bits_per_byte']:.3f} (best "
+              f"{state.best_val_loss:.4f} at step {state.best_step})")
     if summary.get("sample") is not None:
         text = summary["sample"]
         if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so

@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoqwen.checkpoint import load_model
+from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
@@ -654,9 +654,17 @@ def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, 
     import nanoqwen.train as train_module
 
     monkeypatch.setattr(train_module, "sample", lambda run: run.sample_prompt)
+    # and a model that diverged (a val loss of 223, as seen) had its perplexity, e^223, printed in 97 digits
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda run: {**real_evaluate(run), "loss": 223.0, "perplexity": math.exp(223.0)})
     assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
     printed = capsys.readouterr().out
     assert "\nsample:\n(nothing after it: the model ended the document at once)\n" in printed
+    assert "val loss 223.0000 | accuracy " in printed and " | perplexity 7.04e+96 | bits per byte " in printed
+    no_constants = partial(json.loads, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert no_constants((tmp_path / "run/metrics.jsonl").read_text())["val_perplexity"] == math.exp(223.0)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
     assert train_in_process(*common(data, preset, tmp_path / "prompted"), "--max-steps", "1",
                             "--sample-prompt", "the king") == 0
     assert "\nsample:\nthe king (nothing after it: the model ended the document at once)\n" in capsys.readouterr().out
@@ -1706,7 +1714,7 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     assert train_in_process("--resume", "runs/b", "--max-steps", "2") == 0
 
 
-def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path,
+def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     # The run scores a fixed prefix of val.bin (--eval-windows of --seq-len); eval scores the same prefix with
     # --max-windows, and both divide by the bytes of that prefix's text (once prorated from the whole split).
@@ -1716,6 +1724,16 @@ def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    # A model that diverged: its perplexity (e^loss, beyond a million) in scientific notation, not in dozens of digits
+    model = load_model(trained / "last")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    save_checkpoint(model, tmp_path / "diverged", load_tokenizer(trained / "last"))
+    assert main(["eval", "--model", str(tmp_path / "diverged"), "--data", str(data), "--max-windows", "1",
+                 "--context", "32", "--device", "cpu"]) == 0
+    printed = dict(line.strip().split(": ") for line in capsys.readouterr().out.strip().splitlines()[-5:])
+    assert float(printed["loss"]) > math.log(1e6) and re.fullmatch(r"\d\.\d{4}e\+\d+", printed["perplexity"])
+    assert float(printed["perplexity"]) == pytest.approx(math.exp(float(printed["loss"])), rel=1e-3)
 
 
 def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
