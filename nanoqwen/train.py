@@ -658,6 +658,7 @@ def train(run: Run) -> dict[str, Any]:
         start = tick = after_first = time.perf_counter()
         recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
         first_step = state.step + 1
+        fit_resumed_schedule(run, display)
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             with explain_out_of_memory(run):
@@ -840,6 +841,17 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
         run.decay_compressed = True
     if step + 1 == wsd_decay_start(fitted, run.warmup):
         display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
+
+
+def fit_resumed_schedule(run: Run, display: Display) -> None:
+    """Fit a resumed run's schedule to --max-minutes before its first step, at the mean time a step took before,
+    where a new length given to the resume (--max-minutes, --max-steps) dropped the one fitted then. Until the
+    loop has timed steps of its own, the schedule would span max_steps: a run that had decayed to min_lr went
+    back to the peak rate for its first steps, however little time was left to decay again."""
+    cfg, state = run.cfg, run.state
+    if cfg.fit_to_time and cfg.max_minutes and state.fitted_steps is None and state.step and state.elapsed_s > 0:
+        step_s = state.elapsed_s / state.step  # evaluations and saves included, as the loop's estimate counts them
+        fit_schedule(run, step_s, step_s, cfg.max_minutes * 60, display)
 
 
 def duration(seconds: float) -> str:

@@ -37,7 +37,7 @@ from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
-from nanoqwen.train import Run, fit_schedule
+from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
 from tests.train_helpers import (
     FAST,
     TINY_MODEL,
@@ -747,6 +747,12 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
         assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
+    # Resumed with a twentieth of that time, the schedule is fitted to it before the first step (at the pace of the
+    # steps before): too little for a whole decay, so it decays from the first step, not from the peak rate
+    assert train_in_process("--resume", str(out), "--max-minutes", "0.005") == 0
+    resumed = [r for r in read_metrics(out) if r["step"] > records[-1]["step"]]
+    rates = [r["lr"] for r in resumed]
+    assert rates and rates[0] < 1e-2 and rates == sorted(rates, reverse=True)
 
 
 class FittedRun(SimpleNamespace):
@@ -754,7 +760,7 @@ class FittedRun(SimpleNamespace):
     total_steps, warmup = Run.total_steps, Run.warmup
 
     def __init__(self, step: int, warmup: int, fitted_steps: int | None = None) -> None:
-        super().__init__(cfg=SimpleNamespace(max_steps=100_000, warmup=warmup, max_minutes=10.0),
+        super().__init__(cfg=SimpleNamespace(max_steps=100_000, warmup=warmup, max_minutes=10.0, fit_to_time=True),
                          state=LoopState(step=step, fitted_steps=fitted_steps),
                          info=SimpleNamespace(device=torch.device("cpu")), decay_compressed=False)
 
@@ -786,6 +792,24 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     assert resumed.total_steps == 32 and [resumed.rate(step) for step in (30, 31)] == pytest.approx([0.325, 0.1])
     resumed.fit(step_s=1.0, remaining_s=600.0)  # then a faster machine: the decay never grows back
     assert resumed.total_steps == 32
+
+
+def test_a_resume_given_a_new_length_fits_its_schedule_before_its_first_step() -> None:
+    # A run that had decayed to min_lr at step 100, at 1 s a step, resumed with --max-minutes 0.1: the length
+    # given dropped its fitted one, and its first 5 steps trained at the peak rate (max_steps' schedule) before
+    # the loop had timed steps of its own. Now it is fitted at once, at the pace of the steps before.
+    resumed = FittedRun(step=100, warmup=10)
+    resumed.state.elapsed_s, resumed.cfg.max_minutes = 100.0, 0.1
+    fit_resumed_schedule(resumed, Display(False, 100, resumed.total_steps, 1))  # type: ignore[arg-type]
+    assert resumed.total_steps == 105 and resumed.decay_compressed  # 5 steps fit in 6 s (5% spare)
+    rates = [resumed.rate(step) for step in range(100, 105)]
+    assert rates[0] < 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
+    # A new run has no pace to go by (the loop fits it after timing its first steps); a fit kept by a plain resume
+    # stays until the loop refits it.
+    for run in (FittedRun(step=0, warmup=10), FittedRun(step=100, warmup=10, fitted_steps=150)):
+        total = run.total_steps
+        fit_resumed_schedule(run, Display(False, run.state.step, total, 1))  # type: ignore[arg-type]
+        assert run.total_steps == total
 
 
 def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> None:
