@@ -489,6 +489,7 @@ def run_config(run: Run) -> dict[str, Any]:
             "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
+            "threads": torch.get_num_threads(),  # torch's, in each process (on CPU: its share of the cores)
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
 
 

@@ -928,9 +928,11 @@ def train_and_report(args: argparse.Namespace) -> str:
         origin = f" from {args.init_from}" if args.init_from else \
             f" from step {this_run.state.step}" if args.resume is not None else ""
         parallel = " FSDP" if args.fsdp else " DDP" if this_run.info.distributed else ""  # torchrun: how it splits
+        threads = "" if this_run.info.device.type != "cpu" else \
+            f", {counted(torch.get_num_threads(), 'thread')}{' each' if this_run.info.world_size > 1 else ''}"
         print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
-              f"x{this_run.info.world_size}{parallel} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
+              f"x{this_run.info.world_size}{parallel} ({str(this_run.amp_dtype).removeprefix('torch.')}{threads}), "
               f"{counted(this_run.total_steps, 'step')} of {cfg.batch_size} x {cfg.seq_len} tokens "
               f"(micro-batch {this_run.loader.micro_batch}, accumulation {this_run.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {this_run.data}, out {this_run.out}", flush=True)

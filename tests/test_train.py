@@ -29,6 +29,7 @@ from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
+from nanoqwen.distributed import threads_per_process, usable_cores
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
@@ -1391,15 +1392,23 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # micro-batch only) or under FSDP2, as on GPUs by default; the single process stays eager.
     single = single_process_run
     multi = tmp_path / "multi"
+    # DDP as users start it, with no OMP_NUM_THREADS: torchrun's 1 per process becomes a share of the cores each
+    # (the others keep the 1 set here, as a user's own, so that they compare bit for bit)
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"} if nproc == 2 and not fsdp and \
+        not extra else None
+    threads = max(1, usable_cores() // nproc) if env else 1
     done = run_train(*common(data, preset, multi), *TORCHRUN_ARGS, *(["--fsdp"] if fsdp else []), *extra,
-                     nproc=nproc)
+                     nproc=nproc, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32)" in done.stdout  # how the job splits
+    each = " each" if nproc > 1 else ""
+    assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32, {threads} thread{'s' * (threads > 1)}{each})" \
+        in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
-    assert config["world_size"] == nproc and (multi / "best/model.safetensors").exists()
+    assert config["world_size"] == nproc and config["threads"] == threads
+    assert (multi / "best/model.safetensors").exists()
     assert config["train"]["compile"] is bool(extra)
     # the checkpoint holds the trained weights (FSDP: gathered from the shards on rank 0)
     for mine, theirs in zip(load_model(multi / "last").parameters(), load_model(single / "last").parameters(),
@@ -1410,6 +1419,20 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # the torchrun job's checkpoints resume on one plain process (this one)
     assert train_in_process("--resume", str(multi), "--max-steps", "10") == 0
     assert max(train_losses(multi)) == 10
+
+
+def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
+    # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
+    torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
+    assert threads_per_process(torchrun, launcher_env={"PATH": "/bin"}, cores=16) == 8
+    assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "4"}, {}, cores=3) == 1  # at least one each
+    # the user's own OMP_NUM_THREADS stays: a 1 torchrun started with, any other count, or one that cannot be told
+    assert threads_per_process(torchrun, launcher_env={"OMP_NUM_THREADS": "1"}, cores=16) is None
+    assert threads_per_process({**torchrun, "OMP_NUM_THREADS": "3"}, launcher_env={}, cores=16) is None
+    assert threads_per_process(torchrun, launcher_env=None, cores=16) is None
+    # a launcher that sets none leaves each process a thread per core: oversubscribed; one process keeps them all
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, launcher_env=None, cores=16) == 8
+    assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "1"}, launcher_env={}, cores=16) is None
 
 
 def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: Path,

@@ -102,10 +102,11 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
 
 
-def run_train(*args: str, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given)."""
+def run_train(*args: str, nproc: int | None = None, timeout: float = 240,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given), in `env` or subprocess_env()."""
     return subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env())
+                          env=env or subprocess_env())
 
 
 def read_metrics(run: Path) -> list[dict]:
