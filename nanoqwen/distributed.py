@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import os
 import sys
 from collections.abc import Callable, Mapping
@@ -261,6 +262,26 @@ def on_rank0(work: Callable[[], None]) -> None:
             raise NanoQwenError(line or "process 0 failed (its traceback is above); every process stops with it")
     if error is not None:
         raise error
+
+
+def say_once(line: str, say: Callable[[str], None]) -> None:
+    """`say(line)` once for the whole torchrun job, where every process may meet the same error (a bad flag, which
+    each one checks; rank 0's line, which on_rank0 raises on all): the first process to report it says it, and
+    the others wait until it has (seconds at most: torchrun, seeing them end, could end it first). A line no other
+    process met is said by its own. Where the job's key-value store fails, said here too: better twice than never."""
+    key = "nanoqwen/error/" + hashlib.sha256(line.encode()).hexdigest()
+    said = False
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(key, 1) == 1:
+            say(line)
+            said = True
+            store.set(f"{key}/said", "1")
+        else:
+            store.wait([f"{key}/said"], timedelta(seconds=10))
+    except RuntimeError:  # DistStoreError: the store went with the process that held it, or the wait timed out
+        if not said:
+            say(line)
 
 
 def shutdown_distributed() -> None:

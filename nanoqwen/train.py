@@ -68,9 +68,10 @@ from nanoqwen.distributed import (
     on_rank0,
     resolve_dtype,
     reuse_freed_memory,
+    say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted
+from nanoqwen.errors import NanoQwenError, counted, user_error_line
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -907,6 +908,14 @@ def run(args: argparse.Namespace) -> int:
     stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
         stopped = train_and_report(args)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None or not torch.distributed.is_initialized():  # a bug's traceback; one line from the command line
+            raise
+        from nanoqwen.cli import say
+
+        say_once(f"nanoqwen {args.command}: error: {line}", say)  # not once a process: one error of the user's
+        return 2
     finally:
         sys.stdout = stdout
         # Free the model (and with it DDP's or FSDP's hold on the process group) while the interpreter is whole,
