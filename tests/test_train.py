@@ -1972,7 +1972,7 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
             f.write(f"--- step {step}\nlost text\n\n")
     last.rename(out / f".last.old-{dead_pid()}")  # killed between atomic_dir's two renames
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 0
-    assert "(bfloat16)" in capsys.readouterr().out  # the run's dtype, not the device's default
+    assert "(bfloat16, 1 thread)" in capsys.readouterr().out  # the run's dtype, not the device's default
     steps = re.findall(r"(?m)^--- step (\d+)$", (out / "samples.txt").read_text())
     assert steps == ["1", "2", "3", "4", "5", "6"] and "lost text" not in (out / "samples.txt").read_text()
     assert json.loads((last / "train_state.json").read_text())["step"] == 6
