@@ -520,11 +520,18 @@ def run(args: argparse.Namespace) -> int:
     config = new_model_config(load_preset(args.preset).model, args.set, tokenizer)
     torch.manual_seed(args.seed)
     device = resolve_device(args.device)
-    if device.type == "cpu":  # built in float32 before it is saved in --dtype
-        check_host_memory(config.num_params(), 4, f"preset {args.preset}")
-    with device:
-        model = Qwen3(config)
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32
+    if device.type == "cpu":
+        check_host_memory(config.num_params(), dtype.itemsize, f"preset {args.preset}")
+    # Built in --dtype itself: bf16 weights take half of float32's memory, and normal_ draws the same values
+    # in either (rounded to bf16), so a seed gives the weights that float32 cast to bf16 gave.
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            model = Qwen3(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
     save_checkpoint(model, args.out, tokenizer, dtype=dtype)
     # The tokenizer's vocabulary sizes the embeddings (Qwen3's 151,936 rows are most of a small preset's weights).
     print(f"wrote {args.out}: {model.num_params() / 1e6:.1f}M parameters, preset {args.preset} with the "

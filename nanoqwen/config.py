@@ -488,7 +488,8 @@ class TrainConfig:
     max_steps: int = 1000
     """Optimizer steps; the learning-rate schedule spans them."""
     max_minutes: float | None = None
-    """Wall-clock cap on this invocation's training loop; the run then evaluates and saves."""
+    """Wall-clock cap on this invocation's training loop; the run then evaluates and saves. 0: none (lifts a
+    preset's cap, or a resumed run's own)."""
     fit_to_time: bool = False
     """With max_minutes and the wsd schedule: end the schedule at the step that fits in the time (at most
     max_steps), re-estimated every step until the decay starts, so the decay always completes."""
@@ -586,7 +587,7 @@ class TrainConfig:
         if not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"--seed must be {SEED_RANGE}, got {self.seed}")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:
-            raise NanoQwenError(f"--max-minutes must be positive, got {self.max_minutes:g}")
+            raise NanoQwenError(f"--max-minutes must be positive (or 0 for no cap), got {self.max_minutes:g}")
         if self.fit_to_time and self.schedule != "wsd":
             raise NanoQwenError("--fit-to-time (which the cpu and demo presets turn on) needs --schedule wsd, whose "
                                 "rate does not depend on the run's length until its decay starts; add --schedule "

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import hashlib
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
+from pathlib import Path
 from typing import TypeVar
 
 import torch
@@ -148,7 +150,8 @@ class DistInfo:
 
 
 def init_distributed(device_name: str = "auto") -> DistInfo:
-    """Join the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPU); pick this rank's device.
+    """Join the torchrun job when launched by torchrun (NCCL on GPUs, gloo on CPU); pick this rank's device
+    (on CPU, its share of the machine's cores: see `threads_per_process`).
 
     `torchrun --nproc_per_node 1` joins a job of one, so DDP and --fsdp run as they would on more."""
     device = resolve_device(device_name)
@@ -159,10 +162,49 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    threads = threads_per_process(os.environ, launcher_environment(), usable_cores()) if device.type == "cpu" else None
+    if threads is not None:
+        torch.set_num_threads(threads)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world_size, device, distributed=True)
+
+
+def threads_per_process(env: Mapping[str, str], launcher_env: Mapping[str, str] | None, cores: int) -> int | None:
+    """Torch threads for each of the processes a job runs on this machine (LOCAL_WORLD_SIZE) on CPU: a share of
+    its cores, cores // processes; None to leave torch's count (one process, or an OMP_NUM_THREADS of the user's).
+
+    torchrun sets OMP_NUM_THREADS=1 in its processes where the user set none (and warns): one core each, the rest
+    idle. Its 1 is told from a user's own by the environment torchrun itself started with (`launcher_env`), which
+    holds the user's but not the one torchrun set; where that cannot be read, the 1 stays. A launcher that sets no
+    OMP_NUM_THREADS left every process a thread per core: oversubscribed, as two runs at once are."""
+    processes = int(env.get("LOCAL_WORLD_SIZE", "1"))
+    if processes <= 1:
+        return None
+    omp = env.get("OMP_NUM_THREADS")
+    torchruns_own = omp == "1" and "TORCHELASTIC_RUN_ID" in env and launcher_env is not None \
+        and "OMP_NUM_THREADS" not in launcher_env
+    if omp is not None and not torchruns_own:
+        return None
+    return max(1, cores // processes)
+
+
+def launcher_environment() -> dict[str, str] | None:
+    """The environment the parent process (torchrun) was started with; None where it cannot be read (not Linux)."""
+    try:
+        raw = Path(f"/proc/{os.getppid()}/environ").read_bytes()
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def all_reduce(value: float, op: str = "mean", device: torch.device | None = None,
@@ -220,6 +262,26 @@ def on_rank0(work: Callable[[], None]) -> None:
             raise NanoQwenError(line or "process 0 failed (its traceback is above); every process stops with it")
     if error is not None:
         raise error
+
+
+def say_once(line: str, say: Callable[[str], None]) -> None:
+    """`say(line)` once for the whole torchrun job, where every process may meet the same error (a bad flag, which
+    each one checks; rank 0's line, which on_rank0 raises on all): the first process to report it says it, and
+    the others wait until it has (seconds at most: torchrun, seeing them end, could end it first). A line no other
+    process met is said by its own. Where the job's key-value store fails, said here too: better twice than never."""
+    key = "nanoqwen/error/" + hashlib.sha256(line.encode()).hexdigest()
+    said = False
+    try:
+        store = dist.distributed_c10d._get_default_store()
+        if store.add(key, 1) == 1:
+            say(line)
+            said = True
+            store.set(f"{key}/said", "1")
+        else:
+            store.wait([f"{key}/said"], timedelta(seconds=10))
+    except RuntimeError:  # DistStoreError: the store went with the process that held it, or the wait timed out
+        if not said:
+            say(line)
 
 
 def shutdown_distributed() -> None:

@@ -82,6 +82,12 @@ def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) 
     return result
 
 
+def readable(value: float, decimals: int) -> str:
+    """A metric as people read it: fixed-point, or in scientific notation from a million on (the perplexity of
+    a model that diverged, exp of its loss, ran to a hundred digits)."""
+    return f"{value:.{decimals}f}" if abs(value) < 1e6 else f"{value:.{decimals}e}"
+
+
 def evaluate_tokens(model: Qwen3, tokens: torch.Tensor, num_bytes: int | None, context: int | None = None,
                     batch_size: int | None = None, scored: torch.Tensor | None = None) -> dict[str, float]:
     """metrics() of a token stream, every token but the first predicted; `num_bytes` is the UTF-8 size of the
@@ -238,5 +244,5 @@ def run(args: argparse.Namespace) -> int:
         print(json_line(result))
     else:
         for key, value in result.items():
-            print(f"{key:>14}: {value:.4f}" if isinstance(value, float) else f"{key:>14}: {value}")
+            print(f"{key:>14}: {readable(value, 4)}" if isinstance(value, float) else f"{key:>14}: {value}")
     return 0

@@ -77,6 +77,8 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         given = getattr(args, name, None)
         if given is not None:
             values[name] = given
+    if values["max_minutes"] == 0:  # no cap: the only way to lift a preset's (or a resumed run's own)
+        values["max_minutes"] = None
     cfg = TrainConfig(**values).validate()
     # A flag that only tunes another one that is off did nothing, without a word (no W&B run, no fitted schedule).
     if getattr(args, "wandb_project", None) is not None and not cfg.wandb:
@@ -487,6 +489,7 @@ def run_config(run: Run) -> dict[str, Any]:
             "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
             "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
             "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
+            "threads": torch.get_num_threads(),  # torch's, in each process (on CPU: its share of the cores)
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
 
 

@@ -68,10 +68,11 @@ from nanoqwen.distributed import (
     on_rank0,
     resolve_dtype,
     reuse_freed_memory,
+    say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted
-from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
+from nanoqwen.errors import NanoQwenError, counted, user_error_line
+from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
     ReaderMayLeave,
@@ -438,7 +439,7 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         print(cut_note, flush=True)
     if cfg.max_minutes and args.max_minutes is None and info.is_main:  # saved with the run: say it still holds
         print(f"--max-minutes {cfg.max_minutes:g} (the run's own) caps this invocation too; give --max-minutes "
-              "to change it", flush=True)
+              "to change it (0: no cap)", flush=True)
     if changed and info.is_main:  # said once nothing refuses the resume any more
         print(f"resuming {out} with {', '.join(changed)}: from here the run differs from one that never "
               "stopped", flush=True)
@@ -469,7 +470,8 @@ def build_model(config: ModelConfig, device: torch.device) -> Qwen3:
 
 
 def check_samples_and_eval(run: Run) -> None:
-    """What the first evaluation or the last sample would fail on, refused before any step is trained."""
+    """What the first evaluation or the last sample would fail on, refused before any step is trained; what they
+    would cut short, said once."""
     if len(run.val) < 2:
         raise NanoQwenError(f"{run.data} has no validation tokens; prepare it again with `nanoqwen prepare`")
     check_token_ids(val_subset(run), run.model.config.vocab_size, f"{run.data}/val.bin")
@@ -477,9 +479,20 @@ def check_samples_and_eval(run: Run) -> None:
         raise NanoQwenError(f"--loss-on assistant: the validation subset of {run.data} holds no assistant turn to "
                             "score; give more --eval-windows or prepare more conversations")
     try:
-        check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
+        fits = check_fits(run.model, len(prompt_ids(run.tokenizer, run.sample_prompt)), run.cfg.sample_tokens)
     except NanoQwenError as e:
         raise NanoQwenError(f"--sample-prompt: {e}") from None
+    if not run.info.is_main:
+        return
+    # What the run does with more than it has, said once here rather than cut silently (as `sample` says it too)
+    if fits < run.cfg.sample_tokens:
+        print(f"note: --sample-tokens {run.cfg.sample_tokens}: at most {fits} fit in the model's context "
+              f"({run.model.config.max_position_embeddings} tokens) after the sample prompt; samples stop there",
+              flush=True)
+    windows = run.cfg.eval_windows
+    if windows * run.seq_len + 1 > len(run.val):
+        print(f"note: --eval-windows {windows}: {run.data}/val.bin holds {len(run.val):,} tokens, fewer than "
+              f"{windows} windows of {run.seq_len}; every evaluation scores all of it", flush=True)
 
 
 def chat_marks(data: Path) -> ChatMarks:
@@ -646,6 +659,7 @@ def train(run: Run) -> dict[str, Any]:
         start = tick = after_first = time.perf_counter()
         recent_steps_s: deque[float] = deque(maxlen=10)  # wall time of the last steps (a machine that slows down)
         first_step = state.step + 1
+        fit_resumed_schedule(run, display)
         while state.step < run.total_steps:
             t0 = time.perf_counter()
             with explain_out_of_memory(run):
@@ -830,6 +844,17 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
         display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
 
 
+def fit_resumed_schedule(run: Run, display: Display) -> None:
+    """Fit a resumed run's schedule to --max-minutes before its first step, at the mean time a step took before,
+    where a new length given to the resume (--max-minutes, --max-steps) dropped the one fitted then. Until the
+    loop has timed steps of its own, the schedule would span max_steps: a run that had decayed to min_lr went
+    back to the peak rate for its first steps, however little time was left to decay again."""
+    cfg, state = run.cfg, run.state
+    if cfg.fit_to_time and cfg.max_minutes and state.fitted_steps is None and state.step and state.elapsed_s > 0:
+        step_s = state.elapsed_s / state.step  # evaluations and saves included, as the loop's estimate counts them
+        fit_schedule(run, step_s, step_s, cfg.max_minutes * 60, display)
+
+
 def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
@@ -848,8 +873,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     if summary.get("eval"):
         e = summary["eval"]
         at = f" (at step {e['step']})" if e["step"] != state.step else ""  # a signal stops with no final evaluation
-        print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity {e['perplexity']:.2f} | "
-              f"bits per byte {e['bits_per_byte']:.3f} (best {state.best_val_loss:.4f} at step {state.best_step})")
+        print(f"val loss{at} {e['loss']:.4f} | accuracy {e['accuracy']:.3f} | perplexity "
+              f"{readable(e['perplexity'], 2)} | bits per byte {e['bits_per_byte']:.3f} (best "
+              f"{state.best_val_loss:.4f} at step {state.best_step})")
     if summary.get("sample") is not None:
         text = summary["sample"]
         if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so
@@ -882,6 +908,14 @@ def run(args: argparse.Namespace) -> int:
     stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
         stopped = train_and_report(args)
+    except Exception as e:
+        line = user_error_line(e)
+        if line is None or not torch.distributed.is_initialized():  # a bug's traceback; one line from the command line
+            raise
+        from nanoqwen.cli import say
+
+        say_once(f"nanoqwen {args.command}: error: {line}", say)  # not once a process: one error of the user's
+        return 2
     finally:
         sys.stdout = stdout
         # Free the model (and with it DDP's or FSDP's hold on the process group) while the interpreter is whole,
@@ -903,9 +937,11 @@ def train_and_report(args: argparse.Namespace) -> str:
         origin = f" from {args.init_from}" if args.init_from else \
             f" from step {this_run.state.step}" if args.resume is not None else ""
         parallel = " FSDP" if args.fsdp else " DDP" if this_run.info.distributed else ""  # torchrun: how it splits
+        threads = "" if this_run.info.device.type != "cpu" else \
+            f", {counted(torch.get_num_threads(), 'thread')}{' each' if this_run.info.world_size > 1 else ''}"
         print(f"{'resuming' if args.resume is not None else 'training'} {this_run.preset}{origin}: "
               f"{m.num_params() / 1e6:.3g}M parameters, vocab {m.config.vocab_size}, on {this_run.info.device} "
-              f"x{this_run.info.world_size}{parallel} ({str(this_run.amp_dtype).removeprefix('torch.')}), "
+              f"x{this_run.info.world_size}{parallel} ({str(this_run.amp_dtype).removeprefix('torch.')}{threads}), "
               f"{counted(this_run.total_steps, 'step')} of {cfg.batch_size} x {cfg.seq_len} tokens "
               f"(micro-batch {this_run.loader.micro_batch}, accumulation {this_run.loader.accumulation}), "
               f"{cfg.optimizer}, lr {cfg.lr:g}, data {this_run.data}, out {this_run.out}", flush=True)

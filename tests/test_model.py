@@ -864,6 +864,15 @@ def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_pat
     assert main(["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "qwen3-8b needs at least 30.5 GiB" in err and "8.0 GiB free" in err, err
+    # built in the dtype it is saved in: bf16 weights take 2 bytes each, not float32's 4 (the same weights as
+    # float32's cast to bf16)
+    big = ["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]
+    assert main([*big, "--dtype", "bf16"]) == 2 and "qwen3-8b needs at least 15.3 GiB" in capsys.readouterr().err
+    small = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out"]
+    assert main([*small, str(tmp_path / "f32")]) == 0 and main([*small, str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
+    for mine, cast in zip(load_model(tmp_path / "bf16", dtype=None).parameters(),
+                          load_model(tmp_path / "f32").to(torch.bfloat16).parameters(), strict=True):
+        assert mine.dtype == torch.bfloat16 and torch.equal(mine, cast)
     assert not (tmp_path / "big").exists()
     params = read_config(checkpoint).num_params()
     monkeypatch.setattr(distributed, "free_host_memory", lambda: params * 3)  # bf16 fits, float32 does not

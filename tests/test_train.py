@@ -25,10 +25,11 @@ import numpy as np
 import pytest
 import torch
 
-from nanoqwen.checkpoint import load_model
+from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
+from nanoqwen.distributed import threads_per_process, usable_cores
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
@@ -37,7 +38,7 @@ from nanoqwen.plot import read_metrics as read_metrics_lenient
 from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
-from nanoqwen.train import Run, fit_schedule
+from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
 from tests.train_helpers import (
     FAST,
     TINY_MODEL,
@@ -531,7 +532,7 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
                           capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if "nanoqwen train: error:" in line]
-    assert len(lines) == 2 and "--wandb could not start a W&B run" in lines[0], done.stderr[-3000:]
+    assert len(lines) == 1 and "--wandb could not start a W&B run" in lines[0], done.stderr[-3000:]  # not once a rank
     assert "[rank1]" not in done.stderr and not out.exists()
 
 
@@ -545,7 +546,7 @@ def test_a_default_run_folder_rank0_cannot_make_stops_every_rank_with_its_line(d
                           stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     lines = [line for line in done.stderr.splitlines() if "nanoqwen train: error:" in line]
-    assert len(lines) == 2 and "Not a directory: runs/" in lines[0], done.stderr[-3000:]
+    assert len(lines) == 1 and "Not a directory: runs/" in lines[0], done.stderr[-3000:]
     assert "[rank1]" not in done.stderr and (tmp_path / "runs").read_text() == "not a folder"
 
 
@@ -618,14 +619,24 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
-def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path) -> None:
+def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
     # refused by the same check, made against the preset's model before --set.
     out = tmp_path / "long"
     assert train_in_process(*common(data, preset, out), "--seq-len", "128", "--set", "max_position_embeddings=128",
-                            "--max-steps", "1") == 0
+                            "--max-steps", "1", "--sample-tokens", "1000", "--eval-windows", "1000",
+                            "--sample-prompt", prompt := "the king " * 24) == 0
     config = json.loads((out / "config.json").read_text())
     assert config["train"]["seq_len"] == 128 and config["model"]["max_position_embeddings"] == 128
+    # More sample tokens than fit, more windows than val.bin holds: each said once, not cut silently
+    printed, val_tokens = capsys.readouterr().out, len(TokenSplit.open(data, "val"))
+    fits = 128 - len(load_tokenizer(data).encode(prompt)) + 1
+    assert printed.count(f"note: --sample-tokens 1000: at most {fits} fit in the model's context (128 tokens) after "
+                         "the sample prompt; samples stop there\n") == 1
+    assert printed.count(f"note: --eval-windows 1000: {data.resolve()}/val.bin holds {val_tokens:,} tokens, fewer "
+                         "than 1000 windows of 128; every evaluation scores all of it\n") == 1
+    assert val_tokens < 1000 * 128 and read_metrics(out)[-1]["val_loss"] > 0
 
 
 def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
@@ -644,9 +655,17 @@ def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, 
     import nanoqwen.train as train_module
 
     monkeypatch.setattr(train_module, "sample", lambda run: run.sample_prompt)
+    # and a model that diverged (a val loss of 223, as seen) had its perplexity, e^223, printed in 97 digits
+    real_evaluate = train_module.evaluate
+    monkeypatch.setattr(train_module, "evaluate",
+                        lambda run: {**real_evaluate(run), "loss": 223.0, "perplexity": math.exp(223.0)})
     assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
     printed = capsys.readouterr().out
     assert "\nsample:\n(nothing after it: the model ended the document at once)\n" in printed
+    assert "val loss 223.0000 | accuracy " in printed and " | perplexity 7.04e+96 | bits per byte " in printed
+    no_constants = partial(json.loads, parse_constant=lambda name: pytest.fail(f"{name} is not JSON"))
+    assert no_constants((tmp_path / "run/metrics.jsonl").read_text())["val_perplexity"] == math.exp(223.0)
+    monkeypatch.setattr(train_module, "evaluate", real_evaluate)
     assert train_in_process(*common(data, preset, tmp_path / "prompted"), "--max-steps", "1",
                             "--sample-prompt", "the king") == 0
     assert "\nsample:\nthe king (nothing after it: the model ended the document at once)\n" in capsys.readouterr().out
@@ -729,6 +748,12 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
         assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
+    # Resumed with a twentieth of that time, the schedule is fitted to it before the first step (at the pace of the
+    # steps before): too little for a whole decay, so it decays from the first step, not from the peak rate
+    assert train_in_process("--resume", str(out), "--max-minutes", "0.005") == 0
+    resumed = [r for r in read_metrics(out) if r["step"] > records[-1]["step"]]
+    rates = [r["lr"] for r in resumed]
+    assert rates and rates[0] < 1e-2 and rates == sorted(rates, reverse=True)
 
 
 class FittedRun(SimpleNamespace):
@@ -736,7 +761,7 @@ class FittedRun(SimpleNamespace):
     total_steps, warmup = Run.total_steps, Run.warmup
 
     def __init__(self, step: int, warmup: int, fitted_steps: int | None = None) -> None:
-        super().__init__(cfg=SimpleNamespace(max_steps=100_000, warmup=warmup, max_minutes=10.0),
+        super().__init__(cfg=SimpleNamespace(max_steps=100_000, warmup=warmup, max_minutes=10.0, fit_to_time=True),
                          state=LoopState(step=step, fitted_steps=fitted_steps),
                          info=SimpleNamespace(device=torch.device("cpu")), decay_compressed=False)
 
@@ -768,6 +793,24 @@ def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> 
     assert resumed.total_steps == 32 and [resumed.rate(step) for step in (30, 31)] == pytest.approx([0.325, 0.1])
     resumed.fit(step_s=1.0, remaining_s=600.0)  # then a faster machine: the decay never grows back
     assert resumed.total_steps == 32
+
+
+def test_a_resume_given_a_new_length_fits_its_schedule_before_its_first_step() -> None:
+    # A run that had decayed to min_lr at step 100, at 1 s a step, resumed with --max-minutes 0.1: the length
+    # given dropped its fitted one, and its first 5 steps trained at the peak rate (max_steps' schedule) before
+    # the loop had timed steps of its own. Now it is fitted at once, at the pace of the steps before.
+    resumed = FittedRun(step=100, warmup=10)
+    resumed.state.elapsed_s, resumed.cfg.max_minutes = 100.0, 0.1
+    fit_resumed_schedule(resumed, Display(False, 100, resumed.total_steps, 1))  # type: ignore[arg-type]
+    assert resumed.total_steps == 105 and resumed.decay_compressed  # 5 steps fit in 6 s (5% spare)
+    rates = [resumed.rate(step) for step in range(100, 105)]
+    assert rates[0] < 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
+    # A new run has no pace to go by (the loop fits it after timing its first steps); a fit kept by a plain resume
+    # stays until the loop refits it.
+    for run in (FittedRun(step=0, warmup=10), FittedRun(step=100, warmup=10, fitted_steps=150)):
+        total = run.total_steps
+        fit_resumed_schedule(run, Display(False, run.state.step, total, 1))  # type: ignore[arg-type]
+        assert run.total_steps == total
 
 
 def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> None:
@@ -845,8 +888,16 @@ def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: P
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] is None
     # the saved time cap still holds, and the resume says so (it once rode along silently)
     printed = capsys.readouterr().out
-    assert "--max-minutes 0.025 (the run's own) caps this invocation too" in printed
+    assert "--max-minutes 0.025 (the run's own) caps this invocation too; give --max-minutes to change it (0: no " \
+        "cap)" in printed
     assert f" from step {step}: " in printed  # where it goes on from
+    # --max-minutes 0 lifts the cap (a preset's, or the run's own as here), for this resume and those after it
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "0: none (lifts a preset's cap" in " ".join(capsys.readouterr().out.split())
+    assert train_in_process("--resume", str(out), "--max-minutes", "0", "--max-steps", str(step + 4)) == 0
+    assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] is None
+    assert read_metrics(out)[-1]["step"] == step + 4 and "caps this invocation" not in capsys.readouterr().out
 
 
 def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -1022,7 +1073,7 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
 
 @pytest.mark.parametrize(("flags", "words"), [
     (["--sample-prompt", "word " * 1000], "--sample-prompt: the prompt is"),
-    (["--max-minutes", "0"], "--max-minutes must be positive"),
+    (["--max-minutes", "-1"], "--max-minutes must be positive (or 0 for no cap), got -1"),
     (["--early-stopping-patience", "-1"], "must not be negative"),
     (["--sample-interval", "-1"], "must not be negative"),
     (["--schedule", "cosine", "--fit-to-time"], "--no-fit-to-time"),
@@ -1341,15 +1392,23 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # micro-batch only) or under FSDP2, as on GPUs by default; the single process stays eager.
     single = single_process_run
     multi = tmp_path / "multi"
+    # DDP as users start it, with no OMP_NUM_THREADS: torchrun's 1 per process becomes a share of the cores each
+    # (the others keep the 1 set here, as a user's own, so that they compare bit for bit)
+    env = {k: v for k, v in subprocess_env().items() if k != "OMP_NUM_THREADS"} if nproc == 2 and not fsdp and \
+        not extra else None
+    threads = max(1, usable_cores() // nproc) if env else 1
     done = run_train(*common(data, preset, multi), *TORCHRUN_ARGS, *(["--fsdp"] if fsdp else []), *extra,
-                     nproc=nproc)
+                     nproc=nproc, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32)" in done.stdout  # how the job splits
+    each = " each" if nproc > 1 else ""
+    assert f"on cpu x{nproc} {'FSDP' if fsdp else 'DDP'} (float32, {threads} thread{'s' * (threads > 1)}{each})" \
+        in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
-    assert config["world_size"] == nproc and (multi / "best/model.safetensors").exists()
+    assert config["world_size"] == nproc and config["threads"] == threads
+    assert (multi / "best/model.safetensors").exists()
     assert config["train"]["compile"] is bool(extra)
     # the checkpoint holds the trained weights (FSDP: gathered from the shards on rank 0)
     for mine, theirs in zip(load_model(multi / "last").parameters(), load_model(single / "last").parameters(),
@@ -1360,6 +1419,20 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # the torchrun job's checkpoints resume on one plain process (this one)
     assert train_in_process("--resume", str(multi), "--max-steps", "10") == 0
     assert max(train_losses(multi)) == 10
+
+
+def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
+    # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
+    torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
+    assert threads_per_process(torchrun, launcher_env={"PATH": "/bin"}, cores=16) == 8
+    assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "4"}, {}, cores=3) == 1  # at least one each
+    # the user's own OMP_NUM_THREADS stays: a 1 torchrun started with, any other count, or one that cannot be told
+    assert threads_per_process(torchrun, launcher_env={"OMP_NUM_THREADS": "1"}, cores=16) is None
+    assert threads_per_process({**torchrun, "OMP_NUM_THREADS": "3"}, launcher_env={}, cores=16) is None
+    assert threads_per_process(torchrun, launcher_env=None, cores=16) is None
+    # a launcher that sets none leaves each process a thread per core: oversubscribed; one process keeps them all
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, launcher_env=None, cores=16) == 8
+    assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "1"}, launcher_env={}, cores=16) is None
 
 
 def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: Path,
@@ -1688,7 +1761,7 @@ def test_dataset_folders_follow_the_files_they_were_made_from(preset: Path, tmp_
     assert train_in_process("--resume", "runs/b", "--max-steps", "2") == 0
 
 
-def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path,
+def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, data: Path, tmp_path: Path,
                                                                  capsys: pytest.CaptureFixture[str]) -> None:
     # The run scores a fixed prefix of val.bin (--eval-windows of --seq-len); eval scores the same prefix with
     # --max-windows, and both divide by the bytes of that prefix's text (once prorated from the whole split).
@@ -1698,6 +1771,16 @@ def test_eval_of_the_runs_val_windows_reproduces_its_val_metrics(trained: Path, 
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
     assert result["bits_per_byte"] == pytest.approx(last["val_bpb"], rel=1e-5)
+    # A model that diverged: its perplexity (e^loss, beyond a million) in scientific notation, not in dozens of digits
+    model = load_model(trained / "last")
+    with torch.no_grad():
+        model.lm_head.weight.mul_(30.0)
+    save_checkpoint(model, tmp_path / "diverged", load_tokenizer(trained / "last"))
+    assert main(["eval", "--model", str(tmp_path / "diverged"), "--data", str(data), "--max-windows", "1",
+                 "--context", "32", "--device", "cpu"]) == 0
+    printed = dict(line.strip().split(": ") for line in capsys.readouterr().out.strip().splitlines()[-5:])
+    assert float(printed["loss"]) > math.log(1e6) and re.fullmatch(r"\d\.\d{4}e\+\d+", printed["perplexity"])
+    assert float(printed["perplexity"]) == pytest.approx(math.exp(float(printed["loss"])), rel=1e-3)
 
 
 def test_plot_of_a_missing_run_names_what_is_missing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -1889,7 +1972,7 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
             f.write(f"--- step {step}\nlost text\n\n")
     last.rename(out / f".last.old-{dead_pid()}")  # killed between atomic_dir's two renames
     assert train_in_process("--resume", str(out), "--max-steps", "6") == 0
-    assert "(bfloat16)" in capsys.readouterr().out  # the run's dtype, not the device's default
+    assert "(bfloat16, 1 thread)" in capsys.readouterr().out  # the run's dtype, not the device's default
     steps = re.findall(r"(?m)^--- step (\d+)$", (out / "samples.txt").read_text())
     assert steps == ["1", "2", "3", "4", "5", "6"] and "lost text" not in (out / "samples.txt").read_text()
     assert json.loads((last / "train_state.json").read_text())["step"] == 6
@@ -2096,6 +2179,8 @@ def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(da
     assert zero["bug"] == ["ValueError", "a bug"] and one["bug"][0] == "NanoQwenError" and \
         "process 0 failed (its traceback is above)" in one["bug"][1]
     assert zero["prepare"] == one["prepare"] and "has no text" in one["prepare"]  # bad data: its line on every rank
+    # and the command line says such a line once: the first rank to report it does; a line of one rank's own, always
+    assert sorted(zero["said"] + one["said"]) == ["a line every rank met", "rank 0's own line", "rank 1's own line"]
 
 
 def dead_pid() -> int:

@@ -102,10 +102,11 @@ def subprocess_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
 
 
-def run_train(*args: str, nproc: int | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given)."""
+def run_train(*args: str, nproc: int | None = None, timeout: float = 240,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given), in `env` or subprocess_env()."""
     return subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
-                          env=subprocess_env())
+                          env=env or subprocess_env())
 
 
 def read_metrics(run: Path) -> list[dict]:
@@ -180,14 +181,14 @@ def wandb_runs(run: Path) -> list[WandbRun]:
 def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
     """One process of a gloo job (torch.multiprocessing) that has `on_rank0` do work that succeeds, then
     work that fails on rank 0 as a full disk and as a bug would, then resumes folder/run, which another process
-    holds (rank 0 alone takes its lock), then prepares folder/empty (an empty .txt), which rank 0 refuses; what each
-    process met goes to folder/RANK.json."""
+    holds (rank 0 alone takes its lock), then prepares folder/empty (an empty .txt), which rank 0 refuses, then
+    says once for the job a line both meet, and one of its own; what each process met goes to folder/RANK.json."""
     import errno
 
     import torch.distributed as dist
 
     from nanoqwen.cli import build_parser
-    from nanoqwen.distributed import on_rank0
+    from nanoqwen.distributed import on_rank0, say_once
     from nanoqwen.errors import NanoQwenError
     from nanoqwen.runs import prepared_folder
     from nanoqwen.train import setup
@@ -216,6 +217,10 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
             prepared_folder(f"{folder}/empty", "bpe:300")
         except NanoQwenError as e:
             met["prepare"] = str(e)
+        said: list[str] = []
+        for line in ("a line every rank met", f"rank {rank}'s own line"):
+            say_once(line, said.append)
+        met["said"] = said
     finally:
         dist.destroy_process_group()
     Path(folder, f"{rank}.json").write_text(json.dumps(met))
