@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser(command)
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
-        refuse(f"nanoqwen {command}" if command else "nanoqwen", f"unrecognized arguments: {' '.join(unknown)}")
+        refuse(f"nanoqwen {command}" if command else "nanoqwen",
+               f"unrecognized arguments: {' '.join(unknown)}{_expanded_wildcard_hint(unknown)}")
     if args.command is None:
         build_parser().print_help()
         return 0 if not argv else 2
@@ -88,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"nanoqwen {args.command}: error: {line}")
         return 2
+
+
+def _expanded_wildcard_hint(unknown: list[str]) -> str:
+    """Files left over after a flag that takes one (`--dataset notes/*.txt`, which the shell expanded into all of
+    them): say what to give instead."""
+    if all(not arg.startswith("-") and os.path.exists(arg) for arg in unknown):
+        return "; a flag takes one file or folder (did the shell expand a wildcard?): give the folder that holds them"
+    return ""
 
 
 def say(line: str) -> None:

@@ -943,6 +943,24 @@ def test_an_empty_path_is_one_line(argv: list[str], tmp_path: Path, monkeypatch:
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_files_a_shell_wildcard_expanded_are_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    # `--dataset notes/*.txt` reaches nanoqwen as several files after a flag that takes one: argparse's line named
+    # them as unrecognized arguments, not what to give instead
+    from nanoqwen.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes").mkdir()
+    for name in "abc":
+        (tmp_path / "notes" / f"{name}.txt").write_text(name)
+    with pytest.raises(SystemExit) as exit:
+        main(["prepare", "--dataset", "notes/a.txt", "notes/b.txt", "notes/c.txt", "--out", "data"])
+    assert exit.value.code == 2 and capsys.readouterr().err == (
+        "nanoqwen prepare: error: unrecognized arguments: notes/b.txt notes/c.txt; a flag takes one file or folder "
+        "(did the shell expand a wildcard?): give the folder that holds them (see nanoqwen prepare --help)\n")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"]
+
+
 def test_more_workers_than_cores_are_as_many_as_the_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # The tokenizer's thread pool tried to start --workers threads: 99999999999 hung prepare.
