@@ -85,8 +85,10 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         raise NanoQwenError(f"--wandb-project {args.wandb_project} names the W&B project --wandb logs into, and "
                             "--wandb is off; add --wandb (or leave --wandb-project out)")
     if getattr(args, "fit_to_time", None) and cfg.max_minutes is None:
-        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and no --max-minutes is "
-                            "set; add --max-minutes M (or leave --fit-to-time out)")
+        lifted = getattr(args, "max_minutes", None) == 0  # given, as the cap's absence
+        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and "
+                            + ("--max-minutes 0 sets no cap; give" if lifted else "no --max-minutes is set; add")
+                            + " --max-minutes M (or leave --fit-to-time out)")
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:

@@ -1080,6 +1080,8 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     # flags that tune one that is off did nothing without a word: no fitted schedule, no W&B run
     (["--schedule", "wsd", "--fit-to-time"], "--fit-to-time ends the schedule where --max-minutes runs out, and no "
                                              "--max-minutes is set; add --max-minutes M"),
+    (["--schedule", "wsd", "--fit-to-time", "--max-minutes", "0"], "--fit-to-time ends the schedule where "
+     "--max-minutes runs out, and --max-minutes 0 sets no cap; give --max-minutes M"),
     (["--wandb-project", "mine"], "--wandb-project mine names the W&B project --wandb logs into, and --wandb is off"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
     (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
