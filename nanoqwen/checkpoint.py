@@ -420,10 +420,11 @@ class GenerationFile:
         return (self.settings or {}).get(name)
 
 
-def read_generation_file(directory: str | Path) -> GenerationFile:
+def read_generation_file(directory: str | Path, warn: bool = True) -> GenerationFile:
     """A folder's generation_config.json. One that is not a JSON object (not JSON, cut short, an array...) is named
-    in one warning line and read as missing: the model still loads, as Transformers loads it when that file is no
-    JSON (then taking its end ids from config.json), since the file only ever supplies defaults."""
+    in one warning line (`warn`: False in all but one of torchrun's processes) and read as missing: the model still
+    loads, as Transformers loads it when that file is no JSON (then taking its end ids from config.json), since the
+    file only ever supplies defaults."""
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return GenerationFile(path, None)
@@ -437,8 +438,9 @@ def read_generation_file(directory: str | Path) -> GenerationFile:
         if isinstance(saved, dict):
             return GenerationFile(path, saved)
         problem = "is not a JSON object"
-    print(f"nanoqwen: warning: {path} {problem}; ignored (end ids from config.json, default sampling settings): "
-          "fix or remove it", file=sys.stderr, flush=True)
+    if warn:
+        print(f"nanoqwen: warning: {path} {problem}; ignored (end ids from config.json, default sampling settings): "
+              "fix or remove it", file=sys.stderr, flush=True)
     return GenerationFile(path, None)
 
 
