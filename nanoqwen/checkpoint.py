@@ -36,7 +36,7 @@ from nanoqwen.distributed import (
     resolve_device,
     resolve_dtype,
 )
-from nanoqwen.errors import NanoQwenError, first_line, seed_int
+from nanoqwen.errors import NanoQwenError, counted, first_line, seed_int
 from nanoqwen.io import (
     atomic_dir,
     check_replaceable,
@@ -371,10 +371,10 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
                     if not (config.tie_word_embeddings and k == TIED_HEAD_KEY)}
     missing, unexpected = sorted(expected.keys() - state.keys()), sorted(state.keys() - expected.keys())
     if missing or unexpected:
-        found = [f"lacks {len(missing)} weights ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
+        found = [f"lacks {counted(len(missing), 'weight')} ({', '.join(missing[:3])}{', ...' * (len(missing) > 3)})"
                  ] if missing else []
-        found += [f"holds {len(unexpected)} weights that fit nowhere in it ({', '.join(unexpected[:3])}"
-                  f"{', ...' * (len(unexpected) > 3)})"] if unexpected else []
+        found += [f"holds {counted(len(unexpected), 'weight')} that {'fit' if len(unexpected) > 1 else 'fits'} "
+                  f"nowhere in it ({', '.join(unexpected[:3])}{', ...' * (len(unexpected) > 3)})"] if unexpected else []
         raise NanoQwenError(f"{directory} does not match {described}: it {' and '.join(found)}; {hint}")
     for key, value in state.items():
         if value.shape != expected[key]:
@@ -420,10 +420,11 @@ class GenerationFile:
         return (self.settings or {}).get(name)
 
 
-def read_generation_file(directory: str | Path) -> GenerationFile:
+def read_generation_file(directory: str | Path, warn: bool = True) -> GenerationFile:
     """A folder's generation_config.json. One that is not a JSON object (not JSON, cut short, an array...) is named
-    in one warning line and read as missing: the model still loads, as Transformers loads it when that file is no
-    JSON (then taking its end ids from config.json), since the file only ever supplies defaults."""
+    in one warning line (`warn`: False in all but one of torchrun's processes) and read as missing: the model still
+    loads, as Transformers loads it when that file is no JSON (then taking its end ids from config.json), since the
+    file only ever supplies defaults."""
     path = Path(directory) / "generation_config.json"
     if not path.is_file():
         return GenerationFile(path, None)
@@ -437,8 +438,9 @@ def read_generation_file(directory: str | Path) -> GenerationFile:
         if isinstance(saved, dict):
             return GenerationFile(path, saved)
         problem = "is not a JSON object"
-    print(f"nanoqwen: warning: {path} {problem}; ignored (end ids from config.json, default sampling settings): "
-          "fix or remove it", file=sys.stderr, flush=True)
+    if warn:
+        print(f"nanoqwen: warning: {path} {problem}; ignored (end ids from config.json, default sampling settings): "
+              "fix or remove it", file=sys.stderr, flush=True)
     return GenerationFile(path, None)
 
 
@@ -524,7 +526,8 @@ def run(args: argparse.Namespace) -> int:
     if device.type == "cpu":
         check_host_memory(config.num_params(), dtype.itemsize, f"preset {args.preset}")
     # Built in --dtype itself: bf16 weights take half of float32's memory, and normal_ draws the same values
-    # in either (rounded to bf16), so a seed gives the weights that float32 cast to bf16 gave.
+    # in either (rounded to bf16), so a seed gives the weights that float32 cast to bf16 gave (on CPU, for every
+    # tensor whose size is a multiple of 16, as all of the presets' are: the last 16 of others are drawn anew).
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -85,8 +85,10 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
         raise NanoQwenError(f"--wandb-project {args.wandb_project} names the W&B project --wandb logs into, and "
                             "--wandb is off; add --wandb (or leave --wandb-project out)")
     if getattr(args, "fit_to_time", None) and cfg.max_minutes is None:
-        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and no --max-minutes is "
-                            "set; add --max-minutes M (or leave --fit-to-time out)")
+        lifted = getattr(args, "max_minutes", None) == 0  # given, as the cap's absence
+        raise NanoQwenError("--fit-to-time ends the schedule where --max-minutes runs out, and "
+                            + ("--max-minutes 0 sets no cap; give" if lifted else "no --max-minutes is set; add")
+                            + " --max-minutes M (or leave --fit-to-time out)")
     if cfg.tensorboard:  # one clear line now if the package is missing, not after preparing data
         summary_writer_class()
     if cfg.wandb:
@@ -340,17 +342,18 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
     return data
 
 
-def carried_files(data: Path, source: Path | None) -> tuple[Tokenizer, dict | None]:
+def carried_files(data: Path, source: Path | None, warn: bool = True) -> tuple[Tokenizer, dict | None]:
     """The tokenizer and generation_config.json the run's checkpoints carry: those of the checkpoint it
     starts from or resumes, where that holds the data's tokenizer (an official folder's chat template, end
-    token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults."""
+    token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults.
+    `warn`: whether a broken generation_config.json is warned about here (one process of torchrun's says it)."""
     tokenizer = load_tokenizer(data)
     if source is None or not (source / "tokenizer.json").is_file():
         return tokenizer, None
     own = load_tokenizer(source)
     if own.fingerprint != tokenizer.fingerprint:  # its generation_config's end ids are for its own tokenizer
         return tokenizer, None
-    return own, read_generation_file(source).settings or None
+    return own, read_generation_file(source, warn).settings or None
 
 
 def note_chat_template(tokenizer: Tokenizer, data: Path, checkpoint: Path) -> None:

@@ -345,7 +345,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
-    tokenizer, generation = carried_files(data, source)
+    tokenizer, generation = carried_files(data, source, warn=info.is_main)
     if info.is_main and args.init_from:
         note_chat_template(tokenizer, data, Path(args.init_from))
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,

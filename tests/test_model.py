@@ -825,6 +825,12 @@ def test_folders_that_would_compute_other_logits_are_refused(tmp_path):
     weights["lm_head.weight"] = weights["model.embed_tokens.weight"].clone()  # a tied save that kept both: fine
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     assert torch.equal(load_model(tmp_path).lm_head.weight, weights["model.embed_tokens.weight"])
+    # An untied config over a tied save (its lm_head left out): the one weight it lacks, counted in words.
+    del weights["lm_head.weight"]
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(NanoQwenError, match=r"does not match its config.json: it lacks 1 weight \(lm_head.weight\);"):
+        load_model(tmp_path)
 
 
 def test_a_stale_rope_buffer_in_the_weights_is_ignored(tmp_path):

@@ -35,7 +35,7 @@ from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
-from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, data_digest, truncate_metrics
+from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, carried_files, data_digest, truncate_metrics
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
@@ -1080,6 +1080,8 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     # flags that tune one that is off did nothing without a word: no fitted schedule, no W&B run
     (["--schedule", "wsd", "--fit-to-time"], "--fit-to-time ends the schedule where --max-minutes runs out, and no "
                                              "--max-minutes is set; add --max-minutes M"),
+    (["--schedule", "wsd", "--fit-to-time", "--max-minutes", "0"], "--fit-to-time ends the schedule where "
+     "--max-minutes runs out, and --max-minutes 0 sets no cap; give --max-minutes M"),
     (["--wandb-project", "mine"], "--wandb-project mine names the W&B project --wandb logs into, and --wandb is off"),
     (["--seed", str(2**64)], "--seed must be between 0 and 2**63 - 1"),
     (["--lr", "nan"], "--lr must be a number >= 0 and at most 10"),
@@ -1651,6 +1653,21 @@ def test_init_from_refuses_data_the_checkpoint_cannot_read(trained: Path, tmp_pa
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and expected in err, err
     assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()
+
+
+def test_a_broken_generation_config_to_start_from_is_warned_about_by_one_process(trained: Path, data: Path,
+                                                                                 tmp_path: Path,
+                                                                                 capsys: pytest.CaptureFixture[str]
+                                                                                 ) -> None:
+    # Every torchrun process reads the folder a run starts from: each one warned, N lines of one problem.
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(trained / "best", checkpoint)
+    (checkpoint / "generation_config.json").write_text("[0.7]")
+    capsys.readouterr()
+    assert carried_files(data, checkpoint, warn=False)[1] is None and capsys.readouterr().err == ""
+    assert carried_files(data, checkpoint)[1] is None
+    assert capsys.readouterr().err == f"nanoqwen: warning: {checkpoint / 'generation_config.json'} is not a JSON " \
+        "object; ignored (end ids from config.json, default sampling settings): fix or remove it\n"
 
 
 def test_init_from_a_checkpoint_inside_out_is_refused_before_the_run_deletes_it(trained: Path, data: Path,
