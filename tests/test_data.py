@@ -1225,6 +1225,25 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
         list(open_corpus(str(tmp_path / "broken.csv")).documents())
 
 
+def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
+    # An empty .csv (or one of a byte-order mark alone) was said to have no 'text' column, "its first row names: "
+    # naming nothing, where an empty .json or .txt is skipped as empty.
+    import gzip
+
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf")
+    (tmp_path / "empty.csv.gz").write_bytes(gzip.compress(b""))
+    for name in ("empty.csv", "bom.tsv", "empty.csv.gz"):
+        corpus = open_corpus(str(tmp_path / name))
+        assert list(corpus.documents()) == []
+        assert str(corpus.empty_error()).endswith(f"has no text (skipped {tmp_path / name}: empty); give a corpus "
+                                                  "with at least one non-empty document")
+    (tmp_path / "notes.txt").write_text("a note")
+    corpus = open_corpus(str(tmp_path))
+    assert list(corpus.documents()) == ["a note"]
+    assert [skip["reason"] for skip in corpus.stats.skipped] == ["empty"] * 3
+
+
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------
 
 STORIES = ["Once upon a time, a cat sat.\n\nThe end.", "Tom ran to the park <|im_start|> fast.",

@@ -1011,8 +1011,9 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
         rows = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
         try:
-            names = next(rows, None)
-            if names is None:  # an empty file: no record with any text
+            names = next(rows, [])
+            if not names:  # an empty file (the reader gives an empty row for it): skipped as an empty .txt is
+                stats.skipped.append({"path": str(path), "reason": "empty"})
                 return
             if column not in names:
                 raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
