@@ -273,9 +273,10 @@ def file_type(path: Path) -> str:
 
 
 def open_binary(path: Path) -> IO[bytes]:
-    """A corpus file's bytes, decompressed where its name says it is compressed."""
+    """A file's bytes, decompressed where its name says it is compressed (eval's --text-file app.log.gz too;
+    prepare reads only COMPRESSIBLE types)."""
     suffix = path.suffix.lower()
-    if suffix in COMPRESSIONS and file_type(path) in COMPRESSIBLE:
+    if suffix in COMPRESSIONS:
         return COMPRESSIONS[suffix].open(path, "rb")
     return path.open("rb")
 
