@@ -1225,6 +1225,21 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
         list(open_corpus(str(tmp_path / "broken.csv")).documents())
 
 
+def test_a_tsv_keeps_quotes_as_written_but_reads_a_csv_quoted_cell(tmp_path: Path) -> None:
+    # A TSV has no quoting (its cells hold no tab or line break), and a sentence often starts with a quote: read
+    # with csv's quoting, "Hi," she said. stopped the run ("'\t' expected after '"'"), and a cell that opened a quote
+    # it never closed swallowed the rows up to the next quote. A cell quoted as csv writers quote one (pandas'
+    # to_csv(sep="\t"), R's write.table) is still read as it meant, over lines too.
+    (tmp_path / "sentences.tsv").write_text('id\ttext\tlang\n1\t"Hi," she said.\ten\n2\t"Run!"\ten\n'
+                                            '3\t"Wait\ten\n4\tit\'s 6\'2" tall\ten\n5\tsaid "go."\ten\n')
+    assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == [
+        '"Hi," she said.', "Run!", '"Wait', "it's 6'2\" tall", 'said "go."']
+    (tmp_path / "pandas.tsv").write_text('text\tn\r\n"""Hi,"" she said."\t1\r\n"two\r\nlines"\t2\r\n'
+                                         '"a\ttab"\t3\r\nplain\t4\r\n')
+    assert list(open_corpus(str(tmp_path / "pandas.tsv")).documents()) == [
+        '"Hi," she said.', "two\r\nlines", "a\ttab", "plain"]
+
+
 def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
     # An empty .csv (or one of a byte-order mark alone) was said to have no 'text' column, "its first row names: "
     # naming nothing, where an empty .json or .txt is skipped as empty.

@@ -1010,7 +1010,8 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         if delimiter == "," and "," not in header and ";" in header:
             delimiter = ";"  # Excel's CSV where a comma is the decimal mark
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
-        rows = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
+        rows: Iterator[list[str]] = _tsv_rows(itertools.chain([header], lines)) if delimiter == "\t" else \
+            csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
         try:
             names = next(rows, [])
             if not names:  # an empty file (the reader gives an empty row for it): skipped as an empty .txt is
@@ -1023,9 +1024,67 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
             for row in rows:
                 if index < len(row) and row[index].strip():
                     yield row[index]
-        except csv.Error as e:
-            raise NanoQwenError(f"{path} line {rows.line_num}: not a valid table row ({e}); fix or remove that "
-                                "line") from None
+        except csv.Error as e:  # (a CSV's: a TSV's rows are lines)
+            line = getattr(rows, "line_num", "?")
+            raise NanoQwenError(f"{path} line {line}: not a valid table row ({e}); fix or remove that line") from None
+
+
+def _tsv_rows(lines: Iterator[str]) -> Iterator[list[str]]:
+    """The rows of a .tsv file's `lines`: each line's cells, split at tabs. A cell quoted as csv writers quote one
+    (pandas' to_csv(sep="\\t"), R's write.table), its quotes doubled, is read without them, and may span lines; any
+    other quote is the text's own, kept as written (TSV has no quoting, and a sentence often starts with a quote:
+    "Hi," she said.; read with csv's quoting, it stopped the run, or swallowed the lines up to the next quote)."""
+    ahead: list[str] = []  # lines read past a quote that opened no quoted cell, to read again (the next one last)
+    # Whether a quoted cell may span lines: not once a quote of the text's own was met, which no csv writer leaves (a
+    # quote opened in such a file and never closed would take the lines up to the next quote).
+    spanning = True
+
+    def next_line() -> str | None:
+        return ahead.pop() if ahead else next(lines, None)
+
+    while (line := next_line()) is not None:
+        if '"' not in line:  # (most lines)
+            yield line.rstrip("\r\n").split("\t") if line.rstrip("\r\n") else []
+            continue
+        row, rest = [], line
+        while True:
+            quoted = _quoted_cell(rest, next_line if spanning else lambda: None) if rest.startswith('"') else []
+            if isinstance(quoted, tuple):
+                cell, rest = quoted
+            else:  # a cell as written: its quote, if any, is the text's
+                ahead.extend(reversed(quoted))
+                end = len(rest.rstrip("\r\n"))
+                tab = rest.find("\t", 0, end)
+                cell, rest = (rest[:tab], rest[tab:]) if tab >= 0 else (rest[:end], "")
+                spanning = spanning and '"' not in cell
+            row.append(cell)
+            if not rest.startswith("\t"):
+                break
+            rest = rest[1:]
+        yield row
+
+
+def _quoted_cell(text: str, next_line: Callable[[], str | None]) -> tuple[str, str] | list[str]:
+    """The csv-quoted cell that `text` (a TSV line, or its rest) starts with, and the rest of its last line after
+    the closing quote; or, where the quote is the text's own (never closed, or followed by more than a tab or the
+    line's end), the lines read ahead (at most BLOCK_BYTES) looking for its close."""
+    pieces, taken, segment, start, size = [], [], text, 1, 0
+    while True:
+        quote = segment.find('"', start)
+        if quote >= 0 and segment.startswith('""', quote):  # a quote in the cell, written twice
+            pieces.append(segment[start:quote + 1])
+            start = quote + 2
+        elif quote >= 0:
+            pieces.append(segment[start:quote])
+            rest = segment[quote + 1:]
+            return taken if rest.rstrip("\r\n") and not rest.startswith("\t") else ("".join(pieces), rest)
+        else:
+            pieces.append(segment[start:])
+            next_segment = next_line() if size < BLOCK_BYTES else None
+            if next_segment is None:
+                return taken
+            segment, start, size = next_segment, 0, size + len(next_segment)
+            taken.append(segment)
 
 
 def _pandas_table(data: Any, column: str) -> bool:
