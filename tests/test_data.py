@@ -894,6 +894,9 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
                     "holds the files, texts)"),
     ("data/train-*.parquet", "no such file or folder: data/train-*.parquet (a wildcard is not expanded here: give "
                              "the folder that holds the files, data)"),
+    # (it said "'notes*' is not a file or folder here, nor a dataset nanoqwen knows")
+    ("notes*", "no such file or folder: notes* (a wildcard is not expanded here: give the folder that holds the "
+               "files, .)"),
 ])
 def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:

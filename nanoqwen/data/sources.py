@@ -246,7 +246,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
-    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES:
+    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES or _missing_path_hint(spec):
         raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
 
