@@ -1243,6 +1243,26 @@ def test_a_tsv_keeps_quotes_as_written_but_reads_a_csv_quoted_cell(tmp_path: Pat
         '"Hi," she said.', "two\r\nlines", "a\ttab", "plain"]
 
 
+def test_a_table_row_with_more_cells_than_its_first_row_names_is_refused(tmp_path: Path) -> None:
+    # "1,hello, world" under "id,text" was read as "hello", the rest dropped in silence (pandas refuses such a row).
+    # Empty cells after the last column (a trailing comma) are no text lost.
+    (tmp_path / "rows.csv").write_text('id,text\n1,"quoted, whole"\n2,hello, world\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'rows.csv'} line 3: 3 cells, where the first "
+                                                      "row names 2 columns; quote a cell that holds a comma, or fix "
+                                                      "or remove that line")):
+        list(open_corpus(str(tmp_path / "rows.csv")).documents())
+    (tmp_path / "notes.tsv").write_text('id\ttext\n1\t"two\nlines"\n2\tsaid\tthis\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'notes.tsv'} line 4: 3 cells, where the first "
+                                                      "row names 2 columns; quote a cell that holds a tab")):
+        list(open_corpus(str(tmp_path / "notes.tsv")).documents())
+    (tmp_path / "trailing.csv").write_text("id;text;\n1;one, two;\n2;three;;\n")
+    assert list(open_corpus(str(tmp_path / "trailing.csv")).documents()) == ["one, two", "three"]
+    # A CSV of one column (a list of sentences written by hand, or by Excel where ';' separates) has nothing to
+    # split at: its commas are text.
+    (tmp_path / "sentences.csv").write_text('text\nhello, world\n"quoted, whole"\n')
+    assert list(open_corpus(str(tmp_path / "sentences.csv")).documents()) == ["hello, world", "quoted, whole"]
+
+
 def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
     # An empty .csv (or one of a byte-order mark alone) was said to have no 'text' column, "its first row names: "
     # naming nothing, where an empty .json or .txt is skipped as empty.

@@ -56,6 +56,8 @@ from nanoqwen.tokenizer import REASONING_FIELDS
 TEXT_SUFFIXES = (".txt", ".md")
 # Tables as spreadsheets and pandas write them, their first row naming the columns
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
 # decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
@@ -1009,11 +1011,16 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         delimiter = TABLE_DELIMITERS[file_type(path)]
         if delimiter == "," and "," not in header and ";" in header:
             delimiter = ";"  # Excel's CSV where a comma is the decimal mark
+        # A CSV of one column has nothing to split at: a comma in a cell is its text (a list of sentences written by
+        # hand, or by an Excel that separates with ';'); read with a separator that text holds none of.
+        split_at = delimiter if delimiter in header or delimiter == "\t" else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
-        rows: Iterator[list[str]] = _tsv_rows(itertools.chain([header], lines)) if delimiter == "\t" else \
-            csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
+        reader = csv.reader(itertools.chain([header], lines), delimiter=split_at, strict=True)
+        # each row with the number of the line it ends on
+        rows = _tsv_rows(itertools.chain([header], lines)) if delimiter == "\t" else \
+            ((reader.line_num, row) for row in reader)
         try:
-            names = next(rows, [])
+            _, names = next(rows, (0, []))
             if not names:  # an empty file (the reader gives an empty row for it): skipped as an empty .txt is
                 stats.skipped.append({"path": str(path), "reason": "empty"})
                 return
@@ -1021,16 +1028,21 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                 raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
                                     f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
             index = names.index(column)
-            for row in rows:
+            for line, row in rows:
+                if any(cell.strip() for cell in row[len(names):]):  # (a cell's text cut at an unquoted delimiter)
+                    raise NanoQwenError(f"{path} line {line}: {len(row)} cells, where the first row names "
+                                        f"{counted(len(names), 'column')}; quote a cell that holds a "
+                                        f"{DELIMITER_NAMES[split_at]}, or fix or remove that line")
                 if index < len(row) and row[index].strip():
                     yield row[index]
         except csv.Error as e:  # (a CSV's: a TSV's rows are lines)
-            line = getattr(rows, "line_num", "?")
-            raise NanoQwenError(f"{path} line {line}: not a valid table row ({e}); fix or remove that line") from None
+            raise NanoQwenError(f"{path} line {reader.line_num}: not a valid table row ({e}); fix or remove that "
+                                "line") from None
 
 
-def _tsv_rows(lines: Iterator[str]) -> Iterator[list[str]]:
-    """The rows of a .tsv file's `lines`: each line's cells, split at tabs. A cell quoted as csv writers quote one
+def _tsv_rows(lines: Iterator[str]) -> Iterator[tuple[int, list[str]]]:
+    """The rows of a .tsv file's `lines`, each with the number of the line it ends on: each line's cells, split at
+    tabs. A cell quoted as csv writers quote one
     (pandas' to_csv(sep="\\t"), R's write.table), its quotes doubled, is read without them, and may span lines; any
     other quote is the text's own, kept as written (TSV has no quoting, and a sentence often starts with a quote:
     "Hi," she said.; read with csv's quoting, it stopped the run, or swallowed the lines up to the next quote)."""
@@ -1038,13 +1050,19 @@ def _tsv_rows(lines: Iterator[str]) -> Iterator[list[str]]:
     # Whether a quoted cell may span lines: not once a quote of the text's own was met, which no csv writer leaves (a
     # quote opened in such a file and never closed would take the lines up to the next quote).
     spanning = True
+    read = 0  # lines read from `lines`
 
     def next_line() -> str | None:
-        return ahead.pop() if ahead else next(lines, None)
+        nonlocal read
+        if ahead:
+            return ahead.pop()
+        line = next(lines, None)
+        read += line is not None
+        return line
 
     while (line := next_line()) is not None:
         if '"' not in line:  # (most lines)
-            yield line.rstrip("\r\n").split("\t") if line.rstrip("\r\n") else []
+            yield read - len(ahead), line.rstrip("\r\n").split("\t") if line.rstrip("\r\n") else []
             continue
         row, rest = [], line
         while True:
@@ -1061,7 +1079,7 @@ def _tsv_rows(lines: Iterator[str]) -> Iterator[list[str]]:
             if not rest.startswith("\t"):
                 break
             rest = rest[1:]
-        yield row
+        yield read - len(ahead), row
 
 
 def _quoted_cell(text: str, next_line: Callable[[], str | None]) -> tuple[str, str] | list[str]:
