@@ -1341,8 +1341,9 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     (tmp_path / "stories.txt").write_text("one story\n<|endoftext|>\nanother story\n")
     out = tmp_path / "data"
     command = ["prepare", "--dataset", str(tmp_path / "stories.txt"), "--tokenizer", "bpe:300", "--out", str(out)]
-    with monkeypatch.context() as before_parting:  # its fingerprint as it was then
+    with monkeypatch.context() as before_parting:  # its fingerprint as it was then (split by rule 2 then)
         before_parting.setattr(sources, "holds_separator", lambda path: False)
+        before_parting.setattr(prepare_module, "SPLIT_RULE", 2)
         assert main(command) == 0
     made = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
@@ -1355,6 +1356,38 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
         "again (runs" in capsys.readouterr().out
     assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_small_folder_split_by_the_earlier_rule_is_redone_and_a_large_one_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Held out whole by rule 2 where the text was under 4096 / --val-fraction bytes, a note over 8 KB gave val a third
+    # of three: such a folder was reused as up to date. One whose text was larger is split alike by both rules.
+    from nanoqwen.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(3):
+        (notes / f"{i}.txt").write_text(f"note {i} " * 1500)  # 10.5 KB each
+    small, large = tmp_path / "small", tmp_path / "large"
+    with monkeypatch.context() as before:
+        before.setattr(prepare_module, "SPLIT_RULE", 2)
+        prepare(str(notes), "bpe:300", small, progress=False)
+        prepare(str(notes), "bpe:300", large, val_fraction=0.2, progress=False)
+    made = {p.name: p.read_bytes() for p in small.iterdir()}
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", str(notes), "--tokenizer", "bpe:300", "--out", str(small)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {small} was split into train and val by an earlier rule, which could give val far "
+        "more than --val-fraction of a small corpus (runs trained on it resume only from it); give --force to "
+        "replace it, or another --out")
+    assert {p.name: p.read_bytes() for p in small.iterdir()} == made
+    prepare(str(notes), "bpe:300", small)  # as `train --dataset` does, saying so
+    assert f"{small} was split into train and val by an earlier rule" in capsys.readouterr().out
+    assert load_meta(small)["splits"]["val"]["bytes"] == 315  # 1% of 31.5 KB
+    large_made = {p.name: p.read_bytes() for p in large.iterdir()}
+    prepare(str(notes), "bpe:300", large, val_fraction=0.2)
+    assert "is up to date (same inputs and options)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in large.iterdir()} == large_made
 
 
 def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Path,
