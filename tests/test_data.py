@@ -1257,10 +1257,12 @@ def test_a_table_row_with_more_cells_than_its_first_row_names_is_refused(tmp_pat
         list(open_corpus(str(tmp_path / "notes.tsv")).documents())
     (tmp_path / "trailing.csv").write_text("id;text;\n1;one, two;\n2;three;;\n")
     assert list(open_corpus(str(tmp_path / "trailing.csv")).documents()) == ["one, two", "three"]
-    # A CSV of one column (a list of sentences written by hand, or by Excel where ';' separates) has nothing to
-    # split at: its commas are text.
+    # A table of one column (a list of sentences written by hand, or by Excel where ';' separates) has nothing to
+    # split at: its commas (or tabs) are text.
     (tmp_path / "sentences.csv").write_text('text\nhello, world\n"quoted, whole"\n')
     assert list(open_corpus(str(tmp_path / "sentences.csv")).documents()) == ["hello, world", "quoted, whole"]
+    (tmp_path / "sentences.tsv").write_text('text\nsaid\tthis\n"two\nlines"\n')
+    assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == ["said\tthis", "two\nlines"]
 
 
 def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:

@@ -1011,13 +1011,13 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         delimiter = TABLE_DELIMITERS[file_type(path)]
         if delimiter == "," and "," not in header and ";" in header:
             delimiter = ";"  # Excel's CSV where a comma is the decimal mark
-        # A CSV of one column has nothing to split at: a comma in a cell is its text (a list of sentences written by
-        # hand, or by an Excel that separates with ';'); read with a separator that text holds none of.
-        split_at = delimiter if delimiter in header or delimiter == "\t" else UNIT_SEPARATOR
+        # A table of one column has nothing to split at: a comma in a cell is its text (a list of sentences written
+        # by hand, or by an Excel that separates with ';'); read with a separator that text holds none of.
+        split_at = delimiter if delimiter in header else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
         reader = csv.reader(itertools.chain([header], lines), delimiter=split_at, strict=True)
         # each row with the number of the line it ends on
-        rows = _tsv_rows(itertools.chain([header], lines)) if delimiter == "\t" else \
+        rows = _tsv_rows(itertools.chain([header], lines), split_at) if delimiter == "\t" else \
             ((reader.line_num, row) for row in reader)
         try:
             _, names = next(rows, (0, []))
@@ -1040,9 +1040,9 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                                 "line") from None
 
 
-def _tsv_rows(lines: Iterator[str]) -> Iterator[tuple[int, list[str]]]:
+def _tsv_rows(lines: Iterator[str], tab: str = "\t") -> Iterator[tuple[int, list[str]]]:
     """The rows of a .tsv file's `lines`, each with the number of the line it ends on: each line's cells, split at
-    tabs. A cell quoted as csv writers quote one
+    `tab` (UNIT_SEPARATOR in a table of one column: a tab in a cell is its text). A cell quoted as csv writers quote one
     (pandas' to_csv(sep="\\t"), R's write.table), its quotes doubled, is read without them, and may span lines; any
     other quote is the text's own, kept as written (TSV has no quoting, and a sentence often starts with a quote:
     "Hi," she said.; read with csv's quoting, it stopped the run, or swallowed the lines up to the next quote)."""
@@ -1062,27 +1062,27 @@ def _tsv_rows(lines: Iterator[str]) -> Iterator[tuple[int, list[str]]]:
 
     while (line := next_line()) is not None:
         if '"' not in line:  # (most lines)
-            yield read - len(ahead), line.rstrip("\r\n").split("\t") if line.rstrip("\r\n") else []
+            yield read - len(ahead), line.rstrip("\r\n").split(tab) if line.rstrip("\r\n") else []
             continue
         row, rest = [], line
         while True:
-            quoted = _quoted_cell(rest, next_line if spanning else lambda: None) if rest.startswith('"') else []
+            quoted = _quoted_cell(rest, tab, next_line if spanning else lambda: None) if rest.startswith('"') else []
             if isinstance(quoted, tuple):
                 cell, rest = quoted
             else:  # a cell as written: its quote, if any, is the text's
                 ahead.extend(reversed(quoted))
                 end = len(rest.rstrip("\r\n"))
-                tab = rest.find("\t", 0, end)
-                cell, rest = (rest[:tab], rest[tab:]) if tab >= 0 else (rest[:end], "")
+                at = rest.find(tab, 0, end)
+                cell, rest = (rest[:at], rest[at:]) if at >= 0 else (rest[:end], "")
                 spanning = spanning and '"' not in cell
             row.append(cell)
-            if not rest.startswith("\t"):
+            if not rest.startswith(tab):
                 break
             rest = rest[1:]
         yield read - len(ahead), row
 
 
-def _quoted_cell(text: str, next_line: Callable[[], str | None]) -> tuple[str, str] | list[str]:
+def _quoted_cell(text: str, tab: str, next_line: Callable[[], str | None]) -> tuple[str, str] | list[str]:
     """The csv-quoted cell that `text` (a TSV line, or its rest) starts with, and the rest of its last line after
     the closing quote; or, where the quote is the text's own (never closed, or followed by more than a tab or the
     line's end), the lines read ahead (at most BLOCK_BYTES) looking for its close."""
@@ -1095,7 +1095,7 @@ def _quoted_cell(text: str, next_line: Callable[[], str | None]) -> tuple[str, s
         elif quote >= 0:
             pieces.append(segment[start:quote])
             rest = segment[quote + 1:]
-            return taken if rest.rstrip("\r\n") and not rest.startswith("\t") else ("".join(pieces), rest)
+            return taken if rest.rstrip("\r\n") and not rest.startswith(tab) else ("".join(pieces), rest)
         else:
             pieces.append(segment[start:])
             next_segment = next_line() if size < BLOCK_BYTES else None
