@@ -1273,7 +1273,8 @@ def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
     (tmp_path / "empty.csv").write_text("")
     (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf")
     (tmp_path / "empty.csv.gz").write_bytes(gzip.compress(b""))
-    for name in ("empty.csv", "bom.tsv", "empty.csv.gz"):
+    (tmp_path / "blank.csv").write_text("\n\r\n  \n")
+    for name in ("empty.csv", "bom.tsv", "empty.csv.gz", "blank.csv"):
         corpus = open_corpus(str(tmp_path / name))
         assert list(corpus.documents()) == []
         assert str(corpus.empty_error()).endswith(f"has no text (skipped {tmp_path / name}: empty); give a corpus "
@@ -1281,7 +1282,11 @@ def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("a note")
     corpus = open_corpus(str(tmp_path))
     assert list(corpus.documents()) == ["a note"]
-    assert [skip["reason"] for skip in corpus.stats.skipped] == ["empty"] * 3
+    assert [skip["reason"] for skip in corpus.stats.skipped] == ["empty"] * 4
+    # Blank lines before the first row are passed over, as pandas does: the file is not empty (nor one column).
+    (tmp_path / "late.csv").write_text('\n\nid,text\n1,"a note, with a comma"\n2,x,y\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'late.csv'} line 5: 3 cells")):
+        list(open_corpus(str(tmp_path / "late.csv")).documents())
 
 
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------

@@ -1007,7 +1007,10 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                                 "line by line as UTF-8: save it as UTF-8 (in Excel: CSV UTF-8)")
         f.seek(0)
         lines = (decode(raw, stats) for raw in f)
-        header = next(lines, "")
+        blank: list[str] = []  # the blank lines before the first row (passed over, as pandas does), for line numbers
+        while (header := next(lines, "")) and not header.strip():
+            blank.append(header)
+        lines = itertools.chain(blank, [header], lines)
         delimiter = TABLE_DELIMITERS[file_type(path)]
         if delimiter == "," and "," not in header and ";" in header:
             delimiter = ";"  # Excel's CSV where a comma is the decimal mark
@@ -1015,13 +1018,14 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         # by hand, or by an Excel that separates with ';'); read with a separator that text holds none of.
         split_at = delimiter if delimiter in header else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
-        reader = csv.reader(itertools.chain([header], lines), delimiter=split_at, strict=True)
-        # each row with the number of the line it ends on
-        rows = _tsv_rows(itertools.chain([header], lines), split_at) if delimiter == "\t" else \
-            ((reader.line_num, row) for row in reader)
+        reader = csv.reader(lines, delimiter=split_at, strict=True)
+        # each row with the number of the line it ends on (a blank line: no cells)
+        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else ((reader.line_num, row) for row in reader)
         try:
-            _, names = next(rows, (0, []))
-            if not names:  # an empty file (the reader gives an empty row for it): skipped as an empty .txt is
+            names: list[str] | None = []
+            while names is not None and not "".join(names).strip():
+                names = next(rows, (0, None))[1]
+            if names is None:  # an empty file, or one of blank lines: skipped as an empty .txt is
                 stats.skipped.append({"path": str(path), "reason": "empty"})
                 return
             if column not in names:
