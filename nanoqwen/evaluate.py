@@ -173,6 +173,8 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
                             f"it, then score that: `nanoqwen prepare --dataset {quote(str(path))} --tokenizer "
                             f"{quote(model)} --out DIR`{column}, then `nanoqwen eval --model {quote(model)} "
                             "--data DIR`")
+    if kind.startswith(".tar."):  # (decompressed, its members' headers would be scored as text)
+        raise NanoQwenError(f"{path} is a {kind} archive; extract the text file to score from it")
     with said_if_damaged(path), open_binary(path) as f:
         raw, stats = f.read(), CorpusStats()
     text = decode(raw, stats)

@@ -894,6 +894,9 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
                     "holds the files, texts)"),
     ("data/train-*.parquet", "no such file or folder: data/train-*.parquet (a wildcard is not expanded here: give "
                              "the folder that holds the files, data)"),
+    # (it said "'notes*' is not a file or folder here, nor a dataset nanoqwen knows")
+    ("notes*", "no such file or folder: notes* (a wildcard is not expanded here: give the folder that holds the "
+               "files, .)"),
 ])
 def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1243,6 +1246,67 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
         list(open_corpus(str(tmp_path / "broken.csv")).documents())
 
 
+def test_a_tsv_keeps_quotes_as_written_but_reads_a_csv_quoted_cell(tmp_path: Path) -> None:
+    # A TSV has no quoting (its cells hold no tab or line break), and a sentence often starts with a quote: read
+    # with csv's quoting, "Hi," she said. stopped the run ("'\t' expected after '"'"), and a cell that opened a quote
+    # it never closed swallowed the rows up to the next quote. A cell quoted as csv writers quote one (pandas'
+    # to_csv(sep="\t"), R's write.table) is still read as it meant, over lines too.
+    (tmp_path / "sentences.tsv").write_text('id\ttext\tlang\n1\t"Hi," she said.\ten\n2\t"Run!"\ten\n'
+                                            '3\t"Wait\ten\n4\tit\'s 6\'2" tall\ten\n5\tsaid "go."\ten\n')
+    assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == [
+        '"Hi," she said.', "Run!", '"Wait', "it's 6'2\" tall", 'said "go."']
+    (tmp_path / "pandas.tsv").write_text('text\tn\r\n"""Hi,"" she said."\t1\r\n"two\r\nlines"\t2\r\n'
+                                         '"a\ttab"\t3\r\nplain\t4\r\n')
+    assert list(open_corpus(str(tmp_path / "pandas.tsv")).documents()) == [
+        '"Hi," she said.', "two\r\nlines", "a\ttab", "plain"]
+
+
+def test_a_table_row_with_more_cells_than_its_first_row_names_is_refused(tmp_path: Path) -> None:
+    # "1,hello, world" under "id,text" was read as "hello", the rest dropped in silence (pandas refuses such a row).
+    # Empty cells after the last column (a trailing comma) are no text lost.
+    (tmp_path / "rows.csv").write_text('id,text\n1,"quoted, whole"\n2,hello, world\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'rows.csv'} line 3: 3 cells, where the first "
+                                                      "row names 2 columns; quote a cell that holds a comma, or fix "
+                                                      "or remove that line")):
+        list(open_corpus(str(tmp_path / "rows.csv")).documents())
+    (tmp_path / "notes.tsv").write_text('id\ttext\n1\t"two\nlines"\n2\tsaid\tthis\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'notes.tsv'} line 4: 3 cells, where the first "
+                                                      "row names 2 columns; quote a cell that holds a tab")):
+        list(open_corpus(str(tmp_path / "notes.tsv")).documents())
+    (tmp_path / "trailing.csv").write_text("id;text;\n1;one, two;\n2;three;;\n")
+    assert list(open_corpus(str(tmp_path / "trailing.csv")).documents()) == ["one, two", "three"]
+    # A table of one column (a list of sentences written by hand, or by Excel where ';' separates) has nothing to
+    # split at: its commas (or tabs) are text.
+    (tmp_path / "sentences.csv").write_text('text\nhello, world\n"quoted, whole"\n')
+    assert list(open_corpus(str(tmp_path / "sentences.csv")).documents()) == ["hello, world", "quoted, whole"]
+    (tmp_path / "sentences.tsv").write_text('text\nsaid\tthis\n"two\nlines"\n')
+    assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == ["said\tthis", "two\nlines"]
+
+
+def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
+    # An empty .csv (or one of a byte-order mark alone) was said to have no 'text' column, "its first row names: "
+    # naming nothing, where an empty .json or .txt is skipped as empty.
+    import gzip
+
+    (tmp_path / "empty.csv").write_text("")
+    (tmp_path / "bom.tsv").write_bytes(b"\xef\xbb\xbf")
+    (tmp_path / "empty.csv.gz").write_bytes(gzip.compress(b""))
+    (tmp_path / "blank.csv").write_text("\n\r\n  \n")
+    for name in ("empty.csv", "bom.tsv", "empty.csv.gz", "blank.csv"):
+        corpus = open_corpus(str(tmp_path / name))
+        assert list(corpus.documents()) == []
+        assert str(corpus.empty_error()).endswith(f"has no text (skipped {tmp_path / name}: empty); give a corpus "
+                                                  "with at least one non-empty document")
+    (tmp_path / "notes.txt").write_text("a note")
+    corpus = open_corpus(str(tmp_path))
+    assert list(corpus.documents()) == ["a note"]
+    assert [skip["reason"] for skip in corpus.stats.skipped] == ["empty"] * 4
+    # Blank lines before the first row are passed over, as pandas does: the file is not empty (nor one column).
+    (tmp_path / "late.csv").write_text('\n\nid,text\n1,"a note, with a comma"\n2,x,y\n')
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'late.csv'} line 5: 3 cells")):
+        list(open_corpus(str(tmp_path / "late.csv")).documents())
+
+
 # -- text files parted at <|endoftext|> ----------------------------------------------------------------
 
 STORIES = ["Once upon a time, a cat sat.\n\nThe end.", "Tom ran to the park <|im_start|> fast.",
@@ -1302,8 +1366,9 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     (tmp_path / "stories.txt").write_text("one story\n<|endoftext|>\nanother story\n")
     out = tmp_path / "data"
     command = ["prepare", "--dataset", str(tmp_path / "stories.txt"), "--tokenizer", "bpe:300", "--out", str(out)]
-    with monkeypatch.context() as before_parting:  # its fingerprint as it was then
+    with monkeypatch.context() as before_parting:  # its fingerprint as it was then (split by rule 2 then)
         before_parting.setattr(sources, "holds_separator", lambda path: False)
+        before_parting.setattr(prepare_module, "SPLIT_RULE", 2)
         assert main(command) == 0
     made = {p.name: p.read_bytes() for p in out.iterdir()}
     capsys.readouterr()
@@ -1316,6 +1381,38 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
         "again (runs" in capsys.readouterr().out
     assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_small_folder_split_by_the_earlier_rule_is_redone_and_a_large_one_kept(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Held out whole by rule 2 where the text was under 4096 / --val-fraction bytes, a note over 8 KB gave val a third
+    # of three: such a folder was reused as up to date. One whose text was larger is split alike by both rules.
+    from nanoqwen.cli import main
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for i in range(3):
+        (notes / f"{i}.txt").write_text(f"note {i} " * 1500)  # 10.5 KB each
+    small, large = tmp_path / "small", tmp_path / "large"
+    with monkeypatch.context() as before:
+        before.setattr(prepare_module, "SPLIT_RULE", 2)
+        prepare(str(notes), "bpe:300", small, progress=False)
+        prepare(str(notes), "bpe:300", large, val_fraction=0.2, progress=False)
+    made = {p.name: p.read_bytes() for p in small.iterdir()}
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", str(notes), "--tokenizer", "bpe:300", "--out", str(small)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {small} was split into train and val by an earlier rule, which could give val far "
+        "more than --val-fraction of a small corpus (runs trained on it resume only from it); give --force to "
+        "replace it, or another --out")
+    assert {p.name: p.read_bytes() for p in small.iterdir()} == made
+    prepare(str(notes), "bpe:300", small)  # as `train --dataset` does, saying so
+    assert f"{small} was split into train and val by an earlier rule" in capsys.readouterr().out
+    assert load_meta(small)["splits"]["val"]["bytes"] == 315  # 1% of 31.5 KB
+    large_made = {p.name: p.read_bytes() for p in large.iterdir()}
+    prepare(str(notes), "bpe:300", large, val_fraction=0.2)
+    assert "is up to date (same inputs and options)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in large.iterdir()} == large_made
 
 
 def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Path,

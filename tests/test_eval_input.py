@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import unicodedata
 from pathlib import Path
 
@@ -84,6 +85,28 @@ def test_a_compressed_text_file_is_scored_as_its_text(tmp_path: Path) -> None:
     rows.write_bytes(gzip.compress(json.dumps({"text": TEXT}).encode()))
     with pytest.raises(NanoQwenError, match=f"^{rows} is a .jsonl file, which eval does not read as text; prepare it"):
         read_text_file(rows, "ck")
+
+
+def test_a_compressed_file_of_any_text_is_scored_as_its_text(tmp_path: Path) -> None:
+    # eval scores any text file (a .log, a .py), but app.log.gz or notes.gz was scored as its compressed bytes (a
+    # small one with only a warning); an archive holds files, not a text.
+    import gzip
+    import lzma
+
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import read_text_file
+
+    (tmp_path / "app.log.gz").write_bytes(gzip.compress(b"GET /index.html 200\n"))
+    (tmp_path / "notes.xz").write_bytes(lzma.compress("caf\u00e9 notes".encode()))
+    assert read_text_file(tmp_path / "app.log.gz", "ck") == (["GET /index.html 200\n"], 0)
+    assert read_text_file(tmp_path / "notes.xz", "ck") == (["caf\u00e9 notes"], 0)
+    (tmp_path / "cut.log.gz").write_bytes((tmp_path / "app.log.gz").read_bytes()[:20])
+    with pytest.raises(NanoQwenError, match="cut.log.gz: damaged .gz data"):
+        read_text_file(tmp_path / "cut.log.gz", "ck")
+    (tmp_path / "texts.tar.gz").write_bytes(gzip.compress(b"a.txt" + b"\0" * 507))
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'texts.tar.gz'} is a .tar.gz archive; extract the "
+                                                      "text file to score from it")):
+        read_text_file(tmp_path / "texts.tar.gz", "ck")
 
 
 def test_a_file_that_is_mostly_not_utf8_is_refused(checkpoint: Path, tmp_path: Path,

@@ -66,7 +66,10 @@ from nanoqwen.tokenizer import (
 )
 
 META_VERSION = 1
-SPLIT_RULE = 2  # in the fingerprint: folders split by an older rule (val could be 58% of a file) are redone
+# In the fingerprint: folders split by an older rule are redone. 2: val could be 58% of a file. 3: a held document
+# over 8 KB is cut where --val-fraction of the text is under MIN_CUT_VAL_BYTES (it went to val whole: a third of
+# three notes); a folder split by rule 2 with more text is split alike, and kept (see _split_alike).
+SPLIT_RULE = 3
 META_KEYS = ("version", "nanoqwen_version", "created", "source", "tokenizer", "vocab_size", "eot_id", "dtype",
              "splits", "replacement_chars", "skipped", "fingerprint")
 SPLITS = ("train", "val")
@@ -186,14 +189,15 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     tokenizer_id = tokenizer_identity(tokenizer)  # bad specs fail before any reading
     corpus = open_corpus(dataset, text_column=text_column, split=split, max_bytes=max_bytes)
 
-    def fingerprint_of(corpus_fingerprint: str) -> str:
+    def fingerprint_of(corpus_fingerprint: str, split_rule: int = SPLIT_RULE) -> str:
         return hashlib.sha256(json.dumps(
-            {"format": META_VERSION, "split_rule": SPLIT_RULE, "corpus": corpus_fingerprint,
+            {"format": META_VERSION, "split_rule": split_rule, "corpus": corpus_fingerprint,
              "max_bytes": corpus.max_bytes, "tokenizer": tokenizer_id, "val_fraction": val_fraction, "seed": seed},
             sort_keys=True).encode()).hexdigest()
 
     fingerprint = fingerprint_of(corpus.fingerprint)
-    if not force and _holds(out, fingerprint):
+    rule_2 = fingerprint_of(corpus.fingerprint, split_rule=2)
+    if not force and (_holds(out, fingerprint) or _holds(out, rule_2) and _split_alike(out)):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
             rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
@@ -203,15 +207,17 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     other = not force and (out / "meta.json").is_file() and _fingerprint_in(out) != fingerprint
     # The same inputs, read before text files were parted at the separator: said so, not as other inputs.
-    unparted = other and corpus.former_fingerprint is not None and \
-        _fingerprint_in(out) == fingerprint_of(corpus.former_fingerprint)
+    unparted = other and corpus.former_fingerprint is not None and _fingerprint_in(out) in (
+        fingerprint_of(corpus.former_fingerprint), fingerprint_of(corpus.former_fingerprint, split_rule=2))
     before_parting = f"was prepared from these inputs before nanoqwen parted text files at {DOCUMENT_SEPARATOR}"
+    earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
+        "--val-fraction of a small corpus" if other and _fingerprint_in(out) == rule_2 else None
     if other and not replace_other:
-        made = before_parting if unparted else "holds data prepared from other inputs or options"
+        made = before_parting if unparted else earlier_split or "holds data prepared from other inputs or options"
         raise NanoQwenError(f"{out} {made} (runs trained on it resume only from it); give --force to replace it, or "
                             "another --out")
     if other and progress:
-        made = before_parting if unparted else "was prepared from other inputs or options"
+        made = before_parting if unparted else earlier_split or "was prepared from other inputs or options"
         print(f"{out} {made}; preparing it again (runs trained on it will not resume on the new data: prepare into "
               "another --out to keep it)", flush=True)
 
@@ -762,6 +768,14 @@ def _holds(out: Path, fingerprint: str) -> bool:
         "not JSON records" in skip["reason"] and any(name in skip["reason"] for name in CHAT_COLUMNS)
         for skip in meta["skipped"])
     return meta["fingerprint"] == fingerprint and not unread_chats
+
+
+def _split_alike(out: Path) -> bool:
+    """Whether the folder `out`, split by SPLIT_RULE 2, is split as the rule now splits it: the rules differ only
+    where --val-fraction of its text is under MIN_CUT_VAL_BYTES."""
+    meta = load_meta(out)
+    text_bytes = sum(split["bytes"] for split in meta["splits"].values())
+    return meta.get("options", {}).get("val_fraction", 0) * text_bytes >= MIN_CUT_VAL_BYTES
 
 
 SHOWN_SKIPS = 10  # skipped files named on screen: a scraped corpus may have thousands of empty pages

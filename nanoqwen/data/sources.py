@@ -56,6 +56,8 @@ from nanoqwen.tokenizer import REASONING_FIELDS
 TEXT_SUFFIXES = (".txt", ".md")
 # Tables as spreadsheets and pandas write them, their first row naming the columns
 TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
+UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
+DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
 # decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
@@ -246,7 +248,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
-    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES:
+    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES or _missing_path_hint(spec):
         raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
 
@@ -273,9 +275,10 @@ def file_type(path: Path) -> str:
 
 
 def open_binary(path: Path) -> IO[bytes]:
-    """A corpus file's bytes, decompressed where its name says it is compressed."""
+    """A file's bytes, decompressed where its name says it is compressed (eval's --text-file app.log.gz too;
+    prepare reads only COMPRESSIBLE types)."""
     suffix = path.suffix.lower()
-    if suffix in COMPRESSIONS and file_type(path) in COMPRESSIBLE:
+    if suffix in COMPRESSIONS:
         return COMPRESSIONS[suffix].open(path, "rb")
     return path.open("rb")
 
@@ -1004,26 +1007,106 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                                 "line by line as UTF-8: save it as UTF-8 (in Excel: CSV UTF-8)")
         f.seek(0)
         lines = (decode(raw, stats) for raw in f)
-        header = next(lines, "")
+        blank: list[str] = []  # the blank lines before the first row (passed over, as pandas does), for line numbers
+        while (header := next(lines, "")) and not header.strip():
+            blank.append(header)
+        lines = itertools.chain(blank, [header], lines)
         delimiter = TABLE_DELIMITERS[file_type(path)]
         if delimiter == "," and "," not in header and ";" in header:
             delimiter = ";"  # Excel's CSV where a comma is the decimal mark
+        # A table of one column has nothing to split at: a comma in a cell is its text (a list of sentences written
+        # by hand, or by an Excel that separates with ';'); read with a separator that text holds none of.
+        split_at = delimiter if delimiter in header else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
-        rows = csv.reader(itertools.chain([header], lines), delimiter=delimiter, strict=True)
+        reader = csv.reader(lines, delimiter=split_at, strict=True)
+        # each row with the number of the line it ends on (a blank line: no cells)
+        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else ((reader.line_num, row) for row in reader)
         try:
-            names = next(rows, None)
-            if names is None:  # an empty file: no record with any text
+            names: list[str] | None = []
+            while names is not None and not "".join(names).strip():
+                names = next(rows, (0, None))[1]
+            if names is None:  # an empty file, or one of blank lines: skipped as an empty .txt is
+                stats.skipped.append({"path": str(path), "reason": "empty"})
                 return
             if column not in names:
                 raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
                                     f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
             index = names.index(column)
-            for row in rows:
+            for line, row in rows:
+                if any(cell.strip() for cell in row[len(names):]):  # (a cell's text cut at an unquoted delimiter)
+                    raise NanoQwenError(f"{path} line {line}: {len(row)} cells, where the first row names "
+                                        f"{counted(len(names), 'column')}; quote a cell that holds a "
+                                        f"{DELIMITER_NAMES[split_at]}, or fix or remove that line")
                 if index < len(row) and row[index].strip():
                     yield row[index]
-        except csv.Error as e:
-            raise NanoQwenError(f"{path} line {rows.line_num}: not a valid table row ({e}); fix or remove that "
+        except csv.Error as e:  # (a CSV's: a TSV's rows are lines)
+            raise NanoQwenError(f"{path} line {reader.line_num}: not a valid table row ({e}); fix or remove that "
                                 "line") from None
+
+
+def _tsv_rows(lines: Iterator[str], tab: str = "\t") -> Iterator[tuple[int, list[str]]]:
+    """The rows of a .tsv file's `lines`, each with the number of the line it ends on: each line's cells, split at
+    `tab` (UNIT_SEPARATOR in a table of one column: a tab in a cell is its text). A cell quoted as csv writers quote one
+    (pandas' to_csv(sep="\\t"), R's write.table), its quotes doubled, is read without them, and may span lines; any
+    other quote is the text's own, kept as written (TSV has no quoting, and a sentence often starts with a quote:
+    "Hi," she said.; read with csv's quoting, it stopped the run, or swallowed the lines up to the next quote)."""
+    ahead: list[str] = []  # lines read past a quote that opened no quoted cell, to read again (the next one last)
+    # Whether a quoted cell may span lines: not once a quote of the text's own was met, which no csv writer leaves (a
+    # quote opened in such a file and never closed would take the lines up to the next quote).
+    spanning = True
+    read = 0  # lines read from `lines`
+
+    def next_line() -> str | None:
+        nonlocal read
+        if ahead:
+            return ahead.pop()
+        line = next(lines, None)
+        read += line is not None
+        return line
+
+    while (line := next_line()) is not None:
+        if '"' not in line:  # (most lines)
+            yield read - len(ahead), line.rstrip("\r\n").split(tab) if line.rstrip("\r\n") else []
+            continue
+        row, rest = [], line
+        while True:
+            quoted = _quoted_cell(rest, tab, next_line if spanning else lambda: None) if rest.startswith('"') else []
+            if isinstance(quoted, tuple):
+                cell, rest = quoted
+            else:  # a cell as written: its quote, if any, is the text's
+                ahead.extend(reversed(quoted))
+                end = len(rest.rstrip("\r\n"))
+                at = rest.find(tab, 0, end)
+                cell, rest = (rest[:at], rest[at:]) if at >= 0 else (rest[:end], "")
+                spanning = spanning and '"' not in cell
+            row.append(cell)
+            if not rest.startswith(tab):
+                break
+            rest = rest[1:]
+        yield read - len(ahead), row
+
+
+def _quoted_cell(text: str, tab: str, next_line: Callable[[], str | None]) -> tuple[str, str] | list[str]:
+    """The csv-quoted cell that `text` (a TSV line, or its rest) starts with, and the rest of its last line after
+    the closing quote; or, where the quote is the text's own (never closed, or followed by more than a tab or the
+    line's end), the lines read ahead (at most BLOCK_BYTES) looking for its close."""
+    pieces, taken, segment, start, size = [], [], text, 1, 0
+    while True:
+        quote = segment.find('"', start)
+        if quote >= 0 and segment.startswith('""', quote):  # a quote in the cell, written twice
+            pieces.append(segment[start:quote + 1])
+            start = quote + 2
+        elif quote >= 0:
+            pieces.append(segment[start:quote])
+            rest = segment[quote + 1:]
+            return taken if rest.rstrip("\r\n") and not rest.startswith(tab) else ("".join(pieces), rest)
+        else:
+            pieces.append(segment[start:])
+            next_segment = next_line() if size < BLOCK_BYTES else None
+            if next_segment is None:
+                return taken
+            segment, start, size = next_segment, 0, size + len(next_segment)
+            taken.append(segment)
 
 
 def _pandas_table(data: Any, column: str) -> bool:
