@@ -197,7 +197,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
 
     fingerprint = fingerprint_of(corpus.fingerprint)
     rule_2 = fingerprint_of(corpus.fingerprint, split_rule=2)
-    if not force and (_holds(out, fingerprint) or _holds(out, rule_2) and _split_alike(out)):
+    if not force and (_holds(out, fingerprint) or _holds(out, rule_2) and _split_alike(out, val_fraction)):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
             rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
@@ -770,12 +770,11 @@ def _holds(out: Path, fingerprint: str) -> bool:
     return meta["fingerprint"] == fingerprint and not unread_chats
 
 
-def _split_alike(out: Path) -> bool:
-    """Whether the folder `out`, split by SPLIT_RULE 2, is split as the rule now splits it: the rules differ only
-    where --val-fraction of its text is under MIN_CUT_VAL_BYTES."""
-    meta = load_meta(out)
-    text_bytes = sum(split["bytes"] for split in meta["splits"].values())
-    return meta.get("options", {}).get("val_fraction", 0) * text_bytes >= MIN_CUT_VAL_BYTES
+def _split_alike(out: Path, val_fraction: float) -> bool:
+    """Whether the folder `out`, split by SPLIT_RULE 2 with `val_fraction` (its fingerprint holds it), is split as
+    the rule now splits it: the rules differ only where that fraction of its text is under MIN_CUT_VAL_BYTES."""
+    text_bytes = sum(split["bytes"] for split in load_meta(out)["splits"].values())
+    return val_fraction * text_bytes >= MIN_CUT_VAL_BYTES
 
 
 SHOWN_SKIPS = 10  # skipped files named on screen: a scraped corpus may have thousands of empty pages
