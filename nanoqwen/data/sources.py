@@ -248,8 +248,9 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
-    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES or _missing_path_hint(spec):
-        raise NanoQwenError(f"no such file or folder: {spec}{_missing_path_hint(spec)}")
+    hint = _missing_path_hint(spec)
+    if "/" in spec or os.sep in spec or file_type(Path(spec)) in SUFFIXES or hint:
+        raise NanoQwenError(f"no such file or folder: {spec}{hint}")
     raise NanoQwenError(f"{spec!r} is not a file or folder here, nor a dataset nanoqwen knows; use {SOURCES_HELP}")
 
 
@@ -949,11 +950,17 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     with open_binary(path) as f:  # line by line: a JSON-lines file may be larger than memory
-        if text_encoding(f.read(4)) != "utf-8-sig":
-            raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); JSON lines "
-                                "are read line by line as UTF-8: save it as UTF-8")
-        f.seek(0)
-        yield from _json_lines((decode(raw, stats) for raw in f), path, column, stats)
+        yield from _json_lines(_utf8_lines(f, path, stats, "JSON lines"), path, column, stats)
+
+
+def _utf8_lines(f: IO[bytes], path: Path, stats: CorpusStats, what: str, save_as: str = "") -> Iterator[str]:
+    """The lines of the file `f` (at its start), decoded as UTF-8 one by one; one that starts with a UTF-16/32
+    byte-order mark is refused now, naming `what` it holds (its lines cannot be told apart byte by byte)."""
+    if text_encoding(f.read(4)) != "utf-8-sig":
+        raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); {what} are read line "
+                            f"by line as UTF-8: save it as UTF-8{save_as}")
+    f.seek(0)
+    return (decode(raw, stats) for raw in f)
 
 
 def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -1002,11 +1009,7 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
     memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
     with open_binary(path) as f:
-        if text_encoding(f.read(4)) != "utf-8-sig":
-            raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); tables are read "
-                                "line by line as UTF-8: save it as UTF-8 (in Excel: CSV UTF-8)")
-        f.seek(0)
-        lines = (decode(raw, stats) for raw in f)
+        lines = _utf8_lines(f, path, stats, "tables", " (in Excel: CSV UTF-8)")
         blank: list[str] = []  # the blank lines before the first row (passed over, as pandas does), for line numbers
         while (header := next(lines, "")) and not header.strip():
             blank.append(header)
