@@ -461,13 +461,14 @@ def resolve_tokenizer(spec: str) -> Tokenizer:
     """`qwen3` or a tokenizer folder. (`bpe:N` needs a corpus: see nanoqwen.data.)"""
     if spec == "qwen3":
         return qwen3_tokenizer()
-    if Path(spec).expanduser().is_dir():  # ~ as --dataset takes it (the shell leaves --tokenizer=~/tok as it is)
-        return load_tokenizer(Path(spec).expanduser())
+    folder = Path(spec).expanduser()  # ~ as open_corpus takes it, for callers from Python (the CLI expands its own)
+    if folder.is_dir():
+        return load_tokenizer(folder)
     if spec.startswith("bpe:"):  # only commands that read a corpus can train one
         raise NanoQwenError(f"{spec} trains a tokenizer on a corpus, which only prepare and train do; here give "
                             "qwen3 or a tokenizer folder (`nanoqwen tokenizer train --dataset SRC --vocab-size N "
                             "--out DIR` makes one)")
-    if Path(spec).expanduser().is_file():
+    if folder.is_file():
         raise NanoQwenError(f"tokenizer {spec} is a file; give the folder that holds tokenizer.json")
     if os.sep in spec or "/" in spec:  # meant as a path
         raise NanoQwenError(f"tokenizer folder {spec} does not exist; give a folder with tokenizer.json, or qwen3")

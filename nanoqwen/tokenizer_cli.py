@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from nanoqwen.data.prepare import add_reading_arguments
 from nanoqwen.data.sources import SOURCES_HELP
@@ -27,10 +26,9 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer_command == "qwen3":
         from nanoqwen.tokenizer import qwen3_tokenizer
 
-        out = Path(args.out).expanduser()  # (--out=~/tok: the shell expands no ~ after "=")
-        check_replaceable(out, "tokenizer")
+        check_replaceable(args.out, "tokenizer")
         tokenizer = qwen3_tokenizer()
-        with atomic_dir(out) as tmp:
+        with atomic_dir(args.out) as tmp:
             tokenizer.save(tmp)
         print(f"wrote the Qwen3 tokenizer ({tokenizer.vocab_size} ids) to {args.out}")
         return 0

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
 def train_tokenizer_command(args: argparse.Namespace) -> int:
     """`nanoqwen tokenizer train --dataset SRC --vocab-size N --out DIR`."""
     corpus = open_corpus(args.dataset, text_column=args.text_column, split=args.split, max_bytes=args.max_bytes)
-    out = Path(args.out).expanduser()  # (--out=~/tok: the shell expands no ~ after "=")
+    out = Path(args.out)
     check_replaceable(out, "tokenizer")
     start = time.perf_counter()
     tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
@@ -173,7 +173,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     inputs and options it is reused, unless `force`. One prepared from other inputs or options is replaced,
     unless `replace_other` is false (the `prepare` command's way): then only `force` replaces it.
     """
-    out = Path(out).expanduser()  # (--out=~/data: the shell expands no ~ after "=")
+    out = Path(out).expanduser()  # ~ as open_corpus takes it, for callers from Python (the CLI expands its own)
     val_fraction = DEFAULT_VAL_FRACTION if val_fraction is None else val_fraction
     if not 0 < val_fraction < 1:
         raise NanoQwenError(f"--val-fraction must be between 0 and 1 (exclusive), got {val_fraction}")
