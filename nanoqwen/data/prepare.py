@@ -205,13 +205,14 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         return out
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
-    other = not force and (out / "meta.json").is_file() and _fingerprint_in(out) != fingerprint
+    recorded = _fingerprint_in(out)
+    other = not force and (out / "meta.json").is_file() and recorded != fingerprint
     # The same inputs, read before text files were parted at the separator: said so, not as other inputs.
-    unparted = other and corpus.former_fingerprint is not None and _fingerprint_in(out) in (
+    unparted = other and corpus.former_fingerprint is not None and recorded in (
         fingerprint_of(corpus.former_fingerprint), fingerprint_of(corpus.former_fingerprint, split_rule=2))
     before_parting = f"was prepared from these inputs before nanoqwen parted text files at {DOCUMENT_SEPARATOR}"
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
-        "--val-fraction of a small corpus" if other and _fingerprint_in(out) == rule_2 else None
+        "--val-fraction of a small corpus" if other and recorded == rule_2 else None
     if other and not replace_other:
         made = before_parting if unparted else earlier_split or "holds data prepared from other inputs or options"
         raise NanoQwenError(f"{out} {made} (runs trained on it resume only from it); give --force to replace it, or "
