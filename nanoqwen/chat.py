@@ -20,7 +20,7 @@ from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.generate import SamplingParams, add_sampling_arguments, nth_seed, sampling_params, stream_batch
+from nanoqwen.generate import SamplingParams, add_sampling_arguments, load_for_sampling, nth_seed, stream_batch
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -259,9 +259,6 @@ def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: in
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoqwen.checkpoint import read_generation_file
-    from nanoqwen.generate import load_for_inference
-
     if args.raw and args.system is not None:
         raise NanoQwenError("--system is a chat template's system message; --raw uses no template, so give one or "
                             "the other (with --raw, start the text with it instead)")
@@ -271,10 +268,7 @@ def run(args: argparse.Namespace) -> int:
     if args.thinking is not None and args.raw:
         raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
                             "no template, so give one or the other")
-    generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
-    params = sampling_params(args, generation)
-    model, tokenizer = load_for_inference(args, generation)
-    params.stop_token_ids = tokenizer.stop_ids
+    model, tokenizer, params = load_for_sampling(args)
     context = model.config.max_position_embeddings
     conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)
     with contextlib.suppress(ImportError):

@@ -680,13 +680,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def run(args: argparse.Namespace) -> int:
+def load_for_sampling(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer, SamplingParams]:
+    """sample's and chat's model, tokenizer and sampling settings: the flags checked before the weights load, the
+    tokenizer's end ids added once they have."""
     from nanoqwen.checkpoint import read_generation_file
 
     generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
     params = sampling_params(args, generation)
     model, tokenizer = load_for_inference(args, generation)
     params.stop_token_ids = tokenizer.stop_ids
+    return model, tokenizer, params
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tokenizer, params = load_for_sampling(args)
     fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
