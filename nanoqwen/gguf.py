@@ -21,7 +21,7 @@ import gguf
 import numpy as np
 import torch
 
-from nanoqwen.checkpoint import display_name, load_checkpoint, read_generation_file
+from nanoqwen.checkpoint import display_name, load_checkpoint, read_config, read_generation_file
 from nanoqwen.config import ModelConfig, rope_type
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import saved_sampling
@@ -231,6 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     directory = Path(args.model)
+    read_config(directory)  # a --model that is not a checkpoint is what is wrong, whatever --out says
     named = directory if directory.name not in ("", "..") else directory.resolve()  # "." or "..": name it
     out = Path(args.out) if args.out else named.with_name(f"{named.name}.gguf")  # shown as the user gave it
     # "dir/" names a folder even where there is none yet (Path drops the slash: it was written as a file "dir")

@@ -154,6 +154,10 @@ def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and said in err, err
     assert not (tmp_path / "new").exists()
+    # A model that is not there is what is wrong, however --out is written (it named --out's slash first).
+    assert main(["gguf", "--model", str(tmp_path / "nope"), "--out", f"{tmp_path / 'new'}/"]) == 2
+    assert capsys.readouterr().err == (f"nanoqwen gguf: error: model folder {tmp_path / 'nope'} does not exist; give "
+                                       "a checkpoint folder (e.g. runs/NAME/best) or make one with `nanoqwen init`\n")
     # An --out that holds anything but a GGUF file is kept (it overwrote the checkpoint's own weights);
     # an earlier export is replaced.
     weights = (folder / "model.safetensors").read_bytes()
