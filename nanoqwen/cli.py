@@ -61,11 +61,13 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
-    parser = build_parser(command)
-    args, unknown = parser.parse_known_args(argv)
+    prog = f"nanoqwen {command}" if command else "nanoqwen"
+    try:  # the command's module is imported here (torch: seconds), before its run's own handlers
+        args, unknown = build_parser(command).parse_known_args(argv)
+    except KeyboardInterrupt:
+        return interrupted(prog)
     if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
-        refuse(f"nanoqwen {command}" if command else "nanoqwen",
-               f"unrecognized arguments: {' '.join(unknown)}{_expanded_wildcard_hint(unknown)}")
+        refuse(prog, f"unrecognized arguments: {' '.join(unknown)}{_expanded_wildcard_hint(unknown)}")
     if args.command is None:
         build_parser().print_help()
         return 0 if not argv else 2
@@ -78,8 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         say(f"nanoqwen {args.command}: error: {e}")
         return 2
     except KeyboardInterrupt:
-        say(f"nanoqwen {args.command}: interrupted")
-        return 130
+        return interrupted(prog)
     except BrokenPipeError:  # `nanoqwen sample ... | head`
         discard_output(sys.stdout)
         return 0
@@ -89,6 +90,12 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say(f"nanoqwen {args.command}: error: {line}")
         return 2
+
+
+def interrupted(prog: str) -> int:
+    """Ctrl-C: said in one line, with the shell's exit status for it."""
+    say(f"{prog}: interrupted")
+    return 130
 
 
 def _expanded_wildcard_hint(unknown: list[str]) -> str:

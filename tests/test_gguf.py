@@ -300,3 +300,15 @@ def test_yarn_that_llama_cpp_cannot_compute_is_refused(tmp_path: Path, bpe: Toke
     with pytest.raises(NanoQwenError, match=f"YaRN with .*{next(iter(extra))}.* cannot be written as GGUF: llama.cpp"):
         write_gguf(folder, tmp_path / "m.gguf", "f32")
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch: pytest.MonkeyPatch,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # The command's module is imported (torch: seconds) while its flags are set up, before the run's own handler:
+    # a Ctrl-C then printed a traceback through torch's import.
+    def interrupted(parser: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanoqwen.gguf.add_arguments", interrupted)
+    assert main(["gguf", "--model", "ck"]) == 130
+    assert capsys.readouterr().err == "nanoqwen gguf: interrupted\n"
