@@ -6,19 +6,22 @@ import argparse
 
 from nanoqwen.data.prepare import add_reading_arguments
 from nanoqwen.data.sources import SOURCES_HELP
+from nanoqwen.errors import whole_number
 from nanoqwen.io import atomic_dir, check_replaceable
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", metavar="{qwen3,train}", required=True)
-    official = sub.add_parser("qwen3", help="write the official Qwen3 tokenizer (offline)")
-    official.add_argument("--out", required=True, help="folder for tokenizer.json and tokenizer_config.json")
-    train = sub.add_parser("train", help="train a byte-level BPE on a corpus")
+    out_help = "folder for tokenizer.json and tokenizer_config.json"
+    what = "write the official Qwen3 tokenizer (offline)"
+    official = sub.add_parser("qwen3", help=what, description=what)
+    official.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    what = "train a byte-level BPE on a corpus"
+    train = sub.add_parser("train", help=what, description=what)
     train.add_argument("--dataset", required=True, metavar="SRC", help=f"corpus: {SOURCES_HELP}")
-    train.add_argument("--vocab-size", type=int, required=True, metavar="N",
+    train.add_argument("--vocab-size", type=whole_number, required=True, metavar="N",
                        help="ids in the tokenizer, its special tokens included (e.g. 2048)")
-    train.add_argument("--out", required=True, metavar="DIR",
-                       help="folder for tokenizer.json and tokenizer_config.json")
+    train.add_argument("--out", required=True, metavar="DIR", help=out_help)
     add_reading_arguments(train)
 
 

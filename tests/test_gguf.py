@@ -312,3 +312,20 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("nanoqwen.gguf.add_arguments", interrupted)
     assert main(["gguf", "--model", "ck"]) == 130
     assert capsys.readouterr().err == "nanoqwen gguf: interrupted\n"
+
+
+def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str]) -> None:
+    # (Here for want of a command-line test file of the tokenizer commands.) argparse's own "invalid int value"
+    # named Python's type where every other whole-number flag says what it takes.
+    with pytest.raises(SystemExit) as exit_:
+        main(["tokenizer", "train", "--dataset", "t.txt", "--vocab-size", "8k", "--out", "tok"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == ("nanoqwen tokenizer train: error: argument --vocab-size: must be a whole "
+                                       "number, got 8k (see nanoqwen tokenizer train --help)\n")
+    # Both write a folder, DIR as tokenizer train and prepare call it; each --help says what the command does.
+    for command, said in (("qwen3", "write the official Qwen3 tokenizer (offline)"),
+                          ("train", "train a byte-level BPE on a corpus")):
+        with pytest.raises(SystemExit):
+            main(["tokenizer", command, "--help"])
+        shown = capsys.readouterr().out
+        assert f"\n\n{said}\n\n" in shown and "--out DIR " in shown, shown
