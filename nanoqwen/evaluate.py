@@ -190,6 +190,7 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from nanoqwen.checkpoint import read_config
     from nanoqwen.generate import load_for_inference
 
     if args.loss_on == "assistant" and args.text_file:
@@ -203,10 +204,11 @@ def run(args: argparse.Namespace) -> int:
         from nanoqwen.data.prepare import load_meta
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder, before the model's wait
+    longest = read_config(args.model).max_position_embeddings  # (config.json alone: a mistake costs no wait either)
+    if args.context is not None and args.context > longest:
+        raise NanoQwenError(f"--context {args.context} is longer than the model's context ({longest} positions); "
+                            "give at most that")
     model, tokenizer = load_for_inference(args)
-    if args.context is not None and args.context > model.config.max_position_embeddings:
-        raise NanoQwenError(f"--context {args.context} is longer than the model's context "
-                            f"({model.config.max_position_embeddings} positions); give at most that")
     context = args.context or model.config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if replaced:  # the figures are still computed, but the user should know why they are odd

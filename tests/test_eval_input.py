@@ -171,12 +171,19 @@ def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path
 
 
 def test_a_context_up_to_the_models_own_is_taken(checkpoint: Path, tmp_path: Path,
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+                                                capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
     context = json.loads((checkpoint / "config.json").read_text())["max_position_embeddings"]
     (tmp_path / "t.txt").write_text(TEXT * 3)
     command = ["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--device", "cpu", "--json"]
     assert main([*command, "--context", str(context)]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
+    import nanoqwen.generate
+
+    def no_load(*args: object) -> None:
+        raise AssertionError("the model was loaded before --context was checked")
+
+    monkeypatch.setattr(nanoqwen.generate, "load_for_inference", no_load)  # one too long costs no wait for weights
     assert main([*command, "--context", str(context + 1)]) == 2
     assert f"--context {context + 1} is longer than the model's context ({context} positions)" in one_line(capsys)
 
