@@ -109,17 +109,19 @@ def assistant_scoring(tokens: torch.Tensor, marks: ChatMarks, tokenizer: Tokeniz
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
-    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--text-file", help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as "
-                                            "prepare reads it: one document, or the parts an <|endoftext|> written "
-                                            "in it separates")
-    source.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`): its val.bin (or --split) is "
-                                       "scored")
+    source.add_argument("--text-file", metavar="FILE",
+                        help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as prepare reads it: "
+                             "one document, or the parts an <|endoftext|> written in it separates")
+    source.add_argument("--data", metavar="DIR",
+                        help="a prepared folder (from `nanoqwen prepare`): its val.bin (or --split) is scored")
     p.add_argument("--split", default=None, choices=["train", "val"], help="with --data: which split (default val)")
-    p.add_argument("--context", type=positive_int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="windows per forward (default: ~16k tokens)")
-    p.add_argument("--max-windows", type=positive_int, default=None, help="score only this many windows")
+    p.add_argument("--context", type=positive_int, default=None, metavar="N",
+                   help="window length (default: the model's context)")
+    p.add_argument("--batch-size", type=positive_int, default=None, metavar="N",
+                   help="windows per forward (default: ~16k tokens)")
+    p.add_argument("--max-windows", type=positive_int, default=None, metavar="N", help="score only this many windows")
     p.add_argument("--loss-on", choices=["all", "assistant"], default="all",
                    help="with --data of conversations: 'assistant' scores the assistant's turns alone, as a run "
                         "trained with --loss-on assistant evaluates (default all)")

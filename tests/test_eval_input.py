@@ -238,3 +238,19 @@ def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Pat
         assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / name), "--device", "cpu"]) == 2
         assert one_line(capsys) == f"nanoqwen eval: error: text file {tmp_path / name} {problem}; give it some " \
             "text to score"
+
+
+def test_the_help_names_eval_flags_as_the_readme_and_the_other_commands_do(capsys: pytest.CaptureFixture[str]
+                                                                             ) -> None:
+    from nanoqwen.cli import build_parser
+
+    def model_help(command: str) -> str:
+        sub = next(a for a in build_parser(command)._actions if a.dest == "command").choices[command]
+        return next(a.help for a in sub._actions if a.dest == "model")
+
+    # eval's said "checkpoint folder" alone, where sample, chat and serve say which folder that is.
+    assert {command: model_help(command) for command in ("eval", "sample", "chat", "serve")} == dict.fromkeys(
+        ("eval", "sample", "chat", "serve"), "checkpoint folder (e.g. runs/NAME/best)")
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "(--text-file FILE | --data DIR)" in capsys.readouterr().out  # (it said TEXT_FILE and DATA)
