@@ -286,7 +286,10 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    except OSError as e:  # the folder refuses new files: said of the file asked for, not of its temporary name
+        raise OSError(e.errno, e.strerror, str(final)) from None
     os.close(fd)
     give_usual_mode(tmp)  # mkstemp makes it private
     try:

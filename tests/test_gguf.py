@@ -274,6 +274,17 @@ def test_a_full_disk_is_one_line_and_keeps_the_file_there(tmp_path: Path, bpe: T
     assert (tmp_path / "m.gguf").read_text() == "GGUF an earlier export" and not list(tmp_path.glob(".m.gguf*"))
 
 
+def test_a_file_that_cannot_be_made_is_named_as_asked_for(tmp_path: Path, bpe: Tokenizer,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # The line named the hidden temporary file beside it (".NAME.tmp-x1y2z3": Permission denied in a folder of
+    # someone else's, or here a name long enough that the temporary one is too long).
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    out = tmp_path / ("m" * 245 + ".gguf")
+    assert main(["gguf", "--model", str(folder), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == f"nanoqwen gguf: error: File name too long: {out}; choose a shorter name\n"
+    assert not list(tmp_path.glob(".m*"))
+
+
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
 
 
