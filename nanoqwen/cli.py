@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = build_parser(command).parse_known_args(argv)
     except KeyboardInterrupt:
         return interrupted(prog)
+    prog = getattr(args, "command_prog", prog)  # a subcommand's own (`nanoqwen tokenizer train`), as argparse says it
     if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
         refuse(prog, f"unrecognized arguments: {' '.join(unknown)}{_expanded_wildcard_hint(unknown)}")
     if args.command is None:
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         check_path_flags(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
-        say(f"nanoqwen {args.command}: error: {e}")
+        say(f"{prog}: error: {e}")
         return 2
     except KeyboardInterrupt:
         return interrupted(prog)
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error_line(e)
         if line is None:
             raise
-        say(f"nanoqwen {args.command}: error: {line}")
+        say(f"{prog}: error: {line}")
         return 2
 
 

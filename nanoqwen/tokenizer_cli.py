@@ -16,6 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     what = "write the official Qwen3 tokenizer (offline)"
     official = sub.add_parser("qwen3", help=what, description=what)
     official.add_argument("--out", required=True, metavar="DIR", help=out_help)
+    official.set_defaults(command_prog=official.prog)  # errors are said as `nanoqwen tokenizer qwen3: error: ...`
     what = "train a byte-level BPE on a corpus"
     train = sub.add_parser("train", help=what, description=what)
     train.add_argument("--dataset", required=True, metavar="SRC", help=f"corpus: {SOURCES_HELP}")
@@ -23,6 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="ids in the tokenizer, its special tokens included (e.g. 2048)")
     train.add_argument("--out", required=True, metavar="DIR", help=out_help)
     add_reading_arguments(train)
+    train.set_defaults(command_prog=train.prog)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -333,6 +333,9 @@ def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys:
     assert exit_.value.code == 2
     assert capsys.readouterr().err == ("nanoqwen tokenizer train: error: argument --vocab-size: must be a whole "
                                        "number, got 8k (see nanoqwen tokenizer train --help)\n")
+    # Its other refusals name the subcommand too, as argparse's do (they said "nanoqwen tokenizer: error").
+    assert main(["tokenizer", "train", "--dataset", "no/such.txt", "--vocab-size", "300", "--out", "tok"]) == 2
+    assert capsys.readouterr().err.startswith("nanoqwen tokenizer train: error: no such file or folder: no/such.txt")
     # Both write a folder, DIR as tokenizer train and prepare call it; each --help says what the command does.
     for command, said in (("qwen3", "write the official Qwen3 tokenizer (offline)"),
                           ("train", "train a byte-level BPE on a corpus")):
