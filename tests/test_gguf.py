@@ -343,3 +343,14 @@ def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys:
             main(["tokenizer", command, "--help"])
         shown = capsys.readouterr().out
         assert f"\n\n{said}\n\n" in shown and "--out DIR " in shown, shown
+
+
+def test_plot_of_a_folder_of_runs_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # (Here with the other small commands' refusals.) `nanoqwen plot runs` said runs/metrics.jsonl does not exist.
+    for name in ("b", "a"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    runs = tmp_path / "runs"
+    assert main(["plot", str(runs)]) == 2
+    assert capsys.readouterr().err == (f"nanoqwen plot: error: {runs} is a folder of runs; give one of them, or "
+                                       f"several to compare in one figure: {runs / 'a'} {runs / 'b'}\n")
