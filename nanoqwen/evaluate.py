@@ -192,7 +192,7 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoqwen.checkpoint import read_config
+    from nanoqwen.checkpoint import check_data_tokenizer, read_config
     from nanoqwen.generate import load_for_inference
 
     if args.loss_on == "assistant" and args.text_file:
@@ -206,10 +206,16 @@ def run(args: argparse.Namespace) -> int:
         from nanoqwen.data.prepare import load_meta
 
         load_meta(args.data)  # one clear line if it is not a complete prepared folder, before the model's wait
-    longest = read_config(args.model).max_position_embeddings  # (config.json alone: a mistake costs no wait either)
-    if args.context is not None and args.context > longest:
-        raise NanoQwenError(f"--context {args.context} is longer than the model's context ({longest} positions); "
-                            "give at most that")
+    config = read_config(args.model)  # config.json alone: the mistakes below cost no wait for the weights either
+    if args.context is not None and args.context > config.max_position_embeddings:
+        raise NanoQwenError(f"--context {args.context} is longer than the model's context "
+                            f"({config.max_position_embeddings} positions); give at most that")
+    if args.data:
+        check_data_tokenizer(Path(args.model), Path(args.data), config)
+        if args.loss_on == "assistant":
+            from nanoqwen.train import chat_marks
+
+            marks = chat_marks(Path(args.data))  # (one line if it holds no conversations)
     model, tokenizer = load_for_inference(args)
     context = args.context or model.config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
@@ -231,17 +237,12 @@ def run(args: argparse.Namespace) -> int:
             tokens = tokens[:max_tokens]
             num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
     else:
-        from nanoqwen.checkpoint import check_data_tokenizer
-
-        check_data_tokenizer(Path(args.model), Path(args.data), model.config)
         split = args.split or "val"
         tokens, num_bytes = load_split(Path(args.data), split, tokenizer, max_tokens)
         check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
     scored = None
     if args.loss_on == "assistant":
-        from nanoqwen.train import chat_marks
-
-        scored, num_bytes = assistant_scoring(tokens, chat_marks(Path(args.data)), tokenizer)
+        scored, num_bytes = assistant_scoring(tokens, marks, tokenizer)
         if not scored.any():
             raise NanoQwenError(f"{args.data}/{split}.bin holds no assistant turn to score (in the windows given); "
                                 "leave --loss-on out, or give more --max-windows")

@@ -208,6 +208,20 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     assert main(["eval", "--model", str(checkpoint), "--data", str(data / "val.bin"), "--device", "cpu"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: {data / 'val.bin'} is a file of the prepared folder {data}; "
                                 "give that folder")
+    # Data of another tokenizer, and --loss-on assistant of a folder with no conversations: refused once the weights
+    # had loaded.
+    from nanoqwen.data.prepare import prepare
+
+    (tmp_path / "plain.txt").write_text(TEXT * 4)
+    (tmp_path / "other").mkdir()
+    train_bpe(["a quite different text, so another vocabulary"] * 20, 300).save(tmp_path / "other")
+    other = prepare(str(tmp_path / "plain.txt"), str(tmp_path / "other"), tmp_path / "other-data", progress=False)
+    assert main(["eval", "--model", str(checkpoint), "--data", str(other)]) == 2
+    assert f"{other} was tokenized with a different tokenizer than {checkpoint}'s" in one_line(capsys)
+    prepared = prepare(str(tmp_path / "plain.txt"), str(checkpoint), tmp_path / "prepared", progress=False)
+    assert main(["eval", "--model", str(checkpoint), "--data", str(prepared), "--loss-on", "assistant"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: --loss-on assistant needs conversations, and {prepared} holds "
+                                "none; prepare chat records (see the README's recipe) or leave --loss-on out")
 
 
 def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Path, tmp_path: Path,
