@@ -222,11 +222,21 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     return {"tensors": len(state), "outtype": outtype, "tokens": len(tokens)}
 
 
+def outtype(text: str) -> str:
+    """--outtype's value; a quantized type (what llama.cpp's quantizer writes from this file) pointed at it."""
+    if text not in OUTTYPES:
+        raise argparse.ArgumentTypeError(f"must be {', '.join(OUTTYPES[:-1])} or {OUTTYPES[-1]}, got {text}; for a "
+                                         "quantized file (q8_0, q4_k_m, ...) write f16 here, then run llama.cpp's "
+                                         "llama-quantize on it")
+    return text
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (a run's best/ or last/, or any Qwen3 folder)")
     p.add_argument("--out", help="GGUF file to write (default: MODEL.gguf beside the folder, e.g. best.gguf)")
-    p.add_argument("--outtype", choices=OUTTYPES, default="auto",
-                   help="weight type: f32, f16, bf16, or auto (bf16 for bf16 weights, else f16; norms stay f32)")
+    p.add_argument("--outtype", type=outtype, default="auto", metavar="{" + ",".join(OUTTYPES) + "}",
+                   help="weight type: f32, f16, bf16, or auto (bf16 for bf16 weights, else f16; norms stay f32); "
+                        "for q8_0, q4_k_m and the like, quantize the file with llama.cpp's llama-quantize")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -354,3 +354,13 @@ def test_plot_of_a_folder_of_runs_names_them(tmp_path: Path, capsys: pytest.Capt
     assert main(["plot", str(runs)]) == 2
     assert capsys.readouterr().err == (f"nanoqwen plot: error: {runs} is a folder of runs; give one of them, or "
                                        f"several to compare in one figure: {runs / 'a'} {runs / 'b'}\n")
+
+
+def test_a_quantized_outtype_points_at_llama_quantize(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's "invalid choice: 'q8_0'" left a newcomer without the way to the quantized file they asked for.
+    with pytest.raises(SystemExit) as exit_:
+        main(["gguf", "--model", "ck", "--outtype", "q8_0"])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err == (
+        "nanoqwen gguf: error: argument --outtype: must be auto, f32, f16 or bf16, got q8_0; for a quantized file "
+        "(q8_0, q4_k_m, ...) write f16 here, then run llama.cpp's llama-quantize on it (see nanoqwen gguf --help)\n")
