@@ -47,7 +47,10 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     final = real_path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(final)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
+    except OSError as e:
+        raise refused_as_asked(e, final) from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
         yield tmp
@@ -77,6 +80,12 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     sync_file(final.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def refused_as_asked(error: OSError, final: Path) -> OSError:
+    """The error of a folder that refuses the temporary file or folder made beside `final` (no permission, a name
+    too long), said of `final`: the hidden temporary name means nothing to the user."""
+    return OSError(error.errno, error.strerror, str(final))
 
 
 def sync_file(path: str | os.PathLike[str]) -> None:
@@ -288,8 +297,8 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
-    except OSError as e:  # the folder refuses new files: said of the file asked for, not of its temporary name
-        raise OSError(e.errno, e.strerror, str(final)) from None
+    except OSError as e:
+        raise refused_as_asked(e, final) from None
     os.close(fd)
     give_usual_mode(tmp)  # mkstemp makes it private
     try:

@@ -283,6 +283,13 @@ def test_a_file_that_cannot_be_made_is_named_as_asked_for(tmp_path: Path, bpe: T
     assert main(["gguf", "--model", str(folder), "--out", str(out)]) == 2
     assert capsys.readouterr().err == f"nanoqwen gguf: error: File name too long: {out}; choose a shorter name\n"
     assert not list(tmp_path.glob(".m*"))
+    # A folder, as the tokenizer commands write one (it named ".NAME.tmp-PID-x1y2z3").
+    (tmp_path / "t.txt").write_text("the cat sat on the mat")
+    out = tmp_path / ("t" * 250)
+    assert main(["tokenizer", "train", "--dataset", str(tmp_path / "t.txt"), "--vocab-size", "259", "--out",
+                 str(out)]) == 2
+    assert capsys.readouterr().err == (f"nanoqwen tokenizer train: error: File name too long: {out}; choose a "
+                                       "shorter name\n")
 
 
 YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
