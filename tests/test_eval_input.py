@@ -254,8 +254,7 @@ def test_a_text_file_is_encoded_as_prepare_encodes_its_documents(checkpoint: Pat
             "text to score"
 
 
-def test_the_help_names_eval_flags_as_the_readme_and_the_other_commands_do(capsys: pytest.CaptureFixture[str]
-                                                                             ) -> None:
+def test_the_help_names_eval_flags_as_the_other_commands_do(capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.cli import build_parser
 
     def model_help(command: str) -> str:
