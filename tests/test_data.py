@@ -462,7 +462,7 @@ def test_single_document_is_split_inside(tmp_path: Path) -> None:
     assert len(docs["train"]) == 1 and len(docs["val"]) == 1
     assert docs["train"][0] + docs["val"][0] == text
     assert 0.8 < len(docs["train"][0]) / len(text) < 0.95
-    check_counts(out, docs)
+    assert check_counts(out, docs)["cut_documents"] == 1  # each split's count holds it: said so
 
 
 def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
@@ -477,6 +477,7 @@ def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
         assert (a / f"{split}.bin").read_bytes() == (b / f"{split}.bin").read_bytes()
     docs = read_back(a)
     assert len(docs["val"]) >= 1 and len(docs["train"]) + len(docs["val"]) == 5
+    assert load_meta(a)["cut_documents"] == 0
     half = prepare(str(tmp_path), "bpe:300", tmp_path / "c", val_fraction=0.5, seed=3, progress=False)
     assert sorted(sum(read_back(half).values(), [])) == sorted(f"document number {i}\n" for i in range(5))
 
@@ -1064,6 +1065,7 @@ def test_a_large_file_read_in_blocks_gives_val_its_fraction(tmp_path: Path, monk
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     assert val["documents"] == 1 and val["bytes"] == round(0.01 * (tmp_path / "book.txt").stat().st_size)
     assert train["bytes"] + val["bytes"] == (tmp_path / "book.txt").stat().st_size
+    assert meta["cut_documents"] == 1  # the last block: its start is train's last document
 
 
 def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
@@ -1078,6 +1080,9 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / name) for name in ("noise.txt", "scan.pdf")]
     assert "characters are undecodable or NUL (a binary file, or text in another" in meta["skipped"][0]["reason"]
     assert "scan.pdf" in done.stderr
+    # The one document, cut, is in both splits' counts: "train 1 document ...; val 1 document" read as two.
+    assert re.search(r"^prepared \S+: train 1 document, \d+ tokens; val 1 document, \d+ tokens \(1 document read, cut "
+                     r"between them; \d+ bytes of text in ", done.stdout, re.M), done.stdout
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
     docs = read_back(tmp_path / "out")  # one document: cut into train and val
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"

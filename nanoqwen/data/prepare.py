@@ -252,7 +252,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
             "dtype": "uint32",
-            "splits": writer.counts,
+            "splits": writer.counts,  # each split's documents as its .bin holds them: a cut one is in both
+            "cut_documents": writer.cut,
             "conversations": writer.conversations,
             "parted_documents": corpus.stats.parted_documents,  # read from text files parted at <|endoftext|>
             "replacement_chars": corpus.stats.replacement_chars,
@@ -269,7 +270,10 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         total = sum(s["bytes"] for s in writer.counts.values())
         parts = "; ".join(f"{name} {counted(s['documents'], 'document')}, {counted(s['tokens'], 'token')}"
                           for name, s in writer.counts.items())
-        print(f"prepared {out}: {parts} ({data_size(total)} of text in {seconds:.1f} s, "
+        # Told apart: a cut document in both splits' counts reads as one more than the corpus holds.
+        cut = f"{counted(writer.documents, 'document')} read, {'the last ' if writer.documents > 1 else ''}cut " \
+            "between them; " if writer.cut else ""
+        print(f"prepared {out}: {parts} ({cut}{data_size(total)} of text in {seconds:.1f} s, "
               f"{data_size(total / seconds)}/s)")
     return out
 
@@ -637,7 +641,8 @@ class _SplitWriter:
         self.files: dict[str, BinaryIO] = {}
         self.counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in SPLITS}
         self.held: Encoded | None = None
-        self.documents = 0
+        self.documents = 0  # read: the cut one is one, though its start is in train and its end in val
+        self.cut = 0  # documents cut between the splits (0 or 1: the last one read)
         self.conversations = 0
 
     def __enter__(self) -> _SplitWriter:
@@ -691,6 +696,7 @@ class _SplitWriter:
         train, val = encode([type(text)(text[:cut]), type(text)(text[cut:])])
         self._write("train", train)
         self._write("val", val)
+        self.cut += 1
 
     def _release(self) -> None:
         if self.held is not None:
