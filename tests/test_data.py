@@ -1356,9 +1356,11 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert list(capped.documents()) == [STORIES[0], STORIES[1][:1]] and capped.stats.parted_documents == 2
     # Only a corpus whose text files hold the separator has a new fingerprint: the folders of others stay up to date.
     corpus, alone = open_corpus(str(folder)), open_corpus(str(folder / "plain.txt"))
-    assert corpus.fingerprint == f"{corpus.former_fingerprint} parted"
+    assert corpus.former_fingerprints == {corpus.fingerprint.removesuffix(" parted"): "was prepared from these "
+                                          "inputs before nanoqwen parted text files at <|endoftext|>"}
+    assert corpus.fingerprint.endswith(" parted")
     assert alone.fingerprint == f"local {local_fingerprint(folder / 'plain.txt')} text"
-    assert alone.former_fingerprint is None
+    assert alone.former_fingerprints == {}
 
 
 def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why(
@@ -1386,6 +1388,39 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
         "again (runs" in capsys.readouterr().out
     assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its fingerprint left out the .csv and .gz files it did not read: `prepare --out` over it said it "holds data
+    # prepared from other inputs or options", which the user, who changed nothing, could not make sense of.
+    import gzip
+
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "note.txt").write_text("a note of some words\n")
+    (folder / "rows.csv").write_text("id,text\n1,a row of a table\n")
+    (folder / "more.txt.gz").write_bytes(gzip.compress(b"compressed words\n"))
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
+    for read, unread in [((), f"2 files of this corpus (.csv, .txt.gz, such as {folder / 'more.txt.gz'})"),
+                         ((".gz",), f"1 file of this corpus (.csv, such as {folder / 'rows.csv'})")]:
+        with monkeypatch.context() as older:  # what it read then (tables came after compressed files), by rule 2
+            older.setattr(sources, "SUFFIXES", (".txt", ".md", ".jsonl", ".json", ".parquet", ".pdf"))
+            older.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if k in read})
+            older.setattr(prepare_module, "SPLIT_RULE", 2)
+            assert main([*command, "--force"]) == 0
+        capsys.readouterr()
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"nanoqwen prepare: error: {out} was prepared by an older nanoqwen, which did not read {unread} (runs "
+            "trained on it resume only from it); give --force to replace it, or another --out")
+    assert main([*command, "--force"]) == 0
+    assert sorted(sum(read_back(out).values(), [])) == ["a note of some words\n", "a row of a table",
+                                                        "compressed words\n"]
 
 
 def test_a_small_folder_split_by_the_earlier_rule_is_redone_and_a_large_one_kept(

@@ -207,18 +207,18 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     recorded = _fingerprint_in(out)
     other = not force and (out / "meta.json").is_file() and recorded != fingerprint
-    # The same inputs, read before text files were parted at the separator: said so, not as other inputs.
-    unparted = other and corpus.former_fingerprint is not None and recorded in (
-        fingerprint_of(corpus.former_fingerprint), fingerprint_of(corpus.former_fingerprint, split_rule=2))
-    before_parting = f"was prepared from these inputs before nanoqwen parted text files at {DOCUMENT_SEPARATOR}"
+    # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, or
+    # before it read tables): said so, not as other inputs.
+    former = next((made for fp, made in corpus.former_fingerprints.items()
+                   if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) if other else None
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
         "--val-fraction of a small corpus" if other and recorded == rule_2 else None
     if other and not replace_other:
-        made = before_parting if unparted else earlier_split or "holds data prepared from other inputs or options"
+        made = former or earlier_split or "holds data prepared from other inputs or options"
         raise NanoQwenError(f"{out} {made} (runs trained on it resume only from it); give --force to replace it, or "
                             "another --out")
     if other and progress:
-        made = before_parting if unparted else earlier_split or "was prepared from other inputs or options"
+        made = former or earlier_split or "was prepared from other inputs or options"
         print(f"{out} {made}; preparing it again (runs trained on it will not resume on the new data: prepare into "
               "another --out to keep it)", flush=True)
 

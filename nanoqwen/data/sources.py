@@ -177,12 +177,12 @@ class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
     def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None,
-                 former_fingerprint: str | None = None) -> None:
+                 former_fingerprints: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
-        # The fingerprint the same inputs had when nanoqwen read them otherwise (None: read as they always were):
-        # what a folder prepared then records, for prepare to say why it is not reused.
-        self.former_fingerprint = former_fingerprint
+        # The fingerprints the same inputs had when nanoqwen read them otherwise, each with how a folder prepared then
+        # was made ("was prepared ..."): what such a folder records, for prepare to say why it is not reused.
+        self.former_fingerprints = former_fingerprints or {}
         self.max_bytes = max_bytes
         self._read = read
         self.stats = CorpusStats()
@@ -658,12 +658,28 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
-    fingerprint = f"local {local_fingerprint(path, files)} {column}"
-    if any(holds_separator(p) for p in files if file_type(p) in TEXT_SUFFIXES):
-        # Its documents are not those a folder prepared before text files were parted at the separator holds: a
-        # fingerprint of its own. Other corpora keep theirs, and with it their prepared folders and runs.
-        return Corpus(spec, f"{fingerprint} parted", read, max_bytes, former_fingerprint=fingerprint)
-    return Corpus(spec, fingerprint, read, max_bytes)
+    parted = {p for p in files if file_type(p) in TEXT_SUFFIXES and holds_separator(p)}
+
+    def fingerprint_of(read: list[Path]) -> str:
+        # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
+        # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
+        return f"local {local_fingerprint(path, read)} {column}" + (" parted" if parted.intersection(read) else "")
+
+    fingerprint = fingerprint_of(files)
+    former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
+              f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    # Before nanoqwen read compressed files, and then tables, a folder's were left out of what it recorded: its
+    # folder is other inputs' now, said so.
+    for unread in (lambda p: p.suffix.lower() in COMPRESSIONS or file_type(p) in TABLE_DELIMITERS,
+                   lambda p: file_type(p) in TABLE_DELIMITERS):
+        new = [p for p in files if unread(p)] if path.is_dir() else []
+        if new:
+            kinds = sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in COMPRESSIONS else file_type(p)
+                            for p in new})
+            former.setdefault(fingerprint_of([p for p in files if not unread(p)]), (
+                f"was prepared by an older nanoqwen, which did not read {counted(len(new), 'file')} of this corpus "
+                f"({', '.join(kinds)}, such as {new[0]})"))
+    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
 
 
 @contextlib.contextmanager
