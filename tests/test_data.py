@@ -482,6 +482,38 @@ def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
     assert sorted(sum(read_back(half).values(), [])) == sorted(f"document number {i}\n" for i in range(5))
 
 
+def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
+    # JSON exports nest a record's fields ({"data": {"text": ...}}): --text-column data.text was looked up as one name,
+    # in JSON, parquet (a struct column) and `datasets` folders alike. A field named with a dot is still read first.
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 1, "data": {"text": "first", "meta": {"title": "One"}}}, {"id": 2, "data": None},
+            {"id": 3, "data": {"text": "third", "meta": {"title": "Three"}}}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for source in ("rows.jsonl", "rows.json", "rows.parquet", "saved"):
+        assert list(open_corpus(str(tmp_path / source), text_column="data.text").documents()) == ["first", "third"]
+        assert list(open_corpus(str(tmp_path / source), text_column="data.meta.title").documents()) == ["One", "Three"]
+    # A path that is not there: the fields where it stops.
+    for source, fields in [("rows.jsonl", "line 1: no 'data.body' field (fields of 'data': text, meta)"),
+                           ("rows.parquet", "has no 'data.body' column (it has: id, data.text, data.meta.title)"),
+                           ("saved", "has no 'data.body' column (it has: data.text, data.meta.title)")]:
+        with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / source} {fields}; give --text-column "
+                                                          "the name of the field")):
+            list(open_corpus(str(tmp_path / source), text_column="data.body").documents())
+    with pytest.raises(NanoQwenError, match=re.escape("line 1: no 'dat.text' field (fields: id, data); give")):
+        list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="dat.text").documents())
+    with pytest.raises(NanoQwenError, match=re.escape("line 1: field 'data.text' holds str, not an object with a 'x' "
+                                                      "field; give --text-column")):
+        list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="data.text.x").documents())
+    (tmp_path / "dotted.jsonl").write_text(json.dumps({"data.text": "named so", "data": {"text": "inside"}}) + "\n")
+    assert list(open_corpus(str(tmp_path / "dotted.jsonl"), text_column="data.text").documents()) == ["named so"]
+
+
 def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
     (tmp_path / "a.txt").write_text("é" * 100)  # 200 bytes: the cap falls inside a character
     (tmp_path / "b.txt").write_text("never read")

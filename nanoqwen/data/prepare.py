@@ -113,8 +113,8 @@ def parse_size(text: str) -> int:
 def add_reading_arguments(p: argparse.ArgumentParser) -> None:
     """How a corpus is read (`open_corpus`): for prepare and for `tokenizer train`."""
     p.add_argument("--text-column", default=None, metavar="NAME",
-                   help="field or column holding the text (default: text; records without one are read as chats "
-                        "from messages or conversations)")
+                   help="field or column holding the text (default: text; data.text: the text field of an object "
+                        "in the data field; records without one are read as chats from messages or conversations)")
     p.add_argument("--split", default="train", metavar="NAME",
                    help="split of a Hugging Face dataset (default: %(default)s)")
     p.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",

@@ -10,12 +10,12 @@
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
 part their stories so): the separator and the whitespace around it are in none of them.
 
-Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
-(OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
-renders with the tokenizer's chat template. Every document comes out non-empty (a chat record: some turn with
-content, tool calls or thinking), a text NFC-normalized (a chat record once rendered, between the tokenizer's
-added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it, then encoding does),
-and never holds more than one document or record batch in memory.
+Records are read from a text field (`text`, or --text-column; `data.text` names one inside an object). A record
+with no text field but a `messages` (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list
+is a `ChatRecord`, which prepare renders with the tokenizer's chat template. Every document comes out non-empty (a
+chat record: some turn with content, tool calls or thinking), a text NFC-normalized (a chat record once rendered,
+between the tokenizer's added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it,
+then encoding does), and never holds more than one document or record batch in memory.
 """
 
 from __future__ import annotations
@@ -474,7 +474,11 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
     asked = column
     names = ds.column_names  # None for some streamed datasets: their batches name them
-    if names is not None:
+    nested = "." in column and column not in (names or ())  # a field inside a column of objects (data.text)
+    holder = next((name for name in names or () if column.startswith(f"{name}.")), None) if nested else None
+    if holder is not None:
+        ds = ds.select_columns([holder])
+    elif names is not None:
         column = text_column_of(names, column)
         if column not in names:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
@@ -482,6 +486,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
+        if nested:
+            batch = _flat_columns(batch)
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
@@ -495,6 +501,21 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _flat_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A batch of rows by column, with the fields of its columns of objects as columns named by their path (data.text),
+    at any depth; a null object's fields are null."""
+    flat: dict[str, list[Any]] = {}
+    for name, values in batch.items():
+        objects = [value for value in values if isinstance(value, dict)]
+        if not objects or not all(value is None or isinstance(value, dict) for value in values):
+            flat[name] = values
+            continue
+        fields = dict.fromkeys(key for value in objects for key in value)  # in order, each once
+        inner = _flat_columns({key: [(value or {}).get(key) for value in values] for key in fields})
+        flat.update({f"{name}.{key}": column for key, column in inner.items()})
+    return flat
 
 
 def read_checked(batches: Iterator[Any], errors: tuple[type[Exception], ...], what: str) -> Iterator[Any]:
@@ -956,12 +977,37 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     beside = chat_beside(record, field_name)
     if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
         field_name = beside
-    if field_name not in record:
-        names = list(record)  # a few: a record may have thousands
+    holder, name, inside = _field_at(record, field_name, where, remedy)
+    if holder is None:  # a null object on the path: no text, as a null field
+        return None
+    if name not in holder:
+        names = list(holder)  # a few: a record may have thousands
         fields = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "") or "none"
-        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
-    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields{f' of {inside!r}' if inside else ''}: "
+                            f"{fields}); {remedy}")
+    return as_document(holder[name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
                        remedy=remedy)
+
+
+def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> tuple[dict[str, Any] | None, str, str]:
+    """The object that holds the field `column` names, the field's name in it, and the path to it: `record` itself, or
+    for a dotted name that is no field of `record` (data.text, as JSON exports nest a record's fields) the object at
+    the end of the path, or where it stops: the first object without the next name (None: a null on the way)."""
+    if column in record or "." not in column:
+        return record, column, ""
+    *path, name = column.split(".")
+    holder = record
+    for depth, key in enumerate(path):
+        if key not in holder:
+            return holder, key, ".".join(path[:depth])
+        inner = holder[key]
+        if inner is None:
+            return None, name, ""
+        if not isinstance(inner, dict):
+            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {type(inner).__name__}, not an "
+                                f"object with a {'.'.join([*path[depth + 1:], name])!r} field; {remedy}")
+        holder = inner
+    return holder, name, ".".join(path)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -1174,6 +1220,11 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     except (pa.ArrowException, OSError) as e:
         raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
+    holder = None  # the struct column that holds a text field inside it (data.text), read and flattened
+    if column not in schema.names and "." in column:
+        flat = _flattened(schema.empty_table())
+        holder = next((name for name in schema.names if column.startswith(f"{name}.")), None)
+        schema = flat.schema  # its columns, and the fields inside them as data.text, named as the error names them
     chosen = text_column_of(schema.names, column)
     chat, column = chosen != column, chosen  # chat: a chat column, read for want of a text column
     if column not in schema.names:
@@ -1190,8 +1241,10 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
                             f"{NAME_THE_TEXT}")
     beside = None if chat else chat_beside(schema.names, column)
     columns = [column] if beside is None else [column, beside]
-    for batch in read_checked(pf.iter_batches(columns=columns, batch_size=1024), (pa.ArrowException, OSError),
-                              f"{path}: damaged parquet data"):
+    batches = pf.iter_batches(columns=columns if holder is None else [holder], batch_size=1024)
+    if holder is not None:
+        batches = (_flattened(pa.Table.from_batches([batch])).select(columns) for batch in batches)
+    for batch in read_checked(batches, (pa.ArrowException, OSError), f"{path}: damaged parquet data"):
         chats = batch.column(1).to_pylist() if beside else itertools.repeat(None)
         for value, turns_beside in zip(batch.column(0).to_pylist(), chats):
             if value is None and turns_beside:  # a chat row of a table of texts and chats
@@ -1204,6 +1257,16 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
                     yield document
             elif value:
                 yield decode(value, stats) if binary else value
+
+
+def _flattened(table: Any) -> Any:
+    """A pyarrow table with the fields of its struct columns as columns of their own, named by their path (data.text),
+    at any depth."""
+    import pyarrow as pa
+
+    while any(pa.types.is_struct(kind) for kind in table.schema.types):
+        table = table.flatten()
+    return table
 
 
 def _pdf_text(path: Path, stats: CorpusStats) -> Iterator[str]:
