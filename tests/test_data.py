@@ -942,7 +942,6 @@ def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
 @pytest.mark.parametrize(("name", "said"), [
     # (each said only "unsupported file type ...; use .txt, .md, ...": nothing of how to make one of those)
     ("data-00000-of-00001.arrow", "(a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"),
-    ("rows.jsonl.zst", "(zstd-compressed: decompress it first, `zstd -d {path}`)"),
 ])
 def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp_path: Path) -> None:
     path = tmp_path / name
@@ -950,6 +949,68 @@ def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp
     with pytest.raises(NanoQwenError) as e:
         open_corpus(str(path))
     assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
+
+
+def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the zstandard package (no dependency of nanoqwen) a .zst is not read: alone, the line names both ways to
+    # read it (it named `zstd -d` alone); in a folder, a note says so (it was counted as a file of another type).
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("a note")
+    for name in ("rows.jsonl.zst", "more.txt.zstd"):
+        (tmp_path / "c" / name).write_bytes(b"(zstd data)")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path / "c" / "rows.jsonl.zst"))
+    assert str(e.value).endswith(" (zstd-compressed: `pip install zstandard` and nanoqwen reads it, or decompress it "
+                                 f"first, `zstd -d {tmp_path / 'c' / 'rows.jsonl.zst'}`)")
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["a note"]
+    assert corpus.stats.notes == [f"2 zstd-compressed files (such as {tmp_path / 'c' / 'more.txt.zstd'}) are left out: "
+                                  "`pip install zstandard` and nanoqwen reads them, or decompress them first with "
+                                  "`zstd -d`"]
+
+
+def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every frame (files joined with `cat`, or pzstd's), a byte-order mark looked at and read again, a large file in
+    # blocks; zstandard's own reader ended a cut file in silence: damaged data, as a cut .gz is.
+    zstandard = pytest.importorskip("zstandard")  # not a dependency: read only where installed
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+
+    def compressed(*frames: str) -> bytes:
+        return b"".join(zstandard.ZstdCompressor().compress(frame.encode()) for frame in frames)
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "rows.jsonl.zst").write_bytes(compressed('{"text": "one"}\n', '{"text": "two"}\n'))
+    (folder / "table.csv.zstd").write_bytes(compressed("\ufeffid,text\n1,a cell\n"))
+    lines = "".join(f"line {i} of a long file\n" for i in range(4000))
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 30_000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 20_000)
+    (folder / "big.txt.zst").write_bytes(compressed(lines))
+    blocks = list(open_corpus(str(folder / "big.txt.zst")).documents())
+    assert "".join(blocks) == lines and len(blocks) > 3
+    assert list(open_corpus(str(folder)).documents()) == [*blocks, "one", "two", "a cell"]
+    (tmp_path / "cut.txt.zst").write_bytes(compressed(lines)[:200])
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
+                                                      "ended before the end-of-frame marker was reached); decompress")):
+        list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
+    # A folder prepared while its .zst files were not read (zstandard not installed) says so, not "other inputs".
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
+    with monkeypatch.context() as without:
+        without.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+        (folder / "note.txt").write_text("a note")
+        assert main(command) == 0
+    capsys.readouterr()
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared without zstandard installed (or by an older nanoqwen), so "
+        f"without 3 files of this corpus (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}) (runs "
+        "trained on it resume only from it); give --force to replace it, or another --out")
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back

@@ -46,9 +46,9 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
+from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
@@ -60,10 +60,14 @@ UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
-# decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
-COMPRESSIONS: dict[str, ModuleType] = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # each module's open() reads its kind
+# decompressed as they are read (no whole copy on disk or in memory): each opener reads its kind. zstd's, where the
+# zstandard package is installed (not a dependency of nanoqwen: else such a file is said how to read).
+COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+if zstd.available():
+    COMPRESSIONS.update(dict.fromkeys(zstd.SUFFIXES, zstd.open_zstd))
 COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS)
-# What reading damaged compressed data raises (a cut gzip: EOFError; a bad one: BadGzipFile, an OSError)
+# What reading damaged compressed data raises (a cut gzip or zstd: EOFError; a bad one: BadGzipFile or BadZstdFile,
+# OSErrors)
 DAMAGED_DATA = (OSError, EOFError, lzma.LZMAError, zlib.error)
 DEFAULT_TEXT_COLUMN = "text"
 # A text file larger than LARGE_FILE_BYTES is read in blocks of about BLOCK_BYTES, each one document: encoding
@@ -280,7 +284,7 @@ def open_binary(path: Path) -> IO[bytes]:
     prepare reads only COMPRESSIBLE types)."""
     suffix = path.suffix.lower()
     if suffix in COMPRESSIONS:
-        return COMPRESSIONS[suffix].open(path, "rb")
+        return COMPRESSIONS[suffix](path)
     return path.open("rb")
 
 
@@ -593,12 +597,20 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     return list(first.values())
 
 
+ZSTD_HINT = "`pip install zstandard` and nanoqwen reads"  # ... it, or them
+
+
+def _zstd_unread(path: Path) -> bool:
+    """Whether `path` is zstd-compressed and the zstandard package, which reads it, is not installed."""
+    return path.suffix.lower() in zstd.SUFFIXES and path.suffix.lower() not in COMPRESSIONS
+
+
 def _conversion_hint(path: Path) -> str:
     """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
     if file_type(path) == ".arrow":  # a file of a `datasets` folder
         return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
-    if path.suffix.lower() in (".zst", ".zstd"):
-        return f" (zstd-compressed: decompress it first, `zstd -d {path}`)"
+    if _zstd_unread(path):
+        return f" (zstd-compressed: {ZSTD_HINT} it, or decompress it first, `zstd -d {path}`)"
     return ""
 
 
@@ -665,6 +677,11 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
+        unread_zstd = list(filter(_zstd_unread, left_out))
+        if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
+            stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
+                               f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
+                               "or decompress them first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
@@ -689,18 +706,26 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     fingerprint = fingerprint_of(files)
     former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
-    # Before nanoqwen read compressed files, and then tables, a folder's were left out of what it recorded: its
-    # folder is other inputs' now, said so.
-    for unread in (lambda p: p.suffix.lower() in COMPRESSIONS or file_type(p) in TABLE_DELIMITERS,
-                   lambda p: file_type(p) in TABLE_DELIMITERS):
+    # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
+    # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
+    # where two leave out the same files).
+    older = "was prepared by an older nanoqwen, which did not read"
+    for unread, made in [(lambda p: _compressed(p) in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
+                          "an older nanoqwen), so without"),
+                         (lambda p: _compressed(p) in zstd.SUFFIXES or file_type(p) in TABLE_DELIMITERS, older),
+                         (lambda p: _compressed(p) or file_type(p) in TABLE_DELIMITERS, older)]:
         new = [p for p in files if unread(p)] if path.is_dir() else []
         if new:
-            kinds = sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in COMPRESSIONS else file_type(p)
-                            for p in new})
+            kinds = sorted({"".join(p.suffixes[-2:]).lower() if _compressed(p) else file_type(p) for p in new})
             former.setdefault(fingerprint_of([p for p in files if not unread(p)]), (
-                f"was prepared by an older nanoqwen, which did not read {counted(len(new), 'file')} of this corpus "
-                f"({', '.join(kinds)}, such as {new[0]})"))
+                f"{made} {counted(len(new), 'file')} of this corpus ({', '.join(kinds)}, such as {new[0]})"))
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+
+
+def _compressed(path: Path) -> str:
+    """The compression's suffix of a file read decompressed (COMPRESSIONS), else ""."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in COMPRESSIONS else ""
 
 
 @contextlib.contextmanager
