@@ -288,6 +288,13 @@ def open_binary(path: Path) -> IO[bytes]:
     return path.open("rb")
 
 
+def read_up_to(f: IO[bytes], limit: int) -> bytes:
+    """The first `limit` bytes of `f`, or all of a shorter file: read(limit) sets aside `limit` bytes first, which
+    for a folder of thousands of small notes cost more than reading them."""
+    head = f.read(min(limit, 1 << 16))
+    return head + f.read(limit - len(head)) if len(head) == 1 << 16 else head
+
+
 def refuse_split(spec: str, split: str, fix: str) -> None:
     """Refuse a --split for a source read whole: else it would be left unread, and every text read."""
     if split != "train":
@@ -572,13 +579,13 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
                                 f"or a folder of them{_conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
-    everything = all_files(root, broken)
+    real: dict[Path, str] = {}
+    everything = all_files(root, broken, real)
     prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
                 or (p.name == "config.json" and is_run_config(p))}
 
-    def in_folder(p: Path) -> bool:
-        return not any(part.startswith(".") for part in p.relative_to(root).parts) \
-            and not prepared.intersection(p.parents)
+    def in_folder(p: Path) -> bool:  # (hidden folders are not walked: a hidden file's own name is left to look at)
+        return not p.name.startswith(".") and not (prepared and prepared.intersection(p.parents))
 
     def in_corpus(p: Path) -> bool:
         return file_type(p) in SUFFIXES and in_folder(p)
@@ -593,7 +600,7 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
     first: dict[str, Path] = {}
     for p in filter(in_corpus, everything):
-        first.setdefault(os.path.realpath(p), p)
+        first.setdefault(real[p], p)
     return list(first.values())
 
 
@@ -614,27 +621,43 @@ def _conversion_hint(path: Path) -> str:
     return ""
 
 
-def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
+def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str] | None = None) -> list[Path]:
     """Every file under `root` outside hidden folders, sorted, through symlinked folders too (data is often
     linked in from another disk), each real folder once so that a link back up the tree cannot loop. Links
-    whose target is missing are added to `broken`, when given."""
-    found, seen = [], set()
+    whose target is missing are added to `broken`, and each file's real path to `real`, when given.
 
-    def unreadable(error: OSError) -> None:  # a folder left out in silence would be data lost in silence
-        raise NanoQwenError(f"cannot read {error.filename} ({error.strerror}); fix its permissions or move it "
-                            "out of the corpus")
+    Read with scandir, whose entries know their type: a folder of 100,000 notes costs no system call a file to walk
+    (a stat or two of each, and a realpath of each, made opening one of thousands of small files take seconds)."""
+    found: list[Path] = []
+    seen: set[str] = set()
 
-    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # never read: not walked
-        found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
-        if broken is not None:
-            broken += [Path(folder) / name for name in names if not (Path(folder) / name).exists()
-                       and (Path(folder) / name).is_symlink()]
+    def walk(folder: str) -> None:  # top-down, as os.walk: the first path to a real folder is the one kept
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:
+            return
+        seen.add(real_folder)
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:  # a folder left out in silence would be data lost in silence
+            raise NanoQwenError(f"cannot read {error.filename} ({error.strerror}); fix its permissions or move it "
+                                "out of the corpus") from None
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir():  # (through a link too)
+                if not entry.name.startswith("."):  # never read: not walked
+                    subfolders.append(entry.path)
+            elif entry.is_file():
+                found.append(Path(entry.path))
+                if real is not None:
+                    real[found[-1]] = os.path.realpath(entry.path) if entry.is_symlink() else \
+                        os.path.join(real_folder, entry.name)
+            elif broken is not None and entry.is_symlink() and not os.path.exists(entry.path):
+                broken.append(Path(entry.path))
+        for subfolder in subfolders:
+            walk(subfolder)
+
+    walk(os.fspath(root))
     return sorted(found)
 
 
@@ -668,7 +691,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
-    held_out = other_splits(path, files) if path.is_dir() else []
+    folder = path.is_dir()
+    held_out = other_splits(path, files) if folder else []
+    types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
 
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
@@ -684,19 +709,19 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                                "or decompress them first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
+            documents = _records_or_skip(file, column, stats) if folder and types[file] in \
                 (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
             with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
                 for document in documents:
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
-                text = file_type(file) in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
+                text = types[file] in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
                 stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
-    parted = {p for p in files if file_type(p) in TEXT_SUFFIXES and holds_separator(p)}
+    parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
     def fingerprint_of(read: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
@@ -709,15 +734,19 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
     # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
     # where two leave out the same files).
+    # (the files read since: compressed ones, by their compression, and tables)
+    # (the files read since: compressed ones, by their compression, and tables)
+    later = {p: _compressed(p) for p in files if _compressed(p) or types[p] in TABLE_DELIMITERS} if folder else {}
     older = "was prepared by an older nanoqwen, which did not read"
-    for unread, made in [(lambda p: _compressed(p) in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
+    for unread, made in [(lambda p: later[p] in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
                           "an older nanoqwen), so without"),
-                         (lambda p: _compressed(p) in zstd.SUFFIXES or file_type(p) in TABLE_DELIMITERS, older),
-                         (lambda p: _compressed(p) or file_type(p) in TABLE_DELIMITERS, older)]:
-        new = [p for p in files if unread(p)] if path.is_dir() else []
+                         (lambda p: later[p] in zstd.SUFFIXES or types[p] in TABLE_DELIMITERS, older),
+                         (lambda p: True, older)]:
+        new = list(filter(unread, later))
         if new:
-            kinds = sorted({"".join(p.suffixes[-2:]).lower() if _compressed(p) else file_type(p) for p in new})
-            former.setdefault(fingerprint_of([p for p in files if not unread(p)]), (
+            kinds = sorted({"".join(p.suffixes[-2:]).lower() if later[p] else types[p] for p in new})
+            read_then = set(files).difference(new)
+            former.setdefault(fingerprint_of([p for p in files if p in read_then]), (
                 f"{made} {counted(len(new), 'file')} of this corpus ({', '.join(kinds)}, such as {new[0]})"))
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
 
@@ -751,7 +780,7 @@ def holds_separator(path: Path) -> bool:
     prepared from it before parting would be reused (`--force` redoes it)."""
     try:
         with open_binary(path) as f:
-            head = f.read(SEPARATOR_SEARCH_BYTES)
+            head = read_up_to(f, SEPARATOR_SEARCH_BYTES)
     except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return False
     encoding = text_encoding(head[:4])
@@ -799,7 +828,7 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
     suffix = file_type(path)
     if suffix in TEXT_SUFFIXES:
         with open_binary(path) as f:  # a small file read whole, once; a large one judged by its first block
-            raw = f.read(LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
+            raw = read_up_to(f, LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
         large = len(raw) > LARGE_FILE_BYTES
         raw = raw[:BLOCK_BYTES] if large else raw
         seen = CorpusStats()
