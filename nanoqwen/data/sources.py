@@ -716,8 +716,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
-                text = types[file] in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
-                stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
+                # (a large text file of blanks, read in blocks; a records file of no bytes, as an empty .json is said)
+                empty = types[file] in TEXT_SUFFIXES or not _compressed(file) and file.stat().st_size == 0
+                stats.skipped.append({"path": str(file), "reason": "empty" if empty else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
