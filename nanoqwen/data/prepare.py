@@ -207,8 +207,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     recorded = _fingerprint_in(out)
     other = not force and (out / "meta.json").is_file() and recorded != fingerprint
-    # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, or
-    # before it read tables): said so, not as other inputs.
+    # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, before
+    # it read compressed files or tables) or without zstandard: said so, not as other inputs.
     former = next((made for fp, made in corpus.former_fingerprints.items()
                    if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) if other else None
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \

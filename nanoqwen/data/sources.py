@@ -724,10 +724,11 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
-    def fingerprint_of(read: list[Path]) -> str:
+    def fingerprint_of(read_files: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
         # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
-        return f"local {local_fingerprint(path, read)} {column}" + (" parted" if parted.intersection(read) else "")
+        return f"local {local_fingerprint(path, read_files)} {column}" + \
+            (" parted" if parted.intersection(read_files) else "")
 
     fingerprint = fingerprint_of(files)
     former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
@@ -735,7 +736,6 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
     # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
     # where two leave out the same files).
-    # (the files read since: compressed ones, by their compression, and tables)
     # (the files read since: compressed ones, by their compression, and tables)
     later = {p: _compressed(p) for p in files if _compressed(p) or types[p] in TABLE_DELIMITERS} if folder else {}
     older = "was prepared by an older nanoqwen, which did not read"
