@@ -763,6 +763,26 @@ def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
     assert str(tmp_path / "config.json") in message and field in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("layer_types", [
+    ["full_attention"], ["full_attention"] * 3, [], ["full_attention", "attention_sink"],
+    ["full_attention", "chunked_attention"],  # a kind Transformers knows, but not for Qwen3 (it fails to run it)
+])
+def test_layer_types_unlike_the_layers_are_refused_as_transformers_refuses_them(tmp_path, layer_types):
+    # They were read as full attention in every layer, whatever they said.
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    with pytest.raises(NanoQwenError) as caught:
+        read_config(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'config.json'}: layer_types must list \"full_attention\" or \"sliding_attention\" for each of "
+        f"its 2 layers (num_hidden_layers), got {json.dumps(layer_types)}; correct it in the file, or delete it "
+        "(use_sliding_window and max_window_layers then say which layers slide)")
+    if layer_types != ["full_attention", "chunked_attention"]:
+        with pytest.raises(Exception, match="layer_types"):
+            transformers.AutoConfig.from_pretrained(tmp_path)
+
+
 def test_config_values_transformers_reads_load_alike(tmp_path):
     # Transformers takes an empty eos list as no eos id, a null num_key_value_heads as one per head, and "swish"
     # as another name of silu.
