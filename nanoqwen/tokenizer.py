@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -442,10 +443,18 @@ def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory
                                     f"nanoqwen by the second: {fix}")
 
 
+def qwen3_cache_folder() -> Path:
+    """Where the built official tokenizer is kept: named by a hash of what builds it, this file (every step and
+    constant of the build and of the files it saves) and the tokenizers version that writes them, so that a build
+    that changed is built anew rather than hidden by the files an older one cached."""
+    build = hashlib.sha256(Path(__file__).read_bytes() + tokenizers.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / f"qwen3-tokenizer-{build}"
+
+
 @lru_cache(maxsize=1)
 def _qwen3_cached_folder() -> Path:
     """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
-    folder = cache_dir() / "qwen3-tokenizer-2"  # -2: <think>, <tool_call>... no longer marked special
+    folder = qwen3_cache_folder()
     if not (folder / "tokenizer.json").exists():
         with atomic_dir(folder, keep_existing=True) as tmp:
             Tokenizer(build_qwen3_tokenizer()).save(tmp)
