@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
+from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint, special_ids
 from nanoqwen.config import ModelConfig, apply_overrides, rope_scaling_of
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
@@ -580,9 +580,10 @@ def test_a_tied_checkpoint_loads_with_one_shared_embedding(tmp_path, dtype: torc
     # Two copies would train apart (the head no longer the embedding) and count the embedding twice.
     from nanoqwen.tokenizer import train_bpe
 
-    model = Qwen3(tiny_config())
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    model = Qwen3(tiny_config(**special_ids(tokenizer)))
     scramble(model, seed=17)
-    save_checkpoint(model, tmp_path, tokenizer=train_bpe(["the cat sat on the mat"] * 20, 300))
+    save_checkpoint(model, tmp_path, tokenizer=tokenizer)
     for loaded in (load_model(tmp_path, dtype=dtype), load_checkpoint(tmp_path, dtype=dtype)[0]):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
         assert loaded.num_params() == model.num_params() == model.config.num_params()
@@ -690,7 +691,8 @@ def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300,
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
-    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size, **changes)), folder, tokenizer=tokenizer)
+    config = tiny_config(vocab_size=vocab_size, **{**special_ids(tokenizer), **changes})
+    save_checkpoint(Qwen3(config), folder, tokenizer=tokenizer)
     return folder
 
 
@@ -725,6 +727,38 @@ def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the tokenizer the model was trained with" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
+
+
+def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, capsys):
+    # config.json's and generation_config.json's ids were not checked against the tokenizer: an eos that is a word
+    # there cut every reply at that word, unsaid. Official Qwen3 folders pass: Base ones end with <|endoftext|> in
+    # config.json and list <|im_end|> in generation_config.json, the others the reverse.
+    folder = checkpoint_with_tokenizer(tmp_path / "ck", VOCAB)
+    config = json.loads((folder / "config.json").read_text())
+    _, tokenizer = load_checkpoint(folder)
+    endoftext, im_end, the = tokenizer.eot_id, tokenizer.token_id("<|im_end|>"), tokenizer.encode(" the")[0]
+    for eos, generation_eos in ((endoftext, im_end), (im_end, [im_end, endoftext])):
+        (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+        assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext]
+    assert capsys.readouterr().err == ""
+    # Loaded as Transformers loads them (generation stops at the word), with a line for each.
+    ends = f"<|im_end|> {im_end}, <|endoftext|> {endoftext}"
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": the, "pad_token_id": VOCAB + 5}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1]}))
+    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1]
+    word = json.dumps(tokenizer.decode([the + 1]))
+    assert capsys.readouterr().err.splitlines() == [
+        f"nanoqwen: warning: {folder / 'config.json'}: eos_token_id {the} is \" the\" in its tokenizer, not one of its "
+        f"end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that file unless the "
+        "model was trained to end its text there",
+        f"nanoqwen: warning: {folder / 'config.json'}: pad_token_id {VOCAB + 5} is beyond its tokenizer's "
+        f"{tokenizer.vocab_size} ids, not one of its special tokens (Transformers pads batched generations with it); "
+        f"set it to {endoftext} (<|endoftext|>, as Qwen3 has it) in that file",
+        f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {the + 1} is {word} in its tokenizer, "
+        f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that "
+        "file unless the model was trained to end its text there",
+    ]
 
 
 def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp_path, monkeypatch, capsys):
