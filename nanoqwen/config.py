@@ -38,8 +38,9 @@ ROPE_TYPES: dict[str, Any] = {
 SILU_NAMES = ("silu", "swish")
 # The RoPE scalings nanoqwen computes as Transformers does; both are static (the same tables at every length).
 ROPE_SCALINGS = ("linear", "yarn")
-# What a Qwen3 layer's attention may be, in config.json's layer_types (Transformers' Qwen3 builds no other kind).
-LAYER_TYPES = ("full_attention", "sliding_attention")
+# What a Qwen3 layer's attention may be, in config.json's layer_types (Transformers' Qwen3 builds no other kind;
+# Transformers 5 reads "attention", an older name, as full attention).
+LAYER_TYPES = ("full_attention", "sliding_attention", "attention")
 
 
 def json_is(value: Any, hint: Any) -> bool:

@@ -805,6 +805,8 @@ def test_layer_types_unlike_the_layers_are_refused_as_transformers_refuses_them(
     # They were read as full attention in every layer, whatever they said.
     save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
     config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": ["attention", "full_attention"]}))
+    assert read_config(tmp_path).sliding_window is None  # Transformers 5's older name of full attention
     (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
     with pytest.raises(NanoQwenError) as caught:
         read_config(tmp_path)
