@@ -265,10 +265,14 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as Transformers writes it for Qwen3, every field explicit."""
         d = dataclasses.asdict(self)
+        # A whole number where a number belongs (a preset's "rms_norm_eps": 0, a config.json's carried on) is
+        # written as a float: Transformers 5 refuses an integer in a float field.
+        d.update({name: float(d[name]) for name, hint in typing.get_type_hints(ModelConfig).items()
+                  if hint is float and isinstance(d[name], int)})
         # Transformers 4 reads rope_theta and rope_scaling; 5 reads rope_parameters, or rope_scaling where set (and
         # rope_theta beside it). A scaling is written to both, the same.
         d["rope_scaling"] = rope_scaling_of(self.rope_scaling)
-        d["rope_parameters"] = {**(d["rope_scaling"] or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        d["rope_parameters"] = {**(d["rope_scaling"] or {"rope_type": "default"}), "rope_theta": d["rope_theta"]}
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **d,
                 "use_cache": True, "transformers_version": "4.51.0"}
 

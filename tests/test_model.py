@@ -830,6 +830,19 @@ def test_config_values_transformers_reads_load_alike(tmp_path):
     assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
 
 
+def test_whole_numbers_in_float_fields_are_written_as_transformers_5_reads_them(tmp_path):
+    # A preset's "rms_norm_eps": 0 (JSON has one number type) went into config.json as 0, and Transformers 5
+    # refused the checkpoint: "Field 'rms_norm_eps' expected float, got int".
+    from nanoqwen.config import load_preset
+
+    whole = {"rms_norm_eps": 0, "rope_theta": 10000, "initializer_range": 1, "attention_dropout": 0}
+    (tmp_path / "preset.json").write_text(json.dumps({"model": {**dataclasses.asdict(tiny_config()), **whole}}))
+    save_checkpoint(Qwen3(load_preset(str(tmp_path / "preset.json")).model), tmp_path / "ck", tokenizer=None)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "ck")
+    assert [hf.rms_norm_eps, hf.rope_parameters["rope_theta"], hf.initializer_range, hf.attention_dropout] == \
+        [0.0, 10000.0, 1.0, 0.0]
+
+
 @pytest.mark.parametrize("window, slides", [
     ({"max_window_layers": 2}, False),  # no layer at or past max_window_layers: Transformers attends fully
     ({"max_window_layers": 0, "layer_types": ["full_attention", "full_attention"]}, False),  # layer_types wins
