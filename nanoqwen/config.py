@@ -332,8 +332,8 @@ class ModelConfig:
                     values["rope_scaling"] = rope_scaling_of({**values["rope_scaling"], name: d[name]})
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
-        if values.get("torch_dtype") is None:
-            values["torch_dtype"] = d.get("dtype") or "float32"
+        # Transformers 5 writes dtype, and reads it over torch_dtype (its older name) where a file has both.
+        values["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
         if d.get("quantization_config") is not None:
             method = (d["quantization_config"] or {}).get("quant_method", "?") if isinstance(
                 d["quantization_config"], dict) else "?"

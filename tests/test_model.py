@@ -828,6 +828,10 @@ def test_config_values_transformers_reads_load_alike(tmp_path):
                                                       "hidden_act": "swish"}))
     loaded = read_config(tmp_path)
     assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
+    # dtype, Transformers 5's name, over torch_dtype where a file has both (the dtype a run from it saves best/ in).
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16", "dtype": "bfloat16"}))
+    assert read_config(tmp_path).torch_dtype == "bfloat16"
+    assert transformers.AutoConfig.from_pretrained(tmp_path).dtype == torch.bfloat16
 
 
 def test_whole_numbers_in_float_fields_are_written_as_transformers_5_reads_them(tmp_path):
