@@ -610,6 +610,10 @@ class LoopState:
     tokens: int = 0
     elapsed_s: float = 0.0
     """Training time of all invocations so far."""
+    first_steps: int = 0
+    """Invocations that trained a step: each one's first step (compiling, warming up) is no measure of the pace."""
+    first_steps_s: float = 0.0
+    """The time those first steps took, which a resume's fit to --max-minutes leaves out of the pace."""
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0

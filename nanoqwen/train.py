@@ -668,6 +668,7 @@ def train(run: Run) -> dict[str, Any]:
             state.elapsed_s += now - tick  # wall time, evaluation and saving included
             if state.step == first_step:  # it pays for compilation and warm-up: time the others
                 after_first = now
+                state.first_steps, state.first_steps_s = state.first_steps + 1, state.first_steps_s + now - tick
             else:
                 recent_steps_s.append(now - tick)
             tick, tok_s = now, tokens_per_step / (now - t0)
@@ -848,10 +849,13 @@ def fit_resumed_schedule(run: Run, display: Display) -> None:
     """Fit a resumed run's schedule to --max-minutes before its first step, at the mean time a step took before,
     where a new length given to the resume (--max-minutes, --max-steps) dropped the one fitted then. Until the
     loop has timed steps of its own, the schedule would span max_steps: a run that had decayed to min_lr went
-    back to the peak rate for its first steps, however little time was left to decay again."""
+    back to the peak rate for its first steps, however little time was left to decay again. The first step of
+    each earlier invocation (compiling, warming up) is left out, as the loop leaves out its own."""
     cfg, state = run.cfg, run.state
     if cfg.fit_to_time and cfg.max_minutes and state.fitted_steps is None and state.step and state.elapsed_s > 0:
-        step_s = state.elapsed_s / state.step  # evaluations and saves included, as the loop's estimate counts them
+        timed = state.step - state.first_steps  # (0 where every earlier invocation trained one step: those then)
+        # evaluations and saves included, as the loop's estimate counts them
+        step_s = (state.elapsed_s - state.first_steps_s) / timed if timed > 0 else state.elapsed_s / state.step
         fit_schedule(run, step_s, step_s, cfg.max_minutes * 60, display)
 
 

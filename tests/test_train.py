@@ -745,6 +745,8 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     records = read_metrics(out)
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
+    # its first step is kept apart from the pace a resume fits to (its time within the whole's)
+    assert state["first_steps"] == 1 and 0 < state["first_steps_s"] < state["elapsed_s"]
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
         assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
@@ -805,6 +807,13 @@ def test_a_resume_given_a_new_length_fits_its_schedule_before_its_first_step() -
     assert resumed.total_steps == 105 and resumed.decay_compressed  # 5 steps fit in 6 s (5% spare)
     rates = [resumed.rate(step) for step in range(100, 105)]
     assert rates[0] < 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
+    # The same pace after two invocations whose first steps compiled for 21 s each: those are left out of it (at
+    # 142 s over 100 steps, 4 steps fit)
+    compiled = FittedRun(step=100, warmup=10)
+    compiled.state.elapsed_s, compiled.cfg.max_minutes = 142.0, 0.1
+    compiled.state.first_steps, compiled.state.first_steps_s = 2, 42.0
+    fit_resumed_schedule(compiled, Display(False, 100, compiled.total_steps, 1))  # type: ignore[arg-type]
+    assert compiled.total_steps == 105
     # A new run has no pace to go by (the loop fits it after timing its first steps); a fit kept by a plain resume
     # stays until the loop refits it.
     for run in (FittedRun(step=0, warmup=10), FittedRun(step=100, warmup=10, fitted_steps=150)):
