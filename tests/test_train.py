@@ -8,6 +8,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.checkpoint import checkpoint_step, load_model, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
@@ -1987,9 +1988,22 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
     monkeypatch.setattr(nanoqwen.checkpoint, "save_file",
                         lambda tensors, path, **kw: (written.append(Path(path)), save_file(tensors, path, **kw)))
     out = tmp_path / "run"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
-                            "--sample-interval", "1", "--dtype", "bfloat16") == 0
-    assert written
+    # A reader of last/ or best/ (sample, serve, a copy) while the run saves finds a whole folder, never none: a
+    # save swaps the new one in for the old in one step (it moved the old away first, then the new in).
+    missing: list[str] = []
+    rename = os.rename
+
+    def rename_and_look(source: Any, target: Any) -> None:
+        there = [name for name in ("last", "best") if (out / name).is_dir()]
+        rename(source, target)
+        missing.extend(name for name in there if not (out / name).is_dir())
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "rename", rename_and_look)
+        assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
+                                "--sample-interval", "1", "--dtype", "bfloat16", "--eval-interval", "2") == 0
+    assert written and missing == []
+    assert checkpoint_step(out / "last") == checkpoint_step(out / "best") == 4  # each replaced at step 4
     for folder in (path.parent for path in written):  # one temporary folder beside last/ or best/, never nested
         assert folder.parent == out and re.fullmatch(r"\.(last|best)\.tmp-\d+-[^.]+", folder.name), folder
     last = out / "last"
@@ -2013,8 +2027,6 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Killed after best/ took a step later than last/: the resume replays those steps (perhaps with other
     # settings), so best/ held a model from outside the run's history while its state named an older best.
-    from nanoqwen.checkpoint import checkpoint_step
-
     out = tmp_path / "run"
     args = [*common(data, preset, out), "--eval-interval", "1"]
     assert train_in_process(*args, "--max-steps", "2") == 0
