@@ -537,6 +537,29 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
     assert "[rank1]" not in done.stderr and not out.exists()
 
 
+def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_once_a_machine(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A bad flag, an empty path, --device cuda without a GPU: each process of `torchrun --nproc_per_node 8` checks
+    # its own command line before the job's process group exists, and each printed the same line, 8 of them.
+    # LOCAL_RANK 0 says it for its machine; the others stop as it does (exit 2), silently (after a wait for it,
+    # which torchrun cuts short as it ends the job: none here).
+    from nanoqwen import cli
+    from nanoqwen.cli import says_errors
+    from nanoqwen.errors import RankError
+
+    monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 0.0)
+    for local_rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--max-steps", "x"])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: invalid int") == lines
+        assert main(["train", "--out", ""]) == 2
+        assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
+        # one process's own (no GPU for its LOCAL_RANK) is said by the process that meets it, whatever its rank
+        assert says_errors(RankError("no GPU")) and says_errors(NanoQwenError("bad flag")) == (local_rank == "0")
+
+
 def test_a_default_run_folder_rank0_cannot_make_stops_every_rank_with_its_line(data: Path, preset: Path,
                                                                               tmp_path: Path) -> None:
     # No --out: rank 0 makes runs/PRESET-TIME. Where it cannot (a file named runs), the other rank waited for the
