@@ -338,8 +338,6 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         model = build_model(model_config, device)
     model.train()
     model.activation_checkpointing = bool(args.activation_checkpointing)
-    if args.fsdp and cfg.optimizer == "muon":
-        raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
     train_module = wrap_model(model, info, args, device, cfg.compile)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings)
     amp_dtype = resolve_dtype(args.dtype, device)
@@ -526,8 +524,6 @@ def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: t
                compile_model: bool) -> torch.nn.Module:
     """The loss module, compiled, and wrapped in DDP or sharded with FSDP2 under torchrun."""
     objective = CausalLMLoss(model)
-    if args.fsdp and not info.distributed:
-        raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -621,6 +621,11 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     said = capsys.readouterr()
     assert "--seq-len 100000 exceeds the model's context" in said.err and "--set max_position" in said.err
     assert said.out == "" and not (tmp_path / "data").exists()
+    # --fsdp outside torchrun: refused once the data was prepared and the model built (minutes, for a large one)
+    assert train_in_process("--dataset", "texts", "--fsdp", "--max-steps", "1") == 2
+    said = capsys.readouterr()
+    assert said.err == "nanoqwen train: error: --fsdp shards the model over processes; launch with torchrun " \
+        "--nproc_per_node N\n" and said.out == "" and not (tmp_path / "data").exists()
 
 
 def test_a_bad_tokenizer_is_refused_before_preparing_is_announced(
