@@ -4,6 +4,7 @@ where a run stands (LoopState)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -453,8 +454,12 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
             raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; `nanoqwen train` "
                                 f"takes it as {given}")
-        if not sep or key not in names:
-            raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
+        if not sep and key in names:
+            raise NanoQwenError(f"--set {item!r}: give the value too, as --set {key}=VALUE")
+        if key not in names:
+            near = difflib.get_close_matches(key, sorted(names), n=2)  # a typo's likely fields, closest first
+            guess = f"{key!r} is no model field; did you mean {' or '.join(near)}? " if near else ""
+            raise NanoQwenError(f"--set {item!r}: {guess}expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
         if key == "torch_dtype":  # written from the weights when saved: a value here would be silently dropped
             raise NanoQwenError("--set torch_dtype: the dtype a checkpoint is saved in follows its weights; give "

@@ -956,6 +956,14 @@ def test_a_set_of_a_training_setting_names_its_flag():
                                 "`nanoqwen train` takes it as --max-steps 5"
     with pytest.raises(NanoQwenError, match="takes it as --fit-to-time or --no-fit-to-time$"):
         apply_overrides(tiny_config(), ["fit_to_time=true"])
+    # A typo was answered with the list of all 23 fields alone; a field without its value, with the same list.
+    with pytest.raises(NanoQwenError, match=r"^--set 'num_layers=2': 'num_layers' is no model field; did you mean "
+                                            r"num_hidden_layers\? expected FIELD=VALUE with FIELD one of the model "
+                                            r"fields \(attention_bias, "):
+        apply_overrides(tiny_config(), ["num_layers=2"])
+    with pytest.raises(NanoQwenError) as caught:
+        apply_overrides(tiny_config(), ["num_hidden_layers"])
+    assert str(caught.value) == "--set 'num_hidden_layers': give the value too, as --set num_hidden_layers=VALUE"
 
 
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
