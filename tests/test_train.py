@@ -556,8 +556,16 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
         assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: invalid int") == lines
         assert main(["train", "--out", ""]) == 2
         assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
-        # one process's own (no GPU for its LOCAL_RANK) is said by the process that meets it, whatever its rank
-        assert says_errors(RankError("no GPU")) and says_errors(NanoQwenError("bad flag")) == (local_rank == "0")
+        assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
+    # One process's own (no GPU for its LOCAL_RANK: torch's "invalid device ordinal" traceback) is one line, said by
+    # the process that meets it, whatever its rank. Stood in for on CPU: one GPU visible to a job of two.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "nanoqwen train: error: process 1 of the 2 started on this machine has no GPU " \
+        "of its own (LOCAL_RANK 1, 1 GPU visible): start one process a GPU, --nproc_per_node 1\n"
 
 
 def test_a_default_run_folder_rank0_cannot_make_stops_every_rank_with_its_line(data: Path, preset: Path,
