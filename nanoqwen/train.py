@@ -699,7 +699,7 @@ def train(run: Run) -> dict[str, Any]:
                 display.print(f"--- sample at step {state.step}:\n{text}\n---")
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
-            eta = (run.total_steps - state.step) * state.elapsed_s / state.step
+            eta = (run.total_steps - state.step) * mean_step_s(state)
             if cfg.max_minutes:
                 eta = max(0.0, min(eta, cfg.max_minutes * 60 - (now - start)))  # the cap may pass mid-step
             display.update(state.step, f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
@@ -849,10 +849,15 @@ def fit_resumed_schedule(run: Run, display: Display) -> None:
     each earlier invocation (compiling, warming up) is left out, as the loop leaves out its own."""
     cfg, state = run.cfg, run.state
     if cfg.fit_to_time and cfg.max_minutes and state.fitted_steps is None and state.step and state.elapsed_s > 0:
-        timed = state.step - state.first_steps  # (0 where every earlier invocation trained one step: those then)
-        # evaluations and saves included, as the loop's estimate counts them
-        step_s = (state.elapsed_s - state.first_steps_s) / timed if timed > 0 else state.elapsed_s / state.step
+        step_s = mean_step_s(state)
         fit_schedule(run, step_s, step_s, cfg.max_minutes * 60, display)
+
+
+def mean_step_s(state: LoopState) -> float:
+    """The mean wall time of a step so far (evaluations and saves included), each invocation's first step left out:
+    it compiles and warms up. Those alone where no other step was timed yet. `state.step` must be positive."""
+    timed = state.step - state.first_steps
+    return (state.elapsed_s - state.first_steps_s) / timed if timed > 0 else state.elapsed_s / state.step
 
 
 def duration(seconds: float) -> str:
