@@ -560,9 +560,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32
     if device.type == "cpu":
         check_host_memory(config.num_params(), dtype.itemsize, f"preset {args.preset}")
-    # Built in --dtype itself: bf16 weights take half of float32's memory, and normal_ draws the same values
-    # in either (rounded to bf16), so a seed gives the weights that float32 cast to bf16 gave (on CPU, for every
-    # tensor whose size is a multiple of 16, as all of the presets' are: the last 16 of others are drawn anew).
+    # Built in --dtype itself: bf16 weights take half of float32's memory, and Qwen3.init_weights draws each matrix
+    # in float32 before rounding it, so a seed gives the weights that float32 cast to bf16 gave.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -4,6 +4,7 @@ where a run stands (LoopState)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -475,8 +476,12 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
             raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; `nanoqwen train` "
                                 f"takes it as {given}")
-        if not sep or key not in names:
-            raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
+        if not sep and key in names:
+            raise NanoQwenError(f"--set {item!r}: give the value too, as --set {key}=VALUE")
+        if key not in names:
+            near = difflib.get_close_matches(key, sorted(names), n=2)  # a typo's likely fields, closest first
+            guess = f"{key!r} is no model field; did you mean {' or '.join(near)}? " if near else ""
+            raise NanoQwenError(f"--set {item!r}: {guess}expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
         if key == "torch_dtype":  # written from the weights when saved: a value here would be silently dropped
             raise NanoQwenError("--set torch_dtype: the dtype a checkpoint is saved in follows its weights; give "
@@ -632,6 +637,10 @@ class LoopState:
     tokens: int = 0
     elapsed_s: float = 0.0
     """Training time of all invocations so far."""
+    first_steps: int = 0
+    """Invocations that trained a step: each one's first step (compiling, warming up) is no measure of the pace."""
+    first_steps_s: float = 0.0
+    """The time those first steps took, which a resume's fit to --max-minutes leaves out of the pace."""
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0

@@ -944,10 +944,12 @@ def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "qwen3-8b needs at least 30.5 GiB" in err and "8.0 GiB free" in err, err
     # built in the dtype it is saved in: bf16 weights take 2 bytes each, not float32's 4 (the same weights as
-    # float32's cast to bf16)
+    # float32's cast to bf16, in tensors of any size: 3 x 257 is no multiple of 16, whose tail CPU's normal_ draws
+    # otherwise in bf16)
     big = ["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]
     assert main([*big, "--dtype", "bf16"]) == 2 and "qwen3-8b needs at least 15.3 GiB" in capsys.readouterr().err
-    small = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out"]
+    small = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--set", "hidden_size=257", "--set",
+             "intermediate_size=3", "--out"]
     assert main([*small, str(tmp_path / "f32")]) == 0 and main([*small, str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
     for mine, cast in zip(load_model(tmp_path / "bf16", dtype=None).parameters(),
                           load_model(tmp_path / "f32").to(torch.bfloat16).parameters(), strict=True):
@@ -1027,6 +1029,14 @@ def test_a_set_of_a_training_setting_names_its_flag():
                                 "`nanoqwen train` takes it as --max-steps 5"
     with pytest.raises(NanoQwenError, match="takes it as --fit-to-time or --no-fit-to-time$"):
         apply_overrides(tiny_config(), ["fit_to_time=true"])
+    # A typo was answered with the list of all 23 fields alone; a field without its value, with the same list.
+    with pytest.raises(NanoQwenError, match=r"^--set 'num_layers=2': 'num_layers' is no model field; did you mean "
+                                            r"num_hidden_layers\? expected FIELD=VALUE with FIELD one of the model "
+                                            r"fields \(attention_bias, "):
+        apply_overrides(tiny_config(), ["num_layers=2"])
+    with pytest.raises(NanoQwenError) as caught:
+        apply_overrides(tiny_config(), ["num_hidden_layers"])
+    assert str(caught.value) == "--set 'num_hidden_layers': give the value too, as --set num_hidden_layers=VALUE"
 
 
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])
