@@ -47,7 +47,7 @@ from nanoqwen.io import (
     write_json,
 )
 from nanoqwen.model import Qwen3, rope_inv_freq
-from nanoqwen.tokenizer import QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
+from nanoqwen.tokenizer import ENDOFTEXT, QWEN_FIRST_SPECIAL_ID, Tokenizer, load_tokenizer, resolve_tokenizer
 
 if TYPE_CHECKING:  # the training state's functions take the run being trained
     from nanoqwen.train import Run
@@ -77,14 +77,17 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
 
     `fit_vocab` sizes the embedding to the tokenizer (presets name a vocabulary size, the data decides).
     """
-    endoftext = tokenizer.eot_id
-    eos = tokenizer.stop_ids[0]
     vocab = vocab_rows(tokenizer) if fit_vocab else config.vocab_size
     if tokenizer.vocab_size > vocab:
         raise NanoQwenError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab} "
                             f"rows; use --set vocab_size={vocab_rows(tokenizer)} or a smaller tokenizer")
-    return dataclasses.replace(config, vocab_size=vocab, bos_token_id=endoftext, eos_token_id=eos,
-                               pad_token_id=endoftext)
+    return dataclasses.replace(config, vocab_size=vocab, **special_ids(tokenizer))
+
+
+def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+    """A new model's bos, eos and pad ids: its tokenizer's <|endoftext|>, its end token (<|im_end|> where it has
+    one) and <|endoftext|>, as Qwen3's."""
+    return {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.stop_ids[0], "pad_token_id": tokenizer.eot_id}
 
 
 TOKENIZER_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")  # a new model's: its tokenizer's special ids
@@ -403,7 +406,9 @@ def load_checkpoint(directory: str | Path, device: torch.device | str = "cpu",
     config = read_config(directory)  # first: it says best what a folder that is no checkpoint is
     tokenizer = load_tokenizer(directory)
     check_vocab(tokenizer, config, Path(directory))
-    tokenizer.extra_stop_ids = generation_end_ids(generation or read_generation_file(directory))
+    generation = generation or read_generation_file(directory)
+    tokenizer.extra_stop_ids = generation_end_ids(generation)
+    warn_of_special_ids(tokenizer, config, generation)
     return load_model(directory, device, dtype), tokenizer
 
 
@@ -479,6 +484,36 @@ def check_vocab(tokenizer: Tokenizer, config: ModelConfig, directory: Path, whos
                             f"of {tokenizer.vocab_size} ids does not have, so the tokenizer is another model's; {fix}")
 
 
+def warn_of_special_ids(tokenizer: Tokenizer, config: ModelConfig, generation: GenerationFile) -> None:
+    """One warning line for each id a folder names that its tokenizer holds as another token than it stands for:
+    an end id (config.json's eos_token_id, generation_config.json's) that is not one of its end tokens, or a bos
+    or pad id that is no special token. Such a folder still loads: Transformers runs it as it is, and generation
+    here stops where it stops (a fine-tune may end its text at a token of its own), but a tokenizer of another
+    model, or a mistyped id, would cut every reply at a word, unsaid."""
+    config_path = generation.path.with_name("config.json")
+    end_ids_path = generation.path if generation.settings is not None else config_path
+    named = [(config_path, "eos_token_id", config.eos_token_id), (config_path, "bos_token_id", config.bos_token_id),
+             (config_path, "pad_token_id", config.pad_token_id),
+             *((end_ids_path, "eos_token_id", token_id) for token_id in tokenizer.extra_stop_ids)]
+    ends = ", ".join(f"{text} {token_id}" for token_id, text in tokenizer.end_ids.items()) or "none"
+    endoftext = tokenizer.token_id(ENDOFTEXT)
+    for path, name, token_id in dict.fromkeys(named):
+        is_end = name == "eos_token_id"
+        if token_id is None or token_id in (tokenizer.end_ids if is_end else tokenizer.special_ids):
+            continue
+        found = f"is {json.dumps(tokenizer.decode([token_id]))} in its tokenizer" \
+            if token_id < tokenizer.vocab_size else f"is beyond its tokenizer's {tokenizer.vocab_size} ids"
+        if is_end:
+            problem = f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does"
+            fix = "correct it in that file unless the model was trained to end its text there"
+        else:
+            problem = "not one of its special tokens" + (
+                " (Transformers pads batched generations with it)" if name == "pad_token_id" else "")
+            fix = "correct it" if endoftext is None else f"set it to {endoftext} ({ENDOFTEXT}, as Qwen3 has it)"
+            fix += " in that file"
+        print(f"nanoqwen: warning: {path}: {name} {token_id} {found}, {problem}; {fix}", file=sys.stderr, flush=True)
+
+
 def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> None:
     """The data must be in the checkpoint's token ids: the same tokenizer where the checkpoint has one, else one
     its model can read (its checkpoints, which carry that tokenizer, would not load otherwise)."""
@@ -525,9 +560,8 @@ def run(args: argparse.Namespace) -> int:
     dtype = resolve_dtype(args.dtype, torch.device("cpu")) if args.dtype else torch.float32
     if device.type == "cpu":
         check_host_memory(config.num_params(), dtype.itemsize, f"preset {args.preset}")
-    # Built in --dtype itself: bf16 weights take half of float32's memory, and normal_ draws the same values
-    # in either (rounded to bf16), so a seed gives the weights that float32 cast to bf16 gave (on CPU, for every
-    # tensor whose size is a multiple of 16, as all of the presets' are: the last 16 of others are drawn anew).
+    # Built in --dtype itself: bf16 weights take half of float32's memory, and Qwen3.init_weights draws each matrix
+    # in float32 before rounding it, so a seed gives the weights that float32 cast to bf16 gave.
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

@@ -9,10 +9,11 @@ import contextlib
 import importlib
 import os
 import sys
+import time
 from typing import NoReturn
 
 from nanoqwen import __version__
-from nanoqwen.errors import NanoQwenError, user_error_line
+from nanoqwen.errors import NanoQwenError, RankError, user_error_line
 from nanoqwen.io import discard_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -34,8 +35,29 @@ PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "toke
 
 def refuse(prog: str, message: str) -> NoReturn:
     """A bad command line in one line, as every other bad input is (the usage block is --help's); exit 2."""
-    sys.stderr.write(f"{prog}: error: {message} (see {prog} --help)\n")
+    say_error(f"{prog}: error: {message} (see {prog} --help)")
     sys.exit(2)
+
+
+# How long a process that leaves an error to LOCAL_RANK 0 waits before it exits: torchrun ends the whole job as soon
+# as one process fails, which could be before LOCAL_RANK 0, a moment behind, has said it. (Ended by torchrun sooner.)
+QUIET_EXIT_WAIT_S = 10.0
+
+
+def says_errors(error: BaseException | None = None) -> bool:
+    """Whether this process says the error the command stops with. Under torchrun each process parses the same
+    flags and checks the same paths and device before the job's process group exists (train says the errors met
+    after that once, see distributed.say_once), and each said the same line: LOCAL_RANK 0 says it for its machine.
+    A RankError (a GPU missing for one process) is said by the process that meets it."""
+    return isinstance(error, RankError) or os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def say_error(line: str, error: BaseException | None = None) -> None:
+    """`line` where this process says the error (see says_errors); else nothing, after a wait for the one that does."""
+    if says_errors(error):
+        say(line)
+    else:
+        time.sleep(QUIET_EXIT_WAIT_S)
 
 
 class Parser(argparse.ArgumentParser):
@@ -78,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         check_path_flags(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
-        say(f"{prog}: error: {e}")
+        say_error(f"{prog}: error: {e}", e)
         return 2
     except KeyboardInterrupt:
         return interrupted(prog)
@@ -89,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error_line(e)
         if line is None:
             raise
-        say(f"{prog}: error: {line}")
+        say_error(f"{prog}: error: {line}", e)
         return 2
 
 

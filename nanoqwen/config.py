@@ -4,6 +4,7 @@ where a run stands (LoopState)."""
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import math
 import types
@@ -38,6 +39,9 @@ ROPE_TYPES: dict[str, Any] = {
 SILU_NAMES = ("silu", "swish")
 # The RoPE scalings nanoqwen computes as Transformers does; both are static (the same tables at every length).
 ROPE_SCALINGS = ("linear", "yarn")
+# What a Qwen3 layer's attention may be, in config.json's layer_types (Transformers' Qwen3 builds no other kind;
+# Transformers 5 reads "attention", an older name, as full attention).
+LAYER_TYPES = ("full_attention", "sliding_attention", "attention")
 
 
 def json_is(value: Any, hint: Any) -> bool:
@@ -78,9 +82,14 @@ def check_json_types(values: dict[str, Any], hints: dict[str, Any], source: str,
     where a count belongs) before code that would trip over it, or misread it, gets it."""
     for name, value in values.items():
         if name in hints and not json_is(value, hints[name]):
-            shown = json.dumps(value)
-            shown = shown if len(shown) <= 80 else shown[:77] + "..."
-            raise NanoQwenError(f"{source}: {name} must be {json_type_name(hints[name])}, got {shown}; {fix}")
+            raise NanoQwenError(f"{source}: {name} must be {json_type_name(hints[name])}, got {shown_json(value)}; "
+                                f"{fix}")
+
+
+def shown_json(value: Any) -> str:
+    """A JSON value as a message quotes it: cut to 80 characters."""
+    shown = json.dumps(value)
+    return shown if len(shown) <= 80 else shown[:77] + "..."
 
 
 def check_rope_types(key: str, part: Any, source: str, fix: str = "correct it in the file") -> None:
@@ -257,10 +266,14 @@ class ModelConfig:
     def to_hf_dict(self) -> dict[str, Any]:
         """config.json as Transformers writes it for Qwen3, every field explicit."""
         d = dataclasses.asdict(self)
+        # A whole number where a number belongs (a preset's "rms_norm_eps": 0, a config.json's carried on) is
+        # written as a float: Transformers 5 refuses an integer in a float field.
+        d.update({name: float(d[name]) for name, hint in typing.get_type_hints(ModelConfig).items()
+                  if hint is float and isinstance(d[name], int)})
         # Transformers 4 reads rope_theta and rope_scaling; 5 reads rope_parameters, or rope_scaling where set (and
         # rope_theta beside it). A scaling is written to both, the same.
         d["rope_scaling"] = rope_scaling_of(self.rope_scaling)
-        d["rope_parameters"] = {**(d["rope_scaling"] or {"rope_type": "default"}), "rope_theta": self.rope_theta}
+        d["rope_parameters"] = {**(d["rope_scaling"] or {"rope_type": "default"}), "rope_theta": d["rope_theta"]}
         return {"architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", **d,
                 "use_cache": True, "transformers_version": "4.51.0"}
 
@@ -320,8 +333,8 @@ class ModelConfig:
                     values["rope_scaling"] = rope_scaling_of({**values["rope_scaling"], name: d[name]})
         if isinstance(values.get("eos_token_id"), list):  # several stop ids: the first is the model's own
             values["eos_token_id"] = values["eos_token_id"][0] if values["eos_token_id"] else None
-        if values.get("torch_dtype") is None:
-            values["torch_dtype"] = d.get("dtype") or "float32"
+        # Transformers 5 writes dtype, and reads it over torch_dtype (its older name) where a file has both.
+        values["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
         if d.get("quantization_config") is not None:
             method = (d["quantization_config"] or {}).get("quant_method", "?") if isinstance(
                 d["quantization_config"], dict) else "?"
@@ -334,9 +347,19 @@ class ModelConfig:
             sliding = [i for i, kind in enumerate(d["layer_types"]) if kind == "sliding_attention"]
             values["max_window_layers"] = sliding[0] if sliding else values["num_hidden_layers"]
         try:
-            return cls(**values).validate()
+            config = cls(**values).validate()
         except NanoQwenError as e:
             raise NanoQwenError(f"{source}: {e}") from None
+        layer_types = d.get("layer_types")
+        # Transformers 5 refuses a list of another length, or of a kind it does not know (it was read here as full
+        # attention in every layer): one entry per layer, and Qwen3's layers attend fully or through a window.
+        if layer_types is not None and (len(layer_types) != config.num_hidden_layers
+                                        or not set(layer_types) <= set(LAYER_TYPES)):
+            raise NanoQwenError(f"{source}: layer_types must list \"full_attention\" or \"sliding_attention\" for "
+                                f"each of its {config.num_hidden_layers} layers (num_hidden_layers), got "
+                                f"{shown_json(layer_types)}; correct it in the file, or delete it (use_sliding_window "
+                                "and max_window_layers then say which layers slide)")
+        return config
 
 
 @dataclass
@@ -453,8 +476,12 @@ def apply_overrides(config: ModelConfig, assignments: list[str]) -> ModelConfig:
             given = f"{flag} or --no-{flag[2:]}" if switch else f"{flag} {value.strip()}"
             raise NanoQwenError(f"--set {item!r}: {key} is a training setting, not a model field; `nanoqwen train` "
                                 f"takes it as {given}")
-        if not sep or key not in names:
-            raise NanoQwenError(f"--set {item!r}: expected FIELD=VALUE with FIELD one of the model fields "
+        if not sep and key in names:
+            raise NanoQwenError(f"--set {item!r}: give the value too, as --set {key}=VALUE")
+        if key not in names:
+            near = difflib.get_close_matches(key, sorted(names), n=2)  # a typo's likely fields, closest first
+            guess = f"{key!r} is no model field; did you mean {' or '.join(near)}? " if near else ""
+            raise NanoQwenError(f"--set {item!r}: {guess}expected FIELD=VALUE with FIELD one of the model fields "
                                 f"({', '.join(sorted(names))})")
         if key == "torch_dtype":  # written from the weights when saved: a value here would be silently dropped
             raise NanoQwenError("--set torch_dtype: the dtype a checkpoint is saved in follows its weights; give "
@@ -610,6 +637,10 @@ class LoopState:
     tokens: int = 0
     elapsed_s: float = 0.0
     """Training time of all invocations so far."""
+    first_steps: int = 0
+    """Invocations that trained a step: each one's first step (compiling, warming up) is no measure of the pace."""
+    first_steps_s: float = 0.0
+    """The time those first steps took, which a resume's fit to --max-minutes leaves out of the pace."""
     best_val_loss: float | None = None
     best_step: int | None = None
     evals_since_best: int = 0

@@ -17,7 +17,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from nanoqwen.errors import NanoQwenError, user_error_line
+from nanoqwen.errors import NanoQwenError, RankError, counted, user_error_line
 
 T = TypeVar("T")
 
@@ -160,6 +160,11 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     world_size, rank = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        visible, processes = torch.cuda.device_count(), os.environ.get("LOCAL_WORLD_SIZE", "?")
+        if local_rank >= visible:  # torch's own words are a traceback of "invalid device ordinal"
+            raise RankError(f"process {local_rank} of the {processes} started on this machine has no GPU of its own "
+                            f"(LOCAL_RANK {local_rank}, {counted(visible, 'GPU')} visible): start one process a "
+                            f"GPU, --nproc_per_node {visible}")
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     threads = threads_per_process(os.environ, launcher_environment(), usable_cores()) if device.type == "cpu" else None

@@ -9,6 +9,11 @@ class NanoQwenError(Exception):
     """A problem with the user's input: the message says what is wrong and what to do."""
 
 
+class RankError(NanoQwenError):
+    """A problem of one process of a torchrun job that the others need not meet (its own GPU): said by the process
+    that meets it, where one alike in every process (a bad flag) is said once a machine (see cli.says_errors)."""
+
+
 class InvalidSetting(NanoQwenError):
     """A setting out of its range, its name carried apart (`name`), so that a caller can point at the setting
     without reading the message (the server's error body names it in `param`). The message starts with the name."""

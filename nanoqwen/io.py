@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -66,11 +69,15 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     sync_tree(tmp)  # on the disk before the name points at it: after a power cut, the old folder or the whole new one
     old = None
     try:
-        if final.exists():
+        if not final.exists():
+            tmp.rename(final)
+        elif exchange(tmp, final):  # in one step: a reader (sample of RUN/best mid-run) always finds a whole folder
+            old = tmp  # the replaced one, under the temporary name (an orphan of it goes as a tmp one does)
+        else:  # two renames, where the system cannot swap: `final` is missing for a moment between them
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
             final.rename(old)
-        tmp.rename(final)
+            tmp.rename(final)
     except OSError as e:  # e.g. `final` is a mount point, which cannot be renamed away
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
@@ -86,6 +93,27 @@ def refused_as_asked(error: OSError, final: Path) -> OSError:
     """The error of a folder that refuses the temporary file or folder made beside `final` (no permission, a name
     too long), said of `final`: the hidden temporary name means nothing to the user."""
     return OSError(error.errno, error.strerror, str(final))
+
+
+RENAME_EXCHANGE, AT_FDCWD = 2, -100  # from Linux's <linux/fs.h> and <fcntl.h>
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one step (Linux's renameat2 with RENAME_EXCHANGE), so that a reader of either
+    name finds one whole folder or the other, never none. False where the system or its file system cannot (not
+    Linux, a libc without renameat2, a file system without the flag): nothing has changed then."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # a libc from before renameat2 (glibc 2.28)
+        return False
+    if renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # unsupported here (e.g. some network or FUSE mounts)
+        return False
+    raise OSError(code, os.strerror(code), str(b))
 
 
 def sync_file(path: str | os.PathLike[str]) -> None:

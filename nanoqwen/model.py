@@ -342,11 +342,20 @@ class Qwen3(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """All initialization lives here: normal(0, initializer_range) for matrices, ones for norms."""
+        """All initialization lives here: normal(0, initializer_range) for matrices, ones for norms.
+
+        Matrices are drawn in float32 whatever their dtype, then rounded: a seed gives a bf16 model (`nanoqwen init
+        --dtype bf16`) the float32 weights cast, as normal_ into bf16 itself does not (on CPU it draws the last
+        numel % 16 values of a tensor otherwise). One matrix's float32 copy at a time: peak memory stays low."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                weight = module.weight
+                drawn = weight if weight.dtype == torch.float32 else torch.empty_like(weight, dtype=torch.float32)
+                nn.init.normal_(drawn, mean=0.0, std=std)
+                if drawn is not weight:
+                    weight.copy_(drawn)
+                del drawn
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
         self.inv_freq.copy_(rope_inv_freq(self.config, self.inv_freq.device))

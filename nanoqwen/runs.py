@@ -176,6 +176,14 @@ def check_seq_len(seq_len: int, config: ModelConfig, can_set: bool) -> None:
                             "lower it" + (f" or --set max_position_embeddings={seq_len}" if can_set else ""))
 
 
+def check_parallelism(fsdp: bool, optimizer: str, info: DistInfo) -> None:
+    """What --fsdp cannot run with, refused before a corpus is prepared or a model built."""
+    if fsdp and not info.distributed:
+        raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
+    if fsdp and optimizer == "muon":
+        raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
+
+
 def warming_up(steps: int) -> str:
     return f"warming up over {steps}" if steps else "no warmup"
 
@@ -198,6 +206,7 @@ def new_run(args: argparse.Namespace, info: DistInfo) -> tuple[Preset, TrainConf
     if cfg.seq_len:  # before a corpus is prepared (a tokenizer changes the vocabulary, not the context)
         check_seq_len(cfg.seq_len, model, can_set=True)
     check_batch(cfg.batch_size, cfg.micro_batch, info.world_size)  # likewise
+    check_parallelism(args.fsdp, cfg.optimizer, info)
     if (args.tokenizer or args.text_column) and args.data:
         raise NanoQwenError("--tokenizer and --text-column go with --dataset; a --data folder is prepared already")
     if args.init_from and "tokenizer" not in preset.train and not (args.tokenizer or args.data):
@@ -299,6 +308,7 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
     trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
     if trained_dtype and trained_dtype != dtype:
         changed.append(f"dtype {trained_dtype} -> {dtype}")
+    check_parallelism(args.fsdp, cfg.optimizer, info)
     return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, Changes(changed, given, before)
 
 

@@ -17,6 +17,7 @@ from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
+import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -178,6 +179,20 @@ class Tokenizer:
         own = [i for i in (self.token_id(IM_END), self.token_id(ENDOFTEXT)) if i is not None]
         return own + [i for i in dict.fromkeys(self.extra_stop_ids) if i not in own]
 
+    def named_token(self, name: str) -> str | None:
+        """tokenizer_config.json's bos_token, eos_token, pad_token or unk_token: its text (Transformers writes a
+        string, or an AddedToken object holding it)."""
+        token = self.config.get(name)
+        token = token.get("content") if isinstance(token, dict) else token
+        return token if isinstance(token, str) else None
+
+    @property
+    def end_ids(self) -> dict[int, str]:
+        """The tokens a model may end its text with, by id: `<|im_end|>`, `<|endoftext|>` and the folder's own
+        eos_token (official Qwen3 Base folders name <|endoftext|>, the others <|im_end|>)."""
+        found = {text: self.token_id(text) for text in (IM_END, ENDOFTEXT, self.named_token("eos_token")) if text}
+        return {token_id: text for text, token_id in found.items() if token_id is not None}
+
     @cached_property
     def fingerprint(self) -> str:
         """A hash of the vocabulary (every token and its id, added ones included): equal for the same
@@ -212,7 +227,7 @@ class Tokenizer:
     def text_bytes(self, ids: list[int]) -> int:
         """UTF-8 bytes of the text `ids` stand for, an added token's (<|endoftext|>, chat marks) none, as prepare
         counts a split's: the bits per byte of part of a split divide by these."""
-        kept = [i for i in ids if i not in self._special_ids]
+        kept = [i for i in ids if i not in self.special_ids]
         if self.byte_level:  # exact, a character cut at either end included
             return sum(len(self.token_bytes(i)) for i in kept)
         return len(self.decode(kept).encode("utf-8"))
@@ -221,7 +236,7 @@ class Tokenizer:
         """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
         decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes."""
         piece = self.hf.id_to_token(token_id)
-        if piece is not None and token_id not in self._special_ids and self.byte_level:
+        if piece is not None and token_id not in self.special_ids and self.byte_level:
             byte_of = _byte_of_char()
             if all(c in byte_of for c in piece):
                 return bytes(byte_of[c] for c in piece)
@@ -233,8 +248,9 @@ class Tokenizer:
         return isinstance(self.hf.decoder, decoders.ByteLevel)
 
     @cached_property
-    def _special_ids(self) -> set[int]:
-        """Added tokens are stored as plain text, not in the byte-level alphabet."""
+    def special_ids(self) -> set[int]:
+        """The added tokens' ids (<|endoftext|>, the chat marks, ...), stored as plain text, not in the byte-level
+        alphabet."""
         return set(self.hf.get_added_tokens_decoder())
 
     def render_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
@@ -251,9 +267,8 @@ class Tokenizer:
                                         "each message's content as a string (join the text of its parts)")
             text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-        special = {name: token.get("content") if isinstance(token, dict) else token
-                   for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-                   if (token := self.config.get(name)) is not None}
+        special = {name: token for name in ("bos_token", "eos_token", "pad_token", "unk_token")
+                   if (token := self.named_token(name)) is not None}
         # As Transformers passes them: tools and documents none unless given (`is none` tests them), and a reply's
         # thinking under each name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
         given = {"tools": None, "documents": None, **template_kwargs}
@@ -442,10 +457,18 @@ def check_added_tokens(tokenizer: HFTokenizer, config: dict[str, Any], directory
                                     f"nanoqwen by the second: {fix}")
 
 
+def qwen3_cache_folder() -> Path:
+    """Where the built official tokenizer is kept: named by a hash of what builds it, this file (every step and
+    constant of the build and of the files it saves) and the tokenizers version that writes them, so that a build
+    that changed is built anew rather than hidden by the files an older one cached."""
+    build = hashlib.sha256(Path(__file__).read_bytes() + tokenizers.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / f"qwen3-tokenizer-{build}"
+
+
 @lru_cache(maxsize=1)
 def _qwen3_cached_folder() -> Path:
     """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
-    folder = cache_dir() / "qwen3-tokenizer-2"  # -2: <think>, <tool_call>... no longer marked special
+    folder = qwen3_cache_folder()
     if not (folder / "tokenizer.json").exists():
         with atomic_dir(folder, keep_existing=True) as tmp:
             Tokenizer(build_qwen3_tokenizer()).save(tmp)

@@ -338,8 +338,6 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         model = build_model(model_config, device)
     model.train()
     model.activation_checkpointing = bool(args.activation_checkpointing)
-    if args.fsdp and cfg.optimizer == "muon":
-        raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
     train_module = wrap_model(model, info, args, device, cfg.compile)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings)
     amp_dtype = resolve_dtype(args.dtype, device)
@@ -526,8 +524,6 @@ def wrap_model(model: Qwen3, info: DistInfo, args: argparse.Namespace, device: t
                compile_model: bool) -> torch.nn.Module:
     """The loss module, compiled, and wrapped in DDP or sharded with FSDP2 under torchrun."""
     objective = CausalLMLoss(model)
-    if args.fsdp and not info.distributed:
-        raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
     if args.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
@@ -668,6 +664,7 @@ def train(run: Run) -> dict[str, Any]:
             state.elapsed_s += now - tick  # wall time, evaluation and saving included
             if state.step == first_step:  # it pays for compilation and warm-up: time the others
                 after_first = now
+                state.first_steps, state.first_steps_s = state.first_steps + 1, state.first_steps_s + now - tick
             else:
                 recent_steps_s.append(now - tick)
             tick, tok_s = now, tokens_per_step / (now - t0)
@@ -702,7 +699,7 @@ def train(run: Run) -> dict[str, Any]:
                 display.print(f"--- sample at step {state.step}:\n{text}\n---")
             if state.step % cfg.save_interval == 0 or final:
                 save_last(run)
-            eta = (run.total_steps - state.step) * state.elapsed_s / state.step
+            eta = (run.total_steps - state.step) * mean_step_s(state)
             if cfg.max_minutes:
                 eta = max(0.0, min(eta, cfg.max_minutes * 60 - (now - start)))  # the cap may pass mid-step
             display.update(state.step, f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
@@ -848,11 +845,19 @@ def fit_resumed_schedule(run: Run, display: Display) -> None:
     """Fit a resumed run's schedule to --max-minutes before its first step, at the mean time a step took before,
     where a new length given to the resume (--max-minutes, --max-steps) dropped the one fitted then. Until the
     loop has timed steps of its own, the schedule would span max_steps: a run that had decayed to min_lr went
-    back to the peak rate for its first steps, however little time was left to decay again."""
+    back to the peak rate for its first steps, however little time was left to decay again. The first step of
+    each earlier invocation (compiling, warming up) is left out, as the loop leaves out its own."""
     cfg, state = run.cfg, run.state
     if cfg.fit_to_time and cfg.max_minutes and state.fitted_steps is None and state.step and state.elapsed_s > 0:
-        step_s = state.elapsed_s / state.step  # evaluations and saves included, as the loop's estimate counts them
+        step_s = mean_step_s(state)
         fit_schedule(run, step_s, step_s, cfg.max_minutes * 60, display)
+
+
+def mean_step_s(state: LoopState) -> float:
+    """The mean wall time of a step so far (evaluations and saves included), each invocation's first step left out:
+    it compiles and warms up. Those alone where no other step was timed yet. `state.step` must be positive."""
+    timed = state.step - state.first_steps
+    return (state.elapsed_s - state.first_steps_s) / timed if timed > 0 else state.elapsed_s / state.step
 
 
 def duration(seconds: float) -> str:

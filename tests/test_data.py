@@ -462,7 +462,7 @@ def test_single_document_is_split_inside(tmp_path: Path) -> None:
     assert len(docs["train"]) == 1 and len(docs["val"]) == 1
     assert docs["train"][0] + docs["val"][0] == text
     assert 0.8 < len(docs["train"][0]) / len(text) < 0.95
-    check_counts(out, docs)
+    assert check_counts(out, docs)["cut_documents"] == 1  # each split's count holds it: said so
 
 
 def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
@@ -477,8 +477,41 @@ def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
         assert (a / f"{split}.bin").read_bytes() == (b / f"{split}.bin").read_bytes()
     docs = read_back(a)
     assert len(docs["val"]) >= 1 and len(docs["train"]) + len(docs["val"]) == 5
+    assert load_meta(a)["cut_documents"] == 0
     half = prepare(str(tmp_path), "bpe:300", tmp_path / "c", val_fraction=0.5, seed=3, progress=False)
     assert sorted(sum(read_back(half).values(), [])) == sorted(f"document number {i}\n" for i in range(5))
+
+
+def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
+    # JSON exports nest a record's fields ({"data": {"text": ...}}): --text-column data.text was looked up as one name,
+    # in JSON, parquet (a struct column) and `datasets` folders alike. A field named with a dot is still read first.
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"id": 1, "data": {"text": "first", "meta": {"title": "One"}}}, {"id": 2, "data": None},
+            {"id": 3, "data": {"text": "third", "meta": {"title": "Three"}}}]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    for source in ("rows.jsonl", "rows.json", "rows.parquet", "saved"):
+        assert list(open_corpus(str(tmp_path / source), text_column="data.text").documents()) == ["first", "third"]
+        assert list(open_corpus(str(tmp_path / source), text_column="data.meta.title").documents()) == ["One", "Three"]
+    # A path that is not there: the fields where it stops.
+    for source, fields in [("rows.jsonl", "line 1: no 'data.body' field (fields of 'data': text, meta)"),
+                           ("rows.parquet", "has no 'data.body' column (it has: id, data.text, data.meta.title)"),
+                           ("saved", "has no 'data.body' column (it has: data.text, data.meta.title)")]:
+        with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / source} {fields}; give --text-column "
+                                                          "the name of the field")):
+            list(open_corpus(str(tmp_path / source), text_column="data.body").documents())
+    with pytest.raises(NanoQwenError, match=re.escape("line 1: no 'dat.text' field (fields: id, data); give")):
+        list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="dat.text").documents())
+    with pytest.raises(NanoQwenError, match=re.escape("line 1: field 'data.text' holds str, not an object with a 'x' "
+                                                      "field; give --text-column")):
+        list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="data.text.x").documents())
+    (tmp_path / "dotted.jsonl").write_text(json.dumps({"data.text": "named so", "data": {"text": "inside"}}) + "\n")
+    assert list(open_corpus(str(tmp_path / "dotted.jsonl"), text_column="data.text").documents()) == ["named so"]
 
 
 def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
@@ -909,7 +942,6 @@ def test_a_missing_path_says_what_to_give(spec: str, said: str, tmp_path: Path,
 @pytest.mark.parametrize(("name", "said"), [
     # (each said only "unsupported file type ...; use .txt, .md, ...": nothing of how to make one of those)
     ("data-00000-of-00001.arrow", "(a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"),
-    ("rows.jsonl.zst", "(zstd-compressed: decompress it first, `zstd -d {path}`)"),
 ])
 def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp_path: Path) -> None:
     path = tmp_path / name
@@ -917,6 +949,68 @@ def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp
     with pytest.raises(NanoQwenError) as e:
         open_corpus(str(path))
     assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
+
+
+def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Without the zstandard package (no dependency of nanoqwen) a .zst is not read: alone, the line names both ways to
+    # read it (it named `zstd -d` alone); in a folder, a note says so (it was counted as a file of another type).
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "notes.txt").write_text("a note")
+    for name in ("rows.jsonl.zst", "more.txt.zstd"):
+        (tmp_path / "c" / name).write_bytes(b"(zstd data)")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path / "c" / "rows.jsonl.zst"))
+    assert str(e.value).endswith(" (zstd-compressed: `pip install zstandard` and nanoqwen reads it, or decompress it "
+                                 f"first, `zstd -d {tmp_path / 'c' / 'rows.jsonl.zst'}`)")
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["a note"]
+    assert corpus.stats.notes == [f"2 zstd-compressed files (such as {tmp_path / 'c' / 'more.txt.zstd'}) are left out: "
+                                  "`pip install zstandard` and nanoqwen reads them, or decompress them first with "
+                                  "`zstd -d`"]
+
+
+def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every frame (files joined with `cat`, or pzstd's), a byte-order mark looked at and read again, a large file in
+    # blocks; zstandard's own reader ended a cut file in silence: damaged data, as a cut .gz is.
+    zstandard = pytest.importorskip("zstandard")  # not a dependency: read only where installed
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+
+    def compressed(*frames: str) -> bytes:
+        return b"".join(zstandard.ZstdCompressor().compress(frame.encode()) for frame in frames)
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "rows.jsonl.zst").write_bytes(compressed('{"text": "one"}\n', '{"text": "two"}\n'))
+    (folder / "table.csv.zstd").write_bytes(compressed("\ufeffid,text\n1,a cell\n"))
+    lines = "".join(f"line {i} of a long file\n" for i in range(4000))
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 30_000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 20_000)
+    (folder / "big.txt.zst").write_bytes(compressed(lines))
+    blocks = list(open_corpus(str(folder / "big.txt.zst")).documents())
+    assert "".join(blocks) == lines and len(blocks) > 3
+    assert list(open_corpus(str(folder)).documents()) == [*blocks, "one", "two", "a cell"]
+    (tmp_path / "cut.txt.zst").write_bytes(compressed(lines)[:200])
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
+                                                      "ended before the end-of-frame marker was reached); decompress")):
+        list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
+    # A folder prepared while its .zst files were not read (zstandard not installed) says so, not "other inputs".
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
+    with monkeypatch.context() as without:
+        without.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+        (folder / "note.txt").write_text("a note")
+        assert main(command) == 0
+    capsys.readouterr()
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared without zstandard installed (or by an older nanoqwen), so "
+        f"without 3 files of this corpus (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}) (runs "
+        "trained on it resume only from it); give --force to replace it, or another --out")
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
@@ -1064,6 +1158,7 @@ def test_a_large_file_read_in_blocks_gives_val_its_fraction(tmp_path: Path, monk
     train, val = meta["splits"]["train"], meta["splits"]["val"]
     assert val["documents"] == 1 and val["bytes"] == round(0.01 * (tmp_path / "book.txt").stat().st_size)
     assert train["bytes"] + val["bytes"] == (tmp_path / "book.txt").stat().st_size
+    assert meta["cut_documents"] == 1  # the last block: its start is train's last document
 
 
 def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
@@ -1078,6 +1173,9 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert [s["path"] for s in meta["skipped"]] == [str(tmp_path / "c" / name) for name in ("noise.txt", "scan.pdf")]
     assert "characters are undecodable or NUL (a binary file, or text in another" in meta["skipped"][0]["reason"]
     assert "scan.pdf" in done.stderr
+    # The one document, cut, is in both splits' counts: "train 1 document ...; val 1 document" read as two.
+    assert re.search(r"^prepared \S+: train 1 document, \d+ tokens; val 1 document, \d+ tokens \(1 document read, cut "
+                     r"between them; \d+ bytes of text in ", done.stdout, re.M), done.stdout
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
     docs = read_back(tmp_path / "out")  # one document: cut into train and val
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
@@ -1351,9 +1449,11 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert list(capped.documents()) == [STORIES[0], STORIES[1][:1]] and capped.stats.parted_documents == 2
     # Only a corpus whose text files hold the separator has a new fingerprint: the folders of others stay up to date.
     corpus, alone = open_corpus(str(folder)), open_corpus(str(folder / "plain.txt"))
-    assert corpus.fingerprint == f"{corpus.former_fingerprint} parted"
+    assert corpus.former_fingerprints == {corpus.fingerprint.removesuffix(" parted"): "was prepared from these "
+                                          "inputs before nanoqwen parted text files at <|endoftext|>"}
+    assert corpus.fingerprint.endswith(" parted")
     assert alone.fingerprint == f"local {local_fingerprint(folder / 'plain.txt')} text"
-    assert alone.former_fingerprint is None
+    assert alone.former_fingerprints == {}
 
 
 def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why(
@@ -1381,6 +1481,39 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
         "again (runs" in capsys.readouterr().out
     assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its fingerprint left out the .csv and .gz files it did not read: `prepare --out` over it said it "holds data
+    # prepared from other inputs or options", which the user, who changed nothing, could not make sense of.
+    import gzip
+
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "note.txt").write_text("a note of some words\n")
+    (folder / "rows.csv").write_text("id,text\n1,a row of a table\n")
+    (folder / "more.txt.gz").write_bytes(gzip.compress(b"compressed words\n"))
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
+    for read, unread in [((), f"2 files of this corpus (.csv, .txt.gz, such as {folder / 'more.txt.gz'})"),
+                         ((".gz",), f"1 file of this corpus (.csv, such as {folder / 'rows.csv'})")]:
+        with monkeypatch.context() as older:  # what it read then (tables came after compressed files), by rule 2
+            older.setattr(sources, "SUFFIXES", (".txt", ".md", ".jsonl", ".json", ".parquet", ".pdf"))
+            older.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if k in read})
+            older.setattr(prepare_module, "SPLIT_RULE", 2)
+            assert main([*command, "--force"]) == 0
+        capsys.readouterr()
+        assert main(command) == 2
+        assert capsys.readouterr().err.strip() == (
+            f"nanoqwen prepare: error: {out} was prepared by an older nanoqwen, which did not read {unread} (runs "
+            "trained on it resume only from it); give --force to replace it, or another --out")
+    assert main([*command, "--force"]) == 0
+    assert sorted(sum(read_back(out).values(), [])) == ["a note of some words\n", "a row of a table",
+                                                        "compressed words\n"]
 
 
 def test_a_small_folder_split_by_the_earlier_rule_is_redone_and_a_large_one_kept(
@@ -1503,9 +1636,10 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
     corpus = open_corpus(str(folder))
     assert list(corpus.documents()) == ["some text"]
-    assert corpus.stats.skipped == [{"path": str(folder / "blank.txt"), "reason": "empty"}] + [
-        {"path": str(folder / name), "reason": "no record with any text"}
-        for name in ("none.jsonl", "nulls.jsonl", "nulls.parquet")]
+    # (an empty .jsonl was said to hold "no record with any text", where an empty .json or .csv is "empty")
+    reasons = {"blank.txt": "empty", "none.jsonl": "empty", "nulls.jsonl": "no record with any text",
+               "nulls.parquet": "no record with any text"}
+    assert corpus.stats.skipped == [{"path": str(folder / name), "reason": reason} for name, reason in reasons.items()]
     prepare_module._warn_about(corpus.stats)
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and err.endswith(

@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint
+from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint, special_ids
 from nanoqwen.config import ModelConfig, apply_overrides, rope_scaling_of
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
@@ -580,9 +580,10 @@ def test_a_tied_checkpoint_loads_with_one_shared_embedding(tmp_path, dtype: torc
     # Two copies would train apart (the head no longer the embedding) and count the embedding twice.
     from nanoqwen.tokenizer import train_bpe
 
-    model = Qwen3(tiny_config())
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    model = Qwen3(tiny_config(**special_ids(tokenizer)))
     scramble(model, seed=17)
-    save_checkpoint(model, tmp_path, tokenizer=train_bpe(["the cat sat on the mat"] * 20, 300))
+    save_checkpoint(model, tmp_path, tokenizer=tokenizer)
     for loaded in (load_model(tmp_path, dtype=dtype), load_checkpoint(tmp_path, dtype=dtype)[0]):
         assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
         assert loaded.num_params() == model.num_params() == model.config.num_params()
@@ -690,7 +691,8 @@ def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300,
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
-    save_checkpoint(Qwen3(tiny_config(vocab_size=vocab_size, **changes)), folder, tokenizer=tokenizer)
+    config = tiny_config(vocab_size=vocab_size, **{**special_ids(tokenizer), **changes})
+    save_checkpoint(Qwen3(config), folder, tokenizer=tokenizer)
     return folder
 
 
@@ -725,6 +727,38 @@ def test_a_tokenizer_without_the_models_end_id_is_refused(tmp_path, monkeypatch,
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "the tokenizer the model was trained with" in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "texts.txt"]  # no run, no data prepared
+
+
+def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, capsys):
+    # config.json's and generation_config.json's ids were not checked against the tokenizer: an eos that is a word
+    # there cut every reply at that word, unsaid. Official Qwen3 folders pass: Base ones end with <|endoftext|> in
+    # config.json and list <|im_end|> in generation_config.json, the others the reverse.
+    folder = checkpoint_with_tokenizer(tmp_path / "ck", VOCAB)
+    config = json.loads((folder / "config.json").read_text())
+    _, tokenizer = load_checkpoint(folder)
+    endoftext, im_end, the = tokenizer.eot_id, tokenizer.token_id("<|im_end|>"), tokenizer.encode(" the")[0]
+    for eos, generation_eos in ((endoftext, im_end), (im_end, [im_end, endoftext])):
+        (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": generation_eos}))
+        assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext]
+    assert capsys.readouterr().err == ""
+    # Loaded as Transformers loads them (generation stops at the word), with a line for each.
+    ends = f"<|im_end|> {im_end}, <|endoftext|> {endoftext}"
+    (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": the, "pad_token_id": VOCAB + 5}))
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1]}))
+    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1]
+    word = json.dumps(tokenizer.decode([the + 1]))
+    assert capsys.readouterr().err.splitlines() == [
+        f"nanoqwen: warning: {folder / 'config.json'}: eos_token_id {the} is \" the\" in its tokenizer, not one of its "
+        f"end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that file unless the "
+        "model was trained to end its text there",
+        f"nanoqwen: warning: {folder / 'config.json'}: pad_token_id {VOCAB + 5} is beyond its tokenizer's "
+        f"{tokenizer.vocab_size} ids, not one of its special tokens (Transformers pads batched generations with it); "
+        f"set it to {endoftext} (<|endoftext|>, as Qwen3 has it) in that file",
+        f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {the + 1} is {word} in its tokenizer, "
+        f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that "
+        "file unless the model was trained to end its text there",
+    ]
 
 
 def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp_path, monkeypatch, capsys):
@@ -763,6 +797,28 @@ def test_config_fields_of_the_wrong_type_are_one_line(tmp_path, field, value):
     assert str(tmp_path / "config.json") in message and field in message and "\n" not in message, message
 
 
+@pytest.mark.parametrize("layer_types", [
+    ["full_attention"], ["full_attention"] * 3, [], ["full_attention", "attention_sink"],
+    ["full_attention", "chunked_attention"],  # a kind Transformers knows, but not for Qwen3 (it fails to run it)
+])
+def test_layer_types_unlike_the_layers_are_refused_as_transformers_refuses_them(tmp_path, layer_types):
+    # They were read as full attention in every layer, whatever they said.
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": ["attention", "full_attention"]}))
+    assert read_config(tmp_path).sliding_window is None  # Transformers 5's older name of full attention
+    (tmp_path / "config.json").write_text(json.dumps({**config, "layer_types": layer_types}))
+    with pytest.raises(NanoQwenError) as caught:
+        read_config(tmp_path)
+    assert str(caught.value) == (
+        f"{tmp_path / 'config.json'}: layer_types must list \"full_attention\" or \"sliding_attention\" for each of "
+        f"its 2 layers (num_hidden_layers), got {json.dumps(layer_types)}; correct it in the file, or delete it "
+        "(use_sliding_window and max_window_layers then say which layers slide)")
+    if layer_types != ["full_attention", "chunked_attention"]:
+        with pytest.raises(Exception, match="layer_types"):
+            transformers.AutoConfig.from_pretrained(tmp_path)
+
+
 def test_config_values_transformers_reads_load_alike(tmp_path):
     # Transformers takes an empty eos list as no eos id, a null num_key_value_heads as one per head, and "swish"
     # as another name of silu.
@@ -772,6 +828,23 @@ def test_config_values_transformers_reads_load_alike(tmp_path):
                                                       "hidden_act": "swish"}))
     loaded = read_config(tmp_path)
     assert loaded.eos_token_id is None and loaded.num_key_value_heads == 4
+    # dtype, Transformers 5's name, over torch_dtype where a file has both (the dtype a run from it saves best/ in).
+    (tmp_path / "config.json").write_text(json.dumps({**config, "torch_dtype": "float16", "dtype": "bfloat16"}))
+    assert read_config(tmp_path).torch_dtype == "bfloat16"
+    assert transformers.AutoConfig.from_pretrained(tmp_path).dtype == torch.bfloat16
+
+
+def test_whole_numbers_in_float_fields_are_written_as_transformers_5_reads_them(tmp_path):
+    # A preset's "rms_norm_eps": 0 (JSON has one number type) went into config.json as 0, and Transformers 5
+    # refused the checkpoint: "Field 'rms_norm_eps' expected float, got int".
+    from nanoqwen.config import load_preset
+
+    whole = {"rms_norm_eps": 0, "rope_theta": 10000, "initializer_range": 1, "attention_dropout": 0}
+    (tmp_path / "preset.json").write_text(json.dumps({"model": {**dataclasses.asdict(tiny_config()), **whole}}))
+    save_checkpoint(Qwen3(load_preset(str(tmp_path / "preset.json")).model), tmp_path / "ck", tokenizer=None)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path / "ck")
+    assert [hf.rms_norm_eps, hf.rope_parameters["rope_theta"], hf.initializer_range, hf.attention_dropout] == \
+        [0.0, 10000.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("window, slides", [
@@ -871,10 +944,12 @@ def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "qwen3-8b needs at least 30.5 GiB" in err and "8.0 GiB free" in err, err
     # built in the dtype it is saved in: bf16 weights take 2 bytes each, not float32's 4 (the same weights as
-    # float32's cast to bf16)
+    # float32's cast to bf16, in tensors of any size: 3 x 257 is no multiple of 16, whose tail CPU's normal_ draws
+    # otherwise in bf16)
     big = ["init", "--preset", "qwen3-8b", "--out", str(tmp_path / "big"), "--device", "cpu"]
     assert main([*big, "--dtype", "bf16"]) == 2 and "qwen3-8b needs at least 15.3 GiB" in capsys.readouterr().err
-    small = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--out"]
+    small = ["init", "--preset", "tiny", "--set", "num_hidden_layers=1", "--set", "hidden_size=257", "--set",
+             "intermediate_size=3", "--out"]
     assert main([*small, str(tmp_path / "f32")]) == 0 and main([*small, str(tmp_path / "bf16"), "--dtype", "bf16"]) == 0
     for mine, cast in zip(load_model(tmp_path / "bf16", dtype=None).parameters(),
                           load_model(tmp_path / "f32").to(torch.bfloat16).parameters(), strict=True):
@@ -954,6 +1029,14 @@ def test_a_set_of_a_training_setting_names_its_flag():
                                 "`nanoqwen train` takes it as --max-steps 5"
     with pytest.raises(NanoQwenError, match="takes it as --fit-to-time or --no-fit-to-time$"):
         apply_overrides(tiny_config(), ["fit_to_time=true"])
+    # A typo was answered with the list of all 23 fields alone; a field without its value, with the same list.
+    with pytest.raises(NanoQwenError, match=r"^--set 'num_layers=2': 'num_layers' is no model field; did you mean "
+                                            r"num_hidden_layers\? expected FIELD=VALUE with FIELD one of the model "
+                                            r"fields \(attention_bias, "):
+        apply_overrides(tiny_config(), ["num_layers=2"])
+    with pytest.raises(NanoQwenError) as caught:
+        apply_overrides(tiny_config(), ["num_hidden_layers"])
+    assert str(caught.value) == "--set 'num_hidden_layers': give the value too, as --set num_hidden_layers=VALUE"
 
 
 @pytest.mark.parametrize("item", ["eos_token_id=5", "bos_token_id=0", "pad_token_id=7"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import unicodedata
 from pathlib import Path
@@ -10,6 +11,7 @@ import pytest
 import tiktoken
 import transformers
 
+import nanoqwen.tokenizer
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.tokenizer import (
     QWEN_FIRST_SPECIAL_ID,
@@ -269,3 +271,18 @@ def test_a_broken_chat_template_is_one_line(official, tmp_path):
     (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages[0].content }}\xff\xfe")
     with pytest.raises(NanoQwenError, match=r"the tokenizer in .* is damaged \(.*utf-8"):
         load_tokenizer(tmp_path)
+
+
+def test_a_changed_build_of_the_qwen3_tokenizer_is_not_hidden_by_the_cache(tmp_path):
+    # The built tokenizer was cached under a fixed name: a build that changed (here <think> made special again)
+    # still read the files an older one had cached, until someone renamed the folder by hand.
+    source = Path(nanoqwen.tokenizer.__file__).read_text()
+    changed = source.replace("QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])",
+                             "QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:-2])")
+    assert changed != source
+    (tmp_path / "changed_tokenizer.py").write_text(changed)
+    spec = importlib.util.spec_from_file_location("changed_tokenizer", tmp_path / "changed_tokenizer.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.qwen3_cache_folder().parent == nanoqwen.tokenizer.qwen3_cache_folder().parent
+    assert module.qwen3_cache_folder() != nanoqwen.tokenizer.qwen3_cache_folder()

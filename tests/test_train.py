@@ -8,6 +8,7 @@ import dataclasses
 import html
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -25,7 +26,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.checkpoint import checkpoint_step, load_model, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.config import LoopState, ModelConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
@@ -536,6 +537,37 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
     assert "[rank1]" not in done.stderr and not out.exists()
 
 
+def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_once_a_machine(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A bad flag, an empty path, --device cuda without a GPU: each process of `torchrun --nproc_per_node 8` checks
+    # its own command line before the job's process group exists, and each printed the same line, 8 of them.
+    # LOCAL_RANK 0 says it for its machine; the others stop as it does (exit 2), silently (after a wait for it,
+    # which torchrun cuts short as it ends the job: none here).
+    from nanoqwen import cli
+    from nanoqwen.cli import says_errors
+    from nanoqwen.errors import RankError
+
+    monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 0.0)
+    for local_rank, lines in (("1", 0), ("0", 1)):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        with pytest.raises(SystemExit) as exited:
+            main(["train", "--max-steps", "x"])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: invalid int") == lines
+        assert main(["train", "--out", ""]) == 2
+        assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
+        assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
+    # One process's own (no GPU for its LOCAL_RANK: torch's "invalid device ordinal" traceback) is one line, said by
+    # the process that meets it, whatever its rank. Stood in for on CPU: one GPU visible to a job of two.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    for name, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    assert main(["train", "--device", "cuda"]) == 2
+    assert capsys.readouterr().err == "nanoqwen train: error: process 1 of the 2 started on this machine has no GPU " \
+        "of its own (LOCAL_RANK 1, 1 GPU visible): start one process a GPU, --nproc_per_node 1\n"
+
+
 def test_a_default_run_folder_rank0_cannot_make_stops_every_rank_with_its_line(data: Path, preset: Path,
                                                                               tmp_path: Path) -> None:
     # No --out: rank 0 makes runs/PRESET-TIME. Where it cannot (a file named runs), the other rank waited for the
@@ -597,6 +629,11 @@ def test_bad_model_override_is_refused_before_preparing_data(tmp_path: Path, mon
     said = capsys.readouterr()
     assert "--seq-len 100000 exceeds the model's context" in said.err and "--set max_position" in said.err
     assert said.out == "" and not (tmp_path / "data").exists()
+    # --fsdp outside torchrun: refused once the data was prepared and the model built (minutes, for a large one)
+    assert train_in_process("--dataset", "texts", "--fsdp", "--max-steps", "1") == 2
+    said = capsys.readouterr()
+    assert said.err == "nanoqwen train: error: --fsdp shards the model over processes; launch with torchrun " \
+        "--nproc_per_node N\n" and said.out == "" and not (tmp_path / "data").exists()
 
 
 def test_a_bad_tokenizer_is_refused_before_preparing_is_announced(
@@ -745,6 +782,8 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     records = read_metrics(out)
     state = json.loads((out / "last/train_state.json").read_text())
     assert state["fitted_steps"] < 100000 and records[-1]["step"] <= state["fitted_steps"]
+    # its first step is kept apart from the pace a resume fits to (its time within the whole's)
+    assert state["first_steps"] == 1 and 0 < state["first_steps_s"] < state["elapsed_s"]
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
         assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
@@ -805,6 +844,13 @@ def test_a_resume_given_a_new_length_fits_its_schedule_before_its_first_step() -
     assert resumed.total_steps == 105 and resumed.decay_compressed  # 5 steps fit in 6 s (5% spare)
     rates = [resumed.rate(step) for step in range(100, 105)]
     assert rates[0] < 1.0 and rates[-1] == pytest.approx(0.1) and rates == sorted(rates, reverse=True)
+    # The same pace after two invocations whose first steps compiled for 21 s each: those are left out of it (at
+    # 142 s over 100 steps, 4 steps fit)
+    compiled = FittedRun(step=100, warmup=10)
+    compiled.state.elapsed_s, compiled.cfg.max_minutes = 142.0, 0.1
+    compiled.state.first_steps, compiled.state.first_steps_s = 2, 42.0
+    fit_resumed_schedule(compiled, Display(False, 100, compiled.total_steps, 1))  # type: ignore[arg-type]
+    assert compiled.total_steps == 105
     # A new run has no pace to go by (the loop fits it after timing its first steps); a fit kept by a plain resume
     # stays until the loop refits it.
     for run in (FittedRun(step=0, warmup=10), FittedRun(step=100, warmup=10, fitted_steps=150)):
@@ -1978,9 +2024,22 @@ def test_a_killed_run_resumes_as_it_was_left(data: Path, preset: Path, tmp_path:
     monkeypatch.setattr(nanoqwen.checkpoint, "save_file",
                         lambda tensors, path, **kw: (written.append(Path(path)), save_file(tensors, path, **kw)))
     out = tmp_path / "run"
-    assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
-                            "--sample-interval", "1", "--dtype", "bfloat16") == 0
-    assert written
+    # A reader of last/ or best/ (sample, serve, a copy) while the run saves finds a whole folder, never none: a
+    # save swaps the new one in for the old in one step (it moved the old away first, then the new in).
+    missing: list[str] = []
+    rename = os.rename
+
+    def rename_and_look(source: Any, target: Any) -> None:
+        there = [name for name in ("last", "best") if (out / name).is_dir()]
+        rename(source, target)
+        missing.extend(name for name in there if not (out / name).is_dir())
+
+    with monkeypatch.context() as patched:
+        patched.setattr(os, "rename", rename_and_look)
+        assert train_in_process(*common(data, preset, out), "--max-steps", "4", "--save-interval", "2",
+                                "--sample-interval", "1", "--dtype", "bfloat16", "--eval-interval", "2") == 0
+    assert written and missing == []
+    assert checkpoint_step(out / "last") == checkpoint_step(out / "best") == 4  # each replaced at step 4
     for folder in (path.parent for path in written):  # one temporary folder beside last/ or best/, never nested
         assert folder.parent == out and re.fullmatch(r"\.(last|best)\.tmp-\d+-[^.]+", folder.name), folder
     last = out / "last"
@@ -2004,8 +2063,6 @@ def test_a_best_written_after_the_last_save_is_not_kept_by_a_resume(data: Path, 
                                                                      capsys: pytest.CaptureFixture[str]) -> None:
     # Killed after best/ took a step later than last/: the resume replays those steps (perhaps with other
     # settings), so best/ held a model from outside the run's history while its state named an older best.
-    from nanoqwen.checkpoint import checkpoint_step
-
     out = tmp_path / "run"
     args = [*common(data, preset, out), "--eval-interval", "1"]
     assert train_in_process(*args, "--max-steps", "2") == 0

@@ -113,8 +113,8 @@ def parse_size(text: str) -> int:
 def add_reading_arguments(p: argparse.ArgumentParser) -> None:
     """How a corpus is read (`open_corpus`): for prepare and for `tokenizer train`."""
     p.add_argument("--text-column", default=None, metavar="NAME",
-                   help="field or column holding the text (default: text; records without one are read as chats "
-                        "from messages or conversations)")
+                   help="field or column holding the text (default: text; data.text: the text field of an object "
+                        "in the data field; records without one are read as chats from messages or conversations)")
     p.add_argument("--split", default="train", metavar="NAME",
                    help="split of a Hugging Face dataset (default: %(default)s)")
     p.add_argument("--max-bytes", type=parse_size, default=None, metavar="SIZE",
@@ -207,18 +207,18 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     recorded = _fingerprint_in(out)
     other = not force and (out / "meta.json").is_file() and recorded != fingerprint
-    # The same inputs, read before text files were parted at the separator: said so, not as other inputs.
-    unparted = other and corpus.former_fingerprint is not None and recorded in (
-        fingerprint_of(corpus.former_fingerprint), fingerprint_of(corpus.former_fingerprint, split_rule=2))
-    before_parting = f"was prepared from these inputs before nanoqwen parted text files at {DOCUMENT_SEPARATOR}"
+    # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, before
+    # it read compressed files or tables) or without zstandard: said so, not as other inputs.
+    former = next((made for fp, made in corpus.former_fingerprints.items()
+                   if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) if other else None
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
         "--val-fraction of a small corpus" if other and recorded == rule_2 else None
     if other and not replace_other:
-        made = before_parting if unparted else earlier_split or "holds data prepared from other inputs or options"
+        made = former or earlier_split or "holds data prepared from other inputs or options"
         raise NanoQwenError(f"{out} {made} (runs trained on it resume only from it); give --force to replace it, or "
                             "another --out")
     if other and progress:
-        made = before_parting if unparted else earlier_split or "was prepared from other inputs or options"
+        made = former or earlier_split or "was prepared from other inputs or options"
         print(f"{out} {made}; preparing it again (runs trained on it will not resume on the new data: prepare into "
               "another --out to keep it)", flush=True)
 
@@ -252,7 +252,8 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "vocab_size": tok.vocab_size,
             "eot_id": tok.eot_id,
             "dtype": "uint32",
-            "splits": writer.counts,
+            "splits": writer.counts,  # each split's documents as its .bin holds them: a cut one is in both
+            "cut_documents": writer.cut,
             "conversations": writer.conversations,
             "parted_documents": corpus.stats.parted_documents,  # read from text files parted at <|endoftext|>
             "replacement_chars": corpus.stats.replacement_chars,
@@ -269,7 +270,10 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         total = sum(s["bytes"] for s in writer.counts.values())
         parts = "; ".join(f"{name} {counted(s['documents'], 'document')}, {counted(s['tokens'], 'token')}"
                           for name, s in writer.counts.items())
-        print(f"prepared {out}: {parts} ({data_size(total)} of text in {seconds:.1f} s, "
+        # Told apart: a cut document in both splits' counts reads as one more than the corpus holds.
+        cut = f"{counted(writer.documents, 'document')} read, {'the last ' if writer.documents > 1 else ''}cut " \
+            "between them; " if writer.cut else ""
+        print(f"prepared {out}: {parts} ({cut}{data_size(total)} of text in {seconds:.1f} s, "
               f"{data_size(total / seconds)}/s)")
     return out
 
@@ -637,7 +641,8 @@ class _SplitWriter:
         self.files: dict[str, BinaryIO] = {}
         self.counts = {name: {"documents": 0, "tokens": 0, "bytes": 0} for name in SPLITS}
         self.held: Encoded | None = None
-        self.documents = 0
+        self.documents = 0  # read: the cut one is one, though its start is in train and its end in val
+        self.cut = 0  # documents cut between the splits (0 or 1: the last one read)
         self.conversations = 0
 
     def __enter__(self) -> _SplitWriter:
@@ -691,6 +696,7 @@ class _SplitWriter:
         train, val = encode([type(text)(text[:cut]), type(text)(text[cut:])])
         self._write("train", train)
         self._write("val", val)
+        self.cut += 1
 
     def _release(self) -> None:
         if self.held is not None:

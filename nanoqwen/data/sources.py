@@ -10,12 +10,12 @@
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
 part their stories so): the separator and the whitespace around it are in none of them.
 
-Records are read from a text field (`text`, or --text-column). A record with no text field but a `messages`
-(OpenAI: role and content) or `conversations` (ShareGPT: from and value) list is a `ChatRecord`, which prepare
-renders with the tokenizer's chat template. Every document comes out non-empty (a chat record: some turn with
-content, tool calls or thinking), a text NFC-normalized (a chat record once rendered, between the tokenizer's
-added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it, then encoding does),
-and never holds more than one document or record batch in memory.
+Records are read from a text field (`text`, or --text-column; `data.text` names one inside an object). A record
+with no text field but a `messages` (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list
+is a `ChatRecord`, which prepare renders with the tokenizer's chat template. Every document comes out non-empty (a
+chat record: some turn with content, tool calls or thinking), a text NFC-normalized (a chat record once rendered,
+between the tokenizer's added tokens: see prepare). A `Corpus` can be read more than once (BPE training reads it,
+then encoding does), and never holds more than one document or record batch in memory.
 """
 
 from __future__ import annotations
@@ -46,9 +46,9 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import ModuleType
 from typing import IO, Any
 
+from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
 from nanoqwen.io import cache_dir, is_run_config
 from nanoqwen.tokenizer import REASONING_FIELDS
@@ -60,10 +60,14 @@ UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
-# decompressed as they are read (the standard library's codecs: no whole copy on disk or in memory).
-COMPRESSIONS: dict[str, ModuleType] = {".gz": gzip, ".bz2": bz2, ".xz": lzma}  # each module's open() reads its kind
+# decompressed as they are read (no whole copy on disk or in memory): each opener reads its kind. zstd's, where the
+# zstandard package is installed (not a dependency of nanoqwen: else such a file is said how to read).
+COMPRESSIONS: dict[str, Callable[[Path], IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+if zstd.available():
+    COMPRESSIONS.update(dict.fromkeys(zstd.SUFFIXES, zstd.open_zstd))
 COMPRESSIBLE = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS)
-# What reading damaged compressed data raises (a cut gzip: EOFError; a bad one: BadGzipFile, an OSError)
+# What reading damaged compressed data raises (a cut gzip or zstd: EOFError; a bad one: BadGzipFile or BadZstdFile,
+# OSErrors)
 DAMAGED_DATA = (OSError, EOFError, lzma.LZMAError, zlib.error)
 DEFAULT_TEXT_COLUMN = "text"
 # A text file larger than LARGE_FILE_BYTES is read in blocks of about BLOCK_BYTES, each one document: encoding
@@ -177,12 +181,12 @@ class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
     def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None,
-                 former_fingerprint: str | None = None) -> None:
+                 former_fingerprints: dict[str, str] | None = None) -> None:
         self.spec = spec
         self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
-        # The fingerprint the same inputs had when nanoqwen read them otherwise (None: read as they always were):
-        # what a folder prepared then records, for prepare to say why it is not reused.
-        self.former_fingerprint = former_fingerprint
+        # The fingerprints the same inputs had when nanoqwen read them otherwise, each with how a folder prepared then
+        # was made ("was prepared ..."): what such a folder records, for prepare to say why it is not reused.
+        self.former_fingerprints = former_fingerprints or {}
         self.max_bytes = max_bytes
         self._read = read
         self.stats = CorpusStats()
@@ -280,8 +284,15 @@ def open_binary(path: Path) -> IO[bytes]:
     prepare reads only COMPRESSIBLE types)."""
     suffix = path.suffix.lower()
     if suffix in COMPRESSIONS:
-        return COMPRESSIONS[suffix].open(path, "rb")
+        return COMPRESSIONS[suffix](path)
     return path.open("rb")
+
+
+def read_up_to(f: IO[bytes], limit: int) -> bytes:
+    """The first `limit` bytes of `f`, or all of a shorter file: read(limit) sets aside `limit` bytes first, which
+    for a folder of thousands of small notes cost more than reading them."""
+    head = f.read(min(limit, 1 << 16))
+    return head + f.read(limit - len(head)) if len(head) == 1 << 16 else head
 
 
 def refuse_split(spec: str, split: str, fix: str) -> None:
@@ -474,7 +485,11 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     """Documents of one column of a `datasets` Dataset or IterableDataset, a batch at a time."""
     asked = column
     names = ds.column_names  # None for some streamed datasets: their batches name them
-    if names is not None:
+    nested = "." in column and column not in (names or ())  # a field inside a column of objects (data.text)
+    holder = next((name for name in names or () if column.startswith(f"{name}.")), None) if nested else None
+    if holder is not None:
+        ds = ds.select_columns([holder])
+    elif names is not None:
         column = text_column_of(names, column)
         if column not in names:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
@@ -482,6 +497,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
         ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
+        if nested:
+            batch = _flat_columns(batch)
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
@@ -495,6 +512,21 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _flat_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
+    """A batch of rows by column, with the fields of its columns of objects as columns named by their path (data.text),
+    at any depth; a null object's fields are null."""
+    flat: dict[str, list[Any]] = {}
+    for name, values in batch.items():
+        objects = [value for value in values if isinstance(value, dict)]
+        if not objects or not all(value is None or isinstance(value, dict) for value in values):
+            flat[name] = values
+            continue
+        fields = dict.fromkeys(key for value in objects for key in value)  # in order, each once
+        inner = _flat_columns({key: [(value or {}).get(key) for value in values] for key in fields})
+        flat.update({f"{name}.{key}": column for key, column in inner.items()})
+    return flat
 
 
 def read_checked(batches: Iterator[Any], errors: tuple[type[Exception], ...], what: str) -> Iterator[Any]:
@@ -547,13 +579,13 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
                                 f"or a folder of them{_conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
-    everything = all_files(root, broken)
+    real: dict[Path, str] = {}
+    everything = all_files(root, broken, real)
     prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
                 or (p.name == "config.json" and is_run_config(p))}
 
-    def in_folder(p: Path) -> bool:
-        return not any(part.startswith(".") for part in p.relative_to(root).parts) \
-            and not prepared.intersection(p.parents)
+    def in_folder(p: Path) -> bool:  # (hidden folders are not walked: a hidden file's own name is left to look at)
+        return not p.name.startswith(".") and not (prepared and prepared.intersection(p.parents))
 
     def in_corpus(p: Path) -> bool:
         return file_type(p) in SUFFIXES and in_folder(p)
@@ -568,40 +600,64 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
     first: dict[str, Path] = {}
     for p in filter(in_corpus, everything):
-        first.setdefault(os.path.realpath(p), p)
+        first.setdefault(real[p], p)
     return list(first.values())
+
+
+ZSTD_HINT = "`pip install zstandard` and nanoqwen reads"  # ... it, or them
+
+
+def _zstd_unread(path: Path) -> bool:
+    """Whether `path` is zstd-compressed and the zstandard package, which reads it, is not installed."""
+    return path.suffix.lower() in zstd.SUFFIXES and path.suffix.lower() not in COMPRESSIONS
 
 
 def _conversion_hint(path: Path) -> str:
     """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
     if file_type(path) == ".arrow":  # a file of a `datasets` folder
         return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
-    if path.suffix.lower() in (".zst", ".zstd"):
-        return f" (zstd-compressed: decompress it first, `zstd -d {path}`)"
+    if _zstd_unread(path):
+        return f" (zstd-compressed: {ZSTD_HINT} it, or decompress it first, `zstd -d {path}`)"
     return ""
 
 
-def all_files(root: Path, broken: list[Path] | None = None) -> list[Path]:
+def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str] | None = None) -> list[Path]:
     """Every file under `root` outside hidden folders, sorted, through symlinked folders too (data is often
     linked in from another disk), each real folder once so that a link back up the tree cannot loop. Links
-    whose target is missing are added to `broken`, when given."""
-    found, seen = [], set()
+    whose target is missing are added to `broken`, and each file's real path to `real`, when given.
 
-    def unreadable(error: OSError) -> None:  # a folder left out in silence would be data lost in silence
-        raise NanoQwenError(f"cannot read {error.filename} ({error.strerror}); fix its permissions or move it "
-                            "out of the corpus")
+    Read with scandir, whose entries know their type: a folder of 100,000 notes costs no system call a file to walk
+    (a stat or two of each, and a realpath of each, made opening one of thousands of small files take seconds)."""
+    found: list[Path] = []
+    seen: set[str] = set()
 
-    for folder, subfolders, names in os.walk(root, followlinks=True, onerror=unreadable):
-        real = os.path.realpath(folder)
-        if real in seen:
-            subfolders.clear()
-            continue
-        seen.add(real)
-        subfolders[:] = [name for name in subfolders if not name.startswith(".")]  # never read: not walked
-        found += [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
-        if broken is not None:
-            broken += [Path(folder) / name for name in names if not (Path(folder) / name).exists()
-                       and (Path(folder) / name).is_symlink()]
+    def walk(folder: str) -> None:  # top-down, as os.walk: the first path to a real folder is the one kept
+        real_folder = os.path.realpath(folder)
+        if real_folder in seen:
+            return
+        seen.add(real_folder)
+        try:
+            with os.scandir(folder) as listing:
+                entries = list(listing)
+        except OSError as error:  # a folder left out in silence would be data lost in silence
+            raise NanoQwenError(f"cannot read {error.filename} ({error.strerror}); fix its permissions or move it "
+                                "out of the corpus") from None
+        subfolders = []
+        for entry in entries:
+            if entry.is_dir():  # (through a link too)
+                if not entry.name.startswith("."):  # never read: not walked
+                    subfolders.append(entry.path)
+            elif entry.is_file():
+                found.append(Path(entry.path))
+                if real is not None:
+                    real[found[-1]] = os.path.realpath(entry.path) if entry.is_symlink() else \
+                        os.path.join(real_folder, entry.name)
+            elif broken is not None and entry.is_symlink() and not os.path.exists(entry.path):
+                broken.append(Path(entry.path))
+        for subfolder in subfolders:
+            walk(subfolder)
+
+    walk(os.fspath(root))
     return sorted(found)
 
 
@@ -635,7 +691,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
-    held_out = other_splits(path, files) if path.is_dir() else []
+    folder = path.is_dir()
+    held_out = other_splits(path, files) if folder else []
+    types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
 
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
@@ -644,26 +702,60 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
+        unread_zstd = list(filter(_zstd_unread, left_out))
+        if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
+            stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
+                               f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
+                               "or decompress them first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if path.is_dir() and file_type(file) in \
+            documents = _records_or_skip(file, column, stats) if folder and types[file] in \
                 (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
             with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
                 for document in documents:
                     found = found or not blank(document)
                     yield document
             if not found and len(stats.skipped) == skipped:  # records whose text is all null or blank: say so
-                text = file_type(file) in TEXT_SUFFIXES  # (a large file of blanks, read in blocks)
-                stats.skipped.append({"path": str(file), "reason": "empty" if text else "no record with any text"})
+                # (a large text file of blanks, read in blocks; a records file of no bytes, as an empty .json is said)
+                empty = types[file] in TEXT_SUFFIXES or not _compressed(file) and file.stat().st_size == 0
+                stats.skipped.append({"path": str(file), "reason": "empty" if empty else "no record with any text"})
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
-    fingerprint = f"local {local_fingerprint(path, files)} {column}"
-    if any(holds_separator(p) for p in files if file_type(p) in TEXT_SUFFIXES):
-        # Its documents are not those a folder prepared before text files were parted at the separator holds: a
-        # fingerprint of its own. Other corpora keep theirs, and with it their prepared folders and runs.
-        return Corpus(spec, f"{fingerprint} parted", read, max_bytes, former_fingerprint=fingerprint)
-    return Corpus(spec, fingerprint, read, max_bytes)
+    parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
+
+    def fingerprint_of(read_files: list[Path]) -> str:
+        # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
+        # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
+        return f"local {local_fingerprint(path, read_files)} {column}" + \
+            (" parted" if parted.intersection(read_files) else "")
+
+    fingerprint = fingerprint_of(files)
+    former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
+              f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
+    # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
+    # where two leave out the same files).
+    # (the files read since: compressed ones, by their compression, and tables)
+    later = {p: _compressed(p) for p in files if _compressed(p) or types[p] in TABLE_DELIMITERS} if folder else {}
+    older = "was prepared by an older nanoqwen, which did not read"
+    for unread, made in [(lambda p: later[p] in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
+                          "an older nanoqwen), so without"),
+                         (lambda p: later[p] in zstd.SUFFIXES or types[p] in TABLE_DELIMITERS, older),
+                         (lambda p: True, older)]:
+        new = list(filter(unread, later))
+        if new:
+            kinds = sorted({"".join(p.suffixes[-2:]).lower() if later[p] else types[p] for p in new})
+            read_then = set(files).difference(new)
+            former.setdefault(fingerprint_of([p for p in files if p in read_then]), (
+                f"{made} {counted(len(new), 'file')} of this corpus ({', '.join(kinds)}, such as {new[0]})"))
+    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+
+
+def _compressed(path: Path) -> str:
+    """The compression's suffix of a file read decompressed (COMPRESSIONS), else ""."""
+    suffix = path.suffix.lower()
+    return suffix if suffix in COMPRESSIONS else ""
 
 
 @contextlib.contextmanager
@@ -689,7 +781,7 @@ def holds_separator(path: Path) -> bool:
     prepared from it before parting would be reused (`--force` redoes it)."""
     try:
         with open_binary(path) as f:
-            head = f.read(SEPARATOR_SEARCH_BYTES)
+            head = read_up_to(f, SEPARATOR_SEARCH_BYTES)
     except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return False
     encoding = text_encoding(head[:4])
@@ -737,7 +829,7 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
     suffix = file_type(path)
     if suffix in TEXT_SUFFIXES:
         with open_binary(path) as f:  # a small file read whole, once; a large one judged by its first block
-            raw = f.read(LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
+            raw = read_up_to(f, LARGE_FILE_BYTES + 1)  # (the size a compressed file's name gives is not its text's)
         large = len(raw) > LARGE_FILE_BYTES
         raw = raw[:BLOCK_BYTES] if large else raw
         seen = CorpusStats()
@@ -940,12 +1032,37 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     beside = chat_beside(record, field_name)
     if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
         field_name = beside
-    if field_name not in record:
-        names = list(record)  # a few: a record may have thousands
+    holder, name, inside = _field_at(record, field_name, where, remedy)
+    if holder is None:  # a null object on the path: no text, as a null field
+        return None
+    if name not in holder:
+        names = list(holder)  # a few: a record may have thousands
         fields = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if names[10:] else "") or "none"
-        raise NanoQwenError(f"{where}: no {field_name!r} field (fields: {fields}); {remedy}")
-    return as_document(record[field_name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
+        raise NanoQwenError(f"{where}: no {field_name!r} field (fields{f' of {inside!r}' if inside else ''}: "
+                            f"{fields}); {remedy}")
+    return as_document(holder[name], f"{where}: field {field_name!r}", stats, chat=field_name != column,
                        remedy=remedy)
+
+
+def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> tuple[dict[str, Any] | None, str, str]:
+    """The object that holds the field `column` names, the field's name in it, and the path to it: `record` itself, or
+    for a dotted name that is no field of `record` (data.text, as JSON exports nest a record's fields) the object at
+    the end of the path, or where it stops: the first object without the next name (None: a null on the way)."""
+    if column in record or "." not in column:
+        return record, column, ""
+    *path, name = column.split(".")
+    holder = record
+    for depth, key in enumerate(path):
+        if key not in holder:
+            return holder, key, ".".join(path[:depth])
+        inner = holder[key]
+        if inner is None:
+            return None, name, ""
+        if not isinstance(inner, dict):
+            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {type(inner).__name__}, not an "
+                                f"object with a {'.'.join([*path[depth + 1:], name])!r} field; {remedy}")
+        holder = inner
+    return holder, name, ".".join(path)
 
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -1158,6 +1275,11 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     except (pa.ArrowException, OSError) as e:
         raise NanoQwenError(f"{path}: not a readable parquet file ({first_line(e)})") from None
     schema = pf.schema_arrow
+    holder = None  # the struct column that holds a text field inside it (data.text), read and flattened
+    if column not in schema.names and "." in column:
+        flat = _flattened(schema.empty_table())
+        holder = next((name for name in schema.names if column.startswith(f"{name}.")), None)
+        schema = flat.schema  # its columns, and the fields inside them as data.text, named as the error names them
     chosen = text_column_of(schema.names, column)
     chat, column = chosen != column, chosen  # chat: a chat column, read for want of a text column
     if column not in schema.names:
@@ -1174,8 +1296,10 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
                             f"{NAME_THE_TEXT}")
     beside = None if chat else chat_beside(schema.names, column)
     columns = [column] if beside is None else [column, beside]
-    for batch in read_checked(pf.iter_batches(columns=columns, batch_size=1024), (pa.ArrowException, OSError),
-                              f"{path}: damaged parquet data"):
+    batches = pf.iter_batches(columns=columns if holder is None else [holder], batch_size=1024)
+    if holder is not None:
+        batches = (_flattened(pa.Table.from_batches([batch])).select(columns) for batch in batches)
+    for batch in read_checked(batches, (pa.ArrowException, OSError), f"{path}: damaged parquet data"):
         chats = batch.column(1).to_pylist() if beside else itertools.repeat(None)
         for value, turns_beside in zip(batch.column(0).to_pylist(), chats):
             if value is None and turns_beside:  # a chat row of a table of texts and chats
@@ -1188,6 +1312,16 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
                     yield document
             elif value:
                 yield decode(value, stats) if binary else value
+
+
+def _flattened(table: Any) -> Any:
+    """A pyarrow table with the fields of its struct columns as columns of their own, named by their path (data.text),
+    at any depth."""
+    import pyarrow as pa
+
+    while any(pa.types.is_struct(kind) for kind in table.schema.types):
+        table = table.flatten()
+    return table
 
 
 def _pdf_text(path: Path, stats: CorpusStats) -> Iterator[str]:
