@@ -268,9 +268,11 @@ def test_stop_or_a_reload_while_the_message_is_being_counted(page) -> None:
     page.wait_for_function("document.body.dataset.busy === 'true'")
     page.wait_for_function("document.getElementById('prompt').value === ''")
     assert held  # the count is out
+    page.fill("#prompt", "the next one")  # typed meanwhile: it was cleared once the count ended
     page.click("#stop")
     expect(page.locator("#send")).to_be_enabled(timeout=5_000)
     expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
+    assert page.input_value("#prompt") == "the next one"
     # A reload while a count is out keeps that turn as stopped too.
     page.fill("#prompt", "Reloaded while counted")
     page.click("#send")
