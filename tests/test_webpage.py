@@ -337,6 +337,10 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
         {"role": "user", "content": second}, {"role": "assistant", "content": expected},
         {"role": "user", "content": "Short"}]).choices[0].message.content
     assert page.locator(".message.assistant .content").last.text_content() == after
+    # The transcript, kept at its end as the reply came, is still at its end with the Regenerate button put below
+    # the reply (it was left 31 pixels short: on a phone, the button out of view).
+    assert page.evaluate("(t => t.scrollHeight - t.scrollTop - t.clientHeight)(document.getElementById('transcript'))"
+                         ) < 1
 
 
 def test_stop_button_stops_generation(browser, long_url: str) -> None:

@@ -704,7 +704,9 @@ async function send(again = null) {
     state.controller = null;
     saveConversation();
     setBusy(false);
+    const follow = atBottom(); // a reader at the end sees the Regenerate button below the reply too
     showRegenerate();
+    if (follow) scrollDown();
     showStatus(status, failed);
     // The next message is typed in the box: the focus goes back there from Stop or Send (now disabled), or from
     // nowhere, but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the
