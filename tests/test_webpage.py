@@ -605,6 +605,18 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     messages = json.loads(sent.value.post_data)["messages"]
     assert messages == [{"role": "user", "content": "Before"}, {"role": "assistant", "content": before},
                         {"role": "user", "content": "Hello"}]
+    # An error in the stream after some text: the text stays, with the error below it and in the status line
+    # (which said "error" alone, all a screen reader heard).
+    failure = "generation failed: RuntimeError: CUDA error: out of memory"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": "Half a"}, "finish_reason": None}]},
+            {"error": {"message": failure, "type": "server_error"}}))))
+    send_and_wait(page, "Fail")
+    expect(page.locator(".message.assistant").last.locator(".content")).to_have_text("Half a")
+    expect(page.locator(".message.assistant").last.locator(".error")).to_have_text(failure)
+    expect(page.locator("#stats")).to_have_text(failure)
+    expect(page.locator("#stats")).to_have_class("stats error")
 
 
 def test_header_follows_the_server_between_sends(browser, url: str) -> None:

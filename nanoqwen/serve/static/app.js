@@ -674,14 +674,12 @@ async function send(again = null) {
           : "this server needs an API key: enter it under Server, below the sampling settings";
         focusSetting($("api-key"));
       }
-      if (reply) { // what arrived stays, with why it ended
-        status = "error";
-        note(box, message, "error");
-      } else {
+      status = message; // in the status line too, which screen readers read out ("error" alone said nothing)
+      if (reply) note(box, message, "error"); // what arrived stays, with why it ended
+      else {
         // Nothing came back: the turn never happened. Its text goes back to the box, to send again rather than
         // type again, so the turn leaves the transcript (kept, a resend showed the message twice) and why it
         // failed is said in the status line, as for a setting that stops a send.
-        status = message;
         if (chat) state.history.pop();
         for (const el of turn) el.remove();
         if (again) { // the reply it was to replace comes back; the message box is left as it is
