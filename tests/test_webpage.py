@@ -366,6 +366,7 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
         assert page.get_attribute("#transcript", "aria-busy") == "true"
         assert page.get_attribute("#stats", "role") == "status"
         page.focus("#system")  # Escape stops it as Stop does, with the focus anywhere (it did nothing)
+        assert page.get_attribute("#stop", "aria-keyshortcuts") == "Escape"  # and Stop says so
         page.keyboard.press("Escape")
         page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
         assert page.get_attribute("#transcript", "aria-busy") == "false"
