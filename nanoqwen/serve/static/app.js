@@ -24,6 +24,7 @@ const state = {
   controller: null, // AbortController of the request in flight
   samplingDefaults: null, // the model's recommended sampling (the controls start there), for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
+  thinkTags: null, // {model, open, close}: the ids of <think> and </think> for that model (see thinkTags)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -513,8 +514,8 @@ function lastIndexOfIds(ids, part) {
 }
 
 // Whether a chat prompt (its ids) ends inside a thinking block the template opened, as the 2507 thinking
-// models' does ("<|im_start|>assistant\n<think>\n"): a "<think>" among its last ids, no "</think>" after it.
-// (Official Qwen3's with thinking off ends "<think>\n\n</think>\n\n": closed.)
+// models' does ("<|im_start|>assistant\n<think>\n"): a "<think>" with at most two ids after it (its newline),
+// and no "</think>" after it. (Official Qwen3's with thinking off ends "<think>\n\n</think>\n\n": closed.)
 async function opensThinking(prompt) {
   if (!prompt?.length) return false;
   const tags = await thinkTags();
