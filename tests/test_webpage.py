@@ -441,12 +441,16 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
             // "/no_think" in a message: an empty thinking block, with nothing to unfold.
             const empty = document.createElement("div");
             showReply(empty, "<think>\\n\\n</think>\\n\\nParis.", true);
+            // Nor a thinking with no text yet (a 2507 reply before its first token, or stopped then).
+            const none = document.createElement("div");
+            showReply(none, "", true, false, true);
             return {seen, plain: plain.innerHTML, opened: openedSeen, empty: [
-                empty.querySelector("details.thinking").hidden, empty.querySelector(".answer").textContent]};
+                empty.querySelector("details.thinking").hidden, empty.querySelector(".answer").textContent],
+                none: none.querySelector("details.thinking").hidden};
         }""")
         assert shown["seen"] == [["Let me", "", True], ["Let me see.", "Par", False], ["Let me see.", "Paris.", False]]
         assert shown["opened"] == [[None, "Let me"], ["Let me see.", "Paris."]]
-        assert shown["empty"] == [True, "Paris."]
+        assert shown["empty"] == [True, "Paris."] and shown["none"] is True
         # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
         # transcript shrank and jumped to the answer, their place lost.
         page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls

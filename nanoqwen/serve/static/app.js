@@ -359,8 +359,8 @@ function showText(box, text, reading = false) {
 // models' template opens the <think> in the prompt, so their reply only closes it: what comes before the
 // </think> is the thinking (as their template reads it back). `inThinking`: the prompt was seen to end inside
 // the thinking (see opensThinking), so it is from the first token on, a reply cut or stopped before its
-// </think> included; else (not known) it is shown apart once the </think> arrives. An empty thinking
-// ("/no_think" in a message) is not shown. Other replies, and completions, are plain text.
+// </think> included; else (not known) it is shown apart once the </think> arrives. An empty thinking (none
+// yet, a reply stopped before its first token, or "/no_think" in a message) is not shown. Other replies, and completions, are plain text.
 function showReply(out, reply, chat, reading = false, inThinking = false) {
   const opened = chat && !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>"))
     ? `<think>${reply}` : reply;
@@ -384,7 +384,7 @@ function showReply(out, reply, chat, reading = false, inThinking = false) {
     out.replaceChildren(thinking, answer);
   }
   thinking.querySelector(".thinking-text").textContent = parts[1].trim();
-  thinking.hidden = Boolean(parts[2]) && !parts[1].trim();
+  thinking.hidden = !parts[1].trim(); // none yet, or none at all
   if (parts[2] && !thinking.dataset.folded) { // once: a reader who opens it again keeps it open
     thinking.open = reading;
     thinking.dataset.folded = "true";
