@@ -14,7 +14,7 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from tests.serve_helpers import make_checkpoint, run_server, wait_idle, with_chat_template
+from tests.serve_helpers import THINKING_TEMPLATE, make_checkpoint, run_server, wait_idle, with_chat_template
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -124,8 +124,27 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
             {"role": "user", "content": "Hello there, who are you?"}, {"role": "assistant", "content": reply},
             {"role": "user", "content": "And then?"}]).choices[0].message.content
     assert page.locator(".message.assistant .content").last.text_content() == expected
+    # Regenerate (the last reply's own button, from the keyboard here) sends the same history again for a new
+    # reply in its place, with the settings as they are now; what is being typed in the box stays there.
+    expect(page.locator(".message button.regenerate")).to_have_count(1)
+    page.fill("#max-tokens", "12")
+    page.fill("#prompt", "a draft")
+    page.focus(".message.assistant:last-child button.regenerate")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    history = [{"role": "user", "content": "Hello there, who are you?"}, {"role": "assistant", "content": reply},
+               {"role": "user", "content": "And then?"}]
+    assert json.loads(sent.value.post_data)["messages"] == history
+    again = client.chat.completions.create(model="tiny-web", max_tokens=12, temperature=0,
+                                           messages=history).choices[0].message.content
+    expect(page.locator(".message.assistant .content")).to_have_text([reply, again])
+    expect(page.locator(".message.user .content")).to_have_text(["Hello there, who are you?", "And then?"])
+    assert page.input_value("#prompt") == "a draft" and page.evaluate("document.activeElement.id") == "prompt"
+    expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webpage.png"))
+    page.fill("#max-tokens", "40")
 
     # Completion mode continues raw text.
     page.click("label:has(#mode-completion)")
@@ -249,9 +268,11 @@ def test_stop_or_a_reload_while_the_message_is_being_counted(page) -> None:
     page.wait_for_function("document.body.dataset.busy === 'true'")
     page.wait_for_function("document.getElementById('prompt').value === ''")
     assert held  # the count is out
+    page.fill("#prompt", "the next one")  # typed meanwhile: it was cleared once the count ended
     page.click("#stop")
     expect(page.locator("#send")).to_be_enabled(timeout=5_000)
     expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
+    assert page.input_value("#prompt") == "the next one"
     # A reload while a count is out keeps that turn as stopped too.
     page.fill("#prompt", "Reloaded while counted")
     page.click("#send")
@@ -316,6 +337,10 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
         {"role": "user", "content": second}, {"role": "assistant", "content": expected},
         {"role": "user", "content": "Short"}]).choices[0].message.content
     assert page.locator(".message.assistant .content").last.text_content() == after
+    # The transcript, kept at its end as the reply came, is still at its end with the Regenerate button put below
+    # the reply (it was left 31 pixels short: on a phone, the button out of view).
+    assert page.evaluate("(t => t.scrollHeight - t.scrollTop - t.clientHeight)(document.getElementById('transcript'))"
+                         ) < 1
 
 
 def test_stop_button_stops_generation(browser, long_url: str) -> None:
@@ -340,16 +365,28 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
         # hear the status line (the stats, or why nothing was sent).
         assert page.get_attribute("#transcript", "aria-busy") == "true"
         assert page.get_attribute("#stats", "role") == "status"
-        page.click("#stop")
+        page.focus("#system")  # Escape stops it as Stop does, with the focus anywhere (it did nothing)
+        assert page.get_attribute("#stop", "aria-keyshortcuts") == "Escape"  # and Stop says so
+        page.keyboard.press("Escape")
         page.wait_for_selector("body[data-busy='false'] #send:not([disabled])")
         assert page.get_attribute("#transcript", "aria-busy") == "false"
         stopped = reply.text_content()
         time.sleep(0.5)
         assert reply.text_content() == stopped  # nothing more arrives
-        assert "stopped" in page.text_content("#stats")
         assert page.is_disabled("#stop")
         wait_idle(url)  # the server dropped the request
         assert httpx.get(f"{url}/health").json()["tokens_generated"] - before < STOP_CONTEXT - 20
+        # The status line counts tokens, as a finished reply's does (it counted characters): one a piece of text
+        # received, so the API's greedy reply of that many tokens is the text shown, or a little short of it (a
+        # character split over tokens comes as one piece).
+        status = re.fullmatch(r"stopped · about (\d+) tokens · [\d.]+ tok/s · first token [\d.]+ s",
+                              page.text_content("#stats"))
+        assert status, page.text_content("#stats")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        counted = client.chat.completions.create(
+            model="tiny-long", messages=[{"role": "user", "content": "Keep talking"}], max_tokens=int(status[1]),
+            temperature=0).choices[0].message.content
+        assert stopped.startswith(counted)
         # Ready again: the next message goes through.
         page.fill("#max-tokens", "5")
         send_and_wait(page, "Short one")
@@ -360,8 +397,11 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
 
 
 def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tmp_path: Path) -> None:
-    # A folder whose own chat template can skip thinking (as official Qwen3 ones can) gets the switch.
-    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    # A folder whose own chat template can skip thinking (as official Qwen3 ones can) gets the switch. Thinking
+    # on, this one opens the reply's <think> in the prompt, as the 2507 thinking models' template does.
+    opening = THINKING_TEMPLATE.replace("</think>\n\n  {% endif %}", "</think>\n\n  {% else %}\n<think>\n  {% endif %}")
+    assert opening != THINKING_TEMPLATE
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker", opening)
     with run_server(thinker, tmp_path / "serve.log") as base:
         page, errors = open_page(browser, base, "thinker")
         assert page.is_visible("#thinking") and page.is_checked("#thinking")  # on: the template's default
@@ -372,7 +412,8 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
                                                   max_tokens=24, temperature=0, **extra).choices[0].message.content
 
         without_thinking = api_reply(extra_body={"chat_template_kwargs": {"enable_thinking": False}})
-        assert without_thinking != api_reply()
+        thinking = api_reply()
+        assert without_thinking != thinking
         page.fill("#temperature", "0")
         page.fill("#max-tokens", "24")
         page.uncheck("#thinking")
@@ -400,12 +441,16 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
             // "/no_think" in a message: an empty thinking block, with nothing to unfold.
             const empty = document.createElement("div");
             showReply(empty, "<think>\\n\\n</think>\\n\\nParis.", true);
+            // Nor a thinking with no text yet (a 2507 reply before its first token, or stopped then).
+            const none = document.createElement("div");
+            showReply(none, "", true, false, true);
             return {seen, plain: plain.innerHTML, opened: openedSeen, empty: [
-                empty.querySelector("details.thinking").hidden, empty.querySelector(".answer").textContent]};
+                empty.querySelector("details.thinking").hidden, empty.querySelector(".answer").textContent],
+                none: none.querySelector("details.thinking").hidden};
         }""")
         assert shown["seen"] == [["Let me", "", True], ["Let me see.", "Par", False], ["Let me see.", "Paris.", False]]
         assert shown["opened"] == [[None, "Let me"], ["Let me see.", "Paris."]]
-        assert shown["empty"] == [True, "Paris."]
+        assert shown["empty"] == [True, "Paris."] and shown["none"] is True
         # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
         # transcript shrank and jumped to the answer, their place lost.
         page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls
@@ -423,6 +468,20 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
+        # Thinking on, the prompt ends inside the thinking: the reply is thinking from its first token, and a
+        # reply cut before its </think> (24 tokens here) stays so (it was shown as the answer), after a reload too.
+        page.unroute("**/v1/chat/completions")
+        page.set_viewport_size({"width": 1280, "height": 800})
+        page.check("#thinking")
+        page.click("#clear")
+        send_and_wait(page, "Hello")
+        assert "</think>" not in thinking
+        cut = page.locator(".message.assistant .content").last
+        expect(cut.locator(".thinking-text")).to_have_text(thinking.strip())
+        expect(cut.locator(".answer")).to_have_text("")
+        reload(page, "thinker")
+        expect(cut.locator(".thinking-text")).to_have_text(thinking.strip())
+        expect(cut.locator(".answer")).to_have_text("")
         page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 
@@ -526,7 +585,15 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     # that (it stayed "server unreachable", red, over a working conversation once the server was back).
     page.fill("#max-tokens", "3")
     send_and_wait(page, "Before")
+    before = page.locator(".message.assistant .content").text_content()
     page.route("**/v1/**", lambda route: route.abort())
+    # A regenerate that fails leaves the reply it was to replace, and the message box as it was.
+    page.fill("#prompt", "Hello")
+    page.click("button.regenerate")
+    expect(page.locator("#stats")).to_contain_text("lost the connection")
+    expect(page.locator(".message .content")).to_have_text(["Before", before])
+    expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    assert page.input_value("#prompt") == "Hello"
     send_and_wait(page, "Hello")
     expect(page.locator("#model-name")).to_have_text("server unreachable")
     # The failed message went back to the box and left the transcript: it was there twice once resent.
@@ -540,9 +607,22 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     expect(page.locator(".message.assistant")).to_have_count(2)
     expect(page.locator("#stats")).to_contain_text("3 tokens")
     assert page.get_attribute("#status-dot", "class") == "status-dot ok"
-    # The model is sent the conversation as shown: the failed attempt is not in its history either.
+    # The model is sent the conversation as shown: the failed attempts are not in its history either.
     messages = json.loads(sent.value.post_data)["messages"]
-    assert [(m["role"], m["content"]) for m in messages][::2] == [("user", "Before"), ("user", "Hello")]
+    assert messages == [{"role": "user", "content": "Before"}, {"role": "assistant", "content": before},
+                        {"role": "user", "content": "Hello"}]
+    # An error in the stream after some text: the text stays, with the error below it and in the status line
+    # (which said "error" alone, all a screen reader heard).
+    failure = "generation failed: RuntimeError: CUDA error: out of memory"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": "Half a"}, "finish_reason": None}]},
+            {"error": {"message": failure, "type": "server_error"}}))))
+    send_and_wait(page, "Fail")
+    expect(page.locator(".message.assistant").last.locator(".content")).to_have_text("Half a")
+    expect(page.locator(".message.assistant").last.locator(".error")).to_have_text(failure)
+    expect(page.locator("#stats")).to_have_text(failure)
+    expect(page.locator("#stats")).to_have_class("stats error")
 
 
 def test_header_follows_the_server_between_sends(browser, url: str) -> None:

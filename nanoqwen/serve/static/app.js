@@ -24,6 +24,7 @@ const state = {
   controller: null, // AbortController of the request in flight
   samplingDefaults: null, // the model's recommended sampling (the controls start there), for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
+  thinkTags: null, // {model, open, close}: the ids of <think> and </think> for that model (see thinkTags)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -313,12 +314,13 @@ async function streamCompletion(path, body, onText, signal) {
 
 // -- transcript ----------------------------------------------------------------------------
 // What each message on the page is made of, to save the conversation: its box -> {kind, label, text, prompt,
-// notes}, the text as it came (a reply's <think> part is shown apart).
+// notes, inThinking}, the text as it came (a reply's <think> part is shown apart); inThinking: a reply whose
+// prompt opened the thinking (see showReply).
 const records = new WeakMap();
 
 // A message: kind "user" or "assistant" (chat), or "completion" (its prompt, then the text generated). Each mode
 // keeps its own transcript: switching shows the other one (CSS hides the other mode's messages).
-function addMessage(kind, label, text = "", prompt = "") {
+function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
   $("empty-hint").hidden = true;
   const box = document.createElement("div");
   box.className = `message ${kind} ${kind === "completion" ? "completion" : "chat"}-only`;
@@ -337,7 +339,7 @@ function addMessage(kind, label, text = "", prompt = "") {
   }
   box.append(role, content);
   $("transcript").append(box);
-  records.set(box, { kind, label, text, prompt, notes: [] });
+  records.set(box, { kind, label, text, prompt, notes: [], inThinking });
   showText(box, text);
   return box;
 }
@@ -348,17 +350,20 @@ function showText(box, text, reading = false) {
   const record = records.get(box);
   record.text = text;
   if (record.kind === "completion") box.querySelector(".generated").textContent = text;
-  else showReply(box.querySelector(".content"), text, record.kind === "assistant", reading);
+  else showReply(box.querySelector(".content"), text, record.kind === "assistant", reading, record.inThinking);
 }
 
 // A thinking model's reply (official Qwen3) opens with <think>...</think>: that part is shown apart, dimmed,
 // and folded once the answer begins (a click opens it again), unless the reader is `reading` up the transcript
 // then (folded under them, it took their place away); the answer streams below it. The 2507 thinking
 // models' template opens the <think> in the prompt, so their reply only closes it: what comes before the
-// </think> is the thinking (as their template reads it back), shown apart once that arrives. An empty thinking
-// ("/no_think" in a message) is not shown. Other replies, and completions, are plain text.
-function showReply(out, reply, chat, reading = false) {
-  const opened = chat && !/^\s*<think>/.test(reply) && reply.includes("</think>") ? `<think>${reply}` : reply;
+// </think> is the thinking (as their template reads it back). `inThinking`: the prompt was seen to end inside
+// the thinking (see opensThinking), so it is from the first token on, a reply cut or stopped before its
+// </think> included; else (not known) it is shown apart once the </think> arrives. An empty thinking (none
+// yet, a reply stopped before its first token, or "/no_think" in a message) is not shown. Other replies, and completions, are plain text.
+function showReply(out, reply, chat, reading = false, inThinking = false) {
+  const opened = chat && !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>"))
+    ? `<think>${reply}` : reply;
   const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened) : null;
   if (!parts) {
     out.textContent = reply;
@@ -379,7 +384,7 @@ function showReply(out, reply, chat, reading = false) {
     out.replaceChildren(thinking, answer);
   }
   thinking.querySelector(".thinking-text").textContent = parts[1].trim();
-  thinking.hidden = Boolean(parts[2]) && !parts[1].trim();
+  thinking.hidden = !parts[1].trim(); // none yet, or none at all
   if (parts[2] && !thinking.dataset.folded) { // once: a reader who opens it again keeps it open
     thinking.open = reading;
     thinking.dataset.folded = "true";
@@ -424,8 +429,8 @@ function markDropped(box) { // still shown, no longer seen by the model
 // conversation over SAVED_CHARS loses its oldest messages (a message with its reply) first.
 function saveConversation() {
   const saved = [...$("transcript").querySelectorAll(".message")].map((box) => {
-    const { kind, label, text, prompt, notes } = records.get(box);
-    return { kind, label, text, prompt, notes, dropped: box.classList.contains("dropped") };
+    const { kind, label, text, prompt, notes, inThinking } = records.get(box);
+    return { kind, label, text, prompt, notes, inThinking, dropped: box.classList.contains("dropped") };
   });
   let size = JSON.stringify(saved).length;
   while (size > SAVED_CHARS && saved.length) {
@@ -443,8 +448,8 @@ function saveConversation() {
 function restoreConversation() {
   try {
     const saved = JSON.parse(storage("sessionStorage")?.getItem(CONVERSATION_STORAGE) || "[]");
-    for (const { kind, label, text, prompt, dropped, notes } of saved) {
-      const box = addMessage(kind, label, text, prompt);
+    for (const { kind, label, text, prompt, dropped, notes, inThinking } of saved) {
+      const box = addMessage(kind, label, text, prompt, Boolean(inThinking));
       for (const [noteText, cls] of notes) note(box, noteText, cls);
       if (dropped) markDropped(box);
       else if (kind !== "completion") state.history.push({ role: kind, content: text, box });
@@ -457,7 +462,8 @@ function restoreConversation() {
 }
 
 function setBusy(busy) {
-  const sending = busy && document.activeElement === $("send"); // pressed, and about to be disabled
+  // Send or Regenerate pressed, and about to be disabled or hidden
+  const sending = busy && [$("send"), regenerateButton].includes(document.activeElement);
   document.body.dataset.busy = String(busy);
   $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
@@ -470,21 +476,52 @@ function setBusy(busy) {
 }
 
 // -- send ----------------------------------------------------------------------------------
-// How many tokens `messages` take and the context, from the server (null if it cannot say). Under the send's
+// POST /tokenize: {count, max_model_len, tokens} from the server (null if it cannot say). Under the send's
 // signal: Stop, or a reload (beforeunload stops), ends the count at once and the send ends as stopped, its
 // turn saved; a reload while the count was out lost the turn.
-async function countTokens(messages, body) {
+async function tokenize(request) {
   try {
     const res = await fetch("/tokenize", {
-      method: "POST",
-      headers: headers(),
-      body: JSON.stringify({ messages: wire(messages), chat_template_kwargs: body.chat_template_kwargs }),
-      signal: state.controller?.signal,
+      method: "POST", headers: headers(), body: JSON.stringify(request), signal: state.controller?.signal,
     });
     return res.ok ? await res.json() : null;
   } catch (_) {
     return null;
   }
+}
+
+// How many tokens `messages` take (and their ids) and the context.
+function countTokens(messages, body) {
+  return tokenize({ messages: wire(messages), chat_template_kwargs: body.chat_template_kwargs });
+}
+
+// The ids "<think>" and "</think>" encode to for the model served, asked once for each model (again after a
+// failure); null if the server cannot say.
+async function thinkTags() {
+  if (state.thinkTags?.model !== state.model) {
+    const [open, close] = await Promise.all(["<think>", "</think>"].map((tag) => tokenize({ prompt: tag })));
+    if (!open?.tokens?.length || !close?.tokens?.length) return null;
+    state.thinkTags = { model: state.model, open: open.tokens, close: close.tokens };
+  }
+  return state.thinkTags;
+}
+
+function lastIndexOfIds(ids, part) {
+  for (let at = ids.length - part.length; at >= 0; at -= 1) {
+    if (part.every((id, k) => ids[at + k] === id)) return at;
+  }
+  return -1;
+}
+
+// Whether a chat prompt (its ids) ends inside a thinking block the template opened, as the 2507 thinking
+// models' does ("<|im_start|>assistant\n<think>\n"): a "<think>" with at most two ids after it (its newline),
+// and no "</think>" after it. (Official Qwen3's with thinking off ends "<think>\n\n</think>\n\n": closed.)
+async function opensThinking(prompt) {
+  if (!prompt?.length) return false;
+  const tags = await thinkTags();
+  if (!tags) return false;
+  const opened = lastIndexOfIds(prompt, tags.open);
+  return opened >= 0 && opened >= prompt.length - tags.open.length - 2 && lastIndexOfIds(prompt, tags.close) < opened;
 }
 
 // Messages as the API takes them (the history's also name their place on the page).
@@ -493,27 +530,31 @@ function wire(messages) {
 }
 
 // Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
-// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped. A message
-// too long even alone drops nothing: the server refuses it, and the history stays for the next one.
+// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped, and the ids of
+// the prompt left (null if the server cannot say). A message too long even alone drops nothing: the server
+// refuses it, and the history stays for the next one.
 async function fitHistory(lead, text, body) {
   const user = { role: "user", content: text };
   const fits = (fit) => fit.count <= fit.max_model_len
     - Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
   let fit = await countTokens([...lead, ...state.history, user], body);
-  if (!fit || fits(fit) || !state.history.length) return 0;
+  const kept = { dropped: 0, prompt: fit?.tokens ?? null };
+  if (!fit || fits(fit) || !state.history.length) return kept;
   const alone = await countTokens([...lead, user], body);
-  if (!alone || alone.count > alone.max_model_len) return 0;
+  if (!alone || alone.count > alone.max_model_len) return kept;
   let dropped = 0;
   while (fit && !fits(fit) && state.history.length) {
     for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) markDropped(message.box);
     dropped += 1;
     fit = await countTokens([...lead, ...state.history, user], body);
   }
-  return dropped;
+  return { dropped, prompt: fit?.tokens ?? null };
 }
 
-async function send() {
-  const text = $("prompt").value;
+// Sends the message in the box; or, `again` (the last turn's two history entries: see regenerate), that turn's
+// message again, for a new reply in place of its own.
+async function send(again = null) {
+  const text = again ? again[0].content : $("prompt").value;
   if (state.controller) return;
   if (mode() === "chat" && !text.trim()) return;
   let sampling;
@@ -526,26 +567,32 @@ async function send() {
   }
   state.controller = new AbortController();
   setBusy(true);
+  if (again) { // the reply goes (the message stays where it is), once nothing stops the send
+    state.history.splice(-2);
+    again[1].box.remove();
+  }
   let path, body, box;
   const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
-    const userBox = addMessage("user", "You", text);
+    const userBox = again ? again[0].box : addMessage("user", "You", text);
     box = addMessage("assistant", state.model || "model");
-    turn.push(userBox, box);
+    turn.push(...(again ? [] : [userBox]), box);
     path = "/v1/chat/completions";
     body = sampling;
     if (!$("thinking-field").hidden && !$("thinking").checked) {
       body.chat_template_kwargs = { enable_thinking: false };
     }
-    $("prompt").value = "";
-    const dropped = await fitHistory(lead, text, body);
+    if (!again) $("prompt").value = ""; // (what is typed there meanwhile is the next message's)
+    const { dropped, prompt } = await fitHistory(lead, text, body);
     if (dropped) {
       note(box, `${dropped === 1 ? "the oldest turn was" : `the ${dropped} oldest turns were`} dropped `
         + "to fit the model's context");
     }
+    records.get(box).inThinking = await opensThinking(prompt);
+    showText(box, "");
     body.messages = wire([...lead, ...state.history, { role: "user", content: text }]);
     state.history.push({ role: "user", content: text, box: userBox });
   } else {
@@ -553,9 +600,9 @@ async function send() {
     turn.push(box);
     path = "/v1/completions";
     body = { ...sampling, prompt: text };
+    $("prompt").value = "";
   }
   box.querySelector(".content").classList.add("streaming");
-  $("prompt").value = "";
   scrollDown();
 
   const started = performance.now();
@@ -564,6 +611,16 @@ async function send() {
   let reply = "";
   let status = "";
   let failed = false;
+  // " · N tok/s · first token S s" for `tokens` received by now
+  const timing = (tokens) => {
+    const ended = performance.now();
+    const seconds = (ended - (firstAt ?? started)) / 1000;
+    // A busy browser may take in a fast model's whole stream in one read: timed from that read, the rate
+    // was absurd (70,000 tok/s). Under 0.1 s, the whole request is timed instead, first token included.
+    const perSecond = seconds >= 0.1 ? (tokens - 1) / seconds : tokens / ((ended - started) / 1000);
+    const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
+    return rate + (firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "");
+  };
   // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
   // starves the page as it grows (the Stop button with it, on a busy machine).
   let frame = null;
@@ -594,22 +651,18 @@ async function send() {
       result = await request();
     }
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
-    const ended = performance.now();
-    const seconds = (ended - (firstAt ?? started)) / 1000;
-    // A busy browser may take in a fast model's whole stream in one read: timed from that read, the rate
-    // was absurd (70,000 tok/s). Under 0.1 s, the whole request is timed instead, first token included.
-    const perSecond = seconds >= 0.1 ? (tokens - 1) / seconds : tokens / ((ended - started) / 1000);
-    const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
-    const ttft = firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "";
     // A reply that filled the context ends as "length" too, short of max tokens: say which limit it was.
     const full = result.finish === "length" && result.usage && state.context
       && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
-    status = `${tokens} token${tokens === 1 ? "" : "s"}${rate}${ttft} · finish: ${result.finish ?? "?"}`
+    status = `${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)} · finish: ${result.finish ?? "?"}`
       + (full ? " (the model's context is full)" : "");
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
-      status = `stopped · ${reply.length} characters`;
+      // No usage comes after a stop: the pieces received count the tokens, one a piece, but for text held
+      // back (part of a character, or of a possible stop string) that came with a later token's piece.
+      status = pieces ? `stopped · about ${pieces} token${pieces === 1 ? "" : "s"}${timing(pieces)}`
+        : "stopped before the first token";
       note(box, "stopped");
     } else {
       failed = true;
@@ -622,18 +675,19 @@ async function send() {
           : "this server needs an API key: enter it under Server, below the sampling settings";
         focusSetting($("api-key"));
       }
-      if (reply) { // what arrived stays, with why it ended
-        status = "error";
-        note(box, message, "error");
-      } else {
+      status = message; // in the status line too, which screen readers read out ("error" alone said nothing)
+      if (reply) note(box, message, "error"); // what arrived stays, with why it ended
+      else {
         // Nothing came back: the turn never happened. Its text goes back to the box, to send again rather than
         // type again, so the turn leaves the transcript (kept, a resend showed the message twice) and why it
         // failed is said in the status line, as for a setting that stops a send.
-        status = message;
         if (chat) state.history.pop();
         for (const el of turn) el.remove();
+        if (again) { // the reply it was to replace comes back; the message box is left as it is
+          $("transcript").append(again[1].box);
+          state.history.push(...again);
+        } else if (!$("prompt").value) $("prompt").value = text;
         showEmptyHint();
-        if (!$("prompt").value) $("prompt").value = text;
       }
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
     }
@@ -649,6 +703,9 @@ async function send() {
     state.controller = null;
     saveConversation();
     setBusy(false);
+    const follow = atBottom(); // a reader at the end sees the Regenerate button below the reply too
+    showRegenerate();
+    if (follow) scrollDown();
     showStatus(status, failed);
     // The next message is typed in the box: the focus goes back there from Stop or Send (now disabled), or from
     // nowhere, but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the
@@ -663,9 +720,31 @@ function stop() {
   if (state.controller) state.controller.abort();
 }
 
+// The last reply again: it leaves the transcript and the history, and its message is sent again, with the
+// settings as they are now.
+function regenerate() {
+  const last = state.history.slice(-2);
+  if (mode() === "chat" && last.length === 2 && last[0].role === "user" && last[1].role === "assistant") send(last);
+}
+
+// The last reply of the chat gets the one Regenerate button (hidden while a reply streams), while the model
+// sees it: a turn whose send failed left no reply.
+const regenerateButton = Object.assign(document.createElement("button"), {
+  type: "button", className: "ghost regenerate", textContent: "Regenerate",
+  title: "Drop this reply and send the conversation again for a new one (with the settings as they are now)",
+});
+
+function showRegenerate() {
+  const last = state.history.at(-1);
+  const boxes = $("transcript").querySelectorAll(".message.chat-only");
+  if (last?.role === "assistant" && last.box === boxes[boxes.length - 1]) last.box.append(regenerateButton);
+  else regenerateButton.remove();
+}
+
 function clearAll() { // the transcript of the mode shown, here and as saved
   if (mode() === "chat") state.history = [];
   for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
+  showRegenerate();
   saveConversation();
   showEmptyHint();
   showStatus("");
@@ -712,10 +791,19 @@ function init() {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
+  // Escape stops a reply as Stop does, wherever the focus is (on Stop after Send, in a setting, nowhere).
+  document.addEventListener("keydown", (e) => {
+    if (e.key === "Escape" && state.controller && !e.isComposing) {
+      e.preventDefault();
+      stop();
+    }
+  });
+  regenerateButton.addEventListener("click", regenerate);
   $("clear").addEventListener("click", clearAll);
   document.body.dataset.mode = mode();
   setBusy(false);
   restoreConversation();
+  showRegenerate();
   // Leaving the page (a reload) ends a reply streaming: it is stopped here, and so saved as stopped. Not later, at
   // pagehide: by then the browser has dropped the fetch, which read as a lost connection.
   window.addEventListener("beforeunload", stop);
