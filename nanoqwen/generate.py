@@ -376,7 +376,7 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
 
 class TextStream:
     """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
-    that may be the start of a stop string, and ends the text at the first stop string (once `min_tokens`
+    that may be the start of a stop string, and ends the text at the stop string completed first (once `min_tokens`
     tokens are in; before, a stop string is text), before it or, with `include_stop`, after it."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True,
@@ -444,9 +444,12 @@ class TextStream:
             searched = max(self.emitted, self.unchecked)
             for stop in self.stop_strings:
                 if (at := text.find(stop, max(0, searched - len(stop) + 1))) != -1:
-                    found.append((at, at + len(stop)))
-        if found:  # the text ends at the earliest stop string (the shortest of those there), whatever their order
-            start, end = min(found)
+                    found.append((at + len(stop), at))
+        # The text ends at the stop string completed first (of those completed together, the longer): where it would
+        # end had its characters come one at a time, so neither how tokens split it nor the stops' order matters
+        # (the one that started first won, and ["a", " ab"] cut " ab" to "" when it came as one token, " " if not).
+        if found:
+            end, start = min(found)
             text, self.stopped = text[:end if self.include_stop else start], True
         safe = len(text)
         if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
