@@ -84,6 +84,9 @@ class SamplingParams:
                                                f"its default, {self.max_new_tokens}), got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
             raise InvalidSetting("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if "" in self.stop_strings:  # ignored, it hid a mistake (an unset shell variable); vLLM refuses it too
+            raise InvalidSetting("stop", '"" (an empty string) marks no place to stop; give the text to stop at, or '
+                                         "leave it out")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise InvalidSetting("seed", f"must be {SEED_RANGE}, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -383,7 +386,7 @@ class TextStream:
                  min_tokens: int = 0, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_strings = stop_strings
         self.min_tokens, self.include_stop = min_tokens, include_stop
         self.accepted = 0  # tokens taken by `accept`, a stop token included
         self.unchecked = 0  # characters in before min_tokens tokens were: no stop string ends there, sent or not

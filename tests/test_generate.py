@@ -1020,6 +1020,10 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
          "--repetition-penalty must be > 0"),
+        # An empty stop string was dropped in silence (`--stop "$UNSET"`): refused, sample and chat alike
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--stop", "END", "--stop", ""],
+         'error: --stop "" (an empty string) marks no place to stop; give the text to stop at, or leave it out'),
+        (["chat", "--model", str(checkpoint), "--stop", ""], '--stop "" (an empty string) marks no place to stop'),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
         (["eval", "--model", str(checkpoint), "--text-file", str(empty)], "is empty; give it some text"),
         (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],

@@ -982,6 +982,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", ""]}, 400, "stop"),  # an empty one, as vLLM: not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "stop"),
     # Types as OpenAI's API takes them, not converted: "5" is no count, true no number, "yes" no boolean.
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
