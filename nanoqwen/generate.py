@@ -472,8 +472,9 @@ class TextStream:
 class Completion:
     text: str
     token_ids: list[int]
-    """The ids of `text`'s tokens: a stop token that ended it is left out, unless include_stop_str_in_output put its
-    text in (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's)."""
+    """The ids sampled, but for a stop token that ended the text, unless include_stop_str_in_output put its text in
+    (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's). The tokens
+    of a stop string that ended it stay, though its text is cut off (as in vLLM's token_ids)."""
     finish_reason: str  # "stop" (stop token or string) or "length"
     prompt_tokens: int
 

@@ -524,8 +524,11 @@ def test_vllms_stop_token_ids_min_tokens_and_include_stop_str_in_output(client: 
     # A stop string: the text ends before it, or after it when asked, and not before min_tokens tokens are in.
     word = tokenizer.decode(ids[k:k + 1])
     assert word.strip() and stopped.choices[0].text.find(word) == -1
-    assert ask(stop=[word]).choices[0].text == tokenizer.decode(ids[:k])
-    assert ask(stop=[word], include_stop_str_in_output=True).choices[0].text == tokenizer.decode(ids[:k + 1])
+    # Usage counts every token sampled, the one that completed the stop string too, cut from the text or not (vLLM
+    # counts its token_ids so).
+    cut, kept = ask(stop=[word]), ask(stop=[word], include_stop_str_in_output=True)
+    assert (cut.choices[0].text, cut.usage.completion_tokens) == (tokenizer.decode(ids[:k]), k + 1)
+    assert (kept.choices[0].text, kept.usage.completion_tokens) == (tokenizer.decode(ids[:k + 1]), k + 1)
     late = ask(stop=[word], min_tokens=k + 2).choices[0]
     assert late.text.startswith(tokenizer.decode(ids[:k + 1])) and late.text != tokenizer.decode(ids[:k])
 
