@@ -661,8 +661,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
-                   help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are cut "
-                        f"(default {SHUTDOWN_GRACE_S:g})")
+                   help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are ended with "
+                        f"a 503, a stream's as its last event (default {SHUTDOWN_GRACE_S:g})")
     add_device_arguments(p)
 
 
