@@ -608,8 +608,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
     p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
-                   help=r"stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
-                        r"return and a backslash")
+                   help=r"stop string (repeatable): the text ends before the first one it holds; \n, \t, \r and \\ "
+                        r"in it are a newline, a tab, a carriage return and a backslash")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 

@@ -127,8 +127,9 @@ def test_stop_flags_read_a_shells_backslash_escapes():
         parser = argparse.ArgumentParser()
         command.add_arguments(parser)
         assert parser.parse_args([*required, *typed]).stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
-        assert (r"--stop TEXT stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
-                "return and a backslash") in " ".join(parser.format_help().split())
+        assert (r"--stop TEXT stop string (repeatable): the text ends before the first one it holds; \n, \t, \r "
+                r"and \\ in it are a newline, a tab, a carriage return and a backslash"
+                ) in " ".join(parser.format_help().split())
 
 
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
