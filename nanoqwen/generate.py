@@ -84,6 +84,9 @@ class SamplingParams:
                                                f"its default, {self.max_new_tokens}), got {self.min_tokens}")
         if not 0 < self.repetition_penalty < math.inf:
             raise InvalidSetting("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
+        if "" in self.stop_strings:  # ignored, it hid a mistake (an unset shell variable); vLLM refuses it too
+            raise InvalidSetting("stop", '"" (an empty string) marks no place to stop; give the text to stop at, or '
+                                         "leave it out")
         if self.seed is not None and not 0 <= self.seed < SEED_LIMIT:
             raise InvalidSetting("seed", f"must be {SEED_RANGE}, got {self.seed}")
         for name in ("presence_penalty", "frequency_penalty"):
@@ -376,14 +379,14 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
 
 class TextStream:
     """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
-    that may be the start of a stop string, and ends the text at the first stop string (once `min_tokens`
+    that may be the start of a stop string, and ends the text at the stop string completed first (once `min_tokens`
     tokens are in; before, a stop string is text), before it or, with `include_stop`, after it."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True,
                  min_tokens: int = 0, include_stop: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.stop_strings = [s for s in stop_strings if s]
+        self.stop_strings = stop_strings
         self.min_tokens, self.include_stop = min_tokens, include_stop
         self.accepted = 0  # tokens taken by `accept`, a stop token included
         self.unchecked = 0  # characters in before min_tokens tokens were: no stop string ends there, sent or not
@@ -444,9 +447,12 @@ class TextStream:
             searched = max(self.emitted, self.unchecked)
             for stop in self.stop_strings:
                 if (at := text.find(stop, max(0, searched - len(stop) + 1))) != -1:
-                    found.append((at, at + len(stop)))
-        if found:  # the text ends at the earliest stop string (the shortest of those there), whatever their order
-            start, end = min(found)
+                    found.append((at + len(stop), at))
+        # The text ends at the stop string completed first (of those completed together, the longer): where it would
+        # end had its characters come one at a time, so neither how tokens split it nor the stops' order matters
+        # (the one that started first won, and ["a", " ab"] cut " ab" to "" when it came as one token, " " if not).
+        if found:
+            end, start = min(found)
             text, self.stopped = text[:end if self.include_stop else start], True
         safe = len(text)
         if not (final or self.stopped):  # keep back a tail that could still grow into a stop string
@@ -466,8 +472,9 @@ class TextStream:
 class Completion:
     text: str
     token_ids: list[int]
-    """The ids of `text`'s tokens: a stop token that ended it is left out, unless include_stop_str_in_output put its
-    text in (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's)."""
+    """The ids sampled, but for a stop token that ended the text, unless include_stop_str_in_output put its text in
+    (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's). The tokens
+    of a stop string that ended it stay, though its text is cut off (as in vLLM's token_ids)."""
     finish_reason: str  # "stop" (stop token or string) or "length"
     prompt_tokens: int
 
@@ -601,8 +608,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--frequency-penalty", type=float, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
     p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
-                   help=r"stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
-                        r"return and a backslash")
+                   help=r"stop string (repeatable): the text ends before the first one it holds; \n, \t, \r and \\ "
+                        r"in it are a newline, a tab, a carriage return and a backslash")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 

@@ -127,8 +127,9 @@ def test_stop_flags_read_a_shells_backslash_escapes():
         parser = argparse.ArgumentParser()
         command.add_arguments(parser)
         assert parser.parse_args([*required, *typed]).stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
-        assert (r"--stop TEXT stop string (repeatable); \n, \t, \r and \\ in it are a newline, a tab, a carriage "
-                "return and a backslash") in " ".join(parser.format_help().split())
+        assert (r"--stop TEXT stop string (repeatable): the text ends before the first one it holds; \n, \t, \r "
+                r"and \\ in it are a newline, a tab, a carriage return and a backslash"
+                ) in " ".join(parser.format_help().split())
 
 
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
@@ -863,12 +864,30 @@ def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
     assert stream.push(tokenizer.encode("d")[0]) == "" and stream.stopped  # the held start did become the stop
 
 
-def test_the_earliest_stop_string_ends_the_text_whatever_their_order():
+def test_the_stop_string_completed_first_ends_the_text_whatever_their_order_or_the_tokens():
+    # The text ends where it would had it come one character at a time: at the stop string completed first (of two
+    # completed together, the longer). The one that started first won, so a token holding a whole stop string that
+    # starts before a shorter one it also holds ended the text earlier than the same text split over two tokens.
     tokenizer = qwen3_tokenizer()
-    for stops in (["eou", "weou"], ["weou", "eou"]):
-        stream = TextStream(tokenizer, stops)
-        text = "".join(stream.push(t) for t in tokenizer.encode("you weou and more")) + stream.finish()
-        assert text == "you " and stream.stopped, stops
+
+    def streamed(pieces: list[str], stops: list[str], include: bool = False) -> str:
+        stream, text = TextStream(tokenizer, stops, include_stop=include), ""
+        for token in [t for piece in pieces for t in tokenizer.encode(piece)]:
+            delta, reason = stream.accept(token, [])
+            text += delta
+            if reason:
+                return text
+        return text + stream.finish()
+
+    assert [tokenizer.decode([t]) for t in tokenizer.encode(" ab a")] == [" ab", " a"]
+    assert [tokenizer.decode([t]) for t in tokenizer.encode("xabc")] == ["x", "abc"]
+    for text, pieces, stops, cut, kept in [
+            ("you weou and more", ["you weou and more"], ["eou", "weou"], "you ", "you weou"),
+            (" ab a", [" ab", " a"], ["a", " ab"], " ", " a"), (" ab a", [" ", "a", "b a"], ["a", " ab"], " ", " a"),
+            ("xabc", ["xabc"], ["abc", "b"], "xa", "xab"), ("xabc", ["xa", "bc"], ["abc", "b"], "xa", "xab")]:
+        assert "".join(pieces) == text
+        for order in (stops, stops[::-1]):
+            assert (streamed(pieces, order), streamed(pieces, order, include=True)) == (cut, kept), (pieces, order)
 
 
 def test_extreme_temperature_and_penalty_still_pick_a_token():
@@ -1002,6 +1021,10 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
          "--repetition-penalty must be > 0"),
+        # An empty stop string was dropped in silence (`--stop "$UNSET"`): refused, sample and chat alike
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--stop", "END", "--stop", ""],
+         'error: --stop "" (an empty string) marks no place to stop; give the text to stop at, or leave it out'),
+        (["chat", "--model", str(checkpoint), "--stop", ""], '--stop "" (an empty string) marks no place to stop'),
         (["eval", "--model", str(checkpoint), "--text-file", "/dev/null"], "is not a regular file"),
         (["eval", "--model", str(checkpoint), "--text-file", str(empty)], "is empty; give it some text"),
         (["eval", "--model", str(checkpoint), "--text-file", __file__, "--context", "129"],

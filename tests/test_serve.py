@@ -524,8 +524,11 @@ def test_vllms_stop_token_ids_min_tokens_and_include_stop_str_in_output(client: 
     # A stop string: the text ends before it, or after it when asked, and not before min_tokens tokens are in.
     word = tokenizer.decode(ids[k:k + 1])
     assert word.strip() and stopped.choices[0].text.find(word) == -1
-    assert ask(stop=[word]).choices[0].text == tokenizer.decode(ids[:k])
-    assert ask(stop=[word], include_stop_str_in_output=True).choices[0].text == tokenizer.decode(ids[:k + 1])
+    # Usage counts every token sampled, the one that completed the stop string too, cut from the text or not (vLLM
+    # counts its token_ids so).
+    cut, kept = ask(stop=[word]), ask(stop=[word], include_stop_str_in_output=True)
+    assert (cut.choices[0].text, cut.usage.completion_tokens) == (tokenizer.decode(ids[:k]), k + 1)
+    assert (kept.choices[0].text, kept.usage.completion_tokens) == (tokenizer.decode(ids[:k + 1]), k + 1)
     late = ask(stop=[word], min_tokens=k + 2).choices[0]
     assert late.text.startswith(tokenizer.decode(ids[:k + 1])) and late.text != tokenizer.decode(ids[:k])
 
@@ -982,6 +985,8 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("/v1/completions", {"prompt": "hi", "stop": ["a", ""]}, 400, "stop"),  # an empty one, as vLLM: not ignored
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "stop": ""}, 400, "stop"),
     # Types as OpenAI's API takes them, not converted: "5" is no count, true no number, "yes" no boolean.
     ("/v1/completions", {"prompt": "hi", "max_tokens": "5"}, 400, "max_tokens"),
     ("/v1/completions", {"prompt": "hi", "max_tokens": True}, 400, "max_tokens"),
@@ -1093,27 +1098,35 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
 
 
 @pytest.mark.parametrize("stop_signal", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_cuts_a_long_generation(long_checkpoint: Path, tmp_path: Path, stop_signal: int) -> None:
-    # SIGTERM (or Ctrl-C) while 16 long streams run: the server gives them --shutdown-grace, then cuts them and
-    # exits (run_server fails the test if it takes over 10 s); the stream ends without its [DONE]. 16 x 4000 tokens
-    # are sequential steps no CPU runs in half a second (240 did finish in the default 3 s on a fast machine).
-    # Ctrl-C printed each cut stream's CancelledError as a 50-line traceback after the last line.
+def test_sigterm_ends_a_long_generation(long_checkpoint: Path, tmp_path: Path, stop_signal: int) -> None:
+    # SIGTERM (or Ctrl-C) while 16 long streams and a plain request run: the server gives them --shutdown-grace,
+    # then ends them and exits (run_server fails the test if it takes over 10 s). 16 x 4000 tokens are sequential
+    # steps no CPU runs in half a second (240 did finish in the default 3 s on a fast machine). The stream ends with
+    # an error event and its [DONE], the plain request with a 503: they were cut mid-body, which clients read as a
+    # broken connection. Ctrl-C printed each cut stream's CancelledError as a 50-line traceback after the last line.
     body = {"prompt": "Go on forever", "max_tokens": 4000, "n": 16, "temperature": 0, "stream": True}
     lines: list[str] = []
-    with run_server(long_checkpoint, tmp_path / "serve.log", "--shutdown-grace", "0.5",
-                    stop_signal=stop_signal) as base:
-        stream = httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60)
-        response = stream.__enter__()
-        chunks = response.iter_lines()
-        lines += [next(line for line in chunks if line.startswith("data: ")) for _ in range(3)]
-    try:
-        lines += list(chunks)
-    except httpx.HTTPError:  # the connection closed mid-chunk
-        pass
-    finally:
-        stream.__exit__(None, None, None)
-    texts = [line for line in lines if line.startswith("data: {")]
-    assert "data: [DONE]" not in lines and 3 <= len(texts) < 16 * 4000
+    with ThreadPoolExecutor(1) as pool:  # (left once the plain request is answered, after the server stopped)
+        with run_server(long_checkpoint, tmp_path / "serve.log", "--shutdown-grace", "0.5",
+                        stop_signal=stop_signal) as base:
+            stream = httpx.stream("POST", f"{base}/v1/completions", json=body, timeout=60)
+            response = stream.__enter__()
+            chunks = response.iter_lines()
+            lines += [next(line for line in chunks if line.startswith("data: ")) for _ in range(3)]
+            plain = pool.submit(httpx.post, f"{base}/v1/completions", json={**body, "n": 1, "stream": False},
+                                timeout=60)
+            wait_for(lambda: httpx.get(f"{base}/health").json()["active"] == 17, "the plain request never ran")
+        try:
+            lines += list(chunks)
+        finally:
+            stream.__exit__(None, None, None)
+    texts = [line for line in lines if line.startswith("data: {\"id\"")]
+    assert 3 <= len(texts) < 16 * 4000
+    ended = {"message": "the server is shutting down and ended this request unfinished; send it again once the "
+                        "server is back", "type": "server_error", "param": None, "code": None}
+    assert [line for line in lines if line.startswith("data: ") and line not in texts] == [
+        "data: " + json.dumps({"error": ended}, separators=(",", ":")), "data: [DONE]"]
+    assert (plain.result().status_code, plain.result().json()) == (503, {"error": ended})
     log = (tmp_path / "serve.log").read_text()
     said = log.splitlines()[-1]
     assert said.startswith("nanoqwen serve: stopped after generating ") and said.endswith(" tokens")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import hmac
 import json
@@ -271,7 +272,7 @@ async def events(job: Job) -> AsyncIterator[Delta | Finished]:
     while left:
         event = await job.events.get()
         if isinstance(event, Failed):
-            raise APIError(500, event.message, type="server_error")
+            raise APIError(event.status, event.message, type="server_error")
         left -= isinstance(event, Finished)
         yield event
 
@@ -589,6 +590,34 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
 
 # -- `nanoqwen serve` ----------------------------------------------------------------------------
 SHUTDOWN_GRACE_S = 3
+# How long past --shutdown-grace uvicorn waits before it cuts the connections still open: time enough for the answers
+# `Engine.end_all` ends at the grace to go out whole.
+CUT_AFTER_GRACE_S = 2
+SHUTTING_DOWN = "the server is shutting down and ended this request unfinished; send it again once the server is back"
+
+
+def serve(app: FastAPI, host: str, port: int, grace: float) -> bool:
+    """Serve `app` with uvicorn until Ctrl-C or SIGTERM, which give the requests in flight `grace` seconds to finish.
+    Those still running then are ended by the engine with a 503 (a stream with that error event and its [DONE]):
+    uvicorn alone cut their connections mid-body, which a client reads as a broken connection, not an answer.
+    False where the server never started."""
+    import uvicorn
+
+    engine: Engine = app.state.engine
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+            over = asyncio.get_running_loop().call_later(grace, engine.end_all, SHUTTING_DOWN)
+            try:
+                await super().shutdown(sockets)
+            finally:
+                over.cancel()
+
+    server = Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
+                                   timeout_graceful_shutdown=grace + CUT_AFTER_GRACE_S))
+    with contextlib.suppress(KeyboardInterrupt):  # as uvicorn.run: a second Ctrl-C
+        server.run()
+    return server.started
 
 
 def check_can_bind(host: str, port: int) -> None:
@@ -632,14 +661,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
     p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
-                   help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are cut "
-                        f"(default {SHUTDOWN_GRACE_S:g})")
+                   help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are ended with "
+                        f"a 503, a stream's as its last event (default {SHUTDOWN_GRACE_S:g})")
     add_device_arguments(p)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from nanoqwen.checkpoint import read_generation_file
     from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
 
@@ -678,9 +705,7 @@ def run(args: argparse.Namespace) -> int:
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
-    # Ctrl-C or SIGTERM: requests in flight get --shutdown-grace seconds to finish, then are cut (their jobs
+    # Ctrl-C or SIGTERM: requests in flight get --shutdown-grace seconds to finish, then are ended (their jobs
     # cancelled), so a long generation cannot hold the server up for minutes.
     logging.getLogger("uvicorn.error").addFilter(QuietCancelledRequests())
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning",
-                timeout_graceful_shutdown=args.shutdown_grace)
-    return 0
+    return 0 if serve(app, args.host, args.port, args.shutdown_grace) else 3  # 3: uvicorn's, for a failed start

@@ -29,6 +29,7 @@ import asyncio
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -89,8 +90,10 @@ class Finished:
 
 @dataclass
 class Failed:
-    """The engine hit an error while working on this job; no more events follow."""
+    """The job ends unanswered: the engine hit an error while working on it (500), or the server is shutting down
+    (503, `Engine.end_all`); no more events follow."""
     message: str
+    status: int = 500
 
 
 Event = Delta | Finished | Failed
@@ -189,6 +192,7 @@ class Engine:
         self._cache: KVCache | None = None
         self._thread = threading.Thread(target=self._run, name="nanoqwen-engine", daemon=True)
         self._stopping = False
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # submitted, on the event loop's side: for `end_all`
         self.tokens_generated = 0  # since start, every sequence; cancelled work shows up as fewer tokens
 
     # -- called from the event loop ------------------------------------------------------------
@@ -199,6 +203,15 @@ class Engine:
         self._stopping = True
         self._inbox.put(None)
         self._thread.join(timeout=10)
+
+    def end_all(self, message: str) -> None:
+        """Called from the event loop: answer every job still running with `message` (a 503) and stop its work, so
+        that each client gets an answer that ends as answers do (a stream its error event and [DONE]) rather than a
+        connection cut mid-body."""
+        for job in list(self._jobs):
+            if not job.cancelled:  # (a finished job's answer has gone out: its response cancelled it)
+                job.cancel()
+                job.events.put_nowait(Failed(message, 503))
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, top_logprobs: int | None = None,
                echo: bool = False) -> Job:
@@ -221,6 +234,7 @@ class Engine:
                     seq.leader = sequences[-1 - j]
                     seq.leader.followers += 1
         self._inbox.put(sequences)
+        self._jobs.add(job)
         return job
 
     def stats(self) -> dict[str, int]:
