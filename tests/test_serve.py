@@ -191,6 +191,18 @@ def test_streaming_equals_non_streaming(client: openai.OpenAI) -> None:
     assert reasons == {c.index: c.finish_reason for c in plain.choices}
     assert usage.model_dump() == plain.usage.model_dump()
     assert plain.choices[0].text != plain.choices[1].text  # choice k samples with seed + k
+    # vLLM's continuous_usage_stats: every chunk counts its choice's tokens so far (the web page's count after a
+    # stop), rising to the choice's whole count; the last chunk still counts the request's.
+    chunks = list(client.completions.create(model="tiny", prompt="The river", stream=True, stream_options={
+        "include_usage": True, "continuous_usage_stats": True}, **sampling))
+    counts: dict[int, list[int]] = {0: [], 1: []}
+    for chunk in chunks[:-1]:
+        assert chunk.usage.prompt_tokens == plain.usage.prompt_tokens
+        assert chunk.usage.total_tokens == chunk.usage.prompt_tokens + chunk.usage.completion_tokens
+        counts[chunk.choices[0].index].append(chunk.usage.completion_tokens)
+    assert all(c == sorted(c) and c[0] >= 1 for c in counts.values())
+    assert counts[0][-1] + counts[1][-1] == plain.usage.completion_tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == plain.usage.model_dump()
     # Over several prompts too: choice k of the request (prompt k // n) is a lone request with seed + k.
     several = client.completions.create(model="tiny", prompt=["The river", "The river"], **sampling)
     for k, choice in enumerate(several.choices):
@@ -1315,7 +1327,7 @@ def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
         job = Job(asyncio.get_running_loop(), 1)
         for event in (Delta(0, TOOL_REPLY[:30]), Delta(0, TOOL_REPLY[30:]), Finished(0, "stop", 9)):
             job.events.put_nowait(event)
-        chunks = [c async for c in stream(job, {"id": "chatcmpl-x", "created": 0, "model": "m"}, True, 5, False,
+        chunks = [c async for c in stream(job, {"id": "chatcmpl-x", "created": 0, "model": "m"}, True, [5], None,
                                           None, tools=True, most_calls=1)]
         return [json.loads(c.removeprefix("data: ")) for c in chunks[:-1]]
 
