@@ -522,7 +522,7 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
         if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
                                 f"mean other tokens to this model; prepare the text with "
-                                f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint}`")
+                                f"`nanoqwen prepare --dataset SRC --tokenizer {quote(str(checkpoint))} --out DIR`")
     else:
         check_vocab(tokenizer, config, checkpoint, f"{data}'s tokenizer", OWN_TOKENIZER_FIX)
 
