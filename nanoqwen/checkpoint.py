@@ -40,10 +40,12 @@ from nanoqwen.errors import NanoQwenError, counted, first_line, seed_int
 from nanoqwen.io import (
     atomic_dir,
     check_replaceable,
+    folder_of_runs_refusal,
     give_usual_mode,
     is_run_config,
     is_run_record,
     run_folder_refusal,
+    runs_inside,
     write_json,
 )
 from nanoqwen.model import Qwen3, rope_inv_freq
@@ -209,6 +211,12 @@ def read_config(directory: str | Path) -> ModelConfig:
             which = f"{inside[0]} has; give that folder" if len(inside) == 1 else \
                 f"{', '.join(map(str, inside[:3]))} have; give one of them"
             raise NanoQwenError(f"{directory} has no config.json, but {which}")
+        # runs/: a checkpoint of one of its runs, best/ (lowest val loss) where it has one
+        saved = [[run / name for name in ("best", "last") if (run / name / "config.json").is_file()]
+                 for run in runs_inside(directory)]
+        if any(saved):
+            raise folder_of_runs_refusal(directory, "a checkpoint of one of them",
+                                         [checkpoints[0] for checkpoints in saved if checkpoints])
         raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder; give the "
                             "folder that holds a model's config.json and weights (re-download one that lacks it)")
     try:
