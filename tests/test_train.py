@@ -682,8 +682,19 @@ def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
     write_corpus(tmp_path / "texts", documents=2)
     assert train_in_process("--dataset", "texts", "--batch-size", "10", "--micro-batch", "4", "--max-steps", "1") == 2
     said = capsys.readouterr()
-    assert said.err.strip().count("\n") == 0 and "--micro-batch 4 must divide the 10 sequences" in said.err
+    assert said.err == ("nanoqwen train: error: --micro-batch 4 must divide --batch-size 10 evenly; --micro-batch 2 "
+                        "does\n")  # it said "(--batch-size 10 / 1 processes)"
     assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    # Under torchrun, each process's share of a step is what it divides.
+    from nanoqwen.data.loader import check_batch
+
+    with pytest.raises(NanoQwenError) as e:
+        check_batch(16, 3, world_size=2)
+    assert str(e.value) == ("--micro-batch 3 must divide the 8 sequences each process gets a step (--batch-size 16 "
+                            "over 2 processes) evenly; --micro-batch 2 does")
+    with pytest.raises(NanoQwenError) as e:
+        check_batch(16, 0, world_size=1)
+    assert str(e.value) == "--micro-batch must be at least 1, got 0"
 
 
 def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
