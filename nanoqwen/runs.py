@@ -332,7 +332,16 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
     """Where the run's data folder is now: --data, the saved path, or the same place relative to the run folder
     (the project moved as a whole). Its contents are checked by `check_resumed_data`."""
     if args.data:
-        return Path(args.data)
+        data = Path(args.data)
+        # Texts, not a prepared folder (load_meta says what a run, a checkpoint or a shard given is): what prepare
+        # would advise, `train --dataset`, a resume refuses.
+        if data.exists() and not any((place / name).exists() for place, name in
+                                     ((data, "meta.json"), (data, "config.json"), (data.parent, "meta.json"))):
+            raise NanoQwenError(f"cannot resume {out}: --data {data} is not prepared data (no meta.json); a resume "
+                                f"trains on the data it began with, {saved['data']} (--data says where that folder "
+                                "is now); to train on these texts from the run's weights instead: nanoqwen train "
+                                f"--init-from {quote(str(out / 'last'))} --dataset {quote(str(data))}")
+        return data
     data = Path(saved["data"])
     moved = out / saved["data_from_run"] if "data_from_run" in saved else None
     if not data.exists() and moved is not None and moved.is_dir():

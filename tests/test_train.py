@@ -2173,6 +2173,15 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
+    # A folder of texts given for the data: what a resume takes instead (it was told `nanoqwen train --dataset`,
+    # which a resume refuses), or how to train on them from the run's weights.
+    began = json.loads((out / "config.json").read_text())["data"]
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(tmp_path / "more")) == 2
+    assert capsys.readouterr().err == (
+        f"nanoqwen train: error: cannot resume {out}: --data {tmp_path / 'more'} is not prepared data (no meta.json); "
+        f"a resume trains on the data it began with, {began} (--data says where that folder is now); to train on "
+        f"these texts from the run's weights instead: nanoqwen train --init-from {out / 'last'} --dataset "
+        f"{tmp_path / 'more'}\n")
     # A run from before runs recorded a digest of their data: checked by its counts alone (the shuffled tokens
     # pass), and the digest recorded from then on.
     config = json.loads((out / "config.json").read_text())
