@@ -502,7 +502,7 @@ def warn_of_special_ids(tokenizer: Tokenizer, config: ModelConfig, generation: G
     end_ids_path = generation.path if generation.settings is not None else config_path
     named = [(config_path, "eos_token_id", config.eos_token_id), (config_path, "bos_token_id", config.bos_token_id),
              (config_path, "pad_token_id", config.pad_token_id),
-             *((end_ids_path, "eos_token_id", token_id) for token_id in tokenizer.extra_stop_ids)]
+             *((end_ids_path, "eos_token_id", token_id) for token_id in generation_end_ids(generation))]
     ends = ", ".join(f"{text} {token_id}" for token_id, text in tokenizer.end_ids.items()) or "none"
     endoftext = tokenizer.token_id(ENDOFTEXT)
     for path, name, token_id in dict.fromkeys(named):

@@ -45,8 +45,10 @@ from nanoqwen.checkpoint import (
     load_model,
     load_train_state,
     new_model_config,
+    read_generation_file,
     save_best,
     save_last,
+    warn_of_special_ids,
 )
 from nanoqwen.config import (
     BEST_DTYPES,
@@ -346,6 +348,9 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     tokenizer, generation = carried_files(data, source, warn=info.is_main)
     if info.is_main and args.init_from:
         note_chat_template(tokenizer, data, Path(args.init_from))
+        # as sample, chat and serve say of it (its checkpoints carry those ids); a broken generation_config.json
+        # carried_files said already
+        warn_of_special_ids(tokenizer, model_config, read_generation_file(args.init_from, warn=False))
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)

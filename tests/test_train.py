@@ -386,12 +386,25 @@ def test_init_from_notes_conversations_rendered_with_another_chat_template(chat_
     shutil.copytree(tmp_path / "run" / "best", official)
     config = json.loads((official / "tokenizer_config.json").read_text())
     (official / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    # An end id that is a word (sample, chat and serve warn of it; training from the folder did not): warned of once.
+    tokenizer = load_tokenizer(official)
+    word = tokenizer.encode("the")[0]
+    generation = json.loads((official / "generation_config.json").read_text())
+    (official / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [tokenizer.eot_id,
+                                                                                                 word]}))
+    ends = ", ".join(f"{text} {token_id}" for token_id, text in tokenizer.end_ids.items())
+    warned = (f"nanoqwen: warning: {official / 'generation_config.json'}: eos_token_id {word} is "
+              f"{json.dumps(tokenizer.decode([word]))} in its tokenizer, not one of its end tokens ({ends}), so "
+              "generation stops there, as Transformers' does; correct it in that file unless the model was trained to "
+              "end its text there\n")
     own = prepare(str(chat_data.parent / "corpus"), str(official), tmp_path / "own", val_fraction=0.1, progress=False)
     for given, noted in ((chat_data, True), (own, False)):
         capsys.readouterr()
         assert train_in_process("--init-from", str(official), "--data", str(given),
                                 "--out", str(tmp_path / f"run-{noted}"), *FAST, "--max-steps", "1") == 0
-        out = capsys.readouterr().out
+        said = capsys.readouterr()
+        assert said.err.count(warned) == 1, said.err
+        out = said.out
         assert ("another chat template than" in out) == noted, out
         assert " 1 step of " in out and "1 steps" not in out  # counts take their noun's number
         assert not noted or f"--tokenizer {official}" in out
