@@ -965,6 +965,14 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
         open_corpus(str(tmp_path / "c" / "rows.jsonl.zst"))
     assert str(e.value).endswith(" (zstd-compressed: `pip install zstandard` and nanoqwen reads it, or decompress it "
                                  f"first, `zstd -d {tmp_path / 'c' / 'rows.jsonl.zst'}`)")
+    # eval's --text-file alike (it said the file is "not text").
+    from nanoqwen.evaluate import read_text_file
+
+    with pytest.raises(NanoQwenError) as e:
+        read_text_file(tmp_path / "c" / "more.txt.zstd", "ck")
+    assert str(e.value) == (f"text file {tmp_path / 'c' / 'more.txt.zstd'} cannot be read (zstd-compressed: `pip "
+                            "install zstandard` and nanoqwen reads it, or decompress it first, `zstd -d "
+                            f"{tmp_path / 'c' / 'more.txt.zstd'}`)")
     corpus = open_corpus(str(tmp_path / "c"))
     assert list(corpus.documents()) == ["a note"]
     assert corpus.stats.notes == [f"2 zstd-compressed files (such as {tmp_path / 'c' / 'more.txt.zstd'}) are left out: "
