@@ -73,7 +73,7 @@ from nanoqwen.distributed import (
     say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted, user_error_line
+from nanoqwen.errors import NanoQwenError, counted, decimal_number, user_error_line, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -148,8 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "best_dtype": BEST_DTYPES,
                    "loss_on": LOSS_TARGETS}.get(f.name)
-        p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
-                       help=_field_help(f.name))
+        p.add_argument(flag, type={"int": whole_number, "float": decimal_number, "str": str}[kind], default=None,
+                       choices=choices, help=_field_help(f.name))
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in backward: less memory, about a third more compute (a resume keeps "
                         "the run's unless given)")

@@ -917,6 +917,20 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
 
 
+def test_bad_numbers_are_refused_as_the_other_flags_refuse_them(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's own line named the type ("invalid int value: 'x'"), where --seed's said "must be a whole number".
+    from nanoqwen.cli import main
+
+    for flag, value, said in (("--workers", "2.5", "must be a whole number, got 2.5"),
+                              ("--val-fraction", "ten", "must be a number, got ten"),
+                              ("--val-fraction", "nan", "must be a number, got nan")):
+        with pytest.raises(SystemExit) as exited:
+            main(["prepare", "--out", "o", flag, value])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"nanoqwen prepare: error: argument {flag}: {said} (see nanoqwen prepare " \
+                                          "--help)\n"
+
+
 @pytest.mark.parametrize(("spec", "said"), [
     # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
     ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),

@@ -566,7 +566,12 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
         with pytest.raises(SystemExit) as exited:
             main(["train", "--max-steps", "x"])
         assert exited.value.code == 2
-        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: invalid int") == lines
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: must be a whole number, "
+                                             "got x (see nanoqwen train --help)\n") == lines  # not "invalid int value"
+        with pytest.raises(SystemExit):
+            main(["train", "--lr", "3e-4x"])
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --lr: must be a number, got 3e-4x (see "
+                                             "nanoqwen train --help)\n") == lines
         assert main(["train", "--out", ""]) == 2
         assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
