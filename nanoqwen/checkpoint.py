@@ -40,10 +40,12 @@ from nanoqwen.errors import NanoQwenError, counted, first_line, seed_int
 from nanoqwen.io import (
     atomic_dir,
     check_replaceable,
+    folder_of_runs_refusal,
     give_usual_mode,
     is_run_config,
     is_run_record,
     run_folder_refusal,
+    runs_inside,
     write_json,
 )
 from nanoqwen.model import Qwen3, rope_inv_freq
@@ -209,6 +211,12 @@ def read_config(directory: str | Path) -> ModelConfig:
             which = f"{inside[0]} has; give that folder" if len(inside) == 1 else \
                 f"{', '.join(map(str, inside[:3]))} have; give one of them"
             raise NanoQwenError(f"{directory} has no config.json, but {which}")
+        # runs/: a checkpoint of one of its runs, best/ (lowest val loss) where it has one
+        saved = [[run / name for name in ("best", "last") if (run / name / "config.json").is_file()]
+                 for run in runs_inside(directory)]
+        if any(saved):
+            raise folder_of_runs_refusal(directory, "a checkpoint of one of them",
+                                         [checkpoints[0] for checkpoints in saved if checkpoints])
         raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder; give the "
                             "folder that holds a model's config.json and weights (re-download one that lacks it)")
     try:
@@ -494,7 +502,7 @@ def warn_of_special_ids(tokenizer: Tokenizer, config: ModelConfig, generation: G
     end_ids_path = generation.path if generation.settings is not None else config_path
     named = [(config_path, "eos_token_id", config.eos_token_id), (config_path, "bos_token_id", config.bos_token_id),
              (config_path, "pad_token_id", config.pad_token_id),
-             *((end_ids_path, "eos_token_id", token_id) for token_id in tokenizer.extra_stop_ids)]
+             *((end_ids_path, "eos_token_id", token_id) for token_id in generation_end_ids(generation))]
     ends = ", ".join(f"{text} {token_id}" for token_id, text in tokenizer.end_ids.items()) or "none"
     endoftext = tokenizer.token_id(ENDOFTEXT)
     for path, name, token_id in dict.fromkeys(named):
@@ -522,7 +530,7 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
         if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
                                 f"mean other tokens to this model; prepare the text with "
-                                f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint}`")
+                                f"`nanoqwen prepare --dataset SRC --tokenizer {quote(str(checkpoint))} --out DIR`")
     else:
         check_vocab(tokenizer, config, checkpoint, f"{data}'s tokenizer", OWN_TOKENIZER_FIX)
 

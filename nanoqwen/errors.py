@@ -3,6 +3,7 @@ refuse bad numbers as argparse does (one line, exit 2), and the wording messages
 
 import argparse
 import errno
+import math
 
 
 class NanoQwenError(Exception):
@@ -61,6 +62,18 @@ def whole_number(text: str) -> int:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a whole number, got {text}") from None
+
+
+def decimal_number(text: str) -> float:
+    """A flag's number, decimals allowed (3e-4, 0.1); argparse's own refusal of one named the type ("invalid float
+    value"). NaN, which float() takes, is no number any setting can hold."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"must be a number, got {text}")
+    return value
 
 
 def positive_int(text: str) -> int:

@@ -154,6 +154,7 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
         SUFFIXES,
         TEXT_SUFFIXES,
         CorpusStats,
+        conversion_hint,
         decode,
         file_type,
         mostly_undecodable,
@@ -161,12 +162,15 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
         open_binary,
         said_if_damaged,
         separated_documents,
+        zstd_unread,
     )
 
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
                             "prepare it and pass --data)")
+    if zstd_unread(path):  # (its bytes would be scored as text, or refused as "not text")
+        raise NanoQwenError(f"text file {path} cannot be read{conversion_hint(path)}")
     kind = file_type(path)  # (rows.jsonl.gz: a .jsonl; notes.txt.gz is read as its text, as prepare reads it)
     if kind in SUFFIXES and kind not in TEXT_SUFFIXES:
         # Records or a PDF: prepare reads their text; scored as bytes they would measure JSON syntax or noise.

@@ -254,6 +254,18 @@ def is_json_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def runs_inside(folder: Path) -> list[Path]:
+    """The run folders in `folder` (runs/, given where one run or one checkpoint is read), by name."""
+    return sorted(found.parent for found in folder.glob("*/metrics.jsonl"))
+
+
+def folder_of_runs_refusal(folder: Path, give: str, choices: list[Path]) -> NanoQwenError:
+    """The line for a folder of runs given where one run (plot) or one checkpoint (sample, gguf...) is read: what to
+    `give` instead, and the first few of the `choices`."""
+    shown = " ".join(map(str, choices[:3])) + (" ..." if len(choices) > 3 else "")
+    return NanoQwenError(f"{folder} is a folder of runs; give {give}: {shown}")
+
+
 def is_run_record(saved: Any) -> bool:
     """Whether parsed JSON is a run folder's config.json (not a model's, nor a preset)."""
     return isinstance(saved, dict) and set(RUN_CONFIG_KEYS) <= saved.keys()

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.io import atomic_file, is_json_number
+from nanoqwen.io import atomic_file, folder_of_runs_refusal, is_json_number, runs_inside
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -25,11 +25,9 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
         if (Path(run_dir).parent / "metrics.jsonl").is_file():  # its best/ or last/, as sample and chat take
             raise NanoQwenError(f"{run_dir} is inside a run folder; give the run folder ({Path(run_dir).parent}), "
                                 "which holds metrics.jsonl")
-        runs = sorted(found.parent for found in Path(run_dir).glob("*/metrics.jsonl"))
+        runs = runs_inside(Path(run_dir))
         if runs:  # runs/, given for the runs in it
-            shown = " ".join(map(str, runs[:3])) + (" ..." if len(runs) > 3 else "")
-            raise NanoQwenError(f"{run_dir} is a folder of runs; give one of them, or several to compare in one "
-                                f"figure: {shown}")
+            raise folder_of_runs_refusal(Path(run_dir), "one of them, or several to compare in one figure", runs)
         what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
         raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")
     text = path.read_text(errors="replace")

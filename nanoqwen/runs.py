@@ -134,9 +134,12 @@ def tokenizer_slug(tokenizer: str) -> str:
 def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None) -> Path:
     """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
     are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
-    from nanoqwen.data.sources import open_corpus
+    from nanoqwen.data.sources import PreparedDataGiven, open_corpus
 
-    corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    try:
+        corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
+    except PreparedDataGiven as e:
+        raise NanoQwenError(f"{e}, or train on it as it is: --data {quote(dataset)}") from None
     local = Path(dataset).expanduser().exists()
     name = dataset_slug(dataset, corpus.fingerprint if local else None)
     folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
@@ -329,7 +332,16 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
     """Where the run's data folder is now: --data, the saved path, or the same place relative to the run folder
     (the project moved as a whole). Its contents are checked by `check_resumed_data`."""
     if args.data:
-        return Path(args.data)
+        data = Path(args.data)
+        # Texts, not a prepared folder (load_meta says what a run, a checkpoint or a shard given is): what prepare
+        # would advise, `train --dataset`, a resume refuses.
+        if data.exists() and not any((place / name).exists() for place, name in
+                                     ((data, "meta.json"), (data, "config.json"), (data.parent, "meta.json"))):
+            raise NanoQwenError(f"cannot resume {out}: --data {data} is not prepared data (no meta.json); a resume "
+                                f"trains on the data it began with, {saved['data']} (--data says where that folder "
+                                "is now); to train on these texts from the run's weights instead: nanoqwen train "
+                                f"--init-from {quote(str(out / 'last'))} --dataset {quote(str(data))}")
+        return data
     data = Path(saved["data"])
     moved = out / saved["data_from_run"] if "data_from_run" in saved else None
     if not data.exists() and moved is not None and moved.is_dir():

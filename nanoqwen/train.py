@@ -45,8 +45,10 @@ from nanoqwen.checkpoint import (
     load_model,
     load_train_state,
     new_model_config,
+    read_generation_file,
     save_best,
     save_last,
+    warn_of_special_ids,
 )
 from nanoqwen.config import (
     BEST_DTYPES,
@@ -71,7 +73,7 @@ from nanoqwen.distributed import (
     say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted, user_error_line
+from nanoqwen.errors import NanoQwenError, counted, decimal_number, user_error_line, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -146,8 +148,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
             continue
         choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "best_dtype": BEST_DTYPES,
                    "loss_on": LOSS_TARGETS}.get(f.name)
-        p.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=None, choices=choices,
-                       help=_field_help(f.name))
+        p.add_argument(flag, type={"int": whole_number, "float": decimal_number, "str": str}[kind], default=None,
+                       choices=choices, help=_field_help(f.name))
     p.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
                    help="recompute each block in backward: less memory, about a third more compute (a resume keeps "
                         "the run's unless given)")
@@ -346,6 +348,9 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     tokenizer, generation = carried_files(data, source, warn=info.is_main)
     if info.is_main and args.init_from:
         note_chat_template(tokenizer, data, Path(args.init_from))
+        # as sample, chat and serve say of it (its checkpoints carry those ids); a broken generation_config.json
+        # carried_files said already
+        warn_of_special_ids(tokenizer, model_config, read_generation_file(args.init_from, warn=False))
     run = Run(args, info, cfg, out, data.resolve(), preset_name, model, train_module, optimizer, scaler,
               tokenizer, loader, TokenSplit.open(data, "val"), amp_dtype, lock=lock, generation=generation)
     check_samples_and_eval(run)

@@ -917,6 +917,20 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     assert not any(Path(f"{out}{i}").exists() for i in range(len(cases))) and leftovers(tmp_path) == []
 
 
+def test_bad_numbers_are_refused_as_the_other_flags_refuse_them(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's own line named the type ("invalid int value: 'x'"), where --seed's said "must be a whole number".
+    from nanoqwen.cli import main
+
+    for flag, value, said in (("--workers", "2.5", "must be a whole number, got 2.5"),
+                              ("--val-fraction", "ten", "must be a number, got ten"),
+                              ("--val-fraction", "nan", "must be a number, got nan")):
+        with pytest.raises(SystemExit) as exited:
+            main(["prepare", "--out", "o", flag, value])
+        assert exited.value.code == 2
+        assert capsys.readouterr().err == f"nanoqwen prepare: error: argument {flag}: {said} (see nanoqwen prepare " \
+                                          "--help)\n"
+
+
 @pytest.mark.parametrize(("spec", "said"), [
     # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
     ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),
@@ -965,6 +979,14 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
         open_corpus(str(tmp_path / "c" / "rows.jsonl.zst"))
     assert str(e.value).endswith(" (zstd-compressed: `pip install zstandard` and nanoqwen reads it, or decompress it "
                                  f"first, `zstd -d {tmp_path / 'c' / 'rows.jsonl.zst'}`)")
+    # eval's --text-file alike (it said the file is "not text").
+    from nanoqwen.evaluate import read_text_file
+
+    with pytest.raises(NanoQwenError) as e:
+        read_text_file(tmp_path / "c" / "more.txt.zstd", "ck")
+    assert str(e.value) == (f"text file {tmp_path / 'c' / 'more.txt.zstd'} cannot be read (zstd-compressed: `pip "
+                            "install zstandard` and nanoqwen reads it, or decompress it first, `zstd -d "
+                            f"{tmp_path / 'c' / 'more.txt.zstd'}`)")
     corpus = open_corpus(str(tmp_path / "c"))
     assert list(corpus.documents()) == ["a note"]
     assert corpus.stats.notes == [f"2 zstd-compressed files (such as {tmp_path / 'c' / 'more.txt.zstd'}) are left out: "
@@ -1103,8 +1125,18 @@ def test_tokenizer_and_checkpoint_folders_inside_a_corpus_are_not_text(tmp_path:
     assert sorted(docs["train"] + docs["val"]) == ["and some more of it\n", "the text of the corpus\n"]
     with pytest.raises(NanoQwenError, match="is a tokenizer or checkpoint, not a corpus"):
         open_corpus(str(tmp_path / "c" / "tok"))
-    with pytest.raises(NanoQwenError, match=r"is prepared data \(train.bin\), not a corpus"):
+    # Prepared data: the texts it was made from, for each command (the tokenizer's too: "trains with --data" was
+    # train's advice); train, that it trains on it as it is.
+    said = (f"{tmp_path / 'out'} is prepared data (train.bin), not a corpus; give the texts it was prepared from "
+            "(its meta.json names them, as source)")
+    with pytest.raises(NanoQwenError) as e:
         open_corpus(str(tmp_path / "out"))
+    assert str(e.value) == said
+    from nanoqwen.runs import prepared_folder
+
+    with pytest.raises(NanoQwenError) as e:
+        prepared_folder(str(tmp_path / "out"), "qwen3")
+    assert str(e.value) == f"{said}, or train on it as it is: --data {tmp_path / 'out'}"
 
 
 def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
@@ -1250,9 +1282,11 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
                                                       "ended before the end-of-stream marker was reached)")):
         list(open_corpus(str(folder)).documents())
-    with pytest.raises(NanoQwenError, match="unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, .csv, .tsv, "
-                                            r".parquet, .pdf \(any but .parquet and .pdf also .gz/.bz2/.xz "
-                                            r"compressed\)"):
+    from nanoqwen.data.sources import COMPRESSIONS  # .zst and .zstd among them where zstandard is installed
+
+    with pytest.raises(NanoQwenError, match=re.escape("unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, "
+                                                      ".csv, .tsv, .parquet, .pdf (any but .parquet and .pdf also "
+                                                      f"{'/'.join(COMPRESSIONS)} compressed)")):
         open_corpus(str(folder / "notes.tar.gz"))
 
 

@@ -217,7 +217,9 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     train_bpe(["a quite different text, so another vocabulary"] * 20, 300).save(tmp_path / "other")
     other = prepare(str(tmp_path / "plain.txt"), str(tmp_path / "other"), tmp_path / "other-data", progress=False)
     assert main(["eval", "--model", str(checkpoint), "--data", str(other)]) == 2
-    assert f"{other} was tokenized with a different tokenizer than {checkpoint}'s" in one_line(capsys)
+    assert one_line(capsys) == (f"nanoqwen eval: error: {other} was tokenized with a different tokenizer than "
+                                f"{checkpoint}'s, so its ids mean other tokens to this model; prepare the text with "
+                                f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint} --out DIR`")
     prepared = prepare(str(tmp_path / "plain.txt"), str(checkpoint), tmp_path / "prepared", progress=False)
     assert main(["eval", "--model", str(checkpoint), "--data", str(prepared), "--loss-on", "assistant"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: --loss-on assistant needs conversations, and {prepared} holds "

@@ -353,7 +353,7 @@ def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys:
         assert f"\n\n{said}\n\n" in shown and "--out DIR " in shown, shown
 
 
-def test_plot_of_a_folder_of_runs_names_them(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_folder_of_runs_names_its_runs_or_checkpoints(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # (Here with the other small commands' refusals.) `nanoqwen plot runs` said runs/metrics.jsonl does not exist.
     for name in ("b", "a"):
         (tmp_path / "runs" / name).mkdir(parents=True)
@@ -362,6 +362,16 @@ def test_plot_of_a_folder_of_runs_names_them(tmp_path: Path, capsys: pytest.Capt
     assert main(["plot", str(runs)]) == 2
     assert capsys.readouterr().err == (f"nanoqwen plot: error: {runs} is a folder of runs; give one of them, or "
                                        f"several to compare in one figure: {runs / 'a'} {runs / 'b'}\n")
+    # Given for a checkpoint (gguf, sample, chat...), its runs' checkpoints are named (it "has no config.json"):
+    # best/ where a run has one, else last/, and none of a run that has saved none yet.
+    for run, saved in (("a", "best"), ("a", "last"), ("b", "last")):
+        (runs / run / saved).mkdir()
+        (runs / run / saved / "config.json").write_text("{}")
+    (runs / "c").mkdir()
+    (runs / "c" / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    assert main(["gguf", "--model", str(runs)]) == 2
+    assert capsys.readouterr().err == (f"nanoqwen gguf: error: {runs} is a folder of runs; give a checkpoint of one "
+                                       f"of them: {runs / 'a' / 'best'} {runs / 'b' / 'last'}\n")
 
 
 def test_a_quantized_outtype_points_at_llama_quantize(capsys: pytest.CaptureFixture[str]) -> None:

