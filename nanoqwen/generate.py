@@ -16,7 +16,16 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from nanoqwen.errors import SEED_LIMIT, SEED_RANGE, InvalidSetting, NanoQwenError, positive_int, seed_int, whole_number
+from nanoqwen.errors import (
+    SEED_LIMIT,
+    SEED_RANGE,
+    InvalidSetting,
+    NanoQwenError,
+    decimal_number,
+    positive_int,
+    seed_int,
+    whole_number,
+)
 from nanoqwen.io import is_json_number
 from nanoqwen.model import KVCache, Qwen3
 from nanoqwen.tokenizer import Tokenizer
@@ -590,22 +599,22 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
         sampled = "" if ours == transformers else f", or {transformers:g} where it sets do_sample true"
         return f"(default: the checkpoint's generation_config.json, else {ours:g}{sampled})"
 
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+    p.add_argument("--max-new-tokens", type=whole_number, default=max_new_tokens, metavar="N",
                    help=f"most tokens to generate (default {max_new_tokens}; fewer where the context ends)")
-    p.add_argument("--temperature", type=float, default=None,
+    p.add_argument("--temperature", type=decimal_number, default=None,
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
     p.add_argument("--top-k", type=top_k_int, default=None, help=f"0 (or -1) keeps all tokens {default('top_k')}")
-    p.add_argument("--top-p", type=float, default=None,
+    p.add_argument("--top-p", type=decimal_number, default=None,
                    help=f"keep the most likely tokens whose probabilities add up to this; 1 keeps all "
                         f"{default('top_p')}")
-    p.add_argument("--min-p", type=float, default=None,
+    p.add_argument("--min-p", type=decimal_number, default=None,
                    help=f"keep tokens at least this times as likely as the best one; 0 keeps all {default('min_p')}")
-    p.add_argument("--repetition-penalty", type=float, default=None,
+    p.add_argument("--repetition-penalty", type=decimal_number, default=None,
                    help=f"> 1 discourages prompt and output tokens {default('repetition_penalty')}")
-    p.add_argument("--presence-penalty", type=float, default=0.0,
+    p.add_argument("--presence-penalty", type=decimal_number, default=0.0,
                    help="-2..2, subtracted from the logit of every token generated so far")
-    p.add_argument("--frequency-penalty", type=float, default=0.0,
+    p.add_argument("--frequency-penalty", type=decimal_number, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
     p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
                    help=r"stop string (repeatable): the text ends before the first one it holds; \n, \t, \r and \\ "

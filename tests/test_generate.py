@@ -1013,13 +1013,11 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     for args, expected in [
-        (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "nan"],
-         "--temperature must be a number >= 0"),
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--temperature", "inf"],
          "--temperature must be a number >= 0"),
         (["init", "--out", str(tmp_path / "m"), "--tokenizer", "bpe:300"], "only prepare and train do"),
         (["init", "--out", str(tmp_path / "m"), "--set", "torch_dtype=int8"], "give --dtype"),  # it was dropped
-        (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "nan"],
+        (["sample", "--model", str(checkpoint), "--prompt", "x", "--repetition-penalty", "0"],
          "--repetition-penalty must be > 0"),
         # An empty stop string was dropped in silence (`--stop "$UNSET"`): refused, sample and chat alike
         (["sample", "--model", str(checkpoint), "--prompt", "x", "--stop", "END", "--stop", ""],
@@ -1043,6 +1041,15 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
                             "argument --seed: must be a whole number, got x (see nanoqwen sample --help)"),
                            (["sample", "--model", "m", "--prompt", "x", "--top-k", "1.5"],
                             "argument --top-k: must be a whole number, got 1.5"),
+                           # argparse's "invalid float value: 'hot'", and NaN, which float() takes
+                           (["sample", "--model", "m", "--prompt", "x", "--temperature", "hot"],
+                            "argument --temperature: must be a number, got hot"),
+                           (["chat", "--model", "m", "--repetition-penalty", "nan"],
+                            "argument --repetition-penalty: must be a number, got nan"),
+                           (["sample", "--model", "m", "--prompt", "x", "--max-new-tokens", "1e3"],
+                            "argument --max-new-tokens: must be a whole number, got 1e3"),
+                           (["serve", "--model", "m", "--shutdown-grace", "3s"],
+                            "argument --shutdown-grace: must be a number, got 3s"),
                            (["serve", "--model", "m", "--port", "http"], "argument --port: must be a whole number"),
                            (["eval", "--model", "m", "--data", "d", "--context", "1k"],
                             "argument --context: must be a whole number, got 1k")]:

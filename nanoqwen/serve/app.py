@@ -32,7 +32,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoqwen.checkpoint import display_name
-from nanoqwen.errors import InvalidSetting, NanoQwenError, port_number, positive_int
+from nanoqwen.errors import InvalidSetting, NanoQwenError, decimal_number, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
@@ -675,7 +675,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "a long prompt is read (default 512)")
     p.add_argument("--max-request-bytes", type=positive_int, default=DEFAULT_MAX_BODY_BYTES,
                    help=f"larger request bodies are refused with 413 (default {DEFAULT_MAX_BODY_BYTES:,})")
-    p.add_argument("--shutdown-grace", type=float, default=SHUTDOWN_GRACE_S,
+    p.add_argument("--shutdown-grace", type=decimal_number, default=SHUTDOWN_GRACE_S,
                    help=f"seconds requests in flight get to finish on Ctrl-C or SIGTERM before they are ended with "
                         f"a 503, a stream's as its last event (default {SHUTDOWN_GRACE_S:g})")
     add_device_arguments(p)
