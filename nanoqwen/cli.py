@@ -35,7 +35,7 @@ PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "toke
 
 def refuse(prog: str, message: str) -> NoReturn:
     """A bad command line in one line, as every other bad input is (the usage block is --help's); exit 2."""
-    say_error(f"{prog}: error: {message} (see {prog} --help)")
+    say_error(prog, f"{prog}: error: {message} (see {prog} --help)")
     sys.exit(2)
 
 
@@ -44,17 +44,24 @@ def refuse(prog: str, message: str) -> NoReturn:
 QUIET_EXIT_WAIT_S = 10.0
 
 
-def says_errors(error: BaseException | None = None) -> bool:
-    """Whether this process says the error the command stops with. Under torchrun each process parses the same
+# What a torchrun job's processes stop with: train, the one command that runs as one, or a command line too wrong to
+# name a command (`torchrun ... -m nanoqwen trian`). Another command is alone, whatever LOCAL_RANK it inherits (a
+# subprocess of a torchrun worker, a process of another launcher).
+TORCHRUN_PROGS = ("nanoqwen train", "nanoqwen")
+
+
+def says_errors(error: BaseException | None = None, prog: str = TORCHRUN_PROGS[0]) -> bool:
+    """Whether this process says the error `prog` stops with. Under torchrun each process parses the same
     flags and checks the same paths and device before the job's process group exists (train says the errors met
     after that once, see distributed.say_once), and each said the same line: LOCAL_RANK 0 says it for its machine.
     A RankError (a GPU missing for one process) is said by the process that meets it."""
-    return isinstance(error, RankError) or os.environ.get("LOCAL_RANK", "0") == "0"
+    return isinstance(error, RankError) or prog not in TORCHRUN_PROGS or os.environ.get("LOCAL_RANK", "0") == "0"
 
 
-def say_error(line: str, error: BaseException | None = None) -> None:
-    """`line` where this process says the error (see says_errors); else nothing, after a wait for the one that does."""
-    if says_errors(error):
+def say_error(prog: str, line: str, error: BaseException | None = None) -> None:
+    """`line` where this process says `prog`'s error (see says_errors); else nothing, after a wait for the one that
+    does."""
+    if says_errors(error, prog):
         say(line)
     else:
         time.sleep(QUIET_EXIT_WAIT_S)
@@ -100,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         check_path_flags(args)
         return importlib.import_module(COMMANDS[args.command][0]).run(args) or 0
     except NanoQwenError as e:
-        say_error(f"{prog}: error: {e}", e)
+        say_error(prog, f"{prog}: error: {e}", e)
         return 2
     except KeyboardInterrupt:
         return interrupted(prog)
@@ -111,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         line = user_error_line(e)
         if line is None:
             raise
-        say_error(f"{prog}: error: {line}", e)
+        say_error(prog, f"{prog}: error: {line}", e)
         return 2
 
 

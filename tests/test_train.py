@@ -574,7 +574,14 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
                                              "nanoqwen train --help)\n") == lines
         assert main(["train", "--out", ""]) == 2
         assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
+        with pytest.raises(SystemExit):  # a command misspelt names none: the job's all the same
+            main(["trian", "--out", "x"])
+        assert capsys.readouterr().err.count("nanoqwen: error: argument COMMAND: invalid choice: 'trian'") == lines
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
+        # Only train runs as a torchrun job: another command is alone, whatever LOCAL_RANK it inherits (a worker's
+        # subprocess, another launcher's), and says its error (it waited 10 s and exited 2 without a word).
+        assert main(["sample", "--model", "", "--prompt", "hi"]) == 2
+        assert capsys.readouterr().err == "nanoqwen sample: error: --model is empty; give a file or folder name\n"
     # One process's own (no GPU for its LOCAL_RANK: torch's "invalid device ordinal" traceback) is one line, said by
     # the process that meets it, whatever its rank. Stood in for on CPU: one GPU visible to a job of two.
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
