@@ -594,6 +594,21 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     expect(page.locator(".message .content")).to_have_text(["Before", before])
     expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
     assert page.input_value("#prompt") == "Hello"
+    # So does one stopped before its first token (an empty reply took its place), and back after its message:
+    # with the other mode's messages after it (a completion here), the new reply had gone to the end.
+    page.evaluate("addMessage('completion', 'Completion', ' and on', 'Go')")
+    held: list = []
+    page.route("**/v1/chat/completions", lambda route: held.append(route))  # never answered
+    page.click("button.regenerate")
+    expect(page.locator("#stop")).to_be_enabled()
+    page.keyboard.press("Escape")
+    expect(page.locator("#stats")).to_have_text("stopped before the first token")
+    kinds = "[...document.querySelectorAll('#transcript .message')].map(m => m.classList[1])"
+    assert page.evaluate(kinds) == ["user", "assistant", "completion"]
+    expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
+    expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    page.unroute("**/v1/chat/completions")
+    page.evaluate("document.querySelector('.message.completion').remove()")
     send_and_wait(page, "Hello")
     expect(page.locator("#model-name")).to_have_text("server unreachable")
     # The failed message went back to the box and left the transcript: it was there twice once resent.

@@ -583,6 +583,7 @@ async function send(again = null) {
     const lead = system ? [{ role: "system", content: system }] : [];
     const userBox = again ? again[0].box : addMessage("user", "You", text);
     box = addMessage("assistant", state.model || "model");
+    if (again) userBox.after(box); // in its old reply's place, not after the other mode's messages
     turn.push(...(again ? [] : [userBox]), box);
     path = "/v1/chat/completions";
     body = sampling;
@@ -608,6 +609,17 @@ async function send(again = null) {
   }
   box.querySelector(".content").classList.add("streaming");
   scrollDown();
+
+  let restored = false;
+  // A regenerate that ends with no text (failed, or stopped before its first token): the reply it was to
+  // replace comes back, after its message, in the history too.
+  const restore = () => {
+    state.history.pop(); // the message, pushed again with this send
+    box.remove();
+    again[0].box.after(again[1].box);
+    state.history.push(...again);
+    restored = true;
+  };
 
   const started = performance.now();
   let firstAt = null;
@@ -671,7 +683,8 @@ async function send(again = null) {
       status = pieces
         ? `stopped · ${generated === null ? "about " : ""}${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)}`
         : "stopped before the first token";
-      note(box, "stopped");
+      if (again && !reply) restore();
+      else note(box, "stopped");
     } else {
       failed = true;
       let message = err.message;
@@ -689,12 +702,12 @@ async function send(again = null) {
         // Nothing came back: the turn never happened. Its text goes back to the box, to send again rather than
         // type again, so the turn leaves the transcript (kept, a resend showed the message twice) and why it
         // failed is said in the status line, as for a setting that stops a send.
-        if (chat) state.history.pop();
-        for (const el of turn) el.remove();
-        if (again) { // the reply it was to replace comes back; the message box is left as it is
-          $("transcript").append(again[1].box);
-          state.history.push(...again);
-        } else if (!$("prompt").value) $("prompt").value = text;
+        if (again) restore(); // the message box is left as it is
+        else {
+          if (chat) state.history.pop();
+          for (const el of turn) el.remove();
+          if (!$("prompt").value) $("prompt").value = text;
+        }
         showEmptyHint();
       }
       loadModel(); // the header shows the server's state again (unreachable, key needed, or fine)
@@ -704,7 +717,7 @@ async function send(again = null) {
       cancelAnimationFrame(frame);
       draw();
     }
-    if (chat && (reply || !failed)) { // a turn that happened (finished, stopped or cut) keeps its reply
+    if (chat && !restored && (reply || !failed)) { // a turn that happened (finished, stopped or cut) keeps its reply
       state.history.push({ role: "assistant", content: reply, box });
     }
     box.querySelector(".content").classList.remove("streaming");
