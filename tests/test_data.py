@@ -512,6 +512,10 @@ def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
         list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="data.text.x").documents())
     (tmp_path / "dotted.jsonl").write_text(json.dumps({"data.text": "named so", "data": {"text": "inside"}}) + "\n")
     assert list(open_corpus(str(tmp_path / "dotted.jsonl"), text_column="data.text").documents()) == ["named so"]
+    # A `datasets` batch (1,000 rows) whose data is null in every row has no data column to flatten: no text, as a
+    # null row's, not a column missing.
+    datasets.Dataset.from_list([{"data": None}] * 1000 + rows[:1]).save_to_disk(str(tmp_path / "null_batch"))
+    assert list(open_corpus(str(tmp_path / "null_batch"), text_column="data.text").documents()) == ["first"]
 
 
 def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:

@@ -499,6 +499,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         if nested:
             batch = _flat_columns(batch)
+            if column not in batch and _null_on_path(batch, column):  # no row of it has the object: no text
+                continue
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
@@ -512,6 +514,13 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _null_on_path(batch: dict[str, list[Any]], column: str) -> bool:
+    """Whether a flattened batch's column on the way to the dotted `column` is null in every row (as a batch of
+    rows whose data is null is: no fields to flatten it into), so that no row of the batch has the text."""
+    return any(column.startswith(f"{name}.") and all(value is None for value in values)
+               for name, values in batch.items())
 
 
 def _flat_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
