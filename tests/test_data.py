@@ -1015,6 +1015,17 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         f"nanoqwen prepare: error: {out} was prepared without zstandard installed (or by an older nanoqwen), so "
         f"without 3 files of this corpus (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}) (runs "
         "trained on it resume only from it); give --force to replace it, or another --out")
+    # ... and one prepared with them read, read again where zstandard is not installed (another environment).
+    assert main([*command, "--force"]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as without:
+        without.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+        assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared with zstandard installed, which read 3 files of this corpus left "
+        f"out without it (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}; `pip install zstandard` "
+        "and nanoqwen reads them) (runs trained on it resume only from it); give --force to replace it, or another "
+        "--out")
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back

@@ -703,6 +703,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
     types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
+    unread_zstd = list(filter(_zstd_unread, left_out))
 
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
@@ -711,7 +712,6 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
-        unread_zstd = list(filter(_zstd_unread, left_out))
         if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
                                f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
@@ -754,11 +754,20 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                          (lambda p: True, older)]:
         new = list(filter(unread, later))
         if new:
-            kinds = sorted({"".join(p.suffixes[-2:]).lower() if later[p] else types[p] for p in new})
             read_then = set(files).difference(new)
             former.setdefault(fingerprint_of([p for p in files if p in read_then]), (
-                f"{made} {counted(len(new), 'file')} of this corpus ({', '.join(kinds)}, such as {new[0]})"))
+                f"{made} {counted(len(new), 'file')} of this corpus ({_kinds(new)}, such as {new[0]})"))
+    if unread_zstd:  # prepared where zstandard was installed, and read again where it is not
+        former.setdefault(fingerprint_of(sorted([*files, *unread_zstd])), (
+            f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
+            f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; {ZSTD_HINT} them)"))
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+
+
+def _kinds(paths: list[Path]) -> str:
+    """The kinds of files `paths` holds, as a message lists them: .csv, .jsonl.zst, .txt.gz."""
+    return ", ".join(sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in (*COMPRESSIONS, *zstd.SUFFIXES)
+                             else file_type(p) for p in paths}))
 
 
 def _compressed(path: Path) -> str:
