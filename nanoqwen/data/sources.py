@@ -670,16 +670,27 @@ def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str
     return sorted(found)
 
 
-def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
-    """Name, size and modification and change times of `files` (default: all under `root`): any change shows."""
+def local_fingerprint(root: Path, files: list[Path] | None = None, described: dict[Path, bytes] | None = None) -> str:
+    """Name, size and modification and change times of `files` (default: all under `root`): any change shows.
+    `described`: the files' `described_files`, where several fingerprints of them are taken (stat once)."""
     if files is None:
         files = [root] if root.is_file() else all_files(root)
+    described = described_files(root, files) if described is None else described
     h = hashlib.sha256(os.fsencode(root.resolve()))
-    for p in files:  # file names as bytes: a name that is not UTF-8 is still a name
-        st = p.stat()  # ctime too: `cp -p` and restoring a backup keep the size and mtime of changed text
-        h.update(b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
-                 + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+    for p in files:
+        h.update(described[p])
     return h.hexdigest()
+
+
+def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
+    """What local_fingerprint hashes of each file: its name as bytes (a name that is not UTF-8 is still a name), size
+    and modification and change times (`cp -p` and restoring a backup keep the size and mtime of changed text)."""
+    described = {}
+    for p in files:
+        st = p.stat()
+        described[p] = (b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
+                        + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+    return described
 
 
 def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
@@ -733,10 +744,12 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
+    described = described_files(path, [*files, *unread_zstd])  # once: the former fingerprints take subsets of them
+
     def fingerprint_of(read_files: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
         # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
-        return f"local {local_fingerprint(path, read_files)} {column}" + \
+        return f"local {local_fingerprint(path, read_files, described)} {column}" + \
             (" parted" if parted.intersection(read_files) else "")
 
     fingerprint = fingerprint_of(files)
