@@ -1875,6 +1875,7 @@ def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Pa
         open_corpus(str(tmp_path / "c"))
     assert "gone.py" not in str(caught.value) and "\n" not in str(caught.value)
     (tmp_path / "c" / "away.txt").unlink()
+    (tmp_path / "c" / "cycle").symlink_to("cycle")  # a link that loops: no file, no folder (it stopped the walk)
     assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
 
 

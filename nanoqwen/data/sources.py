@@ -653,10 +653,10 @@ def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str
                                 "out of the corpus") from None
         subfolders = []
         for entry in entries:
-            if entry.is_dir():  # (through a link too)
+            if _entry_is(entry.is_dir):  # (through a link too)
                 if not entry.name.startswith("."):  # never read: not walked
                     subfolders.append(entry.path)
-            elif entry.is_file():
+            elif _entry_is(entry.is_file):
                 found.append(Path(entry.path))
                 if real is not None:
                     real[found[-1]] = os.path.realpath(entry.path) if entry.is_symlink() else \
@@ -668,6 +668,15 @@ def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str
 
     walk(os.fspath(root))
     return sorted(found)
+
+
+def _entry_is(kind: Callable[[], bool]) -> bool:
+    """A scandir entry's is_dir or is_file, False where its link cannot be followed (a link that loops, one into a
+    folder that may not be looked in), as os.walk and Path.is_file take it: a broken link, not a stop."""
+    try:
+        return kind()
+    except OSError:
+        return False
 
 
 def local_fingerprint(root: Path, files: list[Path] | None = None, described: dict[Path, bytes] | None = None) -> str:
