@@ -512,6 +512,10 @@ def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
         list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="data.text.x").documents())
     (tmp_path / "dotted.jsonl").write_text(json.dumps({"data.text": "named so", "data": {"text": "inside"}}) + "\n")
     assert list(open_corpus(str(tmp_path / "dotted.jsonl"), text_column="data.text").documents()) == ["named so"]
+    # A `datasets` batch (1,000 rows) whose data is null in every row has no data column to flatten: no text, as a
+    # null row's, not a column missing.
+    datasets.Dataset.from_list([{"data": None}] * 1000 + rows[:1]).save_to_disk(str(tmp_path / "null_batch"))
+    assert list(open_corpus(str(tmp_path / "null_batch"), text_column="data.text").documents()) == ["first"]
 
 
 def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
@@ -1033,6 +1037,17 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         f"nanoqwen prepare: error: {out} was prepared without zstandard installed (or by an older nanoqwen), so "
         f"without 3 files of this corpus (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}) (runs "
         "trained on it resume only from it); give --force to replace it, or another --out")
+    # ... and one prepared with them read, read again where zstandard is not installed (another environment).
+    assert main([*command, "--force"]) == 0
+    capsys.readouterr()
+    with monkeypatch.context() as without:
+        without.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
+        assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared with zstandard installed, which read 3 files of this corpus left "
+        f"out without it (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}; `pip install zstandard` "
+        "and nanoqwen reads them) (runs trained on it resume only from it); give --force to replace it, or another "
+        "--out")
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
@@ -1282,11 +1297,11 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
                                                       "ended before the end-of-stream marker was reached)")):
         list(open_corpus(str(folder)).documents())
-    from nanoqwen.data.sources import COMPRESSIONS  # .zst and .zstd among them where zstandard is installed
-
+    read = "/".join(sources.COMPRESSIONS)  # .zst and .zstd too, where zstandard is installed (CI's dev extras)
+    assert read in (".gz/.bz2/.xz", ".gz/.bz2/.xz/.zst/.zstd")
     with pytest.raises(NanoQwenError, match=re.escape("unsupported file type .tar.gz; use .txt, .md, .jsonl, .json, "
-                                                      ".csv, .tsv, .parquet, .pdf (any but .parquet and .pdf also "
-                                                      f"{'/'.join(COMPRESSIONS)} compressed)")):
+                                                      f".csv, .tsv, .parquet, .pdf (any but .parquet and .pdf also "
+                                                      f"{read} compressed)")):
         open_corpus(str(folder / "notes.tar.gz"))
 
 
@@ -1892,6 +1907,7 @@ def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Pa
         open_corpus(str(tmp_path / "c"))
     assert "gone.py" not in str(caught.value) and "\n" not in str(caught.value)
     (tmp_path / "c" / "away.txt").unlink()
+    (tmp_path / "c" / "cycle").symlink_to("cycle")  # a link that loops: no file, no folder (it stopped the walk)
     assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
 
 

@@ -759,6 +759,13 @@ def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, caps
         f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that "
         "file unless the model was trained to end its text there",
     ]
+    # A negative id (some exports write "pad_token_id": -1) is said so: decoding it to show it raised OverflowError.
+    (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
+    (folder / "generation_config.json").unlink()
+    load_checkpoint(folder)
+    assert capsys.readouterr().err == f"nanoqwen: warning: {folder / 'config.json'}: pad_token_id -1 is negative, " \
+        "no id of its tokenizer, not one of its special tokens (Transformers pads batched generations with it); set " \
+        f"it to {endoftext} (<|endoftext|>, as Qwen3 has it) in that file\n"
 
 
 def test_weights_without_a_tokenizer_refuse_text_in_one_without_their_end_id(tmp_path, monkeypatch, capsys):

@@ -504,6 +504,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     for batch in read_checked(iter(ds.iter(batch_size=1000)), (Exception,), f"could not read {where}"):
         if nested:
             batch = _flat_columns(batch)
+            if column not in batch and _null_on_path(batch, column):  # no row of it has the object: no text
+                continue
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
             raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
@@ -517,6 +519,13 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _null_on_path(batch: dict[str, list[Any]], column: str) -> bool:
+    """Whether a flattened batch's column on the way to the dotted `column` is null in every row (as a batch of
+    rows whose data is null is: no fields to flatten it into), so that no row of the batch has the text."""
+    return any(column.startswith(f"{name}.") and all(value is None for value in values)
+               for name, values in batch.items())
 
 
 def _flat_columns(batch: dict[str, list[Any]]) -> dict[str, list[Any]]:
@@ -649,10 +658,10 @@ def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str
                                 "out of the corpus") from None
         subfolders = []
         for entry in entries:
-            if entry.is_dir():  # (through a link too)
+            if _entry_is(entry.is_dir):  # (through a link too)
                 if not entry.name.startswith("."):  # never read: not walked
                     subfolders.append(entry.path)
-            elif entry.is_file():
+            elif _entry_is(entry.is_file):
                 found.append(Path(entry.path))
                 if real is not None:
                     real[found[-1]] = os.path.realpath(entry.path) if entry.is_symlink() else \
@@ -666,16 +675,36 @@ def all_files(root: Path, broken: list[Path] | None = None, real: dict[Path, str
     return sorted(found)
 
 
-def local_fingerprint(root: Path, files: list[Path] | None = None) -> str:
-    """Name, size and modification and change times of `files` (default: all under `root`): any change shows."""
+def _entry_is(kind: Callable[[], bool]) -> bool:
+    """A scandir entry's is_dir or is_file, False where its link cannot be followed (a link that loops, one into a
+    folder that may not be looked in), as os.walk and Path.is_file take it: a broken link, not a stop."""
+    try:
+        return kind()
+    except OSError:
+        return False
+
+
+def local_fingerprint(root: Path, files: list[Path] | None = None, described: dict[Path, bytes] | None = None) -> str:
+    """Name, size and modification and change times of `files` (default: all under `root`): any change shows.
+    `described`: the files' `described_files`, where several fingerprints of them are taken (stat once)."""
     if files is None:
         files = [root] if root.is_file() else all_files(root)
+    described = described_files(root, files) if described is None else described
     h = hashlib.sha256(os.fsencode(root.resolve()))
-    for p in files:  # file names as bytes: a name that is not UTF-8 is still a name
-        st = p.stat()  # ctime too: `cp -p` and restoring a backup keep the size and mtime of changed text
-        h.update(b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
-                 + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+    for p in files:
+        h.update(described[p])
     return h.hexdigest()
+
+
+def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
+    """What local_fingerprint hashes of each file: its name as bytes (a name that is not UTF-8 is still a name), size
+    and modification and change times (`cp -p` and restoring a backup keep the size and mtime of changed text)."""
+    described = {}
+    for p in files:
+        st = p.stat()
+        described[p] = (b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
+                        + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+    return described
 
 
 def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
@@ -700,6 +729,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
     types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
+    unread_zstd = list(filter(zstd_unread, left_out))
 
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
@@ -708,7 +738,6 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
-        unread_zstd = list(filter(zstd_unread, left_out))
         if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
                                f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
@@ -730,10 +759,12 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
+    described = described_files(path, [*files, *unread_zstd])  # once: the former fingerprints take subsets of them
+
     def fingerprint_of(read_files: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
         # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
-        return f"local {local_fingerprint(path, read_files)} {column}" + \
+        return f"local {local_fingerprint(path, read_files, described)} {column}" + \
             (" parted" if parted.intersection(read_files) else "")
 
     fingerprint = fingerprint_of(files)
@@ -751,11 +782,20 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                          (lambda p: True, older)]:
         new = list(filter(unread, later))
         if new:
-            kinds = sorted({"".join(p.suffixes[-2:]).lower() if later[p] else types[p] for p in new})
             read_then = set(files).difference(new)
             former.setdefault(fingerprint_of([p for p in files if p in read_then]), (
-                f"{made} {counted(len(new), 'file')} of this corpus ({', '.join(kinds)}, such as {new[0]})"))
+                f"{made} {counted(len(new), 'file')} of this corpus ({_kinds(new)}, such as {new[0]})"))
+    if unread_zstd:  # prepared where zstandard was installed, and read again where it is not
+        former.setdefault(fingerprint_of(sorted([*files, *unread_zstd])), (
+            f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
+            f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; {ZSTD_HINT} them)"))
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+
+
+def _kinds(paths: list[Path]) -> str:
+    """The kinds of files `paths` holds, as a message lists them: .csv, .jsonl.zst, .txt.gz."""
+    return ", ".join(sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in (*COMPRESSIONS, *zstd.SUFFIXES)
+                             else file_type(p) for p in paths}))
 
 
 def _compressed(path: Path) -> str:
