@@ -83,10 +83,10 @@ def config_for_tokenizer(config: ModelConfig, tokenizer: Tokenizer, fit_vocab: b
     if tokenizer.vocab_size > vocab:
         raise NanoQwenError(f"the tokenizer has {tokenizer.vocab_size} ids but the model only {vocab} "
                             f"rows; use --set vocab_size={vocab_rows(tokenizer)} or a smaller tokenizer")
-    return dataclasses.replace(config, vocab_size=vocab, **special_ids(tokenizer))
+    return dataclasses.replace(config, vocab_size=vocab, **model_special_ids(tokenizer))
 
 
-def special_ids(tokenizer: Tokenizer) -> dict[str, int]:
+def model_special_ids(tokenizer: Tokenizer) -> dict[str, int]:
     """A new model's bos, eos and pad ids: its tokenizer's <|endoftext|>, its end token (<|im_end|> where it has
     one) and <|endoftext|>, as Qwen3's."""
     return {"bos_token_id": tokenizer.eot_id, "eos_token_id": tokenizer.stop_ids[0], "pad_token_id": tokenizer.eot_id}

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from nanoqwen.checkpoint import save_checkpoint, special_ids
+from nanoqwen.checkpoint import model_special_ids, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.gguf import vocabulary, write_gguf
@@ -30,7 +30,8 @@ CONFIG = tiny_config(head_dim=24, rms_norm_eps=1e-5, bos_token_id=None)  # head_
 
 def checkpoint(folder: Path, tokenizer: Tokenizer, **changes: object) -> tuple[Path, Qwen3]:
     # (its own end token: loading warns of one that is a word)
-    model = Qwen3(dataclasses.replace(CONFIG, **{"eos_token_id": special_ids(tokenizer)["eos_token_id"], **changes}))
+    end = model_special_ids(tokenizer)["eos_token_id"]
+    model = Qwen3(dataclasses.replace(CONFIG, **{"eos_token_id": end, **changes}))
     scramble(model)  # norms far from ones: a norm written as another tensor shows
     save_checkpoint(model, folder, tokenizer)
     return folder, model

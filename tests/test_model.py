@@ -13,7 +13,7 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from nanoqwen.checkpoint import load_checkpoint, load_model, read_config, save_checkpoint, special_ids
+from nanoqwen.checkpoint import load_checkpoint, load_model, model_special_ids, read_config, save_checkpoint
 from nanoqwen.config import ModelConfig, apply_overrides, rope_scaling_of
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
@@ -581,7 +581,7 @@ def test_a_tied_checkpoint_loads_with_one_shared_embedding(tmp_path, dtype: torc
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
-    model = Qwen3(tiny_config(**special_ids(tokenizer)))
+    model = Qwen3(tiny_config(**model_special_ids(tokenizer)))
     scramble(model, seed=17)
     save_checkpoint(model, tmp_path, tokenizer=tokenizer)
     for loaded in (load_model(tmp_path, dtype=dtype), load_checkpoint(tmp_path, dtype=dtype)[0]):
@@ -691,7 +691,7 @@ def checkpoint_with_tokenizer(folder, vocab_size: int, tokenizer_ids: int = 300,
     from nanoqwen.tokenizer import train_bpe
 
     tokenizer = train_bpe(["the cat sat on the mat and the dog ran to the park"] * 20, tokenizer_ids)
-    config = tiny_config(vocab_size=vocab_size, **{**special_ids(tokenizer), **changes})
+    config = tiny_config(vocab_size=vocab_size, **{**model_special_ids(tokenizer), **changes})
     save_checkpoint(Qwen3(config), folder, tokenizer=tokenizer)
     return folder
 
