@@ -969,7 +969,8 @@ def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp
     assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
 
 
-def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # Without the zstandard package (no dependency of nanoqwen) a .zst is not read: alone, the line names both ways to
     # read it (it named `zstd -d` alone); in a folder, a note says so (it was counted as a file of another type).
     import nanoqwen.data.sources as sources
@@ -996,6 +997,17 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
     assert corpus.stats.notes == [f"2 zstd-compressed files (such as {tmp_path / 'c' / 'more.txt.zstd'}) are left out: "
                                   "`pip install zstandard` and nanoqwen reads them, or decompress them first with "
                                   "`zstd -d`"]
+    # Their note alone: the note of files of other types named them again, with advice that does not fit them.
+    (tmp_path / "c" / "more.txt.zstd").unlink()
+    (tmp_path / "c" / "sheet.xlsx").write_bytes(b"PK")
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["a note"]
+    prepare_module._warn_about(corpus.stats)
+    assert capsys.readouterr().err.splitlines() == [
+        f"nanoqwen: note: 1 zstd-compressed file (such as {tmp_path / 'c' / 'rows.jsonl.zst'}) is left out: `pip "
+        "install zstandard` and nanoqwen reads it, or decompress it first with `zstd -d`",
+        "nanoqwen: note: left out 1 file that is not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (1 .xlsx; "
+        f"such as {tmp_path / 'c' / 'sheet.xlsx'}); convert it if it holds text to one of those"]
 
 
 def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys: pytest.CaptureFixture[str],

@@ -44,6 +44,7 @@ from nanoqwen.data.sources import (
     CorpusStats,
     Document,
     open_corpus,
+    zstd_unread,
 )
 from nanoqwen.errors import NanoQwenError, counted, decimal_number, seed_int, whole_number
 from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
@@ -805,14 +806,15 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         print(f"nanoqwen: note: read {counted(stats.parted_documents, 'document')} from "
               f"{counted(stats.parted_files, 'text file')} parted by the {DOCUMENT_SEPARATOR} written between them "
               f"({ended})", file=sys.stderr)
-    if stats.left_out:
-        suffixes = Counter(Path(p).suffix.lower() for p in stats.left_out)
+    left_out = [p for p in stats.left_out if not zstd_unread(Path(p))]  # those have a note of their own
+    if left_out:
+        suffixes = Counter(Path(p).suffix.lower() for p in left_out)
         kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
         said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
         more = f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else ""
-        print(f"nanoqwen: note: left out {counted(len(stats.left_out), 'file')} that are not "
-              f"{', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} ({said}{more}; such as {stats.left_out[0]}); convert "
-              "any that hold text to one of those", file=sys.stderr)
+        print(f"nanoqwen: note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
+              f"not {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} ({said}{more}; such as {left_out[0]}); convert "
+              f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "

@@ -739,9 +739,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
         if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
+            them = "it" if len(unread_zstd) == 1 else "them"
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
-                               f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} them, "
-                               "or decompress them first with `zstd -d`")
+                               f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} {them}, "
+                               f"or decompress {them} first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             documents = _records_or_skip(file, column, stats) if folder and types[file] in \
