@@ -618,7 +618,9 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     return list(first.values())
 
 
-ZSTD_HINT = "`pip install zstandard` and nanoqwen reads"  # ... it, or them
+def zstandard_reads(count: int) -> str:
+    """How `count` zstd-compressed files left unread would be read."""
+    return f"`pip install zstandard` and nanoqwen reads {'it' if count == 1 else 'them'}"
 
 
 def zstd_unread(path: Path) -> bool:
@@ -631,7 +633,7 @@ def conversion_hint(path: Path) -> str:
     if file_type(path) == ".arrow":  # a file of a `datasets` folder
         return " (a `datasets` Arrow file: give the folder that save_to_disk wrote it into)"
     if zstd_unread(path):
-        return f" (zstd-compressed: {ZSTD_HINT} it, or decompress it first, `zstd -d {path}`)"
+        return f" (zstd-compressed: {zstandard_reads(1)}, or decompress it first, `zstd -d {path}`)"
     return ""
 
 
@@ -739,10 +741,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                            f"rest (prepare holds out its own val); to read the train split alone, give --dataset "
                            f"hf:{spec}"]
         if unread_zstd:  # left out as any file of another type, with nothing said of how they are read
-            them = "it" if len(unread_zstd) == 1 else "them"
+            one = len(unread_zstd) == 1
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
-                               f"{'is' if len(unread_zstd) == 1 else 'are'} left out: {ZSTD_HINT} {them}, "
-                               f"or decompress {them} first with `zstd -d`")
+                               f"{'is' if one else 'are'} left out: {zstandard_reads(len(unread_zstd))}, "
+                               f"or decompress {'it' if one else 'them'} first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             documents = _records_or_skip(file, column, stats) if folder and types[file] in \
@@ -789,7 +791,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if unread_zstd:  # prepared where zstandard was installed, and read again where it is not
         former.setdefault(fingerprint_of(sorted([*files, *unread_zstd])), (
             f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
-            f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; {ZSTD_HINT} them)"))
+            f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; "
+            f"{zstandard_reads(len(unread_zstd))})"))
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
 
 
