@@ -1064,6 +1064,26 @@ def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, 
     assert error["param"] == param
 
 
+def test_min_tokens_past_max_tokens_says_what_to_send(url: str) -> None:
+    # vLLM refuses a min_tokens past max_tokens too; past the 16 tokens a completion gets when max_tokens is left
+    # out, the line names that default (the user never wrote it) and what to send.
+    def refusal(path: str, **body) -> tuple[int, str, str]:
+        r = httpx.post(f"{url}{path}", json=body)
+        return r.status_code, r.json()["error"]["param"], r.json()["error"]["message"]
+
+    assert refusal("/v1/completions", prompt="hi", min_tokens=20) == (400, "min_tokens", (
+        "min_tokens (20) is more than the 16 tokens a completion gets without max_tokens (OpenAI's default); send "
+        "max_tokens of at least 20 too"))
+    assert refusal("/v1/completions", prompt="hi", max_tokens=5, min_tokens=6) == (400, "min_tokens", (
+        "min_tokens (6) is more than max_tokens (5); send a max_tokens of at least 6, or a smaller min_tokens"))
+    hi = [{"role": "user", "content": "hi"}]
+    assert refusal("/v1/chat/completions", messages=hi, min_tokens=CONTEXT + 1) == (400, "min_tokens", (
+        f"min_tokens ({CONTEXT + 1}) is more than the model's context of {CONTEXT} tokens; send a smaller min_tokens"))
+    r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 20,
+                                                    "temperature": 0, "ignore_eos": True})
+    assert r.json()["usage"]["completion_tokens"] == 20
+
+
 def test_wrong_methods_say_which_are_allowed(url: str) -> None:
     r = httpx.get(f"{url}/v1/completions")
     assert r.status_code == 405 and r.headers["allow"] == "POST" and r.json()["error"]["code"] == "method_not_allowed"
