@@ -20,7 +20,15 @@ from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.generate import SamplingParams, add_sampling_arguments, load_for_sampling, nth_seed, stream_batch
+from nanoqwen.generate import (
+    ESCAPES_HELP,
+    SamplingParams,
+    add_sampling_arguments,
+    escaped_text,
+    load_for_sampling,
+    nth_seed,
+    stream_batch,
+)
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer
 
@@ -232,7 +240,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
-    p.add_argument("--system", default=None, help="system prompt (ChatML mode)")
+    p.add_argument("--system", default=None, type=escaped_text,
+                   help=f"system prompt (ChatML mode); {ESCAPES_HELP} (what you type in the chat is sent as typed)")
     p.add_argument("--raw", action="store_true",
                    help="plain continuation for base models: the transcript is the prompt, no chat template")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,

@@ -583,14 +583,17 @@ def top_k_int(text: str) -> int:
     return max(value, 0)
 
 
-# A shell passes "\n" on as a backslash and an n, and a stop string is most often the end of a line: as llama.cpp's CLI
-# reads its stop strings (reverse prompts), these escapes stand for the characters; any other backslash stays.
-STOP_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+# A shell passes "\n" on as a backslash and an n, where a user of --prompt, --system or --stop means the end of a
+# line (a stop string is most often one): as llama.cpp's CLI reads its prompts and stop strings, these escapes stand
+# for the characters; any other backslash stays. Text typed into the chat is taken as typed.
+TEXT_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "\\": "\\"}
+ESCAPES_HELP = r"\n, \t, \r and \\ in it are a newline, a tab, a carriage return and a backslash"
 
 
-def stop_text(text: str) -> str:
-    """--stop: the text with \\n, \\t, \\r and \\\\ read as a newline, a tab, a carriage return and one backslash."""
-    return re.sub(r"\\(.)", lambda m: STOP_ESCAPES.get(m[1], m[0]), text, flags=re.DOTALL)
+def escaped_text(text: str) -> str:
+    """A text flag's value with \\n, \\t, \\r and \\\\ read as a newline, a tab, a carriage return and one
+    backslash."""
+    return re.sub(r"\\(.)", lambda m: TEXT_ESCAPES.get(m[1], m[0]), text, flags=re.DOTALL)
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200) -> None:
@@ -616,9 +619,8 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
                    help="-2..2, subtracted from the logit of every token generated so far")
     p.add_argument("--frequency-penalty", type=decimal_number, default=0.0,
                    help="-2..2, subtracted from a token's logit per time it was generated")
-    p.add_argument("--stop", action="append", default=[], type=stop_text, metavar="TEXT",
-                   help=r"stop string (repeatable): the text ends before the first one it holds; \n, \t, \r and \\ "
-                        r"in it are a newline, a tab, a carriage return and a backslash")
+    p.add_argument("--stop", action="append", default=[], type=escaped_text, metavar="TEXT",
+                   help=f"stop string (repeatable): the text ends before the first one it holds; {ESCAPES_HELP}")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")
 
 
@@ -687,7 +689,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
-    p.add_argument("--prompt", required=True, help='text to continue ("": a new document, unconditioned)')
+    p.add_argument("--prompt", required=True, type=escaped_text,
+                   help=f'text to continue ("": a new document, unconditioned); {ESCAPES_HELP}')
     p.add_argument("--num-samples", type=positive_int, default=1, metavar="N",
                    help="samples from the same prompt, one after another (default 1; with --seed S, sample k "
                         "uses seed S + k)")

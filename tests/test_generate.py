@@ -114,22 +114,29 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
         assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
 
 
-def test_stop_flags_read_a_shells_backslash_escapes():
+def test_text_flags_read_a_shells_backslash_escapes():
     # `--stop "\n"` reaches the program as a backslash and an n: it stood for those two characters, which a model
-    # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike.
+    # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike, and
+    # the prompt flags too (`--prompt "Q: hi\nA:"`, as llama.cpp's -p reads it).
     import argparse
 
     from nanoqwen import chat
     from nanoqwen import generate as sample
 
     typed = ["--stop", r"\n", "--stop", r"a\tb\r", "--stop", r"C:\dir\\", "--stop", r"\\n"]
-    for command, required in ((sample, ["--model", "m", "--prompt", "p"]), (chat, ["--model", "m"])):
+    said = r"\n, \t, \r and \\ in it are a newline, a tab, a carriage return and a backslash"
+    helps = {"--prompt": f'--prompt PROMPT text to continue ("": a new document, unconditioned); {said}',
+             "--system": f"--system SYSTEM system prompt (ChatML mode); {said} (what you type in the chat is sent as "
+                         "typed)"}
+    for command, flag in ((sample, "--prompt"), (chat, "--system")):
         parser = argparse.ArgumentParser()
         command.add_arguments(parser)
-        assert parser.parse_args([*required, *typed]).stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
-        assert (r"--stop TEXT stop string (repeatable): the text ends before the first one it holds; \n, \t, \r "
-                r"and \\ in it are a newline, a tab, a carriage return and a backslash"
-                ) in " ".join(parser.format_help().split())
+        args = parser.parse_args(["--model", "m", flag, r"Q: hi\nA:\t\\n C:\dir", *typed])
+        assert args.stop == ["\n", "a\tb\r", "C:\\dir\\", "\\n"]
+        assert getattr(args, flag[2:]) == "Q: hi\nA:\t\\n C:\\dir"
+        shown = " ".join(parser.format_help().split())
+        assert f"--stop TEXT stop string (repeatable): the text ends before the first one it holds; {said}" in shown
+        assert helps[flag] in shown
 
 
 def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
