@@ -221,15 +221,17 @@ class Engine:
         With `echo`, a choice's first Delta is its prompt (and its tokens' logprobs, the first's None), as
         OpenAI's completions echo it; the generated text's offsets then count from the prompt's start.
 
-        Seeded sampling gives choice k the seed `seed + k` (`nth_seed`: wrapped into the seed range), so each
-        choice draws the same random numbers whatever else runs beside it, as `nanoqwen sample --num-samples` does.
+        Seeded sampling gives choice j of each prompt the seed `seed + j` (`nth_seed`: wrapped into the seed range), so
+        each choice draws the same random numbers whatever else runs beside it, as `nanoqwen sample --num-samples`
+        does; and a prompt of a list samples what it samples sent alone (as vLLM seeds a request's prompts: an
+        evaluation harness that batches its prompts gets the same samples at any batch size).
         """
         job = Job(asyncio.get_running_loop(), len(prompts) * n)
         sequences = []
         for i, prompt in enumerate(prompts):
             for j in range(n):
                 index = i * n + j
-                sequences.append(seq := self._new_sequence(job, index, prompt, params, nth_seed(params.seed, index),
+                sequences.append(seq := self._new_sequence(job, index, prompt, params, nth_seed(params.seed, j),
                                                            top_logprobs, echo))
                 if j:  # queued after the first choice, so admitted once it has read the prompt
                     seq.leader = sequences[-1 - j]
