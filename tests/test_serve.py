@@ -1080,6 +1080,9 @@ def test_min_tokens_past_max_tokens_says_what_to_send(url: str) -> None:
     assert refusal("/v1/completions", prompt="hi", max_tokens=5, min_tokens=6) == (400, "min_tokens", (
         "min_tokens (6) is more than max_tokens (5); send a max_tokens of at least 6, or a smaller min_tokens"))
     hi = [{"role": "user", "content": "hi"}]
+    assert refusal("/v1/chat/completions", messages=hi, max_tokens=9, max_completion_tokens=5, min_tokens=6) == (
+        400, "min_tokens", "min_tokens (6) is more than max_completion_tokens (5); send a max_completion_tokens of at "
+        "least 6, or a smaller min_tokens")  # the field that counts, which a larger max_tokens would not change
     assert refusal("/v1/chat/completions", messages=hi, min_tokens=CONTEXT + 1) == (400, "min_tokens", (
         f"min_tokens ({CONTEXT + 1}) is more than the model's context of {CONTEXT} tokens; send a smaller min_tokens"))
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "hi", "min_tokens": 20, "max_tokens": 20,

@@ -434,12 +434,12 @@ class Service:
             prompts.append(ids)
         return prompts
 
-    def request_sampling(self, body: SamplingRequest, max_tokens: int | None, default_max_tokens: int | None = None
-                         ) -> SamplingParams:
-        """The request's sampling settings, the server's defaults where it gives none. `max_tokens`: the request's
-        (None: not given), whose default is `default_max_tokens` (None: to the end of the context)."""
+    def request_sampling(self, body: SamplingRequest, default_max_tokens: int | None = None) -> SamplingParams:
+        """The request's sampling settings, the server's defaults where it gives none; where it gives no max_tokens,
+        `default_max_tokens` (None: to the end of the context)."""
         body.check_unsupported()
-        self.check_min_tokens(body.min_tokens, max_tokens, default_max_tokens)
+        limit, max_tokens = body.tokens_limit()
+        self.check_min_tokens(body.min_tokens, limit, max_tokens, default_max_tokens)
         if max_tokens is None:
             max_tokens = default_max_tokens
         defaults = self.defaults
@@ -473,13 +473,15 @@ class Service:
         except InvalidSetting as e:  # a backstop: the fields were checked above and by pydantic
             raise APIError(400, str(e), "max_tokens" if e.name == "max_new_tokens" else e.name) from None
 
-    def check_min_tokens(self, min_tokens: int, max_tokens: int | None, default_max_tokens: int | None) -> None:
-        """min_tokens past max_tokens is refused (as vLLM refuses it) in a line that says what to send: past a
-        max_tokens left out, it names the default the user never wrote."""
+    def check_min_tokens(self, min_tokens: int, limit: str, max_tokens: int | None, default_max_tokens: int | None
+                         ) -> None:
+        """min_tokens past max_tokens (`limit` names the field given: chat's max_completion_tokens, or max_tokens) is
+        refused, as vLLM refuses it, in a line that says what to send: past a max_tokens left out, it names the
+        default the user never wrote."""
         if max_tokens is not None:
             if min_tokens > max_tokens:
-                raise APIError(400, f"min_tokens ({min_tokens}) is more than max_tokens ({max_tokens}); send a "
-                                    f"max_tokens of at least {min_tokens}, or a smaller min_tokens", "min_tokens")
+                raise APIError(400, f"min_tokens ({min_tokens}) is more than {limit} ({max_tokens}); send a {limit} "
+                                    f"of at least {min_tokens}, or a smaller min_tokens", "min_tokens")
         elif default_max_tokens is not None and min_tokens > default_max_tokens:
             raise APIError(400, f"min_tokens ({min_tokens}) is more than the {default_max_tokens} tokens a completion "
                                 f"gets without max_tokens (OpenAI's default); send max_tokens of at least {min_tokens} "
@@ -577,7 +579,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         service.check_model(body.model)
         prompts = await run_in_threadpool(service.completion_prompts, body.prompt)
         top_logprobs = body.logprobs_count()
-        params = service.request_sampling(body, body.max_tokens, COMPLETION_DEFAULT_MAX_TOKENS)
+        params = service.request_sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
         return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs,
                                      echo=body.echo)
 
@@ -588,7 +590,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         top_logprobs = body.logprobs_count()
         prompt = await run_in_threadpool(service.chat_prompt, body)
         service.check_prompt_fits(prompt, "messages")
-        params = service.request_sampling(body, body.max_completion_tokens or body.max_tokens)
+        params = service.request_sampling(body)
         return await service.respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
                                      tools=body.parses_tool_calls(), most_calls=body.most_tool_calls())
 

@@ -132,6 +132,10 @@ class SamplingRequest(RequestBody):
         if self.stream_options is not None and not self.stream:
             raise APIError(400, "'stream_options' is only allowed with 'stream': true", "stream_options")
 
+    def tokens_limit(self) -> tuple[str, int | None]:
+        """The field that caps the reply's tokens, and its value (None: not given)."""
+        return "max_tokens", self.max_tokens
+
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > 4:
@@ -231,6 +235,11 @@ class ChatRequest(SamplingRequest, ChatInput):
     function_call: Any = None
     modalities: list[str] | None = None  # OpenAI's ["text", "audio"] asks for a spoken reply too
     audio: dict[str, Any] | None = None  # the spoken reply's voice and format
+
+    def tokens_limit(self) -> tuple[str, int | None]:
+        if self.max_completion_tokens is not None:  # OpenAI's newer name wins
+            return "max_completion_tokens", self.max_completion_tokens
+        return super().tokens_limit()
 
     def check_unsupported(self) -> None:
         super().check_unsupported()
