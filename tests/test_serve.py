@@ -994,6 +994,15 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "guided_choice": ["yes", "no"]}, 400, "guided_choice"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "structured_outputs": {"regex": "a+"}},
      400, "structured_outputs"),
+    # and its other extras that would change the answer: beam search, banned or allowed tokens, prompt logprobs (0
+    # too: the prompt's own tokens), a prompt cut to its last tokens, chat's echo
+    ("/v1/completions", {"prompt": "hi", "use_beam_search": True}, 400, "use_beam_search"),
+    ("/v1/completions", {"prompt": "hi", "bad_words": ["no"]}, 400, "bad_words"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "allowed_token_ids": [1, 2]}, 400,
+     "allowed_token_ids"),
+    ("/v1/completions", {"prompt": "hi", "prompt_logprobs": 0}, 400, "prompt_logprobs"),
+    ("/v1/completions", {"prompt": "hi", "truncate_prompt_tokens": 5}, 400, "truncate_prompt_tokens"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "echo": True}, 400, "echo"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
@@ -1124,11 +1133,13 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
     assert r.usage.completion_tokens == 3
     # null is "not given" for every optional field, as in OpenAI's API (its client sends n=None so).
     nulls = {"n": None, "stream": None, "stop": None, "seed": None, "max_tokens": 3, "temperature": 0,
-             "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}}
+             "logit_bias": {}, "best_of": 1, "response_format": {"type": "text"}, "use_beam_search": False,
+             "bad_words": [], "prompt_logprobs": None}
     r = httpx.post(f"{url}/v1/completions", json={"prompt": "ok", "echo": None, **nulls})
     assert r.status_code == 200 and len(r.json()["choices"]) == 1, r.text
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}], n=None,
-                                          stream=None, max_tokens=2, modalities=["text"], audio=None)
+                                          stream=None, max_tokens=2, modalities=["text"], audio=None,
+                                          extra_body={"echo": False, "allowed_token_ids": None})
     assert chat.usage.completion_tokens == 2 and len(chat.choices) == 1
     # 64 completions in one request is the limit, not past it (5 prompts x 16 is a 400 in BAD_REQUESTS).
     r = client.completions.create(model="tiny", prompt=["a", "b", "c", "d"], n=16, max_tokens=1, temperature=0)

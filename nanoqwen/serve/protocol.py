@@ -6,9 +6,11 @@ Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt first, with its
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
-`best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`), chat's older
-`functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other than text
-(an assistant's refusal parts are text: what it said). A message's text parts are joined with newlines, as vLLM's.
+`best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`, and its
+`use_beam_search`, `bad_words`, `allowed_token_ids`, `prompt_logprobs`, `truncate_prompt_tokens` and chat `echo`),
+chat's older `functions` and `function_call`, audio replies (`modalities` beyond text, `audio`), content parts other
+than text (an assistant's refusal parts are text: what it said). A message's text parts are joined with newlines,
+as vLLM's.
 `top_k`, `min_p`, `repetition_penalty`, `skip_special_tokens` (default true), `min_tokens`, `ignore_eos`,
 `stop_token_ids` and `include_stop_str_in_output` are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
@@ -77,6 +79,15 @@ class RequestBody(BaseModel):
 
 
 GUIDED_DECODING = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "structured_outputs")
+# vLLM's other extras that would change the answer (beam search, banned or allowed tokens, the prompt's logprobs, a
+# prompt cut to its last tokens): refused when given a value that asks for them, not ignored
+VLLM_UNSUPPORTED = ("use_beam_search", "bad_words", "allowed_token_ids", "prompt_logprobs", "truncate_prompt_tokens")
+
+
+def asks_for(value: Any) -> bool:
+    """Whether a field of VLLM_UNSUPPORTED is given a value that does something (false and [] do nothing; 0 does,
+    as prompt_logprobs 0 asks for the prompt's own tokens)."""
+    return value is not None and value is not False and value != []
 
 
 class SamplingRequest(RequestBody):
@@ -121,11 +132,17 @@ class SamplingRequest(RequestBody):
     guided_choice: Any = None
     guided_grammar: Any = None
     structured_outputs: Any = None
+    use_beam_search: Any = None
+    bad_words: Any = None
+    allowed_token_ids: Any = None
+    prompt_logprobs: Any = None
+    truncate_prompt_tokens: Any = None
 
     def check_unsupported(self) -> None:
         given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
                  "response_format": (self.response_format or {}).get("type", "text") != "text",
-                 **{name: getattr(self, name) is not None for name in GUIDED_DECODING}}
+                 **{name: getattr(self, name) is not None for name in GUIDED_DECODING},
+                 **{name: asks_for(getattr(self, name)) for name in VLLM_UNSUPPORTED}}
         for name, used in given.items():
             if used:
                 raise APIError(400, f"'{name}' is not supported by this server; leave it out", name)
@@ -234,6 +251,7 @@ class ChatRequest(SamplingRequest, ChatInput):
     functions: list[Any] | None = None  # OpenAI's older spelling of tools: refused with the way to send them
     function_call: Any = None
     modalities: list[str] | None = None  # OpenAI's ["text", "audio"] asks for a spoken reply too
+    echo: Any = None  # vLLM's, for chat: the reply starts with the last message when it is the assistant's
     audio: dict[str, Any] | None = None  # the spoken reply's voice and format
 
     def tokens_limit(self) -> tuple[str, int | None]:
@@ -248,6 +266,9 @@ class ChatRequest(SamplingRequest, ChatInput):
             raise APIError(400, "this model writes text only: audio replies are not supported; leave out 'audio' "
                                 "and give 'modalities' as [\"text\"] or not at all",
                            "modalities" if beyond_text else "audio")
+        if asks_for(self.echo):
+            raise APIError(400, "'echo' is not supported in chat requests by this server; leave it out (completions "
+                                "take it)", "echo")
         for name in ("functions", "function_call"):
             if getattr(self, name) is not None:
                 raise APIError(400, f"'{name}' (OpenAI's older form of tools) is not supported; send the functions "
