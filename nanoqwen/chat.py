@@ -316,8 +316,9 @@ def run(args: argparse.Namespace) -> int:
         except NanoQwenError as e:
             print(f"({e})")
             continue
-        if ids is None:
-            print(f"(that message alone is too long for the context of {context} tokens; shorten it)")
+        if ids is None:  # "alone" is with the system prompt, which a user may not count as part of the message
+            beside = f"with the --system prompt's {conversation.fixed_ids()} tokens" if args.system else "alone"
+            print(f"(that message {beside} is too long for the context of {context} tokens; shorten it)")
             continue
         if conversation.dropped:
             unit = "token" if args.raw else "turn"

@@ -406,10 +406,17 @@ def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path)
     # traceback; a system prompt with no room left, or one --raw would drop, is refused up front.
     chat = [sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--max-new-tokens", "4",
             "--device", "cpu"]
-    done = subprocess.run(chat, input=b"caf\xe9 \xff bad\nok\n", capture_output=True, timeout=120,
-                          env={**os.environ, "PYTHONIOENCODING": "utf-8"})
+    # A message too long beside the system prompt names the prompt's share (a message shorter than the context
+    # was said to be too long alone).
+    system = ["--system", "Be brief. " * 40]
+    done = subprocess.run(chat + system, input=b"caf\xe9 \xff bad\nok\n" + b"7" * 200 + b"\n", capture_output=True,
+                          timeout=120, env={**os.environ, "PYTHONIOENCODING": "utf-8"})
     assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
-    assert done.stdout.count(PROMPT.encode()) == 3  # both messages answered, then the end of input
+    assert done.stdout.count(PROMPT.encode()) == 4  # both messages answered, the long one refused, the end of input
+    system_tokens = len(qwen3_tokenizer().encode(qwen3_tokenizer().render_chat(
+        [{"role": "system", "content": system[1]}])))
+    assert (f"(that message with the --system prompt's {system_tokens} tokens is too long for the context of 256 "
+            "tokens; shorten it)").encode() in done.stdout
     for extra, words in ((["--system", "word " * 300], "--system takes"), (["--raw", "--system", "Be brief."],
                                                                            "--raw uses no template")):
         out = subprocess.run(chat + extra, capture_output=True, text=True, input="", timeout=120)
