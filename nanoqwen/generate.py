@@ -89,8 +89,8 @@ class SamplingParams:
         if not 0 <= self.min_p <= 1:  # 1 keeps the most likely token (and its ties) alone
             raise InvalidSetting("min_p", f"must be in [0, 1], got {self.min_p}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
-            raise InvalidSetting("min_tokens", f"must be >= 0 and no more than the new tokens allowed (max_tokens or "
-                                               f"its default, {self.max_new_tokens}), got {self.min_tokens}")
+            raise InvalidSetting("min_tokens", f"must be >= 0 and no more than max_new_tokens ({self.max_new_tokens}), "
+                                               f"got {self.min_tokens}")  # (the server says it in the API's words)
         if not 0 < self.repetition_penalty < math.inf:
             raise InvalidSetting("repetition_penalty", f"must be > 0, got {self.repetition_penalty}")
         if "" in self.stop_strings:  # ignored, it hid a mistake (an unset shell variable); vLLM refuses it too

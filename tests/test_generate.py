@@ -395,8 +395,10 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
     assert text(stop_token_ids=[ids[2]]) == (" one two", "stop")
     assert text(stop_token_ids=[ids[2]], include_stop_str_in_output=True) == (" one two three", "stop")
     # The refused field is carried by the error (the server's `param`), not read off its message
-    for bad, line in [({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens must be >= 0 and no more than the new "
-                       "tokens allowed (max_tokens or its default, 4), got 5"),
+    # (min_tokens past max_new_tokens is named in this class's words: the server says it in the API's, naming the
+    # max_tokens field a request gave or the default it left out)
+    for bad, line in [({"max_new_tokens": 4, "min_tokens": 5}, "min_tokens must be >= 0 and no more than "
+                       "max_new_tokens (4), got 5"),
                       ({"min_p": 1.5}, "min_p must be in [0, 1], got 1.5"),
                       ({"frequency_penalty": -3}, "frequency_penalty must be in [-2, 2], got -3")]:
         with pytest.raises(NanoQwenError) as e:
