@@ -241,7 +241,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     p.add_argument("--system", default=None, type=escaped_text,
-                   help=f"system prompt (ChatML mode); {ESCAPES_HELP} (what you type in the chat is sent as typed)")
+                   help=f"system message of the chat template (not with --raw); {ESCAPES_HELP} "
+                        "(what you type in the chat is sent as typed)")
     p.add_argument("--raw", action="store_true",
                    help="plain continuation for base models: the transcript is the prompt, no chat template")
     p.add_argument("--thinking", action=argparse.BooleanOptionalAction, default=None,

@@ -129,11 +129,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "500 steps of 16 x 1024 tokens)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
-    data.add_argument("--dataset", help=f"a corpus to prepare first into data/NAME-HASH-TOKENIZER: {SOURCES_HELP}")
+    data.add_argument("--dataset", help="a corpus to prepare first into data/NAME-HASH-TOKENIZER (a built-in one: "
+                                        f"data/NAME-TOKENIZER): {SOURCES_HELP}")
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
     p.add_argument("--text-column", metavar="NAME",
-                   help="with --dataset: the field or column holding the text in .jsonl/.json/.parquet/hub data "
-                        "(default: text; records without one are read as chats from messages or conversations)")
+                   help="with --dataset: the field or column holding the text in .jsonl/.json/.csv/.tsv/.parquet "
+                        "files, datasets folders and hub data (default: text; data.text: a field inside an object; "
+                        "records without one are read as chats from messages or conversations)")
     p.add_argument("--out", help="run folder (default: runs/PRESET-TIME, or runs/NAME-TIME after --init-from NAME)")
     p.add_argument("--resume", nargs="?", const="", metavar="RUN",
                    help="continue the run in RUN (or in --out) exactly where its last/ checkpoint left it")
