@@ -242,6 +242,18 @@ class Tokenizer:
                 return bytes(byte_of[c] for c in piece)
         return self.decode([token_id]).encode()
 
+    def token_shown(self, token_id: int) -> str:
+        """One token as a message names it: its text in JSON quotes, or, for a token that decodes alone to U+FFFD
+        (part of a UTF-8 character), its bytes and its entry in tokenizer.json, which tell which token it is."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return json.dumps(text)
+        piece = json.dumps(self.hf.id_to_token(token_id), ensure_ascii=False)
+        if not self.byte_level:  # a byte-fallback token's entry (<0xE4>) already says its byte
+            return f"token {piece}"
+        data = self.token_bytes(token_id)
+        return f"byte{'s' if len(data) > 1 else ''} {''.join(f'<0x{b:02X}>' for b in data)} (token {piece})"
+
     @cached_property
     def byte_level(self) -> bool:
         """Decoding is bytes joined, then read as UTF-8: a token's text depends on no token before it."""

@@ -745,8 +745,10 @@ def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, caps
     # Loaded as Transformers loads them (generation stops at the word), with a line for each.
     ends = f"<|im_end|> {im_end}, <|endoftext|> {endoftext}"
     (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": the, "pad_token_id": VOCAB + 5}))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1]}))
-    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1]
+    # A byte-level token that is part of a UTF-8 character decodes alone to U+FFFD, which did not say which it is.
+    lone_byte = tokenizer.token_id("ä")  # the byte 0xE4 in the byte-level alphabet
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1, lone_byte]}))
+    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1, lone_byte]
     word = json.dumps(tokenizer.decode([the + 1]))
     assert capsys.readouterr().err.splitlines() == [
         f"nanoqwen: warning: {folder / 'config.json'}: eos_token_id {the} is \" the\" in its tokenizer, not one of its "
@@ -758,6 +760,9 @@ def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, caps
         f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {the + 1} is {word} in its tokenizer, "
         f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that "
         "file unless the model was trained to end its text there",
+        f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {lone_byte} is byte <0xE4> (token "
+        f"\"ä\") in its tokenizer, not one of its end tokens ({ends}), so generation stops there, as Transformers' "
+        "does; correct it in that file unless the model was trained to end its text there",
     ]
     # A negative id (some exports write "pad_token_id": -1) is said so: decoding it to show it raised OverflowError.
     (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))
