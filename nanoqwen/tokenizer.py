@@ -484,7 +484,7 @@ def qwen3_cache_folder() -> Path:
     return cache_dir() / f"qwen3-tokenizer-{build}"
 
 
-# Folders of other builds (an upgrade's, or those of nanoqwen 0.x: qwen3-tokenizer, qwen3-tokenizer-2), ~18 MB
+# Folders of other builds (an upgrade's, or earlier versions' qwen3-tokenizer and qwen3-tokenizer-2), ~18 MB
 # each. Hidden temporary names (.NAME.tmp-PID-...) are a writer's and never match.
 _BUILT_FOLDER = re.compile(r"qwen3-tokenizer(-2|-[0-9a-f]{16})?")
 # A build's folder read or written within this many days is kept: another installation of nanoqwen (another
@@ -494,10 +494,15 @@ _held_locks: list[int] = []  # shared locks on the folders this process reads, h
 
 
 def _lock(folder: Path, exclusive: bool) -> int | None:
-    """The folder open with a lock on it (shared: waits for a pruner; exclusive: none if another holds any),
-    or None where it is gone or another process holds it."""
+    """The folder open with a lock on it (shared: waits for a pruner; exclusive: none while another holds any), or
+    None where it cannot be locked: held by another (exclusive), no flock (Windows, some network file systems).
+    FileNotFoundError where the folder is gone."""
+    if fcntl is None:
+        return None
     try:
         fd = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
     except OSError:
         return None
     try:
@@ -516,7 +521,10 @@ def prune_stale_qwen3_folders(current: Path) -> None:
     for folder in current.parent.iterdir():
         if folder.name == current.name or not _BUILT_FOLDER.fullmatch(folder.name):
             continue
-        fd = _lock(folder, exclusive=True)
+        try:
+            fd = _lock(folder, exclusive=True)
+        except FileNotFoundError:  # another process pruned it first
+            continue
         if fd is None:
             continue
         try:
@@ -525,7 +533,7 @@ def prune_stale_qwen3_folders(current: Path) -> None:
                                                                                             path.stat().st_mtime))])
             if used >= cutoff:
                 continue
-            trash = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-stale")  # an orphan remove_orphans knows
+            trash = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-stale")  # hidden, as a build in progress is
             folder.rename(trash)
         except OSError:  # another process renamed it first, or the cache is read-only
             continue
@@ -539,22 +547,21 @@ def _qwen3_cached_folder() -> Path:
     """Build the official tokenizer once per machine; later loads read the cached tokenizer.json. The folder is
     held with a shared lock while this process lives, so no other version's prune deletes it under a reader."""
     folder = qwen3_cache_folder()
-    while True:
+    for _ in range(3):  # another version's prune may rename it away between the check and the lock: once, in 30 days
         if not (folder / "tokenizer.json").exists():
             with atomic_dir(folder, keep_existing=True) as tmp:
                 Tokenizer(build_qwen3_tokenizer()).save(tmp)
-        if fcntl is None:  # no flock (Windows): nothing is pruned either
-            return folder
-        fd = _lock(folder, exclusive=False)
-        try:  # still the folder at that name: a prune did not rename it away before the lock was taken
-            if fd is not None and os.stat(folder).st_ino == os.fstat(fd).st_ino:
-                break
-        except FileNotFoundError:
-            pass
-        if fd is not None:
+        try:
+            fd = _lock(folder, exclusive=False)
+            if fd is None:  # no locks here: no prune can take one either, so none deletes it
+                return folder
+            if os.stat(folder).st_ino == os.fstat(fd).st_ino:  # still the folder at that name
+                _held_locks.append(fd)
+                prune_stale_qwen3_folders(folder)
+                return folder
             os.close(fd)
-    _held_locks.append(fd)
-    prune_stale_qwen3_folders(folder)
+        except FileNotFoundError:
+            continue
     return folder
 
 
