@@ -12,10 +12,17 @@ import importlib.util
 import json
 import os
 import re
+import shutil
+import time
 from collections.abc import Iterable, Iterator
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -242,6 +249,18 @@ class Tokenizer:
                 return bytes(byte_of[c] for c in piece)
         return self.decode([token_id]).encode()
 
+    def token_shown(self, token_id: int) -> str:
+        """One token as a message names it: its text in JSON quotes, or, for a token that decodes alone to U+FFFD
+        (part of a UTF-8 character), its bytes and its entry in tokenizer.json, which tell which token it is."""
+        text = self.decode([token_id])
+        if "\ufffd" not in text:
+            return json.dumps(text)
+        piece = json.dumps(self.hf.id_to_token(token_id), ensure_ascii=False)
+        if not self.byte_level:  # a byte-fallback token's entry (<0xE4>) already says its byte
+            return f"token {piece}"
+        data = self.token_bytes(token_id)
+        return f"byte{'s' if len(data) > 1 else ''} {''.join(f'<0x{b:02X}>' for b in data)} (token {piece})"
+
     @cached_property
     def byte_level(self) -> bool:
         """Decoding is bytes joined, then read as UTF-8: a token's text depends on no token before it."""
@@ -465,13 +484,84 @@ def qwen3_cache_folder() -> Path:
     return cache_dir() / f"qwen3-tokenizer-{build}"
 
 
+# Folders of other builds (an upgrade's, or earlier versions' qwen3-tokenizer and qwen3-tokenizer-2), ~18 MB
+# each. Hidden temporary names (.NAME.tmp-PID-...) are a writer's and never match.
+_BUILT_FOLDER = re.compile(r"qwen3-tokenizer(-2|-[0-9a-f]{16})?")
+# A build's folder read or written within this many days is kept: another installation of nanoqwen (another
+# virtual environment or clone) may be the one using it, and versions before the lock below take none.
+STALE_AFTER_DAYS = 30
+_held_locks: list[int] = []  # shared locks on the folders this process reads, held while it lives
+
+
+def _lock(folder: Path, exclusive: bool) -> int | None:
+    """The folder open with a lock on it (shared: waits for a pruner; exclusive: none while another holds any), or
+    None where it cannot be locked: held by another (exclusive), no flock (Windows, some network file systems).
+    FileNotFoundError where the folder is gone."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except FileNotFoundError:
+        raise
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def prune_stale_qwen3_folders(current: Path) -> None:
+    """Delete the official tokenizer's folders of other builds that no process is using: none holds a lock on it
+    (this version's readers hold one while they run) and none read it for STALE_AFTER_DAYS (older versions take
+    no lock: their reads show in its times). Renamed away first, so a reader never sees it half deleted."""
+    cutoff = time.time() - STALE_AFTER_DAYS * 86400
+    for folder in current.parent.iterdir():
+        if folder.name == current.name or not _BUILT_FOLDER.fullmatch(folder.name):
+            continue
+        try:
+            fd = _lock(folder, exclusive=True)
+        except FileNotFoundError:  # another process pruned it first
+            continue
+        if fd is None:
+            continue
+        try:
+            # (listing a folder sets its access time, so its files' times tell when it was last read)
+            used = max([folder.stat().st_mtime, *(t for path in folder.iterdir() for t in (path.stat().st_atime,
+                                                                                            path.stat().st_mtime))])
+            if used >= cutoff:
+                continue
+            trash = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-stale")  # hidden, as a build in progress is
+            folder.rename(trash)
+        except OSError:  # another process renamed it first, or the cache is read-only
+            continue
+        finally:
+            os.close(fd)
+        shutil.rmtree(trash, ignore_errors=True)
+
+
 @lru_cache(maxsize=1)
 def _qwen3_cached_folder() -> Path:
-    """Build the official tokenizer once per machine; later loads read the cached tokenizer.json."""
+    """Build the official tokenizer once per machine; later loads read the cached tokenizer.json. The folder is
+    held with a shared lock while this process lives, so no other version's prune deletes it under a reader."""
     folder = qwen3_cache_folder()
-    if not (folder / "tokenizer.json").exists():
-        with atomic_dir(folder, keep_existing=True) as tmp:
-            Tokenizer(build_qwen3_tokenizer()).save(tmp)
+    for _ in range(3):  # another version's prune may rename it away between the check and the lock: once, in 30 days
+        if not (folder / "tokenizer.json").exists():
+            with atomic_dir(folder, keep_existing=True) as tmp:
+                Tokenizer(build_qwen3_tokenizer()).save(tmp)
+        try:
+            fd = _lock(folder, exclusive=False)
+            if fd is None:  # no locks here: no prune can take one either, so none deletes it
+                return folder
+            if os.stat(folder).st_ino == os.fstat(fd).st_ino:  # still the folder at that name
+                _held_locks.append(fd)
+                prune_stale_qwen3_folders(folder)
+                return folder
+            os.close(fd)
+        except FileNotFoundError:
+            continue
     return folder
 
 

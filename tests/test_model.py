@@ -113,6 +113,56 @@ def test_sharded_and_bf16_checkpoints_load(tmp_path):
         assert torch.equal(value, expected[key]), key
 
 
+# Several features at once, each case both ways, at twice the context and more: odd vocabularies, head_dim apart
+# from hidden / heads, one KV head, untied heads, scaled RoPE past a small context, 16-bit saves, sharded files
+# with an index, and config.json as Transformers 4 wrote it (rope_theta and rope_scaling, torch_dtype) or 5.
+MIXED = [
+    ({"vocab_size": 301, "hidden_size": 40, "num_attention_heads": 3, "num_key_value_heads": 1, "head_dim": 20,
+      "max_position_embeddings": 16, "tie_word_embeddings": False,
+      "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 4}},
+     torch.bfloat16, "30KB", 4),
+    ({"vocab_size": 263, "hidden_size": 24, "num_attention_heads": 2, "head_dim": 12, "max_position_embeddings": 24,
+      "rope_scaling": {"rope_type": "linear", "factor": 2.0}, "rope_theta": 500.0}, torch.float16, "5GB", 5),
+    ({"vocab_size": 517, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 8, "num_hidden_layers": 3,
+      "max_position_embeddings": 8, "tie_word_embeddings": False}, torch.float32, "20KB", 4),
+]
+
+
+def as_transformers_4_wrote_it(folder) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.pop("layer_types", None)
+    scaling = {("type" if k == "rope_type" else k): v for k, v in rope.items() if k != "rope_theta"}  # the old key
+    config.update(rope_theta=rope["rope_theta"], rope_scaling=None if scaling["type"] == "default" else scaling,
+                  torch_dtype=config.pop("dtype"), transformers_version="4.51.3")
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, dtype, shard, transformers_version", MIXED)
+def test_mixed_configs_go_both_ways(tmp_path, changes, dtype, shard, transformers_version):
+    config = tiny_config(**changes)
+    ids = torch.randint(0, config.vocab_size, (2, 2 * config.max_position_embeddings + 3),
+                        generator=torch.Generator().manual_seed(4))
+    model = Qwen3(config).eval()
+    scramble(model)
+    with torch.no_grad():  # the weights the 16-bit file holds (the RoPE buffers stay float32)
+        for weight in model.parameters():
+            weight.copy_(weight.to(dtype))
+    save_checkpoint(model, tmp_path / "ours", tokenizer=None, dtype=dtype)
+    with torch.no_grad():
+        assert (model(ids) - hf_eager(tmp_path / "ours")(ids).logits).abs().max().item() <= 1e-4
+
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**{k: v for k, v in config.to_hf_dict().items()
+                                                                  if k not in ("architectures", "rope_scaling")}))
+    scramble(hf, seed=3)
+    hf.to(dtype).save_pretrained(tmp_path / "theirs", max_shard_size=shard)
+    assert (tmp_path / "theirs" / "model.safetensors.index.json").exists() == (shard != "5GB")
+    if transformers_version == 4:
+        as_transformers_4_wrote_it(tmp_path / "theirs")
+    with torch.no_grad():
+        assert (load_model(tmp_path / "theirs")(ids) - hf_eager(tmp_path / "theirs")(ids).logits).abs().max() <= 1e-4
+
+
 @pytest.mark.parametrize("case", ["tied-kv2", "yarn", "linear"])
 def test_cached_decoding_equals_full_forward(case):
     model = Qwen3(tiny_config(num_key_value_heads=1, **CASES[case])).eval()
@@ -745,8 +795,10 @@ def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, caps
     # Loaded as Transformers loads them (generation stops at the word), with a line for each.
     ends = f"<|im_end|> {im_end}, <|endoftext|> {endoftext}"
     (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": the, "pad_token_id": VOCAB + 5}))
-    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1]}))
-    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1]
+    # A byte-level token that is part of a UTF-8 character decodes alone to U+FFFD, which did not say which it is.
+    lone_byte = tokenizer.token_id("ä")  # the byte 0xE4 in the byte-level alphabet
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [im_end, the + 1, lone_byte]}))
+    assert load_checkpoint(folder)[1].stop_ids == [im_end, endoftext, the + 1, lone_byte]
     word = json.dumps(tokenizer.decode([the + 1]))
     assert capsys.readouterr().err.splitlines() == [
         f"nanoqwen: warning: {folder / 'config.json'}: eos_token_id {the} is \" the\" in its tokenizer, not one of its "
@@ -758,6 +810,9 @@ def test_special_ids_that_are_not_the_tokenizers_are_warned_about(tmp_path, caps
         f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {the + 1} is {word} in its tokenizer, "
         f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does; correct it in that "
         "file unless the model was trained to end its text there",
+        f"nanoqwen: warning: {folder / 'generation_config.json'}: eos_token_id {lone_byte} is byte <0xE4> (token "
+        f"\"ä\") in its tokenizer, not one of its end tokens ({ends}), so generation stops there, as Transformers' "
+        "does; correct it in that file unless the model was trained to end its text there",
     ]
     # A negative id (some exports write "pad_token_id": -1) is said so: decoding it to show it raised OverflowError.
     (folder / "config.json").write_text(json.dumps({**config, "pad_token_id": -1}))

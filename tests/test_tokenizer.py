@@ -286,3 +286,32 @@ def test_a_changed_build_of_the_qwen3_tokenizer_is_not_hidden_by_the_cache(tmp_p
     spec.loader.exec_module(module)
     assert module.qwen3_cache_folder().parent == nanoqwen.tokenizer.qwen3_cache_folder().parent
     assert module.qwen3_cache_folder() != nanoqwen.tokenizer.qwen3_cache_folder()
+
+
+def test_folders_of_other_qwen3_tokenizer_builds_are_pruned_when_nothing_uses_them(tmp_path):
+    # Every upgrade left its ~18 MB folder behind for good. A folder another process holds (this version's readers
+    # lock theirs while they live) or read within STALE_AFTER_DAYS (older versions take no lock) stays.
+    import fcntl
+    import os
+    import time
+
+    own = os.open(nanoqwen.tokenizer._qwen3_cached_folder(), os.O_RDONLY)
+    with pytest.raises(BlockingIOError):  # this process holds its own folder
+        fcntl.flock(own, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.close(own)
+    long_ago = time.time() - (nanoqwen.tokenizer.STALE_AFTER_DAYS + 1) * 86400
+    current, held, recent = (f"qwen3-tokenizer-{digit * 16}" for digit in "012")
+    for name in ("qwen3-tokenizer", "qwen3-tokenizer-2", current, held, recent, "qwen3-tokenizer-mine",
+                 f".{current}.tmp-1-x"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "tokenizer.json").write_text("{}")
+        for path in (tmp_path / name / "tokenizer.json", tmp_path / name)[name == recent:]:  # recent: read now
+            os.utime(path, (long_ago, long_ago))
+    reader = os.open(tmp_path / held, os.O_RDONLY)
+    fcntl.flock(reader, fcntl.LOCK_SH)
+    nanoqwen.tokenizer.prune_stale_qwen3_folders(tmp_path / current)
+    os.close(reader)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        f".{current}.tmp-1-x", current, held, recent,  # a writer's, this build's, held by a reader, read lately
+        "qwen3-tokenizer-mine",  # not a name a build gives
+    ]
