@@ -269,6 +269,22 @@ def on_rank0(work: Callable[[], None]) -> None:
         raise error
 
 
+# gloo's words for a collective whose other end went away: the process there ended (its own error, a kill)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer")
+PEER_GONE_LINE = ("another process of this job ended (its error is above, or torchrun's summary below says how); "
+                  "the others stop with it")
+
+
+def job_error_line(error: BaseException) -> str | None:
+    """What a torchrun process says of `error` (see user_error_line), a collective cut short by another process's end
+    included: one line for the job (say_once), where each of the others printed gloo's traceback. None: a bug."""
+    line = user_error_line(error)
+    if line is None and dist.is_initialized() and isinstance(error, RuntimeError) and \
+            any(words in str(error) for words in PEER_GONE):
+        return PEER_GONE_LINE
+    return line
+
+
 def say_once(line: str, say: Callable[[str], None]) -> None:
     """`say(line)` once for the whole torchrun job, where every process may meet the same error (a bad flag, which
     each one checks; rank 0's line, which on_rank0 raises on all): the first process to report it says it, and

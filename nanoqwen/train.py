@@ -67,13 +67,14 @@ from nanoqwen.distributed import (
     check_host_memory,
     from_rank0,
     init_distributed,
+    job_error_line,
     on_rank0,
     resolve_dtype,
     reuse_freed_memory,
     say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted, decimal_number, user_error_line, whole_number
+from nanoqwen.errors import NanoQwenError, counted, decimal_number, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
 from nanoqwen.io import (
@@ -921,7 +922,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         stopped = train_and_report(args)
     except Exception as e:
-        line = user_error_line(e)
+        line = job_error_line(e)  # another process's end too: one line, not a traceback each
         if line is None or not torch.distributed.is_initialized():  # a bug's traceback; one line from the command line
             raise
         from nanoqwen.cli import say

@@ -2338,3 +2338,44 @@ def test_each_rank_resumes_its_own_cuda_generator(monkeypatch: pytest.MonkeyPatc
     assert cuda_rng_state(torch.device("cpu")) is None
     restore_cuda_rng(saved, torch.device("cpu"))
     assert len(calls) == 2
+
+
+def peer_gone_worker(rank: int, folder: str) -> None:
+    """One of two processes of a gloo job: rank 1 ends after a first collective, as a process that failed does;
+    rank 0's next collective fails, and what it would say of that (and of a bug) goes to folder/0.json."""
+    import errno
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import all_reduce, job_error_line
+
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))  # a rank left waiting fails, where the peer's end is missed
+    all_reduce(1.0)  # both have joined
+    if rank == 1:
+        return  # its sockets close as it exits
+    said: dict[str, str | None] = {"gone": "no error"}
+    try:
+        all_reduce(1.0)
+    except RuntimeError as e:
+        said = {"gone": job_error_line(e), "bug": job_error_line(RuntimeError("a bug")),
+                "full": job_error_line(OSError(errno.ENOSPC, "No space left on device"))}
+    dist.destroy_process_group()
+    Path(folder, "0.json").write_text(json.dumps(said))
+
+
+def test_a_process_that_ends_mid_run_stops_the_others_with_one_line(tmp_path: Path) -> None:
+    # One process of a torchrun job ended (its own error, a bug's traceback, or killed for memory): each of the
+    # others printed a 25-line traceback of gloo's "Connection closed by peer" (or "reset"), out of the collective
+    # it was in, before torchrun's summary. Now they say one line for the job (once: say_once), pointing at those.
+    import torch.multiprocessing as mp
+
+    from nanoqwen.distributed import PEER_GONE_LINE
+
+    mp.start_processes(peer_gone_worker, args=(str(tmp_path),), nprocs=2, start_method="fork")  # no re-import
+    said = json.loads((tmp_path / "0.json").read_text())
+    assert said == {"gone": "another process of this job ended (its error is above, or torchrun's summary below "
+                            "says how); the others stop with it", "bug": None,  # a bug's traceback, as before
+                    "full": "No space left on device; free some space or write elsewhere"}
+    assert said["gone"] == PEER_GONE_LINE
