@@ -144,6 +144,30 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webpage.png"))
+    # A sent message can be edited (there was no way to): Escape cancels, the message as it was; sent again (Enter),
+    # the turns after it are dropped and the reply regenerated, here and in what the model is sent.
+    first = page.locator(".message.user").first
+    first.locator("button.edit").click()
+    editor = first.locator(".editor textarea")
+    expect(editor).to_be_focused()
+    expect(editor).to_have_value("Hello there, who are you?")
+    editor.fill("changed, then cancelled")
+    page.keyboard.press("Escape")
+    expect(first.locator(".editor")).to_have_count(0)
+    expect(first.locator(".content")).to_have_text("Hello there, who are you?")
+    expect(first.locator("button.edit")).to_be_focused()
+    page.keyboard.press("Enter")  # the Edit button, from the keyboard
+    editor.fill("Hi, who are you?")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Hi, who are you?"}]
+    edited = client.chat.completions.create(model="tiny-web", max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": "Hi, who are you?"}]).choices[0].message.content
+    expect(page.locator(".message.user .content")).to_have_text(["Hi, who are you?"])
+    expect(page.locator(".message.assistant .content")).to_have_text([edited])
+    expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    assert page.input_value("#prompt") == "a draft" and page.evaluate("document.activeElement.id") == "prompt"
     page.fill("#max-tokens", "40")
 
     # Completion mode continues raw text.
@@ -594,6 +618,15 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     expect(page.locator(".message .content")).to_have_text(["Before", before])
     expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
     assert page.input_value("#prompt") == "Hello"
+    # So does an edit that fails, its new text still in the editor (to send again, or cancel with Escape).
+    page.click(".message.user button.edit")
+    page.fill(".message.user .editor textarea", "Changed")
+    page.click(".message.user .editor button[type='submit']")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Changed")
+    expect(page.locator(".message.user .editor textarea")).to_be_focused()
+    expect(page.locator(".message .content")).to_have_text(["Before", before])
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .content")).to_be_visible()
     # So does one stopped before its first token (an empty reply took its place), and back after its message:
     # with the other mode's messages after it (a completion here), the new reply had gone to the end.
     page.evaluate("addMessage('completion', 'Completion', ' and on', 'Go')")
