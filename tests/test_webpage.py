@@ -478,7 +478,8 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
         # transcript shrank and jumped to the answer, their place lost.
         page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls
-        thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\nParis."
+        answer = "Paris:\n```py\nif  x:\n\tcity = 1\n```\nSo."
+        thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\n" + answer
 
         def answer_once_scrolled_up(route) -> None:
             page.evaluate("document.getElementById('transcript').scrollTop = 0")
@@ -490,6 +491,16 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         assert page.evaluate("""[document.querySelector('.message.assistant:last-child details.thinking').open,
                                  document.getElementById('transcript').scrollTop]""") == [True, 0]
         assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
+        # The answer is shown as typed, its fenced code in a monospace box; Copy gives the answer alone (selected
+        # on the page, the reply came with "Thinking" and the thinking).
+        last = page.locator(".message.assistant").last
+        expect(last.locator(".answer")).to_have_text(answer)
+        expect(last.locator(".answer .code-block")).to_have_text("```py\nif  x:\n\tcity = 1\n```\n")
+        assert "monospace" in last.locator(".code-block").evaluate("code => getComputedStyle(code).fontFamily")
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        last.locator("button.copy").click()
+        expect(last.locator("button.copy")).to_have_text("Copied")
+        assert page.evaluate("navigator.clipboard.readText()") == answer
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
         # Thinking on, the prompt ends inside the thinking: the reply is thinking from its first token, and a

@@ -345,14 +345,17 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
     content.append(promptText, generated);
   }
   box.append(role, content);
-  if (kind === "user") { // the button to change the message (see startEdit)
-    const edit = Object.assign(document.createElement("button"), {
-      type: "button", className: "ghost edit", textContent: "Edit",
-      title: "Change this message and send it again: the turns after it are dropped and the reply regenerated",
-    });
-    edit.addEventListener("click", () => startEdit(box));
-    box.append(edit);
-  }
+  // On the role line: a message's button to change it (see startEdit), a reply's to copy it (see copyReply).
+  const [name, title, act] = kind === "user"
+    ? ["edit", "Change this message and send it again: the turns after it are dropped and the reply regenerated",
+      () => startEdit(box)]
+    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking)" : "Copy the prompt and its continuation",
+      () => copyReply(box)];
+  const button = Object.assign(document.createElement("button"), {
+    type: "button", className: `ghost ${name}`, textContent: name === "edit" ? "Edit" : "Copy", title,
+  });
+  button.addEventListener("click", act);
+  box.append(button);
   $("transcript").append(box);
   records.set(box, { kind, label, text, prompt, notes: [], inThinking });
   showText(box, text);
@@ -377,11 +380,9 @@ function showText(box, text, reading = false) {
 // </think> included; else (not known) it is shown apart once the </think> arrives. An empty thinking (none
 // yet, a reply stopped before its first token, or "/no_think" in a message) is not shown. Other replies, and completions, are plain text.
 function showReply(out, reply, chat, reading = false, inThinking = false) {
-  const opened = chat && !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>"))
-    ? `<think>${reply}` : reply;
-  const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened) : null;
+  const parts = chat ? thinkingParts(reply, inThinking) : null;
   if (!parts) {
-    out.textContent = reply;
+    out.replaceChildren(...withCodeBlocks(reply));
     return;
   }
   let thinking = out.querySelector("details.thinking");
@@ -404,7 +405,69 @@ function showReply(out, reply, chat, reading = false, inThinking = false) {
     thinking.open = reading;
     thinking.dataset.folded = "true";
   }
-  out.querySelector(".answer").textContent = parts[3].replace(/^\s+/, "");
+  out.querySelector(".answer").replaceChildren(...withCodeBlocks(parts[3].replace(/^\s+/, "")));
+}
+
+// A chat reply's [whole, thinking, "</think>" or "", answer] where it thinks first (see showReply), else null.
+function thinkingParts(reply, inThinking) {
+  const opened = !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>")) ? `<think>${reply}` : reply;
+  return /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened);
+}
+
+// Text as typed, with each fenced block of code (a line of ``` to the next) set in a monospace box, its fences
+// kept: the page's text stays the model's, spaces and all, for a reader who copies it.
+function withCodeBlocks(text) {
+  const nodes = [];
+  let prose = "";
+  let code = null; // the open block's text so far
+  for (const line of text.split(/(?<=\n)/)) { // each line with its newline
+    if (code === null && /^ {0,3}```/.test(line)) {
+      if (prose) nodes.push(document.createTextNode(prose));
+      prose = "";
+      code = line;
+    } else if (code === null) prose += line;
+    else {
+      code += line;
+      if (/^ {0,3}```\s*$/.test(line)) {
+        nodes.push(Object.assign(document.createElement("code"), { className: "code-block", textContent: code }));
+        code = null;
+      }
+    }
+  }
+  if (code !== null) nodes.push(Object.assign(document.createElement("code"), { className: "code-block", textContent: code }));
+  else if (prose) nodes.push(document.createTextNode(prose));
+  return nodes;
+}
+
+// A reply's text to the clipboard: a chat reply's answer (its thinking left out), a completion's prompt and text.
+async function copyReply(box) {
+  const { kind, text, prompt, inThinking } = records.get(box);
+  const parts = kind === "assistant" ? thinkingParts(text, inThinking) : null;
+  const copied = await copyText(kind === "completion" ? prompt + text : parts ? parts[3].replace(/^\s+/, "") : text);
+  const button = box.querySelector("button.copy");
+  button.textContent = copied ? "Copied" : "Copy failed";
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  if (!copied) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
+}
+
+async function copyText(text) { // whether it was copied
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch (_) {
+    // navigator.clipboard is there on https or localhost only: a page served to the network (--host 0.0.0.0)
+    // copies with the older command, from a box made for it (the focus put back after).
+    const focused = document.activeElement;
+    const area = Object.assign(document.createElement("textarea"), { value: text, readOnly: true });
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand("copy");
+    area.remove();
+    focused?.focus();
+    return copied;
+  }
 }
 
 function scrollDown() {
