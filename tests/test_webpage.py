@@ -105,6 +105,9 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.text_content("#temperature-value") == "0.70"
     params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
+    # The context says its unit ("context 1,024" left a newcomer to guess), and what it holds in its tooltip.
+    assert page.text_content("#model-context") == "context 1,024 tokens"
+    assert page.get_attribute("#model-context", "title").startswith("The most tokens the model reads at once")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "40")
     send_and_wait(page, "Hello there, who are you?")
@@ -870,6 +873,10 @@ def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     assert page.text_content("#stats").startswith("1 token · first token ")  # not "1 tokens"
     transcript = page.locator("#transcript").bounding_box()
     assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
+    # The message box takes the width, its buttons below it (beside them it was 138 pixels wide, and as tall as its
+    # placeholder wrapped in that width: 5 lines).
+    prompt = page.locator("#prompt").bounding_box()
+    assert prompt["width"] >= transcript["width"] - 30 and prompt["height"] < 60
     assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways
     sizes = page.eval_on_selector_all("textarea, input[type='number']", "boxes => boxes.map((box) => "
                                       "parseFloat(getComputedStyle(box).fontSize))")
@@ -970,6 +977,14 @@ def test_the_message_box_shows_when_it_has_focus(page) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     assert page.evaluate(border) == accent
+    # A long prompt grows the box (it stayed three lines high, the text scrolling out of sight in it), up to a
+    # third of the screen's 800 pixels.
+    height = "document.getElementById('prompt').getBoundingClientRect().height"
+    empty = page.evaluate(height)
+    page.fill("#prompt", "line one\nline two\nline three\nline four\nline five")
+    assert page.evaluate(height) > empty + 30
+    page.fill("#prompt", "a line\n" * 60)
+    assert page.evaluate(height) == pytest.approx(800 * 0.33, abs=1)
 
 
 def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:

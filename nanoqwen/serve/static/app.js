@@ -81,7 +81,11 @@ async function loadModel(signal) {
       $("model-size").hidden = false;
     }
     if (card.context_length) {
-      $("model-context").textContent = `context ${card.context_length.toLocaleString()}`;
+      // "context 1,024" alone left a newcomer to guess its unit, and what it holds (the unit gives way on a phone).
+      const unit = Object.assign(document.createElement("span"), { className: "unit", textContent: " tokens" });
+      $("model-context").replaceChildren(`context ${card.context_length.toLocaleString()}`, unit);
+      $("model-context").title = "The most tokens the model reads at once: the conversation (or the prompt) "
+        + "and the reply together";
       $("model-context").hidden = false;
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
