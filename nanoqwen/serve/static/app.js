@@ -422,6 +422,8 @@ function thinkingParts(reply, inThinking) {
 // kept: the page's text stays the model's, spaces and all, for a reader who copies it.
 function withCodeBlocks(text) {
   const nodes = [];
+  const codeBlock = (code) => Object.assign(document.createElement("code"),
+    { className: "code-block", textContent: code });
   let prose = "";
   let code = null; // the open block's text so far
   for (const line of text.split(/(?<=\n)/)) { // each line with its newline
@@ -433,12 +435,12 @@ function withCodeBlocks(text) {
     else {
       code += line;
       if (/^ {0,3}```\s*$/.test(line)) {
-        nodes.push(Object.assign(document.createElement("code"), { className: "code-block", textContent: code }));
+        nodes.push(codeBlock(code));
         code = null;
       }
     }
   }
-  if (code !== null) nodes.push(Object.assign(document.createElement("code"), { className: "code-block", textContent: code }));
+  if (code !== null) nodes.push(codeBlock(code)); // still streaming, or never closed
   else if (prose) nodes.push(document.createTextNode(prose));
   return nodes;
 }
