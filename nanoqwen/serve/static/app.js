@@ -427,7 +427,7 @@ function withCodeBlocks(text) {
   let prose = "";
   let code = null; // the open block's text so far
   for (const line of text.split(/(?<=\n)/)) { // each line with its newline
-    if (code === null && /^ {0,3}```/.test(line)) {
+    if (code === null && /^ {0,3}```[^`]*$/.test(line)) { // (a line "```x```" is inline code, as Markdown reads it)
       if (prose) nodes.push(document.createTextNode(prose));
       prose = "";
       code = line;
