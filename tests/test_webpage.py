@@ -161,6 +161,7 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     expect(first.locator("button.edit")).to_be_focused()
     page.keyboard.press("Enter")  # the Edit button, from the keyboard
     editor.fill("Hi, who are you?")
+    page.screenshot(path=str(ARTIFACTS / "webpage-editing.png"))
     with page.expect_request("**/v1/chat/completions") as sent:
         page.keyboard.press("Enter")
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
