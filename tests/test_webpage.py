@@ -654,6 +654,18 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     assert page.evaluate(kinds) == ["user", "assistant", "completion"]
     expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
     expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    # An edit stopped (Escape) before its first token: the message and its reply as they were, the editor open again
+    # with the new text; Escape again, with nothing streaming, cancels it.
+    page.click(".message.user button.edit")
+    page.keyboard.type(" and more")
+    page.keyboard.press("Enter")
+    expect(page.locator("#stop")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Before and more")
+    expect(page.locator(".message.user .editor textarea")).to_be_focused()
+    expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .editor")).to_have_count(0)
     page.unroute("**/v1/chat/completions")
     page.evaluate("document.querySelector('.message.completion').remove()")
     send_and_wait(page, "Hello")
