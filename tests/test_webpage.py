@@ -105,6 +105,9 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.text_content("#temperature-value") == "0.70"
     params = httpx.get(f"{url}/v1/models").json()["data"][0]["parameters"]
     assert page.get_attribute("#model-size", "title").replace(",", "") == f"{params} parameters"
+    # The context says its unit ("context 1,024" left a newcomer to guess), and what it holds in its tooltip.
+    assert page.text_content("#model-context") == "context 1,024 tokens"
+    assert page.get_attribute("#model-context", "title").startswith("The most tokens the model reads at once")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "40")
     send_and_wait(page, "Hello there, who are you?")
@@ -144,6 +147,31 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "webpage.png"))
+    # A sent message can be edited (there was no way to): Escape cancels, the message as it was; sent again (Enter),
+    # the turns after it are dropped and the reply regenerated, here and in what the model is sent.
+    first = page.locator(".message.user").first
+    first.locator("button.edit").click()
+    editor = first.locator(".editor textarea")
+    expect(editor).to_be_focused()
+    expect(editor).to_have_value("Hello there, who are you?")
+    editor.fill("changed, then cancelled")
+    page.keyboard.press("Escape")
+    expect(first.locator(".editor")).to_have_count(0)
+    expect(first.locator(".content")).to_have_text("Hello there, who are you?")
+    expect(first.locator("button.edit")).to_be_focused()
+    page.keyboard.press("Enter")  # the Edit button, from the keyboard
+    editor.fill("Hi, who are you?")
+    page.screenshot(path=str(ARTIFACTS / "webpage-editing.png"))
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Hi, who are you?"}]
+    edited = client.chat.completions.create(model="tiny-web", max_tokens=12, temperature=0, messages=[
+        {"role": "user", "content": "Hi, who are you?"}]).choices[0].message.content
+    expect(page.locator(".message.user .content")).to_have_text(["Hi, who are you?"])
+    expect(page.locator(".message.assistant .content")).to_have_text([edited])
+    expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    assert page.input_value("#prompt") == "a draft" and page.evaluate("document.activeElement.id") == "prompt"
     page.fill("#max-tokens", "40")
 
     # Completion mode continues raw text.
@@ -454,7 +482,8 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
         # transcript shrank and jumped to the answer, their place lost.
         page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls
-        thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\nParis."
+        answer = "Paris:\n```py\nif  x:\n\tcity = 1\n```\n```x``` is inline code, no block."
+        thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\n" + answer
 
         def answer_once_scrolled_up(route) -> None:
             page.evaluate("document.getElementById('transcript').scrollTop = 0")
@@ -466,6 +495,15 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         assert page.evaluate("""[document.querySelector('.message.assistant:last-child details.thinking').open,
                                  document.getElementById('transcript').scrollTop]""") == [True, 0]
         assert shown["plain"] == "&lt;think&gt;x&lt;/think&gt;y"
+        # The answer is shown as typed, its fenced code in a monospace box; Copy gives the answer alone (selected
+        # on the page, the reply came with "Thinking" and the thinking).
+        last = page.locator(".message.assistant").last
+        expect(last.locator(".answer")).to_have_text(answer)
+        expect(last.locator(".answer .code-block")).to_have_text(["```py\nif  x:\n\tcity = 1\n```\n"])
+        assert "monospace" in last.locator(".code-block").evaluate("code => getComputedStyle(code).fontFamily")
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+        last.locator("button.copy").click()
+        page.wait_for_function("async (answer) => await navigator.clipboard.readText() === answer", arg=answer)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
         # Thinking on, the prompt ends inside the thinking: the reply is thinking from its first token, and a
@@ -594,6 +632,15 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     expect(page.locator(".message .content")).to_have_text(["Before", before])
     expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
     assert page.input_value("#prompt") == "Hello"
+    # So does an edit that fails, its new text still in the editor (to send again, or cancel with Escape).
+    page.click(".message.user button.edit")
+    page.fill(".message.user .editor textarea", "Changed")
+    page.click(".message.user .editor button[type='submit']")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Changed")
+    expect(page.locator(".message.user .editor textarea")).to_be_focused()
+    expect(page.locator(".message .content")).to_have_text(["Before", before])
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .content")).to_be_visible()
     # So does one stopped before its first token (an empty reply took its place), and back after its message:
     # with the other mode's messages after it (a completion here), the new reply had gone to the end.
     page.evaluate("addMessage('completion', 'Completion', ' and on', 'Go')")
@@ -607,6 +654,18 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     assert page.evaluate(kinds) == ["user", "assistant", "completion"]
     expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
     expect(page.locator(".message.assistant button.regenerate")).to_be_visible()
+    # An edit stopped (Escape) before its first token: the message and its reply as they were, the editor open again
+    # with the new text; Escape again, with nothing streaming, cancels it.
+    page.click(".message.user button.edit")
+    page.keyboard.type(" and more")
+    page.keyboard.press("Enter")
+    expect(page.locator("#stop")).to_be_focused()
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Before and more")
+    expect(page.locator(".message.user .editor textarea")).to_be_focused()
+    expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .editor")).to_have_count(0)
     page.unroute("**/v1/chat/completions")
     page.evaluate("document.querySelector('.message.completion').remove()")
     send_and_wait(page, "Hello")
@@ -826,6 +885,10 @@ def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     assert page.text_content("#stats").startswith("1 token · first token ")  # not "1 tokens"
     transcript = page.locator("#transcript").bounding_box()
     assert transcript["height"] >= 375 / 3 and page.locator(".message.assistant").is_visible()
+    # The message box takes the width, its buttons below it (beside them it was 138 pixels wide, and as tall as its
+    # placeholder wrapped in that width: 5 lines).
+    prompt = page.locator("#prompt").bounding_box()
+    assert prompt["width"] >= transcript["width"] - 30 and prompt["height"] < 60
     assert page.evaluate("document.documentElement.scrollWidth") <= 667  # nothing sticks out sideways
     sizes = page.eval_on_selector_all("textarea, input[type='number']", "boxes => boxes.map((box) => "
                                       "parseFloat(getComputedStyle(box).fontSize))")
@@ -926,6 +989,14 @@ def test_the_message_box_shows_when_it_has_focus(page) -> None:
     page.keyboard.press("Tab")
     assert page.evaluate("document.activeElement.id") == "prompt"
     assert page.evaluate(border) == accent
+    # A long prompt grows the box (it stayed three lines high, the text scrolling out of sight in it), up to a
+    # third of the screen's 800 pixels.
+    height = "document.getElementById('prompt').getBoundingClientRect().height"
+    empty = page.evaluate(height)
+    page.fill("#prompt", "line one\nline two\nline three\nline four\nline five")
+    assert page.evaluate(height) > empty + 30
+    page.fill("#prompt", "a line\n" * 60)
+    assert page.evaluate(height) == pytest.approx(800 * 0.33, abs=1)
 
 
 def test_sending_with_the_send_button_leaves_focus_on_stop(page) -> None:

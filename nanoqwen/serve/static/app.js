@@ -16,6 +16,8 @@ const CONVERSATION_STORAGE = "nanoqwen-conversation";
 // go first. Tests set window.nanoqwenSavedChars before the page loads, to make it small.
 const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
 const PAGE_TITLE = document.title;
+// A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
+const touchScreen = matchMedia("(pointer: coarse)").matches;
 
 const state = {
   model: null, // id from /v1/models
@@ -25,6 +27,7 @@ const state = {
   samplingDefaults: null, // the model's recommended sampling (the controls start there), for Reset settings
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
   thinkTags: null, // {model, open, close}: the ids of <think> and </think> for that model (see thinkTags)
+  editing: null, // {box, form, sendButton}: the sent message being edited, and its editor
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -78,7 +81,11 @@ async function loadModel(signal) {
       $("model-size").hidden = false;
     }
     if (card.context_length) {
-      $("model-context").textContent = `context ${card.context_length.toLocaleString()}`;
+      // "context 1,024" alone left a newcomer to guess its unit, and what it holds (the unit gives way on a phone).
+      const unit = Object.assign(document.createElement("span"), { className: "unit", textContent: " tokens" });
+      $("model-context").replaceChildren(`context ${card.context_length.toLocaleString()}`, unit);
+      $("model-context").title = "The most tokens the model reads at once: the conversation (or the prompt) "
+        + "and the reply together";
       $("model-context").hidden = false;
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
@@ -342,6 +349,17 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
     content.append(promptText, generated);
   }
   box.append(role, content);
+  // On the role line: a message's button to change it (see startEdit), a reply's to copy it (see copyReply).
+  const [name, title, act] = kind === "user"
+    ? ["edit", "Change this message and send it again: the turns after it are dropped and the reply regenerated",
+      () => startEdit(box)]
+    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking)" : "Copy the prompt and its continuation",
+      () => copyReply(box)];
+  const button = Object.assign(document.createElement("button"), {
+    type: "button", className: `ghost ${name}`, textContent: name === "edit" ? "Edit" : "Copy", title,
+  });
+  button.addEventListener("click", act);
+  box.append(button);
   $("transcript").append(box);
   records.set(box, { kind, label, text, prompt, notes: [], inThinking });
   showText(box, text);
@@ -366,11 +384,9 @@ function showText(box, text, reading = false) {
 // </think> included; else (not known) it is shown apart once the </think> arrives. An empty thinking (none
 // yet, a reply stopped before its first token, or "/no_think" in a message) is not shown. Other replies, and completions, are plain text.
 function showReply(out, reply, chat, reading = false, inThinking = false) {
-  const opened = chat && !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>"))
-    ? `<think>${reply}` : reply;
-  const parts = chat ? /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened) : null;
+  const parts = chat ? thinkingParts(reply, inThinking) : null;
   if (!parts) {
-    out.textContent = reply;
+    out.replaceChildren(...withCodeBlocks(reply));
     return;
   }
   let thinking = out.querySelector("details.thinking");
@@ -393,7 +409,71 @@ function showReply(out, reply, chat, reading = false, inThinking = false) {
     thinking.open = reading;
     thinking.dataset.folded = "true";
   }
-  out.querySelector(".answer").textContent = parts[3].replace(/^\s+/, "");
+  out.querySelector(".answer").replaceChildren(...withCodeBlocks(parts[3].replace(/^\s+/, "")));
+}
+
+// A chat reply's [whole, thinking, "</think>" or "", answer] where it thinks first (see showReply), else null.
+function thinkingParts(reply, inThinking) {
+  const opened = !/^\s*<think>/.test(reply) && (inThinking || reply.includes("</think>")) ? `<think>${reply}` : reply;
+  return /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened);
+}
+
+// Text as typed, with each fenced block of code (a line of ``` to the next) set in a monospace box, its fences
+// kept: the page's text stays the model's, spaces and all, for a reader who copies it.
+function withCodeBlocks(text) {
+  const nodes = [];
+  const codeBlock = (code) => Object.assign(document.createElement("code"),
+    { className: "code-block", textContent: code });
+  let prose = "";
+  let code = null; // the open block's text so far
+  for (const line of text.split(/(?<=\n)/)) { // each line with its newline
+    if (code === null && /^ {0,3}```[^`]*$/.test(line)) { // (a line "```x```" is inline code, as Markdown reads it)
+      if (prose) nodes.push(document.createTextNode(prose));
+      prose = "";
+      code = line;
+    } else if (code === null) prose += line;
+    else {
+      code += line;
+      if (/^ {0,3}```\s*$/.test(line)) {
+        nodes.push(codeBlock(code));
+        code = null;
+      }
+    }
+  }
+  if (code !== null) nodes.push(codeBlock(code)); // still streaming, or never closed
+  else if (prose) nodes.push(document.createTextNode(prose));
+  return nodes;
+}
+
+// A reply's text to the clipboard: a chat reply's answer (its thinking left out), a completion's prompt and text.
+async function copyReply(box) {
+  const { kind, text, prompt, inThinking } = records.get(box);
+  const parts = kind === "assistant" ? thinkingParts(text, inThinking) : null;
+  const copied = await copyText(kind === "completion" ? prompt + text : parts ? parts[3].replace(/^\s+/, "") : text);
+  const button = box.querySelector("button.copy");
+  button.textContent = copied ? "Copied" : "Copy failed";
+  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  if (!copied) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
+}
+
+async function copyText(text) { // whether it was copied
+  try {
+    await navigator.clipboard.writeText(text);
+    return true;
+  } catch (_) {
+    // navigator.clipboard is there on https or localhost only: a page served to the network (--host 0.0.0.0)
+    // copies with the older command, from a box made for it (the focus put back after).
+    const focused = document.activeElement;
+    const area = Object.assign(document.createElement("textarea"), { value: text, readOnly: true });
+    area.style.position = "fixed";
+    area.style.opacity = "0";
+    document.body.append(area);
+    area.select();
+    const copied = document.execCommand("copy");
+    area.remove();
+    focused?.focus();
+    return copied;
+  }
 }
 
 function scrollDown() {
@@ -471,6 +551,7 @@ function setBusy(busy) {
   document.body.dataset.busy = String(busy);
   $("transcript").setAttribute("aria-busy", String(busy)); // screen readers read a reply once it is whole
   $("send").disabled = busy;
+  if (state.editing) state.editing.sendButton.disabled = busy;
   $("stop").disabled = !busy;
   $("clear").disabled = busy;
   for (const radio of document.querySelectorAll('input[name="mode"]')) radio.disabled = busy;
@@ -555,10 +636,11 @@ async function fitHistory(lead, text, body) {
   return { dropped, prompt: fit?.tokens ?? null };
 }
 
-// Sends the message in the box; or, `again` (the last turn's two history entries: see regenerate), that turn's
-// message again, for a new reply in place of its own.
+// Sends the message in the box; or, `again` ({from, text, edited}: see regenerate and sendEdit), `text` in place of
+// the history's message at `from`, for a new reply in place of its own: the turns after it are dropped. An edit
+// that comes to nothing (failed, or stopped before the first token) is open again, to send again or cancel.
 async function send(again = null) {
-  const text = again ? again[0].content : $("prompt").value;
+  const text = again ? again.text : $("prompt").value;
   if (state.controller) return;
   if (mode() === "chat" && !text.trim()) return;
   let sampling;
@@ -571,17 +653,18 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
-  if (again) { // the reply goes (the message stays where it is), once nothing stops the send
-    state.history.splice(-2);
-    again[1].box.remove();
-  }
+  // The message and what follows it leave the history, once nothing stops the send; the message stays where it
+  // is (with the new text) and the turns after it are hidden, to come back if the send ends with no text.
+  const replaced = again ? state.history.splice(again.from) : [];
+  for (const { box: later } of replaced.slice(1)) later.hidden = true;
+  if (again) showText(replaced[0].box, text);
   let path, body, box;
   const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
     const system = $("system").value.trim();
     const lead = system ? [{ role: "system", content: system }] : [];
-    const userBox = again ? again[0].box : addMessage("user", "You", text);
+    const userBox = again ? replaced[0].box : addMessage("user", "You", text);
     box = addMessage("assistant", state.model || "model");
     if (again) userBox.after(box); // in its old reply's place, not after the other mode's messages
     turn.push(...(again ? [] : [userBox]), box);
@@ -611,13 +694,14 @@ async function send(again = null) {
   scrollDown();
 
   let restored = false;
-  // A regenerate that ends with no text (failed, or stopped before its first token): the reply it was to
-  // replace comes back, after its message, in the history too.
+  // A regenerate or an edit that ends with no text (failed, or stopped before its first token): the message as
+  // it was and the turns after it come back, in the history too.
   const restore = () => {
     state.history.pop(); // the message, pushed again with this send
     box.remove();
-    again[0].box.after(again[1].box);
-    state.history.push(...again);
+    showText(replaced[0].box, replaced[0].content);
+    for (const { box: later } of replaced) later.hidden = false;
+    state.history.push(...replaced);
     restored = true;
   };
 
@@ -719,6 +803,7 @@ async function send(again = null) {
     }
     if (chat && !restored && (reply || !failed)) { // a turn that happened (finished, stopped or cut) keeps its reply
       state.history.push({ role: "assistant", content: reply, box });
+      for (const { box: later } of replaced.slice(1)) later.remove(); // the turns it replaced
     }
     box.querySelector(".content").classList.remove("streaming");
     state.controller = null;
@@ -732,8 +817,10 @@ async function send(again = null) {
     // nowhere, but stays where the user (or a refused key) put it meanwhile: the rest of what was typed in the
     // system prompt, say, went into the message box. Text picked out meanwhile (to copy) stays picked out.
     const focused = document.activeElement;
-    if ([$("stop"), $("send")].includes(focused)
-        || ([document.body, null].includes(focused) && getSelection().isCollapsed)) $("prompt").focus();
+    const refocus = [$("stop"), $("send")].includes(focused)
+        || ([document.body, null].includes(focused) && getSelection().isCollapsed);
+    if (restored && again.edited) startEdit(replaced[0].box, text, refocus);
+    else if (refocus) $("prompt").focus();
   }
 }
 
@@ -744,8 +831,75 @@ function stop() {
 // The last reply again: it leaves the transcript and the history, and its message is sent again, with the
 // settings as they are now.
 function regenerate() {
-  const last = state.history.slice(-2);
-  if (mode() === "chat" && last.length === 2 && last[0].role === "user" && last[1].role === "assistant") send(last);
+  const from = state.history.length - 2;
+  const last = state.history.slice(from);
+  if (mode() === "chat" && last.length === 2 && last[0].role === "user" && last[1].role === "assistant") {
+    send({ from, text: last[0].content });
+  }
+}
+
+// A sent message, edited in place: its text (or `draft`) in a box with Send and Cancel (Escape) in place of the
+// message. Sent, the turns after it are dropped and the reply regenerated (see send); cancelled, the message is as
+// it was. One at a time.
+function startEdit(box, draft = records.get(box).text, focus = true) {
+  if (state.controller) return;
+  cancelEdit();
+  const form = Object.assign(document.createElement("form"), { className: "editor" });
+  const text = Object.assign(document.createElement("textarea"), { value: draft, rows: 1 });
+  text.setAttribute("aria-label", "Edit message");
+  const sendButton = Object.assign(document.createElement("button"), {
+    type: "submit", className: "primary", textContent: "Send",
+  });
+  const cancel = Object.assign(document.createElement("button"), {
+    type: "button", className: "ghost", textContent: "Cancel", title: "Keep the message as it was (Escape)",
+  });
+  const actions = Object.assign(document.createElement("div"), { className: "actions" });
+  actions.append(sendButton, cancel);
+  form.append(text, actions);
+  box.querySelector(".content").after(form);
+  box.classList.add("editing");
+  state.editing = { box, form, sendButton };
+  form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
+  cancel.addEventListener("click", () => cancelEdit(true));
+  text.addEventListener("keydown", (e) => {
+    if (e.isComposing) return;
+    if (e.key === "Enter" && !e.shiftKey && !touchScreen) { e.preventDefault(); sendEdit(); }
+    // Escape stops a reply streaming first (see init); with none, it cancels the edit.
+    if (e.key === "Escape" && !state.controller) { e.preventDefault(); cancelEdit(true); }
+  });
+  if (focus) {
+    text.focus();
+    text.setSelectionRange(text.value.length, text.value.length);
+  }
+}
+
+// Closes the editor, the message as it was; `refocus`: the focus goes back to the message's Edit button.
+function cancelEdit(refocus = false) {
+  const editing = state.editing;
+  if (!editing) return;
+  state.editing = null;
+  editing.form.remove();
+  editing.box.classList.remove("editing");
+  if (refocus) editing.box.querySelector("button.edit").focus();
+}
+
+function sendEdit() {
+  const { box, form } = state.editing;
+  const text = form.querySelector("textarea").value;
+  const from = state.history.findIndex((message) => message.box === box);
+  if (from < 0) { // dropped to fit the context since the edit began: the model no longer sees it to replace
+    cancelEdit();
+    if (!$("prompt").value) $("prompt").value = text;
+    showStatus("That message was dropped to fit the model's context: send the new text as a new message", true);
+    return;
+  }
+  const hadFocus = form.contains(document.activeElement);
+  send({ from, text, edited: true });
+  // The send has started (it sets its controller at once), unless a setting or an empty text stopped it: then the
+  // editor stays, to correct and send again.
+  if (!state.controller) return;
+  cancelEdit();
+  if (hadFocus) $("stop").focus(); // the button that acts now, as after Send (the editor's focus went with it)
 }
 
 // The last reply of the chat gets the one Regenerate button (hidden while a reply streams), while the model
@@ -763,7 +917,10 @@ function showRegenerate() {
 }
 
 function clearAll() { // the transcript of the mode shown, here and as saved
-  if (mode() === "chat") state.history = [];
+  if (mode() === "chat") {
+    state.history = [];
+    cancelEdit();
+  }
   for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
   showRegenerate();
   saveConversation();
@@ -805,11 +962,9 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
-  // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
-  const touch = matchMedia("(pointer: coarse)").matches;
-  if (touch) $("prompt").placeholder = "Type here";
+  if (touchScreen) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
-    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touch) { e.preventDefault(); send(); }
+    if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touchScreen) { e.preventDefault(); send(); }
   });
   $("stop").addEventListener("click", stop);
   // Escape stops a reply as Stop does, wherever the focus is (on Stop after Send, in a setting, nowhere).
