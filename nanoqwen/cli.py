@@ -123,8 +123,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def interrupted(prog: str) -> int:
-    """Ctrl-C: said in one line, with the shell's exit status for it."""
-    say(f"{prog}: interrupted")
+    """Ctrl-C: said in one line, with the shell's exit status for it (under torchrun, where every process gets
+    it, by the process that says the job's errors for its machine)."""
+    if says_errors(prog=prog):
+        say(f"{prog}: interrupted")
     return 130
 
 

@@ -332,6 +332,12 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr("nanoqwen.gguf.add_arguments", interrupted)
     assert main(["gguf", "--model", "ck"]) == 130
     assert capsys.readouterr().err == "nanoqwen gguf: interrupted\n"
+    # Under torchrun every process of the job gets the Ctrl-C: the machine's first one says it, as it says errors
+    monkeypatch.setattr("nanoqwen.train.add_arguments", interrupted)
+    for local_rank, said in (("1", ""), ("0", "nanoqwen train: interrupted\n")):
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        assert main(["train"]) == 130
+        assert capsys.readouterr().err == said
 
 
 def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str]) -> None:
