@@ -681,6 +681,17 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A new run's command line with --resume added: the refusal names what to leave out, not all seven such flags.
+    for flags, names in [(["--config", str(preset)], "which --config cannot change; leave it out"),
+                         (["--dataset", "texts/", "--set", "num_hidden_layers=4"],
+                          "which --set and --dataset cannot change; leave them out")]:
+        assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2
+        assert capsys.readouterr().err.strip() == ("nanoqwen train: error: --resume continues a run with its own model "
+                                                   f"and data, {names} (--data may say where its data folder is now)")
+
+
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
