@@ -307,8 +307,9 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
     given = {name for name in before.__dataclass_fields__
              if getattr(args, name, None) is not None or getattr(cfg, name) != getattr(before, name)}
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
-    # nor what reports on it.
-    unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
+    # nor what reports on it or saves it: samples draw from a generator of their own, saves draw nothing.
+    unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project",
+                 "sample_interval", "sample_tokens", "sample_prompt", "save_interval", "best_dtype")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
     # The autocast dtype is a flag, not a setting, but it changes the numbers as much: --dtype given now, or the

@@ -1348,9 +1348,11 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
-    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run is no
-    # change of it.
-    assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard") == 0
+    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run, or
+    # samples or saves it, is no change of it (the losses stay those of a run that never stopped).
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard",
+                            "--sample-interval", "5", "--sample-tokens", "4", "--sample-prompt", "the",
+                            "--save-interval", "5", "--best-dtype", "bfloat16") == 0
     assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
     # No more steps to take: one line, and the saved settings are not rewritten with the smaller number.
