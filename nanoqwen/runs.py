@@ -266,16 +266,23 @@ class Changes(NamedTuple):
     """The settings last/ was trained with."""
 
 
+# The flags that make a run's model and data, which a resume takes from the run folder (args' names).
+RUN_FIXED_FLAGS = ("set", "preset", "config", "init_from", "dataset", "tokenizer", "text_column")
+
+
 def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, str, Path, Path, Changes]:
     """Settings (saved, then the flags given now), preset name, data folder and run folder of a run to resume,
     and how they differ from those last/ was trained with."""
     out = Path(args.resume or args.out or "")
     if not (args.resume or args.out):  # not Path("."): a run in the current folder resumes as the report says
         raise NanoQwenError("--resume needs the run folder: --resume runs/NAME")
-    if args.set or args.preset or args.config or args.init_from or args.dataset or args.tokenizer or args.text_column:
-        raise NanoQwenError("--resume continues a run with its own model and data; --set, --preset, --config, "
-                            "--init-from, --dataset, --tokenizer and --text-column cannot change them (--data "
-                            "may say where its data folder is now)")
+    # Named as given: a new run's command line with --resume added repeats some of them, not all seven.
+    fixed = [f"--{name.replace('_', '-')}" for name in RUN_FIXED_FLAGS if getattr(args, name)]
+    if fixed:
+        names = ", ".join(fixed[:-1]) + f" and {fixed[-1]}" if len(fixed) > 1 else fixed[0]
+        raise NanoQwenError(f"--resume continues a run with its own model and data, which {names} cannot change; "
+                            f"leave {'them' if len(fixed) > 1 else 'it'} out (--data may say where its data folder "
+                            "is now)")
     if args.resume and args.out and Path(args.out).resolve() != Path(args.resume).resolve():
         raise NanoQwenError(f"--resume {args.resume} continues that run in its own folder; drop --out (to train "
                             f"into {args.out} from its weights instead: --init-from {Path(args.resume) / 'last'})")
@@ -300,8 +307,9 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
     given = {name for name in before.__dataclass_fields__
              if getattr(args, name, None) is not None or getattr(cfg, name) != getattr(before, name)}
     # The length is not a change of the run, nor is the micro-batch (memory only: the same losses, to rounding),
-    # nor what reports on it.
-    unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project")
+    # nor what reports on it or saves it: samples draw from a generator of their own, saves draw nothing.
+    unchanged = ("max_steps", "max_minutes", "micro_batch", "log_interval", "tensorboard", "wandb", "wandb_project",
+                 "sample_interval", "sample_tokens", "sample_prompt", "save_interval", "best_dtype")
     changed = [f"{name} {getattr(before, name)} -> {getattr(cfg, name)}" for name in before.__dataclass_fields__
                if name not in unchanged and getattr(cfg, name) != getattr(before, name)]
     # The autocast dtype is a flag, not a setting, but it changes the numbers as much: --dtype given now, or the

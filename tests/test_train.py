@@ -681,6 +681,17 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_path: Path,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # A new run's command line with --resume added: the refusal names what to leave out, not all seven such flags.
+    for flags, names in [(["--config", str(preset)], "which --config cannot change; leave it out"),
+                         (["--dataset", "texts/", "--set", "num_hidden_layers=4"],
+                          "which --set and --dataset cannot change; leave them out")]:
+        assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2
+        assert capsys.readouterr().err.strip() == ("nanoqwen train: error: --resume continues a run with its own model "
+                                                   f"and data, {names} (--data may say where its data folder is now)")
+
+
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # The refusal of a --seq-len past the context says "or --set max_position_embeddings=N"; doing so was
@@ -1337,9 +1348,11 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
     saved = json.loads((out / "config.json").read_text())
     assert saved["train"]["batch_size"] == 4 and saved["train"]["lr"] == 0
     assert saved["command"] and len(saved["resumed_with"]) == 1  # the first command is kept
-    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run is no
-    # change of it.
-    assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard") == 0
+    # No --lr: the saved 0 holds (and the saved dtype, which last/ was trained in). What reports on the run, or
+    # samples or saves it, is no change of it (the losses stay those of a run that never stopped).
+    assert train_in_process("--resume", str(out), "--max-steps", "6", "--log-interval", "5", "--tensorboard",
+                            "--sample-interval", "5", "--sample-tokens", "4", "--sample-prompt", "the",
+                            "--save-interval", "5", "--best-dtype", "bfloat16") == 0
     assert f"resuming {out} with" not in capsys.readouterr().out  # nothing changed now
     assert [r["lr"] for r in read_metrics(out)][4:] == [0, 0]
     # No more steps to take: one line, and the saved settings are not rewritten with the smaller number.
