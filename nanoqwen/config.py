@@ -609,8 +609,9 @@ class TrainConfig:
                                 "to --min-lr, so give a smaller --min-lr (default: --lr / 10)")
         if self.warmup < 0:
             raise NanoQwenError("--warmup must not be negative")
-        if self.sample_interval < 0 or self.early_stopping_patience < 0:
-            raise NanoQwenError("--sample-interval and --early-stopping-patience must not be negative (0: off)")
+        for name in ("sample_interval", "early_stopping_patience"):
+            if (value := getattr(self, name)) < 0:
+                raise NanoQwenError(f"--{name.replace('_', '-')} must not be negative (0: off), got {value}")
         if not 0 <= self.seed < SEED_LIMIT:
             raise NanoQwenError(f"--seed must be {SEED_RANGE}, got {self.seed}")
         if self.max_minutes is not None and not 0 < self.max_minutes < math.inf:

@@ -846,7 +846,8 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
                       f"takes: the learning rate decays from here to the last step, {fitted}")
         run.decay_compressed = True
     if step + 1 == wsd_decay_start(fitted, run.warmup):
-        display.print(f"step {step}: the learning rate decays from here to the last step, {fitted}")
+        # (the next step still runs at the peak rate: the metrics' step after it is the first decayed one)
+        display.print(f"step {step}: the learning rate decays from step {step + 2} to the last step, {fitted}")
 
 
 def fit_resumed_schedule(run: Run, display: Display) -> None:

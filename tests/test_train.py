@@ -853,10 +853,19 @@ class FittedRun(SimpleNamespace):
 
     def fit(self, step_s: float, remaining_s: float, recent_step_s: float | None = None) -> None:
         fit_schedule(self, step_s, recent_step_s or step_s, remaining_s,  # type: ignore[arg-type]
-                     Display(False, self.state.step, self.total_steps, 1))
+                     Display(True, self.state.step, self.total_steps, 1))  # its lines to stdout
 
     def rate(self, step: int) -> float:
         return lr_at(step, max_lr=1.0, min_lr=0.1, warmup=self.warmup, total=self.total_steps, schedule="wsd")
+
+
+def test_the_step_the_decay_starts_at_is_said_as_the_metrics_number_it(capsys: pytest.CaptureFixture[str]) -> None:
+    # After step 7 of 10 the fit leaves the decay to the last two steps: step 8 still runs at the peak rate (lr_at of
+    # 0-based 7), step 9 is the first decayed one. The line said "step 7: ... decays from here", a step early.
+    run = FittedRun(step=7, warmup=2)
+    run.fit(step_s=1.0, remaining_s=3.3)
+    assert run.total_steps == 10 and [run.rate(step) for step in (7, 8)] == pytest.approx([1.0, 0.55])
+    assert "step 7: the learning rate decays from step 9 to the last step, 10" in capsys.readouterr().out
 
 
 def test_a_fitted_length_too_short_for_the_warmup_cuts_it_and_still_decays() -> None:
