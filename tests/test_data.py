@@ -1036,6 +1036,10 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
     with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
                                                       "ended before the end-of-frame marker was reached); decompress")):
         list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
+    # (cut in its checksum, after the last byte of text: the stream reader's end is checked by the frames' headers)
+    (tmp_path / "cut.txt.zst").write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(b"text")[:-2])
+    with pytest.raises(NanoQwenError, match=re.escape("damaged .zst data (Compressed file ended before")):
+        list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
     # A folder prepared while its .zst files were not read (zstandard not installed) says so, not "other inputs".
     out = tmp_path / "data"
     command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
@@ -1060,6 +1064,27 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         f"out without it (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}; `pip install zstandard` "
         "and nanoqwen reads them) (runs trained on it resume only from it); give --force to replace it, or another "
         "--out")
+
+
+def test_a_zstd_file_of_a_huge_ratio_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    # 1 KB of zstd are 32 MB of x's: all given at once, they were held twice over (decompressobj's output joined).
+    zstandard = pytest.importorskip("zstandard")
+    import tracemalloc
+
+    from nanoqwen.data.zstd import open_zstd
+
+    size = 32 << 20
+    (tmp_path / "x.txt.zst").write_bytes(zstandard.ZstdCompressor(level=1).compress(b"x" * size))
+    read = 0
+    tracemalloc.start()
+    try:
+        with open_zstd(tmp_path / "x.txt.zst") as f:
+            while chunk := f.read(1 << 16):
+                read += chunk.count(b"x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == size and peak < 4 << 20
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
