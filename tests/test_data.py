@@ -558,6 +558,13 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o4", progress=False)
     with pytest.raises(NanoQwenError, match="hub is unreachable and nanoqwen-test/absent is not in the local cache"):
         prepare("hf:nanoqwen-test/absent:cfg", "qwen3", tmp_path / "o5", progress=False)
+    # One in a corpus folder: its .arrow files were left out and its JSON files warned of as no records.
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path))
+    saved = tmp_path / "saved"
+    assert str(e.value) == (f"{saved} is a folder that `datasets`' save_to_disk wrote, which nanoqwen reads only given "
+                            f"alone (--dataset {saved}); to read it with the rest of {tmp_path}, write its rows there "
+                            "in its place as JSON lines (ds.to_json('rows.jsonl'))")
     assert leftovers(tmp_path) == []
 
 

@@ -604,6 +604,12 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     def in_corpus(p: Path) -> bool:
         return file_type(p) in SUFFIXES and in_folder(p)
 
+    saved = sorted(p.parent for p in everything if p.name in ("dataset_dict.json", "state.json") and in_folder(p)
+                   and _is_saved_dataset(p.parent))
+    if saved:  # its .arrow files would be left out, its JSON files warned of as no records
+        raise NanoQwenError(f"{saved[0]} is a folder that `datasets`' save_to_disk wrote, which nanoqwen reads only "
+                            f"given alone (--dataset {saved[0]}); to read it with the rest of {root}, write its rows "
+                            "there in its place as JSON lines (ds.to_json('rows.jsonl'))")
     if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
         left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p)]
 
