@@ -1157,7 +1157,14 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
     with open_binary(path) as f:
-        text = decode(f.read(), stats)
+        head = read_up_to(f, BLOCK_BYTES)
+        if _opens_an_array(head):  # records as json.dump writes a list of them: read one at a time, however many
+            for number, record in enumerate(_array_elements(f, head, path, stats), 1):
+                document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
+                if document:
+                    yield document
+            return
+        text = decode(head + f.read(), stats)
     if not text.strip():
         stats.skipped.append({"path": str(path), "reason": "empty"})
         return
@@ -1176,6 +1183,84 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
         document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
         if document:
             yield document
+
+
+JSON_BLANKS = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
+# A value parsed, or an error met, this near the end of a window of a JSON file's text may be cut short by it: the
+# longest word (-Infinity, which Python writes) or escapes of a surrogate pair (\\ud83d\\ude00) and more
+CUT_MARGIN = 16
+
+
+def _opens_an_array(head: bytes) -> bool:
+    """Whether the JSON text that starts with `head` is an array."""
+    return head[:256].decode(text_encoding(head[:4]), errors="ignore").lstrip(" \t\n\r").startswith("[")
+
+
+def _array_elements(f: IO[bytes], head: bytes, path: Path, stats: CorpusStats) -> Iterator[Any]:
+    """The elements of the JSON array that the file `f` holds, `head` its first bytes read already, parsed one at a
+    time from a window of about BLOCK_BYTES of its text: json.loads holds the whole text and every record at once
+    (about 2.5 times a file's size of ASCII records, 5 GB for a 2 GB file)."""
+    encoding = text_encoding(head[:4])
+    decoder, incremental = json.JSONDecoder(), codecs.getincrementaldecoder(encoding)(errors="replace")
+    text, at, lines_before, ended = "", 0, 0, False  # the window, where in it the next value starts, the lines cut off
+
+    def more() -> bool:  # the window after `at`, with the next block of the file (False: at the file's end)
+        nonlocal text, at, lines_before, ended, head
+        if ended:
+            return False
+        raw, head = head or f.read(max(BLOCK_BYTES, len(text) - at)), b""  # (a value longer than a block: fewer reads)
+        ended = not raw
+        block = incremental.decode(raw, final=ended)
+        stats.replacement_chars += count_replacements(block, raw, encoding)
+        lines_before += text.count("\n", 0, at)
+        text, at = text[at:] + block, 0
+        return True
+
+    def refused(message: str, position: int) -> NanoQwenError:
+        line = lines_before + text.count("\n", 0, position) + 1
+        return NanoQwenError(f"{path} line {line}: not valid JSON ({message})")
+
+    def next_token() -> str:  # the character after the blanks from `at` on, `at` moved to it ("" at the end)
+        nonlocal at
+        while (at := JSON_BLANKS.match(text, at).end()) == len(text) and more():
+            pass
+        return text[at:at + 1]
+
+    more()
+    next_token()
+    at += 1  # the array's "[" (_opens_an_array)
+    if next_token() == "]":
+        at += 1
+    else:
+        while True:
+            next_token()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(text, at)
+                except json.JSONDecodeError as e:
+                    if _cut_short(e, len(text)) and more():
+                        continue
+                    raise refused(e.msg, e.pos) from None
+                if end + CUT_MARGIN < len(text) or not more():  # (a number may go on in the next block: 12|.5)
+                    break
+            yield value
+            at = end
+            token = next_token()
+            if token == "]":
+                at += 1
+                break
+            if token != ",":
+                raise refused("Expecting ',' delimiter" if token else "Expecting ',' or ']' before the file ends", at)
+            at += 1
+    if next_token():
+        raise refused("Extra data", at)
+
+
+def _cut_short(error: json.JSONDecodeError, length: int) -> bool:
+    """Whether `error`, met parsing a value in a window of `length` characters of JSON text, may be the window's end
+    cutting it short (an open string, a literal or escape cut: `tr|ue`, `\\u00|e9`), not a mistake in the file (which
+    is said at once, not after reading the rest of a file of gigabytes into the window)."""
+    return error.pos + CUT_MARGIN >= length or error.msg.startswith("Unterminated string")
 
 
 def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
