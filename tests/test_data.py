@@ -1460,10 +1460,13 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                                       "names: x, y); give --text-column the name of the field")):
         list(open_corpus(str(folder / "figures.csv")).documents())
     assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
-    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n')
-    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'broken.csv'} line 3: not a valid table row "
-                                                      "(unexpected end of data); fix or remove that line")):
+    # A quote never closed is named on the line of its row (it named the file's last line, which its cell ran to).
+    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n3,more\n4,rows\n')
+    with pytest.raises(NanoQwenError) as e:
         list(open_corpus(str(tmp_path / "broken.csv")).documents())
+    assert str(e.value) == (f"{tmp_path / 'broken.csv'} line 3: a quote opened in this row is never closed (its cell "
+                            "would run to the end of the file, line 5); close it, or write a quote that is part of the "
+                            'text twice ("")')
 
 
 def test_a_tsv_keeps_quotes_as_written_but_reads_a_csv_quoted_cell(tmp_path: Path) -> None:

@@ -1280,8 +1280,16 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         split_at = delimiter if delimiter in header else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
         reader = csv.reader(lines, delimiter=split_at, strict=True)
+        read_to = 0  # the line the last whole row of a CSV ends on
+
+        def csv_rows() -> Iterator[tuple[int, list[str]]]:
+            nonlocal read_to
+            for row in reader:
+                read_to = reader.line_num
+                yield read_to, row
+
         # each row with the number of the line it ends on (a blank line: no cells)
-        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else ((reader.line_num, row) for row in reader)
+        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else csv_rows()
         try:
             names: list[str] | None = []
             while names is not None and not "".join(names).strip():
@@ -1301,6 +1309,10 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                 if index < len(row) and row[index].strip():
                     yield row[index]
         except csv.Error as e:  # (a CSV's: a TSV's rows are lines)
+            if str(e) == "unexpected end of data":  # (a quoted cell open at the end: the row is named where it starts)
+                raise NanoQwenError(f"{path} line {read_to + 1}: a quote opened in this row is never closed (its cell "
+                                    f"would run to the end of the file, line {reader.line_num}); close it, or write a "
+                                    'quote that is part of the text twice ("")') from None
             raise NanoQwenError(f"{path} line {reader.line_num}: not a valid table row ({e}); fix or remove that "
                                 "line") from None
 
