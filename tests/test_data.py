@@ -498,13 +498,17 @@ def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
     for source in ("rows.jsonl", "rows.json", "rows.parquet", "saved"):
         assert list(open_corpus(str(tmp_path / source), text_column="data.text").documents()) == ["first", "third"]
         assert list(open_corpus(str(tmp_path / source), text_column="data.meta.title").documents()) == ["One", "Three"]
-    # A path that is not there: the fields where it stops.
+    # A path that is not there: the fields where it stops (a record's), or every column of a table, fields by path (a
+    # `datasets` folder listed the fields of data alone, or the columns without theirs, where parquet lists all).
+    columns = "(it has: id, data.text, data.meta.title)"
     for source, fields in [("rows.jsonl", "line 1: no 'data.body' field (fields of 'data': text, meta)"),
-                           ("rows.parquet", "has no 'data.body' column (it has: id, data.text, data.meta.title)"),
-                           ("saved", "has no 'data.body' column (it has: data.text, data.meta.title)")]:
+                           ("rows.parquet", f"has no 'data.body' column {columns}"),
+                           ("saved", f"has no 'data.body' column {columns}"),
+                           ("rows.parquet", f"has no 'dat.text' column {columns}"),
+                           ("saved", f"has no 'dat.text' column {columns}")]:
         with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / source} {fields}; give --text-column "
                                                           "the name of the field")):
-            list(open_corpus(str(tmp_path / source), text_column="data.body").documents())
+            list(open_corpus(str(tmp_path / source), text_column=fields.split("'")[1]).documents())
     with pytest.raises(NanoQwenError, match=re.escape("line 1: no 'dat.text' field (fields: id, data); give")):
         list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="dat.text").documents())
     with pytest.raises(NanoQwenError, match=re.escape("line 1: field 'data.text' holds str, not an object with a 'x' "

@@ -492,12 +492,16 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     names = ds.column_names  # None for some streamed datasets: their batches name them
     nested = "." in column and column not in (names or ())  # a field inside a column of objects (data.text)
     holder = next((name for name in names or () if column.startswith(f"{name}.")), None) if nested else None
+    # What a missing dotted column's line lists: every column, the fields of objects named by their path, as a parquet
+    # file's are (not the fields of the one column read, nor the columns the fields are in)
+    every = _column_paths(ds.features) if nested and ds.features else None
     if holder is not None:
         ds = ds.select_columns([holder])
     elif names is not None:
         column = text_column_of(names, column)
         if column not in names:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(every or names)}); "
+                                f"{NAME_THE_TEXT}")
         beside = chat_beside(names, column)
         ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
@@ -508,7 +512,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 continue
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(every or batch)}); "
+                                f"{NAME_THE_TEXT}")
         beside = chat_beside(batch, column)
         for value, turns in zip(batch[column], batch[beside] if beside else itertools.repeat(None)):
             if value is None and turns:  # a chat row of a table of texts and chats
@@ -519,6 +524,14 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _column_paths(features: dict[str, Any], prefix: str = "") -> list[str]:
+    """The columns of a `datasets` table's `features`, with the fields of its columns of objects as columns named by
+    their path (data.text), at any depth: a parquet file's columns, flattened (a list of objects stays one column)."""
+    return [path for name, feature in features.items()
+            for path in (_column_paths(feature, f"{prefix}{name}.") if isinstance(feature, dict)
+                         else [f"{prefix}{name}"])]
 
 
 def _null_on_path(batch: dict[str, list[Any]], column: str) -> bool:
