@@ -562,13 +562,17 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o4", progress=False)
     with pytest.raises(NanoQwenError, match="hub is unreachable and nanoqwen-test/absent is not in the local cache"):
         prepare("hf:nanoqwen-test/absent:cfg", "qwen3", tmp_path / "o5", progress=False)
-    # One in a corpus folder: its .arrow files were left out and its JSON files warned of as no records.
-    with pytest.raises(NanoQwenError) as e:
-        open_corpus(str(tmp_path))
-    saved = tmp_path / "saved"
-    assert str(e.value) == (f"{saved} is a folder that `datasets`' save_to_disk wrote, which nanoqwen reads only given "
-                            f"alone (--dataset {saved}); to read it with the rest of {tmp_path}, write its rows there "
-                            "in its place as JSON lines (ds.to_json('rows.jsonl'))")
+    # One in a corpus folder is read as it is alone, its train split (its .arrow files were left out, and its JSON
+    # files warned of as no records); a folder prepared before is said to be so.
+    (tmp_path / "mixed").mkdir()
+    shutil.copytree(tmp_path / "saved", tmp_path / "mixed" / "saved")
+    (tmp_path / "mixed" / "a note.txt").write_text("a note")
+    corpus = open_corpus(str(tmp_path / "mixed"), text_column="body")
+    assert list(corpus.documents()) == ["a note", *texts]
+    assert corpus.stats.left_out == corpus.stats.skipped == []
+    assert list(corpus.former_fingerprints.values()) == [
+        "was prepared by an older nanoqwen, which did not read 1 folder of this corpus that `datasets`' save_to_disk "
+        f"wrote (such as {tmp_path / 'mixed' / 'saved'})"]
     assert leftovers(tmp_path) == []
 
 

@@ -5,7 +5,8 @@
     wikipedia-intros             wikimedia/wikipedia 20231101.en, the first paragraph of each article
     hf:ORG/NAME[:CONFIG]         any Hugging Face dataset (from the hub or the local cache)
     PATH                         a file or a folder of .txt/.md, .jsonl/.json, .csv/.tsv, .parquet, .pdf,
-                                 or a folder written by `datasets`' save_to_disk
+                                 or a folder written by `datasets`' save_to_disk (in such a folder too: its train
+                                 split, where it has splits)
 
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
 part their stories so): the separator and the whitespace around it are in none of them.
@@ -34,6 +35,7 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -574,7 +576,9 @@ def _is_saved_dataset(path: Path) -> bool:
                               ((path / "state.json").exists() and (path / "dataset_info.json").exists()))
 
 
-def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats) -> Iterator[Document]:
+def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats,
+                        alone: bool = True) -> Iterator[Document]:
+    """The documents of a folder that save_to_disk wrote, given `alone` as --dataset or found in a corpus folder."""
     import datasets
 
     with _quiet_hf():
@@ -584,15 +588,17 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats)
             raise NanoQwenError(f"`datasets` could not load {path}: {first_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); pass --split")
+                fix = "pass --split" if alone else f"give it alone to read one of them, --dataset {path} --split NAME"
+                raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); {fix}")
             ds = ds[split]
         yield from _hf_texts(ds, column, str(path), stats)
 
 
 # -- local files ------------------------------------------------------------------------------------
 
-def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
-    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given.
+def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[Path] | None = None) -> list[Path]:
+    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given. A
+    folder that `datasets`' save_to_disk wrote is one of them, in the place of its files, and added to `datasets`.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
     (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
@@ -614,17 +620,22 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     def in_folder(p: Path) -> bool:  # (hidden folders are not walked: a hidden file's own name is left to look at)
         return not p.name.startswith(".") and not (prepared and prepared.intersection(p.parents))
 
-    def in_corpus(p: Path) -> bool:
-        return file_type(p) in SUFFIXES and in_folder(p)
+    # Folders that `datasets`' save_to_disk wrote (data.arrow, state.json...), read as the datasets they are, each in
+    # the place of its files (the outermost: a DatasetDict holds one per split)
+    found = {p.parent for p in everything if p.name in ("dataset_dict.json", "state.json") and in_folder(p)
+             and _is_saved_dataset(p.parent)}
+    saved = {folder for folder in found if not found.intersection(folder.parents)}
+    if saved:
+        everything = sorted([*saved, *(p for p in everything if not saved.intersection(p.parents))])
+        real.update((folder, os.path.realpath(folder)) for folder in saved)
+        if datasets is not None:
+            datasets += sorted(saved)
 
-    saved = sorted(p.parent for p in everything if p.name in ("dataset_dict.json", "state.json") and in_folder(p)
-                   and _is_saved_dataset(p.parent))
-    if saved:  # its .arrow files would be left out, its JSON files warned of as no records
-        raise NanoQwenError(f"{saved[0]} is a folder that `datasets`' save_to_disk wrote, which nanoqwen reads only "
-                            f"given alone (--dataset {saved[0]}); to read it with the rest of {root}, write its rows "
-                            "there in its place as JSON lines (ds.to_json('rows.jsonl'))")
+    def in_corpus(p: Path) -> bool:
+        return file_type(p) in SUFFIXES and in_folder(p) or p in saved
+
     if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
-        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p)]
+        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p) and p not in saved]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -725,6 +736,8 @@ def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
         st = p.stat()
         described[p] = (b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
                         + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+        if stat.S_ISDIR(st.st_mode):  # a folder save_to_disk wrote, in a corpus folder: what is in it
+            described[p] += b"".join(described_files(root, all_files(p)).values())
     return described
 
 
@@ -735,7 +748,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
                  else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
-    files = local_files(path, left_out)
+    saved: list[Path] = []  # folders save_to_disk wrote, among the files
+    files = local_files(path, left_out, saved)
     if not files and is_run_config(path / "config.json"):
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
@@ -750,6 +764,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
     types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
+    types.update(dict.fromkeys(saved, ""))
     unread_zstd = list(filter(zstd_unread, left_out))
 
     def read(stats: CorpusStats) -> Iterator[Document]:
@@ -766,8 +781,12 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                                f"or decompress {'it' if one else 'them'} first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if folder and types[file] in \
-                (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
+            if types[file] in (".json", *TABLE_DELIMITERS) and folder:
+                documents = _records_or_skip(file, column, stats)
+            elif types[file]:
+                documents = read_file(file, column, stats)
+            else:  # a folder save_to_disk wrote: its train split, where it has splits
+                documents = _read_saved_dataset(file, column, "train", stats, alone=False)
             with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
                 for document in documents:
                     found = found or not blank(document)
@@ -781,7 +800,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
-    described = described_files(path, [*files, *unread_zstd])  # once: the former fingerprints take subsets of them
+    # the files of its save_to_disk folders that nanoqwen read before it read them as datasets (their JSON files)
+    saved_files = [q for folder in saved for q in all_files(folder) if file_type(q) in SUFFIXES]
+    # once: the former fingerprints take subsets of them
+    described = described_files(path, [*files, *unread_zstd, *saved_files])
 
     def fingerprint_of(read_files: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
@@ -792,6 +814,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     fingerprint = fingerprint_of(files)
     former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    if saved:
+        former[fingerprint_of(sorted([*set(files).difference(saved), *saved_files]))] = (
+            f"was prepared by an older nanoqwen, which did not read {counted(len(saved), 'folder')} of this corpus "
+            f"that `datasets`' save_to_disk wrote (such as {saved[0]})")
     # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
     # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
     # where two leave out the same files).
