@@ -99,8 +99,8 @@ def _ends_between_frames(file: IO[bytes]) -> bool:
     position = 0
     while position < size:
         file.seek(position)
-        head = file.read(14)  # the longest frame header
-        if len(head) < 8:
+        head = file.read(8)  # the magic number, then a frame's descriptor or a skippable frame's size
+        if len(head) < 8:  # (no frame is shorter than 9 bytes)
             return False
         magic = int.from_bytes(head[:4], "little")
         if magic & SKIPPABLE_MASK == SKIPPABLE_MAGIC:
