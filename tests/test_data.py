@@ -899,6 +899,13 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()  # what `nanoqwen train --out run` leaves before its first checkpoint
     (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    # A pipe was said to be a folder that could not be read, for its permissions ("Not a directory").
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path / "pipe.txt"))
+    assert str(e.value) == (f"{tmp_path / 'pipe.txt'} is not a file or a folder (a pipe, socket or device); write its "
+                            "text to a file and give that")
+    (tmp_path / "pipe.txt").unlink()
     out = str(tmp_path / "out")
     cases = [
         (["--dataset", "hf:"], ["hf: needs a dataset name, such as hf:roneneldan/TinyStories"]),

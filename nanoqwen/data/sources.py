@@ -611,6 +611,9 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
                                 f"{', '.join(SUFFIXES)} (any but {whole} also {'/'.join(COMPRESSIONS)} compressed) "
                                 f"or a folder of them{conversion_hint(root)}")
         return [root]
+    if not root.is_dir():  # (it was said to be a folder that could not be read: "Not a directory")
+        raise NanoQwenError(f"{root} is not a file or a folder (a pipe, socket or device); write its text to a file "
+                            "and give that")
     broken: list[Path] = []
     real: dict[Path, str] = {}
     everything = all_files(root, broken, real)
