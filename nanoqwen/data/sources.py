@@ -1241,7 +1241,7 @@ def _opens_an_array(head: bytes) -> bool:
 def _array_elements(f: IO[bytes], head: bytes, path: Path, stats: CorpusStats) -> Iterator[Any]:
     """The elements of the JSON array that the file `f` holds, `head` its first bytes read already, parsed one at a
     time from a window of about BLOCK_BYTES of its text: json.loads holds the whole text and every record at once
-    (about 2.5 times a file's size of ASCII records, 5 GB for a 2 GB file)."""
+    (2.5 to 5.5 times a file's size, by the size of its records: 5 GB or more for a 2 GB export)."""
     encoding = text_encoding(head[:4])
     decoder, incremental = json.JSONDecoder(), codecs.getincrementaldecoder(encoding)(errors="replace")
     text, at, lines_before, ended = "", 0, 0, False  # the window, where in it the next value starts, the lines cut off
