@@ -498,13 +498,17 @@ def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
     for source in ("rows.jsonl", "rows.json", "rows.parquet", "saved"):
         assert list(open_corpus(str(tmp_path / source), text_column="data.text").documents()) == ["first", "third"]
         assert list(open_corpus(str(tmp_path / source), text_column="data.meta.title").documents()) == ["One", "Three"]
-    # A path that is not there: the fields where it stops.
+    # A path that is not there: the fields where it stops (a record's), or every column of a table, fields by path (a
+    # `datasets` folder listed the fields of data alone, or the columns without theirs, where parquet lists all).
+    columns = "(it has: id, data.text, data.meta.title)"
     for source, fields in [("rows.jsonl", "line 1: no 'data.body' field (fields of 'data': text, meta)"),
-                           ("rows.parquet", "has no 'data.body' column (it has: id, data.text, data.meta.title)"),
-                           ("saved", "has no 'data.body' column (it has: data.text, data.meta.title)")]:
+                           ("rows.parquet", f"has no 'data.body' column {columns}"),
+                           ("saved", f"has no 'data.body' column {columns}"),
+                           ("rows.parquet", f"has no 'dat.text' column {columns}"),
+                           ("saved", f"has no 'dat.text' column {columns}")]:
         with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / source} {fields}; give --text-column "
                                                           "the name of the field")):
-            list(open_corpus(str(tmp_path / source), text_column="data.body").documents())
+            list(open_corpus(str(tmp_path / source), text_column=fields.split("'")[1]).documents())
     with pytest.raises(NanoQwenError, match=re.escape("line 1: no 'dat.text' field (fields: id, data); give")):
         list(open_corpus(str(tmp_path / "rows.jsonl"), text_column="dat.text").documents())
     with pytest.raises(NanoQwenError, match=re.escape("line 1: field 'data.text' holds str, not an object with a 'x' "
@@ -558,6 +562,17 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o4", progress=False)
     with pytest.raises(NanoQwenError, match="hub is unreachable and nanoqwen-test/absent is not in the local cache"):
         prepare("hf:nanoqwen-test/absent:cfg", "qwen3", tmp_path / "o5", progress=False)
+    # One in a corpus folder is read as it is alone, its train split (its .arrow files were left out, and its JSON
+    # files warned of as no records); a folder prepared before is said to be so.
+    (tmp_path / "mixed").mkdir()
+    shutil.copytree(tmp_path / "saved", tmp_path / "mixed" / "saved")
+    (tmp_path / "mixed" / "a note.txt").write_text("a note")
+    corpus = open_corpus(str(tmp_path / "mixed"), text_column="body")
+    assert list(corpus.documents()) == ["a note", *texts]
+    assert corpus.stats.left_out == corpus.stats.skipped == []
+    assert list(corpus.former_fingerprints.values()) == [
+        "was prepared by an older nanoqwen, which did not read 1 folder of this corpus that `datasets`' save_to_disk "
+        f"wrote (such as {tmp_path / 'mixed' / 'saved'})"]
     assert leftovers(tmp_path) == []
 
 
@@ -884,6 +899,13 @@ def test_bad_input_gives_one_line(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()  # what `nanoqwen train --out run` leaves before its first checkpoint
     (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
     (tmp_path / "run" / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 9.0}) + "\n")
+    # A pipe was said to be a folder that could not be read, for its permissions ("Not a directory").
+    os.mkfifo(tmp_path / "pipe.txt")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path / "pipe.txt"))
+    assert str(e.value) == (f"{tmp_path / 'pipe.txt'} is not a file or a folder (a pipe, socket or device); write its "
+                            "text to a file and give that")
+    (tmp_path / "pipe.txt").unlink()
     out = str(tmp_path / "out")
     cases = [
         (["--dataset", "hf:"], ["hf: needs a dataset name, such as hf:roneneldan/TinyStories"]),
@@ -1036,6 +1058,10 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
     with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
                                                       "ended before the end-of-frame marker was reached); decompress")):
         list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
+    # (cut in its checksum, after the last byte of text: the stream reader's end is checked by the frames' headers)
+    (tmp_path / "cut.txt.zst").write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(b"text")[:-2])
+    with pytest.raises(NanoQwenError, match=re.escape("damaged .zst data (Compressed file ended before")):
+        list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
     # A folder prepared while its .zst files were not read (zstandard not installed) says so, not "other inputs".
     out = tmp_path / "data"
     command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
@@ -1060,6 +1086,27 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         f"out without it (.csv.zstd, .jsonl.zst, .txt.zst, such as {folder / 'big.txt.zst'}; `pip install zstandard` "
         "and nanoqwen reads them) (runs trained on it resume only from it); give --force to replace it, or another "
         "--out")
+
+
+def test_a_zstd_file_of_a_huge_ratio_is_read_in_bounded_memory(tmp_path: Path) -> None:
+    # 1 KB of zstd are 32 MB of x's: all given at once, they were held twice over (decompressobj's output joined).
+    zstandard = pytest.importorskip("zstandard")
+    import tracemalloc
+
+    from nanoqwen.data.zstd import open_zstd
+
+    size = 32 << 20
+    (tmp_path / "x.txt.zst").write_bytes(zstandard.ZstdCompressor(level=1).compress(b"x" * size))
+    read = 0
+    tracemalloc.start()
+    try:
+        with open_zstd(tmp_path / "x.txt.zst") as f:
+            while chunk := f.read(1 << 16):
+                read += chunk.count(b"x")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert read == size and peak < 4 << 20
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
@@ -1375,6 +1422,35 @@ def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
         list(open_corpus(str(tmp_path / "texts.json"), text_column="body").documents())  # not the field named
 
 
+def test_a_json_array_is_read_a_record_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # json.loads held a .json file's whole text and all its records at once: 2.5 times its size (5 GB of a 2 GB file).
+    import tracemalloc
+
+    import nanoqwen.data.sources as sources
+
+    texts = [f"record {i} of a large export, café" for i in range(5000)]
+    (tmp_path / "big.json").write_text(json.dumps([{"id": i, "text": t} for i, t in enumerate(texts)], indent=1))
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1 << 13)  # (300 KB: read in 40 windows)
+    tracemalloc.start()
+    try:
+        documents = open_corpus(str(tmp_path / "big.json")).documents()
+        same = sum(document == text for document, text in zip(documents, texts))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert same == len(texts) and peak < (tmp_path / "big.json").stat().st_size // 4
+    # Values cut at a window's edge (a character of two bytes, a long one) are read whole, and a bad record
+    # is named by its line in the file.
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 5)
+    odd = '\n [ "é€", {"n": 12345, "text": "' + "x" * 40 + '"} ,\n"last"]\n'
+    (tmp_path / "odd.json").write_text(odd, encoding="utf-8-sig")
+    assert list(open_corpus(str(tmp_path / "odd.json")).documents()) == ["é€", "x" * 40, "last"]
+    (tmp_path / "odd.json").write_text('[\n{"text": "a"},\n{"text": "b"}\n{"text": "c"}]')
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "odd.json")).documents())
+    assert str(e.value) == f"{tmp_path / 'odd.json'} line 4: not valid JSON (Expecting ',' delimiter)"
+
+
 def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> None:
     # A .csv or .tsv (a spreadsheet's export, pandas' to_csv) was refused alone, and left out of a folder.
     import gzip
@@ -1399,10 +1475,13 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                                       "names: x, y); give --text-column the name of the field")):
         list(open_corpus(str(folder / "figures.csv")).documents())
     assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
-    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n')
-    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'broken.csv'} line 3: not a valid table row "
-                                                      "(unexpected end of data); fix or remove that line")):
+    # A quote never closed is named on the line of its row (it named the file's last line, which its cell ran to).
+    (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n3,more\n4,rows\n')
+    with pytest.raises(NanoQwenError) as e:
         list(open_corpus(str(tmp_path / "broken.csv")).documents())
+    assert str(e.value) == (f"{tmp_path / 'broken.csv'} line 3: a quote opened in this row is never closed (its cell "
+                            "would run to the end of the file, line 5); close it, or write a quote that is part of the "
+                            'text twice ("")')
 
 
 def test_a_tsv_keeps_quotes_as_written_but_reads_a_csv_quoted_cell(tmp_path: Path) -> None:

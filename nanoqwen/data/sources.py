@@ -5,7 +5,8 @@
     wikipedia-intros             wikimedia/wikipedia 20231101.en, the first paragraph of each article
     hf:ORG/NAME[:CONFIG]         any Hugging Face dataset (from the hub or the local cache)
     PATH                         a file or a folder of .txt/.md, .jsonl/.json, .csv/.tsv, .parquet, .pdf,
-                                 or a folder written by `datasets`' save_to_disk
+                                 or a folder written by `datasets`' save_to_disk (in such a folder too: its train
+                                 split, where it has splits)
 
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
 part their stories so): the separator and the whitespace around it are in none of them.
@@ -34,6 +35,7 @@ import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -492,12 +494,16 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
     names = ds.column_names  # None for some streamed datasets: their batches name them
     nested = "." in column and column not in (names or ())  # a field inside a column of objects (data.text)
     holder = next((name for name in names or () if column.startswith(f"{name}.")), None) if nested else None
+    # What a missing dotted column's line lists: every column, the fields of objects named by their path, as a parquet
+    # file's are (not the fields of the one column read, nor the columns the fields are in)
+    every = _column_paths(ds.features) if nested and ds.features else None
     if holder is not None:
         ds = ds.select_columns([holder])
     elif names is not None:
         column = text_column_of(names, column)
         if column not in names:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(names)}); {NAME_THE_TEXT}")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(every or names)}); "
+                                f"{NAME_THE_TEXT}")
         beside = chat_beside(names, column)
         ds = ds.select_columns([column] if beside is None else [column, beside])
     # Any error from `datasets` while reading (a bad JSON row in a data file, a cache file gone) is its data's.
@@ -508,7 +514,8 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 continue
         column = text_column_of(batch, column)  # a streamed dataset may name its columns only here
         if column not in batch:
-            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(batch)}); {NAME_THE_TEXT}")
+            raise NanoQwenError(f"{where} has no {column!r} column (it has: {', '.join(every or batch)}); "
+                                f"{NAME_THE_TEXT}")
         beside = chat_beside(batch, column)
         for value, turns in zip(batch[column], batch[beside] if beside else itertools.repeat(None)):
             if value is None and turns:  # a chat row of a table of texts and chats
@@ -519,6 +526,14 @@ def _hf_texts(ds: Any, column: str, where: str, stats: CorpusStats,
                 document = transform(document)
             if document:
                 yield document
+
+
+def _column_paths(features: dict[str, Any], prefix: str = "") -> list[str]:
+    """The columns of a `datasets` table's `features`, with the fields of its columns of objects as columns named by
+    their path (data.text), at any depth: a parquet file's columns, flattened (a list of objects stays one column)."""
+    return [path for name, feature in features.items()
+            for path in (_column_paths(feature, f"{prefix}{name}.") if isinstance(feature, dict)
+                         else [f"{prefix}{name}"])]
 
 
 def _null_on_path(batch: dict[str, list[Any]], column: str) -> bool:
@@ -561,7 +576,9 @@ def _is_saved_dataset(path: Path) -> bool:
                               ((path / "state.json").exists() and (path / "dataset_info.json").exists()))
 
 
-def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats) -> Iterator[Document]:
+def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats,
+                        alone: bool = True) -> Iterator[Document]:
+    """The documents of a folder that save_to_disk wrote, given `alone` as --dataset or found in a corpus folder."""
     import datasets
 
     with _quiet_hf():
@@ -571,15 +588,17 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats)
             raise NanoQwenError(f"`datasets` could not load {path}: {first_line(e)}") from None
         if isinstance(ds, datasets.DatasetDict):
             if split not in ds:
-                raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); pass --split")
+                fix = "pass --split" if alone else f"give it alone to read one of them, --dataset {path} --split NAME"
+                raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); {fix}")
             ds = ds[split]
         yield from _hf_texts(ds, column, str(path), stats)
 
 
 # -- local files ------------------------------------------------------------------------------------
 
-def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
-    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given.
+def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[Path] | None = None) -> list[Path]:
+    """The corpus files under `root` in sorted order; those of other types are added to `left_out`, when given. A
+    folder that `datasets`' save_to_disk wrote is one of them, in the place of its files, and added to `datasets`.
 
     Hidden files and folders are left out, and so are folders that nanoqwen (or Transformers) wrote: data
     (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json), so `--dataset .
@@ -592,6 +611,9 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
                                 f"{', '.join(SUFFIXES)} (any but {whole} also {'/'.join(COMPRESSIONS)} compressed) "
                                 f"or a folder of them{conversion_hint(root)}")
         return [root]
+    if not root.is_dir():  # (it was said to be a folder that could not be read: "Not a directory")
+        raise NanoQwenError(f"{root} is not a file or a folder (a pipe, socket or device); write its text to a file "
+                            "and give that")
     broken: list[Path] = []
     real: dict[Path, str] = {}
     everything = all_files(root, broken, real)
@@ -601,11 +623,22 @@ def local_files(root: Path, left_out: list[Path] | None = None) -> list[Path]:
     def in_folder(p: Path) -> bool:  # (hidden folders are not walked: a hidden file's own name is left to look at)
         return not p.name.startswith(".") and not (prepared and prepared.intersection(p.parents))
 
+    # Folders that `datasets`' save_to_disk wrote (data.arrow, state.json...), read as the datasets they are, each in
+    # the place of its files (the outermost: a DatasetDict holds one per split)
+    found = {p.parent for p in everything if p.name in ("dataset_dict.json", "state.json") and in_folder(p)
+             and _is_saved_dataset(p.parent)}
+    saved = {folder for folder in found if not found.intersection(folder.parents)}
+    if saved:
+        everything = sorted([*saved, *(p for p in everything if not saved.intersection(p.parents))])
+        real.update((folder, os.path.realpath(folder)) for folder in saved)
+        if datasets is not None:
+            datasets += sorted(saved)
+
     def in_corpus(p: Path) -> bool:
-        return file_type(p) in SUFFIXES and in_folder(p)
+        return file_type(p) in SUFFIXES and in_folder(p) or p in saved
 
     if left_out is not None:  # said in a note: text in a .csv or .html would be missing in silence
-        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p)]
+        left_out += [p for p in everything if file_type(p) not in SUFFIXES and in_folder(p) and p not in saved]
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
@@ -706,6 +739,8 @@ def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
         st = p.stat()
         described[p] = (b"\0" + os.fsencode(p.relative_to(root) if p != root else p.name)
                         + f"\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}".encode())
+        if stat.S_ISDIR(st.st_mode):  # a folder save_to_disk wrote, in a corpus folder: what is in it
+            described[p] += b"".join(described_files(root, all_files(p)).values())
     return described
 
 
@@ -716,7 +751,8 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
                  else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
-    files = local_files(path, left_out)
+    saved: list[Path] = []  # folders save_to_disk wrote, among the files
+    files = local_files(path, left_out, saved)
     if not files and is_run_config(path / "config.json"):
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
                             "text (its config.json names the data folder it trained on)")
@@ -731,6 +767,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
     types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
+    types.update(dict.fromkeys(saved, ""))
     unread_zstd = list(filter(zstd_unread, left_out))
 
     def read(stats: CorpusStats) -> Iterator[Document]:
@@ -747,8 +784,12 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
                                f"or decompress {'it' if one else 'them'} first with `zstd -d`")
         for file in files:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
-            documents = _records_or_skip(file, column, stats) if folder and types[file] in \
-                (".json", *TABLE_DELIMITERS) else read_file(file, column, stats)
+            if types[file] in (".json", *TABLE_DELIMITERS) and folder:
+                documents = _records_or_skip(file, column, stats)
+            elif types[file]:
+                documents = read_file(file, column, stats)
+            else:  # a folder save_to_disk wrote: its train split, where it has splits
+                documents = _read_saved_dataset(file, column, "train", stats, alone=False)
             with contextlib.closing(documents), said_if_damaged(file):  # closed at once when the pass stops early
                 for document in documents:
                     found = found or not blank(document)
@@ -762,7 +803,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
 
     parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
 
-    described = described_files(path, [*files, *unread_zstd])  # once: the former fingerprints take subsets of them
+    # the files of its save_to_disk folders that nanoqwen read before it read them as datasets (their JSON files)
+    saved_files = [q for folder in saved for q in all_files(folder) if file_type(q) in SUFFIXES]
+    # once: the former fingerprints take subsets of them
+    described = described_files(path, [*files, *unread_zstd, *saved_files])
 
     def fingerprint_of(read_files: list[Path]) -> str:
         # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
@@ -773,6 +817,10 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     fingerprint = fingerprint_of(files)
     former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    if saved:
+        former[fingerprint_of(sorted([*set(files).difference(saved), *saved_files]))] = (
+            f"was prepared by an older nanoqwen, which did not read {counted(len(saved), 'folder')} of this corpus "
+            f"that `datasets`' save_to_disk wrote (such as {saved[0]})")
     # Before nanoqwen read compressed files, then tables, then zstd's (or where zstandard was not installed), the
     # folder's were left out of what it recorded: its folder is other inputs' now, said so (the latest cause first,
     # where two leave out the same files).
@@ -1151,7 +1199,14 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
     with open_binary(path) as f:
-        text = decode(f.read(), stats)
+        head = read_up_to(f, BLOCK_BYTES)
+        if _opens_an_array(head):  # records as json.dump writes a list of them: read one at a time, however many
+            for number, record in enumerate(_array_elements(f, head, path, stats), 1):
+                document = _record_document(record, column, f"{path} record {number}", stats, first=number == 1)
+                if document:
+                    yield document
+            return
+        text = decode(head + f.read(), stats)
     if not text.strip():
         stats.skipped.append({"path": str(path), "reason": "empty"})
         return
@@ -1172,6 +1227,84 @@ def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Documen
             yield document
 
 
+JSON_BLANKS = re.compile(r"[ \t\n\r]*")  # the whitespace JSON allows between values
+# A value parsed, or an error met, this near the end of a window of a JSON file's text may be cut short by it: the
+# longest word (-Infinity, which Python writes) or escapes of a surrogate pair (\\ud83d\\ude00) and more
+CUT_MARGIN = 16
+
+
+def _opens_an_array(head: bytes) -> bool:
+    """Whether the JSON text that starts with `head` is an array."""
+    return head[:256].decode(text_encoding(head[:4]), errors="ignore").lstrip(" \t\n\r").startswith("[")
+
+
+def _array_elements(f: IO[bytes], head: bytes, path: Path, stats: CorpusStats) -> Iterator[Any]:
+    """The elements of the JSON array that the file `f` holds, `head` its first bytes read already, parsed one at a
+    time from a window of about BLOCK_BYTES of its text: json.loads holds the whole text and every record at once
+    (2.5 to 5.5 times a file's size, by the size of its records: 5 GB or more for a 2 GB export)."""
+    encoding = text_encoding(head[:4])
+    decoder, incremental = json.JSONDecoder(), codecs.getincrementaldecoder(encoding)(errors="replace")
+    text, at, lines_before, ended = "", 0, 0, False  # the window, where in it the next value starts, the lines cut off
+
+    def more() -> bool:  # the window after `at`, with the next block of the file (False: at the file's end)
+        nonlocal text, at, lines_before, ended, head
+        if ended:
+            return False
+        raw, head = head or f.read(max(BLOCK_BYTES, len(text) - at)), b""  # (a value longer than a block: fewer reads)
+        ended = not raw
+        block = incremental.decode(raw, final=ended)
+        stats.replacement_chars += count_replacements(block, raw, encoding)
+        lines_before += text.count("\n", 0, at)
+        text, at = text[at:] + block, 0
+        return True
+
+    def refused(message: str, position: int) -> NanoQwenError:
+        line = lines_before + text.count("\n", 0, position) + 1
+        return NanoQwenError(f"{path} line {line}: not valid JSON ({message})")
+
+    def next_token() -> str:  # the character after the blanks from `at` on, `at` moved to it ("" at the end)
+        nonlocal at
+        while (at := JSON_BLANKS.match(text, at).end()) == len(text) and more():
+            pass
+        return text[at:at + 1]
+
+    more()
+    next_token()
+    at += 1  # the array's "[" (_opens_an_array)
+    if next_token() == "]":
+        at += 1
+    else:
+        while True:
+            next_token()
+            while True:
+                try:
+                    value, end = decoder.raw_decode(text, at)
+                except json.JSONDecodeError as e:
+                    if _cut_short(e, len(text)) and more():
+                        continue
+                    raise refused(e.msg, e.pos) from None
+                if end + CUT_MARGIN < len(text) or not more():  # (a number may go on in the next block: 12|.5)
+                    break
+            yield value
+            at = end
+            token = next_token()
+            if token == "]":
+                at += 1
+                break
+            if token != ",":
+                raise refused("Expecting ',' delimiter" if token else "Expecting ',' or ']' before the file ends", at)
+            at += 1
+    if next_token():
+        raise refused("Extra data", at)
+
+
+def _cut_short(error: json.JSONDecodeError, length: int) -> bool:
+    """Whether `error`, met parsing a value in a window of `length` characters of JSON text, may be the window's end
+    cutting it short (an open string, a literal or escape cut: `tr|ue`, `\\u00|e9`), not a mistake in the file (which
+    is said at once, not after reading the rest of a file of gigabytes into the window)."""
+    return error.pos + CUT_MARGIN >= length or error.msg.startswith("Unterminated string")
+
+
 def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
     memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
@@ -1189,8 +1322,16 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
         split_at = delimiter if delimiter in header else UNIT_SEPARATOR
         csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))  # (131,072 characters a cell by default)
         reader = csv.reader(lines, delimiter=split_at, strict=True)
+        read_to = 0  # the line the last whole row of a CSV ends on
+
+        def csv_rows() -> Iterator[tuple[int, list[str]]]:
+            nonlocal read_to
+            for row in reader:
+                read_to = reader.line_num
+                yield read_to, row
+
         # each row with the number of the line it ends on (a blank line: no cells)
-        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else ((reader.line_num, row) for row in reader)
+        rows = _tsv_rows(lines, split_at) if delimiter == "\t" else csv_rows()
         try:
             names: list[str] | None = []
             while names is not None and not "".join(names).strip():
@@ -1210,6 +1351,10 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                 if index < len(row) and row[index].strip():
                     yield row[index]
         except csv.Error as e:  # (a CSV's: a TSV's rows are lines)
+            if str(e) == "unexpected end of data":  # (a quoted cell open at the end: the row is named where it starts)
+                raise NanoQwenError(f"{path} line {read_to + 1}: a quote opened in this row is never closed (its cell "
+                                    f"would run to the end of the file, line {reader.line_num}); close it, or write a "
+                                    'quote that is part of the text twice ("")') from None
             raise NanoQwenError(f"{path} line {reader.line_num}: not a valid table row ({e}); fix or remove that "
                                 "line") from None
 

@@ -9,7 +9,11 @@ from pathlib import Path
 from typing import IO, Any
 
 SUFFIXES = (".zst", ".zstd")
-INPUT_BYTES = 1 << 15  # compressed bytes decompressed at a time: text's ratio keeps what they give to a few hundred KB
+OUTPUT_BYTES = 1 << 20  # decompressed bytes asked of zstandard at a time: a read's most, whatever the data's ratio
+# The frame format (RFC 8878), as far as finding where a file's frames end takes
+MAGIC = 0xFD2FB528
+SKIPPABLE_MAGIC, SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0  # 16 magic numbers: 0x184D2A50 to 0x184D2A5F
+RLE_BLOCK = 1  # a block of one byte repeated: its header's size is the size it decompresses to, its content 1 byte
 
 
 def available() -> bool:
@@ -23,22 +27,25 @@ class BadZstdFile(OSError):
 
 class _Reader(io.RawIOBase):
     """The decompressed bytes of a .zst file, every frame of it (as `zstd -d` writes them: files joined with `cat`, or
-    compressed by pzstd, hold several). Unlike zstandard's own reader, a file cut short is an EOFError, as gzip's is
-    (that one ends in silence where the data does), and a seek back starts again from the beginning (a reader looks
-    at a file's first bytes, then reads it from the start)."""
+    compressed by pzstd, hold several), read through zstandard's stream reader, which gives at most the bytes asked
+    for (its decompressobj gives all that the compressed bytes given to it hold: 32 KB of a crafted file are a GB).
+    Unlike that reader, a file cut short is an EOFError, as gzip's is (that one ends in silence where the data does),
+    and a seek back starts again from the beginning (a reader looks at a file's first bytes, then reads it from the
+    start)."""
 
     def __init__(self, path: Path) -> None:
         import zstandard
 
         self._zstandard = zstandard
+        self._path = path
         self._file = path.open("rb")
+        self._whole: bool | None = None  # whether the file ends between frames, once its end is reached
         self._rewind()
 
     def _rewind(self) -> None:
         self._file.seek(0)
-        self._frame = self._zstandard.ZstdDecompressor().decompressobj()
-        self._in_frame = False  # bytes of the current frame were given to it and its end not reached
-        self._ready, self._offset = b"", 0  # decompressed, and how much of it was read
+        self._stream = self._zstandard.ZstdDecompressor().stream_reader(self._file, read_across_frames=True,
+                                                                        closefd=False)
         self._position = 0
 
     def readable(self) -> bool:
@@ -51,32 +58,21 @@ class _Reader(io.RawIOBase):
         return self._position
 
     def readinto(self, buffer: Any) -> int:
-        while self._offset == len(self._ready):
-            data = self._file.read(INPUT_BYTES)
-            if not data:
-                if self._in_frame:
-                    raise EOFError("Compressed file ended before the end-of-frame marker was reached")
-                return 0
-            self._decompress(data)
-        n = min(len(buffer), len(self._ready) - self._offset)
-        buffer[:n] = memoryview(self._ready)[self._offset:self._offset + n]
-        self._offset += n
+        with memoryview(buffer) as view:
+            try:
+                n = self._stream.readinto(view[:OUTPUT_BYTES])
+            except self._zstandard.ZstdError as e:
+                raise BadZstdFile(str(e)) from None
+        if n == 0 and len(buffer) and not self._ends_whole():
+            raise EOFError("Compressed file ended before the end-of-frame marker was reached")
         self._position += n
         return n
 
-    def _decompress(self, data: bytes) -> None:
-        ready = []
-        while data:
-            try:
-                ready.append(self._frame.decompress(data))
-            except self._zstandard.ZstdError as e:
-                raise BadZstdFile(str(e)) from None
-            self._in_frame = not self._frame.eof
-            if self._in_frame:
-                break
-            data = self._frame.unused_data  # the next frame's start
-            self._frame = self._zstandard.ZstdDecompressor().decompressobj()
-        self._ready, self._offset = b"".join(ready), 0
+    def _ends_whole(self) -> bool:
+        if self._whole is None:
+            with self._path.open("rb") as file:  # (the stream reader's own file stays where it read to)
+                self._whole = _ends_between_frames(file)
+        return self._whole
 
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         if whence == io.SEEK_CUR:
@@ -85,7 +81,7 @@ class _Reader(io.RawIOBase):
             raise io.UnsupportedOperation("a zstd stream cannot seek from its end")
         if offset < self._position:
             self._rewind()
-        while self._position < offset and self.read(min(offset - self._position, 1 << 20)):
+        while self._position < offset and self.read(min(offset - self._position, OUTPUT_BYTES)):
             pass
         return self._position
 
@@ -95,6 +91,39 @@ class _Reader(io.RawIOBase):
         super().close()
 
 
+def _ends_between_frames(file: IO[bytes]) -> bool:
+    """Whether the zstd data of `file` ends where a frame does, not inside one: walked from frame to frame and block to
+    block by their headers (a few bytes read per block of up to 128 KB of text), once its decompressed bytes are all
+    read. (Bytes that are no frame were refused as the data was decompressed.)"""
+    size = file.seek(0, io.SEEK_END)
+    position = 0
+    while position < size:
+        file.seek(position)
+        head = file.read(8)  # the magic number, then a frame's descriptor or a skippable frame's size
+        if len(head) < 8:  # (no frame is shorter than 9 bytes)
+            return False
+        magic = int.from_bytes(head[:4], "little")
+        if magic & SKIPPABLE_MASK == SKIPPABLE_MAGIC:
+            position += 8 + int.from_bytes(head[4:8], "little")
+            continue
+        if magic != MAGIC:
+            return True
+        descriptor = head[4]
+        single_segment = bool(descriptor & 0x20)
+        content_size_bytes = (int(single_segment), 2, 4, 8)[descriptor >> 6]
+        position += 5 + (not single_segment) + (0, 1, 2, 4)[descriptor & 3] + content_size_bytes
+        last = False
+        while not last:
+            file.seek(position)
+            header = int.from_bytes(file.read(3), "little")
+            if position + 3 > size:
+                return False
+            last, kind, block_size = bool(header & 1), header >> 1 & 3, header >> 3
+            position += 3 + (1 if kind == RLE_BLOCK else block_size)
+        position += 4 if descriptor & 0x04 else 0  # the content checksum
+    return position == size
+
+
 def open_zstd(path: Path) -> IO[bytes]:
     """A .zst file's decompressed bytes, buffered: read, read by line, seek."""
-    return io.BufferedReader(_Reader(path))
+    return io.BufferedReader(_Reader(path), buffer_size=1 << 17)
