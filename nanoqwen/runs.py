@@ -300,6 +300,10 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
         raise NanoQwenError(f"{out} trains with {saved['train']['optimizer']}, whose state --resume continues; to "
                             f"switch to {args.optimizer}, start a new run from its weights: --init-from {out / 'last'}")
     cfg = resolve_train_config({}, args, TrainConfig(**train))
+    # before its data is checked or a model built; a split the run's own sizes do not allow under this many processes
+    # names them as its own (the user typed neither)
+    check_batch(cfg.batch_size, cfg.micro_batch, info.world_size,
+                runs_own=[name for name in ("batch_size", "micro_batch") if getattr(args, name) is None])
     # Compared with what last/ was trained with, not with config.json: a resume that failed or was killed before
     # its first save has already written its flags there, and they are still changes of the run (a val loss
     # measured otherwise, a new length).

@@ -733,6 +733,22 @@ def test_a_micro_batch_that_does_not_divide_is_refused_before_preparing_data(
     assert str(e.value) == "--micro-batch must be at least 1, got 0"
 
 
+def test_a_resume_names_the_runs_own_micro_batch_it_cannot_split(trained: Path, tmp_path: Path,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # A resume whose split the run's own micro-batch no longer divides (another --batch-size, or more processes)
+    # named it as a flag given; the user typed no --micro-batch: it is the run's, from its start
+    config = json.loads((trained / "config.json").read_text())
+    config["train"].update(micro_batch=4, wandb=False)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert train_in_process("--resume", str(run), "--batch-size", "6") == 2
+    assert capsys.readouterr().err == ("nanoqwen train: error: the run's own --micro-batch 4 must divide --batch-size "
+                                       "6 evenly; --micro-batch 3 does\n")
+    assert sorted(path.name for path in run.iterdir()) == ["config.json"]
+
+
 def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # The default prompt is a new line: a model that ended the document at once printed blank lines.

@@ -9,6 +9,7 @@ splits that into micro-batches. So:
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,19 +109,26 @@ def batch_offsets(seed: int, step: int, batch_size: int, seq_len: int, num_token
     return rng.integers(0, num_tokens - seq_len, size=batch_size)  # window = seq_len + 1 tokens
 
 
-def check_batch(batch_size: int, micro_batch: int | None, world_size: int) -> int:
+def check_batch(batch_size: int, micro_batch: int | None, world_size: int, runs_own: Iterable[str] = ()) -> int:
     """The sequences each process gets per step, once --batch-size splits evenly over the processes and
-    --micro-batch (None: the whole per-process batch) divides that share; else one line saying which does not."""
+    --micro-batch (None: the whole per-process batch) divides that share; else one line saying which does not.
+    `runs_own`: the settings a resumed run keeps from its start (not given now), which the line says are its own."""
+    def flag(name: str, value: int) -> str:
+        said = f"--{name.replace('_', '-')} {value}"
+        return f"the run's own {said}" if name in runs_own else said
+
     if batch_size % world_size:
-        raise NanoQwenError(f"--batch-size {batch_size} must be a multiple of the {world_size} processes")
+        raise NanoQwenError(f"{flag('batch_size', batch_size)} must be a multiple of the {world_size} processes")
     per_rank = batch_size // world_size
     if micro_batch is not None and micro_batch <= 0:
         raise NanoQwenError(f"--micro-batch must be at least 1, got {micro_batch}")
     if micro_batch is not None and per_rank % micro_batch:
-        share = f"--batch-size {batch_size}" if world_size == 1 else \
-            f"the {per_rank} sequences each process gets a step (--batch-size {batch_size} over {world_size} processes)"
+        share = flag("batch_size", batch_size) if world_size == 1 else (f"the {per_rank} sequences each process gets "
+                                                                       f"a step ({flag('batch_size', batch_size)} "
+                                                                       f"over {world_size} processes)")
         fits = max(size for size in range(1, min(micro_batch, per_rank) + 1) if per_rank % size == 0)
-        raise NanoQwenError(f"--micro-batch {micro_batch} must divide {share} evenly; --micro-batch {fits} does")
+        raise NanoQwenError(f"{flag('micro_batch', micro_batch)} must divide {share} evenly; --micro-batch {fits} "
+                            "does")
     return per_rank
 
 
