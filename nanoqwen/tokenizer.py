@@ -519,7 +519,9 @@ def prune_stale_qwen3_folders(current: Path) -> None:
     no lock: their reads show in its times). Renamed away first, so a reader never sees it half deleted."""
     cutoff = time.time() - STALE_AFTER_DAYS * 86400
     for folder in current.parent.iterdir():
-        if folder.name == current.name or not _BUILT_FOLDER.fullmatch(folder.name):
+        # A link is the user's (a build writes a folder): renamed away, it was left under a hidden name (rmtree
+        # refuses links), the user's folder it pointed at gone from the cache
+        if folder.name == current.name or folder.is_symlink() or not _BUILT_FOLDER.fullmatch(folder.name):
             continue
         try:
             fd = _lock(folder, exclusive=True)
