@@ -324,3 +324,22 @@ def test_folders_of_other_qwen3_tokenizer_builds_are_pruned_when_nothing_uses_th
         linked, "mine", "qwen3-tokenizer-mine",  # a link, and names a build never gives
     ])
     assert (tmp_path / linked / "tokenizer.json").read_text() == "{}"
+
+
+def test_a_qwen3_tokenizer_folder_renamed_away_while_its_lock_was_awaited_is_not_held(tmp_path):
+    # A reader waits for its shared lock while a prune renames the folder away: it must see the folder it locked is
+    # no longer at the name (and close it, then build anew). os.stat raised FileNotFoundError there, the open
+    # folder left behind in the process, locked, for good.
+    import os
+
+    folder = tmp_path / "qwen3-tokenizer"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        assert nanoqwen.tokenizer._still_named(folder, fd)
+        folder.rename(tmp_path / ".qwen3-tokenizer.tmp-1-stale")
+        assert not nanoqwen.tokenizer._still_named(folder, fd)
+        folder.mkdir()  # built anew at the name: another folder
+        assert not nanoqwen.tokenizer._still_named(folder, fd)
+    finally:
+        os.close(fd)
