@@ -513,13 +513,24 @@ def _lock(folder: Path, exclusive: bool) -> int | None:
     return fd
 
 
+def _still_named(folder: Path, fd: int) -> bool:
+    """Whether `folder` still names the folder open as `fd`: a prune may have renamed it away (nothing left at the
+    name: the caller closes `fd` all the same) or another process built it anew while this one waited for its lock."""
+    try:
+        return os.path.samestat(os.stat(folder), os.fstat(fd))
+    except FileNotFoundError:
+        return False
+
+
 def prune_stale_qwen3_folders(current: Path) -> None:
     """Delete the official tokenizer's folders of other builds that no process is using: none holds a lock on it
     (this version's readers hold one while they run) and none read it for STALE_AFTER_DAYS (older versions take
     no lock: their reads show in its times). Renamed away first, so a reader never sees it half deleted."""
     cutoff = time.time() - STALE_AFTER_DAYS * 86400
     for folder in current.parent.iterdir():
-        if folder.name == current.name or not _BUILT_FOLDER.fullmatch(folder.name):
+        # A link is the user's (a build writes a folder): renamed away, it was left under a hidden name (rmtree
+        # refuses links), the user's folder it pointed at gone from the cache
+        if folder.name == current.name or folder.is_symlink() or not _BUILT_FOLDER.fullmatch(folder.name):
             continue
         try:
             fd = _lock(folder, exclusive=True)
@@ -555,7 +566,7 @@ def _qwen3_cached_folder() -> Path:
             fd = _lock(folder, exclusive=False)
             if fd is None:  # no locks here: no prune can take one either, so none deletes it
                 return folder
-            if os.stat(folder).st_ino == os.fstat(fd).st_ino:  # still the folder at that name
+            if _still_named(folder, fd):
                 _held_locks.append(fd)
                 prune_stale_qwen3_folders(folder)
                 return folder

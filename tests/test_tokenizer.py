@@ -307,11 +307,39 @@ def test_folders_of_other_qwen3_tokenizer_builds_are_pruned_when_nothing_uses_th
         (tmp_path / name / "tokenizer.json").write_text("{}")
         for path in (tmp_path / name / "tokenizer.json", tmp_path / name)[name == recent:]:  # recent: read now
             os.utime(path, (long_ago, long_ago))
+    # A link named as a build's is the user's, kept (it was renamed to a hidden name and left there, rmtree
+    # refusing links), as is the folder it points at
+    linked = f"qwen3-tokenizer-{'3' * 16}"
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "tokenizer.json").write_text("{}")
+    for path in (tmp_path / "mine" / "tokenizer.json", tmp_path / "mine"):
+        os.utime(path, (long_ago, long_ago))
+    (tmp_path / linked).symlink_to(tmp_path / "mine")
     reader = os.open(tmp_path / held, os.O_RDONLY)
     fcntl.flock(reader, fcntl.LOCK_SH)
     nanoqwen.tokenizer.prune_stale_qwen3_folders(tmp_path / current)
     os.close(reader)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([
         f".{current}.tmp-1-x", current, held, recent,  # a writer's, this build's, held by a reader, read lately
-        "qwen3-tokenizer-mine",  # not a name a build gives
-    ]
+        linked, "mine", "qwen3-tokenizer-mine",  # a link, and names a build never gives
+    ])
+    assert (tmp_path / linked / "tokenizer.json").read_text() == "{}"
+
+
+def test_a_qwen3_tokenizer_folder_renamed_away_while_its_lock_was_awaited_is_not_held(tmp_path):
+    # A reader waits for its shared lock while a prune renames the folder away: it must see the folder it locked is
+    # no longer at the name (and close it, then build anew). os.stat raised FileNotFoundError there, the open
+    # folder left behind in the process, locked, for good.
+    import os
+
+    folder = tmp_path / "qwen3-tokenizer"
+    folder.mkdir()
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        assert nanoqwen.tokenizer._still_named(folder, fd)
+        folder.rename(tmp_path / ".qwen3-tokenizer.tmp-1-stale")
+        assert not nanoqwen.tokenizer._still_named(folder, fd)
+        folder.mkdir()  # built anew at the name: another folder
+        assert not nanoqwen.tokenizer._still_named(folder, fd)
+    finally:
+        os.close(fd)
