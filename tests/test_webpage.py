@@ -666,6 +666,20 @@ def test_header_recovers_when_the_server_answers_again(page) -> None:
     expect(page.locator(".message.chat-only .content")).to_have_text(["Before", before])
     page.keyboard.press("Escape")
     expect(page.locator(".message.user .editor")).to_have_count(0)
+    # Enter in an editor left open while another reply streams (Regenerate here) sends nothing and keeps the edit:
+    # it closed the editor, the new text lost, as if sent.
+    page.click(".message.user button.edit")
+    page.keyboard.type(" again")
+    page.click("button.regenerate")
+    expect(page.locator("#stop")).to_be_enabled()
+    page.focus(".message.user .editor textarea")
+    page.keyboard.press("Enter")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Before again")
+    page.keyboard.press("Escape")  # stops the reply, the editor open
+    expect(page.locator("#stats")).to_have_text("stopped before the first token")
+    expect(page.locator(".message.user .editor textarea")).to_have_value("Before again")
+    page.keyboard.press("Escape")
+    expect(page.locator(".message.user .editor")).to_have_count(0)
     page.unroute("**/v1/chat/completions")
     page.evaluate("document.querySelector('.message.completion').remove()")
     send_and_wait(page, "Hello")

@@ -884,6 +884,7 @@ function cancelEdit(refocus = false) {
 }
 
 function sendEdit() {
+  if (state.controller) return; // another reply streams (its Send is disabled): the edit waits, as typed
   const { box, form } = state.editing;
   const text = form.querySelector("textarea").value;
   const from = state.history.findIndex((message) => message.box === box);
