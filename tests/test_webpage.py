@@ -482,7 +482,10 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         # A reader scrolled up in the thinking when the answer begins keeps it open: folded under them, the
         # transcript shrank and jumped to the answer, their place lost.
         page.set_viewport_size({"width": 1280, "height": 360})  # the transcript scrolls
-        answer = "Paris:\n```py\nif  x:\n\tcity = 1\n```\n```x``` is inline code, no block."
+        # A block of four backticks holds one of three (as a reply showing Markdown writes it), as Markdown reads it:
+        # the inner fences closed nothing, the outer ones were left as text.
+        nested = "````md\n```py\nx\n```\n````\n"
+        answer = "Paris:\n```py\nif  x:\n\tcity = 1\n```\n```x``` is inline code, no block.\n" + nested
         thought = "<think>\n" + "A long thought.\n" * 20 + "</think>\n\n" + answer
 
         def answer_once_scrolled_up(route) -> None:
@@ -499,8 +502,8 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         # on the page, the reply came with "Thinking" and the thinking).
         last = page.locator(".message.assistant").last
         expect(last.locator(".answer")).to_have_text(answer)
-        expect(last.locator(".answer .code-block")).to_have_text(["```py\nif  x:\n\tcity = 1\n```\n"])
-        assert "monospace" in last.locator(".code-block").evaluate("code => getComputedStyle(code).fontFamily")
+        expect(last.locator(".answer .code-block")).to_have_text(["```py\nif  x:\n\tcity = 1\n```\n", nested])
+        assert "monospace" in last.locator(".code-block").first.evaluate("code => getComputedStyle(code).fontFamily")
         page.context.grant_permissions(["clipboard-read", "clipboard-write"])
         last.locator("button.copy").click()
         page.wait_for_function("async (answer) => await navigator.clipboard.readText() === answer", arg=answer)

@@ -418,23 +418,30 @@ function thinkingParts(reply, inThinking) {
   return /^\s*<think>([\s\S]*?)(<\/think>|$)([\s\S]*)$/.exec(opened);
 }
 
-// Text as typed, with each fenced block of code (a line of ``` to the next) set in a monospace box, its fences
-// kept: the page's text stays the model's, spaces and all, for a reader who copies it.
+// Text as typed, with each fenced block of code (a line of ``` or ~~~ to the next) set in a monospace box, its fences
+// kept: the page's text stays the model's, spaces and all, for a reader who copies it. As in Markdown, a block is
+// closed by a fence of its own character, at least as long: one of ```` holds a block of ``` (Markdown shown as
+// typed).
 function withCodeBlocks(text) {
   const nodes = [];
   const codeBlock = (code) => Object.assign(document.createElement("code"),
     { className: "code-block", textContent: code });
   let prose = "";
   let code = null; // the open block's text so far
+  let fence = ""; // its opening fence's backticks or tildes
   for (const line of text.split(/(?<=\n)/)) { // each line with its newline
-    if (code === null && /^ {0,3}```[^`]*$/.test(line)) { // (a line "```x```" is inline code, as Markdown reads it)
+    // (a line "```x```" is inline code, as Markdown reads it: a fence of backticks has none after it)
+    const opening = code === null && /^ {0,3}(`{3,}(?=[^`]*$)|~{3,})/.exec(line);
+    if (opening) {
       if (prose) nodes.push(document.createTextNode(prose));
       prose = "";
       code = line;
+      fence = opening[1];
     } else if (code === null) prose += line;
     else {
       code += line;
-      if (/^ {0,3}```\s*$/.test(line)) {
+      const closing = /^ {0,3}(`{3,}|~{3,})\s*$/.exec(line);
+      if (closing && closing[1][0] === fence[0] && closing[1].length >= fence.length) {
         nodes.push(codeBlock(code));
         code = null;
       }
