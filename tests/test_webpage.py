@@ -93,6 +93,13 @@ def reload(page, model_name: str = "tiny-web") -> None:
     page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
 
 
+def wait_for_clipboard(page, text: str) -> None:
+    """Until the clipboard holds `text` (the page needs clipboard-read). A predicate that returns a promise is
+    truthy at once: the clipboard is read into window.clipboardText, and that compared."""
+    page.wait_for_function("(text) => { navigator.clipboard.readText().then((read) => { "
+                           "window.clipboardText = read; }); return window.clipboardText === text; }", arg=text)
+
+
 def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert "parameters" in page.text_content("#model-size")
     # The tab names the model (two servers' tabs read "nanoqwen" alike) and has an icon (it was blank).
@@ -506,7 +513,7 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         assert "monospace" in last.locator(".code-block").first.evaluate("code => getComputedStyle(code).fontFamily")
         page.context.grant_permissions(["clipboard-read", "clipboard-write"])
         last.locator("button.copy").click()
-        page.wait_for_function("async (answer) => await navigator.clipboard.readText() === answer", arg=answer)
+        wait_for_clipboard(page, answer)
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-thinking.png"))
         # Thinking on, the prompt ends inside the thinking: the reply is thinking from its first token, and a
@@ -523,6 +530,9 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         reload(page, "thinker")
         expect(cut.locator(".thinking-text")).to_have_text(thinking.strip())
         expect(cut.locator(".answer")).to_have_text("")
+        # With no answer, Copy gives the thinking shown (it emptied the clipboard, and said "Copied").
+        page.locator(".message.assistant").last.locator("button.copy").click()
+        wait_for_clipboard(page, thinking.strip())
         page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 

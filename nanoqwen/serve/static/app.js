@@ -353,7 +353,7 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
   const [name, title, act] = kind === "user"
     ? ["edit", "Change this message and send it again: the turns after it are dropped and the reply regenerated",
       () => startEdit(box)]
-    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking)" : "Copy the prompt and its continuation",
+    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking, if it has an answer)" : "Copy the prompt and its continuation",
       () => copyReply(box)];
   const button = Object.assign(document.createElement("button"), {
     type: "button", className: `ghost ${name}`, textContent: name === "edit" ? "Edit" : "Copy", title,
@@ -452,15 +452,19 @@ function withCodeBlocks(text) {
   return nodes;
 }
 
-// A reply's text to the clipboard: a chat reply's answer (its thinking left out), a completion's prompt and text.
+// A reply's text to the clipboard: a chat reply's answer (its thinking left out; the thinking where there is no
+// answer, as in a reply cut while it thinks), a completion's prompt and text. An empty reply leaves the clipboard as
+// it is (it was emptied, "Copied" said).
 async function copyReply(box) {
   const { kind, text, prompt, inThinking } = records.get(box);
   const parts = kind === "assistant" ? thinkingParts(text, inThinking) : null;
-  const copied = await copyText(kind === "completion" ? prompt + text : parts ? parts[3].replace(/^\s+/, "") : text);
+  const reply = kind === "completion" ? prompt + text
+    : parts ? parts[3].replace(/^\s+/, "") || parts[1].trim() : text;
+  const copied = reply ? await copyText(reply) : null;
   const button = box.querySelector("button.copy");
-  button.textContent = copied ? "Copied" : "Copy failed";
+  button.textContent = copied ? "Copied" : copied === null ? "Nothing to copy" : "Copy failed";
   setTimeout(() => { button.textContent = "Copy"; }, 1500);
-  if (!copied) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
+  if (copied === false) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
 }
 
 async function copyText(text) { // whether it was copied
