@@ -602,13 +602,13 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
     page.click("label:has(#mode-completion)")
     page.fill("#temperature", "0")
     page.fill("#max-tokens", "40")
-    page.fill("#stop-strings", "\\n\nsea\\tbreeze\nback\\\\slash")
+    page.fill("#stop-strings", "\\n\nsea\\tbreeze\nback\\\\slash\nend\\r")
     page.fill("#min-p", "0.05")  # min-p goes out as vLLM's min_p (greedy here: the same text)
     page.fill("#prompt", "Once upon a time")
     with page.expect_request("**/v1/completions") as sent:
         page.click("#send")
     page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
-    stops = ["\n", "sea\tbreeze", "back\\slash"]
+    stops = ["\n", "sea\tbreeze", "back\\slash", "end\r"]  # \r as --stop reads it (it went out as a backslash and an r)
     assert json.loads(sent.value.post_data)["stop"] == stops and json.loads(sent.value.post_data)["min_p"] == 0.05
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
     expected = client.completions.create(model="tiny-web", prompt="Once upon a time", max_tokens=40, temperature=0,

@@ -241,12 +241,13 @@ function numberField(id, { integer = false, optional = false } = {}) {
   return value;
 }
 
-// The stop strings box: one per line, where \n, \t and \\ stand for a newline, a tab and a backslash (so a
-// stop can be the end of a line); more than the API's 4 is an error, not a silent cut.
+// The stop strings box: one per line, where \n, \t, \r and \\ stand for a newline, a tab, a carriage return and a
+// backslash, as in --stop (so a stop can be the end of a line, a Windows one too); more than the API's 4 is an
+// error, not a silent cut.
 function stopStrings() {
   const box = $("stop-strings");
   box.classList.remove("invalid");
-  const unescape = (line) => line.replace(/\\(n|t|\\)/g, (_, c) => ({ n: "\n", t: "\t", "\\": "\\" })[c]);
+  const unescape = (line) => line.replace(/\\(n|t|r|\\)/g, (_, c) => ({ n: "\n", t: "\t", r: "\r", "\\": "\\" })[c]);
   const stops = box.value.split("\n").filter((line) => line.length > 0).map(unescape);
   if (stops.length > 4) {
     box.classList.add("invalid");
@@ -353,8 +354,8 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
   const [name, title, act] = kind === "user"
     ? ["edit", "Change this message and send it again: the turns after it are dropped and the reply regenerated",
       () => startEdit(box)]
-    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking, if it has an answer)" : "Copy the prompt and its continuation",
-      () => copyReply(box)];
+    : ["copy", kind === "assistant" ? "Copy the reply (without its thinking, if it has an answer)"
+      : "Copy the prompt and its continuation", () => copyReply(box)];
   const button = Object.assign(document.createElement("button"), {
     type: "button", className: `ghost ${name}`, textContent: name === "edit" ? "Edit" : "Copy", title,
   });
