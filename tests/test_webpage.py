@@ -366,6 +366,14 @@ def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     # A message too long even alone is refused, and the history it would have pushed out stays.
     send_and_wait(page, "seven " * 1100)
     assert "context" in page.text_content("#stats") and page.input_value("#prompt") == "seven " * 1100
+    # A send that fails with no reply never happened: the turn it dropped comes back, to the model too (it stayed
+    # dropped, the conversation on the page as before).
+    page.route("**/v1/chat/completions", lambda route: route.abort())
+    send_and_wait(page, "seven eight nine " * 90)
+    assert "lost the connection" in page.text_content("#stats")
+    assert page.eval_on_selector_all(".message", "boxes => boxes.map((box) => box.classList.contains('dropped'))"
+                                     ) == marked
+    page.unroute("**/v1/chat/completions")
     page.fill("#max-tokens", "20")
     send_and_wait(page, "Short")
     after = client.chat.completions.create(model="tiny-web", max_tokens=20, temperature=0, messages=[

@@ -521,6 +521,16 @@ function markDropped(box) { // still shown, no longer seen by the model
   box.title = "dropped from the conversation to fit the model's context";
 }
 
+// The messages fitHistory dropped for a send that never happened (it failed, or a regenerate or an edit ended with
+// no text): the model sees them again, as the page shows the conversation as it was (they stayed dropped).
+function bringBack(messages) {
+  state.history.unshift(...messages);
+  for (const { box } of messages) {
+    box.classList.remove("dropped");
+    box.removeAttribute("title");
+  }
+}
+
 // Saved when a turn ends (stopped too: see beforeunload) or a transcript is cleared, not for every token. A
 // conversation over SAVED_CHARS loses its oldest messages (a message with its reply) first.
 function saveConversation() {
@@ -627,25 +637,29 @@ function wire(messages) {
 }
 
 // Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
-// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many were dropped, and the ids of
-// the prompt left (null if the server cannot say). A message too long even alone drops nothing: the server
-// refuses it, and the history stays for the next one.
+// max_tokens (at most half the context), as `nanoqwen chat` does; returns how many turns were dropped, their
+// messages (see bringBack), and the ids of the prompt left (null if the server cannot say). A message too long even
+// alone drops nothing: the server refuses it, and the history stays for the next one.
 async function fitHistory(lead, text, body) {
   const user = { role: "user", content: text };
   const fits = (fit) => fit.count <= fit.max_model_len
     - Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
   let fit = await countTokens([...lead, ...state.history, user], body);
-  const kept = { dropped: 0, prompt: fit?.tokens ?? null };
+  const kept = { turns: 0, messages: [], prompt: fit?.tokens ?? null };
   if (!fit || fits(fit) || !state.history.length) return kept;
   const alone = await countTokens([...lead, user], body);
   if (!alone || alone.count > alone.max_model_len) return kept;
-  let dropped = 0;
+  let turns = 0;
+  const messages = [];
   while (fit && !fits(fit) && state.history.length) {
-    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) markDropped(message.box);
-    dropped += 1;
+    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) {
+      markDropped(message.box);
+      messages.push(message);
+    }
+    turns += 1;
     fit = await countTokens([...lead, ...state.history, user], body);
   }
-  return { dropped, prompt: fit?.tokens ?? null };
+  return { turns, messages, prompt: fit?.tokens ?? null };
 }
 
 // Sends the message in the box; or, `again` ({from, text, edited}: see regenerate and sendEdit), `text` in place of
@@ -671,6 +685,7 @@ async function send(again = null) {
   for (const { box: later } of replaced.slice(1)) later.hidden = true;
   if (again) showText(replaced[0].box, text);
   let path, body, box;
+  let dropped = []; // the history's oldest messages, dropped to fit this one (see fitHistory)
   const turn = []; // the boxes this send adds to the transcript
   const chat = mode() === "chat"; // (the mode switch is disabled while a reply streams)
   if (chat) {
@@ -686,12 +701,13 @@ async function send(again = null) {
       body.chat_template_kwargs = { enable_thinking: false };
     }
     if (!again) $("prompt").value = ""; // (what is typed there meanwhile is the next message's)
-    const { dropped, prompt } = await fitHistory(lead, text, body);
-    if (dropped) {
-      note(box, `${dropped === 1 ? "the oldest turn was" : `the ${dropped} oldest turns were`} dropped `
+    const fit = await fitHistory(lead, text, body);
+    dropped = fit.messages;
+    if (fit.turns) {
+      note(box, `${fit.turns === 1 ? "the oldest turn was" : `the ${fit.turns} oldest turns were`} dropped `
         + "to fit the model's context");
     }
-    records.get(box).inThinking = await opensThinking(prompt);
+    records.get(box).inThinking = await opensThinking(fit.prompt);
     showText(box, "");
     body.messages = wire([...lead, ...state.history, { role: "user", content: text }]);
     state.history.push({ role: "user", content: text, box: userBox });
@@ -714,6 +730,7 @@ async function send(again = null) {
     showText(replaced[0].box, replaced[0].content);
     for (const { box: later } of replaced) later.hidden = false;
     state.history.push(...replaced);
+    bringBack(dropped);
     restored = true;
   };
 
@@ -800,7 +817,10 @@ async function send(again = null) {
         // failed is said in the status line, as for a setting that stops a send.
         if (again) restore(); // the message box is left as it is
         else {
-          if (chat) state.history.pop();
+          if (chat) {
+            state.history.pop();
+            bringBack(dropped);
+          }
           for (const el of turn) el.remove();
           if (!$("prompt").value) $("prompt").value = text;
         }
