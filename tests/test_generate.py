@@ -126,8 +126,8 @@ def test_text_flags_read_a_shells_backslash_escapes():
     typed = ["--stop", r"\n", "--stop", r"a\tb\r", "--stop", r"C:\dir\\", "--stop", r"\\n"]
     said = r"\n, \t, \r and \\ in it are a newline, a tab, a carriage return and a backslash"
     helps = {"--prompt": f'--prompt PROMPT text to continue ("": a new document, unconditioned); {said}',
-             "--system": f"--system SYSTEM system message of the chat template (not with --raw); {said} (what you type in the chat is sent as "
-                         "typed)"}
+             "--system": f"--system SYSTEM system message of the chat template (not with --raw); {said} (what you type "
+                         "in the chat is sent as typed)"}
     for command, flag in ((sample, "--prompt"), (chat, "--system")):
         parser = argparse.ArgumentParser()
         command.add_arguments(parser)
