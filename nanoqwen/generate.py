@@ -244,26 +244,30 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
         return values.masked_fill(top_p_drops(values.softmax(-1), top_p), float("-inf")), ids
     probs = logits.softmax(-1)
     vocab = logits.shape[-1]
-    k = min(NUCLEUS_FIRST_TRY, vocab)
+
+    def at_least(mass: torch.Tensor, most: torch.Tensor) -> int:
+        """How many tokens it takes, at most `most` probability each, to hold `mass` (B,) more in every row."""
+        return int((mass / most.double().clamp(min=1e-30)).max().clamp(max=vocab))
+
+    p = float(torch.tensor(top_p, dtype=torch.float32)) + NUCLEUS_MARGIN  # top_p as float32 compares it, and more
+    k = max(NUCLEUS_FIRST_TRY, 2 * at_least(torch.tensor([p]), probs.amax(-1)))  # a flat row: sort at once
     while k <= vocab // NUCLEUS_SORT_BEYOND:
         values, ids = torch.topk(logits, k, dim=-1, sorted=False)
         # Every token above the k-th value is among these k; of those tied with it, maybe not all are: leave them
         # out (-inf). They would come after all the others.
         values = values.masked_fill(values <= values.amin(-1, keepdim=True), float("-inf"))
         found_probs = probs.gather(-1, ids).masked_fill(values.isinf(), 0.0)
-        mass = found_probs.sum(-1, dtype=torch.float64)
-        short = float(torch.tensor(top_p, dtype=torch.float32)) + NUCLEUS_MARGIN - mass  # (B,): > 0 needs more
+        short = p - found_probs.sum(-1, dtype=torch.float64)  # (B,): > 0 needs more
         if bool((short <= 0).all()):
             ids, by_id = ids.sort(dim=-1, descending=True)  # then a stable sort by value ranks tied higher ids first
             values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
             ids = ids.gather(-1, order)
             return values.masked_fill(top_p_drops(found_probs.gather(-1, by_id.gather(-1, order)), top_p),
                                       float("-inf")), ids
-        # Each token not found is at most as likely as the k-th: at least `short` / its probability more are needed.
-        kth_prob = probs.gather(-1, ids).amin(-1).double().clamp(min=1e-30)
-        k = max(k * 8, 2 * (k + int((short / kth_prob).max().clamp(max=vocab))))
-    values, ids = torch.sort(logits, dim=-1, stable=True)  # ascending, ties in id order: read backwards
-    values, ids = values.flip(-1), ids.flip(-1)
+        k = max(k * 8, 2 * (k + at_least(short, probs.gather(-1, ids).amin(-1))))  # none left is above the k-th
+    # Sorted backwards, a stable sort ranks the higher of tied ids first.
+    values, backwards = torch.sort(logits.flip(-1), dim=-1, descending=True, stable=True)
+    ids = vocab - 1 - backwards
     return values.masked_fill(top_p_drops(probs.gather(-1, ids), top_p), float("-inf")), ids
 
 
