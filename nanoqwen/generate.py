@@ -174,28 +174,101 @@ def sampled_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.
     """What a token is drawn from, as Transformers' warpers do it: temperature, then top-k, then top-p, then
     min-p (vLLM applies min-p before top-k/top-p; the two orders differ only where top-p and min-p both cut).
     The logits of the tokens left (-inf where dropped), and the token id of each column (None: column j is
-    token j; with top-k only the best columns are kept, sorted)."""
+    token j; with top-k or top-p the columns are the best tokens, best first). The ids may stop before the
+    logits do: the columns past them are dropped tokens', there so that the draw takes as many random numbers
+    as over all of them (as many as the vocabulary, or the top-k with its ties), which keeps seeded samples."""
     # Shifted so that the best logit is 0 before dividing (softmax is unchanged): a tiny temperature then
     # sends the others to -inf rather than overflowing them all to inf, whose softmax would be nan.
     logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature
     candidates = None  # with top-k, sample among the k best only: no full-vocabulary sort or softmax
+    width = logits.shape[-1]  # the columns drawn from
     if params.top_k > 0:
         # Tokens tied with the k-th best stay in, as Transformers keeps them: take as many as the most ties
         # need, then drop what falls below each row's k-th value.
-        kth = torch.topk(logits, min(params.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
-        logits, candidates = torch.topk(logits, int((logits >= kth).sum(-1).max()), dim=-1)  # sorted
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        top_k = min(params.top_k, width)
+        if params.top_p < 1.0 and top_k > width // NUCLEUS_SORT_BEYOND >= NUCLEUS_FIRST_TRY and logits.is_cpu:
+            # A top-k larger than `nucleus` looks through costs about a sort on a CPU: find the k-th value alone,
+            # and let `nucleus` look for the tokens top-p keeps among those at or above it.
+            kth = torch.kthvalue(logits, width - top_k + 1, dim=-1, keepdim=True).values
+            width = int((logits >= kth).sum(-1).max())
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        else:
+            kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+            logits, candidates = torch.topk(logits, int((logits >= kth).sum(-1).max()), dim=-1)  # sorted
+            logits = logits.masked_fill(logits < kth, float("-inf"))
     if params.top_p < 1.0:
         if candidates is None:
-            logits, candidates = torch.sort(logits, descending=True, dim=-1)
-        probs = logits.softmax(-1)
-        drop = probs.cumsum(-1) - probs >= params.top_p  # mass before this token already reaches p
-        drop[:, 0] = False  # the best token always stays: a top_p that float32 rounds to 0 dropped it too
-        logits = logits.masked_fill(drop, float("-inf"))
+            kept, candidates = nucleus(logits, params.top_p)
+            kept, candidates = kept[:, :width], candidates[:, :width]  # past a large top-k's, all are dropped
+            logits = kept.new_full((kept.shape[0], width), float("-inf"))
+            logits[:, :kept.shape[-1]] = kept
+        else:
+            logits = logits.masked_fill(top_p_drops(logits.softmax(-1), params.top_p), float("-inf"))
     if params.min_p > 0:
         # probability >= min_p * the best's, in logits: the best is 0 here (shifted above; top-k and top-p keep it)
         logits = logits.masked_fill(logits < math.log(params.min_p), float("-inf"))
     return logits, candidates
+
+
+def top_p_drops(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Where top-p drops a token, given the probabilities (B, K) of columns sorted best first."""
+    drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches p
+    drop[:, 0] = False  # the best token always stays: a top_p that float32 rounds to 0 dropped it too
+    return drop
+
+
+# On a CPU, `nucleus` looks for the kept tokens among the best NUCLEUS_FIRST_TRY, then among more; once it would need
+# more than 1/NUCLEUS_SORT_BEYOND of the vocabulary, sorting all of it costs less (at 151,936 tokens on one core:
+# torch.topk of 64 took 0.3 ms, of 19,000 3 ms, the full sort 14 ms).
+NUCLEUS_FIRST_TRY = 64
+NUCLEUS_SORT_BEYOND = 8
+# The mass (float64) of the tokens found must pass top_p by this much, far more than float32 rounds the cumulative
+# sums by (1e-7): then the full sort drops every token the search leaves out.
+NUCLEUS_MARGIN = 1e-6
+
+
+def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-p over logits (B, V) (-inf: dropped already): each row's best tokens, best first, as logits (-inf where
+    top-p drops them) and their ids (B, K). K may be less than V: the tokens past the columns given are all dropped.
+
+    On a GPU, by a sort of the vocabulary, which is cheap there (its sort of more than 32 values is stable: ties
+    come in id order). On a CPU a sort of 151,936 logits cost several times the rest of a token's sampling, so the
+    tokens are looked for among the k best (torch.topk), k growing until those above the k-th value hold p of the
+    mass, and sorted all only where that would take too many. There ties rank the higher id first (as Transformers'
+    top-p, which sorts ascending, leaves them on a GPU; a CPU sort orders ties as it happens to), and the
+    probabilities are the softmax of the whole row in token order: the search and the sort keep the same tokens,
+    with the same probabilities.
+    """
+    if not logits.is_cpu:
+        values, ids = torch.sort(logits, dim=-1, descending=True)
+        return values.masked_fill(top_p_drops(values.softmax(-1), top_p), float("-inf")), ids
+    probs = logits.softmax(-1)
+    vocab = logits.shape[-1]
+
+    def at_least(mass: torch.Tensor, most: torch.Tensor) -> int:
+        """How many tokens it takes, at most `most` probability each, to hold `mass` (B,) more in every row."""
+        return int((mass / most.double().clamp(min=1e-30)).max().clamp(max=vocab))
+
+    p = float(torch.tensor(top_p, dtype=torch.float32)) + NUCLEUS_MARGIN  # top_p as float32 compares it, and more
+    k = max(NUCLEUS_FIRST_TRY, 2 * at_least(torch.tensor([p]), probs.amax(-1)))  # a flat row: sort at once
+    while k <= vocab // NUCLEUS_SORT_BEYOND:
+        values, ids = torch.topk(logits, k, dim=-1, sorted=False)
+        # Every token above the k-th value is among these k; of those tied with it, maybe not all are: leave them
+        # out (-inf). They would come after all the others.
+        values = values.masked_fill(values <= values.amin(-1, keepdim=True), float("-inf"))
+        found_probs = probs.gather(-1, ids).masked_fill(values.isinf(), 0.0)
+        short = p - found_probs.sum(-1, dtype=torch.float64)  # (B,): > 0 needs more
+        if bool((short <= 0).all()):
+            ids, by_id = ids.sort(dim=-1, descending=True)  # then a stable sort by value ranks tied higher ids first
+            values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
+            ids = ids.gather(-1, order)
+            return values.masked_fill(top_p_drops(found_probs.gather(-1, by_id.gather(-1, order)), top_p),
+                                      float("-inf")), ids
+        k = max(k * 8, 2 * (k + at_least(short, probs.gather(-1, ids).amin(-1))))  # none left is above the k-th
+    # Sorted backwards, a stable sort ranks the higher of tied ids first.
+    values, backwards = torch.sort(logits.flip(-1), dim=-1, descending=True, stable=True)
+    ids = vocab - 1 - backwards
+    return values.masked_fill(top_p_drops(probs.gather(-1, ids), top_p), float("-inf")), ids
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int

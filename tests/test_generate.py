@@ -30,6 +30,7 @@ from nanoqwen.generate import (
     generate,
     generate_ids,
     next_tokens,
+    nucleus,
     sampled_logits,
     stream_text,
 )
@@ -360,6 +361,35 @@ def test_sampling_keeps_the_distribution_transformers_warpers_keep():
         torch.testing.assert_close(probs, warped.softmax(-1), atol=1e-6, rtol=1e-5)
         if min_p:  # it cut something: the kept sets are compared, not only tokens of tiny probability
             assert bool((warped.isinf() & ~logits.isinf()).any())
+
+
+def test_top_p_keeps_what_a_full_sort_keeps():
+    # On a CPU top-p looks for its tokens among the best few (torch.topk) rather than sorting the vocabulary. It must
+    # keep what a full sort keeps (ties: the higher id first), with the same probabilities: rows flat and peaked,
+    # bfloat16's many ties, equal leaders that top-p cuts through, top_p 0 (1e-300 in float32) to 0.9999999.
+    torch.manual_seed(0)
+    vocab = 4096
+    logits = torch.randn(6, vocab) * torch.tensor([[0.5], [2.0], [4.0], [8.0], [4.0], [3.0]])
+    logits[4] = logits[4].bfloat16().float()
+    logits[5, [7, 300, 1000, 2500]] = 20.0  # four equal leaders of ~0.25 each: top_p 0.5 keeps three
+    values, order = torch.sort(logits, dim=-1, stable=True)  # the full sort: ascending, ties in id order, reversed
+    values, order = values.flip(-1), order.flip(-1)
+    probs = logits.softmax(-1).gather(-1, order)
+    searched = set()
+    for top_p in (1e-300, 0.1, 0.5, 0.9, 0.95, 0.999, 0.9999999):
+        sort_keeps = ~(probs.cumsum(-1) - probs >= top_p)
+        sort_keeps[:, 0] = True
+        for rows in [[0], [1], [2], [3], [4], [5], list(range(6))]:
+            kept, ids = nucleus(logits[rows], top_p)
+            if kept.shape[-1] < vocab:
+                searched.add((top_p, rows[0] if len(rows) == 1 else "all"))
+            for got_logits, got_ids, row in zip(kept, ids, rows):
+                assert torch.equal(got_ids[got_logits.isfinite()], order[row][sort_keeps[row]]), (top_p, row)
+                assert torch.equal(got_logits[got_logits.isfinite()], values[row][sort_keeps[row]]), (top_p, row)
+        if top_p == 0.5:
+            assert order[5][sort_keeps[5]].tolist() == [2500, 1000, 300]
+    # Both ways were taken: at 0.9 the peaked rows were found among the best, the flat ones (and a batch) sorted.
+    assert {row for p, row in searched if p == 0.9} == {2, 3, 4, 5} and (1e-300, "all") in searched
 
 
 def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
