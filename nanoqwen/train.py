@@ -166,7 +166,9 @@ def _field_help(name: str) -> str:
     """The docstring under a TrainConfig field, for --help (one source of truth for both)."""
     found = re.search(rf"\n    {name}: [^\n]*\n    \"\"\"(.*?)\"\"\"", inspect.getsource(TrainConfig), re.S)
     default = getattr(TrainConfig, name)
-    return f"{found.group(1) if found else ''} (default: the preset's, else {default!r})"
+    # (no one can type Python's None: it is "unset" on the command line)
+    said = (found.group(1) if found else "").replace("(None: ", "(unset: ")
+    return f"{said} (default: the preset's, else {'unset' if default is None else repr(default)})"
 
 
 # -- the run --------------------------------------------------------------------------------------

@@ -1012,7 +1012,11 @@ def test_a_warmup_given_to_resume_wins_over_one_cut_to_fit(data: Path, preset: P
     # --max-minutes 0 lifts the cap (a preset's, or the run's own as here), for this resume and those after it
     with pytest.raises(SystemExit):
         main(["train", "--help"])
-    assert "0: none (lifts a preset's cap" in " ".join(capsys.readouterr().out.split())
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "0: none (lifts a preset's cap" in shown
+    # a default no one can type was shown as Python's None
+    assert "None" not in shown and "--min-lr MIN_LR Learning rate at the last step (unset: lr / 10). (default: the " \
+        "preset's, else unset)" in shown
     assert train_in_process("--resume", str(out), "--max-minutes", "0", "--max-steps", str(step + 4)) == 0
     assert json.loads((out / "config.json").read_text())["train"]["max_minutes"] is None
     assert read_metrics(out)[-1]["step"] == step + 4 and "caps this invocation" not in capsys.readouterr().out
