@@ -6,16 +6,23 @@
     python bench/generate.py --preset qwen3-0.6b  # one random model of that preset, Qwen3 vocabulary
     python bench/generate.py --toy                # the two models at a toy size: does it run (the tests)
 
-Models (random weights; speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
+Models (random weights; greedy speed does not depend on them): the `tiny` preset with the Qwen3 vocabulary, as
 `nanoqwen init --preset tiny` writes it (43.6M parameters, most of them the 151936-row embedding), and the
 same preset at its own 8192-token vocabulary (7M; with the BPE of that size `nanoqwen tokenizer train` makes
-on Shakespeare, which a `tiny` run trains too).
+on Shakespeare, which a `tiny` run trains too). Sampling's speed does depend on them: random weights give a
+nearly flat distribution, where top-p 0.95 keeps ~138,000 of the 151,936 tokens, unlike a trained model. So the
+saved checkpoint's final norm weight is scaled by PEAK (20): the logits 20 times larger, top-p 0.95 keeps a
+few tokens (a median of 4 in a check on the prompt, the best holding ~0.85), and both libraries load that same
+peaked checkpoint. A --model is used as it is.
 
-Single stream: the same checkpoint, prompt and greedy length in both libraries, each loaded as its users
+Single stream: the same checkpoint, prompt and length in both libraries, each loaded as its users
 load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`).
 Time to first token (prefill + first token) and decode tokens/s (the tokens after the first over their
-time): each library alone in its own process, --repeats processes per library alternating, --runs
-generations in each after a warm-up, medians over all of them. Both run in the default OpenMP settings, as
+time), greedy; then sampled decode tokens/s in the same processes, the same length: nanoqwen's
+SamplingParams(temperature=1, top_k=0, top_p=0.95) and `generate(do_sample=True, top_p=0.95, top_k=0,
+temperature=1)`, which override the checkpoint's generation_config.json. Each library alone in its own
+process, --repeats processes per library alternating, --runs generations of each kind in each after a warm-up,
+medians over all of them. Both run in the default OpenMP settings, as
 `nanoqwen sample` and a Transformers script do. Server: `nanoqwen serve` in a subprocess; total tokens/s
 of one streamed greedy request vs --streams concurrent ones.
 Prints a markdown table on stdout (progress on stderr).
@@ -50,12 +57,15 @@ from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer  # noqa: E402
 
 PROMPT = ("The history of the written word begins with marks pressed into clay, and over centuries those "
           "marks became alphabets that")
-Timer = Callable[[list[int], int], list[float]]  # (prompt ids, new tokens) -> time of each new token
+Timer = Callable[[list[int], int, bool], list[float]]  # (prompt ids, new tokens, sampled) -> time of each new token
 # --toy (tests/test_bench.py): the same two vocabularies around a one-layer model of width 64, the BPE trained on
 # Shakespeare's first 200KB (enough for all 8192 ids): every row of the table, in a fraction of the time
 TOY_MODEL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1, "num_attention_heads": 2,
              "num_key_value_heads": 1, "head_dim": 32, "max_window_layers": 1}
 TOY_BPE_BYTES = "200KB"
+PEAK = 20.0  # the random checkpoints' final norm weight is scaled by this: a peaked distribution (see above)
+TOP_P = 0.95  # the sampled rows' top-p (temperature 1, no top-k)
+MODES = ("greedy", "sampled")  # what each worker times, in this order
 
 
 def log(message: str) -> None:
@@ -66,8 +76,10 @@ def nanoqwen_timer(model_dir: Path, device: str, dtype: str) -> tuple[Timer, int
     """The timer, and the model's parameter count."""
     model, _ = load_for_inference(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype))
 
-    def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
-        params = SamplingParams(max_new_tokens=new_tokens, temperature=0)  # no stop ids: always the full length
+    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
+        # no stop ids: always the full length
+        params = (SamplingParams(max_new_tokens=new_tokens, temperature=1.0, top_k=0, top_p=TOP_P, seed=0) if sampled
+                  else SamplingParams(max_new_tokens=new_tokens, temperature=0))
         start, times = time.perf_counter(), []
         for _ in generate_ids(model, [prompt_ids], params):
             times.append(time.perf_counter() - start)
@@ -97,14 +109,16 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
         def end(self) -> None:
             pass
 
-    def run(prompt_ids: list[int], new_tokens: int) -> list[float]:
+    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
         input_ids = torch.tensor([prompt_ids], device=device)
+        sampling = (dict(do_sample=True, temperature=1.0, top_p=TOP_P, top_k=0) if sampled
+                    else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
+        torch.manual_seed(0)
         clock = Clock(time.perf_counter())
         with torch.inference_mode():
             # eos_token_id=None: no early stop, exactly new_tokens, like the nanoqwen side.
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
-                           do_sample=False, temperature=None, top_p=None, top_k=None, eos_token_id=None,
-                           pad_token_id=0, streamer=clock)
+                           eos_token_id=None, pad_token_id=0, streamer=clock, **sampling)
         return clock.times
 
     return run
@@ -112,43 +126,49 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
 
 def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int, runs: int, device: str,
            dtype: str) -> None:
-    """One library alone in this process: a warm-up, then `runs` timed generations, as JSON on stdout.
-    Both sides hand each token to the host as it is made (a device sync), so the clock reads real times."""
+    """One library alone in this process: a warm-up, then `runs` timed greedy generations and `runs` sampled ones,
+    as JSON on stdout. Both sides hand each token to the host as it is made (a device sync), so the clock reads
+    real times."""
     if library == "nanoqwen":
         timer, n_params = nanoqwen_timer(model_dir, device, dtype)
     else:
         timer, n_params = transformers_timer(model_dir, device, dtype), 0
-    timer(prompt_ids, 8)  # warm-up: first-call allocations and kernel selection
-    samples = []
-    for _ in range(runs):
-        times = timer(prompt_ids, new_tokens)
-        assert len(times) == new_tokens, f"{library} made {len(times)} tokens"
-        samples.append((times[0], (len(times) - 1) / (times[-1] - times[0])))
+    samples: dict[str, list[tuple[float, float]]] = {}
+    for mode in MODES:
+        timer(prompt_ids, 8, mode == "sampled")  # warm-up: first-call allocations and kernel selection
+        samples[mode] = []
+        for _ in range(runs):
+            times = timer(prompt_ids, new_tokens, mode == "sampled")
+            assert len(times) == new_tokens, f"{library} made {len(times)} tokens"
+            samples[mode].append((times[0], (len(times) - 1) / (times[-1] - times[0])))
     print(json.dumps({"samples": samples, "params": n_params}))
 
 
 def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int,
-                  device: str, dtype: str) -> tuple[dict[str, tuple[float, float]], int]:
-    """{library: (median time to first token in s, median decode tokens/s)} and nanoqwen's parameter count.
+                  device: str, dtype: str) -> tuple[dict[tuple[str, str], tuple[float, float]], int]:
+    """{(library, greedy or sampled): (median time to first token in s, median decode tokens/s)} and nanoqwen's
+    parameter count.
 
     Each library runs alone in its own processes (importing and running the other one in the same
     process slows the next by 10-20%: more live Python objects, colder caches), `repeats` processes
     each, alternating, `runs` generations per process."""
-    samples: dict[str, list[tuple[float, float]]] = {"nanoqwen": [], "transformers": []}
+    samples: dict[tuple[str, str], list[tuple[float, float]]] = {
+        (library, mode): [] for library in ("nanoqwen", "transformers") for mode in MODES}
     n_params = 0
     for _ in range(repeats):
-        for library in samples:
+        for library in ("nanoqwen", "transformers"):
             out = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
                                   "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
                                   "--runs", str(runs), "--device", device, "--dtype", dtype],
                                  check=True, capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
-            samples[library] += [tuple(sample) for sample in result["samples"]]
+            for mode in MODES:
+                samples[library, mode] += [tuple(sample) for sample in result["samples"][mode]]
             n_params = max(n_params, result["params"])
     medians = {name: (statistics.median(s[0] for s in runs_), statistics.median(s[1] for s in runs_))
                for name, runs_ in samples.items()}
-    for name, (ttft, rate) in medians.items():
-        log(f"  {name}: first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s")
+    for (library, mode), (ttft, rate) in medians.items():
+        log(f"  {library}, {mode}: first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s")
     return medians, n_params
 
 
@@ -247,14 +267,30 @@ def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny", toy: bo
         subprocess.run([*nanoqwen, "init", "--preset", preset, "--out", str(directory),
                         *(f"--set={field}={value}" for field, value in changes.items())],
                        check=True, stdout=subprocess.DEVNULL)
-        return directory
+        return peaked(directory)
     bpe = directory.with_name(f"{directory.name}-tokenizer")
     subprocess.run([*nanoqwen, "tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", vocab, "--out",
                     str(bpe), *(["--max-bytes", TOY_BPE_BYTES] if toy else [])], check=True, stdout=subprocess.DEVNULL)
     tokenizer = load_tokenizer(bpe)
     torch.manual_seed(0)
     config = dataclasses.replace(load_preset(preset).model, **changes)
-    return save_checkpoint(Qwen3(config_for_tokenizer(config, tokenizer, fit_vocab=True)), directory, tokenizer)
+    return peaked(save_checkpoint(Qwen3(config_for_tokenizer(config, tokenizer, fit_vocab=True)), directory,
+                                  tokenizer))
+
+
+def peaked(directory: Path) -> Path:
+    """The checkpoint with its final norm weight scaled by PEAK, in place: the logits PEAK times larger, so that
+    top-p keeps a few tokens as it does for a trained model (random weights give a nearly flat distribution)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    weights_file = directory / "model.safetensors"
+    with safe_open(weights_file, "pt") as weights:
+        metadata = weights.metadata()
+    tensors = load_file(weights_file)
+    tensors["model.norm.weight"] *= PEAK
+    save_file(tensors, weights_file, metadata=metadata)
+    return directory
 
 
 def main() -> None:
@@ -305,12 +341,16 @@ def main() -> None:
                 f"{torch.get_num_threads()} threads")
             result, n_params = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs,
                                              args.device, args.dtype)
-            (ttft, ours), (hf_ttft, theirs) = result["nanoqwen"], result["transformers"]
+            (ttft, ours), (hf_ttft, theirs) = result["nanoqwen", "greedy"], result["transformers", "greedy"]
+            sampled_ours, sampled_theirs = result["nanoqwen", "sampled"][1], result["transformers", "sampled"][1]
             label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
             rows.append(f"| {label} | single-stream decode (tok/s) | {ours:.1f} | {theirs:.1f} | "
                         f"{ours / theirs:.2f}x |")
             rows.append(f"| {label} | time to first token (ms) | {ttft * 1e3:.1f} | {hf_ttft * 1e3:.1f} | "
                         f"{hf_ttft / ttft:.2f}x |")
+            peak = "" if kind == "given" else f", final norm x{PEAK:g}"
+            rows.append(f"| {label} | single-stream sampled decode, top-p {TOP_P} T=1{peak} (tok/s) | "
+                        f"{sampled_ours:.1f} | {sampled_theirs:.1f} | {sampled_ours / sampled_theirs:.2f}x |")
             if not args.no_server and kind != "8192":
                 one, many = bench_server(model_dir, prompt_ids, args.streams, args.server_tokens, args.device,
                                          args.dtype)
@@ -326,7 +366,8 @@ def main() -> None:
     wait_policy = os.environ.get("OMP_WAIT_POLICY", "unset")
     where = (f"CPU, {torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={wait_policy}" if args.device == "cpu"
              else torch.cuda.get_device_name())
-    print(f"\n{where}, {args.dtype}, torch {torch.__version__}, greedy, {args.new_tokens} new tokens single-stream, "
+    print(f"\n{where}, {args.dtype}, torch {torch.__version__}, greedy and sampled, {args.new_tokens} new tokens "
+          "single-stream, "
           f"{args.server_tokens} per server request; load average {load_before:.1f} before, "
           f"{os.getloadavg()[0]:.1f} after\n")
     print("| model | measure | nanoqwen | Transformers | ratio |")
