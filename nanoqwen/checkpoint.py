@@ -509,9 +509,12 @@ def warn_of_special_ids(tokenizer: Tokenizer, config: ModelConfig, generation: G
         is_end = name == "eos_token_id"
         if token_id is None or token_id in (tokenizer.end_ids if is_end else tokenizer.special_ids):
             continue
-        found = f"is {tokenizer.token_shown(token_id)} in its tokenizer" \
-            if 0 <= token_id < tokenizer.vocab_size else f"is beyond its tokenizer's {tokenizer.vocab_size} ids" \
-            if token_id > 0 else "is negative, no id of its tokenizer"  # (some exports write pad -1: decode refuses it)
+        if token_id < 0:  # some exports write pad -1 (decode refuses it)
+            found = "is negative, no id of its tokenizer"
+        elif token_id >= tokenizer.vocab_size:
+            found = f"is beyond its tokenizer's {tokenizer.vocab_size} ids"
+        else:
+            found = f"is {tokenizer.token_shown(token_id)} in its tokenizer"
         if is_end:
             problem = f"not one of its end tokens ({ends}), so generation stops there, as Transformers' does"
             fix = "correct it in that file unless the model was trained to end its text there"
