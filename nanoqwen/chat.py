@@ -154,6 +154,7 @@ class Conversation:
         self.messages: list[dict[str, str]] = []  # user/assistant turns (ChatML mode)
         self.transcript = ""  # the text so far (raw mode)
         self.dropped = 0  # turns (or, raw, tokens) dropped to fit, for the caller to mention
+        self._before_user: tuple[list[dict[str, str]], str] = ([], "")  # the history before the last add_user
 
     def reset(self) -> None:
         self.messages, self.transcript = [], ""
@@ -161,6 +162,7 @@ class Conversation:
     def add_user(self, text: str) -> list[int] | None:
         """Record the user's message; the prompt ids to generate from, or None if it cannot fit at all."""
         self.dropped = 0
+        self._before_user = (list(self.messages), self.transcript)
         limit = self.context - self.reserve
         if self.raw:
             ids = self.tokenizer.encode(self.transcript + text)
@@ -187,6 +189,12 @@ class Conversation:
             raise
         return ids
 
+    def withdraw(self) -> None:
+        """Undo the last add_user (a reply stopped before its first token): the history is as it was, the turns
+        dropped to fit that message included."""
+        self.messages, self.transcript = list(self._before_user[0]), self._before_user[1]
+        self.dropped = 0
+
     def add_reply(self, text: str) -> None:
         if self.raw:
             self.transcript += text
@@ -207,8 +215,8 @@ class Conversation:
 
 
 def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
-          quitting: Callable[[], bool] = lambda: False) -> str:
-    """Stream one reply to stdout and return its text; Ctrl-C stops it there (the text so far is returned, for
+          quitting: Callable[[], bool] = lambda: False) -> tuple[str, bool]:
+    """Stream one reply to stdout; return its text and whether Ctrl-C stopped it there (the text so far, for
     the history). `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so
     that the chat ends as Ctrl-D at the prompt ends it.
     """
@@ -232,7 +240,7 @@ def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingPa
     sys.stdout.flush()
     if ended:
         raise EOFError
-    return text
+    return text, stopped
 
 
 # -- `nanoqwen chat` -----------------------------------------------------------------------------
@@ -327,7 +335,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = dataclasses.replace(params, seed=nth_seed(params.seed, turn))
         try:
-            conversation.add_reply(reply(model, tokenizer, ids, seeded, terminal.end_of_input))
+            text, stopped = reply(model, tokenizer, ids, seeded, terminal.end_of_input)
         except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends
             return 0
+        if stopped and not text:  # an empty reply would stay in the history as if the model had said nothing
+            conversation.withdraw()
+            print("(stopped before the reply began; the message is not kept)")
+            continue
+        conversation.add_reply(text)
         turn += 1

@@ -346,7 +346,17 @@ def test_history_drops_oldest_turns() -> None:
         assert roles == ["user", "assistant"] * (len(roles) // 2) + ["user"], roles  # whole exchanges dropped
         conversation.add_reply(f"ok {i}")
     assert conversation.dropped == 1
+    # A reply stopped before its first token withdraws the message: the turns dropped for it come back.
+    before = list(conversation.messages)
+    assert conversation.add_user("message 5 " + "word " * 25) is not None and conversation.dropped == 1
+    conversation.withdraw()
+    assert conversation.messages == before and conversation.dropped == 0
     raw = Conversation(tokenizer, context=50, reserve=10, raw=True)
+    raw.add_user("Once upon")
+    raw.add_reply(" a time")
+    raw.add_user(" there was")
+    raw.withdraw()
+    assert raw.transcript == "Once upon a time"
     ids = raw.add_user("word " * 100)
     assert len(ids) == 40 and raw.dropped > 0
     # Cut inside a character (each of these is several byte-level tokens): the kept text starts whole.
