@@ -64,7 +64,8 @@ def say_error(prog: str, line: str, error: BaseException | None = None) -> None:
     if says_errors(error, prog):
         say(line)
     else:
-        time.sleep(QUIET_EXIT_WAIT_S)
+        with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C reaches every process of the job: no traceback here
+            time.sleep(QUIET_EXIT_WAIT_S)
 
 
 class Parser(argparse.ArgumentParser):

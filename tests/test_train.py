@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from functools import partial
@@ -578,6 +579,15 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
             main(["trian", "--out", "x"])
         assert capsys.readouterr().err.count("nanoqwen: error: argument COMMAND: invalid choice: 'trian'") == lines
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
+        if local_rank == "1":  # Ctrl-C while it waits for LOCAL_RANK 0 ends the wait, with no traceback
+            monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 30.0)
+            threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
+            try:
+                cli.say_error("nanoqwen train", "nanoqwen train: error: --out is empty")
+            except KeyboardInterrupt:
+                pytest.fail("Ctrl-C during the wait for LOCAL_RANK 0 raised KeyboardInterrupt")
+            assert capsys.readouterr().err == ""
+            monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 0.0)
         # Only train runs as a torchrun job: another command is alone, whatever LOCAL_RANK it inherits (a worker's
         # subprocess, another launcher's), and says its error (it waited 10 s and exited 2 without a word).
         assert main(["sample", "--model", "", "--prompt", "hi"]) == 2
