@@ -83,10 +83,21 @@ def check_pre_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
                                 "convert_hf_to_gguf.py instead")
 
 
+# Added tokens that llama.cpp's converter types as control tokens even where they are not marked special
+# (its does_token_look_special): these texts, and those opening and closing as LOOKS_SPECIAL_ENDS pairs do.
+LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+LOOKS_SPECIAL_ENDS = (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">"))
+
+
+def looks_special(text: str) -> bool:
+    return text in LOOKS_SPECIAL or any(text.startswith(a) and text.endswith(b) for a, b in LOOKS_SPECIAL_ENDS)
+
+
 def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
     """Tokens and their GGUF types, as llama.cpp's converter lists a Qwen tokenizer:
     every embedding row has a token (rows past the tokenizer's are unused placeholders); added tokens that
-    are special or look it (`<|...|>`) are control tokens, other added ones (`<think>`) user-defined."""
+    are special or look it (`<|...|>`, see looks_special) are control tokens, other added ones (`<think>`)
+    user-defined."""
     by_id = {i: text for text, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
     added = tokenizer.hf.get_added_tokens_decoder()
     tokens, types = [], []
@@ -99,7 +110,7 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
         tokens.append(text)
         if i not in added:
             types.append(gguf.TokenType.NORMAL)
-        elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
+        elif added[i].special or looks_special(text):
             types.append(gguf.TokenType.CONTROL)
         else:
             types.append(gguf.TokenType.USER_DEFINED)
