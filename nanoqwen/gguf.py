@@ -27,7 +27,7 @@ from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import saved_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
-from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
+from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
 TENSOR_NAMES = {
@@ -212,7 +212,12 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_token_types(types)
     # Merges, special ids (from tokenizer_config.json in any form it takes, else config.json), whether to add
     # a BOS, the chat template: read by llama.cpp's own SpecialVocab, as its converter reads them.
-    gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size)
+    if not special_vocab.merges:  # written without the key (gguf writes no empty list), which llama.cpp requires
+        raise NanoQwenError(f"{directory}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp "
+                            "loads no BPE tokenizer without them; train one with a --vocab-size above "
+                            f"{256 + len(BPE_SPECIAL_TOKENS)} on enough text to merge some pairs")
+    special_vocab.add_to_gguf(writer, quiet=True)
 
     state = model.state_dict()
     if config.tie_word_embeddings:

@@ -241,6 +241,19 @@ def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> No
     assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "qwen2"
 
 
+def test_a_tokenizer_with_no_merges_is_refused_before_a_file_llama_cpp_cannot_load(tmp_path: Path) -> None:
+    # A BPE of bytes alone (259 ids, or a corpus with no pair to merge) was written with no tokenizer.ggml.merges
+    # (gguf cannot write an empty array) and a warning: llama.cpp refuses such a file ("cannot find tokenizer
+    # merges in model file").
+    folder, _ = checkpoint(tmp_path / "ck", train_bpe(["the cat"], 259))
+    with pytest.raises(NanoQwenError) as refused:
+        write_gguf(folder, tmp_path / "m.gguf")
+    assert str(refused.value) == (
+        f"{folder}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp loads no BPE "
+        "tokenizer without them; train one with a --vocab-size above 259 on enough text to merge some pairs")
+    assert list(tmp_path.iterdir()) == [folder]
+
+
 def test_one_converted_weight_at_a_time(tmp_path: Path, bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Weights are converted as they are written: the f16 copy of a float32 model never exists whole."""
     import gc
