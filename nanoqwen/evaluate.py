@@ -21,6 +21,7 @@ from nanoqwen.model import Qwen3
 
 if TYPE_CHECKING:
     from nanoqwen.data.loader import ChatMarks
+    from nanoqwen.data.prepare import Encoded
     from nanoqwen.tokenizer import Tokenizer
 
 
@@ -195,6 +196,36 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     return documents, stats.replacement_chars
 
 
+def text_start(texts: list[str], chars: int) -> list[str] | None:
+    """About the first `chars` characters of `texts`, cut after the first line break that a word follows from there,
+    where prepare cuts long documents too (no token spans such a point); None where that cut leaves out nothing."""
+    from nanoqwen.data.prepare import _PIECE_BOUNDARY
+
+    kept = []
+    for text in texts:
+        if len(text) > chars:
+            boundary = _PIECE_BOUNDARY.search(text, chars)
+            return None if boundary is None else [*kept, text[:boundary.end()]]
+        kept.append(text)
+        chars -= len(text)
+    return None
+
+
+def encode_documents(tokenizer: Tokenizer, texts: list[str], max_tokens: int | None) -> list[Encoded]:
+    """prepare's encoding of `texts` (encode_texts); with `max_tokens`, of only as much of their start as gives more
+    than that many ids, the first ones of the whole texts' (a large file's first windows wait for no more)."""
+    from nanoqwen.data.prepare import _piece_safe, encode_texts
+
+    if max_tokens is not None and _piece_safe(tokenizer.hf):  # (a tokenizer that splits text otherwise: all of it)
+        chars = 8 * max_tokens  # ~4 characters a token in English, fewer in other scripts: a start long enough
+        while (start := text_start(texts, chars)) is not None:
+            documents = encode_texts(tokenizer, start)
+            if sum(len(document.ids) for document in documents) > max_tokens:
+                return documents
+            chars *= 2
+    return encode_texts(tokenizer, texts)
+
+
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.checkpoint import check_data_tokenizer, read_config
     from nanoqwen.generate import load_for_inference
@@ -227,14 +258,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
     if texts is not None:
-        from nanoqwen.data.prepare import encode_texts
-
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another
         # in training; Qwen3 has no start token), so bits per byte are over all of their UTF-8 bytes, whatever the
         # file's encoding (UTF-16, a BOM). They are encoded as prepare encodes them (each ended by <|endoftext|>,
         # but the last; another added token written in one is text), so the figures are those of the tokens a run
         # trains and validates on.
-        documents = encode_texts(tokenizer, texts)
+        documents = encode_documents(tokenizer, texts, max_tokens)
         ids = np.concatenate([[tokenizer.eot_id], *(document.ids for document in documents)])[:-1]
         tokens, num_bytes = torch.from_numpy(ids.astype(np.int64)), sum(document.nbytes for document in documents)
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted

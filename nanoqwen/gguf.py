@@ -27,7 +27,7 @@ from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import saved_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
-from nanoqwen.tokenizer import Tokenizer, byte_level_tokenizer
+from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
 TENSOR_NAMES = {
@@ -83,10 +83,21 @@ def check_pre_tokenizer(tokenizer: Tokenizer, directory: Path) -> None:
                                 "convert_hf_to_gguf.py instead")
 
 
+# Added tokens that llama.cpp's converter types as control tokens even where they are not marked special
+# (its does_token_look_special): these texts, and those opening and closing as LOOKS_SPECIAL_ENDS pairs do.
+LOOKS_SPECIAL = ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+LOOKS_SPECIAL_ENDS = (("<|", "|>"), ("<｜", "｜>"), ("<unused", ">"))
+
+
+def looks_special(text: str) -> bool:
+    return text in LOOKS_SPECIAL or any(text.startswith(a) and text.endswith(b) for a, b in LOOKS_SPECIAL_ENDS)
+
+
 def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
     """Tokens and their GGUF types, as llama.cpp's converter lists a Qwen tokenizer:
     every embedding row has a token (rows past the tokenizer's are unused placeholders); added tokens that
-    are special or look it (`<|...|>`) are control tokens, other added ones (`<think>`) user-defined."""
+    are special or look it (`<|...|>`, see looks_special) are control tokens, other added ones (`<think>`)
+    user-defined."""
     by_id = {i: text for text, i in tokenizer.hf.get_vocab(with_added_tokens=True).items()}
     added = tokenizer.hf.get_added_tokens_decoder()
     tokens, types = [], []
@@ -99,7 +110,7 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
         tokens.append(text)
         if i not in added:
             types.append(gguf.TokenType.NORMAL)
-        elif added[i].special or (text.startswith("<|") and text.endswith("|>")):
+        elif added[i].special or looks_special(text):
             types.append(gguf.TokenType.CONTROL)
         else:
             types.append(gguf.TokenType.USER_DEFINED)
@@ -201,7 +212,12 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_token_types(types)
     # Merges, special ids (from tokenizer_config.json in any form it takes, else config.json), whether to add
     # a BOS, the chat template: read by llama.cpp's own SpecialVocab, as its converter reads them.
-    gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size).add_to_gguf(writer, quiet=True)
+    special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size)
+    if not special_vocab.merges:  # written without the key (gguf writes no empty list), which llama.cpp requires
+        raise NanoQwenError(f"{directory}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp "
+                            "loads no BPE tokenizer without them; train one with a --vocab-size above "
+                            f"{256 + len(BPE_SPECIAL_TOKENS)} on enough text to merge some pairs")
+    special_vocab.add_to_gguf(writer, quiet=True)
 
     state = model.state_dict()
     if config.tie_word_embeddings:

@@ -170,6 +170,30 @@ def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path
         result["loss"] * 16 / 0.6931471805599453 / load_tokenizer(checkpoint).text_bytes(train[1:17].tolist()))
 
 
+def test_max_windows_encodes_only_the_start_of_a_text_file_it_scores(checkpoint: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --text-file book.txt --max-windows 1` encoded the whole file to score its first window: a minute for a
+    # 50 MB file, as long for the first 129 tokens as for all of them.
+    import nanoqwen.data.prepare
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.evaluate import evaluate_tokens
+
+    lines = [f"line {i}: the cat sat on the mat and the dog sat on the log.\n" for i in range(500)]
+    (tmp_path / "t.txt").write_text("".join(lines))
+    encoded, encode_texts = [], nanoqwen.data.prepare.encode_texts
+    monkeypatch.setattr(nanoqwen.data.prepare, "encode_texts",
+                        lambda tokenizer, texts: encoded.extend(texts) or encode_texts(tokenizer, texts))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--max-windows", "2",
+                 "--context", "8", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert sum(map(len, encoded)) < len(lines[0]) * 10  # a few lines of the 500
+    # The figures of the first 17 ids of the whole file, as before.
+    model, tokenizer = load_checkpoint(checkpoint)
+    ids = torch.tensor([tokenizer.eot_id, *tokenizer.encode("".join(lines))][:17])
+    assert result == pytest.approx(evaluate_tokens(model, ids, tokenizer.text_bytes(ids[1:].tolist()), 8))
+
+
 def test_a_context_up_to_the_models_own_is_taken(checkpoint: Path, tmp_path: Path,
                                                 capsys: pytest.CaptureFixture[str],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:

@@ -114,6 +114,20 @@ def test_qwen3_tokens_are_typed_as_llama_cpp_types_them() -> None:
     assert (tokens[151700], types[151700]) == ("[PAD151700]", gguf.TokenType.UNUSED)  # a row no token uses
 
 
+def test_added_tokens_that_look_special_are_control_tokens_as_the_converter_types_them(bpe: Tokenizer) -> None:
+    # The converter's does_token_look_special: not only <|...|> but DeepSeek's full-width <｜...｜>, <pad>, <mask>,
+    # <2mass>, [@BOS@] and Gemma's <unused...> are control tokens even where not marked special; others stay
+    # user-defined. These were all user-defined here, so llama.cpp printed them and parsed them in any prompt.
+    from tokenizers import AddedToken
+
+    hf = bpe.hf.from_str(bpe.hf.to_str())  # a copy: the module's fixture keeps its own added tokens
+    looks_special = ["<｜fim▁begin｜>", "<pad>", "<mask>", "<2mass>", "[@BOS@]", "<unused0>"]
+    hf.add_tokens([AddedToken(text, special=False, normalized=False) for text in [*looks_special, "<tool>"]])
+    tokens, types = vocabulary(Tokenizer(hf), 320)
+    typed = {text: types[tokens.index(text)] for text in [*looks_special, "<tool>"]}
+    assert typed == {**dict.fromkeys(looks_special, gguf.TokenType.CONTROL), "<tool>": gguf.TokenType.USER_DEFINED}
+
+
 def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bpe: Tokenizer) -> None:
     folder, model = checkpoint(tmp_path / "ck", bpe, bos_token_id=0)
     write_gguf(folder, tmp_path / "auto.gguf")  # float32 weights: f16, as llama.cpp's converter does
@@ -225,6 +239,19 @@ def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> No
     (folder / "tokenizer.json").write_text(json.dumps(spec))
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.ggml.pre"] == "qwen2"
+
+
+def test_a_tokenizer_with_no_merges_is_refused_before_a_file_llama_cpp_cannot_load(tmp_path: Path) -> None:
+    # A BPE of bytes alone (259 ids, or a corpus with no pair to merge) was written with no tokenizer.ggml.merges
+    # (gguf cannot write an empty array) and a warning: llama.cpp refuses such a file ("cannot find tokenizer
+    # merges in model file").
+    folder, _ = checkpoint(tmp_path / "ck", train_bpe(["the cat"], 259))
+    with pytest.raises(NanoQwenError) as refused:
+        write_gguf(folder, tmp_path / "m.gguf")
+    assert str(refused.value) == (
+        f"{folder}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp loads no BPE "
+        "tokenizer without them; train one with a --vocab-size above 259 on enough text to merge some pairs")
+    assert list(tmp_path.iterdir()) == [folder]
 
 
 def test_one_converted_weight_at_a_time(tmp_path: Path, bpe: Tokenizer, monkeypatch: pytest.MonkeyPatch) -> None:
