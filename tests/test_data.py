@@ -877,6 +877,21 @@ def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
         "separators are not in their text)\n" in err, err
 
 
+def test_tokenizer_train_to_an_out_it_cannot_make_fails_before_training(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # The BPE was trained first and the --out refused after: on a large corpus, all that training lost.
+    from nanoqwen.cli import main
+    from nanoqwen.data import prepare as prepare_module
+
+    trained: list[int] = []
+    real_train_on = prepare_module._train_on
+    monkeypatch.setattr(prepare_module, "_train_on", lambda *a, **k: trained.append(1) or real_train_on(*a, **k))
+    (tmp_path / "t.txt").write_text("some text to train on\n" * 20)
+    assert main(["tokenizer", "train", "--dataset", str(tmp_path / "t.txt"), "--vocab-size", "270",
+                 "--out", "/proc/nanoqwen-tok"]) == 2  # a folder no one can make there, root included
+    assert capsys.readouterr().err.startswith("nanoqwen tokenizer train: error: ") and trained == []
+
+
 # -- bad input ---------------------------------------------------------------------------------------
 
 def one_line_error(done: subprocess.CompletedProcess, *words: str) -> None:

@@ -154,8 +154,8 @@ def train_tokenizer_command(args: argparse.Namespace) -> int:
     out = Path(args.out)
     check_replaceable(out, "tokenizer")
     start = time.perf_counter()
-    tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:  # made first: an --out that cannot be written fails before the training, not after
+        tokenizer, documents, nbytes = _train_on(corpus, args.vocab_size, progress=True)
         tokenizer.save(tmp)
     _warn_about(corpus.stats, in_meta=False)  # no meta.json here
     print(f"trained a byte-level BPE of {tokenizer.vocab_size} ids on {counted(documents, 'document')} "
