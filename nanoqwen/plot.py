@@ -82,11 +82,13 @@ def loss_curves(records: list[dict], x: str = "step") -> Curves:
 
 
 def common_folder(dirs: list[Path]) -> Path:
-    """The folder that holds all of `dirs`, as they were given where it can (runs/a and runs/b: runs)."""
+    """The folder that holds all of `dirs`, as they were given where it can (runs/a and runs/b: runs); the
+    current folder for runs that only the filesystem's root holds (/tmp/a and /data/b), where a user cannot write."""
     try:
-        return Path(os.path.commonpath(dirs))
+        folder = Path(os.path.commonpath(dirs))
     except ValueError:  # relative and absolute paths mixed
-        return Path(os.path.commonpath([d.resolve() for d in dirs]))
+        folder = Path(os.path.commonpath([d.resolve() for d in dirs]))
+    return Path(".") if folder.parent == folder else folder
 
 
 def plot_runs(run_dirs: list[str | Path], out: str | Path | None = None, x: str = "step") -> Path:
@@ -145,16 +147,18 @@ def loss_figure(names: list[str], curves: list[Curves], x: str) -> Figure:
     fig, ax = plt.subplots(figsize=(8, 5))
     for i, (name, (train, val)) in enumerate(zip(names, curves)):
         train_color, val_color = ("tab:blue", "tab:orange") if one else (f"C{i % 10}", f"C{i % 10}")
+        # Past ten runs the colors come round again: each round of ten gets its own line style and marker.
+        style, marker = ("-", "--", ":", "-.")[i // 10 % 4], "osD^"[i // 10 % 4]
         if train:
             xs, losses = zip(*train)
             if one:  # the raw curve behind the smoothed one (several runs' would hide each other)
                 ax.plot(xs, losses, color=train_color, alpha=0.25, linewidth=0.8)
-            ax.plot(xs, smooth(list(losses), beta), color=train_color,
+            ax.plot(xs, smooth(list(losses), beta), style, color=train_color,
                     label="train (smoothed)" if one else f"{name} train")
         if val:
             xs, losses = zip(*val)
             best = min(val, key=lambda point: point[1])
-            ax.plot(xs, losses, "o-" if one else "o--", color=val_color, markersize=6 if one else 4,
+            ax.plot(xs, losses, "o-" if one else marker + "--", color=val_color, markersize=6 if one else 4,
                     label="validation" if one else f"{name} val (best {best[1]:.3f})")
             if one:
                 ax.annotate(f"best {best[1]:.3f}", best, textcoords="offset points", xytext=(0, 10), ha="center")

@@ -2035,6 +2035,22 @@ def test_compared_runs_are_smoothed_alike() -> None:
     plt.close(fig)
 
 
+def test_many_compared_runs_stay_apart_and_runs_far_apart_are_compared_here(tmp_path: Path) -> None:
+    # From the eleventh run on, colors came round with the same line style: two runs drawn alike.
+    import matplotlib.pyplot as plt
+
+    from nanoqwen.plot import common_folder, loss_figure
+
+    curve = [(step, 5.0 - step / 10) for step in range(1, 4)]
+    fig = loss_figure([f"r{i}" for i in range(12)], [(curve, curve)] * 12, "step")
+    looks = [(line.get_color(), line.get_linestyle(), line.get_marker()) for line in fig.axes[0].get_lines()]
+    assert len(set(looks)) == len(looks) == 24, looks
+    plt.close(fig)
+    # Runs that only / holds: compare.png went to /compare.png (permission denied); it goes here instead.
+    assert common_folder([Path("/tmp/a/r1"), Path("/srv/r2")]) == Path(".")
+    assert common_folder([tmp_path / "runs/a", tmp_path / "runs/b"]) == tmp_path / "runs"
+
+
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     # metrics.jsonl from before json_line wrote null (or from another tool) holds NaN and Infinity, which
     # json.loads reads as floats: one NaN made the rest of the smoothed train curve NaN (drawn as nothing) and
