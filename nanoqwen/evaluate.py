@@ -199,12 +199,12 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
 def text_start(texts: list[str], chars: int) -> list[str] | None:
     """About the first `chars` characters of `texts`, cut after the first line break that a word follows from there,
     where prepare cuts long documents too (no token spans such a point); None where that cut leaves out nothing."""
-    from nanoqwen.data.prepare import _PIECE_BOUNDARY
+    from nanoqwen.data.prepare import PIECE_BOUNDARY
 
     kept = []
     for text in texts:
         if len(text) > chars:
-            boundary = _PIECE_BOUNDARY.search(text, chars)
+            boundary = PIECE_BOUNDARY.search(text, chars)
             return None if boundary is None else [*kept, text[:boundary.end()]]
         kept.append(text)
         chars -= len(text)
@@ -214,9 +214,9 @@ def text_start(texts: list[str], chars: int) -> list[str] | None:
 def encode_documents(tokenizer: Tokenizer, texts: list[str], max_tokens: int | None) -> list[Encoded]:
     """prepare's encoding of `texts` (encode_texts); with `max_tokens`, of only as much of their start as gives more
     than that many ids, the first ones of the whole texts' (a large file's first windows wait for no more)."""
-    from nanoqwen.data.prepare import _piece_safe, encode_texts
+    from nanoqwen.data.prepare import encode_texts, piece_safe
 
-    if max_tokens is not None and _piece_safe(tokenizer.hf):  # (a tokenizer that splits text otherwise: all of it)
+    if max_tokens is not None and piece_safe(tokenizer.hf):  # (a tokenizer that splits text otherwise: all of it)
         chars = 8 * max_tokens  # ~4 characters a token in English, fewer in other scripts: a start long enough
         while (start := text_start(texts, chars)) is not None:
             documents = encode_texts(tokenizer, start)

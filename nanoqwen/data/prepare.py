@@ -383,7 +383,7 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
     return tokenizer, seen["documents"], seen["bytes"]
 
 
-def _piece_safe(hf: HFTokenizer) -> bool:
+def piece_safe(hf: HFTokenizer) -> bool:
     """Whether `_pieces` keeps ids unchanged: true for Qwen's NFC + regex + byte-level pipeline."""
     normalizer = json.loads(hf.normalizer.__getstate__()) if hf.normalizer else {"type": "NFC"}
     steps = json.loads(hf.pre_tokenizer.__getstate__()) if hf.pre_tokenizer else {}
@@ -397,14 +397,14 @@ def _piece_safe(hf: HFTokenizer) -> bool:
 
 # A newline followed by a word character: no match of Qwen's pre-tokenizer regex spans such a point
 # (newlines only end a pre-token or continue into more whitespace), so cutting there changes no ids.
-_PIECE_BOUNDARY = re.compile(r"\n(?=\w)")
+PIECE_BOUNDARY = re.compile(r"\n(?=\w)")
 
 
 def _pieces(text: str) -> list[str]:
     """`text` cut into pieces of about PIECE_CHARS at safe boundaries (one piece if there are none)."""
     pieces, start = [], 0
     while len(text) - start > 2 * PIECE_CHARS:
-        m = _PIECE_BOUNDARY.search(text, start + PIECE_CHARS)
+        m = PIECE_BOUNDARY.search(text, start + PIECE_CHARS)
         if m is None:
             break
         pieces.append(text[start:m.end()])
@@ -431,7 +431,7 @@ def _qwen3_tiktoken() -> Any | None:
 def _is_qwen3(tokenizer: Tokenizer) -> bool:
     """Whether a tokenizer folder (say, official Qwen3 weights') is the Qwen3 tokenizer: the same vocabulary
     and pipeline, so tiktoken's ids for the ranks are its ids too."""
-    if tokenizer.vocab_size != QWEN_FIRST_SPECIAL_ID + len(QWEN_SPECIAL_TOKENS) or not _piece_safe(tokenizer.hf):
+    if tokenizer.vocab_size != QWEN_FIRST_SPECIAL_ID + len(QWEN_SPECIAL_TOKENS) or not piece_safe(tokenizer.hf):
         return False  # cheap checks first: most folders are BPEs of their own
     try:
         return tokenizer.fingerprint == qwen3_tokenizer().fingerprint
@@ -497,7 +497,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
             # A chat whole, its added tokens found as Transformers finds them (their lstrip, rstrip, normalized).
             return _encode_apart(pieces, lambda piece: isinstance(piece, RenderedChat),
                                  lambda chats: _ids(native, chats), lambda texts: _ids(plain, texts))
-        cut = _piece_safe(plain)
+        cut = piece_safe(plain)
     eot = np.array([tokenizer.eot_id], dtype=DTYPE)
 
     def items(text: str) -> tuple[list[str | int], int]:
