@@ -28,6 +28,9 @@ mkdir -p "$OUT"
 log="$OUT/$stage.log" result="$OUT/$stage.md"
 python3 -m pip install --quiet --no-index --no-deps .gpu/wheels/*.whl >>"$log" 2>&1
 export PYTHONPATH=$PWD NANOQWEN_CACHE=$PWD/.gpu/cache PYTHONUNBUFFERED=1 DEVICE=${DEVICE:-cuda}
+# A decode step that fails to capture as a CUDA graph only warns and goes on eagerly: here it fails the check
+# (`sample` is then the check of a bfloat16 capture; `decode-cuda-graph` and `serve` check float32's)
+export PYTHONWARNINGS="error:decoding without a CUDA graph"
 read -ra extra <<<"${EXTRA:-}"
 { command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch; print('torch', torch.__version__)"; } | tee -a "$result"
