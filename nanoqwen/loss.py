@@ -54,19 +54,39 @@ def loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: tor
     return loss
 
 
-def fusable_loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """`loss_and_logit_grads` written for torch.compile, which fuses it into one reduction over the chunk
-    and one pass that writes the gradient over the logits (bf16 stays bf16: no float32 chunk between).
-    In-place steps and the indexed write of the one-hot would each cut the fusion (about 4x slower,
-    measured on CPU); eager, this form is the slow one."""
+def softmax_statistics(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk's summed loss (fp32), and each row's largest logit (n, 1) and sum of exp(logit - largest) (n,)
+    for `write_logit_grads`. Reads the logits only: compiled, one reduction over the chunk."""
     x = logits.float()
-    safe_targets = targets.clamp(min=0)
-    target_logits = x.gather(1, safe_targets[:, None]).squeeze(1)
+    target_logits = x.gather(1, targets.clamp(min=0)[:, None]).squeeze(1)
     peak = x.amax(dim=-1, keepdim=True)
     sums = (x - peak).exp().sum(dim=-1)
-    loss = ((peak.squeeze(1) + sums.log() - target_logits) * valid).sum()
-    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == safe_targets[:, None]
+    return ((peak.squeeze(1) + sums.log() - target_logits) * valid).sum(), peak, sums
+
+
+def write_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, peak: torch.Tensor,
+                      sums: torch.Tensor) -> None:
+    """Overwrite `logits` with d(sum of losses) / d(logits) = softmax - onehot (0 on rows not `valid`), in their
+    own dtype: compiled, one pass that reads each logit and writes its gradient (bf16 stays bf16)."""
+    x = logits.float()
+    onehot = torch.arange(x.shape[1], device=x.device)[None, :] == targets.clamp(min=0)[:, None]
     logits.copy_((x - peak).exp() * (valid / sums)[:, None] - onehot * valid[:, None].float())
+
+
+def fusable_loss_and_logit_grads(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                                 statistics: Callable[..., tuple[torch.Tensor, ...]] = softmax_statistics,
+                                 write: Callable[..., None] = write_logit_grads) -> torch.Tensor:
+    """`loss_and_logit_grads` written for torch.compile, which fuses each half (`statistics`, `write`) into one
+    kernel over the chunk. In-place steps and the indexed write of the one-hot would each cut the fusion (about
+    4x slower, measured on CPU); eager, this form is the slow one.
+
+    Two compiled halves, not one function: compiled whole, torch 2.11's inductor (the GPU machine's; 2.13's does
+    not) ran the target logit's gather after the kernel that overwrote the logits, so the loss read a gradient
+    there and came out about 1 nat too high (the gradients were right). A half that only reads the logits, then
+    one whose every read is the write's own element, leave no order to get wrong."""
+    loss, peak, sums = statistics(logits, targets, valid)
+    write(logits, targets, valid, peak, sums)
     return loss
 
 
@@ -75,9 +95,10 @@ SoftmaxStep = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @cache
 def compiled_softmax_step() -> SoftmaxStep:
-    """`fusable_loss_and_logit_grads` under torch.compile, made once (shapes are static: a run compiles it
-    for its chunk and its last, shorter one)."""
-    return torch.compile(fusable_loss_and_logit_grads, dynamic=False)
+    """`fusable_loss_and_logit_grads` with its halves under torch.compile, made once (shapes are static: a run
+    compiles each for its chunk and its last, shorter one)."""
+    return partial(fusable_loss_and_logit_grads, statistics=torch.compile(softmax_statistics, dynamic=False),
+                   write=torch.compile(write_logit_grads, dynamic=False))
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
