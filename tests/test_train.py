@@ -1276,8 +1276,13 @@ def test_diverged_weights_are_never_saved(data: Path, preset: Path, tmp_path: Pa
 def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_path: Path) -> None:
     import resource
 
+    # 4 GiB of address space beyond what the shared libraries map: a CUDA build of torch maps its own at import
+    # (4.1 GiB for 2.9.1+cu128, more than the 4 GiB once given in all, so the run failed importing torch; 2.7 GiB
+    # for 2.11.0+cu130); a CPU build, 0.4 GiB.
+    cap = (4 << 30) + library_bytes()
+
     def four_gib() -> None:  # a real allocation failure, without touching the machine's memory
-        resource.setrlimit(resource.RLIMIT_AS, (4 << 30, 4 << 30))
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
 
     # 32768 x 32 tokens in one forward pass: far more than 4 GiB of activations, even for this tiny model.
     command = train_command(*common(data, preset, tmp_path / "run"), "--max-steps", "2", "--batch-size", "32768")
@@ -1286,6 +1291,12 @@ def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_
     assert done.returncode == 2, done.stderr[-2000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "out of cpu memory at step 1" in lines[0] and "--micro-batch" in lines[0], lines
+
+
+def library_bytes() -> int:
+    """Address space the shared libraries loaded in this process map (torch's, which a train process loads too)."""
+    spans = [line.split()[0] for line in Path("/proc/self/maps").read_text().splitlines() if ".so" in line]
+    return sum(int(end, 16) - int(start, 16) for start, end in (span.split("-") for span in spans))
 
 
 def test_an_empty_validation_split_is_refused_before_training(data: Path, preset: Path, tmp_path: Path,
