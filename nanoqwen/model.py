@@ -219,22 +219,24 @@ class Attention(nn.Module):
         self.dropout = config.attention_dropout  # on the attention weights, in training only
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
+        # Set by Qwen3.prepare_for_decoding: q/k/v's weights fused into one, and o_proj's, each as a transposed
+        # (in, out) view that mm and addmm take as it is (F.linear transposes its weight at every call)
+        self.qkv_weight_t: torch.Tensor | None = None
+        self.o_weight_t: torch.Tensor | None = None
         self.qk_norm: DecodeNorm | None = None  # both norms over a (B, T, H + K, D) block, set there too
-        self.o_weight_t: torch.Tensor | None = None  # o_proj's weight as (in, out), for addmm: set there too
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x). x is (B, T, C), or (B * T, C) token rows at inference."""
         B, T = cos.shape[:2]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        inference = self.qkv_weight is not None and not torch.is_grad_enabled()
+        inference = self.qkv_weight_t is not None and not torch.is_grad_enabled()
         if inference and self.qk_norm is not None:  # one matmul; q and k normed and rotated as one block
-            qk, v = F.linear(x, self.qkv_weight).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
+            qk, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
             q, k = apply_rope(self.qk_norm(qk), cos, sin).split([H, K], dim=2)
         else:
             if inference:  # one matmul instead of three
-                q, k, v = F.linear(x, self.qkv_weight).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
+                q, k, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
             else:
                 q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D),
                            self.v_proj(x).view(B, T, K, D))
@@ -302,14 +304,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
-        self.down_weight_t: torch.Tensor | None = None  # down_proj's weight as (in, out), for addmm: set there too
+        # Set by Qwen3.prepare_for_decoding: gate/up's weights fused into one, and down_proj's, as (in, out) views
+        self.gate_up_weight_t: torch.Tensor | None = None
+        self.down_weight_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + mlp(x)."""
-        inference = self.gate_up_weight is not None and not torch.is_grad_enabled()
+        inference = self.gate_up_weight_t is not None and not torch.is_grad_enabled()
         if inference:  # one matmul instead of two
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = torch.mm(x, self.gate_up_weight_t).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
         return add_projection(residual, F.silu(gate) * up, self.down_proj, self.down_weight_t if inference else None)
@@ -395,18 +398,20 @@ class Qwen3(nn.Module):
 
         Decoding is a chain of small memory-bound matrix-vector products, where each call's overhead
         counts: q/k/v and gate/up become one matmul each (their weights turn into slices of one fused
-        tensor, so nothing is stored twice). In float32 on CPU every projection weight, lm_head's too, is
-        also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows (bf16/fp16
-        get slower that way, so they are left alone). Logits agree to float32 rounding; save_checkpoint
-        writes contiguous tensors either way. The float32 norms keep prescaled copies of their weights
-        (DecodeNorm), so call this again after changing any norm weight.
+        tensor, so nothing is stored twice), and the layers keep transposed views of the weights they multiply
+        by, which mm and addmm take with no op to transpose them. In float32 on CPU every projection weight,
+        lm_head's too, is also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows
+        (bf16/fp16 get slower that way, so they are left alone). Logits agree to float32 rounding;
+        save_checkpoint writes contiguous tensors either way. The views share the weights' storage, so weights
+        updated in place stay in use; the float32 norms keep prescaled copies of their weights (DecodeNorm), so
+        call this again after changing any norm weight or replacing any weight tensor.
         """
         weight = self.lm_head.weight
         float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_weight = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu)
-            mlp.gate_up_weight = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu)
+            attn.qkv_weight_t = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu).t()
+            mlp.gate_up_weight_t = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu).t()
             if float32_cpu:
                 for linear in (attn.o_proj, mlp.down_proj):
                     linear.weight.data = to_column_major(linear.weight.data)
