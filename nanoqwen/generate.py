@@ -424,16 +424,17 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     model.eval()
     try:
         logits = model(ids, cache=cache, attention_mask=real if bool((real == 0).any()) else None, logits_to_keep=1)
-        stop_ids = torch.tensor(sorted(set(params.stop_token_ids)), dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
+        stop_ids = set(params.stop_token_ids)
+        done = [False] * B  # on the host, where the tokens are read each step anyway: no tensor ops to track it
         if fixed_shapes is None:
             fixed_shapes = graphs_by_default(model)
         decode_step = DecodeStep(model, cache) if fixed_shapes else None
         for step in range(budget):
             token = next_tokens(logits[:, -1].float(), params, generator, penalties, generated=step)
-            yield [None if d else int(t) for t, d in zip(token.tolist(), done.tolist())]
-            done |= torch.isin(token, stop_ids)
-            if bool(done.all()) or step == budget - 1:
+            tokens = token.tolist()
+            yield [None if d else t for t, d in zip(tokens, done)]
+            done = [d or t in stop_ids for t, d in zip(tokens, done)]
+            if all(done) or step == budget - 1:
                 return
             if penalties is not None:
                 penalties.record(token)

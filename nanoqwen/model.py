@@ -37,17 +37,18 @@ class RMSNorm(nn.Module):
 
 class DecodeNorm:
     """RMSNorm in float32 for inference, in the fewest tensor ops: a decode step runs dozens of norms on
-    vectors so small that each op's fixed cost is the whole cost (F.rms_norm is eight ops on CPU).
-    rsqrt(mean(x^2) + eps) * w == rsqrt(sum(x^2) + n * eps) * (w * sqrt(n)), with both constants made once.
-    `weight` may hold one row per head, (heads, n)."""
+    vectors so small that each op's fixed cost is the whole cost (F.rms_norm is eight ops on CPU, this is four).
+    x * rsqrt(mean(x^2) + eps) * w == x * (w * sqrt(n)) / hypot(||x||, sqrt(n * eps)), with both constants made
+    once (hypot(a, b) is sqrt(a^2 + b^2), so the divisor is sqrt(sum(x^2) + n * eps)). `weight` may hold one row
+    per head, (heads, n)."""
 
     def __init__(self, weight: torch.Tensor, eps: float) -> None:
         n = weight.shape[-1]
         self.weight = weight.detach().float() * n ** 0.5
-        self.eps = torch.tensor(n * eps, device=weight.device)
+        self.root_eps = torch.tensor((n * eps) ** 0.5, device=weight.device)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * (x * x).sum(-1, keepdim=True).add_(self.eps).rsqrt_() * self.weight
+        return (x * self.weight).div_(torch.hypot(torch.linalg.vector_norm(x, dim=-1, keepdim=True), self.root_eps))
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | str | None = None) -> torch.Tensor:
@@ -156,6 +157,16 @@ class KVCache:
         self.max_len = max_len
         self.slot: torch.Tensor | None = None  # (1,) the next slot, kept on the device once shapes are fixed
         self.window = 0  # slots the current fixed-shape step attends
+        # cos and sin of every position a row can reach here (set by Qwen3.new_cache), (max_len, 1, D) each: looked up
+        # at each forward instead of computed (a dozen small ops a step)
+        self.cos: torch.Tensor | None = None
+        self.sin: torch.Tensor | None = None
+        # One view per layer of the slots this forward writes, (B, T, K, D), and of all the slots it attends,
+        # (B, K, S, D): made once per forward by `begin`, not by slicing in each layer's update
+        self.new_keys: tuple[torch.Tensor, ...] = ()
+        self.new_values: tuple[torch.Tensor, ...] = ()
+        self.seen_keys: tuple[torch.Tensor, ...] = ()
+        self.seen_values: tuple[torch.Tensor, ...] = ()
 
     def fix_shapes(self) -> None:
         """From here on, each step takes one token per row, writes it at a slot held on the device and
@@ -173,17 +184,25 @@ class KVCache:
             window *= 2
         return min(window, self.max_len)
 
+    def begin(self, new_tokens: int) -> None:
+        """Take the views `update` writes and reads for a forward of `new_tokens` tokens per row, every layer's at
+        once: a layer's update is then a copy, where slicing the cache in each layer cost more ops than the copy."""
+        start, end = self.length, self.length + new_tokens
+        self.new_keys = self.keys[:, :, :, start:end].transpose(2, 3).unbind(0)  # (B, T, K, D) each
+        self.new_values = self.values[:, :, :, start:end].transpose(2, 3).unbind(0)
+        self.seen_keys = self.keys[:, :, :, :end].unbind(0)  # (B, K, S, D) each
+        self.seen_values = self.values[:, :, :, :end].unbind(0)
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store this step's (B, K, T, D) keys/values; return all of them so far, (B, K, S, D) (with fixed
-        shapes: the window's, S = window)."""
+        """Store this step's (B, T, K, D) keys/values; return all of them so far, (B, K, S, D) (with fixed
+        shapes: the window's, S = window). Without fixed shapes, `begin` comes first."""
         if self.slot is not None:
-            self.keys[layer].index_copy_(2, self.slot, k)
-            self.values[layer].index_copy_(2, self.slot, v)
+            self.keys[layer].index_copy_(2, self.slot, k.transpose(1, 2))
+            self.values[layer].index_copy_(2, self.slot, v.transpose(1, 2))
             return self.keys[layer, :, :, :self.window], self.values[layer, :, :, :self.window]
-        end = self.length + k.shape[2]
-        self.keys[layer, :, :, self.length:end] = k
-        self.values[layer, :, :, self.length:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+        self.new_keys[layer].copy_(k)
+        self.new_values[layer].copy_(v)
+        return self.seen_keys[layer], self.seen_values[layer]
 
 
 class Attention(nn.Module):
@@ -200,7 +219,10 @@ class Attention(nn.Module):
         self.dropout = config.attention_dropout  # on the attention weights, in training only
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
-        self.qkv_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
+        # Set by Qwen3.prepare_for_decoding: q/k/v's weights fused into one, and o_proj's, each as a transposed
+        # (in, out) view that mm and addmm take as it is (F.linear transposes its weight at every call)
+        self.qkv_weight_t: torch.Tensor | None = None
+        self.o_weight_t: torch.Tensor | None = None
         self.qk_norm: DecodeNorm | None = None  # both norms over a (B, T, H + K, D) block, set there too
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
@@ -208,24 +230,27 @@ class Attention(nn.Module):
         """residual + attention(x). x is (B, T, C), or (B * T, C) token rows at inference."""
         B, T = cos.shape[:2]
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
-        inference = self.qkv_weight is not None and not torch.is_grad_enabled()
-        if inference:  # one matmul instead of three
-            qkv = F.linear(x, self.qkv_weight).view(B, T, H + 2 * K, D)
-            q, k, v = qkv.split([H, K, K], dim=2)
+        inference = self.qkv_weight_t is not None and not torch.is_grad_enabled()
+        if inference and self.qk_norm is not None:  # one matmul; q and k normed and rotated as one block
+            qk, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
+            q, k = apply_rope(self.qk_norm(qk), cos, sin).split([H, K], dim=2)
         else:
-            q, k, v = self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D), self.v_proj(x).view(B, T, K, D)
-        if inference and self.qk_norm is not None:  # q and k normed and rotated as one block
-            q, k = apply_rope(self.qk_norm(qkv[:, :, :H + K]), cos, sin).split([H, K], dim=2)
-        else:  # RMSNorm per head, then RoPE
-            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
+            if inference:  # one matmul instead of three
+                q, k, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
+            else:
+                q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D),
+                           self.v_proj(x).view(B, T, K, D))
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # per head, then RoPE
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
+        else:
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, K, T, D)
         if T == 1 and x.device.type == "cpu":
             y = decode_attention(q, k, v, mask)
         else:
             y = sdpa_attention(q.transpose(1, 2), k, v, mask, self.dropout if self.training else 0.0).transpose(1, 2)
-        return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj, inference)
+        return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj,
+                              self.o_weight_t if inference else None)
 
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -279,24 +304,28 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
-        self.gate_up_weight: torch.Tensor | None = None  # set by Qwen3.prepare_for_decoding
+        # Set by Qwen3.prepare_for_decoding: gate/up's weights fused into one, and down_proj's, as (in, out) views
+        self.gate_up_weight_t: torch.Tensor | None = None
+        self.down_weight_t: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         """residual + mlp(x)."""
-        inference = self.gate_up_weight is not None and not torch.is_grad_enabled()
+        inference = self.gate_up_weight_t is not None and not torch.is_grad_enabled()
         if inference:  # one matmul instead of two
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            gate, up = torch.mm(x, self.gate_up_weight_t).chunk(2, dim=-1)
         else:
             gate, up = self.gate_proj(x), self.up_proj(x)
-        return add_projection(residual, F.silu(gate) * up, self.down_proj, inference)
+        return add_projection(residual, F.silu(gate) * up, self.down_proj, self.down_weight_t if inference else None)
 
 
-def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, inference: bool) -> torch.Tensor:
-    """residual + linear(x): at inference, on token rows, one addmm, the add riding on the matmul (one op
-    fewer, twice a layer, in a decode step made of small ops). Training keeps the plain sum, whose dtype
-    autocast leaves alone."""
-    if inference:
-        return torch.addmm(residual, x, linear.weight.t())
+def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, weight_t: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """residual + linear(x): at inference, on token rows, one addmm over the linear's weight as (in, out)
+    (`weight_t`, a view kept by prepare_for_decoding), the add riding on the matmul (one op fewer, twice a layer,
+    in a decode step made of small ops). Training (weight_t None) keeps the plain sum, whose dtype autocast
+    leaves alone."""
+    if weight_t is not None:
+        return torch.addmm(residual, x, weight_t)
     return residual + linear(x)
 
 
@@ -369,21 +398,24 @@ class Qwen3(nn.Module):
 
         Decoding is a chain of small memory-bound matrix-vector products, where each call's overhead
         counts: q/k/v and gate/up become one matmul each (their weights turn into slices of one fused
-        tensor, so nothing is stored twice). In float32 on CPU every projection weight, lm_head's too, is
-        also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows (bf16/fp16
-        get slower that way, so they are left alone). Logits agree to float32 rounding; save_checkpoint
-        writes contiguous tensors either way. The float32 norms keep prescaled copies of their weights
-        (DecodeNorm), so call this again after changing any norm weight.
+        tensor, so nothing is stored twice), and the layers keep transposed views of the weights they multiply
+        by, which mm and addmm take with no op to transpose them. In float32 on CPU every projection weight,
+        lm_head's too, is also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows
+        (bf16/fp16 get slower that way, so they are left alone). Logits agree to float32 rounding;
+        save_checkpoint writes contiguous tensors either way. The views share the weights' storage, so weights
+        updated in place stay in use; the float32 norms keep prescaled copies of their weights (DecodeNorm), so
+        call this again after changing any norm weight or replacing any weight tensor.
         """
         weight = self.lm_head.weight
         float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         for layer in self.model.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            attn.qkv_weight = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu)
-            mlp.gate_up_weight = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu)
+            attn.qkv_weight_t = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu).t()
+            mlp.gate_up_weight_t = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu).t()
             if float32_cpu:
                 for linear in (attn.o_proj, mlp.down_proj):
                     linear.weight.data = to_column_major(linear.weight.data)
+            attn.o_weight_t, mlp.down_weight_t = attn.o_proj.weight.detach().t(), mlp.down_proj.weight.detach().t()
         if float32_cpu and weight.is_contiguous():
             weight.data = to_column_major(weight.data)
         if weight.dtype == torch.float32:
@@ -399,7 +431,12 @@ class Qwen3(nn.Module):
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.model.embed_tokens.weight
-        return KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+        cache = KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
+        # A row's position never passes its slot (padding takes none), so max_len positions cover every row.
+        every_position = torch.arange(max_len, device=weight.device)[:, None]  # (max_len, 1), as (B, T)
+        cos, sin = rope_cos_sin(every_position, self.inv_freq, weight.dtype, self.rope_scale)  # (max_len, 1, 1, D)
+        cache.cos, cache.sin = cos[:, 0], sin[:, 0]
+        return cache
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, logits_to_keep: int = 0,
@@ -434,11 +471,10 @@ class Qwen3(nn.Module):
             cache.key_valid[:, start:start + T] = True if real is None else real
             cache.next_position += new_positions
             cache.padded |= real is not None
-            key_valid = cache.key_valid[:, :start + T]
-        else:
-            key_valid = real
+            cache.begin(T)
         padded = attention_mask is not None or (cache is not None and cache.padded)
         if padded or (cache is not None and start > 0 and T > 1):
+            key_valid = cache.key_valid[:, :start + T] if cache is not None else real
             query_slot = torch.arange(start, start + T, device=device)
             key_slot = torch.arange(start + T, device=device)
             allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
@@ -457,7 +493,10 @@ class Qwen3(nn.Module):
         """Embeddings and every decoder layer: (B, T) ids at (B, T) RoPE positions -> (B, T, C)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
+        if cache is not None and cache.cos is not None and cache.sin is not None:
+            cos, sin = cache.cos[positions], cache.sin[positions]  # (B, T, 1, D), made once per cache
+        else:
+            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
         if self.prepared_for_decoding and not torch.is_grad_enabled():
             x = x.view(B * T, -1)  # token rows: no reshaping around each matmul of a decode step
         for layer in self.model.layers:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from nanoqwen.checkpoint import load_checkpoint, load_model, model_special_ids, read_config, save_checkpoint
 from nanoqwen.config import ModelConfig, apply_overrides, rope_scaling_of
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.model import Qwen3
+from nanoqwen.model import Qwen3, rope_cos_sin
 
 VOCAB = 320
 
@@ -179,6 +179,19 @@ def test_cached_decoding_equals_full_forward(case):
     assert cache.length == 100
     assert (torch.cat(pieces, dim=1) - full).abs().max().item() <= 1e-4
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
+
+
+
+@pytest.mark.parametrize("case", ["tied-kv2", "yarn-attention-factor", "linear"])
+def test_a_caches_rope_table_holds_what_each_step_computed(case):
+    # A cached forward looks cos and sin up in a table made with the cache: the same bits as computing them at
+    # the step's positions (scaled RoPE and YaRN's attention factor included), at the first and last slot too.
+    model = Qwen3(tiny_config(**CASES[case]))
+    cache = model.new_cache(2, 50)
+    positions = torch.tensor([[0, 7, 49], [3, 3, 12]])
+    cos, sin = rope_cos_sin(positions, model.inv_freq, torch.float32, model.rope_scale)
+    assert cache.cos is not None and cache.sin is not None and cache.cos.shape == (50, 1, 16)
+    assert torch.equal(cache.cos[positions], cos) and torch.equal(cache.sin[positions], sin)
 
 
 def test_left_padded_batch_equals_rows_alone():
