@@ -8,6 +8,7 @@ K kv heads, D head_dim, C hidden size.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -403,9 +404,11 @@ class Qwen3(nn.Module):
         lm_head's too, is also kept column-major in memory, which MKL streams 1.3-2x faster against a few rows
         (bf16/fp16 get slower that way, so they are left alone). Logits agree to float32 rounding;
         save_checkpoint writes contiguous tensors either way. The views share the weights' storage, so weights
-        updated in place stay in use; the float32 norms keep prescaled copies of their weights (DecodeNorm), so
-        call this again after changing any norm weight or replacing any weight tensor.
+        updated in place stay in use, and `.to()`, `.half()` or `.cuda()` prepare the model again (see _apply);
+        the float32 norms keep prescaled copies of their weights (DecodeNorm), so call this again after changing
+        any norm weight or assigning a weight a new tensor.
         """
+        self.forget_decoding()  # a model prepared before in another dtype keeps no float32-only parts
         weight = self.lm_head.weight
         float32_cpu = weight.device.type == "cpu" and weight.dtype == torch.float32
         for layer in self.model.layers:
@@ -428,6 +431,26 @@ class Qwen3(nn.Module):
                                                 module.q_norm.eps)
         self.prepared_for_decoding = True
         return self
+
+    def forget_decoding(self) -> None:
+        """Drop what prepare_for_decoding keeps (views of the weights, prescaled norm weights): forward then
+        runs the plain layers, as before it was called. The fused weights stay fused (same values)."""
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.decode = None
+            elif isinstance(module, Attention):
+                module.qkv_weight_t = module.o_weight_t = module.qk_norm = None
+            elif isinstance(module, MLP):
+                module.gate_up_weight_t = module.down_weight_t = None
+        self.prepared_for_decoding = False
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
+        """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the
+        decode path's views would still hold the old tensors (another device or dtype, and kept in memory)."""
+        prepared = self.prepared_for_decoding
+        self.forget_decoding()
+        super()._apply(fn, recurse)
+        return self.prepare_for_decoding() if prepared else self
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
         weight = self.model.embed_tokens.weight

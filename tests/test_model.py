@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import json
@@ -564,6 +565,27 @@ def test_prepared_for_decoding_keeps_logits_and_saves_the_same(tmp_path, dtype):
     save_checkpoint(model, tmp_path / "ck", tokenizer=None)
     with torch.no_grad():
         assert (load_model(tmp_path / "ck")(ids) - before).abs().max() <= 1e-5
+
+
+def test_a_prepared_model_converted_with_to_decodes_in_its_new_dtype() -> None:
+    # .to() gives each weight a new tensor: the decode path's fused and transposed views (and float32-only norms)
+    # would still hold the old float32 ones; the model is prepared again from the new ones.
+    model = Qwen3(tiny_config(num_key_value_heads=1)).eval()
+    scramble(model, seed=21)
+    expected_model = copy.deepcopy(model).to(torch.float64)
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(22))
+    model.prepare_for_decoding().to(torch.float64)
+    layer = model.model.layers[0]
+    assert model.prepared_for_decoding and layer.self_attn.qkv_weight_t.dtype == torch.float64
+    assert layer.input_layernorm.decode is None and layer.self_attn.qk_norm is None  # float32-only parts gone
+    with torch.no_grad():
+        expected = expected_model(ids)
+        cache = model.new_cache(2, 12)
+        got = torch.cat([model(ids[:, :4], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(4, 9)],
+                        dim=1)
+    assert got.dtype == torch.float64 and (got - expected).abs().max() <= 1e-9
+    model.float()  # and back: the float32 decode path again, its norms included
+    assert layer.input_layernorm.decode is not None and layer.self_attn.o_weight_t.dtype == torch.float32
 
 
 def hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
