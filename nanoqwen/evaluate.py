@@ -195,7 +195,7 @@ def read_standard_input() -> tuple[list[str], int]:
         print("nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D", file=sys.stderr)
     try:
         raw = stream.read() if stream is not None else b""
-    except OSError as e:  # a folder redirected into it (`< notes/`), a closed terminal
+    except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
         raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, or "
                             "give --text-file FILE") from None
     return text_documents(raw, STANDARD_INPUT_NAME)
