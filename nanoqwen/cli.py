@@ -28,8 +28,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plot": ("nanoqwen.plot", "draw loss.png for a run folder, or several runs' curves in one figure"),
     "gguf": ("nanoqwen.gguf", "write a checkpoint as one GGUF file for llama.cpp, Ollama, LM Studio"),
 }
-# Flags that name files or folders. An empty one is refused up front. tokenizers and safetensors take paths
-# as UTF-8 strings, so a name whose bytes are not UTF-8 (read by Python as lone surrogates) is too, not mid-write.
+# Flags that name files or folders. An empty one is refused up front, and an --out of "-". tokenizers and safetensors
+# take paths as UTF-8 strings, so a name whose bytes are not UTF-8 (read by Python as lone surrogates) is too, not
+# mid-write.
 PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "runs")
 
 
@@ -157,6 +158,11 @@ def check_path_flags(args: argparse.Namespace) -> None:
                 continue
             if not path:  # read as "not given" (the default corpus trained on, MODEL.gguf written) or as "."
                 raise NanoQwenError(f"{flag} is empty; give a file or folder name")
+            if path == "-" and name == "out":  # (eval's --text-file reads "-" as standard input)
+                # Unix tools' name for standard output, but every command writes its files whole or not at all (a
+                # GGUF's writer seeks, and llama.cpp loads one from a file): a file or folder "-" was made instead.
+                raise NanoQwenError(f"{flag} - would be standard output, which this command does not write to; "
+                                    'give a file or folder name (./- for one named "-")')
             try:
                 path.encode("utf-8")
             except UnicodeEncodeError:

@@ -114,7 +114,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", metavar="FILE",
                         help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as prepare reads it: "
-                             "one document, or the parts an <|endoftext|> written in it separates")
+                             "one document, or the parts an <|endoftext|> written in it separates; - reads the text "
+                             "from standard input")
     source.add_argument("--data", metavar="DIR",
                         help="a prepared folder (from `nanoqwen prepare`): its val.bin (or --split) is scored")
     p.add_argument("--split", default=None, choices=["train", "val"], help="with --data: which split (default val)")
@@ -150,19 +151,12 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     separates), and its count of undecodable bytes replaced; or one line saying why it is not a text to score
     (checked before the model loads: a mistake costs no wait)."""
     from nanoqwen.data.sources import (
-        NOT_UTF8,
-        ONLY_SEPARATORS,
         SUFFIXES,
         TEXT_SUFFIXES,
-        CorpusStats,
         conversion_hint,
-        decode,
         file_type,
-        mostly_undecodable,
-        not_text,
         open_binary,
         said_if_damaged,
-        separated_documents,
         zstd_unread,
     )
 
@@ -183,16 +177,53 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     if kind.startswith(".tar."):  # (decompressed, its members' headers would be scored as text)
         raise NanoQwenError(f"{path} is a {kind} archive; extract the text file to score from it")
     with said_if_damaged(path), open_binary(path) as f:
-        raw, stats = f.read(), CorpusStats()
+        raw = f.read()
+    return text_documents(raw, f"text file {path}")
+
+
+# --text-file's name for standard input, as Unix tools take it (a file named "-" is ./-), and what its lines call it
+STANDARD_INPUT, STANDARD_INPUT_NAME = "-", "standard input"
+
+
+def read_standard_input() -> tuple[list[str], int]:
+    """read_text_file's documents and count of the text piped in (`--text-file -`): its bytes read as a text file's
+    are (not as Python's text mode reads them, which would change its line ends and fail on a bad byte), so that
+    `cat notes.txt | nanoqwen eval ... --text-file -` gives the figures `--text-file notes.txt` does. All of it is
+    read, as a file is (--max-windows encodes only the start it scores). A closed standard input is an empty one."""
+    stream = getattr(sys.stdin, "buffer", None)  # sys.stdin is None where the shell closed it (`<&-`)
+    if stream is not None and stream.isatty():  # typed in: without this, eval seemed to hang
+        print("nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D", file=sys.stderr)
+    try:
+        raw = stream.read() if stream is not None else b""
+    except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
+        raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, or "
+                            "give --text-file FILE") from None
+    return text_documents(raw, STANDARD_INPUT_NAME)
+
+
+def text_documents(raw: bytes, name: str) -> tuple[list[str], int]:
+    """The documents of a text's bytes, as prepare reads a text file's, and its count of undecodable bytes replaced;
+    or one line, saying `name`, why it is not a text to score."""
+    from nanoqwen.data.sources import (
+        NOT_UTF8,
+        ONLY_SEPARATORS,
+        CorpusStats,
+        decode,
+        mostly_undecodable,
+        not_text,
+        separated_documents,
+    )
+
+    stats = CorpusStats()
     text = decode(raw, stats)
     if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
-        raise NanoQwenError(f"text file {path} is not text: {not_text(stats.replacement_chars, text):,} of its "
+        raise NanoQwenError(f"{name} is not text: {not_text(stats.replacement_chars, text):,} of its "
                             f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
     if not text.strip():  # blank: as prepare skips it
-        raise NanoQwenError(f"text file {path} is empty; give it some text to score")
+        raise NanoQwenError(f"{name} is empty; give it some text to score")
     documents = separated_documents(text)
     if not documents:
-        raise NanoQwenError(f"text file {path} {ONLY_SEPARATORS}; give it some text to score")
+        raise NanoQwenError(f"{name} {ONLY_SEPARATORS}; give it some text to score")
     return documents, stats.replacement_chars
 
 
@@ -236,7 +267,11 @@ def run(args: argparse.Namespace) -> int:
     if args.split is not None and args.text_file:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
-    texts, replaced = read_text_file(Path(args.text_file), args.model) if args.text_file else (None, 0)
+    texts, replaced = None, 0
+    if args.text_file == STANDARD_INPUT:  # (the text as given: Path("./-") is "-" too, the file named so)
+        texts, replaced = read_standard_input()
+    elif args.text_file:
+        texts, replaced = read_text_file(Path(args.text_file), args.model)
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -255,7 +290,8 @@ def run(args: argparse.Namespace) -> int:
     context = args.context or model.config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if replaced:  # the figures are still computed, but the user should know why they are odd
-        print(f"nanoqwen: warning: {args.text_file} is not UTF-8 text: replaced {replaced:,} undecodable "
+        source = STANDARD_INPUT_NAME if args.text_file == STANDARD_INPUT else args.text_file
+        print(f"nanoqwen: warning: {source} is not UTF-8 text: replaced {replaced:,} undecodable "
               "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
     if texts is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import random
 import re
+import sys
 import unicodedata
 from pathlib import Path
 
@@ -293,3 +295,54 @@ def test_the_help_names_eval_flags_as_the_other_commands_do(capsys: pytest.Captu
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "(--text-file FILE | --data DIR)" in capsys.readouterr().out  # (it said TEXT_FILE and DATA)
+
+
+def test_a_dash_scores_the_text_piped_in(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # `cat notes.txt | nanoqwen eval --text-file -` looked for a file named "-". The bytes piped in are read as a
+    # file's are (UTF-8 or a byte-order mark's encoding, line ends as written, parted at <|endoftext|>), so they
+    # give the figures the file does.
+    monkeypatch.chdir(tmp_path)
+    raw = b"\xef\xbb\xbf" + "the caf\u00e9 sat\r\n<|endoftext|>\nthe dog sat on the log. ".encode() * 6
+    (tmp_path / "t.txt").write_bytes(raw)
+
+    def pipe(piped: bytes | None) -> None:  # None: a closed standard input, which Python gives as None
+        monkeypatch.setattr(sys, "stdin", None if piped is None else io.TextIOWrapper(io.BytesIO(piped)))
+
+    def scored(text_file: str, *extra: str) -> tuple[dict, str]:
+        assert main(["eval", "--model", str(checkpoint), "--text-file", text_file, "--device", "cpu", "--json",
+                     *extra]) == 0, capsys.readouterr().err
+        captured = capsys.readouterr()
+        return json.loads(captured.out.strip().splitlines()[-1]), captured.err
+
+    named = scored("t.txt")[0]
+    pipe(raw)
+    assert scored("-") == (named, "") and named["tokens"] > 50
+    pipe(raw)
+    assert scored("-", "--max-windows", "1", "--context", "8")[0] == scored("t.txt", "--max-windows", "1",
+                                                                           "--context", "8")[0]
+    (tmp_path / "-").write_bytes(raw)  # a file named "-" is read as ./-, as Unix tools read one
+    pipe(b"the dog")
+    assert scored("./-")[0] == named and sys.stdin.read() == "the dog"
+    pipe(raw + b"\xff" * 3)  # undecodable bytes are warned of, naming where they came from
+    assert "warning: standard input is not UTF-8 text: replaced 3 undecodable" in scored("-")[1]
+    # Nothing piped in (an empty pipe, /dev/null, a closed standard input) is eval's line for an empty text.
+    for piped, problem in ((b"", "is empty"), (b" \n", "is empty"), (None, "is empty"),
+                           (b"<|endoftext|>\n", "holds nothing but <|endoftext|> separators and blanks")):
+        pipe(piped)
+        assert main(["eval", "--model", str(checkpoint), "--text-file", "-", "--device", "cpu"]) == 2
+        assert one_line(capsys) == f"nanoqwen eval: error: standard input {problem}; give it some text to score"
+
+    class Terminal(io.BytesIO):
+        def isatty(self) -> bool:  # text typed in: told how to end it, where eval seemed to hang
+            return True
+
+        def read(self, size: int | None = -1) -> bytes:
+            raise OSError(5, "Input/output error")  # (its terminal closed)
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(Terminal()))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", "-", "--device", "cpu"]) == 2
+    assert capsys.readouterr().err == (
+        "nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D\n"
+        "nanoqwen eval: error: standard input cannot be read (Input/output error); pipe the text into it, or give "
+        "--text-file FILE\n")

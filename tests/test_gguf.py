@@ -416,3 +416,22 @@ def test_a_quantized_outtype_points_at_llama_quantize(capsys: pytest.CaptureFixt
     assert capsys.readouterr().err == (
         "nanoqwen gguf: error: argument --outtype: must be auto, f32, f16 or bf16, got q8_0; for a quantized file "
         "(q8_0, q4_k_m, ...) write f16 here, then run llama.cpp's llama-quantize on it (see nanoqwen gguf --help)\n")
+
+
+def test_out_dash_is_refused_not_written_as_a_file_named_dash(tmp_path: Path, bpe: Tokenizer,
+                                                             capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # `gguf --out -` wrote a file named "-" where a user means standard output, which no command writes its files to
+    # (llama.cpp and Ollama load a GGUF from a file, and gguf's writer seeks); so did plot's, and the folder writers
+    # made a folder "-". Refused before any work; ./- names such a file.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    monkeypatch.chdir(tmp_path)
+    for command in (["gguf", "--model", str(folder)], ["plot", str(tmp_path)], ["init", "--tokenizer", str(folder)],
+                    ["prepare"], ["train"], ["tokenizer", "qwen3"]):
+        assert main([*command, "--out", "-"]) == 2
+        prog = " ".join(["nanoqwen", *command[:2 if command[0] == "tokenizer" else 1]])
+        assert capsys.readouterr().err == (f"{prog}: error: --out - would be standard output, which this command "
+                                           'does not write to; give a file or folder name (./- for one named "-")\n')
+    assert not (tmp_path / "-").exists()
+    assert main(["gguf", "--model", str(folder), "--out", "./-"]) == 0
+    assert gguf.GGUFReader(tmp_path / "-").fields["general.architecture"].contents() == "qwen3"
