@@ -204,7 +204,9 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     page.fill("#max-tokens", "12")
     page.fill("#system", "Be terse.")
     page.click("label:has(#mode-completion)")
+    page.fill("#api-key", "typed, never left")  # kept as typed: only its change event (the box left) kept it
     reload(page)
+    assert page.input_value("#api-key") == "typed, never left"  # (this server takes any)
     # The changed ones as left; the others at the page's and the checkpoint's defaults (top-p 0.8, top-k 20).
     fields = ("temperature", "max-tokens", "system", "top-p", "top-k")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.3", "12", "Be terse.", "0.8", "20"]
@@ -386,6 +388,16 @@ def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, u
     expect(page.locator(".message.user .content")).to_have_text(["b" * 100, "c, changed"])
     expect(page.locator(".editor")).to_have_count(0)
     assert page.input_value("#prompt") == ""
+    # Completion mode's prompt is the same box, kept the same way.
+    page.click("label:has(#mode-completion)")
+    page.fill("#prompt", "Once upon")
+    reload(page)
+    assert page.is_checked("#mode-completion") and page.input_value("#prompt") == "Once upon"
+    page.click("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    reload(page)
+    assert page.input_value("#prompt") == ""
+    expect(page.locator(".message.completion .prompt-text")).to_have_text(["Once upon"])
     close_page(page, errors)
 
 
