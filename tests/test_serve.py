@@ -954,7 +954,7 @@ BAD_REQUESTS = [
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt"),
     ("/v1/chat/completions", {"model": "tiny"}, 400, "messages"),
     ("/v1/chat/completions", {"messages": []}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages.0.role"),
+    ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("/v1/completions", {"prompt": "hi", "temperature": 3}, 400, "temperature"),
     ("/v1/completions", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
     ("/v1/completions", {"prompt": "hi", "top_p": 1.01}, 400, "top_p"),
@@ -1022,15 +1022,16 @@ BAD_REQUESTS = [
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "best_of": 0}, 400, "best_of"),
     ("/v1/completions", {"prompt": ["hi"] * 129}, 400, "prompt"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages.0.content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [  # images: refused by name, not as "no string"
         {"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "x"}}]}]},
-     400, "messages"),
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400, "messages"),
+     400, "messages[0].content[1].type"),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text"}]}]}, 400,
+     "messages[0].content[0].text"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]}, 400,
-     "messages.0.content.0.text"),  # the part's text named, not "content should be a string"
-    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages.0.content"),
+     "messages[0].content[0].text"),  # the part's text named, not "content should be a string"
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": [123]}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
                               "functions": [{"name": "f", "parameters": {}}]}, 400, "functions"),
     # tool_choice and parallel_tool_calls only with tools, as OpenAI's ("none" and false too); a named function
@@ -1074,6 +1075,24 @@ def test_bad_requests_get_openai_errors(url: str, path: str, body, status: int, 
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
     assert error["param"] == param
+
+
+def test_validation_errors_name_the_field_as_openai_does(client: openai.OpenAI) -> None:
+    # OpenAI's API names a field in a list by its index in brackets, in the message and the param alike:
+    # "Invalid value: ... 'messages[2].role'", param 'messages[2].role' (not pydantic's 'messages.2.role').
+    hi = {"role": "user", "content": "hi"}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[hi, {"role": "wizard", "content": "hi"}])
+    assert e.value.param == "messages[1].role"
+    assert e.value.body["message"].startswith("invalid 'messages[1].role': Input should be 'system', ")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[hi, {"role": "user", "content": [
+            {"type": "text", "text": "a"}, {"type": "text", "text": 5}]}])
+    assert e.value.param == "messages[1].content[1].text"
+    assert e.value.body["message"] == "invalid 'messages[1].content[1].text': Input should be a valid string"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="tiny", messages=[hi, {"role": "user", "content": None}])
+    assert e.value.param == "messages[1].content"
 
 
 def test_min_tokens_past_max_tokens_says_what_to_send(url: str) -> None:

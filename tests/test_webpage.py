@@ -204,7 +204,9 @@ def test_settings_changed_survive_a_reload_until_reset(browser, url: str) -> Non
     page.fill("#max-tokens", "12")
     page.fill("#system", "Be terse.")
     page.click("label:has(#mode-completion)")
+    page.fill("#api-key", "typed, never left")  # kept as typed: only its change event (the box left) kept it
     reload(page)
+    assert page.input_value("#api-key") == "typed, never left"  # (this server takes any)
     # The changed ones as left; the others at the page's and the checkpoint's defaults (top-p 0.8, top-k 20).
     fields = ("temperature", "max-tokens", "system", "top-p", "top-k")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.3", "12", "Be terse.", "0.8", "20"]
@@ -317,6 +319,7 @@ def test_stop_or_a_reload_while_the_message_is_being_counted(page) -> None:
                                                                   "Reloaded while counted"])
     expect(page.locator(".message.assistant .note")).to_have_text(["stopped", "stopped"])
     expect(page.locator("#send")).to_be_enabled()
+    assert page.input_value("#prompt") == ""  # sent: not kept as the box's text
 
 
 def test_a_conversation_too_large_to_save_never_breaks_the_page(browser, url: str) -> None:
@@ -334,6 +337,67 @@ def test_a_conversation_too_large_to_save_never_breaks_the_page(browser, url: st
     expect(page.locator("#stats")).to_contain_text("3 tokens")
     reload(page)
     expect(page.locator(".message")).to_have_count(0)
+    close_page(page, errors)
+
+
+def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, url: str) -> None:
+    # The conversation survived a reload, the text being written did not: the message box's, an open edit's. Both are
+    # the tab's now (sessionStorage), as typed, until sent or cancelled. A small saved conversation (see above) here.
+    page, errors = open_page(browser, url, "tiny-web", init_script="window.nanoqwenSavedChars = 700")
+    page.fill("#max-tokens", "3")
+    page.fill("#prompt", "half a thought\nand its second line")
+    reload(page)
+    assert page.input_value("#prompt") == "half a thought\nand its second line"
+    expect(page.locator("#prompt")).to_be_focused()
+    page.click("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    reload(page)
+    assert page.input_value("#prompt") == ""
+    expect(page.locator(".message.user .content")).to_have_text(["half a thought\nand its second line"])
+    # An open edit comes back on its message, with its text; the message box's text beside it.
+    send_and_wait(page, "b" * 100)
+    page.locator(".message.user button.edit").last.click()
+    page.fill(".message.user .editor textarea", "b, changed")
+    page.fill("#prompt", "the next one")
+    reload(page)
+    editor = page.locator(".message.user").last.locator(".editor textarea")
+    expect(editor).to_have_value("b, changed")
+    expect(page.locator(".editor")).to_have_count(1)
+    assert page.input_value("#prompt") == "the next one"
+    expect(page.locator("#prompt")).to_be_focused()
+    ARTIFACTS.mkdir(exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / "webpage-draft-restored.png"))
+    page.locator(".editor button.ghost").click()  # Cancel: gone, here and after a reload
+    reload(page)
+    expect(page.locator(".editor")).to_have_count(0)
+    expect(page.locator(".message.user .content")).to_have_text(["half a thought\nand its second line", "b" * 100])
+    # An edit of a message the saved conversation has since left (its oldest turn, over the cap) is dropped.
+    page.locator(".message.user button.edit").first.click()
+    page.fill(".message.user .editor textarea", "gone with its message")
+    send_and_wait(page, "c" * 100)
+    expect(page.locator(".editor")).to_have_count(1)
+    reload(page)
+    expect(page.locator(".message.user .content")).to_have_text(["b" * 100, "c" * 100])
+    expect(page.locator(".editor")).to_have_count(0)
+    # An edit sent is gone too, and the message shows its new text.
+    page.locator(".message.user button.edit").last.click()
+    page.fill(".message.user .editor textarea", "c, changed")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    reload(page)
+    expect(page.locator(".message.user .content")).to_have_text(["b" * 100, "c, changed"])
+    expect(page.locator(".editor")).to_have_count(0)
+    assert page.input_value("#prompt") == ""
+    # Completion mode's prompt is the same box, kept the same way.
+    page.click("label:has(#mode-completion)")
+    page.fill("#prompt", "Once upon")
+    reload(page)
+    assert page.is_checked("#mode-completion") and page.input_value("#prompt") == "Once upon"
+    page.click("#send")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    reload(page)
+    assert page.input_value("#prompt") == ""
+    expect(page.locator(".message.completion .prompt-text")).to_have_text(["Once upon"])
     close_page(page, errors)
 
 

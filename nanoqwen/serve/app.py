@@ -159,6 +159,12 @@ def is_union_branch(part: int | str) -> bool:
     return isinstance(part, str) and (part in {"str", "int"} or "[" in part)
 
 
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """A field's path as OpenAI's validation errors name it, in their message and their `param` alike:
+    'messages[0].content[1].text' (pydantic's loc reads ('messages', 0, 'content', 1, 'text'))."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).removeprefix(".")
+
+
 def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     """One readable line (and the offending parameter) from pydantic's error list."""
     errors = [{**e, "loc": tuple(p for p in e.get("loc", ()) if p != "body")} for e in exc.errors()]
@@ -181,7 +187,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
         forms = dict.fromkeys(e["loc"][branch] for e in errors if e["loc"][:branch] == loc[:branch]
                               and len(e["loc"]) > branch)
         loc, message = loc[:branch], "should be one of: " + ", ".join(map(str, forms))
-    field = ".".join(str(p) for p in loc if not is_union_branch(p))
+    field = field_path(tuple(p for p in loc if not is_union_branch(p)))
     return f"invalid '{field}': {message}", field
 
 

@@ -193,14 +193,15 @@ class ChatMessage(BaseModel):
         if not isinstance(self.content, list):
             return self.content or ""
         texts = []
-        for part in self.content:
+        for k, part in enumerate(self.content):
             # OpenAI's assistant messages may hold refusal parts besides text ones: what it said, so text too
             kind = "refusal" if part.type == "refusal" and self.role == "assistant" else "text"
             said = part.refusal if kind == "refusal" else part.text
             if part.type != kind or said is None:
                 what = f"a part of type '{part.type}'" if part.type != kind else f"a {kind} part without '{kind}'"
                 raise APIError(400, f"messages[{index}].content holds {what}; this model reads text only: send "
-                                    "its content as a string or text parts", "messages")
+                                    "its content as a string or text parts",
+                               f"messages[{index}].content[{k}].{'type' if part.type != kind else kind}")
             texts.append(said)
         return "\n".join(texts)  # as vLLM and llama.cpp's server join the parts for a template that reads text
 
@@ -236,7 +237,7 @@ class ChatInput(RequestBody):
         say it all)."""
         for i, m in enumerate(self.messages or []):
             if m.content is None and m.role != "assistant":
-                raise APIError(400, f"messages[{i}] ({m.role}) has no content; give its text", "messages")
+                raise APIError(400, f"messages[{i}] ({m.role}) has no content; give its text", f"messages[{i}].content")
         return [{**(m.model_extra or {}), "role": "system" if m.role == "developer" else m.role,
                  "content": m.text(i)} for i, m in enumerate(self.messages or [])]
 

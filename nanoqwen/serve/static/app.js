@@ -4,6 +4,10 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
+// What survives a reload: everything the user typed or chose, as they left it. The settings (sampling, system
+// prompt, mode, API key) are the browser's, in localStorage; the conversation and the text being written are the
+// tab's, in sessionStorage (see CONVERSATION_STORAGE). What the page reads from the server or says (the model, the
+// status line) is read and said anew.
 const KEY_STORAGE = "nanoqwen-api-key";
 const SETTINGS_STORAGE = "nanoqwen-settings"; // + ":" + the model's id: each model keeps its own
 // The settings kept across reloads (in this browser, for this server's address and model): those the user changed.
@@ -15,6 +19,9 @@ const CONVERSATION_STORAGE = "nanoqwen-conversation";
 // At most this many characters of it (about 1 MB as UTF-16, of the 5 MB or so a site gets): the oldest messages
 // go first. Tests set window.nanoqwenSavedChars before the page loads, to make it small.
 const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
+// The text being written, the tab's too: the message box's (one box, both modes') and an open edit's, with its
+// message's place in the saved conversation. Saved as typed, and gone once sent or cancelled.
+const DRAFT_STORAGE = "nanoqwen-draft";
 const PAGE_TITLE = document.title;
 // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
 const touchScreen = matchMedia("(pointer: coarse)").matches;
@@ -28,6 +35,7 @@ const state = {
   applyingDefaults: false, // so the controls' input events tell the user's changes from those defaults
   thinkTags: null, // {model, open, close}: the ids of <think> and </think> for that model (see thinkTags)
   editing: null, // {box, form, sendButton}: the sent message being edited, and its editor
+  savedFrom: 0, // how many of the oldest messages the saved conversation leaves out (see saveConversation)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -539,16 +547,21 @@ function saveConversation() {
     return { kind, label, text, prompt, notes, inThinking, dropped: box.classList.contains("dropped") };
   });
   let size = JSON.stringify(saved).length;
+  let left = 0;
   while (size > SAVED_CHARS && saved.length) {
     for (const message of saved.splice(0, saved[0].kind === "user" ? 2 : 1)) {
       size -= JSON.stringify(message).length + 1; // and its comma
+      left += 1;
     }
   }
   try {
     storage("sessionStorage")?.setItem(CONVERSATION_STORAGE, JSON.stringify(saved));
+    state.savedFrom = left;
   } catch (err) { // full: no conversation kept, rather than an older one
     storage("sessionStorage")?.removeItem(CONVERSATION_STORAGE);
+    state.savedFrom = Infinity;
   }
+  saveDraft(); // an open edit's message may have moved in what is saved, or left it
 }
 
 function restoreConversation() {
@@ -565,6 +578,44 @@ function restoreConversation() {
     state.history = [];
   }
   showEmptyHint();
+}
+
+// Saved as typed, and when the page changes the text (a send empties the box) or opens or closes an editor.
+function saveDraft() {
+  const draft = {};
+  if ($("prompt").value) draft.message = $("prompt").value;
+  if (state.editing) { // named by its place in the saved conversation: out of it, the edit is not kept
+    const at = [...$("transcript").querySelectorAll(".message")].indexOf(state.editing.box) - state.savedFrom;
+    if (at >= 0) draft.edit = { at, text: state.editing.form.querySelector("textarea").value };
+  }
+  try {
+    if (Object.keys(draft).length) storage("sessionStorage")?.setItem(DRAFT_STORAGE, JSON.stringify(draft));
+    else storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
+  } catch (err) { // full: no draft kept, rather than an older one
+    storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
+  }
+}
+
+// After restoreConversation: the message box's text, and an open edit, if its message is still there.
+function restoreDraft() {
+  let draft;
+  try {
+    draft = JSON.parse(storage("sessionStorage")?.getItem(DRAFT_STORAGE) || "{}") ?? {};
+  } catch (err) { // unreadable (edited by hand): none
+    draft = {};
+  }
+  if (typeof draft.message === "string") $("prompt").value = draft.message;
+  const box = Number.isInteger(draft.edit?.at) ? $("transcript").querySelectorAll(".message")[draft.edit.at] : null;
+  if (box && records.get(box).kind === "user" && typeof draft.edit.text === "string") {
+    startEdit(box, draft.edit.text, false);
+  }
+  saveDraft(); // as restored: an edit whose message is gone is forgotten
+}
+
+// The message box's text as the page sets it (emptied by a send, or given back by one that failed).
+function setPrompt(text) {
+  $("prompt").value = text;
+  saveDraft();
 }
 
 function setBusy(busy) {
@@ -700,7 +751,7 @@ async function send(again = null) {
     if (!$("thinking-field").hidden && !$("thinking").checked) {
       body.chat_template_kwargs = { enable_thinking: false };
     }
-    if (!again) $("prompt").value = ""; // (what is typed there meanwhile is the next message's)
+    if (!again) setPrompt(""); // (what is typed there meanwhile is the next message's)
     const fit = await fitHistory(lead, text, body);
     dropped = fit.messages;
     if (fit.turns) {
@@ -716,7 +767,7 @@ async function send(again = null) {
     turn.push(box);
     path = "/v1/completions";
     body = { ...sampling, prompt: text };
-    $("prompt").value = "";
+    setPrompt("");
   }
   box.querySelector(".content").classList.add("streaming");
   scrollDown();
@@ -822,7 +873,7 @@ async function send(again = null) {
             bringBack(dropped);
           }
           for (const el of turn) el.remove();
-          if (!$("prompt").value) $("prompt").value = text;
+          if (!$("prompt").value) setPrompt(text);
         }
         showEmptyHint();
       }
@@ -893,6 +944,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
   state.editing = { box, form, sendButton };
   form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
   cancel.addEventListener("click", () => cancelEdit(true));
+  text.addEventListener("input", saveDraft);
   text.addEventListener("keydown", (e) => {
     if (e.isComposing) return;
     if (e.key === "Enter" && !e.shiftKey && !touchScreen) { e.preventDefault(); sendEdit(); }
@@ -903,6 +955,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
     text.focus();
     text.setSelectionRange(text.value.length, text.value.length);
   }
+  saveDraft();
 }
 
 // Closes the editor, the message as it was; `refocus`: the focus goes back to the message's Edit button.
@@ -912,6 +965,7 @@ function cancelEdit(refocus = false) {
   state.editing = null;
   editing.form.remove();
   editing.box.classList.remove("editing");
+  saveDraft();
   if (refocus) editing.box.querySelector("button.edit").focus();
 }
 
@@ -922,7 +976,7 @@ function sendEdit() {
   const from = state.history.findIndex((message) => message.box === box);
   if (from < 0) { // dropped to fit the context since the edit began: the model no longer sees it to replace
     cancelEdit();
-    if (!$("prompt").value) $("prompt").value = text;
+    if (!$("prompt").value) setPrompt(text);
     showStatus("That message was dropped to fit the model's context: send the new text as a new message", true);
     return;
   }
@@ -965,10 +1019,12 @@ function clearAll() { // the transcript of the mode shown, here and as saved
 function init() {
   const key = storage()?.getItem(KEY_STORAGE);
   if (key) $("api-key").value = key;
-  $("api-key").addEventListener("change", () => {
-    storage()?.setItem(KEY_STORAGE, $("api-key").value.trim());
-    loadModel();
+  $("api-key").addEventListener("input", () => { // as typed: a reload before the box was left lost it
+    try {
+      storage()?.setItem(KEY_STORAGE, $("api-key").value.trim());
+    } catch (err) { /* storage full: the page works as before, without memory */ }
   });
+  $("api-key").addEventListener("change", () => loadModel()); // once left: the server is asked with it
   for (const id of SAVED_FIELDS) { // touched: see loadModel's defaults
     $(id).addEventListener($(id).type === "checkbox" ? "change" : "input", () => {
       if (state.applyingDefaults) return;
@@ -995,6 +1051,7 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
+  $("prompt").addEventListener("input", saveDraft);
   if (touchScreen) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touchScreen) { e.preventDefault(); send(); }
@@ -1012,6 +1069,7 @@ function init() {
   document.body.dataset.mode = mode();
   setBusy(false);
   restoreConversation();
+  restoreDraft();
   showRegenerate();
   // Leaving the page (a reload) ends a reply streaming: it is stopped here, and so saved as stopped. Not later, at
   // pagehide: by then the browser has dropped the fetch, which read as a lost connection.
