@@ -163,6 +163,7 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
         open_binary,
         said_if_damaged,
         separated_documents,
+        universal_newlines,
         zstd_unread,
     )
 
@@ -190,7 +191,7 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
                             f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
     if not text.strip():  # blank: as prepare skips it
         raise NanoQwenError(f"text file {path} is empty; give it some text to score")
-    documents = separated_documents(text)
+    documents = separated_documents(universal_newlines(text))
     if not documents:
         raise NanoQwenError(f"text file {path} {ONLY_SEPARATORS}; give it some text to score")
     return documents, stats.replacement_chars
