@@ -1340,6 +1340,14 @@ def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
     assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "260 of the first 520 "
                                      "characters are undecodable or NUL (a binary file, or text in another encoding: "
                                      "convert it to UTF-8)"}]
+    # A note of a few words is no text either: NULs are none at any length (a few bad bytes in a short text are kept).
+    (tmp_path / "c" / "u16.txt").write_bytes("Hi there.\n".encode("utf-16-le"))
+    (tmp_path / "c" / "latin1.txt").write_bytes(b"\xe9t\xe9")  # (2 of 3 characters replaced)
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text\x00 with a NUL or two\x00", "\ufffdt\ufffd"]
+    assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "10 of the first 20 "
+                                     "characters are undecodable or NUL (a binary file, or text in another encoding: "
+                                     "convert it to UTF-8)"}]
 
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -932,8 +932,10 @@ def not_text(replaced: int, text: str) -> int:
 def mostly_undecodable(replaced: int, text: str) -> bool:
     """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
     as text, not text with a few bad bytes."""
-    noise = not_text(replaced, text)
-    return noise > 64 and noise > MOSTLY_UNDECODABLE * len(text)
+    noise, most = not_text(replaced, text), MOSTLY_UNDECODABLE * len(text)
+    # A short text with a few bad bytes is kept (a Latin-1 "été"); NULs are no text at any length (a note of a few
+    # words saved as UTF-16 without a byte-order mark)
+    return noise > most and (noise > 64 or text.count("\0") > most)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
