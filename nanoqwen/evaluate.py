@@ -187,7 +187,7 @@ STANDARD_INPUT, STANDARD_INPUT_NAME = "-", "standard input"
 
 def read_standard_input() -> tuple[list[str], int]:
     """read_text_file's documents and count of the text piped in (`--text-file -`): its bytes read as a text file's
-    are (not as Python's text mode reads them, which would change its line ends and fail on a bad byte), so that
+    are (not by Python's text mode, which would fail on a bad byte and miss a byte-order mark), so that
     `cat notes.txt | nanoqwen eval ... --text-file -` gives the figures `--text-file notes.txt` does. All of it is
     read, as a file is (--max-windows encodes only the start it scores). A closed standard input is an empty one."""
     stream = getattr(sys.stdin, "buffer", None)  # sys.stdin is None where the shell closed it (`<&-`)
@@ -212,6 +212,7 @@ def text_documents(raw: bytes, name: str) -> tuple[list[str], int]:
         mostly_undecodable,
         not_text,
         separated_documents,
+        universal_newlines,
     )
 
     stats = CorpusStats()
@@ -221,7 +222,7 @@ def text_documents(raw: bytes, name: str) -> tuple[list[str], int]:
                             f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
     if not text.strip():  # blank: as prepare skips it
         raise NanoQwenError(f"{name} is empty; give it some text to score")
-    documents = separated_documents(text)
+    documents = separated_documents(universal_newlines(text))
     if not documents:
         raise NanoQwenError(f"{name} {ONLY_SEPARATORS}; give it some text to score")
     return documents, stats.replacement_chars

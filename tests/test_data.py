@@ -71,7 +71,8 @@ def write_pdf(path: Path, pages: list[str]) -> None:
 
 
 def make_corpus(folder: Path) -> list[str]:
-    """Every supported format in one folder; returns the expected documents (NFC; the PDF whitespace-squashed)."""
+    """Every supported format in one folder; returns the expected documents (NFC, a text file's line endings as
+    "\n"; the PDF whitespace-squashed)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -85,7 +86,8 @@ def make_corpus(folder: Path) -> list[str]:
     write_pdf(folder / "doc.pdf", PDF_TEXT)
     (folder / "ignored.html").write_text("<p>not a corpus</p>\n")
     (folder / ".hidden.txt").write_text("hidden files are not read")
-    return [nfc(t) for t in DOCS.values()] + [t for ts in RECORDS.values() for t in ts] + [" ".join(PDF_TEXT)]
+    return [nfc(t.replace("\r\n", "\n")) for t in DOCS.values()] + [t for ts in RECORDS.values() for t in ts] + \
+        [" ".join(PDF_TEXT)]
 
 
 def segments(folder: Path, split: str) -> list[list[int]]:
@@ -1282,6 +1284,32 @@ def test_a_large_file_read_in_blocks_gives_val_its_fraction(tmp_path: Path, monk
     assert meta["cut_documents"] == 1  # the last block: its start is train's last document
 
 
+def test_windows_and_old_mac_line_endings_are_read_as_newlines(tmp_path: Path) -> None:
+    # A .txt saved on Windows kept its "\r\n" in the training text: a BPE spent ids on "\r", the model learned to
+    # write it, and the same text saved with LF gave other ids. Text files are read with universal newlines, as
+    # Python's text mode and `datasets`' text loader read them (eval's --text-file too); a record's text is kept as
+    # the record gives it.
+    import gzip
+
+    from nanoqwen.evaluate import read_text_file
+
+    text = "first line\nsecond line\n\nlast line"
+    windows = text.replace("\n", "\r\n")
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "mac.md").write_bytes(text.replace("\n", "\r").encode())
+    (folder / "mixed.txt").write_bytes(b"a\r\nb\rc\n\r\nd\r")
+    (folder / "notes.txt.gz").write_bytes(gzip.compress(windows.encode()))
+    (folder / "rows.jsonl").write_text(json.dumps({"text": "a record's\r\nown"}) + "\n")
+    (folder / "stories.txt").write_bytes(b"one\r\n<|endoftext|>\r\ntwo\r\nlines\r\n")
+    (folder / "utf16.txt").write_bytes(windows.encode("utf-16"))
+    (folder / "utf32.txt").write_bytes(windows.encode("utf-32"))
+    (folder / "windows.txt").write_bytes(("\ufeff" + windows).encode())  # as Notepad saves it
+    assert list(open_corpus(str(folder)).documents()) == [
+        text, "a\nb\nc\n\nd\n", text, "a record's\r\nown", "one", "two\nlines\n", text, text, text]
+    assert read_text_file(folder / "windows.txt", "ck") == ([text], 0)
+
+
 def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "latin1.txt").write_bytes(b"caf\xe9 and na\xefve " + "\ufffd".encode())  # a real U+FFFD too
@@ -1312,6 +1340,14 @@ def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
     assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "260 of the first 520 "
                                      "characters are undecodable or NUL (a binary file, or text in another encoding: "
                                      "convert it to UTF-8)"}]
+    # A note of a few words is no text either: NULs are none at any length (a few bad bytes in a short text are kept).
+    (tmp_path / "c" / "u16.txt").write_bytes("Hi there.\n".encode("utf-16-le"))
+    (tmp_path / "c" / "latin1.txt").write_bytes(b"\xe9t\xe9")  # (2 of 3 characters replaced)
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text\x00 with a NUL or two\x00", "\ufffdt\ufffd"]
+    assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "u16.txt"), "reason": "10 of the first 20 "
+                                     "characters are undecodable or NUL (a binary file, or text in another encoding: "
+                                     "convert it to UTF-8)"}]
 
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1338,6 +1374,28 @@ def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest
     (tmp_path / "noise.txt").write_bytes(random.Random(0).randbytes(9000))
     noise = open_corpus(str(tmp_path / "noise.txt"))
     assert list(noise.documents()) == [] and "are undecodable or NUL" in noise.stats.skipped[0]["reason"]
+
+
+def test_a_line_ending_across_the_edge_of_two_blocks_is_one_newline(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A large file is decoded a block at a time: the "\r" that ends one block and the "\n" that starts the next are
+    # one line break, not two; a lone "\r" at the file's end is one too.
+    import gzip
+
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    for encoding, mark, width in [("utf-8", 0, 1), ("utf-16", 2, 2)]:
+        # Lines of 1,000 bytes, the first less its byte-order mark and a character: each "\r" is a block's last
+        lines = ["a" * ((1000 - mark) // width - 1), *(str(i) * (1000 // width - 2) for i in range(6))]
+        raw = ("\r\n".join(lines) + "\r").encode(encoding)
+        assert all(raw[end - width:end] == "\r".encode(encoding)[-width:] for end in range(1000, 7000, 1000))
+        (tmp_path / "big.txt").write_bytes(raw)
+        (tmp_path / "big.txt.gz").write_bytes(gzip.compress(raw))
+        for name in ("big.txt", "big.txt.gz"):
+            blocks = list(open_corpus(str(tmp_path / name)).documents())
+            assert "".join(blocks) == "\n".join(lines) + "\n" and len(blocks) > 3, (encoding, name)
 
 
 def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
@@ -1604,9 +1662,12 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert list(capped.documents()) == [STORIES[0], STORIES[1][:1]] and capped.stats.parted_documents == 2
     # Only a corpus whose text files hold the separator has a new fingerprint: the folders of others stay up to date.
     corpus, alone = open_corpus(str(folder)), open_corpus(str(folder / "plain.txt"))
-    assert corpus.former_fingerprints == {corpus.fingerprint.removesuffix(" parted"): "was prepared from these "
-                                          "inputs before nanoqwen parted text files at <|endoftext|>"}
-    assert corpus.fingerprint.endswith(" parted")
+    assert corpus.fingerprint.endswith(" parted newlines")  # (stories.txt's "\r\n" is read as "\n" too)
+    before = corpus.fingerprint.removesuffix(" parted newlines")
+    assert corpus.former_fingerprints == {
+        before: "was prepared from these inputs before nanoqwen parted text files at <|endoftext|>",
+        f"{before} parted": "was prepared by an older nanoqwen, which kept the carriage returns of text files' Windows "
+                            "line endings (\\r\\n), now read as newlines"}
     assert alone.fingerprint == f"local {local_fingerprint(folder / 'plain.txt')} text"
     assert alone.former_fingerprints == {}
 
@@ -1622,7 +1683,7 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     out = tmp_path / "data"
     command = ["prepare", "--dataset", str(tmp_path / "stories.txt"), "--tokenizer", "bpe:300", "--out", str(out)]
     with monkeypatch.context() as before_parting:  # its fingerprint as it was then (split by rule 2 then)
-        before_parting.setattr(sources, "holds_separator", lambda path: False)
+        before_parting.setattr(sources, "marks_in_head", lambda path, marks: set())
         before_parting.setattr(prepare_module, "SPLIT_RULE", 2)
         assert main(command) == 0
     made = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -1636,6 +1697,36 @@ def test_a_folder_prepared_before_parting_is_not_reused_and_the_command_says_why
     assert f"{out} was prepared from these inputs before nanoqwen parted text files at <|endoftext|>; preparing it " \
         "again (runs" in capsys.readouterr().out
     assert load_meta(out)["parted_documents"] == 2
+
+
+def test_a_folder_prepared_when_line_endings_kept_their_carriage_return_is_not_reused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # The file's name, size and times are the same: a folder whose text holds the "\r" of "\r\n" was reused as up
+    # to date. Only corpora whose text files hold a "\r" have a new fingerprint (others' folders hold the same text).
+    import nanoqwen.data.sources as sources
+    from nanoqwen.cli import main
+    from nanoqwen.data.sources import DOCUMENT_SEPARATOR, local_fingerprint
+
+    (tmp_path / "notes.txt").write_bytes(b"a note\r\nwritten on Windows\r\n")
+    (tmp_path / "unix.txt").write_text("a note\nwritten on Linux\n")
+    out = tmp_path / "data"
+    command = ["prepare", "--dataset", str(tmp_path / "notes.txt"), "--tokenizer", "bpe:300", "--out", str(out)]
+    marks_in_head = sources.marks_in_head
+    with monkeypatch.context() as before:  # read as it was then: the "\r" kept, and not looked for
+        before.setattr(sources, "universal_newlines", lambda text: text)
+        before.setattr(sources, "marks_in_head", lambda path, marks: marks_in_head(path, [DOCUMENT_SEPARATOR]))
+        assert main(command) == 0
+    assert "".join(sum(read_back(out).values(), [])) == "a note\r\nwritten on Windows\r\n"  # (cut: in both)
+    capsys.readouterr()
+    assert main(command) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} was prepared by an older nanoqwen, which kept the carriage returns of text "
+        "files' Windows line endings (\\r\\n), now read as newlines (runs trained on it resume only from it); give "
+        "--force to replace it, or another --out")
+    prepare(str(tmp_path / "notes.txt"), "bpe:300", out, progress=False)
+    assert "".join(sum(read_back(out).values(), [])) == "a note\nwritten on Windows\n"
+    unix = open_corpus(str(tmp_path / "unix.txt"))
+    assert unix.fingerprint == f"local {local_fingerprint(tmp_path / 'unix.txt')} text" and not unix.former_fingerprints
 
 
 def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(

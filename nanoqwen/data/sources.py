@@ -9,7 +9,8 @@
                                  split, where it has splits)
 
 A .txt/.md file is one document, or the documents a literal `<|endoftext|>` parts it into (TinyStories' text files
-part their stories so): the separator and the whitespace around it are in none of them.
+part their stories so): the separator and the whitespace around it are in none of them. Its line endings are read as
+Python's text mode reads them: "\r\n" and a lone "\r" are "\n" (a record's text is kept as the record gives it).
 
 Records are read from a text field (`text`, or --text-column; `data.text` names one inside an object). A record
 with no text field but a `messages` (OpenAI: role and content) or `conversations` (ShareGPT: from and value) list
@@ -28,6 +29,7 @@ import csv
 import fnmatch
 import gzip
 import hashlib
+import io
 import itertools
 import json
 import logging
@@ -81,7 +83,7 @@ BLOCK_BYTES = 1 << 21
 # put it between their documents, each of which prepare ends with the real <|endoftext|> id. In a record's text
 # (JSON, parquet, a hub dataset) it stays text.
 DOCUMENT_SEPARATOR = "<|endoftext|>"
-SEPARATOR_SEARCH_BYTES = 1 << 22  # how much of a text file holds_separator reads
+SEPARATOR_SEARCH_BYTES = 1 << 22  # how much of a text file marks_in_head reads
 # Why a text file of separators alone gives no document (prepare skips it, eval refuses it)
 ONLY_SEPARATORS = f"holds nothing but {DOCUMENT_SEPARATOR} separators and blanks"
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # only JSON escapes can make these; UTF-8 cannot hold them
@@ -241,7 +243,7 @@ class Corpus:
 def open_corpus(spec: str, *, text_column: str | None = None, split: str = "train",
                 max_bytes: int | None = None) -> Corpus:
     """The corpus for a `--dataset` spec. Cheap: nothing is read until `documents()` is iterated (but local text
-    files' heads, searched for DOCUMENT_SEPARATOR for the fingerprint: see holds_separator)."""
+    files' heads, searched for DOCUMENT_SEPARATOR and "\r" for the fingerprint: see marks_in_head)."""
     if max_bytes is not None and max_bytes <= 0:
         raise NanoQwenError(f"--max-bytes must be positive, got {max_bytes}")
     if spec == "shakespeare":
@@ -322,6 +324,13 @@ def decode(raw: bytes, stats: CorpusStats) -> str:
         return text
 
 
+def universal_newlines(text: str) -> str:
+    """A text file's `text` with Windows' "\r\n" and old Macs' lone "\r" line endings read as "\n", as Python's text
+    mode, nanoGPT's open().read() and `datasets`' text loader read them: else a BPE spends ids on "\r", the model
+    learns to write it, and the same text saved on Linux gives other ids. (A record's text is its own: kept.)"""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def text_encoding(head: bytes) -> str:
     """The codec for bytes that begin with `head`: "utf-8-sig" (which drops a UTF-8 byte-order mark, as
     Windows editors write) unless a UTF-32 or UTF-16 mark says otherwise."""
@@ -373,18 +382,14 @@ def _read_shakespeare(stats: CorpusStats) -> Iterator[str]:
         with zipfile.ZipFile(archive) as zf:
             names = sorted(n for n in zf.namelist() if fnmatch.fnmatch(n, SHAKESPEARE_MEMBERS))
             for name in names:
-                yield _clean_gutenberg(decode(zf.read(name), stats))
+                yield universal_newlines(decode(zf.read(name), stats))
         return
     with tarfile.open(archive) as tf:
         for member in tf:  # in archive order: seeking back in a .tar.gz decompresses it again from the start
             if member.isfile() and fnmatch.fnmatch(member.name, SHAKESPEARE_MEMBERS):
                 f = tf.extractfile(member)
                 assert f is not None  # regular files always have content
-                yield _clean_gutenberg(decode(f.read(), stats))
-
-
-def _clean_gutenberg(text: str) -> str:
-    return text.replace("\r\n", "\n")  # the archive mixes CRLF and LF files
+                yield universal_newlines(decode(f.read(), stats))
 
 
 # -- Hugging Face datasets ---------------------------------------------------------------------------
@@ -801,7 +806,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             if stats.replacement_chars > before:
                 stats.replaced_in.append(str(file))
 
-    parted = {p for p in files if types[p] in TEXT_SUFFIXES and holds_separator(p)}
+    marked = {p: marks_in_head(p, (DOCUMENT_SEPARATOR, "\r")) for p in files if types[p] in TEXT_SUFFIXES}
+    parted = {p for p, marks in marked.items() if DOCUMENT_SEPARATOR in marks}
+    carriage_returns = {p for p, marks in marked.items() if "\r" in marks}  # their text is other than it was
 
     # the files of its save_to_disk folders that nanoqwen read before it read them as datasets (their JSON files)
     saved_files = [q for folder in saved for q in all_files(folder) if file_type(q) in SUFFIXES]
@@ -809,14 +816,20 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     described = described_files(path, [*files, *unread_zstd, *saved_files])
 
     def fingerprint_of(read_files: list[Path]) -> str:
-        # Parted text files give other documents than a folder prepared before they were parted holds: a fingerprint
-        # of its own. Other corpora keep theirs, and with it their prepared folders and runs.
+        # Parted text files, and text files with a "\r" (read as "\n" since), give other documents than a folder
+        # prepared before holds: a fingerprint of their own. Other corpora keep theirs, and with it their prepared
+        # folders and runs.
         return f"local {local_fingerprint(path, read_files, described)} {column}" + \
-            (" parted" if parted.intersection(read_files) else "")
+            (" parted" if parted.intersection(read_files) else "") + \
+            (" newlines" if carriage_returns.intersection(read_files) else "")
 
     fingerprint = fingerprint_of(files)
-    former = {fingerprint.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
+    kept_returns = fingerprint.removesuffix(" newlines")  # as nanoqwen fingerprinted them before
+    former = {kept_returns.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    if carriage_returns:
+        former[kept_returns] = ("was prepared by an older nanoqwen, which kept the carriage returns of text files' "
+                                r"Windows line endings (\r\n), now read as newlines")
     if saved:
         former[fingerprint_of(sorted([*set(files).difference(saved), *saved_files]))] = (
             f"was prepared by an older nanoqwen, which did not read {counted(len(saved), 'folder')} of this corpus "
@@ -872,21 +885,23 @@ def said_if_damaged(path: Path) -> Iterator[None]:
                             "again from its source, or remove it") from None
 
 
-def holds_separator(path: Path) -> bool:
-    """Whether a text file's first SEPARATOR_SEARCH_BYTES hold DOCUMENT_SEPARATOR (in its encoding). Only its head is
-    searched, so that opening a corpus of gigabytes stays quick: a file parted by separators has one there (a story
-    or an article apart); one whose first separator comes later keeps the fingerprint it had, and a folder
-    prepared from it before parting would be reused (`--force` redoes it)."""
+def marks_in_head(path: Path, marks: Iterable[str]) -> set[str]:
+    """Those of `marks` that a text file's first SEPARATOR_SEARCH_BYTES hold (in its encoding): DOCUMENT_SEPARATOR
+    (the file is parted) and "\r" (its line endings are read as "\n"), each a cause of other documents than an
+    older nanoqwen read. Only its head is searched, so that opening a corpus of gigabytes stays quick: a file parted
+    by separators has one there (a story or an article apart), a file saved on Windows ends its first line so; one
+    whose first mark comes later keeps the fingerprint it had, and a folder prepared from it before would be reused
+    (`--force` redoes it)."""
     try:
         with open_binary(path) as f:
             head = read_up_to(f, SEPARATOR_SEARCH_BYTES)
     except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
-        return False
+        return set()
     encoding = text_encoding(head[:4])
     # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
     # one that is not text would only cost a fresh prepare)
     encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
-    return any(DOCUMENT_SEPARATOR.encode(codec) in head for codec in encodings)
+    return {mark for mark in marks if any(mark.encode(codec) in head for codec in encodings)}
 
 
 # Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
@@ -917,8 +932,10 @@ def not_text(replaced: int, text: str) -> int:
 def mostly_undecodable(replaced: int, text: str) -> bool:
     """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
     as text, not text with a few bad bytes."""
-    noise = not_text(replaced, text)
-    return noise > 64 and noise > MOSTLY_UNDECODABLE * len(text)
+    noise, most = not_text(replaced, text), MOSTLY_UNDECODABLE * len(text)
+    # A short text with a few bad bytes is kept (a Latin-1 "été"); NULs are no text at any length (a note of a few
+    # words saved as UTF-16 without a byte-order mark)
+    return noise > most and (noise > 64 or text.count("\0") > most)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -939,6 +956,7 @@ def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]
             yield from _text_blocks(path, stats)
         elif text.strip():
             stats.replacement_chars += seen.replacement_chars
+            text = universal_newlines(text)
             documents, parted = separated_documents(text), DOCUMENT_SEPARATOR in text
             if not documents:
                 stats.skipped.append({"path": str(path), "reason": ONLY_SEPARATORS})
@@ -1008,7 +1026,8 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     with open_binary(path) as f:
         raw = f.read(BLOCK_BYTES)
         encoding = text_encoding(raw[:4])
-        decoder = codecs.getincrementaldecoder(encoding)(errors="replace")
+        # universal newlines (a "\r" that ends one block is held back until the next one says whether "\n" follows)
+        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder(encoding)(errors="replace"), translate=True)
         rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
         parted, given = False, 0  # whether a separator was met yet; the documents given so far
         while True:
