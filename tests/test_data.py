@@ -1946,12 +1946,67 @@ def test_many_skipped_files_are_a_few_lines(capsys: pytest.CaptureFixture[str]) 
 
 def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
     (tmp_path / "u16.jsonl").write_bytes('{"text": "a"}\n'.encode("utf-16"))
-    with pytest.raises(NanoQwenError, match="UTF-16 or UTF-32"):
-        list(open_corpus(str(tmp_path / "u16.jsonl")).documents())
+    assert list(open_corpus(str(tmp_path / "u16.jsonl")).documents()) == ["a"]
     (tmp_path / "lines.json").write_text('{"text": "cut \\ud83d emoji"}\n{"text": "more"}\n')  # JSON lines, .json
     corpus = open_corpus(str(tmp_path / "lines.json"))
     assert list(corpus.documents()) == ["cut \ufffd emoji", "more"] and corpus.stats.replacement_chars == 1
 
+
+
+def test_utf16_and_utf32_line_files_are_read_alone_and_in_a_folder(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Excel's "Unicode text" and PowerShell's Export-Csv write UTF-16 LE with a byte-order mark: such a .jsonl or .csv
+    # was refused ("read line by line as UTF-8"), in a folder skipped as "not a table with a 'text' column", and a
+    # .json of JSON lines over LARGE_FILE_BYTES was refused (UTF-16 BE) or read whole into memory (LE).
+    import gzip
+
+    from nanoqwen.data import sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 200)  # (the .json below is "large": read line by line)
+    folder = tmp_path / "c"
+    folder.mkdir()
+    table = 'id,text\r\n1,"two\r\nlines, quoted"\r\n2,ਊਊ Gurmukhi\r\n'  # (U+0A0A: a "\n" byte in UTF-16)
+    lines = [f"line {i} ਊ" for i in range(20)]  # (after a first line without one: else it was read whole)
+    json_lines = "".join(f'{{"text": "{text}"}}\r\n' for text in ["one", *lines])
+    # ("utf-16" and "utf-32" write a byte-order mark and this machine's byte order; "\ufeff" is the mark of the others)
+    files = {"a.csv": table.encode("utf-16"),
+             "b.tsv.gz": gzip.compress("\ufefftext\tn\ntabbed\t1\n".encode("utf-16-be")),
+             "c.jsonl": '{"text": "utf-32 \\ud83d cut"}\n\n{"text": "é"}\n'.encode("utf-32"),
+             "d.json": ("\ufeff" + json_lines).encode("utf-16-be"),
+             "e.csv": "\ufefftext\n".encode("utf-16-be") + b"\xd8\x00" + " after a lone surrogate".encode("utf-16-be")}
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+    documents = {"a.csv": ["two\r\nlines, quoted", "ਊਊ Gurmukhi"], "b.tsv.gz": ["tabbed"],
+                 "c.jsonl": ["utf-32 \ufffd cut", "é"], "d.json": ["one", *lines],
+                 "e.csv": ["\ufffd after a lone surrogate"]}  # (its last line ends the file)
+    for name, expected in documents.items():
+        corpus = open_corpus(str(folder / name))
+        assert list(corpus.documents()) == expected
+        assert corpus.stats.replacement_chars == (name in ("c.jsonl", "e.csv"))
+    corpus = open_corpus(str(folder))
+    assert list(corpus.documents()) == [text for expected in documents.values() for text in expected]
+    assert corpus.stats.skipped == [] and corpus.stats.replacement_chars == 2
+    # A bad line is named by its number, as in UTF-8.
+    (tmp_path / "bad.jsonl").write_bytes('{"text": "a"}\n\n{"text": \n'.encode("utf-16"))
+    with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'bad.jsonl'} line 3: not valid JSON")):
+        list(open_corpus(str(tmp_path / "bad.jsonl")).documents())
+
+
+def test_a_folder_that_skipped_utf16_tables_is_prepared_again(tmp_path: Path) -> None:
+    # An older nanoqwen skipped a UTF-16 .csv in a folder (read line by line as UTF-8): its folder is not reused.
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("some notes")
+    (tmp_path / "notes" / "u16.csv").write_bytes("text\nfrom Excel\n".encode("utf-16"))
+    out = prepare(str(tmp_path / "notes"), "bpe:300", tmp_path / "data", progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["skipped"] == []
+    reason = (f"not a table with a 'text' column ({tmp_path / 'notes' / 'u16.csv'} is UTF-16 or UTF-32 (it starts "
+              "with that byte-order mark); tables are read line by line as UTF-8: save it as UTF-8 (in Excel: CSV "
+              "UTF-8))")
+    (out / "meta.json").write_text(json.dumps({**meta, "skipped": [
+        {"path": str(tmp_path / "notes" / "u16.csv"), "reason": reason}]}))
+    prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False)
+    assert load_meta(out)["skipped"] == []
 
 def test_odd_names_damaged_parquet_and_symlinked_out(tmp_path: Path) -> None:
     import pyarrow as pa

@@ -772,11 +772,13 @@ def _holds(out: Path, fingerprint: str) -> bool:
         meta = load_meta(out)
     except NanoQwenError:
         return False
-    # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields.
+    # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields; made
+    # before UTF-16/32 tables and JSON lines were read, it skipped those, said "read line by line as UTF-8".
     unread_chats = "conversations" not in meta and any(
         "not JSON records" in skip["reason"] and any(name in skip["reason"] for name in CHAT_COLUMNS)
         for skip in meta["skipped"])
-    return meta["fingerprint"] == fingerprint and not unread_chats
+    unread_utf16 = any("read line by line as UTF-8" in skip["reason"] for skip in meta["skipped"])
+    return meta["fingerprint"] == fingerprint and not unread_chats and not unread_utf16
 
 
 def _split_alike(out: Path, val_fraction: float) -> bool:

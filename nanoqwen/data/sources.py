@@ -1184,17 +1184,33 @@ def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> t
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     with open_binary(path) as f:  # line by line: a JSON-lines file may be larger than memory
-        yield from _json_lines(_utf8_lines(f, path, stats, "JSON lines"), path, column, stats)
+        yield from _json_lines(_text_lines(f, stats), path, column, stats)
 
 
-def _utf8_lines(f: IO[bytes], path: Path, stats: CorpusStats, what: str, save_as: str = "") -> Iterator[str]:
-    """The lines of the file `f` (at its start), decoded as UTF-8 one by one; one that starts with a UTF-16/32
-    byte-order mark is refused now, naming `what` it holds (its lines cannot be told apart byte by byte)."""
-    if text_encoding(f.read(4)) != "utf-8-sig":
-        raise NanoQwenError(f"{path} is UTF-16 or UTF-32 (it starts with that byte-order mark); {what} are read line "
-                            f"by line as UTF-8: save it as UTF-8{save_as}")
+def _line_source(f: IO[bytes]) -> IO[bytes] | io.TextIOWrapper:
+    """What to read the lines of the file `f` (at its start) from: `f` itself, its lines UTF-8 bytes, or its text in
+    the UTF-16/32 a byte-order mark names (as Excel's "Unicode text" and PowerShell write it), decoded as it is read
+    (a "\n" byte there may be half of another character) and parted at "\n" alone, as UTF-8 bytes are (a codecs
+    reader parts at every Unicode line break); undecodable bytes there are U+FFFD."""
+    encoding = text_encoding(f.read(4))
     f.seek(0)
-    return (decode(raw, stats) for raw in f)
+    if encoding == "utf-8-sig":
+        return f
+    return io.TextIOWrapper(f, encoding, errors="replace", newline="\n")
+
+
+def _text_lines(f: IO[bytes], stats: CorpusStats) -> Iterator[str]:
+    """The lines of the file `f` (at its start) one by one, each with its line end as written ("\r\n" too), in the
+    encoding its byte-order mark names (UTF-8 without one); undecodable bytes are replaced and counted."""
+    source = _line_source(f)
+    if not isinstance(source, io.TextIOWrapper):
+        for raw in source:
+            yield decode(raw, stats)
+        return
+    with source:  # (closing it closes `f`, as the caller's `with` does: else it would be said unclosed when dropped)
+        for line in source:
+            stats.replacement_chars += count_replacements(line, b"", source.encoding)
+            yield line
 
 
 def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -1328,7 +1344,7 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
     memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
     with open_binary(path) as f:
-        lines = _utf8_lines(f, path, stats, "tables", " (in Excel: CSV UTF-8)")
+        lines = _text_lines(f, stats)
         blank: list[str] = []  # the blank lines before the first row (passed over, as pandas does), for line numbers
         while (header := next(lines, "")) and not header.strip():
             blank.append(header)
@@ -1472,8 +1488,8 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
 
 def _starts_with_a_record(path: Path) -> bool:
     """Whether the first line of a .json file is a whole JSON object: JSON lines, readable line by line."""
-    with open_binary(path) as f:
-        first = f.readline(LARGE_FILE_BYTES)
+    with open_binary(path) as f, _line_source(f) as source:
+        first = source.readline(LARGE_FILE_BYTES)  # (a JSON file of one line may be gigabytes)
     try:
         return isinstance(json.loads(first), dict)
     except (json.JSONDecodeError, UnicodeDecodeError):
