@@ -16,6 +16,7 @@ import select
 import struct
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TextIO
 
 from nanoqwen.checkpoint import display_name
@@ -30,6 +31,7 @@ from nanoqwen.generate import (
     stream_batch,
 )
 from nanoqwen.model import Qwen3
+from nanoqwen.runs import trained_on_plain_text
 from nanoqwen.tokenizer import Tokenizer
 
 PROMPT = "you> "
@@ -293,6 +295,9 @@ def run(args: argparse.Namespace) -> int:
         import readline  # noqa: F401 (line editing and history for input())
     print(f"nanoqwen chat: {display_name(args.model)} · {model.num_params() / 1e6:.1f}M parameters · "
           f"context {context} · {'raw continuation' if args.raw else tokenizer.chat_format}")
+    if not args.raw and trained_on_plain_text(Path(args.model)):  # it never learned to end a turn
+        print("note: this model was trained on plain text, not conversations, so its replies may run on to "
+              "--max-new-tokens; --raw continues what you type as text")
     print(HELP)
     terminal = Terminal(sys.stdin)
     turn = 0  # with --seed, turn k samples with seed + k (nth_seed): a session replays, and turns do not repeat draws

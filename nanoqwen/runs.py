@@ -46,7 +46,7 @@ from nanoqwen.config import (
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, from_rank0, on_rank0, resolve_dtype
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, json_line
+from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, is_run_record, json_line
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import check_wandb, summary_writer_class
 
@@ -598,4 +598,35 @@ def holds_conversations(data: Path) -> bool:
         meta = load_meta(data)
         return 2 * meta.get("conversations", 0) >= sum(split["documents"] for split in meta["splits"].values())
     except NanoQwenError:  # the folder went away while the run trained: the closing lines go on without it
+        return False
+
+
+def trained_on_plain_text(checkpoint: Path) -> bool:
+    """Whether the checkpoint folder is known to be trained on plain text alone, never on a conversation: a run's
+    best/ or last/ whose run started afresh (not --init-from: an official chat model fine-tuned on text still
+    chats) on data that is still there, still the data the run recorded, and holds no conversations. Chat and the
+    web page then point to plain continuation (such a model never ends a turn). Anything else (an official folder,
+    a best/ copied out of its run, data gone or prepared again, a file damaged) is not known: False, quickly, and
+    never an error."""
+    try:
+        folder = Path(os.path.abspath(checkpoint))
+        if folder.name not in ("best", "last"):
+            return False
+        run_dir = folder.parent
+        saved = json.loads((run_dir / "config.json").read_text())
+        args = saved.get("args") if is_run_record(saved) else None
+        if not isinstance(args, dict) or "init_from" not in args or args["init_from"]:
+            return False
+        # Where the data is now: beside the run as it was (found whatever the current folder), else as recorded
+        # (relative to the folder the run was started in); as a resume finds it.
+        places = [run_dir.resolve() / saved["data_from_run"]] if isinstance(saved.get("data_from_run"), str) else []
+        data = next((place for place in [*places, Path(saved["data"])] if place.is_dir()), None)
+        if data is None:
+            return False
+        from nanoqwen.data.prepare import load_meta
+
+        meta = load_meta(data)
+        recorded = saved.get("data_splits")  # prepared again since (other text, chats added): not what it saw
+        return (recorded is None or meta["splits"] == recorded) and meta.get("conversations", 0) == 0
+    except (OSError, ValueError, TypeError, KeyError, NanoQwenError):  # missing, damaged or edited: not known
         return False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -17,7 +18,7 @@ from pathlib import Path
 import httpx
 import torch
 
-from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.checkpoint import STATE_VERSION, config_for_tokenizer, load_checkpoint, save_checkpoint
 from nanoqwen.config import ModelConfig
 from nanoqwen.io import write_json
 from nanoqwen.model import Qwen3
@@ -43,6 +44,26 @@ def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
     ), tokenizer, fit_vocab=True)
     torch.manual_seed(0)
     return save_checkpoint(Qwen3(config), directory, tokenizer)
+
+
+def make_plain_run(root: Path) -> Path:
+    """A run folder as `nanoqwen train` leaves one, trained on plain text (`make_checkpoint`'s weights as its best/,
+    its config.json written here with what trained_on_plain_text reads) beside its prepared data: returns best/."""
+    from nanoqwen.config import TrainConfig
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.runs import RUN_CONFIG_FORMAT, data_digest, data_splits
+
+    run = root / "runs" / "tiny"
+    best = make_checkpoint(run / "best")
+    (root / "corpus").mkdir(parents=True)
+    (root / "corpus" / "story.txt").write_text("Once upon a time there was a tiny model. " * 40)
+    data = prepare(str(root / "corpus"), str(best), root / "data", val_fraction=0.2, progress=False, workers=1)
+    write_json(run / "config.json", {
+        "version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": "tiny", "data": str(data),
+        "data_from_run": os.path.relpath(data, run.resolve()), "data_splits": data_splits(data),
+        "data_digest": data_digest(data), "train": dataclasses.asdict(TrainConfig()),
+        "args": {"init_from": None, "data": str(data)}})
+    return best
 
 
 # A chat template in the manner of official Qwen3 folders (written for these tests): the tools listed first,

@@ -17,7 +17,7 @@ import pytest
 from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
-from tests.serve_helpers import load_reference, make_checkpoint, wait_for, with_chat_template
+from tests.serve_helpers import load_reference, make_checkpoint, make_plain_run, wait_for, with_chat_template
 
 MAX_NEW = 24
 
@@ -71,6 +71,7 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     child = spawn_chat(checkpoint, "--system", "Be brief.")
     try:
         assert "ChatML" in child.before and f"nanoqwen chat: {checkpoint.name} · " in child.before
+        assert "plain text" not in child.before  # weights alone: nothing says what it was trained on
         system = [{"role": "system", "content": "Be brief."}]
         first = reply_of(local, [*system, {"role": "user", "content": "Hello!"}])
         assert say(child, "Hello!") == printable(first) + "\n"
@@ -85,6 +86,31 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     finally:
         child.close()
     assert child.exitstatus == 0
+
+
+def test_a_model_trained_on_plain_text_is_pointed_to_raw(local, tmp_path: Path) -> None:
+    # It never learned to end a turn: its chat replies run on to --max-new-tokens and read as broken. One line at
+    # start says so and points to --raw; the chat itself is the same (ChatML, as asked).
+    best = make_plain_run(tmp_path)  # the weights of `checkpoint`, as a run's best/ beside its plain-text data
+    child = spawn_chat(best)
+    try:
+        lines = child.before.replace("\r\n", "\n").splitlines()
+        assert lines[0].startswith("nanoqwen chat: tiny/best · ") and lines[0].endswith(" · ChatML")
+        assert lines[1] == ("note: this model was trained on plain text, not conversations, so its replies may run on "
+                            "to --max-new-tokens; --raw continues what you type as text")
+        assert lines[2].startswith("Type a message")
+        assert say(child, "Hello!") == printable(reply_of(local, [{"role": "user", "content": "Hello!"}])) + "\n"
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
+    child = spawn_chat(best, "--raw")
+    try:
+        assert "raw continuation" in child.before and "plain text" not in child.before
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close()
 
 
 def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) -> None:

@@ -27,6 +27,7 @@ from tests.serve_helpers import (
     CONTEXT,
     load_reference,
     make_checkpoint,
+    make_plain_run,
     run_server,
     wait_for,
     wait_idle,
@@ -78,6 +79,7 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     card = models[0].model_dump()
     assert card["parameters"] == local[0].num_params() and card["context_length"] == CONTEXT
     assert card["thinking_switch"] is False  # ChatML: nothing for chat_template_kwargs to switch
+    assert card["trained_on_plain_text"] is False  # a folder of weights alone: nothing says what it was trained on
     # What requests leave out is sampled as the checkpoint's generation_config.json says (as vLLM reads it).
     assert card["sampling_defaults"] == {"temperature": 0.7, "top_k": 20, "top_p": 0.8, "min_p": 0.0,
                                          "repetition_penalty": 1.0}
@@ -1265,6 +1267,18 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=spaced).status_code == 200
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": "s3cret"}
                           ).status_code == 401
+
+
+def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, tmp_path: Path) -> None:
+    # The web page opens such a model in Completion (it never learned to end a turn); the API serves it as any.
+    best = make_plain_run(tmp_path)  # the weights of `checkpoint`, as a run's best/ beside its plain-text data
+    with run_server(best, tmp_path / "serve.log") as base:
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        card = client.models.list().data[0].model_dump()
+        assert card["id"] == "tiny/best" and card["trained_on_plain_text"] is True
+        messages = [{"role": "user", "content": "Hi there"}]
+        reply = client.chat.completions.create(model="tiny/best", messages=messages, max_tokens=8, temperature=0)
+        assert reply.choices[0].message.content == greedy_reference(local, local[1].render_chat(messages), 8)
 
 
 def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:

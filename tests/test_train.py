@@ -37,7 +37,14 @@ from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import MuonFp32, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.plot import read_metrics as read_metrics_lenient
-from nanoqwen.runs import DIGEST_SLICE_BYTES, DIGEST_SLICES, carried_files, data_digest, truncate_metrics
+from nanoqwen.runs import (
+    DIGEST_SLICE_BYTES,
+    DIGEST_SLICES,
+    carried_files,
+    data_digest,
+    trained_on_plain_text,
+    truncate_metrics,
+)
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
 from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
@@ -281,6 +288,43 @@ def test_assistant_targets_are_what_each_turn_adds_to_its_prompt(chat_data: Path
         for length in (1, 7, len(tokens) - start):
             length = min(length, len(tokens) - start)
             assert (assistant_targets(tokens, start, length, marks) == wrote[start:start + length]).all(), start
+
+
+def test_a_checkpoint_is_known_plain_text_only_from_its_run(data: Path, chat_data: Path, preset: Path,
+                                                           tmp_path: Path) -> None:
+    """Chat and the web page point a model trained on plain text alone to plain continuation: known from the run
+    folder its checkpoint sits in, and only there; anything not known is treated as a chat model, as before."""
+    project = tmp_path / "project"
+    shutil.copytree(data, project / "data")
+    short = [*FAST, "--max-steps", "2", "--eval-interval", "2"]
+    plain, chat, tuned = project / "runs" / "plain", project / "runs" / "chat", project / "runs" / "tuned"
+    assert train_in_process("--config", str(preset), "--data", str(project / "data"), "--out", str(plain),
+                            *short) == 0
+    assert train_in_process("--config", str(preset), "--data", str(chat_data), "--out", str(chat), *short) == 0
+    # A chat model fine-tuned on plain text still chats: a run from another checkpoint is not known to be plain.
+    assert train_in_process("--init-from", str(plain / "best"), "--data", str(project / "data"), "--out",
+                            str(tuned), *short) == 0
+    assert trained_on_plain_text(plain / "best") and trained_on_plain_text(plain / "last")
+    assert not trained_on_plain_text(chat / "best")
+    assert not trained_on_plain_text(tuned / "best")
+    assert not trained_on_plain_text(plain)  # the run folder is no checkpoint
+    shutil.copytree(plain / "best", tmp_path / "copied" / "best")  # out of its run: nothing says what it saw
+    assert not trained_on_plain_text(tmp_path / "copied" / "best")
+    # The project moved as a whole: the data is found beside the run, as a resume finds it.
+    moved = project.rename(tmp_path / "moved")
+    assert trained_on_plain_text(moved / "runs" / "plain" / "best")
+    (moved / "data").rename(tmp_path / "elsewhere")  # data gone
+    assert not trained_on_plain_text(moved / "runs" / "plain" / "best")
+    shutil.copytree(chat_data, moved / "data")  # another folder in its place: chats, not the text it trained on
+    meta = json.loads((moved / "data" / "meta.json").read_text())
+    (moved / "data" / "meta.json").write_text(json.dumps({**meta, "conversations": 0}))
+    assert not trained_on_plain_text(moved / "runs" / "plain" / "best")
+    shutil.rmtree(moved / "data")
+    (tmp_path / "elsewhere").rename(moved / "data")
+    assert trained_on_plain_text(moved / "runs" / "plain" / "best")
+    for damaged in ("{", "[]", json.dumps({"train": {}, "preset": "x", "data": 5, "args": {"init_from": None}})):
+        (moved / "runs" / "plain" / "config.json").write_text(damaged)
+        assert not trained_on_plain_text(moved / "runs" / "plain" / "best")
 
 
 def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path, tmp_path: Path,

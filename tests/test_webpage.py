@@ -14,7 +14,14 @@ import openai
 import pytest
 from playwright.sync_api import expect
 
-from tests.serve_helpers import THINKING_TEMPLATE, make_checkpoint, run_server, wait_idle, with_chat_template
+from tests.serve_helpers import (
+    THINKING_TEMPLATE,
+    make_checkpoint,
+    make_plain_run,
+    run_server,
+    wait_idle,
+    with_chat_template,
+)
 
 CHROMIUM = shutil.which("chromium") or ("/usr/bin/chromium" if os.path.exists("/usr/bin/chromium") else None)
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
@@ -106,6 +113,7 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     assert page.title() == "tiny-web · nanoqwen"
     assert page.get_attribute("link[rel='icon']", "href").startswith("data:image/svg+xml,")
     assert not page.is_visible("#thinking")  # a model trained here has no thinking to switch off
+    assert not page.is_visible("#plain-text-note")  # nor is it known to be trained on plain text (no run folder)
     # The controls start at the checkpoint's recommended sampling (its generation_config.json).
     fields = ("temperature", "top-p", "top-k", "min-p", "repetition-penalty")
     assert [page.input_value(f"#{name}") for name in fields] == ["0.7", "0.8", "20", "0.0", "1.0"]  # not "1"
@@ -871,6 +879,31 @@ def test_another_model_served_brings_its_own_settings(page) -> None:
     expect(page.locator("#prompt")).to_have_value("half typed")  # what the user is typing is theirs
     assert page.evaluate("JSON.parse(localStorage.getItem('nanoqwen-settings:other'))") == {
         "max-tokens": "7", "system": "Hi"}  # nothing of tiny-web's saved under the other model
+
+
+def test_a_model_trained_on_plain_text_opens_in_completion(browser, tmp_path: Path) -> None:
+    # It never learned to end a turn: in Chat its replies run on to Max tokens and read as broken. The page opens it
+    # in Completion, and Chat says why; a mode the user picked for it wins.
+    with run_server(make_plain_run(tmp_path), tmp_path / "serve.log") as base:
+        page, errors = open_page(browser, base, "tiny/best")
+        expect(page.locator("#mode-completion")).to_be_checked()
+        expect(page.locator("#empty-hint .completion-only")).to_be_visible()
+        expect(page.locator("#plain-text-note")).to_be_hidden()  # Completion: nothing to say
+        page.click("label:has(#mode-chat)")
+        note = page.locator("#plain-text-note")
+        expect(note).to_have_text("This model was trained on plain text, not conversations: Completion continues "
+                                  "text.")
+        assert note.bounding_box()["height"] < 40  # one line under the mode switch, not a banner
+        color, background = page.eval_on_selector("#plain-text-note", "el => [getComputedStyle(el).color, "
+                                                  "getComputedStyle(document.body).backgroundColor]")
+        assert contrast_ratio(color, background) >= 4.5
+        reload(page, "tiny/best")
+        expect(page.locator("#mode-chat")).to_be_checked()  # the user's choice, saved for this model
+        expect(note).to_be_visible()
+        page.evaluate("localStorage.clear()")
+        reload(page, "tiny/best")
+        expect(page.locator("#mode-completion")).to_be_checked()
+        close_page(page, errors)
 
 
 def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:

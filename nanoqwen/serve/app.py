@@ -379,16 +379,18 @@ class Service:
     engine, and turns its events into OpenAI's responses."""
 
     def __init__(self, model: Qwen3, tokenizer: Tokenizer, name: str, engine: Engine,
-                 sampling_defaults: dict[str, float]) -> None:
+                 sampling_defaults: dict[str, float], plain_text: bool = False) -> None:
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, name, engine
         self.defaults = sampling_defaults
         self.context = model.config.max_position_embeddings
-        # Beyond OpenAI's fields: the size, the context, and whether chat_template_kwargs {"enable_thinking":
+        # Beyond OpenAI's fields: the size, the context, whether chat_template_kwargs {"enable_thinking":
         # false} means anything (official Qwen3 templates; this also compiles the template, so a broken one
-        # stops here).
+        # stops here), and whether the model is known to be trained on plain text alone (runs.trained_on_plain_text:
+        # it never learned to end a turn, so the web page opens in Completion; chat requests are served all the same).
         self.card = {"id": name, "object": "model", "created": now(), "owned_by": "nanoqwen",
                      "parameters": model.num_params(), "context_length": self.context,
-                     "thinking_switch": tokenizer.thinking_switch, "sampling_defaults": sampling_defaults}
+                     "thinking_switch": tokenizer.thinking_switch, "trained_on_plain_text": plain_text,
+                     "sampling_defaults": sampling_defaults}
 
     # -- request -> prompts and sampling parameters -----------------------------------------------
     def check_model(self, name: str | None) -> None:
@@ -546,13 +548,14 @@ class Service:
 def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None,
-               allow_origins: list[str] | None = None) -> FastAPI:
+               allow_origins: list[str] | None = None, plain_text: bool = False) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan.
     `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
     (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values.
-    `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS)."""
+    `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS).
+    `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text)."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
-    service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING)
+    service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING, plain_text)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -711,6 +714,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.checkpoint import read_generation_file
     from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
+    from nanoqwen.runs import trained_on_plain_text
 
     if not 0 <= args.shutdown_grace < float("inf"):
         raise NanoQwenError(f"--shutdown-grace must be a number of seconds >= 0, got {args.shutdown_grace}")
@@ -741,7 +745,8 @@ def run(args: argparse.Namespace) -> int:
     name = args.model_name or display_name(args.model)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
-                     sampling_defaults=defaults, allow_origins=args.allow_origin)
+                     sampling_defaults=defaults, allow_origins=args.allow_origin,
+                     plain_text=trained_on_plain_text(Path(args.model)))
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)

@@ -36,6 +36,8 @@ const state = {
   thinkTags: null, // {model, open, close}: the ids of <think> and </think> for that model (see thinkTags)
   editing: null, // {box, form, sendButton}: the sent message being edited, and its editor
   savedFrom: 0, // how many of the oldest messages the saved conversation leaves out (see saveConversation)
+  plainText: false, // whether the model is known to be trained on plain text alone (it never ends a turn)
+  modeChosen: false, // whether the user picked a mode on this page (before the model was known, say)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -98,6 +100,10 @@ async function loadModel(signal) {
     }
     // Models whose chat template can skip thinking (official Qwen3) get the switch.
     $("thinking-field").hidden = !card.thinking_switch;
+    // A model trained on plain text never learned to end a turn: its chat replies run on to Max tokens. Chat mode
+    // says so; the mode it opens in is restoreSettings'.
+    state.plainText = card.trained_on_plain_text === true;
+    $("plain-text-note").hidden = !state.plainText;
     // The settings this model's were left at, else its recommended sampling: once the model is known, and again
     // when the server serves another (restarted), whose settings are its own.
     if (card.id !== previous) {
@@ -189,7 +195,11 @@ function restoreSettings() { // once the model is known; a field changed before 
       $(id).dataset.touched = "true";
     }
   }
-  if (["chat", "completion"].includes(saved.mode) && saved.mode !== mode()) $(`mode-${saved.mode}`).click();
+  if (["chat", "completion"].includes(saved.mode)) {
+    if (saved.mode !== mode()) $(`mode-${saved.mode}`).click();
+  } else if (!state.modeChosen) { // no choice of the user's: the model's own mode, Completion for plain text
+    showMode(state.plainText ? "completion" : "chat");
+  }
 }
 
 function applySamplingDefaults() { // the checkpoint's recommended sampling, where the user set none
@@ -218,6 +228,12 @@ function resetSettings() { // every setting back to the page's and the checkpoin
 
 function mode() {
   return $("mode-chat").checked ? "chat" : "completion";
+}
+
+function showMode(name) { // as the page sets it: not a choice of the user's, not saved
+  $(`mode-${name}`).checked = true;
+  document.body.dataset.mode = mode();
+  showEmptyHint();
 }
 
 // A setting the user must see to, given focus: on a narrow screen the folded settings open first (a field
@@ -1044,9 +1060,9 @@ function init() {
   }
   for (const radio of document.querySelectorAll('input[name="mode"]')) {
     radio.addEventListener("change", () => {
-      document.body.dataset.mode = mode();
+      state.modeChosen = true;
+      showMode(mode());
       saveSetting("mode", mode());
-      showEmptyHint();
       showStatus("");
     });
   }
