@@ -1350,6 +1350,26 @@ def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
                                      "convert it to UTF-8)"}]
 
 
+def test_records_and_tables_in_utf16_without_a_byte_order_mark_say_so(tmp_path: Path) -> None:
+    # Read as UTF-8 they are NUL-interleaved: a table's header read "t\x00e\x00x\x00t", a JSON line "not valid JSON".
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "t.csv").write_bytes("text\nhello there\n".encode("utf-16-le"))
+    (tmp_path / "c" / "r.jsonl").write_bytes('{"text": "hello"}\n'.encode("utf-16-be"))
+    (tmp_path / "c" / "good.txt").write_text("plain text")
+    reason = "holds NUL characters: text saved as UTF-16 or UTF-32 without a byte-order mark, or no text " \
+             "(a binary file, or text in another encoding: convert it to UTF-8)"
+    for name in ("t.csv", "r.jsonl"):
+        with pytest.raises(NanoQwenError) as error:
+            list(open_corpus(str(tmp_path / "c" / name)).documents())
+        assert str(error.value) == f"{tmp_path / 'c' / name} line 1 {reason}"
+    # In a folder the table is skipped, as a table that is not one is; a JSON-lines file stops the run, as one
+    # with a bad line does (it was given as records).
+    (tmp_path / "c" / "r.jsonl").unlink()
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text"]
+    assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "t.csv"), "reason": f"line 1 {reason}"}]
+
+
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in
     # a file without any), with no block of a few bytes at the end; undecodable bytes are counted across blocks.

@@ -1184,7 +1184,7 @@ def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> t
 
 def _jsonl_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
     with open_binary(path) as f:  # line by line: a JSON-lines file may be larger than memory
-        yield from _json_lines(_text_lines(f, stats), path, column, stats)
+        yield from _json_lines(_text_lines(f, stats, path), path, column, stats)
 
 
 def _line_source(f: IO[bytes]) -> IO[bytes] | io.TextIOWrapper:
@@ -1199,13 +1199,28 @@ def _line_source(f: IO[bytes]) -> IO[bytes] | io.TextIOWrapper:
     return io.TextIOWrapper(f, encoding, errors="replace", newline="\n")
 
 
-def _text_lines(f: IO[bytes], stats: CorpusStats) -> Iterator[str]:
-    """The lines of the file `f` (at its start) one by one, each with its line end as written ("\r\n" too), in the
-    encoding its byte-order mark names (UTF-8 without one); undecodable bytes are replaced and counted."""
+class NotText(NanoQwenError):
+    """A records or table file whose first line is no text: refused given alone, its `reason` where a folder skips
+    the file."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path} {reason}")
+        self.reason = reason
+
+
+def _text_lines(f: IO[bytes], stats: CorpusStats, path: Path) -> Iterator[str]:
+    """The lines of the file `path`, open as `f` (at its start), one by one, each with its line end as written ("\r\n"
+    too), in the encoding its byte-order mark names (UTF-8 without one); undecodable bytes are replaced and counted.
+    A first line holding NULs is refused (NotText): UTF-16 without its mark, read as UTF-8, has one after every ASCII
+    letter, and would be said as a table's odd header or a line of bad JSON."""
     source = _line_source(f)
     if not isinstance(source, io.TextIOWrapper):
-        for raw in source:
-            yield decode(raw, stats)
+        for number, raw in enumerate(source, 1):
+            line = decode(raw, stats)
+            if number == 1 and "\0" in line:
+                raise NotText(path, "line 1 holds NUL characters: text saved as UTF-16 or UTF-32 without a byte-order "
+                                    f"mark, or no text ({NOT_UTF8})")
+            yield line
         return
     with source:  # (closing it closes `f`, as the caller's `with` does: else it would be said unclosed when dropped)
         for line in source:
@@ -1344,7 +1359,7 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
     """The texts of a .csv/.tsv file's `column`, named in its first row, row by row (a table may be larger than
     memory); a quoted cell may span lines, as spreadsheets write one. Chats are JSON records' or parquet's."""
     with open_binary(path) as f:
-        lines = _text_lines(f, stats)
+        lines = _text_lines(f, stats, path)
         blank: list[str] = []  # the blank lines before the first row (passed over, as pandas does), for line numbers
         while (header := next(lines, "")) and not header.strip():
             blank.append(header)
@@ -1477,8 +1492,11 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
     try:
         first = next(texts, None)
     except NanoQwenError as e:
-        reason = f"not a table with a {column!r} column ({e})" if table else \
-            f"not JSON records with a {column!r} field or chat turns ({e})"
+        if isinstance(e, NotText):
+            reason = e.reason
+        else:
+            reason = f"not a table with a {column!r} column ({e})" if table else \
+                f"not JSON records with a {column!r} field or chat turns ({e})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
