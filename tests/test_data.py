@@ -1350,6 +1350,23 @@ def test_utf16_without_a_byte_order_mark_is_not_text(tmp_path: Path) -> None:
                                      "convert it to UTF-8)"}]
 
 
+def test_a_compressed_json_of_json_lines_is_read_line_by_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Judged by its size on disk, a .json.gz small compressed was read whole into memory however large its text.
+    import gzip
+
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 200)
+    records = [{"text": f"story {i} " + "and so on " * 5} for i in range(20)]  # ~1.3 KB of text, ~150 B gzipped
+    (tmp_path / "rows.json.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
+    assert (tmp_path / "rows.json.gz").stat().st_size < 200
+    read_by_line = []
+    line_reader = sources._jsonl_texts
+    monkeypatch.setattr(sources, "_jsonl_texts", lambda *a: read_by_line.append(a[0]) or line_reader(*a))
+    assert list(open_corpus(str(tmp_path / "rows.json.gz")).documents()) == [r["text"] for r in records]
+    assert read_by_line == [tmp_path / "rows.json.gz"]
+
+
 def test_records_and_tables_in_utf16_without_a_byte_order_mark_say_so(tmp_path: Path) -> None:
     # Read as UTF-8 they are NUL-interleaved: a table's header read "t\x00e\x00x\x00t", a JSON line "not valid JSON".
     (tmp_path / "c").mkdir()

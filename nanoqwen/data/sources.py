@@ -1244,8 +1244,17 @@ def _json_lines(lines: Iterable[str], path: Path, column: str, stats: CorpusStat
             yield document
 
 
+def _large_text(path: Path) -> bool:
+    """Whether a file's text is over LARGE_FILE_BYTES: its size, or for a compressed one what its start decompresses
+    to (a .json.gz of a few megabytes may hold gigabytes)."""
+    if path.suffix.lower() not in COMPRESSIONS:
+        return path.stat().st_size > LARGE_FILE_BYTES
+    with open_binary(path) as f:
+        return len(read_up_to(f, LARGE_FILE_BYTES + 1)) > LARGE_FILE_BYTES
+
+
 def _json_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
-    if path.stat().st_size > LARGE_FILE_BYTES and _starts_with_a_record(path):
+    if _large_text(path) and _starts_with_a_record(path):
         yield from _jsonl_texts(path, column, stats)  # JSON lines named .json (as `datasets` to_json writes)
         return
     with open_binary(path) as f:
