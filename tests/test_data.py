@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
@@ -1727,6 +1728,23 @@ def test_a_folder_prepared_when_line_endings_kept_their_carriage_return_is_not_r
     assert "".join(sum(read_back(out).values(), [])) == "a note\nwritten on Windows\n"
     unix = open_corpus(str(tmp_path / "unix.txt"))
     assert unix.fingerprint == f"local {local_fingerprint(tmp_path / 'unix.txt')} text" and not unix.former_fingerprints
+
+
+def test_a_utf16_file_without_carriage_returns_keeps_its_fingerprint(tmp_path: Path) -> None:
+    # The head was searched for "\r" in both byte orders, at any byte: in UTF-16-LE an ASCII letter's 0x00 and the
+    # 0x0D of "č" (U+010D), "不" (U+4E0D) or "」" (U+300D) read as a big-endian "\r", so such a file with "\n" line
+    # ends got " newlines" and its folder, holding the same text, was refused as made by an older nanoqwen.
+    from nanoqwen.data.sources import local_fingerprint
+
+    text = "Kočka a pes\nnot 不 here, 「a」 there\n"
+    for name, raw in [("le.txt", text.encode("utf-16")), ("be.txt", codecs.BOM_UTF16_BE + text.encode("utf-16-be")),
+                      ("le32.txt", text.encode("utf-32"))]:
+        (tmp_path / name).write_bytes(raw)
+        corpus = open_corpus(str(tmp_path / name))
+        assert corpus.fingerprint == f"local {local_fingerprint(tmp_path / name)} text", name
+        assert not corpus.former_fingerprints and list(corpus.documents()) == [text], name
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # a real "\r" still counts
+    assert open_corpus(str(tmp_path / "crlf.txt")).fingerprint.endswith(" text newlines")
 
 
 def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(
