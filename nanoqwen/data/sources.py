@@ -898,10 +898,12 @@ def marks_in_head(path: Path, marks: Iterable[str]) -> set[str]:
     except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return set()
     encoding = text_encoding(head[:4])
-    # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
-    # one that is not text would only cost a fresh prepare)
-    encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
-    return {mark for mark in marks if any(mark.encode(codec) in head for codec in encodings)}
+    if encoding == "utf-8-sig":  # no UTF-8 character's bytes hold another's: a mark's bytes are the mark
+        return {mark for mark in marks if mark.encode() in head}
+    # UTF-16/32 read in the order their mark names: matched as bytes, two characters' halves could read as a "\r"
+    # (an ASCII letter's 0x00 and the 0x0D of "č", U+010D)
+    text = head.decode(encoding, errors="replace")
+    return {mark for mark in marks if mark in text}
 
 
 # Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
