@@ -588,6 +588,21 @@ def test_a_prepared_model_converted_with_to_decodes_in_its_new_dtype() -> None:
     assert layer.input_layernorm.decode is not None and layer.self_attn.o_weight_t.dtype == torch.float32
 
 
+def test_share_memory_and_a_same_device_to_keep_a_prepared_models_weights_in_place() -> None:
+    # _apply prepared the model again after any conversion, and preparing fused q/k/v and gate/up anew, as copies:
+    # share_memory() left those weights out of shared memory (a worker process got its own copy), and a .to() of the
+    # device and dtype the model is on copied them.
+    model = Qwen3(tiny_config()).eval()
+    model.prepare_for_decoding()
+    attn = model.model.layers[0].self_attn
+    where = attn.q_proj.weight.data_ptr()
+    model.to("cpu", torch.float32)
+    assert attn.q_proj.weight.data_ptr() == where and attn.qkv_weight_t.data_ptr() == where
+    model.share_memory()
+    assert all(p.is_shared() for p in model.parameters()) and attn.qkv_weight_t.is_shared()
+    assert model.prepared_for_decoding and attn.qkv_weight_t.data_ptr() == attn.q_proj.weight.data_ptr()
+
+
 def hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 
