@@ -123,13 +123,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 def fuse_linears(*linears: nn.Linear, column_major: bool = False) -> torch.Tensor:
     """One weight for several projections of the same input, for inference: the layers' weights become
-    row slices of it (same storage, so nothing is copied twice and in-place updates stay shared)."""
+    row slices of it (same storage, so nothing is copied twice and in-place updates stay shared). Weights fused
+    so already (a model prepared again, after share_memory() or a .to() that changed nothing) stay where they are."""
+    fused = fused_already(linears, column_major)
+    if fused is not None:
+        return fused
     fused = torch.cat([linear.weight.detach() for linear in linears])
     if column_major:
         fused = to_column_major(fused)
     for linear, part in zip(linears, fused.split([lin.out_features for lin in linears])):
         linear.weight.data = part
     return fused
+
+
+def fused_already(linears: tuple[nn.Linear, ...], column_major: bool) -> torch.Tensor | None:
+    """The weight fuse_linears would make of `linears`, where their weights are its row slices already (None: they
+    are not)."""
+    first = linears[0].weight.detach()
+    rows, columns = sum(linear.out_features for linear in linears), first.shape[1]
+    stride = (1, rows) if column_major else (columns, 1)
+    last = first.storage_offset() + (rows - 1) * stride[0] + (columns - 1) * stride[1]  # its last element's place
+    if first.untyped_storage().nbytes() < (last + 1) * first.element_size():  # (as_strided would refuse it)
+        return None
+    fused = first.as_strided((rows, columns), stride)
+    parts = fused.split([linear.out_features for linear in linears])
+    if all(linear.weight.dtype == part.dtype and linear.weight.data_ptr() == part.data_ptr()
+           and linear.weight.shape == part.shape and linear.weight.stride() == part.stride()
+           for linear, part in zip(linears, parts)):
+        return fused
+    return None
 
 
 def to_column_major(weight: torch.Tensor) -> torch.Tensor:
