@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,21 @@ from torch.utils.checkpoint import checkpoint
 from nanoqwen.config import ModelConfig, rope_type
 
 
-class RMSNorm(nn.Module):
+class DecodingParts:
+    """A module with attributes that Qwen3.prepare_for_decoding sets (`decoding`: their names). They are left out of
+    its copies and pickles, to be made again by the copy's Qwen3 (see Qwen3.__setstate__): a weight's copy is a
+    clone of its own, so copies of views of the weights would hold copies of them, not the copy's weights (updated
+    in place, they would be left behind), and take their memory a second time."""
+
+    decoding: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **dict.fromkeys(self.decoding)}
+
+
+class RMSNorm(DecodingParts, nn.Module):
+    decoding = ("decode",)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -228,7 +243,9 @@ class KVCache:
         return self.seen_keys[layer], self.seen_values[layer]
 
 
-class Attention(nn.Module):
+class Attention(DecodingParts, nn.Module):
+    decoding = ("qkv_weight_t", "o_weight_t", "qk_norm")
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -321,7 +338,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H * D)  # CPU's softmax sums in fp32
 
 
-class MLP(nn.Module):
+class MLP(DecodingParts, nn.Module):
+    decoding = ("gate_up_weight_t", "down_weight_t")
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -458,13 +477,16 @@ class Qwen3(nn.Module):
         """Drop what prepare_for_decoding keeps (views of the weights, prescaled norm weights): forward then
         runs the plain layers, as before it was called. The fused weights stay fused (same values)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.decode = None
-            elif isinstance(module, Attention):
-                module.qkv_weight_t = module.o_weight_t = module.qk_norm = None
-            elif isinstance(module, MLP):
-                module.gate_up_weight_t = module.down_weight_t = None
+            for name in getattr(module, "decoding", ()):
+                setattr(module, name, None)
         self.prepared_for_decoding = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy or an unpickled model, its modules whole but without their decoding parts (DecodingParts): a
+        prepared one is prepared again, from its own weights."""
+        super().__setstate__(state)
+        if state.get("prepared_for_decoding"):
+            self.prepare_for_decoding()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
         """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the
