@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +19,21 @@ from torch.utils.checkpoint import checkpoint
 from nanoqwen.config import ModelConfig, rope_type
 
 
-class RMSNorm(nn.Module):
+class DecodingParts:
+    """A module with attributes that Qwen3.prepare_for_decoding sets (`decoding`: their names). They are left out of
+    its copies and pickles, to be made again by the copy's Qwen3 (see Qwen3.__setstate__): a weight's copy is a
+    clone of its own, so copies of views of the weights would hold copies of them, not the copy's weights (updated
+    in place, they would be left behind), and take their memory a second time."""
+
+    decoding: tuple[str, ...] = ()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), **dict.fromkeys(self.decoding)}
+
+
+class RMSNorm(DecodingParts, nn.Module):
+    decoding = ("decode",)
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.eps = eps
@@ -123,13 +138,35 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> 
 
 def fuse_linears(*linears: nn.Linear, column_major: bool = False) -> torch.Tensor:
     """One weight for several projections of the same input, for inference: the layers' weights become
-    row slices of it (same storage, so nothing is copied twice and in-place updates stay shared)."""
+    row slices of it (same storage, so nothing is copied twice and in-place updates stay shared). Weights fused
+    so already (a model prepared again, after share_memory() or a .to() that changed nothing) stay where they are."""
+    fused = fused_already(linears, column_major)
+    if fused is not None:
+        return fused
     fused = torch.cat([linear.weight.detach() for linear in linears])
     if column_major:
         fused = to_column_major(fused)
     for linear, part in zip(linears, fused.split([lin.out_features for lin in linears])):
         linear.weight.data = part
     return fused
+
+
+def fused_already(linears: tuple[nn.Linear, ...], column_major: bool) -> torch.Tensor | None:
+    """The weight fuse_linears would make of `linears`, where their weights are its row slices already (None: they
+    are not)."""
+    first = linears[0].weight.detach()
+    rows, columns = sum(linear.out_features for linear in linears), first.shape[1]
+    stride = (1, rows) if column_major else (columns, 1)
+    last = first.storage_offset() + (rows - 1) * stride[0] + (columns - 1) * stride[1]  # its last element's place
+    if first.untyped_storage().nbytes() < (last + 1) * first.element_size():  # (as_strided would refuse it)
+        return None
+    fused = first.as_strided((rows, columns), stride)
+    parts = fused.split([linear.out_features for linear in linears])
+    if all(linear.weight.dtype == part.dtype and linear.weight.data_ptr() == part.data_ptr()
+           and linear.weight.shape == part.shape and linear.weight.stride() == part.stride()
+           for linear, part in zip(linears, parts)):
+        return fused
+    return None
 
 
 def to_column_major(weight: torch.Tensor) -> torch.Tensor:
@@ -206,7 +243,9 @@ class KVCache:
         return self.seen_keys[layer], self.seen_values[layer]
 
 
-class Attention(nn.Module):
+class Attention(DecodingParts, nn.Module):
+    decoding = ("qkv_weight_t", "o_weight_t", "qk_norm")
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.layer_idx = layer_idx
@@ -299,7 +338,9 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     return torch.bmm(scores.softmax(-1), v.flatten(0, 1)).view(B, H * D)  # CPU's softmax sums in fp32
 
 
-class MLP(nn.Module):
+class MLP(DecodingParts, nn.Module):
+    decoding = ("gate_up_weight_t", "down_weight_t")
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
@@ -436,13 +477,16 @@ class Qwen3(nn.Module):
         """Drop what prepare_for_decoding keeps (views of the weights, prescaled norm weights): forward then
         runs the plain layers, as before it was called. The fused weights stay fused (same values)."""
         for module in self.modules():
-            if isinstance(module, RMSNorm):
-                module.decode = None
-            elif isinstance(module, Attention):
-                module.qkv_weight_t = module.o_weight_t = module.qk_norm = None
-            elif isinstance(module, MLP):
-                module.gate_up_weight_t = module.down_weight_t = None
+            for name in getattr(module, "decoding", ()):
+                setattr(module, name, None)
         self.prepared_for_decoding = False
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """A copy or an unpickled model, its modules whole but without their decoding parts (DecodingParts): a
+        prepared one is prepared again, from its own weights."""
+        super().__setstate__(state)
+        if state.get("prepared_for_decoding"):
+            self.prepare_for_decoding()
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
         """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
 
@@ -1084,7 +1085,7 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
     command = ["prepare", "--dataset", str(folder), "--tokenizer", "bpe:300", "--out", str(out)]
     with monkeypatch.context() as without:
         without.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if "zst" not in k})
-        (folder / "note.txt").write_text("a note")
+        (folder / "note.txt").write_bytes(b"a note\r\n")  # (by this nanoqwen: its "\r\n" read as "\n" either way)
         assert main(command) == 0
     capsys.readouterr()
     assert main(command) == 2
@@ -1766,18 +1767,37 @@ def test_a_folder_prepared_when_line_endings_kept_their_carriage_return_is_not_r
     assert unix.fingerprint == f"local {local_fingerprint(tmp_path / 'unix.txt')} text" and not unix.former_fingerprints
 
 
+def test_a_utf16_file_without_carriage_returns_keeps_its_fingerprint(tmp_path: Path) -> None:
+    # The head was searched for "\r" in both byte orders, at any byte: in UTF-16-LE an ASCII letter's 0x00 and the
+    # 0x0D of "č" (U+010D), "不" (U+4E0D) or "」" (U+300D) read as a big-endian "\r", so such a file with "\n" line
+    # ends got " newlines" and its folder, holding the same text, was refused as made by an older nanoqwen.
+    from nanoqwen.data.sources import local_fingerprint
+
+    text = "Kočka a pes\nnot 不 here, 「a」 there\n"
+    for name, raw in [("le.txt", text.encode("utf-16")), ("be.txt", codecs.BOM_UTF16_BE + text.encode("utf-16-be")),
+                      ("le32.txt", text.encode("utf-32"))]:
+        (tmp_path / name).write_bytes(raw)
+        corpus = open_corpus(str(tmp_path / name))
+        assert corpus.fingerprint == f"local {local_fingerprint(tmp_path / name)} text", name
+        assert not corpus.former_fingerprints and list(corpus.documents()) == [text], name
+    (tmp_path / "crlf.txt").write_bytes(text.replace("\n", "\r\n").encode("utf-16"))  # a real "\r" still counts
+    assert open_corpus(str(tmp_path / "crlf.txt")).fingerprint.endswith(" text newlines")
+
+
 def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(
         tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Its fingerprint left out the .csv and .gz files it did not read: `prepare --out` over it said it "holds data
-    # prepared from other inputs or options", which the user, who changed nothing, could not make sense of.
+    # prepared from other inputs or options", which the user, who changed nothing, could not make sense of. (It said
+    # so again where a text file ends its lines with "\r\n": such an old nanoqwen fingerprinted none with " newlines".)
     import gzip
 
     import nanoqwen.data.sources as sources
     from nanoqwen.cli import main
+    from nanoqwen.data.sources import DOCUMENT_SEPARATOR
 
     folder = tmp_path / "c"
     folder.mkdir()
-    (folder / "note.txt").write_text("a note of some words\n")
+    (folder / "note.txt").write_bytes(b"a note of some words\r\n")
     (folder / "rows.csv").write_text("id,text\n1,a row of a table\n")
     (folder / "more.txt.gz").write_bytes(gzip.compress(b"compressed words\n"))
     out = tmp_path / "data"
@@ -1788,6 +1808,9 @@ def test_a_folder_prepared_before_tables_and_compressed_files_were_read_says_so(
             older.setattr(sources, "SUFFIXES", (".txt", ".md", ".jsonl", ".json", ".parquet", ".pdf"))
             older.setattr(sources, "COMPRESSIONS", {k: v for k, v in sources.COMPRESSIONS.items() if k in read})
             older.setattr(prepare_module, "SPLIT_RULE", 2)
+            older.setattr(sources, "universal_newlines", lambda text: text)  # the "\r" kept, and not looked for
+            older.setattr(sources, "marks_in_head", lambda path, marks, search=sources.marks_in_head:
+                          search(path, [DOCUMENT_SEPARATOR]))
             assert main([*command, "--force"]) == 0
         capsys.readouterr()
         assert main(command) == 2

@@ -588,6 +588,39 @@ def test_a_prepared_model_converted_with_to_decodes_in_its_new_dtype() -> None:
     assert layer.input_layernorm.decode is not None and layer.self_attn.o_weight_t.dtype == torch.float32
 
 
+def test_share_memory_and_a_same_device_to_keep_a_prepared_models_weights_in_place() -> None:
+    # _apply prepared the model again after any conversion, and preparing fused q/k/v and gate/up anew, as copies:
+    # share_memory() left those weights out of shared memory (a worker process got its own copy), and a .to() of the
+    # device and dtype the model is on copied them.
+    model = Qwen3(tiny_config()).eval()
+    model.prepare_for_decoding()
+    attn = model.model.layers[0].self_attn
+    where = attn.q_proj.weight.data_ptr()
+    model.to("cpu", torch.float32)
+    assert attn.q_proj.weight.data_ptr() == where and attn.qkv_weight_t.data_ptr() == where
+    model.share_memory()
+    assert all(p.is_shared() for p in model.parameters()) and attn.qkv_weight_t.is_shared()
+    assert model.prepared_for_decoding and attn.qkv_weight_t.data_ptr() == attn.q_proj.weight.data_ptr()
+
+
+def test_a_deepcopy_of_a_prepared_model_decodes_with_its_own_weights() -> None:
+    # deepcopy cloned each weight on its own, and the decode path's views apart from them: the copy's views held
+    # copies of the weights, not the copy's weights (an optimizer step or a load_state_dict into it, in place, left
+    # its decoding on the old ones).
+    model = Qwen3(tiny_config()).eval()
+    scramble(model, seed=23)
+    copied = copy.deepcopy(model.prepare_for_decoding())
+    attn = copied.model.layers[0].self_attn
+    assert copied.prepared_for_decoding and attn.qkv_weight_t.data_ptr() == attn.q_proj.weight.data_ptr()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(24))
+    with torch.no_grad():
+        for name, weight in copied.named_parameters():
+            if name.endswith("proj.weight"):
+                weight.mul_(-0.5)
+        decoded = copied(ids)  # (without grad: the decode path)
+    assert (decoded - copied(ids)).abs().max() <= 1e-5  # the plain layers, with grad
+
+
 def hf_norm(weight: torch.Tensor, eps: float) -> torch.nn.Module:
     from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 

@@ -815,16 +815,16 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     # once: the former fingerprints take subsets of them
     described = described_files(path, [*files, *unread_zstd, *saved_files])
 
-    def fingerprint_of(read_files: list[Path]) -> str:
+    def fingerprint_of(read_files: list[Path], newlines: bool = False) -> str:
         # Parted text files, and text files with a "\r" (read as "\n" since), give other documents than a folder
         # prepared before holds: a fingerprint of their own. Other corpora keep theirs, and with it their prepared
-        # folders and runs.
+        # folders and runs. `newlines`: as this nanoqwen fingerprints them (an older one kept the "\r", unsaid).
         return f"local {local_fingerprint(path, read_files, described)} {column}" + \
             (" parted" if parted.intersection(read_files) else "") + \
-            (" newlines" if carriage_returns.intersection(read_files) else "")
+            (" newlines" if newlines and carriage_returns.intersection(read_files) else "")
 
-    fingerprint = fingerprint_of(files)
-    kept_returns = fingerprint.removesuffix(" newlines")  # as nanoqwen fingerprinted them before
+    fingerprint = fingerprint_of(files, newlines=True)
+    kept_returns = fingerprint_of(files)  # as nanoqwen fingerprinted them before
     former = {kept_returns.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
     if carriage_returns:
@@ -840,6 +840,12 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     # (the files read since: compressed ones, by their compression, and tables)
     later = {p: _compressed(p) for p in files if _compressed(p) or types[p] in TABLE_DELIMITERS} if folder else {}
     older = "was prepared by an older nanoqwen, which did not read"
+
+    def prepared_from(read_files: list[Path], made: str, elsewhere: bool = False) -> None:
+        # by an older nanoqwen, or (`elsewhere`) by this one too, where zstandard is installed or not
+        for newlines in (True, False) if elsewhere else (False,):
+            former.setdefault(fingerprint_of(read_files, newlines), made)
+
     for unread, made in [(lambda p: later[p] in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
                           "an older nanoqwen), so without"),
                          (lambda p: later[p] in zstd.SUFFIXES or types[p] in TABLE_DELIMITERS, older),
@@ -847,13 +853,13 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         new = list(filter(unread, later))
         if new:
             read_then = set(files).difference(new)
-            former.setdefault(fingerprint_of([p for p in files if p in read_then]), (
-                f"{made} {counted(len(new), 'file')} of this corpus ({_kinds(new)}, such as {new[0]})"))
+            prepared_from([p for p in files if p in read_then], f"{made} {counted(len(new), 'file')} of this corpus "
+                          f"({_kinds(new)}, such as {new[0]})", elsewhere=made != older)
     if unread_zstd:  # prepared where zstandard was installed, and read again where it is not
-        former.setdefault(fingerprint_of(sorted([*files, *unread_zstd])), (
+        prepared_from(sorted([*files, *unread_zstd]), (
             f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
             f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; "
-            f"{zstandard_reads(len(unread_zstd))})"))
+            f"{zstandard_reads(len(unread_zstd))})"), elsewhere=True)
     return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
 
 
@@ -898,10 +904,12 @@ def marks_in_head(path: Path, marks: Iterable[str]) -> set[str]:
     except DAMAGED_DATA:  # reading the corpus says what is wrong with the file
         return set()
     encoding = text_encoding(head[:4])
-    # UTF-16/32 files name their byte order in the mark; either order is looked for (a match at an odd place in
-    # one that is not text would only cost a fresh prepare)
-    encodings = ["utf-8"] if encoding == "utf-8-sig" else [f"{encoding}-le", f"{encoding}-be"]
-    return {mark for mark in marks if any(mark.encode(codec) in head for codec in encodings)}
+    if encoding == "utf-8-sig":  # no UTF-8 character's bytes hold another's: a mark's bytes are the mark
+        return {mark for mark in marks if mark.encode() in head}
+    # UTF-16/32 read in the order their mark names: matched as bytes, two characters' halves could read as a "\r"
+    # (an ASCII letter's 0x00 and the 0x0D of "č", U+010D)
+    text = head.decode(encoding, errors="replace")
+    return {mark for mark in marks if mark in text}
 
 
 # Words by which `datasets` knows a dataset's splits in its file and folder names (train-00000-of-00002.parquet,
