@@ -174,6 +174,12 @@ def to_column_major(weight: torch.Tensor) -> torch.Tensor:
     return weight.t().contiguous().t()
 
 
+def decoding_layout(weight: torch.Tensor, column_major: bool) -> torch.Tensor:
+    """`weight` stored as decoding reads it fastest: column-major (float32 on CPU), else row-major (a float32 model
+    prepared, then converted to bf16, keeps the column-major layout, slower there). No copy where it is so already."""
+    return to_column_major(weight) if column_major else weight.contiguous()
+
+
 class KVCache:
     """Preallocated keys and values for every layer, written at the positions being decoded.
 
@@ -456,12 +462,10 @@ class Qwen3(nn.Module):
             attn, mlp = layer.self_attn, layer.mlp
             attn.qkv_weight_t = fuse_linears(attn.q_proj, attn.k_proj, attn.v_proj, column_major=float32_cpu).t()
             mlp.gate_up_weight_t = fuse_linears(mlp.gate_proj, mlp.up_proj, column_major=float32_cpu).t()
-            if float32_cpu:
-                for linear in (attn.o_proj, mlp.down_proj):
-                    linear.weight.data = to_column_major(linear.weight.data)
+            for linear in (attn.o_proj, mlp.down_proj):
+                linear.weight.data = decoding_layout(linear.weight.data, float32_cpu)
             attn.o_weight_t, mlp.down_weight_t = attn.o_proj.weight.detach().t(), mlp.down_proj.weight.detach().t()
-        if float32_cpu and weight.is_contiguous():
-            weight.data = to_column_major(weight.data)
+        weight.data = decoding_layout(weight.data, float32_cpu)
         if weight.dtype == torch.float32:
             for module in self.modules():
                 if isinstance(module, RMSNorm):

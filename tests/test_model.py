@@ -578,6 +578,9 @@ def test_a_prepared_model_converted_with_to_decodes_in_its_new_dtype() -> None:
     layer = model.model.layers[0]
     assert model.prepared_for_decoding and layer.self_attn.qkv_weight_t.dtype == torch.float64
     assert layer.input_layernorm.decode is None and layer.self_attn.qk_norm is None  # float32-only parts gone
+    # ... and the column-major layout, kept for float32 on CPU alone (.to() keeps a tensor's strides)
+    assert all(w.is_contiguous() for w in (layer.self_attn.o_proj.weight, layer.mlp.down_proj.weight,
+                                           layer.self_attn.q_proj.weight, model.lm_head.weight))
     with torch.no_grad():
         expected = expected_model(ids)
         cache = model.new_cache(2, 12)
