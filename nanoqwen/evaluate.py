@@ -189,12 +189,14 @@ def read_standard_input() -> tuple[list[str], int]:
     """read_text_file's documents and count of the text piped in (`--text-file -`): its bytes read as a text file's
     are (not by Python's text mode, which would fail on a bad byte and miss a byte-order mark), so that
     `cat notes.txt | nanoqwen eval ... --text-file -` gives the figures `--text-file notes.txt` does. All of it is
-    read, as a file is (--max-windows encodes only the start it scores). A closed standard input is an empty one."""
-    stream = getattr(sys.stdin, "buffer", None)  # sys.stdin is None where the shell closed it (`<&-`)
+    read, as a file is (--max-windows encodes only the start it scores). A closed standard input is an empty one; one
+    of text alone (io.StringIO, as a Python caller may set) is read as its UTF-8 bytes."""
+    stream = sys.stdin  # None where the shell closed it (`<&-`)
+    binary = getattr(stream, "buffer", None)
     if stream is not None and stream.isatty():  # typed in: without this, eval seemed to hang
         print("nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D", file=sys.stderr)
     try:
-        raw = stream.read() if stream is not None else b""
+        raw = b"" if stream is None else binary.read() if binary is not None else stream.read().encode("utf-8", "surrogatepass")
     except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
         raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, or "
                             "give --text-file FILE") from None

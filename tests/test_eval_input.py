@@ -324,6 +324,9 @@ def test_a_dash_scores_the_text_piped_in(checkpoint: Path, tmp_path: Path, capsy
     (tmp_path / "-").write_bytes(raw)  # a file named "-" is read as ./-, as Unix tools read one
     pipe(b"the dog")
     assert scored("./-")[0] == named and sys.stdin.read() == "the dog"
+    # A standard input of text alone (no bytes beneath: io.StringIO, as a Python caller may set) is read too.
+    monkeypatch.setattr(sys, "stdin", io.StringIO(raw.decode("utf-8-sig")))
+    assert scored("-")[0] == named
     pipe(raw + b"\xff" * 3)  # undecodable bytes are warned of, naming where they came from
     assert "warning: standard input is not UTF-8 text: replaced 3 undecodable" in scored("-")[1]
     # Nothing piped in (an empty pipe, /dev/null, a closed standard input) is eval's line for an empty text.
