@@ -196,7 +196,10 @@ def read_standard_input() -> tuple[list[str], int]:
     if stream is not None and stream.isatty():  # typed in: without this, eval seemed to hang
         print("nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D", file=sys.stderr)
     try:
-        raw = b"" if stream is None else binary.read() if binary is not None else stream.read().encode("utf-8", "surrogatepass")
+        if stream is None:
+            raw = b""
+        else:  # (a lone surrogate in text alone becomes bytes that are no UTF-8: replaced and counted, as a file's)
+            raw = binary.read() if binary is not None else stream.read().encode("utf-8", "surrogatepass")
     except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
         raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, or "
                             "give --text-file FILE") from None
