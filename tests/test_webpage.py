@@ -409,6 +409,42 @@ def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, u
     close_page(page, errors)
 
 
+# sessionStorage full past this many characters (keys and values, as Chromium counts its ~5 MB), for the test below.
+SMALL_TAB_STORAGE = """
+const setItem = Storage.prototype.setItem;
+Storage.prototype.setItem = function (key, value) {
+  let size = String(key).length + String(value).length;
+  for (let i = 0; i < this.length; i++) {
+    if (this.key(i) !== key) size += this.key(i).length + this.getItem(this.key(i)).length;
+  }
+  if (this === window.sessionStorage && size > 2000) {
+    throw new DOMException("The quota has been exceeded.", "QuotaExceededError");
+  }
+  return setItem.call(this, key, value);
+};
+"""
+
+
+def test_a_huge_draft_never_costs_the_saved_conversation(browser, url: str) -> None:
+    # A draft that filled the tab's storage made the next save of the conversation fail, and the saved conversation
+    # was dropped. The conversation comes first: the draft gives way, and is not kept where it does not fit.
+    page, errors = open_page(browser, url, "tiny-web",
+                             init_script="window.nanoqwenSavedChars = 700;" + SMALL_TAB_STORAGE)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "a" * 100)
+    page.route("**/tokenize", lambda route: None)  # never answered: the turn is in flight at the reload
+    page.fill("#prompt", "b" * 100)
+    page.click("#send")
+    page.wait_for_function("document.getElementById('prompt').value === ''")
+    page.fill("#prompt", "x" * 1500)  # the next message, typed meanwhile: it fits beside the first turn alone
+    assert json.loads(page.evaluate("sessionStorage.getItem('nanoqwen-draft')")) == {"message": "x" * 1500}
+    reload(page)  # stops the turn, and saves it
+    expect(page.locator(".message.user .content")).to_have_text(["a" * 100, "b" * 100])
+    expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
+    assert page.input_value("#prompt") == ""
+    close_page(page, errors)
+
+
 def test_chat_drops_the_oldest_turns_that_no_longer_fit(page, url: str) -> None:
     # Two long messages with room kept for a 300-token reply do not fit 1024 tokens together: the page asks
     # /tokenize, drops the first turn (saying so) and the reply is the one to the second message alone.

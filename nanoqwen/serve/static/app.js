@@ -22,6 +22,10 @@ const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
 // The text being written, the tab's too: the message box's (one box, both modes') and an open edit's, with its
 // message's place in the saved conversation. Saved as typed, and gone once sent or cancelled.
 const DRAFT_STORAGE = "nanoqwen-draft";
+// When the tab's storage is full (a huge draft, say), the conversation comes first: a save of it refused drops the
+// draft and tries again (saveConversation), and a draft goes in the room left (one that does not fit is not kept).
+// A conversation that does not fit even so is not kept, rather than an older copy a reload would show as the current
+// one. (The settings are in localStorage, whose room is apart.)
 const PAGE_TITLE = document.title;
 // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
 const touchScreen = matchMedia("(pointer: coarse)").matches;
@@ -570,11 +574,18 @@ function saveConversation() {
       left += 1;
     }
   }
+  const tab = storage("sessionStorage");
+  const json = JSON.stringify(saved);
   try {
-    storage("sessionStorage")?.setItem(CONVERSATION_STORAGE, JSON.stringify(saved));
+    try {
+      tab?.setItem(CONVERSATION_STORAGE, json);
+    } catch (err) { // full: the draft gives way (see DRAFT_STORAGE), and saveDraft below keeps it if it still fits
+      tab?.removeItem(DRAFT_STORAGE);
+      tab?.setItem(CONVERSATION_STORAGE, json);
+    }
     state.savedFrom = left;
-  } catch (err) { // full: no conversation kept, rather than an older one
-    storage("sessionStorage")?.removeItem(CONVERSATION_STORAGE);
+  } catch (err) { // full even so: no conversation kept, rather than an older one
+    tab?.removeItem(CONVERSATION_STORAGE);
     state.savedFrom = Infinity;
   }
   saveDraft(); // an open edit's message may have moved in what is saved, or left it
@@ -607,7 +618,7 @@ function saveDraft() {
   try {
     if (Object.keys(draft).length) storage("sessionStorage")?.setItem(DRAFT_STORAGE, JSON.stringify(draft));
     else storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
-  } catch (err) { // full: no draft kept, rather than an older one
+  } catch (err) { // full: no draft kept, rather than an older one (the conversation comes first: DRAFT_STORAGE)
     storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
   }
 }
