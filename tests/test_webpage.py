@@ -436,8 +436,12 @@ def test_a_huge_draft_never_costs_the_saved_conversation(browser, url: str) -> N
     page.fill("#prompt", "b" * 100)
     page.click("#send")
     page.wait_for_function("document.getElementById('prompt').value === ''")
-    page.fill("#prompt", "x" * 1500)  # the next message, typed meanwhile: it fits beside the first turn alone
-    assert json.loads(page.evaluate("sessionStorage.getItem('nanoqwen-draft')")) == {"message": "x" * 1500}
+    # The next message, typed meanwhile: it fits beside the first turn alone (with 50 characters to spare), not
+    # beside the second as well.
+    saved = page.evaluate("sessionStorage.getItem('nanoqwen-conversation')")
+    draft = "x" * (2000 - len("nanoqwen-conversation" + saved + "nanoqwen-draft" + '{"message":""}') - 50)
+    page.fill("#prompt", draft)
+    assert json.loads(page.evaluate("sessionStorage.getItem('nanoqwen-draft')")) == {"message": draft}
     reload(page)  # stops the turn, and saves it
     expect(page.locator(".message.user .content")).to_have_text(["a" * 100, "b" * 100])
     expect(page.locator(".message.assistant .note")).to_have_text(["stopped"])
