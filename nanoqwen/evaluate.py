@@ -201,18 +201,17 @@ class TextSource:
 
     def read_more(self) -> None:
         """Read on: as many bytes again as were read (at least `start`'s first), or the rest (start(None))."""
-        if self._first_bytes < 0:
-            raw, final = self.read(-1), True
-        else:
-            parts, wanted, final = [], max(self._first_bytes, self._read_bytes), False
-            while wanted > 0:  # in parts: read(n) sets aside n bytes first, however few are left
-                part = self.read(min(wanted, READ_PART_BYTES))
-                if not part:
-                    final = True
-                    break
-                parts.append(part)
-                wanted -= len(part)
-            raw = b"".join(parts)
+        wanted, texts, final = -1 if self._first_bytes < 0 else max(self._first_bytes, self._read_bytes), [], False
+        while not final and wanted != 0:  # in parts: read(n) sets aside n bytes first, and each is decoded at once
+            raw = self.read(wanted if wanted < 0 else min(wanted, READ_PART_BYTES))
+            final = wanted < 0 or not raw
+            texts.append(self._decoded(raw, final))
+            wanted -= 0 if wanted < 0 else len(raw)
+        self.text = "".join([self.text, *texts] if self.text else texts)  # (one read's text as it is: no copy of it)
+        self.complete = final
+
+    def _decoded(self, raw: bytes, final: bool) -> str:
+        """The text of the next bytes read (of those that end a character), counting the undecodable ones."""
         self._read_bytes += len(raw)
         if self._decoder is None:
             self._encoding = text_encoding(raw[:4])
@@ -222,8 +221,7 @@ class TextSource:
         if self._encoding == "utf-8-sig":  # and a U+FFFD written in the text that two reads cut, its bytes in neither
             self.replaced -= (self._tail + raw[:2]).count("\ufffd".encode())
         self._tail = (self._tail + raw[-2:])[-2:]
-        self.text += text
-        self.complete = final
+        return text
 
     def read_all(self) -> None:
         while not self.complete:

@@ -392,11 +392,15 @@ def test_max_windows_reads_only_the_start_of_a_text_it_scores(checkpoint: Path, 
     assert scored(str(tmp_path / "blank-first.txt"), *windows) == (0, expected)
 
 
-def test_a_text_read_a_start_at_a_time_gives_the_ids_of_the_whole(checkpoint: Path) -> None:
+def test_a_text_read_a_start_at_a_time_gives_the_ids_of_the_whole(checkpoint: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # The start read for --max-windows may end inside a character, a "\r\n", an <|endoftext|> or a line a word
     # follows: what is read is decoded as the whole is, and cut only where the whole text is cut, so the ids scored
-    # are the first ones of the whole text's, wherever the reads end.
+    # are the first ones of the whole text's, wherever the reads (and the parts of one) end.
+    import nanoqwen.evaluate
     from nanoqwen.evaluate import TextSource, encode_documents, text_start
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
     from nanoqwen.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(checkpoint)
