@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from shlex import quote
 from typing import TYPE_CHECKING
@@ -14,6 +17,23 @@ import torch
 import torch.nn.functional as F
 
 from nanoqwen.data.loader import check_token_ids
+from nanoqwen.data.sources import (
+    NOT_UTF8,
+    ONLY_SEPARATORS,
+    SUFFIXES,
+    TEXT_SUFFIXES,
+    conversion_hint,
+    count_replacements,
+    file_type,
+    mostly_undecodable,
+    not_text,
+    open_binary,
+    said_if_damaged,
+    separated_documents,
+    text_encoding,
+    universal_newlines,
+    zstd_unread,
+)
 from nanoqwen.errors import NanoQwenError, positive_int
 from nanoqwen.io import json_line
 from nanoqwen.loss import IGNORE_INDEX
@@ -146,20 +166,97 @@ def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int |
     return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].tolist())
 
 
-def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
-    """The documents of eval's --text-file, as prepare reads them from it (its text, or the parts <|endoftext|>
-    separates), and its count of undecodable bytes replaced; or one line saying why it is not a text to score
-    (checked before the model loads: a mistake costs no wait)."""
-    from nanoqwen.data.sources import (
-        SUFFIXES,
-        TEXT_SUFFIXES,
-        conversion_hint,
-        file_type,
-        open_binary,
-        said_if_damaged,
-        zstd_unread,
-    )
+class TextSource:
+    """The text of eval's --text-file (a file, or standard input), read as prepare reads a text file's: decoded (UTF-8,
+    or the encoding a byte-order mark names), with universal newlines, parted at <|endoftext|>. Read whole, or (with
+    --max-windows) from its start on as far as the windows need, encode_documents asking for more: a 5 GB file asked
+    for a few windows is neither read nor held whole. Its bytes are decoded incrementally, so that a character or a
+    "\r\n" that one read cuts reads as it does whole; `close` ends what `read` reads from (a file)."""
 
+    def __init__(self, read: Callable[[int], bytes], name: str, close: Callable[[], None] = lambda: None) -> None:
+        self.read, self.name, self.close = read, name, close  # read(n): at most n bytes (-1: all), b"" at the end
+        self.text = ""  # decoded so far, line ends as written
+        self.replaced = 0  # undecodable byte sequences in it replaced by U+FFFD
+        self.complete = False  # whether it is the whole text
+        self._read_bytes, self._first_bytes = 0, -1
+        self._encoding, self._decoder = "", None
+        self._tail = b""  # the last bytes read, where a U+FFFD written in the text may begin
+        self._documents: tuple[int, list[str]] = (-1, [])  # those of the text as long as it was then
+        self._checked = -1  # how long the text was when checked
+
+    def __enter__(self) -> TextSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def start(self, first_bytes: int | None) -> None:
+        """Read the text whole (None), or its first `first_bytes` (at least 4, for a byte-order mark) and on until it
+        holds a document; then check it (`check`): before the model loads, a mistake costs no wait."""
+        self._first_bytes = -1 if first_bytes is None else first_bytes
+        self.read_more()
+        while not self.complete and not self.documents():  # (a start of blanks or separators alone)
+            self.read_more()
+        self.check()
+
+    def read_more(self) -> None:
+        """Read on: as many bytes again as were read (at least `start`'s first), or the rest (start(None))."""
+        wanted, texts, final = -1 if self._first_bytes < 0 else max(self._first_bytes, self._read_bytes), [], False
+        while not final and wanted != 0:  # in parts: read(n) sets aside n bytes first, and each is decoded at once
+            raw = self.read(wanted if wanted < 0 else min(wanted, READ_PART_BYTES))
+            final = wanted < 0 or not raw
+            texts.append(self._decoded(raw, final))
+            wanted -= 0 if wanted < 0 else len(raw)
+        self.text = "".join([self.text, *texts] if self.text else texts)  # (one read's text as it is: no copy of it)
+        self.complete = final
+
+    def _decoded(self, raw: bytes, final: bool) -> str:
+        """The text of the next bytes read (of those that end a character), counting the undecodable ones."""
+        self._read_bytes += len(raw)
+        if self._decoder is None:
+            self._encoding = text_encoding(raw[:4])
+            self._decoder = codecs.getincrementaldecoder(self._encoding)(errors="replace")
+        text = self._decoder.decode(raw, final=final)
+        self.replaced += count_replacements(text, raw, self._encoding)  # (decode()'s count, a read at a time)
+        if self._encoding == "utf-8-sig":  # and a U+FFFD written in the text that two reads cut, its bytes in neither
+            self.replaced -= (self._tail + raw[:2]).count("\ufffd".encode())
+        self._tail = (self._tail + raw[-2:])[-2:]
+        return text
+
+    def read_all(self) -> None:
+        while not self.complete:
+            self.read_more()
+
+    def documents(self) -> list[str]:
+        """The documents of the text read (of the whole text once `complete`): its text, or the parts
+        <|endoftext|> separates."""
+        if self._documents[0] != len(self.text):  # ("\r\n" and a lone "\r" read as "\n" give a prefix of a prefix's)
+            self._documents = (len(self.text), separated_documents(universal_newlines(self.text)))
+        return self._documents[1]
+
+    def check(self) -> None:
+        """One line, saying the text's name, why what was read of it is not a text to score: mostly undecodable (of
+        what was read: a file's start scored by --max-windows is text, whatever follows it), empty, or separators
+        alone (start reads on until a document or the end: of the whole text)."""
+        if self._checked == len(self.text):  # (checked as it is already)
+            return
+        self._checked = len(self.text)
+        if mostly_undecodable(self.replaced, self.text):  # the rule by which prepare skips such a file
+            of = "of its" if self.complete else "of the first"
+            raise NanoQwenError(f"{self.name} is not text: {not_text(self.replaced, self.text):,} {of} "
+                                f"{len(self.text):,} characters are undecodable or NUL ({NOT_UTF8})")
+        if not self.text.strip():  # blank: as prepare skips it
+            raise NanoQwenError(f"{self.name} is empty; give it some text to score")
+        if not self.documents():
+            raise NanoQwenError(f"{self.name} {ONLY_SEPARATORS}; give it some text to score")
+
+
+READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for
+
+
+def open_text_file(path: Path, model: str) -> TextSource:
+    """The text of eval's --text-file, to read (nothing read yet); or one line saying why the file is not one to
+    score (checked before the model loads: a mistake costs no wait)."""
     if not path.is_file():
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
@@ -176,108 +273,125 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
                             "--data DIR`")
     if kind.startswith(".tar."):  # (decompressed, its members' headers would be scored as text)
         raise NanoQwenError(f"{path} is a {kind} archive; extract the text file to score from it")
-    with said_if_damaged(path), open_binary(path) as f:
-        raw = f.read()
-    return text_documents(raw, f"text file {path}")
+    with said_if_damaged(path):
+        f = open_binary(path)
+
+    def read(size: int) -> bytes:
+        with said_if_damaged(path):
+            return f.read(size)
+
+    return TextSource(read, f"text file {path}", f.close)
+
+
+def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
+    """The documents of eval's --text-file, read whole, and its count of undecodable bytes replaced; or one line
+    saying why it is not a text to score."""
+    with open_text_file(path, model) as text:
+        text.start(None)
+        return text.documents(), text.replaced
 
 
 # --text-file's name for standard input, as Unix tools take it (a file named "-" is ./-), and what its lines call it
 STANDARD_INPUT, STANDARD_INPUT_NAME = "-", "standard input"
 
 
-def read_standard_input() -> tuple[list[str], int]:
-    """read_text_file's documents and count of the text piped in (`--text-file -`): its bytes read as a text file's
-    are (not by Python's text mode, which would fail on a bad byte and miss a byte-order mark), so that
-    `cat notes.txt | nanoqwen eval ... --text-file -` gives the figures `--text-file notes.txt` does. All of it is
-    read, as a file is (--max-windows encodes only the start it scores). A closed standard input is an empty one; one
-    of text alone (io.StringIO, as a Python caller may set) is read as its UTF-8 bytes."""
+def open_standard_input() -> TextSource:
+    """The text piped in (`--text-file -`), to read: its bytes read as a text file's are (not by Python's text mode,
+    which would fail on a bad byte and miss a byte-order mark), so that `cat notes.txt | nanoqwen eval ...
+    --text-file -` gives the figures `--text-file notes.txt` does, --max-windows reading as little of it. A closed
+    standard input is an empty one; one of text alone (io.StringIO, as a Python caller may set) is read as its UTF-8
+    bytes."""
     stream = sys.stdin  # None where the shell closed it (`<&-`)
     binary = getattr(stream, "buffer", None)
     if stream is not None and stream.isatty():  # typed in: without this, eval seemed to hang
         print("nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D", file=sys.stderr)
-    try:
+
+    def read(size: int) -> bytes:
         if stream is None:
-            raw = b""
-        else:  # (a lone surrogate in text alone becomes bytes that are no UTF-8: replaced and counted, as a file's)
-            raw = binary.read() if binary is not None else stream.read().encode("utf-8", "surrogatepass")
-    except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
-        raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, or "
-                            "give --text-file FILE") from None
-    return text_documents(raw, STANDARD_INPUT_NAME)
+            return b""
+        try:  # (a lone surrogate in text alone becomes bytes that are no UTF-8: replaced and counted, as a file's)
+            return binary.read(size) if binary is not None else stream.read(size).encode("utf-8", "surrogatepass")
+        except OSError as e:  # its terminal closed (EIO); a folder redirected into it is refused by Python itself
+            raise NanoQwenError(f"{STANDARD_INPUT_NAME} cannot be read ({e.strerror or e}); pipe the text into it, "
+                                "or give --text-file FILE") from None
 
-
-def text_documents(raw: bytes, name: str) -> tuple[list[str], int]:
-    """The documents of a text's bytes, as prepare reads a text file's, and its count of undecodable bytes replaced;
-    or one line, saying `name`, why it is not a text to score."""
-    from nanoqwen.data.sources import (
-        NOT_UTF8,
-        ONLY_SEPARATORS,
-        CorpusStats,
-        decode,
-        mostly_undecodable,
-        not_text,
-        separated_documents,
-        universal_newlines,
-    )
-
-    stats = CorpusStats()
-    text = decode(raw, stats)
-    if mostly_undecodable(stats.replacement_chars, text):  # the rule by which prepare skips such a file
-        raise NanoQwenError(f"{name} is not text: {not_text(stats.replacement_chars, text):,} of its "
-                            f"{len(text):,} characters are undecodable or NUL ({NOT_UTF8})")
-    if not text.strip():  # blank: as prepare skips it
-        raise NanoQwenError(f"{name} is empty; give it some text to score")
-    documents = separated_documents(universal_newlines(text))
-    if not documents:
-        raise NanoQwenError(f"{name} {ONLY_SEPARATORS}; give it some text to score")
-    return documents, stats.replacement_chars
+    return TextSource(read, STANDARD_INPUT_NAME)
 
 
 def text_start(texts: list[str], chars: int) -> list[str] | None:
-    """About the first `chars` characters of `texts`, cut after the first line break that a word follows from there,
-    where prepare cuts long documents too (no token spans such a point); None where that cut leaves out nothing."""
+    """About the first `chars` characters of `texts` (documents): those up to the one in which the count is reached,
+    that one cut after the first line break that a word follows from there, where prepare cuts long documents too (no
+    token spans such a point), or whole where it has none; None where that leaves out nothing. The last document is
+    never kept whole, for `texts` may be the documents of a text's start, whose last one goes on (a document before
+    it ends at a separator read, and a word read after a line break is one there)."""
     from nanoqwen.data.prepare import PIECE_BOUNDARY
 
     kept = []
     for text in texts:
         if len(text) > chars:
             boundary = PIECE_BOUNDARY.search(text, chars)
-            return None if boundary is None else [*kept, text[:boundary.end()]]
+            if boundary is not None:
+                return [*kept, text[:boundary.end()]]
+            if len(kept) + 1 < len(texts):  # (a file of short stories parted by <|endoftext|>, cut after one)
+                return [*kept, text]
+            return None
         kept.append(text)
         chars -= len(text)
     return None
 
 
-def encode_documents(tokenizer: Tokenizer, texts: list[str], max_tokens: int | None) -> list[Encoded]:
-    """prepare's encoding of `texts` (encode_texts); with `max_tokens`, of only as much of their start as gives more
-    than that many ids, the first ones of the whole texts' (a large file's first windows wait for no more)."""
+START_CHARS_PER_TOKEN = 8  # ~4 characters a token in English, fewer in other scripts: a start long enough
+
+
+def encode_documents(tokenizer: Tokenizer, text: TextSource, max_tokens: int | None) -> list[Encoded]:
+    """prepare's encoding of the documents of `text` (encode_texts); with `max_tokens`, of only as much of their start
+    as gives more than that many ids, the first ones of the whole text's (a large file's first windows wait for no
+    more, and no more of it is read than that start: text_start cuts the text read where it cuts the whole text, at
+    a line break that a word read follows, so where the text read may end otherwise, more is read)."""
     from nanoqwen.data.prepare import encode_texts, piece_safe
 
     if max_tokens is not None and piece_safe(tokenizer.hf):  # (a tokenizer that splits text otherwise: all of it)
-        chars = 8 * max_tokens  # ~4 characters a token in English, fewer in other scripts: a start long enough
-        while (start := text_start(texts, chars)) is not None:
+        chars = START_CHARS_PER_TOKEN * max_tokens
+        while (start := text_start(text.documents(), chars)) is not None or not text.complete:
+            if start is None:  # the text read is too short to say where the start ends
+                text.read_more()
+                continue
             documents = encode_texts(tokenizer, start)
             if sum(len(document.ids) for document in documents) > max_tokens:
                 return documents
             chars *= 2
-    return encode_texts(tokenizer, texts)
+    text.read_all()
+    return encode_texts(tokenizer, text.documents())
 
 
 def run(args: argparse.Namespace) -> int:
-    from nanoqwen.checkpoint import check_data_tokenizer, read_config
-    from nanoqwen.generate import load_for_inference
-
     if args.loss_on == "assistant" and args.text_file:
         raise NanoQwenError("--loss-on assistant scores the assistant's turns of prepared conversations; give "
                             "--data DIR (from `nanoqwen prepare` of chat records), not --text-file")
     if args.split is not None and args.text_file:
         raise NanoQwenError("--split chooses a split of a prepared --data folder; a --text-file is scored whole, "
                             "so leave --split out")
-    texts, replaced = None, 0
-    if args.text_file == STANDARD_INPUT:  # (the text as given: Path("./-") is "-" too, the file named so)
-        texts, replaced = read_standard_input()
-    elif args.text_file:
-        texts, replaced = read_text_file(Path(args.text_file), args.model)
+    with contextlib.ExitStack() as closing:
+        text = None
+        if args.text_file == STANDARD_INPUT:  # (the text as given: Path("./-") is "-" too, the file named so)
+            text = open_standard_input()
+        elif args.text_file:
+            text = closing.enter_context(open_text_file(Path(args.text_file), args.model))
+        result = figures(args, text)
+    if args.json:
+        print(json_line(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>14}: {readable(value, 4)}" if isinstance(value, float) else f"{key:>14}: {value}")
+    return 0
+
+
+def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, float]:
+    """eval's figures of --text-file's `text` (opened, nothing read yet), or of --data; mistakes said before the
+    model loads."""
+    from nanoqwen.checkpoint import check_data_tokenizer, read_config
+    from nanoqwen.generate import load_for_inference
+
     if args.data:
         from nanoqwen.data.prepare import load_meta
 
@@ -292,20 +406,23 @@ def run(args: argparse.Namespace) -> int:
             from nanoqwen.train import chat_marks
 
             marks = chat_marks(Path(args.data))  # (one line if it holds no conversations)
-    model, tokenizer = load_for_inference(args)
-    context = args.context or model.config.max_position_embeddings
+    context = args.context or config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
-    if replaced:  # the figures are still computed, but the user should know why they are odd
-        source = STANDARD_INPUT_NAME if args.text_file == STANDARD_INPUT else args.text_file
-        print(f"nanoqwen: warning: {source} is not UTF-8 text: replaced {replaced:,} undecodable "
-              "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
-    if texts is not None:
+    if text is not None:  # whole, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
+        text.start(None if max_tokens is None else 2 * START_CHARS_PER_TOKEN * max_tokens)
+    model, tokenizer = load_for_inference(args)
+    if text is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another
         # in training; Qwen3 has no start token), so bits per byte are over all of their UTF-8 bytes, whatever the
         # file's encoding (UTF-16, a BOM). They are encoded as prepare encodes them (each ended by <|endoftext|>,
         # but the last; another added token written in one is text), so the figures are those of the tokens a run
         # trains and validates on.
-        documents = encode_documents(tokenizer, texts, max_tokens)
+        documents = encode_documents(tokenizer, text, max_tokens)
+        text.check()  # again where more was read for the windows
+        if text.replaced:  # the figures are still computed, but the user should know why they are odd
+            source = STANDARD_INPUT_NAME if args.text_file == STANDARD_INPUT else args.text_file
+            print(f"nanoqwen: warning: {source} is not UTF-8 text: replaced {text.replaced:,} undecodable "
+                  "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
         ids = np.concatenate([[tokenizer.eot_id], *(document.ids for document in documents)])[:-1]
         tokens, num_bytes = torch.from_numpy(ids.astype(np.int64)), sum(document.nbytes for document in documents)
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
@@ -321,10 +438,4 @@ def run(args: argparse.Namespace) -> int:
         if not scored.any():
             raise NanoQwenError(f"{args.data}/{split}.bin holds no assistant turn to score (in the windows given); "
                                 "leave --loss-on out, or give more --max-windows")
-    result = evaluate_tokens(model, tokens, num_bytes, context, args.batch_size, scored)
-    if args.json:
-        print(json_line(result))
-    else:
-        for key, value in result.items():
-            print(f"{key:>14}: {readable(value, 4)}" if isinstance(value, float) else f"{key:>14}: {value}")
-    return 0
+    return evaluate_tokens(model, tokens, num_bytes, context, args.batch_size, scored)

@@ -11,6 +11,7 @@ import sys
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -349,3 +350,78 @@ def test_a_dash_scores_the_text_piped_in(checkpoint: Path, tmp_path: Path, capsy
         "nanoqwen eval: reading the text to score from standard input; end it with Ctrl-D\n"
         "nanoqwen eval: error: standard input cannot be read (Input/output error); pipe the text into it, or give "
         "--text-file FILE\n")
+
+
+def test_max_windows_reads_only_the_start_of_a_text_it_scores(checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --text-file big.txt --max-windows 2` read and decoded the whole file to encode the start it scores: a
+    # 5 GB file cost 5 GB and its decoded text in memory. Only a start is read now (16 bytes a token), and more only
+    # where the windows need it, so a tail no read reaches is never judged: the NULs here, which read whole make the
+    # file "not text", are past it, and the figures are those of the text before them. A compressed file and
+    # standard input are read so too.
+    import gzip
+
+    head = "".join(f"line {i}: the caf\u00e9 sat on the mat\r\n<|endoftext|>\r\n" for i in range(40)).encode()
+    (tmp_path / "head.txt").write_bytes(head)
+    (tmp_path / "nul.txt").write_bytes(head + b"\0" * (1 << 20))
+    (tmp_path / "nul.txt.gz").write_bytes(gzip.compress(head + b"\0" * (1 << 22)))
+
+    def scored(text_file: str, *extra: str) -> tuple[int, str]:
+        code = main(["eval", "--model", str(checkpoint), "--text-file", text_file, "--device", "cpu", "--json", *extra])
+        captured = capsys.readouterr()
+        return code, captured.out.strip().splitlines()[-1] if code == 0 else captured.err
+
+    windows = ("--max-windows", "2", "--context", "8")
+    code, expected = scored(str(tmp_path / "head.txt"), *windows)
+    assert code == 0 and json.loads(expected)["tokens"] == 16
+    for name in ("nul.txt", "nul.txt.gz"):
+        assert scored(str(tmp_path / name), *windows) == (0, expected)
+        code, err = scored(str(tmp_path / name))  # read whole: refused, as before
+        assert code == 2 and f"text file {tmp_path / name} is not text: " in err
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(head + b"\0" * (1 << 20))))
+    assert scored("-", *windows) == (0, expected)
+    # What is read is judged: a start of NULs is no text, said of the characters read.
+    (tmp_path / "nul-first.txt").write_bytes(b"\0" * (1 << 20) + head)
+    code, err = scored(str(tmp_path / "nul-first.txt"), *windows)
+    assert code == 2 and err.endswith(f"text file {tmp_path / 'nul-first.txt'} is not text: 272 of the first 272 "
+                                      "characters are undecodable or NUL (a binary file, or text in another encoding: "
+                                      "convert it to UTF-8)\n")
+    # A start of blanks and separators alone is read on from: the documents after it are scored.
+    (tmp_path / "blank-first.txt").write_bytes(b"\n<|endoftext|>\n" * (1 << 13) + head)
+    assert scored(str(tmp_path / "blank-first.txt"), *windows) == (0, expected)
+
+
+def test_a_text_read_a_start_at_a_time_gives_the_ids_of_the_whole(checkpoint: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # The start read for --max-windows may end inside a character, a "\r\n", an <|endoftext|> or a line a word
+    # follows: what is read is decoded as the whole is, and cut only where the whole text is cut, so the ids scored
+    # are the first ones of the whole text's, wherever the reads (and the parts of one) end.
+    import nanoqwen.evaluate
+    from nanoqwen.evaluate import TextSource, encode_documents, text_start
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    from nanoqwen.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(checkpoint)
+    text = "".join(f"caf\u00e9 {i} \U0001f600 \ufffd sat\r\n" + ("\r\n<|endoftext|>\r\nthe\rmat " if i % 3 else "")
+                   for i in range(200))
+    for raw in (text.encode() + b"\xff\xfe ok", text.encode("utf-16")):
+        whole = TextSource(io.BytesIO(raw).read, "t")
+        whole.start(None)
+        whole_ids = np.concatenate([d.ids for d in encode_documents(tokenizer, whole, None)])
+        for first in range(4, 70, 3):
+            read = TextSource(io.BytesIO(raw).read, "t")
+            read.start(first)
+            read.read_all()
+            assert (read.text, read.replaced, read.documents()) == (whole.text, whole.replaced, whole.documents())
+            for max_tokens in (5, 17, 60):
+                start = TextSource(io.BytesIO(raw).read, "t")
+                start.start(first)
+                ids = np.concatenate([d.ids for d in encode_documents(tokenizer, start, max_tokens)])
+                assert len(ids) > max_tokens and (ids[:max_tokens] == whole_ids[:max_tokens]).all(), (first, max_tokens)
+                assert not start.complete  # (the text is longer than these starts)
+    # A document before the last is kept whole where no line break is cut at (of a file of short stories, the start
+    # is read, not all of it); the last one, which may go on past what was read, never is.
+    assert text_start(["the cat sat", "the dog sat", "on the log"], 4) == ["the cat sat"]
+    assert text_start(["the cat sat", "the dog sat on"], 14) is None
