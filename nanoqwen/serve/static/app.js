@@ -204,7 +204,8 @@ function restoreSettings() { // once the model is known; a field changed before 
   }
   if (["chat", "completion"].includes(saved.mode)) {
     if (saved.mode !== mode()) $(`mode-${saved.mode}`).click();
-  } else if (!state.modeChosen) { // no choice of the user's: the model's own mode, Completion for plain text
+  } else if (!state.modeChosen && !state.controller) { // no choice of the user's: the model's own mode, Completion
+    // for plain text (not mid-send: a send met the new model, and its turn, shown in its mode, is still streaming)
     showMode(state.plainText ? "completion" : "chat");
   }
 }
