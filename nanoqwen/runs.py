@@ -610,6 +610,8 @@ def trained_on_plain_text(checkpoint: Path) -> bool:
     never an error."""
     try:
         folder = Path(os.path.abspath(checkpoint))
+        if folder.name not in ("best", "last"):  # a link to one (`ln -s runs/NAME/best model`), say
+            folder = Path(os.path.realpath(folder))
         if folder.name not in ("best", "last"):
             return False
         run_dir = folder.parent

@@ -1386,6 +1386,12 @@ def test_records_and_tables_in_utf16_without_a_byte_order_mark_say_so(tmp_path: 
     corpus = open_corpus(str(tmp_path / "c"))
     assert list(corpus.documents()) == ["plain text"]
     assert corpus.stats.skipped == [{"path": str(tmp_path / "c" / "t.csv"), "reason": f"line 1 {reason}"}]
+    # A skipped file's undecodable bytes (its "é" read as UTF-8) are none of the text read: not counted, not warned of.
+    (tmp_path / "c" / "t.csv").write_bytes("text,née\nhello there,x\n".encode("utf-16-le"))
+    (tmp_path / "c" / "latin1.csv").write_bytes("naïve,x\nfoo,1\n".encode("latin-1"))  # no 'text' column
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == ["plain text"] and len(corpus.stats.skipped) == 2
+    assert corpus.stats.replacement_chars == 0 and corpus.stats.replaced_in == []
 
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -327,6 +327,18 @@ def test_a_checkpoint_is_known_plain_text_only_from_its_run(data: Path, chat_dat
         assert not trained_on_plain_text(moved / "runs" / "plain" / "best")
 
 
+def test_a_link_to_a_run_checkpoint_is_known_plain_text(tmp_path: Path) -> None:
+    # `ln -s runs/NAME/best model` and `serve --model model`: the link's own name said nothing of a run (not known).
+    from tests.serve_helpers import make_plain_run
+
+    best = make_plain_run(tmp_path)
+    (tmp_path / "model").symlink_to(best)
+    (tmp_path / "run").symlink_to(best.parent)  # a link to the run folder: its best/ is found through it as before
+    assert trained_on_plain_text(tmp_path / "model") and trained_on_plain_text(tmp_path / "run" / "best")
+    (tmp_path / "weights").symlink_to(tmp_path / "model")  # (links followed to the end)
+    assert trained_on_plain_text(tmp_path / "weights")
+
+
 def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path, tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     fast = [*FAST]

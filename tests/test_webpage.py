@@ -947,6 +947,49 @@ def test_a_model_trained_on_plain_text_opens_in_completion(browser, tmp_path: Pa
         close_page(page, errors)
 
 
+def test_a_model_trained_on_plain_text_served_next_opens_in_completion(page) -> None:
+    # A mode picked for one model (and saved for it) held over the next one served after a restart: a model trained
+    # on plain text opened in Chat. Each model opens in the mode saved for it, else in its own.
+    page.click("label:has(#mode-completion)")
+    page.click("label:has(#mode-chat)")  # tiny-web's, saved for it
+    plain = {"id": "plain", "object": "model", "owned_by": "nanoqwen", "trained_on_plain_text": True}
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [plain]}))
+    page.evaluate("window.dispatchEvent(new Event('focus'))")  # the header reads the server again
+    expect(page.locator("#model-name")).to_have_text("plain")
+    expect(page.locator("#mode-completion")).to_be_checked()
+    page.unroute("**/v1/models")
+    page.evaluate("window.dispatchEvent(new Event('focus'))")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    expect(page.locator("#mode-chat")).to_be_checked()  # its own, saved
+    assert page.evaluate("localStorage.getItem('nanoqwen-settings:plain')") is None  # nothing picked for it
+
+
+def test_a_send_that_meets_a_plain_text_model_stays_in_chat(page) -> None:
+    # Restarted with a model trained on plain text, the server refused a chat send's old name: the page read the new
+    # model and switched to Completion mid-send, hiding the turn it was streaming (the mode switch disabled till it
+    # ended). The send keeps its mode; Chat says why it runs on.
+    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
+        {"id": "old-name", "object": "model", "owned_by": "nanoqwen"}]}))
+    page.evaluate("loadModel()")
+    expect(page.locator("#model-name")).to_have_text("old-name")
+    page.unroute("**/v1/models")
+
+    def plain_text(route) -> None:
+        served = route.fetch()
+        card = served.json()
+        card["data"][0]["trained_on_plain_text"] = True
+        route.fulfill(response=served, json=card)
+
+    page.route("**/v1/models", plain_text)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "Hello")
+    expect(page.locator("#model-name")).to_have_text("tiny-web")
+    expect(page.locator("#mode-chat")).to_be_checked()
+    expect(page.locator(".message.user .content")).to_have_text(["Hello"])
+    expect(page.locator(".message.assistant .role")).to_have_text(["tiny-web"])
+    expect(page.locator("#plain-text-note")).to_be_visible()
+
+
 def test_a_reply_cut_by_the_full_context_says_so(page, url: str) -> None:
     # A completion whose prompt leaves 10 tokens of the context ends after 11 of the 100 asked for (the last is
     # predicted, never read: see check_fits): "finish: length" alone read as if max tokens had been reached.

@@ -1506,9 +1506,11 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
     and reported, while one that breaks after good records stops the run as a damaged data file does."""
     table = file_type(path) in TABLE_DELIMITERS
     texts = _table_texts(path, column, stats) if table else _json_texts(path, column, stats)
+    replaced = stats.replacement_chars
     try:
         first = next(texts, None)
     except NanoQwenError as e:
+        stats.replacement_chars = replaced  # (its header's, say: bytes of a file not read, as a skipped text file's)
         if isinstance(e, NotText):
             reason = e.reason
         else:

@@ -41,7 +41,7 @@ const state = {
   editing: null, // {box, form, sendButton}: the sent message being edited, and its editor
   savedFrom: 0, // how many of the oldest messages the saved conversation leaves out (see saveConversation)
   plainText: false, // whether the model is known to be trained on plain text alone (it never ends a turn)
-  modeChosen: false, // whether the user picked a mode on this page (before the model was known, say)
+  modeChosen: false, // whether the user picked a mode for the model shown (before it was known, say)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -112,7 +112,10 @@ async function loadModel(signal) {
     // when the server serves another (restarted), whose settings are its own.
     if (card.id !== previous) {
       state.samplingDefaults = card.sampling_defaults || null;
-      if (previous !== null) showPageDefaults();
+      if (previous !== null) { // another model: a mode picked for the one before is saved for it, not this one's
+        state.modeChosen = false;
+        showPageDefaults();
+      }
       restoreSettings();
       applySamplingDefaults();
     }
@@ -201,7 +204,8 @@ function restoreSettings() { // once the model is known; a field changed before 
   }
   if (["chat", "completion"].includes(saved.mode)) {
     if (saved.mode !== mode()) $(`mode-${saved.mode}`).click();
-  } else if (!state.modeChosen) { // no choice of the user's: the model's own mode, Completion for plain text
+  } else if (!state.modeChosen && !state.controller) { // no choice of the user's: the model's own mode, Completion
+    // for plain text (not mid-send: a send met the new model, and its turn, shown in its mode, is still streaming)
     showMode(state.plainText ? "completion" : "chat");
   }
 }
