@@ -2071,6 +2071,13 @@ def test_a_folder_that_skipped_utf16_tables_is_prepared_again(tmp_path: Path) ->
               "UTF-8))")
     (out / "meta.json").write_text(json.dumps({**meta, "skipped": [
         {"path": str(tmp_path / "notes" / "u16.csv"), "reason": reason}]}))
+    # The prepare command says why rather than replace in silence a folder a run may have trained on; train (which
+    # replaces it) says it too.
+    with pytest.raises(NanoQwenError) as error:
+        prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False, replace_other=False)
+    assert str(error.value) == (f"{out} was prepared by an older nanoqwen, which skipped its UTF-16/32 tables and "
+                                "JSON lines (read since) (runs trained on it resume only from it); give --force to "
+                                "replace it, or another --out")
     prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False)
     assert load_meta(out)["skipped"] == []
 

@@ -199,7 +199,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
 
     fingerprint = fingerprint_of(corpus.fingerprint)
     rule_2 = fingerprint_of(corpus.fingerprint, split_rule=2)
-    if not force and (_holds(out, fingerprint) or _holds(out, rule_2) and _split_alike(out, val_fraction)):
+    read_since = None if force else _read_since(out)
+    if not force and not read_since and (_holds(out, fingerprint) or _holds(out, rule_2) and
+                                         _split_alike(out, val_fraction)):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
             rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
@@ -208,11 +210,12 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
     recorded = _fingerprint_in(out)
-    other = not force and (out / "meta.json").is_file() and recorded != fingerprint
+    other = not force and (out / "meta.json").is_file() and (recorded != fingerprint or read_since is not None)
     # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, before
-    # it read compressed files or tables) or without zstandard: said so, not as other inputs.
-    former = next((made for fp, made in corpus.former_fingerprints.items()
-                   if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) if other else None
+    # it read compressed files, tables, chats or UTF-16 lines) or without zstandard: said so, not as other inputs.
+    former = read_since or next((made for fp, made in corpus.former_fingerprints.items()
+                                 if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) \
+        if other else None
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
         "--val-fraction of a small corpus" if other and recorded == rule_2 else None
     if other and not replace_other:
@@ -769,16 +772,27 @@ def _fingerprint_in(out: Path) -> str | None:
 def _holds(out: Path, fingerprint: str) -> bool:
     """Whether `out` is a complete folder made from the same inputs and options."""
     try:
-        meta = load_meta(out)
+        return load_meta(out)["fingerprint"] == fingerprint
     except NanoQwenError:
         return False
+
+
+def _read_since(out: Path) -> str | None:
+    """Why the folder `out` holds less than the same inputs give now (their fingerprint is the same): files an older
+    nanoqwen skipped and this one reads, as its meta.json lists them; None if none (or no complete folder)."""
+    try:
+        meta = load_meta(out)
+    except NanoQwenError:
+        return None
     # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields; made
     # before UTF-16/32 tables and JSON lines were read, it skipped those, said "read line by line as UTF-8".
-    unread_chats = "conversations" not in meta and any(
-        "not JSON records" in skip["reason"] and any(name in skip["reason"] for name in CHAT_COLUMNS)
-        for skip in meta["skipped"])
-    unread_utf16 = any("read line by line as UTF-8" in skip["reason"] for skip in meta["skipped"])
-    return meta["fingerprint"] == fingerprint and not unread_chats and not unread_utf16
+    if "conversations" not in meta and any("not JSON records" in skip["reason"] and
+                                           any(name in skip["reason"] for name in CHAT_COLUMNS)
+                                           for skip in meta["skipped"]):
+        return "was prepared by an older nanoqwen, which skipped the chat records of its .json files (read since)"
+    if any("read line by line as UTF-8" in skip["reason"] for skip in meta["skipped"]):
+        return "was prepared by an older nanoqwen, which skipped its UTF-16/32 tables and JSON lines (read since)"
+    return None
 
 
 def _split_alike(out: Path, val_fraction: float) -> bool:
