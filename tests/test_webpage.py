@@ -875,14 +875,19 @@ def test_header_follows_the_server_between_sends(browser, url: str) -> None:
     close_page(page, errors)
 
 
-def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> None:
-    # Restarted with another model, the server refused the first send: the page still asked for the old name.
-    # (The page is made to hold an old name here: /v1/models answers it once.)
+def hold_an_old_model_name(page) -> None:
+    """Make the page hold a model name the server no longer serves (as after a restart with another model):
+    /v1/models answers it once."""
     page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
         {"id": "old-name", "object": "model", "owned_by": "nanoqwen"}]}))
     page.evaluate("loadModel()")
     expect(page.locator("#model-name")).to_have_text("old-name")
     page.unroute("**/v1/models")
+
+
+def test_a_send_refused_for_an_old_model_name_goes_to_the_new_model(page) -> None:
+    # Restarted with another model, the server refused the first send: the page still asked for the old name.
+    hold_an_old_model_name(page)
     asked: list[str] = []
     page.on("request", lambda request: asked.append(json.loads(request.post_data)["model"])
             if request.url.endswith("/v1/chat/completions") else None)
@@ -968,11 +973,7 @@ def test_a_send_that_meets_a_plain_text_model_stays_in_chat(page) -> None:
     # Restarted with a model trained on plain text, the server refused a chat send's old name: the page read the new
     # model and switched to Completion mid-send, hiding the turn it was streaming (the mode switch disabled till it
     # ended). The send keeps its mode; Chat says why it runs on.
-    page.route("**/v1/models", lambda route: route.fulfill(json={"object": "list", "data": [
-        {"id": "old-name", "object": "model", "owned_by": "nanoqwen"}]}))
-    page.evaluate("loadModel()")
-    expect(page.locator("#model-name")).to_have_text("old-name")
-    page.unroute("**/v1/models")
+    hold_an_old_model_name(page)
 
     def plain_text(route) -> None:
         served = route.fetch()
