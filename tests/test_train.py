@@ -1502,6 +1502,12 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL
     assert len(read_metrics(killed)) < 60
+    # TensorBoard reads a folder's event files in name order: the second each was opened in, then host and process
+    # id. A resume from the command line opens its file seconds after the killed run's; this one, in this process (a
+    # lower id), could open it in the same second and sort first, its purge of steps 21-25 then read before them.
+    opened = max(int(f.name.split(".")[3]) for f in (killed / "tensorboard").glob("events.out.tfevents.*"))
+    while time.time() < opened + 1:
+        time.sleep(0.01)
     assert train_in_process("--resume", str(killed)) == 0
     expected, got = train_losses(reference), train_losses(killed)
     assert list(got) == list(range(1, 61))
