@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import codecs
 import contextlib
 import math
 import sys
@@ -22,15 +21,14 @@ from nanoqwen.data.sources import (
     ONLY_SEPARATORS,
     SUFFIXES,
     TEXT_SUFFIXES,
+    TextDecoder,
     conversion_hint,
-    count_replacements,
     file_type,
     mostly_undecodable,
     not_text,
     open_binary,
     said_if_damaged,
     separated_documents,
-    text_encoding,
     universal_newlines,
     zstd_unread,
 )
@@ -176,13 +174,16 @@ class TextSource:
     def __init__(self, read: Callable[[int], bytes], name: str, close: Callable[[], None] = lambda: None) -> None:
         self.read, self.name, self.close = read, name, close  # read(n): at most n bytes (-1: all), b"" at the end
         self.text = ""  # decoded so far, line ends as written
-        self.replaced = 0  # undecodable byte sequences in it replaced by U+FFFD
         self.complete = False  # whether it is the whole text
         self._read_bytes, self._first_bytes = 0, -1
-        self._encoding, self._decoder = "", None
-        self._tail = b""  # the last bytes read, where a U+FFFD written in the text may begin
+        self._decoder = TextDecoder()
         self._documents: tuple[int, list[str]] = (-1, [])  # those of the text as long as it was then
         self._checked = -1  # how long the text was when checked
+
+    @property
+    def replaced(self) -> int:
+        """Undecodable byte sequences in the text read, replaced by U+FFFD."""
+        return self._decoder.replaced
 
     def __enter__(self) -> TextSource:
         return self
@@ -205,23 +206,11 @@ class TextSource:
         while not final and wanted != 0:  # in parts: read(n) sets aside n bytes first, and each is decoded at once
             raw = self.read(wanted if wanted < 0 else min(wanted, READ_PART_BYTES))
             final = wanted < 0 or not raw
-            texts.append(self._decoded(raw, final))
+            self._read_bytes += len(raw)
+            texts.append(self._decoder.decode(raw, final))
             wanted -= 0 if wanted < 0 else len(raw)
         self.text = "".join([self.text, *texts] if self.text else texts)  # (one read's text as it is: no copy of it)
         self.complete = final
-
-    def _decoded(self, raw: bytes, final: bool) -> str:
-        """The text of the next bytes read (of those that end a character), counting the undecodable ones."""
-        self._read_bytes += len(raw)
-        if self._decoder is None:
-            self._encoding = text_encoding(raw[:4])
-            self._decoder = codecs.getincrementaldecoder(self._encoding)(errors="replace")
-        text = self._decoder.decode(raw, final=final)
-        self.replaced += count_replacements(text, raw, self._encoding)  # (decode()'s count, a read at a time)
-        if self._encoding == "utf-8-sig":  # and a U+FFFD written in the text that two reads cut, its bytes in neither
-            self.replaced -= (self._tail + raw[:2]).count("\ufffd".encode())
-        self._tail = (self._tail + raw[-2:])[-2:]
-        return text
 
     def read_all(self) -> None:
         while not self.complete:

@@ -1394,6 +1394,20 @@ def test_records_and_tables_in_utf16_without_a_byte_order_mark_say_so(tmp_path: 
     assert corpus.stats.replacement_chars == 0 and corpus.stats.replaced_in == []
 
 
+def test_a_u_fffd_written_across_two_blocks_is_not_counted_as_replaced(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # The block reader counted a U+FFFD written in the text as an undecodable byte where a block's end cut it
+    # (eval's reader, its twin, did not): one decoder serves both now.
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 4000)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 1000)
+    (tmp_path / "t.txt").write_bytes(b"a" * 999 + "\ufffd".encode() + b"b\n" * 3000)
+    corpus = open_corpus(str(tmp_path / "t.txt"))
+    assert sum(document.count("\ufffd") for document in corpus.documents()) == 1
+    assert corpus.stats.replacement_chars == 0
+
+
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in
     # a file without any), with no block of a few bytes at the end; undecodable bytes are counted across blocks.

@@ -324,6 +324,29 @@ def decode(raw: bytes, stats: CorpusStats) -> str:
         return text
 
 
+class TextDecoder:
+    """A text file's bytes, given a part at a time, as text: in the encoding the first part's byte-order mark names
+    (UTF-8 without one), a character that two parts cut decoded whole; undecodable bytes are replaced by U+FFFD and
+    counted in `replaced` (a U+FFFD written in the text is not, whichever parts its bytes fall in)."""
+
+    def __init__(self) -> None:
+        self.replaced = 0
+        self.encoding = ""
+        self._decoder: codecs.IncrementalDecoder | None = None
+        self._tail = b""  # the last two bytes given, where a U+FFFD written in the text may begin
+
+    def decode(self, raw: bytes, final: bool = False) -> str:
+        if self._decoder is None:
+            self.encoding = text_encoding(raw[:4])
+            self._decoder = codecs.getincrementaldecoder(self.encoding)(errors="replace")
+        text = self._decoder.decode(raw, final=final)
+        self.replaced += count_replacements(text, raw, self.encoding)  # (decode()'s count, a part at a time)
+        if self.encoding == "utf-8-sig":  # and a U+FFFD written in the text that two parts cut, its bytes in neither
+            self.replaced -= (self._tail + raw[:2]).count("\ufffd".encode())
+        self._tail = (self._tail + raw[-2:])[-2:]
+        return text
+
+
 def universal_newlines(text: str) -> str:
     """A text file's `text` with Windows' "\r\n" and old Macs' lone "\r" line endings read as "\n", as Python's text
     mode, nanoGPT's open().read() and `datasets`' text loader read them: else a BPE spends ids on "\r", the model
@@ -1033,9 +1056,9 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
     cut as a file without separators is, so that memory stays bounded."""
     with open_binary(path) as f:
         raw = f.read(BLOCK_BYTES)
-        encoding = text_encoding(raw[:4])
+        decoded = TextDecoder()
         # universal newlines (a "\r" that ends one block is held back until the next one says whether "\n" follows)
-        decoder = io.IncrementalNewlineDecoder(codecs.getincrementaldecoder(encoding)(errors="replace"), translate=True)
+        decoder = io.IncrementalNewlineDecoder(decoded, translate=True)
         rest, after = "", False  # the text carried into this block, and whether a separator comes right before it
         parted, given = False, 0  # whether a separator was met yet; the documents given so far
         while True:
@@ -1045,8 +1068,9 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
             last = len(ahead) < BLOCK_BYTES // 2
             if last:
                 raw += ahead  # a short tail joins this block: no document of a few bytes at the end
+            replaced = decoded.replaced
             text = rest + decoder.decode(raw, final=last)
-            stats.replacement_chars += count_replacements(text[len(rest):], raw, encoding)
+            stats.replacement_chars += decoded.replaced - replaced
             end = text.rfind(DOCUMENT_SEPARATOR)
             if end >= 0 and not parted:  # the documents before the first separator were parts too
                 parted = True
