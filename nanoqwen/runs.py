@@ -355,13 +355,10 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
                                 f"--init-from {quote(str(out / 'last'))} --dataset {quote(str(data))}")
         return data
     data = Path(saved["data"])
-    moved = out / saved["data_from_run"] if "data_from_run" in saved else None
-    if not data.exists() and moved is not None and moved.is_dir():
-        if announce:
-            print(f"{data} is gone; resuming with {moved.resolve()}, where it sits beside the run as it did",
-                  flush=True)
-        return moved
-    if not data.exists():
+    found = found_data(saved, out)
+    if found is not None and found != data and announce:
+        print(f"{data} is gone; resuming with {found.resolve()}, where it sits beside the run as it did", flush=True)
+    if found is None:
         given = saved.get("args", {})
         train = saved["train"]
         again = ""
@@ -373,7 +370,17 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
                      f"{quote(train['tokenizer'])}{column} --out {quote(str(data))}; or, ")
         raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; {again}if it moved, give "
                             "--resume with --data NEW_PLACE")
-    return data
+    return found
+
+
+def found_data(saved: dict[str, Any], run_dir: Path) -> Path | None:
+    """Where the data folder of the run in `run_dir` (its config.json `saved`) is now: the path it recorded, else
+    the same place relative to the run folder (the project moved as a whole); None where neither is."""
+    data = Path(saved["data"])
+    if data.exists():
+        return data
+    moved = run_dir / saved["data_from_run"] if "data_from_run" in saved else None
+    return moved if moved is not None and moved.is_dir() else None
 
 
 def carried_files(data: Path, source: Path | None, warn: bool = True) -> tuple[Tokenizer, dict | None]:
@@ -619,10 +626,7 @@ def trained_on_plain_text(checkpoint: Path) -> bool:
         args = saved.get("args") if is_run_record(saved) else None
         if not isinstance(args, dict) or "init_from" not in args or args["init_from"]:
             return False
-        # Where the data is now: beside the run as it was (found whatever the current folder), else as recorded
-        # (relative to the folder the run was started in); as a resume finds it.
-        places = [run_dir.resolve() / saved["data_from_run"]] if isinstance(saved.get("data_from_run"), str) else []
-        data = next((place for place in [*places, Path(saved["data"])] if place.is_dir()), None)
+        data = found_data(saved, run_dir)  # as a resume finds it
         if data is None:
             return False
         from nanoqwen.data.prepare import load_meta
