@@ -46,7 +46,8 @@ TENSOR_NAMES = {
     "model.layers.{i}.mlp.up_proj.weight": "blk.{i}.ffn_up.weight",
     "model.layers.{i}.mlp.down_proj.weight": "blk.{i}.ffn_down.weight",
 }
-OUTTYPES = ("auto", "f32", "f16", "bf16")
+OUTTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
+Q8_0 = gguf.GGMLQuantizationType.Q8_0
 
 
 def gguf_tensor_name(key: str) -> str:
@@ -119,17 +120,28 @@ def vocabulary(tokenizer: Tokenizer, rows: int) -> tuple[list[str], list[int]]:
 
 def stored_type(tensor: torch.Tensor, outtype: str) -> tuple[np.dtype, gguf.GGMLQuantizationType | None]:
     """The numpy type a weight is written as, and the GGUF type to record when numpy has none (bf16, written as
-    its bits in int16). Norms stay float32, as llama.cpp keeps 1-D tensors."""
+    its bits in int16; q8_0, as its blocks' bytes). Norms stay float32, as llama.cpp keeps 1-D tensors; a matrix
+    whose rows are not whole q8_0 blocks of 32 is written as f16, as llama.cpp's converter falls back."""
     if tensor.ndim == 1 or outtype == "f32":
         return np.dtype(np.float32), None
-    if outtype == "f16":
+    if outtype == "q8_0" and tensor.shape[-1] % gguf.GGML_QUANT_SIZES[Q8_0][0] == 0:
+        return np.dtype(np.uint8), Q8_0
+    if outtype in ("f16", "q8_0"):
         return np.dtype(np.float16), None
     return np.dtype(np.int16), gguf.GGMLQuantizationType.BF16
+
+
+def stored_shape(tensor: torch.Tensor, outtype: str) -> tuple[int, ...]:
+    """The shape of the array written for a weight (a q8_0 row is its blocks' bytes: 34 for every 32 values)."""
+    _, raw_dtype = stored_type(tensor, outtype)
+    return gguf.quant_shape_to_byte_shape(tensor.shape, Q8_0) if raw_dtype == Q8_0 else tuple(tensor.shape)
 
 
 def tensor_data(tensor: torch.Tensor, outtype: str) -> np.ndarray:
     """A weight as the numpy array written for it."""
     kind, raw_dtype = stored_type(tensor, outtype)
+    if raw_dtype == Q8_0:  # llama.cpp's own quantizer: a float16 scale and 32 int8 values a block
+        return gguf.quants.quantize(tensor.to(torch.float32).numpy(), Q8_0)
     if raw_dtype is not None:
         return tensor.to(torch.bfloat16).view(torch.int16).numpy()
     return tensor.to(torch.float16 if kind == np.float16 else torch.float32).numpy()
@@ -196,7 +208,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     add_rope_scaling(writer, config, directory)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
-                          "bf16": gguf.LlamaFileType.MOSTLY_BF16}[outtype])
+                          "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
     sampling = saved_sampling(generation)
@@ -226,7 +238,8 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     # of names, shapes and sizes comes first in the file, from the types alone).
     for key, value in state.items():
         kind, raw_dtype = stored_type(value, outtype)
-        writer.add_tensor_info(gguf_tensor_name(key), tuple(value.shape), kind, value.numel() * kind.itemsize,
+        shape = stored_shape(value, outtype)
+        writer.add_tensor_info(gguf_tensor_name(key), shape, kind, math.prod(shape) * kind.itemsize,
                                raw_dtype=raw_dtype)
     with atomic_path(out) as tmp:  # a cut-off write never replaces a whole file
         writer.write_header_to_file(tmp)
@@ -239,11 +252,11 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
 
 
 def outtype(text: str) -> str:
-    """--outtype's value; a quantized type (what llama.cpp's quantizer writes from this file) pointed at it."""
+    """--outtype's value; other quantized types (what llama.cpp's quantizer writes from this file) pointed at it."""
     if text not in OUTTYPES:
-        raise argparse.ArgumentTypeError(f"must be {', '.join(OUTTYPES[:-1])} or {OUTTYPES[-1]}, got {text}; for a "
-                                         "quantized file (q8_0, q4_k_m, ...) write f16 here, then run llama.cpp's "
-                                         "llama-quantize on it")
+        raise argparse.ArgumentTypeError(f"must be {', '.join(OUTTYPES[:-1])} or {OUTTYPES[-1]}, got {text}; for "
+                                         "another quantized file (q4_k_m, q5_k_m, ...) write f16 here, then run "
+                                         "llama.cpp's llama-quantize on it")
     return text
 
 
@@ -251,8 +264,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (a run's best/ or last/, or any Qwen3 folder)")
     p.add_argument("--out", help="GGUF file to write (default: MODEL.gguf beside the folder, e.g. best.gguf)")
     p.add_argument("--outtype", type=outtype, default="auto", metavar="{" + ",".join(OUTTYPES) + "}",
-                   help="weight type: f32, f16, bf16, or auto (bf16 for bf16 weights, else f16; norms stay f32); "
-                        "for q8_0, q4_k_m and the like, quantize the file with llama.cpp's llama-quantize")
+                   help="weight type: f32, f16, bf16, q8_0 (8-bit blocks, as llama.cpp's converter writes them), or "
+                        "auto (bf16 for bf16 weights, else f16); norms stay f32; for q4_k_m and the like, quantize "
+                        "the f16 file with llama.cpp's llama-quantize")
 
 
 def run(args: argparse.Namespace) -> int:

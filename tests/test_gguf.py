@@ -79,7 +79,7 @@ def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe
     assert meta["tokenizer.chat_template"] == template
 
 
-@pytest.mark.parametrize("tied, outtype", [(True, "f32"), (False, "bf16")])
+@pytest.mark.parametrize("tied, outtype", [(True, "f32"), (False, "bf16"), (True, "q8_0")])
 def test_transformers_reads_the_file_back_to_the_same_logits_and_ids(tmp_path: Path, bpe: Tokenizer, tied: bool,
                                                                     outtype: str) -> None:
     """A reader written apart from nanoqwen, to llama.cpp's conventions: Transformers' GGUF loader rebuilds the
@@ -88,11 +88,15 @@ def test_transformers_reads_the_file_back_to_the_same_logits_and_ids(tmp_path: P
 
     folder, model = checkpoint(tmp_path / "ck", bpe, head_dim=128, tie_word_embeddings=tied)
     write_gguf(folder, tmp_path / "m.gguf", outtype)
-    if outtype == "bf16":  # what the file holds: matrices in bf16, norms in float32
-        with torch.no_grad():
-            for weight in model.parameters():
-                if weight.ndim == 2:
-                    weight.copy_(weight.to(torch.bfloat16))
+    with torch.no_grad():  # what the file holds: matrices in bf16 or q8_0 blocks, norms in float32
+        for weight in model.parameters():
+            if weight.ndim == 2 and outtype == "bf16":
+                weight.copy_(weight.to(torch.bfloat16))
+            elif weight.ndim == 2 and outtype == "q8_0" and weight.shape[1] % 32 == 0:
+                blocks = gguf.quants.quantize(weight.numpy(), gguf.GGMLQuantizationType.Q8_0)
+                weight.copy_(torch.from_numpy(gguf.quants.dequantize(blocks, gguf.GGMLQuantizationType.Q8_0)))
+            elif weight.ndim == 2 and outtype == "q8_0":  # down_proj's 112-wide rows: f16, as the converter
+                weight.copy_(weight.to(torch.float16))
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="m.gguf", dtype=torch.float32)
     ids = torch.randint(0, 300, (2, 24), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -408,14 +412,35 @@ def test_a_folder_of_runs_names_its_runs_or_checkpoints(tmp_path: Path, capsys: 
                                        f"of them: {runs / 'a' / 'best'} {runs / 'b' / 'last'}\n")
 
 
-def test_a_quantized_outtype_points_at_llama_quantize(capsys: pytest.CaptureFixture[str]) -> None:
-    # argparse's "invalid choice: 'q8_0'" left a newcomer without the way to the quantized file they asked for.
+def test_q8_0_is_written_in_blocks_as_llama_cpp_quantizes_and_rows_that_are_not_blocks_as_f16(
+        tmp_path: Path, bpe: Tokenizer) -> None:
+    # llama.cpp's converter writes q8_0 itself (--outtype q8_0); this pointed users at building llama-quantize.
+    folder, model = checkpoint(tmp_path / "ck", bpe)
+    write_gguf(folder, tmp_path / "m.gguf", "q8_0")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    stored = {t.name: t for t in reader.tensors}
+    assert fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    embedding = model.model.embed_tokens.weight.detach().numpy()
+    token_embd = stored["token_embd.weight"]
+    assert token_embd.tensor_type == q8 and list(token_embd.shape) == [64, 320]  # GGUF lists the row length first
+    assert np.array_equal(np.asarray(token_embd.data).reshape(-1), gguf.quants.quantize(embedding, q8).reshape(-1))
+    assert stored["blk.0.ffn_down.weight"].tensor_type == gguf.GGMLQuantizationType.F16  # rows of 112: not blocks
+    assert stored["blk.0.attn_norm.weight"].tensor_type == gguf.GGMLQuantizationType.F32
+    size = (tmp_path / "m.gguf").stat().st_size
+    write_gguf(folder, tmp_path / "f16.gguf", "f16")
+    assert size < 0.75 * (tmp_path / "f16.gguf").stat().st_size  # the point of it: ~half the f16 file's weights
+
+
+def test_another_quantized_outtype_points_at_llama_quantize(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's "invalid choice: 'q4_k_m'" left a newcomer without the way to the quantized file they asked for.
     with pytest.raises(SystemExit) as exit_:
-        main(["gguf", "--model", "ck", "--outtype", "q8_0"])
+        main(["gguf", "--model", "ck", "--outtype", "q4_k_m"])
     assert exit_.value.code == 2
     assert capsys.readouterr().err == (
-        "nanoqwen gguf: error: argument --outtype: must be auto, f32, f16 or bf16, got q8_0; for a quantized file "
-        "(q8_0, q4_k_m, ...) write f16 here, then run llama.cpp's llama-quantize on it (see nanoqwen gguf --help)\n")
+        "nanoqwen gguf: error: argument --outtype: must be auto, f32, f16, bf16 or q8_0, got q4_k_m; for another "
+        "quantized file (q4_k_m, q5_k_m, ...) write f16 here, then run llama.cpp's llama-quantize on it "
+        "(see nanoqwen gguf --help)\n")
 
 
 def test_out_dash_is_refused_not_written_as_a_file_named_dash(tmp_path: Path, bpe: Tokenizer,
