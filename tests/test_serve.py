@@ -913,6 +913,19 @@ def test_a_request_that_fails_fails_alone_and_a_failing_step_answers_all(local) 
     assert later[2][1] == greedy_reference(local, PROMPTS[2], 30)
 
 
+def test_negative_seeds_are_seeds_as_in_openais_api(client: openai.OpenAI) -> None:
+    # OpenAI's and vLLM's seed is any int64: a negative one (-1 is a common pick) was refused with a 400. It wraps
+    # into the generators' range as a choice's seed past the last one does (nth_seed): -1 samples as 2**63 - 1.
+    sampling = dict(model="tiny", prompt="The river", max_tokens=8, temperature=1.0, n=2)
+    for negative, wrapped in ((-1, 2**63 - 1), (-2**63, 0)):
+        texts = [[c.text for c in client.completions.create(seed=seed, **sampling).choices]
+                 for seed in (negative, wrapped)]
+        assert texts[0] == texts[1] and texts[0][0] != texts[0][1]
+    chat = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=8, temperature=1.0)
+    assert client.chat.completions.create(seed=-7, **chat).choices[0].message.content == \
+        client.chat.completions.create(seed=2**63 - 7, **chat).choices[0].message.content
+
+
 def test_extreme_sampling_values_are_served(client: openai.OpenAI, local) -> None:
     # A temperature of 1e-40 is greedy in effect (it once overflowed to a nan distribution and failed the
     # whole batch); a tiny repetition penalty likewise.
@@ -1008,7 +1021,8 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
      400, "top_logprobs"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
-    ("/v1/completions", {"prompt": "hi", "seed": -1}, 400, "seed"),
+    ("/v1/completions", {"prompt": "hi", "seed": -2**63 - 1}, 400, "seed"),  # past int64, OpenAI's and vLLM's range
+    ("/v1/completions", {"prompt": "hi", "seed": 2**63}, 400, "seed"),
     ("/v1/completions", {"prompt": "hi", "stream": "yes please"}, 400, "stream"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("/v1/completions", {"prompt": "hi", "stop": ["a", ""]}, 400, "stop"),  # an empty one, as vLLM: not ignored

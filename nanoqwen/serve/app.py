@@ -33,7 +33,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import InvalidSetting, NanoQwenError, decimal_number, port_number, positive_int
-from nanoqwen.generate import SamplingParams, check_fits, prompt_ids
+from nanoqwen.generate import SamplingParams, check_fits, nth_seed, prompt_ids
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
 from nanoqwen.serve.protocol import (
@@ -473,7 +473,7 @@ class Service:
             min_tokens=body.min_tokens,
             ignored_end_ids=self.tokenizer.stop_ids if body.ignore_eos else [],
             include_stop_str_in_output=body.include_stop_str_in_output,
-            seed=body.seed,
+            seed=nth_seed(body.seed, 0),  # a negative seed wrapped into the range, as a choice's seed wraps
             skip_special_tokens=body.skip_special_tokens,
         )
         try:

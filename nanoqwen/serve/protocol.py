@@ -102,7 +102,8 @@ class SamplingRequest(RequestBody):
     presence_penalty: float | None = Field(default=None, ge=-2, le=2)
     frequency_penalty: float | None = Field(default=None, ge=-2, le=2)
     stop: str | list[str] | None = Field(default=None)
-    seed: int | None = Field(default=None, ge=0, lt=SEED_LIMIT)
+    # any int64, as OpenAI's and vLLM's APIs take it; a negative one wraps into the generators' range (0 .. 2**63 - 1)
+    seed: int | None = Field(default=None, ge=-SEED_LIMIT, lt=SEED_LIMIT)
     n: int = Field(default=1, ge=1, le=128)
     skip_special_tokens: bool = True  # vLLM's extra: false keeps <|im_start|> and the like in the text
     # vLLM's extras on stopping: tokens before a stop may end the reply; the model's end tokens do not stop it;
