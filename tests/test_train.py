@@ -1540,6 +1540,28 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
 
 
+def test_a_signal_during_the_last_step_ends_the_run_as_planned(data: Path, preset: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # That step ends the run anyway: stopped short, it had no final evaluation or sample (best/ and the report
+    # stayed at the evaluation before), and a resume, with no steps left, refused to make up for them.
+    import nanoqwen.train as train_module
+
+    planned_step = train_module.optimizer_step
+
+    def signalled_in_last_step(run: Run, *args: Any) -> float:
+        if run.state.step + 1 == run.total_steps:
+            signal.raise_signal(signal.SIGTERM)
+        return planned_step(run, *args)
+
+    monkeypatch.setattr(train_module, "optimizer_step", signalled_in_last_step)
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "12") == 0  # done: `train && ...` goes on
+    last = read_metrics(out)[-1]
+    assert last["step"] == 12 and "val_loss" in last
+    assert "--- step 12\n" in (out / "samples.txt").read_text()
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
+
+
 def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
     # A job scheduler (SLURM) signals every process of a job: each worker got SIGTERM, then torchrun passed its own
     # on, and the second aborted the save. Under torchrun a worker notes both, and keeps noting them until it
