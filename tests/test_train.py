@@ -504,6 +504,21 @@ def test_a_resumed_runs_tensorboard_shows_each_step_once_as_the_resume_logged_it
     assert got == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
 
 
+def test_a_new_runs_tensorboard_drops_what_a_run_killed_before_its_first_save_logged(tmp_path: Path) -> None:
+    # Such a folder takes a new run (it holds no last/), which starts its metrics.jsonl afresh: TensorBoard showed
+    # the killed run's later steps after the new run's, as if they were one run.
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:  # killed at step 4, never saved
+        for step in range(1, 5):
+            log.record({"step": step, "train_loss": float(step)})
+    with TensorBoardLog(tmp_path, 0) as log:  # the new run in its folder
+        for step in (1, 2):
+            log.record({"step": step, "train_loss": 10.0 + step})
+    got = [(e.step, e.value) for e in tensorboard_events(tmp_path).Scalars("train/loss")]
+    assert got == [(1, 11.0), (2, 12.0)]
+
+
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
     records = read_metrics(trained)
     events = tensorboard_events(trained)
