@@ -129,8 +129,9 @@ class TensorBoardLog(Tracker):
     def __init__(self, run_dir: Path, last_saved_step: int) -> None:
         # A resumed run writes again every step after its last save; purge_step tells TensorBoard to drop
         # what the interrupted process had logged from there on, so each step shows once, as metrics.jsonl has it.
+        # From step 1 for a new run: a run killed before its first save leaves its folder to one (and its events).
         self.writer = summary_writer_class()(log_dir=str(run_dir / FOLDER), flush_secs=30,
-                                             purge_step=last_saved_step + 1 if last_saved_step else None)
+                                             purge_step=last_saved_step + 1)
 
     def record(self, record: dict[str, Any]) -> None:
         for key, value in record.items():

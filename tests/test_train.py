@@ -504,6 +504,21 @@ def test_a_resumed_runs_tensorboard_shows_each_step_once_as_the_resume_logged_it
     assert got == [(1, 1.0), (2, 2.0), (3, 13.0), (4, 14.0)]
 
 
+def test_a_new_runs_tensorboard_drops_what_a_run_killed_before_its_first_save_logged(tmp_path: Path) -> None:
+    # Such a folder takes a new run (it holds no last/), which starts its metrics.jsonl afresh: TensorBoard showed
+    # the killed run's later steps after the new run's, as if they were one run.
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:  # killed at step 4, never saved
+        for step in range(1, 5):
+            log.record({"step": step, "train_loss": float(step)})
+    with TensorBoardLog(tmp_path, 0) as log:  # the new run in its folder
+        for step in (1, 2):
+            log.record({"step": step, "train_loss": 10.0 + step})
+    got = [(e.step, e.value) for e in tensorboard_events(tmp_path).Scalars("train/loss")]
+    assert got == [(1, 11.0), (2, 12.0)]
+
+
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
     records = read_metrics(trained)
     events = tensorboard_events(trained)
@@ -1538,6 +1553,28 @@ def test_sigterm_saves_and_exits_cleanly(data: Path, preset: Path, tmp_path: Pat
     assert process.returncode == 128 + signal.SIGTERM, stderr  # saved, yet stopped short: `train && ...` stops
     step = json.loads((out / "last/train_state.json").read_text())["step"]
     assert step == read_metrics(out)[-1]["step"] and "signal SIGTERM" in stdout
+
+
+def test_a_signal_during_the_last_step_ends_the_run_as_planned(data: Path, preset: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # That step ends the run anyway: stopped short, it had no final evaluation or sample (best/ and the report
+    # stayed at the evaluation before), and a resume, with no steps left, refused to make up for them.
+    import nanoqwen.train as train_module
+
+    planned_step = train_module.optimizer_step
+
+    def signalled_in_last_step(run: Run, *args: Any) -> float:
+        if run.state.step + 1 == run.total_steps:
+            signal.raise_signal(signal.SIGTERM)
+        return planned_step(run, *args)
+
+    monkeypatch.setattr(train_module, "optimizer_step", signalled_in_last_step)
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "12") == 0  # done: `train && ...` goes on
+    last = read_metrics(out)[-1]
+    assert last["step"] == 12 and "val_loss" in last
+    assert "--- step 12\n" in (out / "samples.txt").read_text()
+    assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
 def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
