@@ -1175,3 +1175,24 @@ def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path, capsys):
     prefix = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert prefix["tokens"] == 5 and prefix["bits_per_byte"] == pytest.approx(
         prefix["loss"] * 5 / 0.6931471805599453 / tokenizer.text_bytes(val[1:6]), rel=1e-6)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_sample_shows_control_characters_on_a_terminal_and_pipes_them_as_generated(checkpoint, monkeypatch, stream):
+    # A model's ESC sequence or carriage return acted on the terminal (cleared it, wrote over the line), where the
+    # chat shows them; piped or redirected, the text is as generated.
+    from nanoqwen.chat import printable
+
+    text = "a\x1b[2Jb\rc\x9bd"
+    ids = qwen3_tokenizer().encode(text)
+    monkeypatch.setattr("nanoqwen.generate.generate_ids", lambda *args, **kwargs: iter([[i] for i in ids]))
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for output, shown in ((Terminal(), printable(text)), (io.StringIO(), text)):
+        monkeypatch.setattr(sys, "stdout", output)
+        assert main(["sample", "--model", str(checkpoint), "--prompt", "Hi\\r", "--max-new-tokens", str(len(ids)),
+                     "--device", "cpu", *(["--stream"] if stream else [])]) == 0
+        assert output.getvalue() == "Hi\r" + shown + "\n"  # the prompt, typed by the user, as given
