@@ -28,6 +28,7 @@ from nanoqwen.generate import (
     escaped_text,
     load_for_sampling,
     nth_seed,
+    printable,
     stream_batch,
 )
 from nanoqwen.model import Qwen3
@@ -41,15 +42,6 @@ THINK_END = "</think>"
 PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
         "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
-# Model text goes to a terminal: control characters (ESC sequences, carriage returns, ...) are shown as
-# their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
-_VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
-
-
-def printable(text: str) -> str:
-    return text.translate(_VISIBLE)
-
-
 def read_message(read_line: Callable[[str], str], pasted: Callable[[], bool] = lambda: False) -> tuple[str, str]:
     """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
 

@@ -589,6 +589,15 @@ def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], p
             yield row, "", Completion("", list(stream.ids), "stop" if stream.stopped else "length", len(prompts[row]))
 
 
+# Model text that goes to a terminal (chat, sample): control characters (ESC sequences, carriage returns, ...) are
+# shown as their visible Unicode "control pictures" instead of acting on the terminal. Newline and tab pass.
+_VISIBLE = {c: 0x2400 + c for c in range(32) if c not in (9, 10)} | {127: 0x2421} | {c: 0xFFFD for c in range(128, 160)}
+
+
+def printable(text: str) -> str:
+    return text.translate(_VISIBLE)
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
     """A prompt's ids (text, or ids already). An empty prompt starts a new document (<|endoftext|>, as
     documents start in the training data): an unconditional sample."""
@@ -791,6 +800,9 @@ def run(args: argparse.Namespace) -> int:
     if fits < params.max_new_tokens:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
               "prompt)", file=sys.stderr)
+    # On a terminal the model's control characters are shown, as in the chat (an ESC sequence cleared the screen, a
+    # carriage return wrote over the line); piped or redirected, the text is as generated. The prompt is the user's.
+    shown = printable if sys.stdout.isatty() else str
     for i in range(args.num_samples):
         if i:
             params.seed = nth_seed(args.seed, i)
@@ -799,10 +811,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.stream:
                 for piece in stream_text(model, tokenizer, args.prompt, params):
-                    sys.stdout.write(piece)
+                    sys.stdout.write(shown(piece))
                     sys.stdout.flush()
             else:
-                print(generate(model, tokenizer, [args.prompt], params)[0].text, end="")
+                print(shown(generate(model, tokenizer, [args.prompt], params)[0].text), end="")
         finally:
             print(flush=True)  # the text's line ends, Ctrl-C or not: "interrupted" goes below it, not after it
     return 0
