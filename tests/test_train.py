@@ -2557,3 +2557,22 @@ def test_a_process_that_ends_mid_run_stops_the_others_with_one_line(tmp_path: Pa
                             "says how); the others stop with it", "bug": None,  # a bug's traceback, as before
                     "full": "No space left on device; free some space or write elsewhere"}
     assert said["gone"] == PEER_GONE_LINE
+
+
+def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On a terminal, lines go through rich's console, which read a sample as markup: "[/INST]" (Llama-style chat
+    # text) ended the run with a MarkupError, and "[bold]" vanished into a style.
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    display = Display(True, 0, 10, 1)
+    try:
+        display.print("[INST] Hi [/INST] [bold]Hello 42")
+    finally:
+        display.close()
+    assert "[INST] Hi [/INST] [bold]Hello 42\n" in out.getvalue()
