@@ -76,8 +76,12 @@ class Display:
             print(f"step {step}/{self.total} | {info}", flush=True)
 
     def print(self, text: str) -> None:
-        if self.enabled:
-            (self.progress.console.print if self.progress is not None else print)(text)
+        if not self.enabled:
+            return
+        if self.progress is None:
+            print(text)
+        else:  # as text: a sample's "[/INST]" was rich markup, whose MarkupError ended the run
+            self.progress.console.print(text, markup=False, highlight=False)
 
     def close(self) -> None:
         if self.progress is not None:
