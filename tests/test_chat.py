@@ -15,6 +15,7 @@ import pexpect
 import pytest
 
 from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
 from tests.serve_helpers import load_reference, make_checkpoint, make_plain_run, wait_for, with_chat_template
@@ -319,6 +320,24 @@ def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
                          capture_output=True, text=True, input="", timeout=120)
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "has no thinking switch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_thinking_flags_with_a_folders_template_that_has_no_switch_say_why(checkpoint: Path, tmp_path: Path) -> None:
+    # A folder's own template without enable_thinking (Qwen3's 2507 models: the Thinking ones always think, their
+    # template opening <think> in the prompt) was refused "as models trained here do not think before answering".
+    import argparse
+
+    from nanoqwen.chat import new_conversation
+
+    always = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}" \
+             "{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}"
+    for folder, why in ((checkpoint, "as models trained here do not think before answering"),
+                        (with_chat_template(checkpoint, tmp_path / "always", always),
+                         "it thinks before answering or not as it is written")):
+        args = argparse.Namespace(system=None, raw=False, thinking=False)
+        with pytest.raises(NanoQwenError, match="^this model's chat template has no thinking switch "
+                                                rf"\(enable_thinking\), {why}; leave --thinking/--no-thinking out$"):
+            new_conversation(args, load_tokenizer(folder), 256, MAX_NEW)
 
 
 def test_raw_chat_with_no_reply_budget_survives_a_long_message(checkpoint: Path) -> None:
