@@ -265,8 +265,11 @@ def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: in
         raise NanoQwenError(f"--system takes {conversation.fixed_ids()} tokens, which leaves no room in the context "
                             f"of {context} for a message and a reply of up to {reserve} tokens; shorten it")
     if args.thinking is not None and not tokenizer.thinking_switch:
-        raise NanoQwenError("this model's chat template has no thinking switch (enable_thinking), as models "
-                            "trained here do not think before answering; leave --thinking/--no-thinking out")
+        # ChatML (models trained here), or a folder's own template (Qwen3's 2507 Thinking models always think)
+        why = ("as models trained here do not think before answering" if not tokenizer.chat_template else
+               "it thinks before answering or not as it is written")
+        raise NanoQwenError(f"this model's chat template has no thinking switch (enable_thinking), {why}; leave "
+                            "--thinking/--no-thinking out")
     return conversation
 
 
