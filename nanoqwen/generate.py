@@ -802,7 +802,7 @@ def run(args: argparse.Namespace) -> int:
               "prompt)", file=sys.stderr)
     # On a terminal the model's control characters are shown, as in the chat (an ESC sequence cleared the screen, a
     # carriage return wrote over the line); piped or redirected, the text is as generated. The prompt is the user's.
-    shown = printable if sys.stdout.isatty() else str
+    shown = printable if sys.stdout is not None and sys.stdout.isatty() else str  # (None: closed, `>&-`)
     for i in range(args.num_samples):
         if i:
             params.seed = nth_seed(args.seed, i)
