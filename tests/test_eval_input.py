@@ -425,3 +425,37 @@ def test_a_text_read_a_start_at_a_time_gives_the_ids_of_the_whole(checkpoint: Pa
     # is read, not all of it); the last one, which may go on past what was read, never is.
     assert text_start(["the cat sat", "the dog sat", "on the log"], 4) == ["the cat sat"]
     assert text_start(["the cat sat", "the dog sat on"], 14) is None
+
+
+def test_a_named_pipe_is_read_as_standard_input_is(checkpoint: Path, tmp_path: Path,
+                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    # `--text-file <(zcat notes.txt.gz)` (the shell hands eval a pipe's name) was refused as "not a regular file",
+    # though `zcat notes.txt.gz | ... --text-file -` was scored; a device (/dev/zero: no end) still is.
+    import os
+    import threading
+
+    raw = (TEXT * 8).encode()
+    (tmp_path / "t.txt").write_bytes(raw)
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+
+    def write() -> None:
+        with open(fifo, "wb") as f:  # (waits for a reader)
+            f.write(raw)
+
+    writer = threading.Thread(target=write, daemon=True)
+    writer.start()
+    scored = []
+    try:
+        for text_file in (fifo, tmp_path / "t.txt"):
+            assert main(["eval", "--model", str(checkpoint), "--text-file", str(text_file), "--device", "cpu",
+                         "--json"]) == 0, capsys.readouterr().err
+            scored.append(json.loads(capsys.readouterr().out))
+    finally:
+        unblock = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a writer left waiting (the pipe refused) goes on
+        writer.join()
+        os.close(unblock)
+    assert scored[0] == scored[1] and scored[0]["tokens"] > 50
+    assert main(["eval", "--model", str(checkpoint), "--text-file", "/dev/zero", "--device", "cpu"]) == 2
+    assert one_line(capsys) == ("nanoqwen eval: error: text file /dev/zero is not a regular file; give one UTF-8 text "
+                                "file (for a folder of texts, prepare it and pass --data)")
