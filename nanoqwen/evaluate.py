@@ -246,7 +246,9 @@ READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for
 def open_text_file(path: Path, model: str) -> TextSource:
     """The text of eval's --text-file, to read (nothing read yet); or one line saying why the file is not one to
     score (checked before the model loads: a mistake costs no wait)."""
-    if not path.is_file():
+    # A pipe (`--text-file <(zcat notes.txt.gz)`, a named one) is read as standard input is; a device (/dev/zero)
+    # is no text file, and may have no end.
+    if not (path.is_file() or path.is_fifo()):
         what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "does not exist"
         raise NanoQwenError(f"text file {path} {what}; give one UTF-8 text file (for a folder of texts, "
                             "prepare it and pass --data)")
