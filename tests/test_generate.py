@@ -1196,3 +1196,6 @@ def test_sample_shows_control_characters_on_a_terminal_and_pipes_them_as_generat
         assert main(["sample", "--model", str(checkpoint), "--prompt", "Hi\\r", "--max-new-tokens", str(len(ids)),
                      "--device", "cpu", *(["--stream"] if stream else [])]) == 0
         assert output.getvalue() == "Hi\r" + shown + "\n"  # the prompt, typed by the user, as given
+    if not stream:  # a closed standard output (`>&-`, None in Python) is no terminal: sample runs as it did
+        monkeypatch.setattr(sys, "stdout", None)
+        assert main(["sample", "--model", str(checkpoint), "--prompt", "Hi", "--device", "cpu"]) == 0
