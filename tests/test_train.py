@@ -1809,6 +1809,31 @@ def test_init_from_a_folder_without_tokenizer_writes_the_datas_generation_config
     assert written["eos_token_id"] == load_tokenizer(data).stop_ids
 
 
+def test_dataset_folders_of_hf_folders_and_text_columns_follow_what_was_read(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--dataset hf:FOLDER` (local data files read as a dataset) was named and reused as a hub dataset is: its files
+    # edited, the folder of their old text was trained on again. And a named corpus's folder ignored --text-column:
+    # a later run without it (or with another) trained on the text of the column an earlier run named, in silence.
+    from nanoqwen.runs import prepared_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "train.jsonl").write_text("".join(
+        json.dumps({"text": f"plain {i}", "body": f"body {i}"}) + "\n" for i in range(8)))
+
+    def text_of(folder: Path) -> str:
+        return load_tokenizer(folder).decode(np.fromfile(folder / "train.bin", dtype="<u4").tolist())
+
+    plain = prepared_folder("hf:rows", "bpe:300")
+    body = prepared_folder("hf:rows", "bpe:300", text_column="body")
+    assert "body 1" in text_of(body) and "plain" not in text_of(body)
+    assert body != plain and "plain 1" in text_of(prepared_folder("hf:rows", "bpe:300"))  # not body's folder
+    (tmp_path / "rows" / "train.jsonl").write_text("".join(json.dumps({"text": f"edited {i}"}) + "\n"
+                                                           for i in range(8)))
+    edited = prepared_folder("hf:rows", "bpe:300")
+    assert "edited 1" in text_of(edited) and edited != plain and "plain 1" in text_of(plain)
+
+
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
     # `--init-from ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/HASH` named the run and its data
     # folder after the 40-character hash.
