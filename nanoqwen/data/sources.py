@@ -190,9 +190,10 @@ class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
     def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None,
-                 former_fingerprints: dict[str, str] | None = None) -> None:
+                 former_fingerprints: dict[str, str] | None = None, local: bool = False) -> None:
         self.spec = spec
         self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
+        self.local = local  # read from files on disk (a path, hf:FOLDER), which may change between runs
         # The fingerprints the same inputs had when nanoqwen read them otherwise, each with how a folder prepared then
         # was made ("was prepared ..."): what such a folder records, for prepare to say why it is not reused.
         self.former_fingerprints = former_fingerprints or {}
@@ -257,7 +258,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
         else:
             fingerprint = f"hf {hub.name} {hub.config} {split} {column}"
         return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column, stats),
-                      max_bytes if max_bytes is not None else hub.max_bytes)
+                      max_bytes if max_bytes is not None else hub.max_bytes, local=hub.local)
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
@@ -775,7 +776,7 @@ def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
 def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
-                      lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
+                      lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes, local=True)
     refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
                  else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
@@ -883,7 +884,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
             f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; "
             f"{zstandard_reads(len(unread_zstd))})"), elsewhere=True)
-    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former, local=True)
 
 
 def _kinds(paths: list[Path]) -> str:
