@@ -579,6 +579,22 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
     assert leftovers(tmp_path) == []
 
 
+def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
+    # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
+    # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["row one", "row two"]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(NanoQwenError, match=r"^--split test chooses a split .* is read whole: it holds one dataset"):
+        list(open_corpus(str(tmp_path / "one"), split="test").documents())
+    assert list(open_corpus(str(tmp_path / "one")).documents()) == ["row one", "row two"]
+    # One saved from a split knows which: that split is it.
+    datasets.Dataset.from_dict({"text": ["held one"]}, split="test").save_to_disk(str(tmp_path / "test_split"))
+    assert list(open_corpus(str(tmp_path / "test_split"), split="test").documents()) == ["held one"]
+    with pytest.raises(NanoQwenError, match="--split validation chooses"):
+        list(open_corpus(str(tmp_path / "test_split"), split="validation").documents())
+
+
 def test_a_damaged_shard_names_the_command_that_makes_it_again(tmp_path: Path) -> None:
     (tmp_path / "my texts").mkdir()
     (tmp_path / "my texts" / "a.txt").write_text("alpha document\n" * 50)
