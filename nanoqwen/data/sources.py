@@ -620,6 +620,10 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats,
                 fix = "pass --split" if alone else f"give it alone to read one of them, --dataset {path} --split NAME"
                 raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); {fix}")
             ds = ds[split]
+        elif split != "train" and split != str(ds.split):  # one Dataset has no splits, unless it was saved from one
+            saved_from = f" (saved from its {ds.split} split)" if ds.split else ""
+            refuse_split(str(path), split, f": it holds one dataset{saved_from}, not a DatasetDict of splits; leave "
+                         "--split out")
         yield from _hf_texts(ds, column, str(path), stats)
 
 
