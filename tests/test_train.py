@@ -1834,6 +1834,33 @@ def test_dataset_folders_of_hf_folders_and_text_columns_follow_what_was_read(tmp
     assert "edited 1" in text_of(edited) and edited != plain and "plain 1" in text_of(plain)
 
 
+def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two checkpoints named alike (runs/x/best, runs/y/best) of one vocabulary, one with a chat template of its own:
+    # their data folder was one name, so preparing the chats for the second replaced the first's, and a run trained
+    # on the first's no longer resumed (its tokens differ).
+    from nanoqwen.runs import prepared_folder
+    from nanoqwen.tokenizer import train_bpe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": f"it is {i}."}]}) + "\n"
+        for i in range(8)))
+    tokenizer = train_bpe(["what is it? it is."], 300)
+    for run in ("x", "y"):
+        (tmp_path / run / "best").mkdir(parents=True)
+        tokenizer.save(tmp_path / run / "best")
+    config = tmp_path / "y" / "best" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' said\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}")}))
+    first = prepared_folder("chats.jsonl", "x/best")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = prepared_folder("chats.jsonl", "y/best")
+    assert second != first and {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert "user said" in load_tokenizer(second).decode(np.fromfile(second / "train.bin", dtype="<u4").tolist())
+
+
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
     # `--init-from ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/HASH` named the run and its data
     # folder after the 40-character hash.
