@@ -123,12 +123,13 @@ def dataset_slug(dataset: str, fingerprint: str | None) -> str:
 
 def tokenizer_slug(tokenizer: str) -> str:
     """A tokenizer's part of a data folder's name. A folder's name says little (every run's is `best`):
-    a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
-    if Path(tokenizer).is_dir():
-        return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    a hash of what prepare's result depends on (its vocabulary, config and chat template) keeps two different
+    tokenizers from sharing one prepared folder, where preparing for one would replace the other's."""
     from nanoqwen.data.prepare import tokenizer_identity
 
-    tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
+    identity = tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
+    if Path(tokenizer).expanduser().is_dir():
+        return f"{slug(tokenizer)}-{identity.removeprefix('sha256:')[:8]}"
     return slug(tokenizer)
 
 

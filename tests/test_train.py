@@ -1887,10 +1887,13 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     write_corpus(tmp_path / "texts", documents=6, seed=1)  # new text in the same words
     assert train_in_process("--init-from", str(trained / "best"), "--dataset", "texts", "--out", "tuned", *FAST,
                             "--lr", "3e-3", "--max-steps", "20") == 0
+    from nanoqwen.data.prepare import tokenizer_identity
+
     fingerprint = load_tokenizer(trained / "best").fingerprint
     (prepared,) = (tmp_path / "data").iterdir()
-    # Named after the tokenizer's vocabulary, not only its folder (every run's is best/).
-    assert prepared.name.startswith("texts-") and prepared.name.endswith(f"-best-{fingerprint[:8]}")
+    # Named after the tokenizer (its vocabulary, config and chat template), not only its folder (every run's is best/).
+    identity = tokenizer_identity(str(trained / "best")).removeprefix("sha256:")
+    assert prepared.name.startswith("texts-") and prepared.name.endswith(f"-best-{identity[:8]}")
     assert load_tokenizer(prepared).fingerprint == fingerprint
     losses = train_losses(tmp_path / "tuned")
     assert losses[1] < train_losses(trained)[1] - 2  # starts where the checkpoint is
