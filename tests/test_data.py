@@ -535,6 +535,17 @@ def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
     assert first_paragraph("\nThe lead paragraph.\nHistory\nMore.") == "The lead paragraph."
 
 
+def test_a_max_bytes_that_leaves_no_text_says_so(tmp_path: Path) -> None:
+    # A cap inside the first character (or the blanks before the first word) left no document: the corpus was said
+    # to have no text, which it has.
+    (tmp_path / "a.txt").write_text("  \n家族 and more text")
+    for cap in (2, 4):
+        with pytest.raises(NanoQwenError, match=rf"^--max-bytes {cap} ends .* before any of its text .*; give a "
+                                                r"larger --max-bytes$"):
+            prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", max_bytes=cap, progress=False)
+    assert list(open_corpus(str(tmp_path / "a.txt"), max_bytes=6).documents()) == ["  \n家"]
+
+
 def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
     import datasets
