@@ -126,7 +126,9 @@ class CorpusStats:
     replacement_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
     replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
-    capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
+    # What --max-bytes left out where it ended the pass: "chat", a chat record (never cut); "text", the start of a
+    # text cut inside its first character or the blanks before it (either way nothing is read, if it was the first)
+    capped: str = ""
     left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
     notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
     parted_files: int = 0  # text files parted into documents at DOCUMENT_SEPARATOR
@@ -219,12 +221,14 @@ class Corpus:
                     data = text.encode("utf-8")
                     if isinstance(document, ChatRecord):
                         if len(data) > room:  # a chat is kept whole or left out
-                            stats.capped = True
+                            stats.capped = "chat"
                             return
                     elif len(data) >= room:  # the cap is reached: cut this text at a character boundary
                         text = data[:room].decode("utf-8", errors="ignore")
                         if text and not text.isspace():
                             yield text
+                        else:
+                            stats.capped = "text"
                         return
                     room -= len(data)
                 yield document
@@ -233,9 +237,13 @@ class Corpus:
 
     def empty_error(self) -> NanoQwenError:
         """The error for a pass that produced no documents."""
-        if self.stats.capped:
+        if self.stats.capped == "chat":
             return NanoQwenError(f"--max-bytes {self.max_bytes} is smaller than the first chat record of {self.spec} "
                                  "(a chat is kept whole or left out); give a larger --max-bytes")
+        if self.stats.capped == "text":
+            return NanoQwenError(f"--max-bytes {self.max_bytes} ends the first document of {self.spec} before any of "
+                                 "its text (inside its first character or the blanks before it); give a larger "
+                                 "--max-bytes")
         skipped = "; ".join(f"{s['path']}: {s['reason']}" for s in self.stats.skipped[:3])
         more = f" (skipped {skipped}{'...' if len(self.stats.skipped) > 3 else ''})" if skipped else ""
         return NanoQwenError(f"{self.spec} has no text{more}; give a corpus with at least one non-empty document")
