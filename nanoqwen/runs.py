@@ -134,8 +134,9 @@ def tokenizer_slug(tokenizer: str) -> str:
 
 
 def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None) -> Path:
-    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
-    are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
+    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files (a
+    path, hf:FOLDER) are compared with what the folder was made from every time (prepare reuses it when nothing
+    changed)."""
     from nanoqwen.data.sources import DEFAULT_TEXT_COLUMN, PreparedDataGiven, open_corpus
 
     try:
