@@ -129,6 +129,7 @@ def tokenizer_slug(tokenizer: str) -> str:
 
     identity = tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
     if Path(tokenizer).expanduser().is_dir():
+        load_tokenizer(tokenizer)  # and so is a damaged folder
         return f"{slug(tokenizer)}-{identity.removeprefix('sha256:')[:8]}"
     return slug(tokenizer)
 

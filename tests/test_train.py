@@ -1839,7 +1839,7 @@ def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_pat
     # Two checkpoints named alike (runs/x/best, runs/y/best) of one vocabulary, one with a chat template of its own:
     # their data folder was one name, so preparing the chats for the second replaced the first's, and a run trained
     # on the first's no longer resumed (its tokens differ).
-    from nanoqwen.runs import prepared_folder
+    from nanoqwen.runs import prepared_folder, tokenizer_slug
     from nanoqwen.tokenizer import train_bpe
 
     monkeypatch.chdir(tmp_path)
@@ -1859,6 +1859,11 @@ def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_pat
     second = prepared_folder("chats.jsonl", "y/best")
     assert second != first and {p.name: p.read_bytes() for p in first.iterdir()} == before
     assert "user said" in load_tokenizer(second).decode(np.fromfile(second / "train.bin", dtype="<u4").tolist())
+    # A damaged folder is one line before "preparing ..." is printed, as it was when its vocabulary named it.
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "tokenizer.json").write_text('{"broken')
+    with pytest.raises(NanoQwenError, match="the tokenizer in damaged is damaged"):
+        tokenizer_slug("damaged")
 
 
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
