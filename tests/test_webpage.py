@@ -752,6 +752,52 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
         page.fill(field, "")
 
 
+def test_a_setting_that_stopped_a_send_is_marked_until_changed(page) -> None:
+    # The field that stops a send is marked (red, and aria-invalid for screen readers) and the status line says why.
+    # Corrected, it stayed red and the status line went on saying "Max tokens must be ..." beside the 5 typed since,
+    # until the next send; so did the API key's "this server needs an API key" once one was typed.
+    danger = page.evaluate("""() => { const probe = document.createElement('i');
+        probe.style.color = 'var(--danger)'; document.body.append(probe);
+        const color = getComputedStyle(probe).color; probe.remove(); return color; }""")
+    border = "(el) => getComputedStyle(el).borderColor"
+    page.fill("#max-tokens", "0")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    field = page.locator("#max-tokens")
+    expect(page.locator("#stats")).to_have_text("Max tokens must be a whole number >= 1")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    assert field.evaluate(border) == danger
+    field.fill("5")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    assert field.evaluate(border) != danger
+    expect(page.locator("#stats")).to_have_text("")
+    # Reset settings changes it too.
+    field.fill("-1")
+    page.click("#send")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    page.click("#reset-settings")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    # The stop strings box, a textarea, was never red.
+    stops = page.locator("#stop-strings")
+    stops.fill("a\nb\nc\nd\ne")
+    page.click("#send")
+    expect(stops).to_have_attribute("aria-invalid", "true")
+    assert stops.evaluate(border) == danger
+    stops.fill("a")
+    expect(stops).not_to_have_attribute("aria-invalid", "true")
+    # A key the server wants: the box the page puts the focus in is marked until a key is typed there.
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=401, json={"error": {
+        "message": "missing or wrong API key", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    page.click("#send")
+    key = page.locator("#api-key")
+    expect(page.locator("#stats")).to_contain_text("this server needs an API key")
+    expect(key).to_be_focused()
+    expect(key).to_have_attribute("aria-invalid", "true")
+    page.keyboard.type("k")
+    expect(key).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#stats")).to_have_text("")
+
+
 def test_header_recovers_when_the_server_answers_again(page) -> None:
     # A send that finds no server marks the header unreachable; the next one that goes through must clear
     # that (it stayed "server unreachable", red, over a working conversation once the server was back).
