@@ -285,6 +285,27 @@ def test_the_conversation_survives_a_reload_until_cleared(browser, url: str) -> 
     close_page(page, errors)
 
 
+def test_a_transcript_shown_again_opens_where_it_was_left(page) -> None:
+    # A reload showed a long conversation from its top, the latest reply and its Regenerate button out of view; so did
+    # Chat after a look at Completion (both modes' messages share one scrolled box). A transcript opens at its end, and
+    # a mode switched back to where its reader left it.
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "line\n" * 80)
+    regenerate = page.locator("button.regenerate")
+    expect(regenerate).to_be_in_viewport()
+    reload(page)
+    expect(regenerate).to_be_in_viewport()
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    page.click("label:has(#mode-chat)")
+    expect(regenerate).to_be_in_viewport()
+    scroll_top = "document.getElementById('transcript').scrollTop"
+    page.evaluate(f"{scroll_top} = 100")  # scrolled up to read
+    page.click("label:has(#mode-completion)")
+    page.click("label:has(#mode-chat)")
+    assert page.evaluate(scroll_top) == 100
+
+
 def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str) -> None:
     page, errors = open_page(browser, long_url, "tiny-long")
     page.fill("#temperature", "0")
