@@ -42,6 +42,9 @@ const state = {
   savedFrom: 0, // how many of the oldest messages the saved conversation leaves out (see saveConversation)
   plainText: false, // whether the model is known to be trained on plain text alone (it never ends a turn)
   modeChosen: false, // whether the user picked a mode for the model shown (before it was known, say)
+  // Each mode's place in the transcript box (which holds both modes' messages) as its reader left it: its scrollTop,
+  // or null at its end (see showMode).
+  places: {},
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -239,9 +242,17 @@ function mode() {
 }
 
 function showMode(name) { // as the page sets it: not a choice of the user's, not saved
+  // Another mode's transcript opens where it was left, else at its end (at the other's scrollTop it showed a long
+  // conversation from near its top).
+  const leaving = document.body.dataset.mode;
+  if (leaving !== name) state.places[leaving] = atBottom() ? null : $("transcript").scrollTop;
   $(`mode-${name}`).checked = true;
   document.body.dataset.mode = mode();
   showEmptyHint();
+  if (leaving === name) return;
+  const place = state.places[name] ?? null;
+  if (place === null) scrollDown();
+  else $("transcript").scrollTop = place;
 }
 
 // A setting the user must see to, given focus: on a narrow screen the folded settings open first (a field
@@ -1121,6 +1132,7 @@ function init() {
   restoreConversation();
   restoreDraft();
   showRegenerate();
+  scrollDown(); // a conversation restored opens at its end, the latest reply in view (it showed its top)
   // Leaving the page (a reload) ends a reply streaming: it is stopped here, and so saved as stopped. Not later, at
   // pagehide: by then the browser has dropped the fetch, which read as a lost connection.
   window.addEventListener("beforeunload", stop);
