@@ -1151,6 +1151,22 @@ def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
     assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
 
 
+def test_a_long_model_name_on_a_reply_stays_clear_of_its_button_on_a_phone(page) -> None:
+    # A reply's role line names the model. A long name with no hyphen (a run named with underscores, or any
+    # --model-name) ran under the Copy button, the two texts over each other, and past the side of a phone's screen
+    # (the transcript scrolled sideways). It wraps, short of the button, even when the button says "Nothing to copy".
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("addMessage('assistant', 'runs_tinystories_283m_20261205_1200_lr3e4_warmup2000/best', '')")
+    reply = page.locator(".message.assistant")
+    reply.locator("button.copy").click()  # nothing to copy: its widest text
+    expect(reply.locator("button.copy")).to_have_text("Nothing to copy")
+    name_right = reply.locator(".role").evaluate("""(role) => { const range = document.createRange();
+        range.selectNodeContents(role); return Math.max(...[...range.getClientRects()].map((r) => r.right)); }""")
+    assert name_right <= reply.locator("button.copy").bounding_box()["x"]
+    assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
+        "document.getElementById('transcript').clientWidth")
+
+
 def test_the_sliders_are_named_for_screen_readers(page) -> None:
     # A label holding an <output> labels the output (the first labelable element in it), so the sliders had no
     # name: a screen reader said "slider, 0.7".
