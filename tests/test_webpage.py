@@ -1176,6 +1176,14 @@ def test_the_sliders_are_named_for_screen_readers(page) -> None:
     assert page.evaluate("document.activeElement.id") == "top-p"
 
 
+def test_the_message_box_is_named_for_screen_readers(page) -> None:
+    # The page's main box had no label: a screen reader named it by its placeholder, the hint "Type here — Enter
+    # sends, ..." (on a touch screen, "Type here"). It is named for what it holds, in each mode.
+    expect(page.get_by_role("textbox", name="Message", exact=True)).to_have_id("prompt")
+    page.click("label:has(#mode-completion)")
+    expect(page.get_by_role("textbox", name="Text to continue", exact=True)).to_have_id("prompt")
+
+
 def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
     # 667 x 375 (a phone in landscape) took the stacked narrow layout: header, settings and the message box
     # left the transcript 20 pixels. Side by side, as on a desktop, it gets the height.
