@@ -248,6 +248,7 @@ function showMode(name) { // as the page sets it: not a choice of the user's, no
   if (leaving !== name) state.places[leaving] = atBottom() ? null : $("transcript").scrollTop;
   $(`mode-${name}`).checked = true;
   document.body.dataset.mode = mode();
+  $("prompt").setAttribute("aria-label", name === "chat" ? "Message" : "Text to continue");
   showEmptyHint();
   if (leaving === name) return;
   const place = state.places[name] ?? null;
