@@ -1396,3 +1396,18 @@ def test_a_long_unbroken_status_line_wraps_on_a_phone(page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     box = page.locator("#stats").bounding_box()
     assert box["x"] + box["width"] <= 375
+
+
+def test_a_long_unbroken_error_below_a_reply_wraps_on_a_phone(page) -> None:
+    # The status line wraps such an error (above); the same error below the reply it cut short ran off the side of
+    # the transcript (which scrolled sideways), the message cut off.
+    page.set_viewport_size({"width": 375, "height": 740})
+    failure = f"generation failed: /very/long/path/{'z' * 150}"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": "Half a"}, "finish_reason": None}]},
+            {"error": {"message": failure, "type": "server_error"}}))))
+    send_and_wait(page, "Fail")
+    expect(page.locator(".message.assistant .error")).to_have_text(failure)
+    assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
+        "document.getElementById('transcript').clientWidth")
