@@ -1151,6 +1151,22 @@ def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
     assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
 
 
+@pytest.mark.parametrize(("width", "height", "name"), [(390, 844, "tinystories-283m-20261205-120000/best"),
+                                                     (768, 1024, "tiny-web")])
+def test_the_model_name_shows_whole_before_its_pills(page, width: int, height: int, name: str) -> None:
+    # The size and context pills kept their room and the name took what was left: a run's name as `nanoqwen train`
+    # makes it showed as "tinystori…" on a phone, and even "tiny-web" as "tiny-w…" on a tablet upright. Where the row
+    # has no room for all, the pills go below the name.
+    page.set_viewport_size({"width": width, "height": height})
+    page.evaluate(f"document.getElementById('model-name').textContent = '{name}'")
+    assert page.eval_on_selector("#model-name", "el => el.scrollWidth <= el.clientWidth")
+    dot, shown = (page.locator(selector).bounding_box() for selector in ("#status-dot", "#model-name"))
+    assert shown["y"] <= dot["y"] + dot["height"] / 2 <= shown["y"] + shown["height"]  # beside its dot
+    for pill in ("#model-size", "#model-context"):
+        box = page.locator(pill).bounding_box()
+        assert box["width"] > 0 and box["x"] + box["width"] <= width
+
+
 def test_a_long_model_name_on_a_reply_stays_clear_of_its_button_on_a_phone(page) -> None:
     # A reply's role line names the model. A long name with no hyphen (a run named with underscores, or any
     # --model-name) ran under the Copy button, the two texts over each other, and past the side of a phone's screen
