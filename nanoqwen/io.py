@@ -260,8 +260,8 @@ def runs_inside(folder: Path) -> list[Path]:
 
 
 def folder_of_runs_refusal(folder: Path, give: str, choices: list[Path]) -> NanoQwenError:
-    """The line for a folder of runs given where one run (plot) or one checkpoint (sample, gguf...) is read: what to
-    `give` instead, and the first few of the `choices`."""
+    """The line for a folder of runs given where one run (plot, --resume) or one checkpoint (sample, gguf...) is
+    read: what to `give` instead, and the first few of the `choices`."""
     shown = " ".join(map(str, choices[:3])) + (" ..." if len(choices) > 3 else "")
     return NanoQwenError(f"{folder} is a folder of runs; give {give}: {shown}")
 
