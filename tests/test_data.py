@@ -794,6 +794,11 @@ def test_a_folder_of_prepared_folders_given_as_data_names_them(tmp_path: Path) -
         load_meta(data)
     assert str(refused.value) == f"{data} is a folder of prepared data folders; give one of them: {data / 'a'} " \
         f"{data / 'b'}"
+    # Given as the corpus (`train --dataset data`), it said the folder has no text files, with no way on.
+    with pytest.raises(NanoQwenError) as refused:
+        open_corpus(str(data))
+    assert str(refused.value) == f"{data} holds prepared data folders, not texts; train on one of them with --data " \
+        f"({data / 'a'} {data / 'b'}), or give the texts they were prepared from"
 
 
 def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
