@@ -259,6 +259,14 @@ def runs_inside(folder: Path) -> list[Path]:
     return sorted(found.parent for found in folder.glob("*/metrics.jsonl"))
 
 
+def prepared_inside(folder: Path) -> list[Path]:
+    """The prepared folders in `folder` where it holds nothing else (data/, given as --data or as a corpus), by
+    name; none where it holds files too (texts beside a prepared folder: a corpus)."""
+    if not folder.is_dir() or any(path.is_file() and not path.name.startswith(".") for path in folder.iterdir()):
+        return []
+    return sorted(meta.parent for meta in folder.glob("*/meta.json"))
+
+
 def folder_of_runs_refusal(folder: Path, give: str, choices: list[Path]) -> NanoQwenError:
     """The line for a folder of runs given where one run (plot, --resume) or one checkpoint (sample, gguf...) is
     read: what to `give` instead, and the first few of the `choices`."""

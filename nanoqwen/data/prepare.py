@@ -52,6 +52,7 @@ from nanoqwen.io import (
     check_replaceable,
     first_few,
     is_run_config,
+    prepared_inside,
     real_path,
     remove_orphans,
     write_json,
@@ -295,14 +296,6 @@ def data_size(nbytes: float) -> str:
     """A size on screen in MB, kB or bytes (a small corpus is not "0.0 MB")."""
     return f"{nbytes / 1e6:.1f} MB" if nbytes >= 1e6 else f"{nbytes / 1e3:.1f} kB" if nbytes >= 1e3 else \
         f"{nbytes:.0f} bytes"
-
-
-def prepared_inside(folder: Path) -> list[Path]:
-    """The prepared folders in `folder` where it holds nothing else (data/, given as --data), by name; none where it
-    holds files too (texts beside a prepared folder: a corpus)."""
-    if not folder.is_dir() or any(path.is_file() and not path.name.startswith(".") for path in folder.iterdir()):
-        return []
-    return sorted(meta.parent for meta in folder.glob("*/meta.json"))
 
 
 def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
