@@ -46,7 +46,15 @@ from nanoqwen.config import (
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, from_rank0, on_rank0, resolve_dtype
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, is_run_record, json_line
+from nanoqwen.io import (
+    RUN_CONFIG_KEYS,
+    atomic_file,
+    check_replaceable,
+    folder_of_runs_refusal,
+    is_run_record,
+    json_line,
+    runs_inside,
+)
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import check_wandb, summary_writer_class
 
@@ -553,6 +561,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
         raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
                             f"--resume {quote(str(run_dir.parent))}")
+    if not path.exists() and (runs := runs_inside(run_dir)):  # `--resume runs`: the folder that holds them
+        raise folder_of_runs_refusal(run_dir, "one of them to --resume", runs)
     try:
         saved = json.loads(path.read_text())
         missing = [key for key in RUN_CONFIG_KEYS if key not in saved]

@@ -811,6 +811,23 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
         load_meta(out)
 
 
+def test_a_folder_of_prepared_folders_given_as_data_names_them(tmp_path: Path) -> None:
+    # `--data data` (the folder `train --dataset` prepares into) said to prepare it as a corpus: it holds no text.
+    (tmp_path / "a.txt").write_text("some text to prepare\n")
+    data = tmp_path / "data"
+    prepare(str(tmp_path / "a.txt"), "bpe:300", data / "b", progress=False)
+    shutil.copytree(data / "b", data / "a")
+    with pytest.raises(NanoQwenError) as refused:
+        load_meta(data)
+    assert str(refused.value) == f"{data} is a folder of prepared data folders; give one of them: {data / 'a'} " \
+        f"{data / 'b'}"
+    # Given as the corpus (`train --dataset data`), it said the folder has no text files, with no way on.
+    with pytest.raises(NanoQwenError) as refused:
+        open_corpus(str(data))
+    assert str(refused.value) == f"{data} holds prepared data folders, not texts; train on one of them with --data " \
+        f"({data / 'a'} {data / 'b'}), or give the texts they were prepared from"
+
+
 def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.cli import main
 

@@ -762,6 +762,18 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_resume_of_a_folder_of_runs_names_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `--resume runs` said "runs/config.json is missing" where plot, sample and gguf name the runs inside it.
+    runs = tmp_path / "runs"
+    for name in ("b", "a"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    assert train_in_process("--resume", str(runs)) == 2
+    assert capsys.readouterr().err == (f"nanoqwen train: error: {runs} is a folder of runs; give one of them to "
+                                       f"--resume: {runs / 'a'} {runs / 'b'}\n")
+    assert sorted(path.name for path in runs.iterdir()) == ["a", "b"]  # no lock or record left in it
+
+
 def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # A new run's command line with --resume added: the refusal names what to leave out, not all seven such flags.

@@ -54,7 +54,7 @@ from typing import IO, Any
 
 from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import cache_dir, is_run_config
+from nanoqwen.io import cache_dir, first_few, is_run_config, prepared_inside
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -802,6 +802,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             raise PreparedDataGiven(f"{spec} is prepared data (train.bin), not a corpus; give the texts it was "
                                     "prepared from (its meta.json names them, as source)")
         raise NanoQwenError(f"{spec} is a tokenizer or checkpoint, not a corpus; give a folder of text")
+    if not files and (prepared := prepared_inside(path)):  # data/: what `--data` takes, one folder at a time
+        raise NanoQwenError(f"{spec} holds prepared data folders, not texts; train on one of them with --data "
+                            f"({first_few(prepared)}), or give the texts they were prepared from")
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
