@@ -186,6 +186,14 @@ def read_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     path = directory / "config.json"
     if directory.is_file():
+        if directory.suffix.lower() == ".gguf":  # `nanoqwen gguf` writes DIR.gguf beside the checkpoint DIR
+            written_from = directory.with_suffix("")
+            which = f"the one it was written from, {written_from}" if (written_from / "config.json").is_file() else \
+                "one such as runs/NAME/best"
+            raise NanoQwenError(f"{directory} is a GGUF file, for llama.cpp, Ollama or LM Studio; nanoqwen reads "
+                                f"checkpoint folders: give {which}")
+        if is_run_config(directory.parent / "config.json"):  # a run's own file (metrics.jsonl): its checkpoints
+            raise run_folder_refusal(directory.parent)
         if (directory.parent / "config.json").is_file():
             raise NanoQwenError(f"{directory} is a file; give the checkpoint folder that holds it ({directory.parent})")
         raise NanoQwenError(f"{directory} is a file, not a checkpoint folder; give one such as runs/NAME/best")

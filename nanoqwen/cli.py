@@ -32,6 +32,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 # take paths as UTF-8 strings, so a name whose bytes are not UTF-8 (read by Python as lone surrogates) is too, not
 # mid-write.
 PATH_FLAGS = ("out", "model", "data", "dataset", "init_from", "text_file", "tokenizer", "config", "runs")
+# What --out names, where it is not a folder (prepare, train, init, tokenizer write one).
+OUT_KINDS = {"gguf": "file", "plot": "file or folder"}
 
 
 def refuse(prog: str, message: str) -> NoReturn:
@@ -162,7 +164,7 @@ def check_path_flags(args: argparse.Namespace) -> None:
                 # Unix tools' name for standard output, but every command writes its files whole or not at all (a
                 # GGUF's writer seeks, and llama.cpp loads one from a file): a file or folder "-" was made instead.
                 raise NanoQwenError(f"{flag} - would be standard output, which this command does not write to; "
-                                    'give a file or folder name (./- for one named "-")')
+                                    f'give a {OUT_KINDS.get(args.command, "folder")} name (./- for one named "-")')
             try:
                 path.encode("utf-8")
             except UnicodeEncodeError:

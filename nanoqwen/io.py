@@ -259,11 +259,23 @@ def runs_inside(folder: Path) -> list[Path]:
     return sorted(found.parent for found in folder.glob("*/metrics.jsonl"))
 
 
+def prepared_inside(folder: Path) -> list[Path]:
+    """The prepared folders in `folder` where it holds nothing else (data/, given as --data or as a corpus), by
+    name; none where it holds files too (texts beside a prepared folder: a corpus)."""
+    if not folder.is_dir() or any(path.is_file() and not path.name.startswith(".") for path in folder.iterdir()):
+        return []
+    return sorted(meta.parent for meta in folder.glob("*/meta.json"))
+
+
 def folder_of_runs_refusal(folder: Path, give: str, choices: list[Path]) -> NanoQwenError:
-    """The line for a folder of runs given where one run (plot) or one checkpoint (sample, gguf...) is read: what to
-    `give` instead, and the first few of the `choices`."""
-    shown = " ".join(map(str, choices[:3])) + (" ..." if len(choices) > 3 else "")
-    return NanoQwenError(f"{folder} is a folder of runs; give {give}: {shown}")
+    """The line for a folder of runs given where one run (plot, --resume) or one checkpoint (sample, gguf...) is
+    read: what to `give` instead, and the first few of the `choices`."""
+    return NanoQwenError(f"{folder} is a folder of runs; give {give}: {first_few(choices)}")
+
+
+def first_few(paths: list[Path]) -> str:
+    """The first three of `paths`, for a line that offers them as choices."""
+    return " ".join(map(str, paths[:3])) + (" ..." if len(paths) > 3 else "")
 
 
 def is_run_record(saved: Any) -> bool:

@@ -46,7 +46,15 @@ from nanoqwen.config import (
 from nanoqwen.data.loader import check_batch
 from nanoqwen.distributed import DistInfo, from_rank0, on_rank0, resolve_dtype
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import RUN_CONFIG_KEYS, atomic_file, check_replaceable, is_run_record, json_line
+from nanoqwen.io import (
+    RUN_CONFIG_KEYS,
+    atomic_file,
+    check_replaceable,
+    folder_of_runs_refusal,
+    is_run_record,
+    json_line,
+    runs_inside,
+)
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
 from nanoqwen.tracking import check_wandb, summary_writer_class
 
@@ -112,9 +120,10 @@ def file_name_part(name: str) -> str:
 
 def dataset_slug(dataset: str, fingerprint: str | None) -> str:
     """A corpus's part of a data folder's name: for local files, their name and a hash of the corpus's
-    `fingerprint` (where the files are, their names, sizes and times; None for a named corpus). Two
-    `corpus.txt` in different folders never share one prepared folder, and text changed after a run was made
-    from it is prepared into a new folder instead of over the one that run still resumes on."""
+    `fingerprint` (where the files are, their names, sizes and times; for a named corpus read by another column
+    than `text`, the column; None for a named corpus as it is). Two `corpus.txt` in different folders never share
+    one prepared folder, and text changed after a run was made from it is prepared into a new folder instead of
+    over the one that run still resumes on."""
     if fingerprint is None:
         return slug(dataset)
     return f"{slug(dataset)}-{hashlib.sha256(fingerprint.encode()).hexdigest()[:6]}"
@@ -122,29 +131,35 @@ def dataset_slug(dataset: str, fingerprint: str | None) -> str:
 
 def tokenizer_slug(tokenizer: str) -> str:
     """A tokenizer's part of a data folder's name. A folder's name says little (every run's is `best`):
-    a hash of its vocabulary keeps two different tokenizers from sharing one prepared folder."""
-    if Path(tokenizer).is_dir():
-        return f"{slug(tokenizer)}-{load_tokenizer(tokenizer).fingerprint[:8]}"
+    a hash of what prepare's result depends on (its vocabulary, config and chat template) keeps two different
+    tokenizers from sharing one prepared folder, where preparing for one would replace the other's."""
     from nanoqwen.data.prepare import tokenizer_identity
 
-    tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
+    identity = tokenizer_identity(tokenizer)  # a bad --tokenizer (bpe:x) is one line, before "preparing ..." is printed
+    if Path(tokenizer).expanduser().is_dir():
+        load_tokenizer(tokenizer)  # and so is a damaged folder
+        return f"{slug(tokenizer)}-{identity.removeprefix('sha256:')[:8]}"
     return slug(tokenizer)
 
 
 def prepared_folder(dataset: str, tokenizer: str, text_column: str | None = None) -> Path:
-    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files
-    are compared with what the folder was made from every time (prepare reuses it when nothing changed)."""
-    from nanoqwen.data.sources import PreparedDataGiven, open_corpus
+    """data/DATASET-TOKENIZER, prepared by rank 0. A named corpus, once prepared, is used as it is; local files (a
+    path, hf:FOLDER) are compared with what the folder was made from every time (prepare reuses it when nothing
+    changed)."""
+    from nanoqwen.data.sources import DEFAULT_TEXT_COLUMN, PreparedDataGiven, open_corpus
 
     try:
         corpus = open_corpus(dataset, text_column=text_column)  # a bad --dataset is one line, before any other
     except PreparedDataGiven as e:
         raise NanoQwenError(f"{e}, or train on it as it is: --data {quote(dataset)}") from None
-    local = Path(dataset).expanduser().exists()
-    name = dataset_slug(dataset, corpus.fingerprint if local else None)
+    # Files (hf:FOLDER's too) are named by what they hold now; a named corpus by its column where that is not the
+    # default: a folder of one column, reused as it is, would give a run without --text-column (or with another)
+    # that column's text.
+    other_column = text_column not in (None, DEFAULT_TEXT_COLUMN)
+    name = dataset_slug(dataset, corpus.fingerprint if corpus.local or other_column else None)
     folder = Path("data") / f"{name}-{tokenizer_slug(tokenizer)}"
     # rank 0's answer: a rank that looked after rank 0 had prepared the folder would skip the wait rank 0 is in
-    if from_rank0(local or text_column or not (folder / "meta.json").exists()):
+    if from_rank0(corpus.local or other_column or not (folder / "meta.json").exists()):
         def prepare_it() -> None:  # rank 0; the others wait, and stop with its line if the corpus is refused
             from nanoqwen.data.prepare import prepare  # the data pipeline is imported only when needed
 
@@ -546,6 +561,8 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if (run_dir / STATE_PT).exists() or (run_dir.name == "best" and (run_dir.parent / "last").is_dir()):
         raise NanoQwenError(f"{run_dir} is a checkpoint of a run; --resume takes the run folder: "
                             f"--resume {quote(str(run_dir.parent))}")
+    if not path.exists() and (runs := runs_inside(run_dir)):  # `--resume runs`: the folder that holds them
+        raise folder_of_runs_refusal(run_dir, "one of them to --resume", runs)
     try:
         saved = json.loads(path.read_text())
         missing = [key for key in RUN_CONFIG_KEYS if key not in saved]

@@ -423,6 +423,11 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if not path.exists():
         if is_run_config(directory / "config.json"):  # a run writes its tokenizer into each checkpoint, not beside
             raise run_folder_refusal(directory)
+        if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():  # saved by a slow tokenizer
+            raise NanoQwenError(
+                f"{directory} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it "
+                f"with Transformers: python -c \"from transformers import AutoTokenizer as T; "
+                f"T.from_pretrained('{directory}').save_pretrained('{directory}')\"")
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"

@@ -535,6 +535,17 @@ def test_max_bytes_json_lines_and_intros(tmp_path: Path) -> None:
     assert first_paragraph("\nThe lead paragraph.\nHistory\nMore.") == "The lead paragraph."
 
 
+def test_a_max_bytes_that_leaves_no_text_says_so(tmp_path: Path) -> None:
+    # A cap inside the first character (or the blanks before the first word) left no document: the corpus was said
+    # to have no text, which it has.
+    (tmp_path / "a.txt").write_text("  \n家族 and more text")
+    for cap in (2, 4):
+        with pytest.raises(NanoQwenError, match=rf"^--max-bytes {cap} ends .* before any of its text .*; give a "
+                                                r"larger --max-bytes$"):
+            prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", max_bytes=cap, progress=False)
+    assert list(open_corpus(str(tmp_path / "a.txt"), max_bytes=6).documents()) == ["  \n家"]
+
+
 def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
     """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
     import datasets
@@ -577,6 +588,22 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         "was prepared by an older nanoqwen, which did not read 1 folder of this corpus that `datasets`' save_to_disk "
         f"wrote (such as {tmp_path / 'mixed' / 'saved'})"]
     assert leftovers(tmp_path) == []
+
+
+def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
+    # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
+    # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["row one", "row two"]}).save_to_disk(str(tmp_path / "one"))
+    with pytest.raises(NanoQwenError, match=r"^--split test chooses a split .* is read whole: it holds one dataset"):
+        list(open_corpus(str(tmp_path / "one"), split="test").documents())
+    assert list(open_corpus(str(tmp_path / "one")).documents()) == ["row one", "row two"]
+    # One saved from a split knows which: that split is it.
+    datasets.Dataset.from_dict({"text": ["held one"]}, split="test").save_to_disk(str(tmp_path / "test_split"))
+    assert list(open_corpus(str(tmp_path / "test_split"), split="test").documents()) == ["held one"]
+    with pytest.raises(NanoQwenError, match="--split validation chooses"):
+        list(open_corpus(str(tmp_path / "test_split"), split="validation").documents())
 
 
 def test_a_damaged_shard_names_the_command_that_makes_it_again(tmp_path: Path) -> None:
@@ -782,6 +809,23 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
     (out / "meta.json").write_text("{")
     with pytest.raises(NanoQwenError, match="damaged"):
         load_meta(out)
+
+
+def test_a_folder_of_prepared_folders_given_as_data_names_them(tmp_path: Path) -> None:
+    # `--data data` (the folder `train --dataset` prepares into) said to prepare it as a corpus: it holds no text.
+    (tmp_path / "a.txt").write_text("some text to prepare\n")
+    data = tmp_path / "data"
+    prepare(str(tmp_path / "a.txt"), "bpe:300", data / "b", progress=False)
+    shutil.copytree(data / "b", data / "a")
+    with pytest.raises(NanoQwenError) as refused:
+        load_meta(data)
+    assert str(refused.value) == f"{data} is a folder of prepared data folders; give one of them: {data / 'a'} " \
+        f"{data / 'b'}"
+    # Given as the corpus (`train --dataset data`), it said the folder has no text files, with no way on.
+    with pytest.raises(NanoQwenError) as refused:
+        open_corpus(str(data))
+    assert str(refused.value) == f"{data} holds prepared data folders, not texts; train on one of them with --data " \
+        f"({data / 'a'} {data / 'b'}), or give the texts they were prepared from"
 
 
 def test_no_command_replaces_what_another_wrote(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -1027,6 +1027,27 @@ def test_an_error_line_is_one_write(tmp_path, monkeypatch):
     assert line.startswith("nanoqwen init: error: preset file") and line.endswith("\n") and line.count("\n") == 1
 
 
+def test_a_gguf_or_a_run_file_given_as_the_model_names_the_checkpoint_to_give(tmp_path, capsys):
+    # `--model runs/NAME/best.gguf`, the file `nanoqwen gguf` wrote beside best/, said "give the checkpoint folder
+    # that holds it (runs/NAME)": the run folder, itself refused; so did a run's own files (metrics.jsonl).
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / "best" / "config.json").write_text("{}")
+    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "cpu", "data": "d"}))
+    for name in ("best.gguf", "metrics.jsonl"):
+        (run / name).write_text("")
+    (tmp_path / "other.gguf").write_text("")
+    for model, expected in [
+        (run / "best.gguf", f"{run / 'best.gguf'} is a GGUF file, for llama.cpp, Ollama or LM Studio; nanoqwen reads "
+                            f"checkpoint folders: give the one it was written from, {run / 'best'}"),
+        (tmp_path / "other.gguf", f"{tmp_path / 'other.gguf'} is a GGUF file, for llama.cpp, Ollama or LM Studio; "
+                                  "nanoqwen reads checkpoint folders: give one such as runs/NAME/best"),
+        (run / "metrics.jsonl", f"{run} is a run folder; give its checkpoint {run / 'best'} (its only one, lowest "
+                                "val loss)")]:
+        assert main(["sample", "--model", str(model), "--prompt", "x"]) == 2
+        assert capsys.readouterr().err == f"nanoqwen sample: error: {expected}\n"
+
+
 def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
     cases = [
         (["eval", "--model", str(checkpoint), "--text-file", str(tmp_path)], "is a folder; give one UTF-8 text file"),

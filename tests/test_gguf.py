@@ -451,12 +451,15 @@ def test_out_dash_is_refused_not_written_as_a_file_named_dash(tmp_path: Path, bp
     # made a folder "-". Refused before any work; ./- names such a file.
     folder, _ = checkpoint(tmp_path / "ck", bpe)
     monkeypatch.chdir(tmp_path)
-    for command in (["gguf", "--model", str(folder)], ["plot", str(tmp_path)], ["init", "--tokenizer", str(folder)],
-                    ["prepare"], ["train"], ["tokenizer", "qwen3"]):
+    # Each names what its --out takes: gguf's a folder refuses, and the folder writers' a file (it said "a file or
+    # folder name" for all).
+    for command, name in ((["gguf", "--model", str(folder)], "file"), (["plot", str(tmp_path)], "file or folder"),
+                          (["init", "--tokenizer", str(folder)], "folder"), (["prepare"], "folder"),
+                          (["train"], "folder"), (["tokenizer", "qwen3"], "folder")):
         assert main([*command, "--out", "-"]) == 2
         prog = " ".join(["nanoqwen", *command[:2 if command[0] == "tokenizer" else 1]])
         assert capsys.readouterr().err == (f"{prog}: error: --out - would be standard output, which this command "
-                                           'does not write to; give a file or folder name (./- for one named "-")\n')
+                                           f'does not write to; give a {name} name (./- for one named "-")\n')
     assert not (tmp_path / "-").exists()
     assert main(["gguf", "--model", str(folder), "--out", "./-"]) == 0
     assert gguf.GGUFReader(tmp_path / "-").fields["general.architecture"].contents() == "qwen3"

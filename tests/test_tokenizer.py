@@ -343,3 +343,16 @@ def test_a_qwen3_tokenizer_folder_renamed_away_while_its_lock_was_awaited_is_not
         assert not nanoqwen.tokenizer._still_named(folder, fd)
     finally:
         os.close(fd)
+
+
+def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer_json(tmp_path: Path) -> None:
+    # A fine-tune saved with vocab.json + merges.txt alone was pointed at `nanoqwen tokenizer qwen3`, which would
+    # swap in another tokenizer than the one its weights were trained with.
+    (tmp_path / "vocab.json").write_text("{}")
+    (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    with pytest.raises(NanoQwenError) as refusal:
+        load_tokenizer(tmp_path)
+    assert str(refusal.value) == (
+        f"{tmp_path} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it with "
+        f"Transformers: python -c \"from transformers import AutoTokenizer as T; "
+        f"T.from_pretrained('{tmp_path}').save_pretrained('{tmp_path}')\"")

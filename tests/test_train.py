@@ -762,6 +762,18 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_resume_of_a_folder_of_runs_names_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # `--resume runs` said "runs/config.json is missing" where plot, sample and gguf name the runs inside it.
+    runs = tmp_path / "runs"
+    for name in ("b", "a"):
+        (runs / name).mkdir(parents=True)
+        (runs / name / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    assert train_in_process("--resume", str(runs)) == 2
+    assert capsys.readouterr().err == (f"nanoqwen train: error: {runs} is a folder of runs; give one of them to "
+                                       f"--resume: {runs / 'a'} {runs / 'b'}\n")
+    assert sorted(path.name for path in runs.iterdir()) == ["a", "b"]  # no lock or record left in it
+
+
 def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_path: Path,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     # A new run's command line with --resume added: the refusal names what to leave out, not all seven such flags.
@@ -1809,6 +1821,63 @@ def test_init_from_a_folder_without_tokenizer_writes_the_datas_generation_config
     assert written["eos_token_id"] == load_tokenizer(data).stop_ids
 
 
+def test_dataset_folders_of_hf_folders_and_text_columns_follow_what_was_read(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # `--dataset hf:FOLDER` (local data files read as a dataset) was named and reused as a hub dataset is: its files
+    # edited, the folder of their old text was trained on again. And a named corpus's folder ignored --text-column:
+    # a later run without it (or with another) trained on the text of the column an earlier run named, in silence.
+    from nanoqwen.runs import prepared_folder
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "train.jsonl").write_text("".join(
+        json.dumps({"text": f"plain {i}", "body": f"body {i}"}) + "\n" for i in range(8)))
+
+    def text_of(folder: Path) -> str:
+        return load_tokenizer(folder).decode(np.fromfile(folder / "train.bin", dtype="<u4").tolist())
+
+    plain = prepared_folder("hf:rows", "bpe:300")
+    body = prepared_folder("hf:rows", "bpe:300", text_column="body")
+    assert "body 1" in text_of(body) and "plain" not in text_of(body)
+    assert body != plain and "plain 1" in text_of(prepared_folder("hf:rows", "bpe:300"))  # not body's folder
+    (tmp_path / "rows" / "train.jsonl").write_text("".join(json.dumps({"text": f"edited {i}"}) + "\n"
+                                                           for i in range(8)))
+    edited = prepared_folder("hf:rows", "bpe:300")
+    assert "edited 1" in text_of(edited) and edited != plain and "plain 1" in text_of(plain)
+
+
+def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Two checkpoints named alike (runs/x/best, runs/y/best) of one vocabulary, one with a chat template of its own:
+    # their data folder was one name, so preparing the chats for the second replaced the first's, and a run trained
+    # on the first's no longer resumed (its tokens differ).
+    from nanoqwen.runs import prepared_folder, tokenizer_slug
+    from nanoqwen.tokenizer import train_bpe
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": f"what is {i}?"}, {"role": "assistant", "content": f"it is {i}."}]}) + "\n"
+        for i in range(8)))
+    tokenizer = train_bpe(["what is it? it is."], 300)
+    for run in ("x", "y"):
+        (tmp_path / run / "best").mkdir(parents=True)
+        tokenizer.save(tmp_path / run / "best")
+    config = tmp_path / "y" / "best" / "tokenizer_config.json"
+    config.write_text(json.dumps({**json.loads(config.read_text()), "chat_template": (
+        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + ' said\\n' + m['content'] + '<|im_end|>\\n' }}"
+        "{% endfor %}")}))
+    first = prepared_folder("chats.jsonl", "x/best")
+    before = {p.name: p.read_bytes() for p in first.iterdir()}
+    second = prepared_folder("chats.jsonl", "y/best")
+    assert second != first and {p.name: p.read_bytes() for p in first.iterdir()} == before
+    assert "user said" in load_tokenizer(second).decode(np.fromfile(second / "train.bin", dtype="<u4").tolist())
+    # A damaged folder is one line before "preparing ..." is printed, as it was when its vocabulary named it.
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / "tokenizer.json").write_text('{"broken')
+    with pytest.raises(NanoQwenError, match="the tokenizer in damaged is damaged"):
+        tokenizer_slug("damaged")
+
+
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
     # `--init-from ~/.cache/huggingface/hub/models--Qwen--Qwen3-0.6B/snapshots/HASH` named the run and its data
     # folder after the 40-character hash.
@@ -1835,10 +1904,13 @@ def test_init_from_prepares_the_dataset_with_the_checkpoints_tokenizer(trained: 
     write_corpus(tmp_path / "texts", documents=6, seed=1)  # new text in the same words
     assert train_in_process("--init-from", str(trained / "best"), "--dataset", "texts", "--out", "tuned", *FAST,
                             "--lr", "3e-3", "--max-steps", "20") == 0
+    from nanoqwen.data.prepare import tokenizer_identity
+
     fingerprint = load_tokenizer(trained / "best").fingerprint
     (prepared,) = (tmp_path / "data").iterdir()
-    # Named after the tokenizer's vocabulary, not only its folder (every run's is best/).
-    assert prepared.name.startswith("texts-") and prepared.name.endswith(f"-best-{fingerprint[:8]}")
+    # Named after the tokenizer (its vocabulary, config and chat template), not only its folder (every run's is best/).
+    identity = tokenizer_identity(str(trained / "best")).removeprefix("sha256:")
+    assert prepared.name.startswith("texts-") and prepared.name.endswith(f"-best-{identity[:8]}")
     assert load_tokenizer(prepared).fingerprint == fingerprint
     losses = train_losses(tmp_path / "tuned")
     assert losses[1] < train_losses(trained)[1] - 2  # starts where the checkpoint is

@@ -285,6 +285,27 @@ def test_the_conversation_survives_a_reload_until_cleared(browser, url: str) -> 
     close_page(page, errors)
 
 
+def test_a_transcript_shown_again_opens_where_it_was_left(page) -> None:
+    # A reload showed a long conversation from its top, the latest reply and its Regenerate button out of view; so did
+    # Chat after a look at Completion (both modes' messages share one scrolled box). A transcript opens at its end, and
+    # a mode switched back to where its reader left it.
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "line\n" * 80)
+    regenerate = page.locator("button.regenerate")
+    expect(regenerate).to_be_in_viewport()
+    reload(page)
+    expect(regenerate).to_be_in_viewport()
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    page.click("label:has(#mode-chat)")
+    expect(regenerate).to_be_in_viewport()
+    scroll_top = "document.getElementById('transcript').scrollTop"
+    page.evaluate(f"{scroll_top} = 100")  # scrolled up to read
+    page.click("label:has(#mode-completion)")
+    page.click("label:has(#mode-chat)")
+    assert page.evaluate(scroll_top) == 100
+
+
 def test_a_reply_streaming_at_a_reload_is_kept_as_stopped(browser, long_url: str) -> None:
     page, errors = open_page(browser, long_url, "tiny-long")
     page.fill("#temperature", "0")
@@ -752,6 +773,52 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
         page.fill(field, "")
 
 
+def test_a_setting_that_stopped_a_send_is_marked_until_changed(page) -> None:
+    # The field that stops a send is marked (red, and aria-invalid for screen readers) and the status line says why.
+    # Corrected, it stayed red and the status line went on saying "Max tokens must be ..." beside the 5 typed since,
+    # until the next send; so did the API key's "this server needs an API key" once one was typed.
+    danger = page.evaluate("""() => { const probe = document.createElement('i');
+        probe.style.color = 'var(--danger)'; document.body.append(probe);
+        const color = getComputedStyle(probe).color; probe.remove(); return color; }""")
+    border = "(el) => getComputedStyle(el).borderColor"
+    page.fill("#max-tokens", "0")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    field = page.locator("#max-tokens")
+    expect(page.locator("#stats")).to_have_text("Max tokens must be a whole number >= 1")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    assert field.evaluate(border) == danger
+    field.fill("5")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    assert field.evaluate(border) != danger
+    expect(page.locator("#stats")).to_have_text("")
+    # Reset settings changes it too.
+    field.fill("-1")
+    page.click("#send")
+    expect(field).to_have_attribute("aria-invalid", "true")
+    page.click("#reset-settings")
+    expect(field).not_to_have_attribute("aria-invalid", "true")
+    # The stop strings box, a textarea, was never red.
+    stops = page.locator("#stop-strings")
+    stops.fill("a\nb\nc\nd\ne")
+    page.click("#send")
+    expect(stops).to_have_attribute("aria-invalid", "true")
+    assert stops.evaluate(border) == danger
+    stops.fill("a")
+    expect(stops).not_to_have_attribute("aria-invalid", "true")
+    # A key the server wants: the box the page puts the focus in is marked until a key is typed there.
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=401, json={"error": {
+        "message": "missing or wrong API key", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    page.click("#send")
+    key = page.locator("#api-key")
+    expect(page.locator("#stats")).to_contain_text("this server needs an API key")
+    expect(key).to_be_focused()
+    expect(key).to_have_attribute("aria-invalid", "true")
+    page.keyboard.type("k")
+    expect(key).not_to_have_attribute("aria-invalid", "true")
+    expect(page.locator("#stats")).to_have_text("")
+
+
 def test_header_recovers_when_the_server_answers_again(page) -> None:
     # A send that finds no server marks the header unreachable; the next one that goes through must clear
     # that (it stayed "server unreachable", red, over a working conversation once the server was back).
@@ -1084,6 +1151,38 @@ def test_a_long_model_name_stays_beside_its_status_dot_on_a_phone(page) -> None:
     assert name["x"] + name["width"] <= 390  # cut short with an ellipsis, not past the screen
 
 
+@pytest.mark.parametrize(("width", "height", "name"), [(390, 844, "tinystories-283m-20261205-120000/best"),
+                                                     (768, 1024, "tiny-web")])
+def test_the_model_name_shows_whole_before_its_pills(page, width: int, height: int, name: str) -> None:
+    # The size and context pills kept their room and the name took what was left: a run's name as `nanoqwen train`
+    # makes it showed as "tinystori…" on a phone, and even "tiny-web" as "tiny-w…" on a tablet upright. Where the row
+    # has no room for all, the pills go below the name.
+    page.set_viewport_size({"width": width, "height": height})
+    page.evaluate(f"document.getElementById('model-name').textContent = '{name}'")
+    assert page.eval_on_selector("#model-name", "el => el.scrollWidth <= el.clientWidth")
+    dot, shown = (page.locator(selector).bounding_box() for selector in ("#status-dot", "#model-name"))
+    assert shown["y"] <= dot["y"] + dot["height"] / 2 <= shown["y"] + shown["height"]  # beside its dot
+    for pill in ("#model-size", "#model-context"):
+        box = page.locator(pill).bounding_box()
+        assert box["width"] > 0 and box["x"] + box["width"] <= width
+
+
+def test_a_long_model_name_on_a_reply_stays_clear_of_its_button_on_a_phone(page) -> None:
+    # A reply's role line names the model. A long name with no hyphen (a run named with underscores, or any
+    # --model-name) ran under the Copy button, the two texts over each other, and past the side of a phone's screen
+    # (the transcript scrolled sideways). It wraps, short of the button, even when the button says "Nothing to copy".
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.evaluate("addMessage('assistant', 'runs_tinystories_283m_20261205_1200_lr3e4_warmup2000/best', '')")
+    reply = page.locator(".message.assistant")
+    reply.locator("button.copy").click()  # nothing to copy: its widest text
+    expect(reply.locator("button.copy")).to_have_text("Nothing to copy")
+    name_right = reply.locator(".role").evaluate("""(role) => { const range = document.createRange();
+        range.selectNodeContents(role); return Math.max(...[...range.getClientRects()].map((r) => r.right)); }""")
+    assert name_right <= reply.locator("button.copy").bounding_box()["x"]
+    assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
+        "document.getElementById('transcript').clientWidth")
+
+
 def test_the_sliders_are_named_for_screen_readers(page) -> None:
     # A label holding an <output> labels the output (the first labelable element in it), so the sliders had no
     # name: a screen reader said "slider, 0.7".
@@ -1091,6 +1190,14 @@ def test_the_sliders_are_named_for_screen_readers(page) -> None:
     assert page.evaluate("document.activeElement.id") == "temperature"
     page.get_by_role("slider", name="Top-p").focus()
     assert page.evaluate("document.activeElement.id") == "top-p"
+
+
+def test_the_message_box_is_named_for_screen_readers(page) -> None:
+    # The page's main box had no label: a screen reader named it by its placeholder, the hint "Type here — Enter
+    # sends, ..." (on a touch screen, "Type here"). It is named for what it holds, in each mode.
+    expect(page.get_by_role("textbox", name="Message", exact=True)).to_have_id("prompt")
+    page.click("label:has(#mode-completion)")
+    expect(page.get_by_role("textbox", name="Text to continue", exact=True)).to_have_id("prompt")
 
 
 def test_a_phone_on_its_side_shows_the_conversation(page) -> None:
@@ -1305,3 +1412,18 @@ def test_a_long_unbroken_status_line_wraps_on_a_phone(page) -> None:
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
     box = page.locator("#stats").bounding_box()
     assert box["x"] + box["width"] <= 375
+
+
+def test_a_long_unbroken_error_below_a_reply_wraps_on_a_phone(page) -> None:
+    # The status line wraps such an error (above); the same error below the reply it cut short ran off the side of
+    # the transcript (which scrolled sideways), the message cut off.
+    page.set_viewport_size({"width": 375, "height": 740})
+    failure = f"generation failed: /very/long/path/{'z' * 150}"
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(
+        status=200, content_type="text/event-stream", body="".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": "Half a"}, "finish_reason": None}]},
+            {"error": {"message": failure, "type": "server_error"}}))))
+    send_and_wait(page, "Fail")
+    expect(page.locator(".message.assistant .error")).to_have_text(failure)
+    assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
+        "document.getElementById('transcript').clientWidth")

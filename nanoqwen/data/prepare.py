@@ -47,7 +47,16 @@ from nanoqwen.data.sources import (
     zstd_unread,
 )
 from nanoqwen.errors import NanoQwenError, counted, decimal_number, seed_int, whole_number
-from nanoqwen.io import atomic_dir, check_replaceable, is_run_config, real_path, remove_orphans, write_json
+from nanoqwen.io import (
+    atomic_dir,
+    check_replaceable,
+    first_few,
+    is_run_config,
+    prepared_inside,
+    real_path,
+    remove_orphans,
+    write_json,
+)
 from nanoqwen.tokenizer import (
     ENDOFTEXT,
     IM_END,
@@ -304,6 +313,8 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
             what = "a run folder, not prepared data; its config.json names the data folder it trained on"
         elif (folder / "config.json").is_file():
             what = "a checkpoint, not prepared data; give the folder `nanoqwen prepare --out DIR` wrote"
+        elif prepared := prepared_inside(folder):
+            what = f"a folder of prepared data folders; give one of them: {first_few(prepared)}"
         else:
             what = (f"not a prepared data folder (no meta.json); to prepare the texts in it: `nanoqwen prepare "
                     f"--dataset {folder} --out DIR`, or `nanoqwen train --dataset {folder}`")

@@ -54,7 +54,7 @@ from typing import IO, Any
 
 from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import cache_dir, is_run_config
+from nanoqwen.io import cache_dir, first_few, is_run_config, prepared_inside
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -126,7 +126,9 @@ class CorpusStats:
     replacement_chars: int = 0  # undecodable byte sequences replaced by U+FFFD
     replaced_in: list[str] = field(default_factory=list)  # the files they were in, for the warning
     skipped: list[dict[str, str]] = field(default_factory=list)  # {"path", "reason"} for each file left out
-    capped: bool = False  # --max-bytes ended the pass before a chat record (a chat is never cut)
+    # What --max-bytes left out where it ended the pass: "chat", a chat record (never cut); "text", the start of a
+    # text cut inside its first character or the blanks before it (either way nothing is read, if it was the first)
+    capped: str = ""
     left_out: list[str] = field(default_factory=list)  # files in a corpus folder of types nanoqwen does not read
     notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
     parted_files: int = 0  # text files parted into documents at DOCUMENT_SEPARATOR
@@ -190,9 +192,10 @@ class Corpus:
     """A named, re-readable stream of documents. `documents()` starts a fresh pass and resets `stats`."""
 
     def __init__(self, spec: str, fingerprint: str, read: Reader, max_bytes: int | None = None,
-                 former_fingerprints: dict[str, str] | None = None) -> None:
+                 former_fingerprints: dict[str, str] | None = None, local: bool = False) -> None:
         self.spec = spec
         self.fingerprint = fingerprint  # changes when the inputs change (see prepare's reuse check)
+        self.local = local  # read from files on disk (a path, hf:FOLDER), which may change between runs
         # The fingerprints the same inputs had when nanoqwen read them otherwise, each with how a folder prepared then
         # was made ("was prepared ..."): what such a folder records, for prepare to say why it is not reused.
         self.former_fingerprints = former_fingerprints or {}
@@ -218,12 +221,14 @@ class Corpus:
                     data = text.encode("utf-8")
                     if isinstance(document, ChatRecord):
                         if len(data) > room:  # a chat is kept whole or left out
-                            stats.capped = True
+                            stats.capped = "chat"
                             return
                     elif len(data) >= room:  # the cap is reached: cut this text at a character boundary
                         text = data[:room].decode("utf-8", errors="ignore")
                         if text and not text.isspace():
                             yield text
+                        else:
+                            stats.capped = "text"
                         return
                     room -= len(data)
                 yield document
@@ -232,9 +237,13 @@ class Corpus:
 
     def empty_error(self) -> NanoQwenError:
         """The error for a pass that produced no documents."""
-        if self.stats.capped:
+        if self.stats.capped == "chat":
             return NanoQwenError(f"--max-bytes {self.max_bytes} is smaller than the first chat record of {self.spec} "
                                  "(a chat is kept whole or left out); give a larger --max-bytes")
+        if self.stats.capped == "text":
+            return NanoQwenError(f"--max-bytes {self.max_bytes} ends the first document of {self.spec} before any of "
+                                 "its text (inside its first character or the blanks before it); give a larger "
+                                 "--max-bytes")
         skipped = "; ".join(f"{s['path']}: {s['reason']}" for s in self.stats.skipped[:3])
         more = f" (skipped {skipped}{'...' if len(self.stats.skipped) > 3 else ''})" if skipped else ""
         return NanoQwenError(f"{self.spec} has no text{more}; give a corpus with at least one non-empty document")
@@ -257,7 +266,7 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
         else:
             fingerprint = f"hf {hub.name} {hub.config} {split} {column}"
         return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column, stats),
-                      max_bytes if max_bytes is not None else hub.max_bytes)
+                      max_bytes if max_bytes is not None else hub.max_bytes, local=hub.local)
     path = Path(spec).expanduser()
     if path.exists():
         return _local_corpus(spec, path, text_column or DEFAULT_TEXT_COLUMN, split, max_bytes)
@@ -619,6 +628,10 @@ def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats,
                 fix = "pass --split" if alone else f"give it alone to read one of them, --dataset {path} --split NAME"
                 raise NanoQwenError(f"{path} has no split {split!r} (it has: {', '.join(ds)}); {fix}")
             ds = ds[split]
+        elif split != "train" and split != str(ds.split):  # one Dataset has no splits, unless it was saved from one
+            saved_from = f" (saved from its {ds.split} split)" if ds.split else ""
+            refuse_split(str(path), split, f": it holds one dataset{saved_from}, not a DatasetDict of splits; leave "
+                         "--split out")
         yield from _hf_texts(ds, column, str(path), stats)
 
 
@@ -775,7 +788,7 @@ def described_files(root: Path, files: list[Path]) -> dict[Path, bytes]:
 def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int | None) -> Corpus:
     if _is_saved_dataset(path):
         return Corpus(spec, f"saved {local_fingerprint(path)} {split} {column}",
-                      lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes)
+                      lambda stats: _read_saved_dataset(path, column, split, stats), max_bytes, local=True)
     refuse_split(spec, split, f", as files: give --dataset hf:{spec} to read that split of them" if path.is_dir()
                  else ": a file holds no splits; leave --split out")
     left_out: list[Path] = []
@@ -789,6 +802,9 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             raise PreparedDataGiven(f"{spec} is prepared data (train.bin), not a corpus; give the texts it was "
                                     "prepared from (its meta.json names them, as source)")
         raise NanoQwenError(f"{spec} is a tokenizer or checkpoint, not a corpus; give a folder of text")
+    if not files and (prepared := prepared_inside(path)):  # data/: what `--data` takes, one folder at a time
+        raise NanoQwenError(f"{spec} holds prepared data folders, not texts; train on one of them with --data "
+                            f"({first_few(prepared)}), or give the texts they were prepared from")
     if not files:
         raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
 
@@ -883,7 +899,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             f"was prepared with zstandard installed, which read {counted(len(unread_zstd), 'file')} of this corpus "
             f"left out without it ({_kinds(unread_zstd)}, such as {unread_zstd[0]}; "
             f"{zstandard_reads(len(unread_zstd))})"), elsewhere=True)
-    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former)
+    return Corpus(spec, fingerprint, read, max_bytes, former_fingerprints=former, local=True)
 
 
 def _kinds(paths: list[Path]) -> str:

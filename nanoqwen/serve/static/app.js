@@ -42,6 +42,9 @@ const state = {
   savedFrom: 0, // how many of the oldest messages the saved conversation leaves out (see saveConversation)
   plainText: false, // whether the model is known to be trained on plain text alone (it never ends a turn)
   modeChosen: false, // whether the user picked a mode for the model shown (before it was known, say)
+  // Each mode's place in the transcript box (which holds both modes' messages) as its reader left it: its scrollTop,
+  // or null at its end (see showMode).
+  places: {},
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -239,9 +242,18 @@ function mode() {
 }
 
 function showMode(name) { // as the page sets it: not a choice of the user's, not saved
+  // Another mode's transcript opens where it was left, else at its end (at the other's scrollTop it showed a long
+  // conversation from near its top).
+  const leaving = document.body.dataset.mode;
+  if (leaving !== name) state.places[leaving] = atBottom() ? null : $("transcript").scrollTop;
   $(`mode-${name}`).checked = true;
   document.body.dataset.mode = mode();
+  $("prompt").setAttribute("aria-label", name === "chat" ? "Message" : "Text to continue");
   showEmptyHint();
+  if (leaving === name) return;
+  const place = state.places[name] ?? null;
+  if (place === null) scrollDown();
+  else $("transcript").scrollTop = place;
 }
 
 // A setting the user must see to, given focus: on a narrow screen the folded settings open first (a field
@@ -253,22 +265,41 @@ function focusSetting(input) {
 
 class FieldError extends Error {}
 
+// What the status line was given to say of each setting that stopped a send (see refuse).
+const refusals = new WeakMap();
+
+// A setting that stops a send: marked (aria-invalid, which style.css shows in red) and given focus; returns `message`,
+// why, for the status line. The mark and that line go once the setting is changed (see accept).
+function refuse(input, message) {
+  input.setAttribute("aria-invalid", "true");
+  refusals.set(input, message);
+  focusSetting(input);
+  return message;
+}
+
+// A setting changed by the user, or by Reset settings: no longer marked, nor its refusal said (the field stayed red,
+// and the status line said "Max tokens must be ..." beside the 5 typed since, until the next send).
+function accept(input) {
+  if (input.getAttribute("aria-invalid") !== "true") return;
+  input.removeAttribute("aria-invalid");
+  if ($("stats").textContent === refusals.get(input)) showStatus("");
+}
+
 // A number field's value as typed ("1e3" is 1000), or a FieldError saying what it must be: a value the
 // field cannot hold is never swapped for another one behind the user's back.
 function numberField(id, { integer = false, optional = false } = {}) {
   const input = $(id);
   const raw = input.value.trim(); // "" too when the browser could not read what was typed (badInput)
-  input.classList.remove("invalid");
+  input.removeAttribute("aria-invalid"); // a page-set value (see loadModel's max tokens) sends no input event
   if (raw === "" && optional && !input.validity.badInput) return undefined;
   const value = Number(raw);
   const { min, max } = input;
   if (raw === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value))
       || (min !== "" && value < Number(min)) || (max !== "" && value > Number(max))) {
-    input.classList.add("invalid");
-    focusSetting(input);
     const label = input.closest("label").querySelector("span").firstChild.textContent.trim();
     const range = [min !== "" ? `>= ${min}` : "", max !== "" ? `<= ${max}` : ""].filter(Boolean).join(" and ");
-    throw new FieldError(`${label} must be ${integer ? "a whole number" : "a number"}${range ? ` ${range}` : ""}`);
+    throw new FieldError(refuse(input,
+      `${label} must be ${integer ? "a whole number" : "a number"}${range ? ` ${range}` : ""}`));
   }
   return value;
 }
@@ -278,13 +309,11 @@ function numberField(id, { integer = false, optional = false } = {}) {
 // error, not a silent cut.
 function stopStrings() {
   const box = $("stop-strings");
-  box.classList.remove("invalid");
+  box.removeAttribute("aria-invalid");
   const unescape = (line) => line.replace(/\\(n|t|r|\\)/g, (_, c) => ({ n: "\n", t: "\t", r: "\r", "\\": "\\" })[c]);
   const stops = box.value.split("\n").filter((line) => line.length > 0).map(unescape);
   if (stops.length > 4) {
-    box.classList.add("invalid");
-    focusSetting(box);
-    throw new FieldError(`Stop strings: at most 4, one per line (${stops.length} given)`);
+    throw new FieldError(refuse(box, `Stop strings: at most 4, one per line (${stops.length} given)`));
   }
   return stops;
 }
@@ -886,10 +915,9 @@ async function send(again = null) {
       if (err instanceof TypeError) { // fetch itself failed: no answer, or the connection dropped
         message = "lost the connection to the server (is `nanoqwen serve` still running?)";
       } else if (err.status === 401) {
-        message = $("api-key").value.trim()
+        message = refuse($("api-key"), $("api-key").value.trim()
           ? "the server refused this API key: check it under Server, below the sampling settings"
-          : "this server needs an API key: enter it under Server, below the sampling settings";
-        focusSetting($("api-key"));
+          : "this server needs an API key: enter it under Server, below the sampling settings");
       }
       status = message; // in the status line too, which screen readers read out ("error" alone said nothing)
       if (reply) note(box, message, "error"); // what arrived stays, with why it ended
@@ -1063,6 +1091,9 @@ function init() {
       saveSetting(id, fieldValue(id));
     });
   }
+  for (const input of $("settings-body").querySelectorAll("input, textarea")) {
+    input.addEventListener("input", () => accept(input)); // Reset settings' values come as input events too
+  }
   $("reset-settings").addEventListener("click", resetSettings);
   $("settings-toggle").addEventListener("click", () => {
     const toggle = $("settings-toggle");
@@ -1102,6 +1133,7 @@ function init() {
   restoreConversation();
   restoreDraft();
   showRegenerate();
+  scrollDown(); // a conversation restored opens at its end, the latest reply in view (it showed its top)
   // Leaving the page (a reload) ends a reply streaming: it is stopped here, and so saved as stopped. Not later, at
   // pagehide: by then the browser has dropped the fetch, which read as a lost connection.
   window.addEventListener("beforeunload", stop);
