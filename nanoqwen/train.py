@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import cache, cached_property, partial
@@ -65,6 +65,7 @@ from nanoqwen.distributed import (
     add_device_arguments,
     all_reduce,
     check_host_memory,
+    free_host_memory,
     from_rank0,
     init_distributed,
     job_error_line,
@@ -340,8 +341,14 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         per_param, held = (4, "its weights") if args.fsdp else \
             ((12, "weights, gradients and Muon state") if cfg.optimizer == "muon" else
              (16, "weights, gradients and AdamW state"))
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         check_host_memory(model_config.num_params(), per_param, f"training this model ({held})",
-                          processes=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+                          processes=processes)
+        loader.micro_batch = micro_batch_in_memory(
+            loader, model_config, per_param, given=args.micro_batch is not None,
+            checkpointing=bool(args.activation_checkpointing),
+            itemsize=resolve_dtype(args.dtype, device).itemsize, processes=processes,
+            say=print if info.is_main else lambda line: None)
     if resume_dir is not None:
         model = load_model(resume_dir, device, torch.float32)
     elif args.init_from:
@@ -769,6 +776,53 @@ def log_step(run: Run, record: dict[str, Any], text: str | None, trackers: list[
         append_line(run.out / "samples.txt", f"--- step {run.state.step}\n{text}\n\n")
         for tracker in trackers:
             tracker.sample(run.state.step, text)
+
+
+def activation_bytes_per_token(config: ModelConfig, checkpointing: bool, itemsize: int) -> int:
+    """What an eager forward pass keeps for its backward, per token (counted with saved-tensor hooks): in each
+    block about 6 vectors of the hidden size (norms' inputs and outputs, residuals), 4 of the q width and of the
+    k/v width (before and after QK-norm and RoPE, attention's output) and 4 of the MLP's (gate, up, SiLU,
+    product); with activation checkpointing, each block's input and one whole block at a time."""
+    q_width = config.num_attention_heads * config.head_dim
+    kv_width = config.num_key_value_heads * config.head_dim
+    block = 6 * config.hidden_size + 4 * (q_width + kv_width + config.intermediate_size)
+    layers = config.num_hidden_layers
+    kept = layers * config.hidden_size + block if checkpointing else layers * block
+    return (kept + 2 * config.hidden_size) * itemsize
+
+
+def micro_batch_in_memory(loader: BatchLoader, config: ModelConfig, per_param: int, *, given: bool,
+                          checkpointing: bool, itemsize: int, processes: int, say: Callable[[str], None]) -> int:
+    """The micro-batch to train with on CPU, where a process that runs out of memory is killed by the kernel
+    with no message: the one asked for where its activations fit beside the model, else (a preset's, not
+    given) the largest that divides this process's share and fits, said in a note; the batch, and so the
+    samples of every step, stay the same. A --micro-batch given that does not fit, or no micro-batch at all,
+    is one line. The estimate is a lower bound (what the backward keeps; a first step measured ~1.3x it with
+    the passing buffers), so it alone decides a refusal, and a lowered micro-batch leaves it half again."""
+    free = free_host_memory()
+    if free is None:
+        return loader.micro_batch
+    room = free // processes - config.num_params() * per_param
+    per_sequence = loader.seq_len * activation_bytes_per_token(config, checkpointing, itemsize)
+    fits = [size for size in range(1, loader.micro_batch + 1)
+            if loader.per_rank % size == 0 and size * per_sequence <= room]
+    if fits and fits[-1] == loader.micro_batch:
+        return loader.micro_batch
+    each = f" in each of {processes} processes" if processes > 1 else ""
+    need = (f"{loader.micro_batch} sequences of {loader.seq_len} tokens a forward pass need about "
+            f"{loader.micro_batch * per_sequence / 2**30:.1f} GiB of activations beside the model's "
+            f"{config.num_params() * per_param / 2**30:.1f} GiB{each}, and this machine has {free / 2**30:.1f} GiB "
+            "free")
+    if not fits:
+        lower = "shorten --seq-len" if checkpointing else "add --activation-checkpointing, shorten --seq-len"
+        raise NanoQwenError(f"{need}; not even one sequence fits: {lower}, or choose a smaller model")
+    roomy = max((size for size in fits if 3 * size * per_sequence <= 2 * room), default=fits[0])
+    if given:
+        raise NanoQwenError(f"--micro-batch {need}; --micro-batch {roomy} fits (--batch-size stays "
+                            f"{loader.batch_size}, by gradient accumulation)")
+    say(f"note: {need}: training with --micro-batch {roomy} (the same batch of {loader.batch_size} "
+        "sequences a step, in more forward passes)")
+    return roomy
 
 
 def is_out_of_memory(error: BaseException) -> bool:

@@ -1376,6 +1376,41 @@ def test_running_out_of_memory_says_what_to_lower(data: Path, preset: Path, tmp_
     assert len(lines) == 1 and "out of cpu memory at step 1" in lines[0] and "--micro-batch" in lines[0], lines
 
 
+def test_a_micro_batch_whose_activations_do_not_fit_is_lowered_or_refused(
+        data: Path, preset: Path, trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The tinystories-283m recipe on a 24 GB CPU: its micro-batch of 32 x 512 tokens keeps ~18 GiB of activations
+    # beside 4 GiB of model and AdamW state, and the kernel killed the run with no message.
+    import nanoqwen.train as train_module
+    from nanoqwen.checkpoint import read_config
+    from nanoqwen.train import activation_bytes_per_token
+
+    config = read_config(trained / "best")
+    model_bytes = config.num_params() * 16  # weights, gradients and AdamW's two moments
+    per_sequence = 32 * activation_bytes_per_token(config, checkpointing=False, itemsize=4)
+    room_for_two = model_bytes + 3 * per_sequence + per_sequence // 5  # 2 with half again to spare, not 4
+    monkeypatch.setattr(train_module, "free_host_memory", lambda: room_for_two)
+    lowered, asked = tmp_path / "lowered", tmp_path / "asked"
+    assert train_in_process(*common(data, preset, lowered), "--max-steps", "3") == 0  # all 8 sequences at once
+    out = capsys.readouterr().out
+    assert "training with --micro-batch 2 (the same batch of 8 sequences a step, in more forward passes)" in out
+    assert "micro-batch 2, accumulation 4" in out
+    assert train_in_process(*common(data, preset, asked), "--max-steps", "3", "--micro-batch", "2") == 0
+    assert "training with --micro-batch" not in capsys.readouterr().out
+    assert train_losses(lowered) == train_losses(asked)
+
+    assert train_in_process(*common(data, preset, tmp_path / "four"), "--max-steps", "3", "--micro-batch", "4") == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(r"nanoqwen train: error: --micro-batch 4 sequences of 32 tokens a forward pass need about "
+                        r"[0-9.]+ GiB of activations beside the model's [0-9.]+ GiB, and this machine has [0-9.]+ GiB "
+                        r"free; --micro-batch 2 fits \(--batch-size stays 8, by gradient accumulation\)\n", err), err
+    monkeypatch.setattr(train_module, "free_host_memory", lambda: model_bytes + per_sequence // 2)
+    assert train_in_process(*common(data, preset, tmp_path / "none"), "--max-steps", "3") == 2
+    assert "; not even one sequence fits: add --activation-checkpointing, shorten --seq-len, or choose a smaller " \
+           "model\n" in capsys.readouterr().err
+    assert not (tmp_path / "four" / "metrics.jsonl").exists() and not (tmp_path / "none" / "metrics.jsonl").exists()
+
+
 def library_bytes() -> int:
     """Address space the shared libraries loaded in this process map (torch's, which a train process loads too)."""
     spans = [line.split()[0] for line in Path("/proc/self/maps").read_text().splitlines() if ".so" in line]
