@@ -546,7 +546,8 @@ def test_a_max_bytes_that_leaves_no_text_says_so(tmp_path: Path) -> None:
     assert list(open_corpus(str(tmp_path / "a.txt"), max_bytes=6).documents()) == ["  \n家"]
 
 
-def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) -> None:
+def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str],
+                              monkeypatch: pytest.MonkeyPatch) -> None:
     """The Hugging Face `datasets` path, from local data only: a save_to_disk folder and hf:FOLDER of parquet."""
     import datasets
     import pyarrow as pa
@@ -576,6 +577,14 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str]) 
         prepare(str(tmp_path / "saved"), "bpe:300", tmp_path / "o4", progress=False)
     with pytest.raises(NanoQwenError, match="hub is unreachable and nanoqwen-test/absent is not in the local cache"):
         prepare("hf:nanoqwen-test/absent:cfg", "qwen3", tmp_path / "o5", progress=False)
+    # A built-in hub corpus names its raw text file too, which the README's offline recipe reads.
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setitem(sources.HUB_ALIASES, "absent-stories",
+                        sources.HubDataset("nanoqwen-test/absent", raw_text="AbsentStories-train.txt"))
+    with pytest.raises(NanoQwenError, match=re.escape("(save_to_disk, or its parquet/jsonl files, or its raw text "
+                                                      "AbsentStories-train.txt) and pass that local path")):
+        prepare("absent-stories", "qwen3", tmp_path / "o5", progress=False)
     # One in a corpus folder is read as it is alone, its train split (its .arrow files were left out, and its JSON
     # files warned of as no records); a folder prepared before is said to be so.
     (tmp_path / "mixed").mkdir()

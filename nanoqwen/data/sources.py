@@ -105,6 +105,7 @@ class HubDataset:
     transform: Callable[[str], str] | None = None  # applied to each record's text
     max_bytes: int | None = None  # default cap when --max-bytes is not given
     local: bool = False  # hf:PATH: `name` is a local folder of data files
+    raw_text: str | None = None  # the dataset's own plain-text file, which reads offline as --dataset FILE
 
 
 def first_paragraph(text: str) -> str:
@@ -113,7 +114,7 @@ def first_paragraph(text: str) -> str:
 
 
 HUB_ALIASES = {
-    "tinystories": HubDataset("roneneldan/TinyStories"),
+    "tinystories": HubDataset("roneneldan/TinyStories", raw_text="TinyStoriesV2-GPT4-train.txt"),
     "wikipedia-intros": HubDataset("wikimedia/wikipedia", "20231101.en", first_paragraph, max_bytes=100_000_000),
 }
 SOURCES_HELP = "shakespeare, tinystories, wikipedia-intros, hf:ORG/NAME[:CONFIG], or a local file or folder"
@@ -505,8 +506,9 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
         except Exception as e:  # ConnectionError, FileNotFoundError, DatasetNotFoundError, ValueError, ...
             error = e
     if not online:
+        raw = f", or its raw text {hub.raw_text}" if hub.raw_text else ""
         raise NanoQwenError(f"the Hugging Face hub is unreachable and {hub.name} is not in the local cache; "
-                            "download it where the hub is reachable (save_to_disk, or its parquet/jsonl files) "
+                            f"download it where the hub is reachable (save_to_disk, or its parquet/jsonl files{raw}) "
                             "and pass that local path as --dataset") from None
     raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {first_line(error)}") from None
 
