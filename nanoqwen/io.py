@@ -233,6 +233,27 @@ def is_run_config(path: Path) -> bool:
     return is_run_record(saved)
 
 
+def found_data(saved: dict[str, Any], run_dir: Path) -> Path | None:
+    """Where the data folder of the run in `run_dir` (its config.json `saved`) is now: the path it recorded, else
+    the same place relative to the run folder (the project moved as a whole); None where neither is."""
+    data = Path(saved["data"])
+    if data.exists():
+        return data
+    moved = run_dir / saved["data_from_run"] if "data_from_run" in saved else None
+    return moved if moved is not None and moved.is_dir() else None
+
+
+def trained_on(run_dir: Path) -> str:
+    """For a run folder given where data is read: the prepared folder it trained on, where that still is."""
+    try:
+        saved = json.loads((run_dir / "config.json").read_text())
+        data = found_data(saved, run_dir) if isinstance(saved.get("data"), str) else None
+    except (OSError, ValueError, AttributeError):
+        data = None
+    return (f"it trained on the prepared folder {data} (--data {data})" if data is not None
+            else "its config.json names the data folder it trained on")
+
+
 def run_folder_refusal(folder: Path) -> NanoQwenError:
     """The line for a run folder given where a checkpoint is read: the checkpoints it has, or that it has none yet
     (a run still before its first evaluation, or one stopped there), not a complaint about its config.json."""

@@ -51,6 +51,7 @@ from nanoqwen.io import (
     atomic_file,
     check_replaceable,
     folder_of_runs_refusal,
+    found_data,
     is_run_record,
     json_line,
     runs_inside,
@@ -386,16 +387,6 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
         raise NanoQwenError(f"cannot resume {out}: its data folder {data} does not exist; {again}if it moved, give "
                             "--resume with --data NEW_PLACE")
     return found
-
-
-def found_data(saved: dict[str, Any], run_dir: Path) -> Path | None:
-    """Where the data folder of the run in `run_dir` (its config.json `saved`) is now: the path it recorded, else
-    the same place relative to the run folder (the project moved as a whole); None where neither is."""
-    data = Path(saved["data"])
-    if data.exists():
-        return data
-    moved = run_dir / saved["data_from_run"] if "data_from_run" in saved else None
-    return moved if moved is not None and moved.is_dir() else None
 
 
 def carried_files(data: Path, source: Path | None, warn: bool = True) -> tuple[Tokenizer, dict | None]:

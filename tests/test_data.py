@@ -807,7 +807,16 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
     (tmp_path / "run").mkdir()  # a run's or a checkpoint's folder, given to --data by mistake
     (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": "d"}))
     with pytest.raises(NanoQwenError, match="is a run folder, not prepared data; its config.json names"):
+        load_meta(tmp_path / "run")  # its data is gone: the line cannot name it
+    # Where the data is still there, the line names it, for --data and for --dataset alike (a newcomer read "its
+    # config.json names..." and had to open the file).
+    (tmp_path / "run" / "config.json").write_text(json.dumps({"train": {}, "preset": "p", "data": str(out)}))
+    with pytest.raises(NanoQwenError, match=re.escape(f"is a run folder, not prepared data; it trained on the "
+                                                      f"prepared folder {out} (--data {out})")):
         load_meta(tmp_path / "run")
+    with pytest.raises(NanoQwenError, match=re.escape(f"not a corpus; give a folder of text (it trained on the "
+                                                      f"prepared folder {out} (--data {out}))")):
+        open_corpus(str(tmp_path / "run"))
     (tmp_path / "run" / "config.json").write_text(json.dumps({"model_type": "qwen3"}))
     with pytest.raises(NanoQwenError, match="is a checkpoint, not prepared data"):
         load_meta(tmp_path / "run")

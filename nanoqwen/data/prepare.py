@@ -55,6 +55,7 @@ from nanoqwen.io import (
     prepared_inside,
     real_path,
     remove_orphans,
+    trained_on,
     write_json,
 )
 from nanoqwen.tokenizer import (
@@ -310,7 +311,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         if folder.is_file() and (folder.parent / "meta.json").is_file():  # its val.bin, say: not a corpus to prepare
             what = f"a file of the prepared folder {folder.parent}; give that folder"
         elif is_run_config(folder / "config.json"):
-            what = "a run folder, not prepared data; its config.json names the data folder it trained on"
+            what = f"a run folder, not prepared data; {trained_on(folder)}"
         elif (folder / "config.json").is_file():
             what = "a checkpoint, not prepared data; give the folder `nanoqwen prepare --out DIR` wrote"
         elif prepared := prepared_inside(folder):

@@ -54,7 +54,7 @@ from typing import IO, Any
 
 from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import cache_dir, first_few, is_run_config, prepared_inside
+from nanoqwen.io import cache_dir, first_few, is_run_config, prepared_inside, trained_on
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -798,7 +798,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     files = local_files(path, left_out, saved)
     if not files and is_run_config(path / "config.json"):
         raise NanoQwenError(f"{spec} is a run folder (a training run's output), not a corpus; give a folder of "
-                            "text (its config.json names the data folder it trained on)")
+                            f"text ({trained_on(path)})")
     if not files and any((path / name).is_file() for name in ("train.bin", "tokenizer.json")):
         if (path / "train.bin").is_file():
             raise PreparedDataGiven(f"{spec} is prepared data (train.bin), not a corpus; give the texts it was "
