@@ -1411,6 +1411,39 @@ def test_a_micro_batch_whose_activations_do_not_fit_is_lowered_or_refused(
     assert not (tmp_path / "four" / "metrics.jsonl").exists() and not (tmp_path / "none" / "metrics.jsonl").exists()
 
 
+def micro_batch_worker(rank: int, folder: str) -> None:
+    """One of two processes of a gloo job whose machine reads differently for each (rank 1 sees the model rank 0
+    has already built, and less room): the micro-batch each would train with goes to folder/RANK.json."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import nanoqwen.train as train_module
+
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    per_sequence = 32 * train_module.activation_bytes_per_token(config, checkpointing=False, itemsize=4)
+    room = config.num_params() * 16 + (8 if rank == 0 else 3) * per_sequence  # (divided by the 2 processes)
+    train_module.free_host_memory = lambda: 2 * room
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    loader = SimpleNamespace(micro_batch=4, per_rank=4, seq_len=32, batch_size=8)
+    chosen = train_module.micro_batch_in_memory(loader, config, 16, given=False, checkpointing=False, itemsize=4,
+                                                processes=2, say=lambda line: None)
+    dist.destroy_process_group()
+    Path(folder, f"{rank}.json").write_text(json.dumps(chosen))
+
+
+def test_every_process_of_a_job_trains_with_the_same_micro_batch(tmp_path: Path) -> None:
+    # Each process read the machine's free memory for itself: one that read it after the others had built their
+    # models could lower its micro-batch alone, and under --fsdp (whose forward passes are collectives) a process
+    # with more micro-batches a step waits for the others in a collective they never make.
+    import torch.multiprocessing as mp
+
+    mp.start_processes(micro_batch_worker, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == [2, 2]
+
+
 def library_bytes() -> int:
     """Address space the shared libraries loaded in this process map (torch's, which a train process loads too)."""
     spans = [line.split()[0] for line in Path("/proc/self/maps").read_text().splitlines() if ".so" in line]
