@@ -802,6 +802,9 @@ def micro_batch_in_memory(loader: BatchLoader, config: ModelConfig, per_param: i
     free = free_host_memory()
     if free is None:
         return loader.micro_batch
+    # The least any process read: each reads at its own moment (one after the others built their models), and
+    # every process must take the same micro-batch, as FSDP's forward passes (and evaluation's) are collectives.
+    free = int(-all_reduce(-free, "max"))
     room = free // processes - config.num_params() * per_param
     per_sequence = loader.seq_len * activation_bytes_per_token(config, checkpointing, itemsize)
     fits = [size for size in range(1, loader.micro_batch + 1)
