@@ -2716,3 +2716,23 @@ def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest
     finally:
         display.close()
     assert "[INST] Hi [/INST] [bold]Hello 42\n" in out.getvalue()
+
+
+def test_a_sample_beside_the_progress_bar_keeps_its_emoji_codes_and_shows_control_characters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich's console also read ":fire:" as an emoji code (a sample of Markdown or Slack text showed a flame), and let
+    # a generated ESC sequence act on the terminal, as sample and chat show it (printable) no longer do.
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    display = Display(True, 0, 10, 1)
+    try:
+        display.print("it is :fire: now\x1b[2J")
+    finally:
+        display.close()
+    assert "it is :fire: now\u241b[2J\n" in out.getvalue()
