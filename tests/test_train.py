@@ -842,6 +842,25 @@ def test_a_resume_names_the_runs_own_micro_batch_it_cannot_split(trained: Path, 
     assert sorted(path.name for path in run.iterdir()) == ["config.json"]
 
 
+def test_the_closing_sample_on_a_terminal_shows_its_control_characters(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run's last sample, printed in its closing lines, let a generated ESC sequence act on the terminal (clear
+    # the screen above it), as sample and chat no longer do; piped, the text stays as generated.
+    import io
+
+    import nanoqwen.train as train_module
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(train_module, "sample", lambda run: "it ends\x1b[2J")
+    for name, out, shown in [("terminal", Terminal(), "it ends\u241b[2J"), ("piped", io.StringIO(), "it ends\x1b[2J")]:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert train_in_process(*common(data, preset, tmp_path / name), "--max-steps", "1") == 0
+        assert f"\nsample:\n{shown}\n" in out.getvalue()
+
+
 def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # The default prompt is a new line: a model that ended the document at once printed blank lines.
