@@ -77,7 +77,7 @@ from nanoqwen.distributed import (
 )
 from nanoqwen.errors import NanoQwenError, counted, decimal_number, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
-from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
+from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, for_stdout, generate, prompt_ids
 from nanoqwen.io import (
     ReaderMayLeave,
     hold_lock,
@@ -963,7 +963,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so
             ended = "its reply" if run.loader.assistant is not None else "the document"  # --loss-on assistant
             text = " ".join(filter(None, [text.strip(), f"(nothing after it: the model ended {ended} at once)"]))
-        print(f"\nsample:\n{text}\n")
+        print(f"\nsample:\n{for_stdout(text)}\n")  # its control characters shown on a terminal (an ESC cleared it)
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
              ("TensorBoard events", out / TENSORBOARD_FOLDER),
