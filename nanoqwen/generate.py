@@ -598,6 +598,12 @@ def printable(text: str) -> str:
     return text.translate(_VISIBLE)
 
 
+def for_stdout(text: str) -> str:
+    """Model text to write to standard output: printable on a terminal; piped or redirected, as generated (None:
+    closed, `>&-`)."""
+    return printable(text) if sys.stdout is not None and sys.stdout.isatty() else text
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
     """A prompt's ids (text, or ids already). An empty prompt starts a new document (<|endoftext|>, as
     documents start in the training data): an unconditional sample."""
@@ -801,8 +807,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"(--max-new-tokens {params.max_new_tokens}: at most {fits} fit in the model's context after the "
               "prompt)", file=sys.stderr)
     # On a terminal the model's control characters are shown, as in the chat (an ESC sequence cleared the screen, a
-    # carriage return wrote over the line); piped or redirected, the text is as generated. The prompt is the user's.
-    shown = printable if sys.stdout is not None and sys.stdout.isatty() else str  # (None: closed, `>&-`)
+    # carriage return wrote over the line). The prompt is the user's.
     for i in range(args.num_samples):
         if i:
             params.seed = nth_seed(args.seed, i)
@@ -811,10 +816,10 @@ def run(args: argparse.Namespace) -> int:
         try:
             if args.stream:
                 for piece in stream_text(model, tokenizer, args.prompt, params):
-                    sys.stdout.write(shown(piece))
+                    sys.stdout.write(for_stdout(piece))
                     sys.stdout.flush()
             else:
-                print(shown(generate(model, tokenizer, [args.prompt], params)[0].text), end="")
+                print(for_stdout(generate(model, tokenizer, [args.prompt], params)[0].text), end="")
         finally:
             print(flush=True)  # the text's line ends, Ctrl-C or not: "interrupted" goes below it, not after it
     return 0

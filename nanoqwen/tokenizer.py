@@ -424,6 +424,12 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         if is_run_config(directory / "config.json"):  # a run writes its tokenizer into each checkpoint, not beside
             raise run_folder_refusal(directory)
         if (directory / "vocab.json").exists() and (directory / "merges.txt").exists():  # saved by a slow tokenizer
+            if not (directory / "tokenizer_config.json").exists() and not (directory / "config.json").exists():
+                # nor can Transformers tell which tokenizer reads them (AutoTokenizer fails), or their special tokens
+                raise NanoQwenError(
+                    f"{directory} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads, nor the "
+                    "tokenizer_config.json that says which tokenizer they are (and its special tokens); copy "
+                    "tokenizer.json, or tokenizer_config.json, from the folder the model came from")
             raise NanoQwenError(
                 f"{directory} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it "
                 f"with Transformers: python -c \"from transformers import AutoTokenizer as T; "

@@ -24,6 +24,7 @@ import torch
 from nanoqwen.config import ModelConfig
 from nanoqwen.distributed import on_rank0
 from nanoqwen.errors import NanoQwenError, first_line
+from nanoqwen.generate import printable
 
 FOLDER = "tensorboard"
 # Dense bf16 peak FLOP/s per GPU, for MFU, by device-name substring (torch.cuda.get_device_name()); the first
@@ -80,8 +81,9 @@ class Display:
             return
         if self.progress is None:
             print(text)
-        else:  # as text: a sample's "[/INST]" was rich markup, whose MarkupError ended the run
-            self.progress.console.print(text, markup=False, highlight=False)
+        else:  # as text: a sample's "[/INST]" was rich markup, whose MarkupError ended the run, and ":fire:" an
+            # emoji; its control characters shown, as sample and chat show them on a terminal
+            self.progress.console.print(printable(text), markup=False, highlight=False, emoji=False)
 
     def close(self) -> None:
         if self.progress is not None:

@@ -77,7 +77,7 @@ from nanoqwen.distributed import (
 )
 from nanoqwen.errors import NanoQwenError, counted, decimal_number, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
-from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, generate, prompt_ids
+from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, for_stdout, generate, prompt_ids
 from nanoqwen.io import (
     ReaderMayLeave,
     hold_lock,
@@ -802,6 +802,9 @@ def micro_batch_in_memory(loader: BatchLoader, config: ModelConfig, per_param: i
     free = free_host_memory()
     if free is None:
         return loader.micro_batch
+    # The least any process read: each reads at its own moment (one after the others built their models), and
+    # every process must take the same micro-batch, as FSDP's forward passes (and evaluation's) are collectives.
+    free = int(-all_reduce(-free, "max"))
     room = free // processes - config.num_params() * per_param
     per_sequence = loader.seq_len * activation_bytes_per_token(config, checkpointing, itemsize)
     fits = [size for size in range(1, loader.micro_batch + 1)
@@ -960,7 +963,7 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         if text == run.sample_prompt:  # the prompt alone (by default a new line) printed as blank lines: say so
             ended = "its reply" if run.loader.assistant is not None else "the document"  # --loss-on assistant
             text = " ".join(filter(None, [text.strip(), f"(nothing after it: the model ended {ended} at once)"]))
-        print(f"\nsample:\n{text}\n")
+        print(f"\nsample:\n{for_stdout(text)}\n")  # its control characters shown on a terminal (an ESC cleared it)
     files = [("best checkpoint", out / "best"), ("last checkpoint + training state", out / "last"),
              ("metrics", out / "metrics.jsonl"), ("samples", out / "samples.txt"), ("loss curve", out / "loss.png"),
              ("TensorBoard events", out / TENSORBOARD_FOLDER),

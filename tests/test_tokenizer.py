@@ -350,6 +350,15 @@ def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer
     # swap in another tokenizer than the one its weights were trained with.
     (tmp_path / "vocab.json").write_text("{}")
     (tmp_path / "merges.txt").write_text("#version: 0.2\n")
+    # Without tokenizer_config.json (or a model's config.json), Transformers cannot tell which tokenizer reads them
+    # (nor its special tokens): the command given failed with its "Unrecognized model" traceback.
+    with pytest.raises(NanoQwenError) as refusal:
+        load_tokenizer(tmp_path)
+    assert str(refusal.value) == (
+        f"{tmp_path} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads, nor the "
+        "tokenizer_config.json that says which tokenizer they are (and its special tokens); copy tokenizer.json, or "
+        "tokenizer_config.json, from the folder the model came from")
+    (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
     with pytest.raises(NanoQwenError) as refusal:
         load_tokenizer(tmp_path)
     assert str(refusal.value) == (

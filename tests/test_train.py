@@ -842,6 +842,25 @@ def test_a_resume_names_the_runs_own_micro_batch_it_cannot_split(trained: Path, 
     assert sorted(path.name for path in run.iterdir()) == ["config.json"]
 
 
+def test_the_closing_sample_on_a_terminal_shows_its_control_characters(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The run's last sample, printed in its closing lines, let a generated ESC sequence act on the terminal (clear
+    # the screen above it), as sample and chat no longer do; piped, the text stays as generated.
+    import io
+
+    import nanoqwen.train as train_module
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    monkeypatch.setattr(train_module, "sample", lambda run: "it ends\x1b[2J")
+    for name, out, shown in [("terminal", Terminal(), "it ends\u241b[2J"), ("piped", io.StringIO(), "it ends\x1b[2J")]:
+        monkeypatch.setattr(sys, "stdout", out)
+        assert train_in_process(*common(data, preset, tmp_path / name), "--max-steps", "1") == 0
+        assert f"\nsample:\n{shown}\n" in out.getvalue()
+
+
 def test_a_sample_of_nothing_says_so(data: Path, chat_data: Path, preset: Path, tmp_path: Path,
                                      monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # The default prompt is a new line: a model that ended the document at once printed blank lines.
@@ -1409,6 +1428,39 @@ def test_a_micro_batch_whose_activations_do_not_fit_is_lowered_or_refused(
     assert "; not even one sequence fits: add --activation-checkpointing, shorten --seq-len, or choose a smaller " \
            "model\n" in capsys.readouterr().err
     assert not (tmp_path / "four" / "metrics.jsonl").exists() and not (tmp_path / "none" / "metrics.jsonl").exists()
+
+
+def micro_batch_worker(rank: int, folder: str) -> None:
+    """One of two processes of a gloo job whose machine reads differently for each (rank 1 sees the model rank 0
+    has already built, and less room): the micro-batch each would train with goes to folder/RANK.json."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    import nanoqwen.train as train_module
+
+    config = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    per_sequence = 32 * train_module.activation_bytes_per_token(config, checkpointing=False, itemsize=4)
+    room = config.num_params() * 16 + (8 if rank == 0 else 3) * per_sequence  # (divided by the 2 processes)
+    train_module.free_host_memory = lambda: 2 * room
+    dist.init_process_group("gloo", store=dist.FileStore(f"{folder}/store", 2), rank=rank, world_size=2,
+                            timeout=timedelta(seconds=20))
+    loader = SimpleNamespace(micro_batch=4, per_rank=4, seq_len=32, batch_size=8)
+    chosen = train_module.micro_batch_in_memory(loader, config, 16, given=False, checkpointing=False, itemsize=4,
+                                                processes=2, say=lambda line: None)
+    dist.destroy_process_group()
+    Path(folder, f"{rank}.json").write_text(json.dumps(chosen))
+
+
+def test_every_process_of_a_job_trains_with_the_same_micro_batch(tmp_path: Path) -> None:
+    # Each process read the machine's free memory for itself: one that read it after the others had built their
+    # models could lower its micro-batch alone, and under --fsdp (whose forward passes are collectives) a process
+    # with more micro-batches a step waits for the others in a collective they never make.
+    import torch.multiprocessing as mp
+
+    mp.start_processes(micro_batch_worker, args=(str(tmp_path),), nprocs=2, start_method="fork")
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == [2, 2]
 
 
 def library_bytes() -> int:
@@ -2683,3 +2735,23 @@ def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest
     finally:
         display.close()
     assert "[INST] Hi [/INST] [bold]Hello 42\n" in out.getvalue()
+
+
+def test_a_sample_beside_the_progress_bar_keeps_its_emoji_codes_and_shows_control_characters(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # rich's console also read ":fire:" as an emoji code (a sample of Markdown or Slack text showed a flame), and let
+    # a generated ESC sequence act on the terminal, as sample and chat show it (printable) no longer do.
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Terminal()
+    monkeypatch.setattr(sys, "stdout", out)
+    display = Display(True, 0, 10, 1)
+    try:
+        display.print("it is :fire: now\x1b[2J")
+    finally:
+        display.close()
+    assert "it is :fire: now\u241b[2J\n" in out.getvalue()
