@@ -12,6 +12,7 @@ import importlib.util
 import json
 import os
 import re
+import shlex
 import shutil
 import time
 from collections.abc import Iterable, Iterator
@@ -432,8 +433,8 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
                     "tokenizer.json, or tokenizer_config.json, from the folder the model came from")
             raise NanoQwenError(
                 f"{directory} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it "
-                f"with Transformers: python -c \"from transformers import AutoTokenizer as T; "
-                f"T.from_pretrained('{directory}').save_pretrained('{directory}')\"")
+                "with Transformers: python -c \"import sys; from transformers import AutoTokenizer as T; "
+                f"T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\" {shlex.quote(str(directory))}")
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shlex
 import unicodedata
 from pathlib import Path
 
@@ -359,9 +360,12 @@ def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer
         "tokenizer_config.json that says which tokenizer they are (and its special tokens); copy tokenizer.json, or "
         "tokenizer_config.json, from the folder the model came from")
     (tmp_path / "tokenizer_config.json").write_text('{"tokenizer_class": "Qwen2Tokenizer"}')
+    odd = tmp_path.rename(tmp_path.with_name(tmp_path.name + " it's $HOME"))  # the shell line holds any path
     with pytest.raises(NanoQwenError) as refusal:
-        load_tokenizer(tmp_path)
+        load_tokenizer(odd)
     assert str(refusal.value) == (
-        f"{tmp_path} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it with "
-        f"Transformers: python -c \"from transformers import AutoTokenizer as T; "
-        f"T.from_pretrained('{tmp_path}').save_pretrained('{tmp_path}')\"")
+        f"{odd} has vocab.json and merges.txt but no tokenizer.json, which nanoqwen reads; write it with "
+        "Transformers: python -c \"import sys; from transformers import AutoTokenizer as T; "
+        f"T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\" {shlex.quote(str(odd))}")
+    command = str(refusal.value).split("write it with Transformers: ", 1)[1]
+    assert shlex.split(command)[-1] == str(odd)
