@@ -29,6 +29,7 @@ from nanoqwen.generate import (
     load_for_sampling,
     nth_seed,
     printable,
+    reopen_closed_stdout,
     stream_batch,
 )
 from nanoqwen.model import Qwen3
@@ -283,6 +284,7 @@ def run(args: argparse.Namespace) -> int:
     if args.thinking is not None and args.raw:
         raise NanoQwenError("--thinking/--no-thinking choose how the chat template starts a reply; --raw uses "
                             "no template, so give one or the other")
+    reopen_closed_stdout()
     model, tokenizer, params = load_for_sampling(args)
     context = model.config.max_position_embeddings
     conversation = new_conversation(args, tokenizer, context, params.max_new_tokens)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 import sys
 import warnings
@@ -604,6 +605,13 @@ def for_stdout(text: str) -> str:
     return printable(text) if sys.stdout is not None and sys.stdout.isatty() else text
 
 
+def reopen_closed_stdout() -> None:
+    """A closed standard output (`>&-`, None in Python) becomes /dev/null for sample and chat: their text goes
+    nowhere, as print()'s does, where a stream's write or chat's input() prompt stopped with a traceback."""
+    if sys.stdout is None:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open as long as the process, as standard output is)
+
+
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
     """A prompt's ids (text, or ids already). An empty prompt starts a new document (<|endoftext|>, as
     documents start in the training data): an unconditional sample."""
@@ -801,6 +809,7 @@ def load_for_sampling(args: argparse.Namespace) -> tuple[Qwen3, Tokenizer, Sampl
 
 
 def run(args: argparse.Namespace) -> int:
+    reopen_closed_stdout()
     model, tokenizer, params = load_for_sampling(args)
     fits = check_fits(model, len(prompt_ids(tokenizer, args.prompt)), params.max_new_tokens)  # before it is echoed
     if fits < params.max_new_tokens:

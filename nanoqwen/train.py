@@ -705,9 +705,10 @@ def train(run: Run) -> dict[str, Any]:
                 record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
             time_up = cfg.max_minutes is not None and now - start >= cfg.max_minutes * 60
             stopped = agreed_stop(run, time_up, stop.name)
-            if stopped is not None and stopped.startswith("signal") and state.step >= run.total_steps:
-                # the run is done with this step: it ends as planned (a resume, with no steps left, could not
-                # make up the final evaluation and sample)
+            if state.step >= run.total_steps:
+                # the run is done with this step: it ends as planned, a signal's or the time cap's stop with it (a
+                # resume, with no steps left, could not make up the final evaluation and sample; the time stopped
+                # no step)
                 stopped = None
             summary["stopped"] = stopped or summary["stopped"]
             interrupted = stopped is not None and stopped.startswith("signal")  # save and leave, no final eval

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import select
@@ -15,6 +16,7 @@ import pexpect
 import pytest
 
 from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
+from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
@@ -520,3 +522,12 @@ def test_a_model_trained_on_conversations_answers_in_the_chat(tmp_path: Path, ca
         child.expect(pexpect.EOF)
     finally:
         child.close()
+
+
+def test_a_chat_with_its_standard_output_closed_ends_cleanly(checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+                                                              ) -> None:
+    # `nanoqwen chat ... >&-` (sys.stdout None) stopped with a traceback at its first prompt; as sample does, it
+    # runs, what it prints going nowhere.
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "2", "--device", "cpu"]) == 0

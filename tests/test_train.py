@@ -1305,6 +1305,17 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     assert "| ETA 0 s" in printed and "ETA -" not in printed  # the cap passed mid-step: no time left, not less
 
 
+def test_a_wall_cap_reached_on_the_last_step_ends_a_finished_run(data: Path, preset: Path, tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Every step ran: the time that ran out with the last one stopped nothing, where the report said
+    # "stopped after step 1 (max_minutes)".
+    out = tmp_path / "capped-at-the-end"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "1", "--max-minutes", "0.0001") == 0
+    printed = capsys.readouterr().out
+    assert "stopped after step 1 (max_steps)" in printed, printed
+    assert f"--resume {out} --max-steps 2" in printed  # more steps, as for any finished run
+
+
 @pytest.mark.parametrize(("flags", "words"), [
     (["--sample-prompt", "word " * 1000], "--sample-prompt: the prompt is"),
     (["--max-minutes", "-1"], "--max-minutes must be positive (or 0 for no cap), got -1"),

@@ -819,6 +819,21 @@ def test_a_setting_that_stopped_a_send_is_marked_until_changed(page) -> None:
     expect(page.locator("#stats")).to_have_text("")
 
 
+def test_a_refused_key_is_unmarked_once_a_send_succeeds(page) -> None:
+    # After a 401 the key box stayed red through later sends the server answered (restarted without --api-key, say)
+    # while the key was left as it was.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    page.route("**/v1/chat/completions", lambda route: route.fulfill(status=401, json={"error": {
+        "message": "missing or wrong API key", "type": "invalid_request_error", "code": "invalid_api_key"}}))
+    send_and_wait(page, "Hello")
+    key = page.locator("#api-key")
+    expect(key).to_have_attribute("aria-invalid", "true")
+    page.unroute("**/v1/chat/completions")
+    send_and_wait(page, "Hello")
+    expect(page.locator("#stats")).to_contain_text("finish: length")
+    expect(key).not_to_have_attribute("aria-invalid", "true")
+
 def test_header_recovers_when_the_server_answers_again(page) -> None:
     # A send that finds no server marks the header unreachable; the next one that goes through must clear
     # that (it stayed "server unreachable", red, over a working conversation once the server was back).

@@ -277,8 +277,9 @@ function refuse(input, message) {
   return message;
 }
 
-// A setting changed by the user, or by Reset settings: no longer marked, nor its refusal said (the field stayed red,
-// and the status line said "Max tokens must be ..." beside the 5 typed since, until the next send).
+// A setting changed by the user, or by Reset settings, or a key a send went through with: no longer marked, nor its
+// refusal said (the field stayed red, and the status line said "Max tokens must be ..." beside the 5 typed since, until
+// the next send).
 function accept(input) {
   if (input.getAttribute("aria-invalid") !== "true") return;
   input.removeAttribute("aria-invalid");
@@ -891,6 +892,8 @@ async function send(again = null) {
       if (chat) box.querySelector(".role").textContent = records.get(box).label = state.model;
       result = await request();
     }
+    // The server took the key (restarted without one, say): a 401's mark on it goes, though it was not edited.
+    accept($("api-key"));
     const tokens = result.usage ? result.usage.completion_tokens : pieces;
     // A reply that filled the context ends as "length" too, short of max tokens: say which limit it was.
     const full = result.finish === "length" && result.usage && state.context
