@@ -2729,12 +2729,19 @@ def test_a_process_that_ends_mid_run_stops_the_others_with_one_line(tmp_path: Pa
     assert said["gone"] == PEER_GONE_LINE
 
 
-def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest.MonkeyPatch) -> None:
-    # On a terminal, lines go through rich's console, which read a sample as markup: "[/INST]" (Llama-style chat
-    # text) ended the run with a MarkupError, and "[bold]" vanished into a style.
+@pytest.mark.parametrize("sample, shown", [
+    # rich's console read a sample as markup: "[/INST]" (Llama-style chat text) ended the run with a MarkupError,
+    # and "[bold]" vanished into a style;
+    ("[INST] Hi [/INST] [bold]Hello 42", "[INST] Hi [/INST] [bold]Hello 42"),
+    # it read ":fire:" as an emoji code, and let a generated ESC sequence act on the terminal (shown as sample and
+    # chat show it, printable).
+    ("it is :fire: now\x1b[2J", "it is :fire: now\u241b[2J"),
+], ids=["markup", "emoji-and-escape"])
+def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest.MonkeyPatch, sample: str,
+                                                             shown: str) -> None:
     import io
 
-    class Terminal(io.StringIO):
+    class Terminal(io.StringIO):  # on a terminal, lines go through rich's console
         def isatty(self) -> bool:
             return True
 
@@ -2742,27 +2749,7 @@ def test_a_sample_beside_the_progress_bar_is_printed_as_text(monkeypatch: pytest
     monkeypatch.setattr(sys, "stdout", out)
     display = Display(True, 0, 10, 1)
     try:
-        display.print("[INST] Hi [/INST] [bold]Hello 42")
+        display.print(sample)
     finally:
         display.close()
-    assert "[INST] Hi [/INST] [bold]Hello 42\n" in out.getvalue()
-
-
-def test_a_sample_beside_the_progress_bar_keeps_its_emoji_codes_and_shows_control_characters(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    # rich's console also read ":fire:" as an emoji code (a sample of Markdown or Slack text showed a flame), and let
-    # a generated ESC sequence act on the terminal, as sample and chat show it (printable) no longer do.
-    import io
-
-    class Terminal(io.StringIO):
-        def isatty(self) -> bool:
-            return True
-
-    out = Terminal()
-    monkeypatch.setattr(sys, "stdout", out)
-    display = Display(True, 0, 10, 1)
-    try:
-        display.print("it is :fire: now\x1b[2J")
-    finally:
-        display.close()
-    assert "it is :fire: now\u241b[2J\n" in out.getvalue()
+    assert shown + "\n" in out.getvalue()
