@@ -131,12 +131,6 @@ def stored_type(tensor: torch.Tensor, outtype: str) -> tuple[np.dtype, gguf.GGML
     return np.dtype(np.int16), gguf.GGMLQuantizationType.BF16
 
 
-def stored_shape(tensor: torch.Tensor, outtype: str) -> tuple[int, ...]:
-    """The shape of the array written for a weight (a q8_0 row is its blocks' bytes: 34 for every 32 values)."""
-    _, raw_dtype = stored_type(tensor, outtype)
-    return gguf.quant_shape_to_byte_shape(tensor.shape, Q8_0) if raw_dtype == Q8_0 else tuple(tensor.shape)
-
-
 def tensor_data(tensor: torch.Tensor, outtype: str) -> np.ndarray:
     """A weight as the numpy array written for it."""
     kind, raw_dtype = stored_type(tensor, outtype)
@@ -238,7 +232,8 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     # of names, shapes and sizes comes first in the file, from the types alone).
     for key, value in state.items():
         kind, raw_dtype = stored_type(value, outtype)
-        shape = stored_shape(value, outtype)
+        # the shape of the array written: a q8_0 row is its blocks' bytes, 34 for every 32 values
+        shape = gguf.quant_shape_to_byte_shape(value.shape, Q8_0) if raw_dtype == Q8_0 else tuple(value.shape)
         writer.add_tensor_info(gguf_tensor_name(key), shape, kind, math.prod(shape) * kind.itemsize,
                                raw_dtype=raw_dtype)
     with atomic_path(out) as tmp:  # a cut-off write never replaces a whole file
