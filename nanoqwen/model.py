@@ -2,7 +2,7 @@
 
 Module names equal Hugging Face's (`model.layers.3.self_attn.q_proj`, ...), so `state_dict()` keys are
 the checkpoint keys. Shapes in comments: B batch, T new tokens, S keys (cached + new), H query heads,
-K kv heads, D head_dim, C hidden size.
+K kv heads, D head_dim, C hidden size, V vocabulary size.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from nanoqwen.config import ModelConfig, rope_type
 
 
 class DecodingParts:
-    """A module with attributes that Qwen3.prepare_for_decoding sets (`decoding`: their names). They are left out of
-    its copies and pickles, to be made again by the copy's Qwen3 (see Qwen3.__setstate__): a weight's copy is a
-    clone of its own, so copies of views of the weights would hold copies of them, not the copy's weights (updated
-    in place, they would be left behind), and take their memory a second time."""
+    """A module with inference-only attributes that Qwen3.prepare_for_decoding sets (views of its weights, named in
+    `decoding`). copy.deepcopy and pickle leave them out (None), and the copy's Qwen3 makes them again from its own
+    weights (see Qwen3.__setstate__): a copied view would be a tensor of its own, no longer the copy's weights (an
+    update in place would miss it), and would hold their memory a second time."""
 
     decoding: tuple[str, ...] = ()
 
@@ -32,6 +32,8 @@ class DecodingParts:
 
 
 class RMSNorm(DecodingParts, nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight over the last dimension: LayerNorm without the mean or a bias."""
+
     decoding = ("decode",)
 
     def __init__(self, dim: int, eps: float) -> None:
@@ -43,7 +45,7 @@ class RMSNorm(DecodingParts, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.decode is not None and not torch.is_grad_enabled():
             return self.decode(x)
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, one fused op
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # same math, one call (fused on CUDA)
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Normalize in fp32, cast back, *then* scale: the order Qwen3 (and Transformers) use.
         x32 = x.float()
@@ -191,6 +193,8 @@ class KVCache:
 
     def __init__(self, config: ModelConfig, batch_size: int, max_len: int,
                  device: torch.device | str, dtype: torch.dtype) -> None:
+        # Heads before slots: a layer's (B, K, S, D) is the layout attention reads, so a step transposes only the
+        # rows it writes, never the whole cache.
         shape = (config.num_hidden_layers, batch_size, config.num_key_value_heads, max_len, config.head_dim)
         self.keys = torch.zeros(shape, device=device, dtype=dtype)
         self.values = torch.zeros(shape, device=device, dtype=dtype)
@@ -201,8 +205,8 @@ class KVCache:
         self.max_len = max_len
         self.slot: torch.Tensor | None = None  # (1,) the next slot, kept on the device once shapes are fixed
         self.window = 0  # slots the current fixed-shape step attends
-        # cos and sin of every position a row can reach here (set by Qwen3.new_cache), (max_len, 1, D) each: looked up
-        # at each forward instead of computed (a dozen small ops a step)
+        # cos and sin of every position a row can reach here (set by Qwen3.new_cache),
+        # (max_len, 1, D) each: looked up at each forward instead of computed (a dozen small ops a step)
         self.cos: torch.Tensor | None = None
         self.sin: torch.Tensor | None = None
         # One view per layer of the slots this forward writes, (B, T, K, D), and of all the slots it attends,
@@ -221,8 +225,8 @@ class KVCache:
 
     def attention_window(self) -> int:
         """Slots the next fixed-shape step attends: the filled ones and the one it writes, rounded up to
-        FIRST_WINDOW times a power of two (at most max_len). A window serves many steps, and it never
-        attends more than twice the slots in use, however large the cache was made."""
+        FIRST_WINDOW times a power of two (at most max_len). A window serves many steps, and past the first it
+        never attends more than twice the slots in use, however large the cache was made."""
         window = self.FIRST_WINDOW
         while window <= self.length:
             window *= 2
@@ -250,6 +254,9 @@ class KVCache:
 
 
 class Attention(DecodingParts, nn.Module):
+    """Causal grouped-query attention with QK-norm: H query heads share K kv heads (H / K each); q and k are
+    RMS-normed per head, then rotated by RoPE."""
+
     decoding = ("qkv_weight_t", "o_weight_t", "qk_norm")
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
@@ -263,7 +270,7 @@ class Attention(DecodingParts, nn.Module):
         self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
         self.dropout = config.attention_dropout  # on the attention weights, in training only
-        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # per head, before RoPE
+        self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # over each head's D (one weight for all heads)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
         # Set by Qwen3.prepare_for_decoding: q/k/v's weights fused into one, and o_proj's, each as a transposed
         # (in, out) view that mm and addmm take as it is (F.linear transposes its weight at every call)
@@ -274,9 +281,10 @@ class Attention(DecodingParts, nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x). x is (B, T, C), or (B * T, C) token rows at inference."""
-        B, T = cos.shape[:2]
+        B, T = cos.shape[:2]  # (not from x, which may be flattened to token rows)
         H, K, D = self.n_heads, self.n_kv_heads, self.head_dim
         inference = self.qkv_weight_t is not None and not torch.is_grad_enabled()
+        # The fused weight's output columns are q's, k's, then v's, each head's D together: one view splits them.
         if inference and self.qk_norm is not None:  # one matmul; q and k normed and rotated as one block
             qk, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
             q, k = apply_rope(self.qk_norm(qk), cos, sin).split([H, K], dim=2)
@@ -286,7 +294,8 @@ class Attention(DecodingParts, nn.Module):
             else:
                 q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D),
                            self.v_proj(x).view(B, T, K, D))
-            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)  # per head, then RoPE
+            # per head, then RoPE
+            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         else:
@@ -345,6 +354,8 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 
 
 class MLP(DecodingParts, nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
     decoding = ("gate_up_weight_t", "down_weight_t")
 
     def __init__(self, config: ModelConfig) -> None:
@@ -378,6 +389,9 @@ def add_projection(residual: torch.Tensor, x: torch.Tensor, linear: nn.Linear, w
 
 
 class DecoderLayer(nn.Module):
+    """A pre-norm block: h = x + attention(norm(x)), then h + mlp(norm(h)). The residual is handed to attention
+    and the MLP, which add it in their output projection (add_projection)."""
+
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
@@ -411,7 +425,7 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # made from config: no checkpoint key
         self.rope_scale = rope_attention_factor(config)  # what cos and sin are multiplied by (YaRN's 1 + 0.1 ln s)
         self.activation_checkpointing = False
         self.prepared_for_decoding = False
@@ -422,8 +436,9 @@ class Qwen3(nn.Module):
         """All initialization lives here: normal(0, initializer_range) for matrices, ones for norms.
 
         Matrices are drawn in float32 whatever their dtype, then rounded: a seed gives a bf16 model (`nanoqwen init
-        --dtype bf16`) the float32 weights cast, as normal_ into bf16 itself does not (on CPU it draws the last
-        numel % 16 values of a tensor otherwise). One matrix's float32 copy at a time: peak memory stays low."""
+        --dtype bf16`) the float32 weights cast, as normal_ into bf16 itself does not (on CPU, where numel is not a
+        multiple of 16, the last 16 values come out otherwise). One matrix's float32 copy at a time: peak memory
+        stays low."""
         std = self.config.initializer_range
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -505,7 +520,8 @@ class Qwen3(nn.Module):
         cache = KVCache(self.config, batch_size, max_len, weight.device, weight.dtype)
         # A row's position never passes its slot (padding takes none), so max_len positions cover every row.
         every_position = torch.arange(max_len, device=weight.device)[:, None]  # (max_len, 1), as (B, T)
-        cos, sin = rope_cos_sin(every_position, self.inv_freq, weight.dtype, self.rope_scale)  # (max_len, 1, 1, D)
+        # (max_len, 1, 1, D) each
+        cos, sin = rope_cos_sin(every_position, self.inv_freq, weight.dtype, self.rope_scale)
         cache.cos, cache.sin = cos[:, 0], sin[:, 0]
         return cache
 
@@ -549,7 +565,8 @@ class Qwen3(nn.Module):
             query_slot = torch.arange(start, start + T, device=device)
             key_slot = torch.arange(start + T, device=device)
             allowed = (key_slot[None, :] <= query_slot[:, None])[None] & key_valid[:, None, :]  # (B, T, S)
-            allowed |= key_slot[None, None, :] == query_slot[None, :, None]  # a padding row still sees itself
+            # a padding row still sees itself: a row that sees no key would softmax to nan
+            allowed |= key_slot[None, None, :] == query_slot[None, :, None]
             mask = allowed[:, None]  # (B, 1, T, S)
         x = self.blocks(input_ids, positions, mask, cache)
         if cache is not None:
