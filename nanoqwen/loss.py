@@ -111,7 +111,7 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
-        count = valid.sum().clamp(min=1)
+        count = valid.sum().clamp(min=1)  # no target at all: a loss of 0, not 0/0
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
@@ -152,8 +152,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: t
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX = skip).
 
     hidden (..., C), weight (V, C), targets (...). Equal, values and gradients, to
-    `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten())`. `compiled`: each
-    chunk's softmax and gradient run as compiled kernels (the matmuls are the same either way).
+    `F.cross_entropy((hidden @ weight.T).float().flatten(0, -2), targets.flatten())` (but 0, not its nan, where
+    every target is IGNORE_INDEX). `chunk`: tokens per chunk (None: `chunk_rows`). `compiled`: each chunk's
+    softmax and gradient run as compiled kernels (the matmuls are the same either way).
     """
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = targets.reshape(-1)
@@ -175,7 +176,9 @@ def plain_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: tor
 class CausalLMLoss(nn.Module):
     """The training objective as one module, so DDP and FSDP see the head used by the loss.
 
-    forward(inputs, targets) -> mean next-token loss; `model` is the Qwen3 being trained.
+    forward(inputs, targets) -> mean next-token loss; `model` is the Qwen3 being trained. inputs and targets are
+    (B, T), targets already shifted (targets[:, t] is the token after inputs[:, t]: the loader cuts both from one
+    window of T + 1 tokens), IGNORE_INDEX where a token is not scored.
     """
 
     def __init__(self, model: Qwen3) -> None:
