@@ -36,7 +36,7 @@ def lr_at(step: int, *, max_lr: float, min_lr: float, warmup: int, total: int, s
     if step < warmup:
         return max_lr * (step + 1) / warmup
     if schedule == "cosine":
-        # A warmup that ends on the step before the last leaves no span to decay over: that step is the last.
+        # A warmup that ends on the step before the last leaves no span to decay over: the last step is at min_lr.
         span = total - 1 - warmup
         progress = (step - warmup) / span if span > 0 else 1.0
         return min_lr + 0.5 * (max_lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -102,10 +102,10 @@ class MuonFp32(torch.optim.Muon):
                 buf.lerp_(p.grad, 1 - group["momentum"])
                 update = p.grad.lerp(buf, group["momentum"]) if group["nesterov"] else buf
                 x = update.float()
-                if x.shape[0] > x.shape[1]:
+                if x.shape[0] > x.shape[1]:  # wide: x @ x.T below is then the smaller Gram matrix
                     x = x.T
                 x = x / x.norm().clamp(min=group["eps"])  # spectral norm <= 1
-                for _ in range(group["ns_steps"]):
+                for _ in range(group["ns_steps"]):  # x = U S V^T -> a x + b (x x^T) x + c (x x^T)^2 x: S towards 1
                     gram = x @ x.T
                     x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
                 if update.shape[0] > update.shape[1]:
