@@ -34,8 +34,8 @@ from nanoqwen.tokenizer import Tokenizer
 if TYPE_CHECKING:  # checkpoint.py is imported where a model is loaded
     from nanoqwen.checkpoint import GenerationFile
 
-# As vLLM: a temperature this small picks the best token. Dividing by it overflows, and one below float32's
-# smallest number (1e-50) is 0 to the logits, whose 0/0 was nan.
+# As vLLM: a temperature this small picks the best token (argmax). One below float32's smallest number (1e-50, say)
+# is 0 to the float32 logits: the best one, shifted to 0 by sampled_logits, became 0/0 = nan.
 GREEDY_BELOW = 1e-5
 
 
