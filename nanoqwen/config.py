@@ -164,17 +164,22 @@ class ModelConfig:
     hidden_act: str = "silu"
     """MLP activation (SwiGLU uses silu)."""
     bos_token_id: int | None = 151643
+    """<|endoftext|> in Qwen3, the documents' separator (its tokenizer puts no BOS before a prompt)."""
     eos_token_id: int | None = 151645
+    """The token that ends the model's turn (<|im_end|> in Qwen3)."""
     pad_token_id: int | None = None
     use_sliding_window: bool = False
+    """Sliding-window attention, off in every official model; nanoqwen refuses it where a layer would slide."""
     sliding_window: int | None = None
     max_window_layers: int = 28
+    """Layers from this one up would slide their window (Transformers' rule); as many as layers: none does."""
     rope_scaling: dict[str, Any] | None = None
     """RoPE scaling, as Transformers reads it: None (plain RoPE), {"rope_type": "linear", "factor": F} (positions
     divided by F), or {"rope_type": "yarn", "factor": F, "original_max_position_embeddings": N} (YaRN, with its
     optional attention_factor, beta_fast, beta_slow, mscale, mscale_all_dim, truncate)."""
     torch_dtype: str = "bfloat16"
-    """dtype the weights are stored in when written as a checkpoint."""
+    """The dtype a checkpoint's weights are stored in, as its config.json records it (saving writes the weights'
+    own; --dtype and --best-dtype choose it)."""
 
     def validate(self) -> ModelConfig:
         """Raise one clear line for a config that cannot build a Qwen3 model."""
@@ -636,8 +641,9 @@ class LoopState:
     step: int = 0
     """Optimizer steps done."""
     tokens: int = 0
+    """Tokens of the batches drawn so far (batch_size x seq_len a step)."""
     elapsed_s: float = 0.0
-    """Training time of all invocations so far."""
+    """Wall time of the training loops of all invocations so far, evaluations and saves included."""
     first_steps: int = 0
     """Invocations that trained a step: each one's first step (compiling, warming up) is no measure of the pace."""
     first_steps_s: float = 0.0
