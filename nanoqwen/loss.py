@@ -22,8 +22,8 @@ from nanoqwen.model import Qwen3
 
 IGNORE_INDEX = -100
 CHUNK_ELEMENTS = 1 << 25  # logits per chunk (128 MiB in fp32)
-# On a GPU every chunk also reads and writes the whole (V, C) fp32 weight gradient once (1.2 GB at
-# qwen3-0.6b): fewer, larger chunks (1,766 tokens at the Qwen3 vocabulary, 512 MiB of bf16 logits).
+# On a GPU every chunk also reads and writes the whole (V, C) fp32 weight gradient once (0.62 GB at qwen3-0.6b,
+# 1.2 GB of traffic): fewer, larger chunks (1,766 tokens at the Qwen3 vocabulary, 512 MiB of bf16 logits).
 CUDA_CHUNK_ELEMENTS = 1 << 28
 MIN_CHUNK_ROWS = 256  # fewer rows make the (V, C) weight-gradient update memory-bound
 
