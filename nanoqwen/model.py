@@ -205,10 +205,10 @@ class KVCache:
         self.max_len = max_len
         self.slot: torch.Tensor | None = None  # (1,) the next slot, kept on the device once shapes are fixed
         self.window = 0  # slots the current fixed-shape step attends
-        # cos and sin of every position a row can reach here (set by Qwen3.new_cache),
+        # cos and signed sin (rope_cos_sin) of every position a row can reach here (set by Qwen3.new_cache),
         # (max_len, 1, D) each: looked up at each forward instead of computed (a dozen small ops a step)
         self.cos: torch.Tensor | None = None
-        self.sin: torch.Tensor | None = None
+        self.signed_sin: torch.Tensor | None = None
         # One view per layer of the slots this forward writes, (B, T, K, D), and of all the slots it attends,
         # (B, K, S, D): made once per forward by `begin`, not by slicing in each layer's update
         self.new_keys: tuple[torch.Tensor, ...] = ()
@@ -278,7 +278,7 @@ class Attention(DecodingParts, nn.Module):
         self.o_weight_t: torch.Tensor | None = None
         self.qk_norm: DecodeNorm | None = None  # both norms over a (B, T, H + K, D) block, set there too
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, mask: torch.Tensor | None,
                 cache: KVCache | None, residual: torch.Tensor) -> torch.Tensor:
         """residual + attention(x). x is (B, T, C), or (B * T, C) token rows at inference."""
         B, T = cos.shape[:2]  # (not from x, which may be flattened to token rows)
@@ -287,7 +287,7 @@ class Attention(DecodingParts, nn.Module):
         # The fused weight's output columns are q's, k's, then v's, each head's D together: one view splits them.
         if inference and self.qk_norm is not None:  # one matmul; q and k normed and rotated as one block
             qk, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)
-            q, k = apply_rope(self.qk_norm(qk), cos, sin).split([H, K], dim=2)
+            q, k = apply_rope(self.qk_norm(qk), cos, signed_sin).split([H, K], dim=2)
         else:
             if inference:  # one matmul instead of three
                 q, k, v = torch.mm(x, self.qkv_weight_t).view(B, T, H + 2 * K, D).split([H, K, K], dim=2)
@@ -295,7 +295,7 @@ class Attention(DecodingParts, nn.Module):
                 q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D),
                            self.v_proj(x).view(B, T, K, D))
             # per head, then RoPE
-            q, k = apply_rope(self.q_norm(q), cos, sin), apply_rope(self.k_norm(k), cos, sin)
+            q, k = apply_rope(self.q_norm(q), cos, signed_sin), apply_rope(self.k_norm(k), cos, signed_sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
         else:
@@ -399,9 +399,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
-        h = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, residual=x)
+        h = self.self_attn(self.input_layernorm(x), cos, signed_sin, mask, cache, residual=x)
         return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
@@ -521,8 +521,8 @@ class Qwen3(nn.Module):
         # A row's position never passes its slot (padding takes none), so max_len positions cover every row.
         every_position = torch.arange(max_len, device=weight.device)[:, None]  # (max_len, 1), as (B, T)
         # (max_len, 1, 1, D) each
-        cos, sin = rope_cos_sin(every_position, self.inv_freq, weight.dtype, self.rope_scale)
-        cache.cos, cache.sin = cos[:, 0], sin[:, 0]
+        cos, signed_sin = rope_cos_sin(every_position, self.inv_freq, weight.dtype, self.rope_scale)
+        cache.cos, cache.signed_sin = cos[:, 0], signed_sin[:, 0]
         return cache
 
     def forward(self, input_ids: torch.Tensor, *, cache: KVCache | None = None,
@@ -581,17 +581,17 @@ class Qwen3(nn.Module):
         """Embeddings and every decoder layer: (B, T) ids at (B, T) RoPE positions -> (B, T, C)."""
         B, T = input_ids.shape
         x = self.model.embed_tokens(input_ids)  # (B, T, C)
-        if cache is not None and cache.cos is not None and cache.sin is not None:
-            cos, sin = cache.cos[positions], cache.sin[positions]  # (B, T, 1, D), made once per cache
+        if cache is not None and cache.cos is not None and cache.signed_sin is not None:
+            cos, signed_sin = cache.cos[positions], cache.signed_sin[positions]  # (B, T, 1, D), made once per cache
         else:
-            cos, sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
+            cos, signed_sin = rope_cos_sin(positions, self.inv_freq, x.dtype, self.rope_scale)
         if self.prepared_for_decoding and not torch.is_grad_enabled():
             x = x.view(B * T, -1)  # token rows: no reshaping around each matmul of a decode step
         for layer in self.model.layers:
             if self.activation_checkpointing and self.training and cache is None:
-                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+                x = checkpoint(layer, x, cos, signed_sin, mask, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, cache)
+                x = layer(x, cos, signed_sin, mask, cache)
         return x.view(B, T, -1)
 
     def _fixed_shape_step(self, input_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:

@@ -191,8 +191,8 @@ def test_a_caches_rope_table_holds_what_each_step_computed(case):
     cache = model.new_cache(2, 50)
     positions = torch.tensor([[0, 7, 49], [3, 3, 12]])
     cos, sin = rope_cos_sin(positions, model.inv_freq, torch.float32, model.rope_scale)
-    assert cache.cos is not None and cache.sin is not None and cache.cos.shape == (50, 1, 16)
-    assert torch.equal(cache.cos[positions], cos) and torch.equal(cache.sin[positions], sin)
+    assert cache.cos is not None and cache.signed_sin is not None and cache.cos.shape == (50, 1, 16)
+    assert torch.equal(cache.cos[positions], cos) and torch.equal(cache.signed_sin[positions], sin)
 
 
 def test_left_padded_batch_equals_rows_alone():
