@@ -560,6 +560,8 @@ class Qwen3(nn.Module):
             cache.padded |= real is not None
             cache.begin(T)
         padded = attention_mask is not None or (cache is not None and cache.padded)
+        # SDPA's is_causal lines its mask up top-left (query i sees keys 0..i): several new tokens after cached ones
+        # need their own mask, which lines them up with the last keys.
         if padded or (cache is not None and start > 0 and T > 1):
             key_valid = cache.key_valid[:, :start + T] if cache is not None else real
             query_slot = torch.arange(start, start + T, device=device)
