@@ -294,7 +294,7 @@ class Attention(DecodingParts, nn.Module):
             else:
                 q, k, v = (self.q_proj(x).view(B, T, H, D), self.k_proj(x).view(B, T, K, D),
                            self.v_proj(x).view(B, T, K, D))
-            # per head, then RoPE
+            # QK-norm over each head's D, then RoPE: q (B, T, H, D), k (B, T, K, D)
             q, k = apply_rope(self.q_norm(q), cos, signed_sin), apply_rope(self.k_norm(k), cos, signed_sin)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D)
@@ -304,6 +304,7 @@ class Attention(DecodingParts, nn.Module):
             y = decode_attention(q, k, v, mask)
         else:
             y = sdpa_attention(q.transpose(1, 2), k, v, mask, self.dropout if self.training else 0.0).transpose(1, 2)
+        # y is (B, T, H, D), or (B, H * D) from decode_attention: heads joined back into x's layout
         return add_projection(residual, y.reshape(*x.shape[:-1], H * D), self.o_proj,
                               self.o_weight_t if inference else None)
 
