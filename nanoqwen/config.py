@@ -168,9 +168,11 @@ class ModelConfig:
     eos_token_id: int | None = 151645
     """The token that ends the model's turn (<|im_end|> in Qwen3)."""
     pad_token_id: int | None = None
+    """Unused by the model (Qwen3's tokenizer pads with <|endoftext|>)."""
     use_sliding_window: bool = False
     """Sliding-window attention, off in every official model; nanoqwen refuses it where a layer would slide."""
     sliding_window: int | None = None
+    """Keys a sliding layer would attend (None: no window)."""
     max_window_layers: int = 28
     """Layers from this one up would slide their window (Transformers' rule); as many as layers: none does."""
     rope_scaling: dict[str, Any] | None = None
@@ -649,8 +651,11 @@ class LoopState:
     first_steps_s: float = 0.0
     """The time those first steps took, which a resume's fit to --max-minutes leaves out of the pace."""
     best_val_loss: float | None = None
+    """The lowest val loss so far, best/'s (None: none yet, or best/ starts afresh at the next evaluation)."""
     best_step: int | None = None
+    """The step best/ holds."""
     evals_since_best: int = 0
+    """Evaluations without a better val loss since the best (for early stopping)."""
     fitted_steps: int | None = None
     """The schedule's length as --fit-to-time set it (None: max_steps)."""
     fitted_warmup: int | None = None
