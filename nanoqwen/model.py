@@ -311,7 +311,8 @@ class Attention(DecodingParts, nn.Module):
 
 def sdpa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
                    dropout: float) -> torch.Tensor:
-    """SDPA of (B, H, T, D) queries over (B, K, S, D) keys/values, causal unless a mask is given."""
+    """SDPA of (B, H, T, D) queries over (B, K, S, D) keys/values -> (B, H, T, D), causal unless a mask is given
+    (one query row, T = 1, sees every key)."""
     T, H, K = q.shape[2], q.shape[1], k.shape[1]
     gqa = H != K
     if gqa and not sdpa_takes_gqa(q.device, sdpa_dtype(q), mask is not None, T):
