@@ -613,7 +613,7 @@ def optimizer_step(run: Run, batches: list[tuple[torch.Tensor, torch.Tensor]], i
         run.scaler.scale(loss).backward()
         loss_sum += loss.detach()
     if run.cfg.grad_clip > 0:
-        run.scaler.unscale_(run.optimizer)
+        run.scaler.unscale_(run.optimizer)  # clip the true gradients, not fp16's loss-scaled ones
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.grad_clip)
     run.scaler.step(run.optimizer)
     run.scaler.update()
