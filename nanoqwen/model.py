@@ -3,6 +3,11 @@
 Module names equal Hugging Face's (`model.layers.3.self_attn.q_proj`, ...), so `state_dict()` keys are
 the checkpoint keys. Shapes in comments: B batch, T new tokens, S keys (cached + new), H query heads,
 K kv heads, D head_dim, C hidden size, V vocabulary size.
+
+Reading it to learn, the path QWEN3.md describes: `Qwen3.forward` -> `DecoderLayer` -> `Attention` (RMSNorm,
+QK-norm, `apply_rope`, `sdpa_attention`) and `MLP` (SwiGLU). What `prepare_for_decoding` sets (`DecodingParts`,
+`DecodeNorm`, fused and column-major weights, `decode_attention`) only makes generation faster: the same
+numbers, and training never touches it.
 """
 
 from __future__ import annotations

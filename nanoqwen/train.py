@@ -11,6 +11,10 @@ A run folder holds config.json (the run), metrics.jsonl, samples.txt, loss.png, 
 (Hugging Face checkpoints); last/ also holds train_state.json (loop state, plain JSON) and
 train_state.pt (optimizer, grad scaler, RNG), written in the same atomic step as its weights.
 Where a run's settings, data and folder come from (new, --init-from or resumed): runs.py.
+
+Reading it to learn: `train_step` and `optimizer_step` are the learning itself (forward, loss, backward per
+micro-batch, then clip and step); `train` is the loop around them (eval, samples, saves, stops); the rest is
+setting up, resuming and reporting.
 """
 
 from __future__ import annotations
