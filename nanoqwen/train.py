@@ -91,6 +91,8 @@ from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.runs import (
+    FINETUNE_SEQ_LEN,
+    FINETUNE_TRAIN,
     Changes,
     carried_files,
     check_resumed_data,
@@ -169,12 +171,15 @@ def _train_config_source() -> str:
 
 
 def _field_help(name: str) -> str:
-    """The docstring under a TrainConfig field, for --help (one source of truth for both)."""
+    """The docstring under a TrainConfig field, for --help (one source of truth for both), with its default: a
+    run from --init-from has no preset, and takes the fine-tuning defaults where they differ."""
     found = re.search(rf"\n    {name}: [^\n]*\n    \"\"\"(.*?)\"\"\"", _train_config_source(), re.S)
     default = getattr(TrainConfig, name)
     # (no one can type Python's None: it is "unset" on the command line)
     said = (found.group(1) if found else "").replace("(None: ", "(unset: ")
-    return f"{said} (default: the preset's, else {'unset' if default is None else repr(default)})"
+    finetune = {**FINETUNE_TRAIN, "seq_len": f"{FINETUNE_SEQ_LEN} or the context, if shorter"}.get(name, default)
+    after_init = "" if finetune == default else f"; after --init-from, {finetune!r}".replace("'", "")
+    return f"{said} (default: the preset's, else {'unset' if default is None else repr(default)}{after_init})"
 
 
 # -- the run --------------------------------------------------------------------------------------
