@@ -134,8 +134,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
     data.add_argument("--dataset", help="a corpus to prepare first into data/NAME-HASH-TOKENIZER (a built-in one: "
-                                        f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP}")
-    p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
+                                        f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP} "
+                                        f"(default: the preset's, else {TrainConfig.dataset})")
+    p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's, "
+                                      f"else {TrainConfig.tokenizer}; after --init-from, the checkpoint's)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.csv/.tsv/.parquet "
                         "files, datasets folders and hub data (default: text; data.text: a field inside an object; "

@@ -1862,6 +1862,9 @@ def test_train_help_gives_the_defaults_a_run_from_init_from_takes(capsys: pytest
     assert "(default: the preset's, else 1000; after --init-from, 500)" in shown
     assert "(default: the preset's, else unset; after --init-from, 1024 or the context, if shorter)" in shown
     assert "(default: the preset's, else 'adamw')\n" in shown  # the same either way: said once
+    # the corpus and tokenizer a run prepares when none is given
+    assert "or a local file or folder (default: the preset's, else shakespeare)" in shown
+    assert "(default: the preset's, else bpe:2048; after --init-from, the checkpoint's)" in shown
 
 
 @pytest.mark.parametrize("source", ["run", "transformers-bf16"])
