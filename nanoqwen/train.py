@@ -164,7 +164,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
                                                        "optimizer state (FSDP2) instead of replicating (DDP)")
     add_device_arguments(p, dtype_help="autocast dtype (default: bfloat16 on CUDA, float16 where it lacks "
-                                       "bfloat16, float32 on CPU)")
+                                       "bfloat16, float32 on CPU and MPS)")
 
 
 @cache
