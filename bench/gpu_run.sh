@@ -12,10 +12,11 @@
 #   target    bench/train.py --device cuda --parts target (time for `demo` to reach the target val loss)
 #   generate  bench/generate.py --device cuda (decode and time to first token vs Transformers; server),
 #             then the same single-stream figures for a random qwen3-0.6b
-#   paths     for a lease of 15 minutes in all (start included), four calls back to back, each BUDGET=200 s
-#   paths2    or less: paths (prepare, train with bf16 + compile + fused AdamW, logits, CUDA-graph decoding,
-#             serve, eval, sample), then train, generate, paths2 (flash, compiled loss, fp16, Muon, DDP and FSDP2 under
-#             torchrun). A machine that stops answering returns nothing of its call: short calls lose less
+#   paths     for a lease of 15 minutes in all (start included), calls back to back (bench/README.md's runbook):
+#   paths2    BUDGET=200 paths (prepare, train with bf16 + compile + fused AdamW, logits, CUDA-graph decoding,
+#             serve, eval, sample), then BUDGET=330 paths2 (flash, compiled loss, fp16, Muon, DDP and FSDP2 under
+#             torchrun: four compiles), then train with the budget left; generate waits for a later lease.
+#             A machine that stops answering returns nothing of its call: short calls lose less
 #             (2026-12-05: a single 10-minute call was lost so, and with it the whole lease).
 # DEVICE=cpu EXTRA="--batch-size 2 --seq-len 64" runs the check stages here, to try this script itself.
 set -uo pipefail

@@ -131,7 +131,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder (e.g. runs/NAME/best)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--text-file", metavar="FILE",
-                        help="a text file (UTF-8, or UTF-16/32 with a byte-order mark), scored as prepare reads it: "
+                        help="a text file (UTF-8, or UTF-16/32 with a byte-order mark; gzip-, bzip2-, xz- or, with the "
+                             "zstandard package, zstd-compressed too), scored as prepare reads it: "
                              "one document, or the parts an <|endoftext|> written in it separates; - reads the text "
                              "from standard input")
     source.add_argument("--data", metavar="DIR",

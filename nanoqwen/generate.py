@@ -713,9 +713,9 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
     p.add_argument("--repetition-penalty", type=decimal_number, default=None,
                    help=f"> 1 discourages prompt and output tokens {default('repetition_penalty')}")
     p.add_argument("--presence-penalty", type=decimal_number, default=0.0,
-                   help="-2..2, subtracted from the logit of every token generated so far")
+                   help="-2..2, subtracted from the logit of every token generated so far (default 0)")
     p.add_argument("--frequency-penalty", type=decimal_number, default=0.0,
-                   help="-2..2, subtracted from a token's logit per time it was generated")
+                   help="-2..2, subtracted from a token's logit per time it was generated (default 0)")
     p.add_argument("--stop", action="append", default=[], type=escaped_text, metavar="TEXT",
                    help=f"stop string (repeatable): the text ends before the first one it holds; {ESCAPES_HELP}")
     p.add_argument("--seed", type=seed_int, default=None, help="same seed, same text")

@@ -260,8 +260,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", help="GGUF file to write (default: MODEL.gguf beside the folder, e.g. best.gguf)")
     p.add_argument("--outtype", type=outtype, default="auto", metavar="{" + ",".join(OUTTYPES) + "}",
                    help="weight type: f32, f16, bf16, q8_0 (8-bit blocks, as llama.cpp's converter writes them), or "
-                        "auto (bf16 for bf16 weights, else f16); norms stay f32; for q4_k_m and the like, quantize "
-                        "the f16 file with llama.cpp's llama-quantize")
+                        "auto, the default (bf16 for bf16 weights, else f16); norms stay f32; for q4_k_m and the "
+                        "like, quantize the f16 file with llama.cpp's llama-quantize")
 
 
 def run(args: argparse.Namespace) -> int:

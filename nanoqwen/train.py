@@ -95,6 +95,8 @@ from nanoqwen.loss import IGNORE_INDEX, CausalLMLoss
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr, wsd_decay_start
 from nanoqwen.runs import (
+    FINETUNE_SEQ_LEN,
+    FINETUNE_TRAIN,
     Changes,
     carried_files,
     check_resumed_data,
@@ -136,8 +138,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
     data.add_argument("--dataset", help="a corpus to prepare first into data/NAME-HASH-TOKENIZER (a built-in one: "
-                                        f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP}")
-    p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's)")
+                                        f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP} "
+                                        f"(default: the preset's, else {TrainConfig.dataset})")
+    p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's, "
+                                      f"else {TrainConfig.tokenizer}; after --init-from, the checkpoint's)")
     p.add_argument("--text-column", metavar="NAME",
                    help="with --dataset: the field or column holding the text in .jsonl/.json/.csv/.tsv/.parquet "
                         "files, datasets folders and hub data (default: text; data.text: a field inside an object; "
@@ -164,7 +168,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fsdp", action="store_true", help="under torchrun, shard parameters, gradients and "
                                                        "optimizer state (FSDP2) instead of replicating (DDP)")
     add_device_arguments(p, dtype_help="autocast dtype (default: bfloat16 on CUDA, float16 where it lacks "
-                                       "bfloat16, float32 on CPU)")
+                                       "bfloat16, float32 on CPU and MPS)")
 
 
 @cache
@@ -173,12 +177,15 @@ def _train_config_source() -> str:
 
 
 def _field_help(name: str) -> str:
-    """The docstring under a TrainConfig field, for --help (one source of truth for both)."""
+    """The docstring under a TrainConfig field, for --help (one source of truth for both), with its default: a
+    run from --init-from has no preset, and takes the fine-tuning defaults where they differ."""
     found = re.search(rf"\n    {name}: [^\n]*\n    \"\"\"(.*?)\"\"\"", _train_config_source(), re.S)
     default = getattr(TrainConfig, name)
     # (no one can type Python's None: it is "unset" on the command line)
     said = (found.group(1) if found else "").replace("(None: ", "(unset: ")
-    return f"{said} (default: the preset's, else {'unset' if default is None else repr(default)})"
+    finetune = {**FINETUNE_TRAIN, "seq_len": f"{FINETUNE_SEQ_LEN} or the context, if shorter"}.get(name, default)
+    after_init = "" if finetune == default else f"; after --init-from, {finetune!r}".replace("'", "")
+    return f"{said} (default: the preset's, else {'unset' if default is None else repr(default)}{after_init})"
 
 
 # -- the run --------------------------------------------------------------------------------------

@@ -1851,6 +1851,22 @@ def test_best_checkpoint_loads_in_transformers_with_equal_logits(trained: Path) 
 
 
 # -- starting from a checkpoint's weights ----------------------------------------------------------
+def test_train_help_gives_the_defaults_a_run_from_init_from_takes(capsys: pytest.CaptureFixture[str],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run from --init-from has no preset: its lr is 3e-5, not the 0.003 that "else" gave as the only default.
+    monkeypatch.setenv("COLUMNS", "1000")  # one line a flag: no wrap inside "--init-from"
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    shown = capsys.readouterr().out
+    assert "Peak learning rate. (default: the preset's, else 0.003; after --init-from, 3e-05)" in shown
+    assert "(default: the preset's, else 1000; after --init-from, 500)" in shown
+    assert "(default: the preset's, else unset; after --init-from, 1024 or the context, if shorter)" in shown
+    assert "(default: the preset's, else 'adamw')\n" in shown  # the same either way: said once
+    # the corpus and tokenizer a run prepares when none is given
+    assert "or a local file or folder (default: the preset's, else shakespeare)" in shown
+    assert "(default: the preset's, else bpe:2048; after --init-from, the checkpoint's)" in shown
+
+
 @pytest.mark.parametrize("source", ["run", "transformers-bf16"])
 def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, tmp_path: Path, source: str) -> None:
     from safetensors.torch import load_file

