@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     train = sub.add_parser("train", help=what, description=what)
     train.add_argument("--dataset", required=True, metavar="SRC", help=f"corpus: {SOURCES_HELP}")
     train.add_argument("--vocab-size", type=whole_number, required=True, metavar="N",
-                       help="ids in the tokenizer, its special tokens included (e.g. 2048)")
+                       help="ids in the tokenizer, its special tokens included (e.g. 2048); fewer when the "
+                       "corpus runs out of pairs to merge")
     train.add_argument("--out", required=True, metavar="DIR", help=out_help)
     add_reading_arguments(train)
     train.set_defaults(command_prog=train.prog)
