@@ -1442,3 +1442,39 @@ def test_a_long_unbroken_error_below_a_reply_wraps_on_a_phone(page) -> None:
     expect(page.locator(".message.assistant .error")).to_have_text(failure)
     assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
         "document.getElementById('transcript').clientWidth")
+
+
+def test_clear_can_be_undone_until_the_next_send(page) -> None:
+    # Clear wiped the conversation at once, with no way back: a slip of the mouse lost it. It says so in one line
+    # with an Undo that brings the transcript back, as saved and as the model sees it, until the next send in that
+    # mode; the other mode's transcript (and its own Clear) is apart.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    shown = transcript(page)
+    page.click("#clear")
+    expect(page.locator(".message")).to_have_count(0)
+    undo = page.get_by_role("button", name="Undo", exact=True)
+    expect(page.locator("#cleared")).to_have_text("Cleared. Undo")
+    page.click("label:has(#mode-completion)")  # Completion's transcript was not cleared: nothing to undo there
+    expect(undo).to_be_hidden()
+    page.click("label:has(#mode-chat)")
+    page.click("#clear")  # an empty transcript cleared again keeps what Undo brings back
+    undo.click()
+    assert transcript(page) == shown
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator("#empty-hint")).to_be_hidden()
+    expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
+    assert page.evaluate("document.activeElement.id") == "prompt"  # the Undo button gone, not the page's body
+    reload(page)
+    assert transcript(page) == shown
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Third")
+    assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
+    # A send after Clear starts the new conversation: Undo is gone.
+    page.click("#clear")
+    send_and_wait(page, "Fresh")
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
+

@@ -45,6 +45,7 @@ const state = {
   // Each mode's place in the transcript box (which holds both modes' messages) as its reader left it: its scrollTop,
   // or null at its end (see showMode).
   places: {},
+  cleared: null, // {mode, boxes, history}: the transcript the last Clear took away, for Undo (see clearAll)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -791,6 +792,10 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
+  if (state.cleared?.mode === mode()) { // a new conversation begins: what Clear took away is gone for good
+    state.cleared = null;
+    $("cleared").hidden = true;
+  }
   // The message and what follows it leave the history, once nothing stops the send; the message stays where it
   // is (with the new text) and the turns after it are hidden, to come back if the send ends with no text.
   const replaced = again ? state.history.splice(again.from) : [];
@@ -1065,16 +1070,37 @@ function showRegenerate() {
   else regenerateButton.remove();
 }
 
-function clearAll() { // the transcript of the mode shown, here and as saved
-  if (mode() === "chat") {
-    state.history = [];
-    cancelEdit();
+// The transcript of the mode shown, here and as saved. It can come back (Undo, under the message box) until the next
+// send in that mode: one click lost a whole conversation. An empty transcript cleared again leaves Undo as it was.
+function clearAll() {
+  const shown = mode();
+  const boxes = [...$("transcript").querySelectorAll(`.message.${shown}-only`)];
+  if (boxes.length) {
+    if (shown === "chat") cancelEdit();
+    state.cleared = { mode: shown, boxes, history: shown === "chat" ? state.history : null };
+    if (shown === "chat") state.history = [];
+    for (const el of boxes) el.remove();
+    showTranscriptChanged();
   }
-  for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
+  showStatus("");
+}
+
+function undoClear() {
+  const { mode: cleared, boxes, history } = state.cleared;
+  state.cleared = null;
+  $("transcript").append(...boxes);
+  if (cleared === "chat") state.history = history;
+  showTranscriptChanged();
+  scrollDown();
+  $("prompt").focus(); // the Undo button is gone: the focus would fall to the page's body
+}
+
+function showTranscriptChanged() { // after Clear or Undo
+  $("cleared").hidden = !state.cleared;
+  if (state.cleared) $("cleared").className = `${state.cleared.mode}-only`; // Undo shows in the mode it clears
   showRegenerate();
   saveConversation();
   showEmptyHint();
-  showStatus("");
 }
 
 // -- wiring --------------------------------------------------------------------------------
@@ -1131,6 +1157,7 @@ function init() {
   });
   regenerateButton.addEventListener("click", regenerate);
   $("clear").addEventListener("click", clearAll);
+  $("undo-clear").addEventListener("click", undoClear);
   document.body.dataset.mode = mode();
   setBusy(false);
   restoreConversation();
