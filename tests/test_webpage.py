@@ -1478,3 +1478,28 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     expect(page.locator("#cleared")).to_be_hidden()
     expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
 
+
+
+def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
+    # Every message's Edit and every reply's Copy were named alike: a screen reader's list of buttons read "Edit,
+    # Copy, Edit, Copy", none saying which message it acts on. Each names its message by number, its visible word
+    # first (as spoken commands name it); a regenerated reply takes its place's number.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    page.click("button.regenerate")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    buttons = page.locator(".message button.edit, .message button.copy")
+    for button, name in zip(buttons.all(), ["Edit message 1", "Copy reply 1", "Edit message 2", "Copy reply 2"],
+                            strict=True):
+        expect(button).to_have_accessible_name(name)
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
+    # What Copy says once pressed is its name meanwhile (a name kept as "Copy reply 1" hid it from screen readers).
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.locator(".message.completion button.copy").click()
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copied")
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
+

@@ -430,6 +430,23 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
   return box;
 }
 
+// Each message's button named apart for screen readers, by its message's number as shown: "Edit message 2", "Copy
+// reply 3", "Copy completion 1" (all alike, "Edit" and "Copy", a list of the page's buttons could not tell them apart).
+// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone.
+const BUTTON_NAMES = { user: "Edit message", assistant: "Copy reply", completion: "Copy completion" };
+
+function nameMessageButtons() {
+  const counts = {};
+  for (const box of $("transcript").querySelectorAll(".message:not([hidden])")) { // (hidden: being replaced)
+    const { kind } = records.get(box);
+    counts[kind] = (counts[kind] ?? 0) + 1;
+    const button = box.querySelector("button.edit, button.copy");
+    button.dataset.name = `${BUTTON_NAMES[kind]} ${counts[kind]}`;
+    // Not while Copy says what it did ("Copied"): that is its name meanwhile (see copyReply).
+    if (button.dataset.name.startsWith(button.textContent)) button.setAttribute("aria-label", button.dataset.name);
+  }
+}
+
 // A message's text so far (a reply streams in), on the page and in what is saved. `reading`: the reader has
 // scrolled up from the end of the transcript (see showReply).
 function showText(box, text, reading = false) {
@@ -527,7 +544,11 @@ async function copyReply(box) {
   const copied = reply ? await copyText(reply) : null;
   const button = box.querySelector("button.copy");
   button.textContent = copied ? "Copied" : copied === null ? "Nothing to copy" : "Copy failed";
-  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  button.removeAttribute("aria-label"); // what it says is its name meanwhile, for a screen reader to hear
+  setTimeout(() => {
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", button.dataset.name);
+  }, 1500);
   if (copied === false) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
 }
 
@@ -1160,6 +1181,7 @@ function init() {
   $("undo-clear").addEventListener("click", undoClear);
   document.body.dataset.mode = mode();
   setBusy(false);
+  new MutationObserver(nameMessageButtons).observe($("transcript"), { childList: true });
   restoreConversation();
   restoreDraft();
   showRegenerate();
