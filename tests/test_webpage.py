@@ -1479,7 +1479,6 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
 
 
-
 def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     # Every message's Edit and every reply's Copy were named alike: a screen reader's list of buttons read "Edit,
     # Copy, Edit, Copy", none saying which message it acts on. Each names its message by number, its visible word
@@ -1503,3 +1502,20 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copied")
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
 
+
+
+@pytest.mark.parametrize(("mode", "said"), [("chat", "Nothing to send: type a message first"),
+                                            ("completion", "Nothing to continue: type the start of a text first")])
+def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -> None:
+    # Completion sent an empty prompt (the model rambled from nothing); Chat ignored an empty message without a
+    # word. Neither is sent, and the status line says what to do instead, until something is typed.
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url) if "/v1/" in request.url else None)
+    page.click(f"label:has(#mode-{mode})")
+    page.fill("#prompt", " \n ")
+    page.click("#send")
+    expect(page.locator("#stats")).to_have_text(said)
+    assert page.evaluate("document.activeElement.id") == "prompt"  # where the text goes
+    page.keyboard.type("x")
+    expect(page.locator("#stats")).to_have_text("")
+    assert page.locator(".message").count() == 0 and not any("completions" in url for url in requests)

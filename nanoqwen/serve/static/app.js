@@ -796,13 +796,29 @@ async function fitHistory(lead, text, body) {
   return { turns, messages, prompt: fit?.tokens ?? null };
 }
 
+// What the status line says to a send of an empty box (none is sent), until something is typed (see typed).
+const NOTHING_TO_SEND = {
+  chat: "Nothing to send: type a message first",
+  completion: "Nothing to continue: type the start of a text first",
+};
+
+// The message box or an edit's, typed in: saved, and what was said of it empty is no longer so.
+function typed() {
+  saveDraft();
+  if (Object.values(NOTHING_TO_SEND).includes($("stats").textContent)) showStatus("");
+}
+
 // Sends the message in the box; or, `again` ({from, text, edited}: see regenerate and sendEdit), `text` in place of
 // the history's message at `from`, for a new reply in place of its own: the turns after it are dropped. An edit
 // that comes to nothing (failed, or stopped before the first token) is open again, to send again or cancel.
 async function send(again = null) {
   const text = again ? again.text : $("prompt").value;
   if (state.controller) return;
-  if (mode() === "chat" && !text.trim()) return;
+  if (!text.trim()) { // Completion sent an empty prompt (the model rambled from nothing), Chat ignored it unsaid
+    showStatus(NOTHING_TO_SEND[mode()], true);
+    if (!again) $("prompt").focus(); // (an edit's box has the focus)
+    return;
+  }
   let sampling;
   try {
     sampling = samplingBody();
@@ -1032,7 +1048,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
   state.editing = { box, form, sendButton };
   form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
   cancel.addEventListener("click", () => cancelEdit(true));
-  text.addEventListener("input", saveDraft);
+  text.addEventListener("input", typed);
   text.addEventListener("keydown", (e) => {
     if (e.isComposing) return;
     if (e.key === "Enter" && !e.shiftKey && !touchScreen) { e.preventDefault(); sendEdit(); }
@@ -1163,7 +1179,7 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
-  $("prompt").addEventListener("input", saveDraft);
+  $("prompt").addEventListener("input", typed);
   if (touchScreen) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touchScreen) { e.preventDefault(); send(); }
