@@ -1519,3 +1519,26 @@ def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -
     page.keyboard.type("x")
     expect(page.locator("#stats")).to_have_text("")
     assert page.locator(".message").count() == 0 and not any("completions" in url for url in requests)
+
+
+def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
+    # A thinking model's reply cut by Max tokens before its </think> showed the thinking and nothing after it: no
+    # answer, and nothing on the reply to say why (the status line's "finish: length" went with the next send). A
+    # note on the reply says so, and what to do; a reply cut in its answer, or one that never thinks, needs none.
+    def send_cut(text: str) -> None:  # a reply of `text`, cut by Max tokens
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, content_type="text/event-stream", body=body))
+        send_and_wait(page, "Question")
+        page.unroute("**/v1/chat/completions")
+
+    for text in ("<think>\nLet me think about", "<think>\nDone.\n</think>\n\nPar", "Plain text cut"):
+        send_cut(text)
+    replies = page.locator(".message.assistant")
+    expect(replies.nth(0).locator(".note")).to_have_text(
+        "Max tokens ran out while the model was thinking, before its answer: raise Max tokens, then Regenerate")
+    expect(replies.locator(".note")).to_have_count(1)
+    reload(page)
+    expect(replies.locator(".note")).to_have_count(1)

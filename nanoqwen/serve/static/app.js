@@ -942,6 +942,13 @@ async function send(again = null) {
       && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
     status = `${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)} · finish: ${result.finish ?? "?"}`
       + (full ? " (the model's context is full)" : "");
+    // A reply cut before its </think> showed thinking and no answer, and nothing on it said why (the status line
+    // goes with the next send): a note does, saved with it, as Stop's does.
+    const parts = chat && result.finish === "length" ? thinkingParts(reply, records.get(box).inThinking) : null;
+    if (parts && !parts[2]) {
+      note(box, full ? "the model's context filled while it was thinking, before its answer"
+        : "Max tokens ran out while the model was thinking, before its answer: raise Max tokens, then Regenerate");
+    }
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
