@@ -1442,3 +1442,103 @@ def test_a_long_unbroken_error_below_a_reply_wraps_on_a_phone(page) -> None:
     expect(page.locator(".message.assistant .error")).to_have_text(failure)
     assert page.evaluate("document.getElementById('transcript').scrollWidth") <= page.evaluate(
         "document.getElementById('transcript').clientWidth")
+
+
+def test_clear_can_be_undone_until_the_next_send(page) -> None:
+    # Clear wiped the conversation at once, with no way back: a slip of the mouse lost it. It says so in one line
+    # with an Undo that brings the transcript back, as saved and as the model sees it, until the next send in that
+    # mode; the other mode's transcript (and its own Clear) is apart.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    shown = transcript(page)
+    page.click("#clear")
+    expect(page.locator(".message")).to_have_count(0)
+    undo = page.get_by_role("button", name="Undo", exact=True)
+    expect(page.locator("#cleared")).to_have_text("Cleared. Undo")
+    page.click("label:has(#mode-completion)")  # Completion's transcript was not cleared: nothing to undo there
+    expect(undo).to_be_hidden()
+    page.click("label:has(#mode-chat)")
+    page.click("#clear")  # an empty transcript cleared again keeps what Undo brings back
+    undo.click()
+    assert transcript(page) == shown
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator("#empty-hint")).to_be_hidden()
+    expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
+    assert page.evaluate("document.activeElement.id") == "prompt"  # the Undo button gone, not the page's body
+    reload(page)
+    assert transcript(page) == shown
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Third")
+    assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
+    # A send after Clear starts the new conversation: Undo is gone.
+    page.click("#clear")
+    send_and_wait(page, "Fresh")
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
+
+
+def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
+    # Every message's Edit and every reply's Copy were named alike: a screen reader's list of buttons read "Edit,
+    # Copy, Edit, Copy", none saying which message it acts on. Each names its message by number, its visible word
+    # first (as spoken commands name it); a regenerated reply takes its place's number.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    page.click("button.regenerate")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    buttons = page.locator(".message button.edit, .message button.copy")
+    for button, name in zip(buttons.all(), ["Edit message 1", "Copy reply 1", "Edit message 2", "Copy reply 2"],
+                            strict=True):
+        expect(button).to_have_accessible_name(name)
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
+    # What Copy says once pressed is its name meanwhile (a name kept as "Copy reply 1" hid it from screen readers).
+    page.context.grant_permissions(["clipboard-read", "clipboard-write"])
+    page.locator(".message.completion button.copy").click()
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copied")
+    expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
+
+
+
+@pytest.mark.parametrize(("mode", "said"), [("chat", "Nothing to send: type a message first"),
+                                            ("completion", "Nothing to continue: type the start of a text first")])
+def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -> None:
+    # Completion sent an empty prompt (the model rambled from nothing); Chat ignored an empty message without a
+    # word. Neither is sent, and the status line says what to do instead, until something is typed.
+    requests: list[str] = []
+    page.on("request", lambda request: requests.append(request.url) if "/v1/" in request.url else None)
+    page.click(f"label:has(#mode-{mode})")
+    page.fill("#prompt", " \n ")
+    page.click("#send")
+    expect(page.locator("#stats")).to_have_text(said)
+    assert page.evaluate("document.activeElement.id") == "prompt"  # where the text goes
+    page.keyboard.type("x")
+    expect(page.locator("#stats")).to_have_text("")
+    assert page.locator(".message").count() == 0 and not any("completions" in url for url in requests)
+
+
+def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
+    # A thinking model's reply cut by Max tokens before its </think> showed the thinking and nothing after it: no
+    # answer, and nothing on the reply to say why (the status line's "finish: length" went with the next send). A
+    # note on the reply says so, and what to do; a reply cut in its answer, or one that never thinks, needs none.
+    def send_cut(text: str) -> None:  # a reply of `text`, cut by Max tokens
+        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+            {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, content_type="text/event-stream", body=body))
+        send_and_wait(page, "Question")
+        page.unroute("**/v1/chat/completions")
+
+    for text in ("<think>\nLet me think about", "<think>\nDone.\n</think>\n\nPar", "Plain text cut"):
+        send_cut(text)
+    replies = page.locator(".message.assistant")
+    expect(replies.nth(0).locator(".note")).to_have_text(
+        "Max tokens ran out while the model was thinking, before its answer: raise Max tokens, then Regenerate")
+    expect(replies.locator(".note")).to_have_count(1)
+    reload(page)
+    expect(replies.locator(".note")).to_have_count(1)

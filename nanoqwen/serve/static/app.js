@@ -45,6 +45,7 @@ const state = {
   // Each mode's place in the transcript box (which holds both modes' messages) as its reader left it: its scrollTop,
   // or null at its end (see showMode).
   places: {},
+  cleared: null, // {mode, boxes, history}: the transcript the last Clear took away, for Undo (see clearAll)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -429,6 +430,23 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
   return box;
 }
 
+// Each message's button named apart for screen readers, by its message's number as shown: "Edit message 2", "Copy
+// reply 3", "Copy completion 1" (all alike, "Edit" and "Copy", a list of the page's buttons could not tell them apart).
+// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone.
+const BUTTON_NAMES = { user: "Edit message", assistant: "Copy reply", completion: "Copy completion" };
+
+function nameMessageButtons() {
+  const counts = {};
+  for (const box of $("transcript").querySelectorAll(".message:not([hidden])")) { // (hidden: being replaced)
+    const { kind } = records.get(box);
+    counts[kind] = (counts[kind] ?? 0) + 1;
+    const button = box.querySelector("button.edit, button.copy");
+    button.dataset.name = `${BUTTON_NAMES[kind]} ${counts[kind]}`;
+    // Not while Copy says what it did ("Copied"): that is its name meanwhile (see copyReply).
+    if (button.dataset.name.startsWith(button.textContent)) button.setAttribute("aria-label", button.dataset.name);
+  }
+}
+
 // A message's text so far (a reply streams in), on the page and in what is saved. `reading`: the reader has
 // scrolled up from the end of the transcript (see showReply).
 function showText(box, text, reading = false) {
@@ -526,7 +544,11 @@ async function copyReply(box) {
   const copied = reply ? await copyText(reply) : null;
   const button = box.querySelector("button.copy");
   button.textContent = copied ? "Copied" : copied === null ? "Nothing to copy" : "Copy failed";
-  setTimeout(() => { button.textContent = "Copy"; }, 1500);
+  button.removeAttribute("aria-label"); // what it says is its name meanwhile, for a screen reader to hear
+  setTimeout(() => {
+    button.textContent = "Copy";
+    button.setAttribute("aria-label", button.dataset.name);
+  }, 1500);
   if (copied === false) showStatus("Could not copy to the clipboard: select the text and copy it by hand", true);
 }
 
@@ -774,13 +796,29 @@ async function fitHistory(lead, text, body) {
   return { turns, messages, prompt: fit?.tokens ?? null };
 }
 
+// What the status line says to a send of an empty box (none is sent), until something is typed (see typed).
+const NOTHING_TO_SEND = {
+  chat: "Nothing to send: type a message first",
+  completion: "Nothing to continue: type the start of a text first",
+};
+
+// The message box or an edit's, typed in: saved, and what was said of it empty is no longer so.
+function typed() {
+  saveDraft();
+  if (Object.values(NOTHING_TO_SEND).includes($("stats").textContent)) showStatus("");
+}
+
 // Sends the message in the box; or, `again` ({from, text, edited}: see regenerate and sendEdit), `text` in place of
 // the history's message at `from`, for a new reply in place of its own: the turns after it are dropped. An edit
 // that comes to nothing (failed, or stopped before the first token) is open again, to send again or cancel.
 async function send(again = null) {
   const text = again ? again.text : $("prompt").value;
   if (state.controller) return;
-  if (mode() === "chat" && !text.trim()) return;
+  if (!text.trim()) { // Completion sent an empty prompt (the model rambled from nothing), Chat ignored it unsaid
+    showStatus(NOTHING_TO_SEND[mode()], true);
+    if (!again) $("prompt").focus(); // (an edit's box has the focus)
+    return;
+  }
   let sampling;
   try {
     sampling = samplingBody();
@@ -791,6 +829,10 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
+  if (state.cleared?.mode === mode()) { // a new conversation begins: what Clear took away is gone for good
+    state.cleared = null;
+    $("cleared").hidden = true;
+  }
   // The message and what follows it leave the history, once nothing stops the send; the message stays where it
   // is (with the new text) and the turns after it are hidden, to come back if the send ends with no text.
   const replaced = again ? state.history.splice(again.from) : [];
@@ -900,6 +942,13 @@ async function send(again = null) {
       && result.usage.prompt_tokens + result.usage.completion_tokens >= state.context;
     status = `${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)} · finish: ${result.finish ?? "?"}`
       + (full ? " (the model's context is full)" : "");
+    // A reply cut before its </think> showed thinking and no answer, and nothing on it said why (the status line
+    // goes with the next send): a note does, saved with it, as Stop's does.
+    const parts = chat && result.finish === "length" ? thinkingParts(reply, records.get(box).inThinking) : null;
+    if (parts && !parts[2]) {
+      note(box, full ? "the model's context filled while it was thinking, before its answer"
+        : "Max tokens ran out while the model was thinking, before its answer: raise Max tokens, then Regenerate");
+    }
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
@@ -1006,7 +1055,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
   state.editing = { box, form, sendButton };
   form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
   cancel.addEventListener("click", () => cancelEdit(true));
-  text.addEventListener("input", saveDraft);
+  text.addEventListener("input", typed);
   text.addEventListener("keydown", (e) => {
     if (e.isComposing) return;
     if (e.key === "Enter" && !e.shiftKey && !touchScreen) { e.preventDefault(); sendEdit(); }
@@ -1065,16 +1114,37 @@ function showRegenerate() {
   else regenerateButton.remove();
 }
 
-function clearAll() { // the transcript of the mode shown, here and as saved
-  if (mode() === "chat") {
-    state.history = [];
-    cancelEdit();
+// The transcript of the mode shown, here and as saved. It can come back (Undo, under the message box) until the next
+// send in that mode: one click lost a whole conversation. An empty transcript cleared again leaves Undo as it was.
+function clearAll() {
+  const shown = mode();
+  const boxes = [...$("transcript").querySelectorAll(`.message.${shown}-only`)];
+  if (boxes.length) {
+    if (shown === "chat") cancelEdit();
+    state.cleared = { mode: shown, boxes, history: shown === "chat" ? state.history : null };
+    if (shown === "chat") state.history = [];
+    for (const el of boxes) el.remove();
+    showTranscriptChanged();
   }
-  for (const el of [...$("transcript").querySelectorAll(`.message.${mode()}-only`)]) el.remove();
+  showStatus("");
+}
+
+function undoClear() {
+  const { mode: cleared, boxes, history } = state.cleared;
+  state.cleared = null;
+  $("transcript").append(...boxes);
+  if (cleared === "chat") state.history = history;
+  showTranscriptChanged();
+  scrollDown();
+  $("prompt").focus(); // the Undo button is gone: the focus would fall to the page's body
+}
+
+function showTranscriptChanged() { // after Clear or Undo
+  $("cleared").hidden = !state.cleared;
+  if (state.cleared) $("cleared").className = `${state.cleared.mode}-only`; // Undo shows in the mode it clears
   showRegenerate();
   saveConversation();
   showEmptyHint();
-  showStatus("");
 }
 
 // -- wiring --------------------------------------------------------------------------------
@@ -1116,7 +1186,7 @@ function init() {
     });
   }
   $("composer").addEventListener("submit", (e) => { e.preventDefault(); send(); });
-  $("prompt").addEventListener("input", saveDraft);
+  $("prompt").addEventListener("input", typed);
   if (touchScreen) $("prompt").placeholder = "Type here";
   $("prompt").addEventListener("keydown", (e) => {
     if (e.key === "Enter" && !e.shiftKey && !e.isComposing && !touchScreen) { e.preventDefault(); send(); }
@@ -1131,8 +1201,10 @@ function init() {
   });
   regenerateButton.addEventListener("click", regenerate);
   $("clear").addEventListener("click", clearAll);
+  $("undo-clear").addEventListener("click", undoClear);
   document.body.dataset.mode = mode();
   setBusy(false);
+  new MutationObserver(nameMessageButtons).observe($("transcript"), { childList: true });
   restoreConversation();
   restoreDraft();
   showRegenerate();
