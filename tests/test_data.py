@@ -668,6 +668,24 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
 
 
+def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
+    # Every option that changes what is written is in the fingerprint: into one --out, each prepares the data anew,
+    # not reusing a folder of a --max-bytes cut, another --val-fraction or another --text-column as up to date.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"text number {i}\n", "body": f"body {i}\n"}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "out"
+    made = {}
+    for name, options in [("plain", {}), ("val_fraction", {"val_fraction": 0.5}), ("max_bytes", {"max_bytes": 40}),
+                          ("text_column", {"text_column": "body"})]:
+        prepare(str(rows), "bpe:300", out, progress=False, **options)
+        made[name] = load_meta(out)
+    assert len({meta["fingerprint"] for meta in made.values()}) == len(made)
+    assert made["val_fraction"]["splits"]["val"]["documents"] > made["plain"]["splits"]["val"]["documents"]
+    assert sum(split["bytes"] for split in made["max_bytes"]["splits"].values()) == 40
+    assert all(text.startswith("body ") for texts in read_back(out).values() for text in texts)
+
+
 def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # A run trained on a folder resumes only from its data: `prepare --out` over it, from other inputs or
