@@ -599,6 +599,23 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     assert leftovers(tmp_path) == []
 
 
+def test_another_split_of_a_dataset_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
+    # A folder of one split is not the data of another: `--split test` into the --out of the train split read test.
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train row one", "train row two"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["test row"]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train.jsonl").write_text('{"text": "train line one"}\n{"text": "train line two"}\n')
+    (tmp_path / "files" / "test.jsonl").write_text('{"text": "test line"}\n')
+    for source, held in [(str(tmp_path / "saved"), "test row"), (f"hf:{tmp_path / 'files'}", "test line")]:
+        out = tmp_path / "out"
+        prepare(source, "bpe:300", out, progress=False)
+        prepare(source, "bpe:300", out, split="test", progress=False)
+        assert "".join(sum(read_back(out).values(), [])) == held
+
+
 def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
     # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
     # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.
