@@ -703,6 +703,25 @@ def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
     assert all(text.startswith("body ") for texts in read_back(out).values() for text in texts)
 
 
+def test_text_changed_in_its_size_and_time_is_prepared_anew(tmp_path: Path) -> None:
+    # An edit that keeps a file's size (a typo fixed), and one that keeps its modification time too (`cp -p`, a backup
+    # restored), changes the corpus: the folder of the old text is not up to date.
+    (tmp_path / "c").mkdir()
+    note = tmp_path / "c" / "a.txt"
+    note.write_text("alpha document\n")
+    (tmp_path / "c" / "b.txt").write_text("beta document\n")
+    out = tmp_path / "out"
+    for text in ("gamma document\n", "delta document\n"):  # as long as the first
+        prepare(str(tmp_path / "c"), "bpe:300", out, progress=False)
+        before = note.stat()
+        note.write_text(text)
+        if text.startswith("delta"):
+            os.utime(note, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert note.stat().st_size == before.st_size
+        prepare(str(tmp_path / "c"), "bpe:300", out, progress=False)
+        assert text in sum(read_back(out).values(), [])
+
+
 def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Path,
                                                                    capsys: pytest.CaptureFixture[str]) -> None:
     # A run trained on a folder resumes only from its data: `prepare --out` over it, from other inputs or
