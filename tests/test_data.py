@@ -468,6 +468,16 @@ def test_single_document_is_split_inside(tmp_path: Path) -> None:
     assert check_counts(out, docs)["cut_documents"] == 1  # each split's count holds it: said so
 
 
+def test_a_cut_document_keeps_combining_marks_with_their_letter(tmp_path: Path) -> None:
+    # A q has no precomposed form with an acute: NFC leaves the mark apart, and the cut (at 90% of the characters)
+    # falls before a mark; val must not start with a mark torn from its letter.
+    text = "q\u0301" * 500 + "x"
+    (tmp_path / "one.txt").write_text(text)
+    docs = read_back(prepare(str(tmp_path / "one.txt"), "bpe:300", tmp_path / "out", val_fraction=0.1, progress=False))
+    assert docs["train"][0] + docs["val"][0] == text
+    assert docs["val"][0].startswith("q") and 0.85 < len(docs["train"][0]) / len(text) < 0.95
+
+
 def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
     for i in range(5):
         (tmp_path / f"d{i}.txt").write_text(f"document number {i}\n")
