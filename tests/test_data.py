@@ -457,6 +457,16 @@ def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert (slow / split).read_bytes() == (out / split).read_bytes() == (folder / split).read_bytes()
 
 
+def test_pieces_of_a_long_document_are_cut_where_no_token_spans() -> None:
+    # A long document is encoded in pieces cut at a newline before a word: within a blank line ("\n\n", one token)
+    # a cut would change its ids.
+    text = ("word " * 20 + "\n\n") * 1500  # every newline is one of a pair
+    pieces = prepare_module._pieces(text)
+    encode = prepare_module._qwen3_tiktoken().encode_ordinary
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert [i for piece in pieces for i in encode(piece)] == encode(text)
+
+
 def test_single_document_is_split_inside(tmp_path: Path) -> None:
     text = "One lonely document, cut at a character boundary: naïve 🙂.\n" * 20
     (tmp_path / "one.txt").write_text(text)
