@@ -703,6 +703,12 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
     assert load_meta(again)["fingerprint"] != fingerprint
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
+    # So does one in chat_template.jinja, where Transformers >= 4.50 saves it (it wins over the config's).
+    fingerprint = load_meta(again)["fingerprint"]
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ 2 }}")
+    prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
+    assert load_meta(again)["fingerprint"] != fingerprint
+    assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 2 }}"
 
 
 def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
