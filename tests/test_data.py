@@ -457,6 +457,16 @@ def test_ids_equal_plain_encoding(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         assert (slow / split).read_bytes() == (out / split).read_bytes() == (folder / split).read_bytes()
 
 
+def test_pieces_of_a_long_document_are_cut_where_no_token_spans() -> None:
+    # A long document is encoded in pieces cut at a newline before a word: within a blank line ("\n\n", one token)
+    # a cut would change its ids.
+    text = ("word " * 20 + "\n\n") * 1500  # every newline is one of a pair
+    pieces = prepare_module._pieces(text)
+    encode = prepare_module._qwen3_tiktoken().encode_ordinary
+    assert len(pieces) > 1 and "".join(pieces) == text
+    assert [i for piece in pieces for i in encode(piece)] == encode(text)
+
+
 def test_single_document_is_split_inside(tmp_path: Path) -> None:
     text = "One lonely document, cut at a character boundary: naïve 🙂.\n" * 20
     (tmp_path / "one.txt").write_text(text)
@@ -466,6 +476,16 @@ def test_single_document_is_split_inside(tmp_path: Path) -> None:
     assert docs["train"][0] + docs["val"][0] == text
     assert 0.8 < len(docs["train"][0]) / len(text) < 0.95
     assert check_counts(out, docs)["cut_documents"] == 1  # each split's count holds it: said so
+
+
+def test_a_cut_document_keeps_combining_marks_with_their_letter(tmp_path: Path) -> None:
+    # A q has no precomposed form with an acute: NFC leaves the mark apart, and the cut (at 90% of the characters)
+    # falls before a mark; val must not start with a mark torn from its letter.
+    text = "q\u0301" * 500 + "x"
+    (tmp_path / "one.txt").write_text(text)
+    docs = read_back(prepare(str(tmp_path / "one.txt"), "bpe:300", tmp_path / "out", val_fraction=0.1, progress=False))
+    assert docs["train"][0] + docs["val"][0] == text
+    assert docs["val"][0].startswith("q") and 0.85 < len(docs["train"][0]) / len(text) < 0.95
 
 
 def test_split_is_seeded_and_small_corpora_get_val(tmp_path: Path) -> None:
@@ -599,6 +619,23 @@ def test_hf_datasets_offline(tmp_path: Path, capfd: pytest.CaptureFixture[str],
     assert leftovers(tmp_path) == []
 
 
+def test_another_split_of_a_dataset_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
+    # A folder of one split is not the data of another: `--split test` into the --out of the train split read test.
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"text": ["train row one", "train row two"]}),
+                          "test": datasets.Dataset.from_dict({"text": ["test row"]})}
+                         ).save_to_disk(str(tmp_path / "saved"))
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "train.jsonl").write_text('{"text": "train line one"}\n{"text": "train line two"}\n')
+    (tmp_path / "files" / "test.jsonl").write_text('{"text": "test line"}\n')
+    for source, held in [(str(tmp_path / "saved"), "test row"), (f"hf:{tmp_path / 'files'}", "test line")]:
+        out = tmp_path / "out"
+        prepare(source, "bpe:300", out, progress=False)
+        prepare(source, "bpe:300", out, split="test", progress=False)
+        assert "".join(sum(read_back(out).values(), [])) == held
+
+
 def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
     # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
     # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.
@@ -666,6 +703,49 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
     assert load_meta(again)["fingerprint"] != fingerprint
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 1 }}"
+    # So does one in chat_template.jinja, where Transformers >= 4.50 saves it (it wins over the config's).
+    fingerprint = load_meta(again)["fingerprint"]
+    (tmp_path / "tok" / "chat_template.jinja").write_text("{{ 2 }}")
+    prepare(str(tmp_path / "c"), str(tmp_path / "tok"), tmp_path / "again", progress=False)
+    assert load_meta(again)["fingerprint"] != fingerprint
+    assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 2 }}"
+
+
+def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
+    # Every option that changes what is written is in the fingerprint: into one --out, each prepares the data anew,
+    # not reusing a folder of a --max-bytes cut, another --val-fraction or another --text-column as up to date.
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(json.dumps({"text": f"text number {i}\n", "body": f"body {i}\n"}) + "\n"
+                            for i in range(12)))
+    out = tmp_path / "out"
+    made = {}
+    for name, options in [("plain", {}), ("val_fraction", {"val_fraction": 0.5}), ("max_bytes", {"max_bytes": 40}),
+                          ("text_column", {"text_column": "body"})]:
+        prepare(str(rows), "bpe:300", out, progress=False, **options)
+        made[name] = load_meta(out)
+    assert len({meta["fingerprint"] for meta in made.values()}) == len(made)
+    assert made["val_fraction"]["splits"]["val"]["documents"] > made["plain"]["splits"]["val"]["documents"]
+    assert sum(split["bytes"] for split in made["max_bytes"]["splits"].values()) == 40
+    assert all(text.startswith("body ") for texts in read_back(out).values() for text in texts)
+
+
+def test_text_changed_in_its_size_and_time_is_prepared_anew(tmp_path: Path) -> None:
+    # An edit that keeps a file's size (a typo fixed), and one that keeps its modification time too (`cp -p`, a backup
+    # restored), changes the corpus: the folder of the old text is not up to date.
+    (tmp_path / "c").mkdir()
+    note = tmp_path / "c" / "a.txt"
+    note.write_text("alpha document\n")
+    (tmp_path / "c" / "b.txt").write_text("beta document\n")
+    out = tmp_path / "out"
+    for text in ("gamma document\n", "delta document\n"):  # as long as the first
+        prepare(str(tmp_path / "c"), "bpe:300", out, progress=False)
+        before = note.stat()
+        note.write_text(text)
+        if text.startswith("delta"):
+            os.utime(note, ns=(before.st_atime_ns, before.st_mtime_ns))
+        assert note.stat().st_size == before.st_size
+        prepare(str(tmp_path / "c"), "bpe:300", out, progress=False)
+        assert text in sum(read_back(out).values(), [])
 
 
 def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Path,
