@@ -2729,6 +2729,57 @@ def test_a_process_that_ends_mid_run_stops_the_others_with_one_line(tmp_path: Pa
     assert said["gone"] == PEER_GONE_LINE
 
 
+def interrupted_rank0_worker(rank: int, folder: str, port: int) -> None:
+    """One of two processes of a gloo job whose store another process holds (torchrun's, which outlives them):
+    rank 0 is interrupted (Ctrl-C) in its first work for all, a corpus it prepares; what each met goes to
+    folder/RANK.json."""
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import init_distributed, job_error_line, on_rank0, shutdown_distributed
+    from tests.train_helpers import _raise
+
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 2, is_master=False), rank=rank,
+                            world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    init_distributed("cpu")
+    met: str | None = "nothing"
+    try:
+        on_rank0(partial(_raise, KeyboardInterrupt()))
+    except KeyboardInterrupt:
+        met = "interrupted"
+    except RuntimeError as e:
+        met = job_error_line(e)
+    finally:
+        shutdown_distributed()
+    Path(folder, f"{rank}.json").write_text(json.dumps(met))
+
+
+def test_ctrl_c_in_rank0s_first_work_for_all_ends_the_others_at_once(tmp_path: Path) -> None:
+    # Ctrl-C under torchrun while rank 0 prepared the corpus: the others waited in the rendezvous of the group
+    # on_rank0 made on first use (a day's wait, on torchrun's store, which outlives them) until torchrun killed
+    # them 30 s later. The group is made as the job starts now: they see rank 0 go, and stop.
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import PEER_GONE_LINE
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # torchrun's, as it were
+    fork = multiprocessing.get_context("fork")  # no re-import
+    workers = [fork.Process(target=interrupted_rank0_worker, args=(rank, str(tmp_path), store.port))
+               for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    left = [worker for worker in workers if worker.is_alive()]
+    for worker in left:
+        worker.kill()
+    assert not left, "a process still waited for rank 0, which had stopped"
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == ["interrupted",
+                                                                                      PEER_GONE_LINE]
+
+
 @pytest.mark.parametrize("sample, shown", [
     # rich's console read a sample as markup: "[/INST]" (Llama-style chat text) ended the run with a MarkupError,
     # and "[bold]" vanished into a style;
