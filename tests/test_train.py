@@ -1776,6 +1776,38 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     assert max(train_losses(multi)) == 10
 
 
+def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_uninterrupted_curve(
+        data: Path, preset: Path, single_process_run: Path, tmp_path: Path) -> None:
+    # `kill` of torchrun (a scheduler's stop): it passes the signal on to every process and, once they have ended,
+    # raises a traceback of its own (SignalException). The job stops after one step, saved once by rank 0, and says
+    # that the traceback after it is torchrun's report of the stop, not a failure of the run.
+    out = tmp_path / "run"
+    # a save and a sample every step (neither changes the curve): slow enough for the signal to land mid-run
+    command = train_command(*common(data, preset, out), *TORCHRUN_ARGS, "--log-interval", "1", "--save-interval", "1",
+                            "--sample-interval", "1", nproc=2)
+    with (tmp_path / "err").open("w") as err:
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        assert process.stdout is not None
+        said = []
+        while line := process.stdout.readline():
+            said.append(line)
+            if line.startswith("step 1/"):
+                process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) != 0
+    stdout, stderr = "".join(said), (tmp_path / "err").read_text()
+    step = json.loads((out / "last/train_state.json").read_text())["step"]
+    assert 1 <= step < 8 and stdout.count("stopped after step") == 1  # every process at the same step
+    assert f"stopped after step {step} (signal SIGTERM)" in stdout and "SignalException" in stderr
+    assert stderr.index(f"note: torchrun reports a job stopped by a signal with a traceback of its own below "
+                        f"(SignalException, or ChildFailedError of exit code 130 or 143): this run stopped as asked, "
+                        f"with last/ saved at step {step}") < stderr.index("Traceback")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))  # rank 0's lines, once each
+    assert re.findall(r"--- step (\d+)", (out / "samples.txt").read_text()) == [str(s) for s in range(1, step + 1)]
+    assert train_in_process("--resume", str(out)) == 0
+    np.testing.assert_allclose(list(train_losses(out).values()), list(train_losses(single_process_run).values()),
+                               rtol=2e-4)
+
+
 def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
     # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
     torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
