@@ -985,6 +985,10 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
+    if summary["stopped"].startswith("signal") and run.info.distributed:  # said where torchrun's traceback follows
+        print("note: torchrun reports a job stopped by a signal with a traceback of its own below (SignalException, "
+              "or ChildFailedError of exit code 130 or 143): this run stopped as asked, with last/ saved at step "
+              f"{state.step}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:
