@@ -4,6 +4,7 @@ clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import html
 import json
@@ -1840,6 +1841,43 @@ def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: P
         assert {(p.device_mesh.device_type, p.device.type) for p in model.parameters()} == {("cpu", "cpu")}
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_trained_without_fsdp_resumes_with_it(tmp_path: Path) -> None:
+    # A DDP run (a whole model per process) that outgrew its GPUs' memory was refused with --fsdp: its optimizer
+    # state is keyed by position, and FSDP's loader wants parameter names. The positions are those names, in order.
+    import torch.distributed as dist
+
+    from nanoqwen.checkpoint import load_optimizer_state, optimizer_state
+    from nanoqwen.distributed import DistInfo
+    from nanoqwen.train import wrap_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY_MODEL, vocab_size=64)
+    whole = Qwen3(config)
+    trained = build_optimizer(whole, "adamw", 1e-2, 0.1, torch.device("cpu"))
+    whole(torch.randint(0, 64, (2, 8))).float().pow(2).mean().backward()
+    trained.step()
+    saved = trained.state_dict()  # keyed by position, as a run without --fsdp saves it
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded = Qwen3(config)
+        sharded.load_state_dict(whole.state_dict())
+        info = DistInfo(device=torch.device("cpu"), distributed=True)
+        fsdp = SimpleNamespace(fsdp=True)
+        wrap_model(sharded, info, fsdp, info.device, compile_model=False)
+        run = SimpleNamespace(args=fsdp, model=sharded, out=tmp_path, optimizer=build_optimizer(
+            sharded, "adamw", 1e-2, 0.1, torch.device("cpu")))
+        load_optimizer_state(run, copy.deepcopy(saved))
+        loaded = optimizer_state(run)  # gathered from the shards, keyed by name
+    finally:
+        dist.destroy_process_group()
+    names = [name for name, _ in whole.named_parameters()]
+    position = {id(p): i for i, p in enumerate(p for group in trained.param_groups for p in group["params"])}
+    assert len(loaded["state"]) == len(saved["state"]) == len(names)
+    for name, p in whole.named_parameters():
+        for key, value in saved["state"][position[id(p)]].items():
+            torch.testing.assert_close(loaded["state"][name][key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
