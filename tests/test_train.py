@@ -1713,6 +1713,28 @@ def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
             signal.signal(sig, handler)
 
 
+def test_a_hangup_torchrun_passes_on_stops_and_saves_as_sigterm_does() -> None:
+    # torchrun handles SIGHUP itself (nohup's ignore undone: `nohup torchrun ...` and a closed terminal) and passes it
+    # on to every worker, which died at once, unsaved. Under torchrun a worker takes it as SIGTERM, unless the
+    # worker was left to ignore it (`torchrun --signals_to_handle SIGTERM,SIGINT` under nohup).
+    from nanoqwen.train import StopSignal
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        with StopSignal(patient=True) as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            signal.raise_signal(signal.SIGHUP)
+        assert stop.name == "SIGHUP"
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopSignal(patient=True):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with StopSignal():  # one process: a hangup ends it as it ends any command
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp_path: Path) -> None:
     # `nanoqwen train ... | head -1`: the closed pipe raised at the next print, which ended the run unsaved.
     out = tmp_path / "piped"
