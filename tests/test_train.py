@@ -1822,8 +1822,8 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
     assert 1 <= step < 8 and stdout.count("stopped after step") == 1  # every process at the same step
     assert f"stopped after step {step} (signal SIGTERM)" in stdout and "SignalException" in stderr
     assert stderr.index(f"note: torchrun reports a job stopped by a signal with a traceback of its own below "
-                        f"(SignalException, or ChildFailedError of exit code 130 or 143): this run stopped as asked, "
-                        f"with last/ saved at step {step}") < stderr.index("Traceback")
+                        f"(SignalException, or ChildFailedError where only a worker got it): this run stopped as "
+                        f"asked, with last/ saved at step {step}") < stderr.index("Traceback")
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))  # rank 0's lines, once each
     assert re.findall(r"--- step (\d+)", (out / "samples.txt").read_text()) == [str(s) for s in range(1, step + 1)]
     assert train_in_process("--resume", str(out)) == 0
