@@ -661,11 +661,8 @@ def optimizer_state(run: Run) -> dict[str, Any]:
 
 
 def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
-    by_position = any(isinstance(key, int) for part in state.get("optimizers", [state])
-                      for key in part.get("state", {}))
-    if run.args.fsdp and by_position:  # saved without --fsdp: keyed by position, FSDP's loader wants names
-        raise NanoQwenError(f"{run.out} was trained without --fsdp, and its optimizer state cannot be loaded "
-                            "sharded; resume it without --fsdp (a whole model per process)")
+    if run.args.fsdp and any(isinstance(key, int) for key in state.get("state", {})):
+        state = keyed_by_name(state, run)  # saved without --fsdp; FSDP's loader wants names
     # Loading puts back the saved groups' settings; the weight decay is the run's as given now (--weight-decay
     # with --resume), as the learning rate is (set at every step).
     decays = [group["weight_decay"] for group in run.optimizer.param_groups]
@@ -677,6 +674,16 @@ def load_optimizer_state(run: Run, state: dict[str, Any]) -> None:
         run.optimizer.load_state_dict(state)
     for group, decay in zip(run.optimizer.param_groups, decays, strict=True):
         group["weight_decay"] = decay
+
+
+def keyed_by_name(state: dict[str, Any], run: Run) -> dict[str, Any]:
+    """An optimizer state saved by a whole model (keyed by position: the order of the optimizer's parameters, which
+    the same model builds alike) keyed by parameter name, as FSDP's full state is."""
+    name_of = {id(p): name for name, p in run.model.named_parameters()}
+    names = [name_of[id(p)] for group in run.optimizer.param_groups for p in group["params"]]
+    return {"state": {names[i]: value for i, value in state["state"].items()},
+            "param_groups": [{**group, "params": [names[i] for i in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 def full_model(run: Run) -> Qwen3 | None:

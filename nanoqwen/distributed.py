@@ -173,6 +173,7 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+    patient_group()  # now, while every process is here: see there
     return DistInfo(rank, world_size, device, distributed=True)
 
 
@@ -232,7 +233,10 @@ _patient: dist.ProcessGroup | None = None
 
 def patient_group() -> dist.ProcessGroup:
     """A gloo group of every process (CPU tensors, whatever the job's backend) whose collectives wait
-    RANK0_WORK_TIMEOUT. Made on first use, which every process reaches at the same point, as new_group needs."""
+    RANK0_WORK_TIMEOUT. Made as the job starts (init_distributed), where every process is: made on first use,
+    rank 0 joined it only after its first work for all (a corpus it prepares), so the others waited for it in the
+    group's rendezvous, on torchrun's store, which outlives rank 0; rank 0 interrupted there (Ctrl-C) left them
+    waiting until torchrun killed them. In the group, they see rank 0 go (its sockets close) and stop."""
     global _patient
     if _patient is None:
         _patient = dist.new_group(backend="gloo", timeout=RANK0_WORK_TIMEOUT)

@@ -196,7 +196,9 @@ class StopSignal:
     exits: torchrun passes on each signal it gets to every worker, so a worker that got the signal itself (a job
     scheduler such as SLURM signals every process of the job) hears it twice, and it signals the workers still
     running when one of them has stopped, in the middle of rank 0's save or closing report. A worker that does
-    not end is still ended: torchrun kills it after its --shutdown_timeout (30 s)."""
+    not end is still ended: torchrun kills it after its --shutdown_timeout (30 s). There SIGHUP stops it too:
+    torchrun handles a hangup itself (undoing nohup's ignore) and passes it on, which ended every worker unsaved;
+    a worker left to ignore it (torchrun --signals_to_handle without SIGHUP, under nohup) still does."""
 
     def __init__(self, patient: bool = False) -> None:
         self.name: str | None = None
@@ -205,7 +207,11 @@ class StopSignal:
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
+            signals = [signal.SIGINT, signal.SIGTERM]
+            hangup = getattr(signal, "SIGHUP", None)  # (none on Windows)
+            if self.patient and hangup is not None and signal.getsignal(hangup) != signal.SIG_IGN:
+                signals.append(hangup)
+            for sig in signals:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -996,6 +1002,10 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
           f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
+    if summary["stopped"].startswith("signal") and run.info.distributed:  # said where torchrun's traceback follows
+        print("note: torchrun reports a job stopped by a signal with a traceback of its own below (SignalException, "
+              "or ChildFailedError where only a worker got it): this run stopped as asked, with last/ saved at step "
+              f"{state.step}", file=sys.stderr, flush=True)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import html
 import json
@@ -1712,6 +1713,28 @@ def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
             signal.signal(sig, handler)
 
 
+def test_a_hangup_torchrun_passes_on_stops_and_saves_as_sigterm_does() -> None:
+    # torchrun handles SIGHUP itself (nohup's ignore undone: `nohup torchrun ...` and a closed terminal) and passes it
+    # on to every worker, which died at once, unsaved. Under torchrun a worker takes it as SIGTERM, unless the
+    # worker was left to ignore it (`torchrun --signals_to_handle SIGTERM,SIGINT` under nohup).
+    from nanoqwen.train import StopSignal
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        with StopSignal(patient=True) as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+            signal.raise_signal(signal.SIGHUP)
+        assert stop.name == "SIGHUP"
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopSignal(patient=True):
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
+        with StopSignal():  # one process: a hangup ends it as it ends any command
+            assert signal.getsignal(signal.SIGHUP) == signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGHUP, before)
+
+
 def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp_path: Path) -> None:
     # `nanoqwen train ... | head -1`: the closed pipe raised at the next print, which ended the run unsaved.
     out = tmp_path / "piped"
@@ -1776,6 +1799,38 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     assert max(train_losses(multi)) == 10
 
 
+def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_uninterrupted_curve(
+        data: Path, preset: Path, single_process_run: Path, tmp_path: Path) -> None:
+    # `kill` of torchrun (a scheduler's stop): it passes the signal on to every process and, once they have ended,
+    # raises a traceback of its own (SignalException). The job stops after one step, saved once by rank 0, and says
+    # that the traceback after it is torchrun's report of the stop, not a failure of the run.
+    out = tmp_path / "run"
+    # a save and a sample every step (neither changes the curve): slow enough for the signal to land mid-run
+    command = train_command(*common(data, preset, out), *TORCHRUN_ARGS, "--log-interval", "1", "--save-interval", "1",
+                            "--sample-interval", "1", nproc=2)
+    with (tmp_path / "err").open("w") as err:
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
+        assert process.stdout is not None
+        said = []
+        while line := process.stdout.readline():
+            said.append(line)
+            if line.startswith("step 1/"):
+                process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) != 0
+    stdout, stderr = "".join(said), (tmp_path / "err").read_text()
+    step = json.loads((out / "last/train_state.json").read_text())["step"]
+    assert 1 <= step < 8 and stdout.count("stopped after step") == 1  # every process at the same step
+    assert f"stopped after step {step} (signal SIGTERM)" in stdout and "SignalException" in stderr
+    assert stderr.index(f"note: torchrun reports a job stopped by a signal with a traceback of its own below "
+                        f"(SignalException, or ChildFailedError where only a worker got it): this run stopped as "
+                        f"asked, with last/ saved at step {step}") < stderr.index("Traceback")
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))  # rank 0's lines, once each
+    assert re.findall(r"--- step (\d+)", (out / "samples.txt").read_text()) == [str(s) for s in range(1, step + 1)]
+    assert train_in_process("--resume", str(out)) == 0
+    np.testing.assert_allclose(list(train_losses(out).values()), list(train_losses(single_process_run).values()),
+                               rtol=2e-4)
+
+
 def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
     # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
     torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
@@ -1808,6 +1863,43 @@ def test_fsdp_shards_on_the_runs_device_not_the_machines_accelerator(tmp_path: P
         assert {(p.device_mesh.device_type, p.device.type) for p in model.parameters()} == {("cpu", "cpu")}
     finally:
         dist.destroy_process_group()
+
+
+def test_a_run_trained_without_fsdp_resumes_with_it(tmp_path: Path) -> None:
+    # A DDP run (a whole model per process) that outgrew its GPUs' memory was refused with --fsdp: its optimizer
+    # state is keyed by position, and FSDP's loader wants parameter names. The positions are those names, in order.
+    import torch.distributed as dist
+
+    from nanoqwen.checkpoint import load_optimizer_state, optimizer_state
+    from nanoqwen.distributed import DistInfo
+    from nanoqwen.train import wrap_model
+
+    torch.manual_seed(0)
+    config = ModelConfig(**TINY_MODEL, vocab_size=64)
+    whole = Qwen3(config)
+    trained = build_optimizer(whole, "adamw", 1e-2, 0.1, torch.device("cpu"))
+    whole(torch.randint(0, 64, (2, 8))).float().pow(2).mean().backward()
+    trained.step()
+    saved = trained.state_dict()  # keyed by position, as a run without --fsdp saves it
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        sharded = Qwen3(config)
+        sharded.load_state_dict(whole.state_dict())
+        info = DistInfo(device=torch.device("cpu"), distributed=True)
+        fsdp = SimpleNamespace(fsdp=True)
+        wrap_model(sharded, info, fsdp, info.device, compile_model=False)
+        run = SimpleNamespace(args=fsdp, model=sharded, out=tmp_path, optimizer=build_optimizer(
+            sharded, "adamw", 1e-2, 0.1, torch.device("cpu")))
+        load_optimizer_state(run, copy.deepcopy(saved))
+        loaded = optimizer_state(run)  # gathered from the shards, keyed by name
+    finally:
+        dist.destroy_process_group()
+    names = [name for name, _ in whole.named_parameters()]
+    position = {id(p): i for i, p in enumerate(p for group in trained.param_groups for p in group["params"])}
+    assert len(loaded["state"]) == len(saved["state"]) == len(names)
+    for name, p in whole.named_parameters():
+        for key, value in saved["state"][position[id(p)]].items():
+            torch.testing.assert_close(loaded["state"][name][key], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
@@ -2743,6 +2835,57 @@ def test_a_process_that_ends_mid_run_stops_the_others_with_one_line(tmp_path: Pa
                             "says how); the others stop with it", "bug": None,  # a bug's traceback, as before
                     "full": "No space left on device; free some space or write elsewhere"}
     assert said["gone"] == PEER_GONE_LINE
+
+
+def interrupted_rank0_worker(rank: int, folder: str, port: int) -> None:
+    """One of two processes of a gloo job whose store another process holds (torchrun's, which outlives them):
+    rank 0 is interrupted (Ctrl-C) in its first work for all, a corpus it prepares; what each met goes to
+    folder/RANK.json."""
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import init_distributed, job_error_line, on_rank0, shutdown_distributed
+    from tests.train_helpers import _raise
+
+    dist.init_process_group("gloo", store=dist.TCPStore("127.0.0.1", port, 2, is_master=False), rank=rank,
+                            world_size=2)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2")
+    init_distributed("cpu")
+    met: str | None = "nothing"
+    try:
+        on_rank0(partial(_raise, KeyboardInterrupt()))
+    except KeyboardInterrupt:
+        met = "interrupted"
+    except RuntimeError as e:
+        met = job_error_line(e)
+    finally:
+        shutdown_distributed()
+    Path(folder, f"{rank}.json").write_text(json.dumps(met))
+
+
+def test_ctrl_c_in_rank0s_first_work_for_all_ends_the_others_at_once(tmp_path: Path) -> None:
+    # Ctrl-C under torchrun while rank 0 prepared the corpus: the others waited in the rendezvous of the group
+    # on_rank0 made on first use (a day's wait, on torchrun's store, which outlives them) until torchrun killed
+    # them 30 s later. The group is made as the job starts now: they see rank 0 go, and stop.
+    import multiprocessing
+
+    import torch.distributed as dist
+
+    from nanoqwen.distributed import PEER_GONE_LINE
+
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # torchrun's, as it were
+    fork = multiprocessing.get_context("fork")  # no re-import
+    workers = [fork.Process(target=interrupted_rank0_worker, args=(rank, str(tmp_path), store.port))
+               for rank in (0, 1)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=30)
+    left = [worker for worker in workers if worker.is_alive()]
+    for worker in left:
+        worker.kill()
+    assert not left, "a process still waited for rank 0, which had stopped"
+    assert [json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1)] == ["interrupted",
+                                                                                      PEER_GONE_LINE]
 
 
 @pytest.mark.parametrize("sample, shown", [

@@ -226,5 +226,5 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
     Path(folder, f"{rank}.json").write_text(json.dumps(met))
 
 
-def _raise(error: Exception) -> None:
+def _raise(error: BaseException) -> None:
     raise error
