@@ -959,6 +959,17 @@ def duration(seconds: float) -> str:
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
+def launcher(run: Run) -> str:
+    """How this run was started, for its resume line: a torchrun job resumes as one (a plain process would hold a
+    model --fsdp shards whole), on one machine with its own process count, on several as the user started it."""
+    if not run.info.distributed:
+        return "nanoqwen"
+    per_machine = os.environ.get("LOCAL_WORLD_SIZE", "N")
+    if per_machine != str(run.info.world_size):
+        return "torchrun ... -m nanoqwen"  # several machines: their own --nnodes and rendezvous flags
+    return f"torchrun --standalone --nproc_per_node {per_machine} -m nanoqwen"
+
+
 def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     """The closing lines: how it went and where every file is."""
     state, out = run.state, run.out
@@ -1000,8 +1011,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         f" --max-steps {state.step * 2}" if done else \
         f" --max-steps {run.total_steps}" if summary["stopped"] == "early_stopping" else ""
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
+    # paths quoted: pasted as printed, a path with spaces works; --fsdp is not saved with the run
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
-          f"nanoqwen train --resume {quote(str(out))}{longer}")  # quoted: pasted as printed, a path with spaces works
+          f"{launcher(run)} train --resume {quote(str(out))}{' --fsdp' if run.args.fsdp else ''}{longer}")
     if summary["stopped"].startswith("signal") and run.info.distributed:  # said where torchrun's traceback follows
         print("note: torchrun reports a job stopped by a signal with a traceback of its own below (SignalException, "
               "or ChildFailedError where only a worker got it): this run stopped as asked, with last/ saved at step "

@@ -1825,6 +1825,8 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
                         f"(SignalException, or ChildFailedError where only a worker got it): this run stopped as "
                         f"asked, with last/ saved at step {step}") < stderr.index("Traceback")
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))  # rank 0's lines, once each
+    # resumed as it was started: a plain process would hold a model --fsdp shards whole
+    assert f"|  torchrun --standalone --nproc_per_node 2 -m nanoqwen train --resume {out}\n" in stdout
     assert re.findall(r"--- step (\d+)", (out / "samples.txt").read_text()) == [str(s) for s in range(1, step + 1)]
     assert train_in_process("--resume", str(out)) == 0
     np.testing.assert_allclose(list(train_losses(out).values()), list(train_losses(single_process_run).values()),
