@@ -1419,6 +1419,45 @@ def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
 
 
+def test_a_stream_opens_chat_choices_with_their_role_counts_usage_by_prompt_and_ends_with_done() -> None:
+    # OpenAI's chunks, beyond what its Python client checks: each chat choice opens with a role-only delta (clients
+    # that build the message from the deltas read its role there), a stream ends with `data: [DONE]` (clients that
+    # wait for it hang without it), and continuous usage counts the prompt of the chunk's own choice.
+    from nanoqwen.serve.app import stream
+    from nanoqwen.serve.engine import Job
+    from nanoqwen.serve.protocol import StreamOptions
+
+    async def chunks(chat: bool, prompt_lengths: list[int], options: StreamOptions) -> list[str]:
+        job = Job(asyncio.get_running_loop(), 2 * len(prompt_lengths))  # n=2 of each prompt
+        for i in range(job.choices):
+            job.events.put_nowait(Delta(i, f"t{i}", tokens=1))
+        for i in range(job.choices):
+            job.events.put_nowait(Finished(i, "length" if i % 2 else "stop", 1 + i))
+        return [c async for c in stream(job, {"id": "x", "created": 0, "model": "m"}, chat, prompt_lengths,
+                                        options, None)]
+
+    totals = StreamOptions(include_usage=True)
+    for chat in (True, False):
+        sent = asyncio.run(chunks(chat, [5], totals))
+        assert sent[-1] == "data: [DONE]\n\n"
+        bodies = [json.loads(c.removeprefix("data: ")) for c in sent[:-1]]
+        assert {b["object"] for b in bodies} == {"chat.completion.chunk" if chat else "text_completion"}
+        said = [(c["index"], c["delta"] if chat else c["text"], c["finish_reason"])
+                for b in bodies for c in b["choices"]]
+        opened = [(0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None)]
+        texts = [(0, {"content": "t0"}, None), (1, {"content": "t1"}, None), (0, {}, "stop"), (1, {}, "length")]
+        assert said == (opened + texts if chat else
+                        [(0, "t0", None), (1, "t1", None), (0, "", "stop"), (1, "", "length")])
+        assert bodies[-1]["choices"] == [] and bodies[-1]["usage"] == {
+            "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    # Two prompts of 5 and 7 tokens, n=2: choices 0 and 1 continue the first, 2 and 3 the second.
+    sent = asyncio.run(chunks(False, [5, 7], StreamOptions(include_usage=True, continuous_usage_stats=True)))
+    bodies = [json.loads(c.removeprefix("data: ")) for c in sent[:-1]]
+    counted = [(b["choices"][0]["index"], b["usage"]["prompt_tokens"]) for b in bodies[:4]]
+    assert counted == [(0, 5), (1, 5), (2, 7), (3, 7)]
+    assert bodies[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}
+
+
 def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
     # The tiny model writes no <tool_call>: its reply to a request with tools is the plain text, streamed alike.
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")
