@@ -87,6 +87,12 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
             for given in ({}, {"temperature": 0.7, "top_p": 0.8, "extra_body": {"top_k": 20}})]
     assert same[0] == same[1]
     assert client.models.retrieve("tiny").id == "tiny"
+    # OpenAI's fields of a model and its list, which its Python client does not check (other clients read them).
+    listed = httpx.get(f"{url}/v1/models").json()
+    assert listed["object"] == "list" and listed["data"] == [httpx.get(f"{url}/v1/models/tiny").json()]
+    assert {key: card[key] for key in ("id", "object", "owned_by")} == {"id": "tiny", "object": "model",
+                                                                         "owned_by": "nanoqwen"}
+    assert isinstance(card["created"], int) and card["created"] > 0
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
 
