@@ -1168,6 +1168,11 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": too_long}])
     r = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # Sent in pieces with no Content-Length (chunked), the body is counted as it comes: one byte past the limit.
+    r = httpx.post(f"{url}/v1/completions", content=iter([b"x" * (1 << 20), b"x"]),
+                   headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     # Still healthy, still answering.
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     r = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
