@@ -1292,6 +1292,9 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=spaced).status_code == 200
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": "s3cret"}
                           ).status_code == 401
+        for wrong in ("Bearer s3cret2", "Bearer s3cret s3cret", "Bearer"):  # the key whole, not a key it starts with
+            assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": wrong}
+                              ).status_code == 401, wrong
 
 
 def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, tmp_path: Path) -> None:
