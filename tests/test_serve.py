@@ -496,6 +496,8 @@ def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     cut = client.completions.create(**sampling, stop=[stop]).choices[0]
     assert cut.text == full.text[:offsets[k]]
     assert cut.finish_reason == "stop"
+    # One stop string may come as a string, as OpenAI's API takes it: the same stop, not one per character.
+    assert client.completions.create(**sampling, stop=stop).choices[0].text == cut.text
     # The stop string completed by the budget's last token: the stop string ended it, not the length.
     exact = dict(sampling, max_tokens=k + 2, stop=[stop])
     at_budget = client.completions.create(**exact).choices[0]
