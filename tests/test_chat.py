@@ -412,6 +412,22 @@ def test_history_drops_oldest_turns() -> None:
     assert raw.transcript.startswith(("𝑓", "𝑔", "ℕ", "🙂", " ")) and "\ufffd" not in raw.transcript
 
 
+def test_reset_clears_the_history_in_either_mode() -> None:
+    # /reset: the next message is the whole prompt, with the system prompt alone before it (ChatML), or the whole
+    # transcript (--raw: its text so far was kept, and the model went on continuing it).
+    tokenizer = qwen3_tokenizer()
+    chat = Conversation(tokenizer, context=512, reserve=40, system="sys")
+    chat.add_user("Hello")
+    chat.add_reply("Hi there")
+    chat.reset()
+    fresh = [{"role": "system", "content": "sys"}, {"role": "user", "content": "Again"}]
+    assert chat.add_user("Again") == tokenizer.encode(tokenizer.render_chat(fresh))
+    raw = Conversation(tokenizer, context=512, reserve=40, raw=True)
+    raw.add_user("Once upon")
+    raw.add_reply(" a time")
+    raw.reset()
+    assert raw.add_user("The river") == tokenizer.encode("The river") and raw.transcript == "The river"
+
 def test_history_keeps_replies_as_generated_but_a_thinking_templates_thinking(checkpoint: Path,
                                                                               tmp_path: Path) -> None:
     # A template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself;

@@ -87,6 +87,12 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
             for given in ({}, {"temperature": 0.7, "top_p": 0.8, "extra_body": {"top_k": 20}})]
     assert same[0] == same[1]
     assert client.models.retrieve("tiny").id == "tiny"
+    # OpenAI's fields of a model and its list, which its Python client does not check (other clients read them).
+    listed = httpx.get(f"{url}/v1/models").json()
+    assert listed["object"] == "list" and listed["data"] == [httpx.get(f"{url}/v1/models/tiny").json()]
+    assert {key: card[key] for key in ("id", "object", "owned_by")} == {"id": "tiny", "object": "model",
+                                                                         "owned_by": "nanoqwen"}
+    assert isinstance(card["created"], int) and card["created"] > 0
     health = httpx.get(f"{url}/health").json()
     assert health["status"] == "ok" and health["model"] == "tiny"
 
@@ -490,6 +496,8 @@ def test_stop_strings_and_max_tokens_cap(client: openai.OpenAI, local) -> None:
     cut = client.completions.create(**sampling, stop=[stop]).choices[0]
     assert cut.text == full.text[:offsets[k]]
     assert cut.finish_reason == "stop"
+    # One stop string may come as a string, as OpenAI's API takes it: the same stop, not one per character.
+    assert client.completions.create(**sampling, stop=stop).choices[0].text == cut.text
     # The stop string completed by the budget's last token: the stop string ended it, not the length.
     exact = dict(sampling, max_tokens=k + 2, stop=[stop])
     at_budget = client.completions.create(**exact).choices[0]
@@ -1162,6 +1170,11 @@ def test_limits_and_server_survives(client: openai.OpenAI, url: str, local) -> N
         client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": too_long}])
     r = httpx.post(f"{url}/v1/completions", content=b"x" * (2 << 20), headers={"Content-Type": "application/json"})
     assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    # Sent in pieces with no Content-Length (chunked), the body is counted as it comes: one byte past the limit.
+    r = httpx.post(f"{url}/v1/completions", content=iter([b"x" * (1 << 20), b"x"]),
+                   headers={"Content-Type": "application/json"})
+    assert "content-length" not in r.request.headers
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
     # Still healthy, still answering.
     assert httpx.get(f"{url}/health").json()["status"] == "ok"
     r = client.completions.create(model="tiny", prompt="ok", max_tokens=3, temperature=0)
@@ -1281,6 +1294,9 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers=spaced).status_code == 200
         assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": "s3cret"}
                           ).status_code == 401
+        for wrong in ("Bearer s3cret2", "Bearer s3cret s3cret", "Bearer"):  # the key whole, not a key it starts with
+            assert httpx.post(f"{base}/tokenize", json={"prompt": "hi"}, headers={"Authorization": wrong}
+                              ).status_code == 401, wrong
 
 
 def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, tmp_path: Path) -> None:
@@ -1417,6 +1433,45 @@ def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
 
     calls = [call for chunk in asyncio.run(streamed()) for call in chunk["choices"][0]["delta"].get("tool_calls", [])]
     assert [(c["index"], c["function"]["name"]) for c in calls] == [(0, "get_weather")]
+
+
+def test_a_stream_opens_chat_choices_with_their_role_counts_usage_by_prompt_and_ends_with_done() -> None:
+    # OpenAI's chunks, beyond what its Python client checks: each chat choice opens with a role-only delta (clients
+    # that build the message from the deltas read its role there), a stream ends with `data: [DONE]` (clients that
+    # wait for it hang without it), and continuous usage counts the prompt of the chunk's own choice.
+    from nanoqwen.serve.app import stream
+    from nanoqwen.serve.engine import Job
+    from nanoqwen.serve.protocol import StreamOptions
+
+    async def chunks(chat: bool, prompt_lengths: list[int], options: StreamOptions) -> list[str]:
+        job = Job(asyncio.get_running_loop(), 2 * len(prompt_lengths))  # n=2 of each prompt
+        for i in range(job.choices):
+            job.events.put_nowait(Delta(i, f"t{i}", tokens=1))
+        for i in range(job.choices):
+            job.events.put_nowait(Finished(i, "length" if i % 2 else "stop", 1 + i))
+        return [c async for c in stream(job, {"id": "x", "created": 0, "model": "m"}, chat, prompt_lengths,
+                                        options, None)]
+
+    totals = StreamOptions(include_usage=True)
+    for chat in (True, False):
+        sent = asyncio.run(chunks(chat, [5], totals))
+        assert sent[-1] == "data: [DONE]\n\n"
+        bodies = [json.loads(c.removeprefix("data: ")) for c in sent[:-1]]
+        assert {b["object"] for b in bodies} == {"chat.completion.chunk" if chat else "text_completion"}
+        said = [(c["index"], c["delta"] if chat else c["text"], c["finish_reason"])
+                for b in bodies for c in b["choices"]]
+        opened = [(0, {"role": "assistant", "content": ""}, None), (1, {"role": "assistant", "content": ""}, None)]
+        texts = [(0, {"content": "t0"}, None), (1, {"content": "t1"}, None), (0, {}, "stop"), (1, {}, "length")]
+        assert said == (opened + texts if chat else
+                        [(0, "t0", None), (1, "t1", None), (0, "", "stop"), (1, "", "length")])
+        assert bodies[-1]["choices"] == [] and bodies[-1]["usage"] == {
+            "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    # Two prompts of 5 and 7 tokens, n=2: choices 0 and 1 continue the first, 2 and 3 the second.
+    sent = asyncio.run(chunks(False, [5, 7], StreamOptions(include_usage=True, continuous_usage_stats=True)))
+    bodies = [json.loads(c.removeprefix("data: ")) for c in sent[:-1]]
+    counted = [(b["choices"][0]["index"], b["usage"]["prompt_tokens"]) for b in bodies[:4]]
+    assert counted == [(0, 5), (1, 5), (2, 7), (3, 7)]
+    assert bodies[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}
 
 
 def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
