@@ -57,6 +57,9 @@ def spawn_chat(checkpoint: Path, *extra: str, **env: str) -> pexpect.spawn:
                                            "--max-new-tokens", str(MAX_NEW), "--device", "cpu", *extra],
                           env={**os.environ, "TERM": "dumb", **env}, encoding="utf-8", timeout=90,
                           dimensions=(50, 400), preexec_fn=interactive_interrupt)
+    # close() signals a child still alive and gives each signal this long to end it: pexpect's 0.1 s was too short for
+    # a process of ~1 GB to be torn down on a heavily loaded machine ("Could not terminate the child", after a pass)
+    child.delayafterterminate = 2
     child.expect_exact(PROMPT)
     return child
 
