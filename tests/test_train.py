@@ -233,6 +233,12 @@ def test_token_ids_from_the_embeddings_size_up_are_refused_and_a_split_needs_a_w
     # a window is seq_len + 1 tokens: a split of seq_len tokens has none
     with pytest.raises(NanoQwenError, match="has 8 tokens, not more than --seq-len 8"):
         BatchLoader(TokenSplit(np.arange(8, dtype=np.uint32), 8), seq_len=8, batch_size=2, micro_batch=2, seed=0)
+    # ... and a split of seq_len + 1 tokens exactly one: every window of every step is the whole split
+    tokens = np.arange(9, dtype=np.uint32)
+    loader = BatchLoader(TokenSplit(tokens, 9), seq_len=8, batch_size=4, micro_batch=2, seed=0)
+    for step in range(5):
+        for inputs, targets in loader.micro_batches(step):
+            assert inputs.tolist() == [list(range(8))] * 2 and targets.tolist() == [list(range(1, 9))] * 2
 
 
 # -- whole runs -----------------------------------------------------------------------------------
