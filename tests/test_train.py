@@ -477,6 +477,7 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"step", "train_loss", "lr", "tokens", "tokens_per_s", "elapsed_s"} <= records[0].keys()
+    assert [r["tokens"] for r in records] == [step * 8 * 32 for step in range(1, 41)]  # FAST: 8 x 32 tokens a step
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
     assert {"val_loss", "val_accuracy", "val_perplexity", "val_bpb"} <= evals[0].keys()
@@ -2368,6 +2369,10 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
     assert [r["step"] for r in read_metrics_lenient(out)] == [1, 2, 3]
     assert train_in_process("--resume", str(out), "--max-steps", "5") == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    # tokens and training time go on from the saved state's (a plot against them draws one unbroken curve)
+    assert [r["tokens"] for r in read_metrics(out)] == [step * 8 * 32 for step in range(1, 6)]
+    elapsed = [r["elapsed_s"] for r in read_metrics(out)]
+    assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2] > 0, elapsed
     # Records that are not a step's (odd lines written by hand) are left out of the plot; no losses at all is
     # one line.
     with (out / "metrics.jsonl").open("a") as f:
