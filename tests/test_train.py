@@ -1548,6 +1548,11 @@ def test_grad_clip_bounds_the_gradient_each_step_and_zero_turns_it_off(data: Pat
         assert before > 0.05 and after == pytest.approx(0.05, rel=1e-3)
     assert train_in_process(*common(data, preset, tmp_path / "b"), "--max-steps", "3", "--grad-clip", "0") == 0
     assert len(norms) == 3  # off: never called
+    # fp16's GradScaler multiplies the loss by 2**16: the clip sees the gradient unscaled, as the fp32 run's first
+    # (clipped before unscaling, it cut the scaled one to 0.05, and the update to 2**-16 of that)
+    assert train_in_process(*common(data, preset, tmp_path / "c"), "--max-steps", "1", "--grad-clip", "0.05",
+                            "--dtype", "float16") == 0
+    assert len(norms) == 4 and norms[3][0] == pytest.approx(norms[0][0], rel=0.05), norms
 
 
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: Path, tmp_path: Path) -> None:
