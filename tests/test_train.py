@@ -849,6 +849,22 @@ def test_a_resume_names_the_runs_own_micro_batch_it_cannot_split(trained: Path, 
     assert sorted(path.name for path in run.iterdir()) == ["config.json"]
 
 
+def test_a_resume_refuses_another_optimizer_before_touching_the_run(trained: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # The saved state is AdamW's: another optimizer cannot continue it (it failed later as a "corrupt" state)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((trained / "config.json").read_text())
+    config["train"]["wandb"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert train_in_process("--resume", str(run), "--optimizer", "muon") == 2
+    err = capsys.readouterr().err
+    assert f"{run} trains with adamw, whose state --resume continues" in err
+    assert f"--init-from {run / 'last'}" in err and err.count("\n") == 1, err
+    assert sorted(path.name for path in run.iterdir()) == ["config.json"]
+
+
 def test_the_closing_sample_on_a_terminal_shows_its_control_characters(
         data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The run's last sample, printed in its closing lines, let a generated ESC sequence act on the terminal (clear
