@@ -1788,6 +1788,8 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
         in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
+    # the tokens of every process's share of the batch (the plot's x by tokens matches the single process's)
+    assert [r["tokens"] for r in read_metrics(multi)] == [r["tokens"] for r in read_metrics(single)]
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
     assert config["world_size"] == nproc and config["threads"] == threads
