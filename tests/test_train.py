@@ -1582,6 +1582,10 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] == 6
     cosine = 1e-2 * (0.1 + 0.45 * (1 + math.cos(math.pi * (10 - 6) / (12 - 1 - 6))))  # step 10 of 12, warmup 6
     assert [r["lr"] for r in read_metrics(out)][10:] == pytest.approx([cosine, 1e-3])
+    # --min-lr 0 is a rate that ends at 0, not an unset one (--lr / 10)
+    out = tmp_path / "to-zero"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--warmup", "0", "--min-lr", "0") == 0
+    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([1e-2, 0.0])
 
 
 def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
