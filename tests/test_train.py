@@ -1571,6 +1571,23 @@ def test_grad_clip_bounds_the_gradient_each_step_and_zero_turns_it_off(data: Pat
     assert len(norms) == 4 and norms[3][0] == pytest.approx(norms[0][0], rel=0.05), norms
 
 
+def test_every_step_trains_in_training_mode_after_evaluations_samples_and_a_resume(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Evaluating and sampling put the model in eval mode (no dropout), and a resume loads it so: each must leave
+    # it training, or every later step trained without dropout (silently: the loss still falls)
+    import nanoqwen.train
+
+    modes: list[bool] = []  # model.training at each optimizer step
+    step = nanoqwen.train.optimizer_step
+    monkeypatch.setattr(nanoqwen.train, "optimizer_step",
+                        lambda run, *args: (modes.append(run.model.training), step(run, *args))[1])
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "3", "--eval-interval", "1",
+                            "--sample-interval", "2") == 0  # step 1 evaluates, step 2 samples after it too
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
+    assert modes == [True] * 4
+
+
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: Path, tmp_path: Path) -> None:
     out = tmp_path / "short"  # a 10-step trial of settings made for long runs: it must still decay to min_lr
     assert train_in_process(*common(data, preset, out), "--max-steps", "10", "--warmup", "50") == 0
