@@ -1620,6 +1620,7 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
                             "--min-lr", "0", "--weight-decay", "0.5", "--dtype", "bf16") == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
     assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
+    assert "lr 0.01 -> 0.0" in note, note
     assert "dtype float32 -> bfloat16" in note
     # The weight decay given now is the one used (loading the optimizer's state put the saved one back).
     blob = torch.load(out / "last/train_state.pt", weights_only=True)["optimizer"]
