@@ -48,7 +48,7 @@ from nanoqwen.runs import (
 )
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
-from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
+from nanoqwen.train import Run, evaluate_and_track, fit_resumed_schedule, fit_schedule
 from tests.train_helpers import (
     FAST,
     TINY_MODEL,
@@ -234,6 +234,12 @@ def test_token_ids_from_the_embeddings_size_up_are_refused_and_a_split_needs_a_w
     # a window is seq_len + 1 tokens: a split of seq_len tokens has none
     with pytest.raises(NanoQwenError, match="has 8 tokens, not more than --seq-len 8"):
         BatchLoader(TokenSplit(np.arange(8, dtype=np.uint32), 8), seq_len=8, batch_size=2, micro_batch=2, seed=0)
+    # ... and a split of seq_len + 1 tokens exactly one: every window of every step is the whole split
+    tokens = np.arange(9, dtype=np.uint32)
+    loader = BatchLoader(TokenSplit(tokens, 9), seq_len=8, batch_size=4, micro_batch=2, seed=0)
+    for step in range(5):
+        for inputs, targets in loader.micro_batches(step):
+            assert inputs.tolist() == [list(range(8))] * 2 and targets.tolist() == [list(range(1, 9))] * 2
 
 
 # -- whole runs -----------------------------------------------------------------------------------
@@ -472,6 +478,7 @@ def test_loss_falls_and_the_run_folder_is_complete(trained: Path) -> None:
     records = read_metrics(trained)
     assert [r["step"] for r in records] == list(range(1, 41))
     assert {"step", "train_loss", "lr", "tokens", "tokens_per_s", "elapsed_s"} <= records[0].keys()
+    assert [r["tokens"] for r in records] == [step * 8 * 32 for step in range(1, 41)]  # FAST: 8 x 32 tokens a step
     evals = [r for r in records if "val_loss" in r]
     assert [r["step"] for r in evals] == [10, 20, 30, 40]
     assert {"val_loss", "val_accuracy", "val_perplexity", "val_bpb"} <= evals[0].keys()
@@ -840,6 +847,22 @@ def test_a_resume_names_the_runs_own_micro_batch_it_cannot_split(trained: Path, 
     assert train_in_process("--resume", str(run), "--batch-size", "6") == 2
     assert capsys.readouterr().err == ("nanoqwen train: error: the run's own --micro-batch 4 must divide --batch-size "
                                        "6 evenly; --micro-batch 3 does\n")
+    assert sorted(path.name for path in run.iterdir()) == ["config.json"]
+
+
+def test_a_resume_refuses_another_optimizer_before_touching_the_run(trained: Path, tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    # The saved state is AdamW's: another optimizer cannot continue it (it failed later as a "corrupt" state)
+    run = tmp_path / "run"
+    run.mkdir()
+    config = json.loads((trained / "config.json").read_text())
+    config["train"]["wandb"] = False
+    (run / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    assert train_in_process("--resume", str(run), "--optimizer", "muon") == 2
+    err = capsys.readouterr().err
+    assert f"{run} trains with adamw, whose state --resume continues" in err
+    assert f"--init-from {run / 'last'}" in err and err.count("\n") == 1, err
     assert sorted(path.name for path in run.iterdir()) == ["config.json"]
 
 
@@ -1237,6 +1260,27 @@ def test_the_evaluation_that_ends_a_cut_run_does_not_count_toward_patience(data:
     assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [2, 4, 5, 6]
 
 
+def test_patience_counts_the_evaluations_since_the_last_better_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A better val loss starts the count afresh: patience 2 stops after two evaluations in a row without one, not
+    # after any two (the lr-0 runs above never improve, so they cannot tell the two apart)
+    import nanoqwen.train
+
+    losses = iter([3.0, 3.1, 2.9, 3.0, 3.05])
+    monkeypatch.setattr(nanoqwen.train, "evaluate", lambda run: {"loss": next(losses), "accuracy": 0.5,
+                                                                 "perplexity": 20.0, "bits_per_byte": 1.0})
+    saved: list[int] = []
+    monkeypatch.setattr(nanoqwen.train, "save_best", lambda run: saved.append(run.state.step))
+    run = SimpleNamespace(cfg=SimpleNamespace(eval_interval=1), state=LoopState(),
+                          info=SimpleNamespace(device=torch.device("cpu")))
+    counts = []
+    for step in range(1, 6):
+        run.state.step = step
+        evaluate_and_track(run, {}, Display(False, 0, 5, 1))  # type: ignore[arg-type]
+        counts.append(run.state.evals_since_best)
+    assert counts == [0, 1, 0, 1, 2] and saved == [1, 3]
+    assert (run.state.best_step, run.state.best_val_loss) == (3, 2.9)
+
+
 def test_a_val_loss_measured_otherwise_starts_best_afresh(data: Path, preset: Path, tmp_path: Path,
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # lr 0: the weights never change. Over other val windows the loss is another number, which was compared
@@ -1542,6 +1586,28 @@ def test_grad_clip_bounds_the_gradient_each_step_and_zero_turns_it_off(data: Pat
         assert before > 0.05 and after == pytest.approx(0.05, rel=1e-3)
     assert train_in_process(*common(data, preset, tmp_path / "b"), "--max-steps", "3", "--grad-clip", "0") == 0
     assert len(norms) == 3  # off: never called
+    # fp16's GradScaler multiplies the loss by 2**16: the clip sees the gradient unscaled, as the fp32 run's first
+    # (clipped before unscaling, it cut the scaled one to 0.05, and the update to 2**-16 of that)
+    assert train_in_process(*common(data, preset, tmp_path / "c"), "--max-steps", "1", "--grad-clip", "0.05",
+                            "--dtype", "float16") == 0
+    assert len(norms) == 4 and norms[3][0] == pytest.approx(norms[0][0], rel=0.05), norms
+
+
+def test_every_step_trains_in_training_mode_after_evaluations_samples_and_a_resume(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Evaluating and sampling put the model in eval mode (no dropout), and a resume loads it so: each must leave
+    # it training, or every later step trained without dropout (silently: the loss still falls)
+    import nanoqwen.train
+
+    modes: list[bool] = []  # model.training at each optimizer step
+    step = nanoqwen.train.optimizer_step
+    monkeypatch.setattr(nanoqwen.train, "optimizer_step",
+                        lambda run, *args: (modes.append(run.model.training), step(run, *args))[1])
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "3", "--eval-interval", "1",
+                            "--sample-interval", "2") == 0  # step 1 evaluates, step 2 samples after it too
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
+    assert modes == [True] * 4
 
 
 def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: Path, tmp_path: Path) -> None:
@@ -1555,6 +1621,10 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert json.loads((out / "last/train_state.json").read_text())["fitted_warmup"] == 6
     cosine = 1e-2 * (0.1 + 0.45 * (1 + math.cos(math.pi * (10 - 6) / (12 - 1 - 6))))  # step 10 of 12, warmup 6
     assert [r["lr"] for r in read_metrics(out)][10:] == pytest.approx([cosine, 1e-3])
+    # --min-lr 0 is a rate that ends at 0, not an unset one (--lr / 10)
+    out = tmp_path / "to-zero"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--warmup", "0", "--min-lr", "0") == 0
+    assert [r["lr"] for r in read_metrics(out)] == pytest.approx([1e-2, 0.0])
 
 
 def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
@@ -1572,6 +1642,7 @@ def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, 
                             "--min-lr", "0", "--weight-decay", "0.5", "--dtype", "bf16") == 0
     note = next(line for line in capsys.readouterr().out.splitlines() if line.startswith(f"resuming {out} with"))
     assert "batch_size 8 -> 4" in note and "min_lr None -> 0.0" in note and "max_steps" not in note
+    assert "lr 0.01 -> 0.0" in note, note
     assert "dtype float32 -> bfloat16" in note
     # The weight decay given now is the one used (loading the optimizer's state put the saved one back).
     blob = torch.load(out / "last/train_state.pt", weights_only=True)["optimizer"]
@@ -1783,6 +1854,8 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
         in done.stdout  # how the job splits
     one, two = train_losses(single), train_losses(multi)
     assert list(one) == list(two)
+    # the tokens of every process's share of the batch (the plot's x by tokens matches the single process's)
+    assert [r["tokens"] for r in read_metrics(multi)] == [r["tokens"] for r in read_metrics(single)]
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
     assert config["world_size"] == nproc and config["threads"] == threads
@@ -2472,6 +2545,10 @@ def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Pat
     assert [r["step"] for r in read_metrics_lenient(out)] == [1, 2, 3]
     assert train_in_process("--resume", str(out), "--max-steps", "5") == 0
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    # tokens and training time go on from the saved state's (a plot against them draws one unbroken curve)
+    assert [r["tokens"] for r in read_metrics(out)] == [step * 8 * 32 for step in range(1, 6)]
+    elapsed = [r["elapsed_s"] for r in read_metrics(out)]
+    assert elapsed == sorted(elapsed) and elapsed[3] > elapsed[2] > 0, elapsed
     # Records that are not a step's (odd lines written by hand) are left out of the plot; no losses at all is
     # one line.
     with (out / "metrics.jsonl").open("a") as f:
