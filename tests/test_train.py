@@ -1747,6 +1747,24 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
+
+def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
+    # torchrun in a terminal that closes: its workers stop after the step and save (a hangup is a stop under
+    # torchrun), but they are in sessions of their own and the terminal stays their stdout: rank 0's next print
+    # raised EIO, which ended it unsaved where it printed before the save (a step's val loss line).
+    import pty
+
+    from nanoqwen.io import ReaderMayLeave
+
+    controller, terminal = pty.openpty()
+    with open(terminal, "w") as stream:
+        out = ReaderMayLeave(stream)
+        print("step 1/8", file=out, flush=True)
+        os.close(controller)  # the terminal closes
+        print("step 2: val loss 3.1", file=out, flush=True)
+        print("stopped after step 2", file=out, flush=True)
+        assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))  # the rest goes nowhere
+
 COMPILED_ACCUMULATING = ["--compile", "--micro-batch", "2"]  # what a multi-GPU run does by default, traced on CPU
 TORCHRUN_ARGS = ["--max-steps", "8", "--eval-interval", "4"]
 
