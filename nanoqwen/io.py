@@ -406,9 +406,16 @@ def discard_output(stream: IO[str]) -> None:
     os.close(devnull)
 
 
+def reader_gone(error: OSError) -> bool:
+    """Whether a write failed because no one reads the stream any more: a closed pipe, or a terminal hung up (the
+    workers of a torchrun job closed with its terminal, in sessions of their own, are not ended by the hangup)."""
+    return isinstance(error, BrokenPipeError) or error.errno == errno.EIO
+
+
 class ReaderMayLeave:
-    """stdout for a long job: once its reader is gone (`nanoqwen train ... | head`), what is printed is
-    dropped and the job goes on. Python raises BrokenPipeError at the next print, which ended a run unsaved."""
+    """stdout for a long job: once its reader is gone (`nanoqwen train ... | head`, or the terminal of a torchrun job
+    closed), what is printed is dropped and the job goes on. Python raises BrokenPipeError (a hung-up terminal: EIO)
+    at the next print, which ended a run unsaved."""
 
     def __init__(self, stream: IO[str]) -> None:
         self.stream = stream
@@ -416,14 +423,18 @@ class ReaderMayLeave:
     def write(self, text: str) -> int:
         try:
             return self.stream.write(text)
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_gone(e):
+                raise
             discard_output(self.stream)  # what is still buffered goes there too
             return len(text)
 
     def flush(self) -> None:
         try:
             self.stream.flush()
-        except BrokenPipeError:
+        except OSError as e:
+            if not reader_gone(e):
+                raise
             discard_output(self.stream)
 
     def __getattr__(self, name: str) -> Any:

@@ -195,10 +195,15 @@ def check_seq_len(seq_len: int, config: ModelConfig, can_set: bool) -> None:
                             "lower it" + (f" or --set max_position_embeddings={seq_len}" if can_set else ""))
 
 
-def check_parallelism(fsdp: bool, optimizer: str, info: DistInfo) -> None:
-    """What --fsdp cannot run with, refused before a corpus is prepared or a model built."""
+def check_parallelism(fsdp: bool, optimizer: str, info: DistInfo, resumed: Path | None = None) -> None:
+    """What --fsdp cannot run with, refused before a corpus is prepared or a model built. A `resumed` run keeps its
+    optimizer (its state goes on): another is a new run from its weights."""
     if fsdp and not info.distributed:
         raise NanoQwenError("--fsdp shards the model over processes; launch with torchrun --nproc_per_node N")
+    if fsdp and optimizer == "muon" and resumed is not None:
+        raise NanoQwenError(f"{resumed} trains with muon, which needs whole matrices: resume it without --fsdp (a "
+                            "whole model per process), or start a new run from its weights with --fsdp: "
+                            f"--init-from {resumed / 'last'} --optimizer adamw --fsdp")
     if fsdp and optimizer == "muon":
         raise NanoQwenError("--optimizer muon needs whole matrices; with --fsdp use --optimizer adamw")
 
@@ -339,7 +344,7 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
     trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
     if trained_dtype and trained_dtype != dtype:
         changed.append(f"dtype {trained_dtype} -> {dtype}")
-    check_parallelism(args.fsdp, cfg.optimizer, info)
+    check_parallelism(args.fsdp, cfg.optimizer, info, resumed=out)
     return cfg, saved["preset"], resumed_data(args, saved, out, info.is_main), out, Changes(changed, given, before)
 
 

@@ -30,7 +30,7 @@ import torch
 
 from nanoqwen.checkpoint import checkpoint_step, load_model, save_checkpoint
 from nanoqwen.cli import main
-from nanoqwen.config import LoopState, ModelConfig
+from nanoqwen.config import LoopState, ModelConfig, TrainConfig
 from nanoqwen.data.loader import BatchLoader, TokenSplit, batch_offsets
 from nanoqwen.distributed import threads_per_process, usable_cores
 from nanoqwen.errors import NanoQwenError
@@ -1817,6 +1817,24 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
+
+def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
+    # torchrun in a terminal that closes: its workers stop after the step and save (a hangup is a stop under
+    # torchrun), but they are in sessions of their own and the terminal stays their stdout: rank 0's next print
+    # raised EIO, which ended it unsaved where it printed before the save (a step's val loss line).
+    import pty
+
+    from nanoqwen.io import ReaderMayLeave
+
+    controller, terminal = pty.openpty()
+    with open(terminal, "w") as stream:
+        out = ReaderMayLeave(stream)
+        print("step 1/8", file=out, flush=True)
+        os.close(controller)  # the terminal closes
+        print("step 2: val loss 3.1", file=out, flush=True)
+        print("stopped after step 2", file=out, flush=True)
+        assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))  # the rest goes nowhere
+
 COMPILED_ACCUMULATING = ["--compile", "--micro-batch", "2"]  # what a multi-GPU run does by default, traced on CPU
 TORCHRUN_ARGS = ["--max-steps", "8", "--eval-interval", "4"]
 
@@ -1975,6 +1993,24 @@ def test_a_run_trained_without_fsdp_resumes_with_it(tmp_path: Path) -> None:
         for key, value in saved["state"][position[id(p)]].items():
             torch.testing.assert_close(loaded["state"][name][key], value, rtol=0, atol=0)
 
+
+def test_a_muon_run_resumed_with_fsdp_is_told_to_resume_without_it(tmp_path: Path) -> None:
+    # A run resumes across --fsdp now, but not a Muon one (it needs whole matrices): it was told a new run's way,
+    # "with --fsdp use --optimizer adamw", which its resume refuses in turn (a resume keeps its optimizer's state).
+    from nanoqwen.cli import build_parser
+    from nanoqwen.distributed import DistInfo
+    from nanoqwen.runs import resumed_run
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"train": dataclasses.asdict(TrainConfig(optimizer="muon")),
+                                                 "preset": "tiny", "data": str(tmp_path / "data")}))
+    args = build_parser("train").parse_args(["train", "--resume", str(run), "--fsdp"])
+    with pytest.raises(NanoQwenError) as refused:
+        resumed_run(args, DistInfo(world_size=2, distributed=True))
+    assert str(refused.value) == f"{run} trains with muon, which needs whole matrices: resume it without --fsdp (a " \
+        f"whole model per process), or start a new run from its weights with --fsdp: --init-from {run / 'last'} " \
+        "--optimizer adamw --fsdp"
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),

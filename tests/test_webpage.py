@@ -1542,3 +1542,25 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
     expect(replies.locator(".note")).to_have_count(1)
     reload(page)
     expect(replies.locator(".note")).to_have_count(1)
+
+
+def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
+    # Undo brings a Clear back until the next send in its mode, but one slot held both modes' Clears: Chat cleared,
+    # then Completion's transcript cleared too, and Chat's Undo was gone with no send in Chat.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    chat = transcript(page)
+    page.click("#clear")
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")  # Completion's send: Chat's Clear can still be undone
+    completion = transcript(page)
+    page.click("#clear")
+    undo = page.get_by_role("button", name="Undo", exact=True)
+    page.click("label:has(#mode-chat)")
+    undo.click(timeout=5_000)
+    assert transcript(page) == chat
+    page.click("label:has(#mode-completion)")
+    undo.click(timeout=5_000)
+    assert sorted(transcript(page)) == sorted(chat + completion)
+    expect(page.locator("#cleared")).to_be_hidden()

@@ -45,7 +45,7 @@ const state = {
   // Each mode's place in the transcript box (which holds both modes' messages) as its reader left it: its scrollTop,
   // or null at its end (see showMode).
   places: {},
-  cleared: null, // {mode, boxes, history}: the transcript the last Clear took away, for Undo (see clearAll)
+  cleared: {}, // mode -> {boxes, history}: the transcript that mode's last Clear took away, for Undo (see clearAll)
 };
 
 // -- server info ---------------------------------------------------------------------------
@@ -829,9 +829,9 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
-  if (state.cleared?.mode === mode()) { // a new conversation begins: what Clear took away is gone for good
-    state.cleared = null;
-    $("cleared").hidden = true;
+  if (state.cleared[mode()]) { // a new conversation begins: what Clear took away is gone for good
+    delete state.cleared[mode()];
+    showUndo();
   }
   // The message and what follows it leave the history, once nothing stops the send; the message stays where it
   // is (with the new text) and the turns after it are hidden, to come back if the send ends with no text.
@@ -1121,7 +1121,7 @@ function clearAll() {
   const boxes = [...$("transcript").querySelectorAll(`.message.${shown}-only`)];
   if (boxes.length) {
     if (shown === "chat") cancelEdit();
-    state.cleared = { mode: shown, boxes, history: shown === "chat" ? state.history : null };
+    state.cleared[shown] = { boxes, history: shown === "chat" ? state.history : null };
     if (shown === "chat") state.history = [];
     for (const el of boxes) el.remove();
     showTranscriptChanged();
@@ -1130,21 +1130,27 @@ function clearAll() {
 }
 
 function undoClear() {
-  const { mode: cleared, boxes, history } = state.cleared;
-  state.cleared = null;
+  const { boxes, history } = state.cleared[mode()];
+  delete state.cleared[mode()];
   $("transcript").append(...boxes);
-  if (cleared === "chat") state.history = history;
+  if (mode() === "chat") state.history = history;
   showTranscriptChanged();
   scrollDown();
   $("prompt").focus(); // the Undo button is gone: the focus would fall to the page's body
 }
 
 function showTranscriptChanged() { // after Clear or Undo
-  $("cleared").hidden = !state.cleared;
-  if (state.cleared) $("cleared").className = `${state.cleared.mode}-only`; // Undo shows in the mode it clears
+  showUndo();
   showRegenerate();
   saveConversation();
   showEmptyHint();
+}
+
+// Undo shows in each mode whose Clear it can undo (a Clear in one mode keeps the other's: each has its own).
+function showUndo() {
+  const modes = Object.keys(state.cleared);
+  $("cleared").hidden = !modes.length;
+  $("cleared").className = modes.length === 1 ? `${modes[0]}-only` : "";
 }
 
 // -- wiring --------------------------------------------------------------------------------
