@@ -817,6 +817,18 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
         SamplingParams(presence_penalty=2.5).validate()
 
 
+def test_repetition_penalty_counts_the_prompt_and_the_generated_tokens():
+    # Transformers' rule: every token in the sequence so far, generated ones included, once however often it came;
+    # positive logits divided by the penalty, negative ones multiplied.
+    logits = torch.tensor([[5.0, 4.0, 1.0, -1.0, 2.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    penalties = Penalties.start(params, torch.tensor([[0, 0]]), 5)
+    assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 4.0, 1.0, -1.0, 2.0]]))
+    for token in (3, 4, 4):
+        penalties.record(torch.tensor([token]))
+    assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 4.0, 1.0, -2.0, 1.0]]))
+
+
 def test_stream_never_splits_characters_and_honours_stop_strings():
     tokenizer = qwen3_tokenizer()
     text = "naïve 🤖 日本 done. STOP here"
