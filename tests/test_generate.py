@@ -829,6 +829,17 @@ def test_repetition_penalty_counts_the_prompt_and_the_generated_tokens():
     assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 4.0, 1.0, -2.0, 1.0]]))
 
 
+def test_penalties_apply_in_vllms_order_repetition_first():
+    # vLLM scales by the repetition penalty, then subtracts the frequency and presence penalties: the other order
+    # gives other logits wherever a generated token has both.
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=0.5)
+    penalties = Penalties.start(params, torch.tensor([[2]]), 3)
+    for token in (0, 1):
+        penalties.record(torch.tensor([token]))
+    # 5 / 2 - 1 - 0.5; -1 * 2 - 1 - 0.5; 1 / 2 (a prompt token: repetition alone)
+    assert torch.equal(penalties.apply(torch.tensor([[5.0, -1.0, 1.0]])), torch.tensor([[1.0, -3.5, 0.5]]))
+
+
 def test_stream_never_splits_characters_and_honours_stop_strings():
     tokenizer = qwen3_tokenizer()
     text = "naïve 🤖 日本 done. STOP here"
