@@ -363,6 +363,25 @@ def test_sampling_keeps_the_distribution_transformers_warpers_keep():
             assert bool((warped.isinf() & ~logits.isinf()).any())
 
 
+def test_a_large_top_k_with_top_p_keeps_the_tokens_transformers_warpers_keep():
+    # A top_k over 1/8 of a vocabulary of 512 or more, with top_p, takes its own CPU path (the k-th value by
+    # kthvalue, then `nucleus`): the same kept tokens as Transformers' warpers, ties with the k-th value included.
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    torch.manual_seed(0)
+    for top_k, top_p in [(300, 0.999), (300, 0.6), (150, 0.9999)]:
+        logits = torch.randn(3, 1024) / 2
+        ranked = logits.argsort(-1, descending=True)
+        kth = logits.gather(-1, ranked[:, top_k - 1:top_k])
+        logits[0, ranked[0, top_k:top_k + 4]] = kth[0]  # row 0: four more tie with the k-th; rows 1, 2: none do
+        ours, columns = sampled_logits(logits.clone(), SamplingParams(top_k=top_k, top_p=top_p))
+        assert columns is not None
+        kept = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, columns, ours[:, :columns.shape[-1]].isfinite())
+        warped = TopPLogitsWarper(top_p)(None, TopKLogitsWarper(top_k)(None, logits.clone()))
+        assert torch.equal(kept, warped.isfinite()), (top_k, top_p)
+        assert top_p < 0.99 or kept.sum(-1).tolist() == [top_k + 4, top_k, top_k]  # the k best, and the ties
+
+
 def test_top_p_keeps_what_a_full_sort_keeps():
     # On a CPU top-p looks for its tokens among the best few (torch.topk) rather than sorting the vocabulary. It must
     # keep what a full sort keeps (ties: the higher id first), with the same probabilities: rows flat and peaked,
@@ -796,6 +815,29 @@ def test_presence_and_frequency_penalties_count_generated_tokens_only():
     assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 2.5, 1.0, 0.5, -1.0]]))
     with pytest.raises(NanoQwenError, match="presence_penalty"):
         SamplingParams(presence_penalty=2.5).validate()
+
+
+def test_repetition_penalty_counts_the_prompt_and_the_generated_tokens():
+    # Transformers' rule: every token in the sequence so far, generated ones included, once however often it came;
+    # positive logits divided by the penalty, negative ones multiplied.
+    logits = torch.tensor([[5.0, 4.0, 1.0, -1.0, 2.0]])
+    params = SamplingParams(temperature=0, repetition_penalty=2.0)
+    penalties = Penalties.start(params, torch.tensor([[0, 0]]), 5)
+    assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 4.0, 1.0, -1.0, 2.0]]))
+    for token in (3, 4, 4):
+        penalties.record(torch.tensor([token]))
+    assert torch.equal(penalties.apply(logits), torch.tensor([[2.5, 4.0, 1.0, -2.0, 1.0]]))
+
+
+def test_penalties_apply_in_vllms_order_repetition_first():
+    # vLLM scales by the repetition penalty, then subtracts the frequency and presence penalties: the other order
+    # gives other logits wherever a generated token has both.
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=1.0, presence_penalty=0.5)
+    penalties = Penalties.start(params, torch.tensor([[2]]), 3)
+    for token in (0, 1):
+        penalties.record(torch.tensor([token]))
+    # 5 / 2 - 1 - 0.5; -1 * 2 - 1 - 0.5; 1 / 2 (a prompt token: repetition alone)
+    assert torch.equal(penalties.apply(torch.tensor([[5.0, -1.0, 1.0]])), torch.tensor([[1.0, -3.5, 0.5]]))
 
 
 def test_stream_never_splits_characters_and_honours_stop_strings():

@@ -213,6 +213,32 @@ def test_left_padded_batch_equals_rows_alone():
     assert (next_step[1, 0] - alone_long[0, 6]).abs().max() <= 1e-4
 
 
+def test_every_query_of_a_padded_batch_attends_some_key(monkeypatch):
+    # A padding query has no real key before it, so it attends itself. A row with every key masked is a softmax
+    # over nothing: nan where a kernel does not special-case it (CPU's SDPA gives zeros, so logits cannot tell),
+    # and the nan would reach the real tokens through the next layer's keys and values.
+    from nanoqwen import model as model_module
+
+    masks = []
+    sdpa = model_module.sdpa_attention
+
+    def recording(q, k, v, mask, dropout):
+        masks.append(mask)
+        return sdpa(q, k, v, mask, dropout)
+
+    monkeypatch.setattr(model_module, "sdpa_attention", recording)
+    model = Qwen3(tiny_config()).eval()
+    batch = torch.tensor([[0, 0, 0, 5, 6, 7], [9, 8, 7, 6, 5, 4]])
+    real = torch.tensor([[0, 0, 0, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        model(batch, attention_mask=real)
+        cache = model.new_cache(2, 12)
+        model(batch[:, :2], cache=cache, attention_mask=real[:, :2])  # a prompt prefilled in two pieces
+        model(batch[:, 2:], cache=cache, attention_mask=real[:, 2:])
+    assert len(masks) == 3 * model.config.num_hidden_layers
+    assert all(mask is not None and bool(mask.any(-1).all()) for mask in masks)
+
+
 @pytest.mark.parametrize("changes, words", [
     ({"num_attention_heads": 6, "num_key_value_heads": 4}, "multiple of num_key_value_heads"),
     ({"head_dim": 15}, "head_dim must be even"),

@@ -124,6 +124,20 @@ def test_chunked_loss_equals_plain_loss_and_gradients(monkeypatch: pytest.Monkey
     torch.testing.assert_close(weight.grad, 2.0 * grads[1])
 
 
+def test_chunked_loss_of_a_batch_without_targets_is_zero_not_nan() -> None:
+    # --loss-on-assistant: a micro-batch of user turns alone has no target left. Its loss is weighted by its 0
+    # targets in the step; a 0 / 0 there (nan) would make every gradient of the step nan.
+    hidden = torch.randn(2, 5, 8, requires_grad=True)
+    weight = torch.randn(11, 8, requires_grad=True)
+    targets = torch.full((2, 5), -100)
+    loss = chunked_cross_entropy(hidden, weight, targets, chunk=4)
+    (loss * 0).backward()
+    assert loss.item() == 0.0
+    assert torch.equal(hidden.grad, torch.zeros_like(hidden)) and torch.equal(weight.grad, torch.zeros_like(weight))
+    with torch.no_grad():
+        assert chunked_cross_entropy(hidden, weight, targets, chunk=4).item() == 0.0
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_chunked_loss_under_bf16_autocast_equals_the_plain_one(compiled: bool) -> None:
     # The CUDA training path's dtypes: bf16 matmuls and logits, the softmax in fp32, the gradient in bf16
