@@ -987,6 +987,27 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
     assert result["accuracy"] == pytest.approx(right / n)
 
 
+def test_eval_accuracy_counts_the_argmax_hits_of_every_window():
+    # The test above scores a model of 151,936 ids that never guesses a token: its accuracy is 0, whatever is
+    # counted. Here 8 ids, so some guesses hit; windows of 16, 16 and 8 (the last one padded in its batch).
+    from nanoqwen.evaluate import evaluate_tokens
+
+    model = Qwen3(tiny_config(vocab_size=8, max_position_embeddings=16)).eval()
+    scramble(model, seed=3)
+    tokens = torch.randint(0, 8, (41,), generator=torch.Generator().manual_seed(0))
+    nll, right = 0.0, 0
+    with torch.no_grad():  # the reference: each window scored on its own
+        for s in range(0, 40, 16):
+            window = tokens[s:s + 17]
+            logits = model(window[None, :-1])[0]
+            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            right += int((logits.argmax(-1) == window[1:]).sum())
+    assert 0 < right < 40  # the test tells a count of hits from none and from all
+    result = evaluate_tokens(model, tokens, num_bytes=40, context=16, batch_size=3)
+    assert result["tokens"] == 40 and result["accuracy"] == right / 40
+    assert result["loss"] == pytest.approx(nll / 40, rel=1e-5)
+
+
 def test_eval_of_a_file_that_is_not_utf8_warns(checkpoint, tmp_path, capsys):
     raw = "Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 4  # Ç û à ü: one byte each
     (tmp_path / "latin1.txt").write_bytes(raw)
