@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from nanoqwen.chat import Conversation
-from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, read_config, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import (
@@ -1162,6 +1162,12 @@ def test_init_command_writes_a_loadable_folder(tmp_path, capsys):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["num_hidden_layers"] == 1 and config["eos_token_id"] == 151645
     assert config["max_window_layers"] == 1  # as the preset's, every layer (no sliding window anyway)
+    # Transformers' generate() stops at generation_config's ids: Qwen3's two, the end of a turn and of a document
+    generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151645, 151643] and generation["bos_token_id"] == 151643
+    params = read_config(tmp_path / "m").num_params()  # the tied head counted once
+    assert done.stdout == (f"wrote {tmp_path / 'm'}: {params / 1e6:.1f}M parameters, preset tiny with the qwen3 "
+                           "tokenizer (vocab_size 151,936), seed 3\n")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     model, _ = load_checkpoint(tmp_path / "m")
     ids = torch.tensor([[1, 2, 3, 4]])
