@@ -18,7 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves, tree_map
 
 from nanoqwen.chat import Conversation
-from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, save_checkpoint
+from nanoqwen.checkpoint import config_for_tokenizer, load_checkpoint, read_config, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import (
@@ -1029,6 +1029,27 @@ def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
     assert result["accuracy"] == pytest.approx(right / n)
 
 
+def test_eval_accuracy_counts_the_argmax_hits_of_every_window():
+    # The test above scores a model of 151,936 ids that never guesses a token: its accuracy is 0, whatever is
+    # counted. Here 8 ids, so some guesses hit; windows of 16, 16 and 8 (the last one padded in its batch).
+    from nanoqwen.evaluate import evaluate_tokens
+
+    model = Qwen3(tiny_config(vocab_size=8, max_position_embeddings=16)).eval()
+    scramble(model, seed=3)
+    tokens = torch.randint(0, 8, (41,), generator=torch.Generator().manual_seed(0))
+    nll, right = 0.0, 0
+    with torch.no_grad():  # the reference: each window scored on its own
+        for s in range(0, 40, 16):
+            window = tokens[s:s + 17]
+            logits = model(window[None, :-1])[0]
+            nll += torch.nn.functional.cross_entropy(logits, window[1:], reduction="sum").item()
+            right += int((logits.argmax(-1) == window[1:]).sum())
+    assert 0 < right < 40  # the test tells a count of hits from none and from all
+    result = evaluate_tokens(model, tokens, num_bytes=40, context=16, batch_size=3)
+    assert result["tokens"] == 40 and result["accuracy"] == right / 40
+    assert result["loss"] == pytest.approx(nll / 40, rel=1e-5)
+
+
 def test_eval_of_a_file_that_is_not_utf8_warns(checkpoint, tmp_path, capsys):
     raw = "Ça coûte 12 € à Zürich. ".encode("latin-1", errors="replace") * 4  # Ç û à ü: one byte each
     (tmp_path / "latin1.txt").write_bytes(raw)
@@ -1183,6 +1204,12 @@ def test_init_command_writes_a_loadable_folder(tmp_path, capsys):
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["vocab_size"] == 151936 and config["num_hidden_layers"] == 1 and config["eos_token_id"] == 151645
     assert config["max_window_layers"] == 1  # as the preset's, every layer (no sliding window anyway)
+    # Transformers' generate() stops at generation_config's ids: Qwen3's two, the end of a turn and of a document
+    generation = json.loads((tmp_path / "m" / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [151645, 151643] and generation["bos_token_id"] == 151643
+    params = read_config(tmp_path / "m").num_params()  # the tied head counted once
+    assert done.stdout == (f"wrote {tmp_path / 'm'}: {params / 1e6:.1f}M parameters, preset tiny with the qwen3 "
+                           "tokenizer (vocab_size 151,936), seed 3\n")
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
     model, _ = load_checkpoint(tmp_path / "m")
     ids = torch.tensor([[1, 2, 3, 4]])

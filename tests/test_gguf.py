@@ -25,7 +25,8 @@ from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer, train_bpe
 from tests.test_model import scramble, tiny_config
 
-CONFIG = tiny_config(head_dim=24, rms_norm_eps=1e-5, bos_token_id=None)  # head_dim apart from hidden / heads
+# head_dim apart from hidden / heads; Qwen3's rope_theta, apart from the 10,000 that llama.cpp and the other tests take
+CONFIG = tiny_config(head_dim=24, rms_norm_eps=1e-5, bos_token_id=None, rope_theta=1_000_000.0)
 
 
 def checkpoint(folder: Path, tokenizer: Tokenizer, **changes: object) -> tuple[Path, Qwen3]:
@@ -58,6 +59,7 @@ def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe
     for key, value in weights.items():
         tensor = stored[names.get_name(key, try_suffixes=(".weight",))]
         assert tensor.tensor_type == gguf.GGMLQuantizationType.F32
+        assert list(tensor.shape) == list(reversed(value.shape)), key  # GGUF lists the row length first
         assert np.array_equal(np.asarray(tensor.data).reshape(value.shape), value.numpy()), key
 
     meta, arch = fields(reader), "qwen3"
@@ -65,7 +67,7 @@ def test_the_file_holds_the_checkpoint_as_llama_cpp_names_it(tmp_path: Path, bpe
     assert {k.removeprefix(arch + "."): meta[k] for k in meta if k.startswith(arch + ".")} == pytest.approx({
         "block_count": 2, "context_length": 128, "embedding_length": 64, "feed_forward_length": 112,
         "attention.head_count": 4, "attention.head_count_kv": 2, "attention.key_length": 24,
-        "attention.value_length": 24, "rope.freq_base": 10000.0, "attention.layer_norm_rms_epsilon": 1e-5})
+        "attention.value_length": 24, "rope.freq_base": 1_000_000.0, "attention.layer_norm_rms_epsilon": 1e-5})
     tokenizer_json = json.loads(bpe.hf.to_str())
     by_id = {i: text for text, i in bpe.hf.get_vocab(with_added_tokens=True).items()}
     assert meta["tokenizer.ggml.model"] == "gpt2" and meta["tokenizer.ggml.pre"] == "qwen2"

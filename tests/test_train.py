@@ -2538,12 +2538,14 @@ def test_compared_runs_are_smoothed_alike() -> None:
     # one with the very same first steps, ran ahead of it, as if it had learned faster.
     import matplotlib.pyplot as plt
 
-    from nanoqwen.plot import loss_figure
+    from nanoqwen.plot import loss_figure, smooth, smoothing_for
 
     long = [(step, 8.0 - step / 100 + 0.3 * (-1) ** step) for step in range(1, 401)]
     fig = loss_figure(["long", "short"], [(long, []), (long[:40], [])], "step")
     long_line, short_line = fig.axes[0].get_lines()
     np.testing.assert_array_equal(short_line.get_ydata(), long_line.get_ydata()[:40])
+    # over the longest run's window (the short one's, a window of 2 records, left the long curve as noisy as its losses)
+    np.testing.assert_allclose(long_line.get_ydata(), smooth([loss for _, loss in long], smoothing_for(400)))
     plt.close(fig)
 
 
@@ -2581,6 +2583,7 @@ def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     assert loss_curves(records, "tokens") == ([(8, 5.0), (32, 4.0)], [(32, 4.5), (40, 4.7)])
     fig = loss_figure(["r"], [(train, val)], "step")
     assert all(np.isfinite(line.get_ydata()).all() for line in fig.axes[0].get_lines())
+    assert fig.axes[0].get_lines()[-1].get_xydata().tolist() == [[4, 4.5], [5, 4.7]]  # val drawn at its steps
     assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
     plt.close(fig)
 
