@@ -970,6 +970,13 @@ def launcher(run: Run) -> str:
     return f"torchrun --standalone --nproc_per_node {per_machine} -m nanoqwen"
 
 
+def unsaved_flags(args: argparse.Namespace) -> str:
+    """The flags given to this run that a resume does not take from it, for its resume line: pasted as printed it
+    runs as this one did (a --device cpu run on a GPU machine would resume on the GPU, in bf16)."""
+    given = [("--device", args.device if args.device != "auto" else None), ("--dtype", args.dtype)]
+    return "".join(f" {flag} {quote(value)}" for flag, value in given if value) + (" --fsdp" if args.fsdp else "")
+
+
 def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     """The closing lines: how it went and where every file is."""
     state, out = run.state, run.out
@@ -1011,9 +1018,9 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
         f" --max-steps {state.step * 2}" if done else \
         f" --max-steps {run.total_steps}" if summary["stopped"] == "early_stopping" else ""
     use = "chat --model {}" if run.chat_data else "sample --model {} --prompt 'Hello'"
-    # paths quoted: pasted as printed, a path with spaces works; --fsdp is not saved with the run
+    # paths quoted: pasted as printed, a path with spaces works
     print(f"next: nanoqwen {use.format(quote(str(model)))}  |  "
-          f"{launcher(run)} train --resume {quote(str(out))}{' --fsdp' if run.args.fsdp else ''}{longer}")
+          f"{launcher(run)} train --resume {quote(str(out))}{unsaved_flags(run.args)}{longer}")
     if summary["stopped"].startswith("signal") and run.info.distributed:  # said where torchrun's traceback follows
         print("note: torchrun reports a job stopped by a signal with a traceback of its own below (SignalException, "
               "or ChildFailedError where only a worker got it): this run stopped as asked, with last/ saved at step "

@@ -4,6 +4,7 @@ clear errors for a broken training state, bf16/fp16 autocast (on CPU), and best/
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import html
@@ -48,7 +49,7 @@ from nanoqwen.runs import (
 )
 from nanoqwen.tokenizer import load_tokenizer
 from nanoqwen.tracking import Display
-from nanoqwen.train import Run, fit_resumed_schedule, fit_schedule
+from nanoqwen.train import Run, add_arguments, fit_resumed_schedule, fit_schedule, unsaved_flags
 from tests.train_helpers import (
     FAST,
     TINY_MODEL,
@@ -1274,6 +1275,14 @@ def test_the_evaluation_that_ends_a_cut_run_does_not_count_toward_patience(data:
     assert [r["step"] for r in read_metrics(out) if "val_loss" in r] == [2, 4, 5, 6]
 
 
+def test_the_resume_line_gives_again_the_flags_a_run_does_not_save() -> None:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert unsaved_flags(parser.parse_args([])) == ""
+    given = parser.parse_args(["--device", "cuda:1", "--dtype", "float16", "--fsdp", "--lr", "1e-3"])
+    assert unsaved_flags(given) == " --device cuda:1 --dtype float16 --fsdp"  # --lr is the run's own
+
+
 def test_patience_counts_the_evaluations_since_the_last_better_one(data: Path, preset: Path, tmp_path: Path) -> None:
     # A better val loss starts the count afresh: patience 2 stops after two evaluations in a row without one, not
     # after any two (the lr-0 runs above never improve, so they cannot tell the two apart). At this rate the val loss
@@ -1328,7 +1337,8 @@ def test_early_stopping_and_the_wall_cap_end_with_a_save(data: Path, preset: Pat
     printed = capsys.readouterr().out
     assert "early_stopping" in printed
     resume = shlex.split(printed.split("next: ")[1].splitlines()[0].split("|")[1])  # pasted as printed: one path
-    assert resume == ["nanoqwen", "train", "--resume", str(out), "--max-steps", "50"], resume  # as planned
+    # as planned, on the device it was given
+    assert resume == ["nanoqwen", "train", "--resume", str(out), "--device", "cpu", "--max-steps", "50"], resume
     # A plain resume ends where the run ended (it went on, so a run killed after its stop ended otherwise).
     assert train_in_process("--resume", str(out)) == 2
     assert "stopped early at step 6 (2 evaluations without a better val loss)" in capsys.readouterr().err
@@ -1929,8 +1939,9 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
                         f"(SignalException, or ChildFailedError where only a worker got it): this run stopped as "
                         f"asked, with last/ saved at step {step}") < stderr.index("Traceback")
     assert [r["step"] for r in read_metrics(out)] == list(range(1, step + 1))  # rank 0's lines, once each
-    # resumed as it was started: a plain process would hold a model --fsdp shards whole
-    assert f"|  torchrun --standalone --nproc_per_node 2 -m nanoqwen train --resume {out}\n" in stdout
+    # resumed as it was started: a plain process would hold a model --fsdp shards whole, and the flags a run does
+    # not save given again (--device cpu: on a GPU machine the resume went to the GPU)
+    assert f"|  torchrun --standalone --nproc_per_node 2 -m nanoqwen train --resume {out} --device cpu\n" in stdout
     assert re.findall(r"--- step (\d+)", (out / "samples.txt").read_text()) == [str(s) for s in range(1, step + 1)]
     assert train_in_process("--resume", str(out)) == 0
     np.testing.assert_allclose(list(train_losses(out).values()), list(train_losses(single_process_run).values()),
