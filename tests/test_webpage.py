@@ -1564,3 +1564,30 @@ def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     undo.click(timeout=5_000)
     assert sorted(transcript(page)) == sorted(chat + completion)
     expect(page.locator("#cleared")).to_be_hidden()
+
+
+def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:
+    # Each control goes out under the API's name, and each one the user set is as left after a reload, and sent so
+    # again: greedy text hid a lost top_p, seed or system prompt (the reply read the same), so the request is read.
+    settings = {"max-tokens": "2", "temperature": "0.35", "top-p": "0.55", "top-k": "7", "min-p": "0.05",
+                "repetition-penalty": "1.15", "frequency-penalty": "0.3", "presence-penalty": "-0.4", "seed": "1234",
+                "stop-strings": "zz\\n", "system": "Be terse."}
+    sampling = {"max_tokens": 2, "temperature": 0.35, "top_p": 0.55, "top_k": 7, "min_p": 0.05,
+                "repetition_penalty": 1.15, "frequency_penalty": 0.3, "presence_penalty": -0.4, "seed": 1234,
+                "stop": ["zz\n"], "model": "tiny-web"}
+    for name, value in settings.items():
+        page.fill(f"#{name}", value)
+    for reloaded in (False, True):
+        if reloaded:
+            reload(page)
+            assert {name: page.input_value(f"#{name}") for name in settings} == settings
+        page.fill("#prompt", "Hi")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.click("#send")
+        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+        body = json.loads(sent.value.post_data)
+        assert {key: body.get(key) for key in sampling} == sampling
+        # The system prompt leads the conversation, the message sent ends it.
+        assert body["messages"][0] == {"role": "system", "content": "Be terse."}
+        assert body["messages"][-1] == {"role": "user", "content": "Hi"}
+
