@@ -1591,3 +1591,21 @@ def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:
         assert body["messages"][0] == {"role": "system", "content": "Be terse."}
         assert body["messages"][-1] == {"role": "user", "content": "Hi"}
 
+
+def test_an_edit_replaces_the_message_edited_though_an_earlier_one_reads_the_same(page) -> None:
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "Same")
+    send_and_wait(page, "Same")
+    first_reply = page.locator(".message.assistant .content").first.text_content()
+    second = page.locator(".message.user").last
+    second.locator("button.edit").click()
+    second.locator(".editor textarea").fill("Changed")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert json.loads(sent.value.post_data)["messages"] == [
+        {"role": "user", "content": "Same"}, {"role": "assistant", "content": first_reply},
+        {"role": "user", "content": "Changed"}]
+    expect(page.locator(".message.user .content")).to_have_text(["Same", "Changed"])
+    expect(page.locator(".message.assistant")).to_have_count(2)
