@@ -1472,9 +1472,11 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     with page.expect_request("**/v1/chat/completions") as sent:
         send_and_wait(page, "Third")
     assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
-    # A send after Clear starts the new conversation: Undo is gone.
+    # A send after Clear starts the new conversation, for the model too: Undo is gone.
     page.click("#clear")
-    send_and_wait(page, "Fresh")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Fresh")
+    assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Fresh"}]
     expect(page.locator("#cleared")).to_be_hidden()
     expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
 
