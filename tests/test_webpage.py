@@ -1611,3 +1611,26 @@ def test_an_edit_replaces_the_message_edited_though_an_earlier_one_reads_the_sam
         {"role": "user", "content": "Changed"}]
     expect(page.locator(".message.user .content")).to_have_text(["Same", "Changed"])
     expect(page.locator(".message.assistant")).to_have_count(2)
+
+
+def test_a_stream_read_a_byte_at_a_time_shows_its_text_whole(page) -> None:
+    # The network may cut a stream anywhere: inside an event, inside a character's bytes. Read here a byte at a time
+    # (the page's fetch answers so), the reply is the text sent, each piece once and each character whole.
+    pieces = ["Grüße, ", "世界", " 🙂 done"]
+    chunks = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in pieces]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events = "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    page.evaluate("""(events) => {
+        const fetched = window.fetch;
+        window.fetch = (path, options) => {
+            if (path !== "/v1/chat/completions") return fetched(path, options);
+            const body = new ReadableStream({ start(controller) {
+                for (const byte of new TextEncoder().encode(events)) controller.enqueue(new Uint8Array([byte]));
+                controller.close();
+            } });
+            return Promise.resolve(new Response(body, { headers: { "Content-Type": "text/event-stream" } }));
+        };
+    }""", events)
+    send_and_wait(page, "Hello")
+    expect(page.locator(".message.assistant .content")).to_have_text(["".join(pieces)])
+    expect(page.locator("#stats")).to_contain_text("finish: stop")
