@@ -1453,8 +1453,10 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     send_and_wait(page, "First")
     send_and_wait(page, "Second")
     shown = transcript(page)
+    page.fill("#prompt", "typed, not sent")  # Clear is no Send: the message box's text stays there, unsent
     page.click("#clear")
     expect(page.locator(".message")).to_have_count(0)
+    assert page.input_value("#prompt") == "typed, not sent" and page.text_content("#stats") == ""
     undo = page.get_by_role("button", name="Undo", exact=True)
     expect(page.locator("#cleared")).to_have_text("Cleared. Undo")
     page.click("label:has(#mode-completion)")  # Completion's transcript was not cleared: nothing to undo there
