@@ -1453,8 +1453,10 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     send_and_wait(page, "First")
     send_and_wait(page, "Second")
     shown = transcript(page)
+    page.fill("#prompt", "typed, not sent")  # Clear is no Send: the message box's text stays there, unsent
     page.click("#clear")
     expect(page.locator(".message")).to_have_count(0)
+    assert page.input_value("#prompt") == "typed, not sent" and page.text_content("#stats") == ""
     undo = page.get_by_role("button", name="Undo", exact=True)
     expect(page.locator("#cleared")).to_have_text("Cleared. Undo")
     page.click("label:has(#mode-completion)")  # Completion's transcript was not cleared: nothing to undo there
@@ -1472,9 +1474,11 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     with page.expect_request("**/v1/chat/completions") as sent:
         send_and_wait(page, "Third")
     assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
-    # A send after Clear starts the new conversation: Undo is gone.
+    # A send after Clear starts the new conversation, for the model too: Undo is gone.
     page.click("#clear")
-    send_and_wait(page, "Fresh")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Fresh")
+    assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Fresh"}]
     expect(page.locator("#cleared")).to_be_hidden()
     expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
 
@@ -1564,3 +1568,71 @@ def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     undo.click(timeout=5_000)
     assert sorted(transcript(page)) == sorted(chat + completion)
     expect(page.locator("#cleared")).to_be_hidden()
+
+
+def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:
+    # Each control goes out under the API's name, and each one the user set is as left after a reload, and sent so
+    # again: greedy text hid a lost top_p, seed or system prompt (the reply read the same), so the request is read.
+    settings = {"max-tokens": "2", "temperature": "0.35", "top-p": "0.55", "top-k": "7", "min-p": "0.05",
+                "repetition-penalty": "1.15", "frequency-penalty": "0.3", "presence-penalty": "-0.4", "seed": "1234",
+                "stop-strings": "zz\\n", "system": "Be terse."}
+    sampling = {"max_tokens": 2, "temperature": 0.35, "top_p": 0.55, "top_k": 7, "min_p": 0.05,
+                "repetition_penalty": 1.15, "frequency_penalty": 0.3, "presence_penalty": -0.4, "seed": 1234,
+                "stop": ["zz\n"], "model": "tiny-web"}
+    for name, value in settings.items():
+        page.fill(f"#{name}", value)
+    for reloaded in (False, True):
+        if reloaded:
+            reload(page)
+            assert {name: page.input_value(f"#{name}") for name in settings} == settings
+        page.fill("#prompt", "Hi")
+        with page.expect_request("**/v1/chat/completions") as sent:
+            page.click("#send")
+        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+        body = json.loads(sent.value.post_data)
+        assert {key: body.get(key) for key in sampling} == sampling
+        # The system prompt leads the conversation, the message sent ends it.
+        assert body["messages"][0] == {"role": "system", "content": "Be terse."}
+        assert body["messages"][-1] == {"role": "user", "content": "Hi"}
+
+
+def test_an_edit_replaces_the_message_edited_though_an_earlier_one_reads_the_same(page) -> None:
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "Same")
+    send_and_wait(page, "Same")
+    first_reply = page.locator(".message.assistant .content").first.text_content()
+    second = page.locator(".message.user").last
+    second.locator("button.edit").click()
+    second.locator(".editor textarea").fill("Changed")
+    with page.expect_request("**/v1/chat/completions") as sent:
+        page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    assert json.loads(sent.value.post_data)["messages"] == [
+        {"role": "user", "content": "Same"}, {"role": "assistant", "content": first_reply},
+        {"role": "user", "content": "Changed"}]
+    expect(page.locator(".message.user .content")).to_have_text(["Same", "Changed"])
+    expect(page.locator(".message.assistant")).to_have_count(2)
+
+
+def test_a_stream_read_a_byte_at_a_time_shows_its_text_whole(page) -> None:
+    # The network may cut a stream anywhere: inside an event, inside a character's bytes. Read here a byte at a time
+    # (the page's fetch answers so), the reply is the text sent, each piece once and each character whole.
+    pieces = ["Grüße, ", "世界", " 🙂 done"]
+    chunks = [{"choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]} for piece in pieces]
+    chunks.append({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+    events = "".join(f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n" for chunk in chunks) + "data: [DONE]\n\n"
+    page.evaluate("""(events) => {
+        const fetched = window.fetch;
+        window.fetch = (path, options) => {
+            if (path !== "/v1/chat/completions") return fetched(path, options);
+            const body = new ReadableStream({ start(controller) {
+                for (const byte of new TextEncoder().encode(events)) controller.enqueue(new Uint8Array([byte]));
+                controller.close();
+            } });
+            return Promise.resolve(new Response(body, { headers: { "Content-Type": "text/event-stream" } }));
+        };
+    }""", events)
+    send_and_wait(page, "Hello")
+    expect(page.locator(".message.assistant .content")).to_have_text(["".join(pieces)])
+    expect(page.locator("#stats")).to_contain_text("finish: stop")
