@@ -957,7 +957,7 @@ def test_the_stop_string_completed_first_ends_the_text_whatever_their_order_or_t
             delta, reason = stream.accept(token, [])
             text += delta
             if reason:
-                return text
+                return text + stream.finish()  # nothing more once it stopped, however finish is called
         return text + stream.finish()
 
     assert [tokenizer.decode([t]) for t in tokenizer.encode(" ab a")] == [" ab", " a"]
