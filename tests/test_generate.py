@@ -919,6 +919,10 @@ def test_a_stop_string_split_over_tokens_never_shows_its_start():
         for token in tokenizer.encode(piece):
             shown += stream.push(token)
     assert shown == "abc " and stream.stopped
+    # A start that never became the stop string is text: the end of generation hands it out.
+    stream = TextStream(tokenizer, ["END"])
+    shown = "".join(stream.push(token) for token in tokenizer.encode("abc EN"))
+    assert (shown, shown + stream.finish(), stream.stopped) == ("abc ", "abc EN", False)
 
 
 def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
