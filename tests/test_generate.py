@@ -923,6 +923,9 @@ def test_a_stop_string_split_over_tokens_never_shows_its_start():
     stream = TextStream(tokenizer, ["END"])
     shown = "".join(stream.push(token) for token in tokenizer.encode("abc EN"))
     assert (shown, shown + stream.finish(), stream.stopped) == ("abc ", "abc EN", False)
+    # The longest start held back: "==" may be "==>" begun at either "=", and the first one is where it was.
+    stream = TextStream(tokenizer, ["==>"])
+    assert "".join(stream.push(token) for piece in ["x ==", ">", " y"] for token in tokenizer.encode(piece)) == "x "
 
 
 def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
