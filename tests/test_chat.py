@@ -190,6 +190,7 @@ def test_read_message_blocks_commands_and_blanks() -> None:
         return read_message(read_line, lambda: pasted and bool(typed))
 
     assert read('"""', "a", "  b", '"""') == ("message", "a\n  b")  # inner indentation kept
+    assert read('"""', "    if x:", "        y", '"""') == ("message", "    if x:\n        y")  # the first line's too
     assert read(' """first', 'last"""  ') == ("message", "first\nlast")
     assert read('"""Docstring.""" more') == ("message", '"""Docstring.""" more')  # opens nothing: as typed
     assert read('"""Docstring."""') == ("message", '"""Docstring."""')
@@ -401,6 +402,18 @@ def test_history_drops_oldest_turns() -> None:
     assert conversation.add_user("message 5 " + "word " * 25) is not None and conversation.dropped == 1
     conversation.withdraw()
     assert conversation.messages == before and conversation.dropped == 0
+    # History that fills exactly what the reply leaves is kept whole; a message longer than that alone, but within
+    # the context, is still sent (the reply gets the rest), with nothing dropped from it.
+    exact = Conversation(tokenizer, context=1000, reserve=10)
+    exact.add_user("first")
+    exact.add_reply("ok")
+    whole = len(tokenizer.encode(tokenizer.render_chat([*exact.messages, {"role": "user", "content": "second"}])))
+    exact.context = whole + 10
+    assert len(exact.add_user("second") or []) == whole and exact.dropped == 0 and len(exact.messages) == 3
+    message = "word " * 30
+    alone = len(tokenizer.encode(tokenizer.render_chat([{"role": "user", "content": message}])))
+    tight = Conversation(tokenizer, context=alone + 5, reserve=10)
+    assert len(tight.add_user(message) or []) == alone and tight.messages == [{"role": "user", "content": message}]
     raw = Conversation(tokenizer, context=50, reserve=10, raw=True)
     raw.add_user("Once upon")
     raw.add_reply(" a time")

@@ -779,6 +779,26 @@ def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Pa
     assert load_meta(out)["source"] == str(tmp_path / "b.txt") and leftovers(tmp_path) == []
 
 
+def test_an_atomic_file_is_on_the_disk_before_its_name_points_at_it(tmp_path: Path, monkeypatch) -> None:
+    # A power cut after the rename must find the whole new file or the old one: the temporary file is synced while
+    # the name still points at the old text. Recorded, as a power cut is not something a test can make.
+    from nanoqwen.io import write_json
+
+    final = tmp_path / "f.json"
+    final.write_text("old")
+    synced: list[tuple[str, str]] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append((os.path.basename(os.readlink(f"/proc/self/fd/{fd}")), final.read_text()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    write_json(final, {"a": 1})
+    assert json.loads(final.read_text()) == {"a": 1}
+    assert [text for name, text in synced if name.startswith(".f.json.tmp-")] == ["old"]
+
+
 def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_path: Path) -> None:
     from nanoqwen.io import atomic_dir, atomic_file, remove_orphans
 

@@ -919,6 +919,13 @@ def test_a_stop_string_split_over_tokens_never_shows_its_start():
         for token in tokenizer.encode(piece):
             shown += stream.push(token)
     assert shown == "abc " and stream.stopped
+    # A start that never became the stop string is text: the end of generation hands it out.
+    stream = TextStream(tokenizer, ["END"])
+    shown = "".join(stream.push(token) for token in tokenizer.encode("abc EN"))
+    assert (shown, shown + stream.finish(), stream.stopped) == ("abc ", "abc EN", False)
+    # The longest start held back: "==" may be "==>" begun at either "=", and the first one is where it was.
+    stream = TextStream(tokenizer, ["==>"])
+    assert "".join(stream.push(token) for piece in ["x ==", ">", " y"] for token in tokenizer.encode(piece)) == "x "
 
 
 def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
@@ -957,7 +964,7 @@ def test_the_stop_string_completed_first_ends_the_text_whatever_their_order_or_t
             delta, reason = stream.accept(token, [])
             text += delta
             if reason:
-                return text
+                return text + stream.finish()  # nothing more once it stopped, however finish is called
         return text + stream.finish()
 
     assert [tokenizer.decode([t]) for t in tokenizer.encode(" ab a")] == [" ab", " a"]

@@ -82,8 +82,9 @@ def test_saved_folder_loads_in_transformers(official, tmp_path):
         assert hf(text)["input_ids"] == official.encode(text)
     assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>" and hf.bos_token is None
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert rendered == official.render_chat(messages)
+    for add_generation_prompt in (True, False):
+        rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        assert rendered == official.render_chat(messages, add_generation_prompt)
     assert load_tokenizer(tmp_path).encode(TEXTS[3]) == official.encode(TEXTS[3])
     # As in official folders, thinking, tool-call and code-infilling markers are text, not special tokens:
     # decoding with skip_special_tokens (pipelines, vLLM) keeps them, in tokenizer.json and the config alike.
@@ -243,6 +244,18 @@ def test_a_template_sees_what_transformers_passes_it(official, tmp_path):
     if hasattr(chat_template_utils, "_alias_reasoning_fields"):  # older versions pass the names as given
         assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
             == rendered
+
+
+def test_a_template_is_trimmed_and_given_the_special_tokens_as_in_transformers(official, tmp_path):
+    # Block tags alone on their (indented) lines leave no text, tojson keeps non-ASCII text as it is, and the
+    # folder's eos_token and pad_token are variables, as Transformers renders a template.
+    save_with_template(official, tmp_path, "{{ eos_token }} {{ pad_token }}\n  {% for m in messages %}\n"
+                       "{{ m.content | tojson }}\n  {% endfor %}\n")
+    messages = [{"role": "user", "content": "hé"}, {"role": "assistant", "content": "ok"}]
+    rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
+    assert rendered == '<|im_end|> <|endoftext|>\n"hé"\n"ok"\n'
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+        == rendered
 
 
 def test_named_templates_chat_with_the_default_and_the_switch_needs_enable_thinking(official, tmp_path):

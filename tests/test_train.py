@@ -2040,6 +2040,8 @@ def test_a_muon_run_resumed_with_fsdp_is_told_to_resume_without_it(tmp_path: Pat
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),
                                               ("missing", "train_state.json"),
+                                              ("later version", "unknown state version in train_state.json"),
+                                              ("negative step", "negative counts in train_state.json"),
                                               ("no run config", "config.json is missing"),
                                               ("hand-edited run config", 'lr must be a number, got "fast"')])
 def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Path, damage: str, said: str) -> None:
@@ -2052,6 +2054,10 @@ def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Pat
         state.write_bytes(state.read_bytes()[:100])
     elif damage == "missing":
         (run / "last/train_state.json").unlink()
+    elif damage in ("later version", "negative step"):  # by a newer nanoqwen, or a hand edit
+        saved = json.loads((run / "last/train_state.json").read_text())
+        edit = {"version": saved["version"] + 1} if damage == "later version" else {"step": -1}
+        (run / "last/train_state.json").write_text(json.dumps({**saved, **edit}))
     elif damage == "hand-edited run config":  # a string where a number belongs was a TypeError traceback
         saved = json.loads((run / "config.json").read_text())
         (run / "config.json").write_text(json.dumps({**saved, "train": {**saved["train"], "lr": "fast"}}))
