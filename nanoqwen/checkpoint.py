@@ -626,7 +626,11 @@ def load_train_state(run: Run, last: Path) -> None:
         state = json.loads((last / STATE_JSON).read_text())
         state.pop("train", None)  # the settings and autocast dtype it was saved with, read by runs.resumed_run
         state.pop("dtype", None)
-        if state.pop("version", None) != STATE_VERSION:
+        version = state.pop("version", None)
+        if isinstance(version, int) and version > STATE_VERSION:  # not damaged: written by a newer nanoqwen
+            raise NanoQwenError(f"cannot resume from {last}: its {STATE_JSON} is version {version}, from a newer "
+                                f"nanoqwen (this one reads version {STATE_VERSION}); upgrade nanoqwen to resume it")
+        if version != STATE_VERSION:
             raise ValueError(f"unknown state version in {STATE_JSON}")
         check_json_types(state, typing.get_type_hints(LoopState), str(last / STATE_JSON))
         run.state = LoopState(**state)
