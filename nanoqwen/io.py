@@ -365,7 +365,7 @@ def release_lock(handle: IO[str]) -> None:
 @contextmanager
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """A temporary path beside `final` for a writer that opens files by name; synced to the disk and renamed
-    over `final` on success."""
+    over `final` on success (the rename synced too, as atomic_dir's is)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     try:
@@ -378,6 +378,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield Path(tmp)
         sync_file(tmp)  # on the disk before the name points at it
         os.replace(tmp, final)
+        sync_file(final.parent)  # and the new name too: after a power cut, the new file rather than the old one
     except BaseException as e:
         full = no_space_left(e, Path(tmp), final)
         Path(tmp).unlink(missing_ok=True)

@@ -797,6 +797,7 @@ def test_an_atomic_file_is_on_the_disk_before_its_name_points_at_it(tmp_path: Pa
     write_json(final, {"a": 1})
     assert json.loads(final.read_text()) == {"a": 1}
     assert [text for name, text in synced if name.startswith(".f.json.tmp-")] == ["old"]
+    assert synced[-1] == (tmp_path.name, '{\n  "a": 1\n}\n')  # then the folder, once it holds the new name
 
 
 def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_path: Path) -> None:
