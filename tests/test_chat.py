@@ -444,6 +444,7 @@ def test_reset_clears_the_history_in_either_mode() -> None:
     raw.reset()
     assert raw.add_user("The river") == tokenizer.encode("The river") and raw.transcript == "The river"
 
+
 def test_history_keeps_replies_as_generated_but_a_thinking_templates_thinking(checkpoint: Path,
                                                                               tmp_path: Path) -> None:
     # A template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself;

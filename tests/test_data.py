@@ -2195,7 +2195,6 @@ def test_utf16_json_lines_and_surrogate_counts(tmp_path: Path) -> None:
     assert list(corpus.documents()) == ["cut \ufffd emoji", "more"] and corpus.stats.replacement_chars == 1
 
 
-
 def test_utf16_and_utf32_line_files_are_read_alone_and_in_a_folder(tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # Excel's "Unicode text" and PowerShell's Export-Csv write UTF-16 LE with a byte-order mark: such a .jsonl or .csv
@@ -2257,6 +2256,7 @@ def test_a_folder_that_skipped_utf16_tables_is_prepared_again(tmp_path: Path) ->
                                 "replace it, or another --out")
     prepare(str(tmp_path / "notes"), "bpe:300", out, progress=False)
     assert load_meta(out)["skipped"] == []
+
 
 def test_odd_names_damaged_parquet_and_symlinked_out(tmp_path: Path) -> None:
     import pyarrow as pa

@@ -514,7 +514,6 @@ def test_num_samples_are_seed_plus_k(checkpoint, capsys):
         assert text in together
 
 
-
 def test_num_samples_from_the_last_seed_wrap_to_seed_zero(checkpoint, capsys):
     # --seed 2**63 - 1 is a valid seed, but sample 2 asked for seed 2**63 and ended the command with an error.
     common = ["sample", "--model", str(checkpoint), "--prompt", "Once", "--max-new-tokens", "6",
@@ -523,6 +522,7 @@ def test_num_samples_from_the_last_seed_wrap_to_seed_zero(checkpoint, capsys):
     together = capsys.readouterr().out
     assert main([*common, "--seed", "0"]) == 0
     assert together.endswith("---\n" + capsys.readouterr().out)
+
 
 @pytest.mark.parametrize("prepared", [False, True])
 def test_fixed_shape_decoding_equals_the_usual_path(checkpoint, prepared):

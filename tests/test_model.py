@@ -182,7 +182,6 @@ def test_cached_decoding_equals_full_forward(case):
     assert (torch.cat(steps, dim=1) - full).abs().max().item() <= 1e-4
 
 
-
 @pytest.mark.parametrize("case", ["tied-kv2", "yarn-attention-factor", "linear"])
 def test_a_caches_rope_table_holds_what_each_step_computed(case):
     # A cached forward looks cos and sin up in a table made with the cache: the same bits as computing them at

@@ -1841,7 +1841,6 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
-
 def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
     # torchrun in a terminal that closes: its workers stop after the step and save (a hangup is a stop under
     # torchrun), but they are in sessions of their own and the terminal stays their stdout: rank 0's next print
@@ -1858,6 +1857,7 @@ def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
         print("step 2: val loss 3.1", file=out, flush=True)
         print("stopped after step 2", file=out, flush=True)
         assert os.path.samestat(os.fstat(stream.fileno()), os.stat(os.devnull))  # the rest goes nowhere
+
 
 COMPILED_ACCUMULATING = ["--compile", "--micro-batch", "2"]  # what a multi-GPU run does by default, traced on CPU
 TORCHRUN_ARGS = ["--max-steps", "8", "--eval-interval", "4"]
@@ -2036,6 +2036,7 @@ def test_a_muon_run_resumed_with_fsdp_is_told_to_resume_without_it(tmp_path: Pat
     assert str(refused.value) == f"{run} trains with muon, which needs whole matrices: resume it without --fsdp (a " \
         f"whole model per process), or start a new run from its weights with --fsdp: --init-from {run / 'last'} " \
         "--optimizer adamw --fsdp"
+
 
 @pytest.mark.parametrize(("damage", "said"), [("corrupt", "train_state.pt is cut short or damaged"),
                                               ("truncated", "train_state.pt is cut short or damaged"),

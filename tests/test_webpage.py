@@ -834,6 +834,7 @@ def test_a_refused_key_is_unmarked_once_a_send_succeeds(page) -> None:
     expect(page.locator("#stats")).to_contain_text("finish: length")
     expect(key).not_to_have_attribute("aria-invalid", "true")
 
+
 def test_header_recovers_when_the_server_answers_again(page) -> None:
     # A send that finds no server marks the header unreachable; the next one that goes through must clear
     # that (it stayed "server unreachable", red, over a working conversation once the server was back).
@@ -1505,7 +1506,6 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     page.locator(".message.completion button.copy").click()
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copied")
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
-
 
 
 @pytest.mark.parametrize(("mode", "said"), [("chat", "Nothing to send: type a message first"),
