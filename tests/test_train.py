@@ -2003,6 +2003,8 @@ def test_a_run_trained_without_fsdp_resumes_with_it(tmp_path: Path) -> None:
         sharded = Qwen3(config)
         sharded.load_state_dict(whole.state_dict())
         info = DistInfo(device=torch.device("cpu"), distributed=True)
+        # Stand-ins for the run's args and Run: the two functions read args.fsdp, model and optimizer alone, and a
+        # real Run resumed with --fsdp is a torchrun job (a process start and a data set up, for this one load).
         fsdp = SimpleNamespace(fsdp=True)
         wrap_model(sharded, info, fsdp, info.device, compile_model=False)
         run = SimpleNamespace(args=fsdp, model=sharded, out=tmp_path, optimizer=build_optimizer(
@@ -2031,7 +2033,7 @@ def test_a_muon_run_resumed_with_fsdp_is_told_to_resume_without_it(tmp_path: Pat
     (run / "config.json").write_text(json.dumps({"train": dataclasses.asdict(TrainConfig(optimizer="muon")),
                                                  "preset": "tiny", "data": str(tmp_path / "data")}))
     args = build_parser("train").parse_args(["train", "--resume", str(run), "--fsdp"])
-    with pytest.raises(NanoQwenError) as refused:
+    with pytest.raises(NanoQwenError) as refused:  # a job of 2 as torchrun's would be: it is refused before any use
         resumed_run(args, DistInfo(world_size=2, distributed=True))
     assert str(refused.value) == f"{run} trains with muon, which needs whole matrices: resume it without --fsdp (a " \
         f"whole model per process), or start a new run from its weights with --fsdp: --init-from {run / 'last'} " \
