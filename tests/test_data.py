@@ -779,7 +779,8 @@ def test_the_command_replaces_data_of_other_inputs_only_when_forced(tmp_path: Pa
     assert load_meta(out)["source"] == str(tmp_path / "b.txt") and leftovers(tmp_path) == []
 
 
-def test_an_atomic_file_is_on_the_disk_before_its_name_points_at_it(tmp_path: Path, monkeypatch) -> None:
+def test_an_atomic_file_is_on_the_disk_before_its_name_points_at_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     # A power cut after the rename must find the whole new file or the old one: the temporary file is synced while
     # the name still points at the old text. Recorded, as a power cut is not something a test can make.
     from nanoqwen.io import write_json
