@@ -89,10 +89,15 @@ def page(browser, url: str):
     close_page(page, errors)
 
 
+def wait_for_reply(page) -> None:
+    """Until the page is idle again, its Send usable: a reply (or a failure) has ended."""
+    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+
+
 def send_and_wait(page, prompt: str) -> None:
     page.fill("#prompt", prompt)
     page.click("#send")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
 
 
 def reload(page, model_name: str = "tiny-web") -> None:
@@ -150,7 +155,7 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     page.focus(".message.assistant:last-child button.regenerate")
     with page.expect_request("**/v1/chat/completions") as sent:
         page.keyboard.press("Enter")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     history = [{"role": "user", "content": "Hello there, who are you?"}, {"role": "assistant", "content": reply},
                {"role": "user", "content": "And then?"}]
     assert json.loads(sent.value.post_data)["messages"] == history
@@ -179,7 +184,7 @@ def test_page_shows_model_and_streams_greedy_text(page, url: str) -> None:
     page.screenshot(path=str(ARTIFACTS / "webpage-editing.png"))
     with page.expect_request("**/v1/chat/completions") as sent:
         page.keyboard.press("Enter")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     assert json.loads(sent.value.post_data)["messages"] == [{"role": "user", "content": "Hi, who are you?"}]
     edited = client.chat.completions.create(model="tiny-web", max_tokens=12, temperature=0, messages=[
         {"role": "user", "content": "Hi, who are you?"}]).choices[0].message.content
@@ -380,7 +385,7 @@ def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, u
     assert page.input_value("#prompt") == "half a thought\nand its second line"
     expect(page.locator("#prompt")).to_be_focused()
     page.click("#send")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     reload(page)
     assert page.input_value("#prompt") == ""
     expect(page.locator(".message.user .content")).to_have_text(["half a thought\nand its second line"])
@@ -413,7 +418,7 @@ def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, u
     page.locator(".message.user button.edit").last.click()
     page.fill(".message.user .editor textarea", "c, changed")
     page.keyboard.press("Enter")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     reload(page)
     expect(page.locator(".message.user .content")).to_have_text(["b" * 100, "c, changed"])
     expect(page.locator(".editor")).to_have_count(0)
@@ -424,7 +429,7 @@ def test_text_being_written_survives_a_reload_until_sent_or_cancelled(browser, u
     reload(page)
     assert page.is_checked("#mode-completion") and page.input_value("#prompt") == "Once upon"
     page.click("#send")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     reload(page)
     assert page.input_value("#prompt") == ""
     expect(page.locator(".message.completion .prompt-text")).to_have_text(["Once upon"])
@@ -710,7 +715,7 @@ def test_fields_read_as_typed_and_failed_sends_keep_the_message(browser, checkpo
         values = [page.input_value(f"#{name}") for name in ("temperature", "top-k", "top-p")]
         assert values == ["0", "1", "0.8"]  # the user's two settings kept; the untouched one at the default
         page.click("#send")
-        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+        wait_for_reply(page)
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="s3cret", max_retries=0)
         expected = client.chat.completions.create(
             model="tiny-web", messages=[{"role": "user", "content": "Hello there"}], max_tokens=10, temperature=0,
@@ -749,7 +754,7 @@ def test_stop_strings_take_escapes_and_refuse_what_the_api_would(page, url: str)
     page.fill("#prompt", "Once upon a time")
     with page.expect_request("**/v1/completions") as sent:
         page.click("#send")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     stops = ["\n", "sea\tbreeze", "back\\slash", "end\r"]  # \r as --stop reads it (it went out as a backslash and an r)
     assert json.loads(sent.value.post_data)["stop"] == stops and json.loads(sent.value.post_data)["min_p"] == 0.05
     client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
@@ -1136,7 +1141,7 @@ def test_enter_starts_a_new_line_on_a_touch_screen(browser, url: str) -> None:
     assert page.input_value("#prompt") == "line one\nline two" and page.locator(".message").count() == 0
     assert "Shift" not in page.get_attribute("#prompt", "placeholder")
     page.tap("#send")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     assert page.locator(".message.user .content").text_content() == "line one\nline two"
     context.close()
 
@@ -1493,7 +1498,7 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     send_and_wait(page, "First")
     send_and_wait(page, "Second")
     page.click("button.regenerate")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     buttons = page.locator(".message button.edit, .message button.copy")
     for button, name in zip(buttons.all(), ["Edit message 1", "Copy reply 1", "Edit message 2", "Copy reply 2"],
                             strict=True):
@@ -1588,7 +1593,7 @@ def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:
         page.fill("#prompt", "Hi")
         with page.expect_request("**/v1/chat/completions") as sent:
             page.click("#send")
-        page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+        wait_for_reply(page)
         body = json.loads(sent.value.post_data)
         assert {key: body.get(key) for key in sampling} == sampling
         # The system prompt leads the conversation, the message sent ends it.
@@ -1607,7 +1612,7 @@ def test_an_edit_replaces_the_message_edited_though_an_earlier_one_reads_the_sam
     second.locator(".editor textarea").fill("Changed")
     with page.expect_request("**/v1/chat/completions") as sent:
         page.keyboard.press("Enter")
-    page.wait_for_selector("body[data-busy='false'] #send:not([disabled])", timeout=60_000)
+    wait_for_reply(page)
     assert json.loads(sent.value.post_data)["messages"] == [
         {"role": "user", "content": "Same"}, {"role": "assistant", "content": first_reply},
         {"role": "user", "content": "Changed"}]
