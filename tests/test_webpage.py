@@ -1534,6 +1534,7 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
     # A thinking model's reply cut by Max tokens before its </think> showed the thinking and nothing after it: no
     # answer, and nothing on the reply to say why (the status line's "finish: length" went with the next send). A
     # note on the reply says so, and what to do; a reply cut in its answer, or one that never thinks, needs none.
+    # The replies are routed: the tiny model writes no <think> of its own, let alone one cut where a test wants it.
     def send_cut(text: str) -> None:  # a reply of `text`, cut by Max tokens
         body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
             {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
