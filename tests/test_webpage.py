@@ -1568,10 +1568,12 @@ def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     page.click("#clear")
     undo = page.get_by_role("button", name="Undo", exact=True)
     page.click("label:has(#mode-chat)")
-    undo.click(timeout=5_000)
+    expect(undo).to_be_visible()
+    undo.click()
     assert transcript(page) == chat
     page.click("label:has(#mode-completion)")
-    undo.click(timeout=5_000)
+    expect(undo).to_be_visible()
+    undo.click()
     assert sorted(transcript(page)) == sorted(chat + completion)
     expect(page.locator("#cleared")).to_be_hidden()
 
