@@ -1807,10 +1807,11 @@ def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
             signal.signal(sig, handler)
 
 
-def test_a_hangup_torchrun_passes_on_stops_and_saves_as_sigterm_does() -> None:
+def test_under_torchrun_a_hangup_is_a_stop_as_sigterm_is_unless_ignored() -> None:
     # torchrun handles SIGHUP itself (nohup's ignore undone: `nohup torchrun ...` and a closed terminal) and passes it
     # on to every worker, which died at once, unsaved. Under torchrun a worker takes it as SIGTERM, unless the
-    # worker was left to ignore it (`torchrun --signals_to_handle SIGTERM,SIGINT` under nohup).
+    # worker was left to ignore it (`torchrun --signals_to_handle SIGTERM,SIGINT` under nohup). A stop saves as the
+    # SIGTERM test below shows.
     from nanoqwen.train import StopSignal
 
     before = signal.getsignal(signal.SIGHUP)
