@@ -806,6 +806,12 @@ def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_
         assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2
         assert capsys.readouterr().err.strip() == ("nanoqwen train: error: --resume continues a run with its own model "
                                                    f"and data, {names} (--data may say where its data folder is now)")
+    # Each of the seven alone is named: one missing from the list would be taken silently, a model or data other
+    # than the run's own (the folder named here need not exist: refused before it is read).
+    for flags in (["--set", "num_hidden_layers=4"], ["--preset", "cpu"], ["--config", str(preset)],
+                  ["--init-from", "ckpt"], ["--dataset", "texts/"], ["--tokenizer", "qwen3"], ["--text-column", "body"]):
+        assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2, flags
+        assert f"which {flags[0]} cannot change; leave it out" in capsys.readouterr().err, flags
 
 
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
