@@ -983,7 +983,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, prese
     flags = ["--config", str(preset), "--data", str(data), *FAST, "--max-steps", "2"]
     assert train_in_process(*flags) == 0 and train_in_process(*flags, "--lr", "2e-2") == 0
     runs = sorted(path.name for path in (tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and runs[0].endswith("-20261204-230000") and runs[1] == f"{runs[0]}-2"
+    assert runs == [f"{preset.stem}-20261204-230000", f"{preset.stem}-20261204-230000-2"]  # runs/PRESET-TIME
     assert [json.loads((tmp_path / "runs" / run / "config.json").read_text())["train"]["lr"] for run in runs] == \
         [1e-2, 2e-2]
     capsys.readouterr()
