@@ -809,7 +809,8 @@ def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_
     # Each of the seven alone is named: one missing from the list would be taken silently, a model or data other
     # than the run's own (the folder named here need not exist: refused before it is read).
     for flags in (["--set", "num_hidden_layers=4"], ["--preset", "cpu"], ["--config", str(preset)],
-                  ["--init-from", "ckpt"], ["--dataset", "texts/"], ["--tokenizer", "qwen3"], ["--text-column", "body"]):
+                  ["--init-from", "ckpt"], ["--dataset", "texts/"], ["--tokenizer", "qwen3"],
+                  ["--text-column", "body"]):
         assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2, flags
         assert f"which {flags[0]} cannot change; leave it out" in capsys.readouterr().err, flags
 
@@ -2230,6 +2231,24 @@ def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_pat
     (tmp_path / "damaged" / "tokenizer.json").write_text('{"broken')
     with pytest.raises(NanoQwenError, match="the tokenizer in damaged is damaged"):
         tokenizer_slug("damaged")
+
+
+def test_init_from_takes_the_fine_tuning_defaults_in_place_of_a_presets(tmp_path: Path) -> None:
+    # The defaults --help promises after --init-from (3e-5, AdamW, 500 steps, 1,024 tokens or the context): without
+    # them, a fine-tune ran on TrainConfig's own (a rate 100x higher, that undoes what the weights know).
+    from nanoqwen.checkpoint import save_checkpoint
+    from nanoqwen.runs import checkpoint_preset
+
+    for context, seq_len in ((4096, 1024), (256, 256)):
+        folder = tmp_path / str(context)
+        save_checkpoint(Qwen3(ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=context)), folder, None)
+        train = checkpoint_preset(folder, []).train
+        assert {key: train.get(key) for key in ("optimizer", "lr", "warmup", "max_steps", "batch_size", "seq_len",
+                                                "eval_interval", "save_interval", "sample_interval")} == \
+            {"optimizer": "adamw", "lr": 3e-5, "warmup": 20, "max_steps": 500, "batch_size": 16, "seq_len": seq_len,
+             "eval_interval": 50, "save_interval": 250, "sample_interval": 250}
 
 
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
