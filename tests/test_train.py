@@ -2921,6 +2921,7 @@ def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(da
     zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert zero["locked"] == one["locked"] and one["locked"][0] == "NanoQwenError" and \
         "in use by another nanoqwen process" in one["locked"][1]
+    assert zero["reduced"] == one["reduced"] == [1.5, 3.0, 2.0]  # mean, sum and max of 1 and 2, on every rank
     assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
     full = f"No space left on device: {tmp_path}/last; free some space or write elsewhere"  # what cli says of it
     assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]
