@@ -1849,6 +1849,22 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
 
 
 
+def test_without_a_terminal_the_progress_is_a_line_every_log_interval_and_at_both_ends(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A log file or a pipe (nohup, a job scheduler): plain lines, the first and the last step always among them.
+    display = Display(True, 0, 10, 4)
+    for step in range(1, 11):
+        display.update(step, "loss 1.0")
+    display.print("a sample")
+    display.close()
+    assert capsys.readouterr().out == "step 1/10 | loss 1.0\nstep 4/10 | loss 1.0\n" \
+        "step 8/10 | loss 1.0\nstep 10/10 | loss 1.0\na sample\n"
+    display = Display(False, 0, 10, 1)  # every rank but 0: nothing
+    display.update(1, "loss 1.0")
+    display.print("a sample")
+    assert capsys.readouterr().out == ""
+
+
 def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
     # torchrun in a terminal that closes: its workers stop after the step and save (a hangup is a stop under
     # torchrun), but they are in sessions of their own and the terminal stays their stdout: rank 0's next print
