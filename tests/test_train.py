@@ -2868,6 +2868,20 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert {"data_splits", "data_digest"} <= json.loads((out / "config.json").read_text()).keys()
 
 
+def test_a_lock_released_on_a_run_folder_that_holds_nothing_else_takes_the_folder_with_it(tmp_path: Path) -> None:
+    # A run that failed before writing anything left an empty runs/PRESET-TIME behind, one for every try.
+    from nanoqwen.io import LOCK_FILE, hold_lock, release_lock
+
+    for folder, files in ((tmp_path / "failed", []), (tmp_path / "written", ["config.json"])):
+        lock = hold_lock(folder)
+        assert lock is not None
+        for name in files:
+            (folder / name).write_text("{}")
+        release_lock(lock)
+        assert (sorted(path.name for path in folder.iterdir()) if folder.exists() else None) == \
+            (sorted([*files, LOCK_FILE]) if files else None)
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
