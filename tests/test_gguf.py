@@ -373,6 +373,16 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch: pytest.MonkeyPa
         assert capsys.readouterr().err == said
 
 
+def test_ctrl_c_while_the_command_runs_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanoqwen.gguf.run", interrupted)
+    assert main(["gguf", "--model", "ck"]) == 130  # the shell's status for Ctrl-C, not 1 with a traceback
+    assert capsys.readouterr().err == "nanoqwen gguf: interrupted\n"
+
+
 def test_a_torchrun_jobs_errors_are_said_once_a_machine_and_a_ranks_own_by_its_process(
         monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # Every process checks the same flags: LOCAL_RANK 0 says their error for the machine, the others exit quietly.
