@@ -37,6 +37,15 @@ def test_a_device_that_is_not_there_is_one_line(monkeypatch: pytest.MonkeyPatch)
     assert resolve_device("auto") == resolve_device("cpu") == torch.device("cpu")
 
 
+def test_auto_picks_cuda_then_mps_and_cuda_n_keeps_its_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    for cuda, auto in ((True, torch.device("cuda")), (False, torch.device("mps"))):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert resolve_device("auto") == auto
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)  # --device cuda:1: that GPU, not the current one
+
+
 @pytest.mark.parametrize("native", [True, False], ids=["ampere", "t4-v100"])
 def test_default_dtype_is_fp16_where_bf16_is_only_emulated(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     # Emulated bf16 made the default on a T4 or V100, so the fp16 + GradScaler path never ran there.

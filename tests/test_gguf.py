@@ -373,6 +373,41 @@ def test_ctrl_c_while_the_command_loads_is_one_line(monkeypatch: pytest.MonkeyPa
         assert capsys.readouterr().err == said
 
 
+def test_ctrl_c_while_the_command_runs_is_one_line_and_exit_130(monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    def interrupted(args: object) -> int:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("nanoqwen.gguf.run", interrupted)
+    assert main(["gguf", "--model", "ck"]) == 130  # the shell's status for Ctrl-C, not 1 with a traceback
+    assert capsys.readouterr().err == "nanoqwen gguf: interrupted\n"
+
+
+def test_a_torchrun_jobs_errors_are_said_once_a_machine_and_a_ranks_own_by_its_process(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # Every process checks the same flags: LOCAL_RANK 0 says their error for the machine, the others exit quietly.
+    # A RankError (a GPU missing for one process) only that process meets: it says it, whatever its LOCAL_RANK.
+    from nanoqwen.errors import RankError
+
+    monkeypatch.setattr("nanoqwen.cli.QUIET_EXIT_WAIT_S", 0.0)
+    for local_rank, error, said in (("1", NanoQwenError("bad flag"), ""),
+                                    ("0", NanoQwenError("bad flag"), "nanoqwen train: error: bad flag\n"),
+                                    ("1", RankError("no cuda:1"), "nanoqwen train: error: no cuda:1\n")):
+        def fail(args: object, error: Exception = error) -> int:
+            raise error
+
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        monkeypatch.setattr("nanoqwen.train.run", fail)
+        assert main(["train"]) == 2
+        assert capsys.readouterr().err == said, (local_rank, error)
+
+
+def test_nanoqwen_alone_lists_the_commands_and_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([]) == 0
+    shown = capsys.readouterr()
+    assert shown.err == "" and all(command in shown.out for command in ("prepare", "train", "serve", "gguf"))
+
+
 def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str]) -> None:
     # (Here for want of a command-line test file of the tokenizer commands.) argparse's own "invalid int value"
     # named Python's type where every other whole-number flag says what it takes.

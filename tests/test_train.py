@@ -806,6 +806,13 @@ def test_a_resume_names_the_flags_of_a_new_run_it_cannot_take(preset: Path, tmp_
         assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2
         assert capsys.readouterr().err.strip() == ("nanoqwen train: error: --resume continues a run with its own model "
                                                    f"and data, {names} (--data may say where its data folder is now)")
+    # Each of the seven alone is named: one missing from the list would be taken silently, a model or data other
+    # than the run's own (the folder named here need not exist: refused before it is read).
+    for flags in (["--set", "num_hidden_layers=4"], ["--preset", "cpu"], ["--config", str(preset)],
+                  ["--init-from", "ckpt"], ["--dataset", "texts/"], ["--tokenizer", "qwen3"],
+                  ["--text-column", "body"]):
+        assert train_in_process("--resume", str(tmp_path / "run"), *flags) == 2, flags
+        assert f"which {flags[0]} cannot change; leave it out" in capsys.readouterr().err, flags
 
 
 def test_a_longer_context_set_with_seq_len_is_taken(data: Path, preset: Path, tmp_path: Path,
@@ -977,7 +984,7 @@ def test_runs_started_in_the_same_second_get_their_own_folders(data: Path, prese
     flags = ["--config", str(preset), "--data", str(data), *FAST, "--max-steps", "2"]
     assert train_in_process(*flags) == 0 and train_in_process(*flags, "--lr", "2e-2") == 0
     runs = sorted(path.name for path in (tmp_path / "runs").iterdir())
-    assert len(runs) == 2 and runs[0].endswith("-20261204-230000") and runs[1] == f"{runs[0]}-2"
+    assert runs == [f"{preset.stem}-20261204-230000", f"{preset.stem}-20261204-230000-2"]  # runs/PRESET-TIME
     assert [json.loads((tmp_path / "runs" / run / "config.json").read_text())["train"]["lr"] for run in runs] == \
         [1e-2, 2e-2]
     capsys.readouterr()
@@ -1842,6 +1849,22 @@ def test_a_reader_that_leaves_does_not_end_the_run(data: Path, preset: Path, tmp
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
+def test_without_a_terminal_the_progress_is_a_line_every_log_interval_and_at_both_ends(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A log file or a pipe (nohup, a job scheduler): plain lines, the first and the last step always among them.
+    display = Display(True, 0, 10, 4)
+    for step in range(1, 11):
+        display.update(step, "loss 1.0")
+    display.print("a sample")
+    display.close()
+    assert capsys.readouterr().out == "step 1/10 | loss 1.0\nstep 4/10 | loss 1.0\n" \
+        "step 8/10 | loss 1.0\nstep 10/10 | loss 1.0\na sample\n"
+    display = Display(False, 0, 10, 1)  # every rank but 0: nothing
+    display.update(1, "loss 1.0")
+    display.print("a sample")
+    assert capsys.readouterr().out == ""
+
+
 def test_a_terminal_that_hangs_up_is_a_reader_that_left() -> None:
     # torchrun in a terminal that closes: its workers stop after the step and save (a hangup is a stop under
     # torchrun), but they are in sessions of their own and the terminal stays their stdout: rank 0's next print
@@ -2234,6 +2257,24 @@ def test_dataset_folders_of_tokenizers_of_other_chat_templates_are_apart(tmp_pat
     (tmp_path / "damaged" / "tokenizer.json").write_text('{"broken')
     with pytest.raises(NanoQwenError, match="the tokenizer in damaged is damaged"):
         tokenizer_slug("damaged")
+
+
+def test_init_from_takes_the_fine_tuning_defaults_in_place_of_a_presets(tmp_path: Path) -> None:
+    # The defaults --help promises after --init-from (3e-5, AdamW, 500 steps, 1,024 tokens or the context): without
+    # them, a fine-tune ran on TrainConfig's own (a rate 100x higher, that undoes what the weights know).
+    from nanoqwen.checkpoint import save_checkpoint
+    from nanoqwen.runs import checkpoint_preset
+
+    for context, seq_len in ((4096, 1024), (256, 256)):
+        folder = tmp_path / str(context)
+        save_checkpoint(Qwen3(ModelConfig(vocab_size=300, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                          num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                          max_position_embeddings=context)), folder, None)
+        train = checkpoint_preset(folder, []).train
+        assert {key: train.get(key) for key in ("optimizer", "lr", "warmup", "max_steps", "batch_size", "seq_len",
+                                                "eval_interval", "save_interval", "sample_interval")} == \
+            {"optimizer": "adamw", "lr": 3e-5, "warmup": 20, "max_steps": 500, "batch_size": 16, "seq_len": seq_len,
+             "eval_interval": 50, "save_interval": 250, "sample_interval": 250}
 
 
 def test_a_hugging_face_cache_snapshot_is_named_after_its_model(tmp_path: Path) -> None:
@@ -2837,6 +2878,20 @@ def test_a_resume_finds_data_that_moved_and_refuses_data_that_changed(data: Path
     assert {"data_splits", "data_digest"} <= json.loads((out / "config.json").read_text()).keys()
 
 
+def test_a_lock_released_on_a_run_folder_that_holds_nothing_else_takes_the_folder_with_it(tmp_path: Path) -> None:
+    # A run that failed before writing anything left an empty runs/PRESET-TIME behind, one for every try.
+    from nanoqwen.io import LOCK_FILE, hold_lock, release_lock
+
+    for folder, files in ((tmp_path / "failed", []), (tmp_path / "written", ["config.json"])):
+        lock = hold_lock(folder)
+        assert lock is not None
+        for name in files:
+            (folder / name).write_text("{}")
+        release_lock(lock)
+        assert (sorted(path.name for path in folder.iterdir()) if folder.exists() else None) == \
+            (sorted([*files, LOCK_FILE]) if files else None)
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
@@ -2906,6 +2961,7 @@ def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(da
     zero, one = (json.loads((tmp_path / f"{rank}.json").read_text()) for rank in (0, 1))
     assert zero["locked"] == one["locked"] and one["locked"][0] == "NanoQwenError" and \
         "in use by another nanoqwen process" in one["locked"][1]
+    assert zero["reduced"] == one["reduced"] == [1.5, 3.0, 2.0]  # mean, sum and max of 1 and 2, on every rank
     assert zero["ran"] == 0 and "ran" not in one  # the work runs on rank 0 only
     full = f"No space left on device: {tmp_path}/last; free some space or write elsewhere"  # what cli says of it
     assert zero["full"][0] == "OSError" and one["full"] == ["NanoQwenError", full]

@@ -179,16 +179,17 @@ def wandb_runs(run: Path) -> list[WandbRun]:
 
 
 def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
-    """One process of a gloo job (torch.multiprocessing) that has `on_rank0` do work that succeeds, then
-    work that fails on rank 0 as a full disk and as a bug would, then resumes folder/run, which another process
-    holds (rank 0 alone takes its lock), then prepares folder/empty (an empty .txt), which rank 0 refuses, then
-    says once for the job a line both meet, and one of its own; what each process met goes to folder/RANK.json."""
+    """One process of a gloo job (torch.multiprocessing) that reduces its rank + 1 (mean, sum, max), has `on_rank0`
+    do work that succeeds, then work that fails on rank 0 as a full disk and as a bug would, then resumes
+    folder/run, which another process holds (rank 0 alone takes its lock), then prepares folder/empty (an empty
+    .txt), which rank 0 refuses, then says once for the job a line both meet, and one of its own; what each process
+    met goes to folder/RANK.json."""
     import errno
 
     import torch.distributed as dist
 
     from nanoqwen.cli import build_parser
-    from nanoqwen.distributed import on_rank0, say_once
+    from nanoqwen.distributed import all_reduce, on_rank0, say_once
     from nanoqwen.errors import NanoQwenError
     from nanoqwen.runs import prepared_folder
     from nanoqwen.train import setup
@@ -197,6 +198,7 @@ def on_rank0_worker(rank: int, world_size: int, folder: str) -> None:
                             world_size=world_size, timeout=timedelta(seconds=4))  # a rank left waiting fails
     met: dict[str, object] = {}
     try:
+        met["reduced"] = [all_reduce(rank + 1.0, op) for op in ("mean", "sum", "max")]  # of 1 and 2
         on_rank0(lambda: met.setdefault("ran", rank))
         on_rank0(partial(time.sleep, 5))  # longer than the job's collectives wait (a corpus prepared)
         for name, error in [("full", OSError(errno.ENOSPC, "No space left on device", f"{folder}/last")),
