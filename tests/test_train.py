@@ -737,7 +737,8 @@ def test_a_run_in_the_current_folder_resumes_as_its_report_says(data: Path, pres
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.chdir(tmp_path)
     assert train_in_process(*common(data, preset, Path(".")), "--max-steps", "2") == 0
-    assert "nanoqwen train --resume . --max-steps 4" in capsys.readouterr().out  # was refused: "needs the run folder"
+    # was refused: "needs the run folder"
+    assert "nanoqwen train --resume . --device cpu --max-steps 4" in capsys.readouterr().out
     assert train_in_process("--resume", ".", "--max-steps", "3") == 0
     assert max(train_losses(tmp_path)) == 3
 
@@ -1007,7 +1008,8 @@ def test_fit_to_time_ends_the_schedule_where_the_time_runs_out(data: Path, prese
     assert state["first_steps"] == 1 and 0 < state["first_steps_s"] < state["elapsed_s"]
     if records[-1]["step"] == state["fitted_steps"]:  # the decay completed: the last rate is min_lr
         assert records[-1]["lr"] == pytest.approx(1e-3)
-        assert f"--resume {out} --max-minutes 0.1" in printed  # more time trains it further, not more steps
+        # more time trains it further, not more steps
+        assert f"--resume {out} --device cpu --max-minutes 0.1" in printed
     # Resumed with a twentieth of that time, the schedule is fitted to it before the first step (at the pace of the
     # steps before): too little for a whole decay, so it decays from the first step, not from the peak rate
     assert train_in_process("--resume", str(out), "--max-minutes", "0.005") == 0
@@ -1388,7 +1390,7 @@ def test_a_wall_cap_reached_on_the_last_step_ends_a_finished_run(data: Path, pre
     assert train_in_process(*common(data, preset, out), "--max-steps", "1", "--max-minutes", "0.0001") == 0
     printed = capsys.readouterr().out
     assert "stopped after step 1 (max_steps)" in printed, printed
-    assert f"--resume {out} --max-steps 2" in printed  # more steps, as for any finished run
+    assert f"--resume {out} --device cpu --max-steps 2" in printed  # more steps, as for any finished run
 
 
 @pytest.mark.parametrize(("flags", "words"), [
@@ -1822,6 +1824,7 @@ def test_under_torchrun_a_hangup_is_a_stop_as_sigterm_is_unless_ignored() -> Non
     from nanoqwen.train import StopSignal
 
     before = signal.getsignal(signal.SIGHUP)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as in a terminal: the suite may run under nohup, which ignores it
     try:
         with StopSignal(patient=True) as stop:
             assert signal.getsignal(signal.SIGHUP) == stop._handle
