@@ -143,6 +143,8 @@ class DistInfo:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     distributed: bool = False
     """Launched by torchrun: a process group exists and DDP/FSDP2 wrap the model, one process included."""
+    processes_here: int = 1
+    """The job's processes on this machine (torchrun's LOCAL_WORLD_SIZE): they share its memory and cores."""
 
     @property
     def is_main(self) -> bool:
@@ -174,7 +176,8 @@ def init_distributed(device_name: str = "auto") -> DistInfo:
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
     patient_group()  # now, while every process is here: see there
-    return DistInfo(rank, world_size, device, distributed=True)
+    return DistInfo(rank, world_size, device, distributed=True,
+                    processes_here=int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 def threads_per_process(env: Mapping[str, str], launcher_env: Mapping[str, str] | None, cores: int) -> int | None:

@@ -24,7 +24,6 @@ import dataclasses
 import gc
 import inspect
 import math
-import os
 import re
 import shutil
 import signal
@@ -358,13 +357,12 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
         per_param, held = (4, "its weights") if args.fsdp else \
             ((12, "weights, gradients and Muon state") if cfg.optimizer == "muon" else
              (16, "weights, gradients and AdamW state"))
-        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         check_host_memory(model_config.num_params(), per_param, f"training this model ({held})",
-                          processes=processes)
+                          processes=info.processes_here)
         loader.micro_batch = micro_batch_in_memory(
             loader, model_config, per_param, given=args.micro_batch is not None,
             checkpointing=bool(args.activation_checkpointing),
-            itemsize=resolve_dtype(args.dtype, device).itemsize, processes=processes,
+            itemsize=resolve_dtype(args.dtype, device).itemsize, processes=info.processes_here,
             say=print if info.is_main else lambda line: None)
     if resume_dir is not None:
         model = load_model(resume_dir, device, torch.float32)
@@ -823,7 +821,8 @@ def micro_batch_in_memory(loader: BatchLoader, config: ModelConfig, per_param: i
     # The least any process read: each reads at its own moment (one after the others built their models), and
     # every process must take the same micro-batch, as FSDP's forward passes (and evaluation's) are collectives.
     free = int(-all_reduce(-free, "max"))
-    room = free // processes - config.num_params() * per_param
+    model_bytes = config.num_params() * per_param
+    room = free // processes - model_bytes
     per_sequence = loader.seq_len * activation_bytes_per_token(config, checkpointing, itemsize)
     fits = [size for size in range(1, loader.micro_batch + 1)
             if loader.per_rank % size == 0 and size * per_sequence <= room]
@@ -832,7 +831,7 @@ def micro_batch_in_memory(loader: BatchLoader, config: ModelConfig, per_param: i
     each = f" in each of {processes} processes" if processes > 1 else ""
     need = (f"{loader.micro_batch} sequences of {loader.seq_len} tokens a forward pass need about "
             f"{loader.micro_batch * per_sequence / 2**30:.1f} GiB of activations beside the model's "
-            f"{config.num_params() * per_param / 2**30:.1f} GiB{each}, and this machine has {free / 2**30:.1f} GiB "
+            f"{model_bytes / 2**30:.1f} GiB{each}, and this machine has {free / 2**30:.1f} GiB "
             "free")
     if not fits:
         lower = "shorten --seq-len" if checkpointing else "add --activation-checkpointing, shorten --seq-len"
@@ -964,10 +963,9 @@ def launcher(run: Run) -> str:
     model --fsdp shards whole), on one machine with its own process count, on several as the user started it."""
     if not run.info.distributed:
         return "nanoqwen"
-    per_machine = os.environ.get("LOCAL_WORLD_SIZE", "N")
-    if per_machine != str(run.info.world_size):
+    if run.info.processes_here != run.info.world_size:
         return "torchrun ... -m nanoqwen"  # several machines: their own --nnodes and rendezvous flags
-    return f"torchrun --standalone --nproc_per_node {per_machine} -m nanoqwen"
+    return f"torchrun --standalone --nproc_per_node {run.info.processes_here} -m nanoqwen"
 
 
 def unsaved_flags(args: argparse.Namespace) -> str:
