@@ -711,6 +711,50 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 2 }}"
 
 
+def release_with_chat_template(monkeypatch: pytest.MonkeyPatch, template: str) -> None:
+    """As a nanoqwen release whose built-in ChatML template (CHAT_TEMPLATE) is `template`, wherever it is bound."""
+    import nanoqwen.tokenizer as tokenizer_module
+
+    for module in (tokenizer_module, prepare_module):
+        monkeypatch.setattr(module, "CHAT_TEMPLATE", template, raising=False)
+
+
+def test_conversations_written_with_a_former_built_in_chat_template_are_prepared_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # qwen3 and bpe:N write chat records with nanoqwen's ChatML template, which their fingerprint leaves out: a release
+    # that changed it reused a folder of conversations written with the old one as up to date (its runs then trained
+    # on, and their checkpoints carried, the old format). A folder of plain text holds no token of it: it stays.
+    from nanoqwen.cli import main
+    from nanoqwen.tokenizer import CHAT_TEMPLATE
+
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    chats, texts = tmp_path / "chats", tmp_path / "texts"
+    for source, out in ((tmp_path / "chats.jsonl", chats), (tmp_path / "a.txt", texts)):
+        prepare(str(source), "bpe:300", out, progress=False)
+    made = {out: {p.name: p.read_bytes() for p in out.iterdir()} for out in (chats, texts)}
+    later = CHAT_TEMPLATE + "{# a later release's ChatML #}"
+    release_with_chat_template(monkeypatch, later)
+    capsys.readouterr()
+    # The command replaces data a run may have trained on only when forced, as for other inputs.
+    assert main(["prepare", "--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:300", "--out",
+                 str(chats)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {chats} holds conversations written with an older nanoqwen's chat template (runs "
+        "trained on it resume only from it); give --force to replace it, or another --out")
+    assert {p.name: p.read_bytes() for p in chats.iterdir()} == made[chats]
+    prepare(str(tmp_path / "chats.jsonl"), "bpe:300", chats)
+    assert f"{chats} holds conversations written with an older nanoqwen's chat template; preparing it again" in \
+        capsys.readouterr().out
+    assert json.loads((chats / "tokenizer_config.json").read_text())["chat_template"] == later
+    prepare(str(tmp_path / "chats.jsonl"), "bpe:300", chats)  # and now it is up to date
+    assert "is up to date (same inputs and options)" in capsys.readouterr().out
+    assert main(["prepare", "--dataset", str(tmp_path / "a.txt"), "--tokenizer", "bpe:300", "--out",
+                 str(texts)]) == 0
+    assert "is up to date (same inputs and options)" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in texts.iterdir()} == made[texts]
+
+
 def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
     # Every option that changes what is written is in the fingerprint: into one --out, each prepares the data anew,
     # not reusing a folder of a --max-bytes cut, another --val-fraction or another --text-column as up to date.
