@@ -59,6 +59,7 @@ from nanoqwen.io import (
     write_json,
 )
 from nanoqwen.tokenizer import (
+    CHAT_TEMPLATE,
     ENDOFTEXT,
     IM_END,
     IM_START,
@@ -209,9 +210,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
 
     fingerprint = fingerprint_of(corpus.fingerprint)
     rule_2 = fingerprint_of(corpus.fingerprint, split_rule=2)
-    read_since = None if force else _read_since(out)
-    if not force and not read_since and (_holds(out, fingerprint) or _holds(out, rule_2) and
-                                         _split_alike(out, val_fraction)):
+    made_otherwise = None if force else _made_otherwise(out, tokenizer)
+    if not force and not made_otherwise and (_holds(out, fingerprint) or _holds(out, rule_2) and
+                                             _split_alike(out, val_fraction)):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
         if progress:
             rebuild = "" if replace_other else "; --force rebuilds it"  # the prepare command's flag: train has none
@@ -219,12 +220,13 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
         return out
     check_replaceable(out, "data")
     # Whole or not, a folder made from other inputs may be what a run trained on: it resumes only from that data.
-    recorded = _fingerprint_in(out)
-    other = not force and (out / "meta.json").is_file() and (recorded != fingerprint or read_since is not None)
+    recorded = _recorded(out / "meta.json", "fingerprint")
+    other = not force and (out / "meta.json").is_file() and (recorded != fingerprint or made_otherwise is not None)
     # The same inputs, read otherwise by an older nanoqwen (before text files were parted at the separator, before
-    # it read compressed files, tables, chats or UTF-16 lines) or without zstandard: said so, not as other inputs.
-    former = read_since or next((made for fp, made in corpus.former_fingerprints.items()
-                                 if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) \
+    # it read compressed files, tables, chats or UTF-16 lines, or its chats were written by another ChatML template)
+    # or without zstandard: said so, not as other inputs.
+    former = made_otherwise or next((made for fp, made in corpus.former_fingerprints.items()
+                                     if recorded in (fingerprint_of(fp), fingerprint_of(fp, split_rule=2))), None) \
         if other else None
     earlier_split = "was split into train and val by an earlier rule, which could give val far more than " \
         "--val-fraction of a small corpus" if other and recorded == rule_2 else None
@@ -361,7 +363,9 @@ def _bpe_size(spec: str) -> int:
 
 
 def tokenizer_identity(spec: str) -> str:
-    """What the result depends on, for the fingerprint; raises for a spec that names no tokenizer."""
+    """What the result depends on, for the fingerprint; raises for a spec that names no tokenizer. The built-in
+    chat template that qwen3 and bpe:N write chats with is not in it (plain text holds none of its tokens, and a
+    release that changed it would prepare every folder of text again): see _made_otherwise."""
     if spec == "qwen3":
         return f"qwen3 md5:{QWEN_TIKTOKEN_MD5}"
     if spec.startswith("bpe:"):
@@ -772,13 +776,14 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
 
 # -- checks and messages -----------------------------------------------------------------------------
 
-def _fingerprint_in(out: Path) -> str | None:
-    """The fingerprint `out`/meta.json records, complete folder or not (None: unreadable, or none)."""
+def _recorded(path: Path, key: str) -> Any:
+    """What the JSON object in `path` (meta.json, tokenizer_config.json) records under `key`, complete folder or not
+    (None: unreadable, or none)."""
     try:
-        meta = json.loads((out / "meta.json").read_text())
+        recorded = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    return meta.get("fingerprint") if isinstance(meta, dict) else None
+    return recorded.get(key) if isinstance(recorded, dict) else None
 
 
 def _holds(out: Path, fingerprint: str) -> bool:
@@ -789,13 +794,24 @@ def _holds(out: Path, fingerprint: str) -> bool:
         return False
 
 
-def _read_since(out: Path) -> str | None:
-    """Why the folder `out` holds less than the same inputs give now (their fingerprint is the same): files an older
-    nanoqwen skipped and this one reads, as its meta.json lists them; None if none (or no complete folder)."""
+def writes_built_in_template(spec: str) -> bool:
+    """Whether the tokenizer `spec` writes chats with nanoqwen's ChatML template (CHAT_TEMPLATE), which its
+    identity leaves out: qwen3 and bpe:N (a tokenizer folder's own template is in its identity)."""
+    return spec == "qwen3" or spec.startswith("bpe:")
+
+
+def _made_otherwise(out: Path, tokenizer: str) -> str | None:
+    """Why the folder `out` holds other data than the same inputs give now (their fingerprint is the same): files an
+    older nanoqwen skipped and this one reads, as its meta.json lists them, or conversations written with another
+    built-in chat template than this nanoqwen's; None if neither (or no complete folder)."""
     try:
         meta = load_meta(out)
     except NanoQwenError:
         return None
+    # The chat template a folder's conversations were written with is the one its tokenizer_config.json records.
+    if meta.get("conversations") and writes_built_in_template(tokenizer) and \
+            _recorded(out / "tokenizer_config.json", "chat_template") != CHAT_TEMPLATE:
+        return "holds conversations written with an older nanoqwen's chat template"
     # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields; made
     # before UTF-16/32 tables and JSON lines were read, it skipped those, said "read line by line as UTF-8".
     if "conversations" not in meta and any("not JSON records" in skip["reason"] and
