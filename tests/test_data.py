@@ -755,6 +755,25 @@ def test_conversations_written_with_a_former_built_in_chat_template_are_prepared
     assert {p.name: p.read_bytes() for p in texts.iterdir()} == made[texts]
 
 
+def test_plain_text_carries_the_built_in_chat_template_of_the_release_that_trains_on_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A folder of plain text stays up to date when the built-in ChatML template changes (its tokens hold none of it),
+    # but its tokenizer_config.json holds the old one, which training copied into every checkpoint: chat and serve
+    # then prompted with a template of an older release. Conversations keep the one they were written with.
+    from nanoqwen.runs import carried_files
+    from nanoqwen.tokenizer import CHAT_TEMPLATE
+
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    chats = prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "chats", progress=False)
+    texts = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "texts", progress=False)
+    later = CHAT_TEMPLATE + "{# a later release's ChatML #}"
+    release_with_chat_template(monkeypatch, later)
+    carried = carried_files(texts, None)[0]
+    assert carried.hf_config()["chat_template"] == later and carried.chat_format == "ChatML"
+    assert carried_files(chats, None)[0].hf_config()["chat_template"] == CHAT_TEMPLATE
+
+
 def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
     # Every option that changes what is written is in the fingerprint: into one --out, each prepares the data anew,
     # not reusing a folder of a --max-bytes cut, another --val-fraction or another --text-column as up to date.
