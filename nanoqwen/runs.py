@@ -397,9 +397,12 @@ def resumed_data(args: argparse.Namespace, saved: dict[str, Any], out: Path, ann
 def carried_files(data: Path, source: Path | None, warn: bool = True) -> tuple[Tokenizer, dict | None]:
     """The tokenizer and generation_config.json the run's checkpoints carry: those of the checkpoint it
     starts from or resumes, where that holds the data's tokenizer (an official folder's chat template, end
-    token and recommended sampling stay so, whatever prepared the data); else the data's, and the defaults.
+    token and recommended sampling stay so, whatever prepared the data); else the data's (see data_tokenizer), and
+    the defaults.
     `warn`: whether a broken generation_config.json is warned about here (one process of torchrun's says it)."""
-    tokenizer = load_tokenizer(data)
+    from nanoqwen.data.prepare import data_tokenizer
+
+    tokenizer = data_tokenizer(data)
     if source is None or not (source / "tokenizer.json").is_file():
         return tokenizer, None
     own = load_tokenizer(source)

@@ -72,6 +72,7 @@ from nanoqwen.tokenizer import (
     Tokenizer,
     find_qwen_tiktoken,
     load_tiktoken_ranks,
+    load_tokenizer,
     qwen3_tokenizer,
     resolve_tokenizer,
     train_bpe,
@@ -348,6 +349,17 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     if not (folder / "tokenizer.json").is_file():
         raise NanoQwenError(f"{folder} has no tokenizer.json; {redo}")
     return meta
+
+
+def data_tokenizer(folder: str | os.PathLike[str]) -> Tokenizer:
+    """The tokenizer a prepared folder carries into checkpoints: its files, where a folder of plain text prepared with
+    qwen3 or bpe:N has this nanoqwen's ChatML template, not the one of the release that prepared it (none of its
+    tokens depends on it: the folder stays up to date when the template changes). Conversations keep theirs."""
+    tokenizer = load_tokenizer(folder)
+    meta = load_meta(folder)
+    if meta.get("conversations") or not writes_built_in_template(meta["tokenizer"]):
+        return tokenizer
+    return Tokenizer(tokenizer.hf, {**tokenizer.config, "chat_template": CHAT_TEMPLATE})
 
 
 # -- tokenizer ---------------------------------------------------------------------------------------
