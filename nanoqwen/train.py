@@ -898,9 +898,11 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
     step time (steady under bursty load); where it is so short that the decay would already have begun, the
     decay starts at once, compressed (ending at the time cap still at the peak rate would be worse). A first
     fit shorter than twice the warmup cuts the warmup to half of it, once (as a short --max-steps does), or
-    the run would end still warming up, never decaying. In the decay the length only shrinks, by the slower
-    of the mean and the last steps (`recent_step_s`, their median): a machine that slows down there compresses
-    the rest of the decay (the rate drops to where the shorter schedule has it) so the run still ends at min_lr.
+    the run would end still warming up, never decaying; a later, shorter fit cuts it again only where its decay
+    would start inside the warmup (a machine that slowed during it ended the run there, short of the peak). In
+    the decay the length only shrinks, by the slower of the mean and the last steps (`recent_step_s`, their
+    median): a machine that slows down there compresses the rest of the decay (the rate drops to where the
+    shorter schedule has it) so the run still ends at min_lr.
     """
     cfg, step, total = run.cfg, run.state.step, run.total_steps
     decaying = step >= wsd_decay_start(total, run.warmup)
@@ -916,7 +918,7 @@ def fit_schedule(run: Run, step_s: float, recent_step_s: float, remaining_s: flo
             run.state.fitted_steps = display.total = fitted
         return
     first = run.state.fitted_steps is None
-    if first and run.warmup > fitted // 2:
+    if run.warmup > fitted // 2 and (first or run.warmup > wsd_decay_start(fitted, run.warmup)):
         display.print(f"warmup {run.warmup} is longer than half of the {counted(fitted, 'step')} that fit: "
                       f"{warming_up(fitted // 2)}")
         run.state.fitted_warmup = fitted // 2
