@@ -39,7 +39,7 @@ from nanoqwen.tokenizer import Tokenizer
 PROMPT = "you> "
 MORE = "...> "  # the prompt for the next line of a message of several lines
 BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
         "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
@@ -150,6 +150,9 @@ class Conversation:
         self.transcript = ""  # the text so far (raw mode)
         self.dropped = 0  # turns (or, raw, tokens) dropped to fit, for the caller to mention
         self._before_user: tuple[list[dict[str, str]], str] = ([], "")  # the history before the last add_user
+        # Whether the last prompt ends inside a thinking block its template opened (Qwen3's 2507 Thinking models):
+        # the reply is thinking from its first token on, and only closes it.
+        self.prompt_opens_thinking = False
 
     def reset(self) -> None:
         self.messages, self.transcript = [], ""
@@ -182,6 +185,7 @@ class Conversation:
         except NanoQwenError:  # the model's own template refused the conversation: keep it as it was
             self.messages = kept
             raise
+        self.prompt_opens_thinking = self._prompt(self.messages).rstrip().endswith(THINK_START)
         return ids
 
     def withdraw(self) -> None:
@@ -195,18 +199,26 @@ class Conversation:
             self.transcript += text
             return
         # The reply as generated: the next prompt must render the conversation that really happened. Only a
-        # template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself.
-        if self.tokenizer.thinking_switch and THINK_END in text:
-            text = text.split(THINK_END)[-1].lstrip("\n")
+        # template that thinks (official Qwen3, or one that opened the reply's thinking) drops a reply's thinking
+        # from the history, as it does itself. A reply cut before its </think> (Ctrl-C, --max-new-tokens) has no
+        # answer: kept whole, the next prompt showed an open thinking block as that turn's answer.
+        if self.tokenizer.thinking_switch or self.prompt_opens_thinking:
+            if THINK_END in text:
+                text = text.split(THINK_END)[-1].lstrip("\n")
+            elif self.prompt_opens_thinking or text.lstrip().startswith(THINK_START):
+                text = ""
         self.messages.append({"role": "assistant", "content": text})
 
     def fixed_ids(self) -> int:
         """Tokens the conversation takes before any message: the system prompt, in the template."""
         return len(self._ids([])) if self.system and not self.raw else 0
 
-    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _prompt(self, messages: list[dict[str, str]]) -> str:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.encode(self.tokenizer.render_chat(system + messages, **self.template_kwargs))
+        return self.tokenizer.render_chat(system + messages, **self.template_kwargs)
+
+    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self._prompt(messages))
 
 
 def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,

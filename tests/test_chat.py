@@ -463,6 +463,34 @@ def test_history_keeps_replies_as_generated_but_a_thinking_templates_thinking(ch
     assert conversation.messages[1]["content"] == "\n\nAnd so."
 
 
+def test_a_reply_cut_while_thinking_is_an_empty_answer_in_the_history() -> None:
+    # A reply cut (Ctrl-C, --max-new-tokens) before its </think> went into the history as an open thinking block,
+    # which the next prompt showed as that turn's answer. It has no answer: its thinking is dropped as a finished
+    # reply's is, and the question stays (a follow-up may ask it shorter). Both kinds of thinking template: one
+    # with the enable_thinking switch, whose reply opens <think>, and one that opens it in the prompt (Qwen3's 2507
+    # Thinking models), whose reply only closes it; ChatML keeps a reply as generated.
+    from nanoqwen.tokenizer import Tokenizer
+    from tests.serve_helpers import THINKING_TEMPLATE
+
+    qwen3 = qwen3_tokenizer()
+    opening = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1].lstrip('\\n') }}"
+               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    cases = ((THINKING_TEMPLATE, "<think>\nTwo and", "<think>\nTwo and two.\n</think>\n\n4.", ""),
+             (opening, "Two and", "Two and two.\n</think>\n\n4.", ""),
+             (None, "<think>\nTwo and", "<think>\nTwo and two.\n</think>\n\n4.", "<think>\nTwo and"))
+    for template, cut, finished, kept in cases:
+        tokenizer = qwen3 if template is None else Tokenizer(qwen3.hf, {**qwen3.config, "chat_template": template})
+        conversation = Conversation(tokenizer, context=512, reserve=40)
+        conversation.add_user("What is 2 + 2?")
+        conversation.add_reply(cut)
+        prompt = tokenizer.decode(conversation.add_user("Again?"))
+        assert conversation.messages[1] == {"role": "assistant", "content": kept}
+        assert ("Two and" in prompt) == bool(kept) and "What is 2 + 2?" in prompt
+        conversation.add_reply(finished)  # a finished reply's thinking goes as before (ChatML: kept)
+        conversation.add_user("And 3 + 3?")
+        assert conversation.messages[3]["content"] == (finished if template is None else "4.")
+
+
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:
     # --seed S samples turn k with S + k: the same session again gives the same replies, and a message sent
     # twice is not answered with the same draws (every turn reused S).
