@@ -202,12 +202,17 @@ class Conversation:
         # template that thinks (official Qwen3, or one that opened the reply's thinking) drops a reply's thinking
         # from the history, as it does itself. A reply cut before its </think> (Ctrl-C, --max-new-tokens) has no
         # answer: kept whole, the next prompt showed an open thinking block as that turn's answer.
-        if self.tokenizer.thinking_switch or self.prompt_opens_thinking:
-            if THINK_END in text:
-                text = text.split(THINK_END)[-1].lstrip("\n")
-            elif self.prompt_opens_thinking or text.lstrip().startswith(THINK_START):
-                text = ""
+        if self.cut_while_thinking(text):
+            text = ""
+        elif (self.tokenizer.thinking_switch or self.prompt_opens_thinking) and THINK_END in text:
+            text = text.split(THINK_END)[-1].lstrip("\n")
         self.messages.append({"role": "assistant", "content": text})
+
+    def cut_while_thinking(self, text: str) -> bool:
+        """Whether a reply to the last prompt, `text`, ends before its thinking does, a template that thinks having
+        opened it (in the prompt, or the reply opening with <think>): no answer has begun."""
+        return (not self.raw and (self.tokenizer.thinking_switch or self.prompt_opens_thinking)
+                and THINK_END not in text and (self.prompt_opens_thinking or text.lstrip().startswith(THINK_START)))
 
     def fixed_ids(self) -> int:
         """Tokens the conversation takes before any message: the system prompt, in the template."""
@@ -222,32 +227,36 @@ class Conversation:
 
 
 def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
-          quitting: Callable[[], bool] = lambda: False) -> tuple[str, bool]:
-    """Stream one reply to stdout; return its text and whether Ctrl-C stopped it there (the text so far, for
-    the history). `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so
-    that the chat ends as Ctrl-D at the prompt ends it.
+          quitting: Callable[[], bool] = lambda: False) -> tuple[str, str | None]:
+    """Stream one reply to stdout; return its text (the text so far where it was cut, for the history) and what
+    cut it: "stopped" (Ctrl-C), "max tokens" (--max-new-tokens), "context full", or None (it ended).
+    `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so that the chat ends
+    as Ctrl-D at the prompt ends it.
     """
-    text, stopped, ended = "", False, False
+    text, cut, ended = "", None, False
     try:
         for _, delta, done in stream_batch(model, tokenizer, [ids], params):
             if delta:
                 text += delta
                 sys.stdout.write(printable(delta))
                 sys.stdout.flush()
-            # Cut short by the end of the context, not by --max-new-tokens: say so, as it may end mid-word.
-            if (done is not None and done.finish_reason == "length" and len(done.token_ids) < params.max_new_tokens
-                    and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings):
-                sys.stdout.write(" [context full]")
+            if done is not None and done.finish_reason == "length":
+                # Cut short by the end of the context, not by --max-new-tokens: say so, as it may end mid-word.
+                full = (len(done.token_ids) < params.max_new_tokens
+                        and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings)
+                cut = "context full" if full else "max tokens"
+                if full:
+                    sys.stdout.write(" [context full]")
             if done is None and quitting():
-                stopped = ended = True
+                cut, ended = "stopped", True
                 break
     except KeyboardInterrupt:
-        stopped = True
-    sys.stdout.write(" [stopped]\n" if stopped else "\n")
+        cut = "stopped"
+    sys.stdout.write(" [stopped]\n" if cut == "stopped" else "\n")
     sys.stdout.flush()
     if ended:
         raise EOFError
-    return text, stopped
+    return text, cut
 
 
 # -- `nanoqwen chat` -----------------------------------------------------------------------------
@@ -349,12 +358,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = dataclasses.replace(params, seed=nth_seed(params.seed, turn))
         try:
-            text, stopped = reply(model, tokenizer, ids, seeded, terminal.end_of_input)
+            text, cut = reply(model, tokenizer, ids, seeded, terminal.end_of_input)
         except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends
             return 0
-        if stopped and not text:  # an empty reply would stay in the history as if the model had said nothing
+        if cut == "stopped" and not text:  # an empty reply would stay in the history as if the model said nothing
             conversation.withdraw()
             print("(stopped before the reply began; the message is not kept)")
             continue
+        # Thinking shown and no answer, with nothing to say why (as the web page's note says it).
+        if cut == "context full" and conversation.cut_while_thinking(text):
+            print("(the context filled while the model was thinking, before its answer; /reset clears the history "
+                  "to leave it more room)")
+        elif cut == "max tokens" and conversation.cut_while_thinking(text):
+            instead = ", or with --no-thinking" if tokenizer.thinking_switch else ""
+            print(f"(--max-new-tokens {params.max_new_tokens} ran out while the model was thinking, before its "
+                  f"answer: start the chat again with more{instead})")
         conversation.add_reply(text)
         turn += 1

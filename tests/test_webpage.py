@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.serve_helpers import (
-    THINKING_TEMPLATE,
+    OPENING_THINKING_TEMPLATE,
     make_checkpoint,
     make_plain_run,
     run_server,
@@ -581,9 +581,7 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
 def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tmp_path: Path) -> None:
     # A folder whose own chat template can skip thinking (as official Qwen3 ones can) gets the switch. Thinking
     # on, this one opens the reply's <think> in the prompt, as the 2507 thinking models' template does.
-    opening = THINKING_TEMPLATE.replace("</think>\n\n  {% endif %}", "</think>\n\n  {% else %}\n<think>\n  {% endif %}")
-    assert opening != THINKING_TEMPLATE
-    thinker = with_chat_template(checkpoint, tmp_path / "thinker", opening)
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker", OPENING_THINKING_TEMPLATE)
     with run_server(thinker, tmp_path / "serve.log") as base:
         page, errors = open_page(browser, base, "thinker")
         assert page.is_visible("#thinking") and page.is_checked("#thinking")  # on: the template's default
