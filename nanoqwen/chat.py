@@ -39,7 +39,7 @@ from nanoqwen.tokenizer import Tokenizer
 PROMPT = "you> "
 MORE = "...> "  # the prompt for the next line of a message of several lines
 BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
-THINK_END = "</think>"
+THINK_START, THINK_END = "<think>", "</think>"
 PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
         "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
@@ -150,6 +150,9 @@ class Conversation:
         self.transcript = ""  # the text so far (raw mode)
         self.dropped = 0  # turns (or, raw, tokens) dropped to fit, for the caller to mention
         self._before_user: tuple[list[dict[str, str]], str] = ([], "")  # the history before the last add_user
+        # Whether the last prompt ends inside a thinking block its template opened (Qwen3's 2507 Thinking models):
+        # the reply is thinking from its first token on, and only closes it.
+        self.prompt_opens_thinking = False
 
     def reset(self) -> None:
         self.messages, self.transcript = [], ""
@@ -182,6 +185,7 @@ class Conversation:
         except NanoQwenError:  # the model's own template refused the conversation: keep it as it was
             self.messages = kept
             raise
+        self.prompt_opens_thinking = self._prompt(self.messages).rstrip().endswith(THINK_START)
         return ids
 
     def withdraw(self) -> None:
@@ -195,47 +199,64 @@ class Conversation:
             self.transcript += text
             return
         # The reply as generated: the next prompt must render the conversation that really happened. Only a
-        # template that thinks (official Qwen3) drops a reply's thinking from the history, as it does itself.
-        if self.tokenizer.thinking_switch and THINK_END in text:
+        # template that thinks (official Qwen3, or one that opened the reply's thinking) drops a reply's thinking
+        # from the history, as it does itself. A reply cut before its </think> (Ctrl-C, --max-new-tokens) has no
+        # answer: kept whole, the next prompt showed an open thinking block as that turn's answer.
+        if self.cut_while_thinking(text):
+            text = ""
+        elif (self.tokenizer.thinking_switch or self.prompt_opens_thinking) and THINK_END in text:
             text = text.split(THINK_END)[-1].lstrip("\n")
         self.messages.append({"role": "assistant", "content": text})
+
+    def cut_while_thinking(self, text: str) -> bool:
+        """Whether a reply to the last prompt, `text`, ends before its thinking does, a template that thinks having
+        opened it (in the prompt, or the reply opening with <think>): no answer has begun."""
+        return (not self.raw and (self.tokenizer.thinking_switch or self.prompt_opens_thinking)
+                and THINK_END not in text and (self.prompt_opens_thinking or text.lstrip().startswith(THINK_START)))
 
     def fixed_ids(self) -> int:
         """Tokens the conversation takes before any message: the system prompt, in the template."""
         return len(self._ids([])) if self.system and not self.raw else 0
 
-    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+    def _prompt(self, messages: list[dict[str, str]]) -> str:
         system = [{"role": "system", "content": self.system}] if self.system else []
-        return self.tokenizer.encode(self.tokenizer.render_chat(system + messages, **self.template_kwargs))
+        return self.tokenizer.render_chat(system + messages, **self.template_kwargs)
+
+    def _ids(self, messages: list[dict[str, str]]) -> list[int]:
+        return self.tokenizer.encode(self._prompt(messages))
 
 
 def reply(model: Qwen3, tokenizer: Tokenizer, ids: list[int], params: SamplingParams,
-          quitting: Callable[[], bool] = lambda: False) -> tuple[str, bool]:
-    """Stream one reply to stdout; return its text and whether Ctrl-C stopped it there (the text so far, for
-    the history). `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so
-    that the chat ends as Ctrl-D at the prompt ends it.
+          quitting: Callable[[], bool] = lambda: False) -> tuple[str, str | None]:
+    """Stream one reply to stdout; return its text (the text so far where it was cut, for the history) and what
+    cut it: "stopped" (Ctrl-C), "max tokens" (--max-new-tokens), "context full", or None (it ended).
+    `quitting()` is asked at each token: True (Ctrl-D) stops it too, then raises EOFError, so that the chat ends
+    as Ctrl-D at the prompt ends it.
     """
-    text, stopped, ended = "", False, False
+    text, cut, ended = "", None, False
     try:
         for _, delta, done in stream_batch(model, tokenizer, [ids], params):
             if delta:
                 text += delta
                 sys.stdout.write(printable(delta))
                 sys.stdout.flush()
-            # Cut short by the end of the context, not by --max-new-tokens: say so, as it may end mid-word.
-            if (done is not None and done.finish_reason == "length" and len(done.token_ids) < params.max_new_tokens
-                    and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings):
-                sys.stdout.write(" [context full]")
+            if done is not None and done.finish_reason == "length":
+                # Cut short by the end of the context, not by --max-new-tokens: say so, as it may end mid-word.
+                full = (len(done.token_ids) < params.max_new_tokens
+                        and len(ids) + len(done.token_ids) >= model.config.max_position_embeddings)
+                cut = "context full" if full else "max tokens"
+                if full:
+                    sys.stdout.write(" [context full]")
             if done is None and quitting():
-                stopped = ended = True
+                cut, ended = "stopped", True
                 break
     except KeyboardInterrupt:
-        stopped = True
-    sys.stdout.write(" [stopped]\n" if stopped else "\n")
+        cut = "stopped"
+    sys.stdout.write(" [stopped]\n" if cut == "stopped" else "\n")
     sys.stdout.flush()
     if ended:
         raise EOFError
-    return text, stopped
+    return text, cut
 
 
 # -- `nanoqwen chat` -----------------------------------------------------------------------------
@@ -337,12 +358,20 @@ def run(args: argparse.Namespace) -> int:
             print(f"(dropped the oldest {oldest} to fit the context)")
         seeded = dataclasses.replace(params, seed=nth_seed(params.seed, turn))
         try:
-            text, stopped = reply(model, tokenizer, ids, seeded, terminal.end_of_input)
+            text, cut = reply(model, tokenizer, ids, seeded, terminal.end_of_input)
         except EOFError:  # Ctrl-D during the reply: it stopped there, and the chat ends
             return 0
-        if stopped and not text:  # an empty reply would stay in the history as if the model had said nothing
+        if cut == "stopped" and not text:  # an empty reply would stay in the history as if the model said nothing
             conversation.withdraw()
             print("(stopped before the reply began; the message is not kept)")
             continue
+        # Thinking shown and no answer, with nothing to say why (as the web page's note says it).
+        if cut == "context full" and conversation.cut_while_thinking(text):
+            print("(the context filled while the model was thinking, before its answer; /reset clears the history "
+                  "to leave it more room)")
+        elif cut == "max tokens" and conversation.cut_while_thinking(text):
+            instead = ", or with --no-thinking" if tokenizer.thinking_switch else ""
+            print(f"(--max-new-tokens {params.max_new_tokens} ran out while the model was thinking, before its "
+                  f"answer: start the chat again with more{instead})")
         conversation.add_reply(text)
         turn += 1

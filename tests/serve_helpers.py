@@ -104,6 +104,11 @@ THINKING_TEMPLATE = """{%- if tools %}
   {% endif %}
 {% endif %}"""
 
+# Thinking on, it opens the reply's <think> in the prompt, as the 2507 thinking models' template does.
+OPENING_THINKING_TEMPLATE = THINKING_TEMPLATE.replace("</think>\n\n  {% endif %}",
+                                                      "</think>\n\n  {% else %}\n<think>\n  {% endif %}")
+assert OPENING_THINKING_TEMPLATE != THINKING_TEMPLATE
+
 
 def with_chat_template(checkpoint: Path, directory: Path, template: str = THINKING_TEMPLATE) -> Path:
     """A copy of `checkpoint` whose tokenizer carries `template`, as an official folder carries its own."""

@@ -19,8 +19,16 @@ from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, generate
-from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer
-from tests.serve_helpers import load_reference, make_checkpoint, make_plain_run, wait_for, with_chat_template
+from nanoqwen.tokenizer import Tokenizer, load_tokenizer, qwen3_tokenizer
+from tests.serve_helpers import (
+    OPENING_THINKING_TEMPLATE,
+    THINKING_TEMPLATE,
+    load_reference,
+    make_checkpoint,
+    make_plain_run,
+    wait_for,
+    with_chat_template,
+)
 
 MAX_NEW = 24
 
@@ -461,6 +469,45 @@ def test_history_keeps_replies_as_generated_but_a_thinking_templates_thinking(ch
     conversation.add_user("Hi")
     conversation.add_reply("\n\nAnd so.")
     assert conversation.messages[1]["content"] == "\n\nAnd so."
+
+
+def test_a_reply_cut_while_thinking_is_an_empty_answer_in_the_history() -> None:
+    # A reply cut (Ctrl-C, --max-new-tokens) before its </think> went into the history as an open thinking block,
+    # which the next prompt showed as that turn's answer. It has no answer: its thinking is dropped as a finished
+    # reply's is, and the question stays (a follow-up may ask it shorter). Both kinds of thinking template: one
+    # with the enable_thinking switch, whose reply opens <think>, and one that opens it in the prompt (Qwen3's 2507
+    # Thinking models), whose reply only closes it; ChatML keeps a reply as generated.
+    qwen3 = qwen3_tokenizer()
+    opening = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content.split('</think>')[-1].lstrip('\\n') }}"
+               "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n<think>\n{% endif %}")
+    cases = ((THINKING_TEMPLATE, "<think>\nTwo and", "<think>\nTwo and two.\n</think>\n\n4.", ""),
+             (opening, "Two and", "Two and two.\n</think>\n\n4.", ""),
+             (None, "<think>\nTwo and", "<think>\nTwo and two.\n</think>\n\n4.", "<think>\nTwo and"))
+    for template, cut, finished, kept in cases:
+        tokenizer = qwen3 if template is None else Tokenizer(qwen3.hf, {**qwen3.config, "chat_template": template})
+        conversation = Conversation(tokenizer, context=512, reserve=40)
+        conversation.add_user("What is 2 + 2?")
+        conversation.add_reply(cut)
+        prompt = tokenizer.decode(conversation.add_user("Again?"))
+        assert conversation.messages[1] == {"role": "assistant", "content": kept}
+        assert ("Two and" in prompt) == bool(kept) and "What is 2 + 2?" in prompt
+        conversation.add_reply(finished)  # a finished reply's thinking goes as before (ChatML: kept)
+        conversation.add_user("And 3 + 3?")
+        assert conversation.messages[3]["content"] == (finished if template is None else "4.")
+
+
+def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(checkpoint: Path, tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # Cut by --max-new-tokens before its </think>, a reply showed thinking, then the prompt: no answer, and nothing to
+    # say why. A line says so, and what to do (as the web page's note does). This template opens the <think> in the
+    # prompt, so the tiny model's reply is thinking from its first token.
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker", OPENING_THINKING_TEMPLATE)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(thinker), "--max-new-tokens", "2", "--temperature", "0",
+                 "--device", "cpu"]) == 0
+    assert ("\n(--max-new-tokens 2 ran out while the model was thinking, before its answer: start the chat again "
+            "with more, or with --no-thinking)\n") in capsys.readouterr().out
 
 
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:

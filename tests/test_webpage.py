@@ -15,7 +15,7 @@ import pytest
 from playwright.sync_api import expect
 
 from tests.serve_helpers import (
-    THINKING_TEMPLATE,
+    OPENING_THINKING_TEMPLATE,
     make_checkpoint,
     make_plain_run,
     run_server,
@@ -581,9 +581,7 @@ def test_stop_button_stops_generation(browser, long_url: str) -> None:
 def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tmp_path: Path) -> None:
     # A folder whose own chat template can skip thinking (as official Qwen3 ones can) gets the switch. Thinking
     # on, this one opens the reply's <think> in the prompt, as the 2507 thinking models' template does.
-    opening = THINKING_TEMPLATE.replace("</think>\n\n  {% endif %}", "</think>\n\n  {% else %}\n<think>\n  {% endif %}")
-    assert opening != THINKING_TEMPLATE
-    thinker = with_chat_template(checkpoint, tmp_path / "thinker", opening)
+    thinker = with_chat_template(checkpoint, tmp_path / "thinker", OPENING_THINKING_TEMPLATE)
     with run_server(thinker, tmp_path / "serve.log") as base:
         page, errors = open_page(browser, base, "thinker")
         assert page.is_visible("#thinking") and page.is_checked("#thinking")  # on: the template's default
@@ -680,6 +678,17 @@ def test_thinking_switch_reaches_the_chat_template(browser, checkpoint: Path, tm
         # With no answer, Copy gives the thinking shown (it emptied the clipboard, and said "Copied").
         page.locator(".message.assistant").last.locator("button.copy").click()
         wait_for_clipboard(page, thinking.strip())
+        # The next send gives that reply as an empty answer, its thinking dropped as a finished reply's is (sent
+        # whole, the prompt showed an open thinking block as the turn's answer); so too a reply that opens its
+        # <think> itself (thinking off here, the reply routed) cut before its </think>.
+        assert sent_messages(page, "Again")[:2] == [{"role": "user", "content": "Hello"},
+                                                    {"role": "assistant", "content": ""}]
+        page.uncheck("#thinking")
+        page.route("**/v1/chat/completions", lambda route: route.fulfill(
+            status=200, content_type="text/event-stream", body=cut_stream("<think>\nLet me think about")))
+        send_and_wait(page, "Question")
+        page.unroute("**/v1/chat/completions")
+        assert sent_messages(page, "Next")[-2] == {"role": "assistant", "content": ""}
         page.close()
     assert not errors, f"JavaScript errors on the page: {errors}"
 
@@ -1530,22 +1539,36 @@ def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -
     assert page.locator(".message").count() == 0 and not any("completions" in url for url in requests)
 
 
+def cut_stream(text: str) -> str:
+    """A streamed chat reply of `text`, cut by Max tokens (finish reason "length")."""
+    return "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
+        {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
+        {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+
+
+def sent_messages(page, prompt: str) -> list[dict]:
+    """The messages the page sends to /v1/chat/completions for `prompt`, once its reply has ended."""
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, prompt)
+    return json.loads(sent.value.post_data)["messages"]
+
+
 def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
     # A thinking model's reply cut by Max tokens before its </think> showed the thinking and nothing after it: no
     # answer, and nothing on the reply to say why (the status line's "finish: length" went with the next send). A
     # note on the reply says so, and what to do; a reply cut in its answer, or one that never thinks, needs none.
     # The replies are routed: the tiny model writes no <think> of its own, let alone one cut where a test wants it.
-    def send_cut(text: str) -> None:  # a reply of `text`, cut by Max tokens
-        body = "".join(f"data: {json.dumps(chunk)}\n\n" for chunk in (
-            {"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]},
-            {"choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}))
+    def send_cut(text: str) -> None:
         page.route("**/v1/chat/completions", lambda route: route.fulfill(
-            status=200, content_type="text/event-stream", body=body))
+            status=200, content_type="text/event-stream", body=cut_stream(text)))
         send_and_wait(page, "Question")
         page.unroute("**/v1/chat/completions")
 
     for text in ("<think>\nLet me think about", "<think>\nDone.\n</think>\n\nPar", "Plain text cut"):
         send_cut(text)
+    # ChatML's template does not think: the history gives each reply back as it came, as `nanoqwen chat` does.
+    assert [m["content"] for m in sent_messages(page, "Next")[1:6:2]] == [
+        "<think>\nLet me think about", "<think>\nDone.\n</think>\n\nPar", "Plain text cut"]
     replies = page.locator(".message.assistant")
     expect(replies.nth(0).locator(".note")).to_have_text(
         "Max tokens ran out while the model was thinking, before its answer: raise Max tokens, then Regenerate")

@@ -765,9 +765,24 @@ async function opensThinking(prompt) {
   return opened >= 0 && opened >= prompt.length - tags.open.length - 2 && lastIndexOfIds(prompt, tags.close) < opened;
 }
 
-// Messages as the API takes them (the history's also name their place on the page).
+// Messages as the API takes them (the history's also name their place on the page, and a reply's is sent as
+// repliedContent says).
 function wire(messages) {
-  return messages.map(({ role, content }) => ({ role, content }));
+  return messages.map(({ role, content, box }) => ({
+    role, content: role === "assistant" && box ? repliedContent(content, box) : content,
+  }));
+}
+
+// A reply as the history sends it back: as it came (a template that thinks drops a finished reply's thinking
+// itself), but one cut before its </think> (Stop, Max tokens) has no answer, and goes as an empty one, its thinking
+// dropped as a finished reply's is: sent whole, the next prompt showed an open thinking block as that turn's
+// answer. Only where the template thinks (it has the switch, or opened the reply's thinking), as `nanoqwen chat`
+// does: ChatML gets a reply as it came.
+function repliedContent(content, box) {
+  const { inThinking } = records.get(box);
+  if (!inThinking && $("thinking-field").hidden) return content;
+  const parts = thinkingParts(content, inThinking);
+  return parts && !parts[2] ? "" : content;
 }
 
 // Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
