@@ -102,9 +102,9 @@ def main(argv: list[str] | None = None) -> int:
     prog = getattr(args, "command_prog", prog)  # a subcommand's own (`nanoqwen tokenizer train`), as argparse says it
     if unknown:  # the top-level parser finds them, but they were meant for the command: point at its help
         refuse(prog, f"unrecognized arguments: {' '.join(unknown)}{_expanded_wildcard_hint(unknown)}")
-    if args.command is None:
+    if args.command is None:  # a bare `nanoqwen` (anything else that names no command the parser refused above)
         build_parser().print_help()
-        return 0 if not argv else 2
+        return 0
     with contextlib.suppress(AttributeError):  # a prompt with undecodable bytes is printed, never a traceback
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:

@@ -341,7 +341,7 @@ def resumed_run(args: argparse.Namespace, info: DistInfo) -> tuple[TrainConfig, 
     # device's own where the run never asked for one and resumes on another kind of device. A save from before
     # last/ recorded it is compared with the dtype the run began in.
     dtype = DTYPE_NAMES[resolve_dtype(args.dtype, info.device)]
-    trained_dtype = trained_dtype or str(saved.get("dtype", "")).removeprefix("torch.")
+    trained_dtype = trained_dtype or str(first_launch(saved).get("dtype", "")).removeprefix("torch.")
     if trained_dtype and trained_dtype != dtype:
         changed.append(f"dtype {trained_dtype} -> {dtype}")
     check_parallelism(args.fsdp, cfg.optimizer, info, resumed=out)
@@ -545,10 +545,35 @@ def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
     return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
             "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
-            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config),
-            "world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
-            "threads": torch.get_num_threads(),  # torch's, in each process (on CPU: its share of the cores)
+            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config), **launch(run),
+            "launches": [{"step": run.state.step, **launch(run)}],
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
+
+
+def launch(run: Run) -> dict[str, Any]:
+    """How this invocation runs, which a resume may change (a torchrun job resumed in one process, another
+    machine): config.json says the latest one's, and each one's in `launches`, with the step it started from."""
+    return {"world_size": run.info.world_size, "device": str(run.info.device), "dtype": str(run.amp_dtype),
+            "threads": torch.get_num_threads()}  # torch's, in each process (on CPU: its share of the cores)
+
+
+def record_launch(saved: dict[str, Any], run: Run) -> None:
+    """Add this (resumed) invocation to the run's config.json `saved`. A launch from this step or later saved
+    none of its steps (a resume that failed or was killed before its first save): this one replaces it."""
+    this = launch(run)
+    launches = saved.get("launches")
+    if not isinstance(launches, list):  # a run from before launches were recorded: its first, as it said
+        launches = [{"step": 0, **{key: saved[key] for key in this if key in saved}}]
+    kept = [entry for entry in launches
+            if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] < run.state.step]
+    saved.update(this, launches=[*kept, {"step": run.state.step, **this}])
+
+
+def first_launch(saved: dict[str, Any]) -> dict[str, Any]:
+    """The run's first invocation as its config.json records it (a run from before launches were recorded: the
+    top-level values, which were the first one's)."""
+    launches = saved.get("launches")
+    return launches[0] if isinstance(launches, list) and launches and isinstance(launches[0], dict) else saved
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any]:

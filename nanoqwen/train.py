@@ -96,6 +96,7 @@ from nanoqwen.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_at, set_lr
 from nanoqwen.runs import (
     FINETUNE_SEQ_LEN,
     FINETUNE_TRAIN,
+    RUN_CONFIG_FORMAT,
     Changes,
     carried_files,
     check_resumed_data,
@@ -109,6 +110,7 @@ from nanoqwen.runs import (
     note_chat_template,
     note_vocab_change,
     read_run_config,
+    record_launch,
     resumed_run,
     run_config,
     truncate_metrics,
@@ -448,6 +450,8 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         truncate_samples(out, run.state.step)
         saved = read_run_config(out)
         saved["train"] = dataclasses.asdict(cfg)
+        saved["format"] = RUN_CONFIG_FORMAT  # train written as this nanoqwen does (a micro-batch asked for, or None)
+        record_launch(saved, run)
         saved.setdefault("args", {}).update(dtype=args.dtype, activation_checkpointing=args.activation_checkpointing)
         saved.update(data_place(run))
         if "data_digest" not in saved:  # a run from before they were recorded (else check_resumed_data read it)

@@ -636,6 +636,40 @@ def test_another_split_of_a_dataset_prepared_into_one_out_is_made_anew(tmp_path:
         assert "".join(sum(read_back(out).values(), [])) == held
 
 
+def test_a_hf_folder_trained_on_from_inside_it_is_prepared_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # `cd notes && nanoqwen train --dataset hf:.`: `datasets` could not name "." ("dataset_name should be
+    # specified"), and the data and run folders train writes there changed the folder's fingerprint, so each run
+    # prepared it anew, into a new folder (where `datasets` then took their train.bin for the train split).
+    from nanoqwen.runs import prepared_folder
+
+    corpus = tmp_path / "notes"
+    corpus.mkdir()
+    (corpus / "notes.jsonl").write_text("".join(json.dumps({"text": f"note {k} on the old king"}) + "\n"
+                                                for k in range(30)))
+    monkeypatch.chdir(corpus)
+    data = prepared_folder("hf:.", "bpe:300")
+    assert len(sum(read_back(data).values(), [])) == 30
+    run = corpus / "runs" / "run"  # as a run from here leaves it
+    (run / "last").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": str(data)}))
+    (run / "last" / "train_state.json").write_text("{}")
+    capsys.readouterr()
+    assert prepared_folder("hf:.", "bpe:300") == data
+    assert "is up to date" in capsys.readouterr().out
+    # Its text changed, the folder must be read again: `datasets` would read nanoqwen's folders as the dataset's
+    # files (train.bin and train_state.json as its train split), which one line says, and what to do.
+    with (corpus / "notes.jsonl").open("a") as f:
+        f.write(json.dumps({"text": "one more note"}) + "\n")
+    with pytest.raises(NanoQwenError) as refused:
+        prepared_folder("hf:.", "bpe:300")
+    assert str(refused.value) == (
+        f"{corpus} holds folders nanoqwen wrote (data/{data.name} runs/run), which `datasets` would read as files of "
+        f"the dataset; move them out of it (run nanoqwen from another folder), or give --dataset {corpus} to read the "
+        "files "
+        "with nanoqwen's own reader, which leaves them out")
+
+
 def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
     # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
     # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.

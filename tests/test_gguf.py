@@ -408,6 +408,18 @@ def test_nanoqwen_alone_lists_the_commands_and_exits_0(capsys: pytest.CaptureFix
     assert shown.err == "" and all(command in shown.out for command in ("prepare", "train", "serve", "gguf"))
 
 
+@pytest.mark.parametrize("argv", [["--"], ["--", "--"], ["-x"], [""], ["trian"], ["--version=1"]])
+def test_arguments_that_name_no_command_are_refused_in_one_line(argv: list[str],
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    # Only a bare `nanoqwen` lists the commands (exit 0): anything else without a command is refused by the parser
+    # (exit 2), so main never reaches the listing with arguments.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    shown = capsys.readouterr()
+    assert shown.out == "" and shown.err.startswith("nanoqwen: error: ") and shown.err.count("\n") == 1
+
+
 def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str]) -> None:
     # (Here for want of a command-line test file of the tokenizer commands.) argparse's own "invalid int value"
     # named Python's type where every other whole-number flag says what it takes.

@@ -1659,6 +1659,42 @@ def test_a_warmup_longer_than_the_run_is_cut_to_half_of_it(data: Path, preset: P
     assert [r["lr"] for r in read_metrics(out)] == pytest.approx([1e-2, 0.0])
 
 
+def test_config_json_says_how_the_latest_launch_ran_and_each_launch_from_its_step(
+        data: Path, preset: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # A torchrun job resumed in one process (or on another machine): config.json said the first launch's process
+    # count and threads ever after, misdescribing the steps run since.
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2") == 0
+    config = json.loads((out / "config.json").read_text())
+    first = {"step": 0, "world_size": 1, "device": "cpu", "dtype": "torch.float32", "threads": 1}
+    assert config["launches"] == [first]
+    # as a 2-process job of an earlier nanoqwen wrote it (no launches recorded)
+    del config["launches"]
+    config.update(world_size=2, threads=7)
+    (out / "config.json").write_text(json.dumps(config))
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert (config["world_size"], config["threads"]) == (1, 1)  # this launch's
+    assert config["launches"] == [{**first, "world_size": 2, "threads": 7}, {**first, "step": 2}]
+    # A launch that stopped before its first save ran no step the run kept: the next one from its step replaces it.
+    config["launches"].append({**first, "step": 3, "world_size": 4})
+    (out / "config.json").write_text(json.dumps(config))
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
+    config = json.loads((out / "config.json").read_text())
+    assert [(launch["step"], launch["world_size"]) for launch in config["launches"]] == [(0, 2), (2, 1), (3, 1)]
+    # A last/ from before saves recorded their dtype is compared with the run's first launch's, not with that of a
+    # later one that saved nothing (here a resume with --dtype bf16 that failed before its first save).
+    state = json.loads((out / "last/train_state.json").read_text())
+    del state["dtype"]
+    (out / "last/train_state.json").write_text(json.dumps(state))
+    config["args"]["dtype"] = "bf16"
+    config["launches"].append({**first, "step": 4, "dtype": "torch.bfloat16"})
+    (out / "config.json").write_text(json.dumps({**config, "dtype": "torch.bfloat16"}))
+    capsys.readouterr()
+    assert train_in_process("--resume", str(out), "--max-steps", "5") == 0
+    assert f"resuming {out} with dtype float32 -> bfloat16:" in capsys.readouterr().out
+
+
 def test_flags_given_to_resume_hold_for_later_resumes(data: Path, preset: Path, tmp_path: Path,
                                                       capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "run"
@@ -1938,6 +1974,9 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # the torchrun job's checkpoints resume on one plain process (this one)
     assert train_in_process("--resume", str(multi), "--max-steps", "10") == 0
     assert max(train_losses(multi)) == 10
+    config = json.loads((multi / "config.json").read_text())  # says how its steps since ran
+    assert config["world_size"] == 1 and [(launch["step"], launch["world_size"]) for launch in config["launches"]] \
+        == [(0, nproc), (8, 1)]
 
 
 def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_uninterrupted_curve(

@@ -47,9 +47,10 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from shlex import quote
 from typing import IO, Any
 
 from nanoqwen.data import zstd
@@ -262,8 +263,13 @@ def open_corpus(spec: str, *, text_column: str | None = None, split: str = "trai
     if spec in HUB_ALIASES or spec.startswith("hf:"):
         hub = HUB_ALIASES.get(spec) or _parse_hf_spec(spec)
         column = text_column or DEFAULT_TEXT_COLUMN
-        if hub.local:
-            fingerprint = f"hf-local {local_fingerprint(Path(hub.name))} {split} {column}"
+        if hub.local:  # of the dataset's files, not the folders nanoqwen wrote in it
+            root, files = Path(hub.name), None
+            if root.is_dir():
+                everything = all_files(root)
+                own = _written_inside(root, everything)
+                files = [p for p in everything if not inside(p, own)]
+            fingerprint = f"hf-local {local_fingerprint(root, files)} {split} {column}"
         else:
             fingerprint = f"hf {hub.name} {hub.config} {split} {column}"
         return Corpus(spec, fingerprint, lambda stats: _read_hf(hub, split, column, stats),
@@ -432,8 +438,8 @@ def _parse_hf_spec(spec: str) -> HubDataset:
     if not rest.strip():  # Path("") is the current folder, which `datasets` then tries to load
         raise NanoQwenError("hf: needs a dataset name, such as hf:roneneldan/TinyStories "
                             "(write hf:ORG/NAME or hf:ORG/NAME:CONFIG)")
-    if Path(rest).expanduser().exists():
-        return HubDataset(str(Path(rest).expanduser()), local=True)
+    if Path(rest).expanduser().exists():  # absolute: `datasets` names a dataset after its folder, and "." has none
+        return HubDataset(os.path.abspath(Path(rest).expanduser()), local=True)
     name, _, config = rest.partition(":")
     if name.count("/") != 1 or not all(name.split("/")):
         raise NanoQwenError(f"bad dataset {spec!r}; write hf:ORG/NAME or hf:ORG/NAME:CONFIG "
@@ -492,6 +498,13 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
     import datasets
 
     if hub.local:  # streaming leaves no copy of local data files in the HF cache
+        root = Path(hub.name)
+        if root.is_dir() and (own := _written_inside(root)):  # their train.bin, train_state.json: its train split
+            written = first_few([p.relative_to(root) for p in own])
+            raise NanoQwenError(f"{root} holds folders nanoqwen wrote ({written}), which `datasets` would read as "
+                                "files of the dataset; move them out of it (run nanoqwen from another folder), or "
+                                f"give --dataset {quote(str(root))} to read the files with nanoqwen's own reader, "
+                                "which leaves them out")
         try:
             return datasets.load_dataset(hub.name, hub.config, split=split, streaming=True)
         except Exception as e:  # datasets raises many types for a folder it cannot read
@@ -660,11 +673,10 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
     broken: list[Path] = []
     real: dict[Path, str] = {}
     everything = all_files(root, broken, real)
-    prepared = {p.parent for p in everything if p.name in ("train.bin", "tokenizer.json")
-                or (p.name == "config.json" and is_run_config(p))}
+    prepared = own_folders(root, everything)
 
     def in_folder(p: Path) -> bool:  # (hidden folders are not walked: a hidden file's own name is left to look at)
-        return not p.name.startswith(".") and not (prepared and prepared.intersection(p.parents))
+        return not p.name.startswith(".") and not inside(p, prepared)
 
     # Folders that `datasets`' save_to_disk wrote (data.arrow, state.json...), read as the datasets they are, each in
     # the place of its files (the outermost: a DatasetDict holds one per split)
@@ -692,6 +704,27 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
     for p in filter(in_corpus, everything):
         first.setdefault(real[p], p)
     return list(first.values())
+
+
+def own_folders(root: Path, files: list[Path] | None = None) -> list[Path]:
+    """The folders under `root` that nanoqwen (or Transformers) wrote, sorted, the outermost only: data
+    (train.bin), tokenizers and checkpoints (tokenizer.json) and runs (a run's config.json). `files`:
+    all_files(root), where known."""
+    files = all_files(root) if files is None else files
+    found = {p.parent for p in files if p.name in ("train.bin", "tokenizer.json")
+             or (p.name == "config.json" and is_run_config(p))}
+    return sorted(folder for folder in found if not inside(folder, found))
+
+
+def _written_inside(root: Path, files: list[Path] | None = None) -> list[Path]:
+    """The folders nanoqwen wrote in hf:FOLDER's `root` (the data and run folders of `train --dataset hf:.` run
+    there), which `datasets` would read as the dataset's files. Not `root` itself: a dataset's own tokenizer.json."""
+    return [folder for folder in own_folders(root, files) if folder != root]
+
+
+def inside(path: Path, folders: Collection[Path]) -> bool:
+    """Whether `path` is in one of `folders` (at any depth)."""
+    return bool(folders) and not set(path.parents).isdisjoint(folders)
 
 
 def zstandard_reads(count: int) -> str:
