@@ -1513,6 +1513,23 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
 
 
+def test_the_edit_box_send_is_named_apart_from_the_main_send(page) -> None:
+    # The edit box's Send was named "Send", as the message box's is: a screen reader's list of buttons read "Send,
+    # Send", and a spoken "click Send" could not tell them apart. It names the message it sends (its number, as the
+    # message's Edit button does), its visible word first.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    page.get_by_role("button", name="Edit message 2", exact=True).click()
+    expect(page.locator(".editor button[type=submit]")).to_have_accessible_name("Send edited message 2")
+    expect(page.get_by_role("button", name="Send", exact=True)).to_have_count(1)  # the message box's alone
+    page.locator(".editor textarea").fill("Second, edited")
+    page.get_by_role("button", name="Send edited message 2", exact=True).click()
+    wait_for_reply(page)
+    expect(page.locator(".message.user .content")).to_have_text(["First", "Second, edited"])
+
+
 @pytest.mark.parametrize(("mode", "said"), [("chat", "Nothing to send: type a message first"),
                                             ("completion", "Nothing to continue: type the start of a text first")])
 def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -> None:

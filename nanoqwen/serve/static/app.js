@@ -432,7 +432,8 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
 
 // Each message's button named apart for screen readers, by its message's number as shown: "Edit message 2", "Copy
 // reply 3", "Copy completion 1" (all alike, "Edit" and "Copy", a list of the page's buttons could not tell them apart).
-// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone.
+// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone;
+// and when an edit opens, its Send named for its message ("Send edited message 2").
 const BUTTON_NAMES = { user: "Edit message", assistant: "Copy reply", completion: "Copy completion" };
 
 function nameMessageButtons() {
@@ -444,6 +445,10 @@ function nameMessageButtons() {
     button.dataset.name = `${BUTTON_NAMES[kind]} ${counts[kind]}`;
     // Not while Copy says what it did ("Copied"): that is its name meanwhile (see copyReply).
     if (button.dataset.name.startsWith(button.textContent)) button.setAttribute("aria-label", button.dataset.name);
+    // An open edit's Send names its message too: named "Send", it read as the message box's Send.
+    if (state.editing?.box === box) {
+      state.editing.sendButton.setAttribute("aria-label", `Send edited message ${counts[kind]}`);
+    }
   }
 }
 
@@ -1053,6 +1058,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
   box.querySelector(".content").after(form);
   box.classList.add("editing");
   state.editing = { box, form, sendButton };
+  nameMessageButtons();
   form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
   cancel.addEventListener("click", () => cancelEdit(true));
   text.addEventListener("input", typed);
