@@ -1513,6 +1513,51 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
 
 
+# The page's chat replies from a stream the test feeds: pushChunk(chunk) sends one event, endStream() the last.
+HELD_STREAM = """() => {
+    const fetched = window.fetch;
+    const encoder = new TextEncoder();
+    window.fetch = (path, options) => {
+        if (path !== "/v1/chat/completions") return fetched(path, options);
+        const body = new ReadableStream({ start(controller) {
+            window.pushChunk = (chunk) => controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\\n\\n`));
+            window.endStream = () => { controller.enqueue(encoder.encode("data: [DONE]\\n\\n")); controller.close(); };
+        } });
+        return Promise.resolve(new Response(body, { headers: { "Content-Type": "text/event-stream" } }));
+    };
+}"""
+
+
+def test_the_status_line_follows_the_reply_being_generated(page) -> None:
+    # While a reply streamed, the status line still gave the previous reply's figures ("3 tokens · finish: length"),
+    # as if they were this one's. It says this reply is being generated, with its count so far, then its own figures.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "First")
+    stats = page.locator("#stats")
+    expect(stats).to_contain_text("3 tokens")
+    page.evaluate(HELD_STREAM)
+    page.fill("#prompt", "Second")
+    page.click("#send")
+    expect(stats).to_have_text("generating…")
+    for count, piece in enumerate(["Hel", "lo"], start=1):
+        page.evaluate("(chunk) => pushChunk(chunk)", {
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": count, "total_tokens": 9 + count}})
+        expect(stats).to_have_text(re.compile(rf"generating… {count} tokens? · first token [\d.]+ s"))
+    # The figures change at every frame: a screen reader hears "generating…" once, not each of them.
+    assert page.get_attribute("#stats .progress", "aria-hidden") == "true"
+    page.evaluate("(chunk) => pushChunk(chunk)", {
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+    page.evaluate("(chunk) => pushChunk(chunk)", {
+        "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+    page.evaluate("endStream()")
+    wait_for_reply(page)
+    expect(stats).to_have_text(re.compile(r"2 tokens · first token [\d.]+ s · finish: stop"))
+    expect(page.locator(".message.assistant .content").last).to_have_text("Hello")
+
+
 def test_the_edit_box_send_is_named_apart_from_the_main_send(page) -> None:
     # The edit box's Send was named "Send", as the message box's is: a screen reader's list of buttons read "Send,
     # Send", and a spoken "click Send" could not tell them apart. It names the message it sends (its number, as the

@@ -597,6 +597,20 @@ function showStatus(text, error = false) {
   $("stats").classList.toggle("error", error);
 }
 
+// The status line while a reply is generated (it showed the last reply's figures, as if this one's): "generating…",
+// then `figures` so far beside it. They change at every frame: the status line is a live region, so they are hidden
+// from screen readers, which hear "generating…" once, and the reply's own figures when it ends.
+function showProgress(figures = "") {
+  let shown = $("stats").querySelector(".progress");
+  if (!shown) {
+    showStatus("generating…");
+    shown = Object.assign(document.createElement("span"), { className: "progress" });
+    shown.setAttribute("aria-hidden", "true");
+    $("stats").append(shown);
+  }
+  shown.textContent = figures && ` ${figures}`;
+}
+
 function note(box, text, cls = "note") {
   const el = document.createElement("div");
   el.className = cls;
@@ -834,6 +848,7 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
+  showProgress();
   if (state.cleared[mode()]) { // a new conversation begins: what Clear took away is gone for good
     delete state.cleared[mode()];
     showUndo();
@@ -910,6 +925,13 @@ async function send(again = null) {
     const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     return rate + (firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "");
   };
+  // "N tokens · ..." received by now: the server's count by the last chunk received; without one (a server that
+  // sends none), the pieces received count the tokens, one a piece, but for text held back (part of a character, or
+  // of a possible stop string) that came with a later token's piece.
+  const received = () => {
+    const tokens = generated ?? pieces;
+    return `${generated === null ? "about " : ""}${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)}`;
+  };
   // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
   // starves the page as it grows (the Stop button with it, on a busy machine).
   let frame = null;
@@ -918,6 +940,7 @@ async function send(again = null) {
     const follow = atBottom();
     showText(box, reply, !follow);
     if (follow) scrollDown();
+    showProgress(received());
   };
   const request = () => streamCompletion(path, body, (piece) => {
     if (firstAt === null) firstAt = performance.now();
@@ -957,13 +980,7 @@ async function send(again = null) {
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
-      // The server's count by the last chunk received; without one (a server that sends none), the pieces
-      // received count the tokens, one a piece, but for text held back (part of a character, or of a possible
-      // stop string) that came with a later token's piece.
-      const tokens = generated ?? pieces;
-      status = pieces
-        ? `stopped · ${generated === null ? "about " : ""}${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)}`
-        : "stopped before the first token";
+      status = pieces ? `stopped · ${received()}` : "stopped before the first token";
       if (again && !reply) restore();
       else note(box, "stopped");
     } else {
