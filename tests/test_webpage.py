@@ -1640,6 +1640,59 @@ def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     expect(page.locator("#cleared")).to_be_hidden()
 
 
+def test_undo_after_clear_survives_a_reload(page) -> None:
+    # The conversation survives a reload (the tab's), but what Clear took away did not: a reload after a slip of the
+    # mouse lost the conversation for good, Undo gone. Each mode's Clear is kept as the conversation is, until the
+    # next send in that mode; brought back, it is the conversation the model sees again.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    chat = transcript(page)
+    page.click("#clear")
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    completion = transcript(page)
+    page.click("#clear")
+    reload(page)
+    expect(page.locator(".message")).to_have_count(0)
+    undo = page.get_by_role("button", name="Undo", exact=True)
+    undo.click()  # Completion's, the mode the page was left in
+    assert transcript(page) == completion
+    expect(undo).to_be_hidden()
+    page.click("label:has(#mode-chat)")
+    expect(page.locator("#empty-hint .chat-only")).to_be_visible()
+    undo.click()
+    assert sorted(transcript(page)) == sorted(chat + completion)
+    expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Third")
+    assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
+    # A send after Clear starts a new conversation: a reload brings no Undo back.
+    page.click("#clear")
+    send_and_wait(page, "Fresh")
+    reload(page)
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
+
+
+def test_what_clear_took_away_gives_way_to_the_draft_in_a_full_tab_storage(browser, url: str) -> None:
+    # The conversation comes first in the tab's storage, then the text being written, then what Clear took away (an
+    # Undo after a reload): a draft that does not fit beside the cleared copy is kept, and the copy is not.
+    page, errors = open_page(browser, url, "tiny-web",
+                             init_script="window.nanoqwenSavedChars = 700;" + SMALL_TAB_STORAGE)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "a" * 100)
+    page.click("#clear")
+    assert page.evaluate("sessionStorage.getItem('nanoqwen-cleared')")
+    draft = "x" * 1800  # fits the 2,000 characters beside the empty conversation alone
+    page.fill("#prompt", draft)
+    reload(page)
+    assert page.input_value("#prompt") == draft
+    expect(page.locator("#cleared")).to_be_hidden()
+    close_page(page, errors)
+
+
 def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:
     # Each control goes out under the API's name, and each one the user set is as left after a reload, and sent so
     # again: greedy text hid a lost top_p, seed or system prompt (the reply read the same), so the request is read.
