@@ -1522,6 +1522,68 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     expect(page.locator(".message.completion button.copy")).to_have_accessible_name("Copy completion 1")
 
 
+# The page's chat replies from a stream the test feeds: pushChunk(chunk) sends one event, endStream() the last.
+HELD_STREAM = """() => {
+    const fetched = window.fetch;
+    const encoder = new TextEncoder();
+    window.fetch = (path, options) => {
+        if (path !== "/v1/chat/completions") return fetched(path, options);
+        const body = new ReadableStream({ start(controller) {
+            window.pushChunk = (chunk) => controller.enqueue(encoder.encode(`data: ${JSON.stringify(chunk)}\\n\\n`));
+            window.endStream = () => { controller.enqueue(encoder.encode("data: [DONE]\\n\\n")); controller.close(); };
+        } });
+        return Promise.resolve(new Response(body, { headers: { "Content-Type": "text/event-stream" } }));
+    };
+}"""
+
+
+def test_the_status_line_follows_the_reply_being_generated(page) -> None:
+    # While a reply streamed, the status line still gave the previous reply's figures ("3 tokens · finish: length"),
+    # as if they were this one's. It says this reply is being generated, with its count so far, then its own figures.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "First")
+    stats = page.locator("#stats")
+    expect(stats).to_contain_text("3 tokens")
+    page.evaluate(HELD_STREAM)
+    page.fill("#prompt", "Second")
+    page.click("#send")
+    expect(stats).to_have_text("generating…")
+    for count, piece in enumerate(["Hel", "lo"], start=1):
+        page.evaluate("(chunk) => pushChunk(chunk)", {
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+            "usage": {"prompt_tokens": 9, "completion_tokens": count, "total_tokens": 9 + count}})
+        expect(stats).to_have_text(re.compile(rf"generating… {count} tokens? · first token [\d.]+ s"))
+    # The figures change at every frame: a screen reader hears "generating…" once, not each of them.
+    assert page.get_attribute("#stats .progress", "aria-hidden") == "true"
+    page.evaluate("(chunk) => pushChunk(chunk)", {
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+    page.evaluate("(chunk) => pushChunk(chunk)", {
+        "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}})
+    page.evaluate("endStream()")
+    wait_for_reply(page)
+    expect(stats).to_have_text(re.compile(r"2 tokens · first token [\d.]+ s · finish: stop"))
+    expect(page.locator(".message.assistant .content").last).to_have_text("Hello")
+
+
+def test_the_edit_box_send_is_named_apart_from_the_main_send(page) -> None:
+    # The edit box's Send was named "Send", as the message box's is: a screen reader's list of buttons read "Send,
+    # Send", and a spoken "click Send" could not tell them apart. It names the message it sends (its number, as the
+    # message's Edit button does), its visible word first.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    page.get_by_role("button", name="Edit message 2", exact=True).click()
+    expect(page.locator(".editor button[type=submit]")).to_have_accessible_name("Send edited message 2")
+    expect(page.get_by_role("button", name="Send", exact=True)).to_have_count(1)  # the message box's alone
+    page.locator(".editor textarea").fill("Second, edited")
+    page.get_by_role("button", name="Send edited message 2", exact=True).click()
+    wait_for_reply(page)
+    expect(page.locator(".message.user .content")).to_have_text(["First", "Second, edited"])
+
+
 @pytest.mark.parametrize(("mode", "said"), [("chat", "Nothing to send: type a message first"),
                                             ("completion", "Nothing to continue: type the start of a text first")])
 def test_an_empty_message_is_not_sent_and_says_why(page, mode: str, said: str) -> None:
@@ -1599,6 +1661,59 @@ def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     undo.click()
     assert sorted(transcript(page)) == sorted(chat + completion)
     expect(page.locator("#cleared")).to_be_hidden()
+
+
+def test_undo_after_clear_survives_a_reload(page) -> None:
+    # The conversation survives a reload (the tab's), but what Clear took away did not: a reload after a slip of the
+    # mouse lost the conversation for good, Undo gone. Each mode's Clear is kept as the conversation is, until the
+    # next send in that mode; brought back, it is the conversation the model sees again.
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "2")
+    send_and_wait(page, "First")
+    send_and_wait(page, "Second")
+    chat = transcript(page)
+    page.click("#clear")
+    page.click("label:has(#mode-completion)")
+    send_and_wait(page, "Once upon a time")
+    completion = transcript(page)
+    page.click("#clear")
+    reload(page)
+    expect(page.locator(".message")).to_have_count(0)
+    undo = page.get_by_role("button", name="Undo", exact=True)
+    undo.click()  # Completion's, the mode the page was left in
+    assert transcript(page) == completion
+    expect(undo).to_be_hidden()
+    page.click("label:has(#mode-chat)")
+    expect(page.locator("#empty-hint .chat-only")).to_be_visible()
+    undo.click()
+    assert sorted(transcript(page)) == sorted(chat + completion)
+    expect(page.locator(".message.assistant:last-child button.regenerate")).to_be_visible()
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "Third")
+    assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][::2] == ["First", "Second", "Third"]
+    # A send after Clear starts a new conversation: a reload brings no Undo back.
+    page.click("#clear")
+    send_and_wait(page, "Fresh")
+    reload(page)
+    expect(page.locator("#cleared")).to_be_hidden()
+    expect(page.locator(".message.user .content")).to_have_text(["Fresh"])
+
+
+def test_what_clear_took_away_gives_way_to_the_draft_in_a_full_tab_storage(browser, url: str) -> None:
+    # The conversation comes first in the tab's storage, then the text being written, then what Clear took away (an
+    # Undo after a reload): a draft that does not fit beside the cleared copy is kept, and the copy is not.
+    page, errors = open_page(browser, url, "tiny-web",
+                             init_script="window.nanoqwenSavedChars = 700;" + SMALL_TAB_STORAGE)
+    page.fill("#max-tokens", "3")
+    send_and_wait(page, "a" * 100)
+    page.click("#clear")
+    assert page.evaluate("sessionStorage.getItem('nanoqwen-cleared')")
+    draft = "x" * 1800  # fits the 2,000 characters beside the empty conversation alone
+    page.fill("#prompt", draft)
+    reload(page)
+    assert page.input_value("#prompt") == draft
+    expect(page.locator("#cleared")).to_be_hidden()
+    close_page(page, errors)
 
 
 def test_every_setting_reaches_the_request_and_survives_a_reload(page) -> None:

@@ -22,10 +22,14 @@ const SAVED_CHARS = window.nanoqwenSavedChars || 500_000;
 // The text being written, the tab's too: the message box's (one box, both modes') and an open edit's, with its
 // message's place in the saved conversation. Saved as typed, and gone once sent or cancelled.
 const DRAFT_STORAGE = "nanoqwen-draft";
-// When the tab's storage is full (a huge draft, say), the conversation comes first: a save of it refused drops the
-// draft and tries again (saveConversation), and a draft goes in the room left (one that does not fit is not kept).
-// A conversation that does not fit even so is not kept, rather than an older copy a reload would show as the current
-// one. (The settings are in localStorage, whose room is apart.)
+// What each mode's last Clear took away, the tab's too, as its conversation is: Undo brings it back after a reload,
+// until the next send in that mode (see clearAll). At most SAVED_CHARS of each mode's.
+const CLEARED_STORAGE = "nanoqwen-cleared";
+// When the tab's storage is full (a huge draft, say), the conversation comes first, then the draft, then what Clear
+// took away: a save refused drops the ones after it, one at a time, and tries again (see saveInTab); the draft and the
+// cleared copy go in the room left (one that does not fit is not kept). A conversation that does not fit even so is
+// not kept, rather than an older copy a reload would show as the current one. (The settings are in localStorage,
+// whose room is apart.)
 const PAGE_TITLE = document.title;
 // A touch screen's keyboard has no Shift+Enter: there Enter starts a new line, and the Send button sends.
 const touchScreen = matchMedia("(pointer: coarse)").matches;
@@ -432,7 +436,8 @@ function addMessage(kind, label, text = "", prompt = "", inThinking = false) {
 
 // Each message's button named apart for screen readers, by its message's number as shown: "Edit message 2", "Copy
 // reply 3", "Copy completion 1" (all alike, "Edit" and "Copy", a list of the page's buttons could not tell them apart).
-// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone.
+// Named again whenever messages come or go (see init): sent, restored, cleared, brought back, or a failed turn gone;
+// and when an edit opens, its Send named for its message ("Send edited message 2").
 const BUTTON_NAMES = { user: "Edit message", assistant: "Copy reply", completion: "Copy completion" };
 
 function nameMessageButtons() {
@@ -444,6 +449,10 @@ function nameMessageButtons() {
     button.dataset.name = `${BUTTON_NAMES[kind]} ${counts[kind]}`;
     // Not while Copy says what it did ("Copied"): that is its name meanwhile (see copyReply).
     if (button.dataset.name.startsWith(button.textContent)) button.setAttribute("aria-label", button.dataset.name);
+    // An open edit's Send names its message too: named "Send", it read as the message box's Send.
+    if (state.editing?.box === box) {
+      state.editing.sendButton.setAttribute("aria-label", `Send edited message ${counts[kind]}`);
+    }
   }
 }
 
@@ -592,6 +601,20 @@ function showStatus(text, error = false) {
   $("stats").classList.toggle("error", error);
 }
 
+// The status line while a reply is generated (it showed the last reply's figures, as if this one's): "generating…",
+// then `figures` so far beside it. They change at every frame: the status line is a live region, so they are hidden
+// from screen readers, which hear "generating…" once, and the reply's own figures when it ends.
+function showProgress(figures = "") {
+  let shown = $("stats").querySelector(".progress");
+  if (!shown) {
+    showStatus("generating…");
+    shown = Object.assign(document.createElement("span"), { className: "progress" });
+    shown.setAttribute("aria-hidden", "true");
+    $("stats").append(shown);
+  }
+  shown.textContent = figures && ` ${figures}`;
+}
+
 function note(box, text, cls = "note") {
   const el = document.createElement("div");
   el.className = cls;
@@ -615,10 +638,25 @@ function bringBack(messages) {
   }
 }
 
-// Saved when a turn ends (stopped too: see beforeunload) or a transcript is cleared, not for every token. A
-// conversation over SAVED_CHARS loses its oldest messages (a message with its reply) first.
-function saveConversation() {
-  const saved = [...$("transcript").querySelectorAll(".message")].map((box) => {
+// `value` under `key` in the tab's storage; where it is full, the keys of `givingWay` are dropped, one at a time, until
+// it fits (see DRAFT_STORAGE). One that does not fit even so is not kept, rather than an older one. Whether it is kept.
+function saveInTab(key, value, givingWay = []) {
+  const tab = storage("sessionStorage");
+  for (const dropped of [null, ...givingWay]) {
+    try {
+      if (dropped) tab?.removeItem(dropped);
+      tab?.setItem(key, value);
+      return true;
+    } catch (err) { /* full: the next one gives way */ }
+  }
+  tab?.removeItem(key);
+  return false;
+}
+
+// Messages on the page (in or out of the transcript), as saved: at most SAVED_CHARS of JSON, the oldest messages (a
+// message with its reply) left out first. Returns {saved, left}, left: how many were left out.
+function savedMessages(boxes) {
+  const saved = boxes.map((box) => {
     const { kind, label, text, prompt, notes, inThinking } = records.get(box);
     return { kind, label, text, prompt, notes, inThinking, dropped: box.classList.contains("dropped") };
   });
@@ -630,36 +668,62 @@ function saveConversation() {
       left += 1;
     }
   }
-  const tab = storage("sessionStorage");
-  const json = JSON.stringify(saved);
-  try {
-    try {
-      tab?.setItem(CONVERSATION_STORAGE, json);
-    } catch (err) { // full: the draft gives way (see DRAFT_STORAGE), and saveDraft below keeps it if it still fits
-      tab?.removeItem(DRAFT_STORAGE);
-      tab?.setItem(CONVERSATION_STORAGE, json);
-    }
-    state.savedFrom = left;
-  } catch (err) { // full even so: no conversation kept, rather than an older one
-    tab?.removeItem(CONVERSATION_STORAGE);
-    state.savedFrom = Infinity;
-  }
+  return { saved, left };
+}
+
+// Saved messages on the page again, at the transcript's end; those of the chat the model sees are pushed to `history`.
+function restoreMessages(saved, history) {
+  return saved.map(({ kind, label, text, prompt, dropped, notes, inThinking }) => {
+    const box = addMessage(kind, label, text, prompt, Boolean(inThinking));
+    for (const [noteText, cls] of notes) note(box, noteText, cls);
+    if (dropped) markDropped(box);
+    else if (kind !== "completion") history.push({ role: kind, content: text, box });
+    return box;
+  });
+}
+
+// Saved when a turn ends (stopped too: see beforeunload) or a transcript is cleared, not for every token.
+function saveConversation() {
+  const { saved, left } = savedMessages([...$("transcript").querySelectorAll(".message")]);
+  const kept = saveInTab(CONVERSATION_STORAGE, JSON.stringify(saved), [CLEARED_STORAGE, DRAFT_STORAGE]);
+  state.savedFrom = kept ? left : Infinity;
   saveDraft(); // an open edit's message may have moved in what is saved, or left it
 }
 
 function restoreConversation() {
   try {
-    const saved = JSON.parse(storage("sessionStorage")?.getItem(CONVERSATION_STORAGE) || "[]");
-    for (const { kind, label, text, prompt, dropped, notes, inThinking } of saved) {
-      const box = addMessage(kind, label, text, prompt, Boolean(inThinking));
-      for (const [noteText, cls] of notes) note(box, noteText, cls);
-      if (dropped) markDropped(box);
-      else if (kind !== "completion") state.history.push({ role: kind, content: text, box });
-    }
+    restoreMessages(JSON.parse(storage("sessionStorage")?.getItem(CONVERSATION_STORAGE) || "[]"), state.history);
   } catch (err) { // unreadable (edited by hand): start afresh
     for (const box of $("transcript").querySelectorAll(".message")) box.remove();
     state.history = [];
   }
+  showEmptyHint();
+}
+
+// Saved when a Clear, its Undo or the next send in its mode changes what Undo brings back.
+function saveCleared() {
+  const saved = {};
+  for (const [shown, { boxes }] of Object.entries(state.cleared)) saved[shown] = savedMessages(boxes).saved;
+  if (Object.keys(saved).length) saveInTab(CLEARED_STORAGE, JSON.stringify(saved));
+  else storage("sessionStorage")?.removeItem(CLEARED_STORAGE);
+}
+
+// After restoreConversation: what each mode's last Clear took away, out of the transcript, for its Undo.
+function restoreCleared() {
+  const shown = new Set($("transcript").querySelectorAll(".message")); // the conversation's
+  try {
+    const saved = JSON.parse(storage("sessionStorage")?.getItem(CLEARED_STORAGE) || "{}");
+    for (const cleared of ["chat", "completion"]) {
+      if (!saved?.[cleared]?.length) continue;
+      const history = [];
+      const boxes = restoreMessages(saved[cleared], history);
+      state.cleared[cleared] = { boxes, history: cleared === "chat" ? history : null };
+    }
+  } catch (err) { // unreadable (edited by hand): nothing to undo
+    state.cleared = {};
+  }
+  for (const box of $("transcript").querySelectorAll(".message")) if (!shown.has(box)) box.remove();
+  showUndo();
   showEmptyHint();
 }
 
@@ -671,12 +735,8 @@ function saveDraft() {
     const at = [...$("transcript").querySelectorAll(".message")].indexOf(state.editing.box) - state.savedFrom;
     if (at >= 0) draft.edit = { at, text: state.editing.form.querySelector("textarea").value };
   }
-  try {
-    if (Object.keys(draft).length) storage("sessionStorage")?.setItem(DRAFT_STORAGE, JSON.stringify(draft));
-    else storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
-  } catch (err) { // full: no draft kept, rather than an older one (the conversation comes first: DRAFT_STORAGE)
-    storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
-  }
+  if (Object.keys(draft).length) saveInTab(DRAFT_STORAGE, JSON.stringify(draft), [CLEARED_STORAGE]);
+  else storage("sessionStorage")?.removeItem(DRAFT_STORAGE);
 }
 
 // After restoreConversation: the message box's text, and an open edit, if its message is still there.
@@ -844,9 +904,11 @@ async function send(again = null) {
   }
   state.controller = new AbortController();
   setBusy(true);
+  showProgress();
   if (state.cleared[mode()]) { // a new conversation begins: what Clear took away is gone for good
     delete state.cleared[mode()];
     showUndo();
+    saveCleared();
   }
   // The message and what follows it leave the history, once nothing stops the send; the message stays where it
   // is (with the new text) and the turns after it are hidden, to come back if the send ends with no text.
@@ -920,6 +982,13 @@ async function send(again = null) {
     const rate = tokens >= 5 && ended > started ? ` · ${perSecond.toFixed(1)} tok/s` : "";
     return rate + (firstAt !== null ? ` · first token ${((firstAt - started) / 1000).toFixed(2)} s` : "");
   };
+  // "N tokens · ..." received by now: the server's count by the last chunk received; without one (a server that
+  // sends none), the pieces received count the tokens, one a piece, but for text held back (part of a character, or
+  // of a possible stop string) that came with a later token's piece.
+  const received = () => {
+    const tokens = generated ?? pieces;
+    return `${generated === null ? "about " : ""}${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)}`;
+  };
   // The reply is drawn once a frame, not once a piece: laying out a long reply anew for every token
   // starves the page as it grows (the Stop button with it, on a busy machine).
   let frame = null;
@@ -928,6 +997,7 @@ async function send(again = null) {
     const follow = atBottom();
     showText(box, reply, !follow);
     if (follow) scrollDown();
+    showProgress(received());
   };
   const request = () => streamCompletion(path, body, (piece) => {
     if (firstAt === null) firstAt = performance.now();
@@ -967,13 +1037,7 @@ async function send(again = null) {
     if (!$("status-dot").classList.contains("ok")) loadModel(); // the server is back: the header says so again
   } catch (err) {
     if (err.name === "AbortError") {
-      // The server's count by the last chunk received; without one (a server that sends none), the pieces
-      // received count the tokens, one a piece, but for text held back (part of a character, or of a possible
-      // stop string) that came with a later token's piece.
-      const tokens = generated ?? pieces;
-      status = pieces
-        ? `stopped · ${generated === null ? "about " : ""}${tokens} token${tokens === 1 ? "" : "s"}${timing(tokens)}`
-        : "stopped before the first token";
+      status = pieces ? `stopped · ${received()}` : "stopped before the first token";
       if (again && !reply) restore();
       else note(box, "stopped");
     } else {
@@ -1068,6 +1132,7 @@ function startEdit(box, draft = records.get(box).text, focus = true) {
   box.querySelector(".content").after(form);
   box.classList.add("editing");
   state.editing = { box, form, sendButton };
+  nameMessageButtons();
   form.addEventListener("submit", (e) => { e.preventDefault(); sendEdit(); });
   cancel.addEventListener("click", () => cancelEdit(true));
   text.addEventListener("input", typed);
@@ -1130,7 +1195,8 @@ function showRegenerate() {
 }
 
 // The transcript of the mode shown, here and as saved. It can come back (Undo, under the message box) until the next
-// send in that mode: one click lost a whole conversation. An empty transcript cleared again leaves Undo as it was.
+// send in that mode, a reload of the tab between (see CLEARED_STORAGE): one click lost a whole conversation. An empty
+// transcript cleared again leaves Undo as it was.
 function clearAll() {
   const shown = mode();
   const boxes = [...$("transcript").querySelectorAll(`.message.${shown}-only`)];
@@ -1158,6 +1224,7 @@ function showTranscriptChanged() { // after Clear or Undo
   showUndo();
   showRegenerate();
   saveConversation();
+  saveCleared(); // after the conversation, which comes first in a full storage (see DRAFT_STORAGE)
   showEmptyHint();
 }
 
@@ -1227,6 +1294,7 @@ function init() {
   setBusy(false);
   new MutationObserver(nameMessageButtons).observe($("transcript"), { childList: true });
   restoreConversation();
+  restoreCleared();
   restoreDraft();
   showRegenerate();
   scrollDown(); // a conversation restored opens at its end, the latest reply in view (it showed its top)
