@@ -670,6 +670,38 @@ def test_a_hf_folder_trained_on_from_inside_it_is_prepared_once(tmp_path: Path, 
         "with nanoqwen's own reader, which leaves them out")
 
 
+def test_a_hf_folder_that_ships_its_own_tokenizer_is_prepared_once(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # A dataset that ships its own tokenizer.json and config.json: its files, not a folder nanoqwen wrote. Its
+    # tokenizer.json made the whole dataset one (the outermost kept, then dropped as the dataset's own), so the data
+    # and run folders train wrote in it were missed: each run prepared it anew.
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoqwen.runs import prepared_folder
+
+    corpus = tmp_path / "shipped"
+    corpus.mkdir()
+    for name in ("notes-1", "notes-2"):  # a hub dataset's files
+        pq.write_table(pa.table({"text": [f"{name} note {k} on the old king" for k in range(15)]}),
+                       corpus / f"{name}.parquet")
+    (corpus / "tokenizer.json").write_text('{"version": "1.0"}')
+    (corpus / "config.json").write_text('{"model_type": "qwen3"}')
+    monkeypatch.chdir(corpus)
+    data = prepared_folder("hf:.", "bpe:300")
+    assert len(sum(read_back(data).values(), [])) == 30
+    run = corpus / "runs" / "run"  # as a run from here leaves it
+    (run / "last").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": str(data)}))
+    capsys.readouterr()
+    assert prepared_folder("hf:.", "bpe:300") == data
+    assert "is up to date" in capsys.readouterr().out
+    pq.write_table(pa.table({"text": ["one more note"]}), corpus / "notes-3.parquet")
+    with pytest.raises(NanoQwenError, match=re.escape(f"{corpus} holds folders nanoqwen wrote (data/{data.name} "
+                                                      "runs/run), which")):
+        prepared_folder("hf:.", "bpe:300")
+
+
 def test_a_split_of_a_saved_dataset_without_splits_is_refused_unless_it_is_that_split(tmp_path: Path) -> None:
     # save_to_disk of one Dataset (not a DatasetDict) has no splits: `--split test` read all of its rows as the test
     # split, in silence (a model then scored on the text it trained on), where any other source read whole refuses it.

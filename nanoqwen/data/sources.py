@@ -718,8 +718,10 @@ def own_folders(root: Path, files: list[Path] | None = None) -> list[Path]:
 
 def _written_inside(root: Path, files: list[Path] | None = None) -> list[Path]:
     """The folders nanoqwen wrote in hf:FOLDER's `root` (the data and run folders of `train --dataset hf:.` run
-    there), which `datasets` would read as the dataset's files. Not `root` itself: a dataset's own tokenizer.json."""
-    return [folder for folder in own_folders(root, files) if folder != root]
+    there), which `datasets` would read as the dataset's files. Not `root` itself, whose tokenizer.json or config.json
+    is the dataset's own (taken as one, it held every other: none was found)."""
+    files = all_files(root) if files is None else files
+    return own_folders(root, [p for p in files if p.parent != root])
 
 
 def inside(path: Path, folders: Collection[Path]) -> bool:
