@@ -840,6 +840,28 @@ def test_plain_text_carries_the_built_in_chat_template_of_the_release_that_train
     assert carried_files(chats, None)[0].hf_config()["chat_template"] == CHAT_TEMPLATE
 
 
+def test_conversations_of_a_tokenizer_folder_replaced_by_qwen3_or_bpe_are_other_inputs_not_a_former_template(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # The built-in template's check read any folder of conversations, whatever made it: one prepared with a tokenizer
+    # folder's own template (another fingerprint), replaced now with bpe:N, was said written by an older nanoqwen.
+    from nanoqwen.cli import main
+
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "made", progress=False)
+    (tmp_path / "tok").mkdir()
+    shutil.copy(tmp_path / "made" / "tokenizer.json", tmp_path / "tok")
+    config = json.loads((tmp_path / "made" / "tokenizer_config.json").read_text())
+    (tmp_path / "tok" / "tokenizer_config.json").write_text(
+        json.dumps({**config, "chat_template": config["chat_template"] + "{# its own #}"}))
+    out = prepare(str(tmp_path / "chats.jsonl"), str(tmp_path / "tok"), tmp_path / "out", progress=False)
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:300", "--out",
+                 str(out)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {out} holds data prepared from other inputs or options (runs trained on it resume "
+        "only from it); give --force to replace it, or another --out")
+
+
 def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
     # Every option that changes what is written is in the fingerprint: into one --out, each prepares the data anew,
     # not reusing a folder of a --max-bytes cut, another --val-fraction or another --text-column as up to date.

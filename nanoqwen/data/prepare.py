@@ -211,7 +211,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
 
     fingerprint = fingerprint_of(corpus.fingerprint)
     rule_2 = fingerprint_of(corpus.fingerprint, split_rule=2)
-    made_otherwise = None if force else _made_otherwise(out, tokenizer)
+    made_otherwise = None if force else _made_otherwise(out, tokenizer, (fingerprint, rule_2))
     if not force and not made_otherwise and (_holds(out, fingerprint) or _holds(out, rule_2) and
                                              _split_alike(out, val_fraction)):
         remove_orphans(real_path(out))  # what a killed --force rebuild left beside it
@@ -812,13 +812,15 @@ def writes_built_in_template(spec: str) -> bool:
     return spec == "qwen3" or spec.startswith("bpe:")
 
 
-def _made_otherwise(out: Path, tokenizer: str) -> str | None:
-    """Why the folder `out` holds other data than the same inputs give now (their fingerprint is the same): files an
-    older nanoqwen skipped and this one reads, as its meta.json lists them, or conversations written with another
-    built-in chat template than this nanoqwen's; None if neither (or no complete folder)."""
+def _made_otherwise(out: Path, tokenizer: str, fingerprints: tuple[str, ...]) -> str | None:
+    """Why the folder `out` holds other data than the same inputs give now (it records one of their `fingerprints`):
+    files an older nanoqwen skipped and this one reads, as its meta.json lists them, or conversations written with
+    another built-in chat template than this nanoqwen's; None if neither (or no complete folder, or other inputs)."""
     try:
         meta = load_meta(out)
     except NanoQwenError:
+        return None
+    if meta.get("fingerprint") not in fingerprints:  # other inputs (another tokenizer's template): said as such
         return None
     # The chat template a folder's conversations were written with is the one its tokenizer_config.json records.
     if meta.get("conversations") and writes_built_in_template(tokenizer) and \
