@@ -636,6 +636,25 @@ def test_another_split_of_a_dataset_prepared_into_one_out_is_made_anew(tmp_path:
         assert "".join(sum(read_back(out).values(), [])) == held
 
 
+def prepared_again_from_inside(corpus: Path, monkeypatch: pytest.MonkeyPatch,
+                               capsys: pytest.CaptureFixture[str]) -> Path:
+    """The data folder `train --dataset hf:.` prepares from inside `corpus` (30 documents), which the next run, its
+    first run's folder beside it, finds up to date."""
+    from nanoqwen.runs import prepared_folder
+
+    monkeypatch.chdir(corpus)
+    data = prepared_folder("hf:.", "bpe:300")
+    assert len(sum(read_back(data).values(), [])) == 30
+    run = corpus / "runs" / "run"  # as a run from here leaves it
+    (run / "last").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": str(data)}))
+    (run / "last" / "train_state.json").write_text("{}")
+    capsys.readouterr()
+    assert prepared_folder("hf:.", "bpe:300") == data
+    assert "is up to date" in capsys.readouterr().out
+    return data
+
+
 def test_a_hf_folder_trained_on_from_inside_it_is_prepared_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     # `cd notes && nanoqwen train --dataset hf:.`: `datasets` could not name "." ("dataset_name should be
@@ -647,16 +666,7 @@ def test_a_hf_folder_trained_on_from_inside_it_is_prepared_once(tmp_path: Path, 
     corpus.mkdir()
     (corpus / "notes.jsonl").write_text("".join(json.dumps({"text": f"note {k} on the old king"}) + "\n"
                                                 for k in range(30)))
-    monkeypatch.chdir(corpus)
-    data = prepared_folder("hf:.", "bpe:300")
-    assert len(sum(read_back(data).values(), [])) == 30
-    run = corpus / "runs" / "run"  # as a run from here leaves it
-    (run / "last").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": str(data)}))
-    (run / "last" / "train_state.json").write_text("{}")
-    capsys.readouterr()
-    assert prepared_folder("hf:.", "bpe:300") == data
-    assert "is up to date" in capsys.readouterr().out
+    data = prepared_again_from_inside(corpus, monkeypatch, capsys)
     # Its text changed, the folder must be read again: `datasets` would read nanoqwen's folders as the dataset's
     # files (train.bin and train_state.json as its train split), which one line says, and what to do.
     with (corpus / "notes.jsonl").open("a") as f:
@@ -687,15 +697,7 @@ def test_a_hf_folder_that_ships_its_own_tokenizer_is_prepared_once(
                        corpus / f"{name}.parquet")
     (corpus / "tokenizer.json").write_text('{"version": "1.0"}')
     (corpus / "config.json").write_text('{"model_type": "qwen3"}')
-    monkeypatch.chdir(corpus)
-    data = prepared_folder("hf:.", "bpe:300")
-    assert len(sum(read_back(data).values(), [])) == 30
-    run = corpus / "runs" / "run"  # as a run from here leaves it
-    (run / "last").mkdir(parents=True)
-    (run / "config.json").write_text(json.dumps({"train": {}, "preset": "tiny", "data": str(data)}))
-    capsys.readouterr()
-    assert prepared_folder("hf:.", "bpe:300") == data
-    assert "is up to date" in capsys.readouterr().out
+    data = prepared_again_from_inside(corpus, monkeypatch, capsys)
     pq.write_table(pa.table({"text": ["one more note"]}), corpus / "notes-3.parquet")
     with pytest.raises(NanoQwenError, match=re.escape(f"{corpus} holds folders nanoqwen wrote (data/{data.name} "
                                                       "runs/run), which")):
@@ -777,6 +779,11 @@ def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFi
     assert json.loads((again / "tokenizer_config.json").read_text())["chat_template"] == "{{ 2 }}"
 
 
+def write_chat_lines(path: Path) -> None:
+    """Two chat records, as JSON lines of OpenAI's messages."""
+    path.write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+
+
 def release_with_chat_template(monkeypatch: pytest.MonkeyPatch, template: str) -> None:
     """As a nanoqwen release whose built-in ChatML template (CHAT_TEMPLATE) is `template`, wherever it is bound."""
     import nanoqwen.tokenizer as tokenizer_module
@@ -793,7 +800,7 @@ def test_conversations_written_with_a_former_built_in_chat_template_are_prepared
     from nanoqwen.cli import main
     from nanoqwen.tokenizer import CHAT_TEMPLATE
 
-    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    write_chat_lines(tmp_path / "chats.jsonl")
     (tmp_path / "a.txt").write_text("alpha document\n" * 20)
     chats, texts = tmp_path / "chats", tmp_path / "texts"
     for source, out in ((tmp_path / "chats.jsonl", chats), (tmp_path / "a.txt", texts)):
@@ -829,7 +836,7 @@ def test_plain_text_carries_the_built_in_chat_template_of_the_release_that_train
     from nanoqwen.runs import carried_files
     from nanoqwen.tokenizer import CHAT_TEMPLATE
 
-    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    write_chat_lines(tmp_path / "chats.jsonl")
     (tmp_path / "a.txt").write_text("alpha document\n" * 20)
     chats = prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "chats", progress=False)
     texts = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "texts", progress=False)
@@ -841,12 +848,10 @@ def test_plain_text_carries_the_built_in_chat_template_of_the_release_that_train
 
 
 def test_conversations_of_a_tokenizer_folder_replaced_by_qwen3_or_bpe_are_other_inputs_not_a_former_template(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        tmp_path: Path) -> None:
     # The built-in template's check read any folder of conversations, whatever made it: one prepared with a tokenizer
     # folder's own template (another fingerprint), replaced now with bpe:N, was said written by an older nanoqwen.
-    from nanoqwen.cli import main
-
-    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": m}) + "\n" for m in [CHATS[0], PARQUET_CHAT]))
+    write_chat_lines(tmp_path / "chats.jsonl")
     prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "made", progress=False)
     (tmp_path / "tok").mkdir()
     shutil.copy(tmp_path / "made" / "tokenizer.json", tmp_path / "tok")
@@ -854,12 +859,10 @@ def test_conversations_of_a_tokenizer_folder_replaced_by_qwen3_or_bpe_are_other_
     (tmp_path / "tok" / "tokenizer_config.json").write_text(
         json.dumps({**config, "chat_template": config["chat_template"] + "{# its own #}"}))
     out = prepare(str(tmp_path / "chats.jsonl"), str(tmp_path / "tok"), tmp_path / "out", progress=False)
-    capsys.readouterr()
-    assert main(["prepare", "--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:300", "--out",
-                 str(out)]) == 2
-    assert capsys.readouterr().err.strip() == (
-        f"nanoqwen prepare: error: {out} holds data prepared from other inputs or options (runs trained on it resume "
-        "only from it); give --force to replace it, or another --out")
+    with pytest.raises(NanoQwenError) as refused:  # as the prepare command refuses it
+        prepare(str(tmp_path / "chats.jsonl"), "bpe:300", out, progress=False, replace_other=False)
+    assert str(refused.value) == (f"{out} holds data prepared from other inputs or options (runs trained on it resume "
+                                  "only from it); give --force to replace it, or another --out")
 
 
 def test_each_option_prepared_into_one_out_is_made_anew(tmp_path: Path) -> None:
