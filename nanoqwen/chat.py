@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
             print("(the context filled while the model was thinking, before its answer; /reset clears the history "
                   "to leave it more room)")
         elif cut == "max tokens" and conversation.cut_while_thinking(text):
-            instead = ", or with --no-thinking" if tokenizer.thinking_switch else ""
+            instead = ", or with --no-thinking" if tokenizer.thinking_switch and args.thinking is not False else ""
             print(f"(--max-new-tokens {params.max_new_tokens} ran out while the model was thinking, before its "
                   f"answer: start the chat again with more{instead})")
         conversation.add_reply(text)

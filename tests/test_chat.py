@@ -508,6 +508,15 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(checkpoint: Path, 
                  "--device", "cpu"]) == 0
     assert ("\n(--max-new-tokens 2 ran out while the model was thinking, before its answer: start the chat again "
             "with more, or with --no-thinking)\n") in capsys.readouterr().out
+    # Thinking off already, the model thought all the same (one that opens <think> itself): the line asked for the
+    # --no-thinking given. (The reply is set: the tiny model writes no <think> of its own.)
+    import nanoqwen.chat as chat_module
+
+    monkeypatch.setattr(chat_module, "reply", lambda *args: ("<think>\nStill", "max tokens"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(thinker), "--max-new-tokens", "2", "--no-thinking", "--device", "cpu"]) == 0
+    assert ("(--max-new-tokens 2 ran out while the model was thinking, before its answer: start the chat again "
+            "with more)\n") in capsys.readouterr().out
 
 
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:
