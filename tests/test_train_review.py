@@ -8,7 +8,7 @@ from tests.test_train import FittedRun
 
 
 def test_a_fit_that_shrinks_below_the_warmup_after_the_first_still_decays_to_min_lr() -> None:
-    # The first fit left warmup 50 of 206 steps; the machine then got 10x slower at step 20 and 45 steps fit. The
+    # The first fit left warmup 50 of 211 steps; the machine then got 10x slower at step 20 and 44 steps fit. The
     # warmup was cut only at the first fit, so the run ended still warming up, at 90% of the peak rate.
     run = FittedRun(step=6, warmup=50)
     run.fit(step_s=1.0, remaining_s=216.0)
