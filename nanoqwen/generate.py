@@ -401,8 +401,9 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
 
     Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
     A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at its own
-    token budget (what fits after its prompt, whatever the other rows' lengths). `fixed_shapes`
-    decodes through DecodeStep, captured as a CUDA graph on CUDA; None (the default) means
+    token budget (what fits after its prompt), and samples with a generator of its own, seeded alike: a row draws
+    the random numbers its prompt draws alone, whatever the other rows (as the server seeds a request's prompts).
+    `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None (the default) means
     `graphs_by_default(model)`.
     """
     params.validate()
@@ -412,7 +413,8 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     steps = max(budgets)
     if steps == 0:
         return
-    generator = None if params.greedy else sampling_generator(device, params.seed)
+    # One generator per row, seeded alike: a row's draws do not depend on how many rows are drawn beside it
+    generators = None if params.greedy else [sampling_generator(device, params.seed) for _ in prompts]
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
     real = torch.zeros(B, longest, dtype=torch.long)
@@ -433,7 +435,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             fixed_shapes = graphs_by_default(model)
         decode_step = DecodeStep(model, cache) if fixed_shapes else None
         for step in range(steps):
-            token = next_tokens(logits[:, -1].float(), params, generator, penalties, generated=step)
+            token = picked_tokens(logits[:, -1].float(), params, generators, penalties, step)
             tokens = token.tolist()
             yield [None if d else t for t, d in zip(tokens, done)]
             done = [d or t in stop_ids or step + 1 == budget for t, d, budget in zip(tokens, done, budgets)]
@@ -444,6 +446,17 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
             logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
     finally:
         model.train(was_training)
+
+
+def picked_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None,
+                  penalties: Penalties | None, generated: int) -> torch.Tensor:
+    """`next_tokens` of a batch (B, V) whose rows sample each with its own generator (None: greedy, no draws)."""
+    if generators is None or len(generators) == 1:
+        return next_tokens(logits, params, None if generators is None else generators[0], penalties, generated)
+    if penalties is not None:  # the whole batch at once, as next_tokens would apply them first
+        logits = penalties.apply(logits)
+    return torch.cat([next_tokens(logits[row:row + 1], params, generator, generated=generated)
+                      for row, generator in enumerate(generators)])
 
 
 def nth_seed(seed: int | None, k: int) -> int | None:

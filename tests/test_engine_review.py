@@ -34,3 +34,13 @@ def test_a_short_prompt_beside_one_near_the_context_end_gets_its_own_budget(mode
     alone = [rows(model, [prompt], params)[0] for prompt in (short, long)]
     assert [len(tokens) for tokens in alone] == [10, 5]
     assert rows(model, [short, long], params) == alone
+
+
+def test_a_seeded_row_samples_what_its_prompt_samples_alone(model: Qwen3) -> None:
+    # The rows shared one generator, so a seeded prompt's sample changed with the rows beside it (its first token
+    # alone agreed); the server already seeds each request's prompts so (Engine.submit).
+    params = SamplingParams(max_new_tokens=8, temperature=1.0, seed=5, repetition_penalty=1.2, presence_penalty=0.5)
+    prompts = [[5, 6], [7, 8, 9, 10, 11]]
+    alone = [rows(model, [prompt], params)[0] for prompt in prompts]
+    assert rows(model, prompts, params) == alone
+    assert rows(model, prompts[::-1], params) == alone[::-1]
