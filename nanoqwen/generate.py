@@ -400,17 +400,21 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
     """Yield, step by step, the new token of every row (None for rows that have finished).
 
     Prompts are left-padded into one batch and decoded together over one preallocated KV cache.
-    A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at the
-    token budget. `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None (the
-    default) means `graphs_by_default(model)`.
+    A row finishes at a stop token (which is yielded, so callers can tell why it stopped) or at its own
+    token budget (what fits after its prompt), and samples with a generator of its own, seeded alike: a row draws
+    the random numbers its prompt draws alone, whatever the other rows (as the server seeds a request's prompts).
+    `fixed_shapes` decodes through DecodeStep, captured as a CUDA graph on CUDA; None (the default) means
+    `graphs_by_default(model)`.
     """
     params.validate()
     device = model.model.embed_tokens.weight.device
     longest = max(len(p) for p in prompts)
-    budget = min(check_fits(model, len(p), params.max_new_tokens) for p in prompts)
-    if budget == 0:
+    budgets = [check_fits(model, len(p), params.max_new_tokens) for p in prompts]
+    steps = max(budgets)
+    if steps == 0:
         return
-    generator = None if params.greedy else sampling_generator(device, params.seed)
+    # One generator per row, seeded alike: a row's draws do not depend on how many rows are drawn beside it
+    generators = None if params.greedy else [sampling_generator(device, params.seed) for _ in prompts]
     B = len(prompts)
     ids = torch.zeros(B, longest, dtype=torch.long)
     real = torch.zeros(B, longest, dtype=torch.long)
@@ -419,7 +423,7 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         real[row, longest - len(prompt):] = 1
     ids, real = ids.to(device), real.to(device)
     penalties = Penalties.start(params, ids, model.config.vocab_size, real)
-    cache = model.new_cache(B, longest + budget)
+    cache = model.new_cache(B, longest + steps)
     # Dropout is for training alone: training samples from a model in train mode, which is given back as it was.
     was_training = model.training
     model.eval()
@@ -430,18 +434,29 @@ def generate_ids(model: Qwen3, prompts: list[list[int]], params: SamplingParams,
         if fixed_shapes is None:
             fixed_shapes = graphs_by_default(model)
         decode_step = DecodeStep(model, cache) if fixed_shapes else None
-        for step in range(budget):
-            token = next_tokens(logits[:, -1].float(), params, generator, penalties, generated=step)
+        for step in range(steps):
+            token = picked_tokens(logits[:, -1].float(), params, generators, penalties, step)
             tokens = token.tolist()
             yield [None if d else t for t, d in zip(tokens, done)]
-            done = [d or t in stop_ids for t, d in zip(tokens, done)]
-            if all(done) or step == budget - 1:
+            done = [d or t in stop_ids or step + 1 == budget for t, d, budget in zip(tokens, done, budgets)]
+            if all(done):
                 return
             if penalties is not None:
                 penalties.record(token)
             logits = model(token[:, None], cache=cache) if decode_step is None else decode_step(token)
     finally:
         model.train(was_training)
+
+
+def picked_tokens(logits: torch.Tensor, params: SamplingParams, generators: list[torch.Generator] | None,
+                  penalties: Penalties | None, generated: int) -> torch.Tensor:
+    """`next_tokens` of a batch (B, V) whose rows sample each with its own generator (None: greedy, no draws)."""
+    if generators is None or len(generators) == 1:
+        return next_tokens(logits, params, None if generators is None else generators[0], penalties, generated)
+    if penalties is not None:  # the whole batch at once, as next_tokens would apply them first
+        logits = penalties.apply(logits)
+    return torch.cat([next_tokens(logits[row:row + 1], params, generator, generated=generated)
+                      for row, generator in enumerate(generators)])
 
 
 def nth_seed(seed: int | None, k: int) -> int | None:

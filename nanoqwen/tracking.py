@@ -25,6 +25,7 @@ from nanoqwen.config import ModelConfig
 from nanoqwen.distributed import on_rank0
 from nanoqwen.errors import NanoQwenError, first_line
 from nanoqwen.generate import printable
+from nanoqwen.io import is_json_number
 
 FOLDER = "tensorboard"
 # Dense bf16 peak FLOP/s per GPU, for MFU, by device-name substring (torch.cuda.get_device_name()); the first
@@ -98,6 +99,12 @@ class Tracker:
         """One metrics.jsonl record (its `step` and numbers)."""
         raise NotImplementedError
 
+    @staticmethod
+    def charted(record: dict[str, Any]) -> dict[str, Any]:
+        """The numbers of a record, what a tracker charts: a step that trained nothing (--loss-on assistant) has
+        a train_loss of null, no point (neither 0, a perfect step, nor a failed log call), and a no_targets flag."""
+        return {key: value for key, value in record.items() if is_json_number(value)}
+
     def sample(self, step: int, text: str) -> None:
         raise NotImplementedError
 
@@ -140,7 +147,7 @@ class TensorBoardLog(Tracker):
                                              purge_step=last_saved_step + 1)
 
     def record(self, record: dict[str, Any]) -> None:
-        for key, value in record.items():
+        for key, value in self.charted(record).items():
             if key != "step":
                 self.writer.add_scalar(scalar_tag(key), value, record["step"])
 
@@ -216,7 +223,7 @@ class WandbLog(Tracker):
             else self.run.url
 
     def record(self, record: dict[str, Any]) -> None:
-        self.run.log(record)
+        self.run.log(self.charted(record))
 
     def sample(self, step: int, text: str) -> None:
         self.run.log({"step": step, "sample": self.wandb.Html(f"<pre>{html.escape(text)}</pre>")})

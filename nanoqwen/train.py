@@ -598,17 +598,18 @@ def append_line(path: Path, text: str) -> None:
 
 
 # -- the loop -------------------------------------------------------------------------------------
-def train_step(run: Run) -> tuple[float, float]:
-    """One optimizer step over the global batch; returns (mean train loss, learning rate)."""
+def train_step(run: Run) -> tuple[float | None, float]:
+    """One optimizer step over the global batch; returns (mean train loss, learning rate), the loss None where
+    the batch held no target (--loss-on assistant) and nothing was trained."""
     cfg, state = run.cfg, run.state
     lr = lr_at(state.step, max_lr=cfg.lr, min_lr=cfg.lr / 10 if cfg.min_lr is None else cfg.min_lr,
                warmup=run.warmup, total=run.total_steps, schedule=cfg.schedule)
     set_lr(run.optimizer, lr)
     # Assistant-only targets differ in number between micro-batches: each one's mean is weighted by its share of
     # the step's targets (over every process: DDP averages), so the step's loss is the mean over all of them. A
-    # batch with none has nothing to teach: no step (momentum and decay would still move the weights), loss 0.
+    # batch with none has nothing to teach: no step (momentum and decay would still move the weights), no loss.
     in_step = run.loader.targets_in_step(state.step) if run.loader.assistant else None
-    loss = 0.0
+    loss: float | None = None
     if in_step != 0:
         loss = optimizer_step(run, run.loader.micro_batches(state.step), in_step)
     else:
@@ -709,7 +710,7 @@ def train(run: Run) -> dict[str, Any]:
             else:
                 recent_steps_s.append(now - tick)
             tick, tok_s = now, tokens_per_step / (now - t0)
-            if not math.isfinite(train_loss):
+            if train_loss is not None and not math.isfinite(train_loss):
                 raise NanoQwenError(f"the train loss became {train_loss} at step {state.step}; "
                                     "lower --lr or raise --warmup")
             if cfg.fit_to_time and cfg.max_minutes and state.step >= first_step + 5:
@@ -718,10 +719,7 @@ def train(run: Run) -> dict[str, Any]:
                 # the median: one step that evaluated or saved is no slowdown of the machine
                 fit_schedule(run, step_s, statistics.median(recent_steps_s),
                              cfg.max_minutes * 60 - (now - start), display)
-            record = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens": state.tokens,
-                      "tokens_per_s": round(tok_s, 1), "elapsed_s": round(state.elapsed_s, 3)}
-            if peak:
-                record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
+            record = step_record(run, train_loss, lr, tok_s, flops, peak)
             time_up = cfg.max_minutes is not None and now - start >= cfg.max_minutes * 60
             stopped = agreed_stop(run, time_up, stop.name)
             if state.step >= run.total_steps:
@@ -748,14 +746,34 @@ def train(run: Run) -> dict[str, Any]:
             eta = (run.total_steps - state.step) * mean_step_s(state)
             if cfg.max_minutes:
                 eta = max(0.0, min(eta, cfg.max_minutes * 60 - (now - start)))  # the cap may pass mid-step
-            display.update(state.step, f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
-                           + (f" | MFU {record['mfu']:.1%}" if peak else "") + f" | ETA {duration(eta)}")
+            if train_loss is None:
+                done = "no assistant token in the batch: nothing trained"
+            else:
+                done = f"loss {train_loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s" + \
+                    (f" | MFU {record['mfu']:.1%}" if peak else "")
+            display.update(state.step, f"{done} | ETA {duration(eta)}")
             if final:
                 break
     display.close()
     if summary["stopped"] == "max_steps" and (state.fitted_steps or cfg.max_steps) < cfg.max_steps:
         summary["stopped"] = "max_minutes"  # the schedule was fitted to the time, and ended with it
     return summary
+
+
+def step_record(run: Run, train_loss: float | None, lr: float, tok_s: float, flops: float,
+                peak: float | None) -> dict[str, Any]:
+    """The step's line of metrics.jsonl. A step whose batch held no target (--loss-on assistant) trained nothing:
+    its train_loss is null and `no_targets` says why, with no speed (a 0.0 read as a perfect step and pulled the
+    plotted curve to 0; the tok/s of a step with no forward pass, as a huge speed). Readers skip its train_loss:
+    `nanoqwen plot`, the trackers (they chart numbers only) and the progress line."""
+    state, elapsed_s = run.state, round(run.state.elapsed_s, 3)
+    record: dict[str, Any] = {"step": state.step, "train_loss": train_loss, "lr": lr, "tokens": state.tokens}
+    if train_loss is None:
+        return {**record, "no_targets": True, "elapsed_s": elapsed_s}
+    record.update(tokens_per_s=round(tok_s, 1), elapsed_s=elapsed_s)
+    if peak:
+        record["mfu"] = round(tok_s / run.info.world_size * flops / peak, 4)
+    return record
 
 
 def agreed_stop(run: Run, time_up: bool, signal_name: str | None) -> str | None:

@@ -361,8 +361,8 @@ def test_a_link_to_a_run_checkpoint_is_known_plain_text(tmp_path: Path) -> None:
     assert trained_on_plain_text(tmp_path / "weights")
 
 
-def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path, tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Path, preset: Path,
+                                                                   tmp_path: Path) -> None:
     fast = [*FAST]
     fast[fast.index("--seq-len") + 1] = "64"
     curves = []
@@ -390,25 +390,42 @@ def test_loss_on_assistant_turns_trains_and_follows_the_same_curve(chat_data: Pa
     scored = val[1:][assistant_targets(val, 1, len(val) - 1, chat_marks(chat_data))].tolist()
     text_bytes = sum(len(tok.token_bytes(t)) for t in scored if t < tok.token_id("<|endoftext|>"))
     assert evals[-1]["val_bpb"] == pytest.approx(evals[-1]["val_loss"] * len(scored) / math.log(2) / text_bytes)
-    # A batch with no assistant token trains nothing (no step: the weights stay), and the report says how often.
-    sparse = tmp_path / "sparse"
-    (sparse / "corpus").mkdir(parents=True)
-    (sparse / "corpus" / "a-notes.txt").write_text("plain notes, not a chat, " * 2000)  # read first: train
-    (sparse / "corpus" / "chats.jsonl").write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
-    from nanoqwen.data.prepare import prepare
-
-    prepare(str(sparse / "corpus"), "bpe:300", sparse / "data", val_fraction=0.5, progress=False)
-    fast[fast.index("--batch-size") + 1] = "1"
-    assert train_in_process("--config", str(preset), "--data", str(sparse / "data"), "--out", str(sparse / "run"),
-                            *fast, "--max-steps", "4", "--loss-on", "assistant", "--eval-windows", "400",
-                            "--micro-batch", "1") == 0
-    assert set(train_losses(sparse / "run").values()) == {0.0}
-    assert "4 steps drew no assistant token in the whole batch" in capsys.readouterr().out
     # Data without conversations has nothing to take the loss on: one line.
     with pytest.raises(NanoQwenError, match="--loss-on assistant needs conversations"):
         from nanoqwen.train import chat_marks
 
         chat_marks(make_data(tmp_path / "plain"))
+
+
+def test_a_step_without_assistant_tokens_logs_no_train_loss(preset: Path, tmp_path: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """A batch with no assistant token trains nothing (no step: the weights stay), and the report says how often.
+    Its record says so: `train_loss` null and `no_targets` true, with no speed (no forward pass ran). It logged a
+    loss of 0.0, which read as a perfect step and pulled loss.png's train curve down to 0 on sparse chat data;
+    the progress line, TensorBoard, W&B and `nanoqwen plot` leave such a step out of the train loss."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a-notes.txt").write_text("plain notes, not a chat, " * 2000)  # read first: train
+    (tmp_path / "corpus" / "chats.jsonl").write_text(json.dumps({"messages": CONVERSATIONS[0]}) + "\n")
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.plot import loss_curves
+
+    prepare(str(tmp_path / "corpus"), "bpe:300", tmp_path / "data", val_fraction=0.5, progress=False)
+    fast = [*FAST]
+    fast[fast.index("--seq-len") + 1], fast[fast.index("--batch-size") + 1] = "64", "1"
+    out = tmp_path / "run"
+    assert train_in_process("--config", str(preset), "--data", str(tmp_path / "data"), "--out", str(out), *fast,
+                            "--max-steps", "4", "--loss-on", "assistant", "--eval-windows", "400",
+                            "--micro-batch", "1", "--log-interval", "1", "--tensorboard") == 0
+    records = read_metrics(out)
+    assert [(r["step"], r["train_loss"], r["no_targets"]) for r in records] == [(s, None, True) for s in (1, 2, 3, 4)]
+    assert not any("tokens_per_s" in r or "mfu" in r for r in records) and records[-1]["tokens"] == 4 * 64
+    printed = capsys.readouterr().out
+    assert "step 2/4 | no assistant token in the batch: nothing trained | ETA" in printed
+    assert "loss 0.0000" not in printed and "4 steps drew no assistant token in the whole batch" in printed
+    train_curve, val_curve = loss_curves(read_metrics_lenient(out))
+    assert train_curve == [] and [step for step, _ in val_curve] == [4]  # loss.png: the final evaluation alone
+    scalars = set(tensorboard_events(out).Tags()["scalars"])
+    assert "train/loss" not in scalars and {"train/lr", "val/loss"} <= scalars
 
 
 def test_loss_on_assistant_samples_answer_a_validation_question(chat_data: Path, preset: Path,
