@@ -684,7 +684,8 @@ def test_a_hf_folder_that_ships_its_own_tokenizer_is_prepared_once(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # A dataset that ships its own tokenizer.json and config.json: its files, not a folder nanoqwen wrote. Its
     # tokenizer.json made the whole dataset one (the outermost kept, then dropped as the dataset's own), so the data
-    # and run folders train wrote in it were missed: each run prepared it anew.
+    # and run folders train wrote in it were missed: each run prepared it anew. One in a folder of the dataset's
+    # (tokenizer/) was taken for nanoqwen's: the dataset was refused before anything was written in it.
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -695,7 +696,9 @@ def test_a_hf_folder_that_ships_its_own_tokenizer_is_prepared_once(
     for name in ("notes-1", "notes-2"):  # a hub dataset's files
         pq.write_table(pa.table({"text": [f"{name} note {k} on the old king" for k in range(15)]}),
                        corpus / f"{name}.parquet")
-    (corpus / "tokenizer.json").write_text('{"version": "1.0"}')
+    (corpus / "tokenizer").mkdir()
+    for shipped in (corpus / "tokenizer.json", corpus / "tokenizer" / "tokenizer.json"):
+        shipped.write_text('{"version": "1.0"}')
     (corpus / "config.json").write_text('{"model_type": "qwen3"}')
     data = prepared_again_from_inside(corpus, monkeypatch, capsys)
     pq.write_table(pa.table({"text": ["one more note"]}), corpus / "notes-3.parquet")

@@ -718,10 +718,11 @@ def own_folders(root: Path, files: list[Path] | None = None) -> list[Path]:
 
 def _written_inside(root: Path, files: list[Path] | None = None) -> list[Path]:
     """The folders nanoqwen wrote in hf:FOLDER's `root` (the data and run folders of `train --dataset hf:.` run
-    there), which `datasets` would read as the dataset's files. Not `root` itself, whose tokenizer.json or config.json
-    is the dataset's own (taken as one, it held every other: none was found)."""
+    there), which `datasets` would read as the dataset's files. Not a tokenizer.json's folder: a dataset may ship its
+    own, at its top (taken as nanoqwen's, it held every other: none was found) or in a folder of it (the checkpoints
+    nanoqwen writes are in their run folder); nor `root`, whose config.json is the dataset's too."""
     files = all_files(root) if files is None else files
-    return own_folders(root, [p for p in files if p.parent != root])
+    return own_folders(root, [p for p in files if p.parent != root and p.name != "tokenizer.json"])
 
 
 def inside(path: Path, folders: Collection[Path]) -> bool:
