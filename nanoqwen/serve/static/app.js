@@ -5,9 +5,9 @@
 
 const $ = (id) => document.getElementById(id);
 // What survives a reload: everything the user typed or chose, as they left it. The settings (sampling, system
-// prompt, mode, API key) are the browser's, in localStorage; the conversation and the text being written are the
-// tab's, in sessionStorage (see CONVERSATION_STORAGE). What the page reads from the server or says (the model, the
-// status line) is read and said anew.
+// prompt, mode, API key) are the browser's, in localStorage; the conversation, the text being written and what Clear
+// took away (for Undo) are the tab's, in sessionStorage (see CONVERSATION_STORAGE). What the page reads from the
+// server or says (the model, the status line) is read and said anew.
 const KEY_STORAGE = "nanoqwen-api-key";
 const SETTINGS_STORAGE = "nanoqwen-settings"; // + ":" + the model's id: each model keeps its own
 // The settings kept across reloads (in this browser, for this server's address and model): those the user changed.
