@@ -517,6 +517,12 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(checkpoint: Path, 
     assert main(["chat", "--model", str(thinker), "--max-new-tokens", "2", "--no-thinking", "--device", "cpu"]) == 0
     assert ("(--max-new-tokens 2 ran out while the model was thinking, before its answer: start the chat again "
             "with more)\n") in capsys.readouterr().out
+    # Cut by the end of the context instead: more tokens would not help, room in the history would.
+    monkeypatch.setattr(chat_module, "reply", lambda *args: ("<think>\nStill", "context full"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(thinker), "--device", "cpu"]) == 0
+    assert ("(the context filled while the model was thinking, before its answer; /reset clears the history to "
+            "leave it more room)\n") in capsys.readouterr().out
 
 
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:
