@@ -164,3 +164,33 @@ def test_a_prepared_folders_assistant_figures_are_transformers_own(tmp_path: Pat
             assert result["loss"] == pytest.approx(nats / count, rel=1e-5)
             assert result["accuracy"] == hits / count
             assert result["bits_per_byte"] == pytest.approx(nats / math.log(2) / text_bytes, rel=1e-5)
+
+
+def test_a_folders_own_added_word_is_text_whose_bytes_count(tmp_path: Path, capsys: pytest.CaptureFixture[str]
+                                                             ) -> None:
+    # A tokenizer folder's non-special added word ("foo_bar") keeps its id in a text and in a chat's turns: it is
+    # text there, 7 bytes, as prepare counts a split's bytes (eval --data divides by those, less the first token's).
+    # Counted as none from the ids, bits per byte of a split's windows (training's val_bpb, eval --max-windows)
+    # divided by fewer bytes than the split whole's, 18% fewer here.
+    import numpy as np
+
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.tokenizer import load_tokenizer
+
+    tokenizer = train_bpe(["the weather in paris is sunny today"] * 50, 300)
+    tokenizer.hf.add_tokens(["foo_bar"])
+    (tmp_path / "tokenizer").mkdir()
+    tokenizer.save(tmp_path / "tokenizer")
+    (tmp_path / "corpus").mkdir()
+    for i in range(4):
+        (tmp_path / "corpus" / f"{i}.txt").write_text("sunny foo_bar today in paris. " * 5)
+    chat = [{"role": "user", "content": "is foo_bar sunny?"}, {"role": "assistant", "content": "foo_bar is, today"}]
+    (tmp_path / "corpus" / "chats.jsonl").write_text((json.dumps({"messages": chat}) + "\n") * 4)
+    data = prepare(str(tmp_path / "corpus"), str(tmp_path / "tokenizer"), tmp_path / "data", val_fraction=0.3,
+                   progress=False)
+    tokenizer = load_tokenizer(data)
+    meta = json.loads((data / "meta.json").read_text())
+    for split in ("train", "val"):
+        ids = np.fromfile(data / f"{split}.bin", dtype=np.dtype(meta["dtype"]).newbyteorder("<")).tolist()
+        assert tokenizer.token_id("foo_bar") in ids
+        assert tokenizer.text_bytes(ids) == meta["splits"][split]["bytes"], split
