@@ -46,6 +46,15 @@ QWEN_FIRST_SPECIAL_ID = 151643
 # Added tokens that official Qwen3 folders mark `special: false`: text a reply shows (thinking, tool calls,
 # code infilling), which decoding with skip_special_tokens (HF pipelines, vLLM) keeps.
 QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])
+
+
+def is_mark(token: AddedToken) -> bool:
+    """Whether an added token is a mark, not a word: special, or one of Qwen's text tokens (<think>...). A text
+    written with one holds it as text (prepare encodes its characters); only a chat template writes its id, which
+    stands for no text of the corpus. A folder's other added tokens are words of its own: text wherever they are."""
+    return token.special or token.content in QWEN_TEXT_TOKENS
+
+
 ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 # ChatML: the turns of Qwen3's own template without its thinking and tools; stored in tokenizer_config.json
 # so Transformers' apply_chat_template agrees.
@@ -233,9 +242,9 @@ class Tokenizer:
                          if token.special and token.content not in QWEN_TEXT_TOKENS)
 
     def text_bytes(self, ids: list[int]) -> int:
-        """UTF-8 bytes of the text `ids` stand for, an added token's (<|endoftext|>, chat marks) none, as prepare
-        counts a split's: the bits per byte of part of a split divide by these."""
-        kept = [i for i in ids if i not in self.special_ids]
+        """UTF-8 bytes of the text `ids` stand for, a mark's (<|endoftext|>, chat marks, <think>) none and a folder's
+        own added word's its own, as prepare counts a split's: the bits per byte of part of a split divide by these."""
+        kept = [i for i in ids if i not in self.mark_ids]
         if self.byte_level:  # exact, a character cut at either end included
             return sum(len(self.token_bytes(i)) for i in kept)
         return len(self.decode(kept).encode("utf-8"))
@@ -266,6 +275,11 @@ class Tokenizer:
     def byte_level(self) -> bool:
         """Decoding is bytes joined, then read as UTF-8: a token's text depends on no token before it."""
         return isinstance(self.hf.decoder, decoders.ByteLevel)
+
+    @cached_property
+    def mark_ids(self) -> frozenset[int]:
+        """The added tokens that stand for no text (`is_mark`)."""
+        return frozenset(i for i, token in self.hf.get_added_tokens_decoder().items() if is_mark(token))
 
     @cached_property
     def special_ids(self) -> set[int]:

@@ -1794,6 +1794,10 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_curve(data: Path, pre
     expected, got = train_losses(reference), train_losses(killed)
     assert list(got) == list(range(1, 61))
     assert got == expected  # bit for bit
+    # So are its evaluations: a resume scores the run's own val subset (--eval-windows of --seq-len), as it did
+    evaluations = [{r["step"]: (r["val_loss"], r["val_accuracy"], r["val_bpb"]) for r in read_metrics(run)
+                    if "val_loss" in r} for run in (reference, killed)]
+    assert list(evaluations[0]) == list(range(10, 61, 10)) and evaluations[1] == evaluations[0]
     # TensorBoard drops what the killed process logged after its last save: each step once, as in metrics.jsonl
     logged = tensorboard_scalars(killed, "train/loss")
     assert list(logged) == list(range(1, 61))

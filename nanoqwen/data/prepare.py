@@ -71,6 +71,7 @@ from nanoqwen.tokenizer import (
     QWEN_TIKTOKEN_MD5,
     Tokenizer,
     find_qwen_tiktoken,
+    is_mark,
     load_tiktoken_ranks,
     load_tokenizer,
     qwen3_tokenizer,
@@ -539,11 +540,11 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
         found: list[str | int] = []
         nbytes = 0
         for i, segment in enumerate(control.split(text) if isinstance(text, RenderedChat) else [text]):
+            nbytes += control.segment_bytes(i, segment)
             if i % 2:  # a control token
                 found.append(control.ids[segment])
             elif segment:
                 found += _pieces(segment) if cut else [segment]
-                nbytes += len(segment.encode("utf-8"))
         return found, nbytes
 
     def encode(texts: list[str]) -> list[Encoded]:
@@ -582,9 +583,6 @@ def _encode_apart(pieces: list[str], first: Callable[[str], bool], encode_first:
 def _ordinary(hf: HFTokenizer) -> HFTokenizer:
     """A copy of `hf` for texts: its special tokens and Qwen's text tokens (<think>...) are text there, as
     tiktoken's encode_ordinary writes them; a folder's other added tokens (words of its own) keep their ids."""
-    def as_text(token: AddedToken) -> bool:
-        return token.special or token.content in QWEN_TEXT_TOKENS
-
     plain = HFTokenizer(hf.model)  # the same vocabulary and merges, shared: nothing to copy
     for part in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
         if getattr(hf, part) is not None:
@@ -592,8 +590,8 @@ def _ordinary(hf: HFTokenizer) -> HFTokenizer:
     added = sorted(hf.get_added_tokens_decoder().items())
     for _, token in added:
         same = AddedToken(token.content, single_word=token.single_word, lstrip=token.lstrip, rstrip=token.rstrip,
-                          normalized=token.normalized, special=as_text(token))
-        (plain.add_special_tokens if as_text(token) else plain.add_tokens)([same])
+                          normalized=token.normalized, special=is_mark(token))
+        (plain.add_special_tokens if is_mark(token) else plain.add_tokens)([same])
     if any(plain.token_to_id(token.content) != i for i, token in added):  # ids with gaps: copy it whole
         spec = json.loads(hf.to_str())
         for token in spec["added_tokens"]:
@@ -619,7 +617,9 @@ class ControlTokens:
     """A tokenizer's added tokens (<|im_start|>, <think>...), which a rendered chat holds as ids."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
-        self.ids = {token.content: i for i, token in tokenizer.hf.get_added_tokens_decoder().items()}
+        added = tokenizer.hf.get_added_tokens_decoder()
+        self.ids = {token.content: i for i, token in added.items()}
+        self.words = frozenset(token.content for token in added.values() if not is_mark(token))  # text, as ids
         longest_first = sorted(self.ids, key=len, reverse=True)
         self.pattern = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")") if self.ids else None
 
@@ -635,8 +635,13 @@ class ControlTokens:
         return "".join(unicodedata.normalize("NFC", s) if i % 2 == 0 else s for i, s in enumerate(self.split(text)))
 
     def text_bytes(self, text: str) -> int:
-        """UTF-8 bytes of a chat's text, its control tokens left out (as <|endoftext|> is)."""
-        return sum(len(segment.encode("utf-8")) for segment in self.split(text)[::2])
+        """UTF-8 bytes of a chat's text, its marks left out (as <|endoftext|> is), as Tokenizer.text_bytes counts."""
+        return sum(self.segment_bytes(place, segment) for place, segment in enumerate(self.split(text)))
+
+    def segment_bytes(self, place: int, segment: str) -> int:
+        """UTF-8 bytes of the text that the segment at `place` of `split` stands for: a mark's none, a folder's own
+        added word's its own."""
+        return 0 if place % 2 and segment not in self.words else len(segment.encode("utf-8"))
 
     def cut_outside(self, text: str, cut: int) -> int:
         """`cut`, or the start of the control token it falls inside."""
