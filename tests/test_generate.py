@@ -57,6 +57,15 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, timeout=300)
 
 
+def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """`nanoqwen ARGS` in this process, its exit code and output as run_cli gives them: where what is checked is
+    not the process itself (a start is seconds of imports)."""
+    capsys.readouterr()
+    code = main(list(args))
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, said.out, said.err)
+
+
 def test_greedy_equals_transformers_generate(checkpoint):
     model, tokenizer = load_checkpoint(checkpoint)
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
@@ -70,7 +79,7 @@ def test_greedy_equals_transformers_generate(checkpoint):
         assert ours == expected
 
 
-def test_sample_command_greedy_equals_transformers(checkpoint):
+def test_sample_command_greedy_equals_transformers(checkpoint, capsys):
     prompt = "Hello there"
     done = run_cli("sample", "--model", str(checkpoint), "--prompt", prompt, "--temperature", "0",
                    "--max-new-tokens", "12", "--device", "cpu")
@@ -84,7 +93,7 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     out = [t for t in out if t not in tokenizer.stop_ids]
     assert done.stdout == prompt + tokenizer.decode(out) + "\n"
     # An empty prompt: a new document, as Transformers continues <|endoftext|> (the server does the same).
-    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "", "--temperature", "0",
+    done = run_here(capsys, "sample", "--model", str(checkpoint), "--prompt", "", "--temperature", "0",
                    "--max-new-tokens", "12", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     start = torch.tensor([[tokenizer.eot_id]])
@@ -226,7 +235,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     (broken / "generation_config.json").write_text("{broken")
-    runs = [run_cli("sample", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "12",
+    runs = [run_here(capsys, "sample", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "12",
                     "--device", "cpu", *extra) for path, extra in ((folder, []), (broken, ["--temperature", "0"]))]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
     warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, penalty_alpha, which "
@@ -1004,8 +1013,8 @@ def test_unseeded_sampling_leaves_the_global_generator_alone(checkpoint):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_prompt_longer_than_context_is_one_clear_line(checkpoint):
-    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
+def test_prompt_longer_than_context_is_one_clear_line(checkpoint, capsys):
+    done = run_here(capsys, "sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
     assert done.returncode == 2 and done.stdout == ""  # the prompt is not echoed before the error
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "context is 128" in lines[0]
