@@ -1020,10 +1020,10 @@ def test_prompt_longer_than_context_is_one_clear_line(checkpoint, capsys):
     assert len(lines) == 1 and "context is 128" in lines[0]
 
 
-def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
+def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path, capsys):
     text = "To be, or not to be, that is the question. " * 12
     (tmp_path / "t.txt").write_text(text)
-    done = run_cli("eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--json",
+    done = run_here(capsys, "eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--json",
                    "--device", "cpu")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
