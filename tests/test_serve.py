@@ -26,7 +26,6 @@ from tests.serve_helpers import (
     CONTEXT,
     load_reference,
     make_checkpoint,
-    make_plain_run,
     run_server,
     wait_for,
     wait_idle,
@@ -1302,16 +1301,15 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
                               ).status_code == 401, wrong
 
 
-def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, tmp_path: Path) -> None:
+def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, plain_run_url: str) -> None:
     # The web page opens such a model in Completion (it never learned to end a turn); the API serves it as any.
-    best = make_plain_run(tmp_path)  # the weights of `checkpoint`, as a run's best/ beside its plain-text data
-    with run_server(best, tmp_path / "serve.log") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        card = client.models.list().data[0].model_dump()
-        assert card["id"] == "tiny/best" and card["trained_on_plain_text"] is True
-        messages = [{"role": "user", "content": "Hi there"}]
-        reply = client.chat.completions.create(model="tiny/best", messages=messages, max_tokens=8, temperature=0)
-        assert reply.choices[0].message.content == greedy_reference(local, local[1].render_chat(messages), 8)
+    # (make_plain_run's best/ holds the weights of `checkpoint`, as a run's best/ beside its plain-text data.)
+    client = openai.OpenAI(base_url=f"{plain_run_url}/v1", api_key="none", max_retries=0, timeout=120)
+    card = client.models.list().data[0].model_dump()
+    assert card["id"] == "tiny/best" and card["trained_on_plain_text"] is True
+    messages = [{"role": "user", "content": "Hi there"}]
+    reply = client.chat.completions.create(model="tiny/best", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == greedy_reference(local, local[1].render_chat(messages), 8)
 
 
 @pytest.fixture(scope="module")
