@@ -17,7 +17,6 @@ from playwright.sync_api import expect
 from tests.serve_helpers import (
     OPENING_THINKING_TEMPLATE,
     make_checkpoint,
-    make_plain_run,
     run_server,
     wait_idle,
     with_chat_template,
@@ -1024,29 +1023,28 @@ def test_another_model_served_brings_its_own_settings(page) -> None:
         "max-tokens": "7", "system": "Hi"}  # nothing of tiny-web's saved under the other model
 
 
-def test_a_model_trained_on_plain_text_opens_in_completion(browser, tmp_path: Path) -> None:
+def test_a_model_trained_on_plain_text_opens_in_completion(browser, plain_run_url: str) -> None:
     # It never learned to end a turn: in Chat its replies run on to Max tokens and read as broken. The page opens it
     # in Completion, and Chat says why; a mode the user picked for it wins.
-    with run_server(make_plain_run(tmp_path), tmp_path / "serve.log") as base:
-        page, errors = open_page(browser, base, "tiny/best")
-        expect(page.locator("#mode-completion")).to_be_checked()
-        expect(page.locator("#empty-hint .completion-only")).to_be_visible()
-        expect(page.locator("#plain-text-note")).to_be_hidden()  # Completion: nothing to say
-        page.click("label:has(#mode-chat)")
-        note = page.locator("#plain-text-note")
-        expect(note).to_have_text("This model was trained on plain text, not conversations: Completion continues "
-                                  "text.")
-        assert note.bounding_box()["height"] < 40  # one line under the mode switch, not a banner
-        color, background = page.eval_on_selector("#plain-text-note", "el => [getComputedStyle(el).color, "
-                                                  "getComputedStyle(document.body).backgroundColor]")
-        assert contrast_ratio(color, background) >= 4.5
-        reload(page, "tiny/best")
-        expect(page.locator("#mode-chat")).to_be_checked()  # the user's choice, saved for this model
-        expect(note).to_be_visible()
-        page.evaluate("localStorage.clear()")
-        reload(page, "tiny/best")
-        expect(page.locator("#mode-completion")).to_be_checked()
-        close_page(page, errors)
+    page, errors = open_page(browser, plain_run_url, "tiny/best")
+    expect(page.locator("#mode-completion")).to_be_checked()
+    expect(page.locator("#empty-hint .completion-only")).to_be_visible()
+    expect(page.locator("#plain-text-note")).to_be_hidden()  # Completion: nothing to say
+    page.click("label:has(#mode-chat)")
+    note = page.locator("#plain-text-note")
+    expect(note).to_have_text("This model was trained on plain text, not conversations: Completion continues "
+                              "text.")
+    assert note.bounding_box()["height"] < 40  # one line under the mode switch, not a banner
+    color, background = page.eval_on_selector("#plain-text-note", "el => [getComputedStyle(el).color, "
+                                              "getComputedStyle(document.body).backgroundColor]")
+    assert contrast_ratio(color, background) >= 4.5
+    reload(page, "tiny/best")
+    expect(page.locator("#mode-chat")).to_be_checked()  # the user's choice, saved for this model
+    expect(note).to_be_visible()
+    page.evaluate("localStorage.clear()")
+    reload(page, "tiny/best")
+    expect(page.locator("#mode-completion")).to_be_checked()
+    close_page(page, errors)
 
 
 def test_a_model_trained_on_plain_text_served_next_opens_in_completion(page) -> None:
