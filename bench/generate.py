@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
+import io
 import json
 import os
 import statistics
@@ -257,20 +259,29 @@ def bench_prefill_pause(model_dir: Path, prompt_ids: list[int], long_tokens: int
     return pauses
 
 
+def nanoqwen_command(*args: str) -> None:
+    """`nanoqwen ARGS` in this process, what it prints dropped (its errors said): nothing is timed here, and a
+    process of its own was seconds of imports."""
+    from nanoqwen.cli import main as nanoqwen_main
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        code = nanoqwen_main(list(args))
+    if code != 0:
+        raise SystemExit(f"nanoqwen {' '.join(args)} failed (exit {code})")
+
+
 def random_checkpoint(directory: Path, vocab: str, preset: str = "tiny", toy: bool = False) -> Path:
     """A preset with the Qwen3 vocabulary (as `nanoqwen init` writes it), or `tiny` at its own size with the
     8,192-id BPE its runs train (a checkpoint's tokenizer must fit its embedding: nanoqwen refuses one that
     does not, as a model with the Qwen3 tokenizer and 8,192 rows was). `toy`: TOY_MODEL's sizes instead."""
-    nanoqwen = [sys.executable, "-m", "nanoqwen"]
     changes = TOY_MODEL if toy else {}
     if vocab == "qwen3":
-        subprocess.run([*nanoqwen, "init", "--preset", preset, "--out", str(directory),
-                        *(f"--set={field}={value}" for field, value in changes.items())],
-                       check=True, stdout=subprocess.DEVNULL)
+        nanoqwen_command("init", "--preset", preset, "--out", str(directory),
+                         *(f"--set={field}={value}" for field, value in changes.items()))
         return peaked(directory)
     bpe = directory.with_name(f"{directory.name}-tokenizer")
-    subprocess.run([*nanoqwen, "tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", vocab, "--out",
-                    str(bpe), *(["--max-bytes", TOY_BPE_BYTES] if toy else [])], check=True, stdout=subprocess.DEVNULL)
+    nanoqwen_command("tokenizer", "train", "--dataset", "shakespeare", "--vocab-size", vocab, "--out", str(bpe),
+                     *(["--max-bytes", TOY_BPE_BYTES] if toy else []))
     tokenizer = load_tokenizer(bpe)
     torch.manual_seed(0)
     config = dataclasses.replace(load_preset(preset).model, **changes)

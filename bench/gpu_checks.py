@@ -9,7 +9,8 @@ with a reason.
     python bench/gpu_checks.py cuda-graph CKPT    # decoding through the CUDA graph: same tokens, tokens/s
     python bench/gpu_checks.py loss               # chunked loss, eager and compiled, equals the plain one; timed
 
-$DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU.
+$DEVICE (default cuda) names the device, so that the checks themselves can be tried on a CPU; $STEPS (default
+100) the length of the resume check's runs.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 DEVICE = os.environ.get("DEVICE", "cuda")
+STEPS = int(os.environ.get("STEPS", "100"))
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -48,25 +50,25 @@ def loss_falls(run: str) -> None:
 
 
 def resume(data: str, work: str, *extra: str) -> None:
-    """The same 100-step run twice: once straight through, once stopped by SIGTERM after step 40 and resumed.
+    """The same STEPS-step run twice: once straight through, once stopped by SIGTERM after 40% of it and resumed.
     GPU kernels are not bit-exact from run to run (atomics in backward), so the steps after the stop are
     compared within a tolerance; the CPU tests assert exact equality."""
     args = [sys.executable, "-m", "nanoqwen", "train", "--preset", "tiny", "--data", data, "--device", DEVICE,
-            "--max-steps", "100", "--eval-interval", "1000", "--sample-interval", "0", "--save-interval", "1000",
+            "--max-steps", str(STEPS), "--eval-interval", "1000", "--sample-interval", "0", "--save-interval", "1000",
             *extra]
     full, stopped = Path(work) / "full", Path(work) / "stopped"
     subprocess.run([*args, "--out", str(full)], check=True, cwd=ROOT)
     proc = subprocess.Popen([*args, "--out", str(stopped)], cwd=ROOT)
-    while proc.poll() is None and len(losses(stopped)) < 40:
+    while proc.poll() is None and len(losses(stopped)) < STEPS * 2 // 5:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait() == 128 + signal.SIGTERM, "SIGTERM did not end the run cleanly (saved, status 143)"
     stop = max(losses(stopped))
-    assert stop < 100, "the run ended before the signal arrived"
+    assert stop < STEPS, "the run ended before the signal arrived"
     subprocess.run([sys.executable, "-m", "nanoqwen", "train", "--resume", str(stopped)], check=True, cwd=ROOT)
     a, b = losses(full), losses(stopped)
-    assert sorted(b) == list(range(1, 101)), "resumed metrics do not cover steps 1-100 once each"
-    gap = max(abs(a[s] - b[s]) for s in range(stop + 1, 101))
+    assert sorted(b) == list(range(1, STEPS + 1)), f"resumed metrics do not cover steps 1-{STEPS} once each"
+    gap = max(abs(a[s] - b[s]) for s in range(stop + 1, STEPS + 1))
     print(f"stopped after step {stop}; largest train-loss gap after it: {gap:.2e}")
     assert gap < 2e-2, gap
 
@@ -167,6 +169,7 @@ def one_token_attention(heads: int, kv_heads: int, head_dim: int) -> None:
     query head. Timed, for the choice; not asserted."""
     from nanoqwen.model import decode_attention
 
+    repeats = 50 if DEVICE == "cuda" else 2  # (a CPU only tries the check)
     for batch, window in ((1, 1024), (16, 1024), (1, 8192)):
         q = torch.randn(batch, 1, heads, head_dim, device=DEVICE, dtype=torch.bfloat16)
         k, v = (torch.randn(batch, kv_heads, window, head_dim, device=DEVICE, dtype=torch.bfloat16) for _ in "kv")
@@ -181,11 +184,11 @@ def one_token_attention(heads: int, kv_heads: int, head_dim: int) -> None:
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
             started = time.perf_counter()
-            for _ in range(50):
+            for _ in range(repeats):
                 call()
             if DEVICE == "cuda":
                 torch.cuda.synchronize()
-            times[name] = (time.perf_counter() - started) / 50 * 1e6
+            times[name] = (time.perf_counter() - started) / repeats * 1e6
         print(f"one-token attention, batch {batch}, window {window}: SDPA {times['sdpa']:.0f} us, "
               f"bmm {times['bmm']:.0f} us; largest gap {(sdpa - bmm).abs().max().item():.1e}")
 
@@ -225,7 +228,7 @@ def cuda_graph(checkpoint: str) -> None:
     params = SamplingParams(max_new_tokens=64, temperature=0)
     usual, graph = (list(generate_ids(model, pair, params, fixed_shapes=fixed)) for fixed in (False, True))
     assert graph == usual, "greedy generation through the graph chose other tokens"
-    params.max_new_tokens = 256
+    params.max_new_tokens = 256 if DEVICE == "cuda" else 16  # (a CPU only tries the check)
     for run, fixed in enumerate((False, True, False, True)):  # the first two warm up
         started = time.perf_counter()
         steps = sum(1 for _ in generate_ids(model, pair[:1], params, fixed_shapes=fixed))
@@ -241,7 +244,7 @@ def loss() -> None:
     from nanoqwen.loss import chunked_cross_entropy, plain_cross_entropy
 
     torch.manual_seed(0)
-    tokens = 8192 if DEVICE == "cuda" else 512  # (a CPU only tries the check)
+    tokens, repeats = (8192, 5) if DEVICE == "cuda" else (512, 1)  # (a CPU only tries the check)
     hidden = torch.randn(tokens, 1024, device=DEVICE, requires_grad=True)
     weight = (0.02 * torch.randn(151936, 1024, device=DEVICE)).requires_grad_()
     targets = torch.randint(0, 151936, (tokens,), device=DEVICE)
@@ -269,12 +272,12 @@ def loss() -> None:
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
         started = time.perf_counter()
-        for _ in range(5):
+        for _ in range(repeats):
             run(way)
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         extra = (torch.cuda.max_memory_allocated() - before) / 2**30 if DEVICE == "cuda" else float("nan")
-        print(f"loss {way}: {(time.perf_counter() - started) / 5 * 1e3:.1f} ms forward + backward, "
+        print(f"loss {way}: {(time.perf_counter() - started) / repeats * 1e3:.1f} ms forward + backward, "
               f"{extra:.2f} GiB above the inputs at peak; loss {got[0].item():.4f}")
 
 

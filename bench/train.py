@@ -189,6 +189,7 @@ def time_to_target(target: float, minutes: float) -> str:
                    "--sample-interval", "0", "--device", "cuda"]
         proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
         records: list[dict] = []
+        stopped_here = False
         while proc.poll() is None:
             time.sleep(2)
             lines = metrics.read_text().splitlines() if metrics.exists() else []
@@ -196,7 +197,9 @@ def time_to_target(target: float, minutes: float) -> str:
             if any(r.get("val_loss", float("inf")) <= target for r in records):
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
-        if proc.returncode not in (0, None):
+                stopped_here = True
+        # a run stopped by SIGTERM saves and exits 128 + 15 (or 0, where it had just ended by itself)
+        if proc.returncode not in ((0, 128 + signal.SIGTERM) if stopped_here else (0,)):
             raise SystemExit(f"the demo run failed with exit code {proc.returncode}")
         records = read_metrics(out)
     hit = next((r for r in records if r.get("val_loss", float("inf")) <= target), None)

@@ -121,7 +121,7 @@ def assistant_scoring(tokens: torch.Tensor, marks: ChatMarks, tokenizer: Tokeniz
     from nanoqwen.data.loader import assistant_targets
 
     scored = assistant_targets(tokens.numpy(), 1, tokens.numel() - 1, marks)
-    return torch.from_numpy(scored), tokenizer.text_bytes(tokens[1:].numpy()[scored].tolist())
+    return torch.from_numpy(scored), tokenizer.text_bytes(tokens[1:].numpy()[scored])
 
 
 # -- `nanoqwen eval` -----------------------------------------------------------------------------
@@ -160,9 +160,9 @@ def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int |
     split_tokens = TokenSplit.open(folder, split)
     if max_tokens is not None and max_tokens < len(split_tokens):  # a prefix: its bytes counted, not prorated
         tokens = split_tokens.prefix(max_tokens)
-        return tokens, tokenizer.text_bytes(tokens[1:].tolist())
+        return tokens, tokenizer.text_bytes(tokens[1:].numpy())
     tokens = split_tokens.prefix(len(split_tokens))
-    return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].tolist())
+    return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].numpy())
 
 
 class TextSource:
@@ -419,7 +419,7 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
         tokens, num_bytes = torch.from_numpy(ids.astype(np.int64)), sum(document.nbytes for document in documents)
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
             tokens = tokens[:max_tokens]
-            num_bytes = tokenizer.text_bytes(tokens[1:].tolist())
+            num_bytes = tokenizer.text_bytes(tokens[1:].numpy())
     else:
         split = args.split or "val"
         tokens, num_bytes = load_split(Path(args.data), split, tokenizer, max_tokens)

@@ -288,7 +288,7 @@ class Run:
     @cached_property
     def val_bytes(self) -> int:
         """UTF-8 bytes of the text the validation subset's predicted tokens stand for (bits per byte)."""
-        return self.tokenizer.text_bytes(val_subset(self)[1:].tolist())
+        return self.tokenizer.text_bytes(val_subset(self)[1:].numpy())
 
     @cached_property
     def sample_prompt(self) -> str:

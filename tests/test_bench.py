@@ -4,10 +4,13 @@ that broke since its last run would waste it. Nothing here is timed: speed lives
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,3 +54,34 @@ def test_the_prepare_bench_corpus_stops_at_the_size_asked_for(tmp_path: Path) ->
     nbytes = bench_module("prepare").make_corpus(tmp_path, 0.3)
     sizes = [len(p.read_bytes()) for p in sorted(tmp_path.iterdir())]
     assert sum(sizes) == nbytes and sum(sizes[:-1]) < 0.3e6 <= nbytes  # the works up to the one that reaches it
+
+
+def test_the_target_run_stopped_at_its_target_is_a_result_not_a_failure(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bench stops the demo run with SIGTERM once an evaluation reaches the target, and `nanoqwen train` exits
+    # 143 after that stop: read as "the demo run failed", the `target` stage of a GPU lease failed on success.
+    bench = bench_module("train")
+
+    class DemoRun:  # `nanoqwen train` whose first evaluation reaches the target, stopped as the real one is
+        def __init__(self, command: list[str], **_: object) -> None:
+            out = Path(command[command.index("--out") + 1])
+            out.mkdir(parents=True)
+            record = {"step": 50, "train_loss": 3.95, "val_loss": 3.9, "tokens": 819200, "elapsed_s": 41.6}
+            (out / "metrics.jsonl").write_text(json.dumps(record) + "\n")
+            self.returncode: int | None = None
+
+        def poll(self) -> int | None:
+            return self.returncode
+
+        def send_signal(self, number: int) -> None:
+            self.returncode = 128 + number
+
+        def wait(self) -> int | None:
+            return self.returncode
+
+    monkeypatch.setattr(bench.subprocess, "Popen", DemoRun)
+    monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
+    assert bench.time_to_target(4.0, 6) == "| demo to val loss 4.0 | 42 s, step 50, 819,200 tokens |"
+    DemoRun.send_signal = lambda self, number: setattr(self, "returncode", 1)  # a run that crashed instead
+    with pytest.raises(SystemExit, match="the demo run failed with exit code 1"):
+        bench.time_to_target(4.0, 6)

@@ -102,7 +102,8 @@ def test_chat_in_a_terminal(checkpoint: Path, local) -> None:
     assert child.exitstatus == 0
 
 
-def test_a_model_trained_on_plain_text_is_pointed_to_raw(local, tmp_path: Path) -> None:
+def test_a_model_trained_on_plain_text_is_pointed_to_raw(local, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
     # It never learned to end a turn: its chat replies run on to --max-new-tokens and read as broken. One line at
     # start says so and points to --raw; the chat itself is the same (ChatML, as asked).
     best = make_plain_run(tmp_path)  # the weights of `checkpoint`, as a run's best/ beside its plain-text data
@@ -118,13 +119,12 @@ def test_a_model_trained_on_plain_text_is_pointed_to_raw(local, tmp_path: Path) 
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    child = spawn_chat(best, "--raw")
-    try:
-        assert "raw continuation" in child.before and "plain text" not in child.before
-        child.sendline("/exit")
-        child.expect(pexpect.EOF)
-    finally:
-        child.close()
+    # --raw: no note (in this process: the chat above ran in a terminal as users run it)
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "stdin", io.StringIO("/exit\n"))
+    assert main(["chat", "--model", str(best), "--raw", "--device", "cpu"]) == 0
+    shown = capsys.readouterr().out
+    assert "raw continuation" in shown and "plain text" not in shown
 
 
 def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) -> None:
@@ -310,7 +310,7 @@ def test_raw_continuation(checkpoint: Path, local) -> None:
     assert child.exitstatus == 0
 
 
-def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
+def test_thinking_switch(checkpoint: Path, local, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # A folder with a Qwen3-style template: --no-thinking starts each reply after an empty thinking block.
     thinker = with_chat_template(checkpoint, tmp_path / "thinker")
     tokenizer = load_tokenizer(thinker)
@@ -329,11 +329,12 @@ def test_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
         child.expect(pexpect.EOF)
     finally:
         child.close()
-    # A model trained here has no switch to turn: one line, not a chat that silently ignores the flag.
-    out = subprocess.run([sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--no-thinking"],
-                         capture_output=True, text=True, input="", timeout=120)
-    assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "has no thinking switch" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    # A model trained here has no switch to turn: one line, not a chat that silently ignores the flag (in this
+    # process: a traceback would be an exception here).
+    capsys.readouterr()
+    assert main(["chat", "--model", str(checkpoint), "--no-thinking", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "has no thinking switch" in err and len(err.strip().splitlines()) == 1
 
 
 def test_thinking_flags_with_a_folders_template_that_has_no_switch_say_why(checkpoint: Path, tmp_path: Path) -> None:
@@ -543,17 +544,20 @@ def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local)
         child.close()
 
 
-def test_a_chat_seeded_with_the_last_seed_goes_on(checkpoint: Path) -> None:
+def test_a_chat_seeded_with_the_last_seed_goes_on(checkpoint: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
     # Turn k samples with seed S + k: from --seed 2**63 - 1, the second turn's seed was out of range and the
     # chat ended with an error instead of answering.
-    chat = [sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--max-new-tokens", "2",
-            "--temperature", "1", "--seed", str(2**63 - 1), "--device", "cpu"]
-    done = subprocess.run(chat, input="Hi\nHo\n", capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0 and done.stderr == "", done.stderr
-    assert done.stdout.count(PROMPT) == 3  # both messages answered, then the end of input
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nHo\n"))  # piped input, in this process
+    assert main(["chat", "--model", str(checkpoint), "--max-new-tokens", "2", "--temperature", "1", "--seed",
+                 str(2**63 - 1), "--device", "cpu"]) == 0
+    done = capsys.readouterr()
+    assert done.err == "", done.err
+    assert done.out.count(PROMPT) == 3  # both messages answered, then the end of input
 
 
-def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path) -> None:
+def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
     # Typed bytes that are not UTF-8, in a locale where Python reads input strictly, ended the chat with a
     # traceback; a system prompt with no room left, or one --raw would drop, is refused up front.
     chat = [sys.executable, "-m", "nanoqwen", "chat", "--model", str(checkpoint), "--max-new-tokens", "4",
@@ -569,10 +573,12 @@ def test_bad_input_bytes_and_settings_are_one_line_or_survived(checkpoint: Path)
         [{"role": "system", "content": system[1]}])))
     assert (f"(that message with the --system prompt's {system_tokens} tokens is too long for the context of 256 "
             "tokens; shorten it)").encode() in done.stdout
+    # the refusals in this process (a traceback would be an exception here)
     for extra, words in ((["--system", "word " * 300], "--system takes"), (["--raw", "--system", "Be brief."],
                                                                            "--raw uses no template")):
-        out = subprocess.run(chat + extra, capture_output=True, text=True, input="", timeout=120)
-        assert out.returncode == 2 and words in out.stderr and len(out.stderr.strip().splitlines()) == 1, out.stderr
+        assert main(chat[3:] + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_printable_defuses_control_characters() -> None:

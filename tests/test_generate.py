@@ -35,14 +35,19 @@ from nanoqwen.generate import (
     stream_text,
 )
 from nanoqwen.model import KVCache, Qwen3
-from nanoqwen.tokenizer import bytes_to_unicode, load_tokenizer, qwen3_tokenizer
+from nanoqwen.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer, qwen3_tokenizer
 from tests.test_model import scramble, tiny_config
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
+def qwen3() -> Tokenizer:
+    return qwen3_tokenizer()  # 0.4 s a load: once for the tests that only read it
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, qwen3):
     """A small random model with the real Qwen3 tokenizer and vocabulary."""
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
                                   fit_vocab=True)
     torch.manual_seed(0)
@@ -55,6 +60,15 @@ def checkpoint(tmp_path_factory):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "nanoqwen", *args], capture_output=True, text=True, timeout=300)
+
+
+def run_here(capsys: pytest.CaptureFixture[str], *args: str) -> subprocess.CompletedProcess:
+    """`nanoqwen ARGS` in this process, its exit code and output as run_cli gives them: where what is checked is
+    not the process itself (a start is seconds of imports)."""
+    capsys.readouterr()
+    code = main(list(args))
+    said = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, said.out, said.err)
 
 
 def test_greedy_equals_transformers_generate(checkpoint):
@@ -70,12 +84,12 @@ def test_greedy_equals_transformers_generate(checkpoint):
         assert ours == expected
 
 
-def test_sample_command_greedy_equals_transformers(checkpoint):
+def test_sample_command_greedy_equals_transformers(checkpoint, capsys, qwen3):
     prompt = "Hello there"
     done = run_cli("sample", "--model", str(checkpoint), "--prompt", prompt, "--temperature", "0",
                    "--max-new-tokens", "12", "--device", "cpu")
     assert done.returncode == 0, done.stderr
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
                                                           dtype=torch.float32).eval()
     ids = tokenizer.encode(prompt)
@@ -84,7 +98,7 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     out = [t for t in out if t not in tokenizer.stop_ids]
     assert done.stdout == prompt + tokenizer.decode(out) + "\n"
     # An empty prompt: a new document, as Transformers continues <|endoftext|> (the server does the same).
-    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "", "--temperature", "0",
+    done = run_here(capsys, "sample", "--model", str(checkpoint), "--prompt", "", "--temperature", "0",
                    "--max-new-tokens", "12", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     start = torch.tensor([[tokenizer.eot_id]])
@@ -93,10 +107,10 @@ def test_sample_command_greedy_equals_transformers(checkpoint):
     assert done.stdout == tokenizer.decode([t for t in out if t not in tokenizer.stop_ids]) + "\n"
 
 
-def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoint):
+def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoint, qwen3):
     # Nothing passed but the prompts: the folder's tokenizer pads on the left with the id its
     # generation_config.json names, so each padded row generates what the prompt alone does.
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
     hf = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, attn_implementation="eager",
                                                           dtype=torch.float32).eval()
@@ -140,12 +154,12 @@ def test_text_flags_read_a_shells_backslash_escapes():
         assert helps[flag] in shown
 
 
-def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys):
+def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys, qwen3):
     from nanoqwen.cli import main
 
     assert main(["sample", "--model", str(checkpoint), "--prompt", "Hello there", "--temperature", "0",
                  "--max-new-tokens", "100000"]) == 0
-    context, prompt = 128, len(qwen3_tokenizer().encode("Hello there"))
+    context, prompt = 128, len(qwen3.encode("Hello there"))
     # The last new token is predicted, never read: context - prompt + 1 fit (see check_fits).
     assert f"(--max-new-tokens 100000: at most {context - prompt + 1} fit" in capsys.readouterr().err
 
@@ -226,7 +240,7 @@ def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoin
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)
     (broken / "generation_config.json").write_text("{broken")
-    runs = [run_cli("sample", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "12",
+    runs = [run_here(capsys, "sample", "--model", str(path), "--prompt", "Hello there", "--max-new-tokens", "12",
                     "--device", "cpu", *extra) for path, extra in ((folder, []), (broken, ["--temperature", "0"]))]
     assert runs[0].returncode == 0 and runs[0].stdout == runs[1].stdout, runs[0].stderr
     warning = (f"nanoqwen: warning: {config} sets typical_p, no_repeat_ngram_size, penalty_alpha, which "
@@ -250,7 +264,7 @@ def test_unapplied_generation_settings_are_transformers_own_with_their_off_value
         assert hasattr(GenerationConfig(), name) and defaults.get(name) in (None, *off), name
 
 
-def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_path):
+def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_path, qwen3):
     import shutil
 
     model, tokenizer = load_checkpoint(checkpoint)
@@ -262,7 +276,7 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     saved = json.loads((folder / "generation_config.json").read_text())
     (folder / "generation_config.json").write_text(json.dumps({**saved, "eos_token_id": [free[4]]}))
     model, tokenizer = load_checkpoint(folder)  # as Transformers, which stops at generation_config's eos ids
-    assert tokenizer.stop_ids == [*qwen3_tokenizer().stop_ids, free[4]]
+    assert tokenizer.stop_ids == [*qwen3.stop_ids, free[4]]
     params = SamplingParams(max_new_tokens=12, temperature=0, stop_token_ids=tokenizer.stop_ids)
     done = generate(model, tokenizer, ["The rain in Spain"], params)[0]
     assert (done.token_ids, done.finish_reason) == (free[:4], "stop")  # the end id itself is not text
@@ -277,11 +291,11 @@ def test_generation_stops_at_the_end_ids_of_generation_config(checkpoint, tmp_pa
     config = json.loads((folder / "config.json").read_text())
     for eos, extra in ((free[4], [free[4]]), ([free[4], free[5]], [free[4], free[5]]), (None, [])):
         (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": eos}))
-        assert load_checkpoint(folder)[1].stop_ids == [*qwen3_tokenizer().stop_ids, *extra], eos
+        assert load_checkpoint(folder)[1].stop_ids == [*qwen3.stop_ids, *extra], eos
     # So does a file that is no JSON (Transformers reads it as missing): its end ids were none at all.
     (folder / "config.json").write_text(json.dumps({**config, "eos_token_id": free[4]}))
     (folder / "generation_config.json").write_text('{"eos_token_id": [1, 2]')
-    assert load_checkpoint(folder)[1].stop_ids == [*qwen3_tokenizer().stop_ids, free[4]]
+    assert load_checkpoint(folder)[1].stop_ids == [*qwen3.stop_ids, free[4]]
 
 
 def test_batched_prompts_equal_one_by_one(checkpoint):
@@ -411,7 +425,7 @@ def test_top_p_keeps_what_a_full_sort_keeps():
     assert {row for p, row in searched if p == 0.9} == {2, 3, 4, 5} and (1e-300, "all") in searched
 
 
-def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
+def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text(qwen3):
     # Stop tokens cannot be drawn before min_tokens tokens are in (vLLM masks them), greedy or sampled.
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
     greedy = SamplingParams(temperature=0, stop_token_ids=[0, 3], min_tokens=2)
@@ -422,7 +436,7 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
     assert {int(next_tokens(logits, sampled, g, generated=1)) for _ in range(50)} == {0, 1}
     # Stop strings end the text only once min_tokens tokens are in (the token completing one counts); the stop
     # string or token stays in the text with include_stop_str_in_output.
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     ids = tokenizer.encode(" one two three four")
     assert [tokenizer.decode([t]) for t in ids] == [" one", " two", " three", " four"]
 
@@ -455,10 +469,10 @@ def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text():
         assert (str(e.value), getattr(e.value, "name", None)) == (line, [*bad][-1])
 
 
-def test_a_stop_string_written_before_min_tokens_never_ends_the_text_later():
+def test_a_stop_string_written_before_min_tokens_never_ends_the_text_later(qwen3):
     # "\n\n" came whole in the 2nd token; its last "\n" was held back (it may start another "\n\n"), and the
     # 3rd token's search, from what was sent, found the old one: the text ended as "Hi\n", half a stop string.
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     assert [tokenizer.decode([t]) for t in tokenizer.encode("Hi\n\nThere")] == ["Hi", "\n\n", "There"]
     assert [tokenizer.decode([t]) for t in tokenizer.encode("ab x b y")] == ["ab", " x", " b", " y"]
     for text, stops, min_tokens, expected in [("Hi\n\nThere is more", ["\n\n"], 3, ("Hi\n\nThere is more", False)),
@@ -840,8 +854,8 @@ def test_penalties_apply_in_vllms_order_repetition_first():
     assert torch.equal(penalties.apply(torch.tensor([[5.0, -1.0, 1.0]])), torch.tensor([[1.0, -3.5, 0.5]]))
 
 
-def test_stream_never_splits_characters_and_honours_stop_strings():
-    tokenizer = qwen3_tokenizer()
+def test_stream_never_splits_characters_and_honours_stop_strings(qwen3):
+    tokenizer = qwen3
     text = "naïve 🤖 日本 done. STOP here"
     stream = TextStream(tokenizer, ["STOP"])
     pieces = [stream.push(t) for t in tokenizer.encode(text)]
@@ -892,8 +906,8 @@ def test_special_tokens_are_left_out_of_the_text_unless_kept(tmp_path):
         assert starts == [len("".join(pieces[:k])) for k in range(len(ids))]  # where each token's text begins
 
 
-def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():
-    tokenizer = qwen3_tokenizer()
+def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets(qwen3):
+    tokenizer = qwen3
     assert tokenizer.token_bytes(1278) == b" \xd0"  # a space, then a lead byte whose character never comes
     stream, starts, text = TextStream(tokenizer, ["X"]), [], ""
     for token in [1278, 1278, 1278, *tokenizer.encode(" aX b")]:
@@ -912,8 +926,8 @@ def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets():
     assert text == "🤖 ok" and starts == [0, 0, 0, 0, 1]
 
 
-def test_a_stop_string_split_over_tokens_never_shows_its_start():
-    tokenizer = qwen3_tokenizer()
+def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
+    tokenizer = qwen3
     stream, shown = TextStream(tokenizer, ["END"]), ""
     for piece in ["abc", " E", "ND", " more"]:
         for token in tokenizer.encode(piece):
@@ -928,7 +942,7 @@ def test_a_stop_string_split_over_tokens_never_shows_its_start():
     assert "".join(stream.push(token) for piece in ["x ==", ">", " y"] for token in tokenizer.encode(piece)) == "x "
 
 
-def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
+def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply(qwen3):
     # The held-back search tried every prefix of each stop string at every token: a 5,000-character stop
     # made 3,000 tokens take 16 s of the server's one engine thread. Now it tries only the text not yet sent.
     class CountedStop(str):
@@ -938,7 +952,7 @@ def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
             CountedStop.slices += 1
             return str.__getitem__(self, key)
 
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     long_stop = CountedStop("q" * 4999 + "!")
     stream = TextStream(tokenizer, [long_stop, CountedStop("the end")])
     ids = tokenizer.encode("a plain reply that goes on and on, " * 40 + "until the en")
@@ -952,11 +966,11 @@ def test_holding_back_a_stop_strings_start_costs_the_held_text_not_the_reply():
     assert stream.push(tokenizer.encode("d")[0]) == "" and stream.stopped  # the held start did become the stop
 
 
-def test_the_stop_string_completed_first_ends_the_text_whatever_their_order_or_the_tokens():
+def test_the_stop_string_completed_first_ends_the_text_whatever_their_order_or_the_tokens(qwen3):
     # The text ends where it would had it come one character at a time: at the stop string completed first (of two
     # completed together, the longer). The one that started first won, so a token holding a whole stop string that
     # starts before a shorter one it also holds ended the text earlier than the same text split over two tokens.
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
 
     def streamed(pieces: list[str], stops: list[str], include: bool = False) -> str:
         stream, text = TextStream(tokenizer, stops, include_stop=include), ""
@@ -1004,17 +1018,17 @@ def test_unseeded_sampling_leaves_the_global_generator_alone(checkpoint):
     assert torch.equal(torch.rand(3), expected)
 
 
-def test_prompt_longer_than_context_is_one_clear_line(checkpoint):
-    done = run_cli("sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
+def test_prompt_longer_than_context_is_one_clear_line(checkpoint, capsys):
+    done = run_here(capsys, "sample", "--model", str(checkpoint), "--prompt", "word " * 200, "--device", "cpu")
     assert done.returncode == 2 and done.stdout == ""  # the prompt is not echoed before the error
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "context is 128" in lines[0]
 
 
-def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path):
+def test_eval_command_reports_consistent_metrics(checkpoint, tmp_path, capsys):
     text = "To be, or not to be, that is the question. " * 12
     (tmp_path / "t.txt").write_text(text)
-    done = run_cli("eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--json",
+    done = run_here(capsys, "eval", "--model", str(checkpoint), "--text-file", str(tmp_path / "t.txt"), "--json",
                    "--device", "cpu")
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -1189,7 +1203,7 @@ def test_command_line_mistakes_are_one_clear_line(checkpoint, tmp_path, capsys):
         assert exit_.value.code == 2 and expected in err and "\n" not in err, err
 
 
-def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):
+def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint, qwen3):
     # A terminal in another encoding (or a Latin-1 argument) hands Python lone surrogates: they are read as
     # U+FFFD, as undecodable bytes are everywhere else, instead of failing inside the tokenizer. Printed back
     # where Python writes UTF-8 strictly (a UTF-8 locale other than C), it is replaced, not a traceback.
@@ -1198,7 +1212,7 @@ def test_bytes_that_are_not_utf8_in_a_prompt_are_replaced(checkpoint):
                                b"caf\xe9", "--temperature", "0", "--max-new-tokens", "4", "--device", "cpu"],
                               capture_output=True, timeout=300, env={**os.environ, **env})
         assert done.returncode == 0 and b"Traceback" not in done.stderr, done.stderr
-    tokenizer = qwen3_tokenizer()
+    tokenizer = qwen3
     assert tokenizer.encode("caf\udce9") == tokenizer.encode("caf\ufffd\ufffd\ufffd")
 
 
@@ -1275,13 +1289,14 @@ def test_eval_command_scores_a_prepared_folder(checkpoint, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("stream", [False, True])
-def test_sample_shows_control_characters_on_a_terminal_and_pipes_them_as_generated(checkpoint, monkeypatch, stream):
+def test_sample_shows_control_characters_on_a_terminal_and_pipes_them_as_generated(checkpoint, monkeypatch, stream,
+                                                                                   qwen3):
     # A model's ESC sequence or carriage return acted on the terminal (cleared it, wrote over the line), where the
     # chat shows them; piped or redirected, the text is as generated.
     from nanoqwen.chat import printable
 
     text = "a\x1b[2Jb\rc\x9bd"
-    ids = qwen3_tokenizer().encode(text)
+    ids = qwen3.encode(text)
     monkeypatch.setattr("nanoqwen.generate.generate_ids", lambda *args, **kwargs: iter([[i] for i in ids]))
 
     class Terminal(io.StringIO):

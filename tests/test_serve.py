@@ -7,8 +7,6 @@ import dataclasses
 import json
 import signal
 import socket
-import subprocess
-import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +17,7 @@ import pytest
 import torch
 
 from nanoqwen.checkpoint import load_checkpoint, save_checkpoint
+from nanoqwen.cli import main
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.app import base_url
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
@@ -27,7 +26,6 @@ from tests.serve_helpers import (
     CONTEXT,
     load_reference,
     make_checkpoint,
-    make_plain_run,
     run_server,
     wait_for,
     wait_idle,
@@ -1235,11 +1233,15 @@ def test_sigterm_ends_a_long_generation(long_checkpoint: Path, tmp_path: Path, s
                                            ("--port", "99999"), ("--port", "-1"), ("--max-request-bytes", "-1"),
                                            ("--api-key", ""), ("--api-key", " s3cret"),  # no open or unusable key
                                            ("--api-key", "pässwort")])  # the openai client cannot send it
-def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str) -> None:
-    done = subprocess.run([sys.executable, "-m", "nanoqwen", "serve", "--model", str(tmp_path), flag, value],
-                          capture_output=True, text=True, timeout=60)
-    lines = done.stderr.strip().splitlines()
-    assert done.returncode != 0 and len(lines) == 1 and flag in lines[0], done.stderr
+def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    # In this process (a start is seconds of imports): the folder holds no model, so nothing could start serving.
+    try:
+        code = main(["serve", "--model", str(tmp_path), flag, value])
+    except SystemExit as e:  # argparse's refusals exit
+        code = e.code
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert code not in (0, None) and len(lines) == 1 and flag in lines[0], err
 
 
 def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
@@ -1299,60 +1301,70 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
                               ).status_code == 401, wrong
 
 
-def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, tmp_path: Path) -> None:
+def test_a_run_trained_on_plain_text_says_so_and_still_chats(local, plain_run_url: str) -> None:
     # The web page opens such a model in Completion (it never learned to end a turn); the API serves it as any.
-    best = make_plain_run(tmp_path)  # the weights of `checkpoint`, as a run's best/ beside its plain-text data
-    with run_server(best, tmp_path / "serve.log") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        card = client.models.list().data[0].model_dump()
-        assert card["id"] == "tiny/best" and card["trained_on_plain_text"] is True
-        messages = [{"role": "user", "content": "Hi there"}]
-        reply = client.chat.completions.create(model="tiny/best", messages=messages, max_tokens=8, temperature=0)
-        assert reply.choices[0].message.content == greedy_reference(local, local[1].render_chat(messages), 8)
+    # (make_plain_run's best/ holds the weights of `checkpoint`, as a run's best/ beside its plain-text data.)
+    client = openai.OpenAI(base_url=f"{plain_run_url}/v1", api_key="none", max_retries=0, timeout=120)
+    card = client.models.list().data[0].model_dump()
+    assert card["id"] == "tiny/best" and card["trained_on_plain_text"] is True
+    messages = [{"role": "user", "content": "Hi there"}]
+    reply = client.chat.completions.create(model="tiny/best", messages=messages, max_tokens=8, temperature=0)
+    assert reply.choices[0].message.content == greedy_reference(local, local[1].render_chat(messages), 8)
 
 
-def test_a_folders_chat_template_and_its_thinking_switch(checkpoint: Path, local, tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def thinker_server(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """`checkpoint` as official Qwen3 folders come: their own template, which can start the reply after an empty
+    thinking block, and sampling defaults a request could not ask for (all tokens as vLLM writes it, a temperature
+    above 2) and one Transformers applies and nanoqwen does not. Served once for the tests that only ask it (a
+    server start is seconds): yields the folder, the base URL and the server's log."""
+    root = tmp_path_factory.mktemp("thinker")
+    thinker = with_chat_template(checkpoint, root / "thinker")
+    (thinker / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 2.5, "typical_p": 0.9}))
+    with run_server(thinker, root / "serve.log") as base:
+        yield thinker, base, root / "serve.log"
+
+
+def test_a_folders_chat_template_and_its_thinking_switch(thinker_server: tuple[Path, str, Path], local) -> None:
     # As official Qwen3 folders come: their own template, which can start the reply after an empty thinking
     # block; the request's chat_template_kwargs reach it (vLLM's name for them, through the openai client).
-    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
-    # Sampling defaults a request could not ask for: all tokens as vLLM writes it, a temperature above 2.
-    # And one Transformers applies and nanoqwen does not: named in one warning line at start.
-    (thinker / "generation_config.json").write_text(json.dumps({"top_k": -1, "temperature": 2.5, "typical_p": 0.9}))
+    thinker, base, log_path = thinker_server
     tokenizer = load_tokenizer(thinker)
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
-    with run_server(thinker, tmp_path / "serve.log") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        card = client.models.list().data[0].model_dump()
-        assert card["thinking_switch"] is True
-        assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
-                                             "repetition_penalty": 1.0}
-        log = (tmp_path / "serve.log").read_text()
-        assert "temperature 2.5 is above what a request may ask for" in log
-        assert log.splitlines().count(f"nanoqwen serve: warning: {thinker / 'generation_config.json'} sets typical_p, "
-                                      "which Transformers' generate() applies and nanoqwen does not: its text can "
-                                      "differ from Transformers'") == 1
-        for template_kwargs in ({}, {"enable_thinking": False}):
-            r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
-                                               extra_body={"chat_template_kwargs": template_kwargs})
-            rendered = tokenizer.render_chat(messages, **template_kwargs)
-            assert rendered.endswith("<think>\n\n</think>\n\n") == bool(template_kwargs)
-            assert r.choices[0].message.content == greedy_reference(local, rendered, 12)
-            assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
-        # Tools, and an earlier reply's tool calls, reach the template (not ChatML's: a 400 in BAD_REQUESTS).
-        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
-        calls = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
-            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
-            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
-        r = client.chat.completions.create(model="thinker", messages=calls, tools=tools, max_tokens=1)
-        rendered = tokenizer.render_chat(calls, tools=tools)
-        assert "get_weather</tool_call>" not in tokenizer.render_chat(calls[:1])
-        assert "# Tools\nget_weather" in rendered and "<tool_call>get_weather {}</tool_call>" in rendered
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    card = client.models.list().data[0].model_dump()
+    # Sampling defaults a request could not ask for: all tokens as vLLM writes it, a temperature above 2.
+    # And one Transformers applies and nanoqwen does not: named in one warning line at start.
+    assert card["thinking_switch"] is True
+    assert card["sampling_defaults"] == {"temperature": 2.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
+                                         "repetition_penalty": 1.0}
+    log = log_path.read_text()
+    assert "temperature 2.5 is above what a request may ask for" in log
+    assert log.splitlines().count(f"nanoqwen serve: warning: {thinker / 'generation_config.json'} sets typical_p, "
+                                  "which Transformers' generate() applies and nanoqwen does not: its text can "
+                                  "differ from Transformers'") == 1
+    for template_kwargs in ({}, {"enable_thinking": False}):
+        r = client.chat.completions.create(model="thinker", messages=messages, max_tokens=12, temperature=0,
+                                           extra_body={"chat_template_kwargs": template_kwargs})
+        rendered = tokenizer.render_chat(messages, **template_kwargs)
+        assert rendered.endswith("<think>\n\n</think>\n\n") == bool(template_kwargs)
+        assert r.choices[0].message.content == greedy_reference(local, rendered, 12)
         assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
-        # What the template itself refuses is a 400 with its words, and the server serves on.
-        with pytest.raises(openai.BadRequestError, match="the system message must come first") as e:
-            client.chat.completions.create(model="thinker", messages=messages[::-1], max_tokens=2)
-        assert e.value.body["param"] == "messages"
-        assert client.chat.completions.create(model="thinker", messages=messages, max_tokens=2).usage.completion_tokens
+    # Tools, and an earlier reply's tool calls, reach the template (not ChatML's: a 400 in BAD_REQUESTS).
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    calls = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    r = client.chat.completions.create(model="thinker", messages=calls, tools=tools, max_tokens=1)
+    rendered = tokenizer.render_chat(calls, tools=tools)
+    assert "get_weather</tool_call>" not in tokenizer.render_chat(calls[:1])
+    assert "# Tools\nget_weather" in rendered and "<tool_call>get_weather {}</tool_call>" in rendered
+    assert r.usage.prompt_tokens == len(tokenizer.encode(rendered))
+    # What the template itself refuses is a 400 with its words, and the server serves on.
+    with pytest.raises(openai.BadRequestError, match="the system message must come first") as e:
+        client.chat.completions.create(model="thinker", messages=messages[::-1], max_tokens=2)
+    assert e.value.body["param"] == "messages"
+    assert client.chat.completions.create(model="thinker", messages=messages, max_tokens=2).usage.completion_tokens
 
 
 TOOL_REPLY = ('Let me look.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo", "unit": "°C"}}\n'
@@ -1474,34 +1486,34 @@ def test_a_stream_opens_chat_choices_with_their_role_counts_usage_by_prompt_and_
     assert bodies[-1]["usage"] == {"prompt_tokens": 12, "completion_tokens": 10, "total_tokens": 22}
 
 
-def test_a_request_with_tools_still_answers_in_text(checkpoint: Path, local, tmp_path: Path) -> None:
+def test_a_request_with_tools_still_answers_in_text(thinker_server: tuple[Path, str, Path], local) -> None:
     # The tiny model writes no <tool_call>: its reply to a request with tools is the plain text, streamed alike.
-    thinker = with_chat_template(checkpoint, tmp_path / "thinker")
+    # (The folder's sampling defaults do not reach these requests: each asks for greedy or is refused.)
+    thinker, base, _ = thinker_server
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "Weather in Oslo?"}]
-    with run_server(thinker, tmp_path / "serve.log") as base:
-        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
-        whole = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
-                                               temperature=0)
-        pieces = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
-                                                temperature=0, stream=True)
-        streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
-        rendered = load_tokenizer(thinker).render_chat(messages, tools=tools)
-        assert whole.choices[0].message.content == streamed == greedy_reference(local, rendered, 12)
-        assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
-        # Forcing a call needs constrained decoding: refused by name; and tool_choice without tools, as OpenAI does
-        refusals = {"required": (tools, "'tool_choice' \"required\" is not supported: this server cannot force a "
-                                 "tool call (that needs constrained decoding); give \"auto\" (the model decides) or "
-                                 "\"none\""),
-                    "auto": (openai.NOT_GIVEN, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
-                             "'tools' are specified."),
-                    "AUTO": (tools, "Invalid value for 'tool_choice': \"AUTO\"; give \"auto\" (the model decides) or "
-                             "\"none\"")}
-        for choice, (given, message) in refusals.items():
-            with pytest.raises(openai.BadRequestError) as e:
-                client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,
-                                               tool_choice=choice)
-            assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    whole = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
+                                           temperature=0)
+    pieces = client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=12,
+                                            temperature=0, stream=True)
+    streamed = "".join(c.choices[0].delta.content or "" for c in pieces if c.choices)
+    rendered = load_tokenizer(thinker).render_chat(messages, tools=tools)
+    assert whole.choices[0].message.content == streamed == greedy_reference(local, rendered, 12)
+    assert whole.choices[0].message.tool_calls is None and whole.choices[0].finish_reason == "length"
+    # Forcing a call needs constrained decoding: refused by name; and tool_choice without tools, as OpenAI does
+    refusals = {"required": (tools, "'tool_choice' \"required\" is not supported: this server cannot force a "
+                             "tool call (that needs constrained decoding); give \"auto\" (the model decides) or "
+                             "\"none\""),
+                "auto": (openai.NOT_GIVEN, "Invalid value for 'tool_choice': 'tool_choice' is only allowed when "
+                         "'tools' are specified."),
+                "AUTO": (tools, "Invalid value for 'tool_choice': \"AUTO\"; give \"auto\" (the model decides) or "
+                         "\"none\"")}
+    for choice, (given, message) in refusals.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,
+                                           tool_choice=choice)
+        assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
 
 
 def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch) -> None:

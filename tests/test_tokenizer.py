@@ -8,6 +8,7 @@ import shlex
 import unicodedata
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 import transformers
@@ -154,6 +155,27 @@ def test_a_folders_own_chat_template_and_eos_survive_a_save(official, tmp_path, 
         (tmp_path / "checkpoint").mkdir(exist_ok=True)
         load_tokenizer(tmp_path / "theirs").save(tmp_path / "checkpoint", context=context)
         assert transformers.AutoTokenizer.from_pretrained(tmp_path / "checkpoint").model_max_length == context
+
+
+def test_text_bytes_of_a_whole_split_counts_each_token_as_token_bytes_does() -> None:
+    # Over as many tokens as the vocabulary holds, text_bytes sums a table of each id's bytes: it must count as
+    # token_bytes does, token by token (a mark none, an added word its own, part of a character its bytes).
+    from tokenizers import AddedToken
+
+    tok = train_bpe(["Café 🙂 中文 naïve"] * 5, 300)
+    tok.hf.add_tokens(["foo_bar"])
+    tok.hf.add_special_tokens([AddedToken("<mask>", special=True), "<think>"])
+    one_by_one = [0 if i in tok.mark_ids else len(tok.token_bytes(i)) for i in range(tok.vocab_size)]
+    assert [one_by_one[tok.token_id(t)] for t in ("foo_bar", "<mask>", "<think>", "<|endoftext|>")] == [7, 0, 0, 0]
+    assert [tok.token_bytes(i) for i in tok.encode("🙂")] == [b"\xf0\x9f", b"\x99\x82"]  # a character cut in two
+    for token_id, count in enumerate(one_by_one):
+        assert tok.text_bytes(np.full(tok.vocab_size, token_id)) == tok.vocab_size * count, token_id
+        assert tok.text_bytes([token_id]) == count  # fewer tokens than the vocabulary: counted one by one
+    text = "Café 🙂 foo_bar 中文"
+    ids = [*tok.encode(text), tok.token_id("<think>"), tok.eot_id] * tok.vocab_size
+    assert tok.text_bytes(ids) == tok.text_bytes(np.array(ids, dtype=np.uint16)) == \
+        tok.vocab_size * len(unicodedata.normalize("NFC", text).encode())
+    assert tok.text_bytes([*ids, tok.vocab_size + 5]) == tok.text_bytes(ids)  # an id past the vocabulary: none
 
 
 def test_vocabulary_equals_transformers_tiktoken_conversion(official):

@@ -17,7 +17,6 @@ from playwright.sync_api import expect
 from tests.serve_helpers import (
     OPENING_THINKING_TEMPLATE,
     make_checkpoint,
-    make_plain_run,
     run_server,
     wait_idle,
     with_chat_template,
@@ -1024,29 +1023,28 @@ def test_another_model_served_brings_its_own_settings(page) -> None:
         "max-tokens": "7", "system": "Hi"}  # nothing of tiny-web's saved under the other model
 
 
-def test_a_model_trained_on_plain_text_opens_in_completion(browser, tmp_path: Path) -> None:
+def test_a_model_trained_on_plain_text_opens_in_completion(browser, plain_run_url: str) -> None:
     # It never learned to end a turn: in Chat its replies run on to Max tokens and read as broken. The page opens it
     # in Completion, and Chat says why; a mode the user picked for it wins.
-    with run_server(make_plain_run(tmp_path), tmp_path / "serve.log") as base:
-        page, errors = open_page(browser, base, "tiny/best")
-        expect(page.locator("#mode-completion")).to_be_checked()
-        expect(page.locator("#empty-hint .completion-only")).to_be_visible()
-        expect(page.locator("#plain-text-note")).to_be_hidden()  # Completion: nothing to say
-        page.click("label:has(#mode-chat)")
-        note = page.locator("#plain-text-note")
-        expect(note).to_have_text("This model was trained on plain text, not conversations: Completion continues "
-                                  "text.")
-        assert note.bounding_box()["height"] < 40  # one line under the mode switch, not a banner
-        color, background = page.eval_on_selector("#plain-text-note", "el => [getComputedStyle(el).color, "
-                                                  "getComputedStyle(document.body).backgroundColor]")
-        assert contrast_ratio(color, background) >= 4.5
-        reload(page, "tiny/best")
-        expect(page.locator("#mode-chat")).to_be_checked()  # the user's choice, saved for this model
-        expect(note).to_be_visible()
-        page.evaluate("localStorage.clear()")
-        reload(page, "tiny/best")
-        expect(page.locator("#mode-completion")).to_be_checked()
-        close_page(page, errors)
+    page, errors = open_page(browser, plain_run_url, "tiny/best")
+    expect(page.locator("#mode-completion")).to_be_checked()
+    expect(page.locator("#empty-hint .completion-only")).to_be_visible()
+    expect(page.locator("#plain-text-note")).to_be_hidden()  # Completion: nothing to say
+    page.click("label:has(#mode-chat)")
+    note = page.locator("#plain-text-note")
+    expect(note).to_have_text("This model was trained on plain text, not conversations: Completion continues "
+                              "text.")
+    assert note.bounding_box()["height"] < 40  # one line under the mode switch, not a banner
+    color, background = page.eval_on_selector("#plain-text-note", "el => [getComputedStyle(el).color, "
+                                              "getComputedStyle(document.body).backgroundColor]")
+    assert contrast_ratio(color, background) >= 4.5
+    reload(page, "tiny/best")
+    expect(page.locator("#mode-chat")).to_be_checked()  # the user's choice, saved for this model
+    expect(note).to_be_visible()
+    page.evaluate("localStorage.clear()")
+    reload(page, "tiny/best")
+    expect(page.locator("#mode-completion")).to_be_checked()
+    close_page(page, errors)
 
 
 def test_a_model_trained_on_plain_text_served_next_opens_in_completion(page) -> None:
@@ -1262,6 +1260,12 @@ def contrast_ratio(color: str, background: str) -> float:
     return (lighter + 0.05) / (darker + 0.05)
 
 
+# In the page, what an element's text is seen on: the nearest background painted, its own or an ancestor's.
+BACKGROUND_UNDER = """const backgroundUnder = (el) => {
+    while (getComputedStyle(el).backgroundColor === 'rgba(0, 0, 0, 0)') el = el.parentElement;
+    return getComputedStyle(el).backgroundColor; };"""
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 def test_text_meets_wcag_contrast(browser, url: str, scheme: str) -> None:
     # WCAG AA asks 4.5:1 of text. In dark mode, white on the lighter accent was 3.2:1 (Send, the selected mode)
@@ -1269,17 +1273,25 @@ def test_text_meets_wcag_contrast(browser, url: str, scheme: str) -> None:
     page, errors = open_page(browser, url, "tiny-web", color_scheme=scheme)
     assert page.evaluate(f"matchMedia('(prefers-color-scheme: {scheme})').matches")
     for selector in ("#send", ".modes input:checked + span", "#model-size", "#model-context", "#empty-hint .chat-only",
-                     "#stats", "button.ghost"):
-        # The background is the nearest one painted: most text lies on its parent's or the page's.
-        color, background = page.eval_on_selector(selector, """el => {
-            let under = el;
-            while (getComputedStyle(under).backgroundColor === 'rgba(0, 0, 0, 0)') under = under.parentElement;
-            return [getComputedStyle(el).color, getComputedStyle(under).backgroundColor];
-        }""")
+                     "#stats"):
+        # Most text lies on its parent's background or the page's.
+        color, background = page.eval_on_selector(
+            selector, f"el => {{ {BACKGROUND_UNDER} return [getComputedStyle(el).color, backgroundUnder(el)]; }}")
         assert contrast_ratio(color, background) >= 4.5, (selector, color, background)
     if scheme == "dark":
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "webpage-dark.png"))
+    # The secondary buttons shown (Clear, Reset settings, a message's, an edit's Cancel) are their text alone, on
+    # what they lie on: the edit box's Cancel, on the page, was a box of the panel's colour (white in light mode).
+    page.fill("#max-tokens", "1")
+    send_and_wait(page, "Hello")
+    page.click(".message.user button.edit")
+    shown = page.eval_on_selector_all("button.ghost", f"""buttons => {{ {BACKGROUND_UNDER}
+        return buttons.filter((button) => button.checkVisibility()).map((button) => [button.textContent,
+            getComputedStyle(button).color, backgroundUnder(button), backgroundUnder(button.parentElement)]); }}""")
+    assert "Cancel" in [name for name, *_ in shown]
+    for name, color, background, beneath in shown:
+        assert background == beneath and contrast_ratio(color, background) >= 4.5, (name, color, background, beneath)
     close_page(page, errors)
 
 
@@ -1322,11 +1334,8 @@ def test_error_text_stop_button_and_placeholders_meet_wcag_contrast(browser, url
         setBusy(true); }""")  # as during a stream: Stop enabled
     for selector, pseudo in (("#stats", None), ("#stop", None), ("#prompt", "::placeholder"),
                              ("#seed", "::placeholder"), ("#system", "::placeholder")):
-        color, background = page.eval_on_selector(selector, """(el, pseudo) => {
-            let under = el;
-            while (getComputedStyle(under).backgroundColor === 'rgba(0, 0, 0, 0)') under = under.parentElement;
-            return [getComputedStyle(el, pseudo).color, getComputedStyle(under).backgroundColor];
-        }""", pseudo)
+        color, background = page.eval_on_selector(selector, f"""(el, pseudo) => {{ {BACKGROUND_UNDER}
+            return [getComputedStyle(el, pseudo).color, backgroundUnder(el)]; }}""", pseudo)
         assert contrast_ratio(color, background) >= 4.5, (selector, pseudo, color, background)
     page.evaluate("setBusy(false)")
     close_page(page, errors)

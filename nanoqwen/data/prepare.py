@@ -466,9 +466,16 @@ def _is_qwen3(tokenizer: Tokenizer) -> bool:
     if tokenizer.vocab_size != QWEN_FIRST_SPECIAL_ID + len(QWEN_SPECIAL_TOKENS) or not piece_safe(tokenizer.hf):
         return False  # cheap checks first: most folders are BPEs of their own
     try:
-        return tokenizer.fingerprint == qwen3_tokenizer().fingerprint
+        return tokenizer.fingerprint == _qwen3_fingerprint()
     except NanoQwenError:  # the Qwen ranks are not installed: encode with the folder's own tokenizer
         return False
+
+
+@lru_cache(maxsize=1)
+def _qwen3_fingerprint() -> str:
+    """The Qwen3 tokenizer's fingerprint, once a process: loading it and hashing its 151,669 tokens took about a
+    second each time a folder's tokenizer of its size was checked (every eval of such a checkpoint)."""
+    return qwen3_tokenizer().fingerprint
 
 
 def _rendered(documents: Iterator[Document], tokenizer: Tokenizer) -> Iterator[str]:
