@@ -499,12 +499,17 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
 
     if hub.local:  # streaming leaves no copy of local data files in the HF cache
         root = Path(hub.name)
-        if root.is_dir() and (own := _written_inside(root)):  # their train.bin, train_state.json: its train split
+        files = all_files(root) if root.is_dir() else []
+        if own := _written_inside(root, files):  # their train.bin, train_state.json: its train split
             written = first_few([p.relative_to(root) for p in own])
+            # nanoqwen's own reader leaves them out, unless it takes the whole folder for one nanoqwen wrote (the
+            # dataset's own tokenizer.json at its top): it then refuses it, as a tokenizer
+            own_reader = "" if root in own_folders(root, files) else (
+                f", or give --dataset {quote(str(root))} to read the files with nanoqwen's own reader, which leaves "
+                "them out")
             raise NanoQwenError(f"{root} holds folders nanoqwen wrote ({written}), which `datasets` would read as "
-                                "files of the dataset; move them out of it (run nanoqwen from another folder), or "
-                                f"give --dataset {quote(str(root))} to read the files with nanoqwen's own reader, "
-                                "which leaves them out")
+                                "files of the dataset; move them out of it (run nanoqwen from another folder)"
+                                f"{own_reader}")
         try:
             return datasets.load_dataset(hub.name, hub.config, split=split, streaming=True)
         except Exception as e:  # datasets raises many types for a folder it cannot read
