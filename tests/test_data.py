@@ -836,6 +836,24 @@ def test_conversations_written_with_a_former_built_in_chat_template_are_prepared
     assert {p.name: p.read_bytes() for p in texts.iterdir()} == made[texts]
 
 
+def test_conversations_whose_tokenizer_config_was_deleted_are_said_to_miss_it(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # Its tokenizer_config.json (the record of their chat template) deleted by hand, a folder of conversations was
+    # said to hold "conversations written with an older nanoqwen's chat template": no release had changed it.
+    from nanoqwen.cli import main
+
+    write_chat_lines(tmp_path / "chats.jsonl")
+    chats = prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "chats", progress=False)
+    (chats / "tokenizer_config.json").unlink()
+    capsys.readouterr()
+    assert main(["prepare", "--dataset", str(tmp_path / "chats.jsonl"), "--tokenizer", "bpe:300", "--out",
+                 str(chats)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen prepare: error: {chats} has no tokenizer_config.json, the record of the chat template its "
+        "conversations were written with (runs trained on it resume only from it); give --force to replace it, or "
+        "another --out")
+
+
 def test_plain_text_carries_the_built_in_chat_template_of_the_release_that_trains_on_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # A folder of plain text stays up to date when the built-in ChatML template changes (its tokens hold none of it),

@@ -827,7 +827,8 @@ def writes_built_in_template(spec: str) -> bool:
 def _made_otherwise(out: Path, tokenizer: str, fingerprints: tuple[str, ...]) -> str | None:
     """Why the folder `out` holds other data than the same inputs give now (it records one of their `fingerprints`):
     files an older nanoqwen skipped and this one reads, as its meta.json lists them, or conversations written with
-    another built-in chat template than this nanoqwen's; None if neither (or no complete folder, or other inputs)."""
+    another built-in chat template than this nanoqwen's (or with one no longer recorded); None if neither (or no
+    complete folder, or other inputs)."""
     try:
         meta = load_meta(out)
     except NanoQwenError:
@@ -835,8 +836,11 @@ def _made_otherwise(out: Path, tokenizer: str, fingerprints: tuple[str, ...]) ->
     if meta.get("fingerprint") not in fingerprints:  # other inputs (another tokenizer's template): said as such
         return None
     # The chat template a folder's conversations were written with is the one its tokenizer_config.json records.
+    config = out / "tokenizer_config.json"
     if meta.get("conversations") and writes_built_in_template(tokenizer) and \
-            _recorded(out / "tokenizer_config.json", "chat_template") != CHAT_TEMPLATE:
+            _recorded(config, "chat_template") != CHAT_TEMPLATE:
+        if not config.is_file():  # deleted by hand: which template wrote them is unknown, not an older one
+            return f"has no {config.name}, the record of the chat template its conversations were written with"
         return "holds conversations written with an older nanoqwen's chat template"
     # Made before chat records were read, a folder skipped .json files of them, its reason naming their fields; made
     # before UTF-16/32 tables and JSON lines were read, it skipped those, said "read line by line as UTF-8".
