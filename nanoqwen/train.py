@@ -795,8 +795,10 @@ def open_trackers(run: Run, opened: ExitStack) -> list[Tracker]:
         if run.cfg.tensorboard:
             trackers.append(opened.enter_context(TensorBoardLog(run.out, run.state.step)))
         if run.cfg.wandb:
+            # config.json as written (start_fresh, record_resume): a resume's own run_config would hold its launch
+            # and command alone, not the run's
             wandb = opened.enter_context(WandbLog(run.out, run.cfg.wandb_project, run.state.wandb_id,
-                                                  run_config(run)))
+                                                  read_run_config(run.out)))
             run.state.wandb_id = wandb.id
             trackers.append(wandb)
 

@@ -756,6 +756,20 @@ def test_wandb_run_in_the_folder_itself_is_named_after_it(data: Path, preset: Pa
     assert [logged.name for logged in wandb_runs(out)] == ["here"]
 
 
+def test_a_resumed_wandb_run_is_given_the_run_config_json(data: Path, preset: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A resume gave W&B a config.json built afresh: its launches held this launch alone, its command this one's.
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "tracked"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "2", "--wandb") == 0
+    assert train_in_process("--resume", str(out), "--max-steps", "3") == 0
+    first, resumed = wandb_runs(out)
+    config = json.loads((out / "config.json").read_text())
+    assert [launch["step"] for launch in resumed.config["launches"]] == [0, 2]
+    assert {key: resumed.config[key] for key in config} == config
+    assert first.config["command"] == resumed.config["command"]
+
+
 def test_a_run_in_the_current_folder_resumes_as_its_report_says(data: Path, preset: Path, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch,
                                                                 capsys: pytest.CaptureFixture[str]) -> None:
