@@ -558,15 +558,20 @@ def launch(run: Run) -> dict[str, Any]:
 
 
 def record_launch(saved: dict[str, Any], run: Run) -> None:
-    """Add this (resumed) invocation to the run's config.json `saved`. A launch from this step or later saved
-    none of its steps (a resume that failed or was killed before its first save): this one replaces it."""
+    """Add this (resumed) invocation to the run's config.json `saved`: its launch to `launches`, its command line
+    to `resumed_with`. A launch from this step or later saved none of its steps (a resume that failed or was killed
+    before its first save): this one replaces it, in both."""
     this = launch(run)
     launches = saved.get("launches")
     if not isinstance(launches, list):  # a run from before launches were recorded: its first, as it said
         launches = [{"step": 0, **{key: saved[key] for key in this if key in saved}}]
     kept = [entry for entry in launches
             if isinstance(entry, dict) and isinstance(entry.get("step"), int) and entry["step"] < run.state.step]
-    saved.update(this, launches=[*kept, {"step": run.state.step, **this}])
+    # Each resume since launches were recorded appended to both, and the steps launches start from only grow: the
+    # launches replaced are its last ones, their command lines the last ones of resumed_with
+    commands = saved.get("resumed_with")
+    commands = commands[:max(0, len(commands) - (len(launches) - len(kept)))] if isinstance(commands, list) else []
+    saved.update(this, launches=[*kept, {"step": run.state.step, **this}], resumed_with=[*commands, sys.argv])
 
 
 def first_launch(saved: dict[str, Any]) -> dict[str, Any]:

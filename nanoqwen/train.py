@@ -457,7 +457,6 @@ def continue_run(run: Run, resume_dir: Path, changes: Changes) -> None:
         if "data_digest" not in saved:  # a run from before they were recorded (else check_resumed_data read it)
             saved.setdefault("data_splits", data_splits(run.data))
             saved["data_digest"] = data_digest(run.data)
-        saved.setdefault("resumed_with", []).append(sys.argv)
         write_json(out / "config.json", saved)
 
     on_rank0(record_resume)

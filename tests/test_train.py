@@ -1714,12 +1714,16 @@ def test_config_json_says_how_the_latest_launch_ran_and_each_launch_from_its_ste
     config = json.loads((out / "config.json").read_text())
     assert (config["world_size"], config["threads"]) == (1, 1)  # this launch's
     assert config["launches"] == [{**first, "world_size": 2, "threads": 7}, {**first, "step": 2}]
-    # A launch that stopped before its first save ran no step the run kept: the next one from its step replaces it.
+    # A launch that stopped before its first save ran no step the run kept: the next one from its step replaces it,
+    # in launches and its command line in resumed_with (which kept it).
+    killed = ["nanoqwen", "train", "--resume", str(out), "--max-steps", "9"]
     config["launches"].append({**first, "step": 3, "world_size": 4})
+    config["resumed_with"].append(killed)
     (out / "config.json").write_text(json.dumps(config))
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
     config = json.loads((out / "config.json").read_text())
     assert [(launch["step"], launch["world_size"]) for launch in config["launches"]] == [(0, 2), (2, 1), (3, 1)]
+    assert len(config["resumed_with"]) == 2 and killed not in config["resumed_with"]
     # A last/ from before saves recorded their dtype is compared with the run's first launch's, not with that of a
     # later one that saved nothing (here a resume with --dtype bf16 that failed before its first save).
     state = json.loads((out / "last/train_state.json").read_text())
