@@ -179,13 +179,17 @@ class Conversation:
         kept = list(self.messages)
         self.messages.append(message)
         try:
-            while len(ids := self._ids(self.messages)) > limit and len(self.messages) > 1:
+            while True:
+                prompt = self._prompt(self.messages)
+                ids = self.tokenizer.encode(prompt)
+                if len(ids) <= limit or len(self.messages) == 1:
+                    break
                 del self.messages[:2 if len(self.messages) > 2 else 1]  # the oldest user turn and its reply
                 self.dropped += 1
         except NanoQwenError:  # the model's own template refused the conversation: keep it as it was
             self.messages = kept
             raise
-        self.prompt_opens_thinking = self._prompt(self.messages).rstrip().endswith(THINK_START)
+        self.prompt_opens_thinking = prompt.rstrip().endswith(THINK_START)
         return ids
 
     def withdraw(self) -> None:

@@ -543,10 +543,11 @@ RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not)
 
 def run_config(run: Run) -> dict[str, Any]:
     """config.json of the run folder: what was asked for and what it resolved to."""
+    this = launch(run)
     return {"version": STATE_VERSION, "format": RUN_CONFIG_FORMAT, "preset": run.preset, **data_place(run),
             "data_splits": data_splits(run.data), "data_digest": data_digest(run.data),  # tell other data on resume
-            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config), **launch(run),
-            "launches": [{"step": run.state.step, **launch(run)}],
+            "train": dataclasses.asdict(run.cfg), "model": dataclasses.asdict(run.model.config), **this,
+            "launches": [{"step": run.state.step, **this}],
             "command": sys.argv, "args": {k: v for k, v in vars(run.args).items() if k != "func"}}
 
 
