@@ -99,6 +99,14 @@ def send_and_wait(page, prompt: str) -> None:
     wait_for_reply(page)
 
 
+def send_greedy(page, max_tokens: int, *prompts: str) -> None:
+    """Greedy replies of at most `max_tokens` tokens to `prompts`, one after another, each waited for."""
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", str(max_tokens))
+    for prompt in prompts:
+        send_and_wait(page, prompt)
+
+
 def reload(page, model_name: str = "tiny-web") -> None:
     page.reload()
     page.wait_for_function(f"document.getElementById('model-name').textContent === '{model_name}'")
@@ -1472,10 +1480,7 @@ def test_clear_can_be_undone_until_the_next_send(page) -> None:
     # Clear wiped the conversation at once, with no way back: a slip of the mouse lost it. It says so in one line
     # with an Undo that brings the transcript back, as saved and as the model sees it, until the next send in that
     # mode; the other mode's transcript (and its own Clear) is apart.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "3")
-    send_and_wait(page, "First")
-    send_and_wait(page, "Second")
+    send_greedy(page, 3, "First", "Second")
     shown = transcript(page)
     page.fill("#prompt", "typed, not sent")  # Clear is no Send: the message box's text stays there, unsent
     page.click("#clear")
@@ -1511,10 +1516,7 @@ def test_each_message_button_is_named_apart_for_screen_readers(page) -> None:
     # Every message's Edit and every reply's Copy were named alike: a screen reader's list of buttons read "Edit,
     # Copy, Edit, Copy", none saying which message it acts on. Each names its message by number, its visible word
     # first (as spoken commands name it); a regenerated reply takes its place's number.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "2")
-    send_and_wait(page, "First")
-    send_and_wait(page, "Second")
+    send_greedy(page, 2, "First", "Second")
     page.click("button.regenerate")
     wait_for_reply(page)
     buttons = page.locator(".message button.edit, .message button.copy")
@@ -1549,9 +1551,7 @@ HELD_STREAM = """() => {
 def test_the_status_line_follows_the_reply_being_generated(page) -> None:
     # While a reply streamed, the status line still gave the previous reply's figures ("3 tokens · finish: length"),
     # as if they were this one's. It says this reply is being generated, with its count so far, then its own figures.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "3")
-    send_and_wait(page, "First")
+    send_greedy(page, 3, "First")
     stats = page.locator("#stats")
     expect(stats).to_contain_text("3 tokens")
     page.evaluate(HELD_STREAM)
@@ -1580,10 +1580,7 @@ def test_the_edit_box_send_is_named_apart_from_the_main_send(page) -> None:
     # The edit box's Send was named "Send", as the message box's is: a screen reader's list of buttons read "Send,
     # Send", and a spoken "click Send" could not tell them apart. It names the message it sends (its number, as the
     # message's Edit button does), its visible word first.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "2")
-    send_and_wait(page, "First")
-    send_and_wait(page, "Second")
+    send_greedy(page, 2, "First", "Second")
     page.get_by_role("button", name="Edit message 2", exact=True).click()
     expect(page.locator(".editor button[type=submit]")).to_have_accessible_name("Send edited message 2")
     expect(page.get_by_role("button", name="Send", exact=True)).to_have_count(1)  # the message box's alone
@@ -1651,9 +1648,7 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(page) -> None:
 def test_a_clear_in_one_mode_keeps_the_others_undo(page) -> None:
     # Undo brings a Clear back until the next send in its mode, but one slot held both modes' Clears: Chat cleared,
     # then Completion's transcript cleared too, and Chat's Undo was gone with no send in Chat.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "2")
-    send_and_wait(page, "First")
+    send_greedy(page, 2, "First")
     chat = transcript(page)
     page.click("#clear")
     page.click("label:has(#mode-completion)")
@@ -1676,10 +1671,7 @@ def test_undo_after_clear_survives_a_reload(page) -> None:
     # The conversation survives a reload (the tab's), but what Clear took away did not: a reload after a slip of the
     # mouse lost the conversation for good, Undo gone. Each mode's Clear is kept as the conversation is, until the
     # next send in that mode; brought back, it is the conversation the model sees again.
-    page.fill("#temperature", "0")
-    page.fill("#max-tokens", "2")
-    send_and_wait(page, "First")
-    send_and_wait(page, "Second")
+    send_greedy(page, 2, "First", "Second")
     chat = transcript(page)
     page.click("#clear")
     page.click("label:has(#mode-completion)")
