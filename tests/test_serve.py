@@ -95,6 +95,16 @@ def test_models_and_health(client: openai.OpenAI, url: str, local) -> None:
     assert health["status"] == "ok" and health["model"] == "tiny"
 
 
+def test_an_empty_model_name_asks_for_the_model_served(client: openai.OpenAI, url: str) -> None:
+    # As vLLM takes it (and as a request that leaves `model` out): clients that need no model name send "". It was a
+    # 404 naming model ''. GET /v1/models/ names no model, so it stays a 404.
+    hi = [{"role": "user", "content": "hi"}]
+    assert client.completions.create(model="", prompt="hi", max_tokens=1).model == "tiny"
+    assert client.chat.completions.create(model="", messages=hi, max_tokens=1).model == "tiny"
+    assert httpx.post(f"{url}/tokenize", json={"model": "", "prompt": "hi"}).status_code == 200
+    assert httpx.get(f"{url}/v1/models/").status_code == 404
+
+
 def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, local) -> None:
     # vLLM's /tokenize: the web page asks it how much of a chat's history fits.
     tokenizer = local[1]

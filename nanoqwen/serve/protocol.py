@@ -69,6 +69,12 @@ class RequestBody(BaseModel):
 
     model: str | None = None
 
+    @field_validator("model", mode="before")
+    @classmethod
+    def empty_is_not_given(cls, value: Any) -> Any:
+        """An empty model name asks for the model served, as vLLM takes it (clients that need none send "")."""
+        return None if value == "" else value
+
     def check_text(self) -> None:
         """JSON may carry a lone UTF-16 surrogate ("\\ud800"), which is not text: no tokenizer encodes it,
         and an error message quoting it could not be sent. Refused up front, naming the field."""
