@@ -1526,6 +1526,31 @@ def test_a_request_with_tools_still_answers_in_text(thinker_server: tuple[Path, 
         assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
 
 
+def test_tools_are_function_tools_or_refused_by_name(thinker_server: tuple[Path, str, Path]) -> None:
+    # A tool that is no function tool (OpenAI's newer "custom" tools, or one without its function's name) was handed
+    # to the template: this one failed in a line that blamed 'messages', and an official Qwen3 template (which lists
+    # each tool as JSON) took a custom tool, whose call came back as a function call. Refused by name, as vLLM does.
+    _, base, _ = thinker_server
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+    messages = [{"role": "user", "content": "Weather in Oslo?"}]
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    refusals = {"tools[1].type": [weather, {"type": "custom", "custom": {"name": "shell"}}],
+                "tools[0].function.name": [{"type": "function", "function": {"parameters": {}}}],
+                "tools[0].function": [{"type": "function"}]}
+    for param, tools in refusals.items():
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=1)
+        assert e.value.body["param"] == param, e.value.body
+        r = httpx.post(f"{base}/tokenize", json={"messages": messages, "tools": tools})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+    a_tool = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'
+    assert e.value.body["message"] == f"'tools[0].function' is missing; a tool is {a_tool}"
+    custom = httpx.post(f"{base}/tokenize", json={"messages": messages, "tools": refusals["tools[1].type"]}).json()
+    assert custom["error"]["message"] == f"'tools[1].type' is \"custom\"; this server calls function tools only: " \
+        f"give {a_tool}"
+    assert client.chat.completions.create(model="thinker", messages=messages, tools=[weather], max_tokens=1).choices
+
+
 def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch) -> None:
     # A 360 KB prompt took 0.5 s to tokenize on the event loop, and every stream and /health waited for it.
     # Here tokenizing waits until /health has answered: on the event loop, it never could have.

@@ -14,11 +14,11 @@ as vLLM's.
 `top_k`, `min_p`, `repetition_penalty`, `skip_special_tokens` (default true), `min_tokens`, `ignore_eos`,
 `stop_token_ids` and `include_stop_str_in_output` are extras (as vLLM names them).
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
-`tools`, and the `tool_calls` and `tool_call_id` of messages, go to a chat template that uses them
-(official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request come back as `tool_calls`
-(`tool_choice` "auto" or "none"; forcing a call, "required" or a named one, is refused; `parallel_tool_calls: false`
-keeps the first; both only with `tools`, as OpenAI's). Other unknown fields are ignored,
-as OpenAI-compatible servers commonly do.
+`tools` (function tools; other kinds are refused), and the `tool_calls` and `tool_call_id` of messages, go to
+a chat template that uses them (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request
+come back as `tool_calls` (`tool_choice` "auto" or "none"; forcing a call, "required" or a named one, is
+refused; `parallel_tool_calls: false` keeps the first; both only with `tools`, as OpenAI's). Other unknown fields are
+ignored, as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
 
@@ -213,6 +213,9 @@ class ChatMessage(BaseModel):
         return "\n".join(texts)  # as vLLM and llama.cpp's server join the parts for a template that reads text
 
 
+FUNCTION_TOOL = '{"type": "function", "function": {"name": ..., "parameters": {...}}}'  # a tool, as OpenAI's
+
+
 class ChatInput(RequestBody):
     """A conversation and what its chat template takes besides: shared by chat requests and /tokenize."""
 
@@ -233,7 +236,24 @@ class ChatInput(RequestBody):
         if taken := sorted(given.keys() & {"messages", "add_generation_prompt"}):
             raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(taken)}; the request's own fields "
                                 "say that", "chat_template_kwargs")
+        self.check_tools()
         return {**given, "tools": self.tools} if self.tools else given
+
+    def check_tools(self) -> None:
+        """Each tool a function with a name, as OpenAI's and vLLM's APIs take them (no `type` reads as "function", as
+        vLLM's): another kind (OpenAI's "custom") or a tool without its function would reach the template, which may
+        list any JSON (official Qwen3 ones do), and a call of it would come back as a function's."""
+        for i, tool in enumerate(self.tools or []):
+            if (kind := tool.get("type", "function")) != "function":
+                raise APIError(400, f"'tools[{i}].type' is {json.dumps(kind)}; this server calls function tools only: "
+                                    f"give {FUNCTION_TOOL}", f"tools[{i}].type")
+            function = tool.get("function")
+            if not isinstance(function, dict):
+                raise APIError(400, f"'tools[{i}].function' {'is missing' if function is None else 'is no object'}; "
+                                    f"a tool is {FUNCTION_TOOL}", f"tools[{i}].function")
+            if not isinstance(function.get("name"), str):
+                raise APIError(400, f"'tools[{i}].function.name' is missing or no string; a tool is {FUNCTION_TOOL}",
+                               f"tools[{i}].function.name")
 
     def uses_tools(self) -> bool:
         return bool(self.tools) or any((m.model_extra or {}).get("tool_calls") for m in self.messages or [])
