@@ -1524,6 +1524,14 @@ def test_a_request_with_tools_still_answers_in_text(thinker_server: tuple[Path, 
             client.chat.completions.create(model="thinker", messages=messages, tools=given, max_tokens=2,
                                            tool_choice=choice)
         assert (e.value.body["message"], e.value.body["param"]) == (message, "tool_choice")
+    # OpenAI's allowed_tools (a subset the model may call) was refused as "naming a function": it names what to send
+    allowed = {"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [{"type": "function",
+                                                                                     "function": {"name": "f"}}]}}
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="thinker", messages=messages, tools=tools, max_tokens=2,
+                                       tool_choice=allowed)
+    assert e.value.body["message"] == ("'tool_choice' of type \"allowed_tools\" is not supported; send the allowed "
+                                       "tools alone as 'tools', with \"auto\" (the model decides among them)")
 
 
 def test_tools_are_function_tools_or_refused_by_name(thinker_server: tuple[Path, str, Path]) -> None:

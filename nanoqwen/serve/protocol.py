@@ -308,8 +308,11 @@ class ChatRequest(SamplingRequest, ChatInput):
         if isinstance(self.tool_choice, str) and self.tool_choice not in ("auto", "none", "required"):
             raise APIError(400, f"Invalid value for 'tool_choice': {json.dumps(self.tool_choice)}; give \"auto\" (the "
                                 "model decides) or \"none\"", "tool_choice")
+        if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "allowed_tools":  # OpenAI's subset
+            raise APIError(400, "'tool_choice' of type \"allowed_tools\" is not supported; send the allowed tools "
+                                "alone as 'tools', with \"auto\" (the model decides among them)", "tool_choice")
         if self.tool_choice not in (None, "auto", "none"):
-            given = json.dumps(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a function"
+            given = json.dumps(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a tool"
             raise APIError(400, f"'tool_choice' {given} is not supported: this server cannot "
                                 "force a tool call (that needs constrained decoding); give \"auto\" (the model "
                                 "decides) or \"none\"", "tool_choice")
