@@ -135,6 +135,23 @@ def test_tokenize_counts_what_a_request_would(client: openai.OpenAI, url: str, l
         assert r.status_code == 400 and r.json()["error"]["message"], body
 
 
+def test_openais_message_forms_read_as_the_template_takes_them(client: openai.OpenAI, url: str, local) -> None:
+    # OpenAI's `developer` role is the system prompt; a message's `name` (OpenAI's participant name) reaches the
+    # template, which ChatML's leaves out; an assistant message last is a closed turn, and the reply a new one (no
+    # prefill, as OpenAI's: vLLM's continue_final_message, which would prefill, is refused in BAD_REQUESTS).
+    tokenizer = local[1]
+    system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    forms = [{"role": "developer", "content": "Be brief."}, {"role": "user", "content": "Hi", "name": "ann"}]
+    counted = httpx.post(f"{url}/tokenize", json={"messages": forms}).json()["tokens"]
+    assert counted == tokenizer.encode(tokenizer.render_chat(system))
+    assert client.chat.completions.create(model="tiny", messages=forms, max_tokens=1).usage.prompt_tokens == \
+        len(counted)
+    said = [*system, {"role": "assistant", "content": "Hel"}]
+    reply = client.chat.completions.create(model="tiny", messages=said, max_tokens=1)
+    assert tokenizer.render_chat(said).endswith("Hel<|im_end|>\n<|im_start|>assistant\n")
+    assert reply.usage.prompt_tokens == len(tokenizer.encode(tokenizer.render_chat(said)))
+
+
 def test_greedy_completion_equals_generate(client: openai.OpenAI, local) -> None:
     prompt = "Once upon a time"
     r = client.completions.create(model="tiny", prompt=prompt, max_tokens=20, temperature=0)
