@@ -24,7 +24,7 @@ import torch
 from nanoqwen.checkpoint import display_name, load_checkpoint, read_config, read_generation_file
 from nanoqwen.config import ModelConfig, rope_type
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.generate import saved_sampling
+from nanoqwen.generate import checkpoint_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
 from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer
@@ -204,8 +204,9 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
-    sampling = saved_sampling(generation)
+    # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line, and
+    # do_sample false greedy: temperature 0, which llama.cpp (taking these as its defaults) reads as greedy too.
+    sampling = checkpoint_sampling(generation, base={})
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp)):
         if key in sampling:

@@ -211,6 +211,12 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.min_p"],
             meta["general.sampling.temp"]) == (20, 0.5, 0.25, 1.0)
+    # do_sample false is greedy for sample, chat and Transformers: llama.cpp, which takes general.sampling.* as its
+    # defaults, sampled at the file's temperature 0.7; its temperature 0 is greedy.
+    config.write_text(json.dumps({"do_sample": False, "top_k": 20, "temperature": 0.7}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["general.sampling.top_k"], meta["general.sampling.temp"]) == (20, 0.0)
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
