@@ -239,6 +239,19 @@ def test_special_ids_come_as_the_converter_finds_them(tmp_path: Path, bpe: Token
         assert meta["tokenizer.ggml.eos_token_id"] == bpe.token_id("<|im_end|>"), eos
 
 
+def test_the_chat_template_is_the_one_the_model_is_chatted_with(tmp_path: Path, bpe: Tokenizer) -> None:
+    # Transformers, and so chat and serve, take chat_template.jinja over tokenizer_config.json's template; gguf's
+    # SpecialVocab took the config's, and without tokenizer_config.json none: llama.cpp chatted in another format.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    jinja = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    (folder / "chat_template.jinja").write_text(jinja)
+    for config_file in (True, False):
+        if not config_file:
+            (folder / "tokenizer_config.json").unlink()
+        write_gguf(folder, tmp_path / "m.gguf", "f32")
+        assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.chat_template"] == jinja, config_file
+
+
 def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> None:
     # The official Qwen3 tokenizer.json differs from the one written here only in settings that do not
     # change how text is split (trim_offsets, the decoder's options): it is not refused for them.
