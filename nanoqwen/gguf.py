@@ -208,9 +208,12 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     # do_sample false greedy: temperature 0, which llama.cpp (taking these as its defaults) reads as greedy too.
     sampling = checkpoint_sampling(generation, base={})
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
-                     ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp)):
+                     ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp),
+                     ("repetition_penalty", writer.add_sampling_penalty_repeat)):
         if key in sampling:
             add(min(sampling[key], 2**31 - 1) if key == "top_k" else sampling[key])  # an int32: any more is all
+    if "repetition_penalty" in sampling:  # over the prompt and the reply, as sample and chat apply it (llama.cpp: 64)
+        writer.add_sampling_penalty_last_n(-1)  # -1: llama.cpp's whole context
 
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")

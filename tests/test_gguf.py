@@ -217,6 +217,12 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.top_k"], meta["general.sampling.temp"]) == (20, 0.0)
+    # A repetition penalty, which sample and chat apply over the prompt and the reply (as Transformers does), was left
+    # out: llama.cpp's, over the whole context (last_n -1), is the same.
+    config.write_text(json.dumps({"do_sample": True, "repetition_penalty": 1.25}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["general.sampling.penalty_repeat"], meta["general.sampling.penalty_last_n"]) == (1.25, -1)
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
