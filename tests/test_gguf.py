@@ -152,6 +152,28 @@ def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bp
     assert torch.equal(as_bf16.reshape(weight.shape), weight.to(torch.bfloat16))
 
 
+def test_a_bf16_checkpoint_is_written_bf16_bit_for_bit_and_its_norms_as_float32(tmp_path: Path,
+                                                                               bpe: Tokenizer) -> None:
+    # What training saves (bf16 weights): auto keeps them bf16, as the converter does, every value as stored.
+    folder = tmp_path / "ck"
+    _, model = checkpoint(folder, bpe, tie_word_embeddings=False)
+    save_checkpoint(model.to(torch.bfloat16), folder, bpe)
+    write_gguf(folder, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, CONFIG.num_hidden_layers)
+    stored = {t.name: t for t in reader.tensors}
+    for key, value in model.state_dict().items():
+        tensor = stored[names.get_name(key, try_suffixes=(".weight",))]
+        data = np.asarray(tensor.data)
+        if value.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(data, value.float().numpy())
+        else:  # (read back as its bytes)
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16, key
+            as_bf16 = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(value.shape)
+            assert torch.equal(as_bf16, value), key
+
+
 def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
         tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = checkpoint(tmp_path / "best", bpe)
