@@ -24,10 +24,10 @@ import torch
 from nanoqwen.checkpoint import display_name, load_checkpoint, read_config, read_generation_file
 from nanoqwen.config import ModelConfig, rope_type
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.generate import saved_sampling
+from nanoqwen.generate import checkpoint_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
-from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer
+from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, default_chat_template
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
 TENSOR_NAMES = {
@@ -204,12 +204,16 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_file_type({"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                           "bf16": gguf.LlamaFileType.MOSTLY_BF16, "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[outtype])
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line.
-    sampling = saved_sampling(generation)
+    # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line, and
+    # do_sample false greedy: temperature 0, which llama.cpp (taking these as its defaults) reads as greedy too.
+    sampling = checkpoint_sampling(generation, base={})
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
-                     ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp)):
+                     ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp),
+                     ("repetition_penalty", writer.add_sampling_penalty_repeat)):
         if key in sampling:
             add(min(sampling[key], 2**31 - 1) if key == "top_k" else sampling[key])  # an int32: any more is all
+    if "repetition_penalty" in sampling:  # over the prompt and the reply, as sample and chat apply it (llama.cpp: 64)
+        writer.add_sampling_penalty_last_n(-1)  # -1: llama.cpp's whole context
 
     tokens, types = vocabulary(tokenizer, config.vocab_size)
     writer.add_tokenizer_model("gpt2")
@@ -223,6 +227,11 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
         raise NanoQwenError(f"{directory}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp "
                             "loads no BPE tokenizer without them; train one with a --vocab-size above "
                             f"{256 + len(BPE_SPECIAL_TOKENS)} on enough text to merge some pairs")
+    # The chat template chat and serve use: Transformers takes chat_template.jinja over tokenizer_config.json's,
+    # SpecialVocab the config's (and reads neither without that file), which gave llama.cpp another chat format.
+    own_template = tokenizer.config.get("chat_template")
+    if default_chat_template(special_vocab.chat_template) != default_chat_template(own_template):
+        special_vocab.chat_template = own_template
     special_vocab.add_to_gguf(writer, quiet=True)
 
     state = model.state_dict()

@@ -167,6 +167,14 @@ def build_qwen3_tokenizer() -> HFTokenizer:
     return byte_level_tokenizer(vocab, merges, QWEN_SPECIAL_TOKENS, QWEN_FIRST_SPECIAL_ID)
 
 
+def default_chat_template(value: object) -> str:
+    """The template for chat of a chat_template value (tokenizer_config.json's): itself, or of several named ones the
+    "default"; "" for none."""
+    if isinstance(value, list):  # several named templates: the default one is for chat
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+    return value if isinstance(value, str) else ""
+
+
 class Tokenizer:
     """A Hugging Face `tokenizers.Tokenizer` plus what nanoqwen needs to know about it."""
 
@@ -351,11 +359,7 @@ class Tokenizer:
 
     @property
     def _chat_template_source(self) -> str:
-        source = self.config.get("chat_template")
-        if isinstance(source, list):  # several named templates: the default one is for chat
-            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),
-                          None)
-        return source if isinstance(source, str) else ""
+        return default_chat_template(self.config.get("chat_template"))
 
     @cached_property
     def _chat_template(self) -> Any:

@@ -152,6 +152,28 @@ def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bp
     assert torch.equal(as_bf16.reshape(weight.shape), weight.to(torch.bfloat16))
 
 
+def test_a_bf16_checkpoint_is_written_bf16_bit_for_bit_and_its_norms_as_float32(tmp_path: Path,
+                                                                               bpe: Tokenizer) -> None:
+    # What training saves (bf16 weights): auto keeps them bf16, as the converter does, every value as stored.
+    folder = tmp_path / "ck"
+    _, model = checkpoint(folder, bpe, tie_word_embeddings=False)
+    save_checkpoint(model.to(torch.bfloat16), folder, bpe)
+    write_gguf(folder, tmp_path / "m.gguf")
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    assert fields(reader)["general.file_type"] == gguf.LlamaFileType.MOSTLY_BF16
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN3, CONFIG.num_hidden_layers)
+    stored = {t.name: t for t in reader.tensors}
+    for key, value in model.state_dict().items():
+        tensor = stored[names.get_name(key, try_suffixes=(".weight",))]
+        data = np.asarray(tensor.data)
+        if value.ndim == 1:
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.F32 and np.array_equal(data, value.float().numpy())
+        else:  # (read back as its bytes)
+            assert tensor.tensor_type == gguf.GGMLQuantizationType.BF16, key
+            as_bf16 = torch.from_numpy(data.view(np.int16).copy()).view(torch.bfloat16).reshape(value.shape)
+            assert torch.equal(as_bf16, value), key
+
+
 def test_the_command_writes_beside_the_folder_and_refuses_another_pre_tokenizer(
         tmp_path: Path, bpe: Tokenizer, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     folder, _ = checkpoint(tmp_path / "best", bpe)
@@ -211,6 +233,18 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.top_k"], meta["general.sampling.top_p"], meta["general.sampling.min_p"],
             meta["general.sampling.temp"]) == (20, 0.5, 0.25, 1.0)
+    # do_sample false is greedy for sample, chat and Transformers: llama.cpp, which takes general.sampling.* as its
+    # defaults, sampled at the file's temperature 0.7; its temperature 0 is greedy.
+    config.write_text(json.dumps({"do_sample": False, "top_k": 20, "temperature": 0.7}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["general.sampling.top_k"], meta["general.sampling.temp"]) == (20, 0.0)
+    # A repetition penalty, which sample and chat apply over the prompt and the reply (as Transformers does), was left
+    # out: llama.cpp's, over the whole context (last_n -1), is the same.
+    config.write_text(json.dumps({"do_sample": True, "repetition_penalty": 1.25}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["general.sampling.penalty_repeat"], meta["general.sampling.penalty_last_n"]) == (1.25, -1)
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
@@ -231,6 +265,19 @@ def test_special_ids_come_as_the_converter_finds_them(tmp_path: Path, bpe: Token
         write_gguf(folder, tmp_path / "m.gguf", "f32")
         meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
         assert meta["tokenizer.ggml.eos_token_id"] == bpe.token_id("<|im_end|>"), eos
+
+
+def test_the_chat_template_is_the_one_the_model_is_chatted_with(tmp_path: Path, bpe: Tokenizer) -> None:
+    # Transformers, and so chat and serve, take chat_template.jinja over tokenizer_config.json's template; gguf's
+    # SpecialVocab took the config's, and without tokenizer_config.json none: llama.cpp chatted in another format.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    jinja = "{% for m in messages %}<|im_start|>{{ m['role'] }}: {{ m['content'] }}<|im_end|>{% endfor %}"
+    (folder / "chat_template.jinja").write_text(jinja)
+    for config_file in (True, False):
+        if not config_file:
+            (folder / "tokenizer_config.json").unlink()
+        write_gguf(folder, tmp_path / "m.gguf", "f32")
+        assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.chat_template"] == jinja, config_file
 
 
 def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> None:
