@@ -139,8 +139,12 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) == roll(x, D/2) * (-1, +1):
-    three ops instead of seven, same values."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    three ops instead of seven in float32 (one addcmul). In 16 bits each product is rounded, then the sum, as
+    Transformers rounds them: addcmul's single rounding put a sixth of bf16 values one unit apart."""
+    rolled = x.roll(x.shape[-1] // 2, -1)
+    if x.dtype == torch.float32:
+        return torch.addcmul(x * cos, rolled, signed_sin)
+    return x * cos + rolled * signed_sin
 
 
 def fuse_linears(*linears: nn.Linear, column_major: bool = False) -> torch.Tensor:

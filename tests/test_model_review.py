@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
+from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
-from nanoqwen.model import Qwen3, rope_inv_freq
+from nanoqwen.model import Qwen3, apply_rope, rope_cos_sin, rope_inv_freq
 from tests.test_model import VOCAB, scramble, tiny_config
 
 
@@ -23,3 +25,30 @@ def test_a_model_converted_to_16_bits_keeps_float32_rope_frequencies(tmp_path, d
     ids = torch.randint(0, VOCAB, (1, 600), generator=torch.Generator().manual_seed(32))
     with torch.no_grad():
         assert torch.equal(model(ids), load_model(tmp_path / "ck", dtype=dtype)(ids))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rope_in_16_bits_rounds_as_transformers_does(dtype: torch.dtype) -> None:
+    # One addcmul rounded x * cos + rotate_half(x) * sin once; Transformers rounds each product, then the sum: a
+    # sixth of bf16 values came out one unit apart, and every logit of a 16-bit model after them.
+    g = torch.Generator().manual_seed(33)
+    x = (3 * torch.randn(2, 50, 4, 16, generator=g)).to(dtype)  # (B, T, H, D)
+    positions = torch.arange(50).expand(2, 50)
+    inv_freq = rope_inv_freq(tiny_config())
+    cos, signed_sin = rope_cos_sin(positions, inv_freq, dtype)
+    angles = torch.cat([positions[..., None] * inv_freq] * 2, dim=-1)
+    expected, _ = apply_rotary_pos_emb(x, x, angles.cos().to(dtype), angles.sin().to(dtype), unsqueeze_dim=2)
+    assert torch.equal(apply_rope(x, cos, signed_sin), expected)
+
+
+def test_a_bf16_model_computes_transformers_logits_bit_for_bit(tmp_path) -> None:
+    # Loaded in bf16 (eval, sample --dtype bfloat16): the same roundings as Transformers' SDPA model, op for op.
+    model = Qwen3(tiny_config())
+    scramble(model, seed=34)
+    save_checkpoint(model, tmp_path / "ck", tokenizer=None, dtype=torch.bfloat16)
+    ours = load_model(tmp_path / "ck", dtype=torch.bfloat16)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", attn_implementation="sdpa",
+                                                               dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(35))
+    with torch.no_grad():
+        assert torch.equal(ours(ids), theirs(ids).logits)
