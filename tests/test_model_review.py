@@ -1,13 +1,16 @@
-"""The model, reviewed against Transformers' Qwen3 in 16 bits: RoPE's frequencies and rounding (tiny, in-process)."""
+"""The model, reviewed against Transformers' Qwen3 in 16 bits (RoPE's frequencies and rounding, CPU autocast) and in
+training (activation checkpointing). Tiny, in-process."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.loss import CausalLMLoss
 from nanoqwen.model import Qwen3, apply_rope, rope_cos_sin, rope_inv_freq
 from tests.test_model import VOCAB, scramble, tiny_config
 
@@ -52,3 +55,41 @@ def test_a_bf16_model_computes_transformers_logits_bit_for_bit(tmp_path) -> None
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(35))
     with torch.no_grad():
         assert torch.equal(ours(ids), theirs(ids).logits)
+
+
+def test_training_under_cpu_bf16_autocast_computes_transformers_logits_and_loss(tmp_path) -> None:
+    # `train --dtype bfloat16 --device cpu`: float32 weights, bf16 matmuls. The QK-norms' float32 weights lift q and
+    # k back to float32, so RoPE runs in float32 here as it does in Transformers under the same autocast.
+    model = Qwen3(tiny_config()).train()
+    scramble(model, seed=36)
+    save_checkpoint(model, tmp_path / "ck", tokenizer=None)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", attn_implementation="sdpa",
+                                                               dtype=torch.float32).train()
+    ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(37))
+    inputs, targets = ids[:, :-1], ids[:, 1:]
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, expected = model(inputs), theirs(inputs).logits
+        loss = CausalLMLoss(model)(inputs, targets)
+    assert logits.dtype == torch.bfloat16 and torch.equal(logits, expected)
+    torch.testing.assert_close(loss, F.cross_entropy(expected.float().flatten(0, 1), targets.flatten()))
+
+
+def test_activation_checkpointing_gives_the_same_gradients_under_attention_dropout() -> None:
+    # The recomputed forward draws the dropout masks the first one drew (checkpoint restores the RNG state), and
+    # leaves the generator where a plain step leaves it.
+    model = Qwen3(tiny_config(attention_dropout=0.3)).train()
+    scramble(model, seed=38)
+    ids = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(39))
+    results = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        torch.manual_seed(40)
+        CausalLMLoss(model)(ids[:, :-1], ids[:, 1:]).backward()
+        results.append(([p.grad for p in model.parameters()], torch.rand(1)))
+        model.zero_grad()
+    (plain, after_plain), (checkpointed, after_checkpointed) = results
+    assert all(torch.equal(a, b) for a, b in zip(plain, checkpointed)) and torch.equal(after_plain, after_checkpointed)
+    model.activation_checkpointing = False
+    torch.manual_seed(41)
+    CausalLMLoss(model)(ids[:, :-1], ids[:, 1:]).backward()
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight.grad, plain[2])  # the dropout shows
