@@ -10,9 +10,9 @@ import transformers
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
-from nanoqwen.loss import CausalLMLoss
+from nanoqwen.loss import CausalLMLoss, chunked_cross_entropy
 from nanoqwen.model import Qwen3, apply_rope, rope_cos_sin, rope_inv_freq
-from tests.test_model import VOCAB, scramble, tiny_config
+from tests.test_model import VOCAB, hf_eager, scramble, tiny_config
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -55,6 +55,28 @@ def test_a_bf16_model_computes_transformers_logits_bit_for_bit(tmp_path) -> None
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(35))
     with torch.no_grad():
         assert torch.equal(ours(ids), theirs(ids).logits)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gradients_equal_transformers_with_a_tied_or_an_untied_head(tmp_path, tied: bool) -> None:
+    # The chunked loss hands the head its gradient itself: tied, the embedding takes it once, beside the lookup's.
+    # Chunks of 7 of the 80 rows: several whose targets are all ignored, and a ragged last one.
+    model = Qwen3(tiny_config(tie_word_embeddings=tied)).train()
+    scramble(model, seed=42)
+    save_checkpoint(model, tmp_path / "ck", tokenizer=None)
+    theirs = hf_eager(tmp_path / "ck").train()
+    ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(43))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0], targets[1, 30:] = -100, -100
+    expected = F.cross_entropy(theirs(inputs).logits.flatten(0, 1), targets.flatten())
+    expected.backward()
+    loss = chunked_cross_entropy(model(inputs, return_hidden=True), model.lm_head.weight, targets, chunk=7)
+    loss.backward()
+    torch.testing.assert_close(loss, expected)
+    expected_grads = {name: p.grad for name, p in theirs.named_parameters()}
+    assert sorted(expected_grads) == sorted(name for name, _ in model.named_parameters())
+    for name, p in model.named_parameters():
+        assert (p.grad - expected_grads[name]).abs().max() <= 1e-5 * expected_grads[name].abs().max(), name
 
 
 def test_training_under_cpu_bf16_autocast_computes_transformers_logits_and_loss(tmp_path) -> None:
