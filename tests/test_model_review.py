@@ -1,5 +1,5 @@
 """The model, reviewed against Transformers' Qwen3 in 16 bits (RoPE's frequencies and rounding, CPU autocast) and in
-training (activation checkpointing). Tiny, in-process."""
+training (gradients, activation checkpointing, which optimizer takes which weight). Tiny, in-process."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.loss import CausalLMLoss, chunked_cross_entropy
 from nanoqwen.model import Qwen3, apply_rope, rope_cos_sin, rope_inv_freq
+from nanoqwen.optim import HybridOptimizer, build_optimizer
 from tests.test_model import VOCAB, hf_eager, scramble, tiny_config
 
 
@@ -115,3 +116,19 @@ def test_activation_checkpointing_gives_the_same_gradients_under_attention_dropo
     torch.manual_seed(41)
     CausalLMLoss(model)(ids[:, :-1], ids[:, 1:]).backward()
     assert not torch.equal(model.model.layers[0].self_attn.q_proj.weight.grad, plain[2])  # the dropout shows
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_muon_takes_the_block_matrices_alone_and_adamw_is_fused(tied: bool) -> None:
+    # Muon orthogonalizes hidden 2-D matrices only: the embedding, a head and the norms are AdamW's (fused on CPU).
+    model = Qwen3(tiny_config(tie_word_embeddings=tied))
+    names = {id(p): name for name, p in model.named_parameters()}
+    hybrid = build_optimizer(model, "muon", 1e-3, 0.1, torch.device("cpu"))
+    assert isinstance(hybrid, HybridOptimizer)
+    muon, adamw = hybrid.optimizers
+    assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
+    taken = {names[id(p)] for group in muon.param_groups for p in group["params"]}
+    assert taken == {name for name in names.values() if ".layers." in name and name.endswith("proj.weight")}
+    assert len(taken) == 7 * model.config.num_hidden_layers
+    plain = build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu"))
+    assert all(group["fused"] for optimizer in (adamw, plain) for group in optimizer.param_groups)
