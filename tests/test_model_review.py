@@ -1,5 +1,5 @@
 """The model, reviewed against Transformers' Qwen3 in 16 bits (RoPE's frequencies and rounding, CPU autocast) and in
-training (gradients, activation checkpointing, which optimizer takes which weight). Tiny, in-process."""
+training (initialization, gradients, activation checkpointing, which optimizer takes which weight). Tiny, in-process."""
 
 from __future__ import annotations
 
@@ -132,3 +132,26 @@ def test_muon_takes_the_block_matrices_alone_and_adamw_is_fused(tied: bool) -> N
     assert len(taken) == 7 * model.config.num_hidden_layers
     plain = build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu"))
     assert all(group["fused"] for optimizer in (adamw, plain) for group in optimizer.param_groups)
+
+
+def test_init_draws_matrices_at_the_initializer_range_and_a_bf16_model_as_float32_cast() -> None:
+    # Transformers' init: normal(0, initializer_range) for every Linear and Embedding, ones for the norms. Built in
+    # bf16 (`nanoqwen init --dtype bfloat16`), a seed gives the float32 draw rounded.
+    config = tiny_config(initializer_range=0.05, tie_word_embeddings=False)  # not the 0.02 default: it is read
+    torch.manual_seed(44)
+    model = Qwen3(config)
+    for name, p in model.named_parameters():
+        if name.endswith("norm.weight"):
+            assert torch.equal(p, torch.ones_like(p)), name
+        else:  # 2,048 values at least: the sample's std is within 5% of 0.05
+            assert abs(p.std().item() - 0.05) < 0.0025 and abs(p.mean().item()) < 0.005, name
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        torch.manual_seed(44)
+        built_in_bf16 = Qwen3(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    assert built_in_bf16.inv_freq.dtype == torch.float32
+    for (name, p), bf16 in zip(model.named_parameters(), built_in_bf16.parameters()):
+        assert bf16.dtype == torch.bfloat16 and torch.equal(p.to(torch.bfloat16), bf16), name
