@@ -139,8 +139,12 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.d
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """x * cos + rotate_half(x) * sin, where rotate_half(x) = (-x2, x1) == roll(x, D/2) * (-1, +1):
-    three ops instead of seven, same values."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), signed_sin)
+    three ops instead of seven in float32 (one addcmul). In 16 bits each product is rounded, then the sum, as
+    Transformers rounds them: addcmul's single rounding put a sixth of bf16 values one unit apart."""
+    rolled = x.roll(x.shape[-1] // 2, -1)
+    if x.dtype == torch.float32:
+        return torch.addcmul(x * cos, rolled, signed_sin)
+    return x * cos + rolled * signed_sin
 
 
 def fuse_linears(*linears: nn.Linear, column_major: bool = False) -> torch.Tensor:
@@ -516,10 +520,14 @@ class Qwen3(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
         """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the
-        decode path's views would still hold the old tensors (another device or dtype, and kept in memory)."""
+        decode path's views would still hold the old tensors (another device or dtype, and kept in memory). RoPE's
+        frequencies stay float32, as a model loaded in that dtype has them: rounded to bf16 they would put each
+        angle off by up to 2^-9 of itself (radians, far into the context)."""
         prepared = self.prepared_for_decoding
         self.forget_decoding()
         super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
         return self.prepare_for_decoding() if prepared else self
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
