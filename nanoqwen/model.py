@@ -516,10 +516,13 @@ class Qwen3(nn.Module):
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
         """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the
-        decode path's views would still hold the old tensors (another device or dtype, and kept in memory)."""
+        decode path's views would still hold the old tensors (another device or dtype, and kept in memory). RoPE's
+        inverse frequencies stay float32 (rounded to bfloat16, angles are a radian off within a thousand positions)."""
         prepared = self.prepared_for_decoding
         self.forget_decoding()
         super()._apply(fn, recurse)
+        if self.inv_freq.dtype.itemsize < 4:  # as loaded in 16 bits (Transformers' from_pretrained too)
+            self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
         return self.prepare_for_decoding() if prepared else self
 
     def new_cache(self, batch_size: int, max_len: int) -> KVCache:
