@@ -170,7 +170,7 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
-    stored = DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+    stored = str(next(iter(state.values())).dtype).removeprefix("torch.")  # "float64" too (Python's own saves)
     hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
     metadata = {"format": "pt"} if step is None else {"format": "pt", STEP_METADATA: str(step)}
     save_file(state, str(folder / "model.safetensors"), metadata=metadata)

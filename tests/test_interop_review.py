@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+import transformers
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.model import Qwen3
@@ -23,3 +26,11 @@ def test_a_model_converted_to_16_bits_keeps_ropes_frequencies_in_float32(tmp_pat
     ids = torch.randint(0, VOCAB, (1, 600), generator=torch.Generator().manual_seed(32))
     with torch.no_grad():
         assert torch.equal(converted(ids), loaded(ids))
+
+
+def test_config_json_names_the_dtype_of_weights_saved_in_any_float_dtype(tmp_path) -> None:
+    # A float64 model (the tests' own references are) was written as float64 under config.json's "float32":
+    # Transformers' dtype="auto" then loaded it at half the precision it was saved in.
+    save_checkpoint(Qwen3(tiny_config()).to(torch.float64), tmp_path, tokenizer=None)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float64"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float64
