@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
 from tests.test_model import VOCAB, scramble, tiny_config
 
@@ -34,3 +35,22 @@ def test_config_json_names_the_dtype_of_weights_saved_in_any_float_dtype(tmp_pat
     save_checkpoint(Qwen3(tiny_config()).to(torch.float64), tmp_path, tokenizer=None)
     assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float64"
     assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float64
+
+
+def test_a_rope_scaling_added_beside_rope_parameters_without_their_theta_is_refused(tmp_path) -> None:
+    # Qwen3's model card says to add rope_scaling (YaRN) to config.json. Added to a folder Transformers 5 saved (its
+    # rope_theta inside rope_parameters, none at the top), rope_scaling stands in for rope_parameters whole, in
+    # Transformers as here: the base frequency fell to the default 10,000 from 1,000,000, in silence.
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{k: v for k, v in tiny_config(rope_theta=1e6).to_hf_dict().items() if k != "architectures"}))
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 1e6
+    saved["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    assert "rope_scaling" in str(caught.value) and '"rope_theta": 1000000.0' in str(caught.value)
+    saved["rope_scaling"]["rope_theta"] = 1e6  # as the line says: the scaling with its theta loads
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_model(tmp_path).config.rope_theta == 1e6
