@@ -7,11 +7,14 @@ import json
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file
 
-from nanoqwen.checkpoint import load_model, save_checkpoint
+from nanoqwen.checkpoint import load_model, save_checkpoint, weight_files
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import load_tokenizer
 from tests.test_model import VOCAB, scramble, tiny_config
+from tests.train_helpers import FAST, make_data, train_in_process
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -54,3 +57,24 @@ def test_a_rope_scaling_added_beside_rope_parameters_without_their_theta_is_refu
     saved["rope_scaling"]["rope_theta"] = 1e6  # as the line says: the scaling with its theta loads
     (tmp_path / "config.json").write_text(json.dumps(saved))
     assert load_model(tmp_path).config.rope_theta == 1e6
+
+
+def test_init_from_a_sharded_untied_fp16_transformers_folder_trains_from_its_weights(tmp_path) -> None:
+    # The shapes official 8B and up come in (an lm_head of its own), as Transformers shards them, in float16: last/
+    # holds those weights (lr 0), best/ keeps their dtype, and Transformers reads best/ back as it wrote the source.
+    data = make_data(tmp_path)
+    tokenizer = load_tokenizer(data)
+    config = tiny_config(tie_word_embeddings=False, eos_token_id=tokenizer.stop_ids[0], bos_token_id=tokenizer.eot_id)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{k: v for k, v in config.to_hf_dict().items() if k != "architectures"}))
+    scramble(hf, seed=33)
+    hf.to(torch.float16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    source = {k: v for path in weight_files(tmp_path / "hf") for k, v in load_file(path).items()}
+    assert len(weight_files(tmp_path / "hf")) > 1 and "lm_head.weight" in source
+    assert train_in_process("--init-from", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "run"),
+                            *FAST, "--lr", "0", "--min-lr", "0", "--max-steps", "1") == 0
+    last, best = load_file(tmp_path / "run/last/model.safetensors"), load_file(tmp_path / "run/best/model.safetensors")
+    assert last.keys() == best.keys() == source.keys()
+    assert all(torch.equal(last[k], v.float()) and torch.equal(best[k], v) for k, v in source.items())
+    reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/best", dtype="auto")
+    assert reread.dtype == torch.float16 and not reread.config.tie_word_embeddings
