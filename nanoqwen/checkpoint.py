@@ -182,6 +182,12 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
         tokenizer.save(folder, context=config.max_position_embeddings)
 
 
+# Transformers' Qwen3 classes with another head than a language model's (reward models are such classifiers).
+OTHER_HEADS = {"Qwen3ForSequenceClassification": "a head that scores whole texts (score.weight)",
+               "Qwen3ForTokenClassification": "a head that labels each token (score.weight)",
+               "Qwen3ForQuestionAnswering": "a head that marks answer spans (qa_outputs)"}
+
+
 def read_config(directory: str | Path) -> ModelConfig:
     directory = Path(directory)
     path = directory / "config.json"
@@ -239,7 +245,13 @@ def read_config(directory: str | Path) -> ModelConfig:
     has_checkpoints = (directory / "best").is_dir() or (directory / "last").is_dir()
     if "model_type" not in raw and (is_run_record(raw) or has_checkpoints):
         raise run_folder_refusal(directory)
-    return ModelConfig.from_hf_dict(raw, str(path))
+    config = ModelConfig.from_hf_dict(raw, str(path))
+    named = raw.get("architectures")
+    heads = [name for name in named if isinstance(name, str) and name in OTHER_HEADS] if isinstance(named, list) else []
+    if heads:  # its head's weights would be refused as fitting nowhere, which says nothing of why
+        raise NanoQwenError(f"{directory} is a {heads[0]}: a Qwen3 with {OTHER_HEADS[heads[0]]} in place of lm_head "
+                            "(next-token logits); nanoqwen runs language models, Qwen3ForCausalLM checkpoints")
+    return config
 
 
 def adapter_folder(directory: Path) -> NanoQwenError:

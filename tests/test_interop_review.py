@@ -78,3 +78,15 @@ def test_init_from_a_sharded_untied_fp16_transformers_folder_trains_from_its_wei
     assert all(torch.equal(last[k], v.float()) and torch.equal(best[k], v) for k, v in source.items())
     reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/best", dtype="auto")
     assert reread.dtype == torch.float16 and not reread.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("head", ["Qwen3ForSequenceClassification", "Qwen3ForTokenClassification"])
+def test_a_qwen3_with_a_classifiers_head_is_named_so(tmp_path, head: str) -> None:
+    # Reward models and classifiers on Qwen3 (a score head in place of lm_head) were refused as weights that "fit
+    # nowhere", asking whether the checkpoint was complete: a re-download would not help.
+    config = transformers.Qwen3Config(**{k: v for k, v in tiny_config().to_hf_dict().items() if k != "architectures"},
+                                      num_labels=1)
+    getattr(transformers, head)(config).save_pretrained(tmp_path)
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    assert head in str(caught.value) and "complete" not in str(caught.value) and "\n" not in str(caught.value)
