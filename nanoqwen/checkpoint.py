@@ -170,7 +170,7 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
     state = {k: v.detach().to(dtype or v.dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if config.tie_word_embeddings:
         state.pop(TIED_HEAD_KEY, None)
-    stored = DTYPE_NAMES.get(next(iter(state.values())).dtype, "float32")
+    stored = str(next(iter(state.values())).dtype).removeprefix("torch.")  # "float64" too (Python's own saves)
     hf_config = dataclasses.replace(config, torch_dtype=stored).to_hf_dict()
     metadata = {"format": "pt"} if step is None else {"format": "pt", STEP_METADATA: str(step)}
     save_file(state, str(folder / "model.safetensors"), metadata=metadata)
@@ -180,6 +180,12 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
     (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer is not None:
         tokenizer.save(folder, context=config.max_position_embeddings)
+
+
+# Transformers' Qwen3 classes with another head than a language model's (reward models are such classifiers).
+OTHER_HEADS = {"Qwen3ForSequenceClassification": "a head that scores whole texts (score.weight)",
+               "Qwen3ForTokenClassification": "a head that labels each token (score.weight)",
+               "Qwen3ForQuestionAnswering": "a head that marks answer spans (qa_outputs)"}
 
 
 def read_config(directory: str | Path) -> ModelConfig:
@@ -239,7 +245,13 @@ def read_config(directory: str | Path) -> ModelConfig:
     has_checkpoints = (directory / "best").is_dir() or (directory / "last").is_dir()
     if "model_type" not in raw and (is_run_record(raw) or has_checkpoints):
         raise run_folder_refusal(directory)
-    return ModelConfig.from_hf_dict(raw, str(path))
+    config = ModelConfig.from_hf_dict(raw, str(path))
+    named = raw.get("architectures")
+    heads = [name for name in named if isinstance(name, str) and name in OTHER_HEADS] if isinstance(named, list) else []
+    if heads:  # its head's weights would be refused as fitting nowhere, which says nothing of why
+        raise NanoQwenError(f"{directory} is a {heads[0]}: a Qwen3 with {OTHER_HEADS[heads[0]]} in place of lm_head "
+                            "(next-token logits); nanoqwen runs language models, Qwen3ForCausalLM checkpoints")
+    return config
 
 
 def adapter_folder(directory: Path) -> NanoQwenError:

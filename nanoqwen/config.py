@@ -327,6 +327,14 @@ class ModelConfig:
         # (a config written from its `config.rope_scaling` carries the theta there); else the top-level rope_theta.
         rope = d.get("rope_scaling") or d.get("rope_parameters") or {}
         values["rope_theta"] = rope.get("rope_theta", values["rope_theta"])
+        dropped = (d.get("rope_parameters") or {}).get("rope_theta")
+        if rope is d.get("rope_scaling") and "rope_theta" not in rope and dropped not in (None, values["rope_theta"]):
+            # rope_scaling added to a Transformers 5 save (as Qwen3's model card says), whose theta is in
+            # rope_parameters alone: both Transformers versions, and nanoqwen, would run at another base frequency
+            used = "its top-level rope_theta" if "rope_theta" in d else "Transformers' default"
+            raise NanoQwenError(f"{source}: rope_scaling, which Transformers reads in place of rope_parameters, names "
+                                f"no rope_theta, so RoPE's base frequency would be {values['rope_theta']} ({used}), "
+                                f"not rope_parameters' {dropped}; add \"rope_theta\": {float(dropped)} to rope_scaling")
         values["rope_scaling"] = rope_scaling_of(rope)
         scaling = values["rope_scaling"]
         if scaling is not None:

@@ -521,12 +521,12 @@ class Qwen3(nn.Module):
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Qwen3:
         """nn.Module's conversion (.to(), .half(), .cuda() ...), with a prepared model prepared again: the
         decode path's views would still hold the old tensors (another device or dtype, and kept in memory). RoPE's
-        frequencies stay float32, as a model loaded in that dtype has them: rounded to bf16 they would put each
-        angle off by up to 2^-9 of itself (radians, far into the context)."""
+        frequencies stay at least float32, as a model loaded in 16 bits has them: rounded to bf16 they would put
+        each angle off by up to 2^-9 of itself (radians, far into the context)."""
         prepared = self.prepared_for_decoding
         self.forget_decoding()
         super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32:
+        if self.inv_freq.dtype.itemsize < 4:  # as loaded in 16 bits (Transformers' from_pretrained too)
             self.inv_freq = rope_inv_freq(self.config, self.inv_freq.device)
         return self.prepare_for_decoding() if prepared else self
 

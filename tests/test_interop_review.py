@@ -1,0 +1,92 @@
+"""A review of checkpoints and Qwen3 interop as a Transformers reader sees them (tiny, in-process checks)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file
+
+from nanoqwen.checkpoint import load_model, save_checkpoint, weight_files
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.model import Qwen3
+from nanoqwen.tokenizer import load_tokenizer
+from tests.test_model import VOCAB, scramble, tiny_config
+from tests.train_helpers import FAST, make_data, train_in_process
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_model_converted_to_16_bits_keeps_ropes_frequencies_in_float32(tmp_path, dtype: torch.dtype) -> None:
+    # .to(bfloat16) rounded the RoPE buffer with the weights: angles a radian off within a thousand positions (the
+    # argmax moved at 5% of 2,048), unlike the model loaded in that dtype, or Transformers' from_pretrained.
+    model = Qwen3(tiny_config(max_position_embeddings=1024, rope_theta=1e6)).eval()
+    scramble(model, seed=31)
+    save_checkpoint(model, tmp_path, tokenizer=None)
+    loaded = load_model(tmp_path, dtype=dtype)
+    converted = model.to(dtype)
+    assert converted.inv_freq.dtype == torch.float32 and torch.equal(converted.inv_freq, loaded.inv_freq)
+    ids = torch.randint(0, VOCAB, (1, 600), generator=torch.Generator().manual_seed(32))
+    with torch.no_grad():
+        assert torch.equal(converted(ids), loaded(ids))
+
+
+def test_config_json_names_the_dtype_of_weights_saved_in_any_float_dtype(tmp_path) -> None:
+    # A float64 model (the tests' own references are) was written as float64 under config.json's "float32":
+    # Transformers' dtype="auto" then loaded it at half the precision it was saved in.
+    save_checkpoint(Qwen3(tiny_config()).to(torch.float64), tmp_path, tokenizer=None)
+    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == "float64"
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto").dtype == torch.float64
+
+
+def test_a_rope_scaling_added_beside_rope_parameters_without_their_theta_is_refused(tmp_path) -> None:
+    # Qwen3's model card says to add rope_scaling (YaRN) to config.json. Added to a folder Transformers 5 saved (its
+    # rope_theta inside rope_parameters, none at the top), rope_scaling stands in for rope_parameters whole, in
+    # Transformers as here: the base frequency fell to the default 10,000 from 1,000,000, in silence.
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{k: v for k, v in tiny_config(rope_theta=1e6).to_hf_dict().items() if k != "architectures"}))
+    hf.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert "rope_theta" not in saved and saved["rope_parameters"]["rope_theta"] == 1e6
+    saved["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    assert "rope_scaling" in str(caught.value) and '"rope_theta": 1000000.0' in str(caught.value)
+    saved["rope_scaling"]["rope_theta"] = 1e6  # as the line says: the scaling with its theta loads
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert load_model(tmp_path).config.rope_theta == 1e6
+
+
+def test_init_from_a_sharded_untied_fp16_transformers_folder_trains_from_its_weights(tmp_path) -> None:
+    # The shapes official 8B and up come in (an lm_head of its own), as Transformers shards them, in float16: last/
+    # holds those weights (lr 0), best/ keeps their dtype, and Transformers reads best/ back as it wrote the source.
+    data = make_data(tmp_path)
+    tokenizer = load_tokenizer(data)
+    config = tiny_config(tie_word_embeddings=False, eos_token_id=tokenizer.stop_ids[0], bos_token_id=tokenizer.eot_id)
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(
+        **{k: v for k, v in config.to_hf_dict().items() if k != "architectures"}))
+    scramble(hf, seed=33)
+    hf.to(torch.float16).save_pretrained(tmp_path / "hf", max_shard_size="40KB")
+    source = {k: v for path in weight_files(tmp_path / "hf") for k, v in load_file(path).items()}
+    assert len(weight_files(tmp_path / "hf")) > 1 and "lm_head.weight" in source
+    assert train_in_process("--init-from", str(tmp_path / "hf"), "--data", str(data), "--out", str(tmp_path / "run"),
+                            *FAST, "--lr", "0", "--min-lr", "0", "--max-steps", "1") == 0
+    last, best = load_file(tmp_path / "run/last/model.safetensors"), load_file(tmp_path / "run/best/model.safetensors")
+    assert last.keys() == best.keys() == source.keys()
+    assert all(torch.equal(last[k], v.float()) and torch.equal(best[k], v) for k, v in source.items())
+    reread = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "run/best", dtype="auto")
+    assert reread.dtype == torch.float16 and not reread.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("head", ["Qwen3ForSequenceClassification", "Qwen3ForTokenClassification"])
+def test_a_qwen3_with_a_classifiers_head_is_named_so(tmp_path, head: str) -> None:
+    # Reward models and classifiers on Qwen3 (a score head in place of lm_head) were refused as weights that "fit
+    # nowhere", asking whether the checkpoint was complete: a re-download would not help.
+    config = transformers.Qwen3Config(**{k: v for k, v in tiny_config().to_hf_dict().items() if k != "architectures"},
+                                      num_labels=1)
+    getattr(transformers, head)(config).save_pretrained(tmp_path)
+    with pytest.raises(NanoQwenError) as caught:
+        load_model(tmp_path)
+    assert head in str(caught.value) and "complete" not in str(caught.value) and "\n" not in str(caught.value)
