@@ -467,6 +467,29 @@ def test_pieces_of_a_long_document_are_cut_where_no_token_spans() -> None:
     assert [i for piece in pieces for i in encode(piece)] == encode(text)
 
 
+def test_a_long_document_without_newlines_is_encoded_and_trained_on_in_pieces(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A record's text is one document however long (a text file's is cut in blocks): one of 18 MB without a newline
+    # was encoded in one piece, 2 GB of memory with `tokenizers` (100 MB: 11 GB), and trained on whole by bpe:N.
+    # Before a space that follows a non-space no pre-token spans: the ids are unchanged, and so are a BPE's words.
+    text = "".join(f"word{i % 97}, naïve 東京!  x{i}. " for i in range(8_000))  # no newline
+    pieces = prepare_module._pieces(text)
+    encode = prepare_module._qwen3_tiktoken().encode_ordinary
+    assert len(pieces) > 2 and "".join(pieces) == text
+    assert max(map(len, pieces)) <= 2 * prepare_module.PIECE_CHARS
+    assert [i for piece in pieces for i in encode(piece)] == encode(text)
+    trained_on: list[str] = []
+    real_train_bpe = prepare_module.train_bpe
+    monkeypatch.setattr(prepare_module, "train_bpe", lambda texts, size, **kw: real_train_bpe(
+        (trained_on.append(t) or t for t in texts), size, **kw))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a short one"}) + "\n")
+    out = prepare(str(tmp_path / "r.jsonl"), "bpe:400", tmp_path / "out", progress=False)
+    assert max(map(len, trained_on)) <= 2 * prepare_module.PIECE_CHARS and "".join(trained_on[:-1]) == text
+    tok = load_tokenizer(out)
+    assert tok.encode(text) in segments(out, "train") + segments(out, "val")
+    assert train_bpe([text, "a short one"], 400).hf.to_str() == tok.hf.to_str()  # the merges of the whole text
+
+
 def test_single_document_is_split_inside(tmp_path: Path) -> None:
     text = "One lonely document, cut at a character boundary: naïve 🙂.\n" * 20
     (tmp_path / "one.txt").write_text(text)
