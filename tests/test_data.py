@@ -1920,6 +1920,21 @@ def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
         list(open_corpus(str(tmp_path / "texts.json"), text_column="body").documents())  # not the field named
 
 
+def test_a_record_that_is_no_object_says_what_to_do(tmp_path: Path) -> None:
+    # A bare 42 or null among JSON lines stopped with "expected a JSON object with a 'text' field, got NoneType", and
+    # nothing on what to do.
+    (tmp_path / "rows.jsonl").write_text('{"text": "a good record"}\nnull\n')
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "rows.jsonl")).documents())
+    assert str(e.value) == (f"{tmp_path / 'rows.jsonl'} line 2: expected a JSON object with a 'text' field, got null; "
+                            "fix or remove that record (the ones before it have their text)")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "numbers.json")).documents())
+    assert str(e.value) == (f"{tmp_path / 'numbers.json'} record 1: expected a JSON object with a 'text' field, got "
+                            "int; write each record as an object with its text in a field, or as a string of text")
+
+
 def test_a_json_array_is_read_a_record_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # json.loads held a .json file's whole text and all its records at once: 2.5 times its size (5 GB of a 2 GB file).
     import tracemalloc
