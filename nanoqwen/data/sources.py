@@ -150,6 +150,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
 WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
 
 
+def kind_of(value: Any) -> str:
+    """A value's type as a message names it: JSON's null by its name, not as NoneType."""
+    return "null" if value is None else type(value).__name__
+
+
 def _says(value: Any) -> bool:
     """Whether a turn's value holds something to write: text that is not blank, or a non-empty list."""
     return bool(value.strip()) if isinstance(value, str) else bool(value)
@@ -1183,11 +1188,11 @@ def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False,
     (a chat field read for want of a text field) only turns: a string there is no text the user named. `remedy`:
     what to do about a value of another type."""
     if chat and value is not None and not isinstance(value, list):
-        raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
+        raise NanoQwenError(f"{where} is {kind_of(value)}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
-        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; {remedy}")
+        raise NanoQwenError(f"{where} holds {kind_of(value)}, not text or a list of chat turns; {remedy}")
     turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
     return ChatRecord(turns, where) if turns else None
 
@@ -1197,7 +1202,7 @@ TURN_SHAPES = 'chat turns are {"role": ..., "content": ...} or {"from": ..., "va
 
 def _chat_turn(turn: Any, where: str, stats: CorpusStats) -> dict[str, Any]:
     if not isinstance(turn, dict):
-        raise NanoQwenError(f"{where} is {type(turn).__name__}, not an object; {TURN_SHAPES}")
+        raise NanoQwenError(f"{where} is {kind_of(turn)}, not an object; {TURN_SHAPES}")
     role = turn.get("role")
     if role is None:  # ShareGPT's names
         role = turn.get("from")
@@ -1235,7 +1240,13 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     if isinstance(record, str) and column == DEFAULT_TEXT_COLUMN:  # a list of texts (["one", "two"]): each is one
         return as_document(record, where, stats)
     if not isinstance(record, dict):
-        raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
+        if not first:
+            fix = FIX_THE_RECORD
+        elif isinstance(record, str):  # (read as a text where no --text-column names a field)
+            fix = "leave --text-column out to read each string as a text"
+        else:
+            fix = "write each record as an object with its text in a field, or as a string of text"
+        raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {kind_of(record)}; {fix}")
     field_name = text_column_of(record, column)
     beside = chat_beside(record, field_name)
     if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
@@ -1267,7 +1278,7 @@ def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> t
         if inner is None:
             return None, name, ""
         if not isinstance(inner, dict):
-            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {type(inner).__name__}, not an "
+            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {kind_of(inner)}, not an "
                                 f"object with a {'.'.join([*path[depth + 1:], name])!r} field; {remedy}")
         holder = inner
     return holder, name, ".".join(path)
