@@ -1376,6 +1376,19 @@ def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp
     assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
 
 
+def test_a_folder_of_files_of_other_types_names_them(tmp_path: Path) -> None:
+    # A folder of Word documents and web pages said only that it "has no .txt, ... files; give a folder with text in
+    # it": its files hold text, and nothing said which were found, nor to convert them.
+    for name in ("a.docx", "b.docx", "c.html", "notes/d.rtf"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path))
+    assert str(e.value) == (f"{tmp_path} has no .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf files (only 2 "
+                            f".docx, 1 .html, 1 .rtf, such as {tmp_path / 'a.docx'}); convert those that hold text to "
+                            "one of those")
+
+
 def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture[str]) -> None:
     # Without the zstandard package (no dependency of nanoqwen) a .zst is not read: alone, the line names both ways to
