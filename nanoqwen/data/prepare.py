@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -38,11 +38,12 @@ from nanoqwen.data.sources import (
     CHAT_COLUMNS,
     DOCUMENT_SEPARATOR,
     SOURCES_HELP,
-    SUFFIXES,
+    SUFFIXES_SAID,
     ChatRecord,
     Corpus,
     CorpusStats,
     Document,
+    counted_kinds,
     open_corpus,
     zstd_unread,
 )
@@ -888,12 +889,8 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
               f"({ended})", file=sys.stderr)
     left_out = [p for p in stats.left_out if not zstd_unread(Path(p))]  # those have a note of their own
     if left_out:
-        suffixes = Counter(Path(p).suffix.lower() for p in left_out)
-        kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
-        said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
-        more = f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else ""
         print(f"nanoqwen: note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
-              f"not {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} ({said}{more}; such as {left_out[0]}); convert "
+              f"not {SUFFIXES_SAID} ({counted_kinds(left_out)}; such as {left_out[0]}); convert "
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])

@@ -47,6 +47,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,7 @@ TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
+SUFFIXES_SAID = f"{', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}"
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
 # decompressed as they are read (no whole copy on disk or in memory): each opener reads its kind. zstd's, where the
 # zstandard package is installed (not a dependency of nanoqwen: else such a file is said how to read).
@@ -853,8 +855,11 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files and (prepared := prepared_inside(path)):  # data/: what `--data` takes, one folder at a time
         raise NanoQwenError(f"{spec} holds prepared data folders, not texts; train on one of them with --data "
                             f"({first_few(prepared)}), or give the texts they were prepared from")
+    if not files and left_out:  # Word documents, web pages: text, in files of another type
+        raise NanoQwenError(f"{spec} has no {SUFFIXES_SAID} files (only {counted_kinds(left_out)}, such as "
+                            f"{left_out[0]}); convert those that hold text to one of those")
     if not files:
-        raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
+        raise NanoQwenError(f"{spec} has no {SUFFIXES_SAID} files; give a folder with text in it")
 
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
@@ -954,6 +959,14 @@ def _kinds(paths: list[Path]) -> str:
     """The kinds of files `paths` holds, as a message lists them: .csv, .jsonl.zst, .txt.gz."""
     return ", ".join(sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in (*COMPRESSIONS, *zstd.SUFFIXES)
                              else file_type(p) for p in paths}))
+
+
+def counted_kinds(paths: Collection[str | Path]) -> str:
+    """How many of `paths` are of each kind, by suffix, the most common first: "2 .docx, 1 .html, 3 more"."""
+    suffixes = Counter(Path(p).suffix.lower() for p in paths)
+    kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))
+    said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
+    return said + (f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else "")
 
 
 def _compressed(path: Path) -> str:
