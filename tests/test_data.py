@@ -1342,6 +1342,21 @@ def test_bad_numbers_are_refused_as_the_other_flags_refuse_them(capsys: pytest.C
                                           "--help)\n"
 
 
+@pytest.mark.parametrize("command", [["prepare", "--out", "o"], ["tokenizer", "train", "--out", "o", "--vocab-size",
+                                                                     "300"], ["train"]])
+def test_a_second_corpus_is_refused_not_read_in_its_place(command: list[str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse keeps a flag's last value: `--dataset notes --dataset mail` prepared mail alone, and said nothing.
+    from nanoqwen.cli import main
+
+    prog = "nanoqwen " + " ".join(command[:2] if command[0] == "tokenizer" else command[:1])
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--dataset", "notes", "--dataset", "notes", "--dataset", "mail", "--no-such-flag"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"{prog}: error: argument --dataset: given twice, notes and mail, where one "
+                                       f"corpus is read: give a folder that holds both (see {prog} --help)\n")
+
+
 @pytest.mark.parametrize(("spec", "said"), [
     # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
     ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),
