@@ -47,7 +47,7 @@ from nanoqwen.data.sources import (
     open_corpus,
     zstd_unread,
 )
-from nanoqwen.errors import NanoQwenError, counted, decimal_number, seed_int, whole_number
+from nanoqwen.errors import NanoQwenError, OneCorpus, counted, decimal_number, seed_int, whole_number
 from nanoqwen.io import (
     atomic_dir,
     check_replaceable,
@@ -137,7 +137,7 @@ def add_reading_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="shakespeare", metavar="SRC",
+    p.add_argument("--dataset", default="shakespeare", metavar="SRC", action=OneCorpus,
                    help=f"corpus: {SOURCES_HELP} (default: %(default)s)")
     p.add_argument("--tokenizer", default="qwen3", metavar="TOK",
                    help="qwen3 (official, default), bpe:N (a byte-level BPE of N ids trained on the corpus), "
