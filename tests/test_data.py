@@ -2658,6 +2658,12 @@ def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Pa
     (tmp_path / "c" / "away.txt").unlink()
     (tmp_path / "c" / "cycle").symlink_to("cycle")  # a link that loops: no file, no folder (it stopped the walk)
     assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
+    # A text file's link that loops was said to be broken, its target to be made reachable: it is there, a link.
+    (tmp_path / "c" / "self.txt").symlink_to("self.txt")
+    with pytest.raises(NanoQwenError) as caught:
+        open_corpus(str(tmp_path / "c"))
+    assert str(caught.value) == (f"{tmp_path / 'c' / 'self.txt'} is a symbolic link that loops (to self.txt); point "
+                                 "it at a file, or remove the link")
 
 
 def test_bpe_training_on_one_huge_word_ends(tmp_path: Path) -> None:
