@@ -26,6 +26,7 @@ import bz2
 import codecs
 import contextlib
 import csv
+import errno
 import fnmatch
 import gzip
 import hashlib
@@ -709,6 +710,9 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
+        if _loops(link):
+            raise NanoQwenError(f"{link} is a symbolic link that loops (to {os.readlink(link)}); point it at a file, "
+                                "or remove the link")
         raise NanoQwenError(f"{link} is a broken symbolic link (to {os.readlink(link)}); make its target "
                             "reachable, or remove the link")
     # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
@@ -716,6 +720,15 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
     for p in filter(in_corpus, everything):
         first.setdefault(real[p], p)
     return list(first.values())
+
+
+def _loops(link: Path) -> bool:
+    """Whether following the symbolic link `link` comes back to a link on the way (ELOOP), rather than to nothing."""
+    try:
+        link.stat()
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def own_folders(root: Path, files: list[Path] | None = None) -> list[Path]:
