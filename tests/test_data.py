@@ -2016,6 +2016,13 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                                       "names: x, y); give --text-column the name of the field")):
         list(open_corpus(str(folder / "figures.csv")).documents())
     assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
+    # A table without a header row: its first row of text was taken for one, and nothing said to add one.
+    (tmp_path / "rows.csv").write_text("A first sentence,and more\nA second one,too\n")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "rows.csv")).documents())
+    assert str(e.value) == (f"{tmp_path / 'rows.csv'} has no 'text' column (its first row names: A first sentence, "
+                            "and more); give --text-column the name of the field that holds the text, or, where that "
+                            "row is text, add a first row that names the columns (text for the text's)")
     # A quote never closed is named on the line of its row (it named the file's last line, which its cell ran to).
     (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n3,more\n4,rows\n')
     with pytest.raises(NanoQwenError) as e:
