@@ -1528,7 +1528,9 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                 return
             if column not in names:
                 raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
-                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
+                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}, or, "
+                                    "where that row is text, add a first row that names the columns "
+                                    f"({column} for the text's)")  # (a table without a header row)
             index = names.index(column)
             for line, row in rows:
                 if any(cell.strip() for cell in row[len(names):]):  # (a cell's text cut at an unquoted delimiter)
