@@ -2337,6 +2337,11 @@ def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path)
     corpus = open_corpus(str(tmp_path / "docs"))
     assert list(corpus.documents()) == ["# Guide\n\nHow to use it.\n", "a record", "another"]
     assert [Path(s["path"]).name for s in corpus.stats.skipped] == ["package.json", "tsconfig.json"]
+    # Its reason said its path a second time ("skipped docs/package.json: not JSON records ... (docs/package.json
+    # record 1: ...)"), and so did the line of a folder with no other text.
+    assert corpus.stats.skipped[0]["reason"] == ("not JSON records with a 'text' field or chat turns (record 1: no "
+                                                 "'text' field (fields: name, version); give --text-column the name "
+                                                 "of the field that holds the text)")
     with pytest.raises(NanoQwenError, match="no 'text' field"):  # given alone, it is the user's data: an error
         list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
     # pandas' to_json writes a table by columns (or by rows, keyed by index) unless told records: said so, where the
