@@ -1636,8 +1636,9 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
         if isinstance(e, NotText):
             reason = e.reason
         else:
-            reason = f"not a table with a {column!r} column ({e})" if table else \
-                f"not JSON records with a {column!r} field or chat turns ({e})"
+            said = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")  # (the reason is said after the path)
+            reason = f"not a table with a {column!r} column ({said})" if table else \
+                f"not JSON records with a {column!r} field or chat turns ({said})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
