@@ -4,6 +4,7 @@ refuse bad numbers as argparse does (one line, exit 2), and the wording messages
 import argparse
 import errno
 import math
+from typing import Any
 
 
 class NanoQwenError(Exception):
@@ -92,6 +93,20 @@ def port_number(text: str) -> int:
 
 SEED_LIMIT = 2**63  # seeds are 0 .. SEED_LIMIT - 1: what torch's generators take
 SEED_RANGE = "between 0 and 2**63 - 1"
+
+
+class OneCorpus(argparse.Action):
+    """--dataset: argparse keeps a flag's last value, so a second corpus given was read in the place of the first,
+    which was left out in silence. (The default given first, then another, reads as the other given alone: the
+    namespace holds nothing else to tell them apart by, and a mark of its own would be recorded with the flags.)"""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any,
+                 option_string: str | None = None) -> None:
+        given = getattr(namespace, self.dest, None)
+        if given not in (None, self.default, values):
+            raise argparse.ArgumentError(self, f"given twice, {given} and {values}, where one corpus is read: give a "
+                                         "folder that holds both")
+        setattr(namespace, self.dest, values)
 
 
 def seed_int(text: str) -> int:

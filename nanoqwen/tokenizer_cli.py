@@ -6,7 +6,7 @@ import argparse
 
 from nanoqwen.data.prepare import add_reading_arguments
 from nanoqwen.data.sources import SOURCES_HELP
-from nanoqwen.errors import whole_number
+from nanoqwen.errors import OneCorpus, whole_number
 from nanoqwen.io import atomic_dir, check_replaceable
 
 
@@ -19,7 +19,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     official.set_defaults(command_prog=official.prog)  # errors are said as `nanoqwen tokenizer qwen3: error: ...`
     what = "train a byte-level BPE on a corpus"
     train = sub.add_parser("train", help=what, description=what)
-    train.add_argument("--dataset", required=True, metavar="SRC", help=f"corpus: {SOURCES_HELP}")
+    train.add_argument("--dataset", required=True, metavar="SRC", action=OneCorpus, help=f"corpus: {SOURCES_HELP}")
     train.add_argument("--vocab-size", type=whole_number, required=True, metavar="N",
                        help="ids in the tokenizer, its special tokens included (e.g. 2048); fewer when the "
                        "corpus runs out of pairs to merge")

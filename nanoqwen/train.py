@@ -78,7 +78,7 @@ from nanoqwen.distributed import (
     say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, counted, decimal_number, whole_number
+from nanoqwen.errors import NanoQwenError, OneCorpus, counted, decimal_number, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, for_stdout, generate, prompt_ids
 from nanoqwen.io import (
@@ -138,9 +138,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             "500 steps of 16 x 1024 tokens)")
     data = p.add_mutually_exclusive_group()
     data.add_argument("--data", help="a prepared folder (from `nanoqwen prepare`)")
-    data.add_argument("--dataset", help="a corpus to prepare first into data/NAME-HASH-TOKENIZER (a built-in one: "
-                                        f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP} "
-                                        f"(default: the preset's, else {TrainConfig.dataset})")
+    data.add_argument("--dataset", action=OneCorpus,
+                      help="a corpus to prepare first into data/NAME-HASH-TOKENIZER (a built-in one: "
+                           f"data/NAME-TOKENIZER unless read with another --text-column): {SOURCES_HELP} "
+                           f"(default: the preset's, else {TrainConfig.dataset})")
     p.add_argument("--tokenizer", help="with --dataset: qwen3, bpe:N or a tokenizer folder (default: the preset's, "
                                       f"else {TrainConfig.tokenizer}; after --init-from, the checkpoint's)")
     p.add_argument("--text-column", metavar="NAME",

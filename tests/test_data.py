@@ -467,6 +467,29 @@ def test_pieces_of_a_long_document_are_cut_where_no_token_spans() -> None:
     assert [i for piece in pieces for i in encode(piece)] == encode(text)
 
 
+def test_a_long_document_without_newlines_is_encoded_and_trained_on_in_pieces(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # A record's text is one document however long (a text file's is cut in blocks): one of 18 MB without a newline
+    # was encoded in one piece, 2 GB of memory with `tokenizers` (100 MB: 11 GB), and trained on whole by bpe:N.
+    # Before a space that follows a non-space no pre-token spans: the ids are unchanged, and so are a BPE's words.
+    text = "".join(f"word{i % 97}, naïve 東京!  x{i}. " for i in range(8_000))  # no newline
+    pieces = prepare_module._pieces(text)
+    encode = prepare_module._qwen3_tiktoken().encode_ordinary
+    assert len(pieces) > 2 and "".join(pieces) == text
+    assert max(map(len, pieces)) <= 2 * prepare_module.PIECE_CHARS
+    assert [i for piece in pieces for i in encode(piece)] == encode(text)
+    trained_on: list[str] = []
+    real_train_bpe = prepare_module.train_bpe
+    monkeypatch.setattr(prepare_module, "train_bpe", lambda texts, size, **kw: real_train_bpe(
+        (trained_on.append(t) or t for t in texts), size, **kw))
+    (tmp_path / "r.jsonl").write_text(json.dumps({"text": text}) + "\n" + json.dumps({"text": "a short one"}) + "\n")
+    out = prepare(str(tmp_path / "r.jsonl"), "bpe:400", tmp_path / "out", progress=False)
+    assert max(map(len, trained_on)) <= 2 * prepare_module.PIECE_CHARS and "".join(trained_on[:-1]) == text
+    tok = load_tokenizer(out)
+    assert tok.encode(text) in segments(out, "train") + segments(out, "val")
+    assert train_bpe([text, "a short one"], 400).hf.to_str() == tok.hf.to_str()  # the merges of the whole text
+
+
 def test_single_document_is_split_inside(tmp_path: Path) -> None:
     text = "One lonely document, cut at a character boundary: naïve 🙂.\n" * 20
     (tmp_path / "one.txt").write_text(text)
@@ -1319,6 +1342,21 @@ def test_bad_numbers_are_refused_as_the_other_flags_refuse_them(capsys: pytest.C
                                           "--help)\n"
 
 
+@pytest.mark.parametrize("command", [["prepare", "--out", "o"], ["tokenizer", "train", "--out", "o", "--vocab-size",
+                                                                     "300"], ["train"]])
+def test_a_second_corpus_is_refused_not_read_in_its_place(command: list[str],
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse keeps a flag's last value: `--dataset notes --dataset mail` prepared mail alone, and said nothing.
+    from nanoqwen.cli import main
+
+    prog = "nanoqwen " + " ".join(command[:2] if command[0] == "tokenizer" else command[:1])
+    with pytest.raises(SystemExit) as exited:
+        main([*command, "--dataset", "notes", "--dataset", "notes", "--dataset", "mail", "--no-such-flag"])
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (f"{prog}: error: argument --dataset: given twice, notes and mail, where one "
+                                       f"corpus is read: give a folder that holds both (see {prog} --help)\n")
+
+
 @pytest.mark.parametrize(("spec", "said"), [
     # (it said "for a Hugging Face dataset write hf:~/notes": a path from home, the current or another folder)
     ("~/nanoqwen-no-such-notes", "no such file or folder: ~/nanoqwen-no-such-notes"),
@@ -1351,6 +1389,19 @@ def test_a_file_of_another_type_says_how_to_convert_it(name: str, said: str, tmp
     with pytest.raises(NanoQwenError) as e:
         open_corpus(str(path))
     assert str(e.value).startswith(f"{path}: unsupported file type ") and said.format(path=path) in str(e.value)
+
+
+def test_a_folder_of_files_of_other_types_names_them(tmp_path: Path) -> None:
+    # A folder of Word documents and web pages said only that it "has no .txt, ... files; give a folder with text in
+    # it": its files hold text, and nothing said which were found, nor to convert them.
+    for name in ("a.docx", "b.docx", "c.html", "notes/d.rtf"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    with pytest.raises(NanoQwenError) as e:
+        open_corpus(str(tmp_path))
+    assert str(e.value) == (f"{tmp_path} has no .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf files (only 2 "
+                            f".docx, 1 .html, 1 .rtf, such as {tmp_path / 'a.docx'}); convert those that hold text to "
+                            "one of those")
 
 
 def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -1897,6 +1948,21 @@ def test_a_list_of_strings_is_a_document_each(tmp_path: Path) -> None:
         list(open_corpus(str(tmp_path / "texts.json"), text_column="body").documents())  # not the field named
 
 
+def test_a_record_that_is_no_object_says_what_to_do(tmp_path: Path) -> None:
+    # A bare 42 or null among JSON lines stopped with "expected a JSON object with a 'text' field, got NoneType", and
+    # nothing on what to do.
+    (tmp_path / "rows.jsonl").write_text('{"text": "a good record"}\nnull\n')
+    (tmp_path / "numbers.json").write_text("[1, 2]")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "rows.jsonl")).documents())
+    assert str(e.value) == (f"{tmp_path / 'rows.jsonl'} line 2: expected a JSON object with a 'text' field, got null; "
+                            "fix or remove that record (the ones before it have their text)")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "numbers.json")).documents())
+    assert str(e.value) == (f"{tmp_path / 'numbers.json'} record 1: expected a JSON object with a 'text' field, got "
+                            "int; write each record as an object with its text in a field, or as a string of text")
+
+
 def test_a_json_array_is_read_a_record_at_a_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # json.loads held a .json file's whole text and all its records at once: 2.5 times its size (5 GB of a 2 GB file).
     import tracemalloc
@@ -1950,6 +2016,13 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                                       "names: x, y); give --text-column the name of the field")):
         list(open_corpus(str(folder / "figures.csv")).documents())
     assert list(open_corpus(str(folder / "figures.csv"), text_column="y").documents()) == ["2"]
+    # A table without a header row: its first row of text was taken for one, and nothing said to add one.
+    (tmp_path / "rows.csv").write_text("A first sentence,and more\nA second one,too\n")
+    with pytest.raises(NanoQwenError) as e:
+        list(open_corpus(str(tmp_path / "rows.csv")).documents())
+    assert str(e.value) == (f"{tmp_path / 'rows.csv'} has no 'text' column (its first row names: A first sentence, "
+                            "and more); give --text-column the name of the field that holds the text, or, where that "
+                            "row is text, add a first row that names the columns (text for the text's)")
     # A quote never closed is named on the line of its row (it named the file's last line, which its cell ran to).
     (tmp_path / "broken.csv").write_text('id,text\n1,fine\n2,"cut off\n3,more\n4,rows\n')
     with pytest.raises(NanoQwenError) as e:
@@ -2264,6 +2337,11 @@ def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path)
     corpus = open_corpus(str(tmp_path / "docs"))
     assert list(corpus.documents()) == ["# Guide\n\nHow to use it.\n", "a record", "another"]
     assert [Path(s["path"]).name for s in corpus.stats.skipped] == ["package.json", "tsconfig.json"]
+    # Its reason said its path a second time ("skipped docs/package.json: not JSON records ... (docs/package.json
+    # record 1: ...)"), and so did the line of a folder with no other text.
+    assert corpus.stats.skipped[0]["reason"] == ("not JSON records with a 'text' field or chat turns (record 1: no "
+                                                 "'text' field (fields: name, version); give --text-column the name "
+                                                 "of the field that holds the text)")
     with pytest.raises(NanoQwenError, match="no 'text' field"):  # given alone, it is the user's data: an error
         list(open_corpus(str(tmp_path / "docs" / "package.json")).documents())
     # pandas' to_json writes a table by columns (or by rows, keyed by index) unless told records: said so, where the
@@ -2592,6 +2670,12 @@ def test_a_broken_link_to_corpus_text_is_one_line_not_text_left_out(tmp_path: Pa
     (tmp_path / "c" / "away.txt").unlink()
     (tmp_path / "c" / "cycle").symlink_to("cycle")  # a link that loops: no file, no folder (it stopped the walk)
     assert list(open_corpus(str(tmp_path / "c")).documents()) == ["text of the folder itself\n"]
+    # A text file's link that loops was said to be broken, its target to be made reachable: it is there, a link.
+    (tmp_path / "c" / "self.txt").symlink_to("self.txt")
+    with pytest.raises(NanoQwenError) as caught:
+        open_corpus(str(tmp_path / "c"))
+    assert str(caught.value) == (f"{tmp_path / 'c' / 'self.txt'} is a symbolic link that loops (to self.txt); point "
+                                 "it at a file, or remove the link")
 
 
 def test_bpe_training_on_one_huge_word_ends(tmp_path: Path) -> None:

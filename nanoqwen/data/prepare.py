@@ -19,7 +19,7 @@ import re
 import sys
 import time
 import unicodedata
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import datetime, timezone
@@ -38,15 +38,16 @@ from nanoqwen.data.sources import (
     CHAT_COLUMNS,
     DOCUMENT_SEPARATOR,
     SOURCES_HELP,
-    SUFFIXES,
+    SUFFIXES_SAID,
     ChatRecord,
     Corpus,
     CorpusStats,
     Document,
+    counted_kinds,
     open_corpus,
     zstd_unread,
 )
-from nanoqwen.errors import NanoQwenError, counted, decimal_number, seed_int, whole_number
+from nanoqwen.errors import NanoQwenError, OneCorpus, counted, decimal_number, seed_int, whole_number
 from nanoqwen.io import (
     atomic_dir,
     check_replaceable,
@@ -136,7 +137,7 @@ def add_reading_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="shakespeare", metavar="SRC",
+    p.add_argument("--dataset", default="shakespeare", metavar="SRC", action=OneCorpus,
                    help=f"corpus: {SOURCES_HELP} (default: %(default)s)")
     p.add_argument("--tokenizer", default="qwen3", metavar="TOK",
                    help="qwen3 (official, default), bpe:N (a byte-level BPE of N ids trained on the corpus), "
@@ -404,7 +405,7 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
             text = document.text if isinstance(document, ChatRecord) else document
             seen["documents"] += 1
             seen["bytes"] += len(text.encode("utf-8"))
-            yield text
+            yield from _pieces(text)  # the same words to count as the whole text, in bounded memory
 
     tokenizer = train_bpe(texts(), vocab_size, show_progress=progress and sys.stderr.isatty())
     if seen["documents"] == 0:
@@ -430,13 +431,19 @@ def piece_safe(hf: HFTokenizer) -> bool:
 # A newline followed by a word character: no match of Qwen's pre-tokenizer regex spans such a point
 # (newlines only end a pre-token or continue into more whitespace), so cutting there changes no ids.
 PIECE_BOUNDARY = re.compile(r"\n(?=\w)")
+# Nor a space after a non-space: a run of letters, digits or punctuation stops before a space (only "\r\n" may end
+# one of punctuation), and whitespace starts a pre-token of its own. A text without newlines (a record's: one
+# document however long) is cut there, else it was encoded whole: 2 GB of memory for 18 MB with `tokenizers`.
+SPACE_BOUNDARY = re.compile(r"(?<=\S)(?= )")
 
 
 def _pieces(text: str) -> list[str]:
-    """`text` cut into pieces of about PIECE_CHARS at safe boundaries (one piece if there are none)."""
+    """`text` cut into pieces of about PIECE_CHARS at safe boundaries, a newline before a word where one comes soon
+    enough, else a space (one piece if there are none)."""
     pieces, start = [], 0
     while len(text) - start > 2 * PIECE_CHARS:
-        m = PIECE_BOUNDARY.search(text, start + PIECE_CHARS)
+        near = start + PIECE_CHARS
+        m = PIECE_BOUNDARY.search(text, near, near + PIECE_CHARS) or SPACE_BOUNDARY.search(text, near)
         if m is None:
             break
         pieces.append(text[start:m.end()])
@@ -882,12 +889,8 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
               f"({ended})", file=sys.stderr)
     left_out = [p for p in stats.left_out if not zstd_unread(Path(p))]  # those have a note of their own
     if left_out:
-        suffixes = Counter(Path(p).suffix.lower() for p in left_out)
-        kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))  # the most common first
-        said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
-        more = f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else ""
         print(f"nanoqwen: note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
-              f"not {', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]} ({said}{more}; such as {left_out[0]}); convert "
+              f"not {SUFFIXES_SAID} ({counted_kinds(left_out)}; such as {left_out[0]}); convert "
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])

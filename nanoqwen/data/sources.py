@@ -26,6 +26,7 @@ import bz2
 import codecs
 import contextlib
 import csv
+import errno
 import fnmatch
 import gzip
 import hashlib
@@ -47,6 +48,7 @@ import urllib.error
 import urllib.request
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +66,7 @@ TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t"}
 UNIT_SEPARATOR = "\x1f"  # ASCII's separator of fields, which no text holds
 DELIMITER_NAMES = {",": "comma", ";": "semicolon", "\t": "tab", UNIT_SEPARATOR: "U+001F unit separator"}
 SUFFIXES = (*TEXT_SUFFIXES, ".jsonl", ".json", *TABLE_DELIMITERS, ".parquet", ".pdf")
+SUFFIXES_SAID = f"{', '.join(SUFFIXES[:-1])} or {SUFFIXES[-1]}"
 # Compressed text and records (notes.txt.gz, rows.jsonl.xz) are read as the suffix before the compression's says,
 # decompressed as they are read (no whole copy on disk or in memory): each opener reads its kind. zstd's, where the
 # zstandard package is installed (not a dependency of nanoqwen: else such a file is said how to read).
@@ -148,6 +151,11 @@ SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "a
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 # Keys of a turn besides its content that a chat template may write (Qwen3's writes both).
 WRITTEN_BESIDES_CONTENT = ("tool_calls", *REASONING_FIELDS)
+
+
+def kind_of(value: Any) -> str:
+    """A value's type as a message names it: JSON's null by its name, not as NoneType."""
+    return "null" if value is None else type(value).__name__
 
 
 def _says(value: Any) -> bool:
@@ -702,6 +710,9 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
 
     link = next(filter(in_corpus, sorted(broken)), None)
     if link is not None:  # its text would be left out in silence (a disk not mounted)
+        if _loops(link):
+            raise NanoQwenError(f"{link} is a symbolic link that loops (to {os.readlink(link)}); point it at a file, "
+                                "or remove the link")
         raise NanoQwenError(f"{link} is a broken symbolic link (to {os.readlink(link)}); make its target "
                             "reachable, or remove the link")
     # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
@@ -709,6 +720,15 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
     for p in filter(in_corpus, everything):
         first.setdefault(real[p], p)
     return list(first.values())
+
+
+def _loops(link: Path) -> bool:
+    """Whether following the symbolic link `link` comes back to a link on the way (ELOOP), rather than to nothing."""
+    try:
+        link.stat()
+    except OSError as e:
+        return e.errno == errno.ELOOP
+    return False
 
 
 def own_folders(root: Path, files: list[Path] | None = None) -> list[Path]:
@@ -848,8 +868,11 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     if not files and (prepared := prepared_inside(path)):  # data/: what `--data` takes, one folder at a time
         raise NanoQwenError(f"{spec} holds prepared data folders, not texts; train on one of them with --data "
                             f"({first_few(prepared)}), or give the texts they were prepared from")
+    if not files and left_out:  # Word documents, web pages: text, in files of another type
+        raise NanoQwenError(f"{spec} has no {SUFFIXES_SAID} files (only {counted_kinds(left_out)}, such as "
+                            f"{left_out[0]}); convert those that hold text to one of those")
     if not files:
-        raise NanoQwenError(f"{spec} has no {', '.join(SUFFIXES)} files; give a folder with text in it")
+        raise NanoQwenError(f"{spec} has no {SUFFIXES_SAID} files; give a folder with text in it")
 
     folder = path.is_dir()
     held_out = other_splits(path, files) if folder else []
@@ -949,6 +972,14 @@ def _kinds(paths: list[Path]) -> str:
     """The kinds of files `paths` holds, as a message lists them: .csv, .jsonl.zst, .txt.gz."""
     return ", ".join(sorted({"".join(p.suffixes[-2:]).lower() if p.suffix.lower() in (*COMPRESSIONS, *zstd.SUFFIXES)
                              else file_type(p) for p in paths}))
+
+
+def counted_kinds(paths: Collection[str | Path]) -> str:
+    """How many of `paths` are of each kind, by suffix, the most common first: "2 .docx, 1 .html, 3 more"."""
+    suffixes = Counter(Path(p).suffix.lower() for p in paths)
+    kinds = sorted(suffixes.items(), key=lambda kind: (-kind[1], kind[0]))
+    said = ", ".join(f"{n} {suffix}" if suffix else f"{n} without a suffix" for suffix, n in kinds[:3])
+    return said + (f", {sum(n for _, n in kinds[3:])} more" if kinds[3:] else "")
 
 
 def _compressed(path: Path) -> str:
@@ -1183,11 +1214,11 @@ def as_document(value: Any, where: str, stats: CorpusStats, chat: bool = False,
     (a chat field read for want of a text field) only turns: a string there is no text the user named. `remedy`:
     what to do about a value of another type."""
     if chat and value is not None and not isinstance(value, list):
-        raise NanoQwenError(f"{where} is {type(value).__name__}, not a list of chat turns; {TURN_SHAPES}")
+        raise NanoQwenError(f"{where} is {kind_of(value)}, not a list of chat turns; {TURN_SHAPES}")
     if value is None or isinstance(value, str):
         return _without_lone_surrogates(value, stats) if value else None
     if not isinstance(value, list):
-        raise NanoQwenError(f"{where} holds {type(value).__name__}, not text or a list of chat turns; {remedy}")
+        raise NanoQwenError(f"{where} holds {kind_of(value)}, not text or a list of chat turns; {remedy}")
     turns = tuple(_chat_turn(turn, f"{where}: turn {number}", stats) for number, turn in enumerate(value, 1))
     return ChatRecord(turns, where) if turns else None
 
@@ -1197,7 +1228,7 @@ TURN_SHAPES = 'chat turns are {"role": ..., "content": ...} or {"from": ..., "va
 
 def _chat_turn(turn: Any, where: str, stats: CorpusStats) -> dict[str, Any]:
     if not isinstance(turn, dict):
-        raise NanoQwenError(f"{where} is {type(turn).__name__}, not an object; {TURN_SHAPES}")
+        raise NanoQwenError(f"{where} is {kind_of(turn)}, not an object; {TURN_SHAPES}")
     role = turn.get("role")
     if role is None:  # ShareGPT's names
         role = turn.get("from")
@@ -1235,7 +1266,13 @@ def _record_document(record: Any, column: str, where: str, stats: CorpusStats, f
     if isinstance(record, str) and column == DEFAULT_TEXT_COLUMN:  # a list of texts (["one", "two"]): each is one
         return as_document(record, where, stats)
     if not isinstance(record, dict):
-        raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {type(record).__name__}")
+        if not first:
+            fix = FIX_THE_RECORD
+        elif isinstance(record, str):  # (read as a text where no --text-column names a field)
+            fix = "leave --text-column out to read each string as a text"
+        else:
+            fix = "write each record as an object with its text in a field, or as a string of text"
+        raise NanoQwenError(f"{where}: expected a JSON object with a {column!r} field, got {kind_of(record)}; {fix}")
     field_name = text_column_of(record, column)
     beside = chat_beside(record, field_name)
     if beside is not None and record[field_name] is None:  # a chat row of a table of texts and chats
@@ -1267,7 +1304,7 @@ def _field_at(record: dict[str, Any], column: str, where: str, remedy: str) -> t
         if inner is None:
             return None, name, ""
         if not isinstance(inner, dict):
-            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {type(inner).__name__}, not an "
+            raise NanoQwenError(f"{where}: field {'.'.join(path[:depth + 1])!r} holds {kind_of(inner)}, not an "
                                 f"object with a {'.'.join([*path[depth + 1:], name])!r} field; {remedy}")
         holder = inner
     return holder, name, ".".join(path)
@@ -1491,7 +1528,9 @@ def _table_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[str]:
                 return
             if column not in names:
                 raise NanoQwenError(f"{path} has no {column!r} column (its first row names: "
-                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}")
+                                    f"{', '.join(names[:10])}{' ...' if names[10:] else ''}); {NAME_THE_TEXT}, or, "
+                                    "where that row is text, add a first row that names the columns "
+                                    f"({column} for the text's)")  # (a table without a header row)
             index = names.index(column)
             for line, row in rows:
                 if any(cell.strip() for cell in row[len(names):]):  # (a cell's text cut at an unquoted delimiter)
@@ -1597,8 +1636,9 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
         if isinstance(e, NotText):
             reason = e.reason
         else:
-            reason = f"not a table with a {column!r} column ({e})" if table else \
-                f"not JSON records with a {column!r} field or chat turns ({e})"
+            said = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")  # (the reason is said after the path)
+            reason = f"not a table with a {column!r} column ({said})" if table else \
+                f"not JSON records with a {column!r} field or chat turns ({said})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
