@@ -221,15 +221,26 @@ class Tokenizer:
         return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
     # -- text --------------------------------------------------------------------------------
+    @cached_property
+    def untruncated(self) -> HFTokenizer:
+        """`hf`, or a copy that neither truncates nor pads: a tokenizer.json saved after a call that did keeps
+        doing it, where Transformers encodes a text whole unless the call asks otherwise."""
+        if not self.hf.truncation and not self.hf.padding:
+            return self.hf
+        copy = HFTokenizer.from_str(self.hf.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        return copy
+
     def encode(self, text: str) -> list[int]:
         try:
-            return self.hf.encode(text, add_special_tokens=False).ids
+            return self.untruncated.encode(text, add_special_tokens=False).ids
         except TypeError:  # lone surrogates: bytes a terminal or argv could not decode (surrogateescape)
             readable = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # each becomes U+FFFD
-            return self.hf.encode(readable, add_special_tokens=False).ids
+            return self.untruncated.encode(readable, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.untruncated.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:  # by the list below, not the file's flags (see there)

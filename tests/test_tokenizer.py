@@ -404,3 +404,17 @@ def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer
         f"T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\" {shlex.quote(str(odd))}")
     command = str(refusal.value).split("write it with Transformers: ", 1)[1]
     assert shlex.split(command)[-1] == str(odd)
+
+
+def test_a_tokenizer_json_saved_truncating_or_padding_encodes_prompts_whole(tmp_path: Path) -> None:
+    # A folder saved after a call with truncation or padding keeps them in tokenizer.json; Transformers encodes
+    # without them unless asked, but chat, serve and sample read the prompt cut to 4 tokens, or padded with
+    # <|endoftext|> to the batch's longest.
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.hf.enable_truncation(max_length=4)
+    tokenizer.hf.enable_padding(pad_id=tokenizer.eot_id, pad_token="<|endoftext|>")
+    tokenizer.save(tmp_path)
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    texts = ["the", "the cat sat on the mat"]
+    assert ours.encode(texts[1]) == hf(texts[1])["input_ids"] and len(ours.encode(texts[1])) > 4
+    assert ours.encode_batch(texts) == hf(texts)["input_ids"]

@@ -530,7 +530,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
                                  lambda long: fast.encode_ordinary_batch(long, num_threads=threads))
         cut = True
     else:
-        plain, native = _ordinary(tokenizer.hf), _untruncated(tokenizer.hf)
+        plain, native = _ordinary(tokenizer.hf), tokenizer.untruncated
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
             # A chat whole, its added tokens found as Transformers finds them (their lstrip, rstrip, normalized).
@@ -608,16 +608,6 @@ def _ordinary(hf: HFTokenizer) -> HFTokenizer:
         plain.no_padding()
     plain.encode_special_tokens = True  # special tokens written in a text are text
     return plain
-
-
-def _untruncated(hf: HFTokenizer) -> HFTokenizer:
-    """`hf`, or a copy that neither truncates nor pads (a tokenizer.json may be saved doing either)."""
-    if not hf.truncation and not hf.padding:
-        return hf
-    copy = HFTokenizer.from_str(hf.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
 
 
 class ControlTokens:
