@@ -336,9 +336,12 @@ class Tokenizer:
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
         special = {name: token for name in ("bos_token", "eos_token", "pad_token", "unk_token")
                    if (token := self.named_token(name)) is not None}
-        # As Transformers passes them: tools and documents none unless given (`is none` tests them), and a reply's
-        # thinking under each name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
+        # As Transformers passes them: tools and documents none unless given (`is none` tests them), a message's null
+        # fields left out (an OpenAI client's "content": null beside tool calls), and a reply's thinking under each
+        # name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
         given = {"tools": None, "documents": None, **template_kwargs}
+        messages = [{key: value for key, value in m.items() if value is not None} if isinstance(m, dict) else m
+                    for m in messages]
         try:
             return template.render(**{**special, **given, "messages": _reasoning_aliased(messages),
                                       "add_generation_prompt": add_generation_prompt})

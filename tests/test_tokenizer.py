@@ -418,3 +418,16 @@ def test_a_tokenizer_json_saved_truncating_or_padding_encodes_prompts_whole(tmp_
     texts = ["the", "the cat sat on the mat"]
     assert ours.encode(texts[1]) == hf(texts[1])["input_ids"] and len(ours.encode(texts[1])) > 4
     assert ours.encode_batch(texts) == hf(texts)["input_ids"]
+
+
+def test_a_template_sees_no_field_a_message_gives_as_null(official, tmp_path):
+    # Transformers drops a message's null fields before rendering (OpenAI clients send an assistant's tool-call turn
+    # with "content": null): a template that writes the content wrote "None", and one asking `is defined` heard yes.
+    save_with_template(official, tmp_path, "{% for m in messages %}[{{ m.content }}|{{ m.tool_calls is defined }}|"
+                       "{{ m.reasoning_content is defined }}]{% endfor %}")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": None, "reasoning_content": None}]
+    rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
+    assert rendered == "[hi|False|False][|False|False]"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+        == rendered
