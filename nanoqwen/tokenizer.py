@@ -65,6 +65,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a folder's named templates besides chat_template.jinja
 # What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
 # template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
@@ -326,7 +327,8 @@ class Tokenizer:
         template where it has one (official Qwen3 folders: thinking, tool calls), rendered as Transformers'
         apply_chat_template renders it. `template_kwargs` are the template's variables, such as
         enable_thinking=False (Qwen3: answer without thinking first)."""
-        template = self._chat_template
+        tool_use = template_kwargs.get("tools") is not None and self._named_template_source("tool_use") != ""
+        template = self._tool_use_template if tool_use else self._chat_template
         if template is None:  # ChatML, written directly (it has no variables besides these two)
             for i, m in enumerate(messages):  # as its template refuses them in Transformers (str + list)
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -365,18 +367,30 @@ class Tokenizer:
 
     @property
     def _chat_template_source(self) -> str:
+        return self._named_template_source("default")
+
+    def _named_template_source(self, name: str) -> str:
+        """The source of the folder's template of this name ("" where it has none): a single template is the
+        default one; of several named ones, Transformers chats with the default and, given tools, the tool_use."""
         source = self.config.get("chat_template")
-        if isinstance(source, list):  # several named templates: the default one is for chat
-            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == "default"),
-                          None)
+        if isinstance(source, list):
+            source = next((t.get("template") for t in source if isinstance(t, dict) and t.get("name") == name), None)
+        elif name != "default":
+            source = None
         return source if isinstance(source, str) else ""
 
     @cached_property
     def _chat_template(self) -> Any:
-        """The folder's own chat template, compiled as Transformers compiles it (a jinja2 sandbox that trims
-        blocks, with loop controls, raise_exception and a tojson that keeps non-ASCII text); None when the
-        template is nanoqwen's ChatML (or absent), which render_chat writes directly."""
-        source = self._chat_template_source
+        return self._compiled(self._chat_template_source)
+
+    @cached_property
+    def _tool_use_template(self) -> Any:
+        return self._compiled(self._named_template_source("tool_use"))
+
+    def _compiled(self, source: str) -> Any:
+        """A chat template compiled as Transformers compiles it (a jinja2 sandbox that trims blocks, with loop
+        controls, raise_exception and a tojson that keeps non-ASCII text); None when it is nanoqwen's ChatML (or
+        absent), which render_chat writes directly."""
         if not source or source == CHAT_TEMPLATE:
             return None
         import jinja2.ext
@@ -488,19 +502,23 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"
-    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template; it wins over
-    try:                                            # tokenizer_config.json's, as in Transformers
+    # Where Transformers >= 4.50 saves the templates (the default one, and the others by name): these files win over
+    # tokenizer_config.json's chat_template, as in Transformers
+    template_files = {"default": directory / "chat_template.jinja",
+                      **{file.stem: file for file in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))}}
+    try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
         tokenizer = HFTokenizer.from_file(str(path))
-        jinja = template.read_text(encoding="utf-8") if template.is_file() else None
+        jinja = {name: file.read_text(encoding="utf-8") for name, file in template_files.items() if file.is_file()}
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
         raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e, 200)}); re-download it or "
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
     check_added_tokens(tokenizer, config, directory)
-    if jinja is not None:
-        config["chat_template"] = jinja
+    if jinja:  # several: as tokenizer_config.json holds named templates
+        config["chat_template"] = jinja["default"] if list(jinja) == ["default"] else [
+            {"name": name, "template": source} for name, source in jinja.items()]
     return Tokenizer(tokenizer, config)
 
 

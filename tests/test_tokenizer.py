@@ -431,3 +431,27 @@ def test_a_template_sees_no_field_a_message_gives_as_null(official, tmp_path):
     assert rendered == "[hi|False|False][|False|False]"
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
         == rendered
+
+
+def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(official, tmp_path):
+    # A folder with named templates chats with its default one and, given tools, with its tool_use one; Transformers
+    # saves the latter as additional_chat_templates/tool_use.jinja. Given tools, nanoqwen rendered the default one.
+    for folder in ("named", "resaved"):
+        (tmp_path / folder).mkdir()
+    save_with_template(official, tmp_path / "named", [{"name": "default", "template": "DEFAULT"},
+                                                      {"name": "tool_use", "template": "TOOLS {{ tools | length }}"}])
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "named").save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    load_tokenizer(tmp_path / "saved").save(tmp_path / "resaved")  # and a save by nanoqwen keeps both
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    for folder in ("named", "saved", "resaved"):
+        hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / folder), load_tokenizer(tmp_path / folder)
+        for given in ({"tools": tools}, {}):
+            expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **given)
+            assert ours.render_chat(messages, **given) == expected == ("TOOLS 1" if given else "DEFAULT"), folder
+    from nanoqwen.data.prepare import tokenizer_identity  # data prepared with the folder is redone when it changes
+
+    before = tokenizer_identity(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").write_text("CHANGED")
+    assert tokenizer_identity(str(tmp_path / "saved")) != before

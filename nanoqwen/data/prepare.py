@@ -60,6 +60,7 @@ from nanoqwen.io import (
 )
 from nanoqwen.tokenizer import (
     CHAT_TEMPLATE,
+    CHAT_TEMPLATE_DIR,
     ENDOFTEXT,
     IM_END,
     IM_START,
@@ -385,9 +386,10 @@ def tokenizer_identity(spec: str) -> str:
         return f"bpe:{_bpe_size(spec)}"
     folder = Path(spec).expanduser()
     if folder.is_dir() and (folder / "tokenizer.json").is_file():
-        # Its config and chat template too: the data folder carries them into every checkpoint trained on it.
+        # Its config and chat templates too: the data folder carries them into every checkpoint trained on it.
         digest = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        named = sorted(str(path.relative_to(folder)) for path in (folder / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", *named):
             if (folder / name).is_file():
                 digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
         return "sha256:" + digest.hexdigest()
