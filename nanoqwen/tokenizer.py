@@ -46,6 +46,9 @@ QWEN_SPECIAL_TOKENS = [
     "</tool_response>", "<think>", "</think>",
 ]
 QWEN_FIRST_SPECIAL_ID = 151643
+# The control tokens official Qwen3 folders list as additional_special_tokens (<|endoftext|> is the pad token), which
+# Transformers counts among all_special_ids.
+QWEN_CONTROL_TOKENS = QWEN_SPECIAL_TOKENS[1:14]
 # Added tokens that official Qwen3 folders mark `special: false`: text a reply shows (thinking, tool calls,
 # code infilling), which decoding with skip_special_tokens (HF pipelines, vLLM) keeps.
 QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])
@@ -459,6 +462,10 @@ class Tokenizer:
             "model_max_length": 131072,
             "chat_template": CHAT_TEMPLATE,
         }
+        # A folder's own list (either name Transformers reads) is its own; Qwen's marks are listed as Qwen lists them
+        controls = [token for token in QWEN_CONTROL_TOKENS if token in has]
+        if controls and not {"additional_special_tokens", "extra_special_tokens"} & set(self.config):
+            config["additional_special_tokens"] = controls
         own = {k: self.config[k] for k in KEPT_ON_SAVE if self.config.get(k)}
         saved = {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
         if context is not None:  # in a checkpoint: what its model reads (a tokenizer's own may be another model's)

@@ -455,3 +455,18 @@ def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(offici
     before = tokenizer_identity(str(tmp_path / "saved"))
     (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").write_text("CHANGED")
     assert tokenizer_identity(str(tmp_path / "saved")) != before
+
+
+def test_transformers_counts_the_chat_marks_among_the_special_tokens(official, tmp_path):
+    # Official Qwen3 folders list <|im_start|> and the other control tokens as additional_special_tokens, which
+    # Transformers' all_special_ids (get_special_tokens_mask, convert_ids_to_tokens with skip_special_tokens) reads;
+    # a folder nanoqwen wrote counted only eos and pad there.
+    for tokenizer, folder in ((official, tmp_path / "qwen3"), (train_bpe(["the cat sat"] * 20, 300), tmp_path / "bpe")):
+        folder.mkdir()
+        tokenizer.save(folder)
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        assert sorted(hf.all_special_ids) == sorted(tokenizer.control_ids)
+        ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|endoftext|>")
+        mask = hf.get_special_tokens_mask(ids, already_has_special_tokens=True)
+        assert mask == [1] + [0] * (len(ids) - 4) + [1, 0, 1]
+    assert sorted(official.control_ids) == list(range(QWEN_FIRST_SPECIAL_ID, QWEN_FIRST_SPECIAL_ID + 14))
