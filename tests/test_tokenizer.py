@@ -470,3 +470,15 @@ def test_transformers_counts_the_chat_marks_among_the_special_tokens(official, t
         mask = hf.get_special_tokens_mask(ids, already_has_special_tokens=True)
         assert mask == [1] + [0] * (len(ids) - 4) + [1, 0, 1]
     assert sorted(official.control_ids) == list(range(QWEN_FIRST_SPECIAL_ID, QWEN_FIRST_SPECIAL_ID + 14))
+
+
+def test_a_template_is_given_every_named_special_token_as_in_transformers(official, tmp_path):
+    # Transformers passes all seven of its named special tokens; sep_token, cls_token and mask_token were undefined.
+    save_with_template(official, tmp_path, "{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{{ bos_token }}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    names = {"sep_token": "<|im_start|>", "cls_token": "<|box_start|>", "mask_token": "<|fim_pad|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **names}))
+    rendered = load_tokenizer(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert rendered == "<|im_start|>|<|box_start|>|<|fim_pad|>|"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == rendered
