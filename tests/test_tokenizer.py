@@ -482,3 +482,22 @@ def test_a_template_is_given_every_named_special_token_as_in_transformers(offici
     assert rendered == "<|im_start|>|<|box_start|>|<|fim_pad|>|"
     assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == rendered
+
+
+def test_a_folders_own_bos_and_unk_tokens_survive_a_save(tmp_path):
+    # A folder written elsewhere (Llama's, Mistral's) names its bos_token, which its chat template opens with; saved by
+    # nanoqwen (prepare, every checkpoint) it was null, and every chat prompt lost it, in Transformers and here.
+    from tokenizers import AddedToken
+
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.hf.add_special_tokens([AddedToken("<s>", special=True), AddedToken("<unk>", special=True)])
+    save_with_template(tokenizer, tmp_path, "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<s>", "unk_token": "<unk>"}))
+    (tmp_path / "saved").mkdir()
+    load_tokenizer(tmp_path).save(tmp_path / "saved")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (hf.bos_token, hf.unk_token) == ("<s>", "<unk>")
+    messages = [{"role": "user", "content": "the cat"}]
+    assert load_tokenizer(tmp_path / "saved").render_chat(messages, add_generation_prompt=False) == "<s>the cat" == \
+        hf.apply_chat_template(messages, tokenize=False)
