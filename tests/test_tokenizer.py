@@ -404,3 +404,100 @@ def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer
         f"T.from_pretrained(sys.argv[1]).save_pretrained(sys.argv[1])\" {shlex.quote(str(odd))}")
     command = str(refusal.value).split("write it with Transformers: ", 1)[1]
     assert shlex.split(command)[-1] == str(odd)
+
+
+def test_a_tokenizer_json_saved_truncating_or_padding_encodes_prompts_whole(tmp_path: Path) -> None:
+    # A folder saved after a call with truncation or padding keeps them in tokenizer.json; Transformers encodes
+    # without them unless asked, but chat, serve and sample read the prompt cut to 4 tokens, or padded with
+    # <|endoftext|> to the batch's longest.
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.hf.enable_truncation(max_length=4)
+    tokenizer.hf.enable_padding(pad_id=tokenizer.eot_id, pad_token="<|endoftext|>")
+    tokenizer.save(tmp_path)
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    texts = ["the", "the cat sat on the mat"]
+    assert ours.encode(texts[1]) == hf(texts[1])["input_ids"] and len(ours.encode(texts[1])) > 4
+    assert ours.encode_batch(texts) == hf(texts)["input_ids"]
+
+
+def test_a_template_sees_no_field_a_message_gives_as_null(official, tmp_path):
+    # Transformers drops a message's null fields before rendering (OpenAI clients send an assistant's tool-call turn
+    # with "content": null): a template that writes the content wrote "None", and one asking `is defined` heard yes.
+    save_with_template(official, tmp_path, "{% for m in messages %}[{{ m.content }}|{{ m.tool_calls is defined }}|"
+                       "{{ m.reasoning_content is defined }}]{% endfor %}")
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": None, "reasoning_content": None}]
+    rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
+    assert rendered == "[hi|False|False][|False|False]"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+        == rendered
+
+
+def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(official, tmp_path):
+    # A folder with named templates chats with its default one and, given tools, with its tool_use one; Transformers
+    # saves the latter as additional_chat_templates/tool_use.jinja. Given tools, nanoqwen rendered the default one.
+    for folder in ("named", "resaved"):
+        (tmp_path / folder).mkdir()
+    save_with_template(official, tmp_path / "named", [{"name": "default", "template": "DEFAULT"},
+                                                      {"name": "tool_use", "template": "TOOLS {{ tools | length }}"}])
+    transformers.AutoTokenizer.from_pretrained(tmp_path / "named").save_pretrained(tmp_path / "saved")
+    assert (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    load_tokenizer(tmp_path / "saved").save(tmp_path / "resaved")  # and a save by nanoqwen keeps both
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": "hi"}]
+    for folder in ("named", "saved", "resaved"):
+        hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path / folder), load_tokenizer(tmp_path / folder)
+        for given in ({"tools": tools}, {}):
+            expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **given)
+            assert ours.render_chat(messages, **given) == expected == ("TOOLS 1" if given else "DEFAULT"), folder
+    from nanoqwen.data.prepare import tokenizer_identity  # data prepared with the folder is redone when it changes
+
+    before = tokenizer_identity(str(tmp_path / "saved"))
+    (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").write_text("CHANGED")
+    assert tokenizer_identity(str(tmp_path / "saved")) != before
+
+
+def test_transformers_counts_the_chat_marks_among_the_special_tokens(official, tmp_path):
+    # Official Qwen3 folders list <|im_start|> and the other control tokens as additional_special_tokens, which
+    # Transformers' all_special_ids (get_special_tokens_mask, convert_ids_to_tokens with skip_special_tokens) reads;
+    # a folder nanoqwen wrote counted only eos and pad there.
+    for tokenizer, folder in ((official, tmp_path / "qwen3"), (train_bpe(["the cat sat"] * 20, 300), tmp_path / "bpe")):
+        folder.mkdir()
+        tokenizer.save(folder)
+        hf = transformers.AutoTokenizer.from_pretrained(folder)
+        assert sorted(hf.all_special_ids) == sorted(tokenizer.control_ids)
+        ids = tokenizer.encode("<|im_start|>user\nhi<|im_end|>\n<|endoftext|>")
+        mask = hf.get_special_tokens_mask(ids, already_has_special_tokens=True)
+        assert mask == [1] + [0] * (len(ids) - 4) + [1, 0, 1]
+    assert sorted(official.control_ids) == list(range(QWEN_FIRST_SPECIAL_ID, QWEN_FIRST_SPECIAL_ID + 14))
+
+
+def test_a_template_is_given_every_named_special_token_as_in_transformers(official, tmp_path):
+    # Transformers passes all seven of its named special tokens; sep_token, cls_token and mask_token were undefined.
+    save_with_template(official, tmp_path, "{{ sep_token }}|{{ cls_token }}|{{ mask_token }}|{{ bos_token }}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    names = {"sep_token": "<|im_start|>", "cls_token": "<|box_start|>", "mask_token": "<|fim_pad|>"}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **names}))
+    rendered = load_tokenizer(tmp_path).render_chat([{"role": "user", "content": "hi"}])
+    assert rendered == "<|im_start|>|<|box_start|>|<|fim_pad|>|"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True) == rendered
+
+
+def test_a_folders_own_bos_and_unk_tokens_survive_a_save(tmp_path):
+    # A folder written elsewhere (Llama's, Mistral's) names its bos_token, which its chat template opens with; saved by
+    # nanoqwen (prepare, every checkpoint) it was null, and every chat prompt lost it, in Transformers and here.
+    from tokenizers import AddedToken
+
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.hf.add_special_tokens([AddedToken("<s>", special=True), AddedToken("<unk>", special=True)])
+    save_with_template(tokenizer, tmp_path, "{{ bos_token }}{% for m in messages %}{{ m.content }}{% endfor %}")
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "bos_token": "<s>", "unk_token": "<unk>"}))
+    (tmp_path / "saved").mkdir()
+    load_tokenizer(tmp_path).save(tmp_path / "saved")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path / "saved")
+    assert (hf.bos_token, hf.unk_token) == ("<s>", "<unk>")
+    messages = [{"role": "user", "content": "the cat"}]
+    assert load_tokenizer(tmp_path / "saved").render_chat(messages, add_generation_prompt=False) == "<s>the cat" == \
+        hf.apply_chat_template(messages, tokenize=False)

@@ -61,6 +61,7 @@ from nanoqwen.io import (
 )
 from nanoqwen.tokenizer import (
     CHAT_TEMPLATE,
+    CHAT_TEMPLATE_DIR,
     ENDOFTEXT,
     IM_END,
     IM_START,
@@ -386,9 +387,10 @@ def tokenizer_identity(spec: str) -> str:
         return f"bpe:{_bpe_size(spec)}"
     folder = Path(spec).expanduser()
     if folder.is_dir() and (folder / "tokenizer.json").is_file():
-        # Its config and chat template too: the data folder carries them into every checkpoint trained on it.
+        # Its config and chat templates too: the data folder carries them into every checkpoint trained on it.
         digest = hashlib.sha256()
-        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        named = sorted(str(path.relative_to(folder)) for path in (folder / CHAT_TEMPLATE_DIR).glob("*.jinja"))
+        for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", *named):
             if (folder / name).is_file():
                 digest.update(name.encode() + b"\0" + (folder / name).read_bytes())
         return "sha256:" + digest.hexdigest()
@@ -537,7 +539,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
                                  lambda long: fast.encode_ordinary_batch(long, num_threads=threads))
         cut = True
     else:
-        plain, native = _ordinary(tokenizer.hf), _untruncated(tokenizer.hf)
+        plain, native = _ordinary(tokenizer.hf), tokenizer.untruncated
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
             # A chat whole, its added tokens found as Transformers finds them (their lstrip, rstrip, normalized).
@@ -615,16 +617,6 @@ def _ordinary(hf: HFTokenizer) -> HFTokenizer:
         plain.no_padding()
     plain.encode_special_tokens = True  # special tokens written in a text are text
     return plain
-
-
-def _untruncated(hf: HFTokenizer) -> HFTokenizer:
-    """`hf`, or a copy that neither truncates nor pads (a tokenizer.json may be saved doing either)."""
-    if not hf.truncation and not hf.padding:
-        return hf
-    copy = HFTokenizer.from_str(hf.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    return copy
 
 
 class ControlTokens:
