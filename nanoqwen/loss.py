@@ -6,6 +6,10 @@ at a time and, when gradients are needed, computes the gradients of that chunk r
 fused linear cross-entropy does): one matmul for the logits and two for the gradients, no recompute,
 and only one chunk of logits alive at a time. backward() then only scales the stored gradients. Under
 `train --compile` each chunk's softmax and gradient is one compiled reduction and one fused pass.
+
+fp16 (GradScaler's path, GPUs without bf16) is the exception: its logits' gradient must be multiplied by the
+loss scale before its cast to fp16, as autograd does Transformers' fp32 loss, so backward() computes it, with
+the logits again (four matmuls, not three).
 """
 
 from __future__ import annotations
@@ -101,6 +105,38 @@ def compiled_softmax_step() -> SoftmaxStep:
                    write=torch.compile(write_logit_grads, dynamic=False))
 
 
+def head_pass(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None,
+              chunk: int, dtype: torch.dtype, softmax_step: SoftmaxStep
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The head and the cross-entropy, a chunk of tokens at a time: the summed loss (fp32) and, given `weights`
+    (N,: each token's factor, bool or fp32), the gradients of the weighted sum of losses: d/d(hidden) in hidden's
+    dtype, d/d(weight) in fp32. Matmuls in `dtype`, the softmax in fp32; no weights, no gradient (evaluation)."""
+    device = hidden.device.type
+    valid = targets != IGNORE_INDEX
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    grad_hidden = torch.empty_like(hidden) if weights is not None else None
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if weights is not None else None
+    with torch.autocast(device, enabled=False):
+        w = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk].to(dtype)
+            t = targets[start:start + chunk]
+            logits = h @ w.T  # (n, V): the only chunk of logits alive
+            if weights is None:
+                logits = logits.float()
+                target_logits = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
+                total += ((torch.logsumexp(logits, dim=-1) - target_logits) * valid[start:start + chunk]).sum()
+                continue
+            total += softmax_step(logits, t, weights[start:start + chunk])
+            grad_logits = logits  # overwritten with the gradient
+            grad_hidden[start:start + chunk] = grad_logits @ w
+            if dtype == torch.float32:
+                grad_weight.addmm_(grad_logits.T, h)
+            else:  # low-precision chunk products, summed in fp32
+                grad_weight.add_(grad_logits.T @ h)
+    return total, grad_hidden, grad_weight
+
+
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,  # type: ignore[override]
@@ -109,37 +145,34 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         # softmax and the loss in fp32, the weight gradient accumulated in fp32.
         device = hidden.device.type
         dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         valid = targets != IGNORE_INDEX
         count = valid.sum().clamp(min=1)  # no target at all: a loss of 0, not 0/0
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs_grad else None
-        with torch.autocast(device, enabled=False):
-            w = weight.to(dtype)
-            for start in range(0, hidden.shape[0], chunk):
-                h = hidden[start:start + chunk].to(dtype)
-                t, ok = targets[start:start + chunk], valid[start:start + chunk]
-                logits = h @ w.T  # (n, V): the only chunk of logits alive
-                if not needs_grad:
-                    logits = logits.float()
-                    target_logits = logits.gather(1, t.clamp(min=0)[:, None]).squeeze(1)
-                    total += ((torch.logsumexp(logits, dim=-1) - target_logits) * ok).sum()
-                    continue
-                total += softmax_step(logits, t, ok)
-                grad_logits = logits  # overwritten with the gradient
-                grad_hidden[start:start + chunk] = grad_logits @ w
-                if dtype == torch.float32:
-                    grad_weight.addmm_(grad_logits.T, h)
-                else:  # low-precision chunk products, summed in fp32
-                    grad_weight.add_(grad_logits.T @ h)
-        ctx.save_for_backward(grad_hidden, grad_weight, count)
+        # fp16: the gradients wait for backward() and its grad_output (the loss scale): cast to fp16 unscaled, a
+        # probability under fp16's 6e-8 was 0, and the head rows of the tokens a peaked model rules out got no
+        # gradient. Scaled first, an overflow is inf, which GradScaler answers by skipping and a lower scale.
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        ctx.deferred = needs_grad and dtype == torch.float16
+        total, grad_hidden, grad_weight = head_pass(hidden, weight, targets,
+                                                    valid if needs_grad and not ctx.deferred else None, chunk,
+                                                    dtype, softmax_step)
+        if ctx.deferred:
+            ctx.save_for_backward(hidden, weight, targets, count)
+            ctx.chunk, ctx.dtype, ctx.softmax_step = chunk, dtype, softmax_step
+        else:
+            ctx.save_for_backward(grad_hidden, grad_weight, count)
         ctx.weight_dtype = weight.dtype
         return total / count
 
     @staticmethod
     def backward(ctx: Any, grad_output: torch.Tensor  # type: ignore[override]
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None, None, None, None]:
+        if ctx.deferred:
+            hidden, weight, targets, count = ctx.saved_tensors
+            scaled = (targets != IGNORE_INDEX) * (grad_output / count)  # each token's d(output) / d(its loss)
+            _, grad_hidden, grad_weight = head_pass(hidden, weight, targets, scaled, ctx.chunk, ctx.dtype,
+                                                    ctx.softmax_step)
+            return (grad_hidden if ctx.needs_input_grad[0] else None,
+                    grad_weight.to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None, None, None, None)
         grad_hidden, grad_weight, count = ctx.saved_tensors
         scale = grad_output / count
         gh = (grad_hidden * scale.to(grad_hidden.dtype)) if ctx.needs_input_grad[0] else None

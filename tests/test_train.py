@@ -160,6 +160,47 @@ def test_chunked_loss_under_bf16_autocast_equals_the_plain_one(compiled: bool) -
     torch.testing.assert_close(grad_weight, plain_weight, rtol=0.02, atol=2e-4)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_chunked_loss_under_fp16_keeps_the_gradient_of_unlikely_tokens(compiled: bool) -> None:
+    # The T4/V100 path: fp16 matmuls, the loss multiplied by GradScaler's 2**16. The logits' gradient goes to fp16
+    # for the head's matmuls; cast there before that scale (a probability under fp16's 6e-8 is 0), the head rows of
+    # the tokens a peaked model rules out got no gradient, where Transformers' fp32 loss keeps them (autograd
+    # scales its gradient first).
+    torch.manual_seed(0)
+    vocab = 8192
+    hidden = torch.randn(48, 32, requires_grad=True)
+    weight = (2 * torch.randn(vocab, 32)).requires_grad_()  # logits of std 11: most probabilities far below 6e-8
+    targets = torch.randint(0, vocab, (48,))
+    targets[:5] = -100
+    hidden64, weight64 = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
+    expected = plain_cross_entropy(hidden64, weight64, targets)
+    expected.backward()
+    scored = targets != -100
+    unlikely = torch.softmax(hidden64[scored] @ weight64.T, dim=-1).amax(dim=0) < 6e-8  # in every scored row
+    unlikely[targets[scored]] = False  # rows with a target hold its -hidden too
+    assert unlikely.sum() > vocab / 2
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk=16, compiled=compiled)
+    (loss * 2.0**16).backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-3, atol=0)
+    grad_hidden, grad_weight = hidden.grad.double() / 2**16, weight.grad.double() / 2**16
+
+    def error(got: torch.Tensor, reference: torch.Tensor) -> float:
+        return float((got - reference).norm() / reference.norm())
+
+    # Transformers' fp16 logits under the same scale: 0.0019, 0.0019 and 0.009 (cast before the scale: 0.72)
+    assert error(grad_hidden, hidden64.grad) < 0.005 and error(grad_weight, weight64.grad) < 0.005
+    unlikely_error = error(grad_weight[unlikely], weight64.grad[unlikely])
+    assert unlikely_error < 0.03, unlikely_error
+    # A scale too large overflows fp16: inf or nan (GradScaler skips the step and lowers its scale), never a
+    # finite gradient with the large terms cut
+    hidden.grad = weight.grad = None
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss = chunked_cross_entropy(hidden, weight, targets, chunk=16, compiled=compiled)
+    (loss * 2.0**40).backward()
+    assert not hidden.grad.isfinite().all() and not weight.grad.isfinite().all()
+
+
 def test_schedules_are_functions_of_the_step() -> None:
     kw = {"max_lr": 1.0, "min_lr": 0.1, "warmup": 10, "total": 100}
     cosine = [lr_at(s, **kw) for s in range(100)]
