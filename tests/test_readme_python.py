@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint
-from nanoqwen.generate import generate
+from nanoqwen.generate import SamplingParams, generate
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, train_bpe
 from tests.test_model import scramble, tiny_config
@@ -98,3 +98,11 @@ def test_the_readme_python_recipe_computes_what_it_says(checkpoint: Path, tmp_pa
     assert trained.num_params() == dataclasses.replace(config, vocab_size=trained.config.vocab_size).num_params()
     assert (work / "runs" / "from-python" / "last").is_dir()
 
+
+def test_generate_refuses_a_lone_prompt(checkpoint: Path) -> None:
+    """generate takes a list of prompts; a string alone was read as one prompt a character, silently."""
+    from nanoqwen.checkpoint import load_checkpoint
+
+    model, tok = load_checkpoint(checkpoint)
+    with pytest.raises(TypeError, match=r"a list of prompts"):
+        generate(model, tok, PROMPT, SamplingParams(max_new_tokens=2))  # type: ignore[arg-type]
