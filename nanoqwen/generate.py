@@ -635,6 +635,8 @@ def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:
 
 def generate(model: Qwen3, tokenizer: Tokenizer, prompts: list[str], params: SamplingParams) -> list[Completion]:
     """Complete every prompt (batched); each Completion holds the new text only."""
+    if isinstance(prompts, str):  # it would be read as one prompt a character
+        raise TypeError("generate takes a list of prompts: give [prompt] (stream_text takes one prompt)")
     texts = [""] * len(prompts)
     results: list[Completion | None] = [None] * len(prompts)
     for row, delta, done in stream_batch(model, tokenizer, [prompt_ids(tokenizer, p) for p in prompts], params):
