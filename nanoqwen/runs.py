@@ -615,7 +615,9 @@ def load_model_config(last: Path) -> ModelConfig:
     from nanoqwen.checkpoint import read_config
 
     if not last.is_dir():
-        raise NanoQwenError(f"cannot resume: {last} is missing; the run saved no checkpoint yet")
+        raise NanoQwenError(f"cannot resume: {last} is missing: the run stopped before its first save, so nothing "
+                            "of it is left to resume; start it again (its own command, with --out "
+                            f"{quote(str(last.parent))}, starts over in this folder)")
     return read_config(last)
 
 
