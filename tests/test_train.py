@@ -835,6 +835,13 @@ def test_resume_of_a_run_that_saved_nothing_says_to_start_it_again(
         f"nanoqwen train: error: cannot resume: {run / 'last'} is missing: the run stopped before its first save, so "
         f"nothing of it is left to resume; start it again (its own command, with --out {run}, starts over in this "
         "folder)")
+    # Killed after its first evaluation, before its first save: best/ is there, and starting over replaces it.
+    shutil.copytree(trained / "best", run / "best")
+    assert train_in_process("--resume", str(run), "--no-wandb") == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen train: error: cannot resume: {run / 'last'} is missing: the run stopped before its first save, so "
+        f"nothing of it is left to resume; start it again (its own command, with --out {run}, starts over in this "
+        f"folder, replacing its best/), or start a new run from those weights: --init-from {run / 'best'}")
 
 
 def test_resume_of_a_folder_of_runs_names_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
