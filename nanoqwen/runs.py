@@ -615,7 +615,12 @@ def load_model_config(last: Path) -> ModelConfig:
     from nanoqwen.checkpoint import read_config
 
     if not last.is_dir():
-        raise NanoQwenError(f"cannot resume: {last} is missing; the run saved no checkpoint yet")
+        best = last.parent / "best"  # written at the first evaluation, which may come before the first save
+        keep = f", replacing its best/), or start a new run from those weights: --init-from {quote(str(best))}" \
+            if best.is_dir() else ")"
+        raise NanoQwenError(f"cannot resume: {last} is missing: the run stopped before its first save, so nothing "
+                            "of it is left to resume; start it again (its own command, with --out "
+                            f"{quote(str(last.parent))}, starts over in this folder{keep}")
     return read_config(last)
 
 

@@ -865,6 +865,27 @@ def test_resume_of_nothing_or_of_a_file_says_which(tmp_path: Path, capsys: pytes
     assert (tmp_path / "notes.txt").read_text() == "mine"
 
 
+def test_resume_of_a_run_that_saved_nothing_says_to_start_it_again(
+        trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A run killed before its first save has its config.json alone: the refusal said why, not what to do.
+    monkeypatch.setenv("WANDB_MODE", "offline")  # the trained run logs to W&B: as subprocess_env() has it
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(trained / "config.json", run / "config.json")
+    assert train_in_process("--resume", str(run)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen train: error: cannot resume: {run / 'last'} is missing: the run stopped before its first save, so "
+        f"nothing of it is left to resume; start it again (its own command, with --out {run}, starts over in this "
+        "folder)")
+    # Killed after its first evaluation, before its first save: best/ is there, and starting over replaces it.
+    shutil.copytree(trained / "best", run / "best")
+    assert train_in_process("--resume", str(run)) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"nanoqwen train: error: cannot resume: {run / 'last'} is missing: the run stopped before its first save, so "
+        f"nothing of it is left to resume; start it again (its own command, with --out {run}, starts over in this "
+        f"folder, replacing its best/), or start a new run from those weights: --init-from {run / 'best'}")
+
+
 def test_resume_of_a_folder_of_runs_names_its_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # `--resume runs` said "runs/config.json is missing" where plot, sample and gguf name the runs inside it.
     runs = tmp_path / "runs"
