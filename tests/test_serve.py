@@ -1274,7 +1274,8 @@ def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str, capsy
 def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
     # `--host ::1` printed http://::1:8000/v1, which no client or browser parses as a host and a port.
     assert base_url("::1", 8000) == "http://[::1]:8000"
-    assert base_url("::", 8000) == "http://[::]:8000"
+    assert base_url("::", 8000) == "http://[::1]:8000"  # a wildcard host: this machine, as a browser here opens it
+    assert base_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
     assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert httpx.URL(base_url("::1", 8000) + "/v1").port == 8000
 

@@ -679,9 +679,14 @@ def check_can_bind(host: str, port: int) -> None:
                             "there? pick another with --port") from None
 
 
+WILDCARD_HOSTS = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}  # every interface -> this machine's loopback
+
+
 def base_url(host: str, port: int) -> str:
     """The server's address as clients write it: an IPv6 host in brackets (RFC 3986), since in
-    `http://::1:8000` no client can tell the address from the port."""
+    `http://::1:8000` no client can tell the address from the port; a wildcard host (0.0.0.0: every interface) as
+    this machine's loopback, which a browser here opens where it may refuse http://0.0.0.0."""
+    host = WILDCARD_HOSTS.get(host, host)
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
@@ -752,6 +757,9 @@ def run(args: argparse.Namespace) -> int:
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
     if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
+    if args.host in WILDCARD_HOSTS:
+        print(f"nanoqwen serve: listening on every interface (--host {args.host}): from another machine, give this "
+              "machine's address in place of the loopback above", flush=True)
     # Ctrl-C or SIGTERM: requests in flight get --shutdown-grace seconds to finish, then are ended (their jobs
     # cancelled), so a long generation cannot hold the server up for minutes.
     logging.getLogger("uvicorn.error").addFilter(QuietCancelledRequests())
