@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import importlib
 import os
 import sys
@@ -72,10 +73,20 @@ def say_error(prog: str, line: str, error: BaseException | None = None) -> None:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse, but its refusals are `refuse`'s one line."""
+    """argparse, but its refusals are `refuse`'s one line, and a misspelt choice (a command, --optimizer ...) is
+    answered with the one meant."""
 
     def error(self, message: str) -> NoReturn:
         refuse(self.prog, message)
+
+    def _check_value(self, action: argparse.Action, value: object) -> None:
+        choices = [str(c) for c in action.choices or ()]
+        if isinstance(value, str) and choices and value not in action.choices:  # type: ignore[operator]
+            close = difflib.get_close_matches(value, choices, n=1)
+            if close:
+                raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close[0]!r}? "
+                                                     f"(choose from {', '.join(choices)})")
+        super()._check_value(action, value)  # type: ignore[misc]
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

@@ -729,7 +729,12 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
         assert capsys.readouterr().err.count("nanoqwen train: error: --out is empty") == lines
         with pytest.raises(SystemExit):  # a command misspelt names none: the job's all the same
             main(["trian", "--out", "x"])
-        assert capsys.readouterr().err.count("nanoqwen: error: argument COMMAND: invalid choice: 'trian'") == lines
+        assert capsys.readouterr().err.count("nanoqwen: error: argument COMMAND: invalid choice: 'trian'; did you mean "
+                                             "'train'? (choose from prepare, train,") == lines
+        with pytest.raises(SystemExit):  # a flag's choices too
+            main(["train", "--optimizer", "adam"])
+        assert capsys.readouterr().err.count("argument --optimizer: invalid choice: 'adam'; did you mean 'adamw'?") \
+            == lines
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
         if local_rank == "1":  # Ctrl-C while it waits for LOCAL_RANK 0 ends the wait, with no traceback
             monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 30.0)
