@@ -1551,6 +1551,36 @@ def test_a_request_with_tools_still_answers_in_text(thinker_server: tuple[Path, 
                                        "tools alone as 'tools', with \"auto\" (the model decides among them)")
 
 
+def test_tools_reach_a_tool_use_template_beside_a_chatml_default_one() -> None:
+    # Given tools, a folder's tool_use template renders, as Transformers picks it; the server refused them whenever the
+    # default template was ChatML. A folder whose templates are all named, none "default", chats only with tools
+    # (Transformers refuses the rest): a 400 that says so, not ChatML, and not a 500.
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.model import Qwen3
+    from nanoqwen.serve.app import create_app
+    from nanoqwen.tokenizer import CHAT_TEMPLATE, Tokenizer, train_bpe
+    from tests.test_model import tiny_config
+
+    bpe = train_bpe(["the cat sat on the mat"] * 20, 300)
+    model = Qwen3(tiny_config(vocab_size=bpe.vocab_size))
+    tool_use = {"name": "tool_use", "template": "<|im_start|>{{ tools | length }} tools<|im_end|>"}
+    messages = [{"role": "user", "content": "hi"}]
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for templates in ([{"name": "default", "template": CHAT_TEMPLATE}, tool_use], [tool_use]):
+        tokenizer = Tokenizer(bpe.hf, {"chat_template": templates})
+        with TestClient(create_app(model, tokenizer, "tiny")) as http:
+            answer = http.post("/tokenize", json={"messages": messages, "tools": tools})
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["tokens"] == bpe.encode("<|im_start|>1 tools<|im_end|>")
+            answer = http.post("/tokenize", json={"messages": messages})
+            if len(templates) == 2:
+                assert answer.json()["tokens"] == bpe.encode(bpe.render_chat(messages))  # ChatML
+            else:
+                assert answer.status_code == 400 and answer.json()["error"]["message"].startswith(
+                    "the chat templates of this model are all named (tool_use)")
+
+
 def test_tools_are_function_tools_or_refused_by_name(thinker_server: tuple[Path, str, Path]) -> None:
     # A tool that is no function tool (OpenAI's newer "custom" tools, or one without its function's name) was handed
     # to the template: this one failed in a line that blamed 'messages', and an official Qwen3 template (which lists
