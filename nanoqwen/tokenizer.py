@@ -185,12 +185,6 @@ def chat_templates(value: object) -> dict[str, str]:
             if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
 
 
-def named_chat_template(value: object, name: str = "default") -> str:
-    """The template of this name of a chat_template value, "" where it has none: of several named ones, Transformers
-    chats with the default and, given tools, the tool_use one."""
-    return chat_templates(value).get(name, "")
-
-
 class Tokenizer:
     """A Hugging Face `tokenizers.Tokenizer` plus what nanoqwen needs to know about it."""
 
@@ -416,7 +410,9 @@ class Tokenizer:
         return self._named_template_source("default")
 
     def _named_template_source(self, name: str) -> str:
-        return named_chat_template(self.config.get("chat_template"), name)
+        """The folder's template of this name, "" where it has none: of several named ones, Transformers chats with
+        the default and, given tools, the tool_use one."""
+        return chat_templates(self.config.get("chat_template")).get(name, "")
 
     @cached_property
     def _chat_template(self) -> Any:
