@@ -283,6 +283,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def new_conversation(args: argparse.Namespace, tokenizer: Tokenizer, context: int, max_new_tokens: int
                      ) -> Conversation:
     """The empty conversation the flags ask for; one clear line where they cannot work with this model."""
+    if not args.raw:  # before any message: a model without a default template has none to chat with
+        tokenizer.check_default_template()
     # Room kept for a reply: max_new_tokens, but at most half the context, so history is never squeezed out.
     # At least one token is kept free: a prompt must leave room for the reply to start.
     reserve = max(1, min(max_new_tokens, context // 2))

@@ -27,7 +27,7 @@ from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import checkpoint_sampling
 from nanoqwen.io import atomic_path, refuse_inside_a_file
 from nanoqwen.model import rope_attention_factor
-from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, named_chat_template
+from nanoqwen.tokenizer import BPE_SPECIAL_TOKENS, Tokenizer, byte_level_tokenizer, chat_templates
 
 # Hugging Face key -> GGUF tensor name (`{i}`: the layer), as llama.cpp names Qwen3's tensors.
 TENSOR_NAMES = {
@@ -227,10 +227,12 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
         raise NanoQwenError(f"{directory}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp "
                             "loads no BPE tokenizer without them; train one with a --vocab-size above "
                             f"{256 + len(BPE_SPECIAL_TOKENS)} on enough text to merge some pairs")
-    # The chat template chat and serve use: Transformers takes chat_template.jinja over tokenizer_config.json's,
-    # SpecialVocab the config's (and reads neither without that file), which gave llama.cpp another chat format.
+    # The chat templates chat and serve use (the default one, and the named ones llama.cpp reads as
+    # tokenizer.chat_template.NAME: tool_use): Transformers takes chat_template.jinja and additional_chat_templates/
+    # over tokenizer_config.json's, SpecialVocab the config's (and reads none without that file), which gave
+    # llama.cpp another chat format, or no tool_use template.
     own_template = tokenizer.config.get("chat_template")
-    if named_chat_template(special_vocab.chat_template) != named_chat_template(own_template):
+    if chat_templates(special_vocab.chat_template) != chat_templates(own_template):
         special_vocab.chat_template = own_template
     special_vocab.add_to_gguf(writer, quiet=True)
 

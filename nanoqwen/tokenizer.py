@@ -174,15 +174,15 @@ def build_qwen3_tokenizer() -> HFTokenizer:
     return byte_level_tokenizer(vocab, merges, QWEN_SPECIAL_TOKENS, QWEN_FIRST_SPECIAL_ID)
 
 
-def named_chat_template(value: object, name: str = "default") -> str:
-    """The template of this name of a chat_template value (tokenizer_config.json's), "" where it has none: a single
-    template is the default one; of several named ones, Transformers chats with the default and, given tools, the
-    tool_use one."""
-    if isinstance(value, list):
-        value = next((t.get("template") for t in value if isinstance(t, dict) and t.get("name") == name), None)
-    elif name != "default":
-        value = None
-    return value if isinstance(value, str) else ""
+def chat_templates(value: object) -> dict[str, str]:
+    """A chat_template value's (tokenizer_config.json's) templates by name: a single template is the default one; a
+    list of named ones is read as Transformers reads it (of two of a name, the later)."""
+    if isinstance(value, str):
+        return {"default": value}
+    if not isinstance(value, list):
+        return {}
+    return {t["name"]: t["template"] for t in value
+            if isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)}
 
 
 class Tokenizer:
@@ -344,8 +344,7 @@ class Tokenizer:
         template where it has one (official Qwen3 folders: thinking, tool calls), rendered as Transformers'
         apply_chat_template renders it. `template_kwargs` are the template's variables, such as
         enable_thinking=False (Qwen3: answer without thinking first)."""
-        tool_use = template_kwargs.get("tools") is not None and self._named_template_source("tool_use") != ""
-        template = self._tool_use_template if tool_use else self._chat_template
+        template = self._template_for(template_kwargs.get("tools"))
         if template is None:  # ChatML, written directly (it has no variables besides these two)
             for i, m in enumerate(messages):  # as its template refuses them in Transformers (str + list)
                 if not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
@@ -366,14 +365,39 @@ class Tokenizer:
         except Exception as e:  # noqa: BLE001 (a template may raise anything: its own raise_exception, a bad key)
             raise NanoQwenError(f"the model's chat template refused these messages: {first_line(e, 300)}") from e
 
+    def _template_for(self, tools: object) -> Any:
+        """The compiled template a chat given these tools renders with (None: ChatML), as Transformers'
+        get_chat_template picks it: given tools (a list, an empty one too), the folder's tool_use template where it
+        has one, else its default one."""
+        if tools is not None and self._named_template_source("tool_use"):
+            return self._tool_use_template
+        return self._chat_template
+
+    def writes_chatml(self, tools: object = None) -> bool:
+        """Whether a chat given these tools renders as ChatML, which has no place for tools or tool calls."""
+        return self._template_for(tools) is None
+
+    def check_default_template(self) -> None:
+        """Refuse, in one line, a model whose chat templates are all named, none the default one that a chat without
+        tools renders with: Transformers' apply_chat_template refuses such a chat too, and the ChatML nanoqwen would
+        write instead is a format the model's folder never names."""
+        names = chat_templates(self.config.get("chat_template"))
+        if names and "default" not in names:
+            raise NanoQwenError(f"the chat templates of this model are all named ({', '.join(sorted(names))}), none "
+                                '"default", the one a chat without tools renders with (Transformers refuses such a '
+                                "chat too); make one the default: save it as chat_template.jinja in the tokenizer's "
+                                'folder (or name it "default" in tokenizer_config.json)')
+
     @property
     def chat_format(self) -> str:
-        return "ChatML" if self._chat_template is None else "the model's own chat template"
+        return "ChatML" if self.writes_chatml() else "the model's own chat template"
 
     @property
     def thinking_switch(self) -> bool:
-        """Whether the chat template can turn thinking off (enable_thinking), as official Qwen3 ones can."""
-        return self._chat_template is not None and "enable_thinking" in self._chat_template_source
+        """Whether the chat template can turn thinking off (enable_thinking), as official Qwen3 ones can (no for a
+        model without a default template: asked of every model, this refuses none)."""
+        source = self._chat_template_source
+        return bool(source) and self._chat_template is not None and "enable_thinking" in source
 
     @property
     def chat_template(self) -> str:
@@ -386,10 +410,13 @@ class Tokenizer:
         return self._named_template_source("default")
 
     def _named_template_source(self, name: str) -> str:
-        return named_chat_template(self.config.get("chat_template"), name)
+        """The folder's template of this name, "" where it has none: of several named ones, Transformers chats with
+        the default and, given tools, the tool_use one."""
+        return chat_templates(self.config.get("chat_template")).get(name, "")
 
     @cached_property
     def _chat_template(self) -> Any:
+        self.check_default_template()
         return self._compiled(self._chat_template_source)
 
     @cached_property

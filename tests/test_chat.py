@@ -355,6 +355,21 @@ def test_thinking_flags_with_a_folders_template_that_has_no_switch_say_why(check
             new_conversation(args, load_tokenizer(folder), 256, MAX_NEW)
 
 
+def test_a_model_whose_chat_templates_are_all_named_is_refused_before_the_chat_unless_raw() -> None:
+    # None of them "default" (Transformers refuses a chat without tools): chat rendered ChatML, which the folder never
+    # names; --raw uses no template.
+    import argparse
+
+    from nanoqwen.chat import new_conversation
+    from nanoqwen.tokenizer import train_bpe
+
+    tokenizer = Tokenizer(train_bpe(["the cat sat on the mat"] * 20, 300).hf,
+                          {"chat_template": [{"name": "tool_use", "template": "{{ tools }}"}]})
+    with pytest.raises(NanoQwenError, match="^the chat templates of this model are all named \\(tool_use\\)"):
+        new_conversation(argparse.Namespace(system=None, raw=False, thinking=None), tokenizer, 256, MAX_NEW)
+    assert new_conversation(argparse.Namespace(system=None, raw=True, thinking=None), tokenizer, 256, MAX_NEW).raw
+
+
 def test_raw_chat_with_no_reply_budget_survives_a_long_message(checkpoint: Path) -> None:
     child = spawn_chat(checkpoint, "--raw", "--max-new-tokens", "0")  # the later flag wins
     try:

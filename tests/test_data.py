@@ -367,6 +367,20 @@ def test_a_folders_own_chat_template_writes_the_whole_turn(tmp_path: Path, vocab
                    "the system message must come first")
 
 
+def test_chats_with_a_tokenizer_whose_templates_are_all_named_are_refused_in_one_line(tmp_path: Path) -> None:
+    # None of them "default", the one a chat without tools renders with (Transformers refuses such a chat): prepare
+    # wrote the records as ChatML, which the folder never names, and its checkpoints chatted in it.
+    folder = tmp_path / "tokenizer"
+    folder.mkdir()
+    train_bpe(["the weather in paris is sunny today"] * 50, 300).save(folder)
+    (folder / "additional_chat_templates").mkdir()  # where Transformers saves a named template
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    hello = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (tmp_path / "chats.jsonl").write_text(json.dumps({"messages": hello}) + "\n")
+    with pytest.raises(NanoQwenError, match="^the chat templates of this model are all named \\(tool_use\\)"):
+        prepare(str(tmp_path / "chats.jsonl"), str(folder), tmp_path / "out", progress=False)
+
+
 CALL = {"type": "function", "function": {"name": "weather", "arguments": "{}"}}
 BLANK_TURNS = {  # chats whose turns all have blank content, and what else they carry
     "calls": [{"role": "user", "content": " "}, {"role": "assistant", "content": None, "tool_calls": [CALL]}],

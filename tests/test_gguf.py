@@ -280,6 +280,21 @@ def test_the_chat_template_is_the_one_the_model_is_chatted_with(tmp_path: Path, 
         assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.chat_template"] == jinja, config_file
 
 
+def test_named_chat_templates_are_written_under_llama_cpps_names(tmp_path: Path, bpe: Tokenizer) -> None:
+    # A folder's tool_use template (additional_chat_templates/, as Transformers saves it) is what chat and serve render
+    # tools with: llama.cpp reads it as tokenizer.chat_template.tool_use. SpecialVocab took tokenizer_config.json's
+    # single template, which, equal to chat_template.jinja, was kept: the file had no tool_use template.
+    folder, _ = checkpoint(tmp_path / "ck", bpe)
+    default = json.loads((folder / "tokenizer_config.json").read_text())["chat_template"]
+    (folder / "chat_template.jinja").write_text(default)
+    (folder / "additional_chat_templates").mkdir()
+    (folder / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS {{ tools | length }}")
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
+    assert (meta["tokenizer.chat_template"], meta["tokenizer.chat_templates"]) == (default, ["tool_use"])
+    assert meta["tokenizer.chat_template.tool_use"] == "TOOLS {{ tools | length }}"
+
+
 def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> None:
     # The official Qwen3 tokenizer.json differs from the one written here only in settings that do not
     # change how text is split (trim_offsets, the decoder's options): it is not refused for them.

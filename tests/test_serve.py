@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import signal
 import socket
@@ -21,7 +22,7 @@ from nanoqwen.cli import main
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.app import base_url
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
-from nanoqwen.tokenizer import load_tokenizer
+from nanoqwen.tokenizer import Tokenizer, load_tokenizer
 from tests.serve_helpers import (
     CONTEXT,
     load_reference,
@@ -1550,6 +1551,58 @@ def test_a_request_with_tools_still_answers_in_text(thinker_server: tuple[Path, 
                                        tool_choice=allowed)
     assert e.value.body["message"] == ("'tool_choice' of type \"allowed_tools\" is not supported; send the allowed "
                                        "tools alone as 'tools', with \"auto\" (the model decides among them)")
+
+
+TOOL_USE = {"name": "tool_use", "template": "<|im_start|>{{ tools | length }} tools<|im_end|>"}
+
+
+def tokenized_chat(templates: list[dict[str, str]], **request: object) -> httpx.Response:
+    """/tokenize's answer for a chat of one message, from a tiny model whose tokenizer has these named templates."""
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.model import Qwen3
+    from nanoqwen.serve.app import create_app
+    from nanoqwen.tokenizer import Tokenizer
+    from tests.test_model import tiny_config
+
+    bpe = tiny_bpe()
+    model = Qwen3(tiny_config(vocab_size=bpe.vocab_size))
+    with TestClient(create_app(model, Tokenizer(bpe.hf, {"chat_template": templates}), "tiny")) as http:
+        return http.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}], **request})
+
+
+@functools.cache
+def tiny_bpe() -> Tokenizer:
+    from nanoqwen.tokenizer import train_bpe
+
+    return train_bpe(["the cat sat on the mat"] * 20, 300)
+
+
+def test_tools_reach_a_tool_use_template_beside_a_chatml_default_one() -> None:
+    # Given tools, a folder's tool_use template renders, as Transformers picks it; the server refused them whenever the
+    # default template was ChatML. A folder whose templates are all named, none "default", chats only with tools
+    # (Transformers refuses the rest): a 400 that says so, not ChatML, and not a 500.
+    from nanoqwen.tokenizer import CHAT_TEMPLATE
+
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    for templates in ([{"name": "default", "template": CHAT_TEMPLATE}, TOOL_USE], [TOOL_USE]):
+        answer = tokenized_chat(templates, tools=tools)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["tokens"] == tiny_bpe().encode("<|im_start|>1 tools<|im_end|>")
+        answer = tokenized_chat(templates)
+        if len(templates) == 2:
+            assert answer.json()["tokens"] == tiny_bpe().encode(tiny_bpe().render_chat([{"role": "user",
+                                                                                        "content": "hi"}]))
+        else:
+            assert answer.status_code == 400 and answer.json()["error"]["message"].startswith(
+                "the chat templates of this model are all named (tool_use)")
+
+
+def test_an_empty_list_of_tools_picks_the_tool_use_template_as_transformers_and_vllm_do() -> None:
+    # Transformers' get_chat_template picks tool_use for any tools that are not None, and vLLM passes a request's []
+    # on; the template sees the empty list. The server left [] out: the default template rendered.
+    answer = tokenized_chat([{"name": "default", "template": "DEFAULT"}, TOOL_USE], tools=[])
+    assert answer.json()["tokens"] == tiny_bpe().encode("<|im_start|>0 tools<|im_end|>")
 
 
 def test_tools_are_function_tools_or_refused_by_name(thinker_server: tuple[Path, str, Path]) -> None:

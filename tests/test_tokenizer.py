@@ -457,6 +457,22 @@ def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(offici
     assert tokenizer_identity(str(tmp_path / "saved")) != before
 
 
+def test_a_folder_whose_templates_are_all_named_chats_only_with_tools_as_in_transformers(official, tmp_path):
+    # Transformers refuses a chat without tools when none of a folder's named templates is "default"; nanoqwen
+    # rendered ChatML, a format the folder never names (prepare trained on it, chat and serve prompted with it).
+    save_with_template(official, tmp_path, [{"name": "tool_use", "template": "TOOLS {{ tools | length }}"}])
+    hf, ours = transformers.AutoTokenizer.from_pretrained(tmp_path), load_tokenizer(tmp_path)
+    messages = [{"role": "user", "content": "hi"}]
+    with pytest.raises(ValueError, match="no default specified"):
+        hf.apply_chat_template(messages, tokenize=False)
+    with pytest.raises(NanoQwenError, match="^the chat templates of this model are all named \\(tool_use\\), none "
+                                            "\"default\", the one a chat without tools renders with"):
+        ours.render_chat(messages)
+    assert ours.render_chat(messages, tools=[]) == hf.apply_chat_template(messages, tools=[], tokenize=False) \
+        == "TOOLS 0"
+    assert not ours.thinking_switch  # asked of every model (serve's card), it refuses nothing
+
+
 def test_transformers_counts_the_chat_marks_among_the_special_tokens(official, tmp_path):
     # Official Qwen3 folders list <|im_start|> and the other control tokens as additional_special_tokens, which
     # Transformers' all_special_ids (get_special_tokens_mask, convert_ids_to_tokens with skip_special_tokens) reads;

@@ -406,13 +406,14 @@ class Service:
 
     def chat_prompt(self, body: ChatInput) -> list[int]:
         """The conversation's prompt ids, through the model's chat template."""
-        if body.uses_tools() and self.tokenizer.chat_format == "ChatML":
-            raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
-                                "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
         try:
+            # (the template given these tools: a folder's tool_use one may have their place where its default has not)
+            if body.uses_tools() and self.tokenizer.writes_chatml(body.tools):
+                raise APIError(400, "this model chats in plain ChatML, which has no place for tools or tool calls; "
+                                    "serve a folder whose chat template has (such as an official Qwen3 one)", "tools")
             text = self.tokenizer.render_chat(body.chat_messages(), body.add_generation_prompt,
                                               **body.template_kwargs())
-        except NanoQwenError as e:
+        except NanoQwenError as e:  # the template's refusal, or a model with no template for this chat
             raise APIError(400, str(e), "messages") from None
         return self.encode([text])[0]
 

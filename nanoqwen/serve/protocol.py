@@ -237,7 +237,8 @@ class ChatInput(RequestBody):
             raise APIError(400, f"'chat_template_kwargs' may not set {', '.join(taken)}; the request's own fields "
                                 "say that", "chat_template_kwargs")
         self.check_tools()
-        return {**given, "tools": self.tools} if self.tools else given
+        # An empty list too, as vLLM passes it on: Transformers then picks a folder's tool_use template, which sees []
+        return {**given, "tools": self.tools} if self.tools is not None else given
 
     def check_tools(self) -> None:
         """Each tool a function with a name, as OpenAI's and vLLM's APIs take them (no `type` reads as "function", as
