@@ -85,3 +85,22 @@ def test_the_target_run_stopped_at_its_target_is_a_result_not_a_failure(tmp_path
     DemoRun.send_signal = lambda self, number: setattr(self, "returncode", 1)  # a run that crashed instead
     with pytest.raises(SystemExit, match="the demo run failed with exit code 1"):
         bench.time_to_target(4.0, 6)
+
+
+def test_each_prepare_row_builds_its_tokenizer_inside_its_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bench asked whether tiktoken was installed by building the cached Qwen3 encoding before the default row's
+    # clock started: that row timed prepare without the build a `nanoqwen prepare` run pays (the seed's row loads
+    # its tokenizer inside its time).
+    bench = bench_module("prepare")
+    caches = bench.prepare_module._qwen3_tiktoken, bench.prepare_module._qwen3_fingerprint
+    warm_at_start: list[list[int]] = []
+
+    def prepare(corpus: str, spec: str, out: Path, **_: object) -> Path:
+        warm_at_start.append([cache.cache_info().currsize for cache in caches])
+        caches[0]()  # what the real prepare builds (the fingerprint: where a folder is checked)
+        return out
+
+    monkeypatch.setattr(bench, "prepare", prepare)
+    monkeypatch.setattr(bench, "load_meta", lambda out: {"splits": {"train": {"tokens": 1}}})
+    rows, _ = bench.time_nanoqwen(tmp_path, tmp_path, tmp_path / "out")
+    assert len(rows) == 3 and warm_at_start == [[0, 0]] * 3
