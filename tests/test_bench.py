@@ -104,3 +104,18 @@ def test_each_prepare_row_builds_its_tokenizer_inside_its_time(tmp_path: Path, m
     monkeypatch.setattr(bench, "load_meta", lambda out: {"splits": {"train": {"tokens": 1}}})
     rows, _ = bench.time_nanoqwen(tmp_path, tmp_path, tmp_path / "out")
     assert len(rows) == 3 and warm_at_start == [[0, 0]] * 3
+
+
+def test_the_seed_prepare_row_times_no_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # seed_prepare imports datasets and transformers (seconds) inside its clock, where nanoqwen's modules were
+    # imported before any: the seed's row was slower by its imports.
+    bench = bench_module("prepare")
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)  # put back after the test
+    imported_at_start: list[bool] = []
+
+    def seed_prepare(*_: object) -> int:
+        imported_at_start.append({"datasets", "transformers.models.auto.tokenization_auto"} <= set(sys.modules))
+        return 1
+
+    monkeypatch.setattr(bench, "seed_prepare", seed_prepare)
+    assert bench.time_seed(tmp_path, tmp_path, tmp_path, 2)[1] == 1 and imported_at_start == [True]
