@@ -119,3 +119,24 @@ def test_the_seed_prepare_row_times_no_imports(tmp_path: Path, monkeypatch: pyte
 
     monkeypatch.setattr(bench, "seed_prepare", seed_prepare)
     assert bench.time_seed(tmp_path, tmp_path, tmp_path, 2)[1] == 1 and imported_at_start == [True]
+
+
+def test_a_training_row_compiled_on_one_side_only_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On CUDA nanoqwen trains compiled (as `nanoqwen train` does there) and Transformers eager: the published row
+    # read as the same setup on both sides.
+    import nanoqwen.train
+
+    bench = bench_module("train")
+    compiled: dict[str, bool] = {}
+
+    def run_worker(contender: str, *args: object, **_: object) -> dict:
+        compiled[contender] = args[-1]
+        return {"tokens_per_s": 1.0, "peak_bytes": 1, "losses": [1.0]}
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(nanoqwen.train, "default_compile", lambda device: True)  # as on CUDA
+    row = bench.compare("qwen3-0.6b, 4 x 2048", "qwen3-0.6b", 4, 2048, 1, 1, "cpu")[0]
+    assert compiled == {"nanoqwen": True, "transformers": False}
+    assert row.startswith("| qwen3-0.6b, 4 x 2048 (nanoqwen compiled, Transformers eager) |")
+    row = bench.compare("the same, both under torch.compile", "cpu", 4, 64, 1, 1, "cpu", both_compiled=True)[0]
+    assert compiled == {"nanoqwen": True, "transformers": True} and "eager" not in row
