@@ -142,3 +142,15 @@ def test_a_training_row_compiled_on_one_side_only_says_so(monkeypatch: pytest.Mo
     assert row.startswith("| qwen3-0.6b, 4 x 2048 (nanoqwen compiled, Transformers eager) |")
     row = bench.compare("the same, both under torch.compile", "cpu", 4, 64, 1, 1, "cpu", both_compiled=True)[0]
     assert compiled == {"nanoqwen": True, "transformers": True} and "eager" not in row
+
+
+def test_the_generation_bench_reports_a_cuda_graph_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # On CUDA nanoqwen decodes through a CUDA graph (as `nanoqwen sample` does) and Transformers' generate eagerly:
+    # the table's header must say so, so the worker reports which path its model took.
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    for graph in (False, True):
+        monkeypatch.setattr(bench, "graphs_by_default", lambda model, graph=graph: graph)  # True: as on CUDA
+        bench.worker("nanoqwen", model, [1, 2, 3], 2, 1, "cpu", "float32")
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["graph"] is graph
