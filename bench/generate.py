@@ -97,7 +97,10 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    # SDPA named, not left to the default of whichever Transformers is installed (nanoqwen attends with SDPA on
+    # CUDA; on a CPU a decode step's one query goes through two bmm calls, its prefill through SDPA)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                              attn_implementation="sdpa")
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
 
     class Clock(BaseStreamer):

@@ -35,6 +35,8 @@ from nanoqwen.config import ModelConfig, load_preset  # noqa: E402
 from nanoqwen.distributed import reuse_freed_memory  # noqa: E402
 from nanoqwen.plot import read_metrics  # noqa: E402
 
+ATTENTION = "sdpa"  # Transformers' attention implementation: the kernel nanoqwen's training attention calls
+
 
 # -- one contender, in its own process ------------------------------------------------------------
 def build(contender: str, config: ModelConfig, device: torch.device, compile_model: bool, tuned: bool = False
@@ -56,7 +58,8 @@ def build(contender: str, config: ModelConfig, device: torch.device, compile_mod
             objective.compile()
         optimizer = build_optimizer(model, "adamw", 1e-3, 0.1, device)
         return model, optimizer, objective
-    model = Qwen3ForCausalLM(Qwen3Config.from_dict(config.to_hf_dict()))
+    # SDPA named, not left to Transformers' default: nanoqwen's attention is SDPA too (its flash kernel)
+    model = Qwen3ForCausalLM(Qwen3Config.from_dict(config.to_hf_dict(), attn_implementation=ATTENTION))
     model.load_state_dict(ours.state_dict())  # the same initial weights
     del ours
     model.to(device)

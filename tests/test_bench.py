@@ -3,6 +3,7 @@ that broke since its last run would waste it. Nothing here is timed: speed lives
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -154,3 +156,15 @@ def test_the_generation_bench_reports_a_cuda_graph_decode(tmp_path: Path, monkey
         monkeypatch.setattr(bench, "graphs_by_default", lambda model, graph=graph: graph)  # True: as on CUDA
         bench.worker("nanoqwen", model, [1, 2, 3], 2, 1, "cpu", "float32")
         assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["graph"] is graph
+
+
+def test_the_training_bench_names_transformers_attention() -> None:
+    # A guard, not a regression: Transformers' default (sdpa here) is what a newer version or another machine may
+    # change, and an eager baseline would make every ratio a kernel's, not the libraries'.
+    from nanoqwen.config import load_preset
+
+    bench = bench_module("train")
+    config = dataclasses.replace(load_preset("cpu").model, num_hidden_layers=1, bos_token_id=2047,
+                                 eos_token_id=2047, pad_token_id=2047)
+    model = bench.build("transformers", config, torch.device("cpu"), False)[0]
+    assert model.config._attn_implementation == bench.ATTENTION == "sdpa"
