@@ -168,3 +168,18 @@ def test_the_training_bench_names_transformers_attention() -> None:
                                  eos_token_id=2047, pad_token_id=2047)
     model = bench.build("transformers", config, torch.device("cpu"), False)[0]
     assert model.config._attn_implementation == bench.ATTENTION == "sdpa"
+
+
+def test_the_mfu_row_counts_flops_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PaLM's count (6N + 12 L H d T) takes attention over all T x T scores, where a causal kernel does half: at
+    # qwen3-0.6b's 2048 that is 28% of the count, so the row gives the MFU both ways.
+    from nanoqwen.config import load_preset
+
+    bench = bench_module("train")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    config = load_preset("qwen3-0.6b").model
+    palm = 6 * config.num_params() + 12 * 28 * 16 * 128 * 2048  # tied embeddings: the head is the only lookup's
+    tokens_per_s = 0.4 * 989e12 / palm
+    causal = 0.4 * (palm - 6 * 28 * 16 * 128 * 2048) / palm
+    assert bench.mfu_row("cuda", tokens_per_s).endswith(f"| MFU 40.0% (PaLM's count; {causal:.1%} counting causal "
+                                                         "attention's half) |")
