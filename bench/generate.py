@@ -165,11 +165,13 @@ def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repea
     n_params, graph = 0, False
     for _ in range(repeats):
         for library in ("nanoqwen", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
-                                  "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
-                                  "--runs", str(runs), "--device", device, "--dtype", dtype],
-                                 check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            done = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
+                                   "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
+                                   "--runs", str(runs), "--device", device, "--dtype", dtype],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:  # its reason, not only its exit status: a GPU lease gives one try
+                raise SystemExit(f"the {library} worker failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
             for mode in MODES:
                 samples[library, mode] += [tuple(sample) for sample in result["samples"][mode]]
             n_params, graph = max(n_params, result["params"]), graph or result["graph"]

@@ -183,3 +183,10 @@ def test_the_mfu_row_counts_flops_both_ways(monkeypatch: pytest.MonkeyPatch) -> 
     causal = 0.4 * (palm - 6 * 28 * 16 * 128 * 2048) / palm
     assert bench.mfu_row("cuda", tokens_per_s).endswith(f"| MFU 40.0% (PaLM's count; {causal:.1%} counting causal "
                                                          "attention's half) |")
+
+
+def test_a_failed_generation_worker_says_why(tmp_path: Path) -> None:
+    # The workers' stderr was captured and dropped: a failure (on a GPU lease, once) printed only an exit status.
+    bench = bench_module("generate")
+    with pytest.raises(SystemExit, match=r"(?s)the nanoqwen worker failed:.*missing"):
+        bench.single_stream(tmp_path / "missing", [1, 2], 2, 1, 1, "cpu", "float32")
