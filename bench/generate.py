@@ -104,30 +104,51 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
 
     class Clock(BaseStreamer):
-        """generate() calls put() with the prompt first, then with each new token."""
+        """generate() calls put() with the prompt first, then with each new token; `forwards`, where given, counts
+        the model's forward passes (a hook appends to it), read at each token."""
 
-        def __init__(self, start: float) -> None:
+        def __init__(self, start: float, forwards: list[int] | None = None) -> None:
             self.start, self.times, self.prompt_seen = start, [], False
+            self.forwards, self.forwards_at_token = forwards, []
 
         def put(self, value: torch.Tensor) -> None:
             if self.prompt_seen:
                 self.times.append(time.perf_counter() - self.start)
+                if self.forwards is not None:
+                    self.forwards_at_token.append(len(self.forwards))
             self.prompt_seen = True
 
         def end(self) -> None:
             pass
 
-    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
+    def generate(prompt_ids: list[int], new_tokens: int, sampled: bool, forwards: list[int] | None = None) -> Clock:
         input_ids = torch.tensor([prompt_ids], device=device)
         sampling = (dict(do_sample=True, temperature=1.0, top_p=TOP_P, top_k=0) if sampled
                     else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         torch.manual_seed(0)
-        clock = Clock(time.perf_counter())
+        clock = Clock(time.perf_counter(), forwards)
         with torch.inference_mode():
             # eos_token_id=None: no early stop, exactly new_tokens, like the nanoqwen side.
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                            eos_token_id=None, pad_token_id=0, streamer=clock, **sampling)
-        return clock.times
+        return clock
+
+    # The clock reads each token's time at put(): right where generate() hands over token k after k forward passes
+    # (the prefill, then k - 1 steps), as nanoqwen yields it. Transformers streams a step late where it defers its
+    # stop check (MPS in 5.25, CUDA in its plans), and the time to first token would hold a decode step: checked
+    # once, outside the timed runs (the hook costs a call a step).
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        late = generate([0, 1, 2], 4, False, forwards).forwards_at_token
+    finally:
+        hook.remove()
+    if late != [1, 2, 3, 4]:
+        raise SystemExit(f"Transformers {transformers.__version__} streamed tokens 1-4 after {late} forward passes, "
+                         "not one each: its streamer's times are not the tokens' times here")
+
+    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
+        return generate(prompt_ids, new_tokens, sampled).times
 
     return run
 

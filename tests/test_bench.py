@@ -190,3 +190,28 @@ def test_a_failed_generation_worker_says_why(tmp_path: Path) -> None:
     bench = bench_module("generate")
     with pytest.raises(SystemExit, match=r"(?s)the nanoqwen worker failed:.*missing"):
         bench.single_stream(tmp_path / "missing", [1, 2], 2, 1, 1, "cpu", "float32")
+
+
+def test_the_generation_bench_refuses_a_transformers_that_streams_late(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Transformers 5.25 defers its stop check on MPS, streaming each token one forward pass late (and plans it for
+    # CUDA): the clock would time the first token after the second forward. Emulated here by deferring the puts.
+    from transformers.generation import utils
+
+    def put_late(self, unfinished_sequences: torch.Tensor, tokens: torch.Tensor, length: int) -> bool:
+        if getattr(self, "held", None) is not None:
+            self.streamer.put(self.held)
+        self.held = tokens.cpu()
+        return bool(unfinished_sequences.max() == 0)
+
+    def finish(self) -> int:
+        self.streamer.put(self.held)
+        return 0
+
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    assert len(bench.transformers_timer(model, "cpu", "float32")([1, 2, 3], 3, False)) == 3  # on time: timed
+    monkeypatch.setattr(utils.StopCheck, "__call__", put_late)
+    monkeypatch.setattr(utils.StopCheck, "finish", finish)
+    with pytest.raises(SystemExit, match=r"streamed tokens 1-4 after \[2, 3, 4, 4\] forward passes"):
+        bench.transformers_timer(model, "cpu", "float32")
