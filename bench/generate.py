@@ -102,6 +102,9 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
                                                               attn_implementation="sdpa")
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
+    # generate() fills what its call leaves unset from the folder's generation_config.json (a repetition_penalty,
+    # say); nanoqwen's SamplingParams here take nothing from it: both do exactly what the bench asks
+    model.generation_config = transformers.GenerationConfig()
 
     class Clock(BaseStreamer):
         """generate() calls put() with the prompt first, then with each new token; `forwards`, where given, counts

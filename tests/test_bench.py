@@ -215,3 +215,29 @@ def test_the_generation_bench_refuses_a_transformers_that_streams_late(tmp_path:
     monkeypatch.setattr(utils.StopCheck, "finish", finish)
     with pytest.raises(SystemExit, match=r"streamed tokens 1-4 after \[2, 3, 4, 4\] forward passes"):
         bench.transformers_timer(model, "cpu", "float32")
+
+
+def test_the_generation_bench_gives_transformers_only_its_own_sampling(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # generate() took what its call left unset from the checkpoint's generation_config.json: a --model whose file
+    # had a repetition_penalty (or no_repeat_ngram_size...) had Transformers do work nanoqwen's side did not.
+    from transformers.generation import utils
+
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.3}))
+    processors: list[list[str]] = []
+    original = utils.GenerationMixin._get_logits_processor
+
+    def spy(self, *args: object, **kwargs: object):  # noqa: ANN202 (Transformers' own return type)
+        chosen = original(self, *args, **kwargs)
+        processors.append([type(p).__name__ for p in chosen])
+        return chosen
+
+    monkeypatch.setattr(utils.GenerationMixin, "_get_logits_processor", spy)
+    timer = bench.transformers_timer(model, "cpu", "float32")
+    processors.clear()
+    timer([1, 2, 3], 2, False)
+    timer([1, 2, 3], 2, True)
+    assert processors == [[], ["TopPLogitsWarper"]]  # greedy: none; sampled: top-p 0.95 at T=1, no top-k
