@@ -16,7 +16,9 @@ few tokens (a median of 4 in a check on the prompt, the best holding ~0.85), and
 peaked checkpoint. A --model is used as it is.
 
 Single stream: the same checkpoint, prompt and length in both libraries, each loaded as its users
-load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`).
+load it (`nanoqwen sample/chat/serve`'s `load_for_inference`; `AutoModelForCausalLM.from_pretrained`), and
+decoding as each does by default: on CUDA nanoqwen through a CUDA graph, Transformers' `generate` in its eager
+loop over a dynamic cache (the table's header says so where a graph was used).
 Time to first token (prefill + first token) and decode tokens/s (the tokens after the first over their
 time), greedy; then sampled decode tokens/s in the same processes, the same length: nanoqwen's
 SamplingParams(temperature=1, top_k=0, top_p=0.95) and `generate(do_sample=True, top_p=0.95, top_k=0,
@@ -53,7 +55,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing; tests/ 
 
 from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint  # noqa: E402
 from nanoqwen.config import load_preset  # noqa: E402
-from nanoqwen.generate import SamplingParams, generate_ids, load_for_inference  # noqa: E402
+from nanoqwen.generate import SamplingParams, generate_ids, graphs_by_default, load_for_inference  # noqa: E402
 from nanoqwen.model import Qwen3  # noqa: E402
 from nanoqwen.tokenizer import load_tokenizer, qwen3_tokenizer  # noqa: E402
 
@@ -74,8 +76,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def nanoqwen_timer(model_dir: Path, device: str, dtype: str) -> tuple[Timer, int]:
-    """The timer, and the model's parameter count."""
+def nanoqwen_timer(model_dir: Path, device: str, dtype: str) -> tuple[Timer, int, bool]:
+    """The timer, the model's parameter count, and whether it decodes through a CUDA graph (on CUDA, as
+    `nanoqwen sample` does; Transformers' `generate` runs its eager loop over a dynamic cache)."""
     model, _ = load_for_inference(argparse.Namespace(model=str(model_dir), device=device, dtype=dtype))
 
     def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
@@ -87,41 +90,68 @@ def nanoqwen_timer(model_dir: Path, device: str, dtype: str) -> tuple[Timer, int
             times.append(time.perf_counter() - start)
         return times
 
-    return run, model.num_params()
+    return run, model.num_params(), graphs_by_default(model)
 
 
 def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
     import transformers
     from transformers.generation.streamers import BaseStreamer
 
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype))
+    # SDPA named, not left to the default of whichever Transformers is installed (nanoqwen attends with SDPA on
+    # CUDA; on a CPU a decode step's one query goes through two bmm calls, its prefill through SDPA)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
+                                                              attn_implementation="sdpa")
     model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
+    # generate() fills what its call leaves unset from the folder's generation_config.json (a repetition_penalty,
+    # say); nanoqwen's SamplingParams here take nothing from it: both do exactly what the bench asks
+    model.generation_config = transformers.GenerationConfig()
 
     class Clock(BaseStreamer):
-        """generate() calls put() with the prompt first, then with each new token."""
+        """generate() calls put() with the prompt first, then with each new token; `forwards`, where given, counts
+        the model's forward passes (a hook appends to it), read at each token."""
 
-        def __init__(self, start: float) -> None:
+        def __init__(self, start: float, forwards: list[int] | None = None) -> None:
             self.start, self.times, self.prompt_seen = start, [], False
+            self.forwards, self.forwards_at_token = forwards, []
 
         def put(self, value: torch.Tensor) -> None:
             if self.prompt_seen:
                 self.times.append(time.perf_counter() - self.start)
+                if self.forwards is not None:
+                    self.forwards_at_token.append(len(self.forwards))
             self.prompt_seen = True
 
         def end(self) -> None:
             pass
 
-    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
+    def generate(prompt_ids: list[int], new_tokens: int, sampled: bool, forwards: list[int] | None = None) -> Clock:
         input_ids = torch.tensor([prompt_ids], device=device)
         sampling = (dict(do_sample=True, temperature=1.0, top_p=TOP_P, top_k=0) if sampled
                     else dict(do_sample=False, temperature=None, top_p=None, top_k=None))
         torch.manual_seed(0)
-        clock = Clock(time.perf_counter())
+        clock = Clock(time.perf_counter(), forwards)
         with torch.inference_mode():
             # eos_token_id=None: no early stop, exactly new_tokens, like the nanoqwen side.
             model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
                            eos_token_id=None, pad_token_id=0, streamer=clock, **sampling)
-        return clock.times
+        return clock
+
+    # The clock reads each token's time at put(): right where generate() hands over token k after k forward passes
+    # (the prefill, then k - 1 steps), as nanoqwen yields it. Transformers streams a step late where it defers its
+    # stop check (MPS in 5.25, CUDA in its plans), and the time to first token would hold a decode step: checked
+    # once, outside the timed runs (the hook costs a call a step).
+    forwards: list[int] = []
+    hook = model.register_forward_pre_hook(lambda module, args: forwards.append(1))
+    try:
+        late = generate([0, 1, 2], 4, False, forwards).forwards_at_token
+    finally:
+        hook.remove()
+    if late != [1, 2, 3, 4]:
+        raise SystemExit(f"Transformers {transformers.__version__} streamed tokens 1-4 after {late} forward passes, "
+                         "not one each: its streamer's times are not the tokens' times here")
+
+    def run(prompt_ids: list[int], new_tokens: int, sampled: bool) -> list[float]:
+        return generate(prompt_ids, new_tokens, sampled).times
 
     return run
 
@@ -132,9 +162,9 @@ def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int
     as JSON on stdout. Both sides hand each token to the host as it is made (a device sync), so the clock reads
     real times."""
     if library == "nanoqwen":
-        timer, n_params = nanoqwen_timer(model_dir, device, dtype)
+        timer, n_params, graph = nanoqwen_timer(model_dir, device, dtype)
     else:
-        timer, n_params = transformers_timer(model_dir, device, dtype), 0
+        timer, n_params, graph = transformers_timer(model_dir, device, dtype), 0, False
     samples: dict[str, list[tuple[float, float]]] = {}
     for mode in MODES:
         timer(prompt_ids, 8, mode == "sampled")  # warm-up: first-call allocations and kernel selection
@@ -143,35 +173,37 @@ def worker(library: str, model_dir: Path, prompt_ids: list[int], new_tokens: int
             times = timer(prompt_ids, new_tokens, mode == "sampled")
             assert len(times) == new_tokens, f"{library} made {len(times)} tokens"
             samples[mode].append((times[0], (len(times) - 1) / (times[-1] - times[0])))
-    print(json.dumps({"samples": samples, "params": n_params}))
+    print(json.dumps({"samples": samples, "params": n_params, "graph": graph}))
 
 
 def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int,
-                  device: str, dtype: str) -> tuple[dict[tuple[str, str], tuple[float, float]], int]:
-    """{(library, greedy or sampled): (median time to first token in s, median decode tokens/s)} and nanoqwen's
-    parameter count.
+                  device: str, dtype: str) -> tuple[dict[tuple[str, str], tuple[float, float]], int, bool]:
+    """{(library, greedy or sampled): (median time to first token in s, median decode tokens/s)}, nanoqwen's
+    parameter count, and whether it decoded through a CUDA graph.
 
     Each library runs alone in its own processes (importing and running the other one in the same
     process slows the next by 10-20%: more live Python objects, colder caches), `repeats` processes
     each, alternating, `runs` generations per process."""
     samples: dict[tuple[str, str], list[tuple[float, float]]] = {
         (library, mode): [] for library in ("nanoqwen", "transformers") for mode in MODES}
-    n_params = 0
+    n_params, graph = 0, False
     for _ in range(repeats):
         for library in ("nanoqwen", "transformers"):
-            out = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
-                                  "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
-                                  "--runs", str(runs), "--device", device, "--dtype", dtype],
-                                 check=True, capture_output=True, text=True).stdout
-            result = json.loads(out.strip().splitlines()[-1])
+            done = subprocess.run([sys.executable, __file__, "--worker", library, "--model", str(model_dir),
+                                   "--prompt-ids", json.dumps(prompt_ids), "--new-tokens", str(new_tokens),
+                                   "--runs", str(runs), "--device", device, "--dtype", dtype],
+                                  capture_output=True, text=True)
+            if done.returncode != 0:  # its reason, not only its exit status: a GPU lease gives one try
+                raise SystemExit(f"the {library} worker failed:\n{done.stderr[-3000:]}")
+            result = json.loads(done.stdout.strip().splitlines()[-1])
             for mode in MODES:
                 samples[library, mode] += [tuple(sample) for sample in result["samples"][mode]]
-            n_params = max(n_params, result["params"])
+            n_params, graph = max(n_params, result["params"]), graph or result["graph"]
     medians = {name: (statistics.median(s[0] for s in runs_), statistics.median(s[1] for s in runs_))
                for name, runs_ in samples.items()}
     for (library, mode), (ttft, rate) in medians.items():
         log(f"  {library}, {mode}: first token {ttft * 1e3:.1f} ms, decode {rate:.1f} tok/s")
-    return medians, n_params
+    return medians, n_params, graph
 
 
 # -- server -----------------------------------------------------------------------------------
@@ -337,6 +369,7 @@ def main() -> None:
     load_before = os.getloadavg()[0]
 
     rows: list[str] = []
+    graphed = False  # nanoqwen decoded through a CUDA graph: the header says so
     with tempfile.TemporaryDirectory() as tmp:
         if args.model:
             models = [("given", args.model)]
@@ -350,8 +383,9 @@ def main() -> None:
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read
             log(f"{model_dir.name}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
                 f"{torch.get_num_threads()} threads")
-            result, n_params = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs,
-                                             args.device, args.dtype)
+            result, n_params, graph = single_stream(model_dir, prompt_ids, args.new_tokens, args.repeats, args.runs,
+                                                    args.device, args.dtype)
+            graphed = graphed or graph
             (ttft, ours), (hf_ttft, theirs) = result["nanoqwen", "greedy"], result["transformers", "greedy"]
             sampled_ours, sampled_theirs = result["nanoqwen", "sampled"][1], result["transformers", "sampled"][1]
             label = f"{model_dir.name} ({n_params / 1e6:.1f}M, vocab {vocab})"
@@ -380,7 +414,8 @@ def main() -> None:
     print(f"\n{where}, {args.dtype}, torch {torch.__version__}, greedy and sampled, {args.new_tokens} new tokens "
           "single-stream, "
           f"{args.server_tokens} per server request; load average {load_before:.1f} before, "
-          f"{os.getloadavg()[0]:.1f} after\n")
+          f"{os.getloadavg()[0]:.1f} after"
+          f"{'; nanoqwen decodes through a CUDA graph, Transformers generate eagerly' if graphed else ''}\n")
     print("| model | measure | nanoqwen | Transformers | ratio |")
     print("|---|---|---:|---:|---:|")
     print("\n".join(rows))

@@ -3,6 +3,7 @@ that broke since its last run would waste it. Nothing here is timed: speed lives
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import re
@@ -11,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,7 +83,161 @@ def test_the_target_run_stopped_at_its_target_is_a_result_not_a_failure(tmp_path
 
     monkeypatch.setattr(bench.subprocess, "Popen", DemoRun)
     monkeypatch.setattr(bench.time, "sleep", lambda seconds: None)
-    assert bench.time_to_target(4.0, 6) == "| demo to val loss 4.0 | 42 s, step 50, 819,200 tokens |"
+    # elapsed_s is the run's training loop; the process's start (imports, data, model) counts in a wall clock too
+    assert re.fullmatch(r"\| demo to val loss 4\.0 \| 42 s of training \(<= \d+ s from launch\), step 50, "
+                        r"819,200 tokens \|", bench.time_to_target(4.0, 6))
     DemoRun.send_signal = lambda self, number: setattr(self, "returncode", 1)  # a run that crashed instead
     with pytest.raises(SystemExit, match="the demo run failed with exit code 1"):
         bench.time_to_target(4.0, 6)
+
+
+def test_each_prepare_row_builds_its_tokenizer_inside_its_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The bench asked whether tiktoken was installed by building the cached Qwen3 encoding before the default row's
+    # clock started: that row timed prepare without the build a `nanoqwen prepare` run pays (the seed's row loads
+    # its tokenizer inside its time).
+    bench = bench_module("prepare")
+    caches = bench.prepare_module._qwen3_tiktoken, bench.prepare_module._qwen3_fingerprint
+    warm_at_start: list[list[int]] = []
+
+    def prepare(corpus: str, spec: str, out: Path, **_: object) -> Path:
+        warm_at_start.append([cache.cache_info().currsize for cache in caches])
+        caches[0]()  # what the real prepare builds (the fingerprint: where a folder is checked)
+        return out
+
+    monkeypatch.setattr(bench, "prepare", prepare)
+    monkeypatch.setattr(bench, "load_meta", lambda out: {"splits": {"train": {"tokens": 1}}})
+    rows, _ = bench.time_nanoqwen(tmp_path, tmp_path, tmp_path / "out")
+    assert len(rows) == 3 and warm_at_start == [[0, 0]] * 3
+
+
+def test_the_seed_prepare_row_times_no_imports(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # seed_prepare imports datasets and transformers (seconds) inside its clock, where nanoqwen's modules were
+    # imported before any: the seed's row was slower by its imports.
+    bench = bench_module("prepare")
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)  # put back after the test
+    imported_at_start: list[bool] = []
+
+    def seed_prepare(*_: object) -> int:
+        imported_at_start.append({"datasets", "transformers.models.auto.tokenization_auto"} <= set(sys.modules))
+        return 1
+
+    monkeypatch.setattr(bench, "seed_prepare", seed_prepare)
+    assert bench.time_seed(tmp_path, tmp_path, tmp_path, 2)[1] == 1 and imported_at_start == [True]
+
+
+def test_a_training_row_compiled_on_one_side_only_says_so(monkeypatch: pytest.MonkeyPatch) -> None:
+    # On CUDA nanoqwen trains compiled (as `nanoqwen train` does there) and Transformers eager: the published row
+    # read as the same setup on both sides.
+    import nanoqwen.train
+
+    bench = bench_module("train")
+    compiled: dict[str, bool] = {}
+
+    def run_worker(contender: str, *args: object, **_: object) -> dict:
+        compiled[contender] = args[-1]
+        return {"tokens_per_s": 1.0, "peak_bytes": 1, "losses": [1.0]}
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(nanoqwen.train, "default_compile", lambda device: True)  # as on CUDA
+    row = bench.compare("qwen3-0.6b, 4 x 2048", "qwen3-0.6b", 4, 2048, 1, 1, "cpu")[0]
+    assert compiled == {"nanoqwen": True, "transformers": False}
+    assert row.startswith("| qwen3-0.6b, 4 x 2048 (nanoqwen compiled, Transformers eager) |")
+    row = bench.compare("the same, both under torch.compile", "cpu", 4, 64, 1, 1, "cpu", both_compiled=True)[0]
+    assert compiled == {"nanoqwen": True, "transformers": True} and "eager" not in row
+
+
+def test_the_generation_bench_reports_a_cuda_graph_decode(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # On CUDA nanoqwen decodes through a CUDA graph (as `nanoqwen sample` does) and Transformers' generate eagerly:
+    # the table's header must say so, so the worker reports which path its model took.
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    for graph in (False, True):
+        monkeypatch.setattr(bench, "graphs_by_default", lambda model, graph=graph: graph)  # True: as on CUDA
+        bench.worker("nanoqwen", model, [1, 2, 3], 2, 1, "cpu", "float32")
+        assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["graph"] is graph
+
+
+def test_the_training_bench_names_transformers_attention() -> None:
+    # A guard, not a regression: Transformers' default (sdpa here) is what a newer version or another machine may
+    # change, and an eager baseline would make every ratio a kernel's, not the libraries'.
+    from nanoqwen.config import load_preset
+
+    bench = bench_module("train")
+    config = dataclasses.replace(load_preset("cpu").model, num_hidden_layers=1, bos_token_id=2047,
+                                 eos_token_id=2047, pad_token_id=2047)
+    model = bench.build("transformers", config, torch.device("cpu"), False)[0]
+    assert model.config._attn_implementation == bench.ATTENTION == "sdpa"
+
+
+def test_the_mfu_row_counts_flops_both_ways(monkeypatch: pytest.MonkeyPatch) -> None:
+    # PaLM's count (6N + 12 L H d T) takes attention over all T x T scores, where a causal kernel does half: at
+    # qwen3-0.6b's 2048 that is 28% of the count, so the row gives the MFU both ways.
+    from nanoqwen.config import load_preset
+
+    bench = bench_module("train")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    config = load_preset("qwen3-0.6b").model
+    palm = 6 * config.num_params() + 12 * 28 * 16 * 128 * 2048  # tied embeddings: the head is the only lookup's
+    tokens_per_s = 0.4 * 989e12 / palm
+    causal = 0.4 * (palm - 6 * 28 * 16 * 128 * 2048) / palm
+    assert bench.mfu_row("cuda", tokens_per_s).endswith(f"| MFU 40.0% (PaLM's count; {causal:.1%} counting causal "
+                                                         "attention's half) |")
+
+
+def test_a_failed_generation_worker_says_why(tmp_path: Path) -> None:
+    # The workers' stderr was captured and dropped: a failure (on a GPU lease, once) printed only an exit status.
+    bench = bench_module("generate")
+    with pytest.raises(SystemExit, match=r"(?s)the nanoqwen worker failed:.*missing"):
+        bench.single_stream(tmp_path / "missing", [1, 2], 2, 1, 1, "cpu", "float32")
+
+
+def test_the_generation_bench_refuses_a_transformers_that_streams_late(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Transformers 5.25 defers its stop check on MPS, streaming each token one forward pass late (and plans it for
+    # CUDA): the clock would time the first token after the second forward. Emulated here by deferring the puts.
+    from transformers.generation import utils
+
+    def put_late(self, unfinished_sequences: torch.Tensor, tokens: torch.Tensor, length: int) -> bool:
+        if getattr(self, "held", None) is not None:
+            self.streamer.put(self.held)
+        self.held = tokens.cpu()
+        return bool(unfinished_sequences.max() == 0)
+
+    def finish(self) -> int:
+        self.streamer.put(self.held)
+        return 0
+
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    assert len(bench.transformers_timer(model, "cpu", "float32")([1, 2, 3], 3, False)) == 3  # on time: timed
+    monkeypatch.setattr(utils.StopCheck, "__call__", put_late)
+    monkeypatch.setattr(utils.StopCheck, "finish", finish)
+    with pytest.raises(SystemExit, match=r"streamed tokens 1-4 after \[2, 3, 4, 4\] forward passes"):
+        bench.transformers_timer(model, "cpu", "float32")
+
+
+def test_the_generation_bench_gives_transformers_only_its_own_sampling(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # generate() took what its call left unset from the checkpoint's generation_config.json: a --model whose file
+    # had a repetition_penalty (or no_repeat_ngram_size...) had Transformers do work nanoqwen's side did not.
+    from transformers.generation import utils
+
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    generation = json.loads((model / "generation_config.json").read_text())
+    (model / "generation_config.json").write_text(json.dumps({**generation, "repetition_penalty": 1.3}))
+    processors: list[list[str]] = []
+    original = utils.GenerationMixin._get_logits_processor
+
+    def spy(self, *args: object, **kwargs: object):  # noqa: ANN202 (Transformers' own return type)
+        chosen = original(self, *args, **kwargs)
+        processors.append([type(p).__name__ for p in chosen])
+        return chosen
+
+    monkeypatch.setattr(utils.GenerationMixin, "_get_logits_processor", spy)
+    timer = bench.transformers_timer(model, "cpu", "float32")
+    processors.clear()
+    timer([1, 2, 3], 2, False)
+    timer([1, 2, 3], 2, True)
+    assert processors == [[], ["TopPLogitsWarper"]]  # greedy: none; sampled: top-p 0.95 at T=1, no top-k
