@@ -306,14 +306,15 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
                       "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
 
 
-def check_weight_files(directory: Path, config: ModelConfig) -> None:
+def check_weight_files(directory: Path, config: ModelConfig) -> torch.dtype | None:
     """The weight files are all there, each safetensors header fits its file's size (so a file cut short is
     found) and names the tensors `config` describes, in their shapes and in dtypes nanoqwen loads, without reading
-    the weights: for a long job (preparing a corpus) to refuse up front, not at loading."""
+    the weights: for a long job (preparing a corpus) to refuse up front, not at loading. Returns the dtype the
+    weights are stored in (the embedding's, as `load_model` keeps it), or None for a pickled .bin."""
     headers: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         if path.suffix != ".safetensors":
-            return  # a pickled .bin has no header to read without loading it: checked when loaded
+            return None  # a pickled .bin has no header to read without loading it: checked when loaded
         try:
             with safe_open(str(path), framework="pt") as f:
                 for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
@@ -324,7 +325,7 @@ def check_weight_files(directory: Path, config: ModelConfig) -> None:
                     headers[key] = torch.empty(stored.get_shape(), dtype=dtype, device="meta")
         except (SafetensorError, OSError) as e:
             raise damaged(path, e) from e
-    match_weights(headers, directory, config)
+    return match_weights(headers, directory, config)[EMBEDDING_KEY].dtype
 
 
 # What nanoqwen loads: floats of 16 bits and up (float64 too: Python's own saves, the tests' references).

@@ -92,6 +92,18 @@ def test_a_qwen3_with_a_classifiers_head_is_named_so(tmp_path, head: str) -> Non
     assert head in str(caught.value) and "complete" not in str(caught.value) and "\n" not in str(caught.value)
 
 
+def test_init_from_saves_best_in_the_dtype_its_weights_are_stored_in_when_config_json_names_none(tmp_path) -> None:
+    # A folder whose config.json names no dtype (Transformers reads its weights' then) gave a float32 best/ for
+    # bf16 weights: twice their size. Its config.json read as float32, whatever the weights were.
+    from nanoqwen.runs import checkpoint_preset
+
+    save_checkpoint(Qwen3(tiny_config()).to(torch.bfloat16), tmp_path, tokenizer=None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert checkpoint_preset(tmp_path, []).train["best_dtype"] == "bfloat16"
+
+
 @pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
 @pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
 def test_quantized_weights_without_a_quantization_config_are_refused_naming_the_tensor(tmp_path, dtype, suffix) -> None:
