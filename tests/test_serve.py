@@ -1105,6 +1105,7 @@ BAD_REQUESTS = [
      "stream_options.include_usage"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "best_of": 0}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "n": 3, "best_of": 1}, 400, "best_of"),  # below n: OpenAI refuses it too
     ("/v1/completions", {"prompt": ["hi"] * 129}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),

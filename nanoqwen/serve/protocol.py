@@ -146,6 +146,9 @@ class SamplingRequest(RequestBody):
     truncate_prompt_tokens: Any = None
 
     def check_unsupported(self) -> None:
+        if self.best_of is not None and self.best_of < self.n:  # OpenAI's rule: the best n of best_of
+            raise APIError(400, f"'best_of' ({self.best_of}) is less than 'n' ({self.n}); best_of must be at least n: "
+                                "leave best_of out (this server returns n completions)", "best_of")
         given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
                  "response_format": (self.response_format or {}).get("type", "text") != "text",
                  **{name: getattr(self, name) is not None for name in GUIDED_DECODING},
