@@ -300,21 +300,45 @@ def shard_files(index: Path) -> list[Path]:
     return [index.parent / n for n in names]
 
 
-def check_weight_files(directory: Path, config: ModelConfig) -> None:
+# The dtypes a safetensors header names (the format's own codes), as torch's.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I64": torch.int64,
+                      "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def check_weight_files(directory: Path, config: ModelConfig) -> torch.dtype | None:
     """The weight files are all there, each safetensors header fits its file's size (so a file cut short is
-    found) and names the tensors `config` describes, in their shapes, without reading the weights: for a long
-    job (preparing a corpus) to refuse up front, not at loading."""
+    found) and names the tensors `config` describes, in their shapes and in dtypes nanoqwen loads, without reading
+    the weights: for a long job (preparing a corpus) to refuse up front, not at loading. Returns the dtype the
+    weights are stored in (the embedding's, as `load_model` keeps it), or None for a pickled .bin."""
     headers: dict[str, torch.Tensor] = {}
     for path in weight_files(directory):
         if path.suffix != ".safetensors":
-            return  # a pickled .bin has no header to read without loading it: checked when loaded
+            return None  # a pickled .bin has no header to read without loading it: checked when loaded
         try:
             with safe_open(str(path), framework="pt") as f:
-                headers.update({key: torch.empty(f.get_slice(key).get_shape(), device="meta")
-                                for key in f.keys()})  # noqa: SIM118 (safe_open is not a dict)
+                for key in f.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    stored = f.get_slice(key)
+                    dtype = SAFETENSORS_DTYPES.get(stored.get_dtype())
+                    if dtype is None:  # a code newer than this list: no weights nanoqwen loads either
+                        raise not_full_precision(directory, key, stored.get_dtype())
+                    headers[key] = torch.empty(stored.get_shape(), dtype=dtype, device="meta")
         except (SafetensorError, OSError) as e:
             raise damaged(path, e) from e
-    match_weights(headers, directory, config)
+    return match_weights(headers, directory, config)[EMBEDDING_KEY].dtype
+
+
+# What nanoqwen loads: floats of 16 bits and up (float64 too: Python's own saves, the tests' references).
+FULL_PRECISION = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def not_full_precision(directory: Path, key: str, dtype: str) -> NanoQwenError:
+    """The refusal of a weight stored in 8 bits (int8, fp8) or as integers where config.json, with no
+    quantization_config, says nothing of how to read them back (Transformers casts them to float as they are:
+    int8's -127..127 as the weights, their scales unread)."""
+    return NanoQwenError(f"{directory}: {key} is stored in {dtype}, as quantized weights are, but its config.json "
+                         "has no quantization_config to say how to read them; nanoqwen loads only full-precision "
+                         "weights (bf16, fp16 or fp32): use the unquantized release of the model")
 
 
 def damaged(path: Path, e: BaseException) -> NanoQwenError:
@@ -384,6 +408,9 @@ def match_weights(state: dict[str, torch.Tensor], directory: Path, config: Model
                                 "checkpoint")
         state = {f"model.{key}": value for key, value in state.items()}  # as Transformers: the head is the embedding
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}  # old saves' RoPE buffer
+    for key, value in state.items():  # before the names: a quantizer's own (qweight, weight_scale) fit nowhere
+        if value.dtype not in FULL_PRECISION:
+            raise not_full_precision(directory, key, str(value.dtype).removeprefix("torch."))
     if config.tie_word_embeddings and not own.tie_word_embeddings and TIED_HEAD_KEY in state:
         raise NanoQwenError(f"{directory} has its own lm_head (untied embeddings); tie_word_embeddings=true would "
                             "throw it away and answer with the input embedding instead; leave it untied")

@@ -496,7 +496,7 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
 
     original = read_config(folder)
     # a missing or cut-off file (a failed download), or weights unlike config.json, said before data is prepared
-    check_weight_files(folder, original)
+    stored = check_weight_files(folder, original)
     config = apply_overrides(original, overrides)
     reshaped = [name for name in WEIGHT_SHAPE_FIELDS if getattr(config, name) != getattr(original, name)]
     if reshaped:  # refused here, before any data is prepared for weights that could not load
@@ -504,8 +504,11 @@ def checkpoint_preset(folder: Path, overrides: list[str]) -> Preset:
                             "cannot be loaded; --init-from keeps the architecture (to train another one, use --preset "
                             "or --config without --init-from)")
     train: dict[str, Any] = {**FINETUNE_TRAIN, "seq_len": min(FINETUNE_SEQ_LEN, config.max_position_embeddings)}
-    if config.torch_dtype in BEST_DTYPES:  # official weights come in bfloat16: best/ the same size, not twice it
-        train["best_dtype"] = config.torch_dtype
+    # Official weights come in bfloat16: best/ the same size, not twice it. The weights' own dtype, which config.json
+    # may not name (a pickled .bin's is not known before loading: config.json's there).
+    best_dtype = str(stored).removeprefix("torch.") if stored else config.torch_dtype
+    if best_dtype in BEST_DTYPES:
+        train["best_dtype"] = best_dtype
     if (folder / "tokenizer.json").is_file():
         check_vocab(load_tokenizer(folder), config, folder)  # before any data is prepared or run written
         train["tokenizer"] = str(folder)

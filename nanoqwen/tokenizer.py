@@ -260,6 +260,12 @@ class Tokenizer:
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
         return [e.ids for e in self.untruncated.encode_batch(texts, add_special_tokens=False)]
 
+    def encode_batch_with_starts(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """Each text's ids, and where each token's text starts in the text as given (not as normalized: NFC may
+        join characters); a token holding part of a character starts where that character does."""
+        return [(e.ids, [start for start, _ in e.offsets])
+                for e in self.untruncated.encode_batch(texts, add_special_tokens=False)]
+
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:  # by the list below, not the file's flags (see there)
             ids = [i for i in ids if i not in self.control_ids]

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import transformers
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from nanoqwen.checkpoint import load_model, save_checkpoint, weight_files
 from nanoqwen.errors import NanoQwenError
@@ -90,3 +90,42 @@ def test_a_qwen3_with_a_classifiers_head_is_named_so(tmp_path, head: str) -> Non
     with pytest.raises(NanoQwenError) as caught:
         load_model(tmp_path)
     assert head in str(caught.value) and "complete" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_init_from_saves_best_in_the_dtype_its_weights_are_stored_in_when_config_json_names_none(tmp_path) -> None:
+    # A folder whose config.json names no dtype (Transformers reads its weights' then) gave a float32 best/ for
+    # bf16 weights: twice their size. Its config.json read as float32, whatever the weights were.
+    from nanoqwen.runs import checkpoint_preset
+
+    save_checkpoint(Qwen3(tiny_config()).to(torch.bfloat16), tmp_path, tokenizer=None)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["torch_dtype"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert checkpoint_preset(tmp_path, []).train["best_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float8_e4m3fn])
+@pytest.mark.parametrize("suffix", [".safetensors", ".bin"])
+def test_quantized_weights_without_a_quantization_config_are_refused_naming_the_tensor(tmp_path, dtype, suffix) -> None:
+    # int8 or fp8 weights under a config.json without quantization_config (lost, or copied from the unquantized
+    # release) were cast to float as they were: int8's -127..127 as the weights themselves, their scales unread.
+    from nanoqwen.checkpoint import check_weight_files, read_config
+
+    save_checkpoint(Qwen3(tiny_config()), tmp_path, tokenizer=None)
+    state = load_file(tmp_path / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    state[key] = (state[key] * 100).to(dtype)
+    if suffix == ".bin":
+        (tmp_path / "model.safetensors").unlink()
+        torch.save(state, tmp_path / "pytorch_model.bin")
+    else:
+        save_file(state, tmp_path / "model.safetensors")
+    checks = [lambda: load_model(tmp_path)]
+    if suffix == ".safetensors":  # read from the header alone, before --init-from prepares any data
+        checks.append(lambda: check_weight_files(tmp_path, read_config(tmp_path)))
+    for check in checks:
+        with pytest.raises(NanoQwenError) as caught:
+            check()
+        message = str(caught.value)
+        assert f"{key} is stored in {str(dtype).removeprefix('torch.')}" in message and "quantization_config" in \
+            message and "\n" not in message

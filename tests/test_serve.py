@@ -452,6 +452,41 @@ def test_an_echoed_prompt_is_scored_across_its_prefill_chunks(local) -> None:
         assert [t for t, _ in entry.top] == expected[k].topk(3).indices.tolist()
 
 
+def test_echo_returns_a_text_prompt_as_sent_with_its_tokens_offsets_in_it(local) -> None:
+    # The echo was the prompt's ids decoded: its special tokens left out (skip_special_tokens, the default) and its
+    # text normalized (NFC), so "<|im_start|>user\nhi" came back as "user\nhi" and offsets pointed elsewhere.
+    # As OpenAI's and vLLM's: the prompt as sent, each token's offset where its text starts in it.
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    model, tokenizer = local
+    body = {"echo": True, "logprobs": 0, "temperature": 0}
+    with TestClient(create_app(model, tokenizer, "tiny")) as http:
+        def complete(prompt: str | list[int], max_tokens: int) -> dict:
+            answer = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": max_tokens, **body})
+            assert answer.status_code == 200, answer.text
+            return answer.json()["choices"][0]
+
+        chat = complete("<|im_start|>user\nhi", 0)
+        assert chat["text"] == "<|im_start|>user\nhi"
+        assert chat["logprobs"]["tokens"] == ["<|im_start|>", "user", "\n", "hi"]
+        assert chat["logprobs"]["text_offset"] == [0, 12, 16, 17]
+        decomposed = "cafe\u0301 ok"  # an e and a combining accent, which NFC makes one character
+        echoed, prompt_tokens = complete(decomposed, 3), len(tokenizer.encode(decomposed))
+        offsets = echoed["logprobs"]["text_offset"]
+        assert echoed["text"].startswith(decomposed) and offsets[:prompt_tokens] == [0, 2, 5]
+        body["echo"] = False  # the completion's own offsets count on from the prompt as sent
+        plain = complete(decomposed, 3)
+        assert echoed["text"] == decomposed + plain["text"]
+        assert offsets[prompt_tokens:] == [len(decomposed) + k for k in plain["logprobs"]["text_offset"]]
+        body["echo"] = True
+        empty = complete("", 0)  # a new document's <|endoftext|>, which the prompt as sent does not hold
+        assert (empty["text"], empty["logprobs"]["text_offset"]) == ("", [0])
+        ids = complete(tokenizer.encode("<|im_start|>user\nhi"), 0)  # token ids: their text, decoded
+        assert ids["text"] == "user\nhi" and ids["logprobs"]["text_offset"] == [0, 0, 4, 5]
+
+
 def test_chat_logprobs(client: openai.OpenAI, local) -> None:
     tokenizer = local[1]
     messages = [{"role": "user", "content": "Tell me about rivers."}]
@@ -1071,6 +1106,7 @@ BAD_REQUESTS = [
      "stream_options.include_usage"),
     ("/v1/completions", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("/v1/completions", {"prompt": "hi", "best_of": 0}, 400, "best_of"),
+    ("/v1/completions", {"prompt": "hi", "n": 3, "best_of": 1}, 400, "best_of"),  # below n: OpenAI refuses it too
     ("/v1/completions", {"prompt": ["hi"] * 129}, 400, "prompt"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": None}]}, 400, "messages[0].content"),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
@@ -1647,7 +1683,7 @@ def test_prompts_are_tokenized_off_the_event_loop(checkpoint: Path, monkeypatch)
             return encode(text)
         return held_encode
 
-    for name in ("encode", "encode_batch"):
+    for name in ("encode", "encode_batch", "encode_batch_with_starts"):
         monkeypatch.setattr(tokenizer, name, held(getattr(tokenizer, name)))
     app = create_app(model, tokenizer, "tiny")
     requests = [("/v1/completions", {"prompt": "Once", "max_tokens": 2, "temperature": 0}),

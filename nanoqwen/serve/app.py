@@ -35,7 +35,7 @@ from nanoqwen.checkpoint import display_name
 from nanoqwen.errors import InvalidSetting, NanoQwenError, decimal_number, port_number, positive_int
 from nanoqwen.generate import SamplingParams, check_fits, nth_seed, prompt_ids
 from nanoqwen.model import Qwen3
-from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, TokenLogprob
+from nanoqwen.serve.engine import Delta, Engine, Failed, Finished, Job, SentText, TokenLogprob
 from nanoqwen.serve.protocol import (
     APIError,
     ChatInput,
@@ -422,7 +422,10 @@ class Service:
         hold up every other request and stream; `tokenizers` lets go of Python's lock in its batch call only."""
         return self.tokenizer.encode_batch(texts)
 
-    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]) -> list[list[int]]:
+    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
+                           ) -> tuple[list[list[int]], list[SentText | None]]:
+        """Each prompt's ids, and for echo each text prompt as sent (None for ids). Called in a worker thread,
+        as `encode` is."""
         items: list[str | list[int]]
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             items = [prompt]  # type: ignore[list-item]
@@ -431,17 +434,24 @@ class Service:
         if not items:
             raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
         vocab = self.model.config.vocab_size
-        encoded = iter(self.encode([item for item in items if isinstance(item, str)]))
-        prompts = []
+        encoded = iter(self.tokenizer.encode_batch_with_starts([item for item in items if isinstance(item, str)]))
+        prompts: list[list[int]] = []
+        sent: list[SentText | None] = []
         for item in items:
+            if isinstance(item, str):
+                ids, starts = next(encoded)
+                sent.append(SentText(item, starts or [0]))  # (an empty one's new-document token starts at 0)
+            else:
+                ids = item
+                sent.append(None)
             # an empty one starts a new document, as in `nanoqwen sample`
-            ids = prompt_ids(self.tokenizer, next(encoded) if isinstance(item, str) else item)
+            ids = prompt_ids(self.tokenizer, ids)
             bad = [t for t in ids if not 0 <= t < vocab]
             if bad:
                 raise APIError(400, f"token id {bad[0]} is outside the vocabulary [0, {vocab})", "prompt")
             self.check_prompt_fits(ids, "prompt")
             prompts.append(ids)
-        return prompts
+        return prompts, sent
 
     def request_sampling(self, body: SamplingRequest, default_max_tokens: int | None = None) -> SamplingParams:
         """The request's sampling settings, the server's defaults where it gives none; where it gives no max_tokens,
@@ -502,12 +512,13 @@ class Service:
     # -- the answer ------------------------------------------------------------------------------
     async def respond(self, request: Request, body: SamplingRequest, prompts: list[list[int]],
                       params: SamplingParams, chat: bool, top_logprobs: int | None, tools: bool = False,
-                      echo: bool = False, most_calls: int | None = None
+                      echo: bool = False, most_calls: int | None = None, sent: list[SentText | None] | None = None
                       ) -> Response:
+        """`sent`: with `echo`, the prompts as sent in text (see Engine.submit)."""
         if body.n * len(prompts) > MAX_CHOICES:
             raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
                                 f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
-        job = self.engine.submit(prompts, params, body.n, top_logprobs, echo)
+        job = self.engine.submit(prompts, params, body.n, top_logprobs, echo, sent)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None
         if top_logprobs is not None:
@@ -587,11 +598,11 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_text()
         service.check_model(body.model)
-        prompts = await run_in_threadpool(service.completion_prompts, body.prompt)
+        prompts, sent = await run_in_threadpool(service.completion_prompts, body.prompt)
         top_logprobs = body.logprobs_count()
         params = service.request_sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
         return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs,
-                                     echo=body.echo)
+                                     echo=body.echo, sent=sent)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatRequest, request: Request) -> Response:

@@ -98,6 +98,14 @@ class Failed:
 
 
 Event = Delta | Finished | Failed
+
+
+@dataclass(frozen=True)
+class SentText:
+    """A prompt sent as text, for echo: the text as sent (the ids decoded may differ: special tokens left out,
+    NFC), and where each of its tokens' text starts in it."""
+    text: str
+    starts: list[int]
 Score = tuple[float, list[tuple[int, float]]]  # a sampled token's logprob and the top (token, logprob) pairs
 
 
@@ -137,6 +145,7 @@ class Sequence:
     stream: TextStream
     top_logprobs: int | None = None  # None: no logprobs; k: the sampled token's and the k most likely
     echo: bool = False  # the prompt's text (and, with top_logprobs, its tokens' logprobs) goes out first
+    sent: SentText | None = None  # the prompt as sent, echoed in place of its ids' text (None: sent as ids)
     echoed: int = 0  # characters of echoed prompt text before the generated text (where its offsets start)
     prompt_scores: list[Score] = field(default_factory=list)  # of prompt tokens 1.. (when echoed with logprobs)
     generator: torch.Generator | None = None
@@ -215,11 +224,12 @@ class Engine:
                 job.events.put_nowait(Failed(message, 503))
 
     def submit(self, prompts: list[list[int]], params: SamplingParams, n: int, top_logprobs: int | None = None,
-               echo: bool = False) -> Job:
+               echo: bool = False, sent: list[SentText | None] | None = None) -> Job:
         """Queue `n` choices for each prompt; choice i * n + j continues prompt i. With `top_logprobs` set,
         events carry every sampled token's logprob and those of the `top_logprobs` most likely tokens.
         With `echo`, a choice's first Delta is its prompt (and its tokens' logprobs, the first's None), as
-        OpenAI's completions echo it; the generated text's offsets then count from the prompt's start.
+        OpenAI's completions echo it: `sent[i]`, prompt i as sent in text, else its ids' text; the generated
+        text's offsets then count from the prompt's start.
 
         Seeded sampling gives choice j of each prompt the seed `seed + j` (`nth_seed`: wrapped into the seed range), so
         each choice draws the same random numbers whatever else runs beside it, as `nanoqwen sample --num-samples`
@@ -233,6 +243,7 @@ class Engine:
                 index = i * n + j
                 sequences.append(seq := self._new_sequence(job, index, prompt, params, nth_seed(params.seed, j),
                                                            top_logprobs, echo))
+                seq.sent = sent[i] if sent else None
                 if j:  # queued after the first choice, so admitted once it has read the prompt
                     seq.leader = sequences[-1 - j]
                     seq.leader.followers += 1
@@ -350,16 +361,22 @@ class Engine:
         return [(c, list(zip(i, v))) for c, v, i in zip(chosen.tolist(), values.tolist(), ids.tolist())]
 
     def _echo(self, seq: Sequence) -> None:
-        """Send the prompt's text as the choice's first Delta, with its tokens' logprobs when asked for."""
-        stream, pieces, entries = TextStream(self.tokenizer, [], seq.params.skip_special_tokens), [], []
-        for k, token in enumerate(seq.prompt):
-            pieces.append(stream.push(token))
-            if seq.top_logprobs is not None:
-                logprob, top = seq.prompt_scores[k - 1] if k else (None, [])
-                entries.append(TokenLogprob(token, logprob, top, stream.token_start))
-        text = "".join(pieces) + stream.finish()
+        """Send the prompt's text as the choice's first Delta, with its tokens' logprobs when asked for: the text
+        as sent, each token's offset where it starts there; for ids, their text decoded."""
+        text, starts = (seq.sent.text, seq.sent.starts) if seq.sent is not None else self._decoded(seq)
+        entries = [] if seq.top_logprobs is None else [
+            TokenLogprob(token, *(seq.prompt_scores[k - 1] if k else (None, [])), starts[k])
+            for k, token in enumerate(seq.prompt)]
         seq.echoed = len(text)
         seq.job.emit(Delta(seq.index, text, entries, seq.generated))
+
+    def _decoded(self, seq: Sequence) -> tuple[str, list[int]]:
+        """The text of a prompt sent as ids, as its choice's settings decode it, and where each token starts in it."""
+        stream, pieces, starts = TextStream(self.tokenizer, [], seq.params.skip_special_tokens), [], []
+        for token in seq.prompt:
+            pieces.append(stream.push(token))
+            starts.append(stream.token_start)
+        return "".join(pieces) + stream.finish(), starts
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Sample the first token from the prompt's last logits (1, V). True if that already finishes it."""

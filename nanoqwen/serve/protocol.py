@@ -3,7 +3,7 @@
 Field names and defaults follow OpenAI's API. Supported: `max_tokens` (chat also
 `max_completion_tokens`), `temperature`, `top_p`, `presence_penalty`, `frequency_penalty`, `stop`,
 `seed`, `n`, `stream`, `stream_options.include_usage`, and log-probabilities (chat: `logprobs` +
-`top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt first, with its
+`top_logprobs` 0..20; completions: `logprobs` 0..5), and completions' `echo` (the prompt as sent first, with its
 tokens' logprobs; with `max_tokens` 0 the prompt alone, how evaluation harnesses score text). What would
 change the answer and is not implemented is refused with a 400: completions' `suffix`, `logit_bias`,
 `best_of` > 1, a `response_format` other than text (and vLLM's `guided_*` and `structured_outputs`, and its
@@ -146,6 +146,9 @@ class SamplingRequest(RequestBody):
     truncate_prompt_tokens: Any = None
 
     def check_unsupported(self) -> None:
+        if self.best_of is not None and self.best_of < self.n:  # OpenAI's rule: the best n of best_of
+            raise APIError(400, f"'best_of' ({self.best_of}) is less than 'n' ({self.n}); best_of must be at least n: "
+                                "leave best_of out (this server returns n completions)", "best_of")
         given = {"logit_bias": bool(self.logit_bias), "best_of": (self.best_of or 1) > 1, "suffix": bool(self.suffix),
                  "response_format": (self.response_format or {}).get("type", "text") != "text",
                  **{name: getattr(self, name) is not None for name in GUIDED_DECODING},
