@@ -106,6 +106,8 @@ class SentText:
     NFC), and where each of its tokens' text starts in it."""
     text: str
     starts: list[int]
+
+
 Score = tuple[float, list[tuple[int, float]]]  # a sampled token's logprob and the top (token, logprob) pairs
 
 
