@@ -1469,7 +1469,8 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
     assert list(open_corpus(str(folder)).documents()) == [*blocks, "one", "two", "a cell"]
     (tmp_path / "cut.txt.zst").write_bytes(compressed(lines)[:200])
     with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
-                                                      "ended before the end-of-frame marker was reached); decompress")):
+                                                      "ended before the end-of-frame marker was reached); download or "
+                                                      "copy it again")):
         list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
     # (cut in its checksum, after the last byte of text: the stream reader's end is checked by the frames' headers)
     (tmp_path / "cut.txt.zst").write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(b"text")[:-2])
@@ -1880,7 +1881,8 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
     # Damaged data is one line naming the file; an archive given alone is no file type nanoqwen reads.
     (folder / "cut.txt.gz").write_bytes(gzip.compress(lines.encode())[:300])
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
-                                                      "ended before the end-of-stream marker was reached)")):
+                                                      "ended before the end-of-stream marker was reached); download or "
+                                                      "copy it again from its source, or remove it")):
         list(open_corpus(str(folder)).documents())
     read = "/".join(sources.COMPRESSIONS)  # .zst and .zstd too, where zstandard is installed (CI's dev extras)
     assert read in (".gz/.bz2/.xz", ".gz/.bz2/.xz/.zst/.zstd")

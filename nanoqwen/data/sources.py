@@ -1000,8 +1000,9 @@ def said_if_damaged(path: Path) -> Iterator[None]:
     except DAMAGED_DATA as e:
         if isinstance(e, OSError) and e.errno is not None:  # the disk's or the file's (permissions), not its data's
             raise
-        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); decompress it "
-                            "again from its source, or remove it") from None
+        # the file itself is cut or corrupt: only a new copy helps
+        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); download or "
+                            "copy it again from its source, or remove it") from None
 
 
 def marks_in_head(path: Path, marks: Iterable[str]) -> set[str]:
