@@ -1243,7 +1243,7 @@ def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
                  "--out", str(tmp_path / "tok")]) == 0
     err = capsys.readouterr().err
     assert "replaced 80 undecodable byte sequences with U+FFFD" in err and "meta.json" not in err, err
-    assert "nanoqwen: note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
+    assert "note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
         "separators are not in their text)\n" in err, err
 
 
@@ -1439,9 +1439,9 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
     assert list(corpus.documents()) == ["a note"]
     prepare_module._warn_about(corpus.stats)
     assert capsys.readouterr().err.splitlines() == [
-        f"nanoqwen: note: 1 zstd-compressed file (such as {tmp_path / 'c' / 'rows.jsonl.zst'}) is left out: `pip "
+        f"note: 1 zstd-compressed file (such as {tmp_path / 'c' / 'rows.jsonl.zst'}) is left out: `pip "
         "install zstandard` and nanoqwen reads it, or decompress it first with `zstd -d`",
-        "nanoqwen: note: left out 1 file that is not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (1 .xlsx; "
+        "note: left out 1 file that is not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (1 .xlsx; "
         f"such as {tmp_path / 'c' / 'sheet.xlsx'}); convert it if it holds text to one of those"]
 
 
@@ -2125,7 +2125,7 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert meta["parted_documents"] == 5
     assert capsys.readouterr().err == (f"nanoqwen: warning: skipped {folder / 'only.txt'}: holds nothing but "
                                        "<|endoftext|> separators and blanks\n"
-                                       "nanoqwen: note: read 5 documents from 2 text files parted by the "
+                                       "note: read 5 documents from 2 text files parted by the "
                                        "<|endoftext|> written between them (each document ends with the "
                                        "<|endoftext|> id; the separators are not in its text)\n")
     tok = load_tokenizer(out)
@@ -2393,7 +2393,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     prepare_module._warn_about(corpus.stats)
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and err.endswith(
-        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
+        "note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
         f".xlsx, 1 without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of "
         "those\n"), err
     alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
@@ -2413,7 +2413,7 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
     prepare_module._warn_about(corpus.stats)
     test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"
     assert capsys.readouterr().err == (
-        f"nanoqwen: note: 2 files named as a split other than train (such as {test}) are read as training text "
+        f"note: 2 files named as a split other than train (such as {test}) are read as training text "
         f"with the rest (prepare holds out its own val); to read the train split alone, give --dataset "
         f"hf:{tmp_path / 'snap'}\n")
     # --split given for such a folder was left unread: every file was read.

@@ -872,16 +872,16 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         where = " (each is in meta.json's skipped)" if in_meta else ""
         print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
     for note in stats.notes:
-        print(f"nanoqwen: note: {note}", file=sys.stderr)
+        print(f"note: {note}", file=sys.stderr)
     if stats.parted_files:
         ended = f"each document ends with the {DOCUMENT_SEPARATOR} id; the separators are not in its text" if in_meta \
             else "the separators are not in their text"  # tokenizer train writes no ids
-        print(f"nanoqwen: note: read {counted(stats.parted_documents, 'document')} from "
+        print(f"note: read {counted(stats.parted_documents, 'document')} from "
               f"{counted(stats.parted_files, 'text file')} parted by the {DOCUMENT_SEPARATOR} written between them "
               f"({ended})", file=sys.stderr)
     left_out = [p for p in stats.left_out if not zstd_unread(Path(p))]  # those have a note of their own
     if left_out:
-        print(f"nanoqwen: note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
+        print(f"note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
               f"not {SUFFIXES_SAID} ({counted_kinds(left_out)}; such as {left_out[0]}); convert "
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
