@@ -305,10 +305,22 @@ def data_size(nbytes: float) -> str:
         f"{nbytes:.0f} bytes"
 
 
+def prepare_command(meta: Any, out: str | os.PathLike[str], tokenizer: str | None = None) -> str:
+    """The `nanoqwen prepare` command that made the folder of `meta` (its meta.json, read as it is), into `out`, with
+    `tokenizer` in place of its own where given; SRC and no options where `meta` does not say (older folders)."""
+    made_by = isinstance(meta, dict) and isinstance(meta.get("source"), str) and \
+        isinstance(meta.get("tokenizer"), str) and isinstance(meta.get("options"), dict)
+    tokenizer = tokenizer or (meta["tokenizer"] if made_by else None)
+    options = "".join(f" --{name.replace('_', '-')} {quote(str(value))}" for name, value in meta["options"].items()
+                      if value is not None and value != PREPARE_DEFAULTS.get(name)) if made_by else ""
+    return (f"nanoqwen prepare --dataset {quote(meta['source']) if made_by else 'SRC'}"
+            f"{f' --tokenizer {quote(tokenizer)}' if tokenizer else ''}{options} --out {quote(str(out))}")
+
+
 def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a prepared folder, after checking that the folder is complete (else one clear error)."""
     folder = Path(folder)
-    redo = f"run `nanoqwen prepare --dataset SRC --out {folder} --force`"
+    redo = f"run `{prepare_command(None, folder)} --force`"
     path = folder / "meta.json"
     if not path.is_file():
         if not folder.exists():
@@ -332,12 +344,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise NanoQwenError(f"{path} is damaged; {redo}") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise NanoQwenError(f"{path} is not a version-{META_VERSION} nanoqwen meta.json; {redo}")
-    if isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str) and \
-            isinstance(meta.get("options"), dict):  # what made it, to make it again (older folders do not say)
-        options = "".join(f" --{name.replace('_', '-')} {quote(str(value))}" for name, value in meta["options"].items()
-                          if value is not None and value != PREPARE_DEFAULTS.get(name))
-        redo = (f"run `nanoqwen prepare --dataset {quote(meta['source'])} --tokenizer {quote(meta['tokenizer'])}"
-                f"{options} --out {quote(str(folder))} --force`")
+    redo = f"run `{prepare_command(meta, folder)} --force`"
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise NanoQwenError(f"{path} lacks {', '.join(missing)}; {redo}")
