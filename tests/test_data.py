@@ -1022,6 +1022,13 @@ def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_
         f.write("half")
         raise RuntimeError
     assert (tmp_path / "f.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["d", "f.json"]
+    # The folders made to hold a failed one go with it (train --dataset of too small a corpus left an empty data/);
+    # one that was there stays.
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "data" / "deeper" / "d") as d:
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d" / "inner") as d:
+        raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == ["d", "f.json"] and os.listdir(tmp_path / "d") == ["x"]
     # keep_existing (a cache): built when missing, kept when there
     for value in ("1", "2"):
         with atomic_dir(tmp_path / "cache", keep_existing=True) as d:
