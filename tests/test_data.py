@@ -1730,6 +1730,10 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert re.search(r"^prepared \S+: train 1 document, \d+ tokens; val 1 document, \d+ tokens \(1 document read, cut "
                      r"between them; \d+ bytes of text in ", done.stdout, re.M), done.stdout
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
+    # and the fix of the likeliest cause, a Latin-1/Windows file converted in place (a copy beside it would be read too)
+    latin1 = tmp_path / "c" / "latin1.txt"
+    assert f"; Latin-1/Windows text converts in place with `iconv -f cp1252 -t utf-8 {latin1} > {latin1}.new && mv " \
+           f"{latin1}.new {latin1}`)\n" in done.stderr, done.stderr
     docs = read_back(tmp_path / "out")  # one document: cut into train and val
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
 

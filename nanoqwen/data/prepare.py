@@ -36,6 +36,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import (
     CHAT_COLUMNS,
+    COMPRESSIONS,
     DOCUMENT_SEPARATOR,
     SOURCES_HELP,
     SUFFIXES_SAID,
@@ -893,6 +894,11 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
+        # the likeliest other encoding's fix, for a file a shell can convert (the text of a compressed one cannot be)
+        plain = [path for path in stats.replaced_in if Path(path).suffix.lower() not in COMPRESSIONS]
+        name = quote(plain[0]) if plain else "FILE"
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "
               f"{'in ' + ', '.join(where) + ' ' if where else ''}({'counted in meta.json; ' if in_meta else ''}"
-              "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)
+              "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read; Latin-1/Windows "
+              f"text converts in place with `iconv -f cp1252 -t utf-8 {name} > {name}.new && mv {name}.new {name}`)",
+              file=sys.stderr)
