@@ -2023,7 +2023,7 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                         "semicolons, as Excel writes them where 0,5 is a half", "tabbed"]
     assert [skip["path"] for skip in corpus.stats.skipped] == [str(folder / name) for name in ("empty.tsv",
                                                                                                "figures.csv")]
-    assert corpus.stats.skipped[1]["reason"].startswith("not a table with a 'text' column")
+    assert corpus.stats.skipped[1]["reason"].startswith("has no 'text' column (its first row names: x, y); give ")
     # Alone, a table without the column, or with a broken row, stops with one line; --text-column names another.
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'figures.csv'} has no 'text' column (its first row "
                                                       "names: x, y); give --text-column the name of the field")):
@@ -2080,6 +2080,19 @@ def test_a_table_row_with_more_cells_than_its_first_row_names_is_refused(tmp_pat
     assert list(open_corpus(str(tmp_path / "sentences.csv")).documents()) == ["hello, world", "quoted, whole"]
     (tmp_path / "sentences.tsv").write_text('text\nsaid\tthis\n"two\nlines"\n')
     assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == ["said\tthis", "two\nlines"]
+
+
+def test_a_folder_of_a_table_without_a_header_says_so_in_one_clear_line(tmp_path: Path) -> None:
+    # It said "has no text (skipped F: not a table with a 'text' column (has no 'text' column (...); give
+    # --text-column ...)); give a corpus with at least one non-empty document": the reason twice, and two ways on.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "rows.csv").write_text("hello world,1\nanother line,2\n")
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == []
+    assert str(corpus.empty_error()) == (
+        f"{tmp_path / 'c'} has no text: skipped {tmp_path / 'c' / 'rows.csv'}: has no 'text' column (its first row "
+        "names: hello world, 1); give --text-column the name of the field that holds the text, or, where that row is "
+        "text, add a first row that names the columns (text for the text's)")
 
 
 def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
