@@ -579,9 +579,15 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
     tokenizer = load_tokenizer(data)
     if (checkpoint / "tokenizer.json").is_file():
         if load_tokenizer(checkpoint).fingerprint != tokenizer.fingerprint:
+            from nanoqwen.data.prepare import prepare_command  # the data pipeline is imported only when needed
+
+            try:  # the source its meta.json names, to prepare again
+                meta = json.loads((data / "meta.json").read_text())
+            except (OSError, ValueError):
+                meta = None
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
                                 f"mean other tokens to this model; prepare the text with "
-                                f"`nanoqwen prepare --dataset SRC --tokenizer {quote(str(checkpoint))} --out DIR`")
+                                f"`{prepare_command(meta, 'DIR', tokenizer=str(checkpoint))}`")
     else:
         check_vocab(tokenizer, config, checkpoint, f"{data}'s tokenizer", OWN_TOKENIZER_FIX)
 

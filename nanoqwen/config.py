@@ -473,7 +473,12 @@ def _coerce(text: str, current: Any, name: str) -> Any:
         return None
     try:
         return json.loads(text)
-    except json.JSONDecodeError:
+    except json.JSONDecodeError as e:
+        if text[:1] in ("{", "[", '"'):  # meant as JSON, not a word: said as what it is, not as a string's type
+            example = '{"rope_type": "linear", "factor": 2.0}' if name == "rope_scaling" else "VALUE"
+            raise NanoQwenError(f"--set {name}={text}: the value is not valid JSON ({e.msg}, at character "
+                                f"{e.pos + 1}); write it as JSON, quoted for the shell: --set '{name}={example}'"
+                                ) from None
         return text
 
 

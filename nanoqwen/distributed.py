@@ -45,9 +45,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     except RuntimeError as e:
         raise NanoQwenError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from e
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise NanoQwenError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or auto")
+        raise NanoQwenError(f"--device {name} was asked for but no CUDA GPU is visible; use --device cpu or auto")
     if device.type == "mps" and not torch.backends.mps.is_available():
-        raise NanoQwenError("--device mps was asked for but Apple MPS is not available; use --device cpu or auto")
+        raise NanoQwenError(f"--device {name} was asked for but Apple MPS is not available; use --device cpu or auto")
     return device
 
 

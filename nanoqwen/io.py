@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import itertools
 import json
 import math
 import os
@@ -48,11 +49,14 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     meanwhile is kept and the new copy dropped, so readers never see it missing.
     """
     final = real_path(final)
+    # the folders made to hold it (data/ of train's data/NAME), deepest first: a failure leaves none of them behind
+    made = list(itertools.takewhile(lambda folder: not folder.exists(), final.parents))
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(final)
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent))
     except OSError as e:
+        remove_if_empty(made)
         raise refused_as_asked(e, final) from None
     tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the finished folder gets the usual mode
     try:
@@ -60,6 +64,7 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     except BaseException as e:
         full = no_space_left(e, tmp, final)
         shutil.rmtree(tmp, ignore_errors=True)
+        remove_if_empty(made)
         if full:
             raise full from e
         raise
@@ -87,6 +92,16 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     sync_file(final.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_if_empty(folders: list[Path]) -> None:
+    """Remove `folders` (each inside the next) while they are empty: one that another writer put something in
+    meanwhile stays, and so do those that hold it."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def refused_as_asked(error: OSError, final: Path) -> OSError:

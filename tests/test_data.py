@@ -1036,6 +1036,13 @@ def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_
         f.write("half")
         raise RuntimeError
     assert (tmp_path / "f.json").read_text() == "{}" and sorted(os.listdir(tmp_path)) == ["d", "f.json"]
+    # The folders made to hold a failed one go with it (train --dataset of too small a corpus left an empty data/);
+    # one that was there stays.
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "data" / "deeper" / "d") as d:
+        raise RuntimeError
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d" / "inner") as d:
+        raise RuntimeError
+    assert sorted(os.listdir(tmp_path)) == ["d", "f.json"] and os.listdir(tmp_path / "d") == ["x"]
     # keep_existing (a cache): built when missing, kept when there
     for value in ("1", "2"):
         with atomic_dir(tmp_path / "cache", keep_existing=True) as d:
@@ -1257,7 +1264,7 @@ def test_tokenizer_train_warns_of_undecodable_bytes_without_naming_a_meta_json(
                  "--out", str(tmp_path / "tok")]) == 0
     err = capsys.readouterr().err
     assert "replaced 80 undecodable byte sequences with U+FFFD" in err and "meta.json" not in err, err
-    assert "nanoqwen: note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
+    assert "note: read 2 documents from 1 text file parted by the <|endoftext|> written between them (the " \
         "separators are not in their text)\n" in err, err
 
 
@@ -1453,9 +1460,9 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
     assert list(corpus.documents()) == ["a note"]
     prepare_module._warn_about(corpus.stats)
     assert capsys.readouterr().err.splitlines() == [
-        f"nanoqwen: note: 1 zstd-compressed file (such as {tmp_path / 'c' / 'rows.jsonl.zst'}) is left out: `pip "
+        f"note: 1 zstd-compressed file (such as {tmp_path / 'c' / 'rows.jsonl.zst'}) is left out: `pip "
         "install zstandard` and nanoqwen reads it, or decompress it first with `zstd -d`",
-        "nanoqwen: note: left out 1 file that is not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (1 .xlsx; "
+        "note: left out 1 file that is not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (1 .xlsx; "
         f"such as {tmp_path / 'c' / 'sheet.xlsx'}); convert it if it holds text to one of those"]
 
 
@@ -1483,7 +1490,8 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
     assert list(open_corpus(str(folder)).documents()) == [*blocks, "one", "two", "a cell"]
     (tmp_path / "cut.txt.zst").write_bytes(compressed(lines)[:200])
     with pytest.raises(NanoQwenError, match=re.escape(f"{tmp_path / 'cut.txt.zst'}: damaged .zst data (Compressed file "
-                                                      "ended before the end-of-frame marker was reached); decompress")):
+                                                      "ended before the end-of-frame marker was reached); download or "
+                                                      "copy it again")):
         list(open_corpus(str(tmp_path / "cut.txt.zst")).documents())
     # (cut in its checksum, after the last byte of text: the stream reader's end is checked by the frames' headers)
     (tmp_path / "cut.txt.zst").write_bytes(zstandard.ZstdCompressor(write_checksum=True).compress(b"text")[:-2])
@@ -1736,6 +1744,10 @@ def test_undecodable_bytes_and_textless_pdf_are_counted(tmp_path: Path) -> None:
     assert re.search(r"^prepared \S+: train 1 document, \d+ tokens; val 1 document, \d+ tokens \(1 document read, cut "
                      r"between them; \d+ bytes of text in ", done.stdout, re.M), done.stdout
     assert f"2 undecodable byte sequences with U+FFFD in {tmp_path / 'c' / 'latin1.txt'} (" in done.stderr  # which file
+    # and the fix of the likeliest cause, a Latin-1/Windows file converted in place (a copy beside it would be read too)
+    latin1 = tmp_path / "c" / "latin1.txt"
+    assert f"; Latin-1/Windows text converts in place with `iconv -f cp1252 -t utf-8 {latin1} > {latin1}.new && mv " \
+           f"{latin1}.new {latin1}`)\n" in done.stderr, done.stderr
     docs = read_back(tmp_path / "out")  # one document: cut into train and val
     assert docs["train"][0] + docs["val"][0] == "caf\ufffd and na\ufffdve \ufffd"
 
@@ -1894,7 +1906,8 @@ def test_compressed_files_are_read_as_the_suffix_before_says(tmp_path: Path,
     # Damaged data is one line naming the file; an archive given alone is no file type nanoqwen reads.
     (folder / "cut.txt.gz").write_bytes(gzip.compress(lines.encode())[:300])
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'cut.txt.gz'}: damaged .gz data (Compressed file "
-                                                      "ended before the end-of-stream marker was reached)")):
+                                                      "ended before the end-of-stream marker was reached); download or "
+                                                      "copy it again from its source, or remove it")):
         list(open_corpus(str(folder)).documents())
     read = "/".join(sources.COMPRESSIONS)  # .zst and .zstd too, where zstandard is installed (CI's dev extras)
     assert read in (".gz/.bz2/.xz", ".gz/.bz2/.xz/.zst/.zstd")
@@ -2024,7 +2037,7 @@ def test_csv_and_tsv_tables_are_read_by_their_text_column(tmp_path: Path) -> Non
                                         "semicolons, as Excel writes them where 0,5 is a half", "tabbed"]
     assert [skip["path"] for skip in corpus.stats.skipped] == [str(folder / name) for name in ("empty.tsv",
                                                                                                "figures.csv")]
-    assert corpus.stats.skipped[1]["reason"].startswith("not a table with a 'text' column")
+    assert corpus.stats.skipped[1]["reason"].startswith("has no 'text' column (its first row names: x, y); give ")
     # Alone, a table without the column, or with a broken row, stops with one line; --text-column names another.
     with pytest.raises(NanoQwenError, match=re.escape(f"{folder / 'figures.csv'} has no 'text' column (its first row "
                                                       "names: x, y); give --text-column the name of the field")):
@@ -2083,6 +2096,19 @@ def test_a_table_row_with_more_cells_than_its_first_row_names_is_refused(tmp_pat
     assert list(open_corpus(str(tmp_path / "sentences.tsv")).documents()) == ["said\tthis", "two\nlines"]
 
 
+def test_a_folder_of_a_table_without_a_header_says_so_in_one_clear_line(tmp_path: Path) -> None:
+    # It said "has no text (skipped F: not a table with a 'text' column (has no 'text' column (...); give
+    # --text-column ...)); give a corpus with at least one non-empty document": the reason twice, and two ways on.
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "rows.csv").write_text("hello world,1\nanother line,2\n")
+    corpus = open_corpus(str(tmp_path / "c"))
+    assert list(corpus.documents()) == []
+    assert str(corpus.empty_error()) == (
+        f"{tmp_path / 'c'} has no text: skipped {tmp_path / 'c' / 'rows.csv'}: has no 'text' column (its first row "
+        "names: hello world, 1); give --text-column the name of the field that holds the text, or, where that row is "
+        "text, add a first row that names the columns (text for the text's)")
+
+
 def test_an_empty_table_is_skipped_as_empty(tmp_path: Path) -> None:
     # An empty .csv (or one of a byte-order mark alone) was said to have no 'text' column, "its first row names: "
     # naming nothing, where an empty .json or .txt is skipped as empty.
@@ -2137,7 +2163,7 @@ def test_text_files_parted_at_endoftext_are_a_document_a_story(tmp_path: Path,
     assert meta["parted_documents"] == 5
     assert capsys.readouterr().err == (f"nanoqwen: warning: skipped {folder / 'only.txt'}: holds nothing but "
                                        "<|endoftext|> separators and blanks\n"
-                                       "nanoqwen: note: read 5 documents from 2 text files parted by the "
+                                       "note: read 5 documents from 2 text files parted by the "
                                        "<|endoftext|> written between them (each document ends with the "
                                        "<|endoftext|> id; the separators are not in its text)\n")
     tok = load_tokenizer(out)
@@ -2405,7 +2431,7 @@ def test_files_that_give_no_text_are_named(tmp_path: Path, capsys: pytest.Captur
     prepare_module._warn_about(corpus.stats)
     err = capsys.readouterr().err
     assert err.count("\n") == 5 and err.endswith(
-        "nanoqwen: note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
+        "note: left out 4 files that are not .txt, .md, .jsonl, .json, .csv, .tsv, .parquet or .pdf (2 "
         f".xlsx, 1 without a suffix, 1 .html; such as {folder / 'README'}); convert any that hold text to one of "
         "those\n"), err
     alone = open_corpus(str(folder / "nulls.jsonl"))  # no text, and why
@@ -2425,7 +2451,7 @@ def test_a_dataset_folder_of_splits_is_said_to_be_read_whole(tmp_path: Path,
     prepare_module._warn_about(corpus.stats)
     test = tmp_path / "snap" / "data" / "test-00000-of-00001.jsonl"
     assert capsys.readouterr().err == (
-        f"nanoqwen: note: 2 files named as a split other than train (such as {test}) are read as training text "
+        f"note: 2 files named as a split other than train (such as {test}) are read as training text "
         f"with the rest (prepare holds out its own val); to read the train split alone, give --dataset "
         f"hf:{tmp_path / 'snap'}\n")
     # --split given for such a folder was left unread: every file was read.

@@ -235,8 +235,8 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     assert main(["eval", "--model", str(checkpoint), "--data", str(data / "val.bin"), "--device", "cpu"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: {data / 'val.bin'} is a file of the prepared folder {data}; "
                                 "give that folder")
-    # Data of another tokenizer, and --loss-on assistant of a folder with no conversations: refused once the weights
-    # had loaded.
+    # Data of another tokenizer (the command to prepare it again names the source its meta.json records), and
+    # --loss-on assistant of a folder with no conversations: refused once the weights had loaded.
     from nanoqwen.data.prepare import prepare
 
     (tmp_path / "plain.txt").write_text(TEXT * 4)
@@ -246,7 +246,8 @@ def test_a_data_folder_that_is_not_one_is_refused_before_the_model_loads(checkpo
     assert main(["eval", "--model", str(checkpoint), "--data", str(other)]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: {other} was tokenized with a different tokenizer than "
                                 f"{checkpoint}'s, so its ids mean other tokens to this model; prepare the text with "
-                                f"`nanoqwen prepare --dataset SRC --tokenizer {checkpoint} --out DIR`")
+                                f"`nanoqwen prepare --dataset {tmp_path / 'plain.txt'} --tokenizer {checkpoint} "
+                                "--out DIR`")
     prepared = prepare(str(tmp_path / "plain.txt"), str(checkpoint), tmp_path / "prepared", progress=False)
     assert main(["eval", "--model", str(checkpoint), "--data", str(prepared), "--loss-on", "assistant"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: --loss-on assistant needs conversations, and {prepared} holds "

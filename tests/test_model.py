@@ -1171,6 +1171,10 @@ def test_a_folder_without_config_json_says_which_folder_to_give(tmp_path):
     ("sliding_window=abc", "sliding_window must be an integer or null"),  # a field whose preset value is null
     ("pad_token_id=1.5", "pad_token_id must be an integer or null"),
     ("rope_scaling={\"rope_type\": \"default\", \"factor\": \"x\"}", "rope_scaling.factor must be a number"),
+    # JSON that does not parse was said to be a string of the wrong type ("must be an object or null")
+    ("rope_scaling={broken", "is not valid JSON .Expecting property name enclosed in double quotes, at character 2.; "
+                             "write it as JSON, quoted for the shell: --set 'rope_scaling="),
+    ("sliding_window=[1,", "is not valid JSON"),
 ])
 def test_a_set_of_the_wrong_type_is_one_line_not_a_checkpoint_that_cannot_load(tmp_path, item, words):
     # It was taken as it came (a string, a float) and saved into config.json, which loading then refused.

@@ -36,6 +36,7 @@ from tqdm import tqdm
 from nanoqwen import __version__
 from nanoqwen.data.sources import (
     CHAT_COLUMNS,
+    COMPRESSIONS,
     DOCUMENT_SEPARATOR,
     SOURCES_HELP,
     SUFFIXES_SAID,
@@ -305,10 +306,22 @@ def data_size(nbytes: float) -> str:
         f"{nbytes:.0f} bytes"
 
 
+def prepare_command(meta: Any, out: str | os.PathLike[str], tokenizer: str | None = None) -> str:
+    """The `nanoqwen prepare` command that made the folder of `meta` (its meta.json, read as it is), into `out`, with
+    `tokenizer` in place of its own where given; SRC and no options where `meta` does not say (older folders)."""
+    made_by = isinstance(meta, dict) and isinstance(meta.get("source"), str) and \
+        isinstance(meta.get("tokenizer"), str) and isinstance(meta.get("options"), dict)
+    tokenizer = tokenizer or (meta["tokenizer"] if made_by else None)
+    options = "".join(f" --{name.replace('_', '-')} {quote(str(value))}" for name, value in meta["options"].items()
+                      if value is not None and value != PREPARE_DEFAULTS.get(name)) if made_by else ""
+    return (f"nanoqwen prepare --dataset {quote(meta['source']) if made_by else 'SRC'}"
+            f"{f' --tokenizer {quote(tokenizer)}' if tokenizer else ''}{options} --out {quote(str(out))}")
+
+
 def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """meta.json of a prepared folder, after checking that the folder is complete (else one clear error)."""
     folder = Path(folder)
-    redo = f"run `nanoqwen prepare --dataset SRC --out {folder} --force`"
+    redo = f"run `{prepare_command(None, folder)} --force`"
     path = folder / "meta.json"
     if not path.is_file():
         if not folder.exists():
@@ -332,12 +345,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
         raise NanoQwenError(f"{path} is damaged; {redo}") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
         raise NanoQwenError(f"{path} is not a version-{META_VERSION} nanoqwen meta.json; {redo}")
-    if isinstance(meta.get("source"), str) and isinstance(meta.get("tokenizer"), str) and \
-            isinstance(meta.get("options"), dict):  # what made it, to make it again (older folders do not say)
-        options = "".join(f" --{name.replace('_', '-')} {quote(str(value))}" for name, value in meta["options"].items()
-                          if value is not None and value != PREPARE_DEFAULTS.get(name))
-        redo = (f"run `nanoqwen prepare --dataset {quote(meta['source'])} --tokenizer {quote(meta['tokenizer'])}"
-                f"{options} --out {quote(str(folder))} --force`")
+    redo = f"run `{prepare_command(meta, folder)} --force`"
     missing = [key for key in META_KEYS if key not in meta]
     if missing:
         raise NanoQwenError(f"{path} lacks {', '.join(missing)}; {redo}")
@@ -872,20 +880,25 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         where = " (each is in meta.json's skipped)" if in_meta else ""
         print(f"nanoqwen: warning: skipped {counted(unnamed, 'more file')}{where}", file=sys.stderr)
     for note in stats.notes:
-        print(f"nanoqwen: note: {note}", file=sys.stderr)
+        print(f"note: {note}", file=sys.stderr)
     if stats.parted_files:
         ended = f"each document ends with the {DOCUMENT_SEPARATOR} id; the separators are not in its text" if in_meta \
             else "the separators are not in their text"  # tokenizer train writes no ids
-        print(f"nanoqwen: note: read {counted(stats.parted_documents, 'document')} from "
+        print(f"note: read {counted(stats.parted_documents, 'document')} from "
               f"{counted(stats.parted_files, 'text file')} parted by the {DOCUMENT_SEPARATOR} written between them "
               f"({ended})", file=sys.stderr)
     left_out = [p for p in stats.left_out if not zstd_unread(Path(p))]  # those have a note of their own
     if left_out:
-        print(f"nanoqwen: note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
+        print(f"note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
               f"not {SUFFIXES_SAID} ({counted_kinds(left_out)}; such as {left_out[0]}); convert "
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
+        # the likeliest other encoding's fix, for a file a shell can convert (the text of a compressed one cannot be)
+        plain = [path for path in stats.replaced_in if Path(path).suffix.lower() not in COMPRESSIONS]
+        name = quote(plain[0]) if plain else "FILE"
         print(f"nanoqwen: warning: replaced {stats.replacement_chars:,} undecodable byte sequences with U+FFFD "
               f"{'in ' + ', '.join(where) + ' ' if where else ''}({'counted in meta.json; ' if in_meta else ''}"
-              "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read)", file=sys.stderr)
+              "is the text in another encoding? UTF-8 and UTF-16/32 with a byte-order mark are read; Latin-1/Windows "
+              f"text converts in place with `iconv -f cp1252 -t utf-8 {name} > {name}.new && mv {name}.new {name}`)",
+              file=sys.stderr)

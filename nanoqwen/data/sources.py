@@ -254,6 +254,10 @@ class Corpus:
             return NanoQwenError(f"--max-bytes {self.max_bytes} ends the first document of {self.spec} before any of "
                                  "its text (inside its first character or the blanks before it); give a larger "
                                  "--max-bytes")
+        if len(self.stats.skipped) == 1 and "; " in self.stats.skipped[0]["reason"]:
+            # a reason that says what to do (give --text-column): said as the line's own, not inside another's
+            return NanoQwenError(f"{self.spec} has no text: skipped {self.stats.skipped[0]['path']}: "
+                                 f"{self.stats.skipped[0]['reason']}")
         skipped = "; ".join(f"{s['path']}: {s['reason']}" for s in self.stats.skipped[:3])
         more = f" (skipped {skipped}{'...' if len(self.stats.skipped) > 3 else ''})" if skipped else ""
         return NanoQwenError(f"{self.spec} has no text{more}; give a corpus with at least one non-empty document")
@@ -1000,8 +1004,9 @@ def said_if_damaged(path: Path) -> Iterator[None]:
     except DAMAGED_DATA as e:
         if isinstance(e, OSError) and e.errno is not None:  # the disk's or the file's (permissions), not its data's
             raise
-        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); decompress it "
-                            "again from its source, or remove it") from None
+        # the file itself is cut or corrupt: only a new copy helps
+        raise NanoQwenError(f"{path}: damaged {path.suffix.lower()} data ({first_line(e, 200)}); download or "
+                            "copy it again from its source, or remove it") from None
 
 
 def marks_in_head(path: Path, marks: Iterable[str]) -> set[str]:
@@ -1637,8 +1642,12 @@ def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Do
             reason = e.reason
         else:
             said = str(e).removeprefix(f"{path}: ").removeprefix(f"{path} ")  # (the reason is said after the path)
-            reason = f"not a table with a {column!r} column ({said})" if table else \
-                f"not JSON records with a {column!r} field or chat turns ({said})"
+            if table and said.startswith(f"has no {column!r} column"):  # the reason itself, not said twice
+                reason = said
+            elif table:
+                reason = f"not a table with a {column!r} column ({said})"
+            else:
+                reason = f"not JSON records with a {column!r} field or chat turns ({said})"
         stats.skipped.append({"path": str(path), "reason": reason})
         return
     if first is not None:
