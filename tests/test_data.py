@@ -1662,6 +1662,59 @@ def test_symlinked_folders_are_read_once(tmp_path: Path) -> None:
     assert sorted(docs["train"] + docs["val"]) == ["text of the folder itself\n", "text that lives on another disk\n"]
 
 
+def test_copies_of_a_file_are_read_once(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # A download made twice (notes.txt, "notes (1).txt") or a hard link was read twice: its text could be in train and
+    # its copy in val, where val loss then measures memorised text. Files of equal bytes are read once, said in a note.
+    import nanoqwen.data.sources as sources
+
+    monkeypatch.setattr(sources, "COPY_HEAD_BYTES", 8)  # files of one size are compared by their heads, then whole
+    folder = tmp_path / "c"
+    (folder / "sub").mkdir(parents=True)
+    note, story = "a note downloaded twice\n", "a story with a hard link\n"
+    for name in ("notes.txt", "notes (1).txt", "sub/again.md"):  # the same bytes, of another type in another folder
+        (folder / name).write_text(note)
+    (folder / "story.txt").write_text(story)
+    os.link(folder / "story.txt", folder / "zlink.txt")
+    os.link(folder / "notes (1).txt", folder / "sub" / "link.txt")  # a link to a copy: a copy of the file read
+    others = ["another note, same size\n", "a note diverging later.\n"]  # of its size; the second of its head too
+    for i, text in enumerate(others):
+        (folder / f"other{i}.txt").write_text(text)
+    for name in ("blank.txt", "empty.txt"):  # no text: skipped as empty, each, not left out as a copy
+        (folder / name).write_text("")
+    out = tmp_path / "out"
+    docs = read_back(prepare(str(folder), "bpe:300", out, val_fraction=0.5, progress=False))
+    assert sorted(docs["train"] + docs["val"]) == sorted([note, story, *others])
+    read = folder / "notes.txt"  # the shortest path of a file's copies (the name copied), then the first in order
+    copies = {folder / "notes (1).txt": read, folder / "sub" / "again.md": read, folder / "sub" / "link.txt": read,
+              folder / "zlink.txt": folder / "story.txt"}
+    assert load_meta(out)["copies_left_out"] == {str(copy): str(kept) for copy, kept in copies.items()}
+    assert capsys.readouterr().err.splitlines()[2:] == [
+        f"nanoqwen: note: left out 4 files that hold the same bytes as a file read (such as "
+        f"{folder / 'notes (1).txt'}, a copy of {read}): each text is read once, so that it is not in train and val "
+        "both (copying a file does not weight its text; meta.json's copies_left_out names each)"]
+    # The fingerprint tells a folder prepared by an older nanoqwen, which read each copy, from one that left them out.
+    corpus = open_corpus(str(folder))
+    assert corpus.fingerprint.endswith(" copies") and corpus.former_fingerprints == {
+        corpus.fingerprint.removesuffix(" copies"): "was prepared by an older nanoqwen, which read 4 files of this "
+        f"corpus that hold the same bytes as another (such as {folder / 'notes (1).txt'}, a copy of {read}) as texts "
+        "of their own"}
+    with monkeypatch.context() as older:
+        older.setattr(sources, "copies_among", lambda files: {})
+        prepare(str(folder), "bpe:300", out, val_fraction=0.5, progress=False, force=True)
+        assert len(sum(read_back(out).values(), [])) == 8
+    capsys.readouterr()
+    prepare(str(folder), "bpe:300", out, val_fraction=0.5)
+    assert f"{out} was prepared by an older nanoqwen, which read 4 files" in capsys.readouterr().out
+    # A copy changed is a text of its own: its folder is prepared again (its change is in the fingerprint), reading it
+    # (of the rest, the one read is the shorter path, then the first in order).
+    (folder / "notes.txt").write_text("a note edited after all\n")
+    docs = read_back(prepare(str(folder), "bpe:300", out, val_fraction=0.5, progress=False))
+    assert sorted(docs["train"] + docs["val"]) == sorted([note, story, *others, "a note edited after all\n"])
+    assert load_meta(out)["copies_left_out"] == {str(folder / copy): str(folder / kept) for copy, kept in [
+        ("notes (1).txt", "sub/again.md"), ("sub/link.txt", "sub/again.md"), ("zlink.txt", "story.txt")]}
+
+
 def test_a_large_val_fraction_always_leaves_train_text(tmp_path: Path) -> None:
     # The first document never goes to val whole: with one document, a --val-fraction of 0.5 once sent it all
     # there for some seeds (an error) and cut it for others; with three, 0.95 could leave train empty.

@@ -280,6 +280,7 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
             "parted_documents": corpus.stats.parted_documents,  # read from text files parted at <|endoftext|>
             "replacement_chars": corpus.stats.replacement_chars,
             "skipped": corpus.stats.skipped,
+            "copies_left_out": corpus.stats.copies,  # {a file left out: the file of the same bytes read}
             "fingerprint": fingerprint,
             # How it was made besides source and tokenizer: what `load_meta` names to make it again.
             "options": {"text_column": text_column, "split": split, "max_bytes": max_bytes,
@@ -892,6 +893,13 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         print(f"note: left out {counted(len(left_out), 'file')} that {'is' if len(left_out) == 1 else 'are'} "
               f"not {SUFFIXES_SAID} ({counted_kinds(left_out)}; such as {left_out[0]}); convert "
               f"{'it if it holds' if len(left_out) == 1 else 'any that hold'} text to one of those", file=sys.stderr)
+    if stats.copies:  # one line, however many: a scraped corpus may hold thousands
+        copy, first = next(iter(stats.copies.items()))
+        which = f"{copy}, a copy of {first}" if len(stats.copies) == 1 else \
+            f"{len(stats.copies):,} files that hold the same bytes as a file read (such as {copy}, a copy of {first})"
+        listed = "; meta.json's copies_left_out names each" if in_meta else ""
+        print(f"nanoqwen: note: left out {which}: each text is read once, so that it is not in train and val both "
+              f"(copying a file does not weight its text{listed})", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
         # the likeliest other encoding's fix, for a file a shell can convert (the text of a compressed one cannot be)

@@ -138,6 +138,7 @@ class CorpusStats:
     notes: list[str] = field(default_factory=list)  # what else the user should know of what was read
     parted_files: int = 0  # text files parted into documents at DOCUMENT_SEPARATOR
     parted_documents: int = 0  # the documents read from them
+    copies: dict[str, str] = field(default_factory=dict)  # {a file left out: the file of the same bytes read}
 
 
 # Fields a chat record keeps its turns in (OpenAI's and ShareGPT's), read when a record has no text field.
@@ -719,11 +720,64 @@ def local_files(root: Path, left_out: list[Path] | None = None, datasets: list[P
                                 "or remove the link")
         raise NanoQwenError(f"{link} is a broken symbolic link (to {os.readlink(link)}); make its target "
                             "reachable, or remove the link")
-    # A file and a link to it (or two links) are one document: read twice, it could land in train and in val.
+    # A file and a link to it (or two links) are one document: read twice, it could land in train and in val. (So are
+    # files of the same bytes: see copies_among.)
     first: dict[str, Path] = {}
     for p in filter(in_corpus, everything):
         first.setdefault(real[p], p)
     return list(first.values())
+
+
+# Files of one size are compared by a hash of their first COPY_HEAD_BYTES, and whole only where those agree: shards of
+# one size (`split -b`) differ in their first block, and are not read whole to find so.
+COPY_HEAD_BYTES = 1 << 16
+
+
+def copies_among(files: list[Path]) -> dict[Path, Path]:
+    """Each of `files` that holds the same bytes as another (a download made twice, a hard link), sorted, with the one
+    of them read: the shortest path, so the name copied (notes.txt, not "notes (1).txt" or "notes - Copy.txt"), then
+    the first in sorted order. Read as well, one text could be in train and its copy in val. Cheap: only files of one
+    size are read, one of each hard-linked set. Empty files are no copies (each is skipped, said so), nor are folders
+    (that save_to_disk wrote)."""
+    by_size: dict[int, dict[tuple[int, int], list[Path]]] = {}  # size -> (device, inode) -> its paths, the kept first
+    for p in sorted(files, key=lambda p: (len(str(p)), p)):
+        st = p.stat()
+        if stat.S_ISREG(st.st_mode) and st.st_size:
+            by_size.setdefault(st.st_size, {}).setdefault((st.st_dev, st.st_ino), []).append(p)
+    copies: dict[Path, Path] = {}
+    for size, linked in by_size.items():
+        for same_head in _alike([paths[0] for paths in linked.values()], lambda p: _digest(p, COPY_HEAD_BYTES)):
+            for first, *others in _alike(same_head, _digest) if size > COPY_HEAD_BYTES else [same_head]:
+                copies.update(dict.fromkeys(others, first))
+        for first, *links in linked.values():  # hard links: one file, nothing to read (a copy of the one read, too)
+            copies.update(dict.fromkeys(links, copies.get(first, first)))
+    return dict(sorted(copies.items()))
+
+
+def _alike(paths: list[Path], key: Callable[[Path], object]) -> list[list[Path]]:
+    """The sets of two or more of `paths` with one `key`, each in the order of `paths`."""
+    if len(paths) < 2:
+        return []
+    sets: dict[object, list[Path]] = {}
+    for p in paths:
+        sets.setdefault(key(p), []).append(p)
+    return [alike for alike in sets.values() if len(alike) > 1]
+
+
+def _digest(path: Path, limit: int | None = None) -> bytes | Path:
+    """The SHA-256 of the file `path`'s bytes (its first `limit`, where given); the path itself where it cannot be read
+    (like no other file: reading the corpus says what is wrong with it)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            left = limit
+            while block := f.read(BLOCK_BYTES if left is None else min(left, BLOCK_BYTES)):
+                h.update(block)
+                if left is not None:
+                    left -= len(block)
+    except OSError:
+        return path
+    return h.digest()
 
 
 def _loops(link: Path) -> bool:
@@ -879,13 +933,16 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
         raise NanoQwenError(f"{spec} has no {SUFFIXES_SAID} files; give a folder with text in it")
 
     folder = path.is_dir()
-    held_out = other_splits(path, files) if folder else []
+    copies = copies_among(files)  # read once, as a file and a link to it are: the rest of `files` are read
+    distinct = [p for p in files if p not in copies]
+    held_out = other_splits(path, distinct) if folder else []
     types = {p: file_type(p) for p in files}  # worked out once: a folder may hold 100,000 notes
     types.update(dict.fromkeys(saved, ""))
     unread_zstd = list(filter(zstd_unread, left_out))
 
     def read(stats: CorpusStats) -> Iterator[Document]:
         stats.left_out = [str(p) for p in left_out]
+        stats.copies = {str(copy): str(first) for copy, first in copies.items()}
         if held_out:  # test rows trained on would make the test's figures meaningless, in silence
             stats.notes = [f"{counted(len(held_out), 'file')} named as a split other than train (such as "
                            f"{held_out[0]}) {'is' if len(held_out) == 1 else 'are'} read as training text with the "
@@ -896,7 +953,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
             stats.notes.append(f"{counted(len(unread_zstd), 'zstd-compressed file')} (such as {unread_zstd[0]}) "
                                f"{'is' if one else 'are'} left out: {zstandard_reads(len(unread_zstd))}, "
                                f"or decompress {'it' if one else 'them'} first with `zstd -d`")
-        for file in files:
+        for file in distinct:
             before, skipped, found = stats.replacement_chars, len(stats.skipped), False
             if types[file] in (".json", *TABLE_DELIMITERS) and folder:
                 documents = _records_or_skip(file, column, stats)
@@ -924,18 +981,26 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     # once: the former fingerprints take subsets of them
     described = described_files(path, [*files, *unread_zstd, *saved_files])
 
-    def fingerprint_of(read_files: list[Path], newlines: bool = False) -> str:
-        # Parted text files, and text files with a "\r" (read as "\n" since), give other documents than a folder
-        # prepared before holds: a fingerprint of their own. Other corpora keep theirs, and with it their prepared
-        # folders and runs. `newlines`: as this nanoqwen fingerprints them (an older one kept the "\r", unsaid).
+    def fingerprint_of(read_files: list[Path], newlines: bool = False, once: bool = False) -> str:
+        # Parted text files, text files with a "\r" (read as "\n" since) and copies of a file (read once since) give
+        # other documents than a folder prepared before holds: a fingerprint of their own. Other corpora keep theirs,
+        # and with it their prepared folders and runs. `newlines`, `once`: as this nanoqwen fingerprints them (an older
+        # one kept the "\r", and read each copy, unsaid). The copies left out are in it too: one changed is read.
         return f"local {local_fingerprint(path, read_files, described)} {column}" + \
             (" parted" if parted.intersection(read_files) else "") + \
-            (" newlines" if newlines and carriage_returns.intersection(read_files) else "")
+            (" newlines" if newlines and carriage_returns.intersection(read_files) else "") + \
+            (" copies" if once and len({copies.get(p, p) for p in read_files}) < len(read_files) else "")
 
-    fingerprint = fingerprint_of(files, newlines=True)
+    fingerprint = fingerprint_of(files, newlines=True, once=True)
     kept_returns = fingerprint_of(files)  # as nanoqwen fingerprinted them before
     former = {kept_returns.removesuffix(" parted"): "was prepared from these inputs before nanoqwen parted text files "
               f"at {DOCUMENT_SEPARATOR}"} if parted else {}
+    if copies:  # (its own key: only the copies tell it from this fingerprint)
+        copy, first = next(iter(copies.items()))
+        former[fingerprint_of(files, newlines=True)] = "was prepared by an older nanoqwen, which read " + (
+            f"{copy}, a copy of {first}, as a text of its own" if len(copies) == 1 else
+            f"{len(copies):,} files of this corpus that hold the same bytes as another (such as {copy}, a copy of "
+            f"{first}) as texts of their own")
     if carriage_returns:
         former[kept_returns] = ("was prepared by an older nanoqwen, which kept the carriage returns of text files' "
                                 r"Windows line endings (\r\n), now read as newlines")
@@ -953,7 +1018,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     def prepared_from(read_files: list[Path], made: str, elsewhere: bool = False) -> None:
         # by an older nanoqwen, or (`elsewhere`) by this one too, where zstandard is installed or not
         for newlines in (True, False) if elsewhere else (False,):
-            former.setdefault(fingerprint_of(read_files, newlines), made)
+            former.setdefault(fingerprint_of(read_files, newlines, once=newlines), made)
 
     for unread, made in [(lambda p: later[p] in zstd.SUFFIXES, "was prepared without zstandard installed (or by "
                           "an older nanoqwen), so without"),
