@@ -1,6 +1,7 @@
 """Prepare throughput: nanoqwen's `prepare` against the seed design's `datasets.map` pipeline.
 
-Same corpus (Shakespeare's works repeated to about --mb MB, one .txt file per work), same machine, one run
+Same corpus (Shakespeare's works repeated to about --mb MB, one .txt file per work, each copy marked
+as such: prepare reads identical files once), same machine, one run
 each, both with the Qwen3 tokenizer and every core, both timed from the text files to train.bin/val.bin:
 
 - nanoqwen: `nanoqwen.data.prepare.prepare(folder, "qwen3", out)`, which encodes `qwen3` with tiktoken when
@@ -43,7 +44,8 @@ def make_corpus(folder: Path, megabytes: float) -> int:
     works = list(open_corpus("shakespeare").documents())
     total, copy = 0, 0
     while total < megabytes * 1e6:
-        for i, text in enumerate(works):
+        for i, work in enumerate(works):
+            text = f"[copy {copy}]\n{work}"  # each copy its own bytes: prepare reads a file's identical copies once
             (folder / f"{copy:03d}-{i:02d}.txt").write_text(text, encoding="utf-8")
             total += len(text.encode("utf-8"))
             if total >= megabytes * 1e6:
