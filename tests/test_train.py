@@ -2074,6 +2074,11 @@ def test_torchrun_follows_the_single_process_curve(data: Path, preset: Path, sin
     # the tokens of every process's share of the batch (the plot's x by tokens matches the single process's)
     assert [r["tokens"] for r in read_metrics(multi)] == [r["tokens"] for r in read_metrics(single)]
     np.testing.assert_allclose(list(two.values()), list(one.values()), rtol=2e-4)
+    # the evaluations (every rank scores the same subset): the single process's numbers, at the same steps
+    evals = [[(r["step"], r["val_loss"], r["val_accuracy"]) for r in read_metrics(run) if "val_loss" in r]
+             for run in (single, multi)]
+    assert [e[0] for e in evals[1]] == [e[0] for e in evals[0]] == [4, 8]
+    np.testing.assert_allclose([e[1:] for e in evals[1]], [e[1:] for e in evals[0]], rtol=2e-4)
     config = json.loads((multi / "config.json").read_text())
     assert config["world_size"] == nproc and config["threads"] == threads
     assert (multi / "best/model.safetensors").exists()
