@@ -469,6 +469,38 @@ def test_a_step_without_assistant_tokens_logs_no_train_loss(preset: Path, tmp_pa
     assert "train/loss" not in scalars and {"train/lr", "val/loss"} <= scalars
 
 
+def test_torchrun_agrees_on_steps_whose_targets_only_one_rank_holds(preset: Path, tmp_path: Path) -> None:
+    """--loss-on assistant under torchrun: a step with no target anywhere is skipped by every rank, one whose
+    targets are all on rank 0 still steps on both (rank 1's share weighs 0), and early stopping ends both at the
+    same step: the records and evaluations of the one process that trained the same global batches."""
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a-notes.txt").write_text("plain notes, not a chat, " * 600)
+    (tmp_path / "corpus" / "chats.jsonl").write_text(
+        "".join(json.dumps({"messages": c}) + "\n" for c in CONVERSATIONS * 3))
+    from nanoqwen.data.loader import assistant_targets
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.train import chat_marks
+
+    data = prepare(str(tmp_path / "corpus"), "bpe:300", tmp_path / "data", val_fraction=0.3, progress=False)
+    train, marks = TokenSplit.open(data, "train"), chat_marks(data)
+    per_rank = [[int(assistant_targets(train.tokens, int(o) + 1, 64, marks).sum())
+                 for o in batch_offsets(3, step, 2, 64, len(train))] for step in range(4)]
+    assert per_rank == [[0, 0], [5, 0], [0, 0], [0, 0]]  # step 2: rank 0's window alone has targets
+    args = ["--config", str(preset), "--data", str(data), *FAST, "--batch-size", "2", "--seq-len", "64",
+            "--micro-batch", "1", "--seed", "3", "--loss-on", "assistant", "--max-steps", "8", "--eval-interval", "2",
+            "--eval-windows", "20", "--early-stopping-patience", "1"]
+    assert train_in_process(*args, "--out", str(tmp_path / "one")) == 0
+    done = run_train(*args, "--out", str(tmp_path / "two"), nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("stopped after step 4 (early_stopping)") == 1
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [(r["step"], r.get("no_targets")) for r in two] == [(1, True), (2, None), (3, True), (4, True)]
+    for mine, theirs in zip(two, one, strict=True):
+        assert mine.keys() == theirs.keys()
+        for key in ("train_loss", "val_loss", "val_accuracy", "lr", "tokens"):
+            assert mine.get(key) == pytest.approx(theirs.get(key), rel=2e-4)
+
+
 def test_loss_on_assistant_samples_answer_a_validation_question(chat_data: Path, preset: Path,
                                                                tmp_path: Path) -> None:
     """Under --loss-on assistant the model never learns the user's turns: its samples answer the first validation
