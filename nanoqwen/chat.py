@@ -346,8 +346,12 @@ def run(args: argparse.Namespace) -> int:
                 conversation.reset()
                 turn = 0
                 print("(history cleared)")
-            else:
-                print(f"(unknown command {line}) {HELP}")
+            elif line == "/help":
+                print(HELP)
+            else:  # a message that starts with a word after / (Qwen3's "/no_think ..."): say how to send it
+                name, _, rest = line.partition(" ")
+                send = f"; /{line} sends it as a message" if rest else ""
+                print(f"(unknown command {name}{send}) {HELP}")
             continue
         try:
             ids = conversation.add_user(line)
