@@ -383,5 +383,7 @@ def run(args: argparse.Namespace) -> int:
             instead = ", or with --no-thinking" if tokenizer.thinking_switch and args.thinking is not False else ""
             print(f"(--max-new-tokens {params.max_new_tokens} ran out while the model was thinking, before its "
                   f"answer: start the chat again with more{instead})")
+        elif cut == "stopped" and conversation.cut_while_thinking(text):  # its thinking is not kept: add_reply
+            print("(stopped while the model was thinking, before its answer: the turn is kept with no answer)")
         conversation.add_reply(text)
         turn += 1

@@ -543,6 +543,12 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(checkpoint: Path, 
     assert main(["chat", "--model", str(thinker), "--device", "cpu"]) == 0
     assert ("(the context filled while the model was thinking, before its answer; /reset clears the history to "
             "leave it more room)\n") in capsys.readouterr().out
+    # Stopped with Ctrl-C while thinking: the turn stays in the history with no answer, and the line says so.
+    monkeypatch.setattr(chat_module, "reply", lambda *args: ("<think>\nStill", "stopped"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(thinker), "--device", "cpu"]) == 0
+    assert "(stopped while the model was thinking, before its answer: the turn is kept with no answer)\n" in \
+        capsys.readouterr().out
 
 
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:
