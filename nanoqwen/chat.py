@@ -346,8 +346,12 @@ def run(args: argparse.Namespace) -> int:
                 conversation.reset()
                 turn = 0
                 print("(history cleared)")
-            else:
-                print(f"(unknown command {line}) {HELP}")
+            elif line == "/help":
+                print(HELP)
+            else:  # a message that starts with a word after / (Qwen3's "/no_think ..."): say how to send it
+                name, _, rest = line.partition(" ")
+                send = f"; /{line} sends it as a message" if rest else ""
+                print(f"(unknown command {name}{send}) {HELP}")
             continue
         try:
             ids = conversation.add_user(line)
@@ -379,5 +383,7 @@ def run(args: argparse.Namespace) -> int:
             instead = ", or with --no-thinking" if tokenizer.thinking_switch and args.thinking is not False else ""
             print(f"(--max-new-tokens {params.max_new_tokens} ran out while the model was thinking, before its "
                   f"answer: start the chat again with more{instead})")
+        elif cut == "stopped" and conversation.cut_while_thinking(text):  # its thinking is not kept: add_reply
+            print("(stopped while the model was thinking, before its answer: the turn is kept with no answer)")
         conversation.add_reply(text)
         turn += 1

@@ -462,8 +462,11 @@ def check_resumed_data(out: Path, data: Path, announce: bool) -> None:
     saved = read_run_config(out)
     own_folder = Path(saved["data"]).resolve() == data.resolve()
     last = out / "last"
-    given = saved.get("args", {})  # a run from --dataset (or the default corpus) names its source; --data does not
-    source = quote(saved["train"]["dataset"]) if given.get("data") is None and saved["train"].get("dataset") else "SRC"
+    given = saved.get("args", {})  # a run from --dataset (or the default corpus) names its source; with --data,
+    if given.get("data") is None and saved["train"].get("dataset"):  # the folder's meta.json names it (older: SRC)
+        source = quote(saved["train"]["dataset"])
+    else:
+        source = quote(meta["source"]) if isinstance(meta.get("source"), str) else "SRC"
     if (last / "tokenizer.json").is_file() and load_tokenizer(data).fingerprint != load_tokenizer(last).fingerprint:
         what = "was prepared again with another tokenizer since the run began" if own_folder else \
             "holds ids of another tokenizer than the run's"

@@ -15,7 +15,7 @@ from pathlib import Path
 import pexpect
 import pytest
 
-from nanoqwen.chat import MORE, PROMPT, Conversation, printable, read_message
+from nanoqwen.chat import HELP, MORE, PROMPT, Conversation, printable, read_message
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.generate import SamplingParams, generate
@@ -144,7 +144,11 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
         answer = reply_of(local, history)
         assert say(child, "//reset") == printable(answer) + "\n"
         assert "(unknown command /unknown) Type a message" in say(child, "/unknown")  # named, then the help
-        child.send("\x10\x10\x10\r")  # Ctrl-P (Up) three times: the block, whole, without its quotes
+        # Qwen3's soft switch, as its model card writes it, reads as a command: the line says how to send it
+        assert say(child, "/no_think Hi").startswith("(unknown command /no_think; //no_think Hi sends it as a "
+                                                    "message) Type a message")
+        assert say(child, "/help") == HELP + "\n"  # asked for: the help alone, not an unknown command
+        child.send("\x10" * 5 + "\r")  # Ctrl-P (Up) five times: the block, whole, without its quotes
         child.expect_exact(printable(reply_of(local, [*history, {"role": "assistant", "content": answer}, *poem])))
         child.expect_exact(PROMPT)  # (readline redraws the prompt as it shows a message of several lines)
         child.sendline("/exit")
@@ -539,6 +543,12 @@ def test_a_reply_cut_while_thinking_says_why_it_has_no_answer(checkpoint: Path, 
     assert main(["chat", "--model", str(thinker), "--device", "cpu"]) == 0
     assert ("(the context filled while the model was thinking, before its answer; /reset clears the history to "
             "leave it more room)\n") in capsys.readouterr().out
+    # Stopped with Ctrl-C while thinking: the turn stays in the history with no answer, and the line says so.
+    monkeypatch.setattr(chat_module, "reply", lambda *args: ("<think>\nStill", "stopped"))
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
+    assert main(["chat", "--model", str(thinker), "--device", "cpu"]) == 0
+    assert "(stopped while the model was thinking, before its answer: the turn is kept with no answer)\n" in \
+        capsys.readouterr().out
 
 
 def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local) -> None:

@@ -1128,6 +1128,10 @@ def test_load_meta_rejects_incomplete_folders(tmp_path: Path) -> None:
     out = prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", progress=False)
     with pytest.raises(NanoQwenError, match="does not exist"):
         load_meta(tmp_path / "missing")
+    gone = tmp_path / "my data"  # the command to make it is one a shell runs as shown: the folder quoted
+    with pytest.raises(NanoQwenError, match=re.escape(f"does not exist; run `nanoqwen prepare --dataset SRC --out "
+                                                      f"'{gone}'`")):
+        load_meta(gone)
     with pytest.raises(NanoQwenError, match=f"no meta.json.*nanoqwen prepare --dataset {tmp_path} --out DIR"):
         load_meta(tmp_path)  # a folder of texts: the hint prepares them, not into the folder itself
     (tmp_path / "run").mkdir()  # a run's or a checkpoint's folder, given to --data by mistake

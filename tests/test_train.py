@@ -3006,6 +3006,7 @@ def test_resume_refuses_data_prepared_again_with_another_tokenizer(data: Path, p
     assert train_in_process("--resume", str(out), "--max-steps", "4") == 2
     err = capsys.readouterr().err.strip()
     assert "prepared again with another tokenizer" in err and f"--init-from {out / 'last'}" in err and "\n" not in err
+    assert err.endswith(f"--dataset {tmp_path / 'more'}")  # the text the folder's meta.json names, not SRC
     assert (out / "config.json").read_bytes() == before
 
 

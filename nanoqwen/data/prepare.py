@@ -326,7 +326,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
     path = folder / "meta.json"
     if not path.is_file():
         if not folder.exists():
-            raise NanoQwenError(f"{folder} does not exist; run `nanoqwen prepare --dataset SRC --out {folder}`")
+            raise NanoQwenError(f"{folder} does not exist; run `{prepare_command(None, folder)}`")
         # A run, a checkpoint or a folder of texts given by mistake: preparing into it would be refused.
         if folder.is_file() and (folder.parent / "meta.json").is_file():  # its val.bin, say: not a corpus to prepare
             what = f"a file of the prepared folder {folder.parent}; give that folder"
