@@ -241,3 +241,55 @@ def test_the_generation_bench_gives_transformers_only_its_own_sampling(tmp_path:
     timer([1, 2, 3], 2, False)
     timer([1, 2, 3], 2, True)
     assert processors == [[], ["TopPLogitsWarper"]]  # greedy: none; sampled: top-p 0.95 at T=1, no top-k
+
+
+def test_the_training_bench_cuda_tables_assemble(monkeypatch: pytest.MonkeyPatch,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # main()'s CUDA branch runs only on a lent GPU: a slip in it (a name, a row's order) would cost the lease.
+    # Its workers are faked here; what is checked is that every row the runbook reads is printed.
+    bench = bench_module("train")
+    workers: list[tuple[str, str, bool]] = []
+
+    def run_worker(contender: str, preset: str, *args: object, **_: object) -> dict:
+        workers.append((contender, preset, args[-1]))
+        return {"tokens_per_s": 1000.0, "peak_bytes": 1 << 30, "losses": [12.0]}
+
+    monkeypatch.setattr(bench, "run_worker", run_worker)
+    monkeypatch.setattr(bench, "time_to_target", lambda target, minutes: f"| demo to val loss {target} | faked |")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(sys, "argv", ["train.py", "--device", "cuda", "--compiled"])
+    bench.main()
+    rows = [line.split(" | ")[0] for line in capsys.readouterr().out.splitlines() if line.startswith("| ")]
+    assert rows == ["| MFU", "| qwen3-0.6b, 4 x 2048, NVIDIA H100 80GB HBM3", "| setup",
+                    "| qwen3-0.6b, 4 x 2048 (nanoqwen compiled, Transformers eager)",
+                    "| demo preset (Qwen3 vocab), 32 x 512 (nanoqwen compiled, Transformers eager)",
+                    "| qwen3-0.6b, 4 x 2048, both under torch.compile", "| time to target", "| demo to val loss 4.0"]
+    # the MFU comes from the speed row's nanoqwen run: no third qwen3-0.6b process; both compiled in the last row
+    assert workers.count(("nanoqwen", "qwen3-0.6b", True)) == 2
+    assert workers[-2:] == [("transformers", "qwen3-0.6b", True), ("nanoqwen", "qwen3-0.6b", True)]
+
+
+def test_the_generation_bench_cuda_header_says_which_decodes_through_a_graph(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    # main()'s CUDA path runs only on a lent GPU; its workers are faked here, reporting a graph as nanoqwen's does there
+    bench = bench_module("generate")
+    model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
+    medians = {(library, mode): (0.01, 100.0) for library in ("nanoqwen", "transformers") for mode in bench.MODES}
+    devices: list[tuple[str, str]] = []
+
+    def single_stream(model_dir: Path, prompt_ids: list[int], new_tokens: int, repeats: int, runs: int, device: str,
+                      dtype: str) -> tuple[dict, int, bool]:
+        devices.append((device, dtype))
+        return medians, 1000, True
+
+    monkeypatch.setattr(bench, "single_stream", single_stream)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    monkeypatch.setattr(sys, "argv", ["generate.py", "--device", "cuda", "--model", str(model), "--no-server"])
+    bench.main()
+    out = capsys.readouterr().out
+    assert devices == [("cuda", "bfloat16")]  # both libraries in bfloat16 on CUDA
+    assert "NVIDIA H100 80GB HBM3, bfloat16" in out
+    assert "nanoqwen decodes through a CUDA graph, Transformers generate eagerly" in out
+    assert len([line for line in out.splitlines() if line.startswith("| toy (")]) == 3
