@@ -192,8 +192,8 @@ def test_a_failed_generation_worker_says_why(tmp_path: Path) -> None:
         bench.single_stream(tmp_path / "missing", [1, 2], 2, 1, 1, "cpu", "float32")
 
 
-def test_the_generation_bench_refuses_a_transformers_that_streams_late(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_generation_bench_says_so_when_transformers_streams_late(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     # Transformers 5.25 defers its stop check on MPS, streaming each token one forward pass late (and plans it for
     # CUDA): the clock would time the first token after the second forward. Emulated here by deferring the puts.
     from transformers.generation import utils
@@ -210,11 +210,13 @@ def test_the_generation_bench_refuses_a_transformers_that_streams_late(tmp_path:
 
     bench = bench_module("generate")
     model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
-    assert len(bench.transformers_timer(model, "cpu", "float32")([1, 2, 3], 3, False)) == 3  # on time: timed
+    on_time = bench.transformers_timer(model, "cpu", "float32")
+    assert not on_time.streams_late and len(on_time([1, 2, 3], 3, False)) == 3
     monkeypatch.setattr(utils.StopCheck, "__call__", put_late)
     monkeypatch.setattr(utils.StopCheck, "finish", finish)
-    with pytest.raises(SystemExit, match=r"streamed tokens 1-4 after \[2, 3, 4, 4\] forward passes"):
-        bench.transformers_timer(model, "cpu", "float32")
+    # measured all the same (a GPU lease gives one try), and flagged for the note under the table
+    late = bench.transformers_timer(model, "cpu", "float32")
+    assert late.streams_late and len(late([1, 2, 3], 3, False)) == 3
 
 
 def test_the_generation_bench_gives_transformers_only_its_own_sampling(tmp_path: Path,
