@@ -1694,7 +1694,7 @@ def test_copies_of_a_file_are_read_once(tmp_path: Path, capsys: pytest.CaptureFi
               folder / "zlink.txt": folder / "story.txt"}
     assert load_meta(out)["copies_left_out"] == {str(copy): str(kept) for copy, kept in copies.items()}
     assert capsys.readouterr().err.splitlines()[2:] == [
-        f"nanoqwen: note: left out 4 files that hold the same bytes as a file read (such as "
+        f"note: left out 4 files that hold the same bytes as a file read (such as "
         f"{folder / 'notes (1).txt'}, a copy of {read}): each text is read once, so that it is not in train and val "
         "both (copying a file does not weight its text; meta.json's copies_left_out names each)"]
     # The fingerprint tells a folder prepared by an older nanoqwen, which read each copy, from one that left them out.

@@ -898,7 +898,7 @@ def _warn_about(stats: CorpusStats, in_meta: bool = True) -> None:
         which = f"{copy}, a copy of {first}" if len(stats.copies) == 1 else \
             f"{len(stats.copies):,} files that hold the same bytes as a file read (such as {copy}, a copy of {first})"
         listed = "; meta.json's copies_left_out names each" if in_meta else ""
-        print(f"nanoqwen: note: left out {which}: each text is read once, so that it is not in train and val both "
+        print(f"note: left out {which}: each text is read once, so that it is not in train and val both "
               f"(copying a file does not weight its text{listed})", file=sys.stderr)
     if stats.replacement_chars:
         where = stats.replaced_in[:3] + ([f"{len(stats.replaced_in) - 3} more files"] if stats.replaced_in[3:] else [])
