@@ -41,7 +41,10 @@ GREEDY_BELOW = 1e-5
 
 @dataclass
 class SamplingParams:
+    """How `generate` and `stream_text` pick tokens and where they stop (vLLM's names where it has them)."""
+
     max_new_tokens: int = 128
+    """New tokens at most; fewer where the context (max_position_embeddings) fills up first."""
     temperature: float = 1.0
     """0 means greedy (argmax), and so does anything below GREEDY_BELOW."""
     top_k: int = 0
@@ -61,6 +64,7 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     """Tokens that end the text (not part of it): the model's end tokens, and any others asked for."""
     stop_strings: list[str] = field(default_factory=list)
+    """Texts that end the text where they first appear (cut off unless include_stop_str_in_output)."""
     min_tokens: int = 0
     """No stop token is sampled, and no stop string ends the text, before this many tokens (vLLM's)."""
     ignored_end_ids: list[int] = field(default_factory=list)
@@ -69,6 +73,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     """The stop string or stop token that ended the text stays in it (vLLM's); by default it is cut off."""
     seed: int | None = None
+    """Seeds each row's sampling generator alike (the same prompt and seed draw the same text); None: fresh
+    randomness. Unused when greedy."""
     skip_special_tokens: bool = True
     """Leave special tokens (<|im_start|>, <|endoftext|>...) out of the text, as HF pipelines and vLLM do;
     tokens a reply shows (<think>, <tool_call>) are not special and stay."""
@@ -569,13 +575,18 @@ class TextStream:
 
 @dataclass
 class Completion:
+    """One prompt's generated text, as `generate` returns it."""
+
     text: str
+    """The new text, without the prompt (and without the stop string or token that ended it, unless asked)."""
     token_ids: list[int]
     """The ids sampled, but for a stop token that ended the text, unless include_stop_str_in_output put its text in
     (vLLM's token_ids always hold it; the server returns no ids, only usage, which counts it as vLLM's). The tokens
     of a stop string that ended it stay, though its text is cut off (as in vLLM's token_ids)."""
-    finish_reason: str  # "stop" (stop token or string) or "length"
+    finish_reason: str
+    """"stop" (a stop token or string ended it) or "length" (max_new_tokens or the context ran out)."""
     prompt_tokens: int
+    """Tokens of the prompt, as the model read it."""
 
 
 def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams

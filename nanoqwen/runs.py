@@ -106,6 +106,8 @@ def resolve_train_config(preset_train: dict[str, Any], args: argparse.Namespace,
 
 
 def default_preset_name(device: torch.device) -> str:
+    """The preset `nanoqwen train` picks when none is given: demo (bf16, torch.compile, the Qwen3 vocabulary) on CUDA;
+    cpu elsewhere, MPS included, where training runs in float32 without those (see resolve_dtype)."""
     return "demo" if device.type == "cuda" else "cpu"
 
 

@@ -127,7 +127,7 @@ from nanoqwen.tracking import Display, TensorBoardLog, Tracker, WandbLog, flops_
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help=f"model preset by name ({', '.join(preset_names())}; default: cpu, or "
-                                        "demo on a GPU)")
+                                        "demo on a CUDA GPU)")
     model.add_argument("--config", help="a preset JSON file ({\"model\": {config.json fields}, \"train\": {flag "
                                         "defaults, max_steps for --max-steps}}), or a checkpoint's config.json (its "
                                         "architecture, new weights)")

@@ -66,3 +66,17 @@ def test_muon_newton_schulz_in_fp32_where_bf16_is_only_emulated(monkeypatch: pyt
                               num_attention_heads=2, num_key_value_heads=1, head_dim=8))
     muon = build_optimizer(model, "muon", 1e-3, 0.1, CUDA).optimizers[0]  # type: ignore[union-attr]
     assert isinstance(muon, torch.optim.Muon) and isinstance(muon, MuonFp32) != native
+
+
+def test_the_default_preset_is_demo_in_bf16_compiled_on_cuda_and_cpu_in_float32_elsewhere(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # DESIGN.md's default: `nanoqwen train` on a (CUDA) GPU trains demo, on a laptop (CPU or Apple MPS) the cpu preset.
+    from nanoqwen.runs import default_preset_name
+    from nanoqwen.train import default_compile
+
+    claim_gpu(monkeypatch, native_bf16=True)
+    assert (default_preset_name(CUDA), resolve_dtype(None, CUDA), default_compile(CUDA)) == ("demo", torch.bfloat16,
+                                                                                              True)
+    for device in (torch.device("mps"), torch.device("cpu")):
+        assert (default_preset_name(device), resolve_dtype(None, device), default_compile(device)) == (
+            "cpu", torch.float32, False)

@@ -539,6 +539,35 @@ def test_parameter_count_matches_official_sizes():
     assert Qwen3(small).num_params() == small.num_params()
 
 
+def test_presets_have_the_shapes_the_spec_gives_them():
+    # QWEN3.md's official sizes (hidden, intermediate, layers, heads, kv heads, head_dim, tied) and what all share.
+    from nanoqwen.config import load_preset
+
+    def shape(model: ModelConfig) -> tuple[int | bool, ...]:
+        return (model.hidden_size, model.intermediate_size, model.num_hidden_layers, model.num_attention_heads,
+                model.num_key_value_heads, model.head_dim, model.tie_word_embeddings)
+
+    official = {"qwen3-0.6b": (1024, 3072, 28, 16, 8, 128, True), "qwen3-1.7b": (2048, 6144, 28, 16, 8, 128, True),
+                "qwen3-4b": (2560, 9728, 36, 32, 8, 128, True), "qwen3-8b": (4096, 12288, 36, 32, 8, 128, False)}
+    for name, expected in official.items():
+        model = load_preset(name).model
+        assert shape(model) == expected, name
+        assert (model.vocab_size, model.rms_norm_eps, model.rope_theta, model.max_position_embeddings,
+                model.max_window_layers, model.use_sliding_window) == (151936, 1e-6, 1e6, 40960,
+                                                                      model.num_hidden_layers, False), name
+    # DESIGN.md's seed models: small d 384 / 6 layers / 8 heads / 4 kv; demo d 384 / 8 layers / 6 heads / 2 kv /
+    # context 512 on the Qwen3 vocabulary; the 283M TinyStories model d 640 / 18 layers / 4 heads / 1 kv / ff 2048.
+    def widths(model: ModelConfig) -> tuple[int, ...]:  # d / layers / heads / kv heads
+        return model.hidden_size, model.num_hidden_layers, model.num_attention_heads, model.num_key_value_heads
+
+    small, demo, stories = (load_preset(name) for name in ("small", "demo", "tinystories-283m"))
+    assert widths(small.model) == (384, 6, 8, 4) and widths(demo.model) == (384, 8, 6, 2)
+    assert (demo.model.max_position_embeddings, demo.model.vocab_size, demo.train["tokenizer"]) == (512, 151936,
+                                                                                                    "qwen3")
+    assert shape(stories.model)[:5] == (640, 2048, 18, 4, 1) and stories.model.vocab_size == 151936
+    assert int(stories.model.num_params() / 1e6) == 283
+
+
 def test_preset_files_are_whole_presets_or_a_checkpoints_config(tmp_path):
     # A flat file of model fields, or a misspelt section, was dropped without a word: a 0.6B model instead.
     from nanoqwen.config import load_preset

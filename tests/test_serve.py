@@ -1308,6 +1308,24 @@ def test_bad_serve_flag_is_one_line(tmp_path: Path, flag: str, value: str, capsy
     assert code not in (0, None) and len(lines) == 1 and flag in lines[0], err
 
 
+def listening_addresses(port: int) -> set[str]:
+    """The local addresses (hex, as Linux's /proc/net/tcp and tcp6 write them) of the sockets listening on `port`."""
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            local, state = row.split()[1], row.split()[3]
+            address, _, hex_port = local.partition(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                found.add(address)
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/net/tcp").exists(), reason="reads Linux's socket tables")
+def test_the_server_listens_on_this_machine_alone_unless_told_otherwise(url: str) -> None:
+    # Issue 5: serve binds 127.0.0.1 unless --host says otherwise (the url fixture's server is given none).
+    assert listening_addresses(httpx.URL(url).port) == {"0100007F"}  # 127.0.0.1, in the kernel's byte order
+
+
 def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
     # `--host ::1` printed http://::1:8000/v1, which no client or browser parses as a host and a port.
     assert base_url("::1", 8000) == "http://[::1]:8000"
