@@ -132,8 +132,12 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def sync_file(path: str | os.PathLike[str]) -> None:
-    """fsync a file or a folder (its entries) by name."""
-    fd = os.open(path, os.O_RDONLY)
+    """fsync a file or a folder (its entries) by name. Windows opens no folder (its entries are left to NTFS's
+    journal) and flushes a file only through a descriptor that may write (FlushFileBuffers)."""
+    windows = sys.platform == "win32"
+    if windows and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDWR if windows else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:

@@ -3,13 +3,21 @@ they do there."""
 
 from __future__ import annotations
 
+import errno
+import json
+import os
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
+import nanoqwen.io
 from nanoqwen.data.loader import BatchLoader, TokenSplit
+from nanoqwen.io import atomic_dir, write_json
 
 MPS = torch.device("mps")
 
@@ -29,3 +37,41 @@ def test_batches_reach_mps_in_a_blocking_copy(monkeypatch: pytest.MonkeyPatch) -
     inputs, targets = loader.micro_batches(0)[0]
     assert copies == [{"device": MPS, "non_blocking": False}]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # the batch itself, as on CPU
+
+
+def act_as_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    """nanoqwen.io's os.open and os.fsync as Windows has them: a folder cannot be opened (EACCES), and fsync (the C
+    runtime's _commit: FlushFileBuffers) refuses a file open only for reading (EBADF). The libraries keep their own
+    (shutil's rmtree opens folders on Linux alone)."""
+    open_file, fsync, read_only = os.open, os.fsync, set()
+
+    def windows_open(path: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        fd = open_file(path, flags, *args, **kwargs)
+        (read_only.add if flags & (os.O_WRONLY | os.O_RDWR) == 0 else read_only.discard)(fd)
+        return fd
+
+    def windows_fsync(fd: int) -> None:
+        if fd in read_only:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        fsync(fd)
+
+    windows_os = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    windows_os.open, windows_os.fsync = windows_open, windows_fsync
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(nanoqwen.io, "os", windows_os)
+
+
+def test_whole_files_and_folders_are_written_on_windows(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Every write synced its file through a read-only descriptor and its folder by opening it: on Windows nothing
+    # (a prepared folder, a run's config.json, a checkpoint) could be written.
+    act_as_windows(monkeypatch)
+    write_json(tmp_path / "config.json", {"step": 1})
+    write_json(tmp_path / "config.json", {"step": 2})  # over the old one
+    for step in (1, 2):
+        with atomic_dir(tmp_path / "last") as folder:
+            (folder / "state.json").write_text(str(step))
+    assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2}
+    assert (tmp_path / "last" / "state.json").read_text() == "2"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "last"]  # no temporary left
