@@ -206,7 +206,7 @@ def time_to_target(target: float, minutes: float) -> str:
         stopped_here, seen_s = False, None
         while proc.poll() is None:
             time.sleep(2)
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
             records = [json.loads(line) for line in lines if line.endswith("}")]
             if any(r.get("val_loss", float("inf")) <= target for r in records):
                 seen_s = time.perf_counter() - launched

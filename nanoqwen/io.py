@@ -246,7 +246,7 @@ RUN_CONFIG_KEYS = ("train", "preset", "data")  # what a run's config.json holds 
 
 def is_run_config(path: Path) -> bool:
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return is_run_record(saved)
@@ -265,7 +265,7 @@ def found_data(saved: dict[str, Any], run_dir: Path) -> Path | None:
 def trained_on(run_dir: Path) -> str:
     """For a run folder given where data is read: the prepared folder it trained on, where that still is."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         data = found_data(saved, run_dir) if isinstance(saved.get("data"), str) else None
     except (OSError, ValueError, AttributeError):
         data = None
@@ -408,8 +408,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside `final` for writing; it is renamed over `final` on success."""
-    with atomic_path(final) as tmp, open(tmp, mode) as f:
+    """Open a temporary file beside `final` for writing; it is renamed over `final` on success. Text is UTF-8 (not
+    the locale's encoding: Windows' cp1252 holds little of what a model writes)."""
+    with atomic_path(final) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
         yield f
 
 

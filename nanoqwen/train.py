@@ -593,7 +593,7 @@ def default_compile(device: torch.device) -> bool:
 
 
 def append_line(path: Path, text: str) -> None:
-    with path.open("a") as f:
+    with path.open("a", encoding="utf-8") as f:
         f.write(text)
 
 

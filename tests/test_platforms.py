@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import errno
 import json
+import locale
 import os
 import sys
 import types
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +18,11 @@ import pytest
 import torch
 
 import nanoqwen.io
+from nanoqwen.config import load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.io import atomic_dir, write_json
+from nanoqwen.runs import truncate_samples
+from nanoqwen.train import append_line
 
 MPS = torch.device("mps")
 
@@ -75,3 +80,31 @@ def test_whole_files_and_folders_are_written_on_windows(monkeypatch: pytest.Monk
     assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2}
     assert (tmp_path / "last" / "state.json").read_text() == "2"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["config.json", "last"]  # no temporary left
+
+
+@pytest.fixture
+def ascii_locale() -> Iterator[None]:
+    """Python's default text encoding made ASCII (the C locale), standing in for Windows' cp1252: neither holds
+    most of what a model writes (Chinese, emoji, the U+FFFD of a token cut inside a character)."""
+    if sys.flags.utf8_mode:
+        pytest.skip("Python's UTF-8 mode ignores the locale")
+    before = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+
+
+def test_text_files_are_utf8_whatever_the_locale(ascii_locale: None, tmp_path: Path) -> None:
+    # samples.txt was written in the locale's encoding: on Windows the first sample holding a character outside
+    # cp1252 ended the run, and a preset file's UTF-8 was read as cp1252 (or refused).
+    sample = "--- step 10\nIl était une fois 从前 \ufffd\n\n"
+    append_line(tmp_path / "samples.txt", sample)
+    append_line(tmp_path / "samples.txt", sample.replace("10", "20"))
+    truncate_samples(tmp_path, 10)  # a resume from step 10 drops the later one
+    assert (tmp_path / "samples.txt").read_bytes() == sample.encode()
+    preset = tmp_path / "conte.json"
+    preset.write_bytes(json.dumps({"description": "un conte", "model": {"hidden_size": 64},
+                                   "train": {"sample_prompt": "Il était"}}, ensure_ascii=False).encode())
+    assert load_preset(str(preset)).train["sample_prompt"] == "Il était"
