@@ -343,6 +343,8 @@ def remove_orphans(final: Path) -> None:
 
 
 def writer_alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        return windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -350,6 +352,28 @@ def writer_alive(pid: int) -> bool:
     except (PermissionError, OverflowError):
         return True  # alive under another user, or not a pid at all: leave its files alone
     return True
+
+
+WINDOWS_NO_SUCH_PROCESS = 87  # ERROR_INVALID_PARAMETER, OpenProcess's word for a process id that is not in use
+WINDOWS_SYNCHRONIZE = 0x00100000  # the right to wait for a process to end: all that is asked of it
+
+
+def windows_process_alive(pid: int) -> bool:
+    """writer_alive on Windows, asked through a handle on the process: there os.kill's signal 0 is CTRL_C_EVENT, a
+    Ctrl-C to every process of the console (this one too) that never says whether `pid` is gone, and any other
+    signal ends the process."""
+    import _winapi
+
+    try:
+        handle = _winapi.OpenProcess(WINDOWS_SYNCHRONIZE, False, pid)
+    except OverflowError:
+        return True  # not a process id at all: leave its files alone
+    except OSError as e:
+        return getattr(e, "winerror", None) != WINDOWS_NO_SUCH_PROCESS  # access denied: another user's, alive
+    try:
+        return _winapi.WaitForSingleObject(handle, 0) != _winapi.WAIT_OBJECT_0  # signalled: it has ended
+    finally:
+        _winapi.CloseHandle(handle)
 
 
 def hold_lock(folder: Path) -> IO[str] | None:

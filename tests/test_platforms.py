@@ -20,7 +20,7 @@ import torch
 import nanoqwen.io
 from nanoqwen.config import load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
-from nanoqwen.io import atomic_dir, write_json
+from nanoqwen.io import atomic_dir, remove_orphans, write_json
 from nanoqwen.runs import truncate_samples
 from nanoqwen.train import append_line
 
@@ -108,3 +108,30 @@ def test_text_files_are_utf8_whatever_the_locale(ascii_locale: None, tmp_path: P
     preset.write_bytes(json.dumps({"description": "un conte", "model": {"hidden_size": 64},
                                    "train": {"sample_prompt": "Il était"}}, ensure_ascii=False).encode())
     assert load_preset(str(preset)).train["sample_prompt"] == "Il était"
+
+
+def test_a_dead_writers_leftovers_are_found_on_windows_without_signalling_anyone(monkeypatch: pytest.MonkeyPatch,
+                                                                                tmp_path: Path) -> None:
+    # os.kill(pid, 0), POSIX's "is it alive?", is on Windows CTRL_C_EVENT: a Ctrl-C to the whole console (this
+    # process too), which never says the process is gone. Windows is asked through a handle on the process.
+    dead, alive = 4242, 4343
+
+    def open_process(access: int, inherit: bool, pid: int) -> int:
+        if pid == dead:
+            error = OSError(errno.EINVAL, "The parameter is incorrect")
+            error.winerror = 87  # type: ignore[attr-defined]  # ERROR_INVALID_PARAMETER: no process by that id
+            raise error
+        return pid
+
+    def no_signal(pid: int, signal: int) -> None:
+        raise AssertionError(f"os.kill({pid}, {signal}) on Windows sends a Ctrl-C or ends the process")
+
+    winapi = types.SimpleNamespace(OpenProcess=open_process, WaitForSingleObject=lambda handle, ms: 258,
+                                   WAIT_OBJECT_0=0, CloseHandle=lambda handle: None)  # 258: WAIT_TIMEOUT, running
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setitem(sys.modules, "_winapi", winapi)
+    monkeypatch.setattr(os, "kill", no_signal)
+    for pid in (dead, alive):
+        (tmp_path / f".last.tmp-{pid}-abc").mkdir()
+    remove_orphans(tmp_path / "last")
+    assert [path.name for path in tmp_path.iterdir()] == [f".last.tmp-{alive}-abc"]
