@@ -540,8 +540,11 @@ def default_out(preset: str) -> Path:
 # -- the run folder's records ---------------------------------------------------------------------
 def data_place(run: Run) -> dict[str, str]:
     """Where the run's data folder is, for its config.json: as given, and relative to the run folder (found
-    again there if both moved together)."""
-    return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+    again there if both moved together) where a relative path leads there (not to another drive on Windows)."""
+    try:
+        return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+    except ValueError:  # Windows' relpath across drives
+        return {"data": str(run.data)}
 
 
 RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not), never the one chosen

@@ -21,7 +21,7 @@ import nanoqwen.io
 from nanoqwen.config import load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.io import atomic_dir, remove_orphans, write_json
-from nanoqwen.runs import truncate_samples
+from nanoqwen.runs import data_place, truncate_samples
 from nanoqwen.train import append_line
 
 MPS = torch.device("mps")
@@ -135,3 +135,14 @@ def test_a_dead_writers_leftovers_are_found_on_windows_without_signalling_anyone
         (tmp_path / f".last.tmp-{pid}-abc").mkdir()
     remove_orphans(tmp_path / "last")
     assert [path.name for path in tmp_path.iterdir()] == [f".last.tmp-{alive}-abc"]
+
+
+def test_a_run_on_another_drive_than_its_data_starts_on_windows(monkeypatch: pytest.MonkeyPatch) -> None:
+    # No relative path leads from C:\runs to D:\data: Windows' relpath raises, which ended the run as it started.
+    def across_drives(path: str, start: str) -> str:
+        raise ValueError("path is on mount 'D:', start on mount 'C:'")
+
+    run = types.SimpleNamespace(data=Path("/data/shakespeare"), out=Path("/runs/tiny"))
+    assert data_place(run)["data_from_run"] == "../../data/shakespeare"  # type: ignore[arg-type]
+    monkeypatch.setattr(os.path, "relpath", across_drives)
+    assert data_place(run) == {"data": "/data/shakespeare"}  # type: ignore[arg-type]  # found where it was
