@@ -376,9 +376,10 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     model.train()
     model.activation_checkpointing = bool(args.activation_checkpointing)
     train_module = wrap_model(model, info, args, device, cfg.compile)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings)
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings,
+                                loss_scaled=scaler.is_enabled())
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     tokenizer, generation = carried_files(data, source, warn=info.is_main)
     if info.is_main and args.init_from:

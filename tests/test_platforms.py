@@ -18,9 +18,11 @@ import pytest
 import torch
 
 import nanoqwen.io
-from nanoqwen.config import load_preset
+from nanoqwen.config import ModelConfig, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.io import atomic_dir, remove_orphans, write_json
+from nanoqwen.model import Qwen3
+from nanoqwen.optim import build_optimizer
 from nanoqwen.runs import data_place, truncate_samples
 from nanoqwen.train import append_line
 
@@ -146,3 +148,16 @@ def test_a_run_on_another_drive_than_its_data_starts_on_windows(monkeypatch: pyt
     assert data_place(run)["data_from_run"] == "../../data/shakespeare"  # type: ignore[arg-type]
     monkeypatch.setattr(os.path, "relpath", across_drives)
     assert data_place(run) == {"data": "/data/shakespeare"}  # type: ignore[arg-type]  # found where it was
+
+
+def test_adamw_is_fused_on_mps_but_under_fp16s_loss_scaling() -> None:
+    # MPS has no foreach kernels: unfused, AdamW stepped each tensor in turn, several kernels apiece. Under fp16's
+    # GradScaler it stays so: MPS's fused kernel ignored the scaler's found_inf until pytorch#186360.
+    model = Qwen3(ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=8))
+    adamw = build_optimizer(model, "adamw", 1e-3, 0.1, MPS)
+    muon = build_optimizer(model, "muon", 1e-3, 0.1, MPS).optimizers[1]  # type: ignore[union-attr]
+    assert adamw.defaults["fused"] is True and muon.defaults["fused"] is True  # type: ignore[union-attr]
+    scaled = build_optimizer(model, "adamw", 1e-3, 0.1, MPS, loss_scaled=True)
+    assert not scaled.defaults["fused"]  # type: ignore[union-attr]
+    assert build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu"), loss_scaled=True).defaults["fused"]
