@@ -25,6 +25,7 @@ from nanoqwen.model import Qwen3
 from nanoqwen.optim import build_optimizer
 from nanoqwen.runs import data_place, truncate_samples
 from nanoqwen.train import append_line
+from tests.train_helpers import FAST, make_data, make_preset, train_in_process
 
 MPS = torch.device("mps")
 
@@ -161,3 +162,18 @@ def test_adamw_is_fused_on_mps_but_under_fp16s_loss_scaling() -> None:
     scaled = build_optimizer(model, "adamw", 1e-3, 0.1, MPS, loss_scaled=True)
     assert not scaled.defaults["fused"]  # type: ignore[union-attr]
     assert build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu"), loss_scaled=True).defaults["fused"]
+
+
+@pytest.mark.slow
+def test_a_run_in_folders_named_with_spaces_and_accents_trains_samples_and_resumes(ascii_locale: None,
+                                                                                  tmp_path: Path) -> None:
+    # A user's folders ("Mes documents", "Téléchargements"), and samples outside the locale's encoding
+    root = tmp_path / "my project é"
+    data, preset, out = make_data(root), make_preset(root), root / "my run é"
+    flags = ["--preset", str(preset), "--data", str(data), "--out", str(out), *FAST, "--sample-interval", "2",
+             "--sample-prompt", "Il était", "--save-interval", "2"]
+    assert train_in_process(*flags, "--max-steps", "2") == 0
+    assert train_in_process("--resume", str(out), "--max-steps", "4") == 0
+    samples = (out / "samples.txt").read_text(encoding="utf-8")
+    assert samples.count("Il était") == 2 and "--- step 4\n" in samples
+    assert json.loads((out / "config.json").read_text(encoding="utf-8"))["data"] == str(data)
