@@ -7,6 +7,7 @@ import errno
 import json
 import locale
 import os
+import subprocess
 import sys
 import types
 from collections.abc import Iterator
@@ -20,14 +21,16 @@ import torch
 import nanoqwen.io
 from nanoqwen.config import ModelConfig, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
+from nanoqwen.data.prepare import prepare
 from nanoqwen.io import atomic_dir, remove_orphans, write_json
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import build_optimizer
 from nanoqwen.runs import data_place, truncate_samples
 from nanoqwen.train import append_line
-from tests.train_helpers import FAST, make_data, make_preset, train_in_process
+from tests.train_helpers import FAST, make_data, make_preset, train_in_process, write_corpus
 
 MPS = torch.device("mps")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_batches_reach_mps_in_a_blocking_copy(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -177,3 +180,18 @@ def test_a_run_in_folders_named_with_spaces_and_accents_trains_samples_and_resum
     samples = (out / "samples.txt").read_text(encoding="utf-8")
     assert samples.count("Il était") == 2 and "--- step 4\n" in samples
     assert json.loads((out / "config.json").read_text(encoding="utf-8"))["data"] == str(data)
+
+
+@pytest.mark.slow
+def test_prepare_gives_the_same_ids_where_processes_start_by_spawn(tmp_path: Path) -> None:
+    # macOS and Windows start a worker process afresh (spawn), re-importing what it runs, where Linux forks: a pool
+    # of processes that worked by fork could fail or differ there. prepare's workers are threads: the same ids.
+    corpus = write_corpus(tmp_path / "corpus", documents=6, sentences=20)
+    forked = prepare(str(corpus), "bpe:300", tmp_path / "fork", progress=False)
+    code = ("import multiprocessing, sys; multiprocessing.set_start_method('spawn'); from nanoqwen.cli import main; "
+            "sys.exit(main(sys.argv[1:]))")
+    subprocess.run([sys.executable, "-c", code, "prepare", "--dataset", str(corpus), "--tokenizer", "bpe:300",
+                    "--out", str(tmp_path / "spawn")], check=True, capture_output=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    for split in ("train.bin", "val.bin"):
+        assert (tmp_path / "spawn" / split).read_bytes() == (forked / split).read_bytes()
