@@ -379,17 +379,27 @@ def windows_process_alive(pid: int) -> bool:
 def hold_lock(folder: Path) -> IO[str] | None:
     """An exclusive lock on `folder`/.lock for as long as the returned file stays open (the process's
     life): a second writer is refused in one line instead of interleaving its files with the first's.
-    None where the platform has no flock (Windows)."""
+    flock, or on Windows (which has none) a lock on the file's first byte; None where neither exists."""
     try:
         import fcntl
     except ImportError:
-        return None
+        fcntl = None
+        try:
+            import msvcrt
+        except ImportError:
+            return None
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            handle.seek(0)  # the same byte for every process (the file stays empty)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
         handle.close()
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # not a lock another holds
+            raise
         raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish (new work can "
                             "go elsewhere with --out)") from None
     return handle

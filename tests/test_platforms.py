@@ -22,7 +22,8 @@ import nanoqwen.io
 from nanoqwen.config import ModelConfig, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.data.prepare import prepare
-from nanoqwen.io import atomic_dir, remove_orphans, write_json
+from nanoqwen.errors import NanoQwenError
+from nanoqwen.io import atomic_dir, hold_lock, release_lock, remove_orphans, write_json
 from nanoqwen.model import Qwen3
 from nanoqwen.optim import build_optimizer
 from nanoqwen.runs import data_place, truncate_samples
@@ -195,3 +196,34 @@ def test_prepare_gives_the_same_ids_where_processes_start_by_spawn(tmp_path: Pat
                    env={**os.environ, "PYTHONPATH": str(ROOT)})
     for split in ("train.bin", "val.bin"):
         assert (tmp_path / "spawn" / split).read_bytes() == (forked / split).read_bytes()
+
+
+def test_a_run_folder_takes_one_writer_on_windows_too(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    # Windows has no flock: a second run into the same folder was let in, their files interleaved. msvcrt's
+    # byte-range lock (here as Windows keeps them: by file, until the handle that took it closes) refuses it.
+    held: dict[tuple[int, int], int] = {}
+
+    def locking(fd: int, mode: int, size: int) -> None:
+        stat = os.fstat(fd)
+        file = (stat.st_dev, stat.st_ino)
+        holder = held.get(file)
+        if holder is not None and holder != fd and holder_open(holder, file):
+            raise OSError(errno.EACCES, "Permission denied")
+        held[file] = fd
+
+    def holder_open(fd: int, file: tuple[int, int]) -> bool:
+        try:
+            stat = os.fstat(fd)
+        except OSError:
+            return False
+        return (stat.st_dev, stat.st_ino) == file
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` fails, as on Windows
+    monkeypatch.setitem(sys.modules, "msvcrt", types.SimpleNamespace(locking=locking, LK_NBLCK=2))
+    first = hold_lock(tmp_path / "run")
+    assert first is not None
+    with pytest.raises(NanoQwenError, match="is in use by another nanoqwen process"):
+        hold_lock(tmp_path / "run")
+    release_lock(first)
+    release_lock(hold_lock(tmp_path / "run"))  # type: ignore[arg-type]  # free again once the first is closed
+    assert not (tmp_path / "run").exists()
