@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,23 +76,44 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     old = None
     try:
         if not final.exists():
-            tmp.rename(final)
+            rename_patiently(tmp, final)
         elif exchange(tmp, final):  # in one step: a reader (sample of RUN/best mid-run) always finds a whole folder
             old = tmp  # the replaced one, under the temporary name (an orphan of it goes as a tmp one does)
         else:  # two renames, where the system cannot swap: `final` is missing for a moment between them
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
+            rename_patiently(final, old)
+            rename_patiently(tmp, final)
     except OSError as e:  # e.g. `final` is a mount point, which cannot be renamed away
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
             old.rename(final)
+        if sys.platform == "win32" and isinstance(e, PermissionError):
+            raise NanoQwenError(f"cannot replace {final}: another program has a file in it open (Windows renames "
+                                "no folder then), such as a nanoqwen loading it or an editor; close it and run "
+                                "again, or write elsewhere") from None
         raise NanoQwenError(f"cannot replace {final} ({e.strerror}); write to a new folder inside it "
                             "instead") from None
     sync_file(final.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Seconds between tries of a rename Windows refuses (about 3 s in all): a virus scanner or indexer reading the files
+# just written, or another nanoqwen loading the folder, holds them open for a moment
+WINDOWS_RENAME_WAITS = (0.1, 0.2, 0.4, 0.8, 1.5)
+
+
+def rename_patiently(source: Path, target: Path) -> None:
+    """`source.rename(target)`, tried again for a while on Windows while refused: it renames no folder while a
+    program holds a file in it open."""
+    for wait in WINDOWS_RENAME_WAITS if sys.platform == "win32" else ():
+        try:
+            source.rename(target)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    source.rename(target)
 
 
 def remove_if_empty(folders: list[Path]) -> None:

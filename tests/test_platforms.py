@@ -9,6 +9,7 @@ import locale
 import os
 import subprocess
 import sys
+import time
 import types
 from collections.abc import Iterator
 from pathlib import Path
@@ -227,3 +228,30 @@ def test_a_run_folder_takes_one_writer_on_windows_too(monkeypatch: pytest.Monkey
     release_lock(first)
     release_lock(hold_lock(tmp_path / "run"))  # type: ignore[arg-type]  # free again once the first is closed
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_windows_will_not_rename_for_a_moment_is_replaced_all_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                                               tmp_path: Path) -> None:
+    # Windows renames no folder while a program holds a file in it open: a virus scanner or indexer reading what was
+    # just written, a `sample` loading best/. A moment later it can: a run's save ended the run instead.
+    rename, refusals, waits = Path.rename, [2], []
+
+    def held_for_a_moment(path: Path, target: Any) -> Path:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise PermissionError(errno.EACCES, "Access is denied", str(path))
+        return rename(path, target)
+
+    (tmp_path / "best").mkdir()
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(Path, "rename", held_for_a_moment)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    with atomic_dir(tmp_path / "best") as folder:
+        (folder / "model.safetensors").write_text("new")
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "new" and len(waits) == 2
+    refusals[0] = 1000  # held open for good: one line that says so
+    with pytest.raises(NanoQwenError, match=r"cannot replace .*best: another program has a file in it open"), \
+            atomic_dir(tmp_path / "best") as folder:
+        (folder / "model.safetensors").write_text("newer")
+    assert (tmp_path / "best" / "model.safetensors").read_text() == "new"  # the old one stays, whole
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
