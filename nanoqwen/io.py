@@ -404,8 +404,8 @@ def hold_lock(folder: Path) -> IO[str] | None:
     flock, or on Windows (which has none) a lock on the file's first byte; None where neither exists."""
     try:
         import fcntl
-    except ImportError:
-        fcntl = None
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
         try:
             import msvcrt
         except ImportError:
