@@ -390,7 +390,7 @@ def main() -> None:
             models = [("qwen3", random_checkpoint(Path(tmp) / "tiny-qwen3-vocab", "qwen3", toy=args.toy)),
                       ("8192", random_checkpoint(Path(tmp) / "tiny-8k-vocab", "8192", toy=args.toy))]
         for kind, model_dir in models:
-            vocab = json.loads((model_dir / "config.json").read_text())["vocab_size"]
+            vocab = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))["vocab_size"]
             prompt_ids = [i % vocab for i in qwen3_tokenizer().encode(PROMPT)]  # ids the model can read
             log(f"{model_dir.name}: prompt {len(prompt_ids)} tokens, {args.new_tokens} new, "
                 f"{torch.get_num_threads()} threads")

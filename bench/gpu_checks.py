@@ -36,12 +36,12 @@ STEPS = int(os.environ.get("STEPS", "100"))
 def losses(run: Path) -> dict[int, float]:
     """step -> train loss, from whole lines only (the run may be writing the next one)."""
     path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines() if path.exists() else []
+    lines = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
     return {r["step"]: r["train_loss"] for r in (json.loads(line) for line in lines if line.endswith("}"))}
 
 
 def loss_falls(run: str) -> None:
-    config = json.loads((Path(run) / "config.json").read_text())
+    config = json.loads((Path(run) / "config.json").read_text(encoding="utf-8"))
     curve = list(losses(Path(run)).values())
     print("dtype", config["dtype"], "compile", config["train"]["compile"], "loss", curve[0], "->", curve[-1])
     if DEVICE == "cuda":

@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = True
     if device.type == "cpu" and (args.worker == "nanoqwen" or args.tuned_baseline):
         reuse_freed_memory()  # what `nanoqwen train` does on CPU
-    rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    rss_start = peak_rss()
     model, optimizer, objective = build(args.worker, config, device, args.compile, args.tuned_baseline)
     model.train()
     generator = torch.Generator().manual_seed(1)
@@ -111,9 +111,15 @@ def worker(args: argparse.Namespace) -> dict:
     if device.type == "cuda":
         result["peak_bytes"] = torch.cuda.max_memory_allocated(device)
     else:
-        result["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        result["peak_bytes"] = peak_rss()
         result["start_bytes"] = rss_start
     return result
+
+
+def peak_rss() -> int:
+    """This process's peak resident set in bytes: getrusage gives KiB on Linux, bytes on macOS."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
 
 
 def run_worker(contender: str, preset: str, batch: int, seq_len: int, steps: int, warmup: int, device: str,
@@ -206,7 +212,7 @@ def time_to_target(target: float, minutes: float) -> str:
         stopped_here, seen_s = False, None
         while proc.poll() is None:
             time.sleep(2)
-            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            lines = metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []
             records = [json.loads(line) for line in lines if line.endswith("}")]
             if any(r.get("val_loss", float("inf")) <= target for r in records):
                 seen_s = time.perf_counter() - launched

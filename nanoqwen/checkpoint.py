@@ -175,9 +175,9 @@ def write_checkpoint_files(model: Qwen3, folder: Path, tokenizer: Tokenizer | No
     metadata = {"format": "pt"} if step is None else {"format": "pt", STEP_METADATA: str(step)}
     save_file(state, str(folder / "model.safetensors"), metadata=metadata)
     give_usual_mode(folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    (folder / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n", encoding="utf-8")
     generation = generation or generation_config(config, tokenizer)
-    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n", encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(folder, context=config.max_position_embeddings)
 
@@ -234,7 +234,7 @@ def read_config(directory: str | Path) -> ModelConfig:
         raise NanoQwenError(f"{directory} has no config.json, so it is not a Hugging Face checkpoint folder; give the "
                             "folder that holds a model's config.json and weights (re-download one that lacks it)")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); re-download or re-save the checkpoint") from e
     except OSError as e:  # a folder by that name, unreadable
@@ -258,7 +258,7 @@ def adapter_folder(directory: Path) -> NanoQwenError:
     """The refusal of a PEFT adapter folder: only the changes to a base model, which Transformers (with peft
     installed) merges into that model as it loads; nanoqwen reads whole models."""
     try:
-        adapter = json.loads((directory / "adapter_config.json").read_text())
+        adapter = json.loads((directory / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         adapter = {}
     adapter = adapter if isinstance(adapter, dict) else {}
@@ -283,7 +283,7 @@ def weight_files(directory: Path) -> list[Path]:
 def shard_files(index: Path) -> list[Path]:
     """The shards an index names, each a file inside its folder, all present."""
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
     except (ValueError, KeyError, TypeError, OSError) as e:  # bad JSON or bytes, no weight_map, a folder
         raise NanoQwenError(f"{index} is damaged ({type(e).__name__}: {e}); re-download the checkpoint") from e
     check_json_types({"weight_map": weight_map}, {"weight_map": dict[str, str]}, str(index))
@@ -582,7 +582,7 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
             from nanoqwen.data.prepare import prepare_command  # the data pipeline is imported only when needed
 
             try:  # the source its meta.json names, to prepare again
-                meta = json.loads((data / "meta.json").read_text())
+                meta = json.loads((data / "meta.json").read_text(encoding="utf-8"))
             except (OSError, ValueError):
                 meta = None
             raise NanoQwenError(f"{data} was tokenized with a different tokenizer than {checkpoint}'s, so its ids "
@@ -668,7 +668,7 @@ def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: to
 def load_train_state(run: Run, last: Path) -> None:
     """Optimizer, scaler, RNG and loop state from last/; one clear line when any of it is unusable."""
     try:
-        state = json.loads((last / STATE_JSON).read_text())
+        state = json.loads((last / STATE_JSON).read_text(encoding="utf-8"))
         state.pop("train", None)  # the settings and autocast dtype it was saved with, read by runs.resumed_run
         state.pop("dtype", None)
         version = state.pop("version", None)

@@ -422,7 +422,7 @@ def load_preset(name_or_path: str) -> Preset:
         raise NanoQwenError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
                             "or give a JSON file")
     try:
-        raw = json.loads(path.read_text())
+        raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise NanoQwenError(f"{path} is not valid JSON ({e}); fix or replace the file") from e
     if isinstance(raw, dict) and "model_type" in raw:  # a checkpoint's config.json: its architecture

@@ -635,7 +635,7 @@ def reopen_closed_stdout() -> None:
     """A closed standard output (`>&-`, None in Python) becomes /dev/null for sample and chat: their text goes
     nowhere, as print()'s does, where a stream's write or chat's input() prompt stopped with a traceback."""
     if sys.stdout is None:
-        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 (open as long as the process, as standard output is)
+        sys.stdout = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 (open as long as the process, as standard output is)
 
 
 def prompt_ids(tokenizer: Tokenizer, prompt: str | list[int]) -> list[int]:

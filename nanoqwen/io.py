@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -75,23 +76,44 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     old = None
     try:
         if not final.exists():
-            tmp.rename(final)
+            rename_patiently(tmp, final)
         elif exchange(tmp, final):  # in one step: a reader (sample of RUN/best mid-run) always finds a whole folder
             old = tmp  # the replaced one, under the temporary name (an orphan of it goes as a tmp one does)
         else:  # two renames, where the system cannot swap: `final` is missing for a moment between them
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             shutil.rmtree(old, ignore_errors=True)
-            final.rename(old)
-            tmp.rename(final)
+            rename_patiently(final, old)
+            rename_patiently(tmp, final)
     except OSError as e:  # e.g. `final` is a mount point, which cannot be renamed away
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and not final.exists():
             old.rename(final)
+        if sys.platform == "win32" and isinstance(e, PermissionError):
+            raise NanoQwenError(f"cannot replace {final}: another program has a file in it open (Windows renames "
+                                "no folder then), such as a nanoqwen loading it or an editor; close it and run "
+                                "again, or write elsewhere") from None
         raise NanoQwenError(f"cannot replace {final} ({e.strerror}); write to a new folder inside it "
                             "instead") from None
     sync_file(final.parent)  # the rename itself
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# Seconds between tries of a rename Windows refuses (about 3 s in all): a virus scanner or indexer reading the files
+# just written, or another nanoqwen loading the folder, holds them open for a moment
+WINDOWS_RENAME_WAITS = (0.1, 0.2, 0.4, 0.8, 1.5)
+
+
+def rename_patiently(source: Path, target: Path) -> None:
+    """`source.rename(target)`, tried again for a while on Windows while refused: it renames no folder while a
+    program holds a file in it open."""
+    for wait in WINDOWS_RENAME_WAITS if sys.platform == "win32" else ():
+        try:
+            source.rename(target)
+            return
+        except PermissionError:
+            time.sleep(wait)
+    source.rename(target)
 
 
 def remove_if_empty(folders: list[Path]) -> None:
@@ -132,8 +154,12 @@ def exchange(a: Path, b: Path) -> bool:
 
 
 def sync_file(path: str | os.PathLike[str]) -> None:
-    """fsync a file or a folder (its entries) by name."""
-    fd = os.open(path, os.O_RDONLY)
+    """fsync a file or a folder (its entries) by name. Windows opens no folder (its entries are left to NTFS's
+    journal) and flushes a file only through a descriptor that may write (FlushFileBuffers)."""
+    windows = sys.platform == "win32"
+    if windows and os.path.isdir(path):
+        return
+    fd = os.open(path, os.O_RDWR if windows else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -242,7 +268,7 @@ RUN_CONFIG_KEYS = ("train", "preset", "data")  # what a run's config.json holds 
 
 def is_run_config(path: Path) -> bool:
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
     return is_run_record(saved)
@@ -261,7 +287,7 @@ def found_data(saved: dict[str, Any], run_dir: Path) -> Path | None:
 def trained_on(run_dir: Path) -> str:
     """For a run folder given where data is read: the prepared folder it trained on, where that still is."""
     try:
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         data = found_data(saved, run_dir) if isinstance(saved.get("data"), str) else None
     except (OSError, ValueError, AttributeError):
         data = None
@@ -339,6 +365,8 @@ def remove_orphans(final: Path) -> None:
 
 
 def writer_alive(pid: int) -> bool:
+    if sys.platform == "win32":
+        return windows_process_alive(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -348,20 +376,52 @@ def writer_alive(pid: int) -> bool:
     return True
 
 
+WINDOWS_NO_SUCH_PROCESS = 87  # ERROR_INVALID_PARAMETER, OpenProcess's word for a process id that is not in use
+WINDOWS_SYNCHRONIZE = 0x00100000  # the right to wait for a process to end: all that is asked of it
+
+
+def windows_process_alive(pid: int) -> bool:
+    """writer_alive on Windows, asked through a handle on the process: there os.kill's signal 0 is CTRL_C_EVENT, a
+    Ctrl-C to every process of the console (this one too) that never says whether `pid` is gone, and any other
+    signal ends the process."""
+    import _winapi
+
+    try:
+        handle = _winapi.OpenProcess(WINDOWS_SYNCHRONIZE, False, pid)
+    except OverflowError:
+        return True  # not a process id at all: leave its files alone
+    except OSError as e:
+        return getattr(e, "winerror", None) != WINDOWS_NO_SUCH_PROCESS  # access denied: another user's, alive
+    try:
+        return _winapi.WaitForSingleObject(handle, 0) != _winapi.WAIT_OBJECT_0  # signalled: it has ended
+    finally:
+        _winapi.CloseHandle(handle)
+
+
 def hold_lock(folder: Path) -> IO[str] | None:
     """An exclusive lock on `folder`/.lock for as long as the returned file stays open (the process's
     life): a second writer is refused in one line instead of interleaving its files with the first's.
-    None where the platform has no flock (Windows)."""
+    flock, or on Windows (which has none) a lock on the file's first byte; None where neither exists."""
     try:
         import fcntl
-    except ImportError:
-        return None
+    except ImportError:  # Windows
+        fcntl = None  # type: ignore[assignment]
+        try:
+            import msvcrt
+        except ImportError:
+            return None
     folder.mkdir(parents=True, exist_ok=True)
     handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose)
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        if fcntl is not None:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        else:
+            handle.seek(0)  # the same byte for every process (the file stays empty)
+            msvcrt.locking(handle.fileno(), msvcrt.LK_NBLCK, 1)
+    except OSError as e:
         handle.close()
+        if e.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES):  # not a lock another holds
+            raise
         raise NanoQwenError(f"{folder} is in use by another nanoqwen process; wait for it to finish (new work can "
                             "go elsewhere with --out)") from None
     return handle
@@ -404,8 +464,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
 
 @contextmanager
 def atomic_file(final: str | os.PathLike[str], mode: str = "w") -> Iterator[Any]:
-    """Open a temporary file beside `final` for writing; it is renamed over `final` on success."""
-    with atomic_path(final) as tmp, open(tmp, mode) as f:
+    """Open a temporary file beside `final` for writing; it is renamed over `final` on success. Text is UTF-8 (not
+    the locale's encoding: Windows' cp1252 holds little of what a model writes)."""
+    with atomic_path(final) as tmp, open(tmp, mode, encoding=None if "b" in mode else "utf-8") as f:
         yield f
 
 

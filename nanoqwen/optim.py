@@ -150,15 +150,24 @@ class HybridOptimizer:
 Optimizer = torch.optim.Optimizer | HybridOptimizer
 
 
+def fused_adamw(device: torch.device, loss_scaled: bool) -> bool:
+    """Whether AdamW steps every tensor in one fused kernel: on CPU 7x faster than foreach (3.7M params); on MPS,
+    which has no foreach kernels, instead of several kernels for each tensor in turn. Not on MPS where fp16's
+    GradScaler scales the loss: MPS's fused kernel ignored the scaler's found_inf until pytorch#186360 (mid-2026),
+    stepping on the inf gradients the scaler means to skip."""
+    return device.type in ("cuda", "cpu") or (device.type == "mps" and not loss_scaled)
+
+
 def build_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float, device: torch.device,
-                    decay_embeddings: bool = False) -> Optimizer:
-    """AdamW (fused on CUDA and CPU) or the Muon + AdamW hybrid, with decay only where it belongs."""
+                    decay_embeddings: bool = False, loss_scaled: bool = False) -> Optimizer:
+    """AdamW (fused: see fused_adamw) or the Muon + AdamW hybrid, with decay only where it belongs. `loss_scaled`:
+    the gradients come through fp16's GradScaler."""
     if name not in OPTIMIZERS:
         raise NanoQwenError(f"unknown optimizer {name!r}; use one of {', '.join(OPTIMIZERS)}")
     parts = split_parameters(model)
     embedding_decay = weight_decay if decay_embeddings else 0.0
     adam_kwargs: dict[str, Any] = {"lr": lr, "betas": ADAM_BETAS, "eps": 1e-8}
-    if device.type in ("cuda", "cpu"):  # one kernel over all tensors: on CPU 7x faster than foreach (3.7M params)
+    if fused_adamw(device, loss_scaled):
         adam_kwargs["fused"] = True
     groups = [{"params": parts["embedding"], "weight_decay": embedding_decay},
               {"params": parts["other"], "weight_decay": 0.0}]

@@ -30,7 +30,7 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
             raise folder_of_runs_refusal(Path(run_dir), "one of them, or several to compare in one figure", runs)
         what = f"{path} does not exist" if Path(run_dir).is_dir() else f"{run_dir} does not exist"
         raise NanoQwenError(f"{what}; give a run folder written by `nanoqwen train`")
-    text = path.read_text(errors="replace")
+    text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.splitlines()
     records = []
     for number, line in enumerate(lines, 1):

@@ -355,7 +355,7 @@ def trained_settings(last: Path) -> tuple[TrainConfig, str | None] | None:
     None in a save from before it was recorded), or None where it does not say (a save from before they were
     recorded; a damaged state, which loading it reports)."""
     try:
-        recorded = json.loads((last / STATE_JSON).read_text())
+        recorded = json.loads((last / STATE_JSON).read_text(encoding="utf-8"))
         check_train_types(recorded["train"], str(last / STATE_JSON))
         dtype = recorded.get("dtype")
         return TrainConfig(**recorded["train"]), dtype if isinstance(dtype, str) else None
@@ -542,8 +542,11 @@ def default_out(preset: str) -> Path:
 # -- the run folder's records ---------------------------------------------------------------------
 def data_place(run: Run) -> dict[str, str]:
     """Where the run's data folder is, for its config.json: as given, and relative to the run folder (found
-    again there if both moved together)."""
-    return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+    again there if both moved together) where a relative path leads there (not to another drive on Windows)."""
+    try:
+        return {"data": str(run.data), "data_from_run": os.path.relpath(run.data, run.out.resolve())}
+    except ValueError:  # Windows' relpath across drives
+        return {"data": str(run.data)}
 
 
 RUN_CONFIG_FORMAT = 2  # 2: train.micro_batch is the one asked for (None if not), never the one chosen
@@ -602,7 +605,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
     if not path.exists() and (runs := runs_inside(run_dir)):  # `--resume runs`: the folder that holds them
         raise folder_of_runs_refusal(run_dir, "one of them to --resume", runs)
     try:
-        saved = json.loads(path.read_text())
+        saved = json.loads(path.read_text(encoding="utf-8"))
         missing = [key for key in RUN_CONFIG_KEYS if key not in saved]
         if missing:
             raise KeyError(", ".join(missing))
@@ -682,7 +685,7 @@ def trained_on_plain_text(checkpoint: Path) -> bool:
         if folder.name not in ("best", "last"):
             return False
         run_dir = folder.parent
-        saved = json.loads((run_dir / "config.json").read_text())
+        saved = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))
         args = saved.get("args") if is_run_record(saved) else None
         if not isinstance(args, dict) or "init_from" not in args or args["init_from"]:
             return False

@@ -119,7 +119,7 @@ def find_qwen_tiktoken() -> Path:
 
 def load_tiktoken_ranks(path: Path) -> dict[bytes, int]:
     ranks: dict[bytes, int] = {}
-    for line in path.read_text().splitlines():
+    for line in path.read_text(encoding="utf-8").splitlines():
         if line:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
@@ -477,7 +477,8 @@ class Tokenizer:
         model's, when it goes into a checkpoint (Transformers truncates to model_max_length)."""
         directory = Path(directory)
         self.hf.save(str(directory / "tokenizer.json"))
-        (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(context), indent=2) + "\n")
+        (directory / "tokenizer_config.json").write_text(json.dumps(self.hf_config(context), indent=2) + "\n",
+                                                         encoding="utf-8")
 
     def hf_config(self, context: int | None = None) -> dict[str, Any]:
         # Each added token as tokenizer.json has it: Transformers takes these flags over that file's.

@@ -376,9 +376,10 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     model.train()
     model.activation_checkpointing = bool(args.activation_checkpointing)
     train_module = wrap_model(model, info, args, device, cfg.compile)
-    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings)
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings,
+                                loss_scaled=scaler.is_enabled())
     source = resume_dir or (Path(args.init_from) if args.init_from else None)
     tokenizer, generation = carried_files(data, source, warn=info.is_main)
     if info.is_main and args.init_from:
@@ -593,7 +594,7 @@ def default_compile(device: torch.device) -> bool:
 
 
 def append_line(path: Path, text: str) -> None:
-    with path.open("a") as f:
+    with path.open("a", encoding="utf-8") as f:
         f.write(text)
 
 

@@ -295,3 +295,13 @@ def test_the_generation_bench_cuda_header_says_which_decodes_through_a_graph(
     assert "NVIDIA H100 80GB HBM3, bfloat16" in out
     assert "nanoqwen decodes through a CUDA graph, Transformers generate eagerly" in out
     assert len([line for line in out.splitlines() if line.startswith("| toy (")]) == 3
+
+
+@pytest.mark.parametrize(("platform", "reported"), [("linux", 2048), ("darwin", 2048 * 1024)])
+def test_the_training_bench_reads_peak_memory_in_the_platforms_unit(monkeypatch: pytest.MonkeyPatch, platform: str,
+                                                                    reported: int) -> None:
+    # getrusage's ru_maxrss is in KiB on Linux but in bytes on macOS, where the bench said 1024 times the memory
+    bench = bench_module("train")
+    monkeypatch.setattr(sys, "platform", platform)
+    monkeypatch.setattr(bench.resource, "getrusage", lambda who: type("Usage", (), {"ru_maxrss": reported}))
+    assert bench.peak_rss() == 2 << 20

@@ -165,9 +165,12 @@ class BatchLoader:
         if self.assistant is not None:
             targets[~self._trained(step)[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]] = IGNORE_INDEX
         batch = torch.from_numpy(np.concatenate([windows[:, :-1], targets], axis=1))  # (per_rank, 2T)
-        if self.device.type == "cuda":
+        pinned = self.device.type == "cuda"
+        if pinned:
             batch = batch.pin_memory()  # lets the copy below overlap with compute
-        batch = batch.to(self.device, non_blocking=True)
+        # Overlapped only from pinned memory: MPS copies from pageable memory asynchronously too, and read this
+        # batch after it was freed, silently changing token ids (pytorch#189690)
+        batch = batch.to(self.device, non_blocking=pinned)
         t = self.seq_len
         return [(batch[i:i + self.micro_batch, :t], batch[i:i + self.micro_batch, t:])
                 for i in range(0, self.per_rank, self.micro_batch)]

@@ -341,7 +341,7 @@ def load_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
                     f"--dataset {folder} --out DIR`, or `nanoqwen train --dataset {folder}`")
         raise NanoQwenError(f"{folder} is {what}")
     try:
-        meta = json.loads(path.read_text())
+        meta = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise NanoQwenError(f"{path} is damaged; {redo}") from None
     if not isinstance(meta, dict) or meta.get("version") != META_VERSION:
