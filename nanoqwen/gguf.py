@@ -206,7 +206,8 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line, and
     # do_sample false greedy: temperature 0, which llama.cpp (taking these as its defaults) reads as greedy too.
-    sampling = checkpoint_sampling(generation, base={})
+    # No min_p in the file is none, as sample and Transformers apply it; llama.cpp's own default is 0.05.
+    sampling = {"min_p": 0.0, **checkpoint_sampling(generation, base={})}
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp),
                      ("repetition_penalty", writer.add_sampling_penalty_repeat)):

@@ -245,6 +245,8 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.penalty_repeat"], meta["general.sampling.penalty_last_n"]) == (1.25, -1)
+    # A file that names no min_p: sample, chat and Transformers apply none, where llama.cpp applied its own 0.05.
+    assert meta["general.sampling.min_p"] == 0.0
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
