@@ -3110,6 +3110,31 @@ def test_a_run_that_fails_to_start_leaves_no_folder_it_made_and_every_folder_the
                 (["out", "runs"] if where == mine else []), (failure, where, out)
 
 
+def test_a_run_gives_back_the_float32_matmul_precision_it_found(data: Path, preset: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # train turned TF32 on for the whole process and left it on: a notebook that compared with Transformers on a GPU
+    # afterwards saw TF32's rounding. It is on while the run trains, and back as it was after, an error's too.
+    import nanoqwen.train as train_module
+    from nanoqwen.errors import NanoQwenError
+
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")  # the notebook's own (the default is "none")
+    seen: list[str] = []
+
+    def training(run: object, fail: bool) -> dict:
+        seen.append(matmul.fp32_precision)
+        if fail:
+            raise NanoQwenError("failed while training")
+        return real_train(run)
+
+    real_train = train_module.train
+    for fail, status in ((False, 0), (True, 2)):
+        monkeypatch.setattr(train_module, "train", partial(training, fail=fail))
+        assert train_in_process(*common(data, preset, tmp_path / f"run-{fail}"), "--max-steps", "1") == status
+        assert (matmul.fp32_precision, torch.get_float32_matmul_precision()) == ("ieee", "highest")
+    assert seen == ["tf32", "tf32"]
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
