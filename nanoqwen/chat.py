@@ -41,8 +41,10 @@ MORE = "...> "  # the prompt for the next line of a message of several lines
 BLOCK = '"""'  # opens and closes a message of several lines (pasted text, code)
 THINK_START, THINK_END = "<think>", "</think>"
 PASTE_GAP_S = 0.05  # input waiting this soon after a line is the rest of a paste, not typed
+QUIT = ("/exit", "/quit")  # either ends the chat, as Ctrl-D does
 HELP = ('Type a message and press Enter; """ opens and closes a message of several lines, and // sends a '
-        "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /exit quits (or Ctrl-D).")
+        "message that starts with /. Ctrl-C stops a reply. /reset clears the history, /help shows this, "
+        f"{' or '.join(QUIT)} quits (or Ctrl-D).")
 def read_message(read_line: Callable[[str], str], pasted: Callable[[], bool] = lambda: False) -> tuple[str, str]:
     """The next thing typed: ("command", "/reset"), ("message", text) or ("empty", "").
 
@@ -340,7 +342,7 @@ def run(args: argparse.Namespace) -> int:
         if kind == "empty":
             continue
         if kind == "command":
-            if line in ("/exit", "/quit"):
+            if line in QUIT:
                 return 0
             if line == "/reset":
                 conversation.reset()

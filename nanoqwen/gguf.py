@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -177,6 +178,11 @@ def add_rope_scaling(writer: gguf.GGUFWriter, config: ModelConfig, directory: Pa
         writer.add_rope_scaling_factor(factor)
 
 
+def not_of_the_chat_template(record: logging.LogRecord) -> bool:
+    """A log filter: all but SpecialVocab's warning of a chat_template value it does not read."""
+    return "Bad type for chat_template" not in record.getMessage()
+
+
 def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") -> dict[str, object]:
     """Write the checkpoint in `directory` as the GGUF file `out`; returns what was written (for the report)."""
     directory = Path(directory)
@@ -206,7 +212,8 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     # As sample and chat read them: top_k a whole number (a JSON 20.0 failed as an int32), bad values one line, and
     # do_sample false greedy: temperature 0, which llama.cpp (taking these as its defaults) reads as greedy too.
-    sampling = checkpoint_sampling(generation, base={})
+    # No min_p in the file is none, as sample and Transformers apply it; llama.cpp's own default is 0.05.
+    sampling = {"min_p": 0.0, **checkpoint_sampling(generation, base={})}
     for key, add in (("top_k", writer.add_sampling_top_k), ("top_p", writer.add_sampling_top_p),
                      ("min_p", writer.add_sampling_min_p), ("temperature", writer.add_sampling_temp),
                      ("repetition_penalty", writer.add_sampling_penalty_repeat)):
@@ -222,7 +229,14 @@ def write_gguf(directory: str | Path, out: str | Path, outtype: str = "auto") ->
     writer.add_token_types(types)
     # Merges, special ids (from tokenizer_config.json in any form it takes, else config.json), whether to add
     # a BOS, the chat template: read by llama.cpp's own SpecialVocab, as its converter reads them.
-    special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size)
+    # Its warning that it ignores a chat_template it cannot read (Transformers' mapping of names) is not so here: the
+    # templates are written below all the same.
+    vocab_log = logging.getLogger("gguf.vocab")
+    vocab_log.addFilter(not_of_the_chat_template)
+    try:
+        special_vocab = gguf.SpecialVocab(directory, load_merges=True, n_vocab=config.vocab_size)
+    finally:
+        vocab_log.removeFilter(not_of_the_chat_template)
     if not special_vocab.merges:  # written without the key (gguf writes no empty list), which llama.cpp requires
         raise NanoQwenError(f"{directory}: its tokenizer has no merges (its 256 byte tokens alone), and llama.cpp "
                             "loads no BPE tokenizer without them; train one with a --vocab-size above "

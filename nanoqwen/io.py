@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import errno
 import itertools
@@ -51,7 +50,7 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     """
     final = real_path(final)
     # the folders made to hold it (data/ of train's data/NAME), deepest first: a failure leaves none of them behind
-    made = list(itertools.takewhile(lambda folder: not folder.exists(), final.parents))
+    made = missing_folders(final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(final)
     try:
@@ -114,6 +113,11 @@ def rename_patiently(source: Path, target: Path) -> None:
         except PermissionError:
             time.sleep(wait)
     source.rename(target)
+
+
+def missing_folders(folder: Path) -> list[Path]:
+    """`folder` and the folders above it that do not exist yet, deepest first: those that making it makes."""
+    return list(itertools.takewhile(lambda path: not path.exists(), [folder, *folder.parents]))
 
 
 def remove_if_empty(folders: list[Path]) -> None:
@@ -181,6 +185,9 @@ def real_path(path: str | os.PathLike[str]) -> Path:
 
 
 LOCK_FILE = ".lock"  # held by the process writing a run folder
+# Run folders, and runs/ above them, that this process made (absolute): a run that fails to start removes those it
+# made, empty, as release_lock finds them, and never a folder the user made (an empty --out, their own runs/).
+_made_for_runs: set[Path] = set()
 
 # Files that mark an earlier output of each kind: an --out holding one may be replaced (a prepared data
 # folder holds meta.json; a checkpoint, config.json; a tokenizer, tokenizer.json; a run, its own files).
@@ -410,8 +417,8 @@ def hold_lock(folder: Path) -> IO[str] | None:
             import msvcrt
         except ImportError:
             return None
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose)
+    make_run_folder(folder)
+    handle = open(folder.absolute() / LOCK_FILE, "a")  # noqa: SIM115 (held open on purpose; named absolute)
     try:
         if fcntl is not None:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -427,14 +434,24 @@ def hold_lock(folder: Path) -> IO[str] | None:
     return handle
 
 
+def make_run_folder(folder: Path, exist_ok: bool = True) -> None:
+    """mkdir -p, remembering the folders it made for release_lock (FileExistsError unless `exist_ok`)."""
+    made = missing_folders(folder.absolute())
+    folder.mkdir(parents=True, exist_ok=exist_ok)
+    _made_for_runs.update(made)
+
+
 def release_lock(handle: IO[str]) -> None:
-    """Give up a hold_lock lock; a folder that holds nothing else (a run that failed to start) goes too."""
+    """Give up a hold_lock lock. A folder that holds nothing else (a run that failed to start) loses the lock file,
+    and goes, with the runs/ above it, where this process made them: a folder the user made stays, empty."""
     lock = Path(handle.name)
     handle.close()
+    above = [lock.parent, *lock.parent.parents]
     if [entry.name for entry in lock.parent.iterdir()] == [LOCK_FILE]:
         lock.unlink(missing_ok=True)
-        with contextlib.suppress(OSError):  # another process may have begun writing there meanwhile
-            lock.parent.rmdir()
+        # another process may have begun writing there meanwhile: what holds anything stays
+        remove_if_empty(list(itertools.takewhile(lambda folder: folder in _made_for_runs, above)))
+    _made_for_runs.difference_update(above)
 
 
 @contextmanager

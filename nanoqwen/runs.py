@@ -54,6 +54,7 @@ from nanoqwen.io import (
     found_data,
     is_run_record,
     json_line,
+    make_run_folder,
     runs_inside,
 )
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, resolve_tokenizer
@@ -530,7 +531,7 @@ def default_out(preset: str) -> Path:
         for k in range(1, 1000):
             made[0] = base if k == 1 else f"{base}-{k}"
             try:
-                Path(made[0]).mkdir(parents=True)  # atomic: only one process makes it
+                make_run_folder(Path(made[0]), exist_ok=False)  # atomic: only one process makes it
                 return
             except FileExistsError:
                 continue

@@ -563,9 +563,12 @@ def load_tokenizer(directory: str | os.PathLike[str]) -> Tokenizer:
     if not isinstance(config, dict):
         raise NanoQwenError(f"{config_path} is not a JSON object; re-download it or write it again")
     check_added_tokens(tokenizer, config, directory)
-    if jinja:  # several: as tokenizer_config.json holds named templates
-        config["chat_template"] = jinja["default"] if list(jinja) == ["default"] else [
-            {"name": name, "template": source} for name, source in jinja.items()]
+    # Several by name (the files, or tokenizer_config.json's as a mapping, which Transformers reads as the list it
+    # saved them as before the files): kept as that list, as gguf's writer and Transformers' loader take them
+    templates = jinja or config.get("chat_template")
+    if isinstance(templates, dict):
+        config["chat_template"] = templates["default"] if list(templates) == ["default"] else [
+            {"name": name, "template": source} for name, source in templates.items()]
     return Tokenizer(tokenizer, config)
 
 

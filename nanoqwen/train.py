@@ -323,8 +323,6 @@ def setup(args: argparse.Namespace) -> Run:
 
 def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     info = init_distributed(args.device)
-    torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for any fp32 matmul left on the GPU
-    torch.backends.cudnn.allow_tf32 = True
     if args.resume is not None:
         cfg, preset_name, data, out, changes = resumed_run(args, info)
         lock = claim(out)  # before anything is read that a writer may change
@@ -1052,10 +1050,26 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
               f"{state.step}", file=sys.stderr, flush=True)
 
 
+@contextmanager
+def tf32_on_gpu() -> Iterator[None]:
+    """TF32 for the fp32 matmuls and convolutions left on a GPU while a run trains, and the process's own settings
+    back after it, an error's too: a notebook that compares with Transformers on the GPU afterwards gets fp32's."""
+    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
+    saved = [setting.fp32_precision for setting in settings]
+    for setting in settings:  # (the allow_tf32 flags are deprecated, and mixed with these they make torch raise)
+        setting.fp32_precision = "tf32"
+    try:
+        yield
+    finally:
+        for setting, precision in zip(settings, saved, strict=True):
+            setting.fp32_precision = precision
+
+
 def run(args: argparse.Namespace) -> int:
     stdout, sys.stdout = sys.stdout, ReaderMayLeave(sys.stdout)  # type: ignore[assignment]
     try:
-        stopped = train_and_report(args)
+        with tf32_on_gpu():
+            stopped = train_and_report(args)
     except Exception as e:
         line = job_error_line(e)  # another process's end too: one line, not a traceback each
         if line is None or not torch.distributed.is_initialized():  # a bug's traceback; one line from the command line

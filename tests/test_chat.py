@@ -191,6 +191,11 @@ def test_a_pasted_text_of_several_lines_is_one_message(checkpoint: Path, local, 
     assert child.exitstatus == 0
 
 
+def test_help_names_each_command_the_chat_takes_once() -> None:
+    # /quit quits as /exit does, but the help named /exit alone (and not /help itself).
+    assert [HELP.count(command) for command in ("/help", "/reset", "/exit", "/quit")] == [1, 1, 1, 1]
+
+
 def test_read_message_blocks_commands_and_blanks() -> None:
     def read(*lines: str, pasted: bool = False) -> tuple[str, str]:
         typed = list(lines)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import gguf
@@ -245,6 +247,8 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.penalty_repeat"], meta["general.sampling.penalty_last_n"]) == (1.25, -1)
+    # A file that names no min_p: sample, chat and Transformers apply none, where llama.cpp applied its own 0.05.
+    assert meta["general.sampling.min_p"] == 0.0
     config.write_text(json.dumps({"top_k": 20.5}))
     with pytest.raises(NanoQwenError, match="generation_config.json: top_k is 20.5, not a whole number"):
         write_gguf(folder, tmp_path / "bad.gguf", "f32")
@@ -280,7 +284,8 @@ def test_the_chat_template_is_the_one_the_model_is_chatted_with(tmp_path: Path, 
         assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["tokenizer.chat_template"] == jinja, config_file
 
 
-def test_named_chat_templates_are_written_under_llama_cpps_names(tmp_path: Path, bpe: Tokenizer) -> None:
+def test_named_chat_templates_are_written_under_llama_cpps_names(tmp_path: Path, bpe: Tokenizer,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
     # A folder's tool_use template (additional_chat_templates/, as Transformers saves it) is what chat and serve render
     # tools with: llama.cpp reads it as tokenizer.chat_template.tool_use. SpecialVocab took tokenizer_config.json's
     # single template, which, equal to chat_template.jinja, was kept: the file had no tool_use template.
@@ -293,6 +298,16 @@ def test_named_chat_templates_are_written_under_llama_cpps_names(tmp_path: Path,
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["tokenizer.chat_template"], meta["tokenizer.chat_templates"]) == (default, ["tool_use"])
     assert meta["tokenizer.chat_template.tool_use"] == "TOOLS {{ tools | length }}"
+    # The same templates as tokenizer_config.json's mapping of names, which Transformers reads too: gguf's SpecialVocab
+    # warned that it ignored them, though they are written all the same.
+    shutil.rmtree(folder / "additional_chat_templates")
+    (folder / "chat_template.jinja").unlink()
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["chat_template"] = {"default": default, "tool_use": "TOOLS {{ tools | length }}"}
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    with caplog.at_level(logging.WARNING):
+        write_gguf(folder, tmp_path / "mapped.gguf", "f32")
+    assert fields(gguf.GGUFReader(tmp_path / "mapped.gguf")) == meta and not caplog.records
 
 
 def test_qwens_own_tokenizer_file_converts(tmp_path: Path, bpe: Tokenizer) -> None:

@@ -1498,6 +1498,24 @@ def test_tool_calls_are_parsed_out_of_a_reply_alike_streamed_or_not() -> None:
     assert plain.push("a < b <") == "a < b " and plain.push("c") == "<c" and plain.finish() == ("", [])
 
 
+def test_a_strict_tool_is_refused_since_nothing_holds_its_calls_to_the_schema() -> None:
+    # OpenAI's strict: true promises calls whose arguments fit the tool's schema, which takes constrained decoding:
+    # accepted and not kept, a client that relies on it (the Agents SDK sends it by default) failed later, elsewhere.
+    from nanoqwen.serve.protocol import APIError, ChatRequest
+
+    def tool(**strict: bool) -> dict:
+        return {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}, **strict}}
+
+    messages = [{"role": "user", "content": "hi"}]
+    for tools in ([tool()], [tool(strict=False)]):
+        ChatRequest(messages=messages, tools=tools).check_unsupported()
+    with pytest.raises(APIError) as refused:
+        ChatRequest(messages=messages, tools=[tool(), tool(strict=True)]).check_unsupported()
+    assert (refused.value.status, refused.value.param) == (400, "tools[1].function.strict")
+    assert refused.value.message.startswith("'tools[1].function.strict' is true, which this server cannot keep") and \
+        "leave 'strict' out (or false)" in refused.value.message
+
+
 def test_parallel_tool_calls_false_answers_the_first_call_alone() -> None:
     # OpenAI's parallel_tool_calls: false promises one call at most: the later ones are dropped, as vLLM drops
     # them, streamed or not (it was ignored: every call came back).

@@ -293,6 +293,18 @@ def test_named_templates_chat_with_the_default_and_the_switch_needs_enable_think
     assert load_tokenizer(tmp_path).thinking_switch
 
 
+def test_named_templates_saved_as_a_mapping_chat_as_in_transformers(official, tmp_path):
+    # A tokenizer_config.json whose chat_template maps names to templates, which Transformers reads as it reads a list
+    # of {"name", "template"}: nanoqwen read it as no template at all, and chatted in ChatML.
+    loop = "{% for m in messages %}<{{ m.content }}>{% endfor %}"
+    save_with_template(official, tmp_path, {"default": loop, "tool_use": "TOOLS" + loop})
+    tokenizer, reference = load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    messages, tools = [{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "f"}}]
+    rendered = [tokenizer.render_chat(messages, add_generation_prompt=False, tools=given) for given in (None, tools)]
+    assert rendered == ["<hi>", "TOOLS<hi>"] == \
+        [reference.apply_chat_template(messages, tools=given, tokenize=False) for given in (None, tools)]
+
+
 def test_a_broken_chat_template_is_one_line(official, tmp_path):
     official.save(tmp_path)
     (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")

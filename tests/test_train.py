@@ -3085,6 +3085,56 @@ def test_a_lock_released_on_a_run_folder_that_holds_nothing_else_takes_the_folde
             (sorted([*files, LOCK_FILE]) if files else None)
 
 
+def test_a_run_that_fails_to_start_leaves_no_folder_it_made_and_every_folder_the_user_made(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A first run that failed after its folder was claimed (a flag checked late, Ctrl-C) removed its empty
+    # runs/PRESET-TIME but left runs/ behind; an empty --out the user had made went with the failure instead.
+    import nanoqwen.train as train_module
+    from nanoqwen.errors import NanoQwenError
+
+    def refused_late(run: object) -> None:
+        raise failure
+
+    monkeypatch.setattr(train_module, "check_samples_and_eval", refused_late)
+    flags = ["--config", str(preset), "--data", str(data), *FAST]
+    mine = tmp_path / "mine"  # folders of the user's: runs/ for the default run folder, and an --out
+    (mine / "runs").mkdir(parents=True)
+    (mine / "out").mkdir()
+    for failure, status in ((NanoQwenError("refused late"), 2), (KeyboardInterrupt(), 130)):
+        for where, out in ((tmp_path / "new", []), (tmp_path / "new", ["--out", "a/b"]),
+                           (mine, []), (mine, ["--out", "out"])):
+            where.mkdir(exist_ok=True)
+            monkeypatch.chdir(where)
+            assert train_in_process(*flags, *out) == status, (where, out)
+            assert sorted(path.relative_to(where).as_posix() for path in where.rglob("*")) == \
+                (["out", "runs"] if where == mine else []), (failure, where, out)
+
+
+def test_a_run_gives_back_the_float32_matmul_precision_it_found(data: Path, preset: Path, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # train turned TF32 on for the whole process and left it on: a notebook that compared with Transformers on a GPU
+    # afterwards saw TF32's rounding. It is on while the run trains, and back as it was after, an error's too.
+    import nanoqwen.train as train_module
+    from nanoqwen.errors import NanoQwenError
+
+    matmul = torch.backends.cuda.matmul
+    monkeypatch.setattr(matmul, "fp32_precision", "ieee")  # the notebook's own (the default is "none")
+    seen: list[str] = []
+
+    def training(run: object, fail: bool) -> dict:
+        seen.append(matmul.fp32_precision)
+        if fail:
+            raise NanoQwenError("failed while training")
+        return real_train(run)
+
+    real_train = train_module.train
+    for fail, status in ((False, 0), (True, 2)):
+        monkeypatch.setattr(train_module, "train", partial(training, fail=fail))
+        assert train_in_process(*common(data, preset, tmp_path / f"run-{fail}"), "--max-steps", "1") == status
+        assert (matmul.fp32_precision, torch.get_float32_matmul_precision()) == ("ieee", "highest")
+    assert seen == ["tf32", "tf32"]
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock

@@ -16,8 +16,9 @@ as vLLM's.
 Chat's `add_generation_prompt` (default true) is vLLM's extra; its `continue_final_message` is refused.
 `tools` (function tools; other kinds are refused), and the `tool_calls` and `tool_call_id` of messages, go to
 a chat template that uses them (official Qwen3 folders); the `<tool_call>` blocks of a reply to such a request
-come back as `tool_calls` (`tool_choice` "auto" or "none"; forcing a call, "required" or a named one, is
-refused; `parallel_tool_calls: false` keeps the first; both only with `tools`, as OpenAI's). Other unknown fields are
+come back as `tool_calls` (`tool_choice` "auto" or "none"; `parallel_tool_calls: false` keeps the first; both only
+with `tools`, as OpenAI's). Forcing a call (`tool_choice` "required" or a named one) and a tool's `strict: true`
+(calls whose arguments fit its schema) need constrained decoding, and are refused. Other unknown fields are
 ignored, as OpenAI-compatible servers commonly do.
 Types are strict, as OpenAI's API is: a string is no number and a boolean no count (ints are floats).
 """
@@ -315,6 +316,15 @@ class ChatRequest(SamplingRequest, ChatInput):
         if isinstance(self.tool_choice, dict) and self.tool_choice.get("type") == "allowed_tools":  # OpenAI's subset
             raise APIError(400, "'tool_choice' of type \"allowed_tools\" is not supported; send the allowed tools "
                                 "alone as 'tools', with \"auto\" (the model decides among them)", "tool_choice")
+        # strict: OpenAI's promise that a tool's calls fit its schema, which takes constrained decoding, as forcing a
+        # call does; taken and not kept, a client that relies on it fails later, on arguments it never checks
+        for i, tool in enumerate(self.tools or []):
+            function = tool.get("function")
+            if isinstance(function, dict) and function.get("strict") is True:
+                raise APIError(400, f"'tools[{i}].function.strict' is true, which this server cannot keep: it does not "
+                                    "constrain decoding, so a call's arguments are the JSON the model wrote, unchecked "
+                                    "against the schema; leave 'strict' out (or false) and check them yourself",
+                               f"tools[{i}].function.strict")
         if self.tool_choice not in (None, "auto", "none"):
             given = json.dumps(self.tool_choice) if isinstance(self.tool_choice, str) else "naming a tool"
             raise APIError(400, f"'tool_choice' {given} is not supported: this server cannot "
