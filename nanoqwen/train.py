@@ -1054,15 +1054,23 @@ def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
 def tf32_on_gpu() -> Iterator[None]:
     """TF32 for the fp32 matmuls and convolutions left on a GPU while a run trains, and the process's own settings
     back after it, an error's too: a notebook that compares with Transformers on the GPU afterwards gets fp32's."""
-    settings = (torch.backends.cuda.matmul, torch.backends.cudnn.conv)
-    saved = [setting.fp32_precision for setting in settings]
-    for setting in settings:  # (the allow_tf32 flags are deprecated, and mixed with these they make torch raise)
-        setting.fp32_precision = "tf32"
+    # torch raises where one process mixes the allow_tf32 flags with torch >= 2.9's fp32_precision (when a flag is
+    # read after the other API set it): keep to the one the process uses. The flags are what Transformers, older
+    # Inductors and most code set and read; a flag that cannot be read says the process set fp32_precision.
+    try:
+        switches = [(torch.backends.cuda.matmul, "allow_tf32", True), (torch.backends.cudnn, "allow_tf32", True)]
+        saved = [getattr(backend, name) for backend, name, _ in switches]
+    except RuntimeError:
+        switches = [(torch.backends.cuda.matmul, "fp32_precision", "tf32"),
+                    (torch.backends.cudnn.conv, "fp32_precision", "tf32")]
+        saved = [getattr(backend, name) for backend, name, _ in switches]
+    for backend, name, on in switches:
+        setattr(backend, name, on)
     try:
         yield
     finally:
-        for setting, precision in zip(settings, saved, strict=True):
-            setting.fp32_precision = precision
+        for (backend, name, _), value in zip(switches, saved, strict=True):
+            setattr(backend, name, value)
 
 
 def run(args: argparse.Namespace) -> int:

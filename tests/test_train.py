@@ -3135,6 +3135,29 @@ def test_a_run_gives_back_the_float32_matmul_precision_it_found(data: Path, pres
     assert seen == ["tf32", "tf32"]
 
 
+def test_a_run_keeps_to_the_tf32_switches_the_process_uses(data: Path, preset: Path, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # Turned on with torch's fp32_precision in a process that never touched it, TF32 made every later read of the
+    # allow_tf32 flags raise (torch refuses the mix): Transformers, older Inductors and users' code read them.
+    import nanoqwen.train as train_module
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # torch's default state
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", True)
+    seen: list[tuple[bool, bool, str]] = []
+
+    def training(run: object) -> dict:
+        seen.append((torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                     torch.get_float32_matmul_precision()))
+        return real_train(run)
+
+    real_train = train_module.train
+    monkeypatch.setattr(train_module, "train", training)
+    assert train_in_process(*common(data, preset, tmp_path / "run"), "--max-steps", "1") == 0
+    assert seen == [(True, True, "high")]
+    assert (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+            torch.get_float32_matmul_precision()) == (False, True, "highest")
+
+
 def test_a_run_folder_takes_one_writer_and_its_own_files(data: Path, preset: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     from nanoqwen.io import hold_lock
