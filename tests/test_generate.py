@@ -129,6 +129,43 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
         assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
 
 
+def test_batched_greedy_to_the_end_of_the_context_equals_transformers(tmp_path):
+    # Prompts of three lengths in one batch, greedy until each fills the context (the last tokens read at positions
+    # next to max_position_embeddings, the short rows' after the long row's end): each row as Transformers generates
+    # its prompt alone, and as its left-padded batch. Logprobs (the server's: log_softmax of the raw logits) equal
+    # Transformers' compute_transition_scores over its raw logits, normalized.
+    from nanoqwen.checkpoint import load_model
+    from nanoqwen.generate import token_logprobs
+    from tests.test_model import hf_model
+
+    context = 40
+    hf_model(tiny_config(max_position_embeddings=context, tie_word_embeddings=False), seed=4).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    model = load_model(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 320, (n,), generator=generator).tolist() for n in (context, 27, 3)]
+    rows = [[t for t in row if t is not None]
+            for row in zip(*generate_ids(model, prompts, SamplingParams(max_new_tokens=100, temperature=0)))]
+    assert [len(row) for row in rows] == [1, 14, 38]  # what fits: the context, and one token predicted after it
+    with torch.no_grad():
+        for prompt, row in zip(prompts, rows):
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, max_new_tokens=len(row), min_new_tokens=len(row), eos_token_id=None,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            assert out.sequences[0, len(prompt):].tolist() == row
+            theirs = hf.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)[0]
+            logits = model(torch.tensor([prompt + row[:-1]]))[0, len(prompt) - 1:]
+            ours, _, _ = token_logprobs(logits, torch.tensor(row), 1)
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        short = prompts[1:]  # left-padded together, as Transformers batches them
+        ids = torch.tensor([[0] * (27 - len(p)) + p for p in short])
+        mask = torch.tensor([[0] * (27 - len(p)) + [1] * len(p) for p in short])
+        batched = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=14, min_new_tokens=14,
+                              eos_token_id=None, pad_token_id=0)[:, 27:].tolist()
+    assert batched == [rows[1], rows[2][:14]]
+
+
 def test_text_flags_read_a_shells_backslash_escapes():
     # `--stop "\n"` reaches the program as a backslash and an n: it stood for those two characters, which a model
     # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike, and
