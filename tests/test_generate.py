@@ -462,6 +462,26 @@ def test_top_p_keeps_what_a_full_sort_keeps():
     assert {row for p, row in searched if p == 0.9} == {2, 3, 4, 5} and (1e-300, "all") in searched
 
 
+def test_top_p_cuts_through_tied_tokens_alike_on_every_path():
+    # Four equal leaders (~0.25 each): top_p 0.5 keeps three. Which three is the ties' order: the higher ids first, as
+    # Transformers' top-p (a stable ascending sort, whose end it keeps) keeps them on a GPU, and nanoqwen's CPU search
+    # does. A top-k before it left them in torch.topk's order, and the sort for a GPU (descending, stable there) put
+    # the lower ids first: the tokens kept depended on a top-k that cut none of them, and on the device.
+    class OffTheCpu(torch.Tensor):  # takes nucleus's way for a GPU, here
+        @property
+        def is_cpu(self) -> bool:
+            return False
+
+    logits = torch.full((1, 100), -5.0)
+    logits[0, [10, 20, 30, 40]] = 3.0
+    for top_k in (0, 8, 60):
+        ours, columns = sampled_logits(logits.clone(), SamplingParams(top_k=top_k, top_p=0.5))
+        kept = columns[0, :ours.shape[-1]][ours[0, :columns.shape[-1]].isfinite()]
+        assert sorted(kept.tolist()) == [20, 30, 40], top_k
+    values, ids = nucleus(logits.as_subclass(OffTheCpu), 0.5)
+    assert sorted(ids[0][values[0].isfinite()].tolist()) == [20, 30, 40]
+
+
 def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text(qwen3):
     # Stop tokens cannot be drawn before min_tokens tokens are in (vLLM masks them), greedy or sampled.
     logits = torch.tensor([[5.0, 4.0, 1.0, 0.5, -1.0]])
