@@ -418,6 +418,43 @@ def test_sampling_keeps_the_distribution_transformers_warpers_keep(monkeypatch):
             assert bool((warped.isinf() & ~logits.isinf()).any())
 
 
+def test_penalized_sampling_keeps_what_transformers_processors_keep_in_their_order():
+    # The repetition penalty before the warpers, over each row's prompt and output but not its left padding (as
+    # generate() builds Transformers' processor from the attention mask), then temperature, top-k, top-p and min-p.
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 64, generator=generator) * 3
+    prompts = torch.randint(0, 64, (3, 6), generator=generator)
+    real = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0] * 5 + [1]])
+    prompts[real == 0] = int(logits[1].argmax())  # padding with the id of a row's best token, which it must not touch
+    output = torch.randint(0, 64, (3, 4), generator=generator)
+    for repetition, temperature, top_k, top_p, min_p in [(1.5, 0.7, 0, 0.9, 0.0), (0.8, 1.5, 20, 0.8, 0.05),
+                                                         (2.0, 1.0, 10, 1.0, 0.1)]:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition)
+        penalties = Penalties.start(params, prompts, 64, real)
+        for step in range(output.shape[1]):
+            penalties.record(output[:, step])
+        ours, columns = sampled_logits(penalties.apply(logits.clone()), params)
+        probs = ours.softmax(-1)
+        if columns is not None:
+            probs = torch.zeros_like(logits).scatter(-1, columns, probs)
+        processors = LogitsProcessorList([
+            RepetitionPenaltyLogitsProcessor(repetition, prompt_ignore_length=real.argmax(-1)),
+            TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k else []),
+            *([TopPLogitsWarper(top_p)] if top_p < 1 else []), MinPLogitsWarper(min_p)])
+        expected = processors(torch.cat([prompts, output], -1), logits.clone()).softmax(-1)
+        torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
+
+
 def test_a_large_top_k_with_top_p_keeps_the_tokens_transformers_warpers_keep():
     # A top_k over 1/8 of a vocabulary of 512 or more, with top_p, takes its own CPU path (the k-th value by
     # kthvalue, then `nucleus`): the same kept tokens as Transformers' warpers, ties with the k-th value included.
