@@ -203,6 +203,9 @@ def sampled_logits(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.
             kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
             logits, candidates = torch.topk(logits, int((logits >= kth).sum(-1).max()), dim=-1)  # sorted
             logits = logits.masked_fill(logits < kth, float("-inf"))
+            if params.top_p < 1.0:  # top-p cuts in column order: ties as `nucleus` ranks them, not as topk left them
+                ranked = best_first(logits, candidates)
+                logits, candidates = logits.gather(-1, ranked), candidates.gather(-1, ranked)
     if params.top_p < 1.0:
         if candidates is None:
             kept, candidates = nucleus(logits, params.top_p)
@@ -238,19 +241,17 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
     """Top-p over logits (B, V) (-inf: dropped already): each row's best tokens, best first, as logits (-inf where
     top-p drops them) and their ids (B, K). K may be less than V: the tokens past the columns given are all dropped.
 
-    On a GPU, by a sort of the vocabulary, which is cheap there (its sort of more than 32 values is stable: ties
-    come in id order). On a CPU a sort of 151,936 logits cost several times the rest of a token's sampling, so the
-    tokens are looked for among the k best (torch.topk), k growing until those above the k-th value hold p of the
-    mass, and sorted all only where that would take too many. There ties rank the higher id first (as Transformers'
-    top-p, which sorts ascending, leaves them on a GPU; a CPU sort orders ties as it happens to), and the
-    probabilities are the softmax of the whole row in token order: the search and the sort keep the same tokens,
-    with the same probabilities.
+    On a GPU, by a sort of the vocabulary, which is cheap there. On a CPU a sort of 151,936 logits cost several times
+    the rest of a token's sampling, so the tokens are looked for among the k best (torch.topk), k growing until those
+    above the k-th value hold p of the mass, and sorted all only where that would take too many. Either way ties rank
+    the higher id first (as Transformers' top-p, which sorts ascending, leaves them on a GPU, whose sort of more than
+    32 values is stable; a CPU sort orders ties as it happens to), and the probabilities are the softmax of the whole
+    row in token order: the search and the sort keep the same tokens, with the same probabilities.
     """
-    if not logits.is_cpu:
-        values, ids = torch.sort(logits, dim=-1, descending=True)
-        return values.masked_fill(top_p_drops(values.softmax(-1), top_p), float("-inf")), ids
     probs = logits.softmax(-1)
     vocab = logits.shape[-1]
+    if not logits.is_cpu:
+        return sorted_nucleus(logits, probs, top_p)
 
     def at_least(mass: torch.Tensor, most: torch.Tensor) -> int:
         """How many tokens it takes, at most `most` probability each, to hold `mass` (B,) more in every row."""
@@ -266,16 +267,27 @@ def nucleus(logits: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Ten
         found_probs = probs.gather(-1, ids).masked_fill(values.isinf(), 0.0)
         short = p - found_probs.sum(-1, dtype=torch.float64)  # (B,): > 0 needs more
         if bool((short <= 0).all()):
-            ids, by_id = ids.sort(dim=-1, descending=True)  # then a stable sort by value ranks tied higher ids first
-            values, order = values.gather(-1, by_id).sort(dim=-1, descending=True, stable=True)
-            ids = ids.gather(-1, order)
-            return values.masked_fill(top_p_drops(found_probs.gather(-1, by_id.gather(-1, order)), top_p),
-                                      float("-inf")), ids
+            ranked = best_first(values, ids)
+            values, ids = values.gather(-1, ranked), ids.gather(-1, ranked)
+            return values.masked_fill(top_p_drops(found_probs.gather(-1, ranked), top_p), float("-inf")), ids
         k = max(k * 8, 2 * (k + at_least(short, probs.gather(-1, ids).amin(-1))))  # none left is above the k-th
-    # Sorted backwards, a stable sort ranks the higher of tied ids first.
+    return sorted_nucleus(logits, probs, top_p)
+
+
+def sorted_nucleus(logits: torch.Tensor, probs: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`nucleus` by a sort of the whole vocabulary; probs: the softmax of logits (B, V), in token order."""
+    # Sorted backwards, a stable sort ranks the higher of tied ids first, on any device (a plain descending sort put
+    # the lower first on a GPU, where its sort is stable, and in no set order on a CPU).
     values, backwards = torch.sort(logits.flip(-1), dim=-1, descending=True, stable=True)
-    ids = vocab - 1 - backwards
+    ids = logits.shape[-1] - 1 - backwards
     return values.masked_fill(top_p_drops(probs.gather(-1, ids), top_p), float("-inf")), ids
+
+
+def best_first(values: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The order (B, K) that ranks columns of values (B, K) and their token ids best first, tied values the higher
+    id first: as Transformers' top-p ranks ties on a GPU (a stable ascending sort, whose end it keeps)."""
+    by_id = ids.argsort(dim=-1, descending=True)  # then a stable sort by value keeps tied ids in that order
+    return by_id.gather(-1, values.gather(-1, by_id).argsort(dim=-1, descending=True, stable=True))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, top: int

@@ -129,6 +129,43 @@ def test_transformers_batches_prompts_with_the_folders_pad_and_end_ids(checkpoin
         assert all(t == tokenizer.eot_id for t in row[len(ours):])  # a row that ended early is padded
 
 
+def test_batched_greedy_to_the_end_of_the_context_equals_transformers(tmp_path):
+    # Prompts of three lengths in one batch, greedy until each fills the context (the last tokens read at positions
+    # next to max_position_embeddings, the short rows' after the long row's end): each row as Transformers generates
+    # its prompt alone, and as its left-padded batch. Logprobs (the server's: log_softmax of the raw logits) equal
+    # Transformers' compute_transition_scores over its raw logits, normalized.
+    from nanoqwen.checkpoint import load_model
+    from nanoqwen.generate import token_logprobs
+    from tests.test_model import hf_model
+
+    context = 40
+    hf_model(tiny_config(max_position_embeddings=context, tie_word_embeddings=False), seed=4).save_pretrained(tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager",
+                                                          dtype=torch.float32).eval()
+    model = load_model(tmp_path)
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(2, 320, (n,), generator=generator).tolist() for n in (context, 27, 3)]
+    rows = [[t for t in row if t is not None]
+            for row in zip(*generate_ids(model, prompts, SamplingParams(max_new_tokens=100, temperature=0)))]
+    assert [len(row) for row in rows] == [1, 14, 38]  # what fits: the context, and one token predicted after it
+    with torch.no_grad():
+        for prompt, row in zip(prompts, rows):
+            out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                              do_sample=False, max_new_tokens=len(row), min_new_tokens=len(row), eos_token_id=None,
+                              pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+            assert out.sequences[0, len(prompt):].tolist() == row
+            theirs = hf.compute_transition_scores(out.sequences, out.logits, normalize_logits=True)[0]
+            logits = model(torch.tensor([prompt + row[:-1]]))[0, len(prompt) - 1:]
+            ours, _, _ = token_logprobs(logits, torch.tensor(row), 1)
+            torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+        short = prompts[1:]  # left-padded together, as Transformers batches them
+        ids = torch.tensor([[0] * (27 - len(p)) + p for p in short])
+        mask = torch.tensor([[0] * (27 - len(p)) + [1] * len(p) for p in short])
+        batched = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=14, min_new_tokens=14,
+                              eos_token_id=None, pad_token_id=0)[:, 27:].tolist()
+    assert batched == [rows[1], rows[2][:14]]
+
+
 def test_text_flags_read_a_shells_backslash_escapes():
     # `--stop "\n"` reaches the program as a backslash and an n: it stood for those two characters, which a model
     # rarely writes, where a user means the end of a line (as llama.cpp's CLI reads it). Sample and chat alike, and
@@ -353,9 +390,13 @@ def test_penalties_follow_a_step_by_step_reference_batched_or_alone(checkpoint):
     assert seen[0].nonzero().flatten().tolist() == [5] and seen[1].nonzero().flatten().tolist() == [0, 4, 5]
 
 
-def test_sampling_keeps_the_distribution_transformers_warpers_keep():
+def test_sampling_keeps_the_distribution_transformers_warpers_keep(monkeypatch):
     from transformers import MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+    # Transformers' top-p as it runs on a GPU, whose sort is stable: a CPU's leaves tied tokens in no set order, so
+    # which of the tied leaders below it kept changed with the -inf a top-k had put in the row.
+    sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda *args, **kwargs: sort(*args, **{**kwargs, "stable": True}))
     torch.manual_seed(0)
     logits = torch.randn(4, 64) * 3
     logits[1, :4] = torch.tensor([1.0, 1.0, 1.0, 1.0]) * 20  # four equal leaders: top_p 0.5 keeps two of them
@@ -375,6 +416,43 @@ def test_sampling_keeps_the_distribution_transformers_warpers_keep():
         torch.testing.assert_close(probs, warped.softmax(-1), atol=1e-6, rtol=1e-5)
         if min_p:  # it cut something: the kept sets are compared, not only tokens of tiny probability
             assert bool((warped.isinf() & ~logits.isinf()).any())
+
+
+def test_penalized_sampling_keeps_what_transformers_processors_keep_in_their_order():
+    # The repetition penalty before the warpers, over each row's prompt and output but not its left padding (as
+    # generate() builds Transformers' processor from the attention mask), then temperature, top-k, top-p and min-p.
+    from transformers import (
+        LogitsProcessorList,
+        MinPLogitsWarper,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 64, generator=generator) * 3
+    prompts = torch.randint(0, 64, (3, 6), generator=generator)
+    real = torch.tensor([[1] * 6, [0, 0, 0, 1, 1, 1], [0] * 5 + [1]])
+    prompts[real == 0] = int(logits[1].argmax())  # padding with the id of a row's best token, which it must not touch
+    output = torch.randint(0, 64, (3, 4), generator=generator)
+    for repetition, temperature, top_k, top_p, min_p in [(1.5, 0.7, 0, 0.9, 0.0), (0.8, 1.5, 20, 0.8, 0.05),
+                                                         (2.0, 1.0, 10, 1.0, 0.1)]:
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition)
+        penalties = Penalties.start(params, prompts, 64, real)
+        for step in range(output.shape[1]):
+            penalties.record(output[:, step])
+        ours, columns = sampled_logits(penalties.apply(logits.clone()), params)
+        probs = ours.softmax(-1)
+        if columns is not None:
+            probs = torch.zeros_like(logits).scatter(-1, columns, probs)
+        processors = LogitsProcessorList([
+            RepetitionPenaltyLogitsProcessor(repetition, prompt_ignore_length=real.argmax(-1)),
+            TemperatureLogitsWarper(temperature), *([TopKLogitsWarper(top_k)] if top_k else []),
+            *([TopPLogitsWarper(top_p)] if top_p < 1 else []), MinPLogitsWarper(min_p)])
+        expected = processors(torch.cat([prompts, output], -1), logits.clone()).softmax(-1)
+        torch.testing.assert_close(probs, expected, atol=1e-6, rtol=1e-5)
 
 
 def test_a_large_top_k_with_top_p_keeps_the_tokens_transformers_warpers_keep():
@@ -423,6 +501,26 @@ def test_top_p_keeps_what_a_full_sort_keeps():
             assert order[5][sort_keeps[5]].tolist() == [2500, 1000, 300]
     # Both ways were taken: at 0.9 the peaked rows were found among the best, the flat ones (and a batch) sorted.
     assert {row for p, row in searched if p == 0.9} == {2, 3, 4, 5} and (1e-300, "all") in searched
+
+
+def test_top_p_cuts_through_tied_tokens_alike_on_every_path():
+    # Four equal leaders (~0.25 each): top_p 0.5 keeps three. Which three is the ties' order: the higher ids first, as
+    # Transformers' top-p (a stable ascending sort, whose end it keeps) keeps them on a GPU, and nanoqwen's CPU search
+    # does. A top-k before it left them in torch.topk's order, and the sort for a GPU (descending, stable there) put
+    # the lower ids first: the tokens kept depended on a top-k that cut none of them, and on the device.
+    class OffTheCpu(torch.Tensor):  # takes nucleus's way for a GPU, here
+        @property
+        def is_cpu(self) -> bool:
+            return False
+
+    logits = torch.full((1, 100), -5.0)
+    logits[0, [10, 20, 30, 40]] = 3.0
+    for top_k in (0, 8, 60):
+        ours, columns = sampled_logits(logits.clone(), SamplingParams(top_k=top_k, top_p=0.5))
+        kept = columns[0, :ours.shape[-1]][ours[0, :columns.shape[-1]].isfinite()]
+        assert sorted(kept.tolist()) == [20, 30, 40], top_k
+    values, ids = nucleus(logits.as_subclass(OffTheCpu), 0.5)
+    assert sorted(ids[0][values[0].isfinite()].tolist()) == [20, 30, 40]
 
 
 def test_min_tokens_holds_off_stops_and_the_stop_can_stay_in_the_text(qwen3):
