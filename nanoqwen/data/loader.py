@@ -57,6 +57,15 @@ class TokenSplit:
             mapping = mmap.mmap(f.fileno(), size * dtype.itemsize, access=mmap.ACCESS_READ)
         return cls(np.frombuffer(mapping, dtype=dtype), int(meta["splits"][split]["bytes"]), mapping)
 
+    def read_at_random(self) -> None:
+        """Tell the system that the file is read at random (training windows): a page missed is read alone, not with
+        the pages around it that suit a reader going on through the file (read ahead, 8 MB a miss on some systems: 200
+        steps of 64 windows of 1,024 tokens read all of a 2.4 GB train.bin, for their 52 MB; a corpus larger than the
+        memory is read over and over)."""
+        advice = getattr(mmap, "MADV_RANDOM", None)
+        if self.mapping is not None and advice is not None:
+            self.mapping.madvise(advice)
+
     def release(self) -> None:
         """Unmap the pages read so far from this process; the system's file cache keeps them. Windows drawn at random
         map the file in page by page: over a long run the whole of it, an 8 GB train.bin 8 GB of the process's resident
@@ -158,6 +167,7 @@ class BatchLoader:
             raise NanoQwenError(f"the training split has {len(split)} tokens, not more than --seq-len {seq_len}; "
                                 "use a smaller --seq-len or more data")
         self.split, self.seq_len, self.batch_size, self.micro_batch = split, seq_len, batch_size, micro_batch
+        split.read_at_random()
         self.seed, self.rank = seed, rank
         self.device = torch.device(device)
         self.vocab_size, self.where = vocab_size, where  # ids are checked batch by batch: no scan of the file
