@@ -298,6 +298,47 @@ def test_token_ids_from_the_embeddings_size_up_are_refused_and_a_split_needs_a_w
             assert inputs.tolist() == [list(range(8))] * 2 and targets.tolist() == [list(range(1, 9))] * 2
 
 
+def mapped(path: Path, field: str) -> list[str]:
+    """`field` (Rss, VmFlags) of each of this process's mappings of the file `path` (Linux's /proc/self/smaps)."""
+    values, inside = [], False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if line[:1].islower() or line[:1].isdigit():  # a mapping's first line (its address), which names its file
+            inside = line.endswith(f" {path}")
+        elif inside and line.startswith(f"{field}:"):
+            values.append(line.split(":", 1)[1].strip())
+    return values
+
+
+def resident_kb(path: Path) -> int:
+    """This process's resident memory in its mappings of the file `path`."""
+    return sum(int(value.split()[0]) for value in mapped(path, "Rss"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps").is_file(), reason="reads the process's mappings from /proc (Linux)")
+def test_the_loader_reads_train_bin_at_random_and_gives_back_the_pages_it_read(data: Path, tmp_path: Path) -> None:
+    # Windows drawn at random mapped train.bin in page by page and kept it: over a long run the whole file was resident
+    # in the process (an 8 GB corpus, 8 GB in each process of a job). What a step read goes back once it is copied.
+    big = tmp_path / "data"
+    shutil.copytree(data, big)
+    tokens = (np.arange(1 << 20) % 300).astype("<u4")  # 4 MB: a few steps read a few hundred of its pages
+    tokens.tofile(big / "train.bin")
+    meta = json.loads((big / "meta.json").read_text())
+    meta["splits"]["train"]["tokens"] = len(tokens)
+    (big / "meta.json").write_text(json.dumps(meta))
+    split = TokenSplit.open(big, "train")
+    assert not any("rr" in flags.split() for flags in mapped(big / "train.bin", "VmFlags"))
+    for assistant in (None, made_up_marks()):
+        loader = BatchLoader(split, seq_len=512, batch_size=16, micro_batch=8, seed=0, assistant=assistant)
+        for step in range(3):
+            inputs, targets = loader.micro_batches(step)[0]
+            assert resident_kb(big / "train.bin") == 0
+            start = int(batch_offsets(0, step, 16, 512, len(tokens))[0])  # read right all the same
+            assert inputs[0].tolist() == tokens[start:start + 512].tolist()
+    # ... and read alone, not with the pages after it, as read ahead for a reader going on through the file (200 steps
+    # of 64 windows read all of a 2.4 GB train.bin from the disk, for their 52 MB): "rr", random read advised.
+    assert ["rr" in flags.split() for flags in mapped(big / "train.bin", "VmFlags")] == [True]
+
+
 # -- whole runs -----------------------------------------------------------------------------------
 CONVERSATIONS = [  # several turns, so windows start inside the user's turns and the assistant's
     [{"role": "system", "content": "Answer in one word."}, {"role": "user", "content": "the colour of the sky?"},
