@@ -570,6 +570,8 @@ def test_a_seeded_chat_replays_and_each_turn_draws_anew(checkpoint: Path, local)
         assert say(child, "Hello!") == printable(second) + "\n"
         assert "history cleared" in say(child, "/reset")
         assert say(child, "Hello!") == printable(first) + "\n"
+        child.sendline("/exit")  # ended as a user ends it: close() alone signals it down, too slow on a loaded machine
+        child.expect(pexpect.EOF)
     finally:
         child.close()
 
