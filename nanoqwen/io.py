@@ -354,19 +354,21 @@ def is_run_record(saved: Any) -> bool:
 
 def remove_orphans(final: Path) -> None:
     """Clean up after processes that died mid-write (kill -9, power loss): remove their temporary folders
-    beside `final`, and put back the previous `final` that one moved aside just before it died (between
+    and files beside `final`, and put back the previous `final` that one moved aside just before it died (between
     atomic_dir's two renames), if `final` is missing. Their names carry the writer's pid, and a pid with
     no process behind it will never finish."""
     for kind in ("old", "tmp"):
         for orphan in sorted(final.parent.glob(f".{final.name}.{kind}-*")):
             pid = orphan.name[len(f".{final.name}.{kind}-"):].split("-")[0]
-            if not pid.isdigit() or not orphan.is_dir() or writer_alive(int(pid)):
+            if not pid.isdigit() or (kind == "old" and not orphan.is_dir()) or writer_alive(int(pid)):
                 continue
             try:
                 if kind == "old" and not final.exists():
                     orphan.rename(final)
-                else:
+                elif orphan.is_dir():
                     shutil.rmtree(orphan, ignore_errors=True)
+                else:  # atomic_path's
+                    orphan.unlink()
             except FileNotFoundError:
                 pass  # another process (a rank of the same job) got there first
 
@@ -460,8 +462,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     over `final` on success (the rename synced too, as atomic_dir's is)."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-", dir=final.parent)
+    remove_orphans(final)  # what a writer killed mid-write left (a GGUF's: the model's size)
+    try:  # named by this process, as atomic_dir's folder is: its orphan is known for one
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.tmp-{os.getpid()}-", dir=final.parent)
     except OSError as e:
         raise refused_as_asked(e, final) from None
     os.close(fd)

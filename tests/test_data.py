@@ -1061,6 +1061,25 @@ def test_atomic_writes_are_whole_of_the_usual_mode_and_leave_nothing_behind(tmp_
         assert (tmp_path / "d" / "x").read_text() == ("1" if final_there else "old") and not old.exists()
 
 
+def test_a_file_write_killed_midway_is_cleaned_up_by_the_next_write(tmp_path: Path) -> None:
+    # kill -9 of `nanoqwen gguf` (or of plot, or a run truncating its metrics) mid-write left its temporary file
+    # beside the final name for good, a GGUF's the size of the model; the next write of that name removes it, as
+    # atomic_dir's orphans are. A living writer's stays.
+    from nanoqwen.io import atomic_path
+
+    final = tmp_path / "m.gguf"
+    write_and_die = ("import os, signal, sys\nfrom nanoqwen.io import atomic_path\n"
+                     "with atomic_path(sys.argv[1]) as tmp:\n"
+                     "    tmp.write_bytes(b'half')\n    os.kill(os.getpid(), signal.SIGKILL)")
+    killed = subprocess.run([sys.executable, "-c", write_and_die, str(final)])
+    assert killed.returncode == -signal.SIGKILL and not final.exists() and len(leftovers(tmp_path)) == 1
+    living = tmp_path / f".m.gguf.tmp-{os.getpid()}-writing"
+    living.write_bytes(b"being written")
+    with atomic_path(final) as tmp:
+        tmp.write_bytes(b"whole")
+    assert final.read_bytes() == b"whole" and leftovers(tmp_path) == [living]
+
+
 def leftovers(parent: Path) -> list[Path]:
     return [p for p in parent.iterdir() if p.name.startswith(".")]
 
