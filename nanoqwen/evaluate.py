@@ -6,7 +6,7 @@ import argparse
 import contextlib
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from shlex import quote
 from typing import TYPE_CHECKING
@@ -38,7 +38,7 @@ from nanoqwen.loss import IGNORE_INDEX
 from nanoqwen.model import Qwen3
 
 if TYPE_CHECKING:
-    from nanoqwen.data.loader import ChatMarks
+    from nanoqwen.data.loader import ChatMarks, TokenSplit
     from nanoqwen.data.prepare import Encoded
     from nanoqwen.tokenizer import Tokenizer
 
@@ -56,6 +56,59 @@ def score_positions(model: Qwen3, hidden: torch.Tensor, targets: torch.Tensor, c
     return total_nats, correct, int((targets != IGNORE_INDEX).sum())
 
 
+SLICE_TOKENS = 1 << 22  # eval --data holds a split this many tokens at a time (32 MB as int64), not whole
+
+
+def windows_per_forward(context: int, batch_size: int | None) -> int:
+    return batch_size or max(1, 16384 // context)  # ~16k tokens
+
+
+@contextlib.contextmanager
+def scoring(model: Qwen3) -> Iterator[None]:
+    """The model in eval mode, without autograd, for scoring; its mode as it was afterwards."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def batch_scores(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int,
+                 scored: torch.Tensor | None = None) -> Iterator[tuple[float, int, int]]:
+    """(nats, correct top-1 predictions, tokens scored) of each forward of `batch_size` windows (see score_tokens),
+    under `scoring`."""
+    device = model.model.embed_tokens.weight.device
+    starts = list(range(0, tokens.numel() - 1, context))
+    for i in range(0, len(starts), batch_size):
+        group = starts[i:i + batch_size]
+        lengths = [min(context, tokens.numel() - 1 - s) for s in group]
+        width = max(lengths)
+        inputs = torch.zeros(len(group), width, dtype=torch.long)
+        targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)  # padding, not scored
+        for row, (s, n) in enumerate(zip(group, lengths)):
+            inputs[row, :n] = tokens[s:s + n]
+            targets[row, :n] = tokens[s + 1:s + 1 + n]
+            if scored is not None:
+                targets[row, :n][~scored[s:s + n]] = IGNORE_INDEX
+        # right padding never influences earlier positions (causal), so one batch serves all lengths
+        hidden = model(inputs.to(device), return_hidden=True)
+        yield score_positions(model, hidden.flatten(0, 1), targets.to(device).flatten())
+
+
+def summed(scores: Iterable[tuple[float, int, int]]) -> tuple[float, int, int]:
+    total_nats, correct, count = 0.0, 0, 0
+    for nats, right, n in scores:  # added in order: the same total, however the windows were sliced
+        total_nats, correct, count = total_nats + nats, correct + right, count + n
+    return total_nats, correct, count
+
+
+def check_scorable(num_tokens: int) -> None:
+    if num_tokens < 2:
+        raise NanoQwenError(f"need at least 2 tokens to score, got {num_tokens}")
+
+
 def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: int | None = None,
                  scored: torch.Tensor | None = None) -> tuple[float, int, int]:
     """Score a 1-D token stream in consecutive windows of `context` predictions.
@@ -64,32 +117,9 @@ def score_tokens(model: Qwen3, tokens: torch.Tensor, context: int, batch_size: i
     window restarts, it does not slide); with `scored` (one bool per token but the first), only those
     predictions count. Returns (total nats, correct top-1 predictions, tokens scored).
     """
-    if tokens.numel() < 2:
-        raise NanoQwenError(f"need at least 2 tokens to score, got {tokens.numel()}")
-    device = model.model.embed_tokens.weight.device
-    batch_size = batch_size or max(1, 16384 // context)  # windows per forward: ~16k tokens
-    starts = list(range(0, tokens.numel() - 1, context))
-    total_nats, correct, count = 0.0, 0, 0
-    was_training = model.training
-    model.eval()
-    with torch.inference_mode():
-        for i in range(0, len(starts), batch_size):
-            group = starts[i:i + batch_size]
-            lengths = [min(context, tokens.numel() - 1 - s) for s in group]
-            width = max(lengths)
-            inputs = torch.zeros(len(group), width, dtype=torch.long)
-            targets = torch.full((len(group), width), IGNORE_INDEX, dtype=torch.long)  # padding, not scored
-            for row, (s, n) in enumerate(zip(group, lengths)):
-                inputs[row, :n] = tokens[s:s + n]
-                targets[row, :n] = tokens[s + 1:s + 1 + n]
-                if scored is not None:
-                    targets[row, :n][~scored[s:s + n]] = IGNORE_INDEX
-            # right padding never influences earlier positions (causal), so one batch serves all lengths
-            hidden = model(inputs.to(device), return_hidden=True)
-            nats, right, n = score_positions(model, hidden.flatten(0, 1), targets.to(device).flatten())
-            total_nats, correct, count = total_nats + nats, correct + right, count + n
-    model.train(was_training)
-    return total_nats, correct, count
+    check_scorable(tokens.numel())
+    with scoring(model):
+        return summed(batch_scores(model, tokens, context, windows_per_forward(context, batch_size), scored))
 
 
 def metrics(total_nats: float, correct: int, count: int, num_bytes: int | None) -> dict[str, float]:
@@ -150,19 +180,57 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_device_arguments(p)
 
 
-def load_split(folder: Path, split: str, tokenizer: Tokenizer, max_tokens: int | None = None
-               ) -> tuple[torch.Tensor, int]:
-    """Tokens of one split of a prepared folder (its first `max_tokens` alone, where given: the rest of a large
-    split is never read), and the UTF-8 bytes of those scored (all but the first, which nothing predicts: a
-    split starts inside a document)."""
-    from nanoqwen.data.loader import TokenSplit
+def split_slices(num_tokens: int, context: int, batch_size: int) -> list[tuple[int, int]]:
+    """(start, end) of the slices of a split of `num_tokens` that evaluate_split scores one after another: about
+    SLICE_TOKENS each, of whole forwards of windows (the forwards of the split whole), each sharing its last token,
+    which its last window predicts, with the next, whose first window starts from it."""
+    step = max(1, SLICE_TOKENS // (context * batch_size)) * batch_size * context
+    return [(start, min(start + step + 1, num_tokens)) for start in range(0, num_tokens - 1, step)]
 
-    split_tokens = TokenSplit.open(folder, split)
-    if max_tokens is not None and max_tokens < len(split_tokens):  # a prefix: its bytes counted, not prorated
-        tokens = split_tokens.prefix(max_tokens)
-        return tokens, tokenizer.text_bytes(tokens[1:].numpy())
-    tokens = split_tokens.prefix(len(split_tokens))
-    return tokens, split_tokens.num_bytes - tokenizer.text_bytes(tokens[:1].numpy())
+
+def evaluate_split(model: Qwen3, split: TokenSplit, where: str, tokenizer: Tokenizer, context: int,
+                   batch_size: int | None = None, max_tokens: int | None = None, marks: ChatMarks | None = None
+                   ) -> dict[str, float]:
+    """metrics() of a prepared split (of its first `max_tokens` alone, where given: the rest is never read), as
+    evaluate_tokens gives them of its tokens whole (with `marks`, of its assistant turns alone, as assistant_scoring
+    chooses them), read a slice at a time from its memory map: 8 bytes a token of a slice in memory, not of the split
+    (4.9 GB of a 608M-token train.bin). Its ids checked first, `where` naming it."""
+    from nanoqwen.data.loader import assistant_targets
+
+    ids = split.tokens[:max_tokens]  # (a view of the map: read as the slices are)
+    check_scorable(len(ids))
+    batch_size = windows_per_forward(context, batch_size)
+    slices = split_slices(len(ids), context, batch_size)
+
+    def assistant(start: int, end: int) -> np.ndarray:  # its turns looked for as far back as they began, as whole
+        return assistant_targets(ids, start + 1, end - start - 1, marks, look_back=start + 1)
+
+    for start, end in slices:  # mistakes said before any scoring
+        check_token_ids(ids[start:end], model.config.vocab_size, where)
+    if marks is not None and not any(assistant(start, end).any() for start, end in slices):
+        raise NanoQwenError(f"{where} holds no assistant turn to score (in the windows given); leave --loss-on out, "
+                            "or give more --max-windows")
+    split.release()
+    # The bytes of the text the predicted tokens stand for: the split's, less its first token's, as prepare counted
+    # them; a prefix's or the assistant turns' counted from their ids.
+    num_bytes = split.num_bytes - tokenizer.text_bytes(ids[:1]) if marks is None and len(ids) == len(split) else 0
+
+    def scores() -> Iterator[tuple[float, int, int]]:
+        nonlocal num_bytes
+        for start, end in slices:
+            tokens = torch.from_numpy(np.asarray(ids[start:end], dtype=np.int64))
+            scored = None if marks is None else assistant(start, end)
+            if scored is not None:
+                num_bytes += tokenizer.text_bytes(tokens[1:].numpy()[scored])
+            elif len(ids) < len(split):
+                num_bytes += tokenizer.text_bytes(tokens[1:].numpy())
+            yield from batch_scores(model, tokens, context, batch_size,
+                                    None if scored is None else torch.from_numpy(scored))
+            split.release()  # the pages read: a long split's would all stay mapped in, counted as this process's
+
+    with scoring(model):
+        total = summed(scores())
+    return metrics(*total, num_bytes)
 
 
 class TextSource:
@@ -420,14 +488,9 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
         if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
             tokens = tokens[:max_tokens]
             num_bytes = tokenizer.text_bytes(tokens[1:].numpy())
-    else:
-        split = args.split or "val"
-        tokens, num_bytes = load_split(Path(args.data), split, tokenizer, max_tokens)
-        check_token_ids(tokens, model.config.vocab_size, f"{args.data}/{split}.bin")
-    scored = None
-    if args.loss_on == "assistant":
-        scored, num_bytes = assistant_scoring(tokens, marks, tokenizer)
-        if not scored.any():
-            raise NanoQwenError(f"{args.data}/{split}.bin holds no assistant turn to score (in the windows given); "
-                                "leave --loss-on out, or give more --max-windows")
-    return evaluate_tokens(model, tokens, num_bytes, context, args.batch_size, scored)
+        return evaluate_tokens(model, tokens, num_bytes, context, args.batch_size)
+    from nanoqwen.data.loader import TokenSplit
+
+    split = args.split or "val"
+    return evaluate_split(model, TokenSplit.open(args.data, split), f"{args.data}/{split}.bin", tokenizer, context,
+                          args.batch_size, max_tokens, marks if args.loss_on == "assistant" else None)

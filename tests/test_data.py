@@ -781,6 +781,39 @@ def test_a_damaged_shard_names_the_command_that_makes_it_again(tmp_path: Path) -
     assert load_meta(out)["fingerprint"] == before["fingerprint"]
 
 
+# -- progress off a terminal ------------------------------------------------------------------------
+
+def test_progress_lines_off_a_terminal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    """Under nohup or in CI (stderr not a terminal) tqdm draws nothing: prepare prints a plain line now and then."""
+    (tmp_path / "c").mkdir()
+    for i in range(6):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"document {i}: " + "words and more words " * (i + 1) + "\n")
+    monkeypatch.setattr(prepare_module, "PROGRESS_SECONDS", 0.0)  # a line at every chance
+    monkeypatch.setattr(prepare_module, "BATCH_CHARS", 1)  # a batch per document: a chance per document
+    out = prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out")
+    err = capsys.readouterr().err
+    assert not re.search(r"[\x00-\x09\x0b-\x1f\x7f]", err), repr(err)  # no \r redraws, no escape codes
+    lines = err.splitlines()
+    meta = load_meta(out)
+    assert meta["cut_documents"] == 0  # each document whole in one split: its counts are the progress's
+    total = {key: sum(split[key] for split in meta["splits"].values()) for key in ("documents", "tokens", "bytes")}
+    # the BPE's reading pass, then the encoding pass, a line per document read and per batch written
+    reading = [line for line in lines if line.startswith("training the BPE: ")]
+    encoding = [line for line in lines if line.startswith("prepare: ")]
+    assert len(reading) == len(encoding) == 6, err
+    assert re.fullmatch(r"training the BPE: [\d.]+ (bytes|kB) \| 6 documents \| [\d.]+ (bytes|kB|MB)/s",
+                        reading[-1]), reading
+    size = prepare_module.data_size(total["bytes"])
+    assert re.fullmatch(rf"prepare: {size} \| 6 documents \| {total['tokens']:,} tokens \| [\d.]+ (bytes|kB|MB)/s",
+                        encoding[-1]), encoding
+    assert encoding[0].startswith("prepare: ") and " | 1 document | " in encoding[0]
+    # on the default interval a quick prepare prints none
+    monkeypatch.setattr(prepare_module, "PROGRESS_SECONDS", 30.0)
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", force=True)
+    assert "prepare: " not in capsys.readouterr().err
+
+
 # -- reuse and atomicity -----------------------------------------------------------------------------
 
 def test_reuse_unless_forced_or_changed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -156,21 +156,73 @@ def test_max_windows_reads_only_the_prefix_of_a_split_it_scores(checkpoint: Path
                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # `eval --split train --max-windows 4` read the whole split into memory (8 bytes a token) and checked every id
     # of it, to score a few windows: minutes and gigabytes on a large corpus.
+    import nanoqwen.evaluate
     from nanoqwen.data.loader import TokenSplit
     from nanoqwen.data.prepare import prepare
     from nanoqwen.tokenizer import load_tokenizer
 
     (tmp_path / "c.txt").write_text(TEXT * 40)
     data = prepare(str(tmp_path / "c.txt"), str(checkpoint), tmp_path / "data", progress=False)
-    read, prefix = [], TokenSplit.prefix
-    monkeypatch.setattr(TokenSplit, "prefix", lambda self, n: read.append(n) or prefix(self, n))
+    read, split_slices = [], nanoqwen.evaluate.split_slices
+    monkeypatch.setattr(nanoqwen.evaluate, "split_slices", lambda *a: read.extend(split_slices(*a)) or read)
     assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--split", "train", "--max-windows", "2",
                  "--context", "8", "--device", "cpu", "--json"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    train = prefix(TokenSplit.open(data, "train"), 1 << 30)
-    assert read == [17] and len(train) > 17 and result["tokens"] == 16
+    train = TokenSplit.open(data, "train").prefix(1 << 30)
+    assert read == [(0, 17)] and len(train) > 17 and result["tokens"] == 16
     assert result["bits_per_byte"] == pytest.approx(  # the bytes of the prefix's text, as before
         result["loss"] * 16 / 0.6931471805599453 / load_tokenizer(checkpoint).text_bytes(train[1:17].tolist()))
+
+
+def test_a_split_is_scored_a_slice_at_a_time(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --data DIR --split train` read the whole split into memory at 8 bytes a token (4.9 GB for 608M tokens),
+    # and under --loss-on assistant a mask of it too: slices of it are scored, to the same figures.
+    import nanoqwen.evaluate
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.data.loader import TokenSplit
+    from nanoqwen.data.prepare import prepare
+    from nanoqwen.evaluate import assistant_scoring, evaluate_tokens
+    from nanoqwen.tokenizer import load_tokenizer
+    from nanoqwen.train import chat_marks
+
+    chats = [[{"role": "user", "content": f"question {i}: what is {i} and {i}?"},
+              {"role": "assistant", "content": f"the cat sat on {i} mats, and the dog on {i + 1} logs"}]
+             for i in range(12)]
+    (tmp_path / "chats.jsonl").write_text("".join(json.dumps({"messages": chat}) + "\n" for chat in chats))
+    data = prepare(str(tmp_path / "chats.jsonl"), "bpe:300", tmp_path / "data", progress=False)
+    tokenizer = load_tokenizer(data)
+    torch.manual_seed(0)
+    model = Qwen3(config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                       fit_vocab=True))
+    save_checkpoint(model, tmp_path / "ck", tokenizer)
+    model = load_checkpoint(tmp_path / "ck")[0]  # as eval loads it
+    split = TokenSplit.open(data, "train")
+    tokens = split.prefix(len(split))
+    assert len(tokens) > 10 * 16
+    sliced, split_slices = [], nanoqwen.evaluate.split_slices
+    monkeypatch.setattr(nanoqwen.evaluate, "split_slices", lambda *a: sliced.append(split_slices(*a)) or sliced[-1])
+
+    def evaluated(loss_on: str) -> dict[str, float]:
+        assert main(["eval", "--model", str(tmp_path / "ck"), "--data", str(data), "--split", "train", "--context", "8",
+                     "--batch-size", "2", "--loss-on", loss_on, "--device", "cpu", "--json"]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    for loss_on in ("all", "assistant"):
+        figures = []
+        for slice_tokens in (1 << 30, 1):  # the split in one slice, as before; a slice per forward (2 windows of 8)
+            monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", slice_tokens)
+            figures.append(evaluated(loss_on))
+        assert figures[1] == figures[0]  # the same figures, to the last bit
+        # read a slice at a time: the first 17 tokens, the 16 after them and the one they share, ...
+        assert sliced[-2] == [(0, len(tokens))]
+        assert sliced[-1] == [(start, min(start + 17, len(tokens))) for start in range(0, len(tokens) - 1, 16)]
+        # the figures of the split whole, as scored before (the model loaded as eval loads it, but for the last bits)
+        scored, num_bytes = None, split.num_bytes - tokenizer.text_bytes(tokens[:1].numpy())
+        if loss_on == "assistant":
+            scored, num_bytes = assistant_scoring(tokens, chat_marks(data), tokenizer)
+            assert 0 < scored.sum() < len(tokens) - 1
+        assert figures[0] == pytest.approx(evaluate_tokens(model, tokens, num_bytes, 8, 2, scored=scored), rel=1e-6)
 
 
 def test_max_windows_encodes_only_the_start_of_a_text_file_it_scores(checkpoint: Path, tmp_path: Path,

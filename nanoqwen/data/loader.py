@@ -94,11 +94,13 @@ class ChatMarks:
     newline: frozenset[int]
 
 
-def assistant_targets(tokens: np.ndarray, start: int, length: int, marks: ChatMarks) -> np.ndarray:
+def assistant_targets(tokens: np.ndarray, start: int, length: int, marks: ChatMarks,
+                      look_back: int = LOOK_BACK) -> np.ndarray:
     """Which of tokens[start:start + length] an assistant wrote: the tokens of its turns after the
-    `<|im_start|>assistant` line, through the turn's <|im_end|> (so the model learns to end it)."""
+    `<|im_start|>assistant` line, through the turn's <|im_end|> (so the model learns to end it). The turn `start`
+    falls in is searched for up to `look_back` tokens back (`start`: as far back as it began)."""
     end = start + length
-    begin = _turn_start(tokens, start, marks)
+    begin = _turn_start(tokens, start, marks, look_back)
     span = np.asarray(tokens[begin:end])
     at = np.flatnonzero(np.isin(span, (marks.im_start, marks.im_end, marks.eot)))
     opens, closes = at[span[at] == marks.im_start] + begin, at[span[at] != marks.im_start] + begin
@@ -115,9 +117,9 @@ def assistant_targets(tokens: np.ndarray, start: int, length: int, marks: ChatMa
     return wrote
 
 
-def _turn_start(tokens: np.ndarray, start: int, marks: ChatMarks) -> int:
-    """The <|im_start|> of the turn `start` falls in (searched up to LOOK_BACK tokens back), else `start`."""
-    for stop in range(start, max(0, start - LOOK_BACK), -LOOK_BACK_CHUNK):
+def _turn_start(tokens: np.ndarray, start: int, marks: ChatMarks, look_back: int) -> int:
+    """The <|im_start|> of the turn `start` falls in (searched up to `look_back` tokens back), else `start`."""
+    for stop in range(start, max(0, start - look_back), -LOOK_BACK_CHUNK):
         low = max(0, stop - LOOK_BACK_CHUNK)
         found = np.flatnonzero(np.isin(tokens[low:stop], (marks.im_start, marks.im_end, marks.eot)))
         if found.size:

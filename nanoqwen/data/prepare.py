@@ -97,6 +97,7 @@ PREPARE_DEFAULTS: dict[str, object] = {"split": "train", "val_fraction": DEFAULT
 BATCH_CHARS = 1 << 21  # text per encode call: enough to keep every core busy, small enough to bound memory
 PIECE_CHARS = 1 << 16  # long documents are encoded in pieces of about this size, so one big file uses every core
 SHORT_PIECE = 1024  # characters: below this tiktoken encodes faster in one thread than in its batch call
+PROGRESS_SECONDS = 30.0  # off a terminal (nohup, a log file, CI), where tqdm draws nothing: a plain line this often
 
 
 class RenderedChat(str):
@@ -307,6 +308,27 @@ def data_size(nbytes: float) -> str:
         f"{nbytes:.0f} bytes"
 
 
+class _ProgressLines:
+    """Progress as plain lines on stderr, one every PROGRESS_SECONDS, where stderr is not a terminal (there the bars
+    draw instead): as train prints a line every --log-interval steps where its output is not one."""
+
+    def __init__(self, what: str, enabled: bool) -> None:
+        self.what = what
+        self.enabled = enabled and not sys.stderr.isatty()
+        self.start = self.last = time.perf_counter()
+
+    def update(self, nbytes: int, documents: int, tokens: int | None = None) -> None:
+        """Print the counts so far (UTF-8 bytes of text, documents, tokens where known) if a line is due."""
+        now = time.perf_counter()
+        if not self.enabled or now - self.last < PROGRESS_SECONDS:
+            return
+        self.last = now
+        counts = [data_size(nbytes), counted(documents, "document")] + \
+            ([counted(tokens, "token")] if tokens is not None else [])
+        rate = data_size(nbytes / max(now - self.start, 1e-9))
+        print(f"{self.what}: {' | '.join(counts)} | {rate}/s", file=sys.stderr, flush=True)
+
+
 def prepare_command(meta: Any, out: str | os.PathLike[str], tokenizer: str | None = None) -> str:
     """The `nanoqwen prepare` command that made the folder of `meta` (its meta.json, read as it is), into `out`, with
     `tokenizer` in place of its own where given; SRC and no options where `meta` does not say (older folders)."""
@@ -410,12 +432,14 @@ def tokenizer_identity(spec: str) -> str:
 def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenizer, int, int]:
     """A BPE trained on every document of `corpus`, the number of documents and their UTF-8 bytes."""
     seen = {"documents": 0, "bytes": 0}  # counted as the trainer reads the corpus
+    lines = _ProgressLines("training the BPE", progress)  # the trainer's own bars draw only on a terminal
 
     def texts() -> Iterator[str]:
         for document in corpus.documents():
             text = document.text if isinstance(document, ChatRecord) else document
             seen["documents"] += 1
             seen["bytes"] += len(text.encode("utf-8"))
+            lines.update(seen["bytes"], seen["documents"])
             yield from _pieces(text)  # the same words to count as the whole text, in bounded memory
 
     tokenizer = train_bpe(texts(), vocab_size, show_progress=progress and sys.stderr.isatty())
@@ -782,20 +806,24 @@ def _encode_corpus(documents: Iterator[str], tokenizer: Tokenizer, spec: str, wr
                    workers: int | None, progress: bool) -> None:
     """Read, encode and write with one batch in flight: reading the next batch overlaps encoding this one."""
     encode = _encoder(tokenizer, spec, workers)
-    tokens = 0
+    tokens = nbytes = 0
+    lines = _ProgressLines("prepare", progress)
     with ThreadPoolExecutor(max_workers=1) as pool, tqdm(
             desc="prepare", unit="B", unit_scale=True, disable=None if progress else True, leave=False,
             file=sys.stderr) as bar:
         inflight: deque[Future[list[Encoded]]] = deque()
 
         def write_oldest() -> None:
-            nonlocal tokens
+            nonlocal tokens, nbytes
             done = inflight.popleft().result()
             for doc in done:
                 writer.add(doc)
                 tokens += len(doc.ids)
             bar.set_postfix_str(f"{writer.documents:,} docs, {tokens:,} tokens", refresh=False)
-            bar.update(sum(doc.nbytes for doc in done))
+            written = sum(doc.nbytes for doc in done)
+            bar.update(written)
+            nbytes += written
+            lines.update(nbytes, writer.documents, tokens)
 
         for batch in _batches(documents):
             inflight.append(pool.submit(encode, batch))
