@@ -416,12 +416,20 @@ class DecoderLayer(nn.Module):
         return self.mlp(self.post_attention_layernorm(h), residual=h)
 
 
+def on_meta_device() -> bool:
+    """Whether modules are being built on the meta device (`with torch.device("meta")`): shapes, no values."""
+    return torch.get_default_device().type == "meta"
+
+
 class Qwen3Model(nn.Module):
     """Embeddings, blocks and the final norm (Hugging Face's `model.` prefix)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        # On the meta device (shapes only: a checkpoint's tensors are assigned next) nothing is drawn: there normal_'s
+        # first call imports torch's Python meta kernels (sympy and hundreds of modules, seconds at every load).
+        empty = torch.empty(config.vocab_size, config.hidden_size) if on_meta_device() else None
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, _weight=empty)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -436,11 +444,14 @@ class Qwen3(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(config), persistent=False)  # made from config: no checkpoint key
+        shapes_only = on_meta_device()  # (see Qwen3Model): RoPE's buffer too is made where the weights are assigned
+        inv_freq = torch.empty(config.head_dim // 2) if shapes_only else rope_inv_freq(config)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # made from config: no checkpoint key
         self.rope_scale = rope_attention_factor(config)  # what cos and sin are multiplied by (YaRN's 1 + 0.1 ln s)
         self.activation_checkpointing = False
         self.prepared_for_decoding = False
-        self.init_weights()
+        if not shapes_only:
+            self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
