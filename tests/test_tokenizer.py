@@ -232,6 +232,24 @@ def save_with_template(tokenizer: Tokenizer, folder: Path, template: str | list[
     return folder
 
 
+def test_of_two_chat_templates_of_one_name_the_later_renders_as_in_transformers(tmp_path):
+    # Transformers reads a list of named templates into a dict: of two of a name, the later one renders.
+    save_with_template(train_bpe(["the cat sat"] * 20, 300), tmp_path, [
+        {"name": "default", "template": "FIRST"}, {"name": "default", "template": "LATER {{ messages[0].content }}"}])
+    messages = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == "LATER hi"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+        == "LATER hi"
+
+
+def test_qwens_text_tokens_stand_for_no_bytes_of_text(official):
+    # <think> and </think> are `special: false` in Qwen3 folders, yet only a chat template writes their ids (a text
+    # holding "<think>" is encoded as its characters): they count no bytes, as prepare counts a split's.
+    think, end, text = official.token_id("<think>"), official.token_id("</think>"), official.encode("hi there")
+    assert not official.hf.get_added_tokens_decoder()[think].special
+    assert official.text_bytes([think, *text, end]) == len(b"hi there")
+
+
 def test_a_template_marking_generation_renders_as_transformers(official, tmp_path):
     # {% generation %} marks the reply's tokens for assistant-only losses; Transformers renders its body.
     save_with_template(official, tmp_path, "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>"
