@@ -151,6 +151,8 @@ def test_messages_of_several_lines_and_a_leading_slash(checkpoint: Path, local) 
         child.send("\x10" * 5 + "\r")  # Ctrl-P (Up) five times: the block, whole, without its quotes
         child.expect_exact(printable(reply_of(local, [*history, {"role": "assistant", "content": answer}, *poem])))
         child.expect_exact(PROMPT)  # (readline redraws the prompt as it shows a message of several lines)
+        # (after the Up presses above, which count the lines sent) only /help itself is the help
+        assert say(child, "/help me").startswith("(unknown command /help; //help me sends it as a message)")
         child.sendline("/exit")
         child.expect(pexpect.EOF)
     finally:

@@ -481,6 +481,17 @@ def test_pieces_of_a_long_document_are_cut_where_no_token_spans() -> None:
     assert [i for piece in pieces for i in encode(piece)] == encode(text)
 
 
+def test_a_long_document_without_newlines_is_not_cut_inside_a_run_of_spaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Spaces before a space are one pre-token with it ("   " before " x" is one token): cut among them, a piece's ids
+    # differ from the whole text's. Only a space after a non-space is a place to cut.
+    monkeypatch.setattr(prepare_module, "PIECE_CHARS", 1000)  # (the cuts of a 200 KB text, in 8 KB)
+    text = ("indented" + " " * 37) * 200
+    pieces = prepare_module._pieces(text)
+    encode = prepare_module._qwen3_tiktoken().encode_ordinary
+    assert len(pieces) > 2 and "".join(pieces) == text
+    assert [i for piece in pieces for i in encode(piece)] == encode(text)
+
+
 def test_a_long_document_without_newlines_is_encoded_and_trained_on_in_pieces(tmp_path: Path,
                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     # A record's text is one document however long (a text file's is cut in blocks): one of 18 MB without a newline

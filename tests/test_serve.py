@@ -485,6 +485,10 @@ def test_echo_returns_a_text_prompt_as_sent_with_its_tokens_offsets_in_it(local)
         assert (empty["text"], empty["logprobs"]["text_offset"]) == ("", [0])
         ids = complete(tokenizer.encode("<|im_start|>user\nhi"), 0)  # token ids: their text, decoded
         assert ids["text"] == "user\nhi" and ids["logprobs"]["text_offset"] == [0, 0, 4, 5]
+        # several prompts: each choice echoes its own prompt's text
+        several = http.post("/v1/completions", json={"prompt": ["<|im_start|>hi", "the cat"], "max_tokens": 0,
+                                                      "n": 2, **body}).json()["choices"]
+        assert [c["text"] for c in several] == ["<|im_start|>hi"] * 2 + ["the cat"] * 2
 
 
 def test_chat_logprobs(client: openai.OpenAI, local) -> None:
@@ -1331,6 +1335,7 @@ def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
     assert base_url("::1", 8000) == "http://[::1]:8000"
     assert base_url("::", 8000) == "http://[::1]:8000"  # a wildcard host: this machine, as a browser here opens it
     assert base_url("0.0.0.0", 8000) == "http://127.0.0.1:8000"
+    assert base_url("", 8000) == "http://127.0.0.1:8000"  # (uvicorn binds every interface for an empty one too)
     assert base_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert httpx.URL(base_url("::1", 8000) + "/v1").port == 8000
 
@@ -1668,6 +1673,12 @@ def test_tools_reach_a_tool_use_template_beside_a_chatml_default_one() -> None:
         else:
             assert answer.status_code == 400 and answer.json()["error"]["message"].startswith(
                 "the chat templates of this model are all named (tool_use)")
+
+
+def test_a_tool_without_a_type_is_a_function_tool_as_vllm_reads_it() -> None:
+    answer = tokenized_chat([TOOL_USE], tools=[{"function": {"name": "f", "parameters": {"type": "object"}}}])
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["tokens"] == tiny_bpe().encode("<|im_start|>1 tools<|im_end|>")
 
 
 def test_an_empty_list_of_tools_picks_the_tool_use_template_as_transformers_and_vllm_do() -> None:

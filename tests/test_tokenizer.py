@@ -232,6 +232,24 @@ def save_with_template(tokenizer: Tokenizer, folder: Path, template: str | list[
     return folder
 
 
+def test_of_two_chat_templates_of_one_name_the_later_renders_as_in_transformers(tmp_path):
+    # Transformers reads a list of named templates into a dict: of two of a name, the later one renders.
+    save_with_template(train_bpe(["the cat sat"] * 20, 300), tmp_path, [
+        {"name": "default", "template": "FIRST"}, {"name": "default", "template": "LATER {{ messages[0].content }}"}])
+    messages = [{"role": "user", "content": "hi"}]
+    assert load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False) == "LATER hi"
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+        == "LATER hi"
+
+
+def test_qwens_text_tokens_stand_for_no_bytes_of_text(official):
+    # <think> and </think> are `special: false` in Qwen3 folders, yet only a chat template writes their ids (a text
+    # holding "<think>" is encoded as its characters): they count no bytes, as prepare counts a split's.
+    think, end, text = official.token_id("<think>"), official.token_id("</think>"), official.encode("hi there")
+    assert not official.hf.get_added_tokens_decoder()[think].special
+    assert official.text_bytes([think, *text, end]) == len(b"hi there")
+
+
 def test_a_template_marking_generation_renders_as_transformers(official, tmp_path):
     # {% generation %} marks the reply's tokens for assistant-only losses; Transformers renders its body.
     save_with_template(official, tmp_path, "{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}<A>"
@@ -432,6 +450,18 @@ def test_a_tokenizer_json_saved_truncating_or_padding_encodes_prompts_whole(tmp_
     assert ours.encode_batch(texts) == hf(texts)["input_ids"]
 
 
+def test_a_tokenizer_json_saved_padding_alone_encodes_prompts_whole(tmp_path: Path) -> None:
+    # Padding without truncation is kept in tokenizer.json too: a batch of prompts came back padded with
+    # <|endoftext|> to its longest, where Transformers encodes each whole and no longer.
+    tokenizer = train_bpe(["the cat sat on the mat"] * 20, 300)
+    tokenizer.hf.enable_padding(pad_id=tokenizer.eot_id, pad_token="<|endoftext|>")
+    tokenizer.save(tmp_path)
+    texts = ["the", "the cat sat on the mat"]
+    ours = load_tokenizer(tmp_path).encode_batch(texts)
+    assert ours == transformers.AutoTokenizer.from_pretrained(tmp_path)(texts)["input_ids"]
+    assert len(ours[0]) < len(ours[1])
+
+
 def test_a_template_sees_no_field_a_message_gives_as_null(official, tmp_path):
     # Transformers drops a message's null fields before rendering (OpenAI clients send an assistant's tool-call turn
     # with "content": null): a template that writes the content wrote "None", and one asking `is defined` heard yes.
@@ -498,6 +528,22 @@ def test_transformers_counts_the_chat_marks_among_the_special_tokens(official, t
         mask = hf.get_special_tokens_mask(ids, already_has_special_tokens=True)
         assert mask == [1] + [0] * (len(ids) - 4) + [1, 0, 1]
     assert sorted(official.control_ids) == list(range(QWEN_FIRST_SPECIAL_ID, QWEN_FIRST_SPECIAL_ID + 14))
+
+
+def test_a_folders_own_list_of_control_tokens_survives_a_save(tmp_path):
+    # A folder that lists its own additional_special_tokens keeps its list (Transformers counts those alone among
+    # all_special_ids): Qwen's list is written only for a folder that names none.
+    folder, saved = tmp_path / "own", tmp_path / "saved"
+    folder.mkdir()
+    saved.mkdir()
+    train_bpe(["the cat sat"] * 20, 300).save(folder)
+    config = json.loads((folder / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": ["<|im_end|>"]}))
+    load_tokenizer(folder).save(saved)
+    assert json.loads((saved / "tokenizer_config.json").read_text())["additional_special_tokens"] == ["<|im_end|>"]
+    ids = {folder: transformers.AutoTokenizer.from_pretrained(folder).all_special_ids,
+           saved: transformers.AutoTokenizer.from_pretrained(saved).all_special_ids}
+    assert sorted(ids[saved]) == sorted(ids[folder]) and len(ids[saved]) < 14
 
 
 def test_a_template_is_given_every_named_special_token_as_in_transformers(official, tmp_path):
