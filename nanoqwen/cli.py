@@ -14,7 +14,7 @@ import time
 from typing import NoReturn
 
 from nanoqwen import __version__
-from nanoqwen.errors import NanoQwenError, RankError, user_error_line
+from nanoqwen.errors import Interrupted, NanoQwenError, RankError, user_error_line
 from nanoqwen.io import discard_output
 
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -124,8 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     except NanoQwenError as e:
         say_error(prog, f"{prog}: error: {e}", e)
         return 2
-    except KeyboardInterrupt:
-        return interrupted(prog)
+    except KeyboardInterrupt as e:
+        return interrupted(prog, e)
     except BrokenPipeError:  # `nanoqwen sample ... | head`
         discard_output(sys.stdout)
         return 0
@@ -137,12 +137,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def interrupted(prog: str) -> int:
+def interrupted(prog: str, error: KeyboardInterrupt | None = None) -> int:
     """Ctrl-C: said in one line, with the shell's exit status for it (under torchrun, where every process gets
-    it, by the process that says the job's errors for its machine)."""
+    it, by the process that says the job's errors for its machine). An Interrupted says what it left behind."""
     if says_errors(prog=prog):
-        say(f"{prog}: interrupted")
-    return 130
+        say(f"{prog}: interrupted" + (f" {error.detail}" if isinstance(error, Interrupted) else ""))
+    return error.status if isinstance(error, Interrupted) else 130
 
 
 def _expanded_wildcard_hint(unknown: list[str]) -> str:

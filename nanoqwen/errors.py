@@ -25,6 +25,15 @@ class InvalidSetting(NanoQwenError):
         self.name, self.problem = name, problem
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C (or a signal) that left something to say in its line: what was kept and what to do, after
+    "interrupted "; `status` is the shell's exit status for the signal (130 for Ctrl-C)."""
+
+    def __init__(self, detail: str, status: int = 130) -> None:
+        super().__init__(detail)
+        self.detail, self.status = detail, status
+
+
 # What the file system may refuse, with what to do about it: said in one line, as the user's problem it is.
 FILE_SYSTEM_ERRORS = {errno.ENOSPC: "free some space or write elsewhere", errno.EDQUOT: "free some space or "
                       "write elsewhere", errno.EACCES: "check its permissions", errno.EPERM: "check its permissions",

@@ -78,7 +78,7 @@ from nanoqwen.distributed import (
     say_once,
     shutdown_distributed,
 )
-from nanoqwen.errors import NanoQwenError, OneCorpus, counted, decimal_number, whole_number
+from nanoqwen.errors import Interrupted, NanoQwenError, OneCorpus, counted, decimal_number, whole_number
 from nanoqwen.evaluate import assistant_scoring, evaluate_tokens, readable
 from nanoqwen.generate import SAMPLING_DEFAULTS, SamplingParams, check_fits, for_stdout, generate, prompt_ids
 from nanoqwen.io import (
@@ -219,7 +219,7 @@ class StopSignal:
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.name is not None and not self.patient:
-            raise KeyboardInterrupt
+            raise SecondSignal(signum)
         self.name = self.name or signal.Signals(signum).name
 
     def __exit__(self, *exc: Any) -> None:
@@ -227,6 +227,14 @@ class StopSignal:
             return
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
+
+
+class SecondSignal(KeyboardInterrupt):
+    """The signal (`signum`) that aborted the stop, and the save, a first one asked for."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 @dataclass
@@ -1000,6 +1008,21 @@ def unsaved_flags(args: argparse.Namespace) -> str:
     return "".join(f" {flag} {quote(value)}" for flag, value in given if value) + (" --fsdp" if args.fsdp else "")
 
 
+def abandoned_stop(run: Run, second: SecondSignal) -> Interrupted:
+    """The line of a run whose stop a second signal cut short: what last/ holds (read from the disk: the save
+    may have been abandoned, or done), and how to go on."""
+    last, saved = run.out / "last", checkpoint_step(run.out / "last")
+    abandoned = ", which abandoned the save the first signal asked for:"
+    if saved is None:
+        said = f"{abandoned} nothing is saved in {last} yet; start the run again"
+    else:
+        longer = f" --max-steps {saved * 2}" if saved >= run.total_steps else ""  # all its steps done (as report's)
+        kept = f" as the run stopped: {last} holds step {saved}, its latest" if saved == run.state.step else \
+            f"{abandoned} {last} holds step {saved}"
+        said = f"{kept}; resume: {launcher(run)} train --resume {quote(str(run.out))}{unsaved_flags(run.args)}{longer}"
+    return Interrupted(f"by a second {second}{said}", 128 + second.signum)
+
+
 def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     """The closing lines: how it went and where every file is."""
     state, out = run.state, run.out
@@ -1122,6 +1145,8 @@ def train_and_report(args: argparse.Namespace) -> str:
 
             plot_run(this_run.out)
             report(this_run, summary, time.perf_counter() - started)
+    except SecondSignal as e:
+        raise abandoned_stop(this_run, e) from None
     finally:
         if this_run.lock is not None:
             release_lock(this_run.lock)

@@ -2013,6 +2013,52 @@ def test_a_signal_during_the_last_step_ends_the_run_as_planned(data: Path, prese
     assert json.loads((out / "last/train_state.json").read_text())["step"] == 12
 
 
+def test_a_second_signal_during_the_save_says_what_last_holds_and_how_to_resume(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # A first SIGTERM promised a save; a Ctrl-C during it abandoned the save, and the user saw only "interrupted".
+    import nanoqwen.checkpoint as checkpoint_module
+    import nanoqwen.train as train_module
+
+    planned_step, planned_write = train_module.optimizer_step, checkpoint_module.write_checkpoint_files
+    planned_save = train_module.save_last
+    signalled_at, again = 0, "mid-save"
+
+    def signalled(run: Run, *args: Any) -> float:
+        if run.state.step + 1 == signalled_at:
+            signal.raise_signal(signal.SIGTERM)
+        return planned_step(run, *args)
+
+    def write_then_signal(*args: Any, **kwargs: Any) -> None:
+        planned_write(*args, **kwargs)  # mid-way through the save: its files written, not yet in place
+        if again == "mid-save" and kwargs.get("step") == signalled_at:
+            signal.raise_signal(signal.SIGINT)
+
+    def save_then_signal(run: Run) -> None:
+        planned_save(run)
+        if again == "after-save" and run.state.step == signalled_at:
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(train_module, "optimizer_step", signalled)
+    monkeypatch.setattr(checkpoint_module, "write_checkpoint_files", write_then_signal)
+    monkeypatch.setattr(train_module, "save_last", save_then_signal)
+    abandoned = "nanoqwen train: interrupted by a second SIGINT, which abandoned the save the first signal asked for: "
+    for signalled_at, again, saved in ((6, "mid-save", 4), (3, "mid-save", None), (6, "after-save", 6)):
+        out = tmp_path / f"{again}-{signalled_at}"
+        assert train_in_process(*common(data, preset, out), "--max-steps", "12", "--save-interval", "4") == 130
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        resume = f"; resume: nanoqwen train --resume {out} --device cpu"
+        if saved is None:
+            assert line == abandoned + f"nothing is saved in {out / 'last'} yet; start the run again"
+        elif again == "mid-save":
+            assert line == abandoned + f"{out / 'last'} holds step {saved}" + resume
+        else:
+            assert line == f"nanoqwen train: interrupted by a second SIGINT as the run stopped: {out / 'last'} " \
+                f"holds step {saved}, its latest" + resume
+        assert checkpoint_step(out / "last") == saved
+        assert not list(out.glob(".last.*"))  # the abandoned save's files went with it
+
+
 def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
     # A job scheduler (SLURM) signals every process of a job: each worker got SIGTERM, then torchrun passed its own
     # on, and the second aborted the save. Under torchrun a worker notes both, and keeps noting them until it
