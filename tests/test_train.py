@@ -53,6 +53,7 @@ from nanoqwen.train import Run, add_arguments, fit_resumed_schedule, fit_schedul
 from tests.train_helpers import (
     FAST,
     TINY_MODEL,
+    dead_pid,
     make_data,
     make_preset,
     read_metrics,
@@ -3323,12 +3324,6 @@ def test_a_failure_in_what_rank_0_alone_writes_stops_every_rank_with_its_line(da
     assert zero["prepare"] == one["prepare"] and "has no text" in one["prepare"]  # bad data: its line on every rank
     # and the command line says such a line once: the first rank to report it does; a line of one rank's own, always
     assert sorted(zero["said"] + one["said"]) == ["a line every rank met", "rank 0's own line", "rank 1's own line"]
-
-
-def dead_pid() -> int:
-    """The pid of a process that has ended."""
-    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    return int(done.stdout)
 
 
 def test_cuda_generators_saved_on_more_gpus_are_restored_on_the_ones_there(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -59,6 +59,12 @@ def make_preset(root: Path, **train: object) -> Path:
     return path
 
 
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
 def train_in_process(*args: str) -> int:
     """`nanoqwen train ARGS` in this process, on one thread as `run_train`'s processes are (runs here and there
     compare bit for bit, and these tiny models run as fast on one; two stall whenever other jobs load the cores).

