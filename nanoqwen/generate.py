@@ -691,8 +691,10 @@ TRANSFORMERS_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 50, "top
 # contrastive search (penalty_alpha with top_k > 1), DoLa, forced words, stop strings), which nanoqwen does not do:
 # each setting with the values that leave it off (None and an empty list or object always do), as Transformers'
 # defaults. A checkpoint that sets one is told so once at load, rather than sampled unlike Transformers in silence.
-# (forced_bos_token_id acts at a first token only, which follows a prompt here; max_length and max_new_tokens give
-# way to --max-new-tokens and max_tokens, which say the length.)
+# (forced_bos_token_id acts at a first token only, which follows a prompt here. max_length gives way to
+# --max-new-tokens and max_tokens, which say the length, as vLLM leaves it alone: Transformers' default of 20 tokens,
+# prompt included, written into many files, would cut every reply short. max_new_tokens is the default length, as
+# vLLM takes it: see saved_max_new_tokens.)
 UNAPPLIED_GENERATION: dict[str, tuple[float, ...]] = {
     "typical_p": (1.0,), "epsilon_cutoff": (0.0,), "eta_cutoff": (0.0,), "top_h": (), "no_repeat_ngram_size": (0,),
     "encoder_repetition_penalty": (1.0,), "bad_words_ids": (), "sequence_bias": (), "suppress_tokens": (),
@@ -739,8 +741,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new_tokens: int = 200
         sampled = "" if ours == transformers else f", or {transformers:g} where it sets do_sample true"
         return f"(default: the checkpoint's generation_config.json, else {ours:g}{sampled})"
 
-    p.add_argument("--max-new-tokens", type=whole_number, default=max_new_tokens, metavar="N",
-                   help=f"most tokens to generate (default {max_new_tokens}; fewer where the context ends)")
+    p.add_argument("--max-new-tokens", type=whole_number, default=None, metavar="N",
+                   help=f"most tokens to generate (default: the checkpoint's generation_config.json max_new_tokens, "
+                        f"else {max_new_tokens}; fewer where the context ends)")
+    p.set_defaults(default_max_new_tokens=max_new_tokens)  # (the command's own, where the file gives none)
     p.add_argument("--temperature", type=decimal_number, default=None,
                    help=f"0 = greedy {default('temperature')}; do_sample false in that file means greedy, "
                         "so --top-k and --top-p then need --temperature too")
@@ -782,6 +786,20 @@ def saved_sampling(generation: GenerationFile) -> dict[str, float]:
     return found
 
 
+def saved_max_new_tokens(generation: GenerationFile) -> int | None:
+    """The default length a checkpoint's generation_config.json gives (max_new_tokens; None where it gives none):
+    vLLM's max_tokens for a request that gives none (ModelConfig.get_diff_sampling_param), so serve's for chat
+    requests and sample's and chat's --max-new-tokens. A value that is no whole number >= 1 (what Transformers and
+    vLLM accept) is refused in one line that names the file."""
+    value = generation.get("max_new_tokens")
+    if value is None:
+        return None
+    if not is_json_number(value) or not (math.isfinite(value) and value == int(value) and value >= 1):
+        raise NanoQwenError(f"{generation.path}: max_new_tokens is {value!r}, not a whole number >= 1; fix or "
+                            "remove it")
+    return int(value)
+
+
 def checkpoint_sampling(generation: GenerationFile, base: dict[str, float] | None = None) -> dict[str, float]:
     """The sampling a checkpoint recommends (`saved_sampling`; official Qwen3 folders carry theirs), over `base`;
     `do_sample: false` there means greedy. With no `base`, as Transformers' generate() reads the file: where it
@@ -803,7 +821,10 @@ def sampling_params(args: argparse.Namespace, generation: GenerationFile) -> Sam
     if (unapplied := unapplied_generation(generation)) is not None:
         print(f"nanoqwen: warning: {unapplied}", file=sys.stderr)
     chosen = {name: recommended[name] if getattr(args, name) is None else getattr(args, name) for name in recommended}
-    params = SamplingParams(max_new_tokens=args.max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
+    max_new_tokens = args.max_new_tokens
+    if max_new_tokens is None:
+        max_new_tokens = saved_max_new_tokens(generation) or args.default_max_new_tokens
+    params = SamplingParams(max_new_tokens=max_new_tokens, **chosen, presence_penalty=args.presence_penalty,
                             frequency_penalty=args.frequency_penalty, stop_strings=args.stop, seed=args.seed)
     try:
         return params.validate()

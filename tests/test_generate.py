@@ -6,6 +6,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -199,6 +200,41 @@ def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys, qwen3)
     context, prompt = 128, len(qwen3.encode("Hello there"))
     # The last new token is predicted, never read: context - prompt + 1 fit (see check_fits).
     assert f"(--max-new-tokens 100000: at most {context - prompt + 1} fit" in capsys.readouterr().err
+
+
+def test_max_new_tokens_of_the_generation_config_is_the_default_length(checkpoint, tmp_path):
+    # vLLM takes a generation_config.json's max_new_tokens (not max_length, Transformers' 20-token default) as the
+    # max_tokens of a request that gives none (ModelConfig.get_diff_sampling_param): sample's and chat's
+    # --max-new-tokens default to it too; the flag, given, wins.
+    import argparse
+    import shutil
+
+    from nanoqwen.checkpoint import read_generation_file
+    from nanoqwen.generate import add_sampling_arguments, sampling_params, saved_max_new_tokens
+
+    folder = tmp_path / "ck"
+    shutil.copytree(checkpoint, folder)
+    config = folder / "generation_config.json"
+    sample, chat = argparse.ArgumentParser(), argparse.ArgumentParser()
+    add_sampling_arguments(sample)
+    add_sampling_arguments(chat, max_new_tokens=256)
+
+    def length(parser: argparse.ArgumentParser, *flags: str) -> int:
+        return sampling_params(parser.parse_args(list(flags)), read_generation_file(folder)).max_new_tokens
+
+    config.write_text(json.dumps({"max_new_tokens": 7, "max_length": 3}))
+    assert (length(sample), length(chat), length(sample, "--max-new-tokens", "9")) == (7, 7, 9)
+    config.write_text(json.dumps({"max_length": 3}))
+    assert (length(sample), length(chat)) == (200, 256)
+    assert "(default: the checkpoint's generation_config.json max_new_tokens, else 200;" in \
+        " ".join(sample.format_help().split())
+    for bad, words in [({"max_new_tokens": 0}, "max_new_tokens is 0, not a whole number >= 1"),
+                       ({"max_new_tokens": "12"}, "max_new_tokens is '12', not a whole number >= 1"),
+                       ({"max_new_tokens": 1.5}, "max_new_tokens is 1.5, not a whole number >= 1"),
+                       ({"max_new_tokens": True}, "max_new_tokens is True, not a whole number >= 1")]:
+        config.write_text(json.dumps(bad))
+        with pytest.raises(NanoQwenError, match=f"generation_config.json: {re.escape(words)}; fix or remove it"):
+            saved_max_new_tokens(read_generation_file(folder))
 
 
 def test_sampling_defaults_come_from_the_checkpoints_generation_config(checkpoint, tmp_path, capsys):

@@ -452,6 +452,32 @@ def test_an_echoed_prompt_is_scored_across_its_prefill_chunks(local) -> None:
         assert [t for t, _ in entry.top] == expected[k].topk(3).indices.tolist()
 
 
+def test_a_chat_request_without_max_tokens_gets_the_checkpoints_max_new_tokens(local) -> None:
+    # As vLLM: a generation_config.json's max_new_tokens is the max_tokens of a chat request that gives none (it
+    # ran to the end of the context); one given wins, and completions keep OpenAI's 16, which vLLM's protocol
+    # sets where the request gives none.
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    model, tokenizer = local
+    body = {"temperature": 0, "ignore_eos": True}
+    chat = {"messages": [{"role": "user", "content": "Hi"}], **body}
+    with TestClient(create_app(model, tokenizer, "tiny", default_max_tokens=5)) as http:
+        def generated(path: str, request: dict) -> int:
+            answer = http.post(path, json=request)
+            assert answer.status_code == 200, answer.text
+            return answer.json()["usage"]["completion_tokens"]
+
+        assert generated("/v1/chat/completions", chat) == 5
+        assert generated("/v1/chat/completions", {**chat, "max_tokens": 7}) == 7
+        assert generated("/v1/completions", {"prompt": "Hi", **body}) == 16
+        refused = http.post("/v1/chat/completions", json={**chat, "min_tokens": 6})
+        assert refused.status_code == 400 and refused.json()["error"]["message"] == (
+            "min_tokens (6) is more than the 5 tokens a reply gets without max_tokens (the checkpoint's "
+            "generation_config.json max_new_tokens); send max_tokens of at least 6 too")
+
+
 def test_echo_returns_a_text_prompt_as_sent_with_its_tokens_offsets_in_it(local) -> None:
     # The echo was the prompt's ids decoded: its special tokens left out (skip_special_tokens, the default) and its
     # text normalized (NFC), so "<|im_start|>user\nhi" came back as "user\nhi" and offsets pointed elsewhere.

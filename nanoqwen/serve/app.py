@@ -379,9 +379,11 @@ class Service:
     engine, and turns its events into OpenAI's responses."""
 
     def __init__(self, model: Qwen3, tokenizer: Tokenizer, name: str, engine: Engine,
-                 sampling_defaults: dict[str, float], plain_text: bool = False) -> None:
+                 sampling_defaults: dict[str, float], plain_text: bool = False,
+                 default_max_tokens: int | None = None) -> None:
         self.model, self.tokenizer, self.name, self.engine = model, tokenizer, name, engine
         self.defaults = sampling_defaults
+        self.chat_max_tokens = default_max_tokens  # a chat request's without max_tokens (None: what fits)
         self.context = model.config.max_position_embeddings
         # Beyond OpenAI's fields: the size, the context, whether chat_template_kwargs {"enable_thinking":
         # false} means anything (official Qwen3 templates; this also compiles the template, so a broken one
@@ -458,7 +460,7 @@ class Service:
         `default_max_tokens` (None: to the end of the context)."""
         body.check_unsupported()
         limit, max_tokens = body.tokens_limit()
-        self.check_min_tokens(body.min_tokens, limit, max_tokens, default_max_tokens)
+        self.check_min_tokens(body.min_tokens, limit, max_tokens, default_max_tokens, isinstance(body, ChatRequest))
         if max_tokens is None:
             max_tokens = default_max_tokens
         defaults = self.defaults
@@ -492,19 +494,20 @@ class Service:
         except InvalidSetting as e:  # a backstop: the fields were checked above and by pydantic
             raise APIError(400, str(e), "max_tokens" if e.name == "max_new_tokens" else e.name) from None
 
-    def check_min_tokens(self, min_tokens: int, limit: str, max_tokens: int | None, default_max_tokens: int | None
-                         ) -> None:
+    def check_min_tokens(self, min_tokens: int, limit: str, max_tokens: int | None, default_max_tokens: int | None,
+                         chat: bool = False) -> None:
         """min_tokens past max_tokens (`limit` names the field given: chat's max_completion_tokens, or max_tokens) is
         refused, as vLLM refuses it, in a line that says what to send: past a max_tokens left out, it names the
-        default the user never wrote."""
+        default the user never wrote (a chat reply's: the checkpoint's; a completion's: OpenAI's)."""
         if max_tokens is not None:
             if min_tokens > max_tokens:
                 raise APIError(400, f"min_tokens ({min_tokens}) is more than {limit} ({max_tokens}); send a {limit} "
                                     f"of at least {min_tokens}, or a smaller min_tokens", "min_tokens")
         elif default_max_tokens is not None and min_tokens > default_max_tokens:
-            raise APIError(400, f"min_tokens ({min_tokens}) is more than the {default_max_tokens} tokens a completion "
-                                f"gets without max_tokens (OpenAI's default); send max_tokens of at least {min_tokens} "
-                                "too", "min_tokens")
+            gets = "a reply gets without max_tokens (the checkpoint's generation_config.json max_new_tokens)" if chat \
+                else "a completion gets without max_tokens (OpenAI's default)"
+            raise APIError(400, f"min_tokens ({min_tokens}) is more than the {default_max_tokens} tokens {gets}; send "
+                                f"max_tokens of at least {min_tokens} too", "min_tokens")
         elif min_tokens > self.context:
             raise APIError(400, f"min_tokens ({min_tokens}) is more than the model's context of {self.context} "
                                 "tokens; send a smaller min_tokens", "min_tokens")
@@ -560,14 +563,18 @@ class Service:
 def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str | None = None,
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None,
-               allow_origins: list[str] | None = None, plain_text: bool = False) -> FastAPI:
+               allow_origins: list[str] | None = None, plain_text: bool = False,
+               default_max_tokens: int | None = None) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan.
     `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
     (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values.
+    `default_max_tokens`: the length of a chat reply whose request gives none (the checkpoint's max_new_tokens, as
+    vLLM takes it; None: what fits the context); completions keep OpenAI's 16, as vLLM's protocol sets it.
     `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS).
     `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text)."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
-    service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING, plain_text)
+    service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING, plain_text,
+                      default_max_tokens)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -611,7 +618,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
         top_logprobs = body.logprobs_count()
         prompt = await run_in_threadpool(service.chat_prompt, body)
         service.check_prompt_fits(prompt, "messages")
-        params = service.request_sampling(body)
+        params = service.request_sampling(body, service.chat_max_tokens)
         return await service.respond(request, body, [prompt], params, chat=True, top_logprobs=top_logprobs,
                                      tools=body.parses_tool_calls(), most_calls=body.most_tool_calls())
 
@@ -730,7 +737,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from nanoqwen.checkpoint import read_generation_file
-    from nanoqwen.generate import checkpoint_sampling, load_for_inference, unapplied_generation
+    from nanoqwen.generate import checkpoint_sampling, load_for_inference, saved_max_new_tokens, unapplied_generation
     from nanoqwen.runs import trained_on_plain_text
 
     if not 0 <= args.shutdown_grace < float("inf"):
@@ -751,6 +758,7 @@ def run(args: argparse.Namespace) -> int:
                             "which the openai client and browsers cannot send; use letters, digits and punctuation")
     generation = read_generation_file(args.model)  # once: the end ids, sampling defaults and warnings come from it
     defaults = checkpoint_sampling(generation, OPENAI_SAMPLING)  # a bad value there: one line before the model's wait
+    default_max_tokens = saved_max_new_tokens(generation)
     for field, most in (("temperature", 2.0), ("repetition_penalty", 10.0)):  # what a request may ask for
         if defaults[field] > most:
             print(f"nanoqwen serve: note: {generation.path}'s {field} {defaults[field]:g} is "
@@ -763,7 +771,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin,
-                     plain_text=trained_on_plain_text(Path(args.model)))
+                     plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens)
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
