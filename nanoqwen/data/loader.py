@@ -62,15 +62,18 @@ class TokenSplit:
         the pages around it that suit a reader going on through the file (read ahead, 8 MB a miss on some systems: 200
         steps of 64 windows of 1,024 tokens read all of a 2.4 GB train.bin, for their 52 MB; a corpus larger than the
         memory is read over and over)."""
-        advice = getattr(mmap, "MADV_RANDOM", None)
-        if self.mapping is not None and advice is not None:
-            self.mapping.madvise(advice)
+        self._advise("MADV_RANDOM")
 
     def release(self) -> None:
         """Unmap the pages read so far from this process; the system's file cache keeps them. Windows drawn at random
         map the file in page by page: over a long run the whole of it, an 8 GB train.bin 8 GB of the process's resident
         memory (of each process of a job, counted in its memory limit)."""
-        advice = getattr(mmap, "MADV_DONTNEED", None)  # (no madvise on Windows)
+        self._advise("MADV_DONTNEED")
+
+    def _advise(self, name: str) -> None:
+        """madvise the map with mmap's advice `name`, where there is a map and the system has that advice (Windows
+        has no madvise)."""
+        advice = getattr(mmap, name, None)
         if self.mapping is not None and advice is not None:
             self.mapping.madvise(advice)
 
