@@ -528,15 +528,20 @@ class TextStream:
         text = self.text[:self.settled_chars] + fresh
         if self.tokenizer.byte_level and not text.endswith("\ufffd"):
             self.settled_ids, self.settled_chars = len(self.ids), len(text)
-        # Only the last character can change as bytes arrive (a U+FFFD standing for a character whose bytes
-        # are still coming). A token that changes it, or adds nothing to it, continues that character.
+        # Only the end can change as bytes arrive: U+FFFD standing for a character whose bytes are still coming (one
+        # for the character in byte-level decoding; one per byte token of the group in a byte-fallback decoder, Llama's
+        # and Mistral's <0xNN>). A token that changes it, or adds nothing to it, continues that character, as does a
+        # byte token that leaves a byte-fallback group unfinished: it starts where the character does.
         before = self.text
-        joined = before.endswith("\ufffd") and (len(text) == len(before) or not text.startswith(before))
-        self.token_start = len(before) - 1 if joined else len(before)
+        pending = before.endswith("\ufffd")
+        if pending and (len(text) == len(before) or not text.startswith(before)):
+            self.token_start = len(before) - 1 if self.tokenizer.byte_level else self.token_start
+        elif not (pending and text.endswith("\ufffd") and not self.tokenizer.byte_level):
+            self.token_start = len(before)
         self.text = text
-        # A last U+FFFD may still become a character: hold it back, but find stop strings in what precedes
-        # it (an undecodable byte is a U+FFFD for good, and must not keep stop strings from being seen).
-        return self._release(text[:-1] if text.endswith("\ufffd") else text, final=False)
+        # Trailing U+FFFDs may still become characters: hold them back, but find stop strings in what precedes
+        # them (an undecodable byte is a U+FFFD for good, and must not keep stop strings from being seen).
+        return self._release(text.rstrip("\ufffd"), final=False)
 
     def accept(self, token: int, stop_token_ids: list[int]) -> tuple[str, str | None]:
         """New text for one generated token, and "stop" when the text ends here (stop token or string)."""

@@ -1060,6 +1060,43 @@ def test_undecodable_bytes_neither_hide_stop_strings_nor_shift_offsets(qwen3):
     assert text == "🤖 ok" and starts == [0, 0, 0, 0, 1]
 
 
+def byte_fallback_tokenizer() -> Tokenizer:
+    """A SentencePiece-style tokenizer (as Llama's and Mistral's folders hold): characters outside its few words are
+    spelled by <0xNN> byte tokens, which its ByteFallback decoder reads as a group, one U+FFFD per byte while the
+    group is not whole UTF-8."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, normalizers
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}}
+    for word in ["\u2581", "a", "b", "\u2581a", "\u2581b"]:
+        vocab[word] = len(vocab)
+    hf = HFTokenizer(models.BPE(vocab, [], unk_token="<unk>", byte_fallback=True))
+    hf.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    hf.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    return Tokenizer(hf)
+
+
+def test_a_character_spelled_by_byte_fallback_tokens_is_never_cut_into_replacement_characters():
+    # A byte-fallback decoder shows a character still missing bytes as one U+FFFD per byte ("日"'s first two bytes:
+    # "\ufffd\ufffd"); holding back the last U+FFFD alone sent the first, and the character, once whole, was lost:
+    # "a 日本 b" streamed (and returned) as "a \ufffd\ufffd b".
+    tokenizer = byte_fallback_tokenizer()
+    assert not tokenizer.byte_level
+    ids = tokenizer.encode("a 日本 b")  # "\u2581", "a", "\u2581", the 6 bytes of "日本", "\u2581", "b"
+    assert len(ids) == 11 and tokenizer.decode(ids[:5]) == "a \ufffd\ufffd"
+    stream, pieces, starts = TextStream(tokenizer, ["b"]), [], []
+    for token in ids:
+        pieces.append(stream.accept(token, [])[0])
+        starts.append(stream.token_start)
+    assert pieces == ["", "a", " ", "", "", "日", "", "", "本", " ", ""] and stream.stopped
+    assert starts == [0, 0, 1, 2, 2, 2, 3, 3, 3, 4, 5]  # a byte token starts where its character does
+    # Cut inside "本" (max_tokens): "日" stays whole, what never became a character is sent as U+FFFD at the end.
+    stream = TextStream(tokenizer, [])
+    shown = [stream.push(token) for token in ids[:7]]
+    assert shown[-2:] == ["日", ""] and "".join(shown).endswith("a 日") and set(stream.finish()) == {"\ufffd"}
+
+
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
     tokenizer = qwen3
     stream, shown = TextStream(tokenizer, ["END"]), ""
