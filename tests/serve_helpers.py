@@ -46,6 +46,36 @@ def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
     return save_checkpoint(Qwen3(config), directory, tokenizer)
 
 
+def make_scripted_checkpoint(directory: Path, chains: list[list[int]]) -> Path:
+    """A Qwen3 of `make_checkpoint`'s shape (the official tokenizer) that writes scripted tokens: after chains[i][k] it
+    always predicts chains[i][k + 1] (the last one, itself), whatever came before, so a prompt ending in a chain's first
+    token is answered with the rest, greedy or sampled alike. Chains hold distinct tokens, 64 at most.
+
+    How: every layer adds nothing (o_proj and down_proj zero), so the last position's hidden state is its token's
+    embedding; the chains' tokens get orthonormal embeddings, and the lm_head row of each successor points along its
+    predecessor's, a logit of 80 against 0 for every other token."""
+    tokenizer = qwen3_tokenizer()
+    config = config_for_tokenizer(ModelConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, max_position_embeddings=CONTEXT, max_window_layers=2, tie_word_embeddings=False,
+    ), tokenizer, fit_vocab=True)
+    torch.manual_seed(0)
+    model = Qwen3(config)
+    tokens = [token for chain in chains for token in chain]
+    assert len(set(tokens)) == len(tokens) <= config.hidden_size, "chains hold distinct tokens, 64 at most"
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        directions = torch.linalg.qr(torch.randn(config.hidden_size, len(tokens)))[0].T  # orthonormal rows
+        model.model.embed_tokens.weight[tokens] = directions
+        model.lm_head.weight.zero_()
+        for chain in chains:
+            for token, following in zip(chain, [*chain[1:], chain[-1]]):
+                model.lm_head.weight[following] += 10 * directions[tokens.index(token)]  # x8: the RMS-normed length
+    return save_checkpoint(model, directory, tokenizer)
+
+
 def make_plain_run(root: Path) -> Path:
     """A run folder as `nanoqwen train` leaves one, trained on plain text (`make_checkpoint`'s weights as its best/,
     its config.json written here with what trained_on_plain_text reads) beside its prepared data: returns best/."""

@@ -9,6 +9,7 @@ import json
 import signal
 import socket
 import threading
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,11 +23,12 @@ from nanoqwen.cli import main
 from nanoqwen.generate import SamplingParams, generate, generate_ids
 from nanoqwen.serve.app import base_url
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
-from nanoqwen.tokenizer import Tokenizer, load_tokenizer
+from nanoqwen.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer, qwen3_tokenizer
 from tests.serve_helpers import (
     CONTEXT,
     load_reference,
     make_checkpoint,
+    make_scripted_checkpoint,
     run_server,
     wait_for,
     wait_idle,
@@ -1804,3 +1806,104 @@ def test_cross_origin_pages_are_let_in_only_when_named(checkpoint: Path) -> None
         assert "access-control-allow-origin" not in client.options("/v1/completions", headers=preflight).headers
         answer = client.post("/v1/completions", json=body, headers={"Origin": page})
         assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+
+
+# What a scripted model (`make_scripted_checkpoint`) answers "Go" with, one token a piece (bytes: one byte token each):
+# characters split over byte tokens, stop strings across and inside tokens.
+SCRIPT = [" cat", " sat", " on", " mat", b"\xe6", b"\x97", b"\xa5", " and", b"\xf0", b"\x9f", b"\xa4", b"\x96", " end"]
+SCRIPT_TEXT = " cat sat on mat日 and🤖 end"  # and " end" on and on
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[openai.OpenAI]:
+    """A client of the app over the scripted model: "Go" gets SCRIPT, a chat turn "Hi there" and <|im_end|>."""
+    from fastapi.testclient import TestClient
+
+    from nanoqwen.serve.app import create_app
+
+    tokenizer = qwen3_tokenizer()
+
+    def token(piece: str | bytes) -> int:
+        if isinstance(piece, bytes):
+            return tokenizer.token_id(bytes_to_unicode()[piece[0]])
+        [single] = tokenizer.encode(piece)
+        return single
+
+    chains = [[token("Go"), *map(token, SCRIPT)], [token("\n"), token("Hi"), token(" there"), tokenizer.stop_ids[0]]]
+    model, tokenizer = load_checkpoint(make_scripted_checkpoint(tmp_path_factory.mktemp("scripted") / "tiny", chains))
+    with TestClient(create_app(model, tokenizer, "tiny")) as http:
+        yield openai.OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+
+
+def completion_both_ways(client: openai.OpenAI, **request) -> tuple[object, list]:
+    """The scripted completion of "Go", whole and as its streamed chunks (usage included)."""
+    plain = client.completions.create(model="tiny", prompt="Go", **request)
+    chunks = list(client.completions.create(model="tiny", prompt="Go", stream=True,
+                                            stream_options={"include_usage": True}, **request))
+    return plain, chunks
+
+
+def test_stop_strings_across_and_inside_tokens_end_the_text_alike_streamed_or_not(scripted: openai.OpenAI) -> None:
+    # As vLLM: the text ends before the stop string completed first, finish_reason "stop"; no streamed chunk ever
+    # holds a piece of it (chunks cannot be taken back: held back until it is known not to be the stop); usage and
+    # logprobs count every token sampled up to the one that completed it.
+    assert completion_both_ways(scripted, max_tokens=13)[0].choices[0].text == SCRIPT_TEXT
+    for stop, kept, tokens in [
+            ("t o", " cat sa", 3),  # begins in " sat", ends in " on"
+            ("ma", " cat sat on ", 4),  # ends inside " mat"
+            ("at on mat", " cat s", 4),  # longer than any token
+            (["mat", "sat"], " cat ", 2),  # of several, the one completed first, whatever their order
+            ("日 a", " cat sat on mat", 8),  # begins with a character of 3 byte tokens, ends inside " and"
+            ("🤖", " cat sat on mat日 and", 12)]:  # a character of 4 byte tokens
+        plain, chunks = completion_both_ways(scripted, stop=stop, max_tokens=20, n=2, logprobs=0)
+        for choice in plain.choices:
+            assert (choice.text, choice.finish_reason) == (kept, "stop"), stop
+            assert len(choice.logprobs.tokens) == tokens and max(choice.logprobs.text_offset) <= len(kept), stop
+        assert plain.usage.completion_tokens == 2 * tokens  # summed over the choices
+        texts, reasons, usage = stream_text(chunks)
+        assert (texts, reasons) == ({0: kept, 1: kept}, {0: "stop", 1: "stop"}), stop
+        assert usage.model_dump() == plain.usage.model_dump()
+        for k in (0, 1):
+            assert [t for c in chunks for choice in c.choices if choice.index == k and choice.logprobs
+                    for t in choice.logprobs.tokens] == plain.choices[k].logprobs.tokens
+        assert not any("\ufffd" in choice.text for c in chunks for choice in c.choices)
+
+
+def test_characters_split_over_byte_tokens_are_streamed_whole(scripted: openai.OpenAI) -> None:
+    plain, chunks = completion_both_ways(scripted, max_tokens=13, logprobs=0)
+    choice = plain.choices[0]
+    assert (choice.text, choice.finish_reason) == (SCRIPT_TEXT, "length")
+    pieces = [c.choices[0].text for c in chunks if c.choices]
+    assert "".join(pieces) == SCRIPT_TEXT and not any("\ufffd" in p for p in pieces)
+    # Each byte token as OpenAI names one (its bytes), starting where its character does.
+    assert choice.logprobs.tokens[4:7] == ["bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5"]
+    assert choice.logprobs.text_offset[3:8] == [11, 15, 15, 15, 16]
+    # Cut inside "🤖" by max_tokens: its bytes so far end the text as U+FFFD (as decoding the ids reads them), sent
+    # in the last text chunk alone, streamed or not alike.
+    plain, chunks = completion_both_ways(scripted, max_tokens=10)
+    assert (plain.choices[0].text, plain.choices[0].finish_reason) == (" cat sat on mat日 and\ufffd", "length")
+    pieces = [c.choices[0].text for c in chunks if c.choices and c.choices[0].text]
+    assert "".join(pieces) == plain.choices[0].text and [p for p in pieces if "\ufffd" in p] == [pieces[-1]]
+
+
+def test_a_chat_reply_ends_at_its_end_token_or_at_max_tokens_streamed_as_openai_does(scripted: openai.OpenAI) -> None:
+    # The end token stops it ("stop", counted in usage, not shown); max_tokens cuts it ("length", even on its last
+    # word). Streamed: the role first, then the content, then a chunk with the finish reason alone; usage only when
+    # stream_options.include_usage asks, in a last chunk without choices.
+    request = dict(model="tiny", messages=[{"role": "user", "content": "Hi"}])
+    for max_tokens, content, reason, tokens in [(10, "Hi there", "stop", 3), (2, "Hi there", "length", 2),
+                                                (1, "Hi", "length", 1)]:
+        plain = scripted.chat.completions.create(**request, max_tokens=max_tokens)
+        assert (plain.choices[0].message.content, plain.choices[0].finish_reason) == (content, reason)
+        assert plain.usage.completion_tokens == tokens
+        for options in (None, {"include_usage": True}):
+            chunks = list(scripted.chat.completions.create(**request, max_tokens=max_tokens, stream=True,
+                                                           stream_options=options))
+            usage = chunks.pop() if options else None
+            assert all(c.usage is None for c in chunks)
+            first, *middle, last = [c.choices[0] for c in chunks]
+            assert (first.delta.role, first.delta.content, first.finish_reason) == ("assistant", "", None)
+            assert "".join(c.delta.content for c in middle) == content and not any(c.finish_reason for c in middle)
+            assert (last.delta.content, last.finish_reason) == (None, reason)
+            if options:
+                assert usage.choices == [] and usage.usage.model_dump() == plain.usage.model_dump()
