@@ -68,6 +68,7 @@ CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content']"
     " + '<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}"
     "{% endif %}")
+BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")  # a byte-fallback token's entry (SentencePiece's <0xE6>)
 CHAT_TEMPLATE_DIR = "additional_chat_templates"  # a folder's named templates besides chat_template.jinja
 # What a tokenizer folder written elsewhere says of itself and keeps through nanoqwen's saves (prepare copies
 # it into the data folder, training into every checkpoint): official Qwen3 folders carry their own chat
@@ -300,12 +301,15 @@ class Tokenizer:
 
     def token_bytes(self, token_id: int) -> bytes:
         """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
-        decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes."""
+        decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes (a byte-fallback
+        tokenizer's <0xE6> entry, its one byte)."""
         piece = self.hf.id_to_token(token_id)
         if piece is not None and token_id not in self.special_ids and self.byte_level:
             byte_of = _byte_of_char()
             if all(c in byte_of for c in piece):
                 return bytes(byte_of[c] for c in piece)
+        if piece is not None and getattr(self.hf.model, "byte_fallback", False) and BYTE_PIECE.fullmatch(piece):
+            return bytes([int(piece[3:5], 16)])
         return self.decode([token_id]).encode()
 
     def token_shown(self, token_id: int) -> str:

@@ -1907,3 +1907,20 @@ def test_a_chat_reply_ends_at_its_end_token_or_at_max_tokens_streamed_as_openai_
             assert (last.delta.content, last.finish_reason) == (None, reason)
             if options:
                 assert usage.choices == [] and usage.usage.model_dump() == plain.usage.model_dump()
+
+
+def test_logprobs_give_a_byte_fallback_tokens_own_byte() -> None:
+    # OpenAI's `bytes` are there to join a character split over tokens; a <0xNN> token of a byte-fallback tokenizer
+    # (Llama's, Mistral's) gave U+FFFD's bytes, from decoding it alone, so the joined bytes were three U+FFFDs.
+    from nanoqwen.serve.app import chat_logprobs, completion_logprobs
+    from nanoqwen.serve.engine import TokenLogprob
+    from tests.test_generate import byte_fallback_tokenizer
+
+    tokenizer = byte_fallback_tokenizer()
+    ids = tokenizer.encode("日")[1:]  # its 3 byte tokens (after "\u2581")
+    entries = [TokenLogprob(token, -1.0, [(token, -1.0)], 0) for token in ids]
+    content = chat_logprobs(tokenizer, entries)["content"]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == "日"
+    assert [e["top_logprobs"][0]["bytes"] for e in content] == [[0xE6], [0x97], [0xA5]]
+    assert completion_logprobs(tokenizer, entries)["tokens"] == ["bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5"]
+    assert tokenizer.token_bytes(tokenizer.encode("a")[1]) == b"a"  # a word's own text, as before
