@@ -533,6 +533,8 @@ class TextStream:
         # and Mistral's <0xNN>). A token that changes it, or adds nothing to it, continues that character, as does a
         # byte token that leaves a byte-fallback group unfinished: it starts where the character does.
         before = self.text
+        if len(text.rstrip("\ufffd")) < self.emitted:  # a byte-fallback group read as U+FFFDs again, a byte after
+            text = before[:self.emitted] + "\ufffd"  # whole characters of it were sent: they stay, the new one pends
         pending = before.endswith("\ufffd")
         if pending and (len(text) == len(before) or not text.startswith(before)):
             self.token_start = len(before) - 1 if self.tokenizer.byte_level else self.token_start

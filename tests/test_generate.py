@@ -1091,10 +1091,11 @@ def test_a_character_spelled_by_byte_fallback_tokens_is_never_cut_into_replaceme
         starts.append(stream.token_start)
     assert pieces == ["", "a", " ", "", "", "日", "", "", "本", " ", ""] and stream.stopped
     assert starts == [0, 0, 1, 2, 2, 2, 3, 3, 3, 4, 5]  # a byte token starts where its character does
-    # Cut inside "本" (max_tokens): "日" stays whole, what never became a character is sent as U+FFFD at the end.
+    # Cut inside "本" (max_tokens): the decoder reads the whole group as U+FFFDs again ("a \ufffd\ufffd\ufffd\ufffd");
+    # "日", sent, stays, and the character cut off ends the text as one U+FFFD, as byte-level decoding shows it.
+    assert tokenizer.decode(ids[:8]) == "a " + "\ufffd" * 5
     stream = TextStream(tokenizer, [])
-    shown = [stream.push(token) for token in ids[:7]]
-    assert shown[-2:] == ["日", ""] and "".join(shown).endswith("a 日") and set(stream.finish()) == {"\ufffd"}
+    assert "".join(stream.push(token) for token in ids[:8]) + stream.finish() == "a 日\ufffd"
 
 
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
