@@ -508,7 +508,7 @@ class TextStream:
         self.accepted = 0  # tokens taken by `accept`, a stop token included
         self.unchecked = 0  # characters in before min_tokens tokens were: no stop string ends there, sent or not
         self.ids: list[int] = []
-        self.text = ""  # the decoded text of all ids so far
+        self.text = ""  # the decoded text of all ids so far (what was sent of it stays, see push)
         self.emitted = 0  # characters of the text already handed out
         self.token_start = 0  # where the text of the last token begins (its logprob's text_offset)
         self.stopped = False
@@ -533,8 +533,10 @@ class TextStream:
         # and Mistral's <0xNN>). A token that changes it, or adds nothing to it, continues that character, as does a
         # byte token that leaves a byte-fallback group unfinished: it starts where the character does.
         before = self.text
-        if len(text.rstrip("\ufffd")) < self.emitted:  # a byte-fallback group read as U+FFFDs again, a byte after
-            text = before[:self.emitted] + "\ufffd"  # whole characters of it were sent: they stay, the new one pends
+        # A byte-fallback group is read as U+FFFDs again when a byte starts its next character, the whole ones
+        # already sent included: those stay, and the character still coming is one U+FFFD.
+        if len(text.rstrip("\ufffd")) < self.emitted:
+            text = before[:self.emitted] + "\ufffd"
         pending = before.endswith("\ufffd")
         if pending and (len(text) == len(before) or not text.startswith(before)):
             self.token_start = len(before) - 1 if self.tokenizer.byte_level else self.token_start
