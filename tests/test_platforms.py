@@ -255,3 +255,30 @@ def test_a_folder_windows_will_not_rename_for_a_moment_is_replaced_all_the_same(
         (folder / "model.safetensors").write_text("newer")
     assert (tmp_path / "best" / "model.safetensors").read_text() == "new"  # the old one stays, whole
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_file_windows_will_not_replace_for_a_moment_is_replaced_all_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    # Windows replaces no file that another program holds open (a scanner or indexer reading the config.json just
+    # written, an editor, `tail` of a run's file): each single file written whole (a run's config.json, a plot, a
+    # GGUF) failed at once, where folders were tried again for a while.
+    replace, refusals, waits = os.replace, [0], []
+
+    def held_for_a_moment(source: Any, target: Any) -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise PermissionError(errno.EACCES, "Access is denied", str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", held_for_a_moment)
+    act_as_windows(monkeypatch)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    write_json(tmp_path / "config.json", {"step": 1})
+    refusals[0] = 2
+    write_json(tmp_path / "config.json", {"step": 2})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2} and len(waits) == 2
+    refusals[0] = 1000  # held open for good: one line that says so, the old file whole, no temporary left
+    with pytest.raises(NanoQwenError, match=r"cannot replace .*config\.json: another program has it open"):
+        write_json(tmp_path / "config.json", {"step": 3})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2}
+    assert [path.name for path in tmp_path.iterdir()] == ["config.json"]
