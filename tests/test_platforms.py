@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import nanoqwen.io
+from nanoqwen.checkpoint import restore_rng_states, rng_states
 from nanoqwen.config import ModelConfig, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.data.prepare import prepare
@@ -50,6 +51,22 @@ def test_batches_reach_mps_in_a_blocking_copy(monkeypatch: pytest.MonkeyPatch) -
     inputs, targets = loader.micro_batches(0)[0]
     assert copies == [{"device": MPS, "non_blocking": False}]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # the batch itself, as on CPU
+
+
+def test_a_run_on_mps_resumes_the_generator_its_dropout_draws_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dropout on MPS draws from MPS's own generator, which a save left out (CUDA's was kept): a resumed run with
+    # attention_dropout drew other masks than the uninterrupted run, its losses no longer the same. Stood in for on
+    # CPU: MPS's generator as a state that draws change.
+    generator = {"state": torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=state))
+    saved = rng_states(MPS)
+    generator["state"] = torch.tensor([2], dtype=torch.uint8)  # the killed run drew on after its save
+    restore_rng_states(saved, MPS)
+    assert generator["state"].tolist() == [1]
+    generator["state"] = torch.tensor([2], dtype=torch.uint8)
+    restore_rng_states(rng_states(torch.device("cpu")), MPS)  # saved on a CPU: MPS's stays as seeded
+    assert generator["state"].tolist() == [2]
 
 
 def act_as_windows(monkeypatch: pytest.MonkeyPatch) -> None:
