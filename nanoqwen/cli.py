@@ -103,6 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redirected_streams_as_utf8()  # before anything is said: --help, a bad flag's line
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -118,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:  # a bare `nanoqwen` (anything else that names no command the parser refused above)
         build_parser().print_help()
         return 0
-    redirected_streams_as_utf8()
     with contextlib.suppress(AttributeError):  # a prompt with undecodable bytes is printed, never a traceback
         sys.stdout.reconfigure(errors="replace")  # type: ignore[union-attr]
     try:

@@ -1468,4 +1468,8 @@ def test_sample_redirected_to_a_file_on_windows_writes_utf8(checkpoint, monkeypa
     missing = checkpoint.parent / "从前"
     assert main(["sample", "--model", str(missing), "--prompt", "x"]) == 2
     assert str(missing) in sys.stderr.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
+    monkeypatch.setattr(sys, "stderr", redirected())  # a bad command line's line, said before the command runs
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(checkpoint), "--prompt", "x", "从前"])
+    assert "unrecognized arguments: 从前" in sys.stderr.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
     assert sys.stdin.encoding == "utf-8"
