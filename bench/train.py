@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -27,6 +26,11 @@ import time
 from pathlib import Path
 
 import torch
+
+try:
+    import resource  # Unix only: Windows has no getrusage, and its rows go without the CPU peak memory
+except ImportError:
+    resource = None  # type: ignore[assignment]
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -116,8 +120,10 @@ def worker(args: argparse.Namespace) -> dict:
     return result
 
 
-def peak_rss() -> int:
-    """This process's peak resident set in bytes: getrusage gives KiB on Linux, bytes on macOS."""
+def peak_rss() -> int | None:
+    """This process's peak resident set in bytes: getrusage gives KiB on Linux, bytes on macOS; None without it."""
+    if resource is None:
+        return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024
 
@@ -163,12 +169,15 @@ def compare(title: str, preset: str, batch: int, seq_len: int, steps: int, warmu
             results[c].append(run_worker(c, preset, batch, seq_len, steps, warmup, device, compiled,
                                          tuned_baseline=tuned_baseline))
     speed = {c: max(r["tokens_per_s"] for r in rs) for c, rs in results.items()}
-    peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
     gap = abs(results["nanoqwen"][0]["losses"][0] - results["transformers"][0]["losses"][0])
-    gib, ours, theirs = 1 << 30, "nanoqwen", "transformers"
+    ours, theirs = "nanoqwen", "transformers"
+    if any(r["peak_bytes"] is None for rs in results.values() for r in rs):  # no getrusage (Windows)
+        memory = "n/a | n/a | n/a"
+    else:
+        peak = {c: max(r["peak_bytes"] for r in rs) for c, rs in results.items()}
+        memory = f"{peak[theirs] / (1 << 30):.2f} | {peak[ours] / (1 << 30):.2f} | **{peak[ours] / peak[theirs]:.2f}**"
     return (f"| {title} | {speed[theirs]:,.0f} | {speed[ours]:,.0f} | **{speed[ours] / speed[theirs]:.2f}x** | "
-            f"{peak[theirs] / gib:.2f} | {peak[ours] / gib:.2f} | **{peak[ours] / peak[theirs]:.2f}** | {gap:.1e} |",
-            speed[ours])
+            f"{memory} | {gap:.1e} |", speed[ours])
 
 
 MFU_BATCH = 4  # qwen3-0.6b at seq 2048: the speed row's setup, so its nanoqwen run gives the MFU too

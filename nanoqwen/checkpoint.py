@@ -646,16 +646,31 @@ STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 
 
-def cuda_rng_state(device: torch.device) -> torch.Tensor | None:
-    """The CUDA generator of the device the run trains on (None off CUDA: a CPU run initializes no GPU)."""
-    return torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
+    """The generators a resumed run's dropout goes on drawing from: torch's (the CPU's) and that of the device the run
+    trains on, under its type (CUDA's, MPS's; a CPU run initializes no GPU). Rank 0 saves its own, which are every
+    rank's: all are seeded alike and draw alike."""
+    states = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        states["cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        states["mps"] = torch.mps.get_rng_state()
+    return states
+
+
+def restore_rng_states(saved: dict[str, Any], device: torch.device) -> None:
+    """Put back what rng_states saved; a device's generator saved on another kind of device (or none) stays as
+    seeded."""
+    torch.set_rng_state(saved["torch"])
+    if device.type == "mps" and saved.get("mps") is not None:
+        torch.mps.set_rng_state(saved["mps"])
+    restore_cuda_rng(saved.get("cuda"), device)
 
 
 def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
-    """Put back the CUDA generator of the training device. Rank 0 saves its own, which is every rank's: all are
-    seeded alike and draw alike (a rank's own device was never in rank 0's view of the others). Saves from before
-    held a list, one per GPU that process saw, put back as they were then (a run saved on more GPUs than it
-    resumes on still resumes)."""
+    """Put back the CUDA generator of the training device: rank 0's, saved, on each rank's own device (a rank's own
+    device was never in rank 0's view of the others). Saves from before held a list, one per GPU that process saw,
+    put back as they were then (a run saved on more GPUs than it resumes on still resumes)."""
     if saved is None or device.type != "cuda":
         return
     if isinstance(saved, torch.Tensor):
@@ -690,8 +705,7 @@ def load_train_state(run: Run, last: Path) -> None:
         load_optimizer_state(run, blob["optimizer"])
         if blob.get("scaler"):
             run.scaler.load_state_dict(blob["scaler"])
-        torch.set_rng_state(blob["rng"]["torch"])
-        restore_cuda_rng(blob["rng"].get("cuda"), run.info.device)
+        restore_rng_states(blob["rng"], run.info.device)
     except NanoQwenError:
         raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
@@ -764,7 +778,7 @@ def save_last(run: Run) -> None:
 
     def write() -> None:  # rank 0
         assert model is not None
-        rng = {"torch": torch.get_rng_state(), "cuda": cuda_rng_state(run.info.device)}
+        rng = rng_states(run.info.device)
         with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
             write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
             torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)

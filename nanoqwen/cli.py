@@ -5,9 +5,11 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import difflib
 import importlib
+import io
 import os
 import sys
 import time
@@ -101,6 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    redirected_streams_as_utf8()  # before anything is said: --help, a bad flag's line
     argv = sys.argv[1:] if argv is None else argv
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
@@ -135,6 +138,21 @@ def main(argv: list[str] | None = None) -> int:
             raise
         say_error(prog, f"{prog}: error: {line}", e)
         return 2
+
+
+def redirected_streams_as_utf8() -> None:
+    """On Windows, the standard streams that are not a console read and write UTF-8, as in Python's UTF-8 mode (its
+    default from 3.15): they were in the ANSI code page (cp1252), so `nanoqwen sample ... > out.txt` lost every
+    character outside it (Chinese, emoji) and a UTF-8 file piped into chat was misread. A console is UTF-8 already;
+    elsewhere the locale's encoding is the terminal's, and PYTHONIOENCODING (or UTF-8 mode) is the user's choice."""
+    if sys.platform != "win32" or sys.flags.utf8_mode or os.environ.get("PYTHONIOENCODING"):
+        return
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        if not isinstance(stream, io.TextIOWrapper) or codecs.lookup(stream.encoding).name == "utf-8":
+            continue  # (None: closed by the shell; a caller's own stream, such as a StringIO)
+        with contextlib.suppress(OSError, ValueError):  # closed, or a caller's stdin already read from: left as it is
+            if not stream.isatty():
+                stream.reconfigure(encoding="utf-8")
 
 
 def interrupted(prog: str, error: KeyboardInterrupt | None = None) -> int:

@@ -103,16 +103,18 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
 WINDOWS_RENAME_WAITS = (0.1, 0.2, 0.4, 0.8, 1.5)
 
 
-def rename_patiently(source: Path, target: Path) -> None:
-    """`source.rename(target)`, tried again for a while on Windows while refused: it renames no folder while a
-    program holds a file in it open."""
+def rename_patiently(source: Path, target: Path, over_file: bool = False) -> None:
+    """`source.rename(target)` (with `over_file`, os.replace: a file put over the file `target`), tried again for a
+    while on Windows while refused: it renames no folder while a program holds a file in it open, nor replaces a
+    file held open."""
+    move = os.replace if over_file else Path.rename
     for wait in WINDOWS_RENAME_WAITS if sys.platform == "win32" else ():
         try:
-            source.rename(target)
+            move(source, target)
             return
         except PermissionError:
             time.sleep(wait)
-    source.rename(target)
+    move(source, target)
 
 
 def missing_folders(folder: Path) -> list[Path]:
@@ -472,7 +474,13 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield Path(tmp)
         sync_file(tmp)  # on the disk before the name points at it
-        os.replace(tmp, final)
+        try:
+            rename_patiently(Path(tmp), final, over_file=True)
+        except PermissionError:
+            if sys.platform != "win32":
+                raise
+            raise NanoQwenError(f"cannot replace {final}: another program has it open (Windows replaces no file "
+                                "then), or it is read-only; close it and run again, or write elsewhere") from None
         sync_file(final.parent)  # and the new name too: after a power cut, the new file rather than the old one
     except BaseException as e:
         full = no_space_left(e, Path(tmp), final)

@@ -14,8 +14,10 @@ import os
 import re
 import shlex
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -629,10 +631,12 @@ _held_locks: list[int] = []  # shared locks on the folders this process reads, h
 
 def _lock(folder: Path, exclusive: bool) -> int | None:
     """The folder open with a lock on it (shared: waits for a pruner; exclusive: none while another holds any), or
-    None where it cannot be locked: held by another (exclusive), no flock (Windows, some network file systems).
-    FileNotFoundError where the folder is gone."""
+    None where it cannot be locked: held by another (exclusive), no flock (some network file systems). Windows has
+    no flock: there a reader (shared) holds the folder's tokenizer.json open instead, for Windows renames no folder
+    while a file in it is open, which refuses a prune's rename away (see _unread). FileNotFoundError where the folder
+    is gone."""
     if fcntl is None:
-        return None
+        return os.open(_held_path(folder), os.O_RDONLY) if sys.platform == "win32" and not exclusive else None
     try:
         fd = os.open(folder, os.O_RDONLY)
     except FileNotFoundError:
@@ -647,18 +651,39 @@ def _lock(folder: Path, exclusive: bool) -> int | None:
     return fd
 
 
-def _still_named(folder: Path, fd: int) -> bool:
-    """Whether `folder` still names the folder open as `fd`: a prune may have renamed it away (nothing left at the
-    name: the caller closes `fd` all the same) or another process built it anew while this one waited for its lock."""
+def _held_path(folder: Path) -> Path:
+    """What a reader of `folder` holds open (see _lock): the folder, or on Windows its tokenizer.json."""
+    return folder / "tokenizer.json" if fcntl is None else folder
+
+
+@contextmanager
+def _unread(folder: Path) -> Iterator[bool]:
+    """Whether no reader holds `folder` (see _lock), kept so for the block: an exclusive lock; on Windows true, for a
+    rename of the folder is refused there while a reader holds it. False where it cannot be told."""
+    if fcntl is None:
+        yield sys.platform == "win32"
+        return
+    fd = _lock(folder, exclusive=True)
     try:
-        return os.path.samestat(os.stat(folder), os.fstat(fd))
+        yield fd is not None
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _still_named(folder: Path, fd: int) -> bool:
+    """Whether `folder` still names the folder open as `fd` (see _held_path): a prune may have renamed it away
+    (nothing left at the name: the caller closes `fd` all the same) or another process built it anew while this one
+    waited for its lock."""
+    try:
+        return os.path.samestat(os.stat(_held_path(folder)), os.fstat(fd))
     except FileNotFoundError:
         return False
 
 
 def prune_stale_qwen3_folders(current: Path) -> None:
-    """Delete the official tokenizer's folders of other builds that no process is using: none holds a lock on it
-    (this version's readers hold one while they run) and none read it for STALE_AFTER_DAYS (older versions take
+    """Delete the official tokenizer's folders of other builds that no process is using: none holds it (this
+    version's readers do while they run, see _lock) and none read it for STALE_AFTER_DAYS (older versions take
     no lock: their reads show in its times). Renamed away first, so a reader never sees it half deleted."""
     cutoff = time.time() - STALE_AFTER_DAYS * 86400
     for folder in current.parent.iterdir():
@@ -667,23 +692,18 @@ def prune_stale_qwen3_folders(current: Path) -> None:
         if folder.name == current.name or folder.is_symlink() or not _BUILT_FOLDER.fullmatch(folder.name):
             continue
         try:
-            fd = _lock(folder, exclusive=True)
-        except FileNotFoundError:  # another process pruned it first
+            with _unread(folder) as unread:
+                if not unread:
+                    continue
+                # (listing a folder sets its access time, so its files' times tell when it was last read)
+                used = max([folder.stat().st_mtime, *(t for path in folder.iterdir() for t in (path.stat().st_atime,
+                                                                                                path.stat().st_mtime))])
+                if used >= cutoff:
+                    continue
+                trash = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-stale")  # hidden, as a build in progress
+                folder.rename(trash)
+        except OSError:  # another process pruned or renamed it first, a reader holds it (Windows), a read-only cache
             continue
-        if fd is None:
-            continue
-        try:
-            # (listing a folder sets its access time, so its files' times tell when it was last read)
-            used = max([folder.stat().st_mtime, *(t for path in folder.iterdir() for t in (path.stat().st_atime,
-                                                                                            path.stat().st_mtime))])
-            if used >= cutoff:
-                continue
-            trash = folder.with_name(f".{folder.name}.tmp-{os.getpid()}-stale")  # hidden, as a build in progress is
-            folder.rename(trash)
-        except OSError:  # another process renamed it first, or the cache is read-only
-            continue
-        finally:
-            os.close(fd)
         shutil.rmtree(trash, ignore_errors=True)
 
 

@@ -1485,3 +1485,29 @@ def test_sample_shows_control_characters_on_a_terminal_and_pipes_them_as_generat
     monkeypatch.setattr(sys, "stdout", None)
     assert main(["sample", "--model", str(checkpoint), "--prompt", "Hi", "--device", "cpu",
                  *(["--stream"] if stream else [])]) == 0
+
+
+def test_sample_redirected_to_a_file_on_windows_writes_utf8(checkpoint, monkeypatch):
+    # A redirected stream on Windows is in the ANSI code page (cp1252), not the console's UTF-8: `nanoqwen sample >
+    # out.txt` wrote "?" for every character outside it (Chinese, emoji), and errors naming such a file were escaped.
+    # Streams that are not a console are UTF-8 there, as in Python's UTF-8 mode, for every command.
+    def redirected() -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(), encoding="cp1252", errors="strict", write_through=True)
+
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    monkeypatch.setattr(sys, "stdout", redirected())
+    monkeypatch.setattr(sys, "stderr", redirected())
+    monkeypatch.setattr(sys, "stdin", redirected())  # a UTF-8 file piped into chat is read as one
+    prompt = "从前 🙂 café"
+    assert main(["sample", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "1", "--device",
+                 "cpu"]) == 0
+    assert sys.stdout.buffer.getvalue().decode("utf-8").startswith(prompt)  # type: ignore[attr-defined]
+    missing = checkpoint.parent / "从前"
+    assert main(["sample", "--model", str(missing), "--prompt", "x"]) == 2
+    assert str(missing) in sys.stderr.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
+    monkeypatch.setattr(sys, "stderr", redirected())  # a bad command line's line, said before the command runs
+    with pytest.raises(SystemExit):
+        main(["sample", "--model", str(checkpoint), "--prompt", "x", "从前"])
+    assert "unrecognized arguments: 从前" in sys.stderr.buffer.getvalue().decode("utf-8")  # type: ignore[attr-defined]
+    assert sys.stdin.encoding == "utf-8"

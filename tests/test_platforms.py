@@ -3,6 +3,7 @@ they do there."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import locale
@@ -20,6 +21,7 @@ import pytest
 import torch
 
 import nanoqwen.io
+from nanoqwen.checkpoint import restore_rng_states, rng_states
 from nanoqwen.config import ModelConfig, load_preset
 from nanoqwen.data.loader import BatchLoader, TokenSplit
 from nanoqwen.data.prepare import prepare
@@ -50,6 +52,22 @@ def test_batches_reach_mps_in_a_blocking_copy(monkeypatch: pytest.MonkeyPatch) -
     inputs, targets = loader.micro_batches(0)[0]
     assert copies == [{"device": MPS, "non_blocking": False}]
     assert torch.equal(inputs[:, 1:], targets[:, :-1])  # the batch itself, as on CPU
+
+
+def test_a_run_on_mps_resumes_the_generator_its_dropout_draws_from(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Dropout on MPS draws from MPS's own generator, which a save left out (CUDA's was kept): a resumed run with
+    # attention_dropout drew other masks than the uninterrupted run, its losses no longer the same. Stood in for on
+    # CPU: MPS's generator as a state that draws change.
+    generator = {"state": torch.tensor([1], dtype=torch.uint8)}
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": generator["state"].clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=state))
+    saved = rng_states(MPS)
+    generator["state"] = torch.tensor([2], dtype=torch.uint8)  # the killed run drew on after its save
+    restore_rng_states(saved, MPS)
+    assert generator["state"].tolist() == [1]
+    generator["state"] = torch.tensor([2], dtype=torch.uint8)
+    restore_rng_states(rng_states(torch.device("cpu")), MPS)  # saved on a CPU: MPS's stays as seeded
+    assert generator["state"].tolist() == [2]
 
 
 def act_as_windows(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -255,3 +273,68 @@ def test_a_folder_windows_will_not_rename_for_a_moment_is_replaced_all_the_same(
         (folder / "model.safetensors").write_text("newer")
     assert (tmp_path / "best" / "model.safetensors").read_text() == "new"  # the old one stays, whole
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+
+
+def test_a_file_windows_will_not_replace_for_a_moment_is_replaced_all_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    # Windows replaces no file that another program holds open (a scanner or indexer reading the config.json just
+    # written, an editor, `tail` of a run's file): each single file written whole (a run's config.json, a plot, a
+    # GGUF) failed at once, where folders were tried again for a while.
+    replace, refusals, waits = os.replace, [0], []
+
+    def held_for_a_moment(source: Any, target: Any) -> None:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise PermissionError(errno.EACCES, "Access is denied", str(target))
+        replace(source, target)
+
+    monkeypatch.setattr(os, "replace", held_for_a_moment)
+    act_as_windows(monkeypatch)
+    monkeypatch.setattr(time, "sleep", waits.append)
+    write_json(tmp_path / "config.json", {"step": 1})
+    refusals[0] = 2
+    write_json(tmp_path / "config.json", {"step": 2})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2} and len(waits) == 2
+    refusals[0] = 1000  # held open for good: one line that says so, the old file whole, no temporary left
+    with pytest.raises(NanoQwenError, match=r"cannot replace .*config\.json: another program has it open"):
+        write_json(tmp_path / "config.json", {"step": 3})
+    assert json.loads((tmp_path / "config.json").read_text()) == {"step": 2}
+    assert [path.name for path in tmp_path.iterdir()] == ["config.json"]
+
+
+def test_stale_qwen3_tokenizer_builds_are_pruned_on_windows_but_not_one_in_use(monkeypatch: pytest.MonkeyPatch,
+                                                                              tmp_path: Path) -> None:
+    # The cache's readers and its prune locked folders with flock alone: on Windows no folder was ever pruned, ~18 MB
+    # left for good by each upgrade. There a reader holds its folder's tokenizer.json open, and Windows renames no
+    # folder while a file in it is open (here, held by this process: its open files read from /proc).
+    import nanoqwen.tokenizer
+
+    rename = Path.rename
+
+    def opened() -> Iterator[Path]:
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(FileNotFoundError):  # the listing's own, closed since
+                yield Path(os.readlink(f"/proc/self/fd/{fd}"))
+
+    def windows_rename(path: Path, target: Any) -> Path:
+        if any(file.is_relative_to(path.absolute()) for file in opened()):
+            raise PermissionError(errno.EACCES, "Access is denied", str(path))
+        return rename(path, target)
+
+    monkeypatch.setattr(nanoqwen.tokenizer, "fcntl", None)
+    monkeypatch.setattr(sys, "platform", "win32")
+    monkeypatch.setattr(Path, "rename", windows_rename)
+    long_ago = time.time() - (nanoqwen.tokenizer.STALE_AFTER_DAYS + 1) * 86400
+    current, held, stale = (tmp_path / f"qwen3-tokenizer-{digit * 16}" for digit in "012")
+    for folder in (current, held, stale):
+        folder.mkdir()
+        (folder / "tokenizer.json").write_text("{}")
+        for path in (folder / "tokenizer.json", folder):
+            os.utime(path, (long_ago, long_ago))
+    reader = nanoqwen.tokenizer._lock(held, exclusive=False)  # another process's, reading that build
+    assert reader is not None and nanoqwen.tokenizer._still_named(held, reader)
+    try:
+        nanoqwen.tokenizer.prune_stale_qwen3_folders(current)
+    finally:
+        os.close(reader)
+    assert sorted(path.name for path in tmp_path.iterdir()) == [current.name, held.name]

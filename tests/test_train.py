@@ -3346,16 +3346,16 @@ def test_each_rank_resumes_its_own_cuda_generator(monkeypatch: pytest.MonkeyPatc
     # seeded alike and draw alike). Saving every GPU rank 0's process could see gave rank 3 of a torchrun job the
     # untouched generator of cuda:3 in rank 0's process: not the one its dropout had drawn from. A run on CPU
     # saves and restores no CUDA generator (nor initializes CUDA). Stood in for on CPU, the calls recorded.
-    from nanoqwen.checkpoint import cuda_rng_state, restore_cuda_rng
+    from nanoqwen.checkpoint import restore_rng_states, rng_states
 
     calls = []
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device: calls.append(("get", device)) or torch.ones(4))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device: calls.append(("set", device)))
-    saved = cuda_rng_state(torch.device("cuda", 0))
-    restore_cuda_rng(saved, torch.device("cuda", 3))
+    saved = rng_states(torch.device("cuda", 0))
+    restore_rng_states(saved, torch.device("cuda", 3))
     assert calls == [("get", torch.device("cuda", 0)), ("set", torch.device("cuda", 3))]
-    assert cuda_rng_state(torch.device("cpu")) is None
-    restore_cuda_rng(saved, torch.device("cpu"))
+    assert rng_states(torch.device("cpu")).keys() == {"torch"}
+    restore_rng_states(saved, torch.device("cpu"))
     assert len(calls) == 2
 
 
