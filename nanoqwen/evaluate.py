@@ -17,18 +17,19 @@ import torch.nn.functional as F
 
 from nanoqwen.data.loader import check_token_ids
 from nanoqwen.data.sources import (
+    DOCUMENT_SEPARATOR,
     NOT_UTF8,
     ONLY_SEPARATORS,
     SUFFIXES,
     TEXT_SUFFIXES,
     TextDecoder,
+    before_partial_separator,
     conversion_hint,
     file_type,
-    mostly_undecodable,
-    not_text,
     open_binary,
     said_if_damaged,
     separated_documents,
+    undecodable,
     universal_newlines,
     zstd_unread,
 )
@@ -39,7 +40,6 @@ from nanoqwen.model import Qwen3
 
 if TYPE_CHECKING:
     from nanoqwen.data.loader import ChatMarks, TokenSplit
-    from nanoqwen.data.prepare import Encoded
     from nanoqwen.tokenizer import Tokenizer
 
 
@@ -184,8 +184,13 @@ def split_slices(num_tokens: int, context: int, batch_size: int) -> list[tuple[i
     """(start, end) of the slices of a split of `num_tokens` that evaluate_split scores one after another: about
     SLICE_TOKENS each, of whole forwards of windows (the forwards of the split whole), each sharing its last token,
     which its last window predicts, with the next, whose first window starts from it."""
-    step = max(1, SLICE_TOKENS // (context * batch_size)) * batch_size * context
+    step = slice_step(context, batch_size)
     return [(start, min(start + step + 1, num_tokens)) for start in range(0, num_tokens - 1, step)]
+
+
+def slice_step(context: int, batch_size: int) -> int:
+    """The ids predicted in one slice (see split_slices): about SLICE_TOKENS, in whole forwards of windows."""
+    return max(1, SLICE_TOKENS // (context * batch_size)) * batch_size * context
 
 
 def evaluate_split(model: Qwen3, split: TokenSplit, where: str, tokenizer: Tokenizer, context: int,
@@ -235,19 +240,18 @@ def evaluate_split(model: Qwen3, split: TokenSplit, where: str, tokenizer: Token
 
 class TextSource:
     """The text of eval's --text-file (a file, or standard input), read as prepare reads a text file's: decoded (UTF-8,
-    or the encoding a byte-order mark names), with universal newlines, parted at <|endoftext|>. Read whole, or (with
-    --max-windows) from its start on as far as the windows need, encode_documents asking for more: a 5 GB file asked
-    for a few windows is neither read nor held whole. Its bytes are decoded incrementally, so that a character or a
-    "\r\n" that one read cuts reads as it does whole; `close` ends what `read` reads from (a file)."""
+    or the encoding a byte-order mark names), with universal newlines, parted at <|endoftext|>. Read a part at a time
+    as `pieces` takes it (see there), from a start that `start` reads and checks: neither a 5 GB file scored whole nor
+    one asked for a few windows is held whole. Its bytes are decoded incrementally, so that a character or a "\r\n"
+    that one read cuts reads as it does whole; `close` ends what `read` reads from (a file)."""
 
     def __init__(self, read: Callable[[int], bytes], name: str, close: Callable[[], None] = lambda: None) -> None:
-        self.read, self.name, self.close = read, name, close  # read(n): at most n bytes (-1: all), b"" at the end
-        self.text = ""  # decoded so far, line ends as written
-        self.complete = False  # whether it is the whole text
-        self._read_bytes, self._first_bytes = 0, -1
+        self.read, self.name, self.close = read, name, close  # read(n): at most n bytes, b"" at the end
+        self.text = ""  # decoded, line ends as written, not yet taken by `pieces`
+        self.complete = False  # whether the whole text is read
+        self.characters = self.nuls = 0  # of all the text read, for `check`
+        self._read_bytes, self._first_bytes = 0, 0
         self._decoder = TextDecoder()
-        self._documents: tuple[int, list[str]] = (-1, [])  # those of the text as long as it was then
-        self._checked = -1  # how long the text was when checked
 
     @property
     def replaced(self) -> int:
@@ -260,56 +264,102 @@ class TextSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, first_bytes: int | None) -> None:
-        """Read the text whole (None), or its first `first_bytes` (at least 4, for a byte-order mark) and on until it
-        holds a document; then check it (`check`): before the model loads, a mistake costs no wait."""
-        self._first_bytes = -1 if first_bytes is None else first_bytes
+    def start(self, first_bytes: int) -> None:
+        """Read the first `first_bytes` (at least 4, for a byte-order mark), and on until they hold a document or the
+        text ends; then check them (one line if they are no text to score): before the model loads, a mistake costs
+        no wait."""
+        self._first_bytes = first_bytes
         self.read_more()
-        while not self.complete and not self.documents():  # (a start of blanks or separators alone)
+        while not self.complete and not self._holds_a_document():  # (a start of blanks and separators)
             self.read_more()
         self.check()
+        if not self.text.strip():  # blank: as prepare skips it
+            raise NanoQwenError(f"{self.name} is empty; give it some text to score")
+        if not self._holds_a_document():
+            raise NanoQwenError(f"{self.name} {ONLY_SEPARATORS}; give it some text to score")
 
-    def read_more(self) -> None:
-        """Read on: as many bytes again as were read (at least `start`'s first), or the rest (start(None))."""
-        wanted, texts, final = -1 if self._first_bytes < 0 else max(self._first_bytes, self._read_bytes), [], False
-        while not final and wanted != 0:  # in parts: read(n) sets aside n bytes first, and each is decoded at once
-            raw = self.read(wanted if wanted < 0 else min(wanted, READ_PART_BYTES))
-            final = wanted < 0 or not raw
+    def _holds_a_document(self) -> bool:
+        text = universal_newlines(self.text)
+        if not self.complete:  # the start of a separator that the text read ends with is none of a document's text
+            text = text[:before_partial_separator(text)]
+        return bool(separated_documents(text))
+
+    def read_more(self, most: int | None = None) -> None:
+        """Read on: as many bytes again as were read (at least `start`'s first), but at most `most`."""
+        wanted, texts, final = max(self._first_bytes, self._read_bytes), [], False
+        wanted = wanted if most is None else min(wanted, most)
+        while not final and wanted > 0:  # in parts: read(n) sets aside n bytes first, and each is decoded at once
+            raw = self.read(min(wanted, READ_PART_BYTES))
+            final = not raw
             self._read_bytes += len(raw)
             texts.append(self._decoder.decode(raw, final))
-            wanted -= 0 if wanted < 0 else len(raw)
+            wanted -= len(raw)
+        self.characters += sum(map(len, texts))
+        self.nuls += sum(text.count("\0") for text in texts)
         self.text = "".join([self.text, *texts] if self.text else texts)  # (one read's text as it is: no copy of it)
         self.complete = final
 
-    def read_all(self) -> None:
-        while not self.complete:
-            self.read_more()
-
-    def documents(self) -> list[str]:
-        """The documents of the text read (of the whole text once `complete`): its text, or the parts
-        <|endoftext|> separates."""
-        if self._documents[0] != len(self.text):  # ("\r\n" and a lone "\r" read as "\n" give a prefix of a prefix's)
-            self._documents = (len(self.text), separated_documents(universal_newlines(self.text)))
-        return self._documents[1]
-
     def check(self) -> None:
-        """One line, saying the text's name, why what was read of it is not a text to score: mostly undecodable (of
-        what was read: a file's start scored by --max-windows is text, whatever follows it), empty, or separators
-        alone (start reads on until a document or the end: of the whole text)."""
-        if self._checked == len(self.text):  # (checked as it is already)
-            return
-        self._checked = len(self.text)
-        if mostly_undecodable(self.replaced, self.text):  # the rule by which prepare skips such a file
+        """One line, saying the text's name, if what was read of it is mostly undecodable (a file's start scored by
+        --max-windows is text, whatever follows it)."""
+        if undecodable(self.replaced, self.nuls, self.characters):  # the rule by which prepare skips such a file
             of = "of its" if self.complete else "of the first"
-            raise NanoQwenError(f"{self.name} is not text: {not_text(self.replaced, self.text):,} {of} "
-                                f"{len(self.text):,} characters are undecodable or NUL ({NOT_UTF8})")
-        if not self.text.strip():  # blank: as prepare skips it
-            raise NanoQwenError(f"{self.name} is empty; give it some text to score")
-        if not self.documents():
-            raise NanoQwenError(f"{self.name} {ONLY_SEPARATORS}; give it some text to score")
+            raise NanoQwenError(f"{self.name} is not text: {self.replaced + self.nuls:,} {of} "
+                                f"{self.characters:,} characters are undecodable or NUL ({NOT_UTF8})")
+
+    def pieces(self, chars: int | None) -> Iterator[tuple[str, bool]]:
+        """The text's documents, as prepare reads them (the text, or the parts <|endoftext|> separates, the blanks
+        next to a separator left out), from what `start` read on, each with whether it ends its document: each whole
+        (`chars` None), or in pieces of about `chars` or more, cut where no id of a Qwen-style tokenizer spans (see
+        piece_safe). Read on only as far as the pieces taken need, and what is taken let go: a piece's text and a
+        read's are held, not the text."""
+        held, after, begun = "", False, False  # (the text not given, its line ends read; whether a separator comes
+        # right before it; whether a piece of the document it goes on was given)
+        while True:
+            kept = "\r" if not self.complete and self.text.endswith("\r") else ""  # a "\r\n" the read may cut
+            held += universal_newlines(self.text[:len(self.text) - len(kept)])
+            self.text = kept
+            *ended, held = held.split(DOCUMENT_SEPARATOR)
+            for i, document in enumerate(ended):  # each with a separator after it
+                if i or after and not begun:
+                    document = document.lstrip()
+                if (document := document.rstrip()) or i == 0 and begun:
+                    *cut, last = cut_pieces(document, chars)
+                    yield from ((piece, False) for piece in cut)
+                    yield last, True
+            if ended:
+                after, begun = True, False
+            if after and not begun:
+                held = held.lstrip()
+            if self.complete:
+                if begun or held and not held.isspace():
+                    *cut, last = cut_pieces(held, chars)
+                    yield from ((piece, False) for piece in cut)
+                    yield last, True
+                return
+            *cut, held = cut_pieces(held, chars)  # the last piece may go on in what is read next
+            yield from ((piece, False) for piece in cut)
+            begun = begun or bool(cut)
+            # a text cut into pieces is read a part at a time; one held whole anyway, in reads that double
+            self.read_more(READ_PART_BYTES if chars is not None else None)
 
 
-READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for
+READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for, and what it reads at a time to score it whole
+
+
+def cut_pieces(text: str, chars: int | None) -> list[str]:
+    """`text` cut into pieces of `chars` characters or a little more (None: whole), each ending where prepare cuts long
+    documents (no id of a Qwen-style tokenizer spans such a point, whatever follows it): at a line break that a word
+    follows, else before a space; the last one, the rest."""
+    from nanoqwen.data.prepare import PIECE_BOUNDARY, SPACE_BOUNDARY
+
+    pieces, start = [], 0
+    while chars is not None and (end := PIECE_BOUNDARY.search(text, start + chars, start + 2 * chars) or
+                                 SPACE_BOUNDARY.search(text, start + chars)):
+        pieces.append(text[start:end.end()])
+        start = end.end()
+    pieces.append(text[start:])
+    return pieces
 
 
 def open_text_file(path: Path, model: str) -> TextSource:
@@ -347,8 +397,10 @@ def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
     """The documents of eval's --text-file, read whole, and its count of undecodable bytes replaced; or one line
     saying why it is not a text to score."""
     with open_text_file(path, model) as text:
-        text.start(None)
-        return text.documents(), text.replaced
+        text.start(READ_PART_BYTES)
+        documents = [piece for piece, _ in text.pieces(None)]
+        text.check()
+        return documents, text.replaced
 
 
 # --text-file's name for standard input, as Unix tools take it (a file named "-" is ./-), and what its lines call it
@@ -378,50 +430,79 @@ def open_standard_input() -> TextSource:
     return TextSource(read, STANDARD_INPUT_NAME)
 
 
-def text_start(texts: list[str], chars: int) -> list[str] | None:
-    """About the first `chars` characters of `texts` (documents): those up to the one in which the count is reached,
-    that one cut after the first line break that a word follows from there, where prepare cuts long documents too (no
-    token spans such a point), or whole where it has none; None where that leaves out nothing. The last document is
-    never kept whole, for `texts` may be the documents of a text's start, whose last one goes on (a document before
-    it ends at a separator read, and a word read after a line break is one there)."""
-    from nanoqwen.data.prepare import PIECE_BOUNDARY
-
-    kept = []
-    for text in texts:
-        if len(text) > chars:
-            boundary = PIECE_BOUNDARY.search(text, chars)
-            if boundary is not None:
-                return [*kept, text[:boundary.end()]]
-            if len(kept) + 1 < len(texts):  # (a file of short stories parted by <|endoftext|>, cut after one)
-                return [*kept, text]
-            return None
-        kept.append(text)
-        chars -= len(text)
-    return None
-
-
 START_CHARS_PER_TOKEN = 8  # ~4 characters a token in English, fewer in other scripts: a start long enough
 
 
-def encode_documents(tokenizer: Tokenizer, text: TextSource, max_tokens: int | None) -> list[Encoded]:
-    """prepare's encoding of the documents of `text` (encode_texts); with `max_tokens`, of only as much of their start
-    as gives more than that many ids, the first ones of the whole text's (a large file's first windows wait for no
-    more, and no more of it is read than that start: text_start cuts the text read where it cuts the whole text, at
-    a line break that a word read follows, so where the text read may end otherwise, more is read)."""
-    from nanoqwen.data.prepare import encode_texts, piece_safe
+def text_ids(tokenizer: Tokenizer, text: TextSource, max_tokens: int | None) -> Iterator[tuple[np.ndarray, int]]:
+    """prepare's encoding of the documents of `text` (encode_texts), in parts: ids, and the UTF-8 bytes of the text
+    they stand for; <|endoftext|> first (a document follows one in training), and after each document. Encoded a
+    batch of about prepare's size at a time; with `max_tokens`, from a start of about as many characters as the ids
+    need, twice as much each time after, as far as the caller takes them (a large file's first windows wait for no
+    more). A tokenizer that splits text otherwise than Qwen's (see piece_safe) is given each document whole."""
+    from nanoqwen.data.prepare import BATCH_CHARS, encode_texts, piece_safe
 
-    if max_tokens is not None and piece_safe(tokenizer.hf):  # (a tokenizer that splits text otherwise: all of it)
-        chars = START_CHARS_PER_TOKEN * max_tokens
-        while (start := text_start(text.documents(), chars)) is not None or not text.complete:
-            if start is None:  # the text read is too short to say where the start ends
-                text.read_more()
-                continue
-            documents = encode_texts(tokenizer, start)
-            if sum(len(document.ids) for document in documents) > max_tokens:
-                return documents
-            chars *= 2
-    text.read_all()
-    return encode_texts(tokenizer, text.documents())
+    yield np.array([tokenizer.eot_id]), 0
+    chars = BATCH_CHARS if max_tokens is None else min(START_CHARS_PER_TOKEN * max_tokens, BATCH_CHARS)
+    batch: list[tuple[str, bool]] = []
+    batch_chars = 0
+
+    def encoded() -> Iterator[tuple[np.ndarray, int]]:
+        for (_, ends), document in zip(batch, encode_texts(tokenizer, [piece for piece, _ in batch])):
+            yield (document.ids if ends else document.ids[:-1]), document.nbytes  # (a piece's own end is no eot)
+
+    for piece, ends in text.pieces(chars if piece_safe(tokenizer.hf) else None):
+        batch.append((piece, ends))
+        batch_chars += len(piece)
+        if batch_chars >= chars:
+            yield from encoded()
+            batch, batch_chars, chars = [], 0, min(2 * chars, BATCH_CHARS)
+    yield from encoded()
+
+
+def stream_slices(parts: Iterable[np.ndarray], step: int, max_tokens: int | None) -> Iterator[torch.Tensor]:
+    """The ids of `parts` joined, less the last (the <|endoftext|> that ends the last document), or their first
+    `max_tokens` where they hold more: in slices as split_slices gives them of a split of those ids (taking no more
+    parts than that needs), each sharing its last id with the next."""
+    held, taken = np.empty(0, dtype=np.int64), 0  # (the ids from `taken` on: the slices' before them are given)
+    for part in parts:
+        held = np.concatenate([held, part])
+        if max_tokens is not None and taken + len(held) > max_tokens + 1:  # more than max_tokens: its prefix
+            held = np.append(held[:max_tokens - taken], 0)  # (a last id, as the end's, left out below)
+            break
+        while len(held) > step + 1:  # (a slice of step + 1 ids, and one more: the slice is none of the end's)
+            yield torch.from_numpy(held[:step + 1])
+            held, taken = held[step:], taken + step
+    for start in range(0, len(held) - 2, step):  # the ids left, less the last
+        yield torch.from_numpy(held[start:start + step + 1][:len(held) - 1 - start])
+
+
+def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context: int, batch_size: int | None = None,
+                  max_tokens: int | None = None) -> dict[str, float]:
+    """metrics() of the documents of `text` (started: see TextSource.start), every id of their encoding
+    (text_ids) predicted but the first (of their first `max_tokens` alone, where given), as evaluate_tokens gives
+    them of those ids whole; read, encoded and scored a slice at a time (see split_slices), in memory that does not
+    grow with the text. Its end checked as a text (TextSource.check)."""
+    batch_size = windows_per_forward(context, batch_size)
+    counts = {"bytes": 0, "ids": 0, "prefix bytes": 0}  # the documents', and those of the ids scored
+
+    def parts() -> Iterator[np.ndarray]:
+        for ids, nbytes in text_ids(tokenizer, text, max_tokens):
+            counts["bytes"] += nbytes
+            counts["ids"] += len(ids)
+            yield ids.astype(np.int64)
+
+    def scores() -> Iterator[tuple[float, int, int]]:
+        for tokens in stream_slices(parts(), slice_step(context, batch_size), max_tokens):
+            if max_tokens is not None:  # (needed where the ids run past max_tokens: known once they have)
+                counts["prefix bytes"] += tokenizer.text_bytes(tokens[1:].numpy())
+            yield from batch_scores(model, tokens, context, batch_size)
+
+    with scoring(model):
+        total = summed(scores())
+    text.check()  # again, of all that was read
+    check_scorable(total[2] + 1)
+    prefix = max_tokens is not None and counts["ids"] - 1 > max_tokens
+    return metrics(*total, counts["prefix bytes"] if prefix else counts["bytes"])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -468,8 +549,8 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
             marks = chat_marks(Path(args.data))  # (one line if it holds no conversations)
     context = args.context or config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
-    if text is not None:  # whole, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
-        text.start(None if max_tokens is None else 2 * START_CHARS_PER_TOKEN * max_tokens)
+    if text is not None:  # a part, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
+        text.start(READ_PART_BYTES if max_tokens is None else 2 * START_CHARS_PER_TOKEN * max_tokens)
     model, tokenizer = load_for_inference(args)
     if text is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another
@@ -477,18 +558,12 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
         # file's encoding (UTF-16, a BOM). They are encoded as prepare encodes them (each ended by <|endoftext|>,
         # but the last; another added token written in one is text), so the figures are those of the tokens a run
         # trains and validates on.
-        documents = encode_documents(tokenizer, text, max_tokens)
-        text.check()  # again where more was read for the windows
+        result = evaluate_text(model, tokenizer, text, context, args.batch_size, max_tokens)
         if text.replaced:  # the figures are still computed, but the user should know why they are odd
             source = STANDARD_INPUT_NAME if args.text_file == STANDARD_INPUT else args.text_file
             print(f"nanoqwen: warning: {source} is not UTF-8 text: replaced {text.replaced:,} undecodable "
                   "byte sequences with U+FFFD (convert it to UTF-8 first, e.g. with iconv)", file=sys.stderr)
-        ids = np.concatenate([[tokenizer.eot_id], *(document.ids for document in documents)])[:-1]
-        tokens, num_bytes = torch.from_numpy(ids.astype(np.int64)), sum(document.nbytes for document in documents)
-        if max_tokens is not None and len(ids) > max_tokens:  # a prefix: the bytes of its own text, counted
-            tokens = tokens[:max_tokens]
-            num_bytes = tokenizer.text_bytes(tokens[1:].numpy())
-        return evaluate_tokens(model, tokens, num_bytes, context, args.batch_size)
+        return result
     from nanoqwen.data.loader import TokenSplit
 
     split = args.split or "val"

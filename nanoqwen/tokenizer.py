@@ -15,8 +15,9 @@ import re
 import shlex
 import shutil
 import sys
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from functools import cached_property, lru_cache
 from pathlib import Path
@@ -783,6 +784,40 @@ def _short_runs(texts: Iterable[str]) -> Iterator[str]:
         yield text[start:]
 
 
+def _stopping(texts: Iterable[str], stopped: threading.Event) -> Iterator[str]:
+    """`texts`, until `stopped` is set: then KeyboardInterrupt, where the next one is taken."""
+    for text in texts:
+        if stopped.is_set():
+            raise KeyboardInterrupt
+        yield text
+
+
+def _interruptible(work: Callable[[threading.Event], None]) -> None:
+    """work(stopped), in a thread of its own, that a Ctrl-C (or another signal's handler) in the main thread sets
+    `stopped` for and raises at once. The BPE trainer holds the thread that calls it in Rust, where Python runs no
+    signal handler, and reads the texts in another: a Ctrl-C took effect once all were read and merged. Its reading
+    (_stopping) ends at the next text; its merging, which Rust does not let stop, goes on to its end in the background
+    (a daemon thread: the command exits without it)."""
+    stopped, failed = threading.Event(), []
+
+    def run() -> None:
+        try:
+            work(stopped)
+        except BaseException as e:  # (said in the main thread)
+            failed.append(e)
+
+    worker = threading.Thread(target=run, name="nanoqwen BPE trainer", daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(0.5)  # (a signal's handler runs between waits, everywhere; on POSIX within one too)
+    except BaseException:
+        stopped.set()
+        raise
+    if failed:
+        raise failed[0]
+
+
 def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = False) -> Tokenizer:
     """A byte-level BPE of `vocab_size` ids trained on `texts`, built like the Qwen3 tokenizer.
 
@@ -801,7 +836,7 @@ def train_bpe(texts: Iterable[str], vocab_size: int, *, show_progress: bool = Fa
     blank = byte_level_tokenizer({}, [], [], 0)  # the Qwen3 pipeline around an empty model
     trainer = trainers.BpeTrainer(vocab_size=n_regular, initial_alphabet=list(bytes_to_unicode().values()),
                                   special_tokens=[], show_progress=show_progress)
-    blank.train_from_iterator(_short_runs(texts), trainer)
+    _interruptible(lambda stopped: blank.train_from_iterator(_short_runs(_stopping(texts, stopped)), trainer))
     model = json.loads(blank.to_str())["model"]
     # merges are "a b" strings in older `tokenizers` files and [a, b] pairs in newer ones
     merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m) for m in model["merges"]]

@@ -1023,6 +1023,18 @@ def abandoned_stop(run: Run, second: SecondSignal) -> Interrupted:
     return Interrupted(f"by a second {second}{said}", 128 + second.signum)
 
 
+def plot_or_say_saved(run: Run) -> None:
+    """Draw the run's loss.png; a Ctrl-C meanwhile (the run is saved by then) said so, with how to draw it later."""
+    from nanoqwen.plot import plot_run
+
+    try:
+        plot_run(run.out)
+    except KeyboardInterrupt:  # (train's StopSignal is over: a plain one)
+        raise Interrupted(f"while drawing {run.out / 'loss.png'}: the run is saved ({run.out / 'last'} holds step "
+                          f"{checkpoint_step(run.out / 'last')}); draw it later with `nanoqwen plot "
+                          f"{quote(str(run.out))}`") from None
+
+
 def report(run: Run, summary: dict[str, Any], wall_s: float) -> None:
     """The closing lines: how it went and where every file is."""
     state, out = run.state, run.out
@@ -1141,9 +1153,7 @@ def train_and_report(args: argparse.Namespace) -> str:
     try:
         summary = train(this_run)
         if this_run.info.is_main:
-            from nanoqwen.plot import plot_run
-
-            plot_run(this_run.out)
+            plot_or_say_saved(this_run)
             report(this_run, summary, time.perf_counter() - started)
     except SecondSignal as e:
         raise abandoned_stop(this_run, e) from None

@@ -811,7 +811,7 @@ def test_progress_lines_off_a_terminal(tmp_path: Path, monkeypatch: pytest.Monke
     assert meta["cut_documents"] == 0  # each document whole in one split: its counts are the progress's
     total = {key: sum(split[key] for split in meta["splits"].values()) for key in ("documents", "tokens", "bytes")}
     # the BPE's reading pass, then the encoding pass, a line per document read and per batch written
-    reading = [line for line in lines if line.startswith("training the BPE: ")]
+    reading = [line for line in lines if line.startswith("training the BPE: ") and line.endswith("/s")]
     encoding = [line for line in lines if line.startswith("prepare: ")]
     assert len(reading) == len(encoding) == 6, err
     assert re.fullmatch(r"training the BPE: [\d.]+ (bytes|kB) \| 6 documents \| [\d.]+ (bytes|kB|MB)/s",
@@ -824,6 +824,20 @@ def test_progress_lines_off_a_terminal(tmp_path: Path, monkeypatch: pytest.Monke
     monkeypatch.setattr(prepare_module, "PROGRESS_SECONDS", 30.0)
     prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out", force=True)
     assert "prepare: " not in capsys.readouterr().err
+
+
+def test_a_bpe_says_off_a_terminal_when_its_merging_starts(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # After its reading pass the trainer merges pairs for minutes on a large corpus, and off a terminal (where its own
+    # bars draw nothing) the log looked hung: one line says the merging has begun, however quick the reading was.
+    (tmp_path / "c").mkdir()
+    for i in range(3):
+        (tmp_path / "c" / f"{i}.txt").write_text(f"document {i}: " + "words and more words " * 8 + "\n")
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "out")
+    size = prepare_module.data_size(sum(len(p.read_bytes()) for p in (tmp_path / "c").iterdir()))
+    assert f"training the BPE: read 3 documents ({size}); merging pairs into 300 ids, which prints nothing until it " \
+        "ends (minutes, for a large corpus)\n" in capsys.readouterr().err
+    prepare(str(tmp_path / "c"), "bpe:300", tmp_path / "quiet", progress=False)
+    assert capsys.readouterr().err == ""
 
 
 # -- reuse and atomicity -----------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import random
 import re
 import sys
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -443,41 +444,106 @@ def test_max_windows_reads_only_the_start_of_a_text_it_scores(checkpoint: Path, 
     # A start of blanks and separators alone is read on from: the documents after it are scored.
     (tmp_path / "blank-first.txt").write_bytes(b"\n<|endoftext|>\n" * (1 << 13) + head)
     assert scored(str(tmp_path / "blank-first.txt"), *windows) == (0, expected)
+    # and a file of them alone is refused as such, though its start read ends inside one (272 bytes: "...\n<|endof")
+    (tmp_path / "separators.txt").write_bytes(b"\n<|endoftext|>\n" * 100)
+    code, err = scored(str(tmp_path / "separators.txt"), *windows)
+    assert (code, err) == (2, f"nanoqwen eval: error: text file {tmp_path / 'separators.txt'} holds nothing but "
+                              "<|endoftext|> separators and blanks; give it some text to score\n")
 
 
-def test_a_text_read_a_start_at_a_time_gives_the_ids_of_the_whole(checkpoint: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    # The start read for --max-windows may end inside a character, a "\r\n", an <|endoftext|> or a line a word
-    # follows: what is read is decoded as the whole is, and cut only where the whole text is cut, so the ids scored
-    # are the first ones of the whole text's, wherever the reads (and the parts of one) end.
+def test_a_text_read_a_part_at_a_time_gives_the_ids_of_the_whole(checkpoint: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The parts read may end inside a character, a "\r\n", an <|endoftext|> or a line a word follows: what is read
+    # is decoded as the whole is, and cut only where no id spans, so the ids are those of the whole text's documents
+    # as prepare encodes them, wherever the reads (and the parts of one) end, and however long the pieces encoded.
     import nanoqwen.evaluate
-    from nanoqwen.evaluate import TextSource, encode_documents, text_start
-
-    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    from nanoqwen.data.prepare import encode_texts
+    from nanoqwen.data.sources import separated_documents, universal_newlines
+    from nanoqwen.evaluate import TextSource, text_ids
     from nanoqwen.tokenizer import load_tokenizer
 
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
     tokenizer = load_tokenizer(checkpoint)
     text = "".join(f"caf\u00e9 {i} \U0001f600 \ufffd sat\r\n" + ("\r\n<|endoftext|>\r\nthe\rmat " if i % 3 else "")
-                   for i in range(200))
+                   for i in range(200)) + "  \n<|endoftext|> the  end \n"
     for raw in (text.encode() + b"\xff\xfe ok", text.encode("utf-16")):
         whole = TextSource(io.BytesIO(raw).read, "t")
-        whole.start(None)
-        whole_ids = np.concatenate([d.ids for d in encode_documents(tokenizer, whole, None)])
-        for first in range(4, 70, 3):
-            read = TextSource(io.BytesIO(raw).read, "t")
-            read.start(first)
-            read.read_all()
-            assert (read.text, read.replaced, read.documents()) == (whole.text, whole.replaced, whole.documents())
-            for max_tokens in (5, 17, 60):
-                start = TextSource(io.BytesIO(raw).read, "t")
-                start.start(first)
-                ids = np.concatenate([d.ids for d in encode_documents(tokenizer, start, max_tokens)])
-                assert len(ids) > max_tokens and (ids[:max_tokens] == whole_ids[:max_tokens]).all(), (first, max_tokens)
-                assert not start.complete  # (the text is longer than these starts)
-    # A document before the last is kept whole where no line break is cut at (of a file of short stories, the start
-    # is read, not all of it); the last one, which may go on past what was read, never is.
-    assert text_start(["the cat sat", "the dog sat", "on the log"], 4) == ["the cat sat"]
-    assert text_start(["the cat sat", "the dog sat on"], 14) is None
+        whole.start(len(raw) + 1)
+        documents = separated_documents(universal_newlines(whole.text))
+        encoded = encode_texts(tokenizer, documents)
+        whole_ids = np.concatenate([[tokenizer.eot_id], *(document.ids for document in encoded)])
+        for first in range(4, 70, 11):
+            for max_tokens in (None, 5, 17, 60):
+                read = TextSource(io.BytesIO(raw).read, "t")
+                read.start(first)
+                parts = list(text_ids(tokenizer, read, max_tokens))
+                assert (np.concatenate([ids for ids, _ in parts]) == whole_ids).all(), (first, max_tokens)
+                assert sum(nbytes for _, nbytes in parts) == sum(document.nbytes for document in encoded)
+                assert read.replaced == whole.replaced and read.characters == whole.characters
+            pieces = TextSource(io.BytesIO(raw).read, "t")
+            pieces.start(first)
+            assert [piece for piece, _ in pieces.pieces(None)] == documents  # (read_text_file's)
+
+
+def test_a_large_text_file_is_read_encoded_and_scored_a_part_at_a_time(checkpoint: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --text-file` read the whole file into memory, decoded it, parted it and encoded it all at once before the
+    # first window was scored: a 5 GB file cost several times that. It is read, encoded and scored a part at a time
+    # now, to the figures of the whole (those `eval --data` gives a split of it scored a slice at a time).
+    import nanoqwen.data.prepare
+    import nanoqwen.evaluate
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.evaluate import evaluate_tokens
+
+    stories = ["".join(f"story {s}, line {i}: the caf\u00e9 sat\r\n" for i in range(3 + s)) for s in range(3)]
+    path = tmp_path / "stories.txt"
+    path.write_bytes("\n<|endoftext|>\n".join([*stories, stories[0].replace("\r\n", " ")]).encode())
+    events: list[tuple[str, int]] = []  # in order: each read of the file and its size, each forward of windows
+    open_binary, batch_scores = nanoqwen.evaluate.open_binary, nanoqwen.evaluate.batch_scores
+
+    class Logged:
+        def __init__(self, f: io.BufferedReader) -> None:
+            self.f, self.close = f, f.close
+
+        def read(self, size: int) -> bytes:
+            events.append(("read", size))
+            return self.f.read(size)
+
+    def scored(*args: object) -> Iterator[tuple[float, int, int]]:
+        for score in batch_scores(*args):
+            events.append(("forward", score[2]))
+            yield score
+
+    monkeypatch.setattr(nanoqwen.evaluate, "open_binary", lambda p: Logged(open_binary(p)))
+    monkeypatch.setattr(nanoqwen.evaluate, "batch_scores", scored)
+
+    def evaluated(*extra: str) -> dict[str, float]:
+        events.clear()
+        assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--context", "8", "--batch-size",
+                     "2", "--device", "cpu", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    whole = evaluated()
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 50)
+    monkeypatch.setattr(nanoqwen.data.prepare, "BATCH_CHARS", 30)
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)  # a slice per forward (2 windows of 8)
+    assert evaluated() == whole  # the same figures, to the last bit
+    reads = [size for event, size in events if event == "read"]
+    assert max(reads) == 50 and len(reads) > path.stat().st_size // 50  # read a part at a time
+    first_forward = next(i for i, (event, _) in enumerate(events) if event == "forward")
+    assert first_forward < max(i for i, (event, _) in enumerate(events) if event == "read")  # scored as it is read
+    # the figures of the whole file's ids, as prepare encodes its documents
+    model, tokenizer = load_checkpoint(checkpoint)
+    documents = nanoqwen.data.prepare.encode_texts(tokenizer, [s.replace("\r\n", "\n").rstrip() for s in stories] +
+                                                   [stories[0].replace("\r\n", " ")])
+    ids = torch.from_numpy(np.concatenate([[tokenizer.eot_id], *(d.ids for d in documents)])[:-1].astype(np.int64))
+    expected = evaluate_tokens(model, ids, sum(d.nbytes for d in documents), 8, 2)
+    assert whole == pytest.approx(expected, rel=1e-6) and whole["tokens"] == len(ids) - 1
+    # and a prefix (--max-windows) as before: its first ids, the bytes of their own text
+    prefix = ids[:8 * 5 + 1]
+    assert evaluated("--max-windows", "5") == pytest.approx(
+        evaluate_tokens(model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 8, 2), rel=1e-6)
 
 
 def test_a_named_pipe_is_read_as_standard_input_is(checkpoint: Path, tmp_path: Path,

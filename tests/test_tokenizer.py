@@ -6,6 +6,7 @@ import importlib.util
 import json
 import shlex
 import unicodedata
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -575,3 +576,23 @@ def test_a_folders_own_bos_and_unk_tokens_survive_a_save(tmp_path):
     messages = [{"role": "user", "content": "the cat"}]
     assert load_tokenizer(tmp_path / "saved").render_chat(messages, add_generation_prompt=False) == "<s>the cat" == \
         hf.apply_chat_template(messages, tokenize=False)
+
+
+def test_ctrl_c_while_a_bpe_reads_its_texts_stops_the_reading() -> None:
+    # The trainer reads the texts in a thread of its own while the main thread waits in Rust, where Python runs no
+    # signal handler: a Ctrl-C took effect once every text was read and merged (minutes of a large corpus).
+    import os
+    import signal
+
+    taken = 0
+
+    def texts() -> Iterator[str]:
+        nonlocal taken
+        for taken in range(1, 200_001):
+            if taken == 100:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield "the cat sat on the mat"
+
+    with pytest.raises(KeyboardInterrupt):
+        train_bpe(texts(), 300)
+    assert taken < 100_000  # stopped as it was reading, not after all of it

@@ -2060,6 +2060,24 @@ def test_a_second_signal_during_the_save_says_what_last_holds_and_how_to_resume(
         assert not list(out.glob(".last.*"))  # the abandoned save's files went with it
 
 
+def test_ctrl_c_while_the_closing_plot_is_drawn_says_the_run_is_saved(
+        data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # The run is saved before loss.png is drawn; a Ctrl-C there said a plain "interrupted", as if all was lost.
+    import nanoqwen.plot as plot_module
+
+    def ctrl_c(run_dir: Path) -> Path:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(plot_module, "plot_run", ctrl_c)
+    out = tmp_path / "run"
+    assert train_in_process(*common(data, preset, out), "--max-steps", "4") == 130
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == f"nanoqwen train: interrupted while drawing {out / 'loss.png'}: the run is saved ({out / 'last'} " \
+        f"holds step 4); draw it later with `nanoqwen plot {out}`"
+    assert checkpoint_step(out / "last") == 4
+
+
 def test_a_signal_torchrun_passes_on_again_still_saves() -> None:
     # A job scheduler (SLURM) signals every process of a job: each worker got SIGTERM, then torchrun passed its own
     # on, and the second aborted the save. Under torchrun a worker notes both, and keeps noting them until it

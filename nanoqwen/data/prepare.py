@@ -441,6 +441,10 @@ def _train_on(corpus: Corpus, vocab_size: int, progress: bool) -> tuple[Tokenize
             seen["bytes"] += len(text.encode("utf-8"))
             lines.update(seen["bytes"], seen["documents"])
             yield from _pieces(text)  # the same words to count as the whole text, in bounded memory
+        if lines.enabled and seen["documents"]:  # merging draws a bar on a terminal alone: said, lest a log look hung
+            print(f"training the BPE: read {counted(seen['documents'], 'document')} ({data_size(seen['bytes'])}); "
+                  f"merging pairs into {vocab_size:,} ids, which prints nothing until it ends (minutes, for a large "
+                  "corpus)", file=sys.stderr, flush=True)
 
     tokenizer = train_bpe(texts(), vocab_size, show_progress=progress and sys.stderr.isatty())
     if seen["documents"] == 0:

@@ -1121,10 +1121,15 @@ def not_text(replaced: int, text: str) -> int:
 def mostly_undecodable(replaced: int, text: str) -> bool:
     """Whether `text`, decoded with `replaced` U+FFFD replacements, is noise that would be learned (or scored)
     as text, not text with a few bad bytes."""
-    noise, most = not_text(replaced, text), MOSTLY_UNDECODABLE * len(text)
+    return undecodable(replaced, text.count("\0"), len(text))
+
+
+def undecodable(replaced: int, nuls: int, characters: int) -> bool:
+    """mostly_undecodable of a text of `characters`, `replaced` and `nuls` of them (counted as it was read)."""
+    noise, most = replaced + nuls, MOSTLY_UNDECODABLE * characters
     # A short text with a few bad bytes is kept (a Latin-1 "été"); NULs are no text at any length (a note of a few
     # words saved as UTF-16 without a byte-order mark)
-    return noise > most and (noise > 64 or text.count("\0") > most)
+    return noise > most and (noise > 64 or nuls > most)
 
 
 def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
@@ -1195,7 +1200,7 @@ def _count_parted(stats: CorpusStats, documents: int, new_file: bool) -> None:
     stats.parted_documents += documents
 
 
-def _before_partial_separator(text: str) -> int:
+def before_partial_separator(text: str) -> int:
     """len(`text`), less the start of DOCUMENT_SEPARATOR that it may end with (the rest of which comes in the next
     block): where a block without whitespace to cut at is cut."""
     for n in range(len(DOCUMENT_SEPARATOR) - 1, 0, -1):
@@ -1242,7 +1247,7 @@ def _text_blocks(path: Path, stats: CorpusStats) -> Iterator[str]:
                     text, after = text[end + len(DOCUMENT_SEPARATOR):], True
                 if end < 0 or len(text) > BLOCK_BYTES:  # no separator, or a document longer than a block after it
                     cut = (text.rfind("\n", len(text) // 2) + 1) or (text.rfind(" ", len(text) // 2) + 1) or \
-                        _before_partial_separator(text)
+                        before_partial_separator(text)
                     documents += _parts(text[:cut], after, False)
                     text, after = text[cut:], False
                 rest = text  # goes on in the next block
