@@ -23,7 +23,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -39,12 +41,15 @@ from nanoqwen.config import ModelConfig, load_preset  # noqa: E402
 from nanoqwen.distributed import reuse_freed_memory  # noqa: E402
 from nanoqwen.plot import read_metrics  # noqa: E402
 
+if TYPE_CHECKING:
+    from nanoqwen.optim import Optimizer
+
 ATTENTION = "sdpa"  # Transformers' attention implementation: the kernel nanoqwen's training attention calls
 
 
 # -- one contender, in its own process ------------------------------------------------------------
 def build(contender: str, config: ModelConfig, device: torch.device, compile_model: bool, tuned: bool = False
-          ) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:
+          ) -> tuple[torch.nn.Module, Optimizer, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
     """(model, optimizer, step(inputs, targets) -> loss), both starting from the same weights. `tuned` gives
     Transformers fused AdamW, as its Trainer uses by default (torch >= 2.8), where a plain loop gets foreach."""
     from transformers import Qwen3Config, Qwen3ForCausalLM  # imported by both, so both pay its memory

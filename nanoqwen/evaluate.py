@@ -393,16 +393,6 @@ def open_text_file(path: Path, model: str) -> TextSource:
     return TextSource(read, f"text file {path}", f.close)
 
 
-def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
-    """The documents of eval's --text-file, read whole, and its count of undecodable bytes replaced; or one line
-    saying why it is not a text to score."""
-    with open_text_file(path, model) as text:
-        text.start(READ_PART_BYTES)
-        documents = [piece for piece, _ in text.pieces(None)]
-        text.check()
-        return documents, text.replaced
-
-
 # --text-file's name for standard input, as Unix tools take it (a file named "-" is ./-), and what its lines call it
 STANDARD_INPUT, STANDARD_INPUT_NAME = "-", "standard input"
 

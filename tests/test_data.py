@@ -1523,7 +1523,7 @@ def test_zstd_files_without_zstandard_say_how_to_read_them(tmp_path: Path, monke
     assert str(e.value).endswith(" (zstd-compressed: `pip install zstandard` and nanoqwen reads it, or decompress it "
                                  f"first, `zstd -d {tmp_path / 'c' / 'rows.jsonl.zst'}`)")
     # eval's --text-file alike (it said the file is "not text").
-    from nanoqwen.evaluate import read_text_file
+    from tests.test_eval_input import read_text_file
 
     with pytest.raises(NanoQwenError) as e:
         read_text_file(tmp_path / "c" / "more.txt.zstd", "ck")
@@ -1844,7 +1844,7 @@ def test_windows_and_old_mac_line_endings_are_read_as_newlines(tmp_path: Path) -
     # the record gives it.
     import gzip
 
-    from nanoqwen.evaluate import read_text_file
+    from tests.test_eval_input import read_text_file
 
     text = "first line\nsecond line\n\nlast line"
     windows = text.replace("\n", "\r\n")

@@ -69,13 +69,23 @@ def test_data_files_are_pointed_at_prepare(checkpoint: Path, tmp_path: Path,
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"] > 0
 
 
+def read_text_file(path: Path, model: str) -> tuple[list[str], int]:
+    """The documents of eval's --text-file, read whole, and its count of undecodable bytes replaced."""
+    from nanoqwen.evaluate import READ_PART_BYTES, open_text_file
+
+    with open_text_file(path, model) as text:
+        text.start(READ_PART_BYTES)
+        documents = [piece for piece, _ in text.pieces(None)]
+        text.check()
+        return documents, text.replaced
+
+
 def test_a_compressed_text_file_is_scored_as_its_text(tmp_path: Path) -> None:
     # A .txt.gz was scored as its compressed bytes (a small one passed as text with a warning): prepare reads its
     # text. Compressed records are pointed at prepare, as uncompressed ones are.
     import gzip
 
     from nanoqwen.errors import NanoQwenError
-    from nanoqwen.evaluate import read_text_file
 
     text = "the cat sat\n<|endoftext|>\nthe dog sat. " * 40
     (tmp_path / "a.txt").write_text(text)
@@ -98,7 +108,6 @@ def test_a_compressed_file_of_any_text_is_scored_as_its_text(tmp_path: Path) -> 
     import lzma
 
     from nanoqwen.errors import NanoQwenError
-    from nanoqwen.evaluate import read_text_file
 
     (tmp_path / "app.log.gz").write_bytes(gzip.compress(b"GET /index.html 200\n"))
     (tmp_path / "notes.xz").write_bytes(lzma.compress("caf\u00e9 notes".encode()))

