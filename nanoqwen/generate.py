@@ -528,19 +528,14 @@ class TextStream:
         text = self.text[:self.settled_chars] + fresh
         if self.tokenizer.byte_level and not text.endswith("\ufffd"):
             self.settled_ids, self.settled_chars = len(self.ids), len(text)
-        # Only the end can change as bytes arrive: U+FFFD standing for a character whose bytes are still coming (one
-        # for the character in byte-level decoding; one per byte token of the group in a byte-fallback decoder, Llama's
-        # and Mistral's <0xNN>). A token that changes it, or adds nothing to it, continues that character, as does a
-        # byte token that leaves a byte-fallback group unfinished: it starts where the character does.
+        # Only the end can change as bytes arrive: a U+FFFD standing for a character whose bytes are still coming (a
+        # byte-fallback tokenizer's <0xNN> tokens, Llama's and Mistral's, decode as byte-level ones do: see
+        # Tokenizer.decode). A token that changes it, or adds nothing to it, continues that character: it starts
+        # where the character does.
         before = self.text
-        # A byte-fallback group is read as U+FFFDs again when a byte starts its next character, the whole ones
-        # already sent included: those stay, and the character still coming is one U+FFFD.
-        if len(text.rstrip("\ufffd")) < self.emitted:
-            text = before[:self.emitted] + "\ufffd"
-        pending = before.endswith("\ufffd")
-        if pending and (len(text) == len(before) or not text.startswith(before)):
-            self.token_start = len(before) - 1 if self.tokenizer.byte_level else self.token_start
-        elif not (pending and text.endswith("\ufffd") and not self.tokenizer.byte_level):
+        if before.endswith("\ufffd") and (len(text) == len(before) or not text.startswith(before)):
+            self.token_start = len(before) - 1
+        else:
             self.token_start = len(before)
         self.text = text
         # Trailing U+FFFDs may still become characters: hold them back, but find stop strings in what precedes

@@ -273,7 +273,37 @@ class Tokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         if skip_special_tokens:  # by the list below, not the file's flags (see there)
             ids = [i for i in ids if i not in self.control_ids]
-        return self.hf.decode(ids, skip_special_tokens=False)
+        text = self.hf.decode(ids, skip_special_tokens=False)
+        if "\ufffd" in text and self._byte_token_ids:  # a run of <0xNN> tokens may be cut or broken UTF-8
+            return self.hf.decode(self._lossy_byte_runs(ids), skip_special_tokens=False)
+        return text
+
+    @cached_property
+    def _byte_token_ids(self) -> dict[int, int]:
+        """A byte-fallback tokenizer's <0xNN> tokens: {id: byte} (empty for any other tokenizer)."""
+        if self.byte_level or not getattr(self.hf.model, "byte_fallback", False):
+            return {}
+        tokens = [self.hf.token_to_id(f"<0x{b:02X}>") for b in range(256)]
+        return {} if None in tokens else {token: b for b, token in enumerate(tokens)}
+
+    def _lossy_byte_runs(self, ids: list[int]) -> list[int]:
+        """`ids` with each run of byte tokens that is not whole UTF-8 spelled again as the bytes of its text read as
+        byte-level decoding reads it (one U+FFFD a broken or unfinished character): the ByteFallback decoder shows
+        such a run as one U+FFFD a byte, the whole characters in it too, so decoded text sent while a character
+        was whole became U+FFFDs as more bytes came ("日" then a cut "本": 5 U+FFFDs), and a stream showed neither
+        that text nor the whole decode. Read byte by byte, text only grows as bytes come, as byte-level text does."""
+        byte_of, token_of = self._byte_token_ids, {b: i for i, b in self._byte_token_ids.items()}
+        out: list[int] = []
+        run: list[int] = []
+        for token in [*ids, None]:
+            if token is not None and token in byte_of:
+                run.append(byte_of[token])
+                continue
+            out += [token_of[b] for b in bytes(run).decode("utf-8", "replace").encode()]
+            run = []
+            if token is not None:
+                out.append(token)
+        return out
 
     @cached_property
     def control_ids(self) -> frozenset[int]:

@@ -1084,18 +1084,32 @@ def test_a_character_spelled_by_byte_fallback_tokens_is_never_cut_into_replaceme
     tokenizer = byte_fallback_tokenizer()
     assert not tokenizer.byte_level
     ids = tokenizer.encode("a 日本 b")  # "\u2581", "a", "\u2581", the 6 bytes of "日本", "\u2581", "b"
-    assert len(ids) == 11 and tokenizer.decode(ids[:5]) == "a \ufffd\ufffd"
+    assert len(ids) == 11 and tokenizer.hf.decode(ids[:5]) == "a \ufffd\ufffd"
+    assert tokenizer.decode(ids[:5]) == "a \ufffd"  # one for the character still coming, as byte-level decoding
     stream, pieces, starts = TextStream(tokenizer, ["b"]), [], []
     for token in ids:
         pieces.append(stream.accept(token, [])[0])
         starts.append(stream.token_start)
     assert pieces == ["", "a", " ", "", "", "日", "", "", "本", " ", ""] and stream.stopped
     assert starts == [0, 0, 1, 2, 2, 2, 3, 3, 3, 4, 5]  # a byte token starts where its character does
-    # Cut inside "本" (max_tokens): the decoder reads the whole group as U+FFFDs again ("a \ufffd\ufffd\ufffd\ufffd");
-    # "日", sent, stays, and the character cut off ends the text as one U+FFFD, as byte-level decoding shows it.
-    assert tokenizer.decode(ids[:8]) == "a " + "\ufffd" * 5
+    # Cut inside "本" (max_tokens): "日", sent, stays, and the character cut off ends the text as one U+FFFD, as
+    # byte-level decoding shows it (the ByteFallback decoder alone reads the whole group as 5 U+FFFDs).
+    assert tokenizer.decode(ids[:8]) == "a 日\ufffd"
     stream = TextStream(tokenizer, [])
     assert "".join(stream.push(token) for token in ids[:8]) + stream.finish() == "a 日\ufffd"
+
+
+def test_byte_fallback_text_after_a_cut_character_keeps_what_was_sent():
+    # The ByteFallback decoder shows a byte run that is not whole UTF-8 as one U+FFFD a byte, its whole characters
+    # too: "日" sent, then a cut character and a word, came out "日\ufffd\ufffd\ufffd b" (the sent "日" again as
+    # U+FFFDs after it). Byte runs now decode as byte-level text does: one U+FFFD a broken character.
+    tokenizer = byte_fallback_tokenizer()
+    byte = {b: tokenizer.token_id(f"<0x{b:02X}>") for b in range(256)}
+    ids = [*(byte[b] for b in "日".encode()), byte[0xE6], *tokenizer.encode("b")]  # "b": "\u2581b"
+    assert tokenizer.decode(ids) == "日\ufffd b"
+    assert tokenizer.decode([byte[0xE6], byte[0x41]]) == "\ufffdA"  # the "A" was never part of a character
+    stream = TextStream(tokenizer, [])
+    assert "".join(stream.accept(token, [])[0] for token in ids) + stream.finish() == "日\ufffd b"
 
 
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
