@@ -6,10 +6,12 @@ import contextlib
 import io
 import json
 import os
+import random
 import re
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -36,7 +38,7 @@ from nanoqwen.generate import (
     stream_text,
 )
 from nanoqwen.model import KVCache, Qwen3
-from nanoqwen.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer, qwen3_tokenizer
+from nanoqwen.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer, qwen3_tokenizer, train_bpe
 from tests.test_model import scramble, tiny_config
 
 
@@ -1110,6 +1112,80 @@ def test_byte_fallback_text_after_a_cut_character_keeps_what_was_sent():
     assert tokenizer.decode([byte[0xE6], byte[0x41]]) == "\ufffdA"  # the "A" was never part of a character
     stream = TextStream(tokenizer, [])
     assert "".join(stream.accept(token, [])[0] for token in ids) + stream.finish() == "日\ufffd b"
+
+
+def random_stream_case(rng: random.Random, tokenizer: Tokenizer, byte_id: Callable[[int], int]) -> list[int]:
+    """Ids as a model may sample them: pieces of text, characters spelled byte by byte (some cut), lone bytes,
+    any id of the vocabulary (special tokens included)."""
+    ids: list[int] = []
+    for _ in range(rng.randint(1, 6)):
+        kind = rng.random()
+        if kind < 0.4:
+            text = rng.choice(["naïve 🤖 日本 done. STOP here", "ab x b y", "Hi\n\nThere END", "e\u0301 ==> a\ufffdb"])
+            at = rng.randrange(len(text))
+            ids += tokenizer.encode(text[at:at + rng.randint(1, 12)])
+        elif kind < 0.7:
+            data = rng.choice("é🤖日ïa\u2581\ufffd").encode()
+            ids += [byte_id(b) for b in data[:rng.randint(1, len(data)) if rng.random() < 0.3 else None]]
+        elif kind < 0.85:
+            ids.append(byte_id(rng.randrange(256)))
+        else:
+            ids.append(rng.randrange(tokenizer.vocab_size))
+    return ids
+
+
+@pytest.mark.parametrize("vocabulary", ["qwen3", "bpe", "byte_fallback"])
+def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(qwen3, vocabulary: str):
+    # A property test over random ids and settings: the chunks join to the decoded text, cut where a stop token
+    # (its text left out unless asked) or the stop string completed first (once min_tokens tokens are in) ends it;
+    # no chunk sends a U+FFFD where the text has a character; logprob offsets never go back nor past the text.
+    if vocabulary == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+        byte_id = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
+    else:
+        tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
+        byte_id = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+    rng = random.Random(0)
+    for case in range(700):
+        ids = random_stream_case(rng, tokenizer, byte_id)
+        whole = tokenizer.decode(ids)
+        stops = [whole[at:at + rng.randint(1, 4)] if whole and rng.random() < 0.6 else
+                 rng.choice(["zz", "END", "\n\n", " a", "日", "\ufffd"])
+                 for at in [rng.randrange(max(len(whole), 1)) for _ in range(rng.randint(0, 3))]]
+        min_tokens = rng.choice([0, 1, 2, rng.randint(0, len(ids) + 1)])
+        stop_ids = rng.sample(ids, 1) if rng.random() < 0.3 else []
+        include, skip = rng.random() < 0.3, rng.random() < 0.8
+        stream, chunks, starts, reason = TextStream(tokenizer, stops, skip, min_tokens, include), [], [], None
+        for token in ids:
+            delta, reason = stream.accept(token, stop_ids)
+            chunks.append(delta)
+            starts.append(stream.token_start)
+            assert 0 <= stream.token_start <= len(stream.text)
+            if reason:
+                break
+        if reason is None:
+            chunks.append(stream.finish())
+            reason = "stop" if stream.stopped else "length"
+        # What it should be: the text of the ids up to a stop token, cut at the stop string that ends first (of
+        # those ending together, the longer), counting only those that end after the text of the first
+        # min_tokens - 1 tokens (what stays of it once characters still coming are held back).
+        used = ids[:next((k + 1 for k, token in enumerate(ids) if token in stop_ids), len(ids))]
+        expected = tokenizer.decode(used if include or used[-1] not in stop_ids else used[:-1], skip)
+        expected_reason = "stop" if used[-1] in stop_ids else "length"
+        if len(used) >= min_tokens:
+            unchecked = len(tokenizer.decode(used[:max(min_tokens - 1, 0)], skip).rstrip("\ufffd"))
+            found = [(at + len(stop), at) for stop in stops for at in range(len(expected))
+                     if expected.startswith(stop, at) and at + len(stop) > unchecked]
+            if found:
+                end, start = min(found)
+                expected, expected_reason = expected[:end if include else start], "stop"
+        said = (case, ids, stops, min_tokens, stop_ids, include, skip, chunks)
+        assert ("".join(chunks), reason) == (expected, expected_reason), said
+        assert all(a <= b for a, b in zip(starts, starts[1:])), said
+        shown = 0
+        for chunk in chunks:  # (the joined text equals it, so a U+FFFD sent is one the text has at that place)
+            assert all(expected[shown + k] == "\ufffd" for k, c in enumerate(chunk) if c == "\ufffd"), said
+            shown += len(chunk)
 
 
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
