@@ -219,6 +219,13 @@ def test_schedules_are_functions_of_the_step() -> None:
                 assert warmup == 0 or lrs[warmup - 1] == pytest.approx(1.0), (schedule, total, warmup, lrs)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_past_the_last_step_the_rate_stays_at_min_lr(schedule: str) -> None:
+    # A step at or past `total` (a schedule shortened under a run that went on) holds min_lr: the cosine came back
+    # up past its trough, and WSD's line went on below min_lr (to 0 and negative rates).
+    kw = {"max_lr": 1.0, "min_lr": 0.1, "warmup": 2, "total": 10, "schedule": schedule}
+    assert [lr_at(step, **kw) for step in range(9, 14)] == pytest.approx([0.1] * 5)
+
 def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
     split = TokenSplit.open(data, "train")
     one = BatchLoader(split, seq_len=16, batch_size=8, micro_batch=8, seed=3)
@@ -2936,6 +2943,17 @@ def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
     plt.close(fig)
 
+
+def test_plot_draws_only_records_of_a_step() -> None:
+    # Records without a whole-number step (another tool's, a hand-edited line, a JSON value that is no object) are no
+    # point of a curve, whatever its x-axis: against tokens or time they were drawn where the step's were.
+    from nanoqwen.plot import loss_curves
+
+    records = [{"step": "1", "tokens": 8, "train_loss": 5.0}, {"tokens": 16, "train_loss": 4.5, "val_loss": 4.6},
+               {"step": 2.0, "tokens": 20, "train_loss": 4.2}, [3, 4.0],
+               {"step": 3, "tokens": 24, "elapsed_s": 60.0, "train_loss": 4.0, "val_loss": 4.1}]
+    for x, at in (("step", 3), ("tokens", 24), ("minutes", 1.0)):
+        assert loss_curves(records, x) == ([(at, 4.0)], [(at, 4.1)]), x
 
 def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
     # A run killed while writing a metrics line leaves half a line: resume and plot take the whole ones.
