@@ -432,9 +432,11 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
     (YARN, {"type": "yarn", "factor": 4.0, "original_context_length": 32}),
     ({"type": "yarn", "factor": 2.0, "beta_fast": 16.0, "beta_slow": 0},  # beta_slow 0: Transformers' default, 1
      {"type": "yarn", "factor": 2.0, "original_context_length": 128, "yarn_beta_fast": 16.0, "yarn_beta_slow": 1.0}),
+    ({"type": "yarn", "factor": 2.0, "beta_fast": 0, "beta_slow": 2.0},  # beta_fast 0: Transformers' default, 32
+     {"type": "yarn", "factor": 2.0, "original_context_length": 128, "yarn_beta_fast": 32.0, "yarn_beta_slow": 2.0}),
     ({"rope_type": "linear", "factor": 2.5}, {"type": "linear", "factor": 2.5}),
     (None, {}),
-], ids=["yarn", "yarn-betas", "linear", "plain"])
+], ids=["yarn", "yarn-betas", "yarn-beta-fast-0", "linear", "plain"])
 def test_rope_scaling_is_written_as_the_converter_writes_it(tmp_path: Path, bpe: Tokenizer, rope: dict | None,
                                                             written: dict) -> None:
     folder, _ = checkpoint(tmp_path / "ck", bpe, rope_scaling=rope)
