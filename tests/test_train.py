@@ -1292,6 +1292,11 @@ def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> N
     assert rates == sorted(rates, reverse=True)
 
 
+def test_wsd_decays_over_the_nearest_whole_number_of_steps_and_at_least_one() -> None:
+    # A fifth of the steps after the warmup, to the nearest step: 2.6 of 13 is 3 steps of decay (not 2), 2.4 is 2;
+    # a run of 2 steps still decays over its last one.
+    assert [wsd_decay_start(total, 0) for total in (13, 12, 3, 2)] == [10, 10, 2, 1]
+
 def test_muon_on_cpu_follows_torchs_muon() -> None:
     # MuonFp32 is torch.optim.Muon with the Newton-Schulz iteration in fp32: the same momentum (Nesterov),
     # weight decay (scaled by the rate) and update, up to torch's bf16 iteration.
