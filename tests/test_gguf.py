@@ -262,6 +262,10 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.top_k"], meta["general.sampling.temp"]) == (20, 0.0)
+    # A top_k past int32 (any more than the vocabulary is all of it) is written as int32's largest, not a struct.error
+    config.write_text(json.dumps({"do_sample": True, "top_k": 2**40}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.sampling.top_k"] == 2**31 - 1
     # A repetition penalty, which sample and chat apply over the prompt and the reply (as Transformers does), was left
     # out: llama.cpp's, over the whole context (last_n -1), is the same.
     config.write_text(json.dumps({"do_sample": True, "repetition_penalty": 1.25}))
