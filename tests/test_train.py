@@ -1380,6 +1380,18 @@ def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     assert np.mean(losses[-5:]) < losses[0] - 1.5
 
 
+def test_adamw_steps_with_betas_0_9_and_0_95_and_a_muon_state_of_another_shape_is_refused() -> None:
+    # (0.9, 0.95), as LLM pretraining uses (torch's default 0.999 reacts ten times slower to a loss spike); a saved
+    # hybrid state that does not hold both optimizers' is refused, not half loaded.
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = Qwen3(config)
+    assert build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu")).defaults["betas"] == (0.9, 0.95)
+    hybrid = build_optimizer(model, "muon", 1e-3, 0.1, torch.device("cpu"))
+    assert hybrid.optimizers[1].defaults["betas"] == (0.9, 0.95)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="^expected the state of 2 optimizers, got 1$"):
+        hybrid.load_state_dict({"optimizers": hybrid.state_dict()["optimizers"][1:]})
+
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("tied", [True, False])
 def test_weight_decay_falls_on_block_matrices_and_on_embeddings_only_if_asked(optimizer: str, tied: bool) -> None:
