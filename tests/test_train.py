@@ -126,6 +126,14 @@ def test_chunked_loss_equals_plain_loss_and_gradients(monkeypatch: pytest.Monkey
     torch.testing.assert_close(weight.grad, 2.0 * grads[1])
 
 
+def test_a_chunk_holds_its_budget_of_logits_and_never_fewer_than_256_rows() -> None:
+    # Values cannot show the chunk size (any size gives the same loss): 128 MiB of fp32 logits a chunk on CPU, 2**28
+    # logits on CUDA (1,766 tokens at Qwen3's vocabulary, as loss.py says), never under 256 rows, whose (V, C) weight
+    # gradient update would be memory-bound; a small vocabulary takes many rows, not 256.
+    from nanoqwen.loss import chunk_rows
+
+    assert (chunk_rows(151936), chunk_rows(151936, "cuda"), chunk_rows(1024)) == (256, 1766, 32768)
+
 def test_chunked_loss_of_a_batch_without_targets_is_zero_not_nan() -> None:
     # --loss-on-assistant: a micro-batch of user turns alone has no target left. Its loss is weighted by its 0
     # targets in the step; a 0 / 0 there (nan) would make every gradient of the step nan.
