@@ -134,6 +134,18 @@ def test_a_chunk_holds_its_budget_of_logits_and_never_fewer_than_256_rows() -> N
 
     assert (chunk_rows(151936), chunk_rows(151936, "cuda"), chunk_rows(1024)) == (256, 1766, 32768)
 
+def test_chunked_loss_gives_the_heads_gradient_where_only_the_head_learns() -> None:
+    # A frozen trunk (its hidden states need no gradient) under a head that trains: the head's gradient is computed
+    # in the forward pass all the same (were it computed only for hidden states that ask, backward() would get None).
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 8, dtype=torch.float64)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (9,))
+    plain_cross_entropy(hidden, weight, targets).backward()
+    expected, weight.grad = weight.grad, None
+    chunked_cross_entropy(hidden, weight, targets, chunk=4).backward()
+    torch.testing.assert_close(weight.grad, expected)
+
 def test_chunked_loss_of_a_batch_without_targets_is_zero_not_nan() -> None:
     # --loss-on-assistant: a micro-batch of user turns alone has no target left. Its loss is weighted by its 0
     # targets in the step; a 0 / 0 there (nan) would make every gradient of the step nan.
@@ -2945,6 +2957,20 @@ def test_many_compared_runs_stay_apart_and_runs_far_apart_are_compared_here(tmp_
     assert common_folder([Path("/tmp/a/r1"), Path("/srv/r2")]) == Path(".")
     assert common_folder([tmp_path / "runs/a", tmp_path / "runs/b"]) == tmp_path / "runs"
 
+
+def test_compared_runs_are_named_by_their_folders_or_by_their_paths_where_those_are_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nanoqwen.plot as plot
+
+    drawn: list[list[str]] = []
+    draw = plot.loss_figure
+    monkeypatch.setattr(plot, "loss_figure", lambda names, curves, x: drawn.append(names) or draw(names, curves, x))
+    for run in ("a/x", "b/x", "b/y"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    plot.plot_runs([tmp_path / "a/x", tmp_path / "b/y"])
+    plot.plot_runs([tmp_path / "a/x", tmp_path / "b/x"])  # two runs named x: a legend of "x train" twice
+    assert drawn == [["x", "y"], [str(tmp_path / "a/x"), str(tmp_path / "b/x")]]
 
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     # metrics.jsonl from before json_line wrote null (or from another tool) holds NaN and Infinity, which
