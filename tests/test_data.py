@@ -1591,6 +1591,30 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         "--out")
 
 
+def test_a_zstd_file_ends_whole_after_any_frame_and_cut_inside_one(tmp_path: Path) -> None:
+    # Where a file's frames end is walked from their headers: a skippable frame, a frame without its content size,
+    # one naming dictionary 0 (none) in 4 bytes, one with a checksum, an empty file's frame (one empty block) all end
+    # whole; a second frame cut inside its header is damaged, as gzip says of a cut .gz.
+    zstandard = pytest.importorskip("zstandard")
+    from nanoqwen.data.zstd import open_zstd
+
+    def frame(data: bytes, **options: bool) -> bytes:
+        return zstandard.ZstdCompressor(**options).compress(data)
+
+    skippable = (0x184D2A53).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    plain = frame(b"dict\n")
+    head_end = 5 + (not plain[4] & 0x20)  # the magic, the frame header descriptor and a window descriptor if any
+    no_dictionary = plain[:4] + bytes([plain[4] | 3]) + plain[5:head_end] + bytes(4) + plain[head_end:]
+    for name, data, text in [("frames", skippable + frame(b"one\n", write_content_size=False) + no_dictionary
+                              + frame(b"two\n", write_checksum=True), b"one\ndict\ntwo\n"),
+                             ("skipped", frame(b"one\n") + skippable, b"one\n"), ("empty", frame(b""), b"")]:
+        (tmp_path / f"{name}.zst").write_bytes(data)
+        with open_zstd(tmp_path / f"{name}.zst") as f:
+            assert f.read() == text, name
+    (tmp_path / "cut.zst").write_bytes(frame(b"one\n") + frame(b"two\n")[:5])
+    with open_zstd(tmp_path / "cut.zst") as f, pytest.raises(EOFError, match="ended before the end-of-frame marker"):
+        f.read()
+
 def test_a_zstd_file_of_a_huge_ratio_is_read_in_bounded_memory(tmp_path: Path) -> None:
     # 1 KB of zstd are 32 MB of x's: all given at once, they were held twice over (decompressobj's output joined).
     zstandard = pytest.importorskip("zstandard")
