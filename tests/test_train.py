@@ -701,6 +701,15 @@ def test_a_new_runs_tensorboard_drops_what_a_run_killed_before_its_first_save_lo
     assert got == [(1, 11.0), (2, 12.0)]
 
 
+def test_tensorboard_charts_a_records_numbers_but_its_step_and_flags(tmp_path: Path) -> None:
+    # The step is the x-axis, not a curve; a step that trained nothing has a train_loss of null and a no_targets flag
+    # (true), neither of them a point.
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:
+        log.record({"step": 1, "train_loss": None, "no_targets": True, "lr": 0.5, "val_loss": 2.0, "tokens": 64})
+    assert sorted(tensorboard_events(tmp_path).Tags()["scalars"]) == ["train/lr", "train/tokens", "val/loss"]
+
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
     records = read_metrics(trained)
     events = tensorboard_events(trained)
@@ -1645,6 +1654,12 @@ def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Pat
     assert not out.exists()  # not even the folder (nor the lock it held while starting)
 
 
+def test_train_settings_at_their_bounds_are_taken_and_past_them_refused() -> None:
+    TrainConfig(lr=10.0, min_lr=10.0, seed=2**63 - 1, max_minutes=1e-6).validate()  # a flat rate: min_lr = lr
+    for bad in ({"seed": 2**63}, {"max_minutes": 0.0}, {"lr": 10.5}, {"lr": 1e-3, "min_lr": 2e-3}):
+        with pytest.raises(NanoQwenError):
+            TrainConfig(**bad).validate()
+
 @pytest.mark.parametrize("seen_by", ["evaluation", "save"])
 def test_diverged_weights_are_never_saved(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                           capsys: pytest.CaptureFixture[str], seen_by: str) -> None:
@@ -2296,6 +2311,19 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
                                rtol=2e-4)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_launchers_environment_keeps_values_that_hold_an_equals_sign(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LS_COLORS, MAKEFLAGS and the like hold "=": split at each, a launcher's environment failed to read.
+    from nanoqwen.distributed import launcher_environment
+
+    launcher = subprocess.Popen(["sleep", "60"], env={"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"})
+    try:
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        assert launcher_environment() == {"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"}
+    finally:
+        launcher.kill()
+        launcher.wait()
+
 def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
     # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
     torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
@@ -2305,6 +2333,8 @@ def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_thr
     assert threads_per_process(torchrun, launcher_env={"OMP_NUM_THREADS": "1"}, cores=16) is None
     assert threads_per_process({**torchrun, "OMP_NUM_THREADS": "3"}, launcher_env={}, cores=16) is None
     assert threads_per_process(torchrun, launcher_env=None, cores=16) is None
+    # another launcher's OMP_NUM_THREADS=1 (no torchrun job) is the user's own too
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, launcher_env={}, cores=16) is None
     # a launcher that sets none leaves each process a thread per core: oversubscribed; one process keeps them all
     assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, launcher_env=None, cores=16) == 8
     assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "1"}, launcher_env={}, cores=16) is None
