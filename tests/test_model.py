@@ -1294,3 +1294,14 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_points_at_it(tmp_path, monk
     assert {p.name for p in folder.iterdir()} <= before_rename and any(
         name.startswith(".ck.tmp-") for name in before_rename)
     assert (str(tmp_path), True) in synced  # the folder that holds the new name
+
+
+def test_a_whole_original_context_written_as_a_float_is_read_as_an_integer_and_long_values_are_cut() -> None:
+    # 32768.0, as some exporters write it: an integer, as GGUF's uint32 key and Transformers' YaRN take it
+    from nanoqwen.config import shown_json
+
+    original = rope_scaling_of({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32.0})
+    assert original == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert type(original["original_max_position_embeddings"]) is int
+    # a value quoted in a message: whole up to 80 characters, else cut to 80 with "..."
+    assert shown_json("x" * 78) == '"' + "x" * 78 + '"' and shown_json("x" * 79) == '"' + "x" * 76 + "..."
