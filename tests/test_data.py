@@ -1611,6 +1611,11 @@ def test_a_zstd_file_ends_whole_after_any_frame_and_cut_inside_one(tmp_path: Pat
         (tmp_path / f"{name}.zst").write_bytes(data)
         with open_zstd(tmp_path / f"{name}.zst") as f:
             assert f.read() == text, name
+    # a seek back past what the buffer holds reads from the start again
+    text = bytes(range(256)) * 1200  # 300 KB: more than the reader's 128 KB buffer
+    (tmp_path / "long.zst").write_bytes(frame(text))
+    with open_zstd(tmp_path / "long.zst") as f:
+        assert f.read(200_000) == text[:200_000] and f.seek(10) == 10 and f.read(5) == text[10:15]
     (tmp_path / "cut.zst").write_bytes(frame(b"one\n") + frame(b"two\n")[:5])
     with open_zstd(tmp_path / "cut.zst") as f, pytest.raises(EOFError, match="ended before the end-of-frame marker"):
         f.read()
