@@ -2313,16 +2313,17 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 def test_the_launchers_environment_keeps_values_that_hold_an_equals_sign(monkeypatch: pytest.MonkeyPatch) -> None:
-    # LS_COLORS, MAKEFLAGS and the like hold "=": split at each, a launcher's environment failed to read.
+    # LS_COLORS, MAKEFLAGS and the like hold "=": only the first one ends the name.
     from nanoqwen.distributed import launcher_environment
 
-    launcher = subprocess.Popen(["sleep", "60"], env={"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"})
+    launcher = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env={"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"})
     try:
+        launcher.stdout.readline()  # (a forked child's environ reads empty until it has started the program)
         monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
         assert launcher_environment() == {"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"}
     finally:
-        launcher.kill()
-        launcher.wait()
+        launcher.communicate(b"\n")
 
 def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
     # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
