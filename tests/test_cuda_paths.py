@@ -80,3 +80,11 @@ def test_the_default_preset_is_demo_in_bf16_compiled_on_cuda_and_cpu_in_float32_
     for device in (torch.device("mps"), torch.device("cpu")):
         assert (default_preset_name(device), resolve_dtype(None, device), default_compile(device)) == (
             "cpu", torch.float32, False)
+
+
+def test_a_cpu_run_on_a_machine_with_a_bf16_gpu_keeps_muons_fp32_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The GPU's bf16 is no CPU's: `--device cpu` beside an Ampere GPU still runs Newton-Schulz in fp32.
+    from nanoqwen.distributed import native_bf16
+
+    claim_gpu(monkeypatch, native_bf16=True)
+    assert native_bf16(CUDA) and not native_bf16(torch.device("cpu"))

@@ -1605,6 +1605,35 @@ def test_zstd_files_are_read_where_zstandard_is_installed(tmp_path: Path, capsys
         "--out")
 
 
+def test_a_zstd_file_ends_whole_after_any_frame_and_cut_inside_one(tmp_path: Path) -> None:
+    # Where a file's frames end is walked from their headers: a skippable frame, a frame without its content size,
+    # one naming dictionary 0 (none) in 4 bytes, one with a checksum, an empty file's frame (one empty block) all end
+    # whole; a second frame cut inside its header is damaged, as gzip says of a cut .gz.
+    zstandard = pytest.importorskip("zstandard")
+    from nanoqwen.data.zstd import open_zstd
+
+    def frame(data: bytes, **options: bool) -> bytes:
+        return zstandard.ZstdCompressor(**options).compress(data)
+
+    skippable = (0x184D2A53).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"abc"
+    plain = frame(b"dict\n")
+    head_end = 5 + (not plain[4] & 0x20)  # the magic, the frame header descriptor and a window descriptor if any
+    no_dictionary = plain[:4] + bytes([plain[4] | 3]) + plain[5:head_end] + bytes(4) + plain[head_end:]
+    for name, data, text in [("frames", skippable + frame(b"one\n", write_content_size=False) + no_dictionary
+                              + frame(b"two\n", write_checksum=True), b"one\ndict\ntwo\n"),
+                             ("skipped", frame(b"one\n") + skippable, b"one\n"), ("empty", frame(b""), b"")]:
+        (tmp_path / f"{name}.zst").write_bytes(data)
+        with open_zstd(tmp_path / f"{name}.zst") as f:
+            assert f.read() == text, name
+    # a seek back past what the buffer holds reads from the start again
+    text = bytes(range(256)) * 1200  # 300 KB: more than the reader's 128 KB buffer
+    (tmp_path / "long.zst").write_bytes(frame(text))
+    with open_zstd(tmp_path / "long.zst") as f:
+        assert f.read(200_000) == text[:200_000] and f.seek(10) == 10 and f.read(5) == text[10:15]
+    (tmp_path / "cut.zst").write_bytes(frame(b"one\n") + frame(b"two\n")[:5])
+    with open_zstd(tmp_path / "cut.zst") as f, pytest.raises(EOFError, match="ended before the end-of-frame marker"):
+        f.read()
+
 def test_a_zstd_file_of_a_huge_ratio_is_read_in_bounded_memory(tmp_path: Path) -> None:
     # 1 KB of zstd are 32 MB of x's: all given at once, they were held twice over (decompressobj's output joined).
     zstandard = pytest.importorskip("zstandard")
@@ -1963,6 +1992,17 @@ def test_a_u_fffd_written_across_two_blocks_is_not_counted_as_replaced(tmp_path:
     assert sum(document.count("\ufffd") for document in corpus.documents()) == 1
     assert corpus.stats.replacement_chars == 0
 
+
+def test_utf16_text_whose_bytes_spell_a_utf8_replacement_character_counts_none() -> None:
+    # Korean 뿯 (U+BFEF) then 䆽 (U+41BD) are, in UTF-16-LE, the bytes EF BF BD 41: a U+FFFD only in UTF-8's reading.
+    # (A large file's blocks are decoded so, and counted as they are.)
+    from nanoqwen.data.sources import TextDecoder, _before_partial_separator
+
+    decoder = TextDecoder()
+    assert decoder.decode(codecs.BOM_UTF16_LE + "\ubfef\u41bd".encode("utf-16-le"), final=True) == "\ubfef\u41bd"
+    assert decoder.replaced == 0
+    # a block that ends with the first 12 of <|endoftext|>'s 13 characters is cut before them, as with fewer
+    assert [_before_partial_separator("ab" + "<|endoftext|>"[:n]) for n in (12, 1, 0)] == [2, 2, 2]
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in

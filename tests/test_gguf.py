@@ -22,7 +22,7 @@ import torch
 from nanoqwen.checkpoint import model_special_ids, save_checkpoint
 from nanoqwen.cli import main
 from nanoqwen.errors import NanoQwenError
-from nanoqwen.gguf import vocabulary, write_gguf
+from nanoqwen.gguf import check_pre_tokenizer, gguf_tensor_name, vocabulary, write_gguf
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import Tokenizer, qwen3_tokenizer, train_bpe
 from tests.test_model import scramble, tiny_config
@@ -111,6 +111,24 @@ def test_transformers_reads_the_file_back_to_the_same_logits_and_ids(tmp_path: P
     assert tokenizer(text)["input_ids"] == bpe.encode(text)
 
 
+def test_every_weight_is_named_as_llama_cpp_names_it_and_an_unknown_one_is_one_line() -> None:
+    assert gguf_tensor_name("model.layers.12.mlp.down_proj.weight") == "blk.12.ffn_down.weight"
+    assert gguf_tensor_name("model.norm.weight") == "output_norm.weight"
+    with pytest.raises(NanoQwenError, match=r"^no GGUF name for the weight model\.layers\.0\.mlp\.bias$"):
+        gguf_tensor_name("model.layers.0.mlp.bias")  # (a KeyError's traceback, were the name looked up bare)
+
+
+def test_a_tokenizer_that_decodes_otherwise_is_refused(bpe: Tokenizer) -> None:
+    # llama.cpp's qwen2 pre-tokenizer comes with byte-level decoding: a tokenizer.json whose decoder is another
+    # (Metaspace, say) turns the same ids into other text than llama.cpp would, so it is no Qwen tokenizer either.
+    from tokenizers import decoders
+
+    hf = bpe.hf.from_str(bpe.hf.to_str())  # a copy: the module's fixture keeps its own decoder
+    check_pre_tokenizer(Tokenizer(hf), Path("ck"))  # as it is: Qwen's
+    hf.decoder = decoders.Metaspace()
+    with pytest.raises(NanoQwenError, match=r"^ck: its tokenizer's decoder is not Qwen's"):
+        check_pre_tokenizer(Tokenizer(hf), Path("ck"))
+
 def test_qwen3_tokens_are_typed_as_llama_cpp_types_them() -> None:
     tok = qwen3_tokenizer()
     tokens, types = vocabulary(tok, 151936)
@@ -130,10 +148,13 @@ def test_added_tokens_that_look_special_are_control_tokens_as_the_converter_type
 
     hf = bpe.hf.from_str(bpe.hf.to_str())  # a copy: the module's fixture keeps its own added tokens
     looks_special = ["<｜fim▁begin｜>", "<pad>", "<mask>", "<2mass>", "[@BOS@]", "<unused0>"]
-    hf.add_tokens([AddedToken(text, special=False, normalized=False) for text in [*looks_special, "<tool>"]])
+    # an opening without its closing (or a closing alone) does not look special: "<|" needs "|>"
+    plain = ["<tool>", "<|half", "half|>", "<unused0"]
+    hf.add_tokens([AddedToken(text, special=False, normalized=False) for text in [*looks_special, *plain]])
     tokens, types = vocabulary(Tokenizer(hf), 320)
-    typed = {text: types[tokens.index(text)] for text in [*looks_special, "<tool>"]}
-    assert typed == {**dict.fromkeys(looks_special, gguf.TokenType.CONTROL), "<tool>": gguf.TokenType.USER_DEFINED}
+    typed = {text: types[tokens.index(text)] for text in [*looks_special, *plain]}
+    assert typed == {**dict.fromkeys(looks_special, gguf.TokenType.CONTROL),
+                     **dict.fromkeys(plain, gguf.TokenType.USER_DEFINED)}
 
 
 def test_weights_shrink_to_f16_or_bf16_and_norms_stay_float32(tmp_path: Path, bpe: Tokenizer) -> None:
@@ -241,6 +262,10 @@ def test_sampling_defaults_are_written_as_sample_reads_them(tmp_path: Path, bpe:
     write_gguf(folder, tmp_path / "m.gguf", "f32")
     meta = fields(gguf.GGUFReader(tmp_path / "m.gguf"))
     assert (meta["general.sampling.top_k"], meta["general.sampling.temp"]) == (20, 0.0)
+    # A top_k past int32 (any more than the vocabulary is all of it) is written as int32's largest, not a struct.error
+    config.write_text(json.dumps({"do_sample": True, "top_k": 2**40}))
+    write_gguf(folder, tmp_path / "m.gguf", "f32")
+    assert fields(gguf.GGUFReader(tmp_path / "m.gguf"))["general.sampling.top_k"] == 2**31 - 1
     # A repetition penalty, which sample and chat apply over the prompt and the reply (as Transformers does), was left
     # out: llama.cpp's, over the whole context (last_n -1), is the same.
     config.write_text(json.dumps({"do_sample": True, "repetition_penalty": 1.25}))
@@ -411,9 +436,11 @@ YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 
     (YARN, {"type": "yarn", "factor": 4.0, "original_context_length": 32}),
     ({"type": "yarn", "factor": 2.0, "beta_fast": 16.0, "beta_slow": 0},  # beta_slow 0: Transformers' default, 1
      {"type": "yarn", "factor": 2.0, "original_context_length": 128, "yarn_beta_fast": 16.0, "yarn_beta_slow": 1.0}),
+    ({"type": "yarn", "factor": 2.0, "beta_fast": 0, "beta_slow": 2.0},  # beta_fast 0: Transformers' default, 32
+     {"type": "yarn", "factor": 2.0, "original_context_length": 128, "yarn_beta_fast": 32.0, "yarn_beta_slow": 2.0}),
     ({"rope_type": "linear", "factor": 2.5}, {"type": "linear", "factor": 2.5}),
     (None, {}),
-], ids=["yarn", "yarn-betas", "linear", "plain"])
+], ids=["yarn", "yarn-betas", "yarn-beta-fast-0", "linear", "plain"])
 def test_rope_scaling_is_written_as_the_converter_writes_it(tmp_path: Path, bpe: Tokenizer, rope: dict | None,
                                                             written: dict) -> None:
     folder, _ = checkpoint(tmp_path / "ck", bpe, rope_scaling=rope)

@@ -1294,3 +1294,38 @@ def test_a_checkpoint_is_on_the_disk_before_its_name_points_at_it(tmp_path, monk
     assert {p.name for p in folder.iterdir()} <= before_rename and any(
         name.startswith(".ck.tmp-") for name in before_rename)
     assert (str(tmp_path), True) in synced  # the folder that holds the new name
+
+
+def test_a_whole_original_context_written_as_a_float_is_read_as_an_integer_and_long_values_are_cut() -> None:
+    # 32768.0, as some exporters write it: an integer, as GGUF's uint32 key and Transformers' YaRN take it
+    from nanoqwen.config import shown_json
+
+    original = rope_scaling_of({"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32.0})
+    assert original == {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32}
+    assert type(original["original_max_position_embeddings"]) is int
+    # a value quoted in a message: whole up to 80 characters, else cut to 80 with "..."
+    assert shown_json("x" * 78) == '"' + "x" * 78 + '"' and shown_json("x" * 79) == '"' + "x" * 76 + "..."
+
+
+def test_config_json_details_are_read_as_transformers_reads_them() -> None:
+    from nanoqwen.config import _coerce
+
+    base = {k: v for k, v in tiny_config(num_hidden_layers=3, max_window_layers=3).to_hf_dict().items()
+            if k not in ("rope_scaling", "rope_parameters", "sliding_window")}
+    read = ModelConfig.from_hf_dict
+    assert read({**base, "eos_token_id": [5, 7]}).eos_token_id == 5  # several stop ids: the first is the model's own
+    assert read({**base, "use_sliding_window": True}).sliding_window == 4096  # Qwen3Config's when the file has none
+    # layer_types says which layers slide: from the first sliding one up
+    with pytest.raises(NanoQwenError, match=r"sliding-window attention \(layers 1 and up\)"):
+        read({**base, "use_sliding_window": True, "sliding_window": 8,
+              "layer_types": ["full_attention", "sliding_attention", "sliding_attention"]})
+    # rope_scaling without a theta beside rope_parameters whose theta is the top-level one: one frequency, loaded
+    yarn = {"rope_type": "yarn", "factor": 2.0, "original_max_position_embeddings": 64}
+    assert read({**base, "rope_scaling": yarn, "rope_parameters": {**yarn, "rope_theta": base["rope_theta"]}}
+                ).rope_theta == base["rope_theta"]
+    # --set: a new layer count takes "no layer slides" along; a switch reads the usual words; JSON cut short is one line
+    assert apply_overrides(tiny_config(), ["num_hidden_layers=4"]).max_window_layers == 4
+    assert [_coerce(word, False, "tie_word_embeddings") for word in ("1", "yes", "on", "0", "no", "off")] == \
+        [True, True, True, False, False, False]
+    with pytest.raises(NanoQwenError, match="the value is not valid JSON"):
+        _coerce('"half', None, "pad_token_id")

@@ -126,6 +126,26 @@ def test_chunked_loss_equals_plain_loss_and_gradients(monkeypatch: pytest.Monkey
     torch.testing.assert_close(weight.grad, 2.0 * grads[1])
 
 
+def test_a_chunk_holds_its_budget_of_logits_and_never_fewer_than_256_rows() -> None:
+    # Values cannot show the chunk size (any size gives the same loss): 128 MiB of fp32 logits a chunk on CPU, 2**28
+    # logits on CUDA (1,766 tokens at Qwen3's vocabulary, as loss.py says), never under 256 rows, whose (V, C) weight
+    # gradient update would be memory-bound; a small vocabulary takes many rows, not 256.
+    from nanoqwen.loss import chunk_rows
+
+    assert (chunk_rows(151936), chunk_rows(151936, "cuda"), chunk_rows(1024)) == (256, 1766, 32768)
+
+def test_chunked_loss_gives_the_heads_gradient_where_only_the_head_learns() -> None:
+    # A frozen trunk (its hidden states need no gradient) under a head that trains: the head's gradient is computed
+    # in the forward pass all the same (were it computed only for hidden states that ask, backward() would get None).
+    torch.manual_seed(0)
+    hidden = torch.randn(9, 8, dtype=torch.float64)
+    weight = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, 13, (9,))
+    plain_cross_entropy(hidden, weight, targets).backward()
+    expected, weight.grad = weight.grad, None
+    chunked_cross_entropy(hidden, weight, targets, chunk=4).backward()
+    torch.testing.assert_close(weight.grad, expected)
+
 def test_chunked_loss_of_a_batch_without_targets_is_zero_not_nan() -> None:
     # --loss-on-assistant: a micro-batch of user turns alone has no target left. Its loss is weighted by its 0
     # targets in the step; a 0 / 0 there (nan) would make every gradient of the step nan.
@@ -218,6 +238,13 @@ def test_schedules_are_functions_of_the_step() -> None:
                 assert lrs[-1] == pytest.approx(0.1), (schedule, total, warmup, lrs)
                 assert warmup == 0 or lrs[warmup - 1] == pytest.approx(1.0), (schedule, total, warmup, lrs)
 
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_past_the_last_step_the_rate_stays_at_min_lr(schedule: str) -> None:
+    # A step at or past `total` (a schedule shortened under a run that went on) holds min_lr: the cosine came back
+    # up past its trough, and WSD's line went on below min_lr (to 0 and negative rates).
+    kw = {"max_lr": 1.0, "min_lr": 0.1, "warmup": 2, "total": 10, "schedule": schedule}
+    assert [lr_at(step, **kw) for step in range(9, 14)] == pytest.approx([0.1] * 5)
 
 def test_batches_do_not_depend_on_processes_or_micro_batch(data: Path) -> None:
     split = TokenSplit.open(data, "train")
@@ -673,6 +700,15 @@ def test_a_new_runs_tensorboard_drops_what_a_run_killed_before_its_first_save_lo
     got = [(e.step, e.value) for e in tensorboard_events(tmp_path).Scalars("train/loss")]
     assert got == [(1, 11.0), (2, 12.0)]
 
+
+def test_tensorboard_charts_a_records_numbers_but_its_step_and_flags(tmp_path: Path) -> None:
+    # The step is the x-axis, not a curve; a step that trained nothing has a train_loss of null and a no_targets flag
+    # (true), neither of them a point.
+    from nanoqwen.tracking import TensorBoardLog
+
+    with TensorBoardLog(tmp_path, 0) as log:
+        log.record({"step": 1, "train_loss": None, "no_targets": True, "lr": 0.5, "val_loss": 2.0, "tokens": 64})
+    assert sorted(tensorboard_events(tmp_path).Tags()["scalars"]) == ["train/lr", "train/tokens", "val/loss"]
 
 def test_tensorboard_mirrors_metrics_and_samples(trained: Path) -> None:
     records = read_metrics(trained)
@@ -1285,6 +1321,11 @@ def test_a_machine_that_slows_in_the_decay_compresses_it_to_end_at_min_lr() -> N
     assert rates == sorted(rates, reverse=True)
 
 
+def test_wsd_decays_over_the_nearest_whole_number_of_steps_and_at_least_one() -> None:
+    # A fifth of the steps after the warmup, to the nearest step: 2.6 of 13 is 3 steps of decay (not 2), 2.4 is 2;
+    # a run of 2 steps still decays over its last one.
+    assert [wsd_decay_start(total, 0) for total in (13, 12, 3, 2)] == [10, 10, 2, 1]
+
 def test_muon_on_cpu_follows_torchs_muon() -> None:
     # MuonFp32 is torch.optim.Muon with the Newton-Schulz iteration in fp32: the same momentum (Nesterov),
     # weight decay (scaled by the rate) and update, up to torch's bf16 iteration.
@@ -1367,6 +1408,18 @@ def test_muon_trains(data: Path, preset: Path, tmp_path: Path) -> None:
     losses = list(train_losses(out).values())
     assert np.mean(losses[-5:]) < losses[0] - 1.5
 
+
+def test_adamw_steps_with_betas_0_9_and_0_95_and_a_muon_state_of_another_shape_is_refused() -> None:
+    # (0.9, 0.95), as LLM pretraining uses (torch's default 0.999 reacts ten times slower to a loss spike); a saved
+    # hybrid state that does not hold both optimizers' is refused, not half loaded.
+    config = ModelConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = Qwen3(config)
+    assert build_optimizer(model, "adamw", 1e-3, 0.1, torch.device("cpu")).defaults["betas"] == (0.9, 0.95)
+    hybrid = build_optimizer(model, "muon", 1e-3, 0.1, torch.device("cpu"))
+    assert hybrid.optimizers[1].defaults["betas"] == (0.9, 0.95)  # type: ignore[union-attr]
+    with pytest.raises(ValueError, match="^expected the state of 2 optimizers, got 1$"):
+        hybrid.load_state_dict({"optimizers": hybrid.state_dict()["optimizers"][1:]})
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])
 @pytest.mark.parametrize("tied", [True, False])
@@ -1600,6 +1653,12 @@ def test_settings_that_would_fail_late_are_refused_first(data: Path, preset: Pat
     assert err.count("\n") == 0 and words in err, err
     assert not out.exists()  # not even the folder (nor the lock it held while starting)
 
+
+def test_train_settings_at_their_bounds_are_taken_and_past_them_refused() -> None:
+    TrainConfig(lr=10.0, min_lr=10.0, seed=2**63 - 1, max_minutes=1e-6).validate()  # a flat rate: min_lr = lr
+    for bad in ({"seed": 2**63}, {"max_minutes": 0.0}, {"lr": 10.5}, {"lr": 1e-3, "min_lr": 2e-3}):
+        with pytest.raises(NanoQwenError):
+            TrainConfig(**bad).validate()
 
 @pytest.mark.parametrize("seen_by", ["evaluation", "save"])
 def test_diverged_weights_are_never_saved(data: Path, preset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -2270,6 +2329,20 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
                                rtol=2e-4)
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_the_launchers_environment_keeps_values_that_hold_an_equals_sign(monkeypatch: pytest.MonkeyPatch) -> None:
+    # LS_COLORS, MAKEFLAGS and the like hold "=": only the first one ends the name.
+    from nanoqwen.distributed import launcher_environment
+
+    launcher = subprocess.Popen([sys.executable, "-c", "print(flush=True); input()"], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, env={"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"})
+    try:
+        launcher.stdout.readline()  # (a forked child's environ reads empty until it has started the program)
+        monkeypatch.setattr(os, "getppid", lambda: launcher.pid)
+        assert launcher_environment() == {"OMP_NUM_THREADS": "1", "LS_COLORS": "rs=0:di=01;34"}
+    finally:
+        launcher.communicate(b"\n")
+
 def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_threads() -> None:
     # torchrun gives each process OMP_NUM_THREADS=1 where the user set none: 2 processes on 16 cores left 14 idle
     torchrun = {"LOCAL_WORLD_SIZE": "2", "TORCHELASTIC_RUN_ID": "job", "OMP_NUM_THREADS": "1"}
@@ -2279,6 +2352,8 @@ def test_torchruns_cpu_processes_share_the_cores_unless_the_user_set_omp_num_thr
     assert threads_per_process(torchrun, launcher_env={"OMP_NUM_THREADS": "1"}, cores=16) is None
     assert threads_per_process({**torchrun, "OMP_NUM_THREADS": "3"}, launcher_env={}, cores=16) is None
     assert threads_per_process(torchrun, launcher_env=None, cores=16) is None
+    # another launcher's OMP_NUM_THREADS=1 (no torchrun job) is the user's own too
+    assert threads_per_process({"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}, launcher_env={}, cores=16) is None
     # a launcher that sets none leaves each process a thread per core: oversubscribed; one process keeps them all
     assert threads_per_process({"LOCAL_WORLD_SIZE": "2"}, launcher_env=None, cores=16) == 8
     assert threads_per_process({**torchrun, "LOCAL_WORLD_SIZE": "1"}, launcher_env={}, cores=16) is None
@@ -2932,6 +3007,20 @@ def test_many_compared_runs_stay_apart_and_runs_far_apart_are_compared_here(tmp_
     assert common_folder([tmp_path / "runs/a", tmp_path / "runs/b"]) == tmp_path / "runs"
 
 
+def test_compared_runs_are_named_by_their_folders_or_by_their_paths_where_those_are_alike(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nanoqwen.plot as plot
+
+    drawn: list[list[str]] = []
+    draw = plot.loss_figure
+    monkeypatch.setattr(plot, "loss_figure", lambda names, curves, x: drawn.append(names) or draw(names, curves, x))
+    for run in ("a/x", "b/x", "b/y"):
+        (tmp_path / run).mkdir(parents=True)
+        (tmp_path / run / "metrics.jsonl").write_text('{"step": 1, "train_loss": 5.0}\n')
+    plot.plot_runs([tmp_path / "a/x", tmp_path / "b/y"])
+    plot.plot_runs([tmp_path / "a/x", tmp_path / "b/x"])  # two runs named x: a legend of "x train" twice
+    assert drawn == [["x", "y"], [str(tmp_path / "a/x"), str(tmp_path / "b/x")]]
+
 def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     # metrics.jsonl from before json_line wrote null (or from another tool) holds NaN and Infinity, which
     # json.loads reads as floats: one NaN made the rest of the smoothed train curve NaN (drawn as nothing) and
@@ -2954,6 +3043,17 @@ def test_plot_leaves_out_losses_that_are_not_finite() -> None:
     assert [t.get_text() for t in fig.axes[0].texts] == ["best 4.500"]
     plt.close(fig)
 
+
+def test_plot_draws_only_records_of_a_step() -> None:
+    # Records without a whole-number step (another tool's, a hand-edited line, a JSON value that is no object) are no
+    # point of a curve, whatever its x-axis: against tokens or time they were drawn where the step's were.
+    from nanoqwen.plot import loss_curves
+
+    records = [{"step": "1", "tokens": 8, "train_loss": 5.0}, {"tokens": 16, "train_loss": 4.5, "val_loss": 4.6},
+               {"step": 2.0, "tokens": 20, "train_loss": 4.2}, [3, 4.0],
+               {"step": 3, "tokens": 24, "elapsed_s": 60.0, "train_loss": 4.0, "val_loss": 4.1}]
+    for x, at in (("step", 3), ("tokens", 24), ("minutes", 1.0)):
+        assert loss_curves(records, x) == ([(at, 4.0)], [(at, 4.1)]), x
 
 def test_resume_after_a_record_cut_short(data: Path, preset: Path, tmp_path: Path) -> None:
     # A run killed while writing a metrics line leaves half a line: resume and plot take the whole ones.
