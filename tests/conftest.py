@@ -17,8 +17,8 @@ _caches = pytest.MonkeyPatch()  # the environment as the session found it, put b
 
 def pytest_configure(config: pytest.Config) -> None:
     """What the suite and the programs it starts cache (nanoqwen's built tokenizer and downloaded corpus, pip,
-    Hugging Face datasets, matplotlib, W&B's logs) goes to a folder of this session's, not the user's ~/.cache and
-    ~/.config. Set here, before the test modules import the libraries that read these at import."""
+    Hugging Face datasets, matplotlib, W&B's logs, tiktoken) goes to a folder of this session's, not the user's
+    ~/.cache and ~/.config. Set here, before the test modules import the libraries that read these at import."""
     root = Path(tempfile.mkdtemp(prefix="nanoqwen-tests-caches-"))
     config.stash[CACHES] = root
     _caches.delenv("NANOQWEN_CACHE", raising=False)  # a user's own: its default, under XDG_CACHE_HOME, is used
@@ -26,6 +26,7 @@ def pytest_configure(config: pytest.Config) -> None:
         _caches.delenv(name, raising=False)
     _caches.setenv("XDG_CACHE_HOME", str(root / "cache"))
     _caches.setenv("XDG_CONFIG_HOME", str(root / "config"))
+    _caches.setenv("TIKTOKEN_CACHE_DIR", str(root / "cache" / "tiktoken"))  # else $TMPDIR/data-gym-cache
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
