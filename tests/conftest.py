@@ -27,6 +27,9 @@ def pytest_configure(config: pytest.Config) -> None:
     _caches.setenv("XDG_CACHE_HOME", str(root / "cache"))
     _caches.setenv("XDG_CONFIG_HOME", str(root / "config"))
     _caches.setenv("TIKTOKEN_CACHE_DIR", str(root / "cache" / "tiktoken"))  # else $TMPDIR/data-gym-cache
+    # never the hub, whichever test files run (test_data.py set these for all, only when it was collected)
+    _caches.setenv("HF_HUB_OFFLINE", "1")
+    _caches.setenv("HF_DATASETS_OFFLINE", "1")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

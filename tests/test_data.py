@@ -5,11 +5,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-
-# never the hub: `datasets` reads these when it is first imported
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import random
 import re
 import shlex

@@ -270,3 +270,11 @@ def test_the_suite_caches_nothing_in_the_users_home() -> None:
     for place in (cache_dir(), matplotlib.get_cachedir(), matplotlib.get_configdir(), huggingface_hub.constants.HF_HOME,
                   datasets.config.HF_DATASETS_CACHE):
         assert not any(Path(place).is_relative_to(home / kept) for kept in (".cache", ".config")), place
+
+
+def test_the_suite_never_asks_the_hub() -> None:
+    # Only test_data.py made the suite offline, as it was imported: a run of other files alone could reach the hub.
+    import datasets.config
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE
