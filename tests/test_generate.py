@@ -204,7 +204,7 @@ def test_sample_says_when_max_new_tokens_does_not_fit(checkpoint, capsys, qwen3)
     assert f"(--max-new-tokens 100000: at most {context - prompt + 1} fit" in capsys.readouterr().err
 
 
-def test_max_new_tokens_of_the_generation_config_is_the_default_length(checkpoint, tmp_path):
+def test_max_new_tokens_of_the_generation_config_is_the_default_length(checkpoint, tmp_path, monkeypatch):
     # vLLM takes a generation_config.json's max_new_tokens (not max_length, Transformers' 20-token default) as the
     # max_tokens of a request that gives none (ModelConfig.get_diff_sampling_param): sample's and chat's
     # --max-new-tokens default to it too; the flag, given, wins.
@@ -228,6 +228,7 @@ def test_max_new_tokens_of_the_generation_config_is_the_default_length(checkpoin
     assert (length(sample), length(chat), length(sample, "--max-new-tokens", "9")) == (7, 7, 9)
     config.write_text(json.dumps({"max_length": 3}))
     assert (length(sample), length(chat)) == (200, 256)
+    monkeypatch.setenv("COLUMNS", "1000")  # a narrow terminal (COLUMNS=40) broke "generation_config.json" in two
     assert "(default: the checkpoint's generation_config.json max_new_tokens, else 200;" in \
         " ".join(sample.format_help().split())
     for bad, words in [({"max_new_tokens": 0}, "max_new_tokens is 0, not a whole number >= 1"),

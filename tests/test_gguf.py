@@ -524,7 +524,8 @@ def test_arguments_that_name_no_command_are_refused_in_one_line(argv: list[str],
     assert shown.out == "" and shown.err.startswith("nanoqwen: error: ") and shown.err.count("\n") == 1
 
 
-def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys: pytest.CaptureFixture[str],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     # (Here for want of a command-line test file of the tokenizer commands.) argparse's own "invalid int value"
     # named Python's type where every other whole-number flag says what it takes.
     with pytest.raises(SystemExit) as exit_:
@@ -536,6 +537,7 @@ def test_the_tokenizer_commands_read_and_document_flags_as_the_others_do(capsys:
     assert main(["tokenizer", "train", "--dataset", "no/such.txt", "--vocab-size", "300", "--out", "tok"]) == 2
     assert capsys.readouterr().err.startswith("nanoqwen tokenizer train: error: no such file or folder: no/such.txt")
     # Both write a folder, DIR as tokenizer train and prepare call it; each --help says what the command does.
+    monkeypatch.setenv("COLUMNS", "1000")  # one line each: a narrow terminal (COLUMNS=40) wrapped the description
     for command, said in (("qwen3", "write the official Qwen3 tokenizer (offline)"),
                           ("train", "train a byte-level BPE on a corpus")):
         with pytest.raises(SystemExit):

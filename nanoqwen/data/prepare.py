@@ -58,6 +58,7 @@ from nanoqwen.io import (
     real_path,
     remove_orphans,
     trained_on,
+    usable_cores,
     write_json,
 )
 from nanoqwen.tokenizer import (
@@ -199,9 +200,9 @@ def prepare(dataset: str, tokenizer: str, out: str | os.PathLike[str], *, val_fr
     if workers is not None:
         if workers < 1:
             raise NanoQwenError(f"--workers must be at least 1, got {workers}")
-        cores = os.cpu_count() or 1
+        cores = usable_cores()
         if workers > cores:  # the thread pool starts them all: a huge number hung prepare
-            print(f"note: --workers {workers} is more than the {cores} cores here; using {cores}")
+            print(f"note: --workers {workers} is more than the {counted(cores, 'core')} here; using {cores}")
             workers = cores
         # tokenizers' thread pool reads this when it first starts: it takes effect in a fresh process (the CLI)
         os.environ["RAYON_NUM_THREADS"] = str(workers)
@@ -566,7 +567,7 @@ def _encoder(tokenizer: Tokenizer, spec: str, workers: int | None) -> Callable[[
     control = ControlTokens(tokenizer)
     fast = _qwen3_tiktoken() if spec == "qwen3" or _is_qwen3(tokenizer) else None
     if fast is not None:
-        threads = workers or os.cpu_count() or 1
+        threads = workers or usable_cores()
 
         def encode_pieces(pieces: list[str]) -> list[list[int]]:
             # The batch call spends a thread task on each piece, which costs more than encoding a short one (a
