@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ import numpy as np
 import nanoqwen.data.prepare as prepare_module
 from nanoqwen.data.prepare import load_meta, prepare
 from nanoqwen.data.sources import open_corpus
+from nanoqwen.io import usable_cores
 from nanoqwen.tokenizer import qwen3_tokenizer
 
 
@@ -147,7 +147,7 @@ def main() -> None:
     parser.add_argument("--mb", type=float, default=20, help="corpus size in MB (default: %(default)s)")
     parser.add_argument("--chats", action="store_true", help="a JSON-lines file of chat records instead of text")
     args = parser.parse_args()
-    cores = os.cpu_count() or 1
+    cores = usable_cores()  # the seed's num_proc matches the cores nanoqwen's prepare uses (taskset, a container)
     with tempfile.TemporaryDirectory(prefix="nanoqwen-bench-") as tmp:
         root = Path(tmp)
         corpus, tok_dir, seed_out = root / "corpus", root / "tokenizer", root / "seed"
