@@ -37,13 +37,19 @@ def make_checkpoint(directory: Path, context: int = CONTEXT) -> Path:
     Untied embeddings make a random model's greedy text varied (a tied one mostly repeats its input),
     so comparisons between code paths actually compare something.
     """
+    model, tokenizer = random_model(context)
+    return save_checkpoint(model, directory, tokenizer)
+
+
+def random_model(context: int = CONTEXT) -> tuple[Qwen3, Tokenizer]:
+    """make_checkpoint's model (seeded) and the official tokenizer, not yet saved."""
     tokenizer = qwen3_tokenizer()
     config = config_for_tokenizer(ModelConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         head_dim=16, max_position_embeddings=context, max_window_layers=2, tie_word_embeddings=False,
     ), tokenizer, fit_vocab=True)
     torch.manual_seed(0)
-    return save_checkpoint(Qwen3(config), directory, tokenizer)
+    return Qwen3(config), tokenizer
 
 
 def make_scripted_checkpoint(directory: Path, chains: list[list[int]]) -> Path:
@@ -54,13 +60,8 @@ def make_scripted_checkpoint(directory: Path, chains: list[list[int]]) -> Path:
     How: every layer adds nothing (o_proj and down_proj zero), so the last position's hidden state is its token's
     embedding; the chains' tokens get orthonormal embeddings, and the lm_head row of each successor points along its
     predecessor's, a logit of 80 against 0 for every other token."""
-    tokenizer = qwen3_tokenizer()
-    config = config_for_tokenizer(ModelConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=16, max_position_embeddings=CONTEXT, max_window_layers=2, tie_word_embeddings=False,
-    ), tokenizer, fit_vocab=True)
-    torch.manual_seed(0)
-    model = Qwen3(config)
+    model, tokenizer = random_model()
+    config = model.config
     tokens = [token for chain in chains for token in chain]
     assert len(set(tokens)) == len(tokens) <= config.hidden_size, "chains hold distinct tokens, 64 at most"
     with torch.no_grad():
