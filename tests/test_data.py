@@ -2016,13 +2016,13 @@ def test_a_u_fffd_written_across_two_blocks_is_not_counted_as_replaced(tmp_path:
 def test_utf16_text_whose_bytes_spell_a_utf8_replacement_character_counts_none() -> None:
     # Korean 뿯 (U+BFEF) then 䆽 (U+41BD) are, in UTF-16-LE, the bytes EF BF BD 41: a U+FFFD only in UTF-8's reading.
     # (A large file's blocks are decoded so, and counted as they are.)
-    from nanoqwen.data.sources import TextDecoder, _before_partial_separator
+    from nanoqwen.data.sources import TextDecoder, before_partial_separator
 
     decoder = TextDecoder()
     assert decoder.decode(codecs.BOM_UTF16_LE + "\ubfef\u41bd".encode("utf-16-le"), final=True) == "\ubfef\u41bd"
     assert decoder.replaced == 0
     # a block that ends with the first 12 of <|endoftext|>'s 13 characters is cut before them, as with fewer
-    assert [_before_partial_separator("ab" + "<|endoftext|>"[:n]) for n in (12, 1, 0)] == [2, 2, 2]
+    assert [before_partial_separator("ab" + "<|endoftext|>"[:n]) for n in (12, 1, 0)] == [2, 2, 2]
 
 def test_a_large_text_file_is_read_in_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Memory holds one block, not the file: the blocks are the file's text, cut after line breaks (or spaces, in

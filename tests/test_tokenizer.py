@@ -578,7 +578,7 @@ def test_a_folders_own_bos_and_unk_tokens_survive_a_save(tmp_path):
         hf.apply_chat_template(messages, tokenize=False)
 
 
-def test_ctrl_c_while_a_bpe_reads_its_texts_stops_the_reading() -> None:
+def test_ctrl_c_while_a_bpe_reads_its_texts_stops_the_reading(ctrl_c_raises: None) -> None:
     # The trainer reads the texts in a thread of its own while the main thread waits in Rust, where Python runs no
     # signal handler: a Ctrl-C took effect once every text was read and merged (minutes of a large corpus).
     import os
