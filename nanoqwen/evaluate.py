@@ -474,6 +474,9 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
     grow with the text. Its end checked as a text (TextSource.check)."""
     batch_size = windows_per_forward(context, batch_size)
     counts = {"bytes": 0, "ids": 0, "prefix bytes": 0}  # the documents', and those of the ids scored
+    # A token's text that depends on its neighbours (SentencePiece's spaces, byte-fallback characters) is counted of
+    # the ids scored whole, as text_bytes decodes them: a slice's alone would drop its leading space
+    predicted: list[np.ndarray] = []
 
     def parts() -> Iterator[np.ndarray]:
         for ids, nbytes in text_ids(tokenizer, text, max_tokens):
@@ -483,8 +486,10 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
 
     def scores() -> Iterator[tuple[float, int, int]]:
         for tokens in stream_slices(parts(), slice_step(context, batch_size), max_tokens):
-            if max_tokens is not None:  # (needed where the ids run past max_tokens: known once they have)
+            if max_tokens is not None and tokenizer.byte_level:  # (needed where the ids run past max_tokens)
                 counts["prefix bytes"] += tokenizer.text_bytes(tokens[1:].numpy())
+            elif max_tokens is not None:
+                predicted.append(tokens[1:].numpy())
             yield from batch_scores(model, tokens, context, batch_size)
 
     with scoring(model):
@@ -492,6 +497,8 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
     text.check()  # again, of all that was read
     check_scorable(total[2] + 1)
     prefix = max_tokens is not None and counts["ids"] - 1 > max_tokens
+    if prefix and predicted:
+        counts["prefix bytes"] = tokenizer.text_bytes(np.concatenate(predicted))
     return metrics(*total, counts["prefix bytes"] if prefix else counts["bytes"])
 
 

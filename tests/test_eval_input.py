@@ -587,3 +587,38 @@ def test_a_named_pipe_is_read_as_standard_input_is(checkpoint: Path, tmp_path: P
     assert main(["eval", "--model", str(checkpoint), "--text-file", "/dev/zero", "--device", "cpu"]) == 2
     assert one_line(capsys) == ("nanoqwen eval: error: text file /dev/zero is not a regular file; give one UTF-8 text "
                                 "file (for a folder of texts, prepare it and pass --data)")
+
+
+def test_a_prefix_scored_in_slices_counts_the_bytes_of_its_text_whole(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # --max-windows divides by the bytes of the prefix's own text, which a tokenizer that is not byte-level (a
+    # SentencePiece one's "▁" spaces, its byte-fallback characters) decodes whole only: counted a slice at a time,
+    # each slice's leading space was dropped, and a character two slices cut was counted as U+FFFDs (19 bytes, not 21).
+    from tokenizers import AddedToken
+
+    import nanoqwen.evaluate
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.evaluate import evaluate_tokens
+    from nanoqwen.tokenizer import Tokenizer
+    from tests.test_generate import byte_fallback_tokenizer
+
+    hf = byte_fallback_tokenizer().hf
+    hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tokenizer = Tokenizer(hf)
+    assert not tokenizer.byte_level
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    save_checkpoint(Qwen3(config), tmp_path / "ck", tokenizer)
+    text = "a b 日本 ab b a 本 " * 4
+    (tmp_path / "t.txt").write_text(text)
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)  # a slice per window of 4
+    assert main(["eval", "--model", str(tmp_path / "ck"), "--text-file", str(tmp_path / "t.txt"), "--context", "4",
+                 "--batch-size", "1", "--max-windows", "5", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tokenizer = load_checkpoint(tmp_path / "ck")
+    ids = torch.tensor([tokenizer.eot_id, *tokenizer.encode(text)])
+    prefix = ids[:4 * 5 + 1]
+    assert result == pytest.approx(evaluate_tokens(model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 4, 1),
+                                   rel=1e-6)
