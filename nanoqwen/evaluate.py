@@ -547,7 +547,8 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
     context = args.context or config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if text is not None:  # a part, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
-        text.start(READ_PART_BYTES if max_tokens is None else 2 * START_CHARS_PER_TOKEN * max_tokens)
+        # (no more than a part: windows enough for the whole text read it whole, before the first was scored)
+        text.start(min(READ_PART_BYTES, 2 * START_CHARS_PER_TOKEN * max_tokens) if max_tokens else READ_PART_BYTES)
     model, tokenizer = load_for_inference(args)
     if text is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another
