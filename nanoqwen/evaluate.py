@@ -474,6 +474,9 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
     grow with the text. Its end checked as a text (TextSource.check)."""
     batch_size = windows_per_forward(context, batch_size)
     counts = {"bytes": 0, "ids": 0, "prefix bytes": 0}  # the documents', and those of the ids scored
+    # A token's text that depends on its neighbours (SentencePiece's spaces, byte-fallback characters) is counted of
+    # the ids scored whole, as text_bytes decodes them: a slice's alone would drop its leading space
+    predicted: list[np.ndarray] = []
 
     def parts() -> Iterator[np.ndarray]:
         for ids, nbytes in text_ids(tokenizer, text, max_tokens):
@@ -483,8 +486,10 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
 
     def scores() -> Iterator[tuple[float, int, int]]:
         for tokens in stream_slices(parts(), slice_step(context, batch_size), max_tokens):
-            if max_tokens is not None:  # (needed where the ids run past max_tokens: known once they have)
+            if max_tokens is not None and tokenizer.byte_level:  # (needed where the ids run past max_tokens)
                 counts["prefix bytes"] += tokenizer.text_bytes(tokens[1:].numpy())
+            elif max_tokens is not None:
+                predicted.append(tokens[1:].numpy())
             yield from batch_scores(model, tokens, context, batch_size)
 
     with scoring(model):
@@ -492,6 +497,8 @@ def evaluate_text(model: Qwen3, tokenizer: Tokenizer, text: TextSource, context:
     text.check()  # again, of all that was read
     check_scorable(total[2] + 1)
     prefix = max_tokens is not None and counts["ids"] - 1 > max_tokens
+    if prefix and predicted:
+        counts["prefix bytes"] = tokenizer.text_bytes(np.concatenate(predicted))
     return metrics(*total, counts["prefix bytes"] if prefix else counts["bytes"])
 
 
@@ -540,7 +547,8 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
     context = args.context or config.max_position_embeddings
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if text is not None:  # a part, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
-        text.start(READ_PART_BYTES if max_tokens is None else 2 * START_CHARS_PER_TOKEN * max_tokens)
+        # (no more than a part: windows enough for the whole text read it whole, before the first was scored)
+        text.start(min(READ_PART_BYTES, 2 * START_CHARS_PER_TOKEN * max_tokens) if max_tokens else READ_PART_BYTES)
     model, tokenizer = load_for_inference(args)
     if text is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another

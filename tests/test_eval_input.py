@@ -587,3 +587,81 @@ def test_a_named_pipe_is_read_as_standard_input_is(checkpoint: Path, tmp_path: P
     assert main(["eval", "--model", str(checkpoint), "--text-file", "/dev/zero", "--device", "cpu"]) == 2
     assert one_line(capsys) == ("nanoqwen eval: error: text file /dev/zero is not a regular file; give one UTF-8 text "
                                 "file (for a folder of texts, prepare it and pass --data)")
+
+
+def test_a_prefix_scored_in_slices_counts_the_bytes_of_its_text_whole(tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # --max-windows divides by the bytes of the prefix's own text, which a tokenizer that is not byte-level (a
+    # SentencePiece one's "▁" spaces, its byte-fallback characters) decodes whole only: counted a slice at a time,
+    # each slice's leading space was dropped, and a character two slices cut was counted as U+FFFDs (19 bytes, not 21).
+    from tokenizers import AddedToken
+
+    import nanoqwen.evaluate
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.evaluate import evaluate_tokens
+    from nanoqwen.tokenizer import Tokenizer
+    from tests.test_generate import byte_fallback_tokenizer
+
+    hf = byte_fallback_tokenizer().hf
+    hf.add_special_tokens([AddedToken("<|endoftext|>", special=True)])
+    tokenizer = Tokenizer(hf)
+    assert not tokenizer.byte_level
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    save_checkpoint(Qwen3(config), tmp_path / "ck", tokenizer)
+    text = "a b 日本 ab b a 本 " * 4
+    (tmp_path / "t.txt").write_text(text)
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)  # a slice per window of 4
+    assert main(["eval", "--model", str(tmp_path / "ck"), "--text-file", str(tmp_path / "t.txt"), "--context", "4",
+                 "--batch-size", "1", "--max-windows", "5", "--device", "cpu", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    model, tokenizer = load_checkpoint(tmp_path / "ck")
+    ids = torch.tensor([tokenizer.eot_id, *tokenizer.encode(text)])
+    prefix = ids[:4 * 5 + 1]
+    assert result == pytest.approx(evaluate_tokens(model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 4, 1),
+                                   rel=1e-6)
+
+
+def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(checkpoint: Path, tmp_path: Path,
+                                                                           capsys: pytest.CaptureFixture[str],
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    # The start read before the model loads was 16 bytes a token of --max-windows, unbounded: windows enough for the
+    # whole file (`--max-windows 100000` on a 5 GB file) read and held it whole, decoded, before the first window.
+    # It is at most a part now, the rest read as the windows are scored, to the same figures.
+    import nanoqwen.data.prepare
+    import nanoqwen.evaluate
+
+    path = tmp_path / "t.txt"
+    path.write_text("".join(f"line {i}: the cat sat\n" + ("<|endoftext|>\n" if i % 5 == 4 else "") for i in range(40)))
+    events: list[str] = []  # in order: each read of the file, each forward of windows
+    open_binary, batch_scores = nanoqwen.evaluate.open_binary, nanoqwen.evaluate.batch_scores
+
+    class Logged:
+        def __init__(self, f: io.BufferedReader) -> None:
+            self.f, self.close = f, f.close
+
+        def read(self, size: int) -> bytes:
+            events.append("read")
+            return self.f.read(size)
+
+    def scored(*args: object) -> Iterator[tuple[float, int, int]]:
+        for score in batch_scores(*args):
+            events.append("forward")
+            yield score
+
+    def evaluated(*extra: str) -> dict[str, float]:
+        events.clear()
+        assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--context", "8", "--batch-size",
+                     "2", "--device", "cpu", "--json", *extra]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    whole = evaluated()
+    monkeypatch.setattr(nanoqwen.evaluate, "open_binary", lambda p: Logged(open_binary(p)))
+    monkeypatch.setattr(nanoqwen.evaluate, "batch_scores", scored)
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 50)
+    monkeypatch.setattr(nanoqwen.data.prepare, "BATCH_CHARS", 30)
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)
+    assert evaluated("--max-windows", "100000") == whole
+    assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
