@@ -9,7 +9,7 @@ import random
 import re
 import sys
 import unicodedata
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -494,21 +494,14 @@ def test_a_text_read_a_part_at_a_time_gives_the_ids_of_the_whole(checkpoint: Pat
             assert [piece for piece, _ in pieces.pieces(None)] == documents  # (read_text_file's)
 
 
-def test_a_large_text_file_is_read_encoded_and_scored_a_part_at_a_time(checkpoint: Path, tmp_path: Path,
-                                                                      capsys: pytest.CaptureFixture[str],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    # `eval --text-file` read the whole file into memory, decoded it, parted it and encoded it all at once before the
-    # first window was scored: a 5 GB file cost several times that. It is read, encoded and scored a part at a time
-    # now, to the figures of the whole (those `eval --data` gives a split of it scored a slice at a time).
-    import nanoqwen.data.prepare
+def logged_eval(checkpoint: Path, path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+                ) -> tuple[Callable[..., dict[str, float]], list[tuple[str, int]]]:
+    """`eval --text-file path` on `checkpoint` (context 8, 2 windows a forward) as a function of more flags giving its
+    figures, and the events of its last call, in order: each read of the file ("read", the bytes asked for), each
+    forward of windows ("forward", the ids it scored)."""
     import nanoqwen.evaluate
-    from nanoqwen.checkpoint import load_checkpoint
-    from nanoqwen.evaluate import evaluate_tokens
 
-    stories = ["".join(f"story {s}, line {i}: the caf\u00e9 sat\r\n" for i in range(3 + s)) for s in range(3)]
-    path = tmp_path / "stories.txt"
-    path.write_bytes("\n<|endoftext|>\n".join([*stories, stories[0].replace("\r\n", " ")]).encode())
-    events: list[tuple[str, int]] = []  # in order: each read of the file and its size, each forward of windows
+    events: list[tuple[str, int]] = []
     open_binary, batch_scores = nanoqwen.evaluate.open_binary, nanoqwen.evaluate.batch_scores
 
     class Logged:
@@ -533,6 +526,24 @@ def test_a_large_text_file_is_read_encoded_and_scored_a_part_at_a_time(checkpoin
                      "2", "--device", "cpu", "--json", *extra]) == 0
         return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
 
+    return evaluated, events
+
+
+def test_a_large_text_file_is_read_encoded_and_scored_a_part_at_a_time(checkpoint: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # `eval --text-file` read the whole file into memory, decoded it, parted it and encoded it all at once before the
+    # first window was scored: a 5 GB file cost several times that. It is read, encoded and scored a part at a time
+    # now, to the figures of the whole (those `eval --data` gives a split of it scored a slice at a time).
+    import nanoqwen.data.prepare
+    import nanoqwen.evaluate
+    from nanoqwen.checkpoint import load_checkpoint
+    from nanoqwen.evaluate import evaluate_tokens
+
+    stories = ["".join(f"story {s}, line {i}: the caf\u00e9 sat\r\n" for i in range(3 + s)) for s in range(3)]
+    path = tmp_path / "stories.txt"
+    path.write_bytes("\n<|endoftext|>\n".join([*stories, stories[0].replace("\r\n", " ")]).encode())
+    evaluated, events = logged_eval(checkpoint, path, capsys, monkeypatch)
     whole = evaluated()
     monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 50)
     monkeypatch.setattr(nanoqwen.data.prepare, "BATCH_CHARS", 30)
@@ -635,33 +646,11 @@ def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(chec
 
     path = tmp_path / "t.txt"
     path.write_text("".join(f"line {i}: the cat sat\n" + ("<|endoftext|>\n" if i % 5 == 4 else "") for i in range(40)))
-    events: list[str] = []  # in order: each read of the file, each forward of windows
-    open_binary, batch_scores = nanoqwen.evaluate.open_binary, nanoqwen.evaluate.batch_scores
-
-    class Logged:
-        def __init__(self, f: io.BufferedReader) -> None:
-            self.f, self.close = f, f.close
-
-        def read(self, size: int) -> bytes:
-            events.append("read")
-            return self.f.read(size)
-
-    def scored(*args: object) -> Iterator[tuple[float, int, int]]:
-        for score in batch_scores(*args):
-            events.append("forward")
-            yield score
-
-    def evaluated(*extra: str) -> dict[str, float]:
-        events.clear()
-        assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--context", "8", "--batch-size",
-                     "2", "--device", "cpu", "--json", *extra]) == 0
-        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-
+    evaluated, logged = logged_eval(checkpoint, path, capsys, monkeypatch)
     whole = evaluated()
-    monkeypatch.setattr(nanoqwen.evaluate, "open_binary", lambda p: Logged(open_binary(p)))
-    monkeypatch.setattr(nanoqwen.evaluate, "batch_scores", scored)
     monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 50)
     monkeypatch.setattr(nanoqwen.data.prepare, "BATCH_CHARS", 30)
     monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)
     assert evaluated("--max-windows", "100000") == whole
+    events = [event for event, _ in logged]
     assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
