@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -248,21 +248,26 @@ def test_a_run_folder_takes_one_writer_on_windows_too(monkeypatch: pytest.Monkey
     assert not (tmp_path / "run").exists()
 
 
+def refused_while(refusals: list[int], move: Callable[[Any, Any], Any]) -> Callable[[Any, Any], Any]:
+    """`move` (a rename) as Windows does it while another program holds the file open: refused (PermissionError) as
+    long as refusals[0] says, one fewer each time."""
+    def held(source: Any, target: Any) -> Any:
+        if refusals[0]:
+            refusals[0] -= 1
+            raise PermissionError(errno.EACCES, "Access is denied", str(target))
+        return move(source, target)
+
+    return held
+
+
 def test_a_folder_windows_will_not_rename_for_a_moment_is_replaced_all_the_same(monkeypatch: pytest.MonkeyPatch,
                                                                                tmp_path: Path) -> None:
     # Windows renames no folder while a program holds a file in it open: a virus scanner or indexer reading what was
     # just written, a `sample` loading best/. A moment later it can: a run's save ended the run instead.
-    rename, refusals, waits = Path.rename, [2], []
-
-    def held_for_a_moment(path: Path, target: Any) -> Path:
-        if refusals[0]:
-            refusals[0] -= 1
-            raise PermissionError(errno.EACCES, "Access is denied", str(path))
-        return rename(path, target)
-
+    refusals, waits = [2], []
     (tmp_path / "best").mkdir()
     monkeypatch.setattr(sys, "platform", "win32")
-    monkeypatch.setattr(Path, "rename", held_for_a_moment)
+    monkeypatch.setattr(Path, "rename", refused_while(refusals, Path.rename))
     monkeypatch.setattr(time, "sleep", waits.append)
     with atomic_dir(tmp_path / "best") as folder:
         (folder / "model.safetensors").write_text("new")
@@ -280,15 +285,8 @@ def test_a_file_windows_will_not_replace_for_a_moment_is_replaced_all_the_same(m
     # Windows replaces no file that another program holds open (a scanner or indexer reading the config.json just
     # written, an editor, `tail` of a run's file): each single file written whole (a run's config.json, a plot, a
     # GGUF) failed at once, where folders were tried again for a while.
-    replace, refusals, waits = os.replace, [0], []
-
-    def held_for_a_moment(source: Any, target: Any) -> None:
-        if refusals[0]:
-            refusals[0] -= 1
-            raise PermissionError(errno.EACCES, "Access is denied", str(target))
-        replace(source, target)
-
-    monkeypatch.setattr(os, "replace", held_for_a_moment)
+    refusals, waits = [0], []
+    monkeypatch.setattr(os, "replace", refused_while(refusals, os.replace))
     act_as_windows(monkeypatch)
     monkeypatch.setattr(time, "sleep", waits.append)
     write_json(tmp_path / "config.json", {"step": 1})
