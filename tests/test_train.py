@@ -814,7 +814,7 @@ def test_wandb_that_fails_under_torchrun_stops_every_rank_with_its_line(data: Pa
 
 
 def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_once_a_machine(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], ctrl_c_raises: None) -> None:
     # A bad flag, an empty path, --device cuda without a GPU: each process of `torchrun --nproc_per_node 8` checks
     # its own command line before the job's process group exists, and each printed the same line, 8 of them.
     # LOCAL_RANK 0 says it for its machine; the others stop as it does (exit 2), silently (after a wait for it,
@@ -848,17 +848,14 @@ def test_an_error_every_torchrun_process_meets_before_the_job_starts_is_said_onc
         assert says_errors(NanoQwenError("bad flag")) == (local_rank == "0") and says_errors(RankError("no GPU"))
         if local_rank == "1":  # Ctrl-C while it waits for LOCAL_RANK 0 ends the wait, with no traceback
             monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 30.0)
-            # Python's own handler, as in a terminal: a suite run in the background (CI's) inherits SIGINT ignored,
-            # and the signal then neither ended the wait nor tested anything (30 s of sleep, and a pass)
-            default_sigint = signal.signal(signal.SIGINT, signal.default_int_handler)
+            # (Python's own SIGINT handler, ctrl_c_raises: ignored, as a suite run in the background inherits it,
+            # the signal neither ended the wait nor tested anything: 30 s of sleep, and a pass)
             threading.Timer(0.2, signal.pthread_kill, (threading.main_thread().ident, signal.SIGINT)).start()
             started = time.monotonic()
             try:
                 cli.say_error("nanoqwen train", "nanoqwen train: error: --out is empty")
             except KeyboardInterrupt:
                 pytest.fail("Ctrl-C during the wait for LOCAL_RANK 0 raised KeyboardInterrupt")
-            finally:
-                signal.signal(signal.SIGINT, default_sigint)
             assert time.monotonic() - started < 20, "Ctrl-C did not end the wait for LOCAL_RANK 0"
             assert capsys.readouterr().err == ""
             monkeypatch.setattr(cli, "QUIET_EXIT_WAIT_S", 0.0)
