@@ -82,7 +82,7 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
     sync_tree(tmp)  # on the disk before the name points at it: after a power cut, the old folder or the whole new one
     old = None
     try:
-        if not final.exists():
+        if keep_existing or not final.exists():  # keep_existing: a rename fails where another writer came first
             rename_patiently(tmp, final)
         elif exchange(tmp, final):  # in one step: a reader (sample of RUN/best mid-run) always finds a whole folder
             old = tmp  # the replaced one, under the temporary name (an orphan of it goes as a tmp one does)
@@ -93,6 +93,8 @@ def atomic_dir(final: str | os.PathLike[str], keep_existing: bool = False) -> It
             rename_patiently(tmp, final)
     except OSError as e:  # e.g. `final` is a mount point, which cannot be renamed away
         shutil.rmtree(tmp, ignore_errors=True)
+        if keep_existing and final.exists():  # another writer's whole copy came first (since the check above)
+            return
         if old is not None and not final.exists():
             old.rename(final)
         if sys.platform == "win32" and isinstance(e, PermissionError):

@@ -412,6 +412,44 @@ def test_a_qwen3_tokenizer_folder_renamed_away_while_its_lock_was_awaited_is_not
         os.close(fd)
 
 
+@pytest.mark.parametrize("finished_before", ["sync_tree", "rename_patiently"])
+def test_of_two_processes_building_the_qwen3_tokenizer_cache_at_once_the_later_uses_the_earliers(
+        official, tmp_path, monkeypatch, finished_before):
+    # torchrun's ranks (or two runs started together) each build the cache the first time it is loaded. One that
+    # found the folder missing and was beaten to the rename failed "cannot replace ... (Directory not empty)"; one
+    # beaten while it synced its files swapped its copy for the other's, which that other process had just locked.
+    # The second to finish keeps the first's folder and uses it silently (the files are the same).
+    import os
+
+    import nanoqwen.io
+
+    monkeypatch.setenv("NANOQWEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(nanoqwen.tokenizer, "build_qwen3_tokenizer", lambda: official.hf)  # the build: seconds
+    monkeypatch.setattr(nanoqwen.tokenizer, "_held_locks", [])
+    folder = nanoqwen.tokenizer.qwen3_cache_folder()
+    real = getattr(nanoqwen.io, finished_before)
+    others: list[int] = []  # the inode of the folder the other process put in place
+
+    def other_process_finishes_first(*args):
+        if not others:
+            others.append(0)
+            with nanoqwen.io.atomic_dir(folder, keep_existing=True) as other:
+                Tokenizer(official.hf).save(other)
+            others[0] = folder.stat().st_ino
+        return real(*args)
+
+    monkeypatch.setattr(nanoqwen.io, finished_before, other_process_finishes_first)
+    nanoqwen.tokenizer._qwen3_cached_folder.cache_clear()
+    try:
+        assert nanoqwen.tokenizer._qwen3_cached_folder() == folder
+    finally:
+        nanoqwen.tokenizer._qwen3_cached_folder.cache_clear()  # the next test's is the session's cache
+        for fd in nanoqwen.tokenizer._held_locks:
+            os.close(fd)
+    assert folder.stat().st_ino == others[0] and os.listdir(tmp_path) == [folder.name]  # no copy left behind
+    assert load_tokenizer(folder).encode(TEXTS[0]) == official.encode(TEXTS[0])
+
+
 def test_a_folder_with_only_the_slow_tokenizer_files_says_how_to_write_tokenizer_json(tmp_path: Path) -> None:
     # A fine-tune saved with vocab.json + merges.txt alone was pointed at `nanoqwen tokenizer qwen3`, which would
     # swap in another tokenizer than the one its weights were trained with.
