@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from nanoqwen.cli import list_presets
 from nanoqwen.config import (
     QWEN3_VOCAB_SIZE,
     LoopState,
@@ -26,7 +27,6 @@ from nanoqwen.config import (
     apply_overrides,
     check_json_types,
     load_preset,
-    preset_names,
 )
 from nanoqwen.distributed import (
     add_device_arguments,
@@ -594,8 +594,8 @@ def check_data_tokenizer(checkpoint: Path, data: Path, config: ModelConfig) -> N
 
 # -- `nanoqwen init` -----------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default="tiny",
-                   help=f"preset name ({', '.join(preset_names())}) or JSON file (default: tiny)")
+    p.add_argument("--preset", default="tiny", help="preset name (listed below) or JSON file (default: tiny)")
+    list_presets(p)
     p.add_argument("--out", required=True, help="folder to write the checkpoint into")
     p.add_argument("--tokenizer", default="qwen3", help="qwen3 (default) or a tokenizer folder")
     p.add_argument("--seed", type=seed_int, default=0, help="seed of the random weights (default 0)")

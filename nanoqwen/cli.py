@@ -12,6 +12,7 @@ import importlib
 import io
 import os
 import sys
+import textwrap
 import time
 from typing import NoReturn
 
@@ -89,6 +90,24 @@ class Parser(argparse.ArgumentParser):
                 raise argparse.ArgumentError(action, f"invalid choice: {value!r}; did you mean {close[0]!r}? "
                                                      f"(choose from {', '.join(choices)})")
         super()._check_value(action, value)  # type: ignore[misc]
+
+
+class LinesFormatter(argparse.HelpFormatter):
+    """Wraps each line of a description or epilog on its own, where argparse joins them into one paragraph: a list
+    stays one item a line, an item's further lines indented under its text."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(textwrap.fill(line, width, initial_indent=indent,
+                                        subsequent_indent=indent + " " * (len(line) - len(line.lstrip()) + 2))
+                          for line in text.splitlines())
+
+
+def list_presets(p: argparse.ArgumentParser) -> None:
+    """End the --help of a command that takes --preset with each preset and what it is."""
+    from nanoqwen.config import presets_help
+
+    p.formatter_class = LinesFormatter
+    p.epilog = f"presets:\n{presets_help()}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

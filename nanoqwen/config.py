@@ -391,6 +391,11 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
 
 
+def presets_help() -> str:
+    """Each preset and its description, one a line, as `train --help` and `init --help` end (see cli.list_presets)."""
+    return "\n".join(f"  {preset.name}: {preset.description}" for preset in map(load_preset, preset_names()))
+
+
 PRESET_SHAPE = '{"model": {Qwen3 config.json fields}, "train": {flag defaults}, "description": "..."}'
 
 
@@ -419,8 +424,10 @@ def load_preset(name_or_path: str) -> Preset:
         if given.suffix == ".json":
             raise NanoQwenError(f"preset file {name_or_path} does not exist; give a JSON file shaped as "
                                 f"{PRESET_SHAPE} or one of {', '.join(preset_names())}")
-        raise NanoQwenError(f"unknown preset {name_or_path!r}; choose one of {', '.join(preset_names())} "
-                            "or give a JSON file")
+        near = difflib.get_close_matches(name_or_path, preset_names(), n=1)
+        meant = f" (did you mean {near[0]!r}?)" if near else ""
+        raise NanoQwenError(f"unknown preset {name_or_path!r}{meant}; choose one of {', '.join(preset_names())} "
+                            "(--help says what each is) or give a JSON file")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:

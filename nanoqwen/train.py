@@ -53,13 +53,13 @@ from nanoqwen.checkpoint import (
     save_last,
     warn_of_special_ids,
 )
+from nanoqwen.cli import list_presets
 from nanoqwen.config import (
     BEST_DTYPES,
     LOSS_TARGETS,
     LoopState,
     ModelConfig,
     TrainConfig,
-    preset_names,
 )
 from nanoqwen.data.loader import BatchLoader, ChatMarks, TokenSplit, assistant_targets, check_token_ids
 from nanoqwen.data.sources import SOURCES_HELP
@@ -126,8 +126,8 @@ from nanoqwen.tracking import Display, TensorBoardLog, Tracker, WandbLog, flops_
 # -- command line ---------------------------------------------------------------------------------
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
-    model.add_argument("--preset", help=f"model preset by name ({', '.join(preset_names())}; default: cpu, or "
-                                        "demo on a CUDA GPU)")
+    model.add_argument("--preset", help="model preset by name (listed below; default: cpu, or demo on a CUDA GPU)")
+    list_presets(p)
     model.add_argument("--config", help="a preset JSON file ({\"model\": {config.json fields}, \"train\": {flag "
                                         "defaults, max_steps for --max-steps}}), or a checkpoint's config.json (its "
                                         "architecture, new weights)")

@@ -2504,6 +2504,31 @@ def test_train_help_gives_the_defaults_a_run_from_init_from_takes(capsys: pytest
     assert "(default: the preset's, else bpe:2048; after --init-from, the checkpoint's)" in shown
 
 
+@pytest.mark.parametrize("columns", [40, 1000])
+def test_train_and_init_help_list_each_preset_with_what_it_is(capsys: pytest.CaptureFixture[str],
+                                                             monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                             columns: int) -> None:
+    # --help gave the presets' names only (a name was found only by giving a wrong one), and every preset file's
+    # "description" was read and shown nowhere: it ends --help, one preset a line, each line within the terminal.
+    from nanoqwen.config import load_preset, preset_names
+
+    monkeypatch.setenv("COLUMNS", str(columns))
+    presets = [load_preset(name) for name in preset_names()]
+    assert all(preset.description for preset in presets)
+    for command in ("init", "train"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        listing = capsys.readouterr().out.split("\npresets:\n")[1]
+        assert max(map(len, listing.splitlines())) <= columns - 2  # argparse's width
+        shown = [" ".join(item.split()) for item in re.split(r"\n(?=  \S)", listing)]
+        assert shown == [f"{preset.name}: {preset.description}" for preset in presets]
+    # and a wrong name is refused with the names, pointing at the list
+    assert main(["init", "--preset", "tinny", "--out", str(tmp_path / "m")]) == 2
+    err = capsys.readouterr().err
+    assert f"unknown preset 'tinny' (did you mean 'tiny'?); choose one of {', '.join(preset_names())}" in err
+    assert "--help says what each is" in err and len(err.strip().splitlines()) == 1
+
+
 @pytest.mark.parametrize("source", ["run", "transformers-bf16"])
 def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, tmp_path: Path, source: str) -> None:
     from safetensors.torch import load_file
