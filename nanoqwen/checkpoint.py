@@ -693,9 +693,9 @@ def restore_rng_states(saved: dict[str, Any], device: torch.device) -> None:
 
 
 def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
-    """Put back the CUDA generator of the training device: the one saved of it, whichever device it was saved from
-    (a rank's own device was never in rank 0's view of the others). Saves from before held a list, one per GPU
-    rank 0's process saw, put back as they were then (a run saved on more GPUs than it resumes on still resumes)."""
+    """Put back the training device's CUDA generator from the one this rank saved, whichever GPU it trained on then.
+    Saves from before held a list, one per GPU rank 0's process saw, put back as they were then (a run saved on more
+    GPUs than it resumes on still resumes)."""
     if saved is None or device.type != "cuda":
         return
     if isinstance(saved, torch.Tensor):

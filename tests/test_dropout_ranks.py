@@ -16,7 +16,15 @@ import pytest
 import torch
 
 from nanoqwen.checkpoint import restore_rank_rng, saved_rng, seed_dropout
-from tests.train_helpers import FAST, make_data, make_preset, subprocess_env, train_command, train_losses
+from tests.train_helpers import (
+    FAST,
+    make_data,
+    make_preset,
+    run_train,
+    subprocess_env,
+    train_command,
+    train_losses,
+)
 
 CPU = torch.device("cpu")
 
@@ -126,8 +134,7 @@ def test_a_torchrun_job_with_dropout_resumes_each_ranks_masks_on_the_uninterrupt
     args = ["--config", str(preset), "--data", str(data), *FAST, "--max-steps", "40", "--log-interval", "1",
             "--save-interval", "5", "--set", "attention_dropout=0.3"]
     reference, stopped = tmp_path / "reference", tmp_path / "stopped"
-    done = subprocess.run(train_command(*args, "--out", str(reference), nproc=2), env=subprocess_env(),
-                          capture_output=True, text=True, timeout=240)
+    done = run_train(*args, "--out", str(reference), nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     # each rank's generator is saved, and rank 1's is not rank 0's: it drew other masks
     saved = torch.load(reference / "last/train_state.pt", weights_only=True)
@@ -136,9 +143,10 @@ def test_a_torchrun_job_with_dropout_resumes_each_ranks_masks_on_the_uninterrupt
     killed_at = stopped_at_step(train_command(*args, "--out", str(stopped), nproc=2), 6, signal.SIGKILL,
                                 tmp_path / "err1")
     assert 5 <= killed_at < 40
-    resume = train_command("--resume", str(stopped), "--device", "cpu", nproc=2)
-    assert killed_at < stopped_at_step(resume, killed_at + 1, signal.SIGTERM, tmp_path / "err2") < 40
-    done = subprocess.run(resume, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    resume = ["--resume", str(stopped), "--device", "cpu"]
+    assert killed_at < stopped_at_step(train_command(*resume, nproc=2), killed_at + 1, signal.SIGTERM,
+                                       tmp_path / "err2") < 40
+    done = run_train(*resume, nproc=2)
     assert done.returncode == 0, done.stderr[-3000:]
     expected, got = train_losses(reference), train_losses(stopped)
     assert list(got) == list(range(1, 41))
