@@ -15,6 +15,7 @@ from pathlib import Path, PurePosixPath
 from shlex import quote
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -32,6 +33,7 @@ from nanoqwen.distributed import (
     add_device_arguments,
     all_reduce,
     check_host_memory,
+    gather_to_rank0,
     on_rank0,
     resolve_device,
     resolve_dtype,
@@ -646,16 +648,39 @@ STATE_VERSION = 1
 STATE_JSON, STATE_PT = "train_state.json", "train_state.pt"
 
 
+def seed_dropout(seed: int, rank: int) -> None:
+    """Seed what this rank's dropout draws from once its weights are drawn (from `seed`, alike on every rank: FSDP2
+    shards them as each rank built them). Rank 0 goes on from `seed`, as one process does; every other rank starts
+    from a seed of its own, made from (seed, rank), so that it draws other masks for its own micro-batches."""
+    if rank:  # torch.manual_seed seeds the CPU's generator and every GPU's (CUDA, MPS)
+        torch.manual_seed(int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0]))
+
+
 def rng_states(device: torch.device) -> dict[str, torch.Tensor]:
-    """The generators a resumed run's dropout goes on drawing from: torch's (the CPU's) and that of the device the run
-    trains on, under its type (CUDA's, MPS's; a CPU run initializes no GPU). Rank 0 saves its own, which are every
-    rank's: all are seeded alike and draw alike."""
+    """The generators this process's dropout goes on drawing from: torch's (the CPU's) and that of the device it
+    trains on, under its type (CUDA's, MPS's; a CPU run initializes no GPU)."""
     states = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
         states["cuda"] = torch.cuda.get_rng_state(device)
     elif device.type == "mps":
         states["mps"] = torch.mps.get_rng_state()
     return states
+
+
+def saved_rng(device: torch.device) -> dict[str, Any] | None:
+    """What train_state.pt keeps of the generators: rank 0's under "rng" (all that saves from before kept) and each
+    other rank's, in rank order, under "other_ranks_rng". A collective (every rank calls it): None but on rank 0."""
+    states = gather_to_rank0(rng_states(device))
+    return None if states is None else {"rng": states[0], "other_ranks_rng": states[1:]}
+
+
+def restore_rank_rng(saved: dict[str, Any], device: torch.device, rank: int) -> None:
+    """Put back this rank's generators as saved_rng saved them. A rank the save holds none of (a resume on more
+    processes, or a save from before each rank's were kept) keeps its seed_dropout seeding."""
+    if rank == 0:
+        restore_rng_states(saved["rng"], device)
+    elif rank <= len(others := saved.get("other_ranks_rng", [])):
+        restore_rng_states(others[rank - 1], device)
 
 
 def restore_rng_states(saved: dict[str, Any], device: torch.device) -> None:
@@ -668,9 +693,9 @@ def restore_rng_states(saved: dict[str, Any], device: torch.device) -> None:
 
 
 def restore_cuda_rng(saved: torch.Tensor | list[torch.Tensor] | None, device: torch.device) -> None:
-    """Put back the CUDA generator of the training device: rank 0's, saved, on each rank's own device (a rank's own
-    device was never in rank 0's view of the others). Saves from before held a list, one per GPU that process saw,
-    put back as they were then (a run saved on more GPUs than it resumes on still resumes)."""
+    """Put back the training device's CUDA generator from the one this rank saved, whichever GPU it trained on then.
+    Saves from before held a list, one per GPU rank 0's process saw, put back as they were then (a run saved on more
+    GPUs than it resumes on still resumes)."""
     if saved is None or device.type != "cuda":
         return
     if isinstance(saved, torch.Tensor):
@@ -705,7 +730,7 @@ def load_train_state(run: Run, last: Path) -> None:
         load_optimizer_state(run, blob["optimizer"])
         if blob.get("scaler"):
             run.scaler.load_state_dict(blob["scaler"])
-        restore_rng_states(blob["rng"], run.info.device)
+        restore_rank_rng(blob, run.info.device, run.info.rank)
     except NanoQwenError:
         raise
     except Exception as e:  # noqa: BLE001 (any failure here means the same thing to the user)
@@ -774,14 +799,13 @@ def save_last(run: Run) -> None:
         where = broken or "on another rank"
         raise NanoQwenError(f"the weights became nan or infinite at step {run.state.step} ({where}); last/ keeps "
                             "the save before; lower --lr or raise --warmup")
-    model, optim_state = full_model(run), optimizer_state(run)
+    model, optim_state, rng = full_model(run), optimizer_state(run), saved_rng(run.info.device)
 
     def write() -> None:  # rank 0
-        assert model is not None
-        rng = rng_states(run.info.device)
+        assert model is not None and rng is not None
         with atomic_dir(run.out / "last") as tmp:  # the checkpoint and the training state, in place together
             write_checkpoint_files(model, tmp, run.tokenizer, generation=run.generation, step=run.state.step)
-            torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), "rng": rng}, tmp / STATE_PT)
+            torch.save({"optimizer": optim_state, "scaler": run.scaler.state_dict(), **rng}, tmp / STATE_PT)
             # the settings (and autocast dtype) it was trained with: what a resume compares the flags given to it with
             write_json(tmp / STATE_JSON, {"version": STATE_VERSION, **dataclasses.asdict(run.state),
                                           "train": dataclasses.asdict(run.cfg), "dtype": DTYPE_NAMES[run.amp_dtype]})

@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -247,6 +247,16 @@ def from_rank0(value: T) -> T:
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+def gather_to_rank0(value: T) -> list[T] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None on the others); [value] without torchrun. Gathered in
+    `patient_group` (gloo): objects stay on the CPU, whatever the job's backend."""
+    if not dist.is_initialized():
+        return [value]
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(value, gathered, dst=0, group=patient_group())
+    return gathered
 
 
 def on_rank0(work: Callable[[], None]) -> None:

@@ -51,6 +51,7 @@ from nanoqwen.checkpoint import (
     read_generation_file,
     save_best,
     save_last,
+    seed_dropout,
     warn_of_special_ids,
 )
 from nanoqwen.cli import list_presets
@@ -382,6 +383,7 @@ def build_run(args: argparse.Namespace, locks: list[Any]) -> Run:
     model.train()
     model.activation_checkpointing = bool(args.activation_checkpointing)
     train_module = wrap_model(model, info, args, device, cfg.compile)
+    seed_dropout(cfg.seed, info.rank)  # the weights drawn alike on every rank, each rank's masks its own
     amp_dtype = resolve_dtype(args.dtype, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     optimizer = build_optimizer(model, cfg.optimizer, cfg.lr, cfg.weight_decay, device, cfg.decay_embeddings,

@@ -3482,8 +3482,8 @@ def test_cuda_generators_saved_on_more_gpus_are_restored_on_the_ones_there(monke
 
 
 def test_each_rank_resumes_its_own_cuda_generator(monkeypatch: pytest.MonkeyPatch) -> None:
-    # Rank 0 saves the generator of the device it trains on, and every rank puts it back on its own device (all are
-    # seeded alike and draw alike). Saving every GPU rank 0's process could see gave rank 3 of a torchrun job the
+    # Each rank saves the generator of the device it trains on, and a resume puts it back on the device it trains on
+    # then (cuda:3 here). Saving every GPU rank 0's process could see gave rank 3 of a torchrun job the
     # untouched generator of cuda:3 in rank 0's process: not the one its dropout had drawn from. A run on CPU
     # saves and restores no CUDA generator (nor initializes CUDA). Stood in for on CPU, the calls recorded.
     from nanoqwen.checkpoint import restore_rng_states, rng_states
