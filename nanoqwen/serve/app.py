@@ -133,6 +133,44 @@ class APIKeyAuth:
         await self.app(scope, receive, send)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # read-only: a forged one runs nothing
+
+
+def foreign_origin(headers: dict[bytes, bytes], allow_origins: list[str]) -> str | None:
+    """The origin of a web page on another origin (another site, or another port of this one) whose script made the
+    browser send this request, unless `allow_origins` names it ("*": any); None for this server's own page and for
+    clients that are no browser. As Go's net/http CrossOriginProtection: the browser's Sec-Fetch-Site says where a
+    request comes from; a browser too old to send it is judged by its Origin against the Host it asked."""
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    if "*" in allow_origins or origin in allow_origins:
+        return None
+    site = headers.get(b"sec-fetch-site")
+    if site is not None:
+        return None if site in (b"same-origin", b"none") else origin or "another site"
+    if not origin:  # no browser sent it (or one that sends no Origin, so none that runs other sites' scripts)
+        return None
+    return None if origin.partition("://")[2] == headers.get(b"host", b"").decode("latin-1") else origin
+
+
+class CrossOriginGuard:
+    """Refuse a request a web page on another origin had the browser send, unless --allow-origin names the page
+    (cross-site request forgery). Without CORS headers such a page cannot read the answer, but a browser sends
+    some POSTs without asking first (a text/plain or untyped body): any page the user visits could otherwise run
+    generations on a server that needs no key. Reads (GET, HEAD) and CORS preflights pass."""
+
+    def __init__(self, app: ASGIApp, allow_origins: list[str]) -> None:
+        self.app, self.allow_origins = app, allow_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            origin = foreign_origin(dict(scope["headers"]), self.allow_origins)
+            if origin is not None:
+                message = (f"a request from the web page at {origin} (another origin) is refused; to let that page's "
+                           "scripts call this server, start it with --allow-origin naming the page's origin")
+                return await send_error(scope, receive, send, 403, message, "cross_origin_refused")
+        await self.app(scope, receive, send)
+
+
 class EventStream(StreamingResponse):
     """Server-sent events that run `on_close` however the stream ends, a client disconnect included,
     so the engine stops generating for a client that is gone."""
@@ -644,6 +682,7 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     # Added last = runs first: a request without the key is refused before its body is even read.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_middleware(CrossOriginGuard, allow_origins=allow_origins or [])  # before the key: a forged request has none
     if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
         # Any request header: OpenAI's JavaScript client sends its own (X-Stainless-*), and a preflight that names
         # one not allowed blocks the request; which pages may call is what allow_origins decides.

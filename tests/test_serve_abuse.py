@@ -1,0 +1,81 @@
+"""`nanoqwen serve` against hostile or careless clients: web pages of other sites, and request bodies that are
+no JSON the parser can read. The app in this process (FastAPI's TestClient), over a tiny random checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from fastapi.testclient import TestClient
+
+from nanoqwen.checkpoint import load_checkpoint
+from nanoqwen.serve.app import create_app
+from tests.serve_helpers import make_checkpoint
+
+EVIL = "http://evil.example"
+PAGE = "http://localhost:3000"  # a front-end the user runs, named with --allow-origin
+BODY = b'{"prompt": "Once", "max_tokens": 2, "temperature": 0}'
+
+
+@pytest.fixture(scope="module")
+def local(tmp_path_factory: pytest.TempPathFactory):
+    return load_checkpoint(make_checkpoint(tmp_path_factory.mktemp("abuse") / "tiny"))
+
+
+@pytest.fixture(scope="module")
+def http(local) -> Iterator[TestClient]:
+    """The server as `nanoqwen serve` starts it (no key), allowing the front-end on PAGE."""
+    with TestClient(create_app(*local, "tiny", allow_origins=[PAGE])) as client:
+        yield client
+
+
+def generated(http: TestClient) -> int:
+    return http.get("/health").json()["tokens_generated"]
+
+
+@pytest.mark.parametrize("headers", [
+    # What a page's fetch() sends without a CORS preflight: a text/plain body, or a Blob's with no type at all
+    # (FastAPI before 0.132 read an untyped body as JSON, and ran it).
+    {"Origin": EVIL, "Sec-Fetch-Site": "cross-site", "Content-Type": "text/plain;charset=UTF-8"},
+    {"Origin": EVIL, "Sec-Fetch-Site": "cross-site"},
+    {"Origin": EVIL, "Sec-Fetch-Site": "cross-site", "Content-Type": "application/json"},
+    {"Origin": "http://localhost:8080", "Sec-Fetch-Site": "same-site", "Content-Type": "application/json"},
+    {"Origin": EVIL, "Content-Type": "application/json"},  # a browser without Sec-Fetch-Site: its Origin is no Host
+    {"Origin": "null", "Content-Type": "application/json"},  # a sandboxed frame, or a file:// page
+], ids=["text-plain", "untyped-blob", "json", "same-site-other-port", "origin-only", "null-origin"])
+def test_a_page_on_another_origin_cannot_make_the_server_generate(http: TestClient, headers: dict[str, str]) -> None:
+    # No key (the default) on 127.0.0.1: without this refusal, any web page the user visits could burn the machine's
+    # GPU on generations it never reads, as browsers send such POSTs without asking the server first.
+    before = generated(http)
+    r = http.post("/v1/completions", content=BODY, headers=headers)
+    assert r.status_code == 403, r.text
+    error = r.json()["error"]
+    assert error["code"] == "cross_origin_refused" and "--allow-origin" in error["message"]
+    assert http.post("/tokenize", content=b'{"prompt": "hi"}', headers=headers).status_code == 403
+    assert generated(http) == before
+
+
+@pytest.mark.parametrize("headers", [
+    {},  # curl, the openai client: no browser
+    {"Content-Type": "application/json", "Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"},  # own page
+    {"Content-Type": "application/json", "Origin": "http://testserver"},  # own page, a browser without Sec-Fetch-Site
+    {"Content-Type": "application/json", "Sec-Fetch-Site": "none"},  # typed into the browser by the user
+    {"Content-Type": "application/json", "Sec-Fetch-Site": "same-site", "Origin": PAGE},  # named with --allow-origin
+], ids=["no-browser", "own-page", "own-page-old-browser", "user-initiated", "allowed-page"])
+def test_the_servers_own_page_other_clients_and_allowed_pages_still_generate(http: TestClient,
+                                                                          headers: dict[str, str]) -> None:
+    r = http.post("/v1/completions", content=BODY, headers={"Content-Type": "application/json", **headers})
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] == 2
+
+
+def test_reads_and_preflights_from_other_pages_are_answered_as_before(local, http: TestClient) -> None:
+    # A GET runs nothing, and without CORS headers the browser keeps its answer from the page.
+    models = http.get("/v1/models", headers={"Origin": EVIL, "Sec-Fetch-Site": "cross-site"})
+    assert models.status_code == 200 and "access-control-allow-origin" not in models.headers
+    preflight = {"Origin": PAGE, "Access-Control-Request-Method": "POST", "Sec-Fetch-Site": "same-site"}
+    assert http.options("/v1/completions", headers=preflight).headers["access-control-allow-origin"] == PAGE
+    with TestClient(create_app(*local, "tiny", allow_origins=["*"])) as anyone:
+        r = anyone.post("/v1/completions", content=BODY, headers={"Origin": EVIL, "Sec-Fetch-Site": "cross-site",
+                                                                  "Content-Type": "application/json"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
