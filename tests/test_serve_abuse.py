@@ -79,3 +79,29 @@ def test_reads_and_preflights_from_other_pages_are_answered_as_before(local, htt
         r = anyone.post("/v1/completions", content=BODY, headers={"Origin": EVIL, "Sec-Fetch-Site": "cross-site",
                                                                   "Content-Type": "application/json"})
         assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "*"
+
+
+@pytest.mark.parametrize(("host", "answered"), [
+    ("127.0.0.1:8000", True), ("localhost:8000", True), ("LOCALHOST", True), ("[::1]:8000", True),
+    ("chat.localhost:8000", True), ("localhost.:8000", True), ("192.168.1.20:8000", True),
+    ("evil.example:8000", False), ("127.0.0.1.evil.example", False), ("localhost.evil.example:8000", False),
+    ("evillocalhost:8000", False),
+])
+def test_a_loopback_server_answers_requests_addressed_to_this_machine_alone(local, host: str, answered: bool) -> None:
+    # DNS rebinding: a page at evil.example whose name the attacker then resolves to 127.0.0.1 is the server's own
+    # origin to the browser, so it could call the API and read the answers; its requests carry its name as Host.
+    with TestClient(create_app(*local, "tiny", local_hosts_only=True)) as client:
+        for r in (client.get("/v1/models", headers={"Host": host}),
+                  client.post("/v1/completions", content=BODY, headers={"Host": host, "Origin": f"http://{host}",
+                                                                        "Content-Type": "application/json"})):
+            assert r.status_code == (200 if answered else 403), r.text
+            if not answered:
+                assert r.json()["error"]["code"] == "host_not_allowed" and host in r.json()["error"]["message"]
+
+
+def test_only_a_server_on_the_loopback_alone_checks_the_host() -> None:
+    from nanoqwen.serve.app import listens_on_loopback_only
+
+    assert listens_on_loopback_only("127.0.0.1") and listens_on_loopback_only("::1")
+    assert listens_on_loopback_only("localhost")
+    assert not listens_on_loopback_only("0.0.0.0") and not listens_on_loopback_only("::")

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
@@ -168,6 +169,41 @@ class CrossOriginGuard:
                 message = (f"a request from the web page at {origin} (another origin) is refused; to let that page's "
                            "scripts call this server, start it with --allow-origin naming the page's origin")
                 return await send_error(scope, receive, send, 403, message, "cross_origin_refused")
+        await self.app(scope, receive, send)
+
+
+def names_this_machine(host: str) -> bool:
+    """Whether a request's Host header is one a client on this machine sends a server on its loopback: an IP address,
+    localhost, or a name under .localhost (RFC 6761: never looked up in DNS); an empty one comes from no browser."""
+    host = host.lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]  # less the port
+    name = name.removesuffix(".")  # "localhost." is localhost
+    if not host or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class LocalHostsOnly:
+    """On a server listening on this machine's loopback alone: refuse requests whose Host names anything but this
+    machine (DNS rebinding). A page at evil.example whose name is made to resolve to 127.0.0.1 is, to the browser,
+    the server's own origin: its scripts could call the API and read the answers, as the server's own page does.
+    Such a request carries the page's name as its Host; a client here sends localhost or the address."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not names_this_machine(host):
+                message = (f"the Host header {host!r} names no address of this machine, and this server listens on "
+                           "its loopback alone (a guard against DNS rebinding): ask for localhost or 127.0.0.1; "
+                           "behind a reverse proxy, have it send 'Host: 127.0.0.1'")
+                return await send_error(scope, receive, send, 403, message, "host_not_allowed")
         await self.app(scope, receive, send)
 
 
@@ -602,14 +638,16 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None,
                allow_origins: list[str] | None = None, plain_text: bool = False,
-               default_max_tokens: int | None = None) -> FastAPI:
+               default_max_tokens: int | None = None, local_hosts_only: bool = False) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan.
     `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
     (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values.
     `default_max_tokens`: the length of a chat reply whose request gives none (the checkpoint's max_new_tokens, as
     vLLM takes it; None: what fits the context); completions keep OpenAI's 16, as vLLM's protocol sets it.
     `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS).
-    `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text)."""
+    `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text).
+    `local_hosts_only`: answer only requests addressed to this machine by name or address (LocalHostsOnly), as a
+    server on the loopback alone should."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING, plain_text,
                       default_max_tokens)
@@ -683,6 +721,8 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
     app.add_middleware(CrossOriginGuard, allow_origins=allow_origins or [])  # before the key: a forged request has none
+    if local_hosts_only:
+        app.add_middleware(LocalHostsOnly)
     if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
         # Any request header: OpenAI's JavaScript client sends its own (X-Stainless-*), and a preflight that names
         # one not allowed blocks the request; which pages may call is what allow_origins decides.
@@ -748,6 +788,15 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether a --host (resolved as uvicorn binds it) is this machine's loopback alone: 127.0.0.1, ::1, localhost."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (socket.gaierror, ValueError):  # (a scoped IPv6 address, fe80::1%eth0: a network interface's)
+        return False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
@@ -810,7 +859,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin,
-                     plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens)
+                     plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens,
+                     local_hosts_only=listens_on_loopback_only(args.host))
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
