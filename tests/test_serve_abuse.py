@@ -105,3 +105,13 @@ def test_only_a_server_on_the_loopback_alone_checks_the_host() -> None:
     assert listens_on_loopback_only("127.0.0.1") and listens_on_loopback_only("::1")
     assert listens_on_loopback_only("localhost")
     assert not listens_on_loopback_only("0.0.0.0") and not listens_on_loopback_only("::")
+
+
+@pytest.mark.parametrize(("body", "says"), [
+    (b'{"prompt": "hi", "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),  # past the parser
+    (b'{"prompt": "hi", "seed": ' + b"9" * 5000 + b"}", "at most 4300 digits"),  # past Python's int conversion
+], ids=["nested-100000-deep", "5000-digit-number"])
+def test_json_the_parser_cannot_read_is_refused_in_a_line_that_says_why(http: TestClient, body: bytes,
+                                                                        says: str) -> None:
+    r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
+    assert r.status_code == 400 and says in r.json()["error"]["message"], r.text  # not "an error parsing the body"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -271,6 +272,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                                      "repetition_penalty": 1.0}
 LogprobShape = Callable[[list[TokenLogprob]], dict[str, Any]]
+NESTED_TOO_DEEPLY = "the request's JSON is nested too deeply; flatten it"
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -289,15 +291,21 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = str(exc.detail)
-        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+        # FastAPI says only "There was an error parsing the body", whatever the parser's error
+        if isinstance(exc.__cause__, UnicodeDecodeError):
             message = (f"the request body is not valid JSON: it is not UTF-8 text ({exc.__cause__.reason} at byte "
                        f"{exc.__cause__.start}); send it as UTF-8")
+        elif isinstance(exc.__cause__, RecursionError):  # deeper than the parser itself goes (thousands)
+            message = NESTED_TOO_DEEPLY
+        elif isinstance(exc.__cause__, ValueError):  # Python reads no integer of more than 4300 digits
+            message = (f"the request body holds a number Python cannot read ({str(exc.__cause__).partition(';')[0]}); "
+                       f"send numbers of at most {sys.get_int_max_str_digits()} digits")
         return JSONResponse(error_body(message, param=None, code=code), exc.status_code,
                             headers=exc.headers)  # a 405's Allow, for one
 
     @app.exception_handler(RecursionError)  # JSON nested a few hundred deep: too deep to walk, the client's fault
     async def nested_too_deeply(_: Request, exc: RecursionError) -> JSONResponse:
-        return JSONResponse(error_body("the request's JSON is nested too deeply; flatten it"), 400)
+        return JSONResponse(error_body(NESTED_TOO_DEEPLY), 400)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
