@@ -115,3 +115,14 @@ def test_json_the_parser_cannot_read_is_refused_in_a_line_that_says_why(http: Te
                                                                         says: str) -> None:
     r = http.post("/v1/completions", content=body, headers={"Content-Type": "application/json"})
     assert r.status_code == 400 and says in r.json()["error"]["message"], r.text  # not "an error parsing the body"
+
+
+def test_more_prompts_than_a_request_may_ask_for_are_refused_before_any_is_read(http: TestClient) -> None:
+    # 150,000 one-token prompts fit in the 1 MiB body; reading them all before counting them held every other request
+    # and stream up for seconds (Python's lock), for a 400 the count alone decides. Each prompt here is also bad, so
+    # only a refusal that comes first names the count.
+    for prompts, n in (([[10**9]] * 129, 1), ([[10**9]] * 65, 2)):
+        body = {"prompt": prompts, "n": n, "max_tokens": 1}
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["message"].startswith("at most 128 completions per request"), r.text

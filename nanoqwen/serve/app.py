@@ -456,6 +456,22 @@ async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_lengths: lis
     yield sse("[DONE]")
 
 
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's prompts: its one text or token list, or each of its list of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    if not prompt:
+        raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def check_choices(n: int, prompts: int) -> None:
+    """At most MAX_CHOICES completions in one request (a chat's n is capped as much by its field's bound)."""
+    if n * prompts > MAX_CHOICES:
+        raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={n} for {prompts} prompts asks for "
+                            f"{n * prompts}", "n" if n > 1 else "prompt")
+
+
 class Service:
     """One model behind the API: turns requests into prompts and sampling settings, hands them to the
     engine, and turns its events into OpenAI's responses."""
@@ -506,17 +522,9 @@ class Service:
         hold up every other request and stream; `tokenizers` lets go of Python's lock in its batch call only."""
         return self.tokenizer.encode_batch(texts)
 
-    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
-                           ) -> tuple[list[list[int]], list[SentText | None]]:
-        """Each prompt's ids, and for echo each text prompt as sent (None for ids). Called in a worker thread,
-        as `encode` is."""
-        items: list[str | list[int]]
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            items = [prompt]  # type: ignore[list-item]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
-        if not items:
-            raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+    def completion_prompts(self, items: list[str | list[int]]) -> tuple[list[list[int]], list[SentText | None]]:
+        """Each prompt's ids (`items`: from `prompt_items`), and for echo each text prompt as sent (None for ids).
+        Called in a worker thread, as `encode` is."""
         vocab = self.model.config.vocab_size
         encoded = iter(self.tokenizer.encode_batch_with_starts([item for item in items if isinstance(item, str)]))
         prompts: list[list[int]] = []
@@ -600,9 +608,6 @@ class Service:
                       echo: bool = False, most_calls: int | None = None, sent: list[SentText | None] | None = None
                       ) -> Response:
         """`sent`: with `echo`, the prompts as sent in text (see Engine.submit)."""
-        if body.n * len(prompts) > MAX_CHOICES:
-            raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
-                                f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
         job = self.engine.submit(prompts, params, body.n, top_logprobs, echo, sent)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None
@@ -689,7 +694,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_text()
         service.check_model(body.model)
-        prompts, sent = await run_in_threadpool(service.completion_prompts, body.prompt)
+        items = prompt_items(body.prompt)
+        check_choices(body.n, len(items))  # before reading them: 150,000 tiny prompts fit in a body
+        prompts, sent = await run_in_threadpool(service.completion_prompts, items)
         top_logprobs = body.logprobs_count()
         params = service.request_sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
         return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs,
