@@ -1057,7 +1057,7 @@ def test_disconnect_stops_generation(long_checkpoint: Path, tmp_path: Path) -> N
         request = json.dumps({**body, "stream": False, "n": 8}).encode()
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port))) as conn:
-            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            conn.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                          b"Content-Length: %d\r\n\r\n%s" % (len(request), request))
             wait_for(lambda: httpx.get(f"{url}/health").json()["tokens_generated"] != streamed,
                      "the request never started generating", timeout=60)
@@ -1358,6 +1358,12 @@ def listening_addresses(port: int) -> set[str]:
 def test_the_server_listens_on_this_machine_alone_unless_told_otherwise(url: str) -> None:
     # Issue 5: serve binds 127.0.0.1 unless --host says otherwise (the url fixture's server is given none).
     assert listening_addresses(httpx.URL(url).port) == {"0100007F"}  # 127.0.0.1, in the kernel's byte order
+
+
+def test_the_server_on_its_loopback_answers_requests_addressed_to_this_machine_alone(url: str) -> None:
+    # DNS rebinding (test_serve_abuse): a request for another name is refused, one for localhost answered.
+    assert httpx.get(f"{url}/health", headers={"Host": "evil.example"}).status_code == 403
+    assert httpx.get(f"{url}/health", headers={"Host": "localhost"}).status_code == 200
 
 
 def test_the_printed_addresses_work_for_ipv6_hosts() -> None:
@@ -1806,8 +1812,8 @@ def test_cross_origin_pages_are_let_in_only_when_named(checkpoint: Path) -> None
         assert "access-control-allow-origin" not in other.headers
     with TestClient(create_app(model, tokenizer, "tiny")) as client:
         assert "access-control-allow-origin" not in client.options("/v1/completions", headers=preflight).headers
-        answer = client.post("/v1/completions", json=body, headers={"Origin": page})
-        assert answer.status_code == 200 and "access-control-allow-origin" not in answer.headers
+        answer = client.post("/v1/completions", json=body, headers={"Origin": page})  # refused (test_serve_abuse)
+        assert answer.status_code == 403 and "access-control-allow-origin" not in answer.headers
 
 
 # What a scripted model (`make_scripted_checkpoint`) answers "Go" with, one token a piece (bytes: one byte token each):

@@ -13,10 +13,12 @@ import asyncio
 import contextlib
 import functools
 import hmac
+import ipaddress
 import json
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -133,6 +135,79 @@ class APIKeyAuth:
         await self.app(scope, receive, send)
 
 
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})  # read-only: a forged one runs nothing
+
+
+def foreign_origin(headers: dict[bytes, bytes], allow_origins: list[str]) -> str | None:
+    """The origin of a web page on another origin (another site, or another port of this one) whose script made the
+    browser send this request, unless `allow_origins` names it ("*": any); None for this server's own page and for
+    clients that are no browser. As Go's net/http CrossOriginProtection: the browser's Sec-Fetch-Site says where a
+    request comes from; a browser too old to send it is judged by its Origin against the Host it asked."""
+    origin = headers.get(b"origin", b"").decode("latin-1")
+    if "*" in allow_origins or origin in allow_origins:
+        return None
+    site = headers.get(b"sec-fetch-site")
+    if site is not None:
+        return None if site in (b"same-origin", b"none") else origin or "another site"
+    if not origin:  # no browser sent it (or one that sends no Origin, so none that runs other sites' scripts)
+        return None
+    return None if origin.partition("://")[2] == headers.get(b"host", b"").decode("latin-1") else origin
+
+
+class CrossOriginGuard:
+    """Refuse a request a web page on another origin had the browser send, unless --allow-origin names the page
+    (cross-site request forgery). Without CORS headers such a page cannot read the answer, but a browser sends
+    some POSTs without asking first (a text/plain or untyped body): any page the user visits could otherwise run
+    generations on a server that needs no key. Reads (GET, HEAD) and CORS preflights pass."""
+
+    def __init__(self, app: ASGIApp, allow_origins: list[str]) -> None:
+        self.app, self.allow_origins = app, allow_origins
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] not in SAFE_METHODS:
+            origin = foreign_origin(dict(scope["headers"]), self.allow_origins)
+            if origin is not None:
+                message = (f"a request from the web page at {origin} (another origin) is refused; to let that page's "
+                           "scripts call this server, start it with --allow-origin naming the page's origin")
+                return await send_error(scope, receive, send, 403, message, "cross_origin_refused")
+        await self.app(scope, receive, send)
+
+
+def names_this_machine(host: str) -> bool:
+    """Whether a request's Host header is one a client on this machine sends a server on its loopback: an IP address,
+    localhost, or a name under .localhost (RFC 6761: never looked up in DNS); an empty one comes from no browser."""
+    host = host.lower()
+    name = host[1:].partition("]")[0] if host.startswith("[") else host.partition(":")[0]  # less the port
+    name = name.removesuffix(".")  # "localhost." is localhost
+    if not host or name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+class LocalHostsOnly:
+    """On a server listening on this machine's loopback alone: refuse requests whose Host names anything but this
+    machine (DNS rebinding). A page at evil.example whose name is made to resolve to 127.0.0.1 is, to the browser,
+    the server's own origin: its scripts could call the API and read the answers, as the server's own page does.
+    Such a request carries the page's name as its Host; a client here sends localhost or the address."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if not names_this_machine(host):
+                message = (f"the Host header {host!r} names no address of this machine, and this server listens on "
+                           "its loopback alone (a guard against DNS rebinding): ask for localhost or 127.0.0.1; "
+                           "behind a reverse proxy, have it send 'Host: 127.0.0.1'")
+                return await send_error(scope, receive, send, 403, message, "host_not_allowed")
+        await self.app(scope, receive, send)
+
+
 class EventStream(StreamingResponse):
     """Server-sent events that run `on_close` however the stream ends, a client disconnect included,
     so the engine stops generating for a client that is gone."""
@@ -197,6 +272,7 @@ def validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
 OPENAI_SAMPLING: dict[str, float] = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0,
                                      "repetition_penalty": 1.0}
 LogprobShape = Callable[[list[TokenLogprob]], dict[str, Any]]
+NESTED_TOO_DEEPLY = "the request's JSON is nested too deeply; flatten it"
 
 
 def add_error_handlers(app: FastAPI) -> None:
@@ -215,15 +291,21 @@ def add_error_handlers(app: FastAPI) -> None:
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         message = str(exc.detail)
-        if isinstance(exc.__cause__, UnicodeDecodeError):  # FastAPI says only "There was an error parsing the body"
+        # FastAPI says only "There was an error parsing the body", whatever the parser's error
+        if isinstance(exc.__cause__, UnicodeDecodeError):
             message = (f"the request body is not valid JSON: it is not UTF-8 text ({exc.__cause__.reason} at byte "
                        f"{exc.__cause__.start}); send it as UTF-8")
+        elif isinstance(exc.__cause__, RecursionError):  # deeper than the parser itself goes (thousands)
+            message = NESTED_TOO_DEEPLY
+        elif isinstance(exc.__cause__, ValueError):  # Python reads no integer of more than 4300 digits
+            message = (f"the request body holds a number Python cannot read ({str(exc.__cause__).partition(';')[0]}); "
+                       f"send numbers of at most {sys.get_int_max_str_digits()} digits")
         return JSONResponse(error_body(message, param=None, code=code), exc.status_code,
                             headers=exc.headers)  # a 405's Allow, for one
 
     @app.exception_handler(RecursionError)  # JSON nested a few hundred deep: too deep to walk, the client's fault
     async def nested_too_deeply(_: Request, exc: RecursionError) -> JSONResponse:
-        return JSONResponse(error_body("the request's JSON is nested too deeply; flatten it"), 400)
+        return JSONResponse(error_body(NESTED_TOO_DEEPLY), 400)
 
     @app.exception_handler(Exception)
     async def server_error(_: Request, exc: Exception) -> JSONResponse:
@@ -374,6 +456,22 @@ async def stream(job: Job, head: dict[str, Any], chat: bool, prompt_lengths: lis
     yield sse("[DONE]")
 
 
+def prompt_items(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    """A completion request's prompts: its one text or token list, or each of its list of them."""
+    if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+        return [prompt]  # type: ignore[list-item]
+    if not prompt:
+        raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def check_choices(n: int, prompts: int) -> None:
+    """At most MAX_CHOICES completions in one request (a chat's n is capped as much by its field's bound)."""
+    if n * prompts > MAX_CHOICES:
+        raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={n} for {prompts} prompts asks for "
+                            f"{n * prompts}", "n" if n > 1 else "prompt")
+
+
 class Service:
     """One model behind the API: turns requests into prompts and sampling settings, hands them to the
     engine, and turns its events into OpenAI's responses."""
@@ -424,17 +522,9 @@ class Service:
         hold up every other request and stream; `tokenizers` lets go of Python's lock in its batch call only."""
         return self.tokenizer.encode_batch(texts)
 
-    def completion_prompts(self, prompt: str | list[str] | list[int] | list[list[int]]
-                           ) -> tuple[list[list[int]], list[SentText | None]]:
-        """Each prompt's ids, and for echo each text prompt as sent (None for ids). Called in a worker thread,
-        as `encode` is."""
-        items: list[str | list[int]]
-        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
-            items = [prompt]  # type: ignore[list-item]
-        else:
-            items = list(prompt)  # type: ignore[arg-type]
-        if not items:
-            raise APIError(400, "'prompt' is an empty list; give at least one prompt", "prompt")
+    def completion_prompts(self, items: list[str | list[int]]) -> tuple[list[list[int]], list[SentText | None]]:
+        """Each prompt's ids (`items`: from `prompt_items`), and for echo each text prompt as sent (None for ids).
+        Called in a worker thread, as `encode` is."""
         vocab = self.model.config.vocab_size
         encoded = iter(self.tokenizer.encode_batch_with_starts([item for item in items if isinstance(item, str)]))
         prompts: list[list[int]] = []
@@ -518,9 +608,6 @@ class Service:
                       echo: bool = False, most_calls: int | None = None, sent: list[SentText | None] | None = None
                       ) -> Response:
         """`sent`: with `echo`, the prompts as sent in text (see Engine.submit)."""
-        if body.n * len(prompts) > MAX_CHOICES:
-            raise APIError(400, f"at most {MAX_CHOICES} completions per request; n={body.n} for {len(prompts)} prompts "
-                                f"asks for {body.n * len(prompts)}", "n" if body.n > 1 else "prompt")
         job = self.engine.submit(prompts, params, body.n, top_logprobs, echo, sent)
         # None: the request asked for no logprobs, and every choice says `"logprobs": null`.
         shape: LogprobShape | None = None
@@ -564,14 +651,16 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
                max_batch_size: int = 32, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                prefill_chunk: int = 512, sampling_defaults: dict[str, float] | None = None,
                allow_origins: list[str] | None = None, plain_text: bool = False,
-               default_max_tokens: int | None = None) -> FastAPI:
+               default_max_tokens: int | None = None, local_hosts_only: bool = False) -> FastAPI:
     """The server for one model. The engine thread starts and stops with the app's lifespan.
     `sampling_defaults`: temperature, top_k, top_p and repetition_penalty for requests that leave them out
     (default OPENAI_SAMPLING); shown in the model card, where the web page takes its starting values.
     `default_max_tokens`: the length of a chat reply whose request gives none (the checkpoint's max_new_tokens, as
     vLLM takes it; None: what fits the context); completions keep OpenAI's 16, as vLLM's protocol sets it.
     `allow_origins`: web pages (origins, or "*") whose scripts may call the API from a browser (CORS).
-    `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text)."""
+    `plain_text`: the model is known to be trained on plain text alone (the card's trained_on_plain_text).
+    `local_hosts_only`: answer only requests addressed to this machine by name or address (LocalHostsOnly), as a
+    server on the loopback alone should."""
     engine = Engine(model, tokenizer, max_batch_size=max_batch_size, prefill_chunk=prefill_chunk)
     service = Service(model, tokenizer, model_name, engine, sampling_defaults or OPENAI_SAMPLING, plain_text,
                       default_max_tokens)
@@ -605,7 +694,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     async def completions(body: CompletionRequest, request: Request) -> Response:
         body.check_text()
         service.check_model(body.model)
-        prompts, sent = await run_in_threadpool(service.completion_prompts, body.prompt)
+        items = prompt_items(body.prompt)
+        check_choices(body.n, len(items))  # before reading them: 150,000 tiny prompts fit in a body
+        prompts, sent = await run_in_threadpool(service.completion_prompts, items)
         top_logprobs = body.logprobs_count()
         params = service.request_sampling(body, COMPLETION_DEFAULT_MAX_TOKENS)
         return await service.respond(request, body, prompts, params, chat=False, top_logprobs=top_logprobs,
@@ -644,6 +735,9 @@ def create_app(model: Qwen3, tokenizer: Tokenizer, model_name: str, api_key: str
     # Added last = runs first: a request without the key is refused before its body is even read.
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     app.add_middleware(APIKeyAuth, api_key=api_key)
+    app.add_middleware(CrossOriginGuard, allow_origins=allow_origins or [])  # before the key: a forged request has none
+    if local_hosts_only:
+        app.add_middleware(LocalHostsOnly)
     if allow_origins:  # outermost: a browser's preflight carries no key, and refusals need the headers too
         # Any request header: OpenAI's JavaScript client sends its own (X-Stainless-*), and a preflight that names
         # one not allowed blocks the request; which pages may call is what allow_origins decides.
@@ -709,6 +803,15 @@ def base_url(host: str, port: int) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
+def listens_on_loopback_only(host: str) -> bool:
+    """Whether a --host (resolved as uvicorn binds it) is this machine's loopback alone: 127.0.0.1, ::1, localhost."""
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (socket.gaierror, ValueError):  # (a scoped IPv6 address, fe80::1%eth0: a network interface's)
+        return False
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from nanoqwen.distributed import add_device_arguments
 
@@ -771,7 +874,8 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin,
-                     plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens)
+                     plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens,
+                     local_hosts_only=listens_on_loopback_only(args.host))
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
