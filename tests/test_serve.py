@@ -1407,6 +1407,8 @@ def test_api_key_enforced(checkpoint: Path, tmp_path: Path) -> None:
     with run_server(checkpoint, tmp_path / "serve.log", env={"NANOQWEN_API_KEY": "s3cret"}) as base:
         assert httpx.get(f"{base}/health").status_code == 200  # health and the page stay open
         assert httpx.get(f"{base}/").status_code == 200
+        # with a key, no Host is refused (a port forwarder may send its own name; a rebinding page has no key)
+        assert httpx.get(f"{base}/health", headers={"Host": "forwarded.example"}).status_code == 200
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=f"{base}/v1", api_key="wrong", max_retries=0).models.list()
         r = httpx.post(f"{base}/v1/completions", json={"prompt": "hi"})  # no Authorization header at all

@@ -203,7 +203,8 @@ class LocalHostsOnly:
             if not names_this_machine(host):
                 message = (f"the Host header {host!r} names no address of this machine, and this server listens on "
                            "its loopback alone (a guard against DNS rebinding): ask for localhost or 127.0.0.1; "
-                           "behind a reverse proxy, have it send 'Host: 127.0.0.1'")
+                           "behind a reverse proxy or port forwarder, have it send 'Host: 127.0.0.1', or start the "
+                           "server with --api-key")
                 return await send_error(scope, receive, send, 403, message, "host_not_allowed")
         await self.app(scope, receive, send)
 
@@ -875,7 +876,9 @@ def run(args: argparse.Namespace) -> int:
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin,
                      plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens,
-                     local_hosts_only=listens_on_loopback_only(args.host))
+                     # with a key, a rebinding page cannot call the API (it has no key): a port forwarder that sends its
+                     # own name as Host (a Codespace's, a JupyterHub proxy's) then reaches the server
+                     local_hosts_only=listens_on_loopback_only(args.host) and api_key is None)
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
