@@ -315,11 +315,17 @@ class TextSource:
         read's are held, not the text."""
         held, after, begun = "", False, False  # (the text not given, its line ends read; whether a separator comes
         # right before it; whether a piece of the document it goes on was given)
+        searched = 0  # the start of `held` searched already for a separator and a place to cut, in vain
         while True:
             kept = "\r" if not self.complete and self.text.endswith("\r") else ""  # a "\r\n" the read may cut
             held += universal_newlines(self.text[:len(self.text) - len(kept)])
             self.text = kept
-            *ended, held = held.split(DOCUMENT_SEPARATOR)
+            # Only the text read since is searched (and a separator it completes): a line without a space or a
+            # break, which is held until it ends, was searched whole on each read, in time quadratic in its length
+            ended = []
+            if held.find(DOCUMENT_SEPARATOR, max(0, searched - len(DOCUMENT_SEPARATOR) + 1)) >= 0:
+                *ended, held = held.split(DOCUMENT_SEPARATOR)
+                searched = 0
             for i, document in enumerate(ended):  # each with a separator after it
                 if i or after and not begun:
                     document = document.lstrip()
@@ -330,14 +336,16 @@ class TextSource:
             if ended:
                 after, begun = True, False
             if after and not begun:
-                held = held.lstrip()
+                stripped = held.lstrip()
+                searched, held = max(0, searched - (len(held) - len(stripped))), stripped
             if self.complete:
                 if begun or held and not held.isspace():
-                    *cut, last = cut_pieces(held, chars)
+                    *cut, last = cut_pieces(held, chars, searched)
                     yield from ((piece, False) for piece in cut)
                     yield last, True
                 return
-            *cut, held = cut_pieces(held, chars)  # the last piece may go on in what is read next
+            *cut, held = cut_pieces(held, chars, searched)  # the last piece may go on in what is read next
+            searched = len(held)
             yield from ((piece, False) for piece in cut)
             begun = begun or bool(cut)
             # a text cut into pieces is read a part at a time; one held whole anyway, in reads that double
@@ -347,15 +355,16 @@ class TextSource:
 READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for, and what it reads at a time to score it whole
 
 
-def cut_pieces(text: str, chars: int | None) -> list[str]:
+def cut_pieces(text: str, chars: int | None, searched: int = 0) -> list[str]:
     """`text` cut into pieces of `chars` characters or a little more (None: whole), each ending where prepare cuts long
     documents (no id of a Qwen-style tokenizer spans such a point, whatever follows it): at a line break that a word
-    follows, else before a space; the last one, the rest."""
+    follows, else before a space; the last one, the rest. Its first `searched` characters hold no space to cut
+    before (a last piece it was cut into before, which the text read since goes on): they are not searched again."""
     from nanoqwen.data.prepare import PIECE_BOUNDARY, SPACE_BOUNDARY
 
     pieces, start = [], 0
     while chars is not None and (end := PIECE_BOUNDARY.search(text, start + chars, start + 2 * chars) or
-                                 SPACE_BOUNDARY.search(text, start + chars)):
+                                 SPACE_BOUNDARY.search(text, max(start + chars, searched))):
         pieces.append(text[start:end.end()])
         start = end.end()
     pieces.append(text[start:])

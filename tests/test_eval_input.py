@@ -654,3 +654,29 @@ def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(chec
     assert evaluated("--max-windows", "100000") == whole
     events = [event for event, _ in logged]
     assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
+
+
+def test_a_long_run_without_spaces_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line with no space or line break (50 MB of CJK, a minified file) is one piece until it ends, and each read
+    # searched it for a place to cut from its start again: time quadratic in its length (12 s for 64 MB of "a", the
+    # encoding aside). What was searched is not searched again, to the same pieces.
+    import nanoqwen.data.prepare
+    import nanoqwen.evaluate
+    from nanoqwen.evaluate import TextSource
+
+    searched = []
+
+    class Counted:  # SPACE_BOUNDARY, counting the characters each search goes over
+        def search(self, text: str, pos: int) -> re.Match[str] | None:
+            searched.append(len(text) - pos)
+            return space.search(text, pos)
+
+    space = nanoqwen.data.prepare.SPACE_BOUNDARY
+    monkeypatch.setattr(nanoqwen.data.prepare, "SPACE_BOUNDARY", Counted())
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    text = "ab " + "\u4e2d" * 1000 + "a" * 2000 + " end<|endoftext|>" + "x" * 1000 + " y"
+    source = TextSource(io.BytesIO(text.encode()).read, "t")
+    source.start(4)
+    assert list(source.pieces(10)) == [("ab " + "\u4e2d" * 1000 + "a" * 2000, False), (" end", True),
+                                       ("x" * 1000, False), (" y", True)]
+    assert sum(searched) < 2 * len(text)
