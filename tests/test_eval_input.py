@@ -20,6 +20,7 @@ import torch
 
 from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint
 from nanoqwen.cli import main
+from nanoqwen.data.sources import NOT_UTF8
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import train_bpe
 from tests.test_model import tiny_config
@@ -680,3 +681,26 @@ def test_a_long_run_without_spaces_is_scanned_once(monkeypatch: pytest.MonkeyPat
     assert list(source.pieces(10)) == [("ab " + "\u4e2d" * 1000 + "a" * 2000, False), (" end", True),
                                        ("x" * 1000, False), (" y", True)]
     assert sum(searched) < 2 * len(text)
+
+
+def test_a_text_file_is_judged_whole_before_it_is_scored(checkpoint: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read a part at a time, a file was judged by its first part before scoring (one of text with its first 16 MB
+    # noise was refused), and by the rest after it was all scored (an hour's forwards, then an error). It is read
+    # through once first, and judged whole, before the model loads.
+    import nanoqwen.evaluate
+    import nanoqwen.generate
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 128)
+    text = (TEXT * 20).encode()
+    noisy_start = tmp_path / "start.txt"
+    noisy_start.write_bytes(b"\xff" * 200 + text)
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(noisy_start), "--device", "cpu"]) == 0
+    assert "replaced 200 undecodable byte sequences" in capsys.readouterr().err
+    noisy_end = tmp_path / "end.txt"
+    noisy_end.write_bytes(text[:200] + b"\xff" * 200)
+    monkeypatch.setattr(nanoqwen.generate, "load_for_inference", lambda args: pytest.fail("the model was loaded"))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(noisy_end), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: text file {noisy_end} is not text: 200 of its 400 characters "
+                                f"are undecodable or NUL ({NOT_UTF8})")
