@@ -475,7 +475,7 @@ def test_a_text_read_a_part_at_a_time_gives_the_ids_of_the_whole(checkpoint: Pat
     monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
     tokenizer = load_tokenizer(checkpoint)
     text = "".join(f"caf\u00e9 {i} \U0001f600 \ufffd sat\r\n" + ("\r\n<|endoftext|>\r\nthe\rmat " if i % 3 else "")
-                   for i in range(200)) + "  \n<|endoftext|> the  end \n"
+                   for i in range(200)) + "\u4e2d" * 60 + "x" * 90 + "  \n<|endoftext|> the  end \n"  # (a line held)
     for raw in (text.encode() + b"\xff\xfe ok", text.encode("utf-16")):
         whole = TextSource(io.BytesIO(raw).read, "t")
         whole.start(len(raw) + 1)
