@@ -1455,7 +1455,7 @@ def _text_lines(f: IO[bytes], stats: CorpusStats, path: Path) -> Iterator[str]:
         return
     with source:  # (closing it closes `f`, as the caller's `with` does: else it would be said unclosed when dropped)
         while True:
-            replaced = _replacements.count  # (the bytes a line needs decoded, and a part more)
+            replaced = _replacements.count  # (readline decodes a chunk: its bad bytes count with the line read)
             line = source.readline()
             stats.replacement_chars += _replacements.count - replaced
             if not line:
