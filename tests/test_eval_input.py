@@ -704,3 +704,12 @@ def test_a_text_file_is_judged_whole_before_it_is_scored(checkpoint: Path, tmp_p
     assert main(["eval", "--model", str(checkpoint), "--text-file", str(noisy_end), "--device", "cpu"]) == 2
     assert one_line(capsys) == (f"nanoqwen eval: error: text file {noisy_end} is not text: 200 of its 400 characters "
                                 f"are undecodable or NUL ({NOT_UTF8})")
+
+
+def test_a_u_fffd_written_in_a_utf16_or_utf32_file_is_not_undecodable(tmp_path: Path) -> None:
+    # It was counted as an undecodable byte (a warning of "replaced 3 undecodable byte sequences"): only one written
+    # in UTF-8 was told apart.
+    path = tmp_path / "t.txt"
+    for encoding, lone_surrogate in [("utf-16", b"\x00\xd8"), ("utf-32", b"\x00\xd8\x00\x00")]:  # (with a mark)
+        path.write_bytes(("caf\u00e9 \ufffd ok\n" * 3).encode(encoding) + lone_surrogate)
+        assert read_text_file(path, "ck") == (["caf\u00e9 \ufffd ok\n" * 3 + "\ufffd"], 1), encoding
