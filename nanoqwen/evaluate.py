@@ -243,10 +243,13 @@ class TextSource:
     or the encoding a byte-order mark names), with universal newlines, parted at <|endoftext|>. Read a part at a time
     as `pieces` takes it (see there), from a start that `start` reads and checks: neither a 5 GB file scored whole nor
     one asked for a few windows is held whole. Its bytes are decoded incrementally, so that a character or a "\r\n"
-    that one read cuts reads as it does whole; `close` ends what `read` reads from (a file)."""
+    that one read cuts reads as it does whole; `close` ends what `read` reads from (a file); `reopen`, where the text
+    can be read twice (a file's, not standard input's or a pipe's), gives it from its start again."""
 
-    def __init__(self, read: Callable[[int], bytes], name: str, close: Callable[[], None] = lambda: None) -> None:
+    def __init__(self, read: Callable[[int], bytes], name: str, close: Callable[[], None] = lambda: None,
+                 reopen: Callable[[], TextSource] | None = None) -> None:
         self.read, self.name, self.close = read, name, close  # read(n): at most n bytes, b"" at the end
+        self.reopen = reopen
         self.text = ""  # decoded, line ends as written, not yet taken by `pieces`
         self.complete = False  # whether the whole text is read
         self.characters = self.nuls = 0  # of all the text read, for `check`
@@ -264,15 +267,25 @@ class TextSource:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def start(self, first_bytes: int) -> None:
+    def start(self, first_bytes: int, whole: bool = False) -> None:
         """Read the first `first_bytes` (at least 4, for a byte-order mark), and on until they hold a document or the
         text ends; then check them (one line if they are no text to score): before the model loads, a mistake costs
-        no wait."""
+        no wait. With `whole` (the text is to be scored whole), a text that can be read twice is judged whole
+        instead, read through once first."""
+        if whole and self.reopen is not None:
+            # As prepare judges a small file, and eval did when it read a file whole: noise after the first part is
+            # said now, not once it was all scored, and text after a noisy first part is scored. (Reading the text
+            # twice costs little next to the model's forwards.) Standard input, read once, is judged by its first
+            # part now and by all of it once scored, as --max-windows' start is.
+            with self.reopen() as again:
+                again.read_through()
+                again.check()
         self._first_bytes = first_bytes
         self.read_more()
         while not self.complete and not self._holds_a_document():  # (a start of blanks and separators)
             self.read_more()
-        self.check()
+        if not whole or self.reopen is None:
+            self.check()
         if not self.text.strip():  # blank: as prepare skips it
             raise NanoQwenError(f"{self.name} is empty; give it some text to score")
         if not self._holds_a_document():
@@ -283,6 +296,13 @@ class TextSource:
         if not self.complete:  # the start of a separator that the text read ends with is none of a document's text
             text = text[:before_partial_separator(text)]
         return bool(separated_documents(text))
+
+    def read_through(self) -> None:
+        """Read the whole text a part at a time, keeping none of it: what `check` counts alone."""
+        self._first_bytes = READ_PART_BYTES
+        while not self.complete:
+            self.read_more(READ_PART_BYTES)
+            self.text = ""
 
     def read_more(self, most: int | None = None) -> None:
         """Read on: as many bytes again as were read (at least `start`'s first), but at most `most`."""
@@ -315,11 +335,17 @@ class TextSource:
         read's are held, not the text."""
         held, after, begun = "", False, False  # (the text not given, its line ends read; whether a separator comes
         # right before it; whether a piece of the document it goes on was given)
+        searched = 0  # the start of `held` searched already for a separator and a place to cut, in vain
         while True:
             kept = "\r" if not self.complete and self.text.endswith("\r") else ""  # a "\r\n" the read may cut
             held += universal_newlines(self.text[:len(self.text) - len(kept)])
             self.text = kept
-            *ended, held = held.split(DOCUMENT_SEPARATOR)
+            # Only the text read since is searched (and a separator it completes): a line without a space or a
+            # break, which is held until it ends, was searched whole on each read, in time quadratic in its length
+            ended = []
+            if held.find(DOCUMENT_SEPARATOR, max(0, searched - len(DOCUMENT_SEPARATOR) + 1)) >= 0:
+                *ended, held = held.split(DOCUMENT_SEPARATOR)
+                searched = 0
             for i, document in enumerate(ended):  # each with a separator after it
                 if i or after and not begun:
                     document = document.lstrip()
@@ -330,14 +356,16 @@ class TextSource:
             if ended:
                 after, begun = True, False
             if after and not begun:
-                held = held.lstrip()
+                stripped = held.lstrip()
+                searched, held = max(0, searched - (len(held) - len(stripped))), stripped
             if self.complete:
                 if begun or held and not held.isspace():
-                    *cut, last = cut_pieces(held, chars)
+                    *cut, last = cut_pieces(held, chars, searched)
                     yield from ((piece, False) for piece in cut)
                     yield last, True
                 return
-            *cut, held = cut_pieces(held, chars)  # the last piece may go on in what is read next
+            *cut, held = cut_pieces(held, chars, searched)  # the last piece may go on in what is read next
+            searched = len(held)
             yield from ((piece, False) for piece in cut)
             begun = begun or bool(cut)
             # a text cut into pieces is read a part at a time; one held whole anyway, in reads that double
@@ -347,15 +375,16 @@ class TextSource:
 READ_PART_BYTES = 1 << 24  # the most one read of a TextSource asks for, and what it reads at a time to score it whole
 
 
-def cut_pieces(text: str, chars: int | None) -> list[str]:
+def cut_pieces(text: str, chars: int | None, searched: int = 0) -> list[str]:
     """`text` cut into pieces of `chars` characters or a little more (None: whole), each ending where prepare cuts long
     documents (no id of a Qwen-style tokenizer spans such a point, whatever follows it): at a line break that a word
-    follows, else before a space; the last one, the rest."""
+    follows, else before a space; the last one, the rest. Its first `searched` characters hold no space to cut
+    before (a last piece it was cut into before, which the text read since goes on): they are not searched again."""
     from nanoqwen.data.prepare import PIECE_BOUNDARY, SPACE_BOUNDARY
 
     pieces, start = [], 0
     while chars is not None and (end := PIECE_BOUNDARY.search(text, start + chars, start + 2 * chars) or
-                                 SPACE_BOUNDARY.search(text, start + chars)):
+                                 SPACE_BOUNDARY.search(text, max(start + chars, searched))):
         pieces.append(text[start:end.end()])
         start = end.end()
     pieces.append(text[start:])
@@ -383,6 +412,11 @@ def open_text_file(path: Path, model: str) -> TextSource:
                             "--data DIR`")
     if kind.startswith(".tar."):  # (decompressed, its members' headers would be scored as text)
         raise NanoQwenError(f"{path} is a {kind} archive; extract the text file to score from it")
+    return open_text(path)
+
+
+def open_text(path: Path) -> TextSource:
+    """The text of the file `path` (open_text_file's, checked), to read from its start."""
     with said_if_damaged(path):
         f = open_binary(path)
 
@@ -390,7 +424,7 @@ def open_text_file(path: Path, model: str) -> TextSource:
         with said_if_damaged(path):
             return f.read(size)
 
-    return TextSource(read, f"text file {path}", f.close)
+    return TextSource(read, f"text file {path}", f.close, None if path.is_fifo() else lambda: open_text(path))
 
 
 # --text-file's name for standard input, as Unix tools take it (a file named "-" is ./-), and what its lines call it
@@ -548,7 +582,8 @@ def figures(args: argparse.Namespace, text: TextSource | None) -> dict[str, floa
     max_tokens = None if args.max_windows is None else args.max_windows * context + 1  # the windows scored
     if text is not None:  # a part, or a start of 2 bytes a character (most scripts; CJK's are 3): more if it is short
         # (no more than a part: windows enough for the whole text read it whole, before the first was scored)
-        text.start(min(READ_PART_BYTES, 2 * START_CHARS_PER_TOKEN * max_tokens) if max_tokens else READ_PART_BYTES)
+        text.start(min(READ_PART_BYTES, 2 * START_CHARS_PER_TOKEN * max_tokens) if max_tokens else READ_PART_BYTES,
+                   whole=max_tokens is None)
     model, tokenizer = load_for_inference(args)
     if text is not None:
         # Every token of the documents is scored, the first after <|endoftext|> (how documents follow one another

@@ -2014,6 +2014,36 @@ def test_a_u_fffd_written_across_two_blocks_is_not_counted_as_replaced(tmp_path:
     assert corpus.stats.replacement_chars == 0
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32"])
+def test_a_u_fffd_written_in_utf16_or_utf32_is_not_counted_as_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                        encoding: str) -> None:
+    # Only a U+FFFD written in UTF-8 was told from one that replaced bad bytes: written in a UTF-16/32 file (with its
+    # byte-order mark), it was counted as an undecodable byte, whichever way the file was read.
+    import nanoqwen.data.sources as sources
+    from nanoqwen.data.sources import TextDecoder
+
+    def spelled(text: str) -> bytes:  # `text` in `encoding` with its mark, each "?" a code unit that is no character
+        bad = {"utf-16": b"\x00\xd8", "utf-32": b"\x00\x00\x11\x00"}[encoding]  # a lone surrogate; past U+10FFFF
+        bom = {"utf-16": codecs.BOM_UTF16_LE, "utf-32": codecs.BOM_UTF32_LE}[encoding]
+        return bom + bad.join(part.encode(f"{encoding}-le") for part in text.split("?"))
+
+    lines = "".join(f"line {i} \ufffd here\n" for i in range(30)) + "bad ? byte\n"
+    raw = spelled(lines)
+    for size in (5, 7, 11, len(raw)):  # parts that cut code units, as eval reads (at least 4 first, for the mark)
+        decoder = TextDecoder()
+        text = "".join(decoder.decode(raw[i:i + size]) for i in range(0, len(raw), size)) + decoder.decode(b"", True)
+        assert text == lines.replace("?", "\ufffd") and decoder.replaced == 1, size
+    (tmp_path / "t.txt").write_bytes(raw)
+    (tmp_path / "t.jsonl").write_bytes(spelled('{"text": "a \ufffd b"}\n{"text": "c ? d"}\n'))
+    (tmp_path / "t.json").write_bytes(spelled('[{"text": "a \ufffd b"}, {"text": "c ? d"}]'))
+    for name in ("t.txt", "t.jsonl", "t.json"):  # read whole, by lines, as an array
+        corpus = open_corpus(str(tmp_path / name))
+        assert "".join(corpus.documents()).count("\ufffd") > 1 and corpus.stats.replacement_chars == 1, name
+    monkeypatch.setattr(sources, "LARGE_FILE_BYTES", 400)
+    monkeypatch.setattr(sources, "BLOCK_BYTES", 102)  # read in blocks (a UTF-32 character cut by their ends)
+    corpus = open_corpus(str(tmp_path / "t.txt"))
+    assert "".join(corpus.documents()).count("\ufffd") == 31 and corpus.stats.replacement_chars == 1
+
 def test_utf16_text_whose_bytes_spell_a_utf8_replacement_character_counts_none() -> None:
     # Korean 뿯 (U+BFEF) then 䆽 (U+41BD) are, in UTF-16-LE, the bytes EF BF BD 41: a U+FFFD only in UTF-8's reading.
     # (A large file's blocks are decoded so, and counted as they are.)

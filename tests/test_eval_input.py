@@ -20,6 +20,7 @@ import torch
 
 from nanoqwen.checkpoint import config_for_tokenizer, save_checkpoint
 from nanoqwen.cli import main
+from nanoqwen.data.sources import NOT_UTF8
 from nanoqwen.model import Qwen3
 from nanoqwen.tokenizer import train_bpe
 from tests.test_model import tiny_config
@@ -474,7 +475,7 @@ def test_a_text_read_a_part_at_a_time_gives_the_ids_of_the_whole(checkpoint: Pat
     monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
     tokenizer = load_tokenizer(checkpoint)
     text = "".join(f"caf\u00e9 {i} \U0001f600 \ufffd sat\r\n" + ("\r\n<|endoftext|>\r\nthe\rmat " if i % 3 else "")
-                   for i in range(200)) + "  \n<|endoftext|> the  end \n"
+                   for i in range(200)) + "\u4e2d" * 60 + "x" * 90 + "  \n<|endoftext|> the  end \n"  # (a line held)
     for raw in (text.encode() + b"\xff\xfe ok", text.encode("utf-16")):
         whole = TextSource(io.BytesIO(raw).read, "t")
         whole.start(len(raw) + 1)
@@ -654,3 +655,61 @@ def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(chec
     assert evaluated("--max-windows", "100000") == whole
     events = [event for event, _ in logged]
     assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
+
+
+def test_a_long_run_without_spaces_is_scanned_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A line with no space or line break (50 MB of CJK, a minified file) is one piece until it ends, and each read
+    # searched it for a place to cut from its start again: time quadratic in its length (12 s for 64 MB of "a", the
+    # encoding aside). What was searched is not searched again, to the same pieces.
+    import nanoqwen.data.prepare
+    import nanoqwen.evaluate
+    from nanoqwen.evaluate import TextSource
+
+    searched = []
+
+    class Counted:  # SPACE_BOUNDARY, counting the characters each search goes over
+        def search(self, text: str, pos: int) -> re.Match[str] | None:
+            searched.append(len(text) - pos)
+            return space.search(text, pos)
+
+    space = nanoqwen.data.prepare.SPACE_BOUNDARY
+    monkeypatch.setattr(nanoqwen.data.prepare, "SPACE_BOUNDARY", Counted())
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    text = "ab " + "\u4e2d" * 1000 + "a" * 2000 + " end<|endoftext|>" + "x" * 1000 + " y"
+    source = TextSource(io.BytesIO(text.encode()).read, "t")
+    source.start(4)
+    assert list(source.pieces(10)) == [("ab " + "\u4e2d" * 1000 + "a" * 2000, False), (" end", True),
+                                       ("x" * 1000, False), (" y", True)]
+    assert sum(searched) < 2 * len(text)
+
+
+def test_a_text_file_is_judged_whole_before_it_is_scored(checkpoint: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str],
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # Read a part at a time, a file was judged by its first part before scoring (one of text with its first 16 MB
+    # noise was refused), and by the rest after it was all scored (an hour's forwards, then an error). It is read
+    # through once first, and judged whole, before the model loads.
+    import nanoqwen.evaluate
+    import nanoqwen.generate
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 128)
+    text = (TEXT * 20).encode()
+    noisy_start = tmp_path / "start.txt"
+    noisy_start.write_bytes(b"\xff" * 200 + text)
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(noisy_start), "--device", "cpu"]) == 0
+    assert "replaced 200 undecodable byte sequences" in capsys.readouterr().err
+    noisy_end = tmp_path / "end.txt"
+    noisy_end.write_bytes(text[:200] + b"\xff" * 200)
+    monkeypatch.setattr(nanoqwen.generate, "load_for_inference", lambda args: pytest.fail("the model was loaded"))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(noisy_end), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: text file {noisy_end} is not text: 200 of its 400 characters "
+                                f"are undecodable or NUL ({NOT_UTF8})")
+
+
+def test_a_u_fffd_written_in_a_utf16_or_utf32_file_is_not_undecodable(tmp_path: Path) -> None:
+    # It was counted as an undecodable byte (a warning of "replaced 3 undecodable byte sequences"): only one written
+    # in UTF-8 was told apart.
+    path = tmp_path / "t.txt"
+    for encoding, lone_surrogate in [("utf-16", b"\x00\xd8"), ("utf-32", b"\x00\xd8\x00\x00")]:  # (with a mark)
+        path.write_bytes(("caf\u00e9 \ufffd ok\n" * 3).encode(encoding) + lone_surrogate)
+        assert read_text_file(path, "ck") == (["caf\u00e9 \ufffd ok\n" * 3 + "\ufffd"], 1), encoding
