@@ -7,6 +7,7 @@ that `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -344,6 +345,14 @@ class Tokenizer:
         if piece is not None and getattr(self.hf.model, "byte_fallback", False) and BYTE_PIECE.fullmatch(piece):
             return bytes([int(piece[3:5], 16)])
         return self.decode([token_id]).encode()
+
+    def ends_inside_character(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bool:
+        """Whether the text of `ids` ends with bytes of a UTF-8 character still to be finished by more (decoded: one
+        U+FFFD, for now), rather than with a whole character or a U+FFFD for good (bytes no character begins so)."""
+        kept = [i for i in ids if not (skip_special_tokens and i in self.control_ids)]
+        reader = codecs.getincrementaldecoder("utf-8")("replace")
+        reader.decode(b"".join(self.token_bytes(i) for i in kept))
+        return bool(reader.getstate()[0])  # the bytes it holds, waiting for the rest of their character
 
     def token_shown(self, token_id: int) -> str:
         """One token as a message names it: its text in JSON quotes, or, for a token that decodes alone to U+FFFD

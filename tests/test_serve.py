@@ -1911,6 +1911,22 @@ def test_a_chat_reply_ends_at_its_end_token_or_at_max_tokens_streamed_as_openai_
                 assert usage.choices == [] and usage.usage.model_dump() == plain.usage.model_dump()
 
 
+def test_a_prompt_of_ids_ending_inside_a_character_is_answered_with_that_character_whole(
+        scripted: openai.OpenAI) -> None:
+    # The reply's first bytes finish the prompt's last character ("🤖"'s first byte): decoded alone, they streamed
+    # (and returned) as three U+FFFDs. The reply holds that character whole; an echoed prompt leaves it to the reply,
+    # so that prompt and reply join as their ids decode, but where nothing is generated.
+    tokenizer = qwen3_tokenizer()
+    prompt = [*tokenizer.encode("Go and"), tokenizer.token_id(bytes_to_unicode()[0xF0])]
+    plain = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    streamed = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4, stream=True)
+    assert plain.choices[0].text == "🤖 end" and stream_text(streamed)[0] == {0: "🤖 end"}
+    echoed = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0).choices[0]
+    assert echoed.text == "Go and🤖 end" and echoed.logprobs.text_offset == [0, 2, 6, 6, 6, 6, 7]
+    assert scripted.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True).choices[0].text == \
+        "Go and\ufffd"
+
+
 def test_logprobs_give_a_byte_fallback_tokens_own_byte() -> None:
     # OpenAI's `bytes` are there to join a character split over tokens; a <0xNN> token of a byte-fallback tokenizer
     # (Llama's, Mistral's) gave U+FFFD's bytes, from decoding it alone, so the joined bytes were three U+FFFDs.
