@@ -333,10 +333,11 @@ class Tokenizer:
         in_table = (ids >= 0) & (ids < lengths.size)
         return int(lengths[ids[in_table]].sum()) + one_by_one(ids[~in_table])  # an unknown id as token_bytes says
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
-        decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes (a byte-fallback
-        tokenizer's <0xE6> entry, its one byte)."""
+    def token_bytes(self, token_id: int, starts_text: bool = False) -> bytes:
+        """The bytes one token stands for where it follows other text, or, with `starts_text`, where the text begins
+        with it (a SentencePiece decoder drops the text's leading space: "\u2581b" is " b", but "b" first). A
+        byte-level token may hold part of a UTF-8 character, which decoding it alone would turn into U+FFFD; its
+        vocabulary entry keeps the exact bytes (a byte-fallback tokenizer's <0xE6> entry, its one byte)."""
         piece = self.hf.id_to_token(token_id)
         if piece is not None and token_id not in self.special_ids and self.byte_level:
             byte_of = _byte_of_char()
@@ -344,7 +345,12 @@ class Tokenizer:
                 return bytes(byte_of[c] for c in piece)
         if piece is not None and getattr(self.hf.model, "byte_fallback", False) and BYTE_PIECE.fullmatch(piece):
             return bytes([int(piece[3:5], 16)])
-        return self.decode([token_id]).encode()
+        alone = self.decode([token_id])
+        if not starts_text and not self.byte_level:  # what it adds after text: after itself, as it is in any text
+            twice = self.decode([token_id, token_id])
+            if twice.startswith(alone):
+                return twice[len(alone):].encode()
+        return alone.encode()
 
     def ends_inside_character(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bool:
         """Whether the text of `ids` ends with bytes of a UTF-8 character still to be finished by more (decoded: one
