@@ -1223,6 +1223,28 @@ def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(qwen3, vocabula
             shown += len(chunk)
 
 
+@pytest.mark.parametrize("vocabulary", ["qwen3", "bpe", "byte_fallback"])
+def test_a_reply_joins_its_prompt_as_their_ids_decode(qwen3, vocabulary: str):
+    # A property test over random prompts and replies (characters cut at either side of the join included): the
+    # prompt's text, but for a character it ends inside of, and the reply's streamed text join to the text of all ids.
+    if vocabulary == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+        byte_id = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
+    else:
+        tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
+        byte_id = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+    rng = random.Random(1)
+    for case in range(400):
+        prompt, reply = random_stream_case(rng, tokenizer, byte_id), random_stream_case(rng, tokenizer, byte_id)
+        skip = rng.random() < 0.7
+        stream = TextStream(tokenizer, [], skip, prompt=prompt)
+        text = "".join(stream.push(token) for token in reply) + stream.finish()
+        prompt_text = tokenizer.decode(prompt, skip)
+        said = (case, prompt, reply, skip)
+        assert prompt_text.removesuffix("\ufffd" if stream.prompt_cut else "") + text == \
+            tokenizer.decode([*prompt, *reply], skip), said
+
+
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):
     tokenizer = qwen3
     stream, shown = TextStream(tokenizer, ["END"]), ""
