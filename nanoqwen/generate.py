@@ -513,7 +513,7 @@ class TextStream:
         self.tokenizer = tokenizer
         self.context = list(prompt[-PROMPT_CONTEXT_TOKENS:])
         self.context_text = tokenizer.decode(self.context, skip_special_tokens=skip_special_tokens)
-        # The prompt ends inside a character: its U+FFFD for now is the reply's text, not the prompt's
+        # Where the prompt ends inside a character, that character's U+FFFD (for now) is the reply's text
         self.prompt_cut = self.context_text.endswith("\ufffd") and tokenizer.ends_inside_character(
             self.context, skip_special_tokens)
         if self.prompt_cut:
@@ -545,7 +545,7 @@ class TextStream:
             fresh = self.tokenizer.decode(self.ids[self.settled_ids:], skip_special_tokens=self.skip_special_tokens)
             return self.text[:self.settled_chars] + fresh
         whole = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=self.skip_special_tokens)
-        shared = os.path.commonprefix([whole, self.context_text])  # all of the prompt's, with any decoder seen
+        shared = os.path.commonprefix([whole, self.context_text])  # the prompt's text: decoding on only adds to it
         return whole[len(shared):]
 
     def push(self, token: int) -> str:
