@@ -11,7 +11,7 @@ import os
 import re
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -494,14 +494,30 @@ def sampling_generator(device: torch.device, seed: int | None) -> torch.Generato
     return generator
 
 
+# Prompt tokens a reply's text is decoded after (see TextStream): a character's bytes (4 at most) with room to spare, as
+# vLLM's detokenizer starts from the prompt's last 5 to 7 tokens.
+PROMPT_CONTEXT_TOKENS = 8
+
+
 class TextStream:
     """Turns new token ids into new text: holds back an unfinished UTF-8 character and anything
     that may be the start of a stop string, and ends the text at the stop string completed first (once `min_tokens`
-    tokens are in; before, a stop string is text), before it or, with `include_stop`, after it."""
+    tokens are in; before, a stop string is text), before it or, with `include_stop`, after it.
+
+    The text is what the tokens add to the `prompt`'s (its last tokens decoded before them): a SentencePiece decoder
+    drops the leading space of a text, not of a reply ("\u2581b" after "a" is " b"), and a character the prompt ends
+    inside of is the reply's, whole once the reply's first bytes finish it (or a U+FFFD where they break it)."""
 
     def __init__(self, tokenizer: Tokenizer, stop_strings: list[str], skip_special_tokens: bool = True,
-                 min_tokens: int = 0, include_stop: bool = False) -> None:
+                 min_tokens: int = 0, include_stop: bool = False, prompt: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        self.context = list(prompt[-PROMPT_CONTEXT_TOKENS:])
+        self.context_text = tokenizer.decode(self.context, skip_special_tokens=skip_special_tokens)
+        # Where the prompt ends inside a character, that character's U+FFFD (for now) is the reply's text
+        self.prompt_cut = self.context_text.endswith("\ufffd") and tokenizer.ends_inside_character(
+            self.context, skip_special_tokens)
+        if self.prompt_cut:
+            self.context_text = self.context_text[:-1]
         self.skip_special_tokens = skip_special_tokens
         self.stop_strings = stop_strings
         self.min_tokens, self.include_stop = min_tokens, include_stop
@@ -517,15 +533,24 @@ class TextStream:
         self.settled_ids = self.settled_chars = 0
 
     @classmethod
-    def for_params(cls, tokenizer: Tokenizer, params: SamplingParams) -> TextStream:
-        """The stream one request's sampling settings ask for (its stop strings, special tokens kept or not)."""
+    def for_params(cls, tokenizer: Tokenizer, params: SamplingParams, prompt: Sequence[int] = ()) -> TextStream:
+        """The stream of one reply to `prompt` its request's sampling settings ask for (its stop strings, special tokens
+        kept or not)."""
         return cls(tokenizer, params.stop_strings, params.skip_special_tokens, params.min_tokens,
-                   params.include_stop_str_in_output)
+                   params.include_stop_str_in_output, prompt)
+
+    def _decoded(self) -> str:
+        """The text of the ids so far, after the prompt's."""
+        if self.settled_ids:
+            fresh = self.tokenizer.decode(self.ids[self.settled_ids:], skip_special_tokens=self.skip_special_tokens)
+            return self.text[:self.settled_chars] + fresh
+        whole = self.tokenizer.decode(self.context + self.ids, skip_special_tokens=self.skip_special_tokens)
+        shared = os.path.commonprefix([whole, self.context_text])  # the prompt's text: decoding on only adds to it
+        return whole[len(shared):]
 
     def push(self, token: int) -> str:
         self.ids.append(token)
-        fresh = self.tokenizer.decode(self.ids[self.settled_ids:], skip_special_tokens=self.skip_special_tokens)
-        text = self.text[:self.settled_chars] + fresh
+        text = self._decoded()
         if self.tokenizer.byte_level and not text.endswith("\ufffd"):
             self.settled_ids, self.settled_chars = len(self.ids), len(text)
         # Only the end can change as bytes arrive: a U+FFFD standing for a character whose bytes are still coming (a
@@ -556,6 +581,8 @@ class TextStream:
 
     def finish(self) -> str:
         """Whatever is still held back once generation is over."""
+        if not self.ids:  # a reply that ended at once: the character the prompt ends inside of stays unfinished
+            self.text = self._decoded()
         return self._release(self.text, final=True) if not self.stopped else ""
 
     def _release(self, text: str, final: bool) -> str:
@@ -608,7 +635,7 @@ class Completion:
 def stream_batch(model: Qwen3, tokenizer: Tokenizer, prompts: list[list[int]], params: SamplingParams
                  ) -> Iterator[tuple[int, str, Completion | None]]:
     """Yield (row, new text, None) as text arrives and (row, "", Completion) once a row is finished."""
-    streams = [TextStream.for_params(tokenizer, params) for _ in prompts]
+    streams = [TextStream.for_params(tokenizer, params, prompt) for prompt in prompts]
     finished: list[Completion | None] = [None] * len(prompts)
     for step_tokens in generate_ids(model, prompts, params):
         for row, token in enumerate(step_tokens):

@@ -7,6 +7,7 @@ that `transformers.AutoTokenizer.from_pretrained(dir)` loads.
 from __future__ import annotations
 
 import base64
+import codecs
 import hashlib
 import importlib.util
 import json
@@ -332,10 +333,11 @@ class Tokenizer:
         in_table = (ids >= 0) & (ids < lengths.size)
         return int(lengths[ids[in_table]].sum()) + one_by_one(ids[~in_table])  # an unknown id as token_bytes says
 
-    def token_bytes(self, token_id: int) -> bytes:
-        """The bytes one token stands for. A byte-level token may hold part of a UTF-8 character, which
-        decoding it alone would turn into U+FFFD; its vocabulary entry keeps the exact bytes (a byte-fallback
-        tokenizer's <0xE6> entry, its one byte)."""
+    def token_bytes(self, token_id: int, starts_text: bool = False) -> bytes:
+        """The bytes one token stands for where it follows other text, or, with `starts_text`, where the text begins
+        with it (a SentencePiece decoder drops the text's leading space: "\u2581b" is " b", but "b" first). A
+        byte-level token may hold part of a UTF-8 character, which decoding it alone would turn into U+FFFD; its
+        vocabulary entry keeps the exact bytes (a byte-fallback tokenizer's <0xE6> entry, its one byte)."""
         piece = self.hf.id_to_token(token_id)
         if piece is not None and token_id not in self.special_ids and self.byte_level:
             byte_of = _byte_of_char()
@@ -343,7 +345,20 @@ class Tokenizer:
                 return bytes(byte_of[c] for c in piece)
         if piece is not None and getattr(self.hf.model, "byte_fallback", False) and BYTE_PIECE.fullmatch(piece):
             return bytes([int(piece[3:5], 16)])
-        return self.decode([token_id]).encode()
+        alone = self.decode([token_id])
+        if not starts_text and not self.byte_level:  # what it adds after text: after itself, as it is in any text
+            twice = self.decode([token_id, token_id])
+            if twice.startswith(alone):
+                return twice[len(alone):].encode()
+        return alone.encode()
+
+    def ends_inside_character(self, ids: Sequence[int], skip_special_tokens: bool = False) -> bool:
+        """Whether the text of `ids` ends with bytes of a UTF-8 character still to be finished by more (decoded: one
+        U+FFFD, for now), rather than with a whole character or a U+FFFD for good (bytes no character begins so)."""
+        kept = [i for i in ids if not (skip_special_tokens and i in self.control_ids)]
+        reader = codecs.getincrementaldecoder("utf-8")("replace")
+        reader.decode(b"".join(self.token_bytes(i) for i in kept))
+        return bool(reader.getstate()[0])  # the bytes it holds, waiting for the rest of their character
 
     def token_shown(self, token_id: int) -> str:
         """One token as a message names it: its text in JSON quotes, or, for a token that decodes alone to U+FFFD

@@ -1115,6 +1115,40 @@ def test_byte_fallback_text_after_a_cut_character_keeps_what_was_sent():
     assert "".join(stream.accept(token, [])[0] for token in ids) + stream.finish() == "日\ufffd b"
 
 
+@pytest.mark.parametrize("vocabulary", ["qwen3", "byte_fallback"])
+def test_a_reply_is_the_text_its_tokens_add_to_the_prompts(qwen3, monkeypatch, vocabulary: str):
+    # A reply's ids were decoded alone: a SentencePiece decoder drops a text's leading space, so "a" answered with
+    # "\u2581b" read "b" (and `sample` printed "ab"), and a prompt of ids ending inside a character had the reply's
+    # bytes that finish it shown as U+FFFDs. A reply is now what its tokens add to the prompt's text, from the
+    # character the prompt left unfinished on; a U+FFFD the prompt's text ends with stays the prompt's.
+    if vocabulary == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+        byte = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
+        word = lambda text: [tokenizer.token_id(text.replace(" ", "\u2581"))]  # noqa: E731
+    else:
+        tokenizer = qwen3
+        byte = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+        word = tokenizer.encode
+    robot = [byte(b) for b in "🤖".encode()]
+    end = tokenizer.stop_ids[0] if vocabulary == "qwen3" else tokenizer.token_id("<unk>")
+    cases = [(word("a"), word(" b"), " b"),
+             ([*word("a"), *robot[:2]], [*robot[2:], *word(" b")], "🤖 b"),
+             ([*word("a"), *robot[:1]], [byte(0x41)], "\ufffdA"),  # broken by the reply: the reply shows it
+             ([*word("a"), byte(0x80)], [*word(" b")], " b"),  # broken already: the prompt's
+             ([*word("a"), *robot[:3]], [end], "\ufffd")]  # ended at once: the character stays unfinished
+    for prompt, reply, expected in cases:
+        stream = TextStream(tokenizer, [], prompt=prompt)
+        pieces = [stream.accept(token, [end])[0] for token in reply]
+        pieces.append(stream.finish())
+        assert "".join(pieces) == expected, (prompt, reply)
+        assert "\ufffd" in expected or not any("\ufffd" in piece for piece in pieces)  # none for a whole character
+    # generate, sample and chat give the stream their prompt
+    prompt, reply, expected = cases[1]
+    monkeypatch.setattr("nanoqwen.generate.generate_ids", lambda model, prompts, params: iter([[t] for t in reply]))
+    params = SamplingParams(max_new_tokens=len(reply), temperature=0)
+    assert generate(None, tokenizer, [prompt], params)[0].text == expected  # type: ignore[arg-type, list-item]
+
+
 def random_stream_case(rng: random.Random, tokenizer: Tokenizer, byte_id: Callable[[int], int]) -> list[int]:
     """Ids as a model may sample them: pieces of text, characters spelled byte by byte (some cut), lone bytes,
     any id of the vocabulary (special tokens included)."""
@@ -1187,6 +1221,28 @@ def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(qwen3, vocabula
         for chunk in chunks:  # (the joined text equals it, so a U+FFFD sent is one the text has at that place)
             assert all(expected[shown + k] == "\ufffd" for k, c in enumerate(chunk) if c == "\ufffd"), said
             shown += len(chunk)
+
+
+@pytest.mark.parametrize("vocabulary", ["qwen3", "bpe", "byte_fallback"])
+def test_a_reply_joins_its_prompt_as_their_ids_decode(qwen3, vocabulary: str):
+    # A property test over random prompts and replies (characters cut at either side of the join included): the
+    # prompt's text, but for a character it ends inside of, and the reply's streamed text join to the text of all ids.
+    if vocabulary == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+        byte_id = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
+    else:
+        tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
+        byte_id = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+    rng = random.Random(1)
+    for case in range(400):
+        prompt, reply = random_stream_case(rng, tokenizer, byte_id), random_stream_case(rng, tokenizer, byte_id)
+        skip = rng.random() < 0.7
+        stream = TextStream(tokenizer, [], skip, prompt=prompt)
+        text = "".join(stream.push(token) for token in reply) + stream.finish()
+        prompt_text = tokenizer.decode(prompt, skip)
+        said = (case, prompt, reply, skip)
+        assert prompt_text.removesuffix("\ufffd" if stream.prompt_cut else "") + text == \
+            tokenizer.decode([*prompt, *reply], skip), said
 
 
 def test_a_stop_string_split_over_tokens_never_shows_its_start(qwen3):

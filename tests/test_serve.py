@@ -20,7 +20,7 @@ import torch
 
 from nanoqwen.checkpoint import load_checkpoint, save_checkpoint
 from nanoqwen.cli import main
-from nanoqwen.generate import SamplingParams, generate, generate_ids
+from nanoqwen.generate import SamplingParams, TextStream, generate, generate_ids
 from nanoqwen.serve.app import base_url
 from nanoqwen.serve.engine import Delta, Engine, Failed, Finished
 from nanoqwen.tokenizer import Tokenizer, bytes_to_unicode, load_tokenizer, qwen3_tokenizer
@@ -1917,6 +1917,53 @@ def test_a_chat_reply_ends_at_its_end_token_or_at_max_tokens_streamed_as_openai_
             assert (last.delta.content, last.finish_reason) == (None, reason)
             if options:
                 assert usage.choices == [] and usage.usage.model_dump() == plain.usage.model_dump()
+
+
+def test_a_prompt_of_ids_ending_inside_a_character_is_answered_with_that_character_whole(
+        scripted: openai.OpenAI) -> None:
+    # The reply's first bytes finish the prompt's last character ("🤖"'s first byte): decoded alone, they streamed
+    # (and returned) as three U+FFFDs. The reply holds that character whole; an echoed prompt leaves it to the reply,
+    # so that prompt and reply join as their ids decode, but where nothing is generated.
+    tokenizer = qwen3_tokenizer()
+    prompt = [*tokenizer.encode("Go and"), tokenizer.token_id(bytes_to_unicode()[0xF0])]
+    plain = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4)
+    streamed = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4, stream=True)
+    assert plain.choices[0].text == "🤖 end" and stream_text(streamed)[0] == {0: "🤖 end"}
+    echoed = scripted.completions.create(model="tiny", prompt=prompt, max_tokens=4, echo=True, logprobs=0).choices[0]
+    assert echoed.text == "Go and🤖 end" and echoed.logprobs.text_offset == [0, 2, 6, 6, 6, 6, 7]
+    assert scripted.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True).choices[0].text == \
+        "Go and\ufffd"
+
+
+def test_logprobs_of_sentencepiece_tokens_keep_their_leading_space() -> None:
+    # A "\u2581b" token (Llama's, Mistral's vocabularies) decoded alone lost its space: logprobs said "b" where the
+    # reply says " b", and the tokens joined to "ba日" for " b a日". Each is its text as it follows text; an echoed
+    # prompt's first token, which begins the text, as it does there.
+    from nanoqwen.serve.app import chat_logprobs, completion_logprobs
+    from nanoqwen.serve.engine import TokenLogprob
+    from tests.test_generate import byte_fallback_tokenizer
+
+    tokenizer = byte_fallback_tokenizer()
+    word = {text: tokenizer.token_id(text.replace(" ", "\u2581")) for text in [" ", "a", "b", " a", " b"]}
+    reply = [word[" b"], word[" a"], *tokenizer.encode("日")[1:]]
+    stream = TextStream(tokenizer, [], prompt=tokenizer.encode("a"))
+    entries = []
+    for token in reply:
+        stream.push(token)
+        entries.append(TokenLogprob(token, -1.0, [(word[" a"], -0.5), (word["a"], -2.0)], stream.token_start))
+    assert stream.text == " b a日"
+    content = chat_logprobs(tokenizer, entries)["content"]
+    assert [e["token"] for e in content] == [" b", " a", "bytes:\\xe6", "bytes:\\x97", "bytes:\\xa5"]
+    assert b"".join(bytes(e["bytes"]) for e in content).decode() == stream.text
+    assert [[t["token"] for t in e["top_logprobs"]] for e in content[:1]] == [[" a", "a"]]
+    completion = completion_logprobs(tokenizer, entries)
+    assert completion["tokens"] == [e["token"] for e in content] and completion["top_logprobs"][0] == {
+        " a": -0.5, "a": -2.0, " b": -1.0}
+    assert [e.text_offset for e in entries] == [0, 2, 4, 4, 4]  # where each token's text starts in the reply
+    prompt = tokenizer.encode("b a")  # echoed: "\u2581", "b", "\u2581", "a"
+    echoed = completion_logprobs(tokenizer, [TokenLogprob(prompt[0], None, [], 0),
+                                             *(TokenLogprob(t, -1.0, [], 0) for t in prompt[1:])])["tokens"]
+    assert echoed == ["", "b", " ", "a"] and "".join(echoed) == tokenizer.decode(prompt)
 
 
 def test_logprobs_give_a_byte_fallback_tokens_own_byte() -> None:

@@ -314,10 +314,11 @@ def add_error_handlers(app: FastAPI) -> None:
 
 
 # -- logprobs in OpenAI's two shapes ---------------------------------------------------------------
-def token_text(tokenizer: Tokenizer, token: int) -> tuple[str, list[int]]:
-    """A token as OpenAI shows it: its text, or `bytes:\\xe6\\x97` when its bytes are not whole UTF-8 on
-    their own (part of a character); and the bytes themselves."""
-    raw = tokenizer.token_bytes(token)
+def token_text(tokenizer: Tokenizer, token: int, starts_text: bool = False) -> tuple[str, list[int]]:
+    """A token as OpenAI shows it: its text where it follows other text (a SentencePiece "\u2581b", " b"), or where the
+    text begins with it (`starts_text`: "b"), or `bytes:\\xe6\\x97` when its bytes are not whole UTF-8 on their own
+    (part of a character); and the bytes themselves. A reply's tokens then join into its text."""
+    raw = tokenizer.token_bytes(token, starts_text)
     try:
         return raw.decode("utf-8"), list(raw)
     except UnicodeDecodeError:
@@ -339,7 +340,8 @@ def chat_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob], stops: froz
 
 def completion_logprobs(tokenizer: Tokenizer, entries: list[TokenLogprob]) -> dict[str, Any]:
     return {
-        "tokens": [token_text(tokenizer, e.token)[0] for e in entries],
+        # (an echoed prompt's first token, the one with no logprob, begins the text)
+        "tokens": [token_text(tokenizer, e.token, starts_text=e.logprob is None)[0] for e in entries],
         "token_logprobs": [e.logprob for e in entries],
         # As OpenAI: the N most likely, plus the sampled token when it is not among them (null for an echoed
         # prompt's first token, which nothing predicts).

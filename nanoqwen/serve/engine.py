@@ -263,7 +263,7 @@ class Engine:
     def _new_sequence(self, job: Job, index: int, prompt: list[int], params: SamplingParams,
                       seed: int | None, top_logprobs: int | None, echo: bool = False) -> Sequence:
         budget = check_fits(self.model, len(prompt), params.max_new_tokens)  # capped to what fits the context
-        text = TextStream.for_params(self.tokenizer, params)
+        text = TextStream.for_params(self.tokenizer, params, prompt)
         seq = Sequence(job, index, prompt, params, budget, text, top_logprobs=top_logprobs, echo=echo)
         if not params.greedy:
             seq.generator = sampling_generator(self.device, seed)
@@ -373,12 +373,14 @@ class Engine:
         seq.job.emit(Delta(seq.index, text, entries, seq.generated))
 
     def _decoded(self, seq: Sequence) -> tuple[str, list[int]]:
-        """The text of a prompt sent as ids, as its choice's settings decode it, and where each token starts in it."""
+        """The text of a prompt sent as ids, as its choice's settings decode it, and where each token starts in it; but
+        for a character it ends inside of, which the generated text holds (see TextStream), unless none is generated."""
         stream, pieces, starts = TextStream(self.tokenizer, [], seq.params.skip_special_tokens), [], []
         for token in seq.prompt:
             pieces.append(stream.push(token))
             starts.append(stream.token_start)
-        return "".join(pieces) + stream.finish(), starts
+        text = "".join(pieces) + stream.finish()
+        return (text[:-1] if seq.budget and seq.stream.prompt_cut else text), starts
 
     def _first_token(self, seq: Sequence, logits: torch.Tensor) -> bool:
         """Sample the first token from the prompt's last logits (1, V). True if that already finishes it."""
