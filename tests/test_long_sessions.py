@@ -9,6 +9,7 @@ import weakref
 import pytest
 import torch
 
+from nanoqwen.chat import Conversation
 from nanoqwen.generate import SamplingParams
 from nanoqwen.model import Qwen3
 from nanoqwen.serve.engine import Engine, Failed, Finished, Job
@@ -84,3 +85,40 @@ def test_the_engine_lets_go_of_every_request_once_its_clients_are_done(local: tu
     gc.collect()
     assert [ref() for ref in refs] == [None] * len(refs)
     assert len(engine._jobs) == 0
+
+
+def test_a_long_message_after_a_long_chat_drops_the_fewest_turns_in_a_few_renders(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each turn dropped rendered and encoded the whole conversation again: a 20,000-token paste after 1,000 short
+    # turns (Qwen3's context of 40,960) dropped 373 of them in 374 renders, minutes of a frozen chat. Galloping then
+    # bisecting finds the same fewest turns in about 2 log2(turns) renders; the usual cases take what they took.
+    tokenizer = qwen3_tokenizer()
+    conversation = Conversation(tokenizer, context=3000, reserve=100)
+    history = [message for i in range(150) for message in (
+        {"role": "user", "content": f"question {i} about things"}, {"role": "assistant", "content": f"answer {i} ok"})]
+    render = conversation._prompt
+    renders = []
+    monkeypatch.setattr(conversation, "_prompt", lambda messages: renders.append(len(messages)) or render(messages))
+
+    def fits(turns: list[dict[str, str]], message: str) -> bool:
+        return len(tokenizer.encode(render([*turns, {"role": "user", "content": message}]))) <= 3000 - 100
+
+    def sent(turns: list[dict[str, str]], message: str) -> tuple[int, int]:
+        """Turns dropped and renders taken for `message` after `turns`."""
+        conversation.messages = list(turns)
+        renders.clear()
+        ids = conversation.add_user(message)
+        assert ids == tokenizer.encode(render(conversation.messages))
+        assert conversation.messages == [*turns[2 * conversation.dropped:], {"role": "user", "content": message}]
+        return conversation.dropped, len(renders)
+
+    long_message = "word " * 1500
+    fewest = next(k for k in range(len(history) // 2 + 1) if fits(history[2 * k:], long_message))
+    assert fewest > 50  # (the case this is about)
+    dropped, taken = sent(history, long_message)
+    assert dropped == fewest and taken <= 2 * (fewest.bit_length() + 1), taken  # (it took fewest + 2)
+    # The usual cases: nothing to drop, one render; one turn to drop, two; a message too long for any, every turn.
+    assert sent(history[:20], "short") == (0, 1)
+    full = next(k for k in range(1, 151) if not fits(history[:2 * k], "short"))
+    assert fits(history[2:2 * full], "short") and sent(history[:2 * full], "short") == (1, 2)
+    assert sent(history, "word " * 2950)[0] == 150
