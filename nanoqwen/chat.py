@@ -173,26 +173,54 @@ class Conversation:
                 self.dropped, ids = cut, ids[cut:]
             self.transcript = self.tokenizer.decode(ids)
             return ids
-        message = {"role": "user", "content": text}
-        # Hopeless even alone: keep the history as it is. (One as long as the context still gets a token of reply,
-        # which is predicted, not read: see check_fits.)
-        if len(self._ids([message])) > self.context:
-            return None
         kept = list(self.messages)
-        self.messages.append(message)
+        self.messages.append({"role": "user", "content": text})
         try:
-            while True:
-                prompt = self._prompt(self.messages)
-                ids = self.tokenizer.encode(prompt)
-                if len(ids) <= limit or len(self.messages) == 1:
-                    break
-                del self.messages[:2 if len(self.messages) > 2 else 1]  # the oldest user turn and its reply
-                self.dropped += 1
+            fit = self._fit(limit)
         except NanoQwenError:  # the model's own template refused the conversation: keep it as it was
             self.messages = kept
             raise
+        if fit is None:  # hopeless even alone: keep the history as it is
+            self.messages = kept
+            return None
+        self.dropped, prompt, ids = fit
+        self.messages = self.messages[self._first_kept(self.dropped):]
         self.prompt_opens_thinking = prompt.rstrip().endswith(THINK_START)
         return ids
+
+    def _first_kept(self, turns: int) -> int:
+        """Where the messages start once the oldest `turns` (a user message and its reply each) are dropped; the
+        new message, last, always stays."""
+        return min(2 * turns, len(self.messages) - 1)
+
+    def _fit(self, limit: int) -> tuple[int, str, list[int]] | None:
+        """The fewest oldest turns to drop for the conversation, its new message last, to take at most `limit`
+        tokens, with the prompt and ids then; every turn where the message alone takes more, and None where it
+        takes more than the context (one as long as the context still gets a token of reply, which is predicted,
+        not read: see check_fits).
+
+        Each try renders and encodes the whole conversation, so the turns to drop are found by galloping (1, 2,
+        4, ...) then bisecting: a message that pushes out hundreds of short turns took a try a turn, minutes."""
+        most = len(self.messages) // 2  # dropping that many leaves the new message alone
+        tried: dict[int, tuple[str, list[int]]] = {}
+
+        def fits(turns: int) -> bool:
+            if turns not in tried:
+                prompt = self._prompt(self.messages[self._first_kept(turns):])
+                tried[turns] = (prompt, self.tokenizer.encode(prompt))
+            return len(tried[turns][1]) <= limit
+
+        if fits(0):
+            return 0, *tried[0]
+        too_few, enough = 0, min(1, most)
+        while enough < most and not fits(enough):
+            too_few, enough = enough, min(2 * enough, most)
+        if not fits(enough):  # (enough == most) even the message alone leaves the reply less than `limit` asks
+            return None if len(tried[enough][1]) > self.context else (enough, *tried[enough])
+        while enough - too_few > 1:
+            middle = (too_few + enough) // 2
+            too_few, enough = (too_few, middle) if fits(middle) else (middle, enough)
+        return enough, *tried[enough]
 
     def withdraw(self) -> None:
         """Undo the last add_user (a reply stopped before its first token): the history is as it was, the turns

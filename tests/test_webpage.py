@@ -1786,3 +1786,27 @@ def test_a_stream_read_a_byte_at_a_time_shows_its_text_whole(page) -> None:
     send_and_wait(page, "Hello")
     expect(page.locator(".message.assistant .content")).to_have_text(["".join(pieces)])
     expect(page.locator("#stats")).to_contain_text("finish: stop")
+
+
+def test_a_long_message_after_a_long_chat_asks_tokenize_a_few_times(page) -> None:
+    # Each turn dropped to fit was one more /tokenize of the whole conversation: a long paste after hundreds of
+    # short turns sent hundreds of requests, each rendering and encoding it all, before the reply began. Galloping
+    # then bisecting finds the same fewest turns. /tokenize here counts a word a token.
+    turns = 60
+    saved = [{"kind": kind, "label": label, "text": f"{kind[0]}{i}", "notes": [], "inThinking": False,
+              "dropped": False} for i in range(turns) for kind, label in (("user", "You"), ("assistant", "tiny-web"))]
+    page.evaluate("(saved) => sessionStorage.setItem('nanoqwen-conversation', JSON.stringify(saved))", saved)
+    reload(page)
+    counted = []
+
+    def count_words(route) -> None:
+        messages = json.loads(route.request.post_data)["messages"]
+        counted.append(len(messages))
+        route.fulfill(json={"count": sum(len(m["content"].split()) for m in messages), "max_model_len": CONTEXT})
+
+    page.route("**/tokenize", count_words)
+    page.fill("#max-tokens", "24")  # room for 1000 words: 60 turns of 2 and 940 more do not fit, 30 turns fewer do
+    with page.expect_request("**/v1/chat/completions") as sent:
+        send_and_wait(page, "w " * 940)
+    assert [m["content"] for m in json.loads(sent.value.post_data)["messages"]][:2] == ["u30", "a30"]
+    assert len(counted) <= 2 * ((30).bit_length() + 1), counted  # (it was 32: the whole, the message alone, 30 more)

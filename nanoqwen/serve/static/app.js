@@ -845,30 +845,46 @@ function repliedContent(content, box) {
   return parts && !parts[2] ? "" : content;
 }
 
-// Drop the oldest turns (a message and its reply) until the conversation leaves room for a reply of
+// Drop the fewest oldest turns (a message and its reply each) for the conversation to leave room for a reply of
 // max_tokens (at most half the context), as `nanoqwen chat` does; returns how many turns were dropped, their
 // messages (see bringBack), and the ids of the prompt left (null if the server cannot say). A message too long even
-// alone drops nothing: the server refuses it, and the history stays for the next one.
+// alone drops nothing: the server refuses it, and the history stays for the next one. Each count is a /tokenize of
+// the whole conversation, so the turns to drop are found by galloping (1, 2, 4, ...) then bisecting: a message that
+// pushes out hundreds of short turns asked hundreds of times before its reply began.
 async function fitHistory(lead, text, body) {
   const user = { role: "user", content: text };
   const fits = (fit) => fit.count <= fit.max_model_len
     - Math.max(1, Math.min(body.max_tokens, Math.floor(fit.max_model_len / 2)));
-  let fit = await countTokens([...lead, ...state.history, user], body);
-  const kept = { turns: 0, messages: [], prompt: fit?.tokens ?? null };
-  if (!fit || fits(fit) || !state.history.length) return kept;
-  const alone = await countTokens([...lead, user], body);
-  if (!alone || alone.count > alone.max_model_len) return kept;
-  let turns = 0;
-  const messages = [];
-  while (fit && !fits(fit) && state.history.length) {
-    for (const message of state.history.splice(0, state.history.length > 1 ? 2 : 1)) {
-      markDropped(message.box);
-      messages.push(message);
+  const firstKept = (turns) => Math.min(2 * turns, state.history.length);
+  const counted = new Map(); // turns dropped -> the count then (null if the server cannot say)
+  const count = async (turns) => {
+    if (!counted.has(turns)) {
+      counted.set(turns, await countTokens([...lead, ...state.history.slice(firstKept(turns)), user], body));
     }
-    turns += 1;
-    fit = await countTokens([...lead, ...state.history, user], body);
+    return counted.get(turns);
+  };
+  const whole = await count(0);
+  const kept = { turns: 0, messages: [], prompt: whole?.tokens ?? null };
+  if (!whole || fits(whole) || !state.history.length) return kept;
+  const most = Math.ceil(state.history.length / 2); // dropping that many leaves the message alone
+  let tooFew = 0;
+  let enough = 1;
+  while (enough < most && (await count(enough)) && !fits(counted.get(enough))) {
+    tooFew = enough;
+    enough = Math.min(2 * enough, most);
   }
-  return { turns, messages, prompt: fit?.tokens ?? null };
+  const last = await count(enough);
+  if (!last || (!fits(last) && last.count > last.max_model_len)) return kept;
+  while (fits(last) && enough - tooFew > 1) { // (the message alone, not fitting, leaves the reply the rest)
+    const middle = Math.floor((tooFew + enough) / 2);
+    const fit = await count(middle);
+    if (!fit) return kept;
+    if (fits(fit)) enough = middle;
+    else tooFew = middle;
+  }
+  const messages = state.history.splice(0, firstKept(enough));
+  for (const { box } of messages) markDropped(box);
+  return { turns: enough, messages, prompt: counted.get(enough).tokens ?? null };
 }
 
 // What the status line says to a send of an empty box (none is sent), until something is typed (see typed).
