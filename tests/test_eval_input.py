@@ -654,3 +654,23 @@ def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(chec
     assert evaluated("--max-windows", "100000") == whole
     events = [event for event, _ in logged]
     assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
+
+
+def test_the_slices_of_a_stream_are_those_of_its_ids_whole() -> None:
+    # --text-file's ids come in parts of any length, and are scored in slices of `step` predictions, each sharing its
+    # last id with the next: the ids joined less the last (the <|endoftext|> that ends the last document), or their
+    # first max_tokens, sliced as split_slices slices a split of them, wherever the parts end. A slice too many
+    # predicted that <|endoftext|> (or the id after the prefix); one too few dropped the last prediction.
+    from nanoqwen.evaluate import stream_slices
+
+    rng = random.Random(0)
+    for length in range(1, 26):
+        ids = np.arange(100, 100 + length, dtype=np.int64)
+        cuts = sorted(rng.sample(range(1, length), rng.randint(0, length - 1))) if length > 1 else []
+        parts = np.split(ids, cuts)
+        for step in range(1, 5):
+            for max_tokens in (None, *range(1, length + 2)):
+                kept = ids[:-1] if max_tokens is None or length <= max_tokens + 1 else ids[:max_tokens]
+                expected = [kept[start:start + step + 1].tolist() for start in range(0, len(kept) - 1, step)]
+                got = [s.tolist() for s in stream_slices(iter(parts), step, max_tokens)]
+                assert got == expected, (length, cuts, step, max_tokens)
