@@ -674,3 +674,28 @@ def test_the_slices_of_a_stream_are_those_of_its_ids_whole() -> None:
                 expected = [kept[start:start + step + 1].tolist() for start in range(0, len(kept) - 1, step)]
                 got = [s.tolist() for s in stream_slices(iter(parts), step, max_tokens)]
                 assert got == expected, (length, cuts, step, max_tokens)
+
+
+def test_max_windows_gives_its_prefix_figures_where_a_part_ends_with_it() -> None:
+    # --max-windows N scores the first N * context + 1 ids, and divides by the bytes of their own text. Where a piece
+    # of a long document ended right after the prefix's last id (ids of 8 characters and more, so few in a piece),
+    # the text of the id after it was counted as scored too if the stream stopped reading there.
+    import nanoqwen.evaluate as evaluate
+    from nanoqwen.data.prepare import encode_texts
+
+    line = "abcdefghijklmnopqrstuvwxyzabcd\n"  # two ids: the word, the line break
+    tokenizer = train_bpe([line * 3] * 20, 300)
+    assert len(tokenizer.encode(line * 2)) == 4
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    model = Qwen3(config)
+    text = line * 40
+    ids = torch.from_numpy(np.concatenate([[tokenizer.eot_id], encode_texts(tokenizer, [text.rstrip()])[0].ids[:-1]]
+                                          ).astype(np.int64))
+    for windows in range(1, 12):
+        source = evaluate.TextSource(io.BytesIO(text.encode()).read, "t")
+        source.start(64)
+        prefix = ids[:windows + 1]
+        assert evaluate.evaluate_text(model, tokenizer, source, 1, 64, windows + 1) == evaluate.evaluate_tokens(
+            model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 1, 64), windows
