@@ -656,12 +656,15 @@ def test_max_windows_past_the_end_of_a_text_still_reads_it_a_part_at_a_time(chec
     assert events.index("forward") < len(events) - 1 - events[::-1].index("read")  # scored as it is read
 
 
-def test_the_slices_of_a_stream_are_those_of_its_ids_whole() -> None:
+def test_the_slices_of_a_stream_are_those_of_its_ids_whole(monkeypatch: pytest.MonkeyPatch) -> None:
     # --text-file's ids come in parts of any length, and are scored in slices of `step` predictions, each sharing its
     # last id with the next: the ids joined less the last (the <|endoftext|> that ends the last document), or their
     # first max_tokens, sliced as split_slices slices a split of them, wherever the parts end. A slice too many
     # predicted that <|endoftext|> (or the id after the prefix); one too few dropped the last prediction.
-    from nanoqwen.evaluate import stream_slices
+    import nanoqwen.evaluate
+    from nanoqwen.evaluate import split_slices, stream_slices
+
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)  # a slice per forward: of `step` windows of 1
 
     rng = random.Random(0)
     for length in range(1, 26):
@@ -674,6 +677,8 @@ def test_the_slices_of_a_stream_are_those_of_its_ids_whole() -> None:
                 expected = [kept[start:start + step + 1].tolist() for start in range(0, len(kept) - 1, step)]
                 got = [s.tolist() for s in stream_slices(iter(parts), step, max_tokens)]
                 assert got == expected, (length, cuts, step, max_tokens)
+                split = [kept[start:end].tolist() for start, end in split_slices(len(kept), 1, step)]
+                assert split == expected, (length, step, max_tokens)
 
 
 def test_max_windows_gives_its_prefix_figures_where_a_part_ends_with_it() -> None:
