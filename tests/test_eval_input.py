@@ -704,3 +704,30 @@ def test_max_windows_gives_its_prefix_figures_where_a_part_ends_with_it() -> Non
         prefix = ids[:windows + 1]
         assert evaluate.evaluate_text(model, tokenizer, source, 1, 64, windows + 1) == evaluate.evaluate_tokens(
             model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 1, 64), windows
+
+
+def test_the_pieces_of_a_text_read_a_part_at_a_time_join_to_its_documents(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TextSource.pieces cuts a long document (at a space where it has no line breaks) and reads on a few bytes at a
+    # time: the pieces of each document join to it whole, wherever a read or a cut ends (a piece that begins with the
+    # space it was cut before, then a separator: that space is the document's, not the blank after a separator).
+    import nanoqwen.evaluate
+    from nanoqwen.data.sources import separated_documents, universal_newlines
+    from nanoqwen.evaluate import TextSource
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    words = " ".join(f"w{i}" for i in range(40))
+    text = (f"  \n<|endoftext|>\r\n{words} \r\n<|endoftext|>\n\n{words}\n<|endoftext|>{words}<|endoftext|> "
+            f"last\r\nline\r\nand {words}  \n")
+    documents = separated_documents(universal_newlines(text))
+    assert len(documents) == 4
+    for first in (4, 9, 30):
+        for chars in (None, 3, 10, 25):
+            source = TextSource(io.BytesIO(text.encode()).read, "t")
+            source.start(first)
+            joined, document = [], ""
+            for piece, ends in source.pieces(chars):
+                document += piece
+                if ends:
+                    joined.append(document)
+                    document = ""
+            assert (joined, document) == (documents, ""), (first, chars)
