@@ -62,11 +62,14 @@ def test_a_run_on_mps_resumes_the_generator_its_dropout_draws_from(monkeypatch: 
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": generator["state"].clone())
     monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=state))
     saved = rng_states(MPS)
+    drawn = torch.rand(3)  # torch's own generator (the CPU's) goes on from the save too
     generator["state"] = torch.tensor([2], dtype=torch.uint8)  # the killed run drew on after its save
     restore_rng_states(saved, MPS)
-    assert generator["state"].tolist() == [1]
+    assert generator["state"].tolist() == [1] and torch.equal(torch.rand(3), drawn)
     generator["state"] = torch.tensor([2], dtype=torch.uint8)
     restore_rng_states(rng_states(torch.device("cpu")), MPS)  # saved on a CPU: MPS's stays as seeded
+    assert generator["state"].tolist() == [2]
+    restore_rng_states(saved, torch.device("cpu"))  # saved on a Mac, resumed on a CPU: no MPS generator to set
     assert generator["state"].tolist() == [2]
 
 
