@@ -2576,6 +2576,13 @@ def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Pat
     corpus = open_corpus(str(tmp_path / "stories.txt"))
     assert list(corpus.documents()) == ["x" * 1000, "x" * 999, *stories]
     assert (corpus.stats.parted_files, corpus.stats.parted_documents) == (1, 42)
+    # A story longer than a block after a separator, its lines indented (code): the text after a cut is no text
+    # after a separator, so the line it starts keeps its indentation
+    code = "".join(f"    line {i} of indented code\n" for i in range(150))
+    (tmp_path / "code.txt").write_text(f"intro\n<|endoftext|>\n{code}<|endoftext|>\nend\n")
+    documents = list(open_corpus(str(tmp_path / "code.txt")).documents())
+    assert documents[0] == "intro" and documents[-1] == "end\n" and len(documents) > 4
+    assert "".join(documents[1:-1]) == code.strip()
 
 
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:
