@@ -377,7 +377,15 @@ def test_stale_qwen3_tokenizer_builds_are_pruned_on_windows_but_not_one_in_use(m
             raise PermissionError(errno.EACCES, "Access is denied", str(path))
         return rename(path, target)
 
+    def windows_open(path: Any, flags: int, *args: Any) -> int:  # (Windows opens no folder: a reader holds a file)
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return os.open(path, flags, *args)
+
+    windows_os = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    windows_os.open = windows_open
     monkeypatch.setattr(nanoqwen.tokenizer, "fcntl", None)
+    monkeypatch.setattr(nanoqwen.tokenizer, "os", windows_os)  # (shutil's rmtree keeps its own)
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(Path, "rename", windows_rename)
     long_ago = time.time() - (nanoqwen.tokenizer.STALE_AFTER_DAYS + 1) * 86400
