@@ -731,3 +731,17 @@ def test_the_pieces_of_a_text_read_a_part_at_a_time_join_to_its_documents(monkey
                     joined.append(document)
                     document = ""
             assert (joined, document) == (documents, ""), (first, chars)
+
+
+def test_a_start_that_is_not_text_says_it_judged_the_start() -> None:
+    # --max-windows reads only a start, which is all that is judged: the line says "of the first" characters read,
+    # not "of its" (the whole text's, where it was read whole).
+    from nanoqwen.data.sources import NOT_UTF8
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import TextSource
+
+    raw = b"\0" * 2000 + b"the cat sat\n" * 10
+    for first, said in [(100, "100 of the first 100"), (len(raw) + 1, f"2,000 of its {len(raw):,}")]:
+        with pytest.raises(NanoQwenError) as error:
+            TextSource(io.BytesIO(raw).read, "text file t.txt").start(first)
+        assert str(error.value) == f"text file t.txt is not text: {said} characters are undecodable or NUL ({NOT_UTF8})"
