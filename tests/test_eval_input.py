@@ -745,3 +745,19 @@ def test_a_start_that_is_not_text_says_it_judged_the_start() -> None:
         with pytest.raises(NanoQwenError) as error:
             TextSource(io.BytesIO(raw).read, "text file t.txt").start(first)
         assert str(error.value) == f"text file t.txt is not text: {said} characters are undecodable or NUL ({NOT_UTF8})"
+
+
+def test_a_text_file_read_a_part_at_a_time_is_judged_whole_at_its_end(checkpoint: Path, tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A file scored whole is read a part at a time: its start is judged before the model loads, and all of it once
+    # read, so a text start followed by much more binary (NULs) is refused as a file read whole at once is.
+    import nanoqwen.evaluate
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 64)
+    path = tmp_path / "t.txt"
+    path.write_bytes(TEXT.encode() * 4 + b"\0" * 1000)
+    assert main(["eval", "--model", str(checkpoint), "--text-file", str(path), "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: text file {path} is not text: 1,000 of its "
+                                f"{len(TEXT) * 4 + 1000:,} characters are undecodable or NUL (a binary file, or text "
+                                "in another encoding: convert it to UTF-8)")
