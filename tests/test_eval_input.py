@@ -761,3 +761,20 @@ def test_a_text_file_read_a_part_at_a_time_is_judged_whole_at_its_end(checkpoint
     assert one_line(capsys) == (f"nanoqwen eval: error: text file {path} is not text: 1,000 of its "
                                 f"{len(TEXT) * 4 + 1000:,} characters are undecodable or NUL (a binary file, or text "
                                 "in another encoding: convert it to UTF-8)")
+
+
+def test_a_model_of_a_long_context_is_scored_and_a_diverged_one_has_a_perplexity() -> None:
+    # A context past ~16k tokens (Qwen3's is 40,960) is one window a forward by default, not none (range(0, n, 0)
+    # raised); a loss past exp's range (a diverged model's) has a finite perplexity, not an OverflowError; a stream
+    # of one token has no prediction to score, and says so.
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import evaluate_tokens, metrics
+
+    torch.manual_seed(0)
+    model = Qwen3(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64, max_position_embeddings=40960))
+    tokens = torch.arange(10) % 7 + 2
+    assert evaluate_tokens(model, tokens, 9) == evaluate_tokens(model, tokens, 9, batch_size=1)
+    assert evaluate_tokens(model, tokens, 9)["tokens"] == 9
+    assert metrics(3 * 800.0, 0, 3, 10)["perplexity"] == math.exp(700.0)
+    with pytest.raises(NanoQwenError, match="need at least 2 tokens to score, got 1"):
+        evaluate_tokens(model, tokens[:1], 1)
