@@ -1649,6 +1649,21 @@ def test_a_zstd_file_of_a_huge_ratio_is_read_in_bounded_memory(tmp_path: Path) -
     finally:
         tracemalloc.stop()
     assert read == size and peak < 4 << 20
+    # a seek forward reads up to its place a megabyte at a time (not all the bytes it skips at once), and one from
+    # where the stream is (SEEK_CUR, as the buffer asks past what it holds) lands there
+    tracemalloc.start()
+    try:
+        with open_zstd(tmp_path / "x.txt.zst") as f:
+            assert f.seek(size - 10) == size - 10 and f.read() == b"x" * 10
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    text = bytes(range(256)) * 1200  # 300 KB: more than the reader's 128 KB buffer
+    (tmp_path / "long.zst").write_bytes(zstandard.ZstdCompressor().compress(text))
+    with open_zstd(tmp_path / "long.zst") as f:
+        assert f.read(10) == text[:10] and f.seek(200_000, os.SEEK_CUR) == 200_010
+        assert f.read(5) == text[200_010:200_015]
 
 
 @pytest.mark.parametrize("spec", ["bpe:\u00b2", "bpe:\u0663\u0660\u0660"])  # a superscript 2 traced back
@@ -2592,6 +2607,13 @@ def test_a_large_parted_file_keeps_its_stories_whole_across_blocks(tmp_path: Pat
     corpus = open_corpus(str(tmp_path / "stories.txt"))
     assert list(corpus.documents()) == ["x" * 1000, "x" * 999, *stories]
     assert (corpus.stats.parted_files, corpus.stats.parted_documents) == (1, 42)
+    # A story longer than a block after a separator, its lines indented (code): the text after a cut is no text
+    # after a separator, so the line it starts keeps its indentation
+    code = "".join(f"    line {i} of indented code\n" for i in range(150))
+    (tmp_path / "code.txt").write_text(f"intro\n<|endoftext|>\n{code}<|endoftext|>\nend\n")
+    documents = list(open_corpus(str(tmp_path / "code.txt")).documents())
+    assert documents[0] == "intro" and documents[-1] == "end\n" and len(documents) > 4
+    assert "".join(documents[1:-1]) == code.strip()
 
 
 def test_json_files_that_are_not_records_are_skipped_in_a_folder(tmp_path: Path) -> None:

@@ -713,3 +713,126 @@ def test_a_u_fffd_written_in_a_utf16_or_utf32_file_is_not_undecodable(tmp_path: 
     for encoding, lone_surrogate in [("utf-16", b"\x00\xd8"), ("utf-32", b"\x00\xd8\x00\x00")]:  # (with a mark)
         path.write_bytes(("caf\u00e9 \ufffd ok\n" * 3).encode(encoding) + lone_surrogate)
         assert read_text_file(path, "ck") == (["caf\u00e9 \ufffd ok\n" * 3 + "\ufffd"], 1), encoding
+
+
+def test_the_slices_of_a_stream_are_those_of_its_ids_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    # --text-file's ids come in parts of any length, and are scored in slices of `step` predictions, each sharing its
+    # last id with the next: the ids joined less the last (the <|endoftext|> that ends the last document), or their
+    # first max_tokens, sliced as split_slices slices a split of them, wherever the parts end. A slice too many
+    # predicted that <|endoftext|> (or the id after the prefix); one too few dropped the last prediction.
+    import nanoqwen.evaluate
+    from nanoqwen.evaluate import split_slices, stream_slices
+
+    monkeypatch.setattr(nanoqwen.evaluate, "SLICE_TOKENS", 1)  # a slice per forward: of `step` windows of 1
+
+    rng = random.Random(0)
+    for length in range(1, 26):
+        ids = np.arange(100, 100 + length, dtype=np.int64)
+        cuts = sorted(rng.sample(range(1, length), rng.randint(0, length - 1))) if length > 1 else []
+        parts = np.split(ids, cuts)
+        for step in range(1, 5):
+            for max_tokens in (None, *range(1, length + 2)):
+                kept = ids[:-1] if max_tokens is None or length <= max_tokens + 1 else ids[:max_tokens]
+                expected = [kept[start:start + step + 1].tolist() for start in range(0, len(kept) - 1, step)]
+                got = [s.tolist() for s in stream_slices(iter(parts), step, max_tokens)]
+                assert got == expected, (length, cuts, step, max_tokens)
+                split = [kept[start:end].tolist() for start, end in split_slices(len(kept), 1, step)]
+                assert split == expected, (length, step, max_tokens)
+
+
+def test_max_windows_gives_its_prefix_figures_where_a_part_ends_with_it() -> None:
+    # --max-windows N scores the first N * context + 1 ids, and divides by the bytes of their own text. Where a piece
+    # of a long document ended right after the prefix's last id (ids of 8 characters and more, so few in a piece),
+    # the text of the id after it was counted as scored too if the stream stopped reading there.
+    import nanoqwen.evaluate as evaluate
+    from nanoqwen.data.prepare import encode_texts
+
+    line = "abcdefghijklmnopqrstuvwxyzabcd\n"  # two ids: the word, the line break
+    tokenizer = train_bpe([line * 3] * 20, 300)
+    assert len(tokenizer.encode(line * 2)) == 4
+    config = config_for_tokenizer(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64), tokenizer,
+                                  fit_vocab=True)
+    torch.manual_seed(0)
+    model = Qwen3(config)
+    text = line * 40
+    ids = torch.from_numpy(np.concatenate([[tokenizer.eot_id], encode_texts(tokenizer, [text.rstrip()])[0].ids[:-1]]
+                                          ).astype(np.int64))
+    for windows in range(1, 12):
+        source = evaluate.TextSource(io.BytesIO(text.encode()).read, "t")
+        source.start(64)
+        prefix = ids[:windows + 1]
+        assert evaluate.evaluate_text(model, tokenizer, source, 1, 64, windows + 1) == evaluate.evaluate_tokens(
+            model, prefix, tokenizer.text_bytes(prefix[1:].numpy()), 1, 64), windows
+
+
+def test_the_pieces_of_a_text_read_a_part_at_a_time_join_to_its_documents(monkeypatch: pytest.MonkeyPatch) -> None:
+    # TextSource.pieces cuts a long document (at a space where it has no line breaks) and reads on a few bytes at a
+    # time: the pieces of each document join to it whole, wherever a read or a cut ends (a piece that begins with the
+    # space it was cut before, then a separator: that space is the document's, not the blank after a separator).
+    import nanoqwen.evaluate
+    from nanoqwen.data.sources import separated_documents, universal_newlines
+    from nanoqwen.evaluate import TextSource
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 5)
+    words = " ".join(f"w{i}" for i in range(40))
+    text = (f"  \n<|endoftext|>\r\n{words} \r\n<|endoftext|>\n\n{words}\n<|endoftext|>{words}<|endoftext|> "
+            f"last\r\nline\r\nand {words}  \n")
+    documents = separated_documents(universal_newlines(text))
+    assert len(documents) == 4
+    for first in (4, 9, 30):
+        for chars in (None, 3, 10, 25):
+            source = TextSource(io.BytesIO(text.encode()).read, "t")
+            source.start(first)
+            joined, document = [], ""
+            for piece, ends in source.pieces(chars):
+                document += piece
+                if ends:
+                    joined.append(document)
+                    document = ""
+            assert (joined, document) == (documents, ""), (first, chars)
+
+
+def test_a_start_that_is_not_text_says_it_judged_the_start() -> None:
+    # --max-windows reads only a start, which is all that is judged: the line says "of the first" characters read,
+    # not "of its" (the whole text's, where it was read whole).
+    from nanoqwen.data.sources import NOT_UTF8
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import TextSource
+
+    raw = b"\0" * 2000 + b"the cat sat\n" * 10
+    for first, said in [(100, "100 of the first 100"), (len(raw) + 1, f"2,000 of its {len(raw):,}")]:
+        with pytest.raises(NanoQwenError) as error:
+            TextSource(io.BytesIO(raw).read, "text file t.txt").start(first)
+        assert str(error.value) == f"text file t.txt is not text: {said} characters are undecodable or NUL ({NOT_UTF8})"
+
+
+def test_text_piped_in_is_judged_whole_once_read(checkpoint: Path, capsys: pytest.CaptureFixture[str],
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # Standard input cannot be read twice (a file is read through and judged before scoring): its start is judged
+    # before the model loads, and all of it once read and scored, so a text start followed by much more binary (NULs)
+    # is refused as a file is.
+    import nanoqwen.evaluate
+
+    monkeypatch.setattr(nanoqwen.evaluate, "READ_PART_BYTES", 64)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(TEXT.encode() * 4 + b"\0" * 1000)))
+    assert main(["eval", "--model", str(checkpoint), "--text-file", "-", "--device", "cpu"]) == 2
+    assert one_line(capsys) == (f"nanoqwen eval: error: standard input is not text: 1,000 of its "
+                                f"{len(TEXT) * 4 + 1000:,} characters are undecodable or NUL (a binary file, or text "
+                                "in another encoding: convert it to UTF-8)")
+
+
+def test_a_model_of_a_long_context_is_scored_and_a_diverged_one_has_a_perplexity() -> None:
+    # A context past ~16k tokens (Qwen3's is 40,960) is one window a forward by default, not none (range(0, n, 0)
+    # raised); a loss past exp's range (a diverged model's) has a finite perplexity, not an OverflowError; a stream
+    # of one token has no prediction to score, and says so.
+    from nanoqwen.errors import NanoQwenError
+    from nanoqwen.evaluate import evaluate_tokens, metrics
+
+    torch.manual_seed(0)
+    model = Qwen3(tiny_config(hidden_size=32, head_dim=16, intermediate_size=64, max_position_embeddings=40960))
+    tokens = torch.arange(10) % 7 + 2
+    assert evaluate_tokens(model, tokens, 9) == evaluate_tokens(model, tokens, 9, batch_size=1)
+    assert evaluate_tokens(model, tokens, 9)["tokens"] == 9
+    assert metrics(3 * 800.0, 0, 3, 10)["perplexity"] == math.exp(700.0)
+    with pytest.raises(NanoQwenError, match="need at least 2 tokens to score, got 1"):
+        evaluate_tokens(model, tokens[:1], 1)

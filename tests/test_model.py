@@ -1131,6 +1131,40 @@ def test_the_set_hint_comes_only_with_a_changed_config(tmp_path):
         load_model(tmp_path, config=dataclasses.replace(read_config(tmp_path), num_hidden_layers=3))
 
 
+def test_free_host_memory_is_available_memory_and_swap_within_the_containers_limit(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # What the memory checks compare with: MemAvailable plus SwapFree (kB in /proc/meminfo), capped by a cgroup's
+    # memory.max less its memory.current; "max" (no limit), or no cgroup files, caps nothing; no meminfo, no figure.
+    import io
+
+    from nanoqwen import distributed
+
+    files: dict[str, str] = {}
+
+    def fake_open(path: str, *args: object) -> io.StringIO:
+        if path not in files:
+            raise FileNotFoundError(path)
+        return io.StringIO(files[path])
+
+    monkeypatch.setattr(distributed, "open", fake_open, raising=False)
+    meminfo = ("MemTotal:  9000 kB\nMemFree:  100 kB\nMemAvailable:  3000 kB\nSwapTotal:  4000 kB\n"
+               "SwapFree:  2000 kB\n\n")
+    files["/proc/meminfo"] = meminfo
+    assert distributed.free_host_memory() == 5000 * 1024  # (no cgroup files)
+    files["/sys/fs/cgroup/memory.max"], files["/sys/fs/cgroup/memory.current"] = "max\n", "1000000\n"
+    assert distributed.free_host_memory() == 5000 * 1024
+    files["/sys/fs/cgroup/memory.max"] = "4000000\n"
+    assert distributed.free_host_memory() == 3_000_000  # the container's limit, less what it uses already
+    files["/sys/fs/cgroup/memory.max"] = "9000000\n"
+    assert distributed.free_host_memory() == 5000 * 1024
+    files["/sys/fs/cgroup/memory.current"] = "unreadable\n"  # (a figure that cannot be read caps nothing)
+    assert distributed.free_host_memory() == 5000 * 1024
+    files["/proc/meminfo"] = meminfo.replace("SwapFree:  2000 kB\n", "")  # (a kernel without swap accounting)
+    assert distributed.free_host_memory() == 3000 * 1024
+    del files["/proc/meminfo"]
+    assert distributed.free_host_memory() is None
+
+
 def test_a_model_too_large_for_the_memory_is_one_line_before_it_is_built(tmp_path, monkeypatch, capsys):
     """Linux overcommits: without the check the kernel kills the process mid-build, with no message."""
     from nanoqwen import distributed

@@ -62,11 +62,14 @@ def test_a_run_on_mps_resumes_the_generator_its_dropout_draws_from(monkeypatch: 
     monkeypatch.setattr(torch.mps, "get_rng_state", lambda device="mps": generator["state"].clone())
     monkeypatch.setattr(torch.mps, "set_rng_state", lambda state, device="mps": generator.update(state=state))
     saved = rng_states(MPS)
+    drawn = torch.rand(3)  # torch's own generator (the CPU's) goes on from the save too
     generator["state"] = torch.tensor([2], dtype=torch.uint8)  # the killed run drew on after its save
     restore_rng_states(saved, MPS)
-    assert generator["state"].tolist() == [1]
+    assert generator["state"].tolist() == [1] and torch.equal(torch.rand(3), drawn)
     generator["state"] = torch.tensor([2], dtype=torch.uint8)
     restore_rng_states(rng_states(torch.device("cpu")), MPS)  # saved on a CPU: MPS's stays as seeded
+    assert generator["state"].tolist() == [2]
+    restore_rng_states(saved, torch.device("cpu"))  # saved on a Mac, resumed on a CPU: no MPS generator to set
     assert generator["state"].tolist() == [2]
 
 
@@ -172,6 +175,61 @@ def test_a_run_on_another_drive_than_its_data_starts_on_windows(monkeypatch: pyt
     assert data_place(run)["data_from_run"] == "../../data/shakespeare"  # type: ignore[arg-type]
     monkeypatch.setattr(os.path, "relpath", across_drives)
     assert data_place(run) == {"data": "/data/shakespeare"}  # type: ignore[arg-type]  # found where it was
+
+
+def test_the_cores_a_process_may_use_are_its_share_or_the_machines_where_none_is_set(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Linux says a container's or taskset's share (sched_getaffinity), which is less than the machine's count; macOS
+    # and Windows have no such call: there the machine's count, and 1 where even that is unknown.
+    from nanoqwen.io import usable_cores
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2, 5}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cores() == 3
+    monkeypatch.delattr(os, "sched_getaffinity")
+    assert usable_cores() == 64
+    monkeypatch.setattr(os, "cpu_count", lambda: None)
+    assert usable_cores() == 1
+
+
+def test_redirected_streams_are_made_utf8_on_windows_alone_and_not_against_the_users_choice(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # Windows' redirected streams are in the ANSI code page: made UTF-8. Elsewhere the locale's encoding is the
+    # terminal's, and PYTHONIOENCODING the user's own choice: both kept. A console, a closed stream, or one already
+    # read from is left as it is.
+    import io
+
+    from nanoqwen.cli import redirected_streams_as_utf8
+
+    def redirected() -> io.TextIOWrapper:
+        return io.TextIOWrapper(io.BytesIO(b"abc\n"), encoding="cp1252", write_through=True)
+
+    class Console(io.TextIOWrapper):
+        def isatty(self) -> bool:
+            return True
+
+    def encodings() -> list[str]:  # of three redirected streams, once redirected_streams_as_utf8 has run
+        for name in ("stdin", "stdout", "stderr"):
+            monkeypatch.setattr(sys, name, redirected())
+        redirected_streams_as_utf8()
+        return [sys.stdin.encoding, sys.stdout.encoding, sys.stderr.encoding]
+
+    monkeypatch.delenv("PYTHONIOENCODING", raising=False)
+    monkeypatch.setattr(sys, "platform", "linux")
+    assert encodings() == ["cp1252"] * 3
+    monkeypatch.setattr(sys, "platform", "win32")
+    assert encodings() == ["utf-8"] * 3
+    monkeypatch.setenv("PYTHONIOENCODING", "cp1252")
+    assert encodings() == ["cp1252"] * 3
+    monkeypatch.delenv("PYTHONIOENCODING")
+    read_from, closed = redirected(), redirected()
+    read_from.readline()
+    closed.close()
+    monkeypatch.setattr(sys, "stdin", read_from)
+    monkeypatch.setattr(sys, "stdout", closed)
+    monkeypatch.setattr(sys, "stderr", Console(io.BytesIO(), encoding="cp1252"))
+    redirected_streams_as_utf8()
+    assert (read_from.encoding, sys.stderr.encoding) == ("cp1252", "cp1252") and closed.closed
 
 
 def test_adamw_is_fused_on_mps_but_under_fp16s_loss_scaling() -> None:
@@ -319,7 +377,15 @@ def test_stale_qwen3_tokenizer_builds_are_pruned_on_windows_but_not_one_in_use(m
             raise PermissionError(errno.EACCES, "Access is denied", str(path))
         return rename(path, target)
 
+    def windows_open(path: Any, flags: int, *args: Any) -> int:  # (Windows opens no folder: a reader holds a file)
+        if os.path.isdir(path):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return os.open(path, flags, *args)
+
+    windows_os = types.SimpleNamespace(**{name: getattr(os, name) for name in dir(os) if not name.startswith("__")})
+    windows_os.open = windows_open
     monkeypatch.setattr(nanoqwen.tokenizer, "fcntl", None)
+    monkeypatch.setattr(nanoqwen.tokenizer, "os", windows_os)  # (shutil's rmtree keeps its own)
     monkeypatch.setattr(sys, "platform", "win32")
     monkeypatch.setattr(Path, "rename", windows_rename)
     long_ago = time.time() - (nanoqwen.tokenizer.STALE_AFTER_DAYS + 1) * 86400

@@ -393,6 +393,26 @@ def test_folders_of_other_qwen3_tokenizer_builds_are_pruned_when_nothing_uses_th
     assert (tmp_path / linked / "tokenizer.json").read_text() == "{}"
 
 
+def test_a_qwen3_tokenizer_reader_waits_for_a_prune_that_holds_the_folder(tmp_path):
+    # A prune holds its exclusive lock while it renames a folder away: a reader's shared lock waits for it (then sees
+    # whether the folder is still there), where one that gave up at once read on, unlocked, a folder being deleted.
+    import fcntl
+    import os
+    import threading
+
+    pruner = os.open(tmp_path, os.O_RDONLY)
+    fcntl.flock(pruner, fcntl.LOCK_EX)
+    locked: list[int | None] = []
+    reader = threading.Thread(target=lambda: locked.append(nanoqwen.tokenizer._lock(tmp_path, exclusive=False)))
+    reader.start()
+    reader.join(timeout=0.5)
+    waited = reader.is_alive()  # (it waits for as long as the prune holds the folder: no time is right to check)
+    os.close(pruner)
+    reader.join()
+    assert waited and locked[0] is not None
+    os.close(locked[0])
+
+
 def test_a_qwen3_tokenizer_folder_renamed_away_while_its_lock_was_awaited_is_not_held(tmp_path):
     # A reader waits for its shared lock while a prune renames the folder away: it must see the folder it locked is
     # no longer at the name (and close it, then build anew). os.stat raised FileNotFoundError there, the open
