@@ -1169,17 +1169,21 @@ def random_stream_case(rng: random.Random, tokenizer: Tokenizer, byte_id: Callab
     return ids
 
 
+def stream_vocabulary(qwen3: Tokenizer, vocabulary: str) -> tuple[Tokenizer, Callable[[int], int]]:
+    """The tokenizer the streaming property tests draw ids of, and the id of the token that is one byte."""
+    if vocabulary == "byte_fallback":
+        tokenizer = byte_fallback_tokenizer()
+        return tokenizer, lambda b: tokenizer.token_id(f"<0x{b:02X}>")
+    tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
+    return tokenizer, lambda b: tokenizer.token_id(bytes_to_unicode()[b])
+
+
 @pytest.mark.parametrize("vocabulary", ["qwen3", "bpe", "byte_fallback"])
 def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(qwen3, vocabulary: str):
     # A property test over random ids and settings: the chunks join to the decoded text, cut where a stop token
     # (its text left out unless asked) or the stop string completed first (once min_tokens tokens are in) ends it;
     # no chunk sends a U+FFFD where the text has a character; logprob offsets never go back nor past the text.
-    if vocabulary == "byte_fallback":
-        tokenizer = byte_fallback_tokenizer()
-        byte_id = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
-    else:
-        tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
-        byte_id = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+    tokenizer, byte_id = stream_vocabulary(qwen3, vocabulary)
     rng = random.Random(0)
     for case in range(700):
         ids = random_stream_case(rng, tokenizer, byte_id)
@@ -1227,12 +1231,7 @@ def test_streamed_text_is_the_decoded_text_cut_at_the_first_stop(qwen3, vocabula
 def test_a_reply_joins_its_prompt_as_their_ids_decode(qwen3, vocabulary: str):
     # A property test over random prompts and replies (characters cut at either side of the join included): the
     # prompt's text, but for a character it ends inside of, and the reply's streamed text join to the text of all ids.
-    if vocabulary == "byte_fallback":
-        tokenizer = byte_fallback_tokenizer()
-        byte_id = lambda b: tokenizer.token_id(f"<0x{b:02X}>")  # noqa: E731
-    else:
-        tokenizer = qwen3 if vocabulary == "qwen3" else train_bpe(["naïve 🤖 日本 the cat sat on the mat"] * 20, 300)
-        byte_id = lambda b: tokenizer.token_id(bytes_to_unicode()[b])  # noqa: E731
+    tokenizer, byte_id = stream_vocabulary(qwen3, vocabulary)
     rng = random.Random(1)
     for case in range(400):
         prompt, reply = random_stream_case(rng, tokenizer, byte_id), random_stream_case(rng, tokenizer, byte_id)
