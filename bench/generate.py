@@ -99,9 +99,9 @@ def transformers_timer(model_dir: Path, device: str, dtype: str) -> Timer:
 
     # SDPA named, not left to the default of whichever Transformers is installed (nanoqwen attends with SDPA on
     # CUDA; on a CPU a decode step's one query goes through two bmm calls, its prefill through SDPA)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype),
-                                                              attn_implementation="sdpa")
-    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()  # Transformers < 4.56 ignores `dtype=`
+    # Loaded in Transformers' default dtype, then cast: before 4.56 its models refuse `dtype=` (named torch_dtype)
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="sdpa")
+    model = model.to(device=device, dtype=getattr(torch, dtype)).eval()
     # generate() fills what its call leaves unset from the folder's generation_config.json (a repetition_penalty,
     # say); nanoqwen's SamplingParams here take nothing from it: both do exactly what the bench asks
     model.generation_config = transformers.GenerationConfig()

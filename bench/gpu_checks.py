@@ -81,8 +81,9 @@ def logits(checkpoint: str) -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     ids = torch.randint(0, 1000, (2, 64), device=DEVICE)
     ours, _ = load_checkpoint(checkpoint, torch.device(DEVICE), torch.float32)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    theirs = theirs.to(DEVICE, torch.float32).eval()  # Transformers < 4.56 ignores `dtype=`
+    # Loaded in Transformers' default dtype, then cast: before 4.56 its models refuse `dtype=` (named torch_dtype)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(checkpoint)
+    theirs = theirs.to(DEVICE, torch.float32).eval()
     with torch.no_grad():
         gap = (ours.eval()(ids) - theirs(ids).logits).abs().max().item()
     print(f"largest logit gap, fp32 on {DEVICE}: {gap:.2e}")

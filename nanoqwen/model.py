@@ -262,6 +262,19 @@ class KVCache:
         return self.seen_keys[layer], self.seen_values[layer]
 
 
+class Linear(nn.Linear):
+    """A bias-free nn.Linear whose weight, on the meta device (shapes only: a checkpoint's tensors are assigned
+    next), is left undrawn: torch 2.9's kaiming_uniform_ there imports sympy and torch's symbolic shapes (hundreds
+    of modules, seconds at every load). Elsewhere it draws as nn.Linear does (the same seeded weights)."""
+
+    def __init__(self, in_features: int, out_features: int) -> None:
+        super().__init__(in_features, out_features, bias=False)
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()
+
+
 class Attention(DecodingParts, nn.Module):
     """Causal grouped-query attention with QK-norm: H query heads share K kv heads (H / K each); q and k are
     RMS-normed per head, then rotated by RoPE."""
@@ -274,10 +287,10 @@ class Attention(DecodingParts, nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = (
             config.num_attention_heads, config.num_key_value_heads, config.head_dim)
         c = config.hidden_size
-        self.q_proj = nn.Linear(c, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c, bias=False)
+        self.q_proj = Linear(c, self.n_heads * self.head_dim)
+        self.k_proj = Linear(c, self.n_kv_heads * self.head_dim)
+        self.v_proj = Linear(c, self.n_kv_heads * self.head_dim)
+        self.o_proj = Linear(self.n_heads * self.head_dim, c)
         self.dropout = config.attention_dropout  # on the attention weights, in training only
         self.q_norm = RMSNorm(self.head_dim, config.rms_norm_eps)  # over each head's D (one weight for all heads)
         self.k_norm = RMSNorm(self.head_dim, config.rms_norm_eps)
@@ -371,9 +384,9 @@ class MLP(DecodingParts, nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.gate_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.up_proj = Linear(config.hidden_size, config.intermediate_size)
+        self.down_proj = Linear(config.intermediate_size, config.hidden_size)
         # Set by Qwen3.prepare_for_decoding: gate/up's weights fused into one, and down_proj's, as (in, out) views
         self.gate_up_weight_t: torch.Tensor | None = None
         self.down_weight_t: torch.Tensor | None = None
@@ -441,7 +454,7 @@ class Qwen3(nn.Module):
         super().__init__()
         self.config = config.validate()
         self.model = Qwen3Model(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         shapes_only = on_meta_device()  # (see Qwen3Model): RoPE's buffer too is made where the weights are assigned

@@ -212,6 +212,8 @@ def test_the_generation_bench_says_so_when_transformers_streams_late(tmp_path: P
     model = bench.random_checkpoint(tmp_path / "toy", "qwen3", toy=True)
     on_time = bench.transformers_timer(model, "cpu", "float32")
     assert not on_time.streams_late and len(on_time([1, 2, 3], 3, False)) == 3
+    if not hasattr(utils, "StopCheck"):
+        pytest.skip("this Transformers has no deferred stop check (StopCheck) to emulate")
     monkeypatch.setattr(utils.StopCheck, "__call__", put_late)
     monkeypatch.setattr(utils.StopCheck, "finish", finish)
     # measured all the same (a GPU lease gives one try), and flagged for the note under the table

@@ -561,8 +561,12 @@ def test_text_column_names_a_field_inside_an_object(tmp_path: Path) -> None:
             {"id": 3, "data": {"text": "third", "meta": {"title": "Three"}}}]
     (tmp_path / "rows.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     (tmp_path / "rows.json").write_text(json.dumps(rows))
-    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "rows.parquet")
-    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    # the fields in the rows' order (pyarrow 15 sorts them where it infers the struct)
+    schema = pa.schema({"id": pa.int64(), "data": pa.struct({"text": pa.string(),
+                                                             "meta": pa.struct({"title": pa.string()})})})
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), tmp_path / "rows.parquet")
+    datasets.Dataset.from_list(rows, features=datasets.Features.from_arrow_schema(schema)).save_to_disk(
+        str(tmp_path / "saved"))
     for source in ("rows.jsonl", "rows.json", "rows.parquet", "saved"):
         assert list(open_corpus(str(tmp_path / source), text_column="data.text").documents()) == ["first", "third"]
         assert list(open_corpus(str(tmp_path / source), text_column="data.meta.title").documents()) == ["One", "Three"]

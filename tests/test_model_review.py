@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-import transformers
 from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
 
 from nanoqwen.checkpoint import load_model, save_checkpoint
 from nanoqwen.loss import CausalLMLoss, chunked_cross_entropy
 from nanoqwen.model import Qwen3, apply_rope, rope_cos_sin, rope_inv_freq
 from nanoqwen.optim import HybridOptimizer, build_optimizer
+from tests.hf_helpers import load_hf_model
 from tests.test_model import VOCAB, hf_eager, scramble, tiny_config
 
 
@@ -36,8 +36,7 @@ def test_a_bf16_model_computes_transformers_logits_bit_for_bit(tmp_path) -> None
     scramble(model, seed=34)
     save_checkpoint(model, tmp_path / "ck", tokenizer=None, dtype=torch.bfloat16)
     ours = load_model(tmp_path / "ck", dtype=torch.bfloat16)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", attn_implementation="sdpa",
-                                                               dtype=torch.bfloat16).eval()
+    theirs = load_hf_model(tmp_path / "ck", attn_implementation="sdpa", dtype=torch.bfloat16).eval()
     ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(35))
     with torch.no_grad():
         assert torch.equal(ours(ids), theirs(ids).logits)
@@ -71,8 +70,7 @@ def test_training_under_cpu_bf16_autocast_computes_transformers_logits_and_loss(
     model = Qwen3(tiny_config()).train()
     scramble(model, seed=36)
     save_checkpoint(model, tmp_path / "ck", tokenizer=None)
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ck", attn_implementation="sdpa",
-                                                               dtype=torch.float32).train()
+    theirs = load_hf_model(tmp_path / "ck", attn_implementation="sdpa", dtype=torch.float32).train()
     ids = torch.randint(0, VOCAB, (2, 41), generator=torch.Generator().manual_seed(37))
     inputs, targets = ids[:, :-1], ids[:, 1:]
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

@@ -27,6 +27,7 @@ from nanoqwen.tokenizer import (
     qwen3_tokenizer,
     train_bpe,
 )
+from tests.hf_helpers import TRANSFORMERS_5
 from tests.serve_helpers import THINKING_TEMPLATE
 
 TEXTS = [
@@ -183,8 +184,13 @@ def test_vocabulary_equals_transformers_tiktoken_conversion(official):
     # The regular vocabulary, string for string and id for id, is what Transformers' own converter makes of
     # the same ranks; the 26 specials sit at the official ids (test_added_tokens_round_trip). So an official
     # tokenizer.json has the same fingerprint, and data prepared with `--tokenizer qwen3` suits official weights.
+    from tiktoken.load import read_file
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
+    try:
+        read_file(str(find_qwen_tiktoken()))
+    except ImportError:  # (nanoqwen reads the ranks itself, with no blobfile)
+        pytest.skip("this tiktoken reads a local rank file only through blobfile, which is not installed")
     converted = TikTokenConverter(vocab_file=str(find_qwen_tiktoken()), pattern=QWEN_PATTERN,
                                   additional_special_tokens=QWEN_SPECIAL_TOKENS).converted()
     theirs = converted.get_vocab(with_added_tokens=False)
@@ -530,8 +536,9 @@ def test_a_template_sees_no_field_a_message_gives_as_null(official, tmp_path):
                 {"role": "assistant", "content": None, "tool_calls": None, "reasoning_content": None}]
     rendered = load_tokenizer(tmp_path).render_chat(messages, add_generation_prompt=False)
     assert rendered == "[hi|False|False][|False|False]"
-    assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
-        == rendered
+    if TRANSFORMERS_5:  # (Transformers 4 renders them: "[None|True|True]")
+        assert transformers.AutoTokenizer.from_pretrained(tmp_path).apply_chat_template(messages, tokenize=False) \
+            == rendered
 
 
 def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(official, tmp_path):
@@ -542,7 +549,10 @@ def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(offici
     save_with_template(official, tmp_path / "named", [{"name": "default", "template": "DEFAULT"},
                                                       {"name": "tool_use", "template": "TOOLS {{ tools | length }}"}])
     transformers.AutoTokenizer.from_pretrained(tmp_path / "named").save_pretrained(tmp_path / "saved")
-    assert (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    tool_use = tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja"
+    # (older Transformers 4 releases keep the named templates in tokenizer_config.json, as the first folder does)
+    assert tool_use.is_file() or (not TRANSFORMERS_5 and "tool_use" in {
+        t["name"] for t in json.loads((tmp_path / "saved" / "tokenizer_config.json").read_text())["chat_template"]})
     load_tokenizer(tmp_path / "saved").save(tmp_path / "resaved")  # and a save by nanoqwen keeps both
     tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
     messages = [{"role": "user", "content": "hi"}]
@@ -553,9 +563,10 @@ def test_tools_render_with_a_folders_tool_use_template_as_in_transformers(offici
             assert ours.render_chat(messages, **given) == expected == ("TOOLS 1" if given else "DEFAULT"), folder
     from nanoqwen.data.prepare import tokenizer_identity  # data prepared with the folder is redone when it changes
 
-    before = tokenizer_identity(str(tmp_path / "saved"))
-    (tmp_path / "saved" / "additional_chat_templates" / "tool_use.jinja").write_text("CHANGED")
-    assert tokenizer_identity(str(tmp_path / "saved")) != before
+    if tool_use.is_file():
+        before = tokenizer_identity(str(tmp_path / "saved"))
+        tool_use.write_text("CHANGED")
+        assert tokenizer_identity(str(tmp_path / "saved")) != before
 
 
 def test_a_folder_whose_templates_are_all_named_chats_only_with_tools_as_in_transformers(official, tmp_path):

@@ -2477,11 +2477,12 @@ def test_broken_training_state_gives_one_clear_line(trained: Path, tmp_path: Pat
 
 
 def test_best_checkpoint_loads_in_transformers_with_equal_logits(trained: Path) -> None:
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from nanoqwen.checkpoint import load_model
+    from tests.hf_helpers import load_hf_model
 
     ours = load_model(trained / "best")
-    theirs = transformers.AutoModelForCausalLM.from_pretrained(trained / "best", dtype=torch.float32).eval()
+    theirs = load_hf_model(trained / "best", dtype=torch.float32).eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(theirs(ids).logits, ours(ids), rtol=1e-4, atol=1e-4)
@@ -2537,8 +2538,10 @@ def test_init_from_starts_at_the_checkpoint_weights(trained: Path, data: Path, t
 
     checkpoint = trained / "best"
     if source == "transformers-bf16":  # as official weights come: written by Transformers, in bfloat16
-        transformers = pytest.importorskip("transformers")
-        model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.bfloat16)
+        pytest.importorskip("transformers")
+        from tests.hf_helpers import load_hf_model
+
+        model = load_hf_model(checkpoint, dtype=torch.bfloat16)
         checkpoint = tmp_path / "hf"
         model.save_pretrained(checkpoint)
         shutil.copy(trained / "best" / "tokenizer.json", checkpoint / "tokenizer.json")

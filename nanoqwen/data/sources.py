@@ -1823,7 +1823,8 @@ def _parquet_texts(path: Path, column: str, stats: CorpusStats) -> Iterator[Docu
     if pa.types.is_dictionary(kind):  # pandas' category columns: the values are what counts
         kind = kind.value_type
     binary = pa.types.is_binary(kind) or pa.types.is_large_binary(kind)
-    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind)
+    is_string_view = getattr(pa.types, "is_string_view", lambda _: False)  # (pyarrow 16 added string_view)
+    text = pa.types.is_string(kind) or pa.types.is_large_string(kind) or is_string_view(kind)
     turns = pa.types.is_list(kind) or pa.types.is_large_list(kind)  # chat turns: a list of structs
     nulls = pa.types.is_null(kind)  # all null (pandas' type for them): a table's chat rows alone, or no text
     if not (binary or text or turns or nulls):
