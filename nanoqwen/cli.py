@@ -14,6 +14,7 @@ import os
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from typing import NoReturn
 
 from nanoqwen import __version__
@@ -77,7 +78,15 @@ def say_error(prog: str, line: str, error: BaseException | None = None) -> None:
 
 class Parser(argparse.ArgumentParser):
     """argparse, but its refusals are `refuse`'s one line, and a misspelt choice (a command, --optimizer ...) is
-    answered with the one meant."""
+    answered with the one meant. `epilog_source`, where set, makes the epilog when help is shown (not at every start).
+    """
+
+    epilog_source: Callable[[], str] | None = None
+
+    def format_help(self) -> str:
+        if self.epilog_source is not None:
+            self.epilog = self.epilog_source()
+        return super().format_help()
 
     def error(self, message: str) -> NoReturn:
         refuse(self.prog, message)
@@ -103,11 +112,13 @@ class LinesFormatter(argparse.HelpFormatter):
 
 
 def list_presets(p: argparse.ArgumentParser) -> None:
-    """End the --help of a command that takes --preset with each preset and what it is."""
+    """End the --help of a command that takes --preset with each preset and what it is: read from every preset file
+    when the help is shown, not at each start of the command."""
     from nanoqwen.config import presets_help
 
+    assert isinstance(p, Parser)
     p.formatter_class = LinesFormatter
-    p.epilog = f"presets:\n{presets_help()}"
+    p.epilog_source = lambda: f"presets:\n{presets_help()}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
