@@ -874,17 +874,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"nanoqwen serve: warning: {unapplied}", flush=True)
     model, tokenizer = load_for_inference(args, generation)
     name = args.model_name or display_name(args.model)
+    on_loopback = listens_on_loopback_only(args.host)
     app = create_app(model, tokenizer, name, api_key=api_key, max_batch_size=args.max_batch_size,
                      max_body_bytes=args.max_request_bytes, prefill_chunk=args.prefill_chunk,
                      sampling_defaults=defaults, allow_origins=args.allow_origin,
                      plain_text=trained_on_plain_text(Path(args.model)), default_max_tokens=default_max_tokens,
                      # with a key, a rebinding page cannot call the API (it has no key): a port forwarder that sends its
                      # own name as Host (a Codespace's, a JupyterHub proxy's) then reaches the server
-                     local_hosts_only=listens_on_loopback_only(args.host) and api_key is None)
+                     local_hosts_only=on_loopback and api_key is None)
     url = base_url(args.host, args.port)
     print(f"nanoqwen serve: {name} ({model.num_params() / 1e6:.1f}M parameters) at {url}  "
           f"(web page {url}/, OpenAI base_url {url}/v1{', API key required' if api_key else ''})", flush=True)
-    if args.host not in {"127.0.0.1", "localhost", "::1"} and not api_key:
+    if not on_loopback and not api_key:
         print("nanoqwen serve: warning: listening beyond this machine without --api-key", flush=True)
     if args.host in WILDCARD_HOSTS:
         print(f"nanoqwen serve: listening on every interface (--host {args.host}): from another machine, give this "
