@@ -5,9 +5,7 @@ job stopped and resumed on as many processes follows the curve of one that never
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
 import sys
 from datetime import timedelta
 from pathlib import Path
@@ -21,7 +19,7 @@ from tests.train_helpers import (
     make_data,
     make_preset,
     run_train,
-    subprocess_env,
+    signalled_at_step,
     train_command,
     train_losses,
 )
@@ -99,29 +97,9 @@ def preset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_preset(tmp_path_factory.mktemp("dropout-preset"))
 
 
-def workers(torchrun: int) -> list[int]:
-    """The processes torchrun started (each in a session of its own: a kill of torchrun's group misses them)."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(torchrun):
-                found.append(int(entry.name))
-        except OSError:  # ended meanwhile
-            pass
-    return found
-
-
 def stopped_at_step(command: list[str], step: int, stop: signal.Signals, err: Path) -> int:
-    """A torchrun job run until it reports `step`, then stopped: SIGTERM to torchrun (which passes it on: the job
-    saves), or SIGKILL to its workers (the job dies, its last/ left at its save before); last/'s step."""
-    with err.open("w") as stderr:
-        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr, text=True)
-        assert process.stdout is not None
-        while line := process.stdout.readline():
-            if line.startswith(f"step {step}/"):
-                for pid in workers(process.pid) if stop == signal.SIGKILL else [process.pid]:
-                    os.kill(pid, stop)
-        assert process.wait(timeout=180) != 0
+    """The step last/ holds once the job `command` was stopped as it reported `step` (see signalled_at_step)."""
+    signalled_at_step(command, step, stop, err)
     out = command[command.index("--out" if "--out" in command else "--resume") + 1]
     return json.loads(Path(out, "last/train_state.json").read_text())["step"]
 

@@ -58,6 +58,7 @@ from tests.train_helpers import (
     make_preset,
     read_metrics,
     run_train,
+    signalled_at_step,
     subprocess_env,
     tensorboard_events,
     tensorboard_scalars,
@@ -2300,16 +2301,8 @@ def test_sigterm_to_torchrun_stops_every_process_saved_once_and_resumes_on_the_u
     # a save and a sample every step (neither changes the curve): slow enough for the signal to land mid-run
     command = train_command(*common(data, preset, out), *TORCHRUN_ARGS, "--log-interval", "1", "--save-interval", "1",
                             "--sample-interval", "1", nproc=2)
-    with (tmp_path / "err").open("w") as err:
-        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=err, text=True)
-        assert process.stdout is not None
-        said = []
-        while line := process.stdout.readline():
-            said.append(line)
-            if line.startswith("step 1/"):
-                process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) != 0
-    stdout, stderr = "".join(said), (tmp_path / "err").read_text()
+    stdout = signalled_at_step(command, 1, signal.SIGTERM, tmp_path / "err", timeout=120)
+    stderr = (tmp_path / "err").read_text()
     step = json.loads((out / "last/train_state.json").read_text())["step"]
     assert 1 <= step < 8 and stdout.count("stopped after step") == 1  # every process at the same step
     assert f"stopped after step {step} (signal SIGTERM)" in stdout and "SignalException" in stderr

@@ -6,6 +6,7 @@ import gc
 import json
 import os
 import random
+import signal
 import struct
 import subprocess
 import sys
@@ -113,6 +114,35 @@ def run_train(*args: str, nproc: int | None = None, timeout: float = 240,
     """`nanoqwen train ARGS` in a fresh process (under torchrun when nproc is given), in `env` or subprocess_env()."""
     return subprocess.run(train_command(*args, nproc=nproc), capture_output=True, text=True, timeout=timeout,
                           env=env or subprocess_env())
+
+
+def torchrun_workers(torchrun: int) -> list[int]:
+    """The processes torchrun started (each in a session of its own: a kill of torchrun's group misses them)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and (entry / "stat").read_text().rsplit(")", 1)[1].split()[1] == str(torchrun):
+                found.append(int(entry.name))
+        except OSError:  # ended meanwhile
+            pass
+    return found
+
+
+def signalled_at_step(command: list[str], step: int, stop: signal.Signals, err: Path, timeout: float = 180) -> str:
+    """A torchrun job (`command`) run until it reports `step`, then stopped: SIGTERM to torchrun (which passes it on:
+    the job saves), or SIGKILL to its workers (the job dies, its last/ left at its save before); what it printed.
+    Its standard error goes to `err`."""
+    said = []
+    with err.open("w") as stderr:
+        process = subprocess.Popen(command, env=subprocess_env(), stdout=subprocess.PIPE, stderr=stderr, text=True)
+        assert process.stdout is not None
+        while line := process.stdout.readline():
+            said.append(line)
+            if line.startswith(f"step {step}/"):
+                for pid in torchrun_workers(process.pid) if stop == signal.SIGKILL else [process.pid]:
+                    os.kill(pid, stop)
+        assert process.wait(timeout=timeout) != 0
+    return "".join(said)
 
 
 def read_metrics(run: Path) -> list[dict]:
