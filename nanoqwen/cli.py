@@ -116,9 +116,11 @@ def list_presets(p: argparse.ArgumentParser) -> None:
     when the help is shown, not at each start of the command."""
     from nanoqwen.config import presets_help
 
-    assert isinstance(p, Parser)
     p.formatter_class = LinesFormatter
-    p.epilog_source = lambda: f"presets:\n{presets_help()}"
+    if isinstance(p, Parser):
+        p.epilog_source = lambda: f"presets:\n{presets_help()}"
+    else:  # a caller's own argparse parser (a test, a script): the list made now
+        p.epilog = f"presets:\n{presets_help()}"
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
